@@ -1,0 +1,301 @@
+//! In-process inference on llama.cpp for the Isthmus gateway.
+//!
+//! The runtime loads the GGUF models named in the configuration and gives each one a worker
+//! thread that owns its `LlamaContext`. Requests reach a worker through a bounded queue; the
+//! worker admits up to `parallel_sequences` of them at once and puts every active sequence
+//! into each `llama_decode` (continuous batching): sequences still reading their prompt
+//! contribute a bounded chunk of it, generating sequences one token. Tokens go back to the
+//! caller as they are produced, one event per token, already assembled into valid UTF-8 and
+//! with stop strings removed.
+//!
+//! This crate knows nothing of HTTP or JSON. Only the `llama` module names `llama_cpp_2`.
+
+mod llama;
+pub mod stop;
+pub mod utf8;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use llama::{Engine, GenerationStream, ModelHandle};
+
+/// How the runtime finds llama.cpp's backend modules.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// A directory of backend modules (`libggml-cpu-*.so`, `libggml-cuda.so`). When absent,
+    /// the directories in [`Engine::backend_search_dirs`] are tried in order.
+    pub backends_dir: Option<PathBuf>,
+}
+
+/// One model to load, with the capacity it serves.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// The name clients use in `model`.
+    pub name: String,
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Context length of each sequence (prompt plus completion), in tokens.
+    pub context_tokens: u32,
+    /// How many requests decode together in one batch.
+    pub parallel_sequences: u32,
+    /// Most tokens one decode step takes; also the prefill chunk size.
+    pub batch_tokens: u32,
+    /// CPU threads for decoding.
+    pub threads: u32,
+    /// Layers offloaded to a GPU; 0 runs on the CPU.
+    pub gpu_layers: u32,
+    /// Requests that may wait for a free sequence before submissions are refused.
+    pub queue_depth_max: u32,
+    /// How long a request may wait in the queue before it fails.
+    pub queue_timeout_ms: u64,
+}
+
+/// Who said a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message of a chat prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Rendered with the model's own chat template (from its GGUF metadata).
+    Chat(Vec<ChatMessage>),
+    /// Used as it is.
+    Text(String),
+}
+
+/// Sampling settings of one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 samples greedily (always the most likely token).
+    pub temperature: f32,
+    /// Nucleus sampling mass, in (0, 1].
+    pub top_p: f32,
+    /// Seed of the request's own random stream.
+    pub seed: u32,
+}
+
+/// A prompt rendered and tokenized for one model, ready to submit.
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    model: String,
+    tokens: Vec<i32>,
+}
+
+impl PreparedPrompt {
+    /// Prompt length in tokens, as billed in `usage.prompt_tokens`.
+    pub fn token_count(&self) -> u32 {
+        u32::try_from(self.tokens.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The model the prompt was tokenized for.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+/// A generation to run.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: PreparedPrompt,
+    /// Most tokens to generate; generation also ends when the sequence's context is full.
+    pub max_tokens: u32,
+    pub sampling: SamplingParams,
+    /// Generation ends before the first occurrence of any of these.
+    pub stop: Vec<String>,
+    /// Never end on an end-of-generation token (benchmarks generate exactly `max_tokens`).
+    pub ignore_eos: bool,
+}
+
+/// Why generation ended, in OpenAI's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its answer or a stop string was reached.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Token accounting of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    /// Tokens sampled for the answer, the end-of-generation token excluded.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the KV cache instead of being decoded.
+    pub cached_tokens: u32,
+}
+
+/// Where the time of one request went, measured by the worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// From submission until a sequence was free.
+    pub queued: Duration,
+    /// From admission until the first token was sampled.
+    pub prefill: Duration,
+    /// From the first token until the last.
+    pub decode: Duration,
+}
+
+/// The end of a successful generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub finish_reason: FinishReason,
+    /// Text held back while it might have begun a stop string, released at the end.
+    pub text_tail: String,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+/// What a generation stream yields: one `Token` per generated token, then `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The text this token completes; empty while bytes or a possible stop string are held.
+    Token {
+        text: String,
+    },
+    Done(Completion),
+    Failed(GenerationError),
+}
+
+/// A generation that failed after it was accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerationError {
+    #[error("request waited more than {timeout_ms} ms for a free sequence")]
+    QueueTimeout { timeout_ms: u64 },
+    #[error("inference failed: {0}")]
+    Decode(String),
+    #[error("inference worker stopped")]
+    WorkerStopped,
+}
+
+/// Why a prompt could not be prepared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromptError {
+    #[error("model `{0}` is not loaded")]
+    ModelNotLoaded(String),
+    #[error("the model's chat template could not render these messages: {0}")]
+    Template(String),
+    #[error("the prompt is empty")]
+    Empty,
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("inference queue is full ({capacity} requests)")]
+    QueueFull { capacity: u32 },
+    #[error(
+        "this model's maximum context length is {context_tokens} tokens; the request needs \
+         {prompt_tokens} for the prompt and {max_tokens} for the completion"
+    )]
+    ContextLengthExceeded {
+        context_tokens: u32,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    },
+    #[error("prompt was prepared for model `{prepared_for}`, not `{model}`")]
+    WrongModel { prepared_for: String, model: String },
+    #[error("inference worker stopped")]
+    WorkerStopped,
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+    #[error("model `{model}`: {path}: {reason}")]
+    Model {
+        model: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("model `{model}`: creating the inference context: {reason}")]
+    Context { model: String, reason: String },
+    #[error("model `{model}`: gpu_layers is {gpu_layers} but no GPU device was found{hint}")]
+    NoGpu {
+        model: String,
+        gpu_layers: u32,
+        hint: String,
+    },
+    #[error("model `{model}`: starting the worker thread: {reason}")]
+    Worker { model: String, reason: String },
+}
+
+/// Static facts about a loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub context_tokens: u32,
+    pub parallel_sequences: u32,
+    /// Context length the model was trained with.
+    pub trained_context_tokens: u32,
+    pub parameters: u64,
+    pub size_bytes: u64,
+    /// Unix time the model file was last modified (OpenAI's `created`).
+    pub created_unix_s: u64,
+}
+
+/// Live counters of one model's worker, for metrics and routing signals.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    queue_depth: AtomicU64,
+    active_sequences: AtomicU64,
+    decode_steps: AtomicU64,
+    batched_tokens: AtomicU64,
+}
+
+impl ModelStats {
+    /// Requests waiting for a free sequence.
+    pub fn queue_depth(&self) -> u64 {
+        self.queue_depth.load(Ordering::Relaxed)
+    }
+    /// Sequences admitted and not yet finished.
+    pub fn active_sequences(&self) -> u64 {
+        self.active_sequences.load(Ordering::Relaxed)
+    }
+    /// `llama_decode` calls so far.
+    pub fn decode_steps(&self) -> u64 {
+        self.decode_steps.load(Ordering::Relaxed)
+    }
+    /// Tokens put into those calls.
+    pub fn batched_tokens(&self) -> u64 {
+        self.batched_tokens.load(Ordering::Relaxed)
+    }
+}
+
+/// Shared handle to a model's counters.
+pub type SharedStats = Arc<ModelStats>;

@@ -1,0 +1,145 @@
+//! The admin listener: liveness, readiness, Prometheus metrics and the admin API.
+//!
+//! It is plain HTTP and binds to loopback by default; put it behind the platform's own
+//! access control (a Kubernetes probe, a local agent) rather than exposing it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+
+use crate::state::AppState;
+
+/// Serves the admin endpoints.
+#[derive(Debug)]
+pub struct Admin {
+    state: Arc<AppState>,
+}
+
+impl Admin {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Admin { state }
+    }
+
+    fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        let models_loaded = self.state.engine.get().is_some();
+        let listeners_bound = self
+            .state
+            .listeners_bound
+            .load(std::sync::atomic::Ordering::Acquire);
+        let ready = models_loaded && listeners_bound;
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (
+            status,
+            serde_json::json!({
+                "ready": ready,
+                "models_loaded": models_loaded,
+                "listeners_bound": listeners_bound,
+            }),
+        )
+    }
+
+    fn models(&self) -> serde_json::Value {
+        let models: Vec<serde_json::Value> = self
+            .state
+            .engine
+            .get()
+            .map(|engine| {
+                engine
+                    .models()
+                    .iter()
+                    .map(|model| {
+                        let info = model.info();
+                        let stats = model.stats();
+                        serde_json::json!({
+                            "name": info.name,
+                            "path": info.path.display().to_string(),
+                            "context_tokens": info.context_tokens,
+                            "parallel_sequences": info.parallel_sequences,
+                            "trained_context_tokens": info.trained_context_tokens,
+                            "parameters": info.parameters,
+                            "size_bytes": info.size_bytes,
+                            "queue_depth": stats.queue_depth(),
+                            "active_sequences": stats.active_sequences(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        serde_json::json!({ "models": models })
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+    }
+    let length = response.body().len();
+    if let Ok(value) = length.to_string().parse() {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, value);
+    }
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Vec<u8>> {
+    respond(
+        status,
+        "application/json",
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let header = session.req_header();
+        let method = header.method.clone();
+        let path = header.uri.path().to_owned();
+        if method != http::Method::GET && method != http::Method::HEAD {
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": {"message": format!("method {method} is not allowed"), "type": "invalid_request_error", "param": null, "code": "method_not_allowed"}}),
+            );
+        }
+        match path.as_str() {
+            "/healthz" => respond(
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                b"ok\n".to_vec(),
+            ),
+            "/readyz" => {
+                let (status, body) = self.readiness();
+                json(status, &body)
+            }
+            "/metrics" => {
+                let body = self.state.metrics.render(
+                    &self.state.model_gauges(),
+                    self.state.open_connections.get(),
+                    self.state.ready(),
+                );
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    body.into_bytes(),
+                )
+            }
+            "/admin/api/models" => json(StatusCode::OK, &self.models()),
+            _ => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": {"message": format!("unknown URL: {method} {path}"), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+            ),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+use http::HeaderMap;
+
+use super::{Caller, authenticate};
+use crate::config::{ApiKey, AuthConfig, sha256};
+use crate::error::GatewayError;
+
+fn auth(allow_anonymous: bool) -> AuthConfig {
+    AuthConfig {
+        allow_anonymous,
+        api_keys: vec![
+            ApiKey {
+                id: "app-a".to_owned(),
+                sha256: sha256("key-a"),
+            },
+            ApiKey {
+                id: "app-b".to_owned(),
+                sha256: sha256("key-b"),
+            },
+        ],
+    }
+}
+
+fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        if let Ok(value) = value.parse() {
+            headers.insert(*name, value);
+        }
+    }
+    headers
+}
+
+#[test]
+fn bearer_and_api_key_headers_identify_the_key() {
+    let caller = authenticate(&headers(&[("authorization", "Bearer key-b")]), &auth(false));
+    assert_eq!(
+        caller,
+        Ok(Caller::ApiKey {
+            id: "app-b".to_owned()
+        })
+    );
+    let caller = authenticate(
+        &headers(&[("authorization", "bearer  key-a ")]),
+        &auth(false),
+    );
+    assert_eq!(
+        caller,
+        Ok(Caller::ApiKey {
+            id: "app-a".to_owned()
+        })
+    );
+    let caller = authenticate(&headers(&[("api-key", "key-a")]), &auth(false));
+    assert_eq!(
+        caller,
+        Ok(Caller::ApiKey {
+            id: "app-a".to_owned()
+        })
+    );
+}
+
+#[test]
+fn wrong_or_missing_keys_are_refused() {
+    assert_eq!(
+        authenticate(&headers(&[("authorization", "Bearer nope")]), &auth(false)),
+        Err(GatewayError::InvalidApiKey)
+    );
+    assert_eq!(
+        authenticate(
+            &headers(&[("authorization", "Basic a2V5LWE=")]),
+            &auth(true)
+        ),
+        Err(GatewayError::InvalidApiKey)
+    );
+    assert_eq!(
+        authenticate(&headers(&[]), &auth(false)),
+        Err(GatewayError::MissingApiKey)
+    );
+}
+
+#[test]
+fn anonymous_callers_pass_only_when_allowed_and_keys_are_still_checked() {
+    assert_eq!(
+        authenticate(&headers(&[]), &auth(true)),
+        Ok(Caller::Anonymous)
+    );
+    assert_eq!(
+        authenticate(&headers(&[("api-key", "wrong")]), &auth(true)),
+        Err(GatewayError::InvalidApiKey)
+    );
+}

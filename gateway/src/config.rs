@@ -1,0 +1,881 @@
+//! The configuration file: one TOML document, read into `Raw*` structs that mirror it, then
+//! validated into [`Config`].
+//!
+//! Every problem is reported, not only the first, each with the key path it concerns
+//! (`models.smollm2.path: file not found: ...`): each top-level section and each model is
+//! deserialized on its own, so a typo in one does not hide mistakes in another, and semantic
+//! checks run over everything that did parse. Relative paths are taken relative to the
+//! directory of the configuration file, so a configuration means the same wherever the
+//! gateway is started from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+/// Bytes at the start of every GGUF file.
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+/// One problem in a configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path (`server.limits.body_bytes_max`), or the file for whole-file problems.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub models: Vec<ModelConfig>,
+    pub routing: RoutingConfig,
+    pub engine: EngineConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// HTTPS data plane.
+    pub listen: SocketAddr,
+    /// Plain-HTTP admin listener (health, readiness, metrics, admin API).
+    pub admin_listen: SocketAddr,
+    /// Optional plain-HTTP data plane; off unless configured.
+    pub plain_listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    /// Threads serving connections; `None` uses the number of CPUs.
+    pub worker_threads: Option<usize>,
+    /// How long in-flight requests may run after SIGTERM before the process exits anyway.
+    pub drain_timeout: Duration,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain and key files; `None` provisions a local CA and certificate in the
+    /// state directory on first start.
+    pub files: Option<TlsFiles>,
+    /// How often the files are checked for changes (SIGHUP reloads at once).
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Limits on what one client may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub body_bytes_max: u64,
+    pub header_bytes_max: u64,
+    /// From connection (or end of the previous response) to a complete request header.
+    pub header_read_timeout: Duration,
+    /// Longest pause while reading a request body.
+    pub body_read_timeout: Duration,
+    pub connections_max: u32,
+    /// Longest wait for the first token of a local generation (queueing included).
+    pub first_token_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Serve callers that present no key. Off unless configured.
+    pub allow_anonymous: bool,
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// An API key, kept only as its SHA-256 digest.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Names the key in logs and audit records; never the key itself.
+    pub id: String,
+    pub sha256: [u8; 32],
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub aliases: Vec<String>,
+    pub context_tokens: u32,
+    pub parallel_sequences: u32,
+    pub batch_tokens: u32,
+    /// `None` takes the hardware probe's default.
+    pub threads: Option<u32>,
+    pub gpu_layers: u32,
+    pub queue_depth_max: u32,
+    pub queue_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub default_model: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub backends_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `info,gateway=debug`.
+    pub level: String,
+}
+
+// ---- Raw form: mirrors the TOML file ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_admin_listen")]
+    admin_listen: String,
+    #[serde(default)]
+    plain_listen: Option<String>,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default)]
+    worker_threads: Option<u32>,
+    #[serde(default = "default_drain_timeout_ms")]
+    drain_timeout_ms: u64,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            plain_listen: None,
+            state_dir: default_state_dir(),
+            worker_threads: None,
+            drain_timeout_ms: default_drain_timeout_ms(),
+            tls: RawTls::default(),
+            limits: RawLimits::default(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8443".to_owned()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".to_owned()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/isthmus")
+}
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
+    #[serde(default = "default_reload_interval_ms")]
+    reload_interval_ms: u64,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls {
+            cert: None,
+            key: None,
+            reload_interval_ms: default_reload_interval_ms(),
+        }
+    }
+}
+
+fn default_reload_interval_ms() -> u64 {
+    5_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    body_bytes_max: u64,
+    header_bytes_max: u64,
+    header_read_timeout_ms: u64,
+    body_read_timeout_ms: u64,
+    connections_max: u32,
+    first_token_timeout_ms: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            body_bytes_max: 8 * 1024 * 1024,
+            header_bytes_max: 64 * 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            connections_max: 1_024,
+            first_token_timeout_ms: 120_000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    allow_anonymous: bool,
+    #[serde(default)]
+    api_keys: Vec<RawApiKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    id: String,
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    key_env: Option<String>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    path: PathBuf,
+    #[serde(default)]
+    aliases: Vec<String>,
+    #[serde(default = "default_context_tokens")]
+    context_tokens: u32,
+    #[serde(default = "default_parallel_sequences")]
+    parallel_sequences: u32,
+    #[serde(default = "default_batch_tokens")]
+    batch_tokens: u32,
+    #[serde(default)]
+    threads: Option<u32>,
+    #[serde(default)]
+    gpu_layers: u32,
+    #[serde(default = "default_queue_depth_max")]
+    queue_depth_max: u32,
+    #[serde(default = "default_queue_timeout_ms")]
+    queue_timeout_ms: u64,
+}
+
+fn default_context_tokens() -> u32 {
+    2_048
+}
+fn default_parallel_sequences() -> u32 {
+    4
+}
+fn default_batch_tokens() -> u32 {
+    512
+}
+fn default_queue_depth_max() -> u32 {
+    64
+}
+fn default_queue_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    #[serde(default)]
+    default_model: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    #[serde(default)]
+    backends_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    #[serde(default = "default_log_format")]
+    format: String,
+    #[serde(default = "default_log_level")]
+    level: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        RawLogging {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_format() -> String {
+    "text".to_owned()
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// Where secrets named by the configuration come from; tests pass their own.
+pub trait Environment {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path, environment: &dyn Environment) -> Result<Config, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| vec![ConfigError::new(&file, format!("cannot read: {error}"))])?;
+    parse(&text, path, environment)
+}
+
+/// Validates configuration text that was read from `source` (relative paths in it are
+/// relative to `source`'s directory).
+pub fn parse(
+    text: &str,
+    source: &Path,
+    environment: &dyn Environment,
+) -> Result<Config, Vec<ConfigError>> {
+    let file = source.display().to_string();
+    let mut document: toml::Table = toml::from_str(text).map_err(|error| {
+        let message = error.message().to_owned();
+        let location = error
+            .span()
+            .map(|span| {
+                let line = text[..span.start].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        vec![ConfigError::new(
+            &file,
+            format!("invalid TOML{location}: {message}"),
+        )]
+    })?;
+    let base_dir = source
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+
+    let mut errors = Vec::new();
+    let server: Option<RawServer> = section(&mut document, "server", &mut errors);
+    let auth: Option<RawAuth> = section(&mut document, "auth", &mut errors);
+    let routing: Option<RawRouting> = section(&mut document, "routing", &mut errors);
+    let engine: Option<RawEngine> = section(&mut document, "engine", &mut errors);
+    let logging: Option<RawLogging> = section(&mut document, "logging", &mut errors);
+    let models = models_section(&mut document, &mut errors);
+    for key in document.keys() {
+        errors.push(ConfigError::new(
+            key.as_str(),
+            "unknown section (expected server, auth, models, routing, engine, logging)",
+        ));
+    }
+
+    let mut validator = Validator {
+        base_dir: &base_dir,
+        environment,
+        errors,
+    };
+    let server = server.map(|raw| validator.server(raw));
+    let auth = auth.map(|raw| validator.auth(raw));
+    let models: Vec<ModelConfig> = models
+        .into_iter()
+        .filter_map(|(name, raw)| validator.model(name, raw))
+        .collect();
+    let routing = routing.map(|raw| validator.routing(raw, &models));
+    let engine = engine.map(|raw| EngineConfig {
+        backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
+    });
+    let logging = logging.map(|raw| validator.logging(raw));
+    if models.is_empty()
+        && !validator
+            .errors
+            .iter()
+            .any(|error| error.path.starts_with("models"))
+    {
+        validator.errors.push(ConfigError::new(
+            "models",
+            "at least one model must be configured",
+        ));
+    }
+
+    match (server, auth, routing, engine, logging) {
+        (
+            Some(Some(server)),
+            Some(Some(auth)),
+            Some(routing),
+            Some(engine),
+            Some(Some(logging)),
+        ) if validator.errors.is_empty() => Ok(Config {
+            source: source.to_path_buf(),
+            server,
+            auth,
+            models,
+            routing,
+            engine,
+            logging,
+        }),
+        _ => Err(validator.errors),
+    }
+}
+
+/// Deserializes the top-level table `name` (absent means all defaults).
+fn section<T: DeserializeOwned + Default>(
+    document: &mut toml::Table,
+    name: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    match document.remove(name) {
+        None => Some(T::default()),
+        Some(value) => deserialize(value, name, errors),
+    }
+}
+
+fn deserialize<T: DeserializeOwned>(
+    value: toml::Value,
+    prefix: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(parsed) => Some(parsed),
+        Err(error) => {
+            let inner = error.path().to_string();
+            let path = if inner == "." || inner.is_empty() {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}.{inner}")
+            };
+            errors.push(ConfigError::new(
+                path,
+                error.into_inner().message().to_owned(),
+            ));
+            None
+        }
+    }
+}
+
+fn models_section(
+    document: &mut toml::Table,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, RawModel> {
+    let mut models = BTreeMap::new();
+    let Some(value) = document.remove("models") else {
+        return models;
+    };
+    let toml::Value::Table(table) = value else {
+        errors.push(ConfigError::new(
+            "models",
+            "expected a table of models ([models.NAME])",
+        ));
+        return models;
+    };
+    for (name, value) in table {
+        let path = format!("models.{name}");
+        if let Some(model) = deserialize::<RawModel>(value, &path, errors) {
+            models.insert(name, model);
+        }
+    }
+    models
+}
+
+struct Validator<'a> {
+    base_dir: &'a Path,
+    environment: &'a dyn Environment,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    fn address(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                self.error(
+                    path,
+                    format!(
+                        "`{value}` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn positive(&mut self, path: &str, value: u64) {
+        if value == 0 {
+            self.error(path, "must be greater than 0");
+        }
+    }
+
+    fn server(&mut self, raw: RawServer) -> Option<ServerConfig> {
+        let listen = self.address("server.listen", &raw.listen);
+        let admin_listen = self.address("server.admin_listen", &raw.admin_listen);
+        let plain_listen = match &raw.plain_listen {
+            Some(value) => Some(self.address("server.plain_listen", value)?),
+            None => None,
+        };
+        if raw.worker_threads == Some(0) {
+            self.error("server.worker_threads", "must be greater than 0");
+        }
+        let files = match (&raw.tls.cert, &raw.tls.key) {
+            (Some(cert), Some(key)) => {
+                let cert = self.resolve(cert);
+                let key = self.resolve(key);
+                self.readable_file("server.tls.cert", &cert);
+                self.readable_file("server.tls.key", &key);
+                Some(TlsFiles { cert, key })
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                self.error("server.tls.key", "must be set when server.tls.cert is");
+                None
+            }
+            (None, Some(_)) => {
+                self.error("server.tls.cert", "must be set when server.tls.key is");
+                None
+            }
+        };
+        self.positive("server.tls.reload_interval_ms", raw.tls.reload_interval_ms);
+        let limits = &raw.limits;
+        self.positive("server.limits.body_bytes_max", limits.body_bytes_max);
+        if limits.header_bytes_max < 1_024 {
+            self.error("server.limits.header_bytes_max", "must be at least 1024");
+        }
+        self.positive(
+            "server.limits.header_read_timeout_ms",
+            limits.header_read_timeout_ms,
+        );
+        self.positive(
+            "server.limits.body_read_timeout_ms",
+            limits.body_read_timeout_ms,
+        );
+        self.positive(
+            "server.limits.connections_max",
+            u64::from(limits.connections_max),
+        );
+        self.positive(
+            "server.limits.first_token_timeout_ms",
+            limits.first_token_timeout_ms,
+        );
+        Some(ServerConfig {
+            listen: listen?,
+            admin_listen: admin_listen?,
+            plain_listen,
+            state_dir: self.resolve(&raw.state_dir),
+            worker_threads: raw.worker_threads.map(|threads| threads as usize),
+            drain_timeout: Duration::from_millis(raw.drain_timeout_ms),
+            tls: TlsConfig {
+                files,
+                reload_interval: Duration::from_millis(raw.tls.reload_interval_ms),
+            },
+            limits: Limits {
+                body_bytes_max: limits.body_bytes_max,
+                header_bytes_max: limits.header_bytes_max,
+                header_read_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+                body_read_timeout: Duration::from_millis(limits.body_read_timeout_ms),
+                connections_max: limits.connections_max,
+                first_token_timeout: Duration::from_millis(limits.first_token_timeout_ms),
+            },
+        })
+    }
+
+    fn readable_file(&mut self, path: &str, file: &Path) -> bool {
+        match std::fs::File::open(file) {
+            Ok(_) if file.is_file() => true,
+            Ok(_) => {
+                self.error(path, format!("not a regular file: {}", file.display()));
+                false
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                self.error(path, format!("file not found: {}", file.display()));
+                false
+            }
+            Err(error) => {
+                self.error(path, format!("cannot read {}: {error}", file.display()));
+                false
+            }
+        }
+    }
+
+    fn auth(&mut self, raw: RawAuth) -> Option<AuthConfig> {
+        let mut api_keys = Vec::new();
+        for (index, key) in raw.api_keys.into_iter().enumerate() {
+            let path = format!("auth.api_keys[{index}]");
+            if key.id.trim().is_empty() {
+                self.error(format!("{path}.id"), "must not be empty");
+            }
+            if api_keys.iter().any(|other: &ApiKey| other.id == key.id) {
+                self.error(format!("{path}.id"), format!("`{}` is used twice", key.id));
+            }
+            let sources = [
+                key.sha256.is_some(),
+                key.key_env.is_some(),
+                key.key_file.is_some(),
+            ];
+            if sources.iter().filter(|set| **set).count() != 1 {
+                self.error(&path, "set exactly one of sha256, key_env, key_file");
+                continue;
+            }
+            let digest = if let Some(hex_digest) = &key.sha256 {
+                match hex::decode(hex_digest.trim()) {
+                    Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice()).ok(),
+                    Err(_) => None,
+                }
+                .or_else(|| {
+                    self.error(
+                        format!("{path}.sha256"),
+                        "must be 64 hexadecimal digits (the SHA-256 of the key)",
+                    );
+                    None
+                })
+            } else if let Some(name) = &key.key_env {
+                match self.environment.var(name) {
+                    Some(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
+                    _ => {
+                        self.error(
+                            format!("{path}.key_env"),
+                            format!("environment variable {name} is not set or empty"),
+                        );
+                        None
+                    }
+                }
+            } else if let Some(file) = &key.key_file {
+                let file = self.resolve(file);
+                match std::fs::read_to_string(&file) {
+                    Ok(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
+                    Ok(_) => {
+                        self.error(
+                            format!("{path}.key_file"),
+                            format!("{} is empty", file.display()),
+                        );
+                        None
+                    }
+                    Err(error) => {
+                        self.error(
+                            format!("{path}.key_file"),
+                            format!("cannot read {}: {error}", file.display()),
+                        );
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if let Some(sha256) = digest {
+                api_keys.push(ApiKey { id: key.id, sha256 });
+            }
+        }
+        if api_keys.is_empty()
+            && !raw.allow_anonymous
+            && !self.errors.iter().any(|e| e.path.starts_with("auth"))
+        {
+            self.error(
+                "auth",
+                "no API keys are configured; add [[auth.api_keys]] or set allow_anonymous = true",
+            );
+            return None;
+        }
+        Some(AuthConfig {
+            allow_anonymous: raw.allow_anonymous,
+            api_keys,
+        })
+    }
+
+    fn model(&mut self, name: String, raw: RawModel) -> Option<ModelConfig> {
+        let prefix = format!("models.{name}");
+        let before = self.errors.len();
+        if !is_model_name(&name) {
+            self.error(
+                &prefix,
+                "model names are 1-64 characters of letters, digits, '.', '_', ':' and '-'",
+            );
+        }
+        for (index, alias) in raw.aliases.iter().enumerate() {
+            if !is_model_name(alias) {
+                self.error(
+                    format!("{prefix}.aliases[{index}]"),
+                    "aliases are 1-64 characters of letters, digits, '.', '_', ':' and '-'",
+                );
+            }
+        }
+        let path = self.resolve(&raw.path);
+        if self.readable_file(&format!("{prefix}.path"), &path) && !has_gguf_magic(&path) {
+            self.error(
+                format!("{prefix}.path"),
+                format!("not a GGUF model file: {}", path.display()),
+            );
+        }
+        if raw.context_tokens < 16 {
+            self.error(format!("{prefix}.context_tokens"), "must be at least 16");
+        }
+        if raw.parallel_sequences == 0 || raw.parallel_sequences > 256 {
+            self.error(
+                format!("{prefix}.parallel_sequences"),
+                "must be between 1 and 256",
+            );
+        }
+        if raw.batch_tokens < raw.parallel_sequences.max(1) {
+            self.error(
+                format!("{prefix}.batch_tokens"),
+                "must be at least parallel_sequences (each decode step carries one token per sequence)",
+            );
+        }
+        if raw.threads == Some(0) {
+            self.error(format!("{prefix}.threads"), "must be greater than 0");
+        }
+        if raw.queue_depth_max == 0 {
+            self.error(
+                format!("{prefix}.queue_depth_max"),
+                "must be greater than 0",
+            );
+        }
+        self.positive(&format!("{prefix}.queue_timeout_ms"), raw.queue_timeout_ms);
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(ModelConfig {
+            name,
+            path,
+            aliases: raw.aliases,
+            context_tokens: raw.context_tokens,
+            parallel_sequences: raw.parallel_sequences,
+            batch_tokens: raw.batch_tokens,
+            threads: raw.threads,
+            gpu_layers: raw.gpu_layers,
+            queue_depth_max: raw.queue_depth_max,
+            queue_timeout: Duration::from_millis(raw.queue_timeout_ms),
+        })
+    }
+
+    fn routing(&mut self, raw: RawRouting, models: &[ModelConfig]) -> RoutingConfig {
+        if let Some(default) = &raw.default_model {
+            if !models.iter().any(|model| &model.name == default) {
+                self.error(
+                    "routing.default_model",
+                    format!("`{default}` is not a configured model"),
+                );
+            }
+        }
+        RoutingConfig {
+            default_model: raw.default_model,
+        }
+    }
+
+    fn logging(&mut self, raw: RawLogging) -> Option<LoggingConfig> {
+        let format = match raw.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                self.error(
+                    "logging.format",
+                    format!("`{other}` is not a log format (expected text or json)"),
+                );
+                return None;
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&raw.level).is_err() {
+            self.error(
+                "logging.level",
+                format!(
+                    "`{}` is not a log filter (e.g. info, or info,gateway=debug)",
+                    raw.level
+                ),
+            );
+            return None;
+        }
+        Some(LoggingConfig {
+            format,
+            level: raw.level,
+        })
+    }
+}
+
+fn is_model_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(&byte))
+}
+
+fn has_gguf_magic(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0_u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut magic))
+        .is_ok()
+        && &magic == GGUF_MAGIC
+}
+
+/// SHA-256 of an API key, the only form in which keys are kept.
+pub fn sha256(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests;

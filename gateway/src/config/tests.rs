@@ -1,0 +1,154 @@
+use std::path::{Path, PathBuf};
+
+use super::{Environment, parse};
+
+struct FakeEnvironment;
+
+impl Environment for FakeEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        (name == "ISTHMUS_TEST_KEY").then(|| "secret-from-env".to_owned())
+    }
+}
+
+/// A directory holding a tiny file with the GGUF magic, standing in for a model file: config
+/// validation only checks that the file is there and is GGUF.
+fn fixture() -> (tempfile::TempDir, PathBuf) {
+    let dir = match tempfile::tempdir() {
+        Ok(dir) => dir,
+        Err(error) => panic!("temp dir: {error}"),
+    };
+    let model = dir.path().join("model.gguf");
+    if let Err(error) = std::fs::write(&model, b"GGUF\x03\x00\x00\x00") {
+        panic!("writing fixture: {error}");
+    }
+    let config = dir.path().join("isthmus.toml");
+    (dir, config)
+}
+
+fn errors_of(text: &str, source: &Path) -> Vec<String> {
+    match parse(text, source, &FakeEnvironment) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+const VALID: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+state_dir = "state"
+
+[auth]
+api_keys = [
+  { id = "env", key_env = "ISTHMUS_TEST_KEY" },
+  { id = "hash", sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" },
+]
+
+[models.smollm2]
+path = "model.gguf"
+aliases = ["gpt-4o-mini"]
+threads = 2
+"#;
+
+#[test]
+fn a_valid_file_resolves_paths_relative_to_itself() {
+    let (dir, source) = fixture();
+    let config = match parse(VALID, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("unexpected errors: {errors:?}"),
+    };
+    assert_eq!(config.server.state_dir, dir.path().join("state"));
+    assert_eq!(config.models[0].path, dir.path().join("model.gguf"));
+    assert_eq!(config.models[0].context_tokens, 2048);
+    assert_eq!(config.auth.api_keys.len(), 2);
+    assert_eq!(
+        config.auth.api_keys[0].sha256,
+        super::sha256("secret-from-env")
+    );
+}
+
+#[test]
+fn every_error_is_reported_with_its_key_path() {
+    let (dir, source) = fixture();
+    let text = r#"
+[server]
+listen = "nowhere"
+[server.limits]
+body_bytes_max = 0
+[auth]
+api_keys = [{ id = "k", key_env = "UNSET_VARIABLE" }]
+[models.smollm2]
+path = "missing.gguf"
+[models.other]
+path = "model.gguf"
+context_tokens = "big"
+[models.third]
+path = "model.gguf"
+parallel_sequences = 0
+[routing]
+default_model = "nope"
+[telemetry]
+x = 1
+"#;
+    let errors = errors_of(text, &source);
+    let missing = dir.path().join("missing.gguf");
+    let expected = [
+        "telemetry: unknown section (expected server, auth, models, routing, engine, logging)"
+            .to_owned(),
+        "models.other.context_tokens: invalid type: string \"big\", expected u32".to_owned(),
+        "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
+            .to_owned(),
+        "server.limits.body_bytes_max: must be greater than 0".to_owned(),
+        "auth.api_keys[0].key_env: environment variable UNSET_VARIABLE is not set or empty"
+            .to_owned(),
+        format!("models.smollm2.path: file not found: {}", missing.display()),
+        "models.third.parallel_sequences: must be between 1 and 256".to_owned(),
+        "routing.default_model: `nope` is not a configured model".to_owned(),
+    ];
+    for line in &expected {
+        assert!(errors.contains(line), "missing `{line}` in {errors:#?}");
+    }
+    assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+}
+
+#[test]
+fn unknown_keys_and_bad_toml_are_errors() {
+    let (_dir, source) = fixture();
+    let errors = errors_of(&VALID.replace("threads = 2", "thread = 2"), &source);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("models.smollm2: unknown field `thread`"),
+        "{errors:?}"
+    );
+    let errors = errors_of("[server\nlisten = 1", &source);
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("invalid TOML (line 1)"), "{errors:?}");
+}
+
+#[test]
+fn a_file_without_keys_must_opt_into_anonymous_access() {
+    let (_dir, source) = fixture();
+    let text = "[models.m]\npath = \"model.gguf\"\n";
+    assert_eq!(
+        errors_of(text, &source),
+        ["auth: no API keys are configured; add [[auth.api_keys]] or set allow_anonymous = true"]
+    );
+    let text = "[auth]\nallow_anonymous = true\n[models.m]\npath = \"model.gguf\"\n";
+    assert!(errors_of(text, &source).is_empty());
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_refused() {
+    let (dir, source) = fixture();
+    let other = dir.path().join("notes.txt");
+    if let Err(error) = std::fs::write(&other, "hello") {
+        panic!("{error}");
+    }
+    let text = VALID.replace("model.gguf", "notes.txt");
+    assert_eq!(
+        errors_of(&text, &source),
+        [format!(
+            "models.smollm2.path: not a GGUF model file: {}",
+            other.display()
+        )]
+    );
+}

@@ -1,0 +1,581 @@
+//! The data plane: Pingora proxy phases serving the OpenAI API.
+//!
+//! `request_filter` owns every response (it always returns "answered"): it identifies the
+//! request, authenticates the caller, reads the body under its limit, parses it, asks
+//! `router_policies::decide` where it runs and carries the decision out. `logging` runs for
+//! every request whatever happened and records metrics and one access-log line, which never
+//! contains prompt or completion text.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{ProxyHttp, Session};
+use router_policies::{Decision, RejectReason, RequestFacts};
+
+use crate::auth::{Caller, authenticate};
+use crate::error::GatewayError;
+use crate::local::{self, Answered};
+use crate::openai::{self, Endpoint};
+use crate::state::{AppState, InFlight};
+
+/// Longest `x-request-id` we adopt from a client.
+const REQUEST_ID_BYTES_MAX: usize = 128;
+
+/// What the phases of one request share.
+#[derive(Debug)]
+pub struct RequestContext {
+    pub started: Instant,
+    pub request_id: String,
+    /// `local`, `cloud`, `rejected`; `none` until something decided.
+    pub route: &'static str,
+    pub target: Option<String>,
+    pub rule: &'static str,
+    pub rule_name: Option<String>,
+    pub status: u16,
+    pub caller: Option<Caller>,
+    pub usage: edge_runtime::Usage,
+    pub first_token: Option<Duration>,
+    pub finish_reason: Option<&'static str>,
+    /// Why the response ended early, for the access log.
+    pub outcome: Option<String>,
+    _in_flight: Option<InFlight>,
+}
+
+impl RequestContext {
+    /// The rule that decided, as `x-isthmus-rule` reports it.
+    pub fn rule(&self) -> &str {
+        self.rule_name.as_deref().unwrap_or(self.rule)
+    }
+
+    /// Records that the request was refused before or by routing.
+    pub fn reject(&mut self, check: &'static str) {
+        self.route = "rejected";
+        if self.rule_name.is_none() {
+            self.rule = check;
+        }
+    }
+}
+
+/// The data-plane service.
+#[derive(Debug)]
+pub struct DataPlane {
+    state: Arc<AppState>,
+}
+
+impl DataPlane {
+    pub fn new(state: Arc<AppState>) -> Self {
+        DataPlane { state }
+    }
+}
+
+/// The operations the data plane serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Operation {
+    Chat { deployment: Option<String> },
+    Completions { deployment: Option<String> },
+    Models,
+}
+
+fn route_path(
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Operation, GatewayError> {
+    let not_allowed = || GatewayError::MethodNotAllowed {
+        method: method.to_string(),
+        path: path.to_owned(),
+    };
+    let post = |operation: Operation| {
+        if method == http::Method::POST {
+            Ok(operation)
+        } else {
+            Err(not_allowed())
+        }
+    };
+    match path.trim_end_matches('/') {
+        "/v1/chat/completions" => post(Operation::Chat { deployment: None }),
+        "/v1/completions" => post(Operation::Completions { deployment: None }),
+        "/v1/models" => {
+            if method == http::Method::GET {
+                Ok(Operation::Models)
+            } else {
+                Err(not_allowed())
+            }
+        }
+        azure if azure.starts_with("/openai/deployments/") => {
+            let rest = &azure["/openai/deployments/".len()..];
+            let (deployment, action) = rest.split_once('/').unwrap_or((rest, ""));
+            let has_api_version = query.unwrap_or("").split('&').any(|pair| {
+                pair.split_once('=')
+                    .is_some_and(|(key, value)| key == "api-version" && !value.is_empty())
+            });
+            let operation = match action {
+                "chat/completions" => Operation::Chat {
+                    deployment: Some(deployment.to_owned()),
+                },
+                "completions" => Operation::Completions {
+                    deployment: Some(deployment.to_owned()),
+                },
+                _ => {
+                    return Err(GatewayError::UnknownUrl {
+                        method: method.to_string(),
+                        path: path.to_owned(),
+                    });
+                }
+            };
+            if deployment.is_empty() {
+                return Err(GatewayError::UnknownUrl {
+                    method: method.to_string(),
+                    path: path.to_owned(),
+                });
+            }
+            if !has_api_version {
+                return Err(GatewayError::invalid_value(
+                    "api-version",
+                    "the api-version query parameter is required (e.g. ?api-version=2024-10-21)",
+                ));
+            }
+            post(operation)
+        }
+        _ => Err(GatewayError::UnknownUrl {
+            method: method.to_string(),
+            path: path.to_owned(),
+        }),
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a new one.
+fn request_id(session: &Session) -> String {
+    session
+        .req_header()
+        .headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| {
+            !value.is_empty()
+                && value.len() <= REQUEST_ID_BYTES_MAX
+                && value
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(&byte))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+pub fn unix_now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// A response header carrying the headers every response has.
+pub fn response_header(
+    ctx: &RequestContext,
+    status: u16,
+    content_type: &str,
+) -> pingora_error::Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(status, Some(8))?;
+    header.insert_header("content-type", content_type)?;
+    header.insert_header("x-request-id", ctx.request_id.as_str())?;
+    let route = if ctx.route == "none" {
+        "rejected"
+    } else {
+        ctx.route
+    };
+    header.insert_header("x-isthmus-route", route)?;
+    if let Some(target) = &ctx.target {
+        header.insert_header("x-isthmus-target", target.as_str())?;
+    }
+    header.insert_header("x-isthmus-rule", ctx.rule())?;
+    Ok(header)
+}
+
+/// Writes a complete JSON response.
+pub async fn respond_json(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    status: u16,
+    body: Vec<u8>,
+    retry_after_s: Option<u64>,
+) -> pingora_error::Result<()> {
+    let mut header = response_header(ctx, status, "application/json")?;
+    header.insert_header("content-length", body.len().to_string())?;
+    if let Some(seconds) = retry_after_s {
+        header.insert_header("retry-after", seconds.to_string())?;
+    }
+    ctx.status = status;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+/// Writes an OpenAI error response.
+pub async fn respond_error(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    error: &GatewayError,
+) -> pingora_error::Result<()> {
+    ctx.outcome = Some(error.to_string());
+    respond_json(
+        session,
+        ctx,
+        error.status().as_u16(),
+        error.body_json(),
+        error.retry_after_s(),
+    )
+    .await
+}
+
+impl DataPlane {
+    async fn handle(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Failure> {
+        let header = session.req_header();
+        let operation = route_path(&header.method, header.uri.path(), header.uri.query())?;
+        if !self.state.ready() {
+            return Err(GatewayError::Unavailable {
+                message: "the gateway is starting: models are still loading".to_owned(),
+                retry_after_s: 1,
+            }
+            .into());
+        }
+        let caller = authenticate(&session.req_header().headers, &self.state.config.auth)
+            .inspect_err(|_| ctx.reject("auth"))?;
+        ctx.caller = Some(caller);
+        match operation {
+            Operation::Models => {
+                ctx.route = "local";
+                ctx.rule = "default";
+                let models: Vec<(String, u64)> = self
+                    .state
+                    .engine
+                    .get()
+                    .map(|engine| {
+                        engine
+                            .models()
+                            .iter()
+                            .map(|model| (model.info().name.clone(), model.info().created_unix_s))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let body = serde_json::to_vec(&openai::models_list(&models)).unwrap_or_default();
+                respond_json(session, ctx, 200, body, None).await?;
+                Ok(())
+            }
+            Operation::Chat { deployment } => {
+                let body = self.read_body(session, ctx).await?;
+                let request = openai::parse_chat(&body).inspect_err(|_| ctx.reject("request"))?;
+                let model = deployment.or(request.generation.model.clone());
+                let target = self.route(ctx, model.as_deref(), session.req_header().uri.path())?;
+                let prompt = edge_runtime::Prompt::Chat(
+                    request
+                        .messages
+                        .into_iter()
+                        .map(|message| edge_runtime::ChatMessage {
+                            role: message.role,
+                            content: message.content,
+                        })
+                        .collect(),
+                );
+                self.run_local(
+                    session,
+                    ctx,
+                    Endpoint::Chat,
+                    &target,
+                    prompt,
+                    &request.generation,
+                )
+                .await
+            }
+            Operation::Completions { deployment } => {
+                let body = self.read_body(session, ctx).await?;
+                let request =
+                    openai::parse_completion(&body).inspect_err(|_| ctx.reject("request"))?;
+                let model = deployment.or(request.generation.model.clone());
+                let target = self.route(ctx, model.as_deref(), session.req_header().uri.path())?;
+                let prompt = edge_runtime::Prompt::Text(request.prompt);
+                self.run_local(
+                    session,
+                    ctx,
+                    Endpoint::Completions,
+                    &target,
+                    prompt,
+                    &request.generation,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Asks the policy where the request runs; returns the local model.
+    fn route(
+        &self,
+        ctx: &mut RequestContext,
+        model: Option<&str>,
+        path: &str,
+    ) -> Result<String, GatewayError> {
+        let facts = RequestFacts {
+            path,
+            requested_model: model,
+        };
+        let decision = router_policies::decide(&self.state.policy, &facts);
+        ctx.rule_name = Some(decision.rule().to_owned());
+        match decision {
+            Decision::Local { model, .. } => {
+                ctx.route = "local";
+                ctx.target = Some(model.clone());
+                Ok(model)
+            }
+            Decision::Reject { reason, .. } => {
+                ctx.route = "rejected";
+                Err(match reason {
+                    RejectReason::ModelNotFound { requested } => {
+                        GatewayError::ModelNotFound { model: requested }
+                    }
+                    RejectReason::ModelRequired => {
+                        GatewayError::invalid_value("model", "missing required parameter `model`")
+                    }
+                })
+            }
+        }
+    }
+
+    /// Reads the whole request body, refusing it as soon as it exceeds the limit.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+    ) -> Result<Bytes, Failure> {
+        let limit_bytes = self.state.config.server.limits.body_bytes_max;
+        let too_large = |session: &mut Session, ctx: &mut RequestContext| {
+            // The rest of the body is not read, so the connection cannot be reused.
+            session.set_keepalive(None);
+            ctx.reject("limits");
+            Failure::from(GatewayError::RequestTooLarge { limit_bytes })
+        };
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit_bytes) {
+            return Err(too_large(session, ctx));
+        }
+        let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit_bytes) as usize);
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > limit_bytes {
+                        return Err(too_large(session, ctx));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(error) => {
+                    ctx.reject("limits");
+                    return Err(match error.etype() {
+                        ErrorType::ReadTimedout => {
+                            session.set_keepalive(None);
+                            GatewayError::invalid_value(
+                                "body",
+                                "the request body was not received in time",
+                            )
+                            .into()
+                        }
+                        _ => Failure::ClientGone(format!("reading the request body: {error}")),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn run_local(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        endpoint: Endpoint,
+        model: &str,
+        prompt: edge_runtime::Prompt,
+        generation: &openai::Generation,
+    ) -> Result<(), Failure> {
+        let engine = self
+            .state
+            .engine
+            .get()
+            .ok_or_else(|| GatewayError::Unavailable {
+                message: "models are still loading".to_owned(),
+                retry_after_s: 1,
+            })?;
+        let handle = engine.model(model).ok_or_else(|| GatewayError::Internal {
+            message: format!("routed to model `{model}`, which is not loaded"),
+        })?;
+        let outcome = local::run(
+            session,
+            ctx,
+            handle,
+            local::LocalRequest {
+                endpoint,
+                prompt,
+                generation,
+                first_token_timeout: self.state.config.server.limits.first_token_timeout,
+            },
+        )
+        .await?;
+        match outcome {
+            Answered::Complete => Ok(()),
+            Answered::ClientGone(reason) => Err(Failure::ClientGone(reason)),
+        }
+    }
+}
+
+/// How handling ended when it did not end with a response written.
+#[derive(Debug)]
+pub enum Failure {
+    /// Answer with this error.
+    Error(GatewayError),
+    /// The client went away or the connection broke; nothing more can be written.
+    ClientGone(String),
+}
+
+impl From<GatewayError> for Failure {
+    fn from(error: GatewayError) -> Self {
+        Failure::Error(error)
+    }
+}
+
+impl From<Box<Error>> for Failure {
+    fn from(error: Box<Error>) -> Self {
+        Failure::ClientGone(error.to_string())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for DataPlane {
+    type CTX = RequestContext;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestContext {
+            started: Instant::now(),
+            request_id: String::new(),
+            route: "none",
+            target: None,
+            rule: "default",
+            rule_name: None,
+            status: 0,
+            caller: None,
+            usage: edge_runtime::Usage::default(),
+            first_token: None,
+            finish_reason: None,
+            outcome: None,
+            _in_flight: None,
+        }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> pingora_error::Result<()> {
+        ctx.started = Instant::now();
+        ctx._in_flight = Some(self.state.begin_request());
+        session.set_read_timeout(Some(self.state.config.server.limits.body_read_timeout));
+        Ok(())
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> pingora_error::Result<bool> {
+        ctx.request_id = request_id(session);
+        match self.handle(session, ctx).await {
+            Ok(()) => {}
+            Err(Failure::Error(error)) => {
+                if ctx.route == "none" {
+                    ctx.reject(match error {
+                        GatewayError::Unavailable { .. } => "readiness",
+                        _ => "request",
+                    });
+                }
+                if let Err(write_error) = respond_error(session, ctx, &error).await {
+                    ctx.outcome = Some(format!("writing the error response: {write_error}"));
+                }
+            }
+            Err(Failure::ClientGone(reason)) => {
+                session.set_keepalive(None);
+                if ctx.status == 0 {
+                    // Nginx's convention for "client closed the request".
+                    ctx.status = 499;
+                }
+                ctx.outcome = Some(reason);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> pingora_error::Result<Box<HttpPeer>> {
+        // request_filter answers every request; the proxy phases never pick an upstream.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "the data plane does not use Pingora's upstream phases",
+        )
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
+        let duration = ctx.started.elapsed();
+        let status = if ctx.status == 0 {
+            session
+                .response_written()
+                .map_or(0, |header| header.status.as_u16())
+        } else {
+            ctx.status
+        };
+        let route = match ctx.route {
+            "none" => "rejected",
+            route => route,
+        };
+        self.state.metrics.record(&crate::metrics::RequestRecord {
+            route,
+            status,
+            duration,
+            prompt_tokens: ctx.usage.prompt_tokens,
+            completion_tokens: ctx.usage.completion_tokens,
+            first_token: ctx
+                .first_token
+                .and_then(|first_token| ctx.target.as_deref().map(|model| (model, first_token))),
+        });
+        let header = session.req_header();
+        tracing::info!(
+            request_id = %ctx.request_id,
+            method = %header.method,
+            path = header.uri.path(),
+            status,
+            route,
+            target = ctx.target.as_deref().unwrap_or("-"),
+            rule = ctx.rule(),
+            caller = ctx.caller.as_ref().map_or("-", Caller::label),
+            duration_ms = duration.as_millis() as u64,
+            ttft_ms = ctx.first_token.map(|first_token| first_token.as_millis() as u64),
+            prompt_tokens = ctx.usage.prompt_tokens,
+            completion_tokens = ctx.usage.completion_tokens,
+            finish_reason = ctx.finish_reason,
+            outcome = ctx.outcome.as_deref(),
+            error = error.map(|error| error.to_string()),
+            "request"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,59 @@
+use http::Method;
+
+use super::route_path;
+
+fn check(method: Method, path: &str, query: Option<&str>) -> String {
+    match route_path(&method, path, query) {
+        Ok(operation) => format!("{operation:?}"),
+        Err(error) => format!("{} {}", error.status().as_u16(), error),
+    }
+}
+
+#[test]
+fn paths_map_to_operations() {
+    assert_eq!(
+        check(Method::POST, "/v1/chat/completions", None),
+        "Chat { deployment: None }"
+    );
+    assert_eq!(
+        check(Method::POST, "/v1/completions", None),
+        "Completions { deployment: None }"
+    );
+    assert_eq!(check(Method::GET, "/v1/models", None), "Models");
+    assert_eq!(
+        check(
+            Method::POST,
+            "/openai/deployments/smollm2/chat/completions",
+            Some("api-version=2024-10-21")
+        ),
+        "Chat { deployment: Some(\"smollm2\") }"
+    );
+}
+
+#[test]
+fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
+    assert_eq!(
+        check(Method::GET, "/v1/chat/completions", None),
+        "405 method GET is not allowed for /v1/chat/completions"
+    );
+    assert_eq!(
+        check(Method::POST, "/v1/embeddings", None),
+        "404 unknown URL: POST /v1/embeddings"
+    );
+    assert_eq!(
+        check(
+            Method::POST,
+            "/openai/deployments/smollm2/chat/completions",
+            None
+        ),
+        "400 the api-version query parameter is required (e.g. ?api-version=2024-10-21)"
+    );
+    assert_eq!(
+        check(
+            Method::POST,
+            "/openai/deployments//chat/completions",
+            Some("api-version=1")
+        ),
+        "404 unknown URL: POST /openai/deployments//chat/completions"
+    );
+}

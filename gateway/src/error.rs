@@ -1,0 +1,190 @@
+//! The gateway's one error type for requests, and its one mapping to an HTTP status and an
+//! OpenAI error body. The mapping has no catch-all arm: a new variant must be classified on
+//! purpose.
+
+use http::StatusCode;
+use serde::Serialize;
+
+/// Why a request was not answered normally.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{message}")]
+    InvalidJson { message: String },
+    #[error("{message}")]
+    InvalidValue { param: String, message: String },
+    #[error("{message}")]
+    UnsupportedParameter { param: String, message: String },
+    #[error("{message}")]
+    ContextLengthExceeded { message: String },
+    #[error("missing API key: send it as `Authorization: Bearer KEY` or in the `api-key` header")]
+    MissingApiKey,
+    #[error("incorrect API key provided")]
+    InvalidApiKey,
+    #[error("the model `{model}` does not exist or you do not have access to it")]
+    ModelNotFound { model: String },
+    #[error("unknown URL: {method} {path}")]
+    UnknownUrl { method: String, path: String },
+    #[error("method {method} is not allowed for {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("request body is larger than the limit of {limit_bytes} bytes")]
+    RequestTooLarge { limit_bytes: u64 },
+    #[error("the local inference queue is full; retry after {retry_after_s} s")]
+    QueueFull { retry_after_s: u64 },
+    #[error("{message}")]
+    Unavailable { message: String, retry_after_s: u64 },
+    #[error("{message}")]
+    Timeout { message: String },
+    #[error("internal error: {message}")]
+    Internal { message: String },
+}
+
+/// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+const INVALID_REQUEST: &str = "invalid_request_error";
+
+impl GatewayError {
+    /// HTTP status, OpenAI error `type`, `code` and `param`.
+    fn classify(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<&str>) {
+        use GatewayError::*;
+        match self {
+            InvalidJson { .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID_REQUEST,
+                Some("invalid_json"),
+                None,
+            ),
+            InvalidValue { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID_REQUEST,
+                Some("invalid_value"),
+                Some(param),
+            ),
+            UnsupportedParameter { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID_REQUEST,
+                Some("unsupported_parameter"),
+                Some(param),
+            ),
+            ContextLengthExceeded { .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID_REQUEST,
+                Some("context_length_exceeded"),
+                Some("messages"),
+            ),
+            MissingApiKey | InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                Some("invalid_api_key"),
+                None,
+            ),
+            ModelNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                INVALID_REQUEST,
+                Some("model_not_found"),
+                Some("model"),
+            ),
+            UnknownUrl { .. } => (
+                StatusCode::NOT_FOUND,
+                INVALID_REQUEST,
+                Some("unknown_url"),
+                None,
+            ),
+            MethodNotAllowed { .. } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                INVALID_REQUEST,
+                Some("method_not_allowed"),
+                None,
+            ),
+            RequestTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                INVALID_REQUEST,
+                Some("request_too_large"),
+                None,
+            ),
+            QueueFull { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("queue_full"),
+                None,
+            ),
+            Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                Some("unavailable"),
+                None,
+            ),
+            Timeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "api_error",
+                Some("timeout"),
+                None,
+            ),
+            Internal { .. } => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                Some("internal_error"),
+                None,
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+
+    /// Seconds a client should wait before retrying, for `Retry-After`.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            GatewayError::QueueFull { retry_after_s }
+            | GatewayError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let (_, kind, code, param) = self.classify();
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind,
+                param: param.map(str::to_owned),
+                code,
+            },
+        }
+    }
+
+    /// The body serialized as JSON.
+    pub fn body_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body()).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    pub fn invalid_value(param: impl Into<String>, message: impl Into<String>) -> Self {
+        GatewayError::InvalidValue {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn unsupported(param: impl Into<String>, message: impl Into<String>) -> Self {
+        GatewayError::UnsupportedParameter {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

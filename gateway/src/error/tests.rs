@@ -1,0 +1,53 @@
+use expect_test::{Expect, expect};
+
+use super::GatewayError;
+
+fn check(error: GatewayError, expect: Expect) {
+    let body = String::from_utf8(error.body_json()).unwrap_or_default();
+    expect.assert_eq(&format!("{} {body}", error.status().as_u16()));
+}
+
+#[test]
+fn errors_map_to_openai_status_and_body() {
+    check(
+        GatewayError::invalid_value("temperature", "temperature must be between 0 and 2"),
+        expect![[
+            r#"400 {"error":{"message":"temperature must be between 0 and 2","type":"invalid_request_error","param":"temperature","code":"invalid_value"}}"#
+        ]],
+    );
+    check(
+        GatewayError::ModelNotFound {
+            model: "gpt-9".to_owned(),
+        },
+        expect![[
+            r#"404 {"error":{"message":"the model `gpt-9` does not exist or you do not have access to it","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#
+        ]],
+    );
+    check(
+        GatewayError::RequestTooLarge { limit_bytes: 1024 },
+        expect![[
+            r#"413 {"error":{"message":"request body is larger than the limit of 1024 bytes","type":"invalid_request_error","param":null,"code":"request_too_large"}}"#
+        ]],
+    );
+    check(
+        GatewayError::QueueFull { retry_after_s: 2 },
+        expect![[
+            r#"429 {"error":{"message":"the local inference queue is full; retry after 2 s","type":"rate_limit_error","param":null,"code":"queue_full"}}"#
+        ]],
+    );
+    check(
+        GatewayError::InvalidApiKey,
+        expect![[
+            r#"401 {"error":{"message":"incorrect API key provided","type":"authentication_error","param":null,"code":"invalid_api_key"}}"#
+        ]],
+    );
+}
+
+#[test]
+fn only_backpressure_errors_carry_retry_after() {
+    assert_eq!(
+        GatewayError::QueueFull { retry_after_s: 3 }.retry_after_s(),
+        Some(3)
+    );
+    assert_eq!(GatewayError::InvalidApiKey.retry_after_s(), None);
+}

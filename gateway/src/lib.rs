@@ -1,0 +1,21 @@
+//! The Isthmus gateway: the shell around the pure routing core and the inference runtime.
+//!
+//! It reads the configuration, terminates TLS, serves the OpenAI API through Pingora's HTTP
+//! sessions, asks `router_policies` where each request runs and carries the decision out on
+//! `edge_runtime`, and serves health, readiness and metrics on the admin listener. See
+//! ARCHITECTURE.md for the map.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod data_plane;
+pub mod error;
+pub mod listener;
+pub mod local;
+pub mod metrics;
+pub mod openai;
+pub mod policy;
+pub mod serve;
+pub mod state;
+pub mod tls;

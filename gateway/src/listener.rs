@@ -1,0 +1,361 @@
+//! Our own accept loops in front of Pingora's HTTP sessions.
+//!
+//! We bind the sockets ourselves so that a listener asked for port 0 can report the port it
+//! got, and we accept connections ourselves so that every listener enforces what Pingora
+//! leaves to its users: a bound on open connections (further clients wait in the kernel's
+//! backlog), a deadline for the TLS handshake and the request header, a cap on header size,
+//! and a drain on shutdown that stops accepting at once while established connections finish
+//! their current request. Pingora then owns each connection: HTTP/1.1 and HTTP/2 framing,
+//! keep-alive, and the proxy phases of our services.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::Acceptor;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::SslDigest;
+use pingora_core::protocols::{ALPN, Peek, Shutdown, Ssl, Stream, UniqueID, UniqueIDType};
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, SocketDigest, TimingDigest,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::{Instant, Sleep};
+
+use crate::config::Limits;
+
+/// Open connections of one listener, for draining and for metrics.
+#[derive(Debug, Default)]
+pub struct ConnectionCount(AtomicU64);
+
+impl ConnectionCount {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+struct ConnectionGuard(Arc<ConnectionCount>);
+
+impl ConnectionGuard {
+    fn new(count: &Arc<ConnectionCount>) -> Self {
+        count.0.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(Arc::clone(count))
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One listener's settings.
+pub struct ListenerSettings {
+    /// Names the listener in logs.
+    pub name: &'static str,
+    pub tls: Option<Arc<Acceptor>>,
+    pub limits: Limits,
+    /// Shared by the data-plane listeners so the bound holds across them.
+    pub connections: Arc<Semaphore>,
+    pub open: Arc<ConnectionCount>,
+}
+
+impl std::fmt::Debug for ListenerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerSettings")
+            .field("name", &self.name)
+            .field("tls", &self.tls.is_some())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, handing each to `app`.
+pub async fn accept_loop<A>(
+    listener: TcpListener,
+    app: Arc<A>,
+    settings: ListenerSettings,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    A: ServerApp + Send + Sync + 'static,
+{
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&settings.connections).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(listener = settings.name, %error, "accept failed");
+                // Out of file descriptors and similar: give other tasks a moment to free some.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let app = Arc::clone(&app);
+        let tls = settings.tls.clone();
+        let limits = settings.limits;
+        let guard = ConnectionGuard::new(&settings.open);
+        let shutdown = shutdown.clone();
+        let name = settings.name;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _guard = guard;
+            let _ = tcp.set_nodelay(true);
+            let fd = tcp.as_raw_fd();
+            let mut l4 = L4Stream::from(tcp);
+            l4.set_socket_digest(SocketDigest::from_raw_fd(fd));
+            let stream: Stream = match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(
+                        limits.header_read_timeout,
+                        acceptor.tls_handshake(l4),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls_stream)) => Box::new(tls_stream),
+                        Ok(Err(error)) => {
+                            tracing::debug!(listener = name, %peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+                None => Box::new(l4),
+            };
+            let http2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+            let stream: Stream = Box::new(GuardedStream::new(stream, &limits, !http2));
+            let mut next = app.process_new(stream, &shutdown).await;
+            while let Some(stream) = next {
+                next = app.process_new(stream, &shutdown).await;
+            }
+        });
+    }
+    tracing::info!(listener = settings.name, "stopped accepting connections");
+}
+
+/// Where an HTTP/1 connection is in its request cycle, as seen from its bytes.
+#[derive(Debug)]
+enum Phase {
+    /// Reading a request header: the deadline runs and the bytes are counted.
+    Header {
+        deadline: Pin<Box<Sleep>>,
+        bytes: u64,
+        /// Characters on the current header line, carriage returns not counted.
+        line_length: u64,
+        /// Whether a non-empty line was seen (empty lines before a request are allowed).
+        seen_line: bool,
+    },
+    /// Header complete; the body is read under Pingora's per-read timeout.
+    Body,
+    /// A response is being written; the next byte read starts the next request.
+    Responding,
+    /// Not guarded (HTTP/2 has its own framing and limits).
+    Off,
+}
+
+/// A connection that enforces the header deadline and size cap of HTTP/1 requests.
+#[derive(Debug)]
+pub struct GuardedStream {
+    inner: Stream,
+    phase: Phase,
+    header_bytes_max: u64,
+    header_read_timeout: Duration,
+}
+
+impl GuardedStream {
+    pub fn new(inner: Stream, limits: &Limits, enabled: bool) -> Self {
+        let phase = if enabled {
+            header_phase(limits.header_read_timeout)
+        } else {
+            Phase::Off
+        };
+        GuardedStream {
+            inner,
+            phase,
+            header_bytes_max: limits.header_bytes_max,
+            header_read_timeout: limits.header_read_timeout,
+        }
+    }
+
+    /// Follows the bytes of a request header to its end (an empty line).
+    fn observe_read(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if matches!(self.phase, Phase::Responding) {
+            self.phase = header_phase(self.header_read_timeout);
+        }
+        let Phase::Header {
+            bytes,
+            line_length,
+            seen_line,
+            ..
+        } = &mut self.phase
+        else {
+            return Ok(());
+        };
+        for byte in data {
+            *bytes += 1;
+            match byte {
+                b'\r' => {}
+                b'\n' if *line_length == 0 && *seen_line => {
+                    self.phase = Phase::Body;
+                    return Ok(());
+                }
+                b'\n' => {
+                    *seen_line |= *line_length > 0;
+                    *line_length = 0;
+                }
+                _ => *line_length += 1,
+            }
+            if *bytes > self.header_bytes_max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("request header larger than {} bytes", self.header_bytes_max),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn header_phase(timeout: Duration) -> Phase {
+    Phase::Header {
+        deadline: Box::pin(tokio::time::sleep_until(Instant::now() + timeout)),
+        bytes: 0,
+        line_length: 0,
+        seen_line: false,
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Phase::Header { deadline, .. } = &mut this.phase {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request header not received in time",
+                )));
+            }
+        }
+        let filled_before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let data = &buf.filled()[filled_before..];
+                Poll::Ready(this.observe_read(data))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if !matches!(self.phase, Phase::Off) {
+            self.phase = Phase::Responding;
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if !matches!(self.phase, Phase::Off) {
+            self.phase = Phase::Responding;
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}

@@ -1,0 +1,700 @@
+//! The OpenAI wire format: request bodies in, response bodies and stream chunks out.
+//!
+//! Requests are checked field by field so that every mistake is reported with the `param` it
+//! concerns. Fields we cannot honour are refused with `unsupported_parameter` rather than
+//! silently ignored — a client asking for `tools` or `logprobs` must not get an answer that
+//! only looks right. Fields we do not know at all are tolerated, as OpenAI's own API evolves.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::GatewayError;
+
+/// OpenAI accepts at most four stop sequences.
+const STOP_SEQUENCES_MAX: usize = 4;
+/// Longest accepted stop sequence, in bytes.
+const STOP_SEQUENCE_BYTES_MAX: usize = 1_024;
+/// Default `max_tokens` of the legacy completions API, as OpenAI defines it.
+const COMPLETIONS_MAX_TOKENS_DEFAULT: u32 = 16;
+
+/// A chat message after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: edge_runtime::Role,
+    pub content: String,
+}
+
+/// What both generation endpoints share.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub model: Option<String>,
+    /// `None` means "until the context is full".
+    pub max_tokens: Option<u32>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub user: Option<String>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub generation: Generation,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionRequest {
+    pub prompt: String,
+    pub generation: Generation,
+}
+
+/// Parses a `/v1/chat/completions` body.
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    let mut fields = Fields::parse(body)?;
+    refuse_unsupported(&mut fields, CHAT_UNSUPPORTED)?;
+    let messages = fields.required("messages")?;
+    let messages = parse_messages(&messages)?;
+    let max_completion = fields.optional_u32("max_completion_tokens", 1)?;
+    let max_tokens = fields.optional_u32("max_tokens", 1)?;
+    let generation = parse_generation(&mut fields, max_completion.or(max_tokens))?;
+    Ok(ChatRequest {
+        messages,
+        generation,
+    })
+}
+
+/// Parses a `/v1/completions` body.
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, GatewayError> {
+    let mut fields = Fields::parse(body)?;
+    refuse_unsupported(&mut fields, COMPLETIONS_UNSUPPORTED)?;
+    let prompt = match fields.required("prompt")? {
+        Value::String(prompt) => prompt,
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(prompt)] => prompt.clone(),
+            [] => {
+                return Err(GatewayError::invalid_value(
+                    "prompt",
+                    "prompt must not be empty",
+                ));
+            }
+            [Value::String(_), ..] => {
+                return Err(GatewayError::unsupported(
+                    "prompt",
+                    "only one prompt per request is supported",
+                ));
+            }
+            _ => {
+                return Err(GatewayError::unsupported(
+                    "prompt",
+                    "token-array prompts are not supported; send the prompt as a string",
+                ));
+            }
+        },
+        _ => {
+            return Err(GatewayError::invalid_value(
+                "prompt",
+                "prompt must be a string or an array of strings",
+            ));
+        }
+    };
+    let max_tokens = fields
+        .optional_u32("max_tokens", 1)?
+        .or(Some(COMPLETIONS_MAX_TOKENS_DEFAULT));
+    let generation = parse_generation(&mut fields, max_tokens)?;
+    Ok(CompletionRequest { prompt, generation })
+}
+
+/// Fields whose presence asks for something the local engine does not do. Each entry is
+/// the field and a value that is harmless (the default), if any.
+const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
+    ("tools", None),
+    ("tool_choice", Some("none")),
+    ("functions", None),
+    ("function_call", Some("none")),
+    ("response_format", Some(r#"{"type":"text"}"#)),
+    ("logprobs", Some("false")),
+    ("top_logprobs", None),
+    ("logit_bias", Some("{}")),
+    ("presence_penalty", Some("0")),
+    ("frequency_penalty", Some("0")),
+    ("audio", None),
+    ("modalities", Some(r#"["text"]"#)),
+    ("prediction", None),
+    ("web_search_options", None),
+    ("reasoning_effort", None),
+];
+
+const COMPLETIONS_UNSUPPORTED: &[(&str, Option<&str>)] = &[
+    ("echo", Some("false")),
+    ("suffix", None),
+    ("logprobs", None),
+    ("best_of", Some("1")),
+    ("logit_bias", Some("{}")),
+    ("presence_penalty", Some("0")),
+    ("frequency_penalty", Some("0")),
+];
+
+fn refuse_unsupported(
+    fields: &mut Fields,
+    unsupported: &[(&str, Option<&str>)],
+) -> Result<(), GatewayError> {
+    for (name, harmless) in unsupported {
+        let Some(value) = fields.take(name) else {
+            continue;
+        };
+        let is_harmless = harmless
+            .and_then(|text| serde_json::from_str::<Value>(text).ok())
+            .is_some_and(|harmless| same_value(&harmless, &value));
+        if !is_harmless {
+            return Err(GatewayError::unsupported(
+                *name,
+                format!("`{name}` is not supported by this endpoint's local models"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// JSON equality that treats 0 and 0.0 alike.
+fn same_value(left: &Value, right: &Value) -> bool {
+    match (left, right) {
+        (Value::Number(left), Value::Number(right)) => left.as_f64() == right.as_f64(),
+        _ => left == right,
+    }
+}
+
+fn parse_generation(
+    fields: &mut Fields,
+    max_tokens: Option<u32>,
+) -> Result<Generation, GatewayError> {
+    let model = fields.optional_string("model")?;
+    if let Some(model) = &model {
+        if model.is_empty() {
+            return Err(GatewayError::invalid_value(
+                "model",
+                "model must not be empty",
+            ));
+        }
+    }
+    let temperature = fields.optional_f32("temperature", 0.0, 2.0)?.unwrap_or(1.0);
+    let top_p = fields.optional_f32("top_p", 0.0, 1.0)?.unwrap_or(1.0);
+    let seed = match fields.take("seed") {
+        None => None,
+        Some(Value::Number(number)) => match (number.as_u64(), number.as_i64()) {
+            (Some(seed), _) => Some(seed),
+            (None, Some(seed)) => Some(seed as u64),
+            (None, None) => {
+                return Err(GatewayError::invalid_value(
+                    "seed",
+                    "seed must be an integer",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                "seed",
+                "seed must be an integer",
+            ));
+        }
+    };
+    let stop = parse_stop(fields.take("stop"))?;
+    if let Some(n) = fields.optional_u32("n", 1)? {
+        if n != 1 {
+            return Err(GatewayError::unsupported("n", "only n = 1 is supported"));
+        }
+    }
+    let stream = fields.optional_bool("stream")?.unwrap_or(false);
+    let include_usage = match fields.take("stream_options") {
+        None => false,
+        Some(Value::Object(options)) => {
+            if !stream {
+                return Err(GatewayError::invalid_value(
+                    "stream_options",
+                    "stream_options is only allowed when stream is true",
+                ));
+            }
+            match options.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(include)) => *include,
+                Some(_) => {
+                    return Err(GatewayError::invalid_value(
+                        "stream_options.include_usage",
+                        "include_usage must be a boolean",
+                    ));
+                }
+            }
+        }
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                "stream_options",
+                "stream_options must be an object",
+            ));
+        }
+    };
+    let user = fields.optional_string("user")?;
+    let ignore_eos = fields.optional_bool("ignore_eos")?.unwrap_or(false);
+    Ok(Generation {
+        model,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+        stream,
+        include_usage,
+        user,
+        ignore_eos,
+    })
+}
+
+fn parse_stop(value: Option<Value>) -> Result<Vec<String>, GatewayError> {
+    let stops = match value {
+        None => return Ok(Vec::new()),
+        Some(Value::String(stop)) => vec![stop],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(stop) => Ok(stop),
+                _ => Err(GatewayError::invalid_value(
+                    "stop",
+                    "stop must be a string or an array of strings",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                "stop",
+                "stop must be a string or an array of strings",
+            ));
+        }
+    };
+    if stops.len() > STOP_SEQUENCES_MAX {
+        return Err(GatewayError::invalid_value(
+            "stop",
+            format!("at most {STOP_SEQUENCES_MAX} stop sequences are allowed"),
+        ));
+    }
+    if stops
+        .iter()
+        .any(|stop| stop.len() > STOP_SEQUENCE_BYTES_MAX)
+    {
+        return Err(GatewayError::invalid_value(
+            "stop",
+            format!("stop sequences are limited to {STOP_SEQUENCE_BYTES_MAX} bytes"),
+        ));
+    }
+    Ok(stops)
+}
+
+fn parse_messages(value: &Value) -> Result<Vec<Message>, GatewayError> {
+    let Value::Array(items) = value else {
+        return Err(GatewayError::invalid_value(
+            "messages",
+            "messages must be an array",
+        ));
+    };
+    if items.is_empty() {
+        return Err(GatewayError::invalid_value(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| parse_message(index, item))
+        .collect()
+}
+
+fn parse_message(index: usize, item: &Value) -> Result<Message, GatewayError> {
+    let param = format!("messages[{index}]");
+    let Value::Object(message) = item else {
+        return Err(GatewayError::invalid_value(
+            param,
+            "each message must be an object",
+        ));
+    };
+    let role = match message.get("role") {
+        Some(Value::String(role)) => role.as_str(),
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.role"),
+                "role must be a string",
+            ));
+        }
+        None => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.role"),
+                "each message needs a role",
+            ));
+        }
+    };
+    let role = match role {
+        "system" | "developer" => edge_runtime::Role::System,
+        "user" => edge_runtime::Role::User,
+        "assistant" => edge_runtime::Role::Assistant,
+        "tool" | "function" => {
+            return Err(GatewayError::unsupported(
+                format!("{param}.role"),
+                format!("`{role}` messages are not supported by local models"),
+            ));
+        }
+        other => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.role"),
+                format!("`{other}` is not a role (expected system, developer, user or assistant)"),
+            ));
+        }
+    };
+    for unsupported in ["tool_calls", "function_call", "audio"] {
+        if message
+            .get(unsupported)
+            .is_some_and(|value| !value.is_null())
+        {
+            return Err(GatewayError::unsupported(
+                format!("{param}.{unsupported}"),
+                format!("`{unsupported}` in messages is not supported by local models"),
+            ));
+        }
+    }
+    let content = match message.get("content") {
+        Some(Value::String(content)) => content.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (part_index, part) in parts.iter().enumerate() {
+                let part_param = format!("{param}.content[{part_index}]");
+                match part {
+                    Value::Object(part) => match part.get("type").and_then(Value::as_str) {
+                        Some("text") => match part.get("text") {
+                            Some(Value::String(part_text)) => text.push_str(part_text),
+                            _ => {
+                                return Err(GatewayError::invalid_value(
+                                    format!("{part_param}.text"),
+                                    "a text part needs a string `text`",
+                                ));
+                            }
+                        },
+                        Some(other) => {
+                            return Err(GatewayError::unsupported(
+                                format!("{part_param}.type"),
+                                format!(
+                                    "`{other}` content parts are not supported by local models"
+                                ),
+                            ));
+                        }
+                        None => {
+                            return Err(GatewayError::invalid_value(
+                                format!("{part_param}.type"),
+                                "each content part needs a type",
+                            ));
+                        }
+                    },
+                    _ => {
+                        return Err(GatewayError::invalid_value(
+                            part_param,
+                            "each content part must be an object",
+                        ));
+                    }
+                }
+            }
+            text
+        }
+        Some(Value::Null) | None if role == edge_runtime::Role::Assistant => String::new(),
+        _ => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.content"),
+                "content must be a string or an array of text parts",
+            ));
+        }
+    };
+    Ok(Message { role, content })
+}
+
+/// The top-level fields of a JSON object body; absent and `null` fields read alike.
+struct Fields {
+    map: Map<String, Value>,
+}
+
+impl Fields {
+    fn parse(body: &[u8]) -> Result<Fields, GatewayError> {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(map)) => Ok(Fields { map }),
+            Ok(_) => Err(GatewayError::InvalidJson {
+                message: "the request body must be a JSON object".to_owned(),
+            }),
+            Err(error) => Err(GatewayError::InvalidJson {
+                message: format!("the request body is not valid JSON: {error}"),
+            }),
+        }
+    }
+
+    fn take(&mut self, name: &str) -> Option<Value> {
+        self.map.remove(name).filter(|value| !value.is_null())
+    }
+
+    fn required(&mut self, name: &str) -> Result<Value, GatewayError> {
+        self.take(name).ok_or_else(|| {
+            GatewayError::invalid_value(name, format!("missing required parameter `{name}`"))
+        })
+    }
+
+    fn optional_string(&mut self, name: &str) -> Result<Option<String>, GatewayError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::String(value)) => Ok(Some(value)),
+            Some(_) => Err(GatewayError::invalid_value(
+                name,
+                format!("`{name}` must be a string"),
+            )),
+        }
+    }
+
+    fn optional_bool(&mut self, name: &str) -> Result<Option<bool>, GatewayError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Bool(value)) => Ok(Some(value)),
+            Some(_) => Err(GatewayError::invalid_value(
+                name,
+                format!("`{name}` must be a boolean"),
+            )),
+        }
+    }
+
+    fn optional_u32(&mut self, name: &str, minimum: u32) -> Result<Option<u32>, GatewayError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Number(number)) => number
+                .as_u64()
+                .and_then(|value| u32::try_from(value).ok())
+                .filter(|value| *value >= minimum)
+                .map(Some)
+                .ok_or_else(|| {
+                    GatewayError::invalid_value(
+                        name,
+                        format!("`{name}` must be an integer of at least {minimum}"),
+                    )
+                }),
+            Some(_) => Err(GatewayError::invalid_value(
+                name,
+                format!("`{name}` must be an integer"),
+            )),
+        }
+    }
+
+    fn optional_f32(
+        &mut self,
+        name: &str,
+        minimum: f32,
+        maximum: f32,
+    ) -> Result<Option<f32>, GatewayError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(Value::Number(number)) => number
+                .as_f64()
+                .map(|value| value as f32)
+                .filter(|value| (minimum..=maximum).contains(value))
+                .map(Some)
+                .ok_or_else(|| {
+                    GatewayError::invalid_value(
+                        name,
+                        format!("`{name}` must be a number between {minimum} and {maximum}"),
+                    )
+                }),
+            Some(_) => Err(GatewayError::invalid_value(
+                name,
+                format!("`{name}` must be a number"),
+            )),
+        }
+    }
+}
+
+// ---- Responses ----
+
+#[derive(Debug, Serialize)]
+pub struct UsageBody {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
+}
+
+impl From<edge_runtime::Usage> for UsageBody {
+    fn from(usage: edge_runtime::Usage) -> Self {
+        UsageBody {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.prompt_tokens + usage.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: usage.cached_tokens,
+            },
+        }
+    }
+}
+
+/// Which endpoint a response belongs to; they differ only in object names and choice shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+/// The identity every body and chunk of one response repeats.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub endpoint: Endpoint,
+    /// `chatcmpl-…` or `cmpl-…`.
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl ResponseMeta {
+    pub fn new(endpoint: Endpoint, request_id: &str, created: u64, model: &str) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        ResponseMeta {
+            endpoint,
+            id: format!("{prefix}-{request_id}"),
+            created,
+            model: model.to_owned(),
+        }
+    }
+
+    /// The complete, non-streamed response.
+    pub fn full_response(
+        &self,
+        text: &str,
+        finish_reason: &str,
+        usage: edge_runtime::Usage,
+    ) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => serde_json::json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": null},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+            Endpoint::Completions => serde_json::json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        serde_json::json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [choice],
+            "usage": UsageBody::from(usage),
+        })
+    }
+
+    /// One stream chunk. `role` marks the chat stream's first chunk; `text` is the delta;
+    /// `finish_reason` marks the last content chunk. `with_usage_field` adds `"usage": null`,
+    /// as OpenAI does on every chunk when the client asked for usage.
+    pub fn chunk(
+        &self,
+        role: bool,
+        text: Option<&str>,
+        finish_reason: Option<&str>,
+        with_usage_field: bool,
+    ) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let mut delta = Map::new();
+                if role {
+                    delta.insert("role".to_owned(), Value::from("assistant"));
+                }
+                if let Some(text) = text {
+                    delta.insert("content".to_owned(), Value::from(text));
+                }
+                serde_json::json!({
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": null,
+                    "finish_reason": finish_reason,
+                })
+            }
+            Endpoint::Completions => serde_json::json!({
+                "index": 0,
+                "text": text.unwrap_or(""),
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        };
+        let mut chunk = serde_json::json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [choice],
+        });
+        if with_usage_field {
+            if let Some(object) = chunk.as_object_mut() {
+                object.insert("usage".to_owned(), Value::Null);
+            }
+        }
+        chunk
+    }
+
+    /// The usage chunk that ends a stream when the client asked for usage: no choices.
+    pub fn usage_chunk(&self, usage: edge_runtime::Usage) -> Value {
+        serde_json::json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [],
+            "usage": UsageBody::from(usage),
+        })
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
+        }
+    }
+}
+
+/// An SSE `data:` event.
+pub fn sse_event(value: &Value) -> bytes::Bytes {
+    let mut event = b"data: ".to_vec();
+    event.extend(serde_json::to_vec(value).unwrap_or_default());
+    event.extend(b"\n\n");
+    bytes::Bytes::from(event)
+}
+
+/// The event that ends every stream.
+pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// `GET /v1/models`.
+pub fn models_list(models: &[(String, u64)]) -> Value {
+    let data: Vec<Value> = models
+        .iter()
+        .map(|(id, created)| {
+            serde_json::json!({"id": id, "object": "model", "created": created, "owned_by": "isthmus"})
+        })
+        .collect();
+    serde_json::json!({"object": "list", "data": data})
+}
+
+#[cfg(test)]
+mod tests;

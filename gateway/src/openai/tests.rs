@@ -1,0 +1,190 @@
+use expect_test::{Expect, expect};
+
+use super::{Endpoint, ResponseMeta, parse_chat, parse_completion};
+
+fn check_chat(body: &str, expect: Expect) {
+    let rendered = match parse_chat(body.as_bytes()) {
+        Ok(request) => format!("{request:#?}"),
+        Err(error) => String::from_utf8(error.body_json()).unwrap_or_default(),
+    };
+    expect.assert_eq(&rendered);
+}
+
+fn check_completion(body: &str, expect: Expect) {
+    let rendered = match parse_completion(body.as_bytes()) {
+        Ok(request) => format!("{request:#?}"),
+        Err(error) => String::from_utf8(error.body_json()).unwrap_or_default(),
+    };
+    expect.assert_eq(&rendered);
+}
+
+#[test]
+fn a_full_chat_request_parses() {
+    check_chat(
+        r#"{"model":"smollm2","messages":[{"role":"system","content":"Be brief."},
+            {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
+            "max_completion_tokens":8,"temperature":0,"top_p":0.9,"seed":-1,"stop":"\n",
+            "n":1,"stream":true,"stream_options":{"include_usage":true},"user":"u1",
+            "tool_choice":"none","logprobs":false,"unknown_future_field":{"x":1}}"#,
+        expect![[r#"
+            ChatRequest {
+                messages: [
+                    Message {
+                        role: System,
+                        content: "Be brief.",
+                    },
+                    Message {
+                        role: User,
+                        content: "Hi there",
+                    },
+                ],
+                generation: Generation {
+                    model: Some(
+                        "smollm2",
+                    ),
+                    max_tokens: Some(
+                        8,
+                    ),
+                    temperature: 0.0,
+                    top_p: 0.9,
+                    seed: Some(
+                        18446744073709551615,
+                    ),
+                    stop: [
+                        "\n",
+                    ],
+                    stream: true,
+                    include_usage: true,
+                    user: Some(
+                        "u1",
+                    ),
+                    ignore_eos: false,
+                },
+            }"#]],
+    );
+}
+
+#[test]
+fn malformed_json_is_invalid_json() {
+    check_chat(
+        r#"{"messages": [}"#,
+        expect![[
+            r#"{"error":{"message":"the request body is not valid JSON: expected value at line 1 column 15","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    check_chat(
+        "[1]",
+        expect![[
+            r#"{"error":{"message":"the request body must be a JSON object","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+}
+
+#[test]
+fn bad_fields_name_their_param() {
+    check_chat(
+        r#"{"model":"m"}"#,
+        expect![[
+            r#"{"error":{"message":"missing required parameter `messages`","type":"invalid_request_error","param":"messages","code":"invalid_value"}}"#
+        ]],
+    );
+    check_chat(
+        r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+        expect![[
+            r#"{"error":{"message":"`temperature` must be a number between 0 and 2","type":"invalid_request_error","param":"temperature","code":"invalid_value"}}"#
+        ]],
+    );
+    check_chat(
+        r#"{"messages":[{"role":"user","content":"x"},{"role":"robot","content":"y"}]}"#,
+        expect![[
+            r#"{"error":{"message":"`robot` is not a role (expected system, developer, user or assistant)","type":"invalid_request_error","param":"messages[1].role","code":"invalid_value"}}"#
+        ]],
+    );
+    check_chat(
+        r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+        expect![[
+            r#"{"error":{"message":"`max_tokens` must be an integer of at least 1","type":"invalid_request_error","param":"max_tokens","code":"invalid_value"}}"#
+        ]],
+    );
+    check_chat(
+        r#"{"messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+        expect![[
+            r#"{"error":{"message":"stream_options is only allowed when stream is true","type":"invalid_request_error","param":"stream_options","code":"invalid_value"}}"#
+        ]],
+    );
+}
+
+#[test]
+fn what_the_local_engine_cannot_honour_is_refused() {
+    check_chat(
+        r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+        expect![[
+            r#"{"error":{"message":"`tools` is not supported by this endpoint's local models","type":"invalid_request_error","param":"tools","code":"unsupported_parameter"}}"#
+        ]],
+    );
+    check_chat(
+        r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+        expect![[
+            r#"{"error":{"message":"only n = 1 is supported","type":"invalid_request_error","param":"n","code":"unsupported_parameter"}}"#
+        ]],
+    );
+    check_chat(
+        r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+        expect![[
+            r#"{"error":{"message":"`response_format` is not supported by this endpoint's local models","type":"invalid_request_error","param":"response_format","code":"unsupported_parameter"}}"#
+        ]],
+    );
+    check_chat(
+        r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+        expect![[
+            r#"{"error":{"message":"`image_url` content parts are not supported by local models","type":"invalid_request_error","param":"messages[0].content[0].type","code":"unsupported_parameter"}}"#
+        ]],
+    );
+}
+
+#[test]
+fn legacy_completions_default_to_sixteen_tokens() {
+    check_completion(
+        r#"{"model":"m","prompt":["Once upon"]}"#,
+        expect![[r#"
+            CompletionRequest {
+                prompt: "Once upon",
+                generation: Generation {
+                    model: Some(
+                        "m",
+                    ),
+                    max_tokens: Some(
+                        16,
+                    ),
+                    temperature: 1.0,
+                    top_p: 1.0,
+                    seed: None,
+                    stop: [],
+                    stream: false,
+                    include_usage: false,
+                    user: None,
+                    ignore_eos: false,
+                },
+            }"#]],
+    );
+    check_completion(
+        r#"{"model":"m","prompt":"x","echo":true}"#,
+        expect![[
+            r#"{"error":{"message":"`echo` is not supported by this endpoint's local models","type":"invalid_request_error","param":"echo","code":"unsupported_parameter"}}"#
+        ]],
+    );
+}
+
+#[test]
+fn stream_chunks_have_the_openai_shape() {
+    let meta = ResponseMeta::new(Endpoint::Chat, "r1", 1_700_000_000, "smollm2");
+    expect![[r#"{"choices":[{"delta":{"content":"","role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}],"created":1700000000,"id":"chatcmpl-r1","model":"smollm2","object":"chat.completion.chunk","system_fingerprint":null,"usage":null}"#]]
+    .assert_eq(&meta.chunk(true, Some(""), None, true).to_string());
+    let usage = edge_runtime::Usage {
+        prompt_tokens: 5,
+        completion_tokens: 2,
+        cached_tokens: 0,
+    };
+    expect![[r#"{"choices":[],"created":1700000000,"id":"chatcmpl-r1","model":"smollm2","object":"chat.completion.chunk","system_fingerprint":null,"usage":{"completion_tokens":2,"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":0},"total_tokens":7}}"#]]
+    .assert_eq(&meta.usage_chunk(usage).to_string());
+}

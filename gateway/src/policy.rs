@@ -1,0 +1,23 @@
+//! Translation of the configuration into `router_policies`' compiled policy.
+
+use crate::config::Config;
+
+/// The routing policy the configuration describes; errors carry their key paths.
+pub fn compile(config: &Config) -> Result<router_policies::Policy, Vec<String>> {
+    let models = config
+        .models
+        .iter()
+        .map(|model| router_policies::LocalModel {
+            name: model.name.clone(),
+            aliases: model.aliases.clone(),
+        })
+        .collect();
+    router_policies::Policy::compile(models, config.routing.default_model.clone()).map_err(
+        |errors| {
+            errors
+                .iter()
+                .map(|error| format!("models: {error}"))
+                .collect()
+        },
+    )
+}

@@ -1,0 +1,279 @@
+//! `isthmus serve`: start-up, the listeners, signals and draining.
+//!
+//! Start-up order: open the state directory, make sure there is a TLS certificate
+//! (provisioning one on first start), probe the hardware, bind every listener (so
+//! `/healthz` answers and the ports are known at once), then load the models; `/readyz`
+//! turns ready when they are loaded. Each bound listener is announced on stdout as one JSON
+//! line, so that supervisors and tests can find ports that were asked for as `:0`.
+//!
+//! Signals: SIGHUP reloads the TLS certificate. SIGTERM and SIGINT drain: every listener
+//! stops accepting at once, in-flight requests run to completion (keep-alive connections close
+//! after their current response), and the process exits when none are left or when the drain
+//! timeout passes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::listeners::tls::Acceptor;
+use pingora_core::server::configuration::ServerConf;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Semaphore, watch};
+
+use crate::admin::Admin;
+use crate::config::{Config, TlsFiles};
+use crate::data_plane::DataPlane;
+use crate::listener::{ListenerSettings, accept_loop};
+use crate::state::AppState;
+use crate::tls::ReloadingCertResolver;
+
+/// How often draining checks whether requests are still in flight.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Runs the gateway until it is told to stop. Returns the process exit code.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    let state_dir = firmware::StateDir::open(&config.server.state_dir)
+        .with_context(|| format!("server.state_dir: {}", config.server.state_dir.display()))?;
+    let tls_files = match &config.server.tls.files {
+        Some(files) => files.clone(),
+        None => {
+            let provisioned =
+                firmware::provision_tls_now(&state_dir, &firmware::default_tls_hosts())
+                    .context("provisioning the TLS certificate")?;
+            tracing::info!(
+                ca = %provisioned.ca_cert_path.display(),
+                ca_sha256 = %provisioned.ca_fingerprint_sha256,
+                outcome = %provisioned.outcome,
+                "clients verify this gateway with the CA certificate above"
+            );
+            TlsFiles {
+                cert: provisioned.cert_path,
+                key: provisioned.key_path,
+            }
+        }
+    };
+    let resolver = ReloadingCertResolver::load(tls_files).context("loading the TLS certificate")?;
+    let hardware = firmware::probe();
+    tracing::info!(
+        logical_cpus = hardware.logical_cpus,
+        physical_cores = hardware.physical_cores,
+        cpu = hardware.cpu_model.as_deref().unwrap_or("unknown"),
+        x86_64_level = hardware.x86_64_level,
+        memory_total_bytes = hardware.memory_total_bytes,
+        features = %hardware.cpu_features.join(" "),
+        "hardware probed"
+    );
+
+    let policy =
+        crate::policy::compile(&config).map_err(|errors| anyhow::anyhow!(errors.join("; ")))?;
+    let worker_threads = config
+        .server
+        .worker_threads
+        .unwrap_or(hardware.logical_cpus)
+        .max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .thread_name("isthmus-io")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let state = Arc::new(AppState::new(config, policy));
+    runtime.block_on(run(state, resolver, hardware))
+}
+
+async fn bind(address: SocketAddr, name: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the {name} listener to {address}"))?;
+    Ok(listener)
+}
+
+/// Announces a bound listener on stdout, one JSON object per line.
+fn announce(name: &str, scheme: &str, listener: &TcpListener) -> anyhow::Result<SocketAddr> {
+    use std::io::Write as _;
+    let address = listener.local_addr()?;
+    let line = serde_json::json!({"listening": name, "address": address.to_string(), "url": format!("{scheme}://{address}")});
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    tracing::info!(listener = name, url = %format!("{scheme}://{address}"), "listening");
+    Ok(address)
+}
+
+async fn run(
+    state: Arc<AppState>,
+    resolver: Arc<ReloadingCertResolver>,
+    hardware: firmware::HardwareProfile,
+) -> anyhow::Result<()> {
+    let config = &state.config;
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let acceptor = Arc::new(Acceptor::from_server_config(Arc::new(
+        resolver.server_config()?,
+    )));
+    let connections = Arc::new(Semaphore::new(
+        config.server.limits.connections_max as usize,
+    ));
+    let pingora_conf = Arc::new(ServerConf::default());
+
+    let admin_listener = bind(config.server.admin_listen, "admin").await?;
+    let data_listener = bind(config.server.listen, "data").await?;
+    let plain_listener = match config.server.plain_listen {
+        Some(address) => Some(bind(address, "plain-http").await?),
+        None => None,
+    };
+
+    let admin_app = Arc::new(HttpServer::new_app(Admin::new(Arc::clone(&state))));
+    let data_app = Arc::new(pingora_proxy::http_proxy(
+        &pingora_conf,
+        DataPlane::new(Arc::clone(&state)),
+    ));
+    announce("admin", "http", &admin_listener)?;
+    announce("data", "https", &data_listener)?;
+    let admin_settings = ListenerSettings {
+        name: "admin",
+        tls: None,
+        limits: config.server.limits,
+        connections: Arc::new(Semaphore::new(64)),
+        open: Arc::default(),
+    };
+    let mut accept_tasks = vec![
+        tokio::spawn(accept_loop(
+            admin_listener,
+            admin_app,
+            admin_settings,
+            shutdown.clone(),
+        )),
+        tokio::spawn(accept_loop(
+            data_listener,
+            Arc::clone(&data_app),
+            ListenerSettings {
+                name: "data",
+                tls: Some(acceptor),
+                limits: config.server.limits,
+                connections: Arc::clone(&connections),
+                open: Arc::clone(&state.open_connections),
+            },
+            shutdown.clone(),
+        )),
+    ];
+    if let Some(listener) = plain_listener {
+        tracing::warn!(
+            "PLAIN-HTTP DATA LISTENER ENABLED: prompts, completions and API keys cross the network unencrypted; use it only on a trusted local link"
+        );
+        announce("plain-http", "http", &listener)?;
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            data_app,
+            ListenerSettings {
+                name: "plain-http",
+                tls: None,
+                limits: config.server.limits,
+                connections,
+                open: Arc::clone(&state.open_connections),
+            },
+            shutdown.clone(),
+        )));
+    }
+    state.listeners_bound.store(true, Ordering::Release);
+
+    tokio::spawn(watch_certificate(
+        Arc::clone(&resolver),
+        config.server.tls.reload_interval,
+    ));
+    let loading = tokio::task::spawn_blocking({
+        let state = Arc::clone(&state);
+        move || load_models(&state, &hardware)
+    });
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut loading = Some(loading);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = hangup.recv() => {
+                match resolver.reload() {
+                    Ok(()) => {}
+                    Err(error) => tracing::error!(%error, "SIGHUP: TLS certificate not reloaded; the previous one stays in use"),
+                }
+            }
+            loaded = async { match loading.as_mut() { Some(task) => task.await, None => std::future::pending().await } } => {
+                loading = None;
+                match loaded {
+                    Ok(Ok(())) => tracing::info!("ready"),
+                    Ok(Err(error)) => return Err(error),
+                    Err(error) => return Err(anyhow::anyhow!("model loading panicked: {error}")),
+                }
+            }
+        }
+    }
+    drain(&state, &shutdown_sender).await;
+    Ok(())
+}
+
+fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow::Result<()> {
+    let config = &state.config;
+    let default_threads = u32::try_from(hardware.default_inference_threads()).unwrap_or(1);
+    let specs: Vec<edge_runtime::ModelSpec> = config
+        .models
+        .iter()
+        .map(|model| edge_runtime::ModelSpec {
+            name: model.name.clone(),
+            path: model.path.clone(),
+            context_tokens: model.context_tokens,
+            parallel_sequences: model.parallel_sequences,
+            batch_tokens: model.batch_tokens,
+            threads: model.threads.unwrap_or(default_threads),
+            gpu_layers: model.gpu_layers,
+            queue_depth_max: model.queue_depth_max,
+            queue_timeout_ms: u64::try_from(model.queue_timeout.as_millis()).unwrap_or(u64::MAX),
+        })
+        .collect();
+    let options = edge_runtime::EngineOptions {
+        backends_dir: config.engine.backends_dir.clone(),
+    };
+    let engine = edge_runtime::Engine::start(&options, &specs).context("loading models")?;
+    let _ = state.engine.set(engine);
+    Ok(())
+}
+
+async fn watch_certificate(resolver: Arc<ReloadingCertResolver>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = resolver.reload_if_changed() {
+            tracing::error!(%error, "TLS certificate files changed but could not be loaded; the previous certificate stays in use");
+        }
+    }
+}
+
+/// Stops accepting, then waits for in-flight requests up to the drain timeout.
+async fn drain(state: &AppState, shutdown: &watch::Sender<bool>) {
+    let _ = shutdown.send(true);
+    let timeout = state.config.server.drain_timeout;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while state.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
+    }
+    let remaining = state.in_flight();
+    if remaining > 0 {
+        tracing::warn!(
+            in_flight = remaining,
+            timeout_ms = timeout.as_millis() as u64,
+            "drain timeout passed; exiting with requests still in flight"
+        );
+    } else {
+        tracing::info!(
+            drain_ms = started.elapsed().as_millis() as u64,
+            "drained; exiting"
+        );
+    }
+}
