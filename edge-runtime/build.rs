@@ -27,7 +27,11 @@ fn main() {
     };
     for libraries in ["lib", "lib64"] {
         let source = llama_out.join(libraries);
-        for destination in [profile_dir.clone(), profile_dir.join("deps")] {
+        for destination in [
+            profile_dir.clone(),
+            profile_dir.join("deps"),
+            profile_dir.join("examples"),
+        ] {
             if let Err(error) = complete_libraries(&source, &destination) {
                 println!(
                     "cargo:warning=could not place llama.cpp libraries in {}: {error}",

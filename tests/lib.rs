@@ -1,1 +1,515 @@
-//! End-to-end test support.
+//! Support for the end-to-end tests: build the current `isthmus` binary, make a test PKI,
+//! write a configuration, start the gateway on loopback ports it picks itself, and talk to it.
+//!
+//! Every gateway a test starts is its own process, killed when the test's [`Gateway`] is
+//! dropped (and by the kernel if the test process dies first). Tests that start a gateway hold
+//! [`serial`] so that only one model runs at a time on a small machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Generous bound on start-up (model load included); a healthy start takes about a second.
+pub const START_DEADLINE: Duration = Duration::from_secs(90);
+/// The API key every test configuration accepts.
+pub const API_KEY: &str = "isthmus-test-key";
+/// Inference threads for tests: the suite shares two cores with the compiler and itself.
+pub const TEST_THREADS: u32 = 2;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate lives in the workspace")
+        .to_path_buf()
+}
+
+/// The demo model, fetched by `scripts/fetch-model`.
+pub fn model_path() -> PathBuf {
+    let path = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model (scripts/test does it for you)",
+        path.display()
+    );
+    path
+}
+
+/// One test at a time may run a gateway or a model.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A scratch directory under the target directory, removed when dropped.
+pub fn scratch_dir() -> tempfile::TempDir {
+    let base = scratch_base();
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix("isthmus-it-")
+        .tempdir_in(base)
+        .unwrap()
+}
+
+/// Where test scratch directories go.
+fn scratch_base() -> PathBuf {
+    std::env::temp_dir().join("isthmus-tests")
+}
+
+/// The `isthmus` binary built from the current sources (cargo decides what is stale).
+pub fn isthmus_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut command = Command::new(cargo);
+        // The same package selection as the test build, so no dependency is rebuilt with
+        // other features.
+        command.current_dir(workspace_root()).args([
+            "build",
+            "--workspace",
+            "--all-targets",
+            "--message-format=json-render-diagnostics",
+        ]);
+        // Cargo describes the running test in CARGO_* variables; some build scripts watch
+        // them, so passing them on would make this build and the test build rebuild each
+        // other's dependencies.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            let describes_test = name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&name.as_ref());
+            if describes_test {
+                command.env_remove(name.as_ref());
+            }
+        }
+        let exe = std::env::current_exe().unwrap_or_default();
+        if exe
+            .components()
+            .any(|component| component.as_os_str() == "release")
+        {
+            command.arg("--release");
+        }
+        let output = command
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build");
+        assert!(output.status.success(), "cargo build of isthmus failed");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|message| message["reason"] == "compiler-artifact")
+            .filter(|message| message["target"]["name"] == "isthmus")
+            .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no isthmus executable")
+    })
+}
+
+/// A CA and a server certificate for `localhost` and `127.0.0.1`, made at test time.
+#[derive(Debug)]
+pub struct TestPki {
+    pub dir: PathBuf,
+    pub ca_pem: String,
+    pub ca_path: PathBuf,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestPki {
+    /// The process-wide test PKI.
+    pub fn shared() -> &'static TestPki {
+        static PKI: OnceLock<TestPki> = OnceLock::new();
+        PKI.get_or_init(|| {
+            let dir = scratch_base().join(format!("pki-{}", std::process::id()));
+            TestPki::create(&dir)
+        })
+    }
+
+    fn create(dir: &Path) -> TestPki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Isthmus test CA");
+        ca_params.distinguished_name = name;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let ca_pem = ca_cert.pem();
+        let ca_issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let pki = TestPki {
+            dir: dir.to_path_buf(),
+            ca_path: dir.join("ca.pem"),
+            cert_path: dir.join("server.pem"),
+            key_path: dir.join("server-key.pem"),
+            ca_pem,
+            ca_issuer,
+        };
+        std::fs::write(&pki.ca_path, &pki.ca_pem).unwrap();
+        let (cert, key) = pki.issue_server_cert("localhost");
+        std::fs::write(&pki.cert_path, cert).unwrap();
+        std::fs::write(&pki.key_path, key).unwrap();
+        pki
+    }
+
+    /// A server certificate (PEM chain) and key signed by the test CA, for `localhost`,
+    /// `127.0.0.1` and `common_name`.
+    pub fn issue_server_cert(&self, common_name: &str) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.ca_issuer).unwrap();
+        (
+            format!("{}{}", cert.pem(), self.ca_pem),
+            key.serialize_pem(),
+        )
+    }
+}
+
+/// What a test configuration may change; everything else has test defaults.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    pub context_tokens: u32,
+    pub parallel_sequences: u32,
+    pub queue_depth_max: u32,
+    pub body_bytes_max: u64,
+    pub header_bytes_max: u64,
+    pub header_read_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+    /// Use the test PKI's certificate; `false` lets the gateway provision its own.
+    pub test_certificate: bool,
+    pub extra: String,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            context_tokens: 1024,
+            parallel_sequences: 2,
+            queue_depth_max: 8,
+            body_bytes_max: 1024 * 1024,
+            header_bytes_max: 16 * 1024,
+            header_read_timeout_ms: 10_000,
+            drain_timeout_ms: 30_000,
+            test_certificate: true,
+            extra: String::new(),
+        }
+    }
+}
+
+/// The configuration text for `options`, with the state directory under `dir`.
+pub fn config_text(options: &GatewayOptions, dir: &Path) -> String {
+    let pki = TestPki::shared();
+    let tls = if options.test_certificate {
+        format!(
+            "[server.tls]\ncert = {:?}\nkey = {:?}\nreload_interval_ms = 200\n",
+            pki.cert_path, pki.key_path
+        )
+    } else {
+        String::new()
+    };
+    let key_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(API_KEY.as_bytes()))
+    };
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+state_dir = {state:?}
+drain_timeout_ms = {drain}
+
+{tls}
+[server.limits]
+body_bytes_max = {body}
+header_bytes_max = {header}
+header_read_timeout_ms = {header_timeout}
+first_token_timeout_ms = 60000
+
+[auth]
+api_keys = [{{ id = "test", sha256 = "{key_sha256}" }}]
+
+[models.smollm2]
+path = {model:?}
+aliases = ["gpt-4o-mini"]
+context_tokens = {context}
+parallel_sequences = {parallel}
+batch_tokens = 256
+threads = {threads}
+queue_depth_max = {queue}
+queue_timeout_ms = 60000
+
+[logging]
+level = "info,gateway=debug,edge_runtime=debug"
+
+{extra}
+"#,
+        state = dir.join("state"),
+        drain = options.drain_timeout_ms,
+        body = options.body_bytes_max,
+        header = options.header_bytes_max,
+        header_timeout = options.header_read_timeout_ms,
+        model = model_path(),
+        context = options.context_tokens,
+        parallel = options.parallel_sequences,
+        threads = TEST_THREADS,
+        queue = options.queue_depth_max,
+        extra = options.extra,
+    )
+}
+
+/// A running gateway process.
+#[derive(Debug)]
+pub struct Gateway {
+    pub child: Child,
+    pub data: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub log_path: PathBuf,
+}
+
+impl Gateway {
+    /// Starts a gateway with `options` and waits until `/readyz` says ready.
+    pub fn start(options: &GatewayOptions) -> Gateway {
+        let dir = scratch_dir();
+        let config_path = dir.path().join("isthmus.toml");
+        std::fs::write(&config_path, config_text(options, dir.path())).unwrap();
+        Gateway::start_with_config(dir, &config_path)
+    }
+
+    /// Starts a gateway on an existing configuration file inside `dir`.
+    pub fn start_with_config(dir: tempfile::TempDir, config_path: &Path) -> Gateway {
+        let log_path = dir.path().join("gateway.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut command = Command::new(isthmus_binary());
+        command
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .env("NO_COLOR", "1");
+        kill_with_parent(&mut command);
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_DEADLINE;
+        let mut data = None;
+        let mut admin = None;
+        while data.is_none() || admin.is_none() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let line = match receiver.recv_timeout(remaining) {
+                Ok(line) => line,
+                Err(_) => panic!(
+                    "gateway did not announce its listeners; log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                ),
+            };
+            let Ok(announcement) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let address: Option<SocketAddr> = announcement["address"]
+                .as_str()
+                .and_then(|address| address.parse().ok());
+            match announcement["listening"].as_str() {
+                Some("data") => data = address,
+                Some("admin") => admin = address,
+                _ => {}
+            }
+        }
+        let gateway = Gateway {
+            child,
+            data: data.unwrap(),
+            admin: admin.unwrap(),
+            dir,
+            log_path,
+        };
+        gateway.wait_ready(deadline);
+        gateway
+    }
+
+    fn wait_ready(&self, deadline: Instant) {
+        loop {
+            if let Ok((200, _)) = plain_get(self.admin, "/readyz") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready in time; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.data.port())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        plain_get(self.admin, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// One metric's value (the first sample whose name and labels start with `prefix`).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+    }
+
+    /// Sends a signal to the gateway.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        #[allow(
+            unsafe_code,
+            reason = "sending a signal to the child process needs libc::kill"
+        )]
+        let result = unsafe { libc::kill(pid, signal) };
+        assert_eq!(result, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Waits for the process to exit, up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- gateway log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Asks the kernel to kill the child when the test process dies, so no gateway outlives a
+/// crashed test run.
+fn kill_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe.
+    #[allow(
+        unsafe_code,
+        reason = "pre_exec and prctl are the only way to set PDEATHSIG"
+    )]
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// A minimal plain-HTTP GET for the admin listener: (status, body).
+pub fn plain_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// An HTTPS client that trusts only `ca_pem`.
+pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .https_only(true)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// An HTTPS client that trusts the test CA.
+pub fn client() -> reqwest::Client {
+    client_trusting(&TestPki::shared().ca_pem)
+}
+
+/// Polls `check` until it returns true or `deadline` passes; returns whether it did.
+pub fn eventually(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + deadline;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -660,15 +660,14 @@ impl Worker {
             let Some(sequence) = slot(slots, id) else {
                 continue;
             };
-            if let Some(token) = sequence.pending_token.take() {
-                if batch
+            if let Some(token) = sequence.pending_token.take()
+                && batch
                     .add(token, sequence.position, &[sequence.id], true)
                     .is_ok()
-                {
-                    sequence.logits_index = Some(batch.n_tokens() - 1);
-                    sequence.position += 1;
-                    participants.push(id);
-                }
+            {
+                sequence.logits_index = Some(batch.n_tokens() - 1);
+                sequence.position += 1;
+                participants.push(id);
             }
         }
         for &id in admitted {
@@ -792,10 +791,9 @@ impl Worker {
         if let Some(entry) = usize::try_from(id)
             .ok()
             .and_then(|index| slots.get_mut(index))
+            && entry.take().is_some()
         {
-            if entry.take().is_some() {
-                self.stats.active_sequences.fetch_sub(1, Ordering::Relaxed);
-            }
+            self.stats.active_sequences.fetch_sub(1, Ordering::Relaxed);
         }
         admitted.retain(|&other| other != id);
         let _ = context.clear_kv_cache_seq(u32::try_from(id).ok(), None, None);

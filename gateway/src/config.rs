@@ -814,13 +814,13 @@ impl Validator<'_> {
     }
 
     fn routing(&mut self, raw: RawRouting, models: &[ModelConfig]) -> RoutingConfig {
-        if let Some(default) = &raw.default_model {
-            if !models.iter().any(|model| &model.name == default) {
-                self.error(
-                    "routing.default_model",
-                    format!("`{default}` is not a configured model"),
-                );
-            }
+        if let Some(default) = &raw.default_model
+            && !models.iter().any(|model| &model.name == default)
+        {
+            self.error(
+                "routing.default_model",
+                format!("`{default}` is not a configured model"),
+            );
         }
         RoutingConfig {
             default_model: raw.default_model,

@@ -257,13 +257,13 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Phase::Header { deadline, .. } = &mut this.phase {
-            if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "request header not received in time",
-                )));
-            }
+        if let Phase::Header { deadline, .. } = &mut this.phase
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request header not received in time",
+            )));
         }
         let filled_before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {

@@ -184,7 +184,7 @@ impl Metrics {
         }
         drop(registry);
 
-        let gauges: [(&str, &str, &str, fn(&ModelGauges) -> u64); 4] = [
+        let gauges: [ModelSeries; 4] = [
             (
                 "isthmus_local_queue_depth",
                 "gauge",
@@ -238,6 +238,14 @@ impl Metrics {
         out
     }
 }
+
+/// A per-model series: name, Prometheus type, help text, and how to read it.
+type ModelSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ModelGauges) -> u64,
+);
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

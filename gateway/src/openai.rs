@@ -112,9 +112,9 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, GatewayError> 
 /// the field and a value that is harmless (the default), if any.
 const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
     ("tools", None),
-    ("tool_choice", Some("none")),
+    ("tool_choice", Some(r#""none""#)),
     ("functions", None),
-    ("function_call", Some("none")),
+    ("function_call", Some(r#""none""#)),
     ("response_format", Some(r#"{"type":"text"}"#)),
     ("logprobs", Some("false")),
     ("top_logprobs", None),
@@ -172,13 +172,13 @@ fn parse_generation(
     max_tokens: Option<u32>,
 ) -> Result<Generation, GatewayError> {
     let model = fields.optional_string("model")?;
-    if let Some(model) = &model {
-        if model.is_empty() {
-            return Err(GatewayError::invalid_value(
-                "model",
-                "model must not be empty",
-            ));
-        }
+    if let Some(model) = &model
+        && model.is_empty()
+    {
+        return Err(GatewayError::invalid_value(
+            "model",
+            "model must not be empty",
+        ));
     }
     let temperature = fields.optional_f32("temperature", 0.0, 2.0)?.unwrap_or(1.0);
     let top_p = fields.optional_f32("top_p", 0.0, 1.0)?.unwrap_or(1.0);
@@ -202,10 +202,10 @@ fn parse_generation(
         }
     };
     let stop = parse_stop(fields.take("stop"))?;
-    if let Some(n) = fields.optional_u32("n", 1)? {
-        if n != 1 {
-            return Err(GatewayError::unsupported("n", "only n = 1 is supported"));
-        }
+    if let Some(n) = fields.optional_u32("n", 1)?
+        && n != 1
+    {
+        return Err(GatewayError::unsupported("n", "only n = 1 is supported"));
     }
     let stream = fields.optional_bool("stream")?.unwrap_or(false);
     let include_usage = match fields.take("stream_options") {
@@ -644,10 +644,8 @@ impl ResponseMeta {
             "system_fingerprint": null,
             "choices": [choice],
         });
-        if with_usage_field {
-            if let Some(object) = chunk.as_object_mut() {
-                object.insert("usage".to_owned(), Value::Null);
-            }
+        if with_usage_field && let Some(object) = chunk.as_object_mut() {
+            object.insert("usage".to_owned(), Value::Null);
         }
         chunk
     }

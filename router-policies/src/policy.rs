@@ -51,10 +51,10 @@ impl Policy {
                 }
             }
         }
-        if let Some(default) = &default_model {
-            if !local_models.iter().any(|model| &model.name == default) {
-                errors.push(PolicyError::UnknownDefault(default.clone()));
-            }
+        if let Some(default) = &default_model
+            && !local_models.iter().any(|model| &model.name == default)
+        {
+            errors.push(PolicyError::UnknownDefault(default.clone()));
         }
         if errors.is_empty() {
             Ok(Policy {

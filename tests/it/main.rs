@@ -1,1 +1,43 @@
-//! e2e
+//! End-to-end tests: the real `isthmus` binary, a real model, real TLS, real sockets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod chat;
+mod config;
+mod errors;
+mod lifecycle;
+mod python;
+mod tidy;
+
+use std::future::Future;
+
+/// Runs an async test body on its own runtime.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// A chat request body.
+pub fn chat_body(content: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+    });
+    if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    body
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_payloads(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}

@@ -36,10 +36,7 @@ fn a_stop_string_split_across_pieces_is_held_back_and_never_leaks() {
         run(&["\n\n"], &["Hi", "\n", "\n", "more"]),
         "Hi|| (stopped)"
     );
-    assert_eq!(
-        run(&["STOP"], &["x S", "T", "O", "P y"]),
-        "x |||| (stopped)"
-    );
+    assert_eq!(run(&["STOP"], &["x S", "T", "O", "P y"]), "x ||| (stopped)");
 }
 
 #[test]

@@ -116,7 +116,7 @@ fn unknown_keys_and_bad_toml_are_errors() {
     let errors = errors_of(&VALID.replace("threads = 2", "thread = 2"), &source);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
-        errors[0].starts_with("models.smollm2: unknown field `thread`"),
+        errors[0].starts_with("models.smollm2.thread: unknown field `thread`"),
         "{errors:?}"
     );
     let errors = errors_of("[server\nlisten = 1", &source);

@@ -1,0 +1,80 @@
+//! `isthmus check-config`: every example configuration validates, and a broken file gets
+//! every error at once with its key path.
+
+use std::process::Command;
+
+use tests::{isthmus_binary, workspace_root};
+
+#[test]
+fn every_example_configuration_validates() {
+    tests::model_path();
+    let dir = workspace_root().join("deploy/config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|extension| extension != "toml") {
+            continue;
+        }
+        let output = Command::new(isthmus_binary())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{} does not validate:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 1,
+        "no example configurations in {}",
+        dir.display()
+    );
+}
+
+#[test]
+fn check_config_reports_every_error_with_its_key_path() {
+    let dir = tests::scratch_dir();
+    let config = dir.path().join("broken.toml");
+    let text = r#"
+[server]
+admin_listen = "localhost"
+
+[auth]
+allow_anonymous = true
+
+[models.smollm2]
+path = "missing-model.gguf"
+"#;
+    std::fs::write(&config, text).unwrap();
+    let output = Command::new(isthmus_binary())
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let missing = dir.path().join("missing-model.gguf");
+    assert!(stderr.contains("2 errors"), "{stderr}");
+    assert!(
+        stderr.contains("server.admin_listen: `localhost` is not an address of the form IP:PORT"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "models.smollm2.path: file not found: {}",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    let output = Command::new(isthmus_binary())
+        .arg("check-config")
+        .arg(dir.path().join("absent.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("absent.toml: cannot read"));
+}

@@ -1,0 +1,164 @@
+//! Bad requests get OpenAI error bodies with the right status, and never take the gateway
+//! down or leak into the next request.
+
+use serde_json::{Value, json};
+use tests::{API_KEY, Gateway, GatewayOptions, client, serial};
+
+use crate::{block_on, chat_body};
+
+async fn error_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert!(response.headers().contains_key("x-request-id"));
+    assert!(response.headers().contains_key("x-isthmus-rule"));
+    (status, response.json().await.unwrap())
+}
+
+#[test]
+fn bad_requests_get_openai_errors_with_the_right_status() {
+    let _serial = serial();
+    let options = GatewayOptions {
+        context_tokens: 256,
+        body_bytes_max: 64 * 1024,
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&options);
+    block_on(async {
+        let post = |body: Vec<u8>| {
+            client()
+                .post(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+        };
+
+        // Malformed JSON.
+        let (status, body) = error_of(post(b"{\"messages\": [".to_vec()).await.unwrap()).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "invalid_json");
+
+        // A bad field names its param.
+        let request = chat_body("hi", json!({"temperature": "hot"}));
+        let (status, body) =
+            error_of(post(serde_json::to_vec(&request).unwrap()).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["param"].as_str()),
+            (400, Some("temperature"))
+        );
+
+        // What the engine cannot honour is refused, not ignored.
+        let request = chat_body(
+            "hi",
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        );
+        let (status, body) =
+            error_of(post(serde_json::to_vec(&request).unwrap()).await.unwrap()).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "unsupported_parameter");
+        assert_eq!(body["error"]["param"], "tools");
+
+        // Unknown model.
+        let request = chat_body("hi", json!({"model": "gpt-unknown"}));
+        let response = post(serde_json::to_vec(&request).unwrap()).await.unwrap();
+        assert_eq!(response.headers()["x-isthmus-route"], "rejected");
+        assert_eq!(response.headers()["x-isthmus-rule"], "default");
+        let (status, body) = error_of(response).await;
+        assert_eq!(status, 404);
+        assert_eq!(body["error"]["code"], "model_not_found");
+
+        // A prompt longer than the context.
+        let long_prompt = "tell me a story about a lighthouse keeper ".repeat(60);
+        let request = chat_body(&long_prompt, json!({}));
+        let (status, body) =
+            error_of(post(serde_json::to_vec(&request).unwrap()).await.unwrap()).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "context_length_exceeded");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("256"),
+            "{body}"
+        );
+        // Prompt plus max_tokens over the context is refused the same way.
+        let request = chat_body("hi", json!({"max_tokens": 300}));
+        let (status, body) =
+            error_of(post(serde_json::to_vec(&request).unwrap()).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("context_length_exceeded"))
+        );
+
+        // A body over the limit, declared up front and streamed without a length.
+        let huge = chat_body(&"x".repeat(100 * 1024), json!({}));
+        let (status, body) =
+            error_of(post(serde_json::to_vec(&huge).unwrap()).await.unwrap()).await;
+        assert_eq!(status, 413);
+        assert_eq!(body["error"]["code"], "request_too_large");
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..40).map(|_| Ok(vec![b' '; 4096])).collect();
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await
+            .unwrap();
+        let (status, _) = error_of(response).await;
+        assert_eq!(status, 413);
+
+        // Missing and wrong keys.
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .json(&chat_body("hi", json!({})))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = error_of(response).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (401, Some("invalid_api_key"))
+        );
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth("wrong-key")
+            .json(&chat_body("hi", json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(response).await.0, 401);
+
+        // Unknown path and wrong method.
+        let response = client()
+            .post(gateway.url("/v1/embeddings"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(response).await.0, 404);
+        let response = client()
+            .get(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(response).await.0, 405);
+
+        // After all that, a good request is still answered.
+        let response =
+            post(serde_json::to_vec(&chat_body("Say hi", json!({"max_tokens": 3}))).unwrap())
+                .await
+                .unwrap();
+        assert_eq!(response.status(), 200);
+    });
+    let metrics = gateway.metrics();
+    for line in [
+        "isthmus_requests_total{route=\"rejected\",status=\"400\"}",
+        "isthmus_requests_total{route=\"rejected\",status=\"401\"} 2",
+        "isthmus_requests_total{route=\"rejected\",status=\"404\"} 2",
+        "isthmus_requests_total{route=\"rejected\",status=\"413\"} 2",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+}

@@ -1,0 +1,278 @@
+//! What happens around requests: clients that leave, slow or oversized headers, certificate
+//! reloads, and draining on SIGTERM.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tests::{API_KEY, Gateway, GatewayOptions, TestPki, client, eventually, serial};
+
+use crate::{block_on, chat_body, sse_payloads};
+
+/// A generation that would run for minutes unless cancelled: no end-of-text, a long context.
+fn endless_stream_body() -> Value {
+    chat_body(
+        "Write a very long story.",
+        json!({"stream": true, "ignore_eos": true, "max_tokens": 7000}),
+    )
+}
+
+/// Reads the response until `count` SSE events arrived, then drops it.
+async fn read_events(response: reqwest::Response, count: usize) {
+    let mut seen = 0;
+    let mut stream = response.bytes_stream();
+    while seen < count {
+        let bytes = stream.next().await.unwrap().unwrap();
+        seen += String::from_utf8_lossy(&bytes).matches("data: ").count();
+    }
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
+    let _serial = serial();
+    let options = GatewayOptions {
+        context_tokens: 8192,
+        parallel_sequences: 1,
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&options);
+    let active = || gateway.metric("isthmus_local_active_sequences{model=\"smollm2\"}");
+    for http1 in [true, false] {
+        block_on(async {
+            let mut builder = reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(TestPki::shared().ca_pem.as_bytes()).unwrap(),
+                );
+            if http1 {
+                builder = builder.http1_only();
+            }
+            let leaving = builder.build().unwrap();
+            let response = leaving
+                .post(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .json(&endless_stream_body())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            read_events(response, 5).await;
+            // HTTP/1.1: the connection closes; HTTP/2: the stream is reset.
+            drop(leaving);
+        });
+        // Left alone, that generation would run for minutes; cancelled, its sequence is freed
+        // at the worker's next step.
+        assert!(
+            eventually(Duration::from_secs(20), || active() == Some(0.0)),
+            "sequence still active after the client left (http1={http1}); metrics:\n{}",
+            gateway.metrics()
+        );
+        // With one sequence, the next request can only run if the slot was freed.
+        block_on(async {
+            let response = client()
+                .post(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .json(&chat_body("Say hello.", json!({"max_tokens": 4})))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        });
+    }
+    assert!(
+        gateway
+            .metrics()
+            .contains("isthmus_requests_total{route=\"local\",status=\"200\"} 4")
+    );
+}
+
+#[test]
+fn slow_and_oversized_headers_are_cut_off() {
+    let _serial = serial();
+    let options = GatewayOptions {
+        header_read_timeout_ms: 300,
+        header_bytes_max: 4096,
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&options);
+    // Plain TCP to the admin listener, which applies the same header limits without TLS.
+    let connect = || {
+        let stream = std::net::TcpStream::connect(gateway.admin).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    // A client that starts a request and never finishes its header is disconnected.
+    let mut slow = connect();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut buffer = Vec::new();
+    let read = slow.read_to_end(&mut buffer);
+    assert!(
+        read.is_ok() && buffer.is_empty(),
+        "expected a silent close, got {read:?} {buffer:?}"
+    );
+    // A header larger than the limit is refused.
+    let mut large = connect();
+    let padding = "a".repeat(8192);
+    let _ = write!(
+        large,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: {padding}\r\n\r\n"
+    );
+    let mut response = String::new();
+    let _ = large.read_to_string(&mut response);
+    assert!(
+        !response.contains("200 OK"),
+        "oversized header was served: {response}"
+    );
+    // A prompt client is still served.
+    let mut good = connect();
+    good.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    good.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
+#[test]
+fn sighup_and_file_changes_reload_the_certificate() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let pki = TestPki::shared();
+    // The gateway gets its own copy of the certificate files, so the test can replace them.
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::copy(&pki.cert_path, &cert).unwrap();
+    std::fs::copy(&pki.key_path, &key).unwrap();
+    let options = GatewayOptions {
+        test_certificate: false,
+        extra: String::new(),
+        ..GatewayOptions::default()
+    };
+    let config = tests::config_text(&options, dir.path()).replace(
+        "[server.limits]",
+        &format!("[server.tls]\ncert = {cert:?}\nkey = {key:?}\nreload_interval_ms = 100\n\n[server.limits]"),
+    );
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let served_name = || served_certificate_common_name(gateway.data);
+    assert_eq!(served_name(), "localhost");
+
+    // A changed file is picked up by the watcher.
+    let (new_cert, new_key) = pki.issue_server_cert("rotated-by-file");
+    std::fs::write(&key, new_key).unwrap();
+    std::fs::write(&cert, new_cert).unwrap();
+    assert!(eventually(Duration::from_secs(10), || served_name()
+        == "rotated-by-file"));
+
+    // SIGHUP reloads at once; a broken file keeps the previous certificate.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    gateway.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(served_name(), "rotated-by-file");
+    let (new_cert, new_key) = pki.issue_server_cert("rotated-by-sighup");
+    std::fs::write(&key, new_key).unwrap();
+    std::fs::write(&cert, new_cert).unwrap();
+    gateway.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(10), || served_name()
+        == "rotated-by-sighup"));
+    assert!(gateway.log().contains("TLS certificate reloaded"));
+}
+
+/// Connects with TLS and returns the common name of the certificate the server presents.
+fn served_certificate_common_name(address: std::net::SocketAddr) -> String {
+    use rustls::pki_types::ServerName;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls_pki_types::CertificateDer::pem_slice_iter(TestPki::shared().ca_pem.as_bytes())
+    {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut connection = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut socket = std::net::TcpStream::connect(address).unwrap();
+    connection.complete_io(&mut socket).unwrap();
+    let certificate = connection.peer_certificates().unwrap()[0].clone();
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).unwrap();
+    let common_name = parsed.subject().iter_common_name().next().unwrap();
+    common_name.as_str().unwrap().to_owned()
+}
+
+#[test]
+fn sigterm_lets_a_running_stream_finish_and_refuses_new_connections() {
+    let _serial = serial();
+    let mut gateway = Gateway::start(&GatewayOptions::default());
+    let data = gateway.data;
+    let body = chat_body(
+        "Tell me about the ocean.",
+        json!({"stream": true, "ignore_eos": true, "max_tokens": 150}),
+    );
+    let text = block_on(async {
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let mut text = String::new();
+        // Once tokens flow, ask the gateway to stop.
+        while text.matches("data: ").count() < 3 {
+            text.push_str(&String::from_utf8_lossy(
+                &stream.next().await.unwrap().unwrap(),
+            ));
+        }
+        gateway.signal(libc::SIGTERM);
+        // New connections are refused while the stream still runs.
+        assert!(
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+                data
+            )
+            .is_err()),
+            "the data listener still accepts after SIGTERM"
+        );
+        while let Some(bytes) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
+        }
+        text
+    });
+    let payloads = sse_payloads(&text);
+    assert_eq!(
+        payloads.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream cut short:\n{text}"
+    );
+    let finish: Vec<Value> = payloads
+        .iter()
+        .filter(|payload| *payload != "[DONE]")
+        .map(|payload| serde_json::from_str(payload).unwrap())
+        .filter(|chunk: &Value| !chunk["choices"][0]["finish_reason"].is_null())
+        .collect();
+    assert_eq!(finish.len(), 1);
+    assert_eq!(finish[0]["choices"][0]["finish_reason"], "length");
+    let status = gateway
+        .wait_exit(Duration::from_secs(20))
+        .expect("gateway did not exit after draining");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        gateway.log()
+    );
+    assert!(gateway.log().contains("drained; exiting"));
+}

@@ -1,0 +1,78 @@
+"""Talks to a running Isthmus gateway with the official `openai` Python package.
+
+Verifies the gateway's certificate against the CA file it is given, with the strict X.509
+checks that Python 3.13 turns on by default (VERIFY_X509_STRICT) turned on here too.
+Exits non-zero, with the reason, if anything is not as an OpenAI client expects.
+"""
+
+import os
+import ssl
+import sys
+
+import openai
+
+
+def main() -> None:
+    context = ssl.create_default_context(cafile=os.environ["ISTHMUS_CA_FILE"])
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    client = openai.OpenAI(
+        base_url=os.environ["ISTHMUS_BASE_URL"],
+        api_key=os.environ["ISTHMUS_API_KEY"],
+        http_client=openai.DefaultHttpxClient(verify=context),
+        max_retries=0,
+    )
+
+    completion = client.chat.completions.create(
+        model="smollm2",
+        messages=[
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
+        max_tokens=16,
+        temperature=0,
+    )
+    answer = completion.choices[0].message.content
+    assert answer and answer.strip(), f"empty answer: {completion}"
+    assert completion.choices[0].finish_reason in ("stop", "length"), completion
+    assert completion.usage.completion_tokens >= 1, completion.usage
+    assert completion.model == "smollm2", completion.model
+
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage, chunks = [], None, None, 0
+    for chunk in stream:
+        chunks += 1
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    streamed = "".join(pieces)
+    assert streamed.strip(), "empty streamed answer"
+    assert finish in ("stop", "length"), finish
+    assert usage is not None and usage.completion_tokens >= 1, usage
+
+    try:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("an unknown model was accepted")
+    except openai.NotFoundError as error:
+        assert error.status_code == 404
+        assert error.body["code"] == "model_not_found", error.body
+
+    print(f"ok: {answer!r} / streamed {chunks} chunks, {usage.completion_tokens} tokens")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as error:  # noqa: BLE001 - report any failure to the Rust test
+        print(f"FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+        sys.exit(1)
