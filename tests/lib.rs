@@ -114,6 +114,8 @@ pub fn isthmus_binary() -> &'static Path {
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .filter(|message| message["reason"] == "compiler-artifact")
             .filter(|message| message["target"]["name"] == "isthmus")
+            // Not the unit-test build of the same target.
+            .filter(|message| message["profile"]["test"] == false)
             .find_map(|message| message["executable"].as_str().map(PathBuf::from))
             .expect("cargo reported no isthmus executable")
     })
@@ -294,6 +296,8 @@ pub struct Gateway {
     pub child: Child,
     pub data: SocketAddr,
     pub admin: SocketAddr,
+    /// The plain-HTTP data listener, when the configuration enables one.
+    pub plain: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub log_path: PathBuf,
 }
@@ -334,6 +338,7 @@ impl Gateway {
         let deadline = Instant::now() + START_DEADLINE;
         let mut data = None;
         let mut admin = None;
+        let mut plain = None;
         while data.is_none() || admin.is_none() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let line = match receiver.recv_timeout(remaining) {
@@ -352,6 +357,7 @@ impl Gateway {
             match announcement["listening"].as_str() {
                 Some("data") => data = address,
                 Some("admin") => admin = address,
+                Some("plain-http") => plain = address,
                 _ => {}
             }
         }
@@ -359,6 +365,7 @@ impl Gateway {
             child,
             data: data.unwrap(),
             admin: admin.unwrap(),
+            plain,
             dir,
             log_path,
         };
@@ -398,11 +405,7 @@ impl Gateway {
 
     /// One metric's value (the first sample whose name and labels start with `prefix`).
     pub fn metric(&self, prefix: &str) -> Option<f64> {
-        self.metrics()
-            .lines()
-            .find(|line| line.starts_with(prefix))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|value| value.parse().ok())
+        metric(self.admin, prefix)
     }
 
     /// Sends a signal to the gateway.
@@ -458,6 +461,16 @@ fn kill_with_parent(command: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// One metric's value from the admin listener at `admin` (the first sample whose name and
+/// labels start with `prefix`).
+pub fn metric(admin: SocketAddr, prefix: &str) -> Option<f64> {
+    let (_, text) = plain_get(admin, "/metrics").ok()?;
+    text.lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
 }
 
 /// A minimal plain-HTTP GET for the admin listener: (status, body).

@@ -31,6 +31,9 @@ use crate::listener::{ListenerSettings, accept_loop};
 use crate::state::AppState;
 use crate::tls::ReloadingCertResolver;
 
+/// Open connections the admin listener accepts; probes and scrapes need few.
+const ADMIN_CONNECTIONS_MAX: usize = 64;
+
 /// How often draining checks whether requests are still in flight.
 const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -131,41 +134,43 @@ async fn run(
         &pingora_conf,
         DataPlane::new(Arc::clone(&state)),
     ));
+    // The data listener is announced last: once it is, every listener is.
     announce("admin", "http", &admin_listener)?;
+    if let Some(listener) = &plain_listener {
+        tracing::warn!(
+            "PLAIN-HTTP DATA LISTENER ENABLED: prompts, completions and API keys cross the \
+             network unencrypted; use it only on a trusted local link"
+        );
+        announce("plain-http", "http", listener)?;
+    }
     announce("data", "https", &data_listener)?;
     let admin_settings = ListenerSettings {
         name: "admin",
         tls: None,
         limits: config.server.limits,
-        connections: Arc::new(Semaphore::new(64)),
+        connections: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)),
         open: Arc::default(),
     };
-    let mut accept_tasks = vec![
-        tokio::spawn(accept_loop(
-            admin_listener,
-            admin_app,
-            admin_settings,
-            shutdown.clone(),
-        )),
-        tokio::spawn(accept_loop(
-            data_listener,
-            Arc::clone(&data_app),
-            ListenerSettings {
-                name: "data",
-                tls: Some(acceptor),
-                limits: config.server.limits,
-                connections: Arc::clone(&connections),
-                open: Arc::clone(&state.open_connections),
-            },
-            shutdown.clone(),
-        )),
-    ];
+    tokio::spawn(accept_loop(
+        admin_listener,
+        admin_app,
+        admin_settings,
+        shutdown.clone(),
+    ));
+    tokio::spawn(accept_loop(
+        data_listener,
+        Arc::clone(&data_app),
+        ListenerSettings {
+            name: "data",
+            tls: Some(acceptor),
+            limits: config.server.limits,
+            connections: Arc::clone(&connections),
+            open: Arc::clone(&state.open_connections),
+        },
+        shutdown.clone(),
+    ));
     if let Some(listener) = plain_listener {
-        tracing::warn!(
-            "PLAIN-HTTP DATA LISTENER ENABLED: prompts, completions and API keys cross the network unencrypted; use it only on a trusted local link"
-        );
-        announce("plain-http", "http", &listener)?;
-        accept_tasks.push(tokio::spawn(accept_loop(
+        tokio::spawn(accept_loop(
             listener,
             data_app,
             ListenerSettings {
@@ -176,7 +181,7 @@ async fn run(
                 open: Arc::clone(&state.open_connections),
             },
             shutdown.clone(),
-        )));
+        ));
     }
     state.listeners_bound.store(true, Ordering::Release);
 

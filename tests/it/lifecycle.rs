@@ -276,3 +276,33 @@ fn sigterm_lets_a_running_stream_finish_and_refuses_new_connections() {
     );
     assert!(gateway.log().contains("drained; exiting"));
 }
+
+#[test]
+fn the_plain_http_listener_is_off_unless_configured_and_warns_when_on() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions::default());
+    assert!(gateway.plain.is_none());
+    drop(gateway);
+    let options = GatewayOptions::default();
+    let dir = tests::scratch_dir();
+    let config = tests::config_text(&options, dir.path()).replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        "admin_listen = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"",
+    );
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let plain = gateway.plain.expect("plain-http listener announced");
+    assert!(gateway.log().contains("PLAIN-HTTP DATA LISTENER ENABLED"));
+    let status = block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{plain}/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&chat_body("Hi", json!({"max_tokens": 2})))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+}

@@ -1,0 +1,53 @@
+# Shared by scripts/demo and scripts/test: system packages, the build cache, the model.
+# Sourced, not run.
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Debian packages the build needs, and a command that proves each is there.
+ensure_system_packages() {
+  local missing=()
+  command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+  command -v c++ >/dev/null 2>&1 || missing+=(g++)
+  command -v clang >/dev/null 2>&1 || missing+=(clang)
+  # bindgen (llama.cpp's Rust bindings) loads libclang at build time.
+  if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+    missing+=(libclang-dev)
+  fi
+  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      say "installing system packages: ${missing[*]}"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+      echo "missing system packages: ${missing[*]}" >&2
+      echo "install them with:  sudo apt-get install -y ${missing[*]}" >&2
+      exit 1
+    fi
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is missing: install Rust with rustup (https://rustup.rs), then run this again" >&2
+    exit 1
+  fi
+}
+
+# Reuse a build cache outside the checkout when the machine has one (or root can make one);
+# otherwise build in ./target.
+choose_target_dir() {
+  if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+    if [ -d /var/cache/isthmus ] && [ -w /var/cache/isthmus ]; then
+      export CARGO_TARGET_DIR=/var/cache/isthmus/target
+    elif [ "$(id -u)" = 0 ] && mkdir -p /var/cache/isthmus 2>/dev/null; then
+      export CARGO_TARGET_DIR=/var/cache/isthmus/target
+    else
+      export CARGO_TARGET_DIR="$root/target"
+    fi
+  fi
+  say "build directory: $CARGO_TARGET_DIR"
+}
