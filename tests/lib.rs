@@ -207,6 +207,7 @@ pub struct GatewayOptions {
     pub body_bytes_max: u64,
     pub header_bytes_max: u64,
     pub header_read_timeout_ms: u64,
+    pub connections_max: u32,
     pub drain_timeout_ms: u64,
     /// Use the test PKI's certificate; `false` lets the gateway provision its own.
     pub test_certificate: bool,
@@ -222,6 +223,7 @@ impl Default for GatewayOptions {
             body_bytes_max: 1024 * 1024,
             header_bytes_max: 16 * 1024,
             header_read_timeout_ms: 10_000,
+            connections_max: 64,
             drain_timeout_ms: 30_000,
             test_certificate: true,
             extra: String::new(),
@@ -256,6 +258,7 @@ drain_timeout_ms = {drain}
 body_bytes_max = {body}
 header_bytes_max = {header}
 header_read_timeout_ms = {header_timeout}
+connections_max = {connections}
 first_token_timeout_ms = 60000
 
 [auth]
@@ -281,6 +284,7 @@ level = "info,gateway=debug,edge_runtime=debug"
         body = options.body_bytes_max,
         header = options.header_bytes_max,
         header_timeout = options.header_read_timeout_ms,
+        connections = options.connections_max,
         model = model_path(),
         context = options.context_tokens,
         parallel = options.parallel_sequences,

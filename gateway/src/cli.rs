@@ -103,14 +103,19 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// llama.cpp reports every step of loading at info level; operators see its warnings unless
+/// they ask for more by naming it in the filter.
+const LLAMA_CPP_DEFAULT_FILTER: &str = "llama-cpp-2=warn";
+
 fn init_logging(logging: &config::LoggingConfig) {
-    let filter = std::env::var("ISTHMUS_LOG")
-        .ok()
-        .and_then(|directive| tracing_subscriber::EnvFilter::try_new(directive).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::try_new(&logging.level)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
+    let directive = std::env::var("ISTHMUS_LOG").unwrap_or_else(|_| logging.level.clone());
+    let directive = if directive.contains("llama") {
+        directive
+    } else {
+        format!("{directive},{LLAMA_CPP_DEFAULT_FILTER}")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directive)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -546,9 +546,9 @@ impl Validator<'_> {
 
     fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {
-            path.to_path_buf()
+            normalize(path)
         } else {
-            self.base_dir.join(path)
+            normalize(&self.base_dir.join(path))
         }
     }
 
@@ -854,6 +854,31 @@ impl Validator<'_> {
             level: raw.level,
         })
     }
+}
+
+/// Removes `.` and resolves `..` lexically, so logs and errors show `state/tls` rather than
+/// `deploy/config/../../state/tls`. Symbolic links are left alone.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                // `/..` is `/`.
+                Some(Component::RootDir) => {}
+                _ => out.push(".."),
+            },
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 fn is_model_name(name: &str) -> bool {

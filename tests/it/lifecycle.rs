@@ -182,8 +182,10 @@ fn sighup_and_file_changes_reload_the_certificate() {
     assert!(gateway.log().contains("TLS certificate reloaded"));
 }
 
-/// Connects with TLS and returns the common name of the certificate the server presents.
-fn served_certificate_common_name(address: std::net::SocketAddr) -> String {
+/// A TLS client connection to `address`, handshake not yet done.
+fn tls_connection(
+    address: std::net::SocketAddr,
+) -> (rustls::ClientConnection, std::net::TcpStream) {
     use rustls::pki_types::ServerName;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -199,12 +201,18 @@ fn served_certificate_common_name(address: std::net::SocketAddr) -> String {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let mut connection = rustls::ClientConnection::new(
+    let connection = rustls::ClientConnection::new(
         std::sync::Arc::new(config),
         ServerName::try_from("localhost").unwrap(),
     )
     .unwrap();
-    let mut socket = std::net::TcpStream::connect(address).unwrap();
+    let socket = std::net::TcpStream::connect(address).unwrap();
+    (connection, socket)
+}
+
+/// Connects with TLS and returns the common name of the certificate the server presents.
+fn served_certificate_common_name(address: std::net::SocketAddr) -> String {
+    let (mut connection, mut socket) = tls_connection(address);
     connection.complete_io(&mut socket).unwrap();
     let certificate = connection.peer_certificates().unwrap()[0].clone();
     let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).unwrap();
@@ -305,4 +313,43 @@ fn the_plain_http_listener_is_off_unless_configured_and_warns_when_on() {
             .status()
     });
     assert_eq!(status, 200);
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_until_one_closes() {
+    let _serial = serial();
+    let options = GatewayOptions {
+        connections_max: 2,
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&options);
+    let open = || gateway.metric("isthmus_open_connections");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (mut connection, mut socket) = tls_connection(gateway.data);
+        connection.complete_io(&mut socket).unwrap();
+        held.push((connection, socket));
+    }
+    assert!(eventually(Duration::from_secs(10), || open() == Some(2.0)));
+    // The third client gets a TCP connection from the kernel's backlog, but the gateway does
+    // not accept it while two are open.
+    let address = gateway.data;
+    let (done_sender, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut connection, mut socket) = tls_connection(address);
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let result = connection.complete_io(&mut socket).map(|_| ());
+        let _ = done_sender.send(result.is_ok());
+    });
+    let waited = done.recv_timeout(Duration::from_millis(750));
+    assert!(
+        waited.is_err(),
+        "third connection was served beyond the limit"
+    );
+    assert_eq!(open(), Some(2.0));
+    // Closing one lets the third through.
+    drop(held.pop());
+    assert_eq!(done.recv_timeout(Duration::from_secs(20)), Ok(true));
 }

@@ -152,3 +152,15 @@ fn a_file_that_is_not_gguf_is_refused() {
         )]
     );
 }
+
+#[test]
+fn paths_are_normalized_lexically() {
+    use super::normalize;
+    assert_eq!(
+        normalize(Path::new("deploy/config/../../state")),
+        PathBuf::from("state")
+    );
+    assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+    assert_eq!(normalize(Path::new("../x")), PathBuf::from("../x"));
+    assert_eq!(normalize(Path::new("a/..")), PathBuf::from("."));
+}
