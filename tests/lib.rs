@@ -207,6 +207,7 @@ pub struct GatewayOptions {
     pub body_bytes_max: u64,
     pub header_bytes_max: u64,
     pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
     pub connections_max: u32,
     pub drain_timeout_ms: u64,
     /// Use the test PKI's certificate; `false` lets the gateway provision its own.
@@ -223,6 +224,7 @@ impl Default for GatewayOptions {
             body_bytes_max: 1024 * 1024,
             header_bytes_max: 16 * 1024,
             header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
             connections_max: 64,
             drain_timeout_ms: 30_000,
             test_certificate: true,
@@ -258,6 +260,7 @@ drain_timeout_ms = {drain}
 body_bytes_max = {body}
 header_bytes_max = {header}
 header_read_timeout_ms = {header_timeout}
+body_read_timeout_ms = {body_timeout}
 connections_max = {connections}
 first_token_timeout_ms = 60000
 
@@ -284,6 +287,7 @@ level = "info,gateway=debug,edge_runtime=debug"
         body = options.body_bytes_max,
         header = options.header_bytes_max,
         header_timeout = options.header_read_timeout_ms,
+        body_timeout = options.body_read_timeout_ms,
         connections = options.connections_max,
         model = model_path(),
         context = options.context_tokens,

@@ -353,3 +353,30 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
     drop(held.pop());
     assert_eq!(done.recv_timeout(Duration::from_secs(20)), Ok(true));
 }
+
+#[test]
+fn a_body_that_stops_arriving_is_refused_after_the_body_read_timeout() {
+    let _serial = serial();
+    let options = GatewayOptions {
+        body_read_timeout_ms: 300,
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&options);
+    let (connection, socket) = tls_connection(gateway.data);
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"messages\": ["
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.flush().unwrap();
+    // The rest of the body never comes.
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.contains("not received in time"), "{response}");
+}
