@@ -38,6 +38,52 @@ pub enum Command {
         /// The configuration file (TOML).
         config: PathBuf,
     },
+    /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Base URL of the server, e.g. https://127.0.0.1:8443.
+    #[arg(long)]
+    pub url: String,
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// API key (or set ISTHMUS_API_KEY).
+    #[arg(long, env = "ISTHMUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: u32,
+    /// Requests to send in all (default: 8 per unit of concurrency).
+    #[arg(long)]
+    pub requests: Option<u32>,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// Approximate prompt length in tokens, shared prefix included.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: u32,
+    /// Tokens of a system prompt common to every request.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_tokens: u32,
+    /// Stream responses (SSE); needed for TTFT, TPOT and gaps between tokens.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub stream: bool,
+    /// Ask the server to ignore end-of-text so each request yields exactly --max-tokens.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ignore_eos: bool,
+    /// Unmeasured warm-up requests (at most one per unit of concurrency).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Loads the configuration, printing every error to stderr.
@@ -60,9 +106,56 @@ fn report(path: &std::path::Path, errors: &[ConfigError]) {
     }
 }
 
+fn bench(args: BenchArgs) -> ExitCode {
+    let options = crate::bench::BenchOptions {
+        url: args.url,
+        model: args.model,
+        api_key: args.api_key,
+        ca_file: args.cacert,
+        concurrency: args.concurrency,
+        requests: args.requests.unwrap_or(args.concurrency.saturating_mul(8)),
+        max_tokens: args.max_tokens,
+        prompt_tokens: args.prompt_tokens,
+        shared_prefix_tokens: args.shared_prefix_tokens,
+        stream: args.stream,
+        ignore_eos: args.ignore_eos,
+        warmup_requests: args.warmup,
+        request_timeout: std::time::Duration::from_secs(args.timeout_s),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("isthmus bench: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::bench::run(options)) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", crate::bench::render(&report));
+            }
+            if report.succeeded == 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => {
+            eprintln!("isthmus bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Bench(args) => bench(args),
         Command::CheckConfig { config } => match load_config(&config) {
             Ok(loaded) => {
                 println!(

@@ -1,0 +1,532 @@
+//! `isthmus bench`: a closed-loop load generator for any OpenAI-compatible chat endpoint
+//! (Isthmus, llama-server, vLLM, ...), measuring what operators judge a server by.
+//!
+//! `concurrency` workers each send requests back to back until `requests` have been sent.
+//! Prompts are built from a fixed word list so that every request has its own text (no
+//! accidental prefix-cache hits) after an optional shared prefix of `shared_prefix_tokens`
+//! (a system prompt common to all requests, which a prefix cache should serve). With
+//! `ignore_eos` every request generates exactly `max_tokens`.
+//!
+//! Reported: time to first token (TTFT), time per output token after the first (TPOT), the
+//! gaps between consecutive tokens (ITL), end-to-end latency (p50/p95/p99 each), aggregate
+//! output tokens/s and errors. This is a tool, not part of the inference path.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// Words that are one token each in common BPE vocabularies (a leading space included).
+const WORDS: &[&str] = &[
+    "time",
+    "year",
+    "people",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+    "story",
+    "fact",
+    "month",
+    "lot",
+    "right",
+    "study",
+    "book",
+    "eye",
+    "job",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "house",
+    "service",
+    "friend",
+    "father",
+    "power",
+    "hour",
+    "game",
+    "line",
+    "end",
+    "member",
+    "law",
+    "car",
+    "city",
+    "name",
+    "team",
+    "minute",
+    "idea",
+    "kid",
+    "body",
+    "information",
+    "back",
+    "parent",
+    "face",
+    "others",
+    "level",
+    "office",
+    "door",
+    "health",
+    "person",
+    "art",
+    "war",
+    "history",
+    "party",
+    "result",
+    "change",
+    "morning",
+    "reason",
+    "research",
+    "girl",
+    "guy",
+    "moment",
+    "air",
+    "teacher",
+    "force",
+    "education",
+];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Base URL of the server, e.g. `https://127.0.0.1:8443` (the `/v1/...` path is added).
+    pub url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    /// A CA certificate (PEM) to trust for HTTPS, in addition to none other.
+    pub ca_file: Option<PathBuf>,
+    pub concurrency: u32,
+    pub requests: u32,
+    pub max_tokens: u32,
+    pub prompt_tokens: u32,
+    pub shared_prefix_tokens: u32,
+    pub stream: bool,
+    pub ignore_eos: bool,
+    /// Requests sent (one per worker) before measuring, to warm caches and connections.
+    pub warmup_requests: u32,
+    pub request_timeout: Duration,
+}
+
+/// One finished request.
+#[derive(Debug, Clone)]
+struct Sample {
+    ttft: Duration,
+    end_to_end: Duration,
+    output_tokens: u32,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+    /// Gaps between consecutive content chunks (streaming only).
+    gaps: Vec<Duration>,
+}
+
+/// Percentiles of one quantity, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct Percentiles {
+    pub mean: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(mut values: Vec<f64>) -> Percentiles {
+        if values.is_empty() {
+            return Percentiles::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let at = |quantile: f64| {
+            // Nearest rank.
+            let rank = ((quantile * values.len() as f64).ceil() as usize).clamp(1, values.len());
+            values[rank - 1]
+        };
+        Percentiles {
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+            max: values[values.len() - 1],
+        }
+    }
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub url: String,
+    pub model: String,
+    pub concurrency: u32,
+    pub requests: u32,
+    pub succeeded: u32,
+    pub errors: u32,
+    pub first_error: Option<String>,
+    pub stream: bool,
+    pub max_tokens: u32,
+    pub wall_s: f64,
+    pub output_tokens: u64,
+    pub output_tokens_per_s: f64,
+    pub requests_per_s: f64,
+    pub prompt_tokens_mean: f64,
+    pub cached_tokens_mean: f64,
+    pub ttft_ms: Percentiles,
+    pub tpot_ms: Percentiles,
+    pub itl_ms: Percentiles,
+    pub end_to_end_ms: Percentiles,
+}
+
+fn milliseconds(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1_000.0
+}
+
+/// A prompt of about `tokens` words, different for every `seed`.
+fn words(tokens: u32, seed: u64) -> String {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut text = String::new();
+    for _ in 0..tokens {
+        // xorshift64: cheap, deterministic, good enough to make prompts differ.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let word = WORDS[(state % WORDS.len() as u64) as usize];
+        text.push(' ');
+        text.push_str(word);
+    }
+    text
+}
+
+fn request_body(options: &BenchOptions, index: u64) -> Value {
+    let mut messages = Vec::new();
+    if options.shared_prefix_tokens > 0 {
+        messages.push(json!({
+            "role": "system",
+            "content": format!("You are a helpful assistant. Context:{}", words(options.shared_prefix_tokens, 0xC0FFEE)),
+        }));
+    }
+    let own = options
+        .prompt_tokens
+        .saturating_sub(options.shared_prefix_tokens)
+        .max(1);
+    messages.push(json!({
+        "role": "user",
+        "content": format!("Continue this text:{}", words(own, index + 1)),
+    }));
+    let mut body = json!({
+        "model": options.model,
+        "messages": messages,
+        "max_tokens": options.max_tokens,
+        "temperature": 0,
+        "stream": options.stream,
+    });
+    if options.ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
+    if options.stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
+fn client(options: &BenchOptions) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(options.request_timeout)
+        .pool_max_idle_per_host(options.concurrency as usize);
+    if let Some(ca_file) = &options.ca_file {
+        let pem =
+            std::fs::read(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+        let certificate = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{}: not a PEM certificate", ca_file.display()))?;
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(certificate);
+    }
+    builder.build().context("building the HTTP client")
+}
+
+async fn one_request(
+    client: &reqwest::Client,
+    options: &BenchOptions,
+    index: u64,
+) -> Result<Sample, String> {
+    let url = format!("{}/v1/chat/completions", options.url.trim_end_matches('/'));
+    let mut request = client.post(url).json(&request_body(options, index));
+    if let Some(key) = &options.api_key {
+        request = request.bearer_auth(key);
+    }
+    let started = Instant::now();
+    let mut response = request.send().await.map_err(|error| error.to_string())?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(format!(
+            "HTTP {}: {}",
+            status.as_u16(),
+            body.chars().take(300).collect::<String>()
+        ));
+    }
+    if !options.stream {
+        let body: Value = response.json().await.map_err(|error| error.to_string())?;
+        let end_to_end = started.elapsed();
+        let usage = &body["usage"];
+        return Ok(Sample {
+            ttft: end_to_end,
+            end_to_end,
+            output_tokens: usage["completion_tokens"].as_u64().unwrap_or(0) as u32,
+            prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+            cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0) as u32,
+            gaps: Vec::new(),
+        });
+    }
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut first: Option<Instant> = None;
+    let mut last: Option<Instant> = None;
+    let mut gaps = Vec::new();
+    let mut chunks = 0_u32;
+    let mut usage = Value::Null;
+    while let Some(bytes) = response.chunk().await.map_err(|error| error.to_string())? {
+        let now = Instant::now();
+        buffer.extend_from_slice(&bytes);
+        while let Some(end) = buffer.windows(2).position(|window| window == b"\n\n") {
+            let event: Vec<u8> = buffer.drain(..end + 2).collect();
+            let Some(data) = event.strip_prefix(b"data: ") else {
+                continue;
+            };
+            let data = &data[..data.len() - 2];
+            if data == b"[DONE]" {
+                continue;
+            }
+            let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
+                return Err(format!("not JSON: {}", String::from_utf8_lossy(data)));
+            };
+            if !chunk["usage"].is_null() {
+                usage = chunk["usage"].clone();
+            }
+            let delta = &chunk["choices"][0]["delta"];
+            if delta.get("role").is_some() || delta["content"].is_null() {
+                continue;
+            }
+            chunks += 1;
+            if let Some(previous) = last {
+                gaps.push(now.duration_since(previous));
+            }
+            first.get_or_insert(now);
+            last = Some(now);
+        }
+    }
+    let end_to_end = started.elapsed();
+    let first = first.ok_or_else(|| "the stream carried no content".to_owned())?;
+    let output_tokens = usage["completion_tokens"]
+        .as_u64()
+        .map_or(chunks, |tokens| tokens as u32);
+    Ok(Sample {
+        ttft: first.duration_since(started),
+        end_to_end,
+        output_tokens,
+        prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+        cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0) as u32,
+        gaps,
+    })
+}
+
+/// Runs the benchmark.
+pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(options.requests >= 1, "--requests must be at least 1");
+    let client = client(&options)?;
+    let options = Arc::new(options);
+    // Warm-up: one request per worker, in parallel, not measured.
+    let warmups: Vec<_> = (0..options.warmup_requests.min(options.concurrency))
+        .map(|worker| {
+            let client = client.clone();
+            let options = Arc::clone(&options);
+            tokio::spawn(async move {
+                one_request(&client, &options, 1_000_000 + u64::from(worker)).await
+            })
+        })
+        .collect();
+    for warmup in warmups {
+        if let Err(error) = warmup.await? {
+            anyhow::bail!("warm-up request failed: {error}");
+        }
+    }
+
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..options.concurrency)
+        .map(|_| {
+            let client = client.clone();
+            let options = Arc::clone(&options);
+            let next = Arc::clone(&next);
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= u64::from(options.requests) {
+                        break;
+                    }
+                    results.push(one_request(&client, &options, index).await);
+                }
+                results
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    let mut errors = Vec::new();
+    for worker in workers {
+        for result in worker.await? {
+            match result {
+                Ok(sample) => samples.push(sample),
+                Err(error) => errors.push(error),
+            }
+        }
+    }
+    let wall = started.elapsed();
+    let output_tokens: u64 = samples
+        .iter()
+        .map(|sample| u64::from(sample.output_tokens))
+        .sum();
+    let count = samples.len().max(1) as f64;
+    Ok(BenchReport {
+        url: options.url.clone(),
+        model: options.model.clone(),
+        concurrency: options.concurrency,
+        requests: options.requests,
+        succeeded: samples.len() as u32,
+        errors: errors.len() as u32,
+        first_error: errors.first().cloned(),
+        stream: options.stream,
+        max_tokens: options.max_tokens,
+        wall_s: wall.as_secs_f64(),
+        output_tokens,
+        output_tokens_per_s: output_tokens as f64 / wall.as_secs_f64(),
+        requests_per_s: samples.len() as f64 / wall.as_secs_f64(),
+        prompt_tokens_mean: samples
+            .iter()
+            .map(|sample| f64::from(sample.prompt_tokens))
+            .sum::<f64>()
+            / count,
+        cached_tokens_mean: samples
+            .iter()
+            .map(|sample| f64::from(sample.cached_tokens))
+            .sum::<f64>()
+            / count,
+        ttft_ms: Percentiles::of(
+            samples
+                .iter()
+                .map(|sample| milliseconds(sample.ttft))
+                .collect(),
+        ),
+        tpot_ms: Percentiles::of(
+            samples
+                .iter()
+                .filter(|sample| sample.output_tokens > 1)
+                .map(|sample| {
+                    milliseconds(sample.end_to_end.saturating_sub(sample.ttft))
+                        / f64::from(sample.output_tokens - 1)
+                })
+                .collect(),
+        ),
+        itl_ms: Percentiles::of(
+            samples
+                .iter()
+                .flat_map(|sample| sample.gaps.iter().map(|gap| milliseconds(*gap)))
+                .collect(),
+        ),
+        end_to_end_ms: Percentiles::of(
+            samples
+                .iter()
+                .map(|sample| milliseconds(sample.end_to_end))
+                .collect(),
+        ),
+    })
+}
+
+/// The report as a human-readable table.
+pub fn render(report: &BenchReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} model={} concurrency={} requests={} ok={} errors={} stream={} max_tokens={}",
+        report.url,
+        report.model,
+        report.concurrency,
+        report.requests,
+        report.succeeded,
+        report.errors,
+        report.stream,
+        report.max_tokens
+    );
+    let _ = writeln!(
+        out,
+        "output {:.1} tok/s, {:.2} req/s over {:.1} s; prompt {:.0} tokens (cached {:.0}) on average",
+        report.output_tokens_per_s,
+        report.requests_per_s,
+        report.wall_s,
+        report.prompt_tokens_mean,
+        report.cached_tokens_mean
+    );
+    let _ = writeln!(
+        out,
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "ms", "mean", "p50", "p95", "p99", "max"
+    );
+    for (name, value) in [
+        ("TTFT", &report.ttft_ms),
+        ("TPOT", &report.tpot_ms),
+        ("ITL", &report.itl_ms),
+        ("latency", &report.end_to_end_ms),
+    ] {
+        let _ = writeln!(
+            out,
+            "{name:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            value.mean, value.p50, value.p95, value.p99, value.max
+        );
+    }
+    if let Some(error) = &report.first_error {
+        let _ = writeln!(out, "first error: {error}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,54 @@
+use super::{BenchOptions, Percentiles, request_body, words};
+
+#[test]
+fn percentiles_use_the_nearest_rank() {
+    let values: Vec<f64> = (1..=100).map(f64::from).collect();
+    let percentiles = Percentiles::of(values);
+    assert_eq!(
+        (
+            percentiles.p50,
+            percentiles.p95,
+            percentiles.p99,
+            percentiles.max
+        ),
+        (50.0, 95.0, 99.0, 100.0)
+    );
+    assert_eq!(percentiles.mean, 50.5);
+    assert_eq!(Percentiles::of(vec![7.0]).p99, 7.0);
+    assert_eq!(Percentiles::of(Vec::new()).p50, 0.0);
+}
+
+fn options(shared_prefix_tokens: u32) -> BenchOptions {
+    BenchOptions {
+        url: "http://127.0.0.1:1".to_owned(),
+        model: "m".to_owned(),
+        api_key: None,
+        ca_file: None,
+        concurrency: 1,
+        requests: 1,
+        max_tokens: 8,
+        prompt_tokens: 64,
+        shared_prefix_tokens,
+        stream: true,
+        ignore_eos: true,
+        warmup_requests: 0,
+        request_timeout: std::time::Duration::from_secs(1),
+    }
+}
+
+#[test]
+fn prompts_differ_per_request_but_share_the_prefix() {
+    assert_eq!(words(5, 1).split_whitespace().count(), 5);
+    assert_ne!(words(20, 1), words(20, 2));
+    let first = request_body(&options(32), 0);
+    let second = request_body(&options(32), 1);
+    assert_eq!(
+        first["messages"][0], second["messages"][0],
+        "the system prefix is shared"
+    );
+    assert_ne!(first["messages"][1], second["messages"][1]);
+    assert_eq!(first["ignore_eos"], true);
+    assert_eq!(first["stream_options"]["include_usage"], true);
+    let without_prefix = request_body(&options(0), 0);
+    assert_eq!(without_prefix["messages"].as_array().map(Vec::len), Some(1));
+}
