@@ -142,6 +142,9 @@ pub struct BenchOptions {
     /// Requests sent (one per worker) before measuring, to warm caches and connections.
     pub warmup_requests: u32,
     pub request_timeout: Duration,
+    /// Mixed into every prompt; a fresh value per run keeps servers' prompt caches from
+    /// serving one run with another's prompts.
+    pub salt: u64,
 }
 
 /// One finished request.
@@ -245,7 +248,7 @@ fn request_body(options: &BenchOptions, index: u64) -> Value {
         .max(1);
     messages.push(json!({
         "role": "user",
-        "content": format!("Continue this text:{}", words(own, index + 1)),
+        "content": format!("Continue this text:{}", words(own, options.salt ^ (index + 1))),
     }));
     let mut body = json!({
         "model": options.model,
@@ -285,12 +288,25 @@ async fn one_request(
     index: u64,
 ) -> Result<Sample, String> {
     let url = format!("{}/v1/chat/completions", options.url.trim_end_matches('/'));
-    let mut request = client.post(url).json(&request_body(options, index));
-    if let Some(key) = &options.api_key {
-        request = request.bearer_auth(key);
-    }
-    let started = Instant::now();
-    let mut response = request.send().await.map_err(|error| error.to_string())?;
+    let body = request_body(options, index);
+    let send = || {
+        let mut request = client.post(&url).json(&body);
+        if let Some(key) = &options.api_key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    let mut started = Instant::now();
+    let mut response = match send().await {
+        Ok(response) => response,
+        // A pooled connection the server closed while idle (some servers close after a few
+        // requests): the request never reached it, so send it once more on a new connection.
+        Err(error) if error.is_request() && error.status().is_none() => {
+            started = Instant::now();
+            send().await.map_err(|error| describe(&error))?
+        }
+        Err(error) => return Err(describe(&error)),
+    };
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
@@ -366,6 +382,18 @@ async fn one_request(
             .unwrap_or(0) as u32,
         gaps,
     })
+}
+
+/// An error with its causes, which is where reqwest says what actually went wrong.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Runs the benchmark.

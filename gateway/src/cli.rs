@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Seed of the prompt text; by default a new one per run, so no run hits the prompt
+    /// cache another run filled.
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// Loads the configuration, printing every error to stderr.
@@ -121,6 +125,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         ignore_eos: args.ignore_eos,
         warmup_requests: args.warmup,
         request_timeout: std::time::Duration::from_secs(args.timeout_s),
+        salt: args.seed.unwrap_or_else(rand::random),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

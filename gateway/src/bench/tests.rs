@@ -33,6 +33,7 @@ fn options(shared_prefix_tokens: u32) -> BenchOptions {
         ignore_eos: true,
         warmup_requests: 0,
         request_timeout: std::time::Duration::from_secs(1),
+        salt: 7,
     }
 }
 
