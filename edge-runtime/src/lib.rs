@@ -10,7 +10,10 @@
 //!
 //! This crate knows nothing of HTTP or JSON. Only the `llama` module names `llama_cpp_2`.
 
+pub mod backends;
+pub mod gguf;
 mod llama;
+pub mod prefix;
 pub mod stop;
 pub mod utf8;
 
@@ -48,6 +51,13 @@ pub struct ModelSpec {
     pub gpu_layers: u32,
     /// Requests that may wait for a free sequence before submissions are refused.
     pub queue_depth_max: u32,
+    /// One KV cache shared by all sequences (a prefix is stored once and reused by every
+    /// request that starts with it) rather than one cache per sequence.
+    pub kv_unified: bool,
+    /// Finished sequences kept for prefix reuse (unified cache only).
+    pub prefix_cache_entries: u32,
+    /// Tokens those kept sequences may hold in all; the KV cache grows by this many cells.
+    pub prefix_cache_tokens_max: u32,
     /// How long a request may wait in the queue before it fails.
     pub queue_timeout_ms: u64,
 }
@@ -127,6 +137,8 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Never end on an end-of-generation token (benchmarks generate exactly `max_tokens`).
     pub ignore_eos: bool,
+    /// Attach each token's top-2 logit margin to its event.
+    pub record_margins: bool,
 }
 
 /// Why generation ended, in OpenAI's terms.
@@ -182,8 +194,10 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The text this token completes; empty while bytes or a possible stop string are held.
+    /// `margin`: the gap between the two largest logits, when the request asked for it.
     Token {
         text: String,
+        margin: Option<f32>,
     },
     Done(Completion),
     Failed(GenerationError),
@@ -276,6 +290,14 @@ pub struct ModelStats {
     active_sequences: AtomicU64,
     decode_steps: AtomicU64,
     batched_tokens: AtomicU64,
+    decode_micros: AtomicU64,
+    prompt_tokens: AtomicU64,
+    prefill_tokens: AtomicU64,
+    decode_tokens: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
+    kv_cells_used: AtomicU64,
+    kv_cells_total: AtomicU64,
+    prefix_cache_entries: AtomicU64,
 }
 
 impl ModelStats {
@@ -294,6 +316,38 @@ impl ModelStats {
     /// Tokens put into those calls.
     pub fn batched_tokens(&self) -> u64 {
         self.batched_tokens.load(Ordering::Relaxed)
+    }
+    /// Time spent in `llama_decode`, in microseconds.
+    pub fn decode_micros(&self) -> u64 {
+        self.decode_micros.load(Ordering::Relaxed)
+    }
+    /// Prompt tokens of admitted requests.
+    pub fn prompt_tokens(&self) -> u64 {
+        self.prompt_tokens.load(Ordering::Relaxed)
+    }
+    /// Prompt tokens decoded (those not served from the prefix cache).
+    pub fn prefill_tokens(&self) -> u64 {
+        self.prefill_tokens.load(Ordering::Relaxed)
+    }
+    /// Tokens generated.
+    pub fn decode_tokens(&self) -> u64 {
+        self.decode_tokens.load(Ordering::Relaxed)
+    }
+    /// Prompt tokens served from a cached prefix.
+    pub fn prefix_hit_tokens(&self) -> u64 {
+        self.prefix_hit_tokens.load(Ordering::Relaxed)
+    }
+    /// KV cells holding data some sequence or cached prefix uses.
+    pub fn kv_cells_used(&self) -> u64 {
+        self.kv_cells_used.load(Ordering::Relaxed)
+    }
+    /// KV cells of the context.
+    pub fn kv_cells_total(&self) -> u64 {
+        self.kv_cells_total.load(Ordering::Relaxed)
+    }
+    /// Finished sequences kept for prefix reuse.
+    pub fn prefix_cache_entries(&self) -> u64 {
+        self.prefix_cache_entries.load(Ordering::Relaxed)
     }
 }
 

@@ -8,11 +8,12 @@
 //! sequence with that sequence's own sampler chain and sends the token's text to its caller.
 //! A sequence whose caller went away is dropped before the next step and its KV cells freed.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvError, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use llama_cpp_2::context::LlamaContext;
@@ -24,9 +25,10 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
-use llama_cpp_2::{LlamaBackendDeviceType, LogOptions};
+use llama_cpp_2::{DecodeError, LlamaBackendDeviceType, LogOptions};
 use tokio::sync::mpsc;
 
+use crate::prefix::{CellLedger, PrefixCache, PrefixMatch, SeqId, best_match};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::utf8::Utf8Assembler;
 use crate::{
@@ -40,6 +42,8 @@ const TOP_K: i32 = 40;
 /// Tokens below this share of the top token's probability are never drawn (llama-server's
 /// default `min_p`); it removes the long tail that makes small models ramble.
 const MIN_P: f32 = 0.05;
+/// A shorter common prefix is not worth the bookkeeping of a copy.
+const PREFIX_REUSE_TOKENS_MIN: usize = 1;
 
 /// The loaded models and the llama.cpp backend they run on.
 #[derive(Debug)]
@@ -59,7 +63,7 @@ struct ModelShared {
     info: ModelInfo,
     model: Arc<LlamaModel>,
     template: Option<LlamaChatTemplate>,
-    jobs: SyncSender<Job>,
+    jobs: Sender<Job>,
     stats: SharedStats,
     queue_depth_max: u32,
 }
@@ -101,11 +105,7 @@ impl Engine {
     /// Loads the backend modules, then every model, and starts one worker per model. Returns
     /// when all models are loaded and their contexts created, or with the first failure.
     pub fn start(options: &EngineOptions, specs: &[ModelSpec]) -> Result<Engine, LoadError> {
-        llama_cpp_2::send_logs_to_tracing(LogOptions::default());
-        let backends_dir = find_backends_dir(options)?;
-        llama_cpp_2::llama_backend::load_backends_from_path(&backends_dir);
-        let backend =
-            Arc::new(LlamaBackend::init().map_err(|error| LoadError::Backend(error.to_string()))?);
+        let (backend, backends_dir) = backend(options)?;
         let devices = llama_cpp_2::list_llama_ggml_backend_devices();
         if !devices
             .iter()
@@ -177,6 +177,45 @@ impl Engine {
     pub fn devices(&self) -> &[String] {
         &self.devices
     }
+}
+
+/// llama.cpp's backend is process-wide: its modules are loaded and it is initialised once,
+/// by the first engine; later engines (a reload, tests) share it.
+fn backend(options: &EngineOptions) -> Result<(Arc<LlamaBackend>, PathBuf), LoadError> {
+    static BACKEND: Mutex<Option<(Arc<LlamaBackend>, PathBuf)>> = Mutex::new(None);
+    let mut slot = BACKEND
+        .lock()
+        .map_err(|_| LoadError::Backend("backend initialisation panicked".to_owned()))?;
+    if let Some((backend, dir)) = slot.as_ref() {
+        if options
+            .backends_dir
+            .as_ref()
+            .is_some_and(|wanted| wanted != dir)
+        {
+            tracing::warn!(
+                loaded_from = %dir.display(),
+                "llama.cpp backends are already loaded; a different backends_dir takes effect after a restart"
+            );
+        }
+        return Ok((Arc::clone(backend), dir.clone()));
+    }
+    llama_cpp_2::send_logs_to_tracing(LogOptions::default());
+    let dir = find_backends_dir(options)?;
+    // Never load a module that was not built from our llama.cpp sources.
+    let checked =
+        crate::backends::check_dir(&dir).map_err(|error| LoadError::Backend(error.to_string()))?;
+    tracing::info!(
+        backends_dir = %dir.display(),
+        cpu_variants = checked.cpu_modules.len(),
+        other_modules = ?checked.other_modules,
+        source_fingerprint = crate::backends::source_fingerprint(),
+        "backend modules verified"
+    );
+    llama_cpp_2::llama_backend::load_backends_from_path(&dir);
+    let backend =
+        Arc::new(LlamaBackend::init().map_err(|error| LoadError::Backend(error.to_string()))?);
+    *slot = Some((Arc::clone(&backend), dir.clone()));
+    Ok((backend, dir))
 }
 
 fn find_backends_dir(options: &EngineOptions) -> Result<PathBuf, LoadError> {
@@ -252,8 +291,8 @@ impl ModelHandle {
             "model loaded"
         );
 
-        let queue_depth = usize::try_from(spec.queue_depth_max).unwrap_or(usize::MAX);
-        let (jobs, receiver) = std::sync::mpsc::sync_channel(queue_depth);
+        // Unbounded as a channel; `submit` bounds what waits by `queue_depth_max`.
+        let (jobs, receiver) = std::sync::mpsc::channel();
         let stats = SharedStats::default();
         let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
         let worker = Worker {
@@ -375,25 +414,19 @@ impl ModelHandle {
             events,
             submitted_at: Instant::now(),
         };
-        self.shared
-            .stats
-            .queue_depth
-            .fetch_add(1, Ordering::Relaxed);
-        match self.shared.jobs.try_send(job) {
-            Ok(()) => Ok(GenerationStream { receiver }),
-            Err(error) => {
-                self.shared
-                    .stats
-                    .queue_depth
-                    .fetch_sub(1, Ordering::Relaxed);
-                match error {
-                    TrySendError::Full(_) => Err(SubmitError::QueueFull {
-                        capacity: self.shared.queue_depth_max,
-                    }),
-                    TrySendError::Disconnected(_) => Err(SubmitError::WorkerStopped),
-                }
-            }
+        let stats = &self.shared.stats;
+        let waiting = stats.queue_depth.fetch_add(1, Ordering::AcqRel);
+        if waiting >= u64::from(self.shared.queue_depth_max) {
+            stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull {
+                capacity: self.shared.queue_depth_max,
+            });
         }
+        if self.shared.jobs.send(job).is_err() {
+            stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::WorkerStopped);
+        }
+        Ok(GenerationStream { receiver })
     }
 }
 
@@ -429,20 +462,25 @@ struct Worker {
 
 /// One admitted request, bound to a sequence id (its slot index).
 struct Sequence {
-    id: i32,
+    id: SeqId,
     events: mpsc::Sender<Event>,
     prompt: Vec<LlamaToken>,
-    /// Prompt tokens already decoded into the KV cache.
+    /// Prompt tokens whose KV is in the cache (copied from a prefix or decoded).
     prompt_fed: usize,
-    /// Position the next decoded token takes.
-    position: i32,
+    /// Tokens whose KV is in the cache, in order: what a later prompt can reuse.
+    history: Vec<i32>,
+    /// Tokens this step puts into the batch for this sequence.
+    in_batch: Vec<i32>,
     /// The token sampled last step, to be decoded this step.
     pending_token: Option<LlamaToken>,
     /// Where this sequence's logits are in the current batch, if it asked for any.
     logits_index: Option<i32>,
     sampler: LlamaSampler,
+    /// Report each token's top-2 logit margin (tests compare batched and solo runs with it).
+    record_margins: bool,
     generated: u32,
     max_tokens: u32,
+    cached_tokens: u32,
     ignore_eos: bool,
     utf8: Utf8Assembler,
     stop: StopMatcher,
@@ -452,26 +490,73 @@ struct Sequence {
     first_token_at: Option<Instant>,
 }
 
+impl Sequence {
+    /// Position the next decoded token takes.
+    fn position(&self) -> i32 {
+        i32::try_from(self.history.len() + self.in_batch.len()).unwrap_or(i32::MAX)
+    }
+}
+
+/// How a sequence leaves its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// Finished or abandoned with a consistent KV state: its tokens may be kept for reuse.
+    Keep,
+    /// Its KV state is not trustworthy (a failed decode): drop it.
+    Discard,
+}
+
 enum Step {
     Continue,
     Finished,
 }
 
+/// The worker loop's state; lives on the worker thread with the context it borrows.
+struct Loop<'m> {
+    worker: &'m Worker,
+    context: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    batch_capacity: usize,
+    slots: Vec<Option<Sequence>>,
+    /// Admission order, so prefill chunks go to the oldest request first.
+    admitted: Vec<SeqId>,
+    /// Jobs waiting for a free slot, oldest first; bounded by `queue_depth_max` at submission.
+    queue: VecDeque<Job>,
+    prefixes: PrefixCache,
+    ledger: CellLedger,
+}
+
 impl Worker {
+    /// KV cells the context holds: every sequence's full context, plus the prefix cache.
+    fn kv_cells(&self) -> u32 {
+        let spec = &self.spec;
+        let cache = if spec.kv_unified {
+            spec.prefix_cache_tokens_max
+        } else {
+            0
+        };
+        spec.context_tokens
+            .saturating_mul(spec.parallel_sequences)
+            .saturating_add(cache)
+    }
+
     fn run(self, jobs: Receiver<Job>, ready: SyncSender<Result<(), String>>) {
         let spec = &self.spec;
         let threads = i32::try_from(spec.threads).unwrap_or(i32::MAX);
+        let cache_entries = if spec.kv_unified && spec.prefix_cache_tokens_max > 0 {
+            spec.prefix_cache_entries
+        } else {
+            0
+        };
         let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(
-                spec.context_tokens.saturating_mul(spec.parallel_sequences),
-            ))
+            .with_n_ctx(NonZeroU32::new(self.kv_cells()))
             .with_n_batch(spec.batch_tokens)
             .with_n_ubatch(spec.batch_tokens)
-            .with_n_seq_max(spec.parallel_sequences)
+            .with_n_seq_max(spec.parallel_sequences.saturating_add(cache_entries))
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
-            .with_kv_unified(false);
-        let mut context = match self.model.new_context(&self.backend, params) {
+            .with_kv_unified(spec.kv_unified);
+        let context = match self.model.new_context(&self.backend, params) {
             Ok(context) => context,
             Err(error) => {
                 let _ = ready.send(Err(error.to_string()));
@@ -481,132 +566,40 @@ impl Worker {
         if ready.send(Ok(())).is_err() {
             return;
         }
+        self.stats
+            .kv_cells_total
+            .store(u64::from(self.kv_cells()), Ordering::Relaxed);
         tracing::info!(
             model = %spec.name,
             context_tokens = spec.context_tokens,
             parallel_sequences = spec.parallel_sequences,
             batch_tokens = spec.batch_tokens,
             threads = spec.threads,
+            kv_unified = spec.kv_unified,
+            kv_cells = self.kv_cells(),
+            prefix_cache_entries = cache_entries,
             "inference worker ready"
         );
         let batch_capacity = usize::try_from(spec.batch_tokens).unwrap_or(512);
-        let mut batch = LlamaBatch::new(batch_capacity, 1);
-        let mut slots: Vec<Option<Sequence>> = (0..spec.parallel_sequences).map(|_| None).collect();
-        // Admission order, so prefill chunks go to the oldest request first.
-        let mut admitted: Vec<i32> = Vec::new();
-
-        loop {
-            if !self.admit(&jobs, &mut slots, &mut admitted, &mut context) {
-                return;
-            }
-            self.drop_cancelled(&mut slots, &mut admitted, &mut context);
-            if admitted.is_empty() {
-                continue;
-            }
-            let participants = self.fill_batch(&mut batch, &mut slots, &admitted, batch_capacity);
-            if participants.is_empty() {
-                continue;
-            }
-            self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-            self.stats.batched_tokens.fetch_add(
-                u64::try_from(batch.n_tokens()).unwrap_or(0),
-                Ordering::Relaxed,
-            );
-            if let Err(error) = context.decode(&mut batch) {
-                tracing::error!(model = %spec.name, %error, "llama_decode failed");
-                for id in participants {
-                    if let Some(sequence) = slot(&mut slots, id) {
-                        let failure = GenerationError::Decode(error.to_string());
-                        let _ = sequence.events.try_send(Event::Failed(failure));
-                    }
-                    self.release(id, &mut slots, &mut admitted, &mut context);
-                }
-                continue;
-            }
-            for id in admitted.clone() {
-                let Some(sequence) = slot(&mut slots, id) else {
-                    continue;
-                };
-                let Some(index) = sequence.logits_index.take() else {
-                    continue;
-                };
-                if let Step::Finished = self.sample(sequence, &context, index) {
-                    self.release(id, &mut slots, &mut admitted, &mut context);
-                }
-            }
+        let first_cache_seq = SeqId::try_from(spec.parallel_sequences).unwrap_or(SeqId::MAX);
+        let mut state = Loop {
+            worker: &self,
+            context,
+            batch: LlamaBatch::new(batch_capacity, 1),
+            batch_capacity,
+            slots: (0..spec.parallel_sequences).map(|_| None).collect(),
+            admitted: Vec::new(),
+            queue: VecDeque::new(),
+            prefixes: PrefixCache::new(
+                first_cache_seq,
+                usize::try_from(cache_entries).unwrap_or(0),
+                usize::try_from(spec.prefix_cache_tokens_max).unwrap_or(0),
+            ),
+            ledger: CellLedger::default(),
+        };
+        while state.admit(&jobs) {
+            state.step();
         }
-    }
-
-    /// Moves queued jobs into free slots. Blocks when nothing is running. Returns false when
-    /// the runtime is gone and the worker should end.
-    fn admit(
-        &self,
-        jobs: &Receiver<Job>,
-        slots: &mut [Option<Sequence>],
-        admitted: &mut Vec<i32>,
-        context: &mut LlamaContext<'_>,
-    ) -> bool {
-        while let Some(free) = slots.iter().position(Option::is_none) {
-            let job = if admitted.is_empty() {
-                match jobs.recv() {
-                    Ok(job) => job,
-                    Err(RecvError) => return false,
-                }
-            } else {
-                match jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(TryRecvError::Empty) => return true,
-                    Err(TryRecvError::Disconnected) => return true,
-                }
-            };
-            self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            if job.events.is_closed() {
-                continue;
-            }
-            let queued = job.submitted_at.elapsed();
-            if queued > Duration::from_millis(self.spec.queue_timeout_ms) {
-                let _ = job
-                    .events
-                    .try_send(Event::Failed(GenerationError::QueueTimeout {
-                        timeout_ms: self.spec.queue_timeout_ms,
-                    }));
-                continue;
-            }
-            let id = i32::try_from(free).unwrap_or(i32::MAX);
-            // A slot's cells are freed when it is released; clear again in case a failed
-            // decode left some behind.
-            let _ = context.clear_kv_cache_seq(u32::try_from(id).ok(), None, None);
-            let request = job.request;
-            let sampler = self.sampler_for(&request.sampling, request.ignore_eos);
-            slots[free] = Some(Sequence {
-                id,
-                events: job.events,
-                prompt: request
-                    .prompt
-                    .tokens
-                    .iter()
-                    .copied()
-                    .map(LlamaToken::new)
-                    .collect(),
-                prompt_fed: 0,
-                position: 0,
-                pending_token: None,
-                logits_index: None,
-                sampler,
-                generated: 0,
-                max_tokens: request.max_tokens,
-                ignore_eos: request.ignore_eos,
-                utf8: Utf8Assembler::default(),
-                stop: StopMatcher::new(request.stop),
-                piece: Vec::new(),
-                queued,
-                admitted_at: Instant::now(),
-                first_token_at: None,
-            });
-            admitted.push(id);
-            self.stats.active_sequences.fetch_add(1, Ordering::Relaxed);
-        }
-        true
     }
 
     fn sampler_for(&self, sampling: &SamplingParams, ignore_eos: bool) -> LlamaSampler {
@@ -630,53 +623,280 @@ impl Worker {
         }
         LlamaSampler::chain_simple(chain)
     }
+}
 
-    fn drop_cancelled(
-        &self,
-        slots: &mut [Option<Sequence>],
-        admitted: &mut Vec<i32>,
-        context: &mut LlamaContext<'_>,
-    ) {
-        for id in admitted.clone() {
-            if slot(slots, id).is_some_and(|sequence| sequence.events.is_closed()) {
-                tracing::debug!(model = %self.spec.name, sequence = id, "caller gone; sequence dropped");
-                self.release(id, slots, admitted, context);
+/// The active sequence `id`, if any.
+fn slot(slots: &mut [Option<Sequence>], id: SeqId) -> Option<&mut Sequence> {
+    usize::try_from(id)
+        .ok()
+        .and_then(|index| slots.get_mut(index))
+        .and_then(Option::as_mut)
+}
+
+impl Loop<'_> {
+    fn sequence(&mut self, id: SeqId) -> Option<&mut Sequence> {
+        slot(&mut self.slots, id)
+    }
+
+    fn publish_cells(&self) {
+        let stats = &self.worker.stats;
+        stats
+            .kv_cells_used
+            .store(self.ledger.used_cells() as u64, Ordering::Relaxed);
+        stats
+            .prefix_cache_entries
+            .store(self.prefixes.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Takes new jobs into the worker's queue, fails those that waited too long or whose
+    /// caller left, and moves the oldest into free slots. Blocks while there is nothing to do.
+    /// Returns false when the runtime is gone and the worker should end.
+    fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
+        let worker = self.worker;
+        let timeout = Duration::from_millis(worker.spec.queue_timeout_ms);
+        loop {
+            let idle = self.admitted.is_empty();
+            let next = if idle && self.queue.is_empty() {
+                jobs.recv().map_err(|_| TryRecvError::Disconnected)
+            } else if idle {
+                // Wake up when the oldest queued job would time out.
+                let waited = self
+                    .queue
+                    .front()
+                    .map_or(Duration::ZERO, |job| job.submitted_at.elapsed());
+                jobs.recv_timeout(timeout.saturating_sub(waited))
+                    .map_err(|error| match error {
+                        RecvTimeoutError::Timeout => TryRecvError::Empty,
+                        RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
+                    })
+            } else {
+                jobs.try_recv()
+            };
+            match next {
+                Ok(job) => self.queue.push_back(job),
+                Err(TryRecvError::Disconnected) if idle && self.queue.is_empty() => return false,
+                Err(_) => {}
+            }
+            // Take whatever else is waiting without blocking.
+            while let Ok(job) = jobs.try_recv() {
+                self.queue.push_back(job);
+            }
+            self.expire_queued(timeout);
+            let has_free_slot = self.slots.iter().any(Option::is_none);
+            if !self.queue.is_empty() && has_free_slot || !self.admitted.is_empty() {
+                break;
+            }
+        }
+        while let Some(free) = self.slots.iter().position(Option::is_none) {
+            let Some(job) = self.queue.pop_front() else {
+                break;
+            };
+            worker.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            let queued = job.submitted_at.elapsed();
+            let id = SeqId::try_from(free).unwrap_or(SeqId::MAX);
+            let request = job.request;
+            let prompt: Vec<i32> = request.prompt.tokens;
+            let reuse = self.find_prefix(&prompt);
+            let mut history = Vec::new();
+            if let Some(reuse) = reuse {
+                let length = u32::try_from(reuse.length).unwrap_or(u32::MAX);
+                if self
+                    .context
+                    .copy_kv_cache_seq(reuse.source, id, Some(0), Some(length))
+                    .is_ok()
+                {
+                    self.ledger.copy_prefix(reuse.source, id, reuse.length);
+                    self.prefixes.touch(reuse.source);
+                    history.extend_from_slice(&prompt[..reuse.length]);
+                }
+            }
+            let cached = history.len();
+            worker
+                .stats
+                .prompt_tokens
+                .fetch_add(prompt.len() as u64, Ordering::Relaxed);
+            worker
+                .stats
+                .prefix_hit_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+            let sampler = worker.sampler_for(&request.sampling, request.ignore_eos);
+            self.slots[free] = Some(Sequence {
+                id,
+                events: job.events,
+                prompt: prompt.iter().copied().map(LlamaToken::new).collect(),
+                prompt_fed: cached,
+                history,
+                in_batch: Vec::new(),
+                pending_token: None,
+                logits_index: None,
+                sampler,
+                record_margins: request.record_margins,
+                generated: 0,
+                max_tokens: request.max_tokens,
+                cached_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
+                ignore_eos: request.ignore_eos,
+                utf8: Utf8Assembler::default(),
+                stop: StopMatcher::new(request.stop),
+                piece: Vec::new(),
+                queued,
+                admitted_at: Instant::now(),
+                first_token_at: None,
+            });
+            self.admitted.push(id);
+            worker
+                .stats
+                .active_sequences
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Fails queued jobs that waited longer than `timeout`, and forgets those whose caller
+    /// has gone.
+    fn expire_queued(&mut self, timeout: Duration) {
+        let stats = &self.worker.stats;
+        self.queue.retain(|job| {
+            if job.events.is_closed() {
+                stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                return false;
+            }
+            if job.submitted_at.elapsed() > timeout {
+                let _ = job
+                    .events
+                    .try_send(Event::Failed(GenerationError::QueueTimeout {
+                        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    }));
+                stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// The longest prefix of `prompt` already in the cache: in a parked prefix or in the
+    /// tokens an active sequence has decoded.
+    fn find_prefix(&self, prompt: &[i32]) -> Option<PrefixMatch> {
+        if !self.worker.spec.kv_unified {
+            return None;
+        }
+        let active = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|sequence| (sequence.id, sequence.history.as_slice()));
+        best_match(
+            prompt,
+            self.prefixes.candidates().chain(active),
+            PREFIX_REUSE_TOKENS_MIN,
+        )
+    }
+
+    /// One decode step over every active sequence, then sampling.
+    fn step(&mut self) {
+        self.drop_cancelled();
+        if self.admitted.is_empty() {
+            return;
+        }
+        let participants = self.fill_batch();
+        if participants.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut result = self.context.decode(&mut self.batch);
+        // Out of cells: parked prefixes are the first to go, then try again.
+        while matches!(result, Err(DecodeError::NoKvCacheSlot)) {
+            let Some(evicted) = self.prefixes.evict_lru() else {
+                break;
+            };
+            self.clear_sequence(evicted);
+            result = self.context.decode(&mut self.batch);
+        }
+        let worker = self.worker;
+        let stats = &worker.stats;
+        stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        stats.batched_tokens.fetch_add(
+            u64::try_from(self.batch.n_tokens()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        stats.decode_micros.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        if let Err(error) = result {
+            tracing::error!(model = %self.worker.spec.name, %error, "llama_decode failed");
+            for id in participants {
+                if let Some(sequence) = self.sequence(id) {
+                    sequence.in_batch.clear();
+                    let failure = GenerationError::Decode(error.to_string());
+                    let _ = sequence.events.try_send(Event::Failed(failure));
+                }
+                self.release(id, Release::Discard);
+            }
+            self.publish_cells();
+            return;
+        }
+        for id in participants {
+            let Some(sequence) = self.sequence(id) else {
+                continue;
+            };
+            let added = std::mem::take(&mut sequence.in_batch);
+            let count = added.len();
+            sequence.history.extend(added);
+            let logits = sequence.logits_index.take();
+            self.ledger.extend(id, count);
+            if let Some(index) = logits {
+                let Some(sequence) = slot(&mut self.slots, id) else {
+                    continue;
+                };
+                let worker = self.worker;
+                if let Step::Finished = worker.sample(sequence, &self.context, index) {
+                    self.release(id, Release::Keep);
+                }
+            }
+        }
+        self.publish_cells();
+    }
+
+    fn drop_cancelled(&mut self) {
+        for id in self.admitted.clone() {
+            if self
+                .sequence(id)
+                .is_some_and(|sequence| sequence.events.is_closed())
+            {
+                tracing::debug!(model = %self.worker.spec.name, sequence = id, "caller gone; sequence dropped");
+                self.release(id, Release::Keep);
             }
         }
     }
 
     /// Generating sequences contribute their pending token; the rest of the batch goes to
     /// prompt chunks, oldest request first. Returns the sequences that are in the batch.
-    fn fill_batch(
-        &self,
-        batch: &mut LlamaBatch<'_>,
-        slots: &mut [Option<Sequence>],
-        admitted: &[i32],
-        batch_capacity: usize,
-    ) -> Vec<i32> {
-        batch.clear();
-        let mut participants = Vec::with_capacity(admitted.len());
-        for &id in admitted {
-            let Some(sequence) = slot(slots, id) else {
+    fn fill_batch(&mut self) -> Vec<SeqId> {
+        self.batch.clear();
+        let mut participants = Vec::with_capacity(self.admitted.len());
+        for id in self.admitted.clone() {
+            let Some(sequence) = slot(&mut self.slots, id) else {
                 continue;
             };
             if let Some(token) = sequence.pending_token.take()
-                && batch
-                    .add(token, sequence.position, &[sequence.id], true)
+                && self
+                    .batch
+                    .add(token, sequence.position(), &[sequence.id], true)
                     .is_ok()
             {
-                sequence.logits_index = Some(batch.n_tokens() - 1);
-                sequence.position += 1;
+                sequence.logits_index = Some(self.batch.n_tokens() - 1);
+                sequence.in_batch.push(token.0);
                 participants.push(id);
             }
         }
-        for &id in admitted {
-            let Some(sequence) = slot(slots, id) else {
+        for id in self.admitted.clone() {
+            let room = self
+                .batch_capacity
+                .saturating_sub(usize::try_from(self.batch.n_tokens()).unwrap_or(0));
+            let Some(sequence) = slot(&mut self.slots, id) else {
                 continue;
             };
             let remaining = sequence.prompt.len() - sequence.prompt_fed;
-            let room =
-                batch_capacity.saturating_sub(usize::try_from(batch.n_tokens()).unwrap_or(0));
             if remaining == 0 || room == 0 {
                 continue;
             }
@@ -684,31 +904,83 @@ impl Worker {
             let completes = chunk == remaining;
             participants.push(id);
             for offset in 0..chunk {
-                let index = sequence.prompt_fed + offset;
+                let token = sequence.prompt[sequence.prompt_fed + offset];
                 let last = completes && offset + 1 == chunk;
-                if batch
-                    .add(
-                        sequence.prompt[index],
-                        sequence.position,
-                        &[sequence.id],
-                        last,
-                    )
+                if self
+                    .batch
+                    .add(token, sequence.position(), &[sequence.id], last)
                     .is_err()
                 {
                     break;
                 }
-                sequence.position += 1;
+                sequence.in_batch.push(token.0);
                 if last {
-                    sequence.logits_index = Some(batch.n_tokens() - 1);
+                    sequence.logits_index = Some(self.batch.n_tokens() - 1);
                 }
             }
             sequence.prompt_fed += chunk;
+            self.worker
+                .stats
+                .prefill_tokens
+                .fetch_add(chunk as u64, Ordering::Relaxed);
         }
         participants
     }
 
+    /// Frees the slot; with `Keep`, parks the sequence's tokens as a reusable prefix.
+    fn release(&mut self, id: SeqId, how: Release) {
+        let Some(sequence) = usize::try_from(id)
+            .ok()
+            .and_then(|index| self.slots.get_mut(index))
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        self.worker
+            .stats
+            .active_sequences
+            .fetch_sub(1, Ordering::Relaxed);
+        self.admitted.retain(|&other| other != id);
+        if how == Release::Keep
+            && self.worker.spec.kv_unified
+            && let Some(park) = self.prefixes.park(sequence.history.clone())
+        {
+            for evicted in park.clear {
+                self.clear_sequence(evicted);
+            }
+            let length = u32::try_from(sequence.history.len()).unwrap_or(u32::MAX);
+            if self
+                .context
+                .copy_kv_cache_seq(id, park.target, Some(0), Some(length))
+                .is_ok()
+            {
+                self.ledger
+                    .copy_prefix(id, park.target, sequence.history.len());
+            }
+        }
+        self.clear_sequence(id);
+    }
+
+    fn clear_sequence(&mut self, id: SeqId) {
+        let _ = self
+            .context
+            .clear_kv_cache_seq(u32::try_from(id).ok(), None, None);
+        self.ledger.remove(id);
+    }
+}
+
+impl Worker {
     /// Samples the sequence's next token and sends its text.
     fn sample(&self, sequence: &mut Sequence, context: &LlamaContext<'_>, index: i32) -> Step {
+        let margin = sequence.record_margins.then(|| {
+            // With end-of-generation banned, the choice is among the other tokens.
+            let banned: &[LlamaToken] = if sequence.ignore_eos {
+                &self.eog_tokens
+            } else {
+                &[]
+            };
+            top_two_margin(context.get_logits_ith(index), banned)
+        });
         let token = sequence.sampler.sample(context, index);
         let now = Instant::now();
         sequence.first_token_at.get_or_insert(now);
@@ -716,6 +988,7 @@ impl Worker {
             return self.finish(sequence, FinishReason::Stop, true);
         }
         sequence.generated += 1;
+        self.stats.decode_tokens.fetch_add(1, Ordering::Relaxed);
         sequence.piece.clear();
         self.model
             .vocab()
@@ -727,7 +1000,7 @@ impl Worker {
         };
         if sequence
             .events
-            .try_send(Event::Token { text: emit })
+            .try_send(Event::Token { text: emit, margin })
             .is_err()
         {
             return Step::Finished;
@@ -736,7 +1009,7 @@ impl Worker {
             return self.finish(sequence, FinishReason::Stop, false);
         }
         let context_full =
-            u32::try_from(sequence.position).unwrap_or(u32::MAX) >= self.spec.context_tokens;
+            u32::try_from(sequence.position()).unwrap_or(u32::MAX) >= self.spec.context_tokens;
         if sequence.generated >= sequence.max_tokens || context_full {
             return self.finish(sequence, FinishReason::Length, true);
         }
@@ -761,7 +1034,7 @@ impl Worker {
             usage: Usage {
                 prompt_tokens: u32::try_from(sequence.prompt.len()).unwrap_or(u32::MAX),
                 completion_tokens: sequence.generated,
-                cached_tokens: 0,
+                cached_tokens: sequence.cached_tokens,
             },
             timings: Timings {
                 queued: sequence.queued,
@@ -773,6 +1046,7 @@ impl Worker {
             model = %self.spec.name,
             sequence = sequence.id,
             prompt_tokens = completion.usage.prompt_tokens,
+            cached_tokens = completion.usage.cached_tokens,
             completion_tokens = completion.usage.completion_tokens,
             finish_reason = reason.as_str(),
             "generation finished"
@@ -780,29 +1054,28 @@ impl Worker {
         let _ = sequence.events.try_send(Event::Done(completion));
         Step::Finished
     }
+}
 
-    fn release(
-        &self,
-        id: i32,
-        slots: &mut [Option<Sequence>],
-        admitted: &mut Vec<i32>,
-        context: &mut LlamaContext<'_>,
-    ) {
-        if let Some(entry) = usize::try_from(id)
-            .ok()
-            .and_then(|index| slots.get_mut(index))
-            && entry.take().is_some()
+/// The difference between the two largest logits (of tokens not `banned`): how close the
+/// greedy choice was.
+fn top_two_margin(logits: &[f32], banned: &[LlamaToken]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (index, &logit) in logits.iter().enumerate() {
+        if banned
+            .iter()
+            .any(|token| usize::try_from(token.0).is_ok_and(|banned| banned == index))
         {
-            self.stats.active_sequences.fetch_sub(1, Ordering::Relaxed);
+            continue;
         }
-        admitted.retain(|&other| other != id);
-        let _ = context.clear_kv_cache_seq(u32::try_from(id).ok(), None, None);
+        if logit > first {
+            second = first;
+            first = logit;
+        } else if logit > second {
+            second = logit;
+        }
     }
+    first - second
 }
 
-fn slot(slots: &mut [Option<Sequence>], id: i32) -> Option<&mut Sequence> {
-    usize::try_from(id)
-        .ok()
-        .and_then(|index| slots.get_mut(index))
-        .and_then(Option::as_mut)
-}
+#[cfg(test)]
+mod tests;

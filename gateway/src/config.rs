@@ -139,6 +139,22 @@ pub struct ModelConfig {
     pub gpu_layers: u32,
     pub queue_depth_max: u32,
     pub queue_timeout: Duration,
+    /// One KV cache for all sequences, so that prefixes are stored once and shared.
+    pub kv_unified: bool,
+    pub prefix_cache_entries: u32,
+    pub prefix_cache_tokens_max: u32,
+    /// KV cache memory this model may take; `None` uses the memory available at start.
+    pub kv_memory_bytes_max: Option<u64>,
+    /// The KV cache this configuration needs, computed from the GGUF metadata.
+    pub kv_plan: KvPlan,
+}
+
+/// How large a model's KV cache will be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvPlan {
+    pub cells: u64,
+    pub bytes_per_token: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,6 +321,18 @@ struct RawModel {
     queue_depth_max: u32,
     #[serde(default = "default_queue_timeout_ms")]
     queue_timeout_ms: u64,
+    #[serde(default = "default_kv_unified")]
+    kv_unified: bool,
+    #[serde(default)]
+    prefix_cache_entries: Option<u32>,
+    #[serde(default)]
+    prefix_cache_tokens_max: Option<u32>,
+    #[serde(default)]
+    kv_memory_bytes_max: Option<u64>,
+}
+
+fn default_kv_unified() -> bool {
+    true
 }
 
 fn default_context_tokens() -> u32 {
@@ -362,18 +390,24 @@ fn default_log_level() -> String {
     "info".to_owned()
 }
 
-/// Where secrets named by the configuration come from; tests pass their own.
+/// What validation reads from the machine: environment variables (secrets named by the
+/// configuration) and free memory (the default KV budget). Tests pass their own.
 pub trait Environment {
     fn var(&self, name: &str) -> Option<String>;
+    fn memory_available_bytes(&self) -> Option<u64>;
 }
 
-/// The process environment.
+/// The process environment and this machine.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessEnvironment;
 
 impl Environment for ProcessEnvironment {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
+    }
+
+    fn memory_available_bytes(&self) -> Option<u64> {
+        firmware::probe().memory_available_bytes
     }
 }
 
@@ -429,6 +463,7 @@ pub fn parse(
     let mut validator = Validator {
         base_dir: &base_dir,
         environment,
+        memory_available_bytes: environment.memory_available_bytes(),
         errors,
     };
     let server = server.map(|raw| validator.server(raw));
@@ -536,6 +571,8 @@ fn models_section(
 struct Validator<'a> {
     base_dir: &'a Path,
     environment: &'a dyn Environment,
+    /// Memory free for KV caches when no explicit budget is configured.
+    memory_available_bytes: Option<u64>,
     errors: Vec<ConfigError>,
 }
 
@@ -796,9 +833,29 @@ impl Validator<'_> {
             );
         }
         self.positive(&format!("{prefix}.queue_timeout_ms"), raw.queue_timeout_ms);
+        if !raw.kv_unified
+            && (raw.prefix_cache_entries.is_some_and(|entries| entries > 0)
+                || raw.prefix_cache_tokens_max.is_some_and(|tokens| tokens > 0))
+        {
+            self.error(
+                format!("{prefix}.kv_unified"),
+                "prefix caching needs kv_unified = true (prefixes are shared inside one cache)",
+            );
+        }
+        let prefix_cache_entries = if raw.kv_unified {
+            raw.prefix_cache_entries.unwrap_or(raw.parallel_sequences)
+        } else {
+            0
+        };
+        let prefix_cache_tokens_max = if raw.kv_unified && prefix_cache_entries > 0 {
+            raw.prefix_cache_tokens_max.unwrap_or(raw.context_tokens)
+        } else {
+            0
+        };
         if self.errors.len() > before {
             return None;
         }
+        let kv_plan = self.kv_plan(&prefix, &path, &raw, u64::from(prefix_cache_tokens_max))?;
         Some(ModelConfig {
             name,
             path,
@@ -810,7 +867,81 @@ impl Validator<'_> {
             gpu_layers: raw.gpu_layers,
             queue_depth_max: raw.queue_depth_max,
             queue_timeout: Duration::from_millis(raw.queue_timeout_ms),
+            kv_unified: raw.kv_unified,
+            prefix_cache_entries,
+            prefix_cache_tokens_max,
+            kv_memory_bytes_max: raw.kv_memory_bytes_max,
+            kv_plan,
         })
+    }
+
+    /// Sizes the KV cache from the model's GGUF metadata and checks it against the model's
+    /// trained context and the memory budget.
+    fn kv_plan(
+        &mut self,
+        prefix: &str,
+        path: &Path,
+        raw: &RawModel,
+        prefix_cache_tokens: u64,
+    ) -> Option<KvPlan> {
+        let shape = match edge_runtime::gguf::read_kv_shape(path) {
+            Ok(shape) => shape,
+            Err(error) => {
+                self.error(
+                    format!("{prefix}.path"),
+                    format!("{}: {error}", path.display()),
+                );
+                return None;
+            }
+        };
+        if let Some(trained) = shape.trained_context_tokens
+            && u64::from(raw.context_tokens) > trained
+        {
+            self.error(
+                format!("{prefix}.context_tokens"),
+                format!(
+                    "{} exceeds the {trained} tokens the model was trained with",
+                    raw.context_tokens
+                ),
+            );
+            return None;
+        }
+        let cells =
+            u64::from(raw.context_tokens) * u64::from(raw.parallel_sequences) + prefix_cache_tokens;
+        let plan = KvPlan {
+            cells,
+            bytes_per_token: shape.kv_bytes(1),
+            bytes: shape.kv_bytes(cells),
+        };
+        let model_bytes = std::fs::metadata(path).map_or(0, |metadata| metadata.len());
+        let (budget, source) = match raw.kv_memory_bytes_max {
+            Some(budget) => (Some(budget), format!("{prefix}.kv_memory_bytes_max")),
+            None => (
+                self.memory_available_bytes
+                    .map(|available| available.saturating_sub(model_bytes)),
+                "the memory available now, less the model file".to_owned(),
+            ),
+        };
+        if let Some(budget) = budget
+            && plan.bytes > budget
+        {
+            self.error(
+                format!("{prefix}.context_tokens"),
+                format!(
+                    "the KV cache for {} sequences x {} tokens (+ {} prefix-cache tokens) = {} cells \
+                     x {} bytes per token needs {} but the budget is {} ({source})",
+                    raw.parallel_sequences,
+                    raw.context_tokens,
+                    prefix_cache_tokens,
+                    plan.cells,
+                    plan.bytes_per_token,
+                    mebibytes(plan.bytes),
+                    mebibytes(budget),
+                ),
+            );
+            return None;
+        }
+        Some(plan)
     }
 
     fn routing(&mut self, raw: RawRouting, models: &[ModelConfig]) -> RoutingConfig {
@@ -895,6 +1026,10 @@ fn has_gguf_magic(path: &Path) -> bool {
         .and_then(|mut file| file.read_exact(&mut magic))
         .is_ok()
         && &magic == GGUF_MAGIC
+}
+
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// SHA-256 of an API key, the only form in which keys are kept.

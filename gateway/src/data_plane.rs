@@ -40,6 +40,8 @@ pub struct RequestContext {
     pub caller: Option<Caller>,
     pub usage: edge_runtime::Usage,
     pub first_token: Option<Duration>,
+    /// When the last generated token was handed to the client.
+    pub last_token: Option<Duration>,
     pub finish_reason: Option<&'static str>,
     /// Why the response ended early, for the access log.
     pub outcome: Option<String>,
@@ -472,6 +474,7 @@ impl ProxyHttp for DataPlane {
             caller: None,
             usage: edge_runtime::Usage::default(),
             first_token: None,
+            last_token: None,
             finish_reason: None,
             outcome: None,
             _in_flight: None,
@@ -551,9 +554,20 @@ impl ProxyHttp for DataPlane {
             duration,
             prompt_tokens: ctx.usage.prompt_tokens,
             completion_tokens: ctx.usage.completion_tokens,
-            first_token: ctx
-                .first_token
-                .and_then(|first_token| ctx.target.as_deref().map(|model| (model, first_token))),
+            generation: match (ctx.first_token, ctx.target.as_deref()) {
+                (Some(first_token), Some(model)) if route == "local" => {
+                    Some(crate::metrics::GenerationRecord {
+                        model,
+                        time_to_first_token: first_token,
+                        decode: ctx
+                            .last_token
+                            .unwrap_or(first_token)
+                            .saturating_sub(first_token),
+                        tokens_after_first: ctx.usage.completion_tokens.saturating_sub(1),
+                    })
+                }
+                _ => None,
+            },
         });
         let header = session.req_header();
         tracing::info!(

@@ -75,6 +75,7 @@ pub async fn run(
         },
         stop: request.generation.stop.clone(),
         ignore_eos: request.generation.ignore_eos,
+        record_margins: false,
     });
     let mut stream = submitted.map_err(|error| match error {
         edge_runtime::SubmitError::QueueFull { .. } => GatewayError::QueueFull {
@@ -199,8 +200,10 @@ async fn collect_events(
             }
         };
         match event {
-            edge_runtime::Event::Token { text: piece } => {
-                ctx.first_token.get_or_insert_with(|| ctx.started.elapsed());
+            edge_runtime::Event::Token { text: piece, .. } => {
+                let now = ctx.started.elapsed();
+                ctx.first_token.get_or_insert(now);
+                ctx.last_token = Some(now);
                 text.push_str(&piece);
             }
             edge_runtime::Event::Done(completion) => {
@@ -257,8 +260,10 @@ async fn stream_events(
     let mut event = first;
     loop {
         match event {
-            edge_runtime::Event::Token { text } => {
-                ctx.first_token.get_or_insert_with(|| ctx.started.elapsed());
+            edge_runtime::Event::Token { text, .. } => {
+                let now = ctx.started.elapsed();
+                ctx.first_token.get_or_insert(now);
+                ctx.last_token = Some(now);
                 write(
                     session,
                     openai::sse_event(&meta.chunk(false, Some(&text), None, include_usage)),

@@ -1,37 +1,51 @@
 //! Prometheus metrics of the gateway, rendered in the text exposition format on the admin
 //! listener's `/metrics`.
 //!
-//! Labels carry only bounded, non-sensitive values (route, status, model name): never a
-//! tenant, key id or anything from a prompt.
+//! Inference latencies follow the OpenTelemetry GenAI semantic conventions, in their
+//! Prometheus spelling (`gen_ai_server_time_to_first_token_seconds`, ...,
+//! label `gen_ai_request_model`). Labels carry only bounded, non-sensitive values (route,
+//! status, model name): never a tenant, key id or anything from a prompt.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Upper bounds of the latency histograms, in seconds.
-const LATENCY_BUCKETS_S: &[f64] = &[
+/// Upper bounds of request-scale latency histograms, in seconds.
+const REQUEST_BUCKETS_S: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
+/// Upper bounds of the time-per-output-token histogram, in seconds.
+const TOKEN_BUCKETS_S: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+];
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Histogram {
-    /// Count per bucket of `LATENCY_BUCKETS_S` (not cumulative), then the overflow.
+    bounds: &'static [f64],
+    /// Count per bucket (not cumulative), then the overflow.
     counts: Vec<u64>,
     sum_s: f64,
     count: u64,
 }
 
 impl Histogram {
-    fn observe(&mut self, value: Duration) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; LATENCY_BUCKETS_S.len() + 1];
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum_s: 0.0,
+            count: 0,
         }
+    }
+
+    fn observe(&mut self, value: Duration) {
         let seconds = value.as_secs_f64();
-        let bucket = LATENCY_BUCKETS_S
+        let bucket = self
+            .bounds
             .iter()
             .position(|bound| seconds <= *bound)
-            .unwrap_or(LATENCY_BUCKETS_S.len());
+            .unwrap_or(self.bounds.len());
         self.counts[bucket] += 1;
         self.sum_s += seconds;
         self.count += 1;
@@ -39,13 +53,31 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
-        for (index, bound) in LATENCY_BUCKETS_S.iter().enumerate() {
-            cumulative += self.counts.get(index).copied().unwrap_or(0);
+        for (index, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.counts[index];
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
         }
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
         let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_s);
         let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+/// Latency histograms of one local model.
+#[derive(Debug, Clone)]
+struct ModelLatency {
+    time_to_first_token: Histogram,
+    time_per_output_token: Histogram,
+    request_duration: Histogram,
+}
+
+impl Default for ModelLatency {
+    fn default() -> Self {
+        ModelLatency {
+            time_to_first_token: Histogram::new(REQUEST_BUCKETS_S),
+            time_per_output_token: Histogram::new(TOKEN_BUCKETS_S),
+            request_duration: Histogram::new(REQUEST_BUCKETS_S),
+        }
     }
 }
 
@@ -55,31 +87,48 @@ struct Registry {
     prompt_tokens: BTreeMap<&'static str, u64>,
     completion_tokens: BTreeMap<&'static str, u64>,
     request_duration: BTreeMap<&'static str, Histogram>,
-    time_to_first_token: BTreeMap<String, Histogram>,
+    models: BTreeMap<String, ModelLatency>,
+}
+
+/// A generation's timing, for the GenAI latency histograms.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationRecord<'a> {
+    pub model: &'a str,
+    pub time_to_first_token: Duration,
+    /// Time from the first token to the last, and how many tokens followed the first.
+    pub decode: Duration,
+    pub tokens_after_first: u32,
 }
 
 /// What the logging phase reports for one finished request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestRecord<'a> {
-    /// `local`, `cloud`, `rejected`, or `none` for requests that never reached routing
-    /// (health checks of the data plane, unknown paths, authentication failures).
+    /// `local`, `cloud` or `rejected`.
     pub route: &'static str,
     pub status: u16,
     pub duration: Duration,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
-    /// Model and time to first token, for generations that produced one.
-    pub first_token: Option<(&'a str, Duration)>,
+    /// Timing of the generation, when one produced a token.
+    pub generation: Option<GenerationRecord<'a>>,
 }
 
-/// A snapshot of one local model's worker, rendered as gauges.
-#[derive(Debug, Clone)]
+/// A snapshot of one local model's worker.
+#[derive(Debug, Clone, Default)]
 pub struct ModelGauges {
     pub model: String,
     pub queue_depth: u64,
     pub active_sequences: u64,
     pub decode_steps: u64,
     pub batched_tokens: u64,
+    pub decode_seconds: f64,
+    pub prompt_tokens: u64,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub kv_cells_used: u64,
+    pub kv_cells_total: u64,
+    pub prefix_cache_entries: u64,
 }
 
 /// The gateway's metrics.
@@ -103,14 +152,22 @@ impl Metrics {
         registry
             .request_duration
             .entry(record.route)
-            .or_default()
+            .or_insert_with(|| Histogram::new(REQUEST_BUCKETS_S))
             .observe(record.duration);
-        if let Some((model, first_token)) = record.first_token {
-            registry
+        if let Some(generation) = record.generation {
+            let latency = registry
+                .models
+                .entry(generation.model.to_owned())
+                .or_default();
+            latency
                 .time_to_first_token
-                .entry(model.to_owned())
-                .or_default()
-                .observe(first_token);
+                .observe(generation.time_to_first_token);
+            latency.request_duration.observe(record.duration);
+            if generation.tokens_after_first > 0 {
+                latency
+                    .time_per_output_token
+                    .observe(generation.decode / generation.tokens_after_first);
+            }
         }
     }
 
@@ -132,29 +189,22 @@ impl Metrics {
                 "isthmus_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
             );
         }
-        header(
-            &mut out,
-            "isthmus_prompt_tokens_total",
-            "counter",
-            "Prompt tokens of answered requests, by route.",
-        );
-        for (route, count) in &registry.prompt_tokens {
-            let _ = writeln!(
-                out,
-                "isthmus_prompt_tokens_total{{route=\"{route}\"}} {count}"
-            );
-        }
-        header(
-            &mut out,
-            "isthmus_completion_tokens_total",
-            "counter",
-            "Completion tokens of answered requests, by route.",
-        );
-        for (route, count) in &registry.completion_tokens {
-            let _ = writeln!(
-                out,
-                "isthmus_completion_tokens_total{{route=\"{route}\"}} {count}"
-            );
+        for (name, help, values) in [
+            (
+                "isthmus_prompt_tokens_total",
+                "Prompt tokens of answered requests, by route.",
+                &registry.prompt_tokens,
+            ),
+            (
+                "isthmus_completion_tokens_total",
+                "Completion tokens of answered requests, by route.",
+                &registry.completion_tokens,
+            ),
+        ] {
+            header(&mut out, name, "counter", help);
+            for (route, count) in values {
+                let _ = writeln!(out, "{name}{{route=\"{route}\"}} {count}");
+            }
         }
         header(
             &mut out,
@@ -169,48 +219,111 @@ impl Metrics {
                 &format!("route=\"{route}\""),
             );
         }
-        header(
-            &mut out,
-            "isthmus_time_to_first_token_seconds",
-            "histogram",
-            "Time from request header to the first generated token, by local model.",
-        );
-        for (model, histogram) in &registry.time_to_first_token {
-            histogram.render(
-                &mut out,
-                "isthmus_time_to_first_token_seconds",
-                &format!("model=\"{}\"", escape_label(model)),
-            );
+        type Pick = fn(&ModelLatency) -> &Histogram;
+        let latencies: [(&str, &str, Pick); 3] = [
+            (
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time from request header to the first generated token.",
+                |latency| &latency.time_to_first_token,
+            ),
+            (
+                "gen_ai_server_time_per_output_token_seconds",
+                "Time per generated token after the first.",
+                |latency| &latency.time_per_output_token,
+            ),
+            (
+                "gen_ai_server_request_duration_seconds",
+                "Time of generation requests from header to last byte.",
+                |latency| &latency.request_duration,
+            ),
+        ];
+        for (name, help, pick) in latencies {
+            header(&mut out, name, "histogram", help);
+            for (model, latency) in &registry.models {
+                pick(latency).render(
+                    &mut out,
+                    name,
+                    &format!("gen_ai_request_model=\"{}\"", escape_label(model)),
+                );
+            }
         }
         drop(registry);
 
-        let gauges: [ModelSeries; 4] = [
+        let series: [ModelSeries; 12] = [
             (
                 "isthmus_local_queue_depth",
                 "gauge",
                 "Requests waiting for a free sequence.",
-                |g| g.queue_depth,
+                |g| g.queue_depth as f64,
             ),
             (
                 "isthmus_local_active_sequences",
                 "gauge",
                 "Sequences being decoded.",
-                |g| g.active_sequences,
+                |g| g.active_sequences as f64,
             ),
             (
                 "isthmus_local_decode_steps_total",
                 "counter",
                 "llama_decode calls.",
-                |g| g.decode_steps,
+                |g| g.decode_steps as f64,
             ),
             (
                 "isthmus_local_batched_tokens_total",
                 "counter",
                 "Tokens put into llama_decode calls.",
-                |g| g.batched_tokens,
+                |g| g.batched_tokens as f64,
+            ),
+            (
+                "isthmus_local_decode_seconds_total",
+                "counter",
+                "Time spent in llama_decode.",
+                |g| g.decode_seconds,
+            ),
+            (
+                "isthmus_local_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of admitted requests.",
+                |g| g.prompt_tokens as f64,
+            ),
+            (
+                "isthmus_local_prefill_tokens_total",
+                "counter",
+                "Prompt tokens decoded (prefill); rate() gives prefill tokens/s.",
+                |g| g.prefill_tokens as f64,
+            ),
+            (
+                "isthmus_local_decode_tokens_total",
+                "counter",
+                "Tokens generated; rate() gives decode tokens/s.",
+                |g| g.decode_tokens as f64,
+            ),
+            (
+                "isthmus_local_prefix_hit_tokens_total",
+                "counter",
+                "Prompt tokens served from the KV cache instead of decoded.",
+                |g| g.prefix_hit_tokens as f64,
+            ),
+            (
+                "isthmus_local_kv_cells_used",
+                "gauge",
+                "KV cache cells holding data in use.",
+                |g| g.kv_cells_used as f64,
+            ),
+            (
+                "isthmus_local_kv_cells_total",
+                "gauge",
+                "KV cache cells of the context.",
+                |g| g.kv_cells_total as f64,
+            ),
+            (
+                "isthmus_local_prefix_cache_entries",
+                "gauge",
+                "Finished sequences kept for prefix reuse.",
+                |g| g.prefix_cache_entries as f64,
             ),
         ];
-        for (name, kind, help, value) in gauges {
+        for (name, kind, help, value) in series {
             header(&mut out, name, kind, help);
             for model in models {
                 let _ = writeln!(
@@ -244,7 +357,7 @@ type ModelSeries = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&ModelGauges) -> u64,
+    fn(&ModelGauges) -> f64,
 );
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {

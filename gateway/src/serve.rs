@@ -238,8 +238,21 @@ fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow
             gpu_layers: model.gpu_layers,
             queue_depth_max: model.queue_depth_max,
             queue_timeout_ms: u64::try_from(model.queue_timeout.as_millis()).unwrap_or(u64::MAX),
+            kv_unified: model.kv_unified,
+            prefix_cache_entries: model.prefix_cache_entries,
+            prefix_cache_tokens_max: model.prefix_cache_tokens_max,
         })
         .collect();
+    for model in &config.models {
+        tracing::info!(
+            model = %model.name,
+            kv_cells = model.kv_plan.cells,
+            kv_bytes_per_token = model.kv_plan.bytes_per_token,
+            kv_bytes = model.kv_plan.bytes,
+            kv_unified = model.kv_unified,
+            "KV cache planned: 2 x layers x KV heads x head dim x tokens x 2 bytes"
+        );
+    }
     let options = edge_runtime::EngineOptions {
         backends_dir: config.engine.backends_dir.clone(),
     };

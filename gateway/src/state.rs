@@ -64,6 +64,14 @@ impl AppState {
                     active_sequences: stats.active_sequences(),
                     decode_steps: stats.decode_steps(),
                     batched_tokens: stats.batched_tokens(),
+                    decode_seconds: stats.decode_micros() as f64 / 1e6,
+                    prompt_tokens: stats.prompt_tokens(),
+                    prefill_tokens: stats.prefill_tokens(),
+                    decode_tokens: stats.decode_tokens(),
+                    prefix_hit_tokens: stats.prefix_hit_tokens(),
+                    kv_cells_used: stats.kv_cells_used(),
+                    kv_cells_total: stats.kv_cells_total(),
+                    prefix_cache_entries: stats.prefix_cache_entries(),
                 }
             })
             .collect()

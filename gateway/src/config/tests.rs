@@ -8,17 +8,49 @@ impl Environment for FakeEnvironment {
     fn var(&self, name: &str) -> Option<String> {
         (name == "ISTHMUS_TEST_KEY").then(|| "secret-from-env".to_owned())
     }
+
+    fn memory_available_bytes(&self) -> Option<u64> {
+        Some(8 << 30)
+    }
 }
 
-/// A directory holding a tiny file with the GGUF magic, standing in for a model file: config
-/// validation only checks that the file is there and is GGUF.
+/// The metadata of a GGUF model shaped like SmolLM2-135M (30 layers, 3 KV heads of 64):
+/// config validation reads no more than that, so it stands in for the model file.
+fn gguf_header() -> Vec<u8> {
+    let text = |bytes: &mut Vec<u8>, value: &str| {
+        bytes.extend((value.len() as u64).to_le_bytes());
+        bytes.extend(value.as_bytes());
+    };
+    let pairs: [(&str, u32); 5] = [
+        ("llama.block_count", 30),
+        ("llama.context_length", 8192),
+        ("llama.embedding_length", 576),
+        ("llama.attention.head_count", 9),
+        ("llama.attention.head_count_kv", 3),
+    ];
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3_u32.to_le_bytes());
+    bytes.extend(0_u64.to_le_bytes());
+    bytes.extend((pairs.len() as u64 + 1).to_le_bytes());
+    text(&mut bytes, "general.architecture");
+    bytes.extend(8_u32.to_le_bytes());
+    text(&mut bytes, "llama");
+    for (key, value) in pairs {
+        text(&mut bytes, key);
+        bytes.extend(4_u32.to_le_bytes());
+        bytes.extend(value.to_le_bytes());
+    }
+    bytes
+}
+
+/// A directory holding a model file with just its metadata.
 fn fixture() -> (tempfile::TempDir, PathBuf) {
     let dir = match tempfile::tempdir() {
         Ok(dir) => dir,
         Err(error) => panic!("temp dir: {error}"),
     };
     let model = dir.path().join("model.gguf");
-    if let Err(error) = std::fs::write(&model, b"GGUF\x03\x00\x00\x00") {
+    if let Err(error) = std::fs::write(&model, gguf_header()) {
         panic!("writing fixture: {error}");
     }
     let config = dir.path().join("isthmus.toml");
@@ -163,4 +195,36 @@ fn paths_are_normalized_lexically() {
     assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
     assert_eq!(normalize(Path::new("../x")), PathBuf::from("../x"));
     assert_eq!(normalize(Path::new("a/..")), PathBuf::from("."));
+}
+
+#[test]
+fn a_kv_cache_over_the_budget_or_the_trained_context_is_refused_with_the_numbers() {
+    let (_dir, source) = fixture();
+    let text = VALID.replace(
+        "threads = 2",
+        "threads = 2\ncontext_tokens = 4096\nparallel_sequences = 8\nkv_memory_bytes_max = 536870912",
+    );
+    assert_eq!(
+        errors_of(&text, &source),
+        [
+            "models.smollm2.context_tokens: the KV cache for 8 sequences x 4096 tokens (+ 4096 \
+          prefix-cache tokens) = 36864 cells x 23040 bytes per token needs 810.0 MiB but the \
+          budget is 512.0 MiB (models.smollm2.kv_memory_bytes_max)"
+        ]
+    );
+    let text = VALID.replace("threads = 2", "threads = 2\ncontext_tokens = 16384");
+    assert_eq!(
+        errors_of(&text, &source),
+        ["models.smollm2.context_tokens: 16384 exceeds the 8192 tokens the model was trained with"]
+    );
+    let config = match parse(VALID, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    let plan = config.models[0].kv_plan;
+    // 4 sequences x 2048 tokens + 2048 prefix-cache tokens.
+    assert_eq!(
+        (plan.cells, plan.bytes_per_token, plan.bytes),
+        (10_240, 23_040, 235_929_600)
+    );
 }

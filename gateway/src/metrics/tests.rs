@@ -1,9 +1,9 @@
 use std::time::Duration;
 
-use super::{Metrics, ModelGauges, RequestRecord};
+use super::{GenerationRecord, Metrics, ModelGauges, RequestRecord};
 
 #[test]
-fn requests_and_tokens_are_counted_by_route_and_status() {
+fn requests_tokens_and_latencies_are_counted() {
     let metrics = Metrics::default();
     let local = RequestRecord {
         route: "local",
@@ -11,7 +11,12 @@ fn requests_and_tokens_are_counted_by_route_and_status() {
         duration: Duration::from_millis(30),
         prompt_tokens: 12,
         completion_tokens: 5,
-        first_token: Some(("smollm2", Duration::from_millis(20))),
+        generation: Some(GenerationRecord {
+            model: "smollm2",
+            time_to_first_token: Duration::from_millis(20),
+            decode: Duration::from_millis(32),
+            tokens_after_first: 4,
+        }),
     };
     metrics.record(&local);
     metrics.record(&local);
@@ -21,14 +26,16 @@ fn requests_and_tokens_are_counted_by_route_and_status() {
         duration: Duration::from_millis(1),
         prompt_tokens: 0,
         completion_tokens: 0,
-        first_token: None,
+        generation: None,
     });
     let gauges = [ModelGauges {
         model: "smollm2".to_owned(),
-        queue_depth: 1,
         active_sequences: 2,
-        decode_steps: 7,
-        batched_tokens: 40,
+        kv_cells_used: 300,
+        kv_cells_total: 8192,
+        prefix_hit_tokens: 40,
+        decode_seconds: 1.5,
+        ..ModelGauges::default()
     }];
     let text = metrics.render(&gauges, 3, true);
     for line in [
@@ -38,9 +45,16 @@ fn requests_and_tokens_are_counted_by_route_and_status() {
         "isthmus_completion_tokens_total{route=\"local\"} 10",
         "isthmus_request_duration_seconds_bucket{route=\"local\",le=\"0.05\"} 2",
         "isthmus_request_duration_seconds_bucket{route=\"local\",le=\"0.025\"} 0",
-        "isthmus_request_duration_seconds_count{route=\"local\"} 2",
-        "isthmus_time_to_first_token_seconds_count{model=\"smollm2\"} 2",
+        "gen_ai_server_time_to_first_token_seconds_count{gen_ai_request_model=\"smollm2\"} 2",
+        // 32 ms over 4 tokens: 8 ms per token.
+        "gen_ai_server_time_per_output_token_seconds_bucket{gen_ai_request_model=\"smollm2\",le=\"0.0075\"} 0",
+        "gen_ai_server_time_per_output_token_seconds_bucket{gen_ai_request_model=\"smollm2\",le=\"0.01\"} 2",
+        "gen_ai_server_request_duration_seconds_count{gen_ai_request_model=\"smollm2\"} 2",
         "isthmus_local_active_sequences{model=\"smollm2\"} 2",
+        "isthmus_local_kv_cells_used{model=\"smollm2\"} 300",
+        "isthmus_local_kv_cells_total{model=\"smollm2\"} 8192",
+        "isthmus_local_prefix_hit_tokens_total{model=\"smollm2\"} 40",
+        "isthmus_local_decode_seconds_total{model=\"smollm2\"} 1.5",
         "isthmus_open_connections 3",
         "isthmus_ready 1",
     ] {

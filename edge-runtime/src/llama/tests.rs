@@ -1,0 +1,411 @@
+//! The engine on the real SmolLM2 model: batching, prefix reuse, chunked prefill,
+//! cancellation and admission. One test at a time (they share two cores).
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::{
+    ChatMessage, Engine, EngineOptions, Event, GenerationError, GenerationRequest, ModelHandle,
+    ModelSpec, Prompt, Role, SamplingParams, SubmitError, Usage,
+};
+
+/// Logit gaps below this may flip the greedy choice between a batched and a solo decode: the
+/// batched matrix products sum in another order, and on the quantized CPU kernels that moves
+/// logits by up to about 1e-2 (measured on this model); 0.25 leaves a margin of 25 times.
+const NEAR_TIE_MARGIN: f32 = 0.25;
+
+fn model_path() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model",
+        path.display()
+    );
+    path
+}
+
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn spec(name: &str) -> ModelSpec {
+    ModelSpec {
+        name: name.to_owned(),
+        path: model_path(),
+        context_tokens: 1024,
+        parallel_sequences: 4,
+        batch_tokens: 64,
+        threads: 2,
+        gpu_layers: 0,
+        queue_depth_max: 8,
+        queue_timeout_ms: 60_000,
+        kv_unified: true,
+        prefix_cache_entries: 4,
+        prefix_cache_tokens_max: 2048,
+    }
+}
+
+fn start(spec: ModelSpec) -> (Engine, ModelHandle) {
+    let engine = Engine::start(&EngineOptions::default(), &[spec]).unwrap();
+    let model = engine.models()[0].clone();
+    (engine, model)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn request(model: &ModelHandle, system: &str, user: &str, max_tokens: u32) -> GenerationRequest {
+    GenerationRequest {
+        ignore_eos: false,
+        ..exact_request(model, system, user, max_tokens)
+    }
+}
+
+/// A request that generates exactly `max_tokens` (end-of-generation is never sampled).
+fn exact_request(
+    model: &ModelHandle,
+    system: &str,
+    user: &str,
+    max_tokens: u32,
+) -> GenerationRequest {
+    let mut messages = Vec::new();
+    if !system.is_empty() {
+        messages.push(ChatMessage {
+            role: Role::System,
+            content: system.to_owned(),
+        });
+    }
+    messages.push(ChatMessage {
+        role: Role::User,
+        content: user.to_owned(),
+    });
+    GenerationRequest {
+        prompt: model.prepare(&Prompt::Chat(messages)).unwrap(),
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 1,
+        },
+        stop: Vec::new(),
+        ignore_eos: true,
+        record_margins: true,
+    }
+}
+
+/// A finished generation: its token texts, their logit margins, and the usage.
+#[derive(Debug)]
+struct Answer {
+    tokens: Vec<String>,
+    margins: Vec<f32>,
+    usage: Usage,
+}
+
+async fn collect(mut stream: crate::GenerationStream) -> Answer {
+    let mut answer = Answer {
+        tokens: Vec::new(),
+        margins: Vec::new(),
+        usage: Usage::default(),
+    };
+    while let Some(event) = stream.next().await {
+        match event {
+            Event::Token { text, margin } => {
+                answer.tokens.push(text);
+                answer.margins.push(margin.unwrap_or(f32::INFINITY));
+            }
+            Event::Done(completion) => {
+                answer.usage = completion.usage;
+                return answer;
+            }
+            Event::Failed(error) => panic!("generation failed: {error}"),
+        }
+    }
+    panic!("stream ended without Done");
+}
+
+/// Compares two greedy answers of the same prompt token by token. They may part only where
+/// the choice was a near tie in either run; returns how many tokens agree and whether they
+/// parted.
+fn compare_greedy(reference: &Answer, other: &Answer) -> (usize, bool) {
+    let agree = reference
+        .tokens
+        .iter()
+        .zip(&other.tokens)
+        .take_while(|(left, right)| left == right)
+        .count();
+    let shorter = reference.tokens.len().min(other.tokens.len());
+    if agree == shorter {
+        return (agree, false);
+    }
+    let margin = reference.margins[agree].min(other.margins[agree]);
+    eprintln!("answers part at token {agree} with top-2 logit margin {margin:.4}");
+    assert!(
+        margin < NEAR_TIE_MARGIN,
+        "answers part at token {agree} although its margin was {margin}: {reference:?} vs {other:?}"
+    );
+    (agree, true)
+}
+
+#[test]
+fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("batching"));
+    let prompts = [
+        "Name three colours.",
+        "What is two plus two?",
+        "Describe a cat in one sentence.",
+        "Say something about rivers.",
+    ];
+    let runtime = runtime();
+    let solo: Vec<Answer> = prompts
+        .iter()
+        .map(|prompt| {
+            runtime.block_on(collect(
+                model.submit(request(&model, "", prompt, 24)).unwrap(),
+            ))
+        })
+        .collect();
+    let steps_before = model.stats().decode_steps();
+    let tokens_before = model.stats().batched_tokens();
+    let together: Vec<Answer> = runtime.block_on(async {
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|prompt| model.submit(request(&model, "", prompt, 24)).unwrap())
+            .collect();
+        let mut answers = Vec::new();
+        for stream in streams {
+            answers.push(collect(stream).await);
+        }
+        answers
+    });
+    let steps = model.stats().decode_steps() - steps_before;
+    let tokens = model.stats().batched_tokens() - tokens_before;
+    assert!(
+        tokens > steps,
+        "{tokens} tokens in {steps} steps: no step held two sequences"
+    );
+    let mut compared = 0;
+    let mut near_ties = 0;
+    for (alone, batched) in solo.iter().zip(&together) {
+        let (count, tie) = compare_greedy(alone, batched);
+        compared += count;
+        near_ties += usize::from(tie);
+        if !tie {
+            assert_eq!(
+                batched.usage.completion_tokens,
+                alone.usage.completion_tokens
+            );
+        }
+    }
+    let total: usize = solo.iter().map(|answer| answer.tokens.len()).sum();
+    eprintln!("compared {compared} of {total} tokens; {near_ties} of 4 answers cut at a near tie");
+    assert!(
+        compared * 2 >= total,
+        "too few tokens compared ({compared} of {total}) for the test to mean anything"
+    );
+}
+
+#[test]
+fn a_prompt_with_a_cached_prefix_reuses_it_and_answers_as_it_did_cold() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("prefix"));
+    let runtime = runtime();
+    let system = format!(
+        "You are a lighthouse keeper's assistant. {} Answer plainly.",
+        "The lamp is lit at dusk and put out at dawn, the lens is cleaned every morning, \
+         and every passing ship is written in the log with its name and the hour. "
+            .repeat(4)
+    );
+    let shared = model
+        .prepare(&Prompt::Chat(vec![ChatMessage {
+            role: Role::System,
+            content: system.clone(),
+        }]))
+        .unwrap()
+        .token_count();
+    let cold = runtime.block_on(collect(
+        model
+            .submit(request(&model, &system, "When is the lamp lit?", 16))
+            .unwrap(),
+    ));
+    assert!(
+        cold.usage.cached_tokens < shared / 2,
+        "cold request was served from cache: {:?}",
+        cold.usage
+    );
+    // The same prompt again: everything but its last token comes from the cache.
+    let warm = runtime.block_on(collect(
+        model
+            .submit(request(&model, &system, "When is the lamp lit?", 16))
+            .unwrap(),
+    ));
+    assert_eq!(warm.usage.cached_tokens, warm.usage.prompt_tokens - 1);
+    let (compared, _) = compare_greedy(&cold, &warm);
+    assert!(compared >= 8, "only {compared} tokens compared");
+    // Two concurrent requests with other questions both start from the shared system prompt.
+    let answers = runtime.block_on(async {
+        let first = model
+            .submit(request(&model, &system, "Who is written in the log?", 8))
+            .unwrap();
+        let second = model
+            .submit(request(
+                &model,
+                &system,
+                "What is cleaned every morning?",
+                8,
+            ))
+            .unwrap();
+        (collect(first).await, collect(second).await)
+    });
+    for answer in [&answers.0, &answers.1] {
+        assert!(
+            answer.usage.cached_tokens >= shared - 1,
+            "{:?} (shared prefix {shared})",
+            answer.usage
+        );
+    }
+    assert!(model.stats().prefix_hit_tokens() >= u64::from(3 * (shared - 1)));
+    assert!(model.stats().kv_cells_used() > 0);
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_between_the_tokens_of_running_streams() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("chunks"));
+    let runtime = runtime();
+    let long_user =
+        "Summarise this: ".to_owned() + &"the tide comes in and the tide goes out. ".repeat(60);
+    runtime.block_on(async {
+        let mut running = model
+            .submit(exact_request(&model, "", "Tell me a long story.", 400))
+            .unwrap();
+        // Wait until the running stream generates.
+        loop {
+            if let Some(Event::Token { .. }) = running.next().await {
+                break;
+            }
+        }
+        let long = exact_request(&model, "", &long_user, 4);
+        let chunks = long.prompt.token_count().div_ceil(64);
+        assert!(
+            chunks >= 6,
+            "prompt too short to need chunks: {}",
+            long.prompt.token_count()
+        );
+        let mut long = model.submit(long).unwrap();
+        let mut running_tokens = 0;
+        loop {
+            tokio::select! {
+                biased;
+                event = long.next() => {
+                    match event {
+                        Some(Event::Token { .. }) => break,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                event = running.next() => {
+                    assert!(matches!(event, Some(Event::Token { .. })), "{event:?}");
+                    running_tokens += 1;
+                }
+            }
+        }
+        // One chunk per step, and a token of the running stream in every one of those steps.
+        assert!(
+            running_tokens + 1 >= chunks,
+            "the running stream got {running_tokens} tokens while {chunks} chunks were prefilled"
+        );
+    });
+}
+
+#[test]
+fn cancelling_one_stream_frees_its_sequence_and_the_others_finish() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("cancel"));
+    let runtime = runtime();
+    runtime.block_on(async {
+        let first = model
+            .submit(exact_request(&model, "", "Count to fifty.", 32))
+            .unwrap();
+        let mut cancelled = model
+            .submit(exact_request(&model, "", "Write a poem.", 500))
+            .unwrap();
+        let third = model
+            .submit(exact_request(&model, "", "List some fruit.", 32))
+            .unwrap();
+        for _ in 0..3 {
+            assert!(matches!(cancelled.next().await, Some(Event::Token { .. })));
+        }
+        drop(cancelled);
+        let (first, third) = (collect(first).await, collect(third).await);
+        assert_eq!(
+            (first.usage.completion_tokens, third.usage.completion_tokens),
+            (32, 32)
+        );
+    });
+    // The worker frees the last sequence just after sending its end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while model.stats().active_sequences() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(model.stats().active_sequences(), 0);
+}
+
+#[test]
+fn a_full_queue_refuses_and_a_queued_request_times_out_on_time() {
+    let _serial = serial();
+    let mut spec = spec("queue");
+    spec.parallel_sequences = 1;
+    spec.queue_depth_max = 1;
+    spec.queue_timeout_ms = 300;
+    let (_engine, model) = start(spec);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut running = model
+            .submit(exact_request(&model, "", "Tell me a long story.", 1000))
+            .unwrap();
+        assert!(matches!(running.next().await, Some(Event::Token { .. })));
+        let mut queued = model.submit(request(&model, "", "Hi", 4)).unwrap();
+        let refused = model.submit(request(&model, "", "Hi", 4));
+        assert_eq!(refused.err(), Some(SubmitError::QueueFull { capacity: 1 }));
+        // The queued request fails when its time is up, while the running one still runs.
+        let event = tokio::time::timeout(Duration::from_secs(20), queued.next())
+            .await
+            .unwrap();
+        assert_eq!(
+            event,
+            Some(Event::Failed(GenerationError::QueueTimeout {
+                timeout_ms: 300
+            }))
+        );
+        assert!(matches!(running.next().await, Some(Event::Token { .. })));
+        assert_eq!(model.stats().queue_depth(), 0);
+    });
+}
+
+#[test]
+fn a_context_overflow_is_refused_before_queueing() {
+    let _serial = serial();
+    let mut spec = spec("overflow");
+    spec.context_tokens = 64;
+    let (_engine, model) = start(spec);
+    let long = request(&model, "", &"word ".repeat(100), 4);
+    let prompt_tokens = long.prompt.token_count();
+    assert!(
+        matches!(
+            model.submit(long),
+            Err(SubmitError::ContextLengthExceeded {
+                context_tokens: 64,
+                max_tokens: 4,
+                ..
+            })
+        ),
+        "prompt of {prompt_tokens} tokens"
+    );
+}
