@@ -8,16 +8,17 @@
 //! sequence with that sequence's own sampler chain and sends the token's text to its caller.
 //! A sequence whose caller went away is dropped before the next step and its KV cells freed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -44,6 +45,10 @@ const TOP_K: i32 = 40;
 const MIN_P: f32 = 0.05;
 /// A shorter common prefix is not worth the bookkeeping of a copy.
 const PREFIX_REUSE_TOKENS_MIN: usize = 1;
+/// Shorter finished sequences are not kept for reuse.
+const PREFIX_PARK_TOKENS_MIN: usize = 16;
+/// Handles of prefixes kept in host memory start here, far above any sequence id.
+const HOST_PREFIX_IDS: SeqId = 1 << 24;
 
 /// The loaded models and the llama.cpp backend they run on.
 #[derive(Debug)]
@@ -522,7 +527,11 @@ struct Loop<'m> {
     admitted: Vec<SeqId>,
     /// Jobs waiting for a free slot, oldest first; bounded by `queue_depth_max` at submission.
     queue: VecDeque<Job>,
+    /// Parked prefixes: in the KV cache (unified) or as host-memory states (one cache per
+    /// sequence), the latter under ids from `first_host_prefix` up.
     prefixes: PrefixCache,
+    host_states: HashMap<SeqId, SeqState>,
+    first_host_prefix: SeqId,
     ledger: CellLedger,
 }
 
@@ -543,16 +552,21 @@ impl Worker {
     fn run(self, jobs: Receiver<Job>, ready: SyncSender<Result<(), String>>) {
         let spec = &self.spec;
         let threads = i32::try_from(spec.threads).unwrap_or(i32::MAX);
-        let cache_entries = if spec.kv_unified && spec.prefix_cache_tokens_max > 0 {
+        let cache_entries = if spec.prefix_cache_tokens_max > 0 {
             spec.prefix_cache_entries
         } else {
             0
         };
+        // Unified: parked prefixes are sequences of the context. Split: host-memory states.
+        let context_cache_entries = if spec.kv_unified { cache_entries } else { 0 };
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(self.kv_cells()))
             .with_n_batch(spec.batch_tokens)
             .with_n_ubatch(spec.batch_tokens)
-            .with_n_seq_max(spec.parallel_sequences.saturating_add(cache_entries))
+            .with_n_seq_max(
+                spec.parallel_sequences
+                    .saturating_add(context_cache_entries),
+            )
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
             .with_kv_unified(spec.kv_unified);
@@ -581,7 +595,11 @@ impl Worker {
             "inference worker ready"
         );
         let batch_capacity = usize::try_from(spec.batch_tokens).unwrap_or(512);
-        let first_cache_seq = SeqId::try_from(spec.parallel_sequences).unwrap_or(SeqId::MAX);
+        let first_cache_seq = if spec.kv_unified {
+            SeqId::try_from(spec.parallel_sequences).unwrap_or(SeqId::MAX)
+        } else {
+            HOST_PREFIX_IDS
+        };
         let mut state = Loop {
             worker: &self,
             context,
@@ -596,6 +614,12 @@ impl Worker {
                 usize::try_from(spec.prefix_cache_tokens_max).unwrap_or(0),
             ),
             ledger: CellLedger::default(),
+            host_states: HashMap::new(),
+            first_host_prefix: if spec.kv_unified {
+                SeqId::MAX
+            } else {
+                HOST_PREFIX_IDS
+            },
         };
         while state.admit(&jobs) {
             state.step();
@@ -654,39 +678,18 @@ impl Loop<'_> {
     fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
         let worker = self.worker;
         let timeout = Duration::from_millis(worker.spec.queue_timeout_ms);
-        loop {
-            let idle = self.admitted.is_empty();
-            let next = if idle && self.queue.is_empty() {
-                jobs.recv().map_err(|_| TryRecvError::Disconnected)
-            } else if idle {
-                // Wake up when the oldest queued job would time out.
-                let waited = self
-                    .queue
-                    .front()
-                    .map_or(Duration::ZERO, |job| job.submitted_at.elapsed());
-                jobs.recv_timeout(timeout.saturating_sub(waited))
-                    .map_err(|error| match error {
-                        RecvTimeoutError::Timeout => TryRecvError::Empty,
-                        RecvTimeoutError::Disconnected => TryRecvError::Disconnected,
-                    })
-            } else {
-                jobs.try_recv()
-            };
-            match next {
+        // Nothing running and nothing waiting: sleep until a job arrives.
+        if self.admitted.is_empty() && self.queue.is_empty() {
+            match jobs.recv() {
                 Ok(job) => self.queue.push_back(job),
-                Err(TryRecvError::Disconnected) if idle && self.queue.is_empty() => return false,
-                Err(_) => {}
-            }
-            // Take whatever else is waiting without blocking.
-            while let Ok(job) = jobs.try_recv() {
-                self.queue.push_back(job);
-            }
-            self.expire_queued(timeout);
-            let has_free_slot = self.slots.iter().any(Option::is_none);
-            if !self.queue.is_empty() && has_free_slot || !self.admitted.is_empty() {
-                break;
+                Err(RecvError) => return false,
             }
         }
+        // Take whatever else is waiting without blocking.
+        while let Ok(job) = jobs.try_recv() {
+            self.queue.push_back(job);
+        }
+        self.expire_queued(timeout);
         while let Some(free) = self.slots.iter().position(Option::is_none) {
             let Some(job) = self.queue.pop_front() else {
                 break;
@@ -696,19 +699,12 @@ impl Loop<'_> {
             let id = SeqId::try_from(free).unwrap_or(SeqId::MAX);
             let request = job.request;
             let prompt: Vec<i32> = request.prompt.tokens;
-            let reuse = self.find_prefix(&prompt);
             let mut history = Vec::new();
-            if let Some(reuse) = reuse {
-                let length = u32::try_from(reuse.length).unwrap_or(u32::MAX);
-                if self
-                    .context
-                    .copy_kv_cache_seq(reuse.source, id, Some(0), Some(length))
-                    .is_ok()
-                {
-                    self.ledger.copy_prefix(reuse.source, id, reuse.length);
-                    self.prefixes.touch(reuse.source);
-                    history.extend_from_slice(&prompt[..reuse.length]);
-                }
+            if let Some(reuse) = self.find_prefix(&prompt)
+                && self.reuse_prefix(reuse, id)
+            {
+                self.prefixes.touch(reuse.source);
+                history.extend_from_slice(&prompt[..reuse.length]);
             }
             let cached = history.len();
             worker
@@ -773,10 +769,55 @@ impl Loop<'_> {
         });
     }
 
+    /// Gives the empty sequence `target` the KV of `reuse.source`'s first `reuse.length`
+    /// tokens. In a unified cache the cells are shared (no data moves); with one cache per
+    /// sequence the source's state is copied into the target's cache and cut to the prefix.
+    fn reuse_prefix(&mut self, reuse: PrefixMatch, target: SeqId) -> bool {
+        let length = u32::try_from(reuse.length).unwrap_or(u32::MAX);
+        if self.worker.spec.kv_unified {
+            if self
+                .context
+                .copy_kv_cache_seq(reuse.source, target, Some(0), Some(length))
+                .is_err()
+            {
+                return false;
+            }
+            self.ledger.copy_prefix(reuse.source, target, reuse.length);
+            return true;
+        }
+        let state = match self.host_states.get(&reuse.source) {
+            Some(state) => state.clone(),
+            // An active sequence: take its state now.
+            None => match self
+                .context
+                .state_seq_get(reuse.source, LlamaStateSeqFlags::empty())
+            {
+                Ok(state) => state,
+                Err(error) => {
+                    tracing::warn!(%error, "reading a sequence state for prefix reuse failed");
+                    return false;
+                }
+            },
+        };
+        let restored = self.context.state_seq_set(&state, target).is_ok()
+            && self
+                .context
+                .clear_kv_cache_seq(u32::try_from(target).ok(), Some(length), None)
+                .unwrap_or(false);
+        if !restored {
+            let _ = self
+                .context
+                .clear_kv_cache_seq(u32::try_from(target).ok(), None, None);
+            return false;
+        }
+        self.ledger.extend(target, reuse.length);
+        true
+    }
+
     /// The longest prefix of `prompt` already in the cache: in a parked prefix or in the
     /// tokens an active sequence has decoded.
     fn find_prefix(&self, prompt: &[i32]) -> Option<PrefixMatch> {
-        if !self.worker.spec.kv_unified {
+        if !self.prefixes.enabled() {
             return None;
         }
         let active = self
@@ -803,8 +844,8 @@ impl Loop<'_> {
         }
         let started = Instant::now();
         let mut result = self.context.decode(&mut self.batch);
-        // Out of cells: parked prefixes are the first to go, then try again.
-        while matches!(result, Err(DecodeError::NoKvCacheSlot)) {
+        // Out of cells: parked prefixes (when they hold cells) are the first to go.
+        while self.worker.spec.kv_unified && matches!(result, Err(DecodeError::NoKvCacheSlot)) {
             let Some(evicted) = self.prefixes.evict_lru() else {
                 break;
             };
@@ -942,29 +983,45 @@ impl Loop<'_> {
             .fetch_sub(1, Ordering::Relaxed);
         self.admitted.retain(|&other| other != id);
         if how == Release::Keep
-            && self.worker.spec.kv_unified
+            && sequence.history.len() >= PREFIX_PARK_TOKENS_MIN
             && let Some(park) = self.prefixes.park(sequence.history.clone())
         {
             for evicted in park.clear {
                 self.clear_sequence(evicted);
+                self.host_states.remove(&evicted);
             }
-            let length = u32::try_from(sequence.history.len()).unwrap_or(u32::MAX);
-            if self
-                .context
-                .copy_kv_cache_seq(id, park.target, Some(0), Some(length))
-                .is_ok()
-            {
-                self.ledger
-                    .copy_prefix(id, park.target, sequence.history.len());
+            if self.worker.spec.kv_unified {
+                let length = u32::try_from(sequence.history.len()).unwrap_or(u32::MAX);
+                if self
+                    .context
+                    .copy_kv_cache_seq(id, park.target, Some(0), Some(length))
+                    .is_ok()
+                {
+                    self.ledger
+                        .copy_prefix(id, park.target, sequence.history.len());
+                }
+            } else {
+                match self.context.state_seq_get(id, LlamaStateSeqFlags::empty()) {
+                    Ok(state) => {
+                        self.host_states.insert(park.target, state);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "saving a sequence state for prefix reuse failed");
+                        self.prefixes.forget(park.target);
+                    }
+                }
             }
         }
         self.clear_sequence(id);
     }
 
     fn clear_sequence(&mut self, id: SeqId) {
-        let _ = self
-            .context
-            .clear_kv_cache_seq(u32::try_from(id).ok(), None, None);
+        // Host-memory prefixes have ids beyond the context's sequences: nothing to clear there.
+        if id < self.first_host_prefix {
+            let _ = self
+                .context
+                .clear_kv_cache_seq(u32::try_from(id).ok(), None, None);
+        }
         self.ledger.remove(id);
     }
 }

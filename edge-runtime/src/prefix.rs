@@ -162,6 +162,14 @@ impl PrefixCache {
         Some(Park { clear, target })
     }
 
+    /// Drops an entry whose contents could not be saved.
+    pub fn forget(&mut self, seq: SeqId) {
+        if let Some(index) = self.entries.iter().position(|entry| entry.seq == seq) {
+            self.entries.swap_remove(index);
+            self.free.push(seq);
+        }
+    }
+
     /// Removes the least recently used prefix; returns its sequence id to clear.
     pub fn evict_lru(&mut self) -> Option<SeqId> {
         let index = self

@@ -50,4 +50,16 @@ choose_target_dir() {
     fi
   fi
   say "build directory: $CARGO_TARGET_DIR"
+  # Cargo names the artifacts of workspace members the same in every checkout and decides
+  # freshness by file times, so a build directory shared with another checkout can hold
+  # builds of that checkout's sources. Rebuild our own crates when the checkout changed;
+  # dependencies stay cached.
+  local marker="$CARGO_TARGET_DIR/.isthmus-checkout"
+  if [ -f "$marker" ] && [ "$(cat "$marker")" != "$root" ]; then
+    say "build directory last used by $(cat "$marker"); rebuilding this checkout's crates"
+    cargo clean --quiet -p gateway -p edge-runtime -p router-policies -p firmware -p tests
+    cargo clean --quiet --release -p gateway -p edge-runtime -p router-policies -p firmware -p tests
+  fi
+  mkdir -p "$CARGO_TARGET_DIR"
+  printf '%s\n' "$root" > "$marker"
 }

@@ -43,6 +43,31 @@ fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
             Some(usage["prompt_tokens"].as_u64().unwrap() + completion_tokens)
         );
 
+        // The same prompt again is served from the prefix cache, and says so as OpenAI does.
+        let again: Value = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&chat_body(
+                "What is the capital of France?",
+                json!({"max_tokens": 24}),
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let prompt_tokens = again["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(
+            again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+            Some(prompt_tokens - 1),
+            "{again}"
+        );
+        assert_eq!(
+            again["choices"][0]["message"]["content"],
+            body["choices"][0]["message"]["content"]
+        );
+
         // A request id that is not a sane token is replaced by a generated one.
         let response = client()
             .post(gateway.url("/v1/chat/completions"))
@@ -69,9 +94,11 @@ fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
     });
     let metrics = gateway.metrics();
     assert!(
-        metrics.contains("isthmus_requests_total{route=\"local\",status=\"200\"} 2"),
+        metrics.contains("isthmus_requests_total{route=\"local\",status=\"200\"} 3"),
         "{metrics}"
     );
+    let hits = gateway.metric("isthmus_local_prefix_hit_tokens_total{model=\"smollm2\"}");
+    assert!(hits.unwrap() >= 10.0, "{metrics}");
     assert!(
         gateway
             .metric("isthmus_completion_tokens_total{route=\"local\"}")

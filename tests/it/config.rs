@@ -78,3 +78,30 @@ path = "missing-model.gguf"
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("absent.toml: cannot read"));
 }
+
+#[test]
+fn check_config_refuses_a_kv_cache_that_cannot_fit_with_the_numbers() {
+    let dir = tests::scratch_dir();
+    let config = dir.path().join("big.toml");
+    let text = format!(
+        "[auth]\nallow_anonymous = true\n[models.smollm2]\npath = {:?}\ncontext_tokens = 8192\n\
+         parallel_sequences = 16\nkv_memory_bytes_max = 1073741824\n",
+        tests::model_path()
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = Command::new(isthmus_binary())
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "models.smollm2.context_tokens: the KV cache for 16 sequences x 8192 tokens (+ 8192 \
+             prefix-cache tokens) = 139264 cells x 23040 bytes per token needs 3060.0 MiB but the \
+             budget is 1024.0 MiB (models.smollm2.kv_memory_bytes_max)"
+        ),
+        "{stderr}"
+    );
+}

@@ -42,7 +42,7 @@ fn spec(name: &str) -> ModelSpec {
         gpu_layers: 0,
         queue_depth_max: 8,
         queue_timeout_ms: 60_000,
-        kv_unified: true,
+        kv_unified: false,
         prefix_cache_entries: 4,
         prefix_cache_tokens_max: 2048,
     }
@@ -213,9 +213,22 @@ fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
 }
 
 #[test]
-fn a_prompt_with_a_cached_prefix_reuses_it_and_answers_as_it_did_cold() {
+fn a_cached_prefix_is_reused_with_one_cache_per_sequence() {
+    prefix_reuse(spec("prefix-split"));
+}
+
+#[test]
+fn a_cached_prefix_is_reused_in_a_unified_cache() {
+    prefix_reuse(ModelSpec {
+        kv_unified: true,
+        ..spec("prefix-unified")
+    });
+}
+
+/// A prompt with a cached prefix reuses it and answers as it did cold.
+fn prefix_reuse(spec: ModelSpec) {
     let _serial = serial();
-    let (_engine, model) = start(spec("prefix"));
+    let (_engine, model) = start(spec);
     let runtime = runtime();
     let system = format!(
         "You are a lighthouse keeper's assistant. {} Answer plainly.",
@@ -386,6 +399,13 @@ fn a_full_queue_refuses_and_a_queued_request_times_out_on_time() {
         );
         assert!(matches!(running.next().await, Some(Event::Token { .. })));
         assert_eq!(model.stats().queue_depth(), 0);
+        // A request queued behind the running one runs as soon as that one is cancelled.
+        let waiting = model.submit(request(&model, "", "Hi", 4)).unwrap();
+        drop(running);
+        let answer = tokio::time::timeout(Duration::from_secs(20), collect(waiting))
+            .await
+            .unwrap();
+        assert!(answer.usage.completion_tokens >= 1);
     });
 }
 
