@@ -11,7 +11,7 @@ Scenarios:
                 aggregate output tokens/s and time per output token.
   prefix-warm   4 concurrent requests sharing a ~1,000-token system prompt, cache warm:
                 time to first token.
-  long-prompts  3 running streams while another client keeps sending ~1,500-token prompts:
+  long-prompts  3 running streams while another client sends a ~1,000-token prompt every 2 s:
                 gaps between tokens of the running streams (p50, p99).
   rss           peak resident memory of the server after the runs above, same context.
 
@@ -142,13 +142,13 @@ def run_scenario(args, server: Server, scenario: str) -> dict:
     if scenario == "long-prompts":
         prompts = subprocess.Popen(
             [args.isthmus, "bench", "--url", server.url, "--model", "smollm2", "--json",
-             "--concurrency", "1", "--requests", "1000", "--max-tokens", "1", "--prompt-tokens", "1500",
-             "--warmup", "0", "--timeout-s", "600"],
+             "--concurrency", "1", "--requests", "1000", "--max-tokens", "1", "--prompt-tokens", "1000",
+             "--interval-ms", "2000", "--warmup", "0", "--timeout-s", "600"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             time.sleep(1.0)
-            report = bench(args, server.url, concurrency=3, requests=6, max_tokens=256, prompt_tokens=32, warmup=0)
+            report = bench(args, server.url, concurrency=3, requests=6, max_tokens=96, prompt_tokens=32, warmup=0)
         finally:
             prompts.kill()
             prompts.wait()

@@ -43,8 +43,11 @@ pub struct ModelSpec {
     pub context_tokens: u32,
     /// How many requests decode together in one batch.
     pub parallel_sequences: u32,
-    /// Most tokens one decode step takes; also the prefill chunk size.
+    /// Most tokens one decode step takes.
     pub batch_tokens: u32,
+    /// Most prompt tokens one decode step takes while other sequences are generating: bounds
+    /// the gap between their tokens when long prompts arrive (chunked prefill).
+    pub prefill_chunk_tokens: u32,
     /// CPU threads for decoding.
     pub threads: u32,
     /// Layers offloaded to a GPU; 0 runs on the CPU.

@@ -43,8 +43,11 @@ const TOP_K: i32 = 40;
 /// Tokens below this share of the top token's probability are never drawn (llama-server's
 /// default `min_p`); it removes the long tail that makes small models ramble.
 const MIN_P: f32 = 0.05;
-/// A shorter common prefix is not worth the bookkeeping of a copy.
-const PREFIX_REUSE_TOKENS_MIN: usize = 1;
+/// Shorter common prefixes are decoded again rather than copied. In a unified cache a copy
+/// is free; with one cache per sequence it moves the source's whole state through host
+/// memory, which costs about as much as decoding a few dozen tokens.
+const PREFIX_REUSE_TOKENS_MIN_UNIFIED: usize = 1;
+const PREFIX_REUSE_TOKENS_MIN_SPLIT: usize = 32;
 /// Shorter finished sequences are not kept for reuse.
 const PREFIX_PARK_TOKENS_MIN: usize = 16;
 /// Handles of prefixes kept in host memory start here, far above any sequence id.
@@ -825,11 +828,12 @@ impl Loop<'_> {
             .iter()
             .flatten()
             .map(|sequence| (sequence.id, sequence.history.as_slice()));
-        best_match(
-            prompt,
-            self.prefixes.candidates().chain(active),
-            PREFIX_REUSE_TOKENS_MIN,
-        )
+        let minimum = if self.worker.spec.kv_unified {
+            PREFIX_REUSE_TOKENS_MIN_UNIFIED
+        } else {
+            PREFIX_REUSE_TOKENS_MIN_SPLIT
+        };
+        best_match(prompt, self.prefixes.candidates().chain(active), minimum)
     }
 
     /// One decode step over every active sequence, then sampling.
@@ -930,10 +934,19 @@ impl Loop<'_> {
                 participants.push(id);
             }
         }
+        // While sequences are generating, prompts advance by a bounded chunk per step so the
+        // gap between their tokens stays bounded; otherwise the whole batch goes to prompts.
+        let generating = participants.len();
+        let mut prefill_budget = if generating > 0 {
+            usize::try_from(self.worker.spec.prefill_chunk_tokens).unwrap_or(usize::MAX)
+        } else {
+            self.batch_capacity
+        };
         for id in self.admitted.clone() {
             let room = self
                 .batch_capacity
-                .saturating_sub(usize::try_from(self.batch.n_tokens()).unwrap_or(0));
+                .saturating_sub(usize::try_from(self.batch.n_tokens()).unwrap_or(0))
+                .min(prefill_budget);
             let Some(sequence) = slot(&mut self.slots, id) else {
                 continue;
             };
@@ -960,6 +973,7 @@ impl Loop<'_> {
                 }
             }
             sequence.prompt_fed += chunk;
+            prefill_budget = prefill_budget.saturating_sub(chunk);
             self.worker
                 .stats
                 .prefill_tokens

@@ -142,6 +142,8 @@ pub struct BenchOptions {
     /// Requests sent (one per worker) before measuring, to warm caches and connections.
     pub warmup_requests: u32,
     pub request_timeout: Duration,
+    /// Each worker starts a request at most this often (0: back to back).
+    pub interval: Duration,
     /// Mixed into every prompt; a fresh value per run keeps servers' prompt caches from
     /// serving one run with another's prompts.
     pub salt: u64,
@@ -432,7 +434,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
                     if index >= u64::from(options.requests) {
                         break;
                     }
+                    let started = tokio::time::Instant::now();
                     results.push(one_request(&client, &options, index).await);
+                    tokio::time::sleep_until(started + options.interval).await;
                 }
                 results
             })

@@ -84,6 +84,9 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Each worker starts a request at most this often, in milliseconds (0: back to back).
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
     /// Seed of the prompt text; by default a new one per run, so no run hits the prompt
     /// cache another run filled.
     #[arg(long)]
@@ -126,6 +129,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         warmup_requests: args.warmup,
         request_timeout: std::time::Duration::from_secs(args.timeout_s),
         salt: args.seed.unwrap_or_else(rand::random),
+        interval: std::time::Duration::from_millis(args.interval_ms),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -234,6 +234,7 @@ fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow
             context_tokens: model.context_tokens,
             parallel_sequences: model.parallel_sequences,
             batch_tokens: model.batch_tokens,
+            prefill_chunk_tokens: model.prefill_chunk_tokens,
             threads: model.threads.unwrap_or(default_threads),
             gpu_layers: model.gpu_layers,
             queue_depth_max: model.queue_depth_max,

@@ -38,6 +38,7 @@ fn spec(name: &str) -> ModelSpec {
         context_tokens: 1024,
         parallel_sequences: 4,
         batch_tokens: 64,
+        prefill_chunk_tokens: 64,
         threads: 2,
         gpu_layers: 0,
         queue_depth_max: 8,

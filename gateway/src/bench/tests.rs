@@ -34,6 +34,7 @@ fn options(shared_prefix_tokens: u32) -> BenchOptions {
         warmup_requests: 0,
         request_timeout: std::time::Duration::from_secs(1),
         salt: 7,
+        interval: std::time::Duration::ZERO,
     }
 }
 
