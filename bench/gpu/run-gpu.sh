@@ -7,13 +7,15 @@
 # Inputs in .device/ (made on the build machine, see bench/gpu/README.md): bundle.tar.gz (the
 # isthmus release binary, its libraries and CPU backends), llama-src.tar.gz (the llama.cpp tree
 # it was built with), batched-bench/ (llama.cpp's tool sources), tokenizer.gguf and the gguf
-# wheel. Work happens in /tmp/isthmus-gpu; results go to $OUT (or /tmp/isthmus-gpu/out).
+# wheel. Work happens in /tmp/isthmus-gpu; a few summary files go to $OUT (or
+# /tmp/isthmus-gpu/out), everything else stays in /tmp/isthmus-gpu/results.
 set -euo pipefail
 phase=${1:?usage: run-gpu.sh build|run}
 inputs=.device
 work=/tmp/isthmus-gpu
 out=${OUT:-$work/out}
-mkdir -p "$work" "$out"
+results=$work/results
+mkdir -p "$work" "$out" "$results"
 
 build() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
@@ -28,7 +30,7 @@ build() {
   echo 'add_subdirectory(batched-bench)' > "$work/llama/tools/CMakeLists.txt"
   local started=$SECONDS
   ISTHMUS_CUDA_BUILD_DIR="$work/build" \
-  ISTHMUS_CUDA_CMAKE_ARGS="-DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON" \
+  ISTHMUS_CUDA_CMAKE_ARGS="-DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_APP=OFF" \
   ISTHMUS_CUDA_EXTRA_TARGETS="ggml-cpu llama-batched-bench" \
     deploy/cuda/build-backend "$work/llama" "$work/bundle/backends" 90 2>&1 | tail -n 5 | tee "$out/build.txt"
   echo "build took $((SECONDS - started)) s" | tee -a "$out/build.txt"
@@ -58,13 +60,14 @@ queue_timeout_ms = 600000
 [logging]
 level = "info"
 TOML
-  "$work/bundle/isthmus" serve --config "$work/$name.toml" > "$out/serve-$name.log" 2>&1 &
+  "$work/bundle/isthmus" serve --config "$work/$name.toml" > "$results/serve-$name.log" 2>&1 &
+  server=$!
   for _ in $(seq 1 240); do
     curl -sf http://127.0.0.1:19901/readyz >/dev/null && return 0
     sleep 0.25
   done
   echo "isthmus did not become ready" >&2
-  tail -n 30 "$out/serve-$name.log" >&2
+  tail -n 30 "$results/serve-$name.log" >&2
   return 1
 }
 
@@ -77,22 +80,25 @@ run() {
   done
   for shape in 135m 1b; do
     serve "$work/m$shape.gguf" "$shape"
-    grep -E "backends loaded|backend modules verified|inference worker ready" "$out/serve-$shape.log" | tee -a "$out/devices.txt"
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$out/util-$shape.csv" &
+    grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$shape.log" | tee -a "$out/devices.txt"
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$shape.csv" &
     local sampler=$!
     for streams in 1 8 32; do
       "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$streams" \
         --requests $((streams * 4 > 8 ? streams * 4 : 8)) --max-tokens 128 --prompt-tokens 128 \
-        --warmup "$streams" --json > "$out/bench-$shape-$streams.json"
+        --warmup "$streams" --json > "$results/bench-$shape-$streams.json"
     done
     kill "$sampler"
-    pkill -f "isthmus serve" || true
-    sleep 1
+    # A clean stop: draining, then the worker frees its CUDA context before exit.
+    kill -TERM "$server"
+    wait "$server" && echo "$shape: isthmus exited cleanly" | tee -a "$out/devices.txt" \
+      || echo "$shape: isthmus exited with status $?" | tee -a "$out/devices.txt"
+    tail -n 5 "$results/serve-$shape.log" >> "$out/serve-tails.txt"
     "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
-      -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$out/batched-bench-$shape.txt" 2>&1 || true
-    grep -E "^\|" "$out/batched-bench-$shape.txt" | tee -a "$out/anchor.txt"
+      -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$results/batched-bench-$shape.txt" 2>&1 || true
+    { echo "$shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/anchor.txt"
   done
-  python3 - "$out" <<'PY' | tee "$out/summary.txt"
+  python3 - "$results" <<'PY' | tee "$out/summary.txt"
 import json, statistics, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 for shape in ("135m", "1b"):

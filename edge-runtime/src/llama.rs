@@ -71,9 +71,28 @@ struct ModelShared {
     info: ModelInfo,
     model: Arc<LlamaModel>,
     template: Option<LlamaChatTemplate>,
-    jobs: Sender<Job>,
+    jobs: Sender<Command>,
     stats: SharedStats,
     queue_depth_max: u32,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl ModelShared {
+    fn stop(&self) {
+        let Ok(mut worker) = self.worker.lock() else {
+            return;
+        };
+        if let Some(thread) = worker.take() {
+            let _ = self.jobs.send(Command::Stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 impl std::fmt::Debug for ModelShared {
@@ -83,6 +102,13 @@ impl std::fmt::Debug for ModelShared {
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
+}
+
+/// What reaches a worker.
+enum Command {
+    Generate(Job),
+    /// Finish: fail what is queued or running, free the context, end the thread.
+    Stop,
 }
 
 /// A request on its way to, or waiting in, the worker's queue.
@@ -164,6 +190,15 @@ impl Engine {
             backends_dir,
             devices: device_names,
         })
+    }
+
+    /// Stops every worker: queued and running requests fail with `WorkerStopped`, contexts
+    /// are freed, and the threads are joined. Call before the process exits, so that no
+    /// worker still holds a device context while the runtime tears down.
+    pub fn shutdown(&self) {
+        for model in &self.models {
+            model.shared.stop();
+        }
     }
 
     /// The model clients call `name`, if it is loaded.
@@ -309,8 +344,9 @@ impl ModelHandle {
             spec: spec.clone(),
             stats: Arc::clone(&stats),
             eog_tokens: eog_tokens(&model),
+            eog_mask: eog_mask(&model),
         };
-        std::thread::Builder::new()
+        let worker_thread = std::thread::Builder::new()
             .name(format!("infer-{}", spec.name))
             .spawn(move || worker.run(receiver, ready_sender))
             .map_err(|error| LoadError::Worker {
@@ -340,6 +376,7 @@ impl ModelHandle {
                 jobs,
                 stats,
                 queue_depth_max: spec.queue_depth_max,
+                worker: Mutex::new(Some(worker_thread)),
             }),
         })
     }
@@ -430,7 +467,7 @@ impl ModelHandle {
                 capacity: self.shared.queue_depth_max,
             });
         }
-        if self.shared.jobs.send(job).is_err() {
+        if self.shared.jobs.send(Command::Generate(job)).is_err() {
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::WorkerStopped);
         }
@@ -451,6 +488,19 @@ impl GenerationStream {
     }
 }
 
+fn eog_mask(model: &LlamaModel) -> Vec<bool> {
+    let mut mask = vec![false; usize::try_from(model.n_vocab()).unwrap_or(0)];
+    for token in eog_tokens(model) {
+        if let Some(entry) = usize::try_from(token.0)
+            .ok()
+            .and_then(|index| mask.get_mut(index))
+        {
+            *entry = true;
+        }
+    }
+    mask
+}
+
 fn eog_tokens(model: &LlamaModel) -> Vec<LlamaToken> {
     let vocab = model.vocab();
     vocab
@@ -466,6 +516,8 @@ struct Worker {
     spec: ModelSpec,
     stats: SharedStats,
     eog_tokens: Vec<LlamaToken>,
+    /// `eog_mask[token]`: whether the token ends generation.
+    eog_mask: Vec<bool>,
 }
 
 /// One admitted request, bound to a sequence id (its slot index).
@@ -486,6 +538,8 @@ struct Sequence {
     sampler: LlamaSampler,
     /// Report each token's top-2 logit margin (tests compare batched and solo runs with it).
     record_margins: bool,
+    /// Temperature 0: take the largest logit.
+    greedy: bool,
     generated: u32,
     max_tokens: u32,
     cached_tokens: u32,
@@ -552,7 +606,7 @@ impl Worker {
             .saturating_add(cache)
     }
 
-    fn run(self, jobs: Receiver<Job>, ready: SyncSender<Result<(), String>>) {
+    fn run(self, jobs: Receiver<Command>, ready: SyncSender<Result<(), String>>) {
         let spec = &self.spec;
         let threads = i32::try_from(spec.threads).unwrap_or(i32::MAX);
         let cache_entries = if spec.prefix_cache_tokens_max > 0 {
@@ -678,19 +732,22 @@ impl Loop<'_> {
     /// Takes new jobs into the worker's queue, fails those that waited too long or whose
     /// caller left, and moves the oldest into free slots. Blocks while there is nothing to do.
     /// Returns false when the runtime is gone and the worker should end.
-    fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
+    fn admit(&mut self, jobs: &Receiver<Command>) -> bool {
         let worker = self.worker;
         let timeout = Duration::from_millis(worker.spec.queue_timeout_ms);
         // Nothing running and nothing waiting: sleep until a job arrives.
         if self.admitted.is_empty() && self.queue.is_empty() {
             match jobs.recv() {
-                Ok(job) => self.queue.push_back(job),
-                Err(RecvError) => return false,
+                Ok(Command::Generate(job)) => self.queue.push_back(job),
+                Ok(Command::Stop) | Err(RecvError) => return self.stop(),
             }
         }
         // Take whatever else is waiting without blocking.
-        while let Ok(job) = jobs.try_recv() {
-            self.queue.push_back(job);
+        while let Ok(command) = jobs.try_recv() {
+            match command {
+                Command::Generate(job) => self.queue.push_back(job),
+                Command::Stop => return self.stop(),
+            }
         }
         self.expire_queued(timeout);
         while let Some(free) = self.slots.iter().position(Option::is_none) {
@@ -730,6 +787,7 @@ impl Loop<'_> {
                 logits_index: None,
                 sampler,
                 record_margins: request.record_margins,
+                greedy: request.sampling.temperature <= 0.0,
                 generated: 0,
                 max_tokens: request.max_tokens,
                 cached_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
@@ -748,6 +806,27 @@ impl Loop<'_> {
                 .fetch_add(1, Ordering::Relaxed);
         }
         true
+    }
+
+    /// Fails everything queued or running; returns false, which ends the worker.
+    fn stop(&mut self) -> bool {
+        let stats = &self.worker.stats;
+        for job in self.queue.drain(..) {
+            stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            let _ = job
+                .events
+                .try_send(Event::Failed(GenerationError::WorkerStopped));
+        }
+        for id in self.admitted.clone() {
+            if let Some(sequence) = self.sequence(id) {
+                let _ = sequence
+                    .events
+                    .try_send(Event::Failed(GenerationError::WorkerStopped));
+            }
+            self.release(id, Release::Discard);
+        }
+        tracing::info!(model = %self.worker.spec.name, "inference worker stopped");
+        false
     }
 
     /// Fails queued jobs that waited longer than `timeout`, and forgets those whose caller
@@ -1043,16 +1122,21 @@ impl Loop<'_> {
 impl Worker {
     /// Samples the sequence's next token and sends its text.
     fn sample(&self, sequence: &mut Sequence, context: &LlamaContext<'_>, index: i32) -> Step {
-        let margin = sequence.record_margins.then(|| {
-            // With end-of-generation banned, the choice is among the other tokens.
-            let banned: &[LlamaToken] = if sequence.ignore_eos {
-                &self.eog_tokens
+        // With end-of-generation banned, the choice is among the other tokens.
+        let banned = sequence.ignore_eos.then_some(self.eog_mask.as_slice());
+        let (token, margin) = if sequence.greedy {
+            // Greedy needs only the largest logit: no candidate array, no sampler chain.
+            let (best, margin) = greedy_choice(context.get_logits_ith(index), banned);
+            (LlamaToken::new(i32::try_from(best).unwrap_or(0)), margin)
+        } else {
+            let margin = if sequence.record_margins {
+                greedy_choice(context.get_logits_ith(index), banned).1
             } else {
-                &[]
+                f32::NAN
             };
-            top_two_margin(context.get_logits_ith(index), banned)
-        });
-        let token = sequence.sampler.sample(context, index);
+            (sequence.sampler.sample(context, index), margin)
+        };
+        let margin = sequence.record_margins.then_some(margin);
         let now = Instant::now();
         sequence.first_token_at.get_or_insert(now);
         if !sequence.ignore_eos && self.model.vocab().is_eog(token) {
@@ -1127,25 +1211,24 @@ impl Worker {
     }
 }
 
-/// The difference between the two largest logits (of tokens not `banned`): how close the
-/// greedy choice was.
-fn top_two_margin(logits: &[f32], banned: &[LlamaToken]) -> f32 {
-    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+/// The token with the largest logit among those not `banned`, and its lead over the
+/// runner-up (how close the greedy choice was). Ties go to the lower token id, as llama.cpp's
+/// greedy sampler decides them.
+fn greedy_choice(logits: &[f32], banned: Option<&[bool]>) -> (usize, f32) {
+    let (mut best, mut first, mut second) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
     for (index, &logit) in logits.iter().enumerate() {
-        if banned
-            .iter()
-            .any(|token| usize::try_from(token.0).is_ok_and(|banned| banned == index))
-        {
+        if banned.is_some_and(|banned| banned.get(index).copied().unwrap_or(false)) {
             continue;
         }
         if logit > first {
             second = first;
             first = logit;
+            best = index;
         } else if logit > second {
             second = logit;
         }
     }
-    first - second
+    (best, first - second)
 }
 
 #[cfg(test)]

@@ -219,6 +219,10 @@ async fn run(
         }
     }
     drain(&state, &shutdown_sender).await;
+    // Free the inference contexts (and any GPU context) before the process tears down.
+    if let Some(engine) = state.engine.get() {
+        tokio::task::block_in_place(|| engine.shutdown());
+    }
     Ok(())
 }
 

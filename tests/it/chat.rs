@@ -43,29 +43,48 @@ fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
             Some(usage["prompt_tokens"].as_u64().unwrap() + completion_tokens)
         );
 
-        // The same prompt again is served from the prefix cache, and says so as OpenAI does.
-        let again: Value = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .json(&chat_body(
-                "What is the capital of France?",
-                json!({"max_tokens": 24}),
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let prompt_tokens = again["usage"]["prompt_tokens"].as_u64().unwrap();
+        // A conversation sent again (a long enough prefix is worth reusing) is served from the
+        // prefix cache, and says so as OpenAI does.
+        let conversation = json!({
+            "model": "smollm2",
+            "temperature": 0,
+            "max_tokens": 8,
+            "messages": [
+                {"role": "system", "content": "You are the concise assistant of a lighthouse keeper. \
+                    You answer questions about the lamp, the lens, the log book and the weather \
+                    in one short sentence, and you never invent facts you were not told."},
+                {"role": "user", "content": "When is the lamp lit?"},
+            ],
+        });
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let answer: Value = client()
+                .post(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .json(&conversation)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answers.push(answer);
+        }
+        let prompt_tokens = answers[1]["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt_tokens > 40, "{}", answers[1]);
         assert_eq!(
-            again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
-            Some(prompt_tokens - 1),
-            "{again}"
+            answers[0]["usage"]["prompt_tokens_details"]["cached_tokens"],
+            0
         );
         assert_eq!(
-            again["choices"][0]["message"]["content"],
-            body["choices"][0]["message"]["content"]
+            answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+            Some(prompt_tokens - 1),
+            "{}",
+            answers[1]
+        );
+        assert_eq!(
+            answers[0]["choices"][0]["message"],
+            answers[1]["choices"][0]["message"]
         );
 
         // A request id that is not a sane token is replaced by a generated one.
@@ -94,7 +113,7 @@ fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
     });
     let metrics = gateway.metrics();
     assert!(
-        metrics.contains("isthmus_requests_total{route=\"local\",status=\"200\"} 3"),
+        metrics.contains("isthmus_requests_total{route=\"local\",status=\"200\"} 4"),
         "{metrics}"
     );
     let hits = gateway.metric("isthmus_local_prefix_hit_tokens_total{model=\"smollm2\"}");
