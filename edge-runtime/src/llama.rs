@@ -839,12 +839,13 @@ impl Loop<'_> {
                 return false;
             }
             if job.submitted_at.elapsed() > timeout {
+                // Counted out before the caller hears of it.
+                stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 let _ = job
                     .events
                     .try_send(Event::Failed(GenerationError::QueueTimeout {
                         timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                     }));
-                stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 return false;
             }
             true
@@ -1126,7 +1127,12 @@ impl Worker {
         let banned = sequence.ignore_eos.then_some(self.eog_mask.as_slice());
         let (token, margin) = if sequence.greedy {
             // Greedy needs only the largest logit: no candidate array, no sampler chain.
-            let (best, margin) = greedy_choice(context.get_logits_ith(index), banned);
+            let logits = context.get_logits_ith(index);
+            let (best, margin) = if sequence.record_margins {
+                greedy_choice(logits, banned)
+            } else {
+                (greedy_index(logits, banned), f32::NAN)
+            };
             (LlamaToken::new(i32::try_from(best).unwrap_or(0)), margin)
         } else {
             let margin = if sequence.record_margins {
@@ -1208,6 +1214,21 @@ impl Worker {
         );
         let _ = sequence.events.try_send(Event::Done(completion));
         Step::Finished
+    }
+}
+
+/// The token with the largest logit among those not `banned`. The common case (the winner
+/// is not banned) takes two passes that the compiler vectorises; it matters at many
+/// sequences per step, where this runs once per sequence over the whole vocabulary.
+fn greedy_index(logits: &[f32], banned: Option<&[bool]>) -> usize {
+    let largest = logits.iter().fold(f32::NEG_INFINITY, |largest, &logit| {
+        if logit > largest { logit } else { largest }
+    });
+    match logits.iter().position(|&logit| logit == largest) {
+        Some(best) if !banned.is_some_and(|banned| banned.get(best).copied().unwrap_or(false)) => {
+            best
+        }
+        _ => greedy_choice(logits, banned).0,
     }
 }
 
