@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, client, serial};
 
-use crate::{block_on, chat_body, sse_payloads};
+use crate::{block_on, chat, chat_body, sse_payloads};
 
 #[test]
 fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
@@ -58,16 +58,7 @@ fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
         });
         let mut answers = Vec::new();
         for _ in 0..2 {
-            let answer: Value = client()
-                .post(gateway.url("/v1/chat/completions"))
-                .bearer_auth(API_KEY)
-                .json(&conversation)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let answer: Value = chat(&gateway, &conversation).await;
             answers.push(answer);
         }
         let prompt_tokens = answers[1]["usage"]["prompt_tokens"].as_u64().unwrap();
@@ -180,16 +171,7 @@ fn streamed_chat_sends_one_chunk_per_token_then_usage_and_done() {
             "Count from one to twenty in words.",
             json!({"max_tokens": 24}),
         );
-        let whole: Value = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let whole: Value = chat(&gateway, &body).await;
         assert_eq!(
             whole["choices"][0]["message"]["content"].as_str().unwrap(),
             content

@@ -42,3 +42,17 @@ pub fn sse_payloads(text: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// Posts a chat request with the test key and returns the response body.
+pub async fn chat(gateway: &tests::Gateway, body: &serde_json::Value) -> serde_json::Value {
+    tests::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(tests::API_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

@@ -43,6 +43,15 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The workspace's packages and their declared dependencies.
+fn workspace_metadata() -> cargo_metadata::Metadata {
+    MetadataCommand::new()
+        .manifest_path(workspace_root().join("Cargo.toml"))
+        .no_deps()
+        .exec()
+        .unwrap()
+}
+
 /// The text of a Rust file with line comments removed (docs may name what code may not).
 fn code_without_comments(text: &str) -> String {
     text.lines()
@@ -53,11 +62,7 @@ fn code_without_comments(text: &str) -> String {
 
 #[test]
 fn router_policies_stays_pure() {
-    let metadata = MetadataCommand::new()
-        .manifest_path(workspace_root().join("Cargo.toml"))
-        .no_deps()
-        .exec()
-        .unwrap();
+    let metadata = workspace_metadata();
     let package = metadata
         .packages
         .iter()
@@ -109,11 +114,7 @@ fn llama_cpp_and_pingora_are_named_only_where_allowed() {
             );
         }
     }
-    let metadata = MetadataCommand::new()
-        .manifest_path(root.join("Cargo.toml"))
-        .no_deps()
-        .exec()
-        .unwrap();
+    let metadata = workspace_metadata();
     for package in &metadata.packages {
         for dependency in &package.dependencies {
             let name = dependency.name.as_str();
@@ -139,11 +140,7 @@ fn llama_cpp_and_pingora_are_named_only_where_allowed() {
 
 #[test]
 fn edge_runtime_knows_no_wire_format() {
-    let metadata = MetadataCommand::new()
-        .manifest_path(workspace_root().join("Cargo.toml"))
-        .no_deps()
-        .exec()
-        .unwrap();
+    let metadata = workspace_metadata();
     let package = metadata
         .packages
         .iter()
