@@ -625,10 +625,11 @@ impl Validator<'_> {
     fn server(&mut self, raw: RawServer) -> Option<ServerConfig> {
         let listen = self.address("server.listen", &raw.listen);
         let admin_listen = self.address("server.admin_listen", &raw.admin_listen);
-        let plain_listen = match &raw.plain_listen {
-            Some(value) => Some(self.address("server.plain_listen", value)?),
-            None => None,
-        };
+        // Parsed without returning early, so the checks below still report their errors.
+        let plain_listen = raw
+            .plain_listen
+            .as_ref()
+            .map(|value| self.address("server.plain_listen", value));
         if raw.worker_threads == Some(0) {
             self.error("server.worker_threads", "must be greater than 0");
         }
@@ -675,7 +676,10 @@ impl Validator<'_> {
         Some(ServerConfig {
             listen: listen?,
             admin_listen: admin_listen?,
-            plain_listen,
+            plain_listen: match plain_listen {
+                Some(address) => Some(address?),
+                None => None,
+            },
             state_dir: self.resolve(&raw.state_dir),
             worker_threads: raw.worker_threads.map(|threads| threads as usize),
             drain_timeout: Duration::from_millis(raw.drain_timeout_ms),
