@@ -4,7 +4,7 @@
 #   bench/gpu/run-gpu.sh build   # CUDA backend module (+ llama-batched-bench) from the sources
 #   bench/gpu/run-gpu.sh run     # random-weight models; isthmus bench at 1/8/32 streams; anchor
 #
-# Inputs in .device/ (made on the build machine, see bench/gpu/README.md): bundle.tar.gz (the
+# Inputs in .device/ (made on the build machine by bench/gpu/prepare): bundle.tar.gz (the
 # isthmus release binary, its libraries and CPU backends), llama-src.tar.gz (the llama.cpp tree
 # it was built with), batched-bench/ (llama.cpp's tool sources), tokenizer.gguf and the gguf
 # wheel. Work happens in /tmp/isthmus-gpu; a few summary files go to $OUT (or
@@ -37,7 +37,7 @@ build() {
 }
 
 serve() {
-  local model=$1 name=$2
+  local model=$1 name=$2 extra=${3:-}
   cat > "$work/$name.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
@@ -57,6 +57,7 @@ threads = 8
 gpu_layers = 999
 queue_depth_max = 256
 queue_timeout_ms = 600000
+$extra
 [logging]
 level = "info"
 TOML
@@ -71,45 +72,98 @@ TOML
   return 1
 }
 
+# The worker's counters, for the time per step spent in llama_decode and around it.
+snapshot() {
+  curl -sf http://127.0.0.1:19901/metrics | grep -E '^isthmus_local_(decode_seconds|worker_busy_seconds|device_wait_seconds|decode_steps|batched_tokens)_total' > "$1"
+}
+
 run() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$inputs"/gguf-*.whl
   export PYTHONPATH=/tmp/site
-  for shape in 135m 1b; do
+  local shapes=${ISTHMUS_GPU_SHAPES:-135m 1b} layouts=${ISTHMUS_GPU_LAYOUTS:-split}
+  for shape in $shapes; do
     [ -f "$work/m$shape.gguf" ] || python3 bench/gpu/random_model.py model --shape "$shape" \
       --tokenizer "$inputs/tokenizer.gguf" --out "$work/m$shape.gguf" | tee -a "$out/models.txt"
   done
-  for shape in 135m 1b; do
-    serve "$work/m$shape.gguf" "$shape"
-    grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$shape.log" | tee -a "$out/devices.txt"
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$shape.csv" &
-    local sampler=$!
-    for streams in 1 8 32; do
-      "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$streams" \
-        --requests $((streams * 4 > 8 ? streams * 4 : 8)) --max-tokens 128 --prompt-tokens 128 \
-        --warmup "$streams" --json > "$results/bench-$shape-$streams.json"
+  for shape in $shapes; do
+    for layout in $layouts; do
+      local name=$shape-$layout extra=
+      [ "$layout" = unified ] && extra="kv_unified = true"
+      serve "$work/m$shape.gguf" "$name" "$extra"
+      grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$name.log" | tee -a "$out/devices.txt"
+      nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$name.csv" &
+      local sampler=$!
+      for streams in 1 8 32; do
+        # Decode: one wave of requests that start together, as llama-batched-bench runs them.
+        "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$streams" \
+          --requests "$streams" --max-tokens 128 --prompt-tokens 128 --warmup "$streams" --json \
+          > /dev/null
+        snapshot "$results/m0-$name-$streams"
+        "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$streams" \
+          --requests "$streams" --max-tokens 256 --prompt-tokens 128 --warmup 0 --json \
+          > "$results/wave-$name-$streams.json"
+        snapshot "$results/m1-$name-$streams"
+        # Serving: a closed loop where new prompts join running streams.
+        "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$streams" \
+          --requests $((streams * 4 > 8 ? streams * 4 : 8)) --max-tokens 128 --prompt-tokens 128 \
+          --warmup 0 --json > "$results/bench-$name-$streams.json"
+        snapshot "$results/m2-$name-$streams"
+      done
+      kill "$sampler"
+      # A clean stop: draining, then the worker frees its CUDA context before exit.
+      kill -TERM "$server"
+      wait "$server" && echo "$name: isthmus exited cleanly" | tee -a "$out/devices.txt" \
+        || echo "$name: isthmus exited with status $?" | tee -a "$out/devices.txt"
+      tail -n 5 "$results/serve-$name.log" >> "$out/serve-tails.txt"
     done
-    kill "$sampler"
-    # A clean stop: draining, then the worker frees its CUDA context before exit.
-    kill -TERM "$server"
-    wait "$server" && echo "$shape: isthmus exited cleanly" | tee -a "$out/devices.txt" \
-      || echo "$shape: isthmus exited with status $?" | tee -a "$out/devices.txt"
-    tail -n 5 "$results/serve-$shape.log" >> "$out/serve-tails.txt"
-    "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
-      -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$results/batched-bench-$shape.txt" 2>&1 || true
-    { echo "$shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/anchor.txt"
+    if [ "${ISTHMUS_GPU_ANCHOR:-1}" = 1 ]; then
+      "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
+        -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$results/batched-bench-$shape.txt" 2>&1 || true
+      { echo "$shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/anchor.txt"
+    fi
   done
-  python3 - "$results" <<'PY' | tee "$out/summary.txt"
+  python3 - "$results" $shapes -- $layouts <<'PY' | tee "$out/summary.txt"
 import json, statistics, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-for shape in ("135m", "1b"):
-    util = [float(line.split(",")[0]) for line in (out / f"util-{shape}.csv").read_text().splitlines() if line.strip()]
-    busy = [value for value in util if value > 0]
-    print(f"{shape}: GPU utilisation while benchmarking: mean {statistics.mean(busy) if busy else 0:.0f}% over {len(busy)} busy samples")
-    for streams in (1, 8, 32):
-        report = json.loads((out / f"bench-{shape}-{streams}.json").read_text())
-        tpot = report["tpot_ms"]["p50"]
-        print(f"{shape} streams={streams}: output {report['output_tokens_per_s']:.0f} tok/s, "
-              f"TPOT p50 {tpot:.2f} ms -> decode {streams * 1000 / tpot:.0f} tok/s, TTFT p50 {report['ttft_ms']['p50']:.1f} ms, errors {report['errors']}")
+split = sys.argv.index("--")
+shapes, layouts = sys.argv[2:split], sys.argv[split + 1:]
+
+def counters(path):
+    values = {}
+    for line in path.read_text().splitlines():
+        name, value = line.rsplit(" ", 1)
+        key = name.split("{")[0].removeprefix("isthmus_local_").removesuffix("_total")
+        values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+def per_step(before, after):
+    a, b = counters(before), counters(after)
+    steps = b["decode_steps"] - a["decode_steps"]
+    if steps <= 0:
+        return "no steps"
+    decode = (b["decode_seconds"] - a["decode_seconds"]) / steps * 1e3
+    busy = (b["worker_busy_seconds"] - a["worker_busy_seconds"]) / steps * 1e3
+    wait = (b["device_wait_seconds"] - a["device_wait_seconds"]) / steps * 1e3
+    tokens = (b["batched_tokens"] - a["batched_tokens"]) / steps
+    return (f"{steps:.0f} steps, {tokens:.1f} tokens/step, per step: llama_decode {decode:.2f} ms, "
+            f"device wait {wait:.2f} ms, other host work {busy - decode - wait:.2f} ms")
+
+for shape in shapes:
+    for layout in layouts:
+        name = f"{shape}-{layout}"
+        util = [float(line.split(",")[0]) for line in (out / f"util-{name}.csv").read_text().splitlines() if line.strip()]
+        busy = [value for value in util if value > 0]
+        print(f"{name}: GPU utilisation while benchmarking: mean {statistics.mean(busy) if busy else 0:.0f}% over {len(busy)} busy samples")
+        for streams in (1, 8, 32):
+            wave = json.loads((out / f"wave-{name}-{streams}.json").read_text())
+            tpot = wave["tpot_ms"]["p50"]
+            print(f"{name} streams={streams} wave: TPOT p50 {tpot:.2f} ms -> decode {streams * 1000 / tpot:.0f} tok/s; "
+                  + per_step(out / f"m0-{name}-{streams}", out / f"m1-{name}-{streams}"))
+            report = json.loads((out / f"bench-{name}-{streams}.json").read_text())
+            tpot = report["tpot_ms"]["p50"]
+            print(f"{name} streams={streams} loop: output {report['output_tokens_per_s']:.0f} tok/s, "
+                  f"TPOT p50 {tpot:.2f} ms, TTFT p50 {report['ttft_ms']['p50']:.1f} ms, errors {report['errors']}; "
+                  + per_step(out / f"m1-{name}-{streams}", out / f"m2-{name}-{streams}"))
 PY
 }
 

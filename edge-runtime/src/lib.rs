@@ -294,6 +294,8 @@ pub struct ModelStats {
     decode_steps: AtomicU64,
     batched_tokens: AtomicU64,
     decode_micros: AtomicU64,
+    busy_micros: AtomicU64,
+    sync_micros: AtomicU64,
     prompt_tokens: AtomicU64,
     prefill_tokens: AtomicU64,
     decode_tokens: AtomicU64,
@@ -323,6 +325,16 @@ impl ModelStats {
     /// Time spent in `llama_decode`, in microseconds.
     pub fn decode_micros(&self) -> u64 {
         self.decode_micros.load(Ordering::Relaxed)
+    }
+    /// Time the worker spent working (admitting, batching, decoding, sampling, delivering),
+    /// in microseconds; the part beyond `decode_micros` is the host's share of each step.
+    pub fn busy_micros(&self) -> u64 {
+        self.busy_micros.load(Ordering::Relaxed)
+    }
+    /// Time spent waiting for the device to finish decode steps (GPUs decode asynchronously;
+    /// on the CPU this is near zero), in microseconds.
+    pub fn sync_micros(&self) -> u64 {
+        self.sync_micros.load(Ordering::Relaxed)
     }
     /// Prompt tokens of admitted requests.
     pub fn prompt_tokens(&self) -> u64 {

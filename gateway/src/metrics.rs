@@ -122,6 +122,8 @@ pub struct ModelGauges {
     pub decode_steps: u64,
     pub batched_tokens: u64,
     pub decode_seconds: f64,
+    pub busy_seconds: f64,
+    pub sync_seconds: f64,
     pub prompt_tokens: u64,
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
@@ -249,7 +251,7 @@ impl Metrics {
         }
         drop(registry);
 
-        let series: [ModelSeries; 12] = [
+        let series: [ModelSeries; 14] = [
             (
                 "isthmus_local_queue_depth",
                 "gauge",
@@ -279,6 +281,18 @@ impl Metrics {
                 "counter",
                 "Time spent in llama_decode.",
                 |g| g.decode_seconds,
+            ),
+            (
+                "isthmus_local_worker_busy_seconds_total",
+                "counter",
+                "Time the inference worker spent working; beyond llama_decode, this is admission, batching, sampling and delivery.",
+                |g| g.busy_seconds,
+            ),
+            (
+                "isthmus_local_device_wait_seconds_total",
+                "counter",
+                "Time the inference worker waited for the device to finish decode steps.",
+                |g| g.sync_seconds,
             ),
             (
                 "isthmus_local_prompt_tokens_total",

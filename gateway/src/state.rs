@@ -65,6 +65,8 @@ impl AppState {
                     decode_steps: stats.decode_steps(),
                     batched_tokens: stats.batched_tokens(),
                     decode_seconds: stats.decode_micros() as f64 / 1e6,
+                    busy_seconds: stats.busy_micros() as f64 / 1e6,
+                    sync_seconds: stats.sync_micros() as f64 / 1e6,
                     prompt_tokens: stats.prompt_tokens(),
                     prefill_tokens: stats.prefill_tokens(),
                     decode_tokens: stats.decode_tokens(),

@@ -430,3 +430,47 @@ fn a_context_overflow_is_refused_before_queueing() {
         "prompt of {prompt_tokens} tokens"
     );
 }
+
+mod argmax {
+    use proptest::prelude::*;
+
+    use super::super::{greedy_choice, greedy_index};
+
+    #[test]
+    fn ties_go_to_the_lower_id_and_banned_winners_are_skipped() {
+        let mut logits = vec![0.0f32; 49_152];
+        logits[100] = 3.0;
+        logits[40_000] = 3.0;
+        logits[7] = 2.5;
+        assert_eq!(greedy_index(&logits, None), 100);
+        let mut banned = vec![false; logits.len()];
+        banned[100] = true;
+        assert_eq!(greedy_index(&logits, Some(&banned)), 40_000);
+        banned[40_000] = true;
+        assert_eq!(greedy_index(&logits, Some(&banned)), 7);
+        logits[5] = f32::NAN;
+        assert_eq!(greedy_index(&logits, None), 100);
+    }
+
+    proptest! {
+        /// The vectorised scan picks exactly what the plain scan picks, for every length
+        /// (whole chunks and tails) and with ties (values drawn from a small set).
+        #[test]
+        fn agrees_with_the_plain_scan(
+            logits in prop::collection::vec((-8i8..8).prop_map(|value| f32::from(value) / 2.0), 1..200),
+            banned_at in prop::collection::vec(0usize..200, 0..4),
+        ) {
+            let mut banned = vec![false; logits.len()];
+            for index in banned_at {
+                if let Some(slot) = banned.get_mut(index) {
+                    *slot = true;
+                }
+            }
+            prop_assert_eq!(greedy_index(&logits, None), greedy_choice(&logits, None).0);
+            prop_assert_eq!(
+                greedy_index(&logits, Some(&banned)),
+                greedy_choice(&logits, Some(&banned)).0
+            );
+        }
+    }
+}
