@@ -534,3 +534,334 @@ pub fn eventually(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Subject common name of the test client certificate ([`TestPki::client_cert_files`]).
+pub const TEST_CLIENT_CN: &str = "isthmus-test-client";
+/// Generous bound on a fake upstream's start; it takes a few milliseconds.
+pub const UPSTREAM_START_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a fake upstream gets to exit after SIGTERM before it is killed.
+const UPSTREAM_STOP_DEADLINE: Duration = Duration::from_secs(2);
+
+impl TestPki {
+    /// A client certificate (PEM) and key signed by the test CA, for mTLS, with subject CN
+    /// `common_name`.
+    pub fn issue_client_cert(&self, common_name: &str) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.ca_issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// The shared client certificate and key files (CN [`TEST_CLIENT_CN`]), made on first use.
+    pub fn client_cert_files(&self) -> &'static (PathBuf, PathBuf) {
+        static FILES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+        FILES.get_or_init(|| {
+            let (cert, key) = self.issue_client_cert(TEST_CLIENT_CN);
+            let cert_path = self.dir.join("client.pem");
+            let key_path = self.dir.join("client-key.pem");
+            std::fs::write(&cert_path, cert).unwrap();
+            std::fs::write(&key_path, key).unwrap();
+            (cert_path, key_path)
+        })
+    }
+
+    /// The shared client certificate as a reqwest identity.
+    pub fn client_identity(&self) -> reqwest::Identity {
+        let (cert_path, key_path) = self.client_cert_files();
+        let mut pem = std::fs::read(cert_path).unwrap();
+        pem.extend(std::fs::read(key_path).unwrap());
+        reqwest::Identity::from_pem(&pem).unwrap()
+    }
+}
+
+/// An HTTPS client that trusts the test CA and presents the test client certificate.
+pub fn client_with_certificate() -> reqwest::Client {
+    let pki = TestPki::shared();
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .identity(pki.client_identity())
+        .https_only(true)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// How to start a fake upstream (`tests/upstream`).
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    /// The `fake-upstream` executable: `env!("CARGO_BIN_EXE_fake-upstream")`, which only the
+    /// `it` crate can name (`crate::upstream::options()` there).
+    pub binary: PathBuf,
+    pub name: String,
+    /// Serve HTTPS with the test PKI's server certificate (ALPN h2 and http/1.1).
+    pub tls: bool,
+    /// Require a client certificate signed by the test CA; implies `tls`.
+    pub mtls: bool,
+    /// Plain-text HTTP/2 with prior knowledge as well as HTTP/1.1.
+    pub h2c: bool,
+    /// Completion tokens per answer.
+    pub tokens: u32,
+    /// Enable `/_control/*` (the helpers of [`Upstream`] need it).
+    pub control: bool,
+}
+
+impl UpstreamOptions {
+    /// Plain HTTP, name `upstream`, 8 tokens, control on.
+    pub fn new(binary: impl Into<PathBuf>) -> UpstreamOptions {
+        UpstreamOptions {
+            binary: binary.into(),
+            name: "upstream".to_owned(),
+            tls: false,
+            mtls: false,
+            h2c: false,
+            tokens: 8,
+            control: true,
+        }
+    }
+}
+
+/// A running fake upstream process, stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub tls: bool,
+    child: Child,
+    /// Reaches this upstream: trusts the test CA and, for mTLS, presents the client
+    /// certificate.
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+impl Upstream {
+    /// Starts a fake upstream on a loopback port it picks and waits for its start line.
+    pub fn start(options: UpstreamOptions) -> anyhow::Result<Upstream> {
+        use anyhow::Context as _;
+        let dir = scratch_dir();
+        let log_path = dir.path().join("upstream.log");
+        let log = std::fs::File::create(&log_path)?;
+        let tls = options.tls || options.mtls;
+        let mut command = Command::new(&options.binary);
+        command
+            .args(["--listen", "127.0.0.1:0", "--name", &options.name])
+            .args(["--tokens", &options.tokens.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let pki = TestPki::shared();
+        if tls {
+            command
+                .arg("--tls-cert")
+                .arg(&pki.cert_path)
+                .arg("--tls-key")
+                .arg(&pki.key_path);
+        }
+        if options.mtls {
+            command.arg("--client-ca").arg(&pki.ca_path);
+        }
+        if options.h2c {
+            command.arg("--h2c");
+        }
+        if options.control {
+            command.arg("--control");
+        }
+        kill_with_parent(&mut command);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", options.binary.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let announced = receiver
+            .recv_timeout(UPSTREAM_START_DEADLINE)
+            .map_err(anyhow::Error::from)
+            .and_then(|line| {
+                let announcement: serde_json::Value = serde_json::from_str(&line)?;
+                let address = announcement["listening"]
+                    .as_str()
+                    .context("no `listening` in the start line")?;
+                Ok(address.parse::<SocketAddr>()?)
+            });
+        let addr = match announced {
+            Ok(addr) => addr,
+            Err(error) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "fake upstream did not announce its address ({error}); log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+        };
+        let client = if options.mtls {
+            client_with_certificate()
+        } else if tls {
+            client()
+        } else {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()?
+        };
+        Ok(Upstream {
+            addr,
+            name: options.name,
+            tls,
+            child,
+            client,
+            _dir: dir,
+            log_path,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` or `https://...`.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.addr.port())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url())
+    }
+
+    /// A client that reaches this upstream (test CA trusted, client certificate for mTLS).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// What the upstream wrote to stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A control call; panics unless it answers 200 with JSON.
+    async fn control(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "{path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The logged requests, oldest first (the last 1000): method, path, query, authority,
+    /// headers, body_bytes, body_sha256, model, stream, include_usage, http_version, tls,
+    /// client_cn, connection, status.
+    pub async fn requests(&self) -> Vec<serde_json::Value> {
+        match self
+            .control(reqwest::Method::GET, "/_control/requests", None)
+            .await
+        {
+            serde_json::Value::Array(requests) => requests,
+            other => panic!("/_control/requests answered {other}"),
+        }
+    }
+
+    /// Empties the request log.
+    pub async fn clear_requests(&self) {
+        self.control(reqwest::Method::DELETE, "/_control/requests", None)
+            .await;
+    }
+
+    /// Changes the behaviour (`{"status": 503, "retry_after_s": 1, "count": 2}`,
+    /// `{"health_status": 500}`, `{"hold": true}`, `{"delay_first_byte_ms": 100}`,
+    /// `{"reset": true}`); returns the behaviour now in force.
+    pub async fn set_behaviour(&self, behaviour: serde_json::Value) -> serde_json::Value {
+        self.control(
+            reqwest::Method::POST,
+            "/_control/behaviour",
+            Some(behaviour),
+        )
+        .await
+    }
+
+    /// Releases every held answer.
+    pub async fn release(&self) {
+        self.control(reqwest::Method::POST, "/_control/release", None)
+            .await;
+    }
+
+    /// `{"requests", "in_flight", "held", "completed", "cancelled", "injected",
+    /// "connections", "connections_open"}`.
+    pub async fn stats(&self) -> serde_json::Value {
+        self.control(reqwest::Method::GET, "/_control/stats", None)
+            .await
+    }
+
+    /// Sends SIGTERM and waits for the exit status (`None` if it has not exited in time).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let pid = i32::try_from(self.child.id()).ok()?;
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        #[allow(
+            unsafe_code,
+            reason = "sending SIGTERM to the child process needs libc::kill"
+        )]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let until = Instant::now() + UPSTREAM_STOP_DEADLINE;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Polls the stats until `check` accepts them; panics after `deadline`.
+    pub async fn wait_for_stats(
+        &self,
+        deadline: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let until = Instant::now() + deadline;
+        loop {
+            let stats = self.stats().await;
+            if check(&stats) {
+                return stats;
+            }
+            assert!(Instant::now() < until, "stats never matched: {stats}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if self.terminate().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- fake upstream {} log ----\n{}", self.name, self.log());
+        }
+    }
+}

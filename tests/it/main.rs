@@ -5,10 +5,12 @@
 mod batching;
 mod chat;
 mod config;
+mod deploy;
 mod errors;
 mod lifecycle;
 mod python;
 mod tidy;
+mod upstream;
 
 use std::future::Future;
 

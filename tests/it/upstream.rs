@@ -1,0 +1,480 @@
+//! The fake OpenAI-compatible upstream (`tests/upstream`) on its own, over real sockets: the
+//! answers, fingerprints and log the gateway tests rely on, TLS, ALPN, h2c, mTLS, injected
+//! statuses, held streams and the count of cancelled requests. No model is loaded.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use tests::{TEST_CLIENT_CN, Upstream, UpstreamOptions};
+
+use crate::{block_on, sse_payloads};
+
+/// How long a test waits for the upstream's counters to show an effect.
+const STATS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Options for a fake upstream built from this workspace.
+pub fn options() -> UpstreamOptions {
+    UpstreamOptions::new(env!("CARGO_BIN_EXE_fake-upstream"))
+}
+
+fn start(options: UpstreamOptions) -> Upstream {
+    Upstream::start(options).unwrap()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+/// A chat request to the fake upstream.
+fn chat(model: &str, extra: Value) -> Value {
+    let mut body = json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]});
+    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    body
+}
+
+#[test]
+fn json_answer_carries_fingerprint_headers_and_is_logged() {
+    let upstream = start(UpstreamOptions {
+        name: "alpha".to_owned(),
+        tokens: 5,
+        ..options()
+    });
+    block_on(async {
+        let body = serde_json::to_vec(&chat("gpt-test", json!({}))).unwrap();
+        let response = upstream
+            .client()
+            .post(upstream.url("/v1/chat/completions"))
+            .bearer_auth("sk-secret")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-upstream-name"), "alpha");
+        assert_eq!(
+            header(&response, "x-received-bytes"),
+            body.len().to_string()
+        );
+        assert_eq!(header(&response, "x-received-sha256"), sha256_hex(&body));
+        assert_eq!(header(&response, "x-received-model"), "gpt-test");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["object"], "chat.completion");
+        assert_eq!(answer["model"], "gpt-test");
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(content.split(' ').count(), 5, "{content}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+        let usage = &answer["usage"];
+        assert_eq!(usage["completion_tokens"], 5);
+        assert_eq!(
+            usage["total_tokens"].as_u64().unwrap(),
+            usage["prompt_tokens"].as_u64().unwrap() + 5
+        );
+
+        let requests = upstream.requests().await;
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        let logged = &requests[0];
+        assert_eq!(logged["method"], "POST");
+        assert_eq!(logged["path"], "/v1/chat/completions");
+        assert_eq!(logged["headers"]["authorization"], "Bearer sk-secret");
+        assert_eq!(logged["body_bytes"], body.len());
+        assert_eq!(logged["body_sha256"], sha256_hex(&body));
+        assert_eq!(logged["model"], "gpt-test");
+        assert_eq!(logged["stream"], false);
+        assert_eq!(logged["http_version"], "HTTP/1.1");
+        assert_eq!(logged["tls"], false);
+        assert_eq!(logged["status"], 200);
+        upstream.clear_requests().await;
+        assert!(upstream.requests().await.is_empty());
+    });
+}
+
+#[test]
+fn other_routes_answer_like_openai() {
+    let upstream = start(options());
+    block_on(async {
+        let client = upstream.client();
+        let models: Value = client
+            .get(upstream.url("/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(models["data"][0]["id"], "fake");
+        let health = client.get(upstream.url("/health")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        assert_eq!(health.text().await.unwrap(), "ok");
+
+        // Azure names the deployment in the path; it stands in for the model.
+        let azure = client
+            .post(upstream.url("/openai/deployments/east-gpt/chat/completions?api-version=1"))
+            .header("api-key", "azure-secret")
+            .json(&json!({"messages": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(azure.status(), 200);
+        assert_eq!(header(&azure, "x-received-model"), "east-gpt");
+        let text: Value = client
+            .post(upstream.url("/v1/completions"))
+            .json(&json!({"model": "m", "prompt": "Hi", "max_tokens": 3}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(text["object"], "text_completion");
+        assert_eq!(text["usage"]["completion_tokens"], 3);
+        assert_eq!(text["choices"][0]["finish_reason"], "length");
+
+        let missing_model = client
+            .post(upstream.url("/v1/chat/completions"))
+            .json(&json!({"messages": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(missing_model.status(), 400);
+        let error: Value = missing_model.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "model");
+        let not_json = client
+            .post(upstream.url("/v1/chat/completions"))
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(not_json.status(), 400);
+        let unknown = client
+            .get(upstream.url("/v2/nothing"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), 404);
+
+        let requests = upstream.requests().await;
+        let azure_logged = requests
+            .iter()
+            .find(|request| request["path"] == "/openai/deployments/east-gpt/chat/completions")
+            .unwrap();
+        assert_eq!(azure_logged["query"], "api-version=1");
+        assert_eq!(azure_logged["headers"]["api-key"], "azure-secret");
+    });
+}
+
+#[test]
+fn stream_sends_one_chunk_per_token_then_usage_and_done() {
+    let upstream = start(UpstreamOptions {
+        tokens: 4,
+        ..options()
+    });
+    block_on(async {
+        let body = chat(
+            "gpt-test",
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        );
+        let response = upstream
+            .client()
+            .post(upstream.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "content-type"), "text/event-stream");
+        let payloads = sse_payloads(&response.text().await.unwrap());
+        // 4 tokens, the finish reason, the usage, [DONE].
+        assert_eq!(payloads.len(), 7, "{payloads:?}");
+        assert_eq!(payloads.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = payloads[..6]
+            .iter()
+            .map(|payload| serde_json::from_str(payload).unwrap())
+            .collect();
+        let text: String = chunks[..4]
+            .iter()
+            .map(|chunk| chunk["choices"][0]["delta"]["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(text.split(' ').count(), 4, "{text}");
+        assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(chunks[4]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(chunks[5]["choices"], json!([]));
+        assert_eq!(chunks[5]["usage"]["completion_tokens"], 4);
+        let logged = &upstream.requests().await[0];
+        assert_eq!(logged["stream"], true);
+        assert_eq!(logged["include_usage"], true);
+    });
+}
+
+#[test]
+fn https_negotiates_http2_through_alpn() {
+    let upstream = start(UpstreamOptions {
+        tls: true,
+        ..options()
+    });
+    block_on(async {
+        let response = upstream
+            .client()
+            .post(upstream.url("/v1/chat/completions"))
+            .json(&chat("gpt-test", json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        let http1 = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(tests::TestPki::shared().ca_pem.as_bytes()).unwrap(),
+            )
+            .http1_only()
+            .build()
+            .unwrap();
+        let response = http1.get(upstream.url("/health")).send().await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_11);
+        let requests = upstream.requests().await;
+        assert_eq!(requests[0]["http_version"], "HTTP/2.0");
+        assert_eq!(requests[0]["tls"], true);
+        assert_eq!(requests[1]["http_version"], "HTTP/1.1");
+    });
+}
+
+#[test]
+fn h2c_accepts_prior_knowledge_and_http1() {
+    let upstream = start(UpstreamOptions {
+        h2c: true,
+        ..options()
+    });
+    block_on(async {
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let response = h2.get(upstream.url("/health")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        let response = upstream
+            .client()
+            .get(upstream.url("/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    });
+}
+
+#[test]
+fn mtls_refuses_clients_without_a_certificate() {
+    let upstream = start(UpstreamOptions {
+        mtls: true,
+        ..options()
+    });
+    block_on(async {
+        let refused = tests::client().get(upstream.url("/health")).send().await;
+        assert!(refused.is_err(), "{refused:?}");
+        let accepted = tests::client_with_certificate()
+            .post(upstream.url("/v1/chat/completions"))
+            .json(&chat("gpt-test", json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(accepted.status(), 200);
+        let requests = upstream.requests().await;
+        assert_eq!(requests[0]["client_cn"], TEST_CLIENT_CN);
+    });
+}
+
+#[test]
+fn injected_status_lasts_count_requests() {
+    let upstream = start(options());
+    block_on(async {
+        upstream
+            .set_behaviour(json!({"status": 503, "retry_after_s": 1, "count": 2}))
+            .await;
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let response = upstream
+                .client()
+                .post(upstream.url("/v1/chat/completions"))
+                .json(&chat("gpt-test", json!({})))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(response.status().as_u16());
+            if response.status() == 503 {
+                assert_eq!(header(&response, "retry-after"), "1");
+                let error: Value = response.json().await.unwrap();
+                assert_eq!(error["error"]["type"], "server_error");
+            }
+        }
+        assert_eq!(statuses, [503, 503, 200]);
+        assert_eq!(upstream.stats().await["injected"], 2);
+
+        upstream.set_behaviour(json!({"health_status": 500})).await;
+        let health = upstream.client().get(upstream.url("/health")).send().await;
+        assert_eq!(health.unwrap().status(), 500);
+        let behaviour = upstream.set_behaviour(json!({"reset": true})).await;
+        assert_eq!(behaviour["health_status"], Value::Null);
+        let health = upstream.client().get(upstream.url("/health")).send().await;
+        assert_eq!(health.unwrap().status(), 200);
+
+        let typo = upstream
+            .client()
+            .post(upstream.url("/_control/behaviour"))
+            .json(&json!({"stauts": 500}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(typo.status(), 400);
+    });
+}
+
+#[test]
+fn held_stream_sends_its_first_chunk_before_release() {
+    let upstream = start(options());
+    block_on(async {
+        upstream.set_behaviour(json!({"hold": true})).await;
+        let mut response = upstream
+            .client()
+            .post(upstream.url("/v1/chat/completions"))
+            .json(&chat("gpt-test", json!({"stream": true})))
+            .send()
+            .await
+            .unwrap();
+        let first = response.chunk().await.unwrap().unwrap();
+        let first = String::from_utf8(first.to_vec()).unwrap();
+        assert!(first.starts_with("data: {"), "{first}");
+        assert!(!first.contains("[DONE]"), "{first}");
+        upstream
+            .wait_for_stats(STATS_DEADLINE, |stats| {
+                stats["held"] == 1 && stats["in_flight"] == 1
+            })
+            .await;
+        upstream.release().await;
+        let mut rest = String::new();
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            rest.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+        let stats = upstream
+            .wait_for_stats(STATS_DEADLINE, |stats| stats["in_flight"] == 0)
+            .await;
+        assert_eq!(stats["completed"], 1);
+        assert_eq!(stats["cancelled"], 0);
+
+        // A whole answer waits for the release before anything is sent.
+        let client = upstream.client().clone();
+        let url = upstream.url("/v1/chat/completions");
+        let held = tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&chat("gpt-test", json!({})))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        upstream
+            .wait_for_stats(STATS_DEADLINE, |stats| stats["held"] == 1)
+            .await;
+        assert!(!held.is_finished());
+        upstream.release().await;
+        assert_eq!(held.await.unwrap(), 200);
+    });
+}
+
+#[test]
+fn two_megabyte_body_is_fingerprinted_exactly() {
+    let upstream = start(options());
+    block_on(async {
+        let filler: String = (0..2 * 1024 * 1024 / 8)
+            .map(|index: u32| format!("{:07x} ", index.wrapping_mul(2_654_435_761) >> 4))
+            .collect();
+        let body = serde_json::to_vec(&chat(
+            &format!("gpt-{}", filler.len()),
+            json!({"filler": filler}),
+        ))
+        .unwrap();
+        assert!(body.len() > 2 * 1024 * 1024);
+        let response = upstream
+            .client()
+            .post(upstream.url("/v1/chat/completions"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-received-bytes"),
+            body.len().to_string()
+        );
+        assert_eq!(header(&response, "x-received-sha256"), sha256_hex(&body));
+        let logged = &upstream.requests().await[0];
+        assert_eq!(logged["body_sha256"], sha256_hex(&body));
+    });
+}
+
+#[test]
+fn client_leaving_a_held_answer_counts_as_cancelled() {
+    for tls in [false, true] {
+        let upstream = start(UpstreamOptions { tls, ..options() });
+        block_on(async {
+            upstream.set_behaviour(json!({"hold": true})).await;
+            // A stream dropped after its first chunk (HTTP/1.1 plain; HTTP/2 over TLS).
+            let mut response = upstream
+                .client()
+                .post(upstream.url("/v1/chat/completions"))
+                .json(&chat("gpt-test", json!({"stream": true})))
+                .send()
+                .await
+                .unwrap();
+            response.chunk().await.unwrap().unwrap();
+            drop(response);
+            let stats = upstream
+                .wait_for_stats(STATS_DEADLINE, |stats| stats["cancelled"] == 1)
+                .await;
+            assert_eq!(stats["in_flight"], 0, "{stats}");
+            assert_eq!(stats["held"], 0, "{stats}");
+
+            // A whole answer abandoned while it is held.
+            let client = upstream.client().clone();
+            let url = upstream.url("/v1/chat/completions");
+            let held = tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&chat("gpt-test", json!({})))
+                    .send()
+                    .await
+            });
+            upstream
+                .wait_for_stats(STATS_DEADLINE, |stats| stats["held"] == 1)
+                .await;
+            held.abort();
+            let stats = upstream
+                .wait_for_stats(STATS_DEADLINE, |stats| stats["cancelled"] == 2)
+                .await;
+            assert_eq!(stats["in_flight"], 0, "{stats}");
+            assert_eq!(stats["completed"], 0, "{stats}");
+        });
+    }
+}
+
+#[test]
+fn sigterm_stops_it_cleanly() {
+    let mut upstream = start(options());
+    let status = upstream.terminate().unwrap();
+    assert!(status.success(), "{status:?}");
+}

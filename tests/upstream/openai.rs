@@ -1,0 +1,263 @@
+//! The OpenAI wire format, as far as the fake upstream speaks it: the request fields it reads
+//! and the bodies it answers with (completion JSON, SSE chunks, error and model list bodies).
+//! Pure functions over plain data; `service` does the I/O.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// The words answers are made of, one completion token each, cycled.
+const WORDS: &[&str] = &[
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "consectetur",
+    "adipiscing",
+    "elit",
+];
+/// `system_fingerprint` of every answer, so that a client can tell it met the fake.
+const FINGERPRINT: &str = "fake-upstream";
+
+/// Which completion API a request used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `/v1/chat/completions` and Azure's `/openai/deployments/{d}/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Text,
+}
+
+/// The request fields the fake reads; everything else is ignored.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRequest {
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<RawStreamOptions>,
+    pub max_tokens: Option<u64>,
+    pub max_completion_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawStreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+impl RawRequest {
+    pub fn stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|options| options.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+/// Everything an answer's bodies are made from.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub api: Api,
+    pub id: String,
+    pub created_s: u64,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// `length` when the request's token limit cut the answer short, else `stop`.
+    pub finish_reason: &'static str,
+    pub include_usage: bool,
+}
+
+impl Completion {
+    /// The answer to `request` with `tokens` words at most, for a body of `body_bytes`.
+    pub fn new(
+        api: Api,
+        request: &RawRequest,
+        model: String,
+        tokens: u32,
+        body_bytes: usize,
+        sequence: u64,
+        created_s: u64,
+    ) -> Completion {
+        let limit = request.max_completion_tokens.or(request.max_tokens);
+        let completion_tokens =
+            limit.map_or(u64::from(tokens), |limit| limit.min(u64::from(tokens)));
+        let id = match api {
+            Api::Chat => format!("chatcmpl-fake-{sequence}"),
+            Api::Text => format!("cmpl-fake-{sequence}"),
+        };
+        Completion {
+            api,
+            id,
+            created_s,
+            model,
+            // About four bytes per token, as tokenizers average on English.
+            prompt_tokens: body_bytes.div_ceil(4) as u64,
+            completion_tokens,
+            finish_reason: if completion_tokens < u64::from(tokens) {
+                "length"
+            } else {
+                "stop"
+            },
+            include_usage: request.include_usage(),
+        }
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+
+    /// The whole answer as one JSON body.
+    pub fn json_body(&self) -> Bytes {
+        let text = (0..self.completion_tokens)
+            .map(token_text)
+            .collect::<String>();
+        let body = match self.api {
+            Api::Chat => json!({
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created_s,
+                "model": self.model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": self.finish_reason,
+                }],
+                "usage": self.usage(),
+            }),
+            Api::Text => json!({
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created_s,
+                "model": self.model,
+                "system_fingerprint": FINGERPRINT,
+                "choices": [{
+                    "index": 0,
+                    "text": text,
+                    "logprobs": null,
+                    "finish_reason": self.finish_reason,
+                }],
+                "usage": self.usage(),
+            }),
+        };
+        Bytes::from(body.to_string())
+    }
+
+    /// The answer as server-sent events: one chunk per token, a chunk with the finish
+    /// reason, a usage chunk when asked for, and `[DONE]`.
+    pub fn sse_events(&self) -> Vec<Bytes> {
+        let mut events = Vec::with_capacity(self.completion_tokens as usize + 3);
+        for index in 0..self.completion_tokens {
+            let choice = match self.api {
+                Api::Chat if index == 0 => json!({
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": token_text(index)},
+                    "logprobs": null,
+                    "finish_reason": null,
+                }),
+                Api::Chat => json!({
+                    "index": 0,
+                    "delta": {"content": token_text(index)},
+                    "logprobs": null,
+                    "finish_reason": null,
+                }),
+                Api::Text => json!({
+                    "index": 0,
+                    "text": token_text(index),
+                    "logprobs": null,
+                    "finish_reason": null,
+                }),
+            };
+            events.push(self.chunk(vec![choice], Value::Null));
+        }
+        let last = match self.api {
+            Api::Chat => json!({
+                "index": 0,
+                "delta": {},
+                "logprobs": null,
+                "finish_reason": self.finish_reason,
+            }),
+            Api::Text => json!({
+                "index": 0,
+                "text": "",
+                "logprobs": null,
+                "finish_reason": self.finish_reason,
+            }),
+        };
+        events.push(self.chunk(vec![last], Value::Null));
+        if self.include_usage {
+            events.push(self.chunk(Vec::new(), self.usage()));
+        }
+        events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        events
+    }
+
+    /// One `data:` event; `usage` appears (as null until the last) only when asked for, as
+    /// OpenAI does.
+    fn chunk(&self, choices: Vec<Value>, usage: Value) -> Bytes {
+        let object = match self.api {
+            Api::Chat => "chat.completion.chunk",
+            Api::Text => "text_completion",
+        };
+        let mut chunk = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created_s,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        });
+        if self.include_usage {
+            chunk["usage"] = usage;
+        }
+        Bytes::from(format!("data: {chunk}\n\n"))
+    }
+}
+
+/// The text of token `index`: a word, with a space before all but the first.
+fn token_text(index: u64) -> String {
+    let word = WORDS[(index % WORDS.len() as u64) as usize];
+    if index == 0 {
+        word.to_owned()
+    } else {
+        format!(" {word}")
+    }
+}
+
+/// An OpenAI error body.
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, code: &str) -> Bytes {
+    let body = json!({
+        "error": {"message": message, "type": kind, "param": param, "code": code},
+    });
+    Bytes::from(body.to_string())
+}
+
+/// The OpenAI `type` of an error status.
+pub fn error_kind(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
+/// `GET /v1/models`: one model, `fake`.
+pub fn models_body() -> Bytes {
+    let body = json!({
+        "object": "list",
+        "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "fake-upstream"}],
+    });
+    Bytes::from(body.to_string())
+}
