@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod data_plane;
 pub mod error;
+pub mod identity;
 pub mod listener;
 pub mod local;
 pub mod metrics;
