@@ -612,6 +612,8 @@ pub struct UpstreamOptions {
     pub tokens: u32,
     /// Enable `/_control/*` (the helpers of [`Upstream`] need it).
     pub control: bool,
+    /// A fixed address (to restart a backend where it was); a free port when `None`.
+    pub listen: Option<SocketAddr>,
 }
 
 impl UpstreamOptions {
@@ -625,6 +627,7 @@ impl UpstreamOptions {
             h2c: false,
             tokens: 8,
             control: true,
+            listen: None,
         }
     }
 }
@@ -652,8 +655,11 @@ impl Upstream {
         let log = std::fs::File::create(&log_path)?;
         let tls = options.tls || options.mtls;
         let mut command = Command::new(&options.binary);
+        let listen = options
+            .listen
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |address| address.to_string());
         command
-            .args(["--listen", "127.0.0.1:0", "--name", &options.name])
+            .args(["--listen", &listen, "--name", &options.name])
             .args(["--tokens", &options.tokens.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -24,7 +24,7 @@ impl Admin {
     }
 
     fn readiness(&self) -> (StatusCode, serde_json::Value) {
-        let models_loaded = self.state.engine.get().is_some();
+        let models_loaded = self.state.models_loaded();
         let listeners_bound = self
             .state
             .listeners_bound
@@ -107,6 +107,27 @@ impl ServeHttp for Admin {
         let header = session.req_header();
         let method = header.method.clone();
         let path = header.uri.path().to_owned();
+        if path == "/admin/api/reload" && method == http::Method::POST {
+            let state = Arc::clone(&self.state);
+            // Resolving backend host names blocks.
+            let outcome =
+                tokio::task::spawn_blocking(move || crate::reload::reload(&state, "admin API"))
+                    .await;
+            return match outcome {
+                Ok(Ok(report)) => json(
+                    StatusCode::OK,
+                    &serde_json::to_value(report).unwrap_or_default(),
+                ),
+                Ok(Err(errors)) => json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"reloaded": false, "errors": errors}),
+                ),
+                Err(error) => json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
+                ),
+            };
+        }
         if method != http::Method::GET && method != http::Method::HEAD {
             return json(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -136,6 +157,10 @@ impl ServeHttp for Admin {
                 )
             }
             "/admin/api/models" => json(StatusCode::OK, &self.models()),
+            "/admin/api/upstreams" => json(
+                StatusCode::OK,
+                &serde_json::json!({ "backends": self.state.routing().pools.status() }),
+            ),
             _ => json(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({"error": {"message": format!("unknown URL: {method} {path}"), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),

@@ -94,11 +94,35 @@ pub struct BenchArgs {
 }
 
 /// Loads the configuration, printing every error to stderr.
+/// Loads the file and checks what the running gateway would also build from it: the routing
+/// policy and the cloud pools (host names resolve, TLS files load).
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
-    config::load(path, &ProcessEnvironment).map_err(|errors| {
+    let loaded = config::load(path, &ProcessEnvironment).map_err(|errors| {
         report(path, &errors);
         ExitCode::from(2)
-    })
+    })?;
+    let mut problems: Vec<String> = crate::policy::compile(&loaded).err().unwrap_or_default();
+    if let Err(errors) = crate::cloud::Pools::build(&loaded.upstreams, None) {
+        problems.extend(errors);
+    }
+    if problems.is_empty() {
+        return Ok(loaded);
+    }
+    let errors: Vec<ConfigError> = problems
+        .into_iter()
+        .map(|problem| match problem.split_once(": ") {
+            Some((key, message)) => ConfigError {
+                path: key.to_owned(),
+                message: message.to_owned(),
+            },
+            None => ConfigError {
+                path: path.display().to_string(),
+                message: problem,
+            },
+        })
+        .collect();
+    report(path, &errors);
+    Err(ExitCode::from(2))
 }
 
 fn report(path: &std::path::Path, errors: &[ConfigError]) {
@@ -168,10 +192,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { config } => match load_config(&config) {
             Ok(loaded) => {
                 println!(
-                    "{}: ok ({} model{})",
+                    "{}: ok ({} model{}, {} upstream pool{})",
                     config.display(),
                     loaded.models.len(),
-                    if loaded.models.len() == 1 { "" } else { "s" }
+                    if loaded.models.len() == 1 { "" } else { "s" },
+                    loaded.upstreams.len(),
+                    if loaded.upstreams.len() == 1 { "" } else { "s" }
                 );
                 ExitCode::SUCCESS
             }

@@ -18,6 +18,11 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+mod upstreams;
+pub use upstreams::{
+    BackendConfig, HealthConfig, PoolConfig, UpstreamApi, UpstreamProtocol, UpstreamTls,
+};
+
 /// Bytes at the start of every GGUF file.
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
@@ -52,6 +57,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
+    pub upstreams: Vec<PoolConfig>,
     pub routing: RoutingConfig,
     pub engine: EngineConfig,
     pub logging: LoggingConfig,
@@ -465,10 +471,11 @@ pub fn parse(
     let engine: Option<RawEngine> = section(&mut document, "engine", &mut errors);
     let logging: Option<RawLogging> = section(&mut document, "logging", &mut errors);
     let models = models_section(&mut document, &mut errors);
+    let pools = named_section::<upstreams::RawPool>(&mut document, "upstreams", &mut errors);
     for key in document.keys() {
         errors.push(ConfigError::new(
             key.as_str(),
-            "unknown section (expected server, auth, models, routing, engine, logging)",
+            "unknown section (expected server, auth, models, upstreams, routing, engine, logging)",
         ));
     }
 
@@ -484,21 +491,34 @@ pub fn parse(
         .into_iter()
         .filter_map(|(name, raw)| validator.model(name, raw))
         .collect();
+    let upstreams: Vec<PoolConfig> = pools
+        .into_iter()
+        .filter_map(|(name, raw)| validator.pool(name, raw))
+        .collect();
     let routing = routing.map(|raw| validator.routing(raw, &models));
     let engine = engine.map(|raw| EngineConfig {
         backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
     });
     let logging = logging.map(|raw| validator.logging(raw));
     if models.is_empty()
+        && upstreams.is_empty()
         && !validator
             .errors
             .iter()
-            .any(|error| error.path.starts_with("models"))
+            .any(|error| error.path.starts_with("models") || error.path.starts_with("upstreams"))
     {
         validator.errors.push(ConfigError::new(
             "models",
-            "at least one model must be configured",
+            "configure at least one local model ([models.NAME]) or cloud pool ([upstreams.NAME])",
         ));
+    }
+    for pool in upstreams.iter().filter(|pool| pool.fallback_to_local) {
+        if models.is_empty() {
+            validator.errors.push(ConfigError::new(
+                format!("upstreams.{}.fallback_to_local", pool.name),
+                "there is no local model to fall back to",
+            ));
+        }
     }
 
     match (server, auth, routing, engine, logging) {
@@ -513,6 +533,7 @@ pub fn parse(
             server,
             auth,
             models,
+            upstreams,
             routing,
             engine,
             logging,
@@ -554,6 +575,32 @@ fn deserialize<T: DeserializeOwned>(
             None
         }
     }
+}
+
+/// A table of named tables (`[upstreams.NAME]`), each deserialized on its own.
+fn named_section<T: DeserializeOwned>(
+    document: &mut toml::Table,
+    name: &str,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, T> {
+    let mut entries = BTreeMap::new();
+    let Some(value) = document.remove(name) else {
+        return entries;
+    };
+    let toml::Value::Table(table) = value else {
+        errors.push(ConfigError::new(
+            name,
+            format!("expected a table of named tables ([{name}.NAME])"),
+        ));
+        return entries;
+    };
+    for (entry, value) in table {
+        let path = format!("{name}.{entry}");
+        if let Some(parsed) = deserialize::<T>(value, &path, errors) {
+            entries.insert(entry, parsed);
+        }
+    }
+    entries
 }
 
 fn models_section(

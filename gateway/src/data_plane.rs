@@ -18,10 +18,31 @@ use pingora_proxy::{ProxyHttp, Session};
 use router_policies::{Decision, RejectReason, RequestFacts};
 
 use crate::auth::{Caller, authenticate};
+use crate::cloud::Forwarded;
 use crate::error::GatewayError;
 use crate::local::{self, Answered};
 use crate::openai::{self, Endpoint};
-use crate::state::{AppState, InFlight};
+use crate::state::{AppState, InFlight, Routing};
+
+/// Where a request runs, as the data plane carries it out.
+enum Target {
+    Local(String),
+    Cloud { pool: String, model: String },
+}
+
+/// What sticky assignment hashes: the API key's name, else the body's `user`, else the
+/// client's address.
+fn sticky_key(
+    ctx: &RequestContext,
+    user: Option<&str>,
+    client: Option<&pingora_core::protocols::l4::socket::SocketAddr>,
+) -> String {
+    match (&ctx.caller, user) {
+        (Some(Caller::ApiKey { id }), _) => format!("key:{id}"),
+        (_, Some(user)) => format!("user:{user}"),
+        _ => client.map_or_else(|| "unknown".to_owned(), |client| format!("addr:{client}")),
+    }
+}
 
 /// Longest `x-request-id` we adopt from a client.
 const REQUEST_ID_BYTES_MAX: usize = 128;
@@ -45,6 +66,10 @@ pub struct RequestContext {
     pub finish_reason: Option<&'static str>,
     /// Why the response ended early, for the access log.
     pub outcome: Option<String>,
+    /// Upstream attempts (cloud route).
+    pub attempts: u32,
+    /// Set when the answer comes from a fallback (`x-isthmus-degraded`).
+    pub degraded: Option<&'static str>,
     _in_flight: Option<InFlight>,
 }
 
@@ -194,6 +219,9 @@ pub fn response_header(
         header.insert_header("x-isthmus-target", target.as_str())?;
     }
     header.insert_header("x-isthmus-rule", ctx.rule())?;
+    if let Some(degraded) = ctx.degraded {
+        header.insert_header("x-isthmus-degraded", degraded)?;
+    }
     Ok(header)
 }
 
@@ -247,14 +275,15 @@ impl DataPlane {
             }
             .into());
         }
-        let caller = authenticate(&session.req_header().headers, &self.state.config.auth)
+        let routing = self.state.routing();
+        let caller = authenticate(&session.req_header().headers, &routing.config.auth)
             .inspect_err(|_| ctx.reject("auth"))?;
         ctx.caller = Some(caller);
         match operation {
             Operation::Models => {
                 ctx.route = "local";
                 ctx.rule = "default";
-                let models: Vec<(String, u64)> = self
+                let mut models: Vec<(String, u64)> = self
                     .state
                     .engine
                     .get()
@@ -266,15 +295,130 @@ impl DataPlane {
                             .collect()
                     })
                     .unwrap_or_default();
+                for pool in &routing.config.upstreams {
+                    for name in pool.models.keys() {
+                        if !models.iter().any(|(known, _)| known == name) {
+                            models.push((name.clone(), 0));
+                        }
+                    }
+                }
                 let body = serde_json::to_vec(&openai::models_list(&models)).unwrap_or_default();
                 respond_json(session, ctx, 200, body, None).await?;
                 Ok(())
             }
             Operation::Chat { deployment } => {
-                let body = self.read_body(session, ctx).await?;
-                let request = openai::parse_chat(&body).inspect_err(|_| ctx.reject("request"))?;
-                let model = deployment.or(request.generation.model.clone());
-                let target = self.route(ctx, model.as_deref(), session.req_header().uri.path())?;
+                self.generate(session, ctx, &routing, Endpoint::Chat, deployment)
+                    .await
+            }
+            Operation::Completions { deployment } => {
+                self.generate(session, ctx, &routing, Endpoint::Completions, deployment)
+                    .await
+            }
+        }
+    }
+
+    /// A chat or text completion: read the body, decide where it runs, run it there.
+    async fn generate(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        routing: &Routing,
+        endpoint: Endpoint,
+        deployment: Option<String>,
+    ) -> Result<(), Failure> {
+        let body = self.read_body(session, ctx).await?;
+        let envelope = openai::parse_envelope(&body).inspect_err(|_| ctx.reject("request"))?;
+        let model = deployment.or_else(|| envelope.model.clone());
+        let target = self.route(
+            ctx,
+            routing,
+            model.as_deref(),
+            session.req_header().uri.path(),
+        )?;
+        match target {
+            Target::Local(model) => {
+                self.serve_local(session, ctx, endpoint, &model, &body)
+                    .await
+            }
+            Target::Cloud { pool, model } => {
+                let Some(pool) = routing.pools.get(&pool) else {
+                    return Err(GatewayError::Internal {
+                        message: format!("routed to pool `{pool}`, which is not configured"),
+                    }
+                    .into());
+                };
+                let headers = &session.req_header().headers;
+                let header_text = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|value| value.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let variant = header_text(crate::cloud::CANARY_HEADER);
+                let traceparent = header_text("traceparent");
+                let sticky_key = pool
+                    .config
+                    .sticky
+                    .then(|| sticky_key(ctx, envelope.user.as_deref(), session.client_addr()));
+                let request = crate::cloud::CloudRequest {
+                    endpoint,
+                    body: &body,
+                    model: &model,
+                    stream: envelope.stream,
+                    client_wants_usage: envelope.include_usage,
+                    variant: variant.as_deref(),
+                    sticky_key: sticky_key.as_deref(),
+                    traceparent: traceparent.as_deref(),
+                };
+                let forwarded = crate::cloud::forward(session, ctx, pool, &request).await?;
+                match forwarded {
+                    Forwarded::Answered => Ok(()),
+                    Forwarded::ClientGone(reason) => Err(Failure::ClientGone(reason)),
+                    Forwarded::Unavailable(error) => {
+                        let fallback = pool.config.fallback_to_local.then(|| {
+                            routing.config.routing.default_model.clone().or_else(|| {
+                                self.state
+                                    .config
+                                    .models
+                                    .first()
+                                    .map(|model| model.name.clone())
+                            })
+                        });
+                        match fallback.flatten() {
+                            Some(local) => {
+                                tracing::warn!(
+                                    request_id = %ctx.request_id,
+                                    pool = %pool.config.name,
+                                    %error,
+                                    "cloud pool unavailable; serving locally"
+                                );
+                                ctx.degraded = Some("cloud-unavailable");
+                                ctx.route = "local";
+                                ctx.target = Some(local.clone());
+                                self.serve_local(session, ctx, endpoint, &local, &body)
+                                    .await
+                            }
+                            None => Err(error.into()),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a request on a local model: the strict parse (what the engine can honour), the
+    /// prompt, the generation.
+    async fn serve_local(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        endpoint: Endpoint,
+        model: &str,
+        body: &Bytes,
+    ) -> Result<(), Failure> {
+        match endpoint {
+            Endpoint::Chat => {
+                let request = openai::parse_chat(body).inspect_err(|_| ctx.reject("request"))?;
                 let prompt = edge_runtime::Prompt::Chat(
                     request
                         .messages
@@ -285,54 +429,43 @@ impl DataPlane {
                         })
                         .collect(),
                 );
-                self.run_local(
-                    session,
-                    ctx,
-                    Endpoint::Chat,
-                    &target,
-                    prompt,
-                    &request.generation,
-                )
-                .await
+                self.run_local(session, ctx, endpoint, model, prompt, &request.generation)
+                    .await
             }
-            Operation::Completions { deployment } => {
-                let body = self.read_body(session, ctx).await?;
+            Endpoint::Completions => {
                 let request =
-                    openai::parse_completion(&body).inspect_err(|_| ctx.reject("request"))?;
-                let model = deployment.or(request.generation.model.clone());
-                let target = self.route(ctx, model.as_deref(), session.req_header().uri.path())?;
+                    openai::parse_completion(body).inspect_err(|_| ctx.reject("request"))?;
                 let prompt = edge_runtime::Prompt::Text(request.prompt);
-                self.run_local(
-                    session,
-                    ctx,
-                    Endpoint::Completions,
-                    &target,
-                    prompt,
-                    &request.generation,
-                )
-                .await
+                self.run_local(session, ctx, endpoint, model, prompt, &request.generation)
+                    .await
             }
         }
     }
 
-    /// Asks the policy where the request runs; returns the local model.
+    /// Asks the policy where the request runs.
     fn route(
         &self,
         ctx: &mut RequestContext,
+        routing: &Routing,
         model: Option<&str>,
         path: &str,
-    ) -> Result<String, GatewayError> {
+    ) -> Result<Target, GatewayError> {
         let facts = RequestFacts {
             path,
             requested_model: model,
         };
-        let decision = router_policies::decide(&self.state.policy, &facts);
+        let decision = router_policies::decide(&routing.policy, &facts);
         ctx.rule_name = Some(decision.rule().to_owned());
         match decision {
             Decision::Local { model, .. } => {
                 ctx.route = "local";
                 ctx.target = Some(model.clone());
-                Ok(model)
+                Ok(Target::Local(model))
+            }
+            Decision::Cloud { pool, model, .. } => {
+                ctx.route = "cloud";
+                ctx.target = Some(pool.clone());
+                Ok(Target::Cloud { pool, model })
             }
             Decision::Reject { reason, .. } => {
                 ctx.route = "rejected";
@@ -477,6 +610,8 @@ impl ProxyHttp for DataPlane {
             last_token: None,
             finish_reason: None,
             outcome: None,
+            attempts: 0,
+            degraded: None,
             _in_flight: None,
         }
     }

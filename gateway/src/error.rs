@@ -34,6 +34,9 @@ pub enum GatewayError {
     Unavailable { message: String, retry_after_s: u64 },
     #[error("{message}")]
     Timeout { message: String },
+    /// A cloud backend failed or answered something unusable.
+    #[error("{message}")]
+    BadGateway { message: String },
     #[error("internal error: {message}")]
     Internal { message: String },
 }
@@ -130,6 +133,12 @@ impl GatewayError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "api_error",
                 Some("timeout"),
+                None,
+            ),
+            BadGateway { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                Some("upstream_error"),
                 None,
             ),
             Internal { .. } => (

@@ -67,6 +67,44 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     })
 }
 
+/// What routing needs of a chat or completions body, read before the request goes local
+/// (where the strict parse follows) or to the cloud (where the body goes on as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    pub user: Option<String>,
+}
+
+/// Reads the routing envelope of a body; the body must be a JSON object.
+pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
+    let mut fields = Fields::parse(body)?;
+    let model = fields.optional_string("model")?;
+    let user = fields.optional_string("user")?;
+    let stream = match fields.take("stream") {
+        None => false,
+        Some(Value::Bool(stream)) => stream,
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                "stream",
+                "`stream` must be a boolean",
+            ));
+        }
+    };
+    let include_usage = fields
+        .take("stream_options")
+        .and_then(|options| options.get("include_usage").and_then(Value::as_bool))
+        .unwrap_or(false);
+    Ok(Envelope {
+        model,
+        stream,
+        include_usage,
+        user,
+    })
+}
+
 /// Parses a `/v1/completions` body.
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, GatewayError> {
     let mut fields = Fields::parse(body)?;

@@ -12,12 +12,22 @@ pub fn compile(config: &Config) -> Result<router_policies::Policy, Vec<String>> 
             aliases: model.aliases.clone(),
         })
         .collect();
-    router_policies::Policy::compile(models, config.routing.default_model.clone()).map_err(
-        |errors| {
-            errors
-                .iter()
-                .map(|error| format!("models: {error}"))
-                .collect()
-        },
+    router_policies::Policy::compile(
+        models,
+        config
+            .upstreams
+            .iter()
+            .map(|pool| router_policies::CloudPool {
+                name: pool.name.clone(),
+                models: pool.models.keys().cloned().collect(),
+            })
+            .collect(),
+        config.routing.default_model.clone(),
     )
+    .map_err(|errors| {
+        errors
+            .iter()
+            .map(|error| format!("routing: {error}"))
+            .collect()
+    })
 }

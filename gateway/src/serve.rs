@@ -6,7 +6,7 @@
 //! turns ready when they are loaded. Each bound listener is announced on stdout as one JSON
 //! line, so that supervisors and tests can find ports that were asked for as `:0`.
 //!
-//! Signals: SIGHUP reloads the TLS certificate. SIGTERM and SIGINT drain: every listener
+//! Signals: SIGHUP reloads the TLS certificate and the configuration (`reload.rs`). SIGTERM and SIGINT drain: every listener
 //! stops accepting at once, in-flight requests run to completion (keep-alive connections close
 //! after their current response), and the process exits when none are left or when the drain
 //! timeout passes.
@@ -84,7 +84,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let state = Arc::new(AppState::new(config, policy));
+    let pools = crate::cloud::Pools::build(&config.upstreams, None)
+        .map_err(|errors| anyhow::anyhow!(errors.join("; ")))?;
+    let state = Arc::new(AppState::new(config, policy, pools));
     runtime.block_on(run(state, resolver, hardware))
 }
 
@@ -184,6 +186,7 @@ async fn run(
         ));
     }
     state.listeners_bound.store(true, Ordering::Release);
+    state.routing().pools.start_probes();
 
     tokio::spawn(watch_certificate(
         Arc::clone(&resolver),
@@ -191,7 +194,13 @@ async fn run(
     ));
     let loading = tokio::task::spawn_blocking({
         let state = Arc::clone(&state);
-        move || load_models(&state, &hardware)
+        move || {
+            if state.config.models.is_empty() {
+                tracing::info!("no local models configured: serving cloud pools only");
+                return Ok(());
+            }
+            load_models(&state, &hardware)
+        }
     });
 
     let mut terminate = signal(SignalKind::terminate())?;
@@ -207,6 +216,9 @@ async fn run(
                     Ok(()) => {}
                     Err(error) => tracing::error!(%error, "SIGHUP: TLS certificate not reloaded; the previous one stays in use"),
                 }
+                let state = Arc::clone(&state);
+                // Resolving backend host names blocks.
+                let _ = tokio::task::spawn_blocking(move || crate::reload::reload(&state, "SIGHUP")).await;
             }
             loaded = async { match loading.as_mut() { Some(task) => task.await, None => std::future::pending().await } } => {
                 loading = None;

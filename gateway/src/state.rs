@@ -1,17 +1,30 @@
-//! What the services share: configuration, the compiled policy, the inference engine once it
-//! is loaded, metrics, and the counters that readiness and draining look at.
+//! What the services share: configuration, the reloadable routing (policy and cloud pools),
+//! the inference engine once it is loaded, metrics, and the counters that readiness and
+//! draining look at.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
+use crate::cloud::Pools;
 use crate::config::Config;
 use crate::listener::ConnectionCount;
 use crate::metrics::{Metrics, ModelGauges};
 
+/// What a configuration reload replaces at once: requests take a snapshot when they start,
+/// so a reload never changes the rules under a request in flight.
+#[derive(Debug)]
+pub struct Routing {
+    /// The whole configuration it came from (API keys, routing, pools).
+    pub config: Arc<Config>,
+    pub policy: router_policies::Policy,
+    pub pools: Pools,
+}
+
 #[derive(Debug)]
 pub struct AppState {
+    /// The configuration the process started with: listeners, limits, models, engine.
     pub config: Config,
-    pub policy: router_policies::Policy,
+    routing: RwLock<Arc<Routing>>,
     /// Set once every model is loaded.
     pub engine: OnceLock<edge_runtime::Engine>,
     pub metrics: Metrics,
@@ -21,10 +34,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, policy: router_policies::Policy) -> Self {
+    pub fn new(config: Config, policy: router_policies::Policy, pools: Pools) -> Self {
         AppState {
+            routing: RwLock::new(Arc::new(Routing {
+                config: Arc::new(config.clone()),
+                policy,
+                pools,
+            })),
             config,
-            policy,
             engine: OnceLock::new(),
             metrics: Metrics::default(),
             listeners_bound: AtomicBool::new(false),
@@ -33,9 +50,32 @@ impl AppState {
         }
     }
 
-    /// Models loaded and listeners bound.
+    /// Models loaded (when there are any) and listeners bound.
     pub fn ready(&self) -> bool {
-        self.engine.get().is_some() && self.listeners_bound.load(Ordering::Acquire)
+        self.models_loaded() && self.listeners_bound.load(Ordering::Acquire)
+    }
+
+    pub fn models_loaded(&self) -> bool {
+        self.config.models.is_empty() || self.engine.get().is_some()
+    }
+
+    /// The routing in force now.
+    pub fn routing(&self) -> Arc<Routing> {
+        Arc::clone(
+            &self
+                .routing
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Puts new routing in force for requests that start from now on.
+    pub fn replace_routing(&self, routing: Routing) {
+        routing.pools.start_probes();
+        *self
+            .routing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(routing);
     }
 
     /// Data-plane requests being handled right now.

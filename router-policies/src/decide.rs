@@ -17,9 +17,16 @@ pub fn decide(policy: &Policy, facts: &RequestFacts<'_>) -> Decision {
             }
         },
     };
-    match policy.resolve(requested) {
-        Some(model) => Decision::Local {
+    if let Some(model) = policy.resolve(requested) {
+        return Decision::Local {
             model: model.name.clone(),
+            rule,
+        };
+    }
+    match policy.pool_for(requested) {
+        Some(pool) => Decision::Cloud {
+            pool: pool.name.clone(),
+            model: requested.to_owned(),
             rule,
         },
         None => Decision::Reject {

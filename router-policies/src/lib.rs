@@ -6,11 +6,16 @@
 //! [`Decision`]. A refusal is a decision too ([`Decision::Reject`]), never an error, and every
 //! decision names the rule that made it so that it can be explained and audited.
 
+mod balance;
 mod decide;
 mod policy;
 
+pub use balance::{
+    Admission, BackendView, BalanceFacts, Circuit, CircuitPhase, CircuitSettings, NoBackend,
+    RoundRobin, choose_backend,
+};
 pub use decide::decide;
-pub use policy::{LocalModel, Policy, PolicyError};
+pub use policy::{CloudPool, LocalModel, Policy, PolicyError};
 
 /// The rule name reported when no configured rule matched.
 pub const DEFAULT_RULE: &str = "default";
@@ -29,6 +34,12 @@ pub struct RequestFacts<'a> {
 pub enum Decision {
     /// Run in-process on the local model `model`.
     Local { model: String, rule: String },
+    /// Forward to the cloud pool `pool`; `model` is the client-visible name it asked for.
+    Cloud {
+        pool: String,
+        model: String,
+        rule: String,
+    },
     /// Refuse the request.
     Reject { reason: RejectReason, rule: String },
 }
@@ -37,7 +48,9 @@ impl Decision {
     /// The rule that decided.
     pub fn rule(&self) -> &str {
         match self {
-            Decision::Local { rule, .. } | Decision::Reject { rule, .. } => rule,
+            Decision::Local { rule, .. }
+            | Decision::Cloud { rule, .. }
+            | Decision::Reject { rule, .. } => rule,
         }
     }
 }

@@ -9,10 +9,18 @@ pub struct LocalModel {
     pub aliases: Vec<String>,
 }
 
+/// A cloud pool and the client-visible model names it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudPool {
+    pub name: String,
+    pub models: Vec<String>,
+}
+
 /// A validated policy, ready for [`crate::decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub(crate) local_models: Vec<LocalModel>,
+    pub(crate) pools: Vec<CloudPool>,
     pub(crate) default_model: Option<String>,
 }
 
@@ -27,12 +35,19 @@ pub enum PolicyError {
     },
     #[error("default model `{0}` is not a configured model")]
     UnknownDefault(String),
+    #[error("model name `{name}` is served by local model `{local}` and by pool `{pool}`")]
+    LocalAndCloud {
+        name: String,
+        local: String,
+        pool: String,
+    },
 }
 
 impl Policy {
     /// Compiles a policy; reports every problem, not only the first.
     pub fn compile(
         local_models: Vec<LocalModel>,
+        pools: Vec<CloudPool>,
         default_model: Option<String>,
     ) -> Result<Policy, Vec<PolicyError>> {
         let mut errors = Vec::new();
@@ -51,6 +66,17 @@ impl Policy {
                 }
             }
         }
+        for pool in &pools {
+            for name in &pool.models {
+                if let Some((_, local)) = seen.iter().find(|(seen_name, _)| *seen_name == name) {
+                    errors.push(PolicyError::LocalAndCloud {
+                        name: name.clone(),
+                        local: (*local).to_owned(),
+                        pool: pool.name.clone(),
+                    });
+                }
+            }
+        }
         if let Some(default) = &default_model
             && !local_models.iter().any(|model| &model.name == default)
         {
@@ -59,6 +85,7 @@ impl Policy {
         if errors.is_empty() {
             Ok(Policy {
                 local_models,
+                pools,
                 default_model,
             })
         } else {
@@ -71,6 +98,13 @@ impl Policy {
         self.local_models.iter().find(|model| {
             model.name == requested || model.aliases.iter().any(|alias| alias == requested)
         })
+    }
+
+    /// The first pool that serves a client-visible model name.
+    pub(crate) fn pool_for(&self, requested: &str) -> Option<&CloudPool> {
+        self.pools
+            .iter()
+            .find(|pool| pool.models.iter().any(|model| model == requested))
     }
 
     /// Every name clients may use, canonical names first.

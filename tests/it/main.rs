@@ -4,6 +4,7 @@
 
 mod batching;
 mod chat;
+mod cloud;
 mod config;
 mod deploy;
 mod errors;

@@ -124,7 +124,7 @@ x = 1
     let errors = errors_of(text, &source);
     let missing = dir.path().join("missing.gguf");
     let expected = [
-        "telemetry: unknown section (expected server, auth, models, routing, engine, logging)"
+        "telemetry: unknown section (expected server, auth, models, upstreams, routing, engine, logging)"
             .to_owned(),
         "models.other.context_tokens: invalid type: string \"big\", expected u32".to_owned(),
         "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
@@ -226,5 +226,107 @@ fn a_kv_cache_over_the_budget_or_the_trained_context_is_refused_with_the_numbers
     assert_eq!(
         (plan.cells, plan.bytes_per_token, plan.bytes),
         (10_240, 23_040, 235_929_600)
+    );
+}
+
+#[test]
+fn upstream_pools_are_validated_with_every_error_at_once() {
+    let (_dir, source) = fixture();
+    let text = r#"
+[auth]
+allow_anonymous = true
+[models.smollm2]
+path = "model.gguf"
+[upstreams.aks]
+api = "azure"
+protocol = "h3"
+connect_timeout_ms = 0
+backends = [
+  { url = "ftp://x", weight = 1 },
+  { url = "https://a.internal:8443/base/", name = "a" },
+  { url = "https://b.internal", name = "a", labels = { version = "v2" } },
+]
+[upstreams.aks.tls]
+client_cert = "client.pem"
+[upstreams.aks.auth]
+kind = "bearer"
+[upstreams.empty]
+models = { "x" = "y" }
+[upstreams.clash]
+models = { "smollm2" = "z" }
+backends = [{ url = "http://127.0.0.1:9" }]
+[upstreams.typo]
+models = { "m" = "n" }
+backends = [{ url = "http://127.0.0.1:9", wieght = 3 }]
+"#;
+    let errors = errors_of(text, &source);
+    let expected = [
+        "upstreams.aks.backends[0].url: `ftp://x` must start with https:// or http://",
+        "upstreams.aks.backends[2].name: `a` names two backends of this pool",
+        "upstreams.aks.models: map at least one client model to an upstream model (\"gpt-4o\" = \"served-name\")",
+        "upstreams.aks.api_version: required for api = \"azure\" (e.g. \"2024-10-21\")",
+        "upstreams.aks.protocol: `h3` is not a protocol (expected auto, http1 or http2)",
+        "upstreams.aks.tls.client_key: must be set when tls.client_cert is",
+        "upstreams.aks.connect_timeout_ms: must be greater than 0",
+        "upstreams.aks.auth: set exactly one of token_file or token_env",
+        "upstreams.empty.backends: at least one backend is needed ([[upstreams.NAME.backends]] with a url)",
+        "upstreams.typo.backends[0].wieght: unknown field `wieght`, expected one of `url`, `name`, `weight`, `labels`",
+    ];
+    for line in expected {
+        assert!(
+            errors.iter().any(|error| error == line),
+            "missing `{line}` in {errors:#?}"
+        );
+    }
+    // The local/cloud name clash is the policy's to find (check-config runs it).
+    assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+}
+
+#[test]
+fn a_valid_pool_resolves_its_backends() {
+    let (_dir, source) = fixture();
+    let text = r#"
+[auth]
+allow_anonymous = true
+[upstreams.aks]
+models = { "gpt-4o" = "llama-70b" }
+sticky = true
+[[upstreams.aks.backends]]
+url = "https://10.0.0.5:8443/v1-proxy/"
+weight = 90
+labels = { version = "v1" }
+[[upstreams.aks.backends]]
+url = "http://[::1]:8000"
+name = "canary"
+weight = 10
+labels = { version = "v2" }
+"#;
+    let config = match parse(text, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:#?}"),
+    };
+    assert!(
+        config.models.is_empty(),
+        "a cloud-only gateway needs no model"
+    );
+    let pool = &config.upstreams[0];
+    assert_eq!(pool.name, "aks");
+    assert!(pool.sticky);
+    let first = &pool.backends[0];
+    assert_eq!(
+        (
+            first.name.as_str(),
+            first.tls,
+            first.host.as_str(),
+            first.port,
+            first.base_path.as_str()
+        ),
+        ("10.0.0.5:8443", true, "10.0.0.5", 8443, "/v1-proxy")
+    );
+    assert_eq!(first.variant(), Some("v1"));
+    let second = &pool.backends[1];
+    assert_eq!(
+        (second.name.as_str(), second.host.as_str(), second.port),
+        ("canary", "::1", 8000)
     );
 }

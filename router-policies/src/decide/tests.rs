@@ -1,7 +1,7 @@
 use expect_test::{Expect, expect};
 use proptest::prelude::*;
 
-use crate::{LocalModel, Policy, RequestFacts, decide};
+use crate::{CloudPool, LocalModel, Policy, RequestFacts, decide};
 
 fn policy(default_model: Option<&str>) -> Policy {
     let models = vec![
@@ -14,7 +14,11 @@ fn policy(default_model: Option<&str>) -> Policy {
             aliases: vec![],
         },
     ];
-    match Policy::compile(models, default_model.map(str::to_owned)) {
+    let pools = vec![CloudPool {
+        name: "aks".to_owned(),
+        models: vec!["gpt-4o".to_owned(), "llama-70b".to_owned()],
+    }];
+    match Policy::compile(models, pools, default_model.map(str::to_owned)) {
         Ok(policy) => policy,
         Err(errors) => panic!("test policy does not compile: {errors:?}"),
     }
@@ -50,6 +54,21 @@ fn an_alias_resolves_to_its_model() {
         expect![[r#"
             Local {
                 model: "smollm2",
+                rule: "default",
+            }
+        "#]],
+    );
+}
+
+#[test]
+fn a_model_served_by_a_pool_goes_to_the_cloud() {
+    check(
+        Some("smollm2"),
+        Some("llama-70b"),
+        expect![[r#"
+            Cloud {
+                pool: "aks",
+                model: "llama-70b",
                 rule: "default",
             }
         "#]],
@@ -108,6 +127,10 @@ fn compile_reports_every_problem() {
             aliases: vec![],
         },
     ];
+    let pools = vec![CloudPool {
+        name: "aks".to_owned(),
+        models: vec!["a".to_owned()],
+    }];
     expect![[r#"
         Err(
             [
@@ -116,18 +139,23 @@ fn compile_reports_every_problem() {
                     first: "a",
                     second: "b",
                 },
+                LocalAndCloud {
+                    name: "a",
+                    local: "a",
+                    pool: "aks",
+                },
                 UnknownDefault(
                     "c",
                 ),
             ],
         )
     "#]]
-    .assert_debug_eq(&Policy::compile(models, Some("c".to_owned())));
+    .assert_debug_eq(&Policy::compile(models, pools, Some("c".to_owned())));
 }
 
 proptest! {
-    /// Whatever a client asks for, the decision is local on a configured model or a refusal
-    /// naming exactly what was asked for.
+    /// Whatever a client asks for, the decision is a configured local model, the pool that
+    /// serves the name, or a refusal naming exactly what was asked for.
     #[test]
     fn decisions_only_name_configured_models(requested in "\\PC{0,24}") {
         let policy = policy(None);
@@ -135,6 +163,10 @@ proptest! {
         match decide(&policy, &facts) {
             crate::Decision::Local { model, .. } => {
                 prop_assert!(policy.model_names().any(|name| name == model));
+            }
+            crate::Decision::Cloud { pool, model, .. } => {
+                prop_assert_eq!(pool, "aks");
+                prop_assert_eq!(model, requested.clone());
             }
             crate::Decision::Reject { reason, .. } => {
                 prop_assert_eq!(

@@ -1,0 +1,1348 @@
+//! Carrying out `Decision::Cloud`: the forwarder to a pool of OpenAI-compatible backends.
+//!
+//! One forwarder on Pingora's pooled upstream connectors (rustls, HTTP/1.1 and HTTP/2), not
+//! Pingora's proxy phases: the request body is already read and rewritten (model mapping,
+//! `stream_options.include_usage`), so it can be re-sent whole to another backend however
+//! large it is. A backend is chosen by `router_policies::choose_backend` from weights, the
+//! forced variant, sticky assignment and health; a connect failure, a 5xx or a 429 before any
+//! byte reached the client moves the request once to another backend (or, after a short
+//! `Retry-After`, to the same one). When no backend can serve, the caller falls back to a
+//! local model or answers 503. Answers stream through chunk by chunk; usage is read from the
+//! upstream's JSON or its final stream chunk. When the client leaves, the upstream exchange is
+//! dropped, which closes the HTTP/1.1 connection or resets the HTTP/2 stream.
+//!
+//! Health is per backend: active probes (`health.path` every `health.interval_ms`) and a
+//! passive circuit breaker (`router_policies::Circuit`) fed by every request's outcome. Both
+//! survive a configuration reload for backends with the same pool, name and URL.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora_core::connectors::ConnectorOptions;
+use pingora_core::connectors::http::Connector;
+use pingora_core::protocols::ALPN;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use router_policies::{Admission, BackendView, BalanceFacts, Circuit, NoBackend, RoundRobin};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{BackendConfig, PoolConfig, UpstreamApi, UpstreamProtocol};
+use crate::data_plane::{RequestContext, response_header};
+use crate::error::GatewayError;
+use crate::openai::Endpoint;
+
+/// How long an idle upstream connection stays in the pool.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Concurrent HTTP/2 streams the gateway opens on one upstream connection.
+const H2_STREAMS_MAX: usize = 128;
+/// Attempts per request: the first and one retry on another backend.
+const ATTEMPTS_MAX: usize = 2;
+/// Bytes of an error answer read to report it.
+const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
+/// The header that forces a canary variant.
+pub const CANARY_HEADER: &str = "x-isthmus-canary";
+
+/// Milliseconds on the process's monotonic clock, as the circuit breakers count time.
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Checks that TLS files load as rustls will need them (Pingora panics on a bad client key).
+pub fn check_tls_files(
+    ca_file: Option<&Path>,
+    client_cert: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+) -> Result<(), String> {
+    if let Some(file) = ca_file {
+        let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
+            .map_err(|error| format!("{}: {error}", file.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|error| format!("{}: {error}", file.display()))?;
+        if certificates.is_empty() {
+            return Err(format!("{}: no PEM certificate in it", file.display()));
+        }
+    }
+    if let Some((cert, key)) = client_cert {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|error| format!("{}: {error}", cert.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|error| format!("{}: {error}", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{}: no PEM certificate in it", cert.display()));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key)
+            .map_err(|error| format!("{}: {error}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| error.to_string())?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_client_auth_cert(chain, key_der)
+            .map_err(|error| {
+                format!(
+                    "client certificate {} and key {} do not go together: {error}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Observed health of one backend; kept across reloads.
+#[derive(Debug)]
+struct Health {
+    circuit: Circuit,
+    /// By active probes (true until a probe says otherwise).
+    probed_healthy: bool,
+    good_probes_in_row: u32,
+    bad_probes_in_row: u32,
+    /// A 429's `Retry-After`: no requests before this time.
+    not_before_ms: u64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            circuit: Circuit::default(),
+            probed_healthy: true,
+            good_probes_in_row: 0,
+            bad_probes_in_row: 0,
+            not_before_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Backend {
+    config: BackendConfig,
+    peer: HttpPeer,
+    health: Arc<Mutex<Health>>,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+}
+
+/// A pool ready to forward to.
+pub struct Pool {
+    pub config: PoolConfig,
+    connector: Connector,
+    backends: Vec<Backend>,
+    round_robin: Mutex<RoundRobin>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.config.name)
+            .field("backends", &self.backends.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every pool of a configuration.
+#[derive(Debug, Default)]
+pub struct Pools {
+    by_name: HashMap<String, Arc<Pool>>,
+}
+
+/// A backend's state, for the admin API and tests.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendStatus {
+    pub pool: String,
+    pub backend: String,
+    pub url: String,
+    pub weight: u32,
+    pub variant: Option<String>,
+    pub probed_healthy: bool,
+    pub circuit: &'static str,
+    pub in_flight: u32,
+    pub requests: u64,
+}
+
+impl Pools {
+    /// Builds the pools of `configs`, keeping the observed health of backends that `previous`
+    /// already had (same pool, name and URL). Host names are resolved here.
+    pub fn build(configs: &[PoolConfig], previous: Option<&Pools>) -> Result<Pools, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut by_name = HashMap::new();
+        for config in configs {
+            match Pool::build(config, previous.and_then(|pools| pools.get(&config.name))) {
+                Ok(pool) => {
+                    by_name.insert(config.name.clone(), Arc::new(pool));
+                }
+                Err(pool_errors) => errors.extend(pool_errors),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Pools { by_name })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.by_name.get(name)
+    }
+
+    /// Starts the active health probes; each stops when its pool is dropped.
+    pub fn start_probes(&self) {
+        for pool in self.by_name.values() {
+            if pool.config.health.enabled {
+                tokio::spawn(probe_loop(Arc::downgrade(pool)));
+            }
+        }
+    }
+
+    pub fn status(&self) -> Vec<BackendStatus> {
+        let now = now_ms();
+        let mut statuses: Vec<BackendStatus> = self
+            .by_name
+            .values()
+            .flat_map(|pool| {
+                pool.backends.iter().map(move |backend| {
+                    let health = lock(&backend.health);
+                    BackendStatus {
+                        pool: pool.config.name.clone(),
+                        backend: backend.config.name.clone(),
+                        url: backend.config.url.clone(),
+                        weight: backend.config.weight,
+                        variant: backend.config.variant().map(str::to_owned),
+                        probed_healthy: health.probed_healthy,
+                        circuit: match health.circuit.phase(now) {
+                            router_policies::CircuitPhase::Closed => "closed",
+                            router_policies::CircuitPhase::Open => "open",
+                            router_policies::CircuitPhase::HalfOpen => "half_open",
+                        },
+                        in_flight: backend.in_flight.load(Ordering::Relaxed),
+                        requests: backend.requests.load(Ordering::Relaxed),
+                    }
+                })
+            })
+            .collect();
+        statuses.sort_by(|a, b| (&a.pool, &a.backend).cmp(&(&b.pool, &b.backend)));
+        statuses
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Pool {
+    fn build(config: &PoolConfig, previous: Option<&Arc<Pool>>) -> Result<Pool, Vec<String>> {
+        let key = format!("upstreams.{}", config.name);
+        let mut errors = Vec::new();
+        let mut options = ConnectorOptions::new(config.idle_connections_max.max(1));
+        options.ca_file = config
+            .tls
+            .ca_file
+            .as_ref()
+            .map(|file| file.display().to_string());
+        options.cert_key_file = config
+            .tls
+            .client_cert
+            .as_ref()
+            .map(|(cert, key)| (cert.display().to_string(), key.display().to_string()));
+        let needs_tls = config.backends.iter().any(|backend| backend.tls);
+        if needs_tls && options.ca_file.is_none() && !Path::new(SYSTEM_ROOTS).exists() {
+            errors.push(format!(
+                "{key}.tls.ca_file: no CA bundle is configured and the system has none at {SYSTEM_ROOTS}"
+            ));
+        }
+        let mut backends = Vec::new();
+        for (index, backend) in config.backends.iter().enumerate() {
+            let address = match resolve(&backend.host, backend.port) {
+                Ok(address) => address,
+                Err(message) => {
+                    errors.push(format!("{key}.backends[{index}].url: {message}"));
+                    continue;
+                }
+            };
+            let sni = config
+                .tls
+                .sni
+                .clone()
+                .unwrap_or_else(|| backend.host.clone());
+            let mut peer = HttpPeer::new(address, backend.tls, sni);
+            peer.options.connection_timeout = Some(config.connect_timeout);
+            peer.options.total_connection_timeout = Some(config.connect_timeout);
+            peer.options.idle_timeout = Some(IDLE_CONNECTION_TIMEOUT);
+            peer.options.verify_cert = true;
+            peer.options.verify_hostname = true;
+            peer.options.max_h2_streams = H2_STREAMS_MAX;
+            peer.options.alpn = match (config.protocol, backend.tls) {
+                (UpstreamProtocol::Http1, _) | (UpstreamProtocol::Auto, false) => ALPN::H1,
+                (UpstreamProtocol::Http2, _) => ALPN::H2,
+                (UpstreamProtocol::Auto, true) => ALPN::H2H1,
+            };
+            let health = previous
+                .and_then(|pool| {
+                    pool.backends.iter().find(|old| {
+                        old.config.name == backend.name && old.config.url == backend.url
+                    })
+                })
+                .map(|old| Arc::clone(&old.health))
+                .unwrap_or_default();
+            backends.push(Backend {
+                config: backend.clone(),
+                peer,
+                health,
+                in_flight: AtomicU32::new(0),
+                requests: AtomicU64::new(0),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        // The connector reads its CA and client certificate files now; `check-config`
+        // already proved they load.
+        let connector = Connector::new(Some(options));
+        Ok(Pool {
+            config: config.clone(),
+            connector,
+            backends,
+            round_robin: Mutex::new(RoundRobin::default()),
+        })
+    }
+
+    /// Picks a backend for one attempt and admits it through its circuit breaker.
+    fn choose(&self, facts: &BalanceFacts<'_>) -> Result<(usize, bool), NoBackend> {
+        let now = now_ms();
+        let mut exclude: Vec<usize> = facts.exclude.to_vec();
+        loop {
+            let views: Vec<BackendView<'_>> = self
+                .backends
+                .iter()
+                .map(|backend| {
+                    let health = lock(&backend.health);
+                    BackendView {
+                        weight: backend.config.weight,
+                        variant: backend.config.variant(),
+                        available: health.probed_healthy
+                            && health.circuit.is_available(now)
+                            && health.not_before_ms <= now
+                            && backend.in_flight.load(Ordering::Relaxed)
+                                < self.config.requests_per_backend_max,
+                    }
+                })
+                .collect();
+            let attempt_facts = BalanceFacts {
+                exclude: &exclude,
+                ..*facts
+            };
+            let index = {
+                let mut round_robin = lock(&self.round_robin);
+                router_policies::choose_backend(&views, &attempt_facts, &mut round_robin)?
+            };
+            let admission = lock(&self.backends[index].health).circuit.admit(now);
+            match admission {
+                Admission::Pass => return Ok((index, false)),
+                Admission::Trial => return Ok((index, true)),
+                // Another request took the half-open trial in between: look elsewhere.
+                Admission::Refuse => exclude.push(index),
+            }
+        }
+    }
+
+    fn record(&self, index: usize, outcome: Outcome, trial: bool) {
+        let backend = &self.backends[index];
+        let mut health = lock(&backend.health);
+        let now = now_ms();
+        match outcome {
+            Outcome::Success => health
+                .circuit
+                .record(true, trial, now, &self.config.circuit),
+            Outcome::Failure => health
+                .circuit
+                .record(false, trial, now, &self.config.circuit),
+            Outcome::Throttled { retry_after } => {
+                // A busy backend is not a broken one: no circuit failure, but no traffic
+                // until it said to come back.
+                let until =
+                    now.saturating_add(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX));
+                health.not_before_ms = health.not_before_ms.max(until);
+                if trial {
+                    health.circuit.abandon_trial();
+                }
+            }
+            Outcome::Abandoned => {
+                if trial {
+                    health.circuit.abandon_trial();
+                }
+            }
+        }
+    }
+
+    /// The path and query of an API call on this pool.
+    fn path(&self, backend: &BackendConfig, endpoint: Endpoint, upstream_model: &str) -> String {
+        let action = match endpoint {
+            Endpoint::Chat => "chat/completions",
+            Endpoint::Completions => "completions",
+        };
+        match &self.config.api {
+            UpstreamApi::OpenAi => format!("{}/v1/{action}", backend.base_path),
+            UpstreamApi::Azure { api_version } => format!(
+                "{}/openai/deployments/{upstream_model}/{action}?api-version={api_version}",
+                backend.base_path
+            ),
+        }
+    }
+}
+
+/// The system CA bundle the connector loads when a pool names no CA file.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|error| format!("cannot resolve {host}: {error}"))?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to no address"))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Success,
+    Failure,
+    Throttled { retry_after: Duration },
+    Abandoned,
+}
+
+/// Counts a request in flight on a backend until dropped.
+struct InFlight<'a>(&'a Backend);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the forwarder needs of the request.
+#[derive(Debug)]
+pub struct CloudRequest<'a> {
+    pub endpoint: Endpoint,
+    /// The client's JSON body.
+    pub body: &'a Bytes,
+    /// The client-visible model it asked for.
+    pub model: &'a str,
+    pub stream: bool,
+    /// Whether the client asked for the usage chunk itself.
+    pub client_wants_usage: bool,
+    pub variant: Option<&'a str>,
+    pub sticky_key: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+}
+
+/// How forwarding ended.
+#[derive(Debug)]
+pub enum Forwarded {
+    /// The response was written (successful or an upstream error passed through).
+    Answered,
+    /// Nothing reached the client and no backend could serve: fall back or answer `error`.
+    Unavailable(GatewayError),
+    /// The client left; the upstream exchange was dropped.
+    ClientGone(String),
+}
+
+/// Forwards one request to `pool`, with retries as the module documentation says.
+pub async fn forward(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    pool: &Arc<Pool>,
+    request: &CloudRequest<'_>,
+) -> Result<Forwarded, GatewayError> {
+    let upstream_model =
+        pool.config
+            .models
+            .get(request.model)
+            .ok_or_else(|| GatewayError::ModelNotFound {
+                model: request.model.to_owned(),
+            })?;
+    let body = rewrite_body(request.body, upstream_model, request.stream)?;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error: Option<GatewayError> = None;
+    let mut waited_for_retry_after = false;
+    while tried.len() < ATTEMPTS_MAX {
+        let facts = BalanceFacts {
+            variant: request.variant,
+            sticky_key: request.sticky_key,
+            exclude: &tried,
+        };
+        let (index, trial) = match pool.choose(&facts) {
+            Ok(choice) => choice,
+            Err(NoBackend::UnknownVariant) => {
+                return Err(GatewayError::invalid_value(
+                    CANARY_HEADER,
+                    format!(
+                        "pool `{}` has no backend labelled version = \"{}\"",
+                        pool.config.name,
+                        request.variant.unwrap_or_default()
+                    ),
+                ));
+            }
+            Err(NoBackend::Unavailable) => break,
+        };
+        let backend = &pool.backends[index];
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.requests.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(backend);
+        ctx.attempts += 1;
+        let path = pool.path(&backend.config, request.endpoint, upstream_model);
+        let attempt = attempt(session, ctx, pool, backend, &path, &body, request).await;
+        match attempt {
+            Attempt::Answered(outcome) => {
+                pool.record(index, outcome, trial);
+                return Ok(Forwarded::Answered);
+            }
+            Attempt::ClientGone(reason) => {
+                pool.record(index, Outcome::Abandoned, trial);
+                return Ok(Forwarded::ClientGone(reason));
+            }
+            Attempt::Retryable {
+                outcome,
+                error,
+                retry_after,
+            } => {
+                pool.record(index, outcome, trial);
+                tracing::warn!(
+                    request_id = %ctx.request_id,
+                    pool = %pool.config.name,
+                    backend = %backend.config.name,
+                    %error,
+                    "upstream attempt failed"
+                );
+                last_error = Some(error);
+                // A short Retry-After with nowhere else to go: wait and ask the same backend.
+                if let Some(wait) = retry_after
+                    && !waited_for_retry_after
+                    && wait <= pool.config.retry_after_max
+                    && pool
+                        .choose(&BalanceFacts {
+                            variant: request.variant,
+                            sticky_key: request.sticky_key,
+                            exclude: &[index],
+                        })
+                        .map(|(other, other_trial)| {
+                            if other_trial {
+                                lock(&pool.backends[other].health).circuit.abandon_trial();
+                            }
+                        })
+                        .is_err()
+                {
+                    waited_for_retry_after = true;
+                    tokio::time::sleep(wait).await;
+                    lock(&backend.health).not_before_ms = 0;
+                    continue;
+                }
+                tried.push(index);
+            }
+        }
+    }
+    Ok(Forwarded::Unavailable(last_error.unwrap_or_else(|| {
+        GatewayError::Unavailable {
+            message: format!(
+                "no backend of pool `{}` is available{}",
+                pool.config.name,
+                request
+                    .variant
+                    .map(|variant| format!(" for variant `{variant}`"))
+                    .unwrap_or_default()
+            ),
+            retry_after_s: 1,
+        }
+    })))
+}
+
+enum Attempt {
+    /// The response went to the client (a success, or an error that is the client's).
+    Answered(Outcome),
+    /// Nothing reached the client; another backend may serve.
+    Retryable {
+        outcome: Outcome,
+        error: GatewayError,
+        retry_after: Option<Duration>,
+    },
+    ClientGone(String),
+}
+
+async fn attempt(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    pool: &Pool,
+    backend: &Backend,
+    path: &str,
+    body: &Bytes,
+    request: &CloudRequest<'_>,
+) -> Attempt {
+    let failure = |message: String| Attempt::Retryable {
+        outcome: Outcome::Failure,
+        error: GatewayError::BadGateway { message },
+        retry_after: None,
+    };
+    let auth = match pool.config.auth.header().await {
+        Ok(auth) => auth,
+        Err(error) => {
+            return Attempt::Retryable {
+                outcome: Outcome::Abandoned,
+                error: GatewayError::BadGateway {
+                    message: format!(
+                        "authentication to pool `{}` failed: {error}",
+                        pool.config.name
+                    ),
+                },
+                retry_after: None,
+            };
+        }
+    };
+    let header = match request_header(
+        path,
+        &backend.config,
+        body.len(),
+        request.stream,
+        &ctx.request_id,
+        request.traceparent,
+        auth,
+    ) {
+        Ok(header) => header,
+        Err(message) => return failure(message),
+    };
+    let connected = pool.connector.get_http_session(&backend.peer).await;
+    let (mut upstream, reused) = match connected {
+        Ok(connected) => connected,
+        Err(error) => {
+            // Unreachable backends make the pool unavailable (503), not a bad gateway.
+            return Attempt::Retryable {
+                outcome: Outcome::Failure,
+                error: GatewayError::Unavailable {
+                    message: format!(
+                        "cannot connect to backend `{}` of pool `{}`: {error}",
+                        backend.config.name, pool.config.name
+                    ),
+                    retry_after_s: 1,
+                },
+                retry_after: None,
+            };
+        }
+    };
+    upstream.set_read_timeout(Some(pool.config.first_byte_timeout));
+    upstream.set_write_timeout(Some(pool.config.first_byte_timeout));
+    let sent = async {
+        upstream.write_request_header(header).await?;
+        upstream.write_request_body(body.clone(), true).await?;
+        upstream.finish_request_body().await?;
+        upstream.read_response_header().await
+    };
+    let sent = tokio::select! {
+        sent = sent => sent,
+        idle = session.as_downstream_mut().read_body_or_idle(true) => {
+            return Attempt::ClientGone(client_gone(idle));
+        }
+    };
+    if let Err(error) = sent {
+        let timed_out = matches!(
+            error.etype(),
+            pingora_error::ErrorType::ReadTimedout | pingora_error::ErrorType::WriteTimedout
+        );
+        let message = format!(
+            "backend `{}` of pool `{}` failed{}: {error}",
+            backend.config.name,
+            pool.config.name,
+            if reused {
+                " on a reused connection"
+            } else {
+                ""
+            }
+        );
+        return Attempt::Retryable {
+            outcome: Outcome::Failure,
+            error: if timed_out {
+                GatewayError::Timeout { message }
+            } else {
+                GatewayError::BadGateway { message }
+            },
+            retry_after: None,
+        };
+    }
+    let Some(response) = upstream.response_header() else {
+        return failure("the backend sent no response header".to_owned());
+    };
+    let status = response.status.as_u16();
+    let content_type = response
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let retry_after = response
+        .headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    ctx.target = Some(format!("{}/{}", pool.config.name, backend.config.name));
+    if status == 429 || status >= 500 {
+        let body = read_error_body(&mut upstream).await;
+        let detail = String::from_utf8_lossy(&body)
+            .chars()
+            .take(200)
+            .collect::<String>();
+        let message = format!(
+            "backend `{}` of pool `{}` answered {status}: {detail}",
+            backend.config.name, pool.config.name
+        );
+        return Attempt::Retryable {
+            outcome: if status == 429 {
+                Outcome::Throttled {
+                    retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+                }
+            } else {
+                Outcome::Failure
+            },
+            error: if status == 429 {
+                GatewayError::Unavailable {
+                    message,
+                    retry_after_s: retry_after.map_or(1, |wait| wait.as_secs().max(1)),
+                }
+            } else {
+                GatewayError::BadGateway { message }
+            },
+            retry_after,
+        };
+    }
+    // From here on the client hears from this backend, whatever happens.
+    let streaming = status == 200 && content_type.starts_with("text/event-stream");
+    let result = if streaming {
+        relay_stream(session, ctx, pool, &mut upstream, request).await
+    } else {
+        relay_whole(session, ctx, pool, &mut upstream, status, &content_type).await
+    };
+    match result {
+        Ok(()) => {
+            if upstream.response_done() {
+                pool.connector
+                    .release_http_session(upstream, &backend.peer, Some(IDLE_CONNECTION_TIMEOUT))
+                    .await;
+            }
+            // A 4xx is the client's mistake, not the backend's.
+            Attempt::Answered(Outcome::Success)
+        }
+        Err(Relay::ClientGone(reason)) => Attempt::ClientGone(reason),
+        Err(Relay::Upstream(message)) => {
+            ctx.outcome = Some(message);
+            Attempt::Answered(Outcome::Failure)
+        }
+    }
+}
+
+fn client_gone(idle: pingora_error::Result<Option<Bytes>>) -> String {
+    match idle {
+        Ok(_) => "the client sent data during the response".to_owned(),
+        Err(error) => format!("the client closed the connection: {error}"),
+    }
+}
+
+fn request_header(
+    path: &str,
+    backend: &BackendConfig,
+    body_bytes: usize,
+    stream: bool,
+    request_id: &str,
+    traceparent: Option<&str>,
+    auth: Option<(http::HeaderName, http::HeaderValue)>,
+) -> Result<Box<RequestHeader>, String> {
+    let mut header = RequestHeader::build("POST", path.as_bytes(), Some(8))
+        .map_err(|error| format!("building the upstream request: {error}"))?;
+    let default_port = if backend.tls { 443 } else { 80 };
+    let host = if backend.port == default_port {
+        backend.host.clone()
+    } else if backend.host.contains(':') {
+        format!("[{}]:{}", backend.host, backend.port)
+    } else {
+        format!("{}:{}", backend.host, backend.port)
+    };
+    let insert = |header: &mut RequestHeader, name: http::HeaderName, value: http::HeaderValue| {
+        header
+            .insert_header(name, value)
+            .map_err(|error| format!("building the upstream request: {error}"))
+    };
+    let value = |text: &str| {
+        http::HeaderValue::from_str(text).map_err(|_| format!("invalid header value `{text}`"))
+    };
+    insert(&mut header, http::header::HOST, value(&host)?)?;
+    insert(
+        &mut header,
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    )?;
+    insert(
+        &mut header,
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(body_bytes),
+    )?;
+    insert(
+        &mut header,
+        http::header::ACCEPT,
+        http::HeaderValue::from_static(if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
+    )?;
+    insert(
+        &mut header,
+        http::HeaderName::from_static("x-request-id"),
+        value(request_id)?,
+    )?;
+    if let Some(traceparent) = traceparent
+        && let Ok(traceparent) = http::HeaderValue::from_str(traceparent)
+    {
+        insert(
+            &mut header,
+            http::HeaderName::from_static("traceparent"),
+            traceparent,
+        )?;
+    }
+    if let Some((name, value)) = auth {
+        insert(&mut header, name, value)?;
+    }
+    Ok(Box::new(header))
+}
+
+async fn read_error_body(upstream: &mut HttpSession) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < ERROR_BODY_BYTES_MAX {
+        match upstream.read_response_body().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body
+}
+
+enum Relay {
+    ClientGone(String),
+    /// The backend failed after the response began: the client's answer is cut short.
+    Upstream(String),
+}
+
+/// A non-streamed answer: read whole (it is small), take its usage, pass it on unchanged.
+async fn relay_whole(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    pool: &Pool,
+    upstream: &mut HttpSession,
+    status: u16,
+    content_type: &str,
+) -> Result<(), Relay> {
+    let limit = usize::try_from(pool.config.response_bytes_max).unwrap_or(usize::MAX);
+    let mut body = BytesMut::new();
+    loop {
+        let chunk = tokio::select! {
+            chunk = upstream.read_response_body() => chunk,
+            idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Err(Relay::ClientGone(client_gone(idle)));
+            }
+        };
+        match chunk {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(Relay::Upstream(
+                        respond_bad_gateway(
+                            session,
+                            ctx,
+                            format!("the backend's answer exceeds {limit} bytes"),
+                        )
+                        .await,
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(error) => {
+                return Err(Relay::Upstream(
+                    respond_bad_gateway(
+                        session,
+                        ctx,
+                        format!("reading the backend's answer: {error}"),
+                    )
+                    .await,
+                ));
+            }
+        }
+    }
+    if status == 200
+        && let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&body)
+    {
+        record_usage(ctx, answer.get("usage"));
+    }
+    let mut header = response_header(ctx, status, content_type)
+        .map_err(|error| Relay::ClientGone(error.to_string()))?;
+    header
+        .insert_header("content-length", body.len().to_string())
+        .map_err(|error| Relay::ClientGone(error.to_string()))?;
+    ctx.status = status;
+    session
+        .write_response_header(Box::new(header), false)
+        .await
+        .map_err(|error| Relay::ClientGone(error.to_string()))?;
+    session
+        .write_response_body(Some(body.freeze()), true)
+        .await
+        .map_err(|error| Relay::ClientGone(error.to_string()))
+}
+
+/// Answers 502 when nothing was written yet; returns the reason for the access log.
+async fn respond_bad_gateway(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    message: String,
+) -> String {
+    let error = GatewayError::BadGateway {
+        message: message.clone(),
+    };
+    if let Err(write_error) = crate::data_plane::respond_error(session, ctx, &error).await {
+        return format!("{message}; writing the error failed: {write_error}");
+    }
+    message
+}
+
+/// A streamed answer: each complete server-sent event goes on as soon as it is complete.
+async fn relay_stream(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    pool: &Pool,
+    upstream: &mut HttpSession,
+    request: &CloudRequest<'_>,
+) -> Result<(), Relay> {
+    let header = response_header(ctx, 200, "text/event-stream")
+        .map_err(|error| Relay::ClientGone(error.to_string()))?;
+    ctx.status = 200;
+    session
+        .write_response_header(Box::new(header), false)
+        .await
+        .map_err(|error| Relay::ClientGone(error.to_string()))?;
+    upstream.set_read_timeout(Some(pool.config.idle_stream_timeout));
+    let mut events = SseSplitter::default();
+    loop {
+        let chunk = tokio::select! {
+            chunk = upstream.read_response_body() => chunk,
+            idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Err(Relay::ClientGone(client_gone(idle)));
+            }
+        };
+        match chunk {
+            Ok(Some(chunk)) => {
+                let forward = events.push(&chunk, |event| {
+                    let usage = event_usage(event);
+                    let keep = match &usage {
+                        Some((usage, only_usage)) => {
+                            record_usage(ctx, Some(usage));
+                            request.client_wants_usage || !only_usage
+                        }
+                        None => true,
+                    };
+                    if keep && ctx.first_token.is_none() && is_data_event(event) {
+                        ctx.first_token = Some(ctx.started.elapsed());
+                    }
+                    keep
+                });
+                if !forward.is_empty() {
+                    ctx.last_token = Some(ctx.started.elapsed());
+                    session
+                        .write_response_body(Some(forward), false)
+                        .await
+                        .map_err(|error| Relay::ClientGone(error.to_string()))?;
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                let message = format!("the backend's stream broke off: {error}");
+                // The status is sent; the client sees the stream end without [DONE].
+                let _ = session.write_response_body(None, true).await;
+                return Err(Relay::Upstream(message));
+            }
+        }
+    }
+    let rest = events.finish();
+    session
+        .write_response_body(if rest.is_empty() { None } else { Some(rest) }, true)
+        .await
+        .map_err(|error| Relay::ClientGone(error.to_string()))
+}
+
+fn is_data_event(event: &[u8]) -> bool {
+    event.starts_with(b"data:") && !event.starts_with(b"data: [DONE]")
+}
+
+/// The usage object of a stream chunk, and whether the chunk carries nothing else (no
+/// choices), which is the chunk `include_usage` adds.
+fn event_usage(event: &[u8]) -> Option<(serde_json::Value, bool)> {
+    let data = event.strip_prefix(b"data:")?;
+    if !contains(data, b"\"usage\"") {
+        return None;
+    }
+    let chunk: serde_json::Value = serde_json::from_slice(data.trim_ascii()).ok()?;
+    let usage = chunk
+        .get("usage")
+        .filter(|usage| usage.is_object())?
+        .clone();
+    let only_usage = chunk
+        .get("choices")
+        .and_then(serde_json::Value::as_array)
+        .is_none_or(Vec::is_empty);
+    Some((usage, only_usage))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+fn record_usage(ctx: &mut RequestContext, usage: Option<&serde_json::Value>) {
+    let Some(usage) = usage else {
+        return;
+    };
+    let count = |key: &str| {
+        usage
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|value| u32::try_from(value).ok())
+    };
+    if let Some(prompt) = count("prompt_tokens") {
+        ctx.usage.prompt_tokens = prompt;
+    }
+    if let Some(completion) = count("completion_tokens") {
+        ctx.usage.completion_tokens = completion;
+    }
+    if let Some(cached) = usage
+        .get("prompt_tokens_details")
+        .and_then(|details| details.get("cached_tokens"))
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|value| u32::try_from(value).ok())
+    {
+        ctx.usage.cached_tokens = cached;
+    }
+}
+
+/// Splits a byte stream into server-sent events (each ends with a blank line); `push` returns
+/// the bytes of the complete events that `keep` kept, exactly as they arrived.
+#[derive(Debug, Default)]
+pub struct SseSplitter {
+    pending: BytesMut,
+}
+
+impl SseSplitter {
+    pub fn push(&mut self, chunk: &[u8], mut keep: impl FnMut(&[u8]) -> bool) -> Bytes {
+        self.pending.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = event_end(&self.pending) {
+            let event = self.pending.split_to(end);
+            let trimmed = trim_event(&event);
+            if keep(trimmed) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Whatever is left when the stream ends (an event without its blank line).
+    pub fn finish(&mut self) -> Bytes {
+        self.pending.split().freeze()
+    }
+}
+
+/// The end (exclusive) of the first complete event, blank line included.
+fn event_end(buffer: &[u8]) -> Option<usize> {
+    let mut index = 0;
+    while index < buffer.len() {
+        if buffer[index] == b'\n' {
+            match buffer.get(index + 1) {
+                Some(b'\n') => return Some(index + 2),
+                Some(b'\r') if buffer.get(index + 2) == Some(&b'\n') => return Some(index + 3),
+                _ => {}
+            }
+        }
+        index += 1;
+    }
+    None
+}
+
+fn trim_event(event: &[u8]) -> &[u8] {
+    event.trim_ascii()
+}
+
+/// The client's body with the model replaced by the upstream's name and, for streams,
+/// `stream_options.include_usage` set; every other byte stays as the client sent it.
+pub fn rewrite_body(
+    body: &[u8],
+    upstream_model: &str,
+    stream: bool,
+) -> Result<Bytes, GatewayError> {
+    let invalid = |message: &str| GatewayError::InvalidJson {
+        message: format!("the request body is not a JSON object: {message}"),
+    };
+    let members = top_level_members(body).ok_or_else(|| invalid("cannot read its members"))?;
+    let mut edits: Vec<(std::ops::Range<usize>, Vec<u8>)> = Vec::new();
+    let model_json =
+        serde_json::to_vec(upstream_model).map_err(|error| invalid(&error.to_string()))?;
+    match members.iter().find(|member| member.key == "model") {
+        Some(member) => edits.push((member.value.clone(), model_json)),
+        None => edits.push((
+            members_end(body, &members),
+            insertion(&members, b"\"model\":", &model_json),
+        )),
+    }
+    if stream {
+        match members.iter().find(|member| member.key == "stream_options") {
+            Some(member) => {
+                let mut options: serde_json::Value =
+                    serde_json::from_slice(&body[member.value.clone()])
+                        .map_err(|error| invalid(&error.to_string()))?;
+                let Some(object) = options.as_object_mut() else {
+                    return Err(GatewayError::invalid_value(
+                        "stream_options",
+                        "stream_options must be an object",
+                    ));
+                };
+                if object.get("include_usage") != Some(&serde_json::Value::Bool(true)) {
+                    object.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+                    let json = serde_json::to_vec(&options)
+                        .map_err(|error| invalid(&error.to_string()))?;
+                    edits.push((member.value.clone(), json));
+                }
+            }
+            None => edits.push((
+                members_end(body, &members),
+                insertion(
+                    &members,
+                    b"\"stream_options\":",
+                    b"{\"include_usage\":true}",
+                ),
+            )),
+        }
+    }
+    edits.sort_by_key(|(range, _)| range.start);
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut at = 0;
+    for (range, replacement) in edits {
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(&replacement);
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    Ok(Bytes::from(out))
+}
+
+/// An empty range just before the object's closing brace.
+fn members_end(body: &[u8], members: &[Member]) -> std::ops::Range<usize> {
+    let end = members.last().map_or_else(
+        || {
+            body.iter()
+                .position(|&byte| byte == b'{')
+                .map_or(0, |open| open + 1)
+        },
+        |member| member.value.end,
+    );
+    end..end
+}
+
+fn insertion(members: &[Member], key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() + value.len() + 1);
+    if !members.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    out
+}
+
+#[derive(Debug)]
+struct Member {
+    key: String,
+    value: std::ops::Range<usize>,
+}
+
+/// The members of a top-level JSON object with the byte range of each value. The body was
+/// already parsed as JSON, so this only needs to find boundaries.
+fn top_level_members(body: &[u8]) -> Option<Vec<Member>> {
+    let mut at = skip_whitespace(body, 0);
+    if body.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_whitespace(body, at + 1);
+    let mut members = Vec::new();
+    if body.get(at) == Some(&b'}') {
+        return Some(members);
+    }
+    loop {
+        let key_end = skip_string(body, at)?;
+        let key: String = serde_json::from_slice(&body[at..key_end]).ok()?;
+        at = skip_whitespace(body, key_end);
+        if body.get(at) != Some(&b':') {
+            return None;
+        }
+        let value_start = skip_whitespace(body, at + 1);
+        let value_end = skip_value(body, value_start)?;
+        members.push(Member {
+            key,
+            value: value_start..value_end,
+        });
+        at = skip_whitespace(body, value_end);
+        match body.get(at) {
+            Some(b',') => at = skip_whitespace(body, at + 1),
+            Some(b'}') => return Some(members),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_whitespace(body: &[u8], mut at: usize) -> usize {
+    while body
+        .get(at)
+        .is_some_and(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        at += 1;
+    }
+    at
+}
+
+/// The end (exclusive) of the string starting at `at`.
+fn skip_string(body: &[u8], at: usize) -> Option<usize> {
+    if body.get(at) != Some(&b'"') {
+        return None;
+    }
+    let mut index = at + 1;
+    while let Some(&byte) = body.get(index) {
+        match byte {
+            b'\\' => index += 2,
+            b'"' => return Some(index + 1),
+            _ => index += 1,
+        }
+    }
+    None
+}
+
+/// The end (exclusive) of the value starting at `at`.
+fn skip_value(body: &[u8], at: usize) -> Option<usize> {
+    match body.get(at)? {
+        b'"' => skip_string(body, at),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut index = at;
+            while let Some(&byte) = body.get(index) {
+                match byte {
+                    b'"' => {
+                        index = skip_string(body, index)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(index + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                index += 1;
+            }
+            None
+        }
+        _ => {
+            let mut index = at;
+            while body.get(index).is_some_and(|byte| {
+                !matches!(byte, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            }) {
+                index += 1;
+            }
+            (index > at).then_some(index)
+        }
+    }
+}
+
+/// Active health checks of one pool, until the pool is dropped.
+async fn probe_loop(pool: Weak<Pool>) {
+    let Some(interval) = pool.upgrade().map(|pool| pool.config.health.interval) else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut probes = tokio::task::JoinSet::new();
+        for index in 0..pool.backends.len() {
+            let pool = Arc::clone(&pool);
+            probes.spawn(async move { probe(&pool, index).await });
+        }
+        drop(pool);
+        while probes.join_next().await.is_some() {}
+    }
+}
+
+async fn probe(pool: &Pool, index: usize) {
+    let backend = &pool.backends[index];
+    let health_config = &pool.config.health;
+    let path = format!("{}{}", backend.config.base_path, health_config.path);
+    let ok = tokio::time::timeout(health_config.timeout, async {
+        let (mut session, _) = pool.connector.get_http_session(&backend.peer).await.ok()?;
+        let mut header = RequestHeader::build("GET", path.as_bytes(), Some(2)).ok()?;
+        let default_port = if backend.config.tls { 443 } else { 80 };
+        let host = if backend.config.port == default_port {
+            backend.config.host.clone()
+        } else {
+            format!("{}:{}", backend.config.host, backend.config.port)
+        };
+        header.insert_header(http::header::HOST, host).ok()?;
+        if let Ok(Some((name, value))) = pool.config.auth.header().await {
+            header.insert_header(name, value).ok()?;
+        }
+        session.write_request_header(Box::new(header)).await.ok()?;
+        session.finish_request_body().await.ok()?;
+        session.read_response_header().await.ok()?;
+        let status = session.response_header()?.status;
+        while let Ok(Some(_)) = session.read_response_body().await {}
+        if session.response_done() {
+            pool.connector
+                .release_http_session(session, &backend.peer, Some(IDLE_CONNECTION_TIMEOUT))
+                .await;
+        }
+        Some(status.is_success())
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    let mut health = lock(&backend.health);
+    if ok {
+        health.good_probes_in_row = health.good_probes_in_row.saturating_add(1);
+        health.bad_probes_in_row = 0;
+        if !health.probed_healthy && health.good_probes_in_row >= health_config.healthy_threshold {
+            health.probed_healthy = true;
+            tracing::info!(pool = %pool.config.name, backend = %backend.config.name, "backend healthy again");
+        }
+    } else {
+        health.bad_probes_in_row = health.bad_probes_in_row.saturating_add(1);
+        health.good_probes_in_row = 0;
+        if health.probed_healthy && health.bad_probes_in_row >= health_config.unhealthy_threshold {
+            health.probed_healthy = false;
+            tracing::warn!(pool = %pool.config.name, backend = %backend.config.name, "backend failed its health probes");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,85 @@
+use super::*;
+
+fn rewritten(body: &str, model: &str, stream: bool) -> String {
+    match rewrite_body(body.as_bytes(), model, stream) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(error) => format!("error: {error}"),
+    }
+}
+
+#[test]
+fn only_the_model_value_changes() {
+    let body = r#"{ "messages": [{"role":"user","content":"a \"model\": {x}"}],
+  "model" : "gpt-4o" , "temperature":0.5}"#;
+    assert_eq!(
+        rewritten(body, "llama-70b", false),
+        body.replace(r#""gpt-4o""#, r#""llama-70b""#)
+    );
+}
+
+#[test]
+fn streams_get_include_usage_added_or_set() {
+    assert_eq!(
+        rewritten(r#"{"model":"a","stream":true}"#, "b", true),
+        r#"{"model":"b","stream":true,"stream_options":{"include_usage":true}}"#
+    );
+    assert_eq!(
+        rewritten(
+            r#"{"stream_options": {"include_usage": false}, "model":"a","stream":true}"#,
+            "b",
+            true
+        ),
+        r#"{"stream_options": {"include_usage":true}, "model":"b","stream":true}"#
+    );
+    // Already asked for: untouched.
+    assert_eq!(
+        rewritten(
+            r#"{"model":"a","stream":true,"stream_options":{"include_usage":true}}"#,
+            "b",
+            true
+        ),
+        r#"{"model":"b","stream":true,"stream_options":{"include_usage":true}}"#
+    );
+}
+
+#[test]
+fn a_missing_model_is_added_and_odd_bodies_are_refused() {
+    assert_eq!(rewritten(r#"{}"#, "b", false), r#"{"model":"b"}"#);
+    assert_eq!(
+        rewritten(r#"{"n":1}"#, "b\"c", false),
+        r#"{"n":1,"model":"b\"c"}"#
+    );
+    assert!(rewritten("[1]", "b", false).starts_with("error"));
+    assert!(rewritten(r#"{"model":"a","stream_options":3}"#, "b", true).starts_with("error"));
+}
+
+#[test]
+fn sse_events_pass_whole_and_split_events_wait_for_their_end() {
+    let mut splitter = SseSplitter::default();
+    let mut seen = Vec::new();
+    let first = splitter.push(b"data: {\"a\":1}\n\ndata: {\"b\"", |event| {
+        seen.push(String::from_utf8_lossy(event).into_owned());
+        true
+    });
+    assert_eq!(&first[..], b"data: {\"a\":1}\n\n");
+    let second = splitter.push(b":2}\r\n\r\ndata: [DONE]\n\n", |event| {
+        seen.push(String::from_utf8_lossy(event).into_owned());
+        !event.starts_with(b"data: [DONE]")
+    });
+    assert_eq!(&second[..], b"data: {\"b\":2}\r\n\r\n");
+    assert_eq!(seen, ["data: {\"a\":1}", "data: {\"b\":2}", "data: [DONE]"]);
+    assert!(splitter.finish().is_empty());
+}
+
+#[test]
+fn the_usage_chunk_is_recognised() {
+    let usage_only = br#"data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+    let (usage, only) = event_usage(usage_only).unwrap_or_default();
+    assert!(only);
+    assert_eq!(usage["completion_tokens"], 5);
+    let with_text =
+        br#"data: {"choices":[{"delta":{"content":"hi"}}],"usage":{"prompt_tokens":3}}"#;
+    assert_eq!(event_usage(with_text).map(|(_, only)| only), Some(false));
+    assert!(event_usage(br#"data: {"choices":[],"usage":null}"#).is_none());
+    assert!(event_usage(b"data: [DONE]").is_none());
+}

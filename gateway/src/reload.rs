@@ -1,0 +1,97 @@
+//! Configuration reload (SIGHUP and `POST /admin/api/reload`): read and validate the file
+//! again, compile its policy, build its pools, and put them in force at once. An invalid
+//! file changes nothing and reports all its errors. Requests in flight keep the routing they
+//! started with; backends that stay (same pool, name and URL) keep their observed health and
+//! connections are not dropped. Listeners, limits, models and the engine are set up once per
+//! process: changes there are reported as needing a restart and are not applied.
+
+use serde::Serialize;
+
+use crate::cloud::Pools;
+use crate::config::{self, Config, ProcessEnvironment};
+use crate::state::{AppState, Routing};
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub reloaded: bool,
+    pub pools: Vec<String>,
+    /// Sections that changed but only take effect after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// Reloads the configuration from the file the process started with. Blocks (it resolves
+/// backend host names), so async callers run it on a blocking thread.
+pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<String>> {
+    let source = state.config.source.clone();
+    let outcome = config::load(&source, &ProcessEnvironment)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+        .and_then(|config| apply(state, config));
+    match &outcome {
+        Ok(report) => tracing::info!(
+            trigger,
+            file = %source.display(),
+            pools = ?report.pools,
+            restart_required = ?report.restart_required,
+            "configuration reloaded"
+        ),
+        Err(errors) => tracing::error!(
+            trigger,
+            file = %source.display(),
+            errors = ?errors,
+            "configuration not reloaded; the previous one stays in force"
+        ),
+    }
+    outcome
+}
+
+fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> {
+    let policy = crate::policy::compile(&config)?;
+    let current = state.routing();
+    let pools = Pools::build(&config.upstreams, Some(&current.pools))?;
+    let started = &state.config;
+    let mut restart_required = Vec::new();
+    let sections: [(&str, String, String); 4] = [
+        (
+            "server",
+            format!("{:?}", started.server),
+            format!("{:?}", config.server),
+        ),
+        (
+            "models",
+            format!("{:?}", started.models),
+            format!("{:?}", config.models),
+        ),
+        (
+            "engine",
+            format!("{:?}", started.engine),
+            format!("{:?}", config.engine),
+        ),
+        (
+            "logging",
+            format!("{:?}", started.logging),
+            format!("{:?}", config.logging),
+        ),
+    ];
+    for (name, before, after) in sections {
+        if before != after {
+            restart_required.push(name.to_owned());
+        }
+    }
+    let mut names: Vec<String> = config
+        .upstreams
+        .iter()
+        .map(|pool| pool.name.clone())
+        .collect();
+    names.sort();
+    state.replace_routing(Routing {
+        config: std::sync::Arc::new(config),
+        policy,
+        pools,
+    });
+    Ok(ReloadReport {
+        reloaded: true,
+        pools: names,
+        restart_required,
+    })
+}

@@ -1,0 +1,229 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn views(weights: &[(u32, Option<&'static str>, bool)]) -> Vec<BackendView<'static>> {
+    weights
+        .iter()
+        .map(|&(weight, variant, available)| BackendView {
+            weight,
+            variant,
+            available,
+        })
+        .collect()
+}
+
+fn counts(backends: &[BackendView<'_>], facts: &BalanceFacts<'_>, picks: usize) -> Vec<usize> {
+    let mut round_robin = RoundRobin::default();
+    let mut counts = vec![0; backends.len()];
+    for _ in 0..picks {
+        if let Ok(index) = choose_backend(backends, facts, &mut round_robin) {
+            counts[index] += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn round_robin_split_is_exact_per_cycle_and_interleaved() {
+    let backends = views(&[(90, Some("v1"), true), (10, Some("v2"), true)]);
+    assert_eq!(
+        counts(&backends, &BalanceFacts::default(), 10_000),
+        [9_000, 1_000]
+    );
+    // Smooth: the light backend is spread out, not served in one burst.
+    let mut round_robin = RoundRobin::default();
+    let picks: Vec<usize> = (0..10)
+        .map(|_| choose_backend(&backends, &BalanceFacts::default(), &mut round_robin))
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
+    assert_eq!(picks.iter().filter(|&&index| index == 1).count(), 1);
+    assert_ne!(picks.first(), Some(&1));
+}
+
+#[test]
+fn weight_zero_drains_and_unavailable_backends_get_nothing() {
+    let backends = views(&[(0, None, true), (3, None, false), (1, None, true)]);
+    assert_eq!(
+        counts(&backends, &BalanceFacts::default(), 100),
+        [0, 0, 100]
+    );
+    let none = views(&[(0, None, true), (5, None, false)]);
+    let mut round_robin = RoundRobin::default();
+    assert_eq!(
+        choose_backend(&none, &BalanceFacts::default(), &mut round_robin),
+        Err(NoBackend::Unavailable)
+    );
+}
+
+#[test]
+fn forced_variant_selects_only_its_backends() {
+    let backends = views(&[
+        (99, Some("v1"), true),
+        (1, Some("v2"), true),
+        (1, Some("v2"), true),
+    ]);
+    let facts = BalanceFacts {
+        variant: Some("v2"),
+        ..BalanceFacts::default()
+    };
+    assert_eq!(counts(&backends, &facts, 10), [0, 5, 5]);
+    let unknown = BalanceFacts {
+        variant: Some("v9"),
+        ..BalanceFacts::default()
+    };
+    let mut round_robin = RoundRobin::default();
+    assert_eq!(
+        choose_backend(&backends, &unknown, &mut round_robin),
+        Err(NoBackend::UnknownVariant)
+    );
+    // A known variant whose backends are all down is unavailable, not unknown.
+    let down = views(&[(1, Some("v1"), true), (1, Some("v2"), false)]);
+    assert_eq!(
+        choose_backend(&down, &facts, &mut round_robin),
+        Err(NoBackend::Unavailable)
+    );
+}
+
+#[test]
+fn retries_exclude_backends_already_tried() {
+    let backends = views(&[(1, None, true), (1, None, true)]);
+    let mut round_robin = RoundRobin::default();
+    for tried in 0..2 {
+        let facts = BalanceFacts {
+            exclude: &[tried],
+            ..BalanceFacts::default()
+        };
+        assert_eq!(
+            choose_backend(&backends, &facts, &mut round_robin),
+            Ok(1 - tried)
+        );
+    }
+    let facts = BalanceFacts {
+        exclude: &[0, 1],
+        ..BalanceFacts::default()
+    };
+    assert_eq!(
+        choose_backend(&backends, &facts, &mut round_robin),
+        Err(NoBackend::Unavailable)
+    );
+}
+
+#[test]
+fn sticky_callers_keep_their_backend_and_spread_by_weight() {
+    let backends = views(&[(80, Some("v1"), true), (20, Some("v2"), true)]);
+    let mut round_robin = RoundRobin::default();
+    let mut per_backend = [0usize; 2];
+    for caller in 0..10_000 {
+        let key = format!("caller-{caller}");
+        let facts = BalanceFacts {
+            sticky_key: Some(&key),
+            ..BalanceFacts::default()
+        };
+        let first = choose_backend(&backends, &facts, &mut round_robin);
+        for _ in 0..3 {
+            assert_eq!(choose_backend(&backends, &facts, &mut round_robin), first);
+        }
+        if let Ok(index) = first {
+            per_backend[index] += 1;
+        }
+    }
+    // A hash spreads callers by weight within sampling error (±2 points at 10,000 callers).
+    let share = per_backend[1] as f64 / 10_000.0;
+    assert!((share - 0.2).abs() < 0.02, "v2 share {share}");
+}
+
+#[test]
+fn circuit_opens_after_failures_backs_off_and_closes_on_a_good_trial() {
+    let settings = CircuitSettings {
+        failures_to_open: 3,
+        open_base_ms: 1_000,
+        open_max_ms: 3_000,
+    };
+    let mut circuit = Circuit::default();
+    for now in 0..2 {
+        assert_eq!(circuit.admit(now), Admission::Pass);
+        circuit.record(false, false, now, &settings);
+    }
+    assert_eq!(circuit.phase(2), CircuitPhase::Closed);
+    circuit.record(false, false, 10, &settings);
+    assert_eq!(circuit.phase(10), CircuitPhase::Open);
+    assert_eq!(circuit.admit(1_009), Admission::Refuse);
+    assert!(!circuit.is_available(1_009));
+    // Half-open: one trial, and nobody else while it is out.
+    assert!(circuit.is_available(1_010));
+    assert_eq!(circuit.admit(1_010), Admission::Trial);
+    assert_eq!(circuit.admit(1_011), Admission::Refuse);
+    // A failed trial opens it for twice as long, then up to the maximum.
+    circuit.record(false, true, 1_100, &settings);
+    assert_eq!(circuit.admit(3_099), Admission::Refuse);
+    assert_eq!(circuit.admit(3_100), Admission::Trial);
+    circuit.record(false, true, 3_100, &settings);
+    assert_eq!(circuit.admit(6_099), Admission::Refuse);
+    assert_eq!(circuit.admit(6_100), Admission::Trial);
+    // An abandoned trial frees the slot for another.
+    circuit.abandon_trial();
+    assert_eq!(circuit.admit(6_101), Admission::Trial);
+    circuit.record(true, true, 6_200, &settings);
+    assert_eq!(circuit.phase(6_200), CircuitPhase::Closed);
+    assert_eq!(circuit.admit(6_201), Admission::Pass);
+    // Closed again with the back-off reset: three failures open it for the base time.
+    for now in 7_000..7_003 {
+        circuit.record(false, false, now, &settings);
+    }
+    assert_eq!(circuit.admit(8_001), Admission::Refuse);
+    assert_eq!(circuit.admit(8_002), Admission::Trial);
+}
+
+#[test]
+fn a_success_resets_the_failure_count() {
+    let settings = CircuitSettings {
+        failures_to_open: 2,
+        open_base_ms: 10,
+        open_max_ms: 10,
+    };
+    let mut circuit = Circuit::default();
+    circuit.record(false, false, 0, &settings);
+    circuit.record(true, false, 1, &settings);
+    circuit.record(false, false, 2, &settings);
+    assert_eq!(circuit.phase(3), CircuitPhase::Closed);
+}
+
+proptest! {
+    #[test]
+    fn never_picks_an_ineligible_backend(
+        backends in prop::collection::vec((0u32..5, prop::option::of(prop::sample::select(vec!["v1", "v2"])), any::<bool>()), 1..6),
+        exclude in prop::collection::vec(0usize..6, 0..3),
+        variant in prop::option::of(prop::sample::select(vec!["v1", "v2"])),
+        sticky in prop::option::of("[a-z]{1,8}"),
+    ) {
+        let views: Vec<BackendView<'_>> = backends
+            .iter()
+            .map(|&(weight, variant, available)| BackendView { weight, variant, available })
+            .collect();
+        let facts = BalanceFacts { variant, sticky_key: sticky.as_deref(), exclude: &exclude };
+        let mut round_robin = RoundRobin::default();
+        for _ in 0..20 {
+            if let Ok(index) = choose_backend(&views, &facts, &mut round_robin) {
+                let chosen = views[index];
+                prop_assert!(chosen.available && chosen.weight > 0);
+                prop_assert!(!exclude.contains(&index));
+                prop_assert!(variant.is_none_or(|variant| chosen.variant == Some(variant)));
+            }
+        }
+    }
+
+    #[test]
+    fn round_robin_shares_are_exact_over_a_cycle(weights in prop::collection::vec(0u32..20, 1..6)) {
+        let views: Vec<BackendView<'_>> = weights
+            .iter()
+            .map(|&weight| BackendView { weight, variant: None, available: true })
+            .collect();
+        let total: u32 = weights.iter().sum();
+        prop_assume!(total > 0);
+        let counts = counts(&views, &BalanceFacts::default(), total as usize * 3);
+        for (count, weight) in counts.iter().zip(&weights) {
+            prop_assert_eq!(*count, *weight as usize * 3);
+        }
+    }
+}

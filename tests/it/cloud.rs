@@ -1,0 +1,544 @@
+//! The cloud leg end to end: the real gateway forwarding to real fake-upstream processes over
+//! TLS, mTLS, HTTP/2 and plain HTTP; model mapping and byte-exact bodies, streaming
+//! pass-through, the canary split, forced and sticky variants, retries, ejection and the
+//! half-open trial, fallback to the local model, cancellation and reload under a stream.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use tests::{API_KEY, Gateway, GatewayOptions, TestPki, Upstream, UpstreamOptions, serial};
+
+use crate::upstream::options;
+use crate::{block_on, sse_payloads};
+
+/// How long a test waits for something asynchronous to show (health, counters).
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn start(options: UpstreamOptions) -> Upstream {
+    Upstream::start(options).unwrap()
+}
+
+/// A gateway with the test model and the given `[upstreams...]` text.
+fn gateway(upstreams: &str) -> Gateway {
+    Gateway::start(&GatewayOptions {
+        body_bytes_max: 8 * 1024 * 1024,
+        extra: upstreams.to_owned(),
+        ..GatewayOptions::default()
+    })
+}
+
+/// A `[[upstreams.POOL.backends]]` entry for a running upstream.
+fn backend(pool: &str, upstream: &Upstream, weight: u32, version: &str) -> String {
+    format!(
+        "[[upstreams.{pool}.backends]]\nurl = \"{}\"\nname = \"{}\"\nweight = {weight}\nlabels = {{ version = \"{version}\" }}\n",
+        upstream.base_url(),
+        upstream.name
+    )
+}
+
+/// A pool section: models, health probes slow enough not to interfere, quick circuits.
+fn pool(name: &str, models: &str, extra: &str) -> String {
+    format!(
+        "[upstreams.{name}]\nmodels = {{ {models} }}\n{extra}\n[upstreams.{name}.tls]\nca_file = {:?}\n[upstreams.{name}.health]\ninterval_ms = 60000\n[upstreams.{name}.circuit]\nfailures_to_open = 1\nopen_base_ms = 300\nopen_max_ms = 1000\n",
+        TestPki::shared().ca_path
+    )
+}
+
+async fn post(gateway: &Gateway, body: &Value) -> reqwest::Response {
+    tests::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(API_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .map(|value| value.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+fn chat(model: &str, extra: Value) -> Value {
+    let mut body = json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]});
+    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    body
+}
+
+/// A loopback port where nothing listens.
+fn dead_address() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[test]
+fn bodies_arrive_byte_exact_with_the_model_mapped_and_streams_pass_through_with_usage() {
+    let _serial = serial();
+    let upstream = start(UpstreamOptions {
+        name: "tls-a".to_owned(),
+        tls: true,
+        tokens: 6,
+        ..options()
+    });
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "served-70b""#, ""),
+        backend("aks", &upstream, 1, "v1")
+    ));
+    block_on(async {
+        // A 2 MB prompt, sent as exact bytes so the expected upstream bytes are known.
+        let prompt = "lorem ipsum ".repeat(2 * 1024 * 1024 / 12);
+        let sent = format!(
+            r#"{{"messages":[{{"role":"user","content":"{prompt}"}}], "model": "gpt-4o","temperature":0.25}}"#
+        );
+        let expected = sent.replace(r#""model": "gpt-4o""#, r#""model": "served-70b""#);
+        let response = tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(sent.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-isthmus-route"), "cloud");
+        assert_eq!(header(&response, "x-isthmus-target"), "aks/tls-a");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["usage"]["completion_tokens"], 6);
+        let received = upstream.requests().await;
+        let last = received.last().unwrap();
+        assert_eq!(last["body_bytes"], expected.len());
+        assert_eq!(
+            last["body_sha256"],
+            hex::encode(sha2::Sha256::digest(expected.as_bytes()))
+        );
+        assert_eq!(last["model"], "served-70b");
+        assert_eq!(
+            last["http_version"], "HTTP/2.0",
+            "TLS negotiates h2 by ALPN"
+        );
+        // The gateway's API key never reaches the cloud.
+        let forwarded = last["headers"].to_string();
+        assert!(!forwarded.contains(API_KEY), "{forwarded}");
+
+        // A stream whose client did not ask for usage: the gateway asks for it, records it
+        // and keeps the usage-only chunk from the client.
+        let response = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        let payloads = sse_payloads(&text);
+        assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"));
+        assert!(
+            !payloads
+                .iter()
+                .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
+                .any(|chunk| chunk["usage"].is_object()),
+            "{text}"
+        );
+        let content: String = payloads
+            .iter()
+            .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
+            .filter_map(|chunk| {
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert!(!content.is_empty());
+        let received = upstream.requests().await;
+        assert_eq!(received.last().unwrap()["include_usage"], true);
+        // Asked for: passed on.
+        let response = post(
+            &gateway,
+            &chat(
+                "gpt-4o",
+                json!({"stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
+        .await;
+        let text = response.text().await.unwrap();
+        assert!(text.contains("\"completion_tokens\":6"), "{text}");
+    });
+    let metrics = gateway.metrics();
+    assert!(
+        metrics.contains("route=\"cloud\""),
+        "cloud requests are counted: {metrics}"
+    );
+}
+
+#[test]
+fn mtls_and_http2_backends_are_reached_with_their_settings() {
+    let _serial = serial();
+    let mtls = start(UpstreamOptions {
+        name: "mtls".to_owned(),
+        mtls: true,
+        ..options()
+    });
+    let h2c = start(UpstreamOptions {
+        name: "h2c".to_owned(),
+        h2c: true,
+        ..options()
+    });
+    let pki = TestPki::shared();
+    let (client_cert, client_key) = pki.client_cert_files();
+    let gateway = gateway(&format!(
+        "{}[upstreams.secure.tls]\nca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n{}{}{}",
+        "[upstreams.secure]\nmodels = { \"secure-model\" = \"m\" }\nprotocol = \"http1\"\n",
+        pki.ca_path,
+        client_cert,
+        client_key,
+        backend("secure", &mtls, 1, "v1"),
+        "[upstreams.plain2]\nmodels = { \"h2-model\" = \"m\" }\nprotocol = \"http2\"\n",
+        backend("plain2", &h2c, 1, "v1"),
+    ));
+    block_on(async {
+        let response = post(&gateway, &chat("secure-model", json!({}))).await;
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        let seen = mtls.requests().await;
+        assert_eq!(seen.last().unwrap()["client_cn"], tests::TEST_CLIENT_CN);
+        assert_eq!(seen.last().unwrap()["http_version"], "HTTP/1.1");
+        let response = post(&gateway, &chat("h2-model", json!({"stream": true}))).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+        assert_eq!(
+            h2c.requests().await.last().unwrap()["http_version"],
+            "HTTP/2.0"
+        );
+    });
+}
+
+#[test]
+fn the_canary_split_follows_the_weights_and_variants_can_be_forced_or_sticky() {
+    let _serial = serial();
+    let v1 = start(UpstreamOptions {
+        name: "v1".to_owned(),
+        tokens: 1,
+        ..options()
+    });
+    let v2 = start(UpstreamOptions {
+        name: "v2".to_owned(),
+        tokens: 1,
+        ..options()
+    });
+    let gateway = gateway(&format!(
+        "{}{}{}{}{}{}",
+        pool("canary", r#""gpt-4o" = "m""#, ""),
+        backend("canary", &v1, 80, "v1"),
+        backend("canary", &v2, 20, "v2"),
+        pool("sticky", r#""sticky-model" = "m""#, "sticky = true"),
+        backend("sticky", &v1, 50, "v1"),
+        backend("sticky", &v2, 50, "v2"),
+    ));
+    block_on(async {
+        let client = tests::client();
+        let body = serde_json::to_vec(&chat("gpt-4o", json!({"max_tokens": 1}))).unwrap();
+        let total = 10_000usize;
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..16 {
+            let client = client.clone();
+            let url = gateway.url("/v1/chat/completions");
+            let body = body.clone();
+            tasks.spawn(async move {
+                let mut to_v2 = 0usize;
+                for _ in (worker..total).step_by(16) {
+                    let response = client
+                        .post(&url)
+                        .bearer_auth(API_KEY)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                    if header(&response, "x-isthmus-target") == "canary/v2" {
+                        to_v2 += 1;
+                    }
+                    let _ = response.bytes().await.unwrap();
+                }
+                to_v2
+            });
+        }
+        let mut to_v2 = 0;
+        while let Some(count) = tasks.join_next().await {
+            to_v2 += count.unwrap();
+        }
+        let share = to_v2 as f64 / total as f64;
+        assert!(
+            (share - 0.20).abs() <= 0.02,
+            "v2 got {to_v2} of {total} ({share})"
+        );
+
+        // The header forces a variant; an unknown one is a client error.
+        for _ in 0..10 {
+            let response = tests::client()
+                .post(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .header("x-isthmus-canary", "v2")
+                .json(&chat("gpt-4o", json!({})))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(header(&response, "x-isthmus-target"), "canary/v2");
+        }
+        let response = tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("x-isthmus-canary", "v9")
+            .json(&chat("gpt-4o", json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "x-isthmus-canary");
+
+        // Sticky: one caller (one API key) stays on one backend.
+        let mut targets = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let response = post(&gateway, &chat("sticky-model", json!({}))).await;
+            targets.insert(header(&response, "x-isthmus-target"));
+        }
+        assert_eq!(targets.len(), 1, "{targets:?}");
+    });
+}
+
+#[test]
+fn failures_move_to_another_backend_and_an_ejected_backend_returns_through_a_trial() {
+    let _serial = serial();
+    let steady = start(UpstreamOptions {
+        name: "steady".to_owned(),
+        ..options()
+    });
+    let mut flaky = start(UpstreamOptions {
+        name: "flaky".to_owned(),
+        ..options()
+    });
+    let flaky_address = flaky.addr;
+    let gateway = gateway(&format!(
+        "{}{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", &flaky, 1, "v1"),
+        backend("aks", &steady, 1, "v1"),
+    ));
+    block_on(async {
+        // A 503 before any byte: retried on the other backend, the client sees a 200.
+        flaky
+            .set_behaviour(json!({"status": 503, "count": 1}))
+            .await;
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-isthmus-target"), "aks/steady");
+
+        // Killed mid-run: connection refused is retried, the backend is ejected, and no
+        // client sees an error.
+        flaky.terminate();
+        for _ in 0..20 {
+            let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+            assert_eq!(response.status(), 200);
+            assert_eq!(header(&response, "x-isthmus-target"), "aks/steady");
+        }
+        let status = upstream_status(&gateway, "flaky");
+        assert_ne!(status["circuit"], "closed", "{status}");
+
+        // Back at its address: after the back-off one trial request goes there, and its
+        // success closes the circuit.
+        let revived = start(UpstreamOptions {
+            name: "flaky".to_owned(),
+            listen: Some(flaky_address),
+            ..options()
+        });
+        let mut reached = false;
+        for _ in 0..100 {
+            let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+            assert_eq!(response.status(), 200);
+            if header(&response, "x-isthmus-target") == "aks/flaky" {
+                reached = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(reached, "the revived backend never got a trial request");
+        assert_eq!(upstream_status(&gateway, "flaky")["circuit"], "closed");
+        assert!(!revived.requests().await.is_empty());
+    });
+}
+
+fn upstream_status(gateway: &Gateway, backend: &str) -> Value {
+    let (_, body) = tests::plain_get(gateway.admin, "/admin/api/upstreams").unwrap();
+    let status: Value = serde_json::from_str(&body).unwrap();
+    status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["backend"] == backend)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_pool_that_is_down_falls_back_to_the_local_model_or_answers_503() {
+    let _serial = serial();
+    let dead = dead_address();
+    let gateway = gateway(&format!(
+        "{}[[upstreams.rescued.backends]]\nurl = \"http://{dead}\"\n{}[[upstreams.strict.backends]]\nurl = \"http://{dead}\"\n",
+        pool(
+            "rescued",
+            r#""big-model" = "m""#,
+            "fallback_to_local = true"
+        ),
+        pool("strict", r#""other-model" = "m""#, ""),
+    ));
+    block_on(async {
+        let response = post(
+            &gateway,
+            &chat("big-model", json!({"max_tokens": 4, "temperature": 0})),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-isthmus-degraded"), "cloud-unavailable");
+        assert_eq!(header(&response, "x-isthmus-route"), "local");
+        assert_eq!(header(&response, "x-isthmus-target"), "smollm2");
+        let answer: Value = response.json().await.unwrap();
+        assert!(answer["choices"][0]["message"]["content"].is_string());
+
+        let response = post(&gateway, &chat("other-model", json!({}))).await;
+        assert_eq!(response.status(), 503);
+        assert_eq!(header(&response, "x-isthmus-route"), "cloud");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "unavailable");
+    });
+}
+
+#[test]
+fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_client_cancels() {
+    let _serial = serial();
+    let upstream = start(UpstreamOptions {
+        name: "slow".to_owned(),
+        ..options()
+    });
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", &upstream, 1, "v1"),
+    ));
+    block_on(async {
+        upstream.set_behaviour(json!({"hold": true})).await;
+        let mut response = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;
+        assert_eq!(response.status(), 200);
+        // The first chunk comes through while the upstream still holds the rest.
+        let first = tokio::time::timeout(DEADLINE, response.chunk())
+            .await
+            .expect("the first chunk did not arrive while the upstream held the rest")
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+        assert_eq!(upstream.stats().await["held"], 1);
+        upstream.release().await;
+        let rest = response.text().await.unwrap();
+        assert!(rest.ends_with("data: [DONE]\n\n"));
+
+        // A client that leaves mid-stream: the upstream request is cancelled too.
+        let cancelled_before = upstream.stats().await["cancelled"].as_u64().unwrap();
+        let mut response = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;
+        let _ = response.chunk().await.unwrap();
+        drop(response);
+        let stats = upstream
+            .wait_for_stats(DEADLINE, |stats| {
+                stats["cancelled"].as_u64().unwrap() > cancelled_before
+            })
+            .await;
+        assert!(
+            stats["cancelled"].as_u64().unwrap() > cancelled_before,
+            "{stats}"
+        );
+        upstream.set_behaviour(json!({"reset": true})).await;
+    });
+}
+
+#[test]
+fn a_weight_reload_during_a_running_stream_leaves_the_stream_whole() {
+    let _serial = serial();
+    let v1 = start(UpstreamOptions {
+        name: "v1".to_owned(),
+        ..options()
+    });
+    let v2 = start(UpstreamOptions {
+        name: "v2".to_owned(),
+        ..options()
+    });
+    let sections = |v1_weight: u32, v2_weight: u32| {
+        format!(
+            "{}{}{}",
+            pool("aks", r#""gpt-4o" = "m""#, ""),
+            backend("aks", &v1, v1_weight, "v1"),
+            backend("aks", &v2, v2_weight, "v2"),
+        )
+    };
+    let gateway = gateway(&sections(1, 0));
+    block_on(async {
+        v1.set_behaviour(json!({"hold": true})).await;
+        let mut response = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;
+        let first = response.chunk().await.unwrap().unwrap();
+        assert!(!first.is_empty());
+
+        // Reload with the weights swapped, while the stream is held mid-way.
+        let config_path = gateway.dir.path().join("isthmus.toml");
+        let text = std::fs::read_to_string(&config_path).unwrap();
+        let text = text.replace(&sections(1, 0), &sections(0, 1));
+        std::fs::write(&config_path, text).unwrap();
+        let reloaded = admin_post(&gateway, "/admin/api/reload");
+        assert_eq!(reloaded["reloaded"], true, "{reloaded}");
+
+        // A broken file is refused with its errors and changes nothing.
+        let good = std::fs::read_to_string(&config_path).unwrap();
+        std::fs::write(
+            &config_path,
+            good.replace("weight = 1", "weight = \"heavy\""),
+        )
+        .unwrap();
+        let refused = admin_post(&gateway, "/admin/api/reload");
+        assert_eq!(refused["reloaded"], false);
+        assert!(
+            refused["errors"].to_string().contains("weight"),
+            "{refused}"
+        );
+        std::fs::write(&config_path, good).unwrap();
+
+        v1.release().await;
+        let rest = response.text().await.unwrap();
+        assert!(
+            rest.ends_with("data: [DONE]\n\n"),
+            "the held stream survived: {rest}"
+        );
+        for _ in 0..5 {
+            let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+            assert_eq!(header(&response, "x-isthmus-target"), "aks/v2");
+        }
+        v1.set_behaviour(json!({"reset": true})).await;
+    });
+}
+
+/// POSTs to the admin listener and returns its JSON answer.
+fn admin_post(gateway: &Gateway, path: &str) -> Value {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(gateway.admin).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|_| Value::String(text.clone()))
+}
