@@ -144,6 +144,8 @@ pub struct BenchOptions {
     pub request_timeout: Duration,
     /// Each worker starts a request at most this often (0: back to back).
     pub interval: Duration,
+    /// Open loop: requests start at this rate whatever the answers do (0: closed loop).
+    pub rate_per_s: f64,
     /// Mixed into every prompt; a fresh value per run keeps servers' prompt caches from
     /// serving one run with another's prompts.
     pub salt: u64,
@@ -288,6 +290,7 @@ async fn one_request(
     client: &reqwest::Client,
     options: &BenchOptions,
     index: u64,
+    scheduled: Option<Instant>,
 ) -> Result<Sample, String> {
     let url = format!("{}/v1/chat/completions", options.url.trim_end_matches('/'));
     let body = request_body(options, index);
@@ -298,13 +301,14 @@ async fn one_request(
         }
         request.send()
     };
-    let mut started = Instant::now();
+    // Open loop: latency counts from when the request was due, not when it could be sent.
+    let mut started = scheduled.unwrap_or_else(Instant::now);
     let mut response = match send().await {
         Ok(response) => response,
         // A pooled connection the server closed while idle (some servers close after a few
         // requests): the request never reached it, so send it once more on a new connection.
         Err(error) if error.is_request() && error.status().is_none() => {
-            started = Instant::now();
+            started = scheduled.unwrap_or_else(Instant::now);
             send().await.map_err(|error| describe(&error))?
         }
         Err(error) => return Err(describe(&error)),
@@ -398,6 +402,67 @@ fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// `--concurrency` workers, each sending its next request when the last one ended.
+async fn closed_loop(
+    client: &reqwest::Client,
+    options: &Arc<BenchOptions>,
+) -> anyhow::Result<Vec<Result<Sample, String>>> {
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..options.concurrency)
+        .map(|_| {
+            let client = client.clone();
+            let options = Arc::clone(options);
+            let next = Arc::clone(&next);
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= u64::from(options.requests) {
+                        break;
+                    }
+                    let started = tokio::time::Instant::now();
+                    results.push(one_request(&client, &options, index, None).await);
+                    tokio::time::sleep_until(started + options.interval).await;
+                }
+                results
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for worker in workers {
+        results.extend(worker.await?);
+    }
+    Ok(results)
+}
+
+/// Requests due at a fixed rate, each in its own task, at most `--concurrency` in flight.
+async fn open_loop(
+    client: &reqwest::Client,
+    options: &Arc<BenchOptions>,
+    started: Instant,
+) -> anyhow::Result<Vec<Result<Sample, String>>> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.concurrency as usize));
+    let period = Duration::from_secs_f64(1.0 / options.rate_per_s);
+    let mut tasks = Vec::with_capacity(options.requests as usize);
+    for index in 0..u64::from(options.requests) {
+        let due = started + period.mul_f64(index as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let slot = Arc::clone(&slots).acquire_owned().await?;
+        let client = client.clone();
+        let options = Arc::clone(options);
+        tasks.push(tokio::spawn(async move {
+            let result = one_request(&client, &options, index, Some(due)).await;
+            drop(slot);
+            result
+        }));
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await?);
+    }
+    Ok(results)
+}
+
 /// Runs the benchmark.
 pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
@@ -410,7 +475,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
             let client = client.clone();
             let options = Arc::clone(&options);
             tokio::spawn(async move {
-                one_request(&client, &options, 1_000_000 + u64::from(worker)).await
+                one_request(&client, &options, 1_000_000 + u64::from(worker), None).await
             })
         })
         .collect();
@@ -420,36 +485,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
 
-    let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let workers: Vec<_> = (0..options.concurrency)
-        .map(|_| {
-            let client = client.clone();
-            let options = Arc::clone(&options);
-            let next = Arc::clone(&next);
-            tokio::spawn(async move {
-                let mut results = Vec::new();
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= u64::from(options.requests) {
-                        break;
-                    }
-                    let started = tokio::time::Instant::now();
-                    results.push(one_request(&client, &options, index).await);
-                    tokio::time::sleep_until(started + options.interval).await;
-                }
-                results
-            })
-        })
-        .collect();
+    let results = if options.rate_per_s > 0.0 {
+        open_loop(&client, &options, started).await?
+    } else {
+        closed_loop(&client, &options).await?
+    };
     let mut samples = Vec::new();
     let mut errors = Vec::new();
-    for worker in workers {
-        for result in worker.await? {
-            match result {
-                Ok(sample) => samples.push(sample),
-                Err(error) => errors.push(error),
-            }
+    for result in results {
+        match result {
+            Ok(sample) => samples.push(sample),
+            Err(error) => errors.push(error),
         }
     }
     let wall = started.elapsed();

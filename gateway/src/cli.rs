@@ -87,13 +87,17 @@ pub struct BenchArgs {
     /// Each worker starts a request at most this often, in milliseconds (0: back to back).
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
+    /// Open loop: start requests at this fixed rate (per second) whatever the answers do,
+    /// with at most --concurrency in flight; latency counts from each request's scheduled
+    /// start, so a server that falls behind is not flattered (0: closed loop).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Seed of the prompt text; by default a new one per run, so no run hits the prompt
     /// cache another run filled.
     #[arg(long)]
     pub seed: Option<u64>,
 }
 
-/// Loads the configuration, printing every error to stderr.
 /// Loads the file and checks what the running gateway would also build from it: the routing
 /// policy and the cloud pools (host names resolve, TLS files load).
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -154,6 +158,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         request_timeout: std::time::Duration::from_secs(args.timeout_s),
         salt: args.seed.unwrap_or_else(rand::random),
         interval: std::time::Duration::from_millis(args.interval_ms),
+        rate_per_s: args.rate,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

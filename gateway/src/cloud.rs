@@ -881,9 +881,9 @@ async fn relay_whole(
         }
     }
     if status == 200
-        && let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&body)
+        && let Ok(answer) = serde_json::from_slice::<UsageOnly>(&body)
     {
-        record_usage(ctx, answer.get("usage"));
+        record_usage(ctx, answer.usage.as_ref());
     }
     let mut header = response_header(ctx, status, content_type)
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
@@ -891,14 +891,15 @@ async fn relay_whole(
         .insert_header("content-length", body.len().to_string())
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
     ctx.status = status;
-    session
-        .write_response_header(Box::new(header), false)
-        .await
-        .map_err(|error| Relay::ClientGone(error.to_string()))?;
-    session
-        .write_response_body(Some(body.freeze()), true)
+    crate::data_plane::write_whole(session, header, body.freeze())
         .await
         .map_err(|error| Relay::ClientGone(error.to_string()))
+}
+
+/// The one field of an answer the forwarder reads; the rest is skipped, not built.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    usage: Option<serde_json::Value>,
 }
 
 /// Answers 502 when nothing was written yet; returns the reason for the access log.

@@ -191,7 +191,18 @@ fn request_id(session: &Session) -> String {
                     .all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(&byte))
         })
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(new_request_id)
+}
+
+/// A random (version 4) UUID from the thread's generator, which is seeded once, instead of
+/// a system call per request.
+fn new_request_id() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 pub fn unix_now_s() -> u64 {
@@ -239,12 +250,22 @@ pub async fn respond_json(
         header.insert_header("retry-after", seconds.to_string())?;
     }
     ctx.status = status;
+    write_whole(session, header, Bytes::from(body)).await
+}
+
+/// Writes a header and a complete body in one go (one write to the socket on HTTP/1.1).
+pub async fn write_whole(
+    session: &mut Session,
+    header: ResponseHeader,
+    body: Bytes,
+) -> pingora_error::Result<()> {
     session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
+        .write_response_tasks(vec![
+            pingora_core::protocols::http::HttpTask::Header(Box::new(header), false),
+            pingora_core::protocols::http::HttpTask::Body(Some(body), true),
+        ])
         .await
+        .map(|_| ())
 }
 
 /// Writes an OpenAI error response.

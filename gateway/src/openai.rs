@@ -78,13 +78,48 @@ pub struct Envelope {
     pub user: Option<String>,
 }
 
-/// Reads the routing envelope of a body; the body must be a JSON object.
+/// Reads the routing envelope of a body; the body must be a JSON object. Only these fields
+/// are built; the messages are skipped over, which matters for multi-MB prompts.
 pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
-    let mut fields = Fields::parse(body)?;
-    let model = fields.optional_string("model")?;
-    let user = fields.optional_string("user")?;
-    let stream = match fields.take("stream") {
-        None => false,
+    #[derive(serde::Deserialize)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: Option<Value>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Raw {
+        #[serde(default)]
+        model: Option<Value>,
+        #[serde(default)]
+        user: Option<Value>,
+        #[serde(default)]
+        stream: Option<Value>,
+        #[serde(default)]
+        stream_options: Option<Value>,
+    }
+    let raw: Raw = match serde_json::from_slice::<Raw>(body) {
+        Ok(raw) => raw,
+        Err(error) if error.is_data() => {
+            return Err(GatewayError::InvalidJson {
+                message: "the request body must be a JSON object".to_owned(),
+            });
+        }
+        Err(error) => {
+            return Err(GatewayError::InvalidJson {
+                message: format!("the request body is not valid JSON: {error}"),
+            });
+        }
+    };
+    let string = |name: &str, value: Option<Value>| match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(GatewayError::invalid_value(
+            name,
+            format!("`{name}` must be a string"),
+        )),
+    };
+    let stream = match raw.stream {
+        None | Some(Value::Null) => false,
         Some(Value::Bool(stream)) => stream,
         Some(_) => {
             return Err(GatewayError::invalid_value(
@@ -93,15 +128,17 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
             ));
         }
     };
-    let include_usage = fields
-        .take("stream_options")
-        .and_then(|options| options.get("include_usage").and_then(Value::as_bool))
+    let include_usage = raw
+        .stream_options
+        .and_then(|options| serde_json::from_value::<StreamOptions>(options).ok())
+        .and_then(|options| options.include_usage)
+        .and_then(|value| value.as_bool())
         .unwrap_or(false);
     Ok(Envelope {
-        model,
+        model: string("model", raw.model)?,
         stream,
         include_usage,
-        user,
+        user: string("user", raw.user)?,
     })
 }
 

@@ -542,3 +542,61 @@ fn admin_post(gateway: &Gateway, path: &str) -> Value {
         .unwrap_or("");
     serde_json::from_str(body).unwrap_or_else(|_| Value::String(text.clone()))
 }
+
+#[test]
+fn active_probes_take_a_failing_backend_out_and_bring_it_back_and_credentials_are_sent() {
+    let _serial = serial();
+    let probed = start(UpstreamOptions {
+        name: "probed".to_owned(),
+        ..options()
+    });
+    let other = start(UpstreamOptions {
+        name: "other".to_owned(),
+        ..options()
+    });
+    let dir = tests::scratch_dir();
+    let token_file = dir.path().join("vllm-key");
+    std::fs::write(&token_file, "sk-upstream-secret\n").unwrap();
+    let gateway = gateway(&format!(
+        "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"m\" }}\n[upstreams.aks.health]\ninterval_ms = 50\nhealthy_threshold = 1\nunhealthy_threshold = 1\n[upstreams.aks.auth]\nkind = \"bearer\"\ntoken_file = {token_file:?}\n{}{}",
+        backend("aks", &probed, 1, "v1"),
+        backend("aks", &other, 1, "v1"),
+    ));
+    block_on(async {
+        // Probes carry the pool's credentials too, and so does every forwarded request.
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 200);
+        let seen = [probed.requests().await, other.requests().await].concat();
+        let forwarded = seen
+            .iter()
+            .find(|request| request["path"] == "/v1/chat/completions")
+            .unwrap();
+        assert_eq!(
+            forwarded["headers"]["authorization"], "Bearer sk-upstream-secret",
+            "{forwarded}"
+        );
+        assert!(seen.iter().any(|request| request["path"] == "/health"));
+        assert!(!gateway.log().contains("sk-upstream-secret"));
+
+        probed.set_behaviour(json!({"health_status": 500})).await;
+        assert!(
+            tests::eventually(
+                DEADLINE,
+                || upstream_status(&gateway, "probed")["probed_healthy"] == false
+            ),
+            "the failing probes did not take the backend out"
+        );
+        for _ in 0..10 {
+            let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+            assert_eq!(header(&response, "x-isthmus-target"), "aks/other");
+        }
+        probed.set_behaviour(json!({"reset": true})).await;
+        assert!(
+            tests::eventually(
+                DEADLINE,
+                || upstream_status(&gateway, "probed")["probed_healthy"] == true
+            ),
+            "good probes did not bring the backend back"
+        );
+    });
+}

@@ -35,6 +35,7 @@ fn options(shared_prefix_tokens: u32) -> BenchOptions {
         request_timeout: std::time::Duration::from_secs(1),
         salt: 7,
         interval: std::time::Duration::ZERO,
+        rate_per_s: 0.0,
     }
 }
 
