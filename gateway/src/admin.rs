@@ -76,6 +76,69 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// Explains the routing of the chat body posted, with the admin request's headers as the
+    /// request's and the live signals; nothing runs and no state changes.
+    async fn explain(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        const EXPLAIN_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > EXPLAIN_BODY_BYTES_MAX {
+                        return json(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            &serde_json::json!({"error": {"message": "the body exceeds 8 MiB", "type": "invalid_request_error", "param": null, "code": "request_too_large"}}),
+                        );
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": {"message": format!("reading the body: {error}"), "type": "invalid_request_error", "param": null, "code": "invalid_json"}}),
+                    );
+                }
+            }
+        }
+        let envelope = match crate::openai::parse_envelope(&body) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                return json(
+                    error.status(),
+                    &serde_json::to_value(error.body()).unwrap_or_default(),
+                );
+            }
+        };
+        let routing = self.state.routing();
+        let header = session.req_header();
+        let headers: Vec<(&str, &str)> = header
+            .headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+            .collect();
+        let request = crate::facts::RequestView {
+            path: "/v1/chat/completions",
+            method: "POST",
+            headers: &headers,
+            caller: None,
+            model: envelope.model.as_deref(),
+            body: &body,
+        };
+        let loads = self.state.local_loads();
+        let state = self.state.route_state();
+        let evaluation =
+            crate::facts::evaluate(&routing, &request, &loads, |policy, facts, signals| {
+                router_policies::decide(policy, facts, signals, state)
+            });
+        json(
+            StatusCode::OK,
+            &crate::facts::explanation(&evaluation, &routing.policy),
+        )
+    }
+}
+
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -127,6 +190,9 @@ impl ServeHttp for Admin {
                     &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
                 ),
             };
+        }
+        if path == "/admin/api/explain" && method == http::Method::POST {
+            return self.explain(session).await;
         }
         if method != http::Method::GET && method != http::Method::HEAD {
             return json(

@@ -38,6 +38,15 @@ pub enum Command {
         /// The configuration file (TOML).
         config: PathBuf,
     },
+    /// Explain routing: one JSON line per request (an OpenAI chat body per input line) with
+    /// the decision, the rule, complexity, sensitive entity types and each rule's verdict.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON Lines of request bodies (standard input when absent).
+        #[arg(long)]
+        jsonl: Option<PathBuf>,
+    },
     /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
     Bench(BenchArgs),
 }
@@ -105,10 +114,9 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         report(path, &errors);
         ExitCode::from(2)
     })?;
-    let mut problems: Vec<String> = crate::policy::compile(&loaded).err().unwrap_or_default();
-    if let Err(errors) = crate::cloud::Pools::build(&loaded.upstreams, None) {
-        problems.extend(errors);
-    }
+    let problems: Vec<String> = crate::reload::build_routing(loaded.clone(), None)
+        .err()
+        .unwrap_or_default();
     if problems.is_empty() {
         return Ok(loaded);
     }
@@ -127,6 +135,88 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         .collect();
     report(path, &errors);
     Err(ExitCode::from(2))
+}
+
+/// `isthmus explain`: decides every request of the input without running it. Signals are
+/// those of an idle gateway (empty queues, every pool available).
+fn explain(config_path: &std::path::Path, jsonl: Option<&std::path::Path>) -> ExitCode {
+    use std::io::{BufRead as _, Write as _};
+    let loaded = match load_config(config_path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let routing = match crate::reload::build_routing(loaded, None) {
+        Ok(routing) => routing,
+        Err(errors) => {
+            for error in errors {
+                eprintln!("{}: {error}", config_path.display());
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let input: Box<dyn std::io::BufRead> = match jsonl {
+        Some(path) => match std::fs::File::open(path) {
+            Ok(file) => Box::new(std::io::BufReader::new(file)),
+            Err(error) => {
+                eprintln!("{}: cannot read: {error}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => Box::new(std::io::stdin().lock()),
+    };
+    let source = jsonl.map_or_else(|| "stdin".to_owned(), |path| path.display().to_string());
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = false;
+    for (index, line) in input.lines().enumerate() {
+        let number = index + 1;
+        let line = match line {
+            Ok(line) => line,
+            Err(error) => {
+                eprintln!("{source}:{number}: cannot read: {error}");
+                return ExitCode::from(2);
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = crate::openai::parse_envelope(line.as_bytes()).map(|envelope| {
+            let request = crate::facts::RequestView {
+                path: "/v1/chat/completions",
+                method: "POST",
+                headers: &[],
+                caller: None,
+                model: envelope.model.as_deref(),
+                body: line.as_bytes(),
+            };
+            let evaluation =
+                crate::facts::evaluate(&routing, &request, &[], |policy, facts, signals| {
+                    router_policies::decide(
+                        policy,
+                        facts,
+                        signals,
+                        router_policies::RouteState::default(),
+                    )
+                });
+            crate::facts::explanation(&evaluation, &routing.policy)
+        });
+        let mut record = match result {
+            Ok(explanation) => explanation,
+            Err(error) => {
+                failed = true;
+                eprintln!("{source}:{number}: {error}");
+                serde_json::json!({"error": error.to_string()})
+            }
+        };
+        record["line"] = serde_json::json!(number);
+        if writeln!(stdout, "{record}").is_err() {
+            return ExitCode::from(1);
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn report(path: &std::path::Path, errors: &[ConfigError]) {
@@ -194,6 +284,7 @@ fn bench(args: BenchArgs) -> ExitCode {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Bench(args) => bench(args),
+        Command::Explain { config, jsonl } => explain(&config, jsonl.as_deref()),
         Command::CheckConfig { config } => match load_config(&config) {
             Ok(loaded) => {
                 println!(

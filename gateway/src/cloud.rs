@@ -201,6 +201,24 @@ impl Pools {
         }
     }
 
+    /// Each pool and whether any of its backends could take a request now.
+    pub fn availability(&self) -> Vec<(String, bool)> {
+        let now = now_ms();
+        self.by_name
+            .iter()
+            .map(|(name, pool)| {
+                let available = pool.backends.iter().any(|backend| {
+                    let health = lock(&backend.health);
+                    backend.config.weight > 0
+                        && health.probed_healthy
+                        && health.circuit.is_available(now)
+                        && health.not_before_ms <= now
+                });
+                (name.clone(), available)
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> Vec<BackendStatus> {
         let now = now_ms();
         let mut statuses: Vec<BackendStatus> = self
@@ -441,6 +459,8 @@ pub struct CloudRequest<'a> {
     pub variant: Option<&'a str>,
     pub sticky_key: Option<&'a str>,
     pub traceparent: Option<&'a str>,
+    /// Redact-then-cloud: the placeholders to put the values back for in the answer.
+    pub restore: Option<&'a router_policies::redact::RedactionMap>,
 }
 
 /// How forwarding ended.
@@ -724,7 +744,16 @@ async fn attempt(
     let result = if streaming {
         relay_stream(session, ctx, pool, &mut upstream, request).await
     } else {
-        relay_whole(session, ctx, pool, &mut upstream, status, &content_type).await
+        relay_whole(
+            session,
+            ctx,
+            pool,
+            &mut upstream,
+            status,
+            &content_type,
+            request.restore,
+        )
+        .await
     };
     match result {
         Ok(()) => {
@@ -843,6 +872,7 @@ async fn relay_whole(
     upstream: &mut HttpSession,
     status: u16,
     content_type: &str,
+    request_restore: Option<&router_policies::redact::RedactionMap>,
 ) -> Result<(), Relay> {
     let limit = usize::try_from(pool.config.response_bytes_max).unwrap_or(usize::MAX);
     let mut body = BytesMut::new();
@@ -885,6 +915,12 @@ async fn relay_whole(
     {
         record_usage(ctx, answer.usage.as_ref());
     }
+    let body = match request_restore {
+        Some(map) if status == 200 => {
+            BytesMut::from(&crate::redaction::restore_answer(&body, map)[..])
+        }
+        _ => body,
+    };
     let mut header = response_header(ctx, status, content_type)
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
     header
@@ -934,6 +970,9 @@ async fn relay_stream(
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
     upstream.set_read_timeout(Some(pool.config.idle_stream_timeout));
     let mut events = SseSplitter::default();
+    let mut restorer = request
+        .restore
+        .map(|map| crate::redaction::StreamRestorer::new(map.clone()));
     loop {
         let chunk = tokio::select! {
             chunk = upstream.read_response_body() => chunk,
@@ -943,7 +982,7 @@ async fn relay_stream(
         };
         match chunk {
             Ok(Some(chunk)) => {
-                let forward = events.push(&chunk, |event| {
+                let forward = events.push(&chunk, |event, raw| {
                     let usage = event_usage(event);
                     let keep = match &usage {
                         Some((usage, only_usage)) => {
@@ -955,7 +994,13 @@ async fn relay_stream(
                     if keep && ctx.first_token.is_none() && is_data_event(event) {
                         ctx.first_token = Some(ctx.started.elapsed());
                     }
-                    keep
+                    if !keep {
+                        return None;
+                    }
+                    Some(match restorer.as_mut() {
+                        Some(restorer) => restorer.event(event),
+                        None => Bytes::copy_from_slice(raw),
+                    })
                 });
                 if !forward.is_empty() {
                     ctx.last_token = Some(ctx.started.elapsed());
@@ -974,7 +1019,11 @@ async fn relay_stream(
             }
         }
     }
-    let rest = events.finish();
+    let mut rest = BytesMut::from(&events.finish()[..]);
+    if let Some(restorer) = restorer.as_mut() {
+        rest.extend_from_slice(&restorer.release());
+    }
+    let rest = rest.freeze();
     session
         .write_response_body(if rest.is_empty() { None } else { Some(rest) }, true)
         .await
@@ -1044,14 +1093,19 @@ pub struct SseSplitter {
 }
 
 impl SseSplitter {
-    pub fn push(&mut self, chunk: &[u8], mut keep: impl FnMut(&[u8]) -> bool) -> Bytes {
+    /// `each` sees every complete event (trimmed) and the event as it arrived, and returns
+    /// the bytes to send for it (`None`: drop it).
+    pub fn push(
+        &mut self,
+        chunk: &[u8],
+        mut each: impl FnMut(&[u8], &[u8]) -> Option<Bytes>,
+    ) -> Bytes {
         self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
         while let Some(end) = event_end(&self.pending) {
             let event = self.pending.split_to(end);
-            let trimmed = trim_event(&event);
-            if keep(trimmed) {
-                out.extend_from_slice(&event);
+            if let Some(bytes) = each(trim_event(&event), &event) {
+                out.extend_from_slice(&bytes);
             }
         }
         out.freeze()

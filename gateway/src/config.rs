@@ -18,7 +18,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+mod rules;
 mod upstreams;
+pub use rules::PolicyConfig;
 pub use upstreams::{
     BackendConfig, HealthConfig, PoolConfig, UpstreamApi, UpstreamProtocol, UpstreamTls,
 };
@@ -59,6 +61,7 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub upstreams: Vec<PoolConfig>,
     pub routing: RoutingConfig,
+    pub policy: PolicyConfig,
     pub engine: EngineConfig,
     pub logging: LoggingConfig,
 }
@@ -468,6 +471,7 @@ pub fn parse(
     let server: Option<RawServer> = section(&mut document, "server", &mut errors);
     let auth: Option<RawAuth> = section(&mut document, "auth", &mut errors);
     let routing: Option<RawRouting> = section(&mut document, "routing", &mut errors);
+    let policy: Option<rules::RawPolicy> = section(&mut document, "policy", &mut errors);
     let engine: Option<RawEngine> = section(&mut document, "engine", &mut errors);
     let logging: Option<RawLogging> = section(&mut document, "logging", &mut errors);
     let models = models_section(&mut document, &mut errors);
@@ -475,7 +479,7 @@ pub fn parse(
     for key in document.keys() {
         errors.push(ConfigError::new(
             key.as_str(),
-            "unknown section (expected server, auth, models, upstreams, routing, engine, logging)",
+            "unknown section (expected server, auth, models, upstreams, routing, policy, engine, logging)",
         ));
     }
 
@@ -496,6 +500,7 @@ pub fn parse(
         .filter_map(|(name, raw)| validator.pool(name, raw))
         .collect();
     let routing = routing.map(|raw| validator.routing(raw, &models));
+    let policy = policy.map(|raw| validator.policy(raw));
     let engine = engine.map(|raw| EngineConfig {
         backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
     });
@@ -521,11 +526,12 @@ pub fn parse(
         }
     }
 
-    match (server, auth, routing, engine, logging) {
+    match (server, auth, routing, policy, engine, logging) {
         (
             Some(Some(server)),
             Some(Some(auth)),
             Some(routing),
+            Some(policy),
             Some(engine),
             Some(Some(logging)),
         ) if validator.errors.is_empty() => Ok(Config {
@@ -535,6 +541,7 @@ pub fn parse(
             models,
             upstreams,
             routing,
+            policy,
             engine,
             logging,
         }),

@@ -15,7 +15,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::{ProxyHttp, Session};
-use router_policies::{Decision, RejectReason, RequestFacts};
+use router_policies::{Decision, RejectReason};
 
 use crate::auth::{Caller, authenticate};
 use crate::cloud::Forwarded;
@@ -27,7 +27,12 @@ use crate::state::{AppState, InFlight, Routing};
 /// Where a request runs, as the data plane carries it out.
 enum Target {
     Local(String),
-    Cloud { pool: String, model: String },
+    Cloud {
+        pool: String,
+        model: String,
+        /// Redact-then-cloud: the findings to replace before forwarding.
+        redact: Option<crate::sensitivity::Scan>,
+    },
 }
 
 /// What sticky assignment hashes: the API key's name, else the body's `user`, else the
@@ -70,6 +75,9 @@ pub struct RequestContext {
     pub attempts: u32,
     /// Set when the answer comes from a fallback (`x-isthmus-degraded`).
     pub degraded: Option<&'static str>,
+    /// Entity types the sensitivity scan found (never values).
+    pub sensitive_entities: Vec<String>,
+    pub complexity: Option<f32>,
     _in_flight: Option<InFlight>,
 }
 
@@ -350,18 +358,17 @@ impl DataPlane {
         let body = self.read_body(session, ctx).await?;
         let envelope = openai::parse_envelope(&body).inspect_err(|_| ctx.reject("request"))?;
         let model = deployment.or_else(|| envelope.model.clone());
-        let target = self.route(
-            ctx,
-            routing,
-            model.as_deref(),
-            session.req_header().uri.path(),
-        )?;
+        let target = self.route(session, ctx, routing, model.as_deref(), &body)?;
         match target {
             Target::Local(model) => {
                 self.serve_local(session, ctx, endpoint, &model, &body)
                     .await
             }
-            Target::Cloud { pool, model } => {
+            Target::Cloud {
+                pool,
+                model,
+                redact,
+            } => {
                 let Some(pool) = routing.pools.get(&pool) else {
                     return Err(GatewayError::Internal {
                         message: format!("routed to pool `{pool}`, which is not configured"),
@@ -381,9 +388,16 @@ impl DataPlane {
                     .config
                     .sticky
                     .then(|| sticky_key(ctx, envelope.user.as_deref(), session.client_addr()));
+                // Redact-then-cloud: the values stay here; placeholders go.
+                let redacted = match &redact {
+                    Some(_) => Some(crate::redaction::redact_body(&body, &routing.sensitivity)?),
+                    None => None,
+                };
+                let forwarded_body = redacted.as_ref().map_or(&body, |(body, _)| body);
                 let request = crate::cloud::CloudRequest {
                     endpoint,
-                    body: &body,
+                    body: forwarded_body,
+                    restore: redacted.as_ref().map(|(_, map)| map),
                     model: &model,
                     stream: envelope.stream,
                     client_wants_usage: envelope.include_usage,
@@ -466,27 +480,60 @@ impl DataPlane {
     /// Asks the policy where the request runs.
     fn route(
         &self,
+        session: &Session,
         ctx: &mut RequestContext,
         routing: &Routing,
         model: Option<&str>,
-        path: &str,
+        body: &Bytes,
     ) -> Result<Target, GatewayError> {
-        let facts = RequestFacts {
-            path,
-            requested_model: model,
+        let header = session.req_header();
+        let headers: Vec<(&str, &str)> = header
+            .headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+            .collect();
+        let caller = match &ctx.caller {
+            Some(Caller::ApiKey { id }) => Some(id.as_str()),
+            _ => None,
         };
-        let decision = router_policies::decide(&routing.policy, &facts);
-        ctx.rule_name = Some(decision.rule().to_owned());
-        match decision {
+        let request = crate::facts::RequestView {
+            path: header.uri.path(),
+            method: header.method.as_str(),
+            headers: &headers,
+            caller,
+            model,
+            body,
+        };
+        let loads = self.state.local_loads();
+        let crate::facts::Evaluation {
+            outcome,
+            scan,
+            complexity,
+        } = crate::facts::evaluate(routing, &request, &loads, |policy, facts, signals| {
+            self.state.decide(policy, facts, signals)
+        });
+        ctx.rule_name = Some(outcome.decision.rule().to_owned());
+        ctx.sensitive_entities = scan.entity_types.clone();
+        ctx.complexity = Some(complexity);
+        match outcome.decision {
             Decision::Local { model, .. } => {
                 ctx.route = "local";
                 ctx.target = Some(model.clone());
                 Ok(Target::Local(model))
             }
-            Decision::Cloud { pool, model, .. } => {
+            Decision::Cloud {
+                pool,
+                model,
+                redact,
+                ..
+            } => {
                 ctx.route = "cloud";
                 ctx.target = Some(pool.clone());
-                Ok(Target::Cloud { pool, model })
+                Ok(Target::Cloud {
+                    pool,
+                    model,
+                    redact: redact.then_some(scan),
+                })
             }
             Decision::Reject { reason, .. } => {
                 ctx.route = "rejected";
@@ -496,6 +543,18 @@ impl DataPlane {
                     }
                     RejectReason::ModelRequired => {
                         GatewayError::invalid_value("model", "missing required parameter `model`")
+                    }
+                    RejectReason::Policy { status, message } => {
+                        GatewayError::PolicyRejected { status, message }
+                    }
+                    RejectReason::SensitiveMustStayLocal { entities, pool } => {
+                        GatewayError::PolicyRejected {
+                            status: 403,
+                            message: format!(
+                                "the request contains sensitive data ({}) that may not leave the premises, pool `{pool}` is off the premises and no local model serves the request",
+                                entities.join(", ")
+                            ),
+                        }
                     }
                 })
             }
@@ -633,6 +692,8 @@ impl ProxyHttp for DataPlane {
             outcome: None,
             attempts: 0,
             degraded: None,
+            sensitive_entities: Vec::new(),
+            complexity: None,
             _in_flight: None,
         }
     }

@@ -34,6 +34,9 @@ pub enum GatewayError {
     Unavailable { message: String, retry_after_s: u64 },
     #[error("{message}")]
     Timeout { message: String },
+    /// A policy rule refused the request, or sensitive content could not stay local.
+    #[error("{message}")]
+    PolicyRejected { status: u16, message: String },
     /// A cloud backend failed or answered something unusable.
     #[error("{message}")]
     BadGateway { message: String },
@@ -60,6 +63,7 @@ const INVALID_REQUEST: &str = "invalid_request_error";
 
 impl GatewayError {
     /// HTTP status, OpenAI error `type`, `code` and `param`.
+    #[allow(clippy::too_many_lines, reason = "one arm per variant, on purpose")]
     fn classify(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<&str>) {
         use GatewayError::*;
         match self {
@@ -133,6 +137,15 @@ impl GatewayError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "api_error",
                 Some("timeout"),
+                None,
+            ),
+            PolicyRejected { status, .. } => (
+                StatusCode::from_u16(*status)
+                    .ok()
+                    .filter(|status| status.is_client_error() || status.is_server_error())
+                    .unwrap_or(StatusCode::FORBIDDEN),
+                "permission_error",
+                Some("policy_rejected"),
                 None,
             ),
             BadGateway { .. } => (

@@ -20,10 +20,18 @@ pub fn compile(config: &Config) -> Result<router_policies::Policy, Vec<String>> 
             .map(|pool| router_policies::CloudPool {
                 name: pool.name.clone(),
                 models: pool.models.keys().cloned().collect(),
+                on_premises: pool.on_premises,
             })
             .collect(),
         config.routing.default_model.clone(),
     )
+    .and_then(|policy| {
+        policy.with_rules(
+            config.policy.rules.clone(),
+            config.policy.sensitive_classifications.clone(),
+            config.policy.spillover.clone(),
+        )
+    })
     .map_err(|errors| {
         errors
             .iter()

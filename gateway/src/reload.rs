@@ -45,10 +45,37 @@ pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<Strin
     outcome
 }
 
+/// Builds everything routing needs from a validated configuration: the compiled policy,
+/// the pools (keeping the health of `previous` pools' backends), the recognizers and the
+/// complexity model. Blocks (host names resolve).
+pub fn build_routing(config: Config, previous: Option<&Pools>) -> Result<Routing, Vec<String>> {
+    let policy = crate::policy::compile(&config);
+    let pools = Pools::build(&config.upstreams, previous);
+    let sensitivity = crate::sensitivity::SensitivityScanner::compile(&config.policy);
+    let complexity = crate::sensitivity::ComplexityScorer::load(&config.policy);
+    match (policy, pools, sensitivity, complexity) {
+        (Ok(policy), Ok(pools), Ok(sensitivity), Ok(complexity)) => Ok(Routing {
+            config: std::sync::Arc::new(config),
+            policy,
+            pools,
+            sensitivity,
+            complexity,
+        }),
+        (policy, pools, sensitivity, complexity) => Err(policy
+            .err()
+            .into_iter()
+            .chain(pools.err())
+            .chain(sensitivity.err())
+            .chain(complexity.err())
+            .flatten()
+            .collect()),
+    }
+}
+
 fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> {
-    let policy = crate::policy::compile(&config)?;
     let current = state.routing();
-    let pools = Pools::build(&config.upstreams, Some(&current.pools))?;
+    let routing = build_routing(config, Some(&current.pools))?;
+    let config = std::sync::Arc::clone(&routing.config);
     let started = &state.config;
     let mut restart_required = Vec::new();
     let sections: [(&str, String, String); 4] = [
@@ -84,11 +111,7 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
         .map(|pool| pool.name.clone())
         .collect();
     names.sort();
-    state.replace_routing(Routing {
-        config: std::sync::Arc::new(config),
-        policy,
-        pools,
-    });
+    state.replace_routing(routing);
     Ok(ReloadReport {
         reloaded: true,
         pools: names,

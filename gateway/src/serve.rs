@@ -71,8 +71,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         "hardware probed"
     );
 
-    let policy =
-        crate::policy::compile(&config).map_err(|errors| anyhow::anyhow!(errors.join("; ")))?;
     let worker_threads = config
         .server
         .worker_threads
@@ -84,9 +82,9 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let pools = crate::cloud::Pools::build(&config.upstreams, None)
+    let routing = crate::reload::build_routing(config.clone(), None)
         .map_err(|errors| anyhow::anyhow!(errors.join("; ")))?;
-    let state = Arc::new(AppState::new(config, policy, pools));
+    let state = Arc::new(AppState::new(config, routing));
     runtime.block_on(run(state, resolver, hardware))
 }
 

@@ -18,6 +18,8 @@ pub struct Routing {
     pub config: Arc<Config>,
     pub policy: router_policies::Policy,
     pub pools: Pools,
+    pub sensitivity: crate::sensitivity::SensitivityScanner,
+    pub complexity: crate::sensitivity::ComplexityScorer,
 }
 
 #[derive(Debug)]
@@ -25,6 +27,8 @@ pub struct AppState {
     /// The configuration the process started with: listeners, limits, models, engine.
     pub config: Config,
     routing: RwLock<Arc<Routing>>,
+    /// Carried from one routing decision to the next (spillover hysteresis).
+    route_state: std::sync::Mutex<router_policies::RouteState>,
     /// Set once every model is loaded.
     pub engine: OnceLock<edge_runtime::Engine>,
     pub metrics: Metrics,
@@ -34,13 +38,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, policy: router_policies::Policy, pools: Pools) -> Self {
+    pub fn new(config: Config, routing: Routing) -> Self {
         AppState {
-            routing: RwLock::new(Arc::new(Routing {
-                config: Arc::new(config.clone()),
-                policy,
-                pools,
-            })),
+            routing: RwLock::new(Arc::new(routing)),
+            route_state: std::sync::Mutex::new(router_policies::RouteState::default()),
             config,
             engine: OnceLock::new(),
             metrics: Metrics::default(),
@@ -67,6 +68,50 @@ impl AppState {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// Decides with the policy, carrying the routing state from the last decision.
+    pub fn decide(
+        &self,
+        policy: &router_policies::Policy,
+        facts: &router_policies::RequestFacts<'_>,
+        signals: &router_policies::Signals<'_>,
+    ) -> router_policies::Outcome {
+        let mut state = self
+            .route_state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let outcome = router_policies::decide(policy, facts, signals, *state);
+        *state = outcome.state;
+        outcome
+    }
+
+    /// The routing state the next decision starts from.
+    pub fn route_state(&self) -> router_policies::RouteState {
+        *self
+            .route_state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queue depth and KV use of each loaded model.
+    pub fn local_loads(&self) -> Vec<(String, u64, f32)> {
+        let Some(engine) = self.engine.get() else {
+            return Vec::new();
+        };
+        engine
+            .models()
+            .iter()
+            .map(|model| {
+                let stats = model.stats();
+                let total = stats.kv_cells_total().max(1) as f32;
+                (
+                    model.info().name.clone(),
+                    stats.queue_depth(),
+                    stats.kv_cells_used() as f32 / total,
+                )
+            })
+            .collect()
     }
 
     /// Puts new routing in force for requests that start from now on.

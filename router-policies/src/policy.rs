@@ -1,6 +1,7 @@
 //! The compiled routing policy: which models are served, under which names.
 
 use crate::DEFAULT_RULE;
+use crate::rules::{Action, Rule};
 
 /// A model served in-process, and the other names clients may use for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,14 +15,31 @@ pub struct LocalModel {
 pub struct CloudPool {
     pub name: String,
     pub models: Vec<String>,
+    /// The pool runs on the premises: sensitive content may go there unredacted.
+    pub on_premises: bool,
+}
+
+/// Spillover with hysteresis: from `queue_high` waiting requests on the local model until
+/// the queue is down to `queue_low`, requests that are not sensitive go to `pool`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spillover {
+    pub queue_high: u64,
+    pub queue_low: u64,
+    pub pool: String,
+    /// The model asked of the pool; the requested model when absent.
+    pub model: Option<String>,
 }
 
 /// A validated policy, ready for [`crate::decide`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub(crate) local_models: Vec<LocalModel>,
     pub(crate) pools: Vec<CloudPool>,
     pub(crate) default_model: Option<String>,
+    pub(crate) rules: Vec<Rule>,
+    /// Classification labels that make a request sensitive, lower case.
+    pub(crate) sensitive_classifications: Vec<String>,
+    pub(crate) spillover: Option<Spillover>,
 }
 
 /// Why a policy could not be compiled.
@@ -35,6 +53,10 @@ pub enum PolicyError {
     },
     #[error("default model `{0}` is not a configured model")]
     UnknownDefault(String),
+    #[error("rule `{rule}`: {problem}")]
+    Rule { rule: String, problem: String },
+    #[error("spillover: {0}")]
+    Spillover(String),
     #[error("model name `{name}` is served by local model `{local}` and by pool `{pool}`")]
     LocalAndCloud {
         name: String,
@@ -87,6 +109,9 @@ impl Policy {
                 local_models,
                 pools,
                 default_model,
+                rules: Vec::new(),
+                sensitive_classifications: Vec::new(),
+                spillover: None,
             })
         } else {
             Err(errors)
@@ -100,6 +125,97 @@ impl Policy {
         })
     }
 
+    /// Adds ordered rules, the sensitive classification labels and spillover; reports every
+    /// rule that names an unknown model or pool or has impossible thresholds.
+    pub fn with_rules(
+        mut self,
+        rules: Vec<Rule>,
+        sensitive_classifications: Vec<String>,
+        spillover: Option<Spillover>,
+    ) -> Result<Policy, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for rule in &rules {
+            let problem = |problem: String| PolicyError::Rule {
+                rule: rule.name.clone(),
+                problem,
+            };
+            if rule.name == DEFAULT_RULE
+                || rule.name == crate::FAIL_CLOSED_RULE
+                || rule.name == crate::SPILLOVER_RULE
+            {
+                errors.push(problem("this name is reserved".to_owned()));
+            }
+            if names.contains(&rule.name.as_str()) {
+                errors.push(problem("a rule of this name comes earlier".to_owned()));
+            }
+            names.push(&rule.name);
+            match &rule.action {
+                Action::Local { model } if self.resolve(model).is_none() => {
+                    errors.push(problem(format!("local model `{model}` is not configured")));
+                }
+                Action::Cloud { pool, .. } | Action::RedactThenCloud { pool, .. }
+                    if !self.pools.iter().any(|known| &known.name == pool) =>
+                {
+                    errors.push(problem(format!("pool `{pool}` is not configured")));
+                }
+                Action::Reject { status, .. } if !(400..=599).contains(status) => {
+                    errors.push(problem(format!("status {status} is not an error status")));
+                }
+                _ => {}
+            }
+            let conditions = &rule.conditions;
+            for (name, value) in [
+                ("complexity_min", conditions.complexity_min),
+                ("complexity_max", conditions.complexity_max),
+                ("local_kv_use_min", conditions.local_kv_use_min),
+            ] {
+                if value.is_some_and(|value| !(0.0..=1.0).contains(&value)) {
+                    errors.push(problem(format!("{name} must be between 0 and 1")));
+                }
+            }
+            if let Some((pool, _)) = &conditions.pool_available
+                && !self.pools.iter().any(|known| &known.name == pool)
+            {
+                errors.push(problem(format!(
+                    "pool_available names pool `{pool}`, which is not configured"
+                )));
+            }
+        }
+        if let Some(spillover) = &spillover {
+            if spillover.queue_low >= spillover.queue_high {
+                errors.push(PolicyError::Spillover(
+                    "queue_low must be below queue_high".to_owned(),
+                ));
+            }
+            if !self.pools.iter().any(|known| known.name == spillover.pool) {
+                errors.push(PolicyError::Spillover(format!(
+                    "pool `{}` is not configured",
+                    spillover.pool
+                )));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        self.rules = rules;
+        self.sensitive_classifications = sensitive_classifications
+            .into_iter()
+            .map(|label| label.to_ascii_lowercase())
+            .collect();
+        self.spillover = spillover;
+        Ok(self)
+    }
+
+    /// The rules, in order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub(crate) fn pool(&self, name: &str) -> Option<&CloudPool> {
+        self.pools.iter().find(|pool| pool.name == name)
+    }
+
     /// The first pool that serves a client-visible model name.
     pub(crate) fn pool_for(&self, requested: &str) -> Option<&CloudPool> {
         self.pools
@@ -110,9 +226,5 @@ impl Policy {
     /// Every name clients may use, canonical names first.
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
         self.local_models.iter().map(|model| model.name.as_str())
-    }
-
-    pub(crate) fn default_rule(&self) -> String {
-        DEFAULT_RULE.to_owned()
     }
 }

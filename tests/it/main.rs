@@ -5,10 +5,12 @@
 mod batching;
 mod chat;
 mod cloud;
+mod complexity;
 mod config;
 mod deploy;
 mod errors;
 mod lifecycle;
+mod policy;
 mod python;
 mod tidy;
 mod upstream;

@@ -37,6 +37,31 @@ pub struct RawRequest {
     pub stream_options: Option<RawStreamOptions>,
     pub max_tokens: Option<u64>,
     pub max_completion_tokens: Option<u64>,
+    /// Test extension: answer with the last message's text, in pieces of three characters
+    /// (so that a gateway restoring placeholders meets them split across chunks).
+    pub fake_echo: Option<bool>,
+    pub messages: Option<Vec<RawMessage>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RawMessage {
+    pub content: Option<Value>,
+}
+
+impl RawRequest {
+    /// The text of the last message, when it is a string (logged, and echoed on request).
+    pub fn last_message(&self) -> Option<String> {
+        let content = self.messages.as_ref()?.last()?.content.as_ref()?;
+        content.as_str().map(str::to_owned)
+    }
+
+    /// The text to echo, when the request asks for it.
+    fn echo(&self) -> Option<String> {
+        if self.fake_echo != Some(true) {
+            return None;
+        }
+        self.last_message()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +94,8 @@ pub struct Completion {
     /// `length` when the request's token limit cut the answer short, else `stop`.
     pub finish_reason: &'static str,
     pub include_usage: bool,
+    /// Echo mode: the pieces the answer is made of instead of the cycled words.
+    pub pieces: Option<Vec<String>>,
 }
 
 impl Completion {
@@ -82,6 +109,16 @@ impl Completion {
         sequence: u64,
         created_s: u64,
     ) -> Completion {
+        let pieces: Option<Vec<String>> = request.echo().map(|text| {
+            let characters: Vec<char> = text.chars().collect();
+            characters
+                .chunks(3)
+                .map(|piece| piece.iter().collect())
+                .collect()
+        });
+        let tokens = pieces.as_ref().map_or(tokens, |pieces| {
+            u32::try_from(pieces.len()).unwrap_or(u32::MAX)
+        });
         let limit = request.max_completion_tokens.or(request.max_tokens);
         let completion_tokens =
             limit.map_or(u64::from(tokens), |limit| limit.min(u64::from(tokens)));
@@ -103,6 +140,19 @@ impl Completion {
                 "stop"
             },
             include_usage: request.include_usage(),
+            pieces,
+        }
+    }
+
+    /// The text of token `index`.
+    fn token(&self, index: u64) -> String {
+        match &self.pieces {
+            Some(pieces) => usize::try_from(index)
+                .ok()
+                .and_then(|index| pieces.get(index))
+                .cloned()
+                .unwrap_or_default(),
+            None => token_text(index),
         }
     }
 
@@ -117,7 +167,7 @@ impl Completion {
     /// The whole answer as one JSON body.
     pub fn json_body(&self) -> Bytes {
         let text = (0..self.completion_tokens)
-            .map(token_text)
+            .map(|index| self.token(index))
             .collect::<String>();
         let body = match self.api {
             Api::Chat => json!({
@@ -160,19 +210,19 @@ impl Completion {
             let choice = match self.api {
                 Api::Chat if index == 0 => json!({
                     "index": 0,
-                    "delta": {"role": "assistant", "content": token_text(index)},
+                    "delta": {"role": "assistant", "content": self.token(index)},
                     "logprobs": null,
                     "finish_reason": null,
                 }),
                 Api::Chat => json!({
                     "index": 0,
-                    "delta": {"content": token_text(index)},
+                    "delta": {"content": self.token(index)},
                     "logprobs": null,
                     "finish_reason": null,
                 }),
                 Api::Text => json!({
                     "index": 0,
-                    "text": token_text(index),
+                    "text": self.token(index),
                     "logprobs": null,
                     "finish_reason": null,
                 }),

@@ -439,6 +439,7 @@ impl LogEntry<'_> {
             "model": self.model,
             "stream": self.request.map(RawRequest::stream),
             "include_usage": self.request.map(RawRequest::include_usage),
+            "last_message": self.request.and_then(RawRequest::last_message),
             "http_version": format!("{:?}", self.parts.version),
             "tls": self.connection.tls,
             "client_cn": self.connection.client_common_name,

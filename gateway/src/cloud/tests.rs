@@ -57,14 +57,14 @@ fn a_missing_model_is_added_and_odd_bodies_are_refused() {
 fn sse_events_pass_whole_and_split_events_wait_for_their_end() {
     let mut splitter = SseSplitter::default();
     let mut seen = Vec::new();
-    let first = splitter.push(b"data: {\"a\":1}\n\ndata: {\"b\"", |event| {
+    let first = splitter.push(b"data: {\"a\":1}\n\ndata: {\"b\"", |event, raw| {
         seen.push(String::from_utf8_lossy(event).into_owned());
-        true
+        Some(Bytes::copy_from_slice(raw))
     });
     assert_eq!(&first[..], b"data: {\"a\":1}\n\n");
-    let second = splitter.push(b":2}\r\n\r\ndata: [DONE]\n\n", |event| {
+    let second = splitter.push(b":2}\r\n\r\ndata: [DONE]\n\n", |event, raw| {
         seen.push(String::from_utf8_lossy(event).into_owned());
-        !event.starts_with(b"data: [DONE]")
+        (!event.starts_with(b"data: [DONE]")).then(|| Bytes::copy_from_slice(raw))
     });
     assert_eq!(&second[..], b"data: {\"b\":2}\r\n\r\n");
     assert_eq!(seen, ["data: {\"a\":1}", "data: {\"b\":2}", "data: [DONE]"]);

@@ -1,9 +1,12 @@
 use expect_test::{Expect, expect};
 use proptest::prelude::*;
 
-use crate::{CloudPool, LocalModel, Policy, RequestFacts, decide};
+use crate::{
+    Action, CloudPool, Conditions, Decision, LocalLoad, LocalModel, Policy, RequestFacts,
+    RouteState, Rule, Sensitivity, Signals, Spillover, decide,
+};
 
-fn policy(default_model: Option<&str>) -> Policy {
+fn base(default_model: Option<&str>) -> Policy {
     let models = vec![
         LocalModel {
             name: "smollm2".to_owned(),
@@ -14,27 +17,173 @@ fn policy(default_model: Option<&str>) -> Policy {
             aliases: vec![],
         },
     ];
-    let pools = vec![CloudPool {
-        name: "aks".to_owned(),
-        models: vec!["gpt-4o".to_owned(), "llama-70b".to_owned()],
-    }];
+    let pools = vec![
+        CloudPool {
+            name: "aks".to_owned(),
+            models: vec!["gpt-4o".to_owned(), "llama-70b".to_owned()],
+            on_premises: false,
+        },
+        CloudPool {
+            name: "onprem".to_owned(),
+            models: vec!["big-local".to_owned()],
+            on_premises: true,
+        },
+    ];
     match Policy::compile(models, pools, default_model.map(str::to_owned)) {
         Ok(policy) => policy,
         Err(errors) => panic!("test policy does not compile: {errors:?}"),
     }
 }
 
-fn check(default_model: Option<&str>, requested_model: Option<&str>, expect: Expect) {
+fn rule(name: &str, conditions: Conditions, action: Action) -> Rule {
+    Rule {
+        name: name.to_owned(),
+        conditions,
+        action,
+    }
+}
+
+/// The policy of the rule tests: sensitive stays local, complex goes to the cloud, finance
+/// may redact, a blocked caller is refused, and spillover to the cloud.
+fn ruled() -> Policy {
+    let rules = vec![
+        rule(
+            "blocked-caller",
+            Conditions {
+                callers: vec!["mallory".to_owned()],
+                ..Conditions::default()
+            },
+            Action::Reject {
+                status: 403,
+                message: "caller blocked".to_owned(),
+            },
+        ),
+        rule(
+            "finance-redacts",
+            Conditions {
+                headers: vec![("x-team".to_owned(), "finance".to_owned())],
+                complexity_min: Some(0.5),
+                ..Conditions::default()
+            },
+            Action::RedactThenCloud {
+                pool: "aks".to_owned(),
+                model: Some("gpt-4o".to_owned()),
+            },
+        ),
+        rule(
+            "sensitive-local",
+            Conditions {
+                sensitive: Some(true),
+                ..Conditions::default()
+            },
+            Action::Local {
+                model: "smollm2".to_owned(),
+            },
+        ),
+        rule(
+            "complex-to-cloud",
+            Conditions {
+                complexity_min: Some(0.6),
+                pool_available: Some(("aks".to_owned(), true)),
+                ..Conditions::default()
+            },
+            Action::Cloud {
+                pool: "aks".to_owned(),
+                model: Some("gpt-4o".to_owned()),
+            },
+        ),
+    ];
+    let spillover = Some(Spillover {
+        queue_high: 8,
+        queue_low: 2,
+        pool: "aks".to_owned(),
+        model: Some("gpt-4o".to_owned()),
+    });
+    match base(Some("smollm2")).with_rules(rules, vec!["confidential".to_owned()], spillover) {
+        Ok(policy) => policy,
+        Err(errors) => panic!("{errors:?}"),
+    }
+}
+
+/// A request as the rule tests vary it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Case<'a> {
+    model: Option<&'a str>,
+    caller: Option<&'a str>,
+    team: Option<&'a str>,
+    entities: &'a [&'a str],
+    classification: Option<&'a str>,
+    complexity: f32,
+    queue: u64,
+    aks_available: bool,
+    spillover: bool,
+}
+
+fn run(policy: &Policy, case: Case<'_>) -> crate::Outcome {
+    let team = case.team.map(|team| ("x-team", team));
+    let headers: Vec<(&str, &str)> = team.into_iter().collect();
     let facts = RequestFacts {
         path: "/v1/chat/completions",
-        requested_model,
+        method: "POST",
+        headers: &headers,
+        requested_model: case.model,
+        caller: case.caller,
+        sensitivity: Sensitivity {
+            entities: case.entities,
+            classification: case.classification,
+            redactable: true,
+        },
+        complexity: case.complexity,
     };
-    expect.assert_debug_eq(&decide(&policy(default_model), &facts));
+    let local = [LocalLoad {
+        model: "smollm2",
+        queue_depth: case.queue,
+        kv_use: 0.1,
+    }];
+    let pools = [("aks", case.aks_available), ("onprem", true)];
+    let signals = Signals {
+        local: &local,
+        pools: &pools,
+    };
+    decide(
+        policy,
+        &facts,
+        &signals,
+        RouteState {
+            spillover: case.spillover,
+        },
+    )
+}
+
+fn check(case: Case<'_>, expect: Expect) {
+    let outcome = run(&ruled(), case);
+    let verdicts: Vec<String> = outcome
+        .verdicts
+        .iter()
+        .map(|verdict| format!("{}: {}", verdict.rule, verdict.failed.unwrap_or("matched")))
+        .collect();
+    expect.assert_debug_eq(&(outcome.decision, outcome.state.spillover, verdicts));
+}
+
+fn by_name(default_model: Option<&str>, requested_model: Option<&str>, expect: Expect) {
+    let facts = RequestFacts {
+        path: "/v1/chat/completions",
+        method: "POST",
+        requested_model,
+        ..RequestFacts::default()
+    };
+    let outcome = decide(
+        &base(default_model),
+        &facts,
+        &Signals::default(),
+        RouteState::default(),
+    );
+    expect.assert_debug_eq(&outcome.decision);
 }
 
 #[test]
-fn a_served_model_runs_locally_under_the_default_rule() {
-    check(
+fn without_rules_the_model_name_decides() {
+    by_name(
         None,
         Some("gemma3"),
         expect![[r#"
@@ -44,11 +193,7 @@ fn a_served_model_runs_locally_under_the_default_rule() {
             }
         "#]],
     );
-}
-
-#[test]
-fn an_alias_resolves_to_its_model() {
-    check(
+    by_name(
         None,
         Some("gpt-4o-mini"),
         expect![[r#"
@@ -58,11 +203,7 @@ fn an_alias_resolves_to_its_model() {
             }
         "#]],
     );
-}
-
-#[test]
-fn a_model_served_by_a_pool_goes_to_the_cloud() {
-    check(
+    by_name(
         Some("smollm2"),
         Some("llama-70b"),
         expect![[r#"
@@ -70,14 +211,11 @@ fn a_model_served_by_a_pool_goes_to_the_cloud() {
                 pool: "aks",
                 model: "llama-70b",
                 rule: "default",
+                redact: false,
             }
         "#]],
     );
-}
-
-#[test]
-fn an_unknown_model_is_rejected_with_its_name() {
-    check(
+    by_name(
         Some("smollm2"),
         Some("gpt-5"),
         expect![[r#"
@@ -89,11 +227,7 @@ fn an_unknown_model_is_rejected_with_its_name() {
             }
         "#]],
     );
-}
-
-#[test]
-fn a_missing_model_uses_the_default_or_is_rejected() {
-    check(
+    by_name(
         Some("gemma3"),
         None,
         expect![[r#"
@@ -103,7 +237,7 @@ fn a_missing_model_uses_the_default_or_is_rejected() {
             }
         "#]],
     );
-    check(
+    by_name(
         None,
         None,
         expect![[r#"
@@ -113,6 +247,239 @@ fn a_missing_model_uses_the_default_or_is_rejected() {
             }
         "#]],
     );
+}
+
+#[test]
+fn sensitive_requests_stay_local_and_complex_ones_go_to_the_cloud() {
+    check(
+        Case {
+            model: Some("smollm2"),
+            entities: &["iban"],
+            complexity: 0.9,
+            aks_available: true,
+            ..Case::default()
+        },
+        expect![[r#"
+            (
+                Local {
+                    model: "smollm2",
+                    rule: "sensitive-local",
+                },
+                false,
+                [
+                    "blocked-caller: caller",
+                    "finance-redacts: headers",
+                    "sensitive-local: matched",
+                ],
+            )
+        "#]],
+    );
+    check(
+        Case {
+            model: Some("smollm2"),
+            complexity: 0.9,
+            aks_available: true,
+            ..Case::default()
+        },
+        expect![[r#"
+            (
+                Cloud {
+                    pool: "aks",
+                    model: "gpt-4o",
+                    rule: "complex-to-cloud",
+                    redact: false,
+                },
+                false,
+                [
+                    "blocked-caller: caller",
+                    "finance-redacts: headers",
+                    "sensitive-local: sensitive",
+                    "complex-to-cloud: matched",
+                ],
+            )
+        "#]],
+    );
+    // The pool is down: the complex request stays local under the default rule.
+    check(
+        Case {
+            model: Some("smollm2"),
+            complexity: 0.9,
+            aks_available: false,
+            ..Case::default()
+        },
+        expect![[r#"
+            (
+                Local {
+                    model: "smollm2",
+                    rule: "default",
+                },
+                false,
+                [
+                    "blocked-caller: caller",
+                    "finance-redacts: headers",
+                    "sensitive-local: sensitive",
+                    "complex-to-cloud: pool_available",
+                ],
+            )
+        "#]],
+    );
+}
+
+#[test]
+fn redaction_is_allowed_for_found_entities_but_not_for_classified_documents() {
+    check(
+        Case {
+            model: Some("smollm2"),
+            team: Some("finance"),
+            entities: &["email"],
+            complexity: 0.7,
+            aks_available: true,
+            ..Case::default()
+        },
+        expect![[r#"
+            (
+                Cloud {
+                    pool: "aks",
+                    model: "gpt-4o",
+                    rule: "finance-redacts",
+                    redact: true,
+                },
+                false,
+                [
+                    "blocked-caller: caller",
+                    "finance-redacts: matched",
+                ],
+            )
+        "#]],
+    );
+    check(
+        Case {
+            model: Some("smollm2"),
+            team: Some("finance"),
+            classification: Some("Confidential"),
+            complexity: 0.7,
+            aks_available: true,
+            ..Case::default()
+        },
+        expect![[r#"
+            (
+                Local {
+                    model: "smollm2",
+                    rule: "fail_closed",
+                },
+                false,
+                [
+                    "blocked-caller: caller",
+                    "finance-redacts: matched",
+                ],
+            )
+        "#]],
+    );
+}
+
+#[test]
+fn rules_can_refuse_and_sensitive_cloud_only_requests_are_refused() {
+    check(
+        Case {
+            model: Some("smollm2"),
+            caller: Some("mallory"),
+            ..Case::default()
+        },
+        expect![[r#"
+            (
+                Reject {
+                    reason: Policy {
+                        status: 403,
+                        message: "caller blocked",
+                    },
+                    rule: "blocked-caller",
+                },
+                false,
+                [
+                    "blocked-caller: matched",
+                ],
+            )
+        "#]],
+    );
+    // No default model and a cloud-only name: nothing local can take the secret.
+    let policy = base(None);
+    let facts = RequestFacts {
+        path: "/v1/chat/completions",
+        method: "POST",
+        requested_model: Some("gpt-4o"),
+        sensitivity: Sensitivity {
+            entities: &["aws_access_key"],
+            classification: None,
+            redactable: true,
+        },
+        ..RequestFacts::default()
+    };
+    expect![[r#"
+        Reject {
+            reason: SensitiveMustStayLocal {
+                entities: [
+                    "aws_access_key",
+                ],
+                pool: "aks",
+            },
+            rule: "fail_closed",
+        }
+    "#]]
+    .assert_debug_eq(&decide(&policy, &facts, &Signals::default(), RouteState::default()).decision);
+    // An on-premises pool may take it.
+    let facts = RequestFacts {
+        requested_model: Some("big-local"),
+        ..facts
+    };
+    assert!(matches!(
+        decide(&policy, &facts, &Signals::default(), RouteState::default()).decision,
+        Decision::Cloud { ref pool, .. } if pool == "onprem"
+    ));
+}
+
+#[test]
+fn spillover_turns_on_above_the_high_mark_and_off_at_the_low_mark() {
+    let policy = ruled();
+    let mut state = false;
+    let mut routes = Vec::new();
+    for queue in [1, 5, 8, 6, 3, 2, 5] {
+        let outcome = run(
+            &policy,
+            Case {
+                model: Some("smollm2"),
+                queue,
+                aks_available: true,
+                spillover: state,
+                ..Case::default()
+            },
+        );
+        state = outcome.state.spillover;
+        routes.push(format!("{queue}:{}", outcome.decision.rule()));
+    }
+    assert_eq!(
+        routes,
+        [
+            "1:default",
+            "5:default",
+            "8:spillover",
+            "6:spillover",
+            "3:spillover",
+            "2:default",
+            "5:default"
+        ]
+    );
+    // Sensitive requests never spill.
+    let outcome = run(
+        &policy,
+        Case {
+            model: Some("smollm2"),
+            entities: &["email"],
+            queue: 20,
+            aks_available: true,
+            ..Case::default()
+        },
+    );
+    assert_eq!(outcome.decision.rule(), "sensitive-local");
 }
 
 #[test]
@@ -130,6 +497,7 @@ fn compile_reports_every_problem() {
     let pools = vec![CloudPool {
         name: "aks".to_owned(),
         models: vec!["a".to_owned()],
+        on_premises: false,
     }];
     expect![[r#"
         Err(
@@ -151,29 +519,108 @@ fn compile_reports_every_problem() {
         )
     "#]]
     .assert_debug_eq(&Policy::compile(models, pools, Some("c".to_owned())));
+    let rules = vec![
+        rule(
+            "default",
+            Conditions::default(),
+            Action::Local {
+                model: "nope".to_owned(),
+            },
+        ),
+        rule(
+            "x",
+            Conditions {
+                complexity_min: Some(1.5),
+                pool_available: Some(("gone".to_owned(), true)),
+                ..Conditions::default()
+            },
+            Action::Reject {
+                status: 200,
+                message: String::new(),
+            },
+        ),
+        rule(
+            "x",
+            Conditions::default(),
+            Action::Cloud {
+                pool: "gone".to_owned(),
+                model: None,
+            },
+        ),
+    ];
+    let spillover = Some(Spillover {
+        queue_high: 2,
+        queue_low: 2,
+        pool: "aks".to_owned(),
+        model: None,
+    });
+    let errors: Vec<String> = base(None)
+        .with_rules(rules, Vec::new(), spillover)
+        .err()
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    expect![[r#"
+        [
+            "rule `default`: this name is reserved",
+            "rule `default`: local model `nope` is not configured",
+            "rule `x`: status 200 is not an error status",
+            "rule `x`: complexity_min must be between 0 and 1",
+            "rule `x`: pool_available names pool `gone`, which is not configured",
+            "rule `x`: a rule of this name comes earlier",
+            "rule `x`: pool `gone` is not configured",
+            "spillover: queue_low must be below queue_high",
+        ]
+    "#]]
+    .assert_debug_eq(&errors);
+}
+
+fn entity_names() -> impl Strategy<Value = Vec<&'static str>> {
+    prop::collection::vec(
+        prop::sample::select(vec!["iban", "email", "credit_card", "jwt"]),
+        0..3,
+    )
 }
 
 proptest! {
-    /// Whatever a client asks for, the decision is a configured local model, the pool that
-    /// serves the name, or a refusal naming exactly what was asked for.
+    /// Whatever the request, rules and signals, unredacted sensitive content never goes to
+    /// a pool off the premises, and a redacted one only when the finding can be redacted.
     #[test]
-    fn decisions_only_name_configured_models(requested in "\\PC{0,24}") {
-        let policy = policy(None);
-        let facts = RequestFacts { path: "/v1/completions", requested_model: Some(&requested) };
-        match decide(&policy, &facts) {
-            crate::Decision::Local { model, .. } => {
-                prop_assert!(policy.model_names().any(|name| name == model));
-            }
-            crate::Decision::Cloud { pool, model, .. } => {
-                prop_assert_eq!(pool, "aks");
-                prop_assert_eq!(model, requested.clone());
-            }
-            crate::Decision::Reject { reason, .. } => {
-                prop_assert_eq!(
-                    reason,
-                    crate::RejectReason::ModelNotFound { requested: requested.clone() }
-                );
-            }
+    fn sensitive_content_never_leaves_unredacted(
+        model in prop::option::of(prop::sample::select(vec!["smollm2", "gpt-4o", "big-local", "nope"])),
+        entities in entity_names(),
+        classification in prop::option::of(prop::sample::select(vec!["confidential", "public"])),
+        redactable in any::<bool>(),
+        complexity in 0.0f32..1.0,
+        queue in 0u64..20,
+        team in prop::option::of(prop::sample::select(vec!["finance", "ops"])),
+        spillover in any::<bool>(),
+        aks_available in any::<bool>(),
+    ) {
+        let policy = ruled();
+        let headers: Vec<(&str, &str)> = team.map(|team| ("x-team", team)).into_iter().collect();
+        let facts = RequestFacts {
+            path: "/v1/chat/completions",
+            method: "POST",
+            headers: &headers,
+            requested_model: model,
+            caller: None,
+            sensitivity: Sensitivity { entities: &entities, classification, redactable },
+            complexity,
+        };
+        let local = [LocalLoad { model: "smollm2", queue_depth: queue, kv_use: 0.5 }];
+        let pools = [("aks", aks_available), ("onprem", true)];
+        let signals = Signals { local: &local, pools: &pools };
+        let outcome = decide(&policy, &facts, &signals, RouteState { spillover });
+        // Deterministic.
+        prop_assert_eq!(&outcome, &decide(&policy, &facts, &signals, RouteState { spillover }));
+        let sensitive = !entities.is_empty() || classification == Some("confidential");
+        prop_assert_eq!(outcome.sensitive, sensitive);
+        if let Decision::Cloud { pool, redact, .. } = &outcome.decision && sensitive {
+            let on_premises = pool == "onprem";
+            let redacted = *redact && redactable && classification != Some("confidential");
+            prop_assert!(on_premises || redacted, "{:?}", outcome);
         }
     }
 }

@@ -1,0 +1,243 @@
+//! Gathering the facts a routing decision reads: every place a prompt can hide, the
+//! sensitivity scan over them, the complexity score, the classification label, and the
+//! signals of the local models and cloud pools.
+
+use serde_json::Value;
+
+use crate::sensitivity::Scan;
+use crate::state::Routing;
+
+/// The parts of a request that routing reads.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub path: &'a str,
+    pub method: &'a str,
+    /// Names lower case.
+    pub headers: &'a [(&'a str, &'a str)],
+    /// The API key id, when authenticated by key.
+    pub caller: Option<&'a str>,
+    /// The requested model (body or Azure deployment).
+    pub model: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// A decision with the facts it was made from.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub outcome: router_policies::Outcome,
+    pub scan: Scan,
+    pub complexity: f32,
+}
+
+/// Gathers the facts and signals of `request` and lets `decide` decide (the data plane
+/// carries the routing state over; explanations only read it).
+pub fn evaluate(
+    routing: &Routing,
+    request: &RequestView<'_>,
+    loads: &[(String, u64, f32)],
+    decide: impl FnOnce(
+        &router_policies::Policy,
+        &router_policies::RequestFacts<'_>,
+        &router_policies::Signals<'_>,
+    ) -> router_policies::Outcome,
+) -> Evaluation {
+    let policy_config = &routing.config.policy;
+    let classification = request
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(&policy_config.classification_header))
+        .map(|(_, value)| value.trim().to_ascii_lowercase())
+        .or_else(|| {
+            request.caller.and_then(|caller| {
+                policy_config
+                    .caller_classifications
+                    .get(caller)
+                    .map(|label| label.to_ascii_lowercase())
+            })
+        });
+    let prompt = prompt_texts(request.body);
+    let scan = routing.sensitivity.scan(&prompt.texts);
+    let complexity = routing.complexity.score(&prompt);
+    let entity_names: Vec<&str> = scan.entity_types.iter().map(String::as_str).collect();
+    let facts = router_policies::RequestFacts {
+        path: request.path,
+        method: request.method,
+        headers: request.headers,
+        requested_model: request.model,
+        caller: request.caller,
+        sensitivity: router_policies::Sensitivity {
+            entities: &entity_names,
+            classification: classification.as_deref(),
+            redactable: scan.redactable,
+        },
+        complexity,
+    };
+    let local: Vec<router_policies::LocalLoad<'_>> = loads
+        .iter()
+        .map(|(model, queue_depth, kv_use)| router_policies::LocalLoad {
+            model,
+            queue_depth: *queue_depth,
+            kv_use: *kv_use,
+        })
+        .collect();
+    let availability = routing.pools.availability();
+    let pools: Vec<(&str, bool)> = availability
+        .iter()
+        .map(|(pool, available)| (pool.as_str(), *available))
+        .collect();
+    let signals = router_policies::Signals {
+        local: &local,
+        pools: &pools,
+    };
+    let outcome = decide(&routing.policy, &facts, &signals);
+    Evaluation {
+        outcome,
+        scan,
+        complexity,
+    }
+}
+
+/// The JSON explanation of an evaluation: decision, rule, complexity, entity types, and each
+/// rule's verdict (rules after the deciding one were not evaluated).
+pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) -> Value {
+    use router_policies::Decision;
+    let outcome = &evaluation.outcome;
+    let decision = match &outcome.decision {
+        Decision::Local { model, .. } => serde_json::json!({"route": "local", "model": model}),
+        Decision::Cloud {
+            pool,
+            model,
+            redact,
+            ..
+        } => serde_json::json!({"route": "cloud", "pool": pool, "model": model, "redact": redact}),
+        Decision::Reject { reason, .. } => {
+            serde_json::json!({"route": "rejected", "reason": format!("{reason:?}")})
+        }
+    };
+    let verdicts: Vec<Value> = policy
+        .rules()
+        .iter()
+        .map(|rule| {
+            let verdict = outcome
+                .verdicts
+                .iter()
+                .find(|verdict| verdict.rule == rule.name)
+                .map_or_else(
+                    || "not evaluated".to_owned(),
+                    |verdict| match verdict.failed {
+                        None => "matched".to_owned(),
+                        Some(condition) => format!("failed: {condition}"),
+                    },
+                );
+            serde_json::json!({"rule": rule.name, "verdict": verdict})
+        })
+        .collect();
+    serde_json::json!({
+        "decision": decision,
+        "rule": outcome.decision.rule(),
+        "complexity": evaluation.complexity,
+        "sensitive": outcome.sensitive,
+        "entities": evaluation.scan.entity_types,
+        "spillover": outcome.state.spillover,
+        "rules": verdicts,
+    })
+}
+
+/// The prompt-bearing strings of a chat or completions body, in order: message content
+/// (strings and text parts), legacy `prompt` strings and arrays, tool-call and function-call
+/// arguments, tool outputs, and the `tools` definitions' descriptions.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PromptTexts {
+    pub texts: Vec<String>,
+    /// Conversation turns (messages), 1 for a legacy prompt.
+    pub turns: u32,
+    pub tools: u32,
+    pub max_tokens: Option<u32>,
+}
+
+/// Collects every prompt-bearing string of `body` (already known to be a JSON object).
+pub fn prompt_texts(body: &[u8]) -> PromptTexts {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return PromptTexts::default();
+    };
+    let mut out = PromptTexts::default();
+    if let Some(Value::Array(messages)) = fields.get("messages") {
+        out.turns = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+        for message in messages {
+            collect_content(message.get("content"), &mut out.texts);
+            for call in message
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(arguments) = call
+                    .get("function")
+                    .and_then(|function| function.get("arguments"))
+                {
+                    collect_any(arguments, &mut out.texts);
+                }
+            }
+            if let Some(arguments) = message
+                .get("function_call")
+                .and_then(|call| call.get("arguments"))
+            {
+                collect_any(arguments, &mut out.texts);
+            }
+        }
+    }
+    match fields.get("prompt") {
+        Some(Value::String(prompt)) => {
+            out.texts.push(prompt.clone());
+            out.turns = out.turns.max(1);
+        }
+        Some(Value::Array(items)) => {
+            out.turns = out.turns.max(1);
+            for item in items {
+                collect_any(item, &mut out.texts);
+            }
+        }
+        _ => {}
+    }
+    if let Some(Value::Array(tools)) = fields.get("tools") {
+        out.tools = u32::try_from(tools.len()).unwrap_or(u32::MAX);
+        for tool in tools {
+            collect_any(tool, &mut out.texts);
+        }
+    }
+    out.max_tokens = fields
+        .get("max_completion_tokens")
+        .or_else(|| fields.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .and_then(|tokens| u32::try_from(tokens).ok());
+    out
+}
+
+fn collect_content(content: Option<&Value>, texts: &mut Vec<String>) {
+    match content {
+        Some(Value::String(text)) => texts.push(text.clone()),
+        Some(Value::Array(parts)) => {
+            for part in parts {
+                match part.get("text") {
+                    Some(Value::String(text)) => texts.push(text.clone()),
+                    _ => collect_any(part, texts),
+                }
+            }
+        }
+        Some(other) => collect_any(other, texts),
+        None => {}
+    }
+}
+
+/// Every string inside a value (arguments may be JSON text or structured values).
+fn collect_any(value: &Value, texts: &mut Vec<String>) {
+    match value {
+        Value::String(text) => texts.push(text.clone()),
+        Value::Array(items) => items.iter().for_each(|item| collect_any(item, texts)),
+        Value::Object(map) => map.values().for_each(|item| collect_any(item, texts)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

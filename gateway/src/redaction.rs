@@ -1,0 +1,184 @@
+//! Redact-then-cloud: the request's sensitive values become typed placeholders before it
+//! leaves, and the answer gets the values back — in a JSON body, or chunk by chunk in a
+//! stream where a placeholder may be split across chunks.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use router_policies::redact::{RedactionMap, Restorer};
+use serde_json::Value;
+
+use crate::error::GatewayError;
+use crate::sensitivity::SensitivityScanner;
+
+/// The body with every prompt-bearing string redacted (the same places the scan reads), and
+/// the map to restore the answer with. Re-serialised, so only a redacted body changes shape.
+pub fn redact_body(
+    body: &[u8],
+    scanner: &SensitivityScanner,
+) -> Result<(Bytes, RedactionMap), GatewayError> {
+    let mut value: Value =
+        serde_json::from_slice(body).map_err(|error| GatewayError::InvalidJson {
+            message: format!("the request body is not valid JSON: {error}"),
+        })?;
+    let mut map = RedactionMap::new();
+    if let Some(fields) = value.as_object_mut() {
+        for key in ["messages", "prompt", "tools"] {
+            if let Some(field) = fields.get_mut(key) {
+                redact_strings(field, scanner, &mut map);
+            }
+        }
+    }
+    let body = serde_json::to_vec(&value).map_err(|error| GatewayError::Internal {
+        message: format!("serialising the redacted body: {error}"),
+    })?;
+    Ok((Bytes::from(body), map))
+}
+
+/// Every string inside `value` (message content and parts, tool-call arguments, prompts),
+/// except the structural ones a backend needs verbatim (roles, names, ids, types).
+fn redact_strings(value: &mut Value, scanner: &SensitivityScanner, map: &mut RedactionMap) {
+    match value {
+        Value::String(text) => {
+            let findings = scanner.findings(text);
+            if !findings.is_empty() {
+                *text = router_policies::redact::redact(text, &findings, map);
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|item| redact_strings(item, scanner, map)),
+        Value::Object(fields) => {
+            for (key, item) in fields.iter_mut() {
+                if !matches!(
+                    key.as_str(),
+                    "role" | "name" | "type" | "id" | "tool_call_id" | "url"
+                ) {
+                    redact_strings(item, scanner, map);
+                }
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// A whole JSON answer with the placeholders in its choices restored.
+pub fn restore_answer(body: &[u8], map: &RedactionMap) -> Bytes {
+    let Ok(mut answer) = serde_json::from_slice::<Value>(body) else {
+        return Bytes::copy_from_slice(body);
+    };
+    if let Some(choices) = answer.get_mut("choices").and_then(Value::as_array_mut) {
+        for choice in choices {
+            for pointer in ["/message/content", "/text"] {
+                if let Some(Value::String(content)) = choice.pointer_mut(pointer) {
+                    *content = map.restore(content);
+                }
+            }
+        }
+    }
+    Bytes::from(serde_json::to_vec(&answer).unwrap_or_else(|_| body.to_vec()))
+}
+
+/// Restores a stream's chunks: one restorer per choice index, so text held back because it
+/// might be the start of a placeholder is released in a later chunk of the same choice.
+#[derive(Debug)]
+pub struct StreamRestorer {
+    map: RedactionMap,
+    choices: BTreeMap<u64, Restorer>,
+    /// The last chunk seen, as the template of the chunk that releases held text.
+    template: Option<Value>,
+}
+
+impl StreamRestorer {
+    pub fn new(map: RedactionMap) -> Self {
+        StreamRestorer {
+            map,
+            choices: BTreeMap::new(),
+            template: None,
+        }
+    }
+
+    /// One event (`data: {...}`, blank line trimmed) restored, as bytes to send (with the
+    /// blank line), or the event unchanged when it carries no text.
+    pub fn event(&mut self, event: &[u8]) -> Bytes {
+        let mut out = Vec::new();
+        if event.trim_ascii() == b"data: [DONE]" {
+            out.extend_from_slice(&self.release());
+            out.extend_from_slice(b"data: [DONE]\n\n");
+            return Bytes::from(out);
+        }
+        let Some(data) = event.strip_prefix(b"data:") else {
+            return Bytes::from([event, b"\n\n"].concat());
+        };
+        let Ok(mut chunk) = serde_json::from_slice::<Value>(data.trim_ascii()) else {
+            return Bytes::from([event, b"\n\n"].concat());
+        };
+        let mut finishing = Vec::new();
+        if let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) {
+            for choice in choices.iter_mut() {
+                let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let finished = choice
+                    .get("finish_reason")
+                    .is_some_and(|reason| !reason.is_null());
+                let restorer = self
+                    .choices
+                    .entry(index)
+                    .or_insert_with(|| Restorer::new(self.map.clone()));
+                for pointer in ["/delta/content", "/text"] {
+                    if let Some(Value::String(text)) = choice.pointer_mut(pointer) {
+                        *text = restorer.push(text);
+                    }
+                }
+                if finished {
+                    finishing.push(index);
+                }
+            }
+        }
+        // Held text of a finishing choice goes out before its finish chunk.
+        for index in finishing {
+            if let Some(mut restorer) = self.choices.remove(&index) {
+                let rest = restorer.finish();
+                if !rest.is_empty() {
+                    out.extend_from_slice(&text_chunk(&chunk, index, rest));
+                }
+            }
+        }
+        self.template = Some(chunk.clone());
+        out.extend_from_slice(format!("data: {chunk}\n\n").as_bytes());
+        Bytes::from(out)
+    }
+
+    /// Text still held when the stream ends, as chunks.
+    pub fn release(&mut self) -> Bytes {
+        let Some(template) = self.template.clone() else {
+            return Bytes::new();
+        };
+        let mut out = Vec::new();
+        for (index, mut restorer) in std::mem::take(&mut self.choices) {
+            let rest = restorer.finish();
+            if !rest.is_empty() {
+                out.extend_from_slice(&text_chunk(&template, index, rest));
+            }
+        }
+        Bytes::from(out)
+    }
+}
+
+/// A chunk like `template` carrying only `text` for choice `index`.
+fn text_chunk(template: &Value, index: u64, text: String) -> Vec<u8> {
+    let mut chunk = template.clone();
+    let text_completion = template.pointer("/choices/0/text").is_some();
+    let choice = if text_completion {
+        serde_json::json!({"index": index, "text": text, "finish_reason": null})
+    } else {
+        serde_json::json!({"index": index, "delta": {"content": text}, "finish_reason": null})
+    };
+    chunk["choices"] = Value::Array(vec![choice]);
+    if chunk.get("usage").is_some() {
+        chunk["usage"] = Value::Null;
+    }
+    format!("data: {chunk}\n\n").into_bytes()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,73 @@
+use super::*;
+use crate::config::PolicyConfig;
+
+fn scanner() -> SensitivityScanner {
+    match SensitivityScanner::compile(&PolicyConfig::default()) {
+        Ok(scanner) => scanner,
+        Err(errors) => panic!("{errors:?}"),
+    }
+}
+
+fn chunk(index: u64, text: &str, finish: Option<&str>) -> Vec<u8> {
+    format!(
+        "data: {}",
+        serde_json::json!({"id": "c", "choices": [{"index": index, "delta": {"content": text}, "finish_reason": finish}]})
+    )
+    .into_bytes()
+}
+
+fn content_of(stream: &[u8]) -> String {
+    String::from_utf8_lossy(stream)
+        .split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn the_body_is_redacted_in_every_prompt_place_and_answers_are_restored() {
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"mail jane.doe@contoso.com"},{"role":"assistant","tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{\"to\":\"jane.doe@contoso.com\"}"}}]}]}"#;
+    let (redacted, map) = match redact_body(body, &scanner()) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let text = String::from_utf8_lossy(&redacted);
+    assert!(!text.contains("jane.doe"), "{text}");
+    assert!(text.contains("<EMAIL_1>"), "{text}");
+    let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Sent to <EMAIL_1>."}}]}"#;
+    let restored: Value = serde_json::from_slice(&restore_answer(answer, &map)).unwrap_or_default();
+    assert_eq!(
+        restored["choices"][0]["message"]["content"],
+        "Sent to jane.doe@contoso.com."
+    );
+}
+
+#[test]
+fn a_placeholder_split_across_chunks_is_restored_in_the_stream() {
+    let (_, map) = match redact_body(
+        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
+        &scanner(),
+    ) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let mut restorer = StreamRestorer::new(map);
+    let mut out = Vec::new();
+    for (text, finish) in [
+        ("Hi <EM", None),
+        ("AIL", None),
+        ("_1> and <EMAIL_", None),
+        ("1", None),
+        ("", Some("stop")),
+    ] {
+        out.extend_from_slice(&restorer.event(&chunk(0, text, finish)));
+    }
+    out.extend_from_slice(&restorer.event(b"data: [DONE]"));
+    assert_eq!(content_of(&out), "Hi jane.doe@contoso.com and <EMAIL_1");
+    assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
+}

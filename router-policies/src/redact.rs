@@ -1,0 +1,218 @@
+//! Redaction with restore: sensitive values out of a request, back into its answer.
+//!
+//! [`redact`] replaces each finding with a typed placeholder (`<EMAIL_1>`, `<CREDIT_CARD_2>`)
+//! and records it in a [`RedactionMap`] that one request shares across all its strings, so a
+//! value seen twice gets the same placeholder and the model can refer to it. The answer comes
+//! back with placeholders in it: [`RedactionMap::restore`] puts the values back in a whole
+//! text, and a [`Restorer`] does it for a stream, holding back only a suffix that may be the
+//! start of a placeholder cut across chunks (`<EMA` + `IL_1>`).
+//!
+//! Values live only inside the map: its `Debug` shows placeholders, never values.
+
+use std::collections::HashMap;
+
+use crate::sensitivity::Finding;
+
+/// The values of one request and their placeholders.
+#[derive(Clone, Default)]
+pub struct RedactionMap {
+    /// Placeholder to value.
+    values: HashMap<String, String>,
+    /// Value to placeholder.
+    placeholders: HashMap<String, String>,
+    /// How many placeholders each label has handed out.
+    counters: HashMap<String, u32>,
+    /// The longest placeholder, in bytes: the most a [`Restorer`] holds back.
+    placeholder_bytes_max: usize,
+}
+
+impl RedactionMap {
+    pub fn new() -> RedactionMap {
+        RedactionMap::default()
+    }
+
+    /// How many distinct values were redacted.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The placeholders handed out, sorted.
+    pub fn placeholders(&self) -> Vec<&str> {
+        let mut placeholders: Vec<&str> = self.values.keys().map(String::as_str).collect();
+        placeholders.sort_unstable();
+        placeholders
+    }
+
+    /// The placeholder of `value`, handing out the next one for `label` if it is new.
+    fn placeholder_for(&mut self, label: &str, value: &str) -> &str {
+        if !self.placeholders.contains_key(value) {
+            let counter = self.counters.entry(label.to_owned()).or_insert(0);
+            *counter += 1;
+            let placeholder = format!("<{label}_{counter}>");
+            self.placeholder_bytes_max = self.placeholder_bytes_max.max(placeholder.len());
+            self.values.insert(placeholder.clone(), value.to_owned());
+            self.placeholders.insert(value.to_owned(), placeholder);
+        }
+        self.placeholders.get(value).map_or("", String::as_str)
+    }
+
+    /// The value of a complete placeholder, if it is one of this map's.
+    fn value(&self, placeholder: &str) -> Option<&str> {
+        self.values.get(placeholder).map(String::as_str)
+    }
+
+    /// Whether `partial` (starting with `<`) is a proper prefix of one of the placeholders.
+    fn may_complete(&self, partial: &str) -> bool {
+        partial.len() < self.placeholder_bytes_max
+            && self.values.keys().any(|placeholder| {
+                placeholder.len() > partial.len() && placeholder.starts_with(partial)
+            })
+    }
+
+    /// `text` with every placeholder of this map replaced by its value; other text,
+    /// unknown placeholders included, is unchanged.
+    pub fn restore(&self, text: &str) -> String {
+        let mut output = String::with_capacity(text.len());
+        let consumed = restore_into(self, text, false, &mut output);
+        debug_assert_eq!(consumed, text.len());
+        output
+    }
+}
+
+impl std::fmt::Debug for RedactionMap {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RedactionMap")
+            .field("placeholders", &self.placeholders())
+            .finish()
+    }
+}
+
+/// `text` with each finding replaced by its placeholder, recorded in `map`.
+///
+/// `findings` are those of [`crate::sensitivity::Recognizers::scan`] over `text`: sorted and
+/// disjoint. Other findings are taken in order of start, skipping any that overlap one
+/// already replaced, and a span that is out of range or not on character boundaries is
+/// widened to the nearest ones, so that no more of a value is left in the text than asked.
+pub fn redact(text: &str, findings: &[Finding], map: &mut RedactionMap) -> String {
+    let mut spans: Vec<(usize, usize, &Finding)> = findings
+        .iter()
+        .map(|finding| {
+            let start = floor_char_boundary(text, finding.span.start);
+            let end = ceil_char_boundary(text, finding.span.end);
+            (start, end, finding)
+        })
+        .filter(|(start, end, _)| start < end)
+        .collect();
+    spans.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+    let mut output = String::with_capacity(text.len());
+    let mut copied = 0;
+    for (start, end, finding) in spans {
+        if start < copied {
+            continue;
+        }
+        output.push_str(&text[copied..start]);
+        let label = finding.entity.placeholder_label();
+        output.push_str(map.placeholder_for(&label, &text[start..end]));
+        copied = end;
+    }
+    output.push_str(&text[copied..]);
+    output
+}
+
+fn floor_char_boundary(text: &str, index: usize) -> usize {
+    let mut index = index.min(text.len());
+    while !text.is_char_boundary(index) {
+        index -= 1;
+    }
+    index
+}
+
+fn ceil_char_boundary(text: &str, index: usize) -> usize {
+    let mut index = index.min(text.len());
+    while !text.is_char_boundary(index) {
+        index += 1;
+    }
+    index
+}
+
+/// Restores placeholders in `text` into `output`. With `hold`, stops at a `<` that may
+/// begin a placeholder the text cuts off; returns how many bytes of `text` were consumed.
+fn restore_into(map: &RedactionMap, text: &str, hold: bool, output: &mut String) -> usize {
+    let mut copied = 0;
+    let mut search = 0;
+    while let Some(offset) = text[search..].find('<') {
+        let open = search + offset;
+        let rest = &text[open..];
+        let window = &rest[..floor_char_boundary(rest, map.placeholder_bytes_max)];
+        if let Some(close) = window.find('>') {
+            if let Some(value) = map.value(&rest[..=close]) {
+                output.push_str(&text[copied..open]);
+                output.push_str(value);
+                copied = open + close + 1;
+                search = copied;
+                continue;
+            }
+        } else if hold && map.may_complete(rest) {
+            output.push_str(&text[copied..open]);
+            return open;
+        }
+        search = open + 1;
+    }
+    output.push_str(&text[copied..]);
+    text.len()
+}
+
+/// Restores placeholders in a streamed answer, chunk by chunk.
+#[derive(Clone)]
+pub struct Restorer {
+    map: RedactionMap,
+    /// Text held back: a possible placeholder start, at most the longest placeholder.
+    held: String,
+}
+
+impl Restorer {
+    pub fn new(map: RedactionMap) -> Restorer {
+        Restorer {
+            map,
+            held: String::new(),
+        }
+    }
+
+    /// The text of `chunk` (after what was held) that can be released now, values restored.
+    pub fn push(&mut self, chunk: &str) -> String {
+        self.held.push_str(chunk);
+        let mut output = String::with_capacity(self.held.len());
+        let consumed = restore_into(&self.map, &self.held, true, &mut output);
+        self.held.drain(..consumed);
+        output
+    }
+
+    /// Whatever is still held, released as it is (an unfinished placeholder is text).
+    pub fn finish(&mut self) -> String {
+        let held = std::mem::take(&mut self.held);
+        self.map.restore(&held)
+    }
+
+    /// The map this restorer uses.
+    pub fn map(&self) -> &RedactionMap {
+        &self.map
+    }
+}
+
+impl std::fmt::Debug for Restorer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Restorer")
+            .field("map", &self.map)
+            .field("held_bytes", &self.held.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;

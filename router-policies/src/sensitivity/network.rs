@@ -1,0 +1,224 @@
+//! Recognizers for addresses: e-mail (found from its `@`), URLs with a password in them
+//! (`postgres://user:password@host`), and IPv6 in its full and compressed forms.
+
+use super::EntityType;
+use super::scan::{Scanner, byte_at, escaped, is_alphanumeric, is_hex, run_end};
+
+const EMAIL_CONFIDENCE: f32 = 0.9;
+const URL_CREDENTIALS_CONFIDENCE: f32 = 0.9;
+const IPV6_CONFIDENCE: f32 = 0.85;
+
+/// The longest local part of an address, in bytes (RFC 5321).
+const LOCAL_PART_BYTES_MAX: usize = 64;
+/// The longest domain, in bytes (RFC 1035).
+const DOMAIN_BYTES_MAX: usize = 253;
+const LABEL_BYTES_MAX: usize = 63;
+/// The longest user name and scheme looked back over for URL credentials, in bytes.
+const USERINFO_BYTES_MAX: usize = 128;
+
+fn is_local_part(byte: u8) -> bool {
+    is_alphanumeric(byte) || matches!(byte, b'.' | b'_' | b'%' | b'+' | b'-')
+}
+
+fn is_label(byte: u8) -> bool {
+    is_alphanumeric(byte) || byte == b'-'
+}
+
+/// An e-mail address around the `@` at `at`, or URL credentials when the part before the
+/// `@` follows `scheme://user:`. Returns the end of the domain.
+pub(super) fn email(scanner: &mut Scanner<'_>, at: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let mut local_start = at;
+    while local_start > 0
+        && at - local_start < LOCAL_PART_BYTES_MAX
+        && is_local_part(bytes[local_start - 1])
+    {
+        local_start -= 1;
+    }
+    if local_start < at && escaped(bytes, local_start + 1) {
+        local_start += 1;
+    }
+    while local_start < at && bytes[local_start] == b'.' {
+        local_start += 1;
+    }
+    let local = &bytes[local_start..at];
+    if local.is_empty() || local.ends_with(b".") || local.windows(2).any(|pair| pair == b"..") {
+        return None;
+    }
+    let domain_end = domain(bytes, at + 1)?;
+    if local_start > 0
+        && bytes[local_start - 1] == b':'
+        && let Some(scheme_start) = url_userinfo_start(bytes, local_start - 1)
+    {
+        let end = port_end(bytes, domain_end);
+        scanner.push(
+            EntityType::ConnectionString,
+            scheme_start,
+            end,
+            URL_CREDENTIALS_CONFIDENCE,
+        );
+        return Some(end);
+    }
+    scanner.push(EntityType::Email, local_start, domain_end, EMAIL_CONFIDENCE);
+    Some(domain_end)
+}
+
+/// The end of a domain of two or more labels whose last is alphabetic, starting at `start`.
+fn domain(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut position = start;
+    let mut labels = 0;
+    let mut valid_end = None;
+    while position - start < DOMAIN_BYTES_MAX {
+        let label_end = run_end(bytes, position, LABEL_BYTES_MAX + 1, is_label);
+        let label = &bytes[position..label_end];
+        if label.is_empty()
+            || label.len() > LABEL_BYTES_MAX
+            || label.starts_with(b"-")
+            || label.ends_with(b"-")
+        {
+            break;
+        }
+        labels += 1;
+        if labels >= 2 && label.len() >= 2 && label.iter().all(u8::is_ascii_alphabetic) {
+            valid_end = Some(label_end);
+        }
+        if byte_at(bytes, label_end) != b'.' || !is_label(byte_at(bytes, label_end + 1)) {
+            break;
+        }
+        position = label_end + 1;
+    }
+    valid_end
+}
+
+/// Where `scheme://user` starts, for the `:` at `colon` that ends the user name.
+fn url_userinfo_start(bytes: &[u8], colon: usize) -> Option<usize> {
+    let floor = colon.saturating_sub(USERINFO_BYTES_MAX);
+    let mut user_start = colon;
+    while user_start > floor
+        && (is_alphanumeric(bytes[user_start - 1])
+            || matches!(bytes[user_start - 1], b'.' | b'_' | b'-' | b'%' | b'~'))
+    {
+        user_start -= 1;
+    }
+    if user_start < 3 || &bytes[user_start - 3..user_start] != b"://" {
+        return None;
+    }
+    let scheme_end = user_start - 3;
+    let mut scheme_start = scheme_end;
+    while scheme_start > floor
+        && (is_alphanumeric(bytes[scheme_start - 1])
+            || matches!(bytes[scheme_start - 1], b'+' | b'.' | b'-'))
+    {
+        scheme_start -= 1;
+    }
+    (scheme_start < scheme_end && bytes[scheme_start].is_ascii_alphabetic()).then_some(scheme_start)
+}
+
+/// Past a `:port` after a host, if there is one.
+fn port_end(bytes: &[u8], host_end: usize) -> usize {
+    if byte_at(bytes, host_end) != b':' {
+        return host_end;
+    }
+    let end = run_end(bytes, host_end + 1, 5, |byte| byte.is_ascii_digit());
+    if end > host_end + 1 { end } else { host_end }
+}
+
+/// An IPv6 address from `start`: eight groups of one to four hex digits, or fewer with one
+/// `::`, optionally ending in an IPv4 address. A compressed address needs two groups and a
+/// decimal digit somewhere, so that `::1` and code such as `ab::cd` are not reported.
+pub(super) fn ipv6(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    if start > 0
+        && ((is_alphanumeric(bytes[start - 1]) && !escaped(bytes, start))
+            || bytes[start - 1] == b':')
+    {
+        return None;
+    }
+    let mut position = start;
+    let mut groups = 0;
+    let mut compressed = false;
+    let mut has_decimal = false;
+    let mut end = start;
+    if bytes[position..].starts_with(b"::") {
+        compressed = true;
+        position += 2;
+        end = position;
+    }
+    while groups < 8 {
+        let group_end = run_end(bytes, position, 5, is_hex);
+        let length = group_end - position;
+        if length == 0 || length > 4 {
+            break;
+        }
+        // An embedded IPv4 address ends the address and stands for two groups.
+        if byte_at(bytes, group_end) == b'.'
+            && groups <= 6
+            && let Some(ipv4_end) = embedded_ipv4(bytes, position)
+        {
+            groups += 2;
+            has_decimal = true;
+            end = ipv4_end;
+            break;
+        }
+        has_decimal |= bytes[position..group_end].iter().any(u8::is_ascii_digit);
+        groups += 1;
+        end = group_end;
+        if byte_at(bytes, group_end) != b':' {
+            break;
+        }
+        if byte_at(bytes, group_end + 1) == b':' {
+            if compressed {
+                return None;
+            }
+            compressed = true;
+            end = group_end + 2;
+            position = group_end + 2;
+            if !is_hex(byte_at(bytes, position)) {
+                break;
+            }
+        } else {
+            position = group_end + 1;
+        }
+    }
+    let next = byte_at(bytes, end);
+    if is_alphanumeric(next) || (next == b':' && is_hex(byte_at(bytes, end + 1))) {
+        return None;
+    }
+    let complete = if compressed {
+        (2..8).contains(&groups) && has_decimal
+    } else {
+        groups == 8
+    };
+    if !complete {
+        return None;
+    }
+    scanner.push(EntityType::IpAddress, start, end, IPV6_CONFIDENCE);
+    Some(end)
+}
+
+/// The end of a dotted-quad IPv4 address at `start`.
+fn embedded_ipv4(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut position = start;
+    for octet in 0..4 {
+        let end = run_end(bytes, position, 4, |byte| byte.is_ascii_digit());
+        let digits = &bytes[position..end];
+        if digits.is_empty() || digits.len() > 3 || (digits.len() > 1 && digits[0] == b'0') {
+            return None;
+        }
+        let value = digits
+            .iter()
+            .fold(0_u32, |value, &digit| value * 10 + u32::from(digit - b'0'));
+        if value > 255 {
+            return None;
+        }
+        if octet < 3 {
+            if byte_at(bytes, end) != b'.' {
+                return None;
+            }
+            position = end + 1;
+        } else {
+            position = end;
+        }
+    }
+    Some(position)
+}

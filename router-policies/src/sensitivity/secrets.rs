@@ -1,0 +1,622 @@
+//! Recognizers for credentials: PEM private keys, JWTs, connection strings, SAS tokens,
+//! `key=value` assignments whose key names a secret, Azure and AWS keys, tokens with a known
+//! issuer prefix, and high-entropy tokens next to a context word.
+//!
+//! A long random-looking token alone is not reported (UUIDs, git hashes and content hashes
+//! look the same): it needs a word such as `password`, `token` or `api key` before it on the
+//! same line, a key that names a secret, or a format that only keys have.
+
+use super::EntityType;
+use super::scan::{Scanner, byte_at, context_before, is_alphanumeric, is_token, run_end};
+
+/// The shortest token looked at as a possible key or secret, in bytes.
+pub(super) const TOKEN_BYTES_MIN: usize = 20;
+/// The longest token measured for entropy, in bytes.
+const TOKEN_BYTES_MAX: usize = 512;
+/// The longest PEM block looked for, in bytes; a longer or unterminated one is reported up
+/// to the end of its base64 body.
+const PEM_BYTES_MAX: usize = 16 * 1024;
+/// The longest JWT segment, in bytes.
+const JWT_SEGMENT_BYTES_MAX: usize = 8 * 1024;
+/// The longest JWT header decoded, in bytes.
+const JWT_HEADER_BYTES_MAX: usize = 1024;
+/// The longest key of a `key=value` assignment, in bytes.
+const KEY_BYTES_MAX: usize = 48;
+/// The longest value of an assignment or connection-string pair, in bytes.
+const VALUE_BYTES_MAX: usize = 2048;
+/// The most `key=value` pairs read from one connection string or SAS query.
+const PAIRS_MAX: usize = 32;
+/// How far before a token its context word may stand, in bytes.
+const CONTEXT_BYTES: usize = 48;
+
+/// Shannon entropy, in bits per byte, above which a token with a context word is a secret.
+const ENTROPY_BITS_MIN: f32 = 3.5;
+/// Entropy above which the value of a secret-named key is a secret.
+const VALUE_ENTROPY_BITS_MIN: f32 = 3.0;
+/// The shortest password value, in bytes.
+const PASSWORD_BYTES_MIN: usize = 6;
+/// The shortest token value of a secret-named key, in bytes.
+const SECRET_VALUE_BYTES_MIN: usize = 12;
+
+const PRIVATE_KEY_CONFIDENCE: f32 = 0.99;
+const JWT_CONFIDENCE: f32 = 0.95;
+const CONNECTION_STRING_CONFIDENCE: f32 = 0.95;
+const SAS_CONFIDENCE: f32 = 0.95;
+const ACCOUNT_KEY_CONFIDENCE: f32 = 0.95;
+const ASSIGNED_AWS_SECRET_CONFIDENCE: f32 = 0.9;
+const STORAGE_KEY_CONFIDENCE: f32 = 0.85;
+const AWS_SECRET_CONFIDENCE: f32 = 0.85;
+const PREFIXED_TOKEN_CONFIDENCE: f32 = 0.9;
+const ASSIGNED_SECRET_CONFIDENCE: f32 = 0.8;
+const CONTEXT_SECRET_CONFIDENCE: f32 = 0.7;
+
+/// Words that make a nearby high-entropy token a secret.
+const SECRET_CONTEXT: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "api-key",
+    "api key",
+    "access key",
+    "access_key",
+    "private key",
+    "credential",
+    "bearer",
+    "auth",
+    "key",
+];
+/// Words that make a nearby 40-character base64 token an AWS secret access key.
+const AWS_CONTEXT: &[&str] = &["aws", "secret"];
+
+/// Issuer prefixes of tokens: GitHub, GitLab, Slack, OpenAI, Stripe, Hugging Face, Google.
+/// A token needs at least 16 more characters after its prefix.
+const TOKEN_PREFIXES: &[&str] = &[
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "xoxb-",
+    "xoxp-",
+    "xoxa-",
+    "xoxs-",
+    "sk-",
+    "sk_live_",
+    "rk_live_",
+    "sk_test_",
+    "hf_",
+    "AIza",
+];
+
+/// Key suffixes (lower case, without `-`, `_`, `.`) whose value is a password.
+const PASSWORD_KEYS: &[&str] = &["password", "passwd", "pwd", "passphrase"];
+/// Key suffixes whose value is a token when it is long and random enough.
+const SECRET_KEYS: &[&str] = &[
+    "secret",
+    "token",
+    "apikey",
+    "secretkey",
+    "accesskey",
+    "privatekey",
+    "credential",
+    "credentials",
+    "authkey",
+    "signingkey",
+    "encryptionkey",
+    "masterkey",
+    "sharedaccesskey",
+    "accountkey",
+];
+/// Keys that start a connection string.
+const CONNECTION_STRING_KEYS: &[&str] = &[
+    "defaultendpointsprotocol",
+    "accountname",
+    "accountkey",
+    "blobendpoint",
+    "queueendpoint",
+    "tableendpoint",
+    "fileendpoint",
+    "endpoint",
+    "sharedaccesskeyname",
+    "sharedaccesskey",
+    "server",
+    "datasource",
+    "host",
+    "database",
+    "initialcatalog",
+    "userid",
+    "uid",
+    "username",
+    "user",
+    "password",
+    "pwd",
+];
+/// Keys of a connection string that carry its secret.
+const CONNECTION_STRING_SECRETS: &[&str] = &[
+    "accountkey",
+    "sharedaccesskey",
+    "sharedaccesssignature",
+    "password",
+    "pwd",
+];
+/// Parameter names of an Azure shared access signature.
+const SAS_PARAMETERS: &[&str] = &[
+    "sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "si", "sip", "skoid", "sktid", "skt",
+    "ske", "sks", "skv", "sdd", "rscc", "rscd", "rsce", "rscl", "rsct", "ses",
+];
+/// Values that stand for a password rather than being one.
+const PLACEHOLDERS: &[&str] = &[
+    "password",
+    "changeme",
+    "secret",
+    "null",
+    "none",
+    "nil",
+    "true",
+    "false",
+    "redacted",
+    "example",
+    "placeholder",
+    "yourpassword",
+    "your_password",
+    "mypassword",
+    "xxxxxx",
+    "string",
+    "undefined",
+    "required",
+    "optional",
+];
+
+/// A PEM block from `-----BEGIN LABEL-----` through its `-----END LABEL-----` line, reported
+/// when its label names a private key; any other block (a certificate, a public key) is
+/// skipped whole so that its base64 is not taken for tokens. An unterminated block runs to
+/// the end of its paragraph.
+pub(super) fn pem_block(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    if !bytes[start..].starts_with(b"-----BEGIN ") {
+        return None;
+    }
+    let header_end = run_end(bytes, start + 11, 40, |byte| {
+        byte.is_ascii_uppercase() || byte == b' '
+    });
+    if !bytes[header_end..].starts_with(b"-----") {
+        return None;
+    }
+    let label = &bytes[start + 11..header_end];
+    let private = label.ends_with(b"PRIVATE KEY") || label == b"PGP PRIVATE KEY BLOCK";
+    let body_start = header_end + 5;
+    let limit = bytes.len().min(start.saturating_add(PEM_BYTES_MAX));
+    let body = &bytes[body_start..limit];
+    let end = match body.windows(8).position(|window| window == b"-----END") {
+        Some(offset) => {
+            let footer = body_start + offset + 8;
+            let dashes = bytes[footer..limit]
+                .windows(5)
+                .position(|window| window == b"-----")
+                .filter(|&offset| offset <= 40);
+            dashes.map_or(footer, |offset| footer + offset + 5)
+        }
+        None => {
+            let paragraph = body
+                .windows(2)
+                .position(|window| window == b"\n\n")
+                .map_or(limit, |offset| body_start + offset);
+            let mut end = paragraph;
+            while end > body_start && bytes[end - 1].is_ascii_whitespace() {
+                end -= 1;
+            }
+            end.max(body_start)
+        }
+    };
+    if private {
+        scanner.push(EntityType::PrivateKey, start, end, PRIVATE_KEY_CONFIDENCE);
+    }
+    Some(end)
+}
+
+fn is_base64url(byte: u8) -> bool {
+    is_alphanumeric(byte) || byte == b'-' || byte == b'_'
+}
+
+/// `header.payload.signature` in base64url, the header decoding to a JSON object with `alg`.
+/// The signature may be empty (`alg: none`).
+pub(super) fn jwt(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    if !bytes[start..].starts_with(b"eyJ") || (start > 0 && is_base64url(bytes[start - 1])) {
+        return None;
+    }
+    let header_end = run_end(bytes, start, JWT_SEGMENT_BYTES_MAX, is_base64url);
+    if byte_at(bytes, header_end) != b'.' || header_end - start > JWT_HEADER_BYTES_MAX * 4 / 3 {
+        return None;
+    }
+    let payload_end = run_end(bytes, header_end + 1, JWT_SEGMENT_BYTES_MAX, is_base64url);
+    if payload_end - header_end < 3 || byte_at(bytes, payload_end) != b'.' {
+        return None;
+    }
+    let end = run_end(bytes, payload_end + 1, JWT_SEGMENT_BYTES_MAX, is_base64url);
+    if is_alphanumeric(byte_at(bytes, end)) || byte_at(bytes, end) == b'.' {
+        return None;
+    }
+    let mut header = [0_u8; JWT_HEADER_BYTES_MAX];
+    let header = decode_base64url(&bytes[start..header_end], &mut header)?;
+    let trimmed = header.trim_ascii_start();
+    if !trimmed.starts_with(b"{") || !header.windows(5).any(|window| window == b"\"alg\"") {
+        return None;
+    }
+    scanner.push(EntityType::Jwt, start, end, JWT_CONFIDENCE);
+    Some(end)
+}
+
+/// Decodes unpadded base64url into `output`, returning the decoded bytes.
+fn decode_base64url<'o>(input: &[u8], output: &'o mut [u8]) -> Option<&'o [u8]> {
+    let mut length = 0;
+    let mut buffer = 0_u32;
+    let mut bits = 0;
+    for &byte in input {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        buffer = (buffer << 6) | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            *output.get_mut(length)? = (buffer >> bits) as u8;
+            length += 1;
+        }
+    }
+    Some(&output[..length])
+}
+
+/// A key at `start..key_end` followed by `=` or `:` (or `"key":`): a connection string, a
+/// SAS query, an Azure account key, or the value of a secret-named key. Also `Bearer TOKEN`
+/// and `Data Source=...`.
+pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let next = byte_at(bytes, key_end);
+    if next == b' ' {
+        let word = &bytes[start..key_end];
+        if word.eq_ignore_ascii_case(b"bearer") {
+            return bearer(scanner, key_end + 1);
+        }
+        if word.eq_ignore_ascii_case(b"data") && bytes[key_end..].starts_with(b" Source=") {
+            return connection_string(scanner, start);
+        }
+        let operator = run_end(bytes, key_end, 2, |byte| byte == b' ');
+        if !matches!(byte_at(bytes, operator), b'=' | b':') {
+            return None;
+        }
+    } else if !matches!(next, b'=' | b':' | b'"' | b'\'') {
+        return None;
+    }
+    if key_end - start > KEY_BYTES_MAX {
+        return None;
+    }
+    let mut key = [0_u8; KEY_BYTES_MAX];
+    let key = normalize_key(&bytes[start..key_end], &mut key);
+    let is = |list: &[&str]| list.iter().any(|known| known.as_bytes() == key);
+    if next == b'=' {
+        if is(CONNECTION_STRING_KEYS)
+            && byte_at(bytes, start.wrapping_sub(1)) != b';'
+            && let Some(end) = connection_string(scanner, start)
+        {
+            return Some(end);
+        }
+        if is(SAS_PARAMETERS)
+            && !matches!(byte_at(bytes, start.wrapping_sub(1)), b'&' | b';')
+            && let Some(end) = sas(scanner, start)
+        {
+            return Some(end);
+        }
+    }
+    let (value_start, value_end, quoted) = assigned_value(bytes, key_end)?;
+    let value = &bytes[value_start..value_end];
+    if key == b"accountkey" && storage_key(value) {
+        scanner.push(
+            EntityType::AzureStorageKey,
+            value_start,
+            value_end,
+            ACCOUNT_KEY_CONFIDENCE,
+        );
+        return Some(value_end);
+    }
+    if key.windows(3).any(|window| window == b"aws") && aws_secret_key(value) {
+        scanner.push(
+            EntityType::AwsSecretKey,
+            value_start,
+            value_end,
+            ASSIGNED_AWS_SECRET_CONFIDENCE,
+        );
+        return Some(value_end);
+    }
+    let ends_with = |list: &[&str]| list.iter().any(|known| key.ends_with(known.as_bytes()));
+    let secret = if ends_with(PASSWORD_KEYS) {
+        value.len() >= PASSWORD_BYTES_MIN
+            && !placeholder(value)
+            && (quoted
+                || (!code_reference(bytes, value, value_end)
+                    && !value.iter().all(u8::is_ascii_alphabetic)))
+    } else if ends_with(SECRET_KEYS) {
+        value.len() >= SECRET_VALUE_BYTES_MIN
+            && !placeholder(value)
+            && entropy_bits(value) >= VALUE_ENTROPY_BITS_MIN
+            && (quoted || !code_reference(bytes, value, value_end))
+    } else {
+        false
+    };
+    if !secret {
+        return None;
+    }
+    scanner.push(
+        EntityType::Secret,
+        value_start,
+        value_end,
+        ASSIGNED_SECRET_CONFIDENCE,
+    );
+    Some(value_end)
+}
+
+/// The key in lower case without `-`, `_`, `.` and spaces.
+fn normalize_key<'k>(key: &[u8], output: &'k mut [u8; KEY_BYTES_MAX]) -> &'k [u8] {
+    let mut length = 0;
+    for &byte in key.iter().take(KEY_BYTES_MAX) {
+        if !matches!(byte, b'-' | b'_' | b'.' | b' ') {
+            output[length] = byte.to_ascii_lowercase();
+            length += 1;
+        }
+    }
+    &output[..length]
+}
+
+/// The value after a key ending at `key_end`: `key=value`, `key: value`, `"key": "value"`.
+/// Returns its span and whether it was quoted.
+fn assigned_value(bytes: &[u8], key_end: usize) -> Option<(usize, usize, bool)> {
+    let mut position = key_end;
+    if matches!(byte_at(bytes, position), b'"' | b'\'') {
+        position += 1;
+    }
+    position = run_end(bytes, position, 2, |byte| byte == b' ');
+    if !matches!(byte_at(bytes, position), b'=' | b':') {
+        return None;
+    }
+    position += 1;
+    position = run_end(bytes, position, 2, |byte| byte == b' ');
+    let quote = byte_at(bytes, position);
+    if matches!(quote, b'"' | b'\'') {
+        let start = position + 1;
+        let end = run_end(bytes, start, VALUE_BYTES_MAX, |byte| {
+            byte != quote && byte != b'\n'
+        });
+        return (byte_at(bytes, end) == quote && end > start).then_some((start, end, true));
+    }
+    let end = run_end(bytes, position, VALUE_BYTES_MAX, |byte| {
+        byte > b' '
+            && !matches!(
+                byte,
+                b'"' | b'\'' | b';' | b',' | b'&' | b'<' | b'>' | b')' | b']' | b'}' | b'(' | b'['
+            )
+    });
+    // A sentence's full stop is not part of the value.
+    let end = if end > position + 1 && bytes[end - 1] == b'.' {
+        end - 1
+    } else {
+        end
+    };
+    (end > position).then_some((position, end, false))
+}
+
+/// Values that stand for a secret: templates (`<...>`, `${...}`, `{{...}}`, `%...%`), masks
+/// (`****`, `xxxx`) and common stand-in words.
+fn placeholder(value: &[u8]) -> bool {
+    matches!(value[0], b'<' | b'$' | b'{' | b'%' | b'*')
+        || value.iter().all(|&byte| byte == value[0])
+        || PLACEHOLDERS
+            .iter()
+            .any(|word| value.eq_ignore_ascii_case(word.as_bytes()))
+}
+
+/// An unquoted value that is code rather than a secret: a call (`get_password()`), an index
+/// (`env["X"]`), or a dotted or snake-case name (`config.db_password`).
+fn code_reference(bytes: &[u8], value: &[u8], value_end: usize) -> bool {
+    matches!(byte_at(bytes, value_end), b'(' | b'[')
+        || (value
+            .iter()
+            .all(|&byte| byte.is_ascii_lowercase() || matches!(byte, b'_' | b'.'))
+            && value.iter().any(|&byte| matches!(byte, b'_' | b'.')))
+}
+
+/// 88 base64 characters ending in `==`: a 64-byte Azure storage account key.
+fn storage_key(value: &[u8]) -> bool {
+    value.len() == 88
+        && value.ends_with(b"==")
+        && value[..86]
+            .iter()
+            .all(|&byte| is_alphanumeric(byte) || byte == b'+' || byte == b'/')
+}
+
+/// `Bearer TOKEN`: a token of 16 or more characters.
+fn bearer(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let end = run_end(bytes, start, TOKEN_BYTES_MAX, |byte| {
+        is_token(byte) || matches!(byte, b'.' | b'=' | b'~')
+    });
+    if end - start < 16 || placeholder(&bytes[start..end]) {
+        return None;
+    }
+    if jwt(scanner, start).is_some() {
+        return Some(end);
+    }
+    scanner.push(EntityType::Secret, start, end, PREFIXED_TOKEN_CONFIDENCE);
+    Some(end)
+}
+
+/// `Key=value;Key=value;...` from `start`, with at least two pairs and a secret among them.
+fn connection_string(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let mut position = start;
+    let mut pairs = 0;
+    let mut has_secret = false;
+    let mut end = start;
+    while pairs < PAIRS_MAX {
+        let key_end = run_end(bytes, position, KEY_BYTES_MAX, |byte| {
+            is_alphanumeric(byte) || byte == b' ' || byte == b'_'
+        });
+        if key_end == position
+            || byte_at(bytes, key_end) != b'='
+            || !bytes[position].is_ascii_alphabetic()
+        {
+            break;
+        }
+        let value_start = key_end + 1;
+        let value_end = run_end(bytes, value_start, VALUE_BYTES_MAX, |byte| {
+            byte > b' ' && !matches!(byte, b';' | b'"' | b'\'' | b'<' | b'>')
+        });
+        let mut key = [0_u8; KEY_BYTES_MAX];
+        let key = normalize_key(&bytes[position..key_end], &mut key);
+        if value_end > value_start
+            && CONNECTION_STRING_SECRETS
+                .iter()
+                .any(|secret| secret.as_bytes() == key)
+        {
+            has_secret = true;
+        }
+        pairs += 1;
+        end = value_end;
+        if byte_at(bytes, value_end) != b';' {
+            break;
+        }
+        position = value_end + 1;
+        if byte_at(bytes, position) == b' ' {
+            position += 1;
+        }
+    }
+    if pairs < 2 || !has_secret {
+        return None;
+    }
+    scanner.push(
+        EntityType::ConnectionString,
+        start,
+        end,
+        CONNECTION_STRING_CONFIDENCE,
+    );
+    Some(end)
+}
+
+/// `sv=...&...&sig=...`: a query with the signed version and a signature of 16 or more
+/// characters, in any order.
+fn sas(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let mut position = start;
+    let mut has_version = false;
+    let mut signature_bytes = 0;
+    let mut end = start;
+    for _ in 0..PAIRS_MAX {
+        let name_end = run_end(bytes, position, 8, |byte| byte.is_ascii_lowercase());
+        if name_end == position || byte_at(bytes, name_end) != b'=' {
+            break;
+        }
+        let value_start = name_end + 1;
+        let value_end = run_end(bytes, value_start, VALUE_BYTES_MAX, |byte| {
+            is_alphanumeric(byte)
+                || matches!(
+                    byte,
+                    b'%' | b'-' | b'.' | b'_' | b'~' | b':' | b'+' | b'/' | b'='
+                )
+        });
+        match &bytes[position..name_end] {
+            b"sv" => has_version = true,
+            b"sig" => signature_bytes = value_end - value_start,
+            _ => {}
+        }
+        end = value_end;
+        if byte_at(bytes, value_end) != b'&' {
+            break;
+        }
+        position = value_end + 1;
+    }
+    if !has_version || signature_bytes < 16 {
+        return None;
+    }
+    scanner.push(EntityType::AzureSasToken, start, end, SAS_CONFIDENCE);
+    Some(end)
+}
+
+/// A run of 20 or more token bytes: a prefixed token, an Azure storage key, an AWS secret
+/// key next to an AWS context word, or a high-entropy token next to a secret context word.
+pub(super) fn token(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let token = &bytes[start..end];
+    let prefixed = TOKEN_PREFIXES.iter().any(|prefix| {
+        token.len() >= prefix.len() + 16
+            && token.starts_with(prefix.as_bytes())
+            && token[prefix.len()..]
+                .iter()
+                .any(|byte| byte.is_ascii_digit())
+    });
+    if prefixed && (start == 0 || !is_alphanumeric(bytes[start - 1])) {
+        scanner.push(EntityType::Secret, start, end, PREFIXED_TOKEN_CONFIDENCE);
+        return Some(end);
+    }
+    if storage_key(token) {
+        scanner.push(
+            EntityType::AzureStorageKey,
+            start,
+            end,
+            STORAGE_KEY_CONFIDENCE,
+        );
+        return Some(end);
+    }
+    if aws_secret_key(token) && context_before(bytes, start, CONTEXT_BYTES, AWS_CONTEXT) {
+        scanner.push(EntityType::AwsSecretKey, start, end, AWS_SECRET_CONFIDENCE);
+        return Some(end);
+    }
+    let mixed = token.iter().any(u8::is_ascii_digit) && token.iter().any(u8::is_ascii_alphabetic);
+    if mixed
+        && token.len() <= TOKEN_BYTES_MAX
+        && entropy_bits(token) >= ENTROPY_BITS_MIN
+        && context_before(bytes, start, CONTEXT_BYTES, SECRET_CONTEXT)
+    {
+        scanner.push(EntityType::Secret, start, end, CONTEXT_SECRET_CONFIDENCE);
+        return Some(end);
+    }
+    None
+}
+
+/// 40 base64 characters in mixed case, as AWS secret access keys are.
+fn aws_secret_key(token: &[u8]) -> bool {
+    token.len() == 40
+        && token
+            .iter()
+            .all(|&byte| is_alphanumeric(byte) || byte == b'+' || byte == b'/')
+        && token.iter().any(u8::is_ascii_uppercase)
+        && token.iter().any(u8::is_ascii_lowercase)
+}
+
+/// Shannon entropy of the bytes of `value`, in bits per byte.
+pub(super) fn entropy_bits(value: &[u8]) -> f32 {
+    let mut counts = [0_u16; 128];
+    let mut counted = 0_u16;
+    for &byte in value.iter().take(TOKEN_BYTES_MAX) {
+        counts[usize::from(byte & 0x7f)] += 1;
+        counted += 1;
+    }
+    let total = f32::from(counted);
+    counts
+        .iter()
+        .filter(|&&count| count > 0)
+        .map(|&count| {
+            let share = f32::from(count) / total;
+            -share * share.log2()
+        })
+        .sum()
+}

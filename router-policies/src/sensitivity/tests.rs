@@ -1,0 +1,709 @@
+use expect_test::{Expect, expect};
+use proptest::prelude::*;
+
+use super::{
+    DictionaryConfig, EntityType, PatternConfig, RecognizerConfig, Recognizers, SensitivityError,
+};
+
+/// Scans each line of `cases` on its own and prints the line, then each finding as
+/// `entity `value` confidence`, or `-` when there is none.
+fn check_with(recognizers: &Recognizers, cases: &str, expect: Expect) {
+    let mut actual = String::new();
+    for line in cases.lines().map(str::trim).filter(|line| !line.is_empty()) {
+        let findings = recognizers.scan(line);
+        actual.push_str(line);
+        actual.push('\n');
+        if findings.is_empty() {
+            actual.push_str("    -\n");
+        }
+        for finding in findings {
+            actual.push_str(&format!(
+                "    {} `{}` {}\n",
+                finding.entity,
+                &line[finding.span.clone()],
+                finding.confidence
+            ));
+        }
+    }
+    expect.assert_eq(&actual);
+}
+
+fn check(cases: &str, expect: Expect) {
+    check_with(&Recognizers::default(), cases, expect);
+}
+
+#[test]
+fn card_numbers_pass_luhn_issuer_and_length() {
+    check(
+        r#"
+        card 4111 1111 1111 1111 exp 12/27
+        4111-1111-1111-1111
+        4111111111111111
+        amex 3782 822463 10005
+        mastercard 5555555555554444, 2-series 2223003122003222
+        discover 6011 0009 9013 9424 and jcb 3530111333300000
+        diners 3056 930902 5904
+        luhn-invalid 4111 1111 1111 1112
+        unknown issuer 9111 1111 1111 1117
+        visa with 15 digits 411111111111116
+        all zeros 0000 0000 0000 0000
+        mixed separators 4111 1111-1111 1111
+        order ORD-4111111111111111
+        4111 1111 1111 1111 2024 is a card then a year
+        "#,
+        expect![[r#"
+            card 4111 1111 1111 1111 exp 12/27
+                credit_card `4111 1111 1111 1111` 0.95
+            4111-1111-1111-1111
+                credit_card `4111-1111-1111-1111` 0.95
+            4111111111111111
+                credit_card `4111111111111111` 0.95
+            amex 3782 822463 10005
+                credit_card `3782 822463 10005` 0.95
+            mastercard 5555555555554444, 2-series 2223003122003222
+                credit_card `5555555555554444` 0.95
+                credit_card `2223003122003222` 0.95
+            discover 6011 0009 9013 9424 and jcb 3530111333300000
+                credit_card `6011 0009 9013 9424` 0.95
+                credit_card `3530111333300000` 0.95
+            diners 3056 930902 5904
+                credit_card `3056 930902 5904` 0.95
+            luhn-invalid 4111 1111 1111 1112
+                -
+            unknown issuer 9111 1111 1111 1117
+                -
+            visa with 15 digits 411111111111116
+                -
+            all zeros 0000 0000 0000 0000
+                -
+            mixed separators 4111 1111-1111 1111
+                -
+            order ORD-4111111111111111
+                -
+            4111 1111 1111 1111 2024 is a card then a year
+                credit_card `4111 1111 1111 1111` 0.95
+        "#]],
+    );
+}
+
+#[test]
+fn ibans_pass_mod_97_and_country_length() {
+    check(
+        r#"
+        pay to DE89 3704 0044 0532 0130 00 today
+        DE89370400440532013000
+        GB29 NWBK 6016 1331 9268 19
+        FR1420041010050500013M02606
+        NL91ABNA0417164300.
+        wrong check digits DE88 3704 0044 0532 0130 00
+        wrong length DE89 3704 0044 0532 0130 0
+        unknown country QQ89 3704 0044 0532 0130 00
+        DE89 3704 0044 0532 0130 00 99 trailing group
+        "#,
+        expect![[r#"
+            pay to DE89 3704 0044 0532 0130 00 today
+                iban `DE89 3704 0044 0532 0130 00` 0.95
+            DE89370400440532013000
+                iban `DE89370400440532013000` 0.95
+            GB29 NWBK 6016 1331 9268 19
+                iban `GB29 NWBK 6016 1331 9268 19` 0.95
+            FR1420041010050500013M02606
+                iban `FR1420041010050500013M02606` 0.95
+            NL91ABNA0417164300.
+                iban `NL91ABNA0417164300` 0.95
+            wrong check digits DE88 3704 0044 0532 0130 00
+                -
+            wrong length DE89 3704 0044 0532 0130 0
+                -
+            unknown country QQ89 3704 0044 0532 0130 00
+                -
+            DE89 3704 0044 0532 0130 00 99 trailing group
+                iban `DE89 3704 0044 0532 0130 00` 0.95
+        "#]],
+    );
+}
+
+#[test]
+fn us_ssns_exclude_invalid_ranges_and_samples() {
+    check(
+        r#"
+        ssn 536-22-1234
+        536 22 1234
+        SSN: 536221234
+        536221234 without context
+        area 000-12-3456, 666-12-3456, 912-34-5678
+        group 536-00-1234, serial 536-22-0000
+        samples 078-05-1120, 219-09-9999, 123-45-6789
+        "#,
+        expect![[r#"
+            ssn 536-22-1234
+                us_ssn `536-22-1234` 0.85
+            536 22 1234
+                us_ssn `536 22 1234` 0.65
+            SSN: 536221234
+                us_ssn `536221234` 0.75
+            536221234 without context
+                -
+            area 000-12-3456, 666-12-3456, 912-34-5678
+                -
+            group 536-00-1234, serial 536-22-0000
+                -
+            samples 078-05-1120, 219-09-9999, 123-45-6789
+                -
+        "#]],
+    );
+}
+
+#[test]
+fn emails_need_a_local_part_and_a_domain_with_a_tld() {
+    check(
+        r#"
+        write to jane.doe+news@mail.example.co.uk.
+        <j_o-e%x@sub-domain.example.org>
+        user@localhost, @mention, a@b.c, x@1.2.3.4
+        double..dot@example.com
+        mailto:bob@example.com
+        "#,
+        expect![[r#"
+            write to jane.doe+news@mail.example.co.uk.
+                email `jane.doe+news@mail.example.co.uk` 0.9
+            <j_o-e%x@sub-domain.example.org>
+                email `j_o-e%x@sub-domain.example.org` 0.9
+            user@localhost, @mention, a@b.c, x@1.2.3.4
+                ip_address `1.2.3.4` 0.85
+            double..dot@example.com
+                -
+            mailto:bob@example.com
+                email `bob@example.com` 0.9
+        "#]],
+    );
+}
+
+#[test]
+fn phone_numbers_need_enough_digits_and_a_shape() {
+    check(
+        r#"
+        call +44 20 7946 0958 or +1-555-123-4567
+        +49 (0)30 1234 5678
+        +33 1 23 45 67 89
+        (555) 234-5678 and (020) 7946 0958
+        555-234-5678, 555.234.5678, 1-800-555-0199
+        020 7946 0958, 01 23 45 67 89
+        phone 02079460958
+        02079460958 without context
+        +20% more, +1 555 01, up 3.5%
+        order ORD-2024-000123 shipped
+        released 2024-01-15 at 10:30:45
+        version 1.2.3, ticket 12345, 1 234 567 units
+        dashed 155-234-5678 but spaced 155 234 5678
+        Phone: 439 4166, mobile 730 064 218, (73) 4746-3459, (07700)553419, 07700 316 475
+        hotel 439 4166, call on 2024-01-15, call a taxi to 9335 2733 Jasper Ave
+        Suite 014 74830 1324, Serial 0923-2719-3745, \nPhone:\n439 4166\n, 723 813 266 office
+        041 034 3579-Office, (632)135-8004x010-Fax, reach me on 61 60 34
+        ext 555-234-5678x1234, (555)234-5678 ext. 12, +1-555-234-5678 x99, 001-555-234-5678
+        "#,
+        expect![[r#"
+            call +44 20 7946 0958 or +1-555-123-4567
+                phone `+44 20 7946 0958` 0.8
+                phone `+1-555-123-4567` 0.8
+            +49 (0)30 1234 5678
+                phone `+49 (0)30 1234 5678` 0.8
+            +33 1 23 45 67 89
+                phone `+33 1 23 45 67 89` 0.8
+            (555) 234-5678 and (020) 7946 0958
+                phone `(555) 234-5678` 0.7
+                phone `(020) 7946 0958` 0.6
+            555-234-5678, 555.234.5678, 1-800-555-0199
+                phone `555-234-5678` 0.7
+                phone `555.234.5678` 0.7
+                phone `1-800-555-0199` 0.7
+            020 7946 0958, 01 23 45 67 89
+                phone `020 7946 0958` 0.6
+                phone `01 23 45 67 89` 0.6
+            phone 02079460958
+                phone `02079460958` 0.6
+            02079460958 without context
+                -
+            +20% more, +1 555 01, up 3.5%
+                -
+            order ORD-2024-000123 shipped
+                -
+            released 2024-01-15 at 10:30:45
+                -
+            version 1.2.3, ticket 12345, 1 234 567 units
+                -
+            dashed 155-234-5678 but spaced 155 234 5678
+                phone `155-234-5678` 0.7
+            Phone: 439 4166, mobile 730 064 218, (73) 4746-3459, (07700)553419, 07700 316 475
+                phone `439 4166` 0.6
+                phone `730 064 218` 0.6
+                phone `(73) 4746-3459` 0.6
+                phone `(07700)553419` 0.6
+                phone `07700 316 475` 0.6
+            hotel 439 4166, call on 2024-01-15, call a taxi to 9335 2733 Jasper Ave
+                -
+            Suite 014 74830 1324, Serial 0923-2719-3745, \nPhone:\n439 4166\n, 723 813 266 office
+                phone `439 4166` 0.6
+                phone `723 813 266` 0.6
+            041 034 3579-Office, (632)135-8004x010-Fax, reach me on 61 60 34
+                phone `041 034 3579` 0.6
+                phone `(632)135-8004x010` 0.6
+                phone `61 60 34` 0.6
+            ext 555-234-5678x1234, (555)234-5678 ext. 12, +1-555-234-5678 x99, 001-555-234-5678
+                phone `555-234-5678x1234` 0.7
+                phone `(555)234-5678 ext. 12` 0.7
+                phone `+1-555-234-5678 x99` 0.8
+                phone `001-555-234-5678` 0.7
+        "#]],
+    );
+}
+
+#[test]
+fn ip_addresses_are_four_octets_or_ipv6_and_not_versions() {
+    check(
+        r#"
+        host 192.168.1.20 port 10.0.0.1:8080 net 10.0.0.0/8
+        see http://203.0.113.7/path
+        version 1.2.3.4, v 10.0.0.1, release 2.0.1.3
+        1.2.3, 1.2.3.4.5, 256.1.1.1, 01.2.3.4
+        2001:0db8:85a3:0000:0000:8a2e:0370:7334
+        fe80::1ff:fe23:4567:890a%eth0 and 2001:db8::1 and ::ffff:192.0.2.128
+        ::1, std::vector, ab::cd, 12:30:45, 00:1a:2b:3c:4d:5e
+        "#,
+        expect![[r#"
+            host 192.168.1.20 port 10.0.0.1:8080 net 10.0.0.0/8
+                ip_address `192.168.1.20` 0.85
+                ip_address `10.0.0.1` 0.85
+                ip_address `10.0.0.0` 0.85
+            see http://203.0.113.7/path
+                ip_address `203.0.113.7` 0.85
+            version 1.2.3.4, v 10.0.0.1, release 2.0.1.3
+                -
+            1.2.3, 1.2.3.4.5, 256.1.1.1, 01.2.3.4
+                -
+            2001:0db8:85a3:0000:0000:8a2e:0370:7334
+                ip_address `2001:0db8:85a3:0000:0000:8a2e:0370:7334` 0.85
+            fe80::1ff:fe23:4567:890a%eth0 and 2001:db8::1 and ::ffff:192.0.2.128
+                ip_address `fe80::1ff:fe23:4567:890a` 0.85
+                ip_address `2001:db8::1` 0.85
+                ip_address `::ffff:192.0.2.128` 0.85
+            ::1, std::vector, ab::cd, 12:30:45, 00:1a:2b:3c:4d:5e
+                -
+        "#]],
+    );
+}
+
+#[test]
+fn national_ids_pass_their_check_digits() {
+    check(
+        r#"
+        NINO AB123456C and CE 12 34 56 A
+        invalid prefixes DA123456C, GB123456A, QQ 12 34 56 C, suffix AB123456E
+        DNI 12345678Z, 12345678-Z, NIE X1234567L, Y-1234567-X
+        wrong letters 12345678A, X1234567A
+        codice fiscale RSSMRA85T10A562S
+        fiscal code with a wrong check RSSMRA85T10A562A
+        NIR 1 84 12 76 451 089 46, 184127645108946
+        NIR with a wrong key 184127645108947
+        Steuer-ID 65929970489
+        65929970489 alone
+        BSN 111222333
+        123456782 alone
+        "#,
+        expect![[r#"
+            NINO AB123456C and CE 12 34 56 A
+                uk_nino `AB123456C` 0.8
+                uk_nino `CE 12 34 56 A` 0.8
+            invalid prefixes DA123456C, GB123456A, QQ 12 34 56 C, suffix AB123456E
+                -
+            DNI 12345678Z, 12345678-Z, NIE X1234567L, Y-1234567-X
+                es_dni `12345678Z` 0.9
+                es_dni `12345678-Z` 0.9
+                es_dni `X1234567L` 0.9
+                es_dni `Y-1234567-X` 0.9
+            wrong letters 12345678A, X1234567A
+                -
+            codice fiscale RSSMRA85T10A562S
+                it_fiscal_code `RSSMRA85T10A562S` 0.95
+            fiscal code with a wrong check RSSMRA85T10A562A
+                -
+            NIR 1 84 12 76 451 089 46, 184127645108946
+                fr_nir `1 84 12 76 451 089 46` 0.9
+                fr_nir `184127645108946` 0.9
+            NIR with a wrong key 184127645108947
+                -
+            Steuer-ID 65929970489
+                de_tax_id `65929970489` 0.85
+            65929970489 alone
+                -
+            BSN 111222333
+                nl_bsn `111222333` 0.85
+            123456782 alone
+                -
+        "#]],
+    );
+}
+
+#[test]
+fn cloud_credentials_have_their_formats() {
+    let storage_key = format!(
+        "{}==",
+        "Kx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0Gc"
+            .repeat(3)
+            .get(..86)
+            .unwrap_or_default()
+    );
+    let cases = format!(
+        r#"
+        DefaultEndpointsProtocol=https;AccountName=acct01;AccountKey={storage_key};EndpointSuffix=core.windows.net
+        key alone {storage_key}
+        AccountKey={storage_key}
+        Server=tcp:db.database.windows.net,1433;Initial Catalog=app;User ID=admin;Password=S3cr3t!pw;
+        Data Source=db01;Initial Catalog=app;Password=S3cr3t!pw
+        Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=abc123def456ghi789=
+        postgres://app:S3cr3tPw@db.example.com:5432/app
+        https://acct.blob.core.windows.net/c/f.txt?sp=r&st=2024-01-01T00:00:00Z&se=2024-01-02T00:00:00Z&spr=https&sv=2022-11-02&sr=b&sig=aBcD1234eFgH5678iJkL9012mNoP%3D
+        sv=2022-11-02 without a signature
+        AKIAZ3MJQ4R5T6Y7U8I9 and ASIAZ3MJQ4R5T6Y7U8I9
+        AKIAIOSFODNN7EXAMPLE is the documentation key
+        aws_secret_access_key = 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
+        secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzKEYabcde
+        wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzKEYabcde without context
+        "#
+    );
+    check(
+        &cases,
+        expect![[r#"
+            DefaultEndpointsProtocol=https;AccountName=acct01;AccountKey=Kx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1N==;EndpointSuffix=core.windows.net
+                connection_string `DefaultEndpointsProtocol=https;AccountName=acct01;AccountKey=Kx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1N==;EndpointSuffix=core.windows.net` 0.95
+            key alone Kx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1N==
+                azure_storage_key `Kx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1N==` 0.85
+            AccountKey=Kx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1N==
+                azure_storage_key `Kx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1Nd3Fh5Jk0GcKx7Qm2Vb9Lp4Rt6Yw8Zs1N==` 0.95
+            Server=tcp:db.database.windows.net,1433;Initial Catalog=app;User ID=admin;Password=S3cr3t!pw;
+                connection_string `Server=tcp:db.database.windows.net,1433;Initial Catalog=app;User ID=admin;Password=S3cr3t!pw` 0.95
+            Data Source=db01;Initial Catalog=app;Password=S3cr3t!pw
+                connection_string `Data Source=db01;Initial Catalog=app;Password=S3cr3t!pw` 0.95
+            Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=abc123def456ghi789=
+                connection_string `Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=Root;SharedAccessKey=abc123def456ghi789=` 0.95
+            postgres://app:S3cr3tPw@db.example.com:5432/app
+                connection_string `postgres://app:S3cr3tPw@db.example.com:5432` 0.9
+            https://acct.blob.core.windows.net/c/f.txt?sp=r&st=2024-01-01T00:00:00Z&se=2024-01-02T00:00:00Z&spr=https&sv=2022-11-02&sr=b&sig=aBcD1234eFgH5678iJkL9012mNoP%3D
+                azure_sas_token `sp=r&st=2024-01-01T00:00:00Z&se=2024-01-02T00:00:00Z&spr=https&sv=2022-11-02&sr=b&sig=aBcD1234eFgH5678iJkL9012mNoP%3D` 0.95
+            sv=2022-11-02 without a signature
+                -
+            AKIAZ3MJQ4R5T6Y7U8I9 and ASIAZ3MJQ4R5T6Y7U8I9
+                aws_access_key `AKIAZ3MJQ4R5T6Y7U8I9` 0.9
+                aws_access_key `ASIAZ3MJQ4R5T6Y7U8I9` 0.9
+            AKIAIOSFODNN7EXAMPLE is the documentation key
+                -
+            aws_secret_access_key = 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
+                aws_secret_key `wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzKEYabcde` 0.9
+            secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzKEYabcde
+                aws_secret_key `wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzKEYabcde` 0.85
+            wJalrXUtnFEMI/K7MDENG/bPxRfiCYzzKEYabcde without context
+                -
+        "#]],
+    );
+}
+
+#[test]
+fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
+    let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
+    let cases = format!(
+        r#"
+        -----BEGIN RSA PRIVATE KEY----- MIIEpAIBAAKCAQEA1c7+9z5Pad7OejecsQ0bu -----END RSA PRIVATE KEY----- done
+        -----BEGIN PUBLIC KEY----- MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA -----END PUBLIC KEY-----
+        -----BEGIN OPENSSH PRIVATE KEY----- b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ truncated
+        token {jwt}
+        eyJub3QiOiJhIGp3dCJ9.eyJzdWIiOiIxIn0.abc has no alg
+        Authorization: Bearer abcDEF123456ghiJKL789
+        password=hunter22 and "api_key": "Zx81kQpL02mNvB7tYr4w"
+        DB_PASSWORD='correct horse battery'
+        password: please reset it, password = get_password(), password = config.db_password
+        password=changeme, password=<your password>, password=${{DB_PASSWORD}}, password=********
+        my github token is ghp_16C7e42F292c6912E7710c838347Ae178B4a
+        api key: 9f8e7d6c5b4a39281706f5e4d3c2b1a0Qx
+        commit 3f786850e387550fdab836ed7e6dc881de23001b and request 550e8400-e29b-41d4-a716-446655440000
+        token f47ac10b-58cc-4372-a567-0e02b2c3d479
+        token 550e8400-e29b-41d4-a716-446655440000 has too little entropy
+        internationalization_and_localization_frameworks
+        "#
+    );
+    check(
+        &cases,
+        expect![[r#"
+            -----BEGIN RSA PRIVATE KEY----- MIIEpAIBAAKCAQEA1c7+9z5Pad7OejecsQ0bu -----END RSA PRIVATE KEY----- done
+                private_key `-----BEGIN RSA PRIVATE KEY----- MIIEpAIBAAKCAQEA1c7+9z5Pad7OejecsQ0bu -----END RSA PRIVATE KEY-----` 0.99
+            -----BEGIN PUBLIC KEY----- MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA -----END PUBLIC KEY-----
+                -
+            -----BEGIN OPENSSH PRIVATE KEY----- b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ truncated
+                private_key `-----BEGIN OPENSSH PRIVATE KEY----- b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ truncated` 0.99
+            token eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c
+                jwt `eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c` 0.95
+            eyJub3QiOiJhIGp3dCJ9.eyJzdWIiOiIxIn0.abc has no alg
+                -
+            Authorization: Bearer abcDEF123456ghiJKL789
+                secret `abcDEF123456ghiJKL789` 0.9
+            password=hunter22 and "api_key": "Zx81kQpL02mNvB7tYr4w"
+                secret `hunter22` 0.8
+                secret `Zx81kQpL02mNvB7tYr4w` 0.8
+            DB_PASSWORD='correct horse battery'
+                secret `correct horse battery` 0.8
+            password: please reset it, password = get_password(), password = config.db_password
+                -
+            password=changeme, password=<your password>, password=${DB_PASSWORD}, password=********
+                -
+            my github token is ghp_16C7e42F292c6912E7710c838347Ae178B4a
+                secret `ghp_16C7e42F292c6912E7710c838347Ae178B4a` 0.9
+            api key: 9f8e7d6c5b4a39281706f5e4d3c2b1a0Qx
+                secret `9f8e7d6c5b4a39281706f5e4d3c2b1a0Qx` 0.7
+            commit 3f786850e387550fdab836ed7e6dc881de23001b and request 550e8400-e29b-41d4-a716-446655440000
+                -
+            token f47ac10b-58cc-4372-a567-0e02b2c3d479
+                secret `f47ac10b-58cc-4372-a567-0e02b2c3d479` 0.7
+            token 550e8400-e29b-41d4-a716-446655440000 has too little entropy
+                -
+            internationalization_and_localization_frameworks
+                -
+        "#]],
+    );
+}
+
+fn custom() -> Recognizers {
+    let config = RecognizerConfig {
+        dictionaries: vec![
+            DictionaryConfig {
+                name: "projects".to_owned(),
+                terms: vec!["Falcon".to_owned(), "Blue Heron".to_owned()],
+            },
+            DictionaryConfig {
+                name: "customers".to_owned(),
+                terms: vec!["Contoso Ltd".to_owned(), "Zoë Café".to_owned()],
+            },
+        ],
+        patterns: vec![PatternConfig {
+            name: "ticket".to_owned(),
+            regex: r"\bINC-\d{6}\b".to_owned(),
+        }],
+        disabled: vec!["ip_address".to_owned()],
+    };
+    match Recognizers::compile(&config) {
+        Ok(recognizers) => recognizers,
+        Err(errors) => panic!("test configuration does not compile: {errors:?}"),
+    }
+}
+
+#[test]
+fn dictionaries_match_whole_words_in_any_case_and_patterns_match() {
+    check_with(
+        &custom(),
+        r#"
+        project falcon for contoso ltd, blue  heron
+        Falconry and BLUE HERON and zoë café
+        INC-123456 on 10.0.0.1 and INC-1234567
+        "#,
+        expect![[r#"
+            project falcon for contoso ltd, blue  heron
+                dictionary:projects `falcon` 0.9
+                dictionary:customers `contoso ltd` 0.9
+            Falconry and BLUE HERON and zoë café
+                dictionary:projects `BLUE HERON` 0.9
+                dictionary:customers `zoë café` 0.9
+            INC-123456 on 10.0.0.1 and INC-1234567
+                pattern:ticket `INC-123456` 0.8
+        "#]],
+    );
+}
+
+#[test]
+fn a_configuration_reports_every_error_by_name() {
+    let config = RecognizerConfig {
+        dictionaries: vec![
+            DictionaryConfig {
+                name: "Projects".to_owned(),
+                terms: vec!["a".to_owned(), " ".to_owned()],
+            },
+            DictionaryConfig {
+                name: "empty".to_owned(),
+                terms: vec![],
+            },
+        ],
+        patterns: vec![
+            PatternConfig {
+                name: "broken".to_owned(),
+                regex: "(".to_owned(),
+            },
+            PatternConfig {
+                name: "anything".to_owned(),
+                regex: "x*".to_owned(),
+            },
+            PatternConfig {
+                name: "anything".to_owned(),
+                regex: "y".to_owned(),
+            },
+        ],
+        disabled: vec!["creditcard".to_owned()],
+    };
+    let errors: Vec<String> = match Recognizers::compile(&config) {
+        Ok(_) => panic!("compiled"),
+        Err(errors) => errors.iter().map(SensitivityError::to_string).collect(),
+    };
+    expect![[r#"
+        [
+            "`creditcard` in `disabled` is not a built-in entity type",
+            "`Projects` is not a valid dictionary name (use a-z, 0-9, `_` and `-`, at most 64 bytes)",
+            "dictionary `Projects` term 1 is blank",
+            "dictionary `empty` has no terms",
+            "pattern `broken` is not a valid regular expression: regex parse error:\n    (\n    ^\nerror: unclosed group",
+            "pattern `anything` matches the empty string",
+            "pattern `anything` is defined more than once",
+        ]
+    "#]]
+    .assert_debug_eq(&errors);
+}
+
+#[test]
+fn entity_names_are_stable_and_round_trip() {
+    let names: Vec<&str> = EntityType::BUILTIN.iter().map(EntityType::as_str).collect();
+    expect![[r#"
+        [
+            "credit_card",
+            "iban",
+            "us_ssn",
+            "email",
+            "phone",
+            "ip_address",
+            "uk_nino",
+            "de_tax_id",
+            "es_dni",
+            "fr_nir",
+            "it_fiscal_code",
+            "nl_bsn",
+            "azure_storage_key",
+            "connection_string",
+            "azure_sas_token",
+            "aws_access_key",
+            "aws_secret_key",
+            "private_key",
+            "jwt",
+            "secret",
+        ]
+    "#]]
+    .assert_debug_eq(&names);
+    for entity in EntityType::BUILTIN {
+        assert_eq!(EntityType::builtin(entity.as_str()), Some(entity.clone()));
+        assert_eq!(
+            entity
+                .builtin_index()
+                .map(|index| &EntityType::BUILTIN[index]),
+            Some(&entity)
+        );
+    }
+}
+
+#[test]
+fn overlaps_keep_the_most_confident_finding() {
+    // The card digits inside the e-mail address's local part lose to the address.
+    check(
+        "4111111111111111@example.com, +1 555 234 5678 9",
+        expect![[r#"
+            4111111111111111@example.com, +1 555 234 5678 9
+                email `4111111111111111@example.com` 0.9
+                phone `+1 555 234 5678 9` 0.8
+        "#]],
+    );
+}
+
+/// Completes `prefix` digits with a Luhn check digit.
+fn with_luhn_digit(prefix: &[u8]) -> Vec<u8> {
+    (0..10)
+        .map(|check| {
+            let mut digits = prefix.to_vec();
+            digits.push(check);
+            digits
+        })
+        .find(|digits| super::numbers::luhn(digits))
+        .unwrap_or_default()
+}
+
+/// Completes a German BBAN with IBAN check digits.
+fn german_iban(bban: &str) -> String {
+    let rearranged: String = format!("{bban}DE00")
+        .chars()
+        .map(|character| match character.to_digit(36) {
+            Some(value) => value.to_string(),
+            None => String::new(),
+        })
+        .collect();
+    let remainder = rearranged.bytes().fold(0_u32, |remainder, digit| {
+        (remainder * 10 + u32::from(digit - b'0')) % 97
+    });
+    format!("DE{:02}{bban}", 98 - remainder)
+}
+
+fn arbitrary_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<String>(),
+        "[0-9a-fA-FXYZ@.:=+ \\-/;&()'\"_eyJ\n]{0,120}",
+        "(4111|DE89|AKIA|eyJ|-----BEGIN |password=|sv=|::|\\+44|[0-9]{1,5}| |-|\\.|@|é|€|:)*",
+    ]
+}
+
+proptest! {
+    #[test]
+    fn scanning_never_panics_and_spans_are_sorted_disjoint_char_boundaries(text in arbitrary_text()) {
+        let findings = custom().scan(&text);
+        let mut previous_end = 0;
+        for finding in &findings {
+            prop_assert!(finding.span.start >= previous_end, "{findings:?}");
+            prop_assert!(finding.span.start < finding.span.end);
+            prop_assert!(finding.span.end <= text.len());
+            prop_assert!(text.is_char_boundary(finding.span.start));
+            prop_assert!(text.is_char_boundary(finding.span.end));
+            prop_assert!(finding.confidence > 0.0 && finding.confidence <= 1.0);
+            previous_end = finding.span.end;
+        }
+    }
+
+    #[test]
+    fn every_luhn_valid_visa_is_found_in_prose(
+        body in proptest::collection::vec(0_u8..10, 14),
+        before in "[a-z ]{0,20}",
+        after in "[a-z ]{0,20}",
+        spaced in any::<bool>(),
+    ) {
+        let mut prefix = vec![4];
+        prefix.extend(body);
+        let digits: String = with_luhn_digit(&prefix).iter().map(|digit| char::from(b'0' + digit)).collect();
+        prop_assume!(!digits.bytes().all(|digit| digit == digits.as_bytes()[0]));
+        let number = if spaced {
+            digits.as_bytes().chunks(4).map(|chunk| String::from_utf8_lossy(chunk).into_owned()).collect::<Vec<_>>().join(" ")
+        } else {
+            digits
+        };
+        let text = format!("{before} {number} {after}");
+        let findings = Recognizers::default().scan(&text);
+        prop_assert!(
+            findings.iter().any(|finding| finding.entity == EntityType::CreditCard && text[finding.span.clone()] == number),
+            "{text:?}: {findings:?}"
+        );
+    }
+
+    #[test]
+    fn every_valid_german_iban_is_found_and_a_changed_digit_is_not(
+        bban in "[0-9]{18}",
+        position in 4_usize..22,
+        delta in 1_u8..10,
+    ) {
+        let iban = german_iban(&bban);
+        let findings = Recognizers::default().scan(&format!("IBAN {iban}."));
+        prop_assert_eq!(findings.len(), 1);
+        prop_assert_eq!(&findings[0].entity, &EntityType::Iban);
+        let mut changed = iban.into_bytes();
+        changed[position] = b'0' + (changed[position] - b'0' + delta) % 10;
+        let changed = String::from_utf8(changed).unwrap_or_default();
+        let findings = Recognizers::default().scan(&format!("IBAN {changed}."));
+        prop_assert!(findings.iter().all(|finding| finding.entity != EntityType::Iban), "{changed}");
+    }
+}

@@ -1,0 +1,277 @@
+//! Routing rules end to end: sensitive prompts stay on the local model, complex ones go to the
+//! cloud pool, a classified request fails closed, redact-then-cloud restores the values in a
+//! streamed answer, and `isthmus explain` / `POST /admin/api/explain` show why.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use tests::{API_KEY, Gateway, GatewayOptions, Upstream, serial};
+
+use crate::upstream::options;
+use crate::{block_on, sse_payloads};
+
+/// A multi-step word problem of the kind the strong model is needed for.
+const HARD: &str = "A train leaves city A at 9:40 travelling at 84 km/h; a second train leaves city B, \
+    412 km away, at 10:15 travelling towards A at 96 km/h. First work out where they meet, then \
+    prove that the meeting time does not depend on which city the 35-minute head start is \
+    measured from, and finally derive a general formula for n trains. Explain each step.";
+const VALID_IBAN: &str = "DE89 3704 0044 0532 0130 00";
+const INVALID_IBAN: &str = "DE00 3704 0044 0532 0130 00";
+
+fn policy_config(upstream: &Upstream) -> String {
+    format!(
+        r#"
+[upstreams.aks]
+models = {{ "gpt-4o" = "served-70b" }}
+[[upstreams.aks.backends]]
+url = "{url}"
+name = "cloud"
+[upstreams.aks.health]
+interval_ms = 60000
+
+[policy]
+sensitive_classifications = ["confidential"]
+
+[[policy.rules]]
+name = "finance-redacts"
+action = "redact_then_cloud"
+target = "aks"
+model = "gpt-4o"
+when = {{ headers = {{ "x-team" = "finance" }} }}
+
+[[policy.rules]]
+name = "sensitive-local"
+action = "local"
+target = "smollm2"
+when = {{ sensitive = true }}
+
+# About 30% of the RouteLLM prompts score 0.574 or more (data/routing/README.md).
+[[policy.rules]]
+name = "complex-to-cloud"
+action = "cloud"
+target = "aks"
+model = "gpt-4o"
+when = {{ complexity_min = 0.57 }}
+"#,
+        url = upstream.base_url()
+    )
+}
+
+fn start(upstream: &Upstream) -> Gateway {
+    Gateway::start(&GatewayOptions {
+        extra: policy_config(upstream),
+        ..GatewayOptions::default()
+    })
+}
+
+async fn send(gateway: &Gateway, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut request = tests::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(API_KEY)
+        .json(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    crate::chat_body(content, extra)
+}
+
+fn route(response: &reqwest::Response) -> (String, String) {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|value| value.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    (header("x-isthmus-route"), header("x-isthmus-rule"))
+}
+
+fn admin_explain(gateway: &Gateway, body: &Value) -> Value {
+    use std::io::{Read as _, Write as _};
+    let text = body.to_string();
+    let mut stream = std::net::TcpStream::connect(gateway.admin).unwrap();
+    write!(
+        stream,
+        "POST /admin/api/explain HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body).unwrap_or_else(|_| Value::String(answer.clone()))
+}
+
+#[test]
+fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let gateway = start(&upstream);
+    block_on(async {
+        let simple = admin_explain(&gateway, &chat("Hi there", json!({})));
+        let hard = admin_explain(&gateway, &chat(HARD, json!({})));
+        let simple_score = simple["complexity"].as_f64().unwrap();
+        let hard_score = hard["complexity"].as_f64().unwrap();
+        assert!(
+            simple_score < 0.57 && hard_score >= 0.57,
+            "complexity: simple {simple_score}, hard {hard_score}"
+        );
+
+        let response = send(&gateway, &chat("Hi there", json!({"max_tokens": 4})), &[]).await;
+        assert_eq!(route(&response), ("local".to_owned(), "default".to_owned()));
+
+        // (A small max_tokens lowers the score: no limit on requests meant for the cloud.)
+        let response = send(&gateway, &chat(HARD, json!({})), &[]).await;
+        assert_eq!(
+            route(&response),
+            ("cloud".to_owned(), "complex-to-cloud".to_owned())
+        );
+
+        let with_valid = format!("{HARD} Pay the fare from {VALID_IBAN}.");
+        let response = send(&gateway, &chat(&with_valid, json!({"max_tokens": 4})), &[]).await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "sensitive-local".to_owned())
+        );
+        let with_invalid = format!("{HARD} Pay the fare from {INVALID_IBAN}.");
+        let response = send(&gateway, &chat(&with_invalid, json!({})), &[]).await;
+        assert_eq!(
+            route(&response),
+            ("cloud".to_owned(), "complex-to-cloud".to_owned())
+        );
+        // Nothing with the valid IBAN ever reached the cloud.
+        let digits = VALID_IBAN.replace(' ', "");
+        for request in upstream.requests().await {
+            let seen = request.to_string().replace(' ', "");
+            assert!(!seen.contains(&digits), "the IBAN left the premises");
+        }
+
+        // A classified document cannot be redacted: the finance rule's cloud action fails
+        // closed onto the local model.
+        let response = send(
+            &gateway,
+            &chat("Summarise the board minutes.", json!({"max_tokens": 4})),
+            &[
+                ("x-data-classification", "Confidential"),
+                ("x-team", "finance"),
+            ],
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "fail_closed".to_owned())
+        );
+    });
+}
+
+#[test]
+fn redact_then_cloud_restores_the_values_in_a_streamed_answer() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let gateway = start(&upstream);
+    block_on(async {
+        let secret = "Write to jane.doe@contoso.com about card 4111 1111 1111 1111 today.";
+        let body = chat(secret, json!({"stream": true, "fake_echo": true}));
+        let response = send(&gateway, &body, &[("x-team", "finance")]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            route(&response),
+            ("cloud".to_owned(), "finance-redacts".to_owned())
+        );
+        let text = response.text().await.unwrap();
+        let content: String = sse_payloads(&text)
+            .iter()
+            .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
+            .filter_map(|chunk| {
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(content, secret, "the echoed answer comes back restored");
+        let chats: Vec<Value> = upstream
+            .requests()
+            .await
+            .into_iter()
+            .filter(|request| request["path"] == "/v1/chat/completions")
+            .collect();
+        assert_eq!(chats.len(), 1);
+        // The cloud saw placeholders; the client got the values back.
+        assert_eq!(
+            chats[0]["last_message"],
+            "Write to <EMAIL_1> about card <CREDIT_CARD_1> today."
+        );
+
+        // The same without streaming.
+        let body = chat(secret, json!({"fake_echo": true}));
+        let response = send(&gateway, &body, &[("x-team", "finance")]).await;
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], secret);
+    });
+}
+
+#[test]
+fn explain_prints_one_line_per_request_with_every_rule_verdict() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let dir = tests::scratch_dir();
+    let config = dir.path().join("isthmus.toml");
+    std::fs::write(
+        &config,
+        tests::config_text(
+            &GatewayOptions {
+                extra: policy_config(&upstream),
+                ..GatewayOptions::default()
+            },
+            dir.path(),
+        ),
+    )
+    .unwrap();
+    let input = dir.path().join("requests.jsonl");
+    let lines = [
+        chat(&format!("Pay from {VALID_IBAN}"), json!({})).to_string(),
+        chat(HARD, json!({})).to_string(),
+        "not json".to_owned(),
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let output = Command::new(tests::isthmus_binary())
+        .args(["explain", "--config"])
+        .arg(&config)
+        .arg("--jsonl")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a bad line makes the exit status 1"
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let records: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3, "{stdout}");
+    assert_eq!(records[0]["rule"], "sensitive-local");
+    assert_eq!(records[0]["entities"], json!(["iban"]));
+    assert_eq!(records[0]["decision"]["route"], "local");
+    assert_eq!(
+        records[0]["rules"],
+        json!([
+            {"rule": "finance-redacts", "verdict": "failed: headers"},
+            {"rule": "sensitive-local", "verdict": "matched"},
+            {"rule": "complex-to-cloud", "verdict": "not evaluated"},
+        ])
+    );
+    assert_eq!(records[1]["rule"], "complex-to-cloud");
+    assert_eq!(records[1]["decision"]["pool"], "aks");
+    assert!(records[2]["error"].is_string());
+    assert_eq!(records[2]["line"], 3);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("requests.jsonl:3:"), "{stderr}");
+}
