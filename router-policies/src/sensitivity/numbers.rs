@@ -198,6 +198,12 @@ pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> 
         return Some(end);
     }
     let groups = Groups::read(bytes, start, b" -.");
+    // The shortest entity here is an IPv4 address (four digits); most numbers in prose
+    // (`12 services`, `840 ms`) stop at this check.
+    let total: usize = (0..groups.count).map(|group| groups.length(group)).sum();
+    if total < 4 {
+        return None;
+    }
     for count in (1..=groups.count).rev() {
         let Some(separator) = groups.uniform_separator(count) else {
             continue;
@@ -462,23 +468,30 @@ fn national_phone(
     digits: &Digits,
     separator: u8,
 ) -> Option<f32> {
-    let previous = previous_word(bytes, start);
-    if continues_number(bytes, start)
-        || NOT_PHONE_WORDS
-            .iter()
-            .any(|word| previous.eq_ignore_ascii_case(word.as_bytes()))
-    {
+    if digits.length < 6 || continues_number(bytes, start) {
         return None;
     }
     let lengths: [usize; GROUPS_MAX] = std::array::from_fn(|group| groups.length(group));
     let lengths = &lengths[..count];
-    let next = next_word(bytes, groups.spans[count - 1].1);
-    let context = context_words_before(bytes, start, PHONE_CONTEXT_WORDS, PHONE_CONTEXT)
-        || PHONE_LABELS
-            .iter()
-            .any(|word| next.eq_ignore_ascii_case(word.as_bytes()));
-    // NANP: `555-234-5678`, `1-800-555-0199`, `001-555-234-5678` (from abroad). Dashes or
-    // dots make the shape; spaced groups also need valid area code and exchange digits.
+    let confidence = phone_shape(lengths, digits, separator).or_else(|| {
+        // Near a phone word (`Phone:\n439 4166`, `call me on 61 60 34`, `723 813 266
+        // office`), 6 to 12 digits in groups of two or more, or contiguous; not a date.
+        let date = matches!(lengths, [4, 2, 2] | [2, 2, 4]);
+        let shaped = digits.length <= 12 && !date && lengths.iter().all(|&length| length >= 2);
+        (shaped && phone_context(bytes, start, groups.spans[count - 1].1))
+            .then_some(PHONE_NATIONAL_CONFIDENCE)
+    })?;
+    let previous = previous_word(bytes, start);
+    let vetoed = NOT_PHONE_WORDS
+        .iter()
+        .any(|word| previous.eq_ignore_ascii_case(word.as_bytes()));
+    (!vetoed).then_some(confidence)
+}
+
+/// A phone number by its shape alone: NANP (`555-234-5678`, `1-800-555-0199`,
+/// `001-555-234-5678` from abroad; spaced groups also need valid area code and exchange
+/// digits) or a trunk-prefix `0` number in groups (`020 7946 0958`, `01 23 45 67 89`).
+fn phone_shape(lengths: &[usize], digits: &Digits, separator: u8) -> Option<f32> {
     let nanp_offset = match lengths {
         [3, 3, 4] => Some(0),
         [1, 3, 3, 4] if digits.values[0] == 1 => Some(1),
@@ -496,29 +509,21 @@ fn national_phone(
         }
     }
     let trunk = digits.values[0] == 0 && digits.values[1] != 0;
-    if count >= 2
+    (lengths.len() >= 2
         && trunk
         && (10..=12).contains(&digits.length)
         && (2..=5).contains(&lengths[0])
-        && lengths.iter().all(|&length| length >= 2)
-    {
-        return Some(PHONE_NATIONAL_CONFIDENCE);
-    }
-    // Near a phone word (`Phone:\n439 4166`, `call me on 61 60 34`), 6 to 12 digits in
-    // groups of two or more, or contiguous.
-    let date = matches!(lengths, [4, 2, 2] | [2, 2, 4]);
-    if (6..=12).contains(&digits.length)
-        && !date
-        && lengths.iter().all(|&length| length >= 2)
-        && context
-    {
-        return Some(PHONE_NATIONAL_CONFIDENCE);
-    }
-    let nanp_contiguous = digits.length == 10 && nanp(digits, 0);
-    if count == 1 && ((trunk && (10..=12).contains(&digits.length)) || nanp_contiguous) && context {
-        return Some(PHONE_NATIONAL_CONFIDENCE);
-    }
-    None
+        && lengths.iter().all(|&length| length >= 2))
+    .then_some(PHONE_NATIONAL_CONFIDENCE)
+}
+
+/// A phone word among the three words before the number, or a phone label right after it.
+fn phone_context(bytes: &[u8], start: usize, end: usize) -> bool {
+    let next = next_word(bytes, end);
+    PHONE_LABELS
+        .iter()
+        .any(|word| next.eq_ignore_ascii_case(word.as_bytes()))
+        || context_words_before(bytes, start, PHONE_CONTEXT_WORDS, PHONE_CONTEXT)
 }
 
 /// Where a phone number that ends at `end` really ends: after an extension (`x123`,
