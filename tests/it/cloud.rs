@@ -526,7 +526,7 @@ fn a_weight_reload_during_a_running_stream_leaves_the_stream_whole() {
 }
 
 /// POSTs to the admin listener and returns its JSON answer.
-fn admin_post(gateway: &Gateway, path: &str) -> Value {
+pub fn admin_post(gateway: &Gateway, path: &str) -> Value {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(gateway.admin).unwrap();
     write!(

@@ -275,3 +275,63 @@ fn explain_prints_one_line_per_request_with_every_rule_verdict() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("requests.jsonl:3:"), "{stderr}");
 }
+
+#[test]
+fn dictionaries_and_rules_reload_and_an_invalid_policy_is_refused_whole() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let gateway = start(&upstream);
+    block_on(async {
+        let body = chat(&format!("{HARD} Mention project Bluebird."), json!({}));
+        let response = send(&gateway, &body, &[]).await;
+        assert_eq!(
+            route(&response),
+            ("cloud".to_owned(), "complex-to-cloud".to_owned())
+        );
+
+        let config_path = gateway.dir.path().join("isthmus.toml");
+        let text = std::fs::read_to_string(&config_path).unwrap();
+        // An invalid pattern and an unknown target: both reported, nothing changes.
+        let broken = text.replace(
+            "sensitive_classifications = [\"confidential\"]",
+            "sensitive_classifications = [\"confidential\"]\npatterns = { bad = \"(unclosed\" }",
+        )
+        .replace("target = \"smollm2\"", "target = \"missing-model\"");
+        std::fs::write(&config_path, broken).unwrap();
+        let refused = crate::cloud::admin_post(&gateway, "/admin/api/reload");
+        assert_eq!(refused["reloaded"], false, "{refused}");
+        let errors = refused["errors"].to_string();
+        assert!(
+            errors.contains("bad") && errors.contains("missing-model"),
+            "{errors}"
+        );
+        let response = send(&gateway, &body, &[]).await;
+        assert_eq!(
+            route(&response).1,
+            "complex-to-cloud",
+            "the old policy still serves"
+        );
+
+        // A dictionary of project code names makes the same prompt sensitive.
+        let with_dictionary = text.replace(
+            "sensitive_classifications = [\"confidential\"]",
+            "sensitive_classifications = [\"confidential\"]\ndictionaries = { projects = [\"Bluebird\"] }",
+        );
+        std::fs::write(&config_path, with_dictionary).unwrap();
+        let reloaded = crate::cloud::admin_post(&gateway, "/admin/api/reload");
+        assert_eq!(reloaded["reloaded"], true, "{reloaded}");
+        let response = send(
+            &gateway,
+            &chat(
+                &format!("{HARD} Mention project Bluebird."),
+                json!({"max_tokens": 4}),
+            ),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "sensitive-local".to_owned())
+        );
+    });
+}
