@@ -16,7 +16,8 @@ const PROSE: &str = "The quarterly review covers the migration of the billing se
 cluster. We moved 12 services in 3 waves between 2024-01-15 and 2024-03-02 and closed tickets \
 ORD-2024-000123 and ORD-2024-000187. Latency at the 99th percentile fell from 840 ms to 310 ms. \
 First explain what went well, then derive which follow-ups we still owe, step by step. ";
-const ENTITIES: &str = "Refunds go to DE89 3704 0044 0532 0130 00; questions to jane.doe@example.com. ";
+const ENTITIES: &str =
+    "Refunds go to DE89 3704 0044 0532 0130 00; questions to jane.doe@example.com. ";
 
 fn prompt() -> String {
     let mut text = String::new();
