@@ -75,6 +75,9 @@ pub struct RequestContext {
     pub attempts: u32,
     /// Set when the answer comes from a fallback (`x-isthmus-degraded`).
     pub degraded: Option<&'static str>,
+    /// The W3C trace context of the request: the client's `traceparent` when valid, else a
+    /// new trace; passed to cloud backends.
+    pub traceparent: Option<String>,
     /// Entity types the sensitivity scan found (never values).
     pub sensitive_entities: Vec<String>,
     pub complexity: Option<f32>,
@@ -200,6 +203,46 @@ fn request_id(session: &Session) -> String {
         })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id)
+}
+
+/// The client's W3C `traceparent` when it is well formed (version 00, non-zero ids), else
+/// a new sampled trace context with random trace and span ids.
+fn traceparent(session: &Session) -> String {
+    let given = session
+        .req_header()
+        .headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim);
+    if let Some(given) = given
+        && valid_traceparent(given)
+    {
+        return given.to_ascii_lowercase();
+    }
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes[0] |= 1;
+    bytes[16] |= 1;
+    format!(
+        "00-{}-{}-01",
+        hex::encode(&bytes[..16]),
+        hex::encode(&bytes[16..])
+    )
+}
+
+fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex_of = |text: &str, length: usize| {
+        text.len() == length && text.bytes().all(|byte| byte.is_ascii_hexdigit())
+    };
+    matches!(parts.as_slice(), [version, trace, span, flags]
+        if *version == "00"
+            && hex_of(trace, 32)
+            && hex_of(span, 16)
+            && hex_of(flags, 2)
+            && trace.bytes().any(|byte| byte != b'0')
+            && span.bytes().any(|byte| byte != b'0'))
 }
 
 /// A random (version 4) UUID from the thread's generator, which is seeded once, instead of
@@ -383,7 +426,7 @@ impl DataPlane {
                         .map(str::to_owned)
                 };
                 let variant = header_text(crate::cloud::CANARY_HEADER);
-                let traceparent = header_text("traceparent");
+                let traceparent = ctx.traceparent.clone();
                 let sticky_key = pool
                     .config
                     .sticky
@@ -694,6 +737,7 @@ impl ProxyHttp for DataPlane {
             degraded: None,
             sensitive_entities: Vec::new(),
             complexity: None,
+            traceparent: None,
             _in_flight: None,
         }
     }
@@ -715,6 +759,7 @@ impl ProxyHttp for DataPlane {
         ctx: &mut Self::CTX,
     ) -> pingora_error::Result<bool> {
         ctx.request_id = request_id(session);
+        ctx.traceparent = Some(traceparent(session));
         match self.handle(session, ctx).await {
             Ok(()) => {}
             Err(Failure::Error(error)) => {
@@ -767,6 +812,7 @@ impl ProxyHttp for DataPlane {
         };
         self.state.metrics.record(&crate::metrics::RequestRecord {
             route,
+            rule: ctx.rule(),
             status,
             duration,
             prompt_tokens: ctx.usage.prompt_tokens,
@@ -796,6 +842,11 @@ impl ProxyHttp for DataPlane {
             target = ctx.target.as_deref().unwrap_or("-"),
             rule = ctx.rule(),
             caller = ctx.caller.as_ref().map_or("-", Caller::label),
+            traceparent = ctx.traceparent.as_deref().unwrap_or("-"),
+            attempts = ctx.attempts,
+            degraded = ctx.degraded,
+            entities = %ctx.sensitive_entities.join(","),
+            complexity = ctx.complexity,
             duration_ms = duration.as_millis() as u64,
             ttft_ms = ctx.first_token.map(|first_token| first_token.as_millis() as u64),
             prompt_tokens = ctx.usage.prompt_tokens,

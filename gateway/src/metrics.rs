@@ -84,6 +84,7 @@ impl Default for ModelLatency {
 #[derive(Debug, Default)]
 struct Registry {
     requests: BTreeMap<(&'static str, u16), u64>,
+    rule_requests: BTreeMap<(&'static str, String, u16), u64>,
     prompt_tokens: BTreeMap<&'static str, u64>,
     completion_tokens: BTreeMap<&'static str, u64>,
     request_duration: BTreeMap<&'static str, Histogram>,
@@ -105,6 +106,9 @@ pub struct GenerationRecord<'a> {
 pub struct RequestRecord<'a> {
     /// `local`, `cloud` or `rejected`.
     pub route: &'static str,
+    /// The routing rule or gateway check that decided (names from the configuration or
+    /// the gateway's own fixed set, so the label stays bounded).
+    pub rule: &'a str,
     pub status: u16,
     pub duration: Duration,
     pub prompt_tokens: u32,
@@ -148,6 +152,10 @@ impl Metrics {
             .requests
             .entry((record.route, record.status))
             .or_default() += 1;
+        *registry
+            .rule_requests
+            .entry((record.route, record.rule.to_owned(), record.status))
+            .or_default() += 1;
         *registry.prompt_tokens.entry(record.route).or_default() += u64::from(record.prompt_tokens);
         *registry.completion_tokens.entry(record.route).or_default() +=
             u64::from(record.completion_tokens);
@@ -190,6 +198,34 @@ impl Metrics {
                 out,
                 "isthmus_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
             );
+        }
+        header(
+            &mut out,
+            "isthmus_rule_requests_total",
+            "counter",
+            "Requests answered, by route, the rule that decided, and HTTP status.",
+        );
+        for ((route, rule, status), count) in &registry.rule_requests {
+            let _ = writeln!(
+                out,
+                "isthmus_rule_requests_total{{route=\"{route}\",rule=\"{rule}\",status=\"{status}\"}} {count}"
+            );
+        }
+        header(
+            &mut out,
+            "isthmus_output_input_token_ratio",
+            "gauge",
+            "Completion tokens per prompt token so far, by route.",
+        );
+        for (route, prompt) in &registry.prompt_tokens {
+            let completion = registry.completion_tokens.get(route).copied().unwrap_or(0);
+            if *prompt > 0 {
+                let _ = writeln!(
+                    out,
+                    "isthmus_output_input_token_ratio{{route=\"{route}\"}} {}",
+                    completion as f64 / *prompt as f64
+                );
+            }
         }
         for (name, help, values) in [
             (

@@ -7,6 +7,7 @@ fn requests_tokens_and_latencies_are_counted() {
     let metrics = Metrics::default();
     let local = RequestRecord {
         route: "local",
+        rule: "default",
         status: 200,
         duration: Duration::from_millis(30),
         prompt_tokens: 12,
@@ -22,6 +23,7 @@ fn requests_tokens_and_latencies_are_counted() {
     metrics.record(&local);
     metrics.record(&RequestRecord {
         route: "rejected",
+        rule: "request",
         status: 404,
         duration: Duration::from_millis(1),
         prompt_tokens: 0,
@@ -41,6 +43,9 @@ fn requests_tokens_and_latencies_are_counted() {
     for line in [
         "isthmus_requests_total{route=\"local\",status=\"200\"} 2",
         "isthmus_requests_total{route=\"rejected\",status=\"404\"} 1",
+        "isthmus_rule_requests_total{route=\"local\",rule=\"default\",status=\"200\"} 2",
+        "isthmus_rule_requests_total{route=\"rejected\",rule=\"request\",status=\"404\"} 1",
+        "isthmus_output_input_token_ratio{route=\"local\"} 0.4166666666666667",
         "isthmus_prompt_tokens_total{route=\"local\"} 24",
         "isthmus_completion_tokens_total{route=\"local\"} 10",
         "isthmus_request_duration_seconds_bucket{route=\"local\",le=\"0.05\"} 2",
