@@ -170,6 +170,19 @@ impl ServeHttp for Admin {
         let header = session.req_header();
         let method = header.method.clone();
         let path = header.uri.path().to_owned();
+        let tokens = &self.state.config.server.admin_tokens;
+        if !tokens.is_empty() && !crate::auth::bearer_matches(&header.headers, tokens) {
+            let mut response = json(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": {"message": "the admin API needs `Authorization: Bearer TOKEN`", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}),
+            );
+            if let Ok(value) = "Bearer".parse() {
+                response
+                    .headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, value);
+            }
+            return response;
+        }
         if path == "/admin/api/reload" && method == http::Method::POST {
             let state = Arc::clone(&self.state);
             // Resolving backend host names blocks.

@@ -72,6 +72,26 @@ fn presented_key(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
     }
 }
 
+/// Whether the request's bearer token is one of `tokens` (the admin listener's check).
+pub fn bearer_matches(headers: &HeaderMap, tokens: &[ApiKey]) -> bool {
+    let Some(value) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return false;
+    }
+    let digest = sha256(token.trim());
+    tokens
+        .iter()
+        .fold(false, |found, key| found | constant_time_eq(&key.sha256, &digest))
+}
+
 fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {
     left.iter()
         .zip(right)

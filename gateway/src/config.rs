@@ -81,6 +81,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     pub tls: TlsConfig,
     pub limits: Limits,
+    /// Bearer tokens the admin listener requires (always when it is not on loopback, where
+    /// it also serves TLS).
+    pub admin_tokens: Vec<ApiKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +215,8 @@ struct RawServer {
     tls: RawTls,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    admin_tokens: Vec<RawApiKey>,
 }
 
 impl Default for RawServer {
@@ -225,6 +230,7 @@ impl Default for RawServer {
             drain_timeout_ms: default_drain_timeout_ms(),
             tls: RawTls::default(),
             limits: RawLimits::default(),
+            admin_tokens: Vec::new(),
         }
     }
 }
@@ -677,6 +683,12 @@ impl Validator<'_> {
     }
 
     fn server(&mut self, raw: RawServer) -> Option<ServerConfig> {
+        let mut admin_tokens = Vec::new();
+        for (index, key) in raw.admin_tokens.into_iter().enumerate() {
+            if let Some(token) = self.api_key(&format!("server.admin_tokens[{index}]"), key) {
+                admin_tokens.push(token);
+            }
+        }
         let listen = self.address("server.listen", &raw.listen);
         let admin_listen = self.address("server.admin_listen", &raw.admin_listen);
         // Parsed without returning early, so the checks below still report their errors.
@@ -727,7 +739,23 @@ impl Validator<'_> {
             "server.limits.first_token_timeout_ms",
             limits.first_token_timeout_ms,
         );
+        if let Some(address) = admin_listen
+            && !address.ip().is_loopback()
+            && admin_tokens.is_empty()
+            && !self
+                .errors
+                .iter()
+                .any(|error| error.path.starts_with("server.admin_tokens"))
+        {
+            self.error(
+                "server.admin_tokens",
+                format!(
+                    "required when server.admin_listen ({address}) is not a loopback address: the admin API and /metrics need a token there (and are served over TLS)"
+                ),
+            );
+        }
         Some(ServerConfig {
+            admin_tokens,
             listen: listen?,
             admin_listen: admin_listen?,
             plain_listen: match plain_listen {
@@ -770,6 +798,65 @@ impl Validator<'_> {
         }
     }
 
+    /// One key from a digest, an environment variable or a file; errors name `path`.
+    fn api_key(&mut self, path: &str, key: RawApiKey) -> Option<ApiKey> {
+        let sources = [
+            key.sha256.is_some(),
+            key.key_env.is_some(),
+            key.key_file.is_some(),
+        ];
+        if sources.iter().filter(|set| **set).count() != 1 {
+            self.error(path, "set exactly one of sha256, key_env, key_file");
+            return None;
+        }
+        let digest = if let Some(hex_digest) = &key.sha256 {
+            match hex::decode(hex_digest.trim()) {
+                Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice()).ok(),
+                Err(_) => None,
+            }
+            .or_else(|| {
+                self.error(
+                    format!("{path}.sha256"),
+                    "must be 64 hexadecimal digits (the SHA-256 of the key)",
+                );
+                None
+            })
+        } else if let Some(name) = &key.key_env {
+            match self.environment.var(name) {
+                Some(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
+                _ => {
+                    self.error(
+                        format!("{path}.key_env"),
+                        format!("environment variable {name} is not set or empty"),
+                    );
+                    None
+                }
+            }
+        } else if let Some(file) = &key.key_file {
+            let file = self.resolve(file);
+            match std::fs::read_to_string(&file) {
+                Ok(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
+                Ok(_) => {
+                    self.error(
+                        format!("{path}.key_file"),
+                        format!("{} is empty", file.display()),
+                    );
+                    None
+                }
+                Err(error) => {
+                    self.error(
+                        format!("{path}.key_file"),
+                        format!("cannot read {}: {error}", file.display()),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        digest.map(|sha256| ApiKey { id: key.id, sha256 })
+    }
+
     fn auth(&mut self, raw: RawAuth) -> Option<AuthConfig> {
         let mut api_keys = Vec::new();
         for (index, key) in raw.api_keys.into_iter().enumerate() {
@@ -780,63 +867,10 @@ impl Validator<'_> {
             if api_keys.iter().any(|other: &ApiKey| other.id == key.id) {
                 self.error(format!("{path}.id"), format!("`{}` is used twice", key.id));
             }
-            let sources = [
-                key.sha256.is_some(),
-                key.key_env.is_some(),
-                key.key_file.is_some(),
-            ];
-            if sources.iter().filter(|set| **set).count() != 1 {
-                self.error(&path, "set exactly one of sha256, key_env, key_file");
-                continue;
+            if let Some(api_key) = self.api_key(&path, key) {
+                api_keys.push(api_key);
             }
-            let digest = if let Some(hex_digest) = &key.sha256 {
-                match hex::decode(hex_digest.trim()) {
-                    Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice()).ok(),
-                    Err(_) => None,
-                }
-                .or_else(|| {
-                    self.error(
-                        format!("{path}.sha256"),
-                        "must be 64 hexadecimal digits (the SHA-256 of the key)",
-                    );
-                    None
-                })
-            } else if let Some(name) = &key.key_env {
-                match self.environment.var(name) {
-                    Some(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
-                    _ => {
-                        self.error(
-                            format!("{path}.key_env"),
-                            format!("environment variable {name} is not set or empty"),
-                        );
-                        None
-                    }
-                }
-            } else if let Some(file) = &key.key_file {
-                let file = self.resolve(file);
-                match std::fs::read_to_string(&file) {
-                    Ok(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
-                    Ok(_) => {
-                        self.error(
-                            format!("{path}.key_file"),
-                            format!("{} is empty", file.display()),
-                        );
-                        None
-                    }
-                    Err(error) => {
-                        self.error(
-                            format!("{path}.key_file"),
-                            format!("cannot read {}: {error}", file.display()),
-                        );
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            if let Some(sha256) = digest {
-                api_keys.push(ApiKey { id: key.id, sha256 });
-            }
+
         }
         if api_keys.is_empty()
             && !raw.allow_anonymous

@@ -135,7 +135,12 @@ async fn run(
         DataPlane::new(Arc::clone(&state)),
     ));
     // The data listener is announced last: once it is, every listener is.
-    announce("admin", "http", &admin_listener)?;
+    let admin_scheme = if config.server.admin_listen.ip().is_loopback() {
+        "http"
+    } else {
+        "https"
+    };
+    announce("admin", admin_scheme, &admin_listener)?;
     if let Some(listener) = &plain_listener {
         tracing::warn!(
             "PLAIN-HTTP DATA LISTENER ENABLED: prompts, completions and API keys cross the \
@@ -144,9 +149,12 @@ async fn run(
         announce("plain-http", "http", listener)?;
     }
     announce("data", "https", &data_listener)?;
+    // Off loopback, the admin listener serves TLS with the data plane's certificate (and
+    // requires a token, which configuration validation enforces).
+    let admin_tls = (!config.server.admin_listen.ip().is_loopback()).then(|| Arc::clone(&acceptor));
     let admin_settings = ListenerSettings {
         name: "admin",
-        tls: None,
+        tls: admin_tls,
         limits: config.server.limits,
         connections: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)),
         open: Arc::default(),

@@ -330,3 +330,27 @@ labels = { version = "v2" }
         ("canary", "::1", 8000)
     );
 }
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token() {
+    let (_dir, source) = fixture();
+    let text = r#"
+[server]
+admin_listen = "0.0.0.0:9090"
+[auth]
+allow_anonymous = true
+[models.smollm2]
+path = "model.gguf"
+"#;
+    let errors = errors_of(text, &source);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("server.admin_tokens: required when server.admin_listen (0.0.0.0:9090) is not a loopback address"),
+        "{errors:#?}"
+    );
+    let with_token = text.replace(
+        "admin_listen = \"0.0.0.0:9090\"",
+        "admin_listen = \"0.0.0.0:9090\"\nadmin_tokens = [{ id = \"ops\", key_env = \"ISTHMUS_TEST_KEY\" }]",
+    );
+    assert!(errors_of(&with_token, &source).is_empty());
+}
