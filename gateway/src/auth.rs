@@ -87,9 +87,9 @@ pub fn bearer_matches(headers: &HeaderMap, tokens: &[ApiKey]) -> bool {
         return false;
     }
     let digest = sha256(token.trim());
-    tokens
-        .iter()
-        .fold(false, |found, key| found | constant_time_eq(&key.sha256, &digest))
+    tokens.iter().fold(false, |found, key| {
+        found | constant_time_eq(&key.sha256, &digest)
+    })
 }
 
 fn constant_time_eq(left: &[u8; 32], right: &[u8; 32]) -> bool {

@@ -49,6 +49,24 @@ pub enum Command {
     },
     /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
     Bench(BenchArgs),
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain and checkpoint signatures of a JSONL file, a directory of
+    /// audit-YYYYMMDD.jsonl files, or the audit store; name the first bad Seq (exit 1).
+    Verify {
+        /// A JSONL file, a directory of audit files, or the store directory.
+        path: PathBuf,
+        /// The device public key (default: audit-device.pub beside PATH or one level up).
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -284,6 +302,9 @@ fn bench(args: BenchArgs) -> ExitCode {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Bench(args) => bench(args),
+        Command::Audit {
+            command: AuditCommand::Verify { path, pubkey },
+        } => crate::audit::verify::run(&path, pubkey.as_deref()),
         Command::Explain { config, jsonl } => explain(&config, jsonl.as_deref()),
         Command::CheckConfig { config } => match load_config(&config) {
             Ok(loaded) => {

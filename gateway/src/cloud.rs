@@ -927,7 +927,7 @@ async fn relay_whole(
         .insert_header("content-length", body.len().to_string())
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
     ctx.status = status;
-    crate::data_plane::write_whole(session, header, body.freeze())
+    crate::data_plane::write_whole(session, ctx, header, body.freeze())
         .await
         .map_err(|error| Relay::ClientGone(error.to_string()))
 }
@@ -973,6 +973,7 @@ async fn relay_stream(
     let mut restorer = request
         .restore
         .map(|map| crate::redaction::StreamRestorer::new(map.clone()));
+    let mut done = false;
     loop {
         let chunk = tokio::select! {
             chunk = upstream.read_response_body() => chunk,
@@ -993,6 +994,11 @@ async fn relay_stream(
                     };
                     if keep && ctx.first_token.is_none() && is_data_event(event) {
                         ctx.first_token = Some(ctx.started.elapsed());
+                    }
+                    // [DONE] waits until the outcome record is durable (below).
+                    if event == b"data: [DONE]" {
+                        done = true;
+                        return None;
                     }
                     if !keep {
                         return None;
@@ -1022,6 +1028,12 @@ async fn relay_stream(
     let mut rest = BytesMut::from(&events.finish()[..]);
     if let Some(restorer) = restorer.as_mut() {
         rest.extend_from_slice(&restorer.release());
+    }
+    crate::audit_trail::seal(session, ctx)
+        .await
+        .map_err(|failure| Relay::ClientGone(format!("{failure:?}")))?;
+    if done {
+        rest.extend_from_slice(b"data: [DONE]\n\n");
     }
     let rest = rest.freeze();
     session

@@ -18,8 +18,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+mod audit;
 mod rules;
 mod upstreams;
+pub use audit::AuditSettings;
 pub use rules::PolicyConfig;
 pub use upstreams::{
     BackendConfig, HealthConfig, PoolConfig, UpstreamApi, UpstreamProtocol, UpstreamTls,
@@ -56,12 +58,15 @@ impl ConfigError {
 pub struct Config {
     /// The file it was read from.
     pub source: PathBuf,
+    /// SHA-256 of the file's text: the policy hash audit records carry.
+    pub digest: String,
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
     pub upstreams: Vec<PoolConfig>,
     pub routing: RoutingConfig,
     pub policy: PolicyConfig,
+    pub audit: AuditSettings,
     pub engine: EngineConfig,
     pub logging: LoggingConfig,
 }
@@ -478,6 +483,7 @@ pub fn parse(
     let auth: Option<RawAuth> = section(&mut document, "auth", &mut errors);
     let routing: Option<RawRouting> = section(&mut document, "routing", &mut errors);
     let policy: Option<rules::RawPolicy> = section(&mut document, "policy", &mut errors);
+    let audit: Option<audit::RawAudit> = section(&mut document, "audit", &mut errors);
     let engine: Option<RawEngine> = section(&mut document, "engine", &mut errors);
     let logging: Option<RawLogging> = section(&mut document, "logging", &mut errors);
     let models = models_section(&mut document, &mut errors);
@@ -485,7 +491,7 @@ pub fn parse(
     for key in document.keys() {
         errors.push(ConfigError::new(
             key.as_str(),
-            "unknown section (expected server, auth, models, upstreams, routing, policy, engine, logging)",
+            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, engine, logging)",
         ));
     }
 
@@ -507,6 +513,7 @@ pub fn parse(
         .collect();
     let routing = routing.map(|raw| validator.routing(raw, &models));
     let policy = policy.map(|raw| validator.policy(raw));
+    let audit = audit.map(|raw| validator.audit(raw));
     let engine = engine.map(|raw| EngineConfig {
         backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
     });
@@ -532,22 +539,25 @@ pub fn parse(
         }
     }
 
-    match (server, auth, routing, policy, engine, logging) {
+    match (server, auth, routing, policy, audit, engine, logging) {
         (
             Some(Some(server)),
             Some(Some(auth)),
             Some(routing),
             Some(policy),
+            Some(Some(audit)),
             Some(engine),
             Some(Some(logging)),
         ) if validator.errors.is_empty() => Ok(Config {
             source: source.to_path_buf(),
+            digest: hex::encode(sha256(text)),
             server,
             auth,
             models,
             upstreams,
             routing,
             policy,
+            audit,
             engine,
             logging,
         }),
@@ -870,7 +880,6 @@ impl Validator<'_> {
             if let Some(api_key) = self.api_key(&path, key) {
                 api_keys.push(api_key);
             }
-
         }
         if api_keys.is_empty()
             && !raw.allow_anonymous

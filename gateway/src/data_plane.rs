@@ -78,6 +78,13 @@ pub struct RequestContext {
     /// The W3C trace context of the request: the client's `traceparent` when valid, else a
     /// new trace; passed to cloud backends.
     pub traceparent: Option<String>,
+    /// The audit log, when on; `sealed` once the outcome record is written.
+    pub trail: Option<crate::audit_trail::Trail>,
+    pub sealed: bool,
+    /// Hash of the configuration that routed the request.
+    pub policy_hash: String,
+    /// Values replaced by placeholders (redact-then-cloud).
+    pub redactions: usize,
     /// Entity types the sensitivity scan found (never values).
     pub sensitive_entities: Vec<String>,
     pub complexity: Option<f32>,
@@ -301,15 +308,19 @@ pub async fn respond_json(
         header.insert_header("retry-after", seconds.to_string())?;
     }
     ctx.status = status;
-    write_whole(session, header, Bytes::from(body)).await
+    write_whole(session, ctx, header, Bytes::from(body)).await
 }
 
 /// Writes a header and a complete body in one go (one write to the socket on HTTP/1.1).
 pub async fn write_whole(
     session: &mut Session,
+    ctx: &mut RequestContext,
     header: ResponseHeader,
     body: Bytes,
 ) -> pingora_error::Result<()> {
+    crate::audit_trail::seal(session, ctx)
+        .await
+        .map_err(|failure| Error::explain(ErrorType::WriteError, format!("{failure:?}")))?;
     session
         .write_response_tasks(vec![
             pingora_core::protocols::http::HttpTask::Header(Box::new(header), false),
@@ -437,6 +448,7 @@ impl DataPlane {
                     None => None,
                 };
                 let forwarded_body = redacted.as_ref().map_or(&body, |(body, _)| body);
+                ctx.redactions = redacted.as_ref().map_or(0, |(_, map)| map.len());
                 let request = crate::cloud::CloudRequest {
                     endpoint,
                     body: forwarded_body,
@@ -738,6 +750,10 @@ impl ProxyHttp for DataPlane {
             sensitive_entities: Vec::new(),
             complexity: None,
             traceparent: None,
+            trail: None,
+            sealed: false,
+            policy_hash: String::new(),
+            redactions: 0,
             _in_flight: None,
         }
     }
@@ -760,6 +776,37 @@ impl ProxyHttp for DataPlane {
     ) -> pingora_error::Result<bool> {
         ctx.request_id = request_id(session);
         ctx.traceparent = Some(traceparent(session));
+        ctx.policy_hash = self.state.routing().config.digest.clone();
+        if let Some(trail) = &self.state.audit {
+            let refused = if !trail.log.is_healthy() && trail.log.fail_closed() {
+                Some("the audit log cannot make records durable".to_owned())
+            } else {
+                ctx.trail = Some(trail.clone());
+                match trail.intent(session, ctx).await {
+                    Ok(()) => None,
+                    Err(error) if trail.log.fail_closed() => {
+                        Some(format!("the audit log refused the record: {error}"))
+                    }
+                    Err(error) => {
+                        tracing::error!(request_id = %ctx.request_id, %error, "audit intent record not written; answering anyway (fail_closed = false)");
+                        None
+                    }
+                }
+            };
+            if let Some(reason) = refused {
+                // Fail closed: no response without its record.
+                ctx.trail = None;
+                ctx.reject("audit");
+                let error = GatewayError::Unavailable {
+                    message: format!("{reason}; retry later"),
+                    retry_after_s: 1,
+                };
+                if let Err(write_error) = respond_error(session, ctx, &error).await {
+                    ctx.outcome = Some(format!("writing the error response: {write_error}"));
+                }
+                return Ok(true);
+            }
+        }
         match self.handle(session, ctx).await {
             Ok(()) => {}
             Err(Failure::Error(error)) => {
@@ -798,6 +845,7 @@ impl ProxyHttp for DataPlane {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
+        crate::audit_trail::seal_late(session, ctx);
         let duration = ctx.started.elapsed();
         let status = if ctx.status == 0 {
             session

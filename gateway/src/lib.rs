@@ -6,6 +6,8 @@
 //! ARCHITECTURE.md for the map.
 
 pub mod admin;
+pub mod audit;
+pub mod audit_trail;
 pub mod auth;
 pub mod bench;
 pub mod cli;
@@ -13,6 +15,7 @@ pub mod cloud;
 pub mod config;
 pub mod data_plane;
 pub mod error;
+pub mod export;
 pub mod facts;
 pub mod identity;
 pub mod listener;

@@ -282,6 +282,7 @@ async fn stream_events(
                     end.extend_from_slice(&openai::sse_event(&meta.usage_chunk(completion.usage)));
                 }
                 end.extend_from_slice(openai::SSE_DONE);
+                crate::audit_trail::seal(session, ctx).await?;
                 session
                     .write_response_body(Some(Bytes::from(end)), true)
                     .await?;
@@ -294,6 +295,7 @@ async fn stream_events(
                 let body = serde_json::to_value(error.body()).unwrap_or_default();
                 let mut end = openai::sse_event(&body).to_vec();
                 end.extend_from_slice(openai::SSE_DONE);
+                crate::audit_trail::seal(session, ctx).await?;
                 session
                     .write_response_body(Some(Bytes::from(end)), true)
                     .await?;

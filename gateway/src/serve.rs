@@ -84,8 +84,77 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let routing = crate::reload::build_routing(config.clone(), None)
         .map_err(|errors| anyhow::anyhow!(errors.join("; ")))?;
-    let state = Arc::new(AppState::new(config, routing));
+    let audit = open_audit(&config)?;
+    let mut state = AppState::new(config, routing);
+    state.audit = audit;
+    let state = Arc::new(state);
     runtime.block_on(run(state, resolver, hardware))
+}
+
+/// Opens the audit log (a new epoch of the stream, durably) unless it is turned off.
+fn open_audit(config: &Config) -> anyhow::Result<Option<crate::audit_trail::Trail>> {
+    let settings = &config.audit;
+    if !settings.enabled {
+        tracing::warn!("AUDIT LOG DISABLED: requests leave no record");
+        return Ok(None);
+    }
+    let mut audit = crate::audit::AuditConfig::new(config.server.state_dir.clone());
+    if let Some(directory) = &settings.directory {
+        audit.directory = Some(directory.clone());
+    }
+    audit.checkpoint_every_records = settings.checkpoint_every_records;
+    audit.checkpoint_every_ms = settings.checkpoint_every_ms;
+    audit.retention_bytes_max = settings.retention_bytes_max;
+    audit.retention_days = settings.retention_days;
+    audit.stdout = settings.stdout;
+    audit.fail_closed = settings.fail_closed;
+    audit.retention_requires_export = settings.azure.is_some();
+    let instance = audit.gateway_instance.clone();
+    let log = crate::audit::AuditLog::open(audit).context("opening the audit log")?;
+    tracing::info!(stream_id = log.stream_id(), "audit log open");
+    Ok(Some(crate::audit_trail::Trail {
+        log: Arc::new(log),
+        instance,
+    }))
+}
+
+/// The audit store as the Logs Ingestion exporter reads it.
+#[derive(Debug)]
+struct StoreSource {
+    log: Arc<crate::audit::AuditLog>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl crate::export::ExportSource for StoreSource {
+    fn read_after(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<serde_json::Value>, crate::export::ExportError> {
+        // The exporter calls sources from blocking threads.
+        let records = self
+            .runtime
+            .block_on(self.log.read(after.saturating_add(1), max))
+            .map_err(|error| crate::export::ExportError::Source(error.to_string()))?;
+        records
+            .into_iter()
+            .map(|(seq, bytes)| {
+                serde_json::from_slice(&bytes).map_err(|error| {
+                    crate::export::ExportError::Source(format!("record {seq}: {error}"))
+                })
+            })
+            .collect()
+    }
+
+    fn exported_up_to(&self) -> Result<u64, crate::export::ExportError> {
+        Ok(self.log.exported_up_to())
+    }
+
+    fn mark_exported(&self, seq: u64) -> Result<(), crate::export::ExportError> {
+        self.runtime
+            .block_on(self.log.mark_exported(seq))
+            .map_err(|error| crate::export::ExportError::Source(error.to_string()))
+    }
 }
 
 async fn bind(address: SocketAddr, name: &str) -> anyhow::Result<TcpListener> {
@@ -193,6 +262,16 @@ async fn run(
     }
     state.listeners_bound.store(true, Ordering::Release);
     state.routing().pools.start_probes();
+    if let (Some(trail), Some(azure)) = (&state.audit, &config.audit.azure) {
+        let source = Arc::new(StoreSource {
+            log: Arc::clone(&trail.log),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let exporter = crate::export::Exporter::new(azure.clone(), source)
+            .map_err(|error| anyhow::anyhow!("audit.azure: {error}"))?;
+        tokio::spawn(exporter.run(shutdown.clone()));
+        tracing::info!(endpoint = %azure.endpoint, "audit export to Azure Monitor on");
+    }
 
     tokio::spawn(watch_certificate(
         Arc::clone(&resolver),
@@ -237,6 +316,11 @@ async fn run(
         }
     }
     drain(&state, &shutdown_sender).await;
+    if let Some(trail) = &state.audit
+        && let Err(error) = trail.log.shutdown().await
+    {
+        tracing::error!(%error, "closing the audit log");
+    }
     // Free the inference contexts (and any GPU context) before the process tears down.
     if let Some(engine) = state.engine.get() {
         tokio::task::block_in_place(|| engine.shutdown());

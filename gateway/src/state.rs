@@ -32,6 +32,8 @@ pub struct AppState {
     /// Set once every model is loaded.
     pub engine: OnceLock<edge_runtime::Engine>,
     pub metrics: Metrics,
+    /// The audit log, unless `[audit] enabled = false`.
+    pub audit: Option<crate::audit_trail::Trail>,
     pub listeners_bound: AtomicBool,
     pub open_connections: Arc<ConnectionCount>,
     in_flight: AtomicU64,
@@ -45,6 +47,7 @@ impl AppState {
             config,
             engine: OnceLock::new(),
             metrics: Metrics::default(),
+            audit: None,
             listeners_bound: AtomicBool::new(false),
             open_connections: Arc::new(ConnectionCount::default()),
             in_flight: AtomicU64::new(0),

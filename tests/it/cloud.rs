@@ -126,7 +126,10 @@ fn bodies_arrive_byte_exact_with_the_model_mapped_and_streams_pass_through_with_
         );
         // A trace context goes upstream: a new one here, as the client sent none.
         let traceparent = last["headers"]["traceparent"].as_str().unwrap_or_default();
-        assert!(traceparent.starts_with("00-") && traceparent.len() == 55, "{traceparent}");
+        assert!(
+            traceparent.starts_with("00-") && traceparent.len() == 55,
+            "{traceparent}"
+        );
         // The gateway's API key never reaches the cloud.
         let forwarded = last["headers"].to_string();
         assert!(!forwarded.contains(API_KEY), "{forwarded}");

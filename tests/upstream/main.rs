@@ -97,9 +97,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
+    // Handlers first: a SIGTERM right after the start line must stop it cleanly.
+    let mut shutdown = std::pin::pin!(shutdown_signal()?);
     announce(address, &args.name)?;
 
-    let mut shutdown = std::pin::pin!(shutdown_signal()?);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

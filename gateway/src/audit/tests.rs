@@ -1,0 +1,565 @@
+//! The log end to end on temporary directories: the chain across restarts, group commit with
+//! many appenders, time-based checkpoints, the size cap, crash safety (a child process killed
+//! with SIGKILL) and failing closed when the disk refuses writes.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+use super::record::{self, Category, RECORD_BYTES_MAX, Record, ResultType};
+use super::store::{AuditLog, OPERATION_START};
+use super::verify::{self, Report};
+use super::{AuditConfig, AuditError, Clock, SharedClock};
+
+/// A clock the test moves by hand.
+#[derive(Debug)]
+pub(crate) struct ManualClock(Mutex<SystemTime>);
+
+impl ManualClock {
+    pub(crate) fn new() -> Arc<ManualClock> {
+        // 2026-05-01T12:00:00Z.
+        Arc::new(ManualClock(Mutex::new(
+            UNIX_EPOCH + Duration::from_secs(1_777_636_800),
+        )))
+    }
+
+    pub(crate) fn advance(&self, by: Duration) {
+        if let Ok(mut now) = self.0.lock() {
+            *now += by;
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        self.0.lock().map_or(UNIX_EPOCH, |now| *now)
+    }
+}
+
+pub(crate) fn config(state: &Path) -> AuditConfig {
+    let mut config = AuditConfig::new(state.to_owned());
+    config.checkpoint_every_records = 4;
+    config.gateway_instance = "test-host".into();
+    config
+}
+
+pub(crate) fn request(clock: &dyn Clock, number: u64) -> Record {
+    Record::builder(
+        Category::Audit,
+        "Isthmus/inference/chat/completions/action",
+        clock.now(),
+    )
+    .result(ResultType::Succeeded, "200", "answered")
+    .duration_ms(12 + number)
+    .caller_ip_address("127.0.0.1")
+    .request_id(format!("request-{number}"))
+    .identity("AuthType", "ApiKey")
+    .identity("KeyId", "key-1")
+    .property("Route", "local")
+    .property("Model", "smollm2")
+    .property("PromptTokens", 30 + number)
+    .property("ComplexityScore", 0.25)
+    .build()
+}
+
+fn read_all(log: &AuditLog) -> Vec<Map<String, Value>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build();
+    let Ok(runtime) = runtime else {
+        return Vec::new();
+    };
+    let records = runtime
+        .block_on(log.read(0, usize::MAX))
+        .unwrap_or_default();
+    records
+        .iter()
+        .filter_map(|(_, line)| serde_json::from_slice(line).ok())
+        .collect()
+}
+
+fn field_u64(record: &Map<String, Value>, name: &str) -> u64 {
+    record.get(name).and_then(Value::as_u64).unwrap_or(u64::MAX)
+}
+
+fn field_str<'a>(record: &'a Map<String, Value>, name: &str) -> &'a str {
+    record.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn assert_verifies(path: &Path) -> Report {
+    let report = verify::verify_path(path, None);
+    let Ok(report) = report else {
+        panic!("{}: {report:?}", path.display());
+    };
+    assert_eq!(report.problem, None, "{}", path.display());
+    assert!(report.summary.signatures_checked);
+    assert!(report.summary.anchor_checked);
+    report
+}
+
+#[test]
+fn chain_continues_across_restarts() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let shared: SharedClock = clock.clone();
+    let log = AuditLog::open_with_clock(config(state.path()), Arc::clone(&shared))?;
+    let first: Vec<u64> = (0..5)
+        .map(|number| {
+            log.append_blocking(request(&*clock, number))
+                .map(|receipt| receipt.seq)
+        })
+        .collect::<Result<_, _>>()?;
+    // 1: start, 2: checkpoint over it, 3..6: records, 7: checkpoint, 8: the fifth record;
+    // shutdown writes 9: stop and 10: its checkpoint. Epoch 2: 11 start, 12 checkpoint, 13.
+    assert_eq!(first, [3, 4, 5, 6, 8]);
+    log.shutdown_blocking()?;
+    assert!(matches!(
+        log.append_blocking(request(&*clock, 9)),
+        Err(AuditError::Stopped)
+    ));
+
+    clock.advance(Duration::from_secs(3600));
+    let log = AuditLog::open_with_clock(config(state.path()), shared)?;
+    let receipt = log.append_blocking(request(&*clock, 5))?;
+    assert_eq!((receipt.epoch, receipt.seq), (2, 13));
+    let records = read_all(&log);
+    let by_seq = |seq: u64| {
+        records
+            .iter()
+            .find(|record| field_u64(record, record::SEQ) == seq)
+    };
+    let (Some(stop_checkpoint), Some(start)) = (by_seq(10), by_seq(11)) else {
+        panic!("records 10 and 11 missing");
+    };
+    // Epoch 1 closed with a stop record (9) and a checkpoint over it (10).
+    assert_eq!(
+        field_str(stop_checkpoint, record::CATEGORY),
+        "IsthmusCheckpoint"
+    );
+    assert_eq!(field_str(start, record::OPERATION_NAME), OPERATION_START);
+    assert_eq!(field_u64(start, record::EPOCH), 2);
+    assert_eq!(
+        field_str(start, record::PREV_HASH),
+        field_str(stop_checkpoint, record::RECORD_HASH)
+    );
+    assert_eq!(
+        start
+            .get(record::PROPERTIES)
+            .and_then(|properties| properties.get("PreviousEpochClosed")),
+        Some(&Value::Bool(true))
+    );
+    log.shutdown_blocking()?;
+
+    let store = assert_verifies(&state.path().join("audit-store"));
+    let files = assert_verifies(&state.path().join("audit"));
+    assert_eq!(store.summary, files.summary);
+    assert_eq!(
+        (
+            store.summary.records,
+            store.summary.epochs,
+            store.summary.last_seq
+        ),
+        (15, 2, 15)
+    );
+    assert_eq!(store.summary.covered_up_to, 14);
+    Ok(())
+}
+
+#[test]
+fn group_commit_acknowledges_a_thousand_concurrent_appends() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let mut config = config(state.path());
+    config.checkpoint_every_records = 100;
+    let log = AuditLog::open(config.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()?;
+    let receipts = runtime.block_on(async {
+        let clock = super::SystemClock;
+        let tasks: Vec<_> = (0..1000)
+            .map(|number| {
+                let log = log.clone();
+                let record = request(&clock, number);
+                tokio::spawn(async move { log.append(record).await })
+            })
+            .collect();
+        let mut receipts = Vec::new();
+        for task in tasks {
+            receipts.push(task.await);
+        }
+        receipts
+    });
+    let mut acknowledged = BTreeSet::new();
+    for receipt in receipts {
+        acknowledged.insert(receipt??.seq);
+    }
+    assert_eq!(acknowledged.len(), 1000);
+    runtime.block_on(log.shutdown())?;
+    drop(runtime);
+    drop(log);
+
+    let log = AuditLog::open(config)?;
+    let records = read_all(&log);
+    let seqs: Vec<u64> = records
+        .iter()
+        .map(|record| field_u64(record, record::SEQ))
+        .collect();
+    let expected: Vec<u64> = (1..=u64::try_from(seqs.len())?).collect();
+    assert_eq!(seqs, expected, "seq is 1..N without gaps");
+    let requests: BTreeSet<u64> = records
+        .iter()
+        .filter(|record| field_str(record, record::CATEGORY) == "IsthmusAudit")
+        .map(|record| field_u64(record, record::SEQ))
+        .collect();
+    assert_eq!(requests, acknowledged);
+    log.shutdown_blocking()?;
+    assert_verifies(&state.path().join("audit-store"));
+    assert_verifies(&state.path().join("audit"));
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_follows_when_its_interval_has_passed() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let mut config = config(state.path());
+    config.checkpoint_every_records = 1000;
+    config.checkpoint_every_ms = 60_000;
+    let log = AuditLog::open_with_clock(config, clock.clone())?;
+    let quiet = log.append_blocking(request(&*clock, 1))?;
+    clock.advance(Duration::from_secs(61));
+    let due = log.append_blocking(request(&*clock, 2))?;
+    let records = read_all(&log);
+    let categories: Vec<(u64, &str)> = records
+        .iter()
+        .map(|record| {
+            (
+                field_u64(record, record::SEQ),
+                field_str(record, record::CATEGORY),
+            )
+        })
+        .collect();
+    assert_eq!((quiet.seq, due.seq), (3, 4));
+    assert_eq!(
+        categories,
+        [
+            (1, "IsthmusLifecycle"),
+            (2, "IsthmusCheckpoint"),
+            (3, "IsthmusAudit"),
+            (4, "IsthmusAudit"),
+            (5, "IsthmusCheckpoint"),
+        ]
+    );
+    log.shutdown_blocking()?;
+    Ok(())
+}
+
+fn block_on<F: std::future::Future>(future: F) -> anyhow::Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .build()?
+        .block_on(future))
+}
+
+#[test]
+fn retention_keeps_unexported_records_and_two_days() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let mut config = config(state.path());
+    config.retention_requires_export = true;
+    config.retention_days = 2;
+    config.retention_bytes_max = 1;
+    let log = AuditLog::open_with_clock(config, clock.clone())?;
+    for number in 0..8 {
+        log.append_blocking(request(&*clock, number))?;
+    }
+    let first_seq = |log: &AuditLog| -> anyhow::Result<u64> {
+        let records = block_on(log.read(0, 1))??;
+        Ok(records.first().map_or(0, |(seq, _)| *seq))
+    };
+    // Over the byte bound and a day old, all exported: younger than two days, so kept.
+    block_on(log.mark_exported(6))??;
+    clock.advance(Duration::from_secs(86_400));
+    log.append_blocking(request(&*clock, 8))?;
+    assert_eq!(first_seq(&log)?, 1);
+    // Five days old: only what was exported goes.
+    clock.advance(Duration::from_secs(4 * 86_400));
+    log.append_blocking(request(&*clock, 9))?;
+    assert_eq!(first_seq(&log)?, 7);
+    block_on(log.mark_exported(9))??;
+    clock.advance(Duration::from_secs(61));
+    log.append_blocking(request(&*clock, 10))?;
+    assert_eq!(first_seq(&log)?, 10);
+    log.shutdown_blocking()?;
+    let report = verify::verify_path(&state.path().join("audit-store"), None)?;
+    assert_eq!(report.problem, None);
+    assert_eq!(report.summary.first_seq, 10);
+    // The files span three days and verify as one chain.
+    assert_eq!(super::files::list(&state.path().join("audit"))?.len(), 3);
+    assert_verifies(&state.path().join("audit"));
+    Ok(())
+}
+
+#[test]
+fn an_intent_is_marked_and_durable_before_its_outcome() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    let (intent, outcome) = block_on(async {
+        let intent = log.append_intent(request(&*clock, 1)).await;
+        let outcome = log.append(request(&*clock, 1)).await;
+        (intent, outcome)
+    })?;
+    let (intent, outcome) = (intent?, outcome?);
+    assert_eq!((intent.seq, outcome.seq), (3, 4));
+    let records = read_all(&log);
+    let phases: Vec<Option<&Value>> = records
+        .iter()
+        .filter(|record| field_str(record, record::CATEGORY) == "IsthmusAudit")
+        .map(|record| {
+            record
+                .get(record::PROPERTIES)
+                .and_then(|properties| properties.get("Phase"))
+        })
+        .collect();
+    assert_eq!(phases, [Some(&Value::from("intent")), None]);
+    assert!(log.is_healthy());
+    log.shutdown_blocking()?;
+    Ok(())
+}
+
+#[test]
+fn oversized_records_are_cut_not_dropped() -> anyhow::Result<()> {
+    let huge = "x".repeat(100 * 1024);
+    let record = Record::builder(Category::Audit, "op", UNIX_EPOCH)
+        .request_id(huge.clone())
+        .property("Prompt", huge.clone())
+        .property("Small", 7)
+        .property("Nested", serde_json::json!({ "a": huge }))
+        .build();
+    let fields = record.fields();
+    let length = serde_json::to_vec(fields)?.len();
+    assert!(length <= RECORD_BYTES_MAX - 400, "{length}");
+    let properties = fields.get(record::PROPERTIES).and_then(Value::as_object);
+    assert_eq!(
+        properties.and_then(|properties| properties.get(record::TRUNCATED)),
+        Some(&Value::Bool(true))
+    );
+    assert_eq!(
+        properties.and_then(|properties| properties.get("Small")),
+        Some(&7.into())
+    );
+    assert_eq!(
+        field_str(fields, "RequestId").len(),
+        record::TEXT_FIELD_BYTES_MAX
+    );
+    assert_eq!(
+        field_str(fields, record::TIME_GENERATED),
+        "1970-01-01T00:00:00.000Z"
+    );
+
+    let state = tempfile::tempdir()?;
+    let log = AuditLog::open(config(state.path()))?;
+    let receipt = log.append_blocking(record)?;
+    log.shutdown_blocking()?;
+    assert_eq!(receipt.seq, 3);
+    assert_verifies(&state.path().join("audit"));
+    Ok(())
+}
+
+#[test]
+fn time_formats_are_rfc_3339_utc_with_milliseconds() {
+    let time = UNIX_EPOCH + Duration::from_millis(1_709_251_199_999);
+    assert_eq!(record::format_time(time), "2024-02-29T23:59:59.999Z");
+    assert_eq!(record::format_day(time), "20240229");
+    assert_eq!(
+        record::parse_day("2024-02-29T23:59:59.999Z"),
+        record::parse_day("20240229")
+    );
+    assert_eq!(record::parse_day("19700101"), Some(0));
+    assert_eq!(record::parse_day("20241301"), None);
+}
+
+// --- Child processes -------------------------------------------------------------------------
+
+const CHILD_ROLE: &str = "ISTHMUS_AUDIT_TEST_CHILD";
+const CHILD_DIRECTORY: &str = "ISTHMUS_AUDIT_TEST_DIRECTORY";
+const CHILD_TEST: &str = "audit::tests::child_process_entry";
+
+/// Not a test of its own: the body of the child processes the tests below start (this test
+/// binary, running only this function, with the role in the environment).
+#[test]
+fn child_process_entry() {
+    let (Ok(role), Ok(directory)) = (std::env::var(CHILD_ROLE), std::env::var(CHILD_DIRECTORY))
+    else {
+        return;
+    };
+    let directory = PathBuf::from(directory);
+    match role.as_str() {
+        "crash" => child_append_until_killed(&directory),
+        "unavailable" => child_append_until_refused(&directory),
+        _ => {}
+    }
+}
+
+/// Appends from eight threads and prints `acked SEQ` after each append returns, until killed.
+fn child_append_until_killed(directory: &Path) {
+    let Ok(log) = AuditLog::open(config(directory)) else {
+        println!("open failed");
+        return;
+    };
+    let stdout = Arc::new(Mutex::new(std::io::stdout()));
+    let threads: Vec<_> = (0..8)
+        .map(|thread| {
+            let log = log.clone();
+            let stdout = Arc::clone(&stdout);
+            std::thread::spawn(move || {
+                let clock = super::SystemClock;
+                // Bounded: the parent kills us long before this ends.
+                for number in 0..20_000 {
+                    let Ok(receipt) =
+                        log.append_blocking(request(&clock, thread * 100_000 + number))
+                    else {
+                        return;
+                    };
+                    if let Ok(mut stdout) = stdout.lock() {
+                        let _ = writeln!(stdout, "acked {}", receipt.seq);
+                        let _ = stdout.flush();
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
+    }
+}
+
+/// Appends until the store refuses (the file size limit the parent set), then reports what the
+/// log said.
+fn child_append_until_refused(directory: &Path) {
+    let Ok(log) = AuditLog::open(config(directory)) else {
+        println!("open failed");
+        return;
+    };
+    let clock = super::SystemClock;
+    let padding = "p".repeat(8 * 1024);
+    for number in 0..100_000 {
+        let record = Record::builder(Category::Audit, "op", clock.now())
+            .request_id(format!("request-{number}"))
+            .property("Padding", padding.clone())
+            .build();
+        match log.append_blocking(record) {
+            Ok(_) => {}
+            Err(AuditError::Unavailable(reason)) => {
+                println!("unavailable healthy={} reason={reason}", log.is_healthy());
+                let again = log.append_blocking(request(&clock, 0));
+                println!("again {}", matches!(again, Err(AuditError::Unavailable(_))));
+                return;
+            }
+            Err(other) => {
+                println!("other error {other}");
+                return;
+            }
+        }
+    }
+    println!("never refused");
+}
+
+fn child(role: &str, directory: &Path, shell_prefix: Option<&str>) -> anyhow::Result<Command> {
+    let exe = std::env::current_exe()?;
+    let mut command = match shell_prefix {
+        Some(prefix) => {
+            let mut command = Command::new("sh");
+            command
+                .arg("-c")
+                .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+                .arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
+    command
+        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ROLE, role)
+        .env(CHILD_DIRECTORY, directory)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    Ok(command)
+}
+
+#[test]
+fn acknowledged_records_survive_sigkill() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    for round in 0..2 {
+        let mut process = child("crash", state.path(), None)?.spawn()?;
+        let Some(stdout) = process.stdout.take() else {
+            anyhow::bail!("no stdout");
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let mut acknowledged = BTreeSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while acknowledged.len() < 1500 && std::time::Instant::now() < deadline {
+            let Some(line) = lines.next() else { break };
+            if let Some(seq) = line?.strip_prefix("acked ") {
+                acknowledged.insert(seq.parse::<u64>()?);
+            }
+        }
+        process.kill()?;
+        process.wait()?;
+        // What the child printed before it died was acknowledged too.
+        for line in lines {
+            if let Some(seq) = line?.strip_prefix("acked ") {
+                acknowledged.insert(seq.parse::<u64>()?);
+            }
+        }
+        assert!(
+            acknowledged.len() >= 1500,
+            "round {round}: {}",
+            acknowledged.len()
+        );
+
+        let store = verify::verify_path(&state.path().join("audit-store"), None)?;
+        assert_eq!(store.problem, None, "round {round}");
+        let log = AuditLog::open(config(state.path()))?;
+        let present: BTreeSet<u64> = read_all(&log)
+            .iter()
+            .map(|record| field_u64(record, record::SEQ))
+            .collect();
+        let missing: Vec<&u64> = acknowledged.difference(&present).collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged but missing: {missing:?}"
+        );
+        log.shutdown_blocking()?;
+        assert_verifies(&state.path().join("audit-store"));
+        assert_verifies(&state.path().join("audit"));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_store_that_cannot_write_fails_closed() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    // A real write error: a file size limit (`ulimit -f 4096`: 2 or 4 MiB, by the shell's
+    // block size) with SIGXFSZ ignored, so writes past it fail with EFBIG as on a full disk.
+    let output = child(
+        "unavailable",
+        state.path(),
+        Some("trap '' XFSZ; ulimit -f 4096"),
+    )?
+    .stderr(Stdio::null())
+    .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("unavailable healthy=false"),
+        "child said: {stdout}"
+    );
+    assert!(stdout.contains("again true"), "child said: {stdout}");
+    // What was acknowledged before the failure still verifies.
+    let report = verify::verify_path(&state.path().join("audit-store"), None)?;
+    assert_eq!(report.problem, None);
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! What the data plane writes to the audit log: an intent record before a response's first
+//! byte, and the outcome record before its final bytes (or, for requests that end without
+//! them, when they end). Records carry types, ids, counts and timings — never prompt or
+//! completion text, never a key.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use pingora_proxy::Session;
+
+use crate::audit::record::{Category, Level, Record, ResultType};
+use crate::audit::{AuditError, AuditLog};
+use crate::auth::Caller;
+use crate::data_plane::{Failure, RequestContext};
+
+/// The OCSF API Activity ids: 1 create (a completion), 2 read (a listing), 99 other.
+fn ocsf_activity(path: &str) -> u32 {
+    if path.ends_with("/models") { 2 } else { 1 }
+}
+
+fn operation(path: &str) -> String {
+    let action = if path.ends_with("/chat/completions") {
+        "chat/completions"
+    } else if path.ends_with("/completions") {
+        "completions"
+    } else if path.ends_with("/models") {
+        "models"
+    } else {
+        "other"
+    };
+    format!("Isthmus/inference/{action}/action")
+}
+
+/// The record of a request as `ctx` knows it now.
+pub fn record(
+    session: &Session,
+    ctx: &RequestContext,
+    instance: &str,
+    policy_hash: &str,
+    intent: bool,
+) -> Record {
+    let header = session.req_header();
+    let path = header.uri.path();
+    let status = if ctx.status == 0 {
+        session
+            .response_written()
+            .map_or(0, |header| header.status.as_u16())
+    } else {
+        ctx.status
+    };
+    let route = match ctx.route {
+        "none" => "rejected",
+        route => route,
+    };
+    let (result, level) = match (intent, route, status) {
+        (true, _, _) => (ResultType::Succeeded, Level::Informational),
+        (false, "rejected", _) => (ResultType::Rejected, Level::Warning),
+        (false, _, 200..=399) => (ResultType::Succeeded, Level::Informational),
+        (false, _, 400..=499) => (ResultType::Rejected, Level::Warning),
+        (false, _, _) => (ResultType::Failed, Level::Error),
+    };
+    let description = if intent {
+        "responding".to_owned()
+    } else {
+        ctx.outcome.clone().unwrap_or_else(|| "answered".to_owned())
+    };
+    let client = session
+        .client_addr()
+        .and_then(|address| address.as_inet().map(|inet| inet.ip().to_string()))
+        .unwrap_or_default();
+    let mut builder = Record::builder(Category::Audit, operation(path), SystemTime::now())
+        .result(result, status.to_string(), description)
+        .duration_ms(u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+        .level(level)
+        .caller_ip_address(client)
+        .correlation_id(ctx.request_id.clone())
+        .request_id(ctx.request_id.clone())
+        .gateway_instance(instance)
+        .ocsf_activity_id(ocsf_activity(path));
+    if let Some(traceparent) = &ctx.traceparent {
+        builder = builder.trace_parent(traceparent.clone());
+    }
+    builder = match &ctx.caller {
+        Some(Caller::ApiKey { id }) => builder
+            .identity("AuthType", "ApiKey")
+            .identity("KeyId", id.clone()),
+        Some(Caller::Anonymous) => builder.identity("AuthType", "Anonymous"),
+        None => builder.identity("AuthType", "None"),
+    };
+    builder = builder
+        .property("Route", route)
+        .property("Rule", ctx.rule())
+        .property("Method", header.method.as_str())
+        .property("Path", path)
+        .property("PolicyHash", policy_hash);
+    if let Some(target) = &ctx.target {
+        builder = builder.property("Target", target.clone());
+    }
+    if !intent {
+        builder = builder
+            .property("Attempts", ctx.attempts)
+            .property("PromptTokens", ctx.usage.prompt_tokens)
+            .property("CompletionTokens", ctx.usage.completion_tokens)
+            .property("CachedTokens", ctx.usage.cached_tokens);
+        if let Some(first_token) = ctx.first_token {
+            builder = builder.property(
+                "TtftMs",
+                u64::try_from(first_token.as_millis()).unwrap_or(u64::MAX),
+            );
+        }
+        if let Some(reason) = ctx.finish_reason {
+            builder = builder.property("FinishReason", reason);
+        }
+    }
+    if !ctx.sensitive_entities.is_empty() {
+        builder = builder.property("SensitiveEntityTypes", ctx.sensitive_entities.clone());
+    }
+    if ctx.redactions > 0 {
+        builder = builder.property("Redactions", ctx.redactions);
+    }
+    if let Some(complexity) = ctx.complexity {
+        // Thousandths: the hashed record holds integers only.
+        builder = builder.property("ComplexityMilli", (complexity * 1000.0).round() as i64);
+    }
+    if let Some(degraded) = ctx.degraded {
+        builder = builder.property("Degraded", degraded);
+    }
+    builder.build()
+}
+
+/// The log and what every record of this process carries.
+#[derive(Debug, Clone)]
+pub struct Trail {
+    pub log: Arc<AuditLog>,
+    pub instance: String,
+}
+
+impl Trail {
+    /// Writes the intent record; the response may begin once it returns.
+    pub async fn intent(&self, session: &Session, ctx: &RequestContext) -> Result<(), AuditError> {
+        let record = record(session, ctx, &self.instance, &ctx.policy_hash, true);
+        self.log.append_intent(record).await.map(|_| ())
+    }
+}
+
+/// Makes the outcome record durable before the response's final bytes: call right before
+/// writing them. Once per request; later calls do nothing. When the log cannot take it, the
+/// final bytes must not go out: the caller drops the connection instead.
+pub async fn seal(session: &Session, ctx: &mut RequestContext) -> Result<(), Failure> {
+    let Some(trail) = ctx.trail.clone() else {
+        return Ok(());
+    };
+    if ctx.sealed {
+        return Ok(());
+    }
+    ctx.sealed = true;
+    let record = record(session, ctx, &trail.instance, &ctx.policy_hash, false);
+    trail.log.append(record).await.map(|_| ()).map_err(|error| {
+        Failure::ClientGone(format!(
+            "the audit log could not make the outcome durable ({error}); the response was cut short"
+        ))
+    })
+}
+
+/// For requests that ended without their final bytes (client gone, broken stream): the
+/// outcome record, queued without waiting.
+pub fn seal_late(session: &Session, ctx: &mut RequestContext) {
+    let Some(trail) = ctx.trail.clone() else {
+        return;
+    };
+    if ctx.sealed {
+        return;
+    }
+    ctx.sealed = true;
+    let record = record(session, ctx, &trail.instance, &ctx.policy_hash, false);
+    if let Err(error) = trail.log.submit(record) {
+        tracing::error!(request_id = %ctx.request_id, %error, "audit record not queued");
+    }
+}
