@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Overhead of the cloud leg, measured open-loop: the same small OpenAI request sent direct to
 # a fast upstream (tests/upstream), through nginx `proxy_pass` (the anchor), and through
-# Isthmus with no local model. The load generator (`isthmus bench --rate`) runs on CPU 0;
+# Isthmus with no local model, with its audit log on (the default) and off. The load generator (`isthmus bench --rate`) runs on CPU 0;
 # the upstream and the proxy under test share CPU 1. Rounds alternate the contenders.
 #
 #   bench/cloud/compare.sh [ROUNDS] [SECONDS_PER_RUN]      # defaults: 5 rounds, 5 s
@@ -69,14 +69,14 @@ taskset -c 1 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e stderr > "$wo
 pids+=($!)
 wait_port "$nginx_port"
 
-isthmus_port=$(free_port)
-admin_port=$(free_port)
-cat > "$work/isthmus.toml" <<TOML
+# Two Isthmus instances: the audit log on (the default) and off, to price the audit.
+start_isthmus() { # name port admin_port audit_enabled
+  cat > "$work/$1.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:$admin_port"
-plain_listen = "127.0.0.1:$isthmus_port"
-state_dir = "$work/state"
+admin_listen = "127.0.0.1:$3"
+plain_listen = "127.0.0.1:$2"
+state_dir = "$work/state-$1"
 worker_threads = 1
 [auth]
 allow_anonymous = true
@@ -85,33 +85,41 @@ models = { "fast" = "fast" }
 protocol = "http1"
 [[upstreams.fast.backends]]
 url = "http://127.0.0.1:$upstream_port"
+[audit]
+enabled = $4
 [logging]
 level = "warn"
 TOML
-taskset -c 1 "$bin/isthmus" serve --config "$work/isthmus.toml" > "$work/isthmus.out" 2>&1 &
-isthmus_pid=$!
-pids+=("$isthmus_pid")
-wait_port "$isthmus_port"
+  taskset -c 1 "$bin/isthmus" serve --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
+  pids+=($!)
+  wait_port "$2"
+}
+isthmus_port=$(free_port)
+start_isthmus isthmus "$isthmus_port" "$(free_port)" true
+isthmus_pid=${pids[-1]}
+noaudit_port=$(free_port)
+start_isthmus noaudit "$noaudit_port" "$(free_port)" false
 
 declare -A urls=(
   [direct]="http://127.0.0.1:$upstream_port"
   [nginx]="http://127.0.0.1:$nginx_port"
   [isthmus]="http://127.0.0.1:$isthmus_port"
+  [noaudit]="http://127.0.0.1:$noaudit_port"
 )
 load() { # target rate requests file
   taskset -c 0 "$bin/isthmus" bench --url "${urls[$1]}" --model fast --stream false \
     --max-tokens 8 --prompt-tokens 64 --concurrency 512 --rate "$2" --requests "$3" \
     --warmup 16 --seed 7 --json > "$4"
 }
-for target in direct nginx isthmus; do load "$target" 500 1000 /dev/null; done
+for target in direct nginx isthmus noaudit; do load "$target" 500 1000 /dev/null; done
 for round in $(seq 1 "$rounds"); do
   for rate in 500 1000 2000; do
-    for target in direct nginx isthmus; do
+    for target in direct nginx isthmus noaudit; do
       load "$target" "$rate" $((rate * seconds)) "$out/open-$target-$rate-$round.json"
     done
   done
   # Highest sustained rate: a closed loop of 64 clients for the same time.
-  for target in direct nginx isthmus; do
+  for target in direct nginx isthmus noaudit; do
     taskset -c 0 "$bin/isthmus" bench --url "${urls[$target]}" --model fast --stream false \
       --max-tokens 8 --prompt-tokens 64 --concurrency 64 --requests $((20000 * seconds)) \
       --warmup 16 --seed 7 --json > "$out/closed-$target-$round.json"
@@ -127,19 +135,19 @@ rss_mib, nginx_rss_mib = int(sys.argv[3]) / 1024, int(sys.argv[4] or 0) / 1024
 def med(values): return statistics.median(values)
 def load(name): return json.loads((out / name).read_text())
 print(f"{rounds} rounds, medians; client on CPU 0, upstream and proxy on CPU 1\n")
-print("| rate (req/s) | metric | direct | nginx | Isthmus | nginx added | Isthmus added | Isthmus/nginx added |")
-print("|---|---|---|---|---|---|---|---|")
+print("| rate (req/s) | metric | direct | nginx | Isthmus | Isthmus, audit off | nginx added | Isthmus added | audit off added |")
+print("|---|---|---|---|---|---|---|---|---|")
 for rate in (500, 1000, 2000):
     for metric in ("p50", "p99"):
-        values = {t: med([load(f"open-{t}-{rate}-{r}.json")["end_to_end_ms"][metric] for r in range(1, rounds + 1)]) for t in ("direct", "nginx", "isthmus")}
-        errors = {t: sum(load(f"open-{t}-{rate}-{r}.json")["errors"] for r in range(1, rounds + 1)) for t in ("direct", "nginx", "isthmus")}
-        added_n, added_i = values["nginx"] - values["direct"], values["isthmus"] - values["direct"]
-        ratio = added_i / added_n if added_n > 0 else float("nan")
-        print(f"| {rate} | latency {metric} ms | {values['direct']:.3f} | {values['nginx']:.3f} | {values['isthmus']:.3f} | {added_n:.3f} | {added_i:.3f} | {ratio:.2f} |")
+        targets = ("direct", "nginx", "isthmus", "noaudit")
+        values = {t: med([load(f"open-{t}-{rate}-{r}.json")["end_to_end_ms"][metric] for r in range(1, rounds + 1)]) for t in targets}
+        errors = {t: sum(load(f"open-{t}-{rate}-{r}.json")["errors"] for r in range(1, rounds + 1)) for t in targets}
+        added = {t: values[t] - values["direct"] for t in targets}
+        print(f"| {rate} | latency {metric} ms | {values['direct']:.3f} | {values['nginx']:.3f} | {values['isthmus']:.3f} | {values['noaudit']:.3f} | {added['nginx']:.3f} | {added['isthmus']:.3f} | {added['noaudit']:.3f} |")
     if any(errors.values()):
-        print(f"| {rate} | errors | {errors['direct']} | {errors['nginx']} | {errors['isthmus']} | | | |")
-closed = {t: med([load(f"closed-{t}-{r}.json")["requests_per_s"] for r in range(1, rounds + 1)]) for t in ("direct", "nginx", "isthmus")}
-print(f"\nclosed loop, 64 clients: direct {closed['direct']:.0f} req/s, nginx {closed['nginx']:.0f}, Isthmus {closed['isthmus']:.0f} (Isthmus/nginx {closed['isthmus'] / closed['nginx']:.2f})")
+        print(f"| {rate} | errors | {errors['direct']} | {errors['nginx']} | {errors['isthmus']} | {errors['noaudit']} | | | |")
+closed = {t: med([load(f"closed-{t}-{r}.json")["requests_per_s"] for r in range(1, rounds + 1)]) for t in ("direct", "nginx", "isthmus", "noaudit")}
+print(f"\nclosed loop, 64 clients: direct {closed['direct']:.0f} req/s, nginx {closed['nginx']:.0f}, Isthmus {closed['isthmus']:.0f} (Isthmus/nginx {closed['isthmus'] / closed['nginx']:.2f}), Isthmus with the audit log off {closed['noaudit']:.0f}")
 print(f"peak RSS: Isthmus {rss_mib:.1f} MiB (no local model), nginx worker {nginx_rss_mib:.1f} MiB")
 PY
 echo "raw results: $out" >&2

@@ -136,10 +136,12 @@ pub struct Trail {
 }
 
 impl Trail {
-    /// Writes the intent record; the response may begin once it returns.
-    pub async fn intent(&self, session: &Session, ctx: &RequestContext) -> Result<(), AuditError> {
+    /// Hands the intent record to the log ahead of the response's first byte. It is not
+    /// awaited: records commit in order, so it is durable no later than the outcome, and
+    /// within one group commit (a fraction of a millisecond under load) in any case.
+    pub fn intent(&self, session: &Session, ctx: &RequestContext) -> Result<(), AuditError> {
         let record = record(session, ctx, &self.instance, &ctx.policy_hash, true);
-        self.log.append_intent(record).await.map(|_| ())
+        self.log.submit_intent(record).map(|_| ())
     }
 }
 

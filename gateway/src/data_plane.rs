@@ -782,7 +782,7 @@ impl ProxyHttp for DataPlane {
                 Some("the audit log cannot make records durable".to_owned())
             } else {
                 ctx.trail = Some(trail.clone());
-                match trail.intent(session, ctx).await {
+                match trail.intent(session, ctx) {
                     Ok(()) => None,
                     Err(error) if trail.log.fail_closed() => {
                         Some(format!("the audit log refused the record: {error}"))

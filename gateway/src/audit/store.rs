@@ -46,7 +46,7 @@ const CATCH_UP_RECORDS_MAX: usize = 1024;
 /// Records deleted per retention step.
 const RETENTION_DELETIONS_MAX: usize = 2 * BATCH_RECORDS_MAX;
 /// sled's page cache, in bytes.
-const STORE_CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+const STORE_CACHE_BYTES_MAX: u64 = 8 * 1024 * 1024;
 
 const RECORDS_TREE: &str = "records";
 const META_TREE: &str = "meta";
@@ -205,6 +205,14 @@ impl AuditLog {
     pub async fn append_intent(&self, mut record: Record) -> Result<Receipt, AuditError> {
         record.set_property(PHASE, Value::String(PHASE_INTENT.to_owned()));
         self.append(record).await
+    }
+
+    /// [`AuditLog::append_intent`] without waiting for durability: the intent is queued
+    /// ahead of everything the request appends later, so the outcome's group commit makes it
+    /// durable too, and any other commit in between does so sooner.
+    pub fn submit_intent(&self, mut record: Record) -> Result<PendingReceipt, AuditError> {
+        record.set_property(PHASE, Value::String(PHASE_INTENT.to_owned()));
+        self.submit(record)
     }
 
     /// Hands `record` to the writer without waiting for room or durability: records are
