@@ -41,17 +41,8 @@ pub fn record(
 ) -> Record {
     let header = session.req_header();
     let path = header.uri.path();
-    let status = if ctx.status == 0 {
-        session
-            .response_written()
-            .map_or(0, |header| header.status.as_u16())
-    } else {
-        ctx.status
-    };
-    let route = match ctx.route {
-        "none" => "rejected",
-        route => route,
-    };
+    let status = ctx.final_status(session);
+    let route = ctx.route_label();
     let (result, level) = match (intent, route, status) {
         (true, _, _) => (ResultType::Succeeded, Level::Informational),
         (false, "rejected", _) => (ResultType::Rejected, Level::Warning),

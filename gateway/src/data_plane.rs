@@ -97,6 +97,25 @@ impl RequestContext {
         self.rule_name.as_deref().unwrap_or(self.rule)
     }
 
+    /// The status the client got (or is getting): what was decided, else what was written.
+    pub fn final_status(&self, session: &Session) -> u16 {
+        if self.status == 0 {
+            session
+                .response_written()
+                .map_or(0, |header| header.status.as_u16())
+        } else {
+            self.status
+        }
+    }
+
+    /// `local`, `cloud` or `rejected` (a request refused before routing counts as rejected).
+    pub fn route_label(&self) -> &'static str {
+        match self.route {
+            "none" => "rejected",
+            route => route,
+        }
+    }
+
     /// Records that the request was refused before or by routing.
     pub fn reject(&mut self, check: &'static str) {
         self.route = "rejected";
@@ -278,12 +297,7 @@ pub fn response_header(
     let mut header = ResponseHeader::build(status, Some(8))?;
     header.insert_header("content-type", content_type)?;
     header.insert_header("x-request-id", ctx.request_id.as_str())?;
-    let route = if ctx.route == "none" {
-        "rejected"
-    } else {
-        ctx.route
-    };
-    header.insert_header("x-isthmus-route", route)?;
+    header.insert_header("x-isthmus-route", ctx.route_label())?;
     if let Some(target) = &ctx.target {
         header.insert_header("x-isthmus-target", target.as_str())?;
     }
@@ -847,17 +861,8 @@ impl ProxyHttp for DataPlane {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
         crate::audit_trail::seal_late(session, ctx);
         let duration = ctx.started.elapsed();
-        let status = if ctx.status == 0 {
-            session
-                .response_written()
-                .map_or(0, |header| header.status.as_u16())
-        } else {
-            ctx.status
-        };
-        let route = match ctx.route {
-            "none" => "rejected",
-            route => route,
-        };
+        let status = ctx.final_status(session);
+        let route = ctx.route_label();
         self.state.metrics.record(&crate::metrics::RequestRecord {
             route,
             rule: ctx.rule(),
