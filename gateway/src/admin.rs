@@ -236,6 +236,19 @@ impl ServeHttp for Admin {
                 )
             }
             "/admin/api/models" => json(StatusCode::OK, &self.models()),
+            "/admin/api/audit" => json(
+                StatusCode::OK,
+                &match &self.state.audit {
+                    Some(trail) => serde_json::json!({
+                        "enabled": true,
+                        "stream_id": trail.log.stream_id(),
+                        "healthy": trail.log.is_healthy(),
+                        "fail_closed": trail.log.fail_closed(),
+                        "exported_up_to": trail.log.exported_up_to(),
+                    }),
+                    None => serde_json::json!({ "enabled": false }),
+                },
+            ),
             "/admin/api/upstreams" => json(
                 StatusCode::OK,
                 &serde_json::json!({ "backends": self.state.routing().pools.status() }),

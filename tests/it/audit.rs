@@ -167,6 +167,15 @@ fn tampering_with_the_files_is_caught_with_the_first_bad_seq() {
             assert_eq!(response.status(), 200);
         }
     });
+    let (_, status) = tests::plain_get(gateway.admin, "/admin/api/audit").unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["enabled"], true, "{status}");
+    assert_eq!(status["healthy"], true, "{status}");
+    assert!(
+        status["stream_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
     let mut gateway = gateway;
     gateway.signal(libc::SIGTERM);
     assert!(gateway.wait_exit(Duration::from_secs(30)).is_some());
