@@ -44,7 +44,8 @@ const FIXED_WEIGHTS: [(&str, f64); 3] = [
 #[derive(Debug, Parser)]
 #[command(about = "Train the complexity model and measure it with RouteLLM's APGR and CPT(50%)")]
 struct Args {
-    /// The rows (JSON lines: id, source, prompt, weak_correct, strong_correct).
+    /// The rows (JSON lines: id, source, prompt, weak_correct, strong_correct), plain or
+    /// gzip-compressed (`.gz`).
     #[arg(long)]
     data: Option<PathBuf>,
     /// The validation ids, one a line (`#` comments).
@@ -116,7 +117,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let root = tests::workspace_root().join("data/routing");
     let data_path = args
         .data
-        .unwrap_or_else(|| root.join("routing-train.jsonl"));
+        .unwrap_or_else(|| root.join("routing-train.jsonl.gz"));
     let validation_path = args
         .validation
         .unwrap_or_else(|| root.join("validation-ids.txt"));
@@ -173,8 +174,17 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn read_rows(path: &PathBuf) -> anyhow::Result<Vec<Row>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    use std::io::Read as _;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = if path.extension().is_some_and(|extension| extension == "gz") {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(bytes.as_slice())
+            .read_to_string(&mut text)
+            .with_context(|| format!("decompressing {}", path.display()))?;
+        text
+    } else {
+        String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?
+    };
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
