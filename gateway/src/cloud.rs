@@ -47,6 +47,9 @@ const H2_STREAMS_MAX: usize = 128;
 const ATTEMPTS_MAX: usize = 2;
 /// Bytes of an error answer read to report it.
 const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Longest server-sent event accepted from a backend (a stream that never ends an event
+/// would otherwise grow the buffer without bound).
+const SSE_EVENT_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// The header that forces a canary variant.
 pub const CANARY_HEADER: &str = "x-isthmus-canary";
 
@@ -1008,6 +1011,13 @@ async fn relay_stream(
                         None => Bytes::copy_from_slice(raw),
                     })
                 });
+                if events.pending_bytes() > SSE_EVENT_BYTES_MAX {
+                    let message = format!(
+                        "the backend sent an event longer than {SSE_EVENT_BYTES_MAX} bytes"
+                    );
+                    let _ = session.write_response_body(None, true).await;
+                    return Err(Relay::Upstream(message));
+                }
                 if !forward.is_empty() {
                     ctx.last_token = Some(ctx.started.elapsed());
                     session
@@ -1121,6 +1131,11 @@ impl SseSplitter {
             }
         }
         out.freeze()
+    }
+
+    /// Bytes held of an event not yet complete.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending.len()
     }
 
     /// Whatever is left when the stream ends (an event without its blank line).

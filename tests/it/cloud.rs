@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use sha2::Digest as _;
 use tests::{API_KEY, Gateway, GatewayOptions, TestPki, Upstream, UpstreamOptions, serial};
 
-use crate::upstream::options;
+use crate::upstream::{chat, options};
 use crate::{block_on, sse_payloads};
 
 /// How long a test waits for something asynchronous to show (health, counters).
@@ -62,14 +62,6 @@ fn header(response: &reqwest::Response, name: &str) -> String {
         .get(name)
         .map(|value| value.to_str().unwrap().to_owned())
         .unwrap_or_default()
-}
-
-fn chat(model: &str, extra: Value) -> Value {
-    let mut body = json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]});
-    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
-        body.extend(extra);
-    }
-    body
 }
 
 /// A loopback port where nothing listens.

@@ -35,8 +35,8 @@ fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
         .unwrap()
 }
 
-/// A chat request to the fake upstream.
-fn chat(model: &str, extra: Value) -> Value {
+/// A chat request for `model` with one short user message, plus `extra` fields.
+pub fn chat(model: &str, extra: Value) -> Value {
     let mut body = json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]});
     if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
         body.extend(extra);

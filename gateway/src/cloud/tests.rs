@@ -83,3 +83,11 @@ fn the_usage_chunk_is_recognised() {
     assert!(event_usage(br#"data: {"choices":[],"usage":null}"#).is_none());
     assert!(event_usage(b"data: [DONE]").is_none());
 }
+
+#[test]
+fn an_unfinished_event_is_held_and_counted() {
+    let mut splitter = SseSplitter::default();
+    let out = splitter.push(b"data: {\"a\":", |_, raw| Some(Bytes::copy_from_slice(raw)));
+    assert!(out.is_empty());
+    assert_eq!(splitter.pending_bytes(), 11);
+}
