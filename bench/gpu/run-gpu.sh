@@ -93,6 +93,10 @@ run() {
       grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$name.log" | tee -a "$out/devices.txt"
       nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$name.csv" &
       local sampler=$!
+      # The gateway's own GPU gauges (NVML), scraped beside nvidia-smi.
+      ( while sleep 0.5; do curl -sf http://127.0.0.1:19901/metrics | grep -E '^isthmus_gpu_' || true; done ) \
+        > "$results/nvml-$name.txt" &
+      local scraper=$!
       for streams in 1 8 32; do
         # Decode: one wave of requests that start together, as llama-batched-bench runs them.
         "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$streams" \
@@ -109,7 +113,7 @@ run() {
           --warmup 0 --json > "$results/bench-$name-$streams.json"
         snapshot "$results/m2-$name-$streams"
       done
-      kill "$sampler"
+      kill "$sampler" "$scraper"
       # A clean stop: draining, then the worker frees its CUDA context before exit.
       kill -TERM "$server"
       wait "$server" && echo "$name: isthmus exited cleanly" | tee -a "$out/devices.txt" \
@@ -154,6 +158,11 @@ for shape in shapes:
         util = [float(line.split(",")[0]) for line in (out / f"util-{name}.csv").read_text().splitlines() if line.strip()]
         busy = [value for value in util if value > 0]
         print(f"{name}: GPU utilisation while benchmarking: mean {statistics.mean(busy) if busy else 0:.0f}% over {len(busy)} busy samples")
+        scraped = [line.split() for line in (out / f"nvml-{name}.txt").read_text().splitlines() if line.strip()]
+        ratios = [float(value) * 100 for key, value in scraped if key.startswith("isthmus_gpu_utilization_ratio") and float(value) > 0]
+        memory = [float(value) for key, value in scraped if key.startswith("isthmus_gpu_memory_used_bytes")]
+        print(f"{name}: isthmus /metrics (NVML): {len(scraped)} GPU series lines, utilisation mean {statistics.mean(ratios) if ratios else 0:.0f}% "
+              f"over {len(ratios)} busy scrapes, memory used max {max(memory) / 2**20 if memory else 0:.0f} MiB")
         for streams in (1, 8, 32):
             wave = json.loads((out / f"wave-{name}-{streams}.json").read_text())
             tpot = wave["tpot_ms"]["p50"]

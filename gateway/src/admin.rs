@@ -224,11 +224,13 @@ impl ServeHttp for Admin {
                 json(status, &body)
             }
             "/metrics" => {
-                let body = self.state.metrics.render(
-                    &self.state.model_gauges(),
-                    self.state.open_connections.get(),
-                    self.state.ready(),
-                );
+                let body = self.state.metrics.render(&crate::metrics::Live {
+                    models: &self.state.model_gauges(),
+                    backends: &self.state.routing().pools.status(),
+                    gpus: &self.state.gpu_samples(),
+                    open_connections: self.state.open_connections.get(),
+                    ready: self.state.ready(),
+                });
                 respond(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
@@ -245,6 +247,7 @@ impl ServeHttp for Admin {
                         "healthy": trail.log.is_healthy(),
                         "fail_closed": trail.log.fail_closed(),
                         "exported_up_to": trail.log.exported_up_to(),
+                        "syslog": trail.log.syslog_status(),
                     }),
                     None => serde_json::json!({ "enabled": false }),
                 },

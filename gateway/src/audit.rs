@@ -5,7 +5,10 @@
 //! - [`record`]: the columns and the size cap; [`jcs`]: RFC 8785 canonical JSON;
 //!   [`chain`]: `Seq`/`PrevHash`/`RecordHash` and checkpoint messages; [`key`]: the Ed25519
 //!   device key.
-//! - [`store`]: the one writer thread that owns the chain; [`files`]: the JSONL copies.
+//! - [`store`]: the one writer thread that owns the chain; [`files`]: the JSONL copies;
+//!   [`syslog`]: the optional RFC 5424 / CEF copy for a local collector.
+//! - [`content`]: prompt and completion text, where `[audit.content]` turns it on, and what
+//!   of it may leave the appliance.
 //! - [`verify`]: `isthmus audit verify`.
 //!
 //! The gateway opens one [`AuditLog`] at start, awaits [`AuditLog::append_intent`] before a
@@ -14,11 +17,13 @@
 //! after draining.
 
 pub mod chain;
+pub mod content;
 pub mod files;
 pub mod jcs;
 pub mod key;
 pub mod record;
 pub mod store;
+pub mod syslog;
 pub mod verify;
 
 #[cfg(test)]
@@ -64,6 +69,8 @@ pub struct AuditConfig {
     pub queue_records_max: usize,
     /// `GatewayInstance` of the log's own records (lifecycle, checkpoints).
     pub gateway_instance: String,
+    /// Also send every durable record to a syslog collector.
+    pub syslog: Option<syslog::SyslogConfig>,
 }
 
 impl AuditConfig {
@@ -82,6 +89,7 @@ impl AuditConfig {
             retention_requires_export: false,
             queue_records_max: 65_536,
             gateway_instance: firmware::host_name().unwrap_or_default(),
+            syslog: None,
         }
     }
 

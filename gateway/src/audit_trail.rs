@@ -1,13 +1,15 @@
 //! What the data plane writes to the audit log: an intent record before a response's first
 //! byte, and the outcome record before its final bytes (or, for requests that end without
-//! them, when they end). Records carry types, ids, counts and timings — never prompt or
-//! completion text, never a key.
+//! them, when they end). Records carry types, ids, counts and timings, never a key; prompt
+//! and completion text only where `[audit.content]` covers the request's route or rule
+//! ([`capture_prompt`], [`capture_completion`]; see [`crate::audit::content`]).
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use pingora_proxy::Session;
 
+use crate::audit::content::{Captured, ContentPolicy};
 use crate::audit::record::{Category, Level, Record, ResultType};
 use crate::audit::{AuditError, AuditLog};
 use crate::auth::Caller;
@@ -116,7 +118,40 @@ pub fn record(
     if let Some(degraded) = ctx.degraded {
         builder = builder.property("Degraded", degraded);
     }
+    // Content last: it takes the room the rest leaves.
+    let policy = ctx
+        .trail
+        .as_ref()
+        .and_then(|trail| trail.content.as_deref());
+    if let (false, Some(policy), Some(captured)) = (intent, policy, &ctx.content)
+        && policy.covers(route, ctx.rule())
+    {
+        for (name, value) in captured.members(builder.room_bytes()) {
+            builder = builder.property(name, value);
+        }
+    }
     builder.build()
+}
+
+/// Starts capturing the request's text for its record when `[audit.content]` covers the
+/// route and rule decided so far: the prompt from `body` (the body as received, or the
+/// redacted body that goes to the cloud with `redacted`). Call again when the route changes
+/// (a fallback); a request not covered captures nothing.
+pub fn capture_prompt(ctx: &mut RequestContext, body: &[u8], redacted: bool) {
+    let text_bytes_max = ctx
+        .trail
+        .as_ref()
+        .and_then(|trail| trail.content.as_deref())
+        .filter(|policy| policy.covers(ctx.route_label(), ctx.rule()))
+        .map(|policy| policy.text_bytes_max);
+    ctx.content = text_bytes_max.map(|bytes_max| Captured::new(body, redacted, bytes_max));
+}
+
+/// Appends generated text to the capture, if there is one.
+pub fn capture_completion(ctx: &mut RequestContext, text: &str) {
+    if let Some(captured) = &mut ctx.content {
+        captured.completion.push(text);
+    }
 }
 
 /// The log and what every record of this process carries.
@@ -124,6 +159,8 @@ pub fn record(
 pub struct Trail {
     pub log: Arc<AuditLog>,
     pub instance: String,
+    /// `[audit.content]`: whose prompt and completion text records carry.
+    pub content: Option<Arc<ContentPolicy>>,
 }
 
 impl Trail {

@@ -170,6 +170,13 @@ pub struct BackendStatus {
     pub requests: u64,
 }
 
+impl BackendStatus {
+    /// Whether the backend gets traffic now: its probes pass and its circuit is not open.
+    pub fn takes_traffic(&self) -> bool {
+        self.probed_healthy && self.circuit != "open"
+    }
+}
+
 impl Pools {
     /// Builds the pools of `configs`, keeping the observed health of backends that `previous`
     /// already had (same pool, name and URL). Host names are resolved here.
@@ -918,6 +925,10 @@ async fn relay_whole(
     {
         record_usage(ctx, answer.usage.as_ref());
     }
+    // The audit record keeps the answer as the backend sent it (placeholders, not values).
+    if status == 200 && ctx.content.is_some() {
+        crate::audit_trail::capture_completion(ctx, &crate::audit::content::answer_text(&body));
+    }
     let body = match request_restore {
         Some(map) if status == 200 => {
             BytesMut::from(&crate::redaction::restore_answer(&body, map)[..])
@@ -997,6 +1008,10 @@ async fn relay_stream(
                     };
                     if keep && ctx.first_token.is_none() && is_data_event(event) {
                         ctx.first_token = Some(ctx.started.elapsed());
+                    }
+                    if ctx.content.is_some() {
+                        let text = crate::audit::content::event_text(event);
+                        crate::audit_trail::capture_completion(ctx, &text);
                     }
                     // [DONE] waits until the outcome record is durable (below).
                     if event == b"data: [DONE]" {

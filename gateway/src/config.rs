@@ -20,9 +20,11 @@ use sha2::{Digest, Sha256};
 
 mod audit;
 mod rules;
+mod telemetry;
 mod upstreams;
 pub use audit::AuditSettings;
 pub use rules::PolicyConfig;
+pub use telemetry::{OtlpSettings, TelemetrySettings};
 pub use upstreams::{
     BackendConfig, HealthConfig, PoolConfig, UpstreamApi, UpstreamProtocol, UpstreamTls,
 };
@@ -67,6 +69,7 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub policy: PolicyConfig,
     pub audit: AuditSettings,
+    pub telemetry: TelemetrySettings,
     pub engine: EngineConfig,
     pub logging: LoggingConfig,
 }
@@ -484,6 +487,8 @@ pub fn parse(
     let routing: Option<RawRouting> = section(&mut document, "routing", &mut errors);
     let policy: Option<rules::RawPolicy> = section(&mut document, "policy", &mut errors);
     let audit: Option<audit::RawAudit> = section(&mut document, "audit", &mut errors);
+    let telemetry: Option<telemetry::RawTelemetry> =
+        section(&mut document, "telemetry", &mut errors);
     let engine: Option<RawEngine> = section(&mut document, "engine", &mut errors);
     let logging: Option<RawLogging> = section(&mut document, "logging", &mut errors);
     let models = models_section(&mut document, &mut errors);
@@ -491,7 +496,7 @@ pub fn parse(
     for key in document.keys() {
         errors.push(ConfigError::new(
             key.as_str(),
-            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, engine, logging)",
+            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging)",
         ));
     }
 
@@ -514,6 +519,7 @@ pub fn parse(
     let routing = routing.map(|raw| validator.routing(raw, &models));
     let policy = policy.map(|raw| validator.policy(raw));
     let audit = audit.map(|raw| validator.audit(raw));
+    let telemetry = telemetry.map(|raw| validator.telemetry(raw));
     let engine = engine.map(|raw| EngineConfig {
         backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
     });
@@ -539,13 +545,16 @@ pub fn parse(
         }
     }
 
-    match (server, auth, routing, policy, audit, engine, logging) {
+    match (
+        server, auth, routing, policy, audit, telemetry, engine, logging,
+    ) {
         (
             Some(Some(server)),
             Some(Some(auth)),
             Some(routing),
             Some(policy),
             Some(Some(audit)),
+            Some(Some(telemetry)),
             Some(engine),
             Some(Some(logging)),
         ) if validator.errors.is_empty() => Ok(Config {
@@ -558,6 +567,7 @@ pub fn parse(
             routing,
             policy,
             audit,
+            telemetry,
             engine,
             logging,
         }),

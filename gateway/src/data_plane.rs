@@ -75,12 +75,18 @@ pub struct RequestContext {
     pub attempts: u32,
     /// Set when the answer comes from a fallback (`x-isthmus-degraded`).
     pub degraded: Option<&'static str>,
-    /// The W3C trace context of the request: the client's `traceparent` when valid, else a
-    /// new trace; passed to cloud backends.
+    /// The W3C trace context of the request: the client's trace when its `traceparent` is
+    /// valid, else a new one, with the gateway's own span.
+    pub trace: Option<crate::telemetry::TraceContext>,
+    /// `trace` as a `traceparent` naming the gateway's span: passed to cloud backends and
+    /// carried by audit records.
     pub traceparent: Option<String>,
     /// The audit log, when on; `sealed` once the outcome record is written.
     pub trail: Option<crate::audit_trail::Trail>,
     pub sealed: bool,
+    /// Prompt and completion text for the record, only where `[audit.content]` covers the
+    /// request (`audit_trail::capture_prompt`).
+    pub content: Option<crate::audit::content::Captured>,
     /// Hash of the configuration that routed the request.
     pub policy_hash: String,
     /// Values replaced by placeholders (redact-then-cloud).
@@ -229,46 +235,6 @@ fn request_id(session: &Session) -> String {
         })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id)
-}
-
-/// The client's W3C `traceparent` when it is well formed (version 00, non-zero ids), else
-/// a new sampled trace context with random trace and span ids.
-fn traceparent(session: &Session) -> String {
-    let given = session
-        .req_header()
-        .headers
-        .get("traceparent")
-        .and_then(|value| value.to_str().ok())
-        .map(str::trim);
-    if let Some(given) = given
-        && valid_traceparent(given)
-    {
-        return given.to_ascii_lowercase();
-    }
-    use rand::RngCore as _;
-    let mut bytes = [0u8; 24];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes[0] |= 1;
-    bytes[16] |= 1;
-    format!(
-        "00-{}-{}-01",
-        hex::encode(&bytes[..16]),
-        hex::encode(&bytes[16..])
-    )
-}
-
-fn valid_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex_of = |text: &str, length: usize| {
-        text.len() == length && text.bytes().all(|byte| byte.is_ascii_hexdigit())
-    };
-    matches!(parts.as_slice(), [version, trace, span, flags]
-        if *version == "00"
-            && hex_of(trace, 32)
-            && hex_of(span, 16)
-            && hex_of(flags, 2)
-            && trace.bytes().any(|byte| byte != b'0')
-            && span.bytes().any(|byte| byte != b'0'))
 }
 
 /// A random (version 4) UUID from the thread's generator, which is seeded once, instead of
@@ -426,8 +392,9 @@ impl DataPlane {
         let body = self.read_body(session, ctx).await?;
         let envelope = openai::parse_envelope(&body).inspect_err(|_| ctx.reject("request"))?;
         let model = deployment.or_else(|| envelope.model.clone());
-        let target = self.route(session, ctx, routing, model.as_deref(), &body)?;
-        match target {
+        let target = self.route(session, ctx, routing, model.as_deref(), &body);
+        crate::audit_trail::capture_prompt(ctx, &body, false);
+        match target? {
             Target::Local(model) => {
                 self.serve_local(session, ctx, endpoint, &model, &body)
                     .await
@@ -463,6 +430,9 @@ impl DataPlane {
                 };
                 let forwarded_body = redacted.as_ref().map_or(&body, |(body, _)| body);
                 ctx.redactions = redacted.as_ref().map_or(0, |(_, map)| map.len());
+                if redacted.is_some() {
+                    crate::audit_trail::capture_prompt(ctx, forwarded_body, true);
+                }
                 let request = crate::cloud::CloudRequest {
                     endpoint,
                     body: forwarded_body,
@@ -499,6 +469,7 @@ impl DataPlane {
                                 ctx.degraded = Some("cloud-unavailable");
                                 ctx.route = "local";
                                 ctx.target = Some(local.clone());
+                                crate::audit_trail::capture_prompt(ctx, &body, false);
                                 self.serve_local(session, ctx, endpoint, &local, &body)
                                     .await
                             }
@@ -763,9 +734,11 @@ impl ProxyHttp for DataPlane {
             degraded: None,
             sensitive_entities: Vec::new(),
             complexity: None,
+            trace: None,
             traceparent: None,
             trail: None,
             sealed: false,
+            content: None,
             policy_hash: String::new(),
             redactions: 0,
             _in_flight: None,
@@ -789,7 +762,15 @@ impl ProxyHttp for DataPlane {
         ctx: &mut Self::CTX,
     ) -> pingora_error::Result<bool> {
         ctx.request_id = request_id(session);
-        ctx.traceparent = Some(traceparent(session));
+        let trace = crate::telemetry::TraceContext::from_header(
+            session
+                .req_header()
+                .headers
+                .get("traceparent")
+                .and_then(|value| value.to_str().ok()),
+        );
+        ctx.traceparent = Some(trace.traceparent());
+        ctx.trace = Some(trace);
         ctx.policy_hash = self.state.routing().config.digest.clone();
         if let Some(trail) = &self.state.audit {
             let refused = if !trail.log.is_healthy() && trail.log.fail_closed() {
@@ -821,7 +802,13 @@ impl ProxyHttp for DataPlane {
                 return Ok(true);
             }
         }
-        match self.handle(session, ctx).await {
+        // Everything logged while handling the request carries its id and trace.
+        let span = tracing::info_span!(
+            "request",
+            request_id = %ctx.request_id,
+            trace_id = %ctx.trace.map(|trace| hex::encode(trace.trace_id)).unwrap_or_default(),
+        );
+        match tracing::Instrument::instrument(self.handle(session, ctx), span).await {
             Ok(()) => {}
             Err(Failure::Error(error)) => {
                 if ctx.route == "none" {
@@ -863,7 +850,7 @@ impl ProxyHttp for DataPlane {
         let duration = ctx.started.elapsed();
         let status = ctx.final_status(session);
         let route = ctx.route_label();
-        self.state.metrics.record(&crate::metrics::RequestRecord {
+        let record = crate::metrics::RequestRecord {
             route,
             rule: ctx.rule(),
             status,
@@ -884,8 +871,35 @@ impl ProxyHttp for DataPlane {
                 }
                 _ => None,
             },
-        });
+        };
+        self.state.metrics.record(&record);
         let header = session.req_header();
+        let error_text = error.map(|error| error.to_string());
+        if let (Some(telemetry), Some(trace)) = (&self.state.telemetry, ctx.trace) {
+            telemetry.record(
+                &record,
+                &crate::telemetry::SpanRecord {
+                    trace,
+                    started: std::time::SystemTime::now()
+                        .checked_sub(duration)
+                        .unwrap_or(std::time::UNIX_EPOCH),
+                    duration,
+                    method: header.method.as_str(),
+                    operation: crate::telemetry::operation(header.uri.path()),
+                    status,
+                    route,
+                    rule: ctx.rule(),
+                    request_id: &ctx.request_id,
+                    target: ctx.target.as_deref(),
+                    prompt_tokens: ctx.usage.prompt_tokens,
+                    completion_tokens: ctx.usage.completion_tokens,
+                    time_to_first_token: ctx.first_token,
+                    attempts: ctx.attempts,
+                    degraded: ctx.degraded,
+                    error: error_text.as_deref(),
+                },
+            );
+        }
         tracing::info!(
             request_id = %ctx.request_id,
             method = %header.method,
@@ -906,7 +920,7 @@ impl ProxyHttp for DataPlane {
             completion_tokens = ctx.usage.completion_tokens,
             finish_reason = ctx.finish_reason,
             outcome = ctx.outcome.as_deref(),
-            error = error.map(|error| error.to_string()),
+            error = error_text,
             "request"
         );
     }

@@ -16,7 +16,9 @@
 //!
 //! Failures are retried forever: after the `Retry-After` a 429 or 503 names, else after an
 //! exponential back-off. Prompt and completion text leave the appliance only with records of
-//! requests that went to the cloud ([`strip_content`]); the source keeps them.
+//! requests that went to the cloud ([`strip_content`]); the source keeps them. Stripping
+//! changes the exported copy only: hashes are verified on the store and the files, never on
+//! Log Analytics rows.
 //!
 //! Decisions (batch building, content stripping, retry delays) are pure functions; the
 //! [`Exporter`] is the shell that calls the source, the token provider and the network.
@@ -84,14 +86,8 @@ const ERROR_MESSAGE_CHARS_MAX: usize = 300;
 const CA_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The `Properties` member naming where a request ran.
-const ROUTE_PROPERTY: &str = "Route";
-/// The only route whose records may carry content text off the appliance: it already went
-/// to the cloud.
-const CONTENT_EXPORT_ROUTE: &str = "cloud";
-/// `Properties` members holding content text.
-pub const CONTENT_PROPERTIES: [&str; 2] = ["Prompt", "Completion"];
-const PROPERTIES: &str = "Properties";
+/// `Properties` members holding content text (`[audit.content]`) and its flags.
+pub use crate::audit::content::CONTENT_PROPERTIES;
 const SEQ: &str = "Seq";
 
 // ---------------------------------------------------------------------------------------------
@@ -517,25 +513,14 @@ fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 // The functional core: records to batches, retry delays
 // ---------------------------------------------------------------------------------------------
 
-/// Removes content text (`Properties.Prompt`, `Properties.Completion`) unless the record's
-/// `Properties.Route` is `cloud`: text of requests that ran locally, were rejected or name no
-/// route never leaves the appliance. Returns whether anything was removed.
+/// Removes content text ([`CONTENT_PROPERTIES`]) unless the record's `Properties.Route` is
+/// `cloud`: text of requests that ran locally, were rejected or name no route never leaves the
+/// appliance. Returns whether anything was removed.
 pub fn strip_content(record: &mut Value) -> bool {
-    let Some(Value::Object(properties)) = record.get_mut(PROPERTIES) else {
-        return false;
-    };
-    let exportable = properties
-        .get(ROUTE_PROPERTY)
-        .and_then(Value::as_str)
-        .is_some_and(|route| route == CONTENT_EXPORT_ROUTE);
-    if exportable {
-        return false;
+    match record {
+        Value::Object(fields) => crate::audit::content::strip_off_appliance(fields),
+        _ => false,
     }
-    let mut removed = false;
-    for name in CONTENT_PROPERTIES {
-        removed |= properties.remove(name).is_some();
-    }
-    removed
 }
 
 /// A record ready for a batch: its `Seq` and its JSON text, content stripped.

@@ -56,7 +56,7 @@ const ARC_API_VERSION: &str = "2020-06-01";
 const ARC_ENDPOINT_DEFAULT: &str = "http://localhost:40342/metadata/identity/oauth2/token";
 const ARC_TOKENS_DIR_DEFAULT: &str = "/var/opt/azcmagent/tokens";
 const AUTHORITY_HOST_DEFAULT: &str = "https://login.microsoftonline.com/";
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const ENTRA_SCOPE_SUFFIX: &str = "/.default";
 
@@ -720,7 +720,7 @@ fn label(url: &Url) -> String {
     url.to_string()
 }
 
-fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = read_capped_sync(path, CA_FILE_BYTES_MAX)?;
     let certificates = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()

@@ -208,6 +208,7 @@ async fn collect_events(
             }
             edge_runtime::Event::Done(completion) => {
                 text.push_str(&completion.text_tail);
+                crate::audit_trail::capture_completion(ctx, &text);
                 ctx.usage = completion.usage;
                 ctx.finish_reason = Some(completion.finish_reason.as_str());
                 let body =
@@ -264,6 +265,7 @@ async fn stream_events(
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
+                crate::audit_trail::capture_completion(ctx, &text);
                 write(
                     session,
                     openai::sse_event(&meta.chunk(false, Some(&text), None, include_usage)),
@@ -274,6 +276,7 @@ async fn stream_events(
                 ctx.usage = completion.usage;
                 let finish_reason = completion.finish_reason.as_str();
                 ctx.finish_reason = Some(finish_reason);
+                crate::audit_trail::capture_completion(ctx, &completion.text_tail);
                 let tail =
                     (!completion.text_tail.is_empty()).then_some(completion.text_tail.as_str());
                 let last = meta.chunk(false, tail, Some(finish_reason), include_usage);

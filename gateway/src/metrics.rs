@@ -181,8 +181,15 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of everything, with the models' live gauges.
-    pub fn render(&self, models: &[ModelGauges], open_connections: u64, ready: bool) -> String {
+    /// The Prometheus text exposition of everything, with the live gauges.
+    pub fn render(&self, live: &Live<'_>) -> String {
+        let Live {
+            models,
+            backends,
+            gpus,
+            open_connections,
+            ready,
+        } = *live;
         let mut out = String::new();
         let Ok(registry) = self.registry.lock() else {
             return out;
@@ -384,6 +391,8 @@ impl Metrics {
                 );
             }
         }
+        render_backends(&mut out, backends);
+        render_gpus(&mut out, gpus);
         header(
             &mut out,
             "isthmus_open_connections",
@@ -399,6 +408,95 @@ impl Metrics {
         );
         let _ = writeln!(out, "isthmus_ready {}", u8::from(ready));
         out
+    }
+}
+
+/// What `/metrics` reads live at each scrape, beside the recorded counters.
+#[derive(Debug, Clone, Copy)]
+pub struct Live<'a> {
+    pub models: &'a [ModelGauges],
+    pub backends: &'a [crate::cloud::BackendStatus],
+    /// Empty without NVML: the GPU series are then absent, never zero.
+    pub gpus: &'a [crate::gpu::GpuSample],
+    pub open_connections: u64,
+    pub ready: bool,
+}
+
+/// Cloud backends: whether each takes traffic, its circuit, load and request count. Pool
+/// and backend names come from the configuration.
+fn render_backends(out: &mut String, backends: &[crate::cloud::BackendStatus]) {
+    if backends.is_empty() {
+        return;
+    }
+    type Pick = fn(&crate::cloud::BackendStatus) -> String;
+    let series: [(&str, &str, &str, Pick); 4] = [
+        (
+            "isthmus_upstream_backend_up",
+            "gauge",
+            "1 when a cloud backend takes traffic (probes pass, circuit not open).",
+            |backend| u8::from(backend.takes_traffic()).to_string(),
+        ),
+        (
+            "isthmus_upstream_backend_circuit_open",
+            "gauge",
+            "1 while a backend's circuit breaker is open (ejected).",
+            |backend| u8::from(backend.circuit == "open").to_string(),
+        ),
+        (
+            "isthmus_upstream_backend_in_flight",
+            "gauge",
+            "Requests a backend is serving now.",
+            |backend| backend.in_flight.to_string(),
+        ),
+        (
+            "isthmus_upstream_backend_requests_total",
+            "counter",
+            "Requests sent to a backend since it was configured.",
+            |backend| backend.requests.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        header(out, name, kind, help);
+        for backend in backends {
+            let _ = writeln!(
+                out,
+                "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
+                escape_label(&backend.pool),
+                escape_label(&backend.backend),
+                value(backend)
+            );
+        }
+    }
+}
+
+/// GPUs through NVML, only when a GPU was found.
+fn render_gpus(out: &mut String, gpus: &[crate::gpu::GpuSample]) {
+    if gpus.is_empty() {
+        return;
+    }
+    type Pick = fn(&crate::gpu::GpuSample) -> String;
+    let series: [(&str, &str, Pick); 3] = [
+        (
+            "isthmus_gpu_utilization_ratio",
+            "Share of the last sample period in which a kernel ran (NVML).",
+            |gpu| (f64::from(gpu.utilization_percent) / 100.0).to_string(),
+        ),
+        (
+            "isthmus_gpu_memory_used_bytes",
+            "GPU memory in use (NVML).",
+            |gpu| gpu.memory_used_bytes.to_string(),
+        ),
+        (
+            "isthmus_gpu_memory_total_bytes",
+            "GPU memory in all (NVML).",
+            |gpu| gpu.memory_total_bytes.to_string(),
+        ),
+    ];
+    for (name, help, value) in series {
+        header(out, name, "gauge", help);
+        for gpu in gpus {
+            let _ = writeln!(out, "{name}{{gpu=\"{}\"}} {}", gpu.index, value(gpu));
+        }
     }
 }
 

@@ -78,7 +78,7 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
     let config = std::sync::Arc::clone(&routing.config);
     let started = &state.config;
     let mut restart_required = Vec::new();
-    let sections: [(&str, String, String); 4] = [
+    let sections: [(&str, String, String); 5] = [
         (
             "server",
             format!("{:?}", started.server),
@@ -98,6 +98,11 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
             "logging",
             format!("{:?}", started.logging),
             format!("{:?}", config.logging),
+        ),
+        (
+            "telemetry",
+            format!("{:?}", started.telemetry),
+            format!("{:?}", config.telemetry),
         ),
     ];
     for (name, before, after) in sections {

@@ -85,10 +85,31 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let routing = crate::reload::build_routing(config.clone(), None)
         .map_err(|errors| anyhow::anyhow!(errors.join("; ")))?;
     let audit = open_audit(&config)?;
+    // The OTLP exporters run on threads of their own with a blocking HTTP client, which is
+    // built here, outside the async runtime.
+    let telemetry = match &config.telemetry.otlp {
+        Some(otlp) => {
+            let instance = match &audit {
+                Some(trail) => trail.log.stream_id().to_owned(),
+                None => firmware::host_name().unwrap_or_else(|| "isthmus".to_owned()),
+            };
+            Some(crate::telemetry::Telemetry::start(otlp, &instance)?)
+        }
+        None => None,
+    };
     let mut state = AppState::new(config, routing);
     state.audit = audit;
+    state.telemetry = telemetry;
+    state.gpu = crate::gpu::GpuMonitor::probe();
     let state = Arc::new(state);
-    runtime.block_on(run(state, resolver, hardware))
+    if let Some(telemetry) = &state.telemetry {
+        telemetry.observe(Arc::downgrade(&state));
+    }
+    let result = runtime.block_on(run(Arc::clone(&state), resolver, hardware));
+    if let Some(telemetry) = &state.telemetry {
+        telemetry.shutdown();
+    }
+    result
 }
 
 /// Opens the audit log (a new epoch of the stream, durably) unless it is turned off.
@@ -109,12 +130,17 @@ fn open_audit(config: &Config) -> anyhow::Result<Option<crate::audit_trail::Trai
     audit.stdout = settings.stdout;
     audit.fail_closed = settings.fail_closed;
     audit.retention_requires_export = settings.azure.is_some();
+    audit.syslog = settings.syslog.clone();
     let instance = audit.gateway_instance.clone();
     let log = crate::audit::AuditLog::open(audit).context("opening the audit log")?;
     tracing::info!(stream_id = log.stream_id(), "audit log open");
+    if settings.content.is_some() {
+        tracing::warn!("audit records carry prompt and completion text where [audit.content] says");
+    }
     Ok(Some(crate::audit_trail::Trail {
         log: Arc::new(log),
         instance,
+        content: settings.content.clone().map(Arc::new),
     }))
 }
 

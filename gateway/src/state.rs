@@ -34,6 +34,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The audit log, unless `[audit] enabled = false`.
     pub audit: Option<crate::audit_trail::Trail>,
+    /// OTLP export, when `[telemetry.otlp]` is configured.
+    pub telemetry: Option<crate::telemetry::Telemetry>,
+    /// NVML, when the machine has an NVIDIA driver and GPU.
+    pub gpu: Option<crate::gpu::GpuMonitor>,
     pub listeners_bound: AtomicBool,
     pub open_connections: Arc<ConnectionCount>,
     in_flight: AtomicU64,
@@ -48,6 +52,8 @@ impl AppState {
             engine: OnceLock::new(),
             metrics: Metrics::default(),
             audit: None,
+            telemetry: None,
+            gpu: None,
             listeners_bound: AtomicBool::new(false),
             open_connections: Arc::new(ConnectionCount::default()),
             in_flight: AtomicU64::new(0),
@@ -135,6 +141,14 @@ impl AppState {
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(Arc::clone(self))
+    }
+
+    /// Every GPU's utilisation and memory now; empty without NVML.
+    pub fn gpu_samples(&self) -> Vec<crate::gpu::GpuSample> {
+        self.gpu
+            .as_ref()
+            .map(crate::gpu::GpuMonitor::sample)
+            .unwrap_or_default()
     }
 
     pub fn model_gauges(&self) -> Vec<ModelGauges> {

@@ -1,12 +1,17 @@
 //! The audit log under the real gateway: killed with SIGKILL under concurrent load three
 //! times, every response a client received completely has its durable record, and the chain
-//! verifies — on the store after each kill and on the files at the end.
+//! verifies — on the store after each kill and on the files at the end. Prompt and completion
+//! text appear only for the routes and rules `[audit.content]` names and never reach a fake
+//! Logs Ingestion endpoint for local routes; the syslog copy reaches real UDP and TCP
+//! collectors in this process, well formed and without local content.
 
 use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, Upstream, serial};
@@ -207,4 +212,493 @@ fn tampering_with_the_files_is_caught_with_the_first_bad_seq() {
     let (ok, report) = verify(&audit);
     assert!(!ok);
     assert!(report.contains(&format!("seq {seq}")), "{report}");
+}
+
+/// The outcome records (not intents) in the JSONL files, by request id.
+fn outcomes(directory: &Path) -> std::collections::BTreeMap<String, Value> {
+    let mut records = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(directory).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("audit-") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
+            let Ok(record) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if record["Category"] == "IsthmusAudit"
+                && record["Properties"]["Phase"] != "intent"
+                && let Some(id) = record["RequestId"].as_str()
+            {
+                records.insert(id.to_owned(), record);
+            }
+        }
+    }
+    records
+}
+
+/// A Logs Ingestion endpoint on 127.0.0.1 that takes every batch (gzip JSON arrays with the
+/// test bearer token) and keeps the records.
+struct FakeIngestion {
+    address: SocketAddr,
+    records: Arc<Mutex<Vec<Value>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+const INGESTION_TOKEN: &str = "ingestion-test-token";
+
+impl FakeIngestion {
+    fn start() -> FakeIngestion {
+        use http_body_util::BodyExt as _;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let address = listener.local_addr().unwrap();
+        let records: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let kept = Arc::clone(&records);
+        runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let kept = Arc::clone(&kept);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            let kept = Arc::clone(&kept);
+                            async move {
+                                let authorized = request
+                                    .headers()
+                                    .get("authorization")
+                                    .and_then(|value| value.to_str().ok())
+                                    .is_some_and(|value| {
+                                        value == format!("Bearer {INGESTION_TOKEN}")
+                                    });
+                                let gzip = request
+                                    .headers()
+                                    .get("content-encoding")
+                                    .is_some_and(|value| value == "gzip");
+                                let body = request.into_body().collect().await?.to_bytes();
+                                let mut json = Vec::new();
+                                let decoded = gzip
+                                    && flate2::read::GzDecoder::new(&body[..])
+                                        .read_to_end(&mut json)
+                                        .is_ok();
+                                let batch = serde_json::from_slice::<Vec<Value>>(&json);
+                                let status = match (authorized, decoded, batch) {
+                                    (true, true, Ok(batch)) => {
+                                        kept.lock().unwrap().extend(batch);
+                                        204
+                                    }
+                                    (false, _, _) => 401,
+                                    _ => 400,
+                                };
+                                Ok::<_, hyper::Error>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeIngestion {
+            address,
+            records,
+            _runtime: runtime,
+        }
+    }
+
+    fn received(&self) -> Vec<Value> {
+        self.records.lock().unwrap().clone()
+    }
+}
+
+fn post_chat(gateway: &Gateway, id: &str, body: &Value, headers: &[(&str, &str)]) -> String {
+    block_on(async {
+        let mut request = tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("x-request-id", id);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.json(body).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{id}");
+        response.text().await.unwrap()
+    })
+}
+
+/// The generated text of a chat answer, JSON or SSE.
+fn answer_text(body: &str) -> String {
+    if let Ok(answer) = serde_json::from_str::<Value>(body) {
+        return answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
+    crate::sse_payloads(body)
+        .iter()
+        .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn content_is_recorded_only_where_configured_and_never_exported_for_local_routes() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let ingestion = FakeIngestion::start();
+    let secrets = tests::scratch_dir();
+    let token_file = secrets.path().join("ingestion-token");
+    std::fs::write(&token_file, INGESTION_TOKEN).unwrap();
+    let options = GatewayOptions {
+        extra: format!(
+            r#"
+[upstreams.aks]
+models = {{ "gpt-4o" = "m" }}
+[[upstreams.aks.backends]]
+url = "{upstream}"
+[upstreams.aks.health]
+enabled = false
+
+[[policy.rules]]
+name = "support-desk"
+action = "local"
+target = "smollm2"
+when = {{ headers = {{ "x-team" = "support" }} }}
+
+[audit.content]
+routes = ["cloud"]
+rules = ["support-desk"]
+text_bytes_max = 4096
+
+[audit.azure]
+endpoint = "http://{ingestion}"
+dcr_immutable_id = "dcr-0123456789abcdef0123456789abcdef"
+poll_interval_ms = 50
+[audit.azure.auth]
+kind = "bearer"
+token_file = {token_file:?}
+"#,
+            upstream = upstream.base_url(),
+            ingestion = ingestion.address,
+        ),
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&options);
+    let local = |content: &str| {
+        json!({"model": "smollm2", "messages": [{"role": "user", "content": content}],
+            "temperature": 0, "max_tokens": 6})
+    };
+    let cloud = |content: &str, stream: bool| {
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": content}],
+            "fake_echo": true, "stream": stream})
+    };
+    // Local by the listed rule: recorded. Local by default: not. Cloud: recorded, JSON and
+    // stream; a long one is cut and flagged.
+    let support = post_chat(
+        &gateway,
+        "content-support",
+        &local("support-marker-7731 say hi"),
+        &[("x-team", "support")],
+    );
+    post_chat(
+        &gateway,
+        "content-plain",
+        &local("plain-marker-5521 say hi"),
+        &[],
+    );
+    let cloud_json = post_chat(
+        &gateway,
+        "content-cloud",
+        &cloud("cloud-marker-9034", false),
+        &[],
+    );
+    let cloud_stream = post_chat(
+        &gateway,
+        "content-stream",
+        &cloud("stream-marker-4410 in pieces", true),
+        &[],
+    );
+    let long = format!("long-marker {}", "x".repeat(5000));
+    post_chat(&gateway, "content-long", &cloud(&long, false), &[]);
+
+    // The files (the appliance's copy) hold what was configured, and nothing else.
+    let records = outcomes(&gateway.dir.path().join("state/audit"));
+    let properties = |id: &str| records[id]["Properties"].clone();
+    let support_record = properties("content-support");
+    assert_eq!(support_record["Route"], "local", "{support_record}");
+    assert_eq!(support_record["Rule"], "support-desk");
+    assert!(
+        support_record["Prompt"]
+            .as_str()
+            .is_some_and(|prompt| prompt.contains("support-marker-7731")),
+        "{support_record}"
+    );
+    assert_eq!(support_record["Completion"], answer_text(&support));
+    assert_eq!(support_record["PromptTruncated"], false);
+    let plain = properties("content-plain");
+    assert_eq!(plain["Route"], "local");
+    for member in [
+        "Prompt",
+        "Completion",
+        "PromptTruncated",
+        "CompletionTruncated",
+    ] {
+        assert!(plain.get(member).is_none(), "{member} in {plain}");
+    }
+    let cloud_record = properties("content-cloud");
+    assert_eq!(cloud_record["Route"], "cloud");
+    assert_eq!(cloud_record["Completion"], "cloud-marker-9034");
+    assert_eq!(answer_text(&cloud_json), "cloud-marker-9034");
+    let stream_record = properties("content-stream");
+    assert_eq!(stream_record["Completion"], "stream-marker-4410 in pieces");
+    assert_eq!(answer_text(&cloud_stream), "stream-marker-4410 in pieces");
+    let long_record = properties("content-long");
+    assert_eq!(long_record["PromptTruncated"], true);
+    assert_eq!(long_record["CompletionTruncated"], true);
+    assert_eq!(long_record["Completion"].as_str().unwrap().len(), 4096);
+    assert!(long_record["Prompt"].as_str().unwrap().len() <= 4096);
+    let line_bytes = serde_json::to_vec(&records["content-long"]).unwrap().len();
+    assert!(line_bytes <= 32 * 1024, "{line_bytes} bytes");
+
+    // The export: every outcome arrives; local content does not.
+    let ids = [
+        "content-support",
+        "content-plain",
+        "content-cloud",
+        "content-stream",
+        "content-long",
+    ];
+    let exported = |id: &str, received: &[Value]| {
+        received
+            .iter()
+            .find(|record| record["RequestId"] == id && record["Properties"]["Phase"] != "intent")
+            .cloned()
+    };
+    assert!(
+        tests::eventually(Duration::from_secs(30), || {
+            let received = ingestion.received();
+            ids.iter().all(|id| exported(id, &received).is_some())
+        }),
+        "the exporter did not deliver every record: {:?}",
+        ingestion.received().len()
+    );
+    let received = ingestion.received();
+    let everything = serde_json::to_string(&received).unwrap();
+    assert!(
+        !everything.contains("support-marker-7731"),
+        "local prompt exported"
+    );
+    assert!(!everything.contains("plain-marker-5521"));
+    let support_exported = exported("content-support", &received).unwrap();
+    assert_eq!(support_exported["Properties"]["Rule"], "support-desk");
+    for member in [
+        "Prompt",
+        "Completion",
+        "PromptTruncated",
+        "CompletionTruncated",
+    ] {
+        assert!(
+            support_exported["Properties"].get(member).is_none(),
+            "{member} exported: {support_exported}"
+        );
+    }
+    let cloud_exported = exported("content-cloud", &received).unwrap();
+    assert_eq!(
+        cloud_exported["Properties"]["Completion"],
+        "cloud-marker-9034"
+    );
+    // Only the store and the files carry the hashed form; the export is a copy.
+    assert_eq!(
+        cloud_exported["RecordHash"],
+        records["content-cloud"]["RecordHash"]
+    );
+
+    // Content never reaches the gateway's own log.
+    let log = gateway.log();
+    for marker in [
+        "support-marker-7731",
+        "plain-marker-5521",
+        "cloud-marker-9034",
+    ] {
+        assert!(!log.contains(marker), "{marker} in the log");
+    }
+    drop(secrets);
+}
+
+/// Parses `<PRI>1 TIMESTAMP HOST APP PROCID MSGID - MSG`; returns (PRI, APP, MSGID, MSG).
+fn parse_rfc5424(message: &str) -> (u32, String, String, String) {
+    let rest = message.strip_prefix('<').expect("a PRI");
+    let (priority, rest) = rest.split_once(">1 ").expect("version 1");
+    let fields: Vec<&str> = rest.splitn(7, ' ').collect();
+    assert_eq!(fields.len(), 7, "{message}");
+    let (timestamp, host, app, process, message_id, data, msg) = (
+        fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], fields[6],
+    );
+    assert!(
+        timestamp.ends_with('Z') && timestamp.contains('T'),
+        "{message}"
+    );
+    assert!(
+        !host.is_empty() && process.parse::<u32>().is_ok(),
+        "{message}"
+    );
+    assert_eq!(data, "-", "{message}");
+    (
+        priority.parse().unwrap(),
+        app.to_owned(),
+        message_id.to_owned(),
+        msg.to_owned(),
+    )
+}
+
+fn syslog_gateway(syslog: &str) -> Gateway {
+    Gateway::start(&GatewayOptions {
+        extra: format!("[audit.content]\nroutes = [\"local\"]\n\n[audit.syslog]\n{syslog}"),
+        ..GatewayOptions::default()
+    })
+}
+
+fn syslog_request(gateway: &Gateway, id: &str) {
+    post_chat(
+        gateway,
+        id,
+        &json!({"model": "smollm2", "messages": [{"role": "user",
+            "content": "syslog-marker-6620 say hi"}], "temperature": 0, "max_tokens": 4}),
+        &[],
+    );
+    let records = outcomes(&gateway.dir.path().join("state/audit"));
+    // The files keep the local content; syslog must not.
+    assert!(
+        records[id]["Properties"]["Prompt"]
+            .as_str()
+            .is_some_and(|prompt| prompt.contains("syslog-marker-6620"))
+    );
+}
+
+#[test]
+fn syslog_over_udp_gets_each_durable_record_as_rfc5424_json() {
+    let _serial = serial();
+    let collector = UdpSocket::bind("127.0.0.1:0").unwrap();
+    collector
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let gateway = syslog_gateway(&format!(
+        "address = \"{}\"\ntransport = \"udp\"\nformat = \"rfc5424\"\napp_name = \"isthmus-test\"\n",
+        collector.local_addr().unwrap()
+    ));
+    syslog_request(&gateway, "syslog-udp");
+    let mut buffer = vec![0; 65_536];
+    let mut seqs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let outcome = loop {
+        assert!(Instant::now() < deadline, "no outcome record over syslog");
+        let length = collector.recv(&mut buffer).unwrap();
+        let message = String::from_utf8(buffer[..length].to_vec()).unwrap();
+        assert!(
+            !message.contains("syslog-marker-6620"),
+            "local content in syslog"
+        );
+        let (priority, app, message_id, msg) = parse_rfc5424(&message);
+        let record: Value = serde_json::from_str(&msg).unwrap();
+        assert_eq!(app, "isthmus-test");
+        assert_eq!(message_id, record["Category"]);
+        // local0 (16) and the record's level.
+        let severity = match record["Level"].as_str().unwrap() {
+            "Informational" => 6,
+            "Warning" => 4,
+            _ => 3,
+        };
+        assert_eq!(priority, 16 * 8 + severity, "{message}");
+        seqs.push(record["Seq"].as_u64().unwrap());
+        if record["RequestId"] == "syslog-udp" && record["Properties"]["Phase"] != "intent" {
+            break record;
+        }
+    };
+    assert_eq!(outcome["Properties"]["Route"], "local");
+    assert!(outcome["Properties"].get("Prompt").is_none());
+    // In order: the start record, its checkpoint, the intent, then the outcome.
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "{seqs:?}");
+    assert!(seqs.len() >= 4, "{seqs:?}");
+    let (_, status) = tests::plain_get(gateway.admin, "/admin/api/audit").unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert!(
+        status["syslog"]["sent_total"].as_u64().unwrap() >= 4,
+        "{status}"
+    );
+    assert_eq!(status["syslog"]["dropped_total"], 0, "{status}");
+}
+
+#[test]
+fn syslog_over_tcp_gets_octet_counted_cef_events() {
+    let _serial = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let gateway = syslog_gateway(&format!(
+        "address = \"{}\"\ntransport = \"tcp\"\nformat = \"cef\"\nfacility = \"audit\"\n",
+        listener.local_addr().unwrap()
+    ));
+    let (connection, _) = listener.accept().unwrap();
+    connection
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    syslog_request(&gateway, "syslog-tcp");
+    let mut reader = BufReader::new(connection);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let outcome = loop {
+        assert!(Instant::now() < deadline, "no outcome event over syslog");
+        let mut length = Vec::new();
+        reader.read_until(b' ', &mut length).unwrap();
+        let length: usize = String::from_utf8(length).unwrap().trim().parse().unwrap();
+        let mut message = vec![0; length];
+        reader.read_exact(&mut message).unwrap();
+        let message = String::from_utf8(message).unwrap();
+        assert!(
+            !message.contains("syslog-marker-6620"),
+            "local content in syslog"
+        );
+        let (priority, app, _, msg) = parse_rfc5424(&message);
+        assert_eq!(app, "isthmus");
+        // The audit facility (13).
+        assert_eq!(priority / 8, 13, "{message}");
+        let fields: Vec<&str> = msg.splitn(8, '|').collect();
+        assert_eq!(fields.len(), 8, "{msg}");
+        assert_eq!(&fields[..3], ["CEF:0", "Isthmus", "Isthmus"], "{msg}");
+        assert!(
+            fields[6]
+                .parse::<u32>()
+                .is_ok_and(|severity| severity <= 10)
+        );
+        if msg.contains("externalId=syslog-tcp ") && !msg.contains(r#""Phase":"intent""#) {
+            break msg;
+        }
+    };
+    assert!(
+        outcome.contains("|Isthmus/inference/chat/completions/action|IsthmusAudit Succeeded|3|"),
+        "{outcome}"
+    );
+    for expected in [
+        "act=local",
+        "outcome=Succeeded",
+        "requestMethod=POST",
+        "cn1Label=Seq",
+    ] {
+        assert!(outcome.contains(expected), "{expected} in {outcome}");
+    }
 }

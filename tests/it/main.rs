@@ -15,6 +15,7 @@ mod errors;
 mod lifecycle;
 mod policy;
 mod python;
+mod telemetry;
 mod tidy;
 mod upstream;
 

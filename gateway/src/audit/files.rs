@@ -246,15 +246,16 @@ fn last_record(tail: &[u8]) -> Option<(u64, Vec<u8>)> {
         })
 }
 
-/// One line per record on standard output.
+/// One line per record on standard output (where the container runtime takes it to
+/// ContainerLogV2: the writer passes lines without content text that must stay local).
 #[derive(Debug, Default)]
 pub struct StdoutSink;
 
 impl StdoutSink {
-    pub fn write<'a>(&self, lines: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
+    pub fn write<L: AsRef<[u8]>>(&self, lines: impl IntoIterator<Item = L>) -> io::Result<()> {
         let mut buffer = Vec::with_capacity(64 * 1024);
         for line in lines {
-            buffer.extend_from_slice(line);
+            buffer.extend_from_slice(line.as_ref());
             buffer.push(b'\n');
         }
         let mut stdout = io::stdout().lock();

@@ -238,6 +238,12 @@ impl RecordBuilder {
         self
     }
 
+    /// Bytes of JSON the record can still take before [`RecordBuilder::build`] would cut it.
+    pub fn room_bytes(&self) -> usize {
+        let used = serde_json::to_vec(&self.fields).map_or(usize::MAX, |bytes| bytes.len());
+        (RECORD_BYTES_MAX - CHAIN_FIELDS_BYTES_RESERVED).saturating_sub(used)
+    }
+
     /// The record, cut to [`RECORD_BYTES_MAX`] where needed.
     pub fn build(mut self) -> Record {
         cap_size(&mut self.fields);

@@ -5,7 +5,9 @@
 //! The writer takes every command waiting (up to [`BATCH_RECORDS_MAX`]), seals the records
 //! (`Seq`, `PrevHash`, `RecordHash`), adds a checkpoint when one is due, inserts the batch into
 //! sled and calls `flush()` once for all of them, then acknowledges each record, copies the
-//! batch to the JSONL files and stdout, and applies retention. If sled fails, the batch is
+//! batch to the JSONL files, stdout and the syslog queue, and applies retention. The stdout
+//! and syslog copies leave the appliance, so they lose content text of requests that did not
+//! go to the cloud ([`super::content::line_off_appliance`]). If sled fails, the batch is
 //! refused with [`AuditError::Unavailable`], the health flag drops, and the writer reopens the
 //! store at most once a second until it works again (writing an `IsthmusLifecycle` record
 //! `Isthmus/audit/recovered`).
@@ -28,9 +30,11 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{self, ChainHead, GENESIS_HASH, Sealed};
+use super::content;
 use super::files::{JsonlFiles, StdoutSink};
 use super::key::{self, DeviceKey};
 use super::record::{self, Category, Record, ResultType};
+use super::syslog::{SyslogMonitor, SyslogSink, SyslogStatus};
 use super::{AuditConfig, AuditError, RETENTION_DAYS_MIN, SharedClock, SystemClock};
 
 /// Records sealed and committed in one group commit, at most.
@@ -114,6 +118,7 @@ struct Inner {
     /// Mirror of the store's export marker, for the exporter.
     exported_up_to: AtomicU64,
     writer: Mutex<Option<JoinHandle<()>>>,
+    syslog: Option<SyslogMonitor>,
 }
 
 /// An append accepted by the writer: resolves once the record is durable.
@@ -152,6 +157,7 @@ impl AuditLog {
             .store
             .as_ref()
             .map_or(0, |store| store.exported_up_to);
+        let syslog = writer.syslog.as_ref().map(SyslogSink::monitor);
         let queue_records_max = config.queue_records_max.max(1);
         let (sender, receiver) = mpsc::channel(queue_records_max);
         let thread = std::thread::Builder::new()
@@ -184,6 +190,7 @@ impl AuditLog {
                 stream_id,
                 exported_up_to: AtomicU64::new(exported_up_to),
                 writer: Mutex::new(Some(thread)),
+                syslog,
             }),
         })
     }
@@ -270,6 +277,11 @@ impl AuditLog {
         receiver.await.unwrap_or(Err(AuditError::Stopped))?;
         self.inner.exported_up_to.fetch_max(seq, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// What the syslog copy has sent and dropped, when it is on.
+    pub fn syslog_status(&self) -> Option<SyslogStatus> {
+        self.inner.syslog.as_ref().map(SyslogMonitor::status)
     }
 
     /// The highest `Seq` the exporter has marked exported (persisted in the store).
@@ -474,6 +486,7 @@ struct Writer {
     files: Option<JsonlFiles>,
     files_healthy: bool,
     stdout: Option<StdoutSink>,
+    syslog: Option<SyslogSink>,
     healthy: Arc<AtomicBool>,
     since_checkpoint: u64,
     last_checkpoint_at: SystemTime,
@@ -556,9 +569,19 @@ impl Writer {
                 hash: GENESIS_HASH.to_owned(),
             },
         };
+        let syslog = match &config.syslog {
+            Some(syslog) => Some(SyslogSink::start(syslog.clone()).map_err(|error| {
+                AuditError::Open(format!(
+                    "starting the syslog sender to {}: {error}",
+                    syslog.address
+                ))
+            })?),
+            None => None,
+        };
         let now = clock.now();
         let mut writer = Writer {
             stdout: config.stdout.then_some(StdoutSink),
+            syslog,
             config,
             clock,
             key,
@@ -814,12 +837,19 @@ impl Writer {
     }
 
     /// Copies a committed batch to the JSONL files (catching up from the store when they are
-    /// behind) and to stdout.
+    /// behind), to stdout and to the syslog queue.
     fn copy_out(&mut self, sealed: &[Sealed], checkpoint: Option<&[u8]>) {
         if let Some(stdout) = &self.stdout
-            && let Err(error) = stdout.write(sealed.iter().map(|record| record.line.as_slice()))
+            && let Err(error) = stdout.write(
+                sealed
+                    .iter()
+                    .map(|record| content::line_off_appliance(&record.line)),
+            )
         {
             tracing::warn!(error = %error, "writing audit records to stdout");
+        }
+        if let Some(syslog) = &self.syslog {
+            syslog.offer(sealed.iter().map(|record| record.line.as_slice()));
         }
         let Some(first) = sealed.first() else { return };
         let Some(files) = &mut self.files else { return };

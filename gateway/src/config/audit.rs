@@ -1,11 +1,14 @@
 //! `[audit]`: where the tamper-evident audit log keeps its files, how often it checkpoints,
-//! what it retains, whether the gateway fails closed without it, and the Azure export.
+//! what it retains, whether the gateway fails closed without it, whose prompt and completion
+//! text it records (`[audit.content]`), the Azure export and the syslog copy.
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
 use super::{ConfigError, Validator};
+use crate::audit::content::{self, ContentPolicy};
+use crate::audit::syslog::{self, Format, SyslogConfig, Transport};
 
 /// The validated `[audit]` section.
 #[derive(Debug, Clone)]
@@ -23,6 +26,10 @@ pub struct AuditSettings {
     pub fail_closed: bool,
     /// The Logs Ingestion export, when configured.
     pub azure: Option<crate::export::ExportConfig>,
+    /// Whose prompt and completion text records carry; none when absent.
+    pub content: Option<ContentPolicy>,
+    /// The syslog copy, when configured.
+    pub syslog: Option<SyslogConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +53,41 @@ pub(super) struct RawAudit {
     fail_closed: bool,
     #[serde(default)]
     azure: Option<crate::export::RawExport>,
+    #[serde(default)]
+    content: Option<RawContent>,
+    #[serde(default)]
+    syslog: Option<RawSyslog>,
+}
+
+/// `[audit.content]`: record the text of requests whose route or rule is listed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawContent {
+    /// `local`, `cloud`, `rejected`.
+    #[serde(default)]
+    routes: Vec<String>,
+    /// Policy rule names (`Properties.Rule`).
+    #[serde(default)]
+    rules: Vec<String>,
+    #[serde(default)]
+    text_bytes_max: Option<u64>,
+}
+
+/// `[audit.syslog]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSyslog {
+    address: String,
+    #[serde(default)]
+    transport: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    facility: Option<String>,
+    #[serde(default)]
+    app_name: Option<String>,
+    #[serde(default)]
+    queue_records_max: Option<u64>,
 }
 
 impl Default for RawAudit {
@@ -60,6 +102,8 @@ impl Default for RawAudit {
             stdout: false,
             fail_closed: true,
             azure: None,
+            content: None,
+            syslog: None,
         }
     }
 }
@@ -114,6 +158,8 @@ impl Validator<'_> {
                 }
             }
         };
+        let content = raw.content.map(|raw| self.audit_content(raw));
+        let syslog = raw.syslog.map(|raw| self.audit_syslog(raw));
         Some(AuditSettings {
             enabled: raw.enabled,
             directory: raw.directory.map(|directory| self.resolve(&directory)),
@@ -124,6 +170,121 @@ impl Validator<'_> {
             stdout: raw.stdout,
             fail_closed: raw.fail_closed,
             azure: azure?,
+            content: content.flatten(),
+            syslog: syslog.flatten(),
+        })
+    }
+
+    fn audit_content(&mut self, raw: RawContent) -> Option<ContentPolicy> {
+        let mut valid = true;
+        for (index, route) in raw.routes.iter().enumerate() {
+            if !content::ROUTES.contains(&route.as_str()) {
+                self.error(
+                    format!("audit.content.routes[{index}]"),
+                    format!("unknown route `{route}` (expected local, cloud or rejected)"),
+                );
+                valid = false;
+            }
+        }
+        for (index, rule) in raw.rules.iter().enumerate() {
+            if rule.trim().is_empty() {
+                self.error(
+                    format!("audit.content.rules[{index}]"),
+                    "must be a policy rule name",
+                );
+                valid = false;
+            }
+        }
+        let limit = content::TEXT_BYTES_MAX_LIMIT as u64;
+        let text_bytes_max = raw
+            .text_bytes_max
+            .unwrap_or(content::TEXT_BYTES_MAX_DEFAULT as u64);
+        if !(1..=limit).contains(&text_bytes_max) {
+            self.error(
+                "audit.content.text_bytes_max",
+                format!(
+                    "must be between 1 and {limit} (two texts must fit a record): {text_bytes_max}"
+                ),
+            );
+            valid = false;
+        }
+        valid.then_some(ContentPolicy {
+            routes: raw.routes,
+            rules: raw.rules,
+            text_bytes_max: text_bytes_max as usize,
+        })
+    }
+
+    fn audit_syslog(&mut self, raw: RawSyslog) -> Option<SyslogConfig> {
+        let address = self.address("audit.syslog.address", &raw.address);
+        let transport = match raw.transport.as_deref().unwrap_or("udp") {
+            "udp" => Some(Transport::Udp),
+            "tcp" => Some(Transport::Tcp),
+            other => {
+                self.error(
+                    "audit.syslog.transport",
+                    format!("unknown transport `{other}` (expected udp or tcp)"),
+                );
+                None
+            }
+        };
+        let format = match raw.format.as_deref().unwrap_or("rfc5424") {
+            "rfc5424" => Some(Format::Rfc5424),
+            "cef" => Some(Format::Cef),
+            other => {
+                self.error(
+                    "audit.syslog.format",
+                    format!("unknown format `{other}` (expected rfc5424 or cef)"),
+                );
+                None
+            }
+        };
+        let facility_name = raw.facility.as_deref().unwrap_or("local0");
+        let facility = syslog::facility_code(facility_name);
+        if facility.is_none() {
+            self.error(
+                "audit.syslog.facility",
+                format!(
+                    "unknown facility `{facility_name}` (expected one of {})",
+                    syslog::FACILITIES
+                        .iter()
+                        .map(|(name, _)| *name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        let app_name = raw
+            .app_name
+            .unwrap_or_else(|| syslog::APP_NAME_DEFAULT.to_owned());
+        if !syslog::is_app_name(&app_name) {
+            self.error(
+                "audit.syslog.app_name",
+                format!(
+                    "must be 1 to {} printable ASCII characters without spaces: {app_name:?}",
+                    syslog::APP_NAME_CHARS_MAX
+                ),
+            );
+        }
+        let limit = syslog::QUEUE_RECORDS_MAX_LIMIT as u64;
+        let queue_records_max = raw
+            .queue_records_max
+            .unwrap_or(syslog::QUEUE_RECORDS_MAX_DEFAULT as u64);
+        if !(1..=limit).contains(&queue_records_max) {
+            self.error(
+                "audit.syslog.queue_records_max",
+                format!("must be between 1 and {limit}: {queue_records_max}"),
+            );
+        }
+        Some(SyslogConfig {
+            address: address?,
+            transport: transport?,
+            format: format?,
+            facility: facility?,
+            app_name: syslog::is_app_name(&app_name).then_some(app_name)?,
+            queue_records_max: usize::try_from(queue_records_max)
+                .ok()
+                .filter(|records| (1..=syslog::QUEUE_RECORDS_MAX_LIMIT).contains(records))?,
         })
     }
 }

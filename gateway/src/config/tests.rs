@@ -118,13 +118,13 @@ path = "model.gguf"
 parallel_sequences = 0
 [routing]
 default_model = "nope"
-[telemetry]
+[telemtry]
 x = 1
 "#;
     let errors = errors_of(text, &source);
     let missing = dir.path().join("missing.gguf");
     let expected = [
-        "telemetry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, engine, logging)"
+        "telemtry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging)"
             .to_owned(),
         "models.other.context_tokens: invalid type: string \"big\", expected u32".to_owned(),
         "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
@@ -353,4 +353,137 @@ path = "model.gguf"
         "admin_listen = \"0.0.0.0:9090\"\nadmin_tokens = [{ id = \"ops\", key_env = \"ISTHMUS_TEST_KEY\" }]",
     );
     assert!(errors_of(&with_token, &source).is_empty());
+}
+
+#[test]
+fn the_otlp_export_is_validated_with_every_error_at_once() {
+    let (_dir, source) = fixture();
+    let base = "[auth]\nallow_anonymous = true\n[models.smollm2]\npath = \"model.gguf\"\n";
+    let text = format!(
+        r#"{base}
+[telemetry.otlp]
+endpoint = "ftp://collector:4318"
+traces = false
+metrics = false
+metrics_interval_ms = 0
+service_name = " "
+ca_file = "missing-ca.pem"
+headers_from_env = {{ "x-api-key" = "ISTHMUS_NOT_SET", "bad header" = "ISTHMUS_TEST_KEY" }}
+"#
+    );
+    let errors = errors_of(&text, &source);
+    let expected = [
+        "telemetry.otlp.endpoint: must be an http:// or https:// base URL with a host and no credentials, query or fragment (the collector's OTLP/HTTP port, e.g. http://127.0.0.1:4318): ftp://collector:4318",
+        "telemetry.otlp.metrics_interval_ms: must be greater than 0",
+        "telemetry.otlp.service_name: must not be empty",
+        "telemetry.otlp: exports neither traces nor metrics: set one of them, or remove the section",
+        "telemetry.otlp.headers_from_env.bad header: is not a valid HTTP header name",
+        "telemetry.otlp.headers_from_env.x-api-key: environment variable ISTHMUS_NOT_SET is not set",
+    ];
+    for line in expected {
+        assert!(
+            errors.iter().any(|error| error == line),
+            "missing `{line}` in {errors:#?}"
+        );
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|error| error.starts_with("telemetry.otlp.ca_file: cannot read ")),
+        "{errors:#?}"
+    );
+    assert_eq!(errors.len(), expected.len() + 1, "{errors:#?}");
+
+    let valid = format!(
+        "{base}[telemetry.otlp]\nendpoint = \"http://collector.monitoring:4318/\"\nheaders_from_env = {{ \"x-api-key\" = \"ISTHMUS_TEST_KEY\" }}\n"
+    );
+    let config = match parse(&valid, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:#?}"),
+    };
+    let otlp = config.telemetry.otlp.expect("otlp configured");
+    assert_eq!(
+        otlp.signal_url("traces"),
+        "http://collector.monitoring:4318/v1/traces"
+    );
+    assert_eq!(
+        otlp.headers,
+        vec![("x-api-key".to_owned(), "secret-from-env".to_owned())]
+    );
+}
+
+#[test]
+fn audit_content_and_syslog_are_validated_with_every_error_at_once() {
+    let (_dir, source) = fixture();
+    let valid = format!(
+        "{VALID}\n[audit.content]\nroutes = [\"cloud\"]\nrules = [\"support-desk\"]\n\n\
+         [audit.syslog]\naddress = \"127.0.0.1:514\"\ntransport = \"tcp\"\nformat = \"cef\"\n\
+         facility = \"audit\"\n"
+    );
+    let config = match parse(&valid, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("unexpected errors: {errors:?}"),
+    };
+    let content = config.audit.content.as_ref().map(|content| {
+        (
+            content.covers("cloud", "x"),
+            content.covers("local", "support-desk"),
+            content.covers("local", "x"),
+            content.text_bytes_max,
+        )
+    });
+    assert_eq!(content, Some((true, true, false, 8192)));
+    let syslog = config.audit.syslog.as_ref().map(|syslog| {
+        (
+            syslog.address.to_string(),
+            syslog.transport,
+            syslog.format,
+            syslog.facility,
+            syslog.app_name.clone(),
+        )
+    });
+    assert_eq!(
+        syslog,
+        Some((
+            "127.0.0.1:514".to_owned(),
+            crate::audit::syslog::Transport::Tcp,
+            crate::audit::syslog::Format::Cef,
+            13,
+            "isthmus".to_owned()
+        ))
+    );
+    // Off unless configured.
+    let plain = parse(VALID, &source, &FakeEnvironment).ok();
+    assert!(
+        plain.is_some_and(|config| config.audit.content.is_none() && config.audit.syslog.is_none())
+    );
+
+    let invalid = format!(
+        "{VALID}\n[audit.content]\nroutes = [\"edge\"]\nrules = [\" \"]\ntext_bytes_max = 100000\n\n\
+         [audit.syslog]\naddress = \"collector\"\ntransport = \"quic\"\nformat = \"leef\"\n\
+         facility = \"local9\"\napp_name = \"two words\"\nqueue_records_max = 0\n"
+    );
+    let errors = errors_of(&invalid, &source);
+    let expected = [
+        "audit.content.routes[0]: unknown route `edge` (expected local, cloud or rejected)",
+        "audit.content.rules[0]: must be a policy rule name",
+        "audit.content.text_bytes_max: must be between 1 and 12288 (two texts must fit a record): 100000",
+        "audit.syslog.address: `collector` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)",
+        "audit.syslog.transport: unknown transport `quic` (expected udp or tcp)",
+        "audit.syslog.format: unknown format `leef` (expected rfc5424 or cef)",
+        "audit.syslog.app_name: must be 1 to 48 printable ASCII characters without spaces: \"two words\"",
+        "audit.syslog.queue_records_max: must be between 1 and 1000000: 0",
+    ];
+    for message in expected {
+        assert!(
+            errors.iter().any(|error| error == message),
+            "missing `{message}` in {errors:#?}"
+        );
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|error| error.starts_with("audit.syslog.facility: unknown facility `local9`")),
+        "{errors:#?}"
+    );
 }

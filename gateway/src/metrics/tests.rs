@@ -39,7 +39,30 @@ fn requests_tokens_and_latencies_are_counted() {
         decode_seconds: 1.5,
         ..ModelGauges::default()
     }];
-    let text = metrics.render(&gauges, 3, true);
+    let backends = [crate::cloud::BackendStatus {
+        pool: "aks".to_owned(),
+        backend: "v2".to_owned(),
+        url: "https://v2.example/".to_owned(),
+        weight: 10,
+        variant: Some("v2".to_owned()),
+        probed_healthy: true,
+        circuit: "open",
+        in_flight: 1,
+        requests: 7,
+    }];
+    let gpus = [crate::gpu::GpuSample {
+        index: 0,
+        utilization_percent: 67,
+        memory_used_bytes: 1 << 30,
+        memory_total_bytes: 80 << 30,
+    }];
+    let text = metrics.render(&super::Live {
+        models: &gauges,
+        backends: &backends,
+        gpus: &gpus,
+        open_connections: 3,
+        ready: true,
+    });
     for line in [
         "isthmus_requests_total{route=\"local\",status=\"200\"} 2",
         "isthmus_requests_total{route=\"rejected\",status=\"404\"} 1",
@@ -60,6 +83,11 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_local_kv_cells_total{model=\"smollm2\"} 8192",
         "isthmus_local_prefix_hit_tokens_total{model=\"smollm2\"} 40",
         "isthmus_local_decode_seconds_total{model=\"smollm2\"} 1.5",
+        "isthmus_upstream_backend_up{pool=\"aks\",backend=\"v2\"} 0",
+        "isthmus_upstream_backend_circuit_open{pool=\"aks\",backend=\"v2\"} 1",
+        "isthmus_upstream_backend_requests_total{pool=\"aks\",backend=\"v2\"} 7",
+        "isthmus_gpu_utilization_ratio{gpu=\"0\"} 0.67",
+        "isthmus_gpu_memory_total_bytes{gpu=\"0\"} 85899345920",
         "isthmus_open_connections 3",
         "isthmus_ready 1",
     ] {
@@ -68,4 +96,17 @@ fn requests_tokens_and_latencies_are_counted() {
             "missing `{line}` in:\n{text}"
         );
     }
+}
+
+#[test]
+fn gpu_and_backend_series_are_absent_without_gpus_or_pools() {
+    let text = Metrics::default().render(&super::Live {
+        models: &[],
+        backends: &[],
+        gpus: &[],
+        open_connections: 0,
+        ready: false,
+    });
+    assert!(!text.contains("isthmus_gpu_"), "{text}");
+    assert!(!text.contains("isthmus_upstream_backend_"), "{text}");
 }
