@@ -9,8 +9,8 @@
 
 use super::EntityType;
 use super::scan::{
-    Scanner, byte_at, context_before, context_words_before, ends_cleanly, is_alphanumeric,
-    is_digit, next_word, previous_word, run_end, starts_word,
+    Scanner, byte_at, context_before, context_words_before, ends_cleanly, escaped, is_alphanumeric,
+    is_digit, next_word, next_word_span, previous_word, run_end, starts_word,
 };
 
 const GROUPS_MAX: usize = 8;
@@ -54,6 +54,35 @@ const NOT_PHONE_WORDS: &[&str] = &[
     "release",
 ];
 
+/// Words that, one or two words after a number, make it a building number or a postcode
+/// (`819 3441 rue Saint-Antoine`, `05640 1075 Barlow Street`, `40169 14 rue Marie`). Not `st`
+/// (`St. Louis`) nor `via` (`via WhatsApp`).
+const STREET_WORDS: &[&str] = &[
+    "street",
+    "avenue",
+    "ave",
+    "road",
+    "rd",
+    "boulevard",
+    "blvd",
+    "lane",
+    "ln",
+    "drive",
+    "highway",
+    "hwy",
+    "parkway",
+    "court",
+    "square",
+    "terrace",
+    "crescent",
+    "rue",
+    "chemin",
+    "calle",
+    "avenida",
+    "strasse",
+    "weg",
+];
+
 const SSN_CONTEXT: &[&str] = &["ssn", "social security", "social sec"];
 const PHONE_CONTEXT: &[&str] = &[
     "phone",
@@ -77,6 +106,20 @@ const PHONE_CONTEXT: &[&str] = &[
 const DE_TAX_CONTEXT: &[&str] = &["steuer", "idnr", "identifikationsnummer", "tax id", "tin"];
 const NL_BSN_CONTEXT: &[&str] = &["bsn", "burgerservicenummer", "sofinummer", "sofi"];
 const VERSION_WORDS: &[&str] = &["version", "ver", "v", "release", "build", "rev", "revision"];
+/// National formats (group lengths, no trunk `0`) that are phone numbers by their shape alone
+/// when they stand whole: nothing numeric joined before or after, no currency or sign.
+/// Left out on purpose: `12 345 678` and `123 456 789` (thousands), `4 2 2`, `2 2 4` and
+/// `2 2 2` (dates, times, lists), `3 2 4` (the SSN shape, so a sample SSN is not a phone).
+const SUBSCRIBER_SHAPES: &[&[usize]] = &[
+    &[3, 4],       // US and Canada local, Iceland, Estonia: 555 1234
+    &[4, 4],       // Uruguay, Denmark, Singapore, Hong Kong: 9124 4004
+    &[2, 6],       // Cyprus: 26 943046
+    &[3, 2, 3],    // Norway: 958 08 922
+    &[2, 2, 2, 2], // Denmark: 40-95-78-17 (dashes only: spaced, it is a list)
+    &[2, 3, 2, 2], // Poland: 79 300 85 25
+    &[3, 2, 2, 2], // Switzerland, Germany without the trunk 0: 412 34 56 78
+    &[2, 3, 3, 4], // Portugal: 21 259 240 8721
+];
 
 const CARD_CONFIDENCE: f32 = 0.95;
 const SSN_CONFIDENCE: f32 = 0.85;
@@ -86,6 +129,9 @@ const IPV4_CONFIDENCE: f32 = 0.85;
 const PHONE_INTERNATIONAL_CONFIDENCE: f32 = 0.8;
 const PHONE_NANP_CONFIDENCE: f32 = 0.7;
 const PHONE_NATIONAL_CONFIDENCE: f32 = 0.6;
+const PHONE_SUBSCRIBER_CONFIDENCE: f32 = 0.5;
+/// How far around a subscriber number blanks are skipped to find what it stands between.
+const SPACES_MAX: usize = 16;
 const NATIONAL_ID_CONFIDENCE: f32 = 0.9;
 const NATIONAL_ID_CONTEXT_CONFIDENCE: f32 = 0.85;
 
@@ -459,7 +505,8 @@ fn french_nir(digits: &Digits) -> bool {
 }
 
 /// A national number: NANP (`555-123-4567`, `1-800-555-0199`), a trunk-prefix `0` number in
-/// groups (`020 7946 0958`, `01 23 45 67 89`), or bare digits after a phone context word.
+/// groups (`020 7946 0958`, `01 23 45 67 89`), bare digits after a phone context word, or a
+/// whole number in a national subscriber format ([`SUBSCRIBER_SHAPES`]: `958 08 922`).
 fn national_phone(
     bytes: &[u8],
     start: usize,
@@ -473,19 +520,38 @@ fn national_phone(
     }
     let lengths: [usize; GROUPS_MAX] = std::array::from_fn(|group| groups.length(group));
     let lengths = &lengths[..count];
-    let confidence = phone_shape(lengths, digits, separator).or_else(|| {
-        // Near a phone word (`Phone:\n439 4166`, `call me on 61 60 34`, `723 813 266
-        // office`), 6 to 12 digits in groups of two or more, or contiguous; not a date.
-        let date = matches!(lengths, [4, 2, 2] | [2, 2, 4]);
-        let shaped = digits.length <= 12 && !date && lengths.iter().all(|&length| length >= 2);
-        (shaped && phone_context(bytes, start, groups.spans[count - 1].1))
-            .then_some(PHONE_NATIONAL_CONFIDENCE)
-    })?;
+    let end = groups.spans[count - 1].1;
+    let whole = count == groups.count;
+    let confidence = phone_shape(lengths, digits, separator)
+        .or_else(|| {
+            // Near a phone word (`Phone:\n439 4166`, `call me on 61 60 34`, `723 813 266
+            // office`), 6 to 12 digits in groups of two or more, or contiguous; not a date.
+            let date = matches!(lengths, [4, 2, 2] | [2, 2, 4]);
+            let shaped = digits.length <= 12 && !date && lengths.iter().all(|&length| length >= 2);
+            (shaped && phone_context(bytes, start, end)).then_some(PHONE_NATIONAL_CONFIDENCE)
+        })
+        .or_else(|| {
+            (whole && subscriber_number(bytes, start, end, lengths, digits, separator))
+                .then_some(PHONE_SUBSCRIBER_CONFIDENCE)
+        })?;
     let previous = previous_word(bytes, start);
     let vetoed = NOT_PHONE_WORDS
         .iter()
         .any(|word| previous.eq_ignore_ascii_case(word.as_bytes()));
-    (!vetoed).then_some(confidence)
+    // A NANP number is strong enough to stand before a street name (`314-555-0123 Main St`).
+    let address = confidence < PHONE_NANP_CONFIDENCE && street_follows(bytes, end);
+    (!vetoed && !address).then_some(confidence)
+}
+
+/// Whether one of the two words after `end` is a [`STREET_WORDS`] word.
+fn street_follows(bytes: &[u8], end: usize) -> bool {
+    let street = |word: &[u8]| {
+        STREET_WORDS
+            .iter()
+            .any(|street| word.eq_ignore_ascii_case(street.as_bytes()))
+    };
+    let first = next_word_span(bytes, end);
+    !first.is_empty() && (street(&bytes[first.clone()]) || street(next_word(bytes, first.end)))
 }
 
 /// A phone number by its shape alone: NANP (`555-234-5678`, `1-800-555-0199`,
@@ -508,13 +574,90 @@ fn phone_shape(lengths: &[usize], digits: &Digits, separator: u8) -> Option<f32>
             return Some(PHONE_NATIONAL_CONFIDENCE);
         }
     }
+    // Nine digits and a six-digit area code are German (`030 70 25 13`, `039742 34 87`); the
+    // SSN shape (`078-05-1120`), a ZIP+4 code (`05640-1075`) and a leading date (`01 02 2024
+    // ...`) are not phones.
     let trunk = digits.values[0] == 0 && digits.values[1] != 0;
     (lengths.len() >= 2
         && trunk
-        && (10..=12).contains(&digits.length)
-        && (2..=5).contains(&lengths[0])
-        && lengths.iter().all(|&length| length >= 2))
+        && (9..=12).contains(&digits.length)
+        && (2..=6).contains(&lengths[0])
+        && lengths.iter().all(|&length| length >= 2)
+        && lengths != [3, 2, 4]
+        && lengths != [5, 4]
+        && !lengths.starts_with(&[2, 2, 4]))
     .then_some(PHONE_NATIONAL_CONFIDENCE)
+}
+
+/// A subscriber number in one of the [`SUBSCRIBER_SHAPES`] (`lengths`, joined by spaces or
+/// dashes), standing alone between `start` and `end`. Not a round figure (`500-1000`), a
+/// range (`120-1250`), a pair of years (`2019 2020`) or of times (`0900 1700`), not after a
+/// currency sign, a sign or a joining character (`$555 1234`, `-555 1234`, `#555 1234`), not
+/// among other numbers or in brackets (`[474 5498]`), and not before a capitalized word or `%`.
+fn subscriber_number(
+    bytes: &[u8],
+    start: usize,
+    end: usize,
+    lengths: &[usize],
+    digits: &Digits,
+    separator: u8,
+) -> bool {
+    if !matches!(separator, b' ' | b'-')
+        || !SUBSCRIBER_SHAPES.contains(&lengths)
+        || (separator == b' ' && lengths == [2, 2, 2, 2])
+        || digits.values[0] == 0
+        || (lengths == [3, 4] && digits.values[0] == 1)
+        || digits.all_same()
+    {
+        return false;
+    }
+    let before = start.checked_sub(1).map_or(b' ', |index| bytes[index]);
+    let free_before = before.is_ascii_whitespace()
+        || matches!(before, b'(' | b'"' | b'\'')
+        || escaped(bytes, start);
+    // In a table or an array (`[474 5498]`, `x = 474 5498`, `12  474 5498  7`) it is data.
+    let blank = |byte: &&u8| matches!(**byte, b' ' | b'\t');
+    let previous = bytes[start.saturating_sub(SPACES_MAX)..start]
+        .iter()
+        .rev()
+        .find(|byte| !blank(byte));
+    let next = bytes[end..bytes.len().min(end + SPACES_MAX)]
+        .iter()
+        .find(|byte| !blank(byte));
+    let in_data = previous
+        .is_some_and(|&byte| is_digit(byte) || matches!(byte, b'[' | b'{' | b'='))
+        || next.is_some_and(|&byte| is_digit(byte) || matches!(byte, b']' | b'}'));
+    // `9335 2733 Jasper Ave`: a number before a name is a building number or a postcode.
+    let named = byte_at(bytes, end) == b' ' && byte_at(bytes, end + 1).is_ascii_uppercase();
+    if !free_before || in_data || named || byte_at(bytes, end) == b'%' {
+        return false;
+    }
+    let mut offset = 0;
+    let mut round = true;
+    let mut values = [0_u64; 4];
+    for (index, &length) in lengths.iter().enumerate() {
+        round &= digits.values[offset + length - 1] == 0;
+        if let Some(value) = values.get_mut(index) {
+            *value = digits.number(offset, offset + length);
+        }
+        offset += length;
+    }
+    if round {
+        return false;
+    }
+    // A rising pair with the same leading digit or a round end is a range (`3456-3478`,
+    // `999-1500`).
+    let range = separator == b'-'
+        && lengths.len() == 2
+        && values[1] > values[0]
+        && (digits.values[0] == digits.values[lengths[0]]
+            || values[0] % 100 == 0
+            || values[1] % 100 == 0);
+    let year = |value: u64| (1900..=2099).contains(&value);
+    let time = |value: u64| value / 100 <= 23 && value % 100 <= 59;
+    let years_or_times = lengths == [4, 4]
+        && (year(values[0]) || year(values[1]) || (time(values[0]) && time(values[1])));
+    !range && !years_or_times
 }
 
 /// A phone word among the three words before the number, or a phone label right after it.

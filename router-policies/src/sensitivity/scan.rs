@@ -8,6 +8,8 @@
 //! `::` (a compressed IPv6 address) and `-----BEGIN ` (a PEM block). Everything else is skipped with one table lookup.
 //! Every recognizer matches ASCII only, so every span is on character boundaries.
 
+use std::ops::Range;
+
 use super::{EntityType, Finding, identifiers, network, numbers, secrets};
 
 /// Byte class bits.
@@ -158,14 +160,19 @@ pub(super) fn starts_word(bytes: &[u8], at: usize) -> bool {
 /// The alphanumeric word that starts just after `end` (skipping up to three separator
 /// bytes such as ` - `), or an empty slice.
 pub(super) fn next_word(bytes: &[u8], end: usize) -> &[u8] {
+    &bytes[next_word_span(bytes, end)]
+}
+
+/// Where [`next_word`] lies in `bytes` (empty when there is none).
+pub(super) fn next_word_span(bytes: &[u8], end: usize) -> Range<usize> {
     let mut start = end;
     while start < bytes.len() && !is_alphanumeric(bytes[start]) && start - end < 3 {
         if bytes[start] == b'\n' {
-            return &[];
+            return end..end;
         }
         start += 1;
     }
-    &bytes[start..run_end(bytes, start, 32, is_alphanumeric)]
+    start..run_end(bytes, start, 32, is_alphanumeric)
 }
 
 /// The alphanumeric word that ends just before `start` (skipping up to three separator

@@ -197,7 +197,7 @@ fn phone_numbers_need_enough_digits_and_a_shape() {
         version 1.2.3, ticket 12345, 1 234 567 units
         dashed 155-234-5678 but spaced 155 234 5678
         Phone: 439 4166, mobile 730 064 218, (73) 4746-3459, (07700)553419, 07700 316 475
-        hotel 439 4166, call on 2024-01-15, call a taxi to 9335 2733 Jasper Ave
+        hotel 730 064 218, call on 2024-01-15, call a taxi to 9335 2733 Jasper Ave
         Suite 014 74830 1324, Serial 0923-2719-3745, \nPhone:\n439 4166\n, 723 813 266 office
         041 034 3579-Office, (632)135-8004x010-Fax, reach me on 61 60 34
         ext 555-234-5678x1234, (555)234-5678 ext. 12, +1-555-234-5678 x99, 001-555-234-5678
@@ -240,7 +240,7 @@ fn phone_numbers_need_enough_digits_and_a_shape() {
                 phone `(73) 4746-3459` 0.6
                 phone `(07700)553419` 0.6
                 phone `07700 316 475` 0.6
-            hotel 439 4166, call on 2024-01-15, call a taxi to 9335 2733 Jasper Ave
+            hotel 730 064 218, call on 2024-01-15, call a taxi to 9335 2733 Jasper Ave
                 -
             Suite 014 74830 1324, Serial 0923-2719-3745, \nPhone:\n439 4166\n, 723 813 266 office
                 phone `439 4166` 0.6
@@ -254,6 +254,84 @@ fn phone_numbers_need_enough_digits_and_a_shape() {
                 phone `(555)234-5678 ext. 12` 0.7
                 phone `+1-555-234-5678 x99` 0.8
                 phone `001-555-234-5678` 0.7
+        "#]],
+    );
+}
+
+#[test]
+fn phone_numbers_in_national_formats_stand_alone() {
+    check(
+        r#"
+        my registered 9691 2587. my registered 444 7846, or 555-1234
+        958 08 922 and 79 300 85 25 and 21 259 240 8721 and 412 34 56 78
+        26 943046 or 40-95-78-17
+        030 70 25 13, 031-035-132, 08-2349842, 039742 34 87
+        "my registered 9577 9424" (449 8068) \n958 08 922
+        123 456 789 and 12 345 678 people, 1 234 567 units, 3 123 456 sold
+        samples 078-05-1120, 000-12-3456, 078 05 1120
+        dates 2024 01 15, 15 01 2024, 01 02 2024 10 30, at 10 30 45, 12-05-2023
+        years 2019 2020, 1999-2000, shifts 0900 1700, 0900-1730, 1030 1145
+        ranges 500-1000 users, 120-1250 ms, 3456-3478, round 1500 2000, 100 20 30 40
+        prices $555 1234, -555 1234, #555 1234, 555 1234%, up 555.1234
+        lists 10 20 30 40, 12-15-18, scores 21 18 15, 87 47 98
+        isbn 978-0-306-40615-7, 0-306-40615-2, 978 0 306 40615 7
+        versions 1.2.3 and 10.20.30, order 555-1234, id 958 08 922
+        serial 1234-5678-9012, 1234 5678 9012 3456, 555 1234-5678, 555 1234.5
+        call a taxi to 9335 2733 Jasper Ave, 40169 14 rue Marie
+        at 05640 1075 Barlow Street, zip 05640-1075, 819 3441 rue Saint-Antoine
+        Hanwha Q CELLS Co. Ltd. 40169 14 rue Marie, 958 08 922 main street, 555 1234 via WhatsApp
+        data [474 5498], x = 474 5498, {9691 2587}, 12  474 5498, 474 5498  17, 999-1500, 250-1200
+        "#,
+        expect![[r#"
+            my registered 9691 2587. my registered 444 7846, or 555-1234
+                phone `9691 2587` 0.5
+                phone `444 7846` 0.5
+                phone `555-1234` 0.5
+            958 08 922 and 79 300 85 25 and 21 259 240 8721 and 412 34 56 78
+                phone `958 08 922` 0.5
+                phone `79 300 85 25` 0.5
+                phone `21 259 240 8721` 0.5
+                phone `412 34 56 78` 0.5
+            26 943046 or 40-95-78-17
+                phone `26 943046` 0.5
+                phone `40-95-78-17` 0.5
+            030 70 25 13, 031-035-132, 08-2349842, 039742 34 87
+                phone `030 70 25 13` 0.6
+                phone `031-035-132` 0.6
+                phone `08-2349842` 0.6
+                phone `039742 34 87` 0.6
+            "my registered 9577 9424" (449 8068) \n958 08 922
+                phone `9577 9424` 0.5
+                phone `449 8068` 0.5
+                phone `958 08 922` 0.5
+            123 456 789 and 12 345 678 people, 1 234 567 units, 3 123 456 sold
+                -
+            samples 078-05-1120, 000-12-3456, 078 05 1120
+                -
+            dates 2024 01 15, 15 01 2024, 01 02 2024 10 30, at 10 30 45, 12-05-2023
+                -
+            years 2019 2020, 1999-2000, shifts 0900 1700, 0900-1730, 1030 1145
+                -
+            ranges 500-1000 users, 120-1250 ms, 3456-3478, round 1500 2000, 100 20 30 40
+                -
+            prices $555 1234, -555 1234, #555 1234, 555 1234%, up 555.1234
+                -
+            lists 10 20 30 40, 12-15-18, scores 21 18 15, 87 47 98
+                -
+            isbn 978-0-306-40615-7, 0-306-40615-2, 978 0 306 40615 7
+                -
+            versions 1.2.3 and 10.20.30, order 555-1234, id 958 08 922
+                -
+            serial 1234-5678-9012, 1234 5678 9012 3456, 555 1234-5678, 555 1234.5
+                -
+            call a taxi to 9335 2733 Jasper Ave, 40169 14 rue Marie
+                -
+            at 05640 1075 Barlow Street, zip 05640-1075, 819 3441 rue Saint-Antoine
+                -
+            Hanwha Q CELLS Co. Ltd. 40169 14 rue Marie, 958 08 922 main street, 555 1234 via WhatsApp
+                phone `555 1234` 0.5
+            data [474 5498], x = 474 5498, {9691 2587}, 12  474 5498, 474 5498  17, 999-1500, 250-1200
+                -
         "#]],
     );
 }
