@@ -321,6 +321,16 @@ impl Gateway {
 
     /// Starts a gateway on an existing configuration file inside `dir`.
     pub fn start_with_config(dir: tempfile::TempDir, config_path: &Path) -> Gateway {
+        Gateway::start_with_command(dir, config_path, |_| {})
+    }
+
+    /// [`Gateway::start_with_config`], letting `prepare` change the command before it is
+    /// spawned (environment, `pre_exec`).
+    pub fn start_with_command(
+        dir: tempfile::TempDir,
+        config_path: &Path,
+        prepare: impl FnOnce(&mut Command),
+    ) -> Gateway {
         let log_path = dir.path().join("gateway.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = Command::new(isthmus_binary());
@@ -332,6 +342,7 @@ impl Gateway {
             .stderr(log)
             .env("NO_COLOR", "1");
         kill_with_parent(&mut command);
+        prepare(&mut command);
         let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (sender, receiver) = std::sync::mpsc::channel();

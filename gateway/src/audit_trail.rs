@@ -175,7 +175,8 @@ impl Trail {
 
 /// Makes the outcome record durable before the response's final bytes: call right before
 /// writing them. Once per request; later calls do nothing. When the log cannot take it, the
-/// final bytes must not go out: the caller drops the connection instead.
+/// final bytes must not go out (the caller drops the connection instead), unless the
+/// deployment set `fail_closed = false`.
 pub async fn seal(session: &Session, ctx: &mut RequestContext) -> Result<(), Failure> {
     let Some(trail) = ctx.trail.clone() else {
         return Ok(());
@@ -185,11 +186,17 @@ pub async fn seal(session: &Session, ctx: &mut RequestContext) -> Result<(), Fai
     }
     ctx.sealed = true;
     let record = record(session, ctx, &trail.instance, &ctx.policy_hash, false);
-    trail.log.append(record).await.map(|_| ()).map_err(|error| {
-        Failure::ClientGone(format!(
+    match trail.log.append(record).await {
+        Ok(_) => Ok(()),
+        // A deployment that chose availability over the record answers anyway.
+        Err(error) if !trail.log.fail_closed() => {
+            tracing::error!(request_id = %ctx.request_id, %error, "audit outcome record not durable; answering anyway (fail_closed = false)");
+            Ok(())
+        }
+        Err(error) => Err(Failure::ClientGone(format!(
             "the audit log could not make the outcome durable ({error}); the response was cut short"
-        ))
-    })
+        ))),
+    }
 }
 
 /// For requests that ended without their final bytes (client gone, broken stream): the

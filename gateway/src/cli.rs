@@ -361,9 +361,12 @@ fn init_logging(logging: &config::LoggingConfig) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directive)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log write that fails (a full disk under a redirected stderr) is dropped: reporting
+    // it on stderr would fail the same way, and that report panics the thread that logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match logging.format {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => builder.init(),

@@ -3,7 +3,9 @@
 //! verifies — on the store after each kill and on the files at the end. Prompt and completion
 //! text appear only for the routes and rules `[audit.content]` names and never reach a fake
 //! Logs Ingestion endpoint for local routes; the syslog copy reaches real UDP and TCP
-//! collectors in this process, well formed and without local content.
+//! collectors in this process, well formed and without local content. When the store cannot
+//! write (a full disk, made without root by lowering the gateway's `RLIMIT_FSIZE`), requests
+//! get 503 until the writer reopens the store by itself, and the chain still verifies.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _};
@@ -701,4 +703,349 @@ fn syslog_over_tcp_gets_octet_counted_cef_events() {
     ] {
         assert!(outcome.contains(expected), "{expected} in {outcome}");
     }
+}
+
+/// How long the writer may take to notice that the store cannot write, and to recover once it
+/// can (it retries once a second).
+const AUDIT_HEALTH_DEADLINE: Duration = Duration::from_secs(30);
+/// How often the writer tries to reopen a failed store (`RECOVERY_INTERVAL_MS` in
+/// `gateway/src/audit/store.rs`).
+const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Clients asking at once while the disk fills up.
+const FILLING_CLIENTS: usize = 4;
+
+/// A configuration without a local model (nothing to load, so the gateway starts at once)
+/// whose `gpt-4o` goes to `upstream`, with `audit` appended to its `[audit]` section.
+fn cloud_only_config(upstream: &Upstream, dir: &Path, audit: &str) -> String {
+    let options = GatewayOptions {
+        extra: format!(
+            "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"m\" }}\n[[upstreams.aks.backends]]\nurl = \"{}\"\n[upstreams.aks.health]\nenabled = false\n[audit]\n{audit}\n",
+            upstream.base_url()
+        ),
+        ..GatewayOptions::default()
+    };
+    let text = tests::config_text(&options, dir);
+    let (head, rest) = text.split_once("[models.smollm2]").unwrap();
+    let (_, tail) = rest.split_once("[logging]").unwrap();
+    format!("{head}[logging]{tail}")
+}
+
+/// Starts a cloud-only gateway whose writes past `RLIMIT_FSIZE` fail with `EFBIG` instead of
+/// killing it: SIGXFSZ is ignored in the child, and an ignored disposition survives `exec`.
+fn start_with_sigxfsz_ignored(upstream: &Upstream, audit: &str) -> Gateway {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(&config_path, cloud_only_config(upstream, dir.path(), audit)).unwrap();
+    let gateway = Gateway::start_with_command(dir, &config_path, |command| {
+        // SAFETY: the closure runs between fork and exec and only calls signal(2), which is
+        // async-signal-safe.
+        #[allow(
+            unsafe_code,
+            reason = "pre_exec and signal(2) are the only way to start a child with SIGXFSZ ignored"
+        )]
+        unsafe {
+            command.pre_exec(|| {
+                if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    // The kernel's view: SigIgn is a hex mask with bit (signal - 1) set for each ignored one.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.child.id())).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .unwrap();
+    assert_ne!(
+        ignored & (1 << (libc::SIGXFSZ - 1)),
+        0,
+        "SIGXFSZ is not ignored"
+    );
+    gateway
+}
+
+/// Sets the gateway's soft `RLIMIT_FSIZE` (`None`: unlimited), leaving the hard limit
+/// unlimited so that it can be raised again without privileges.
+fn set_file_size_limit(gateway: &Gateway, soft_bytes: Option<u64>) {
+    let limit = libc::rlimit {
+        rlim_cur: soft_bytes.unwrap_or(libc::RLIM_INFINITY),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let pid = i32::try_from(gateway.child.id()).unwrap();
+    // SAFETY: prlimit(2) reads `limit`, which outlives the call, and writes nothing (the old
+    // limit's pointer is null).
+    #[allow(
+        unsafe_code,
+        reason = "prlimit(2) is the only way to change another process's resource limit"
+    )]
+    let result = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// The size of the largest file under `directory`, recursively.
+fn largest_file_bytes(directory: &Path) -> u64 {
+    let mut largest = 0;
+    for entry in std::fs::read_dir(directory).unwrap().flatten() {
+        let metadata = entry.metadata().unwrap();
+        largest = largest.max(if metadata.is_dir() {
+            largest_file_bytes(&entry.path())
+        } else {
+            metadata.len()
+        });
+    }
+    largest
+}
+
+/// What a client got for one chat request: the status, `Retry-After`, and the body if it
+/// arrived completely.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    body: Option<String>,
+}
+
+/// One chat request with the id `id`; `None` when the connection failed before a status
+/// arrived (a response cut short because its record could not be made durable).
+async fn ask(http: &reqwest::Client, url: &str, id: &str) -> Option<Answer> {
+    let response = http
+        .post(url)
+        .bearer_auth(API_KEY)
+        .header("x-request-id", id)
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let body = response.text().await.ok();
+    Some(Answer {
+        status,
+        retry_after,
+        body,
+    })
+}
+
+/// `GET /admin/api/audit`.
+fn audit_status(gateway: &Gateway) -> Value {
+    let (status, body) = tests::plain_get(gateway.admin, "/admin/api/audit").unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The lifecycle records with `operation` in the JSONL files.
+fn lifecycle_records(directory: &Path, operation: &str) -> Vec<Value> {
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(directory).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("audit-") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
+            let Ok(record) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if record["Category"] == "IsthmusLifecycle" && record["OperationName"] == operation {
+                records.push(record);
+            }
+        }
+    }
+    records
+}
+
+/// Asks with `id_prefix`-N until the gateway answers something other than a complete 200;
+/// returns the ids answered with a complete 200 and that other answer.
+async fn ask_until_refused(
+    http: &reqwest::Client,
+    url: &str,
+    id_prefix: &str,
+    deadline: Instant,
+) -> (Vec<String>, Option<Answer>) {
+    let mut answered = Vec::new();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{id_prefix}: still answered after {} requests",
+            answered.len()
+        );
+        let id = format!("{id_prefix}-{}", answered.len());
+        match ask(http, url, &id).await {
+            Some(answer) if answer.status == 200 && answer.body.is_some() => answered.push(id),
+            other => return (answered, other),
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_fails_closed_and_the_log_recovers_by_itself() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let mut gateway = start_with_sigxfsz_ignored(&upstream, "");
+    let state = gateway.dir.path().join("state");
+    let audit = state.join("audit");
+    let store = state.join("audit-store");
+    let url = gateway.url("/v1/chat/completions");
+    // Every request a client received completely with 200: each must have its record.
+    let mut answered = BTreeSet::new();
+    block_on(async {
+        let http = tests::client();
+        // 1. Normal operation.
+        for n in 0..20 {
+            let id = format!("before-{n}");
+            let answer = ask(&http, &url, &id).await.unwrap();
+            assert_eq!(answer.status, 200, "{id}: {:?}", answer.body);
+            assert!(answer.body.is_some(), "{id}");
+            answered.insert(id);
+        }
+        assert_eq!(audit_status(&gateway)["healthy"], true);
+
+        // 2. The disk is full: the kernel refuses every write at or past RLIMIT_FSIZE with
+        // EFBIG (SIGXFSZ is ignored), and the limit is one byte past the largest audit file,
+        // sled's log. sled does not preallocate; it appends to that log, so the next group
+        // commit's flush fails: its requests are cut short, and later ones get 503.
+        let limit = largest_file_bytes(&store).max(largest_file_bytes(&audit)) + 1;
+        set_file_size_limit(&gateway, Some(limit));
+        // Concurrent clients, so that the failing group commit holds several of their records.
+        let deadline = Instant::now() + AUDIT_HEALTH_DEADLINE;
+        let clients =
+            (0..FILLING_CLIENTS).map(|client| {
+                let (http, url) = (&http, &url);
+                async move {
+                    ask_until_refused(http, url, &format!("filling-c{client}"), deadline).await
+                }
+            });
+        let mut refusals = Vec::new();
+        for (ids, refusal) in futures_util::future::join_all(clients).await {
+            answered.extend(ids);
+            // A client whose record was refused sees its response cut short (None); the
+            // next request is refused with 503.
+            refusals.extend(refusal);
+        }
+        let refused = match refusals.into_iter().find(|answer| answer.status == 503) {
+            Some(refused) => refused,
+            None => ask(&http, &url, "refused").await.unwrap(),
+        };
+        assert_eq!(refused.status, 503, "{:?}", refused.body);
+        let body: Value = serde_json::from_str(refused.body.as_deref().unwrap()).unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|message| message.contains("audit log")),
+            "{body}"
+        );
+        assert!(body["error"]["type"].is_string(), "{body}");
+        assert_eq!(refused.retry_after.as_deref(), Some("1"));
+        assert_eq!(audit_status(&gateway)["healthy"], false);
+        // The writer retries once a second; while the disk stays full every retry fails and
+        // every request is refused.
+        let full_until = Instant::now() + STORE_RETRY_INTERVAL * 3;
+        let mut n = 0;
+        while Instant::now() < full_until {
+            let id = format!("full-{n}");
+            n += 1;
+            let answer = ask(&http, &url, &id).await.unwrap();
+            assert_eq!(answer.status, 503, "{id}: {:?}", answer.body);
+            assert!(answer.retry_after.is_some(), "{id}");
+            assert_eq!(audit_status(&gateway)["healthy"], false);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // 3. Room again: the writer reopens the store by itself.
+        set_file_size_limit(&gateway, None);
+        let deadline = Instant::now() + AUDIT_HEALTH_DEADLINE;
+        for n in 0.. {
+            assert!(
+                Instant::now() < deadline,
+                "the audit log did not recover: {}",
+                audit_status(&gateway)
+            );
+            let id = format!("recovering-{n}");
+            let answer = ask(&http, &url, &id).await.unwrap();
+            if answer.status == 200 {
+                answered.insert(id);
+                break;
+            }
+            assert_eq!(answer.status, 503, "{id}: {:?}", answer.body);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(audit_status(&gateway)["healthy"], true);
+        for n in 0..20 {
+            let id = format!("after-{n}");
+            let answer = ask(&http, &url, &id).await.unwrap();
+            assert_eq!(answer.status, 200, "{id}: {:?}", answer.body);
+            assert!(answer.body.is_some(), "{id}");
+            answered.insert(id);
+        }
+    });
+    // A clean stop closes the epoch; then the files and the store hold the whole chain.
+    gateway.signal(libc::SIGTERM);
+    assert!(gateway.wait_exit(Duration::from_secs(30)).is_some());
+    let recovered = lifecycle_records(&audit, "Isthmus/audit/recovered");
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    for path in [&audit, &store] {
+        let (ok, report) = verify(path);
+        assert!(ok, "{} does not verify:\n{report}", path.display());
+        assert!(report.contains("1 epoch,"), "{report}");
+    }
+    let recorded = recorded(&audit);
+    let missing: Vec<&String> = answered.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered requests have no record, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn with_fail_closed_off_requests_are_answered_while_the_log_cannot_write() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    // The limit below also stops the gateway's own log file (its redirected stderr) from
+    // growing: log writes must fail quietly, not take requests down with them.
+    let gateway = start_with_sigxfsz_ignored(&upstream, "fail_closed = false\n");
+    let state = gateway.dir.path().join("state");
+    let url = gateway.url("/v1/chat/completions");
+    block_on(async {
+        let http = tests::client();
+        let answer = ask(&http, &url, "before").await.unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+        let limit = largest_file_bytes(&state.join("audit-store"))
+            .max(largest_file_bytes(&state.join("audit")))
+            + 1;
+        set_file_size_limit(&gateway, Some(limit));
+        // The deployment chose availability: while records cannot be made durable, every
+        // request is still answered in full (and the log says what it missed).
+        let deadline = Instant::now() + AUDIT_HEALTH_DEADLINE;
+        let mut n = 0;
+        while audit_status(&gateway)["healthy"] == true {
+            assert!(Instant::now() < deadline, "the store never failed");
+            let id = format!("filling-{n}");
+            n += 1;
+            let answer = ask(&http, &url, &id).await.unwrap();
+            assert_eq!(answer.status, 200, "{id}: {:?}", answer.body);
+            assert!(answer.body.is_some(), "{id}: cut short");
+        }
+        for n in 0..10 {
+            let id = format!("unhealthy-{n}");
+            let answer = ask(&http, &url, &id).await.unwrap();
+            assert_eq!(answer.status, 200, "{id}: {:?}", answer.body);
+            assert!(answer.body.is_some(), "{id}: cut short");
+        }
+        assert_eq!(audit_status(&gateway)["healthy"], false);
+        set_file_size_limit(&gateway, None);
+    });
+    let log = std::fs::read_to_string(&gateway.log_path).unwrap_or_default();
+    assert!(
+        log.contains("answering anyway (fail_closed = false)"),
+        "{log}"
+    );
 }

@@ -852,6 +852,9 @@ impl Writer {
             syslog.offer(sealed.iter().map(|record| record.line.as_slice()));
         }
         let Some(first) = sealed.first() else { return };
+        if !self.files_healthy && !self.reopen_files() {
+            return;
+        }
         let Some(files) = &mut self.files else { return };
         let result = if files.written_up_to() + 1 >= first.seq {
             let day = record::format_day(self.clock.now());
@@ -899,6 +902,29 @@ impl Writer {
             );
         }
         self.note_files(result);
+    }
+
+    /// After a failed write the newest file may end in a torn line. Opening the files again
+    /// ends that line and finds the last complete record, so catching up from the store
+    /// starts on a line of its own. False while the directory still cannot be written.
+    fn reopen_files(&mut self) -> bool {
+        let Some(directory) = self
+            .files
+            .as_ref()
+            .map(|files| files.directory().to_owned())
+        else {
+            return true;
+        };
+        match JsonlFiles::open(&directory) {
+            Ok(files) => {
+                self.files = Some(files);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(error = %error, "audit files still cannot be written");
+                false
+            }
+        }
     }
 
     fn note_files(&mut self, result: std::io::Result<()>) {
