@@ -441,8 +441,13 @@ token_file = {token_file:?}
     let long = format!("long-marker {}", "x".repeat(5000));
     post_chat(&gateway, "content-long", &cloud(&long, false), &[]);
 
-    // The files (the appliance's copy) hold what was configured, and nothing else.
-    let records = outcomes(&gateway.dir.path().join("state/audit"));
+    // The files (the appliance's copy) hold what was configured, and nothing else. They
+    // follow the store within a tenth of a second.
+    let audit_dir = gateway.dir.path().join("state/audit");
+    assert!(tests::eventually(Duration::from_secs(10), || {
+        outcomes(&audit_dir).contains_key("content-long")
+    }));
+    let records = outcomes(&audit_dir);
     let properties = |id: &str| records[id]["Properties"].clone();
     let support_record = properties("content-support");
     assert_eq!(support_record["Route"], "local", "{support_record}");
@@ -586,7 +591,11 @@ fn syslog_request(gateway: &Gateway, id: &str) {
             "content": "syslog-marker-6620 say hi"}], "temperature": 0, "max_tokens": 4}),
         &[],
     );
-    let records = outcomes(&gateway.dir.path().join("state/audit"));
+    let audit_dir = gateway.dir.path().join("state/audit");
+    assert!(tests::eventually(Duration::from_secs(10), || {
+        outcomes(&audit_dir).contains_key(id)
+    }));
+    let records = outcomes(&audit_dir);
     // The files keep the local content; syslog must not.
     assert!(
         records[id]["Properties"]["Prompt"]

@@ -5,7 +5,9 @@
 //! The writer takes every command waiting (up to [`BATCH_RECORDS_MAX`]), seals the records
 //! (`Seq`, `PrevHash`, `RecordHash`), adds a checkpoint when one is due, inserts the batch into
 //! sled and calls `flush()` once for all of them, then acknowledges each record, copies the
-//! batch to the JSONL files, stdout and the syslog queue, and applies retention. The stdout
+//! batch to stdout and the syslog queue, and applies retention. The JSONL files catch up from
+//! the store at most every [`FILES_COPY_INTERVAL_MS`] (one append and fsync for many group
+//! commits). The stdout
 //! and syslog copies leave the appliance, so they lose content text of requests that did not
 //! go to the cloud ([`super::content::line_off_appliance`]). If sled fails, the batch is
 //! refused with [`AuditError::Unavailable`], the health flag drops, and the writer reopens the
@@ -45,6 +47,10 @@ const RECOVERY_INTERVAL_MS: u64 = 1000;
 const RETENTION_INTERVAL_MS: u64 = 60_000;
 /// The ticker wakes the writer at most this long apart (time-based checkpoints, recovery).
 const TICK_INTERVAL_MS_MAX: u64 = 1000;
+/// The JSONL files follow the store at most this far behind: records are copied (and the
+/// files fsynced) once per interval, not once per group commit, so a response waits for one
+/// sync (the store's) and not two.
+const FILES_COPY_INTERVAL_MS: u64 = 100;
 /// Records read from the store per step when the files catch up.
 const CATCH_UP_RECORDS_MAX: usize = 1024;
 /// Records deleted per retention step.
@@ -164,8 +170,12 @@ impl AuditLog {
             .name("isthmus-audit".into())
             .spawn(move || writer.run(receiver))
             .map_err(|error| AuditError::Open(format!("starting the writer: {error}")))?;
-        let tick =
-            Duration::from_millis(config.checkpoint_every_ms.clamp(10, TICK_INTERVAL_MS_MAX));
+        let tick = Duration::from_millis(
+            config
+                .checkpoint_every_ms
+                .clamp(10, TICK_INTERVAL_MS_MAX)
+                .min(FILES_COPY_INTERVAL_MS),
+        );
         let weak = sender.downgrade();
         std::thread::Builder::new()
             .name("isthmus-audit-tick".into())
@@ -492,6 +502,12 @@ struct Writer {
     last_checkpoint_at: SystemTime,
     last_recovery_attempt: Option<Instant>,
     last_retention_at: Option<SystemTime>,
+    /// When the files last caught up with the store.
+    last_files_copy: Instant,
+    /// The newest checkpoint (its `Seq` and line), for the head file once the files hold it.
+    checkpoint_head: Option<(u64, Vec<u8>)>,
+    /// The day (`YYYYMMDD`) of the records not yet copied: the daily file they go to.
+    files_day: String,
 }
 
 impl Writer {
@@ -595,6 +611,9 @@ impl Writer {
             last_checkpoint_at: now,
             last_recovery_attempt: None,
             last_retention_at: None,
+            last_files_copy: Instant::now(),
+            checkpoint_head: None,
+            files_day: record::format_day(now),
         };
         writer.catch_up_files();
         let previous = last.map(|last| (last.epoch, last.seq));
@@ -633,6 +652,12 @@ impl Writer {
     fn handle(&mut self, commands: &mut Vec<Command>) -> bool {
         if self.store.is_none() {
             self.try_recover();
+        }
+        // Records committed before midnight go to that day's file.
+        let today = record::format_day(self.clock.now());
+        if today != self.files_day {
+            self.copy_files(true);
+            self.files_day = today;
         }
         let mut entries: Vec<Entry> = Vec::with_capacity(commands.len() + 2);
         let mut exported_replies = Vec::new();
@@ -675,7 +700,7 @@ impl Writer {
                     };
                     let _ = reply.send(result);
                 }
-                Command::Tick => {}
+                Command::Tick => self.copy_files(false),
                 Command::Shutdown { reply } => shutdown_replies.push(reply),
             }
         }
@@ -714,7 +739,9 @@ impl Writer {
                 "records cannot be made durable".into(),
             ))
         };
-        // Close the store before answering, so that it can be opened again at once.
+        // The files hold everything before the store closes, and the store closes before
+        // answering, so that it can be opened again at once.
+        self.copy_files(true);
         self.store = None;
         for reply in shutdown_replies {
             let _ = reply.send(result.clone());
@@ -836,8 +863,8 @@ impl Writer {
         }
     }
 
-    /// Copies a committed batch to the JSONL files (catching up from the store when they are
-    /// behind), to stdout and to the syslog queue.
+    /// Copies a committed batch to stdout and to the syslog queue; the JSONL files catch up
+    /// from the store once per [`FILES_COPY_INTERVAL_MS`].
     fn copy_out(&mut self, sealed: &[Sealed], checkpoint: Option<&[u8]>) {
         if let Some(stdout) = &self.stdout
             && let Err(error) = stdout.write(
@@ -851,30 +878,37 @@ impl Writer {
         if let Some(syslog) = &self.syslog {
             syslog.offer(sealed.iter().map(|record| record.line.as_slice()));
         }
-        let Some(first) = sealed.first() else { return };
+        if let Some(line) = checkpoint
+            && let Some(record) = sealed.iter().rev().find(|record| record.line == line)
+        {
+            self.checkpoint_head = Some((record.seq, line.to_vec()));
+        }
+        self.copy_files(false);
+    }
+
+    /// Brings the files up to the store when the interval has passed (or `now`), then
+    /// writes the newest checkpoint they hold to the head file.
+    fn copy_files(&mut self, now: bool) {
+        let Some(files) = &self.files else { return };
+        let behind = self.head.seq.saturating_sub(files.written_up_to());
+        let due = now
+            || self.last_files_copy.elapsed() >= Duration::from_millis(FILES_COPY_INTERVAL_MS)
+            || behind >= CATCH_UP_RECORDS_MAX as u64;
+        if behind == 0 || !due {
+            return;
+        }
+        self.last_files_copy = Instant::now();
         if !self.files_healthy && !self.reopen_files() {
             return;
         }
-        let Some(files) = &mut self.files else { return };
-        let result = if files.written_up_to() + 1 >= first.seq {
-            let day = record::format_day(self.clock.now());
-            files.append(
-                &day,
-                sealed
-                    .iter()
-                    .map(|record| (record.seq, record.line.as_slice())),
-            )
-        } else {
-            Ok(())
-        };
-        if result.is_ok() && files.written_up_to() < self.head.seq {
-            self.catch_up_files();
-        } else {
-            self.note_files(result);
-        }
-        if let (Some(line), Some(files)) = (checkpoint, &self.files)
-            && self.files_healthy
-            && let Err(error) = files.write_checkpoint_head(line)
+        self.catch_up_files();
+        let held = matches!(
+            (&self.files, &self.checkpoint_head),
+            (Some(files), Some((seq, _))) if self.files_healthy && files.written_up_to() >= *seq
+        );
+        if held
+            && let (Some(files), Some((_, line))) = (&self.files, self.checkpoint_head.take())
+            && let Err(error) = files.write_checkpoint_head(&line)
         {
             tracing::warn!(error = %error, "writing the audit checkpoint head");
         }
@@ -885,7 +919,7 @@ impl Writer {
         let (Some(files), Some(store)) = (&mut self.files, &self.store) else {
             return;
         };
-        let day = record::format_day(self.clock.now());
+        let day = &self.files_day;
         let mut result = Ok(());
         while files.written_up_to() < self.head.seq && result.is_ok() {
             let records = match store.read(files.written_up_to() + 1, CATCH_UP_RECORDS_MAX) {
@@ -897,7 +931,7 @@ impl Writer {
                 }
             };
             result = files.append(
-                &day,
+                day,
                 records.iter().map(|(seq, line)| (*seq, line.as_slice())),
             );
         }
