@@ -12,6 +12,7 @@
 //! train-complexity                  # retrain, write data/routing/complexity-weights.txt
 //! train-complexity --check          # retrain, fail if the shipped weights differ
 //! train-complexity --cross-validate # 5-fold metrics on the training rows only
+//! train-complexity --cross-validate --fold-salt a # the same on other folds
 //! ```
 
 use std::collections::HashSet;
@@ -33,6 +34,8 @@ const L2_PER_ROW: f64 = 0.01;
 const NEWTON_STEPS: usize = 30;
 /// Folds of `--cross-validate`.
 const FOLDS: u64 = 5;
+/// The salt of the fold assignment of `--cross-validate`, unless `--fold-salt` is given.
+const FOLD_SALT: &str = "isthmus-routing-fold";
 /// Features the training rows cannot inform (every row is one turn, with no tools and no
 /// `max_tokens`), with hand-set weights: a doubling moves the logit by 0.07 to 0.1.
 const FIXED_WEIGHTS: [(&str, f64); 3] = [
@@ -60,6 +63,10 @@ struct Args {
     /// Only report cross-validated metrics on the training rows.
     #[arg(long, conflicts_with = "check")]
     cross_validate: bool,
+    /// Assign the folds of `--cross-validate` by this salt instead: other folds, to see how
+    /// much a difference between two models owes to the split.
+    #[arg(long, requires = "cross_validate")]
+    fold_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,7 +144,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .partition(|row| validation_ids.contains(&row.id));
 
     if args.cross_validate {
-        cross_validate(&training)?;
+        cross_validate(&training, args.fold_salt.as_deref().unwrap_or(FOLD_SALT))?;
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -529,8 +536,8 @@ fn report(model: &ComplexityModel, training: &[&Row], validation: &[&Row]) -> an
 }
 
 /// Out-of-fold metrics on the training rows: fit on four folds, score the fifth.
-fn cross_validate(training: &[&Row]) -> anyhow::Result<()> {
-    let fold = |row: &Row| hash("isthmus-routing-fold", row.id) % FOLDS;
+fn cross_validate(training: &[&Row], salt: &str) -> anyhow::Result<()> {
+    let fold = |row: &Row| hash(salt, row.id) % FOLDS;
     let mut scores = vec![0.0; training.len()];
     for held_out in 0..FOLDS {
         let fitting: Vec<&Row> = training
@@ -545,8 +552,24 @@ fn cross_validate(training: &[&Row]) -> anyhow::Result<()> {
             }
         }
     }
-    println!("{} training rows, {FOLDS} folds", training.len());
+    println!(
+        "{} training rows, {FOLDS} folds (salt `{salt}`)",
+        training.len()
+    );
     print_metrics("cross-valid", "complexity", measure(&scores, training)?);
+    for source in ["mmlu", "gsm8k"] {
+        let (rows, scores): (Vec<&Row>, Vec<f64>) = training
+            .iter()
+            .zip(&scores)
+            .filter(|(row, _)| row.source == source)
+            .map(|(row, score)| (*row, *score))
+            .unzip();
+        print_metrics(
+            &format!("cv:{source}"),
+            "complexity",
+            measure(&scores, &rows)?,
+        );
+    }
     baselines("cross-valid", training)?;
     Ok(())
 }
