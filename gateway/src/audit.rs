@@ -11,8 +11,9 @@
 //!   of it may leave the appliance.
 //! - [`verify`]: `isthmus audit verify`.
 //!
-//! The gateway opens one [`AuditLog`] at start, awaits [`AuditLog::append_intent`] before a
-//! response's first byte and [`AuditLog::append`] before its final bytes, answers 503 while
+//! The gateway opens one [`AuditLog`] at start, queues [`AuditLog::submit_intent`] before a
+//! request is handled (durable with the next commit anybody awaits, at most 100 ms later),
+//! awaits [`AuditLog::append`] before a response's final bytes, answers 503 while
 //! [`AuditLog::is_healthy`] is false (with `fail_closed`), and calls [`AuditLog::shutdown`]
 //! after draining.
 

@@ -51,6 +51,8 @@ const TICK_INTERVAL_MS_MAX: u64 = 1000;
 /// files fsynced) once per interval, not once per group commit, so a response waits for one
 /// sync (the store's) and not two.
 const FILES_COPY_INTERVAL_MS: u64 = 100;
+/// Records nobody waits for that may be held back for the next commit, at most.
+const DEFERRED_RECORDS_MAX: usize = 1024;
 /// Records read from the store per step when the files catch up.
 const CATCH_UP_RECORDS_MAX: usize = 1024;
 /// Records deleted per retention step.
@@ -92,6 +94,9 @@ enum Command {
     Append {
         record: Record,
         reply: Reply<Receipt>,
+        /// Someone waits for durability: commit (flush) with this batch. Otherwise the record
+        /// may wait for the next urgent commit or the next tick.
+        urgent: bool,
     },
     MarkExported {
         seq: u64,
@@ -211,7 +216,11 @@ impl AuditLog {
         let (reply, receiver) = oneshot::channel();
         self.inner
             .sender
-            .send(Command::Append { record, reply })
+            .send(Command::Append {
+                record,
+                reply,
+                urgent: true,
+            })
             .await
             .map_err(|_| AuditError::Stopped)?;
         PendingReceipt { receiver }.await
@@ -226,20 +235,26 @@ impl AuditLog {
 
     /// [`AuditLog::append_intent`] without waiting for durability: the intent is queued
     /// ahead of everything the request appends later, so the outcome's group commit makes it
-    /// durable too, and any other commit in between does so sooner.
+    /// durable too; any commit somebody awaits in between, or the writer's next tick (at most
+    /// [`FILES_COPY_INTERVAL_MS`] away), does so sooner. It takes no flush of its own.
     pub fn submit_intent(&self, mut record: Record) -> Result<PendingReceipt, AuditError> {
         record.set_property(PHASE, Value::String(PHASE_INTENT.to_owned()));
         self.submit(record)
     }
 
     /// Hands `record` to the writer without waiting for room or durability: records are
-    /// committed in the order they are submitted. Fails at once when the queue is full.
+    /// committed in the order they are submitted, with the next commit somebody awaits or at
+    /// the next tick. Fails at once when the queue is full.
     pub fn submit(&self, record: Record) -> Result<PendingReceipt, AuditError> {
         self.check_healthy()?;
         let (reply, receiver) = oneshot::channel();
         self.inner
             .sender
-            .try_send(Command::Append { record, reply })
+            .try_send(Command::Append {
+                record,
+                reply,
+                urgent: false,
+            })
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => AuditError::QueueFull {
                     capacity: self.inner.queue_records_max,
@@ -255,7 +270,11 @@ impl AuditLog {
         let (reply, receiver) = oneshot::channel();
         self.inner
             .sender
-            .blocking_send(Command::Append { record, reply })
+            .blocking_send(Command::Append {
+                record,
+                reply,
+                urgent: true,
+            })
             .map_err(|_| AuditError::Stopped)?;
         receiver.blocking_recv().unwrap_or(Err(AuditError::Stopped))
     }
@@ -483,6 +502,8 @@ struct Entry {
     sealed: Sealed,
     reply: Option<Reply<Receipt>>,
     checkpoint: bool,
+    /// A caller waits for this record's durability.
+    urgent: bool,
 }
 
 /// The writer thread's state: the only owner of the chain.
@@ -508,6 +529,9 @@ struct Writer {
     checkpoint_head: Option<(u64, Vec<u8>)>,
     /// The day (`YYYYMMDD`) of the records not yet copied: the daily file they go to.
     files_day: String,
+    /// Sealed records nobody waits for (intents, outcomes of responses cut short), held for
+    /// the next urgent commit or tick instead of a flush of their own.
+    deferred: Vec<Entry>,
 }
 
 impl Writer {
@@ -614,6 +638,7 @@ impl Writer {
             last_files_copy: Instant::now(),
             checkpoint_head: None,
             files_day: record::format_day(now),
+            deferred: Vec::new(),
         };
         writer.catch_up_files();
         let previous = last.map(|last| (last.epoch, last.seq));
@@ -663,9 +688,14 @@ impl Writer {
         let mut exported_replies = Vec::new();
         let mut shutdown_replies = Vec::new();
         let mut exported_changed = false;
+        let mut ticked = false;
         for command in commands.drain(..) {
             match command {
-                Command::Append { record, reply } => {
+                Command::Append {
+                    record,
+                    reply,
+                    urgent,
+                } => {
                     if self.store.is_none() {
                         let _ = reply.send(Err(AuditError::Unavailable(
                             "records cannot be made durable".into(),
@@ -673,6 +703,9 @@ impl Writer {
                         continue;
                     }
                     self.push(&mut entries, record, Some(reply));
+                    if let Some(entry) = entries.last_mut() {
+                        entry.urgent = urgent;
+                    }
                     if self.since_checkpoint >= self.config.checkpoint_every_records.max(1) {
                         self.push_checkpoint(&mut entries);
                     }
@@ -700,7 +733,10 @@ impl Writer {
                     };
                     let _ = reply.send(result);
                 }
-                Command::Tick => self.copy_files(false),
+                Command::Tick => {
+                    ticked = true;
+                    self.copy_files(false);
+                }
                 Command::Shutdown { reply } => shutdown_replies.push(reply),
             }
         }
@@ -717,6 +753,23 @@ impl Writer {
             let stop = self.lifecycle(OPERATION_STOP, self.head.epoch, self.head.seq, None);
             self.push(&mut entries, stop, None);
             self.push_checkpoint(&mut entries);
+        }
+        // Records nobody waits for ride along with the next commit somebody does wait for
+        // (or the next tick, at most FILES_COPY_INTERVAL_MS away): one flush instead of two
+        // for a request's intent and outcome.
+        let urgent = entries.iter().any(|entry| entry.urgent)
+            || exported_changed
+            || ticked
+            || !shutdown_replies.is_empty();
+        if !urgent
+            && self.store.is_some()
+            && self.deferred.len() + entries.len() < DEFERRED_RECORDS_MAX
+        {
+            self.deferred.append(&mut entries);
+        } else if !self.deferred.is_empty() {
+            let mut all = std::mem::take(&mut self.deferred);
+            all.append(&mut entries);
+            entries = all;
         }
         let committed = if entries.is_empty() && !exported_changed {
             Ok(())
@@ -763,6 +816,7 @@ impl Writer {
                     sealed,
                     reply,
                     checkpoint,
+                    urgent: true,
                 });
             }
             Err(error) => {

@@ -563,3 +563,40 @@ fn a_store_that_cannot_write_fails_closed() -> anyhow::Result<()> {
     assert_eq!(report.problem, None);
     Ok(())
 }
+
+#[test]
+fn records_nobody_waits_for_commit_with_the_next_awaited_one_or_the_next_tick() -> anyhow::Result<()>
+{
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    let stored = |log: &AuditLog| -> anyhow::Result<Vec<u64>> {
+        Ok(block_on(log.read(0, 100))??
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect())
+    };
+    let opened = stored(&log)?.len();
+    // An intent alone: no flush of its own, but the ticker commits it soon.
+    drop(log.submit_intent(request(&*clock, 1))?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stored(&log)?.len() == opened {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the intent never became durable"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // An intent and then an awaited outcome: both are durable when the outcome returns.
+    drop(log.submit_intent(request(&*clock, 2))?);
+    let receipt = log.append_blocking(request(&*clock, 3))?;
+    let seqs = stored(&log)?;
+    anyhow::ensure!(
+        seqs.contains(&(receipt.seq - 1)) && seqs.contains(&receipt.seq),
+        "{seqs:?} lacks the intent or the outcome before {}",
+        receipt.seq
+    );
+    log.shutdown_blocking()?;
+    assert_verifies(&state.path().join("audit"));
+    Ok(())
+}
