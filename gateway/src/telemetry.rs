@@ -262,6 +262,18 @@ impl Telemetry {
         let meter = provider.meter("isthmus");
         let mut handles: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
         type Pick = fn(&crate::metrics::ModelGauges) -> u64;
+        // Each model's series, labelled with its configured name.
+        let per_model = |pick: Pick, state: Weak<AppState>| {
+            move |observer: &dyn opentelemetry::metrics::AsyncInstrument<u64>| {
+                let Some(state) = state.upgrade() else { return };
+                for gauges in state.model_gauges() {
+                    observer.observe(
+                        pick(&gauges),
+                        &[KeyValue::new("gen_ai.request.model", gauges.model.clone())],
+                    );
+                }
+            }
+        };
         let model_gauges: [(&str, &str, Pick); 4] = [
             (
                 "isthmus.local.queue_depth",
@@ -285,20 +297,11 @@ impl Telemetry {
             ),
         ];
         for (name, description, pick) in model_gauges {
-            let state = state.clone();
             handles.push(Box::new(
                 meter
                     .u64_observable_gauge(name)
                     .with_description(description)
-                    .with_callback(move |observer| {
-                        let Some(state) = state.upgrade() else { return };
-                        for gauges in state.model_gauges() {
-                            observer.observe(
-                                pick(&gauges),
-                                &[KeyValue::new("gen_ai.request.model", gauges.model.clone())],
-                            );
-                        }
-                    })
+                    .with_callback(per_model(pick, state.clone()))
                     .build(),
             ));
         }
@@ -320,20 +323,11 @@ impl Telemetry {
             ),
         ];
         for (name, description, pick) in model_counters {
-            let state = state.clone();
             handles.push(Box::new(
                 meter
                     .u64_observable_counter(name)
                     .with_description(description)
-                    .with_callback(move |observer| {
-                        let Some(state) = state.upgrade() else { return };
-                        for gauges in state.model_gauges() {
-                            observer.observe(
-                                pick(&gauges),
-                                &[KeyValue::new("gen_ai.request.model", gauges.model.clone())],
-                            );
-                        }
-                    })
+                    .with_callback(per_model(pick, state.clone()))
                     .build(),
             ));
         }

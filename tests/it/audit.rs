@@ -42,25 +42,7 @@ fn verify(path: &Path) -> (bool, String) {
 
 /// Request ids of the outcome records (not intents) in the JSONL files.
 fn recorded(directory: &Path) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
-    for entry in std::fs::read_dir(directory).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("audit-") && name.ends_with(".jsonl")) {
-            continue;
-        }
-        for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
-            let Ok(record) = serde_json::from_str::<Value>(line) else {
-                continue;
-            };
-            if record["Category"] == "IsthmusAudit"
-                && record["Properties"]["Phase"] != "intent"
-                && let Some(id) = record["RequestId"].as_str()
-            {
-                ids.insert(id.to_owned());
-            }
-        }
-    }
-    ids
+    outcomes(directory).into_keys().collect()
 }
 
 #[test]
