@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId, TraceState,
-    Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
+    TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
@@ -561,8 +561,8 @@ fn export_span(tracer: &SdkTracer, span: &SpanRecord<'_>) {
         .with_status(status);
     builder.trace_id = Some(trace_id);
     builder.span_id = Some(SpanId::from_bytes(span.trace.span_id));
-    let exported = builder.start_with_context(tracer, &parent);
-    drop(exported);
+    let mut exported = builder.start_with_context(tracer, &parent);
+    exported.end_with_timestamp(span.started + span.duration);
 }
 
 /// The exporter's HTTP client: trust roots only for https, the system bundle plus
