@@ -40,6 +40,17 @@ fn verify(path: &Path) -> (bool, String) {
     (output.status.success(), text)
 }
 
+/// Fails naming the requests a client got an answer to that have no outcome record.
+fn assert_every_answer_recorded(answered: &BTreeSet<String>, recorded: &BTreeSet<String>) {
+    let missing: Vec<&String> = answered.difference(recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered requests have no record, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+}
+
 /// Request ids of the outcome records (not intents) in the JSONL files.
 fn recorded(directory: &Path) -> BTreeSet<String> {
     outcomes(directory).into_keys().collect()
@@ -132,13 +143,7 @@ fn every_answered_request_survives_kill_9_and_the_chain_verifies() {
         "only {} answered",
         answered.len()
     );
-    let missing: Vec<&String> = answered.difference(&recorded).collect();
-    assert!(
-        missing.is_empty(),
-        "{} answered requests have no record, e.g. {:?}",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>()
-    );
+    assert_every_answer_recorded(&answered, &recorded);
 }
 
 #[test]
@@ -332,15 +337,7 @@ fn answer_text(body: &str) -> String {
             .unwrap_or_default()
             .to_owned();
     }
-    crate::sse_payloads(body)
-        .iter()
-        .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
-        .filter_map(|chunk| {
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
+    crate::sse_content(body)
 }
 
 #[test]
@@ -987,13 +984,7 @@ fn a_full_disk_fails_closed_and_the_log_recovers_by_itself() {
         assert!(report.contains("1 epoch,"), "{report}");
     }
     let recorded = recorded(&audit);
-    let missing: Vec<&String> = answered.difference(&recorded).collect();
-    assert!(
-        missing.is_empty(),
-        "{} answered requests have no record, e.g. {:?}",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>()
-    );
+    assert_every_answer_recorded(&answered, &recorded);
 }
 
 #[test]

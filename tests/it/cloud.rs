@@ -140,15 +140,7 @@ fn bodies_arrive_byte_exact_with_the_model_mapped_and_streams_pass_through_with_
                 .any(|chunk| chunk["usage"].is_object()),
             "{text}"
         );
-        let content: String = payloads
-            .iter()
-            .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
-            .filter_map(|chunk| {
-                chunk["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect();
+        let content = crate::sse_content(&text);
         assert!(!content.is_empty());
         let received = upstream.requests().await;
         assert_eq!(received.last().unwrap()["include_usage"], true);

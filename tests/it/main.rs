@@ -52,6 +52,19 @@ pub fn sse_payloads(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The generated text of a streamed chat answer: its chunks' `delta.content`, joined.
+pub fn sse_content(text: &str) -> String {
+    sse_payloads(text)
+        .iter()
+        .filter_map(|payload| serde_json::from_str::<serde_json::Value>(payload).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 /// Posts a chat request with the test key and returns the response body.
 pub async fn chat(gateway: &tests::Gateway, body: &serde_json::Value) -> serde_json::Value {
     tests::client()

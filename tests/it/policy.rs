@@ -7,8 +7,8 @@ use std::process::Command;
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, Upstream, serial};
 
+use crate::block_on;
 use crate::upstream::options;
-use crate::{block_on, sse_payloads};
 
 /// A multi-step word problem of the kind the strong model is needed for.
 const HARD: &str = "A train leaves city A at 9:40 travelling at 84 km/h; a second train leaves city B, \
@@ -184,15 +184,7 @@ fn redact_then_cloud_restores_the_values_in_a_streamed_answer() {
             ("cloud".to_owned(), "finance-redacts".to_owned())
         );
         let text = response.text().await.unwrap();
-        let content: String = sse_payloads(&text)
-            .iter()
-            .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
-            .filter_map(|chunk| {
-                chunk["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect();
+        let content = crate::sse_content(&text);
         assert_eq!(content, secret, "the echoed answer comes back restored");
         let chats: Vec<Value> = upstream
             .requests()
