@@ -667,10 +667,16 @@ async fn attempt(
     upstream.set_read_timeout(Some(pool.config.first_byte_timeout));
     upstream.set_write_timeout(Some(pool.config.first_byte_timeout));
     let sent = async {
-        upstream.write_request_header(header).await?;
-        upstream.write_request_body(body.clone(), true).await?;
-        upstream.finish_request_body().await?;
-        upstream.read_response_header().await
+        let mut upstream = send_request(
+            upstream,
+            header,
+            body.clone(),
+            &backend.peer,
+            pool.config.first_byte_timeout,
+        )
+        .await?;
+        upstream.read_response_header().await?;
+        Ok::<_, Box<pingora_error::Error>>(upstream)
     };
     let sent = tokio::select! {
         sent = sent => sent,
@@ -678,31 +684,34 @@ async fn attempt(
             return Attempt::ClientGone(client_gone(idle));
         }
     };
-    if let Err(error) = sent {
-        let timed_out = matches!(
-            error.etype(),
-            pingora_error::ErrorType::ReadTimedout | pingora_error::ErrorType::WriteTimedout
-        );
-        let message = format!(
-            "backend `{}` of pool `{}` failed{}: {error}",
-            backend.config.name,
-            pool.config.name,
-            if reused {
-                " on a reused connection"
-            } else {
-                ""
-            }
-        );
-        return Attempt::Retryable {
-            outcome: Outcome::Failure,
-            error: if timed_out {
-                GatewayError::Timeout { message }
-            } else {
-                GatewayError::BadGateway { message }
-            },
-            retry_after: None,
-        };
-    }
+    let mut upstream = match sent {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            let timed_out = matches!(
+                error.etype(),
+                pingora_error::ErrorType::ReadTimedout | pingora_error::ErrorType::WriteTimedout
+            );
+            let message = format!(
+                "backend `{}` of pool `{}` failed{}: {error}",
+                backend.config.name,
+                pool.config.name,
+                if reused {
+                    " on a reused connection"
+                } else {
+                    ""
+                }
+            );
+            return Attempt::Retryable {
+                outcome: Outcome::Failure,
+                error: if timed_out {
+                    GatewayError::Timeout { message }
+                } else {
+                    GatewayError::BadGateway { message }
+                },
+                retry_after: None,
+            };
+        }
+    };
     let Some(response) = upstream.response_header() else {
         return failure("the backend sent no response header".to_owned());
     };
@@ -779,6 +788,80 @@ async fn attempt(
         Err(Relay::Upstream(message)) => {
             ctx.outcome = Some(message);
             Attempt::Answered(Outcome::Failure)
+        }
+    }
+}
+
+/// Request bodies up to this size leave in the same write as their HTTP/1.1 head.
+const COALESCED_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Sends the request head and body.
+///
+/// Pingora's HTTP/1 client flushes the head before the body is written, so a request would
+/// take two sends, and on a short path (loopback, a sidecar's pod network) each send wakes
+/// the backend once more. A body of up to [`COALESCED_BODY_BYTES_MAX`] is therefore written
+/// with its head in one send on the session's own connection, which then goes back into a
+/// session of the same options to read the answer. The head always carries `Content-Length`
+/// (see `upstream_header`), which frames the body. Larger bodies and HTTP/2 go through
+/// Pingora's session writes.
+async fn send_request(
+    upstream: HttpSession,
+    header: Box<RequestHeader>,
+    body: Bytes,
+    peer: &HttpPeer,
+    write_timeout: Duration,
+) -> pingora_error::Result<HttpSession> {
+    use pingora_core::protocols::http::v1::client::{
+        HttpSession as Http1Session, http_req_header_to_wire,
+    };
+    use pingora_error::{Error, ErrorType};
+    use tokio::io::AsyncWriteExt;
+
+    match upstream {
+        HttpSession::H1(session) if body.len() <= COALESCED_BODY_BYTES_MAX => {
+            let Some(head) = http_req_header_to_wire(&header) else {
+                return Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the request line holds a forbidden byte",
+                );
+            };
+            let (read_timeout, session_write_timeout) =
+                (session.read_timeout, session.write_timeout);
+            let mut stream = session.into_inner();
+            let mut wire = BytesMut::with_capacity(head.len() + body.len());
+            wire.extend_from_slice(&head);
+            wire.extend_from_slice(&body);
+            let written = tokio::time::timeout(write_timeout, async {
+                stream.write_all(&wire).await?;
+                stream.flush().await
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    return Err(Error::because(
+                        ErrorType::WriteError,
+                        "while writing the request",
+                        error,
+                    ));
+                }
+                Err(_) => {
+                    return Error::e_explain(
+                        ErrorType::WriteTimedout,
+                        "while writing the request (timeout)",
+                    );
+                }
+            }
+            let mut session = Http1Session::new_with_options(stream, peer);
+            session.read_timeout = read_timeout;
+            session.write_timeout = session_write_timeout;
+            Ok(HttpSession::H1(session))
+        }
+        mut upstream => {
+            upstream.write_request_header(header).await?;
+            upstream.write_request_body(body, true).await?;
+            upstream.finish_request_body().await?;
+            Ok(upstream)
         }
     }
 }

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -175,13 +175,26 @@ enum Phase {
     Off,
 }
 
-/// A connection that enforces the header deadline and size cap of HTTP/1 requests.
+/// Bytes an HTTP/1 connection gathers before a write reaches the socket: a response head
+/// and a JSON body, or the largest TLS record's plaintext.
+pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+/// A connection that enforces the header deadline and size cap of HTTP/1 requests, and gathers
+/// the writes of one HTTP/1 response into as few sends as possible.
+///
+/// Pingora's HTTP/1 server session writes a response head and its body separately and flushes
+/// when a response is complete, after every chunk of a chunked (streamed) body and after every
+/// write of a close-delimited one; on a connection it did not accept itself, Pingora has no
+/// write buffer, so each write would be a send of its own (and on loopback a wake-up of the
+/// peer). Writes are gathered here until Pingora flushes, the buffer is full, or the
+/// connection shuts down. HTTP/2 connections pass through: the h2 framing buffers itself.
 #[derive(Debug)]
 pub struct GuardedStream {
     inner: Stream,
     phase: Phase,
     header_bytes_max: u64,
     header_read_timeout: Duration,
+    pending: WriteBuffer,
 }
 
 impl GuardedStream {
@@ -196,6 +209,7 @@ impl GuardedStream {
             phase,
             header_bytes_max: limits.header_bytes_max,
             header_read_timeout: limits.header_read_timeout,
+            pending: WriteBuffer::new(if enabled { WRITE_BUFFER_BYTES } else { 0 }),
         }
     }
 
@@ -282,18 +296,22 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if !matches!(self.phase, Phase::Off) {
-            self.phase = Phase::Responding;
+        let this = &mut *self;
+        if !matches!(this.phase, Phase::Off) {
+            this.phase = Phase::Responding;
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        this.pending.poll_write(Pin::new(&mut this.inner), cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        this.pending.poll_flush(Pin::new(&mut this.inner), cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        ready!(this.pending.poll_drain(Pin::new(&mut this.inner), cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -301,20 +319,117 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if !matches!(self.phase, Phase::Off) {
-            self.phase = Phase::Responding;
+        let this = &mut *self;
+        if !matches!(this.phase, Phase::Off) {
+            this.phase = Phase::Responding;
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        this.pending
+            .poll_write_vectored(Pin::new(&mut this.inner), cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        // Gathered slices are copied into the buffer; large ones pass on as they came.
+        true
+    }
+}
+
+/// Writes gathered in memory until a flush, with the order of bytes kept across partial
+/// sends. A capacity of 0 passes every write straight through.
+#[derive(Debug)]
+pub struct WriteBuffer {
+    bytes: Vec<u8>,
+    /// Bytes of `bytes` already sent.
+    sent: usize,
+    capacity: usize,
+}
+
+impl WriteBuffer {
+    pub fn new(capacity: usize) -> Self {
+        WriteBuffer {
+            bytes: Vec::new(),
+            sent: 0,
+            capacity,
+        }
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn len(&self) -> usize {
+        self.bytes.len() - self.sent
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends what is gathered; ready once nothing is left.
+    pub fn poll_drain<W: AsyncWrite + ?Sized>(
+        &mut self,
+        mut inner: Pin<&mut W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.sent < self.bytes.len() {
+            let written = ready!(inner.as_mut().poll_write(cx, &self.bytes[self.sent..]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += written;
+        }
+        self.bytes.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    pub fn poll_write<W: AsyncWrite + ?Sized>(
+        &mut self,
+        mut inner: Pin<&mut W>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.len() + buf.len() > self.capacity {
+            ready!(self.poll_drain(inner.as_mut(), cx))?;
+        }
+        if buf.len() >= self.capacity {
+            return inner.poll_write(cx, buf);
+        }
+        self.bytes.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    pub fn poll_write_vectored<W: AsyncWrite + ?Sized>(
+        &mut self,
+        mut inner: Pin<&mut W>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|buf| buf.len()).sum();
+        if self.len() + total > self.capacity {
+            ready!(self.poll_drain(inner.as_mut(), cx))?;
+        }
+        if total >= self.capacity {
+            return inner.poll_write_vectored(cx, bufs);
+        }
+        for buf in bufs {
+            self.bytes.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(total))
+    }
+
+    pub fn poll_flush<W: AsyncWrite + ?Sized>(
+        &mut self,
+        mut inner: Pin<&mut W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(inner.as_mut(), cx))?;
+        inner.poll_flush(cx)
     }
 }
 
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
+        // What a response left gathered goes out before the connection closes.
+        let _ =
+            std::future::poll_fn(|cx| self.pending.poll_drain(Pin::new(&mut self.inner), cx)).await;
         self.inner.shutdown().await;
     }
 }
@@ -359,3 +474,6 @@ impl Peek for GuardedStream {
         self.inner.try_peek(buf).await
     }
 }
+
+#[cfg(test)]
+mod tests;
