@@ -103,8 +103,9 @@ run() {
           --requests "$streams" --max-tokens 128 --prompt-tokens 128 --warmup "$streams" --json \
           > /dev/null
         snapshot "$results/m0-$name-$streams"
+        # `--prompt-tokens 115` is 128 prompt tokens with the chat template: the anchor's pp 128, tg 128.
         "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$streams" \
-          --requests "$streams" --max-tokens 256 --prompt-tokens 128 --warmup 0 --json \
+          --requests "$streams" --max-tokens 128 --prompt-tokens 115 --warmup 0 --json \
           > "$results/wave-$name-$streams.json"
         snapshot "$results/m1-$name-$streams"
         # Serving: a closed loop where new prompts join running streams.

@@ -1020,47 +1020,75 @@ impl Loop<'_> {
 
     /// Generating sequences contribute their pending token; the rest of the batch goes to
     /// prompt chunks, oldest request first. Returns the sequences that are in the batch.
+    ///
+    /// The tokens are laid out in sequence-id order. With one KV stream per sequence
+    /// (`kv_unified = false`), llama.cpp cuts a batch into micro-batches of consecutive,
+    /// increasing sequence ids, each a forward pass of its own, and reorders the logits rows
+    /// back into batch order, a copy of a whole vocabulary row per swap, when the passes
+    /// produced them in another order. A batch in admission order, which differs from slot
+    /// order once sequences have come and gone, cost several passes per step and those copies;
+    /// in id order the decode tokens of consecutive slots are one pass.
     fn fill_batch(&mut self) -> Vec<SeqId> {
         self.batch.clear();
-        let mut participants = Vec::with_capacity(self.admitted.len());
-        for id in self.admitted.clone() {
-            let Some(sequence) = slot(&mut self.slots, id) else {
-                continue;
-            };
-            if let Some(token) = sequence.pending_token.take()
-                && self
-                    .batch
-                    .add(token, sequence.position(), &[sequence.id], true)
-                    .is_ok()
-            {
-                sequence.logits_index = Some(self.batch.n_tokens() - 1);
-                sequence.in_batch.push(token.0);
-                participants.push(id);
-            }
-        }
+        let generating = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|sequence| sequence.pending_token.is_some())
+            .count();
         // While sequences are generating, prompts advance by a bounded chunk per step so the
         // gap between their tokens stays bounded; otherwise the whole batch goes to prompts.
-        let generating = participants.len();
+        let room = self.batch_capacity.saturating_sub(generating);
         let mut prefill_budget = if generating > 0 {
-            usize::try_from(self.worker.spec.prefill_chunk_tokens).unwrap_or(usize::MAX)
+            usize::try_from(self.worker.spec.prefill_chunk_tokens)
+                .unwrap_or(usize::MAX)
+                .min(room)
         } else {
-            self.batch_capacity
+            room
         };
-        for id in self.admitted.clone() {
-            let room = self
-                .batch_capacity
-                .saturating_sub(usize::try_from(self.batch.n_tokens()).unwrap_or(0))
-                .min(prefill_budget);
+        let mut chunks = vec![0_usize; self.slots.len()];
+        for &id in &self.admitted {
+            if prefill_budget == 0 {
+                break;
+            }
             let Some(sequence) = slot(&mut self.slots, id) else {
                 continue;
             };
             let remaining = sequence.prompt.len() - sequence.prompt_fed;
-            if remaining == 0 || room == 0 {
+            let chunk = remaining.min(prefill_budget);
+            if let Some(entry) = usize::try_from(id)
+                .ok()
+                .and_then(|index| chunks.get_mut(index))
+            {
+                *entry = chunk;
+            }
+            prefill_budget -= chunk;
+        }
+        let mut participants = Vec::with_capacity(self.admitted.len());
+        for (sequence, chunk) in self.slots.iter_mut().zip(chunks) {
+            let Some(sequence) = sequence.as_mut() else {
+                continue;
+            };
+            if let Some(token) = sequence.pending_token.take() {
+                if self
+                    .batch
+                    .add(token, sequence.position(), &[sequence.id], true)
+                    .is_ok()
+                {
+                    sequence.logits_index = Some(self.batch.n_tokens() - 1);
+                    sequence.in_batch.push(token.0);
+                    participants.push(sequence.id);
+                } else {
+                    sequence.pending_token = Some(token);
+                }
                 continue;
             }
-            let chunk = remaining.min(room);
-            let completes = chunk == remaining;
-            participants.push(id);
+            if chunk == 0 {
+                continue;
+            }
+            let completes = sequence.prompt_fed + chunk == sequence.prompt.len();
+            participants.push(sequence.id);
+            let mut fed = 0;
             for offset in 0..chunk {
                 let token = sequence.prompt[sequence.prompt_fed + offset];
                 let last = completes && offset + 1 == chunk;
@@ -1072,16 +1100,16 @@ impl Loop<'_> {
                     break;
                 }
                 sequence.in_batch.push(token.0);
+                fed += 1;
                 if last {
                     sequence.logits_index = Some(self.batch.n_tokens() - 1);
                 }
             }
-            sequence.prompt_fed += chunk;
-            prefill_budget = prefill_budget.saturating_sub(chunk);
+            sequence.prompt_fed += fed;
             self.worker
                 .stats
                 .prefill_tokens
-                .fetch_add(chunk as u64, Ordering::Relaxed);
+                .fetch_add(fed as u64, Ordering::Relaxed);
         }
         participants
     }
