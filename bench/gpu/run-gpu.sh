@@ -52,7 +52,11 @@ allow_anonymous = true
 path = "$model"
 context_tokens = 512
 parallel_sequences = 32
-batch_tokens = 2048
+# A wave's 32 prompts of 128 tokens fit one step, and a prompt that arrives while others
+# generate is prefilled in one step too: the wave's decode is then decode alone, as the
+# anchor's S_TG is (its prompts are all processed before it times generation).
+batch_tokens = 4096
+prefill_chunk_tokens = 4096
 threads = 8
 gpu_layers = 999
 queue_depth_max = 256
