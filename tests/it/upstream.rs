@@ -443,9 +443,14 @@ fn client_leaving_a_held_answer_counts_as_cancelled() {
                 .unwrap();
             response.chunk().await.unwrap().unwrap();
             drop(response);
+            // The counters are read one by one, so a snapshot taken while the request ends
+            // may show it cancelled and still in flight: wait for the settled state.
             let stats = upstream
-                .wait_for_stats(STATS_DEADLINE, |stats| stats["cancelled"] == 1)
+                .wait_for_stats(STATS_DEADLINE, |stats| {
+                    stats["cancelled"] == 1 && stats["in_flight"] == 0 && stats["held"] == 0
+                })
                 .await;
+            assert_eq!(stats["cancelled"], 1, "{stats}");
             assert_eq!(stats["in_flight"], 0, "{stats}");
             assert_eq!(stats["held"], 0, "{stats}");
 
@@ -464,8 +469,11 @@ fn client_leaving_a_held_answer_counts_as_cancelled() {
                 .await;
             held.abort();
             let stats = upstream
-                .wait_for_stats(STATS_DEADLINE, |stats| stats["cancelled"] == 2)
+                .wait_for_stats(STATS_DEADLINE, |stats| {
+                    stats["cancelled"] == 2 && stats["in_flight"] == 0
+                })
                 .await;
+            assert_eq!(stats["cancelled"], 2, "{stats}");
             assert_eq!(stats["in_flight"], 0, "{stats}");
             assert_eq!(stats["completed"], 0, "{stats}");
         });

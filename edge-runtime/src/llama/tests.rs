@@ -434,7 +434,7 @@ fn a_context_overflow_is_refused_before_queueing() {
 mod argmax {
     use proptest::prelude::*;
 
-    use super::super::{greedy_choice, greedy_index};
+    use super::super::{GreedyRow, greedy_choice, greedy_index, greedy_rows};
 
     #[test]
     fn ties_go_to_the_lower_id_and_banned_winners_are_skipped() {
@@ -450,6 +450,55 @@ mod argmax {
         assert_eq!(greedy_index(&logits, Some(&banned)), 7);
         logits[5] = f32::NAN;
         assert_eq!(greedy_index(&logits, None), 100);
+    }
+
+    #[test]
+    fn rows_shared_among_a_pool_are_chosen_as_one_thread_chooses_them_in_order() {
+        let planted = |slot: usize| (slot * 101) % 4_096;
+        // 37 rows: more than any share, and not a multiple of one.
+        let rows: Vec<Vec<f32>> = (0..37)
+            .map(|row| {
+                let mut logits: Vec<f32> = (0..4_096)
+                    .map(|index| ((index * 7 + row) % 13) as f32)
+                    .collect();
+                logits[planted(row)] = 20.0 + row as f32;
+                logits
+            })
+            .collect();
+        let mut banned = vec![false; 4_096];
+        banned[planted(3)] = true;
+        let rows: Vec<GreedyRow<'_>> = rows
+            .iter()
+            .enumerate()
+            .map(|(slot, logits)| GreedyRow {
+                slot,
+                logits,
+                banned: (slot == 3).then_some(banned.as_slice()),
+                margin: slot % 2 == 0,
+            })
+            .collect();
+        let alone = greedy_rows(&rows, None);
+        for threads in [2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let shared = greedy_rows(&rows, Some(&pool));
+            assert_eq!(shared.len(), rows.len());
+            for (one, other) in alone.iter().zip(&shared) {
+                assert_eq!(one.0, other.0, "{threads} threads");
+                assert!(one.1 == other.1 || (one.1.is_nan() && other.1.is_nan()));
+            }
+        }
+        // Each row's planted maximum wins unless banned; margins only where asked.
+        for (slot, (token, margin)) in alone.iter().enumerate() {
+            if slot == 3 {
+                assert_ne!(*token, planted(3));
+            } else {
+                assert_eq!(*token, planted(slot));
+            }
+            assert_eq!(margin.is_nan(), slot % 2 == 1);
+        }
     }
 
     proptest! {

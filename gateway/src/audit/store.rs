@@ -130,6 +130,7 @@ struct Inner {
     exported_up_to: AtomicU64,
     writer: Mutex<Option<JoinHandle<()>>>,
     syslog: Option<SyslogMonitor>,
+    store_directory: PathBuf,
 }
 
 /// An append accepted by the writer: resolves once the record is durable.
@@ -206,6 +207,7 @@ impl AuditLog {
                 exported_up_to: AtomicU64::new(exported_up_to),
                 writer: Mutex::new(Some(thread)),
                 syslog,
+                store_directory: config.store_directory(),
             }),
         })
     }
@@ -361,6 +363,7 @@ impl AuditLog {
         if let Some(thread) = thread {
             let _ = thread.join();
         }
+        wait_for_store_lock(&self.inner.store_directory, STORE_RELEASE_WAIT);
         result
     }
 
@@ -372,6 +375,27 @@ impl AuditLog {
                 "records cannot be made durable".into(),
             ))
         }
+    }
+}
+
+/// How long `shutdown_blocking` waits for sled to let go of the store's file.
+const STORE_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until the store's lock can be taken, at most `wait`. sled's I/O threads can hold
+/// the database (and the exclusive lock on its `db` file) for a moment after the last handle
+/// is dropped, so a store reopened in the same process right after the writer ends could
+/// be refused as locked.
+fn wait_for_store_lock(directory: &Path, wait: Duration) {
+    let Ok(file) = std::fs::File::open(directory.join("db")) else {
+        return;
+    };
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        if file.try_lock().is_ok() {
+            let _ = file.unlock();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
