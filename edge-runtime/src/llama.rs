@@ -1029,10 +1029,10 @@ impl Loop<'_> {
     /// 6 MB at one core's memory bandwidth, most of a millisecond per step on a GPU host,
     /// while the worker's threads are idle waiting for the GPU.
     fn greedy_choices(&self) -> Vec<Option<(usize, f32)>> {
-        let mut choices = vec![None; self.slots.len()];
         let Some(pool) = &self.scan_pool else {
-            return choices;
+            return Vec::new();
         };
+        let mut choices = vec![None; self.slots.len()];
         let worker = self.worker;
         let mut rows = Vec::new();
         for (slot_index, sequence) in self.slots.iter().enumerate() {
