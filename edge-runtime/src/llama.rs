@@ -29,7 +29,7 @@ use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::{DecodeError, LlamaBackendDeviceType, LogOptions};
 use tokio::sync::mpsc;
 
-use crate::prefix::{CellLedger, PrefixCache, PrefixMatch, SeqId, best_match};
+use crate::prefix::{CellLedger, PrefixCache, PrefixMatch, SeqId, best_match, choose_slot};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::utf8::Utf8Assembler;
 use crate::{
@@ -580,6 +580,11 @@ struct Loop<'m> {
     batch: LlamaBatch<'static>,
     batch_capacity: usize,
     slots: Vec<Option<Sequence>>,
+    /// With one KV cache per sequence, the tokens a free slot's last occupant left in its
+    /// cache, by slot (empty in a unified cache, where a finished sequence's cells are
+    /// freed or parked). They count as free cells: the next occupant keeps the prefix it
+    /// shares with them and overwrites the rest.
+    leftovers: Vec<Vec<i32>>,
     /// Admission order, so prefill chunks go to the oldest request first.
     admitted: Vec<SeqId>,
     /// Jobs waiting for a free slot, oldest first; bounded by `queue_depth_max` at submission.
@@ -667,6 +672,7 @@ impl Worker {
             batch: LlamaBatch::new(batch_capacity, 1),
             batch_capacity,
             slots: (0..spec.parallel_sequences).map(|_| None).collect(),
+            leftovers: (0..spec.parallel_sequences).map(|_| Vec::new()).collect(),
             admitted: Vec::new(),
             queue: VecDeque::new(),
             prefixes: PrefixCache::new(
@@ -772,23 +778,37 @@ impl Loop<'_> {
             }
         }
         self.expire_queued(timeout);
-        while let Some(free) = self.slots.iter().position(Option::is_none) {
+        while self.slots.iter().any(Option::is_none) {
             let Some(job) = self.queue.pop_front() else {
                 break;
             };
             worker.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
             let queued = job.submitted_at.elapsed();
-            let id = SeqId::try_from(free).unwrap_or(SeqId::MAX);
             let request = job.request;
             let prompt: Vec<i32> = request.prompt.tokens;
-            let mut history = Vec::new();
-            if let Some(reuse) = self.find_prefix(&prompt)
-                && self.reuse_prefix(reuse, id)
-            {
-                self.prefixes.touch(reuse.source);
-                history.extend_from_slice(&prompt[..reuse.length]);
-            }
-            let cached = history.len();
+            let free_slots = self
+                .slots
+                .iter()
+                .zip(&self.leftovers)
+                .enumerate()
+                .filter(|(_, (sequence, _))| sequence.is_none())
+                .map(|(index, (_, leftover))| (index, leftover.as_slice()));
+            let Some((free, leftover)) = choose_slot(&prompt, free_slots) else {
+                break;
+            };
+            let id = SeqId::try_from(free).unwrap_or(SeqId::MAX);
+            let cached = match self.find_prefix(&prompt) {
+                Some(reuse) if reuse.length > leftover => {
+                    if self.reuse_prefix(reuse, id) {
+                        self.prefixes.touch(reuse.source);
+                        reuse.length
+                    } else {
+                        0
+                    }
+                }
+                _ => self.keep_leftover(id, leftover),
+            };
+            let history = prompt[..cached].to_vec();
             worker
                 .stats
                 .prompt_tokens
@@ -890,6 +910,11 @@ impl Loop<'_> {
             self.ledger.copy_prefix(reuse.source, target, reuse.length);
             return true;
         }
+        // The target's leftover goes; the state read below replaces it.
+        self.leftovers[usize::try_from(target).unwrap_or(usize::MAX)].clear();
+        let _ = self
+            .context
+            .clear_kv_cache_seq(u32::try_from(target).ok(), None, None);
         let state = match self.host_states.get(&reuse.source) {
             Some(state) => state.clone(),
             // An active sequence: take its state now.
@@ -917,6 +942,36 @@ impl Loop<'_> {
         }
         self.ledger.extend(target, reuse.length);
         true
+    }
+
+    /// Keeps the first `length` tokens of the free slot `id`'s leftover for its new occupant
+    /// and drops the rest; returns how many it kept (none if the cut failed).
+    fn keep_leftover(&mut self, id: SeqId, length: usize) -> usize {
+        let Some(leftover) = usize::try_from(id)
+            .ok()
+            .and_then(|index| self.leftovers.get_mut(index))
+        else {
+            return 0;
+        };
+        let had = std::mem::take(leftover).len();
+        if had == 0 {
+            return 0;
+        }
+        let sequence = u32::try_from(id).ok();
+        let cut = u32::try_from(length)
+            .ok()
+            .filter(|_| length > 0)
+            .is_some_and(|from| {
+                self.context
+                    .clear_kv_cache_seq(sequence, Some(from), None)
+                    .unwrap_or(false)
+            });
+        if !cut {
+            let _ = self.context.clear_kv_cache_seq(sequence, None, None);
+            return 0;
+        }
+        self.ledger.extend(id, length);
+        length
     }
 
     /// The longest prefix of `prompt` already in the cache: in a parked prefix or in the
@@ -1205,6 +1260,17 @@ impl Loop<'_> {
                     }
                 }
             }
+        }
+        if how == Release::Keep && !self.worker.spec.kv_unified {
+            // The slot's cache keeps the tokens for its next occupant; the cells count as free.
+            self.ledger.remove(id);
+            if let Some(leftover) = usize::try_from(id)
+                .ok()
+                .and_then(|index| self.leftovers.get_mut(index))
+            {
+                *leftover = sequence.history;
+            }
+            return;
         }
         self.clear_sequence(id);
     }

@@ -50,6 +50,27 @@ pub fn best_match<'a>(
         .max_by_key(|candidate| (candidate.length, std::cmp::Reverse(candidate.source)))
 }
 
+/// Where a new prompt goes when each sequence keeps its own KV cache: the free slot whose
+/// leftover tokens (what its last occupant decoded, still in its cache) share the longest
+/// prefix with the prompt, and how many of those tokens the prompt keeps. The kept length
+/// stops one short of the prompt, so its last token is decoded and gives logits.
+///
+/// Without a useful leftover, an empty slot is preferred over one whose leftover another
+/// prompt might still reuse. `free` lists `(slot, leftover)` for the free slots.
+pub fn choose_slot<'a>(
+    prompt: &[i32],
+    free: impl IntoIterator<Item = (usize, &'a [i32])>,
+) -> Option<(usize, usize)> {
+    let usable = prompt.len().saturating_sub(1);
+    free.into_iter()
+        .map(|(slot, leftover)| {
+            let kept = common_prefix(prompt, leftover).min(usable);
+            (slot, kept, leftover.is_empty())
+        })
+        .max_by_key(|&(slot, kept, empty)| (kept, empty, std::cmp::Reverse(slot)))
+        .map(|(slot, kept, _)| (slot, kept))
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     seq: SeqId,

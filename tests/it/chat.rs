@@ -63,10 +63,12 @@ fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
         }
         let prompt_tokens = answers[1]["usage"]["prompt_tokens"].as_u64().unwrap();
         assert!(prompt_tokens > 40, "{}", answers[1]);
-        assert_eq!(
-            answers[0]["usage"]["prompt_tokens_details"]["cached_tokens"],
-            0
-        );
+        // The first time, at most the chat template's opening is shared with the slot's
+        // previous request.
+        let first_cached = answers[0]["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(first_cached < prompt_tokens / 4, "{}", answers[0]);
         assert_eq!(
             answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
             Some(prompt_tokens - 1),

@@ -523,3 +523,52 @@ mod argmax {
         }
     }
 }
+
+/// With one cache per sequence and no prefix cache at all, a slot's next request keeps what
+/// it shares with the tokens its last occupant left there (the chat template's opening, a
+/// repeated conversation), answers as it did cold, and those leftover cells count as free.
+#[test]
+fn a_slot_keeps_the_prefix_its_next_request_shares_with_the_last() {
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        parallel_sequences: 1,
+        prefix_cache_entries: 0,
+        prefix_cache_tokens_max: 0,
+        ..spec("leftover")
+    });
+    let runtime = runtime();
+    let system = "You keep a lighthouse.";
+    let first = exact_request(&model, system, "When is the lamp lit?", 12);
+    let other = exact_request(&model, system, "Who cleans the lens?", 12);
+    let shared = crate::prefix::common_prefix(&first.prompt.tokens, &other.prompt.tokens);
+    assert!(shared > 4, "the prompts share only {shared} tokens");
+    let cold = runtime.block_on(collect(model.submit(first.clone()).unwrap()));
+    assert_eq!(cold.usage.cached_tokens, 0);
+    cells_settle_at_zero(&model);
+    let second = runtime.block_on(collect(model.submit(other).unwrap()));
+    assert_eq!(second.usage.cached_tokens as usize, shared);
+    // The first prompt again: it shares the template with what the second left behind.
+    let again = runtime.block_on(collect(model.submit(first).unwrap()));
+    assert_eq!(again.usage.cached_tokens as usize, shared);
+    let (compared, _) = compare_greedy(&cold, &again);
+    assert!(compared >= 6, "only {compared} tokens compared");
+    cells_settle_at_zero(&model);
+    assert_eq!(
+        model.stats().prefix_hit_tokens(),
+        2 * u64::try_from(shared).unwrap()
+    );
+}
+
+/// The worker publishes its cell count after it releases a finished sequence, which is just
+/// after the caller hears `Done`.
+fn cells_settle_at_zero(model: &ModelHandle) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while model.stats().kv_cells_used() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} cells still in use",
+            model.stats().kv_cells_used()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -1,4 +1,4 @@
-use super::{CellLedger, Park, PrefixCache, PrefixMatch, best_match, common_prefix};
+use super::{CellLedger, Park, PrefixCache, PrefixMatch, best_match, choose_slot, common_prefix};
 
 #[test]
 fn the_longest_prefix_wins_and_leaves_one_token_to_decode() {
@@ -84,4 +84,28 @@ fn the_ledger_counts_shared_cells_once() {
     assert_eq!(ledger.used_cells(), 110);
     ledger.remove(9);
     assert_eq!(ledger.used_cells(), 0);
+}
+
+#[test]
+fn a_prompt_goes_to_the_free_slot_whose_leftover_it_shares_most() {
+    let prompt = [7, 8, 9, 1, 2];
+    let other = [7, 8, 3];
+    let best = [7, 8, 9, 4];
+    let free = [(0, &other[..]), (2, &best[..]), (3, &[][..])];
+    assert_eq!(choose_slot(&prompt, free), Some((2, 3)));
+    // The same prompt again keeps all but its last token.
+    let same = [7, 8, 9, 1, 2, 5, 6];
+    assert_eq!(choose_slot(&prompt, [(1, &same[..])]), Some((1, 4)));
+}
+
+#[test]
+fn without_a_shared_prefix_an_empty_slot_is_taken_before_a_leftover() {
+    let prompt = [5, 6];
+    let leftover = [1, 2, 3];
+    assert_eq!(
+        choose_slot(&prompt, [(0, &leftover[..]), (1, &[][..]), (2, &[][..])]),
+        Some((1, 0))
+    );
+    assert_eq!(choose_slot(&prompt, [(4, &leftover[..])]), Some((4, 0)));
+    assert_eq!(choose_slot(&prompt, []), None);
 }
