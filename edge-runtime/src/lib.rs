@@ -14,6 +14,7 @@ pub mod backends;
 pub mod gguf;
 mod llama;
 pub mod prefix;
+pub mod schedule;
 pub mod stop;
 pub mod utf8;
 

@@ -30,6 +30,7 @@ use llama_cpp_2::{DecodeError, LlamaBackendDeviceType, LogOptions};
 use tokio::sync::mpsc;
 
 use crate::prefix::{CellLedger, PrefixCache, PrefixMatch, SeqId, best_match, choose_slot};
+use crate::schedule::{PendingPrompt, prefill_plan};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::utf8::Utf8Assembler;
 use crate::{
@@ -1139,33 +1140,38 @@ impl Loop<'_> {
             .flatten()
             .filter(|sequence| sequence.pending_token.is_some())
             .count();
-        // While sequences are generating, prompts advance by a bounded chunk per step so the
-        // gap between their tokens stays bounded; otherwise the whole batch goes to prompts.
-        let room = self.batch_capacity.saturating_sub(generating);
-        let mut prefill_budget = if generating > 0 {
-            usize::try_from(self.worker.spec.prefill_chunk_tokens)
-                .unwrap_or(usize::MAX)
-                .min(room)
-        } else {
-            room
-        };
+        // Prompt tokens per sequence this step (`schedule`), by slot.
+        let pending: Vec<(SeqId, PendingPrompt)> = self
+            .admitted
+            .iter()
+            .filter_map(|&id| {
+                let sequence = usize::try_from(id)
+                    .ok()
+                    .and_then(|index| self.slots.get(index))?
+                    .as_ref()?;
+                let cached = usize::try_from(sequence.cached_tokens).unwrap_or(0);
+                let prompt = PendingPrompt {
+                    remaining: sequence.prompt.len() - sequence.prompt_fed,
+                    uncached: sequence.prompt.len().saturating_sub(cached),
+                };
+                (prompt.remaining > 0).then_some((id, prompt))
+            })
+            .collect();
+        let prompts: Vec<PendingPrompt> = pending.iter().map(|&(_, prompt)| prompt).collect();
+        let plan = prefill_plan(
+            &prompts,
+            generating,
+            self.batch_capacity,
+            usize::try_from(self.worker.spec.prefill_chunk_tokens).unwrap_or(usize::MAX),
+        );
         let mut chunks = vec![0_usize; self.slots.len()];
-        for &id in &self.admitted {
-            if prefill_budget == 0 {
-                break;
-            }
-            let Some(sequence) = slot(&mut self.slots, id) else {
-                continue;
-            };
-            let remaining = sequence.prompt.len() - sequence.prompt_fed;
-            let chunk = remaining.min(prefill_budget);
-            if let Some(entry) = usize::try_from(id)
+        for ((id, _), take) in pending.iter().zip(plan) {
+            if let Some(entry) = usize::try_from(*id)
                 .ok()
                 .and_then(|index| chunks.get_mut(index))
             {
-                *entry = chunk;
+                *entry = take;
             }
-            prefill_budget -= chunk;
         }
         let mut participants = Vec::with_capacity(self.admitted.len());
         for (sequence, chunk) in self.slots.iter_mut().zip(chunks) {
