@@ -1052,6 +1052,10 @@ impl Loop<'_> {
             );
         }
         let mut choices = self.greedy_choices();
+        // Finished sequences leave their slots once every sequence's token of this step is
+        // out: parking a finished sequence (a copy of its state, from the GPU when offloaded)
+        // must not delay the others' tokens.
+        let mut finished = Vec::new();
         for id in participants {
             let Some(sequence) = self.sequence(id) else {
                 continue;
@@ -1071,9 +1075,12 @@ impl Loop<'_> {
                     .and_then(|slot| choices.get_mut(slot))
                     .and_then(Option::take);
                 if let Step::Finished = worker.sample(sequence, &self.context, index, chosen) {
-                    self.release(id, Release::Keep);
+                    finished.push(id);
                 }
             }
+        }
+        for id in finished {
+            self.release(id, Release::Keep);
         }
         self.publish_cells();
     }
