@@ -93,6 +93,8 @@ run() {
     for layout in $layouts; do
       local name=$shape-$layout extra=
       [ "$layout" = unified ] && extra="kv_unified = true"
+      # split without a prefix cache: no sequence state is parked in host memory.
+      [ "$layout" = split-nocache ] && extra="prefix_cache_tokens_max = 0"
       serve "$work/m$shape.gguf" "$name" "$extra"
       grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$name.log" | tee -a "$out/devices.txt"
       nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$name.csv" &
