@@ -912,7 +912,12 @@ impl Loop<'_> {
             return true;
         }
         // The target's leftover goes; the state read below replaces it.
-        self.leftovers[usize::try_from(target).unwrap_or(usize::MAX)].clear();
+        if let Some(leftover) = usize::try_from(target)
+            .ok()
+            .and_then(|index| self.leftovers.get_mut(index))
+        {
+            leftover.clear();
+        }
         let _ = self
             .context
             .clear_kv_cache_seq(u32::try_from(target).ok(), None, None);
@@ -954,15 +959,12 @@ impl Loop<'_> {
         else {
             return 0;
         };
-        let had = std::mem::take(leftover).len();
-        if had == 0 {
+        if std::mem::take(leftover).is_empty() {
             return 0;
         }
         let sequence = u32::try_from(id).ok();
-        let cut = u32::try_from(length)
-            .ok()
-            .filter(|_| length > 0)
-            .is_some_and(|from| {
+        let cut = length > 0
+            && u32::try_from(length).is_ok_and(|from| {
                 self.context
                     .clear_kv_cache_seq(sequence, Some(from), None)
                     .unwrap_or(false)
