@@ -378,13 +378,13 @@ impl AuditLog {
     }
 }
 
-/// How long `shutdown_blocking` waits for sled to let go of the store's file.
+/// How long `shutdown_blocking`, and opening a store, wait for sled to let go of its file.
 const STORE_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Waits until the store's lock can be taken, at most `wait`. sled's I/O threads can hold
 /// the database (and the exclusive lock on its `db` file) for a moment after the last handle
-/// is dropped, so a store reopened in the same process right after the writer ends could
-/// be refused as locked.
+/// is dropped, so a store reopened in the same process right after the writer (or the
+/// verifier) ends could be refused as locked.
 fn wait_for_store_lock(directory: &Path, wait: Duration) {
     let Ok(file) = std::fs::File::open(directory.join("db")) else {
         return;
@@ -418,6 +418,9 @@ struct LastRecord {
 
 impl Store {
     fn open(directory: &Path) -> Result<Store, sled::Error> {
+        // A handle dropped a moment ago in this process (the verifier's, a previous log's)
+        // may still hold the lock; one held by a live process is refused after the wait.
+        wait_for_store_lock(directory, STORE_RELEASE_WAIT);
         let db = sled::Config::new()
             .path(directory)
             .cache_capacity(STORE_CACHE_BYTES_MAX)
