@@ -536,6 +536,9 @@ pub fn parse(
             "configure at least one local model ([models.NAME]) or cloud pool ([upstreams.NAME])",
         ));
     }
+    if let (Some(policy), Some(Some(audit))) = (&policy, &audit) {
+        check_content_rules(policy, audit, &mut validator.errors);
+    }
     for pool in upstreams.iter().filter(|pool| pool.fallback_to_local) {
         if models.is_empty() {
             validator.errors.push(ConfigError::new(
@@ -572,6 +575,36 @@ pub fn parse(
             logging,
         }),
         _ => Err(validator.errors),
+    }
+}
+
+/// `[audit.content] rules` must name rules that can decide: a `[[policy.rules]]` name or one
+/// the policy applies by itself. A misspelt name would silently record nothing.
+fn check_content_rules(
+    policy: &PolicyConfig,
+    audit: &AuditSettings,
+    errors: &mut Vec<ConfigError>,
+) {
+    let Some(content) = &audit.content else {
+        return;
+    };
+    let builtin = [
+        router_policies::DEFAULT_RULE,
+        router_policies::FAIL_CLOSED_RULE,
+        router_policies::SPILLOVER_RULE,
+    ];
+    for (index, name) in content.rules.iter().enumerate() {
+        let known =
+            builtin.contains(&name.as_str()) || policy.rules.iter().any(|rule| &rule.name == name);
+        if !known && !name.trim().is_empty() {
+            errors.push(ConfigError::new(
+                format!("audit.content.rules[{index}]"),
+                format!(
+                    "no policy rule is named `{name}` (expected a [[policy.rules]] name or {})",
+                    builtin.join(", ")
+                ),
+            ));
+        }
     }
 }
 

@@ -416,7 +416,9 @@ headers_from_env = {{ "x-api-key" = "ISTHMUS_NOT_SET", "bad header" = "ISTHMUS_T
 fn audit_content_and_syslog_are_validated_with_every_error_at_once() {
     let (_dir, source) = fixture();
     let valid = format!(
-        "{VALID}\n[audit.content]\nroutes = [\"cloud\"]\nrules = [\"support-desk\"]\n\n\
+        "{VALID}\n[[policy.rules]]\nname = \"support-desk\"\naction = \"local\"\n\
+         target = \"smollm2\"\nwhen = {{ headers = {{ \"x-team\" = \"support\" }} }}\n\n\
+         [audit.content]\nroutes = [\"cloud\"]\nrules = [\"support-desk\", \"fail_closed\"]\n\n\
          [audit.syslog]\naddress = \"127.0.0.1:514\"\ntransport = \"tcp\"\nformat = \"cef\"\n\
          facility = \"audit\"\n"
     );
@@ -485,5 +487,15 @@ fn audit_content_and_syslog_are_validated_with_every_error_at_once() {
             .iter()
             .any(|error| error.starts_with("audit.syslog.facility: unknown facility `local9`")),
         "{errors:#?}"
+    );
+
+    // A rule name no policy rule carries would record nothing: refused, naming the choices.
+    let misspelt = format!("{VALID}\n[audit.content]\nrules = [\"default\", \"suport-desk\"]\n");
+    assert_eq!(
+        errors_of(&misspelt, &source),
+        [
+            "audit.content.rules[1]: no policy rule is named `suport-desk` (expected a \
+             [[policy.rules]] name or default, fail_closed, spillover)"
+        ]
     );
 }
