@@ -3,6 +3,7 @@
 #
 #   bench/gpu/run-gpu.sh build   # CUDA backend module (+ llama-batched-bench) from the sources
 #   bench/gpu/run-gpu.sh run     # random-weight models; isthmus bench at 1/8/32 streams; anchor
+#   bench/gpu/run-gpu.sh steps   # a pure decode step's split, with graph reuse / CUDA graphs off
 #
 # Inputs in .device/ (made on the build machine by bench/gpu/prepare): bundle.tar.gz (the
 # isthmus release binary, its libraries and CPU backends), llama-src.tar.gz (the llama.cpp tree
@@ -10,7 +11,7 @@
 # wheel. Work happens in /tmp/isthmus-gpu; a few summary files go to $OUT (or
 # /tmp/isthmus-gpu/out), everything else stays in /tmp/isthmus-gpu/results.
 set -euo pipefail
-phase=${1:?usage: run-gpu.sh build|run}
+phase=${1:?usage: run-gpu.sh build|run|steps}
 inputs=.device
 work=/tmp/isthmus-gpu
 out=${OUT:-$work/out}
@@ -63,7 +64,7 @@ queue_depth_max = 256
 queue_timeout_ms = 600000
 $extra
 [logging]
-level = "info"
+level = "${ISTHMUS_GPU_LOG_LEVEL:-info}"
 TOML
   "$work/bundle/isthmus" serve --config "$work/$name.toml" > "$results/serve-$name.log" 2>&1 &
   server=$!
@@ -181,6 +182,83 @@ for shape in shapes:
                   f"TPOT p50 {tpot:.2f} ms, TTFT p50 {report['ttft_ms']['p50']:.1f} ms, errors {report['errors']}; "
                   + per_step(out / f"m1-{name}-{streams}", out / f"m2-{name}-{streams}"))
 PY
+}
+
+# Where a pure decode step's time goes, and whether graph reuse and CUDA graphs carry it:
+# for each variant (as is, llama.cpp graph reuse off, CUDA graphs off) two waves of N
+# requests with the same prompts, generating 8 and 128 tokens; the difference of their
+# counters is 120 steps with no prompt in them, the quantity llama-batched-bench's S_TG
+# times. Then one wave with llama.cpp's debug log, counting graph reuse and CUDA graph
+# messages, and the anchor under the same switches.
+steps() {
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$inputs"/gguf-*.whl
+  export PYTHONPATH=/tmp/site
+  local shape=${ISTHMUS_GPU_SHAPES:-135m}
+  shape=${shape%% *}
+  [ -f "$work/m$shape.gguf" ] || python3 bench/gpu/random_model.py model --shape "$shape" \
+    --tokenizer "$inputs/tokenizer.gguf" --out "$work/m$shape.gguf" | tee -a "$out/models.txt"
+  wave() { # streams max_tokens prompt_tokens
+    "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$1" --requests "$1" \
+      --max-tokens "$2" --prompt-tokens "$3" --warmup 0 --json > /dev/null
+  }
+  for variant in as-is no-graph-reuse no-cuda-graphs; do
+    local name=$shape-steps-$variant
+    case $variant in
+      as-is) serve "$work/m$shape.gguf" "$name" ;;
+      no-graph-reuse) LLAMA_GRAPH_REUSE_DISABLE=1 serve "$work/m$shape.gguf" "$name" ;;
+      no-cuda-graphs) GGML_CUDA_DISABLE_GRAPHS=1 serve "$work/m$shape.gguf" "$name" ;;
+    esac
+    for streams in 8 32; do
+      wave "$streams" 128 128
+      snapshot "$results/s0-$name-$streams"
+      wave "$streams" 8 115
+      snapshot "$results/s1-$name-$streams"
+      wave "$streams" 128 115
+      snapshot "$results/s2-$name-$streams"
+    done
+    kill -TERM "$server"; wait "$server" || true
+  done
+  python3 - "$results" "$shape" <<'PY' | tee "$out/steps.txt"
+import sys, pathlib
+out, shape = pathlib.Path(sys.argv[1]), sys.argv[2]
+def counters(path):
+    values = {}
+    for line in path.read_text().splitlines():
+        name, value = line.rsplit(" ", 1)
+        key = name.split("{")[0].removeprefix("isthmus_local_").removesuffix("_total")
+        values[key] = values.get(key, 0.0) + float(value)
+    return values
+for variant in ("as-is", "no-graph-reuse", "no-cuda-graphs"):
+    name = f"{shape}-steps-{variant}"
+    for streams in (8, 32):
+        c = [counters(out / f"s{i}-{name}-{streams}") for i in range(3)]
+        d = {k: (c[2][k] - c[1][k]) - (c[1][k] - c[0][k]) for k in c[0]}
+        steps = d["decode_steps"]
+        decode, wait, busy = (d[k] / steps * 1e3 for k in ("decode_seconds", "device_wait_seconds", "worker_busy_seconds"))
+        print(f"{name} streams={streams}: {steps:.0f} decode-only steps, {d['batched_tokens'] / steps:.1f} tokens/step, "
+              f"per step: llama_decode {decode:.3f} ms, device wait {wait:.3f} ms, other host {busy - decode - wait:.3f} ms, "
+              f"total {busy:.3f} ms")
+PY
+  ISTHMUS_GPU_LOG_LEVEL=debug LLAMA_GRAPH_RESULT_DEBUG=2 serve "$work/m$shape.gguf" "$shape-steps-debug"
+  wave 32 128 128
+  kill -TERM "$server"; wait "$server" || true
+  local log=$results/serve-$shape-steps-debug.log
+  {
+    echo "debug wave, 32 streams: $(wc -l < "$log") log lines"
+    for pattern in "cannot reuse graph" "reusing previous graph" "CUDA Graph id" "warmup complete" \
+      "warmup reset" "disabling CUDA graphs" "can_reuse = 0"; do
+      echo "  '$pattern': $(grep -c "$pattern" "$log" || true)"
+    done
+    grep -i "graph" "$log" | sed 's/^.*\(llama\|ggml\)/\1/' | sort | uniq -c | sort -rn | head -n 20 || true
+  } | tee "$out/steps-debug.txt"
+  for variant in as-is no-graph-reuse no-cuda-graphs; do
+    local env=()
+    [ "$variant" = no-graph-reuse ] && env=(LLAMA_GRAPH_REUSE_DISABLE=1)
+    [ "$variant" = no-cuda-graphs ] && env=(GGML_CUDA_DISABLE_GRAPHS=1)
+    env "${env[@]}" "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
+      -npp 128 -ntg 128 -npl 8,32 -ngl 999 > "$results/batched-bench-$shape-$variant.txt" 2>&1 || true
+    { echo "anchor $variant"; grep -E "^\|" "$results/batched-bench-$shape-$variant.txt"; } | tee -a "$out/steps.txt"
+  done
 }
 
 "$phase"
