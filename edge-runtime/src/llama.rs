@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvError, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, RecvError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -586,6 +586,12 @@ struct Loop<'m> {
     /// freed or parked). They count as free cells: the next occupant keeps the prefix it
     /// shares with them and overwrites the rest.
     leftovers: Vec<Vec<i32>>,
+    /// By slot: whether the leftover still has to be copied into the host prefix cache.
+    /// Copying a state out of the context takes a millisecond or more per sequence on a GPU
+    /// (one synchronous transfer per layer), so it is done while the worker is idle, never
+    /// between the steps of running sequences; under sustained load a leftover the next
+    /// occupant does not share is overwritten uncopied.
+    unparked: Vec<bool>,
     /// Admission order, so prefill chunks go to the oldest request first.
     admitted: Vec<SeqId>,
     /// Jobs waiting for a free slot, oldest first; bounded by `queue_depth_max` at submission.
@@ -674,6 +680,7 @@ impl Worker {
             batch_capacity,
             slots: (0..spec.parallel_sequences).map(|_| None).collect(),
             leftovers: (0..spec.parallel_sequences).map(|_| Vec::new()).collect(),
+            unparked: (0..spec.parallel_sequences).map(|_| false).collect(),
             admitted: Vec::new(),
             queue: VecDeque::new(),
             prefixes: PrefixCache::new(
@@ -762,9 +769,27 @@ impl Loop<'_> {
     fn admit(&mut self, jobs: &Receiver<Command>) -> bool {
         let worker = self.worker;
         let timeout = Duration::from_millis(worker.spec.queue_timeout_ms);
-        // Nothing running and nothing waiting: sleep until a job arrives.
+        // Nothing running and nothing waiting: save the slots' leftovers into the prefix
+        // cache while no job waits, then sleep until one arrives.
         if self.admitted.is_empty() && self.queue.is_empty() {
-            let job = jobs.recv();
+            let mut arrived = None;
+            while let Some(slot) = self.unparked.iter().position(|&unparked| unparked) {
+                match jobs.try_recv() {
+                    Ok(command) => {
+                        arrived = Some(Ok(command));
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => {
+                        self.park_leftover(slot);
+                        self.publish_cells();
+                    }
+                    Err(TryRecvError::Disconnected) => {
+                        arrived = Some(Err(RecvError));
+                        break;
+                    }
+                }
+            }
+            let job = arrived.unwrap_or_else(|| jobs.recv());
             self.busy_since = Instant::now();
             match job {
                 Ok(Command::Generate(job)) => self.queue.push_back(job),
@@ -912,11 +937,11 @@ impl Loop<'_> {
             return true;
         }
         // The target's leftover goes; the state read below replaces it.
-        if let Some(leftover) = usize::try_from(target)
-            .ok()
-            .and_then(|index| self.leftovers.get_mut(index))
-        {
-            leftover.clear();
+        if let Ok(index) = usize::try_from(target) {
+            self.leftover_overwritten(index, 0);
+            if let Some(leftover) = self.leftovers.get_mut(index) {
+                leftover.clear();
+            }
         }
         let _ = self
             .context
@@ -950,13 +975,33 @@ impl Loop<'_> {
         true
     }
 
+    /// The leftover of free slot `slot` is about to be cut to its first `keep` tokens for a
+    /// new occupant. With nothing else running it is parked first when that cut would lose
+    /// enough tokens; otherwise its parking, left to idle time, is given up.
+    fn leftover_overwritten(&mut self, slot: usize, keep: usize) {
+        let loses = self
+            .leftovers
+            .get(slot)
+            .map_or(0, |tokens| tokens.len().saturating_sub(keep));
+        if self.admitted.is_empty()
+            && self.unparked.get(slot) == Some(&true)
+            && loses >= PREFIX_PARK_TOKENS_MIN
+        {
+            self.park_leftover(slot);
+        }
+        if let Some(unparked) = self.unparked.get_mut(slot) {
+            *unparked = false;
+        }
+    }
+
     /// Keeps the first `length` tokens of the free slot `id`'s leftover for its new occupant
     /// and drops the rest; returns how many it kept (none if the cut failed).
     fn keep_leftover(&mut self, id: SeqId, length: usize) -> usize {
-        let Some(leftover) = usize::try_from(id)
-            .ok()
-            .and_then(|index| self.leftovers.get_mut(index))
-        else {
+        let Ok(index) = usize::try_from(id) else {
+            return 0;
+        };
+        self.leftover_overwritten(index, length);
+        let Some(leftover) = self.leftovers.get_mut(index) else {
             return 0;
         };
         if std::mem::take(leftover).is_empty() {
@@ -1232,7 +1277,9 @@ impl Loop<'_> {
         participants
     }
 
-    /// Frees the slot; with `Keep`, parks the sequence's tokens as a reusable prefix.
+    /// Frees the slot. With `Keep`, a unified cache parks the sequence's tokens as a reusable
+    /// prefix at once (a copy between sequences of one cache, on the device); one cache per
+    /// sequence keeps them in the slot as its leftover, parked later while the worker idles.
     fn release(&mut self, id: SeqId, how: Release) {
         let Some(sequence) = usize::try_from(id)
             .ok()
@@ -1246,48 +1293,72 @@ impl Loop<'_> {
             .active_sequences
             .fetch_sub(1, Ordering::Relaxed);
         self.admitted.retain(|&other| other != id);
-        if how == Release::Keep
-            && sequence.history.len() >= PREFIX_PARK_TOKENS_MIN
-            && let Some(park) = self.prefixes.park(sequence.history.clone())
-        {
-            for evicted in park.clear {
-                self.clear_sequence(evicted);
-                self.host_states.remove(&evicted);
-            }
-            if self.worker.spec.kv_unified {
-                let length = u32::try_from(sequence.history.len()).unwrap_or(u32::MAX);
-                if self
-                    .context
-                    .copy_kv_cache_seq(id, park.target, Some(0), Some(length))
-                    .is_ok()
-                {
-                    self.ledger
-                        .copy_prefix(id, park.target, sequence.history.len());
-                }
-            } else {
-                match self.context.state_seq_get(id, LlamaStateSeqFlags::empty()) {
-                    Ok(state) => {
-                        self.host_states.insert(park.target, state);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "saving a sequence state for prefix reuse failed");
-                        self.prefixes.forget(park.target);
-                    }
-                }
-            }
-        }
         if how == Release::Keep && !self.worker.spec.kv_unified {
             // The slot's cache keeps the tokens for its next occupant; the cells count as free.
             self.ledger.remove(id);
-            if let Some(leftover) = usize::try_from(id)
+            if let Some(index) = usize::try_from(id)
                 .ok()
-                .and_then(|index| self.leftovers.get_mut(index))
+                .filter(|&index| index < self.leftovers.len())
             {
-                *leftover = sequence.history;
+                self.unparked[index] =
+                    sequence.history.len() >= PREFIX_PARK_TOKENS_MIN && self.prefixes.enabled();
+                self.leftovers[index] = sequence.history;
             }
             return;
         }
+        if how == Release::Keep {
+            self.park(id, sequence.history);
+        }
         self.clear_sequence(id);
+    }
+
+    /// Copies the leftover of free slot `slot` into the host prefix cache.
+    fn park_leftover(&mut self, slot: usize) {
+        let Some(unparked) = self.unparked.get_mut(slot) else {
+            return;
+        };
+        *unparked = false;
+        let (Some(tokens), Ok(id)) = (self.leftovers.get(slot), SeqId::try_from(slot)) else {
+            return;
+        };
+        let tokens = tokens.clone();
+        self.park(id, tokens);
+    }
+
+    /// Parks the first `tokens.len()` tokens of context sequence `id` as a reusable prefix,
+    /// evicting what the cache's bounds require; nothing when they are too few or already in.
+    fn park(&mut self, id: SeqId, tokens: Vec<i32>) {
+        let length = tokens.len();
+        if length < PREFIX_PARK_TOKENS_MIN {
+            return;
+        }
+        let Some(park) = self.prefixes.park(tokens) else {
+            return;
+        };
+        for evicted in park.clear {
+            self.clear_sequence(evicted);
+            self.host_states.remove(&evicted);
+        }
+        if self.worker.spec.kv_unified {
+            let end = u32::try_from(length).unwrap_or(u32::MAX);
+            if self
+                .context
+                .copy_kv_cache_seq(id, park.target, Some(0), Some(end))
+                .is_ok()
+            {
+                self.ledger.copy_prefix(id, park.target, length);
+            }
+            return;
+        }
+        match self.context.state_seq_get(id, LlamaStateSeqFlags::empty()) {
+            Ok(state) => {
+                self.host_states.insert(park.target, state);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "saving a sequence state for prefix reuse failed");
+                self.prefixes.forget(park.target);
+            }
+        }
     }
 
     fn clear_sequence(&mut self, id: SeqId) {

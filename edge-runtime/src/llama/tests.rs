@@ -286,7 +286,53 @@ fn prefix_reuse(spec: ModelSpec) {
         );
     }
     assert!(model.stats().prefix_hit_tokens() >= u64::from(3 * (shared - 1)));
-    assert!(model.stats().kv_cells_used() > 0);
+    // Once idle, the worker keeps what the requests left in their slots as parked prefixes.
+    prefix_entries_reach(&model, 1);
+}
+
+/// Polls until the worker reports at least `entries` parked prefixes.
+fn prefix_entries_reach(model: &ModelHandle, entries: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while model.stats().prefix_cache_entries() < entries {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} parked prefixes, expected {entries}",
+            model.stats().prefix_cache_entries()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// With one cache per sequence, what a finished request leaves in its slot is copied into
+/// the host prefix cache only while the worker has nothing running: the copy (a transfer per
+/// layer on a GPU) never delays the steps of running streams. Once the worker idles, every
+/// leftover is parked, and a later request with the same prompt reuses it.
+#[test]
+fn leftovers_are_parked_when_the_worker_idles_not_between_steps() {
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        parallel_sequences: 2,
+        ..spec("idle-parking")
+    });
+    let runtime = runtime();
+    let system = "You keep a lighthouse. Answer in one short sentence, plainly and politely.";
+    let short = exact_request(&model, system, "When is the lamp lit?", 6);
+    runtime.block_on(async {
+        let mut running = model
+            .submit(exact_request(&model, "", "Tell me a long story.", 400))
+            .unwrap();
+        assert!(matches!(running.next().await, Some(Event::Token { .. })));
+        let done = collect(model.submit(short.clone()).unwrap()).await;
+        assert_eq!(done.tokens.len(), 6);
+        // The long stream still generates: the finished request's tokens stay in its slot.
+        assert!(matches!(running.next().await, Some(Event::Token { .. })));
+        assert_eq!(model.stats().prefix_cache_entries(), 0);
+        drop(running);
+    });
+    // The long stream is cancelled; the idle worker parks both slots' leftovers.
+    prefix_entries_reach(&model, 2);
+    let again = runtime.block_on(collect(model.submit(short.clone()).unwrap()));
+    assert_eq!(again.usage.cached_tokens, short.prompt.token_count() - 1);
 }
 
 #[test]
