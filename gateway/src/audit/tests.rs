@@ -168,6 +168,59 @@ fn chain_continues_across_restarts() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A crash in the middle of writing a JSONL line (power loss, a full disk) leaves a torn
+/// line. At the next start the writer ends it, rewrites the record from the store, and the
+/// files still verify as a whole, reporting the torn line.
+#[test]
+fn a_line_torn_by_a_crash_is_ended_and_its_record_written_again() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let shared: SharedClock = clock.clone();
+    let log = AuditLog::open_with_clock(config(state.path()), Arc::clone(&shared))?;
+    for number in 0..3 {
+        log.append_blocking(request(&*clock, number))?;
+    }
+    log.shutdown_blocking()?;
+    // Tear the newest file's last line: keep its first 40 bytes, without the newline.
+    let files = state.path().join("audit");
+    let newest = std::fs::read_dir(&files)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "jsonl")
+        })
+        .max()
+        .ok_or_else(|| anyhow::anyhow!("no JSONL file in {}", files.display()))?;
+    let text = std::fs::read(&newest)?;
+    let body = &text[..text.len() - 1];
+    let last_start = body
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(0, |at| at + 1);
+    std::fs::write(&newest, &text[..last_start + 40])?;
+
+    let log = AuditLog::open_with_clock(config(state.path()), shared)?;
+    log.append_blocking(request(&*clock, 3))?;
+    log.shutdown_blocking()?;
+    let rewritten = std::fs::read_to_string(&newest)?;
+    assert!(rewritten.ends_with('\n'));
+    let torn = String::from_utf8_lossy(&text[last_start..last_start + 40]).into_owned();
+    assert!(
+        rewritten.contains(&format!("{torn}\n")),
+        "the torn line is not ended in place"
+    );
+
+    let store = assert_verifies(&state.path().join("audit-store"));
+    let files = assert_verifies(&files);
+    assert_eq!(files.summary.torn_lines, 1);
+    assert_eq!(
+        (files.summary.records, files.summary.last_seq),
+        (store.summary.records, store.summary.last_seq)
+    );
+    Ok(())
+}
+
 #[test]
 fn group_commit_acknowledges_a_thousand_concurrent_appends() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
@@ -488,6 +541,33 @@ fn child(role: &str, directory: &Path, shell_prefix: Option<&str>) -> anyhow::Re
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     Ok(command)
+}
+
+/// A store another process holds (a second gateway on the same state directory) is refused
+/// at once, naming that process, instead of after the wait meant for this process's own
+/// lingering handles.
+#[test]
+fn a_store_held_by_another_process_is_refused_naming_it() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let mut process = child("crash", state.path(), None)?.spawn()?;
+    let Some(stdout) = process.stdout.take() else {
+        anyhow::bail!("no stdout");
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let holding = lines.any(|line| line.is_ok_and(|line| line.starts_with("acked ")));
+    let opened = holding.then(|| AuditLog::open(config(state.path())));
+    process.kill()?;
+    process.wait()?;
+    assert!(holding, "the child never appended");
+    let Some(Err(error)) = opened else {
+        panic!("a store held by process {} was opened", process.id());
+    };
+    let message = format!("{error:#}");
+    assert!(
+        message.contains(&format!("in use by process {}", process.id())),
+        "{message}"
+    );
+    Ok(())
 }
 
 #[test]
