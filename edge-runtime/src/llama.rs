@@ -702,6 +702,13 @@ impl Worker {
                         .num_threads(usize::try_from(spec.threads).unwrap_or(1))
                         .thread_name(|index| format!("argmax-{index}"))
                         .build()
+                        .map_err(|error| {
+                            tracing::warn!(
+                                model = %spec.name,
+                                %error,
+                                "no thread pool for the logits scans; each step scans them on the worker thread alone"
+                            );
+                        })
                         .ok()
                 })
                 .flatten(),

@@ -363,7 +363,7 @@ impl AuditLog {
         if let Some(thread) = thread {
             let _ = thread.join();
         }
-        wait_for_store_lock(&self.inner.store_directory, STORE_RELEASE_WAIT);
+        let _ = wait_for_store_lock(&self.inner.store_directory, STORE_RELEASE_WAIT);
         result
     }
 
@@ -384,19 +384,44 @@ const STORE_RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// Waits until the store's lock can be taken, at most `wait`. sled's I/O threads can hold
 /// the database (and the exclusive lock on its `db` file) for a moment after the last handle
 /// is dropped, so a store reopened in the same process right after the writer (or the
-/// verifier) ends could be refused as locked.
-fn wait_for_store_lock(directory: &Path, wait: Duration) {
+/// verifier) ends could be refused as locked. A lock held by another process (a second
+/// gateway on the same state directory) is not waited for: its process id is returned.
+fn wait_for_store_lock(directory: &Path, wait: Duration) -> Result<(), u32> {
     let Ok(file) = std::fs::File::open(directory.join("db")) else {
-        return;
+        return Ok(());
     };
     let until = Instant::now() + wait;
     while Instant::now() < until {
         if file.try_lock().is_ok() {
             let _ = file.unlock();
-            return;
+            return Ok(());
+        }
+        if let Some(holder) = lock_holder(&file).filter(|&pid| pid != std::process::id()) {
+            return Err(holder);
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    Ok(())
+}
+
+/// The process holding a lock on `file`, from `/proc/locks` (Linux; `None` elsewhere or
+/// when no lock is listed). Lines read `1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF`;
+/// a process waiting for the lock is listed after `->` and is not the holder.
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = file.metadata().ok()?.ino();
+    let suffix = format!(":{inode}");
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&"->") {
+            return None;
+        }
+        let at = fields
+            .iter()
+            .position(|field| field.ends_with(&suffix) && field.matches(':').count() == 2)?;
+        fields.get(at.checked_sub(1)?)?.parse().ok()
+    })
 }
 
 /// The sled database and what the writer keeps of it.
@@ -419,8 +444,17 @@ struct LastRecord {
 impl Store {
     fn open(directory: &Path) -> Result<Store, sled::Error> {
         // A handle dropped a moment ago in this process (the verifier's, a previous log's)
-        // may still hold the lock; one held by a live process is refused after the wait.
-        wait_for_store_lock(directory, STORE_RELEASE_WAIT);
+        // may still hold the lock; one held by another process is refused at once.
+        if let Err(holder) = wait_for_store_lock(directory, STORE_RELEASE_WAIT) {
+            return Err(sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by process {holder} (another gateway on the same state \
+                     directory?)",
+                    directory.display()
+                ),
+            )));
+        }
         let db = sled::Config::new()
             .path(directory)
             .cache_capacity(STORE_CACHE_BYTES_MAX)
