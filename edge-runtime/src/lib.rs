@@ -62,6 +62,10 @@ pub struct ModelSpec {
     pub prefix_cache_entries: u32,
     /// Tokens those kept sequences may hold in all; the KV cache grows by this many cells.
     pub prefix_cache_tokens_max: u32,
+    /// With one cache per sequence: copy what finished sequences leave in their slots into
+    /// the prefix cache only while nothing runs, instead of as each finishes. Worth it where
+    /// the copy is a device transfer (GPU layers); on the CPU it is a memory copy.
+    pub park_prefixes_when_idle: bool,
     /// How long a request may wait in the queue before it fails.
     pub queue_timeout_ms: u64,
 }

@@ -586,11 +586,11 @@ struct Loop<'m> {
     /// freed or parked). They count as free cells: the next occupant keeps the prefix it
     /// shares with them and overwrites the rest.
     leftovers: Vec<Vec<i32>>,
-    /// By slot: whether the leftover still has to be copied into the host prefix cache.
-    /// Copying a state out of the context takes a millisecond or more per sequence on a GPU
-    /// (one synchronous transfer per layer), so it is done while the worker is idle, never
-    /// between the steps of running sequences; under sustained load a leftover the next
-    /// occupant does not share is overwritten uncopied.
+    /// By slot, with `park_prefixes_when_idle`: whether the leftover still has to be copied
+    /// into the host prefix cache. Copying a state out of a GPU context takes a millisecond
+    /// or more per sequence (one synchronous transfer per layer), so it is then done while
+    /// the worker is idle, never between the steps of running sequences; under sustained
+    /// load a leftover the next occupant does not share is overwritten uncopied.
     unparked: Vec<bool>,
     /// Admission order, so prefill chunks go to the oldest request first.
     admitted: Vec<SeqId>,
@@ -1286,7 +1286,8 @@ impl Loop<'_> {
 
     /// Frees the slot. With `Keep`, a unified cache parks the sequence's tokens as a reusable
     /// prefix at once (a copy between sequences of one cache, on the device); one cache per
-    /// sequence keeps them in the slot as its leftover, parked later while the worker idles.
+    /// sequence keeps them in the slot as its leftover and parks them at once too, or, with
+    /// `park_prefixes_when_idle`, later while the worker idles.
     fn release(&mut self, id: SeqId, how: Release) {
         let Some(sequence) = usize::try_from(id)
             .ok()
@@ -1301,14 +1302,19 @@ impl Loop<'_> {
             .fetch_sub(1, Ordering::Relaxed);
         self.admitted.retain(|&other| other != id);
         if how == Release::Keep && !self.worker.spec.kv_unified {
+            let when_idle = self.worker.spec.park_prefixes_when_idle;
+            if !when_idle {
+                self.park(id, sequence.history.clone());
+            }
             // The slot's cache keeps the tokens for its next occupant; the cells count as free.
             self.ledger.remove(id);
             if let Some(index) = usize::try_from(id)
                 .ok()
                 .filter(|&index| index < self.leftovers.len())
             {
-                self.unparked[index] =
-                    sequence.history.len() >= PREFIX_PARK_TOKENS_MIN && self.prefixes.enabled();
+                self.unparked[index] = when_idle
+                    && sequence.history.len() >= PREFIX_PARK_TOKENS_MIN
+                    && self.prefixes.enabled();
                 self.leftovers[index] = sequence.history;
             }
             return;

@@ -374,6 +374,7 @@ fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow
             kv_unified: model.kv_unified,
             prefix_cache_entries: model.prefix_cache_entries,
             prefix_cache_tokens_max: model.prefix_cache_tokens_max,
+            park_prefixes_when_idle: model.park_prefixes_when_idle,
         })
         .collect();
     for model in &config.models {

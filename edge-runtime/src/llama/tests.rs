@@ -46,6 +46,7 @@ fn spec(name: &str) -> ModelSpec {
         kv_unified: false,
         prefix_cache_entries: 4,
         prefix_cache_tokens_max: 2048,
+        park_prefixes_when_idle: false,
     }
 }
 
@@ -312,6 +313,7 @@ fn leftovers_are_parked_when_the_worker_idles_not_between_steps() {
     let _serial = serial();
     let (_engine, model) = start(ModelSpec {
         parallel_sequences: 2,
+        park_prefixes_when_idle: true,
         ..spec("idle-parking")
     });
     let runtime = runtime();

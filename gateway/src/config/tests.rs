@@ -91,6 +91,8 @@ fn a_valid_file_resolves_paths_relative_to_itself() {
     assert_eq!(config.server.state_dir, dir.path().join("state"));
     assert_eq!(config.models[0].path, dir.path().join("model.gguf"));
     assert_eq!(config.models[0].context_tokens, 2048);
+    // On the CPU finished sequences are parked as they finish; with GPU layers, while idle.
+    assert!(!config.models[0].park_prefixes_when_idle);
     assert_eq!(config.auth.api_keys.len(), 2);
     assert_eq!(
         config.auth.api_keys[0].sha256,
