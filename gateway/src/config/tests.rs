@@ -91,8 +91,23 @@ fn a_valid_file_resolves_paths_relative_to_itself() {
     assert_eq!(config.server.state_dir, dir.path().join("state"));
     assert_eq!(config.models[0].path, dir.path().join("model.gguf"));
     assert_eq!(config.models[0].context_tokens, 2048);
-    // On the CPU finished sequences are parked as they finish; with GPU layers, while idle.
+    // On the CPU finished sequences are parked as they finish; with GPU layers, while idle,
+    // unless the file says otherwise.
     assert!(!config.models[0].park_prefixes_when_idle);
+    for (extra, expected) in [
+        ("gpu_layers = 99\n", true),
+        ("gpu_layers = 99\npark_prefixes_when_idle = false\n", false),
+        ("park_prefixes_when_idle = true\n", true),
+    ] {
+        let text = format!("{VALID}{extra}");
+        match parse(&text, &source, &FakeEnvironment) {
+            Ok(config) => assert_eq!(
+                config.models[0].park_prefixes_when_idle, expected,
+                "{extra}"
+            ),
+            Err(errors) => panic!("{extra}: {errors:?}"),
+        }
+    }
     assert_eq!(config.auth.api_keys.len(), 2);
     assert_eq!(
         config.auth.api_keys[0].sha256,
