@@ -665,6 +665,7 @@ impl Worker {
             kv_unified = spec.kv_unified,
             kv_cells = self.kv_cells(),
             prefix_cache_entries = cache_entries,
+            park_prefixes_when_idle = spec.park_prefixes_when_idle,
             "inference worker ready"
         );
         let batch_capacity = usize::try_from(spec.batch_tokens).unwrap_or(512);
