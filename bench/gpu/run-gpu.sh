@@ -136,17 +136,11 @@ run() {
   done
   python3 - "$results" $shapes -- $layouts <<'PY' | tee "$out/summary.txt"
 import json, statistics, sys, pathlib
+sys.path.insert(0, "bench/gpu")
+from counters import counters
 out = pathlib.Path(sys.argv[1])
 split = sys.argv.index("--")
 shapes, layouts = sys.argv[2:split], sys.argv[split + 1:]
-
-def counters(path):
-    values = {}
-    for line in path.read_text().splitlines():
-        name, value = line.rsplit(" ", 1)
-        key = name.split("{")[0].removeprefix("isthmus_local_").removesuffix("_total")
-        values[key] = values.get(key, 0.0) + float(value)
-    return values
 
 def per_step(before, after):
     a, b = counters(before), counters(after)
@@ -220,14 +214,9 @@ steps() {
   done
   python3 - "$results" "$shape" <<'PY' | tee "$out/steps.txt"
 import sys, pathlib
+sys.path.insert(0, "bench/gpu")
+from counters import counters
 out, shape = pathlib.Path(sys.argv[1]), sys.argv[2]
-def counters(path):
-    values = {}
-    for line in path.read_text().splitlines():
-        name, value = line.rsplit(" ", 1)
-        key = name.split("{")[0].removeprefix("isthmus_local_").removesuffix("_total")
-        values[key] = values.get(key, 0.0) + float(value)
-    return values
 for variant in ("as-is", "no-graph-reuse", "no-cuda-graphs"):
     name = f"{shape}-steps-{variant}"
     for streams in (8, 32):
