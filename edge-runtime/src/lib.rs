@@ -58,7 +58,8 @@ pub struct ModelSpec {
     /// One KV cache shared by all sequences (a prefix is stored once and reused by every
     /// request that starts with it) rather than one cache per sequence.
     pub kv_unified: bool,
-    /// Finished sequences kept for prefix reuse (unified cache only).
+    /// Finished sequences kept for prefix reuse: cache sequences in a unified cache,
+    /// host-memory states with one cache per sequence.
     pub prefix_cache_entries: u32,
     /// Tokens those kept sequences may hold in all; the KV cache grows by this many cells.
     pub prefix_cache_tokens_max: u32,

@@ -999,6 +999,12 @@ impl Validator<'_> {
             );
         }
         self.positive(&format!("{prefix}.queue_timeout_ms"), raw.queue_timeout_ms);
+        if raw.kv_unified && raw.park_prefixes_when_idle == Some(true) {
+            self.error(
+                format!("{prefix}.park_prefixes_when_idle"),
+                "applies only with kv_unified = false (a unified cache parks prefixes on the device)",
+            );
+        }
         let prefix_cache_entries = raw.prefix_cache_entries.unwrap_or(raw.parallel_sequences);
         let prefix_cache_tokens_max = if prefix_cache_entries > 0 {
             raw.prefix_cache_tokens_max.unwrap_or(raw.context_tokens)

@@ -108,6 +108,14 @@ fn a_valid_file_resolves_paths_relative_to_itself() {
             Err(errors) => panic!("{extra}: {errors:?}"),
         }
     }
+    let unified = format!("{VALID}kv_unified = true\npark_prefixes_when_idle = true\n");
+    assert_eq!(
+        errors_of(&unified, &source),
+        [
+            "models.smollm2.park_prefixes_when_idle: applies only with kv_unified = false (a \
+             unified cache parks prefixes on the device)"
+        ]
+    );
     assert_eq!(config.auth.api_keys.len(), 2);
     assert_eq!(
         config.auth.api_keys[0].sha256,
