@@ -67,6 +67,11 @@ pub struct ModelSpec {
     /// the prefix cache only while nothing runs, instead of as each finishes. Worth it where
     /// the copy is a device transfer (GPU layers); on the CPU it is a memory copy.
     pub park_prefixes_when_idle: bool,
+    /// Hand each step's tokens to their connections while the device computes the next
+    /// step, instead of before launching it. Worth it where `llama_decode` returns before
+    /// the device finishes (GPU layers); on the CPU it computes on the worker's thread, so
+    /// every token would go out a whole step later.
+    pub overlap_token_delivery: bool,
     /// How long a request may wait in the queue before it fails.
     pub queue_timeout_ms: u64,
 }
@@ -302,6 +307,7 @@ pub struct ModelStats {
     decode_micros: AtomicU64,
     busy_micros: AtomicU64,
     sync_micros: AtomicU64,
+    sampling_nanos: AtomicU64,
     prompt_tokens: AtomicU64,
     prefill_tokens: AtomicU64,
     decode_tokens: AtomicU64,
@@ -341,6 +347,11 @@ impl ModelStats {
     /// on the CPU this is near zero), in microseconds.
     pub fn sync_micros(&self) -> u64 {
         self.sync_micros.load(Ordering::Relaxed)
+    }
+    /// Time spent choosing tokens from the logits (greedy scans and sampler chains), in
+    /// nanoseconds: part of the host's share of each step.
+    pub fn sampling_nanos(&self) -> u64 {
+        self.sampling_nanos.load(Ordering::Relaxed)
     }
     /// Prompt tokens of admitted requests.
     pub fn prompt_tokens(&self) -> u64 {

@@ -551,6 +551,41 @@ struct Sequence {
     queued: Duration,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
+    /// With `overlap_token_delivery`: the token chosen last step, whose text goes out while
+    /// the device computes this step.
+    undelivered: Option<Undelivered>,
+    /// Its answer has ended while a token of it was in flight (a stop string matched, or
+    /// the caller left): it leaves at the next chance and that token is not used.
+    ended: bool,
+}
+
+/// A chosen token whose text has not gone out yet.
+#[derive(Debug, Clone, Copy)]
+struct Undelivered {
+    token: LlamaToken,
+    margin: Option<f32>,
+    /// The answer's last token (`max_tokens` or the context reached): it ends after it.
+    last: bool,
+}
+
+/// What a chosen token does to its sequence, known before its text is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// End of generation: the answer stops without it.
+    EndOfGeneration,
+    /// More tokens follow.
+    More,
+    /// The answer's last token.
+    Last,
+}
+
+/// What became of a token's text.
+enum Emitted {
+    Sent,
+    /// A stop string matched: the answer is complete.
+    Stopped,
+    /// The caller has gone.
+    Gone,
 }
 
 impl Sequence {
@@ -580,6 +615,9 @@ struct Loop<'m> {
     context: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     batch_capacity: usize,
+    /// Whether the batch holds prompt tokens: the next step's graph then differs from this
+    /// one's, and llama.cpp builds it anew before launching it.
+    batch_has_prompt: bool,
     slots: Vec<Option<Sequence>>,
     /// With one KV cache per sequence, the tokens a free slot's last occupant left in its
     /// cache, by slot (empty in a unified cache, where a finished sequence's cells are
@@ -666,6 +704,7 @@ impl Worker {
             kv_cells = self.kv_cells(),
             prefix_cache_entries = cache_entries,
             park_prefixes_when_idle = spec.park_prefixes_when_idle,
+            overlap_token_delivery = spec.overlap_token_delivery,
             "inference worker ready"
         );
         let batch_capacity = usize::try_from(spec.batch_tokens).unwrap_or(512);
@@ -679,6 +718,7 @@ impl Worker {
             context,
             batch: LlamaBatch::new(batch_capacity, 1),
             batch_capacity,
+            batch_has_prompt: false,
             slots: (0..spec.parallel_sequences).map(|_| None).collect(),
             leftovers: (0..spec.parallel_sequences).map(|_| Vec::new()).collect(),
             unparked: (0..spec.parallel_sequences).map(|_| false).collect(),
@@ -874,6 +914,8 @@ impl Loop<'_> {
                 queued,
                 admitted_at: Instant::now(),
                 first_token_at: None,
+                undelivered: None,
+                ended: false,
             });
             self.admitted.push(id);
             worker
@@ -1057,6 +1099,11 @@ impl Loop<'_> {
         }
         let participants = self.fill_batch();
         if participants.is_empty() {
+            // Only last tokens were waiting to go out: nothing to compute meanwhile.
+            for id in self.deliver_deferred() {
+                self.release(id, Release::Keep);
+            }
+            self.publish_cells();
             return;
         }
         let started = Instant::now();
@@ -1080,6 +1127,9 @@ impl Loop<'_> {
             u64::try_from(started.elapsed().as_micros()).unwrap_or(0),
             Ordering::Relaxed,
         );
+        // The last step's tokens go out while the device computes this one; the answers
+        // that ended leave once it is done.
+        let delivered_last = self.deliver_deferred();
         if let Err(error) = result {
             tracing::error!(model = %self.worker.spec.name, %error, "llama_decode failed");
             for id in participants {
@@ -1089,6 +1139,9 @@ impl Loop<'_> {
                     let _ = sequence.events.try_send(Event::Failed(failure));
                 }
                 self.release(id, Release::Discard);
+            }
+            for id in delivered_last {
+                self.release(id, Release::Keep);
             }
             self.publish_cells();
             return;
@@ -1106,7 +1159,16 @@ impl Loop<'_> {
                 Ordering::Relaxed,
             );
         }
+        let sampling = Instant::now();
         let mut choices = self.greedy_choices();
+        stats.sampling_nanos.fetch_add(
+            u64::try_from(sampling.elapsed().as_nanos()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        // After a step with prompt tokens (first tokens among them) the next step's graph
+        // is built anew, which takes milliseconds on the host before it computes anything:
+        // those tokens go out now rather than after it.
+        let defer = worker.spec.overlap_token_delivery && !self.batch_has_prompt;
         // Finished sequences leave their slots once every sequence's token of this step is
         // out: parking a finished sequence (a copy of its state, from the GPU when offloaded)
         // must not delay the others' tokens.
@@ -1119,7 +1181,12 @@ impl Loop<'_> {
             let count = added.len();
             sequence.history.extend(added);
             let logits = sequence.logits_index.take();
+            let ended = sequence.ended;
             self.ledger.extend(id, count);
+            if ended {
+                finished.push(id);
+                continue;
+            }
             if let Some(index) = logits {
                 let Some(sequence) = slot(&mut self.slots, id) else {
                     continue;
@@ -1129,12 +1196,17 @@ impl Loop<'_> {
                     .ok()
                     .and_then(|slot| choices.get_mut(slot))
                     .and_then(Option::take);
-                if let Step::Finished = worker.sample(sequence, &self.context, index, chosen) {
+                let step = if defer {
+                    worker.sample_deferred(sequence, &self.context, index, chosen)
+                } else {
+                    worker.sample(sequence, &self.context, index, chosen)
+                };
+                if let Step::Finished = step {
                     finished.push(id);
                 }
             }
         }
-        for id in finished {
+        for id in finished.into_iter().chain(delivered_last) {
             self.release(id, Release::Keep);
         }
         self.publish_cells();
@@ -1176,12 +1248,40 @@ impl Loop<'_> {
         for id in self.admitted.clone() {
             if self
                 .sequence(id)
-                .is_some_and(|sequence| sequence.events.is_closed())
+                .is_some_and(|sequence| sequence.ended || sequence.events.is_closed())
             {
                 tracing::debug!(model = %self.worker.spec.name, sequence = id, "caller gone; sequence dropped");
                 self.release(id, Release::Keep);
             }
         }
+    }
+
+    /// Sends the text of the tokens `sample_deferred` chose last step. Returns the sequences
+    /// whose answers are complete, for release once the device is done with the step in
+    /// flight; one whose answer ended early (a stop string, a caller gone) while its next
+    /// token is in flight is marked `ended` and leaves after that step.
+    fn deliver_deferred(&mut self) -> Vec<SeqId> {
+        let worker = self.worker;
+        let mut complete = Vec::new();
+        for sequence in self.slots.iter_mut().flatten() {
+            let Some(Undelivered {
+                token,
+                margin,
+                last,
+            }) = sequence.undelivered.take()
+            else {
+                continue;
+            };
+            if let Step::Finished = worker.deliver(sequence, token, margin, last) {
+                if last {
+                    complete.push(sequence.id);
+                } else {
+                    sequence.ended = true;
+                    sequence.pending_token = None;
+                }
+            }
+        }
+        complete
     }
 
     /// Generating sequences contribute their pending token; the rest of the batch goes to
@@ -1196,6 +1296,7 @@ impl Loop<'_> {
     /// in id order the decode tokens of consecutive slots are one pass.
     fn fill_batch(&mut self) -> Vec<SeqId> {
         self.batch.clear();
+        self.batch_has_prompt = false;
         let generating = self
             .slots
             .iter()
@@ -1277,6 +1378,7 @@ impl Loop<'_> {
                 }
             }
             sequence.prompt_fed += fed;
+            self.batch_has_prompt |= fed > 0;
             self.worker
                 .stats
                 .prefill_tokens
@@ -1396,6 +1498,54 @@ impl Worker {
         index: i32,
         chosen: Option<(usize, f32)>,
     ) -> Step {
+        let (token, margin) = self.choose(sequence, context, index, chosen);
+        let next = self.accept(sequence, token);
+        if next == Next::EndOfGeneration {
+            return self.finish(sequence, FinishReason::Stop, true);
+        }
+        let step = self.deliver(sequence, token, margin, next == Next::Last);
+        if let Step::Continue = step {
+            sequence.pending_token = Some(token);
+        }
+        step
+    }
+
+    /// Samples the sequence's next token and leaves its text to `Loop::deliver_deferred`,
+    /// which sends it while the device computes the step the token feeds
+    /// (`overlap_token_delivery`). A sequence whose last token waits there stays in its slot.
+    fn sample_deferred(
+        &self,
+        sequence: &mut Sequence,
+        context: &LlamaContext<'_>,
+        index: i32,
+        chosen: Option<(usize, f32)>,
+    ) -> Step {
+        let (token, margin) = self.choose(sequence, context, index, chosen);
+        let next = self.accept(sequence, token);
+        if next == Next::EndOfGeneration {
+            return self.finish(sequence, FinishReason::Stop, true);
+        }
+        let last = next == Next::Last;
+        if !last {
+            sequence.pending_token = Some(token);
+        }
+        sequence.undelivered = Some(Undelivered {
+            token,
+            margin,
+            last,
+        });
+        Step::Continue
+    }
+
+    /// The sequence's next token and, when recorded, its top-2 logit margin.
+    fn choose(
+        &self,
+        sequence: &mut Sequence,
+        context: &LlamaContext<'_>,
+        index: i32,
+        chosen: Option<(usize, f32)>,
+    ) -> (LlamaToken, Option<f32>) {
+        let started = Instant::now();
         // With end-of-generation banned, the choice is among the other tokens.
         let banned = sequence.ignore_eos.then_some(self.eog_mask.as_slice());
         let (token, margin) = if sequence.greedy {
@@ -1418,14 +1568,48 @@ impl Worker {
             };
             (sequence.sampler.sample(context, index), margin)
         };
-        let margin = sequence.record_margins.then_some(margin);
-        let now = Instant::now();
-        sequence.first_token_at.get_or_insert(now);
+        self.stats.sampling_nanos.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        (token, sequence.record_margins.then_some(margin))
+    }
+
+    /// Counts a chosen token and says what it does to the sequence.
+    fn accept(&self, sequence: &mut Sequence, token: LlamaToken) -> Next {
+        sequence.first_token_at.get_or_insert_with(Instant::now);
         if !sequence.ignore_eos && self.model.vocab().is_eog(token) {
-            return self.finish(sequence, FinishReason::Stop, true);
+            return Next::EndOfGeneration;
         }
         sequence.generated += 1;
         self.stats.decode_tokens.fetch_add(1, Ordering::Relaxed);
+        let context_full =
+            u32::try_from(sequence.position()).unwrap_or(u32::MAX) >= self.spec.context_tokens;
+        if sequence.generated >= sequence.max_tokens || context_full {
+            Next::Last
+        } else {
+            Next::More
+        }
+    }
+
+    /// Sends a token's text; the answer ends after it when it is the `last`.
+    fn deliver(
+        &self,
+        sequence: &mut Sequence,
+        token: LlamaToken,
+        margin: Option<f32>,
+        last: bool,
+    ) -> Step {
+        match self.emit(sequence, token, margin) {
+            Emitted::Gone => Step::Finished,
+            Emitted::Stopped => self.finish(sequence, FinishReason::Stop, false),
+            Emitted::Sent if last => self.finish(sequence, FinishReason::Length, true),
+            Emitted::Sent => Step::Continue,
+        }
+    }
+
+    /// Makes a token's text, holding back what may begin a stop string, and sends it.
+    fn emit(&self, sequence: &mut Sequence, token: LlamaToken, margin: Option<f32>) -> Emitted {
         sequence.piece.clear();
         self.model
             .vocab()
@@ -1440,18 +1624,13 @@ impl Worker {
             .try_send(Event::Token { text: emit, margin })
             .is_err()
         {
-            return Step::Finished;
+            return Emitted::Gone;
         }
         if stopped {
-            return self.finish(sequence, FinishReason::Stop, false);
+            Emitted::Stopped
+        } else {
+            Emitted::Sent
         }
-        let context_full =
-            u32::try_from(sequence.position()).unwrap_or(u32::MAX) >= self.spec.context_tokens;
-        if sequence.generated >= sequence.max_tokens || context_full {
-            return self.finish(sequence, FinishReason::Length, true);
-        }
-        sequence.pending_token = Some(token);
-        Step::Continue
     }
 
     fn finish(&self, sequence: &mut Sequence, reason: FinishReason, flush: bool) -> Step {

@@ -167,6 +167,8 @@ pub struct ModelConfig {
     pub prefix_cache_tokens_max: u32,
     /// One cache per sequence: park finished sequences only while the worker idles.
     pub park_prefixes_when_idle: bool,
+    /// Send a step's tokens while the device computes the next step.
+    pub overlap_token_delivery: bool,
     /// KV cache memory this model may take; `None` uses the memory available at start.
     pub kv_memory_bytes_max: Option<u64>,
     /// The KV cache this configuration needs, computed from the GGUF metadata.
@@ -358,6 +360,8 @@ struct RawModel {
     prefix_cache_tokens_max: Option<u32>,
     #[serde(default)]
     park_prefixes_when_idle: Option<bool>,
+    #[serde(default)]
+    overlap_token_delivery: Option<bool>,
     #[serde(default)]
     kv_memory_bytes_max: Option<u64>,
 }
@@ -1037,6 +1041,7 @@ impl Validator<'_> {
             // A state copy from the GPU is one synchronous transfer per layer: between steps
             // it cost 12-17% of closed-loop throughput at 32 streams (bench/RESULTS.md).
             park_prefixes_when_idle: raw.park_prefixes_when_idle.unwrap_or(raw.gpu_layers > 0),
+            overlap_token_delivery: raw.overlap_token_delivery.unwrap_or(raw.gpu_layers > 0),
             kv_memory_bytes_max: raw.kv_memory_bytes_max,
             kv_plan,
         })

@@ -128,6 +128,7 @@ pub struct ModelGauges {
     pub decode_seconds: f64,
     pub busy_seconds: f64,
     pub sync_seconds: f64,
+    pub sampling_seconds: f64,
     pub prompt_tokens: u64,
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
@@ -294,7 +295,7 @@ impl Metrics {
         }
         drop(registry);
 
-        let series: [ModelSeries; 14] = [
+        let series: [ModelSeries; 15] = [
             (
                 "isthmus_local_queue_depth",
                 "gauge",
@@ -336,6 +337,12 @@ impl Metrics {
                 "counter",
                 "Time the inference worker waited for the device to finish decode steps.",
                 |g| g.sync_seconds,
+            ),
+            (
+                "isthmus_local_sampling_seconds_total",
+                "counter",
+                "Time the inference worker spent choosing tokens from the logits (greedy scans and sampler chains).",
+                |g| g.sampling_seconds,
             ),
             (
                 "isthmus_local_prompt_tokens_total",

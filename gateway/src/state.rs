@@ -169,6 +169,7 @@ impl AppState {
                     decode_seconds: stats.decode_micros() as f64 / 1e6,
                     busy_seconds: stats.busy_micros() as f64 / 1e6,
                     sync_seconds: stats.sync_micros() as f64 / 1e6,
+                    sampling_seconds: stats.sampling_nanos() as f64 / 1e9,
                     prompt_tokens: stats.prompt_tokens(),
                     prefill_tokens: stats.prefill_tokens(),
                     decode_tokens: stats.decode_tokens(),

@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::{
-    ChatMessage, Engine, EngineOptions, Event, GenerationError, GenerationRequest, ModelHandle,
-    ModelSpec, Prompt, Role, SamplingParams, SubmitError, Usage,
+    ChatMessage, Engine, EngineOptions, Event, FinishReason, GenerationError, GenerationRequest,
+    ModelHandle, ModelSpec, Prompt, Role, SamplingParams, SubmitError, Usage,
 };
 
 /// Logit gaps below this may flip the greedy choice between a batched and a solo decode: the
@@ -47,6 +47,7 @@ fn spec(name: &str) -> ModelSpec {
         prefix_cache_entries: 4,
         prefix_cache_tokens_max: 2048,
         park_prefixes_when_idle: false,
+        overlap_token_delivery: false,
     }
 }
 
@@ -102,12 +103,14 @@ fn exact_request(
     }
 }
 
-/// A finished generation: its token texts, their logit margins, and the usage.
+/// A finished generation: its token texts, their logit margins, the usage, and how it ended.
 #[derive(Debug)]
 struct Answer {
     tokens: Vec<String>,
     margins: Vec<f32>,
     usage: Usage,
+    finish: Option<FinishReason>,
+    tail: String,
 }
 
 async fn collect(mut stream: crate::GenerationStream) -> Answer {
@@ -115,6 +118,8 @@ async fn collect(mut stream: crate::GenerationStream) -> Answer {
         tokens: Vec::new(),
         margins: Vec::new(),
         usage: Usage::default(),
+        finish: None,
+        tail: String::new(),
     };
     while let Some(event) = stream.next().await {
         match event {
@@ -124,6 +129,11 @@ async fn collect(mut stream: crate::GenerationStream) -> Answer {
             }
             Event::Done(completion) => {
                 answer.usage = completion.usage;
+                answer.finish = Some(completion.finish_reason);
+                answer.tail = completion.text_tail;
+                // Nothing follows the end: the worker lets go of the stream.
+                let after = stream.next().await;
+                assert!(after.is_none(), "an event after Done: {after:?}");
                 return answer;
             }
             Event::Failed(error) => panic!("generation failed: {error}"),
@@ -212,6 +222,90 @@ fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
         compared * 2 >= total,
         "too few tokens compared ({compared} of {total}) for the test to mean anything"
     );
+}
+
+/// `overlap_token_delivery` sends each token's text one step later, while the next step
+/// computes: answers, stop strings, end of generation, `max_tokens` and usage are as when
+/// tokens go out before the next step is launched. Alone, a request's steps are the same in
+/// both modes, so its logits are bit for bit the same and the answers must be equal; run
+/// together they may part only at a near tie, as in the test above.
+#[test]
+fn answers_are_the_same_when_tokens_go_out_during_the_next_step() {
+    let _serial = serial();
+    let runtime = runtime();
+    let cases = |model: &ModelHandle, stop: &str| {
+        vec![
+            // May end at end-of-generation before max_tokens.
+            request(model, "", "Name three colours.", 48),
+            // One token: the first choice is the last.
+            exact_request(model, "", "Count to fifty.", 1),
+            // Ends at a stop string found in its answer, with tokens in flight.
+            GenerationRequest {
+                stop: vec![stop.to_owned()],
+                ..exact_request(model, "", "Describe a cat in one sentence.", 40)
+            },
+            exact_request(model, "", "Say something about rivers.", 24),
+        ]
+    };
+    let answers = |spec: ModelSpec, stop: &str| {
+        let (_engine, model) = start(spec);
+        let alone: Vec<Answer> = cases(&model, stop)
+            .into_iter()
+            .map(|request| runtime.block_on(collect(model.submit(request).unwrap())))
+            .collect();
+        let together: Vec<Answer> = runtime.block_on(async {
+            let streams: Vec<_> = cases(&model, stop)
+                .into_iter()
+                .map(|request| model.submit(request).unwrap())
+                .collect();
+            let mut answers = Vec::new();
+            for stream in streams {
+                answers.push(collect(stream).await);
+            }
+            answers
+        });
+        cells_settle_at_zero(&model);
+        (alone, together)
+    };
+    // The stop string: two tokens from the middle of the cat's answer without one.
+    let (reference, _) = answers(spec("deliver-first"), "never appears");
+    let cat = &reference[2];
+    assert_eq!(cat.tokens.len(), 40);
+    let stop: String = cat.tokens[12..14].concat();
+    assert!(!stop.trim().is_empty(), "{cat:?}");
+    let (before, before_together) = answers(spec("deliver-first"), &stop);
+    let (overlapped, overlapped_together) = answers(
+        ModelSpec {
+            overlap_token_delivery: true,
+            ..spec("deliver-overlapped")
+        },
+        &stop,
+    );
+    let stopped = &before[2];
+    assert_eq!(stopped.finish, Some(FinishReason::Stop), "{stopped:?}");
+    assert!(stopped.usage.completion_tokens < 40, "{stopped:?}");
+    assert_eq!(before[1].usage.completion_tokens, 1);
+    for (first, second) in before.iter().zip(&overlapped) {
+        assert_eq!(first.tokens, second.tokens);
+        assert_eq!(first.tail, second.tail);
+        assert_eq!(first.finish, second.finish);
+        assert_eq!(
+            first.usage.completion_tokens,
+            second.usage.completion_tokens
+        );
+    }
+    for (alone, together) in before.iter().zip(&overlapped_together) {
+        if !compare_greedy(alone, together).1 {
+            assert_eq!(alone.finish, together.finish);
+            assert_eq!(
+                alone.usage.completion_tokens,
+                together.usage.completion_tokens
+            );
+        }
+    }
+    for (alone, together) in before.iter().zip(&before_together) {
+        compare_greedy(alone, together);
+    }
 }
 
 #[test]
@@ -388,8 +482,20 @@ fn a_long_prompt_is_prefilled_in_chunks_between_the_tokens_of_running_streams() 
 
 #[test]
 fn cancelling_one_stream_frees_its_sequence_and_the_others_finish() {
+    cancel_one_stream(spec("cancel"));
+}
+
+#[test]
+fn cancelling_one_stream_frees_its_sequence_when_tokens_go_out_during_the_next_step() {
+    cancel_one_stream(ModelSpec {
+        overlap_token_delivery: true,
+        ..spec("cancel-overlap")
+    });
+}
+
+fn cancel_one_stream(spec: ModelSpec) {
     let _serial = serial();
-    let (_engine, model) = start(spec("cancel"));
+    let (_engine, model) = start(spec);
     let runtime = runtime();
     runtime.block_on(async {
         let first = model

@@ -108,6 +108,19 @@ fn a_valid_file_resolves_paths_relative_to_itself() {
             Err(errors) => panic!("{extra}: {errors:?}"),
         }
     }
+    // Tokens go out while the next step computes only where the device computes it.
+    assert!(!config.models[0].overlap_token_delivery);
+    for (extra, expected) in [
+        ("gpu_layers = 99\n", true),
+        ("gpu_layers = 99\noverlap_token_delivery = false\n", false),
+        ("overlap_token_delivery = true\n", true),
+    ] {
+        let text = format!("{VALID}{extra}");
+        match parse(&text, &source, &FakeEnvironment) {
+            Ok(config) => assert_eq!(config.models[0].overlap_token_delivery, expected, "{extra}"),
+            Err(errors) => panic!("{extra}: {errors:?}"),
+        }
+    }
     let unified = format!("{VALID}kv_unified = true\npark_prefixes_when_idle = true\n");
     assert_eq!(
         errors_of(&unified, &source),

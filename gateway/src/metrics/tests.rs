@@ -37,6 +37,7 @@ fn requests_tokens_and_latencies_are_counted() {
         kv_cells_total: 8192,
         prefix_hit_tokens: 40,
         decode_seconds: 1.5,
+        sampling_seconds: 0.25,
         ..ModelGauges::default()
     }];
     let backends = [crate::cloud::BackendStatus {
@@ -83,6 +84,7 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_local_kv_cells_total{model=\"smollm2\"} 8192",
         "isthmus_local_prefix_hit_tokens_total{model=\"smollm2\"} 40",
         "isthmus_local_decode_seconds_total{model=\"smollm2\"} 1.5",
+        "isthmus_local_sampling_seconds_total{model=\"smollm2\"} 0.25",
         "isthmus_upstream_backend_up{pool=\"aks\",backend=\"v2\"} 0",
         "isthmus_upstream_backend_circuit_open{pool=\"aks\",backend=\"v2\"} 1",
         "isthmus_upstream_backend_requests_total{pool=\"aks\",backend=\"v2\"} 7",
