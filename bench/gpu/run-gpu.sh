@@ -10,6 +10,12 @@
 # it was built with), batched-bench/ (llama.cpp's tool sources), tokenizer.gguf and the gguf
 # wheel. Work happens in /tmp/isthmus-gpu; a few summary files go to $OUT (or
 # /tmp/isthmus-gpu/out), everything else stays in /tmp/isthmus-gpu/results.
+#
+# Settings (environment): ISTHMUS_GPU_SHAPES (135m 1b), ISTHMUS_GPU_LAYOUTS for `run` (split;
+# also unified, split-nocache: no prefix cache, split-nooverlap: tokens sent before the next
+# step is launched), ISTHMUS_GPU_ANCHOR=0 (skip llama-batched-bench), ISTHMUS_GPU_THREADS (8),
+# ISTHMUS_GPU_STEP_VARIANTS for `steps` (as-is no-graph-reuse no-cuda-graphs; also threads-N),
+# ISTHMUS_GPU_STEP_DEBUG=0 (skip its debug-log wave).
 set -euo pipefail
 phase=${1:?usage: run-gpu.sh build|run|steps}
 inputs=.device
@@ -58,7 +64,7 @@ parallel_sequences = 32
 # anchor's S_TG is (its prompts are all processed before it times generation).
 batch_tokens = 4096
 prefill_chunk_tokens = 4096
-threads = 8
+threads = ${ISTHMUS_GPU_THREADS:-8}
 gpu_layers = 999
 queue_depth_max = 256
 queue_timeout_ms = 600000
@@ -79,7 +85,7 @@ TOML
 
 # The worker's counters, for the time per step spent in llama_decode and around it.
 snapshot() {
-  curl -sf http://127.0.0.1:19901/metrics | grep -E '^isthmus_local_(decode_seconds|worker_busy_seconds|device_wait_seconds|decode_steps|batched_tokens)_total' > "$1"
+  curl -sf http://127.0.0.1:19901/metrics | grep -E '^isthmus_local_(decode_seconds|worker_busy_seconds|device_wait_seconds|sampling_seconds|decode_steps|batched_tokens)_total' > "$1"
 }
 
 run() {
@@ -96,6 +102,8 @@ run() {
       [ "$layout" = unified ] && extra="kv_unified = true"
       # split without a prefix cache: no sequence state is parked in host memory.
       [ "$layout" = split-nocache ] && extra="prefix_cache_tokens_max = 0"
+      # split with each step's tokens sent before the next step is launched, not during it.
+      [ "$layout" = split-nooverlap ] && extra="overlap_token_delivery = false"
       serve "$work/m$shape.gguf" "$name" "$extra"
       grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$name.log" | tee -a "$out/devices.txt"
       nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$name.csv" &
@@ -150,9 +158,11 @@ def per_step(before, after):
     decode = (b["decode_seconds"] - a["decode_seconds"]) / steps * 1e3
     busy = (b["worker_busy_seconds"] - a["worker_busy_seconds"]) / steps * 1e3
     wait = (b["device_wait_seconds"] - a["device_wait_seconds"]) / steps * 1e3
+    sampling = (b.get("sampling_seconds", 0) - a.get("sampling_seconds", 0)) / steps * 1e3
     tokens = (b["batched_tokens"] - a["batched_tokens"]) / steps
     return (f"{steps:.0f} steps, {tokens:.1f} tokens/step, per step: llama_decode {decode:.2f} ms, "
-            f"device wait {wait:.2f} ms, other host work {busy - decode - wait:.2f} ms")
+            f"device wait {wait:.2f} ms, sampling {sampling:.2f} ms, "
+            f"other host work {busy - decode - wait - sampling:.2f} ms")
 
 for shape in shapes:
     for layout in layouts:
@@ -195,12 +205,16 @@ steps() {
     "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$1" --requests "$1" \
       --max-tokens "$2" --prompt-tokens "$3" --warmup 0 --json > /dev/null
   }
-  for variant in as-is no-graph-reuse no-cuda-graphs; do
+  local variants=${ISTHMUS_GPU_STEP_VARIANTS:-as-is no-graph-reuse no-cuda-graphs}
+  for variant in $variants; do
     local name=$shape-steps-$variant
     case $variant in
       as-is) serve "$work/m$shape.gguf" "$name" ;;
       no-graph-reuse) LLAMA_GRAPH_REUSE_DISABLE=1 serve "$work/m$shape.gguf" "$name" ;;
       no-cuda-graphs) GGML_CUDA_DISABLE_GRAPHS=1 serve "$work/m$shape.gguf" "$name" ;;
+      # The worker's CPU threads (llama.cpp's CPU pool and the greedy scans), e.g. threads-2.
+      threads-*) ISTHMUS_GPU_THREADS=${variant#threads-} serve "$work/m$shape.gguf" "$name" ;;
+      *) echo "unknown step variant $variant" >&2; return 1 ;;
     esac
     for streams in 8 32; do
       wave "$streams" 128 128
@@ -212,12 +226,12 @@ steps() {
     done
     kill -TERM "$server"; wait "$server" || true
   done
-  python3 - "$results" "$shape" <<'PY' | tee "$out/steps.txt"
+  python3 - "$results" "$shape" $variants <<'PY' | tee "$out/steps.txt"
 import sys, pathlib
 sys.path.insert(0, "bench/gpu")
 from counters import counters
 out, shape = pathlib.Path(sys.argv[1]), sys.argv[2]
-for variant in ("as-is", "no-graph-reuse", "no-cuda-graphs"):
+for variant in sys.argv[3:]:
     name = f"{shape}-steps-{variant}"
     for streams in (8, 32):
         c = [counters(out / f"s{i}-{name}-{streams}") for i in range(3)]
@@ -229,6 +243,7 @@ for variant in ("as-is", "no-graph-reuse", "no-cuda-graphs"):
         print(f"{name} streams={streams}: {steps:.0f} decode-only steps, {d['batched_tokens'] / steps:.1f} tokens/step, "
               f"per step: llama_decode {decode:.3f} ms + device wait {wait:.3f} ms = {decode + wait:.3f} ms")
 PY
+  if [ "${ISTHMUS_GPU_STEP_DEBUG:-1}" = 1 ]; then
   ISTHMUS_GPU_LOG_LEVEL=debug LLAMA_GRAPH_RESULT_DEBUG=2 serve "$work/m$shape.gguf" "$shape-steps-debug"
   wave 32 128 128
   kill -TERM "$server"; wait "$server" || true
@@ -241,13 +256,15 @@ PY
     done
     grep -i "graph" "$log" | sed 's/^.*\(llama\|ggml\)/\1/' | sort | uniq -c | sort -rn | head -n 20 || true
   } | tee "$out/steps-debug.txt"
-  for variant in as-is no-graph-reuse no-cuda-graphs; do
+  fi
+  for variant in $variants; do
+    case $variant in threads-*) continue ;; esac
     local env=()
     [ "$variant" = no-graph-reuse ] && env=(LLAMA_GRAPH_REUSE_DISABLE=1)
     [ "$variant" = no-cuda-graphs ] && env=(GGML_CUDA_DISABLE_GRAPHS=1)
     env "${env[@]}" "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
       -npp 128 -ntg 128 -npl 8,32 -ngl 999 > "$results/batched-bench-$shape-$variant.txt" 2>&1 || true
-    { echo "anchor $variant"; grep -E "^\|" "$results/batched-bench-$shape-$variant.txt"; } | tee -a "$out/steps.txt"
+    { echo "anchor $variant"; grep -E "^main: n_kv_max|^\|" "$results/batched-bench-$shape-$variant.txt"; } | tee -a "$out/steps.txt"
   done
 }
 
