@@ -1196,12 +1196,8 @@ impl Loop<'_> {
                     .ok()
                     .and_then(|slot| choices.get_mut(slot))
                     .and_then(Option::take);
-                let step = if defer {
-                    worker.sample_deferred(sequence, &self.context, index, chosen)
-                } else {
-                    worker.sample(sequence, &self.context, index, chosen)
-                };
-                if let Step::Finished = step {
+                if let Step::Finished = worker.sample(sequence, &self.context, index, chosen, defer)
+                {
                     finished.push(id);
                 }
             }
@@ -1256,7 +1252,7 @@ impl Loop<'_> {
         }
     }
 
-    /// Sends the text of the tokens `sample_deferred` chose last step. Returns the sequences
+    /// Sends the text of the tokens `sample` chose last step. Returns the sequences
     /// whose answers are complete, for release once the device is done with the step in
     /// flight; one whose answer ended early (a stop string, a caller gone) while its next
     /// token is in flight is marked `ended` and leaves after that step.
@@ -1489,36 +1485,18 @@ impl Loop<'_> {
 }
 
 impl Worker {
-    /// Samples the sequence's next token and sends its text.
-    /// `chosen` is the greedy choice when `greedy_choices` made it.
+    /// Samples the sequence's next token and sends its text. With `defer`
+    /// (`overlap_token_delivery`) the text is left to `Loop::deliver_deferred`, which sends it
+    /// while the device computes the step the token feeds; a sequence whose last token waits
+    /// there stays in its slot until then. `chosen` is the greedy choice when
+    /// `greedy_choices` made it.
     fn sample(
         &self,
         sequence: &mut Sequence,
         context: &LlamaContext<'_>,
         index: i32,
         chosen: Option<(usize, f32)>,
-    ) -> Step {
-        let (token, margin) = self.choose(sequence, context, index, chosen);
-        let next = self.accept(sequence, token);
-        if next == Next::EndOfGeneration {
-            return self.finish(sequence, FinishReason::Stop, true);
-        }
-        let step = self.deliver(sequence, token, margin, next == Next::Last);
-        if let Step::Continue = step {
-            sequence.pending_token = Some(token);
-        }
-        step
-    }
-
-    /// Samples the sequence's next token and leaves its text to `Loop::deliver_deferred`,
-    /// which sends it while the device computes the step the token feeds
-    /// (`overlap_token_delivery`). A sequence whose last token waits there stays in its slot.
-    fn sample_deferred(
-        &self,
-        sequence: &mut Sequence,
-        context: &LlamaContext<'_>,
-        index: i32,
-        chosen: Option<(usize, f32)>,
+        defer: bool,
     ) -> Step {
         let (token, margin) = self.choose(sequence, context, index, chosen);
         let next = self.accept(sequence, token);
@@ -1526,15 +1504,22 @@ impl Worker {
             return self.finish(sequence, FinishReason::Stop, true);
         }
         let last = next == Next::Last;
-        if !last {
+        if defer {
+            sequence.undelivered = Some(Undelivered {
+                token,
+                margin,
+                last,
+            });
+        }
+        let step = if defer {
+            Step::Continue
+        } else {
+            self.deliver(sequence, token, margin, last)
+        };
+        if let (Step::Continue, false) = (&step, last) {
             sequence.pending_token = Some(token);
         }
-        sequence.undelivered = Some(Undelivered {
-            token,
-            margin,
-            last,
-        });
-        Step::Continue
+        step
     }
 
     /// The sequence's next token and, when recorded, its top-2 logit margin.

@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use super::{Environment, parse};
+use super::{Environment, ModelConfig, parse};
 
 struct FakeEnvironment;
 
@@ -91,34 +91,30 @@ fn a_valid_file_resolves_paths_relative_to_itself() {
     assert_eq!(config.server.state_dir, dir.path().join("state"));
     assert_eq!(config.models[0].path, dir.path().join("model.gguf"));
     assert_eq!(config.models[0].context_tokens, 2048);
-    // On the CPU finished sequences are parked as they finish; with GPU layers, while idle,
-    // unless the file says otherwise.
-    assert!(!config.models[0].park_prefixes_when_idle);
-    for (extra, expected) in [
-        ("gpu_layers = 99\n", true),
-        ("gpu_layers = 99\npark_prefixes_when_idle = false\n", false),
-        ("park_prefixes_when_idle = true\n", true),
-    ] {
-        let text = format!("{VALID}{extra}");
-        match parse(&text, &source, &FakeEnvironment) {
-            Ok(config) => assert_eq!(
-                config.models[0].park_prefixes_when_idle, expected,
-                "{extra}"
-            ),
-            Err(errors) => panic!("{extra}: {errors:?}"),
-        }
-    }
-    // Tokens go out while the next step computes only where the device computes it.
-    assert!(!config.models[0].overlap_token_delivery);
-    for (extra, expected) in [
-        ("gpu_layers = 99\n", true),
-        ("gpu_layers = 99\noverlap_token_delivery = false\n", false),
-        ("overlap_token_delivery = true\n", true),
-    ] {
-        let text = format!("{VALID}{extra}");
-        match parse(&text, &source, &FakeEnvironment) {
-            Ok(config) => assert_eq!(config.models[0].overlap_token_delivery, expected, "{extra}"),
-            Err(errors) => panic!("{extra}: {errors:?}"),
+    // Settings that pay off only where the device computes apart from the worker's thread:
+    // parking finished sequences only while idle, and sending tokens while the next step
+    // computes. Off on the CPU, on with GPU layers, unless the file says otherwise.
+    type Setting = fn(&ModelConfig) -> bool;
+    let settings: [(&str, Setting); 2] = [
+        ("park_prefixes_when_idle", |model| {
+            model.park_prefixes_when_idle
+        }),
+        ("overlap_token_delivery", |model| {
+            model.overlap_token_delivery
+        }),
+    ];
+    for (key, value) in settings {
+        assert!(!value(&config.models[0]), "{key}");
+        for (extra, expected) in [
+            (String::from("gpu_layers = 99\n"), true),
+            (format!("gpu_layers = 99\n{key} = false\n"), false),
+            (format!("{key} = true\n"), true),
+        ] {
+            let text = format!("{VALID}{extra}");
+            match parse(&text, &source, &FakeEnvironment) {
+                Ok(config) => assert_eq!(value(&config.models[0]), expected, "{extra}"),
+                Err(errors) => panic!("{extra}: {errors:?}"),
+            }
         }
     }
     let unified = format!("{VALID}kv_unified = true\npark_prefixes_when_idle = true\n");
