@@ -1504,14 +1504,12 @@ impl Worker {
             return self.finish(sequence, FinishReason::Stop, true);
         }
         let last = next == Next::Last;
-        if defer {
+        let step = if defer {
             sequence.undelivered = Some(Undelivered {
                 token,
                 margin,
                 last,
             });
-        }
-        let step = if defer {
             Step::Continue
         } else {
             self.deliver(sequence, token, margin, last)
