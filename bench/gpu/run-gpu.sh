@@ -4,6 +4,7 @@
 #   bench/gpu/run-gpu.sh build   # CUDA backend module (+ llama-batched-bench) from the sources
 #   bench/gpu/run-gpu.sh run     # random-weight models; isthmus bench at 1/8/32 streams; anchor
 #   bench/gpu/run-gpu.sh steps   # a pure decode step's split, with graph reuse / CUDA graphs off
+#   bench/gpu/run-gpu.sh lanes   # llama.cpp alone: N streams over K contexts (lanes-bench/)
 #
 # Inputs in .device/ (made on the build machine by bench/gpu/prepare): bundle.tar.gz (the
 # isthmus release binary, its libraries and CPU backends), llama-src.tar.gz (the llama.cpp tree
@@ -13,11 +14,12 @@
 #
 # Settings (environment): ISTHMUS_GPU_SHAPES (135m 1b), ISTHMUS_GPU_LAYOUTS for `run` (split;
 # also unified, split-nocache: no prefix cache, split-nooverlap: tokens sent before the next
-# step is launched), ISTHMUS_GPU_ANCHOR=0 (skip llama-batched-bench), ISTHMUS_GPU_THREADS (8),
+# step is launched, split-lanesN: the sequences split over N contexts), ISTHMUS_GPU_ANCHOR=0 (skip llama-batched-bench), ISTHMUS_GPU_THREADS (8),
 # ISTHMUS_GPU_STEP_VARIANTS for `steps` (as-is no-graph-reuse no-cuda-graphs; also threads-N),
-# ISTHMUS_GPU_STEP_DEBUG=0 (skip its debug-log wave).
+# ISTHMUS_GPU_STEP_DEBUG=0 (skip its debug-log wave), ISTHMUS_GPU_LANE_ROUNDS (2) and
+# ISTHMUS_GPU_LANE_CASES ("STREAMS LANES GREEDY" triples) for `lanes`.
 set -euo pipefail
-phase=${1:?usage: run-gpu.sh build|run|steps}
+phase=${1:?usage: run-gpu.sh build|run|steps|lanes}
 inputs=.device
 work=/tmp/isthmus-gpu
 out=${OUT:-$work/out}
@@ -34,11 +36,14 @@ build() {
   # llama.cpp's batched-bench, the anchor, beside the module; tools/ is not fingerprinted.
   mkdir -p "$work/llama/tools/batched-bench"
   cp "$inputs"/batched-bench/* "$work/llama/tools/batched-bench/"
-  echo 'add_subdirectory(batched-bench)' > "$work/llama/tools/CMakeLists.txt"
+  # The lanes experiment (bench/gpu/lanes-bench), built the same way.
+  rm -rf "$work/llama/tools/lanes-bench"
+  cp -r bench/gpu/lanes-bench "$work/llama/tools/lanes-bench"
+  printf 'add_subdirectory(batched-bench)\nadd_subdirectory(lanes-bench)\n' > "$work/llama/tools/CMakeLists.txt"
   local started=$SECONDS
   ISTHMUS_CUDA_BUILD_DIR="$work/build" \
   ISTHMUS_CUDA_CMAKE_ARGS="-DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_APP=OFF" \
-  ISTHMUS_CUDA_EXTRA_TARGETS="ggml-cpu llama-batched-bench" \
+  ISTHMUS_CUDA_EXTRA_TARGETS="ggml-cpu llama-batched-bench isthmus-lanes-bench" \
     deploy/cuda/build-backend "$work/llama" "$work/bundle/backends" 90 2>&1 | tail -n 5 | tee "$out/build.txt"
   echo "build took $((SECONDS - started)) s" | tee -a "$out/build.txt"
 }
@@ -104,6 +109,8 @@ run() {
       [ "$layout" = split-nocache ] && extra="prefix_cache_tokens_max = 0"
       # split with each step's tokens sent before the next step is launched, not during it.
       [ "$layout" = split-nooverlap ] && extra="overlap_token_delivery = false"
+      # split over N lanes (contexts), e.g. split-lanes4.
+      case $layout in split-lanes*) extra="lanes = ${layout#split-lanes}" ;; esac
       serve "$work/m$shape.gguf" "$name" "$extra"
       grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$name.log" | tee -a "$out/devices.txt"
       nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$name.csv" &
@@ -266,6 +273,35 @@ PY
       -npp 128 -ntg 128 -npl 8,32 -ngl 999 > "$results/batched-bench-$shape-$variant.txt" 2>&1 || true
     { echo "anchor $variant"; grep -E "^main: n_kv_max|^\|" "$results/batched-bench-$shape-$variant.txt"; } | tee -a "$out/steps.txt"
   done
+}
+
+# N streams over K contexts, each on its own thread (bench/gpu/lanes-bench/lanes-bench.cpp):
+# greedy tokens chosen on the host as the engine does, and random tokens as the anchor does.
+lanes() {
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$inputs"/gguf-*.whl
+  export PYTHONPATH=/tmp/site
+  local shapes=${ISTHMUS_GPU_SHAPES:-135m 1b} rounds=${ISTHMUS_GPU_LANE_ROUNDS:-2}
+  for shape in $shapes; do
+    [ -f "$work/m$shape.gguf" ] || python3 bench/gpu/random_model.py model --shape "$shape" \
+      --tokenizer "$inputs/tokenizer.gguf" --out "$work/m$shape.gguf" | tee -a "$out/models.txt"
+  done
+  for round in $(seq 1 "$rounds"); do
+    for shape in $shapes; do
+      for spec in ${ISTHMUS_GPU_LANE_CASES:-"1 1 1" "8 1 0" "8 1 1" "8 2 1" "8 4 1" "32 1 0" "32 1 1" "32 2 1" "32 4 1"}; do
+        # shellcheck disable=SC2086
+        set -- $spec
+        echo "$shape round $round: $("$work/build/bin/isthmus-lanes-bench" "$work/m$shape.gguf" "$1" "$2" 128 128 "$3" 2>&1 | tail -n 1)" \
+          | tee -a "$out/lanes.txt"
+      done
+    done
+  done
+  if [ "${ISTHMUS_GPU_ANCHOR:-1}" = 1 ]; then
+    for shape in $shapes; do
+      "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
+        -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$results/batched-bench-$shape.txt" 2>&1 || true
+      { echo "anchor $shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/lanes.txt"
+    done
+  fi
 }
 
 "$phase"

@@ -74,6 +74,12 @@ pub struct ModelSpec {
     pub overlap_token_delivery: bool,
     /// How long a request may wait in the queue before it fails.
     pub queue_timeout_ms: u64,
+    /// llama.cpp contexts the sequences are split over, each with `parallel_sequences /
+    /// lanes` sequences, its own KV cache, prefix cache and worker thread, sharing the
+    /// model's weights and `threads`. On a GPU one lane's host work (graph inputs, launch,
+    /// token choice) runs while the others' steps compute, and the lanes' kernels share the
+    /// device. Must divide `parallel_sequences`.
+    pub lanes: u32,
 }
 
 /// Who said a chat message.

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -62,7 +62,7 @@ pub struct Engine {
     devices: Vec<String>,
 }
 
-/// A cheap, cloneable handle to one loaded model and its worker.
+/// A cheap, cloneable handle to one loaded model and its workers.
 #[derive(Debug, Clone)]
 pub struct ModelHandle {
     shared: Arc<ModelShared>,
@@ -72,21 +72,60 @@ struct ModelShared {
     info: ModelInfo,
     model: Arc<LlamaModel>,
     template: Option<LlamaChatTemplate>,
-    jobs: Sender<Command>,
+    /// One per lane (`ModelSpec::lanes`), in order.
+    lanes: Vec<LaneHandle>,
+    /// Sequences each lane decodes together.
+    lane_sequences: u64,
     stats: SharedStats,
     queue_depth_max: u32,
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// The way into one lane's worker.
+struct LaneHandle {
+    jobs: Sender<Command>,
+    /// Requests sent to the lane and not yet finished: queued there or holding a sequence.
+    load: Arc<AtomicU64>,
 }
 
 impl ModelShared {
     fn stop(&self) {
-        let Ok(mut worker) = self.worker.lock() else {
+        let Ok(mut workers) = self.workers.lock() else {
             return;
         };
-        if let Some(thread) = worker.take() {
-            let _ = self.jobs.send(Command::Stop);
-            let _ = thread.join();
-        }
+        let threads = std::mem::take(&mut *workers);
+        stop_lanes(&self.lanes, threads);
+    }
+
+    /// The lane a new request goes to, its load already counted: the first lane with a free
+    /// sequence, so that a light load runs as one batch in one lane and lanes fill one after
+    /// the other; when all are full, the least loaded one, where it queues.
+    fn reserve_lane(&self) -> Option<&LaneHandle> {
+        let free = self.lanes.iter().find(|lane| {
+            lane.load
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |load| {
+                    (load < self.lane_sequences).then_some(load + 1)
+                })
+                .is_ok()
+        });
+        free.or_else(|| {
+            let lane = self
+                .lanes
+                .iter()
+                .min_by_key(|lane| lane.load.load(Ordering::Acquire))?;
+            lane.load.fetch_add(1, Ordering::AcqRel);
+            Some(lane)
+        })
+    }
+}
+
+/// Stops the lanes' workers and waits for their threads.
+fn stop_lanes(lanes: &[LaneHandle], threads: Vec<std::thread::JoinHandle<()>>) {
+    for lane in lanes {
+        let _ = lane.jobs.send(Command::Stop);
+    }
+    for thread in threads {
+        let _ = thread.join();
     }
 }
 
@@ -335,38 +374,35 @@ impl ModelHandle {
             "model loaded"
         );
 
-        // Unbounded as a channel; `submit` bounds what waits by `queue_depth_max`.
-        let (jobs, receiver) = std::sync::mpsc::channel();
-        let stats = SharedStats::default();
-        let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
-        let worker = Worker {
-            backend: Arc::clone(backend),
-            model: Arc::clone(&model),
-            spec: spec.clone(),
-            stats: Arc::clone(&stats),
-            eog_tokens: eog_tokens(&model),
-            eog_mask: eog_mask(&model),
-        };
-        let worker_thread = std::thread::Builder::new()
-            .name(format!("infer-{}", spec.name))
-            .spawn(move || worker.run(receiver, ready_sender))
-            .map_err(|error| LoadError::Worker {
+        let lane_count = spec.lanes.max(1);
+        if !spec.parallel_sequences.is_multiple_of(lane_count) {
+            return Err(LoadError::Context {
                 model: spec.name.clone(),
-                reason: error.to_string(),
-            })?;
-        match ready.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => {
-                return Err(LoadError::Context {
-                    model: spec.name.clone(),
-                    reason,
-                });
-            }
-            Err(RecvError) => {
-                return Err(LoadError::Worker {
-                    model: spec.name.clone(),
-                    reason: "worker ended during start-up".to_owned(),
-                });
+                reason: format!(
+                    "parallel_sequences ({}) is not a multiple of lanes ({lane_count})",
+                    spec.parallel_sequences
+                ),
+            });
+        }
+        // Each lane is a context of its own share of the sequences and threads.
+        let lane_spec = ModelSpec {
+            parallel_sequences: spec.parallel_sequences / lane_count,
+            threads: (spec.threads / lane_count).max(1),
+            ..spec.clone()
+        };
+        let stats = SharedStats::default();
+        let mut lanes = Vec::new();
+        let mut threads = Vec::new();
+        for lane in 0..lane_count {
+            match start_lane(backend, &model, &lane_spec, lane, &stats) {
+                Ok((handle, thread)) => {
+                    lanes.push(handle);
+                    threads.push(thread);
+                }
+                Err(error) => {
+                    stop_lanes(&lanes, threads);
+                    return Err(error);
+                }
             }
         }
         Ok(ModelHandle {
@@ -374,10 +410,11 @@ impl ModelHandle {
                 info,
                 model,
                 template,
-                jobs,
+                lanes,
+                lane_sequences: u64::from(lane_spec.parallel_sequences),
                 stats,
                 queue_depth_max: spec.queue_depth_max,
-                worker: Mutex::new(Some(worker_thread)),
+                workers: Mutex::new(threads),
             }),
         })
     }
@@ -468,7 +505,12 @@ impl ModelHandle {
                 capacity: self.shared.queue_depth_max,
             });
         }
-        if self.shared.jobs.send(Command::Generate(job)).is_err() {
+        let Some(lane) = self.shared.reserve_lane() else {
+            stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::WorkerStopped);
+        };
+        if lane.jobs.send(Command::Generate(job)).is_err() {
+            lane.load.fetch_sub(1, Ordering::AcqRel);
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::WorkerStopped);
         }
@@ -510,11 +552,69 @@ fn eog_tokens(model: &LlamaModel) -> Vec<LlamaToken> {
         .collect()
 }
 
-/// What the worker thread owns besides its context.
+/// Starts lane `lane`'s worker and waits until its context is made.
+fn start_lane(
+    backend: &Arc<LlamaBackend>,
+    model: &Arc<LlamaModel>,
+    spec: &ModelSpec,
+    lane: u32,
+    stats: &SharedStats,
+) -> Result<(LaneHandle, std::thread::JoinHandle<()>), LoadError> {
+    // Unbounded as a channel; `submit` bounds what waits by `queue_depth_max`.
+    let (jobs, receiver) = std::sync::mpsc::channel();
+    let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
+    let load = Arc::new(AtomicU64::new(0));
+    let worker = Worker {
+        backend: Arc::clone(backend),
+        model: Arc::clone(model),
+        spec: spec.clone(),
+        lane,
+        load: Arc::clone(&load),
+        stats: Arc::clone(stats),
+        eog_tokens: eog_tokens(model),
+        eog_mask: eog_mask(model),
+    };
+    let name = if spec.lanes > 1 {
+        format!("infer-{}-{lane}", spec.name)
+    } else {
+        format!("infer-{}", spec.name)
+    };
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || worker.run(receiver, ready_sender))
+        .map_err(|error| LoadError::Worker {
+            model: spec.name.clone(),
+            reason: error.to_string(),
+        })?;
+    let handle = LaneHandle { jobs, load };
+    match ready.recv() {
+        Ok(Ok(())) => Ok((handle, thread)),
+        Ok(Err(reason)) => {
+            let _ = thread.join();
+            Err(LoadError::Context {
+                model: spec.name.clone(),
+                reason,
+            })
+        }
+        Err(RecvError) => {
+            let _ = thread.join();
+            Err(LoadError::Worker {
+                model: spec.name.clone(),
+                reason: "worker ended during start-up".to_owned(),
+            })
+        }
+    }
+}
+
+/// What a lane's worker thread owns besides its context.
 struct Worker {
     backend: Arc<LlamaBackend>,
     model: Arc<LlamaModel>,
+    /// This lane's share: `parallel_sequences` and `threads` are the lane's.
     spec: ModelSpec,
+    lane: u32,
+    /// The lane's requests, queued or running; counted up by `submit`.
+    load: Arc<AtomicU64>,
     stats: SharedStats,
     eog_tokens: Vec<LlamaToken>,
     /// `eog_mask[token]`: whether the token ends generation.
@@ -644,6 +744,15 @@ struct Loop<'m> {
     busy_since: Instant,
     /// Threads that share the greedy scans of an offloaded model's logits.
     scan_pool: Option<rayon::ThreadPool>,
+    /// This lane's share of the model's cell and prefix gauges, as last published.
+    published: Published,
+}
+
+/// A lane's contribution to gauges that sum over the lanes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Published {
+    cells_used: u64,
+    prefix_entries: u64,
 }
 
 impl Worker {
@@ -691,11 +800,14 @@ impl Worker {
         if ready.send(Ok(())).is_err() {
             return;
         }
+        // Lanes add their cells: the gauges are the model's totals.
         self.stats
             .kv_cells_total
-            .store(u64::from(self.kv_cells()), Ordering::Relaxed);
+            .fetch_add(u64::from(self.kv_cells()), Ordering::Relaxed);
         tracing::info!(
             model = %spec.name,
+            lane = self.lane,
+            lanes = spec.lanes,
             context_tokens = spec.context_tokens,
             parallel_sequences = spec.parallel_sequences,
             batch_tokens = spec.batch_tokens,
@@ -753,6 +865,7 @@ impl Worker {
                         .ok()
                 })
                 .flatten(),
+            published: Published::default(),
         };
         while state.admit(&jobs) {
             state.step();
@@ -788,6 +901,15 @@ impl Worker {
     }
 }
 
+/// Moves a gauge that sums over lanes by one lane's change from `last` to `now`.
+fn move_gauge(gauge: &AtomicU64, last: u64, now: u64) {
+    if now >= last {
+        gauge.fetch_add(now - last, Ordering::Relaxed);
+    } else {
+        gauge.fetch_sub(last - now, Ordering::Relaxed);
+    }
+}
+
 /// The active sequence `id`, if any.
 fn slot(slots: &mut [Option<Sequence>], id: SeqId) -> Option<&mut Sequence> {
     usize::try_from(id)
@@ -801,14 +923,19 @@ impl Loop<'_> {
         slot(&mut self.slots, id)
     }
 
-    fn publish_cells(&self) {
+    fn publish_cells(&mut self) {
         let stats = &self.worker.stats;
-        stats
-            .kv_cells_used
-            .store(self.ledger.used_cells() as u64, Ordering::Relaxed);
-        stats
-            .prefix_cache_entries
-            .store(self.prefixes.len() as u64, Ordering::Relaxed);
+        let now = Published {
+            cells_used: self.ledger.used_cells() as u64,
+            prefix_entries: self.prefixes.len() as u64,
+        };
+        let last = std::mem::replace(&mut self.published, now);
+        move_gauge(&stats.kv_cells_used, last.cells_used, now.cells_used);
+        move_gauge(
+            &stats.prefix_cache_entries,
+            last.prefix_entries,
+            now.prefix_entries,
+        );
     }
 
     /// Takes new jobs into the worker's queue, fails those that waited too long or whose
@@ -931,6 +1058,7 @@ impl Loop<'_> {
         let stats = &self.worker.stats;
         for job in self.queue.drain(..) {
             stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            self.worker.load.fetch_sub(1, Ordering::AcqRel);
             let _ = job
                 .events
                 .try_send(Event::Failed(GenerationError::WorkerStopped));
@@ -951,14 +1079,17 @@ impl Loop<'_> {
     /// has gone.
     fn expire_queued(&mut self, timeout: Duration) {
         let stats = &self.worker.stats;
+        let load = &self.worker.load;
         self.queue.retain(|job| {
             if job.events.is_closed() {
                 stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                load.fetch_sub(1, Ordering::AcqRel);
                 return false;
             }
             if job.submitted_at.elapsed() > timeout {
                 // Counted out before the caller hears of it.
                 stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                load.fetch_sub(1, Ordering::AcqRel);
                 let _ = job
                     .events
                     .try_send(Event::Failed(GenerationError::QueueTimeout {
@@ -1399,6 +1530,7 @@ impl Loop<'_> {
             .stats
             .active_sequences
             .fetch_sub(1, Ordering::Relaxed);
+        self.worker.load.fetch_sub(1, Ordering::AcqRel);
         self.admitted.retain(|&other| other != id);
         if how == Release::Keep && !self.worker.spec.kv_unified {
             let when_idle = self.worker.spec.park_prefixes_when_idle;

@@ -169,6 +169,8 @@ pub struct ModelConfig {
     pub park_prefixes_when_idle: bool,
     /// Send a step's tokens while the device computes the next step.
     pub overlap_token_delivery: bool,
+    /// llama.cpp contexts the sequences are split over, each on its own worker thread.
+    pub lanes: u32,
     /// KV cache memory this model may take; `None` uses the memory available at start.
     pub kv_memory_bytes_max: Option<u64>,
     /// The KV cache this configuration needs, computed from the GGUF metadata.
@@ -362,6 +364,8 @@ struct RawModel {
     park_prefixes_when_idle: Option<bool>,
     #[serde(default)]
     overlap_token_delivery: Option<bool>,
+    #[serde(default)]
+    lanes: Option<u32>,
     #[serde(default)]
     kv_memory_bytes_max: Option<u64>,
 }
@@ -1003,6 +1007,16 @@ impl Validator<'_> {
             );
         }
         self.positive(&format!("{prefix}.queue_timeout_ms"), raw.queue_timeout_ms);
+        let lanes = raw.lanes.unwrap_or(1);
+        if lanes == 0 || !raw.parallel_sequences.is_multiple_of(lanes) {
+            self.error(
+                format!("{prefix}.lanes"),
+                format!(
+                    "must divide parallel_sequences ({}): each lane decodes an equal share",
+                    raw.parallel_sequences
+                ),
+            );
+        }
         if raw.kv_unified && raw.park_prefixes_when_idle == Some(true) {
             self.error(
                 format!("{prefix}.park_prefixes_when_idle"),
@@ -1018,7 +1032,9 @@ impl Validator<'_> {
         if self.errors.len() > before {
             return None;
         }
-        let kv_plan = self.kv_plan(&prefix, &path, &raw, u64::from(prefix_cache_tokens_max))?;
+        // Each lane has a prefix cache of this size.
+        let prefix_cache_tokens = u64::from(prefix_cache_tokens_max) * u64::from(lanes);
+        let kv_plan = self.kv_plan(&prefix, &path, &raw, prefix_cache_tokens)?;
         Some(ModelConfig {
             name,
             path,
@@ -1042,6 +1058,7 @@ impl Validator<'_> {
             // it cost 12-17% of closed-loop throughput at 32 streams (bench/RESULTS.md).
             park_prefixes_when_idle: raw.park_prefixes_when_idle.unwrap_or(raw.gpu_layers > 0),
             overlap_token_delivery: raw.overlap_token_delivery.unwrap_or(raw.gpu_layers > 0),
+            lanes,
             kv_memory_bytes_max: raw.kv_memory_bytes_max,
             kv_plan,
         })

@@ -376,6 +376,7 @@ fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow
             prefix_cache_tokens_max: model.prefix_cache_tokens_max,
             park_prefixes_when_idle: model.park_prefixes_when_idle,
             overlap_token_delivery: model.overlap_token_delivery,
+            lanes: model.lanes,
         })
         .collect();
     for model in &config.models {

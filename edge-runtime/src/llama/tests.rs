@@ -48,6 +48,7 @@ fn spec(name: &str) -> ModelSpec {
         prefix_cache_tokens_max: 2048,
         park_prefixes_when_idle: false,
         overlap_token_delivery: false,
+        lanes: 1,
     }
 }
 
@@ -222,6 +223,74 @@ fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
         compared * 2 >= total,
         "too few tokens compared ({compared} of {total}) for the test to mean anything"
     );
+}
+
+/// Two lanes (contexts) of two sequences: the first two requests fill the first lane, the
+/// next two the second; each lane decodes its pair in one batch, so the four answers take
+/// at least twice the steps one batch of four would, and each is still the answer the
+/// request gives alone. The cell gauges are the lanes' sums and settle at zero.
+#[test]
+fn requests_split_over_lanes_give_their_solo_answers() {
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        lanes: 2,
+        ..spec("lanes")
+    });
+    assert_eq!(model.stats().kv_cells_total(), 4 * 1024);
+    let prompts = [
+        "Name three colours.",
+        "What is two plus two?",
+        "Describe a cat in one sentence.",
+        "Say something about rivers.",
+    ];
+    const TOKENS: u32 = 24;
+    let runtime = runtime();
+    let solo: Vec<Answer> = prompts
+        .iter()
+        .map(|prompt| {
+            runtime.block_on(collect(
+                model
+                    .submit(exact_request(&model, "", prompt, TOKENS))
+                    .unwrap(),
+            ))
+        })
+        .collect();
+    cells_settle_at_zero(&model);
+    let steps_before = model.stats().decode_steps();
+    let tokens_before = model.stats().batched_tokens();
+    let together: Vec<Answer> = runtime.block_on(async {
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|prompt| {
+                model
+                    .submit(exact_request(&model, "", prompt, TOKENS))
+                    .unwrap()
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for stream in streams {
+            answers.push(collect(stream).await);
+        }
+        answers
+    });
+    let steps = model.stats().decode_steps() - steps_before;
+    let tokens = model.stats().batched_tokens() - tokens_before;
+    // Each lane: one step at least for its prompts, then one per token after the first.
+    assert!(
+        steps >= 2 * u64::from(TOKENS),
+        "{steps} steps for two lanes of {TOKENS} tokens: the requests did not run in two lanes"
+    );
+    assert!(
+        tokens > steps,
+        "{tokens} tokens in {steps} steps: no step held two sequences"
+    );
+    for (alone, split) in solo.iter().zip(&together) {
+        assert_eq!(split.tokens.len(), TOKENS as usize);
+        let (compared, _) = compare_greedy(alone, split);
+        assert!(compared >= 6, "only {compared} tokens compared");
+    }
+    cells_settle_at_zero(&model);
+    assert_eq!(model.stats().active_sequences(), 0);
 }
 
 /// `overlap_token_delivery` sends each token's text one step later, while the next step

@@ -263,6 +263,35 @@ fn a_kv_cache_over_the_budget_or_the_trained_context_is_refused_with_the_numbers
     );
 }
 
+/// Lanes split the sequences evenly, and each lane has a prefix cache of its own, which the
+/// KV plan counts once per lane.
+#[test]
+fn lanes_must_divide_the_sequences_and_each_has_its_prefix_cache() {
+    let (_dir, source) = fixture();
+    for lanes in ["0", "3"] {
+        let text = format!("{VALID}lanes = {lanes}\n");
+        assert_eq!(
+            errors_of(&text, &source),
+            [
+                "models.smollm2.lanes: must divide parallel_sequences (4): each lane decodes an \
+              equal share"
+            ],
+            "lanes = {lanes}"
+        );
+    }
+    let config = match parse(&format!("{VALID}lanes = 2\n"), &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    assert_eq!(config.models[0].lanes, 2);
+    // 4 sequences x 2048 tokens + 2 lanes x 2048 prefix-cache tokens.
+    assert_eq!(config.models[0].kv_plan.cells, 12_288);
+    match parse(VALID, &source, &FakeEnvironment) {
+        Ok(config) => assert_eq!(config.models[0].lanes, 1),
+        Err(errors) => panic!("{errors:?}"),
+    }
+}
+
 #[test]
 fn upstream_pools_are_validated_with_every_error_at_once() {
     let (_dir, source) = fixture();
