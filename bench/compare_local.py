@@ -52,6 +52,8 @@ class Server:
 
     def __init__(self, kind: str, args, parallel: int, port: int, workdir: str):
         self.kind, self.args, self.parallel, self.port, self.workdir = kind, args, parallel, port, workdir
+        # Isthmus's lanes must divide its sequences: one lane where --lanes does not.
+        self.lanes = args.lanes if parallel % args.lanes == 0 else 1
         self.process = None
 
     @property
@@ -90,7 +92,7 @@ threads = {self.args.threads}
 queue_depth_max = 256
 queue_timeout_ms = 600000
 kv_unified = {str(self.args.kv_unified).lower()}
-lanes = {self.args.lanes}
+lanes = {self.lanes}
 [logging]
 level = "warn"
 """)
@@ -167,7 +169,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests-per-stream", type=int, default=4)
     parser.add_argument("--kv-unified", type=lambda text: text == "true", default=True)
-    parser.add_argument("--lanes", type=int, default=1, help="isthmus lanes (must divide each -np)")
+    parser.add_argument("--lanes", type=int, default=1, help="isthmus lanes, where they divide the scenario's sequences (else 1)")
     parser.add_argument("--scenarios", default="decode-1,decode-4,decode-8,prefix-warm,long-prompts")
     parser.add_argument("--json", help="also write all samples here")
     args = parser.parse_args()

@@ -29,7 +29,10 @@ use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::{DecodeError, LlamaBackendDeviceType, LogOptions};
 use tokio::sync::mpsc;
 
-use crate::prefix::{CellLedger, PrefixCache, PrefixMatch, SeqId, best_match, choose_slot};
+use crate::prefix::{
+    CellLedger, PrefixCache, PrefixMatch, RecentPrompts, SeqId, best_match, block_digests,
+    choose_slot,
+};
 use crate::schedule::{PendingPrompt, prefill_plan};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::utf8::Utf8Assembler;
@@ -53,6 +56,10 @@ const PREFIX_REUSE_TOKENS_MIN_SPLIT: usize = 32;
 const PREFIX_PARK_TOKENS_MIN: usize = 16;
 /// Handles of prefixes kept in host memory start here, far above any sequence id.
 const HOST_PREFIX_IDS: SeqId = 1 << 24;
+
+/// Prompts a lane remembers for routing, per sequence of the lane: about what its slots'
+/// leftovers and a prefix cache of one entry per sequence hold, and a few more.
+const RECENT_PROMPTS_PER_SEQUENCE: usize = 4;
 
 /// The loaded models and the llama.cpp backend they run on.
 #[derive(Debug)]
@@ -86,6 +93,9 @@ struct LaneHandle {
     jobs: Sender<Command>,
     /// Requests sent to the lane and not yet finished: queued there or holding a sequence.
     load: Arc<AtomicU64>,
+    /// With several lanes: the prompts sent here lately, whose prefixes this lane's caches
+    /// most likely hold.
+    recent: Mutex<RecentPrompts>,
 }
 
 impl ModelShared {
@@ -97,25 +107,53 @@ impl ModelShared {
         stop_lanes(&self.lanes, threads);
     }
 
-    /// The lane a new request goes to, its load already counted: the first lane with a free
-    /// sequence, so that a light load runs as one batch in one lane and lanes fill one after
-    /// the other; when all are full, the least loaded one, where it queues.
-    fn reserve_lane(&self) -> Option<&LaneHandle> {
-        let free = self.lanes.iter().find(|lane| {
+    /// The lane a new request goes to, its load already counted: among lanes with a free
+    /// sequence, the one sent the longest shared start of `prompt` lately (a conversation's
+    /// earlier turns, a system prompt), where its prefix is most likely cached; among equals
+    /// the first, so that a light load runs as one batch in one lane and lanes fill one
+    /// after the other. When all are full, the least loaded one, where it queues.
+    fn reserve_lane(&self, prompt: &[i32]) -> Option<&LaneHandle> {
+        let mut lanes: Vec<(usize, &LaneHandle)> =
+            self.lanes.iter().map(|lane| (0, lane)).collect();
+        let digests = if self.lanes.len() > 1 {
+            block_digests(prompt)
+        } else {
+            Vec::new()
+        };
+        if !digests.is_empty() {
+            for (shared, lane) in &mut lanes {
+                *shared = lane
+                    .recent
+                    .lock()
+                    .map_or(0, |recent| recent.shared_blocks(&digests));
+            }
+            // Stable: lane order among equals.
+            lanes.sort_by_key(|(shared, _)| std::cmp::Reverse(*shared));
+        }
+        let free = lanes.iter().map(|(_, lane)| *lane).find(|lane| {
             lane.load
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |load| {
                     (load < self.lane_sequences).then_some(load + 1)
                 })
                 .is_ok()
         });
-        free.or_else(|| {
-            let lane = self
-                .lanes
-                .iter()
-                .min_by_key(|lane| lane.load.load(Ordering::Acquire))?;
-            lane.load.fetch_add(1, Ordering::AcqRel);
-            Some(lane)
-        })
+        let lane = match free {
+            Some(lane) => lane,
+            None => {
+                let lane = self
+                    .lanes
+                    .iter()
+                    .min_by_key(|lane| lane.load.load(Ordering::Acquire))?;
+                lane.load.fetch_add(1, Ordering::AcqRel);
+                lane
+            }
+        };
+        if !digests.is_empty()
+            && let Ok(mut recent) = lane.recent.lock()
+        {
+            recent.remember(digests);
+        }
+        Some(lane)
     }
 }
 
@@ -505,7 +543,7 @@ impl ModelHandle {
                 capacity: self.shared.queue_depth_max,
             });
         }
-        let Some(lane) = self.shared.reserve_lane() else {
+        let Some(lane) = self.shared.reserve_lane(&job.request.prompt.tokens) else {
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::WorkerStopped);
         };
@@ -586,7 +624,15 @@ fn start_lane(
             model: spec.name.clone(),
             reason: error.to_string(),
         })?;
-    let handle = LaneHandle { jobs, load };
+    let handle = LaneHandle {
+        jobs,
+        load,
+        recent: Mutex::new(RecentPrompts::new(
+            usize::try_from(spec.parallel_sequences)
+                .unwrap_or(0)
+                .saturating_mul(RECENT_PROMPTS_PER_SEQUENCE),
+        )),
+    };
     match ready.recv() {
         Ok(Ok(())) => Ok((handle, thread)),
         Ok(Err(reason)) => {

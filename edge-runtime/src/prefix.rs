@@ -292,3 +292,67 @@ impl CellLedger {
 
 #[cfg(test)]
 mod tests;
+
+/// Tokens per block of a prompt's lane-affinity digests.
+pub const AFFINITY_BLOCK_TOKENS: usize = 64;
+
+/// Digests of a prompt's whole-block prefixes: the `k`-th covers its first
+/// `k × AFFINITY_BLOCK_TOKENS` tokens, so two prompts share their first `n` digests exactly
+/// when they share their first `n` blocks (up to hash collisions, which only cost a hint).
+pub fn block_digests(tokens: &[i32]) -> Vec<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    tokens
+        .chunks_exact(AFFINITY_BLOCK_TOKENS)
+        .map(|block| {
+            block.hash(&mut hasher);
+            hasher.finish()
+        })
+        .collect()
+}
+
+/// The prompts a lane was sent lately, as block digests, oldest first: where their KV most
+/// likely still is (in a slot or in the lane's prefix cache), for sending a prompt that
+/// shares their start to the same lane. A hint only: the lane's worker decides what it
+/// reuses.
+#[derive(Debug)]
+pub struct RecentPrompts {
+    prompts: std::collections::VecDeque<Vec<u64>>,
+    capacity: usize,
+}
+
+impl RecentPrompts {
+    pub fn new(capacity: usize) -> RecentPrompts {
+        RecentPrompts {
+            prompts: std::collections::VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// The most leading blocks `digests` shares with a remembered prompt.
+    pub fn shared_blocks(&self, digests: &[u64]) -> usize {
+        self.prompts
+            .iter()
+            .map(|prompt| {
+                prompt
+                    .iter()
+                    .zip(digests)
+                    .take_while(|(left, right)| left == right)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Remembers a prompt sent to the lane, forgetting the oldest beyond the capacity.
+    /// Prompts shorter than one block leave nothing to match.
+    pub fn remember(&mut self, digests: Vec<u64>) {
+        if digests.is_empty() || self.capacity == 0 {
+            return;
+        }
+        if self.prompts.len() == self.capacity {
+            self.prompts.pop_front();
+        }
+        self.prompts.push_back(digests);
+    }
+}

@@ -293,6 +293,48 @@ fn requests_split_over_lanes_give_their_solo_answers() {
     assert_eq!(model.stats().active_sequences(), 0);
 }
 
+/// With one sequence per lane, the first request takes lane 0 and the second, arriving while
+/// the first runs, lane 1. A later request sharing the second's long system prompt goes to
+/// lane 1, where that prefix is cached, although lane 0 comes first and is free.
+#[test]
+fn a_request_goes_to_the_lane_that_was_sent_its_prefix() {
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        parallel_sequences: 2,
+        lanes: 2,
+        ..spec("affinity")
+    });
+    let system = |topic: &str| format!("You answer questions about {topic}. ").repeat(20);
+    let (rivers, cats) = (system("rivers"), system("cats"));
+    let runtime = runtime();
+    runtime.block_on(async {
+        let first = model
+            .submit(exact_request(&model, &rivers, "Name one.", 4))
+            .unwrap();
+        let second = model
+            .submit(exact_request(&model, &cats, "Name one.", 4))
+            .unwrap();
+        collect(first).await;
+        collect(second).await;
+    });
+    cells_settle_at_zero(&model);
+    let again = exact_request(&model, &cats, "Why do they purr?", 4);
+    let shared = again
+        .prompt
+        .tokens
+        .iter()
+        .zip(&exact_request(&model, &cats, "Name one.", 4).prompt.tokens)
+        .take_while(|(left, right)| left == right)
+        .count();
+    assert!(shared >= 128, "the system prompt is only {shared} tokens");
+    let answer = runtime.block_on(collect(model.submit(again).unwrap()));
+    assert!(
+        answer.usage.cached_tokens as usize >= shared,
+        "{} cached tokens of a {shared}-token shared prefix: the request went to the other lane",
+        answer.usage.cached_tokens
+    );
+}
+
 /// `overlap_token_delivery` sends each token's text one step later, while the next step
 /// computes: answers, stop strings, end of generation, `max_tokens` and usage are as when
 /// tokens go out before the next step is launched. Alone, a request's steps are the same in

@@ -1,4 +1,7 @@
-use super::{CellLedger, Park, PrefixCache, PrefixMatch, best_match, choose_slot, common_prefix};
+use super::{
+    AFFINITY_BLOCK_TOKENS, CellLedger, Park, PrefixCache, PrefixMatch, RecentPrompts, best_match,
+    block_digests, choose_slot, common_prefix,
+};
 
 #[test]
 fn the_longest_prefix_wins_and_leaves_one_token_to_decode() {
@@ -108,4 +111,48 @@ fn without_a_shared_prefix_an_empty_slot_is_taken_before_a_leftover() {
     );
     assert_eq!(choose_slot(&prompt, [(4, &leftover[..])]), Some((4, 0)));
     assert_eq!(choose_slot(&prompt, []), None);
+}
+
+#[test]
+fn prompts_sharing_leading_blocks_share_leading_digests() {
+    let block = AFFINITY_BLOCK_TOKENS;
+    let base: Vec<i32> = (0..3 * block as i32 + 5).collect();
+    let mut other = base.clone();
+    other[block + 3] = -1; // differs in the second block
+    let (a, b) = (block_digests(&base), block_digests(&other));
+    assert_eq!(a.len(), 3, "whole blocks only");
+    assert_eq!(a[0], b[0]);
+    assert_ne!(a[1], b[1]);
+    assert_ne!(
+        a[2], b[2],
+        "a later block's digest covers everything before it"
+    );
+    assert!(block_digests(&base[..block - 1]).is_empty());
+}
+
+#[test]
+fn a_lane_remembers_its_latest_prompts_and_measures_shared_blocks() {
+    let block = AFFINITY_BLOCK_TOKENS as i32;
+    let prompt = |seed: i32, blocks: i32| -> Vec<u64> {
+        block_digests(
+            &(0..blocks * block)
+                .map(|i| i + seed * 1_000_000)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut recent = RecentPrompts::new(2);
+    assert_eq!(recent.shared_blocks(&prompt(1, 3)), 0);
+    recent.remember(prompt(1, 3));
+    recent.remember(Vec::new()); // under one block: nothing to remember
+    assert_eq!(recent.shared_blocks(&prompt(1, 2)), 2);
+    assert_eq!(recent.shared_blocks(&prompt(1, 5)), 3);
+    assert_eq!(recent.shared_blocks(&prompt(2, 3)), 0);
+    recent.remember(prompt(2, 1));
+    recent.remember(prompt(3, 1));
+    assert_eq!(
+        recent.shared_blocks(&prompt(1, 3)),
+        0,
+        "the oldest is forgotten"
+    );
+    assert_eq!(recent.shared_blocks(&prompt(3, 2)), 1);
 }
