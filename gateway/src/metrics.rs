@@ -323,25 +323,25 @@ impl Metrics {
             (
                 "isthmus_local_decode_seconds_total",
                 "counter",
-                "Time spent in llama_decode.",
+                "Time spent in llama_decode, summed over the model's lanes.",
                 |g| g.decode_seconds,
             ),
             (
                 "isthmus_local_worker_busy_seconds_total",
                 "counter",
-                "Time the inference worker spent working; beyond llama_decode, this is admission, batching, sampling and delivery.",
+                "Time the inference workers spent working, summed over lanes; beyond llama_decode, this is admission, batching, sampling and delivery.",
                 |g| g.busy_seconds,
             ),
             (
                 "isthmus_local_device_wait_seconds_total",
                 "counter",
-                "Time the inference worker waited for the device to finish decode steps.",
+                "Time the inference workers waited for the device to finish decode steps, summed over lanes.",
                 |g| g.sync_seconds,
             ),
             (
                 "isthmus_local_sampling_seconds_total",
                 "counter",
-                "Time the inference worker spent choosing tokens from the logits (greedy scans and sampler chains).",
+                "Time the inference workers spent choosing tokens from the logits (greedy scans and sampler chains), summed over lanes.",
                 |g| g.sampling_seconds,
             ),
             (
