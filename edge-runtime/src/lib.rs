@@ -295,6 +295,8 @@ pub struct ModelInfo {
     pub path: PathBuf,
     pub context_tokens: u32,
     pub parallel_sequences: u32,
+    /// Contexts the sequences are split over (`ModelSpec::lanes`).
+    pub lanes: u32,
     /// Context length the model was trained with.
     pub trained_context_tokens: u32,
     pub parameters: u64,

@@ -392,6 +392,7 @@ impl ModelHandle {
             path: spec.path.clone(),
             context_tokens: spec.context_tokens,
             parallel_sequences: spec.parallel_sequences,
+            lanes: spec.lanes.max(1),
             trained_context_tokens: model.n_ctx_train(),
             parameters: model.n_params(),
             size_bytes: model.size(),

@@ -62,6 +62,7 @@ impl Admin {
                             "path": info.path.display().to_string(),
                             "context_tokens": info.context_tokens,
                             "parallel_sequences": info.parallel_sequences,
+                            "lanes": info.lanes,
                             "trained_context_tokens": info.trained_context_tokens,
                             "parameters": info.parameters,
                             "size_bytes": info.size_bytes,
