@@ -90,12 +90,29 @@ struct ModelShared {
 
 /// The way into one lane's worker.
 struct LaneHandle {
-    jobs: Sender<Command>,
-    /// Requests sent to the lane and not yet finished: queued there or holding a sequence.
-    load: Arc<AtomicU64>,
+    port: LanePort,
     /// With several lanes: the prompts sent here lately, whose prefixes this lane's caches
     /// most likely hold.
     recent: Mutex<RecentPrompts>,
+}
+
+/// A lane's channel and load, known to `submit` and to the other lanes' workers.
+#[derive(Clone)]
+struct LanePort {
+    jobs: Sender<Command>,
+    /// Requests sent to the lane and not yet finished: queued there or holding a sequence.
+    load: Arc<AtomicU64>,
+}
+
+impl LanePort {
+    /// Counts one more request in, if the lane has a free sequence.
+    fn reserve_free(&self, sequences: u64) -> bool {
+        self.load
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |load| {
+                (load < sequences).then_some(load + 1)
+            })
+            .is_ok()
+    }
 }
 
 impl ModelShared {
@@ -130,21 +147,18 @@ impl ModelShared {
             // Stable: lane order among equals.
             lanes.sort_by_key(|(shared, _)| std::cmp::Reverse(*shared));
         }
-        let free = lanes.iter().map(|(_, lane)| *lane).find(|lane| {
-            lane.load
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |load| {
-                    (load < self.lane_sequences).then_some(load + 1)
-                })
-                .is_ok()
-        });
+        let free = lanes
+            .iter()
+            .map(|(_, lane)| *lane)
+            .find(|lane| lane.port.reserve_free(self.lane_sequences));
         let lane = match free {
             Some(lane) => lane,
             None => {
                 let lane = self
                     .lanes
                     .iter()
-                    .min_by_key(|lane| lane.load.load(Ordering::Acquire))?;
-                lane.load.fetch_add(1, Ordering::AcqRel);
+                    .min_by_key(|lane| lane.port.load.load(Ordering::Acquire))?;
+                lane.port.load.fetch_add(1, Ordering::AcqRel);
                 lane
             }
         };
@@ -160,7 +174,7 @@ impl ModelShared {
 /// Stops the lanes' workers and waits for their threads.
 fn stop_lanes(lanes: &[LaneHandle], threads: Vec<std::thread::JoinHandle<()>>) {
     for lane in lanes {
-        let _ = lane.jobs.send(Command::Stop);
+        let _ = lane.port.jobs.send(Command::Stop);
     }
     for thread in threads {
         let _ = thread.join();
@@ -430,12 +444,28 @@ impl ModelHandle {
             ..spec.clone()
         };
         let stats = SharedStats::default();
+        // Unbounded as channels; `submit` bounds what waits by `queue_depth_max`.
+        let (ports, receivers): (Vec<LanePort>, Vec<Receiver<Command>>) = (0..lane_count)
+            .map(|_| {
+                let (jobs, receiver) = std::sync::mpsc::channel();
+                let load = Arc::new(AtomicU64::new(0));
+                (LanePort { jobs, load }, receiver)
+            })
+            .unzip();
+        let ports = Arc::new(ports);
         let mut lanes = Vec::new();
         let mut threads = Vec::new();
-        for lane in 0..lane_count {
-            match start_lane(backend, &model, &lane_spec, lane, &stats) {
-                Ok((handle, thread)) => {
-                    lanes.push(handle);
+        for (lane, receiver) in (0..lane_count).zip(receivers) {
+            match start_lane(backend, &model, &lane_spec, lane, &ports, receiver, &stats) {
+                Ok(thread) => {
+                    lanes.push(LaneHandle {
+                        port: ports[lane as usize].clone(),
+                        recent: Mutex::new(RecentPrompts::new(
+                            usize::try_from(lane_spec.parallel_sequences)
+                                .unwrap_or(0)
+                                .saturating_mul(RECENT_PROMPTS_PER_SEQUENCE),
+                        )),
+                    });
                     threads.push(thread);
                 }
                 Err(error) => {
@@ -548,8 +578,8 @@ impl ModelHandle {
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::WorkerStopped);
         };
-        if lane.jobs.send(Command::Generate(job)).is_err() {
-            lane.load.fetch_sub(1, Ordering::AcqRel);
+        if lane.port.jobs.send(Command::Generate(job)).is_err() {
+            lane.port.load.fetch_sub(1, Ordering::AcqRel);
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::WorkerStopped);
         }
@@ -591,24 +621,25 @@ fn eog_tokens(model: &LlamaModel) -> Vec<LlamaToken> {
         .collect()
 }
 
-/// Starts lane `lane`'s worker and waits until its context is made.
+/// Starts lane `lane`'s worker, which takes its jobs from `receiver`, and waits until its
+/// context is made.
 fn start_lane(
     backend: &Arc<LlamaBackend>,
     model: &Arc<LlamaModel>,
     spec: &ModelSpec,
     lane: u32,
+    ports: &Arc<Vec<LanePort>>,
+    receiver: Receiver<Command>,
     stats: &SharedStats,
-) -> Result<(LaneHandle, std::thread::JoinHandle<()>), LoadError> {
-    // Unbounded as a channel; `submit` bounds what waits by `queue_depth_max`.
-    let (jobs, receiver) = std::sync::mpsc::channel();
+) -> Result<std::thread::JoinHandle<()>, LoadError> {
     let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
-    let load = Arc::new(AtomicU64::new(0));
     let worker = Worker {
         backend: Arc::clone(backend),
         model: Arc::clone(model),
         spec: spec.clone(),
         lane,
-        load: Arc::clone(&load),
+        load: Arc::clone(&ports[lane as usize].load),
+        ports: Arc::clone(ports),
         stats: Arc::clone(stats),
         eog_tokens: eog_tokens(model),
         eog_mask: eog_mask(model),
@@ -625,17 +656,8 @@ fn start_lane(
             model: spec.name.clone(),
             reason: error.to_string(),
         })?;
-    let handle = LaneHandle {
-        jobs,
-        load,
-        recent: Mutex::new(RecentPrompts::new(
-            usize::try_from(spec.parallel_sequences)
-                .unwrap_or(0)
-                .saturating_mul(RECENT_PROMPTS_PER_SEQUENCE),
-        )),
-    };
     match ready.recv() {
-        Ok(Ok(())) => Ok((handle, thread)),
+        Ok(Ok(())) => Ok(thread),
         Ok(Err(reason)) => {
             let _ = thread.join();
             Err(LoadError::Context {
@@ -662,6 +684,8 @@ struct Worker {
     lane: u32,
     /// The lane's requests, queued or running; counted up by `submit`.
     load: Arc<AtomicU64>,
+    /// Every lane's port, this one's included, for handing queued jobs over.
+    ports: Arc<Vec<LanePort>>,
     stats: SharedStats,
     eog_tokens: Vec<LlamaToken>,
     /// `eog_mask[token]`: whether the token ends generation.
@@ -1097,7 +1121,47 @@ impl Loop<'_> {
                 .active_sequences
                 .fetch_add(1, Ordering::Relaxed);
         }
+        self.hand_over_queued();
         true
+    }
+
+    /// With several lanes: jobs still queued here once every sequence is taken go, oldest
+    /// first, to lanes with a free sequence, so that no request waits behind this lane's
+    /// answers while another lane could start it. (`submit` queues a request in the least
+    /// loaded lane when all are full; whichever lane frees a sequence first should take it.)
+    fn hand_over_queued(&mut self) {
+        let worker = self.worker;
+        let sequences = u64::from(worker.spec.parallel_sequences);
+        let own = usize::try_from(worker.lane).unwrap_or(usize::MAX);
+        while !self.queue.is_empty() {
+            let Some(port) = worker
+                .ports
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| *index != own)
+                .map(|(_, port)| port)
+                .find(|port| port.reserve_free(sequences))
+            else {
+                return;
+            };
+            let Some(job) = self.queue.pop_front() else {
+                port.load.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
+            match port.jobs.send(Command::Generate(job)) {
+                Ok(()) => {
+                    worker.load.fetch_sub(1, Ordering::AcqRel);
+                }
+                Err(std::sync::mpsc::SendError(command)) => {
+                    // That lane has stopped: keep the job here.
+                    port.load.fetch_sub(1, Ordering::AcqRel);
+                    if let Command::Generate(job) = command {
+                        self.queue.push_front(job);
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     /// Fails everything queued or running; returns false, which ends the worker.

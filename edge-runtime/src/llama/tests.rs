@@ -335,6 +335,46 @@ fn a_request_goes_to_the_lane_that_was_sent_its_prefix() {
     );
 }
 
+/// One sequence per lane: a long answer in lane 0, a short one in lane 1, and a third
+/// request that finds both full and queues in lane 0 (the least loaded, first among
+/// equals). When lane 1 frees its sequence, lane 0 hands the queued request over, so it
+/// finishes long before the long answer instead of waiting for it.
+#[test]
+fn a_queued_request_moves_to_the_lane_that_frees_a_sequence_first() {
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        parallel_sequences: 2,
+        lanes: 2,
+        ..spec("handover")
+    });
+    let runtime = runtime();
+    let order = runtime.block_on(async {
+        let long = model
+            .submit(exact_request(&model, "", "Tell a long story.", 160))
+            .unwrap();
+        let short = model
+            .submit(exact_request(&model, "", "Say hi.", 4))
+            .unwrap();
+        let queued = model
+            .submit(exact_request(&model, "", "Say bye.", 4))
+            .unwrap();
+        let finished = std::sync::Mutex::new(Vec::new());
+        let note = |name: &'static str, answer: Answer| {
+            assert!(answer.finish.is_some(), "{name} did not finish");
+            finished.lock().unwrap().push(name);
+        };
+        tokio::join!(
+            async { note("long", collect(long).await) },
+            async { note("short", collect(short).await) },
+            async { note("queued", collect(queued).await) },
+        );
+        finished.into_inner().unwrap()
+    });
+    assert_eq!(order, ["short", "queued", "long"]);
+    cells_settle_at_zero(&model);
+    assert_eq!(model.stats().queue_depth(), 0);
+}
+
 /// `overlap_token_delivery` sends each token's text one step later, while the next step
 /// computes: answers, stop strings, end of generation, `max_tokens` and usage are as when
 /// tokens go out before the next step is launched. Alone, a request's steps are the same in
