@@ -638,7 +638,6 @@ fn start_lane(
         model: Arc::clone(model),
         spec: spec.clone(),
         lane,
-        load: Arc::clone(&ports[lane as usize].load),
         ports: Arc::clone(ports),
         stats: Arc::clone(stats),
         eog_tokens: eog_tokens(model),
@@ -682,9 +681,8 @@ struct Worker {
     /// This lane's share: `parallel_sequences` and `threads` are the lane's.
     spec: ModelSpec,
     lane: u32,
-    /// The lane's requests, queued or running; counted up by `submit`.
-    load: Arc<AtomicU64>,
-    /// Every lane's port, this one's included, for handing queued jobs over.
+    /// Every lane's port, this one's included: its load, and the others' for handing
+    /// queued jobs over.
     ports: Arc<Vec<LanePort>>,
     stats: SharedStats,
     eog_tokens: Vec<LlamaToken>,
@@ -827,6 +825,11 @@ struct Published {
 }
 
 impl Worker {
+    /// This lane's requests, queued or running; counted up by `submit`.
+    fn load(&self) -> &AtomicU64 {
+        &self.ports[usize::try_from(self.lane).unwrap_or(usize::MAX)].load
+    }
+
     /// KV cells the context holds: every sequence's full context, plus the prefix cache.
     fn kv_cells(&self) -> u32 {
         let spec = &self.spec;
@@ -1150,7 +1153,7 @@ impl Loop<'_> {
             };
             match port.jobs.send(Command::Generate(job)) {
                 Ok(()) => {
-                    worker.load.fetch_sub(1, Ordering::AcqRel);
+                    worker.load().fetch_sub(1, Ordering::AcqRel);
                 }
                 Err(std::sync::mpsc::SendError(command)) => {
                     // That lane has stopped: keep the job here.
@@ -1169,7 +1172,7 @@ impl Loop<'_> {
         let stats = &self.worker.stats;
         for job in self.queue.drain(..) {
             stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            self.worker.load.fetch_sub(1, Ordering::AcqRel);
+            self.worker.load().fetch_sub(1, Ordering::AcqRel);
             let _ = job
                 .events
                 .try_send(Event::Failed(GenerationError::WorkerStopped));
@@ -1190,7 +1193,7 @@ impl Loop<'_> {
     /// has gone.
     fn expire_queued(&mut self, timeout: Duration) {
         let stats = &self.worker.stats;
-        let load = &self.worker.load;
+        let load = self.worker.load();
         self.queue.retain(|job| {
             if job.events.is_closed() {
                 stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
@@ -1641,7 +1644,7 @@ impl Loop<'_> {
             .stats
             .active_sequences
             .fetch_sub(1, Ordering::Relaxed);
-        self.worker.load.fetch_sub(1, Ordering::AcqRel);
+        self.worker.load().fetch_sub(1, Ordering::AcqRel);
         self.admitted.retain(|&other| other != id);
         if how == Release::Keep && !self.worker.spec.kv_unified {
             let when_idle = self.worker.spec.park_prefixes_when_idle;

@@ -166,31 +166,38 @@ fn compare_greedy(reference: &Answer, other: &Answer) -> (usize, bool) {
     (agree, true)
 }
 
-#[test]
-fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
-    let _serial = serial();
-    let (_engine, model) = start(spec("batching"));
-    let prompts = [
-        "Name three colours.",
-        "What is two plus two?",
-        "Describe a cat in one sentence.",
-        "Say something about rivers.",
-    ];
+const PROMPTS: [&str; 4] = [
+    "Name three colours.",
+    "What is two plus two?",
+    "Describe a cat in one sentence.",
+    "Say something about rivers.",
+];
+
+/// What batching is compared on: each of `PROMPTS` answered alone, then all four submitted
+/// at once, with the decode steps and batched tokens the four took together.
+struct SoloAndTogether {
+    solo: Vec<Answer>,
+    together: Vec<Answer>,
+    steps: u64,
+    tokens: u64,
+}
+
+fn solo_and_together(
+    model: &ModelHandle,
+    make: impl Fn(&ModelHandle, &str) -> GenerationRequest,
+) -> SoloAndTogether {
     let runtime = runtime();
-    let solo: Vec<Answer> = prompts
+    let solo: Vec<Answer> = PROMPTS
         .iter()
-        .map(|prompt| {
-            runtime.block_on(collect(
-                model.submit(request(&model, "", prompt, 24)).unwrap(),
-            ))
-        })
+        .map(|prompt| runtime.block_on(collect(model.submit(make(model, prompt)).unwrap())))
         .collect();
+    cells_settle_at_zero(model);
     let steps_before = model.stats().decode_steps();
     let tokens_before = model.stats().batched_tokens();
     let together: Vec<Answer> = runtime.block_on(async {
-        let streams: Vec<_> = prompts
+        let streams: Vec<_> = PROMPTS
             .iter()
-            .map(|prompt| model.submit(request(&model, "", prompt, 24)).unwrap())
+            .map(|prompt| model.submit(make(model, prompt)).unwrap())
             .collect();
         let mut answers = Vec::new();
         for stream in streams {
@@ -198,8 +205,24 @@ fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
         }
         answers
     });
-    let steps = model.stats().decode_steps() - steps_before;
-    let tokens = model.stats().batched_tokens() - tokens_before;
+    SoloAndTogether {
+        solo,
+        together,
+        steps: model.stats().decode_steps() - steps_before,
+        tokens: model.stats().batched_tokens() - tokens_before,
+    }
+}
+
+#[test]
+fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("batching"));
+    let SoloAndTogether {
+        solo,
+        together,
+        steps,
+        tokens,
+    } = solo_and_together(&model, |model, prompt| request(model, "", prompt, 24));
     assert!(
         tokens > steps,
         "{tokens} tokens in {steps} steps: no step held two sequences"
@@ -231,50 +254,21 @@ fn concurrent_greedy_requests_give_their_solo_answers_and_share_decode_steps() {
 /// request gives alone. The cell gauges are the lanes' sums and settle at zero.
 #[test]
 fn requests_split_over_lanes_give_their_solo_answers() {
+    const TOKENS: u32 = 24;
     let _serial = serial();
     let (_engine, model) = start(ModelSpec {
         lanes: 2,
         ..spec("lanes")
     });
     assert_eq!(model.stats().kv_cells_total(), 4 * 1024);
-    let prompts = [
-        "Name three colours.",
-        "What is two plus two?",
-        "Describe a cat in one sentence.",
-        "Say something about rivers.",
-    ];
-    const TOKENS: u32 = 24;
-    let runtime = runtime();
-    let solo: Vec<Answer> = prompts
-        .iter()
-        .map(|prompt| {
-            runtime.block_on(collect(
-                model
-                    .submit(exact_request(&model, "", prompt, TOKENS))
-                    .unwrap(),
-            ))
-        })
-        .collect();
-    cells_settle_at_zero(&model);
-    let steps_before = model.stats().decode_steps();
-    let tokens_before = model.stats().batched_tokens();
-    let together: Vec<Answer> = runtime.block_on(async {
-        let streams: Vec<_> = prompts
-            .iter()
-            .map(|prompt| {
-                model
-                    .submit(exact_request(&model, "", prompt, TOKENS))
-                    .unwrap()
-            })
-            .collect();
-        let mut answers = Vec::new();
-        for stream in streams {
-            answers.push(collect(stream).await);
-        }
-        answers
+    let SoloAndTogether {
+        solo,
+        together,
+        steps,
+        tokens,
+    } = solo_and_together(&model, |model, prompt| {
+        exact_request(model, "", prompt, TOKENS)
     });
-    let steps = model.stats().decode_steps() - steps_before;
-    let tokens = model.stats().batched_tokens() - tokens_before;
     // Each lane: one step at least for its prompts, then one per token after the first.
     assert!(
         steps >= 2 * u64::from(TOKENS),
