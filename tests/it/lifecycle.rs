@@ -223,7 +223,14 @@ fn served_certificate_common_name(address: std::net::SocketAddr) -> String {
 #[test]
 fn sigterm_lets_a_running_stream_finish_and_refuses_new_connections() {
     let _serial = serial();
-    let mut gateway = Gateway::start(&GatewayOptions::default());
+    // One worker thread: the gateway runs on a current-thread runtime, where stopping the
+    // inference threads must not block the runtime's only thread.
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let config = tests::config_text(&GatewayOptions::default(), dir.path())
+        .replace("[server]\n", "[server]\nworker_threads = 1\n");
+    std::fs::write(&config_path, config).unwrap();
+    let mut gateway = Gateway::start_with_config(dir, &config_path);
     let data = gateway.data;
     let body = chat_body(
         "Tell me about the ocean.",
