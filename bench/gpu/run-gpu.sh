@@ -17,7 +17,9 @@
 # step is launched, split-lanesN: the sequences split over N contexts), ISTHMUS_GPU_ANCHOR=0 (skip llama-batched-bench), ISTHMUS_GPU_THREADS (8),
 # ISTHMUS_GPU_STEP_VARIANTS for `steps` (as-is no-graph-reuse no-cuda-graphs; also threads-N),
 # ISTHMUS_GPU_STEP_DEBUG=0 (skip its debug-log wave), ISTHMUS_GPU_LANE_ROUNDS (2) and
-# ISTHMUS_GPU_LANE_CASES ("STREAMS LANES GREEDY" triples) for `lanes`.
+# ISTHMUS_GPU_LANE_CASES ("STREAMS LANES GREEDY" triples; GREEDY 0 random tokens, 1 greedy on
+# the host, 2 greedy in llama.cpp's graph, 3 the same with end-of-generation tokens banned) for
+# `lanes`, e.g. ISTHMUS_GPU_LANE_CASES="32_1_1 32_1_2" with `_` for the spaces.
 set -euo pipefail
 phase=${1:?usage: run-gpu.sh build|run|steps|lanes}
 inputs=.device
@@ -276,7 +278,8 @@ PY
 }
 
 # N streams over K contexts, each on its own thread (bench/gpu/lanes-bench/lanes-bench.cpp):
-# greedy tokens chosen on the host as the engine does, and random tokens as the anchor does.
+# greedy tokens chosen on the host as the engine does, in llama.cpp's graph (backend samplers),
+# and random tokens as the anchor does.
 lanes() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$inputs"/gguf-*.whl
   export PYTHONPATH=/tmp/site
@@ -287,9 +290,9 @@ lanes() {
   done
   for round in $(seq 1 "$rounds"); do
     for shape in $shapes; do
-      for spec in ${ISTHMUS_GPU_LANE_CASES:-"1 1 1" "8 1 0" "8 1 1" "8 2 1" "8 4 1" "32 1 0" "32 1 1" "32 2 1" "32 4 1"}; do
+      for spec in ${ISTHMUS_GPU_LANE_CASES:-1_1_1 8_1_0 8_1_1 8_2_1 8_4_1 32_1_0 32_1_1 32_2_1 32_4_1}; do
         # shellcheck disable=SC2086
-        set -- $spec
+        set -- ${spec//_/ }
         echo "$shape round $round: $("$work/build/bin/isthmus-lanes-bench" "$work/m$shape.gguf" "$1" "$2" 128 128 "$3" 2>&1 | tail -n 1)" \
           | tee -a "$out/lanes.txt"
       done

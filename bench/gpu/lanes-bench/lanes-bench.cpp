@@ -4,12 +4,18 @@
 // does a lane's host work (graph inputs, launch, logits scans) hide behind the other lanes'
 // device work, and do the lanes' kernels share the GPU?
 //
+// GREEDY: 0 random tokens, 1 greedy on the host (the logits are copied back and scanned),
+// 2 greedy in llama.cpp's graph (a backend sampler chain per sequence: only token ids come
+// back), 3 the same with the end-of-generation tokens banned first (logit bias), as
+// `ignore_eos` needs.
+//
 //   isthmus-lanes-bench MODEL STREAMS LANES [PP=128] [TG=128] [GREEDY=1]
 #include "ggml-backend.h"
 #include "llama.h"
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -48,7 +54,9 @@ int main(int argc, char ** argv) {
     const int lanes = atoi(argv[3]);
     const int pp = argc > 4 ? atoi(argv[4]) : 128;
     const int tg = argc > 5 ? atoi(argv[5]) : 128;
-    const bool greedy = argc > 6 ? atoi(argv[6]) != 0 : true;
+    const int mode = argc > 6 ? atoi(argv[6]) : 1;
+    const bool greedy = mode != 0;
+    const bool on_device = mode >= 2;
     if (streams < 1 || lanes < 1 || streams % lanes != 0) {
         fprintf(stderr, "STREAMS must be a positive multiple of LANES\n");
         return 2;
@@ -63,10 +71,19 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "cannot load %s\n", path);
         return 1;
     }
-    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
     const int per_lane = streams / lanes;
+    std::vector<llama_logit_bias> banned;
+    for (llama_token token = 0; token < n_vocab; ++token) {
+        if (llama_vocab_is_eog(vocab, token)) {
+            banned.push_back({token, -INFINITY});
+        }
+    }
     std::vector<Lane> lane(lanes);
-    for (auto & l : lane) {
+    std::vector<std::vector<llama_sampler_seq_config>> configs(lanes);
+    for (int index = 0; index < lanes; ++index) {
+        Lane & l = lane[index];
         auto cparams = llama_context_default_params();
         cparams.n_ctx = ((per_lane * (pp + tg) + 255) / 256) * 256;
         cparams.n_batch = 2048;
@@ -75,6 +92,18 @@ int main(int argc, char ** argv) {
         cparams.n_threads = 8;
         cparams.n_threads_batch = 8;
         cparams.kv_unified = false;
+        if (on_device) {
+            for (int s = 0; s < per_lane; ++s) {
+                llama_sampler * chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+                if (mode == 3) {
+                    llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(n_vocab, (int32_t) banned.size(), banned.data()));
+                }
+                llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+                configs[index].push_back({s, chain});
+            }
+            cparams.samplers = configs[index].data();
+            cparams.n_samplers = configs[index].size();
+        }
         l.ctx = llama_init_from_model(model, cparams);
         l.streams = per_lane;
         if (!l.ctx) {
@@ -102,7 +131,8 @@ int main(int argc, char ** argv) {
                 batch.logits[k] = i == pp - 1;
             }
             llama_decode(l.ctx, batch);
-            next[s] = argmax(llama_get_logits_ith(l.ctx, -1), n_vocab);
+            next[s] = on_device ? llama_get_sampled_token_ith(l.ctx, -1)
+                                : argmax(llama_get_logits_ith(l.ctx, -1), n_vocab);
         }
         ready.fetch_add(1);
         while (!go.load()) {
@@ -123,6 +153,18 @@ int main(int argc, char ** argv) {
                 std::exit(1);
             }
             auto t1 = Clock::now();
+            if (on_device) {
+                next[0] = llama_get_sampled_token_ith(l.ctx, 0);
+                auto t2 = Clock::now();
+                for (int s = 1; s < l.streams; ++s) {
+                    next[s] = llama_get_sampled_token_ith(l.ctx, s);
+                }
+                auto t3 = Clock::now();
+                l.host_decode_s += std::chrono::duration<double>(t1 - t0).count();
+                l.wait_s += std::chrono::duration<double>(t2 - t1).count();
+                l.scan_s += std::chrono::duration<double>(t3 - t2).count();
+                continue;
+            }
             const float * first = llama_get_logits_ith(l.ctx, 0);
             auto t2 = Clock::now();
             if (greedy) {
@@ -163,10 +205,15 @@ int main(int argc, char ** argv) {
     }
     printf("streams=%d lanes=%d greedy=%d pp=%d tg=%d: %.0f tok/s; per lane step: llama_decode %.3f ms, "
            "wait %.3f ms, scans %.3f ms\n",
-           streams, lanes, greedy ? 1 : 0, pp, tg, streams * tg / wall, decode / lanes / tg * 1e3,
+           streams, lanes, mode, pp, tg, streams * tg / wall, decode / lanes / tg * 1e3,
            wait / lanes / tg * 1e3, scan / lanes / tg * 1e3);
     for (auto & l : lane) {
         llama_free(l.ctx);
+    }
+    for (auto & lane_configs : configs) {
+        for (auto & config : lane_configs) {
+            llama_sampler_free(config.sampler);
+        }
     }
     llama_model_free(model);
     return 0;
