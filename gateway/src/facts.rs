@@ -155,89 +155,9 @@ pub struct PromptTexts {
     pub max_tokens: Option<u32>,
 }
 
-/// Collects every prompt-bearing string of `body` (already known to be a JSON object).
-pub fn prompt_texts(body: &[u8]) -> PromptTexts {
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
-        return PromptTexts::default();
-    };
-    let mut out = PromptTexts::default();
-    if let Some(Value::Array(messages)) = fields.get("messages") {
-        out.turns = u32::try_from(messages.len()).unwrap_or(u32::MAX);
-        for message in messages {
-            collect_content(message.get("content"), &mut out.texts);
-            for call in message
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(arguments) = call
-                    .get("function")
-                    .and_then(|function| function.get("arguments"))
-                {
-                    collect_any(arguments, &mut out.texts);
-                }
-            }
-            if let Some(arguments) = message
-                .get("function_call")
-                .and_then(|call| call.get("arguments"))
-            {
-                collect_any(arguments, &mut out.texts);
-            }
-        }
-    }
-    match fields.get("prompt") {
-        Some(Value::String(prompt)) => {
-            out.texts.push(prompt.clone());
-            out.turns = out.turns.max(1);
-        }
-        Some(Value::Array(items)) => {
-            out.turns = out.turns.max(1);
-            for item in items {
-                collect_any(item, &mut out.texts);
-            }
-        }
-        _ => {}
-    }
-    if let Some(Value::Array(tools)) = fields.get("tools") {
-        out.tools = u32::try_from(tools.len()).unwrap_or(u32::MAX);
-        for tool in tools {
-            collect_any(tool, &mut out.texts);
-        }
-    }
-    out.max_tokens = fields
-        .get("max_completion_tokens")
-        .or_else(|| fields.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .and_then(|tokens| u32::try_from(tokens).ok());
-    out
-}
+mod prompt;
 
-fn collect_content(content: Option<&Value>, texts: &mut Vec<String>) {
-    match content {
-        Some(Value::String(text)) => texts.push(text.clone()),
-        Some(Value::Array(parts)) => {
-            for part in parts {
-                match part.get("text") {
-                    Some(Value::String(text)) => texts.push(text.clone()),
-                    _ => collect_any(part, texts),
-                }
-            }
-        }
-        Some(other) => collect_any(other, texts),
-        None => {}
-    }
-}
-
-/// Every string inside a value (arguments may be JSON text or structured values).
-fn collect_any(value: &Value, texts: &mut Vec<String>) {
-    match value {
-        Value::String(text) => texts.push(text.clone()),
-        Value::Array(items) => items.iter().for_each(|item| collect_any(item, texts)),
-        Value::Object(map) => map.values().for_each(|item| collect_any(item, texts)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
-    }
-}
+pub use prompt::prompt_texts;
 
 #[cfg(test)]
 mod tests;

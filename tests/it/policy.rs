@@ -143,6 +143,26 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("cloud".to_owned(), "complex-to-cloud".to_owned())
         );
+        // A repeated key cannot hide the IBAN: parsers disagree on which copy wins, so every
+        // copy is scanned.
+        let messages = |content: &str| json!([{"role": "user", "content": content}]).to_string();
+        let smuggled = format!(
+            r#"{{"model": "smollm2", "max_tokens": 200, "messages": {}, "messages": {}}}"#,
+            messages(&with_valid),
+            messages(HARD)
+        );
+        let response = tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(smuggled)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "sensitive-local".to_owned())
+        );
         // Nothing with the valid IBAN ever reached the cloud.
         let digits = VALID_IBAN.replace(' ', "");
         for request in upstream.requests().await {

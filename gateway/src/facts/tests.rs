@@ -37,3 +37,252 @@ fn every_place_a_prompt_can_hide_is_collected() {
     assert_eq!(legacy.texts, ["a", "b"]);
     assert_eq!((legacy.turns, legacy.max_tokens), (1, Some(3)));
 }
+
+#[test]
+fn every_copy_of_a_repeated_key_is_collected() {
+    // Parsers disagree on which duplicate wins; the scan must see both.
+    let body = br#"{
+        "messages": [{"role": "user", "content": "my SSN is 078-05-1120"}],
+        "messages": [
+            {"role": "user", "content": "card 4111 1111 1111 1111", "content": "hello"},
+            {"role": "user", "content": [{"type": "text", "text": {"note": "iban DE89"}, "text": "hi"}]}
+        ],
+        "prompt": "legacy one",
+        "prompt": 7
+    }"#;
+    let texts = prompt_texts(body);
+    for expected in [
+        "my SSN is 078-05-1120",
+        "card 4111 1111 1111 1111",
+        "hello",
+        "iban DE89",
+        "hi",
+        "legacy one",
+    ] {
+        assert!(
+            texts.texts.iter().any(|text| text == expected),
+            "missing {expected:?} in {:?}",
+            texts.texts
+        );
+    }
+    // Counts follow the last copy, as a JSON tree keeps it.
+    assert_eq!(texts.turns, 2);
+}
+
+#[test]
+fn escaped_keys_and_odd_shapes_are_read_like_a_json_tree() {
+    let body = br#"{"mess\u0061ges": [{"content": "escaped key"}, "not a message", [1]],
+        "max_completion_tokens": null, "max_tokens": 9, "tools": {"not": "an array"}}"#;
+    let texts = prompt_texts(body);
+    assert_eq!(texts.texts, ["escaped key"]);
+    assert_eq!((texts.turns, texts.tools, texts.max_tokens), (3, 0, None));
+    assert_eq!(prompt_texts(b"[1, 2]"), PromptTexts::default());
+    assert_eq!(
+        prompt_texts(br#"{"prompt": "a"} trailing"#),
+        PromptTexts::default()
+    );
+    assert_eq!(prompt_texts(br#"{"prompt": "#), PromptTexts::default());
+}
+
+/// The collection as a JSON tree gives it (one value per key, the last): the one-pass reader
+/// must agree with it on every body without repeated keys.
+fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
+    fn content(value: Option<&Value>, texts: &mut Vec<String>) {
+        match value {
+            Some(Value::String(text)) => texts.push(text.clone()),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    match part.get("text") {
+                        Some(Value::String(text)) => texts.push(text.clone()),
+                        _ => any(part, texts),
+                    }
+                }
+            }
+            Some(other) => any(other, texts),
+            None => {}
+        }
+    }
+    fn any(value: &Value, texts: &mut Vec<String>) {
+        match value {
+            Value::String(text) => texts.push(text.clone()),
+            Value::Array(items) => items.iter().for_each(|item| any(item, texts)),
+            Value::Object(map) => map.values().for_each(|item| any(item, texts)),
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return PromptTexts::default();
+    };
+    let mut out = PromptTexts::default();
+    if let Some(Value::Array(messages)) = fields.get("messages") {
+        out.turns = u32::try_from(messages.len()).unwrap();
+        for message in messages {
+            content(message.get("content"), &mut out.texts);
+            for call in message
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(arguments) = call.get("function").and_then(|f| f.get("arguments")) {
+                    any(arguments, &mut out.texts);
+                }
+            }
+            if let Some(arguments) = message
+                .get("function_call")
+                .and_then(|c| c.get("arguments"))
+            {
+                any(arguments, &mut out.texts);
+            }
+        }
+    }
+    match fields.get("prompt") {
+        Some(Value::String(prompt)) => {
+            out.texts.push(prompt.clone());
+            out.turns = out.turns.max(1);
+        }
+        Some(Value::Array(items)) => {
+            out.turns = out.turns.max(1);
+            items.iter().for_each(|item| any(item, &mut out.texts));
+        }
+        _ => {}
+    }
+    if let Some(Value::Array(tools)) = fields.get("tools") {
+        out.tools = u32::try_from(tools.len()).unwrap();
+        tools.iter().for_each(|tool| any(tool, &mut out.texts));
+    }
+    out.max_tokens = fields
+        .get("max_completion_tokens")
+        .or_else(|| fields.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .and_then(|tokens| u32::try_from(tokens).ok());
+    out
+}
+
+/// Any JSON value, a few levels deep, with keys a request body's reader looks for.
+fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    const KEYS: &[&str] = &["content", "text", "function", "arguments", "type", "x"];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        (0u32..2000).prop_map(Value::from),
+        (-1e6f64..1e6).prop_map(Value::from),
+        "[a-z\"\\\\\u{e9}\u{1F600} ]{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            proptest::collection::btree_map(proptest::sample::select(KEYS), inner, 0..4).prop_map(
+                |map| Value::Object(map.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            ),
+        ]
+    })
+}
+
+/// An object with some of `fields` (each present or not), as JSON.
+fn object_of(
+    fields: Vec<(&'static str, proptest::strategy::BoxedStrategy<Value>)>,
+) -> proptest::strategy::BoxedStrategy<Value> {
+    use proptest::prelude::*;
+    let parts: Vec<_> = fields
+        .into_iter()
+        .map(|(name, value)| proptest::option::of(value).prop_map(move |value| (name, value)))
+        .collect();
+    parts
+        .prop_map(|fields| {
+            Value::Object(
+                fields
+                    .into_iter()
+                    .filter_map(|(name, value)| value.map(|value| (name.to_owned(), value)))
+                    .collect(),
+            )
+        })
+        .boxed()
+}
+
+/// Bodies shaped like chat and completions requests, every field sometimes of another shape.
+fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let any_json = || any_json().boxed();
+    let text = || "[a-z ]{0,8}".prop_map(Value::from).boxed();
+    let or_any =
+        |strategy: BoxedStrategy<Value>| prop_oneof![3 => strategy, 1 => any_json()].boxed();
+    let part = or_any(object_of(vec![
+        ("type", text()),
+        ("text", or_any(text())),
+        ("image_url", any_json()),
+    ]));
+    let content = or_any(
+        prop_oneof![
+            text(),
+            proptest::collection::vec(part, 0..3).prop_map(Value::from)
+        ]
+        .boxed(),
+    );
+    let function = or_any(object_of(vec![("name", text()), ("arguments", any_json())]));
+    let tool_call = or_any(object_of(vec![
+        ("id", text()),
+        ("function", function.clone()),
+    ]));
+    let message = or_any(object_of(vec![
+        ("role", text()),
+        ("content", content),
+        (
+            "tool_calls",
+            or_any(
+                proptest::collection::vec(tool_call, 0..3)
+                    .prop_map(Value::from)
+                    .boxed(),
+            ),
+        ),
+        ("function_call", function),
+    ]));
+    or_any(object_of(vec![
+        ("model", text()),
+        (
+            "messages",
+            or_any(
+                proptest::collection::vec(message, 0..4)
+                    .prop_map(Value::from)
+                    .boxed(),
+            ),
+        ),
+        (
+            "prompt",
+            or_any(
+                prop_oneof![
+                    text(),
+                    proptest::collection::vec(any_json(), 0..3).prop_map(Value::from)
+                ]
+                .boxed(),
+            ),
+        ),
+        (
+            "tools",
+            or_any(
+                proptest::collection::vec(any_json(), 0..3)
+                    .prop_map(Value::from)
+                    .boxed(),
+            ),
+        ),
+        ("max_tokens", any_json()),
+        ("max_completion_tokens", any_json()),
+    ]))
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_one_pass_reader_agrees_with_a_json_tree(body in request_like()) {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let mut read = prompt_texts(&bytes);
+        let mut tree = tree_prompt_texts(&bytes);
+        // Object values come in key order from a tree and in document order from the
+        // reader; the scan and the score do not depend on the order.
+        read.texts.sort();
+        tree.texts.sort();
+        proptest::prop_assert_eq!(read, tree);
+    }
+}
