@@ -871,13 +871,17 @@ impl Worker {
                 return;
             }
         };
-        if ready.send(Ok(())).is_err() {
-            return;
-        }
-        // Lanes add their cells: the gauges are the model's totals.
+        // Lanes add their cells: the gauges are the model's totals, complete once every lane
+        // has reported ready (so before the report).
         self.stats
             .kv_cells_total
             .fetch_add(u64::from(self.kv_cells()), Ordering::Relaxed);
+        if ready.send(Ok(())).is_err() {
+            self.stats
+                .kv_cells_total
+                .fetch_sub(u64::from(self.kv_cells()), Ordering::Relaxed);
+            return;
+        }
         tracing::info!(
             model = %spec.name,
             lane = self.lane,

@@ -56,7 +56,10 @@ pub fn evaluate(
             })
         });
     let prompt = prompt_texts(request.body);
-    let scan = routing.sensitivity.scan(&prompt.texts);
+    let mut scan = routing.sensitivity.scan(&prompt);
+    if !scan.entity_types.is_empty() {
+        scan.redactable = redacts_clean(request.body, routing);
+    }
     let complexity = routing.complexity.score(&prompt);
     let entity_names: Vec<&str> = scan.entity_types.iter().map(String::as_str).collect();
     let facts = router_policies::RequestFacts {
@@ -94,6 +97,21 @@ pub fn evaluate(
         outcome,
         scan,
         complexity,
+    }
+}
+
+/// Whether redact-then-cloud would leave nothing sensitive: the body is redacted as it would
+/// be sent and every string of the result scanned again. Redaction replaces values in the
+/// prompt-bearing places; a finding anywhere else (a `user` field, `metadata`, a key) stays,
+/// and such a request must not go to the cloud redacted either.
+fn redacts_clean(body: &[u8], routing: &Routing) -> bool {
+    match crate::redaction::redact_body(body, &routing.sensitivity) {
+        Ok((redacted, _)) => routing
+            .sensitivity
+            .scan(&prompt_texts(&redacted))
+            .entity_types
+            .is_empty(),
+        Err(_) => false,
     }
 }
 
@@ -143,12 +161,15 @@ pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) ->
     })
 }
 
-/// The prompt-bearing strings of a chat or completions body, in order: message content
-/// (strings and text parts), legacy `prompt` strings and arrays, tool-call and function-call
-/// arguments, tool outputs, and the `tools` definitions' descriptions.
+/// The strings of a chat or completions body. `texts` are the prompt-bearing ones, in order:
+/// message content (strings and text parts), legacy `prompt` strings and arrays, tool-call
+/// and function-call arguments, tool outputs, and the `tools` definitions' descriptions.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PromptTexts {
     pub texts: Vec<String>,
+    /// Every other string of the body and the keys of unknown objects, one per line: the
+    /// scan reads them too (the cloud leg forwards the whole body), the score does not.
+    pub elsewhere: String,
     /// Conversation turns (messages), 1 for a legacy prompt.
     pub turns: u32,
     pub tools: u32,

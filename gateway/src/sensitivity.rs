@@ -51,10 +51,15 @@ impl SensitivityScanner {
             })
     }
 
-    /// Scans every text; the entity types found, sorted and without repeats.
-    pub fn scan(&self, texts: &[String]) -> Scan {
-        let mut entity_types: Vec<String> = texts
+    /// Scans every string of a body, prompt texts and the rest; the entity types found,
+    /// sorted and without repeats. Whether the findings can be redacted is for the caller to
+    /// settle ([`crate::facts::evaluate`] redacts and scans again).
+    pub fn scan(&self, prompt: &PromptTexts) -> Scan {
+        let mut entity_types: Vec<String> = prompt
+            .texts
             .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(prompt.elsewhere.as_str()))
             .flat_map(|text| self.recognizers.scan(text))
             .map(|finding| finding.entity.as_str().to_owned())
             .collect();
@@ -62,7 +67,6 @@ impl SensitivityScanner {
         entity_types.dedup();
         Scan {
             entity_types,
-            // Every finding has a span, so it can be replaced by a placeholder.
             redactable: true,
         }
     }

@@ -163,6 +163,29 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "sensitive-local".to_owned())
         );
+        // Nor can a field outside the prompt: the cloud leg forwards the whole body.
+        let response = send(
+            &gateway,
+            &chat(
+                HARD,
+                json!({"max_tokens": 200, "metadata": {"note": VALID_IBAN}}),
+            ),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "sensitive-local".to_owned())
+        );
+        // Redaction replaces values in the prompt, not in a message's `name`: the finance
+        // rule's redact-then-cloud fails closed onto the local model instead.
+        let mut named = chat(HARD, json!({"max_tokens": 200}));
+        named["messages"][0]["name"] = json!(VALID_IBAN);
+        let response = send(&gateway, &named, &[("x-team", "finance")]).await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "fail_closed".to_owned())
+        );
         // Nothing with the valid IBAN ever reached the cloud.
         let digits = VALID_IBAN.replace(' ', "");
         for request in upstream.requests().await {

@@ -1,17 +1,24 @@
-//! Reading the prompt-bearing strings of a request body in one pass, without building a JSON
-//! tree: only the strings that are collected are allocated.
+//! Reading the strings of a request body in one pass, without building a JSON tree: only the
+//! strings that are collected are allocated.
 //!
-//! A key that occurs twice in an object is read both times, and the strings of both values
-//! are collected: parsers disagree on which duplicate wins (most keep the last, some the
-//! first), so a value hidden in the copy this parser would drop still reaches the scan.
-//! Counts (turns, tools, `max_tokens`) come from the last occurrence, as a JSON tree keeps it.
+//! Two collections come out. The prompt texts (message content and parts, tool-call and
+//! function-call arguments, legacy prompts, tool definitions) feed the complexity score and
+//! the scan. Every other string of the body, and the keys of objects the reader does not
+//! know (`user`, `stop`, `metadata`, `suffix`, `prediction`, `response_format`, a message's
+//! `name`, ...), goes to `elsewhere`, which only the scan reads: the cloud leg forwards the
+//! body as received, so nothing in it may leave unscanned.
+//!
+//! A key that occurs twice in an object is read both times: parsers disagree on which
+//! duplicate wins (most keep the last, some the first), so a value hidden in the copy this
+//! parser would drop still reaches the scan. Counts (turns, tools, `max_tokens`) come from
+//! the last occurrence, as a JSON tree keeps it.
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::PromptTexts;
 
-/// Collects every prompt-bearing string of `body`; a body that is not one JSON object gives
-/// nothing (the envelope parse has refused it already).
+/// Collects the strings of `body`; a body that is not one JSON object gives nothing (the
+/// envelope parse has refused it already).
 pub fn prompt_texts(body: &[u8]) -> PromptTexts {
     let mut body_facts = BodyFacts::default();
     let mut deserializer = serde_json::Deserializer::from_slice(body);
@@ -32,24 +39,40 @@ pub fn prompt_texts(body: &[u8]) -> PromptTexts {
     };
     PromptTexts {
         texts,
+        elsewhere: body_facts.elsewhere,
         turns,
         tools: body_facts.tool_count,
         max_tokens: max_tokens.and_then(|tokens| u32::try_from(tokens).ok()),
     }
 }
 
-/// What a value of each JSON shape contributes; by default nothing (the value is skipped).
-trait Shapes<'de>: Sized {
-    fn string(self, _text: &str) {}
+/// Appends one string to `elsewhere`, a line of its own.
+fn push_elsewhere(elsewhere: &mut String, text: &str) {
+    if text.is_empty() {
+        return;
+    }
+    if !elsewhere.is_empty() {
+        elsewhere.push('\n');
+    }
+    elsewhere.push_str(text);
+}
 
-    fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(())
+/// What a value of each JSON shape contributes. By default its strings, and the keys of its
+/// objects, go to `elsewhere`.
+trait Shapes<'de>: Sized {
+    /// Where strings in shapes this reader does not expect go.
+    fn elsewhere(&mut self) -> &mut String;
+
+    fn string(mut self, text: &str) {
+        push_elsewhere(self.elsewhere(), text);
     }
 
-    fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(())
+    fn seq<A: SeqAccess<'de>>(mut self, seq: A) -> Result<(), A::Error> {
+        Elsewhere(self.elsewhere()).seq(seq)
+    }
+
+    fn map<A: MapAccess<'de>>(mut self, map: A) -> Result<(), A::Error> {
+        Elsewhere(self.elsewhere()).map(map)
     }
 
     fn unsigned(self, _value: u64) {}
@@ -140,6 +163,31 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
     }
 }
 
+/// A value this reader does not know: its strings and keys, all to `elsewhere`.
+struct Elsewhere<'a>(&'a mut String);
+
+impl<'de> Shapes<'de> for Elsewhere<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.0
+    }
+
+    fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Shaped(Elsewhere(&mut *self.0)))?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            push_elsewhere(self.0, &key);
+            map.next_value_seed(Shaped(Elsewhere(&mut *self.0)))?;
+        }
+        Ok(())
+    }
+}
+
 /// The body's top level, gathered per field; assembled in a fixed order at the end.
 #[derive(Default)]
 struct BodyFacts {
@@ -153,16 +201,23 @@ struct BodyFacts {
     /// `Some(None)`: present but not a non-negative integer.
     max_completion_tokens: Option<Option<u64>>,
     max_tokens: Option<Option<u64>>,
+    elsewhere: String,
 }
 
 impl<'de> Shapes<'de> for &mut BodyFacts {
+    fn elsewhere(&mut self) -> &mut String {
+        &mut self.elsewhere
+    }
+
     fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         self.object = true;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let elsewhere = &mut self.elsewhere;
             match key.as_ref() {
                 "messages" => {
                     let mut messages = Messages {
                         texts: &mut self.messages,
+                        elsewhere,
                         count: None,
                     };
                     map.next_value_seed(Shaped(&mut messages))?;
@@ -171,6 +226,7 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                 "prompt" => {
                     let mut prompt = Prompt {
                         texts: &mut self.prompt,
+                        elsewhere,
                         present: false,
                     };
                     map.next_value_seed(Shaped(&mut prompt))?;
@@ -179,6 +235,7 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                 "tools" => {
                     let mut tools = Tools {
                         texts: &mut self.tools,
+                        elsewhere,
                         count: None,
                     };
                     map.next_value_seed(Shaped(&mut tools))?;
@@ -186,16 +243,21 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                 }
                 "max_completion_tokens" => {
                     let mut value = None;
-                    map.next_value_seed(Shaped(Unsigned(&mut value)))?;
+                    map.next_value_seed(Shaped(Unsigned(&mut value, elsewhere)))?;
                     self.max_completion_tokens = Some(value);
                 }
                 "max_tokens" => {
                     let mut value = None;
-                    map.next_value_seed(Shaped(Unsigned(&mut value)))?;
+                    map.next_value_seed(Shaped(Unsigned(&mut value, elsewhere)))?;
                     self.max_tokens = Some(value);
                 }
+                "model" | "stream" | "temperature" | "top_p" | "seed" | "n" | "logprobs"
+                | "top_logprobs" | "presence_penalty" | "frequency_penalty" | "ignore_eos" => {
+                    map.next_value_seed(Shaped(Elsewhere(elsewhere)))?;
+                }
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    push_elsewhere(elsewhere, &key);
+                    map.next_value_seed(Shaped(Elsewhere(elsewhere)))?;
                 }
             }
         }
@@ -203,50 +265,65 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
     }
 }
 
-/// A non-negative integer, else nothing.
-struct Unsigned<'a>(&'a mut Option<u64>);
+/// A non-negative integer, else nothing (and any strings to `elsewhere`).
+struct Unsigned<'a>(&'a mut Option<u64>, &'a mut String);
 
 impl<'de> Shapes<'de> for Unsigned<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.1
+    }
+
     fn unsigned(self, value: u64) {
         *self.0 = Some(value);
     }
 }
 
-/// Every string inside a value, at any depth (tool arguments may be JSON text or structured).
-struct AnyStrings<'a>(&'a mut Vec<String>);
+/// Every string inside a value, at any depth (tool arguments may be JSON text or structured);
+/// keys are structure and go to `elsewhere`.
+struct AnyStrings<'a>(&'a mut Vec<String>, &'a mut String);
 
 impl<'de> Shapes<'de> for AnyStrings<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.1
+    }
+
     fn string(self, text: &str) {
         self.0.push(text.to_owned());
     }
 
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq
-            .next_element_seed(Shaped(AnyStrings(&mut *self.0)))?
+            .next_element_seed(Shaped(AnyStrings(&mut *self.0, &mut *self.1)))?
             .is_some()
         {}
         Ok(())
     }
 
     fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_key::<IgnoredAny>()?.is_some() {
-            map.next_value_seed(Shaped(AnyStrings(&mut *self.0)))?;
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            push_elsewhere(self.1, &key);
+            map.next_value_seed(Shaped(AnyStrings(&mut *self.0, &mut *self.1)))?;
         }
         Ok(())
     }
 }
 
-/// `messages`: an array of messages (anything else counts for nothing).
+/// `messages`: an array of messages.
 struct Messages<'a> {
     texts: &'a mut Vec<String>,
+    elsewhere: &'a mut String,
     count: Option<u32>,
 }
 
 impl<'de> Shapes<'de> for &mut Messages<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.elsewhere
+    }
+
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut count = 0u32;
         while seq
-            .next_element_seed(Shaped(Message(&mut *self.texts)))?
+            .next_element_seed(Shaped(Message(&mut *self.texts, &mut *self.elsewhere)))?
             .is_some()
         {
             count = count.saturating_add(1);
@@ -256,121 +333,163 @@ impl<'de> Shapes<'de> for &mut Messages<'_> {
     }
 }
 
-/// One message: its content, then its tool-call and function-call arguments.
-struct Message<'a>(&'a mut Vec<String>);
+/// One message: its content, then its tool-call and function-call arguments; its other
+/// fields (`role`, `name`, ids) to `elsewhere`.
+struct Message<'a>(&'a mut Vec<String>, &'a mut String);
 
 impl<'de> Shapes<'de> for Message<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.1
+    }
+
     fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Message(texts, elsewhere) = self;
         let mut content = Vec::new();
         let mut tool_calls = Vec::new();
         let mut function_call = Vec::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match key.as_ref() {
-                "content" => map.next_value_seed(Shaped(Content(&mut content)))?,
-                "tool_calls" => map.next_value_seed(Shaped(ToolCalls(&mut tool_calls)))?,
+                "content" => map.next_value_seed(Shaped(Content(&mut content, elsewhere)))?,
+                "tool_calls" => {
+                    map.next_value_seed(Shaped(ToolCalls(&mut tool_calls, elsewhere)))?;
+                }
                 "function_call" => {
-                    map.next_value_seed(Shaped(Field("arguments", &mut function_call)))?
+                    map.next_value_seed(Shaped(Field("arguments", &mut function_call, elsewhere)))?
+                }
+                "role" | "name" | "tool_call_id" => {
+                    map.next_value_seed(Shaped(Elsewhere(elsewhere)))?;
                 }
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    push_elsewhere(elsewhere, &key);
+                    map.next_value_seed(Shaped(Elsewhere(elsewhere)))?;
                 }
             }
         }
-        self.0.append(&mut content);
-        self.0.append(&mut tool_calls);
-        self.0.append(&mut function_call);
+        texts.append(&mut content);
+        texts.append(&mut tool_calls);
+        texts.append(&mut function_call);
         Ok(())
     }
 }
 
 /// A message's content: a string, or parts whose `text` is taken (or, for a part without
 /// a text string, every string in it), or any other value's strings.
-struct Content<'a>(&'a mut Vec<String>);
+struct Content<'a>(&'a mut Vec<String>, &'a mut String);
 
 impl<'de> Shapes<'de> for Content<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.1
+    }
+
     fn string(self, text: &str) {
         self.0.push(text.to_owned());
     }
 
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Shaped(Part(&mut *self.0)))?.is_some() {}
+        while seq
+            .next_element_seed(Shaped(Part(&mut *self.0, &mut *self.1)))?
+            .is_some()
+        {}
         Ok(())
     }
 
     fn map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        AnyStrings(self.0).map(map)
+        AnyStrings(self.0, self.1).map(map)
     }
 }
 
 /// One content part.
-struct Part<'a>(&'a mut Vec<String>);
+struct Part<'a>(&'a mut Vec<String>, &'a mut String);
 
 impl<'de> Shapes<'de> for Part<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.1
+    }
+
     fn string(self, text: &str) {
         self.0.push(text.to_owned());
     }
 
     fn seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
-        AnyStrings(self.0).seq(seq)
+        AnyStrings(self.0, self.1).seq(seq)
     }
 
     fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        // A part whose one `text` is a string contributes that string; any other part (and
-        // one with several `text` keys) every string in it.
+        // A part whose one `text` is a string contributes that string to the texts and its
+        // other strings to `elsewhere`; any other part (and one with several `text` keys)
+        // every string in it to the texts.
+        let Part(texts, elsewhere) = self;
         let mut text_keys = 0u32;
         let mut text = TextValue {
             strings: Vec::new(),
             is_string: false,
+            keys: String::new(),
         };
-        let mut all = Vec::new();
+        let mut others = Vec::new();
+        let mut keys = String::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            push_elsewhere(&mut keys, &key);
             if key == "text" {
                 text_keys += 1;
                 text.is_string = false;
-                let start = text.strings.len();
                 map.next_value_seed(Shaped(&mut text))?;
-                all.extend(text.strings[start..].iter().cloned());
             } else {
-                map.next_value_seed(Shaped(AnyStrings(&mut all)))?;
+                map.next_value_seed(Shaped(AnyStrings(&mut others, &mut keys)))?;
             }
         }
         if text_keys == 1 && text.is_string {
-            self.0.append(&mut text.strings);
+            texts.append(&mut text.strings);
+            for other in &others {
+                push_elsewhere(elsewhere, other);
+            }
         } else {
-            self.0.append(&mut all);
+            texts.append(&mut text.strings);
+            texts.append(&mut others);
         }
+        push_elsewhere(elsewhere, &keys);
+        push_elsewhere(elsewhere, &text.keys);
         Ok(())
     }
 }
 
-/// The value of a part's `text` key: its strings, and whether it is one string.
+/// The value of a part's `text` key: its strings, whether it is one string, and the keys of
+/// any objects in it.
 struct TextValue {
     strings: Vec<String>,
     is_string: bool,
+    keys: String,
 }
 
 impl<'de> Shapes<'de> for &mut TextValue {
+    fn elsewhere(&mut self) -> &mut String {
+        &mut self.keys
+    }
+
     fn string(self, text: &str) {
         self.is_string = true;
         self.strings.push(text.to_owned());
     }
 
     fn seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
-        AnyStrings(&mut self.strings).seq(seq)
+        AnyStrings(&mut self.strings, &mut self.keys).seq(seq)
     }
 
     fn map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        AnyStrings(&mut self.strings).map(map)
+        AnyStrings(&mut self.strings, &mut self.keys).map(map)
     }
 }
 
 /// `tool_calls`: each call's `function.arguments`.
-struct ToolCalls<'a>(&'a mut Vec<String>);
+struct ToolCalls<'a>(&'a mut Vec<String>, &'a mut String);
 
 impl<'de> Shapes<'de> for ToolCalls<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.1
+    }
+
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq
-            .next_element_seed(Shaped(Field("function", &mut *self.0)))?
+            .next_element_seed(Shaped(Field("function", &mut *self.0, &mut *self.1)))?
             .is_some()
         {}
         Ok(())
@@ -378,18 +497,24 @@ impl<'de> Shapes<'de> for ToolCalls<'_> {
 }
 
 /// An object's field `name`: for `function`, its `arguments`; for `arguments`, every string.
-struct Field<'a>(&'static str, &'a mut Vec<String>);
+/// The object's other fields go to `elsewhere`.
+struct Field<'a>(&'static str, &'a mut Vec<String>, &'a mut String);
 
 impl<'de> Shapes<'de> for Field<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.2
+    }
+
     fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Field(name, texts) = self;
+        let Field(name, texts, elsewhere) = self;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if key != name {
-                map.next_value::<IgnoredAny>()?;
+                push_elsewhere(elsewhere, &key);
+                map.next_value_seed(Shaped(Elsewhere(&mut *elsewhere)))?;
             } else if name == "function" {
-                map.next_value_seed(Shaped(Field("arguments", &mut *texts)))?;
+                map.next_value_seed(Shaped(Field("arguments", &mut *texts, &mut *elsewhere)))?;
             } else {
-                map.next_value_seed(Shaped(AnyStrings(&mut *texts)))?;
+                map.next_value_seed(Shaped(AnyStrings(&mut *texts, &mut *elsewhere)))?;
             }
         }
         Ok(())
@@ -399,10 +524,15 @@ impl<'de> Shapes<'de> for Field<'_> {
 /// Legacy `prompt`: a string or an array (of strings or token arrays).
 struct Prompt<'a> {
     texts: &'a mut Vec<String>,
+    elsewhere: &'a mut String,
     present: bool,
 }
 
 impl<'de> Shapes<'de> for &mut Prompt<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.elsewhere
+    }
+
     fn string(self, text: &str) {
         self.present = true;
         self.texts.push(text.to_owned());
@@ -410,21 +540,26 @@ impl<'de> Shapes<'de> for &mut Prompt<'_> {
 
     fn seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
         self.present = true;
-        AnyStrings(&mut *self.texts).seq(seq)
+        AnyStrings(&mut *self.texts, &mut *self.elsewhere).seq(seq)
     }
 }
 
 /// `tools`: the definitions, every string in them.
 struct Tools<'a> {
     texts: &'a mut Vec<String>,
+    elsewhere: &'a mut String,
     count: Option<u32>,
 }
 
 impl<'de> Shapes<'de> for &mut Tools<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.elsewhere
+    }
+
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut count = 0u32;
         while seq
-            .next_element_seed(Shaped(AnyStrings(&mut *self.texts)))?
+            .next_element_seed(Shaped(AnyStrings(&mut *self.texts, &mut *self.elsewhere)))?
             .is_some()
         {
             count = count.saturating_add(1);

@@ -159,6 +159,37 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
     out
 }
 
+fn every_string(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(text) => out.push(text.clone()),
+        Value::Array(items) => items.iter().for_each(|item| every_string(item, out)),
+        Value::Object(map) => map.iter().for_each(|(key, item)| {
+            // The keys the reader knows are structure; every other key is read.
+            const KNOWN: &[&str] = &[
+                "messages",
+                "prompt",
+                "tools",
+                "max_tokens",
+                "max_completion_tokens",
+                "model",
+                "role",
+                "name",
+                "tool_call_id",
+                "content",
+                "tool_calls",
+                "function_call",
+                "function",
+                "arguments",
+            ];
+            if !KNOWN.contains(&key.as_str()) {
+                out.push(key.clone());
+            }
+            every_string(item, out);
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
 /// Any JSON value, a few levels deep, with keys a request body's reader looks for.
 fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
     use proptest::prelude::*;
@@ -229,6 +260,7 @@ fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
     ]));
     let message = or_any(object_of(vec![
         ("role", text()),
+        ("name", text()),
         ("content", content),
         (
             "tool_calls",
@@ -270,6 +302,9 @@ fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
         ),
         ("max_tokens", any_json()),
         ("max_completion_tokens", any_json()),
+        ("user", any_json()),
+        ("metadata", any_json()),
+        ("stop", any_json()),
     ]))
 }
 
@@ -279,10 +314,49 @@ proptest::proptest! {
         let bytes = serde_json::to_vec(&body).unwrap();
         let mut read = prompt_texts(&bytes);
         let mut tree = tree_prompt_texts(&bytes);
+        // Every string of the body is read, as prompt text or elsewhere.
+        let mut strings = Vec::new();
+        every_string(&body, &mut strings);
+        if body.is_object() {
+            for string in strings {
+                proptest::prop_assert!(
+                    read.texts.iter().any(|text| text.contains(string.as_str()))
+                        || read.elsewhere.contains(string.as_str()),
+                    "{string:?} was not read"
+                );
+            }
+        }
         // Object values come in key order from a tree and in document order from the
         // reader; the scan and the score do not depend on the order.
         read.texts.sort();
         tree.texts.sort();
+        read.elsewhere.clear();
         proptest::prop_assert_eq!(read, tree);
+    }
+}
+
+#[test]
+fn strings_outside_the_prompt_are_read_elsewhere_and_not_scored() {
+    let body = br#"{
+        "model": "m", "user": "alice@example.com", "stop": ["078-05-1120"], "suffix": "tail",
+        "metadata": {"customer 4111 1111 1111 1111": true},
+        "messages": [{"role": "user", "name": "Bob", "content": "hello"}],
+        "response_format": {"type": "json_schema", "json_schema": {"description": "secret plan"}}
+    }"#;
+    let read = prompt_texts(body);
+    assert_eq!(read.texts, ["hello"]);
+    for expected in [
+        "alice@example.com",
+        "078-05-1120",
+        "tail",
+        "customer 4111 1111 1111 1111",
+        "Bob",
+        "secret plan",
+    ] {
+        assert!(
+            read.elsewhere.lines().any(|line| line == expected),
+            "missing {expected:?} in {:?}",
+            read.elsewhere
+        );
     }
 }
