@@ -21,9 +21,14 @@ pub const API_KEY: &str = "isthmus-test-key";
 /// Inference threads for tests: the suite shares two cores with the compiler and itself.
 pub const TEST_THREADS: u32 = 2;
 
-/// The workspace root.
+/// The workspace root. Cargo names the manifest directory of the checkout under test when
+/// it runs a test; the one compiled in may be another checkout's when several share a build
+/// directory (this crate's library is then not rebuilt), and the gateway built and started
+/// would be that checkout's.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir
         .parent()
         .expect("tests crate lives in the workspace")
         .to_path_buf()
