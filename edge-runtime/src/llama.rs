@@ -127,29 +127,37 @@ impl ModelShared {
     /// The lane a new request goes to, its load already counted: among lanes with a free
     /// sequence, the one sent the longest shared start of `prompt` lately (a conversation's
     /// earlier turns, a system prompt), where its prefix is most likely cached; among equals
-    /// the first, so that a light load runs as one batch in one lane and lanes fill one
-    /// after the other. When all are full, the least loaded one, where it queues.
+    /// the least loaded (then the first), so that requests spread over the lanes and every
+    /// lane's threads and steps work. When all are full, the least loaded one, where it
+    /// queues.
     fn reserve_lane(&self, prompt: &[i32]) -> Option<&LaneHandle> {
-        let mut lanes: Vec<(usize, &LaneHandle)> =
-            self.lanes.iter().map(|lane| (0, lane)).collect();
-        let digests = if self.lanes.len() > 1 {
-            block_digests(prompt)
-        } else {
-            Vec::new()
-        };
-        if !digests.is_empty() {
-            for (shared, lane) in &mut lanes {
-                *shared = lane
-                    .recent
-                    .lock()
-                    .map_or(0, |recent| recent.shared_blocks(&digests));
+        if let [lane] = self.lanes.as_slice() {
+            if !lane.port.reserve_free(self.lane_sequences) {
+                lane.port.load.fetch_add(1, Ordering::AcqRel);
             }
-            // Stable: lane order among equals.
-            lanes.sort_by_key(|(shared, _)| std::cmp::Reverse(*shared));
+            return Some(lane);
         }
+        let digests = block_digests(prompt);
+        let mut lanes: Vec<(std::cmp::Reverse<usize>, u64, &LaneHandle)> = self
+            .lanes
+            .iter()
+            .map(|lane| {
+                let shared = if digests.is_empty() {
+                    0
+                } else {
+                    lane.recent
+                        .lock()
+                        .map_or(0, |recent| recent.shared_blocks(&digests))
+                };
+                let load = lane.port.load.load(Ordering::Acquire);
+                (std::cmp::Reverse(shared), load, lane)
+            })
+            .collect();
+        // Stable: lane order among equals.
+        lanes.sort_by_key(|(shared, load, _)| (*shared, *load));
         let free = lanes
             .iter()
-            .map(|(_, lane)| *lane)
+            .map(|(_, _, lane)| *lane)
             .find(|lane| lane.port.reserve_free(self.lane_sequences));
         let lane = match free {
             Some(lane) => lane,

@@ -329,6 +329,37 @@ fn a_request_goes_to_the_lane_that_was_sent_its_prefix() {
     );
 }
 
+/// Two requests in a model whose lanes hold two sequences each: the second goes to the
+/// least loaded free lane, not next to the first, so both lanes' threads work and the lanes
+/// step separately: about twice the steps one lane would take.
+#[test]
+fn requests_spread_over_the_lanes_before_one_fills() {
+    const TOKENS: u32 = 16;
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        lanes: 2,
+        ..spec("spread")
+    });
+    let runtime = runtime();
+    let steps_before = model.stats().decode_steps();
+    runtime.block_on(async {
+        let first = model
+            .submit(exact_request(&model, "", PROMPTS[0], TOKENS))
+            .unwrap();
+        let second = model
+            .submit(exact_request(&model, "", PROMPTS[1], TOKENS))
+            .unwrap();
+        assert!(collect(first).await.finish.is_some());
+        assert!(collect(second).await.finish.is_some());
+    });
+    let steps = model.stats().decode_steps() - steps_before;
+    assert!(
+        steps > u64::from(TOKENS) * 3 / 2,
+        "{steps} steps for two {TOKENS}-token answers: they shared one lane"
+    );
+    cells_settle_at_zero(&model);
+}
+
 /// One sequence per lane: a long answer in lane 0, a short one in lane 1, and a third
 /// request that finds both full and queues in lane 0 (the least loaded, first among
 /// equals). When lane 1 frees its sequence, lane 0 hands the queued request over, so it
