@@ -83,6 +83,11 @@ struct ModelShared {
     lanes: Vec<LaneHandle>,
     /// Sequences each lane decodes together.
     lane_sequences: u64,
+    /// Whether requests spread over the lanes (least loaded first) rather than fill them in
+    /// order: on the CPU each lane computes on its own threads, so an idle lane leaves cores
+    /// idle; on a GPU the lanes share the device, and a fuller batch reads the weights once
+    /// for more tokens.
+    spread: bool,
     stats: SharedStats,
     queue_depth_max: u32,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -126,10 +131,10 @@ impl ModelShared {
 
     /// The lane a new request goes to, its load already counted: among lanes with a free
     /// sequence, the one sent the longest shared start of `prompt` lately (a conversation's
-    /// earlier turns, a system prompt), where its prefix is most likely cached; among equals
-    /// the least loaded (then the first), so that requests spread over the lanes and every
-    /// lane's threads and steps work. When all are full, the least loaded one, where it
-    /// queues.
+    /// earlier turns, a system prompt), where its prefix is most likely cached; among equals,
+    /// on the CPU the least loaded (so every lane's threads work), on a GPU the first (so
+    /// lanes fill in order and a light load runs as one batch). When all are full, the
+    /// least loaded one, where it queues.
     fn reserve_lane(&self, prompt: &[i32]) -> Option<&LaneHandle> {
         if let [lane] = self.lanes.as_slice() {
             if !lane.port.reserve_free(self.lane_sequences) {
@@ -149,7 +154,11 @@ impl ModelShared {
                         .lock()
                         .map_or(0, |recent| recent.shared_blocks(&digests))
                 };
-                let load = lane.port.load.load(Ordering::Acquire);
+                let load = if self.spread {
+                    lane.port.load.load(Ordering::Acquire)
+                } else {
+                    0
+                };
                 (std::cmp::Reverse(shared), load, lane)
             })
             .collect();
@@ -489,6 +498,7 @@ impl ModelHandle {
                 template,
                 lanes,
                 lane_sequences: u64::from(lane_spec.parallel_sequences),
+                spread: spec.gpu_layers == 0,
                 stats,
                 queue_depth_max: spec.queue_depth_max,
                 workers: Mutex::new(threads),
