@@ -215,9 +215,10 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
             let elsewhere = &mut self.elsewhere;
             match key.as_ref() {
                 "messages" => {
-                    let mut messages = Messages {
+                    let mut messages = Counted {
                         texts: &mut self.messages,
                         elsewhere,
+                        elements: Elements::Messages,
                         count: None,
                     };
                     map.next_value_seed(Shaped(&mut messages))?;
@@ -233,9 +234,10 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                     self.prompt_present = prompt.present;
                 }
                 "tools" => {
-                    let mut tools = Tools {
+                    let mut tools = Counted {
                         texts: &mut self.tools,
                         elsewhere,
+                        elements: Elements::ToolDefinitions,
                         count: None,
                     };
                     map.next_value_seed(Shaped(&mut tools))?;
@@ -308,24 +310,41 @@ impl<'de> Shapes<'de> for AnyStrings<'_> {
     }
 }
 
-/// `messages`: an array of messages.
-struct Messages<'a> {
+/// `messages` or `tools`: an array of messages or tool definitions, counted (anything else
+/// counts for nothing).
+struct Counted<'a> {
     texts: &'a mut Vec<String>,
     elsewhere: &'a mut String,
+    elements: Elements,
     count: Option<u32>,
 }
 
-impl<'de> Shapes<'de> for &mut Messages<'_> {
+#[derive(Clone, Copy)]
+enum Elements {
+    /// Read as messages.
+    Messages,
+    /// Every string in them is prompt text.
+    ToolDefinitions,
+}
+
+impl<'de> Shapes<'de> for &mut Counted<'_> {
     fn elsewhere(&mut self) -> &mut String {
         self.elsewhere
     }
 
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut count = 0u32;
-        while seq
-            .next_element_seed(Shaped(Message(&mut *self.texts, &mut *self.elsewhere)))?
-            .is_some()
-        {
+        loop {
+            let (texts, elsewhere) = (&mut *self.texts, &mut *self.elsewhere);
+            let element = match self.elements {
+                Elements::Messages => seq.next_element_seed(Shaped(Message(texts, elsewhere)))?,
+                Elements::ToolDefinitions => {
+                    seq.next_element_seed(Shaped(AnyStrings(texts, elsewhere)))?
+                }
+            };
+            if element.is_none() {
+                break;
+            }
             count = count.saturating_add(1);
         }
         self.count = Some(count);
@@ -541,30 +560,5 @@ impl<'de> Shapes<'de> for &mut Prompt<'_> {
     fn seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
         self.present = true;
         AnyStrings(&mut *self.texts, &mut *self.elsewhere).seq(seq)
-    }
-}
-
-/// `tools`: the definitions, every string in them.
-struct Tools<'a> {
-    texts: &'a mut Vec<String>,
-    elsewhere: &'a mut String,
-    count: Option<u32>,
-}
-
-impl<'de> Shapes<'de> for &mut Tools<'_> {
-    fn elsewhere(&mut self) -> &mut String {
-        self.elsewhere
-    }
-
-    fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut count = 0u32;
-        while seq
-            .next_element_seed(Shaped(AnyStrings(&mut *self.texts, &mut *self.elsewhere)))?
-            .is_some()
-        {
-            count = count.saturating_add(1);
-        }
-        self.count = Some(count);
-        Ok(())
     }
 }
