@@ -11,8 +11,10 @@ use serde_json::Value;
 use crate::error::GatewayError;
 use crate::sensitivity::SensitivityScanner;
 
-/// The body with every prompt-bearing string redacted (the same places the scan reads), and
-/// the map to restore the answer with. Re-serialised, so only a redacted body changes shape.
+/// The body with every prompt-bearing string redacted, and the map to restore the answer
+/// with. Re-serialised, so only a redacted body changes shape. The scan reads more than this
+/// replaces (every string of the body); `facts::evaluate` counts a request as redactable only
+/// when this function's output scans clean.
 pub fn redact_body(
     body: &[u8],
     scanner: &SensitivityScanner,
