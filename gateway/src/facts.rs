@@ -167,8 +167,9 @@ pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) ->
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PromptTexts {
     pub texts: Vec<String>,
-    /// Every other string of the body and the keys of unknown objects, one per line: the
-    /// scan reads them too (the cloud leg forwards the whole body), the score does not.
+    /// Every other string of the body, the keys of unknown objects and the decimal text of
+    /// numbers outside the sampling parameters, one per line: the scan reads them too (the
+    /// cloud leg forwards the whole body), the score does not.
     pub elsewhere: String,
     /// Conversation turns (messages), 1 for a legacy prompt.
     pub turns: u32,

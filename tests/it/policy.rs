@@ -17,6 +17,8 @@ const HARD: &str = "A train leaves city A at 9:40 travelling at 84 km/h; a secon
     measured from, and finally derive a general formula for n trains. Explain each step.";
 const VALID_IBAN: &str = "DE89 3704 0044 0532 0130 00";
 const INVALID_IBAN: &str = "DE00 3704 0044 0532 0130 00";
+/// A test Visa number (Luhn-valid), sent as a JSON number.
+const CARD_NUMBER: u64 = 4_111_111_111_111_111;
 
 fn policy_config(upstream: &Upstream) -> String {
     format!(
@@ -177,6 +179,20 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "sensitive-local".to_owned())
         );
+        // Nor a number: a card number is a JSON number as easily as a string.
+        let response = send(
+            &gateway,
+            &chat(
+                HARD,
+                json!({"max_tokens": 200, "metadata": {"card": CARD_NUMBER}}),
+            ),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "sensitive-local".to_owned())
+        );
         // Redaction replaces values in the prompt, not in a message's `name`: the finance
         // rule's redact-then-cloud fails closed onto the local model instead.
         let mut named = chat(HARD, json!({"max_tokens": 200}));
@@ -186,11 +202,15 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "fail_closed".to_owned())
         );
-        // Nothing with the valid IBAN ever reached the cloud.
+        // Nothing with the valid IBAN or the card number ever reached the cloud.
         let digits = VALID_IBAN.replace(' ', "");
         for request in upstream.requests().await {
             let seen = request.to_string().replace(' ', "");
             assert!(!seen.contains(&digits), "the IBAN left the premises");
+            assert!(
+                !seen.contains(&CARD_NUMBER.to_string()),
+                "the card number left the premises"
+            );
         }
 
         // A classified document cannot be redacted: the finance rule's cloud action fails

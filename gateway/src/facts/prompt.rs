@@ -8,6 +8,11 @@
 //! `name`, ...), goes to `elsewhere`, which only the scan reads: the cloud leg forwards the
 //! body as received, so nothing in it may leave unscanned.
 //!
+//! Numbers are read too, as their decimal text: a card number can be a JSON number as well
+//! as a string. Only the numbers of the sampling parameters the reader knows (`seed`,
+//! `temperature`, `max_tokens`, ...) are not: a random 16-digit seed passes a card check
+//! one time in ten.
+//!
 //! A key that occurs twice in an object is read both times: parsers disagree on which
 //! duplicate wins (most keep the last, some the first), so a value hidden in the copy this
 //! parser would drop still reaches the scan. Counts (turns, tools, `max_tokens`) come from
@@ -57,8 +62,45 @@ fn push_elsewhere(elsewhere: &mut String, text: &str) {
     elsewhere.push_str(text);
 }
 
-/// What a value of each JSON shape contributes. By default its strings, and the keys of its
-/// objects, go to `elsewhere`.
+/// Appends the decimal text of a number to `elsewhere`, a line of its own.
+fn push_number(elsewhere: &mut String, number: Number) {
+    use std::fmt::Write;
+    if !elsewhere.is_empty() {
+        elsewhere.push('\n');
+    }
+    // Writing to a `String` cannot fail.
+    let _ = match number {
+        Number::Unsigned(value) => write!(elsewhere, "{value}"),
+        Number::Negative(value) => write!(elsewhere, "{value}"),
+    };
+}
+
+/// A JSON number worth scanning: an integer, or a float with an integral value that has
+/// at most 19 digits (the longest numeric entity, a card); other floats hold no identifier.
+#[derive(Clone, Copy)]
+enum Number {
+    Unsigned(u64),
+    Negative(i64),
+}
+
+impl Number {
+    /// The integral value of `value` as a [`Number`], if it has one of at most 19 digits.
+    fn integral(value: f64) -> Option<Number> {
+        const DIGITS_19: f64 = 1e19;
+        if !value.is_finite() || value.fract() != 0.0 || value.abs() >= DIGITS_19 {
+            return None;
+        }
+        // In range and integral: the casts are exact up to f64's own precision.
+        if value >= 0.0 {
+            Some(Number::Unsigned(value as u64))
+        } else {
+            Some(Number::Negative(value as i64))
+        }
+    }
+}
+
+/// What a value of each JSON shape contributes. By default its strings, the keys of its
+/// objects and its numbers go to `elsewhere`.
 trait Shapes<'de>: Sized {
     /// Where strings in shapes this reader does not expect go.
     fn elsewhere(&mut self) -> &mut String;
@@ -75,7 +117,13 @@ trait Shapes<'de>: Sized {
         Elsewhere(self.elsewhere()).map(map)
     }
 
-    fn unsigned(self, _value: u64) {}
+    fn number(mut self, number: Number) {
+        push_number(self.elsewhere(), number);
+    }
+
+    fn unsigned(self, value: u64) {
+        self.number(Number::Unsigned(value));
+    }
 }
 
 /// Drives a [`Shapes`] over whatever value comes next.
@@ -101,8 +149,9 @@ impl<'de, S: Shapes<'de>> Visitor<'de> for Shaped<S> {
     }
 
     fn visit_i64<E>(self, value: i64) -> Result<(), E> {
-        if let Ok(value) = u64::try_from(value) {
-            self.0.unsigned(value);
+        match u64::try_from(value) {
+            Ok(value) => self.0.unsigned(value),
+            Err(_) => self.0.number(Number::Negative(value)),
         }
         Ok(())
     }
@@ -112,7 +161,10 @@ impl<'de, S: Shapes<'de>> Visitor<'de> for Shaped<S> {
         Ok(())
     }
 
-    fn visit_f64<E>(self, _value: f64) -> Result<(), E> {
+    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
+        if let Some(number) = Number::integral(value) {
+            self.0.number(number);
+        }
         Ok(())
     }
 
@@ -255,7 +307,7 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                 }
                 "model" | "stream" | "temperature" | "top_p" | "seed" | "n" | "logprobs"
                 | "top_logprobs" | "presence_penalty" | "frequency_penalty" | "ignore_eos" => {
-                    map.next_value_seed(Shaped(Elsewhere(elsewhere)))?;
+                    map.next_value_seed(Shaped(Parameter(elsewhere)))?;
                 }
                 _ => {
                     push_elsewhere(elsewhere, &key);
@@ -267,13 +319,28 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
     }
 }
 
-/// A non-negative integer, else nothing (and any strings to `elsewhere`).
+/// A sampling parameter's value: a number is the parameter, not scanned; strings (and
+/// anything inside an array or object) go to `elsewhere`.
+struct Parameter<'a>(&'a mut String);
+
+impl<'de> Shapes<'de> for Parameter<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.0
+    }
+
+    fn number(self, _number: Number) {}
+}
+
+/// A non-negative integer, else nothing; a number is the parameter, not scanned (and any
+/// strings go to `elsewhere`).
 struct Unsigned<'a>(&'a mut Option<u64>, &'a mut String);
 
 impl<'de> Shapes<'de> for Unsigned<'_> {
     fn elsewhere(&mut self) -> &mut String {
         self.1
     }
+
+    fn number(self, _number: Number) {}
 
     fn unsigned(self, value: u64) {
         *self.0 = Some(value);

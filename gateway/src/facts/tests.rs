@@ -159,34 +159,60 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
     out
 }
 
-fn every_string(value: &Value, out: &mut Vec<String>) {
+/// The keys the reader knows are structure; every other key is read.
+const KNOWN_KEYS: &[&str] = &[
+    "messages",
+    "prompt",
+    "tools",
+    "max_tokens",
+    "max_completion_tokens",
+    "model",
+    "role",
+    "name",
+    "tool_call_id",
+    "content",
+    "tool_calls",
+    "function_call",
+    "function",
+    "arguments",
+];
+
+/// Top-level keys whose number is a parameter, not read.
+const PARAMETER_KEYS: &[&str] = &["max_tokens", "max_completion_tokens", "model"];
+
+/// The decimal text the reader gives a number, if it reads it.
+fn number_text(number: &serde_json::Number) -> Option<String> {
+    if let Some(value) = number.as_u64() {
+        return Some(value.to_string());
+    }
+    if let Some(value) = number.as_i64() {
+        return Some(value.to_string());
+    }
+    let value = number.as_f64()?;
+    (value.fract() == 0.0 && value.abs() < 1e19).then(|| {
+        if value >= 0.0 {
+            (value as u64).to_string()
+        } else {
+            (value as i64).to_string()
+        }
+    })
+}
+
+/// Every string, unknown key and number of a body that the reader must read.
+fn every_scalar(value: &Value, out: &mut Vec<String>, top_level: bool) {
     match value {
         Value::String(text) => out.push(text.clone()),
-        Value::Array(items) => items.iter().for_each(|item| every_string(item, out)),
+        Value::Number(number) => out.extend(number_text(number)),
+        Value::Array(items) => items.iter().for_each(|item| every_scalar(item, out, false)),
         Value::Object(map) => map.iter().for_each(|(key, item)| {
-            // The keys the reader knows are structure; every other key is read.
-            const KNOWN: &[&str] = &[
-                "messages",
-                "prompt",
-                "tools",
-                "max_tokens",
-                "max_completion_tokens",
-                "model",
-                "role",
-                "name",
-                "tool_call_id",
-                "content",
-                "tool_calls",
-                "function_call",
-                "function",
-                "arguments",
-            ];
-            if !KNOWN.contains(&key.as_str()) {
+            if !KNOWN_KEYS.contains(&key.as_str()) {
                 out.push(key.clone());
             }
-            every_string(item, out);
+            if !(top_level && item.is_number() && PARAMETER_KEYS.contains(&key.as_str())) {
+                every_scalar(item, out, false);
+            }
         }),
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        Value::Null | Value::Bool(_) => {}
     }
 }
 
@@ -201,6 +227,7 @@ fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
         any::<u64>().prop_map(Value::from),
         (0u32..2000).prop_map(Value::from),
         (-1e6f64..1e6).prop_map(Value::from),
+        (-1e6f64..1e6).prop_map(|value| Value::from(value.round())),
         "[a-z\"\\\\\u{e9}\u{1F600} ]{0,12}".prop_map(Value::from),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
@@ -314,9 +341,10 @@ proptest::proptest! {
         let bytes = serde_json::to_vec(&body).unwrap();
         let mut read = prompt_texts(&bytes);
         let mut tree = tree_prompt_texts(&bytes);
-        // Every string of the body is read, as prompt text or elsewhere.
+        // Every string, unknown key and number of the body is read, as prompt text or
+        // elsewhere.
         let mut strings = Vec::new();
-        every_string(&body, &mut strings);
+        every_scalar(&body, &mut strings, true);
         if body.is_object() {
             for string in strings {
                 proptest::prop_assert!(
@@ -359,4 +387,49 @@ fn strings_outside_the_prompt_are_read_elsewhere_and_not_scored() {
             read.elsewhere
         );
     }
+}
+
+#[test]
+fn numbers_are_read_elsewhere_except_sampling_parameters() {
+    // A card number can be a JSON number; a seed is a parameter (a random 16-digit seed
+    // passes a card check one time in ten).
+    let body = br#"{
+        "model": "m", "seed": 4111111111111111, "temperature": 0, "max_tokens": 64, "n": 1,
+        "metadata": {"card": 4111111111111111, "debt": -4012888888881881, "float": 5.5e15,
+            "fraction": 1.5, "huge": 1e300},
+        "user": 378282246310005,
+        "messages": [{"role": "user", "content": "hello", "x": [6011111111111117]}],
+        "tools": [{"type": "function", "function": {"parameters": {"maxLength": 12}}}],
+        "prompt": [[15, 16]]
+    }"#;
+    let read = prompt_texts(body);
+    let lines: Vec<&str> = read.elsewhere.lines().collect();
+    for expected in [
+        "4111111111111111",
+        "-4012888888881881",
+        "5500000000000000",
+        "378282246310005",
+        "6011111111111117",
+        "12",
+        "15",
+        "16",
+    ] {
+        assert!(
+            lines.contains(&expected),
+            "missing {expected:?} in {lines:?}"
+        );
+    }
+    // The seed is a parameter; the metadata's card is read once.
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|line| **line == "4111111111111111")
+            .count(),
+        1
+    );
+    for absent in ["64", "0", "1"] {
+        assert!(!lines.contains(&absent), "{absent:?} read in {lines:?}");
+    }
+    assert!(!read.elsewhere.contains("1.5") && !read.elsewhere.contains("e300"));
+    assert_eq!(read.max_tokens, Some(64));
 }
