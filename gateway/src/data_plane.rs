@@ -30,8 +30,9 @@ enum Target {
     Cloud {
         pool: String,
         model: String,
-        /// Redact-then-cloud: the findings to replace before forwarding.
-        redact: Option<crate::sensitivity::Scan>,
+        /// Redact-then-cloud: the body to forward and the map to restore the answer with,
+        /// when routing redacted it already.
+        redact: Option<Option<Box<(Bytes, router_policies::redact::RedactionMap)>>>,
     },
 }
 
@@ -424,8 +425,9 @@ impl DataPlane {
                     .sticky
                     .then(|| sticky_key(ctx, envelope.user.as_deref(), session.client_addr()));
                 // Redact-then-cloud: the values stay here; placeholders go.
-                let redacted = match &redact {
-                    Some(_) => Some(crate::redaction::redact_body(&body, &routing.sensitivity)?),
+                let redacted = match redact {
+                    Some(Some(redacted)) => Some(*redacted),
+                    Some(None) => Some(crate::redaction::redact_body(&body, &routing.sensitivity)?),
                     None => None,
                 };
                 let forwarded_body = redacted.as_ref().map_or(&body, |(body, _)| body);
@@ -549,6 +551,7 @@ impl DataPlane {
             outcome,
             scan,
             complexity,
+            redacted,
         } = crate::facts::evaluate(routing, &request, &loads, |policy, facts, signals| {
             self.state.decide(policy, facts, signals)
         });
@@ -572,7 +575,7 @@ impl DataPlane {
                 Ok(Target::Cloud {
                     pool,
                     model,
-                    redact: redact.then_some(scan),
+                    redact: redact.then(|| redacted.map(Box::new)),
                 })
             }
             Decision::Reject { reason, .. } => {

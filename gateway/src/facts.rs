@@ -27,6 +27,10 @@ pub struct Evaluation {
     pub outcome: router_policies::Outcome,
     pub scan: Scan,
     pub complexity: f32,
+    /// The body as redact-then-cloud would send it and the map to restore the answer with,
+    /// when the scan found something and the redacted body scans clean (so a redacted
+    /// forward does not redact twice).
+    pub redacted: Option<(bytes::Bytes, router_policies::redact::RedactionMap)>,
 }
 
 /// Gathers the facts and signals of `request` and lets `decide` decide (the data plane
@@ -57,9 +61,12 @@ pub fn evaluate(
         });
     let prompt = prompt_texts(request.body);
     let mut scan = routing.sensitivity.scan(&prompt);
-    if !scan.entity_types.is_empty() {
-        scan.redactable = redacts_clean(request.body, routing);
-    }
+    let redacted = if scan.entity_types.is_empty() {
+        None
+    } else {
+        redacted_clean(request.body, routing)
+    };
+    scan.redactable = redacted.is_some();
     let complexity = routing.complexity.score(&prompt);
     let entity_names: Vec<&str> = scan.entity_types.iter().map(String::as_str).collect();
     let facts = router_policies::RequestFacts {
@@ -97,22 +104,25 @@ pub fn evaluate(
         outcome,
         scan,
         complexity,
+        redacted,
     }
 }
 
-/// Whether redact-then-cloud would leave nothing sensitive: the body is redacted as it would
-/// be sent and every string of the result scanned again. Redaction replaces values in the
-/// prompt-bearing places; a finding anywhere else (a `user` field, `metadata`, a key) stays,
-/// and such a request must not go to the cloud redacted either.
-fn redacts_clean(body: &[u8], routing: &Routing) -> bool {
-    match crate::redaction::redact_body(body, &routing.sensitivity) {
-        Ok((redacted, _)) => routing
-            .sensitivity
-            .scan(&prompt_texts(&redacted))
-            .entity_types
-            .is_empty(),
-        Err(_) => false,
-    }
+/// The body redact-then-cloud would send, if it leaves nothing sensitive: the body is
+/// redacted as it would be sent and every string of the result scanned again. Redaction
+/// replaces values in the prompt-bearing places; a finding anywhere else (a `user` field,
+/// `metadata`, a key) stays, and such a request must not go to the cloud redacted either.
+fn redacted_clean(
+    body: &[u8],
+    routing: &Routing,
+) -> Option<(bytes::Bytes, router_policies::redact::RedactionMap)> {
+    let (redacted, map) = crate::redaction::redact_body(body, &routing.sensitivity).ok()?;
+    routing
+        .sensitivity
+        .scan(&prompt_texts(&redacted))
+        .entity_types
+        .is_empty()
+        .then_some((redacted, map))
 }
 
 /// The JSON explanation of an evaluation: decision, rule, complexity, entity types, and each
