@@ -127,6 +127,42 @@ pub struct SamplingParams {
     pub seed: u32,
 }
 
+/// A constraint on what a generation may produce: a grammar in llama.cpp's GBNF whose `root`
+/// rule the whole completion must match. Tokens the grammar does not allow are never
+/// chosen, and once it is complete only an end of generation is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grammar {
+    gbnf: String,
+}
+
+/// Why a JSON schema cannot become a [`Grammar`]: llama.cpp's converter refused it (not
+/// JSON, a `$ref` it cannot resolve, a keyword value of the wrong type, ...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("llama.cpp's JSON schema converter refused the schema")]
+pub struct GrammarError;
+
+impl Grammar {
+    /// Any JSON object, with at most a little whitespace between its tokens.
+    pub fn json_object() -> Result<Grammar, GrammarError> {
+        Grammar::json_schema(r#"{"type": "object"}"#)
+    }
+
+    /// JSON that matches `schema` (JSON Schema text), converted by llama.cpp's own converter
+    /// (the one llama-server uses for `response_format`): types, `properties` and
+    /// `required`, `additionalProperties`, `items`, `enum`, `const`, `anyOf`/`oneOf`/`allOf`,
+    /// `$ref` within the schema, string lengths and patterns, array lengths, number bounds.
+    pub fn json_schema(schema: &str) -> Result<Grammar, GrammarError> {
+        llama::json_schema_gbnf(schema)
+            .map(|gbnf| Grammar { gbnf })
+            .ok_or(GrammarError)
+    }
+
+    /// The grammar's GBNF text.
+    pub fn gbnf(&self) -> &str {
+        &self.gbnf
+    }
+}
+
 /// A prompt rendered and tokenized for one model, ready to submit.
 #[derive(Debug, Clone)]
 pub struct PreparedPrompt {
@@ -159,6 +195,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// Attach each token's top-2 logit margin to its event.
     pub record_margins: bool,
+    /// What the completion must match (a JSON `response_format`); `None` leaves it free.
+    pub grammar: Option<Grammar>,
 }
 
 /// Why generation ended, in OpenAI's terms.
@@ -263,6 +301,8 @@ pub enum SubmitError {
     WrongModel { prepared_for: String, model: String },
     #[error("inference worker stopped")]
     WorkerStopped,
+    #[error("the grammar cannot be used with this model's vocabulary: {reason}")]
+    Grammar { reason: String },
 }
 
 /// Why the runtime could not start.

@@ -25,6 +25,8 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::{DecodeError, LlamaBackendDeviceType, LogOptions};
 use tokio::sync::mpsc;
@@ -223,6 +225,8 @@ enum Command {
 /// A request on its way to, or waiting in, the worker's queue.
 struct Job {
     request: GenerationRequest,
+    /// The request's grammar, made for the model's vocabulary when it was submitted.
+    grammar: Option<LlamaSampler>,
     events: mpsc::Sender<Event>,
     submitted_at: Instant,
 }
@@ -574,6 +578,23 @@ impl ModelHandle {
                 max_tokens: request.max_tokens,
             });
         }
+        let grammar = match &request.grammar {
+            Some(_) if request.ignore_eos => {
+                return Err(SubmitError::Grammar {
+                    reason: "a grammar decides where the answer ends; it cannot be combined \
+                             with ignore_eos"
+                        .to_owned(),
+                });
+            }
+            Some(grammar) => Some(
+                LlamaSampler::grammar(&self.shared.model, grammar.gbnf(), "root").map_err(
+                    |error| SubmitError::Grammar {
+                        reason: error.to_string(),
+                    },
+                )?,
+            ),
+            None => None,
+        };
         // One event per generated token plus the final one: the worker never has to wait.
         let events_max = usize::try_from(request.max_tokens)
             .unwrap_or(usize::MAX)
@@ -581,6 +602,7 @@ impl ModelHandle {
         let (events, receiver) = mpsc::channel(events_max);
         let job = Job {
             request,
+            grammar,
             events,
             submitted_at: Instant::now(),
         };
@@ -616,6 +638,12 @@ impl GenerationStream {
     pub async fn next(&mut self) -> Option<Event> {
         self.receiver.recv().await
     }
+}
+
+/// The GBNF grammar for JSON that matches `schema` (JSON Schema text), from llama.cpp's
+/// converter; `None` when it refuses the schema.
+pub(crate) fn json_schema_gbnf(schema: &str) -> Option<String> {
+    llama_cpp_2::json_schema_to_grammar(schema).ok()
 }
 
 fn eog_mask(model: &LlamaModel) -> Vec<bool> {
@@ -724,9 +752,12 @@ struct Sequence {
     /// Where this sequence's logits are in the current batch, if it asked for any.
     logits_index: Option<i32>,
     sampler: LlamaSampler,
+    /// The grammar the answer must match, if any; its tokens are chosen by
+    /// [`constrained_choice`].
+    grammar: Option<LlamaSampler>,
     /// Report each token's top-2 logit margin (tests compare batched and solo runs with it).
     record_margins: bool,
-    /// Temperature 0: take the largest logit.
+    /// Temperature 0 and no grammar: take the largest logit.
     greedy: bool,
     generated: u32,
     max_tokens: u32,
@@ -1082,6 +1113,7 @@ impl Loop<'_> {
             worker.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
             let queued = job.submitted_at.elapsed();
             let request = job.request;
+            let grammar = job.grammar;
             let prompt: Vec<i32> = request.prompt.tokens;
             let free_slots = self
                 .slots
@@ -1125,8 +1157,9 @@ impl Loop<'_> {
                 pending_token: None,
                 logits_index: None,
                 sampler,
+                greedy: request.sampling.temperature <= 0.0 && grammar.is_none(),
+                grammar,
                 record_margins: request.record_margins,
-                greedy: request.sampling.temperature <= 0.0,
                 generated: 0,
                 max_tokens: request.max_tokens,
                 cached_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
@@ -1799,7 +1832,18 @@ impl Worker {
         let started = Instant::now();
         // With end-of-generation banned, the choice is among the other tokens.
         let banned = sequence.ignore_eos.then_some(self.eog_mask.as_slice());
-        let (token, margin) = if sequence.greedy {
+        let (token, margin) = if let Some(grammar) = sequence.grammar.as_mut() {
+            let logits = context.get_logits_ith(index);
+            let margin = if sequence.record_margins {
+                greedy_choice(logits, banned).1
+            } else {
+                f32::NAN
+            };
+            (
+                constrained_choice(logits, &mut sequence.sampler, grammar),
+                margin,
+            )
+        } else if sequence.greedy {
             // Greedy needs only the largest logit: no candidate array, no sampler chain.
             let (best, margin) = chosen.unwrap_or_else(|| {
                 let row = GreedyRow {
@@ -1941,6 +1985,57 @@ impl GreedyRow<'_> {
             (greedy_index(self.logits, self.banned), f32::NAN)
         }
     }
+}
+
+/// The next token under a grammar: the sequence's own choice (its sampler chain over every
+/// logit) when the grammar allows that token, else its choice among the tokens the grammar
+/// allows. Checking one token first is what llama.cpp's own servers do: masking the whole
+/// vocabulary walks the grammar once per token, and most steps' choice is allowed anyway.
+/// Both the chain and the grammar then accept the token.
+fn constrained_choice(
+    logits: &[f32],
+    sampler: &mut LlamaSampler,
+    grammar: &mut LlamaSampler,
+) -> LlamaToken {
+    let candidates = || {
+        LlamaTokenDataArray::from_iter(
+            logits.iter().enumerate().map(|(id, &logit)| {
+                LlamaTokenData::new(LlamaToken::new(i32::try_from(id).unwrap_or(0)), logit, 0.0)
+            }),
+            false,
+        )
+    };
+    let mut free = candidates();
+    sampler.apply(&mut free);
+    let allowed = free.selected_token().filter(|&token| {
+        let logit = usize::try_from(token.0)
+            .ok()
+            .and_then(|id| logits.get(id))
+            .copied()
+            .unwrap_or(f32::NEG_INFINITY);
+        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(token, logit, 0.0)], false);
+        grammar.apply(&mut one);
+        one.data
+            .first()
+            .is_some_and(|data| data.logit().is_finite())
+    });
+    let token = allowed.unwrap_or_else(|| {
+        let mut constrained = candidates();
+        grammar.apply(&mut constrained);
+        sampler.apply(&mut constrained);
+        // A grammar leaves at least an end of generation allowed; should the chain select
+        // nothing, the largest allowed logit is the choice.
+        constrained.selected_token().unwrap_or_else(|| {
+            constrained
+                .data
+                .iter()
+                .max_by(|a, b| a.logit().total_cmp(&b.logit()))
+                .map_or(LlamaToken::new(0), LlamaTokenData::id)
+        })
+    });
+    grammar.accept(token);
+    sampler.accept(token);
+    token
 }
 
 /// The greedy choice of each row, in order; shared among `pool`'s threads when there are

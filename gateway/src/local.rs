@@ -65,6 +65,10 @@ pub async fn run(
         .generation
         .seed
         .map_or_else(rand::random::<u32>, |seed| (seed ^ (seed >> 32)) as u32);
+    let grammar = match &request.generation.response_format {
+        None => None,
+        Some(format) => Some(json_grammar(format)?),
+    };
     let submitted = model.submit(edge_runtime::GenerationRequest {
         prompt: prepared,
         max_tokens,
@@ -76,6 +80,7 @@ pub async fn run(
         stop: request.generation.stop.clone(),
         ignore_eos: request.generation.ignore_eos,
         record_margins: false,
+        grammar,
     });
     let mut stream = submitted.map_err(|error| match error {
         edge_runtime::SubmitError::QueueFull { .. } => GatewayError::QueueFull {
@@ -92,6 +97,10 @@ pub async fn run(
                 u64::from(prompt_tokens) + u64::from(max_tokens)
             ),
         },
+        edge_runtime::SubmitError::Grammar { reason } => GatewayError::invalid_value(
+            "response_format",
+            format!("the local model cannot follow this response_format: {reason}"),
+        ),
         edge_runtime::SubmitError::WrongModel { .. } | edge_runtime::SubmitError::WorkerStopped => {
             GatewayError::Unavailable {
                 message: format!("the inference worker of `{}` is not running", info.name),
@@ -146,6 +155,27 @@ enum Waited {
     ClientGone(String),
     WorkerGone,
     FirstTokenTimeout,
+}
+
+/// The grammar a JSON `response_format` becomes.
+fn json_grammar(format: &openai::ResponseFormat) -> Result<edge_runtime::Grammar, GatewayError> {
+    match format {
+        openai::ResponseFormat::JsonObject => {
+            edge_runtime::Grammar::json_object().map_err(|error| GatewayError::Internal {
+                message: format!("the JSON object grammar: {error}"),
+            })
+        }
+        openai::ResponseFormat::JsonSchema { schema } => edge_runtime::Grammar::json_schema(schema)
+            .map_err(|error| {
+                GatewayError::invalid_value(
+                    "response_format.json_schema.schema",
+                    format!(
+                        "the local model cannot follow this JSON schema ({error}): check \
+                         `$ref` targets and the types of keyword values"
+                    ),
+                )
+            }),
+    }
 }
 
 fn waited_error(waited: &Waited, timeout: Duration) -> GatewayError {

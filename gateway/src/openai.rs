@@ -38,7 +38,23 @@ pub struct Generation {
     pub include_usage: bool,
     pub user: Option<String>,
     pub ignore_eos: bool,
+    /// `response_format`: JSON the answer must be; `None` for free text.
+    pub response_format: Option<ResponseFormat>,
 }
+
+/// What `response_format` asks the answer to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    /// `json_object`: any JSON object.
+    JsonObject,
+    /// `json_schema`: JSON that matches `schema`, the JSON Schema object's text as the request
+    /// wrote it (its `properties` in the client's order, which the answer follows); `{}` when
+    /// the request gave none, which any JSON matches.
+    JsonSchema { schema: String },
+}
+
+/// The longest `json_schema.name` OpenAI accepts.
+const SCHEMA_NAME_CHARS_MAX: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
@@ -60,7 +76,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     let messages = parse_messages(&messages)?;
     let max_completion = fields.optional_u32("max_completion_tokens", 1)?;
     let max_tokens = fields.optional_u32("max_tokens", 1)?;
-    let generation = parse_generation(&mut fields, max_completion.or(max_tokens))?;
+    let generation = parse_generation(&mut fields, body, max_completion.or(max_tokens))?;
     Ok(ChatRequest {
         messages,
         generation,
@@ -179,7 +195,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, GatewayError> 
     let max_tokens = fields
         .optional_u32("max_tokens", 1)?
         .or(Some(COMPLETIONS_MAX_TOKENS_DEFAULT));
-    let generation = parse_generation(&mut fields, max_tokens)?;
+    let generation = parse_generation(&mut fields, body, max_tokens)?;
     Ok(CompletionRequest { prompt, generation })
 }
 
@@ -190,7 +206,6 @@ const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
     ("tool_choice", Some(r#""none""#)),
     ("functions", None),
     ("function_call", Some(r#""none""#)),
-    ("response_format", Some(r#"{"type":"text"}"#)),
     ("logprobs", Some("false")),
     ("top_logprobs", None),
     ("logit_bias", Some("{}")),
@@ -244,6 +259,7 @@ fn same_value(left: &Value, right: &Value) -> bool {
 
 fn parse_generation(
     fields: &mut Fields,
+    body: &[u8],
     max_tokens: Option<u32>,
 ) -> Result<Generation, GatewayError> {
     let model = fields.optional_string("model")?;
@@ -312,6 +328,14 @@ fn parse_generation(
     };
     let user = fields.optional_string("user")?;
     let ignore_eos = fields.optional_bool("ignore_eos")?.unwrap_or(false);
+    let response_format = parse_response_format(fields.take("response_format"), body)?;
+    if ignore_eos && response_format.is_some() {
+        return Err(GatewayError::invalid_value(
+            "ignore_eos",
+            "ignore_eos cannot be combined with a JSON response_format: the format decides where \
+             the answer ends",
+        ));
+    }
     Ok(Generation {
         model,
         max_tokens,
@@ -323,7 +347,116 @@ fn parse_generation(
         include_usage,
         user,
         ignore_eos,
+        response_format,
     })
+}
+
+fn parse_response_format(
+    value: Option<Value>,
+    body: &[u8],
+) -> Result<Option<ResponseFormat>, GatewayError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let Value::Object(mut format) = value else {
+        return Err(GatewayError::invalid_value(
+            "response_format",
+            "response_format must be an object such as {\"type\": \"json_object\"}",
+        ));
+    };
+    let kind = match format.get("type") {
+        Some(Value::String(kind)) => kind.clone(),
+        _ => {
+            return Err(GatewayError::invalid_value(
+                "response_format.type",
+                "response_format.type must be one of `text`, `json_object`, `json_schema`",
+            ));
+        }
+    };
+    match kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(ResponseFormat::JsonObject)),
+        "json_schema" => {
+            let Some(Value::Object(mut spec)) = format.remove("json_schema") else {
+                return Err(GatewayError::invalid_value(
+                    "response_format.json_schema",
+                    "response_format.json_schema must be an object with the schema's `name` \
+                     and `schema`",
+                ));
+            };
+            let name_ok = match spec.get("name") {
+                Some(Value::String(name)) => {
+                    !name.is_empty()
+                        && name.chars().count() <= SCHEMA_NAME_CHARS_MAX
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                }
+                _ => false,
+            };
+            if !name_ok {
+                return Err(GatewayError::invalid_value(
+                    "response_format.json_schema.name",
+                    format!(
+                        "json_schema.name must be 1 to {SCHEMA_NAME_CHARS_MAX} letters, digits, \
+                         underscores or dashes"
+                    ),
+                ));
+            }
+            if !matches!(
+                spec.get("strict"),
+                None | Some(Value::Null | Value::Bool(_))
+            ) {
+                return Err(GatewayError::invalid_value(
+                    "response_format.json_schema.strict",
+                    "json_schema.strict must be a boolean",
+                ));
+            }
+            let schema = match spec.remove("schema") {
+                None | Some(Value::Null) => "{}".to_owned(),
+                Some(schema @ Value::Object(_)) => {
+                    schema_text(body).unwrap_or_else(|| schema.to_string())
+                }
+                Some(_) => {
+                    return Err(GatewayError::invalid_value(
+                        "response_format.json_schema.schema",
+                        "json_schema.schema must be a JSON Schema object",
+                    ));
+                }
+            };
+            Ok(Some(ResponseFormat::JsonSchema { schema }))
+        }
+        other => Err(GatewayError::invalid_value(
+            "response_format.type",
+            format!(
+                "unknown response_format.type `{other}`: use `text`, `json_object` or `json_schema`"
+            ),
+        )),
+    }
+}
+
+/// The text of `response_format.json_schema.schema` as the body has it: a parsed object
+/// forgets the order of its keys, and a schema's `properties` order is the answer's. `None`
+/// when the body cannot be read that way (a repeated key), and the parsed object is used.
+fn schema_text(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        response_format: Format<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Format<'a> {
+        #[serde(borrow)]
+        json_schema: Spec<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Spec<'a> {
+        #[serde(borrow)]
+        schema: &'a serde_json::value::RawValue,
+    }
+    serde_json::from_slice::<Body<'_>>(body)
+        .ok()
+        .map(|body| body.response_format.json_schema.schema.get().to_owned())
 }
 
 fn parse_stop(value: Option<Value>) -> Result<Vec<String>, GatewayError> {

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, client, serial};
 
-use crate::{block_on, chat, chat_body, sse_payloads};
+use crate::{block_on, chat, chat_body, sse_content, sse_payloads};
 
 #[test]
 fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
@@ -312,4 +312,127 @@ fn completions_models_and_the_azure_form_are_served() {
     let (status, body) = tests::plain_get(gateway.admin, "/readyz").unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("\"ready\":true"), "{body}");
+}
+
+#[test]
+fn a_json_response_format_gives_json_that_matches_the_schema() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions::default());
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "country": {"type": "string", "enum": ["France", "Italy", "Spain"]},
+            "population_millions": {"type": "integer", "minimum": 0, "maximum": 100},
+        },
+        "required": ["city", "country", "population_millions"],
+        "additionalProperties": false,
+    });
+    let matches_schema = |content: &str| {
+        let value: Value = serde_json::from_str(content)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {content}"));
+        let object = value.as_object().unwrap();
+        assert_eq!(object.len(), 3, "{content}");
+        assert!(object["city"].as_str().unwrap().chars().count() <= 24);
+        assert!(["France", "Italy", "Spain"].contains(&object["country"].as_str().unwrap()));
+        assert!(object["population_millions"].as_u64().unwrap() <= 100);
+    };
+    block_on(async {
+        let format = json!({
+            "type": "json_schema",
+            "json_schema": {"name": "city", "strict": true, "schema": schema},
+        });
+        let body = chat_body(
+            "Describe Paris.",
+            json!({"max_tokens": 200, "response_format": format}),
+        );
+        let whole = chat(&gateway, &body).await;
+        assert_eq!(whole["choices"][0]["finish_reason"], "stop", "{whole}");
+        let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+        matches_schema(content);
+
+        // Streamed, the chunks join into the same JSON.
+        let streamed = chat_body(
+            "Describe Paris.",
+            json!({"max_tokens": 200, "response_format": format, "stream": true}),
+        );
+        let text = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&streamed)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(sse_content(&text), content);
+
+        // Sampled rather than greedy, the schema still holds.
+        let sampled = chat_body(
+            "Describe Rome.",
+            json!({"max_tokens": 200, "response_format": format, "temperature": 1.0, "seed": 3}),
+        );
+        let answer = chat(&gateway, &sampled).await;
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+        matches_schema(answer["choices"][0]["message"]["content"].as_str().unwrap());
+
+        // `json_object`: some JSON object.
+        let object = chat_body(
+            "Give the capital of France as JSON.",
+            json!({"max_tokens": 200, "response_format": {"type": "json_object"}}),
+        );
+        let answer = chat(&gateway, &object).await;
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        if answer["choices"][0]["finish_reason"] == "stop" {
+            let value: Value = serde_json::from_str(content).unwrap();
+            assert!(value.is_object(), "{content}");
+        } else {
+            assert!(content.trim_start().starts_with('{'), "{content}");
+        }
+
+        // The answer's keys follow the schema's `properties` in the order the client wrote.
+        let ordered = r#"{"model": "smollm2", "temperature": 0, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "John Smith is 42."}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person",
+                "schema": {"type": "object", "additionalProperties": false,
+                    "required": ["surname", "age"],
+                    "properties": {"surname": {"type": "string", "maxLength": 20},
+                        "age": {"type": "integer", "minimum": 0, "maximum": 150}}}}}}"#;
+        let answer: Value = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(ordered)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+        let surname = content.find("\"surname\"").unwrap_or(usize::MAX);
+        let age = content.find("\"age\"").unwrap_or(usize::MAX);
+        assert!(surname < age && age != usize::MAX, "{content}");
+
+        // A schema the converter cannot follow is refused, naming the field.
+        let unresolved = chat_body(
+            "Describe Paris.",
+            json!({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "broken", "schema": {"$ref": "#/$defs/missing"}}}}),
+        );
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&unresolved)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(
+            error["error"]["param"], "response_format.json_schema.schema",
+            "{error}"
+        );
+    });
 }

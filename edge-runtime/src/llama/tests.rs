@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::{
     ChatMessage, Engine, EngineOptions, Event, FinishReason, GenerationError, GenerationRequest,
-    ModelHandle, ModelSpec, Prompt, Role, SamplingParams, SubmitError, Usage,
+    Grammar, ModelHandle, ModelSpec, Prompt, Role, SamplingParams, SubmitError, Usage,
 };
 
 /// Logit gaps below this may flip the greedy choice between a batched and a solo decode: the
@@ -101,6 +101,7 @@ fn exact_request(
         stop: Vec::new(),
         ignore_eos: true,
         record_margins: true,
+        grammar: None,
     }
 }
 
@@ -901,4 +902,69 @@ fn cells_settle_at_zero(model: &ModelHandle) {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+#[test]
+fn a_grammar_shapes_the_answer_and_ends_it() {
+    let _serial = serial();
+    let (engine, model) = start(spec("grammar"));
+    let schema = r#"{
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "population_millions": {"type": "integer", "minimum": 0, "maximum": 100},
+            "capital": {"type": "boolean"}
+        },
+        "required": ["city", "population_millions", "capital"],
+        "additionalProperties": false
+    }"#;
+    let grammar = Grammar::json_schema(schema).unwrap();
+    let runtime = runtime();
+    // Greedy, and sampled: the grammar holds either way, and the answer ends when the JSON
+    // does (an end of generation is all the grammar allows then).
+    for temperature in [0.0, 0.9] {
+        let request = GenerationRequest {
+            sampling: SamplingParams {
+                temperature,
+                top_p: 0.95,
+                seed: 7,
+            },
+            grammar: Some(grammar.clone()),
+            ..request(&model, "", "Describe Paris.", 200)
+        };
+        let answer = runtime.block_on(collect(model.submit(request).unwrap()));
+        let text = answer.tokens.concat() + &answer.tail;
+        assert_eq!(answer.finish, Some(FinishReason::Stop), "{text}");
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|error| panic!("{error}: {text}"));
+        let object = value.as_object().unwrap();
+        assert_eq!(object.len(), 3, "{text}");
+        assert!(object["city"].as_str().unwrap().chars().count() <= 24);
+        assert!(object["population_millions"].as_u64().unwrap() <= 100);
+        assert!(object["capital"].is_boolean());
+    }
+    // Without the grammar the same prompt gets prose.
+    let free = runtime.block_on(collect(
+        model
+            .submit(request(&model, "", "Describe Paris.", 40))
+            .unwrap(),
+    ));
+    let free_text = free.tokens.concat() + &free.tail;
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&free_text).is_err(),
+        "{free_text}"
+    );
+    // What cannot be a grammar is refused before anything runs.
+    assert!(Grammar::json_schema("{not json").is_err());
+    assert!(Grammar::json_schema(r##"{"$ref": "#/$defs/missing"}"##).is_err());
+    let endless = GenerationRequest {
+        grammar: Some(Grammar::json_object().unwrap()),
+        ..exact_request(&model, "", "Describe Paris.", 8)
+    };
+    assert!(matches!(
+        model.submit(endless),
+        Err(SubmitError::Grammar { .. })
+    ));
+    cells_settle_at_zero(&model);
+    drop(engine);
 }

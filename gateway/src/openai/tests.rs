@@ -1,6 +1,7 @@
 use expect_test::{Expect, expect};
 
-use super::{Endpoint, ResponseMeta, parse_chat, parse_completion};
+use super::{Endpoint, ResponseFormat, ResponseMeta, parse_chat, parse_completion};
+use crate::error::GatewayError;
 
 fn check_chat(body: &str, expect: Expect) {
     let rendered = match parse_chat(body.as_bytes()) {
@@ -59,6 +60,7 @@ fn a_full_chat_request_parses() {
                         "u1",
                     ),
                     ignore_eos: false,
+                    response_format: None,
                 },
             }"#]],
     );
@@ -129,9 +131,9 @@ fn what_the_local_engine_cannot_honour_is_refused() {
         ]],
     );
     check_chat(
-        r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+        r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
         expect![[
-            r#"{"error":{"message":"`response_format` is not supported by this endpoint's local models","type":"invalid_request_error","param":"response_format","code":"unsupported_parameter"}}"#
+            r#"{"error":{"message":"`logprobs` is not supported by this endpoint's local models","type":"invalid_request_error","param":"logprobs","code":"unsupported_parameter"}}"#
         ]],
     );
     check_chat(
@@ -164,6 +166,7 @@ fn legacy_completions_default_to_sixteen_tokens() {
                     include_usage: false,
                     user: None,
                     ignore_eos: false,
+                    response_format: None,
                 },
             }"#]],
     );
@@ -187,4 +190,80 @@ fn stream_chunks_have_the_openai_shape() {
     };
     expect![[r#"{"choices":[],"created":1700000000,"id":"chatcmpl-r1","model":"smollm2","object":"chat.completion.chunk","system_fingerprint":null,"usage":{"completion_tokens":2,"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":0},"total_tokens":7}}"#]]
     .assert_eq(&meta.usage_chunk(usage).to_string());
+}
+
+#[test]
+fn response_formats_are_read_and_bad_ones_name_their_field() {
+    let format =
+        |body: &str| parse_chat(body.as_bytes()).map(|chat| chat.generation.response_format);
+    let chat = |format: &str| {
+        format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{format}}}"#)
+    };
+    assert_eq!(format(&chat(r#"{"type":"text"}"#)), Ok(None));
+    assert_eq!(format(&chat("null")), Ok(None));
+    assert_eq!(
+        format(&chat(r#"{"type":"json_object"}"#)),
+        Ok(Some(ResponseFormat::JsonObject))
+    );
+    assert_eq!(
+        format(&chat(
+            r#"{"type":"json_schema","json_schema":{"name":"city-1","strict":true,"schema":{"type":"object"}}}"#
+        )),
+        Ok(Some(ResponseFormat::JsonSchema {
+            schema: r#"{"type":"object"}"#.to_owned()
+        }))
+    );
+    // The schema's text as written: its properties keep the client's order.
+    assert_eq!(
+        format(&chat(
+            r#"{"type":"json_schema","json_schema":{"name":"p","schema":{"properties":{"z":{}, "a":{}}}}}"#
+        )),
+        Ok(Some(ResponseFormat::JsonSchema {
+            schema: r#"{"properties":{"z":{}, "a":{}}}"#.to_owned()
+        }))
+    );
+    // No schema: any JSON matches the empty one.
+    assert_eq!(
+        format(&chat(
+            r#"{"type":"json_schema","json_schema":{"name":"any"}}"#
+        )),
+        Ok(Some(ResponseFormat::JsonSchema {
+            schema: "{}".to_owned()
+        }))
+    );
+    for (bad, param) in [
+        (r#""json""#, "response_format"),
+        (r#"{"type":"yaml"}"#, "response_format.type"),
+        (r#"{"type":3}"#, "response_format.type"),
+        (r#"{"type":"json_schema"}"#, "response_format.json_schema"),
+        (
+            r#"{"type":"json_schema","json_schema":{"schema":{}}}"#,
+            "response_format.json_schema.name",
+        ),
+        (
+            r#"{"type":"json_schema","json_schema":{"name":"has space"}}"#,
+            "response_format.json_schema.name",
+        ),
+        (
+            r#"{"type":"json_schema","json_schema":{"name":"n","strict":"yes"}}"#,
+            "response_format.json_schema.strict",
+        ),
+        (
+            r#"{"type":"json_schema","json_schema":{"name":"n","schema":[1]}}"#,
+            "response_format.json_schema.schema",
+        ),
+    ] {
+        match format(&chat(bad)) {
+            Err(GatewayError::InvalidValue { param: got, .. }) => {
+                assert_eq!(got, param, "for {bad}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    // A format ends the answer where the JSON ends; ignore_eos would run past it.
+    let both = r#"{"messages":[{"role":"user","content":"x"}],"ignore_eos":true,"response_format":{"type":"json_object"}}"#;
+    assert!(matches!(
+        parse_chat(both.as_bytes()),
+        Err(GatewayError::InvalidValue { param, .. }) if param == "ignore_eos"
+    ));
 }
