@@ -13,6 +13,7 @@
 pub mod backends;
 pub mod gguf;
 mod llama;
+pub mod logprobs;
 pub mod prefix;
 pub mod schedule;
 pub mod stop;
@@ -197,6 +198,27 @@ pub struct GenerationRequest {
     pub record_margins: bool,
     /// What the completion must match (a JSON `response_format`); `None` leaves it free.
     pub grammar: Option<Grammar>,
+    /// Attach each token's log-probability, and this many most likely alternatives, to its
+    /// event (OpenAI's `logprobs`); `None` for neither.
+    pub logprobs: Option<u8>,
+}
+
+/// A generated token's log-probability under the model (the log of the softmax of its raw
+/// logits: before temperature, top-p or a grammar), and the most likely tokens there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The token's bytes; a token may hold part of a UTF-8 character.
+    pub token: Vec<u8>,
+    pub logprob: f32,
+    /// The most likely tokens at this position, most likely first, as many as asked.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token: Vec<u8>,
+    pub logprob: f32,
 }
 
 /// Why generation ended, in OpenAI's terms.
@@ -256,6 +278,8 @@ pub enum Event {
     Token {
         text: String,
         margin: Option<f32>,
+        /// The token's log-probabilities, when the request asked for them.
+        logprobs: Option<Box<TokenLogprobs>>,
     },
     Done(Completion),
     Failed(GenerationError),

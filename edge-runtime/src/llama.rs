@@ -41,7 +41,7 @@ use crate::utf8::Utf8Assembler;
 use crate::{
     Completion, EngineOptions, Event, FinishReason, GenerationError, GenerationRequest, LoadError,
     ModelInfo, ModelSpec, PreparedPrompt, Prompt, PromptError, SamplingParams, SharedStats,
-    SubmitError, Timings, Usage,
+    SubmitError, Timings, TokenLogprobs, TopLogprob, Usage,
 };
 
 /// Candidates kept by top-k before top-p, as llama-server does by default.
@@ -757,6 +757,8 @@ struct Sequence {
     grammar: Option<LlamaSampler>,
     /// Report each token's top-2 logit margin (tests compare batched and solo runs with it).
     record_margins: bool,
+    /// Report each token's log-probability and this many alternatives.
+    logprobs: Option<u8>,
     /// Temperature 0 and no grammar: take the largest logit.
     greedy: bool,
     generated: u32,
@@ -778,12 +780,20 @@ struct Sequence {
 }
 
 /// A chosen token whose text has not gone out yet.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Undelivered {
     token: LlamaToken,
-    margin: Option<f32>,
+    recorded: Recorded,
     /// The answer's last token (`max_tokens` or the context reached): it ends after it.
     last: bool,
+}
+
+/// What a request asked to know of each chosen token, beside its text.
+#[derive(Debug, Default)]
+struct Recorded {
+    /// The top-2 logit margin.
+    margin: Option<f32>,
+    logprobs: Option<Box<TokenLogprobs>>,
 }
 
 /// What a chosen token does to its sequence, known before its text is made.
@@ -1160,6 +1170,7 @@ impl Loop<'_> {
                 greedy: request.sampling.temperature <= 0.0 && grammar.is_none(),
                 grammar,
                 record_margins: request.record_margins,
+                logprobs: request.logprobs,
                 generated: 0,
                 max_tokens: request.max_tokens,
                 cached_tokens: u32::try_from(cached).unwrap_or(u32::MAX),
@@ -1562,13 +1573,13 @@ impl Loop<'_> {
         for sequence in self.slots.iter_mut().flatten() {
             let Some(Undelivered {
                 token,
-                margin,
+                recorded,
                 last,
             }) = sequence.undelivered.take()
             else {
                 continue;
             };
-            if let Step::Finished = worker.deliver(sequence, token, margin, last) {
+            if let Step::Finished = worker.deliver(sequence, token, recorded, last) {
                 if last {
                     complete.push(sequence.id);
                 } else {
@@ -1799,7 +1810,7 @@ impl Worker {
         chosen: Option<(usize, f32)>,
         defer: bool,
     ) -> Step {
-        let (token, margin) = self.choose(sequence, context, index, chosen);
+        let (token, recorded) = self.choose(sequence, context, index, chosen);
         let next = self.accept(sequence, token);
         if next == Next::EndOfGeneration {
             return self.finish(sequence, FinishReason::Stop, true);
@@ -1808,12 +1819,12 @@ impl Worker {
         let step = if defer {
             sequence.undelivered = Some(Undelivered {
                 token,
-                margin,
+                recorded,
                 last,
             });
             Step::Continue
         } else {
-            self.deliver(sequence, token, margin, last)
+            self.deliver(sequence, token, recorded, last)
         };
         if let (Step::Continue, false) = (&step, last) {
             sequence.pending_token = Some(token);
@@ -1821,14 +1832,15 @@ impl Worker {
         step
     }
 
-    /// The sequence's next token and, when recorded, its top-2 logit margin.
+    /// The sequence's next token and what its request records of it (top-2 logit margin,
+    /// log-probabilities).
     fn choose(
         &self,
         sequence: &mut Sequence,
         context: &LlamaContext<'_>,
         index: i32,
         chosen: Option<(usize, f32)>,
-    ) -> (LlamaToken, Option<f32>) {
+    ) -> (LlamaToken, Recorded) {
         let started = Instant::now();
         // With end-of-generation banned, the choice is among the other tokens.
         let banned = sequence.ignore_eos.then_some(self.eog_mask.as_slice());
@@ -1863,11 +1875,45 @@ impl Worker {
             };
             (sequence.sampler.sample(context, index), margin)
         };
+        let logprobs = sequence
+            .logprobs
+            .map(|top| Box::new(self.token_logprobs(context.get_logits_ith(index), token, top)));
         self.stats.sampling_nanos.fetch_add(
             u64::try_from(started.elapsed().as_nanos()).unwrap_or(0),
             Ordering::Relaxed,
         );
-        (token, sequence.record_margins.then_some(margin))
+        let recorded = Recorded {
+            margin: sequence.record_margins.then_some(margin),
+            logprobs,
+        };
+        (token, recorded)
+    }
+
+    /// `token`'s log-probability in `logits` and the `top` most likely tokens', with their
+    /// bytes: the chosen token's as its text is made, the alternatives' with special tokens
+    /// spelled out (an end of generation among them shows as itself).
+    fn token_logprobs(&self, logits: &[f32], token: LlamaToken, top: u8) -> TokenLogprobs {
+        let piece_of = |id: LlamaToken, special: bool| {
+            let mut bytes = Vec::new();
+            self.model
+                .vocab()
+                .token_to_piece_into(id, &mut bytes, special, None);
+            bytes
+        };
+        let piece = |id: LlamaToken| piece_of(id, true);
+        let chosen = usize::try_from(token.0).unwrap_or(usize::MAX);
+        let (logprob, best) = crate::logprobs::logprobs(logits, chosen, usize::from(top));
+        TokenLogprobs {
+            token: piece_of(token, false),
+            logprob,
+            top: best
+                .into_iter()
+                .map(|(id, logprob)| TopLogprob {
+                    token: piece(LlamaToken::new(i32::try_from(id).unwrap_or(0))),
+                    logprob,
+                })
+                .collect(),
+        }
     }
 
     /// Counts a chosen token and says what it does to the sequence.
@@ -1892,10 +1938,10 @@ impl Worker {
         &self,
         sequence: &mut Sequence,
         token: LlamaToken,
-        margin: Option<f32>,
+        recorded: Recorded,
         last: bool,
     ) -> Step {
-        match self.emit(sequence, token, margin) {
+        match self.emit(sequence, token, recorded) {
             Emitted::Gone => Step::Finished,
             Emitted::Stopped => self.finish(sequence, FinishReason::Stop, false),
             Emitted::Sent if last => self.finish(sequence, FinishReason::Length, true),
@@ -1904,7 +1950,7 @@ impl Worker {
     }
 
     /// Makes a token's text, holding back what may begin a stop string, and sends it.
-    fn emit(&self, sequence: &mut Sequence, token: LlamaToken, margin: Option<f32>) -> Emitted {
+    fn emit(&self, sequence: &mut Sequence, token: LlamaToken, recorded: Recorded) -> Emitted {
         sequence.piece.clear();
         self.model
             .vocab()
@@ -1916,7 +1962,11 @@ impl Worker {
         };
         if sequence
             .events
-            .try_send(Event::Token { text: emit, margin })
+            .try_send(Event::Token {
+                text: emit,
+                margin: recorded.margin,
+                logprobs: recorded.logprobs,
+            })
             .is_err()
         {
             return Emitted::Gone;

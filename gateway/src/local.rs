@@ -81,6 +81,7 @@ pub async fn run(
         ignore_eos: request.generation.ignore_eos,
         record_margins: false,
         grammar,
+        logprobs: request.generation.logprobs,
     });
     let mut stream = submitted.map_err(|error| match error {
         edge_runtime::SubmitError::QueueFull { .. } => GatewayError::QueueFull {
@@ -122,7 +123,16 @@ pub async fn run(
         )
         .await
     } else {
-        collect_events(session, ctx, &mut stream, &meta, first_token_deadline).await
+        let wants_logprobs = request.generation.logprobs.is_some();
+        collect_events(
+            session,
+            ctx,
+            &mut stream,
+            &meta,
+            wants_logprobs,
+            first_token_deadline,
+        )
+        .await
     }
 }
 
@@ -213,10 +223,12 @@ async fn collect_events(
     ctx: &mut RequestContext,
     stream: &mut edge_runtime::GenerationStream,
     meta: &ResponseMeta,
+    wants_logprobs: bool,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
     let started = tokio::time::Instant::now();
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     loop {
         let event = match next_event(session, ctx, stream, first_token_deadline).await {
             Ok(event) => event,
@@ -230,19 +242,33 @@ async fn collect_events(
             }
         };
         match event {
-            edge_runtime::Event::Token { text: piece, .. } => {
+            edge_runtime::Event::Token {
+                text: piece,
+                logprobs: token_logprobs,
+                ..
+            } => {
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
                 text.push_str(&piece);
+                logprobs.extend(token_logprobs);
             }
             edge_runtime::Event::Done(completion) => {
                 text.push_str(&completion.text_tail);
                 crate::audit_trail::capture_completion(ctx, &text);
                 ctx.usage = completion.usage;
                 ctx.finish_reason = Some(completion.finish_reason.as_str());
-                let body =
-                    meta.full_response(&text, completion.finish_reason.as_str(), completion.usage);
+                let logprobs = (!logprobs.is_empty() || wants_logprobs).then(|| {
+                    let tokens: Vec<&edge_runtime::TokenLogprobs> =
+                        logprobs.iter().map(AsRef::as_ref).collect();
+                    meta.logprobs(&tokens, 0)
+                });
+                let body = meta.full_response(
+                    &text,
+                    completion.finish_reason.as_str(),
+                    completion.usage,
+                    logprobs,
+                );
                 let body = serde_json::to_vec(&body).unwrap_or_default();
                 respond_json(session, ctx, 200, body, None).await?;
                 return Ok(Answered::Complete);
@@ -284,21 +310,34 @@ async fn stream_events(
     if meta.endpoint == Endpoint::Chat {
         write(
             session,
-            openai::sse_event(&meta.chunk(true, Some(""), None, include_usage)),
+            openai::sse_event(&meta.chunk(true, Some(""), None, include_usage, None)),
         )
         .await?;
     }
     let mut event = first;
+    // Bytes of the answer's tokens so far: legacy completions' `text_offset`.
+    let mut token_bytes = 0;
     loop {
         match event {
-            edge_runtime::Event::Token { text, .. } => {
+            edge_runtime::Event::Token { text, logprobs, .. } => {
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
                 crate::audit_trail::capture_completion(ctx, &text);
+                let logprobs = logprobs.map(|token| {
+                    let body = meta.logprobs(&[&token], token_bytes);
+                    token_bytes += token.token.len();
+                    body
+                });
                 write(
                     session,
-                    openai::sse_event(&meta.chunk(false, Some(&text), None, include_usage)),
+                    openai::sse_event(&meta.chunk(
+                        false,
+                        Some(&text),
+                        None,
+                        include_usage,
+                        logprobs,
+                    )),
                 )
                 .await?;
             }
@@ -309,7 +348,7 @@ async fn stream_events(
                 crate::audit_trail::capture_completion(ctx, &completion.text_tail);
                 let tail =
                     (!completion.text_tail.is_empty()).then_some(completion.text_tail.as_str());
-                let last = meta.chunk(false, tail, Some(finish_reason), include_usage);
+                let last = meta.chunk(false, tail, Some(finish_reason), include_usage, None);
                 let mut end = openai::sse_event(&last).to_vec();
                 if include_usage {
                     end.extend_from_slice(&openai::sse_event(&meta.usage_chunk(completion.usage)));

@@ -40,6 +40,9 @@ pub struct Generation {
     pub ignore_eos: bool,
     /// `response_format`: JSON the answer must be; `None` for free text.
     pub response_format: Option<ResponseFormat>,
+    /// Log-probabilities of each token and this many alternatives (chat `logprobs` with
+    /// `top_logprobs`, completions `logprobs: N`); `None` for none.
+    pub logprobs: Option<u8>,
 }
 
 /// What `response_format` asks the answer to be.
@@ -76,7 +79,19 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     let messages = parse_messages(&messages)?;
     let max_completion = fields.optional_u32("max_completion_tokens", 1)?;
     let max_tokens = fields.optional_u32("max_tokens", 1)?;
-    let generation = parse_generation(&mut fields, body, max_completion.or(max_tokens))?;
+    let mut generation = parse_generation(&mut fields, body, max_completion.or(max_tokens))?;
+    let logprobs = fields.optional_bool("logprobs")?.unwrap_or(false);
+    let top = fields.optional_u32("top_logprobs", 0)?;
+    generation.logprobs = match (logprobs, top) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(GatewayError::invalid_value(
+                "top_logprobs",
+                "top_logprobs needs logprobs set to true",
+            ));
+        }
+        (true, top) => Some(logprob_alternatives("top_logprobs", top.unwrap_or(0))?),
+    };
     Ok(ChatRequest {
         messages,
         generation,
@@ -195,8 +210,28 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, GatewayError> 
     let max_tokens = fields
         .optional_u32("max_tokens", 1)?
         .or(Some(COMPLETIONS_MAX_TOKENS_DEFAULT));
-    let generation = parse_generation(&mut fields, body, max_tokens)?;
+    let mut generation = parse_generation(&mut fields, body, max_tokens)?;
+    generation.logprobs = fields
+        .optional_u32("logprobs", 0)?
+        .map(|top| logprob_alternatives("logprobs", top))
+        .transpose()?;
     Ok(CompletionRequest { prompt, generation })
+}
+
+/// The most alternatives a token's `top_logprobs` may list: OpenAI's limit for chat (its
+/// legacy completions allow 5; more are served here too).
+const LOGPROB_ALTERNATIVES_MAX: u32 = 20;
+
+fn logprob_alternatives(param: &str, top: u32) -> Result<u8, GatewayError> {
+    u8::try_from(top)
+        .ok()
+        .filter(|top| u32::from(*top) <= LOGPROB_ALTERNATIVES_MAX)
+        .ok_or_else(|| {
+            GatewayError::invalid_value(
+                param,
+                format!("`{param}` must be an integer from 0 to {LOGPROB_ALTERNATIVES_MAX}"),
+            )
+        })
 }
 
 /// Fields whose presence asks for something the local engine does not do. Each entry is
@@ -206,8 +241,6 @@ const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
     ("tool_choice", Some(r#""none""#)),
     ("functions", None),
     ("function_call", Some(r#""none""#)),
-    ("logprobs", Some("false")),
-    ("top_logprobs", None),
     ("logit_bias", Some("{}")),
     ("presence_penalty", Some("0")),
     ("frequency_penalty", Some("0")),
@@ -221,7 +254,6 @@ const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
 const COMPLETIONS_UNSUPPORTED: &[(&str, Option<&str>)] = &[
     ("echo", Some("false")),
     ("suffix", None),
-    ("logprobs", None),
     ("best_of", Some("1")),
     ("logit_bias", Some("{}")),
     ("presence_penalty", Some("0")),
@@ -348,6 +380,7 @@ fn parse_generation(
         user,
         ignore_eos,
         response_format,
+        logprobs: None,
     })
 }
 
@@ -779,24 +812,26 @@ impl ResponseMeta {
         }
     }
 
-    /// The complete, non-streamed response.
+    /// The complete, non-streamed response; `logprobs` from [`ResponseMeta::logprobs`].
     pub fn full_response(
         &self,
         text: &str,
         finish_reason: &str,
         usage: edge_runtime::Usage,
+        logprobs: Option<Value>,
     ) -> Value {
+        let logprobs = logprobs.unwrap_or(Value::Null);
         let choice = match self.endpoint {
             Endpoint::Chat => serde_json::json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": null},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
             Endpoint::Completions => serde_json::json!({
                 "index": 0,
                 "text": text,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
         };
@@ -813,14 +848,17 @@ impl ResponseMeta {
 
     /// One stream chunk. `role` marks the chat stream's first chunk; `text` is the delta;
     /// `finish_reason` marks the last content chunk. `with_usage_field` adds `"usage": null`,
-    /// as OpenAI does on every chunk when the client asked for usage.
+    /// as OpenAI does on every chunk when the client asked for usage. `logprobs`: the
+    /// chunk's token's, from [`ResponseMeta::logprobs`].
     pub fn chunk(
         &self,
         role: bool,
         text: Option<&str>,
         finish_reason: Option<&str>,
         with_usage_field: bool,
+        logprobs: Option<Value>,
     ) -> Value {
+        let logprobs = logprobs.unwrap_or(Value::Null);
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut delta = Map::new();
@@ -833,14 +871,14 @@ impl ResponseMeta {
                 serde_json::json!({
                     "index": 0,
                     "delta": delta,
-                    "logprobs": null,
+                    "logprobs": logprobs,
                     "finish_reason": finish_reason,
                 })
             }
             Endpoint::Completions => serde_json::json!({
                 "index": 0,
                 "text": text.unwrap_or(""),
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
         };
@@ -856,6 +894,76 @@ impl ResponseMeta {
             object.insert("usage".to_owned(), Value::Null);
         }
         chunk
+    }
+
+    /// A choice's `logprobs` for `tokens`: chat's `{"content": [{"token", "logprob", "bytes",
+    /// "top_logprobs"}], "refusal": null}`, or legacy completions' parallel `tokens`,
+    /// `token_logprobs`, `top_logprobs` (token → log-probability) and `text_offset` (bytes
+    /// into the answer; `offset` is where `tokens` begin). A token holding part of a UTF-8
+    /// character shows it as U+FFFD in `token`; `bytes` are exact.
+    pub fn logprobs(&self, tokens: &[&edge_runtime::TokenLogprobs], offset: usize) -> Value {
+        fn entry(token: &[u8], logprob: f32) -> Map<String, Value> {
+            let mut entry = Map::new();
+            entry.insert(
+                "token".to_owned(),
+                Value::from(String::from_utf8_lossy(token)),
+            );
+            entry.insert("logprob".to_owned(), Value::from(logprob));
+            entry.insert("bytes".to_owned(), Value::from(token.to_vec()));
+            entry
+        }
+        match self.endpoint {
+            Endpoint::Chat => {
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|token| {
+                        let mut chosen = entry(&token.token, token.logprob);
+                        let top: Vec<Value> = token
+                            .top
+                            .iter()
+                            .map(|top| Value::Object(entry(&top.token, top.logprob)))
+                            .collect();
+                        chosen.insert("top_logprobs".to_owned(), Value::from(top));
+                        Value::Object(chosen)
+                    })
+                    .collect();
+                serde_json::json!({"content": content, "refusal": null})
+            }
+            Endpoint::Completions => {
+                let mut offsets = Vec::with_capacity(tokens.len());
+                let mut at = offset;
+                for token in tokens {
+                    offsets.push(at);
+                    at += token.token.len();
+                }
+                let top: Vec<Value> = tokens
+                    .iter()
+                    .map(|token| {
+                        Value::Object(
+                            token
+                                .top
+                                .iter()
+                                .map(|top| {
+                                    (
+                                        String::from_utf8_lossy(&top.token).into_owned(),
+                                        Value::from(top.logprob),
+                                    )
+                                })
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "tokens": tokens
+                        .iter()
+                        .map(|token| String::from_utf8_lossy(&token.token))
+                        .collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|token| token.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                })
+            }
+        }
     }
 
     /// The usage chunk that ends a stream when the client asked for usage: no choices.

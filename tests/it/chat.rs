@@ -436,3 +436,98 @@ fn a_json_response_format_gives_json_that_matches_the_schema() {
         );
     });
 }
+
+#[test]
+fn logprobs_come_with_each_token_whole_or_streamed() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions::default());
+    block_on(async {
+        let extra = json!({"max_tokens": 16, "logprobs": true, "top_logprobs": 2});
+        let whole = chat(&gateway, &chat_body("Name three colours.", extra.clone())).await;
+        let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+        let entries = whole["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no logprobs: {whole}"));
+        assert_eq!(
+            entries.len() as u64,
+            whole["usage"]["completion_tokens"].as_u64().unwrap()
+        );
+        // The tokens' bytes are the answer; greedy, each token is the likeliest.
+        let bytes: Vec<u8> = entries
+            .iter()
+            .flat_map(|entry| entry["bytes"].as_array().unwrap().clone())
+            .map(|byte| u8::try_from(byte.as_u64().unwrap()).unwrap())
+            .collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), content);
+        for entry in entries {
+            let top = entry["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 2, "{entry}");
+            assert_eq!(top[0]["token"], entry["token"]);
+            assert_eq!(top[0]["logprob"], entry["logprob"]);
+            assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+        }
+
+        // Streamed: each token's chunk carries its entry, the same as whole.
+        let mut streamed = chat_body("Name three colours.", extra);
+        streamed["stream"] = json!(true);
+        let text = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&streamed)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let chunks: Vec<Value> = sse_payloads(&text)
+            .iter()
+            .filter_map(|payload| serde_json::from_str(payload).ok())
+            .collect();
+        let streamed_entries: Vec<Value> = chunks
+            .iter()
+            .filter_map(|chunk| chunk["choices"][0]["logprobs"]["content"].as_array())
+            .flatten()
+            .cloned()
+            .collect();
+        assert_eq!(&streamed_entries, entries);
+
+        // Legacy completions: parallel arrays.
+        let completion: Value = client()
+            .post(gateway.url("/v1/completions"))
+            .bearer_auth(API_KEY)
+            .json(
+                &json!({"model": "smollm2", "prompt": "The sky is", "max_tokens": 8,
+                "temperature": 0, "logprobs": 2}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let logprobs = &completion["choices"][0]["logprobs"];
+        let tokens: Vec<&str> = logprobs["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|token| token.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            tokens.concat(),
+            completion["choices"][0]["text"].as_str().unwrap()
+        );
+        assert_eq!(
+            logprobs["token_logprobs"].as_array().unwrap().len(),
+            tokens.len()
+        );
+        assert_eq!(logprobs["text_offset"][0], 0);
+        assert!(
+            logprobs["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|top| top.as_object().unwrap().len() == 2)
+        );
+    });
+}

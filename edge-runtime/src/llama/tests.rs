@@ -102,6 +102,7 @@ fn exact_request(
         ignore_eos: true,
         record_margins: true,
         grammar: None,
+        logprobs: None,
     }
 }
 
@@ -125,7 +126,7 @@ async fn collect(mut stream: crate::GenerationStream) -> Answer {
     };
     while let Some(event) = stream.next().await {
         match event {
-            Event::Token { text, margin } => {
+            Event::Token { text, margin, .. } => {
                 answer.tokens.push(text);
                 answer.margins.push(margin.unwrap_or(f32::INFINITY));
             }
@@ -965,6 +966,82 @@ fn a_grammar_shapes_the_answer_and_ends_it() {
         model.submit(endless),
         Err(SubmitError::Grammar { .. })
     ));
+    cells_settle_at_zero(&model);
+    drop(engine);
+}
+
+#[test]
+fn each_token_carries_its_logprob_and_the_likeliest_alternatives() {
+    let _serial = serial();
+    let (engine, model) = start(spec("logprobs"));
+    let runtime = runtime();
+    let run = |request: GenerationRequest| {
+        runtime.block_on(async {
+            let mut stream = model.submit(request).unwrap();
+            let mut tokens = Vec::new();
+            let mut text = String::new();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Event::Token {
+                        text: piece,
+                        logprobs,
+                        ..
+                    } => {
+                        text.push_str(&piece);
+                        tokens.push(*logprobs.expect("every token has its logprobs"));
+                    }
+                    Event::Done(done) => {
+                        text.push_str(&done.text_tail);
+                        return (tokens, text, done.usage);
+                    }
+                    Event::Failed(error) => panic!("{error}"),
+                }
+            }
+            panic!("no end")
+        })
+    };
+    // Greedy: the chosen token is the likeliest, and the tokens' bytes are the answer.
+    let (tokens, text, usage) = run(GenerationRequest {
+        logprobs: Some(3),
+        ..request(&model, "", "Name three colours.", 24)
+    });
+    assert_eq!(tokens.len() as u32, usage.completion_tokens);
+    let bytes: Vec<u8> = tokens
+        .iter()
+        .flat_map(|token| token.token.clone())
+        .collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    for token in &tokens {
+        assert_eq!(token.top.len(), 3);
+        assert_eq!(token.top[0].token, token.token);
+        assert_eq!(token.top[0].logprob, token.logprob);
+        assert!(
+            token
+                .top
+                .windows(2)
+                .all(|pair| pair[0].logprob >= pair[1].logprob)
+        );
+        assert!(token.logprob <= 0.0);
+        let mass: f32 = token.top.iter().map(|top| top.logprob.exp()).sum();
+        assert!(mass <= 1.0 + 1e-5, "{mass}");
+    }
+    // Sampled, without alternatives: each token's own log-probability, never above the
+    // likeliest's.
+    let (sampled, _, _) = run(GenerationRequest {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 11,
+        },
+        logprobs: Some(0),
+        ..request(&model, "", "Name three colours.", 16)
+    });
+    assert!(!sampled.is_empty());
+    assert!(
+        sampled
+            .iter()
+            .all(|token| token.top.is_empty() && token.logprob.is_finite() && token.logprob <= 0.0)
+    );
     cells_settle_at_zero(&model);
     drop(engine);
 }

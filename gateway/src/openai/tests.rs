@@ -61,6 +61,7 @@ fn a_full_chat_request_parses() {
                     ),
                     ignore_eos: false,
                     response_format: None,
+                    logprobs: None,
                 },
             }"#]],
     );
@@ -131,9 +132,9 @@ fn what_the_local_engine_cannot_honour_is_refused() {
         ]],
     );
     check_chat(
-        r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
+        r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"50256":-100}}"#,
         expect![[
-            r#"{"error":{"message":"`logprobs` is not supported by this endpoint's local models","type":"invalid_request_error","param":"logprobs","code":"unsupported_parameter"}}"#
+            r#"{"error":{"message":"`logit_bias` is not supported by this endpoint's local models","type":"invalid_request_error","param":"logit_bias","code":"unsupported_parameter"}}"#
         ]],
     );
     check_chat(
@@ -167,6 +168,7 @@ fn legacy_completions_default_to_sixteen_tokens() {
                     user: None,
                     ignore_eos: false,
                     response_format: None,
+                    logprobs: None,
                 },
             }"#]],
     );
@@ -182,7 +184,7 @@ fn legacy_completions_default_to_sixteen_tokens() {
 fn stream_chunks_have_the_openai_shape() {
     let meta = ResponseMeta::new(Endpoint::Chat, "r1", 1_700_000_000, "smollm2");
     expect![[r#"{"choices":[{"delta":{"content":"","role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}],"created":1700000000,"id":"chatcmpl-r1","model":"smollm2","object":"chat.completion.chunk","system_fingerprint":null,"usage":null}"#]]
-    .assert_eq(&meta.chunk(true, Some(""), None, true).to_string());
+    .assert_eq(&meta.chunk(true, Some(""), None, true, None).to_string());
     let usage = edge_runtime::Usage {
         prompt_tokens: 5,
         completion_tokens: 2,
@@ -266,4 +268,57 @@ fn response_formats_are_read_and_bad_ones_name_their_field() {
         parse_chat(both.as_bytes()),
         Err(GatewayError::InvalidValue { param, .. }) if param == "ignore_eos"
     ));
+}
+
+#[test]
+fn logprobs_are_read_per_endpoint_and_shaped_as_openai_does() {
+    let chat = |extra: &str| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        parse_chat(body.as_bytes()).map(|chat| chat.generation.logprobs)
+    };
+    assert_eq!(chat(""), Ok(None));
+    assert_eq!(chat(r#","logprobs":false"#), Ok(None));
+    assert_eq!(chat(r#","logprobs":true"#), Ok(Some(0)));
+    assert_eq!(chat(r#","logprobs":true,"top_logprobs":20"#), Ok(Some(20)));
+    let completion = |extra: &str| {
+        let body = format!(r#"{{"prompt":"x"{extra}}}"#);
+        parse_completion(body.as_bytes()).map(|completion| completion.generation.logprobs)
+    };
+    assert_eq!(completion(""), Ok(None));
+    assert_eq!(completion(r#","logprobs":3"#), Ok(Some(3)));
+    for (bad, param) in [
+        (chat(r#","top_logprobs":2"#), "top_logprobs"),
+        (
+            chat(r#","logprobs":true,"top_logprobs":21"#),
+            "top_logprobs",
+        ),
+        (chat(r#","logprobs":1"#), "logprobs"),
+        (completion(r#","logprobs":true"#), "logprobs"),
+        (completion(r#","logprobs":300"#), "logprobs"),
+    ] {
+        match bad {
+            Err(GatewayError::InvalidValue { param: got, .. }) => assert_eq!(got, param),
+            other => panic!("{param}: {other:?}"),
+        }
+    }
+
+    // A token that ends inside a UTF-8 character shows U+FFFD; its bytes are exact.
+    let token = edge_runtime::TokenLogprobs {
+        token: b" Hi".to_vec(),
+        logprob: -0.5,
+        top: vec![
+            edge_runtime::TopLogprob {
+                token: b" Hi".to_vec(),
+                logprob: -0.5,
+            },
+            edge_runtime::TopLogprob {
+                token: vec![0xE2, 0x82],
+                logprob: -1.25,
+            },
+        ],
+    };
+    let chat = ResponseMeta::new(Endpoint::Chat, "r1", 1_700_000_000, "smollm2");
+    expect![[r#"{"content":[{"bytes":[32,72,105],"logprob":-0.5,"token":" Hi","top_logprobs":[{"bytes":[32,72,105],"logprob":-0.5,"token":" Hi"},{"bytes":[226,130],"logprob":-1.25,"token":"�"}]}],"refusal":null}"#]].assert_eq(&chat.logprobs(&[&token], 0).to_string());
+    let completions = ResponseMeta::new(Endpoint::Completions, "r1", 1_700_000_000, "smollm2");
+    expect![[r#"{"text_offset":[4,7],"token_logprobs":[-0.5,-0.5],"tokens":[" Hi"," Hi"],"top_logprobs":[{" Hi":-0.5,"�":-1.25},{" Hi":-0.5,"�":-1.25}]}"#]].assert_eq(&completions.logprobs(&[&token, &token], 4).to_string());
 }
