@@ -126,6 +126,25 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Seed of the request's own random stream.
     pub seed: u32,
+    /// Subtracted from the logit of every token the answer already holds (OpenAI's
+    /// `presence_penalty`, -2 to 2; 0 for none).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time the answer already holds it (OpenAI's
+    /// `frequency_penalty`, -2 to 2; 0 for none).
+    pub frequency_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    /// OpenAI's defaults: temperature 1, `top_p` 1, no penalties.
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
+    }
 }
 
 /// A constraint on what a generation may produce: a grammar in llama.cpp's GBNF whose `root`
@@ -201,6 +220,9 @@ pub struct GenerationRequest {
     /// Attach each token's log-probability, and this many most likely alternatives, to its
     /// event (OpenAI's `logprobs`); `None` for neither.
     pub logprobs: Option<u8>,
+    /// Added to these tokens' logits before any choice (OpenAI's `logit_bias`: -100 bans a
+    /// token, 100 all but forces it). Ids must be in the model's vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// A generated token's log-probability under the model (the log of the softmax of its raw
@@ -327,6 +349,8 @@ pub enum SubmitError {
     WorkerStopped,
     #[error("the grammar cannot be used with this model's vocabulary: {reason}")]
     Grammar { reason: String },
+    #[error("token {token} is not in the model's vocabulary of {vocabulary} tokens")]
+    UnknownToken { token: u32, vocabulary: u32 },
 }
 
 /// Why the runtime could not start.

@@ -578,6 +578,14 @@ impl ModelHandle {
                 max_tokens: request.max_tokens,
             });
         }
+        let vocabulary = u32::try_from(self.shared.model.n_vocab()).unwrap_or(0);
+        if let Some(&(token, _)) = request
+            .logit_bias
+            .iter()
+            .find(|(token, _)| *token >= vocabulary)
+        {
+            return Err(SubmitError::UnknownToken { token, vocabulary });
+        }
         let grammar = match &request.grammar {
             Some(_) if request.ignore_eos => {
                 return Err(SubmitError::Grammar {
@@ -638,6 +646,11 @@ impl GenerationStream {
     pub async fn next(&mut self) -> Option<Event> {
         self.receiver.recv().await
     }
+}
+
+/// Whether a request's penalties change its logits.
+fn has_penalties(sampling: &SamplingParams) -> bool {
+    sampling.presence_penalty != 0.0 || sampling.frequency_penalty != 0.0
 }
 
 /// The GBNF grammar for JSON that matches `schema` (JSON Schema text), from llama.cpp's
@@ -1015,15 +1028,43 @@ impl Worker {
         }
     }
 
-    fn sampler_for(&self, sampling: &SamplingParams, ignore_eos: bool) -> LlamaSampler {
+    /// The request's sampler chain: its logit biases (and end of generation banned for
+    /// `ignore_eos`), its penalties over the tokens it generates (counted as the chain
+    /// accepts them), then greedy or its temperature, top-k, top-p and min-p draw.
+    fn sampler_for(&self, request: &GenerationRequest) -> LlamaSampler {
+        let sampling = &request.sampling;
         let mut chain = Vec::new();
-        if ignore_eos {
+        if request.ignore_eos {
             let biases: Vec<LlamaLogitBias> = self
                 .eog_tokens
                 .iter()
                 .map(|token| LlamaLogitBias::new(*token, f32::NEG_INFINITY))
                 .collect();
             chain.push(LlamaSampler::logit_bias(self.model.n_vocab(), &biases));
+        }
+        if !request.logit_bias.is_empty() {
+            let biases: Vec<LlamaLogitBias> = request
+                .logit_bias
+                .iter()
+                .filter_map(|&(token, bias)| {
+                    Some(LlamaLogitBias::new(
+                        LlamaToken::new(i32::try_from(token).ok()?),
+                        bias,
+                    ))
+                })
+                .collect();
+            chain.push(LlamaSampler::logit_bias(self.model.n_vocab(), &biases));
+        }
+        if has_penalties(sampling) {
+            // The window holds every token the answer can have.
+            let window = i32::try_from(request.max_tokens).unwrap_or(i32::MAX);
+            chain.push(LlamaSampler::penalties(
+                self.model.n_vocab(),
+                window,
+                1.0,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
+            ));
         }
         if sampling.temperature <= 0.0 {
             chain.push(LlamaSampler::greedy());
@@ -1124,6 +1165,7 @@ impl Loop<'_> {
             let queued = job.submitted_at.elapsed();
             let request = job.request;
             let grammar = job.grammar;
+            let sampler = worker.sampler_for(&request);
             let prompt: Vec<i32> = request.prompt.tokens;
             let free_slots = self
                 .slots
@@ -1156,7 +1198,6 @@ impl Loop<'_> {
                 .stats
                 .prefix_hit_tokens
                 .fetch_add(cached as u64, Ordering::Relaxed);
-            let sampler = worker.sampler_for(&request.sampling, request.ignore_eos);
             self.slots[free] = Some(Sequence {
                 id,
                 events: job.events,
@@ -1167,7 +1208,11 @@ impl Loop<'_> {
                 pending_token: None,
                 logits_index: None,
                 sampler,
-                greedy: request.sampling.temperature <= 0.0 && grammar.is_none(),
+                // Biases and penalties change the logits a plain scan would read.
+                greedy: request.sampling.temperature <= 0.0
+                    && grammar.is_none()
+                    && request.logit_bias.is_empty()
+                    && !has_penalties(&request.sampling),
                 grammar,
                 record_margins: request.record_margins,
                 logprobs: request.logprobs,

@@ -76,12 +76,15 @@ pub async fn run(
             temperature: request.generation.temperature,
             top_p: request.generation.top_p,
             seed,
+            presence_penalty: request.generation.presence_penalty,
+            frequency_penalty: request.generation.frequency_penalty,
         },
         stop: request.generation.stop.clone(),
         ignore_eos: request.generation.ignore_eos,
         record_margins: false,
         grammar,
         logprobs: request.generation.logprobs,
+        logit_bias: request.generation.logit_bias.clone(),
     });
     let mut stream = submitted.map_err(|error| match error {
         edge_runtime::SubmitError::QueueFull { .. } => GatewayError::QueueFull {
@@ -98,6 +101,15 @@ pub async fn run(
                 u64::from(prompt_tokens) + u64::from(max_tokens)
             ),
         },
+        edge_runtime::SubmitError::UnknownToken { token, vocabulary } => {
+            GatewayError::invalid_value(
+                format!("logit_bias.{token}"),
+                format!(
+                    "token {token} is not in the vocabulary of `{}` ({vocabulary} tokens)",
+                    info.name
+                ),
+            )
+        }
         edge_runtime::SubmitError::Grammar { reason } => GatewayError::invalid_value(
             "response_format",
             format!("the local model cannot follow this response_format: {reason}"),

@@ -43,6 +43,11 @@ pub struct Generation {
     /// Log-probabilities of each token and this many alternatives (chat `logprobs` with
     /// `top_logprobs`, completions `logprobs: N`); `None` for none.
     pub logprobs: Option<u8>,
+    /// `presence_penalty` and `frequency_penalty`, -2 to 2.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// `logit_bias`: token id → bias, -100 to 100, in key order.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// What `response_format` asks the answer to be.
@@ -241,9 +246,6 @@ const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
     ("tool_choice", Some(r#""none""#)),
     ("functions", None),
     ("function_call", Some(r#""none""#)),
-    ("logit_bias", Some("{}")),
-    ("presence_penalty", Some("0")),
-    ("frequency_penalty", Some("0")),
     ("audio", None),
     ("modalities", Some(r#"["text"]"#)),
     ("prediction", None),
@@ -255,9 +257,6 @@ const COMPLETIONS_UNSUPPORTED: &[(&str, Option<&str>)] = &[
     ("echo", Some("false")),
     ("suffix", None),
     ("best_of", Some("1")),
-    ("logit_bias", Some("{}")),
-    ("presence_penalty", Some("0")),
-    ("frequency_penalty", Some("0")),
 ];
 
 fn refuse_unsupported(
@@ -361,6 +360,13 @@ fn parse_generation(
     let user = fields.optional_string("user")?;
     let ignore_eos = fields.optional_bool("ignore_eos")?.unwrap_or(false);
     let response_format = parse_response_format(fields.take("response_format"), body)?;
+    let presence_penalty = fields
+        .optional_f32("presence_penalty", -2.0, 2.0)?
+        .unwrap_or(0.0);
+    let frequency_penalty = fields
+        .optional_f32("frequency_penalty", -2.0, 2.0)?
+        .unwrap_or(0.0);
+    let logit_bias = parse_logit_bias(fields.take("logit_bias"))?;
     if ignore_eos && response_format.is_some() {
         return Err(GatewayError::invalid_value(
             "ignore_eos",
@@ -381,7 +387,50 @@ fn parse_generation(
         ignore_eos,
         response_format,
         logprobs: None,
+        presence_penalty,
+        frequency_penalty,
+        logit_bias,
     })
+}
+
+/// The most tokens one `logit_bias` may name (OpenAI's limit).
+const LOGIT_BIAS_TOKENS_MAX: usize = 300;
+
+fn parse_logit_bias(value: Option<Value>) -> Result<Vec<(u32, f32)>, GatewayError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let Value::Object(biases) = value else {
+        return Err(GatewayError::invalid_value(
+            "logit_bias",
+            "logit_bias must be an object mapping token ids to biases",
+        ));
+    };
+    if biases.len() > LOGIT_BIAS_TOKENS_MAX {
+        return Err(GatewayError::invalid_value(
+            "logit_bias",
+            format!("logit_bias may name at most {LOGIT_BIAS_TOKENS_MAX} tokens"),
+        ));
+    }
+    biases
+        .iter()
+        .map(|(token, bias)| {
+            let param = || format!("logit_bias.{token}");
+            let token = token.parse::<u32>().map_err(|_| {
+                GatewayError::invalid_value(
+                    param(),
+                    format!("`{token}` is not a token id: logit_bias keys are token ids"),
+                )
+            })?;
+            let bias = bias
+                .as_f64()
+                .filter(|bias| (-100.0..=100.0).contains(bias))
+                .ok_or_else(|| {
+                    GatewayError::invalid_value(param(), "a bias must be a number from -100 to 100")
+                })?;
+            Ok((token, bias as f32))
+        })
+        .collect()
 }
 
 fn parse_response_format(

@@ -531,3 +531,45 @@ fn logprobs_come_with_each_token_whole_or_streamed() {
         );
     });
 }
+
+#[test]
+fn logit_bias_steers_local_answers_and_unknown_tokens_are_refused() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions::default());
+    block_on(async {
+        // +100 makes one token the only choice: the answer is that token, over and over.
+        let forced = chat(
+            &gateway,
+            &chat_body(
+                "Name three colours.",
+                json!({"max_tokens": 3, "logit_bias": {"1000": 100}, "logprobs": true,
+                    "frequency_penalty": 0.5, "presence_penalty": 0.5}),
+            ),
+        )
+        .await;
+        let entries = forced["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{forced}"));
+        assert_eq!(entries.len(), 3, "{forced}");
+        assert!(
+            entries
+                .iter()
+                .all(|entry| entry["bytes"] == entries[0]["bytes"]),
+            "{forced}"
+        );
+        let content = forced["choices"][0]["message"]["content"].as_str().unwrap();
+        let piece = entries[0]["token"].as_str().unwrap();
+        assert_eq!(content, piece.repeat(3));
+
+        let unknown = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&chat_body("Hi", json!({"logit_bias": {"99999999": -100}})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), 400);
+        let error: Value = unknown.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "logit_bias.99999999", "{error}");
+    });
+}

@@ -97,12 +97,14 @@ fn exact_request(
             temperature: 0.0,
             top_p: 1.0,
             seed: 1,
+            ..SamplingParams::default()
         },
         stop: Vec::new(),
         ignore_eos: true,
         record_margins: true,
         grammar: None,
         logprobs: None,
+        logit_bias: Vec::new(),
     }
 }
 
@@ -929,6 +931,7 @@ fn a_grammar_shapes_the_answer_and_ends_it() {
                 temperature,
                 top_p: 0.95,
                 seed: 7,
+                ..SamplingParams::default()
             },
             grammar: Some(grammar.clone()),
             ..request(&model, "", "Describe Paris.", 200)
@@ -1029,9 +1032,8 @@ fn each_token_carries_its_logprob_and_the_likeliest_alternatives() {
     // likeliest's.
     let (sampled, _, _) = run(GenerationRequest {
         sampling: SamplingParams {
-            temperature: 1.0,
-            top_p: 1.0,
             seed: 11,
+            ..SamplingParams::default()
         },
         logprobs: Some(0),
         ..request(&model, "", "Name three colours.", 16)
@@ -1042,6 +1044,94 @@ fn each_token_carries_its_logprob_and_the_likeliest_alternatives() {
             .iter()
             .all(|token| token.top.is_empty() && token.logprob.is_finite() && token.logprob <= 0.0)
     );
+    cells_settle_at_zero(&model);
+    drop(engine);
+}
+
+#[test]
+fn logit_bias_and_penalties_steer_the_choice() {
+    let _serial = serial();
+    let (engine, model) = start(spec("steering"));
+    let runtime = runtime();
+    let tokens_of = |request: GenerationRequest| {
+        runtime.block_on(async {
+            let mut stream = model.submit(request).unwrap();
+            let mut tokens = Vec::new();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Event::Token { logprobs, .. } => tokens.push(logprobs.unwrap().token),
+                    Event::Done(_) => return tokens,
+                    Event::Failed(error) => panic!("{error}"),
+                }
+            }
+            panic!("no end")
+        })
+    };
+    let id_of = |text: &str| {
+        let prepared = model.prepare(&Prompt::Text(text.to_owned())).unwrap();
+        let ids = prepared.tokens;
+        assert_eq!(ids.len(), 1, "{text:?} is not one token: {ids:?}");
+        u32::try_from(ids[0]).unwrap()
+    };
+    let greedy = |user: &str, max_tokens: u32| GenerationRequest {
+        logprobs: Some(0),
+        ..request(&model, "", user, max_tokens)
+    };
+
+    // -100 bans the greedy answer's first token; +100 makes one token the only choice.
+    let plain = tokens_of(greedy("Name three colours.", 8));
+    let first = String::from_utf8(plain[0].clone()).unwrap();
+    let banned = tokens_of(GenerationRequest {
+        logit_bias: vec![(id_of(&first), -100.0)],
+        ..greedy("Name three colours.", 8)
+    });
+    assert_ne!(banned[0], plain[0]);
+    assert!(!banned.contains(&plain[0]));
+    let forced = tokens_of(GenerationRequest {
+        logit_bias: vec![(id_of(" cat"), 100.0)],
+        ..greedy("Name three colours.", 5)
+    });
+    assert_eq!(forced, vec![b" cat".to_vec(); 5]);
+
+    // A frequency penalty makes the most repeated token rarer.
+    let most_repeated = |tokens: &[Vec<u8>]| {
+        tokens
+            .iter()
+            .map(|token| tokens.iter().filter(|other| *other == token).count())
+            .max()
+            .unwrap_or(0)
+    };
+    let list = || GenerationRequest {
+        prompt: model
+            .prepare(&Prompt::Text("apple, apple, apple, apple,".to_owned()))
+            .unwrap(),
+        ..greedy("", 40)
+    };
+    let repeated = tokens_of(list());
+    let penalised = tokens_of(GenerationRequest {
+        sampling: SamplingParams {
+            temperature: 0.0,
+            frequency_penalty: 2.0,
+            ..SamplingParams::default()
+        },
+        ..list()
+    });
+    assert!(
+        most_repeated(&penalised) < most_repeated(&repeated),
+        "{} against {}",
+        most_repeated(&penalised),
+        most_repeated(&repeated)
+    );
+
+    // A token outside the vocabulary is refused before anything runs.
+    let unknown = GenerationRequest {
+        logit_bias: vec![(10_000_000, 1.0)],
+        ..list()
+    };
+    assert!(matches!(
+        model.submit(unknown),
+        Err(SubmitError::UnknownToken { .. })
+    ));
     cells_settle_at_zero(&model);
     drop(engine);
 }

@@ -62,6 +62,9 @@ fn a_full_chat_request_parses() {
                     ignore_eos: false,
                     response_format: None,
                     logprobs: None,
+                    presence_penalty: 0.0,
+                    frequency_penalty: 0.0,
+                    logit_bias: [],
                 },
             }"#]],
     );
@@ -132,9 +135,9 @@ fn what_the_local_engine_cannot_honour_is_refused() {
         ]],
     );
     check_chat(
-        r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"50256":-100}}"#,
+        r#"{"messages":[{"role":"user","content":"x"}],"prediction":{"type":"content","content":"y"}}"#,
         expect![[
-            r#"{"error":{"message":"`logit_bias` is not supported by this endpoint's local models","type":"invalid_request_error","param":"logit_bias","code":"unsupported_parameter"}}"#
+            r#"{"error":{"message":"`prediction` is not supported by this endpoint's local models","type":"invalid_request_error","param":"prediction","code":"unsupported_parameter"}}"#
         ]],
     );
     check_chat(
@@ -169,6 +172,9 @@ fn legacy_completions_default_to_sixteen_tokens() {
                     ignore_eos: false,
                     response_format: None,
                     logprobs: None,
+                    presence_penalty: 0.0,
+                    frequency_penalty: 0.0,
+                    logit_bias: [],
                 },
             }"#]],
     );
@@ -321,4 +327,40 @@ fn logprobs_are_read_per_endpoint_and_shaped_as_openai_does() {
     expect![[r#"{"content":[{"bytes":[32,72,105],"logprob":-0.5,"token":" Hi","top_logprobs":[{"bytes":[32,72,105],"logprob":-0.5,"token":" Hi"},{"bytes":[226,130],"logprob":-1.25,"token":"�"}]}],"refusal":null}"#]].assert_eq(&chat.logprobs(&[&token], 0).to_string());
     let completions = ResponseMeta::new(Endpoint::Completions, "r1", 1_700_000_000, "smollm2");
     expect![[r#"{"text_offset":[4,7],"token_logprobs":[-0.5,-0.5],"tokens":[" Hi"," Hi"],"top_logprobs":[{" Hi":-0.5,"�":-1.25},{" Hi":-0.5,"�":-1.25}]}"#]].assert_eq(&completions.logprobs(&[&token, &token], 4).to_string());
+}
+
+#[test]
+fn logit_bias_and_penalties_are_read_and_bad_ones_name_their_field() {
+    let chat = |extra: &str| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        parse_chat(body.as_bytes()).map(|chat| chat.generation)
+    };
+    let generation =
+        chat(r#","logit_bias":{"42":-100,"7":2.5},"presence_penalty":0.5,"frequency_penalty":-2"#)
+            .unwrap();
+    assert_eq!(generation.logit_bias, [(42, -100.0), (7, 2.5)]);
+    assert_eq!(
+        (generation.presence_penalty, generation.frequency_penalty),
+        (0.5, -2.0)
+    );
+    let plain = chat("").unwrap();
+    assert!(plain.logit_bias.is_empty());
+    assert_eq!(
+        (plain.presence_penalty, plain.frequency_penalty),
+        (0.0, 0.0)
+    );
+    for (bad, param) in [
+        (r#","logit_bias":[1]"#, "logit_bias"),
+        (r#","logit_bias":{"x":1}"#, "logit_bias.x"),
+        (r#","logit_bias":{"-1":1}"#, "logit_bias.-1"),
+        (r#","logit_bias":{"5":101}"#, "logit_bias.5"),
+        (r#","logit_bias":{"5":"high"}"#, "logit_bias.5"),
+        (r#","presence_penalty":2.5"#, "presence_penalty"),
+        (r#","frequency_penalty":"x""#, "frequency_penalty"),
+    ] {
+        match chat(bad) {
+            Err(GatewayError::InvalidValue { param: got, .. }) => assert_eq!(got, param, "{bad}"),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
 }
