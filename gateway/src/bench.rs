@@ -149,6 +149,8 @@ pub struct BenchOptions {
     /// Mixed into every prompt; a fresh value per run keeps servers' prompt caches from
     /// serving one run with another's prompts.
     pub salt: u64,
+    /// Fields merged into every request body last (they override the bench's own).
+    pub extra_body: serde_json::Map<String, Value>,
 }
 
 /// One finished request.
@@ -266,6 +268,9 @@ fn request_body(options: &BenchOptions, index: u64) -> Value {
     }
     if options.stream {
         body["stream_options"] = json!({"include_usage": true});
+    }
+    if let Some(fields) = body.as_object_mut() {
+        fields.extend(options.extra_body.clone());
     }
     body
 }

@@ -123,6 +123,18 @@ pub struct BenchArgs {
     /// cache another run filled.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// A JSON object merged into every request body, e.g.
+    /// '{"response_format": {"type": "json_object"}}' or '{"logprobs": true}'.
+    #[arg(long, value_parser = parse_extra_body)]
+    pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn parse_extra_body(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err("must be a JSON object".to_owned()),
+        Err(error) => Err(format!("not JSON: {error}")),
+    }
 }
 
 /// Loads the file and checks what the running gateway would also build from it: the routing
@@ -267,6 +279,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         salt: args.seed.unwrap_or_else(rand::random),
         interval: std::time::Duration::from_millis(args.interval_ms),
         rate_per_s: args.rate,
+        extra_body: args.extra_body.unwrap_or_default(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

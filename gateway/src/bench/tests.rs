@@ -36,7 +36,21 @@ fn options(shared_prefix_tokens: u32) -> BenchOptions {
         salt: 7,
         interval: std::time::Duration::ZERO,
         rate_per_s: 0.0,
+        extra_body: serde_json::Map::new(),
     }
+}
+
+#[test]
+fn extra_body_fields_are_merged_over_the_bench_own() {
+    let mut with_extra = options(0);
+    with_extra.extra_body = serde_json::json!({"logprobs": true, "ignore_eos": false})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    let body = request_body(&with_extra, 0);
+    assert_eq!(body["logprobs"], true);
+    assert_eq!(body["ignore_eos"], false);
+    assert_eq!(body["max_tokens"], 8);
 }
 
 #[test]
