@@ -9,8 +9,17 @@ Exits non-zero, with the reason, if anything is not as an OpenAI client expects.
 import os
 import ssl
 import sys
+from typing import Literal
 
 import openai
+import pydantic
+
+
+class City(pydantic.BaseModel):
+    """What the structured-output check asks for: a closed set, so a small model ends it."""
+
+    name: Literal["Paris", "Lyon", "Marseille"]
+    capital: bool
 
 
 def main() -> None:
@@ -62,6 +71,32 @@ def main() -> None:
     assert finish in ("stop", "length"), finish
     assert usage is not None and usage.completion_tokens >= 1, usage
 
+    # Structured output as the SDK does it: a pydantic model becomes a strict json_schema
+    # response_format, and the SDK parses the answer back into the model.
+    parsed = client.chat.completions.parse(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+        response_format=City,
+        max_tokens=64,
+        temperature=0,
+    )
+    city = parsed.choices[0].message.parsed
+    assert isinstance(city, City), parsed
+
+    # Log-probabilities in the SDK's types.
+    scored = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    entries = scored.choices[0].logprobs.content
+    assert len(entries) == scored.usage.completion_tokens, scored
+    assert all(len(entry.top_logprobs) == 3 and entry.logprob <= 0 for entry in entries), entries
+    assert "".join(bytes(entry.bytes).decode() for entry in entries) == scored.choices[0].message.content
+
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         raise AssertionError("an unknown model was accepted")
@@ -69,7 +104,7 @@ def main() -> None:
         assert error.status_code == 404
         assert error.body["code"] == "model_not_found", error.body
 
-    print(f"ok: {answer!r} / streamed {chunks} chunks, {usage.completion_tokens} tokens")
+    print(f"ok: {answer!r} / streamed {chunks} chunks, {usage.completion_tokens} tokens / {city!r}")
 
 
 if __name__ == "__main__":
