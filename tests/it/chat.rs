@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, client, serial};
 
-use crate::{block_on, chat, chat_body, sse_content, sse_payloads};
+use crate::{block_on, chat, chat_body, chat_stream, sse_content, sse_payloads};
 
 #[test]
 fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
@@ -352,20 +352,7 @@ fn a_json_response_format_gives_json_that_matches_the_schema() {
         matches_schema(content);
 
         // Streamed, the chunks join into the same JSON.
-        let streamed = chat_body(
-            "Describe Paris.",
-            json!({"max_tokens": 200, "response_format": format, "stream": true}),
-        );
-        let text = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .json(&streamed)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = chat_stream(&gateway, &body).await;
         assert_eq!(sse_content(&text), content);
 
         // Sampled rather than greedy, the schema still holds.
@@ -468,18 +455,7 @@ fn logprobs_come_with_each_token_whole_or_streamed() {
         }
 
         // Streamed: each token's chunk carries its entry, the same as whole.
-        let mut streamed = chat_body("Name three colours.", extra);
-        streamed["stream"] = json!(true);
-        let text = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .json(&streamed)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = chat_stream(&gateway, &chat_body("Name three colours.", extra)).await;
         let chunks: Vec<Value> = sse_payloads(&text)
             .iter()
             .filter_map(|payload| serde_json::from_str(payload).ok())

@@ -65,6 +65,22 @@ pub fn sse_content(text: &str) -> String {
         .collect()
 }
 
+/// Posts a chat request with the test key and `stream: true`, and returns the SSE text.
+pub async fn chat_stream(gateway: &tests::Gateway, body: &serde_json::Value) -> String {
+    let mut body = body.clone();
+    body["stream"] = serde_json::json!(true);
+    tests::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(tests::API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Posts a chat request with the test key and returns the response body.
 pub async fn chat(gateway: &tests::Gateway, body: &serde_json::Value) -> serde_json::Value {
     tests::client()

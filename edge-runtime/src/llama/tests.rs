@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crate::{
     ChatMessage, Engine, EngineOptions, Event, FinishReason, GenerationError, GenerationRequest,
-    Grammar, ModelHandle, ModelSpec, Prompt, Role, SamplingParams, SubmitError, Usage,
+    Grammar, ModelHandle, ModelSpec, Prompt, Role, SamplingParams, SubmitError, TokenLogprobs,
+    Usage,
 };
 
 /// Logit gaps below this may flip the greedy choice between a batched and a solo decode: the
@@ -973,36 +974,43 @@ fn a_grammar_shapes_the_answer_and_ends_it() {
     drop(engine);
 }
 
+/// Runs a request that asks for logprobs: each token's logprobs, the text and the usage.
+fn with_logprobs(
+    runtime: &tokio::runtime::Runtime,
+    model: &ModelHandle,
+    request: GenerationRequest,
+) -> (Vec<TokenLogprobs>, String, Usage) {
+    runtime.block_on(async {
+        let mut stream = model.submit(request).unwrap();
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Event::Token {
+                    text: piece,
+                    logprobs,
+                    ..
+                } => {
+                    text.push_str(&piece);
+                    tokens.push(*logprobs.expect("every token has its logprobs"));
+                }
+                Event::Done(done) => {
+                    text.push_str(&done.text_tail);
+                    return (tokens, text, done.usage);
+                }
+                Event::Failed(error) => panic!("{error}"),
+            }
+        }
+        panic!("no end")
+    })
+}
+
 #[test]
 fn each_token_carries_its_logprob_and_the_likeliest_alternatives() {
     let _serial = serial();
     let (engine, model) = start(spec("logprobs"));
     let runtime = runtime();
-    let run = |request: GenerationRequest| {
-        runtime.block_on(async {
-            let mut stream = model.submit(request).unwrap();
-            let mut tokens = Vec::new();
-            let mut text = String::new();
-            while let Some(event) = stream.next().await {
-                match event {
-                    Event::Token {
-                        text: piece,
-                        logprobs,
-                        ..
-                    } => {
-                        text.push_str(&piece);
-                        tokens.push(*logprobs.expect("every token has its logprobs"));
-                    }
-                    Event::Done(done) => {
-                        text.push_str(&done.text_tail);
-                        return (tokens, text, done.usage);
-                    }
-                    Event::Failed(error) => panic!("{error}"),
-                }
-            }
-            panic!("no end")
-        })
-    };
+    let run = |request: GenerationRequest| with_logprobs(&runtime, &model, request);
     // Greedy: the chosen token is the likeliest, and the tokens' bytes are the answer.
     let (tokens, text, usage) = run(GenerationRequest {
         logprobs: Some(3),
@@ -1054,18 +1062,11 @@ fn logit_bias_and_penalties_steer_the_choice() {
     let (engine, model) = start(spec("steering"));
     let runtime = runtime();
     let tokens_of = |request: GenerationRequest| {
-        runtime.block_on(async {
-            let mut stream = model.submit(request).unwrap();
-            let mut tokens = Vec::new();
-            while let Some(event) = stream.next().await {
-                match event {
-                    Event::Token { logprobs, .. } => tokens.push(logprobs.unwrap().token),
-                    Event::Done(_) => return tokens,
-                    Event::Failed(error) => panic!("{error}"),
-                }
-            }
-            panic!("no end")
-        })
+        let (tokens, _, _) = with_logprobs(&runtime, &model, request);
+        tokens
+            .into_iter()
+            .map(|token| token.token)
+            .collect::<Vec<_>>()
     };
     let id_of = |text: &str| {
         let prepared = model.prepare(&Prompt::Text(text.to_owned())).unwrap();
