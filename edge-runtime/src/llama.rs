@@ -646,6 +646,11 @@ impl GenerationStream {
     pub async fn next(&mut self) -> Option<Event> {
         self.receiver.recv().await
     }
+
+    /// Polls for the next event, for callers that read several streams at once.
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        self.receiver.poll_recv(cx)
+    }
 }
 
 /// Whether a request's penalties change its logits.

@@ -69,7 +69,18 @@ pub async fn run(
         None => None,
         Some(format) => Some(json_grammar(format)?),
     };
-    let submitted = model.submit(edge_runtime::GenerationRequest {
+    let choices = request.generation.n.max(1);
+    if choices > info.parallel_sequences {
+        return Err(GatewayError::invalid_value(
+            "n",
+            format!(
+                "`{}` generates at most {} choices at once ({} parallel sequences)",
+                info.name, info.parallel_sequences, info.parallel_sequences
+            ),
+        )
+        .into());
+    }
+    let generation = edge_runtime::GenerationRequest {
         prompt: prepared,
         max_tokens,
         sampling: edge_runtime::SamplingParams {
@@ -85,8 +96,48 @@ pub async fn run(
         grammar,
         logprobs: request.generation.logprobs,
         logit_bias: request.generation.logit_bias.clone(),
-    });
-    let mut stream = submitted.map_err(|error| match error {
+    };
+    // Each choice is a sequence of its own, with its own seed; a refusal of any drops (and so
+    // cancels) those already submitted.
+    let mut streams = Vec::with_capacity(choices as usize);
+    for choice in 0..choices {
+        let mut one = generation.clone();
+        one.sampling.seed = seed.wrapping_add(choice);
+        let stream = model
+            .submit(one)
+            .map_err(|error| submit_error(error, &info.name))?;
+        streams.push(Some(stream));
+    }
+    let mut choices = Choices { streams, start: 0 };
+
+    let meta = ResponseMeta::new(request.endpoint, &ctx.request_id, unix_now_s(), &info.name);
+    let first_token_deadline = tokio::time::Instant::now() + request.first_token_timeout;
+    if request.generation.stream {
+        stream_events(
+            session,
+            ctx,
+            &mut choices,
+            &meta,
+            request.generation.include_usage,
+            first_token_deadline,
+        )
+        .await
+    } else {
+        let wants_logprobs = request.generation.logprobs.is_some();
+        collect_events(
+            session,
+            ctx,
+            &mut choices,
+            &meta,
+            wants_logprobs,
+            first_token_deadline,
+        )
+        .await
+    }
+}
+
+fn submit_error(error: edge_runtime::SubmitError, model: &str) -> GatewayError {
+    match error {
         edge_runtime::SubmitError::QueueFull { .. } => GatewayError::QueueFull {
             retry_after_s: QUEUE_FULL_RETRY_AFTER_S,
         },
@@ -105,8 +156,7 @@ pub async fn run(
             GatewayError::invalid_value(
                 format!("logit_bias.{token}"),
                 format!(
-                    "token {token} is not in the vocabulary of `{}` ({vocabulary} tokens)",
-                    info.name
+                    "token {token} is not in the vocabulary of `{model}` ({vocabulary} tokens)"
                 ),
             )
         }
@@ -116,34 +166,53 @@ pub async fn run(
         ),
         edge_runtime::SubmitError::WrongModel { .. } | edge_runtime::SubmitError::WorkerStopped => {
             GatewayError::Unavailable {
-                message: format!("the inference worker of `{}` is not running", info.name),
+                message: format!("the inference worker of `{model}` is not running"),
                 retry_after_s: 5,
             }
         }
-    })?;
+    }
+}
 
-    let meta = ResponseMeta::new(request.endpoint, &ctx.request_id, unix_now_s(), &info.name);
-    let first_token_deadline = tokio::time::Instant::now() + request.first_token_timeout;
-    if request.generation.stream {
-        stream_events(
-            session,
-            ctx,
-            &mut stream,
-            &meta,
-            request.generation.include_usage,
-            first_token_deadline,
-        )
-        .await
-    } else {
-        let wants_logprobs = request.generation.logprobs.is_some();
-        collect_events(
-            session,
-            ctx,
-            &mut stream,
-            &meta,
-            wants_logprobs,
-            first_token_deadline,
-        )
+/// The generations of one request's choices (`n`), read together.
+struct Choices {
+    /// By choice index; `None` once the choice has ended.
+    streams: Vec<Option<edge_runtime::GenerationStream>>,
+    /// Where the next read starts, so that no choice waits behind another.
+    start: usize,
+}
+
+impl Choices {
+    fn count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The next event of a running choice, with its index; `None` for the event when that
+    /// choice's worker went away without ending it, and `None` altogether when no choice
+    /// runs.
+    async fn next(&mut self) -> Option<(usize, Option<edge_runtime::Event>)> {
+        std::future::poll_fn(|cx| {
+            let count = self.streams.len();
+            let mut running = false;
+            for offset in 0..count {
+                let index = (self.start + offset) % count;
+                let Some(stream) = &mut self.streams[index] else {
+                    continue;
+                };
+                running = true;
+                if let std::task::Poll::Ready(event) = stream.poll_next(cx) {
+                    self.start = (index + 1) % count;
+                    if !matches!(event, Some(edge_runtime::Event::Token { .. })) {
+                        self.streams[index] = None;
+                    }
+                    return std::task::Poll::Ready(Some((index, event)));
+                }
+            }
+            if running {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(None)
+            }
+        })
         .await
     }
 }
@@ -152,9 +221,9 @@ pub async fn run(
 async fn next_event(
     session: &mut Session,
     ctx: &RequestContext,
-    stream: &mut edge_runtime::GenerationStream,
+    choices: &mut Choices,
     first_token_deadline: tokio::time::Instant,
-) -> Result<edge_runtime::Event, Waited> {
+) -> Result<(usize, edge_runtime::Event), Waited> {
     let waiting_for_first = ctx.first_token.is_none();
     let deadline = async {
         if waiting_for_first {
@@ -164,7 +233,10 @@ async fn next_event(
         }
     };
     tokio::select! {
-        event = stream.next() => event.ok_or(Waited::WorkerGone),
+        event = choices.next() => match event {
+            Some((index, Some(event))) => Ok((index, event)),
+            Some((_, None)) | None => Err(Waited::WorkerGone),
+        },
         idle = session.as_downstream_mut().read_body_or_idle(true) => Err(Waited::ClientGone(match idle {
             Ok(_) => "the client sent data during the response".to_owned(),
             Err(error) => format!("the client closed the connection: {error}"),
@@ -230,19 +302,55 @@ fn generation_error(error: &edge_runtime::GenerationError) -> GatewayError {
     }
 }
 
+/// What one choice has produced so far.
+#[derive(Default)]
+struct ChoiceState {
+    text: String,
+    logprobs: Vec<edge_runtime::TokenLogprobs>,
+    finish_reason: Option<&'static str>,
+    usage: edge_runtime::Usage,
+}
+
+/// The request's usage over its choices: the prompt once (as OpenAI bills `n`), the
+/// completions summed.
+fn total_usage(states: &[ChoiceState]) -> edge_runtime::Usage {
+    let first = states.first().map(|state| state.usage).unwrap_or_default();
+    edge_runtime::Usage {
+        prompt_tokens: first.prompt_tokens,
+        cached_tokens: first.cached_tokens,
+        completion_tokens: states
+            .iter()
+            .map(|state| state.usage.completion_tokens)
+            .sum(),
+    }
+}
+
+/// Hands the choices' texts to the audit capture, in index order, once all have ended:
+/// several answers interleaved token by token would read as one garbled text.
+fn capture_choices(ctx: &mut RequestContext, states: &[ChoiceState]) {
+    for (index, state) in states.iter().enumerate() {
+        if index > 0 {
+            crate::audit_trail::capture_completion(ctx, &format!("\n[choice {index}]\n"));
+        }
+        crate::audit_trail::capture_completion(ctx, &state.text);
+    }
+}
+
 async fn collect_events(
     session: &mut Session,
     ctx: &mut RequestContext,
-    stream: &mut edge_runtime::GenerationStream,
+    choices: &mut Choices,
     meta: &ResponseMeta,
     wants_logprobs: bool,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
     let started = tokio::time::Instant::now();
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    loop {
-        let event = match next_event(session, ctx, stream, first_token_deadline).await {
+    let mut states: Vec<ChoiceState> = (0..choices.count())
+        .map(|_| ChoiceState::default())
+        .collect();
+    let mut running = states.len();
+    while running > 0 {
+        let (index, event) = match next_event(session, ctx, choices, first_token_deadline).await {
             Ok(event) => event,
             Err(Waited::ClientGone(reason)) => return Ok(Answered::ClientGone(reason)),
             Err(waited) => {
@@ -253,47 +361,47 @@ async fn collect_events(
                 .into());
             }
         };
+        let state = &mut states[index];
         match event {
-            edge_runtime::Event::Token {
-                text: piece,
-                logprobs: token_logprobs,
-                ..
-            } => {
+            edge_runtime::Event::Token { text, logprobs, .. } => {
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
-                text.push_str(&piece);
-                logprobs.extend(token_logprobs);
+                state.text.push_str(&text);
+                state.logprobs.extend(logprobs.map(|token| *token));
             }
             edge_runtime::Event::Done(completion) => {
-                text.push_str(&completion.text_tail);
-                crate::audit_trail::capture_completion(ctx, &text);
-                ctx.usage = completion.usage;
-                ctx.finish_reason = Some(completion.finish_reason.as_str());
-                let logprobs = (!logprobs.is_empty() || wants_logprobs).then(|| {
-                    let tokens: Vec<&edge_runtime::TokenLogprobs> =
-                        logprobs.iter().map(AsRef::as_ref).collect();
-                    meta.logprobs(&tokens, 0)
-                });
-                let body = meta.full_response(
-                    &text,
-                    completion.finish_reason.as_str(),
-                    completion.usage,
-                    logprobs,
-                );
-                let body = serde_json::to_vec(&body).unwrap_or_default();
-                respond_json(session, ctx, 200, body, None).await?;
-                return Ok(Answered::Complete);
+                state.text.push_str(&completion.text_tail);
+                state.usage = completion.usage;
+                state.finish_reason = Some(completion.finish_reason.as_str());
+                running -= 1;
             }
             edge_runtime::Event::Failed(error) => return Err(generation_error(&error).into()),
         }
     }
+    capture_choices(ctx, &states);
+    ctx.usage = total_usage(&states);
+    ctx.finish_reason = states.first().and_then(|state| state.finish_reason);
+    let bodies: Vec<openai::ChoiceBody<'_>> = states
+        .iter()
+        .map(|state| openai::ChoiceBody {
+            text: &state.text,
+            finish_reason: state.finish_reason.unwrap_or("stop"),
+            logprobs: wants_logprobs.then(|| {
+                let tokens: Vec<&edge_runtime::TokenLogprobs> = state.logprobs.iter().collect();
+                meta.logprobs(&tokens, 0)
+            }),
+        })
+        .collect();
+    let body = serde_json::to_vec(&meta.full_response(&bodies, ctx.usage)).unwrap_or_default();
+    respond_json(session, ctx, 200, body, None).await?;
+    Ok(Answered::Complete)
 }
 
 async fn stream_events(
     session: &mut Session,
     ctx: &mut RequestContext,
-    stream: &mut edge_runtime::GenerationStream,
+    choices: &mut Choices,
     meta: &ResponseMeta,
     include_usage: bool,
     first_token_deadline: tokio::time::Instant,
@@ -301,8 +409,10 @@ async fn stream_events(
     let started = tokio::time::Instant::now();
     // Wait for the first event before committing to a 200, so that a queue timeout or a
     // failed prefill is still answered with its own status.
-    let first = match next_event(session, ctx, stream, first_token_deadline).await {
-        Ok(edge_runtime::Event::Failed(error)) => return Err(generation_error(&error).into()),
+    let first = match next_event(session, ctx, choices, first_token_deadline).await {
+        Ok((_, edge_runtime::Event::Failed(error))) => {
+            return Err(generation_error(&error).into());
+        }
         Ok(event) => event,
         Err(Waited::ClientGone(reason)) => return Ok(Answered::ClientGone(reason)),
         Err(waited) => {
@@ -319,31 +429,49 @@ async fn stream_events(
     session
         .write_response_header(Box::new(header), false)
         .await?;
+    let count = choices.count();
     if meta.endpoint == Endpoint::Chat {
-        write(
-            session,
-            openai::sse_event(&meta.chunk(true, Some(""), None, include_usage, None)),
-        )
-        .await?;
+        let mut roles = Vec::new();
+        for index in 0..count {
+            roles.extend_from_slice(&openai::sse_event(&meta.chunk(
+                index,
+                true,
+                Some(""),
+                None,
+                include_usage,
+                None,
+            )));
+        }
+        write(session, Bytes::from(roles)).await?;
     }
-    let mut event = first;
-    // Bytes of the answer's tokens so far: legacy completions' `text_offset`.
-    let mut token_bytes = 0;
+    // With one choice its text goes to the audit capture as it is made (a stream cut short
+    // keeps what was sent); several are captured in order at the end.
+    let capture_as_sent = count == 1;
+    let mut states: Vec<ChoiceState> = (0..count).map(|_| ChoiceState::default()).collect();
+    // Bytes of each choice's tokens so far: legacy completions' `text_offset`.
+    let mut token_bytes = vec![0usize; count];
+    let mut running = count;
+    let (mut index, mut event) = first;
     loop {
         match event {
             edge_runtime::Event::Token { text, logprobs, .. } => {
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
-                crate::audit_trail::capture_completion(ctx, &text);
+                if capture_as_sent {
+                    crate::audit_trail::capture_completion(ctx, &text);
+                } else {
+                    states[index].text.push_str(&text);
+                }
                 let logprobs = logprobs.map(|token| {
-                    let body = meta.logprobs(&[&token], token_bytes);
-                    token_bytes += token.token.len();
+                    let body = meta.logprobs(&[&token], token_bytes[index]);
+                    token_bytes[index] += token.token.len();
                     body
                 });
                 write(
                     session,
                     openai::sse_event(&meta.chunk(
+                        index,
                         false,
                         Some(&text),
                         None,
@@ -354,23 +482,38 @@ async fn stream_events(
                 .await?;
             }
             edge_runtime::Event::Done(completion) => {
-                ctx.usage = completion.usage;
                 let finish_reason = completion.finish_reason.as_str();
-                ctx.finish_reason = Some(finish_reason);
-                crate::audit_trail::capture_completion(ctx, &completion.text_tail);
+                let state = &mut states[index];
+                state.usage = completion.usage;
+                state.finish_reason = Some(finish_reason);
+                if capture_as_sent {
+                    crate::audit_trail::capture_completion(ctx, &completion.text_tail);
+                } else {
+                    state.text.push_str(&completion.text_tail);
+                }
                 let tail =
                     (!completion.text_tail.is_empty()).then_some(completion.text_tail.as_str());
-                let last = meta.chunk(false, tail, Some(finish_reason), include_usage, None);
+                let last = meta.chunk(index, false, tail, Some(finish_reason), include_usage, None);
                 let mut end = openai::sse_event(&last).to_vec();
-                if include_usage {
-                    end.extend_from_slice(&openai::sse_event(&meta.usage_chunk(completion.usage)));
+                running -= 1;
+                if running > 0 {
+                    write(session, Bytes::from(end)).await?;
+                } else {
+                    if !capture_as_sent {
+                        capture_choices(ctx, &states);
+                    }
+                    ctx.usage = total_usage(&states);
+                    ctx.finish_reason = states.first().and_then(|state| state.finish_reason);
+                    if include_usage {
+                        end.extend_from_slice(&openai::sse_event(&meta.usage_chunk(ctx.usage)));
+                    }
+                    end.extend_from_slice(openai::SSE_DONE);
+                    crate::audit_trail::seal(session, ctx).await?;
+                    session
+                        .write_response_body(Some(Bytes::from(end)), true)
+                        .await?;
+                    return Ok(Answered::Complete);
                 }
-                end.extend_from_slice(openai::SSE_DONE);
-                crate::audit_trail::seal(session, ctx).await?;
-                session
-                    .write_response_body(Some(Bytes::from(end)), true)
-                    .await?;
-                return Ok(Answered::Complete);
             }
             edge_runtime::Event::Failed(error) => {
                 // The status line is gone; tell the client in the stream, as OpenAI does.
@@ -386,22 +529,25 @@ async fn stream_events(
                 return Ok(Answered::Complete);
             }
         }
-        event = match next_event(session, ctx, stream, first_token_deadline).await {
-            Ok(event) => event,
+        (index, event) = match next_event(session, ctx, choices, first_token_deadline).await {
+            Ok(next) => next,
             Err(Waited::ClientGone(reason)) => return Ok(Answered::ClientGone(reason)),
-            Err(waited) => edge_runtime::Event::Failed(match waited {
-                Waited::FirstTokenTimeout => edge_runtime::GenerationError::QueueTimeout {
-                    timeout_ms: u64::try_from(
-                        first_token_deadline
-                            .saturating_duration_since(started)
-                            .as_millis(),
-                    )
-                    .unwrap_or(u64::MAX),
-                },
-                Waited::WorkerGone | Waited::ClientGone(_) => {
-                    edge_runtime::GenerationError::WorkerStopped
-                }
-            }),
+            Err(waited) => (
+                index,
+                edge_runtime::Event::Failed(match waited {
+                    Waited::FirstTokenTimeout => edge_runtime::GenerationError::QueueTimeout {
+                        timeout_ms: u64::try_from(
+                            first_token_deadline
+                                .saturating_duration_since(started)
+                                .as_millis(),
+                        )
+                        .unwrap_or(u64::MAX),
+                    },
+                    Waited::WorkerGone | Waited::ClientGone(_) => {
+                        edge_runtime::GenerationError::WorkerStopped
+                    }
+                }),
+            ),
         };
     }
 }

@@ -48,6 +48,17 @@ pub struct Generation {
     pub frequency_penalty: f32,
     /// `logit_bias`: token id → bias, -100 to 100, in key order.
     pub logit_bias: Vec<(u32, f32)>,
+    /// `n`: how many choices to generate, 1 to [`CHOICES_MAX`].
+    pub n: u32,
+}
+
+/// One finished choice of a non-streamed response.
+#[derive(Debug, Clone)]
+pub struct ChoiceBody<'a> {
+    pub text: &'a str,
+    pub finish_reason: &'a str,
+    /// From [`ResponseMeta::logprobs`].
+    pub logprobs: Option<Value>,
 }
 
 /// What `response_format` asks the answer to be.
@@ -324,10 +335,12 @@ fn parse_generation(
         }
     };
     let stop = parse_stop(fields.take("stop"))?;
-    if let Some(n) = fields.optional_u32("n", 1)?
-        && n != 1
-    {
-        return Err(GatewayError::unsupported("n", "only n = 1 is supported"));
+    let n = fields.optional_u32("n", 1)?.unwrap_or(1);
+    if n > CHOICES_MAX {
+        return Err(GatewayError::invalid_value(
+            "n",
+            format!("`n` must be an integer from 1 to {CHOICES_MAX}"),
+        ));
     }
     let stream = fields.optional_bool("stream")?.unwrap_or(false);
     let include_usage = match fields.take("stream_options") {
@@ -390,8 +403,12 @@ fn parse_generation(
         presence_penalty,
         frequency_penalty,
         logit_bias,
+        n,
     })
 }
+
+/// The most choices one request may ask for (`n`); each is a sequence of its own.
+pub const CHOICES_MAX: u32 = 16;
 
 /// The most tokens one `logit_bias` may name (OpenAI's limit).
 const LOGIT_BIAS_TOKENS_MAX: usize = 300;
@@ -861,46 +878,47 @@ impl ResponseMeta {
         }
     }
 
-    /// The complete, non-streamed response; `logprobs` from [`ResponseMeta::logprobs`].
-    pub fn full_response(
-        &self,
-        text: &str,
-        finish_reason: &str,
-        usage: edge_runtime::Usage,
-        logprobs: Option<Value>,
-    ) -> Value {
-        let logprobs = logprobs.unwrap_or(Value::Null);
-        let choice = match self.endpoint {
-            Endpoint::Chat => serde_json::json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null},
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }),
-            Endpoint::Completions => serde_json::json!({
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }),
-        };
+    /// The complete, non-streamed response: `choices` in index order.
+    pub fn full_response(&self, choices: &[ChoiceBody<'_>], usage: edge_runtime::Usage) -> Value {
+        let choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, choice)| {
+                let logprobs = choice.logprobs.clone().unwrap_or(Value::Null);
+                match self.endpoint {
+                    Endpoint::Chat => serde_json::json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": choice.text, "refusal": null},
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason,
+                    }),
+                    Endpoint::Completions => serde_json::json!({
+                        "index": index,
+                        "text": choice.text,
+                        "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason,
+                    }),
+                }
+            })
+            .collect();
         serde_json::json!({
             "id": self.id,
             "object": self.object(false),
             "created": self.created,
             "model": self.model,
             "system_fingerprint": null,
-            "choices": [choice],
+            "choices": choices,
             "usage": UsageBody::from(usage),
         })
     }
 
-    /// One stream chunk. `role` marks the chat stream's first chunk; `text` is the delta;
-    /// `finish_reason` marks the last content chunk. `with_usage_field` adds `"usage": null`,
-    /// as OpenAI does on every chunk when the client asked for usage. `logprobs`: the
-    /// chunk's token's, from [`ResponseMeta::logprobs`].
+    /// One stream chunk of choice `index`. `role` marks a chat choice's first chunk; `text`
+    /// is the delta; `finish_reason` marks the choice's last content chunk.
+    /// `with_usage_field` adds `"usage": null`, as OpenAI does on every chunk when the client
+    /// asked for usage. `logprobs`: the chunk's token's, from [`ResponseMeta::logprobs`].
     pub fn chunk(
         &self,
+        index: usize,
         role: bool,
         text: Option<&str>,
         finish_reason: Option<&str>,
@@ -918,14 +936,14 @@ impl ResponseMeta {
                     delta.insert("content".to_owned(), Value::from(text));
                 }
                 serde_json::json!({
-                    "index": 0,
+                    "index": index,
                     "delta": delta,
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
                 })
             }
             Endpoint::Completions => serde_json::json!({
-                "index": 0,
+                "index": index,
                 "text": text.unwrap_or(""),
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,

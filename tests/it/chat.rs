@@ -549,3 +549,83 @@ fn logit_bias_steers_local_answers_and_unknown_tokens_are_refused() {
         assert_eq!(error["error"]["param"], "logit_bias.99999999", "{error}");
     });
 }
+
+#[test]
+fn n_choices_are_generated_side_by_side_whole_or_streamed() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions {
+        parallel_sequences: 4,
+        ..GatewayOptions::default()
+    });
+    block_on(async {
+        // Sampled: each choice draws with its own seed; the prompt is billed once.
+        let sampled = chat(
+            &gateway,
+            &chat_body(
+                "Name a colour.",
+                json!({"max_tokens": 12, "n": 3, "temperature": 1.0, "seed": 5, "logprobs": true}),
+            ),
+        )
+        .await;
+        let choices = sampled["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3, "{sampled}");
+        let mut tokens = 0;
+        let mut texts = Vec::new();
+        for (index, choice) in choices.iter().enumerate() {
+            assert_eq!(choice["index"], index);
+            assert!(choice["finish_reason"] == "stop" || choice["finish_reason"] == "length");
+            tokens += choice["logprobs"]["content"].as_array().unwrap().len() as u64;
+            texts.push(choice["message"]["content"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(sampled["usage"]["completion_tokens"], tokens, "{sampled}");
+        texts.sort();
+        texts.dedup();
+        assert!(texts.len() > 1, "three draws, one answer: {sampled}");
+        let single = chat(
+            &gateway,
+            &chat_body("Name a colour.", json!({"max_tokens": 1})),
+        )
+        .await;
+        assert_eq!(
+            sampled["usage"]["prompt_tokens"],
+            single["usage"]["prompt_tokens"]
+        );
+
+        // Greedy choices agree; streamed, each index has its role, text and finish.
+        let greedy = chat_body("Name three colours.", json!({"max_tokens": 12, "n": 2}));
+        let whole = chat(&gateway, &greedy).await;
+        let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(whole["choices"][1]["message"]["content"], content);
+        let text = chat_stream(&gateway, &greedy).await;
+        let chunks: Vec<Value> = sse_payloads(&text)
+            .iter()
+            .filter_map(|payload| serde_json::from_str(payload).ok())
+            .collect();
+        for index in 0..2 {
+            let own: Vec<&Value> = chunks
+                .iter()
+                .filter_map(|chunk| chunk["choices"].as_array()?.first())
+                .filter(|choice| choice["index"] == index)
+                .collect();
+            assert_eq!(own[0]["delta"]["role"], "assistant", "{text}");
+            assert!(own.last().unwrap()["finish_reason"].is_string(), "{text}");
+            let streamed: String = own
+                .iter()
+                .filter_map(|choice| choice["delta"]["content"].as_str())
+                .collect();
+            assert_eq!(streamed, content);
+        }
+
+        // More choices than the model has sequences is refused.
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&chat_body("Hi", json!({"n": 16})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], "n", "{error}");
+    });
+}

@@ -65,6 +65,7 @@ fn a_full_chat_request_parses() {
                     presence_penalty: 0.0,
                     frequency_penalty: 0.0,
                     logit_bias: [],
+                    n: 1,
                 },
             }"#]],
     );
@@ -129,9 +130,9 @@ fn what_the_local_engine_cannot_honour_is_refused() {
         ]],
     );
     check_chat(
-        r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+        r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#,
         expect![[
-            r#"{"error":{"message":"only n = 1 is supported","type":"invalid_request_error","param":"n","code":"unsupported_parameter"}}"#
+            r#"{"error":{"message":"`n` must be an integer from 1 to 16","type":"invalid_request_error","param":"n","code":"invalid_value"}}"#
         ]],
     );
     check_chat(
@@ -175,6 +176,7 @@ fn legacy_completions_default_to_sixteen_tokens() {
                     presence_penalty: 0.0,
                     frequency_penalty: 0.0,
                     logit_bias: [],
+                    n: 1,
                 },
             }"#]],
     );
@@ -190,7 +192,7 @@ fn legacy_completions_default_to_sixteen_tokens() {
 fn stream_chunks_have_the_openai_shape() {
     let meta = ResponseMeta::new(Endpoint::Chat, "r1", 1_700_000_000, "smollm2");
     expect![[r#"{"choices":[{"delta":{"content":"","role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}],"created":1700000000,"id":"chatcmpl-r1","model":"smollm2","object":"chat.completion.chunk","system_fingerprint":null,"usage":null}"#]]
-    .assert_eq(&meta.chunk(true, Some(""), None, true, None).to_string());
+    .assert_eq(&meta.chunk(0, true, Some(""), None, true, None).to_string());
     let usage = edge_runtime::Usage {
         prompt_tokens: 5,
         completion_tokens: 2,
