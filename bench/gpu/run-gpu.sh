@@ -5,6 +5,7 @@
 #   bench/gpu/run-gpu.sh run     # random-weight models; isthmus bench at 1/8/32 streams; anchor
 #   bench/gpu/run-gpu.sh steps   # a pure decode step's split, with graph reuse / CUDA graphs off
 #   bench/gpu/run-gpu.sh lanes   # llama.cpp alone: N streams over K contexts (lanes-bench/)
+#   bench/gpu/run-gpu.sh features  # JSON response_format, logprobs, n on the GPU (after `run`)
 #
 # Inputs in .device/ (made on the build machine by bench/gpu/prepare): bundle.tar.gz (the
 # isthmus release binary, its libraries and CPU backends), llama-src.tar.gz (the llama.cpp tree
@@ -21,7 +22,7 @@
 # the host, 2 greedy in llama.cpp's graph, 3 the same with end-of-generation tokens banned) for
 # `lanes`, e.g. ISTHMUS_GPU_LANE_CASES="32_1_1 32_1_2" with `_` for the spaces.
 set -euo pipefail
-phase=${1:?usage: run-gpu.sh build|run|steps|lanes}
+phase=${1:?usage: run-gpu.sh build|run|steps|lanes|features}
 inputs=.device
 work=/tmp/isthmus-gpu
 out=${OUT:-$work/out}
@@ -95,14 +96,22 @@ snapshot() {
   curl -sf http://127.0.0.1:19901/metrics | grep -E '^isthmus_local_(decode_seconds|worker_busy_seconds|device_wait_seconds|sampling_seconds|decode_steps|batched_tokens)_total' > "$1"
 }
 
-run() {
+# Random-weight models of the given shapes, written once per host.
+models() {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$inputs"/gguf-*.whl
-  export PYTHONPATH=/tmp/site
-  local shapes=${ISTHMUS_GPU_SHAPES:-135m 1b} layouts=${ISTHMUS_GPU_LAYOUTS:-split}
-  for shape in $shapes; do
-    [ -f "$work/m$shape.gguf" ] || python3 bench/gpu/random_model.py model --shape "$shape" \
-      --tokenizer "$inputs/tokenizer.gguf" --out "$work/m$shape.gguf" | tee -a "$out/models.txt"
+  local shape
+  for shape in "$@"; do
+    [ -f "$work/m$shape.gguf" ] || PYTHONPATH=/tmp/site python3 bench/gpu/random_model.py model \
+      --shape "$shape" --tokenizer "$inputs/tokenizer.gguf" --out "$work/m$shape.gguf" \
+      | tee -a "$out/models.txt"
   done
+}
+
+run() {
+  local shapes=${ISTHMUS_GPU_SHAPES:-135m 1b} layouts=${ISTHMUS_GPU_LAYOUTS:-split}
+  # shellcheck disable=SC2086
+  models $shapes
+  export PYTHONPATH=/tmp/site
   for shape in $shapes; do
     for layout in $layouts; do
       local name=$shape-$layout extra=
@@ -204,12 +213,10 @@ PY
 # times. Then one wave with llama.cpp's debug log, counting graph reuse and CUDA graph
 # messages, and the anchor under the same switches.
 steps() {
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$inputs"/gguf-*.whl
-  export PYTHONPATH=/tmp/site
   local shape=${ISTHMUS_GPU_SHAPES:-135m}
   shape=${shape%% *}
-  [ -f "$work/m$shape.gguf" ] || python3 bench/gpu/random_model.py model --shape "$shape" \
-    --tokenizer "$inputs/tokenizer.gguf" --out "$work/m$shape.gguf" | tee -a "$out/models.txt"
+  models "$shape"
+  export PYTHONPATH=/tmp/site
   wave() { # streams max_tokens prompt_tokens
     "$work/bundle/isthmus" bench --url http://127.0.0.1:19900 --concurrency "$1" --requests "$1" \
       --max-tokens "$2" --prompt-tokens "$3" --warmup 0 --json > /dev/null
@@ -281,13 +288,10 @@ PY
 # greedy tokens chosen on the host as the engine does, in llama.cpp's graph (backend samplers),
 # and random tokens as the anchor does.
 lanes() {
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$inputs"/gguf-*.whl
-  export PYTHONPATH=/tmp/site
   local shapes=${ISTHMUS_GPU_SHAPES:-135m 1b} rounds=${ISTHMUS_GPU_LANE_ROUNDS:-2}
-  for shape in $shapes; do
-    [ -f "$work/m$shape.gguf" ] || python3 bench/gpu/random_model.py model --shape "$shape" \
-      --tokenizer "$inputs/tokenizer.gguf" --out "$work/m$shape.gguf" | tee -a "$out/models.txt"
-  done
+  # shellcheck disable=SC2086
+  models $shapes
+  export PYTHONPATH=/tmp/site
   for round in $(seq 1 "$rounds"); do
     for shape in $shapes; do
       for spec in ${ISTHMUS_GPU_LANE_CASES:-1_1_1 8_1_0 8_1_1 8_2_1 8_4_1 32_1_0 32_1_1 32_2_1 32_4_1}; do
@@ -305,6 +309,18 @@ lanes() {
       { echo "anchor $shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/lanes.txt"
     done
   fi
+}
+
+# The request features whose tokens are chosen on the host from a logits row (a JSON
+# grammar, log-probabilities, several choices) with every layer on the GPU and the tokens of
+# each step chosen before the next is launched: answers checked by bench/gpu/check_features.py.
+features() {
+  models 135m
+  serve "$work/m135m.gguf" features "lanes = 2"
+  python3 bench/gpu/check_features.py http://127.0.0.1:19900 | tee "$out/features.txt"
+  local status=${PIPESTATUS[0]}
+  kill "$server" && wait "$server" || true
+  return "$status"
 }
 
 "$phase"

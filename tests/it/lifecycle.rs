@@ -227,7 +227,13 @@ fn sigterm_lets_a_running_stream_finish_and_refuses_new_connections() {
     // inference threads must not block the runtime's only thread.
     let dir = tests::scratch_dir();
     let config_path = dir.path().join("isthmus.toml");
-    let config = tests::config_text(&GatewayOptions::default(), dir.path())
+    // A drain long enough for the 150 tokens on a loaded machine: the test is about the
+    // stream finishing, not about how fast.
+    let options = GatewayOptions {
+        drain_timeout_ms: 300_000,
+        ..GatewayOptions::default()
+    };
+    let config = tests::config_text(&options, dir.path())
         .replace("[server]\n", "[server]\nworker_threads = 1\n");
     std::fs::write(&config_path, config).unwrap();
     let mut gateway = Gateway::start_with_config(dir, &config_path);
