@@ -69,6 +69,9 @@ pub struct RequestContext {
     pub first_token: Option<Duration>,
     /// When the last generated token was handed to the client.
     pub last_token: Option<Duration>,
+    /// With several choices (`n`), the tokens of the longest: the one that spans first to
+    /// last token, which time per output token divides by (the usage sums them all).
+    pub longest_choice_tokens: Option<u32>,
     pub finish_reason: Option<&'static str>,
     /// Why the response ended early, for the access log.
     pub outcome: Option<String>,
@@ -731,6 +734,7 @@ impl ProxyHttp for DataPlane {
             usage: edge_runtime::Usage::default(),
             first_token: None,
             last_token: None,
+            longest_choice_tokens: None,
             finish_reason: None,
             outcome: None,
             attempts: 0,
@@ -869,7 +873,10 @@ impl ProxyHttp for DataPlane {
                             .last_token
                             .unwrap_or(first_token)
                             .saturating_sub(first_token),
-                        tokens_after_first: ctx.usage.completion_tokens.saturating_sub(1),
+                        tokens_after_first: ctx
+                            .longest_choice_tokens
+                            .unwrap_or(ctx.usage.completion_tokens)
+                            .saturating_sub(1),
                     })
                 }
                 _ => None,

@@ -311,8 +311,20 @@ struct ChoiceState {
     usage: edge_runtime::Usage,
 }
 
-/// The request's usage over its choices: the prompt once (as OpenAI bills `n`), the
-/// completions summed.
+/// Records the usage of the request's choices in `ctx`: the prompt once (as OpenAI bills
+/// `n`), the completions summed, and with several choices the longest one's tokens.
+fn record_usage(ctx: &mut RequestContext, states: &[ChoiceState]) {
+    ctx.usage = total_usage(states);
+    if states.len() > 1 {
+        ctx.longest_choice_tokens = states
+            .iter()
+            .map(|state| state.usage.completion_tokens)
+            .max();
+    }
+    ctx.finish_reason = states.first().and_then(|state| state.finish_reason);
+}
+
+/// The request's usage over its choices: the prompt once, the completions summed.
 fn total_usage(states: &[ChoiceState]) -> edge_runtime::Usage {
     let first = states.first().map(|state| state.usage).unwrap_or_default();
     edge_runtime::Usage {
@@ -380,8 +392,7 @@ async fn collect_events(
         }
     }
     capture_choices(ctx, &states);
-    ctx.usage = total_usage(&states);
-    ctx.finish_reason = states.first().and_then(|state| state.finish_reason);
+    record_usage(ctx, &states);
     let bodies: Vec<openai::ChoiceBody<'_>> = states
         .iter()
         .map(|state| openai::ChoiceBody {
@@ -502,8 +513,7 @@ async fn stream_events(
                     if !capture_as_sent {
                         capture_choices(ctx, &states);
                     }
-                    ctx.usage = total_usage(&states);
-                    ctx.finish_reason = states.first().and_then(|state| state.finish_reason);
+                    record_usage(ctx, &states);
                     if include_usage {
                         end.extend_from_slice(&openai::sse_event(&meta.usage_chunk(ctx.usage)));
                     }

@@ -616,6 +616,36 @@ fn n_choices_are_generated_side_by_side_whole_or_streamed() {
             assert_eq!(streamed, content);
         }
 
+        // Time per output token follows one choice's tokens, not all choices' together: the
+        // 15 gaps after the first token of the longest choice span what the client waited
+        // for after the first token (summed over all choices it would be a third of that).
+        let tpot = "gen_ai_server_time_per_output_token_seconds";
+        let ttft = "gen_ai_server_time_to_first_token_seconds";
+        let before = (
+            histogram(&gateway.metrics(), tpot),
+            histogram(&gateway.metrics(), ttft),
+        );
+        let started = std::time::Instant::now();
+        chat(
+            &gateway,
+            &chat_body(
+                "Name three colours.",
+                json!({"max_tokens": 16, "ignore_eos": true, "n": 3}),
+            ),
+        )
+        .await;
+        let waited = started.elapsed().as_secs_f64();
+        let metrics = gateway.metrics();
+        let per_token = histogram(&metrics, tpot).0 - before.0.0;
+        let first = histogram(&metrics, ttft).0 - before.1.0;
+        let after_first = waited - first;
+        assert!(
+            (0.7..1.2).contains(&(per_token * 15.0 / after_first)),
+            "time per output token {:.2} ms, 15 gaps against {:.1} ms waited after the first token",
+            per_token * 1e3,
+            after_first * 1e3
+        );
+
         // More choices than the model has sequences is refused.
         let response = client()
             .post(gateway.url("/v1/chat/completions"))
@@ -628,4 +658,17 @@ fn n_choices_are_generated_side_by_side_whole_or_streamed() {
         let error: Value = response.json().await.unwrap();
         assert_eq!(error["error"]["param"], "n", "{error}");
     });
+}
+
+/// The sum and count of a histogram of `/metrics`, over its label sets.
+fn histogram(metrics: &str, name: &str) -> (f64, f64) {
+    let total = |suffix: &str| -> f64 {
+        let series = format!("{name}{suffix}");
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(&series))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (total("_sum"), total("_count"))
 }
