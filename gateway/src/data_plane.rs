@@ -499,16 +499,31 @@ impl DataPlane {
         match endpoint {
             Endpoint::Chat => {
                 let request = openai::parse_chat(body).inspect_err(|_| ctx.reject("request"))?;
-                let prompt = edge_runtime::Prompt::Chat(
-                    request
-                        .messages
-                        .into_iter()
-                        .map(|message| edge_runtime::ChatMessage {
-                            role: message.role,
-                            content: message.content,
-                        })
-                        .collect(),
-                );
+                let mut messages: Vec<edge_runtime::ChatMessage> = request
+                    .messages
+                    .into_iter()
+                    .map(|message| edge_runtime::ChatMessage {
+                        role: message.role,
+                        content: message.content,
+                    })
+                    .collect();
+                if let Some(call) = &request.generation.tool_call {
+                    // The functions join the system message (templates expect one, first).
+                    let instructions = local::tool_instructions(call);
+                    match messages.first_mut() {
+                        Some(first) if first.role == edge_runtime::Role::System => {
+                            first.content = format!("{}\n\n{instructions}", first.content);
+                        }
+                        _ => messages.insert(
+                            0,
+                            edge_runtime::ChatMessage {
+                                role: edge_runtime::Role::System,
+                                content: instructions,
+                            },
+                        ),
+                    }
+                }
+                let prompt = edge_runtime::Prompt::Chat(messages);
                 self.run_local(session, ctx, endpoint, model, prompt, &request.generation)
                     .await
             }

@@ -65,9 +65,13 @@ pub async fn run(
         .generation
         .seed
         .map_or_else(rand::random::<u32>, |seed| (seed ^ (seed >> 32)) as u32);
-    let grammar = match &request.generation.response_format {
-        None => None,
-        Some(format) => Some(json_grammar(format)?),
+    let grammar = match (
+        &request.generation.response_format,
+        &request.generation.tool_call,
+    ) {
+        (Some(format), _) => Some(json_grammar(format)?),
+        (None, Some(call)) => Some(tool_call_grammar(call)?),
+        (None, None) => None,
     };
     let choices = request.generation.n.max(1);
     if choices > info.parallel_sequences {
@@ -119,6 +123,7 @@ pub async fn run(
             &mut choices,
             &meta,
             request.generation.include_usage,
+            request.generation.tool_call.is_some(),
             first_token_deadline,
         )
         .await
@@ -130,6 +135,7 @@ pub async fn run(
             &mut choices,
             &meta,
             wants_logprobs,
+            request.generation.tool_call.is_some(),
             first_token_deadline,
         )
         .await
@@ -251,6 +257,56 @@ enum Waited {
     FirstTokenTimeout,
 }
 
+/// What a forced function call adds to the conversation: the functions, and the shape of a
+/// call, for a model whose chat template knows no tools. The grammar enforces the shape; this
+/// tells the model what the functions are for.
+pub fn tool_instructions(call: &openai::ToolCall) -> String {
+    let mut text = String::from(
+        "Answer with a call of one of these functions, as one JSON object \
+         {\"name\": <function name>, \"arguments\": <its arguments>}.\nFunctions:",
+    );
+    for tool in &call.tools {
+        text.push_str("\n- ");
+        text.push_str(&tool.name);
+        if let Some(description) = &tool.description {
+            text.push_str(": ");
+            text.push_str(description);
+        }
+        text.push_str("\n  arguments (JSON Schema): ");
+        text.push_str(&tool.parameters);
+    }
+    text
+}
+
+/// The grammar of a forced call: `{"name": <one of the functions>, "arguments": <that
+/// function's arguments>}`, name first so the model picks the function before its arguments.
+fn tool_call_grammar(call: &openai::ToolCall) -> Result<edge_runtime::Grammar, GatewayError> {
+    let alternatives: Vec<String> = call
+        .tools
+        .iter()
+        .map(|tool| {
+            format!(
+                r#"{{"type":"object","properties":{{"name":{{"const":{}}},"arguments":{}}},"required":["name","arguments"],"additionalProperties":false}}"#,
+                serde_json::Value::from(tool.name.as_str()),
+                tool.parameters
+            )
+        })
+        .collect();
+    let schema = match alternatives.as_slice() {
+        [one] => one.clone(),
+        many => format!(r#"{{"anyOf":[{}]}}"#, many.join(",")),
+    };
+    edge_runtime::Grammar::json_schema(&schema).map_err(|error| {
+        GatewayError::invalid_value(
+            "tools",
+            format!(
+                "the local model cannot follow these functions' parameters ({error}): check \
+                 `$ref` targets and the types of keyword values"
+            ),
+        )
+    })
+}
+
 /// The grammar a JSON `response_format` becomes.
 fn json_grammar(format: &openai::ResponseFormat) -> Result<edge_runtime::Grammar, GatewayError> {
     match format {
@@ -354,6 +410,7 @@ async fn collect_events(
     choices: &mut Choices,
     meta: &ResponseMeta,
     wants_logprobs: bool,
+    calls: bool,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
     let started = tokio::time::Instant::now();
@@ -392,10 +449,17 @@ async fn collect_events(
         }
     }
     capture_choices(ctx, &states);
+    let called: Vec<Option<openai::CalledTool>> = states
+        .iter_mut()
+        .enumerate()
+        .map(|(index, state)| made_call(ctx, calls, index, state))
+        .collect();
     record_usage(ctx, &states);
     let bodies: Vec<openai::ChoiceBody<'_>> = states
         .iter()
-        .map(|state| openai::ChoiceBody {
+        .zip(called)
+        .map(|(state, tool_call)| openai::ChoiceBody {
+            tool_call,
             text: &state.text,
             finish_reason: state.finish_reason.unwrap_or("stop"),
             logprobs: wants_logprobs.then(|| {
@@ -409,12 +473,31 @@ async fn collect_events(
     Ok(Answered::Complete)
 }
 
+/// The function call a finished choice made, when the request forced one and the answer is
+/// complete (a call cut off by `max_tokens` stays text, with `length`); its finish reason
+/// becomes `tool_calls`.
+fn made_call(
+    ctx: &RequestContext,
+    calls: bool,
+    index: usize,
+    state: &mut ChoiceState,
+) -> Option<openai::CalledTool> {
+    if !calls || state.finish_reason != Some("stop") {
+        return None;
+    }
+    let call =
+        openai::CalledTool::from_answer(format!("call_{}_{index}", ctx.request_id), &state.text)?;
+    state.finish_reason = Some("tool_calls");
+    Some(call)
+}
+
 async fn stream_events(
     session: &mut Session,
     ctx: &mut RequestContext,
     choices: &mut Choices,
     meta: &ResponseMeta,
     include_usage: bool,
+    calls: bool,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
     let started = tokio::time::Instant::now();
@@ -471,26 +554,28 @@ async fn stream_events(
                 ctx.last_token = Some(now);
                 if capture_as_sent {
                     crate::audit_trail::capture_completion(ctx, &text);
-                } else {
-                    states[index].text.push_str(&text);
                 }
-                let logprobs = logprobs.map(|token| {
-                    let body = meta.logprobs(&[&token], token_bytes[index]);
-                    token_bytes[index] += token.token.len();
-                    body
-                });
-                write(
-                    session,
-                    openai::sse_event(&meta.chunk(
-                        index,
-                        false,
-                        Some(&text),
-                        None,
-                        include_usage,
-                        logprobs,
-                    )),
-                )
-                .await?;
+                states[index].text.push_str(&text);
+                // A function call goes out whole once its JSON is complete.
+                if !calls {
+                    let logprobs = logprobs.map(|token| {
+                        let body = meta.logprobs(&[&token], token_bytes[index]);
+                        token_bytes[index] += token.token.len();
+                        body
+                    });
+                    write(
+                        session,
+                        openai::sse_event(&meta.chunk(
+                            index,
+                            false,
+                            Some(&text),
+                            None,
+                            include_usage,
+                            logprobs,
+                        )),
+                    )
+                    .await?;
+                }
             }
             edge_runtime::Event::Done(completion) => {
                 let finish_reason = completion.finish_reason.as_str();
@@ -499,13 +584,43 @@ async fn stream_events(
                 state.finish_reason = Some(finish_reason);
                 if capture_as_sent {
                     crate::audit_trail::capture_completion(ctx, &completion.text_tail);
-                } else {
-                    state.text.push_str(&completion.text_tail);
                 }
-                let tail =
-                    (!completion.text_tail.is_empty()).then_some(completion.text_tail.as_str());
-                let last = meta.chunk(index, false, tail, Some(finish_reason), include_usage, None);
-                let mut end = openai::sse_event(&last).to_vec();
+                state.text.push_str(&completion.text_tail);
+                let mut end = Vec::new();
+                if calls {
+                    match made_call(ctx, calls, index, state) {
+                        Some(call) => {
+                            end.extend_from_slice(&openai::sse_event(&meta.tool_call_chunk(
+                                index,
+                                &call,
+                                include_usage,
+                            )));
+                            end.extend_from_slice(&openai::sse_event(&meta.chunk(
+                                index,
+                                false,
+                                None,
+                                Some("tool_calls"),
+                                include_usage,
+                                None,
+                            )));
+                        }
+                        // Cut off: the text so far, as an answer that ran out of tokens.
+                        None => end.extend_from_slice(&openai::sse_event(&meta.chunk(
+                            index,
+                            false,
+                            Some(&state.text),
+                            Some(finish_reason),
+                            include_usage,
+                            None,
+                        ))),
+                    }
+                } else {
+                    let tail =
+                        (!completion.text_tail.is_empty()).then_some(completion.text_tail.as_str());
+                    let last =
+                        meta.chunk(index, false, tail, Some(finish_reason), include_usage, None);
+                    end.extend_from_slice(&openai::sse_event(&last));
+                }
                 running -= 1;
                 if running > 0 {
                     write(session, Bytes::from(end)).await?;

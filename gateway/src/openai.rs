@@ -50,6 +50,8 @@ pub struct Generation {
     pub logit_bias: Vec<(u32, f32)>,
     /// `n`: how many choices to generate, 1 to [`CHOICES_MAX`].
     pub n: u32,
+    /// `tools` with `tool_choice` `required` or a named function: each choice is a call.
+    pub tool_call: Option<ToolCall>,
 }
 
 /// One finished choice of a non-streamed response.
@@ -59,6 +61,43 @@ pub struct ChoiceBody<'a> {
     pub finish_reason: &'a str,
     /// From [`ResponseMeta::logprobs`].
     pub logprobs: Option<Value>,
+    /// The function call the choice is (then `text` is not its content).
+    pub tool_call: Option<CalledTool>,
+}
+
+/// A function call an answer made: its id, the function's name and the arguments as JSON
+/// text (OpenAI's `tool_calls[].function.arguments`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalledTool {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+impl CalledTool {
+    /// Reads a call from the JSON a forced call's grammar produced (`{"name": ..., "arguments":
+    /// ...}`); `None` when it is not that (a call cut off by `max_tokens`).
+    pub fn from_answer(id: String, answer: &str) -> Option<CalledTool> {
+        let value: Value = serde_json::from_str(answer).ok()?;
+        Some(CalledTool {
+            id,
+            name: value.get("name")?.as_str()?.to_owned(),
+            arguments: value.get("arguments")?.to_string(),
+        })
+    }
+
+    /// The entry of `tool_calls` (with `index` when it goes into a stream's delta).
+    pub fn body(&self, index: Option<usize>) -> Value {
+        let mut call = serde_json::json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        });
+        if let (Some(index), Some(fields)) = (index, call.as_object_mut()) {
+            fields.insert("index".to_owned(), Value::from(index));
+        }
+        call
+    }
 }
 
 /// What `response_format` asks the answer to be.
@@ -79,6 +118,22 @@ const SCHEMA_NAME_CHARS_MAX: usize = 64;
 pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub generation: Generation,
+}
+
+/// A function a chat request offers (`tools`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    pub description: Option<String>,
+    /// The JSON Schema of its arguments, as JSON text (`{}` when none was given).
+    pub parameters: String,
+}
+
+/// A function call the answer must be (`tool_choice` `required` or a named function).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The functions it may call: every offered one, or the one named.
+    pub tools: Vec<Tool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +163,21 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         }
         (true, top) => Some(logprob_alternatives("top_logprobs", top.unwrap_or(0))?),
     };
+    generation.tool_call = parse_tools(fields.take("tools"), fields.take("tool_choice"))?;
+    if let Some(value) = fields.take("parallel_tool_calls")
+        && !value.is_boolean()
+    {
+        return Err(GatewayError::invalid_value(
+            "parallel_tool_calls",
+            "parallel_tool_calls must be a boolean",
+        ));
+    }
+    if generation.tool_call.is_some() && generation.response_format.is_some() {
+        return Err(GatewayError::invalid_value(
+            "response_format",
+            "a forced tool call already decides the answer's shape; drop response_format",
+        ));
+    }
     Ok(ChatRequest {
         messages,
         generation,
@@ -253,8 +323,6 @@ fn logprob_alternatives(param: &str, top: u32) -> Result<u8, GatewayError> {
 /// Fields whose presence asks for something the local engine does not do. Each entry is
 /// the field and a value that is harmless (the default), if any.
 const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
-    ("tools", None),
-    ("tool_choice", Some(r#""none""#)),
     ("functions", None),
     ("function_call", Some(r#""none""#)),
     ("audio", None),
@@ -404,6 +472,7 @@ fn parse_generation(
         frequency_penalty,
         logit_bias,
         n,
+        tool_call: None,
     })
 }
 
@@ -597,6 +666,157 @@ fn parse_stop(value: Option<Value>) -> Result<Vec<String>, GatewayError> {
     Ok(stops)
 }
 
+/// The longest function name OpenAI accepts.
+const TOOL_NAME_CHARS_MAX: usize = 64;
+
+/// `tools` and `tool_choice`: the call the answer must be, if any. `auto` (the default when
+/// tools are offered) is refused: choosing between text and a call needs a tool-call format
+/// of the model's own, which these local models lack.
+fn parse_tools(
+    tools: Option<Value>,
+    choice: Option<Value>,
+) -> Result<Option<ToolCall>, GatewayError> {
+    let tools = match tools {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| parse_tool(index, item))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                "tools",
+                "tools must be an array of functions",
+            ));
+        }
+    };
+    let auto = || {
+        GatewayError::unsupported(
+            "tool_choice",
+            "local models cannot choose between text and a tool call (`auto`); set tool_choice \
+             to `required` or name the function, or `none`",
+        )
+    };
+    let named = match choice {
+        None if tools.is_empty() => return Ok(None),
+        None => return Err(auto()),
+        Some(Value::String(choice)) => match choice.as_str() {
+            "none" => return Ok(None),
+            "auto" if tools.is_empty() => return Ok(None),
+            "auto" => return Err(auto()),
+            "required" => None,
+            other => {
+                return Err(GatewayError::invalid_value(
+                    "tool_choice",
+                    format!(
+                        "unknown tool_choice `{other}`: use `none`, `required` or {{\"type\": \
+                         \"function\", \"function\": {{\"name\": ...}}}}"
+                    ),
+                ));
+            }
+        },
+        Some(Value::Object(choice)) => match choice
+            .get("function")
+            .and_then(|function| function.get("name"))
+            .and_then(Value::as_str)
+        {
+            Some(name) => Some(name.to_owned()),
+            None => {
+                return Err(GatewayError::invalid_value(
+                    "tool_choice.function.name",
+                    "a named tool_choice needs `function.name`",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                "tool_choice",
+                "tool_choice must be a string or an object",
+            ));
+        }
+    };
+    if tools.is_empty() {
+        return Err(GatewayError::invalid_value(
+            "tools",
+            "tool_choice asks for a call but no tools are offered",
+        ));
+    }
+    let tools = match named {
+        None => tools,
+        Some(name) => {
+            let Some(tool) = tools.into_iter().find(|tool| tool.name == name) else {
+                return Err(GatewayError::invalid_value(
+                    "tool_choice.function.name",
+                    format!("`{name}` is not one of the offered tools"),
+                ));
+            };
+            vec![tool]
+        }
+    };
+    Ok(Some(ToolCall { tools }))
+}
+
+fn parse_tool(index: usize, item: &Value) -> Result<Tool, GatewayError> {
+    let param = format!("tools[{index}]");
+    if item.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(GatewayError::invalid_value(
+            format!("{param}.type"),
+            "each tool must have type `function`",
+        ));
+    }
+    let Some(Value::Object(function)) = item.get("function") else {
+        return Err(GatewayError::invalid_value(
+            format!("{param}.function"),
+            "each tool needs a `function` object",
+        ));
+    };
+    let name = match function.get("name") {
+        Some(Value::String(name))
+            if !name.is_empty()
+                && name.chars().count() <= TOOL_NAME_CHARS_MAX
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+        {
+            name.clone()
+        }
+        _ => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.function.name"),
+                format!(
+                    "a function name is 1 to {TOOL_NAME_CHARS_MAX} letters, digits, underscores \
+                     or dashes"
+                ),
+            ));
+        }
+    };
+    let description = match function.get("description") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(description)) => Some(description.clone()),
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.function.description"),
+                "description must be a string",
+            ));
+        }
+    };
+    let parameters = match function.get("parameters") {
+        None | Some(Value::Null) => "{}".to_owned(),
+        Some(parameters @ Value::Object(_)) => parameters.to_string(),
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.function.parameters"),
+                "parameters must be a JSON Schema object",
+            ));
+        }
+    };
+    Ok(Tool {
+        name,
+        description,
+        parameters,
+    })
+}
+
 fn parse_messages(value: &Value) -> Result<Vec<Message>, GatewayError> {
     let Value::Array(items) = value else {
         return Err(GatewayError::invalid_value(
@@ -640,24 +860,29 @@ fn parse_message(index: usize, item: &Value) -> Result<Message, GatewayError> {
             ));
         }
     };
+    let is_tool = role == "tool";
     let role = match role {
         "system" | "developer" => edge_runtime::Role::System,
-        "user" => edge_runtime::Role::User,
+        // A tool's result reaches the model as the user's words: the local models' chat
+        // templates know no tool role.
+        "user" | "tool" => edge_runtime::Role::User,
         "assistant" => edge_runtime::Role::Assistant,
-        "tool" | "function" => {
+        "function" => {
             return Err(GatewayError::unsupported(
                 format!("{param}.role"),
-                format!("`{role}` messages are not supported by local models"),
+                "`function` messages are not supported by local models (use `tool`)",
             ));
         }
         other => {
             return Err(GatewayError::invalid_value(
                 format!("{param}.role"),
-                format!("`{other}` is not a role (expected system, developer, user or assistant)"),
+                format!(
+                    "`{other}` is not a role (expected system, developer, user, assistant or tool)"
+                ),
             ));
         }
     };
-    for unsupported in ["tool_calls", "function_call", "audio"] {
+    for unsupported in ["function_call", "audio"] {
         if message
             .get(unsupported)
             .is_some_and(|value| !value.is_null())
@@ -718,7 +943,70 @@ fn parse_message(index: usize, item: &Value) -> Result<Message, GatewayError> {
             ));
         }
     };
+    let content = if is_tool {
+        let id = message
+            .get("tool_call_id")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        format!("Result of tool call {id}: {content}")
+    } else {
+        content
+    };
+    let content = match message.get("tool_calls") {
+        None | Some(Value::Null) => content,
+        Some(calls) if role == edge_runtime::Role::Assistant => {
+            with_tool_calls(content, calls, &format!("{param}.tool_calls"))?
+        }
+        Some(_) => {
+            return Err(GatewayError::invalid_value(
+                format!("{param}.tool_calls"),
+                "only assistant messages carry tool_calls",
+            ));
+        }
+    };
     Ok(Message { role, content })
+}
+
+/// An assistant message's text with its earlier tool calls, each as the JSON object the
+/// model writes for a call (`{"name": ..., "arguments": ...}`), one per line.
+fn with_tool_calls(content: String, calls: &Value, param: &str) -> Result<String, GatewayError> {
+    let Value::Array(calls) = calls else {
+        return Err(GatewayError::invalid_value(
+            param,
+            "tool_calls must be an array",
+        ));
+    };
+    let mut text = content;
+    for (index, call) in calls.iter().enumerate() {
+        let function = call.get("function");
+        let name = function
+            .and_then(|function| function.get("name"))
+            .and_then(Value::as_str);
+        let arguments = function
+            .and_then(|function| function.get("arguments"))
+            .and_then(Value::as_str);
+        let (Some(name), Some(arguments)) = (name, arguments) else {
+            return Err(GatewayError::invalid_value(
+                format!("{param}[{index}].function"),
+                "a tool call needs `function.name` and `function.arguments` (a JSON string)",
+            ));
+        };
+        let arguments: Value = serde_json::from_str(arguments).map_err(|error| {
+            GatewayError::invalid_value(
+                format!("{param}[{index}].function.arguments"),
+                format!("arguments must be JSON text: {error}"),
+            )
+        })?;
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        // Name first, as the model writes a call.
+        text.push_str(&format!(
+            r#"{{"name":{},"arguments":{arguments}}}"#,
+            Value::from(name)
+        ));
+    }
+    Ok(text)
 }
 
 /// The top-level fields of a JSON object body; absent and `null` fields read alike.
@@ -885,14 +1173,21 @@ impl ResponseMeta {
             .enumerate()
             .map(|(index, choice)| {
                 let logprobs = choice.logprobs.clone().unwrap_or(Value::Null);
-                match self.endpoint {
-                    Endpoint::Chat => serde_json::json!({
+                match (self.endpoint, &choice.tool_call) {
+                    (Endpoint::Chat, Some(call)) => serde_json::json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": null, "refusal": null,
+                            "tool_calls": [call.body(None)]},
+                        "logprobs": logprobs,
+                        "finish_reason": "tool_calls",
+                    }),
+                    (Endpoint::Chat, None) => serde_json::json!({
                         "index": index,
                         "message": {"role": "assistant", "content": choice.text, "refusal": null},
                         "logprobs": logprobs,
                         "finish_reason": choice.finish_reason,
                     }),
-                    Endpoint::Completions => serde_json::json!({
+                    (Endpoint::Completions, _) => serde_json::json!({
                         "index": index,
                         "text": choice.text,
                         "logprobs": logprobs,
@@ -956,6 +1251,32 @@ impl ResponseMeta {
             "model": self.model,
             "system_fingerprint": null,
             "choices": [choice],
+        });
+        if with_usage_field && let Some(object) = chunk.as_object_mut() {
+            object.insert("usage".to_owned(), Value::Null);
+        }
+        chunk
+    }
+
+    /// The stream chunk that carries choice `index`'s whole function call.
+    pub fn tool_call_chunk(
+        &self,
+        index: usize,
+        call: &CalledTool,
+        with_usage_field: bool,
+    ) -> Value {
+        let mut chunk = serde_json::json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [{
+                "index": index,
+                "delta": {"tool_calls": [call.body(Some(0))]},
+                "logprobs": null,
+                "finish_reason": null,
+            }],
         });
         if with_usage_field && let Some(object) = chunk.as_object_mut() {
             object.insert("usage".to_owned(), Value::Null);

@@ -672,3 +672,98 @@ fn histogram(metrics: &str, name: &str) -> (f64, f64) {
     };
     (total("_sum"), total("_count"))
 }
+
+#[test]
+fn a_forced_tool_call_comes_back_as_tool_calls_whole_or_streamed() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions::default());
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": {"type": "object", "additionalProperties": false, "required": ["city"],
+                "properties": {"city": {"type": "string", "maxLength": 30}}}}},
+        {"type": "function", "function": {"name": "get_time",
+            "description": "The current time in a time zone",
+            "parameters": {"type": "object", "additionalProperties": false, "required": ["zone"],
+                "properties": {"zone": {"type": "string", "enum": ["UTC", "CET", "PST"]}}}}},
+    ]);
+    let check_call = |call: &Value| {
+        assert_eq!(call["type"], "function", "{call}");
+        let name = call["function"]["name"].as_str().unwrap();
+        let arguments: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        match name {
+            "get_weather" => assert!(arguments["city"].as_str().unwrap().chars().count() <= 30),
+            "get_time" => {
+                assert!(["UTC", "CET", "PST"].contains(&arguments["zone"].as_str().unwrap()))
+            }
+            other => panic!("called {other}"),
+        }
+        name.to_owned()
+    };
+    block_on(async {
+        // A named function: that call, with arguments that match its parameters.
+        let named = chat_body(
+            "What is the weather like in Oslo?",
+            json!({"max_tokens": 64, "tools": tools,
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        );
+        let answer = chat(&gateway, &named).await;
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+        assert!(choice["message"]["content"].is_null(), "{answer}");
+        assert_eq!(
+            check_call(&choice["message"]["tool_calls"][0]),
+            "get_weather"
+        );
+
+        // Streamed: one delta carries the whole call, then the finish.
+        let text = chat_stream(&gateway, &named).await;
+        let chunks: Vec<Value> = sse_payloads(&text)
+            .iter()
+            .filter_map(|payload| serde_json::from_str(payload).ok())
+            .collect();
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|chunk| chunk["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert_eq!(calls.len(), 1, "{text}");
+        assert_eq!(calls[0]["index"], 0);
+        assert_eq!(
+            calls[0]["function"],
+            choice["message"]["tool_calls"][0]["function"]
+        );
+        assert!(
+            chunks
+                .iter()
+                .any(|chunk| chunk["choices"][0]["finish_reason"] == "tool_calls"),
+            "{text}"
+        );
+
+        // `required`: one of the offered functions; with the call and its result in the
+        // history the conversation goes on.
+        let required = chat(
+            &gateway,
+            &chat_body(
+                "What time is it in Paris?",
+                json!({"max_tokens": 64, "tools": tools, "tool_choice": "required"}),
+            ),
+        )
+        .await;
+        let call = &required["choices"][0]["message"]["tool_calls"][0];
+        check_call(call);
+        let follow_up = json!({
+            "model": "smollm2", "temperature": 0, "max_tokens": 16,
+            "messages": [
+                {"role": "user", "content": "What time is it in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "14:05"},
+            ],
+        });
+        let answer = chat(&gateway, &follow_up).await;
+        assert!(
+            answer["choices"][0]["message"]["content"].is_string(),
+            "{answer}"
+        );
+    });
+}

@@ -48,7 +48,8 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             (400, Some("temperature"))
         );
 
-        // What the engine cannot honour is refused, not ignored.
+        // What the engine cannot honour is refused, not ignored: offered tools leave the
+        // choice of a call to the model (`auto`), which local models cannot make.
         let request = chat_body(
             "hi",
             json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
@@ -57,7 +58,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             error_of(post(serde_json::to_vec(&request).unwrap()).await.unwrap()).await;
         assert_eq!(status, 400);
         assert_eq!(body["error"]["code"], "unsupported_parameter");
-        assert_eq!(body["error"]["param"], "tools");
+        assert_eq!(body["error"]["param"], "tool_choice");
 
         // Unknown model.
         let request = chat_body("hi", json!({"model": "gpt-unknown"}));

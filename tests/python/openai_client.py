@@ -83,6 +83,20 @@ def main() -> None:
     city = parsed.choices[0].message.parsed
     assert isinstance(city, City), parsed
 
+    # A forced function call, as libraries ask for structured output through tools.
+    called = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+        tools=[openai.pydantic_function_tool(City, name="record_city")],
+        tool_choice={"type": "function", "function": {"name": "record_city"}},
+        max_tokens=64,
+        temperature=0,
+    )
+    assert called.choices[0].finish_reason == "tool_calls", called
+    tool_call = called.choices[0].message.tool_calls[0]
+    assert tool_call.function.name == "record_city", tool_call
+    City.model_validate_json(tool_call.function.arguments)
+
     # Log-probabilities in the SDK's types.
     scored = client.chat.completions.create(
         model="smollm2",

@@ -66,6 +66,7 @@ fn a_full_chat_request_parses() {
                     frequency_penalty: 0.0,
                     logit_bias: [],
                     n: 1,
+                    tool_call: None,
                 },
             }"#]],
     );
@@ -104,7 +105,7 @@ fn bad_fields_name_their_param() {
     check_chat(
         r#"{"messages":[{"role":"user","content":"x"},{"role":"robot","content":"y"}]}"#,
         expect![[
-            r#"{"error":{"message":"`robot` is not a role (expected system, developer, user or assistant)","type":"invalid_request_error","param":"messages[1].role","code":"invalid_value"}}"#
+            r#"{"error":{"message":"`robot` is not a role (expected system, developer, user, assistant or tool)","type":"invalid_request_error","param":"messages[1].role","code":"invalid_value"}}"#
         ]],
     );
     check_chat(
@@ -124,9 +125,9 @@ fn bad_fields_name_their_param() {
 #[test]
 fn what_the_local_engine_cannot_honour_is_refused() {
     check_chat(
-        r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+        r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
         expect![[
-            r#"{"error":{"message":"`tools` is not supported by this endpoint's local models","type":"invalid_request_error","param":"tools","code":"unsupported_parameter"}}"#
+            r#"{"error":{"message":"local models cannot choose between text and a tool call (`auto`); set tool_choice to `required` or name the function, or `none`","type":"invalid_request_error","param":"tool_choice","code":"unsupported_parameter"}}"#
         ]],
     );
     check_chat(
@@ -177,6 +178,7 @@ fn legacy_completions_default_to_sixteen_tokens() {
                     frequency_penalty: 0.0,
                     logit_bias: [],
                     n: 1,
+                    tool_call: None,
                 },
             }"#]],
     );
@@ -365,4 +367,79 @@ fn logit_bias_and_penalties_are_read_and_bad_ones_name_their_field() {
             other => panic!("{bad}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn tools_with_a_forced_call_are_read_and_auto_is_refused() {
+    let chat = |extra: &str| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        parse_chat(body.as_bytes())
+    };
+    let tools = r#","tools":[{"type":"function","function":{"name":"get_weather","description":"Weather now","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}},{"type":"function","function":{"name":"get_time"}}]"#;
+    let named = chat(&format!(
+        r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"get_time"}}}}"#
+    ))
+    .unwrap();
+    let call = named.generation.tool_call.unwrap();
+    assert_eq!(call.tools.len(), 1);
+    assert_eq!(
+        (
+            call.tools[0].name.as_str(),
+            call.tools[0].parameters.as_str()
+        ),
+        ("get_time", "{}")
+    );
+    let required = chat(&format!(r#"{tools},"tool_choice":"required""#)).unwrap();
+    assert_eq!(required.generation.tool_call.unwrap().tools.len(), 2);
+    assert_eq!(
+        chat(&format!(r#"{tools},"tool_choice":"none""#))
+            .unwrap()
+            .generation
+            .tool_call,
+        None
+    );
+    for (bad, param, unsupported) in [
+        (tools.to_owned(), "tool_choice", true),
+        (format!(r#"{tools},"tool_choice":"auto""#), "tool_choice", true),
+        (
+            format!(r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"nope"}}}}"#),
+            "tool_choice.function.name",
+            false,
+        ),
+        (
+            r#","tools":[{"type":"function","function":{"name":"has space"}}],"tool_choice":"required""#.to_owned(),
+            "tools[0].function.name",
+            false,
+        ),
+        (r#","tool_choice":"required""#.to_owned(), "tools", false),
+        (
+            format!(r#"{tools},"tool_choice":"required","response_format":{{"type":"json_object"}}"#),
+            "response_format",
+            false,
+        ),
+    ] {
+        match chat(&bad) {
+            Err(GatewayError::UnsupportedParameter { param: got, .. }) if unsupported => {
+                assert_eq!(got, param, "{bad}");
+            }
+            Err(GatewayError::InvalidValue { param: got, .. }) if !unsupported => {
+                assert_eq!(got, param, "{bad}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+
+    // Earlier calls and their results reach the model as text, a call as the model writes it.
+    let history = parse_chat(
+        br#"{"messages":[{"role":"user","content":"Weather in Oslo?"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Oslo\"}"}}]},
+        {"role":"tool","tool_call_id":"c1","content":"-3 C"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        history.messages[1].content,
+        r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#
+    );
+    assert_eq!(history.messages[2].role, edge_runtime::Role::User);
+    assert_eq!(history.messages[2].content, "Result of tool call c1: -3 C");
 }
