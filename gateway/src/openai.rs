@@ -2,8 +2,9 @@
 //!
 //! Requests are checked field by field so that every mistake is reported with the `param` it
 //! concerns. Fields we cannot honour are refused with `unsupported_parameter` rather than
-//! silently ignored — a client asking for `tools` or `logprobs` must not get an answer that
-//! only looks right. Fields we do not know at all are tolerated, as OpenAI's own API evolves.
+//! silently ignored — a client asking for `tool_choice: "auto"` or `prediction` must not get
+//! an answer that only looks right. Fields we do not know at all are tolerated, as OpenAI's
+//! own API evolves.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
