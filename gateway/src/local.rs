@@ -123,7 +123,7 @@ pub async fn run(
             &mut choices,
             &meta,
             request.generation.include_usage,
-            request.generation.tool_call.is_some(),
+            request.generation.tool_call.as_ref(),
             first_token_deadline,
         )
         .await
@@ -135,7 +135,7 @@ pub async fn run(
             &mut choices,
             &meta,
             wants_logprobs,
-            request.generation.tool_call.is_some(),
+            request.generation.tool_call.as_ref(),
             first_token_deadline,
         )
         .await
@@ -263,8 +263,13 @@ enum Waited {
 pub fn tool_instructions(call: &openai::ToolCall) -> String {
     let mut text = String::from(
         "Answer with a call of one of these functions, as one JSON object \
-         {\"name\": <function name>, \"arguments\": <its arguments>}.\nFunctions:",
+         {\"name\": <function name>, \"arguments\": <its arguments>}",
     );
+    text.push_str(if call.text_allowed {
+        ", or, when no function fits, with {\"response\": <your answer>}.\nFunctions:"
+    } else {
+        ".\nFunctions:"
+    });
     for tool in &call.tools {
         text.push_str("\n- ");
         text.push_str(&tool.name);
@@ -281,7 +286,7 @@ pub fn tool_instructions(call: &openai::ToolCall) -> String {
 /// The grammar of a forced call: `{"name": <one of the functions>, "arguments": <that
 /// function's arguments>}`, name first so the model picks the function before its arguments.
 fn tool_call_grammar(call: &openai::ToolCall) -> Result<edge_runtime::Grammar, GatewayError> {
-    let alternatives: Vec<String> = call
+    let mut alternatives: Vec<String> = call
         .tools
         .iter()
         .map(|tool| {
@@ -292,6 +297,12 @@ fn tool_call_grammar(call: &openai::ToolCall) -> Result<edge_runtime::Grammar, G
             )
         })
         .collect();
+    if call.text_allowed {
+        alternatives.push(
+            r#"{"type":"object","properties":{"response":{"type":"string"}},"required":["response"],"additionalProperties":false}"#
+                .to_owned(),
+        );
+    }
     let schema = match alternatives.as_slice() {
         [one] => one.clone(),
         many => format!(r#"{{"anyOf":[{}]}}"#, many.join(",")),
@@ -410,7 +421,7 @@ async fn collect_events(
     choices: &mut Choices,
     meta: &ResponseMeta,
     wants_logprobs: bool,
-    calls: bool,
+    calls: Option<&openai::ToolCall>,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
     let started = tokio::time::Instant::now();
@@ -473,22 +484,35 @@ async fn collect_events(
     Ok(Answered::Complete)
 }
 
-/// The function call a finished choice made, when the request forced one and the answer is
-/// complete (a call cut off by `max_tokens` stays text, with `length`); its finish reason
-/// becomes `tool_calls`.
+/// The function call a finished choice made, when the request offered functions and the
+/// answer is complete (a call cut off by `max_tokens` stays text, with `length`); its finish
+/// reason becomes `tool_calls`. An `auto` answer without a call, `{"response": <text>}`,
+/// becomes that text.
 fn made_call(
     ctx: &RequestContext,
-    calls: bool,
+    calls: Option<&openai::ToolCall>,
     index: usize,
     state: &mut ChoiceState,
 ) -> Option<openai::CalledTool> {
-    if !calls || state.finish_reason != Some("stop") {
+    let calls = calls?;
+    if state.finish_reason != Some("stop") {
         return None;
     }
-    let call =
-        openai::CalledTool::from_answer(format!("call_{}_{index}", ctx.request_id), &state.text)?;
-    state.finish_reason = Some("tool_calls");
-    Some(call)
+    let id = format!("call_{}_{index}", ctx.request_id);
+    match openai::CalledTool::from_answer(id, &state.text) {
+        Some(call) => {
+            state.finish_reason = Some("tool_calls");
+            Some(call)
+        }
+        None => {
+            if calls.text_allowed
+                && let Some(text) = openai::CalledTool::text_answer(&state.text)
+            {
+                state.text = text;
+            }
+            None
+        }
+    }
 }
 
 async fn stream_events(
@@ -497,7 +521,7 @@ async fn stream_events(
     choices: &mut Choices,
     meta: &ResponseMeta,
     include_usage: bool,
-    calls: bool,
+    calls: Option<&openai::ToolCall>,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
     let started = tokio::time::Instant::now();
@@ -557,7 +581,7 @@ async fn stream_events(
                 }
                 states[index].text.push_str(&text);
                 // A function call goes out whole once its JSON is complete.
-                if !calls {
+                if calls.is_none() {
                     let logprobs = logprobs.map(|token| {
                         let body = meta.logprobs(&[&token], token_bytes[index]);
                         token_bytes[index] += token.token.len();
@@ -587,7 +611,7 @@ async fn stream_events(
                 }
                 state.text.push_str(&completion.text_tail);
                 let mut end = Vec::new();
-                if calls {
+                if calls.is_some() {
                     match made_call(ctx, calls, index, state) {
                         Some(call) => {
                             end.extend_from_slice(&openai::sse_event(&meta.tool_call_chunk(
@@ -604,7 +628,7 @@ async fn stream_events(
                                 None,
                             )));
                         }
-                        // Cut off: the text so far, as an answer that ran out of tokens.
+                        // Text (`auto` without a call), or a call cut off by `max_tokens`.
                         None => end.extend_from_slice(&openai::sse_event(&meta.chunk(
                             index,
                             false,

@@ -2,8 +2,8 @@
 //!
 //! Requests are checked field by field so that every mistake is reported with the `param` it
 //! concerns. Fields we cannot honour are refused with `unsupported_parameter` rather than
-//! silently ignored — a client asking for `tool_choice: "auto"` or `prediction` must not get
-//! an answer that only looks right. Fields we do not know at all are tolerated, as OpenAI's
+//! silently ignored — a client asking for `prediction` or audio must not get an answer that
+//! only looks right. Fields we do not know at all are tolerated, as OpenAI's
 //! own API evolves.
 
 use serde::Serialize;
@@ -76,8 +76,8 @@ pub struct CalledTool {
 }
 
 impl CalledTool {
-    /// Reads a call from the JSON a forced call's grammar produced (`{"name": ..., "arguments":
-    /// ...}`); `None` when it is not that (a call cut off by `max_tokens`).
+    /// Reads a call from the JSON a call's grammar produced (`{"name": ..., "arguments":
+    /// ...}`); `None` when it is not that (a text answer, a call cut off by `max_tokens`).
     pub fn from_answer(id: String, answer: &str) -> Option<CalledTool> {
         let value: Value = serde_json::from_str(answer).ok()?;
         Some(CalledTool {
@@ -85,6 +85,13 @@ impl CalledTool {
             name: value.get("name")?.as_str()?.to_owned(),
             arguments: value.get("arguments")?.to_string(),
         })
+    }
+
+    /// The text of a `{"response": <text>}` answer (`tool_choice: "auto"` answering without a
+    /// call).
+    pub fn text_answer(answer: &str) -> Option<String> {
+        let value: Value = serde_json::from_str(answer).ok()?;
+        Some(value.get("response")?.as_str()?.to_owned())
     }
 
     /// The entry of `tool_calls` (with `index` when it goes into a stream's delta).
@@ -130,11 +137,15 @@ pub struct Tool {
     pub parameters: String,
 }
 
-/// A function call the answer must be (`tool_choice` `required` or a named function).
+/// The functions an answer may call (`tools` with `tool_choice` other than `none`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
     /// The functions it may call: every offered one, or the one named.
     pub tools: Vec<Tool>,
+    /// `auto`: the answer may be text instead of a call (then the model writes
+    /// `{"response": <text>}`, the one JSON shape any model can be held to beside a call);
+    /// `required` or a named function: it must be a call.
+    pub text_allowed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -670,9 +681,8 @@ fn parse_stop(value: Option<Value>) -> Result<Vec<String>, GatewayError> {
 /// The longest function name OpenAI accepts.
 const TOOL_NAME_CHARS_MAX: usize = 64;
 
-/// `tools` and `tool_choice`: the call the answer must be, if any. `auto` (the default when
-/// tools are offered) is refused: choosing between text and a call needs a tool-call format
-/// of the model's own, which these local models lack.
+/// `tools` and `tool_choice`: the functions the answer may or must call, if any (`auto`, the
+/// default when tools are offered, lets it answer with text instead).
 fn parse_tools(
     tools: Option<Value>,
     choice: Option<Value>,
@@ -691,27 +701,27 @@ fn parse_tools(
             ));
         }
     };
-    let auto = || {
-        GatewayError::unsupported(
-            "tool_choice",
-            "local models cannot choose between text and a tool call (`auto`); set tool_choice \
-             to `required` or name the function, or `none`",
-        )
-    };
+    let mut text_allowed = false;
     let named = match choice {
         None if tools.is_empty() => return Ok(None),
-        None => return Err(auto()),
+        None => {
+            text_allowed = true;
+            None
+        }
         Some(Value::String(choice)) => match choice.as_str() {
             "none" => return Ok(None),
             "auto" if tools.is_empty() => return Ok(None),
-            "auto" => return Err(auto()),
+            "auto" => {
+                text_allowed = true;
+                None
+            }
             "required" => None,
             other => {
                 return Err(GatewayError::invalid_value(
                     "tool_choice",
                     format!(
-                        "unknown tool_choice `{other}`: use `none`, `required` or {{\"type\": \
-                         \"function\", \"function\": {{\"name\": ...}}}}"
+                        "unknown tool_choice `{other}`: use `none`, `auto`, `required` or \
+                         {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
                     ),
                 ));
             }
@@ -754,7 +764,10 @@ fn parse_tools(
             vec![tool]
         }
     };
-    Ok(Some(ToolCall { tools }))
+    Ok(Some(ToolCall {
+        tools,
+        text_allowed,
+    }))
 }
 
 fn parse_tool(index: usize, item: &Value) -> Result<Tool, GatewayError> {

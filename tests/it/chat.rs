@@ -674,7 +674,7 @@ fn histogram(metrics: &str, name: &str) -> (f64, f64) {
 }
 
 #[test]
-fn a_forced_tool_call_comes_back_as_tool_calls_whole_or_streamed() {
+fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
     let _serial = serial();
     let gateway = Gateway::start(&GatewayOptions::default());
     let tools = json!([
@@ -765,5 +765,24 @@ fn a_forced_tool_call_comes_back_as_tool_calls_whole_or_streamed() {
             answer["choices"][0]["message"]["content"].is_string(),
             "{answer}"
         );
+
+        // `auto` (the default with tools): a call, or text when the model writes no call,
+        // never the JSON that held it.
+        for prompt in ["What is the weather like in Oslo?", "Say hello to me."] {
+            let answer = chat(
+                &gateway,
+                &chat_body(prompt, json!({"max_tokens": 64, "tools": tools})),
+            )
+            .await;
+            let choice = &answer["choices"][0];
+            if choice["finish_reason"] == "tool_calls" {
+                check_call(&choice["message"]["tool_calls"][0]);
+            } else {
+                assert_eq!(choice["finish_reason"], "stop", "{answer}");
+                let content = choice["message"]["content"].as_str().unwrap();
+                assert!(!content.contains("\"response\""), "{answer}");
+                assert!(choice["message"].get("tool_calls").is_none(), "{answer}");
+            }
+        }
     });
 }

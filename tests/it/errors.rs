@@ -48,17 +48,13 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             (400, Some("temperature"))
         );
 
-        // What the engine cannot honour is refused, not ignored: offered tools leave the
-        // choice of a call to the model (`auto`), which local models cannot make.
-        let request = chat_body(
-            "hi",
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-        );
+        // What the engine cannot honour is refused, not ignored.
+        let request = chat_body("hi", json!({"audio": {"voice": "alloy", "format": "wav"}}));
         let (status, body) =
             error_of(post(serde_json::to_vec(&request).unwrap()).await.unwrap()).await;
         assert_eq!(status, 400);
         assert_eq!(body["error"]["code"], "unsupported_parameter");
-        assert_eq!(body["error"]["param"], "tool_choice");
+        assert_eq!(body["error"]["param"], "audio");
 
         // Unknown model.
         let request = chat_body("hi", json!({"model": "gpt-unknown"}));

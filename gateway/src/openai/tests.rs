@@ -1,6 +1,6 @@
 use expect_test::{Expect, expect};
 
-use super::{Endpoint, ResponseFormat, ResponseMeta, parse_chat, parse_completion};
+use super::{CalledTool, Endpoint, ResponseFormat, ResponseMeta, parse_chat, parse_completion};
 use crate::error::GatewayError;
 
 fn check_chat(body: &str, expect: Expect) {
@@ -125,9 +125,9 @@ fn bad_fields_name_their_param() {
 #[test]
 fn what_the_local_engine_cannot_honour_is_refused() {
     check_chat(
-        r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+        r#"{"messages":[{"role":"user","content":"x"}],"audio":{"voice":"alloy","format":"wav"}}"#,
         expect![[
-            r#"{"error":{"message":"local models cannot choose between text and a tool call (`auto`); set tool_choice to `required` or name the function, or `none`","type":"invalid_request_error","param":"tool_choice","code":"unsupported_parameter"}}"#
+            r#"{"error":{"message":"`audio` is not supported by this endpoint's local models","type":"invalid_request_error","param":"audio","code":"unsupported_parameter"}}"#
         ]],
     );
     check_chat(
@@ -370,7 +370,7 @@ fn logit_bias_and_penalties_are_read_and_bad_ones_name_their_field() {
 }
 
 #[test]
-fn tools_with_a_forced_call_are_read_and_auto_is_refused() {
+fn tools_are_read_with_what_the_answer_may_be() {
     let chat = |extra: &str| {
         let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
         parse_chat(body.as_bytes())
@@ -390,7 +390,8 @@ fn tools_with_a_forced_call_are_read_and_auto_is_refused() {
         ("get_time", "{}")
     );
     let required = chat(&format!(r#"{tools},"tool_choice":"required""#)).unwrap();
-    assert_eq!(required.generation.tool_call.unwrap().tools.len(), 2);
+    let required = required.generation.tool_call.unwrap();
+    assert_eq!((required.tools.len(), required.text_allowed), (2, false));
     assert_eq!(
         chat(&format!(r#"{tools},"tool_choice":"none""#))
             .unwrap()
@@ -398,9 +399,12 @@ fn tools_with_a_forced_call_are_read_and_auto_is_refused() {
             .tool_call,
         None
     );
+    // `auto`, also the default with tools, lets the answer be text instead of a call.
+    for auto in [tools.to_owned(), format!(r#"{tools},"tool_choice":"auto""#)] {
+        let call = chat(&auto).unwrap().generation.tool_call.unwrap();
+        assert!(call.text_allowed && call.tools.len() == 2, "{auto}");
+    }
     for (bad, param, unsupported) in [
-        (tools.to_owned(), "tool_choice", true),
-        (format!(r#"{tools},"tool_choice":"auto""#), "tool_choice", true),
         (
             format!(r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"nope"}}}}"#),
             "tool_choice.function.name",
@@ -442,4 +446,33 @@ fn tools_with_a_forced_call_are_read_and_auto_is_refused() {
     );
     assert_eq!(history.messages[2].role, edge_runtime::Role::User);
     assert_eq!(history.messages[2].content, "Result of tool call c1: -3 C");
+}
+
+#[test]
+fn a_call_or_a_text_answer_is_read_from_the_json_the_grammar_allowed() {
+    let call = CalledTool::from_answer(
+        "call_1".to_owned(),
+        r#"{"name": "get_time", "arguments": {"zone": "UTC"}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (call.name.as_str(), call.arguments.as_str()),
+        ("get_time", r#"{"zone":"UTC"}"#)
+    );
+    assert_eq!(
+        call.body(Some(0)).to_string(),
+        r#"{"function":{"arguments":"{\"zone\":\"UTC\"}","name":"get_time"},"id":"call_1","index":0,"type":"function"}"#
+    );
+    assert_eq!(
+        CalledTool::text_answer(r#"{"response": "It is noon."}"#).as_deref(),
+        Some("It is noon.")
+    );
+    assert_eq!(
+        CalledTool::from_answer("c".to_owned(), r#"{"response": "x"}"#),
+        None
+    );
+    assert_eq!(
+        CalledTool::from_answer("c".to_owned(), r#"{"name": "f", "argu"#),
+        None
+    );
 }
