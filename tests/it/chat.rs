@@ -767,22 +767,32 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
         );
 
         // `auto` (the default with tools): a call, or text when the model writes no call,
-        // never the JSON that held it.
-        for prompt in ["What is the weather like in Oslo?", "Say hello to me."] {
-            let answer = chat(
-                &gateway,
-                &chat_body(prompt, json!({"max_tokens": 64, "tools": tools})),
-            )
-            .await;
+        // never the JSON that held it. With the demo model a weather question gets a call and
+        // a poet thanked gets text (at least one of two such prompts, should a near tie flip).
+        let mut texts = 0;
+        for (system, prompt) in [
+            ("You answer briefly.", "What is the weather like in Oslo?"),
+            ("You are a poet.", "Thank you!"),
+            ("You are a poet.", "Write one word: hello."),
+        ] {
+            let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 40,
+                "tools": tools, "messages": [{"role": "system", "content": system},
+                    {"role": "user", "content": prompt}]});
+            let answer = chat(&gateway, &body).await;
             let choice = &answer["choices"][0];
             if choice["finish_reason"] == "tool_calls" {
                 check_call(&choice["message"]["tool_calls"][0]);
             } else {
                 assert_eq!(choice["finish_reason"], "stop", "{answer}");
                 let content = choice["message"]["content"].as_str().unwrap();
-                assert!(!content.contains("\"response\""), "{answer}");
+                assert!(
+                    !content.is_empty() && !content.contains("\"response\""),
+                    "{answer}"
+                );
                 assert!(choice["message"].get("tool_calls").is_none(), "{answer}");
+                texts += 1;
             }
         }
+        assert!(texts >= 1, "no auto answer was text");
     });
 }
