@@ -656,12 +656,7 @@ async fn stream_events(
                     if include_usage {
                         end.extend_from_slice(&openai::sse_event(&meta.usage_chunk(ctx.usage)));
                     }
-                    end.extend_from_slice(openai::SSE_DONE);
-                    crate::audit_trail::seal(session, ctx).await?;
-                    session
-                        .write_response_body(Some(Bytes::from(end)), true)
-                        .await?;
-                    return Ok(Answered::Complete);
+                    return end_stream(session, ctx, end).await;
                 }
             }
             edge_runtime::Event::Failed(error) => {
@@ -669,13 +664,7 @@ async fn stream_events(
                 let error = generation_error(&error);
                 ctx.outcome = Some(error.to_string());
                 let body = serde_json::to_value(error.body()).unwrap_or_default();
-                let mut end = openai::sse_event(&body).to_vec();
-                end.extend_from_slice(openai::SSE_DONE);
-                crate::audit_trail::seal(session, ctx).await?;
-                session
-                    .write_response_body(Some(Bytes::from(end)), true)
-                    .await?;
-                return Ok(Answered::Complete);
+                return end_stream(session, ctx, openai::sse_event(&body).to_vec()).await;
             }
         }
         (index, event) = match next_event(session, ctx, choices, first_token_deadline).await {
@@ -699,6 +688,20 @@ async fn stream_events(
             ),
         };
     }
+}
+
+/// Ends a stream with `last` and `[DONE]`, once the outcome's audit record is durable.
+async fn end_stream(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    mut last: Vec<u8>,
+) -> Result<Answered, Failure> {
+    last.extend_from_slice(openai::SSE_DONE);
+    crate::audit_trail::seal(session, ctx).await?;
+    session
+        .write_response_body(Some(Bytes::from(last)), true)
+        .await?;
+    Ok(Answered::Complete)
 }
 
 async fn write(session: &mut Session, data: Bytes) -> Result<(), Failure> {

@@ -565,13 +565,7 @@ fn parse_response_format(
                 ));
             };
             let name_ok = match spec.get("name") {
-                Some(Value::String(name)) => {
-                    !name.is_empty()
-                        && name.chars().count() <= SCHEMA_NAME_CHARS_MAX
-                        && name
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                }
+                Some(Value::String(name)) => is_name(name, SCHEMA_NAME_CHARS_MAX),
                 _ => false,
             };
             if !name_ok {
@@ -676,6 +670,16 @@ fn parse_stop(value: Option<Value>) -> Result<Vec<String>, GatewayError> {
         ));
     }
     Ok(stops)
+}
+
+/// Whether `name` is 1 to `chars_max` letters, digits, underscores or dashes: OpenAI's rule
+/// for schema and function names.
+fn is_name(name: &str, chars_max: usize) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= chars_max
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// The longest function name OpenAI accepts.
@@ -785,15 +789,7 @@ fn parse_tool(index: usize, item: &Value) -> Result<Tool, GatewayError> {
         ));
     };
     let name = match function.get("name") {
-        Some(Value::String(name))
-            if !name.is_empty()
-                && name.chars().count() <= TOOL_NAME_CHARS_MAX
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
-        {
-            name.clone()
-        }
+        Some(Value::String(name)) if is_name(name, TOOL_NAME_CHARS_MAX) => name.clone(),
         _ => {
             return Err(GatewayError::invalid_value(
                 format!("{param}.function.name"),

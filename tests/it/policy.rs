@@ -165,34 +165,17 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "sensitive-local".to_owned())
         );
-        // Nor can a field outside the prompt: the cloud leg forwards the whole body.
-        let response = send(
-            &gateway,
-            &chat(
-                HARD,
-                json!({"max_tokens": 200, "metadata": {"note": VALID_IBAN}}),
-            ),
-            &[],
-        )
-        .await;
-        assert_eq!(
-            route(&response),
-            ("local".to_owned(), "sensitive-local".to_owned())
-        );
-        // Nor a number: a card number is a JSON number as easily as a string.
-        let response = send(
-            &gateway,
-            &chat(
-                HARD,
-                json!({"max_tokens": 200, "metadata": {"card": CARD_NUMBER}}),
-            ),
-            &[],
-        )
-        .await;
-        assert_eq!(
-            route(&response),
-            ("local".to_owned(), "sensitive-local".to_owned())
-        );
+        // Nor can a field outside the prompt (the cloud leg forwards the whole body), as a
+        // string or as a number.
+        for metadata in [json!({"note": VALID_IBAN}), json!({"card": CARD_NUMBER})] {
+            let body = chat(HARD, json!({"max_tokens": 200, "metadata": metadata}));
+            let response = send(&gateway, &body, &[]).await;
+            assert_eq!(
+                route(&response),
+                ("local".to_owned(), "sensitive-local".to_owned()),
+                "{metadata}"
+            );
+        }
         // Redaction replaces values in the prompt, not in a message's `name`: the finance
         // rule's redact-then-cloud fails closed onto the local model instead.
         let mut named = chat(HARD, json!({"max_tokens": 200}));
