@@ -408,19 +408,7 @@ fn a_json_response_format_gives_json_that_matches_the_schema() {
             json!({"response_format": {"type": "json_schema", "json_schema": {
                 "name": "broken", "schema": {"$ref": "#/$defs/missing"}}}}),
         );
-        let response = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .json(&unresolved)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 400);
-        let error: Value = response.json().await.unwrap();
-        assert_eq!(
-            error["error"]["param"], "response_format.json_schema.schema",
-            "{error}"
-        );
+        refused(&gateway, &unresolved, "response_format.json_schema.schema").await;
     });
 }
 
@@ -537,16 +525,8 @@ fn logit_bias_steers_local_answers_and_unknown_tokens_are_refused() {
         let piece = entries[0]["token"].as_str().unwrap();
         assert_eq!(content, piece.repeat(3));
 
-        let unknown = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .json(&chat_body("Hi", json!({"logit_bias": {"99999999": -100}})))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(unknown.status(), 400);
-        let error: Value = unknown.json().await.unwrap();
-        assert_eq!(error["error"]["param"], "logit_bias.99999999", "{error}");
+        let unknown = chat_body("Hi", json!({"logit_bias": {"99999999": -100}}));
+        refused(&gateway, &unknown, "logit_bias.99999999").await;
     });
 }
 
@@ -647,16 +627,7 @@ fn n_choices_are_generated_side_by_side_whole_or_streamed() {
         );
 
         // More choices than the model has sequences is refused.
-        let response = client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .json(&chat_body("Hi", json!({"n": 16})))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 400);
-        let error: Value = response.json().await.unwrap();
-        assert_eq!(error["error"]["param"], "n", "{error}");
+        refused(&gateway, &chat_body("Hi", json!({"n": 16})), "n").await;
     });
 }
 
@@ -795,4 +766,18 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
         }
         assert!(texts >= 1, "no auto answer was text");
     });
+}
+
+/// Posts a chat request that must be refused with a 400 naming `param`.
+async fn refused(gateway: &Gateway, body: &Value, param: &str) {
+    let response = client()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(API_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["param"], param, "{error}");
 }
