@@ -288,6 +288,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// Text held back while it might have begun a stop string, released at the end.
     pub text_tail: String,
+    /// The log-probabilities of the tokens whose text is released in `text_tail`.
+    pub tail_logprobs: Vec<TokenLogprobs>,
     pub usage: Usage,
     pub timings: Timings,
 }
@@ -300,8 +302,10 @@ pub enum Event {
     Token {
         text: String,
         margin: Option<f32>,
-        /// The token's log-probabilities, when the request asked for them.
-        logprobs: Option<Box<TokenLogprobs>>,
+        /// The log-probabilities of the tokens whose text begins in `text`, when the request
+        /// asked for them: none while a token's text is held, several once held text goes
+        /// out, and never those of a stop string's tokens.
+        logprobs: Vec<TokenLogprobs>,
     },
     Done(Completion),
     Failed(GenerationError),

@@ -36,7 +36,7 @@ use crate::prefix::{
     choose_slot,
 };
 use crate::schedule::{PendingPrompt, prefill_plan};
-use crate::stop::{StopMatcher, StopOutcome};
+use crate::stop::{StopMatcher, StopOutcome, TokenValues};
 use crate::utf8::Utf8Assembler;
 use crate::{
     Completion, EngineOptions, Event, FinishReason, GenerationError, GenerationRequest, LoadError,
@@ -785,6 +785,8 @@ struct Sequence {
     ignore_eos: bool,
     utf8: Utf8Assembler,
     stop: StopMatcher,
+    /// The log-probabilities of tokens whose text is held back by `stop`.
+    held_logprobs: TokenValues<TokenLogprobs>,
     piece: Vec<u8>,
     queued: Duration,
     admitted_at: Instant,
@@ -1227,6 +1229,7 @@ impl Loop<'_> {
                 ignore_eos: request.ignore_eos,
                 utf8: Utf8Assembler::default(),
                 stop: StopMatcher::new(request.stop),
+                held_logprobs: TokenValues::default(),
                 piece: Vec::new(),
                 queued,
                 admitted_at: Instant::now(),
@@ -2006,16 +2009,21 @@ impl Worker {
             .vocab()
             .token_to_piece_into(token, &mut sequence.piece, false, None);
         let text = sequence.utf8.push(&sequence.piece);
+        sequence
+            .held_logprobs
+            .push(text.len(), recorded.logprobs.map(|token| *token));
         let (emit, stopped) = match sequence.stop.push(&text) {
             StopOutcome::Continue(emit) => (emit, false),
             StopOutcome::Stopped(emit) => (emit, true),
         };
+        let mut logprobs = Vec::new();
+        sequence.held_logprobs.release(emit.len(), &mut logprobs);
         if sequence
             .events
             .try_send(Event::Token {
                 text: emit,
                 margin: recorded.margin,
-                logprobs: recorded.logprobs,
+                logprobs,
             })
             .is_err()
         {
@@ -2029,11 +2037,21 @@ impl Worker {
     }
 
     fn finish(&self, sequence: &mut Sequence, reason: FinishReason, flush: bool) -> Step {
+        let mut tail_logprobs = Vec::new();
         let text_tail = if flush {
             let rest = sequence.utf8.finish();
+            sequence.held_logprobs.push(rest.len(), None);
             match sequence.stop.push(&rest) {
-                StopOutcome::Continue(emit) => emit + &sequence.stop.finish(),
-                StopOutcome::Stopped(emit) => emit,
+                StopOutcome::Continue(emit) => {
+                    sequence.held_logprobs.finish(&mut tail_logprobs);
+                    emit + &sequence.stop.finish()
+                }
+                StopOutcome::Stopped(emit) => {
+                    sequence
+                        .held_logprobs
+                        .release(emit.len(), &mut tail_logprobs);
+                    emit
+                }
             }
         } else {
             String::new()
@@ -2042,6 +2060,7 @@ impl Worker {
         let completion = Completion {
             finish_reason: reason,
             text_tail,
+            tail_logprobs,
             usage: Usage {
                 prompt_tokens: u32::try_from(sequence.prompt.len()).unwrap_or(u32::MAX),
                 completion_tokens: sequence.generated,

@@ -5,6 +5,13 @@
 //! it: either the stop string completes (the held text is dropped and generation ends) or it
 //! cannot any more (the held text goes out). Matching works on characters, so a stop string
 //! split across tokens is still found.
+//!
+//! What a request asked to know of each token (its log-probabilities) travels with the
+//! token's text: [`TokenValues`] releases a token's value once some of its text has gone
+//! out, and drops the values of the tokens that made up a stop string, so that the values
+//! a client receives are those of the text it receives.
+
+use std::collections::VecDeque;
 
 /// What the caller does after a piece of text was pushed.
 #[derive(Debug, PartialEq, Eq)]
@@ -72,6 +79,59 @@ impl StopMatcher {
                     .any(|stop| stop.len() > suffix.len() && stop.starts_with(suffix))
             })
             .unwrap_or(held.len())
+    }
+}
+
+/// Values of tokens, each released with the first byte of its token's text that goes out.
+#[derive(Debug)]
+pub struct TokenValues<T> {
+    /// The values not yet released, with where their token's text starts.
+    held: VecDeque<(usize, T)>,
+    /// Bytes of text pushed (as given to the [`StopMatcher`]).
+    pushed: usize,
+    /// Bytes of text that went out.
+    released: usize,
+}
+
+impl<T> Default for TokenValues<T> {
+    fn default() -> Self {
+        TokenValues {
+            held: VecDeque::new(),
+            pushed: 0,
+            released: 0,
+        }
+    }
+}
+
+impl<T> TokenValues<T> {
+    /// A token made `text_len` bytes of text (none while its bytes end inside a character);
+    /// `value` is what goes out with it.
+    pub fn push(&mut self, text_len: usize, value: Option<T>) {
+        if let Some(value) = value {
+            self.held.push_back((self.pushed, value));
+        }
+        self.pushed += text_len;
+    }
+
+    /// `emitted_len` more bytes of text went out: the values of the tokens whose text began
+    /// before their end. A token whose bytes completed no character yet waits for the token
+    /// that completes it.
+    pub fn release(&mut self, emitted_len: usize, out: &mut Vec<T>) {
+        self.released += emitted_len;
+        while let Some((start, _)) = self.held.front() {
+            if *start >= self.released {
+                break;
+            }
+            if let Some((_, value)) = self.held.pop_front() {
+                out.push(value);
+            }
+        }
+    }
+
+    /// The text has ended and every held byte went out: every value still held.
+    pub fn finish(&mut self, out: &mut Vec<T>) {
+        self.released = self.pushed;
+        out.extend(self.held.drain(..).map(|(_, value)| value));
     }
 }
 

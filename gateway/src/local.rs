@@ -116,30 +116,41 @@ pub async fn run(
 
     let meta = ResponseMeta::new(request.endpoint, &ctx.request_id, unix_now_s(), &info.name);
     let first_token_deadline = tokio::time::Instant::now() + request.first_token_timeout;
+    let shape = Shape {
+        include_usage: request.generation.include_usage,
+        wants_logprobs: request.generation.logprobs.is_some(),
+        calls: request.generation.tool_call.as_ref(),
+    };
     if request.generation.stream {
         stream_events(
             session,
             ctx,
             &mut choices,
             &meta,
-            request.generation.include_usage,
-            request.generation.tool_call.as_ref(),
+            &shape,
             first_token_deadline,
         )
         .await
     } else {
-        let wants_logprobs = request.generation.logprobs.is_some();
         collect_events(
             session,
             ctx,
             &mut choices,
             &meta,
-            wants_logprobs,
-            request.generation.tool_call.as_ref(),
+            &shape,
             first_token_deadline,
         )
         .await
     }
+}
+
+/// What the answer carries beside the choices' text, as the request asked.
+struct Shape<'a> {
+    /// A stream's last chunk carries the usage (`stream_options.include_usage`).
+    include_usage: bool,
+    wants_logprobs: bool,
+    /// The functions offered, when the answer is a function call.
+    calls: Option<&'a openai::ToolCall>,
 }
 
 fn submit_error(error: edge_runtime::SubmitError, model: &str) -> GatewayError {
@@ -420,10 +431,14 @@ async fn collect_events(
     ctx: &mut RequestContext,
     choices: &mut Choices,
     meta: &ResponseMeta,
-    wants_logprobs: bool,
-    calls: Option<&openai::ToolCall>,
+    shape: &Shape<'_>,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
+    let Shape {
+        wants_logprobs,
+        calls,
+        ..
+    } = *shape;
     let started = tokio::time::Instant::now();
     let mut states: Vec<ChoiceState> = (0..choices.count())
         .map(|_| ChoiceState::default())
@@ -448,10 +463,11 @@ async fn collect_events(
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
                 state.text.push_str(&text);
-                state.logprobs.extend(logprobs.map(|token| *token));
+                state.logprobs.extend(logprobs);
             }
             edge_runtime::Event::Done(completion) => {
                 state.text.push_str(&completion.text_tail);
+                state.logprobs.extend(completion.tail_logprobs);
                 state.usage = completion.usage;
                 state.finish_reason = Some(completion.finish_reason.as_str());
                 running -= 1;
@@ -520,10 +536,14 @@ async fn stream_events(
     ctx: &mut RequestContext,
     choices: &mut Choices,
     meta: &ResponseMeta,
-    include_usage: bool,
-    calls: Option<&openai::ToolCall>,
+    shape: &Shape<'_>,
     first_token_deadline: tokio::time::Instant,
 ) -> Result<Answered, Failure> {
+    let Shape {
+        include_usage,
+        wants_logprobs,
+        calls,
+    } = *shape;
     let started = tokio::time::Instant::now();
     // Wait for the first event before committing to a 200, so that a queue timeout or a
     // failed prefill is still answered with its own status.
@@ -582,11 +602,8 @@ async fn stream_events(
                 states[index].text.push_str(&text);
                 // A function call goes out whole once its JSON is complete.
                 if calls.is_none() {
-                    let logprobs = logprobs.map(|token| {
-                        let body = meta.logprobs(&[&token], token_bytes[index]);
-                        token_bytes[index] += token.token.len();
-                        body
-                    });
+                    let logprobs = wants_logprobs
+                        .then(|| chunk_logprobs(meta, &logprobs, &mut token_bytes[index]));
                     write(
                         session,
                         openai::sse_event(&meta.chunk(
@@ -641,8 +658,18 @@ async fn stream_events(
                 } else {
                     let tail =
                         (!completion.text_tail.is_empty()).then_some(completion.text_tail.as_str());
-                    let last =
-                        meta.chunk(index, false, tail, Some(finish_reason), include_usage, None);
+                    let logprobs =
+                        (wants_logprobs && !completion.tail_logprobs.is_empty()).then(|| {
+                            chunk_logprobs(meta, &completion.tail_logprobs, &mut token_bytes[index])
+                        });
+                    let last = meta.chunk(
+                        index,
+                        false,
+                        tail,
+                        Some(finish_reason),
+                        include_usage,
+                        logprobs,
+                    );
                     end.extend_from_slice(&openai::sse_event(&last));
                 }
                 running -= 1;
@@ -688,6 +715,19 @@ async fn stream_events(
             ),
         };
     }
+}
+
+/// The `logprobs` of a chunk for `tokens`, whose bytes start at `offset` in the choice's
+/// text (legacy completions' `text_offset`); moves `offset` past them.
+fn chunk_logprobs(
+    meta: &ResponseMeta,
+    tokens: &[edge_runtime::TokenLogprobs],
+    offset: &mut usize,
+) -> serde_json::Value {
+    let refs: Vec<&edge_runtime::TokenLogprobs> = tokens.iter().collect();
+    let body = meta.logprobs(&refs, *offset);
+    *offset += tokens.iter().map(|token| token.token.len()).sum::<usize>();
+    body
 }
 
 /// Ends a stream with `last` and `[DONE]`, once the outcome's audit record is durable.

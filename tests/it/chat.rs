@@ -456,6 +456,53 @@ fn logprobs_come_with_each_token_whole_or_streamed() {
             .collect();
         assert_eq!(&streamed_entries, entries);
 
+        // A stop string (a later token's text, found nowhere before it): the entries of the
+        // tokens that made it up are left out, whole and streamed, so the entries' bytes are
+        // still the answer.
+        let mut offset = 0;
+        let mut stop = None;
+        for (index, entry) in entries.iter().enumerate() {
+            let token = entry["token"].as_str().unwrap();
+            if index >= entries.len() / 2
+                && !token.trim().is_empty()
+                && !token.contains('\u{fffd}')
+                && content.find(token) == Some(offset)
+            {
+                stop = Some(token.to_owned());
+                break;
+            }
+            offset += entry["bytes"].as_array().unwrap().len();
+        }
+        let stop = stop.expect("a token that occurs once in the second half of the answer");
+        let extra = json!({"max_tokens": 16, "logprobs": true, "top_logprobs": 2, "stop": [stop]});
+        let stopped = chat(&gateway, &chat_body("Name three colours.", extra.clone())).await;
+        assert_eq!(
+            stopped["choices"][0]["message"]["content"],
+            content[..offset],
+            "{stop:?}"
+        );
+        let kept = &stopped["choices"][0]["logprobs"]["content"];
+        assert_eq!(
+            kept.as_array().unwrap()[..],
+            entries[..kept.as_array().unwrap().len()]
+        );
+        assert_eq!(
+            kept.as_array().unwrap().len() + 1,
+            stopped["usage"]["completion_tokens"].as_u64().unwrap() as usize
+        );
+        let text = chat_stream(&gateway, &chat_body("Name three colours.", extra)).await;
+        let streamed: Vec<Value> = sse_payloads(&text)
+            .iter()
+            .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
+            .filter_map(|chunk| {
+                chunk["choices"][0]["logprobs"]["content"]
+                    .as_array()
+                    .cloned()
+            })
+            .flatten()
+            .collect();
+        assert_eq!(&streamed, kept.as_array().unwrap());
+
         // Legacy completions: parallel arrays.
         let completion: Value = client()
             .post(gateway.url("/v1/completions"))

@@ -992,10 +992,11 @@ fn with_logprobs(
                     ..
                 } => {
                     text.push_str(&piece);
-                    tokens.push(*logprobs.expect("every token has its logprobs"));
+                    tokens.extend(logprobs);
                 }
                 Event::Done(done) => {
                     text.push_str(&done.text_tail);
+                    tokens.extend(done.tail_logprobs);
                     return (tokens, text, done.usage);
                 }
                 Event::Failed(error) => panic!("{error}"),
@@ -1036,6 +1037,35 @@ fn each_token_carries_its_logprob_and_the_likeliest_alternatives() {
         let mass: f32 = token.top.iter().map(|top| top.logprob.exp()).sum();
         assert!(mass <= 1.0 + 1e-5, "{mass}");
     }
+    // A stop string in the middle of that answer: the tokens that made it up lose their
+    // entries, so the entries' bytes are still exactly the text that came out.
+    // The stop string is a later token's text, found nowhere before it.
+    let mut offset = 0;
+    let mut stop = None;
+    for (index, token) in tokens.iter().enumerate() {
+        if index >= tokens.len() / 2
+            && let Ok(piece) = std::str::from_utf8(&token.token)
+            && !piece.trim().is_empty()
+            && text.find(piece) == Some(offset)
+        {
+            stop = Some(piece.to_owned());
+            break;
+        }
+        offset += token.token.len();
+    }
+    let stop = stop.expect("a token that occurs once in the second half of the answer");
+    let (stopped, stopped_text, stopped_usage) = run(GenerationRequest {
+        logprobs: Some(1),
+        stop: vec![stop.clone()],
+        ..request(&model, "", "Name three colours.", 24)
+    });
+    assert_eq!(stopped_text, text[..offset], "{stop:?}");
+    assert_eq!(stopped.len() + 1, stopped_usage.completion_tokens as usize);
+    let bytes: Vec<u8> = stopped
+        .iter()
+        .flat_map(|token| token.token.clone())
+        .collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), stopped_text);
     // Sampled, without alternatives: each token's own log-probability, never above the
     // likeliest's.
     let (sampled, _, _) = run(GenerationRequest {

@@ -1,4 +1,4 @@
-use super::{StopMatcher, StopOutcome};
+use super::{StopMatcher, StopOutcome, TokenValues};
 
 /// Feeds `pieces` and renders what came out: emitted text joined by `|`, then how it ended.
 fn run(stops: &[&str], pieces: &[&str]) -> String {
@@ -63,4 +63,74 @@ fn multibyte_stop_strings_match_on_character_boundaries() {
 #[test]
 fn empty_stop_strings_are_ignored() {
     assert_eq!(run(&[""], &["a"]), "a| (ended)");
+}
+
+/// Feeds tokens (text made, value) through a matcher and [`TokenValues`], as the engine
+/// does: the text that went out and the values that went with it.
+fn run_values(stops: &[&str], tokens: &[(&str, u32)], flush_at_end: bool) -> (String, Vec<u32>) {
+    let mut matcher = StopMatcher::new(stops.iter().map(|stop| stop.to_string()).collect());
+    let mut values = TokenValues::default();
+    let (mut text, mut out) = (String::new(), Vec::new());
+    for &(piece, value) in tokens {
+        values.push(piece.len(), Some(value));
+        match matcher.push(piece) {
+            StopOutcome::Continue(emit) => {
+                values.release(emit.len(), &mut out);
+                text.push_str(&emit);
+            }
+            StopOutcome::Stopped(emit) => {
+                values.release(emit.len(), &mut out);
+                text.push_str(&emit);
+                return (text, out);
+            }
+        }
+    }
+    if flush_at_end {
+        text.push_str(&matcher.finish());
+        values.finish(&mut out);
+    }
+    (text, out)
+}
+
+#[test]
+fn token_values_go_out_with_their_text_and_not_with_a_stop_string() {
+    // No stop strings: each value goes out with its token.
+    assert_eq!(
+        run_values(&[], &[("a", 1), ("b", 2)], false),
+        ("ab".to_owned(), vec![1, 2])
+    );
+    // The tokens of the stop string lose their values; the one before it keeps its.
+    assert_eq!(
+        run_values(
+            &["END"],
+            &[("one ", 1), ("E", 2), ("ND", 3), (" x", 4)],
+            true
+        ),
+        ("one ".to_owned(), vec![1])
+    );
+    // A token that straddles the stop string's start keeps its value: part of it is text.
+    assert_eq!(
+        run_values(&["END"], &[("one", 1), (" E", 2), ("ND", 3)], true),
+        ("one ".to_owned(), vec![1, 2])
+    );
+    // Held text that turned out not to be a stop string releases its tokens' values.
+    assert_eq!(
+        run_values(&["END"], &[("E", 1), ("N", 2), ("o", 3)], false),
+        ("ENo".to_owned(), vec![1, 2, 3])
+    );
+    // Held at the end (max_tokens): the text and its values go out together.
+    assert_eq!(
+        run_values(&["END"], &[("a", 1), ("EN", 2)], true),
+        ("aEN".to_owned(), vec![1, 2])
+    );
+    // A token whose bytes complete no character (text "") goes out with the next one.
+    assert_eq!(
+        run_values(&[], &[("", 1), ("é", 2), ("!", 3)], false),
+        ("é!".to_owned(), vec![1, 2, 3])
+    );
+    let mut values = TokenValues::default();
+    let mut out = Vec::new();
+    values.push(0, Some(1));
+    values.release(0, &mut out);
+    assert!(out.is_empty());
 }
