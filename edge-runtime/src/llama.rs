@@ -1164,16 +1164,12 @@ impl Loop<'_> {
             }
         }
         self.expire_queued(timeout);
+        // Jobs that wait for a running sequence to finish prefilling the prompt they share.
+        let mut deferred = Vec::new();
         while self.slots.iter().any(Option::is_none) {
             let Some(job) = self.queue.pop_front() else {
                 break;
             };
-            worker.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            let queued = job.submitted_at.elapsed();
-            let request = job.request;
-            let grammar = job.grammar;
-            let sampler = worker.sampler_for(&request);
-            let prompt: Vec<i32> = request.prompt.tokens;
             let free_slots = self
                 .slots
                 .iter()
@@ -1181,11 +1177,24 @@ impl Loop<'_> {
                 .enumerate()
                 .filter(|(_, (sequence, _))| sequence.is_none())
                 .map(|(index, (_, leftover))| (index, leftover.as_slice()));
-            let Some((free, leftover)) = choose_slot(&prompt, free_slots) else {
+            let Some((free, leftover)) = choose_slot(&job.request.prompt.tokens, free_slots) else {
+                self.queue.push_front(job);
                 break;
             };
+            let reuse = self.find_prefix(&job.request.prompt.tokens);
+            let available = reuse.map_or(0, |reuse| reuse.length).max(leftover);
+            if self.sharer_prefilling(&job.request.prompt.tokens, available) {
+                deferred.push(job);
+                continue;
+            }
+            worker.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            let queued = job.submitted_at.elapsed();
+            let request = job.request;
+            let grammar = job.grammar;
+            let sampler = worker.sampler_for(&request);
+            let prompt: Vec<i32> = request.prompt.tokens;
             let id = SeqId::try_from(free).unwrap_or(SeqId::MAX);
-            let cached = match self.find_prefix(&prompt) {
+            let cached = match reuse {
                 Some(reuse) if reuse.length > leftover => {
                     if self.reuse_prefix(reuse, id) {
                         self.prefixes.touch(reuse.source);
@@ -1243,8 +1252,40 @@ impl Loop<'_> {
                 .active_sequences
                 .fetch_add(1, Ordering::Relaxed);
         }
+        // Jobs handed to another lane would prefill the shared prompt there again.
         self.hand_over_queued();
+        for job in deferred.into_iter().rev() {
+            self.queue.push_front(job);
+        }
         true
+    }
+
+    /// Whether a running sequence is still prefilling a prompt that shares more of `prompt`
+    /// than the cache holds now (`available` tokens), and at least the reuse minimum: then
+    /// `prompt` waits for that prefill and copies it, instead of computing the same tokens
+    /// beside it (the `n` choices of one request, concurrent requests with one long system
+    /// prompt).
+    fn sharer_prefilling(&self, prompt: &[i32], available: usize) -> bool {
+        if !self.prefixes.enabled() {
+            return false;
+        }
+        let minimum = if self.worker.spec.kv_unified {
+            PREFIX_REUSE_TOKENS_MIN_UNIFIED
+        } else {
+            PREFIX_REUSE_TOKENS_MIN_SPLIT
+        };
+        let usable = prompt.len().saturating_sub(1);
+        self.slots.iter().flatten().any(|sequence| {
+            sequence.prompt_fed < sequence.prompt.len() && {
+                let shared = prompt
+                    .iter()
+                    .zip(&sequence.prompt)
+                    .take_while(|(token, other)| **token == other.0)
+                    .count()
+                    .min(usable);
+                shared >= minimum && shared > available
+            }
+        })
     }
 
     /// With several lanes: jobs still queued here once every sequence is taken go, oldest

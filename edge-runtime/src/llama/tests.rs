@@ -566,6 +566,49 @@ fn prefix_reuse(spec: ModelSpec) {
     prefix_entries_reach(&model, 1);
 }
 
+/// Requests submitted together with one long prompt (the `n` choices of one request) prefill
+/// it once: the others wait for that prefill, copy it and decode only the last prompt token,
+/// and answer as the first does.
+#[test]
+fn requests_with_one_prompt_submitted_together_prefill_it_once() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("prefill-once"));
+    let runtime = runtime();
+    let system = format!(
+        "You keep the ferry timetable. {} Answer in one sentence.",
+        "The first ferry leaves at six, the last at ten, and on Sundays every other crossing \
+         is cancelled while the harbour is cleaned. "
+            .repeat(4)
+    );
+    let ask = || request(&model, &system, "When does the first ferry leave?", 12);
+    let hits_before = model.stats().prefix_hit_tokens();
+    let answers: Vec<Answer> = runtime.block_on(async {
+        let streams: Vec<_> = (0..3).map(|_| model.submit(ask()).unwrap()).collect();
+        let mut answers = Vec::new();
+        for stream in streams {
+            answers.push(collect(stream).await);
+        }
+        answers
+    });
+    let prompt = answers[0].usage.prompt_tokens;
+    assert!(prompt > 2 * 64, "the prompt takes several chunks: {prompt}");
+    let mut cached: Vec<u32> = answers
+        .iter()
+        .map(|answer| answer.usage.cached_tokens)
+        .collect();
+    cached.sort_unstable();
+    assert_eq!(cached, [0, prompt - 1, prompt - 1]);
+    assert_eq!(
+        model.stats().prefix_hit_tokens() - hits_before,
+        u64::from(2 * (prompt - 1))
+    );
+    for other in &answers[1..] {
+        let (compared, _) = compare_greedy(&answers[0], other);
+        assert!(compared >= 6, "only {compared} tokens compared");
+    }
+    cells_settle_at_zero(&model);
+}
+
 /// Polls until the worker reports at least `entries` parked prefixes.
 fn prefix_entries_reach(model: &ModelHandle, entries: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
