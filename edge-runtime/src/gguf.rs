@@ -44,18 +44,99 @@ pub struct KvShape {
     pub trained_context_tokens: Option<u64>,
 }
 
-/// Bytes per cached element: llama.cpp keeps K and V in f16 by default.
-pub const KV_BYTES_PER_ELEMENT: u64 = 2;
+/// How the KV cache stores its elements: llama.cpp's f16 by default; the quantized types
+/// store blocks of 32 values with a scale (`q8_0`: 34 bytes per 32 values, about half of
+/// f16) and need flash attention for V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheType {
+    F32,
+    #[default]
+    F16,
+    Bf16,
+    Q8_0,
+    Q5_1,
+    Q5_0,
+    Q4_1,
+    Q4_0,
+    Iq4Nl,
+}
+
+impl KvCacheType {
+    pub const ALL: [KvCacheType; 9] = [
+        KvCacheType::F32,
+        KvCacheType::F16,
+        KvCacheType::Bf16,
+        KvCacheType::Q8_0,
+        KvCacheType::Q5_1,
+        KvCacheType::Q5_0,
+        KvCacheType::Q4_1,
+        KvCacheType::Q4_0,
+        KvCacheType::Iq4Nl,
+    ];
+
+    /// The name in configuration files, as llama.cpp's tools spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheType::F32 => "f32",
+            KvCacheType::F16 => "f16",
+            KvCacheType::Bf16 => "bf16",
+            KvCacheType::Q8_0 => "q8_0",
+            KvCacheType::Q5_1 => "q5_1",
+            KvCacheType::Q5_0 => "q5_0",
+            KvCacheType::Q4_1 => "q4_1",
+            KvCacheType::Q4_0 => "q4_0",
+            KvCacheType::Iq4Nl => "iq4_nl",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<KvCacheType> {
+        KvCacheType::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+
+    /// (values per block, bytes per block), as ggml lays them out.
+    pub fn block(self) -> (u64, u64) {
+        match self {
+            KvCacheType::F32 => (1, 4),
+            KvCacheType::F16 | KvCacheType::Bf16 => (1, 2),
+            KvCacheType::Q8_0 => (32, 34),
+            KvCacheType::Q5_1 => (32, 24),
+            KvCacheType::Q5_0 => (32, 22),
+            KvCacheType::Q4_1 => (32, 20),
+            KvCacheType::Q4_0 | KvCacheType::Iq4Nl => (32, 18),
+        }
+    }
+
+    /// Stored in blocks with scales: V then needs flash attention.
+    pub fn quantized(self) -> bool {
+        self.block().0 > 1
+    }
+
+    /// Bytes of one row of `values` values; `None` when blocks do not divide the row.
+    pub fn row_bytes(self, values: u64) -> Option<u64> {
+        let (per_block, bytes) = self.block();
+        values
+            .is_multiple_of(per_block)
+            .then(|| values / per_block * bytes)
+    }
+}
 
 impl KvShape {
-    /// KV cache bytes for `tokens` cells: the usual 2 × layers × KV heads × head dim × tokens
-    /// × bytes per element, with K and V widths counted separately.
-    pub fn kv_bytes(&self, tokens: u64) -> u64 {
-        self.layers
-            .saturating_mul(self.kv_heads)
-            .saturating_mul(self.key_dim.saturating_add(self.value_dim))
-            .saturating_mul(tokens)
-            .saturating_mul(KV_BYTES_PER_ELEMENT)
+    /// KV cache bytes for `tokens` cells stored as `kind`: the usual 2 × layers × KV heads ×
+    /// head dim × tokens × bytes per element, with K and V widths counted separately and a
+    /// quantized type's blocks counted whole. `None` when `kind`'s blocks do not divide a
+    /// head (llama.cpp refuses such a cache).
+    pub fn kv_bytes(&self, tokens: u64, kind: KvCacheType) -> Option<u64> {
+        let per_head = kind
+            .row_bytes(self.key_dim)?
+            .saturating_add(kind.row_bytes(self.value_dim)?);
+        Some(
+            self.layers
+                .saturating_mul(self.kv_heads)
+                .saturating_mul(per_head)
+                .saturating_mul(tokens),
+        )
     }
 }
 

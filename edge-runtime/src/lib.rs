@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use gguf::KvCacheType;
 pub use llama::{Engine, GenerationStream, ModelHandle};
 
 /// How the runtime finds llama.cpp's backend modules.
@@ -59,6 +60,8 @@ pub struct ModelSpec {
     /// One KV cache shared by all sequences (a prefix is stored once and reused by every
     /// request that starts with it) rather than one cache per sequence.
     pub kv_unified: bool,
+    /// How the KV cache stores keys and values (f16 unless set; `q8_0` about halves it).
+    pub kv_cache_type: KvCacheType,
     /// Finished sequences kept for prefix reuse: cache sequences in a unified cache,
     /// host-memory states with one cache per sequence.
     pub prefix_cache_entries: u32,
@@ -415,6 +418,7 @@ pub struct ModelStats {
     kv_cells_used: AtomicU64,
     kv_cells_total: AtomicU64,
     prefix_cache_entries: AtomicU64,
+    prefix_cache_host_bytes: AtomicU64,
 }
 
 impl ModelStats {
@@ -480,6 +484,10 @@ impl ModelStats {
     /// Finished sequences kept for prefix reuse.
     pub fn prefix_cache_entries(&self) -> u64 {
         self.prefix_cache_entries.load(Ordering::Relaxed)
+    }
+    /// Host memory the kept prefixes take (one cache per sequence keeps them there).
+    pub fn prefix_cache_host_bytes(&self) -> u64 {
+        self.prefix_cache_host_bytes.load(Ordering::Relaxed)
     }
 }
 

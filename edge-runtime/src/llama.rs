@@ -901,6 +901,7 @@ struct Loop<'m> {
 struct Published {
     cells_used: u64,
     prefix_entries: u64,
+    prefix_host_bytes: u64,
 }
 
 impl Worker {
@@ -942,7 +943,9 @@ impl Worker {
             )
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
-            .with_kv_unified(spec.kv_unified);
+            .with_kv_unified(spec.kv_unified)
+            .with_type_k(cache_type(spec.kv_cache_type))
+            .with_type_v(cache_type(spec.kv_cache_type));
         let context = match self.model.new_context(&self.backend, params) {
             Ok(context) => context,
             Err(error) => {
@@ -1113,6 +1116,11 @@ impl Loop<'_> {
         let now = Published {
             cells_used: self.ledger.used_cells() as u64,
             prefix_entries: self.prefixes.len() as u64,
+            prefix_host_bytes: self
+                .host_states
+                .values()
+                .map(|state| state.byte_len() as u64)
+                .sum(),
         };
         let last = std::mem::replace(&mut self.published, now);
         move_gauge(&stats.kv_cells_used, last.cells_used, now.cells_used);
@@ -1120,6 +1128,11 @@ impl Loop<'_> {
             &stats.prefix_cache_entries,
             last.prefix_entries,
             now.prefix_entries,
+        );
+        move_gauge(
+            &stats.prefix_cache_host_bytes,
+            last.prefix_host_bytes,
+            now.prefix_host_bytes,
         );
     }
 
@@ -2124,6 +2137,23 @@ impl Worker {
         );
         let _ = sequence.events.try_send(Event::Done(completion));
         Step::Finished
+    }
+}
+
+/// llama.cpp's name for a KV cache type.
+fn cache_type(kind: crate::KvCacheType) -> llama_cpp_2::context::params::KvCacheType {
+    use crate::KvCacheType as Kind;
+    use llama_cpp_2::context::params::KvCacheType as Llama;
+    match kind {
+        Kind::F32 => Llama::F32,
+        Kind::F16 => Llama::F16,
+        Kind::Bf16 => Llama::BF16,
+        Kind::Q8_0 => Llama::Q8_0,
+        Kind::Q5_1 => Llama::Q5_1,
+        Kind::Q5_0 => Llama::Q5_0,
+        Kind::Q4_1 => Llama::Q4_1,
+        Kind::Q4_0 => Llama::Q4_0,
+        Kind::Iq4Nl => Llama::IQ4_NL,
     }
 }
 

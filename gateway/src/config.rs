@@ -163,6 +163,8 @@ pub struct ModelConfig {
     /// One KV cache for all sequences (prefixes stored once and shared) instead of one per
     /// sequence (prefixes copied through host memory).
     pub kv_unified: bool,
+    /// How the KV cache stores keys and values.
+    pub kv_cache_type: edge_runtime::KvCacheType,
     pub prefix_cache_entries: u32,
     pub prefix_cache_tokens_max: u32,
     /// One cache per sequence: park finished sequences only while the worker idles.
@@ -356,6 +358,8 @@ struct RawModel {
     queue_timeout_ms: u64,
     #[serde(default = "default_kv_unified")]
     kv_unified: bool,
+    #[serde(default)]
+    kv_cache_type: Option<String>,
     #[serde(default)]
     prefix_cache_entries: Option<u32>,
     #[serde(default)]
@@ -1023,6 +1027,23 @@ impl Validator<'_> {
                 "applies only with kv_unified = false (a unified cache parks prefixes on the device)",
             );
         }
+        let kv_cache_type = match raw.kv_cache_type.as_deref() {
+            None => edge_runtime::KvCacheType::default(),
+            Some(name) => edge_runtime::KvCacheType::from_name(name).unwrap_or_else(|| {
+                let names: Vec<&str> = edge_runtime::KvCacheType::ALL
+                    .iter()
+                    .map(|kind| kind.name())
+                    .collect();
+                self.error(
+                    format!("{prefix}.kv_cache_type"),
+                    format!(
+                        "`{name}` is not a KV cache type (expected one of {})",
+                        names.join(", ")
+                    ),
+                );
+                edge_runtime::KvCacheType::default()
+            }),
+        };
         let prefix_cache_entries = raw.prefix_cache_entries.unwrap_or(raw.parallel_sequences);
         let prefix_cache_tokens_max = if prefix_cache_entries > 0 {
             raw.prefix_cache_tokens_max.unwrap_or(raw.context_tokens)
@@ -1034,7 +1055,7 @@ impl Validator<'_> {
         }
         // Each lane has a prefix cache of this size.
         let prefix_cache_tokens = u64::from(prefix_cache_tokens_max) * u64::from(lanes);
-        let kv_plan = self.kv_plan(&prefix, &path, &raw, prefix_cache_tokens)?;
+        let kv_plan = self.kv_plan(&prefix, &path, &raw, kv_cache_type, prefix_cache_tokens)?;
         Some(ModelConfig {
             name,
             path,
@@ -1052,6 +1073,7 @@ impl Validator<'_> {
             queue_depth_max: raw.queue_depth_max,
             queue_timeout: Duration::from_millis(raw.queue_timeout_ms),
             kv_unified: raw.kv_unified,
+            kv_cache_type,
             prefix_cache_entries,
             prefix_cache_tokens_max,
             // A state copy from the GPU is one synchronous transfer per layer: between steps
@@ -1071,6 +1093,7 @@ impl Validator<'_> {
         prefix: &str,
         path: &Path,
         raw: &RawModel,
+        kv_cache_type: edge_runtime::KvCacheType,
         prefix_cache_tokens: u64,
     ) -> Option<KvPlan> {
         let shape = match edge_runtime::gguf::read_kv_shape(path) {
@@ -1097,10 +1120,27 @@ impl Validator<'_> {
         }
         let cells =
             u64::from(raw.context_tokens) * u64::from(raw.parallel_sequences) + prefix_cache_tokens;
+        let (Some(bytes_per_token), Some(bytes)) = (
+            shape.kv_bytes(1, kv_cache_type),
+            shape.kv_bytes(cells, kv_cache_type),
+        ) else {
+            self.error(
+                format!("{prefix}.kv_cache_type"),
+                format!(
+                    "{} stores blocks of {} values, which do not divide this model's heads \
+                     ({} key and {} value values wide)",
+                    kv_cache_type.name(),
+                    kv_cache_type.block().0,
+                    shape.key_dim,
+                    shape.value_dim,
+                ),
+            );
+            return None;
+        };
         let plan = KvPlan {
             cells,
-            bytes_per_token: shape.kv_bytes(1),
-            bytes: shape.kv_bytes(cells),
+            bytes_per_token,
+            bytes,
         };
         let model_bytes = std::fs::metadata(path).map_or(0, |metadata| metadata.len());
         let (budget, source) = match raw.kv_memory_bytes_max {

@@ -136,6 +136,7 @@ pub struct ModelGauges {
     pub kv_cells_used: u64,
     pub kv_cells_total: u64,
     pub prefix_cache_entries: u64,
+    pub prefix_cache_host_bytes: u64,
 }
 
 /// The gateway's metrics.
@@ -295,7 +296,7 @@ impl Metrics {
         }
         drop(registry);
 
-        let series: [ModelSeries; 15] = [
+        let series: [ModelSeries; 16] = [
             (
                 "isthmus_local_queue_depth",
                 "gauge",
@@ -385,6 +386,12 @@ impl Metrics {
                 "gauge",
                 "Finished sequences kept for prefix reuse.",
                 |g| g.prefix_cache_entries as f64,
+            ),
+            (
+                "isthmus_local_prefix_cache_host_bytes",
+                "gauge",
+                "Host memory the prefixes kept for reuse take (one KV cache per sequence).",
+                |g| g.prefix_cache_host_bytes as f64,
             ),
         ];
         for (name, kind, help, value) in series {

@@ -392,6 +392,7 @@ fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow
             queue_depth_max: model.queue_depth_max,
             queue_timeout_ms: u64::try_from(model.queue_timeout.as_millis()).unwrap_or(u64::MAX),
             kv_unified: model.kv_unified,
+            kv_cache_type: model.kv_cache_type,
             prefix_cache_entries: model.prefix_cache_entries,
             prefix_cache_tokens_max: model.prefix_cache_tokens_max,
             park_prefixes_when_idle: model.park_prefixes_when_idle,
@@ -406,7 +407,8 @@ fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow
             kv_bytes_per_token = model.kv_plan.bytes_per_token,
             kv_bytes = model.kv_plan.bytes,
             kv_unified = model.kv_unified,
-            "KV cache planned: 2 x layers x KV heads x head dim x tokens x 2 bytes"
+            kv_cache_type = model.kv_cache_type.name(),
+            "KV cache planned: 2 x layers x KV heads x head dim x tokens x bytes per element"
         );
     }
     let options = edge_runtime::EngineOptions {

@@ -177,6 +177,7 @@ impl AppState {
                     kv_cells_used: stats.kv_cells_used(),
                     kv_cells_total: stats.kv_cells_total(),
                     prefix_cache_entries: stats.prefix_cache_entries(),
+                    prefix_cache_host_bytes: stats.prefix_cache_host_bytes(),
                 }
             })
             .collect()

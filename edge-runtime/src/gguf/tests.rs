@@ -1,6 +1,6 @@
 use std::io::Cursor;
 
-use super::{GgufError, KvShape, kv_shape};
+use super::{GgufError, KvCacheType, KvShape, kv_shape};
 
 /// A GGUF header with these metadata pairs (and no tensors).
 fn gguf(pairs: &[(&str, Value)]) -> Vec<u8> {
@@ -70,8 +70,33 @@ fn the_kv_shape_comes_from_the_architecture_keys() {
         }
     );
     // 2 (K and V) x 30 layers x 3 heads x 64 x 2 bytes = 23,040 bytes per token.
-    assert_eq!(shape.kv_bytes(1), 23_040);
-    assert_eq!(shape.kv_bytes(2048 * 8), 377_487_360);
+    assert_eq!(shape.kv_bytes(1, KvCacheType::F16), Some(23_040));
+    assert_eq!(
+        shape.kv_bytes(2048 * 8, KvCacheType::F16),
+        Some(377_487_360)
+    );
+    // q8_0: two blocks of 34 bytes per 64-wide head, 2 x 30 x 3 x 68 = 12,240 bytes.
+    assert_eq!(shape.kv_bytes(1, KvCacheType::Q8_0), Some(12_240));
+    assert_eq!(shape.kv_bytes(1, KvCacheType::F32), Some(46_080));
+    assert_eq!(shape.kv_bytes(1, KvCacheType::Q4_0), Some(6_480));
+    // Blocks of 32 do not divide a 48-wide head.
+    let narrow = KvShape {
+        key_dim: 48,
+        value_dim: 48,
+        ..shape
+    };
+    assert_eq!(narrow.kv_bytes(1, KvCacheType::Q8_0), None);
+    assert_eq!(narrow.kv_bytes(1, KvCacheType::F16), Some(17_280));
+}
+
+#[test]
+fn kv_cache_types_are_named_as_llama_cpp_names_them() {
+    for kind in KvCacheType::ALL {
+        assert_eq!(KvCacheType::from_name(kind.name()), Some(kind));
+    }
+    assert_eq!(KvCacheType::from_name("q8"), None);
+    assert_eq!(KvCacheType::default(), KvCacheType::F16);
+    assert!(KvCacheType::Q8_0.quantized() && !KvCacheType::Bf16.quantized());
 }
 
 #[test]

@@ -263,6 +263,55 @@ fn a_kv_cache_over_the_budget_or_the_trained_context_is_refused_with_the_numbers
     );
 }
 
+/// A quantized KV cache is sized by its blocks: the same budget that refuses 8 sequences of
+/// 4,096 tokens in f16 holds them in q8_0. Unknown types and types whose blocks do not divide
+/// the heads are refused, naming the key.
+#[test]
+fn the_kv_cache_type_sizes_the_cache_and_is_checked() {
+    let (_dir, source) = fixture();
+    let budget = "threads = 2
+context_tokens = 4096
+parallel_sequences = 8
+kv_memory_bytes_max = 536870912";
+    let text = VALID.replace(
+        "threads = 2",
+        &format!(
+            "{budget}
+kv_cache_type = \"q8_0\""
+        ),
+    );
+    let config = match parse(&text, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    let model = &config.models[0];
+    assert_eq!(model.kv_cache_type, edge_runtime::KvCacheType::Q8_0);
+    // 2 x 30 layers x 3 heads x (64 / 32 x 34 bytes) = 12,240 bytes per token.
+    assert_eq!(
+        (
+            model.kv_plan.cells,
+            model.kv_plan.bytes_per_token,
+            model.kv_plan.bytes
+        ),
+        (36_864, 12_240, 451_215_360)
+    );
+    let text = VALID.replace("threads = 2", "threads = 2\nkv_cache_type = \"q8\"");
+    assert_eq!(
+        errors_of(&text, &source),
+        [
+            "models.smollm2.kv_cache_type: `q8` is not a KV cache type (expected one of f32, \
+          f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl)"
+        ]
+    );
+    match parse(VALID, &source, &FakeEnvironment) {
+        Ok(config) => assert_eq!(
+            config.models[0].kv_cache_type,
+            edge_runtime::KvCacheType::F16
+        ),
+        Err(errors) => panic!("{errors:?}"),
+    }
+}
+
 /// Lanes split the sequences evenly, and each lane has a prefix cache of its own, which the
 /// KV plan counts once per lane.
 #[test]
