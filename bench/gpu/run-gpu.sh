@@ -15,7 +15,9 @@
 #
 # Settings (environment): ISTHMUS_GPU_SHAPES (135m 1b), ISTHMUS_GPU_LAYOUTS for `run` (split;
 # also unified, split-nocache: no prefix cache, split-nooverlap: tokens sent before the next
-# step is launched, split-lanesN: the sequences split over N contexts), ISTHMUS_GPU_ANCHOR=0 (skip llama-batched-bench), ISTHMUS_GPU_THREADS (8),
+# step is launched, split-lanesN: the sequences split over N contexts; a -q8 suffix, e.g.
+# split-lanes2-q8, gives the model a q8_0 KV cache and adds the anchor with one),
+# ISTHMUS_GPU_ANCHOR=0 (skip llama-batched-bench), ISTHMUS_GPU_THREADS (8),
 # ISTHMUS_GPU_STEP_VARIANTS for `steps` (as-is no-graph-reuse no-cuda-graphs; also threads-N),
 # ISTHMUS_GPU_STEP_DEBUG=0 (skip its debug-log wave), ISTHMUS_GPU_LANE_ROUNDS (2) and
 # ISTHMUS_GPU_LANE_CASES ("STREAMS LANES GREEDY" triples; GREEDY 0 random tokens, 1 greedy on
@@ -114,14 +116,17 @@ run() {
   export PYTHONPATH=/tmp/site
   for shape in $shapes; do
     for layout in $layouts; do
-      local name=$shape-$layout extra=
+      local name=$shape-$layout extra= lanes=
       [ "$layout" = unified ] && extra="kv_unified = true"
       # split without a prefix cache: no sequence state is parked in host memory.
       [ "$layout" = split-nocache ] && extra="prefix_cache_tokens_max = 0"
       # split with each step's tokens sent before the next step is launched, not during it.
       [ "$layout" = split-nooverlap ] && extra="overlap_token_delivery = false"
       # split over N lanes (contexts), e.g. split-lanes4.
-      case $layout in split-lanes*) extra="lanes = ${layout#split-lanes}" ;; esac
+      case $layout in split-lanes*) lanes=${layout#split-lanes}; extra="lanes = ${lanes%%-*}" ;; esac
+      # ...-q8: a q8_0 KV cache, e.g. split-lanes2-q8.
+      case $layout in *-q8) extra="$extra
+kv_cache_type = \"q8_0\"" ;; esac
       serve "$work/m$shape.gguf" "$name" "$extra"
       grep -E "backends loaded|backend modules verified|inference worker ready" "$results/serve-$name.log" | tee -a "$out/devices.txt"
       nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 100 > "$results/util-$name.csv" &
@@ -158,6 +163,13 @@ run() {
       "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
         -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$results/batched-bench-$shape.txt" 2>&1 || true
       { echo "$shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/anchor.txt"
+      # The anchor with the same q8_0 cache, for layouts ending in -q8.
+      case " $layouts" in *-q8\ *|*-q8) 
+        "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
+          -ctk q8_0 -ctv q8_0 -fa on -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 \
+          > "$results/batched-bench-$shape-q8.txt" 2>&1 || true
+        { echo "$shape q8_0 cache"; grep -E "^\|" "$results/batched-bench-$shape-q8.txt"; } | tee -a "$out/anchor.txt" ;;
+      esac
     fi
   done
   python3 - "$results" $shapes -- $layouts <<'PY' | tee "$out/summary.txt"
