@@ -384,6 +384,8 @@ fn generation_error(error: &edge_runtime::GenerationError) -> GatewayError {
 #[derive(Default)]
 struct ChoiceState {
     text: String,
+    /// Reads a streamed answer to a request that offered functions as it is written.
+    reader: openai::CallReader,
     logprobs: Vec<edge_runtime::TokenLogprobs>,
     finish_reason: Option<&'static str>,
     usage: edge_runtime::Usage,
@@ -514,8 +516,7 @@ fn made_call(
     if state.finish_reason != Some("stop") {
         return None;
     }
-    let id = format!("call_{}_{index}", ctx.request_id);
-    match openai::CalledTool::from_answer(id, &state.text) {
+    match openai::CalledTool::from_answer(call_id(ctx, index), &state.text) {
         Some(call) => {
             state.finish_reason = Some("tool_calls");
             Some(call)
@@ -529,6 +530,42 @@ fn made_call(
             None
         }
     }
+}
+
+/// The id of choice `index`'s function call.
+fn call_id(ctx: &RequestContext, index: usize) -> String {
+    format!("call_{}_{index}", ctx.request_id)
+}
+
+/// The stream events for what newly written answer text completed of a call or of a text
+/// answer (`auto` without a call).
+fn call_events(
+    ctx: &RequestContext,
+    meta: &ResponseMeta,
+    index: usize,
+    pieces: Vec<openai::Piece>,
+    include_usage: bool,
+) -> Vec<u8> {
+    let mut events = Vec::new();
+    for piece in pieces {
+        let chunk = match &piece {
+            openai::Piece::Text(text) => {
+                meta.chunk(index, false, Some(text), None, include_usage, None)
+            }
+            openai::Piece::Call(name) => {
+                let id = call_id(ctx, index);
+                let start = openai::CallPiece::Start { id: &id, name };
+                meta.tool_call_piece(index, start, include_usage)
+            }
+            openai::Piece::Arguments(arguments) => meta.tool_call_piece(
+                index,
+                openai::CallPiece::Arguments(arguments),
+                include_usage,
+            ),
+        };
+        events.extend_from_slice(&openai::sse_event(&chunk));
+    }
+    events
 }
 
 async fn stream_events(
@@ -600,8 +637,14 @@ async fn stream_events(
                     crate::audit_trail::capture_completion(ctx, &text);
                 }
                 states[index].text.push_str(&text);
-                // A function call goes out whole once its JSON is complete.
-                if calls.is_none() {
+                if calls.is_some() {
+                    // A call or a text answer goes out as its JSON is written.
+                    let pieces = states[index].reader.push(&text);
+                    if !pieces.is_empty() {
+                        let events = call_events(ctx, meta, index, pieces, include_usage);
+                        write(session, Bytes::from(events)).await?;
+                    }
+                } else {
                     let logprobs = wants_logprobs
                         .then(|| chunk_logprobs(meta, &logprobs, &mut token_bytes[index]));
                     write(
@@ -629,13 +672,19 @@ async fn stream_events(
                 state.text.push_str(&completion.text_tail);
                 let mut end = Vec::new();
                 if calls.is_some() {
+                    let pieces = state.reader.push(&completion.text_tail);
+                    end.extend(call_events(ctx, meta, index, pieces, include_usage));
+                    let streamed = state.reader.called() || state.reader.texted();
                     match made_call(ctx, calls, index, state) {
                         Some(call) => {
-                            end.extend_from_slice(&openai::sse_event(&meta.tool_call_chunk(
-                                index,
-                                &call,
-                                include_usage,
-                            )));
+                            // Read whole only when the reader could not follow it.
+                            if !state.reader.called() {
+                                end.extend_from_slice(&openai::sse_event(&meta.tool_call_chunk(
+                                    index,
+                                    &call,
+                                    include_usage,
+                                )));
+                            }
                             end.extend_from_slice(&openai::sse_event(&meta.chunk(
                                 index,
                                 false,
@@ -645,15 +694,19 @@ async fn stream_events(
                                 None,
                             )));
                         }
-                        // Text (`auto` without a call), or a call cut off by `max_tokens`.
-                        None => end.extend_from_slice(&openai::sse_event(&meta.chunk(
-                            index,
-                            false,
-                            Some(&state.text),
-                            Some(finish_reason),
-                            include_usage,
-                            None,
-                        ))),
+                        // Text (`auto` without a call), or a call cut off by `max_tokens`:
+                        // what was streamed stays; else the text goes out whole.
+                        None => {
+                            let text = (!streamed).then_some(state.text.as_str());
+                            end.extend_from_slice(&openai::sse_event(&meta.chunk(
+                                index,
+                                false,
+                                text,
+                                Some(finish_reason),
+                                include_usage,
+                                None,
+                            )));
+                        }
                     }
                 } else {
                     let tail =

@@ -11,6 +11,9 @@ use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
 
+mod call_reader;
+pub use call_reader::{CallReader, Piece, compact_json};
+
 /// OpenAI accepts at most four stop sequences.
 const STOP_SEQUENCES_MAX: usize = 4;
 /// Longest accepted stop sequence, in bytes.
@@ -78,12 +81,20 @@ pub struct CalledTool {
 impl CalledTool {
     /// Reads a call from the JSON a call's grammar produced (`{"name": ..., "arguments":
     /// ...}`); `None` when it is not that (a text answer, a call cut off by `max_tokens`).
+    /// The arguments keep the order the model wrote them in (a schema's `properties` order),
+    /// compacted, as a stream gives them out.
     pub fn from_answer(id: String, answer: &str) -> Option<CalledTool> {
-        let value: Value = serde_json::from_str(answer).ok()?;
+        #[derive(serde::Deserialize)]
+        struct Call<'a> {
+            name: String,
+            #[serde(borrow)]
+            arguments: &'a serde_json::value::RawValue,
+        }
+        let call: Call<'_> = serde_json::from_str(answer).ok()?;
         Some(CalledTool {
             id,
-            name: value.get("name")?.as_str()?.to_owned(),
-            arguments: value.get("arguments")?.to_string(),
+            name: call.name,
+            arguments: compact_json(call.arguments.get()),
         })
     }
 
@@ -106,6 +117,13 @@ impl CalledTool {
         }
         call
     }
+}
+
+/// Part of a call that a stream gives out as the answer is written.
+#[derive(Debug, Clone, Copy)]
+pub enum CallPiece<'a> {
+    Start { id: &'a str, name: &'a str },
+    Arguments(&'a str),
 }
 
 /// What `response_format` asks the answer to be.
@@ -1275,6 +1293,30 @@ impl ResponseMeta {
         call: &CalledTool,
         with_usage_field: bool,
     ) -> Value {
+        self.tool_call_delta(index, call.body(Some(0)), with_usage_field)
+    }
+
+    /// A chunk whose delta carries one `tool_calls` entry: a call's start (`id`, `type` and
+    /// the function's name) or more of its `arguments`, as OpenAI streams a call.
+    pub fn tool_call_piece(
+        &self,
+        index: usize,
+        piece: CallPiece<'_>,
+        with_usage_field: bool,
+    ) -> Value {
+        let entry = match piece {
+            CallPiece::Start { id, name } => serde_json::json!({
+                "index": 0, "id": id, "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }),
+            CallPiece::Arguments(arguments) => {
+                serde_json::json!({"index": 0, "function": {"arguments": arguments}})
+            }
+        };
+        self.tool_call_delta(index, entry, with_usage_field)
+    }
+
+    fn tool_call_delta(&self, index: usize, entry: Value, with_usage_field: bool) -> Value {
         let mut chunk = serde_json::json!({
             "id": self.id,
             "object": self.object(true),
@@ -1283,7 +1325,7 @@ impl ResponseMeta {
             "system_fingerprint": null,
             "choices": [{
                 "index": index,
-                "delta": {"tool_calls": [call.body(Some(0))]},
+                "delta": {"tool_calls": [entry]},
                 "logprobs": null,
                 "finish_reason": null,
             }],

@@ -735,7 +735,8 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             "get_weather"
         );
 
-        // Streamed: one delta carries the whole call, then the finish.
+        // Streamed as OpenAI streams a call: the first delta carries its id and name, the
+        // next ones its arguments as they are written; joined, the same call, then the finish.
         let text = chat_stream(&gateway, &named).await;
         let chunks: Vec<Value> = sse_payloads(&text)
             .iter()
@@ -745,12 +746,25 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             .iter()
             .filter_map(|chunk| chunk["choices"][0]["delta"]["tool_calls"].get(0))
             .collect();
-        assert_eq!(calls.len(), 1, "{text}");
-        assert_eq!(calls[0]["index"], 0);
-        assert_eq!(
-            calls[0]["function"],
-            choice["message"]["tool_calls"][0]["function"]
+        assert!(
+            calls.len() >= 3,
+            "the call came in {} deltas: {text}",
+            calls.len()
         );
+        assert!(calls.iter().all(|call| call["index"] == 0));
+        let whole = &choice["message"]["tool_calls"][0];
+        assert!(
+            calls[0]["id"].as_str().unwrap().starts_with("call_"),
+            "{text}"
+        );
+        assert_eq!(calls[0]["type"], "function");
+        assert_eq!(calls[0]["function"]["name"], whole["function"]["name"]);
+        assert!(calls[1..].iter().all(|call| call.get("id").is_none()));
+        let arguments: String = calls
+            .iter()
+            .map(|call| call["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(arguments, whole["function"]["arguments"], "{text}");
         assert!(
             chunks
                 .iter()
@@ -809,6 +823,24 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
                 );
                 assert!(choice["message"].get("tool_calls").is_none(), "{answer}");
                 texts += 1;
+                // Streamed, the text comes piece by piece as it is written, not at the end.
+                let stream = chat_stream(&gateway, &body).await;
+                let pieces: Vec<String> = sse_payloads(&stream)
+                    .iter()
+                    .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
+                    .filter_map(|chunk| {
+                        chunk["choices"][0]["delta"]["content"]
+                            .as_str()
+                            .map(str::to_owned)
+                    })
+                    .filter(|piece| !piece.is_empty())
+                    .collect();
+                assert_eq!(pieces.concat(), content, "{stream}");
+                assert!(
+                    content.chars().count() < 4 || pieces.len() > 1,
+                    "one piece: {stream}"
+                );
+                assert!(!stream.contains("tool_calls"), "{stream}");
             }
         }
         assert!(texts >= 1, "no auto answer was text");

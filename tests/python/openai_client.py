@@ -97,6 +97,24 @@ def main() -> None:
     assert tool_call.function.name == "record_city", tool_call
     City.model_validate_json(tool_call.function.arguments)
 
+    # The same call streamed: the SDK's stream helper assembles the deltas (id and name
+    # first, then the arguments in pieces) into the same call, parsed into the model.
+    with client.chat.completions.stream(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+        tools=[openai.pydantic_function_tool(City, name="record_city")],
+        tool_choice={"type": "function", "function": {"name": "record_city"}},
+        max_tokens=64,
+        temperature=0,
+    ) as stream:
+        deltas = sum(1 for event in stream if event.type == "tool_calls.function.arguments.delta")
+        final = stream.get_final_completion()
+    streamed_call = final.choices[0].message.tool_calls[0]
+    assert deltas > 1, f"arguments came in {deltas} deltas"
+    assert streamed_call.function.name == "record_city", streamed_call
+    assert streamed_call.function.arguments == tool_call.function.arguments, streamed_call
+    assert isinstance(streamed_call.function.parsed_arguments, City), streamed_call
+
     # Log-probabilities in the SDK's types.
     scored = client.chat.completions.create(
         model="smollm2",
