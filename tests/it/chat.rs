@@ -3,7 +3,10 @@
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, client, serial};
 
-use crate::{block_on, chat, chat_body, chat_stream, sse_content, sse_payloads};
+use crate::{
+    block_on, chat, chat_body, chat_stream, sse_chunks, sse_content, sse_content_pieces,
+    sse_payloads,
+};
 
 #[test]
 fn chat_completion_over_tls_answers_with_usage_and_routing_headers() {
@@ -444,10 +447,7 @@ fn logprobs_come_with_each_token_whole_or_streamed() {
 
         // Streamed: each token's chunk carries its entry, the same as whole.
         let text = chat_stream(&gateway, &chat_body("Name three colours.", extra)).await;
-        let chunks: Vec<Value> = sse_payloads(&text)
-            .iter()
-            .filter_map(|payload| serde_json::from_str(payload).ok())
-            .collect();
+        let chunks: Vec<Value> = sse_chunks(&text);
         let streamed_entries: Vec<Value> = chunks
             .iter()
             .filter_map(|chunk| chunk["choices"][0]["logprobs"]["content"].as_array())
@@ -491,9 +491,8 @@ fn logprobs_come_with_each_token_whole_or_streamed() {
             stopped["usage"]["completion_tokens"].as_u64().unwrap() as usize
         );
         let text = chat_stream(&gateway, &chat_body("Name three colours.", extra)).await;
-        let streamed: Vec<Value> = sse_payloads(&text)
-            .iter()
-            .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
+        let streamed: Vec<Value> = sse_chunks(&text)
+            .into_iter()
             .filter_map(|chunk| {
                 chunk["choices"][0]["logprobs"]["content"]
                     .as_array()
@@ -624,10 +623,7 @@ fn n_choices_are_generated_side_by_side_whole_or_streamed() {
         let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
         assert_eq!(whole["choices"][1]["message"]["content"], content);
         let text = chat_stream(&gateway, &greedy).await;
-        let chunks: Vec<Value> = sse_payloads(&text)
-            .iter()
-            .filter_map(|payload| serde_json::from_str(payload).ok())
-            .collect();
+        let chunks: Vec<Value> = sse_chunks(&text);
         for index in 0..2 {
             let own: Vec<&Value> = chunks
                 .iter()
@@ -738,10 +734,7 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
         // Streamed as OpenAI streams a call: the first delta carries its id and name, the
         // next ones its arguments as they are written; joined, the same call, then the finish.
         let text = chat_stream(&gateway, &named).await;
-        let chunks: Vec<Value> = sse_payloads(&text)
-            .iter()
-            .filter_map(|payload| serde_json::from_str(payload).ok())
-            .collect();
+        let chunks: Vec<Value> = sse_chunks(&text);
         let calls: Vec<&Value> = chunks
             .iter()
             .filter_map(|chunk| chunk["choices"][0]["delta"]["tool_calls"].get(0))
@@ -825,14 +818,8 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
                 texts += 1;
                 // Streamed, the text comes piece by piece as it is written, not at the end.
                 let stream = chat_stream(&gateway, &body).await;
-                let pieces: Vec<String> = sse_payloads(&stream)
-                    .iter()
-                    .filter_map(|payload| serde_json::from_str::<Value>(payload).ok())
-                    .filter_map(|chunk| {
-                        chunk["choices"][0]["delta"]["content"]
-                            .as_str()
-                            .map(str::to_owned)
-                    })
+                let pieces: Vec<String> = sse_content_pieces(&stream)
+                    .into_iter()
                     .filter(|piece| !piece.is_empty())
                     .collect();
                 assert_eq!(pieces.concat(), content, "{stream}");

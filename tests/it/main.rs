@@ -52,17 +52,29 @@ pub fn sse_payloads(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The generated text of a streamed chat answer: its chunks' `delta.content`, joined.
-pub fn sse_content(text: &str) -> String {
+/// The JSON chunks of an SSE body, in order (`[DONE]` left out).
+pub fn sse_chunks(text: &str) -> Vec<serde_json::Value> {
     sse_payloads(text)
         .iter()
-        .filter_map(|payload| serde_json::from_str::<serde_json::Value>(payload).ok())
+        .filter_map(|payload| serde_json::from_str(payload).ok())
+        .collect()
+}
+
+/// The first choice's `delta.content` of each chunk of a streamed chat answer that has one.
+pub fn sse_content_pieces(text: &str) -> Vec<String> {
+    sse_chunks(text)
+        .iter()
         .filter_map(|chunk| {
             chunk["choices"][0]["delta"]["content"]
                 .as_str()
                 .map(str::to_owned)
         })
         .collect()
+}
+
+/// The generated text of a streamed chat answer: its chunks' `delta.content`, joined.
+pub fn sse_content(text: &str) -> String {
+    sse_content_pieces(text).concat()
 }
 
 /// Posts a chat request with the test key and `stream: true`, and returns the SSE text.

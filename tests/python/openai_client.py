@@ -84,14 +84,15 @@ def main() -> None:
     assert isinstance(city, City), parsed
 
     # A forced function call, as libraries ask for structured output through tools.
-    called = client.chat.completions.create(
-        model="smollm2",
-        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
-        tools=[openai.pydantic_function_tool(City, name="record_city")],
-        tool_choice={"type": "function", "function": {"name": "record_city"}},
-        max_tokens=64,
-        temperature=0,
-    )
+    forced_call = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Which city is the capital of France?"}],
+        "tools": [openai.pydantic_function_tool(City, name="record_city")],
+        "tool_choice": {"type": "function", "function": {"name": "record_city"}},
+        "max_tokens": 64,
+        "temperature": 0,
+    }
+    called = client.chat.completions.create(**forced_call)
     assert called.choices[0].finish_reason == "tool_calls", called
     tool_call = called.choices[0].message.tool_calls[0]
     assert tool_call.function.name == "record_city", tool_call
@@ -99,14 +100,7 @@ def main() -> None:
 
     # The same call streamed: the SDK's stream helper assembles the deltas (id and name
     # first, then the arguments in pieces) into the same call, parsed into the model.
-    with client.chat.completions.stream(
-        model="smollm2",
-        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
-        tools=[openai.pydantic_function_tool(City, name="record_city")],
-        tool_choice={"type": "function", "function": {"name": "record_city"}},
-        max_tokens=64,
-        temperature=0,
-    ) as stream:
+    with client.chat.completions.stream(**forced_call) as stream:
         deltas = sum(1 for event in stream if event.type == "tool_calls.function.arguments.delta")
         final = stream.get_final_completion()
     streamed_call = final.choices[0].message.tool_calls[0]
