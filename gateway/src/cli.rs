@@ -329,6 +329,9 @@ pub fn run(cli: Cli) -> ExitCode {
                     loaded.upstreams.len(),
                     if loaded.upstreams.len() == 1 { "" } else { "s" }
                 );
+                for model in &loaded.models {
+                    println!("  {}", model.kv_summary());
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,

@@ -187,6 +187,28 @@ pub struct KvPlan {
     pub bytes: u64,
 }
 
+impl ModelConfig {
+    /// The KV plan in words, as `check-config` prints it.
+    pub fn kv_summary(&self) -> String {
+        let prefix_cells = self
+            .kv_plan
+            .cells
+            .saturating_sub(u64::from(self.context_tokens) * u64::from(self.parallel_sequences));
+        format!(
+            "model {}: KV cache {} sequences x {} tokens + {} prefix-cache tokens = {} cells x {} \
+             bytes ({}) = {}",
+            self.name,
+            self.parallel_sequences,
+            self.context_tokens,
+            prefix_cells,
+            self.kv_plan.cells,
+            self.kv_plan.bytes_per_token,
+            self.kv_cache_type.name(),
+            mebibytes(self.kv_plan.bytes),
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingConfig {
     pub default_model: Option<String>,
@@ -1257,7 +1279,7 @@ fn has_gguf_magic(path: &Path) -> bool {
         && &magic == GGUF_MAGIC
 }
 
-fn mebibytes(bytes: u64) -> String {
+pub(crate) fn mebibytes(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 

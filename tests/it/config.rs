@@ -26,6 +26,17 @@ fn every_example_configuration_validates() {
             path.display(),
             String::from_utf8_lossy(&output.stderr)
         );
+        // Each model's KV plan, with the numbers an operator sizes memory by.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if path.ends_with("demo.toml") {
+            assert!(
+                stdout.contains(
+                    "model smollm2: KV cache 8 sequences x 2048 tokens + 2048 prefix-cache \
+                     tokens = 18432 cells x 23040 bytes (f16) = 405.0 MiB"
+                ),
+                "{stdout}"
+            );
+        }
         checked += 1;
     }
     assert!(
