@@ -272,10 +272,14 @@ enum Waited {
 /// call, for a model whose chat template knows no tools. The grammar enforces the shape; this
 /// tells the model what the functions are for.
 pub fn tool_instructions(call: &openai::ToolCall) -> String {
-    let mut text = String::from(
+    let mut text = String::from(if call.parallel {
+        "Answer with calls of these functions, as one JSON object {\"tool_calls\": \
+         [{\"name\": <function name>, \"arguments\": <its arguments>}, ...]} with one \
+         entry per call needed"
+    } else {
         "Answer with a call of one of these functions, as one JSON object \
-         {\"name\": <function name>, \"arguments\": <its arguments>}",
-    );
+         {\"name\": <function name>, \"arguments\": <its arguments>}"
+    });
     text.push_str(if call.text_allowed {
         ", or, when no function fits, with {\"response\": <your answer>}.\nFunctions:"
     } else {
@@ -295,9 +299,11 @@ pub fn tool_instructions(call: &openai::ToolCall) -> String {
 }
 
 /// The grammar of a forced call: `{"name": <one of the functions>, "arguments": <that
-/// function's arguments>}`, name first so the model picks the function before its arguments.
+/// function's arguments>}`, name first so the model picks the function before its arguments;
+/// with `parallel_tool_calls`, `{"tool_calls": [<such a call>, ...]}` with 1 to
+/// [`openai::PARALLEL_CALLS_MAX`] calls.
 fn tool_call_grammar(call: &openai::ToolCall) -> Result<edge_runtime::Grammar, GatewayError> {
-    let mut alternatives: Vec<String> = call
+    let calls: Vec<String> = call
         .tools
         .iter()
         .map(|tool| {
@@ -308,16 +314,26 @@ fn tool_call_grammar(call: &openai::ToolCall) -> Result<edge_runtime::Grammar, G
             )
         })
         .collect();
+    let one_of = |alternatives: &[String]| match alternatives {
+        [one] => one.clone(),
+        many => format!(r#"{{"anyOf":[{}]}}"#, many.join(",")),
+    };
+    let mut alternatives = if call.parallel {
+        vec![format!(
+            r#"{{"type":"object","properties":{{"tool_calls":{{"type":"array","items":{},"minItems":1,"maxItems":{}}}}},"required":["tool_calls"],"additionalProperties":false}}"#,
+            one_of(&calls),
+            openai::PARALLEL_CALLS_MAX
+        )]
+    } else {
+        calls
+    };
     if call.text_allowed {
         alternatives.push(
             r#"{"type":"object","properties":{"response":{"type":"string"}},"required":["response"],"additionalProperties":false}"#
                 .to_owned(),
         );
     }
-    let schema = match alternatives.as_slice() {
-        [one] => one.clone(),
-        many => format!(r#"{{"anyOf":[{}]}}"#, many.join(",")),
-    };
+    let schema = one_of(&alternatives);
     edge_runtime::Grammar::json_schema(&schema).map_err(|error| {
         GatewayError::invalid_value(
             "tools",
@@ -478,7 +494,7 @@ async fn collect_events(
         }
     }
     capture_choices(ctx, &states);
-    let called: Vec<Option<openai::CalledTool>> = states
+    let called: Vec<Vec<openai::CalledTool>> = states
         .iter_mut()
         .enumerate()
         .map(|(index, state)| made_call(ctx, calls, index, state))
@@ -487,8 +503,8 @@ async fn collect_events(
     let bodies: Vec<openai::ChoiceBody<'_>> = states
         .iter()
         .zip(called)
-        .map(|(state, tool_call)| openai::ChoiceBody {
-            tool_call,
+        .map(|(state, tool_calls)| openai::ChoiceBody {
+            tool_calls,
             text: &state.text,
             finish_reason: state.finish_reason.unwrap_or("stop"),
             logprobs: wants_logprobs.then(|| {
@@ -502,24 +518,26 @@ async fn collect_events(
     Ok(Answered::Complete)
 }
 
-/// The function call a finished choice made, when the request offered functions and the
+/// The function calls a finished choice made, when the request offered functions and the
 /// answer is complete (a call cut off by `max_tokens` stays text, with `length`); its finish
 /// reason becomes `tool_calls`. An `auto` answer without a call, `{"response": <text>}`,
-/// becomes that text.
+/// becomes that text. None for a text answer.
 fn made_call(
     ctx: &RequestContext,
     calls: Option<&openai::ToolCall>,
     index: usize,
     state: &mut ChoiceState,
-) -> Option<openai::CalledTool> {
-    let calls = calls?;
+) -> Vec<openai::CalledTool> {
+    let Some(calls) = calls else {
+        return Vec::new();
+    };
     if state.finish_reason != Some("stop") {
-        return None;
+        return Vec::new();
     }
-    match openai::CalledTool::from_answer(call_id(ctx, index), &state.text) {
-        Some(call) => {
+    match openai::CalledTool::from_answer(|at| call_id(ctx, index, at), &state.text) {
+        Some(made) => {
             state.finish_reason = Some("tool_calls");
-            Some(call)
+            made
         }
         None => {
             if calls.text_allowed
@@ -527,14 +545,14 @@ fn made_call(
             {
                 state.text = text;
             }
-            None
+            Vec::new()
         }
     }
 }
 
-/// The id of choice `index`'s function call.
-fn call_id(ctx: &RequestContext, index: usize) -> String {
-    format!("call_{}_{index}", ctx.request_id)
+/// The id of call `at` of choice `index`.
+fn call_id(ctx: &RequestContext, index: usize, at: usize) -> String {
+    format!("call_{}_{index}_{at}", ctx.request_id)
 }
 
 /// The stream events for what newly written answer text completed of a call or of a text
@@ -552,14 +570,18 @@ fn call_events(
             openai::Piece::Text(text) => {
                 meta.chunk(index, false, Some(text), None, include_usage, None)
             }
-            openai::Piece::Call(name) => {
-                let id = call_id(ctx, index);
-                let start = openai::CallPiece::Start { id: &id, name };
+            openai::Piece::Call { at, name } => {
+                let id = call_id(ctx, index, *at);
+                let start = openai::CallPiece::Start {
+                    at: *at,
+                    id: &id,
+                    name,
+                };
                 meta.tool_call_piece(index, start, include_usage)
             }
-            openai::Piece::Arguments(arguments) => meta.tool_call_piece(
+            openai::Piece::Arguments { at, text } => meta.tool_call_piece(
                 index,
-                openai::CallPiece::Arguments(arguments),
+                openai::CallPiece::Arguments { at: *at, text },
                 include_usage,
             ),
         };
@@ -675,15 +697,15 @@ async fn stream_events(
                     let pieces = state.reader.push(&completion.text_tail);
                     end.extend(call_events(ctx, meta, index, pieces, include_usage));
                     let streamed = state.reader.called() || state.reader.texted();
-                    match made_call(ctx, calls, index, state) {
-                        Some(call) => {
-                            // Read whole only when the reader could not follow it.
+                    match made_call(ctx, calls, index, state).as_slice() {
+                        made @ [_, ..] => {
+                            // Whole only when the reader could not follow the answer.
                             if !state.reader.called() {
-                                end.extend_from_slice(&openai::sse_event(&meta.tool_call_chunk(
-                                    index,
-                                    &call,
-                                    include_usage,
-                                )));
+                                for (at, call) in made.iter().enumerate() {
+                                    end.extend_from_slice(&openai::sse_event(
+                                        &meta.tool_call_chunk(index, at, call, include_usage),
+                                    ));
+                                }
                             }
                             end.extend_from_slice(&openai::sse_event(&meta.chunk(
                                 index,
@@ -696,7 +718,7 @@ async fn stream_events(
                         }
                         // Text (`auto` without a call), or a call cut off by `max_tokens`:
                         // what was streamed stays; else the text goes out whole.
-                        None => {
+                        [] => {
                             let text = (!streamed).then_some(state.text.as_str());
                             end.extend_from_slice(&openai::sse_event(&meta.chunk(
                                 index,

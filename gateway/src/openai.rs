@@ -65,8 +65,8 @@ pub struct ChoiceBody<'a> {
     pub finish_reason: &'a str,
     /// From [`ResponseMeta::logprobs`].
     pub logprobs: Option<Value>,
-    /// The function call the choice is (then `text` is not its content).
-    pub tool_call: Option<CalledTool>,
+    /// The function calls the choice is (then `text` is not its content); none for text.
+    pub tool_calls: Vec<CalledTool>,
 }
 
 /// A function call an answer made: its id, the function's name and the arguments as JSON
@@ -79,22 +79,39 @@ pub struct CalledTool {
 }
 
 impl CalledTool {
-    /// Reads a call from the JSON a call's grammar produced (`{"name": ..., "arguments":
-    /// ...}`); `None` when it is not that (a text answer, a call cut off by `max_tokens`).
-    /// The arguments keep the order the model wrote them in (a schema's `properties` order),
-    /// compacted, as a stream gives them out.
-    pub fn from_answer(id: String, answer: &str) -> Option<CalledTool> {
+    /// Reads the calls from the JSON a call's grammar produced: one `{"name": ...,
+    /// "arguments": ...}`, or several as `{"tool_calls": [...]}` (`parallel_tool_calls`);
+    /// `None` when it is neither (a text answer, a call cut off by `max_tokens`). `id` names
+    /// the call at each position. The arguments keep the order the model wrote them in (a
+    /// schema's `properties` order), compacted, as a stream gives them out.
+    pub fn from_answer(id: impl Fn(usize) -> String, answer: &str) -> Option<Vec<CalledTool>> {
         #[derive(serde::Deserialize)]
         struct Call<'a> {
             name: String,
             #[serde(borrow)]
             arguments: &'a serde_json::value::RawValue,
         }
-        let call: Call<'_> = serde_json::from_str(answer).ok()?;
-        Some(CalledTool {
-            id,
-            name: call.name,
-            arguments: compact_json(call.arguments.get()),
+        #[derive(serde::Deserialize)]
+        struct Calls<'a> {
+            #[serde(borrow)]
+            tool_calls: Vec<Call<'a>>,
+        }
+        // Two tries, not an untagged enum: serde buffers those, and a raw value cannot be
+        // read from the buffer.
+        let calls = match serde_json::from_str::<Calls<'_>>(answer) {
+            Ok(calls) => calls.tool_calls,
+            Err(_) => vec![serde_json::from_str::<Call<'_>>(answer).ok()?],
+        };
+        (!calls.is_empty()).then(|| {
+            calls
+                .into_iter()
+                .enumerate()
+                .map(|(at, call)| CalledTool {
+                    id: id(at),
+                    name: call.name,
+                    arguments: compact_json(call.arguments.get()),
+                })
+                .collect()
         })
     }
 
@@ -122,8 +139,14 @@ impl CalledTool {
 /// Part of a call that a stream gives out as the answer is written.
 #[derive(Debug, Clone, Copy)]
 pub enum CallPiece<'a> {
-    Start { id: &'a str, name: &'a str },
-    Arguments(&'a str),
+    /// Call `at` of the answer begins.
+    Start {
+        at: usize,
+        id: &'a str,
+        name: &'a str,
+    },
+    /// More of call `at`'s arguments.
+    Arguments { at: usize, text: &'a str },
 }
 
 /// What `response_format` asks the answer to be.
@@ -164,7 +187,13 @@ pub struct ToolCall {
     /// `{"response": <text>}`, the one JSON shape any model can be held to beside a call);
     /// `required` or a named function: it must be a call.
     pub text_allowed: bool,
+    /// `parallel_tool_calls: true`: the answer may make several calls (`{"tool_calls":
+    /// [...]}`, at most [`PARALLEL_CALLS_MAX`]); otherwise one.
+    pub parallel: bool,
 }
+
+/// The most calls one answer makes with `parallel_tool_calls`.
+pub const PARALLEL_CALLS_MAX: usize = 8;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
@@ -194,13 +223,16 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         (true, top) => Some(logprob_alternatives("top_logprobs", top.unwrap_or(0))?),
     };
     generation.tool_call = parse_tools(fields.take("tools"), fields.take("tool_choice"))?;
-    if let Some(value) = fields.take("parallel_tool_calls")
-        && !value.is_boolean()
-    {
-        return Err(GatewayError::invalid_value(
-            "parallel_tool_calls",
-            "parallel_tool_calls must be a boolean",
-        ));
+    if let Some(value) = fields.take("parallel_tool_calls") {
+        let Some(parallel) = value.as_bool() else {
+            return Err(GatewayError::invalid_value(
+                "parallel_tool_calls",
+                "parallel_tool_calls must be a boolean",
+            ));
+        };
+        if let Some(call) = &mut generation.tool_call {
+            call.parallel = parallel;
+        }
     }
     if generation.tool_call.is_some() && generation.response_format.is_some() {
         return Err(GatewayError::invalid_value(
@@ -789,6 +821,7 @@ fn parse_tools(
     Ok(Some(ToolCall {
         tools,
         text_allowed,
+        parallel: false,
     }))
 }
 
@@ -1201,15 +1234,15 @@ impl ResponseMeta {
             .enumerate()
             .map(|(index, choice)| {
                 let logprobs = choice.logprobs.clone().unwrap_or(Value::Null);
-                match (self.endpoint, &choice.tool_call) {
-                    (Endpoint::Chat, Some(call)) => serde_json::json!({
+                match (self.endpoint, choice.tool_calls.as_slice()) {
+                    (Endpoint::Chat, calls @ [_, ..]) => serde_json::json!({
                         "index": index,
                         "message": {"role": "assistant", "content": null, "refusal": null,
-                            "tool_calls": [call.body(None)]},
+                            "tool_calls": calls.iter().map(|call| call.body(None)).collect::<Value>()},
                         "logprobs": logprobs,
                         "finish_reason": "tool_calls",
                     }),
-                    (Endpoint::Chat, None) => serde_json::json!({
+                    (Endpoint::Chat, []) => serde_json::json!({
                         "index": index,
                         "message": {"role": "assistant", "content": choice.text, "refusal": null},
                         "logprobs": logprobs,
@@ -1287,13 +1320,15 @@ impl ResponseMeta {
     }
 
     /// The stream chunk that carries choice `index`'s whole function call.
+    /// A chunk with call `at` of choice `index` whole.
     pub fn tool_call_chunk(
         &self,
         index: usize,
+        at: usize,
         call: &CalledTool,
         with_usage_field: bool,
     ) -> Value {
-        self.tool_call_delta(index, call.body(Some(0)), with_usage_field)
+        self.tool_call_delta(index, call.body(Some(at)), with_usage_field)
     }
 
     /// A chunk whose delta carries one `tool_calls` entry: a call's start (`id`, `type` and
@@ -1305,12 +1340,12 @@ impl ResponseMeta {
         with_usage_field: bool,
     ) -> Value {
         let entry = match piece {
-            CallPiece::Start { id, name } => serde_json::json!({
-                "index": 0, "id": id, "type": "function",
+            CallPiece::Start { at, id, name } => serde_json::json!({
+                "index": at, "id": id, "type": "function",
                 "function": {"name": name, "arguments": ""},
             }),
-            CallPiece::Arguments(arguments) => {
-                serde_json::json!({"index": 0, "function": {"arguments": arguments}})
+            CallPiece::Arguments { at, text } => {
+                serde_json::json!({"index": at, "function": {"arguments": text}})
             }
         };
         self.tool_call_delta(index, entry, with_usage_field)

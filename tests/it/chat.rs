@@ -765,6 +765,46 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             "{text}"
         );
 
+        // `parallel_tool_calls: true`: one or more calls (up to 8), each whole in the answer
+        // and streamed under its own `index`, the deltas of each joining into that call.
+        let parallel = chat_body(
+            "What is the weather like in Oslo, and what time is it in Paris?",
+            json!({"max_tokens": 96, "tools": tools, "tool_choice": "required",
+                "parallel_tool_calls": true}),
+        );
+        let answer = chat(&gateway, &parallel).await;
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+        let whole = choice["message"]["tool_calls"].as_array().unwrap();
+        assert!((1..=8).contains(&whole.len()), "{answer}");
+        whole.iter().for_each(|call| {
+            check_call(call);
+        });
+        let text = chat_stream(&gateway, &parallel).await;
+        let mut streamed: Vec<(String, String)> = Vec::new();
+        for chunk in sse_chunks(&text) {
+            let Some(entries) = chunk["choices"][0]["delta"]["tool_calls"].as_array() else {
+                continue;
+            };
+            for entry in entries {
+                let at = entry["index"].as_u64().unwrap() as usize;
+                if let Some(name) = entry["function"]["name"].as_str() {
+                    assert_eq!(at, streamed.len(), "{text}");
+                    streamed.push((name.to_owned(), String::new()));
+                }
+                streamed[at].1 += entry["function"]["arguments"].as_str().unwrap();
+            }
+        }
+        let whole: Vec<(String, String)> = whole
+            .iter()
+            .map(|call| {
+                let function = &call["function"];
+                let text = |key: &str| function[key].as_str().unwrap().to_owned();
+                (text("name"), text("arguments"))
+            })
+            .collect();
+        assert_eq!(streamed, whole, "{text}");
+
         // `required`: one of the offered functions; with the call and its result in the
         // history the conversation goes on.
         let required = chat(

@@ -3,19 +3,20 @@
 //! arguments piece by piece, and an `auto` answer without a call (`{"response": <text>}`) as
 //! plain text piece by piece instead of in one chunk at the end.
 //!
-//! The grammar the model follows (`{"name": ..., "arguments": ...}` or `{"response": ...}`,
-//! with the whitespace JSON allows) guarantees the shape; anything else makes the reader give
-//! up, and the whole answer is then read at its end as before.
+//! The grammar the model follows (`{"name": ..., "arguments": ...}`, several calls as
+//! `{"tool_calls": [{"name": ..., "arguments": ...}, ...]}`, or `{"response": ...}`, with the
+//! whitespace JSON allows) guarantees the shape; anything else makes the reader give up, and
+//! the whole answer is then read at its end.
 
 /// What newly arrived answer text contributed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Piece {
     /// Text of an answer without a call, decoded from its JSON string.
     Text(String),
-    /// The called function's name: the call begins.
-    Call(String),
-    /// More of the call's arguments, as compact JSON text (see [`compact_json`]).
-    Arguments(String),
+    /// Call `at` (0 for the first) begins: the called function's name.
+    Call { at: usize, name: String },
+    /// More of call `at`'s arguments, as compact JSON text (see [`compact_json`]).
+    Arguments { at: usize, text: String },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,10 @@ enum Phase {
     Arguments,
     /// After a value: `,` or `}`.
     AfterValue,
+    /// Before a call of `tool_calls`, or the list's `]`.
+    CallsItem,
+    /// After a call of `tool_calls`: `,` or `]`.
+    CallsNext,
     /// The answer's object is complete.
     Done,
     /// Not the expected shape: nothing more is read.
@@ -46,6 +51,7 @@ enum Field {
     Name,
     Arguments,
     Response,
+    Calls,
 }
 
 /// Reads one choice's answer as it arrives.
@@ -55,8 +61,14 @@ pub struct CallReader {
     /// Next byte of `text` to read.
     at: usize,
     phase: Phase,
-    /// The call's name has been given out.
+    /// Inside `tool_calls` (several calls).
+    in_calls: bool,
+    /// Calls begun so far; the current one is the last.
+    calls: usize,
+    /// The current call's name has been given out.
     named: bool,
+    /// A call's name has been given out.
+    called: bool,
     /// Arguments read before the name (a grammar that put them first), held until it.
     early_arguments: String,
     arguments: Compactor,
@@ -76,9 +88,33 @@ impl CallReader {
         pieces
     }
 
-    /// Whether the call's name has been given out (the call is being streamed).
+    /// Whether a call's name has been given out (the calls are being streamed).
     pub fn called(&self) -> bool {
-        self.named
+        self.called
+    }
+
+    /// The current call's position.
+    fn at(&self) -> usize {
+        self.calls.saturating_sub(1)
+    }
+
+    /// A call's object begins: at the top (one call) or in `tool_calls`.
+    fn begin_call(&mut self) {
+        self.calls += 1;
+        self.named = false;
+        self.early_arguments.clear();
+        self.arguments = Compactor::default();
+        self.depth = 0;
+        self.begun = false;
+    }
+
+    /// The object that just closed: a call of `tool_calls`, or the answer.
+    fn close_object(&mut self) -> bool {
+        self.enter(if self.in_calls {
+            Phase::CallsNext
+        } else {
+            Phase::Done
+        })
     }
 
     /// Whether answer text has been given out.
@@ -136,21 +172,29 @@ impl CallReader {
     fn step(&mut self, pieces: &mut Vec<Piece>) -> bool {
         match self.phase {
             Phase::Done | Phase::Failed => false,
-            Phase::Open => self.skip_space() && self.expect(b'{') && self.enter(Phase::Key),
+            Phase::Open => {
+                if !(self.skip_space() && self.expect(b'{')) {
+                    return false;
+                }
+                self.begin_call();
+                self.enter(Phase::Key)
+            }
             Phase::Key => {
                 if !self.skip_space() {
                     return false;
                 }
                 if self.rest().starts_with('}') {
                     self.at += 1;
-                    return self.enter(Phase::Done);
+                    return self.close_object();
                 }
+                let top = !self.in_calls;
                 match self.whole_string() {
                     None => false,
                     Some(Ok(key)) => match key.as_str() {
                         "name" => self.enter(Phase::Colon(Field::Name)),
                         "arguments" => self.enter(Phase::Colon(Field::Arguments)),
-                        "response" => self.enter(Phase::Colon(Field::Response)),
+                        "response" if top => self.enter(Phase::Colon(Field::Response)),
+                        "tool_calls" if top => self.enter(Phase::Colon(Field::Calls)),
                         _ => self.enter(Phase::Failed),
                     },
                     Some(Err(())) => self.enter(Phase::Failed),
@@ -167,12 +211,13 @@ impl CallReader {
                     Field::Name => match self.whole_string() {
                         None => false,
                         Some(Ok(name)) => {
-                            pieces.push(Piece::Call(name));
+                            let at = self.at();
+                            pieces.push(Piece::Call { at, name });
                             self.named = true;
+                            self.called = true;
                             if !self.early_arguments.is_empty() {
-                                pieces.push(Piece::Arguments(std::mem::take(
-                                    &mut self.early_arguments,
-                                )));
+                                let text = std::mem::take(&mut self.early_arguments);
+                                pieces.push(Piece::Arguments { at, text });
                             }
                             self.enter(Phase::AfterValue)
                         }
@@ -180,27 +225,54 @@ impl CallReader {
                     },
                     Field::Response => self.expect(b'"') && self.enter(Phase::Response),
                     Field::Arguments => self.enter(Phase::Arguments),
+                    Field::Calls => {
+                        // The list replaces the top object's single call.
+                        self.calls = 0;
+                        self.in_calls = true;
+                        self.expect(b'[') && self.enter(Phase::CallsItem)
+                    }
                 }
             }
             Phase::Response => self.read_response(pieces),
             Phase::Arguments => self.read_arguments(pieces),
-            Phase::AfterValue => {
-                if !self.skip_space() {
-                    return false;
+            Phase::AfterValue => match self.next_byte() {
+                None => false,
+                Some(b',') => self.enter(Phase::Key),
+                Some(b'}') => self.close_object(),
+                Some(_) => self.enter(Phase::Failed),
+            },
+            Phase::CallsItem => match self.next_byte() {
+                None => false,
+                Some(b'{') => {
+                    self.begin_call();
+                    self.enter(Phase::Key)
                 }
-                match self.rest().as_bytes()[0] {
-                    b',' => {
-                        self.at += 1;
-                        self.enter(Phase::Key)
-                    }
-                    b'}' => {
-                        self.at += 1;
-                        self.enter(Phase::Done)
-                    }
-                    _ => self.enter(Phase::Failed),
-                }
-            }
+                Some(b']') => self.end_calls(),
+                Some(_) => self.enter(Phase::Failed),
+            },
+            Phase::CallsNext => match self.next_byte() {
+                None => false,
+                Some(b',') => self.enter(Phase::CallsItem),
+                Some(b']') => self.end_calls(),
+                Some(_) => self.enter(Phase::Failed),
+            },
         }
+    }
+
+    /// Skips whitespace and takes the next byte; `None` while the text ends first.
+    fn next_byte(&mut self) -> Option<u8> {
+        if !self.skip_space() {
+            return None;
+        }
+        let byte = self.text.as_bytes()[self.at];
+        self.at += 1;
+        Some(byte)
+    }
+
+    /// `tool_calls` ended: the top object goes on.
+    fn end_calls(&mut self) -> bool {
+        self.in_calls = false;
+        self.enter(Phase::AfterValue)
     }
 
     fn enter(&mut self, phase: Phase) -> bool {
@@ -287,7 +359,10 @@ impl CallReader {
         self.at += used;
         if !out.is_empty() {
             if self.named {
-                pieces.push(Piece::Arguments(out));
+                pieces.push(Piece::Arguments {
+                    at: self.at(),
+                    text: out,
+                });
             } else {
                 self.early_arguments.push_str(&out);
             }

@@ -403,7 +403,17 @@ fn tools_are_read_with_what_the_answer_may_be() {
     for auto in [tools.to_owned(), format!(r#"{tools},"tool_choice":"auto""#)] {
         let call = chat(&auto).unwrap().generation.tool_call.unwrap();
         assert!(call.text_allowed && call.tools.len() == 2, "{auto}");
+        assert!(!call.parallel, "one call unless asked for several");
     }
+    // Several calls only when asked for.
+    let parallel = chat(&format!(r#"{tools},"parallel_tool_calls":true"#)).unwrap();
+    assert!(parallel.generation.tool_call.unwrap().parallel);
+    let single = chat(&format!(r#"{tools},"parallel_tool_calls":false"#)).unwrap();
+    assert!(!single.generation.tool_call.unwrap().parallel);
+    assert!(matches!(
+        chat(&format!(r#"{tools},"parallel_tool_calls":"yes""#)),
+        Err(GatewayError::InvalidValue { param, .. }) if param == "parallel_tool_calls"
+    ));
     for (bad, param, unsupported) in [
         (
             format!(r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"nope"}}}}"#),
@@ -450,29 +460,49 @@ fn tools_are_read_with_what_the_answer_may_be() {
 
 #[test]
 fn a_call_or_a_text_answer_is_read_from_the_json_the_grammar_allowed() {
-    let call = CalledTool::from_answer(
-        "call_1".to_owned(),
-        r#"{"name": "get_time", "arguments": {"zone": "UTC"}}"#,
-    )
-    .unwrap();
+    let id = |at: usize| format!("call_{at}");
+    let calls =
+        CalledTool::from_answer(id, r#"{"name": "get_time", "arguments": {"zone": "UTC"}}"#)
+            .unwrap();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
     assert_eq!(
         (call.name.as_str(), call.arguments.as_str()),
         ("get_time", r#"{"zone":"UTC"}"#)
     );
     assert_eq!(
         call.body(Some(0)).to_string(),
-        r#"{"function":{"arguments":"{\"zone\":\"UTC\"}","name":"get_time"},"id":"call_1","index":0,"type":"function"}"#
+        r#"{"function":{"arguments":"{\"zone\":\"UTC\"}","name":"get_time"},"id":"call_0","index":0,"type":"function"}"#
     );
     assert_eq!(
         CalledTool::text_answer(r#"{"response": "It is noon."}"#).as_deref(),
         Some("It is noon.")
     );
+    assert_eq!(CalledTool::from_answer(id, r#"{"response": "x"}"#), None);
+    assert_eq!(CalledTool::from_answer(id, r#"{"name": "f", "argu"#), None);
+    // Several calls (`parallel_tool_calls`), each with its own id, in the order written.
+    let calls = CalledTool::from_answer(
+        id,
+        r#"{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}},
+            {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}]}"#,
+    )
+    .unwrap();
+    let summary: Vec<(&str, &str, &str)> = calls
+        .iter()
+        .map(|call| {
+            (
+                call.id.as_str(),
+                call.name.as_str(),
+                call.arguments.as_str(),
+            )
+        })
+        .collect();
     assert_eq!(
-        CalledTool::from_answer("c".to_owned(), r#"{"response": "x"}"#),
-        None
+        summary,
+        [
+            ("call_0", "get_time", r#"{"zone":"UTC"}"#),
+            ("call_1", "get_weather", r#"{"city":"Oslo","days":2}"#)
+        ]
     );
-    assert_eq!(
-        CalledTool::from_answer("c".to_owned(), r#"{"name": "f", "argu"#),
-        None
-    );
+    assert_eq!(CalledTool::from_answer(id, r#"{"tool_calls": []}"#), None);
 }

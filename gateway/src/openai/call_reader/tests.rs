@@ -3,27 +3,38 @@ use serde_json::Value;
 
 use super::{CallReader, Piece, compact_json};
 
-/// What a reader gave out for `answer` fed in `pieces` splits: the text, the name and the
-/// arguments, each joined.
-fn read(parts: &[&str]) -> (String, Option<String>, String) {
+/// What a reader gave out for an answer fed in `parts`: the text, and each call's name and
+/// arguments joined.
+fn read_calls(parts: &[&str]) -> (String, Vec<(String, String)>) {
     let mut reader = CallReader::default();
-    let (mut text, mut name, mut arguments) = (String::new(), None, String::new());
+    let mut text = String::new();
+    let mut calls: Vec<(String, String)> = Vec::new();
     for part in parts {
         for piece in reader.push(part) {
             match piece {
                 Piece::Text(more) => text.push_str(&more),
-                Piece::Call(called) => {
-                    assert!(name.is_none(), "a second name");
-                    name = Some(called);
+                Piece::Call { at, name } => {
+                    assert_eq!(at, calls.len(), "calls out of order");
+                    calls.push((name, String::new()));
                 }
-                Piece::Arguments(more) => {
-                    assert!(name.is_some(), "arguments before the name");
-                    arguments.push_str(&more);
+                Piece::Arguments { at, text: more } => {
+                    assert_eq!(at + 1, calls.len(), "arguments of another call");
+                    calls[at].1.push_str(&more);
                 }
             }
         }
     }
-    (text, name, arguments)
+    (text, calls)
+}
+
+/// [`read_calls`] for an answer with at most one call.
+fn read(parts: &[&str]) -> (String, Option<String>, String) {
+    let (text, mut calls) = read_calls(parts);
+    assert!(calls.len() <= 1, "{calls:?}");
+    match calls.pop() {
+        Some((name, arguments)) => (text, Some(name), arguments),
+        None => (text, None, String::new()),
+    }
 }
 
 /// Every way of cutting `answer` in two at a character boundary, and one character at a time.
@@ -116,15 +127,53 @@ fn text_goes_out_as_it_arrives_and_escapes_once_whole() {
     assert_eq!(
         reader.push(r#"time", "arguments": {"zo"#),
         [
-            Piece::Call("get_time".into()),
-            Piece::Arguments("{\"zo".into())
+            Piece::Call {
+                at: 0,
+                name: "get_time".into()
+            },
+            Piece::Arguments {
+                at: 0,
+                text: "{\"zo".into()
+            }
         ]
     );
     assert!(reader.called());
     assert_eq!(
         reader.push("ne\": \"CET\"}}"),
-        [Piece::Arguments("ne\":\"CET\"}".into())]
+        [Piece::Arguments {
+            at: 0,
+            text: "ne\":\"CET\"}".into()
+        }]
     );
+}
+
+#[test]
+fn several_calls_are_read_in_order_however_they_arrive() {
+    let answer = concat!(
+        "{\"tool_calls\": [\n {\"name\": \"get_time\", \"arguments\": {\"zone\": \"UTC\"}},\n ",
+        "{\"arguments\": {\"city\": \"Oslo, \\\"N\\\"\"}, \"name\": \"get_weather\"} ]}"
+    );
+    let whole: Value = serde_json::from_str(answer).unwrap();
+    for parts in splits(answer) {
+        let (text, calls) = read_calls(&parts);
+        assert_eq!(text, "");
+        assert_eq!(calls.len(), 2, "{parts:?}");
+        for (read, written) in calls.iter().zip(whole["tool_calls"].as_array().unwrap()) {
+            assert_eq!(read.0, written["name"].as_str().unwrap());
+            assert_eq!(
+                serde_json::from_str::<Value>(&read.1).unwrap(),
+                written["arguments"]
+            );
+        }
+    }
+    // A list inside a call, or text beside the list, is not the shape.
+    for answer in [
+        r#"{"tool_calls": [{"tool_calls": []}]}"#,
+        r#"{"tool_calls": [{"response": "x"}]}"#,
+    ] {
+        let (text, calls) = read_calls(&[answer]);
+        assert!(text.is_empty() && calls.is_empty(), "{answer}");
+    }
 }
 
 #[test]
