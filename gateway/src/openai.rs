@@ -234,6 +234,15 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
             call.parallel = parallel;
         }
     }
+    if generation.tool_call.is_some() && generation.logprobs.is_some() {
+        // A call's JSON and a text answer's `{"response": ...}` wrapper are not the content
+        // the entries would have to spell.
+        return Err(GatewayError::unsupported(
+            "logprobs",
+            "local models give no log-probabilities for answers to requests that offer \
+             tools; drop logprobs or set tool_choice to none",
+        ));
+    }
     if generation.tool_call.is_some() && generation.response_format.is_some() {
         return Err(GatewayError::invalid_value(
             "response_format",

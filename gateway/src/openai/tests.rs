@@ -414,6 +414,13 @@ fn tools_are_read_with_what_the_answer_may_be() {
         chat(&format!(r#"{tools},"parallel_tool_calls":"yes""#)),
         Err(GatewayError::InvalidValue { param, .. }) if param == "parallel_tool_calls"
     ));
+    // Log-probabilities would have to spell a call's JSON: refused, unless no call is possible.
+    assert!(matches!(
+        chat(&format!(r#"{tools},"logprobs":true"#)),
+        Err(GatewayError::UnsupportedParameter { param, .. }) if param == "logprobs"
+    ));
+    let plain = chat(&format!(r#"{tools},"tool_choice":"none","logprobs":true"#)).unwrap();
+    assert!(plain.generation.tool_call.is_none() && plain.generation.logprobs.is_some());
     for (bad, param, unsupported) in [
         (
             format!(r#"{tools},"tool_choice":{{"type":"function","function":{{"name":"nope"}}}}"#),
