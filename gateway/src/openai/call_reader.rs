@@ -94,7 +94,7 @@ impl CallReader {
     }
 
     /// The current call's position.
-    fn at(&self) -> usize {
+    fn call_index(&self) -> usize {
         self.calls.saturating_sub(1)
     }
 
@@ -211,7 +211,7 @@ impl CallReader {
                     Field::Name => match self.whole_string() {
                         None => false,
                         Some(Ok(name)) => {
-                            let at = self.at();
+                            let at = self.call_index();
                             pieces.push(Piece::Call { at, name });
                             self.named = true;
                             self.called = true;
@@ -360,7 +360,7 @@ impl CallReader {
         if !out.is_empty() {
             if self.named {
                 pieces.push(Piece::Arguments {
-                    at: self.at(),
+                    at: self.call_index(),
                     text: out,
                 });
             } else {
