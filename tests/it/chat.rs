@@ -805,6 +805,33 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             .collect();
         assert_eq!(streamed, whole, "{text}");
 
+        // `n` choices streamed: each choice's call is read apart from the others'.
+        let mut two = named.clone();
+        two["n"] = json!(2);
+        two["temperature"] = json!(0.9);
+        two["seed"] = json!(7);
+        two["max_tokens"] = json!(128);
+        let text = chat_stream(&gateway, &two).await;
+        let mut arguments = [String::new(), String::new()];
+        let mut named_choices = [0, 0];
+        for chunk in sse_chunks(&text) {
+            let Some(choice) = chunk["choices"].get(0) else {
+                continue;
+            };
+            let index = choice["index"].as_u64().unwrap() as usize;
+            if let Some(entry) = choice["delta"]["tool_calls"].get(0) {
+                if entry["function"]["name"] == "get_weather" {
+                    named_choices[index] += 1;
+                }
+                arguments[index] += entry["function"]["arguments"].as_str().unwrap();
+            }
+        }
+        assert_eq!(named_choices, [1, 1], "{text}");
+        for arguments in &arguments {
+            let arguments: Value = serde_json::from_str(arguments).unwrap();
+            assert!(arguments["city"].is_string(), "{text}");
+        }
+
         // `required`: one of the offered functions; with the call and its result in the
         // history the conversation goes on.
         let required = chat(
