@@ -505,6 +505,7 @@ async fn collect_events(
         .zip(called)
         .map(|(state, tool_calls)| openai::ChoiceBody {
             tool_calls,
+            legacy: calls.is_some_and(|calls| calls.legacy),
             text: &state.text,
             finish_reason: state.finish_reason.unwrap_or("stop"),
             logprobs: wants_logprobs.then(|| {
@@ -536,7 +537,11 @@ fn made_call(
     }
     match openai::CalledTool::from_answer(|at| call_id(ctx, index, at), &state.text) {
         Some(made) => {
-            state.finish_reason = Some("tool_calls");
+            state.finish_reason = Some(if calls.legacy {
+                "function_call"
+            } else {
+                "tool_calls"
+            });
             made
         }
         None => {
@@ -562,8 +567,10 @@ fn call_events(
     meta: &ResponseMeta,
     index: usize,
     pieces: Vec<openai::Piece>,
-    include_usage: bool,
+    shape: &Shape<'_>,
 ) -> Vec<u8> {
+    let include_usage = shape.include_usage;
+    let legacy = shape.calls.is_some_and(|calls| calls.legacy);
     let mut events = Vec::new();
     for piece in pieces {
         let chunk = match &piece {
@@ -577,11 +584,12 @@ fn call_events(
                     id: &id,
                     name,
                 };
-                meta.tool_call_piece(index, start, include_usage)
+                meta.tool_call_piece(index, start, legacy, include_usage)
             }
             openai::Piece::Arguments { at, text } => meta.tool_call_piece(
                 index,
                 openai::CallPiece::Arguments { at: *at, text },
+                legacy,
                 include_usage,
             ),
         };
@@ -663,7 +671,7 @@ async fn stream_events(
                     // A call or a text answer goes out as its JSON is written.
                     let pieces = states[index].reader.push(&text);
                     if !pieces.is_empty() {
-                        let events = call_events(ctx, meta, index, pieces, include_usage);
+                        let events = call_events(ctx, meta, index, pieces, shape);
                         write(session, Bytes::from(events)).await?;
                     }
                 } else {
@@ -695,15 +703,22 @@ async fn stream_events(
                 let mut end = Vec::new();
                 if calls.is_some() {
                     let pieces = state.reader.push(&completion.text_tail);
-                    end.extend(call_events(ctx, meta, index, pieces, include_usage));
+                    end.extend(call_events(ctx, meta, index, pieces, shape));
                     let streamed = state.reader.called() || state.reader.texted();
                     match made_call(ctx, calls, index, state).as_slice() {
                         made @ [_, ..] => {
                             // Whole only when the reader could not follow the answer.
                             if !state.reader.called() {
+                                let legacy = calls.is_some_and(|calls| calls.legacy);
                                 for (at, call) in made.iter().enumerate() {
                                     end.extend_from_slice(&openai::sse_event(
-                                        &meta.tool_call_chunk(index, at, call, include_usage),
+                                        &meta.tool_call_chunk(
+                                            index,
+                                            at,
+                                            call,
+                                            legacy,
+                                            include_usage,
+                                        ),
                                     ));
                                 }
                             }
@@ -711,7 +726,7 @@ async fn stream_events(
                                 index,
                                 false,
                                 None,
-                                Some("tool_calls"),
+                                state.finish_reason,
                                 include_usage,
                                 None,
                             )));

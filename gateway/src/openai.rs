@@ -67,6 +67,8 @@ pub struct ChoiceBody<'a> {
     pub logprobs: Option<Value>,
     /// The function calls the choice is (then `text` is not its content); none for text.
     pub tool_calls: Vec<CalledTool>,
+    /// The calls go out as the older `message.function_call` (the request used `functions`).
+    pub legacy: bool,
 }
 
 /// A function call an answer made: its id, the function's name and the arguments as JSON
@@ -190,6 +192,9 @@ pub struct ToolCall {
     /// `parallel_tool_calls: true`: the answer may make several calls (`{"tool_calls":
     /// [...]}`, at most [`PARALLEL_CALLS_MAX`]); otherwise one.
     pub parallel: bool,
+    /// Offered as the older `functions` (with `function_call`): the call comes back as
+    /// `message.function_call` with `finish_reason: "function_call"`.
+    pub legacy: bool,
 }
 
 /// The most calls one answer makes with `parallel_tool_calls`.
@@ -222,7 +227,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         }
         (true, top) => Some(logprob_alternatives("top_logprobs", top.unwrap_or(0))?),
     };
-    generation.tool_call = parse_tools(fields.take("tools"), fields.take("tool_choice"))?;
+    generation.tool_call = parse_any_tools(&mut fields)?;
     if let Some(value) = fields.take("parallel_tool_calls") {
         let Some(parallel) = value.as_bool() else {
             return Err(GatewayError::invalid_value(
@@ -231,7 +236,8 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
             ));
         };
         if let Some(call) = &mut generation.tool_call {
-            call.parallel = parallel;
+            // The older `function_call` carries one call.
+            call.parallel = parallel && !call.legacy;
         }
     }
     if generation.tool_call.is_some() && generation.logprobs.is_some() {
@@ -394,8 +400,6 @@ fn logprob_alternatives(param: &str, top: u32) -> Result<u8, GatewayError> {
 /// Fields whose presence asks for something the local engine does not do. Each entry is
 /// the field and a value that is harmless (the default), if any.
 const CHAT_UNSUPPORTED: &[(&str, Option<&str>)] = &[
-    ("functions", None),
-    ("function_call", Some(r#""none""#)),
     ("audio", None),
     ("modalities", Some(r#"["text"]"#)),
     ("prediction", None),
@@ -831,6 +835,73 @@ fn parse_tools(
         tools,
         text_allowed,
         parallel: false,
+        legacy: false,
+    }))
+}
+
+/// `tools` with `tool_choice`, or the older `functions` with `function_call` (OpenAI's
+/// function calling before tools), read as the same offer; an error names the field the
+/// request used.
+fn parse_any_tools(fields: &mut Fields) -> Result<Option<ToolCall>, GatewayError> {
+    let tools = fields.take("tools");
+    let choice = fields.take("tool_choice");
+    let functions = fields.take("functions");
+    let function_call = fields.take("function_call");
+    let Some(functions) = functions else {
+        if function_call.is_some_and(|call| !call.is_null()) {
+            return Err(GatewayError::invalid_value(
+                "function_call",
+                "function_call needs functions",
+            ));
+        }
+        return parse_tools(tools, choice);
+    };
+    if tools.is_some() || choice.is_some() {
+        return Err(GatewayError::invalid_value(
+            "functions",
+            "offer tools or the older functions, not both",
+        ));
+    }
+    // `[{name, description, parameters}]` → `[{"type": "function", "function": {...}}]`, and
+    // `{"name": ...}` → `{"type": "function", "function": {"name": ...}}`.
+    let as_tools = match functions {
+        Value::Array(functions) => Value::Array(
+            functions
+                .into_iter()
+                .map(|function| serde_json::json!({"type": "function", "function": function}))
+                .collect(),
+        ),
+        other => other,
+    };
+    let as_choice = function_call.map(|call| match call {
+        Value::Object(call) => serde_json::json!({"type": "function", "function": call}),
+        other => other,
+    });
+    // `tools[0].function.name` → `functions[0].name`, `tool_choice...` → `function_call...`.
+    let legacy_param = |param: String| {
+        for (new, old) in [("function_call", "tool_choice"), ("functions", "tools")] {
+            if let Some(rest) = param.strip_prefix(old) {
+                return format!("{new}{}", rest.replacen(".function", "", 1));
+            }
+        }
+        param
+    };
+    let call = parse_tools(Some(as_tools), as_choice).map_err(|error| match error {
+        GatewayError::InvalidValue { param, message } => GatewayError::InvalidValue {
+            param: legacy_param(param),
+            message,
+        },
+        GatewayError::UnsupportedParameter { param, message } => {
+            GatewayError::UnsupportedParameter {
+                param: legacy_param(param),
+                message,
+            }
+        }
+        other => other,
+    })?;
+    Ok(call.map(|call| ToolCall {
+        legacy: true,
+        ..call
     }))
 }
 
@@ -931,28 +1002,26 @@ fn parse_message(index: usize, item: &Value) -> Result<Message, GatewayError> {
         }
     };
     let is_tool = role == "tool";
+    let is_function = role == "function";
     let role = match role {
         "system" | "developer" => edge_runtime::Role::System,
         // A tool's result reaches the model as the user's words: the local models' chat
         // templates know no tool role.
         "user" | "tool" => edge_runtime::Role::User,
         "assistant" => edge_runtime::Role::Assistant,
-        "function" => {
-            return Err(GatewayError::unsupported(
-                format!("{param}.role"),
-                "`function` messages are not supported by local models (use `tool`)",
-            ));
-        }
+        // The older function calling's results, as the user's words like a tool's.
+        "function" => edge_runtime::Role::User,
         other => {
             return Err(GatewayError::invalid_value(
                 format!("{param}.role"),
                 format!(
-                    "`{other}` is not a role (expected system, developer, user, assistant or tool)"
+                    "`{other}` is not a role (expected system, developer, user, assistant, tool \
+                     or function)"
                 ),
             ));
         }
     };
-    for unsupported in ["function_call", "audio"] {
+    for unsupported in ["audio"] {
         if message
             .get(unsupported)
             .is_some_and(|value| !value.is_null())
@@ -1019,21 +1088,31 @@ fn parse_message(index: usize, item: &Value) -> Result<Message, GatewayError> {
             .and_then(Value::as_str)
             .unwrap_or("");
         format!("Result of tool call {id}: {content}")
+    } else if is_function {
+        let name = message.get("name").and_then(Value::as_str).unwrap_or("");
+        format!("Result of function {name}: {content}")
     } else {
         content
     };
-    let content = match message.get("tool_calls") {
-        None | Some(Value::Null) => content,
-        Some(calls) if role == edge_runtime::Role::Assistant => {
-            with_tool_calls(content, calls, &format!("{param}.tool_calls"))?
+    type Render = fn(String, &Value, &str) -> Result<String, GatewayError>;
+    let mut content = content;
+    for (field, render) in [
+        ("function_call", with_call as Render),
+        ("tool_calls", with_tool_calls as Render),
+    ] {
+        match message.get(field) {
+            None | Some(Value::Null) => {}
+            Some(calls) if role == edge_runtime::Role::Assistant => {
+                content = render(content, calls, &format!("{param}.{field}"))?;
+            }
+            Some(_) => {
+                return Err(GatewayError::invalid_value(
+                    format!("{param}.{field}"),
+                    format!("only assistant messages carry {field}"),
+                ));
+            }
         }
-        Some(_) => {
-            return Err(GatewayError::invalid_value(
-                format!("{param}.tool_calls"),
-                "only assistant messages carry tool_calls",
-            ));
-        }
-    };
+    }
     Ok(Message { role, content })
 }
 
@@ -1048,34 +1127,36 @@ fn with_tool_calls(content: String, calls: &Value, param: &str) -> Result<String
     };
     let mut text = content;
     for (index, call) in calls.iter().enumerate() {
-        let function = call.get("function");
-        let name = function
-            .and_then(|function| function.get("name"))
-            .and_then(Value::as_str);
-        let arguments = function
-            .and_then(|function| function.get("arguments"))
-            .and_then(Value::as_str);
-        let (Some(name), Some(arguments)) = (name, arguments) else {
-            return Err(GatewayError::invalid_value(
-                format!("{param}[{index}].function"),
-                "a tool call needs `function.name` and `function.arguments` (a JSON string)",
-            ));
-        };
-        let arguments: Value = serde_json::from_str(arguments).map_err(|error| {
-            GatewayError::invalid_value(
-                format!("{param}[{index}].function.arguments"),
-                format!("arguments must be JSON text: {error}"),
-            )
-        })?;
-        if !text.is_empty() {
-            text.push('\n');
-        }
-        // Name first, as the model writes a call.
-        text.push_str(&format!(
-            r#"{{"name":{},"arguments":{arguments}}}"#,
-            Value::from(name)
-        ));
+        let function = call.get("function").unwrap_or(&Value::Null);
+        text = with_call(text, function, &format!("{param}[{index}].function"))?;
     }
+    Ok(text)
+}
+
+/// `text` and then, on a line of its own, the call `function` (`{"name": ..., "arguments":
+/// <JSON text>}`) as the model writes one: name first.
+fn with_call(mut text: String, function: &Value, param: &str) -> Result<String, GatewayError> {
+    let name = function.get("name").and_then(Value::as_str);
+    let arguments = function.get("arguments").and_then(Value::as_str);
+    let (Some(name), Some(arguments)) = (name, arguments) else {
+        return Err(GatewayError::invalid_value(
+            param,
+            "a call needs `name` and `arguments` (a JSON string)",
+        ));
+    };
+    let arguments: Value = serde_json::from_str(arguments).map_err(|error| {
+        GatewayError::invalid_value(
+            format!("{param}.arguments"),
+            format!("arguments must be JSON text: {error}"),
+        )
+    })?;
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        r#"{{"name":{},"arguments":{arguments}}}"#,
+        Value::from(name)
+    ));
     Ok(text)
 }
 
@@ -1244,6 +1325,13 @@ impl ResponseMeta {
             .map(|(index, choice)| {
                 let logprobs = choice.logprobs.clone().unwrap_or(Value::Null);
                 match (self.endpoint, choice.tool_calls.as_slice()) {
+                    (Endpoint::Chat, [call, ..]) if choice.legacy => serde_json::json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": null, "refusal": null,
+                            "function_call": call.body(None)["function"]},
+                        "logprobs": logprobs,
+                        "finish_reason": "function_call",
+                    }),
                     (Endpoint::Chat, calls @ [_, ..]) => serde_json::json!({
                         "index": index,
                         "message": {"role": "assistant", "content": null, "refusal": null,
@@ -1335,9 +1423,10 @@ impl ResponseMeta {
         index: usize,
         at: usize,
         call: &CalledTool,
+        legacy: bool,
         with_usage_field: bool,
     ) -> Value {
-        self.tool_call_delta(index, call.body(Some(at)), with_usage_field)
+        self.tool_call_delta(index, call.body(Some(at)), legacy, with_usage_field)
     }
 
     /// A chunk whose delta carries one `tool_calls` entry: a call's start (`id`, `type` and
@@ -1346,6 +1435,7 @@ impl ResponseMeta {
         &self,
         index: usize,
         piece: CallPiece<'_>,
+        legacy: bool,
         with_usage_field: bool,
     ) -> Value {
         let entry = match piece {
@@ -1357,10 +1447,22 @@ impl ResponseMeta {
                 serde_json::json!({"index": at, "function": {"arguments": text}})
             }
         };
-        self.tool_call_delta(index, entry, with_usage_field)
+        self.tool_call_delta(index, entry, legacy, with_usage_field)
     }
 
-    fn tool_call_delta(&self, index: usize, entry: Value, with_usage_field: bool) -> Value {
+    /// With `legacy` the delta is the older `function_call` (the entry's `function`).
+    fn tool_call_delta(
+        &self,
+        index: usize,
+        entry: Value,
+        legacy: bool,
+        with_usage_field: bool,
+    ) -> Value {
+        let delta = if legacy {
+            serde_json::json!({"function_call": entry["function"]})
+        } else {
+            serde_json::json!({"tool_calls": [entry]})
+        };
         let mut chunk = serde_json::json!({
             "id": self.id,
             "object": self.object(true),
@@ -1369,7 +1471,7 @@ impl ResponseMeta {
             "system_fingerprint": null,
             "choices": [{
                 "index": index,
-                "delta": {"tool_calls": [entry]},
+                "delta": delta,
                 "logprobs": null,
                 "finish_reason": null,
             }],

@@ -832,6 +832,48 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             assert!(arguments["city"].is_string(), "{text}");
         }
 
+        // The older `functions` / `function_call`: the same call as `message.function_call`
+        // with `finish_reason: "function_call"`, streamed as `delta.function_call` pieces.
+        let functions: Vec<Value> = tools
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|tool| tool["function"].clone())
+            .collect();
+        let legacy = chat_body(
+            "What is the weather like in Oslo?",
+            json!({"max_tokens": 64, "functions": functions,
+                "function_call": {"name": "get_weather"}}),
+        );
+        let answer = chat(&gateway, &legacy).await;
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["finish_reason"], "function_call", "{answer}");
+        assert!(choice["message"].get("tool_calls").is_none(), "{answer}");
+        let call = &choice["message"]["function_call"];
+        assert_eq!(
+            check_call(&json!({"type": "function", "function": call})),
+            "get_weather"
+        );
+        let text = chat_stream(&gateway, &legacy).await;
+        let chunks = sse_chunks(&text);
+        let pieces: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|chunk| chunk["choices"][0]["delta"].get("function_call"))
+            .collect();
+        assert!(pieces.len() >= 2, "{text}");
+        assert_eq!(pieces[0]["name"], "get_weather");
+        let arguments: String = pieces
+            .iter()
+            .map(|piece| piece["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(arguments, call["arguments"].as_str().unwrap(), "{text}");
+        assert!(
+            chunks
+                .iter()
+                .any(|chunk| chunk["choices"][0]["finish_reason"] == "function_call"),
+            "{text}"
+        );
+
         // `required`: one of the offered functions; with the call and its result in the
         // history the conversation goes on.
         let required = chat(

@@ -105,7 +105,7 @@ fn bad_fields_name_their_param() {
     check_chat(
         r#"{"messages":[{"role":"user","content":"x"},{"role":"robot","content":"y"}]}"#,
         expect![[
-            r#"{"error":{"message":"`robot` is not a role (expected system, developer, user, assistant or tool)","type":"invalid_request_error","param":"messages[1].role","code":"invalid_value"}}"#
+            r#"{"error":{"message":"`robot` is not a role (expected system, developer, user, assistant, tool or function)","type":"invalid_request_error","param":"messages[1].role","code":"invalid_value"}}"#
         ]],
     );
     check_chat(
@@ -451,18 +451,92 @@ fn tools_are_read_with_what_the_answer_may_be() {
     }
 
     // Earlier calls and their results reach the model as text, a call as the model writes it.
-    let history = parse_chat(
+    history_reads_as(
         br#"{"messages":[{"role":"user","content":"Weather in Oslo?"},
         {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Oslo\"}"}}]},
         {"role":"tool","tool_call_id":"c1","content":"-3 C"}]}"#,
-    )
-    .unwrap();
-    assert_eq!(
-        history.messages[1].content,
-        r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#
+        r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#,
+        "Result of tool call c1: -3 C",
     );
+}
+
+/// A conversation of a question, a call and its result reaches the model as the call's text
+/// and the result as the user's words.
+fn history_reads_as(body: &[u8], call: &str, result: &str) {
+    let history = parse_chat(body).unwrap();
+    assert_eq!(history.messages[1].content, call);
     assert_eq!(history.messages[2].role, edge_runtime::Role::User);
-    assert_eq!(history.messages[2].content, "Result of tool call c1: -3 C");
+    assert_eq!(history.messages[2].content, result);
+}
+
+/// The older function calling (`functions`, `function_call`, `function` messages) is read
+/// as the same offer as tools, and its errors name its own fields.
+#[test]
+fn the_older_functions_are_read_as_tools() {
+    let chat = |extra: &str| {
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"functions":[{{"name":"get_time","parameters":{{"type":"object"}}}},{{"name":"get_weather"}}]{extra}}}"#
+        );
+        parse_chat(body.as_bytes())
+    };
+    let call = chat("").unwrap().generation.tool_call.unwrap();
+    assert!(call.legacy && call.text_allowed && !call.parallel);
+    assert_eq!(call.tools.len(), 2);
+    let named = chat(r#","function_call":{"name":"get_weather"},"parallel_tool_calls":true"#)
+        .unwrap()
+        .generation
+        .tool_call
+        .unwrap();
+    assert_eq!(
+        (
+            named.tools[0].name.as_str(),
+            named.text_allowed,
+            named.parallel
+        ),
+        ("get_weather", false, false)
+    );
+    assert_eq!(
+        chat(r#","function_call":"none""#)
+            .unwrap()
+            .generation
+            .tool_call,
+        None
+    );
+    let param_of = |result: Result<super::ChatRequest, GatewayError>| match result {
+        Err(GatewayError::InvalidValue { param, .. }) => param,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        param_of(chat(r#","function_call":{"name":"nope"}"#)),
+        "function_call.name"
+    );
+    assert_eq!(param_of(chat(r#","tools":[]"#)), "functions");
+    assert_eq!(
+        param_of(parse_chat(
+            br#"{"messages":[{"role":"user","content":"x"}],"functions":[{"description":"no name"}]}"#
+        )),
+        "functions[0].name"
+    );
+    assert_eq!(
+        param_of(parse_chat(
+            br#"{"messages":[{"role":"user","content":"x"}],"function_call":"auto"}"#
+        )),
+        "function_call"
+    );
+    // An earlier call and its result reach the model as text, as tool calls do.
+    history_reads_as(
+        br#"{"messages":[{"role":"user","content":"Time in Oslo?"},
+        {"role":"assistant","content":null,"function_call":{"name":"get_time","arguments":"{\"zone\": \"CET\"}"}},
+        {"role":"function","name":"get_time","content":"14:05"}]}"#,
+        r#"{"name":"get_time","arguments":{"zone":"CET"}}"#,
+        "Result of function get_time: 14:05",
+    );
+    assert_eq!(
+        param_of(parse_chat(
+            br#"{"messages":[{"role":"assistant","content":null,"function_call":{"name":"f"}}]}"#
+        )),
+        "messages[0].function_call"
+    );
 }
 
 #[test]
