@@ -734,36 +734,16 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
         // Streamed as OpenAI streams a call: the first delta carries its id and name, the
         // next ones its arguments as they are written; joined, the same call, then the finish.
         let text = chat_stream(&gateway, &named).await;
-        let chunks: Vec<Value> = sse_chunks(&text);
-        let calls: Vec<&Value> = chunks
-            .iter()
-            .filter_map(|chunk| chunk["choices"][0]["delta"]["tool_calls"].get(0))
-            .collect();
-        assert!(
-            calls.len() >= 3,
-            "the call came in {} deltas: {text}",
-            calls.len()
-        );
-        assert!(calls.iter().all(|call| call["index"] == 0));
         let whole = &choice["message"]["tool_calls"][0];
+        let calls = streamed_call(&text, whole, "tool_calls");
+        assert!(calls.len() >= 3, "the call came in {} deltas", calls.len());
+        assert!(calls.iter().all(|call| call["index"] == 0));
         assert!(
             calls[0]["id"].as_str().unwrap().starts_with("call_"),
             "{text}"
         );
         assert_eq!(calls[0]["type"], "function");
-        assert_eq!(calls[0]["function"]["name"], whole["function"]["name"]);
         assert!(calls[1..].iter().all(|call| call.get("id").is_none()));
-        let arguments: String = calls
-            .iter()
-            .map(|call| call["function"]["arguments"].as_str().unwrap())
-            .collect();
-        assert_eq!(arguments, whole["function"]["arguments"], "{text}");
-        assert!(
-            chunks
-                .iter()
-                .any(|chunk| chunk["choices"][0]["finish_reason"] == "tool_calls"),
-            "{text}"
-        );
 
         // `parallel_tool_calls: true`: one or more calls (up to 8), each whole in the answer
         // and streamed under its own `index`, the deltas of each joining into that call.
@@ -855,24 +835,8 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             "get_weather"
         );
         let text = chat_stream(&gateway, &legacy).await;
-        let chunks = sse_chunks(&text);
-        let pieces: Vec<&Value> = chunks
-            .iter()
-            .filter_map(|chunk| chunk["choices"][0]["delta"].get("function_call"))
-            .collect();
-        assert!(pieces.len() >= 2, "{text}");
-        assert_eq!(pieces[0]["name"], "get_weather");
-        let arguments: String = pieces
-            .iter()
-            .map(|piece| piece["arguments"].as_str().unwrap())
-            .collect();
-        assert_eq!(arguments, call["arguments"].as_str().unwrap(), "{text}");
-        assert!(
-            chunks
-                .iter()
-                .any(|chunk| chunk["choices"][0]["finish_reason"] == "function_call"),
-            "{text}"
-        );
+        let whole = json!({"function": call});
+        assert!(streamed_call(&text, &whole, "function_call").len() >= 2);
 
         // `required`: one of the offered functions; with the call and its result in the
         // history the conversation goes on.
@@ -941,6 +905,46 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
         }
         assert!(texts >= 1, "no auto answer was text");
     });
+}
+
+/// The deltas of a streamed call (`tool_calls` entries, or the older `function_call`
+/// objects), checked against the `whole` call (its `function`): the first names the function,
+/// the arguments joined are the whole call's, and the stream finishes with `field`.
+fn streamed_call(text: &str, whole: &Value, field: &str) -> Vec<Value> {
+    let chunks = sse_chunks(text);
+    let deltas: Vec<Value> = chunks
+        .iter()
+        .filter_map(|chunk| {
+            let delta = &chunk["choices"][0]["delta"];
+            match field {
+                "tool_calls" => delta["tool_calls"].get(0),
+                _ => delta.get(field),
+            }
+            .cloned()
+        })
+        .collect();
+    let function = |delta: &Value| match field {
+        "tool_calls" => delta["function"].clone(),
+        _ => delta.clone(),
+    };
+    assert!(!deltas.is_empty(), "{text}");
+    assert_eq!(
+        function(&deltas[0])["name"],
+        whole["function"]["name"],
+        "{text}"
+    );
+    let arguments: String = deltas
+        .iter()
+        .map(|delta| function(delta)["arguments"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(arguments, whole["function"]["arguments"], "{text}");
+    assert!(
+        chunks
+            .iter()
+            .any(|chunk| chunk["choices"][0]["finish_reason"] == field),
+        "{text}"
+    );
+    deltas
 }
 
 /// Posts a chat request that must be refused with a 400 naming `param`.
