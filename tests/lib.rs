@@ -345,7 +345,12 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            // A test run under a service manager must not talk to it; tests that want a
+            // notification socket set their own.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
         kill_with_parent(&mut command);
         prepare(&mut command);
         let mut child = command.spawn().unwrap();

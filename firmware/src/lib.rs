@@ -7,17 +7,21 @@
 //!   context, rustls/webpki) accept once clients trust `ca.pem`.
 //! - [`hardware`]: a probe of CPUs, vector extensions and memory, from which the gateway picks
 //!   safe defaults (inference threads, which llama.cpp CPU kernels can run).
+//! - [`service`]: systemd's notification protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`,
+//!   the watchdog), so the appliance's unit knows when the gateway serves and when it hangs.
 //!
 //! The decisions are pure functions over parsed data and an explicit `now`; the functions that
 //! read files or the clock are thin wrappers around them.
 
 pub mod hardware;
+pub mod service;
 pub mod state;
 pub mod tls;
 
 mod files;
 
 pub use hardware::{HardwareProfile, probe};
+pub use service::{Notice, NotifyError, ServiceManager};
 pub use state::{StateDir, StateError};
 pub use tls::{
     CaProblem, ProvisionError, ProvisionOutcome, ProvisionedTls, RenewalReason, ServerCertProblem,

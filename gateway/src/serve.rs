@@ -10,6 +10,11 @@
 //! stops accepting at once, in-flight requests run to completion (keep-alive connections close
 //! after their current response), and the process exits when none are left or when the drain
 //! timeout passes.
+//!
+//! Under systemd (`Type=notify`, `deploy/systemd/isthmus.service`) the gateway says `READY=1`
+//! when `/readyz` turns ready, `RELOADING=1` and `READY=1` around a SIGHUP reload,
+//! `STOPPING=1` when it drains, and pings the watchdog from the async runtime, so a runtime
+//! that stops turning gets the process restarted (`firmware::service`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +35,7 @@ use crate::data_plane::DataPlane;
 use crate::listener::{ListenerSettings, accept_loop};
 use crate::state::AppState;
 use crate::tls::ReloadingCertResolver;
+use firmware::{Notice, ServiceManager};
 
 /// Open connections the admin listener accepts; probes and scrapes need few.
 const ADMIN_CONNECTIONS_MAX: usize = 64;
@@ -39,6 +45,8 @@ const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs the gateway until it is told to stop. Returns the process exit code.
 pub fn serve(config: Config) -> anyhow::Result<()> {
+    let manager = ServiceManager::from_environment()
+        .context("the service manager's environment (NOTIFY_SOCKET, WATCHDOG_USEC)")?;
     let state_dir = firmware::StateDir::open(&config.server.state_dir)
         .with_context(|| format!("server.state_dir: {}", config.server.state_dir.display()))?;
     let tls_files = match &config.server.tls.files {
@@ -114,7 +122,16 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(telemetry) = &state.telemetry {
         telemetry.observe(Arc::downgrade(&state));
     }
-    let result = runtime.block_on(run(Arc::clone(&state), resolver, hardware));
+    let manager = Arc::new(manager);
+    let result = runtime.block_on(run(
+        Arc::clone(&state),
+        resolver,
+        hardware,
+        Arc::clone(&manager),
+    ));
+    if let Err(error) = &result {
+        notify(&manager, &[Notice::Status(format!("failed: {error:#}"))]);
+    }
     if let Some(telemetry) = &state.telemetry {
         telemetry.shutdown();
     }
@@ -215,6 +232,7 @@ async fn run(
     state: Arc<AppState>,
     resolver: Arc<ReloadingCertResolver>,
     hardware: firmware::HardwareProfile,
+    manager: Arc<ServiceManager>,
 ) -> anyhow::Result<()> {
     let config = &state.config;
     let (shutdown_sender, shutdown) = watch::channel(false);
@@ -312,6 +330,16 @@ async fn run(
         Arc::clone(&resolver),
         config.server.tls.reload_interval,
     ));
+    if let Some(interval) = manager.watchdog_interval() {
+        tokio::spawn(ping_watchdog(Arc::clone(&manager), interval));
+    }
+    notify(
+        &manager,
+        &[Notice::Status(format!(
+            "loading {} local model(s); listeners bound",
+            config.models.len()
+        ))],
+    );
     let loading = tokio::task::spawn_blocking({
         let state = Arc::clone(&state);
         move || {
@@ -332,24 +360,45 @@ async fn run(
             _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break; }
             _ = hangup.recv() => {
+                notify(&manager, &[Notice::Reloading, Notice::Status("reloading the configuration".to_owned())]);
                 match resolver.reload() {
                     Ok(()) => {}
                     Err(error) => tracing::error!(%error, "SIGHUP: TLS certificate not reloaded; the previous one stays in use"),
                 }
-                let state = Arc::clone(&state);
+                let reloading_state = Arc::clone(&state);
                 // Resolving backend host names blocks.
-                let _ = tokio::task::spawn_blocking(move || crate::reload::reload(&state, "SIGHUP")).await;
+                let reloaded = tokio::task::spawn_blocking(move || crate::reload::reload(&reloading_state, "SIGHUP")).await;
+                let status = match reloaded {
+                    Ok(Ok(_)) => "configuration reloaded",
+                    _ => "configuration NOT reloaded (see the log); the previous one stays in force",
+                };
+                // Still loading models: READY comes when they are loaded.
+                let mut notices = vec![Notice::Status(serving_status(&state, status))];
+                if loading.is_none() {
+                    notices.insert(0, Notice::Ready);
+                }
+                notify(&manager, &notices);
             }
             loaded = async { match loading.as_mut() { Some(task) => task.await, None => std::future::pending().await } } => {
                 loading = None;
                 match loaded {
-                    Ok(Ok(())) => tracing::info!("ready"),
+                    Ok(Ok(())) => {
+                        tracing::info!("ready");
+                        notify(&manager, &[Notice::Ready, Notice::Status(serving_status(&state, "ready"))]);
+                    }
                     Ok(Err(error)) => return Err(error),
                     Err(error) => return Err(anyhow::anyhow!("model loading panicked: {error}")),
                 }
             }
         }
     }
+    notify(
+        &manager,
+        &[
+            Notice::Stopping,
+            Notice::Status("draining in-flight requests".to_owned()),
+        ],
+    );
     drain(&state, &shutdown_sender).await;
     if let Some(trail) = &state.audit
         && let Err(error) = trail.log.shutdown().await
@@ -427,6 +476,34 @@ async fn watch_certificate(resolver: Arc<ReloadingCertResolver>, interval: Durat
         if let Err(error) = resolver.reload_if_changed() {
             tracing::error!(%error, "TLS certificate files changed but could not be loaded; the previous certificate stays in use");
         }
+    }
+}
+
+/// Tells the service manager, logging (not failing) when it cannot be told: the gateway
+/// serves either way, and systemd's own start timeout reports a `READY` that never came.
+fn notify(manager: &ServiceManager, notices: &[Notice]) {
+    if let Err(error) = manager.notify(notices) {
+        tracing::error!(%error, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
+/// The `STATUS=` line while serving: what happened last and what is loaded.
+fn serving_status(state: &AppState, what: &str) -> String {
+    format!(
+        "{what}; {} local model(s), {} cloud pool(s)",
+        state.config.models.len(),
+        state.routing().config.upstreams.len()
+    )
+}
+
+/// Pings the watchdog from the async runtime: when the runtime stops running tasks, the pings
+/// stop and systemd restarts the gateway after `WatchdogSec`.
+async fn ping_watchdog(manager: Arc<ServiceManager>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        notify(&manager, &[Notice::Watchdog]);
     }
 }
 

@@ -393,3 +393,137 @@ fn a_body_that_stops_arriving_is_refused_after_the_body_read_timeout() {
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert!(response.contains("not received in time"), "{response}");
 }
+
+/// Datagrams from the gateway to a stand-in for systemd's notification socket.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    received: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(path: &std::path::Path) -> NotifySocket {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        NotifySocket {
+            socket,
+            received: Vec::new(),
+        }
+    }
+
+    /// Receives until a datagram contains `line`, up to `deadline`; returns every datagram
+    /// received on the way, that one last.
+    fn until(&mut self, line: &str, deadline: Duration) -> Vec<String> {
+        let until = std::time::Instant::now() + deadline;
+        let mut seen = Vec::new();
+        let mut buffer = vec![0_u8; 4096];
+        while std::time::Instant::now() < until {
+            let Ok(length) = self.socket.recv(&mut buffer) else {
+                continue;
+            };
+            let datagram = String::from_utf8(buffer[..length].to_vec()).unwrap();
+            self.received.push(datagram.clone());
+            let found = datagram.lines().any(|candidate| candidate == line);
+            seen.push(datagram);
+            if found {
+                return seen;
+            }
+        }
+        panic!("no `{line}` within {deadline:?}; received: {seen:?}");
+    }
+}
+
+/// The datagrams that say more than `WATCHDOG=1`.
+fn state_changes(datagrams: &[String]) -> Vec<&str> {
+    datagrams
+        .iter()
+        .map(String::as_str)
+        .filter(|datagram| *datagram != "WATCHDOG=1\n")
+        .collect()
+}
+
+#[test]
+fn systemd_hears_ready_after_loading_reloads_the_watchdog_and_stopping() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let socket_path = dir.path().join("notify");
+    let mut notify = NotifySocket::bind(&socket_path);
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(
+        &config_path,
+        tests::config_text(&GatewayOptions::default(), dir.path()),
+    )
+    .unwrap();
+    let mut gateway = tests::Gateway::start_with_command(dir, &config_path, |command| {
+        command
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "300000");
+    });
+
+    // Listeners first, with the model still loading; READY=1 only once it is loaded.
+    let started = notify.until("READY=1", Duration::from_secs(60));
+    let changes = state_changes(&started);
+    assert_eq!(changes.len(), 2, "{started:?}");
+    assert_eq!(
+        changes[0],
+        "STATUS=loading 1 local model(s); listeners bound\n"
+    );
+    assert_eq!(
+        changes[1],
+        "READY=1\nSTATUS=ready; 1 local model(s), 0 cloud pool(s)\n"
+    );
+    assert_eq!(tests::plain_get(gateway.admin, "/readyz").unwrap().0, 200);
+
+    // WatchdogSec=300ms: a ping every 150 ms while the runtime turns.
+    let pings_before = notify.received.len();
+    notify.until("WATCHDOG=1", Duration::from_secs(5));
+    notify.until("WATCHDOG=1", Duration::from_secs(5));
+    assert!(notify.received.len() >= pings_before + 2);
+
+    gateway.signal(libc::SIGHUP);
+    let reload = notify.until("READY=1", Duration::from_secs(30));
+    assert_eq!(
+        state_changes(&reload),
+        [
+            "RELOADING=1\nSTATUS=reloading the configuration\n",
+            "READY=1\nSTATUS=configuration reloaded; 1 local model(s), 0 cloud pool(s)\n",
+        ]
+    );
+
+    gateway.signal(libc::SIGTERM);
+    let stop = notify.until("STOPPING=1", Duration::from_secs(30));
+    assert_eq!(
+        state_changes(&stop),
+        ["STOPPING=1\nSTATUS=draining in-flight requests\n"]
+    );
+    let status = gateway
+        .wait_exit(Duration::from_secs(60))
+        .expect("gateway did not exit after SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_malformed_notify_socket_stops_start_up_with_a_message_naming_it() {
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(
+        &config_path,
+        tests::config_text(&GatewayOptions::default(), dir.path()),
+    )
+    .unwrap();
+    let output = std::process::Command::new(tests::isthmus_binary())
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("NOTIFY_SOCKET", "relative/notify")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("NOTIFY_SOCKET")
+            && stderr.contains("`relative/notify` is neither an absolute path"),
+        "{stderr}"
+    );
+}
