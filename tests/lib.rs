@@ -336,9 +336,20 @@ impl Gateway {
         config_path: &Path,
         prepare: impl FnOnce(&mut Command),
     ) -> Gateway {
+        Gateway::start_program(isthmus_binary(), dir, config_path, prepare)
+    }
+
+    /// [`Gateway::start_with_command`] with another `isthmus` executable (one unpacked from
+    /// a package, say).
+    pub fn start_program(
+        program: &Path,
+        dir: tempfile::TempDir,
+        config_path: &Path,
+        prepare: impl FnOnce(&mut Command),
+    ) -> Gateway {
         let log_path = dir.path().join("gateway.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut command = Command::new(isthmus_binary());
+        let mut command = Command::new(program);
         command
             .args(["serve", "--config"])
             .arg(config_path)

@@ -25,6 +25,17 @@ pub fn source_fingerprint() -> &'static str {
     option_env!("ISTHMUS_LLAMA_SOURCE_FINGERPRINT").unwrap_or("")
 }
 
+/// The directory the build left the CPU backend modules in, when this binary was built with
+/// them (the modules a package must ship beside the binary, unchanged).
+pub fn build_dir() -> Option<&'static str> {
+    option_env!("ISTHMUS_BUILD_BACKENDS_DIR")
+}
+
+/// The CPU backend modules built with this binary: (file name, SHA-256 as hexadecimal).
+pub fn cpu_modules() -> Vec<(&'static str, &'static str)> {
+    cpu_module_digests()
+}
+
 /// `file=sha256` of each CPU backend module built with this binary.
 fn cpu_module_digests() -> Vec<(&'static str, &'static str)> {
     option_env!("ISTHMUS_CPU_BACKEND_DIGESTS")

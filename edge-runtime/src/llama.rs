@@ -243,7 +243,7 @@ impl Engine {
             dirs.push(exe_dir.join("backends"));
             dirs.push(exe_dir.join("../lib/isthmus/backends"));
         }
-        if let Some(build_dir) = option_env!("ISTHMUS_BUILD_BACKENDS_DIR") {
+        if let Some(build_dir) = crate::backends::build_dir() {
             dirs.push(PathBuf::from(build_dir));
         }
         dirs

@@ -49,6 +49,9 @@ pub enum Command {
     },
     /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
     Bench(BenchArgs),
+    /// Print what this binary was built with, as JSON: version, the llama.cpp source
+    /// fingerprint, and the CPU backend modules (with their SHA-256) that must ship beside it.
+    BuildInfo,
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -319,6 +322,10 @@ pub fn run(cli: Cli) -> ExitCode {
             command: AuditCommand::Verify { path, pubkey },
         } => crate::audit::verify::run(&path, pubkey.as_deref()),
         Command::Explain { config, jsonl } => explain(&config, jsonl.as_deref()),
+        Command::BuildInfo => {
+            println!("{:#}", build_info());
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { config } => match load_config(&config) {
             Ok(loaded) => {
                 println!(
@@ -387,4 +394,18 @@ fn init_logging(logging: &config::LoggingConfig) {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => builder.init(),
     }
+}
+
+/// `isthmus build-info`: what packaging needs to know about this binary.
+fn build_info() -> serde_json::Value {
+    let modules: Vec<serde_json::Value> = edge_runtime::backends::cpu_modules()
+        .into_iter()
+        .map(|(file, sha256)| serde_json::json!({"file": file, "sha256": sha256}))
+        .collect();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "llama_source_fingerprint": edge_runtime::backends::source_fingerprint(),
+        "cpu_backend_modules": modules,
+        "build_backends_dir": edge_runtime::backends::build_dir(),
+    })
 }

@@ -6,9 +6,14 @@ cd "$root"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-# Debian packages the build needs, and a command that proves each is there.
+# Installs (as root) or names the Debian packages the build needs, plus the commands named
+# as arguments (`command=package`) that only some scripts use.
 ensure_system_packages() {
   local missing=()
+  local wanted
+  for wanted in "$@"; do
+    command -v "${wanted%%=*}" >/dev/null 2>&1 || missing+=("${wanted#*=}")
+  done
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   command -v c++ >/dev/null 2>&1 || missing+=(g++)
   command -v clang >/dev/null 2>&1 || missing+=(clang)

@@ -13,6 +13,7 @@ mod config;
 mod deploy;
 mod errors;
 mod lifecycle;
+mod package;
 mod policy;
 mod python;
 mod telemetry;

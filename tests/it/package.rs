@@ -1,0 +1,256 @@
+//! The appliance install: `deploy/systemd/isthmus.service` passes `systemd-analyze verify`
+//! and its offline security review, and `deploy/debian/build-deb` makes a package whose
+//! unpacked tree is a gateway that serves from its own layout (libraries through the run path,
+//! CPU backend modules from `/usr/lib/isthmus/backends`, not from the build tree), with the
+//! shipped configuration, the unit, and maintainer scripts that parse.
+//!
+//! Installing the package for real (`dpkg -i` creates a system user) is not done here; the
+//! README's "Install on an appliance" is that procedure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+use tests::{Gateway, isthmus_binary, scratch_dir, serial, workspace_root};
+
+use crate::block_on;
+
+/// What `systemd-analyze security --offline` may score the unit at most (0 is fully locked
+/// down, 10 fully exposed; below 4 systemd calls it "OK"). The unit scores 2.1: what is left
+/// is the network access a gateway needs and the devices a GPU needs.
+const UNIT_EXPOSURE_MAX: f64 = 3.0;
+
+fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn systemd_analyze() -> Command {
+    let program = "systemd-analyze";
+    assert!(
+        Command::new(program).arg("--version").output().is_ok(),
+        "systemd-analyze is missing: run scripts/test as root, or apt-get install -y systemd"
+    );
+    Command::new(program)
+}
+
+/// The unit with `/usr/bin/isthmus` pointing at `binary`, so that `verify` finds an
+/// executable where the package would install one.
+fn unit_for(binary: &Path, dir: &Path, unit_text: &str) -> PathBuf {
+    let path = dir.join("isthmus.service");
+    std::fs::write(
+        &path,
+        unit_text.replace("/usr/bin/isthmus", binary.to_str().unwrap()),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_is_locked_down() {
+    let unit_text =
+        std::fs::read_to_string(workspace_root().join("deploy/systemd/isthmus.service")).unwrap();
+    // What the gateway's notifications, reload and drain rely on.
+    for line in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30s",
+        "ExecStartPre=/usr/bin/isthmus check-config /etc/isthmus/isthmus.toml",
+        "ExecStart=/usr/bin/isthmus serve --config /etc/isthmus/isthmus.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "TimeoutStopSec=90s",
+        "StateDirectory=isthmus",
+        "User=isthmus",
+    ] {
+        assert!(
+            unit_text.lines().any(|candidate| candidate == line),
+            "the unit lacks `{line}`"
+        );
+    }
+    let dir = scratch_dir();
+    let unit = unit_for(isthmus_binary(), dir.path(), &unit_text);
+    let verified = run(systemd_analyze().arg("verify").arg(&unit));
+    // `verify` exits 0 on unknown keys and only warns: any output is a problem.
+    assert_eq!(
+        String::from_utf8_lossy(&verified.stderr),
+        "",
+        "systemd-analyze verify warned"
+    );
+    // That check is real: a misspelt key in the same unit is reported.
+    let misspelt = dir.path().join("misspelt");
+    std::fs::create_dir(&misspelt).unwrap();
+    let broken = unit_for(
+        isthmus_binary(),
+        &misspelt,
+        &unit_text.replace("WatchdogSec=", "WatchdogSecs="),
+    );
+    let warned = run(systemd_analyze().arg("verify").arg(&broken));
+    assert!(
+        String::from_utf8_lossy(&warned.stderr).contains("Unknown key 'WatchdogSecs'"),
+        "{}",
+        String::from_utf8_lossy(&warned.stderr)
+    );
+
+    let review = run(systemd_analyze()
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit));
+    let text = String::from_utf8_lossy(&review.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|line| {
+            line.split("Overall exposure level for isthmus.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure level in:\n{text}"));
+    assert!(
+        exposure <= UNIT_EXPOSURE_MAX,
+        "exposure {exposure} > {UNIT_EXPOSURE_MAX}:\n{text}"
+    );
+}
+
+/// `dpkg-deb --field` of the package.
+fn field(deb: &Path, name: &str) -> String {
+    let output = run(Command::new("dpkg-deb").arg("--field").arg(deb).arg(name));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
+    let _serial = serial();
+    let work = scratch_dir();
+    let binary = isthmus_binary();
+    let build_info: Value =
+        serde_json::from_slice(&run(Command::new(binary).arg("build-info")).stdout).unwrap();
+
+    // Uncompressed: the test is about what is inside, and xz takes a while.
+    let built = run(
+        Command::new(workspace_root().join("deploy/debian/build-deb"))
+            .arg("--binary")
+            .arg(binary)
+            .arg("--out")
+            .arg(work.path())
+            .args(["--compression", "none"]),
+    );
+    let deb = PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let version = build_info["version"].as_str().unwrap();
+    assert_eq!(
+        deb.file_name().unwrap().to_str().unwrap(),
+        format!("isthmus_{version}_amd64.deb")
+    );
+    assert_eq!(field(&deb, "Package"), "isthmus");
+    assert_eq!(field(&deb, "Version"), version);
+    assert_eq!(field(&deb, "Architecture"), "amd64");
+    let depends = field(&deb, "Depends");
+    for dependency in [
+        "libc6 (>= 2.",
+        "libstdc++6 (>= ",
+        "libgcc-s1 (>= ",
+        "adduser",
+    ] {
+        assert!(depends.contains(dependency), "Depends: {depends}");
+    }
+
+    let root = work.path().join("root");
+    let control = work.path().join("control");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+    assert_eq!(
+        std::fs::read_to_string(control.join("conffiles")).unwrap(),
+        "/etc/isthmus/isthmus.toml\n"
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        run(Command::new("sh").arg("-n").arg(control.join(script)));
+    }
+    assert_eq!(
+        std::fs::read(root.join("lib/systemd/system/isthmus.service")).unwrap(),
+        std::fs::read(workspace_root().join("deploy/systemd/isthmus.service")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/isthmus/isthmus.toml")).unwrap(),
+        std::fs::read(workspace_root().join("deploy/debian/isthmus.toml")).unwrap()
+    );
+    // Every CPU backend module the binary was built with, byte for byte.
+    let modules = build_info["cpu_backend_modules"].as_array().unwrap();
+    assert!(!modules.is_empty());
+    for module in modules {
+        let file = module["file"].as_str().unwrap();
+        let bytes = std::fs::read(root.join("usr/lib/isthmus/backends").join(file))
+            .unwrap_or_else(|error| panic!("{file}: {error}"));
+        use sha2::Digest;
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            module["sha256"].as_str().unwrap(),
+            "{file}"
+        );
+    }
+
+    // The shipped configuration, its absolute paths moved under the unpacked tree.
+    let packaged = root.join("usr/bin/isthmus");
+    let config_text = std::fs::read_to_string(root.join("etc/isthmus/isthmus.toml"))
+        .unwrap()
+        .replace("/etc/isthmus", root.join("etc/isthmus").to_str().unwrap())
+        .replace(
+            "/var/lib/isthmus",
+            root.join("var/lib/isthmus").to_str().unwrap(),
+        );
+    let config = root.join("etc/isthmus/isthmus.test.toml");
+    std::fs::write(&config, config_text).unwrap();
+    std::fs::write(root.join("etc/isthmus/api-key"), "package-test-key").unwrap();
+    // Before a model is in place, check-config (the unit's ExecStartPre) says what is missing.
+    let missing = Command::new(&packaged)
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("models.local.path: file not found"),
+        "{stderr}"
+    );
+    let models = root.join("var/lib/isthmus/models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(tests::model_path(), models.join("model.gguf")).unwrap();
+    run(Command::new(&packaged).arg("check-config").arg(&config));
+
+    let gateway = Gateway::start_program(&packaged, work, &config, |command| {
+        command.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    });
+    let backends = root.join("usr/bin/../lib/isthmus/backends");
+    assert!(
+        gateway
+            .log()
+            .contains(&format!("\"backends_dir\":\"{}\"", backends.display())),
+        "the packaged gateway did not load its own backend modules; log:\n{}",
+        gateway.log()
+    );
+    let ca_pem = std::fs::read_to_string(root.join("var/lib/isthmus/tls/ca.pem")).unwrap();
+    let (status, body) = block_on(async {
+        let response = tests::client_trusting(&ca_pem)
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth("package-test-key")
+            .json(&json!({
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": 4,
+            }))
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    });
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "local");
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+}
