@@ -1,4 +1,5 @@
-//! The command line: `isthmus serve` and `isthmus check-config`.
+//! The command line: `isthmus serve`, `check-config`, `explain`, `bench`, `audit verify`,
+//! `probe` and `build-info`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +50,18 @@ pub enum Command {
     },
     /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
     Bench(BenchArgs),
+    /// GET a path of the loopback admin listener; exit 0 on a 200 (Kubernetes exec probes).
+    Probe {
+        /// The admin listener (loopback only).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        /// The path to GET.
+        #[arg(default_value = "/readyz")]
+        path: String,
+        /// Connect, send and read deadlines, each.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
     /// Print what this binary was built with, as JSON: version, the llama.cpp source
     /// fingerprint, and the CPU backend modules (with their SHA-256) that must ship beside it.
     BuildInfo,
@@ -322,6 +335,11 @@ pub fn run(cli: Cli) -> ExitCode {
             command: AuditCommand::Verify { path, pubkey },
         } => crate::audit::verify::run(&path, pubkey.as_deref()),
         Command::Explain { config, jsonl } => explain(&config, jsonl.as_deref()),
+        Command::Probe {
+            admin,
+            path,
+            timeout_ms,
+        } => crate::probe::run(admin, &path, std::time::Duration::from_millis(timeout_ms)),
         Command::BuildInfo => {
             println!("{:#}", build_info());
             ExitCode::SUCCESS

@@ -24,6 +24,7 @@ pub mod local;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod probe;
 pub mod redaction;
 pub mod reload;
 pub mod sensitivity;

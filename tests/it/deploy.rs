@@ -783,3 +783,220 @@ fn readme_example_configures_the_pool_it_describes() {
         "health.interval_ms must be a positive integer"
     );
 }
+
+// deploy/sidecar: Isthmus beside an application, in the image deploy/container/build-image
+// makes (tests/it/package.rs runs that image with this configuration and these probes).
+
+/// The user the image runs as (deploy/container/build-image).
+pub(crate) const IMAGE_USER: u64 = 65532;
+
+fn sidecar_dir() -> PathBuf {
+    workspace_root().join("deploy/sidecar")
+}
+
+/// Every manifest under deploy/sidecar, validated.
+fn sidecar_manifests() -> &'static [Manifest] {
+    static MANIFESTS: OnceLock<Vec<Manifest>> = OnceLock::new();
+    MANIFESTS.get_or_init(|| validate(&yaml_files(&sidecar_dir())))
+}
+
+fn sidecar_of_kind(kind: &str) -> &'static Manifest {
+    let found: Vec<&Manifest> = sidecar_manifests()
+        .iter()
+        .filter(|manifest| manifest.kind() == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "deploy/sidecar: one {kind} expected");
+    found[0]
+}
+
+/// The gateway's configuration as the sidecar's ConfigMap holds it.
+pub(crate) fn sidecar_config_text() -> String {
+    sidecar_of_kind("ConfigMap")
+        .at("/data/isthmus.toml")
+        .as_str()
+        .expect("the ConfigMap holds isthmus.toml")
+        .to_owned()
+}
+
+/// The sidecar container of the Deployment (a native sidecar: an init container).
+pub(crate) fn sidecar_container() -> &'static Value {
+    sidecar_of_kind("Deployment").at("/spec/template/spec/initContainers/0")
+}
+
+/// The command of one of the sidecar's probes.
+pub(crate) fn sidecar_probe(probe: &str) -> Vec<String> {
+    sidecar_container()[probe]["exec"]["command"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the sidecar has no exec {probe}"))
+        .iter()
+        .map(|part| part.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn sidecar_manifests_validate_and_agree_with_its_configuration() {
+    let failures: Vec<String> = sidecar_manifests()
+        .iter()
+        .filter(|manifest| !manifest.errors.is_empty())
+        .map(|manifest| {
+            format!(
+                "{} {}: {}",
+                short(&manifest.file),
+                manifest.kind(),
+                manifest.errors.join("; ")
+            )
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let listed: BTreeSet<&str> = sidecar_of_kind("Kustomization").document["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|resource| resource.as_str().unwrap())
+        .collect();
+    let beside: BTreeSet<String> = yaml_files(&sidecar_dir())
+        .iter()
+        .map(|file| file.file_name().unwrap().to_string_lossy().into_owned())
+        .filter(|name| name != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed,
+        beside.iter().map(String::as_str).collect(),
+        "deploy/sidecar/kustomization.yaml must list every manifest beside it"
+    );
+
+    let config: toml::Value = toml::from_str(&sidecar_config_text()).unwrap();
+    let server = &config["server"];
+    let str_of = |value: &toml::Value| value.as_str().unwrap().to_owned();
+    let admin = str_of(&server["admin_listen"]);
+    let plain = str_of(&server["plain_listen"]);
+    assert!(admin.starts_with("127.0.0.1:") && plain.starts_with("127.0.0.1:"));
+
+    let deployment = sidecar_of_kind("Deployment");
+    let sidecar = sidecar_container();
+    assert_eq!(sidecar["name"], "isthmus");
+    assert_eq!(sidecar["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(
+        sidecar["args"],
+        json!(["serve", "--config", "/etc/isthmus/isthmus.toml"])
+    );
+    for (probe, path) in [
+        ("startupProbe", "/readyz"),
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/healthz"),
+    ] {
+        assert_eq!(
+            sidecar_probe(probe),
+            ["/usr/bin/isthmus", "probe", "--admin", admin.as_str(), path],
+            "{probe} must ask the configured admin listener"
+        );
+    }
+    assert_eq!(sidecar["securityContext"]["runAsUser"], IMAGE_USER);
+    assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
+
+    // Volumes where the configuration expects them, and each source declared here.
+    let mounts: Vec<(String, String)> = sidecar["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|mount| {
+            (
+                str_of_json(&mount["name"]),
+                str_of_json(&mount["mountPath"]),
+            )
+        })
+        .collect();
+    let mounted_at = |path: &str| {
+        mounts
+            .iter()
+            .find(|(_, mount_path)| mount_path == path)
+            .map(|(name, _)| name.clone())
+            .unwrap_or_else(|| panic!("nothing mounted at {path}: {mounts:?}"))
+    };
+    let volume = |name: &str| -> &Value {
+        deployment
+            .at("/spec/template/spec/volumes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|volume| volume["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+    };
+    let config_volume = volume(&mounted_at("/etc/isthmus"));
+    assert_eq!(
+        config_volume["configMap"]["name"],
+        sidecar_of_kind("ConfigMap").name()
+    );
+    assert!(volume(&mounted_at(&str_of(&server["state_dir"])))["emptyDir"].is_object());
+    let model_path = str_of(&config["models"]["local"]["path"]);
+    let model_dir = Path::new(&model_path).parent().unwrap().to_str().unwrap();
+    assert_eq!(
+        volume(&mounted_at(model_dir))["persistentVolumeClaim"]["claimName"],
+        sidecar_of_kind("PersistentVolumeClaim").name()
+    );
+
+    // The API key: the variable the configuration names, from the Secret the app reads too.
+    let key_env = str_of(&config["auth"]["api_keys"][0]["key_env"]);
+    let secret_name = sidecar_of_kind("Secret").name();
+    let env_of = |container: &Value, name: &str| -> Value {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|variable| variable["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{} has no {name}", container["name"]))
+    };
+    assert_eq!(
+        env_of(sidecar, &key_env)["valueFrom"]["secretKeyRef"]["name"],
+        secret_name
+    );
+    let app = deployment.at("/spec/template/spec/containers/0");
+    assert_eq!(
+        env_of(app, "OPENAI_API_KEY")["valueFrom"]["secretKeyRef"]["name"],
+        secret_name
+    );
+    assert_eq!(
+        env_of(app, "OPENAI_BASE_URL")["value"],
+        format!("http://{plain}/v1")
+    );
+
+    // The pod waits for the drain.
+    let drain_ms = server["drain_timeout_ms"].as_integer().unwrap();
+    let grace_s = deployment
+        .at("/spec/template/spec/terminationGracePeriodSeconds")
+        .as_i64()
+        .unwrap();
+    assert!(
+        grace_s * 1000 > drain_ms,
+        "grace {grace_s} s, drain {drain_ms} ms"
+    );
+}
+
+fn str_of_json(value: &Value) -> String {
+    value.as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_sidecar_configuration_validates_where_the_pod_mounts_it() {
+    let dir = tests::scratch_dir();
+    let text = sidecar_config_text()
+        .replace("/models/model.gguf", tests::model_path().to_str().unwrap())
+        .replace(
+            "/var/lib/isthmus",
+            dir.path().join("state").to_str().unwrap(),
+        );
+    let path = dir.path().join("isthmus.toml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(tests::isthmus_binary())
+        .arg("check-config")
+        .arg(&path)
+        .env("ISTHMUS_API_KEY", "sidecar-test-key")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

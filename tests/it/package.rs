@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 use tests::{Gateway, isthmus_binary, scratch_dir, serial, workspace_root};
@@ -125,37 +126,58 @@ fn field(deb: &Path, name: &str) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// The package built once from the test build of `isthmus`, shared by the tests here.
+struct Package {
+    deb: PathBuf,
+    build_info: Value,
+    _dir: tempfile::TempDir,
+}
+
+fn package() -> &'static Package {
+    static PACKAGE: OnceLock<Package> = OnceLock::new();
+    PACKAGE.get_or_init(|| {
+        let dir = scratch_dir();
+        let binary = isthmus_binary();
+        let build_info: Value =
+            serde_json::from_slice(&run(Command::new(binary).arg("build-info")).stdout).unwrap();
+        // Uncompressed: the tests are about what is inside, and xz takes a while.
+        let built = run(
+            Command::new(workspace_root().join("deploy/debian/build-deb"))
+                .arg("--binary")
+                .arg(binary)
+                .arg("--out")
+                .arg(dir.path())
+                .args(["--compression", "none"]),
+        );
+        Package {
+            deb: PathBuf::from(String::from_utf8_lossy(&built.stdout).trim()),
+            build_info,
+            _dir: dir,
+        }
+    })
+}
+
 #[test]
 fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
     let _serial = serial();
     let work = scratch_dir();
-    let binary = isthmus_binary();
-    let build_info: Value =
-        serde_json::from_slice(&run(Command::new(binary).arg("build-info")).stdout).unwrap();
-
-    // Uncompressed: the test is about what is inside, and xz takes a while.
-    let built = run(
-        Command::new(workspace_root().join("deploy/debian/build-deb"))
-            .arg("--binary")
-            .arg(binary)
-            .arg("--out")
-            .arg(work.path())
-            .args(["--compression", "none"]),
-    );
-    let deb = PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let Package {
+        deb, build_info, ..
+    } = package();
     let version = build_info["version"].as_str().unwrap();
     assert_eq!(
         deb.file_name().unwrap().to_str().unwrap(),
         format!("isthmus_{version}_amd64.deb")
     );
-    assert_eq!(field(&deb, "Package"), "isthmus");
-    assert_eq!(field(&deb, "Version"), version);
-    assert_eq!(field(&deb, "Architecture"), "amd64");
-    let depends = field(&deb, "Depends");
+    assert_eq!(field(deb, "Package"), "isthmus");
+    assert_eq!(field(deb, "Version"), version);
+    assert_eq!(field(deb, "Architecture"), "amd64");
+    let depends = field(deb, "Depends");
+    // OpenMP: the CPU backend modules use it; dpkg-shlibdeps finds it, a fixed list would not.
     for dependency in [
         "libc6 (>= 2.",
         "libstdc++6 (>= ",
-        "libgcc-s1 (>= ",
+        "libgomp1 (>= ",
         "adduser",
     ] {
         assert!(depends.contains(dependency), "Depends: {depends}");
@@ -163,8 +185,8 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
 
     let root = work.path().join("root");
     let control = work.path().join("control");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
-    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
+    run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&control));
     assert_eq!(
         std::fs::read_to_string(control.join("conffiles")).unwrap(),
         "/etc/isthmus/isthmus.toml\n"
@@ -253,4 +275,211 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model"], "local");
     assert_eq!(body["usage"]["completion_tokens"], 4);
+}
+
+/// Whether the tests run as root (`/proc/self/status`).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0")
+}
+
+/// A script that runs the image's `/usr/bin/isthmus` with `rootfs` as `/`, in a mount
+/// namespace of its own with `/proc` mounted, as a container runtime does: as the image's
+/// user when the tests run as root, else as the caller mapped to root in a user namespace.
+fn image_runner(rootfs: &Path, path: &Path) {
+    let identity = if running_as_root() {
+        format!(
+            "--setuid {user} --setgid {user}",
+            user = crate::deploy::IMAGE_USER
+        )
+    } else {
+        "--user --map-root-user".to_owned()
+    };
+    std::fs::write(
+        path,
+        format!(
+            "#!/bin/sh\nexec unshare --mount --mount-proc --root={} {identity} /usr/bin/isthmus \"$@\"\n",
+            rootfs.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A JSON file of the image layout, by digest.
+fn blob(layout: &Path, digest: &Value) -> PathBuf {
+    let digest = digest.as_str().unwrap();
+    layout
+        .join("blobs/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap())
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn the_image_runs_the_sidecar_configuration_and_answers_its_probes() {
+    let _serial = serial();
+    let work = scratch_dir();
+    let built = run(
+        Command::new(workspace_root().join("deploy/container/build-image"))
+            .arg("--deb")
+            .arg(&package().deb)
+            .arg("--out")
+            .arg(work.path()),
+    );
+    let archive = PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let version = package().build_info["version"].as_str().unwrap();
+    assert!(archive.ends_with(format!("isthmus_{version}.oci.tar")));
+
+    // skopeo reads the archive as registries and runtimes will, checking every digest.
+    assert!(
+        Command::new("skopeo").arg("--version").output().is_ok(),
+        "skopeo is missing: run scripts/test as root, or apt-get install -y skopeo"
+    );
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!(
+            "oci:{}:isthmus",
+            work.path().join("copied").display()
+        )));
+
+    let layout = work.path().join("layout");
+    std::fs::create_dir(&layout).unwrap();
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&layout));
+    let index = read_json(&layout.join("index.json"));
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        format!("isthmus:{version}")
+    );
+    let manifest = read_json(&blob(&layout, &index["manifests"][0]["digest"]));
+    let config = read_json(&blob(&layout, &manifest["config"]["digest"]));
+    let user = crate::deploy::IMAGE_USER;
+    assert_eq!(config["config"]["User"], format!("{user}:{user}"));
+    assert_eq!(config["config"]["Entrypoint"], json!(["/usr/bin/isthmus"]));
+    // The sidecar's arguments are the image's own command.
+    assert_eq!(
+        config["config"]["Cmd"],
+        crate::deploy::sidecar_container()["args"]
+    );
+
+    let rootfs = work.path().join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(blob(&layout, &manifest["layers"][0]["digest"]))
+        .arg("-C")
+        .arg(&rootfs));
+    let packages =
+        std::fs::read_to_string(rootfs.join("usr/share/doc/isthmus/image-packages.txt")).unwrap();
+    for package in ["libc6 ", "libstdc++6 ", "libgomp1 ", "ca-certificates "] {
+        assert!(
+            packages.lines().any(|line| line.starts_with(package)),
+            "{packages}"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(rootfs.join("etc/passwd"))
+            .unwrap()
+            .contains(&format!("isthmus:x:{user}:{user}:"))
+    );
+    {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let state = std::fs::metadata(rootfs.join("var/lib/isthmus")).unwrap();
+        assert_eq!(state.permissions().mode() & 0o777, 0o700);
+        if running_as_root() {
+            assert_eq!(u64::from(state.uid()), user);
+        }
+    }
+
+    // What the pod mounts: the ConfigMap's file, the models volume.
+    std::fs::write(
+        rootfs.join("etc/isthmus/isthmus.toml"),
+        crate::deploy::sidecar_config_text().replace("127.0.0.1:8080", "127.0.0.1:0"),
+    )
+    .unwrap();
+    std::fs::create_dir(rootfs.join("models")).unwrap();
+    if std::fs::hard_link(tests::model_path(), rootfs.join("models/model.gguf")).is_err() {
+        std::fs::copy(tests::model_path(), rootfs.join("models/model.gguf")).unwrap();
+    }
+    let runner = work.path().join("in-image");
+    image_runner(&rootfs, &runner);
+
+    let gateway = Gateway::start_program(
+        &runner,
+        work,
+        Path::new("/etc/isthmus/isthmus.toml"),
+        |command| {
+            command
+                .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+                .env("ISTHMUS_API_KEY", "image-test-key");
+        },
+    );
+    if running_as_root() {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", gateway.child.id())).unwrap();
+        let uid = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .unwrap();
+        assert_eq!(
+            uid.split_whitespace().next(),
+            Some(user.to_string().as_str()),
+            "{status}"
+        );
+    }
+
+    // The kubelet's probes, run in the container as the Deployment writes them.
+    let admin = gateway.admin.to_string();
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let command = crate::deploy::sidecar_probe(probe);
+        let arguments: Vec<String> = command[1..]
+            .iter()
+            .map(|argument| {
+                if argument.starts_with("127.0.0.1:") {
+                    admin.clone()
+                } else {
+                    argument.clone()
+                }
+            })
+            .collect();
+        run(Command::new(&runner).args(&arguments));
+    }
+    let missing = Command::new(&runner)
+        .args(["probe", "--admin", &admin, "/no-such-path"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1), "a 404 must fail the probe");
+
+    // The application's side: plain HTTP on the pod's loopback, with the shared key.
+    let plain = gateway
+        .plain
+        .expect("the sidecar configures a plain listener");
+    let (status, body) = block_on(async {
+        let response = reqwest::Client::new()
+            .post(format!("http://{plain}/v1/chat/completions"))
+            .bearer_auth("image-test-key")
+            .json(&json!({
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "Say hi."}],
+                "max_tokens": 4,
+            }))
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    });
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "local");
 }
