@@ -121,6 +121,7 @@ impl Admin {
             .collect();
         let request = crate::facts::RequestView {
             path: "/v1/chat/completions",
+            target: "/v1/chat/completions",
             method: "POST",
             headers: &headers,
             caller: None,

@@ -118,6 +118,12 @@ pub fn record(
     if let Some(degraded) = ctx.degraded {
         builder = builder.property("Degraded", degraded);
     }
+    if let Some((action, score, rule_ids)) = &ctx.waf {
+        builder = builder
+            .property("WafAction", *action)
+            .property("WafScore", *score)
+            .property("WafRuleIds", rule_ids.clone());
+    }
     // Content last: it takes the room the rest leaves.
     let policy = ctx
         .trail
@@ -131,6 +137,77 @@ pub fn record(
         }
     }
     builder.build()
+}
+
+/// The firewall's findings on a request as `IsthmusWaf` records, one per matched rule, with
+/// the field names of Azure's `AGCFirewallLogs`; correlated with the request's own record by
+/// `RequestId`. Where and what kind of pattern matched, never the matched text; the URI
+/// without its query.
+pub fn waf_records(
+    session: &Session,
+    ctx: &RequestContext,
+    verdict: &router_policies::waf::WafVerdict,
+    instance: &str,
+) -> Vec<Record> {
+    let header = session.req_header();
+    let client = session
+        .client_addr()
+        .and_then(|address| address.as_inet().map(|inet| inet.ip().to_string()))
+        .unwrap_or_default();
+    let host = header
+        .uri
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            header
+                .headers
+                .get(http::header::HOST)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let (result, level) = match verdict.action {
+        router_policies::waf::WafAction::Blocked => (ResultType::Rejected, Level::Warning),
+        _ => (ResultType::Succeeded, Level::Informational),
+    };
+    let now = SystemTime::now();
+    verdict
+        .matches
+        .iter()
+        .map(|found| {
+            Record::builder(Category::Waf, "Isthmus/waf/inspect/action", now)
+                .result(
+                    result,
+                    if verdict.action == router_policies::waf::WafAction::Blocked {
+                        "403"
+                    } else {
+                        "0"
+                    },
+                    found.rule.message,
+                )
+                .level(level)
+                .caller_ip_address(client.clone())
+                .correlation_id(ctx.request_id.clone())
+                .request_id(ctx.request_id.clone())
+                .gateway_instance(instance)
+                .ocsf_activity_id(99)
+                .property("Action", verdict.action.as_str())
+                .property("RuleId", found.rule.id.to_string())
+                .property("RuleSetType", router_policies::waf::RULE_SET_TYPE)
+                .property("RuleSetVersion", router_policies::waf::RULE_SET_VERSION)
+                .property("Severity", found.rule.severity.as_str())
+                .property("Message", found.rule.message)
+                .property(
+                    "DetailedData",
+                    format!("{}: {}", found.location, found.detail),
+                )
+                .property("Hostname", host.clone())
+                .property("RequestUri", header.uri.path())
+                .property("ClientIp", client.clone())
+                .property("AnomalyScore", verdict.score)
+                .build()
+        })
+        .collect()
 }
 
 /// Starts capturing the request's text for its record when `[audit.content]` covers the

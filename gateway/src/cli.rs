@@ -228,8 +228,9 @@ fn explain(config_path: &std::path::Path, jsonl: Option<&std::path::Path>) -> Ex
         let result = crate::openai::parse_envelope(line.as_bytes()).map(|envelope| {
             let request = crate::facts::RequestView {
                 path: "/v1/chat/completions",
+                target: "/v1/chat/completions",
                 method: "POST",
-                headers: &[],
+                headers: &[("content-type", "application/json")],
                 caller: None,
                 model: envelope.model.as_deref(),
                 body: line.as_bytes(),

@@ -22,6 +22,7 @@ mod audit;
 mod rules;
 mod telemetry;
 mod upstreams;
+mod waf;
 pub use audit::AuditSettings;
 pub use rules::PolicyConfig;
 pub use telemetry::{OtlpSettings, TelemetrySettings};
@@ -72,6 +73,8 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     pub engine: EngineConfig,
     pub logging: LoggingConfig,
+    /// The web application firewall (`[waf]`).
+    pub waf: std::sync::Arc<router_policies::waf::Waf>,
 }
 
 #[derive(Debug, Clone)]
@@ -529,12 +532,13 @@ pub fn parse(
         section(&mut document, "telemetry", &mut errors);
     let engine: Option<RawEngine> = section(&mut document, "engine", &mut errors);
     let logging: Option<RawLogging> = section(&mut document, "logging", &mut errors);
+    let waf: Option<waf::RawWaf> = section(&mut document, "waf", &mut errors);
     let models = models_section(&mut document, &mut errors);
     let pools = named_section::<upstreams::RawPool>(&mut document, "upstreams", &mut errors);
     for key in document.keys() {
         errors.push(ConfigError::new(
             key.as_str(),
-            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging)",
+            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, waf)",
         ));
     }
 
@@ -562,6 +566,7 @@ pub fn parse(
         backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
     });
     let logging = logging.map(|raw| validator.logging(raw));
+    let waf = waf.map(|raw| validator.waf(raw));
     if models.is_empty()
         && upstreams.is_empty()
         && !validator
@@ -587,7 +592,7 @@ pub fn parse(
     }
 
     match (
-        server, auth, routing, policy, audit, telemetry, engine, logging,
+        server, auth, routing, policy, audit, telemetry, engine, logging, waf,
     ) {
         (
             Some(Some(server)),
@@ -598,6 +603,7 @@ pub fn parse(
             Some(Some(telemetry)),
             Some(engine),
             Some(Some(logging)),
+            Some(Some(waf)),
         ) if validator.errors.is_empty() => Ok(Config {
             source: source.to_path_buf(),
             digest: hex::encode(sha256(text)),
@@ -611,6 +617,7 @@ pub fn parse(
             telemetry,
             engine,
             logging,
+            waf,
         }),
         _ => Err(validator.errors),
     }

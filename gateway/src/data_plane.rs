@@ -98,6 +98,8 @@ pub struct RequestContext {
     /// Entity types the sensitivity scan found (never values).
     pub sensitive_entities: Vec<String>,
     pub complexity: Option<f32>,
+    /// The firewall's action, score and matched rule ids, when a rule matched.
+    pub waf: Option<(&'static str, u32, Vec<u32>)>,
     _in_flight: Option<InFlight>,
 }
 
@@ -348,6 +350,31 @@ impl DataPlane {
         ctx.caller = Some(caller);
         match operation {
             Operation::Models => {
+                // No body: the request target and headers are what the firewall reads.
+                let header = session.req_header();
+                let headers: Vec<(&str, &str)> = header
+                    .headers
+                    .iter()
+                    .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+                    .collect();
+                let request = crate::facts::RequestView {
+                    path: header.uri.path(),
+                    target: header
+                        .uri
+                        .path_and_query()
+                        .map_or_else(|| header.uri.path(), |target| target.as_str()),
+                    method: header.method.as_str(),
+                    headers: &headers,
+                    caller: None,
+                    model: None,
+                    body: &[],
+                };
+                let verdict = crate::facts::firewall(
+                    &routing,
+                    &request,
+                    &crate::facts::PromptTexts::default(),
+                );
+                self.apply_waf(session, ctx, &verdict)?;
                 ctx.route = "local";
                 ctx.rule = "default";
                 let mut models: Vec<(String, u64)> = self
@@ -556,8 +583,13 @@ impl DataPlane {
             Some(Caller::ApiKey { id }) => Some(id.as_str()),
             _ => None,
         };
+        let target = header
+            .uri
+            .path_and_query()
+            .map_or_else(|| header.uri.path(), |target| target.as_str());
         let request = crate::facts::RequestView {
             path: header.uri.path(),
+            target,
             method: header.method.as_str(),
             headers: &headers,
             caller,
@@ -570,9 +602,11 @@ impl DataPlane {
             scan,
             complexity,
             redacted,
+            waf,
         } = crate::facts::evaluate(routing, &request, &loads, |policy, facts, signals| {
             self.state.decide(policy, facts, signals)
         });
+        self.apply_waf(session, ctx, &waf)?;
         ctx.rule_name = Some(outcome.decision.rule().to_owned());
         ctx.sensitive_entities = scan.entity_types.clone();
         ctx.complexity = Some(complexity);
@@ -620,6 +654,41 @@ impl DataPlane {
                 })
             }
         }
+    }
+
+    /// Acts on the firewall's verdict: counts and records what matched (a warning in the log
+    /// with rule ids, `IsthmusWaf` audit records), and refuses a blocked request.
+    fn apply_waf(
+        &self,
+        session: &Session,
+        ctx: &mut RequestContext,
+        verdict: &router_policies::waf::WafVerdict,
+    ) -> Result<(), GatewayError> {
+        if verdict.matches.is_empty() {
+            return Ok(());
+        }
+        let rule_ids = verdict.rule_ids();
+        tracing::warn!(
+            request_id = %ctx.request_id,
+            action = verdict.action.as_str(),
+            score = verdict.score,
+            rules = ?rule_ids,
+            "web application firewall"
+        );
+        self.state.metrics.record_waf(verdict);
+        if let Some(trail) = &ctx.trail {
+            for record in crate::audit_trail::waf_records(session, ctx, verdict, &trail.instance) {
+                if let Err(error) = trail.log.submit(record) {
+                    tracing::error!(request_id = %ctx.request_id, %error, "firewall audit record not queued");
+                }
+            }
+        }
+        ctx.waf = Some((verdict.action.as_str(), verdict.score, rule_ids.clone()));
+        if verdict.action == router_policies::waf::WafAction::Blocked {
+            ctx.reject("waf");
+            return Err(GatewayError::WafBlocked { rule_ids });
+        }
+        Ok(())
     }
 
     /// Reads the whole request body, refusing it as soon as it exceeds the limit.
@@ -756,6 +825,7 @@ impl ProxyHttp for DataPlane {
             degraded: None,
             sensitive_entities: Vec::new(),
             complexity: None,
+            waf: None,
             trace: None,
             traceparent: None,
             trail: None,

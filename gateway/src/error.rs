@@ -37,6 +37,9 @@ pub enum GatewayError {
     /// A policy rule refused the request, or sensitive content could not stay local.
     #[error("{message}")]
     PolicyRejected { status: u16, message: String },
+    /// The web application firewall blocked the request.
+    #[error("the request was blocked by the web application firewall (rules {})", rule_list(.rule_ids))]
+    WafBlocked { rule_ids: Vec<u32> },
     /// A cloud backend failed or answered something unusable.
     #[error("{message}")]
     BadGateway { message: String },
@@ -148,6 +151,12 @@ impl GatewayError {
                 Some("policy_rejected"),
                 None,
             ),
+            WafBlocked { .. } => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("waf_blocked"),
+                None,
+            ),
             BadGateway { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "api_error",
@@ -206,6 +215,14 @@ impl GatewayError {
             message: message.into(),
         }
     }
+}
+
+fn rule_list(rule_ids: &[u32]) -> String {
+    rule_ids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

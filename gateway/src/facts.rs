@@ -1,6 +1,6 @@
 //! Gathering the facts a routing decision reads: every place a prompt can hide, the
-//! sensitivity scan over them, the complexity score, the classification label, and the
-//! signals of the local models and cloud pools.
+//! firewall's verdict, the sensitivity scan over them, the complexity score, the
+//! classification label, and the signals of the local models and cloud pools.
 
 use serde_json::Value;
 
@@ -11,6 +11,8 @@ use crate::state::Routing;
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
     pub path: &'a str,
+    /// Path and query as received (percent-encoded): what the firewall inspects.
+    pub target: &'a str,
     pub method: &'a str,
     /// Names lower case.
     pub headers: &'a [(&'a str, &'a str)],
@@ -25,6 +27,8 @@ pub struct RequestView<'a> {
 #[derive(Debug, Clone)]
 pub struct Evaluation {
     pub outcome: router_policies::Outcome,
+    /// The firewall's verdict; a blocked request is refused whatever `outcome` says.
+    pub waf: router_policies::waf::WafVerdict,
     pub scan: Scan,
     pub complexity: f32,
     /// The body as redact-then-cloud would send it and the map to restore the answer with,
@@ -60,6 +64,7 @@ pub fn evaluate(
             })
         });
     let prompt = prompt_texts(request.body);
+    let waf = firewall(routing, request, &prompt);
     let mut scan = routing.sensitivity.scan(&prompt);
     let redacted = if scan.entity_types.is_empty() {
         None
@@ -102,10 +107,52 @@ pub fn evaluate(
     let outcome = decide(&routing.policy, &facts, &signals);
     Evaluation {
         outcome,
+        waf,
         scan,
         complexity,
         redacted,
     }
+}
+
+/// The firewall's verdict on `request`, whose body's strings are `prompt`.
+pub fn firewall(
+    routing: &Routing,
+    request: &RequestView<'_>,
+    prompt: &PromptTexts,
+) -> router_policies::waf::WafVerdict {
+    router_policies::waf::inspect(
+        &routing.config.waf,
+        &router_policies::waf::WafRequest {
+            method: request.method,
+            target: request.target,
+            headers: request.headers,
+            prompt_texts: &prompt.texts,
+            other_text: &prompt.elsewhere,
+        },
+    )
+}
+
+/// The firewall's verdict as JSON: action, score, and each matched rule with where it
+/// matched (never what).
+pub fn waf_explanation(verdict: &router_policies::waf::WafVerdict) -> Value {
+    let rules: Vec<Value> = verdict
+        .matches
+        .iter()
+        .map(|found| {
+            serde_json::json!({
+                "id": found.rule.id,
+                "severity": found.rule.severity.as_str(),
+                "message": found.rule.message,
+                "location": found.location.to_string(),
+                "detail": found.detail,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "action": verdict.action.as_str(),
+        "score": verdict.score,
+        "rules": rules,
+    })
 }
 
 /// The body redact-then-cloud would send, if it leaves nothing sensitive: the body is
@@ -168,6 +215,7 @@ pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) ->
         "entities": evaluation.scan.entity_types,
         "spillover": outcome.state.spillover,
         "rules": verdicts,
+        "waf": waf_explanation(&evaluation.waf),
     })
 }
 

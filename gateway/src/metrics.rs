@@ -89,6 +89,8 @@ struct Registry {
     completion_tokens: BTreeMap<&'static str, u64>,
     request_duration: BTreeMap<&'static str, Histogram>,
     models: BTreeMap<String, ModelLatency>,
+    /// Firewall findings by rule id and action (ids from the built-in rule set: bounded).
+    waf_matches: BTreeMap<(u32, &'static str), u64>,
 }
 
 /// A generation's timing, for the GenAI latency histograms.
@@ -183,6 +185,19 @@ impl Metrics {
         }
     }
 
+    /// Counts a firewall verdict's matched rules.
+    pub fn record_waf(&self, verdict: &router_policies::waf::WafVerdict) {
+        let Ok(mut registry) = self.registry.lock() else {
+            return;
+        };
+        for found in &verdict.matches {
+            *registry
+                .waf_matches
+                .entry((found.rule.id, verdict.action.as_str()))
+                .or_default() += 1;
+        }
+    }
+
     /// The Prometheus text exposition of everything, with the live gauges.
     pub fn render(&self, live: &Live<'_>) -> String {
         let Live {
@@ -206,6 +221,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "isthmus_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
+            );
+        }
+        header(
+            &mut out,
+            "isthmus_waf_matches_total",
+            "counter",
+            "Requests a firewall rule matched, by rule id and action (Matched, Blocked).",
+        );
+        for ((rule, action), count) in &registry.waf_matches {
+            let _ = writeln!(
+                out,
+                "isthmus_waf_matches_total{{rule=\"{rule}\",action=\"{action}\"}} {count}"
             );
         }
         header(

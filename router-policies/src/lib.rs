@@ -6,6 +6,7 @@
 //! [`decide`] with the compiled [`Policy`] and the [`RouteState`] of the last decision, and
 //! carries out the [`Decision`]. A refusal is a decision too ([`Decision::Reject`]), never an error, and every
 //! decision names the rule that made it so that it can be explained and audited.
+//! [`waf::inspect`] is the firewall's verdict on a request, before routing.
 
 mod balance;
 pub mod complexity;
@@ -14,6 +15,7 @@ mod policy;
 pub mod redact;
 mod rules;
 pub mod sensitivity;
+pub mod waf;
 
 pub use balance::{
     Admission, BackendView, BalanceFacts, Circuit, CircuitPhase, CircuitSettings, NoBackend,

@@ -19,6 +19,7 @@ mod python;
 mod telemetry;
 mod tidy;
 mod upstream;
+mod waf;
 
 use std::future::Future;
 

@@ -158,7 +158,7 @@ x = 1
     let errors = errors_of(text, &source);
     let missing = dir.path().join("missing.gguf");
     let expected = [
-        "telemtry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging)"
+        "telemtry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, waf)"
             .to_owned(),
         "models.other.context_tokens: invalid type: string \"big\", expected u32".to_owned(),
         "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
