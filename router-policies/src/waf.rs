@@ -600,9 +600,10 @@ fn inspect_headers(waf: &Waf, request: &WafRequest<'_>, findings: &mut Findings<
             }
             "content-type" => {
                 let media_type = value.split(';').next().unwrap_or_default().trim();
+                let suffix = media_type.as_bytes();
                 let json = media_type.eq_ignore_ascii_case("application/json")
-                    || (media_type.len() > 5
-                        && media_type[media_type.len() - 5..].eq_ignore_ascii_case("+json"));
+                    || (suffix.len() > 5
+                        && suffix[suffix.len() - 5..].eq_ignore_ascii_case(b"+json"));
                 if request.method == "POST" && !json {
                     findings.add(
                         RULE_CONTENT_TYPE,

@@ -7,8 +7,13 @@
 
 #![no_main]
 
+use std::sync::OnceLock;
+
 use libfuzzer_sys::fuzz_target;
 use router_policies::waf::{INBOUND_THRESHOLD_DEFAULT, Waf, WafAction, WafRequest, inspect};
+
+/// Compiled once: building the automatons costs far more than one inspection.
+static WAF: OnceLock<Waf> = OnceLock::new();
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -25,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         ("content-type", value),
     ];
     let verdict = inspect(
-        &Waf::default(),
+        WAF.get_or_init(Waf::default),
         &WafRequest {
             method: "POST",
             target,

@@ -194,6 +194,19 @@ fn header_attacks() {
         "hi",
         expect!["Allowed 0 []"],
     );
+    check(
+        "/v1/chat/completions",
+        &[("content-type", "application/vnd.api+json")],
+        "hi",
+        expect!["Allowed 0 []"],
+    );
+    // Found by the fuzz target: a multi-byte character where the `+json` suffix would start.
+    check(
+        "/v1/chat/completions",
+        &[("content-type", "ééé")],
+        "hi",
+        expect!["Matched 3 [920420@REQUEST_HEADERS:content-type not a JSON media type]"],
+    );
 }
 
 #[test]
