@@ -56,6 +56,18 @@ fn bench(criterion: &mut Criterion) {
         bencher.iter(|| inspect(&waf, std::hint::black_box(&request)));
     });
     group.finish();
+    // The forwarding benchmark's request (bench/cloud): a 64-token prompt, few headers.
+    let short = [prompts[1][..256].to_owned()];
+    let small = WafRequest {
+        method: "POST",
+        target: "/v1/chat/completions",
+        headers: &headers[..5],
+        prompt_texts: &short,
+        other_text: "fast\n",
+    };
+    criterion.bench_function("waf/inspect_chat_256", |bencher| {
+        bencher.iter(|| inspect(&waf, std::hint::black_box(&small)));
+    });
 }
 
 criterion_group!(benches, bench);
