@@ -17,8 +17,8 @@
 //!   from the person who pastes the text), bidirectional overrides (text that reads
 //!   differently than it runs), and the phrasing of instruction-override and system-prompt
 //!   extraction attempts (warnings: people also discuss these);
-//! - the body's other strings (`user`, `metadata`, keys): lookup expressions, which backends
-//!   may log.
+//! - the body's other strings (`user`, `metadata`, keys): lookup expressions and script or
+//!   SQL injection, which backends may log or store.
 //!
 //! Prompts are natural language and legitimately mention SQL, scripts and attacks, so the
 //! injection rules of web forms do not run on them. A match reports where it matched and what
@@ -135,7 +135,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         id: RULE_QUERY_INJECTION,
         severity: Severity::Critical,
-        message: "script or SQL injection in the query string",
+        message: "script or SQL injection in the query string or a field other than a prompt",
     },
     Rule {
         id: RULE_LOOKUP,
@@ -467,6 +467,9 @@ pub fn inspect(waf: &Waf, request: &WafRequest<'_>) -> WafVerdict {
     if let Some(detail) = lookup_expression(request.other_text.as_bytes()) {
         findings.add(RULE_LOOKUP, Location::Body, detail);
     }
+    if waf.query_injection.is_match(request.other_text) {
+        findings.add(RULE_QUERY_INJECTION, Location::Body, "injection pattern");
+    }
     let mut matches = findings.matches;
     matches.sort_by_key(|found| found.rule.id);
     let score = matches
@@ -564,6 +567,21 @@ fn inspect_target(waf: &Waf, target: &str, findings: &mut Findings<'_>) {
         let path = &candidate[..path_end(candidate)];
         if has_dot_segment(path) {
             findings.add(RULE_PATH_TRAVERSAL, Location::Target, "dot segment");
+            break;
+        }
+    }
+    // The query's dot segments, once and twice decoded.
+    for candidate in [&decoded, &twice] {
+        let query = &candidate[path_end(candidate)..];
+        if query
+            .windows(3)
+            .any(|part| part == b"../" || part == b"..\\")
+        {
+            findings.add(
+                RULE_PATH_TRAVERSAL,
+                Location::Target,
+                "dot segment in the query",
+            );
             break;
         }
     }

@@ -107,6 +107,18 @@ fn request_target_anomalies() {
         expect!["Blocked 5 [930100@REQUEST_URI dot segment]"],
     );
     check(
+        "/v1/chat/completions?file=..%2F..%2Fetc%2Fpasswd",
+        &[JSON],
+        "hi",
+        expect!["Blocked 5 [930100@REQUEST_URI dot segment in the query]"],
+    );
+    check(
+        "/v1/chat/completions?p=..%252f..%252fwin.ini",
+        &[JSON],
+        "hi",
+        expect!["Blocked 5 [930100@REQUEST_URI dot segment in the query]"],
+    );
+    check(
         "/v1/%c0%ae%c0%ae/admin",
         &[JSON],
         "hi",
@@ -274,14 +286,19 @@ fn every_rule_counts_once_and_locations_name_the_prompt() {
 }
 
 #[test]
-fn the_body_outside_prompts_is_read_for_lookups_only() {
+fn the_body_outside_prompts_is_read_for_lookups_and_injections() {
     let prompts = ["hello".to_owned()];
     let mut with_user = request("/v1/chat/completions", &[JSON], &prompts);
     with_user.other_text = "gpt-4o\n${jndi:dns://x.example/a}\n";
     expect!["Blocked 5 [944150@REQUEST_BODY jndi lookup]"]
         .assert_eq(&render(&Waf::default(), &with_user));
-    with_user.other_text = "gpt-4o\n<script>alert(1)</script>\n";
-    expect!["Allowed 0 []"].assert_eq(&render(&Waf::default(), &with_user));
+    with_user.other_text = "gpt-4o\n1' OR '1'='1\n";
+    expect!["Blocked 5 [941100@REQUEST_BODY injection pattern]"]
+        .assert_eq(&render(&Waf::default(), &with_user));
+    // In a prompt, the same text is a question about SQL.
+    let prompts = ["Why does 1' OR '1'='1 bypass a login?".to_owned()];
+    let quoted = request("/v1/chat/completions", &[JSON], &prompts);
+    expect!["Allowed 0 []"].assert_eq(&render(&Waf::default(), &quoted));
 }
 
 #[test]
