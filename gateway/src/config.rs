@@ -566,7 +566,11 @@ pub fn parse(
         backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
     });
     let logging = logging.map(|raw| validator.logging(raw));
-    let waf = waf.map(|raw| validator.waf(raw));
+    let api_key_ids: Option<Vec<&str>> = match &auth {
+        Some(Some(auth)) => Some(auth.api_keys.iter().map(|key| key.id.as_str()).collect()),
+        _ => None,
+    };
+    let waf = waf.map(|raw| validator.waf(raw, api_key_ids.as_deref()));
     if models.is_empty()
         && upstreams.is_empty()
         && !validator

@@ -128,6 +128,7 @@ pub fn firewall(
             headers: request.headers,
             prompt_texts: &prompt.texts,
             other_text: &prompt.elsewhere,
+            caller: request.caller,
         },
     )
 }

@@ -46,6 +46,7 @@ fn bench(criterion: &mut Criterion) {
         headers: &headers,
         prompt_texts: &prompts,
         other_text: "gpt-4o\nuser-1234\n",
+        caller: Some("app"),
     };
     assert_eq!(inspect(&waf, &request).action, WafAction::Allowed);
     let mut group = criterion.benchmark_group("waf");
@@ -64,6 +65,7 @@ fn bench(criterion: &mut Criterion) {
         headers: &headers[..5],
         prompt_texts: &short,
         other_text: "fast\n",
+        caller: Some("app"),
     };
     criterion.bench_function("waf/inspect_chat_256", |bencher| {
         bencher.iter(|| inspect(&waf, std::hint::black_box(&small)));

@@ -211,6 +211,9 @@ pub struct Waf {
     mode: WafMode,
     inbound_threshold: u32,
     disabled: BTreeSet<u32>,
+    /// Callers (API key ids) whose requests are inspected and reported but never blocked:
+    /// a red team, an evaluation harness that sends attacks on purpose.
+    exempt_callers: BTreeSet<String>,
     scanners: AhoCorasick,
     control_tokens: AhoCorasick,
     query_injection: AhoCorasick,
@@ -342,11 +345,18 @@ impl Waf {
             mode,
             inbound_threshold,
             disabled: disabled.iter().copied().collect(),
+            exempt_callers: BTreeSet::new(),
             scanners: automaton(SCANNER_AGENTS),
             control_tokens: automaton_cased(CONTROL_TOKENS),
             query_injection: automaton(QUERY_INJECTION),
             verbs: automaton_cased(&[OVERRIDE_VERBS, REVEAL_VERBS].concat()),
         })
+    }
+
+    /// The same firewall, with `callers` reported but never blocked.
+    pub fn with_exempt_callers(mut self, callers: &[String]) -> Waf {
+        self.exempt_callers = callers.iter().cloned().collect();
+        self
     }
 
     pub fn mode(&self) -> WafMode {
@@ -378,6 +388,8 @@ pub struct WafRequest<'a> {
     pub prompt_texts: &'a [String],
     /// The body's other strings (one per line).
     pub other_text: &'a str,
+    /// The authenticated caller (API key id), if any.
+    pub caller: Option<&'a str>,
 }
 
 /// Where a rule matched.
@@ -478,7 +490,12 @@ pub fn inspect(waf: &Waf, request: &WafRequest<'_>) -> WafVerdict {
         .sum();
     let action = if matches.is_empty() {
         WafAction::Allowed
-    } else if waf.mode == WafMode::Block && score >= waf.inbound_threshold {
+    } else if waf.mode == WafMode::Block
+        && score >= waf.inbound_threshold
+        && !request
+            .caller
+            .is_some_and(|caller| waf.exempt_callers.contains(caller))
+    {
         WafAction::Blocked
     } else {
         WafAction::Detected

@@ -204,6 +204,29 @@ fn the_firewall_reloads_with_the_configuration() {
             .metrics()
             .contains("isthmus_waf_matches_total{rule=\"990100\",action=\"Matched\"}")
     );
+
+    // Blocking again, with the test's key exempt: its attacks are reported, not blocked.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "mode = \"detect\"",
+        "mode = \"block\"\nexempt_callers = [\"test\"]",
+    );
+    std::fs::write(&config, text).unwrap();
+    let before = gateway
+        .metric("isthmus_waf_matches_total{rule=\"990100\",action=\"Matched\"}")
+        .unwrap();
+    gateway.signal(libc::SIGHUP);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            gateway.log().matches("configuration reloaded").count() >= 2
+        }),
+        "{}",
+        gateway.log()
+    );
+    assert_eq!(post(&gateway, "reload-3", &attack, "curl/8.5.0").0, 200);
+    assert_eq!(
+        gateway.metric("isthmus_waf_matches_total{rule=\"990100\",action=\"Matched\"}"),
+        Some(before + 1.0)
+    );
 }
 
 #[test]
@@ -258,6 +281,22 @@ fn explain_shows_the_verdict_and_bad_settings_are_refused_with_key_paths() {
     assert!(
         stderr.contains("waf.mode: `audit` is not one of off, detect, block"),
         "{stderr}"
+    );
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&config).unwrap() + "\n[waf]\nexempt_callers = [\"tset\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(isthmus_binary())
+        .arg("check-config")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("waf.exempt_callers[0]: `tset` is not the id of an [auth] API key"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     std::fs::write(
         &broken,

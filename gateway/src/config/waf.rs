@@ -1,5 +1,5 @@
-//! `[waf]`: the web application firewall's mode, anomaly threshold and disabled rules
-//! (`router_policies::waf`). Absent, the firewall blocks at the default threshold with every
+//! `[waf]`: the web application firewall's mode, anomaly threshold, disabled rules and the
+//! callers it reports but never blocks (`router_policies::waf`). Absent, the firewall blocks at the default threshold with every
 //! rule on.
 
 use serde::Deserialize;
@@ -18,6 +18,8 @@ pub(super) struct RawWaf {
     inbound_threshold: u32,
     #[serde(default)]
     disabled_rules: Vec<u32>,
+    #[serde(default)]
+    exempt_callers: Vec<String>,
 }
 
 impl Default for RawWaf {
@@ -26,6 +28,7 @@ impl Default for RawWaf {
             mode: default_mode(),
             inbound_threshold: default_threshold(),
             disabled_rules: Vec::new(),
+            exempt_callers: Vec::new(),
         }
     }
 }
@@ -40,7 +43,19 @@ fn default_threshold() -> u32 {
 
 impl Validator<'_> {
     /// The compiled firewall, or `None` with every problem recorded.
-    pub(super) fn waf(&mut self, raw: RawWaf) -> Option<Arc<Waf>> {
+    /// `api_key_ids`: the configured keys, which `exempt_callers` must name (`None` when
+    /// `[auth]` did not validate: its own errors say why).
+    pub(super) fn waf(&mut self, raw: RawWaf, api_key_ids: Option<&[&str]>) -> Option<Arc<Waf>> {
+        let mut valid = true;
+        for (index, caller) in raw.exempt_callers.iter().enumerate() {
+            if api_key_ids.is_some_and(|ids| !ids.contains(&caller.as_str())) {
+                self.errors.push(ConfigError::new(
+                    format!("waf.exempt_callers[{index}]"),
+                    format!("`{caller}` is not the id of an [auth] API key"),
+                ));
+                valid = false;
+            }
+        }
         let Some(mode) = WafMode::parse(&raw.mode) else {
             self.errors.push(ConfigError::new(
                 "waf.mode",
@@ -49,7 +64,8 @@ impl Validator<'_> {
             return None;
         };
         match Waf::new(mode, raw.inbound_threshold, &raw.disabled_rules) {
-            Ok(waf) => Some(Arc::new(waf)),
+            Ok(waf) if valid => Some(Arc::new(waf.with_exempt_callers(&raw.exempt_callers))),
+            Ok(_) => None,
             Err(errors) => {
                 for error in errors {
                     let path = match error {

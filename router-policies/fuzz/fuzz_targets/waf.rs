@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
             headers: &headers,
             prompt_texts: &prompts,
             other_text: other,
+            caller: None,
         },
     );
     let score: u32 = verdict

@@ -23,6 +23,7 @@ fn request<'a>(
         headers,
         prompt_texts: prompts,
         other_text: "",
+        caller: None,
     }
 }
 
@@ -315,6 +316,15 @@ fn modes_thresholds_and_disabled_rules() {
         .assert_eq(&render(&lenient, &attack));
     let without = Waf::new(WafMode::Block, INBOUND_THRESHOLD_DEFAULT, &[990_100]).unwrap();
     expect!["Allowed 0 []"].assert_eq(&render(&without, &attack));
+    // An exempt caller is reported, never blocked; others still are.
+    let exempting = Waf::default().with_exempt_callers(&["redteam".to_owned()]);
+    let mut from_red_team = attack;
+    from_red_team.caller = Some("redteam");
+    expect!["Matched 5 [990100@PROMPT:0 chat-template control token]"]
+        .assert_eq(&render(&exempting, &from_red_team));
+    from_red_team.caller = Some("app");
+    expect!["Blocked 5 [990100@PROMPT:0 chat-template control token]"]
+        .assert_eq(&render(&exempting, &from_red_team));
     assert_eq!(
         Waf::new(WafMode::Block, 0, &[990_100, 12]).unwrap_err(),
         [WafError::UnknownRule(12), WafError::Threshold]
