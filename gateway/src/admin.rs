@@ -114,11 +114,7 @@ impl Admin {
         };
         let routing = self.state.routing();
         let header = session.req_header();
-        let headers: Vec<(&str, &str)> = header
-            .headers
-            .iter()
-            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
-            .collect();
+        let headers = crate::facts::header_pairs(&header.headers);
         let request = crate::facts::RequestView {
             path: "/v1/chat/completions",
             target: "/v1/chat/completions",

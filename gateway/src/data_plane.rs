@@ -137,6 +137,14 @@ impl RequestContext {
     }
 }
 
+/// The caller's API key id, when it authenticated with one.
+fn api_key_id(ctx: &RequestContext) -> Option<&str> {
+    match &ctx.caller {
+        Some(Caller::ApiKey { id }) => Some(id.as_str()),
+        _ => None,
+    }
+}
+
 /// The data-plane service.
 #[derive(Debug)]
 pub struct DataPlane {
@@ -352,20 +360,13 @@ impl DataPlane {
             Operation::Models => {
                 // No body: the request target and headers are what the firewall reads.
                 let header = session.req_header();
-                let headers: Vec<(&str, &str)> = header
-                    .headers
-                    .iter()
-                    .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
-                    .collect();
+                let headers = crate::facts::header_pairs(&header.headers);
                 let request = crate::facts::RequestView {
                     path: header.uri.path(),
-                    target: header
-                        .uri
-                        .path_and_query()
-                        .map_or_else(|| header.uri.path(), |target| target.as_str()),
+                    target: crate::facts::request_target(&header.uri),
                     method: header.method.as_str(),
                     headers: &headers,
-                    caller: None,
+                    caller: api_key_id(ctx),
                     model: None,
                     body: &[],
                 };
@@ -574,25 +575,13 @@ impl DataPlane {
         body: &Bytes,
     ) -> Result<Target, GatewayError> {
         let header = session.req_header();
-        let headers: Vec<(&str, &str)> = header
-            .headers
-            .iter()
-            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
-            .collect();
-        let caller = match &ctx.caller {
-            Some(Caller::ApiKey { id }) => Some(id.as_str()),
-            _ => None,
-        };
-        let target = header
-            .uri
-            .path_and_query()
-            .map_or_else(|| header.uri.path(), |target| target.as_str());
+        let headers = crate::facts::header_pairs(&header.headers);
         let request = crate::facts::RequestView {
             path: header.uri.path(),
-            target,
+            target: crate::facts::request_target(&header.uri),
             method: header.method.as_str(),
             headers: &headers,
-            caller,
+            caller: api_key_id(ctx),
             model,
             body,
         };

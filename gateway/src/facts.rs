@@ -23,6 +23,21 @@ pub struct RequestView<'a> {
     pub body: &'a [u8],
 }
 
+/// The request's headers as text pairs, for routing and the firewall (a value that is not
+/// visible ASCII is left out: no rule matches on it).
+pub fn header_pairs(headers: &http::HeaderMap) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+        .collect()
+}
+
+/// Path and query as received, the firewall's view of the request target.
+pub fn request_target(uri: &http::Uri) -> &str {
+    uri.path_and_query()
+        .map_or_else(|| uri.path(), |target| target.as_str())
+}
+
 /// A decision with the facts it was made from.
 #[derive(Debug, Clone)]
 pub struct Evaluation {

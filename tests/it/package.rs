@@ -258,14 +258,28 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
         gateway.log()
     );
     let ca_pem = std::fs::read_to_string(root.join("var/lib/isthmus/tls/ca.pem")).unwrap();
+    let body = say_hi(
+        &tests::client_trusting(&ca_pem),
+        &gateway.url("/v1/chat/completions"),
+        "package-test-key",
+    );
+    assert_eq!(body["usage"]["completion_tokens"], 4);
+}
+
+/// A short chat request to the configurations' `local` model (alias `gpt-4o-mini`): the
+/// answer, after checking that it is a 200 from that model.
+fn say_hi(client: &reqwest::Client, url: &str, api_key: &str) -> Value {
     let (status, body) = block_on(async {
-        let response = tests::client_trusting(&ca_pem)
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth("package-test-key")
+        let response = client
+            .post(url)
+            .bearer_auth(api_key)
             .json(&json!({
                 "model": "gpt-4o-mini",
                 "messages": [{"role": "user", "content": "Say hi."}],
                 "max_tokens": 4,
+                // Exactly four tokens: no end of text before them, whatever the model says.
+                "temperature": 0,
+                "ignore_eos": true,
             }))
             .send()
             .await
@@ -274,7 +288,7 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
     });
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model"], "local");
-    assert_eq!(body["usage"]["completion_tokens"], 4);
+    body
 }
 
 /// Whether the tests run as root (`/proc/self/status`).
@@ -466,20 +480,9 @@ fn the_image_runs_the_sidecar_configuration_and_answers_its_probes() {
     let plain = gateway
         .plain
         .expect("the sidecar configures a plain listener");
-    let (status, body) = block_on(async {
-        let response = reqwest::Client::new()
-            .post(format!("http://{plain}/v1/chat/completions"))
-            .bearer_auth("image-test-key")
-            .json(&json!({
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": "Say hi."}],
-                "max_tokens": 4,
-            }))
-            .send()
-            .await
-            .unwrap();
-        (response.status(), response.json::<Value>().await.unwrap())
-    });
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["model"], "local");
+    say_hi(
+        &reqwest::Client::new(),
+        &format!("http://{plain}/v1/chat/completions"),
+        "image-test-key",
+    );
 }

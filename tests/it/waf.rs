@@ -264,56 +264,40 @@ fn explain_shows_the_verdict_and_bad_settings_are_refused_with_key_paths() {
         json!({"action": "Allowed", "score": 0, "rules": []})
     );
 
+    // Each broken [waf] section, and the errors `check-config` must name (exit 2).
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "mode = \"audit\"",
+            &["waf.mode: `audit` is not one of off, detect, block"],
+        ),
+        (
+            "exempt_callers = [\"tset\"]",
+            &["waf.exempt_callers[0]: `tset` is not the id of an [auth] API key"],
+        ),
+        (
+            "inbound_threshold = 0\ndisabled_rules = [990100, 7]",
+            &[
+                "waf.disabled_rules: rule 7 does not exist",
+                "waf.inbound_threshold: inbound_threshold must be at least 1",
+            ],
+        ),
+    ];
     let broken = dir.path().join("broken.toml");
-    std::fs::write(
-        &broken,
-        std::fs::read_to_string(&config).unwrap()
-            + "\n[waf]\nmode = \"audit\"\ninbound_threshold = 0\n",
-    )
-    .unwrap();
-    let output = Command::new(isthmus_binary())
-        .arg("check-config")
-        .arg(&broken)
-        .output()
+    for (section, errors) in cases {
+        std::fs::write(
+            &broken,
+            std::fs::read_to_string(&config).unwrap() + "\n[waf]\n" + section + "\n",
+        )
         .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("waf.mode: `audit` is not one of off, detect, block"),
-        "{stderr}"
-    );
-    std::fs::write(
-        &broken,
-        std::fs::read_to_string(&config).unwrap() + "\n[waf]\nexempt_callers = [\"tset\"]\n",
-    )
-    .unwrap();
-    let output = Command::new(isthmus_binary())
-        .arg("check-config")
-        .arg(&broken)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&output.stderr)
-            .contains("waf.exempt_callers[0]: `tset` is not the id of an [auth] API key"),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    std::fs::write(
-        &broken,
-        std::fs::read_to_string(&config).unwrap()
-            + "\n[waf]\ninbound_threshold = 0\ndisabled_rules = [990100, 7]\n",
-    )
-    .unwrap();
-    let output = Command::new(isthmus_binary())
-        .arg("check-config")
-        .arg(&broken)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    for error in [
-        "waf.disabled_rules: rule 7 does not exist",
-        "waf.inbound_threshold: inbound_threshold must be at least 1",
-    ] {
-        assert!(stderr.contains(error), "{stderr}");
+        let output = Command::new(isthmus_binary())
+            .arg("check-config")
+            .arg(&broken)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{section}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        for error in errors {
+            assert!(stderr.contains(error), "{section}: {stderr}");
+        }
     }
 }
