@@ -513,14 +513,18 @@ pub fn metric(admin: SocketAddr, prefix: &str) -> Option<f64> {
         .and_then(|value| value.parse().ok())
 }
 
-/// A minimal plain-HTTP GET for the admin listener: (status, body).
+/// The admin token test configurations may require (`server.admin_tokens`); the helpers here
+/// send it on every admin request, which a gateway without tokens ignores.
+pub const ADMIN_TOKEN: &str = "isthmus-test-admin-token";
+
+/// A minimal plain-HTTP GET for the admin listener, with [`ADMIN_TOKEN`]: (status, body).
 pub fn plain_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

@@ -82,27 +82,10 @@ impl Admin {
     /// request's and the live signals; nothing runs and no state changes.
     async fn explain(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         const EXPLAIN_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
-        let mut body = Vec::new();
-        loop {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > EXPLAIN_BODY_BYTES_MAX {
-                        return json(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            &serde_json::json!({"error": {"message": "the body exceeds 8 MiB", "type": "invalid_request_error", "param": null, "code": "request_too_large"}}),
-                        );
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        &serde_json::json!({"error": {"message": format!("reading the body: {error}"), "type": "invalid_request_error", "param": null, "code": "invalid_json"}}),
-                    );
-                }
-            }
-        }
+        let body = match read_body(session, EXPLAIN_BODY_BYTES_MAX).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
         let envelope = match crate::openai::parse_envelope(&body) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -137,6 +120,259 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `PUT /admin/api/upstreams/{pool}/backends/{backend}` with `{"weight": N}`: the
+    /// console's canary control. The configuration file is edited and reloaded.
+    async fn set_weight(
+        &self,
+        session: &mut ServerSession,
+        pool: String,
+        backend: String,
+    ) -> Response<Vec<u8>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct WeightEdit {
+            weight: u32,
+        }
+        const EDIT_BODY_BYTES_MAX: usize = 4096;
+        let body = match read_body(session, EDIT_BODY_BYTES_MAX).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let edit: WeightEdit = match serde_json::from_slice(&body) {
+            Ok(edit) => edit,
+            Err(error) => {
+                return openai_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "the body must be {{\"weight\": N}} with N from 0 to {}: {error}",
+                        crate::config::edit::WEIGHT_MAX
+                    ),
+                    "invalid_request_error",
+                    "invalid_json",
+                );
+            }
+        };
+        let state = Arc::clone(&self.state);
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::reload::set_backend_weight(&state, &pool, &backend, edit.weight)
+        })
+        .await;
+        use crate::config::edit::EditError;
+        match outcome {
+            Ok(Ok(report)) => {
+                let mut body = serde_json::to_value(report).unwrap_or_default();
+                body["file"] = self.state.config.source.display().to_string().into();
+                json(StatusCode::OK, &body)
+            }
+            Ok(Err(error @ EditError::UnknownBackend { .. })) => openai_error(
+                StatusCode::NOT_FOUND,
+                &error.to_string(),
+                "invalid_request_error",
+                "unknown_backend",
+            ),
+            Ok(Err(error @ EditError::WeightOutOfRange(_))) => openai_error(
+                StatusCode::BAD_REQUEST,
+                &error.to_string(),
+                "invalid_request_error",
+                "invalid_weight",
+            ),
+            Ok(Err(EditError::Invalid(errors))) => json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"reloaded": false, "errors": errors}),
+            ),
+            Ok(Err(EditError::Unwritable(message))) => json(
+                StatusCode::CONFLICT,
+                &serde_json::json!({"reloaded": false, "errors": [message]}),
+            ),
+            Err(error) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
+            ),
+        }
+    }
+
+    /// `GET /admin/api/audit/records?limit=N&category=C`: the latest stored audit records,
+    /// newest first (they carry no prompt or completion text unless an operator turned that
+    /// on for a route).
+    async fn audit_records(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        const LIMIT_DEFAULT: usize = 100;
+        const LIMIT_MAX: usize = 500;
+        /// How far back a category filter looks.
+        const FILTER_SCAN_RECORDS_MAX: usize = 20_000;
+        let mut limit = LIMIT_DEFAULT;
+        let mut category = None;
+        for (key, value) in query_pairs(query.unwrap_or_default()) {
+            match key.as_str() {
+                "limit" => match value.parse::<usize>() {
+                    Ok(value) if (1..=LIMIT_MAX).contains(&value) => limit = value,
+                    _ => {
+                        return openai_error(
+                            StatusCode::BAD_REQUEST,
+                            &format!("limit must be a number from 1 to {LIMIT_MAX}"),
+                            "invalid_request_error",
+                            "invalid_limit",
+                        );
+                    }
+                },
+                "category" => category = Some(value),
+                _ => {
+                    return openai_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown query parameter `{key}` (limit, category)"),
+                        "invalid_request_error",
+                        "invalid_query",
+                    );
+                }
+            }
+        }
+        let Some(trail) = &self.state.audit else {
+            return json(
+                StatusCode::OK,
+                &serde_json::json!({"enabled": false, "records": []}),
+            );
+        };
+        let scan = if category.is_some() {
+            FILTER_SCAN_RECORDS_MAX
+        } else {
+            limit
+        };
+        let stored = match trail.log.read_latest(scan).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                return openai_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("the audit store cannot be read: {error}"),
+                    "server_error",
+                    "audit_unavailable",
+                );
+            }
+        };
+        let records: Vec<serde_json::Value> = stored
+            .iter()
+            .filter_map(|(_, line)| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .filter(|record| {
+                category
+                    .as_deref()
+                    .is_none_or(|wanted| record["Category"] == wanted)
+            })
+            .take(limit)
+            .collect();
+        json(
+            StatusCode::OK,
+            &serde_json::json!({"enabled": true, "records": records}),
+        )
+    }
+}
+
+/// Reads a request body of at most `bytes_max` bytes, or the error response to send.
+async fn read_body(
+    session: &mut ServerSession,
+    bytes_max: usize,
+) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > bytes_max {
+                    return Err(openai_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &format!("the body exceeds {bytes_max} bytes"),
+                        "invalid_request_error",
+                        "request_too_large",
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(error) => {
+                return Err(openai_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the body: {error}"),
+                    "invalid_request_error",
+                    "invalid_json",
+                ));
+            }
+        }
+    }
+}
+
+fn openai_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response<Vec<u8>> {
+    json(
+        status,
+        &serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+    )
+}
+
+/// `pool` and `backend` of `/admin/api/upstreams/{pool}/backends/{backend}`, decoded.
+fn backend_path(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/admin/api/upstreams/")?;
+    let (pool, backend) = rest.split_once("/backends/")?;
+    if pool.is_empty() || backend.is_empty() || pool.contains('/') || backend.contains('/') {
+        return None;
+    }
+    Some((percent_decode(pool)?, percent_decode(backend)?))
+}
+
+/// The `key=value` pairs of a query string, percent-decoded (`+` is a space); pairs that do
+/// not decode to UTF-8 are dropped.
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((
+                percent_decode(&key.replace('+', " "))?,
+                percent_decode(&value.replace('+', " "))?,
+            ))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(index + 1..index + 3)?).ok()?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
+}
+
+/// Serves one of the console's embedded files.
+fn console_file(asset: &crate::console::Asset) -> Response<Vec<u8>> {
+    let mut response = respond(StatusCode::OK, asset.content_type, asset.bytes.to_vec());
+    let cache = if crate::console::immutable(asset) {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (http::header::CACHE_CONTROL, cache),
+        (
+            http::header::CONTENT_SECURITY_POLICY,
+            crate::console::CONTENT_SECURITY_POLICY,
+        ),
+        (http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (http::header::REFERRER_POLICY, "no-referrer"),
+        (http::header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        if let Ok(value) = value.parse() {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
+
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
@@ -168,6 +404,12 @@ impl ServeHttp for Admin {
         let header = session.req_header();
         let method = header.method.clone();
         let path = header.uri.path().to_owned();
+        let query = header.uri.query().map(str::to_owned);
+        if (method == http::Method::GET || method == http::Method::HEAD)
+            && let Some(asset) = crate::console::find(&path)
+        {
+            return console_file(asset);
+        }
         let tokens = &self.state.config.server.admin_tokens;
         if !tokens.is_empty() && !crate::auth::bearer_matches(&header.headers, tokens) {
             let mut response = json(
@@ -204,6 +446,22 @@ impl ServeHttp for Admin {
         }
         if path == "/admin/api/explain" && method == http::Method::POST {
             return self.explain(session).await;
+        }
+        if let Some((pool, backend)) = backend_path(&path) {
+            if method == http::Method::PUT {
+                return self.set_weight(session, pool, backend).await;
+            }
+            return openai_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!("method {method} is not allowed here (PUT {{\"weight\": N}})"),
+                "invalid_request_error",
+                "method_not_allowed",
+            );
+        }
+        if path == "/admin/api/audit/records"
+            && (method == http::Method::GET || method == http::Method::HEAD)
+        {
+            return self.audit_records(query.as_deref()).await;
         }
         if method != http::Method::GET && method != http::Method::HEAD {
             return json(

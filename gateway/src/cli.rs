@@ -51,6 +51,7 @@ pub enum Command {
     /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
     Bench(BenchArgs),
     /// GET a path of the loopback admin listener; exit 0 on a 200 (Kubernetes exec probes).
+    /// `--post /admin/api/reload` reloads the configuration and prints the report.
     Probe {
         /// The admin listener (loopback only).
         #[arg(long, default_value = "127.0.0.1:9090")]
@@ -58,6 +59,9 @@ pub enum Command {
         /// The path to GET.
         #[arg(default_value = "/readyz")]
         path: String,
+        /// Send an empty POST instead of a GET, and print the answer.
+        #[arg(long)]
+        post: bool,
         /// Connect, send and read deadlines, each.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
@@ -339,8 +343,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Probe {
             admin,
             path,
+            post,
             timeout_ms,
-        } => crate::probe::run(admin, &path, std::time::Duration::from_millis(timeout_ms)),
+        } => crate::probe::run(
+            admin,
+            &path,
+            post,
+            std::time::Duration::from_millis(timeout_ms),
+        ),
         Command::BuildInfo => {
             println!("{:#}", build_info());
             ExitCode::SUCCESS

@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 mod audit;
+pub mod edit;
 mod rules;
 mod telemetry;
 mod upstreams;

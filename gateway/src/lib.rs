@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod console;
 pub mod data_plane;
 pub mod error;
 pub mod export;

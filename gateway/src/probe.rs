@@ -1,5 +1,6 @@
-//! `isthmus probe`: one GET to the loopback admin listener, for Kubernetes `exec` probes and
-//! scripts in images that carry no HTTP client.
+//! `isthmus probe`: one GET (or, with `--post`, one empty POST such as a reload) to the
+//! loopback admin listener, for Kubernetes `exec` probes and scripts in images that carry no
+//! HTTP client.
 //!
 //! A sidecar keeps its admin listener on loopback (no token needed, nothing exposed), where
 //! the kubelet's `httpGet` probes, sent to the pod's address, cannot reach it; the probe runs
@@ -37,10 +38,12 @@ pub struct ProbeAnswer {
     pub body: String,
 }
 
-/// Sends `GET path` to `address` and reads the answer, each step within `timeout`.
+/// Sends `GET path` (`POST` with an empty body when `post`) to `address` and reads the
+/// answer, each step within `timeout`.
 pub fn probe(
     address: SocketAddr,
     path: &str,
+    post: bool,
     timeout: Duration,
 ) -> Result<ProbeAnswer, ProbeError> {
     if !address.ip().is_loopback() {
@@ -60,9 +63,11 @@ pub fn probe(
     let mut stream = TcpStream::connect_timeout(&address, timeout).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let request = if post { "POST" } else { "GET" };
+    let length = if post { "Content-Length: 0\r\n" } else { "" };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: isthmus-probe\r\nConnection: close\r\n\r\n"
+        "{request} {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: isthmus-probe\r\n{length}Connection: close\r\n\r\n"
     )
     .map_err(io)?;
     let mut bytes = Vec::new();
@@ -91,10 +96,16 @@ pub fn parse_answer(answer: &str) -> Result<ProbeAnswer, ProbeError> {
     Ok(ProbeAnswer { status, body })
 }
 
-/// `isthmus probe`: 0 on a 200; otherwise 1, with the answer or the problem on stderr.
-pub fn run(address: SocketAddr, path: &str, timeout: Duration) -> ExitCode {
-    match probe(address, path, timeout) {
-        Ok(answer) if answer.status == 200 => ExitCode::SUCCESS,
+/// `isthmus probe`: 0 on a 200 (a POST's answer printed on stdout); otherwise 1, with the
+/// answer or the problem on stderr.
+pub fn run(address: SocketAddr, path: &str, post: bool, timeout: Duration) -> ExitCode {
+    match probe(address, path, post, timeout) {
+        Ok(answer) if answer.status == 200 => {
+            if post {
+                println!("{}", answer.body);
+            }
+            ExitCode::SUCCESS
+        }
         Ok(answer) => {
             eprintln!(
                 "isthmus probe: {path} answered {}: {}",

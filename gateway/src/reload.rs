@@ -123,3 +123,88 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
         restart_required,
     })
 }
+
+/// Serialises edits made through the admin API, so two at once cannot lose one another.
+static EDITS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Sets a backend's weight in the configuration file and reloads it (the console's canary
+/// control). The file is rewritten in place, comments and layout kept, by writing a sibling
+/// and renaming it over the original (so a reader never sees half a file), with the
+/// original's permissions. Nothing is written unless the edited file validates; if the
+/// reload still fails, the original text is put back. Any other change already saved in the
+/// file takes effect with it, as with any reload. Blocks.
+pub fn set_backend_weight(
+    state: &AppState,
+    pool: &str,
+    backend: &str,
+    weight: u32,
+) -> Result<ReloadReport, config::edit::EditError> {
+    use config::edit::EditError;
+    let _edit = EDITS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let source = state.config.source.clone();
+    let file = source.display().to_string();
+    let original = std::fs::read_to_string(&source)
+        .map_err(|error| EditError::Unwritable(format!("cannot read {file}: {error}")))?;
+    let (edited, _) = config::edit::set_backend_weight(
+        &original,
+        &source,
+        &ProcessEnvironment,
+        pool,
+        backend,
+        weight,
+    )?;
+    replace_file(&source, &edited)
+        .map_err(|error| EditError::Unwritable(format!("cannot write {file}: {error}")))?;
+    tracing::info!(
+        pool,
+        backend,
+        weight,
+        file = %source.display(),
+        "backend weight set through the admin API"
+    );
+    match reload(state, "admin API weight edit") {
+        Ok(report) => Ok(report),
+        Err(errors) => {
+            if let Err(error) = replace_file(&source, &original) {
+                tracing::error!(
+                    file = %source.display(),
+                    %error,
+                    "the edited configuration did not reload and the original could not be put back"
+                );
+            }
+            Err(EditError::Invalid(errors))
+        }
+    }
+}
+
+/// Replaces `path` with `text` atomically: a sibling file, flushed, renamed over it. A
+/// symbolic link is followed, so the file it points to is the one replaced.
+fn replace_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = &std::fs::canonicalize(path)?;
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => std::path::Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sibling = directory.join(format!(".{name}.isthmus-edit"));
+    let permissions = std::fs::metadata(path)?.permissions();
+    let outcome = (|| {
+        let mut file = std::fs::File::create(&sibling)?;
+        file.write_all(text.as_bytes())?;
+        file.set_permissions(permissions)?;
+        file.sync_all()?;
+        std::fs::rename(&sibling, path)?;
+        // The rename itself is durable once the directory is.
+        std::fs::File::open(directory)?.sync_all()
+    })();
+    if outcome.is_err() {
+        let _ = std::fs::remove_file(&sibling);
+    }
+    outcome
+}

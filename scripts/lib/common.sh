@@ -22,6 +22,9 @@ ensure_system_packages() {
     missing+=(libclang-dev)
   fi
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  # The admin console (TypeScript, Vite) is built into the binary.
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
@@ -35,6 +38,12 @@ ensure_system_packages() {
       echo "install them with:  sudo apt-get install -y ${missing[*]}" >&2
       exit 1
     fi
+  fi
+  # Vite, which builds the console, needs Node.js 20.19 or later (Debian 12's own is 18).
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' 2>/dev/null; then
+    echo "Node.js $(node --version 2>/dev/null || echo '(none)') is too old to build the admin console: install Node.js 20.19 or later" >&2
+    echo "(for example from https://deb.nodesource.com, or Debian 13's nodejs), then run this again" >&2
+    exit 1
   fi
   if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo is missing: install Rust with rustup (https://rustup.rs), then run this again" >&2

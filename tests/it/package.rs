@@ -475,6 +475,17 @@ fn the_image_runs_the_sidecar_configuration_and_answers_its_probes() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(1), "a 404 must fail the probe");
+    // A reload from inside the image, which has no shell to send SIGHUP with.
+    let reload = Command::new(&runner)
+        .args(["probe", "--admin", &admin, "--post", "/admin/api/reload"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&reload.stdout);
+    assert!(
+        reload.status.success() && report.contains("\"reloaded\":true"),
+        "{report}{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
 
     // The application's side: plain HTTP on the pod's loopback, with the shared key.
     let plain = gateway

@@ -107,6 +107,10 @@ enum Command {
         count_max: usize,
         reply: Reply<StoredRecords>,
     },
+    ReadLatest {
+        count_max: usize,
+        reply: Reply<StoredRecords>,
+    },
     Tick,
     Shutdown {
         reply: Reply<()>,
@@ -335,6 +339,18 @@ impl AuditLog {
         receiver.await.unwrap_or(Err(AuditError::Stopped))
     }
 
+    /// Up to `count_max` of the latest stored records, newest first (for the admin console).
+    /// Records still waiting for their group commit are not among them.
+    pub async fn read_latest(&self, count_max: usize) -> Result<StoredRecords, AuditError> {
+        let (reply, receiver) = oneshot::channel();
+        self.inner
+            .sender
+            .send(Command::ReadLatest { count_max, reply })
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        receiver.await.unwrap_or(Err(AuditError::Stopped))
+    }
+
     /// Closes the epoch: writes the `Isthmus/audit/stop` lifecycle record and a checkpoint over
     /// it, durably, and stops the writer. Appends after this fail with [`AuditError::Stopped`].
     pub async fn shutdown(&self) -> Result<(), AuditError> {
@@ -522,6 +538,15 @@ impl Store {
     fn read(&self, from_seq: u64, count_max: usize) -> Result<StoredRecords, sled::Error> {
         let mut records = Vec::new();
         for entry in self.records.range(from_seq.to_be_bytes()..).take(count_max) {
+            let (key, line) = entry?;
+            records.push((seq_of_key(&key), line.to_vec()));
+        }
+        Ok(records)
+    }
+
+    fn read_latest(&self, count_max: usize) -> Result<StoredRecords, sled::Error> {
+        let mut records = Vec::new();
+        for entry in self.records.iter().rev().take(count_max) {
             let (key, line) = entry?;
             records.push((seq_of_key(&key), line.to_vec()));
         }
@@ -790,6 +815,13 @@ impl Writer {
                 } => {
                     let result = match &self.store {
                         Some(store) => store.read(from_seq, count_max).map_err(|e| unavailable(&e)),
+                        None => Err(AuditError::Unavailable("the store is closed".into())),
+                    };
+                    let _ = reply.send(result);
+                }
+                Command::ReadLatest { count_max, reply } => {
+                    let result = match &self.store {
+                        Some(store) => store.read_latest(count_max).map_err(|e| unavailable(&e)),
                         None => Err(AuditError::Unavailable("the store is closed".into())),
                     };
                     let _ = reply.send(result);

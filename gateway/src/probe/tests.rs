@@ -40,13 +40,13 @@ fn only_loopback_and_plain_paths_are_probed() {
     let timeout = Duration::from_millis(100);
     let remote: SocketAddr = "10.0.0.1:9090".parse().unwrap();
     assert_eq!(
-        probe(remote, "/readyz", timeout),
+        probe(remote, "/readyz", false, timeout),
         Err(ProbeError::NotLoopback(remote))
     );
     let local: SocketAddr = "127.0.0.1:9".parse().unwrap();
     for path in ["readyz", "/readyz HTTP/1.0\r\nX: y", "/a b"] {
         assert_eq!(
-            probe(local, path, timeout),
+            probe(local, path, true, timeout),
             Err(ProbeError::Path(path.to_owned()))
         );
     }
@@ -59,7 +59,7 @@ fn nobody_listening_is_an_error_naming_the_address() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let error = probe(address, "/healthz", Duration::from_secs(2)).unwrap_err();
+    let error = probe(address, "/healthz", false, Duration::from_secs(2)).unwrap_err();
     assert!(
         matches!(&error, ProbeError::Io { address: named, .. } if *named == address),
         "{error}"
