@@ -7,6 +7,9 @@
 //!   context, rustls/webpki) accept once clients trust `ca.pem`.
 //! - [`hardware`]: a probe of CPUs, vector extensions and memory, from which the gateway picks
 //!   safe defaults (inference threads, which llama.cpp CPU kernels can run).
+//! - [`update`]: signed update bundles installed into A/B slots, with a trial that rolls back
+//!   to the previous slot when the new one does not become ready; [`keys`] reads and writes
+//!   the Ed25519 keys that sign them (OpenSSL's PEM forms).
 //! - [`service`]: systemd's notification protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`,
 //!   the watchdog), so the appliance's unit knows when the gateway serves and when it hangs.
 //!
@@ -14,9 +17,11 @@
 //! read files or the clock are thin wrappers around them.
 
 pub mod hardware;
+pub mod keys;
 pub mod service;
 pub mod state;
 pub mod tls;
+pub mod update;
 
 mod files;
 

@@ -1,5 +1,5 @@
 //! The command line: `isthmus serve`, `check-config`, `explain`, `bench`, `audit verify`,
-//! `probe` and `build-info`.
+//! `probe`, `build-info` and `update`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -73,6 +73,12 @@ pub enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Signed updates into A/B slots with rollback: keygen, pack, verify, apply, boot,
+    /// commit, rollback, status.
+    Update {
+        #[command(subcommand)]
+        command: crate::update::UpdateCommand,
     },
 }
 
@@ -336,6 +342,7 @@ fn bench(args: BenchArgs) -> ExitCode {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Bench(args) => bench(args),
+        Command::Update { command } => crate::update::run(command),
         Command::Audit {
             command: AuditCommand::Verify { path, pubkey },
         } => crate::audit::verify::run(&path, pubkey.as_deref()),

@@ -33,3 +33,4 @@ pub mod serve;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod update;

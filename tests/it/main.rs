@@ -14,11 +14,12 @@ mod console;
 pub(crate) mod deploy;
 mod errors;
 mod lifecycle;
-mod package;
+pub(crate) mod package;
 mod policy;
 mod python;
 mod telemetry;
 mod tidy;
+mod update;
 mod upstream;
 mod waf;
 

@@ -21,7 +21,7 @@ use crate::block_on;
 /// is the network access a gateway needs and the devices a GPU needs.
 const UNIT_EXPOSURE_MAX: f64 = 3.0;
 
-fn run(command: &mut Command) -> Output {
+pub(crate) fn run(command: &mut Command) -> Output {
     let output = command
         .output()
         .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
@@ -50,7 +50,12 @@ fn unit_for(binary: &Path, dir: &Path, unit_text: &str) -> PathBuf {
     let path = dir.join("isthmus.service");
     std::fs::write(
         &path,
-        unit_text.replace("/usr/bin/isthmus", binary.to_str().unwrap()),
+        unit_text
+            .replace(
+                "/var/lib/isthmus/firmware/current/bin/isthmus",
+                binary.to_str().unwrap(),
+            )
+            .replace("/usr/bin/isthmus", binary.to_str().unwrap()),
     )
     .unwrap();
     path
@@ -65,8 +70,11 @@ fn the_systemd_unit_verifies_and_is_locked_down() {
         "Type=notify",
         "NotifyAccess=main",
         "WatchdogSec=30s",
-        "ExecStartPre=/usr/bin/isthmus check-config /etc/isthmus/isthmus.toml",
-        "ExecStart=/usr/bin/isthmus serve --config /etc/isthmus/isthmus.toml",
+        // The running slot (see `update.rs`), started and confirmed by the factory binary.
+        "ExecStartPre=+/usr/bin/isthmus update boot",
+        "ExecStartPre=/var/lib/isthmus/firmware/current/bin/isthmus check-config /etc/isthmus/isthmus.toml",
+        "ExecStart=/var/lib/isthmus/firmware/current/bin/isthmus serve --config /etc/isthmus/isthmus.toml",
+        "ExecStartPost=+/usr/bin/isthmus update commit",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "TimeoutStopSec=90s",
         "StateDirectory=isthmus",
@@ -127,13 +135,13 @@ fn field(deb: &Path, name: &str) -> String {
 }
 
 /// The package built once from the test build of `isthmus`, shared by the tests here.
-struct Package {
-    deb: PathBuf,
+pub(crate) struct Package {
+    pub(crate) deb: PathBuf,
     build_info: Value,
     _dir: tempfile::TempDir,
 }
 
-fn package() -> &'static Package {
+pub(crate) fn package() -> &'static Package {
     static PACKAGE: OnceLock<Package> = OnceLock::new();
     PACKAGE.get_or_init(|| {
         let dir = scratch_dir();
@@ -217,18 +225,8 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
         );
     }
 
-    // The shipped configuration, its absolute paths moved under the unpacked tree.
     let packaged = root.join("usr/bin/isthmus");
-    let config_text = std::fs::read_to_string(root.join("etc/isthmus/isthmus.toml"))
-        .unwrap()
-        .replace("/etc/isthmus", root.join("etc/isthmus").to_str().unwrap())
-        .replace(
-            "/var/lib/isthmus",
-            root.join("var/lib/isthmus").to_str().unwrap(),
-        );
-    let config = root.join("etc/isthmus/isthmus.test.toml");
-    std::fs::write(&config, config_text).unwrap();
-    std::fs::write(root.join("etc/isthmus/api-key"), "package-test-key").unwrap();
+    let config = packaged_config(&root);
     // Before a model is in place, check-config (the unit's ExecStartPre) says what is missing.
     let missing = Command::new(&packaged)
         .arg("check-config")
@@ -241,9 +239,7 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
         stderr.contains("models.local.path: file not found"),
         "{stderr}"
     );
-    let models = root.join("var/lib/isthmus/models");
-    std::fs::create_dir_all(&models).unwrap();
-    std::os::unix::fs::symlink(tests::model_path(), models.join("model.gguf")).unwrap();
+    place_model(&root);
     run(Command::new(&packaged).arg("check-config").arg(&config));
 
     let gateway = Gateway::start_program(&packaged, work, &config, |command| {
@@ -266,9 +262,32 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
     assert_eq!(body["usage"]["completion_tokens"], 4);
 }
 
+/// The shipped configuration of the package unpacked at `root`, its absolute paths moved
+/// under `root`, and its API key (`package-test-key`) written.
+pub(crate) fn packaged_config(root: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root.join("etc/isthmus/isthmus.toml"))
+        .unwrap()
+        .replace("/etc/isthmus", root.join("etc/isthmus").to_str().unwrap())
+        .replace(
+            "/var/lib/isthmus",
+            root.join("var/lib/isthmus").to_str().unwrap(),
+        );
+    let config = root.join("etc/isthmus/isthmus.test.toml");
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(root.join("etc/isthmus/api-key"), "package-test-key").unwrap();
+    config
+}
+
+/// The test model where the packaged configuration expects it.
+pub(crate) fn place_model(root: &Path) {
+    let models = root.join("var/lib/isthmus/models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(tests::model_path(), models.join("model.gguf")).unwrap();
+}
+
 /// A short chat request to the configurations' `local` model (alias `gpt-4o-mini`): the
 /// answer, after checking that it is a 200 from that model.
-fn say_hi(client: &reqwest::Client, url: &str, api_key: &str) -> Value {
+pub(crate) fn say_hi(client: &reqwest::Client, url: &str, api_key: &str) -> Value {
     let (status, body) = block_on(async {
         let response = client
             .post(url)

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
-use sha2::{Digest as _, Sha256};
 
 /// File name of the private key in the state directory.
 pub const PRIVATE_KEY_FILE: &str = "audit-device.key";
@@ -22,11 +21,6 @@ const PRIVATE_KEY_MODE: u32 = 0o600;
 const PUBLIC_KEY_MODE: u32 = 0o644;
 /// A key file is never longer than this.
 const KEY_FILE_BYTES_MAX: usize = 4096;
-/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), before the 32 key bytes.
-const SPKI_ED25519_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
-
 /// Why a key could not be loaded, made or read.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -124,8 +118,7 @@ impl DeviceKey {
 
 /// First 16 hex digits of SHA-256 of `key`.
 pub fn key_id(key: &VerifyingKey) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    hex::encode(&digest[..8])
+    firmware::keys::key_id(key)
 }
 
 /// Whether `signature` (base64) signs `message` under `key`.
@@ -141,41 +134,19 @@ pub fn verify_signature(key: &VerifyingKey, message: &[u8], signature: &str) -> 
 
 /// `key` as a PEM `PUBLIC KEY` (SubjectPublicKeyInfo).
 pub fn public_key_pem(key: &VerifyingKey) -> String {
-    let mut der = SPKI_ED25519_PREFIX.to_vec();
-    der.extend_from_slice(key.as_bytes());
-    format!(
-        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-        BASE64.encode(der)
-    )
+    firmware::keys::public_key_pem(key)
 }
 
 /// Reads a public key file: PEM `PUBLIC KEY`, or the raw 32 bytes in base64.
 pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
-    let invalid = |reason: &str| KeyError::Invalid {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
-    };
     let contents = fs::read(path).map_err(|io| KeyError::Io {
         path: path.to_owned(),
         io,
     })?;
-    if contents.len() > KEY_FILE_BYTES_MAX {
-        return Err(invalid("file too large"));
-    }
-    let text = std::str::from_utf8(&contents).map_err(|_| invalid("not text"))?;
-    let body: String = text
-        .lines()
-        .filter(|line| !line.starts_with("-----"))
-        .map(str::trim)
-        .collect();
-    let bytes = BASE64.decode(body).map_err(|_| invalid("not base64"))?;
-    let raw: &[u8] = match bytes.len() {
-        32 => &bytes,
-        44 if bytes.starts_with(&SPKI_ED25519_PREFIX) => &bytes[12..],
-        _ => return Err(invalid("neither a PEM Ed25519 public key nor 32 bytes")),
-    };
-    let raw: [u8; 32] = raw.try_into().map_err(|_| invalid("not 32 bytes"))?;
-    VerifyingKey::from_bytes(&raw).map_err(|_| invalid("not a curve point"))
+    firmware::keys::parse_public_key(&contents).map_err(|reason| KeyError::Invalid {
+        path: path.to_owned(),
+        reason,
+    })
 }
 
 /// Writes `contents` to a temporary file created with `mode`, syncs it, renames it over `path`

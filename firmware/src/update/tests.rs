@@ -1,0 +1,257 @@
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use base64::Engine as _;
+use ed25519_dalek::{Signer as _, SigningKey};
+
+use super::{
+    ATTEMPTS_MAX, BootOutcome, Firmware, Slot, SlotState, Trial, UpdateError, apply_step,
+    boot_step, commit_step, open_verified, pack, rollback_step,
+};
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+/// A slot tree: an executable `bin/isthmus`, a library and its soname link.
+fn tree(root: &Path, binary: &[u8]) {
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("lib/isthmus")).unwrap();
+    std::fs::write(root.join("bin/isthmus"), binary).unwrap();
+    std::fs::set_permissions(
+        root.join("bin/isthmus"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(root.join("lib/isthmus/libllama.so.0.6.0"), b"library").unwrap();
+    std::os::unix::fs::symlink("libllama.so.0.6.0", root.join("lib/isthmus/libllama.so.0"))
+        .unwrap();
+}
+
+fn keys_directory(root: &Path, keys: &[&SigningKey]) -> std::path::PathBuf {
+    let directory = root.join("keys");
+    std::fs::create_dir_all(&directory).unwrap();
+    for (index, key) in keys.iter().enumerate() {
+        std::fs::write(
+            directory.join(format!("k{index}.pub")),
+            crate::keys::public_key_pem(&key.verifying_key()),
+        )
+        .unwrap();
+    }
+    directory
+}
+
+#[test]
+fn a_trial_gets_its_starts_then_rolls_back_and_a_commit_ends_it() {
+    let (slot, mut state) = apply_step(&SlotState::default(), "2.0.0").unwrap();
+    assert_eq!(slot, Slot::A);
+    assert_eq!(state.previous, Some(Slot::Factory));
+    assert!(matches!(
+        apply_step(&state, "2.0.1"),
+        Err(UpdateError::TrialPending("a"))
+    ));
+    for attempt in 1..=ATTEMPTS_MAX {
+        let (next, outcome) = boot_step(&state);
+        assert_eq!(
+            outcome,
+            BootOutcome::Trying {
+                slot: Slot::A,
+                attempt
+            }
+        );
+        state = next;
+    }
+    let (rolled, outcome) = boot_step(&state);
+    assert_eq!(
+        outcome,
+        BootOutcome::RolledBack {
+            from: Slot::A,
+            to: Slot::Factory
+        }
+    );
+    assert_eq!((rolled.active, rolled.trial.clone()), (Slot::Factory, None));
+    assert!(
+        rolled
+            .last_event
+            .as_deref()
+            .unwrap()
+            .contains("rolled back from a (2.0.0) to factory"),
+        "{rolled:?}"
+    );
+    // The next update goes to the slot not running; a commit ends its trial.
+    let (slot, state) = apply_step(&rolled, "2.0.1").unwrap();
+    assert_eq!(slot, Slot::A);
+    let (state, _) = boot_step(&state);
+    let committed = commit_step(&state).unwrap();
+    assert_eq!(committed.trial, None);
+    assert_eq!(commit_step(&committed), None);
+    assert_eq!(boot_step(&committed).1, BootOutcome::Steady);
+    let (slot, on_b) = apply_step(&committed, "2.1.0").unwrap();
+    assert_eq!((slot, on_b.previous), (Slot::B, Some(Slot::A)));
+    let back = rollback_step(&on_b).unwrap();
+    assert_eq!(
+        (back.active, back.previous, back.trial.clone()),
+        (Slot::A, None, None)
+    );
+    assert!(matches!(
+        rollback_step(&back),
+        Err(UpdateError::NothingToRollBackTo)
+    ));
+}
+
+#[test]
+fn a_bundle_installs_only_when_signed_by_a_trusted_key_and_every_byte_matches() {
+    let scratch = tempfile::tempdir().unwrap();
+    let root = scratch.path().join("root");
+    tree(&root, b"#!/bin/sh\necho new\n");
+    let signer = key(1);
+    let keys = keys_directory(scratch.path(), &[&key(9), &signer]);
+    let bundle = scratch.path().join("update.bin");
+    let manifest = pack(&root, "2.0.0", &signer, &bundle).unwrap();
+    assert_eq!(manifest.entries.len(), 3);
+
+    let firmware = Firmware::new(&scratch.path().join("state"), Path::new("/usr"));
+    let applied = firmware.apply(&bundle, &keys).unwrap();
+    assert_eq!((applied.slot, applied.files), (Slot::A, 3));
+    let slot = firmware.slot_root(Slot::A);
+    assert_eq!(
+        std::fs::read(firmware.current_link().join("bin/isthmus")).unwrap(),
+        b"#!/bin/sh\necho new\n"
+    );
+    assert_eq!(
+        std::fs::metadata(slot.join("bin/isthmus"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::read_link(slot.join("lib/isthmus/libllama.so.0")).unwrap(),
+        Path::new("libllama.so.0.6.0")
+    );
+    let state = firmware.state().unwrap();
+    assert_eq!(
+        state.trial,
+        Some(Trial {
+            slot: Slot::A,
+            attempts: 0
+        })
+    );
+
+    // Another signer: refused before anything is written.
+    let stranger = scratch.path().join("stranger.bin");
+    pack(&root, "6.6.6", &key(7), &stranger).unwrap();
+    let refused = firmware.apply(&stranger, &keys).unwrap_err();
+    assert!(
+        matches!(refused, UpdateError::Untrusted { keys: 2, .. }),
+        "{refused}"
+    );
+
+    // One byte changed in a file: named, and the slot left as it was.
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let tampered = scratch.path().join("tampered.bin");
+    std::fs::write(&tampered, &bytes).unwrap();
+    firmware.commit().unwrap();
+    let error = firmware.apply(&tampered, &keys).unwrap_err().to_string();
+    assert!(
+        error.contains("lib/isthmus/libllama.so.0.6.0") && error.contains("SHA-256"),
+        "{error}"
+    );
+    assert!(!firmware.slot_root(Slot::B).exists());
+    assert_eq!(firmware.state().unwrap().active, Slot::A);
+}
+
+/// A bundle with any manifest, signed: what an attacker holding a key could not make, and
+/// what a buggy packer might.
+fn signed_bundle(path: &Path, manifest: &str, key: &SigningKey, payload: &[u8]) {
+    let mut message = b"isthmus-update-v1\0".to_vec();
+    message.extend_from_slice(manifest.as_bytes());
+    let signature = base64::engine::general_purpose::STANDARD.encode(key.sign(&message).to_bytes());
+    let mut bytes = format!(
+        "ISTHMUS-UPDATE 1\nsignature: {signature}\nmanifest-bytes: {}\n\n{manifest}",
+        manifest.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(payload);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn manifests_that_reach_outside_the_slot_are_refused_even_when_signed() {
+    let scratch = tempfile::tempdir().unwrap();
+    let signer = key(1);
+    let keys = [signer.verifying_key()];
+    let binary = r#"{"path":"bin/isthmus","size":0,"mode":493,"sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}"#;
+    for (entry, reason) in [
+        (
+            r#"{"path":"../../etc/passwd","size":0,"mode":420,"sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}"#,
+            "plain relative path",
+        ),
+        (
+            r#"{"path":"/etc/cron.d/x","size":0,"mode":420,"sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}"#,
+            "plain relative path",
+        ),
+        (
+            r#"{"path":"lib/x","link":"../../../etc/shadow"}"#,
+            "links outside",
+        ),
+        (
+            r#"{"path":"bin/tool","size":0,"mode":2541,"sha256":"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}"#,
+            "mode beyond",
+        ),
+    ] {
+        let manifest = format!(r#"{{"version":"1.0","entries":[{binary},{entry}]}}"#);
+        let path = scratch.path().join("bad.bin");
+        signed_bundle(&path, &manifest, &signer, b"");
+        let error = open_verified(&path, &keys, scratch.path())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(reason), "{entry}: {error}");
+    }
+    let path = scratch.path().join("junk.bin");
+    std::fs::write(&path, b"PK\x03\x04 a zip file").unwrap();
+    let error = open_verified(&path, &keys, scratch.path())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("not an update bundle"), "{error}");
+}
+
+#[test]
+fn boot_and_commit_move_the_current_link_with_the_state() {
+    let scratch = tempfile::tempdir().unwrap();
+    let factory = scratch.path().join("usr");
+    tree(&factory, b"factory");
+    let root = scratch.path().join("root");
+    tree(&root, b"broken");
+    let signer = key(3);
+    let keys = keys_directory(scratch.path(), &[&signer]);
+    let bundle = scratch.path().join("update.bin");
+    pack(&root, "3.0.0", &signer, &bundle).unwrap();
+    let firmware = Firmware::new(&scratch.path().join("state"), &factory);
+    // Before any update, boot points `current` at the factory slot.
+    assert_eq!(firmware.boot().unwrap().0, BootOutcome::Steady);
+    let binary = firmware.current_link().join("bin/isthmus");
+    assert_eq!(std::fs::read(&binary).unwrap(), b"factory");
+    firmware.apply(&bundle, &keys).unwrap();
+    assert_eq!(std::fs::read(&binary).unwrap(), b"broken");
+    for _ in 0..ATTEMPTS_MAX {
+        assert!(matches!(
+            firmware.boot().unwrap().0,
+            BootOutcome::Trying { .. }
+        ));
+    }
+    let (outcome, state) = firmware.boot().unwrap();
+    assert_eq!(
+        outcome,
+        BootOutcome::RolledBack {
+            from: Slot::A,
+            to: Slot::Factory
+        }
+    );
+    assert_eq!(state.active, Slot::Factory);
+    assert_eq!(std::fs::read(&binary).unwrap(), b"factory");
+    assert_eq!(firmware.commit().unwrap(), None);
+}
