@@ -23,6 +23,7 @@ pub mod files;
 pub mod jcs;
 pub mod key;
 pub mod record;
+pub mod report;
 pub mod store;
 pub mod syslog;
 pub mod verify;

@@ -111,6 +111,9 @@ pub fn record(
     if ctx.redactions > 0 {
         builder = builder.property("Redactions", ctx.redactions);
     }
+    if ctx.on_premises && route == "cloud" {
+        builder = builder.property("OnPremises", true);
+    }
     if let Some(complexity) = ctx.complexity {
         // Thousandths: the hashed record holds integers only.
         builder = builder.property("ComplexityMilli", (complexity * 1000.0).round() as i64);

@@ -93,6 +93,18 @@ pub enum AuditCommand {
         #[arg(long)]
         pubkey: Option<PathBuf>,
     },
+    /// Verify like `verify`, then report what the records show: requests by route, where
+    /// every request with sensitive content went (exit 1 if any left the premises
+    /// unredacted), firewall events, tokens and TTFT.
+    Report {
+        /// A JSONL file, a directory of audit files, or the store directory.
+        path: PathBuf,
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -346,6 +358,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { path, pubkey },
         } => crate::audit::verify::run(&path, pubkey.as_deref()),
+        Command::Audit {
+            command: AuditCommand::Report { path, pubkey, json },
+        } => crate::audit::report::run(&path, pubkey.as_deref(), json),
         Command::Explain { config, jsonl } => explain(&config, jsonl.as_deref()),
         Command::Probe {
             admin,

@@ -729,6 +729,7 @@ async fn attempt(
         .and_then(|value| value.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     ctx.target = Some(format!("{}/{}", pool.config.name, backend.config.name));
+    ctx.on_premises = pool.config.on_premises;
     if status == 429 || status >= 500 {
         let body = read_error_body(&mut upstream).await;
         let detail = String::from_utf8_lossy(&body)

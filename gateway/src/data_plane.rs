@@ -95,6 +95,9 @@ pub struct RequestContext {
     pub policy_hash: String,
     /// Values replaced by placeholders (redact-then-cloud).
     pub redactions: usize,
+    /// The cloud pool that answered is marked `on_premises` (unredacted sensitive content
+    /// may go there).
+    pub on_premises: bool,
     /// Entity types the sensitivity scan found (never values).
     pub sensitive_entities: Vec<String>,
     pub complexity: Option<f32>,
@@ -822,6 +825,7 @@ impl ProxyHttp for DataPlane {
             content: None,
             policy_hash: String::new(),
             redactions: 0,
+            on_premises: false,
             _in_flight: None,
         }
     }

@@ -1031,3 +1031,88 @@ fn with_fail_closed_off_requests_are_answered_while_the_log_cannot_write() {
         "{log}"
     );
 }
+
+#[test]
+fn the_report_shows_where_sensitive_requests_went_from_the_verified_files() {
+    let _serial = serial();
+    let (v1, v2) = (
+        crate::console::upstream("v1"),
+        crate::console::upstream("v2"),
+    );
+    let mut gateway = crate::console::gateway(&v1, &v2);
+    block_on(async {
+        crate::console::traffic(&gateway).await;
+        // A card number: answered by the local model, refused for the cloud one.
+        for (model, status) in [("smollm2", 200), ("gpt-4o", 403)] {
+            let response = tests::client()
+                .post(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .json(&serde_json::json!({
+                    "model": model,
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "Refund card 4111 1111 1111 1111"}],
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status, "{model}");
+        }
+    });
+    gateway.signal(libc::SIGTERM);
+    assert!(gateway.wait_exit(Duration::from_secs(30)).is_some());
+    let audit = gateway.dir.path().join("state/audit");
+    let report = |json: bool| {
+        let mut command = Command::new(tests::isthmus_binary());
+        command.args(["audit", "report"]).arg(&audit);
+        if json {
+            command.arg("--json");
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let text = report(false);
+    for line in [
+        "requests: 8 (",
+        "sensitive requests: 2 (credit_card 2)",
+        "  kept local 1, redacted to the cloud 0, unredacted to on-premises pools 0, refused 1",
+        "  left the premises unredacted: 0",
+        "firewall: 1 requests blocked",
+        "  rule 990100: Blocked 1",
+    ] {
+        assert!(text.contains(line), "`{line}` missing from:\n{text}");
+    }
+    assert!(text.contains(": verified: "), "{text}");
+    let json: Value = serde_json::from_str(&report(true)).unwrap();
+    let routes = &json["report"]["by_route"];
+    assert_eq!(routes["local"]["requests"], 4, "{json:#}");
+    assert_eq!(routes["cloud"]["requests"], 2, "{json:#}");
+    assert_eq!(routes["rejected"]["requests"], 2, "{json:#}");
+    assert!(routes["local"]["ttft_p50_ms"].is_u64(), "{json:#}");
+    assert_eq!(json["report"]["unfinished_requests"], 0);
+    // A record altered after the fact: no report at all.
+    let file = std::fs::read_dir(&audit)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "jsonl")
+        })
+        .unwrap();
+    let altered = std::fs::read_to_string(&file).unwrap().replacen(
+        "\"Route\":\"rejected\"",
+        "\"Route\":\"local\"",
+        1,
+    );
+    std::fs::write(&file, altered).unwrap();
+    let output = Command::new(tests::isthmus_binary())
+        .args(["audit", "report"])
+        .arg(&audit)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("no report: the trail does not verify"),
+        "{output:?}"
+    );
+}

@@ -15,7 +15,7 @@ use crate::upstream::{chat, options};
 
 /// A gateway with the test model, a pool `aks` of two plain-HTTP backends (`v1` weight 90,
 /// `v2` weight 10) and an admin token on its loopback admin listener.
-fn gateway(v1: &Upstream, v2: &Upstream) -> Gateway {
+pub(crate) fn gateway(v1: &Upstream, v2: &Upstream) -> Gateway {
     let dir = tests::scratch_dir();
     let config_path = dir.path().join("isthmus.toml");
     let mut upstreams = String::from(
@@ -48,7 +48,7 @@ fn gateway(v1: &Upstream, v2: &Upstream) -> Gateway {
     Gateway::start_with_config(dir, &config_path)
 }
 
-fn upstream(name: &str) -> Upstream {
+pub(crate) fn upstream(name: &str) -> Upstream {
     Upstream::start(UpstreamOptions {
         name: name.to_owned(),
         tokens: 4,
@@ -83,7 +83,7 @@ async fn admin_json(
 }
 
 /// Three local answers, two cloud ones and one request the firewall blocks.
-async fn traffic(gateway: &Gateway) {
+pub(crate) async fn traffic(gateway: &Gateway) {
     for body in [
         chat("smollm2", json!({"max_tokens": 4})),
         chat("gpt-4o", json!({})),

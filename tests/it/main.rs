@@ -10,7 +10,7 @@ mod chat;
 mod cloud;
 mod complexity;
 mod config;
-mod console;
+pub(crate) mod console;
 pub(crate) mod deploy;
 mod errors;
 mod lifecycle;

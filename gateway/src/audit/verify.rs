@@ -214,6 +214,8 @@ pub struct Checker {
     torn: Option<String>,
     /// The last line, if it was not a record (a torn end).
     ended_torn: bool,
+    /// Figures over the records that pass, for `audit report`.
+    tally: Option<super::report::Tally>,
 }
 
 #[derive(Debug, Clone)]
@@ -246,7 +248,14 @@ impl Checker {
             pending_jump: None,
             torn: None,
             ended_torn: false,
+            tally: None,
         }
+    }
+
+    /// Also counts the records that pass, for [`report_path`].
+    fn with_tally(mut self) -> Checker {
+        self.tally = Some(super::report::Tally::default());
+        self
     }
 
     /// Whether a problem was found (later lines are not looked at).
@@ -446,6 +455,9 @@ impl Checker {
         {
             let detail = format!("differs from the checkpoint anchor at {}", anchor.location);
             return self.fail(seq, ProblemKind::Altered, detail, location);
+        }
+        if let Some(tally) = &mut self.tally {
+            tally.add(&fields);
         }
         self.summary.records += 1;
         self.summary.last_seq = seq;
@@ -656,6 +668,23 @@ fn find_public_key(path: &Path) -> Option<PathBuf> {
 
 /// Verifies PATH (a JSONL file, a directory of them, or the store).
 pub fn verify_path(path: &Path, public_key: Option<&Path>) -> Result<Report, VerifyError> {
+    inspect(path, public_key, false).map(|(report, _)| report)
+}
+
+/// Verifies like [`verify_path`] and counts what the records that pass show.
+pub fn report_path(
+    path: &Path,
+    public_key: Option<&Path>,
+) -> Result<(Report, super::report::Tally), VerifyError> {
+    inspect(path, public_key, true)
+        .map(|(report, tally)| (report, tally.unwrap_or_default().finish()))
+}
+
+fn inspect(
+    path: &Path,
+    public_key: Option<&Path>,
+    tally: bool,
+) -> Result<(Report, Option<super::report::Tally>), VerifyError> {
     let key_path = match public_key {
         Some(given) => Some(given.to_owned()),
         None => find_public_key(path),
@@ -674,9 +703,9 @@ pub fn verify_path(path: &Path, public_key: Option<&Path>) -> Result<Report, Ver
                 }
                 None => None,
             };
-            verify_files(&files, key, anchor)
+            verify_files(&files, key, anchor, tally)
         }
-        Source::Store(directory) => verify_store(&directory, key),
+        Source::Store(directory) => verify_store(&directory, key, tally),
     }
 }
 
@@ -684,13 +713,17 @@ fn verify_files(
     files: &[PathBuf],
     key: Option<VerifyingKey>,
     anchor: Option<Result<Anchor, Problem>>,
-) -> Result<Report, VerifyError> {
+    tally: bool,
+) -> Result<(Report, Option<super::report::Tally>), VerifyError> {
     let (anchor, anchor_problem) = match anchor {
         Some(Ok(anchor)) => (Some(anchor), None),
         Some(Err(problem)) => (None, Some(problem)),
         None => (None, None),
     };
     let mut checker = Checker::new(key, anchor);
+    if tally {
+        checker = checker.with_tally();
+    }
     if let Some(problem) = anchor_problem {
         checker.problem = Some(problem);
     }
@@ -741,10 +774,15 @@ fn verify_files(
             });
         }
     }
-    Ok(checker.finish())
+    let counted = checker.tally.take();
+    Ok((checker.finish(), counted))
 }
 
-fn verify_store(directory: &Path, key: Option<VerifyingKey>) -> Result<Report, VerifyError> {
+fn verify_store(
+    directory: &Path,
+    key: Option<VerifyingKey>,
+    tally: bool,
+) -> Result<(Report, Option<super::report::Tally>), VerifyError> {
     let store_error = |reason: String| VerifyError::Store {
         path: directory.to_owned(),
         reason,
@@ -769,6 +807,9 @@ fn verify_store(directory: &Path, key: Option<VerifyingKey>) -> Result<Report, V
         None => (None, None),
     };
     let mut checker = Checker::new(key, anchor);
+    if tally {
+        checker = checker.with_tally();
+    }
     if let Some(problem) = anchor_problem {
         checker.problem = Some(problem);
     }
@@ -784,7 +825,8 @@ fn verify_store(directory: &Path, key: Option<VerifyingKey>) -> Result<Report, V
             complete: true,
         });
     }
-    Ok(checker.finish())
+    let counted = checker.tally.take();
+    Ok((checker.finish(), counted))
 }
 
 /// The CLI: prints the summary (exit 0) or the first problem (exit 1); exit 2 when PATH or the

@@ -1,0 +1,113 @@
+use serde_json::{Map, Value, json};
+
+use super::{Tally, percentile, render};
+
+fn record(value: Value) -> Map<String, Value> {
+    value.as_object().unwrap().clone()
+}
+
+fn outcome(seq: u64, request: &str, properties: Value) -> Map<String, Value> {
+    record(json!({
+        "Category": "IsthmusAudit",
+        "TimeGenerated": format!("2026-11-23T08:00:{seq:02}Z"),
+        "ResultType": "Succeeded",
+        "RequestId": request,
+        "Seq": seq,
+        "Properties": properties,
+    }))
+}
+
+#[test]
+fn sensitive_requests_are_counted_by_where_they_went_and_leaks_are_named() {
+    let mut tally = Tally::default();
+    let intent = |request: &str| {
+        record(json!({"Category": "IsthmusAudit", "RequestId": request,
+            "Properties": {"Phase": "intent", "Route": "local"}}))
+    };
+    tally.add(&intent("r1"));
+    tally.add(&outcome(
+        2,
+        "r1",
+        json!({"Route": "local", "SensitiveEntityTypes": ["email"], "PromptTokens": 10,
+               "CompletionTokens": 4, "CachedTokens": 8, "TtftMs": 30}),
+    ));
+    tally.add(&outcome(
+        3,
+        "r2",
+        json!({"Route": "cloud", "SensitiveEntityTypes": ["email", "iban"], "Redactions": 2,
+               "Target": "aks/v1", "TtftMs": 90}),
+    ));
+    tally.add(&outcome(
+        4,
+        "r3",
+        json!({"Route": "cloud", "SensitiveEntityTypes": ["credit_card"], "OnPremises": true,
+               "Target": "hci/gpu"}),
+    ));
+    tally.add(&outcome(
+        5,
+        "r4",
+        json!({"Route": "rejected", "SensitiveEntityTypes": ["credit_card"], "Rule": "fail_closed"}),
+    ));
+    tally.add(&outcome(
+        6,
+        "r5",
+        json!({"Route": "cloud", "SensitiveEntityTypes": ["aws_key"], "Target": "aks/v2"}),
+    ));
+    tally.add(&outcome(
+        7,
+        "r6",
+        json!({"Route": "rejected", "WafAction": "Blocked"}),
+    ));
+    tally.add(&record(json!({"Category": "IsthmusWaf", "RequestId": "r6",
+        "Properties": {"RuleId": "990100", "Action": "Blocked"}})));
+    tally.add(&intent("r7"));
+    tally.add(&record(json!({"Category": "IsthmusCheckpoint"})));
+    let tally = tally.finish();
+
+    assert_eq!(tally.requests, 6);
+    assert_eq!(tally.unfinished_requests, 1, "r7 never got its outcome");
+    let sensitive = &tally.sensitive;
+    assert_eq!(
+        (
+            sensitive.requests,
+            sensitive.kept_local,
+            sensitive.redacted_to_cloud,
+            sensitive.unredacted_to_on_premises_pool,
+            sensitive.rejected,
+            sensitive.left_unredacted
+        ),
+        (5, 1, 1, 1, 1, 1)
+    );
+    assert_eq!(
+        sensitive.left_unredacted_records,
+        ["Seq 6 RequestId r5 Target aks/v2"]
+    );
+    assert_eq!(sensitive.by_entity_type["credit_card"], 2);
+    assert_eq!(tally.by_route["local"].cached_prompt_tokens, 8);
+    assert_eq!(tally.by_route["cloud"].ttft_p50_ms, Some(90));
+    assert_eq!(tally.waf.blocked_requests, 1);
+    assert_eq!(tally.waf.matches["990100"]["Blocked"], 1);
+    assert_eq!(tally.from.as_deref(), Some("2026-11-23T08:00:02Z"));
+
+    let text = render(std::path::Path::new("audit"), "7 records", &tally);
+    assert!(
+        text.contains("LEFT THE PREMISES UNREDACTED: 1\n    Seq 6 RequestId r5 Target aks/v2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "kept local 1, redacted to the cloud 1, unredacted to on-premises pools 1, refused 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("unfinished: 1 request(s)"), "{text}");
+}
+
+#[test]
+fn percentiles_are_nearest_rank() {
+    assert_eq!(percentile(&[], 50), None);
+    assert_eq!(percentile(&[7], 95), Some(7));
+    let values: Vec<u64> = (1..=20).collect();
+    assert_eq!(percentile(&values, 50), Some(10));
+    assert_eq!(percentile(&values, 95), Some(19));
+}
