@@ -936,6 +936,13 @@ impl ProxyHttp for DataPlane {
         let status = ctx.final_status(session);
         let route = ctx.route_label();
         let record = crate::metrics::RequestRecord {
+            sensitive: (!ctx.sensitive_entities.is_empty()).then(|| {
+                crate::audit::report::sensitive_disposition(
+                    route,
+                    ctx.redactions > 0,
+                    ctx.on_premises,
+                )
+            }),
             route,
             rule: ctx.rule(),
             status,

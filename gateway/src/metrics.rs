@@ -91,6 +91,8 @@ struct Registry {
     models: BTreeMap<String, ModelLatency>,
     /// Firewall findings by rule id and action (ids from the built-in rule set: bounded).
     waf_matches: BTreeMap<(u32, &'static str), u64>,
+    /// Requests with sensitive content, by where they went (a fixed set of five).
+    sensitive_requests: BTreeMap<&'static str, u64>,
 }
 
 /// A generation's timing, for the GenAI latency histograms.
@@ -117,6 +119,9 @@ pub struct RequestRecord<'a> {
     pub completion_tokens: u32,
     /// Timing of the generation, when one produced a token.
     pub generation: Option<GenerationRecord<'a>>,
+    /// Where a request with sensitive content went
+    /// ([`crate::audit::report::sensitive_disposition`]); `None` when the scan found nothing.
+    pub sensitive: Option<&'static str>,
 }
 
 /// A snapshot of one local model's worker.
@@ -160,6 +165,9 @@ impl Metrics {
             .rule_requests
             .entry((record.route, record.rule.to_owned(), record.status))
             .or_default() += 1;
+        if let Some(disposition) = record.sensitive {
+            *registry.sensitive_requests.entry(disposition).or_default() += 1;
+        }
         *registry.prompt_tokens.entry(record.route).or_default() += u64::from(record.prompt_tokens);
         *registry.completion_tokens.entry(record.route).or_default() +=
             u64::from(record.completion_tokens);
@@ -233,6 +241,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "isthmus_waf_matches_total{{rule=\"{rule}\",action=\"{action}\"}} {count}"
+            );
+        }
+        header(
+            &mut out,
+            "isthmus_sensitive_requests_total",
+            "counter",
+            "Requests with sensitive content, by where they went: kept_local, redacted_to_cloud, on_premises_pool, rejected, left_unredacted (never expected).",
+        );
+        for (disposition, count) in &registry.sensitive_requests {
+            let _ = writeln!(
+                out,
+                "isthmus_sensitive_requests_total{{disposition=\"{disposition}\"}} {count}"
             );
         }
         header(

@@ -1041,22 +1041,8 @@ fn the_report_shows_where_sensitive_requests_went_from_the_verified_files() {
     );
     let mut gateway = crate::console::gateway(&v1, &v2);
     block_on(async {
+        // Among them a card number answered locally and one refused for the cloud.
         crate::console::traffic(&gateway).await;
-        // A card number: answered by the local model, refused for the cloud one.
-        for (model, status) in [("smollm2", 200), ("gpt-4o", 403)] {
-            let response = tests::client()
-                .post(gateway.url("/v1/chat/completions"))
-                .bearer_auth(API_KEY)
-                .json(&serde_json::json!({
-                    "model": model,
-                    "max_tokens": 4,
-                    "messages": [{"role": "user", "content": "Refund card 4111 1111 1111 1111"}],
-                }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), status, "{model}");
-        }
     });
     gateway.signal(libc::SIGTERM);
     assert!(gateway.wait_exit(Duration::from_secs(30)).is_some());

@@ -82,7 +82,9 @@ async fn admin_json(
     )
 }
 
-/// Three local answers, two cloud ones and one request the firewall blocks.
+/// Three local answers, two cloud ones and one request the firewall blocks; then a card
+/// number sent to the local model (answered) and to the cloud one (refused: it may not
+/// leave, and no local model has that name).
 pub(crate) async fn traffic(gateway: &Gateway) {
     for body in [
         chat("smollm2", json!({"max_tokens": 4})),
@@ -111,6 +113,20 @@ pub(crate) async fn traffic(gateway: &Gateway) {
         .await
         .unwrap();
     assert_eq!(blocked.status(), 403);
+    for (model, status) in [("smollm2", 200), ("gpt-4o", 403)] {
+        let response = tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&json!({
+                "model": model,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Refund card 4111 1111 1111 1111"}],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{model}");
+    }
 }
 
 fn weights(status: &Value) -> Vec<(String, u64)> {
@@ -398,16 +414,21 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
     };
     assert_eq!(report["login"]["wrong_token_rejected"], true, "{report:#}");
     assert_eq!(report["login"]["used"], true, "{report:#}");
-    // The overview's counters are the gateway's: 3 local, 2 cloud, 1 blocked.
+    // The overview's counters are the gateway's: 4 local, 2 cloud, 2 refused (one by the
+    // firewall, one with a card number for the cloud), and where the sensitive ones went.
     assert_eq!(text("/overview/ready"), "ready");
-    assert_eq!(text("/overview/requests-local"), "3");
+    assert_eq!(text("/overview/requests-local"), "4");
     assert_eq!(text("/overview/requests-cloud"), "2");
-    assert_eq!(text("/overview/requests-rejected"), "1");
+    assert_eq!(text("/overview/requests-rejected"), "2");
     assert_eq!(text("/overview/waf-blocked"), "1");
     assert!(
-        text("/overview/local-share").starts_with("60"),
+        text("/overview/local-share").starts_with("66.7"),
         "{report:#}"
     );
+    assert_eq!(text("/overview/sensitive-local"), "1");
+    assert_eq!(text("/overview/sensitive-redacted"), "0");
+    assert_eq!(text("/overview/sensitive-refused"), "1");
+    assert_eq!(text("/overview/sensitive-left"), "0");
     // The canary change went through the console into the file and the running pool.
     assert!(text("/upstreams/message").contains("applied"), "{report:#}");
     let rows = report["upstreams"]["rows"].to_string();

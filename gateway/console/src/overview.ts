@@ -40,6 +40,16 @@ const GROUPS: readonly Group[] = [
     ],
   },
   {
+    title: 'Sensitive data',
+    cards: [
+      { testId: 'sensitive-local', label: 'Kept local', hint: 'sensitive requests answered here', value: (s) => format.count(s.sensitive.kept_local) },
+      { testId: 'sensitive-redacted', label: 'Redacted to cloud', hint: 'values replaced before leaving', value: (s) => format.count(s.sensitive.redacted_to_cloud) },
+      { testId: 'sensitive-on-premises', label: 'On-premises pools', hint: 'unredacted, pools marked on_premises', value: (s) => format.count(s.sensitive.on_premises_pool) },
+      { testId: 'sensitive-refused', label: 'Refused', hint: 'could not stay local', value: (s) => format.count(s.sensitive.rejected) },
+      { testId: 'sensitive-left', label: 'Left unredacted', hint: 'must stay 0', value: (s) => format.count(s.sensitive.left_unredacted) },
+    ],
+  },
+  {
     title: 'Latency',
     cards: [
       { testId: 'ttft-p50', label: 'TTFT p50', value: (s) => format.seconds(s.ttftP50Seconds) },

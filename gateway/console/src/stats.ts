@@ -56,10 +56,16 @@ export interface Summary {
   readonly kvUse: number | undefined;
   readonly queueDepth: number | undefined;
   readonly activeSequences: number | undefined;
+  /** Requests the firewall blocked (the requests `x-isthmus-rule: waf` answered). */
   readonly wafBlocked: number;
+  /** Requests with sensitive content, by where they went (`isthmus_sensitive_requests_total`). */
+  readonly sensitive: Readonly<Record<SensitiveDisposition, number>>;
   readonly openConnections: number | undefined;
   readonly gpus: readonly Gpu[];
 }
+
+/** Where a request with sensitive content went; `left_unredacted` is never expected. */
+export type SensitiveDisposition = 'kept_local' | 'redacted_to_cloud' | 'on_premises_pool' | 'rejected' | 'left_unredacted';
 
 /** Per-model gauges and ratios, keyed by the `model` label. */
 export interface ModelLoad {
@@ -143,9 +149,21 @@ export function summarize(latest: Snapshot, previous: Snapshot | undefined, base
     kvUse: ratio(total(scrape, 'isthmus_local_kv_cells_used'), total(scrape, 'isthmus_local_kv_cells_total')),
     queueDepth: total(scrape, 'isthmus_local_queue_depth'),
     activeSequences: total(scrape, 'isthmus_local_active_sequences'),
-    wafBlocked: total(scrape, 'isthmus_waf_matches_total', { action: 'Blocked' }) ?? 0,
+    wafBlocked: total(scrape, 'isthmus_rule_requests_total', { rule: 'waf' }) ?? 0,
+    sensitive: sensitiveCounts(scrape),
     openConnections: total(scrape, 'isthmus_open_connections'),
     gpus: gpus(scrape),
+  };
+}
+
+function sensitiveCounts(scrape: Scrape): Record<SensitiveDisposition, number> {
+  const by = totalsBy(scrape, 'isthmus_sensitive_requests_total', 'disposition');
+  return {
+    kept_local: by.get('kept_local') ?? 0,
+    redacted_to_cloud: by.get('redacted_to_cloud') ?? 0,
+    on_premises_pool: by.get('on_premises_pool') ?? 0,
+    rejected: by.get('rejected') ?? 0,
+    left_unredacted: by.get('left_unredacted') ?? 0,
   };
 }
 

@@ -153,11 +153,11 @@ impl Tally {
         }
         let redacted = number("Redactions") > 0;
         let on_premises = property("OnPremises").and_then(Value::as_bool) == Some(true);
-        match route.as_str() {
-            "local" => sensitive.kept_local += 1,
-            "cloud" if redacted => sensitive.redacted_to_cloud += 1,
-            "cloud" if on_premises => sensitive.unredacted_to_on_premises_pool += 1,
-            "cloud" => {
+        match sensitive_disposition(&route, redacted, on_premises) {
+            "kept_local" => sensitive.kept_local += 1,
+            "redacted_to_cloud" => sensitive.redacted_to_cloud += 1,
+            "on_premises_pool" => sensitive.unredacted_to_on_premises_pool += 1,
+            "left_unredacted" => {
                 sensitive.left_unredacted += 1;
                 if sensitive.left_unredacted_records.len() < LEFT_UNREDACTED_LISTED_MAX {
                     let seq = record.get("Seq").and_then(Value::as_u64).unwrap_or(0);
@@ -186,6 +186,20 @@ impl Tally {
         }
         self.unfinished_requests = self.pending_intents.len() as u64;
         self
+    }
+}
+
+/// Where a request with sensitive content went, by its route, whether it was redacted and
+/// whether the pool that answered is marked `on_premises`: `kept_local`,
+/// `redacted_to_cloud`, `on_premises_pool`, `rejected`, or `left_unredacted` (which the
+/// policy never allows). The metrics and this report use the same names.
+pub fn sensitive_disposition(route: &str, redacted: bool, on_premises: bool) -> &'static str {
+    match route {
+        "local" => "kept_local",
+        "cloud" if redacted => "redacted_to_cloud",
+        "cloud" if on_premises => "on_premises_pool",
+        "cloud" => "left_unredacted",
+        _ => "rejected",
     }
 }
 

@@ -18,6 +18,7 @@ fn requests_tokens_and_latencies_are_counted() {
             decode: Duration::from_millis(32),
             tokens_after_first: 4,
         }),
+        sensitive: Some("kept_local"),
     };
     metrics.record(&local);
     metrics.record(&local);
@@ -29,6 +30,7 @@ fn requests_tokens_and_latencies_are_counted() {
         prompt_tokens: 0,
         completion_tokens: 0,
         generation: None,
+        sensitive: None,
     });
     let gauges = [ModelGauges {
         model: "smollm2".to_owned(),
@@ -90,6 +92,7 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_upstream_backend_requests_total{pool=\"aks\",backend=\"v2\"} 7",
         "isthmus_gpu_utilization_ratio{gpu=\"0\"} 0.67",
         "isthmus_gpu_memory_total_bytes{gpu=\"0\"} 85899345920",
+        "isthmus_sensitive_requests_total{disposition=\"kept_local\"} 2",
         "isthmus_open_connections 3",
         "isthmus_ready 1",
     ] {
