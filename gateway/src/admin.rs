@@ -181,9 +181,93 @@ impl Admin {
                 StatusCode::BAD_REQUEST,
                 &serde_json::json!({"reloaded": false, "errors": errors}),
             ),
-            Ok(Err(EditError::Unwritable(message))) => json(
+            Ok(Err(EditError::Unwritable(message) | EditError::Conflict(message))) => json(
                 StatusCode::CONFLICT,
                 &serde_json::json!({"reloaded": false, "errors": [message]}),
+            ),
+            Err(error) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
+            ),
+        }
+    }
+
+    /// `GET /admin/api/config`: the configuration file as it is on disk, with its hash for
+    /// the save that follows.
+    async fn configuration(&self) -> Response<Vec<u8>> {
+        let source = self.state.config.source.clone();
+        match tokio::fs::read_to_string(&source).await {
+            Ok(text) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "file": source.display().to_string(),
+                    "sha256": crate::config::edit::text_sha256(&text),
+                    "text": text,
+                }),
+            ),
+            Err(error) => openai_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot read {}: {error}", source.display()),
+                "server_error",
+                "config_unreadable",
+            ),
+        }
+    }
+
+    /// `PUT /admin/api/config` with `{"text": "...", "base_sha256": "...", "dry_run": false}`:
+    /// validates the whole text and, unless a dry run, writes it and reloads (the console's
+    /// configuration editor).
+    async fn replace_configuration(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ConfigEdit {
+            text: String,
+            #[serde(default)]
+            base_sha256: Option<String>,
+            #[serde(default)]
+            dry_run: bool,
+        }
+        const CONFIG_BODY_BYTES_MAX: usize = 1024 * 1024;
+        let body = match read_body(session, CONFIG_BODY_BYTES_MAX).await {
+            Ok(body) => body,
+            Err(response) => return response,
+        };
+        let edit: ConfigEdit = match serde_json::from_slice(&body) {
+            Ok(edit) => edit,
+            Err(error) => {
+                return openai_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "the body must be {{\"text\": \"...\", \"base_sha256\": \"...\", \"dry_run\": false}}: {error}"
+                    ),
+                    "invalid_request_error",
+                    "invalid_json",
+                );
+            }
+        };
+        let state = Arc::clone(&self.state);
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::reload::replace_configuration(
+                &state,
+                &edit.text,
+                edit.base_sha256.as_deref(),
+                edit.dry_run,
+            )
+        })
+        .await;
+        use crate::config::edit::EditError;
+        match outcome {
+            Ok(Ok(report)) => json(
+                StatusCode::OK,
+                &serde_json::to_value(report).unwrap_or_default(),
+            ),
+            Ok(Err(EditError::Invalid(errors))) => json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"reloaded": false, "errors": errors}),
+            ),
+            Ok(Err(error)) => json(
+                StatusCode::CONFLICT,
+                &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
             ),
             Err(error) => json(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -457,6 +541,14 @@ impl ServeHttp for Admin {
                 "invalid_request_error",
                 "method_not_allowed",
             );
+        }
+        if path == "/admin/api/config" {
+            if method == http::Method::PUT {
+                return self.replace_configuration(session).await;
+            }
+            if method == http::Method::GET || method == http::Method::HEAD {
+                return self.configuration().await;
+            }
         }
         if path == "/admin/api/audit/records"
             && (method == http::Method::GET || method == http::Method::HEAD)

@@ -76,40 +76,7 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
     let current = state.routing();
     let routing = build_routing(config, Some(&current.pools))?;
     let config = std::sync::Arc::clone(&routing.config);
-    let started = &state.config;
-    let mut restart_required = Vec::new();
-    let sections: [(&str, String, String); 5] = [
-        (
-            "server",
-            format!("{:?}", started.server),
-            format!("{:?}", config.server),
-        ),
-        (
-            "models",
-            format!("{:?}", started.models),
-            format!("{:?}", config.models),
-        ),
-        (
-            "engine",
-            format!("{:?}", started.engine),
-            format!("{:?}", config.engine),
-        ),
-        (
-            "logging",
-            format!("{:?}", started.logging),
-            format!("{:?}", config.logging),
-        ),
-        (
-            "telemetry",
-            format!("{:?}", started.telemetry),
-            format!("{:?}", config.telemetry),
-        ),
-    ];
-    for (name, before, after) in sections {
-        if before != after {
-            restart_required.push(name.to_owned());
-        }
-    }
+    let restart_required = restart_sections(&state.config, &config);
     let mut names: Vec<String> = config
         .upstreams
         .iter()
@@ -122,6 +89,42 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
         pools: names,
         restart_required,
     })
+}
+
+/// The sections of `next` that differ from `started` and take effect only after a restart.
+fn restart_sections(started: &Config, next: &Config) -> Vec<String> {
+    let sections: [(&str, String, String); 5] = [
+        (
+            "server",
+            format!("{:?}", started.server),
+            format!("{:?}", next.server),
+        ),
+        (
+            "models",
+            format!("{:?}", started.models),
+            format!("{:?}", next.models),
+        ),
+        (
+            "engine",
+            format!("{:?}", started.engine),
+            format!("{:?}", next.engine),
+        ),
+        (
+            "logging",
+            format!("{:?}", started.logging),
+            format!("{:?}", next.logging),
+        ),
+        (
+            "telemetry",
+            format!("{:?}", started.telemetry),
+            format!("{:?}", next.telemetry),
+        ),
+    ];
+    sections
+        .into_iter()
+        .filter(|(_, before, after)| before != after)
+        .map(|(name, _, _)| name.to_owned())
+        .collect()
 }
 
 /// Serialises edits made through the admin API, so two at once cannot lose one another.
@@ -172,6 +175,87 @@ pub fn set_backend_weight(
                     file = %source.display(),
                     %error,
                     "the edited configuration did not reload and the original could not be put back"
+                );
+            }
+            Err(EditError::Invalid(errors))
+        }
+    }
+}
+
+/// What a whole-file edit did (or, for a dry run, would do).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConfigurationReport {
+    /// Whether the new text is in force (false for a dry run).
+    pub reloaded: bool,
+    pub pools: Vec<String>,
+    /// Sections that changed but take effect only after a restart.
+    pub restart_required: Vec<String>,
+    /// SHA-256 of the file now (the new text unless this was a dry run).
+    pub sha256: String,
+}
+
+/// Replaces the whole configuration file with `text` and reloads it (the console's
+/// configuration editor). `base_sha256`, when given, must be the hash of the file as the
+/// editor read it: a file changed since is not overwritten. The text is validated whole
+/// (every error with its key path) and its pools built before anything is written; with
+/// `dry_run` nothing is written. Blocks.
+pub fn replace_configuration(
+    state: &AppState,
+    text: &str,
+    base_sha256: Option<&str>,
+    dry_run: bool,
+) -> Result<ConfigurationReport, config::edit::EditError> {
+    use config::edit::{EditError, text_sha256};
+    let _edit = EDITS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let source = state.config.source.clone();
+    let file = source.display().to_string();
+    let original = std::fs::read_to_string(&source)
+        .map_err(|error| EditError::Unwritable(format!("cannot read {file}: {error}")))?;
+    if let Some(base) = base_sha256
+        && base != text_sha256(&original)
+    {
+        return Err(EditError::Conflict(format!(
+            "{file} changed since it was read: load it again and redo the edit"
+        )));
+    }
+    let config = config::parse(text, &source, &ProcessEnvironment)
+        .map_err(|errors| EditError::Invalid(errors.iter().map(ToString::to_string).collect()))?;
+    let restart_required = restart_sections(&state.config, &config);
+    if dry_run {
+        let current = state.routing();
+        let routing = build_routing(config, Some(&current.pools)).map_err(EditError::Invalid)?;
+        let mut pools: Vec<String> = routing
+            .config
+            .upstreams
+            .iter()
+            .map(|pool| pool.name.clone())
+            .collect();
+        pools.sort();
+        return Ok(ConfigurationReport {
+            reloaded: false,
+            pools,
+            restart_required,
+            sha256: text_sha256(&original),
+        });
+    }
+    replace_file(&source, text)
+        .map_err(|error| EditError::Unwritable(format!("cannot write {file}: {error}")))?;
+    tracing::info!(file = %source.display(), "configuration replaced through the admin API");
+    match reload(state, "admin API configuration edit") {
+        Ok(report) => Ok(ConfigurationReport {
+            reloaded: true,
+            pools: report.pools,
+            restart_required: report.restart_required,
+            sha256: text_sha256(text),
+        }),
+        Err(errors) => {
+            if let Err(error) = replace_file(&source, &original) {
+                tracing::error!(
+                    file = %source.display(),
+                    %error,
+                    "the new configuration did not reload and the original could not be put back"
                 );
             }
             Err(EditError::Invalid(errors))

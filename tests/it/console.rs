@@ -281,6 +281,86 @@ fn weight_edits_rewrite_the_file_and_reload_and_every_refusal_is_explained() {
 }
 
 #[test]
+fn the_whole_file_is_edited_only_when_valid_and_unchanged_since_it_was_read() {
+    let _serial = serial();
+    let (v1, v2) = (upstream("v1"), upstream("v2"));
+    let gateway = gateway(&v1, &v2);
+    let config_path = gateway.dir.path().join("isthmus.toml");
+    block_on(async {
+        let (status, loaded) =
+            admin_json(&gateway, reqwest::Method::GET, "/admin/api/config", None).await;
+        assert_eq!(status, 200);
+        let text = loaded["text"].as_str().unwrap().to_owned();
+        assert_eq!(text, std::fs::read_to_string(&config_path).unwrap());
+        let base = loaded["sha256"].as_str().unwrap().to_owned();
+        let put = |body: Value| {
+            let gateway = &gateway;
+            async move {
+                admin_json(
+                    gateway,
+                    reqwest::Method::PUT,
+                    "/admin/api/config",
+                    Some(&body.to_string()),
+                )
+                .await
+            }
+        };
+
+        // Every error at once, each with its key path; nothing written.
+        let broken = text
+            .replace("weight = 90  # share", "weight = \"heavy\"  # share")
+            .replace("context_tokens = 1024", "context_tokens = 0");
+        let (status, body) = put(json!({"text": broken, "base_sha256": base})).await;
+        assert_eq!(status, 400, "{body}");
+        let errors = body["errors"].to_string();
+        assert!(errors.contains("upstreams.aks"), "{errors}");
+        assert!(errors.contains("context_tokens"), "{errors}");
+        assert_eq!(std::fs::read_to_string(&config_path).unwrap(), text);
+
+        // A dry run of a valid edit: accepted, not written; a model change needs a restart.
+        let edited = text.replace("weight = 90  # share", "weight = 30  # share");
+        let (status, body) =
+            put(json!({"text": edited, "base_sha256": base, "dry_run": true})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["reloaded"], false);
+        assert_eq!(std::fs::read_to_string(&config_path).unwrap(), text);
+        let (status, body) = put(json!({
+            "text": edited.replace("context_tokens = 1024", "context_tokens = 2048"),
+            "base_sha256": base,
+            "dry_run": true
+        }))
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["restart_required"], json!(["models"]));
+
+        // Saved and in force.
+        let (status, body) = put(json!({"text": edited, "base_sha256": base})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["reloaded"], true);
+        assert_eq!(std::fs::read_to_string(&config_path).unwrap(), edited);
+        let (_, upstreams) =
+            admin_json(&gateway, reqwest::Method::GET, "/admin/api/upstreams", None).await;
+        assert_eq!(weights(&upstreams)[0], ("v1".to_owned(), 30));
+
+        // A save based on the text as it was before: refused, the newer file kept.
+        let (status, body) = put(json!({"text": text, "base_sha256": base})).await;
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            body["errors"][0]
+                .as_str()
+                .unwrap()
+                .contains("changed since it was read")
+        );
+        assert_eq!(std::fs::read_to_string(&config_path).unwrap(), edited);
+        let (status, body) = put(json!({"text": text, "colour": "red"})).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_json"))
+        );
+    });
+}
+
+#[test]
 fn the_latest_audit_records_are_listed_newest_first_and_filtered_by_category() {
     let _serial = serial();
     let (v1, v2) = (upstream("v1"), upstream("v2"));
@@ -389,6 +469,11 @@ fn an_operator_uses_the_console_in_a_real_browser() {
         .env("CHROMIUM", chromium())
         .env("ISTHMUS_CANARY", "aks/v2/50")
         .env("ISTHMUS_EXPLAIN_BODY", explain.to_string())
+        // After the canary step has set v2 to 50, the configuration page sets v1 to 70.
+        .env(
+            "ISTHMUS_CONFIG_EDIT",
+            "weight = 90  # share=>weight = 70  # share",
+        )
         .output()
         .unwrap_or_else(|error| panic!("running node {}: {error}", script.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -433,23 +518,7 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
     assert!(text("/upstreams/message").contains("applied"), "{report:#}");
     let rows = report["upstreams"]["rows"].to_string();
     assert!(rows.contains("v1") && rows.contains("v2"), "{rows}");
-    let file = std::fs::read_to_string(config_path).unwrap();
-    assert!(file.contains("weight = 50  # share"), "{file}");
-    let status: Value = block_on(async {
-        reqwest::Client::new()
-            .get(admin(gateway, "/admin/api/upstreams"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
-    assert_eq!(
-        weights(&status),
-        [("v1".to_owned(), 90), ("v2".to_owned(), 50)]
-    );
+    // (The file and the running pool are checked after the configuration page's edit.)
     // A card number in a request for the cloud model: it may not leave, and this gateway
     // has no local model by that name, so it is refused; the console says why.
     assert_eq!(text("/explain/route"), "rejected");
@@ -469,6 +538,36 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
     assert!(
         filtered.iter().all(|category| category == "IsthmusWaf"),
         "{report:#}"
+    );
+    // The configuration page refused a broken file with its key, then saved the edit.
+    assert_eq!(text("/config/file"), config_path.display().to_string());
+    assert_eq!(text("/config/broken_state"), "invalid", "{report:#}");
+    assert!(
+        text("/config/broken_message").contains("firewall_typo"),
+        "{report:#}"
+    );
+    assert_eq!(text("/config/valid_state"), "valid", "{report:#}");
+    assert_eq!(text("/config/saved_state"), "saved", "{report:#}");
+    let file = std::fs::read_to_string(config_path).unwrap();
+    assert!(
+        file.contains("weight = 70  # share") && file.contains("weight = 50  # share"),
+        "{file}"
+    );
+    assert!(!file.contains("firewall_typo"), "{file}");
+    let status: Value = block_on(async {
+        reqwest::Client::new()
+            .get(admin(gateway, "/admin/api/upstreams"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        weights(&status),
+        [("v1".to_owned(), 70), ("v2".to_owned(), 50)]
     );
     // No script error, failed request or content-security violation on the way.
     assert_eq!(report["errors"], json!([]), "{report:#}");

@@ -11,6 +11,8 @@
 //   ISTHMUS_CANARY        pool/backend/weight to apply on the upstreams page, e.g. aks/v2/50
 //   ISTHMUS_EXPLAIN_BODY  a chat completion request to explain (default: the page's sample)
 //   ISTHMUS_EXPLAIN_CLASSIFICATION  an x-data-classification value to send with it (optional)
+//   ISTHMUS_CONFIG_EDIT   `FROM=>TO`: on the configuration page, replace FROM by TO, save it,
+//                         and before that check that a broken file is refused (optional)
 //
 // Exit status 0 with the report, or 1 with {"failure": "<step>: <why>", ...partial report}.
 
@@ -29,6 +31,7 @@ const chromium = process.env.CHROMIUM || '/usr/bin/chromium';
 const canary = process.env.ISTHMUS_CANARY ?? '';
 const explainBody = process.env.ISTHMUS_EXPLAIN_BODY ?? '';
 const explainClassification = process.env.ISTHMUS_EXPLAIN_CLASSIFICATION ?? '';
+const configEdit = process.env.ISTHMUS_CONFIG_EDIT ?? '';
 
 const OVERVIEW_CARDS = [
   'ready',
@@ -60,12 +63,15 @@ const report = {
   upstreams: { rows: [], message: '', message_state: '', rows_after: [] },
   explain: { route: null, rule: null, entities: null, error: null },
   audit: { categories: [], filtered_categories: [], error: null },
+  config: { file: null, broken_state: null, broken_message: null, valid_state: null, saved_state: null, saved_message: null },
   errors: [],
 };
 
 let step = 'start';
 /** 401 answers are expected until the right token is in (the first calls and the wrong token). */
 let signedIn = false;
+/** A 400 is expected while the configuration page validates a file broken on purpose. */
+let expectingInvalid = false;
 
 const byTestId = (id) => `[data-testid="${id}"]`;
 
@@ -292,11 +298,47 @@ function watch(page) {
   );
   page.on('response', (response) => {
     const status = response.status();
-    if (status < 400 || (status === 401 && !signedIn)) {
+    if (status < 400 || (status === 401 && !signedIn) || (status === 400 && expectingInvalid)) {
       return;
     }
     report.errors.push(`HTTP ${status}: ${response.request().method()} ${response.url()}`);
   });
+}
+
+/** Clicks `button` on the configuration page and waits for the outcome's state. */
+async function configOutcome(page, button) {
+  await page.click(byTestId(button));
+  await page.waitForSelector(`${byTestId('config-message')}:not([data-state="pending"]):not([data-state="idle"])`, {
+    timeout: STEP_TIMEOUT_MS,
+  });
+  return page.$eval(byTestId('config-message'), (element) => [element.dataset.state, element.innerText.trim()]);
+}
+
+async function editConfiguration(page) {
+  if (configEdit === '') {
+    return;
+  }
+  const [from, to] = configEdit.split('=>');
+  step = 'config: loading the file';
+  await navigate(page, 'config');
+  await page.waitForFunction(() => document.querySelector('[data-testid="config-text"]')?.value.length > 0, {
+    timeout: STEP_TIMEOUT_MS,
+  });
+  report.config.file = await textOf(page, byTestId('config-file'));
+  const original = await page.$eval(byTestId('config-text'), (element) => element.value);
+  if (!original.includes(from)) {
+    throw new Error(`the configuration text has no \`${from}\``);
+  }
+  step = 'config: validating a broken file';
+  await setValue(page, byTestId('config-text'), `${original}\n[firewall_typo]\nmode = "block"\n`);
+  expectingInvalid = true;
+  [report.config.broken_state, report.config.broken_message] = await configOutcome(page, 'config-validate');
+  expectingInvalid = false;
+  step = 'config: validating the edit';
+  await setValue(page, byTestId('config-text'), original.replace(from, to));
+  [report.config.valid_state] = await configOutcome(page, 'config-validate');
+  step = 'config: saving the edit';
+  [report.config.saved_state, report.config.saved_message] = await configOutcome(page, 'config-save');
 }
 
 async function walk(browser) {
@@ -319,6 +361,7 @@ async function walk(browser) {
   await applyCanary(page);
   await explain(page);
   await readAudit(page);
+  await editConfiguration(page);
   step = 'done';
 }
 

@@ -6,6 +6,7 @@ import './style.css';
 import * as api from './api';
 import { Audit } from './audit';
 import { el, setText } from './dom';
+import { Configuration } from './config';
 import { Explain } from './explain';
 import * as format from './format';
 import { Models } from './models';
@@ -24,6 +25,7 @@ const PAGES: ReadonlyArray<{ name: ViewName; title: string; create: () => View }
   { name: 'models', title: 'Models', create: () => new Models() },
   { name: 'explain', title: 'Explain', create: () => new Explain() },
   { name: 'audit', title: 'Audit', create: () => new Audit() },
+  { name: 'config', title: 'Configuration', create: () => new Configuration() },
 ];
 
 function routeOf(hash: string): ViewName | undefined {

@@ -22,6 +22,9 @@ pub enum EditError {
     /// The file cannot be read or written (a read-only mount such as a ConfigMap).
     #[error("{0}")]
     Unwritable(String),
+    /// The file changed since the editor read it.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Returns `text` with the weight of backend `backend` of pool `pool` set to `weight`, and the
@@ -94,6 +97,13 @@ pub fn set_backend_weight(
     let edited = document.to_string();
     let config = super::parse(&edited, source, environment).map_err(invalid)?;
     Ok((edited, config))
+}
+
+/// SHA-256 of a configuration text, in hex: names the version an editor read, so a save
+/// over someone else's change is refused.
+pub fn text_sha256(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 fn replace_keeping_decor(value: &mut toml_edit::Value, weight: i64) {
