@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use gguf::KvCacheType;
-pub use llama::{Engine, GenerationStream, ModelHandle};
+pub use llama::{EmbedSubmitError, Engine, GenerationStream, ModelHandle};
 
 /// How the runtime finds llama.cpp's backend modules.
 #[derive(Debug, Clone, Default)]
@@ -360,6 +360,46 @@ pub enum SubmitError {
     UnknownToken { token: u32, vocabulary: u32 },
 }
 
+/// One input of an embeddings request: text (tokenized with the model's start token), or
+/// tokens as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbeddingInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// The vectors of an embeddings request, one per input in order, each of unit length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: u32,
+}
+
+/// Why an embeddings request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmbeddingError {
+    #[error("input {index} has {tokens} tokens; this model embeds at most {tokens_max} at once")]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        tokens_max: u32,
+    },
+    #[error("input {index} is empty")]
+    EmptyInput { index: usize },
+    #[error(
+        "token {token} of input {index} is not in the model's vocabulary of {vocabulary} tokens"
+    )]
+    UnknownToken {
+        index: usize,
+        token: u32,
+        vocabulary: u32,
+    },
+    #[error("embedding failed: {0}")]
+    Failed(String),
+    #[error("inference worker stopped")]
+    WorkerStopped,
+}
+
 /// Why the runtime could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -398,6 +438,8 @@ pub struct ModelInfo {
     pub size_bytes: u64,
     /// Unix time the model file was last modified (OpenAI's `created`).
     pub created_unix_s: u64,
+    /// Dimensions of the model's embeddings (`/v1/embeddings`).
+    pub embedding_width: u32,
 }
 
 /// Live counters of one model's worker, for metrics and routing signals.

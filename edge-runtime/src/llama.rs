@@ -39,9 +39,10 @@ use crate::schedule::{PendingPrompt, prefill_plan};
 use crate::stop::{StopMatcher, StopOutcome, TokenValues};
 use crate::utf8::Utf8Assembler;
 use crate::{
-    Completion, EngineOptions, Event, FinishReason, GenerationError, GenerationRequest, LoadError,
-    ModelInfo, ModelSpec, PreparedPrompt, Prompt, PromptError, SamplingParams, SharedStats,
-    SubmitError, Timings, TokenLogprobs, TopLogprob, Usage,
+    Completion, EmbeddingError, EmbeddingInput, Embeddings, EngineOptions, Event, FinishReason,
+    GenerationError, GenerationRequest, LoadError, ModelInfo, ModelSpec, PreparedPrompt, Prompt,
+    PromptError, SamplingParams, SharedStats, SubmitError, Timings, TokenLogprobs, TopLogprob,
+    Usage,
 };
 
 /// Candidates kept by top-k before top-p, as llama-server does by default.
@@ -93,6 +94,8 @@ struct ModelShared {
     stats: SharedStats,
     queue_depth_max: u32,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The embeddings worker's queue (its context is made at the first request).
+    embedder: SyncSender<EmbedCommand>,
 }
 
 /// The way into one lane's worker.
@@ -128,6 +131,7 @@ impl ModelShared {
             return;
         };
         let threads = std::mem::take(&mut *workers);
+        let _ = self.embedder.send(EmbedCommand::Stop);
         stop_lanes(&self.lanes, threads);
     }
 
@@ -436,6 +440,7 @@ impl ModelHandle {
                 .ok()
                 .and_then(|modified| modified.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |age| age.as_secs()),
+            embedding_width: u32::try_from(model.n_embd_out()).unwrap_or(0),
         };
         tracing::info!(
             model = %spec.name,
@@ -495,8 +500,32 @@ impl ModelHandle {
                 }
             }
         }
+        let (embedder, embed_jobs) = std::sync::mpsc::sync_channel(
+            usize::try_from(spec.queue_depth_max.max(1)).unwrap_or(usize::MAX),
+        );
+        let embedding = Embedder {
+            backend: Arc::clone(backend),
+            model: Arc::clone(&model),
+            tokens_max: embedding_tokens_max(spec, model.n_ctx_train()),
+            threads: i32::try_from(spec.threads).unwrap_or(i32::MAX),
+            name: spec.name.clone(),
+        };
+        match std::thread::Builder::new()
+            .name(format!("embed-{}", spec.name))
+            .spawn(move || embedding.run(&embed_jobs))
+        {
+            Ok(thread) => threads.push(thread),
+            Err(error) => {
+                stop_lanes(&lanes, threads);
+                return Err(LoadError::Worker {
+                    model: spec.name.clone(),
+                    reason: error.to_string(),
+                });
+            }
+        }
         Ok(ModelHandle {
             shared: Arc::new(ModelShared {
+                embedder,
                 info,
                 model,
                 template,
@@ -633,6 +662,263 @@ impl ModelHandle {
         }
         Ok(GenerationStream { receiver })
     }
+}
+
+impl ModelHandle {
+    /// Queues an embeddings request: every input is tokenized and checked here (so a bad one
+    /// fails at once), then the model's embeddings worker computes one unit-length vector per
+    /// input, pooled over its tokens.
+    pub fn embed(
+        &self,
+        inputs: &[EmbeddingInput],
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Embeddings, EmbeddingError>>, EmbedSubmitError>
+    {
+        let tokens_max = embedding_tokens_max_of(&self.shared.info);
+        let vocabulary = u32::try_from(self.shared.model.n_vocab()).unwrap_or(0);
+        let mut sequences = Vec::with_capacity(inputs.len());
+        for (index, input) in inputs.iter().enumerate() {
+            let tokens: Vec<i32> = match input {
+                EmbeddingInput::Text(text) => self
+                    .shared
+                    .model
+                    .vocab()
+                    .tokenize(text.as_bytes(), true, true)
+                    .into_iter()
+                    .map(|token| token.0)
+                    .collect(),
+                EmbeddingInput::Tokens(tokens) => {
+                    if let Some(&token) = tokens.iter().find(|&&token| token >= vocabulary) {
+                        return Err(EmbedSubmitError::Input(EmbeddingError::UnknownToken {
+                            index,
+                            token,
+                            vocabulary,
+                        }));
+                    }
+                    tokens
+                        .iter()
+                        .map(|&token| i32::try_from(token).unwrap_or(0))
+                        .collect()
+                }
+            };
+            if tokens.is_empty() {
+                return Err(EmbedSubmitError::Input(EmbeddingError::EmptyInput {
+                    index,
+                }));
+            }
+            if tokens.len() > tokens_max as usize {
+                return Err(EmbedSubmitError::Input(EmbeddingError::InputTooLong {
+                    index,
+                    tokens: tokens.len(),
+                    tokens_max,
+                }));
+            }
+            sequences.push(tokens);
+        }
+        let (reply, receiver) = tokio::sync::oneshot::channel();
+        match self
+            .shared
+            .embedder
+            .try_send(EmbedCommand::Embed(EmbedJob { sequences, reply }))
+        {
+            Ok(()) => Ok(receiver),
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                Err(EmbedSubmitError::Submit(SubmitError::QueueFull {
+                    capacity: self.shared.queue_depth_max,
+                }))
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                Err(EmbedSubmitError::Submit(SubmitError::WorkerStopped))
+            }
+        }
+    }
+}
+
+/// Why an embeddings request was not accepted: one of its inputs, or the queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmbedSubmitError {
+    #[error(transparent)]
+    Input(EmbeddingError),
+    #[error(transparent)]
+    Submit(SubmitError),
+}
+
+/// Most inputs one embeddings decode takes (each is a sequence of the context).
+const EMBEDDING_SEQUENCES_MAX: u32 = 16;
+/// Most tokens the embeddings context holds: inputs longer than this are refused. Its batch
+/// is the whole context (a pooled input must be decoded in one piece), so this also bounds
+/// the compute buffer.
+const EMBEDDING_TOKENS_MAX: u32 = 2048;
+/// Most tokens of inputs decoded together when they are shorter: every token of a decode
+/// attends over the cells of all its inputs (one KV cache), so a smaller group does less
+/// work per input; a longer input is decoded alone.
+const EMBEDDING_GROUP_TOKENS: usize = 512;
+
+fn embedding_tokens_max(spec: &ModelSpec, trained: u32) -> u32 {
+    spec.context_tokens
+        .min(EMBEDDING_TOKENS_MAX)
+        .min(trained.max(1))
+}
+
+fn embedding_tokens_max_of(info: &ModelInfo) -> u32 {
+    info.context_tokens
+        .min(EMBEDDING_TOKENS_MAX)
+        .min(info.trained_context_tokens.max(1))
+}
+
+enum EmbedCommand {
+    Embed(EmbedJob),
+    Stop,
+}
+
+struct EmbedJob {
+    sequences: Vec<Vec<i32>>,
+    reply: tokio::sync::oneshot::Sender<Result<Embeddings, EmbeddingError>>,
+}
+
+/// The embeddings worker of one model: its own context in embeddings mode (made at the
+/// first request, so a model never asked for embeddings spends no memory on it), pooling
+/// by the model's own pooling type, or the mean of the tokens' states when the GGUF names
+/// none (a generative model), as llama-server's `--pooling mean` does.
+struct Embedder {
+    backend: Arc<LlamaBackend>,
+    model: Arc<LlamaModel>,
+    tokens_max: u32,
+    threads: i32,
+    name: String,
+}
+
+impl Embedder {
+    fn run(self, jobs: &Receiver<EmbedCommand>) {
+        let mut context: Option<LlamaContext<'_>> = None;
+        while let Ok(EmbedCommand::Embed(job)) = jobs.recv() {
+            if context.is_none() {
+                match self.context() {
+                    Ok(made) => context = Some(made),
+                    Err(reason) => {
+                        let _ = job.reply.send(Err(EmbeddingError::Failed(reason)));
+                        continue;
+                    }
+                }
+            }
+            let Some(context) = context.as_mut() else {
+                continue;
+            };
+            let outcome = self.embed(context, &job.sequences);
+            let _ = job.reply.send(outcome);
+        }
+    }
+
+    fn context(&self) -> Result<LlamaContext<'_>, String> {
+        use llama_cpp_2::context::params::LlamaPoolingType;
+        let architecture = self
+            .model
+            .meta_val_str("general.architecture")
+            .unwrap_or_default();
+        let pooling = if self
+            .model
+            .meta_val_str(&format!("{architecture}.pooling_type"))
+            .is_ok()
+        {
+            LlamaPoolingType::Unspecified
+        } else {
+            LlamaPoolingType::Mean
+        };
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(self.tokens_max))
+            .with_n_batch(self.tokens_max)
+            .with_n_ubatch(self.tokens_max)
+            .with_n_seq_max(EMBEDDING_SEQUENCES_MAX)
+            .with_kv_unified(true)
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads)
+            .with_embeddings(true)
+            .with_pooling_type(pooling);
+        let context = self
+            .model
+            .new_context(&self.backend, params)
+            .map_err(|error| format!("making the embeddings context: {error}"))?;
+        tracing::info!(
+            model = %self.name,
+            tokens_max = self.tokens_max,
+            pooling = ?pooling,
+            "embeddings context made"
+        );
+        Ok(context)
+    }
+
+    /// Decodes the inputs in groups that fit the context and reads one pooled vector each.
+    fn embed(
+        &self,
+        context: &mut LlamaContext<'_>,
+        sequences: &[Vec<i32>],
+    ) -> Result<Embeddings, EmbeddingError> {
+        let failed = |what: &str, error: &dyn std::fmt::Display| {
+            EmbeddingError::Failed(format!("{what}: {error}"))
+        };
+        let mut vectors = Vec::with_capacity(sequences.len());
+        let mut start = 0;
+        while start < sequences.len() {
+            let mut end = start;
+            let mut tokens = 0_usize;
+            let budget = EMBEDDING_GROUP_TOKENS
+                .max(sequences[start].len())
+                .min(self.tokens_max as usize);
+            while end < sequences.len()
+                && end - start < EMBEDDING_SEQUENCES_MAX as usize
+                && tokens + sequences[end].len() <= budget
+            {
+                tokens += sequences[end].len();
+                end += 1;
+            }
+            context.clear_kv_cache();
+            let mut batch = LlamaBatch::new(tokens, i32::try_from(end - start).unwrap_or(1));
+            for (sequence, input) in sequences[start..end].iter().enumerate() {
+                let sequence = i32::try_from(sequence).unwrap_or(0);
+                for (position, &token) in input.iter().enumerate() {
+                    batch
+                        .add(
+                            LlamaToken(token),
+                            i32::try_from(position).unwrap_or(i32::MAX),
+                            &[sequence],
+                            true,
+                        )
+                        .map_err(|error| failed("building the batch", &error))?;
+                }
+            }
+            context
+                .decode(&mut batch)
+                .map_err(|error| failed("decoding", &error))?;
+            for sequence in 0..(end - start) {
+                let pooled = context
+                    .embeddings_seq_ith(i32::try_from(sequence).unwrap_or(0))
+                    .map_err(|error| failed("reading the pooled state", &error))?;
+                vectors.push(unit_length(pooled));
+            }
+            start = end;
+        }
+        let prompt_tokens = sequences.iter().map(Vec::len).sum::<usize>();
+        Ok(Embeddings {
+            vectors,
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// `vector` scaled to Euclidean length 1 (as OpenAI's and llama-server's are); a zero vector
+/// stays zero.
+fn unit_length(vector: &[f32]) -> Vec<f32> {
+    let norm = vector
+        .iter()
+        .map(|value| f64::from(*value) * f64::from(*value))
+        .sum::<f64>()
+        .sqrt();
+    if norm == 0.0 {
+        return vector.to_vec();
+    }
+    vector
+        .iter()
+        .map(|value| (f64::from(*value) / norm) as f32)
+        .collect()
 }
 
 /// The events of one generation. Dropping it cancels the generation within one step.

@@ -37,7 +37,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::{BackendConfig, PoolConfig, UpstreamApi, UpstreamProtocol};
 use crate::data_plane::{RequestContext, response_header};
 use crate::error::GatewayError;
-use crate::openai::Endpoint;
 
 /// How long an idle upstream connection stays in the pool.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -412,11 +411,8 @@ impl Pool {
     }
 
     /// The path and query of an API call on this pool.
-    fn path(&self, backend: &BackendConfig, endpoint: Endpoint, upstream_model: &str) -> String {
-        let action = match endpoint {
-            Endpoint::Chat => "chat/completions",
-            Endpoint::Completions => "completions",
-        };
+    fn path(&self, backend: &BackendConfig, action: CloudAction, upstream_model: &str) -> String {
+        let action = action.path();
         match &self.config.api {
             UpstreamApi::OpenAi => format!("{}/v1/{action}", backend.base_path),
             UpstreamApi::Azure { api_version } => format!(
@@ -455,10 +451,29 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The API call a request makes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudAction {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl CloudAction {
+    /// Its path after `/v1/` (OpenAI) or `/openai/deployments/NAME/` (Azure).
+    pub fn path(self) -> &'static str {
+        match self {
+            CloudAction::Chat => "chat/completions",
+            CloudAction::Completions => "completions",
+            CloudAction::Embeddings => "embeddings",
+        }
+    }
+}
+
 /// What the forwarder needs of the request.
 #[derive(Debug)]
 pub struct CloudRequest<'a> {
-    pub endpoint: Endpoint,
+    pub action: CloudAction,
     /// The client's JSON body.
     pub body: &'a Bytes,
     /// The client-visible model it asked for.
@@ -527,7 +542,7 @@ pub async fn forward(
         backend.requests.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(backend);
         ctx.attempts += 1;
-        let path = pool.path(&backend.config, request.endpoint, upstream_model);
+        let path = pool.path(&backend.config, request.action, upstream_model);
         let attempt = attempt(session, ctx, pool, backend, &path, &body, request).await;
         match attempt {
             Attempt::Answered(outcome) => {

@@ -165,7 +165,26 @@ impl DataPlane {
 enum Operation {
     Chat { deployment: Option<String> },
     Completions { deployment: Option<String> },
+    Embeddings { deployment: Option<String> },
     Models,
+}
+
+/// What an inference request asks for: a generation (chat or text completion) or
+/// embeddings. Routing, the firewall, the audit and the cloud leg treat them alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Generate(Endpoint),
+    Embeddings,
+}
+
+impl Api {
+    fn cloud_action(self) -> crate::cloud::CloudAction {
+        match self {
+            Api::Generate(Endpoint::Chat) => crate::cloud::CloudAction::Chat,
+            Api::Generate(Endpoint::Completions) => crate::cloud::CloudAction::Completions,
+            Api::Embeddings => crate::cloud::CloudAction::Embeddings,
+        }
+    }
 }
 
 fn route_path(
@@ -187,6 +206,7 @@ fn route_path(
     match path.trim_end_matches('/') {
         "/v1/chat/completions" => post(Operation::Chat { deployment: None }),
         "/v1/completions" => post(Operation::Completions { deployment: None }),
+        "/v1/embeddings" => post(Operation::Embeddings { deployment: None }),
         "/v1/models" => {
             if method == http::Method::GET {
                 Ok(Operation::Models)
@@ -206,6 +226,9 @@ fn route_path(
                     deployment: Some(deployment.to_owned()),
                 },
                 "completions" => Operation::Completions {
+                    deployment: Some(deployment.to_owned()),
+                },
+                "embeddings" => Operation::Embeddings {
                     deployment: Some(deployment.to_owned()),
                 },
                 _ => {
@@ -405,23 +428,40 @@ impl DataPlane {
                 Ok(())
             }
             Operation::Chat { deployment } => {
-                self.generate(session, ctx, &routing, Endpoint::Chat, deployment)
-                    .await
+                self.generate(
+                    session,
+                    ctx,
+                    &routing,
+                    Api::Generate(Endpoint::Chat),
+                    deployment,
+                )
+                .await
             }
             Operation::Completions { deployment } => {
-                self.generate(session, ctx, &routing, Endpoint::Completions, deployment)
+                self.generate(
+                    session,
+                    ctx,
+                    &routing,
+                    Api::Generate(Endpoint::Completions),
+                    deployment,
+                )
+                .await
+            }
+            Operation::Embeddings { deployment } => {
+                self.generate(session, ctx, &routing, Api::Embeddings, deployment)
                     .await
             }
         }
     }
 
-    /// A chat or text completion: read the body, decide where it runs, run it there.
+    /// A chat or text completion, or embeddings: read the body, decide where it runs, run
+    /// it there.
     async fn generate(
         &self,
         session: &mut Session,
         ctx: &mut RequestContext,
         routing: &Routing,
-        endpoint: Endpoint,
+        api: Api,
         deployment: Option<String>,
     ) -> Result<(), Failure> {
         let body = self.read_body(session, ctx).await?;
@@ -430,10 +470,7 @@ impl DataPlane {
         let target = self.route(session, ctx, routing, model.as_deref(), &body);
         crate::audit_trail::capture_prompt(ctx, &body, false);
         match target? {
-            Target::Local(model) => {
-                self.serve_local(session, ctx, endpoint, &model, &body)
-                    .await
-            }
+            Target::Local(model) => self.serve_local(session, ctx, api, &model, &body).await,
             Target::Cloud {
                 pool,
                 model,
@@ -470,7 +507,7 @@ impl DataPlane {
                     crate::audit_trail::capture_prompt(ctx, forwarded_body, true);
                 }
                 let request = crate::cloud::CloudRequest {
-                    endpoint,
+                    action: api.cloud_action(),
                     body: forwarded_body,
                     restore: redacted.as_ref().map(|(_, map)| map),
                     model: &model,
@@ -506,8 +543,7 @@ impl DataPlane {
                                 ctx.route = "local";
                                 ctx.target = Some(local.clone());
                                 crate::audit_trail::capture_prompt(ctx, &body, false);
-                                self.serve_local(session, ctx, endpoint, &local, &body)
-                                    .await
+                                self.serve_local(session, ctx, api, &local, &body).await
                             }
                             None => Err(error.into()),
                         }
@@ -523,10 +559,14 @@ impl DataPlane {
         &self,
         session: &mut Session,
         ctx: &mut RequestContext,
-        endpoint: Endpoint,
+        api: Api,
         model: &str,
         body: &Bytes,
     ) -> Result<(), Failure> {
+        let endpoint = match api {
+            Api::Generate(endpoint) => endpoint,
+            Api::Embeddings => return self.serve_embeddings(session, ctx, model, body).await,
+        };
         match endpoint {
             Endpoint::Chat => {
                 let request = openai::parse_chat(body).inspect_err(|_| ctx.reject("request"))?;
@@ -566,6 +606,56 @@ impl DataPlane {
                     .await
             }
         }
+    }
+
+    /// Embeddings from a local model: one unit-length vector per input.
+    async fn serve_embeddings(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        model: &str,
+        body: &Bytes,
+    ) -> Result<(), Failure> {
+        let request = openai::parse_embeddings(body).inspect_err(|_| ctx.reject("request"))?;
+        let handle = self
+            .state
+            .engine
+            .get()
+            .and_then(|engine| engine.model(model))
+            .ok_or_else(|| GatewayError::ModelNotFound {
+                model: model.to_owned(),
+            })?;
+        let width = handle.info().embedding_width;
+        if let Some(dimensions) = request.dimensions
+            && dimensions != width
+        {
+            ctx.reject("request");
+            return Err(GatewayError::invalid_value(
+                "dimensions",
+                format!(
+                    "`{model}` makes embeddings of {width} dimensions; `dimensions` cannot change that"
+                ),
+            )
+            .into());
+        }
+        let pending = handle.embed(&request.inputs).map_err(|error| {
+            ctx.reject("request");
+            local::embed_submit_error(error, model)
+        })?;
+        let embeddings = match pending.await {
+            Ok(Ok(embeddings)) => embeddings,
+            Ok(Err(error)) => return Err(local::embedding_error(error).into()),
+            Err(_) => {
+                return Err(
+                    local::embedding_error(edge_runtime::EmbeddingError::WorkerStopped).into(),
+                );
+            }
+        };
+        ctx.usage.prompt_tokens = embeddings.prompt_tokens;
+        let answer = openai::embeddings_response(model, &embeddings, request.base64);
+        let body = serde_json::to_vec(&answer).unwrap_or_default();
+        respond_json(session, ctx, 200, body, None).await?;
+        Ok(())
     }
 
     /// Asks the policy where the request runs.

@@ -153,6 +153,35 @@ struct Shape<'a> {
     calls: Option<&'a openai::ToolCall>,
 }
 
+/// The answer to an embeddings request that was not accepted.
+pub(crate) fn embed_submit_error(
+    error: edge_runtime::EmbedSubmitError,
+    model: &str,
+) -> GatewayError {
+    match error {
+        edge_runtime::EmbedSubmitError::Input(error) => embedding_error(error),
+        edge_runtime::EmbedSubmitError::Submit(error) => submit_error(error, model),
+    }
+}
+
+/// The answer to an embeddings request that failed.
+pub(crate) fn embedding_error(error: edge_runtime::EmbeddingError) -> GatewayError {
+    use edge_runtime::EmbeddingError;
+    match error {
+        EmbeddingError::InputTooLong { .. } => GatewayError::ContextLengthExceeded {
+            message: error.to_string(),
+        },
+        EmbeddingError::EmptyInput { .. } | EmbeddingError::UnknownToken { .. } => {
+            GatewayError::invalid_value("input", error.to_string())
+        }
+        EmbeddingError::Failed(message) => GatewayError::Internal { message },
+        EmbeddingError::WorkerStopped => GatewayError::Unavailable {
+            message: "the model's embeddings worker stopped".to_owned(),
+            retry_after_s: QUEUE_FULL_RETRY_AFTER_S,
+        },
+    }
+}
+
 fn submit_error(error: edge_runtime::SubmitError, model: &str) -> GatewayError {
     match error {
         edge_runtime::SubmitError::QueueFull { .. } => GatewayError::QueueFull {

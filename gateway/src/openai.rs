@@ -1596,5 +1596,172 @@ pub fn models_list(models: &[(String, u64)]) -> Value {
     serde_json::json!({"object": "list", "data": data})
 }
 
+/// Most inputs one embeddings request may carry (OpenAI's own limit).
+pub const EMBEDDING_INPUTS_MAX: usize = 2048;
+
+/// A `/v1/embeddings` request as the local model serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingsRequest {
+    pub inputs: Vec<edge_runtime::EmbeddingInput>,
+    /// `encoding_format: "base64"`: each vector as little-endian `f32` bytes in base64.
+    pub base64: bool,
+    /// `dimensions`: accepted only when it is the model's own width.
+    pub dimensions: Option<u32>,
+}
+
+/// Parses an embeddings body: `input` as a string, an array of strings, an array of token ids
+/// or an array of such arrays; `encoding_format` `float` or `base64`; `dimensions`; `model`
+/// and `user` (read by routing). Anything else is refused by name.
+pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, GatewayError> {
+    let value: Value = serde_json::from_slice(body).map_err(|error| GatewayError::InvalidJson {
+        message: format!("the request body is not valid JSON: {error}"),
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(GatewayError::InvalidJson {
+            message: "the request body must be a JSON object".to_owned(),
+        });
+    };
+    let mut inputs = None;
+    let mut base64 = false;
+    let mut dimensions = None;
+    for (name, value) in fields {
+        match name.as_str() {
+            "model" | "user" => {}
+            "input" => inputs = Some(embedding_inputs(value)?),
+            "encoding_format" => {
+                base64 = match value.as_str() {
+                    Some("float") => false,
+                    Some("base64") => true,
+                    _ => {
+                        return Err(GatewayError::invalid_value(
+                            "encoding_format",
+                            "`encoding_format` must be \"float\" or \"base64\"",
+                        ));
+                    }
+                }
+            }
+            "dimensions" => {
+                dimensions = match value {
+                    Value::Null => None,
+                    value => Some(
+                        value
+                            .as_u64()
+                            .and_then(|number| u32::try_from(number).ok())
+                            .filter(|number| *number > 0)
+                            .ok_or_else(|| {
+                                GatewayError::invalid_value(
+                                    "dimensions",
+                                    "`dimensions` must be a positive integer",
+                                )
+                            })?,
+                    ),
+                }
+            }
+            other => {
+                return Err(GatewayError::unsupported(
+                    other,
+                    format!("`{other}` is not a parameter of /v1/embeddings"),
+                ));
+            }
+        }
+    }
+    let inputs = inputs.ok_or_else(|| {
+        GatewayError::invalid_value("input", "missing required parameter `input`")
+    })?;
+    Ok(EmbeddingsRequest {
+        inputs,
+        base64,
+        dimensions,
+    })
+}
+
+fn embedding_inputs(value: Value) -> Result<Vec<edge_runtime::EmbeddingInput>, GatewayError> {
+    use edge_runtime::EmbeddingInput;
+    let invalid = || {
+        GatewayError::invalid_value(
+            "input",
+            "`input` must be a string, an array of strings, an array of token ids, or an array \
+             of arrays of token ids",
+        )
+    };
+    let tokens = |items: &[Value]| -> Option<Vec<u32>> {
+        items
+            .iter()
+            .map(|item| item.as_u64().and_then(|token| u32::try_from(token).ok()))
+            .collect()
+    };
+    let inputs = match value {
+        Value::String(text) => vec![EmbeddingInput::Text(text)],
+        Value::Array(items) if items.is_empty() => {
+            return Err(GatewayError::invalid_value(
+                "input",
+                "`input` must not be an empty array",
+            ));
+        }
+        Value::Array(items) if items.iter().all(Value::is_string) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                Value::String(text) => Some(EmbeddingInput::Text(text)),
+                _ => None,
+            })
+            .collect(),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            vec![EmbeddingInput::Tokens(tokens(&items).ok_or_else(invalid)?)]
+        }
+        Value::Array(items) if items.iter().all(Value::is_array) => items
+            .iter()
+            .map(|item| {
+                item.as_array()
+                    .and_then(|inner| tokens(inner))
+                    .map(EmbeddingInput::Tokens)
+                    .ok_or_else(invalid)
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(invalid()),
+    };
+    if inputs.len() > EMBEDDING_INPUTS_MAX {
+        return Err(GatewayError::invalid_value(
+            "input",
+            format!("at most {EMBEDDING_INPUTS_MAX} inputs per request"),
+        ));
+    }
+    Ok(inputs)
+}
+
+/// The `/v1/embeddings` answer: one `embedding` object per vector, in input order.
+pub fn embeddings_response(
+    model: &str,
+    embeddings: &edge_runtime::Embeddings,
+    base64: bool,
+) -> Value {
+    use base64::Engine as _;
+    let data: Vec<Value> = embeddings
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector
+                    .iter()
+                    .flat_map(|value| value.to_le_bytes())
+                    .collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                Value::from(vector.clone())
+            };
+            serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {
+            "prompt_tokens": embeddings.prompt_tokens,
+            "total_tokens": embeddings.prompt_tokens,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ mod complexity;
 mod config;
 pub(crate) mod console;
 pub(crate) mod deploy;
+mod embeddings;
 mod errors;
 mod lifecycle;
 pub(crate) mod package;

@@ -3,7 +3,8 @@
 //!
 //! It answers chat and text completions with a fixed number of words (as JSON or as
 //! server-sent events), over HTTP/1.1 and HTTP/2, plain or TLS (optionally requiring a client
-//! certificate), and records what it received. With `--control`, tests read that record and
+//! certificate), answers embeddings with vectors made from its inputs' hashes, and records
+//! what it received. With `--control`, tests read that record and
 //! change its behaviour (injected error statuses, held streams, slow first bytes) through
 //! `/_control/*`. No model, no inference: every answer is made of constants, so the gateway's
 //! own overhead is what a benchmark against it measures.

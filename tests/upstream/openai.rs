@@ -311,3 +311,62 @@ pub fn models_body() -> Bytes {
     });
     Bytes::from(body.to_string())
 }
+
+/// `POST /v1/embeddings`: one vector of 8 numbers per input, taken from the SHA-256 of the
+/// input's JSON (so equal inputs get equal vectors), and one prompt token per word. Returns
+/// the status, the body and the model asked for.
+pub fn embeddings_answer(body: &[u8]) -> (u16, Bytes, Option<String>) {
+    use sha2::Digest as _;
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return (
+            400,
+            error_body(
+                "request body is not valid JSON",
+                "invalid_request_error",
+                None,
+                "invalid_json",
+            ),
+            None,
+        );
+    };
+    let model = request["model"].as_str().map(str::to_owned);
+    let inputs: Vec<Value> = match &request["input"] {
+        Value::Array(items) if items.iter().all(Value::is_string) => items.clone(),
+        Value::String(_) => vec![request["input"].clone()],
+        _ => {
+            return (
+                400,
+                error_body(
+                    "input must be a string or strings",
+                    "invalid_request_error",
+                    Some("input"),
+                    "invalid_value",
+                ),
+                model,
+            );
+        }
+    };
+    let mut tokens = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            tokens += input
+                .as_str()
+                .map_or(0, |text| text.split_whitespace().count());
+            let digest = sha2::Sha256::digest(input.to_string().as_bytes());
+            let vector: Vec<f64> = digest[..8]
+                .iter()
+                .map(|byte| f64::from(*byte) / 255.0)
+                .collect();
+            json!({"object": "embedding", "index": index, "embedding": vector})
+        })
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": model.clone().unwrap_or_default(),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    (200, Bytes::from(body.to_string()), model)
+}

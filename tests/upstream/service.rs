@@ -82,6 +82,8 @@ enum Route {
         api: Api,
         deployment: Option<String>,
     },
+    /// Embeddings: vectors made from the inputs' hashes, no plan.
+    Embeddings,
     /// Anything answered without a plan.
     Fixed(Fixed),
 }
@@ -112,6 +114,7 @@ fn route(method: &Method, path: &str) -> Route {
         ),
         "/health" => (Route::Fixed(Fixed::Health), Method::GET),
         "/v1/models" => (Route::Fixed(Fixed::Models), Method::GET),
+        "/v1/embeddings" => (Route::Embeddings, Method::POST),
         _ => match azure_deployment(path) {
             Some(deployment) => (
                 Route::Completion {
@@ -242,14 +245,21 @@ async fn upstream(
                 .await
                 .with_in_flight(in_flight)
         }
-        Route::Fixed(fixed) => {
-            let response = fixed_answer(state, fixed, &parts);
+        Route::Embeddings | Route::Fixed(_) => {
+            let (response, model) = match route {
+                Route::Fixed(fixed) => (fixed_answer(state, fixed, &parts), None),
+                _ => {
+                    let (status, body, model) = openai::embeddings_answer(&received.bytes);
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+                    (respond(status, JSON, body), model)
+                }
+            };
             let entry = LogEntry {
                 parts: &parts,
                 connection,
                 received: Some(&received),
                 request: None,
-                model: None,
+                model: model.as_deref(),
                 status: response.status(),
             };
             state.record(|| entry.json());

@@ -21,6 +21,18 @@ fn paths_map_to_operations() {
     );
     assert_eq!(check(Method::GET, "/v1/models", None), "Models");
     assert_eq!(
+        check(Method::POST, "/v1/embeddings", None),
+        "Embeddings { deployment: None }"
+    );
+    assert_eq!(
+        check(
+            Method::POST,
+            "/openai/deployments/bge/embeddings",
+            Some("api-version=2024-10-21")
+        ),
+        "Embeddings { deployment: Some(\"bge\") }"
+    );
+    assert_eq!(
         check(
             Method::POST,
             "/openai/deployments/smollm2/chat/completions",
@@ -37,8 +49,12 @@ fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
         "405 method GET is not allowed for /v1/chat/completions"
     );
     assert_eq!(
-        check(Method::POST, "/v1/embeddings", None),
-        "404 unknown URL: POST /v1/embeddings"
+        check(Method::GET, "/v1/embeddings", None),
+        "405 method GET is not allowed for /v1/embeddings"
+    );
+    assert_eq!(
+        check(Method::POST, "/v1/responses", None),
+        "404 unknown URL: POST /v1/responses"
     );
     assert_eq!(
         check(

@@ -587,3 +587,60 @@ fn a_call_or_a_text_answer_is_read_from_the_json_the_grammar_allowed() {
     );
     assert_eq!(CalledTool::from_answer(id, r#"{"tool_calls": []}"#), None);
 }
+
+#[test]
+fn embeddings_inputs_come_in_four_shapes_and_anything_else_is_named() {
+    use edge_runtime::EmbeddingInput;
+    let parse = |body: &str| super::parse_embeddings(body.as_bytes());
+    assert_eq!(
+        parse(r#"{"model":"m","input":"hello","encoding_format":"base64","user":"u"}"#).unwrap(),
+        super::EmbeddingsRequest {
+            inputs: vec![EmbeddingInput::Text("hello".to_owned())],
+            base64: true,
+            dimensions: None,
+        }
+    );
+    assert_eq!(
+        parse(r#"{"input":["a","b"],"dimensions":576}"#)
+            .unwrap()
+            .inputs,
+        [
+            EmbeddingInput::Text("a".to_owned()),
+            EmbeddingInput::Text("b".to_owned())
+        ]
+    );
+    assert_eq!(
+        parse(r#"{"input":[1,2,3]}"#).unwrap().inputs,
+        [EmbeddingInput::Tokens(vec![1, 2, 3])]
+    );
+    assert_eq!(
+        parse(r#"{"input":[[1],[2,3]]}"#).unwrap().inputs,
+        [
+            EmbeddingInput::Tokens(vec![1]),
+            EmbeddingInput::Tokens(vec![2, 3])
+        ]
+    );
+    for (body, param) in [
+        (r#"{"model":"m"}"#, "input"),
+        (r#"{"input":[]}"#, "input"),
+        (r#"{"input":["a",1]}"#, "input"),
+        (r#"{"input":[-1]}"#, "input"),
+        (r#"{"input":[[1],["a"]]}"#, "input"),
+        (r#"{"input":{"text":"a"}}"#, "input"),
+        (r#"{"input":"a","dimensions":0}"#, "dimensions"),
+        (
+            r#"{"input":"a","encoding_format":"int8"}"#,
+            "encoding_format",
+        ),
+        (r#"{"input":"a","stream":true}"#, "stream"),
+    ] {
+        let error = parse(body).unwrap_err();
+        assert_eq!(error.body().error.param.as_deref(), Some(param), "{body}");
+    }
+    let many = format!(r#"{{"input":[{}]}}"#, vec!["\"x\""; 2049].join(","));
+    assert!(parse(&many).is_err());
+    assert!(matches!(
+        parse("[1]"),
+        Err(crate::error::GatewayError::InvalidJson { .. })
+    ));
+}
