@@ -123,6 +123,17 @@ def main() -> None:
     assert all(len(entry.top_logprobs) == 3 and entry.logprob <= 0 for entry in entries), entries
     assert "".join(bytes(entry.bytes).decode() for entry in entries) == scored.choices[0].message.content
 
+    # Embeddings: the SDK asks for base64 and decodes it itself.
+    embedded = client.embeddings.create(
+        model="smollm2", input=["The invoice is overdue.", "Paris is in France."]
+    )
+    assert [item.index for item in embedded.data] == [0, 1], embedded
+    for item in embedded.data:
+        assert len(item.embedding) == 576, len(item.embedding)
+        norm = sum(value * value for value in item.embedding) ** 0.5
+        assert abs(norm - 1.0) < 1e-4, norm
+    assert embedded.usage.prompt_tokens == embedded.usage.total_tokens > 0, embedded.usage
+
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         raise AssertionError("an unknown model was accepted")
