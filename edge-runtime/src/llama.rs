@@ -744,14 +744,14 @@ pub enum EmbedSubmitError {
 
 /// Most inputs one embeddings decode takes (each is a sequence of the context).
 const EMBEDDING_SEQUENCES_MAX: u32 = 16;
-/// Most tokens the embeddings context holds: inputs longer than this are refused. Its batch
-/// is the whole context (a pooled input must be decoded in one piece), so this also bounds
-/// the compute buffer.
-const EMBEDDING_TOKENS_MAX: u32 = 2048;
-/// Most tokens of inputs decoded together when they are shorter: every token of a decode
-/// attends over the cells of all its inputs (one KV cache), so a smaller group does less
-/// work per input; a longer input is decoded alone.
-const EMBEDDING_GROUP_TOKENS: usize = 512;
+/// Most tokens the embeddings context holds, and so the longest input (a pooled input must
+/// be decoded in one piece), as llama-server's default micro-batch. In embeddings mode
+/// llama.cpp keeps every token's logits too: the output and compute buffers grow with
+/// this times the vocabulary (about 100 MB each for SmolLM2's 49,152 tokens at 512).
+const EMBEDDING_TOKENS_MAX: u32 = 512;
+/// Most tokens of inputs decoded together: every token of a decode attends over the cells
+/// of all its inputs (one KV cache).
+const EMBEDDING_GROUP_TOKENS: usize = EMBEDDING_TOKENS_MAX as usize;
 
 fn embedding_tokens_max(spec: &ModelSpec, trained: u32) -> u32 {
     spec.context_tokens

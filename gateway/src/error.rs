@@ -14,8 +14,12 @@ pub enum GatewayError {
     InvalidValue { param: String, message: String },
     #[error("{message}")]
     UnsupportedParameter { param: String, message: String },
+    /// `param`: what is too long (`messages` for a prompt, `input` for embeddings).
     #[error("{message}")]
-    ContextLengthExceeded { message: String },
+    ContextLengthExceeded {
+        message: String,
+        param: &'static str,
+    },
     #[error("missing API key: send it as `Authorization: Bearer KEY` or in the `api-key` header")]
     MissingApiKey,
     #[error("incorrect API key provided")]
@@ -88,11 +92,11 @@ impl GatewayError {
                 Some("unsupported_parameter"),
                 Some(param),
             ),
-            ContextLengthExceeded { .. } => (
+            ContextLengthExceeded { param, .. } => (
                 StatusCode::BAD_REQUEST,
                 INVALID_REQUEST,
                 Some("context_length_exceeded"),
-                Some("messages"),
+                Some(param),
             ),
             MissingApiKey | InvalidApiKey => (
                 StatusCode::UNAUTHORIZED,

@@ -170,6 +170,7 @@ pub(crate) fn embedding_error(error: edge_runtime::EmbeddingError) -> GatewayErr
     match error {
         EmbeddingError::InputTooLong { .. } => GatewayError::ContextLengthExceeded {
             message: error.to_string(),
+            param: "input",
         },
         EmbeddingError::EmptyInput { .. } | EmbeddingError::UnknownToken { .. } => {
             GatewayError::invalid_value("input", error.to_string())
@@ -197,6 +198,7 @@ fn submit_error(error: edge_runtime::SubmitError, model: &str) -> GatewayError {
                  {} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
                 u64::from(prompt_tokens) + u64::from(max_tokens)
             ),
+            param: "messages",
         },
         edge_runtime::SubmitError::UnknownToken { token, vocabulary } => {
             GatewayError::invalid_value(
