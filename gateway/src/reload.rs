@@ -158,28 +158,39 @@ pub fn set_backend_weight(
         backend,
         weight,
     )?;
-    replace_file(&source, &edited)
-        .map_err(|error| EditError::Unwritable(format!("cannot write {file}: {error}")))?;
     tracing::info!(
         pool,
         backend,
         weight,
         file = %source.display(),
-        "backend weight set through the admin API"
+        "setting a backend weight through the admin API"
     );
-    match reload(state, "admin API weight edit") {
-        Ok(report) => Ok(report),
-        Err(errors) => {
-            if let Err(error) = replace_file(&source, &original) {
-                tracing::error!(
-                    file = %source.display(),
-                    %error,
-                    "the edited configuration did not reload and the original could not be put back"
-                );
-            }
-            Err(EditError::Invalid(errors))
+    write_and_reload(state, &source, &original, &edited, "admin API weight edit")
+}
+
+/// Writes `text` over the configuration file and reloads it; if the reload fails, puts
+/// `original` back and returns the reload's errors. The caller holds `EDITS`.
+fn write_and_reload(
+    state: &AppState,
+    source: &std::path::Path,
+    original: &str,
+    text: &str,
+    trigger: &str,
+) -> Result<ReloadReport, config::edit::EditError> {
+    use config::edit::EditError;
+    replace_file(source, text).map_err(|error| {
+        EditError::Unwritable(format!("cannot write {}: {error}", source.display()))
+    })?;
+    reload(state, trigger).map_err(|errors| {
+        if let Err(error) = replace_file(source, original) {
+            tracing::error!(
+                file = %source.display(),
+                %error,
+                "the edited configuration did not reload and the original could not be put back"
+            );
         }
-    }
+        EditError::Invalid(errors)
+    })
 }
 
 /// What a whole-file edit did (or, for a dry run, would do).
@@ -240,27 +251,20 @@ pub fn replace_configuration(
             sha256: text_sha256(&original),
         });
     }
-    replace_file(&source, text)
-        .map_err(|error| EditError::Unwritable(format!("cannot write {file}: {error}")))?;
-    tracing::info!(file = %source.display(), "configuration replaced through the admin API");
-    match reload(state, "admin API configuration edit") {
-        Ok(report) => Ok(ConfigurationReport {
-            reloaded: true,
-            pools: report.pools,
-            restart_required: report.restart_required,
-            sha256: text_sha256(text),
-        }),
-        Err(errors) => {
-            if let Err(error) = replace_file(&source, &original) {
-                tracing::error!(
-                    file = %source.display(),
-                    %error,
-                    "the new configuration did not reload and the original could not be put back"
-                );
-            }
-            Err(EditError::Invalid(errors))
-        }
-    }
+    tracing::info!(file = %source.display(), "replacing the configuration through the admin API");
+    let report = write_and_reload(
+        state,
+        &source,
+        &original,
+        text,
+        "admin API configuration edit",
+    )?;
+    Ok(ConfigurationReport {
+        reloaded: true,
+        pools: report.pools,
+        restart_required: report.restart_required,
+        sha256: text_sha256(text),
+    })
 }
 
 /// Replaces `path` with `text` atomically: a sibling file, flushed, renamed over it. A
