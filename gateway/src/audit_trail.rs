@@ -27,6 +27,10 @@ fn operation(path: &str) -> String {
         "completions"
     } else if path.ends_with("/models") {
         "models"
+    } else if path.ends_with("/responses") {
+        "responses"
+    } else if path.ends_with("/embeddings") {
+        "embeddings"
     } else {
         "other"
     };

@@ -1034,6 +1034,11 @@ async fn relay_whole(
         }
         _ => body,
     };
+    let body = if status == 200 {
+        BytesMut::from(&ctx.answer_body(body.to_vec())[..])
+    } else {
+        body
+    };
     let mut header = response_header(ctx, status, content_type)
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
     header
@@ -1132,6 +1137,7 @@ async fn relay_stream(
                     let _ = session.write_response_body(None, true).await;
                     return Err(Relay::Upstream(message));
                 }
+                let forward = ctx.stream_bytes(forward);
                 if !forward.is_empty() {
                     ctx.last_token = Some(ctx.started.elapsed());
                     session
@@ -1159,7 +1165,7 @@ async fn relay_stream(
     if done {
         rest.extend_from_slice(b"data: [DONE]\n\n");
     }
-    let rest = rest.freeze();
+    let rest = ctx.stream_bytes(rest.freeze());
     session
         .write_response_body(if rest.is_empty() { None } else { Some(rest) }, true)
         .await

@@ -103,10 +103,30 @@ pub struct RequestContext {
     pub complexity: Option<f32>,
     /// The firewall's action, score and matched rule ids, when a rule matched.
     pub waf: Option<(&'static str, u32, Vec<u32>)>,
+    /// A Responses API request: what the chat path writes is transcoded into that API's
+    /// shapes on its way out.
+    pub responses: Option<Box<crate::openai::responses::Transcoder>>,
     _in_flight: Option<InFlight>,
 }
 
 impl RequestContext {
+    /// A complete successful answer in the request's API: a chat completion becomes a
+    /// Response object for the Responses API.
+    pub fn answer_body(&mut self, body: Vec<u8>) -> Vec<u8> {
+        match self.responses.as_mut() {
+            Some(transcoder) => transcoder.json(&body),
+            None => body,
+        }
+    }
+
+    /// Streamed answer bytes (whole server-sent events) in the request's API.
+    pub fn stream_bytes(&mut self, bytes: Bytes) -> Bytes {
+        match self.responses.as_mut() {
+            Some(transcoder) => Bytes::from(transcoder.stream(&bytes)),
+            None => bytes,
+        }
+    }
+
     /// The rule that decided, as `x-isthmus-rule` reports it.
     pub fn rule(&self) -> &str {
         self.rule_name.as_deref().unwrap_or(self.rule)
@@ -163,9 +183,17 @@ impl DataPlane {
 /// The operations the data plane serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Operation {
-    Chat { deployment: Option<String> },
-    Completions { deployment: Option<String> },
-    Embeddings { deployment: Option<String> },
+    Chat {
+        deployment: Option<String>,
+    },
+    Completions {
+        deployment: Option<String>,
+    },
+    Embeddings {
+        deployment: Option<String>,
+    },
+    /// The Responses API: a chat request in another dialect (`openai::responses`).
+    Responses,
     Models,
 }
 
@@ -175,12 +203,15 @@ enum Operation {
 enum Api {
     Generate(Endpoint),
     Embeddings,
+    /// The Responses API, translated into a chat request as the body is read; the answer is
+    /// transcoded back (`RequestContext::responses`).
+    Responses,
 }
 
 impl Api {
     fn cloud_action(self) -> crate::cloud::CloudAction {
         match self {
-            Api::Generate(Endpoint::Chat) => crate::cloud::CloudAction::Chat,
+            Api::Generate(Endpoint::Chat) | Api::Responses => crate::cloud::CloudAction::Chat,
             Api::Generate(Endpoint::Completions) => crate::cloud::CloudAction::Completions,
             Api::Embeddings => crate::cloud::CloudAction::Embeddings,
         }
@@ -207,6 +238,7 @@ fn route_path(
         "/v1/chat/completions" => post(Operation::Chat { deployment: None }),
         "/v1/completions" => post(Operation::Completions { deployment: None }),
         "/v1/embeddings" => post(Operation::Embeddings { deployment: None }),
+        "/v1/responses" => post(Operation::Responses),
         "/v1/models" => {
             if method == http::Method::GET {
                 Ok(Operation::Models)
@@ -451,6 +483,10 @@ impl DataPlane {
                 self.generate(session, ctx, &routing, Api::Embeddings, deployment)
                     .await
             }
+            Operation::Responses => {
+                self.generate(session, ctx, &routing, Api::Responses, None)
+                    .await
+            }
         }
     }
 
@@ -465,6 +501,18 @@ impl DataPlane {
         deployment: Option<String>,
     ) -> Result<(), Failure> {
         let body = self.read_body(session, ctx).await?;
+        let (api, body) = match api {
+            Api::Responses => {
+                let translated = openai::responses::to_chat(&body, &ctx.request_id, unix_now_s())
+                    .inspect_err(|_| ctx.reject("request"))?;
+                ctx.responses = Some(Box::new(translated.transcoder));
+                (
+                    Api::Generate(Endpoint::Chat),
+                    Bytes::from(translated.chat_body),
+                )
+            }
+            api => (api, body),
+        };
         let envelope = openai::parse_envelope(&body).inspect_err(|_| ctx.reject("request"))?;
         let model = deployment.or_else(|| envelope.model.clone());
         let target = self.route(session, ctx, routing, model.as_deref(), &body);
@@ -565,6 +613,7 @@ impl DataPlane {
     ) -> Result<(), Failure> {
         let endpoint = match api {
             Api::Generate(endpoint) => endpoint,
+            Api::Responses => Endpoint::Chat,
             Api::Embeddings => return self.serve_embeddings(session, ctx, model, body).await,
         };
         match endpoint {
@@ -908,6 +957,7 @@ impl ProxyHttp for DataPlane {
             sensitive_entities: Vec::new(),
             complexity: None,
             waf: None,
+            responses: None,
             trace: None,
             traceparent: None,
             trail: None,

@@ -546,6 +546,7 @@ async fn collect_events(
         })
         .collect();
     let body = serde_json::to_vec(&meta.full_response(&bodies, ctx.usage)).unwrap_or_default();
+    let body = ctx.answer_body(body);
     respond_json(session, ctx, 200, body, None).await?;
     Ok(Answered::Complete)
 }
@@ -678,7 +679,7 @@ async fn stream_events(
                 None,
             )));
         }
-        write(session, Bytes::from(roles)).await?;
+        write(session, ctx, Bytes::from(roles)).await?;
     }
     // With one choice its text goes to the audit capture as it is made (a stream cut short
     // keeps what was sent); several are captured in order at the end.
@@ -703,13 +704,14 @@ async fn stream_events(
                     let pieces = states[index].reader.push(&text);
                     if !pieces.is_empty() {
                         let events = call_events(ctx, meta, index, pieces, shape);
-                        write(session, Bytes::from(events)).await?;
+                        write(session, ctx, Bytes::from(events)).await?;
                     }
                 } else {
                     let logprobs = wants_logprobs
                         .then(|| chunk_logprobs(meta, &logprobs, &mut token_bytes[index]));
                     write(
                         session,
+                        ctx,
                         openai::sse_event(&meta.chunk(
                             index,
                             false,
@@ -795,7 +797,7 @@ async fn stream_events(
                 }
                 running -= 1;
                 if running > 0 {
-                    write(session, Bytes::from(end)).await?;
+                    write(session, ctx, Bytes::from(end)).await?;
                 } else {
                     if !capture_as_sent {
                         capture_choices(ctx, &states);
@@ -858,14 +860,22 @@ async fn end_stream(
     mut last: Vec<u8>,
 ) -> Result<Answered, Failure> {
     last.extend_from_slice(openai::SSE_DONE);
+    let last = ctx.stream_bytes(Bytes::from(last));
     crate::audit_trail::seal(session, ctx).await?;
-    session
-        .write_response_body(Some(Bytes::from(last)), true)
-        .await?;
+    session.write_response_body(Some(last), true).await?;
     Ok(Answered::Complete)
 }
 
-async fn write(session: &mut Session, data: Bytes) -> Result<(), Failure> {
+/// Writes stream bytes, in the request's API.
+async fn write(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    data: Bytes,
+) -> Result<(), Failure> {
+    let data = ctx.stream_bytes(data);
+    if data.is_empty() {
+        return Ok(());
+    }
     session.write_response_body(Some(data), false).await?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::error::GatewayError;
 
 mod call_reader;
+pub mod responses;
 pub use call_reader::{CallReader, Piece, compact_json};
 
 /// OpenAI accepts at most four stop sequences.

@@ -61,7 +61,7 @@ fn admin(gateway: &Gateway, path: &str) -> String {
     format!("http://{}{path}", gateway.admin)
 }
 
-async fn admin_json(
+pub(crate) async fn admin_json(
     gateway: &Gateway,
     method: reqwest::Method,
     path: &str,

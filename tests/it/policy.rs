@@ -59,7 +59,7 @@ when = {{ complexity_min = 0.57 }}
     )
 }
 
-fn start(upstream: &Upstream) -> Gateway {
+pub(crate) fn start(upstream: &Upstream) -> Gateway {
     Gateway::start(&GatewayOptions {
         extra: policy_config(upstream),
         ..GatewayOptions::default()

@@ -134,6 +134,60 @@ def main() -> None:
         assert abs(norm - 1.0) < 1e-4, norm
     assert embedded.usage.prompt_tokens == embedded.usage.total_tokens > 0, embedded.usage
 
+    # The Responses API, as the SDK's own helpers use it: the text, the stream of typed
+    # events assembled into the final response, structured output and a forced function call.
+    response = client.responses.create(
+        model="smollm2",
+        instructions="You answer briefly.",
+        input="What is the capital of France?",
+        max_output_tokens=16,
+        temperature=0,
+    )
+    assert response.output_text.strip(), f"empty answer: {response}"
+    assert response.status in ("completed", "incomplete"), response
+    assert response.usage.output_tokens >= 1, response.usage
+    with client.responses.stream(
+        model="smollm2",
+        instructions="You answer briefly.",
+        input="What is the capital of France?",
+        max_output_tokens=16,
+        temperature=0,
+    ) as stream:
+        deltas, final = [], None
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            # `incomplete` when max_output_tokens cut the answer, as OpenAI says it.
+            if event.type in ("response.completed", "response.incomplete"):
+                final = event.response
+    assert final is not None and final.status == response.status, final
+    assert "".join(deltas) == final.output_text == response.output_text, (deltas, final)
+    parsed_response = client.responses.parse(
+        model="smollm2",
+        input="Which city is the capital of France?",
+        text_format=City,
+        max_output_tokens=64,
+        temperature=0,
+    )
+    assert isinstance(parsed_response.output_parsed, City), parsed_response
+    called_response = client.responses.create(
+        model="smollm2",
+        input="Which city is the capital of France?",
+        tools=[{"type": "function", "name": "record_city", "parameters": City.model_json_schema(),
+                "strict": False}],
+        tool_choice={"type": "function", "name": "record_city"},
+        max_output_tokens=64,
+        temperature=0,
+    )
+    calls = [item for item in called_response.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "record_city", called_response
+    City.model_validate_json(calls[0].arguments)
+    try:
+        client.responses.create(model="smollm2", input="Hi", previous_response_id="resp_1")
+        raise AssertionError("a previous_response_id was accepted")
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "previous_response_id", error.body
+
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         raise AssertionError("an unknown model was accepted")

@@ -1,0 +1,413 @@
+use serde_json::{Value, json};
+
+use super::*;
+
+fn translate(request: &Value) -> Result<(Value, Transcoder), GatewayError> {
+    let translated = to_chat(&serde_json::to_vec(request).unwrap(), "r1", 1_700_000_000)?;
+    Ok((
+        serde_json::from_slice(&translated.chat_body).unwrap(),
+        translated.transcoder,
+    ))
+}
+
+fn param(error: &GatewayError) -> Option<String> {
+    serde_json::to_value(error.body()).unwrap()["error"]["param"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The events of a Responses stream: (type, data).
+fn parse_events(bytes: &[u8]) -> Vec<(String, Value)> {
+    let text = std::str::from_utf8(bytes).unwrap();
+    text.split("\n\n")
+        .filter(|event| !event.is_empty())
+        .map(|event| {
+            let mut lines = event.lines();
+            let kind = lines.next().unwrap().strip_prefix("event: ").unwrap();
+            let data: Value =
+                serde_json::from_str(lines.next().unwrap().strip_prefix("data: ").unwrap())
+                    .unwrap();
+            assert_eq!(data["type"], kind, "the event line names the data's type");
+            (kind.to_owned(), data)
+        })
+        .collect()
+}
+
+fn sse(chunks: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in chunks {
+        out.extend_from_slice(&crate::openai::sse_event(chunk));
+    }
+    out.extend_from_slice(crate::openai::SSE_DONE);
+    out
+}
+
+fn chunk(delta: Value, finish: Option<&str>) -> Value {
+    json!({"id": "chatcmpl-r1", "object": "chat.completion.chunk", "model": "smollm2",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+}
+
+#[test]
+fn instructions_and_a_string_input_are_a_system_and_a_user_message() {
+    let (chat, _) = translate(&json!({
+        "model": "smollm2", "instructions": "Be brief.", "input": "Capital of France?",
+        "max_output_tokens": 16, "temperature": 0, "stream": true,
+        "metadata": {"team": "a"}, "store": true,
+    }))
+    .unwrap();
+    assert_eq!(
+        chat,
+        json!({
+            "model": "smollm2", "stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Capital of France?"}],
+            "max_tokens": 16, "temperature": 0,
+        })
+    );
+}
+
+#[test]
+fn input_items_become_the_conversation_with_calls_and_their_outputs() {
+    let (chat, _) = translate(&json!({
+        "model": "m",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris and Lyon?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{\"city\":\"Paris\"}"},
+            {"type": "function_call", "call_id": "c2", "name": "weather", "arguments": "{\"city\":\"Lyon\"}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "c2", "output": "rain"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Paris is sunny.", "annotations": []}]},
+            {"role": "developer", "content": "Answer in French."},
+        ],
+    }))
+    .unwrap();
+    assert_eq!(
+        chat["messages"],
+        json!([
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Lyon?"}]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "c2", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Lyon\"}"}},
+            ]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "c2", "content": "rain"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Paris is sunny."}]},
+            {"role": "developer", "content": "Answer in French."},
+        ])
+    );
+}
+
+#[test]
+fn function_tools_choices_and_text_formats_become_their_chat_forms() {
+    let (chat, _) = translate(&json!({
+        "model": "m", "input": "x",
+        "tools": [{"type": "function", "name": "record_city", "description": "d",
+                   "parameters": {"type": "object"}, "strict": true}],
+        "tool_choice": {"type": "function", "name": "record_city"},
+        "text": {"format": {"type": "json_schema", "name": "city", "schema": {"type": "object"}, "strict": true}},
+        "reasoning": {"effort": "low"},
+        "parallel_tool_calls": false,
+    }))
+    .unwrap();
+    assert_eq!(
+        chat["tools"],
+        json!([{"type": "function", "function": {"name": "record_city", "description": "d",
+                "parameters": {"type": "object"}, "strict": true}}])
+    );
+    assert_eq!(
+        chat["tool_choice"],
+        json!({"type": "function", "function": {"name": "record_city"}})
+    );
+    assert_eq!(
+        chat["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}, "strict": true}})
+    );
+    assert_eq!(chat["reasoning_effort"], "low");
+    assert_eq!(chat["parallel_tool_calls"], false);
+    let (chat, _) =
+        translate(&json!({"model": "m", "input": "x", "text": {"format": {"type": "text"}}}))
+            .unwrap();
+    assert!(chat.get("response_format").is_none(), "{chat}");
+
+    // Extensions of neither API go on; chat fields that would reshape the answer do not.
+    let (chat, _) = translate(&json!({
+        "model": "m", "input": "x", "ignore_eos": true, "top_k": 5,
+        "messages": [{"role": "user", "content": "smuggled"}], "n": 3, "max_tokens": 9,
+        "response_format": {"type": "json_object"}, "logprobs": true,
+    }))
+    .unwrap();
+    assert_eq!(
+        chat,
+        json!({"model": "m", "stream": false, "ignore_eos": true, "top_k": 5,
+               "messages": [{"role": "user", "content": "x"}]})
+    );
+}
+
+#[test]
+fn what_needs_stored_state_or_built_in_tools_is_refused_by_param() {
+    let cases = [
+        (
+            json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+            "previous_response_id",
+            true,
+        ),
+        (
+            json!({"model": "m", "input": "x", "conversation": "conv_1"}),
+            "conversation",
+            true,
+        ),
+        (
+            json!({"model": "m", "input": "x", "background": true}),
+            "background",
+            true,
+        ),
+        (
+            json!({"model": "m", "input": "x", "include": ["file_search_call.results"]}),
+            "include",
+            true,
+        ),
+        (
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}),
+            "tools[0].type",
+            true,
+        ),
+        (
+            json!({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}),
+            "tool_choice.type",
+            true,
+        ),
+        (
+            json!({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}),
+            "input[0].type",
+            true,
+        ),
+        (
+            json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}),
+            "input[0].content[0].type",
+            true,
+        ),
+        (json!({"model": "m"}), "input", false),
+        (json!({"model": "m", "input": 7}), "input", false),
+        (
+            json!({"model": "m", "input": [{"role": "critic", "content": "x"}]}),
+            "input[0].role",
+            false,
+        ),
+        (
+            json!({"model": "m", "input": [{"type": "function_call_output", "output": "x"}]}),
+            "input[0].call_id",
+            false,
+        ),
+        (
+            json!({"model": "m", "input": "x", "text": {"format": {"type": "yaml"}}}),
+            "text.format.type",
+            false,
+        ),
+        (
+            json!({"model": "m", "input": "x", "stream": "yes"}),
+            "stream",
+            false,
+        ),
+    ];
+    for (request, expected, unsupported) in cases {
+        let error = translate(&request).expect_err(&request.to_string());
+        assert_eq!(
+            param(&error).as_deref(),
+            Some(expected),
+            "{request}: {error}"
+        );
+        assert_eq!(
+            matches!(error, GatewayError::UnsupportedParameter { .. }),
+            unsupported,
+            "{request}: {error:?}"
+        );
+    }
+    assert!(matches!(
+        to_chat(b"[1]", "r", 0).unwrap_err(),
+        GatewayError::InvalidJson { .. }
+    ));
+}
+
+#[test]
+fn a_chat_completion_becomes_a_response_object() {
+    let (_, mut transcoder) = translate(&json!({
+        "model": "smollm2", "input": "x", "instructions": "Be brief.", "max_output_tokens": 16,
+    }))
+    .unwrap();
+    let chat = json!({
+        "id": "chatcmpl-r1", "object": "chat.completion", "created": 1, "model": "smollm2",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23,
+                  "prompt_tokens_details": {"cached_tokens": 16}},
+    });
+    let response: Value =
+        serde_json::from_slice(&transcoder.json(&serde_json::to_vec(&chat).unwrap())).unwrap();
+    assert_eq!(response["id"], "resp_r1");
+    assert_eq!(response["object"], "response");
+    assert_eq!(response["status"], "completed");
+    assert_eq!(response["instructions"], "Be brief.");
+    assert_eq!(response["max_output_tokens"], 16);
+    assert_eq!(response["store"], false);
+    assert_eq!(
+        response["output"],
+        json!([{"id": "msg_r1", "type": "message", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "Paris.", "annotations": [], "logprobs": []}]}])
+    );
+    assert_eq!(
+        response["usage"],
+        json!({"input_tokens": 20, "input_tokens_details": {"cached_tokens": 16},
+               "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
+               "total_tokens": 23})
+    );
+}
+
+#[test]
+fn calls_and_cut_off_answers_keep_their_meaning() {
+    let (_, mut transcoder) = translate(&json!({"model": "m", "input": "x"})).unwrap();
+    let called = json!({"model": "m", "choices": [{"index": 0, "finish_reason": "tool_calls",
+        "message": {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]}}]});
+    let response: Value =
+        serde_json::from_slice(&transcoder.json(&serde_json::to_vec(&called).unwrap())).unwrap();
+    assert_eq!(response["status"], "completed");
+    assert_eq!(
+        response["output"],
+        json!([{"id": "fc_r1_0", "type": "function_call", "status": "completed",
+                "call_id": "call_1", "name": "f", "arguments": "{\"a\":1}"}])
+    );
+
+    let (_, mut transcoder) = translate(&json!({"model": "m", "input": "x"})).unwrap();
+    let cut = json!({"model": "m", "choices": [{"index": 0, "finish_reason": "length",
+        "message": {"role": "assistant", "content": "Par"}}]});
+    let response: Value =
+        serde_json::from_slice(&transcoder.json(&serde_json::to_vec(&cut).unwrap())).unwrap();
+    assert_eq!(response["status"], "incomplete");
+    assert_eq!(
+        response["incomplete_details"],
+        json!({"reason": "max_output_tokens"})
+    );
+    assert_eq!(response["output"][0]["status"], "incomplete");
+
+    // An error body is the same in both APIs: it passes unchanged.
+    let error =
+        br#"{"error":{"message":"m","type":"invalid_request_error","param":null,"code":null}}"#;
+    assert_eq!(transcoder.json(error), error.to_vec());
+}
+
+#[test]
+fn a_chat_stream_becomes_the_responses_events_in_order() {
+    let (_, mut transcoder) =
+        translate(&json!({"model": "smollm2", "input": "x", "stream": true})).unwrap();
+    let bytes = sse(&[
+        chunk(json!({"role": "assistant", "content": ""}), None),
+        chunk(json!({"content": "Par"}), None),
+        chunk(json!({"content": "is."}), None),
+        chunk(json!({}), Some("stop")),
+        json!({"id": "chatcmpl-r1", "model": "smollm2", "choices": [],
+               "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}),
+    ]);
+    // Written in pieces that cut events apart: what comes out does not depend on it.
+    let mut out = Vec::new();
+    for piece in bytes.chunks(7) {
+        out.extend(transcoder.stream(piece));
+    }
+    let events = parse_events(&out);
+    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    for (number, (_, data)) in events.iter().enumerate() {
+        assert_eq!(data["sequence_number"], number as u64);
+    }
+    assert_eq!(events[4].1["delta"], "Par");
+    assert_eq!(events[6].1["text"], "Paris.");
+    let completed = &events[9].1["response"];
+    assert_eq!(completed["status"], "completed");
+    assert_eq!(completed["output"][0]["content"][0]["text"], "Paris.");
+    assert_eq!(completed["usage"]["output_tokens"], 2);
+    assert_eq!(events[0].1["response"]["status"], "in_progress");
+    assert!(events[0].1["response"]["usage"].is_null());
+}
+
+#[test]
+fn a_streamed_call_and_a_streamed_error_become_their_events() {
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let out = transcoder.stream(&sse(&[
+        chunk(json!({"role": "assistant", "content": ""}), None),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                      "function": {"name": "f", "arguments": ""}}]}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\""}}]}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}),
+            None,
+        ),
+        chunk(json!({}), Some("tool_calls")),
+    ]));
+    let events = parse_events(&out);
+    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    assert_eq!(events[2].1["item"]["call_id"], "call_1");
+    assert_eq!(events[5].1["arguments"], "{\"a\":1}");
+    assert_eq!(
+        events[7].1["response"]["output"][0]["arguments"],
+        "{\"a\":1}"
+    );
+
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let failed = transcoder.stream(&crate::openai::sse_event(&json!({"error": {
+        "message": "the queue timed out", "type": "server_error", "param": null, "code": "timeout"}})));
+    let mut failed = failed.to_vec();
+    failed.extend(transcoder.stream(crate::openai::SSE_DONE));
+    let events = parse_events(&failed);
+    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
+    // The error comes first (the chat path sends it before any token), then the end.
+    assert_eq!(
+        kinds,
+        [
+            "error",
+            "response.created",
+            "response.in_progress",
+            "response.failed"
+        ]
+    );
+    assert_eq!(events[0].1["code"], "timeout");
+    assert_eq!(events[0].1["message"], "the queue timed out");
+    let response = &events[3].1["response"];
+    assert_eq!(response["status"], "failed");
+    assert_eq!(response["error"]["code"], "timeout");
+}

@@ -1,0 +1,272 @@
+//! `POST /v1/responses` end to end: the local model answers a Responses request with the
+//! text the same chat request gets, as a Response object and as the Responses stream events;
+//! what needs stored responses is refused with its parameter; the audit record names the
+//! operation; and the routing policy reads every place of a Responses request — a card number
+//! in a function's output keeps it local, an e-mail address is redacted on its way to the
+//! cloud and restored in the streamed answer.
+
+use serde_json::{Value, json};
+use tests::{API_KEY, Gateway, GatewayOptions, Upstream, serial};
+
+use crate::block_on;
+use crate::upstream::options;
+
+async fn post(
+    gateway: &Gateway,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = tests::client()
+        .post(gateway.url(path))
+        .bearer_auth(API_KEY)
+        .json(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+/// The events of a Responses stream as (event name, data); each data's `type` is the name.
+fn events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|event| !event.trim().is_empty())
+        .map(|event| {
+            let mut name = None;
+            let mut data = None;
+            for line in event.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = Some(value.to_owned());
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = Some(
+                        serde_json::from_str::<Value>(value)
+                            .unwrap_or_else(|_| panic!("not JSON: {value}")),
+                    );
+                }
+            }
+            let (name, data) = (name.expect(event), data.expect(event));
+            assert_eq!(data["type"], name.as_str(), "{event}");
+            (name, data)
+        })
+        .collect()
+}
+
+/// The text a Response object's message items carry.
+fn output_text(response: &Value) -> String {
+    response["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|item| item["type"] == "message")
+        .flat_map(|item| item["content"].as_array().unwrap().iter())
+        .filter(|part| part["type"] == "output_text")
+        .map(|part| part["text"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_local_model_answers_a_responses_request_as_it_answers_chat() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions::default());
+    block_on(async {
+        let question = "What is the capital of France?";
+        let chat: Value = post(
+            &gateway,
+            "/v1/chat/completions",
+            &json!({"model": "smollm2", "temperature": 0, "max_tokens": 8,
+                    "messages": [{"role": "system", "content": "Answer briefly."},
+                                 {"role": "user", "content": question}]}),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        let chat_text = chat["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!chat_text.trim().is_empty(), "{chat}");
+        let request = json!({"model": "smollm2", "temperature": 0, "max_output_tokens": 8,
+                             "instructions": "Answer briefly.", "input": question,
+                             "metadata": {"ticket": "T-1"}});
+
+        let response = post(
+            &gateway,
+            "/v1/responses",
+            &request,
+            &[("x-request-id", "r-1")],
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-isthmus-route"], "local");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["object"], "response");
+        assert_eq!(answer["id"], "resp_r-1");
+        assert_eq!(answer["model"], "smollm2");
+        assert_eq!(answer["instructions"], "Answer briefly.");
+        assert_eq!(answer["metadata"], json!({"ticket": "T-1"}));
+        assert_eq!(answer["store"], false);
+        // Greedy, one sequence each, the same prompt tokens: the same text.
+        assert_eq!(output_text(&answer), chat_text, "{answer}");
+        let finish = chat["choices"][0]["finish_reason"].as_str().unwrap();
+        let status = if finish == "length" {
+            "incomplete"
+        } else {
+            "completed"
+        };
+        assert_eq!(answer["status"], status, "{answer}");
+        let usage = &answer["usage"];
+        assert_eq!(
+            usage["input_tokens"], chat["usage"]["prompt_tokens"],
+            "{answer}"
+        );
+        assert_eq!(usage["output_tokens"], chat["usage"]["completion_tokens"]);
+        assert_eq!(usage["total_tokens"], chat["usage"]["total_tokens"]);
+
+        let mut streamed = request.clone();
+        streamed["stream"] = json!(true);
+        let response = post(&gateway, "/v1/responses", &streamed, &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let text = response.text().await.unwrap();
+        assert!(
+            !text.contains("[DONE]"),
+            "a Responses stream ends with its last event"
+        );
+        let events = events(&text);
+        for (number, (_, data)) in events.iter().enumerate() {
+            assert_eq!(data["sequence_number"], number, "{text}");
+        }
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names[..4],
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added"
+            ],
+            "{text}"
+        );
+        let last = format!("response.{status}");
+        assert_eq!(
+            names[names.len() - 4..],
+            [
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                last.as_str()
+            ],
+            "{text}"
+        );
+        let deltas: String = events
+            .iter()
+            .filter(|(name, _)| name == "response.output_text.delta")
+            .map(|(_, data)| data["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(deltas, chat_text);
+        let done = &events.last().unwrap().1["response"];
+        assert_eq!(output_text(done), chat_text);
+        assert_eq!(
+            done["usage"]["output_tokens"],
+            chat["usage"]["completion_tokens"]
+        );
+
+        // What needs stored responses, or is not a Responses request, is refused by name.
+        for (body, param, code) in [
+            (
+                json!({"model": "smollm2", "input": "Hi", "previous_response_id": "resp_1"}),
+                "previous_response_id",
+                "unsupported_parameter",
+            ),
+            (
+                json!({"model": "smollm2", "input": "Hi", "tools": [{"type": "web_search"}]}),
+                "tools[0].type",
+                "unsupported_parameter",
+            ),
+            (
+                json!({"model": "smollm2", "instructions": "Hi"}),
+                "input",
+                "invalid_value",
+            ),
+        ] {
+            let response = post(&gateway, "/v1/responses", &body, &[]).await;
+            assert_eq!(response.status(), 400, "{body}");
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["error"]["param"], param, "{error}");
+            assert_eq!(error["error"]["code"], code, "{error}");
+        }
+
+        // The audit record names the operation.
+        let (status, body) = crate::console::admin_json(
+            &gateway,
+            reqwest::Method::GET,
+            "/admin/api/audit/records?category=IsthmusAudit&limit=50",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let answered = body["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| record["RequestId"] == "r-1" && record["ResultType"] == "Succeeded")
+            .unwrap_or_else(|| panic!("no outcome record for r-1: {body}"));
+        assert_eq!(
+            answered["OperationName"],
+            "Isthmus/inference/responses/action"
+        );
+    });
+}
+
+#[test]
+fn the_policy_reads_every_part_of_a_responses_request() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let gateway = crate::policy::start(&upstream);
+    block_on(async {
+        // A card number in a function's output: the sensitive rule keeps the request local.
+        let body = json!({
+            "model": "smollm2", "temperature": 0, "max_output_tokens": 4,
+            "input": [
+                {"role": "user", "content": "Look up my card."},
+                {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1",
+                 "output": "card 4111 1111 1111 1111, expires 12/29"},
+            ],
+        });
+        let response = post(&gateway, "/v1/responses", &body, &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-isthmus-route"], "local");
+        assert_eq!(response.headers()["x-isthmus-rule"], "sensitive-local");
+
+        // Redact-then-cloud: the cloud sees placeholders, the client the values.
+        let secret = "Write to jane.doe@contoso.com about the overdue invoice today.";
+        for stream in [true, false] {
+            upstream.clear_requests().await;
+            let body = json!({"model": "smollm2", "instructions": "Be polite.", "input": secret,
+                              "stream": stream, "fake_echo": true});
+            let response = post(&gateway, "/v1/responses", &body, &[("x-team", "finance")]).await;
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["x-isthmus-route"], "cloud");
+            assert_eq!(response.headers()["x-isthmus-rule"], "finance-redacts");
+            let answer = if stream {
+                let text = response.text().await.unwrap();
+                events(&text).last().unwrap().1["response"].clone()
+            } else {
+                response.json().await.unwrap()
+            };
+            assert_eq!(answer["status"], "completed", "{answer}");
+            assert_eq!(output_text(&answer), secret, "{answer}");
+            let requests = upstream.requests().await;
+            let chats: Vec<&Value> = requests
+                .iter()
+                .filter(|request| request["path"] == "/v1/chat/completions")
+                .collect();
+            assert_eq!(chats.len(), 1, "{requests:?}");
+            assert_eq!(
+                chats[0]["last_message"],
+                "Write to <EMAIL_1> about the overdue invoice today."
+            );
+        }
+    });
+}
