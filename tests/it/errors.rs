@@ -128,7 +128,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
 
         // Unknown path and wrong method.
         let response = client()
-            .post(gateway.url("/v1/responses"))
+            .post(gateway.url("/v1/assistants"))
             .bearer_auth(API_KEY)
             .send()
             .await

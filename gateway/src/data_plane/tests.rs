@@ -20,6 +20,7 @@ fn paths_map_to_operations() {
         "Completions { deployment: None }"
     );
     assert_eq!(check(Method::GET, "/v1/models", None), "Models");
+    assert_eq!(check(Method::POST, "/v1/responses", None), "Responses");
     assert_eq!(
         check(Method::POST, "/v1/embeddings", None),
         "Embeddings { deployment: None }"
@@ -53,8 +54,17 @@ fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
         "405 method GET is not allowed for /v1/embeddings"
     );
     assert_eq!(
-        check(Method::POST, "/v1/responses", None),
-        "404 unknown URL: POST /v1/responses"
+        check(Method::GET, "/v1/responses", None),
+        "405 method GET is not allowed for /v1/responses"
+    );
+    // The gateway keeps no responses to fetch.
+    assert_eq!(
+        check(Method::GET, "/v1/responses/resp_1", None),
+        "404 unknown URL: GET /v1/responses/resp_1"
+    );
+    assert_eq!(
+        check(Method::POST, "/v1/assistants", None),
+        "404 unknown URL: POST /v1/assistants"
     );
     assert_eq!(
         check(
