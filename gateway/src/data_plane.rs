@@ -234,7 +234,14 @@ fn route_path(
             Err(not_allowed())
         }
     };
-    match path.trim_end_matches('/') {
+    let path = path.trim_end_matches('/');
+    // Azure OpenAI's v1 API (`{endpoint}/openai/v1/...`) names the model in the body, as
+    // OpenAI's own does: the same operations.
+    let path = match path.strip_prefix("/openai") {
+        Some(rest) if rest.starts_with("/v1/") => rest,
+        _ => path,
+    };
+    match path {
         "/v1/chat/completions" => post(Operation::Chat { deployment: None }),
         "/v1/completions" => post(Operation::Completions { deployment: None }),
         "/v1/embeddings" => post(Operation::Embeddings { deployment: None }),

@@ -21,6 +21,16 @@ fn paths_map_to_operations() {
     );
     assert_eq!(check(Method::GET, "/v1/models", None), "Models");
     assert_eq!(check(Method::POST, "/v1/responses", None), "Responses");
+    // Azure OpenAI's v1 API: the model in the body, no api-version.
+    assert_eq!(
+        check(Method::POST, "/openai/v1/chat/completions", None),
+        "Chat { deployment: None }"
+    );
+    assert_eq!(
+        check(Method::POST, "/openai/v1/responses", None),
+        "Responses"
+    );
+    assert_eq!(check(Method::GET, "/openai/v1/models", None), "Models");
     assert_eq!(
         check(Method::POST, "/v1/embeddings", None),
         "Embeddings { deployment: None }"
