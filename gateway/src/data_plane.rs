@@ -245,7 +245,8 @@ fn route_path(
         "/v1/chat/completions" => post(Operation::Chat { deployment: None }),
         "/v1/completions" => post(Operation::Completions { deployment: None }),
         "/v1/embeddings" => post(Operation::Embeddings { deployment: None }),
-        "/v1/responses" => post(Operation::Responses),
+        // Azure OpenAI's preview form of the Responses API (`?api-version=`) too.
+        "/v1/responses" | "/openai/responses" => post(Operation::Responses),
         "/v1/models" => {
             if method == http::Method::GET {
                 Ok(Operation::Models)

@@ -32,6 +32,14 @@ fn paths_map_to_operations() {
     );
     assert_eq!(check(Method::GET, "/openai/v1/models", None), "Models");
     assert_eq!(
+        check(
+            Method::POST,
+            "/openai/responses",
+            Some("api-version=2025-04-01-preview")
+        ),
+        "Responses"
+    );
+    assert_eq!(
         check(Method::POST, "/v1/embeddings", None),
         "Embeddings { deployment: None }"
     );
