@@ -78,45 +78,42 @@ impl Admin {
 }
 
 impl Admin {
-    /// Explains the routing of the chat body posted, with the admin request's headers as the
-    /// request's and the live signals; nothing runs and no state changes.
+    /// Explains the routing of the body posted, as if sent to `?path=` (default
+    /// `/v1/chat/completions`; `/v1/responses` reads a Responses API body), with the admin
+    /// request's headers as the request's and the live signals; nothing runs and no state
+    /// changes.
     async fn explain(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         const EXPLAIN_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
         let body = match read_body(session, EXPLAIN_BODY_BYTES_MAX).await {
             Ok(body) => body,
             Err(response) => return response,
         };
-        let envelope = match crate::openai::parse_envelope(&body) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                return json(
-                    error.status(),
-                    &serde_json::to_value(error.body()).unwrap_or_default(),
-                );
+        let mut target = crate::facts::EXPLAIN_TARGET_DEFAULT.to_owned();
+        for (key, value) in query_pairs(session.req_header().uri.query().unwrap_or_default()) {
+            match key.as_str() {
+                "path" => target = value,
+                _ => {
+                    return openai_error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown query parameter `{key}` (path)"),
+                        "invalid_request_error",
+                        "invalid_query",
+                    );
+                }
             }
-        };
+        }
         let routing = self.state.routing();
         let header = session.req_header();
         let headers = crate::facts::header_pairs(&header.headers);
-        let request = crate::facts::RequestView {
-            path: "/v1/chat/completions",
-            target: "/v1/chat/completions",
-            method: "POST",
-            headers: &headers,
-            caller: None,
-            model: envelope.model.as_deref(),
-            body: &body,
-        };
         let loads = self.state.local_loads();
         let state = self.state.route_state();
-        let evaluation =
-            crate::facts::evaluate(&routing, &request, &loads, |policy, facts, signals| {
-                router_policies::decide(policy, facts, signals, state)
-            });
-        json(
-            StatusCode::OK,
-            &crate::facts::explanation(&evaluation, &routing.policy),
-        )
+        match crate::facts::explain(&routing, &target, &headers, &body, &loads, state) {
+            Ok(explanation) => json(StatusCode::OK, &explanation),
+            Err(error) => json(
+                error.status(),
+                &serde_json::to_value(error.body()).unwrap_or_default(),
+            ),
+        }
     }
 }
 

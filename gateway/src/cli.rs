@@ -47,6 +47,10 @@ pub enum Command {
         /// JSON Lines of request bodies (standard input when absent).
         #[arg(long)]
         jsonl: Option<PathBuf>,
+        /// The data-plane path the requests are sent to, with its query for the Azure form;
+        /// `/v1/responses` reads Responses API bodies.
+        #[arg(long, default_value = crate::facts::EXPLAIN_TARGET_DEFAULT)]
+        path: String,
     },
     /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
     Bench(BenchArgs),
@@ -207,7 +211,11 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 /// `isthmus explain`: decides every request of the input without running it. Signals are
 /// those of an idle gateway (empty queues, every pool available).
-fn explain(config_path: &std::path::Path, jsonl: Option<&std::path::Path>) -> ExitCode {
+fn explain(
+    config_path: &std::path::Path,
+    jsonl: Option<&std::path::Path>,
+    target: &str,
+) -> ExitCode {
     use std::io::{BufRead as _, Write as _};
     let loaded = match load_config(config_path) {
         Ok(loaded) => loaded,
@@ -247,27 +255,14 @@ fn explain(config_path: &std::path::Path, jsonl: Option<&std::path::Path>) -> Ex
         if line.trim().is_empty() {
             continue;
         }
-        let result = crate::openai::parse_envelope(line.as_bytes()).map(|envelope| {
-            let request = crate::facts::RequestView {
-                path: "/v1/chat/completions",
-                target: "/v1/chat/completions",
-                method: "POST",
-                headers: &[("content-type", "application/json")],
-                caller: None,
-                model: envelope.model.as_deref(),
-                body: line.as_bytes(),
-            };
-            let evaluation =
-                crate::facts::evaluate(&routing, &request, &[], |policy, facts, signals| {
-                    router_policies::decide(
-                        policy,
-                        facts,
-                        signals,
-                        router_policies::RouteState::default(),
-                    )
-                });
-            crate::facts::explanation(&evaluation, &routing.policy)
-        });
+        let result = crate::facts::explain(
+            &routing,
+            target,
+            &[("content-type", "application/json")],
+            line.as_bytes(),
+            &[],
+            router_policies::RouteState::default(),
+        );
         let mut record = match result {
             Ok(explanation) => explanation,
             Err(error) => {
@@ -361,7 +356,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Audit {
             command: AuditCommand::Report { path, pubkey, json },
         } => crate::audit::report::run(&path, pubkey.as_deref(), json),
-        Command::Explain { config, jsonl } => explain(&config, jsonl.as_deref()),
+        Command::Explain {
+            config,
+            jsonl,
+            path,
+        } => explain(&config, jsonl.as_deref(), &path),
         Command::Probe {
             admin,
             path,

@@ -218,6 +218,18 @@ impl Api {
     }
 }
 
+/// Whether `target` (a data-plane path, with its query) is where inference requests go, and
+/// whether it is the Responses API: what `explain` needs to read a body as serving would.
+pub(crate) fn explain_target(target: &str) -> Result<bool, GatewayError> {
+    let (path, query) = target
+        .split_once('?')
+        .map_or((target, None), |(path, query)| (path, Some(query)));
+    Ok(matches!(
+        route_path(&http::Method::POST, path, query)?,
+        Operation::Responses
+    ))
+}
+
 fn route_path(
     method: &http::Method,
     path: &str,

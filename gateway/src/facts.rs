@@ -188,6 +188,47 @@ fn redacted_clean(
         .then_some((redacted, map))
 }
 
+/// Where `isthmus explain` and `POST /admin/api/explain` take a request to be sent unless
+/// told otherwise.
+pub const EXPLAIN_TARGET_DEFAULT: &str = "/v1/chat/completions";
+
+/// Explains `body` as if it were POSTed to `target` (a data-plane path with its query): a
+/// Responses API body is first translated into its chat body as the data plane translates
+/// it, so the decision explained is the one serving would make.
+pub fn explain(
+    routing: &Routing,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    loads: &[(String, u64, f32)],
+    state: router_policies::RouteState,
+) -> Result<Value, crate::error::GatewayError> {
+    let translated;
+    let body = if crate::data_plane::explain_target(target)? {
+        translated = crate::openai::responses::to_chat(body, "explain", 0)?.chat_body;
+        translated.as_slice()
+    } else {
+        body
+    };
+    let envelope = crate::openai::parse_envelope(body)?;
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let request = RequestView {
+        path,
+        target,
+        method: "POST",
+        headers,
+        caller: None,
+        model: envelope.model.as_deref(),
+        body,
+    };
+    let evaluation = evaluate(routing, &request, loads, |policy, facts, signals| {
+        router_policies::decide(policy, facts, signals, state)
+    });
+    let mut explained = explanation(&evaluation, &routing.policy);
+    explained["path"] = Value::String(path.to_owned());
+    Ok(explained)
+}
+
 /// The JSON explanation of an evaluation: decision, rule, complexity, entity types, and each
 /// rule's verdict (rules after the deciding one were not evaluated).
 pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) -> Value {

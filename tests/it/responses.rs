@@ -2,8 +2,8 @@
 //! text the same chat request gets, as a Response object and as the Responses stream events;
 //! what needs stored responses is refused with its parameter; the audit record names the
 //! operation; and the routing policy reads every place of a Responses request — a card number
-//! in a function's output keeps it local, an e-mail address is redacted on its way to the
-//! cloud and restored in the streamed answer.
+//! in a function's output keeps it local (and `explain` of the same body says so), an e-mail
+//! address is redacted on its way to the cloud and restored in the streamed answer.
 
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, Upstream, serial};
@@ -238,6 +238,49 @@ fn the_policy_reads_every_part_of_a_responses_request() {
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["x-isthmus-route"], "local");
         assert_eq!(response.headers()["x-isthmus-rule"], "sensitive-local");
+        // Explain reads the body as the path it names would: the same decision.
+        let (status, explained) = crate::console::admin_json(
+            &gateway,
+            reqwest::Method::POST,
+            "/admin/api/explain?path=/v1/responses",
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 200, "{explained}");
+        assert_eq!(explained["rule"], "sensitive-local", "{explained}");
+        assert_eq!(explained["entities"], json!(["credit_card"]));
+        assert_eq!(explained["path"], "/v1/responses");
+        let (status, refused) = crate::console::admin_json(
+            &gateway,
+            reqwest::Method::POST,
+            "/admin/api/explain?path=/v1/responses",
+            Some(r#"{"model": "smollm2", "input": "x", "previous_response_id": "resp_1"}"#),
+        )
+        .await;
+        assert_eq!(status, 400, "{refused}");
+        assert_eq!(refused["error"]["param"], "previous_response_id");
+        let (status, refused) = crate::console::admin_json(
+            &gateway,
+            reqwest::Method::POST,
+            "/admin/api/explain?path=/v1/models",
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 405, "{refused}");
+        let lines = tests::scratch_dir();
+        let input = lines.path().join("responses.jsonl");
+        std::fs::write(&input, format!("{body}\n")).unwrap();
+        let output = std::process::Command::new(tests::isthmus_binary())
+            .args(["explain", "--path", "/v1/responses", "--config"])
+            .arg(gateway.dir.path().join("isthmus.toml"))
+            .arg("--jsonl")
+            .arg(&input)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let line: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(line["rule"], "sensitive-local", "{line}");
+        assert_eq!(line["entities"], json!(["credit_card"]));
 
         // Redact-then-cloud: the cloud sees placeholders, the client the values.
         let secret = "Write to jane.doe@contoso.com about the overdue invoice today.";
