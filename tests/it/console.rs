@@ -457,9 +457,15 @@ fn an_operator_uses_the_console_in_a_real_browser() {
     block_on(traffic(&gateway));
     let console = tests::workspace_root().join("gateway/console");
     let script = console.join("e2e/console.e2e.mjs");
+    // A Responses API request, explained as sent to /v1/responses: the card number is in a
+    // function's output, which the translation makes a tool message the policy reads.
     let explain = json!({
         "model": "gpt-4o",
-        "messages": [{"role": "user", "content": "Refund card 4111 1111 1111 1111, please"}],
+        "input": [
+            {"role": "user", "content": "Refund my last payment, please"},
+            {"type": "function_call", "call_id": "c1", "name": "last_payment", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "card 4111 1111 1111 1111"},
+        ],
     });
     let output = Command::new("node")
         .arg(&script)
@@ -469,6 +475,7 @@ fn an_operator_uses_the_console_in_a_real_browser() {
         .env("CHROMIUM", chromium())
         .env("ISTHMUS_CANARY", "aks/v2/50")
         .env("ISTHMUS_EXPLAIN_BODY", explain.to_string())
+        .env("ISTHMUS_EXPLAIN_PATH", "/v1/responses")
         // After the canary step has set v2 to 50, the configuration page sets v1 to 70.
         .env(
             "ISTHMUS_CONFIG_EDIT",

@@ -9,7 +9,8 @@
 //   ISTHMUS_ADMIN_TOKEN   the admin bearer token; empty when the API needs none
 //   CHROMIUM              the browser to drive (default /usr/bin/chromium)
 //   ISTHMUS_CANARY        pool/backend/weight to apply on the upstreams page, e.g. aks/v2/50
-//   ISTHMUS_EXPLAIN_BODY  a chat completion request to explain (default: the page's sample)
+//   ISTHMUS_EXPLAIN_BODY  a request to explain (default: the page's sample)
+//   ISTHMUS_EXPLAIN_PATH  the path it is explained as sent to (default: the page's first)
 //   ISTHMUS_EXPLAIN_CLASSIFICATION  an x-data-classification value to send with it (optional)
 //   ISTHMUS_CONFIG_EDIT   `FROM=>TO`: on the configuration page, replace FROM by TO, save it,
 //                         and before that check that a broken file is refused (optional)
@@ -30,6 +31,7 @@ const token = process.env.ISTHMUS_ADMIN_TOKEN ?? '';
 const chromium = process.env.CHROMIUM || '/usr/bin/chromium';
 const canary = process.env.ISTHMUS_CANARY ?? '';
 const explainBody = process.env.ISTHMUS_EXPLAIN_BODY ?? '';
+const explainPath = process.env.ISTHMUS_EXPLAIN_PATH ?? '';
 const explainClassification = process.env.ISTHMUS_EXPLAIN_CLASSIFICATION ?? '';
 const configEdit = process.env.ISTHMUS_CONFIG_EDIT ?? '';
 
@@ -204,6 +206,9 @@ async function applyCanary(page) {
 async function explain(page) {
   step = 'explain: filling the form';
   await navigate(page, 'explain');
+  if (explainPath !== '') {
+    await page.select(byTestId('explain-path'), explainPath);
+  }
   if (explainBody !== '') {
     await setValue(page, byTestId('explain-body'), explainBody);
   }

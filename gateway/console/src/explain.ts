@@ -1,6 +1,6 @@
-// The explain page: sends a chat completion request to `POST /admin/api/explain`, which runs the
-// routing policy and the firewall on it without answering it, and shows the decision, the
-// verdict of each rule and the firewall's findings.
+// The explain page: sends a request body to `POST /admin/api/explain?path=…`, which runs the
+// routing policy and the firewall on it as if it came to that data-plane path, without
+// answering it, and shows the decision, the verdict of each rule and the firewall's findings.
 
 import * as api from './api';
 import { cell, el, pill, table } from './dom';
@@ -19,6 +19,24 @@ const SAMPLE_BODY = JSON.stringify(
   null,
   2,
 );
+
+/** The same request for the Responses API. */
+const SAMPLE_RESPONSES_BODY = JSON.stringify(
+  {
+    model: 'gpt-4o-mini',
+    instructions: 'You are a concise assistant.',
+    input: 'Summarise our refund policy in three bullet points.',
+    max_output_tokens: 256,
+  },
+  null,
+  2,
+);
+
+/** The data-plane paths a body can be explained as sent to, and each one's sample body. */
+const PATHS: Record<string, string> = {
+  '/v1/chat/completions': SAMPLE_BODY,
+  '/v1/responses': SAMPLE_RESPONSES_BODY,
+};
 
 const CLASSIFICATION_HEADER = 'x-data-classification';
 
@@ -68,6 +86,7 @@ function field(label: string, value: Node | string, testId?: string): HTMLElemen
 export class Explain implements View {
   readonly element: HTMLElement;
   private readonly body: HTMLTextAreaElement;
+  private readonly path: HTMLSelectElement;
   private readonly classification: HTMLInputElement;
   private readonly headers: HTMLTextAreaElement;
   private readonly submit: HTMLButtonElement;
@@ -81,6 +100,17 @@ export class Explain implements View {
       'aria-label': 'Chat completion request body (JSON)',
     });
     this.body.value = SAMPLE_BODY;
+    this.path = el(
+      'select',
+      { 'data-testid': 'explain-path', 'aria-label': 'Path the request is sent to' },
+      Object.keys(PATHS).map((path) => el('option', { value: path, text: path })),
+    );
+    this.path.addEventListener('change', () => {
+      // A sample body follows the path; a body the operator wrote stays.
+      if (Object.values(PATHS).includes(this.body.value)) {
+        this.body.value = PATHS[this.path.value] ?? SAMPLE_BODY;
+      }
+    });
     this.classification = el('input', {
       type: 'text',
       'data-testid': 'explain-classification',
@@ -99,7 +129,8 @@ export class Explain implements View {
     this.result = el('section', { class: 'explain-result', 'data-testid': 'explain-result', 'data-state': 'idle' });
 
     const form = el('form', { class: 'explain-form' }, [
-      el('label', { class: 'stacked' }, ['Request body (OpenAI chat completion JSON)', this.body]),
+      el('label', { class: 'stacked' }, ['Sent to', this.path]),
+      el('label', { class: 'stacked' }, ['Request body (JSON)', this.body]),
       el('div', { class: 'header-fields' }, [
         el('label', { class: 'stacked' }, [`${CLASSIFICATION_HEADER} header`, this.classification]),
         el(
@@ -120,7 +151,7 @@ export class Explain implements View {
       el('div', { class: 'page-head' }, [el('h1', { text: 'Explain a routing decision' })]),
       el('p', {
         class: 'muted intro',
-        text: 'Runs the routing policy and the firewall on a request as if it came to /v1/chat/completions; nothing is sent to a model.',
+        text: 'Runs the routing policy and the firewall on a request as if it came to the chosen path (a Responses API body is translated as serving translates it); nothing is sent to a model.',
       }),
       el('div', { class: 'explain-layout' }, [form, this.result]),
     ]);
@@ -147,7 +178,7 @@ export class Explain implements View {
       return;
     }
     if (!api.isObject(parsed)) {
-      this.fail('The body must be a JSON object: a chat completion request.', 'invalid');
+      this.fail('The body must be a JSON object: a request for the chosen path.', 'invalid');
       return;
     }
     const headers = parseHeaderLines(this.headers.value);
@@ -165,7 +196,8 @@ export class Explain implements View {
     this.result.dataset['state'] = 'pending';
     this.result.replaceChildren(el('p', { class: 'muted', text: 'Explaining…' }));
     try {
-      const answer = await api.call('POST', '/admin/api/explain', { body: raw, headers });
+      const target = `/admin/api/explain?path=${encodeURIComponent(this.path.value)}`;
+      const answer = await api.call('POST', target, { body: raw, headers });
       if (answer.status === 200 && api.isObject(answer.body)) {
         this.render(answer.body);
       } else {
