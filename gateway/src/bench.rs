@@ -151,6 +151,18 @@ pub struct BenchOptions {
     pub salt: u64,
     /// Fields merged into every request body last (they override the bench's own).
     pub extra_body: serde_json::Map<String, Value>,
+    /// The API the requests speak.
+    pub api: BenchApi,
+}
+
+/// The API a bench speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchApi {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/responses`: the shared prefix as `instructions`, the prompt as `input`,
+    /// `max_output_tokens`; a stream's tokens are its `response.output_text.delta` events.
+    Responses,
 }
 
 /// One finished request.
@@ -256,18 +268,39 @@ fn request_body(options: &BenchOptions, index: u64) -> Value {
         "role": "user",
         "content": format!("Continue this text:{}", words(own, options.salt ^ (index + 1))),
     }));
-    let mut body = json!({
-        "model": options.model,
-        "messages": messages,
-        "max_tokens": options.max_tokens,
-        "temperature": 0,
-        "stream": options.stream,
-    });
+    let mut body = match options.api {
+        BenchApi::Chat => {
+            let mut body = json!({
+                "model": options.model,
+                "messages": messages,
+                "max_tokens": options.max_tokens,
+                "temperature": 0,
+                "stream": options.stream,
+            });
+            if options.stream {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            body
+        }
+        BenchApi::Responses => {
+            let mut body = json!({
+                "model": options.model,
+                "max_output_tokens": options.max_tokens,
+                "temperature": 0,
+                "stream": options.stream,
+            });
+            // The same texts as the chat messages: a system message is `instructions`.
+            for message in messages {
+                match message["role"].as_str() {
+                    Some("system") => body["instructions"] = message["content"].clone(),
+                    _ => body["input"] = message["content"].clone(),
+                }
+            }
+            body
+        }
+    };
     if options.ignore_eos {
         body["ignore_eos"] = json!(true);
-    }
-    if options.stream {
-        body["stream_options"] = json!({"include_usage": true});
     }
     if let Some(fields) = body.as_object_mut() {
         fields.extend(options.extra_body.clone());
@@ -297,7 +330,11 @@ async fn one_request(
     index: u64,
     scheduled: Option<Instant>,
 ) -> Result<Sample, String> {
-    let url = format!("{}/v1/chat/completions", options.url.trim_end_matches('/'));
+    let path = match options.api {
+        BenchApi::Chat => "/v1/chat/completions",
+        BenchApi::Responses => "/v1/responses",
+    };
+    let url = format!("{}{path}", options.url.trim_end_matches('/'));
     let body = request_body(options, index);
     let send = || {
         let mut request = client.post(&url).json(&body);
@@ -330,15 +367,13 @@ async fn one_request(
     if !options.stream {
         let body: Value = response.json().await.map_err(|error| error.to_string())?;
         let end_to_end = started.elapsed();
-        let usage = &body["usage"];
+        let usage = Usage::of(&body["usage"]);
         return Ok(Sample {
             ttft: end_to_end,
             end_to_end,
-            output_tokens: usage["completion_tokens"].as_u64().unwrap_or(0) as u32,
-            prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as u32,
-            cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
-                .as_u64()
-                .unwrap_or(0) as u32,
+            output_tokens: usage.output,
+            prompt_tokens: usage.prompt,
+            cached_tokens: usage.cached,
             gaps: Vec::new(),
         });
     }
@@ -353,21 +388,40 @@ async fn one_request(
         buffer.extend_from_slice(&bytes);
         while let Some(end) = buffer.windows(2).position(|window| window == b"\n\n") {
             let event: Vec<u8> = buffer.drain(..end + 2).collect();
-            let Some(data) = event.strip_prefix(b"data: ") else {
+            // The `data:` line (a Responses event has an `event:` line before it).
+            let Some(data) = event
+                .split(|byte| *byte == b'\n')
+                .find_map(|line| line.strip_prefix(b"data: "))
+            else {
                 continue;
             };
-            let data = &data[..data.len() - 2];
             if data == b"[DONE]" {
                 continue;
             }
             let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
                 return Err(format!("not JSON: {}", String::from_utf8_lossy(data)));
             };
-            if !chunk["usage"].is_null() {
-                usage = chunk["usage"].clone();
-            }
-            let delta = &chunk["choices"][0]["delta"];
-            if delta.get("role").is_some() || delta["content"].is_null() {
+            let content = match options.api {
+                BenchApi::Chat => {
+                    if !chunk["usage"].is_null() {
+                        usage = chunk["usage"].clone();
+                    }
+                    let delta = &chunk["choices"][0]["delta"];
+                    delta.get("role").is_none() && !delta["content"].is_null()
+                }
+                BenchApi::Responses => match chunk["type"].as_str() {
+                    Some("response.output_text.delta") => true,
+                    Some("response.completed" | "response.incomplete") => {
+                        usage = chunk["response"]["usage"].clone();
+                        false
+                    }
+                    Some("error" | "response.failed") => {
+                        return Err(format!("the stream failed: {chunk}"));
+                    }
+                    _ => false,
+                },
+            };
+            if !content {
                 continue;
             }
             chunks += 1;
@@ -380,19 +434,46 @@ async fn one_request(
     }
     let end_to_end = started.elapsed();
     let first = first.ok_or_else(|| "the stream carried no content".to_owned())?;
-    let output_tokens = usage["completion_tokens"]
-        .as_u64()
-        .map_or(chunks, |tokens| tokens as u32);
+    let counted = Usage::of(&usage);
     Ok(Sample {
         ttft: first.duration_since(started),
         end_to_end,
-        output_tokens,
-        prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as u32,
-        cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0) as u32,
+        output_tokens: if usage.is_null() {
+            chunks
+        } else {
+            counted.output
+        },
+        prompt_tokens: counted.prompt,
+        cached_tokens: counted.cached,
         gaps,
     })
+}
+
+/// Token counts of a usage object of either API.
+struct Usage {
+    prompt: u32,
+    output: u32,
+    cached: u32,
+}
+
+impl Usage {
+    fn of(usage: &Value) -> Usage {
+        let count = |chat: &str, responses: &str| {
+            usage
+                .pointer(chat)
+                .or_else(|| usage.pointer(responses))
+                .and_then(Value::as_u64)
+                .map_or(0, |count| u32::try_from(count).unwrap_or(u32::MAX))
+        };
+        Usage {
+            prompt: count("/prompt_tokens", "/input_tokens"),
+            output: count("/completion_tokens", "/output_tokens"),
+            cached: count(
+                "/prompt_tokens_details/cached_tokens",
+                "/input_tokens_details/cached_tokens",
+            ),
+        }
+    }
 }
 
 /// An error with its causes, which is where reqwest says what actually went wrong.

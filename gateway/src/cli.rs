@@ -169,6 +169,10 @@ pub struct BenchArgs {
     /// '{"response_format": {"type": "json_object"}}' or '{"logprobs": true}'.
     #[arg(long, value_parser = parse_extra_body)]
     pub extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The API the requests speak: `chat` (`/v1/chat/completions`) or `responses`
+    /// (`/v1/responses`).
+    #[arg(long, value_enum, default_value = "chat")]
+    pub api: crate::bench::BenchApi,
 }
 
 fn parse_extra_body(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
@@ -314,6 +318,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         interval: std::time::Duration::from_millis(args.interval_ms),
         rate_per_s: args.rate,
         extra_body: args.extra_body.unwrap_or_default(),
+        api: args.api,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

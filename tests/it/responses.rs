@@ -171,6 +171,29 @@ fn the_local_model_answers_a_responses_request_as_it_answers_chat() {
             chat["usage"]["completion_tokens"]
         );
 
+        // `isthmus bench --api responses` drives the same endpoint: every token counted.
+        for stream in ["true", "false"] {
+            let output = std::process::Command::new(tests::isthmus_binary())
+                .args([
+                    "bench",
+                    "--api",
+                    "responses",
+                    "--model",
+                    "smollm2",
+                    "--json",
+                ])
+                .args(["--url", &gateway.url(""), "--api-key", API_KEY, "--cacert"])
+                .arg(&tests::TestPki::shared().ca_path)
+                .args(["--concurrency", "2", "--requests", "2", "--max-tokens", "6"])
+                .args(["--prompt-tokens", "24", "--warmup", "0", "--stream", stream])
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+            let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+            assert_eq!(report["errors"], 0, "{report}");
+            assert_eq!(report["output_tokens"], 12, "ignore_eos: 6 each; {report}");
+        }
+
         // What needs stored responses, or is not a Responses request, is refused by name.
         for (body, param, code) in [
             (

@@ -1,4 +1,4 @@
-use super::{BenchOptions, Percentiles, request_body, words};
+use super::{BenchApi, BenchOptions, Percentiles, request_body, words};
 
 #[test]
 fn percentiles_use_the_nearest_rank() {
@@ -37,7 +37,21 @@ fn options(shared_prefix_tokens: u32) -> BenchOptions {
         interval: std::time::Duration::ZERO,
         rate_per_s: 0.0,
         extra_body: serde_json::Map::new(),
+        api: BenchApi::Chat,
     }
+}
+
+#[test]
+fn a_responses_bench_sends_the_same_texts_as_instructions_and_input() {
+    let chat = request_body(&options(32), 3);
+    let mut responses_options = options(32);
+    responses_options.api = BenchApi::Responses;
+    let responses = request_body(&responses_options, 3);
+    assert_eq!(responses["instructions"], chat["messages"][0]["content"]);
+    assert_eq!(responses["input"], chat["messages"][1]["content"]);
+    assert_eq!(responses["max_output_tokens"], 8);
+    assert_eq!(responses["ignore_eos"], true);
+    assert!(responses.get("messages").is_none() && responses.get("max_tokens").is_none());
 }
 
 #[test]
