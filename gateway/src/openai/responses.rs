@@ -14,6 +14,9 @@
 //! `"store": false`. Built-in tools (web search, file search, ...) are refused; functions are
 //! served.
 
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::error::GatewayError;
@@ -518,11 +521,45 @@ fn text_format(format: &Value) -> Result<Option<Value>, GatewayError> {
         )),
     }
 }
-
 /// Request fields a Response object repeats back.
 #[derive(Debug, Default)]
 struct Echo {
     fields: Map<String, Value>,
+}
+
+/// The repeated request fields with OpenAI's defaults filled in, made once per request.
+#[derive(Debug)]
+struct Echoed {
+    instructions: Value,
+    max_output_tokens: Value,
+    metadata: Value,
+    parallel_tool_calls: Value,
+    reasoning: Value,
+    temperature: Value,
+    text: Value,
+    tool_choice: Value,
+    tools: Value,
+    top_p: Value,
+    user: Value,
+}
+
+impl Echoed {
+    fn new(mut echo: Echo) -> Self {
+        let mut take = |key: &str, default: Value| echo.fields.remove(key).unwrap_or(default);
+        Echoed {
+            instructions: take("instructions", Value::Null),
+            max_output_tokens: take("max_output_tokens", Value::Null),
+            metadata: take("metadata", json!({})),
+            parallel_tool_calls: take("parallel_tool_calls", Value::Bool(true)),
+            reasoning: take("reasoning", json!({"effort": null, "summary": null})),
+            temperature: take("temperature", json!(1.0)),
+            text: take("text", json!({"format": {"type": "text"}})),
+            tool_choice: take("tool_choice", json!("auto")),
+            tools: take("tools", json!([])),
+            top_p: take("top_p", json!(1.0)),
+            user: take("user", Value::Null),
+        }
+    }
 }
 
 /// An output item being written.
@@ -542,6 +579,273 @@ enum Item {
     },
 }
 
+/// What the transcoding reads of a chat completion, borrowed where it can be.
+#[derive(Deserialize)]
+struct Completion<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    choices: Vec<CompletionChoice<'a>>,
+    #[serde(default)]
+    usage: Option<ChatUsage>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice<'a> {
+    #[serde(borrow)]
+    message: CompletionMessage<'a>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct CompletionMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<CallPiece<'a>>>,
+}
+
+/// A chat stream chunk, or the error event the chat path sends instead of one.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<ChatUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tool_calls: Option<Vec<CallPiece<'a>>>,
+}
+
+/// A call, whole (`message.tool_calls[]`) or in pieces (`delta.tool_calls[]`).
+#[derive(Deserialize)]
+struct CallPiece<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    function: Option<FunctionPiece<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionPiece<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+/// Chat usage, as far as a Response reports it.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct ChatUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<CachedDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<ReasoningDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+struct CachedDetails {
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+struct ReasoningDetails {
+    #[serde(default)]
+    reasoning_tokens: u64,
+}
+
+/// Responses usage.
+#[derive(Serialize)]
+struct ResponsesUsage {
+    input_tokens: u64,
+    input_tokens_details: CachedDetails,
+    output_tokens: u64,
+    output_tokens_details: ReasoningDetails,
+    total_tokens: u64,
+}
+
+impl From<ChatUsage> for ResponsesUsage {
+    fn from(usage: ChatUsage) -> Self {
+        ResponsesUsage {
+            input_tokens: usage.prompt_tokens,
+            input_tokens_details: usage.prompt_tokens_details.unwrap_or_default(),
+            output_tokens: usage.completion_tokens,
+            output_tokens_details: usage.completion_tokens_details.unwrap_or_default(),
+            total_tokens: usage
+                .total_tokens
+                .unwrap_or(usage.prompt_tokens + usage.completion_tokens),
+        }
+    }
+}
+
+/// An output item as the wire carries it.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum OutputItem<'a> {
+    Message {
+        id: &'a str,
+        status: &'a str,
+        role: &'static str,
+        content: Vec<OutputText<'a>>,
+    },
+    FunctionCall {
+        id: &'a str,
+        status: &'a str,
+        call_id: &'a str,
+        name: &'a str,
+        arguments: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct OutputText<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [(); 0],
+    logprobs: [(); 0],
+}
+
+impl<'a> OutputText<'a> {
+    fn new(text: &'a str) -> Self {
+        OutputText {
+            kind: "output_text",
+            text,
+            annotations: [],
+            logprobs: [],
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Incomplete {
+    reason: &'static str,
+}
+
+/// The Response object.
+#[derive(Serialize)]
+struct ResponseObject<'a> {
+    id: &'a str,
+    object: &'static str,
+    created_at: u64,
+    status: &'a str,
+    background: bool,
+    error: Option<&'a Value>,
+    incomplete_details: Option<Incomplete>,
+    instructions: &'a Value,
+    max_output_tokens: &'a Value,
+    metadata: &'a Value,
+    model: &'a str,
+    output: Vec<OutputItem<'a>>,
+    parallel_tool_calls: &'a Value,
+    previous_response_id: Option<()>,
+    reasoning: &'a Value,
+    store: bool,
+    temperature: &'a Value,
+    text: &'a Value,
+    tool_choice: &'a Value,
+    tools: &'a Value,
+    top_p: &'a Value,
+    truncation: &'static str,
+    usage: Option<ResponsesUsage>,
+    user: &'a Value,
+}
+
+/// A stream event: its type and number, then its own fields.
+#[derive(Serialize)]
+struct Event<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    sequence_number: u64,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Serialize)]
+struct WithResponse<'a> {
+    response: ResponseObject<'a>,
+}
+
+#[derive(Serialize)]
+struct ItemEvent<'a> {
+    output_index: usize,
+    item: OutputItem<'a>,
+}
+
+#[derive(Serialize)]
+struct PartEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    part: OutputTextPart<'a>,
+}
+
+#[derive(Serialize)]
+struct OutputTextPart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [(); 0],
+}
+
+#[derive(Serialize)]
+struct TextEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    logprobs: [(); 0],
+}
+
+#[derive(Serialize)]
+struct ArgumentsEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arguments: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ErrorEvent<'a> {
+    code: &'a Value,
+    message: &'a Value,
+    param: &'a Value,
+}
+
 /// Turns what the chat path writes into the Responses API's shapes: a chat completion into a
 /// Response object, a chat chunk stream into Responses stream events.
 #[derive(Debug)]
@@ -549,7 +853,7 @@ pub struct Transcoder {
     id: String,
     created_at: u64,
     model: String,
-    echo: Echo,
+    echo: Echoed,
     /// `sequence_number` of the next stream event.
     sequence: u64,
     started: bool,
@@ -560,7 +864,7 @@ pub struct Transcoder {
     request_id: String,
     items: Vec<Item>,
     finish_reason: Option<String>,
-    usage: Option<Value>,
+    usage: Option<ChatUsage>,
     /// Bytes of an event not yet complete (the chat path writes whole events; kept safe).
     pending: Vec<u8>,
 }
@@ -571,7 +875,7 @@ impl Transcoder {
             id: format!("resp_{request_id}"),
             created_at,
             model,
-            echo,
+            echo: Echoed::new(echo),
             sequence: 0,
             started: false,
             finished: false,
@@ -587,134 +891,110 @@ impl Transcoder {
     /// A complete chat completion as a Response object; a body that is not one passes
     /// unchanged (error bodies have the same shape in both APIs).
     pub fn json(&mut self, chat: &[u8]) -> Vec<u8> {
-        let Ok(answer) = serde_json::from_slice::<Value>(chat) else {
+        let Ok(answer) = serde_json::from_slice::<Completion<'_>>(chat) else {
             return chat.to_vec();
         };
-        let Some(choice) = answer
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|choices| choices.first())
-        else {
+        let Some(choice) = answer.choices.into_iter().next() else {
             return chat.to_vec();
         };
-        if let Some(model) = answer.get("model").and_then(Value::as_str) {
-            model.clone_into(&mut self.model);
+        if let Some(model) = answer.model {
+            self.model = model.into_owned();
         }
-        let message = choice.get("message").cloned().unwrap_or(Value::Null);
-        if let Some(text) = message
-            .get("content")
-            .and_then(Value::as_str)
-            .filter(|text| !text.is_empty())
-        {
+        if let Some(text) = choice.message.content.filter(|text| !text.is_empty()) {
             self.items.push(Item::Message {
                 id: self.message_id(),
-                text: text.to_owned(),
+                text: text.into_owned(),
             });
         }
-        for (index, call) in message
-            .get("tool_calls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let text = |pointer: &str| {
-                call.pointer(pointer)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned()
-            };
+        for (index, call) in choice.message.tool_calls.into_iter().flatten().enumerate() {
+            let function = call.function.unwrap_or(FunctionPiece {
+                name: None,
+                arguments: None,
+            });
             self.items.push(Item::Call {
                 id: format!("fc_{}_{index}", self.request_id),
-                call_id: text("/id"),
-                name: text("/function/name"),
-                arguments: text("/function/arguments"),
+                call_id: call.id.unwrap_or_default().into_owned(),
+                name: function.name.unwrap_or_default().into_owned(),
+                arguments: function.arguments.unwrap_or_default().into_owned(),
                 chat_index: index as u64,
             });
         }
-        self.finish_reason = choice
-            .get("finish_reason")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        self.usage = answer
-            .get("usage")
-            .filter(|usage| usage.is_object())
-            .cloned();
-        let output: Vec<Value> = self.items.iter().map(|item| self.item_done(item)).collect();
-        serde_json::to_vec(&self.response(self.status(), output)).unwrap_or_default()
+        self.finish_reason = choice.finish_reason.map(Cow::into_owned);
+        self.usage = answer.usage;
+        let status = self.status();
+        serde_json::to_vec(&self.response(status, true)).unwrap_or_default()
     }
 
     /// Chat stream bytes (whole server-sent events) as Responses stream events. `[DONE]`
     /// closes the response (`response.completed` or `response.incomplete`); an error event
-    /// becomes an `error` event.
+    /// becomes an `error` event and the response ends `response.failed`.
     pub fn stream(&mut self, bytes: &[u8]) -> Vec<u8> {
         self.pending.extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(end) = find(&self.pending, b"\n\n") {
-            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
-            self.event(&event[..end], &mut out);
+        let mut start = 0;
+        while let Some(end) = find(&self.pending[start..], b"\n\n") {
+            let event = self.pending[start..start + end].to_vec();
+            start += end + 2;
+            self.event(&event, &mut out);
         }
+        self.pending.drain(..start);
         out
     }
 
     fn event(&mut self, event: &[u8], out: &mut Vec<u8>) {
-        let data: Vec<u8> = event
+        let Some(data) = event
             .split(|byte| *byte == b'\n')
-            .filter_map(|line| line.strip_prefix(b"data:"))
-            .flat_map(|line| line.strip_prefix(b" ").unwrap_or(line).iter().copied())
-            .collect();
-        if data.is_empty() {
+            .find_map(|line| line.strip_prefix(b"data:"))
+            .map(|data| data.strip_prefix(b" ").unwrap_or(data))
+        else {
             return;
-        }
+        };
         if data == b"[DONE]" {
             self.finish(out);
             return;
         }
-        let Ok(chunk) = serde_json::from_slice::<Value>(&data) else {
+        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else {
             return;
         };
-        if let Some(error) = chunk.get("error") {
+        if let Some(error) = chunk.error {
             let field = |key: &str| error.get(key).cloned().unwrap_or(Value::Null);
-            self.emit(
-                out,
-                "error",
-                json!({"code": field("code"), "message": field("message"), "param": field("param")}),
-            );
-            self.failed = Some(json!({"code": field("code"), "message": field("message")}));
+            let (code, message, param) = (field("code"), field("message"), field("param"));
+            let kind = "error";
+            let event = Event {
+                kind,
+                sequence_number: self.next_sequence(),
+                body: ErrorEvent {
+                    code: &code,
+                    message: &message,
+                    param: &param,
+                },
+            };
+            write_event(out, kind, &event);
+            self.failed = Some(json!({"code": code, "message": message}));
             return;
         }
         self.start(out);
-        if let Some(model) = chunk.get("model").and_then(Value::as_str) {
-            model.clone_into(&mut self.model);
+        if let Some(model) = chunk.model
+            && model != self.model
+        {
+            self.model = model.into_owned();
         }
-        if let Some(usage) = chunk.get("usage").filter(|usage| usage.is_object()) {
-            self.usage = Some(usage.clone());
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(usage);
         }
-        let Some(choice) = chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .and_then(|choices| choices.first())
-        else {
+        let Some(choice) = chunk.choices.and_then(|choices| choices.into_iter().next()) else {
             return;
         };
-        let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
-        if let Some(text) = delta
-            .get("content")
-            .and_then(Value::as_str)
-            .filter(|text| !text.is_empty())
-        {
-            self.text_delta(text, out);
+        if let Some(delta) = choice.delta {
+            if let Some(text) = delta.content.filter(|text| !text.is_empty()) {
+                self.text_delta(&text, out);
+            }
+            for call in delta.tool_calls.into_iter().flatten() {
+                self.call_delta(call, out);
+            }
         }
-        for call in delta
-            .get("tool_calls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            self.call_delta(call, out);
-        }
-        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            self.finish_reason = Some(reason.to_owned());
+        if let Some(reason) = choice.finish_reason {
+            self.finish_reason = Some(reason.into_owned());
         }
     }
 
@@ -723,102 +1003,153 @@ impl Transcoder {
             return;
         }
         self.started = true;
-        let response = self.response("in_progress", Vec::new());
-        self.emit(out, "response.created", json!({"response": response}));
-        let response = self.response("in_progress", Vec::new());
-        self.emit(out, "response.in_progress", json!({"response": response}));
+        for kind in ["response.created", "response.in_progress"] {
+            let event = Event {
+                kind,
+                sequence_number: self.next_sequence(),
+                body: WithResponse {
+                    response: self.response("in_progress", false),
+                },
+            };
+            write_event(out, kind, &event);
+        }
     }
 
     fn text_delta(&mut self, text: &str, out: &mut Vec<u8>) {
         let open = match self.items.last_mut() {
             Some(Item::Message { text: written, .. }) => {
                 written.push_str(text);
-                None
+                false
             }
-            _ => Some(self.message_id()),
+            _ => {
+                let id = self.message_id();
+                self.items.push(Item::Message {
+                    id,
+                    text: text.to_owned(),
+                });
+                true
+            }
         };
-        if let Some(id) = open {
-            self.items.push(Item::Message {
-                id: id.clone(),
-                text: text.to_owned(),
-            });
-            let output_index = self.items.len() - 1;
-            self.emit(
+        let output_index = self.items.len() - 1;
+        let sequence = self.sequence;
+        let Some(Item::Message { id, .. }) = self.items.last() else {
+            return;
+        };
+        let mut number = sequence;
+        let mut next = || {
+            number += 1;
+            number - 1
+        };
+        if open {
+            let item = OutputItem::Message {
+                id,
+                status: "in_progress",
+                role: "assistant",
+                content: Vec::new(),
+            };
+            let kind = "response.output_item.added";
+            write_event(
                 out,
-                "response.output_item.added",
-                json!({
-                    "output_index": output_index,
-                    "item": {"id": id, "type": "message", "status": "in_progress",
-                             "role": "assistant", "content": []},
-                }),
+                kind,
+                &Event {
+                    kind,
+                    sequence_number: next(),
+                    body: ItemEvent { output_index, item },
+                },
             );
-            self.emit(
+            let kind = "response.content_part.added";
+            let part = OutputTextPart {
+                kind: "output_text",
+                text: "",
+                annotations: [],
+            };
+            write_event(
                 out,
-                "response.content_part.added",
-                json!({
-                    "item_id": id, "output_index": output_index, "content_index": 0,
-                    "part": {"type": "output_text", "text": "", "annotations": []},
-                }),
+                kind,
+                &Event {
+                    kind,
+                    sequence_number: next(),
+                    body: PartEvent {
+                        item_id: id,
+                        output_index,
+                        content_index: 0,
+                        part,
+                    },
+                },
             );
         }
-        let output_index = self.items.len() - 1;
-        let id = match &self.items[output_index] {
-            Item::Message { id, .. } | Item::Call { id, .. } => id.clone(),
+        let kind = "response.output_text.delta";
+        let body = TextEvent {
+            item_id: id,
+            output_index,
+            content_index: 0,
+            delta: Some(text),
+            text: None,
+            logprobs: [],
         };
-        self.emit(
+        write_event(
             out,
-            "response.output_text.delta",
-            json!({
-                "item_id": id, "output_index": output_index, "content_index": 0,
-                "delta": text, "logprobs": [],
-            }),
+            kind,
+            &Event {
+                kind,
+                sequence_number: next(),
+                body,
+            },
         );
+        self.sequence = number;
     }
 
-    fn call_delta(&mut self, call: &Value, out: &mut Vec<u8>) {
-        let chat_index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-        let arguments = call
-            .pointer("/function/arguments")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+    fn call_delta(&mut self, call: CallPiece<'_>, out: &mut Vec<u8>) {
+        let chat_index = call.index.unwrap_or(0);
+        let function = call.function.unwrap_or(FunctionPiece {
+            name: None,
+            arguments: None,
+        });
         let existing = self.items.iter().position(
             |item| matches!(item, Item::Call { chat_index: index, .. } if *index == chat_index),
         );
         let output_index = match existing {
             Some(index) => index,
             None => {
-                let text = |pointer: &str| {
-                    call.pointer(pointer)
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned()
-                };
-                let id = format!("fc_{}_{chat_index}", self.request_id);
-                let call_id = text("/id");
-                let name = text("/function/name");
                 self.items.push(Item::Call {
-                    id: id.clone(),
-                    call_id: call_id.clone(),
-                    name: name.clone(),
+                    id: format!("fc_{}_{chat_index}", self.request_id),
+                    call_id: call.id.unwrap_or_default().into_owned(),
+                    name: function.name.unwrap_or_default().into_owned(),
                     arguments: String::new(),
                     chat_index,
                 });
                 let output_index = self.items.len() - 1;
-                self.emit(
+                let sequence_number = self.next_sequence();
+                let Some(Item::Call {
+                    id, call_id, name, ..
+                }) = self.items.last()
+                else {
+                    return;
+                };
+                let kind = "response.output_item.added";
+                let item = OutputItem::FunctionCall {
+                    id,
+                    status: "in_progress",
+                    call_id,
+                    name,
+                    arguments: "",
+                };
+                write_event(
                     out,
-                    "response.output_item.added",
-                    json!({
-                        "output_index": output_index,
-                        "item": {"id": id, "type": "function_call", "status": "in_progress",
-                                 "call_id": call_id, "name": name, "arguments": ""},
-                    }),
+                    kind,
+                    &Event {
+                        kind,
+                        sequence_number,
+                        body: ItemEvent { output_index, item },
+                    },
                 );
                 output_index
             }
         };
-        if arguments.is_empty() {
+        let Some(arguments) = function.arguments.filter(|arguments| !arguments.is_empty()) else {
             return;
-        }
+        };
+        let sequence_number = self.next_sequence();
         let Item::Call {
             id,
             arguments: written,
@@ -827,12 +1158,23 @@ impl Transcoder {
         else {
             return;
         };
-        written.push_str(arguments);
-        let id = id.clone();
-        self.emit(
+        written.push_str(&arguments);
+        let kind = "response.function_call_arguments.delta";
+        let body = ArgumentsEvent {
+            item_id: id,
+            output_index,
+            delta: Some(&arguments),
+            name: None,
+            arguments: None,
+        };
+        write_event(
             out,
-            "response.function_call_arguments.delta",
-            json!({"item_id": id, "output_index": output_index, "delta": arguments}),
+            kind,
+            &Event {
+                kind,
+                sequence_number,
+                body,
+            },
         );
     }
 
@@ -851,27 +1193,65 @@ impl Transcoder {
         }
         self.start(out);
         self.finished = true;
-        if let Some(error) = self.failed.take() {
-            let mut response = self.response("failed", Vec::new());
-            response["error"] = error;
-            self.emit(out, "response.failed", json!({"response": response}));
+        if self.failed.is_some() {
+            let kind = "response.failed";
+            let event = Event {
+                kind,
+                sequence_number: self.next_sequence(),
+                body: WithResponse {
+                    response: self.response("failed", false),
+                },
+            };
+            write_event(out, kind, &event);
             return;
         }
-        let items = std::mem::take(&mut self.items);
-        for (output_index, item) in items.iter().enumerate() {
+        let status = self.status();
+        let mut number = self.sequence;
+        let mut next = || {
+            number += 1;
+            number - 1
+        };
+        for (output_index, item) in self.items.iter().enumerate() {
             match item {
                 Item::Message { id, text } => {
-                    self.emit(
+                    let kind = "response.output_text.done";
+                    let body = TextEvent {
+                        item_id: id,
+                        output_index,
+                        content_index: 0,
+                        delta: None,
+                        text: Some(text),
+                        logprobs: [],
+                    };
+                    write_event(
                         out,
-                        "response.output_text.done",
-                        json!({"item_id": id, "output_index": output_index,
-                               "content_index": 0, "text": text, "logprobs": []}),
+                        kind,
+                        &Event {
+                            kind,
+                            sequence_number: next(),
+                            body,
+                        },
                     );
-                    self.emit(
+                    let kind = "response.content_part.done";
+                    let part = OutputTextPart {
+                        kind: "output_text",
+                        text,
+                        annotations: [],
+                    };
+                    let body = PartEvent {
+                        item_id: id,
+                        output_index,
+                        content_index: 0,
+                        part,
+                    };
+                    write_event(
                         out,
-                        "response.content_part.done",
-                        json!({"item_id": id, "output_index": output_index, "content_index": 0,
-                               "part": {"type": "output_text", "text": text, "annotations": []}}),
+                        kind,
+                        &Event {
+                            kind,
+                            sequence_number: next(),
+                            body,
+                        },
                     );
                 }
                 Item::Call {
@@ -879,30 +1259,61 @@ impl Transcoder {
                     name,
                     arguments,
                     ..
-                } => self.emit(
-                    out,
-                    "response.function_call_arguments.done",
-                    json!({"item_id": id, "output_index": output_index, "name": name,
-                           "arguments": arguments}),
-                ),
+                } => {
+                    let kind = "response.function_call_arguments.done";
+                    let body = ArgumentsEvent {
+                        item_id: id,
+                        output_index,
+                        delta: None,
+                        name: Some(name),
+                        arguments: Some(arguments),
+                    };
+                    write_event(
+                        out,
+                        kind,
+                        &Event {
+                            kind,
+                            sequence_number: next(),
+                            body,
+                        },
+                    );
+                }
             }
-            let done = self.item_done(item);
-            self.emit(
+            let kind = "response.output_item.done";
+            let body = ItemEvent {
+                output_index,
+                item: output_item(item, status),
+            };
+            write_event(
                 out,
-                "response.output_item.done",
-                json!({"output_index": output_index, "item": done}),
+                kind,
+                &Event {
+                    kind,
+                    sequence_number: next(),
+                    body,
+                },
             );
         }
-        let output: Vec<Value> = items.iter().map(|item| self.item_done(item)).collect();
-        self.items = items;
-        let status = self.status();
         let kind = if status == "completed" {
             "response.completed"
         } else {
             "response.incomplete"
         };
-        let response = self.response(status, output);
-        self.emit(out, kind, json!({"response": response}));
+        let sequence_number = next();
+        self.sequence = number;
+        let event = Event {
+            kind,
+            sequence_number,
+            body: WithResponse {
+                response: self.response(status, true),
+            },
+        };
+        write_event(out, kind, &event);
+    }
+
+    fn next_sequence(&mut self) -> u64 {
+        self.sequence += 1;
+        self.sequence - 1
     }
 
     /// `completed`, or `incomplete` when the answer was cut off.
@@ -913,95 +1324,88 @@ impl Transcoder {
         }
     }
 
-    fn item_done(&self, item: &Item) -> Value {
-        let status = self.status();
-        match item {
-            Item::Message { id, text } => json!({
-                "id": id, "type": "message", "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-            }),
-            Item::Call {
-                id,
-                call_id,
-                name,
-                arguments,
-                ..
-            } => json!({
-                "id": id, "type": "function_call", "status": "completed",
-                "call_id": call_id, "name": name, "arguments": arguments,
-            }),
-        }
-    }
-
-    /// The Response object.
-    fn response(&self, status: &str, output: Vec<Value>) -> Value {
-        let echo =
-            |key: &str, default: Value| self.echo.fields.get(key).cloned().unwrap_or(default);
-        let incomplete = match (status, self.finish_reason.as_deref()) {
-            ("incomplete", Some("content_filter")) => json!({"reason": "content_filter"}),
-            ("incomplete", _) => json!({"reason": "max_output_tokens"}),
-            _ => Value::Null,
+    /// The Response object, with its output when `with_output`.
+    fn response<'a>(&'a self, status: &'a str, with_output: bool) -> ResponseObject<'a> {
+        let echo = &self.echo;
+        let incomplete = (status == "incomplete").then_some(Incomplete {
+            reason: match self.finish_reason.as_deref() {
+                Some("content_filter") => "content_filter",
+                _ => "max_output_tokens",
+            },
+        });
+        let usage = match status {
+            "in_progress" | "failed" => None,
+            _ => self.usage.map(ResponsesUsage::from),
         };
-        let usage = match (status, &self.usage) {
-            ("in_progress" | "failed", _) | (_, None) => Value::Null,
-            (_, Some(usage)) => responses_usage(usage),
+        let output = if with_output {
+            self.items
+                .iter()
+                .map(|item| output_item(item, status))
+                .collect()
+        } else {
+            Vec::new()
         };
-        json!({
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            "background": false,
-            "error": null,
-            "incomplete_details": incomplete,
-            "instructions": echo("instructions", Value::Null),
-            "max_output_tokens": echo("max_output_tokens", Value::Null),
-            "metadata": echo("metadata", json!({})),
-            "model": self.model,
-            "output": output,
-            "parallel_tool_calls": echo("parallel_tool_calls", Value::Bool(true)),
-            "previous_response_id": null,
-            "reasoning": echo("reasoning", json!({"effort": null, "summary": null})),
-            "store": false,
-            "temperature": echo("temperature", json!(1.0)),
-            "text": echo("text", json!({"format": {"type": "text"}})),
-            "tool_choice": echo("tool_choice", json!("auto")),
-            "tools": echo("tools", json!([])),
-            "top_p": echo("top_p", json!(1.0)),
-            "truncation": "disabled",
-            "usage": usage,
-            "user": echo("user", Value::Null),
-        })
-    }
-
-    fn emit(&mut self, out: &mut Vec<u8>, kind: &str, mut event: Value) {
-        if let Value::Object(fields) = &mut event {
-            fields.insert("type".into(), Value::String(kind.to_owned()));
-            fields.insert("sequence_number".into(), Value::from(self.sequence));
+        ResponseObject {
+            id: &self.id,
+            object: "response",
+            created_at: self.created_at,
+            status,
+            background: false,
+            error: self.failed.as_ref(),
+            incomplete_details: incomplete,
+            instructions: &echo.instructions,
+            max_output_tokens: &echo.max_output_tokens,
+            metadata: &echo.metadata,
+            model: &self.model,
+            output,
+            parallel_tool_calls: &echo.parallel_tool_calls,
+            previous_response_id: None,
+            reasoning: &echo.reasoning,
+            store: false,
+            temperature: &echo.temperature,
+            text: &echo.text,
+            tool_choice: &echo.tool_choice,
+            tools: &echo.tools,
+            top_p: &echo.top_p,
+            truncation: "disabled",
+            usage,
+            user: &echo.user,
         }
-        self.sequence += 1;
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(kind.as_bytes());
-        out.extend_from_slice(b"\ndata: ");
-        out.extend(serde_json::to_vec(&event).unwrap_or_default());
-        out.extend_from_slice(b"\n\n");
     }
 }
 
-/// Chat usage as Responses usage.
-fn responses_usage(usage: &Value) -> Value {
-    let number = |pointer: &str| usage.pointer(pointer).and_then(Value::as_u64).unwrap_or(0);
-    let input = number("/prompt_tokens");
-    let output = number("/completion_tokens");
-    json!({
-        "input_tokens": input,
-        "input_tokens_details": {"cached_tokens": number("/prompt_tokens_details/cached_tokens")},
-        "output_tokens": output,
-        "output_tokens_details": {
-            "reasoning_tokens": number("/completion_tokens_details/reasoning_tokens"),
+/// A finished item as the wire carries it.
+fn output_item<'a>(item: &'a Item, status: &'a str) -> OutputItem<'a> {
+    match item {
+        Item::Message { id, text } => OutputItem::Message {
+            id,
+            status,
+            role: "assistant",
+            content: vec![OutputText::new(text)],
         },
-        "total_tokens": usage.get("total_tokens").and_then(Value::as_u64).unwrap_or(input + output),
-    })
+        Item::Call {
+            id,
+            call_id,
+            name,
+            arguments,
+            ..
+        } => OutputItem::FunctionCall {
+            id,
+            status: "completed",
+            call_id,
+            name,
+            arguments,
+        },
+    }
+}
+
+/// Appends one server-sent event: its `event:` line and its JSON.
+fn write_event(out: &mut Vec<u8>, kind: &str, event: &impl Serialize) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    let _ = serde_json::to_writer(&mut *out, event);
+    out.extend_from_slice(b"\n\n");
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
