@@ -328,24 +328,11 @@ fn input_item(item: &Value, param: &str, messages: &mut Vec<Value>) -> Result<()
                     ));
                 }
             };
-            let content = match object.get("content") {
-                Some(Value::String(text)) => Value::String(text.clone()),
-                Some(Value::Array(parts)) => Value::Array(
-                    parts
-                        .iter()
-                        .enumerate()
-                        .map(|(index, part)| {
-                            content_part(part, &format!("{param}.content[{index}]"))
-                        })
-                        .collect::<Result<_, _>>()?,
-                ),
-                _ => {
-                    return Err(GatewayError::invalid_value(
-                        format!("{param}.content"),
-                        "content must be a string or an array of content parts",
-                    ));
-                }
-            };
+            let content = content(
+                object.get("content"),
+                &format!("{param}.content"),
+                "content must be a string or an array of content parts",
+            )?;
             messages.push(json!({"role": role, "content": content}));
         }
         Some("function_call") => {
@@ -384,24 +371,11 @@ fn input_item(item: &Value, param: &str, messages: &mut Vec<Value>) -> Result<()
                     "a function call output needs a string `call_id`",
                 ));
             };
-            let output = match object.get("output") {
-                Some(Value::String(text)) => Value::String(text.clone()),
-                Some(Value::Array(parts)) => Value::Array(
-                    parts
-                        .iter()
-                        .enumerate()
-                        .map(|(index, part)| {
-                            content_part(part, &format!("{param}.output[{index}]"))
-                        })
-                        .collect::<Result<_, _>>()?,
-                ),
-                _ => {
-                    return Err(GatewayError::invalid_value(
-                        format!("{param}.output"),
-                        "a function call output needs `output`, a string or content parts",
-                    ));
-                }
-            };
+            let output = content(
+                object.get("output"),
+                &format!("{param}.output"),
+                "a function call output needs `output`, a string or content parts",
+            )?;
             messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
         }
         // A reasoning model's earlier thoughts: nothing a chat model reads.
@@ -420,6 +394,21 @@ fn input_item(item: &Value, param: &str, messages: &mut Vec<Value>) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Message content (or a function's output) as chat content: a string as it is, parts one
+/// by one; anything else is refused with `problem`.
+fn content(value: Option<&Value>, param: &str, problem: &str) -> Result<Value, GatewayError> {
+    match value {
+        Some(Value::String(text)) => Ok(Value::String(text.clone())),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .map(|(index, part)| content_part(part, &format!("{param}[{index}]")))
+            .collect::<Result<_, _>>()
+            .map(Value::Array),
+        _ => Err(GatewayError::invalid_value(param, problem)),
+    }
 }
 
 /// A message content part as a chat content part.
