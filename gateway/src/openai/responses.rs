@@ -568,40 +568,14 @@ enum Item {
     },
 }
 
-/// What the transcoding reads of a chat completion, borrowed where it can be.
+/// What the transcoding reads of a chat completion or of one chunk of a chat stream (or the
+/// error event the chat path sends instead of one), borrowed where it can be.
 #[derive(Deserialize)]
-struct Completion<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    choices: Vec<CompletionChoice<'a>>,
-    #[serde(default)]
-    usage: Option<ChatUsage>,
-}
-
-#[derive(Deserialize)]
-struct CompletionChoice<'a> {
-    #[serde(borrow)]
-    message: CompletionMessage<'a>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct CompletionMessage<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    tool_calls: Option<Vec<CallPiece<'a>>>,
-}
-
-/// A chat stream chunk, or the error event the chat path sends instead of one.
-#[derive(Deserialize)]
-struct Chunk<'a> {
+struct Answer<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    choices: Option<Vec<ChunkChoice<'a>>>,
+    choices: Option<Vec<Choice<'a>>>,
     #[serde(default)]
     usage: Option<ChatUsage>,
     #[serde(default)]
@@ -609,15 +583,16 @@ struct Chunk<'a> {
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice<'a> {
-    #[serde(borrow, default)]
-    delta: Option<Delta<'a>>,
+struct Choice<'a> {
+    /// `message` of a completion, `delta` of a chunk.
+    #[serde(borrow, default, alias = "delta")]
+    message: Option<MessagePiece<'a>>,
     #[serde(borrow, default)]
     finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct Delta<'a> {
+struct MessagePiece<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -880,22 +855,29 @@ impl Transcoder {
     /// A complete chat completion as a Response object; a body that is not one passes
     /// unchanged (error bodies have the same shape in both APIs).
     pub fn json(&mut self, chat: &[u8]) -> Vec<u8> {
-        let Ok(answer) = serde_json::from_slice::<Completion<'_>>(chat) else {
+        let Ok(answer) = serde_json::from_slice::<Answer<'_>>(chat) else {
             return chat.to_vec();
         };
-        let Some(choice) = answer.choices.into_iter().next() else {
+        let Some(choice) = answer
+            .choices
+            .and_then(|choices| choices.into_iter().next())
+        else {
             return chat.to_vec();
         };
+        let message = choice.message.unwrap_or(MessagePiece {
+            content: None,
+            tool_calls: None,
+        });
         if let Some(model) = answer.model {
             self.model = model.into_owned();
         }
-        if let Some(text) = choice.message.content.filter(|text| !text.is_empty()) {
+        if let Some(text) = message.content.filter(|text| !text.is_empty()) {
             self.items.push(Item::Message {
                 id: self.message_id(),
                 text: text.into_owned(),
             });
         }
-        for (index, call) in choice.message.tool_calls.into_iter().flatten().enumerate() {
+        for (index, call) in message.tool_calls.into_iter().flatten().enumerate() {
             let function = call.function.unwrap_or(FunctionPiece {
                 name: None,
                 arguments: None,
@@ -942,23 +924,23 @@ impl Transcoder {
             self.finish(out);
             return;
         }
-        let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(data) else {
+        let Ok(chunk) = serde_json::from_slice::<Answer<'_>>(data) else {
             return;
         };
         if let Some(error) = chunk.error {
             let field = |key: &str| error.get(key).cloned().unwrap_or(Value::Null);
             let (code, message, param) = (field("code"), field("message"), field("param"));
             let kind = "error";
-            let event = Event {
+            emit(
+                out,
                 kind,
-                sequence_number: self.next_sequence(),
-                body: ErrorEvent {
+                self.next_sequence(),
+                ErrorEvent {
                     code: &code,
                     message: &message,
                     param: &param,
                 },
-            };
-            write_event(out, kind, &event);
+            );
             self.failed = Some(json!({"code": code, "message": message}));
             return;
         }
@@ -974,7 +956,7 @@ impl Transcoder {
         let Some(choice) = chunk.choices.and_then(|choices| choices.into_iter().next()) else {
             return;
         };
-        if let Some(delta) = choice.delta {
+        if let Some(delta) = choice.message {
             if let Some(text) = delta.content.filter(|text| !text.is_empty()) {
                 self.text_delta(&text, out);
             }
@@ -993,14 +975,14 @@ impl Transcoder {
         }
         self.started = true;
         for kind in ["response.created", "response.in_progress"] {
-            let event = Event {
+            emit(
+                out,
                 kind,
-                sequence_number: self.next_sequence(),
-                body: WithResponse {
+                self.next_sequence(),
+                WithResponse {
                     response: self.response("in_progress", false),
                 },
-            };
-            write_event(out, kind, &event);
+            );
         }
     }
 
@@ -1037,33 +1019,22 @@ impl Transcoder {
                 content: Vec::new(),
             };
             let kind = "response.output_item.added";
-            write_event(
-                out,
-                kind,
-                &Event {
-                    kind,
-                    sequence_number: next(),
-                    body: ItemEvent { output_index, item },
-                },
-            );
+            emit(out, kind, next(), ItemEvent { output_index, item });
             let kind = "response.content_part.added";
             let part = OutputTextPart {
                 kind: "output_text",
                 text: "",
                 annotations: [],
             };
-            write_event(
+            emit(
                 out,
                 kind,
-                &Event {
-                    kind,
-                    sequence_number: next(),
-                    body: PartEvent {
-                        item_id: id,
-                        output_index,
-                        content_index: 0,
-                        part,
-                    },
+                next(),
+                PartEvent {
+                    item_id: id,
+                    output_index,
+                    content_index: 0,
+                    part,
                 },
             );
         }
@@ -1076,15 +1047,7 @@ impl Transcoder {
             text: None,
             logprobs: [],
         };
-        write_event(
-            out,
-            kind,
-            &Event {
-                kind,
-                sequence_number: next(),
-                body,
-            },
-        );
+        emit(out, kind, next(), body);
         self.sequence = number;
     }
 
@@ -1123,15 +1086,7 @@ impl Transcoder {
                     name,
                     arguments: "",
                 };
-                write_event(
-                    out,
-                    kind,
-                    &Event {
-                        kind,
-                        sequence_number,
-                        body: ItemEvent { output_index, item },
-                    },
-                );
+                emit(out, kind, sequence_number, ItemEvent { output_index, item });
                 output_index
             }
         };
@@ -1156,15 +1111,7 @@ impl Transcoder {
             name: None,
             arguments: None,
         };
-        write_event(
-            out,
-            kind,
-            &Event {
-                kind,
-                sequence_number,
-                body,
-            },
-        );
+        emit(out, kind, sequence_number, body);
     }
 
     /// The id of a message item that would go at the end of the output.
@@ -1184,14 +1131,14 @@ impl Transcoder {
         self.finished = true;
         if self.failed.is_some() {
             let kind = "response.failed";
-            let event = Event {
+            emit(
+                out,
                 kind,
-                sequence_number: self.next_sequence(),
-                body: WithResponse {
+                self.next_sequence(),
+                WithResponse {
                     response: self.response("failed", false),
                 },
-            };
-            write_event(out, kind, &event);
+            );
             return;
         }
         let status = self.status();
@@ -1212,15 +1159,7 @@ impl Transcoder {
                         text: Some(text),
                         logprobs: [],
                     };
-                    write_event(
-                        out,
-                        kind,
-                        &Event {
-                            kind,
-                            sequence_number: next(),
-                            body,
-                        },
-                    );
+                    emit(out, kind, next(), body);
                     let kind = "response.content_part.done";
                     let part = OutputTextPart {
                         kind: "output_text",
@@ -1233,15 +1172,7 @@ impl Transcoder {
                         content_index: 0,
                         part,
                     };
-                    write_event(
-                        out,
-                        kind,
-                        &Event {
-                            kind,
-                            sequence_number: next(),
-                            body,
-                        },
-                    );
+                    emit(out, kind, next(), body);
                 }
                 Item::Call {
                     id,
@@ -1257,15 +1188,7 @@ impl Transcoder {
                         name: Some(name),
                         arguments: Some(arguments),
                     };
-                    write_event(
-                        out,
-                        kind,
-                        &Event {
-                            kind,
-                            sequence_number: next(),
-                            body,
-                        },
-                    );
+                    emit(out, kind, next(), body);
                 }
             }
             let kind = "response.output_item.done";
@@ -1273,15 +1196,7 @@ impl Transcoder {
                 output_index,
                 item: output_item(item, status),
             };
-            write_event(
-                out,
-                kind,
-                &Event {
-                    kind,
-                    sequence_number: next(),
-                    body,
-                },
-            );
+            emit(out, kind, next(), body);
         }
         let kind = if status == "completed" {
             "response.completed"
@@ -1290,14 +1205,14 @@ impl Transcoder {
         };
         let sequence_number = next();
         self.sequence = number;
-        let event = Event {
+        emit(
+            out,
             kind,
             sequence_number,
-            body: WithResponse {
+            WithResponse {
                 response: self.response(status, true),
             },
-        };
-        write_event(out, kind, &event);
+        );
     }
 
     fn next_sequence(&mut self) -> u64 {
@@ -1388,12 +1303,18 @@ fn output_item<'a>(item: &'a Item, status: &'a str) -> OutputItem<'a> {
     }
 }
 
-/// Appends one server-sent event: its `event:` line and its JSON.
-fn write_event(out: &mut Vec<u8>, kind: &str, event: &impl Serialize) {
+/// Appends one server-sent event: `event: kind`, then its JSON, the type and
+/// `sequence_number` first, then `body`'s fields.
+fn emit(out: &mut Vec<u8>, kind: &str, sequence_number: u64, body: impl Serialize) {
+    let event = Event {
+        kind,
+        sequence_number,
+        body,
+    };
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(kind.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    let _ = serde_json::to_writer(&mut *out, event);
+    let _ = serde_json::to_writer(&mut *out, &event);
     out.extend_from_slice(b"\n\n");
 }
 
