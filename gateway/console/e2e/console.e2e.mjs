@@ -207,6 +207,8 @@ async function explain(page) {
   step = 'explain: filling the form';
   await navigate(page, 'explain');
   if (explainPath !== '') {
+    // The view renders after navigation: wait for the control before choosing.
+    await page.waitForSelector(byTestId('explain-path'), { visible: true, timeout: STEP_TIMEOUT_MS });
     await page.select(byTestId('explain-path'), explainPath);
   }
   if (explainBody !== '') {
