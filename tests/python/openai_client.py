@@ -182,6 +182,23 @@ def main() -> None:
     calls = [item for item in called_response.output if item.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "record_city", called_response
     City.model_validate_json(calls[0].arguments)
+    # The same call streamed: the SDK assembles the argument deltas into the same call.
+    with client.responses.stream(
+        model="smollm2",
+        input="Which city is the capital of France?",
+        tools=[{"type": "function", "name": "record_city", "parameters": City.model_json_schema(),
+                "strict": False}],
+        tool_choice={"type": "function", "name": "record_city"},
+        max_output_tokens=64,
+        temperature=0,
+    ) as stream:
+        argument_deltas = sum(1 for event in stream if event.type == "response.function_call_arguments.delta")
+        streamed_response = stream.get_final_response()
+    streamed_calls = [item for item in streamed_response.output if item.type == "function_call"]
+    assert argument_deltas > 1, f"arguments came in {argument_deltas} deltas"
+    assert [(call.name, call.arguments) for call in streamed_calls] == [
+        (calls[0].name, calls[0].arguments)
+    ], streamed_response
     try:
         client.responses.create(model="smollm2", input="Hi", previous_response_id="resp_1")
         raise AssertionError("a previous_response_id was accepted")
