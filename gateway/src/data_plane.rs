@@ -259,6 +259,9 @@ fn route_path(
         "/v1/embeddings" => post(Operation::Embeddings { deployment: None }),
         // Azure OpenAI's preview form of the Responses API (`?api-version=`) too.
         "/v1/responses" | "/openai/responses" => post(Operation::Responses),
+        stored if stored.starts_with("/v1/responses/") => Err(GatewayError::ResponseNotStored {
+            id: stored["/v1/responses/".len()..].to_owned(),
+        }),
         "/v1/models" => {
             if method == http::Method::GET {
                 Ok(Operation::Models)

@@ -28,6 +28,11 @@ pub enum GatewayError {
     ModelNotFound { model: String },
     #[error("unknown URL: {method} {path}")]
     UnknownUrl { method: String, path: String },
+    /// A stored response was asked for (`/v1/responses/{id}`): the gateway keeps none.
+    #[error(
+        "response `{id}` is not stored: the gateway keeps no responses (every answer says \"store\": false)"
+    )]
+    ResponseNotStored { id: String },
     #[error("method {method} is not allowed for {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
@@ -114,6 +119,12 @@ impl GatewayError {
                 StatusCode::NOT_FOUND,
                 INVALID_REQUEST,
                 Some("unknown_url"),
+                None,
+            ),
+            ResponseNotStored { .. } => (
+                StatusCode::NOT_FOUND,
+                INVALID_REQUEST,
+                Some("response_not_found"),
                 None,
             ),
             MethodNotAllowed { .. } => (

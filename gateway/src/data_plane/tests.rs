@@ -78,7 +78,7 @@ fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
     // The gateway keeps no responses to fetch.
     assert_eq!(
         check(Method::GET, "/v1/responses/resp_1", None),
-        "404 unknown URL: GET /v1/responses/resp_1"
+        "404 response `resp_1` is not stored: the gateway keeps no responses (every answer says \"store\": false)"
     );
     assert_eq!(
         check(Method::POST, "/v1/assistants", None),
