@@ -411,3 +411,109 @@ fn a_streamed_call_and_a_streamed_error_become_their_events() {
     assert_eq!(response["status"], "failed");
     assert_eq!(response["error"]["code"], "timeout");
 }
+
+/// Every string of the values a chat body is made of.
+fn strings(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::String(text) => out.push(text.clone()),
+        Value::Array(items) => items.iter().for_each(|item| strings(item, out)),
+        Value::Object(fields) => fields.values().for_each(|field| strings(field, out)),
+        _ => {}
+    }
+}
+
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::{strings, translate};
+
+    /// A text that may hide anything, JSON's own characters and escapes among it.
+    fn text() -> impl Strategy<Value = String> {
+        "[ -~\u{e9}\u{4e2d}\\n\"\\\\]{0,24}"
+    }
+
+    /// An input item whose texts are the second value.
+    fn item() -> impl Strategy<Value = (Value, Vec<String>)> {
+        prop_oneof![
+            (
+                prop_oneof![Just("user"), Just("assistant"), Just("system"), Just("developer")],
+                text()
+            )
+                .prop_map(|(role, text)| (json!({"role": role, "content": text}), vec![text])),
+            (text(), text()).prop_map(|(first, second)| (
+                json!({"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": first}, {"type": "output_text", "text": second}]}),
+                vec![first, second]
+            )),
+            (text(), text(), text()).prop_map(|(id, name, arguments)| (
+                json!({"type": "function_call", "call_id": id, "name": name, "arguments": arguments}),
+                vec![name, arguments]
+            )),
+            (text(), text()).prop_map(|(id, output)| (
+                json!({"type": "function_call_output", "call_id": id, "output": output}),
+                vec![output]
+            )),
+        ]
+    }
+
+    proptest! {
+        /// Whatever a backend streams, in whatever pieces, the transcoding neither panics
+        /// nor numbers two events alike.
+        #[test]
+        fn any_stream_transcodes_without_panic(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    Just(b"data: [DONE]\n\n".to_vec()),
+                    Just(br#"data: {"choices":[{"delta":{"content":"x"}}]}"#.to_vec()),
+                    Just(br#"data: {"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{"}}]}}]}"#.to_vec()),
+                    Just(br#"data: {"error":{"message":"m"}}"#.to_vec()),
+                    Just(b"\n\n".to_vec()),
+                    proptest::collection::vec(any::<u8>(), 0..16),
+                ],
+                0..24,
+            ),
+        ) {
+            let (_, mut transcoder) = translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+            let mut out = Vec::new();
+            for piece in pieces {
+                out.extend(transcoder.stream(&piece));
+            }
+            let text = String::from_utf8_lossy(&out);
+            let numbers: Vec<u64> = text
+                .lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+                .filter_map(|event| event["sequence_number"].as_u64())
+                .collect();
+            prop_assert_eq!(numbers.clone(), (0..numbers.len() as u64).collect::<Vec<_>>());
+        }
+
+        /// What the policy scans is the translated body, and what runs is that body: every
+        /// text a Responses request carries for the model is in it, verbatim.
+        #[test]
+        fn every_text_for_the_model_reaches_the_translated_body(
+            instructions in proptest::option::of(text()),
+            items in proptest::collection::vec(item(), 1..6),
+            description in text(),
+        ) {
+            let mut request = json!({
+                "model": "m",
+                "input": items.iter().map(|(item, _)| item.clone()).collect::<Vec<_>>(),
+                "tools": [{"type": "function", "name": "f", "description": description}],
+            });
+            let mut expected: Vec<String> = items.into_iter().flat_map(|(_, texts)| texts).collect();
+            expected.push(description);
+            if let Some(instructions) = instructions {
+                request["instructions"] = json!(instructions);
+                expected.push(instructions);
+            }
+            let (chat, _) = translate(&request).unwrap();
+            let mut found = Vec::new();
+            strings(&chat, &mut found);
+            for text in expected {
+                prop_assert!(found.contains(&text), "{text:?} missing from {chat}");
+            }
+        }
+    }
+}
