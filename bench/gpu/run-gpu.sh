@@ -10,7 +10,8 @@
 # Inputs in .device/ (made on the build machine by bench/gpu/prepare): bundle.tar.gz (the
 # isthmus release binary, its libraries and CPU backends), llama-src.tar.gz (the llama.cpp tree
 # it was built with), batched-bench/ (llama.cpp's tool sources), tokenizer.gguf and the gguf
-# wheel. Work happens in /tmp/isthmus-gpu; a few summary files go to $OUT (or
+# wheel; .device/ is git-ignored, so a remote GPU host gets it as an extra path carried with
+# the checkout (about 21 MB). Work happens in /tmp/isthmus-gpu; a few summary files go to $OUT (or
 # /tmp/isthmus-gpu/out), everything else stays in /tmp/isthmus-gpu/results.
 #
 # Settings (environment): ISTHMUS_GPU_SHAPES (135m 1b), ISTHMUS_GPU_LAYOUTS for `run` (split;

@@ -170,28 +170,21 @@ def main() -> None:
         temperature=0,
     )
     assert isinstance(parsed_response.output_parsed, City), parsed_response
-    called_response = client.responses.create(
-        model="smollm2",
-        input="Which city is the capital of France?",
-        tools=[{"type": "function", "name": "record_city", "parameters": City.model_json_schema(),
-                "strict": False}],
-        tool_choice={"type": "function", "name": "record_city"},
-        max_output_tokens=64,
-        temperature=0,
-    )
+    forced_response_call = {
+        "model": "smollm2",
+        "input": "Which city is the capital of France?",
+        "tools": [{"type": "function", "name": "record_city", "parameters": City.model_json_schema(),
+                   "strict": False}],
+        "tool_choice": {"type": "function", "name": "record_city"},
+        "max_output_tokens": 64,
+        "temperature": 0,
+    }
+    called_response = client.responses.create(**forced_response_call)
     calls = [item for item in called_response.output if item.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "record_city", called_response
     City.model_validate_json(calls[0].arguments)
     # The same call streamed: the SDK assembles the argument deltas into the same call.
-    with client.responses.stream(
-        model="smollm2",
-        input="Which city is the capital of France?",
-        tools=[{"type": "function", "name": "record_city", "parameters": City.model_json_schema(),
-                "strict": False}],
-        tool_choice={"type": "function", "name": "record_city"},
-        max_output_tokens=64,
-        temperature=0,
-    ) as stream:
+    with client.responses.stream(**forced_response_call) as stream:
         argument_deltas = sum(1 for event in stream if event.type == "response.function_call_arguments.delta")
         streamed_response = stream.get_final_response()
     streamed_calls = [item for item in streamed_response.output if item.type == "function_call"]

@@ -33,6 +33,11 @@ fn parse_events(bytes: &[u8]) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The event types, in order.
+fn kinds(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(kind, _)| kind.as_str()).collect()
+}
+
 fn sse(chunks: &[Value]) -> Vec<u8> {
     let mut out = Vec::new();
     for chunk in chunks {
@@ -315,9 +320,8 @@ fn a_chat_stream_becomes_the_responses_events_in_order() {
         out.extend(transcoder.stream(piece));
     }
     let events = parse_events(&out);
-    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
     assert_eq!(
-        kinds,
+        kinds(&events),
         [
             "response.created",
             "response.in_progress",
@@ -366,9 +370,8 @@ fn a_streamed_call_and_a_streamed_error_become_their_events() {
         chunk(json!({}), Some("tool_calls")),
     ]));
     let events = parse_events(&out);
-    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
     assert_eq!(
-        kinds,
+        kinds(&events),
         [
             "response.created",
             "response.in_progress",
@@ -394,10 +397,9 @@ fn a_streamed_call_and_a_streamed_error_become_their_events() {
     let mut failed = failed.to_vec();
     failed.extend(transcoder.stream(crate::openai::SSE_DONE));
     let events = parse_events(&failed);
-    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
     // The error comes first (the chat path sends it before any token), then the end.
     assert_eq!(
-        kinds,
+        kinds(&events),
         [
             "error",
             "response.created",
