@@ -1034,7 +1034,8 @@ async fn relay_whole(
         }
         _ => body,
     };
-    let body = if status == 200 {
+    // A Responses API request gets its Response object; a chat answer goes on as it is.
+    let body = if status == 200 && ctx.responses.is_some() {
         BytesMut::from(&ctx.answer_body(body.to_vec())[..])
     } else {
         body
