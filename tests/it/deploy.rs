@@ -83,18 +83,18 @@ json.dump(report, sys.stdout, default=str)
 
 /// One YAML document of a manifest file, as JSON, with what validation said about it.
 #[derive(Debug)]
-struct Manifest {
-    file: PathBuf,
-    document: Value,
-    errors: Vec<String>,
+pub(crate) struct Manifest {
+    pub(crate) file: PathBuf,
+    pub(crate) document: Value,
+    pub(crate) errors: Vec<String>,
 }
 
 impl Manifest {
-    fn kind(&self) -> &str {
+    pub(crate) fn kind(&self) -> &str {
         self.document["kind"].as_str().unwrap_or_default()
     }
 
-    fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.document["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
@@ -105,7 +105,7 @@ impl Manifest {
     }
 
     /// The document at a JSON pointer, `null` where there is nothing.
-    fn at(&self, pointer: &str) -> &Value {
+    pub(crate) fn at(&self, pointer: &str) -> &Value {
         self.document.pointer(pointer).unwrap_or(&Value::Null)
     }
 }
@@ -116,7 +116,7 @@ fn aks_dir() -> PathBuf {
 
 /// The Python with `kubernetes-validate`: `ISTHMUS_TEST_PYTHON`, else the venv that
 /// `scripts/test` prepares.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     if let Ok(python) = std::env::var("ISTHMUS_TEST_PYTHON") {
         return PathBuf::from(python);
     }
@@ -164,7 +164,7 @@ fn workspace_schema() -> Value {
 }
 
 /// Validates every YAML document of `files`.
-fn validate(files: &[PathBuf]) -> Vec<Manifest> {
+pub(crate) fn validate(files: &[PathBuf]) -> Vec<Manifest> {
     let request = json!({
         "kubernetes_version": KUBERNETES_VERSION,
         "files": files,
@@ -178,6 +178,11 @@ fn validate(files: &[PathBuf]) -> Vec<Manifest> {
                 "api_version": "kaito.sh/v1beta1",
                 "kind": "Workspace",
                 "schema": workspace_schema(),
+            },
+            {
+                "api_version": "cert-manager.io/v1",
+                "kind": "Certificate",
+                "schema": crate::helm::certificate_schema(),
             },
         ],
     });
@@ -252,7 +257,7 @@ fn of_kind(kind: &str) -> Vec<&'static Manifest> {
 }
 
 /// Whether every label of `selector` (a map) is among `labels` (a map).
-fn selects(selector: &Value, labels: &Value) -> bool {
+pub(crate) fn selects(selector: &Value, labels: &Value) -> bool {
     let (Some(selector), Some(labels)) = (selector.as_object(), labels.as_object()) else {
         return false;
     };

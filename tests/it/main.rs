@@ -14,6 +14,7 @@ pub(crate) mod console;
 pub(crate) mod deploy;
 mod embeddings;
 mod errors;
+pub(crate) mod helm;
 mod lifecycle;
 pub(crate) mod package;
 pub(crate) mod policy;

@@ -257,7 +257,7 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
     let body = say_hi(
         &tests::client_trusting(&ca_pem),
         &gateway.url("/v1/chat/completions"),
-        "package-test-key",
+        Some("package-test-key"),
     );
     assert_eq!(body["usage"]["completion_tokens"], 4);
 }
@@ -285,13 +285,15 @@ pub(crate) fn place_model(root: &Path) {
     std::os::unix::fs::symlink(tests::model_path(), models.join("model.gguf")).unwrap();
 }
 
-/// A short chat request to the configurations' `local` model (alias `gpt-4o-mini`): the
-/// answer, after checking that it is a 200 from that model.
-pub(crate) fn say_hi(client: &reqwest::Client, url: &str, api_key: &str) -> Value {
+/// A short chat request to the configurations' `local` model (alias `gpt-4o-mini`) with
+/// `api_key` (none: anonymous): the answer, after checking that it is a 200 from that model.
+pub(crate) fn say_hi(client: &reqwest::Client, url: &str, api_key: Option<&str>) -> Value {
     let (status, body) = block_on(async {
-        let response = client
-            .post(url)
-            .bearer_auth(api_key)
+        let mut request = client.post(url);
+        if let Some(api_key) = api_key {
+            request = request.bearer_auth(api_key);
+        }
+        let response = request
             .json(&json!({
                 "model": "gpt-4o-mini",
                 "messages": [{"role": "user", "content": "Say hi."}],
@@ -513,6 +515,6 @@ fn the_image_runs_the_sidecar_configuration_and_answers_its_probes() {
     say_hi(
         &reqwest::Client::new(),
         &format!("http://{plain}/v1/chat/completions"),
-        "image-test-key",
+        Some("image-test-key"),
     );
 }

@@ -166,7 +166,7 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     say_hi(
         &tests::client_trusting(&ca_pem),
         &gateway.url("/v1/chat/completions"),
-        "package-test-key",
+        Some("package-test-key"),
     );
     let committed = stdout(&appliance.slots(&["commit"]));
     assert!(

@@ -1,0 +1,121 @@
+{{/* The release's resource names: the release name, or `RELEASE-isthmus` where the release
+name does not already say isthmus; at most 63 characters (a DNS label). */}}
+{{- define "isthmus.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "isthmus.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the gateway's pods; they never change across upgrades. */}}
+{{- define "isthmus.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "isthmus.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "isthmus.labels" -}}
+{{ include "isthmus.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: isthmus
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "isthmus.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "isthmus.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "isthmus.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* `HOST:PORT` for a socket address; an IPv6 host goes in brackets. */}}
+{{- define "isthmus.address" -}}
+{{- $host := index . 0 -}}
+{{- if contains ":" $host -}}
+{{- printf "[%s]:%d" $host (int (index . 1)) -}}
+{{- else -}}
+{{- printf "%s:%d" $host (int (index . 1)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The admin listener: always on the pod's loopback (no token, nothing exposed). */}}
+{{- define "isthmus.adminAddress" -}}
+{{- include "isthmus.address" (list "127.0.0.1" .Values.server.adminPort) -}}
+{{- end -}}
+
+{{/* Where the pod mounts things; the configuration the chart writes points here. */}}
+{{- define "isthmus.configDir" -}}/etc/isthmus{{- end -}}
+{{- define "isthmus.tlsDir" -}}/etc/isthmus-tls{{- end -}}
+{{- define "isthmus.stateDir" -}}/var/lib/isthmus{{- end -}}
+{{- define "isthmus.modelsDir" -}}/models{{- end -}}
+
+{{/* The gateway's configuration: the operator's `config`, then the `[server]` tables the
+chart owns (addresses, state directory, certificate files, drain). Last, so that nothing of
+`config` can land inside them. */}}
+{{- define "isthmus.configuration" -}}
+{{- if regexMatch "(?m)^[ \\t]*\\[+[ \\t]*\"?server\"?[ \\t]*[.\\]]" .Values.config -}}
+{{- fail "config: must not hold a [server] table: the chart writes it from the `server` values (ports, tls, limits, drainTimeoutSeconds, workerThreads)" -}}
+{{- end -}}
+{{- /* Dotted keys are top-level only before the first table header. */ -}}
+{{- $preamble := regexReplaceAll "(?ms)^[ \\t]*\\[.*" .Values.config "" -}}
+{{- if regexMatch "(?m)^[ \\t]*\"?server\"?[ \\t]*\\." $preamble -}}
+{{- fail "config: must not set server.* keys: the chart writes them from the `server` values" -}}
+{{- end -}}
+{{- $server := .Values.server -}}
+{{ trimSuffix "\n" .Values.config }}
+
+# Written by the chart from its `server` values; the rest is its `config` value.
+[server]
+listen = {{ include "isthmus.address" (list $server.bindAddress $server.httpsPort) | quote }}
+{{- if $server.plainHttp.enabled }}
+plain_listen = {{ include "isthmus.address" (list $server.bindAddress $server.plainHttp.port) | quote }}
+{{- end }}
+admin_listen = {{ include "isthmus.adminAddress" . | quote }}
+state_dir = {{ include "isthmus.stateDir" . | quote }}
+drain_timeout_ms = {{ mul (int $server.drainTimeoutSeconds) 1000 }}
+{{- if $server.workerThreads }}
+worker_threads = {{ int $server.workerThreads }}
+{{- end }}
+{{- if include "isthmus.tlsSecretName" . }}
+
+[server.tls]
+cert = {{ printf "%s/tls.crt" (include "isthmus.tlsDir" .) | quote }}
+key = {{ printf "%s/tls.key" (include "isthmus.tlsDir" .) | quote }}
+{{- end }}
+{{- with $server.limits }}
+
+[server.limits]
+{{- range $key, $value := . }}
+{{ $key }} = {{ int64 $value }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The Secret with the data plane's certificate: the operator's, or the one cert-manager
+issues for the chart's Certificate; empty when the gateway provisions its own. */}}
+{{- define "isthmus.tlsSecretName" -}}
+{{- if .Values.server.tls.secretName -}}
+{{- .Values.server.tls.secretName -}}
+{{- else if .Values.server.tls.certManager.issuerRef.name -}}
+{{- printf "%s-tls" (include "isthmus.fullname" .) -}}
+{{- end -}}
+{{- end -}}
