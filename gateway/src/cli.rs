@@ -54,7 +54,8 @@ pub enum Command {
     },
     /// Load-test any OpenAI-compatible endpoint: TTFT, TPOT, latency percentiles, tokens/s.
     Bench(BenchArgs),
-    /// GET a path of the loopback admin listener; exit 0 on a 200 (Kubernetes exec probes).
+    /// GET a path of the admin listener over loopback; exit 0 on a 200 (Kubernetes exec
+    /// probes). Off loopback the listener wants `--token-env` and `--tls-cert`.
     /// `--post /admin/api/reload` reloads the configuration and prints the report.
     Probe {
         /// The admin listener (loopback only).
@@ -69,6 +70,14 @@ pub enum Command {
         /// Connect, send and read deadlines, each.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// Present the bearer token in this environment variable (an admin listener bound
+        /// off loopback wants one of `server.admin_tokens`).
+        #[arg(long, value_name = "NAME")]
+        token_env: Option<String>,
+        /// Speak TLS, trusting only a server that presents the first certificate in this
+        /// PEM file: the gateway's own (an admin listener bound off loopback speaks TLS).
+        #[arg(long, value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
     },
     /// Print what this binary was built with, as JSON: version, the llama.cpp source
     /// fingerprint, and the CPU backend modules (with their SHA-256) that must ship beside it.
@@ -371,11 +380,15 @@ pub fn run(cli: Cli) -> ExitCode {
             path,
             post,
             timeout_ms,
+            token_env,
+            tls_cert,
         } => crate::probe::run(
             admin,
             &path,
             post,
             std::time::Duration::from_millis(timeout_ms),
+            token_env.as_deref(),
+            tls_cert.as_deref(),
         ),
         Command::BuildInfo => {
             println!("{:#}", build_info());

@@ -106,5 +106,48 @@ fn off_loopback_the_admin_api_needs_tls_and_a_token() {
             assert_eq!(good.status(), 200, "{path}");
         }
     });
+
+    // `isthmus probe` over loopback, as a pod's exec probe: the token from the environment,
+    // TLS pinned to the certificate the gateway serves.
+    let admin = admin_url.trim_start_matches("https://");
+    let pki = tests::TestPki::shared();
+    let probe = |token: Option<&str>, certificate: Option<&std::path::Path>| {
+        let mut command = Command::new(tests::isthmus_binary());
+        command.args(["probe", "--admin", admin]);
+        if let Some(token) = token {
+            command
+                .args(["--token-env", "ISTHMUS_TEST_ADMIN_TOKEN"])
+                .env("ISTHMUS_TEST_ADMIN_TOKEN", token);
+        }
+        if let Some(certificate) = certificate {
+            command.arg("--tls-cert").arg(certificate);
+        }
+        let output = command.arg("/readyz").output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = probe(Some(ADMIN_TOKEN), Some(&pki.cert_path));
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = probe(Some("nope"), Some(&pki.cert_path));
+    assert!(
+        code == Some(1) && stderr.contains("answered 401"),
+        "{stderr}"
+    );
+    let (code, stderr) = probe(None, Some(&pki.cert_path));
+    assert!(
+        code == Some(1) && stderr.contains("answered 401"),
+        "{stderr}"
+    );
+    // Another certificate than the one served: the token is never sent.
+    let (code, stderr) = probe(Some(ADMIN_TOKEN), Some(&pki.ca_path));
+    assert!(
+        code == Some(1) && stderr.contains("another certificate than the --tls-cert file's"),
+        "{stderr}"
+    );
+    // Plain HTTP to a TLS listener gets no 200.
+    let (code, _) = probe(Some(ADMIN_TOKEN), None);
+    assert_eq!(code, Some(1));
     drop(child);
 }

@@ -184,6 +184,16 @@ pub(crate) fn validate(files: &[PathBuf]) -> Vec<Manifest> {
                 "kind": "Certificate",
                 "schema": crate::helm::certificate_schema(),
             },
+            {
+                "api_version": "monitoring.coreos.com/v1",
+                "kind": "ServiceMonitor",
+                "schema": crate::helm::service_monitor_schema("monitoring.coreos.com/v1"),
+            },
+            {
+                "api_version": "azmonitoring.coreos.com/v1",
+                "kind": "ServiceMonitor",
+                "schema": crate::helm::service_monitor_schema("azmonitoring.coreos.com/v1"),
+            },
         ],
     });
     let mut child = Command::new(python())

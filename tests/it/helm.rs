@@ -239,6 +239,76 @@ pub(crate) fn certificate_schema() -> Value {
     })
 }
 
+/// The ServiceMonitor fields the chart uses (the Prometheus operator's, and Azure Monitor's
+/// managed Prometheus's copy under `api_version`), strictly.
+pub(crate) fn service_monitor_schema(api_version: &str) -> Value {
+    let name = json!({"type": "string", "pattern": "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"});
+    let labels = json!({"type": "object", "additionalProperties": {"type": "string"}});
+    let secret_key = json!({
+        "type": "object",
+        "required": ["name", "key"],
+        "additionalProperties": false,
+        "properties": {"name": name, "key": {"type": "string"}, "optional": {"type": "boolean"}}
+    });
+    let ca = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {"secret": secret_key, "configMap": secret_key}
+    });
+    json!({
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": false,
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": "ServiceMonitor"},
+            "metadata": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": false,
+                "properties": {"name": name, "namespace": name, "labels": labels}
+            },
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "additionalProperties": false,
+                "properties": {
+                    "selector": {
+                        "type": "object",
+                        "additionalProperties": false,
+                        "properties": {"matchLabels": labels}
+                    },
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["port"],
+                            "additionalProperties": false,
+                            "properties": {
+                                "port": {"type": "string"},
+                                "scheme": {"enum": ["http", "https"]},
+                                "path": {"type": "string", "pattern": "^/"},
+                                "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                                "bearerTokenSecret": secret_key,
+                                "tlsConfig": {
+                                    "type": "object",
+                                    "additionalProperties": false,
+                                    "properties": {
+                                        "ca": ca,
+                                        "serverName": {"type": "string"},
+                                        "insecureSkipVerify": {"type": "boolean"},
+                                    }
+                                },
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    })
+}
+
 #[test]
 fn the_chart_lints_and_every_rendering_validates_strictly() {
     let mut lint_args = vec![Vec::new()];
@@ -300,7 +370,12 @@ fn the_chart_lints_and_every_rendering_validates_strictly() {
         BTreeSet::from(["ConfigMap", "Service", "ServiceAccount", "StatefulSet"])
     );
     let site = rendering("site-values.yaml").kinds();
-    for kind in ["Certificate", "NetworkPolicy", "PodDisruptionBudget"] {
+    for kind in [
+        "Certificate",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+    ] {
         assert!(site.contains(kind), "site-values.yaml: no {kind}");
     }
     let gpu = rendering("gpu-values.yaml");
@@ -401,19 +476,43 @@ fn rendered_pods_agree_with_the_configuration_they_mount() {
                 .map(|plain| port_of(plain.as_str().unwrap())),
             "{case}: a plain port exactly when the configuration listens on one"
         );
+        // The admin listener: on loopback, or exposed with a token and TLS, and then the
+        // probes present the token and pin the certificate the listener serves.
         let admin = server["admin_listen"].as_str().unwrap();
-        assert!(
-            admin.starts_with("127.0.0.1:"),
-            "{case}: the admin listener stays on loopback, got {admin}"
-        );
+        let exposed = server.get("admin_tokens").is_some();
+        let mut probe_start = vec![
+            "/usr/bin/isthmus".to_owned(),
+            "probe".to_owned(),
+            "--admin".to_owned(),
+            format!("127.0.0.1:{}", port_of(admin)),
+        ];
+        if exposed {
+            assert!(!admin.starts_with("127.0.0.1:"), "{case}: {admin}");
+            assert_eq!(container_port("admin"), Some(port_of(admin)), "{case}");
+            let token_env = server["admin_tokens"][0]["key_env"].as_str().unwrap();
+            let served = server.get("tls").map_or_else(
+                || format!("{}/tls/server.pem", server["state_dir"].as_str().unwrap()),
+                |tls| tls["cert"].as_str().unwrap().to_owned(),
+            );
+            probe_start.extend(["--token-env".to_owned(), token_env.to_owned()]);
+            probe_start.extend(["--tls-cert".to_owned(), served]);
+        } else {
+            assert!(
+                admin.starts_with("127.0.0.1:"),
+                "{case}: an admin listener off loopback needs admin_tokens, got {admin}"
+            );
+            assert_eq!(container_port("admin"), None, "{case}");
+        }
         for (probe, path) in [
             ("startupProbe", "/readyz"),
             ("readinessProbe", "/readyz"),
             ("livenessProbe", "/healthz"),
         ] {
+            let mut expected = probe_start.clone();
+            expected.push(path.to_owned());
             assert_eq!(
                 rendering.probe(probe),
-                ["/usr/bin/isthmus", "probe", "--admin", admin, path],
+                expected,
                 "{case}: {probe} must ask the configured admin listener"
             );
         }
@@ -566,9 +665,72 @@ fn rendered_pods_agree_with_the_configuration_they_mount() {
         }
         for policy in rendering.of_kind("NetworkPolicy") {
             assert!(selects(policy.at("/spec/podSelector/matchLabels"), labels));
-            for port in policy.at("/spec/ingress/0/ports").as_array().unwrap() {
+            let rules = policy.at("/spec/ingress").as_array().unwrap();
+            let mut opened = BTreeSet::new();
+            for port in rules
+                .iter()
+                .flat_map(|rule| rule["ports"].as_array().unwrap())
+            {
+                let name = port["port"].as_str().unwrap();
+                assert!(container_port(name).is_some(), "{case}: {name}");
+                opened.insert(name);
+            }
+            assert_eq!(
+                opened.contains("admin"),
+                exposed,
+                "{case}: the admin port is open exactly when exposed"
+            );
+        }
+        // Prometheus scrapes the admin Service's port with the token the gateway reads, and
+        // checks the certificate against a name it carries.
+        for monitor in rendering.of_kind("ServiceMonitor") {
+            assert!(exposed, "{case}");
+            let admin_service = rendering
+                .of_kind("Service")
+                .into_iter()
+                .find(|service| {
+                    selects(
+                        monitor.at("/spec/selector/matchLabels"),
+                        service.at("/metadata/labels"),
+                    )
+                })
+                .unwrap_or_else(|| panic!("{case}: the ServiceMonitor selects no Service"));
+            let endpoint = monitor.at("/spec/endpoints/0");
+            assert_eq!(endpoint["scheme"], "https", "{case}");
+            assert_eq!(endpoint["path"], "/metrics", "{case}");
+            let port = admin_service
+                .at("/spec/ports")
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|port| port["name"] == endpoint["port"])
+                .unwrap_or_else(|| panic!("{case}: no Service port {}", endpoint["port"]));
+            assert_eq!(port["targetPort"], "admin", "{case}");
+            let token_env = server["admin_tokens"][0]["key_env"].as_str().unwrap();
+            let token = container["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|entry| entry["name"] == token_env)
+                .unwrap();
+            assert_eq!(
+                endpoint["bearerTokenSecret"], token["valueFrom"]["secretKeyRef"],
+                "{case}: Prometheus presents the token the gateway accepts"
+            );
+            if let Some(certificate) = rendering.of_kind("Certificate").first() {
+                let server_name = endpoint["tlsConfig"]["serverName"].as_str().unwrap();
                 assert!(
-                    container_port(port["port"].as_str().unwrap()).is_some(),
+                    certificate
+                        .at("/spec/dnsNames")
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|name| name == server_name),
+                    "{case}: {server_name}"
+                );
+                assert_eq!(
+                    endpoint["tlsConfig"]["ca"]["secret"]["name"],
+                    certificate.at("/spec/secretName").clone(),
                     "{case}"
                 );
             }
@@ -675,6 +837,22 @@ fn bad_values_are_refused_with_the_key_named() {
             "issuerRef.kind must be one of",
         ),
         (set("persistence.size=lots"), "persistence.size"),
+        (
+            set("admin.expose=true"),
+            "admin.tokenSecret.name: required when admin.expose is true",
+        ),
+        (
+            [
+                "--set".to_owned(),
+                "admin.expose=true,admin.tokenSecret.name=t,admin.serviceMonitor.enabled=true"
+                    .to_owned(),
+            ],
+            "admin.serviceMonitor.tlsConfig: required",
+        ),
+        (
+            set("admin.serviceMonitor.apiVersion=v1"),
+            "admin.serviceMonitor.apiVersion must be one of",
+        ),
         (file(&config_with_server), "must not hold a [server] table"),
         (
             file(&config_with_dotted_server),
@@ -708,6 +886,7 @@ fn build_backends_dir() -> PathBuf {
 fn localized(text: &str, dir: &Path) -> String {
     let pki = tests::TestPki::shared();
     let state = dir.join("state");
+    let exposed = text.contains("admin_tokens");
     [
         ("/models/model.gguf", tests::model_path()),
         ("/var/lib/isthmus", state),
@@ -725,7 +904,21 @@ fn localized(text: &str, dir: &Path) -> String {
     .replace("\"[::]:", "\"127.0.0.1:")
     .replace(":8443\"", ":0\"")
     .replace(":8080\"", ":0\"")
-    .replace(":9090\"", ":0\"")
+    .lines()
+    .map(|line| {
+        // An exposed admin listener stays off loopback (TLS and a token), on any port.
+        if line.starts_with("admin_listen = ") {
+            if exposed {
+                "admin_listen = \"0.0.0.0:0\"".to_owned()
+            } else {
+                "admin_listen = \"127.0.0.1:0\"".to_owned()
+            }
+        } else {
+            line.to_owned()
+        }
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 #[test]
@@ -748,6 +941,7 @@ fn the_rendered_configurations_run_in_the_gateway() {
         let environment = [
             ("ISTHMUS_API_KEY", "helm-test-key"),
             ("VLLM_API_KEY", "helm-test-pool-key"),
+            ("ISTHMUS_ADMIN_TOKEN", "helm-test-admin-token"),
         ];
         run(Command::new(tests::isthmus_binary())
             .arg("check-config")
@@ -757,21 +951,42 @@ fn the_rendered_configurations_run_in_the_gateway() {
         let gateway = tests::Gateway::start_with_command(dir, &path, |command| {
             command.envs(environment);
         });
-        // The kubelet's probes, as the StatefulSet writes them, against this gateway.
-        let admin = gateway.admin.to_string();
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-            let command = rendering.probe(probe);
+        // The kubelet's probes, as the StatefulSet writes them, against this gateway: the
+        // startup probe until it passes (the model loads first), then the others once.
+        let admin = format!("127.0.0.1:{}", gateway.admin.port());
+        let probe = |name: &str| {
+            let command = rendering.probe(name);
             let arguments: Vec<String> = command[1..]
                 .iter()
                 .map(|argument| {
                     if argument.starts_with("127.0.0.1:") {
                         admin.clone()
                     } else {
-                        argument.clone()
+                        localized(argument, gateway.dir.path())
                     }
                 })
                 .collect();
-            run(Command::new(tests::isthmus_binary()).args(&arguments));
+            Command::new(tests::isthmus_binary())
+                .args(&arguments)
+                .envs(environment)
+                .output()
+                .unwrap()
+        };
+        assert!(
+            tests::eventually(tests::START_DEADLINE, || probe("startupProbe")
+                .status
+                .success()),
+            "{case}: the startup probe never passed: {}\n{}",
+            String::from_utf8_lossy(&probe("startupProbe").stderr),
+            gateway.log()
+        );
+        for name in ["readinessProbe", "livenessProbe"] {
+            let output = probe(name);
+            assert!(
+                output.status.success(),
+                "{case}: {name}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         // A client of the Service: TLS with the mounted certificate where the chart gives
         // one, else the gateway's own CA; the key from the Secret where the file names one.

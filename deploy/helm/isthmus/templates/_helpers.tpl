@@ -57,9 +57,34 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* The admin listener: always on the pod's loopback (no token, nothing exposed). */}}
+{{/* The admin listener: the pod's loopback (no token, nothing exposed), or with
+admin.expose the data plane's bind address (TLS and a token). */}}
 {{- define "isthmus.adminAddress" -}}
+{{- if .Values.admin.expose -}}
+{{- include "isthmus.address" (list .Values.server.bindAddress .Values.server.adminPort) -}}
+{{- else -}}
 {{- include "isthmus.address" (list "127.0.0.1" .Values.server.adminPort) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The certificate the admin listener presents when exposed: the mounted Secret's, or the
+one the gateway made in its state volume. */}}
+{{- define "isthmus.servedCertificate" -}}
+{{- if include "isthmus.tlsSecretName" . -}}
+{{- printf "%s/tls.crt" (include "isthmus.tlsDir" .) -}}
+{{- else -}}
+{{- printf "%s/tls/server.pem" (include "isthmus.stateDir" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* An exec probe's command for a path: `isthmus probe` over the pod's loopback, with the
+token and the pinned certificate when the admin listener is exposed. */}}
+{{- define "isthmus.probeCommand" -}}
+{{- $command := list "/usr/bin/isthmus" "probe" "--admin" (include "isthmus.address" (list "127.0.0.1" .root.Values.server.adminPort)) -}}
+{{- if .root.Values.admin.expose -}}
+{{- $command = concat $command (list "--token-env" "ISTHMUS_ADMIN_TOKEN" "--tls-cert" (include "isthmus.servedCertificate" .root)) -}}
+{{- end -}}
+{{- toJson (append $command .path) -}}
 {{- end -}}
 
 {{/* Where the pod mounts things; the configuration the chart writes points here. */}}
@@ -90,6 +115,12 @@ listen = {{ include "isthmus.address" (list $server.bindAddress $server.httpsPor
 plain_listen = {{ include "isthmus.address" (list $server.bindAddress $server.plainHttp.port) | quote }}
 {{- end }}
 admin_listen = {{ include "isthmus.adminAddress" . | quote }}
+{{- if .Values.admin.expose }}
+{{- if not .Values.admin.tokenSecret.name }}
+{{- fail "admin.tokenSecret.name: required when admin.expose is true (a Secret with the token Prometheus and the probes present)" }}
+{{- end }}
+admin_tokens = [{ id = "admin", key_env = "ISTHMUS_ADMIN_TOKEN" }]
+{{- end }}
 state_dir = {{ include "isthmus.stateDir" . | quote }}
 drain_timeout_ms = {{ mul (int $server.drainTimeoutSeconds) 1000 }}
 {{- if $server.workerThreads }}
