@@ -215,6 +215,8 @@ pub struct GatewayOptions {
     pub body_read_timeout_ms: u64,
     pub connections_max: u32,
     pub drain_timeout_ms: u64,
+    /// `server.config_watch_interval_ms`: 0 reloads only on request.
+    pub config_watch_interval_ms: u64,
     /// Use the test PKI's certificate; `false` lets the gateway provision its own.
     pub test_certificate: bool,
     pub extra: String,
@@ -232,6 +234,7 @@ impl Default for GatewayOptions {
             body_read_timeout_ms: 30_000,
             connections_max: 64,
             drain_timeout_ms: 30_000,
+            config_watch_interval_ms: 0,
             test_certificate: true,
             extra: String::new(),
         }
@@ -259,6 +262,7 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 state_dir = {state:?}
 drain_timeout_ms = {drain}
+config_watch_interval_ms = {watch}
 
 {tls}
 [server.limits]
@@ -289,6 +293,7 @@ level = "info,gateway=debug,edge_runtime=debug"
 "#,
         state = dir.join("state"),
         drain = options.drain_timeout_ms,
+        watch = options.config_watch_interval_ms,
         body = options.body_bytes_max,
         header = options.header_bytes_max,
         header_timeout = options.header_read_timeout_ms,

@@ -575,6 +575,8 @@ impl ServeHttp for Admin {
                     gpus: &self.state.gpu_samples(),
                     open_connections: self.state.open_connections.get(),
                     ready: self.state.ready(),
+                    restart_required: &crate::reload::restart_required(&self.state),
+                    stored_responses: self.state.responses.as_ref().map(|store| store.usage()),
                 });
                 respond(
                     StatusCode::OK,

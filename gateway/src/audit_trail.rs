@@ -15,12 +15,31 @@ use crate::audit::{AuditError, AuditLog};
 use crate::auth::Caller;
 use crate::data_plane::{Failure, RequestContext};
 
-/// The OCSF API Activity ids: 1 create (a completion), 2 read (a listing), 99 other.
-fn ocsf_activity(path: &str) -> u32 {
-    if path.ends_with("/models") { 2 } else { 1 }
+/// The OCSF API Activity ids: 1 create (a completion), 2 read (a listing, a stored
+/// response), 4 delete (a stored response).
+fn ocsf_activity(method: &str, path: &str) -> u32 {
+    match method {
+        "DELETE" => 4,
+        "GET" => 2,
+        _ if path.ends_with("/models") => 2,
+        _ => 1,
+    }
 }
 
-fn operation(path: &str) -> String {
+/// The Azure-style operation name: `Isthmus/inference/<action>/action` for inference,
+/// `.../responses/read`, `.../responses/inputItems/read` and `.../responses/delete` for
+/// stored responses.
+fn operation(method: &str, path: &str) -> String {
+    let path = path.trim_end_matches('/');
+    if path.contains("/responses/") {
+        let verb = if method == "DELETE" { "delete" } else { "read" };
+        let noun = if path.ends_with("/input_items") {
+            "responses/inputItems"
+        } else {
+            "responses"
+        };
+        return format!("Isthmus/inference/{noun}/{verb}");
+    }
     let action = if path.ends_with("/chat/completions") {
         "chat/completions"
     } else if path.ends_with("/completions") {
@@ -65,7 +84,8 @@ pub fn record(
         .client_addr()
         .and_then(|address| address.as_inet().map(|inet| inet.ip().to_string()))
         .unwrap_or_default();
-    let mut builder = Record::builder(Category::Audit, operation(path), SystemTime::now())
+    let method = header.method.as_str();
+    let mut builder = Record::builder(Category::Audit, operation(method, path), SystemTime::now())
         .result(result, status.to_string(), description)
         .duration_ms(u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX))
         .level(level)
@@ -73,7 +93,7 @@ pub fn record(
         .correlation_id(ctx.request_id.clone())
         .request_id(ctx.request_id.clone())
         .gateway_instance(instance)
-        .ocsf_activity_id(ocsf_activity(path));
+        .ocsf_activity_id(ocsf_activity(method, path));
     if let Some(traceparent) = &ctx.traceparent {
         builder = builder.trace_parent(traceparent.clone());
     }

@@ -20,11 +20,13 @@ use sha2::{Digest, Sha256};
 
 mod audit;
 pub mod edit;
+mod responses;
 mod rules;
 mod telemetry;
 mod upstreams;
 mod waf;
 pub use audit::AuditSettings;
+pub use responses::ResponsesConfig;
 pub use rules::PolicyConfig;
 pub use telemetry::{OtlpSettings, TelemetrySettings};
 pub use upstreams::{
@@ -74,6 +76,8 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     pub engine: EngineConfig,
     pub logging: LoggingConfig,
+    /// Stored responses of the Responses API (`[responses]`).
+    pub responses: ResponsesConfig,
     /// The web application firewall (`[waf]`).
     pub waf: std::sync::Arc<router_policies::waf::Waf>,
 }
@@ -91,6 +95,9 @@ pub struct ServerConfig {
     pub worker_threads: Option<usize>,
     /// How long in-flight requests may run after SIGTERM before the process exits anyway.
     pub drain_timeout: Duration,
+    /// How often the configuration file is read to reload it when its text changed; `None`
+    /// reloads only on SIGHUP and through the admin API.
+    pub config_watch_interval: Option<Duration>,
     pub tls: TlsConfig,
     pub limits: Limits,
     /// Bearer tokens the admin listener requires (always when it is not on loopback, where
@@ -254,6 +261,8 @@ struct RawServer {
     #[serde(default = "default_drain_timeout_ms")]
     drain_timeout_ms: u64,
     #[serde(default)]
+    config_watch_interval_ms: u64,
+    #[serde(default)]
     tls: RawTls,
     #[serde(default)]
     limits: RawLimits,
@@ -270,6 +279,7 @@ impl Default for RawServer {
             state_dir: default_state_dir(),
             worker_threads: None,
             drain_timeout_ms: default_drain_timeout_ms(),
+            config_watch_interval_ms: 0,
             tls: RawTls::default(),
             limits: RawLimits::default(),
             admin_tokens: Vec::new(),
@@ -286,6 +296,10 @@ fn default_admin_listen() -> String {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/isthmus")
 }
+/// Reading the file more often than this buys nothing: edits and ConfigMap updates take
+/// longer to land than that.
+const CONFIG_WATCH_INTERVAL_MIN_MS: u64 = 100;
+
 fn default_drain_timeout_ms() -> u64 {
     30_000
 }
@@ -534,12 +548,14 @@ pub fn parse(
     let engine: Option<RawEngine> = section(&mut document, "engine", &mut errors);
     let logging: Option<RawLogging> = section(&mut document, "logging", &mut errors);
     let waf: Option<waf::RawWaf> = section(&mut document, "waf", &mut errors);
+    let responses: Option<responses::RawResponses> =
+        section(&mut document, "responses", &mut errors);
     let models = models_section(&mut document, &mut errors);
     let pools = named_section::<upstreams::RawPool>(&mut document, "upstreams", &mut errors);
     for key in document.keys() {
         errors.push(ConfigError::new(
             key.as_str(),
-            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, waf)",
+            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, responses, waf)",
         ));
     }
 
@@ -567,6 +583,7 @@ pub fn parse(
         backends_dir: raw.backends_dir.map(|dir| validator.resolve(&dir)),
     });
     let logging = logging.map(|raw| validator.logging(raw));
+    let responses = responses.map(|raw| validator.responses(raw));
     let api_key_ids: Option<Vec<&str>> = match &auth {
         Some(Some(auth)) => Some(auth.api_keys.iter().map(|key| key.id.as_str()).collect()),
         _ => None,
@@ -597,7 +614,7 @@ pub fn parse(
     }
 
     match (
-        server, auth, routing, policy, audit, telemetry, engine, logging, waf,
+        server, auth, routing, policy, audit, telemetry, engine, logging, responses, waf,
     ) {
         (
             Some(Some(server)),
@@ -608,6 +625,7 @@ pub fn parse(
             Some(Some(telemetry)),
             Some(engine),
             Some(Some(logging)),
+            Some(responses),
             Some(Some(waf)),
         ) if validator.errors.is_empty() => Ok(Config {
             source: source.to_path_buf(),
@@ -622,6 +640,7 @@ pub fn parse(
             telemetry,
             engine,
             logging,
+            responses,
             waf,
         }),
         _ => Err(validator.errors),
@@ -821,6 +840,15 @@ impl Validator<'_> {
             }
         };
         self.positive("server.tls.reload_interval_ms", raw.tls.reload_interval_ms);
+        if (1..CONFIG_WATCH_INTERVAL_MIN_MS).contains(&raw.config_watch_interval_ms) {
+            self.error(
+                "server.config_watch_interval_ms",
+                format!(
+                    "must be 0 (off) or at least {CONFIG_WATCH_INTERVAL_MIN_MS}, not {}",
+                    raw.config_watch_interval_ms
+                ),
+            );
+        }
         let limits = &raw.limits;
         self.positive("server.limits.body_bytes_max", limits.body_bytes_max);
         if limits.header_bytes_max < 1_024 {
@@ -868,6 +896,8 @@ impl Validator<'_> {
             state_dir: self.resolve(&raw.state_dir),
             worker_threads: raw.worker_threads.map(|threads| threads as usize),
             drain_timeout: Duration::from_millis(raw.drain_timeout_ms),
+            config_watch_interval: (raw.config_watch_interval_ms > 0)
+                .then(|| Duration::from_millis(raw.config_watch_interval_ms)),
             tls: TlsConfig {
                 files,
                 reload_interval: Duration::from_millis(raw.tls.reload_interval_ms),

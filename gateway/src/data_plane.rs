@@ -160,6 +160,14 @@ impl RequestContext {
     }
 }
 
+/// Whose a stored response is: the API key's id, or every anonymous caller's.
+fn response_owner(ctx: &RequestContext) -> String {
+    match &ctx.caller {
+        Some(Caller::ApiKey { id }) => format!("key:{id}"),
+        _ => "anonymous".to_owned(),
+    }
+}
+
 /// The caller's API key id, when it authenticated with one.
 fn api_key_id(ctx: &RequestContext) -> Option<&str> {
     match &ctx.caller {
@@ -194,8 +202,23 @@ enum Operation {
     },
     /// The Responses API: a chat request in another dialect (`openai::responses`).
     Responses,
+    /// A stored response: `GET` or `DELETE /v1/responses/{id}`, or its input items.
+    StoredResponse {
+        id: String,
+        part: StoredPart,
+    },
     Models,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoredPart {
+    Get,
+    Delete,
+    InputItems,
+}
+
+/// The rule stored-response operations are recorded under.
+const STORED_RESPONSE_RULE: &str = "stored_response";
 
 /// What an inference request asks for: a generation (chat or text completion) or
 /// embeddings. Routing, the firewall, the audit and the cloud leg treat them alike.
@@ -259,9 +282,30 @@ fn route_path(
         "/v1/embeddings" => post(Operation::Embeddings { deployment: None }),
         // Azure OpenAI's preview form of the Responses API (`?api-version=`) too.
         "/v1/responses" | "/openai/responses" => post(Operation::Responses),
-        stored if stored.starts_with("/v1/responses/") => Err(GatewayError::ResponseNotStored {
-            id: stored["/v1/responses/".len()..].to_owned(),
-        }),
+        stored if stored.starts_with("/v1/responses/") => {
+            let rest = &stored["/v1/responses/".len()..];
+            let (id, part) = match rest.split_once('/') {
+                None => match *method {
+                    http::Method::GET => (rest, StoredPart::Get),
+                    http::Method::DELETE => (rest, StoredPart::Delete),
+                    _ => return Err(not_allowed()),
+                },
+                Some((id, "input_items")) if method == http::Method::GET => {
+                    (id, StoredPart::InputItems)
+                }
+                Some((_, "input_items")) => return Err(not_allowed()),
+                Some(_) => {
+                    return Err(GatewayError::UnknownUrl {
+                        method: method.to_string(),
+                        path: path.to_owned(),
+                    });
+                }
+            };
+            Ok(Operation::StoredResponse {
+                id: id.to_owned(),
+                part,
+            })
+        }
         "/v1/models" => {
             if method == http::Method::GET {
                 Ok(Operation::Models)
@@ -330,6 +374,14 @@ fn request_id(session: &Session) -> String {
         })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id)
+}
+
+/// The id of a response that is kept: random, never derived from the client's request id.
+fn new_response_id() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("resp_{}", hex::encode(bytes))
 }
 
 /// A random (version 4) UUID from the thread's generator, which is seeded once, instead of
@@ -510,7 +562,156 @@ impl DataPlane {
                 self.generate(session, ctx, &routing, Api::Responses, None)
                     .await
             }
+            Operation::StoredResponse { id, part } => {
+                self.stored_response(session, ctx, &routing, id, part).await
+            }
         }
+    }
+
+    /// Translates a Responses request into the chat body to run. The stored response it
+    /// continues (`previous_response_id`, the caller's own) is looked up first; when the
+    /// answer is to be kept, the transcoder gets a random id and a keeper over the store.
+    async fn translate_responses(
+        &self,
+        ctx: &mut RequestContext,
+        body: &[u8],
+    ) -> Result<Bytes, GatewayError> {
+        let store = self.state.responses.clone();
+        let owner = response_owner(ctx);
+        let previous = match (openai::responses::previous_response_id(body)?, &store) {
+            (Some(id), Some(store)) => {
+                let store = Arc::clone(store);
+                let reader = owner.clone();
+                let looked_up = tokio::task::spawn_blocking(move || {
+                    store.get(&id, &reader).map(|found| (id, found))
+                })
+                .await
+                .map_err(|error| GatewayError::Internal {
+                    message: format!("the response store: {error}"),
+                })?
+                .map_err(|error| GatewayError::Internal {
+                    message: error.to_string(),
+                })?;
+                match looked_up {
+                    (id, Some(stored)) => Some((id, stored)),
+                    (id, None) => return Err(GatewayError::PreviousResponseNotFound { id }),
+                }
+            }
+            // With the store off, the translation refuses `previous_response_id`.
+            _ => None,
+        };
+        let translated = openai::responses::to_chat(
+            body,
+            &ctx.request_id,
+            unix_now_s(),
+            previous
+                .as_ref()
+                .map(|(id, stored)| openai::responses::Previous {
+                    id,
+                    input_items: &stored.input_items,
+                    output: stored.output(),
+                }),
+        )?;
+        let mut transcoder = translated.transcoder;
+        if let (true, Some(store)) = (translated.store, store) {
+            let id = new_response_id();
+            let key = id.clone();
+            let request_id = ctx.request_id.clone();
+            let input_items = translated.input_items;
+            transcoder.keep_as(
+                id,
+                Box::new(move |response: &serde_json::Value| {
+                    let record = crate::response_store::StoredResponse::new(
+                        &owner,
+                        &request_id,
+                        input_items,
+                        response.clone(),
+                    );
+                    match store.put(&key, &record) {
+                        Ok(()) => true,
+                        Err(error) => {
+                            tracing::warn!(%request_id, %error, "response not kept");
+                            false
+                        }
+                    }
+                }),
+            );
+        }
+        ctx.responses = Some(Box::new(transcoder));
+        Ok(Bytes::from(translated.chat_body))
+    }
+
+    /// Reads or deletes a stored response of the caller, or lists its input items.
+    async fn stored_response(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        routing: &Routing,
+        id: String,
+        part: StoredPart,
+    ) -> Result<(), Failure> {
+        // No body: the request target and headers are what the firewall reads.
+        let header = session.req_header();
+        let query = header.uri.query().map(str::to_owned);
+        let headers = crate::facts::header_pairs(&header.headers);
+        let request = crate::facts::RequestView {
+            path: header.uri.path(),
+            target: crate::facts::request_target(&header.uri),
+            method: header.method.as_str(),
+            headers: &headers,
+            caller: api_key_id(ctx),
+            model: None,
+            body: &[],
+        };
+        let verdict =
+            crate::facts::firewall(routing, &request, &crate::facts::PromptTexts::default());
+        self.apply_waf(session, ctx, &verdict)?;
+        ctx.route = "local";
+        ctx.rule = STORED_RESPONSE_RULE;
+        let Some(store) = self.state.responses.clone() else {
+            return Err(GatewayError::ResponseNotStored { id }.into());
+        };
+        let page = match part {
+            StoredPart::InputItems => Some(
+                crate::openai::responses::ItemsPage::parse(query.as_deref())
+                    .inspect_err(|_| ctx.reject("request"))?,
+            ),
+            _ => None,
+        };
+        let owner = response_owner(ctx);
+        let looked_up = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, GatewayError> {
+            let unavailable = |error: crate::response_store::StoreError| GatewayError::Internal {
+                message: error.to_string(),
+            };
+            let not_found = || GatewayError::ResponseNotFound { id: id.clone() };
+            match part {
+                StoredPart::Delete => {
+                    if !store.delete(&id, &owner).map_err(unavailable)? {
+                        return Err(not_found());
+                    }
+                    Ok(serde_json::to_vec(&serde_json::json!({
+                        "id": id, "object": "response.deleted", "deleted": true,
+                    }))
+                    .unwrap_or_default())
+                }
+                StoredPart::Get | StoredPart::InputItems => {
+                    let stored = store.get(&id, &owner).map_err(unavailable)?;
+                    let stored = stored.ok_or_else(not_found)?;
+                    Ok(match page {
+                        Some(page) => serde_json::to_vec(&page.list(&stored.input_items)),
+                        None => serde_json::to_vec(&stored.response),
+                    }
+                    .unwrap_or_default())
+                }
+            }
+        })
+        .await
+        .map_err(|error| GatewayError::Internal {
+            message: format!("the response store: {error}"),
+        })?;
+        let body = looked_up?;
+        respond_json(session, ctx, 200, body, None).await?;
+        Ok(())
     }
 
     /// A chat or text completion, or embeddings: read the body, decide where it runs, run
@@ -526,13 +727,11 @@ impl DataPlane {
         let body = self.read_body(session, ctx).await?;
         let (api, body) = match api {
             Api::Responses => {
-                let translated = openai::responses::to_chat(&body, &ctx.request_id, unix_now_s())
+                let body = self
+                    .translate_responses(ctx, &body)
+                    .await
                     .inspect_err(|_| ctx.reject("request"))?;
-                ctx.responses = Some(Box::new(translated.transcoder));
-                (
-                    Api::Generate(Endpoint::Chat),
-                    Bytes::from(translated.chat_body),
-                )
+                (Api::Generate(Endpoint::Chat), body)
             }
             api => (api, body),
         };

@@ -28,11 +28,20 @@ pub enum GatewayError {
     ModelNotFound { model: String },
     #[error("unknown URL: {method} {path}")]
     UnknownUrl { method: String, path: String },
-    /// A stored response was asked for (`/v1/responses/{id}`): the gateway keeps none.
+    /// A stored response was asked for (`/v1/responses/{id}`) and the store is off.
     #[error(
-        "response `{id}` is not stored: the gateway keeps no responses (every answer says \"store\": false)"
+        "response `{id}` is not stored: this gateway keeps no responses ([responses] store is off; every answer says \"store\": false)"
     )]
     ResponseNotStored { id: String },
+    /// No stored response of the caller has this id (unknown, deleted, expired, or another
+    /// caller's: not told apart).
+    #[error("no response with id `{id}` was found")]
+    ResponseNotFound { id: String },
+    /// `previous_response_id` names no stored response of the caller.
+    #[error(
+        "previous response with id `{id}` was not found (unknown, deleted or expired); send the whole conversation in `input`"
+    )]
+    PreviousResponseNotFound { id: String },
     #[error("method {method} is not allowed for {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
@@ -121,11 +130,17 @@ impl GatewayError {
                 Some("unknown_url"),
                 None,
             ),
-            ResponseNotStored { .. } => (
+            ResponseNotStored { .. } | ResponseNotFound { .. } => (
                 StatusCode::NOT_FOUND,
                 INVALID_REQUEST,
                 Some("response_not_found"),
                 None,
+            ),
+            PreviousResponseNotFound { .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID_REQUEST,
+                Some("previous_response_not_found"),
+                Some("previous_response_id"),
             ),
             MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -205,7 +205,13 @@ pub fn explain(
 ) -> Result<Value, crate::error::GatewayError> {
     let translated;
     let body = if crate::data_plane::explain_target(target)? {
-        translated = crate::openai::responses::to_chat(body, "explain", 0)?.chat_body;
+        if crate::openai::responses::previous_response_id(body)?.is_some() {
+            return Err(crate::error::GatewayError::unsupported(
+                "previous_response_id",
+                "explain reads one request body, not stored responses: send the whole conversation in `input`",
+            ));
+        }
+        translated = crate::openai::responses::to_chat(body, "explain", 0, None)?.chat_body;
         translated.as_slice()
     } else {
         body

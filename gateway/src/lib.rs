@@ -28,6 +28,7 @@ pub mod policy;
 pub mod probe;
 pub mod redaction;
 pub mod reload;
+pub mod response_store;
 pub mod sensitivity;
 pub mod serve;
 pub mod state;

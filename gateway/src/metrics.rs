@@ -93,6 +93,12 @@ struct Registry {
     waf_matches: BTreeMap<(u32, &'static str), u64>,
     /// Requests with sensitive content, by where they went (a fixed set of five).
     sensitive_requests: BTreeMap<&'static str, u64>,
+    /// Configuration reloads by outcome (`success`, `failure`).
+    reloads: BTreeMap<&'static str, u64>,
+    /// Whether the last load or reload of the configuration succeeded.
+    last_reload_failed: bool,
+    /// When a configuration last came into force (start-up or reload), seconds since the epoch.
+    config_loaded_unix_s: Option<f64>,
 }
 
 /// A generation's timing, for the GenAI latency histograms.
@@ -193,6 +199,27 @@ impl Metrics {
         }
     }
 
+    /// Notes a configuration load or reload: start-up (`reload: false`) or a reload by any
+    /// trigger (SIGHUP, the admin API, a change of the file).
+    pub fn record_config_load(&self, reload: bool, success: bool) {
+        let Ok(mut registry) = self.registry.lock() else {
+            return;
+        };
+        if reload {
+            *registry
+                .reloads
+                .entry(if success { "success" } else { "failure" })
+                .or_default() += 1;
+        }
+        registry.last_reload_failed = !success;
+        if success {
+            registry.config_loaded_unix_s = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|since| since.as_secs_f64());
+        }
+    }
+
     /// Counts a firewall verdict's matched rules.
     pub fn record_waf(&self, verdict: &router_policies::waf::WafVerdict) {
         let Ok(mut registry) = self.registry.lock() else {
@@ -214,11 +241,14 @@ impl Metrics {
             gpus,
             open_connections,
             ready,
+            restart_required,
+            stored_responses,
         } = *live;
         let mut out = String::new();
         let Ok(registry) = self.registry.lock() else {
             return out;
         };
+        render_config(&mut out, &registry, restart_required);
         header(
             &mut out,
             "isthmus_requests_total",
@@ -468,6 +498,22 @@ impl Metrics {
             "1 when models are loaded and listeners bound.",
         );
         let _ = writeln!(out, "isthmus_ready {}", u8::from(ready));
+        if let Some((count, bytes)) = stored_responses {
+            header(
+                &mut out,
+                "isthmus_stored_responses",
+                "gauge",
+                "Responses API answers kept for previous_response_id ([responses] store).",
+            );
+            let _ = writeln!(out, "isthmus_stored_responses {count}");
+            header(
+                &mut out,
+                "isthmus_stored_responses_bytes",
+                "gauge",
+                "Bytes of the kept responses, against responses.bytes_max.",
+            );
+            let _ = writeln!(out, "isthmus_stored_responses_bytes {bytes}");
+        }
         out
     }
 }
@@ -481,6 +527,63 @@ pub struct Live<'a> {
     pub gpus: &'a [crate::gpu::GpuSample],
     pub open_connections: u64,
     pub ready: bool,
+    /// Sections of the configuration file in force that differ from those the process
+    /// started with and wait for a restart (`server`, `models`, ...).
+    pub restart_required: &'a [&'static str],
+    /// Stored responses and their bytes, when the store is on.
+    pub stored_responses: Option<(usize, u64)>,
+}
+
+/// Whether the configuration reloads, and what waits for a restart.
+fn render_config(out: &mut String, registry: &Registry, restart_required: &[&'static str]) {
+    header(
+        out,
+        "isthmus_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP, admin API, file changes), by outcome.",
+    );
+    for outcome in ["success", "failure"] {
+        let count = registry.reloads.get(outcome).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "isthmus_config_reloads_total{{outcome=\"{outcome}\"}} {count}"
+        );
+    }
+    header(
+        out,
+        "isthmus_config_last_reload_successful",
+        "gauge",
+        "0 when the last reload was refused and the configuration before it stays in force.",
+    );
+    let _ = writeln!(
+        out,
+        "isthmus_config_last_reload_successful {}",
+        u8::from(!registry.last_reload_failed)
+    );
+    if let Some(loaded) = registry.config_loaded_unix_s {
+        header(
+            out,
+            "isthmus_config_last_reload_success_timestamp_seconds",
+            "gauge",
+            "When the configuration in force was loaded (start-up or the last successful reload).",
+        );
+        let _ = writeln!(
+            out,
+            "isthmus_config_last_reload_success_timestamp_seconds {loaded:.3}"
+        );
+    }
+    header(
+        out,
+        "isthmus_config_restart_required",
+        "gauge",
+        "1 for each section of the configuration in force that changed since start-up and takes effect only after a restart.",
+    );
+    for section in restart_required {
+        let _ = writeln!(
+            out,
+            "isthmus_config_restart_required{{section=\"{section}\"}} 1"
+        );
+    }
 }
 
 /// Cloud backends: whether each takes traffic, its circuit, load and request count. Pool

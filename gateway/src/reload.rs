@@ -1,9 +1,14 @@
-//! Configuration reload (SIGHUP and `POST /admin/api/reload`): read and validate the file
-//! again, compile its policy, build its pools, and put them in force at once. An invalid
+//! Configuration reload (SIGHUP, `POST /admin/api/reload`, and a change of the file's text
+//! when `server.config_watch_interval_ms` is set): read and validate the file again, compile
+//! its policy, build its pools, and put them in force at once. An invalid
 //! file changes nothing and reports all its errors. Requests in flight keep the routing they
 //! started with; backends that stay (same pool, name and URL) keep their observed health and
-//! connections are not dropped. Listeners, limits, models and the engine are set up once per
-//! process: changes there are reported as needing a restart and are not applied.
+//! connections are not dropped. Listeners, limits, models, the engine, the audit log, the
+//! response store, logging and telemetry are set up once per process: changes there are reported as needing
+//! a restart and are not applied.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -27,6 +32,7 @@ pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<Strin
     let outcome = config::load(&source, &ProcessEnvironment)
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
         .and_then(|config| apply(state, config));
+    state.metrics.record_config_load(true, outcome.is_ok());
     match &outcome {
         Ok(report) => tracing::info!(
             trigger,
@@ -76,7 +82,10 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
     let current = state.routing();
     let routing = build_routing(config, Some(&current.pools))?;
     let config = std::sync::Arc::clone(&routing.config);
-    let restart_required = restart_sections(&state.config, &config);
+    let restart_required = restart_sections(&state.config, &config)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     let mut names: Vec<String> = config
         .upstreams
         .iter()
@@ -91,9 +100,15 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
     })
 }
 
+/// The sections of the configuration in force that differ from those the process started
+/// with and wait for a restart.
+pub fn restart_required(state: &AppState) -> Vec<&'static str> {
+    restart_sections(&state.config, &state.routing().config)
+}
+
 /// The sections of `next` that differ from `started` and take effect only after a restart.
-fn restart_sections(started: &Config, next: &Config) -> Vec<String> {
-    let sections: [(&str, String, String); 5] = [
+fn restart_sections(started: &Config, next: &Config) -> Vec<&'static str> {
+    let sections: [(&str, String, String); 7] = [
         (
             "server",
             format!("{:?}", started.server),
@@ -110,6 +125,16 @@ fn restart_sections(started: &Config, next: &Config) -> Vec<String> {
             format!("{:?}", next.engine),
         ),
         (
+            "audit",
+            format!("{:?}", started.audit),
+            format!("{:?}", next.audit),
+        ),
+        (
+            "responses",
+            format!("{:?}", started.responses),
+            format!("{:?}", next.responses),
+        ),
+        (
             "logging",
             format!("{:?}", started.logging),
             format!("{:?}", next.logging),
@@ -123,8 +148,74 @@ fn restart_sections(started: &Config, next: &Config) -> Vec<String> {
     sections
         .into_iter()
         .filter(|(_, before, after)| before != after)
-        .map(|(name, _, _)| name.to_owned())
+        .map(|(name, _, _)| name)
         .collect()
+}
+
+/// Reads the configuration file every `interval` and reloads it when its text differs from
+/// the text in force: how an edited file, or a Kubernetes ConfigMap the kubelet updated in
+/// place, takes effect without a signal. A change is put in force once the same text has
+/// been read on two ticks in a row. Text that was refused is not tried again until it
+/// changes (SIGHUP and the admin API still retry at once). Files the configuration names
+/// (key files, dictionaries) are read at every reload, but only the configuration file's
+/// own text is watched.
+pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
+    let source = state.config.source.clone();
+    tracing::info!(
+        file = %source.display(),
+        interval_ms = interval.as_millis() as u64,
+        "watching the configuration file for changes"
+    );
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut refused: Option<String> = None;
+    let mut settling: Option<String> = None;
+    let mut unreadable: Option<String> = None;
+    loop {
+        ticker.tick().await;
+        let text = match tokio::fs::read_to_string(&source).await {
+            Ok(text) => {
+                unreadable = None;
+                text
+            }
+            Err(error) => {
+                // Logged once per distinct error: a file being replaced reads as missing for
+                // a moment, and a file gone for good should not fill the log.
+                let error = error.to_string();
+                if unreadable.as_ref() != Some(&error) {
+                    tracing::warn!(file = %source.display(), %error, "cannot read the configuration file to check it for changes");
+                    unreadable = Some(error);
+                }
+                continue;
+            }
+        };
+        let digest = hex::encode(config::sha256(&text));
+        if digest == state.routing().config.digest || refused.as_ref() == Some(&digest) {
+            settling = None;
+            continue;
+        }
+        // A new text takes effect once it has read the same twice, one interval apart, so
+        // that a file caught half-written (which may even be valid) is never put in force.
+        if settling.as_ref() != Some(&digest) {
+            settling = Some(digest);
+            continue;
+        }
+        settling = None;
+        let reloading = Arc::clone(&state);
+        // Resolving backend host names blocks.
+        let outcome =
+            tokio::task::spawn_blocking(move || reload(&reloading, "configuration file changed"))
+                .await;
+        refused = match outcome {
+            Ok(Ok(_)) => None,
+            Ok(Err(_)) => Some(digest),
+            Err(error) => {
+                tracing::error!(%error, "reloading the changed configuration file panicked");
+                Some(digest)
+            }
+        };
+    }
 }
 
 /// Serialises edits made through the admin API, so two at once cannot lose one another.
@@ -233,7 +324,10 @@ pub fn replace_configuration(
     }
     let config = config::parse(text, &source, &ProcessEnvironment)
         .map_err(|errors| EditError::Invalid(errors.iter().map(ToString::to_string).collect()))?;
-    let restart_required = restart_sections(&state.config, &config);
+    let restart_required = restart_sections(&state.config, &config)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     if dry_run {
         let current = state.routing();
         let routing = build_routing(config, Some(&current.pools)).map_err(EditError::Invalid)?;

@@ -114,8 +114,10 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let responses = open_responses(&config)?;
     let mut state = AppState::new(config, routing);
     state.audit = audit;
+    state.responses = responses;
     state.telemetry = telemetry;
     state.gpu = crate::gpu::GpuMonitor::probe();
     let state = Arc::new(state);
@@ -136,6 +138,49 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         telemetry.shutdown();
     }
     result
+}
+
+/// Opens the response store when `[responses] store = true`.
+fn open_responses(
+    config: &Config,
+) -> anyhow::Result<Option<Arc<crate::response_store::ResponseStore>>> {
+    let settings = &config.responses;
+    if !settings.store {
+        return Ok(None);
+    }
+    let directory = config
+        .server
+        .state_dir
+        .join(crate::response_store::STORE_DIR);
+    let store = crate::response_store::ResponseStore::open(&directory, settings)
+        .with_context(|| format!("opening the response store in {}", directory.display()))?;
+    let (count, bytes) = store.usage();
+    tracing::info!(
+        directory = %directory.display(),
+        responses = count,
+        bytes,
+        retention_hours = settings.retention.as_secs() / 3_600,
+        "stored responses on: the Responses API keeps prompt and completion text at rest"
+    );
+    Ok(Some(Arc::new(store)))
+}
+
+/// Deletes expired stored responses every minute.
+async fn expire_responses(store: Arc<crate::response_store::ResponseStore>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let expiring = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || expiring.expire(std::time::SystemTime::now()))
+            .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::debug!(removed, "expired stored responses deleted"),
+            Ok(Err(error)) => tracing::error!(%error, "deleting expired stored responses"),
+            Err(error) => tracing::error!(%error, "deleting expired stored responses panicked"),
+        }
+    }
 }
 
 /// Opens the audit log (a new epoch of the stream, durably) unless it is turned off.
@@ -330,6 +375,12 @@ async fn run(
         Arc::clone(&resolver),
         config.server.tls.reload_interval,
     ));
+    if let Some(store) = &state.responses {
+        tokio::spawn(expire_responses(Arc::clone(store)));
+    }
+    if let Some(interval) = config.server.config_watch_interval {
+        tokio::spawn(crate::reload::watch_file(Arc::clone(&state), interval));
+    }
     if let Some(interval) = manager.watchdog_interval() {
         tokio::spawn(ping_watchdog(Arc::clone(&manager), interval));
     }
@@ -404,6 +455,11 @@ async fn run(
         && let Err(error) = trail.log.shutdown().await
     {
         tracing::error!(%error, "closing the audit log");
+    }
+    if let Some(store) = &state.responses
+        && let Err(error) = store.flush()
+    {
+        tracing::error!(%error, "writing the stored responses to disk");
     }
     // Free the inference contexts (and any GPU context) before the process tears down.
     // Joining the inference threads blocks, so it runs on a blocking thread (a current-thread

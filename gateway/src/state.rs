@@ -34,6 +34,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The audit log, unless `[audit] enabled = false`.
     pub audit: Option<crate::audit_trail::Trail>,
+    /// Stored responses of the Responses API, when `[responses] store = true`.
+    pub responses: Option<Arc<crate::response_store::ResponseStore>>,
     /// OTLP export, when `[telemetry.otlp]` is configured.
     pub telemetry: Option<crate::telemetry::Telemetry>,
     /// NVML, when the machine has an NVIDIA driver and GPU.
@@ -45,13 +47,16 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config, routing: Routing) -> Self {
+        let metrics = Metrics::default();
+        metrics.record_config_load(false, true);
         AppState {
             routing: RwLock::new(Arc::new(routing)),
             route_state: std::sync::Mutex::new(router_policies::RouteState::default()),
             config,
             engine: OnceLock::new(),
-            metrics: Metrics::default(),
+            metrics,
             audit: None,
+            responses: None,
             telemetry: None,
             gpu: None,
             listeners_bound: AtomicBool::new(false),

@@ -514,6 +514,107 @@ fn a_weight_reload_during_a_running_stream_leaves_the_stream_whole() {
     });
 }
 
+#[test]
+fn a_changed_configuration_file_is_reloaded_without_a_signal() {
+    let _serial = serial();
+    let v1 = start(UpstreamOptions {
+        name: "v1".to_owned(),
+        ..options()
+    });
+    let v2 = start(UpstreamOptions {
+        name: "v2".to_owned(),
+        ..options()
+    });
+    let sections = |v1_weight: u32, v2_weight: u32| {
+        format!(
+            "{}{}{}",
+            pool("aks", r#""gpt-4o" = "m""#, ""),
+            backend("aks", &v1, v1_weight, "v1"),
+            backend("aks", &v2, v2_weight, "v2"),
+        )
+    };
+    const WATCH_MS: u64 = 100;
+    let gateway = Gateway::start(&GatewayOptions {
+        config_watch_interval_ms: WATCH_MS,
+        extra: sections(1, 0),
+        ..GatewayOptions::default()
+    });
+    let config_path = gateway.dir.path().join("isthmus.toml");
+    let started = std::fs::read_to_string(&config_path).unwrap();
+    let reloads = |outcome: &str| {
+        gateway
+            .metric(&format!(
+                "isthmus_config_reloads_total{{outcome=\"{outcome}\"}}"
+            ))
+            .unwrap_or(-1.0)
+    };
+    let target = || {
+        block_on(async {
+            header(
+                &post(&gateway, &chat("gpt-4o", json!({}))).await,
+                "x-isthmus-target",
+            )
+        })
+    };
+    assert_eq!(target(), "aks/v1");
+    assert_eq!(reloads("success"), 0.0);
+
+    // Rewritten in place: the weights swap with no signal and no admin call.
+    std::fs::write(
+        &config_path,
+        started.replace(&sections(1, 0), &sections(0, 1)),
+    )
+    .unwrap();
+    assert!(
+        tests::eventually(DEADLINE, || reloads("success") == 1.0),
+        "{}",
+        gateway.metrics()
+    );
+    assert_eq!(target(), "aks/v2");
+    assert!(gateway.log().contains("configuration file changed"));
+
+    // Replaced by a rename, as a ConfigMap update or an editor does, with a broken value:
+    // refused once, not retried while the text stays the same, the previous one in force.
+    let replace = |text: &str| {
+        let sibling = gateway.dir.path().join(".isthmus.toml.new");
+        std::fs::write(&sibling, text).unwrap();
+        std::fs::rename(&sibling, &config_path).unwrap();
+    };
+    let swapped = std::fs::read_to_string(&config_path).unwrap();
+    replace(&swapped.replace("weight = 1", "weight = \"heavy\""));
+    assert!(
+        tests::eventually(DEADLINE, || reloads("failure") == 1.0),
+        "{}",
+        gateway.metrics()
+    );
+    assert_eq!(
+        gateway.metric("isthmus_config_last_reload_successful"),
+        Some(0.0)
+    );
+    assert_eq!(target(), "aks/v2");
+    // An absence can only be seen by waiting: five more reads of the same refused text.
+    std::thread::sleep(Duration::from_millis(5 * WATCH_MS));
+    assert_eq!(reloads("failure"), 1.0);
+
+    // A valid file again, also changing a listener limit: the weights apply at once and the
+    // limit is reported as waiting for a restart.
+    replace(&started.replace("connections_max = 64", "connections_max = 65"));
+    assert!(
+        tests::eventually(DEADLINE, || reloads("success") == 2.0),
+        "{}",
+        gateway.metrics()
+    );
+    assert_eq!(target(), "aks/v1");
+    assert_eq!(
+        gateway.metric("isthmus_config_last_reload_successful"),
+        Some(1.0)
+    );
+    assert_eq!(
+        gateway.metric("isthmus_config_restart_required{section=\"server\"}"),
+        Some(1.0)
+    );
+}
+
 /// POSTs to the admin listener and returns its JSON answer.
 pub fn admin_post(gateway: &Gateway, path: &str) -> Value {
     use std::io::{Read as _, Write as _};

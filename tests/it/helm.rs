@@ -762,27 +762,59 @@ fn checksum(args: &[&str]) -> String {
 }
 
 #[test]
-fn a_changed_configuration_rolls_the_pods() {
+fn a_configuration_change_rolls_the_pods_only_where_a_reload_cannot_apply_it() {
+    const ROLLOUT: &str = "configReload.mode=rollout";
     let defaults = checksum(&[]);
     assert_eq!(defaults, checksum(&[]), "rendering is deterministic");
+    let rollout = checksum(&["--set", ROLLOUT]);
     assert_ne!(
         defaults,
         checksum(&["--set", "server.drainTimeoutSeconds=30"])
     );
-    // The defaults' own `config`, with one number changed.
+    // By default the gateways watch the file they mount; with `rollout` they do not.
+    let config = rendering("defaults").config();
+    assert_eq!(
+        config["server"]["config_watch_interval_ms"].as_integer(),
+        Some(5_000)
+    );
+    let text = template(&["--set", ROLLOUT]).unwrap();
+    assert!(!text.contains("config_watch_interval_ms"), "{text}");
+
+    // The defaults' own `config`, edited.
     let text = rendering("defaults").config_text();
     let (config, _server) = text
         .split_once("# Written by the chart")
         .expect("the chart's [server] table follows `config`");
-    let config = config.replace("parallel_sequences = 4", "parallel_sequences = 8");
     let dir = tests::scratch_dir();
-    let values = dir.path().join("values.yaml");
-    std::fs::write(
-        &values,
-        serde_json::to_string(&json!({ "config": config })).unwrap(),
-    )
-    .unwrap();
-    assert_ne!(defaults, checksum(&["--values", values.to_str().unwrap()]));
+    let with_config = |name: &str, config: &str, extra: &[&str]| -> String {
+        let values = dir.path().join(name);
+        std::fs::write(
+            &values,
+            serde_json::to_string(&json!({ "config": config })).unwrap(),
+        )
+        .unwrap();
+        let mut args = vec!["--values", values.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        checksum(&args)
+    };
+    // A model setting is read at start-up: both modes roll.
+    let models = config.replace("parallel_sequences = 4", "parallel_sequences = 8");
+    assert_ne!(defaults, with_config("models.yaml", &models, &[]));
+    assert_ne!(
+        rollout,
+        with_config("models.yaml", &models, &["--set", ROLLOUT])
+    );
+    // Callers' access and a comment reload in place; `rollout` rolls for them too.
+    let auth = config.replace(
+        "[auth]\n",
+        "[auth]\n# Keys only, as before.\nallow_anonymous = false\n",
+    );
+    assert_ne!(auth, config, "the defaults have an [auth] table");
+    assert_eq!(defaults, with_config("auth.yaml", &auth, &[]));
+    assert_ne!(
+        rollout,
+        with_config("auth.yaml", &auth, &["--set", ROLLOUT])
+    );
     // Labels and annotations of the pods alone do not roll them for a configuration change.
     assert_eq!(checksum(&["--set", "podAnnotations.team=edge"]), defaults);
 }
@@ -808,6 +840,8 @@ fn bad_values_are_refused_with_the_key_named() {
         "config: |\n  [ server.tls ]\n  cert = \"/x\"\n",
     )
     .unwrap();
+    let not_toml = dir.path().join("not-toml.yaml");
+    std::fs::write(&not_toml, "config: |\n  [auth]\n  allow_anonymous = \n").unwrap();
     let file = |path: &Path| ["--values".to_owned(), path.display().to_string()];
     let set = |assignment: &str| ["--set".to_owned(), assignment.to_owned()];
     // (values, what helm's message must say)
@@ -828,6 +862,10 @@ fn bad_values_are_refused_with_the_key_named() {
         (set("image.digest=sha256:abc"), "image.digest"),
         (set("models.existingClaim="), "models.existingClaim"),
         (set("service.type=Ingress"), "service.type must be one of"),
+        (
+            set("service.sessionAffinity=Sticky"),
+            "service.sessionAffinity must be one of",
+        ),
         (
             set("server.limits.body_bytes_mx=1"),
             "server.limits: Additional property body_bytes_mx",
@@ -852,6 +890,15 @@ fn bad_values_are_refused_with_the_key_named() {
         (
             set("admin.serviceMonitor.apiVersion=v1"),
             "admin.serviceMonitor.apiVersion must be one of",
+        ),
+        (file(&not_toml), "config: not valid TOML: toml: line 3"),
+        (
+            set("configReload.mode=always"),
+            "configReload.mode must be one of",
+        ),
+        (
+            set("configReload.watchIntervalSeconds=0"),
+            "configReload.watchIntervalSeconds: Must be greater than or equal to 1",
         ),
         (file(&config_with_server), "must not hold a [server] table"),
         (

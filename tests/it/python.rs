@@ -33,6 +33,7 @@ fn the_openai_python_package_talks_to_a_self_provisioned_gateway() {
     let _serial = serial();
     let options = GatewayOptions {
         test_certificate: false,
+        extra: "[responses]\nstore = true\n".to_owned(),
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(&options);

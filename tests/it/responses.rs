@@ -336,3 +336,283 @@ fn the_policy_reads_every_part_of_a_responses_request() {
         }
     });
 }
+
+/// Sends `body` to the stored-response endpoint `path` with `method` and `key`.
+async fn stored(method: reqwest::Method, gateway: &Gateway, path: &str, key: &str) -> (u16, Value) {
+    let response = tests::client()
+        .request(method, gateway.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A gateway that keeps responses, with a second API key (`OTHER_KEY`), on `dir`.
+fn storing_gateway(dir: tempfile::TempDir) -> Gateway {
+    use sha2::Digest as _;
+    let config_path = dir.path().join("isthmus.toml");
+    if !config_path.exists() {
+        let other = hex::encode(sha2::Sha256::digest(OTHER_KEY.as_bytes()));
+        let options = GatewayOptions {
+            extra: "[responses]\nstore = true\nretention_hours = 1\n".to_owned(),
+            ..GatewayOptions::default()
+        };
+        let text = tests::config_text(&options, dir.path()).replacen(
+            "api_keys = [",
+            &format!("api_keys = [{{ id = \"other\", sha256 = \"{other}\" }}, "),
+            1,
+        );
+        std::fs::write(&config_path, text).unwrap();
+    }
+    Gateway::start_with_config(dir, &config_path)
+}
+
+const OTHER_KEY: &str = "isthmus-other-test-key";
+
+#[test]
+fn stored_responses_continue_conversations_for_their_owner_alone() {
+    let _serial = serial();
+    let mut gateway = storing_gateway(tests::scratch_dir());
+    let id = block_on(async {
+        let first: Value = post(
+            &gateway,
+            "/v1/responses",
+            &json!({"model": "smollm2", "temperature": 0, "max_output_tokens": 8,
+                    "instructions": "Answer briefly.", "input": "My name is Ada."}),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        let id = first["id"].as_str().unwrap().to_owned();
+        assert!(
+            id.len() == "resp_".len() + 32 && id.starts_with("resp_"),
+            "a random id, not the request's: {id}"
+        );
+        assert_eq!(first["store"], true, "{first}");
+        let first_text = output_text(&first);
+
+        // Read back as it was sent, with the input items the model read.
+        let (status, read) = stored(
+            reqwest::Method::GET,
+            &gateway,
+            &format!("/v1/responses/{id}"),
+            API_KEY,
+        )
+        .await;
+        assert_eq!((status, &read), (200, &first));
+        assert_eq!(gateway.metric("isthmus_stored_responses "), Some(1.0));
+        assert!(gateway.metric("isthmus_stored_responses_bytes ").unwrap() > 0.0);
+        let (status, items) = stored(
+            reqwest::Method::GET,
+            &gateway,
+            &format!("/v1/responses/{id}/input_items"),
+            API_KEY,
+        )
+        .await;
+        assert_eq!(status, 200, "{items}");
+        assert_eq!(items["object"], "list");
+        let data = items["data"].as_array().unwrap();
+        assert_eq!(data.len(), 1, "instructions are not an input item: {items}");
+        assert_eq!(data[0]["content"][0]["text"], "My name is Ada.");
+        assert!(
+            data[0]["id"].as_str().unwrap().starts_with("msg_"),
+            "{items}"
+        );
+
+        // A continuation reads what a chat request with the whole conversation reads: the
+        // same prompt tokens and, greedy, the same answer.
+        let question = "What is my name?";
+        let continued: Value = post(
+            &gateway,
+            "/v1/responses",
+            &json!({"model": "smollm2", "temperature": 0, "max_output_tokens": 8,
+                    "instructions": "Answer briefly.", "previous_response_id": id,
+                    "input": question}),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(
+            continued["previous_response_id"],
+            id.as_str(),
+            "{continued}"
+        );
+        let chat: Value = post(
+            &gateway,
+            "/v1/chat/completions",
+            &json!({"model": "smollm2", "temperature": 0, "max_tokens": 8, "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "My name is Ada."},
+                {"role": "assistant", "content": first_text},
+                {"role": "user", "content": question}]}),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(
+            continued["usage"]["input_tokens"], chat["usage"]["prompt_tokens"],
+            "{continued}\n{chat}"
+        );
+        assert_eq!(
+            output_text(&continued),
+            chat["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        let continued_id = continued["id"].as_str().unwrap();
+        let (_, items) = stored(
+            reqwest::Method::GET,
+            &gateway,
+            &format!("/v1/responses/{continued_id}/input_items?order=asc"),
+            API_KEY,
+        )
+        .await;
+        let roles: Vec<&str> = items["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["user", "assistant", "user"], "{items}");
+
+        // Streamed, a kept response is readable once its stream has ended.
+        let streamed = post(
+            &gateway,
+            "/v1/responses",
+            &json!({"model": "smollm2", "temperature": 0, "max_output_tokens": 4,
+                    "previous_response_id": id, "input": "Thanks.", "stream": true}),
+            &[],
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+        let events = events(&streamed);
+        let done = &events.last().unwrap().1["response"];
+        assert_eq!(done["store"], true, "{streamed}");
+        let (status, read) = stored(
+            reqwest::Method::GET,
+            &gateway,
+            &format!("/v1/responses/{}", done["id"].as_str().unwrap()),
+            API_KEY,
+        )
+        .await;
+        assert_eq!((status, &read), (200, done));
+
+        // Another caller: not found, neither to read, to continue nor to delete.
+        for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+            let (status, error) =
+                stored(method, &gateway, &format!("/v1/responses/{id}"), OTHER_KEY).await;
+            assert_eq!(status, 404, "{error}");
+            assert_eq!(error["error"]["code"], "response_not_found");
+        }
+        let response = tests::client()
+            .post(gateway.url("/v1/responses"))
+            .bearer_auth(OTHER_KEY)
+            .json(&json!({"model": "smollm2", "previous_response_id": id, "input": "Hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(
+            error["error"]["code"], "previous_response_not_found",
+            "{error}"
+        );
+        assert_eq!(error["error"]["param"], "previous_response_id");
+
+        // `store: false` keeps nothing.
+        let unkept: Value = post(
+            &gateway,
+            "/v1/responses",
+            &json!({"model": "smollm2", "max_output_tokens": 2, "input": "Hi", "store": false}),
+            &[("x-request-id", "unkept")],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(unkept["store"], false);
+        assert_eq!(unkept["id"], "resp_unkept");
+        let (status, _) = stored(
+            reqwest::Method::GET,
+            &gateway,
+            "/v1/responses/resp_unkept",
+            API_KEY,
+        )
+        .await;
+        assert_eq!(status, 404);
+        id
+    });
+
+    // Kept across a restart on the same state directory.
+    gateway.signal(libc::SIGTERM);
+    assert!(
+        gateway
+            .wait_exit(std::time::Duration::from_secs(30))
+            .is_some()
+    );
+    let dir = std::mem::replace(&mut gateway.dir, tests::scratch_dir());
+    drop(gateway);
+    let gateway = storing_gateway(dir);
+    block_on(async {
+        let (_, audit) = crate::console::admin_json(
+            &gateway,
+            reqwest::Method::GET,
+            "/admin/api/audit/records?category=IsthmusAudit&limit=200",
+            None,
+        )
+        .await;
+        // Reads are audited as reads, by path.
+        let path = format!("/v1/responses/{id}");
+        let read = audit["records"].as_array().unwrap().iter().find(|record| {
+            record["OperationName"] == "Isthmus/inference/responses/read"
+                && record["Properties"]["Path"] == path.as_str()
+                && record["ResultType"] == "Succeeded"
+        });
+        assert!(read.is_some(), "no record of reading {path}: {audit}");
+        let (status, kept) = stored(
+            reqwest::Method::GET,
+            &gateway,
+            &format!("/v1/responses/{id}"),
+            API_KEY,
+        )
+        .await;
+        assert_eq!(status, 200, "{kept}");
+        // Deleted by its owner, it is gone, also for continuing.
+        let (status, deleted) = stored(
+            reqwest::Method::DELETE,
+            &gateway,
+            &format!("/v1/responses/{id}"),
+            API_KEY,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            deleted,
+            json!({"id": id, "object": "response.deleted", "deleted": true})
+        );
+        let (status, _) = stored(
+            reqwest::Method::GET,
+            &gateway,
+            &format!("/v1/responses/{id}"),
+            API_KEY,
+        )
+        .await;
+        assert_eq!(status, 404);
+        let response = post(
+            &gateway,
+            "/v1/responses",
+            &json!({"model": "smollm2", "previous_response_id": id, "input": "Hi"}),
+            &[],
+        )
+        .await;
+        assert_eq!(response.status(), 400);
+    });
+}

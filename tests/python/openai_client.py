@@ -192,9 +192,45 @@ def main() -> None:
     assert [(call.name, call.arguments) for call in streamed_calls] == [
         (calls[0].name, calls[0].arguments)
     ], streamed_response
+    # Stored responses, as the SDK reads, continues, lists and deletes them.
+    assert response.store is True, response
+    assert client.responses.retrieve(response.id).output_text == response.output_text
+    items = list(client.responses.input_items.list(response.id, limit=1))
+    assert [item.type for item in items] == ["message"], items
+    assert items[0].content[0].text == "What is the capital of France?", items
+    follow_up = client.responses.create(
+        model="smollm2",
+        previous_response_id=response.id,
+        input="And of Italy?",
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert follow_up.previous_response_id == response.id, follow_up
+    # The model read the conversation (the earlier instructions are not carried over).
+    same = client.chat.completions.create(
+        model="smollm2",
+        messages=[
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": response.output_text},
+            {"role": "user", "content": "And of Italy?"},
+        ],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert follow_up.usage.input_tokens == same.usage.prompt_tokens, (follow_up.usage, same.usage)
+    assert follow_up.output_text == same.choices[0].message.content, (follow_up, same)
+    # Paged by the SDK through `after`: the question, the answer, the follow-up.
+    history = list(client.responses.input_items.list(follow_up.id, order="asc", limit=1))
+    assert [getattr(item, "role", None) for item in history] == ["user", "assistant", "user"], history
+    client.responses.delete(response.id)
     try:
-        client.responses.create(model="smollm2", input="Hi", previous_response_id="resp_1")
-        raise AssertionError("a previous_response_id was accepted")
+        client.responses.retrieve(response.id)
+        raise AssertionError("a deleted response was served")
+    except openai.NotFoundError as error:
+        assert error.body["code"] == "response_not_found", error.body
+    try:
+        client.responses.create(model="smollm2", input="Hi", previous_response_id=response.id)
+        raise AssertionError("a deleted response was continued")
     except openai.BadRequestError as error:
         assert error.body["param"] == "previous_response_id", error.body
 

@@ -133,6 +133,29 @@ fn a_valid_file_resolves_paths_relative_to_itself() {
 }
 
 #[test]
+fn the_configuration_file_is_watched_only_when_asked() {
+    let (_dir, source) = fixture();
+    let with = |setting: &str| VALID.replacen("[server]\n", &format!("[server]\n{setting}\n"), 1);
+    for (text, expected) in [
+        (VALID.to_owned(), None),
+        (with("config_watch_interval_ms = 0"), None),
+        (
+            with("config_watch_interval_ms = 2000"),
+            Some(std::time::Duration::from_secs(2)),
+        ),
+    ] {
+        match parse(&text, &source, &FakeEnvironment) {
+            Ok(config) => assert_eq!(config.server.config_watch_interval, expected, "{text}"),
+            Err(errors) => panic!("{text}: {errors:?}"),
+        }
+    }
+    assert_eq!(
+        errors_of(&with("config_watch_interval_ms = 50"), &source),
+        ["server.config_watch_interval_ms: must be 0 (off) or at least 100, not 50"]
+    );
+}
+
+#[test]
 fn every_error_is_reported_with_its_key_path() {
     let (dir, source) = fixture();
     let text = r#"
@@ -158,7 +181,7 @@ x = 1
     let errors = errors_of(text, &source);
     let missing = dir.path().join("missing.gguf");
     let expected = [
-        "telemtry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, waf)"
+        "telemtry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, responses, waf)"
             .to_owned(),
         "models.other.context_tokens: invalid type: string \"big\", expected u32".to_owned(),
         "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"

@@ -75,10 +75,26 @@ fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
         check(Method::GET, "/v1/responses", None),
         "405 method GET is not allowed for /v1/responses"
     );
-    // The gateway keeps no responses to fetch.
+    // Stored responses: read, deleted, their input items listed; nothing else.
     assert_eq!(
         check(Method::GET, "/v1/responses/resp_1", None),
-        "404 response `resp_1` is not stored: the gateway keeps no responses (every answer says \"store\": false)"
+        "StoredResponse { id: \"resp_1\", part: Get }"
+    );
+    assert_eq!(
+        check(Method::DELETE, "/openai/v1/responses/resp_1/", None),
+        "StoredResponse { id: \"resp_1\", part: Delete }"
+    );
+    assert_eq!(
+        check(Method::GET, "/v1/responses/resp_1/input_items", None),
+        "StoredResponse { id: \"resp_1\", part: InputItems }"
+    );
+    assert_eq!(
+        check(Method::POST, "/v1/responses/resp_1", None),
+        "405 method POST is not allowed for /v1/responses/resp_1"
+    );
+    assert_eq!(
+        check(Method::POST, "/v1/responses/resp_1/cancel", None),
+        "404 unknown URL: POST /v1/responses/resp_1/cancel"
     );
     assert_eq!(
         check(Method::POST, "/v1/assistants", None),

@@ -32,6 +32,9 @@ fn requests_tokens_and_latencies_are_counted() {
         generation: None,
         sensitive: None,
     });
+    metrics.record_config_load(false, true);
+    metrics.record_config_load(true, true);
+    metrics.record_config_load(true, false);
     let gauges = [ModelGauges {
         model: "smollm2".to_owned(),
         active_sequences: 2,
@@ -65,7 +68,14 @@ fn requests_tokens_and_latencies_are_counted() {
         gpus: &gpus,
         open_connections: 3,
         ready: true,
+        restart_required: &["models"],
+        stored_responses: Some((3, 4_096)),
     });
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("isthmus_config_last_reload_success_timestamp_seconds 1")),
+        "{text}"
+    );
     for line in [
         "isthmus_requests_total{route=\"local\",status=\"200\"} 2",
         "isthmus_requests_total{route=\"rejected\",status=\"404\"} 1",
@@ -95,6 +105,12 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_sensitive_requests_total{disposition=\"kept_local\"} 2",
         "isthmus_open_connections 3",
         "isthmus_ready 1",
+        "isthmus_config_restart_required{section=\"models\"} 1",
+        "isthmus_config_reloads_total{outcome=\"failure\"} 1",
+        "isthmus_config_reloads_total{outcome=\"success\"} 1",
+        "isthmus_config_last_reload_successful 0",
+        "isthmus_stored_responses 3",
+        "isthmus_stored_responses_bytes 4096",
     ] {
         assert!(
             text.lines().any(|candidate| candidate == line),
@@ -111,7 +127,15 @@ fn gpu_and_backend_series_are_absent_without_gpus_or_pools() {
         gpus: &[],
         open_connections: 0,
         ready: false,
+        restart_required: &[],
+        stored_responses: None,
     });
     assert!(!text.contains("isthmus_gpu_"), "{text}");
     assert!(!text.contains("isthmus_upstream_backend_"), "{text}");
+    assert!(!text.contains("isthmus_config_restart_required{"), "{text}");
+    assert!(!text.contains("isthmus_stored_responses"), "{text}");
+    assert!(
+        !text.contains("isthmus_config_last_reload_success_timestamp_seconds "),
+        "{text}"
+    );
 }

@@ -9,10 +9,16 @@
 //! guarantee of the chat path — sensitive text stays local, redaction is restored, the last
 //! bytes wait for the audit record — holds for this API without a second implementation.
 //!
-//! The gateway keeps no responses: `previous_response_id`, `conversation`, `background` and
-//! stored prompts are refused with `unsupported_parameter`, and every answer says
-//! `"store": false`. Built-in tools (web search, file search, ...) are refused; functions are
-//! served.
+//! Stored responses (`[responses] store = true`, `crate::response_store`): a request that
+//! continues one (`previous_response_id`) is translated with the stored conversation — the
+//! input items the earlier response read, then its output — before its own input; the
+//! earlier `instructions` are not carried over, as OpenAI does. The transcoder hands the
+//! finished Response object to a keeper the data plane gives it ([`Transcoder::keep_as`])
+//! before the answer's last bytes are written, so a client can continue as soon as it has
+//! the answer. With the store off, every answer says `"store": false` and
+//! `previous_response_id` is refused. `conversation`, `background`, stored prompts and item
+//! references are refused with `unsupported_parameter`. Built-in tools (web search, file
+//! search, ...) are refused; functions are served.
 
 use std::borrow::Cow;
 
@@ -75,10 +81,54 @@ const CHAT_SHAPE_FIELDS: &[&str] = &[
 pub struct Translated {
     pub chat_body: Vec<u8>,
     pub transcoder: Transcoder,
+    /// Whether the request lets its response be kept (`store`, true unless it says false).
+    pub store: bool,
+    /// What the model reads before it answers, instructions aside, as Responses input items:
+    /// the continued conversation (its input items, then its output), then this request's
+    /// own input (a string input as one user message). What a stored response keeps.
+    pub input_items: Vec<Value>,
 }
 
-/// Translates a Responses request body into a chat completions body.
-pub fn to_chat(body: &[u8], request_id: &str, created_at: u64) -> Result<Translated, GatewayError> {
+/// A stored response that a request continues (`previous_response_id`).
+#[derive(Debug, Clone, Copy)]
+pub struct Previous<'a> {
+    pub id: &'a str,
+    /// The input items the stored response read.
+    pub input_items: &'a [Value],
+    /// The stored Response object's `output`.
+    pub output: &'a [Value],
+}
+
+/// The `previous_response_id` of a Responses request body, when it names one: the data
+/// plane looks it up before translating. A body that is not JSON says nothing here; the
+/// translation reports it.
+pub fn previous_response_id(body: &[u8]) -> Result<Option<String>, GatewayError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        previous_response_id: Option<Value>,
+    }
+    let Ok(peek) = serde_json::from_slice::<Peek>(body) else {
+        return Ok(None);
+    };
+    match peek.previous_response_id {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) if !id.is_empty() => Ok(Some(id)),
+        Some(_) => Err(GatewayError::invalid_value(
+            "previous_response_id",
+            "must be the id of a response (a non-empty string)",
+        )),
+    }
+}
+
+/// Translates a Responses request body into a chat completions body; `previous` is the
+/// stored response it continues, when its `previous_response_id` names one.
+pub fn to_chat(
+    body: &[u8],
+    request_id: &str,
+    created_at: u64,
+    previous: Option<Previous<'_>>,
+) -> Result<Translated, GatewayError> {
     let request: Map<String, Value> = match serde_json::from_slice(body) {
         Ok(Value::Object(request)) => request,
         Ok(_) => {
@@ -93,11 +143,18 @@ pub fn to_chat(body: &[u8], request_id: &str, created_at: u64) -> Result<Transla
         }
     };
     let present = |key: &str| request.get(key).filter(|value| !value.is_null());
-    for (key, why) in [
-        (
+    if previous.is_none() && present("previous_response_id").is_some() {
+        return Err(GatewayError::unsupported(
             "previous_response_id",
-            "the gateway keeps no responses: send the whole conversation in `input`",
-        ),
+            "this gateway keeps no responses ([responses] store is off): send the whole conversation in `input`",
+        ));
+    }
+    let store = match present("store") {
+        None => true,
+        Some(Value::Bool(store)) => *store,
+        Some(_) => return Err(GatewayError::invalid_value("store", "must be a boolean")),
+    };
+    for (key, why) in [
         (
             "conversation",
             "the gateway keeps no conversations: send the whole conversation in `input`",
@@ -169,11 +226,24 @@ pub fn to_chat(body: &[u8], request_id: &str, created_at: u64) -> Result<Transla
             ));
         }
     }
+    let mut input_items = Vec::new();
+    if let Some(previous) = previous {
+        // Validated when that response was made; translated again the same way.
+        for item in previous.input_items.iter().chain(previous.output) {
+            input_item(item, "previous_response_id", &mut messages)?;
+            input_items.push(item.clone());
+        }
+    }
     match present("input") {
-        Some(Value::String(text)) => messages.push(json!({"role": "user", "content": text})),
+        Some(Value::String(text)) => {
+            messages.push(json!({"role": "user", "content": text}));
+            input_items.push(json!({"type": "message", "role": "user",
+                                    "content": [{"type": "input_text", "text": text}]}));
+        }
         Some(Value::Array(items)) => {
             for (index, item) in items.iter().enumerate() {
                 input_item(item, &format!("input[{index}]"), &mut messages)?;
+                input_items.push(normalized_item(item));
             }
         }
         Some(_) => {
@@ -293,10 +363,131 @@ pub fn to_chat(body: &[u8], request_id: &str, created_at: u64) -> Result<Transla
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
+    let mut transcoder = Transcoder::new(request_id, created_at, model, echo);
+    transcoder.previous_response_id = previous.map(|previous| previous.id.to_owned());
     Ok(Translated {
         chat_body,
-        transcoder: Transcoder::new(request_id, created_at, model, echo),
+        transcoder,
+        store,
+        input_items,
     })
+}
+
+/// An input item as a stored response lists it: a message always with its `type` and its
+/// content as parts (`input_text`, or `output_text` for the assistant).
+fn normalized_item(item: &Value) -> Value {
+    let mut item = item.clone();
+    let Some(object) = item.as_object_mut() else {
+        return item;
+    };
+    let role = object
+        .get("role")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let is_message = match object.get("type").and_then(Value::as_str) {
+        None => role.is_some(),
+        Some(kind) => kind == "message",
+    };
+    if !is_message {
+        return item;
+    }
+    object.insert("type".into(), Value::String("message".into()));
+    if let Some(Value::String(text)) = object.get("content") {
+        let kind = if role.as_deref() == Some("assistant") {
+            "output_text"
+        } else {
+            "input_text"
+        };
+        let parts = json!([{"type": kind, "text": text}]);
+        object.insert("content".into(), parts);
+    }
+    item
+}
+
+/// A page of a stored response's input items (`GET /v1/responses/{id}/input_items`):
+/// `limit` (1 to 100, default 20), `order` (`desc`, the default, or `asc`) and `after` (an
+/// item id), as OpenAI's list endpoints take them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemsPage {
+    limit: usize,
+    ascending: bool,
+    after: Option<String>,
+}
+
+impl ItemsPage {
+    /// Reads the query string; other parameters (`include`, `api-version`) are ignored.
+    pub fn parse(query: Option<&str>) -> Result<ItemsPage, GatewayError> {
+        let mut page = ItemsPage {
+            limit: 20,
+            ascending: false,
+            after: None,
+        };
+        for pair in query
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "limit" => {
+                    page.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|limit| (1..=100).contains(limit))
+                        .ok_or_else(|| {
+                            GatewayError::invalid_value(
+                                "limit",
+                                format!("must be an integer from 1 to 100, not `{value}`"),
+                            )
+                        })?;
+                }
+                "order" => {
+                    page.ascending = match value {
+                        "asc" => true,
+                        "desc" => false,
+                        _ => {
+                            return Err(GatewayError::invalid_value(
+                                "order",
+                                format!("must be `asc` or `desc`, not `{value}`"),
+                            ));
+                        }
+                    };
+                }
+                "after" if !value.is_empty() => page.after = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        Ok(page)
+    }
+
+    /// The page of `items` (in the order they were read) as an OpenAI list object.
+    pub fn list(&self, items: &[Value]) -> Value {
+        let ordered: Vec<&Value> = if self.ascending {
+            items.iter().collect()
+        } else {
+            items.iter().rev().collect()
+        };
+        let start = match &self.after {
+            Some(after) => ordered
+                .iter()
+                .position(|item| item.get("id").and_then(Value::as_str) == Some(after))
+                .map_or(ordered.len(), |at| at + 1),
+            None => 0,
+        };
+        let data: Vec<Value> = ordered[start..]
+            .iter()
+            .take(self.limit)
+            .map(|item| (*item).clone())
+            .collect();
+        let id = |item: Option<&Value>| item.and_then(|item| item.get("id")).cloned();
+        json!({
+            "object": "list",
+            "first_id": id(data.first()),
+            "last_id": id(data.last()),
+            "has_more": start + data.len() < ordered.len(),
+            "data": data,
+        })
+    }
 }
 
 /// One `input` item as chat messages.
@@ -349,14 +540,19 @@ fn input_item(item: &Value, param: &str, messages: &mut Vec<Value>) -> Result<()
                 "type": "function",
                 "function": {"name": field("name")?, "arguments": field("arguments")?},
             });
-            // Consecutive calls are one assistant turn, as chat completions write them.
-            let joined = messages.last_mut().and_then(|last| {
-                (last.get("role").and_then(Value::as_str) == Some("assistant"))
-                    .then(|| last.get_mut("tool_calls").and_then(Value::as_array_mut))
-                    .flatten()
-            });
-            match joined {
-                Some(calls) => calls.push(call),
+            // Consecutive calls, and calls right after the assistant's text, are one
+            // assistant turn, as chat completions write them.
+            let turn = messages
+                .last_mut()
+                .and_then(Value::as_object_mut)
+                .filter(|last| last.get("role").and_then(Value::as_str) == Some("assistant"));
+            match turn {
+                Some(turn) => match turn.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                    Some(calls) => calls.push(call),
+                    None => {
+                        turn.insert("tool_calls".into(), json!([call]));
+                    }
+                },
                 None => messages.push(json!({
                     "role": "assistant",
                     "content": null,
@@ -383,7 +579,7 @@ fn input_item(item: &Value, param: &str, messages: &mut Vec<Value>) -> Result<()
         Some("item_reference") => {
             return Err(GatewayError::unsupported(
                 format!("{param}.type"),
-                "item references need stored responses, which the gateway does not keep",
+                "item references are not available: send the items, or continue a stored response with `previous_response_id`",
             ));
         }
         Some(other) => {
@@ -729,7 +925,7 @@ struct ResponseObject<'a> {
     model: &'a str,
     output: Vec<OutputItem<'a>>,
     parallel_tool_calls: &'a Value,
-    previous_response_id: Option<()>,
+    previous_response_id: Option<&'a str>,
     reasoning: &'a Value,
     store: bool,
     temperature: &'a Value,
@@ -831,6 +1027,23 @@ pub struct Transcoder {
     usage: Option<ChatUsage>,
     /// Bytes of an event not yet complete (the chat path writes whole events; kept safe).
     pending: Vec<u8>,
+    /// The response is kept: `store` in the answer, and who keeps it.
+    store: bool,
+    keeper: Option<Keeper>,
+    /// The stored response this one continues.
+    previous_response_id: Option<String>,
+}
+
+/// Keeps a finished Response object (the data plane's closure over the response store);
+/// says whether it was kept.
+pub type Keep = Box<dyn FnOnce(&Value) -> bool + Send + Sync>;
+
+struct Keeper(Keep);
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Keeper")
+    }
 }
 
 impl Transcoder {
@@ -849,7 +1062,37 @@ impl Transcoder {
             finish_reason: None,
             usage: None,
             pending: Vec::new(),
+            store: false,
+            keeper: None,
+            previous_response_id: None,
         }
+    }
+
+    /// Keeps the response under `id` (which replaces the request-derived one): the answer
+    /// says `"store": true`, and `keep` receives the finished Response object before its
+    /// last bytes are written. Call before any output.
+    pub fn keep_as(&mut self, id: String, keep: Keep) {
+        self.id = id;
+        self.store = true;
+        self.keeper = Some(Keeper(keep));
+    }
+
+    /// The response's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The finished Response object of `status`, handed to the keeper first; if it could
+    /// not keep it, the object says `"store": false`.
+    fn finished(&mut self, status: &str) -> Value {
+        let mut response = serde_json::to_value(self.response(status, true)).unwrap_or_default();
+        if let Some(Keeper(keep)) = self.keeper.take()
+            && !keep(&response)
+        {
+            self.store = false;
+            response["store"] = Value::Bool(false);
+        }
+        response
     }
 
     /// A complete chat completion as a Response object; a body that is not one passes
@@ -893,7 +1136,7 @@ impl Transcoder {
         self.finish_reason = choice.finish_reason.map(Cow::into_owned);
         self.usage = answer.usage;
         let status = self.status();
-        serde_json::to_vec(&self.response(status, true)).unwrap_or_default()
+        serde_json::to_vec(&self.finished(status)).unwrap_or_default()
     }
 
     /// Chat stream bytes (whole server-sent events) as Responses stream events. `[DONE]`
@@ -1130,6 +1373,9 @@ impl Transcoder {
         self.start(out);
         self.finished = true;
         if self.failed.is_some() {
+            // A failed response is not kept.
+            self.keeper = None;
+            self.store = false;
             let kind = "response.failed";
             emit(
                 out,
@@ -1205,14 +1451,8 @@ impl Transcoder {
         };
         let sequence_number = next();
         self.sequence = number;
-        emit(
-            out,
-            kind,
-            sequence_number,
-            WithResponse {
-                response: self.response(status, true),
-            },
-        );
+        let response = self.finished(status);
+        emit(out, kind, sequence_number, json!({ "response": response }));
     }
 
     fn next_sequence(&mut self) -> u64 {
@@ -1263,9 +1503,9 @@ impl Transcoder {
             model: &self.model,
             output,
             parallel_tool_calls: &echo.parallel_tool_calls,
-            previous_response_id: None,
+            previous_response_id: self.previous_response_id.as_deref(),
             reasoning: &echo.reasoning,
-            store: false,
+            store: self.store,
             temperature: &echo.temperature,
             text: &echo.text,
             tool_choice: &echo.tool_choice,

@@ -105,10 +105,19 @@ chart owns (addresses, state directory, certificate files, drain). Last, so that
 {{- if regexMatch "(?m)^[ \\t]*\"?server\"?[ \\t]*\\." $preamble -}}
 {{- fail "config: must not set server.* keys: the chart writes them from the `server` values" -}}
 {{- end -}}
-{{- $server := .Values.server -}}
+{{- $parsed := fromToml .Values.config -}}
+{{- if hasKey $parsed "Error" -}}
+{{- fail (printf "config: not valid TOML: %s" (get $parsed "Error")) -}}
+{{- end -}}
 {{ trimSuffix "\n" .Values.config }}
 
 # Written by the chart from its `server` values; the rest is its `config` value.
+{{ include "isthmus.serverTable" . }}
+{{- end -}}
+
+{{/* The [server] table, from the `server` values. */}}
+{{- define "isthmus.serverTable" -}}
+{{- $server := .Values.server -}}
 [server]
 listen = {{ include "isthmus.address" (list $server.bindAddress $server.httpsPort) | quote }}
 {{- if $server.plainHttp.enabled }}
@@ -126,6 +135,9 @@ drain_timeout_ms = {{ mul (int $server.drainTimeoutSeconds) 1000 }}
 {{- if $server.workerThreads }}
 worker_threads = {{ int $server.workerThreads }}
 {{- end }}
+{{- if eq .Values.configReload.mode "inPlace" }}
+config_watch_interval_ms = {{ mul (int .Values.configReload.watchIntervalSeconds) 1000 }}
+{{- end }}
 {{- if include "isthmus.tlsSecretName" . }}
 
 [server.tls]
@@ -139,6 +151,20 @@ key = {{ printf "%s/tls.key" (include "isthmus.tlsDir" .) | quote }}
 {{ $key }} = {{ int64 $value }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The pods' configuration checksum: what rolls them. With `configReload.mode: inPlace`
+only what the gateway reads at start-up counts (the [server] table and the [models],
+[engine], [audit], [responses], [logging] and [telemetry] sections, as parsed, so comments and layout do
+not count); the rest reloads in place. With `rollout`, the whole file. */}}
+{{- define "isthmus.configChecksum" -}}
+{{- $configuration := include "isthmus.configuration" . -}}
+{{- if eq .Values.configReload.mode "inPlace" -}}
+{{- $startUp := pick (fromToml .Values.config) "models" "engine" "audit" "responses" "logging" "telemetry" -}}
+{{- printf "%s\n%s" (include "isthmus.serverTable" .) (toJson $startUp) | sha256sum -}}
+{{- else -}}
+{{- $configuration | sha256sum -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The Secret with the data plane's certificate: the operator's, or the one cert-manager

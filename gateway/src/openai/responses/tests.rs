@@ -3,7 +3,12 @@ use serde_json::{Value, json};
 use super::*;
 
 fn translate(request: &Value) -> Result<(Value, Transcoder), GatewayError> {
-    let translated = to_chat(&serde_json::to_vec(request).unwrap(), "r1", 1_700_000_000)?;
+    let translated = to_chat(
+        &serde_json::to_vec(request).unwrap(),
+        "r1",
+        1_700_000_000,
+        None,
+    )?;
     Ok((
         serde_json::from_slice(&translated.chat_body).unwrap(),
         translated.transcoder,
@@ -230,7 +235,7 @@ fn what_needs_stored_state_or_built_in_tools_is_refused_by_param() {
         );
     }
     assert!(matches!(
-        to_chat(b"[1]", "r", 0).unwrap_err(),
+        to_chat(b"[1]", "r", 0, None).unwrap_err(),
         GatewayError::InvalidJson { .. }
     ));
 }
@@ -517,5 +522,203 @@ mod properties {
                 prop_assert!(found.contains(&text), "{text:?} missing from {chat}");
             }
         }
+    }
+}
+
+#[test]
+fn a_continuation_reads_the_stored_conversation_before_its_own_input() {
+    let stored_input = [json!({"type": "message", "role": "user", "id": "msg_a_in0",
+                               "content": [{"type": "input_text", "text": "My name is Ada."}]})];
+    let stored_output = [
+        json!({"type": "message", "role": "assistant", "id": "msg_a", "status": "completed",
+               "content": [{"type": "output_text", "text": "Hello Ada.", "annotations": []}]}),
+        json!({"type": "function_call", "id": "fc_a_0", "call_id": "call_1", "name": "f",
+               "arguments": "{}", "status": "completed"}),
+    ];
+    let request = json!({"model": "m", "instructions": "Be brief.", "previous_response_id": "resp_a",
+                         "input": [{"type": "function_call_output", "call_id": "call_1", "output": "42"},
+                                   {"role": "user", "content": "What is my name?"}]});
+    let translated = to_chat(
+        &serde_json::to_vec(&request).unwrap(),
+        "r2",
+        1,
+        Some(Previous {
+            id: "resp_a",
+            input_items: &stored_input,
+            output: &stored_output,
+        }),
+    )
+    .unwrap();
+    let chat: Value = serde_json::from_slice(&translated.chat_body).unwrap();
+    assert_eq!(
+        chat["messages"],
+        json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "My name is Ada."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello Ada."}],
+             "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+            {"role": "user", "content": "What is my name?"},
+        ])
+    );
+    // What a kept continuation stores: the conversation so far, its own input normalised,
+    // never the instructions.
+    assert_eq!(translated.input_items.len(), 5);
+    assert_eq!(
+        &translated.input_items[..3],
+        &[
+            stored_input[0].clone(),
+            stored_output[0].clone(),
+            stored_output[1].clone()
+        ]
+    );
+    assert_eq!(
+        translated.input_items[4],
+        json!({"type": "message", "role": "user",
+               "content": [{"type": "input_text", "text": "What is my name?"}]})
+    );
+    assert!(translated.store, "stored unless the request says otherwise");
+    let mut transcoder = translated.transcoder;
+    let chat = json!({"model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                      "message": {"role": "assistant", "content": "Ada."}}]});
+    let response: Value =
+        serde_json::from_slice(&transcoder.json(&serde_json::to_vec(&chat).unwrap())).unwrap();
+    assert_eq!(response["previous_response_id"], "resp_a");
+    assert_eq!(response["store"], false, "no keeper: not kept");
+}
+
+#[test]
+fn the_request_says_whether_its_response_may_be_kept() {
+    let store = |request: Value| {
+        to_chat(&serde_json::to_vec(&request).unwrap(), "r", 0, None).map(|t| t.store)
+    };
+    assert!(store(json!({"model": "m", "input": "x"})).unwrap());
+    assert!(store(json!({"model": "m", "input": "x", "store": true})).unwrap());
+    assert!(!store(json!({"model": "m", "input": "x", "store": false})).unwrap());
+    let error = store(json!({"model": "m", "input": "x", "store": "yes"})).unwrap_err();
+    assert_eq!(param(&error).as_deref(), Some("store"));
+    assert_eq!(
+        previous_response_id(br#"{"previous_response_id": 7}"#)
+            .unwrap_err()
+            .status(),
+        400
+    );
+    assert_eq!(
+        previous_response_id(br#"{"previous_response_id": "resp_1", "input": "x"}"#).unwrap(),
+        Some("resp_1".to_owned())
+    );
+    assert_eq!(previous_response_id(b"not json").unwrap(), None);
+}
+
+#[test]
+fn a_kept_response_is_handed_over_finished_and_says_whether_it_was_kept() {
+    use std::sync::{Arc, Mutex};
+    let chat = serde_json::to_vec(&json!({"model": "m", "choices": [{"index": 0,
+        "finish_reason": "stop", "message": {"role": "assistant", "content": "Paris."}}]}))
+    .unwrap();
+    for keeps in [true, false] {
+        let (_, mut transcoder) = translate(&json!({"model": "m", "input": "x"})).unwrap();
+        let handed: Arc<Mutex<Option<Value>>> = Arc::default();
+        let seen = Arc::clone(&handed);
+        transcoder.keep_as(
+            "resp_kept".to_owned(),
+            Box::new(move |response: &Value| {
+                *seen.lock().unwrap() = Some(response.clone());
+                keeps
+            }),
+        );
+        let response: Value = serde_json::from_slice(&transcoder.json(&chat)).unwrap();
+        assert_eq!(response["id"], "resp_kept");
+        assert_eq!(response["store"], keeps);
+        let handed = handed.lock().unwrap().clone().unwrap();
+        assert_eq!(handed["id"], "resp_kept");
+        assert_eq!(handed["status"], "completed");
+        assert_eq!(handed["output"][0]["content"][0]["text"], "Paris.");
+    }
+
+    // Streamed: kept when the stream closes, and the closing event says so.
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let handed: Arc<Mutex<Option<Value>>> = Arc::default();
+    let seen = Arc::clone(&handed);
+    transcoder.keep_as(
+        "resp_streamed".to_owned(),
+        Box::new(move |response: &Value| {
+            *seen.lock().unwrap() = Some(response.clone());
+            true
+        }),
+    );
+    let mut out = transcoder.stream(
+        b"data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+    );
+    assert!(handed.lock().unwrap().is_none(), "not before the end");
+    out.extend(transcoder.stream(b"data: {\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n"));
+    let events = parse_events(&out);
+    assert_eq!(events[0].1["response"]["store"], true);
+    let (kind, completed) = events.last().unwrap();
+    assert_eq!(kind, "response.completed");
+    assert_eq!(completed["response"]["store"], true);
+    assert_eq!(completed["response"]["id"], "resp_streamed");
+    assert_eq!(
+        handed.lock().unwrap().clone().unwrap(),
+        completed["response"]
+    );
+
+    // A stream that fails is not kept.
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let called = Arc::new(Mutex::new(false));
+    let seen = Arc::clone(&called);
+    transcoder.keep_as(
+        "resp_failed".to_owned(),
+        Box::new(move |_: &Value| {
+            *seen.lock().unwrap() = true;
+            true
+        }),
+    );
+    let out = transcoder
+        .stream(b"data: {\"error\":{\"message\":\"boom\",\"code\":\"x\"}}\n\ndata: [DONE]\n\n");
+    let events = parse_events(&out);
+    let (kind, failed) = events.last().unwrap();
+    assert_eq!(kind, "response.failed");
+    assert_eq!(failed["response"]["store"], false);
+    assert!(!*called.lock().unwrap());
+}
+
+#[test]
+fn input_items_are_listed_in_pages() {
+    let items: Vec<Value> = (0..5)
+        .map(|index| json!({"id": format!("msg_{index}")}))
+        .collect();
+    let ids = |list: &Value| -> Vec<String> {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let newest = ItemsPage::parse(None).unwrap().list(&items);
+    assert_eq!(ids(&newest), ["msg_4", "msg_3", "msg_2", "msg_1", "msg_0"]);
+    assert_eq!(newest["object"], "list");
+    assert_eq!(newest["first_id"], "msg_4");
+    assert_eq!(newest["last_id"], "msg_0");
+    assert_eq!(newest["has_more"], false);
+    let first = ItemsPage::parse(Some("order=asc&limit=2"))
+        .unwrap()
+        .list(&items);
+    assert_eq!(ids(&first), ["msg_0", "msg_1"]);
+    assert_eq!(first["has_more"], true);
+    let next = ItemsPage::parse(Some("order=asc&limit=2&after=msg_1&include[]=x"))
+        .unwrap()
+        .list(&items);
+    assert_eq!(ids(&next), ["msg_2", "msg_3"]);
+    for (query, param_name) in [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("order=up", "order"),
+    ] {
+        let error = ItemsPage::parse(Some(query)).unwrap_err();
+        assert_eq!(param(&error).as_deref(), Some(param_name), "{query}");
     }
 }

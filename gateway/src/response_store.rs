@@ -1,0 +1,320 @@
+//! Stored responses of the Responses API (`[responses] store = true`): the Response object a
+//! caller received and the input items its model read, kept in the embedded store under the
+//! state directory (`responses-store`) for `previous_response_id`, `GET /v1/responses/{id}`,
+//! its input items and `DELETE`.
+//!
+//! A response belongs to the caller that made it (its API key id, or `anonymous`); any other
+//! caller is told it does not exist. Responses expire after the retention period, and the
+//! oldest go first when the store holds more than its byte bound. What is kept is what the
+//! client got — with redact-then-cloud, the restored values — so the store holds prompt and
+//! completion text at rest: it is off unless configured, and every continuation is scanned
+//! and routed again as a whole.
+//!
+//! Writes reach the disk with the store's periodic flush (`FLUSH_EVERY_MS`), not before the
+//! answer's last bytes: a crash can forget the responses of the last moments, whose clients
+//! then get "not found" when they continue and can send the whole conversation instead.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sled::Transactional as _;
+
+use crate::config::ResponsesConfig;
+
+/// The store's directory under the state directory.
+pub const STORE_DIR: &str = "responses-store";
+/// How often sled writes accepted responses to disk.
+const FLUSH_EVERY_MS: u64 = 200;
+/// sled's page cache: responses are read back rarely (a continuation, a GET).
+const CACHE_BYTES: u64 = 4 << 20;
+const RECORDS_TREE: &str = "responses";
+/// `created_unix_ms` (big-endian) ‖ id → the record's size: oldest first.
+const AGES_TREE: &str = "by_age";
+
+/// A kept response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// Who may read, continue or delete it (`Caller` label: API key id or `anonymous`).
+    pub owner: String,
+    pub created_unix_ms: u64,
+    /// The request that made it (the audit record's `RequestId`).
+    pub request_id: String,
+    /// What the model read before it answered, instructions aside: the conversation it
+    /// continued, then its own input, as Responses input items, each with an `id`.
+    pub input_items: Vec<Value>,
+    /// The Response object as the client received it.
+    pub response: Value,
+}
+
+impl StoredResponse {
+    /// A record for `response`; input items without an `id` get one (`msg_…`, `fc_…`,
+    /// `fco_…` after their type, then the response id and their position).
+    pub fn new(
+        owner: &str,
+        request_id: &str,
+        mut input_items: Vec<Value>,
+        response: Value,
+    ) -> StoredResponse {
+        let response_id = response
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let suffix = response_id.strip_prefix("resp_").unwrap_or(response_id);
+        for (index, item) in input_items.iter_mut().enumerate() {
+            let Some(object) = item.as_object_mut() else {
+                continue;
+            };
+            if object.get("id").and_then(Value::as_str).is_some() {
+                continue;
+            }
+            let prefix = match object.get("type").and_then(Value::as_str) {
+                Some("function_call") => "fc",
+                Some("function_call_output") => "fco",
+                Some("reasoning") => "rs",
+                _ => "msg",
+            };
+            object.insert(
+                "id".into(),
+                Value::String(format!("{prefix}_{suffix}_in{index}")),
+            );
+        }
+        StoredResponse {
+            owner: owner.to_owned(),
+            created_unix_ms: unix_ms(SystemTime::now()),
+            request_id: request_id.to_owned(),
+            input_items,
+            response,
+        }
+    }
+
+    /// The Response object's `output` items.
+    pub fn output(&self) -> &[Value] {
+        self.response
+            .get("output")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the response store: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("the response store: {0}")]
+    Transaction(String),
+    #[error("the response is {bytes} bytes, over responses.record_bytes_max ({limit})")]
+    TooLarge { bytes: u64, limit: u64 },
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct ResponseStore {
+    db: sled::Db,
+    records: sled::Tree,
+    ages: sled::Tree,
+    retention: Duration,
+    bytes_max: u64,
+    record_bytes_max: u64,
+    /// Bytes of the records held; writers take it to insert and evict in turn.
+    stored_bytes: Mutex<u64>,
+}
+
+impl ResponseStore {
+    /// Opens (or creates) the store in `directory`.
+    pub fn open(directory: &Path, config: &ResponsesConfig) -> Result<ResponseStore, StoreError> {
+        let db = sled::Config::new()
+            .path(directory)
+            .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(Some(FLUSH_EVERY_MS))
+            .open()?;
+        let records = db.open_tree(RECORDS_TREE)?;
+        let ages = db.open_tree(AGES_TREE)?;
+        let mut stored_bytes = 0;
+        for entry in ages.iter() {
+            let (_, size) = entry?;
+            stored_bytes += read_size(&size);
+        }
+        let store = ResponseStore {
+            db,
+            records,
+            ages,
+            retention: config.retention,
+            bytes_max: config.bytes_max,
+            record_bytes_max: config.record_bytes_max,
+            stored_bytes: Mutex::new(stored_bytes),
+        };
+        // A lower bound than the last run's applies at once.
+        store.evict_over_bound()?;
+        Ok(store)
+    }
+
+    /// How many responses and bytes the store holds.
+    pub fn usage(&self) -> (usize, u64) {
+        (self.records.len(), *self.lock_bytes())
+    }
+
+    /// Keeps `record` under `id`, then drops the oldest responses while the store is over
+    /// its bound. An id already taken is replaced only by its owner.
+    pub fn put(&self, id: &str, record: &StoredResponse) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(record).map_err(|error| {
+            StoreError::Transaction(format!("cannot write the record: {error}"))
+        })?;
+        let bytes = value.len() as u64;
+        if bytes > self.record_bytes_max {
+            return Err(StoreError::TooLarge {
+                bytes,
+                limit: self.record_bytes_max,
+            });
+        }
+        let mut stored_bytes = self.lock_bytes();
+        let previous = self.record(id)?;
+        if let Some(previous) = &previous
+            && previous.1.owner != record.owner
+        {
+            return Err(StoreError::Transaction(format!(
+                "the id {id} is taken by another caller's response"
+            )));
+        }
+        let age = age_key(record.created_unix_ms, id);
+        let old_age = previous
+            .as_ref()
+            .map(|(_, old)| age_key(old.created_unix_ms, id));
+        (&self.records, &self.ages)
+            .transaction(|(records, ages)| {
+                if let Some(old_age) = &old_age {
+                    ages.remove(old_age.as_slice())?;
+                }
+                records.insert(id.as_bytes(), value.as_slice())?;
+                ages.insert(age.as_slice(), bytes.to_be_bytes().to_vec())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|error| StoreError::Transaction(format!("{error:?}")))?;
+        *stored_bytes = stored_bytes.saturating_sub(previous.map_or(0, |(size, _)| size)) + bytes;
+        drop(stored_bytes);
+        self.evict_over_bound()
+    }
+
+    /// The response `id` when `owner` made it and it has not expired.
+    pub fn get(&self, id: &str, owner: &str) -> Result<Option<StoredResponse>, StoreError> {
+        let cutoff = self.cutoff_ms(SystemTime::now());
+        Ok(self
+            .record(id)?
+            .map(|(_, record)| record)
+            .filter(|record| record.owner == owner && record.created_unix_ms >= cutoff))
+    }
+
+    /// Deletes the response `id` when `owner` made it; says whether there was one.
+    pub fn delete(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let mut stored_bytes = self.lock_bytes();
+        let Some(record) = self.get(id, owner)? else {
+            return Ok(false);
+        };
+        let size = self.remove(id, record.created_unix_ms)?;
+        *stored_bytes = stored_bytes.saturating_sub(size);
+        Ok(true)
+    }
+
+    /// Deletes the responses older than the retention period; returns how many.
+    pub fn expire(&self, now: SystemTime) -> Result<usize, StoreError> {
+        let cutoff = self.cutoff_ms(now);
+        let mut stored_bytes = self.lock_bytes();
+        let mut removed = 0;
+        while let Some((key, size)) = self.ages.first()? {
+            let (created, id) = split_age_key(&key);
+            if created >= cutoff {
+                break;
+            }
+            self.remove(&id, created)?;
+            *stored_bytes = stored_bytes.saturating_sub(read_size(&size));
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Writes what was accepted to disk now (at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn evict_over_bound(&self) -> Result<(), StoreError> {
+        let mut stored_bytes = self.lock_bytes();
+        while *stored_bytes > self.bytes_max {
+            let Some((key, size)) = self.ages.first()? else {
+                break;
+            };
+            let (created, id) = split_age_key(&key);
+            self.remove(&id, created)?;
+            *stored_bytes = stored_bytes.saturating_sub(read_size(&size));
+        }
+        Ok(())
+    }
+
+    /// Removes a record and its age entry; returns the record's size.
+    fn remove(&self, id: &str, created_unix_ms: u64) -> Result<u64, StoreError> {
+        let age = age_key(created_unix_ms, id);
+        let removed = (&self.records, &self.ages)
+            .transaction(|(records, ages)| {
+                records.remove(id.as_bytes())?;
+                let size = ages.remove(age.as_slice())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(
+                    size.map_or(0, |size| read_size(&size)),
+                )
+            })
+            .map_err(|error| StoreError::Transaction(format!("{error:?}")))?;
+        Ok(removed)
+    }
+
+    /// The record under `id` and its size, whoever owns it.
+    fn record(&self, id: &str) -> Result<Option<(u64, StoredResponse)>, StoreError> {
+        let Some(value) = self.records.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&value)
+            .map(|record| Some((value.len() as u64, record)))
+            .map_err(|error| StoreError::Transaction(format!("the record of {id}: {error}")))
+    }
+
+    fn cutoff_ms(&self, now: SystemTime) -> u64 {
+        unix_ms(now).saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn lock_bytes(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.stored_bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn age_key(created_unix_ms: u64, id: &str) -> Vec<u8> {
+    let mut key = created_unix_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn split_age_key(key: &[u8]) -> (u64, String) {
+    let (created, id) = key.split_at(key.len().min(8));
+    let mut bytes = [0_u8; 8];
+    bytes[..created.len()].copy_from_slice(created);
+    (
+        u64::from_be_bytes(bytes),
+        String::from_utf8_lossy(id).into_owned(),
+    )
+}
+
+fn read_size(value: &[u8]) -> u64 {
+    value.try_into().map(u64::from_be_bytes).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;
