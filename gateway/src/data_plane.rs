@@ -491,24 +491,7 @@ impl DataPlane {
         ctx.caller = Some(caller);
         match operation {
             Operation::Models => {
-                // No body: the request target and headers are what the firewall reads.
-                let header = session.req_header();
-                let headers = crate::facts::header_pairs(&header.headers);
-                let request = crate::facts::RequestView {
-                    path: header.uri.path(),
-                    target: crate::facts::request_target(&header.uri),
-                    method: header.method.as_str(),
-                    headers: &headers,
-                    caller: api_key_id(ctx),
-                    model: None,
-                    body: &[],
-                };
-                let verdict = crate::facts::firewall(
-                    &routing,
-                    &request,
-                    &crate::facts::PromptTexts::default(),
-                );
-                self.apply_waf(session, ctx, &verdict)?;
+                self.check_bodiless(session, ctx, &routing)?;
                 ctx.route = "local";
                 ctx.rule = "default";
                 let mut models: Vec<(String, u64)> = self
@@ -566,6 +549,30 @@ impl DataPlane {
                 self.stored_response(session, ctx, &routing, id, part).await
             }
         }
+    }
+
+    /// The firewall's verdict on a request without a body: its target and headers are what
+    /// it reads.
+    fn check_bodiless(
+        &self,
+        session: &Session,
+        ctx: &mut RequestContext,
+        routing: &Routing,
+    ) -> Result<(), GatewayError> {
+        let header = session.req_header();
+        let headers = crate::facts::header_pairs(&header.headers);
+        let request = crate::facts::RequestView {
+            path: header.uri.path(),
+            target: crate::facts::request_target(&header.uri),
+            method: header.method.as_str(),
+            headers: &headers,
+            caller: api_key_id(ctx),
+            model: None,
+            body: &[],
+        };
+        let verdict =
+            crate::facts::firewall(routing, &request, &crate::facts::PromptTexts::default());
+        self.apply_waf(session, ctx, &verdict)
     }
 
     /// Translates a Responses request into the chat body to run. The stored response it
@@ -650,22 +657,8 @@ impl DataPlane {
         id: String,
         part: StoredPart,
     ) -> Result<(), Failure> {
-        // No body: the request target and headers are what the firewall reads.
-        let header = session.req_header();
-        let query = header.uri.query().map(str::to_owned);
-        let headers = crate::facts::header_pairs(&header.headers);
-        let request = crate::facts::RequestView {
-            path: header.uri.path(),
-            target: crate::facts::request_target(&header.uri),
-            method: header.method.as_str(),
-            headers: &headers,
-            caller: api_key_id(ctx),
-            model: None,
-            body: &[],
-        };
-        let verdict =
-            crate::facts::firewall(routing, &request, &crate::facts::PromptTexts::default());
-        self.apply_waf(session, ctx, &verdict)?;
+        self.check_bodiless(session, ctx, routing)?;
+        let query = session.req_header().uri.query().map(str::to_owned);
         ctx.route = "local";
         ctx.rule = STORED_RESPONSE_RULE;
         let Some(store) = self.state.responses.clone() else {

@@ -451,25 +451,29 @@ fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_clien
     });
 }
 
+/// An upstream named after its version.
+fn versioned(version: &str) -> Upstream {
+    start(UpstreamOptions {
+        name: version.to_owned(),
+        ..options()
+    })
+}
+
+/// Pool `aks` serving `gpt-4o` from `v1` and `v2` with the given weights.
+fn two_backends(v1: &Upstream, v1_weight: u32, v2: &Upstream, v2_weight: u32) -> String {
+    format!(
+        "{}{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", v1, v1_weight, "v1"),
+        backend("aks", v2, v2_weight, "v2"),
+    )
+}
+
 #[test]
 fn a_weight_reload_during_a_running_stream_leaves_the_stream_whole() {
     let _serial = serial();
-    let v1 = start(UpstreamOptions {
-        name: "v1".to_owned(),
-        ..options()
-    });
-    let v2 = start(UpstreamOptions {
-        name: "v2".to_owned(),
-        ..options()
-    });
-    let sections = |v1_weight: u32, v2_weight: u32| {
-        format!(
-            "{}{}{}",
-            pool("aks", r#""gpt-4o" = "m""#, ""),
-            backend("aks", &v1, v1_weight, "v1"),
-            backend("aks", &v2, v2_weight, "v2"),
-        )
-    };
+    let (v1, v2) = (versioned("v1"), versioned("v2"));
+    let sections = |v1_weight: u32, v2_weight: u32| two_backends(&v1, v1_weight, &v2, v2_weight);
     let gateway = gateway(&sections(1, 0));
     block_on(async {
         v1.set_behaviour(json!({"hold": true})).await;
@@ -517,22 +521,8 @@ fn a_weight_reload_during_a_running_stream_leaves_the_stream_whole() {
 #[test]
 fn a_changed_configuration_file_is_reloaded_without_a_signal() {
     let _serial = serial();
-    let v1 = start(UpstreamOptions {
-        name: "v1".to_owned(),
-        ..options()
-    });
-    let v2 = start(UpstreamOptions {
-        name: "v2".to_owned(),
-        ..options()
-    });
-    let sections = |v1_weight: u32, v2_weight: u32| {
-        format!(
-            "{}{}{}",
-            pool("aks", r#""gpt-4o" = "m""#, ""),
-            backend("aks", &v1, v1_weight, "v1"),
-            backend("aks", &v2, v2_weight, "v2"),
-        )
-    };
+    let (v1, v2) = (versioned("v1"), versioned("v2"));
+    let sections = |v1_weight: u32, v2_weight: u32| two_backends(&v1, v1_weight, &v2, v2_weight);
     const WATCH_MS: u64 = 100;
     let gateway = Gateway::start(&GatewayOptions {
         config_watch_interval_ms: WATCH_MS,

@@ -349,6 +349,11 @@ async fn stored(method: reqwest::Method, gateway: &Gateway, path: &str, key: &st
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// GETs a stored-response endpoint as the test key's owner.
+async fn read(gateway: &Gateway, path: &str) -> (u16, Value) {
+    stored(reqwest::Method::GET, gateway, path, API_KEY).await
+}
+
 /// A gateway that keeps responses, with a second API key (`OTHER_KEY`), on `dir`.
 fn storing_gateway(dir: tempfile::TempDir) -> Gateway {
     use sha2::Digest as _;
@@ -396,23 +401,11 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
         let first_text = output_text(&first);
 
         // Read back as it was sent, with the input items the model read.
-        let (status, read) = stored(
-            reqwest::Method::GET,
-            &gateway,
-            &format!("/v1/responses/{id}"),
-            API_KEY,
-        )
-        .await;
-        assert_eq!((status, &read), (200, &first));
+        let (status, body) = read(&gateway, &format!("/v1/responses/{id}")).await;
+        assert_eq!((status, &body), (200, &first));
         assert_eq!(gateway.metric("isthmus_stored_responses "), Some(1.0));
         assert!(gateway.metric("isthmus_stored_responses_bytes ").unwrap() > 0.0);
-        let (status, items) = stored(
-            reqwest::Method::GET,
-            &gateway,
-            &format!("/v1/responses/{id}/input_items"),
-            API_KEY,
-        )
-        .await;
+        let (status, items) = read(&gateway, &format!("/v1/responses/{id}/input_items")).await;
         assert_eq!(status, 200, "{items}");
         assert_eq!(items["object"], "list");
         let data = items["data"].as_array().unwrap();
@@ -466,11 +459,9 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
             chat["choices"][0]["message"]["content"].as_str().unwrap()
         );
         let continued_id = continued["id"].as_str().unwrap();
-        let (_, items) = stored(
-            reqwest::Method::GET,
+        let (_, items) = read(
             &gateway,
             &format!("/v1/responses/{continued_id}/input_items?order=asc"),
-            API_KEY,
         )
         .await;
         let roles: Vec<&str> = items["data"]
@@ -496,14 +487,12 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
         let events = events(&streamed);
         let done = &events.last().unwrap().1["response"];
         assert_eq!(done["store"], true, "{streamed}");
-        let (status, read) = stored(
-            reqwest::Method::GET,
+        let (status, body) = read(
             &gateway,
             &format!("/v1/responses/{}", done["id"].as_str().unwrap()),
-            API_KEY,
         )
         .await;
-        assert_eq!((status, &read), (200, done));
+        assert_eq!((status, &body), (200, done));
 
         // Another caller: not found, neither to read, to continue nor to delete.
         for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
@@ -540,13 +529,7 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
         .unwrap();
         assert_eq!(unkept["store"], false);
         assert_eq!(unkept["id"], "resp_unkept");
-        let (status, _) = stored(
-            reqwest::Method::GET,
-            &gateway,
-            "/v1/responses/resp_unkept",
-            API_KEY,
-        )
-        .await;
+        let (status, _) = read(&gateway, "/v1/responses/resp_unkept").await;
         assert_eq!(status, 404);
         id
     });
@@ -571,19 +554,13 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
         .await;
         // Reads are audited as reads, by path.
         let path = format!("/v1/responses/{id}");
-        let read = audit["records"].as_array().unwrap().iter().find(|record| {
+        let audited = audit["records"].as_array().unwrap().iter().any(|record| {
             record["OperationName"] == "Isthmus/inference/responses/read"
                 && record["Properties"]["Path"] == path.as_str()
                 && record["ResultType"] == "Succeeded"
         });
-        assert!(read.is_some(), "no record of reading {path}: {audit}");
-        let (status, kept) = stored(
-            reqwest::Method::GET,
-            &gateway,
-            &format!("/v1/responses/{id}"),
-            API_KEY,
-        )
-        .await;
+        assert!(audited, "no record of reading {path}: {audit}");
+        let (status, kept) = read(&gateway, &format!("/v1/responses/{id}")).await;
         assert_eq!(status, 200, "{kept}");
         // Deleted by its owner, it is gone, also for continuing.
         let (status, deleted) = stored(
@@ -598,13 +575,7 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
             deleted,
             json!({"id": id, "object": "response.deleted", "deleted": true})
         );
-        let (status, _) = stored(
-            reqwest::Method::GET,
-            &gateway,
-            &format!("/v1/responses/{id}"),
-            API_KEY,
-        )
-        .await;
+        let (status, _) = read(&gateway, &format!("/v1/responses/{id}")).await;
         assert_eq!(status, 404);
         let response = post(
             &gateway,
