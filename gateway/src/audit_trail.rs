@@ -282,6 +282,8 @@ impl Trail {
 /// final bytes must not go out (the caller drops the connection instead), unless the
 /// deployment set `fail_closed = false`.
 pub async fn seal(session: &Session, ctx: &mut RequestContext) -> Result<(), Failure> {
+    // The usage is final here, before the last bytes: the caller's next request sees it.
+    ctx.charge_rate_limit();
     let Some(trail) = ctx.trail.clone() else {
         return Ok(());
     };

@@ -139,6 +139,37 @@ pub struct AuthConfig {
     /// Serve callers that present no key. Off unless configured.
     pub allow_anonymous: bool,
     pub api_keys: Vec<ApiKey>,
+    /// What every caller without a key may use, together (`anonymous_limits`).
+    pub anonymous_limits: RateLimits,
+}
+
+impl AuthConfig {
+    /// The limits of the key with `id`, or the anonymous callers' for `None`.
+    pub fn limits_of(&self, key_id: Option<&str>) -> RateLimits {
+        match key_id {
+            None => self.anonymous_limits,
+            Some(id) => self
+                .api_keys
+                .iter()
+                .find(|key| key.id == id)
+                .map(|key| key.limits)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What a caller may use per minute; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    pub requests_per_minute: Option<u32>,
+    /// Prompt plus completion tokens of answered requests.
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl RateLimits {
+    pub fn is_limited(&self) -> bool {
+        self.requests_per_minute.is_some() || self.tokens_per_minute.is_some()
+    }
 }
 
 /// An API key, kept only as its SHA-256 digest.
@@ -147,6 +178,7 @@ pub struct ApiKey {
     /// Names the key in logs and audit records; never the key itself.
     pub id: String,
     pub sha256: [u8; 32],
+    pub limits: RateLimits,
 }
 
 impl fmt::Debug for ApiKey {
@@ -360,6 +392,17 @@ struct RawAuth {
     allow_anonymous: bool,
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    anonymous_limits: RawRateLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimits {
+    #[serde(default)]
+    requests_per_minute: Option<u32>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +415,10 @@ struct RawApiKey {
     key_env: Option<String>,
     #[serde(default)]
     key_file: Option<PathBuf>,
+    #[serde(default)]
+    requests_per_minute: Option<u32>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -807,7 +854,14 @@ impl Validator<'_> {
     fn server(&mut self, raw: RawServer) -> Option<ServerConfig> {
         let mut admin_tokens = Vec::new();
         for (index, key) in raw.admin_tokens.into_iter().enumerate() {
-            if let Some(token) = self.api_key(&format!("server.admin_tokens[{index}]"), key) {
+            let path = format!("server.admin_tokens[{index}]");
+            if key.requests_per_minute.is_some() || key.tokens_per_minute.is_some() {
+                self.error(
+                    &path,
+                    "rate limits are for callers of the data plane (auth.api_keys), not admin tokens",
+                );
+            }
+            if let Some(token) = self.api_key(&path, key) {
                 admin_tokens.push(token);
             }
         }
@@ -987,7 +1041,37 @@ impl Validator<'_> {
         } else {
             None
         };
-        digest.map(|sha256| ApiKey { id: key.id, sha256 })
+        let limits = self.rate_limits(
+            path,
+            RawRateLimits {
+                requests_per_minute: key.requests_per_minute,
+                tokens_per_minute: key.tokens_per_minute,
+            },
+        );
+        digest.map(|sha256| ApiKey {
+            id: key.id,
+            sha256,
+            limits,
+        })
+    }
+
+    fn rate_limits(&mut self, path: &str, raw: RawRateLimits) -> RateLimits {
+        if raw.requests_per_minute == Some(0) {
+            self.error(
+                format!("{path}.requests_per_minute"),
+                "must be greater than 0 (leave it out for no limit)",
+            );
+        }
+        if raw.tokens_per_minute == Some(0) {
+            self.error(
+                format!("{path}.tokens_per_minute"),
+                "must be greater than 0 (leave it out for no limit)",
+            );
+        }
+        RateLimits {
+            requests_per_minute: raw.requests_per_minute,
+            tokens_per_minute: raw.tokens_per_minute,
+        }
     }
 
     fn auth(&mut self, raw: RawAuth) -> Option<AuthConfig> {
@@ -1014,9 +1098,17 @@ impl Validator<'_> {
             );
             return None;
         }
+        let anonymous_limits = self.rate_limits("auth.anonymous_limits", raw.anonymous_limits);
+        if anonymous_limits.is_limited() && !raw.allow_anonymous {
+            self.error(
+                "auth.anonymous_limits",
+                "applies only with allow_anonymous = true",
+            );
+        }
         Some(AuthConfig {
             allow_anonymous: raw.allow_anonymous,
             api_keys,
+            anonymous_limits,
         })
     }
 

@@ -106,10 +106,37 @@ pub struct RequestContext {
     /// A Responses API request: what the chat path writes is transcoded into that API's
     /// shapes on its way out.
     pub responses: Option<Box<crate::openai::responses::Transcoder>>,
+    /// A limited caller's buckets, charged with the request's tokens once they are known.
+    pub rate_limit: Option<RateCharge>,
+    /// What the `x-ratelimit-*` headers say.
+    pub rate_standing: Option<crate::rate_limit::Standing>,
     _in_flight: Option<InFlight>,
 }
 
+/// Where a limited caller's tokens are charged.
+#[derive(Debug)]
+pub struct RateCharge {
+    limiter: Arc<crate::rate_limit::RateLimiter>,
+    bucket: String,
+    limits: crate::config::RateLimits,
+}
+
 impl RequestContext {
+    /// Charges the request's tokens to its caller's bucket, once: before the answer's last
+    /// bytes where there are any, else when the request ends.
+    pub fn charge_rate_limit(&mut self) {
+        if let Some(charge) = self.rate_limit.take() {
+            let tokens =
+                u64::from(self.usage.prompt_tokens) + u64::from(self.usage.completion_tokens);
+            charge.limiter.charge(
+                &charge.bucket,
+                charge.limits,
+                tokens,
+                std::time::Instant::now(),
+            );
+        }
+    }
+
     /// A complete successful answer in the request's API: a chat completion becomes a
     /// Response object for the Responses API.
     pub fn answer_body(&mut self, body: Vec<u8>) -> Vec<u8> {
@@ -418,6 +445,25 @@ pub fn response_header(
     if let Some(degraded) = ctx.degraded {
         header.insert_header("x-isthmus-degraded", degraded)?;
     }
+    if let Some(standing) = &ctx.rate_standing {
+        for (kind, bucket) in [("requests", standing.requests), ("tokens", standing.tokens)] {
+            let Some(bucket) = bucket else {
+                continue;
+            };
+            header.insert_header(
+                format!("x-ratelimit-limit-{kind}"),
+                bucket.limit.to_string(),
+            )?;
+            header.insert_header(
+                format!("x-ratelimit-remaining-{kind}"),
+                bucket.remaining.to_string(),
+            )?;
+            header.insert_header(
+                format!("x-ratelimit-reset-{kind}"),
+                crate::rate_limit::reset_text(bucket.reset),
+            )?;
+        }
+    }
     Ok(header)
 }
 
@@ -489,6 +535,7 @@ impl DataPlane {
         let caller = authenticate(&session.req_header().headers, &routing.config.auth)
             .inspect_err(|_| ctx.reject("auth"))?;
         ctx.caller = Some(caller);
+        self.admit(ctx, &routing)?;
         match operation {
             Operation::Models => {
                 self.check_bodiless(session, ctx, &routing)?;
@@ -547,6 +594,44 @@ impl DataPlane {
             }
             Operation::StoredResponse { id, part } => {
                 self.stored_response(session, ctx, &routing, id, part).await
+            }
+        }
+    }
+
+    /// Takes the request from its caller's rate limits, or refuses it with 429.
+    fn admit(&self, ctx: &mut RequestContext, routing: &Routing) -> Result<(), GatewayError> {
+        let limits = routing.config.auth.limits_of(api_key_id(ctx));
+        if !limits.is_limited() {
+            return Ok(());
+        }
+        let bucket = response_owner(ctx);
+        match self
+            .state
+            .rate_limiter
+            .admit(&bucket, limits, std::time::Instant::now())
+        {
+            Ok(standing) => {
+                ctx.rate_standing = Some(standing);
+                ctx.rate_limit = Some(RateCharge {
+                    limiter: Arc::clone(&self.state.rate_limiter),
+                    bucket,
+                    limits,
+                });
+                Ok(())
+            }
+            Err(refusal) => {
+                ctx.reject("rate_limit");
+                self.state.metrics.record_rate_limited(refusal.kind);
+                let caller = api_key_id(ctx).map_or_else(
+                    || "anonymous callers".to_owned(),
+                    |id| format!("API key `{id}`"),
+                );
+                Err(GatewayError::RateLimited {
+                    caller,
+                    kind: refusal.kind,
+                    limit: refusal.limit,
+                    retry_after_s: refusal.retry_after.as_millis().div_ceil(1_000).max(1) as u64,
+                })
             }
         }
     }
@@ -1181,6 +1266,8 @@ impl ProxyHttp for DataPlane {
             policy_hash: String::new(),
             redactions: 0,
             on_premises: false,
+            rate_limit: None,
+            rate_standing: None,
             _in_flight: None,
         }
     }
@@ -1287,6 +1374,8 @@ impl ProxyHttp for DataPlane {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
         crate::audit_trail::seal_late(session, ctx);
+        // Requests that ended without their last bytes (errors, cut streams) pay here.
+        ctx.charge_rate_limit();
         let duration = ctx.started.elapsed();
         let status = ctx.final_status(session);
         let route = ctx.route_label();

@@ -48,6 +48,17 @@ pub enum GatewayError {
     RequestTooLarge { limit_bytes: u64 },
     #[error("the local inference queue is full; retry after {retry_after_s} s")]
     QueueFull { retry_after_s: u64 },
+    /// A caller's requests or tokens per minute are used up (`crate::rate_limit`).
+    #[error(
+        "rate limit reached for {caller} on {kind} per minute: limit {limit}; retry after {retry_after_s} s"
+    )]
+    RateLimited {
+        caller: String,
+        /// `requests` or `tokens`: the error's `type`, as OpenAI writes it.
+        kind: &'static str,
+        limit: u64,
+        retry_after_s: u64,
+    },
     #[error("{message}")]
     Unavailable { message: String, retry_after_s: u64 },
     #[error("{message}")]
@@ -160,6 +171,12 @@ impl GatewayError {
                 Some("queue_full"),
                 None,
             ),
+            RateLimited { kind, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                kind,
+                Some("rate_limit_exceeded"),
+                None,
+            ),
             Unavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",
@@ -210,6 +227,7 @@ impl GatewayError {
     pub fn retry_after_s(&self) -> Option<u64> {
         match self {
             GatewayError::QueueFull { retry_after_s }
+            | GatewayError::RateLimited { retry_after_s, .. }
             | GatewayError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod probe;
+pub mod rate_limit;
 pub mod redaction;
 pub mod reload;
 pub mod response_store;

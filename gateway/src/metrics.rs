@@ -93,6 +93,8 @@ struct Registry {
     waf_matches: BTreeMap<(u32, &'static str), u64>,
     /// Requests with sensitive content, by where they went (a fixed set of five).
     sensitive_requests: BTreeMap<&'static str, u64>,
+    /// Requests refused by a caller's rate limit, by the limit (`requests`, `tokens`).
+    rate_limited: BTreeMap<&'static str, u64>,
     /// Configuration reloads by outcome (`success`, `failure`).
     reloads: BTreeMap<&'static str, u64>,
     /// Whether the last load or reload of the configuration succeeded.
@@ -220,6 +222,13 @@ impl Metrics {
         }
     }
 
+    /// Counts a request refused by a caller's `kind` limit (`requests` or `tokens`).
+    pub fn record_rate_limited(&self, kind: &'static str) {
+        if let Ok(mut registry) = self.registry.lock() {
+            *registry.rate_limited.entry(kind).or_default() += 1;
+        }
+    }
+
     /// Counts a firewall verdict's matched rules.
     pub fn record_waf(&self, verdict: &router_policies::waf::WafVerdict) {
         let Ok(mut registry) = self.registry.lock() else {
@@ -249,6 +258,19 @@ impl Metrics {
             return out;
         };
         render_config(&mut out, &registry, restart_required);
+        header(
+            &mut out,
+            "isthmus_rate_limited_requests_total",
+            "counter",
+            "Requests refused (429) by a caller's requests or tokens per minute, by the limit.",
+        );
+        for kind in ["requests", "tokens"] {
+            let count = registry.rate_limited.get(kind).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "isthmus_rate_limited_requests_total{{limit=\"{kind}\"}} {count}"
+            );
+        }
         header(
             &mut out,
             "isthmus_requests_total",

@@ -34,6 +34,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The audit log, unless `[audit] enabled = false`.
     pub audit: Option<crate::audit_trail::Trail>,
+    /// Callers' request and token buckets (`auth.api_keys[].requests_per_minute`, ...).
+    pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
     /// Stored responses of the Responses API, when `[responses] store = true`.
     pub responses: Option<Arc<crate::response_store::ResponseStore>>,
     /// OTLP export, when `[telemetry.otlp]` is configured.
@@ -56,6 +58,7 @@ impl AppState {
             engine: OnceLock::new(),
             metrics,
             audit: None,
+            rate_limiter: Arc::default(),
             responses: None,
             telemetry: None,
             gpu: None,

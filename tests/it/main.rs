@@ -19,6 +19,7 @@ mod lifecycle;
 pub(crate) mod package;
 pub(crate) mod policy;
 mod python;
+mod rate_limits;
 mod responses;
 mod telemetry;
 mod tidy;

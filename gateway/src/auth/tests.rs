@@ -1,7 +1,7 @@
 use http::HeaderMap;
 
 use super::{Caller, authenticate};
-use crate::config::{ApiKey, AuthConfig, sha256};
+use crate::config::{ApiKey, AuthConfig, RateLimits, sha256};
 use crate::error::GatewayError;
 
 fn auth(allow_anonymous: bool) -> AuthConfig {
@@ -11,12 +11,15 @@ fn auth(allow_anonymous: bool) -> AuthConfig {
             ApiKey {
                 id: "app-a".to_owned(),
                 sha256: sha256("key-a"),
+                limits: RateLimits::default(),
             },
             ApiKey {
                 id: "app-b".to_owned(),
                 sha256: sha256("key-b"),
+                limits: RateLimits::default(),
             },
         ],
+        anonymous_limits: RateLimits::default(),
     }
 }
 

@@ -156,6 +156,58 @@ fn the_configuration_file_is_watched_only_when_asked() {
 }
 
 #[test]
+fn rate_limits_belong_to_data_plane_callers_and_are_positive() {
+    let (_dir, source) = fixture();
+    let limited = VALID.replacen(
+        "key_env = \"ISTHMUS_TEST_KEY\" }",
+        "key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 60, tokens_per_minute = 1000 }",
+        1,
+    );
+    let config = match parse(&limited, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    let limits = config.auth.limits_of(Some("env"));
+    assert_eq!(
+        (limits.requests_per_minute, limits.tokens_per_minute),
+        (Some(60), Some(1_000))
+    );
+    assert!(!config.auth.limits_of(Some("hash")).is_limited());
+    assert!(!config.auth.limits_of(None).is_limited());
+    let zero = VALID.replacen(
+        "key_env = \"ISTHMUS_TEST_KEY\" }",
+        "key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 0 }",
+        1,
+    );
+    assert_eq!(
+        errors_of(&zero, &source),
+        [
+            "auth.api_keys[0].requests_per_minute: must be greater than 0 (leave it out for no limit)"
+        ]
+    );
+    let anonymous = VALID.replacen(
+        "[auth]\n",
+        "[auth]\nanonymous_limits = { tokens_per_minute = 100 }\n",
+        1,
+    );
+    assert_eq!(
+        errors_of(&anonymous, &source),
+        ["auth.anonymous_limits: applies only with allow_anonymous = true"]
+    );
+    let admin = VALID.replacen(
+        "[server]\n",
+        "[server]\nadmin_tokens = [{ id = \"ops\", key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 5 }]\n",
+        1,
+    );
+    assert_eq!(
+        errors_of(&admin, &source),
+        [
+            "server.admin_tokens[0]: rate limits are for callers of the data plane (auth.api_keys), not admin tokens"
+        ]
+    );
+}
+
+#[test]
 fn every_error_is_reported_with_its_key_path() {
     let (dir, source) = fixture();
     let text = r#"

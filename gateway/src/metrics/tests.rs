@@ -32,6 +32,7 @@ fn requests_tokens_and_latencies_are_counted() {
         generation: None,
         sensitive: None,
     });
+    metrics.record_rate_limited("tokens");
     metrics.record_config_load(false, true);
     metrics.record_config_load(true, true);
     metrics.record_config_load(true, false);
@@ -110,6 +111,8 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_config_reloads_total{outcome=\"success\"} 1",
         "isthmus_config_last_reload_successful 0",
         "isthmus_stored_responses 3",
+        "isthmus_rate_limited_requests_total{limit=\"tokens\"} 1",
+        "isthmus_rate_limited_requests_total{limit=\"requests\"} 0",
         "isthmus_stored_responses_bytes 4096",
     ] {
         assert!(

@@ -1,0 +1,106 @@
+use std::time::{Duration, Instant};
+
+use super::{RateLimiter, Refusal, reset_text};
+use crate::config::RateLimits;
+
+const REQUESTS: RateLimits = RateLimits {
+    requests_per_minute: Some(6),
+    tokens_per_minute: None,
+};
+
+#[test]
+fn requests_are_refused_when_the_minute_is_used_and_admitted_as_it_refills() {
+    let limiter = RateLimiter::default();
+    let start = Instant::now();
+    for taken in 1..=6 {
+        let standing = limiter.admit("key:a", REQUESTS, start).unwrap();
+        let requests = standing.requests.unwrap();
+        assert_eq!((requests.limit, requests.remaining), (6, 6 - taken));
+        assert!(standing.tokens.is_none());
+    }
+    // Six a minute is one every ten seconds.
+    let refused = limiter.admit("key:a", REQUESTS, start).unwrap_err();
+    assert_eq!(
+        refused,
+        Refusal {
+            kind: "requests",
+            limit: 6,
+            retry_after: Duration::from_secs(10)
+        }
+    );
+    let later = start + Duration::from_secs(4);
+    let refused = limiter.admit("key:a", REQUESTS, later).unwrap_err();
+    assert_eq!(refused.retry_after, Duration::from_secs(6));
+    // Another caller has a bucket of its own.
+    assert!(limiter.admit("key:b", REQUESTS, start).is_ok());
+    let refilled = start + Duration::from_secs(10);
+    let standing = limiter.admit("key:a", REQUESTS, refilled).unwrap();
+    let requests = standing.requests.unwrap();
+    assert_eq!(requests.remaining, 0);
+    assert_eq!(requests.reset, Duration::from_secs(60));
+    // Never more than a minute's allowance, however long the caller was away.
+    let much_later = start + Duration::from_secs(3_600);
+    let standing = limiter.admit("key:a", REQUESTS, much_later).unwrap();
+    assert_eq!(standing.requests.unwrap().remaining, 5);
+}
+
+#[test]
+fn tokens_are_charged_when_known_and_a_debt_holds_the_next_requests() {
+    let limits = RateLimits {
+        requests_per_minute: None,
+        tokens_per_minute: Some(600),
+    };
+    let limiter = RateLimiter::default();
+    let start = Instant::now();
+    let standing = limiter.admit("anonymous", limits, start).unwrap();
+    assert_eq!(standing.tokens.unwrap().remaining, 600);
+    assert!(standing.requests.is_none());
+    // One request used 900 tokens: admitted with what was there, then 300 in debt.
+    limiter.charge("anonymous", limits, 900, start);
+    let refused = limiter.admit("anonymous", limits, start).unwrap_err();
+    assert_eq!(refused.kind, "tokens");
+    assert_eq!(refused.limit, 600);
+    // 10 tokens a second: 301 to get back to one.
+    assert_eq!(refused.retry_after, Duration::from_millis(30_100));
+    let repaid = start + Duration::from_millis(30_100);
+    let standing = limiter.admit("anonymous", limits, repaid).unwrap();
+    assert_eq!(standing.tokens.unwrap().remaining, 1);
+    // Nothing to charge without a limit or without tokens.
+    limiter.charge("anonymous", REQUESTS, 1_000_000, repaid);
+    limiter.charge("anonymous", limits, 0, repaid);
+    assert!(limiter.admit("anonymous", limits, repaid).is_ok());
+}
+
+#[test]
+fn a_request_refused_for_tokens_keeps_its_request_unit() {
+    let limits = RateLimits {
+        requests_per_minute: Some(2),
+        tokens_per_minute: Some(60),
+    };
+    let limiter = RateLimiter::default();
+    let start = Instant::now();
+    assert!(limiter.admit("k", limits, start).is_ok());
+    limiter.charge("k", limits, 100, start);
+    assert_eq!(
+        limiter.admit("k", limits, start).unwrap_err().kind,
+        "tokens"
+    );
+    // The refused request did not take the second request of the minute.
+    let repaid = start + Duration::from_secs(41);
+    let standing = limiter.admit("k", limits, repaid).unwrap();
+    assert_eq!(standing.requests.unwrap().remaining, 1);
+}
+
+#[test]
+fn reset_times_read_like_openais() {
+    for (duration, text) in [
+        (Duration::from_millis(20), "20ms"),
+        (Duration::from_millis(999), "999ms"),
+        (Duration::from_secs(1), "1s"),
+        (Duration::from_millis(1_200), "2s"),
+        (Duration::from_secs(360), "6m0s"),
+        (Duration::from_secs(3_725), "1h2m5s"),
+    ] {
+        assert_eq!(reset_text(duration), text, "{duration:?}");
+    }
+}

@@ -1,0 +1,150 @@
+//! Per-caller rate limits end to end: a key's requests per minute and another's tokens per
+//! minute refuse with 429, `Retry-After` and OpenAI's error body, every answer to a limited
+//! caller carries the `x-ratelimit-*` headers, the refusals are counted, and a reload that
+//! raises a limit applies to the running buckets.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use tests::{API_KEY, Gateway, GatewayOptions, serial};
+
+use crate::block_on;
+
+const TOKENS_KEY: &str = "isthmus-tokens-test-key";
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn models(gateway: &Gateway, key: &str) -> reqwest::Response {
+    tests::client()
+        .get(gateway.url("/v1/models"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn chat(gateway: &Gateway, key: &str) -> reqwest::Response {
+    tests::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "smollm2", "max_tokens": 4, "temperature": 0, "messages": [
+            {"role": "user", "content": "Name three rivers of Europe and the seas they flow into, one line each."}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[test]
+fn callers_are_held_to_their_requests_and_tokens_per_minute() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let digest = |key: &str| hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    let test_key = format!("{{ id = \"test\", sha256 = \"{}\" }}", digest(API_KEY));
+    let limited = |requests: u32| {
+        format!(
+            "{{ id = \"test\", sha256 = \"{}\", requests_per_minute = {requests} }}, {{ id = \"tokens\", sha256 = \"{}\", tokens_per_minute = 20 }}",
+            digest(API_KEY),
+            digest(TOKENS_KEY)
+        )
+    };
+    let text = tests::config_text(&GatewayOptions::default(), dir.path());
+    assert!(text.contains(&test_key), "{text}");
+    std::fs::write(&config_path, text.replacen(&test_key, &limited(3), 1)).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    block_on(async {
+        // Three requests a minute: each answer says what is left.
+        for remaining in ["2", "1", "0"] {
+            let response = models(&gateway, API_KEY).await;
+            assert_eq!(response.status(), 200);
+            assert_eq!(
+                header(&response, "x-ratelimit-limit-requests").as_deref(),
+                Some("3")
+            );
+            assert_eq!(
+                header(&response, "x-ratelimit-remaining-requests").as_deref(),
+                Some(remaining)
+            );
+            let reset = header(&response, "x-ratelimit-reset-requests").unwrap();
+            assert!(reset.ends_with('s'), "{reset}");
+            assert!(header(&response, "x-ratelimit-limit-tokens").is_none());
+        }
+        let refused = models(&gateway, API_KEY).await;
+        assert_eq!(refused.status(), 429);
+        let retry_after: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+        assert!(
+            (1..=20).contains(&retry_after),
+            "one request every 20 s: {retry_after}"
+        );
+        assert_eq!(
+            header(&refused, "x-isthmus-rule").as_deref(),
+            Some("rate_limit")
+        );
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+        assert_eq!(body["error"]["type"], "requests");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("API key `test`"),
+            "{body}"
+        );
+
+        // Twenty tokens a minute: the first request is admitted with the whole minute and
+        // uses more; the next waits until that debt is repaid.
+        let first = chat(&gateway, TOKENS_KEY).await;
+        assert_eq!(first.status(), 200);
+        assert_eq!(
+            header(&first, "x-ratelimit-limit-tokens").as_deref(),
+            Some("20")
+        );
+        assert_eq!(
+            header(&first, "x-ratelimit-remaining-tokens").as_deref(),
+            Some("20")
+        );
+        let used: Value = first.json().await.unwrap();
+        let total = used["usage"]["total_tokens"].as_u64().unwrap();
+        assert!(total > 20, "the prompt alone is longer: {used}");
+        let refused = chat(&gateway, TOKENS_KEY).await;
+        assert_eq!(refused.status(), 429);
+        let retry_after: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+        // A token every 3 s: the debt of total − 20 tokens, and one more.
+        assert!(
+            retry_after >= (total - 20) * 3,
+            "{retry_after} s for a debt of {} tokens",
+            total - 20
+        );
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "tokens", "{body}");
+    });
+    assert_eq!(
+        gateway.metric("isthmus_rate_limited_requests_total{limit=\"requests\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        gateway.metric("isthmus_rate_limited_requests_total{limit=\"tokens\"}"),
+        Some(1.0)
+    );
+
+    // A reload that raises the limit applies to the bucket as it stands: it refills at the
+    // new rate, so the caller is admitted again within a second.
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, text.replacen(&limited(3), &limited(600), 1)).unwrap();
+    let reloaded = crate::cloud::admin_post(&gateway, "/admin/api/reload");
+    assert_eq!(reloaded["reloaded"], true, "{reloaded}");
+    assert!(tests::eventually(Duration::from_secs(5), || block_on(
+        async {
+            let response = models(&gateway, API_KEY).await;
+            response.status() == 200
+                && header(&response, "x-ratelimit-limit-requests").as_deref() == Some("600")
+        }
+    )));
+}
