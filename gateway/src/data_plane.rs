@@ -1389,6 +1389,7 @@ impl ProxyHttp for DataPlane {
             }),
             route,
             rule: ctx.rule(),
+            caller: api_key_id(ctx),
             status,
             duration,
             prompt_tokens: ctx.usage.prompt_tokens,

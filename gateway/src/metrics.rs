@@ -93,6 +93,8 @@ struct Registry {
     waf_matches: BTreeMap<(u32, &'static str), u64>,
     /// Requests with sensitive content, by where they went (a fixed set of five).
     sensitive_requests: BTreeMap<&'static str, u64>,
+    /// Requests and tokens by API key id and route (ids from the configuration: bounded).
+    callers: BTreeMap<(String, &'static str), CallerUse>,
     /// Requests refused by a caller's rate limit, by the limit (`requests`, `tokens`).
     rate_limited: BTreeMap<&'static str, u64>,
     /// Configuration reloads by outcome (`success`, `failure`).
@@ -130,6 +132,20 @@ pub struct RequestRecord<'a> {
     /// Where a request with sensitive content went
     /// ([`crate::audit::report::sensitive_disposition`]); `None` when the scan found nothing.
     pub sensitive: Option<&'static str>,
+    /// The API key's id (from the configuration), `None` for anonymous callers and requests
+    /// refused before authentication.
+    pub caller: Option<&'a str>,
+}
+
+/// The label of anonymous callers in the per-caller series.
+const ANONYMOUS_LABEL: &str = "(anonymous)";
+
+/// One caller's use on one route.
+#[derive(Debug, Clone, Copy, Default)]
+struct CallerUse {
+    requests: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
 }
 
 /// A snapshot of one local model's worker.
@@ -176,6 +192,16 @@ impl Metrics {
         if let Some(disposition) = record.sensitive {
             *registry.sensitive_requests.entry(disposition).or_default() += 1;
         }
+        let caller = registry
+            .callers
+            .entry((
+                record.caller.unwrap_or(ANONYMOUS_LABEL).to_owned(),
+                record.route,
+            ))
+            .or_default();
+        caller.requests += 1;
+        caller.prompt_tokens += u64::from(record.prompt_tokens);
+        caller.completion_tokens += u64::from(record.completion_tokens);
         *registry.prompt_tokens.entry(record.route).or_default() += u64::from(record.prompt_tokens);
         *registry.completion_tokens.entry(record.route).or_default() +=
             u64::from(record.completion_tokens);
@@ -319,6 +345,7 @@ impl Metrics {
                 "isthmus_rule_requests_total{{route=\"{route}\",rule=\"{rule}\",status=\"{status}\"}} {count}"
             );
         }
+        render_callers(&mut out, &registry.callers);
         header(
             &mut out,
             "isthmus_output_input_token_ratio",
@@ -554,6 +581,42 @@ pub struct Live<'a> {
     pub restart_required: &'a [&'static str],
     /// Stored responses and their bytes, when the store is on.
     pub stored_responses: Option<(usize, u64)>,
+}
+
+/// Requests and tokens per API key and route, for chargeback and quotas.
+fn render_callers(out: &mut String, callers: &BTreeMap<(String, &'static str), CallerUse>) {
+    header(
+        out,
+        "isthmus_caller_requests_total",
+        "counter",
+        "Requests by API key id (\"(anonymous)\" without a key) and route.",
+    );
+    for ((key, route), used) in callers {
+        let key = escape_label(key);
+        let _ = writeln!(
+            out,
+            "isthmus_caller_requests_total{{key=\"{key}\",route=\"{route}\"}} {}",
+            used.requests
+        );
+    }
+    header(
+        out,
+        "isthmus_caller_tokens_total",
+        "counter",
+        "Prompt and completion tokens by API key id and route.",
+    );
+    for ((key, route), used) in callers {
+        let key = escape_label(key);
+        for (kind, count) in [
+            ("prompt", used.prompt_tokens),
+            ("completion", used.completion_tokens),
+        ] {
+            let _ = writeln!(
+                out,
+                "isthmus_caller_tokens_total{{key=\"{key}\",route=\"{route}\",kind=\"{kind}\"}} {count}"
+            );
+        }
+    }
 }
 
 /// Whether the configuration reloads, and what waits for a restart.

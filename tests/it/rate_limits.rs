@@ -1,7 +1,7 @@
 //! Per-caller rate limits end to end: a key's requests per minute and another's tokens per
 //! minute refuse with 429, `Retry-After` and OpenAI's error body, every answer to a limited
-//! caller carries the `x-ratelimit-*` headers, the refusals are counted, and a reload that
-//! raises a limit applies to the running buckets.
+//! caller carries the `x-ratelimit-*` headers, the refusals and each key's use are counted,
+//! and a reload that raises a limit applies to the running buckets.
 
 use std::time::Duration;
 
@@ -132,6 +132,21 @@ fn callers_are_held_to_their_requests_and_tokens_per_minute() {
     assert_eq!(
         gateway.metric("isthmus_rate_limited_requests_total{limit=\"tokens\"}"),
         Some(1.0)
+    );
+    // Use per key: the tokens key's one answered request, its refusal counted as a request.
+    assert_eq!(
+        gateway.metric("isthmus_caller_requests_total{key=\"tokens\",route=\"local\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        gateway.metric("isthmus_caller_requests_total{key=\"tokens\",route=\"rejected\"}"),
+        Some(1.0)
+    );
+    assert!(
+        gateway
+            .metric("isthmus_caller_tokens_total{key=\"tokens\",route=\"local\",kind=\"prompt\"}")
+            .unwrap()
+            > 20.0
     );
 
     // A reload that raises the limit applies to the bucket as it stands: it refills at the

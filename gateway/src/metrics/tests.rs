@@ -19,6 +19,7 @@ fn requests_tokens_and_latencies_are_counted() {
             tokens_after_first: 4,
         }),
         sensitive: Some("kept_local"),
+        caller: Some("app-a"),
     };
     metrics.record(&local);
     metrics.record(&local);
@@ -31,6 +32,7 @@ fn requests_tokens_and_latencies_are_counted() {
         completion_tokens: 0,
         generation: None,
         sensitive: None,
+        caller: None,
     });
     metrics.record_rate_limited("tokens");
     metrics.record_config_load(false, true);
@@ -111,6 +113,10 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_config_reloads_total{outcome=\"success\"} 1",
         "isthmus_config_last_reload_successful 0",
         "isthmus_stored_responses 3",
+        "isthmus_caller_requests_total{key=\"app-a\",route=\"local\"} 2",
+        "isthmus_caller_tokens_total{key=\"app-a\",route=\"local\",kind=\"prompt\"} 24",
+        "isthmus_caller_tokens_total{key=\"app-a\",route=\"local\",kind=\"completion\"} 10",
+        "isthmus_caller_requests_total{key=\"(anonymous)\",route=\"rejected\"} 1",
         "isthmus_rate_limited_requests_total{limit=\"tokens\"} 1",
         "isthmus_rate_limited_requests_total{limit=\"requests\"} 0",
         "isthmus_stored_responses_bytes 4096",
