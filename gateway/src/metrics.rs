@@ -94,7 +94,7 @@ struct Registry {
     /// Requests with sensitive content, by where they went (a fixed set of five).
     sensitive_requests: BTreeMap<&'static str, u64>,
     /// Requests and tokens by API key id and route (ids from the configuration: bounded).
-    callers: BTreeMap<(String, &'static str), CallerUse>,
+    callers: BTreeMap<String, BTreeMap<&'static str, CallerUse>>,
     /// Requests refused by a caller's rate limit, by the limit (`requests`, `tokens`).
     rate_limited: BTreeMap<&'static str, u64>,
     /// Configuration reloads by outcome (`success`, `failure`).
@@ -192,13 +192,15 @@ impl Metrics {
         if let Some(disposition) = record.sensitive {
             *registry.sensitive_requests.entry(disposition).or_default() += 1;
         }
-        let caller = registry
-            .callers
-            .entry((
-                record.caller.unwrap_or(ANONYMOUS_LABEL).to_owned(),
-                record.route,
-            ))
-            .or_default();
+        // Looked up by reference: a key's name is copied once, not per request.
+        let key = record.caller.unwrap_or(ANONYMOUS_LABEL);
+        if !registry.callers.contains_key(key) {
+            registry.callers.insert(key.to_owned(), BTreeMap::new());
+        }
+        let Some(routes) = registry.callers.get_mut(key) else {
+            return;
+        };
+        let caller = routes.entry(record.route).or_default();
         caller.requests += 1;
         caller.prompt_tokens += u64::from(record.prompt_tokens);
         caller.completion_tokens += u64::from(record.completion_tokens);
@@ -584,15 +586,22 @@ pub struct Live<'a> {
 }
 
 /// Requests and tokens per API key and route, for chargeback and quotas.
-fn render_callers(out: &mut String, callers: &BTreeMap<(String, &'static str), CallerUse>) {
+fn render_callers(out: &mut String, callers: &BTreeMap<String, BTreeMap<&'static str, CallerUse>>) {
+    let uses = || {
+        callers.iter().flat_map(|(key, routes)| {
+            let key = escape_label(key);
+            routes
+                .iter()
+                .map(move |(route, used)| (key.clone(), *route, *used))
+        })
+    };
     header(
         out,
         "isthmus_caller_requests_total",
         "counter",
         "Requests by API key id (\"(anonymous)\" without a key) and route.",
     );
-    for ((key, route), used) in callers {
-        let key = escape_label(key);
+    for (key, route, used) in uses() {
         let _ = writeln!(
             out,
             "isthmus_caller_requests_total{{key=\"{key}\",route=\"{route}\"}} {}",
@@ -605,8 +614,7 @@ fn render_callers(out: &mut String, callers: &BTreeMap<(String, &'static str), C
         "counter",
         "Prompt and completion tokens by API key id and route.",
     );
-    for ((key, route), used) in callers {
-        let key = escape_label(key);
+    for (key, route, used) in uses() {
         for (kind, count) in [
             ("prompt", used.prompt_tokens),
             ("completion", used.completion_tokens),
