@@ -521,6 +521,26 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
     assert_eq!(text("/overview/sensitive-redacted"), "0");
     assert_eq!(text("/overview/sensitive-refused"), "1");
     assert_eq!(text("/overview/sensitive-left"), "0");
+    // The callers page: every request above came with the test key.
+    let callers = report["callers"]["rows"].as_array().unwrap();
+    let test_key = callers
+        .iter()
+        .find(|row| row["key"] == "test")
+        .unwrap_or_else(|| panic!("no row for the test key: {report:#}"));
+    assert_eq!(
+        (
+            &test_key["local"],
+            &test_key["cloud"],
+            &test_key["rejected"]
+        ),
+        (&json!("4"), &json!("2"), &json!("2")),
+        "{report:#}"
+    );
+    assert_ne!(test_key["prompt_tokens"], "0", "{report:#}");
+    assert!(
+        text("/callers/rate_limited").starts_with("0 for requests per minute"),
+        "{report:#}"
+    );
     // The canary change went through the console into the file and the running pool.
     assert!(text("/upstreams/message").contains("applied"), "{report:#}");
     let rows = report["upstreams"]["rows"].to_string();

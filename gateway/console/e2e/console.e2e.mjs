@@ -62,6 +62,7 @@ const OVERVIEW_CARDS = [
 const report = {
   login: { wrong_token_rejected: false, used: false },
   overview: {},
+  callers: { rows: [], rate_limited: '' },
   upstreams: { rows: [], message: '', message_state: '', rows_after: [] },
   explain: { route: null, rule: null, entities: null, error: null },
   audit: { categories: [], filtered_categories: [], error: null },
@@ -158,6 +159,27 @@ async function readOverview(page) {
     report.overview[id] = await textOf(page, byTestId(id));
   }
   report.overview.charts = await page.$$eval('.chart .uplot', (charts) => charts.length);
+}
+
+async function readCallers(page) {
+  step = 'callers: waiting for the per-key table';
+  await navigate(page, 'callers');
+  await page.waitForSelector('[data-testid="callers"][data-state="loaded"] tr[data-key]', { timeout: STEP_TIMEOUT_MS });
+  step = 'callers: reading the rows';
+  report.callers.rows = await page.$$eval('tr[data-key]', (rows) =>
+    rows.map((row) => {
+      const text = (id) => row.querySelector(`[data-testid="${id}"]`)?.textContent ?? '';
+      return {
+        key: row.dataset.key,
+        local: text('local'),
+        cloud: text('cloud'),
+        rejected: text('rejected'),
+        prompt_tokens: text('prompt-tokens'),
+        completion_tokens: text('completion-tokens'),
+      };
+    }),
+  );
+  report.callers.rate_limited = await textOf(page, byTestId('rate-limited'));
 }
 
 async function readUpstreamRows(page) {
@@ -365,6 +387,7 @@ async function walk(browser) {
   }
   await signIn(page);
   await readOverview(page);
+  await readCallers(page);
   await applyCanary(page);
   await explain(page);
   await readAudit(page);

@@ -5,6 +5,7 @@
 import './style.css';
 import * as api from './api';
 import { Audit } from './audit';
+import { Callers } from './callers';
 import { el, setText } from './dom';
 import { Configuration } from './config';
 import { Explain } from './explain';
@@ -23,6 +24,7 @@ const PAGES: ReadonlyArray<{ name: ViewName; title: string; create: () => View }
   { name: 'overview', title: 'Overview', create: () => new Overview() },
   { name: 'upstreams', title: 'Upstreams & canary', create: () => new Upstreams() },
   { name: 'models', title: 'Models', create: () => new Models() },
+  { name: 'callers', title: 'Callers', create: () => new Callers() },
   { name: 'explain', title: 'Explain', create: () => new Explain() },
   { name: 'audit', title: 'Audit', create: () => new Audit() },
   { name: 'config', title: 'Configuration', create: () => new Configuration() },

@@ -287,3 +287,60 @@ export class History {
     return first.takenAtMs <= latest.takenAtMs - QUANTILE_WINDOW_MS ? first : undefined;
   }
 }
+
+/** One caller's use since start, from the `isthmus_caller_*` series (by API key id). */
+export interface CallerUse {
+  /** The API key's id, or `(anonymous)`. */
+  readonly key: string;
+  readonly requests: Readonly<Record<Route, number>>;
+  readonly promptTokens: number;
+  readonly completionTokens: number;
+  /** Prompt plus completion tokens per second over the last interval. */
+  readonly tokensPerSecond: number | undefined;
+}
+
+function callerTokens(scrape: Scrape): Map<string, { prompt: number; completion: number }> {
+  const tokens = new Map<string, { prompt: number; completion: number }>();
+  for (const kind of ['prompt', 'completion'] as const) {
+    for (const [key, count] of totalsBy(scrape, 'isthmus_caller_tokens_total', 'key', { kind })) {
+      const entry = tokens.get(key) ?? { prompt: 0, completion: 0 };
+      entry[kind] += count;
+      tokens.set(key, entry);
+    }
+  }
+  return tokens;
+}
+
+/** Every caller's use, the heaviest (by tokens, then requests) first. */
+export function callerUses(latest: Snapshot, previous: Snapshot | undefined): CallerUse[] {
+  const scrape = latest.scrape;
+  const tokens = callerTokens(scrape);
+  const before = previous === undefined ? undefined : callerTokens(previous.scrape);
+  const elapsedMs = previous === undefined ? 0 : latest.takenAtMs - previous.takenAtMs;
+  const byRoute = new Map(ROUTES.map((route) => [route, totalsBy(scrape, 'isthmus_caller_requests_total', 'key', { route })]));
+  const keys = new Set([...tokens.keys(), ...[...byRoute.values()].flatMap((totals) => [...totals.keys()])]);
+  const sum = (use: { prompt: number; completion: number } | undefined): number | undefined =>
+    use === undefined ? undefined : use.prompt + use.completion;
+  const uses = [...keys].map((key): CallerUse => {
+    const requests = { local: 0, cloud: 0, rejected: 0 };
+    for (const route of ROUTES) {
+      requests[route] = byRoute.get(route)?.get(key) ?? 0;
+    }
+    return {
+      key,
+      requests,
+      promptTokens: tokens.get(key)?.prompt ?? 0,
+      completionTokens: tokens.get(key)?.completion ?? 0,
+      tokensPerSecond: before === undefined ? undefined : perSecond(sum(tokens.get(key)), sum(before.get(key)) ?? 0, elapsedMs),
+    };
+  });
+  const weight = (use: CallerUse): [number, number] => [
+    use.promptTokens + use.completionTokens,
+    use.requests.local + use.requests.cloud + use.requests.rejected,
+  ];
+  return uses.sort((a, b) => {
+    const [tokensA, requestsA] = weight(a);
+    const [tokensB, requestsB] = weight(b);
+    return tokensB - tokensA || requestsB - requestsA || a.key.localeCompare(b.key);
+  });
+}

@@ -23,4 +23,4 @@ export interface View {
   destroy(): void;
 }
 
-export type ViewName = 'overview' | 'upstreams' | 'models' | 'explain' | 'audit' | 'config';
+export type ViewName = 'overview' | 'upstreams' | 'models' | 'callers' | 'explain' | 'audit' | 'config';
