@@ -75,6 +75,50 @@ impl Admin {
             .unwrap_or_default();
         serde_json::json!({ "models": models })
     }
+
+    /// Every configured API key (and anonymous callers, where allowed) with its rate limits
+    /// and what is left of them now. Key ids only, never keys.
+    fn callers(&self) -> serde_json::Value {
+        let routing = self.state.routing();
+        let auth = &routing.config.auth;
+        let now = std::time::Instant::now();
+        let entry = |key: &str, caller: crate::auth::Caller, limits: crate::config::RateLimits| {
+            let standing = self
+                .state
+                .rate_limiter
+                .standing(&caller.owner(), limits, now);
+            let remaining = |bucket: Option<crate::rate_limit::BucketStanding>| {
+                bucket.map(|bucket| bucket.remaining)
+            };
+            serde_json::json!({
+                "key": key,
+                "limits": {
+                    "requests_per_minute": limits.requests_per_minute,
+                    "tokens_per_minute": limits.tokens_per_minute,
+                },
+                "remaining": {
+                    "requests": remaining(standing.requests),
+                    "tokens": remaining(standing.tokens),
+                },
+            })
+        };
+        let mut callers: Vec<serde_json::Value> = auth
+            .api_keys
+            .iter()
+            .map(|key| {
+                let caller = crate::auth::Caller::ApiKey { id: key.id.clone() };
+                entry(&key.id, caller, key.limits)
+            })
+            .collect();
+        if auth.allow_anonymous {
+            callers.push(entry(
+                "(anonymous)",
+                crate::auth::Caller::Anonymous,
+                auth.anonymous_limits,
+            ));
+        }
+        serde_json::json!({ "callers": callers })
+    }
 }
 
 impl Admin {
@@ -585,6 +629,7 @@ impl ServeHttp for Admin {
                 )
             }
             "/admin/api/models" => json(StatusCode::OK, &self.models()),
+            "/admin/api/callers" => json(StatusCode::OK, &self.callers()),
             "/admin/api/audit" => json(
                 StatusCode::OK,
                 &match &self.state.audit {

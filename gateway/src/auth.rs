@@ -15,6 +15,15 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// Who owns what a caller leaves behind (stored responses, rate-limit buckets): the API
+    /// key's id, or every anonymous caller together.
+    pub fn owner(&self) -> String {
+        match self {
+            Caller::Anonymous => "anonymous".to_owned(),
+            Caller::ApiKey { id } => format!("key:{id}"),
+        }
+    }
+
     /// The identity as logs name it.
     pub fn label(&self) -> &str {
         match self {

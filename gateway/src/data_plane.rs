@@ -189,10 +189,9 @@ impl RequestContext {
 
 /// Whose a stored response is: the API key's id, or every anonymous caller's.
 fn response_owner(ctx: &RequestContext) -> String {
-    match &ctx.caller {
-        Some(Caller::ApiKey { id }) => format!("key:{id}"),
-        _ => "anonymous".to_owned(),
-    }
+    ctx.caller
+        .as_ref()
+        .map_or_else(|| Caller::Anonymous.owner(), Caller::owner)
 }
 
 /// The caller's API key id, when it authenticated with one.

@@ -153,6 +153,29 @@ impl RateLimiter {
         })
     }
 
+    /// Where `caller` stands under `limits` at `now`, taking nothing (a caller not seen yet
+    /// has full buckets).
+    pub fn standing(&self, caller: &str, limits: RateLimits, now: Instant) -> Standing {
+        let callers = self.lock();
+        let buckets = callers.get(caller);
+        let stand = |bucket: Option<&Bucket>, limit: u64| {
+            let mut bucket = bucket.copied().unwrap_or_else(|| Bucket::full(limit, now));
+            bucket.refill(limit, now);
+            bucket.standing(limit)
+        };
+        Standing {
+            requests: limits.requests_per_minute.map(|limit| {
+                stand(
+                    buckets.and_then(|buckets| buckets.requests.as_ref()),
+                    u64::from(limit),
+                )
+            }),
+            tokens: limits
+                .tokens_per_minute
+                .map(|limit| stand(buckets.and_then(|buckets| buckets.tokens.as_ref()), limit)),
+        }
+    }
+
     /// Takes the `tokens` a finished request of `caller` used.
     pub fn charge(&self, caller: &str, limits: RateLimits, tokens: u64, now: Instant) {
         let Some(limit) = limits.tokens_per_minute else {

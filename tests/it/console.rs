@@ -44,6 +44,13 @@ pub(crate) fn gateway(v1: &Upstream, v2: &Upstream) -> Gateway {
             ))
         ),
     );
+    // The test key has a generous rate limit, for the callers page to show.
+    let key = format!(
+        "{{ id = \"test\", sha256 = \"{}\" }}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(API_KEY.as_bytes()))
+    );
+    assert!(text.contains(&key), "{text}");
+    let text = text.replace(&key, &key.replace(" }", ", requests_per_minute = 1000 }"));
     std::fs::write(&config_path, text).unwrap();
     Gateway::start_with_config(dir, &config_path)
 }
@@ -537,6 +544,15 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
         "{report:#}"
     );
     assert_ne!(test_key["prompt_tokens"], "0", "{report:#}");
+    assert_eq!(test_key["limits"], "1,000 requests", "{report:#}");
+    // What is left refills at 1,000 a minute: anything up to the limit.
+    let left: u32 = test_key["left"]
+        .as_str()
+        .and_then(|left| left.strip_suffix(" requests"))
+        .map(|left| left.replace(',', ""))
+        .and_then(|left| left.parse().ok())
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert!(left <= 1_000, "{report:#}");
     assert!(
         text("/callers/rate_limited").starts_with("0 for requests per minute"),
         "{report:#}"

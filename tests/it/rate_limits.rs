@@ -125,6 +125,25 @@ fn callers_are_held_to_their_requests_and_tokens_per_minute() {
         let body: Value = refused.json().await.unwrap();
         assert_eq!(body["error"]["type"], "tokens", "{body}");
     });
+    // The admin API shows each key's limits and what is left of them.
+    let (status, body) = tests::plain_get(gateway.admin, "/admin/api/callers").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let callers: Value = serde_json::from_str(&body).unwrap();
+    let caller = |key: &str| {
+        callers["callers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|caller| caller["key"] == key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key} in {callers}"))
+    };
+    assert_eq!(caller("test")["limits"]["requests_per_minute"], 3);
+    assert_eq!(caller("test")["remaining"]["requests"], 0, "{callers}");
+    assert_eq!(caller("tokens")["limits"]["tokens_per_minute"], 20);
+    assert_eq!(caller("tokens")["remaining"]["tokens"], 0, "{callers}");
+    assert!(caller("tokens")["remaining"]["requests"].is_null());
+    assert!(!body.contains(API_KEY) && !body.contains(TOKENS_KEY));
     assert_eq!(
         gateway.metric("isthmus_rate_limited_requests_total{limit=\"requests\"}"),
         Some(1.0)

@@ -171,6 +171,8 @@ async function readCallers(page) {
       const text = (id) => row.querySelector(`[data-testid="${id}"]`)?.textContent ?? '';
       return {
         key: row.dataset.key,
+        limits: text('limits'),
+        left: text('left'),
         local: text('local'),
         cloud: text('cloud'),
         rejected: text('rejected'),

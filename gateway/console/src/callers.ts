@@ -1,24 +1,67 @@
-// The callers page: each API key's requests (by route) and tokens since start, and its token
-// rate over the last interval, from the `isthmus_caller_*` series of `/metrics`; and how many
-// requests the rate limits refused. It fetches nothing itself: the shell scrapes every refresh.
+// The callers page: each API key with its rate limits and what is left of them now
+// (`GET /admin/api/callers`), its requests (by route) and tokens since start and its token rate
+// over the last interval (the `isthmus_caller_*` series of `/metrics`), and how many requests
+// the rate limits refused.
 
-import { cell, el, table } from './dom';
+import * as api from './api';
+import { cell, el, Latest, table } from './dom';
 import * as format from './format';
 import { total } from './prometheus';
 import { callerUses, type CallerUse } from './stats';
 import type { Context, View } from './view';
 
-const HEADERS = ['API key', 'Local', 'Cloud', 'Rejected', 'Prompt tokens', 'Completion tokens', 'Tokens/s'];
+interface Limits {
+  readonly requestsPerMinute: number | undefined;
+  readonly tokensPerMinute: number | undefined;
+  readonly requestsLeft: number | undefined;
+  readonly tokensLeft: number | undefined;
+}
+
+function numeric(value: unknown): number | undefined {
+  return typeof value === 'number' && Number.isFinite(value) ? value : undefined;
+}
+
+function readLimits(body: unknown): Map<string, Limits> {
+  const list = api.isObject(body) ? body['callers'] : undefined;
+  if (!Array.isArray(list)) {
+    throw new Error('the answer has no `callers` list');
+  }
+  const limits = new Map<string, Limits>();
+  for (const item of list.filter(api.isObject)) {
+    const configured = api.isObject(item['limits']) ? item['limits'] : {};
+    const remaining = api.isObject(item['remaining']) ? item['remaining'] : {};
+    limits.set(typeof item['key'] === 'string' ? item['key'] : '', {
+      requestsPerMinute: numeric(configured['requests_per_minute']),
+      tokensPerMinute: numeric(configured['tokens_per_minute']),
+      requestsLeft: numeric(remaining['requests']),
+      tokensLeft: numeric(remaining['tokens']),
+    });
+  }
+  return limits;
+}
+
+const HEADERS = ['API key', 'Limits per minute', 'Left now', 'Local', 'Cloud', 'Rejected', 'Prompt tokens', 'Completion tokens', 'Tokens/s'];
+
+/** `600 requests · 200,000 tokens`, or `none`. */
+function limitText(requests: number | undefined, tokens: number | undefined): string {
+  const parts = [
+    requests === undefined ? undefined : `${format.grouped(requests)} requests`,
+    tokens === undefined ? undefined : `${format.grouped(tokens)} tokens`,
+  ].filter((part) => part !== undefined);
+  return parts.length === 0 ? 'none' : parts.join(' · ');
+}
 
 /** The cells after the key, each with the test id the end-to-end walk reads. */
-function cells(use: CallerUse): Array<[string, string]> {
+function cells(use: CallerUse | undefined, limits: Limits | undefined): Array<[string, string]> {
   return [
-    ['local', format.count(use.requests.local)],
-    ['cloud', format.count(use.requests.cloud)],
-    ['rejected', format.count(use.requests.rejected)],
-    ['prompt-tokens', format.grouped(use.promptTokens)],
-    ['completion-tokens', format.grouped(use.completionTokens)],
-    ['tokens-per-second', format.rate(use.tokensPerSecond, '')],
+    ['limits', limitText(limits?.requestsPerMinute, limits?.tokensPerMinute)],
+    ['left', limitText(limits?.requestsLeft, limits?.tokensLeft)],
+    ['local', format.count(use?.requests.local ?? 0)],
+    ['cloud', format.count(use?.requests.cloud ?? 0)],
+    ['rejected', format.count(use?.requests.rejected ?? 0)],
+    ['prompt-tokens', format.grouped(use?.promptTokens ?? 0)],
+    ['completion-tokens', format.grouped(use?.completionTokens ?? 0)],
+    ['tokens-per-second', format.rate(use?.tokensPerSecond, '')],
   ];
 }
 
@@ -26,32 +69,52 @@ export class Callers implements View {
   readonly element: HTMLElement;
   private readonly content: HTMLElement;
   private readonly limited = el('span', { 'data-testid': 'rate-limited' });
+  private readonly latest = new Latest();
   private shown = '';
 
   constructor() {
-    this.content = el('div', { 'data-testid': 'callers', 'data-state': 'loading' }, [el('p', { class: 'muted', text: 'Waiting for metrics…' })]);
+    this.content = el('div', { 'data-testid': 'callers', 'data-state': 'loading' }, [el('p', { class: 'muted', text: 'Loading…' })]);
     this.element = el('div', { class: 'page callers' }, [
       el('div', { class: 'page-head' }, [el('h1', { text: 'Callers' })]),
-      el('p', {
-        class: 'muted intro',
-        text: 'Requests and tokens per API key since start (key ids from the configuration), and the token rate of the last interval. Requests refused by rate limits: ',
-      }, [this.limited]),
+      el(
+        'p',
+        {
+          class: 'muted intro',
+          text: 'API keys as configured (ids, never keys) with their rate limits, and their requests and tokens since start from /metrics. Requests refused by rate limits: ',
+        },
+        [this.limited],
+      ),
       this.content,
     ]);
   }
 
   async refresh(context: Context): Promise<void> {
-    const latest = context.history.latest();
-    if (latest === undefined) {
+    const current = this.latest.begin();
+    let limits: Map<string, Limits>;
+    try {
+      limits = readLimits((await api.getJson('/admin/api/callers')).body);
+    } catch (error) {
+      const problem = api.describeFailure(error);
+      if (problem !== undefined && current()) {
+        this.shown = '';
+        this.content.dataset['state'] = 'error';
+        this.content.replaceChildren(el('p', { class: 'error', text: `Could not load the callers: ${problem}` }));
+      }
       return;
     }
-    const refused = {
-      requests: total(latest.scrape, 'isthmus_rate_limited_requests_total', { limit: 'requests' }),
-      tokens: total(latest.scrape, 'isthmus_rate_limited_requests_total', { limit: 'tokens' }),
-    };
-    this.limited.textContent = `${format.count(refused.requests)} for requests per minute, ${format.count(refused.tokens)} for tokens per minute.`;
-    const uses = callerUses(latest, context.history.previous());
-    const rows = uses.map((use) => ({ key: use.key, texts: cells(use) }));
+    if (!current()) {
+      return;
+    }
+    const latest = context.history.latest();
+    const uses = latest === undefined ? [] : callerUses(latest, context.history.previous());
+    if (latest !== undefined) {
+      const refused = (limit: string): string =>
+        format.count(total(latest.scrape, 'isthmus_rate_limited_requests_total', { limit }) ?? 0);
+      this.limited.textContent = `${refused('requests')} for requests per minute, ${refused('tokens')} for tokens per minute.`;
+    }
+    // The busiest first, then configured keys without traffic.
+    const keys = [...uses.map((use) => use.key), ...[...limits.keys()].filter((key) => !uses.some((use) => use.key === key))];
+    const rows = keys.map((key) => ({ key, texts: cells(uses.find((use) => use.key === key), limits.get(key)) }));
     const signature = JSON.stringify(rows);
     this.content.dataset['state'] = 'loaded';
     if (signature === this.shown) {
@@ -59,7 +122,7 @@ export class Callers implements View {
     }
     this.shown = signature;
     if (rows.length === 0) {
-      this.content.replaceChildren(el('p', { class: 'empty', text: 'No requests yet.' }));
+      this.content.replaceChildren(el('p', { class: 'empty', text: 'No API keys are configured and no requests came yet.' }));
       return;
     }
     const { table: grid, body } = table(HEADERS);
@@ -67,7 +130,7 @@ export class Callers implements View {
       body.appendChild(
         el('tr', { 'data-key': key }, [
           cell(el('code', { text: key })),
-          ...texts.map(([testId, text]) => cell(text, { class: 'num', 'data-testid': testId })),
+          ...texts.map(([testId, text]) => cell(text, { class: testId === 'limits' || testId === 'left' ? undefined : 'num', 'data-testid': testId })),
         ]),
       );
     }

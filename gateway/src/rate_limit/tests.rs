@@ -92,6 +92,26 @@ fn a_request_refused_for_tokens_keeps_its_request_unit() {
 }
 
 #[test]
+fn standing_is_read_without_taking() {
+    let limits = RateLimits {
+        requests_per_minute: Some(6),
+        tokens_per_minute: Some(600),
+    };
+    let limiter = RateLimiter::default();
+    let start = Instant::now();
+    let fresh = limiter.standing("k", limits, start);
+    assert_eq!(fresh.requests.unwrap().remaining, 6);
+    assert_eq!(fresh.tokens.unwrap().remaining, 600);
+    assert!(limiter.admit("k", limits, start).is_ok());
+    limiter.charge("k", limits, 100, start);
+    for _ in 0..2 {
+        let standing = limiter.standing("k", limits, start);
+        assert_eq!(standing.requests.unwrap().remaining, 5);
+        assert_eq!(standing.tokens.unwrap().remaining, 500);
+    }
+}
+
+#[test]
 fn reset_times_read_like_openais() {
     for (duration, text) in [
         (Duration::from_millis(20), "20ms"),
