@@ -82,11 +82,14 @@ impl Admin {
         let routing = self.state.routing();
         let auth = &routing.config.auth;
         let now = std::time::Instant::now();
+        let today = std::time::SystemTime::now();
         let entry = |key: &str, caller: crate::auth::Caller, limits: crate::config::RateLimits| {
-            let standing = self
-                .state
-                .rate_limiter
-                .standing(&caller.owner(), limits, now);
+            let owner = caller.owner();
+            let standing = self.state.rate_limiter.standing(&owner, limits, now);
+            let used_today = match (limits.tokens_per_day, &self.state.daily_usage) {
+                (Some(_), Some(daily)) => Some(daily.used(&owner, today)),
+                _ => None,
+            };
             let remaining = |bucket: Option<crate::rate_limit::BucketStanding>| {
                 bucket.map(|bucket| bucket.remaining)
             };
@@ -95,10 +98,15 @@ impl Admin {
                 "limits": {
                     "requests_per_minute": limits.requests_per_minute,
                     "tokens_per_minute": limits.tokens_per_minute,
+                    "tokens_per_day": limits.tokens_per_day,
                 },
                 "remaining": {
                     "requests": remaining(standing.requests),
                     "tokens": remaining(standing.tokens),
+                    "tokens_today": limits
+                        .tokens_per_day
+                        .zip(used_today)
+                        .map(|(budget, used)| budget.saturating_sub(used)),
                 },
             })
         };

@@ -164,11 +164,15 @@ pub struct RateLimits {
     pub requests_per_minute: Option<u32>,
     /// Prompt plus completion tokens of answered requests.
     pub tokens_per_minute: Option<u64>,
+    /// Prompt plus completion tokens per UTC day, kept across restarts.
+    pub tokens_per_day: Option<u64>,
 }
 
 impl RateLimits {
     pub fn is_limited(&self) -> bool {
-        self.requests_per_minute.is_some() || self.tokens_per_minute.is_some()
+        self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+            || self.tokens_per_day.is_some()
     }
 }
 
@@ -403,6 +407,8 @@ struct RawRateLimits {
     requests_per_minute: Option<u32>,
     #[serde(default)]
     tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    tokens_per_day: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -419,6 +425,8 @@ struct RawApiKey {
     requests_per_minute: Option<u32>,
     #[serde(default)]
     tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    tokens_per_day: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -855,7 +863,10 @@ impl Validator<'_> {
         let mut admin_tokens = Vec::new();
         for (index, key) in raw.admin_tokens.into_iter().enumerate() {
             let path = format!("server.admin_tokens[{index}]");
-            if key.requests_per_minute.is_some() || key.tokens_per_minute.is_some() {
+            if key.requests_per_minute.is_some()
+                || key.tokens_per_minute.is_some()
+                || key.tokens_per_day.is_some()
+            {
                 self.error(
                     &path,
                     "rate limits are for callers of the data plane (auth.api_keys), not admin tokens",
@@ -1046,6 +1057,7 @@ impl Validator<'_> {
             RawRateLimits {
                 requests_per_minute: key.requests_per_minute,
                 tokens_per_minute: key.tokens_per_minute,
+                tokens_per_day: key.tokens_per_day,
             },
         );
         digest.map(|sha256| ApiKey {
@@ -1068,9 +1080,16 @@ impl Validator<'_> {
                 "must be greater than 0 (leave it out for no limit)",
             );
         }
+        if raw.tokens_per_day == Some(0) {
+            self.error(
+                format!("{path}.tokens_per_day"),
+                "must be greater than 0 (leave it out for no budget)",
+            );
+        }
         RateLimits {
             requests_per_minute: raw.requests_per_minute,
             tokens_per_minute: raw.tokens_per_minute,
+            tokens_per_day: raw.tokens_per_day,
         }
     }
 

@@ -117,6 +117,7 @@ pub struct RequestContext {
 #[derive(Debug)]
 pub struct RateCharge {
     limiter: Arc<crate::rate_limit::RateLimiter>,
+    daily: Option<Arc<crate::daily_usage::DailyUsage>>,
     bucket: String,
     limits: crate::config::RateLimits,
 }
@@ -134,6 +135,9 @@ impl RequestContext {
                 tokens,
                 std::time::Instant::now(),
             );
+            if let (Some(_), Some(daily)) = (charge.limits.tokens_per_day, &charge.daily) {
+                daily.add(&charge.bucket, tokens, SystemTime::now());
+            }
         }
     }
 
@@ -604,6 +608,25 @@ impl DataPlane {
             return Ok(());
         }
         let bucket = response_owner(ctx);
+        let caller = || {
+            api_key_id(ctx).map_or_else(
+                || "anonymous callers".to_owned(),
+                |id| format!("API key `{id}`"),
+            )
+        };
+        if let (Some(budget), Some(daily)) = (limits.tokens_per_day, &self.state.daily_usage) {
+            let now = SystemTime::now();
+            if daily.used(&bucket, now) >= budget {
+                let refused = GatewayError::QuotaExceeded {
+                    caller: caller(),
+                    budget,
+                    retry_after_s: crate::daily_usage::until_tomorrow(now).as_secs().max(1),
+                };
+                ctx.reject("quota");
+                self.state.metrics.record_rate_limited("tokens_per_day");
+                return Err(refused);
+            }
+        }
         match self
             .state
             .rate_limiter
@@ -613,24 +636,22 @@ impl DataPlane {
                 ctx.rate_standing = Some(standing);
                 ctx.rate_limit = Some(RateCharge {
                     limiter: Arc::clone(&self.state.rate_limiter),
+                    daily: self.state.daily_usage.clone(),
                     bucket,
                     limits,
                 });
                 Ok(())
             }
             Err(refusal) => {
-                ctx.reject("rate_limit");
-                self.state.metrics.record_rate_limited(refusal.kind);
-                let caller = api_key_id(ctx).map_or_else(
-                    || "anonymous callers".to_owned(),
-                    |id| format!("API key `{id}`"),
-                );
-                Err(GatewayError::RateLimited {
-                    caller,
+                let refused = GatewayError::RateLimited {
+                    caller: caller(),
                     kind: refusal.kind,
                     limit: refusal.limit,
                     retry_after_s: refusal.retry_after.as_millis().div_ceil(1_000).max(1) as u64,
-                })
+                };
+                ctx.reject("rate_limit");
+                self.state.metrics.record_rate_limited(refusal.kind);
+                Err(refused)
             }
         }
     }

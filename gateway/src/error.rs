@@ -48,6 +48,15 @@ pub enum GatewayError {
     RequestTooLarge { limit_bytes: u64 },
     #[error("the local inference queue is full; retry after {retry_after_s} s")]
     QueueFull { retry_after_s: u64 },
+    /// A caller used its tokens for the day (`crate::daily_usage`).
+    #[error(
+        "{caller} used its {budget} tokens for today (UTC); the budget starts again in {retry_after_s} s"
+    )]
+    QuotaExceeded {
+        caller: String,
+        budget: u64,
+        retry_after_s: u64,
+    },
     /// A caller's requests or tokens per minute are used up (`crate::rate_limit`).
     #[error(
         "rate limit reached for {caller} on {kind} per minute: limit {limit}; retry after {retry_after_s} s"
@@ -171,6 +180,12 @@ impl GatewayError {
                 Some("queue_full"),
                 None,
             ),
+            QuotaExceeded { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("insufficient_quota"),
+                None,
+            ),
             RateLimited { kind, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 kind,
@@ -228,6 +243,7 @@ impl GatewayError {
         match self {
             GatewayError::QueueFull { retry_after_s }
             | GatewayError::RateLimited { retry_after_s, .. }
+            | GatewayError::QuotaExceeded { retry_after_s, .. }
             | GatewayError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod console;
+pub mod daily_usage;
 pub mod data_plane;
 pub mod error;
 pub mod export;

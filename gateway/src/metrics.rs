@@ -290,9 +290,9 @@ impl Metrics {
             &mut out,
             "isthmus_rate_limited_requests_total",
             "counter",
-            "Requests refused (429) by a caller's requests or tokens per minute, by the limit.",
+            "Requests refused (429) by a caller's requests or tokens per minute or tokens per day, by the limit.",
         );
-        for kind in ["requests", "tokens"] {
+        for kind in ["requests", "tokens", "tokens_per_day"] {
             let count = registry.rate_limited.get(kind).copied().unwrap_or(0);
             let _ = writeln!(
                 out,

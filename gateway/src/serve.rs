@@ -115,9 +115,19 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let responses = open_responses(&config)?;
+    let daily_usage = crate::daily_usage::DailyUsage::open(
+        &config.server.state_dir,
+        std::time::SystemTime::now(),
+    )
+    .map_err(|error| {
+        anyhow::anyhow!(
+            "reading the day's token counts: {error} (delete the file to start the day's counts again)"
+        )
+    })?;
     let mut state = AppState::new(config, routing);
     state.audit = audit;
     state.responses = responses;
+    state.daily_usage = Some(Arc::new(daily_usage));
     state.telemetry = telemetry;
     state.gpu = crate::gpu::GpuMonitor::probe();
     let state = Arc::new(state);
@@ -163,6 +173,21 @@ fn open_responses(
         "stored responses on: the Responses API keeps prompt and completion text at rest"
     );
     Ok(Some(Arc::new(store)))
+}
+
+/// Writes the day's token counts every few seconds while they change.
+async fn save_daily_usage(usage: Arc<crate::daily_usage::DailyUsage>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let saving = Arc::clone(&usage);
+        match tokio::task::spawn_blocking(move || saving.save()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "writing the day's token counts"),
+            Err(error) => tracing::error!(%error, "writing the day's token counts panicked"),
+        }
+    }
 }
 
 /// Deletes expired stored responses every minute.
@@ -378,6 +403,9 @@ async fn run(
     if let Some(store) = &state.responses {
         tokio::spawn(expire_responses(Arc::clone(store)));
     }
+    if let Some(usage) = &state.daily_usage {
+        tokio::spawn(save_daily_usage(Arc::clone(usage)));
+    }
     if let Some(interval) = config.server.config_watch_interval {
         tokio::spawn(crate::reload::watch_file(Arc::clone(&state), interval));
     }
@@ -455,6 +483,11 @@ async fn run(
         && let Err(error) = trail.log.shutdown().await
     {
         tracing::error!(%error, "closing the audit log");
+    }
+    if let Some(usage) = &state.daily_usage
+        && let Err(error) = usage.save()
+    {
+        tracing::error!(%error, "writing the day's token counts");
     }
     if let Some(store) = &state.responses
         && let Err(error) = store.flush()

@@ -36,6 +36,8 @@ pub struct AppState {
     pub audit: Option<crate::audit_trail::Trail>,
     /// Callers' request and token buckets (`auth.api_keys[].requests_per_minute`, ...).
     pub rate_limiter: Arc<crate::rate_limit::RateLimiter>,
+    /// The day's tokens of callers with a daily budget (set by `serve`).
+    pub daily_usage: Option<Arc<crate::daily_usage::DailyUsage>>,
     /// Stored responses of the Responses API, when `[responses] store = true`.
     pub responses: Option<Arc<crate::response_store::ResponseStore>>,
     /// OTLP export, when `[telemetry.otlp]` is configured.
@@ -59,6 +61,7 @@ impl AppState {
             metrics,
             audit: None,
             rate_limiter: Arc::default(),
+            daily_usage: None,
             responses: None,
             telemetry: None,
             gpu: None,

@@ -544,11 +544,11 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
         "{report:#}"
     );
     assert_ne!(test_key["prompt_tokens"], "0", "{report:#}");
-    assert_eq!(test_key["limits"], "1,000 requests", "{report:#}");
+    assert_eq!(test_key["limits"], "1,000 requests/min", "{report:#}");
     // What is left refills at 1,000 a minute: anything up to the limit.
     let left: u32 = test_key["left"]
         .as_str()
-        .and_then(|left| left.strip_suffix(" requests"))
+        .and_then(|left| left.strip_suffix(" requests/min"))
         .map(|left| left.replace(',', ""))
         .and_then(|left| left.parse().ok())
         .unwrap_or_else(|| panic!("{report:#}"));

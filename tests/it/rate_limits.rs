@@ -182,3 +182,68 @@ fn callers_are_held_to_their_requests_and_tokens_per_minute() {
         }
     )));
 }
+
+#[test]
+fn a_days_token_budget_holds_across_a_restart() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let digest = hex::encode(sha2::Sha256::digest(API_KEY.as_bytes()));
+    let test_key = format!("{{ id = \"test\", sha256 = \"{digest}\" }}");
+    let text = tests::config_text(&GatewayOptions::default(), dir.path()).replacen(
+        &test_key,
+        &format!("{{ id = \"test\", sha256 = \"{digest}\", tokens_per_day = 20 }}"),
+        1,
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let mut gateway = Gateway::start_with_config(dir, &config_path);
+    let refused = |gateway: &Gateway| {
+        block_on(async {
+            let response = chat(gateway, API_KEY).await;
+            assert_eq!(response.status(), 429);
+            let retry_after: u64 = header(&response, "retry-after").unwrap().parse().unwrap();
+            assert!(
+                (1..=86_400).contains(&retry_after),
+                "until midnight UTC: {retry_after}"
+            );
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+            assert_eq!(body["error"]["type"], "insufficient_quota");
+        });
+    };
+    block_on(async {
+        // The request that crosses the budget is served whole.
+        let first = chat(&gateway, API_KEY).await;
+        assert_eq!(first.status(), 200);
+        let used: Value = first.json().await.unwrap();
+        assert!(
+            used["usage"]["total_tokens"].as_u64().unwrap() > 20,
+            "{used}"
+        );
+    });
+    refused(&gateway);
+    let (_, body) = tests::plain_get(gateway.admin, "/admin/api/callers").unwrap();
+    let callers: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        callers["callers"][0]["limits"]["tokens_per_day"], 20,
+        "{callers}"
+    );
+    assert_eq!(
+        callers["callers"][0]["remaining"]["tokens_today"], 0,
+        "{callers}"
+    );
+    assert_eq!(
+        gateway.metric("isthmus_rate_limited_requests_total{limit=\"tokens_per_day\"}"),
+        Some(1.0)
+    );
+
+    // A restart does not hand out a fresh budget.
+    gateway.signal(libc::SIGTERM);
+    assert!(gateway.wait_exit(Duration::from_secs(30)).is_some());
+    let state = gateway.dir.path().join("state/daily-usage.json");
+    assert!(state.is_file(), "{}", state.display());
+    let dir = std::mem::replace(&mut gateway.dir, tests::scratch_dir());
+    drop(gateway);
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    refused(&gateway);
+}

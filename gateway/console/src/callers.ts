@@ -13,8 +13,10 @@ import type { Context, View } from './view';
 interface Limits {
   readonly requestsPerMinute: number | undefined;
   readonly tokensPerMinute: number | undefined;
+  readonly tokensPerDay: number | undefined;
   readonly requestsLeft: number | undefined;
   readonly tokensLeft: number | undefined;
+  readonly tokensLeftToday: number | undefined;
 }
 
 function numeric(value: unknown): number | undefined {
@@ -33,20 +35,23 @@ function readLimits(body: unknown): Map<string, Limits> {
     limits.set(typeof item['key'] === 'string' ? item['key'] : '', {
       requestsPerMinute: numeric(configured['requests_per_minute']),
       tokensPerMinute: numeric(configured['tokens_per_minute']),
+      tokensPerDay: numeric(configured['tokens_per_day']),
       requestsLeft: numeric(remaining['requests']),
       tokensLeft: numeric(remaining['tokens']),
+      tokensLeftToday: numeric(remaining['tokens_today']),
     });
   }
   return limits;
 }
 
-const HEADERS = ['API key', 'Limits per minute', 'Left now', 'Local', 'Cloud', 'Rejected', 'Prompt tokens', 'Completion tokens', 'Tokens/s'];
+const HEADERS = ['API key', 'Limits', 'Left now', 'Local', 'Cloud', 'Rejected', 'Prompt tokens', 'Completion tokens', 'Tokens/s'];
 
-/** `600 requests · 200,000 tokens`, or `none`. */
-function limitText(requests: number | undefined, tokens: number | undefined): string {
+/** `600 requests/min · 200,000 tokens/min · 5,000,000 tokens/day`, or `none`. */
+function limitText(requests: number | undefined, tokens: number | undefined, day: number | undefined, daySuffix: string): string {
   const parts = [
-    requests === undefined ? undefined : `${format.grouped(requests)} requests`,
-    tokens === undefined ? undefined : `${format.grouped(tokens)} tokens`,
+    requests === undefined ? undefined : `${format.grouped(requests)} requests/min`,
+    tokens === undefined ? undefined : `${format.grouped(tokens)} tokens/min`,
+    day === undefined ? undefined : `${format.grouped(day)} tokens ${daySuffix}`,
   ].filter((part) => part !== undefined);
   return parts.length === 0 ? 'none' : parts.join(' · ');
 }
@@ -54,8 +59,8 @@ function limitText(requests: number | undefined, tokens: number | undefined): st
 /** The cells after the key, each with the test id the end-to-end walk reads. */
 function cells(use: CallerUse | undefined, limits: Limits | undefined): Array<[string, string]> {
   return [
-    ['limits', limitText(limits?.requestsPerMinute, limits?.tokensPerMinute)],
-    ['left', limitText(limits?.requestsLeft, limits?.tokensLeft)],
+    ['limits', limitText(limits?.requestsPerMinute, limits?.tokensPerMinute, limits?.tokensPerDay, 'a day')],
+    ['left', limitText(limits?.requestsLeft, limits?.tokensLeft, limits?.tokensLeftToday, 'today')],
     ['local', format.count(use?.requests.local ?? 0)],
     ['cloud', format.count(use?.requests.cloud ?? 0)],
     ['rejected', format.count(use?.requests.rejected ?? 0)],

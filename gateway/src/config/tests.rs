@@ -160,7 +160,7 @@ fn rate_limits_belong_to_data_plane_callers_and_are_positive() {
     let (_dir, source) = fixture();
     let limited = VALID.replacen(
         "key_env = \"ISTHMUS_TEST_KEY\" }",
-        "key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 60, tokens_per_minute = 1000 }",
+        "key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 60, tokens_per_minute = 1000, tokens_per_day = 50000 }",
         1,
     );
     let config = match parse(&limited, &source, &FakeEnvironment) {
@@ -169,20 +169,25 @@ fn rate_limits_belong_to_data_plane_callers_and_are_positive() {
     };
     let limits = config.auth.limits_of(Some("env"));
     assert_eq!(
-        (limits.requests_per_minute, limits.tokens_per_minute),
-        (Some(60), Some(1_000))
+        (
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            limits.tokens_per_day
+        ),
+        (Some(60), Some(1_000), Some(50_000))
     );
     assert!(!config.auth.limits_of(Some("hash")).is_limited());
     assert!(!config.auth.limits_of(None).is_limited());
     let zero = VALID.replacen(
         "key_env = \"ISTHMUS_TEST_KEY\" }",
-        "key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 0 }",
+        "key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 0, tokens_per_day = 0 }",
         1,
     );
     assert_eq!(
         errors_of(&zero, &source),
         [
-            "auth.api_keys[0].requests_per_minute: must be greater than 0 (leave it out for no limit)"
+            "auth.api_keys[0].requests_per_minute: must be greater than 0 (leave it out for no limit)",
+            "auth.api_keys[0].tokens_per_day: must be greater than 0 (leave it out for no budget)"
         ]
     );
     let anonymous = VALID.replacen(

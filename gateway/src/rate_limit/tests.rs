@@ -6,6 +6,7 @@ use crate::config::RateLimits;
 const REQUESTS: RateLimits = RateLimits {
     requests_per_minute: Some(6),
     tokens_per_minute: None,
+    tokens_per_day: None,
 };
 
 #[test]
@@ -49,6 +50,7 @@ fn tokens_are_charged_when_known_and_a_debt_holds_the_next_requests() {
     let limits = RateLimits {
         requests_per_minute: None,
         tokens_per_minute: Some(600),
+        tokens_per_day: None,
     };
     let limiter = RateLimiter::default();
     let start = Instant::now();
@@ -76,6 +78,7 @@ fn a_request_refused_for_tokens_keeps_its_request_unit() {
     let limits = RateLimits {
         requests_per_minute: Some(2),
         tokens_per_minute: Some(60),
+        tokens_per_day: None,
     };
     let limiter = RateLimiter::default();
     let start = Instant::now();
@@ -96,6 +99,7 @@ fn standing_is_read_without_taking() {
     let limits = RateLimits {
         requests_per_minute: Some(6),
         tokens_per_minute: Some(600),
+        tokens_per_day: None,
     };
     let limiter = RateLimiter::default();
     let start = Instant::now();

@@ -1,0 +1,143 @@
+//! Daily token budgets (`tokens_per_day` on an API key or `auth.anonymous_limits`): the
+//! prompt and completion tokens each budgeted caller used on the current UTC day, kept in
+//! `<state_dir>/daily-usage.json` so that a restart does not hand out a fresh budget.
+//!
+//! Counts start when a caller has a budget (a budget added by a reload counts from then on)
+//! and start again at 00:00 UTC. The file is rewritten (a sibling renamed over it) every few
+//! seconds while counts change and when the gateway stops: a crash can forget the last
+//! seconds' tokens. A caller is refused once the day's count reaches its budget; the request
+//! that crosses it is served whole, since its tokens are known only at its end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// The file under the state directory.
+pub const FILE: &str = "daily-usage.json";
+const SECONDS_PER_DAY: u64 = 86_400;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Day {
+    /// Days since 1970-01-01 (UTC).
+    day: u64,
+    /// Tokens by caller (`Caller::owner`).
+    used: BTreeMap<String, u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    today: Day,
+    /// Counts changed since the file was last written.
+    dirty: bool,
+}
+
+/// The day's counts.
+#[derive(Debug)]
+pub struct DailyUsage {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+impl DailyUsage {
+    /// Reads the counts kept in `state_dir`, if they are today's.
+    pub fn open(state_dir: &Path, now: SystemTime) -> std::io::Result<DailyUsage> {
+        let path = state_dir.join(FILE);
+        let today = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Day>(&bytes).map_err(|error| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {error}", path.display()),
+                )
+            })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Day::default(),
+            Err(error) => return Err(error),
+        };
+        let usage = DailyUsage {
+            path,
+            state: Mutex::new(State {
+                today,
+                dirty: false,
+            }),
+        };
+        usage.roll(&mut usage.lock(), now);
+        Ok(usage)
+    }
+
+    /// Tokens `caller` used today.
+    pub fn used(&self, caller: &str, now: SystemTime) -> u64 {
+        let mut state = self.lock();
+        self.roll(&mut state, now);
+        state.today.used.get(caller).copied().unwrap_or(0)
+    }
+
+    /// Counts `tokens` for `caller` today.
+    pub fn add(&self, caller: &str, tokens: u64, now: SystemTime) {
+        if tokens == 0 {
+            return;
+        }
+        let mut state = self.lock();
+        self.roll(&mut state, now);
+        match state.today.used.get_mut(caller) {
+            Some(used) => *used = used.saturating_add(tokens),
+            None => {
+                state.today.used.insert(caller.to_owned(), tokens);
+            }
+        }
+        state.dirty = true;
+    }
+
+    /// Writes the counts when they changed: a sibling file, then renamed over the old one.
+    pub fn save(&self) -> std::io::Result<()> {
+        let bytes = {
+            let mut state = self.lock();
+            if !state.dirty {
+                return Ok(());
+            }
+            state.dirty = false;
+            serde_json::to_vec(&state.today).map_err(std::io::Error::other)?
+        };
+        let sibling = self.path.with_extension("json.new");
+        let written =
+            std::fs::write(&sibling, bytes).and_then(|()| std::fs::rename(&sibling, &self.path));
+        if written.is_err() {
+            self.lock().dirty = true;
+        }
+        written
+    }
+
+    /// Starts a new day's counts when the UTC date changed.
+    fn roll(&self, state: &mut State, now: SystemTime) {
+        let day = day_of(now);
+        if state.today.day != day {
+            state.today = Day {
+                day,
+                used: BTreeMap::new(),
+            };
+            state.dirty = true;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn day_of(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() / SECONDS_PER_DAY)
+}
+
+/// How long until the next UTC day starts.
+pub fn until_tomorrow(now: SystemTime) -> Duration {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let next = (since.as_secs() / SECONDS_PER_DAY + 1) * SECONDS_PER_DAY;
+    Duration::from_secs(next).saturating_sub(since)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,56 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{DailyUsage, FILE, until_tomorrow};
+
+/// 2026-11-23 15:00:00 UTC.
+fn afternoon() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(20_780 * 86_400 + 15 * 3_600)
+}
+
+#[test]
+fn counts_survive_a_reopen_the_same_day_and_start_again_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = afternoon();
+    let usage = DailyUsage::open(dir.path(), now).unwrap();
+    usage.add("key:a", 700, now);
+    usage.add("key:a", 50, now);
+    usage.add("anonymous", 5, now);
+    usage.add("key:b", 0, now);
+    assert_eq!(usage.used("key:a", now), 750);
+    assert_eq!(usage.used("key:b", now), 0);
+    usage.save().unwrap();
+    assert!(!dir.path().join("daily-usage.json.new").exists());
+
+    let later = now + Duration::from_secs(3_600);
+    let reopened = DailyUsage::open(dir.path(), later).unwrap();
+    assert_eq!(reopened.used("key:a", later), 750);
+    assert_eq!(reopened.used("anonymous", later), 5);
+
+    // Nine hours on it is tomorrow: a fresh day, written as such.
+    let tomorrow = now + Duration::from_secs(9 * 3_600);
+    assert_eq!(reopened.used("key:a", tomorrow), 0);
+    reopened.save().unwrap();
+    let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+    assert!(!text.contains("key:a"), "{text}");
+    let next_start = DailyUsage::open(dir.path(), now).unwrap();
+    assert_eq!(
+        next_start.used("key:a", now),
+        0,
+        "yesterday's counts are not today's"
+    );
+}
+
+#[test]
+fn a_damaged_file_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(FILE), "{not json").unwrap();
+    let error = DailyUsage::open(dir.path(), afternoon()).unwrap_err();
+    assert!(error.to_string().contains(FILE), "{error}");
+}
+
+#[test]
+fn the_next_day_starts_at_midnight_utc() {
+    assert_eq!(until_tomorrow(afternoon()), Duration::from_secs(9 * 3_600));
+    let midnight = UNIX_EPOCH + Duration::from_secs(20_781 * 86_400);
+    assert_eq!(until_tomorrow(midnight), Duration::from_secs(86_400));
+}
