@@ -1068,23 +1068,25 @@ impl Validator<'_> {
     }
 
     fn rate_limits(&mut self, path: &str, raw: RawRateLimits) -> RateLimits {
-        if raw.requests_per_minute == Some(0) {
-            self.error(
-                format!("{path}.requests_per_minute"),
-                "must be greater than 0 (leave it out for no limit)",
-            );
-        }
-        if raw.tokens_per_minute == Some(0) {
-            self.error(
-                format!("{path}.tokens_per_minute"),
-                "must be greater than 0 (leave it out for no limit)",
-            );
-        }
-        if raw.tokens_per_day == Some(0) {
-            self.error(
-                format!("{path}.tokens_per_day"),
-                "must be greater than 0 (leave it out for no budget)",
-            );
+        for (name, zero, what) in [
+            (
+                "requests_per_minute",
+                raw.requests_per_minute == Some(0),
+                "limit",
+            ),
+            (
+                "tokens_per_minute",
+                raw.tokens_per_minute == Some(0),
+                "limit",
+            ),
+            ("tokens_per_day", raw.tokens_per_day == Some(0), "budget"),
+        ] {
+            if zero {
+                self.error(
+                    format!("{path}.{name}"),
+                    format!("must be greater than 0 (leave it out for no {what})"),
+                );
+            }
         }
         RateLimits {
             requests_per_minute: raw.requests_per_minute,
