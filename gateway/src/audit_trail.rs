@@ -113,6 +113,15 @@ pub fn record(
     if let Some(target) = &ctx.target {
         builder = builder.property("Target", target.clone());
     }
+    // A Responses API request: the response's id, whether it is kept, what it continued.
+    if let Some(responses) = &ctx.responses {
+        builder = builder
+            .property("ResponseId", responses.id().to_owned())
+            .property("ResponseStored", responses.stored());
+        if let Some(previous) = responses.previous_response_id() {
+            builder = builder.property("PreviousResponseId", previous.to_owned());
+        }
+    }
     if !intent {
         builder = builder
             .property("Attempts", ctx.attempts)

@@ -560,6 +560,20 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
                 && record["ResultType"] == "Succeeded"
         });
         assert!(audited, "no record of reading {path}: {audit}");
+        // The answer's own record names the response and says it was kept; the continuation's
+        // names what it continued.
+        let records = audit["records"].as_array().unwrap();
+        let made = records.iter().find(|record| {
+            record["Properties"]["ResponseId"] == id.as_str() && record["ResultType"] == "Succeeded"
+        });
+        let made = made.unwrap_or_else(|| panic!("no record of making {id}: {audit}"));
+        assert_eq!(made["Properties"]["ResponseStored"], true, "{made}");
+        assert!(
+            records
+                .iter()
+                .any(|record| record["Properties"]["PreviousResponseId"] == id.as_str()),
+            "{audit}"
+        );
         let (status, kept) = read(&gateway, &format!("/v1/responses/{id}")).await;
         assert_eq!(status, 200, "{kept}");
         // Deleted by its owner, it is gone, also for continuing.

@@ -1082,6 +1082,16 @@ impl Transcoder {
         &self.id
     }
 
+    /// The stored response this one continues.
+    pub fn previous_response_id(&self) -> Option<&str> {
+        self.previous_response_id.as_deref()
+    }
+
+    /// Whether the response is kept (or, before it is finished, is to be).
+    pub fn stored(&self) -> bool {
+        self.store
+    }
+
     /// The finished Response object of `status`, handed to the keeper first; if it could
     /// not keep it, the object says `"store": false`.
     fn finished(&mut self, status: &str) -> Value {
