@@ -836,6 +836,12 @@ impl DataPlane {
         let envelope = openai::parse_envelope(&body).inspect_err(|_| ctx.reject("request"))?;
         let model = deployment.or_else(|| envelope.model.clone());
         let target = self.route(session, ctx, routing, model.as_deref(), &body);
+        if !ctx.sensitive_entities.is_empty()
+            && !self.state.config.responses.keep_sensitive
+            && let Some(responses) = ctx.responses.as_mut()
+        {
+            responses.keep_nothing();
+        }
         crate::audit_trail::capture_prompt(ctx, &body, false);
         match target? {
             Target::Local(model) => self.serve_local(session, ctx, api, &model, &body).await,

@@ -516,6 +516,27 @@ fn stored_responses_continue_conversations_for_their_owner_alone() {
         );
         assert_eq!(error["error"]["param"], "previous_response_id");
 
+        // A conversation with sensitive content is not kept unless the store may hold it
+        // (`keep_sensitive`, off here): answered, but `"store": false`.
+        let sensitive: Value = post(
+            &gateway,
+            "/v1/responses",
+            &json!({"model": "smollm2", "max_output_tokens": 2,
+                    "input": "Refund card 4111 1111 1111 1111 please."}),
+            &[],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(sensitive["store"], false, "{sensitive}");
+        let (status, _) = read(
+            &gateway,
+            &format!("/v1/responses/{}", sensitive["id"].as_str().unwrap()),
+        )
+        .await;
+        assert_eq!(status, 404);
+
         // `store: false` keeps nothing.
         let unkept: Value = post(
             &gateway,

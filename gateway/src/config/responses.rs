@@ -19,6 +19,9 @@ pub struct ResponsesConfig {
     pub bytes_max: u64,
     /// A response (with the conversation it continued) larger than this is not kept.
     pub record_bytes_max: u64,
+    /// Keep responses whose conversation the sensitivity scan found sensitive content in.
+    /// Off: such answers say `"store": false` and nothing of them is written.
+    pub keep_sensitive: bool,
 }
 
 impl Default for ResponsesConfig {
@@ -28,6 +31,7 @@ impl Default for ResponsesConfig {
             retention: Duration::from_secs(u64::from(DEFAULT_RETENTION_HOURS) * 3_600),
             bytes_max: DEFAULT_BYTES_MAX,
             record_bytes_max: DEFAULT_RECORD_BYTES_MAX,
+            keep_sensitive: false,
         }
     }
 }
@@ -45,6 +49,7 @@ pub(super) struct RawResponses {
     retention_hours: u32,
     bytes_max: u64,
     record_bytes_max: u64,
+    keep_sensitive: bool,
 }
 
 impl Default for RawResponses {
@@ -54,6 +59,7 @@ impl Default for RawResponses {
             retention_hours: DEFAULT_RETENTION_HOURS,
             bytes_max: DEFAULT_BYTES_MAX,
             record_bytes_max: DEFAULT_RECORD_BYTES_MAX,
+            keep_sensitive: false,
         }
     }
 }
@@ -89,6 +95,7 @@ impl Validator<'_> {
             retention: Duration::from_secs(u64::from(raw.retention_hours) * 3_600),
             bytes_max: raw.bytes_max,
             record_bytes_max: raw.record_bytes_max,
+            keep_sensitive: raw.keep_sensitive,
         }
     }
 }

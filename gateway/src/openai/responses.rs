@@ -1077,6 +1077,13 @@ impl Transcoder {
         self.keeper = Some(Keeper(keep));
     }
 
+    /// Keeps nothing after all (a sensitive conversation where the store may not hold
+    /// one): the answer says `"store": false`. Call before any output.
+    pub fn keep_nothing(&mut self) {
+        self.keeper = None;
+        self.store = false;
+    }
+
     /// The response's id.
     pub fn id(&self) -> &str {
         &self.id

@@ -11,6 +11,7 @@ fn config(bytes_max: u64) -> ResponsesConfig {
         retention: Duration::from_secs(3_600),
         bytes_max,
         record_bytes_max: bytes_max,
+        keep_sensitive: false,
     }
 }
 
