@@ -13,6 +13,12 @@
 //! and a slot that has not become ready after [`ATTEMPTS_MAX`] starts is rolled back to the
 //! slot that ran before it. Every transition is a pure function over [`SlotState`]; the
 //! functions here only read and write the state file (atomically) and switch the link.
+//!
+//! Downgrades are refused: the highest version ever committed is the floor, and a bundle of
+//! a lower version (a validly signed old release with a known flaw, say) is applied only
+//! when the operator says so (`--allow-downgrade`). Versions are ordered as semantic
+//! versions (dotted numbers, a `-pre-release` before its release, `+build` ignored); two
+//! versions that cannot be ordered count as a downgrade.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -90,6 +96,9 @@ pub struct SlotState {
     pub versions: BTreeMap<Slot, String>,
     /// The last transition, for `isthmus update status` and the log.
     pub last_event: Option<String>,
+    /// The highest version ever committed: bundles below it are refused unless allowed.
+    #[serde(default)]
+    pub version_floor: Option<String>,
 }
 
 impl Default for SlotState {
@@ -100,8 +109,66 @@ impl Default for SlotState {
             trial: None,
             versions: BTreeMap::new(),
             last_event: None,
+            version_floor: None,
         }
     }
+}
+
+/// Orders two versions as semantic versions; `None` when either is not one.
+pub fn compare_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    use std::cmp::Ordering;
+    fn parse(version: &str) -> Option<(Vec<u64>, Option<&str>)> {
+        let version = version
+            .split_once('+')
+            .map_or(version, |(release, _)| release);
+        let (release, pre) = match version.split_once('-') {
+            Some((release, pre)) => (release, Some(pre)),
+            None => (version, None),
+        };
+        let numbers = release
+            .split('.')
+            .map(|part| part.parse::<u64>().ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some((numbers, pre))
+    }
+    fn pre_order(a: &str, b: &str) -> Ordering {
+        let mut left = a.split('.');
+        let mut right = b.split('.');
+        loop {
+            let order = match (left.next(), right.next()) {
+                (None, None) => return Ordering::Equal,
+                (None, Some(_)) => return Ordering::Less,
+                (Some(_), None) => return Ordering::Greater,
+                (Some(x), Some(y)) => match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    (Ok(_), Err(_)) => Ordering::Less,
+                    (Err(_), Ok(_)) => Ordering::Greater,
+                    (Err(_), Err(_)) => x.cmp(y),
+                },
+            };
+            if order.is_ne() {
+                return order;
+            }
+        }
+    }
+    let (a_release, a_pre) = parse(a)?;
+    let (b_release, b_pre) = parse(b)?;
+    let width = a_release.len().max(b_release.len());
+    let padded = |numbers: &[u64]| {
+        let mut numbers = numbers.to_vec();
+        numbers.resize(width, 0);
+        numbers
+    };
+    Some(
+        padded(&a_release)
+            .cmp(&padded(&b_release))
+            .then_with(|| match (a_pre, b_pre) {
+                (None, None) => Ordering::Equal,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(a), Some(b)) => pre_order(a, b),
+            }),
+    )
 }
 
 /// What a start does, decided by [`boot_step`].
@@ -160,6 +227,15 @@ pub fn commit_step(state: &SlotState) -> Option<SlotState> {
     let trial = state.trial.as_ref()?;
     let mut next = state.clone();
     next.trial = None;
+    if let Some(version) = state.versions.get(&trial.slot) {
+        let raised = match &state.version_floor {
+            None => true,
+            Some(floor) => compare_versions(version, floor).is_none_or(|order| order.is_gt()),
+        };
+        if raised {
+            next.version_floor = Some(version.clone());
+        }
+    }
     next.last_event = Some(format!(
         "committed {} ({}) after {} start(s)",
         trial.slot.name(),
@@ -171,9 +247,22 @@ pub fn commit_step(state: &SlotState) -> Option<SlotState> {
 
 /// The slot an update goes to (the one of `a` and `b` not running) and the state once it is
 /// written: that slot active and on trial, the running one kept for a rollback.
-pub fn apply_step(state: &SlotState, version: &str) -> Result<(Slot, SlotState), UpdateError> {
+pub fn apply_step(
+    state: &SlotState,
+    version: &str,
+    allow_downgrade: bool,
+) -> Result<(Slot, SlotState), UpdateError> {
     if let Some(trial) = &state.trial {
         return Err(UpdateError::TrialPending(trial.slot.name()));
+    }
+    if let Some(floor) = &state.version_floor
+        && !allow_downgrade
+        && compare_versions(version, floor).is_none_or(|order| order.is_lt())
+    {
+        return Err(UpdateError::Downgrade {
+            version: version.to_owned(),
+            floor: floor.clone(),
+        });
     }
     let target = if state.active == Slot::A {
         Slot::B
@@ -274,6 +363,10 @@ pub enum UpdateError {
     NothingToRollBackTo,
     #[error("the bundle has no bin/isthmus")]
     NoBinary,
+    #[error(
+        "version {version} is below {floor}, the highest version this appliance has committed: refused as a downgrade (apply it with --allow-downgrade if that is meant)"
+    )]
+    Downgrade { version: String, floor: String },
 }
 
 fn io_error(path: &Path) -> impl Fn(io::Error) -> UpdateError + '_ {
@@ -739,12 +832,17 @@ impl Firmware {
 
     /// Verifies `bundle` with the keys of `keys_directory` and installs it into the slot not
     /// running, which becomes active on trial. The running slot is untouched.
-    pub fn apply(&self, bundle: &Path, keys_directory: &Path) -> Result<Applied, UpdateError> {
+    pub fn apply(
+        &self,
+        bundle: &Path,
+        keys_directory: &Path,
+        allow_downgrade: bool,
+    ) -> Result<Applied, UpdateError> {
         let keys = read_trusted_keys(keys_directory)?;
         let verified = open_verified(bundle, &keys, keys_directory)?;
         let _lock = self.lock()?;
         let state = self.state()?;
-        let (slot, next) = apply_step(&state, &verified.manifest.version)?;
+        let (slot, next) = apply_step(&state, &verified.manifest.version, allow_downgrade)?;
         let root = self.slot_root(slot);
         let staging = self
             .directory

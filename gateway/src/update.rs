@@ -66,6 +66,9 @@ pub enum UpdateCommand {
         bundle: PathBuf,
         #[arg(long, default_value = KEYS_DIRECTORY_DEFAULT)]
         keys: PathBuf,
+        /// Apply a version below the highest one committed (refused otherwise).
+        #[arg(long)]
+        allow_downgrade: bool,
         #[command(flatten)]
         slots: Slots,
     },
@@ -151,11 +154,12 @@ fn execute(command: UpdateCommand) -> Result<(), String> {
         UpdateCommand::Apply {
             bundle,
             keys,
+            allow_downgrade,
             slots,
         } => {
             let applied = slots
                 .firmware()
-                .apply(&bundle, &keys)
+                .apply(&bundle, &keys, allow_downgrade)
                 .map_err(|error| error.to_string())?;
             println!(
                 "installed {} ({} entries, key {}) into slot {}; it runs on trial from the next start (systemctl restart isthmus)",

@@ -204,6 +204,28 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     assert!(refused.contains("does not match its SHA-256"), "{refused}");
     assert_eq!(appliance.status()["active"], "a");
 
+    // A signed release older than the committed one: refused as a downgrade.
+    let older = work.path().join("isthmus-9.0.0.update");
+    stdout(&appliance.update(&[
+        "pack",
+        "--root",
+        appliance.factory.to_str().unwrap(),
+        "--version",
+        "9.0.0",
+        "--key",
+        signer.with_extension("key").to_str().unwrap(),
+        "--out",
+        older.to_str().unwrap(),
+    ]));
+    let refused = failure(&appliance.apply(&older));
+    assert!(
+        refused.contains("version 9.0.0 is below 9.9.9") && refused.contains("--allow-downgrade"),
+        "{refused}"
+    );
+    let status = appliance.status();
+    assert_eq!(status["version_floor"], "9.9.9", "{status}");
+    assert_eq!(status["active"], "a");
+
     // A signed release that cannot start: its trial uses up three starts, the fourth runs
     // slot a again.
     let broken_root = work.path().join("broken");

@@ -6,7 +6,7 @@ use ed25519_dalek::{Signer as _, SigningKey};
 
 use super::{
     ATTEMPTS_MAX, BootOutcome, Firmware, Slot, SlotState, Trial, UpdateError, apply_step,
-    boot_step, commit_step, open_verified, pack, rollback_step,
+    boot_step, commit_step, compare_versions, open_verified, pack, rollback_step,
 };
 
 fn key(seed: u8) -> SigningKey {
@@ -43,11 +43,11 @@ fn keys_directory(root: &Path, keys: &[&SigningKey]) -> std::path::PathBuf {
 
 #[test]
 fn a_trial_gets_its_starts_then_rolls_back_and_a_commit_ends_it() {
-    let (slot, mut state) = apply_step(&SlotState::default(), "2.0.0").unwrap();
+    let (slot, mut state) = apply_step(&SlotState::default(), "2.0.0", false).unwrap();
     assert_eq!(slot, Slot::A);
     assert_eq!(state.previous, Some(Slot::Factory));
     assert!(matches!(
-        apply_step(&state, "2.0.1"),
+        apply_step(&state, "2.0.1", false),
         Err(UpdateError::TrialPending("a"))
     ));
     for attempt in 1..=ATTEMPTS_MAX {
@@ -79,14 +79,14 @@ fn a_trial_gets_its_starts_then_rolls_back_and_a_commit_ends_it() {
         "{rolled:?}"
     );
     // The next update goes to the slot not running; a commit ends its trial.
-    let (slot, state) = apply_step(&rolled, "2.0.1").unwrap();
+    let (slot, state) = apply_step(&rolled, "2.0.1", false).unwrap();
     assert_eq!(slot, Slot::A);
     let (state, _) = boot_step(&state);
     let committed = commit_step(&state).unwrap();
     assert_eq!(committed.trial, None);
     assert_eq!(commit_step(&committed), None);
     assert_eq!(boot_step(&committed).1, BootOutcome::Steady);
-    let (slot, on_b) = apply_step(&committed, "2.1.0").unwrap();
+    let (slot, on_b) = apply_step(&committed, "2.1.0", false).unwrap();
     assert_eq!((slot, on_b.previous), (Slot::B, Some(Slot::A)));
     let back = rollback_step(&on_b).unwrap();
     assert_eq!(
@@ -111,7 +111,7 @@ fn a_bundle_installs_only_when_signed_by_a_trusted_key_and_every_byte_matches() 
     assert_eq!(manifest.entries.len(), 3);
 
     let firmware = Firmware::new(&scratch.path().join("state"), Path::new("/usr"));
-    let applied = firmware.apply(&bundle, &keys).unwrap();
+    let applied = firmware.apply(&bundle, &keys, false).unwrap();
     assert_eq!((applied.slot, applied.files), (Slot::A, 3));
     let slot = firmware.slot_root(Slot::A);
     assert_eq!(
@@ -142,7 +142,7 @@ fn a_bundle_installs_only_when_signed_by_a_trusted_key_and_every_byte_matches() 
     // Another signer: refused before anything is written.
     let stranger = scratch.path().join("stranger.bin");
     pack(&root, "6.6.6", &key(7), &stranger).unwrap();
-    let refused = firmware.apply(&stranger, &keys).unwrap_err();
+    let refused = firmware.apply(&stranger, &keys, false).unwrap_err();
     assert!(
         matches!(refused, UpdateError::Untrusted { keys: 2, .. }),
         "{refused}"
@@ -155,7 +155,10 @@ fn a_bundle_installs_only_when_signed_by_a_trusted_key_and_every_byte_matches() 
     let tampered = scratch.path().join("tampered.bin");
     std::fs::write(&tampered, &bytes).unwrap();
     firmware.commit().unwrap();
-    let error = firmware.apply(&tampered, &keys).unwrap_err().to_string();
+    let error = firmware
+        .apply(&tampered, &keys, false)
+        .unwrap_err()
+        .to_string();
     assert!(
         error.contains("lib/isthmus/libllama.so.0.6.0") && error.contains("SHA-256"),
         "{error}"
@@ -235,7 +238,7 @@ fn boot_and_commit_move_the_current_link_with_the_state() {
     assert_eq!(firmware.boot().unwrap().0, BootOutcome::Steady);
     let binary = firmware.current_link().join("bin/isthmus");
     assert_eq!(std::fs::read(&binary).unwrap(), b"factory");
-    firmware.apply(&bundle, &keys).unwrap();
+    firmware.apply(&bundle, &keys, false).unwrap();
     assert_eq!(std::fs::read(&binary).unwrap(), b"broken");
     for _ in 0..ATTEMPTS_MAX {
         assert!(matches!(
@@ -254,4 +257,57 @@ fn boot_and_commit_move_the_current_link_with_the_state() {
     assert_eq!(state.active, Slot::Factory);
     assert_eq!(std::fs::read(&binary).unwrap(), b"factory");
     assert_eq!(firmware.commit().unwrap(), None);
+}
+
+#[test]
+fn versions_order_as_semantic_versions() {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    for (a, b, order) in [
+        ("1.2.3", "1.2.3", Some(Equal)),
+        ("1.10.0", "1.9.9", Some(Greater)),
+        ("2.0", "2.0.0", Some(Equal)),
+        ("2.0.0-rc.1", "2.0.0", Some(Less)),
+        ("2.0.0-rc.2", "2.0.0-rc.10", Some(Less)),
+        ("2.0.0-alpha", "2.0.0-alpha.1", Some(Less)),
+        ("2.0.0-1", "2.0.0-beta", Some(Less)),
+        ("2.0.0+build.7", "2.0.0", Some(Equal)),
+        ("nightly", "2.0.0", None),
+        ("2.x", "2.0.0", None),
+    ] {
+        assert_eq!(compare_versions(a, b), order, "{a} against {b}");
+    }
+}
+
+#[test]
+fn a_committed_version_is_the_floor_and_older_bundles_need_to_be_allowed() {
+    let (_, state) = apply_step(&SlotState::default(), "2.1.0", false).unwrap();
+    assert_eq!(
+        state.version_floor, None,
+        "the floor moves at a commit, not at an apply"
+    );
+    let (state, _) = boot_step(&state);
+    let committed = commit_step(&state).unwrap();
+    assert_eq!(committed.version_floor.as_deref(), Some("2.1.0"));
+    for older in ["2.0.9", "2.1.0-rc.1", "nightly"] {
+        match apply_step(&committed, older, false) {
+            Err(UpdateError::Downgrade { version, floor }) => {
+                assert_eq!((version.as_str(), floor.as_str()), (older, "2.1.0"));
+            }
+            other => panic!("{older}: expected a refused downgrade, got {other:?}"),
+        }
+    }
+    // The same version again, a newer one, or an older one the operator allows.
+    assert!(apply_step(&committed, "2.1.0", false).is_ok());
+    assert!(apply_step(&committed, "2.2.0", false).is_ok());
+    let (_, allowed) = apply_step(&committed, "2.0.9", true).unwrap();
+    // A deliberate downgrade, once committed, does not lower the floor.
+    let (allowed, _) = boot_step(&allowed);
+    let committed_older = commit_step(&allowed).unwrap();
+    assert_eq!(committed_older.version_floor.as_deref(), Some("2.1.0"));
+    // State files written before the floor existed still load.
+    let old: SlotState = serde_json::from_str(
+        r#"{"active":"a","previous":"factory","trial":null,"versions":{"a":"2.0.0"},"last_event":null}"#,
+    )
+    .unwrap();
+    assert_eq!(old.version_floor, None);
 }
