@@ -20,7 +20,7 @@ const INVALID_IBAN: &str = "DE00 3704 0044 0532 0130 00";
 /// A test Visa number (Luhn-valid), sent as a JSON number.
 const CARD_NUMBER: u64 = 4_111_111_111_111_111;
 
-fn policy_config(upstream: &Upstream) -> String {
+pub(crate) fn policy_config(upstream: &Upstream) -> String {
     format!(
         r#"
 [upstreams.aks]

@@ -245,7 +245,14 @@ fn the_local_model_answers_a_responses_request_as_it_answers_chat() {
 fn the_policy_reads_every_part_of_a_responses_request() {
     let _serial = serial();
     let upstream = Upstream::start(options()).unwrap();
-    let gateway = crate::policy::start(&upstream);
+    // Stored responses, sensitive ones too: what is kept is what the client received.
+    let gateway = Gateway::start(&GatewayOptions {
+        extra: format!(
+            "{}\n[responses]\nstore = true\nkeep_sensitive = true\n",
+            crate::policy::policy_config(&upstream)
+        ),
+        ..GatewayOptions::default()
+    });
     block_on(async {
         // A card number in a function's output: the sensitive rule keeps the request local.
         let body = json!({
@@ -323,6 +330,15 @@ fn the_policy_reads_every_part_of_a_responses_request() {
             };
             assert_eq!(answer["status"], "completed", "{answer}");
             assert_eq!(output_text(&answer), secret, "{answer}");
+            // Kept as the client got it, with the values restored, from the cloud path too.
+            assert_eq!(answer["store"], true, "{answer}");
+            let (status, kept) = read(
+                &gateway,
+                &format!("/v1/responses/{}", answer["id"].as_str().unwrap()),
+            )
+            .await;
+            assert_eq!(status, 200, "{kept}");
+            assert_eq!(output_text(&kept), secret, "{kept}");
             let requests = upstream.requests().await;
             let chats: Vec<&Value> = requests
                 .iter()
