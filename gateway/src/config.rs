@@ -183,6 +183,9 @@ pub struct ApiKey {
     pub id: String,
     pub sha256: [u8; 32],
     pub limits: RateLimits,
+    /// The file the key was read from (`key_file`), which the configuration watcher also
+    /// reads: a rotated key takes effect without a signal.
+    pub file: Option<PathBuf>,
 }
 
 impl fmt::Debug for ApiKey {
@@ -1060,10 +1063,12 @@ impl Validator<'_> {
                 tokens_per_day: key.tokens_per_day,
             },
         );
+        let file = key.key_file.as_deref().map(|file| self.resolve(file));
         digest.map(|sha256| ApiKey {
             id: key.id,
             sha256,
             limits,
+            file,
         })
     }
 

@@ -153,12 +153,12 @@ fn restart_sections(started: &Config, next: &Config) -> Vec<&'static str> {
 }
 
 /// Reads the configuration file every `interval` and reloads it when its text differs from
-/// the text in force: how an edited file, or a Kubernetes ConfigMap the kubelet updated in
-/// place, takes effect without a signal. A change is put in force once the same text has
-/// been read on two ticks in a row. Text that was refused is not tried again until it
-/// changes (SIGHUP and the admin API still retry at once). Files the configuration names
-/// (key files, dictionaries) are read at every reload, but only the configuration file's
-/// own text is watched.
+/// the text in force, or when an API key's `key_file` holds another key: how an edited file,
+/// a Kubernetes ConfigMap the kubelet updated in place, or a rotated key Secret takes effect
+/// without a signal. A change is put in force once the same state has been read on two
+/// ticks in a row. A state that was refused is not tried again until it changes (SIGHUP and
+/// the admin API still retry at once). Other files the configuration names (dictionaries,
+/// CA bundles) are read at every reload but not watched.
 pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
     let source = state.config.source.clone();
     tracing::info!(
@@ -190,8 +190,21 @@ pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
                 continue;
             }
         };
-        let digest = hex::encode(config::sha256(&text));
-        if digest == state.routing().config.digest || refused.as_ref() == Some(&digest) {
+        let in_force = state.routing();
+        let digest = fingerprint(
+            &hex::encode(config::sha256(&text)),
+            key_files(&in_force.config).map(|(file, _)| {
+                std::fs::read_to_string(file)
+                    .map(|secret| config::sha256(secret.trim()))
+                    .unwrap_or_default()
+            }),
+        );
+        let in_force_digest = fingerprint(
+            &in_force.config.digest,
+            key_files(&in_force.config).map(|(_, sha256)| sha256),
+        );
+        drop(in_force);
+        if digest == in_force_digest || refused.as_ref() == Some(&digest) {
             settling = None;
             continue;
         }
@@ -216,6 +229,25 @@ pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
             }
         };
     }
+}
+
+/// The data plane's API keys read from files, with the digest of the key in force.
+fn key_files(config: &Config) -> impl Iterator<Item = (&std::path::Path, [u8; 32])> {
+    config
+        .auth
+        .api_keys
+        .iter()
+        .filter_map(|key| key.file.as_deref().map(|file| (file, key.sha256)))
+}
+
+/// What the watcher compares: the configuration's text and the keys its key files hold.
+fn fingerprint(text_digest: &str, keys: impl Iterator<Item = [u8; 32]>) -> String {
+    let mut fingerprint = text_digest.to_owned();
+    for key in keys {
+        fingerprint.push(':');
+        fingerprint.push_str(&hex::encode(key));
+    }
+    fingerprint
 }
 
 /// Serialises edits made through the admin API, so two at once cannot lose one another.

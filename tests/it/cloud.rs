@@ -605,6 +605,59 @@ fn a_changed_configuration_file_is_reloaded_without_a_signal() {
     );
 }
 
+#[test]
+fn a_rotated_key_file_takes_effect_without_a_signal() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let key_file = dir.path().join("rotating.key");
+    std::fs::write(&key_file, "first-rotating-key\n").unwrap();
+    let config_path = dir.path().join("isthmus.toml");
+    let text = tests::config_text(
+        &GatewayOptions {
+            config_watch_interval_ms: 100,
+            ..GatewayOptions::default()
+        },
+        dir.path(),
+    )
+    .replacen(
+        "api_keys = [",
+        &format!("api_keys = [{{ id = \"rotating\", key_file = {key_file:?} }}, "),
+        1,
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let status = |key: &str| {
+        block_on(async {
+            tests::client()
+                .get(gateway.url("/v1/models"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    assert_eq!(status("first-rotating-key"), 200);
+    assert_eq!(status("second-rotating-key"), 401);
+
+    // The Secret is rotated as the kubelet does it: a new file renamed over the old.
+    let sibling = key_file.with_extension("new");
+    std::fs::write(&sibling, "second-rotating-key\n").unwrap();
+    std::fs::rename(&sibling, &key_file).unwrap();
+    assert!(
+        tests::eventually(DEADLINE, || status("second-rotating-key") == 200),
+        "{}",
+        gateway.log()
+    );
+    assert_eq!(status("first-rotating-key"), 401);
+    assert_eq!(status(API_KEY), 200, "the other keys are unchanged");
+    assert_eq!(
+        gateway.metric("isthmus_config_reloads_total{outcome=\"success\"}"),
+        Some(1.0)
+    );
+}
+
 /// POSTs to the admin listener and returns its JSON answer.
 pub fn admin_post(gateway: &Gateway, path: &str) -> Value {
     use std::io::{Read as _, Write as _};

@@ -12,11 +12,13 @@ fn auth(allow_anonymous: bool) -> AuthConfig {
                 id: "app-a".to_owned(),
                 sha256: sha256("key-a"),
                 limits: RateLimits::default(),
+                file: None,
             },
             ApiKey {
                 id: "app-b".to_owned(),
                 sha256: sha256("key-b"),
                 limits: RateLimits::default(),
+                file: None,
             },
         ],
         anonymous_limits: RateLimits::default(),
