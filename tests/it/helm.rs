@@ -930,6 +930,14 @@ fn build_backends_dir() -> PathBuf {
 }
 
 /// `text` with the pod's paths and addresses replaced by this test's.
+/// The mounted `apiKey` Secret, as a directory of `dir` with the key the tests present.
+fn api_key_dir(dir: &Path) -> PathBuf {
+    let keys = dir.join("api-key");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::write(keys.join("api-key"), "helm-test-key\n").unwrap();
+    keys
+}
+
 fn localized(text: &str, dir: &Path) -> String {
     let pki = tests::TestPki::shared();
     let state = dir.join("state");
@@ -940,6 +948,7 @@ fn localized(text: &str, dir: &Path) -> String {
         ("/etc/isthmus-tls/tls.crt", pki.cert_path.clone()),
         ("/etc/isthmus-tls/tls.key", pki.key_path.clone()),
         ("/etc/isthmus-upstream-ca/ca.pem", pki.ca_path.clone()),
+        ("/etc/isthmus-api-key", api_key_dir(dir)),
         // The CPU backend modules of the binary under test stand in for the CUDA one.
         ("/opt/isthmus/backends", build_backends_dir()),
     ]
