@@ -407,6 +407,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 for model in &loaded.models {
                     println!("  {}", model.kv_summary());
                 }
+                for line in plan_summary(&loaded) {
+                    println!("  {line}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -465,6 +468,64 @@ fn init_logging(logging: &config::LoggingConfig) {
 }
 
 /// `isthmus build-info`: what packaging needs to know about this binary.
+/// What `check-config` says beyond the models: callers and their limits, stored responses,
+/// and how the file reloads.
+fn plan_summary(config: &Config) -> Vec<String> {
+    let auth = &config.auth;
+    let limited = auth
+        .api_keys
+        .iter()
+        .filter(|key| key.limits.is_limited())
+        .count();
+    let rotating = auth
+        .api_keys
+        .iter()
+        .filter(|key| key.file.is_some())
+        .count();
+    let mut lines = vec![format!(
+        "callers: {} API key{} ({limited} with rate limits or a daily budget, {rotating} read from files){}",
+        auth.api_keys.len(),
+        if auth.api_keys.len() == 1 { "" } else { "s" },
+        if auth.allow_anonymous {
+            if auth.anonymous_limits.is_limited() {
+                "; anonymous callers allowed, with limits"
+            } else {
+                "; anonymous callers allowed, without limits"
+            }
+        } else {
+            ""
+        }
+    )];
+    let responses = &config.responses;
+    if responses.store {
+        lines.push(format!(
+            "stored responses: on, {} h, up to {} MiB ({}) in {}",
+            responses.retention.as_secs() / 3_600,
+            responses.bytes_max >> 20,
+            if responses.keep_sensitive {
+                "sensitive conversations kept too"
+            } else {
+                "sensitive conversations not kept"
+            },
+            config
+                .server
+                .state_dir
+                .join(crate::response_store::STORE_DIR)
+                .display()
+        ));
+    }
+    lines.push(match config.server.config_watch_interval {
+        Some(interval) => format!(
+            "reload: SIGHUP, the admin API, and this file (and key files) read every {} ms",
+            interval.as_millis()
+        ),
+        None => {
+            "reload: SIGHUP or the admin API (server.config_watch_interval_ms is off)".to_owned()
+        }
+    });
+    lines
+}
+
 fn build_info() -> serde_json::Value {
     let modules: Vec<serde_json::Value> = edge_runtime::backends::cpu_modules()
         .into_iter()

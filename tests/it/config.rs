@@ -37,6 +37,14 @@ fn every_example_configuration_validates() {
                 "{stdout}"
             );
         }
+        if path.ends_with("demo.toml") {
+            assert!(
+                stdout.contains(
+                    "callers: 1 API key (0 with rate limits or a daily budget, 0 read from files)"
+                ),
+                "{stdout}"
+            );
+        }
         checked += 1;
     }
     assert!(
@@ -44,6 +52,52 @@ fn every_example_configuration_validates() {
         "no example configurations in {}",
         dir.display()
     );
+}
+
+#[test]
+fn the_plan_names_callers_stored_responses_and_reloads() {
+    let dir = tests::scratch_dir();
+    let config = dir.path().join("isthmus.toml");
+    let key_file = dir.path().join("app.key");
+    std::fs::write(&key_file, "app-key\n").unwrap();
+    let text = tests::config_text(
+        &tests::GatewayOptions {
+            config_watch_interval_ms: 5_000,
+            extra: "[responses]\nstore = true\nretention_hours = 24\n".to_owned(),
+            ..tests::GatewayOptions::default()
+        },
+        dir.path(),
+    )
+    .replacen(
+        "api_keys = [",
+        &format!(
+            "api_keys = [{{ id = \"app\", key_file = {key_file:?}, tokens_per_day = 1000 }}, "
+        ),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let output = Command::new(isthmus_binary())
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for line in [
+        "  callers: 2 API keys (1 with rate limits or a daily budget, 1 read from files)"
+            .to_owned(),
+        format!(
+            "  stored responses: on, 24 h, up to 256 MiB (sensitive conversations not kept) in {}",
+            dir.path().join("state/responses-store").display()
+        ),
+        "  reload: SIGHUP, the admin API, and this file (and key files) read every 5000 ms"
+            .to_owned(),
+    ] {
+        assert!(
+            stdout.lines().any(|candidate| candidate == line),
+            "missing `{line}` in:\n{stdout}"
+        );
+    }
 }
 
 #[test]
