@@ -119,8 +119,22 @@ pub struct ResponseStore {
     retention: Duration,
     bytes_max: u64,
     record_bytes_max: u64,
-    /// Bytes of the records held; writers take it to insert and evict in turn.
-    stored_bytes: Mutex<u64>,
+    /// The records held, counted as they come and go (sled counts a tree by scanning it);
+    /// writers take it to insert and evict in turn.
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    count: usize,
+    bytes: u64,
+}
+
+impl Held {
+    fn remove(&mut self, bytes: u64) {
+        self.count = self.count.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
 }
 
 impl ResponseStore {
@@ -133,10 +147,11 @@ impl ResponseStore {
             .open()?;
         let records = db.open_tree(RECORDS_TREE)?;
         let ages = db.open_tree(AGES_TREE)?;
-        let mut stored_bytes = 0;
+        let mut held = Held::default();
         for entry in ages.iter() {
             let (_, size) = entry?;
-            stored_bytes += read_size(&size);
+            held.count += 1;
+            held.bytes += read_size(&size);
         }
         let store = ResponseStore {
             db,
@@ -145,7 +160,7 @@ impl ResponseStore {
             retention: config.retention,
             bytes_max: config.bytes_max,
             record_bytes_max: config.record_bytes_max,
-            stored_bytes: Mutex::new(stored_bytes),
+            held: Mutex::new(held),
         };
         // A lower bound than the last run's applies at once.
         store.evict_over_bound()?;
@@ -154,7 +169,8 @@ impl ResponseStore {
 
     /// How many responses and bytes the store holds.
     pub fn usage(&self) -> (usize, u64) {
-        (self.records.len(), *self.lock_bytes())
+        let held = self.lock_held();
+        (held.count, held.bytes)
     }
 
     /// Keeps `record` under `id`, then drops the oldest responses while the store is over
@@ -170,7 +186,7 @@ impl ResponseStore {
                 limit: self.record_bytes_max,
             });
         }
-        let mut stored_bytes = self.lock_bytes();
+        let mut held = self.lock_held();
         let previous = self.record(id)?;
         if let Some(previous) = &previous
             && previous.1.owner != record.owner
@@ -193,8 +209,14 @@ impl ResponseStore {
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|error| StoreError::Transaction(format!("{error:?}")))?;
-        *stored_bytes = stored_bytes.saturating_sub(previous.map_or(0, |(size, _)| size)) + bytes;
-        drop(stored_bytes);
+        match previous {
+            Some((size, _)) => held.bytes = held.bytes.saturating_sub(size) + bytes,
+            None => {
+                held.count += 1;
+                held.bytes += bytes;
+            }
+        }
+        drop(held);
         self.evict_over_bound()
     }
 
@@ -209,19 +231,19 @@ impl ResponseStore {
 
     /// Deletes the response `id` when `owner` made it; says whether there was one.
     pub fn delete(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
-        let mut stored_bytes = self.lock_bytes();
+        let mut held = self.lock_held();
         let Some(record) = self.get(id, owner)? else {
             return Ok(false);
         };
         let size = self.remove(id, record.created_unix_ms)?;
-        *stored_bytes = stored_bytes.saturating_sub(size);
+        held.remove(size);
         Ok(true)
     }
 
     /// Deletes the responses older than the retention period; returns how many.
     pub fn expire(&self, now: SystemTime) -> Result<usize, StoreError> {
         let cutoff = self.cutoff_ms(now);
-        let mut stored_bytes = self.lock_bytes();
+        let mut held = self.lock_held();
         let mut removed = 0;
         while let Some((key, size)) = self.ages.first()? {
             let (created, id) = split_age_key(&key);
@@ -229,7 +251,7 @@ impl ResponseStore {
                 break;
             }
             self.remove(&id, created)?;
-            *stored_bytes = stored_bytes.saturating_sub(read_size(&size));
+            held.remove(read_size(&size));
             removed += 1;
         }
         Ok(removed)
@@ -242,14 +264,14 @@ impl ResponseStore {
     }
 
     fn evict_over_bound(&self) -> Result<(), StoreError> {
-        let mut stored_bytes = self.lock_bytes();
-        while *stored_bytes > self.bytes_max {
+        let mut held = self.lock_held();
+        while held.bytes > self.bytes_max {
             let Some((key, size)) = self.ages.first()? else {
                 break;
             };
             let (created, id) = split_age_key(&key);
             self.remove(&id, created)?;
-            *stored_bytes = stored_bytes.saturating_sub(read_size(&size));
+            held.remove(read_size(&size));
         }
         Ok(())
     }
@@ -283,8 +305,8 @@ impl ResponseStore {
         unix_ms(now).saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX))
     }
 
-    fn lock_bytes(&self) -> std::sync::MutexGuard<'_, u64> {
-        self.stored_bytes
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
