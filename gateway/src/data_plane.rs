@@ -650,6 +650,12 @@ impl DataPlane {
                     retry_after_s: refusal.retry_after.as_millis().div_ceil(1_000).max(1) as u64,
                 };
                 ctx.reject("rate_limit");
+                // The refusal carries the headers too, as OpenAI's do.
+                ctx.rate_standing = Some(self.state.rate_limiter.standing(
+                    &bucket,
+                    limits,
+                    std::time::Instant::now(),
+                ));
                 self.state.metrics.record_rate_limited(refusal.kind);
                 Err(refused)
             }

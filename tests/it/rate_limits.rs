@@ -87,6 +87,10 @@ fn callers_are_held_to_their_requests_and_tokens_per_minute() {
             header(&refused, "x-isthmus-rule").as_deref(),
             Some("rate_limit")
         );
+        assert_eq!(
+            header(&refused, "x-ratelimit-remaining-requests").as_deref(),
+            Some("0")
+        );
         let body: Value = refused.json().await.unwrap();
         assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
         assert_eq!(body["error"]["type"], "requests");
