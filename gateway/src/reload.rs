@@ -108,48 +108,25 @@ pub fn restart_required(state: &AppState) -> Vec<&'static str> {
 
 /// The sections of `next` that differ from `started` and take effect only after a restart.
 fn restart_sections(started: &Config, next: &Config) -> Vec<&'static str> {
-    let sections: [(&str, String, String); 7] = [
-        (
-            "server",
-            format!("{:?}", started.server),
-            format!("{:?}", next.server),
-        ),
-        (
-            "models",
-            format!("{:?}", started.models),
-            format!("{:?}", next.models),
-        ),
-        (
-            "engine",
-            format!("{:?}", started.engine),
-            format!("{:?}", next.engine),
-        ),
-        (
-            "audit",
-            format!("{:?}", started.audit),
-            format!("{:?}", next.audit),
-        ),
-        (
-            "responses",
-            format!("{:?}", started.responses),
-            format!("{:?}", next.responses),
-        ),
-        (
-            "logging",
-            format!("{:?}", started.logging),
-            format!("{:?}", next.logging),
-        ),
-        (
-            "telemetry",
-            format!("{:?}", started.telemetry),
-            format!("{:?}", next.telemetry),
-        ),
-    ];
-    sections
+    start_up_sections(started)
         .into_iter()
-        .filter(|(_, before, after)| before != after)
-        .map(|(name, _, _)| name)
+        .zip(start_up_sections(next))
+        .filter(|((_, before), (_, after))| before != after)
+        .map(|((name, _), _)| name)
         .collect()
+}
+
+/// The sections read once at start-up, each as text to compare.
+fn start_up_sections(config: &Config) -> [(&'static str, String); 7] {
+    [
+        ("server", format!("{:?}", config.server)),
+        ("models", format!("{:?}", config.models)),
+        ("engine", format!("{:?}", config.engine)),
+        ("audit", format!("{:?}", config.audit)),
+        ("responses", format!("{:?}", config.responses)),
+        ("logging", format!("{:?}", config.logging)),
+        ("telemetry", format!("{:?}", config.telemetry)),
+    ]
 }
 
 /// Reads the configuration file every `interval` and reloads it when its text differs from
