@@ -133,7 +133,10 @@ pub struct BenchOptions {
     /// A CA certificate (PEM) to trust for HTTPS, in addition to none other.
     pub ca_file: Option<PathBuf>,
     pub concurrency: u32,
+    /// Requests to start at most.
     pub requests: u32,
+    /// No request starts later than this after the measured run began.
+    pub duration: Option<Duration>,
     pub max_tokens: u32,
     pub prompt_tokens: u32,
     pub shared_prefix_tokens: u32,
@@ -214,6 +217,8 @@ pub struct BenchReport {
     pub url: String,
     pub model: String,
     pub concurrency: u32,
+    /// Requests started; with `--duration-s`, those started in time, plus (open loop) those
+    /// due in time that found every slot busy, which count as errors.
     pub requests: u32,
     pub succeeded: u32,
     pub errors: u32,
@@ -488,10 +493,16 @@ fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Whether a request may still start `elapsed` after the run began.
+fn may_start(options: &BenchOptions, elapsed: Duration) -> bool {
+    options.duration.is_none_or(|duration| elapsed < duration)
+}
+
 /// `--concurrency` workers, each sending its next request when the last one ended.
 async fn closed_loop(
     client: &reqwest::Client,
     options: &Arc<BenchOptions>,
+    started: Instant,
 ) -> anyhow::Result<Vec<Result<Sample, String>>> {
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..options.concurrency)
@@ -502,6 +513,9 @@ async fn closed_loop(
             tokio::spawn(async move {
                 let mut results = Vec::new();
                 loop {
+                    if !may_start(&options, started.elapsed()) {
+                        break;
+                    }
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     if index >= u64::from(options.requests) {
                         break;
@@ -522,6 +536,9 @@ async fn closed_loop(
 }
 
 /// Requests due at a fixed rate, each in its own task, at most `--concurrency` in flight.
+/// With `--duration-s`, a request due in time that cannot start before the deadline, because
+/// the server still holds every slot, counts as an error: a server that fell behind is not
+/// let off the requests it could not take.
 async fn open_loop(
     client: &reqwest::Client,
     options: &Arc<BenchOptions>,
@@ -529,11 +546,30 @@ async fn open_loop(
 ) -> anyhow::Result<Vec<Result<Sample, String>>> {
     let slots = Arc::new(tokio::sync::Semaphore::new(options.concurrency as usize));
     let period = Duration::from_secs_f64(1.0 / options.rate_per_s);
-    let mut tasks = Vec::with_capacity(options.requests as usize);
+    let deadline = options.duration.map(|duration| started + duration);
+    let mut tasks = Vec::new();
+    let mut unsent = 0_u64;
     for index in 0..u64::from(options.requests) {
         let due = started + period.mul_f64(index as f64);
+        if !may_start(options, due.duration_since(started)) {
+            break;
+        }
+        if unsent > 0 {
+            unsent += 1;
+            continue;
+        }
         tokio::time::sleep_until(due.into()).await;
-        let slot = Arc::clone(&slots).acquire_owned().await?;
+        let acquire = Arc::clone(&slots).acquire_owned();
+        let slot = match deadline {
+            None => acquire.await?,
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), acquire).await {
+                Ok(slot) => slot?,
+                Err(_) => {
+                    unsent = 1;
+                    continue;
+                }
+            },
+        };
         let client = client.clone();
         let options = Arc::clone(options);
         tasks.push(tokio::spawn(async move {
@@ -546,6 +582,12 @@ async fn open_loop(
     for task in tasks {
         results.push(task.await?);
     }
+    let concurrency = options.concurrency;
+    results.extend((0..unsent).map(|_| {
+        Err(format!(
+            "not sent: all {concurrency} slots were still busy at the end of --duration-s"
+        ))
+    }));
     Ok(results)
 }
 
@@ -575,8 +617,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
     let results = if options.rate_per_s > 0.0 {
         open_loop(&client, &options, started).await?
     } else {
-        closed_loop(&client, &options).await?
+        closed_loop(&client, &options, started).await?
     };
+    let started_count = u32::try_from(results.len()).unwrap_or(u32::MAX);
     let mut samples = Vec::new();
     let mut errors = Vec::new();
     for result in results {
@@ -595,7 +638,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
         url: options.url.clone(),
         model: options.model.clone(),
         concurrency: options.concurrency,
-        requests: options.requests,
+        requests: started_count,
         succeeded: samples.len() as u32,
         errors: errors.len() as u32,
         first_error: errors.first().cloned(),

@@ -136,9 +136,15 @@ pub struct BenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     pub concurrency: u32,
-    /// Requests to send in all (default: 8 per unit of concurrency).
+    /// Requests to send in all (default: 8 per unit of concurrency; with --duration-s, no
+    /// limit but the time).
     #[arg(long)]
     pub requests: Option<u32>,
+    /// Start no request after this many seconds (the requests in flight then finish), in
+    /// either loop, so that a slow and a fast server get the same time; --requests, when
+    /// given, still caps the count.
+    #[arg(long)]
+    pub duration_s: Option<f64>,
     #[arg(long, default_value_t = 128)]
     pub max_tokens: u32,
     /// Approximate prompt length in tokens, shared prefix included.
@@ -309,13 +315,31 @@ fn report(path: &std::path::Path, errors: &[ConfigError]) {
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
+    let duration = match args.duration_s {
+        None => None,
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+            Some(std::time::Duration::from_secs_f64(seconds))
+        }
+        Some(seconds) => {
+            eprintln!(
+                "isthmus bench: --duration-s must be a positive number of seconds, not {seconds}"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let requests = match (args.requests, duration) {
+        (Some(requests), _) => requests,
+        (None, Some(_)) => u32::MAX,
+        (None, None) => args.concurrency.saturating_mul(8),
+    };
     let options = crate::bench::BenchOptions {
         url: args.url,
         model: args.model,
         api_key: args.api_key,
         ca_file: args.cacert,
         concurrency: args.concurrency,
-        requests: args.requests.unwrap_or(args.concurrency.saturating_mul(8)),
+        requests,
+        duration,
         max_tokens: args.max_tokens,
         prompt_tokens: args.prompt_tokens,
         shared_prefix_tokens: args.shared_prefix_tokens,

@@ -486,3 +486,84 @@ fn sigterm_stops_it_cleanly() {
     let status = upstream.terminate().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Runs `isthmus bench` against `upstream` with `args` and returns its JSON report.
+fn bench_report(upstream: &Upstream, args: &[&str]) -> Value {
+    let output = std::process::Command::new(tests::isthmus_binary())
+        .args([
+            "bench",
+            "--url",
+            &upstream.base_url(),
+            "--model",
+            "gpt-test",
+        ])
+        .args([
+            "--stream",
+            "false",
+            "--max-tokens",
+            "4",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn bench_starts_no_request_after_its_duration() {
+    let upstream = start(options());
+    // Open loop: request k is due at k/40 s, so exactly the first 20 are due within 0.5 s.
+    let report = bench_report(
+        &upstream,
+        &["--rate", "40", "--duration-s", "0.5", "--concurrency", "4"],
+    );
+    assert_eq!(report["requests"], 20, "{report}");
+    assert_eq!(report["succeeded"], 20, "{report}");
+    // Closed loop without --requests: time is the only bound, and every request the report
+    // counts reached the upstream.
+    let report = bench_report(&upstream, &["--duration-s", "0.3", "--concurrency", "2"]);
+    let started = report["requests"].as_u64().unwrap();
+    assert!(started >= 2, "{report}");
+    assert_eq!(report["succeeded"], started, "{report}");
+    block_on(async {
+        let stats = upstream
+            .wait_for_stats(STATS_DEADLINE, |stats| stats["in_flight"] == 0)
+            .await;
+        assert_eq!(stats["completed"].as_u64(), Some(20 + started), "{stats}");
+    });
+    // A server that falls behind: the first request holds the only slot past the deadline,
+    // so the other 19 due in time are reported as errors, not left out.
+    block_on(async {
+        upstream
+            .set_behaviour(json!({"delay_first_byte_ms": 1000}))
+            .await;
+    });
+    let report = bench_report(
+        &upstream,
+        &["--rate", "40", "--duration-s", "0.5", "--concurrency", "1"],
+    );
+    assert_eq!(report["requests"], 20, "{report}");
+    assert_eq!(report["succeeded"], 1, "{report}");
+    assert_eq!(report["errors"], 19, "{report}");
+    assert!(
+        report["first_error"]
+            .as_str()
+            .unwrap()
+            .contains("slots were still busy"),
+        "{report}"
+    );
+    // A duration that is not a positive number is refused by name.
+    let output = std::process::Command::new(tests::isthmus_binary())
+        .args(["bench", "--url", &upstream.base_url(), "--duration-s", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--duration-s"),
+        "{output:?}"
+    );
+}

@@ -26,6 +26,7 @@ fn options(shared_prefix_tokens: u32) -> BenchOptions {
         ca_file: None,
         concurrency: 1,
         requests: 1,
+        duration: None,
         max_tokens: 8,
         prompt_tokens: 64,
         shared_prefix_tokens,
