@@ -2,7 +2,8 @@
 //! records through a bounded channel and are acknowledged once their record's group commit has
 //! flushed.
 //!
-//! The writer takes every command waiting (up to [`BATCH_RECORDS_MAX`]), seals the records
+//! The writer takes every command waiting (up to [`BATCH_RECORDS_MAX`]), yields the CPU once
+//! and takes what arrived meanwhile, seals the records
 //! (`Seq`, `PrevHash`, `RecordHash`), adds a checkpoint when one is due, inserts the batch into
 //! sled and calls `flush()` once for all of them, then acknowledges each record, copies the
 //! batch to stdout and the syslog queue, and applies retention. The JSONL files catch up from
@@ -747,12 +748,14 @@ impl Writer {
         let mut commands = Vec::with_capacity(BATCH_RECORDS_MAX);
         while let Some(first) = receiver.blocking_recv() {
             commands.push(first);
-            while commands.len() < BATCH_RECORDS_MAX {
-                match receiver.try_recv() {
-                    Ok(command) => commands.push(command),
-                    Err(_) => break,
-                }
-            }
+            drain(&mut receiver, &mut commands);
+            // Let the threads that are ready to run go first: on a busy core those are the
+            // data plane finishing more responses, whose records then share this commit's
+            // flush. Where nothing else is ready, as on an idle or a many-core machine, this
+            // returns at once and costs nothing. Every sled flush wakes all of sled's idle
+            // I/O threads, so fewer flushes per response is what a shared core lacks most.
+            std::thread::yield_now();
+            drain(&mut receiver, &mut commands);
             if self.handle(&mut commands) {
                 return;
             }
@@ -1224,6 +1227,16 @@ impl Writer {
             )
         {
             tracing::warn!(error = %error, "audit file retention");
+        }
+    }
+}
+
+/// Moves the commands waiting in `receiver` into `commands`, up to a batch.
+fn drain(receiver: &mut mpsc::Receiver<Command>, commands: &mut Vec<Command>) {
+    while commands.len() < BATCH_RECORDS_MAX {
+        match receiver.try_recv() {
+            Ok(command) => commands.push(command),
+            Err(_) => break,
         }
     }
 }
