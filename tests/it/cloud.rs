@@ -627,16 +627,9 @@ fn a_rotated_key_file_takes_effect_without_a_signal() {
     std::fs::write(&config_path, text).unwrap();
     let gateway = Gateway::start_with_config(dir, &config_path);
     let status = |key: &str| {
-        block_on(async {
-            tests::client()
-                .get(gateway.url("/v1/models"))
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
+        block_on(crate::rate_limits::models(&gateway, key))
+            .status()
+            .as_u16()
     };
     assert_eq!(status("first-rotating-key"), 200);
     assert_eq!(status("second-rotating-key"), 401);

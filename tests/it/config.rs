@@ -1,9 +1,19 @@
 //! `isthmus check-config`: every example configuration validates, and a broken file gets
 //! every error at once with its key path.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use tests::{isthmus_binary, workspace_root};
+
+/// `isthmus check-config PATH`, run to its end.
+fn check_config(path: impl AsRef<Path>) -> Output {
+    Command::new(isthmus_binary())
+        .arg("check-config")
+        .arg(path.as_ref())
+        .output()
+        .unwrap()
+}
 
 #[test]
 fn every_example_configuration_validates() {
@@ -15,11 +25,7 @@ fn every_example_configuration_validates() {
         if path.extension().is_none_or(|extension| extension != "toml") {
             continue;
         }
-        let output = Command::new(isthmus_binary())
-            .arg("check-config")
-            .arg(&path)
-            .output()
-            .unwrap();
+        let output = check_config(&path);
         assert!(
             output.status.success(),
             "{} does not validate:\n{}",
@@ -76,11 +82,7 @@ fn the_plan_names_callers_stored_responses_and_reloads() {
         1,
     );
     std::fs::write(&config, text).unwrap();
-    let output = Command::new(isthmus_binary())
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = check_config(&config);
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     for line in [
@@ -115,11 +117,7 @@ allow_anonymous = true
 path = "missing-model.gguf"
 "#;
     std::fs::write(&config, text).unwrap();
-    let output = Command::new(isthmus_binary())
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = check_config(&config);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let missing = dir.path().join("missing-model.gguf");
@@ -135,11 +133,7 @@ path = "missing-model.gguf"
         )),
         "{stderr}"
     );
-    let output = Command::new(isthmus_binary())
-        .arg("check-config")
-        .arg(dir.path().join("absent.toml"))
-        .output()
-        .unwrap();
+    let output = check_config(dir.path().join("absent.toml"));
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("absent.toml: cannot read"));
 }
@@ -154,11 +148,7 @@ fn check_config_refuses_a_kv_cache_that_cannot_fit_with_the_numbers() {
         tests::model_path()
     );
     std::fs::write(&config, text).unwrap();
-    let output = Command::new(isthmus_binary())
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = check_config(&config);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

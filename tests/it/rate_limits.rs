@@ -21,7 +21,8 @@ fn header(response: &reqwest::Response, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn models(gateway: &Gateway, key: &str) -> reqwest::Response {
+/// `GET /v1/models` with `key` as the bearer token.
+pub(crate) async fn models(gateway: &Gateway, key: &str) -> reqwest::Response {
     tests::client()
         .get(gateway.url("/v1/models"))
         .bearer_auth(key)
