@@ -44,6 +44,7 @@ use crate::{
     PromptError, SamplingParams, SharedStats, SubmitError, Timings, TokenLogprobs, TopLogprob,
     Usage,
 };
+use scan::{GreedyRow, ScanCrew, greedy_choice};
 
 /// Candidates kept by top-k before top-p, as llama-server does by default.
 const TOP_K: i32 = 40;
@@ -1177,7 +1178,7 @@ struct Loop<'m> {
     /// When the current stretch of work began: after the last blocking wait for a job.
     busy_since: Instant,
     /// Threads that share the greedy scans of an offloaded model's logits.
-    scan_pool: Option<rayon::ThreadPool>,
+    scan_crew: Option<ScanCrew>,
     /// This lane's share of the model's cell and prefix gauges, as last published.
     published: Published,
 }
@@ -1295,12 +1296,9 @@ impl Worker {
                 HOST_PREFIX_IDS
             },
             busy_since: Instant::now(),
-            scan_pool: (spec.gpu_layers > 0 && spec.threads > 1)
+            scan_crew: (spec.gpu_layers > 0 && spec.threads > 1)
                 .then(|| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(usize::try_from(spec.threads).unwrap_or(1))
-                        .thread_name(|index| format!("argmax-{index}"))
-                        .build()
+                    ScanCrew::new(usize::try_from(spec.threads).unwrap_or(1))
                         .map_err(|error| {
                             tracing::warn!(
                                 model = %spec.name,
@@ -1820,6 +1818,19 @@ impl Loop<'_> {
             self.clear_sequence(evicted);
             result = self.context.decode(&mut self.batch);
         }
+        if let Some(crew) = &mut self.scan_crew {
+            if result.is_ok() {
+                let rows = self
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|sequence| sequence.greedy && sequence.logits_index.is_some())
+                    .count();
+                crew.launched(rows, !self.batch_has_prompt);
+            } else {
+                crew.abandon();
+            }
+        }
         let worker = self.worker;
         let stats = &worker.stats;
         stats.decode_steps.fetch_add(1, Ordering::Relaxed);
@@ -1918,8 +1929,8 @@ impl Loop<'_> {
     /// memory that no core has cached: scanning 32 rows of a 49,152-token vocabulary reads
     /// 6 MB at one core's memory bandwidth, most of a millisecond per step on a GPU host,
     /// while the worker's threads are idle waiting for the GPU.
-    fn greedy_choices(&self) -> Vec<Option<(usize, f32)>> {
-        let Some(pool) = &self.scan_pool else {
+    fn greedy_choices(&mut self) -> Vec<Option<(usize, f32)>> {
+        let Some(crew) = &mut self.scan_crew else {
             return Vec::new();
         };
         let mut choices = vec![None; self.slots.len()];
@@ -1938,7 +1949,7 @@ impl Loop<'_> {
                 });
             }
         }
-        for (row, choice) in rows.iter().zip(greedy_rows(&rows, Some(pool))) {
+        for (row, choice) in rows.iter().zip(crew.choose(&rows)) {
             choices[row.slot] = Some(choice);
         }
         choices
@@ -2443,26 +2454,6 @@ fn cache_type(kind: crate::KvCacheType) -> llama_cpp_2::context::params::KvCache
     }
 }
 
-/// One sequence's logits to choose a token from greedily.
-struct GreedyRow<'a> {
-    slot: usize,
-    logits: &'a [f32],
-    banned: Option<&'a [bool]>,
-    /// Whether the top-2 margin is wanted (a full scan) or only the winner.
-    margin: bool,
-}
-
-impl GreedyRow<'_> {
-    /// (token, margin or NaN).
-    fn choose(&self) -> (usize, f32) {
-        if self.margin {
-            greedy_choice(self.logits, self.banned)
-        } else {
-            (greedy_index(self.logits, self.banned), f32::NAN)
-        }
-    }
-}
-
 /// The next token under a grammar: the sequence's own choice (its sampler chain over every
 /// logit) when the grammar allows that token, else its choice among the tokens the grammar
 /// allows. Checking one token first is what llama.cpp's own servers do: masking the whole
@@ -2514,96 +2505,6 @@ fn constrained_choice(
     token
 }
 
-/// The greedy choice of each row, in order; shared among `pool`'s threads when there are
-/// enough rows to be worth a hand-off (a row takes tens of microseconds from memory).
-fn greedy_rows(rows: &[GreedyRow<'_>], pool: Option<&rayon::ThreadPool>) -> Vec<(usize, f32)> {
-    use rayon::prelude::*;
-    match pool {
-        Some(pool) if rows.len() >= PARALLEL_ARGMAX_ROWS_MIN => pool.install(|| {
-            rows.par_iter()
-                .with_max_len(2)
-                .map(GreedyRow::choose)
-                .collect()
-        }),
-        _ => rows.iter().map(GreedyRow::choose).collect(),
-    }
-}
-
-/// Rows below which the greedy scans stay on the worker's own thread.
-const PARALLEL_ARGMAX_ROWS_MIN: usize = 4;
-
-/// Independent running maxima in the argmax scan: enough for the compiler to keep several
-/// vector registers busy instead of one dependent chain of comparisons.
-const ARGMAX_LANES: usize = 16;
-
-/// The token with the largest logit among those not `banned`; ties go to the lower id. The
-/// common case (the winner is not banned) scans the vocabulary in lanes that the compiler
-/// vectorises, then finds the first chunk holding the maximum: about 6 µs for 49,152 logits
-/// against 38 µs for a plain fold. It runs once per sequence per step, so at 32 sequences
-/// it is the difference between 0.2 and 1.2 ms of every step.
-fn greedy_index(logits: &[f32], banned: Option<&[bool]>) -> usize {
-    let largest = max_logit(logits);
-    let chunks = logits.chunks(ARGMAX_LANES);
-    let mut best = None;
-    for (number, chunk) in chunks.enumerate() {
-        // Branch-free within a chunk, so this loop vectorises too.
-        let hit = chunk
-            .iter()
-            .fold(false, |hit, &logit| hit | (logit == largest));
-        if hit {
-            let within = chunk
-                .iter()
-                .position(|&logit| logit == largest)
-                .unwrap_or(0);
-            best = Some(number * ARGMAX_LANES + within);
-            break;
-        }
-    }
-    match best {
-        Some(best) if !banned.is_some_and(|banned| banned.get(best).copied().unwrap_or(false)) => {
-            best
-        }
-        _ => greedy_choice(logits, banned).0,
-    }
-}
-
-/// The largest logit (NaN never wins: a comparison with NaN is false).
-fn max_logit(logits: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; ARGMAX_LANES];
-    let chunks = logits.chunks_exact(ARGMAX_LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (lane, &logit) in lanes.iter_mut().zip(chunk) {
-            *lane = if logit > *lane { logit } else { *lane };
-        }
-    }
-    lanes
-        .iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, |largest, &logit| {
-            if logit > largest { logit } else { largest }
-        })
-}
-
-/// The token with the largest logit among those not `banned`, and its lead over the
-/// runner-up (how close the greedy choice was). Ties go to the lower token id, as llama.cpp's
-/// greedy sampler decides them.
-fn greedy_choice(logits: &[f32], banned: Option<&[bool]>) -> (usize, f32) {
-    let (mut best, mut first, mut second) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for (index, &logit) in logits.iter().enumerate() {
-        if banned.is_some_and(|banned| banned.get(index).copied().unwrap_or(false)) {
-            continue;
-        }
-        if logit > first {
-            second = first;
-            first = logit;
-            best = index;
-        } else if logit > second {
-            second = logit;
-        }
-    }
-    (best, first - second)
-}
-
+mod scan;
 #[cfg(test)]
 mod tests;

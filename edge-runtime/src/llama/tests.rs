@@ -833,7 +833,9 @@ fn a_context_overflow_is_refused_before_queueing() {
 mod argmax {
     use proptest::prelude::*;
 
-    use super::super::{GreedyRow, greedy_choice, greedy_index, greedy_rows};
+    use std::time::{Duration, Instant};
+
+    use super::super::scan::{GreedyRow, ScanCrew, greedy_choice, greedy_index, greedy_rows};
 
     #[test]
     fn ties_go_to_the_lower_id_and_banned_winners_are_skipped() {
@@ -898,6 +900,72 @@ mod argmax {
             }
             assert_eq!(margin.is_nan(), slot % 2 == 1);
         }
+    }
+
+    /// The helpers woken while a step computes choose what one thread chooses, whether the
+    /// logits find them spinning (waited for here, by polling) or not yet woken, and none
+    /// of them keeps spinning once the step's logits are out or the step failed.
+    #[test]
+    fn a_crew_woken_during_the_step_chooses_as_one_thread_does_and_then_rests() {
+        let planted = |row: usize| (row * 37) % 2_048;
+        let rows: Vec<Vec<f32>> = (0..9)
+            .map(|row| {
+                let mut logits: Vec<f32> = (0..2_048).map(|index| (index % 11) as f32).collect();
+                logits[planted(row)] = 50.0;
+                logits
+            })
+            .collect();
+        let rows: Vec<GreedyRow<'_>> = rows
+            .iter()
+            .enumerate()
+            .map(|(slot, logits)| GreedyRow {
+                slot,
+                logits,
+                banned: None,
+                margin: slot == 4,
+            })
+            .collect();
+        let alone = greedy_rows(&rows, None);
+        let mut crew = ScanCrew::new(3).unwrap().patient();
+        let rest = |crew: &ScanCrew| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while crew.spinning() > 0 {
+                assert!(Instant::now() < deadline, "a helper still spins");
+                std::thread::yield_now();
+            }
+        };
+        // The first step has no timing to go by: the pool scans without waiting helpers.
+        crew.launched(rows.len(), true);
+        assert_eq!(
+            crew.choose(&rows).iter().map(|c| c.0).collect::<Vec<_>>(),
+            alone.iter().map(|c| c.0).collect::<Vec<_>>()
+        );
+        for round in 0..20 {
+            crew.launched(rows.len(), true);
+            if round % 2 == 0 {
+                // The last step took microseconds, so the helpers spin at once.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while crew.spinning() == 0 {
+                    assert!(Instant::now() < deadline, "the helpers never spun");
+                    std::thread::yield_now();
+                }
+            }
+            let chosen = crew.choose(&rows);
+            assert_eq!(chosen.len(), alone.len());
+            for (one, other) in alone.iter().zip(&chosen) {
+                assert_eq!(one.0, other.0, "round {round}");
+                assert!(one.1 == other.1 || (one.1.is_nan() && other.1.is_nan()));
+            }
+            rest(&crew);
+        }
+        // A failed step lets its helpers go too.
+        crew.launched(rows.len(), true);
+        crew.abandon();
+        rest(&crew);
+        // A step with prompt tokens wakes nobody.
+        crew.launched(rows.len(), false);
+        assert_eq!(crew.spinning(), 0);
+        assert_eq!(crew.choose(&rows).len(), rows.len());
     }
 
     proptest! {
