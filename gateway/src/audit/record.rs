@@ -265,6 +265,10 @@ fn serialized_len(value: &Value) -> usize {
 /// `Properties` values (marking `Truncated`), finally `Properties` as a whole.
 fn cap_size(fields: &mut Map<String, Value>) {
     let budget = RECORD_BYTES_MAX - CHAIN_FIELDS_BYTES_RESERVED;
+    // Nearly every record is a few hundred bytes: the bound says so without writing it.
+    if object_len_bound(fields) <= budget {
+        return;
+    }
     let total = serde_json::to_vec(&*fields).map_or(usize::MAX, |bytes| bytes.len());
     if total <= budget {
         return;
@@ -320,6 +324,38 @@ fn cap_size(fields: &mut Map<String, Value>) {
         }
     }
     fields.insert(PROPERTIES.into(), Value::Object(properties));
+}
+
+/// The longest a JSON number is written (`-1.7976931348623157e+308` and the like).
+const NUMBER_BYTES_MAX: usize = 32;
+
+/// At least the length of `fields` written as compact JSON, by `serde_json` or in canonical
+/// form, counted without writing it: each string byte as its longest escape (`\u00XX`),
+/// each number as [`NUMBER_BYTES_MAX`].
+pub(super) fn object_len_bound(fields: &Map<String, Value>) -> usize {
+    2 + fields
+        .iter()
+        .map(|(name, value)| string_len_bound(name) + 2 + value_len_bound(value))
+        .sum::<usize>()
+}
+
+fn value_len_bound(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => NUMBER_BYTES_MAX,
+        Value::String(text) => string_len_bound(text),
+        Value::Array(items) => {
+            2 + items
+                .iter()
+                .map(|item| value_len_bound(item) + 1)
+                .sum::<usize>()
+        }
+        Value::Object(members) => object_len_bound(members),
+    }
+}
+
+fn string_len_bound(text: &str) -> usize {
+    2 + 6 * text.len()
 }
 
 /// Cuts `text` to at most `bytes_max` bytes at a character boundary.

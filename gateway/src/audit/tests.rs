@@ -680,3 +680,48 @@ fn records_nobody_waits_for_commit_with_the_next_awaited_one_or_the_next_tick() 
     assert_verifies(&state.path().join("audit"));
     Ok(())
 }
+
+mod bound {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::super::jcs;
+    use super::super::record::object_len_bound;
+
+    fn values() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |number| number.is_finite())
+                .prop_map(Value::from),
+            // Control characters, quotes, backslashes and multi-byte characters.
+            "[\\u{0}-\\u{1f}\"\\\\a-z\\u{e9}\\u{1f600}]{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[A-Za-z\\u{0}-\\u{1f}]{0,8}", inner, 0..6)
+                    .prop_map(|members| Value::Object(members.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The size cap skips writing a record only when it is surely under the cap: the
+        /// bound is never below the length `serde_json` or the canonical form writes.
+        #[test]
+        fn is_never_below_the_written_length(
+            members in prop::collection::btree_map("[A-Za-z\\u{0}-\\u{1f}\\u{e9}]{0,12}", values(), 0..12),
+        ) {
+            let fields: Map<String, Value> = members.into_iter().collect();
+            let bound = object_len_bound(&fields);
+            let written = serde_json::to_vec(&fields).unwrap().len();
+            let canonical = jcs::canonicalize(&Value::Object(fields)).unwrap().len();
+            prop_assert!(bound >= written, "bound {bound} < serde_json's {written}");
+            prop_assert!(bound >= canonical, "bound {bound} < canonical {canonical}");
+        }
+    }
+}
