@@ -82,6 +82,14 @@ pub fn write_string(output: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     output.push(b'"');
     let bytes = text.as_bytes();
+    // Most strings need no escape: one check the compiler vectorises, then one copy.
+    if !bytes.iter().fold(false, |any, &byte| {
+        any | (byte < 0x20) | (byte == b'"') | (byte == b'\\')
+    }) {
+        output.extend_from_slice(bytes);
+        output.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (index, &byte) in bytes.iter().enumerate() {
         let escape: &[u8] = match byte {

@@ -136,3 +136,17 @@ fn floats_survive_a_round_trip_through_text() {
         assert_eq!(parsed.to_bits(), value.to_bits(), "{text}");
     }
 }
+
+proptest::proptest! {
+    /// Strings with and without characters to escape read back as themselves, with no
+    /// escape JCS does not ask for (so plain text is copied as it is).
+    #[test]
+    fn strings_read_back_as_themselves(text in "[\\u{0}-\\u{1f}\"\\\\a-z \\u{7f}\\u{e9}\\u{2028}\\u{1f600}]{0,64}") {
+        let mut written = Vec::new();
+        super::write_string(&mut written, &text);
+        let read: String = serde_json::from_slice(&written).unwrap();
+        proptest::prop_assert_eq!(&read, &text);
+        let needs_escape = text.chars().any(|c| c < ' ' || c == '"' || c == '\\');
+        proptest::prop_assert_eq!(written.len() == text.len() + 2, !needs_escape);
+    }
+}
