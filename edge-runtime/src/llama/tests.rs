@@ -837,6 +837,23 @@ mod argmax {
 
     use super::super::scan::{GreedyRow, ScanCrew, greedy_choice, greedy_index, greedy_rows};
 
+    /// One greedy row per logits vector, slot by slot, with the bans and margins asked for.
+    fn greedy_rows_of<'a>(
+        rows: &'a [Vec<f32>],
+        banned: impl Fn(usize) -> Option<&'a [bool]>,
+        margin: impl Fn(usize) -> bool,
+    ) -> Vec<GreedyRow<'a>> {
+        rows.iter()
+            .enumerate()
+            .map(|(slot, logits)| GreedyRow {
+                slot,
+                logits,
+                banned: banned(slot),
+                margin: margin(slot),
+            })
+            .collect()
+    }
+
     #[test]
     fn ties_go_to_the_lower_id_and_banned_winners_are_skipped() {
         let mut logits = vec![0.0f32; 49_152];
@@ -868,16 +885,11 @@ mod argmax {
             .collect();
         let mut banned = vec![false; 4_096];
         banned[planted(3)] = true;
-        let rows: Vec<GreedyRow<'_>> = rows
-            .iter()
-            .enumerate()
-            .map(|(slot, logits)| GreedyRow {
-                slot,
-                logits,
-                banned: (slot == 3).then_some(banned.as_slice()),
-                margin: slot % 2 == 0,
-            })
-            .collect();
+        let rows = greedy_rows_of(
+            &rows,
+            |slot| (slot == 3).then_some(banned.as_slice()),
+            |slot| slot % 2 == 0,
+        );
         let alone = greedy_rows(&rows, None);
         for threads in [2, 3, 8] {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -915,16 +927,7 @@ mod argmax {
                 logits
             })
             .collect();
-        let rows: Vec<GreedyRow<'_>> = rows
-            .iter()
-            .enumerate()
-            .map(|(slot, logits)| GreedyRow {
-                slot,
-                logits,
-                banned: None,
-                margin: slot == 4,
-            })
-            .collect();
+        let rows = greedy_rows_of(&rows, |_| None, |slot| slot == 4);
         let alone = greedy_rows(&rows, None);
         let mut crew = ScanCrew::new(3).unwrap().patient();
         let rest = |crew: &ScanCrew| {
