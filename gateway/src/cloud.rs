@@ -776,14 +776,18 @@ async fn attempt(
     }
     // From here on the client hears from this backend, whatever happens.
     let streaming = status == 200 && content_type.starts_with("text/event-stream");
+    let upstream = Upstream {
+        session: upstream,
+        pool,
+        peer: &backend.peer,
+    };
     let result = if streaming {
-        relay_stream(session, ctx, pool, &mut upstream, request).await
+        relay_stream(session, ctx, upstream, request).await
     } else {
         relay_whole(
             session,
             ctx,
-            pool,
-            &mut upstream,
+            upstream,
             status,
             &content_type,
             request.restore,
@@ -791,15 +795,8 @@ async fn attempt(
         .await
     };
     match result {
-        Ok(()) => {
-            if upstream.response_done() {
-                pool.connector
-                    .release_http_session(upstream, &backend.peer, Some(IDLE_CONNECTION_TIMEOUT))
-                    .await;
-            }
-            // A 4xx is the client's mistake, not the backend's.
-            Attempt::Answered(Outcome::Success)
-        }
+        // A 4xx is the client's mistake, not the backend's.
+        Ok(()) => Attempt::Answered(Outcome::Success),
         Err(Relay::ClientGone(reason)) => Attempt::ClientGone(reason),
         Err(Relay::Upstream(message)) => {
             ctx.outcome = Some(message);
@@ -967,6 +964,28 @@ async fn read_error_body(upstream: &mut HttpSession) -> Vec<u8> {
     body
 }
 
+/// The backend's connection while its answer is relayed, and where it goes back to.
+struct Upstream<'a> {
+    session: HttpSession,
+    pool: &'a Pool,
+    peer: &'a HttpPeer,
+}
+
+impl Upstream<'_> {
+    /// Hands the connection back to the pool once the answer has been read to its end. The
+    /// relays call this before the client's last bytes wait for the audit commit, so that
+    /// the connection (and Pingora's body buffer with it) serves other requests meanwhile
+    /// instead of idling through the flush.
+    async fn release(mut self) {
+        if self.session.response_done() {
+            self.pool
+                .connector
+                .release_http_session(self.session, self.peer, Some(IDLE_CONNECTION_TIMEOUT))
+                .await;
+        }
+    }
+}
+
 enum Relay {
     ClientGone(String),
     /// The backend failed after the response began: the client's answer is cut short.
@@ -977,17 +996,16 @@ enum Relay {
 async fn relay_whole(
     session: &mut Session,
     ctx: &mut RequestContext,
-    pool: &Pool,
-    upstream: &mut HttpSession,
+    mut upstream: Upstream<'_>,
     status: u16,
     content_type: &str,
     request_restore: Option<&router_policies::redact::RedactionMap>,
 ) -> Result<(), Relay> {
-    let limit = usize::try_from(pool.config.response_bytes_max).unwrap_or(usize::MAX);
+    let limit = usize::try_from(upstream.pool.config.response_bytes_max).unwrap_or(usize::MAX);
     let mut body = BytesMut::new();
     loop {
         let chunk = tokio::select! {
-            chunk = upstream.read_response_body() => chunk,
+            chunk = upstream.session.read_response_body() => chunk,
             idle = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(Relay::ClientGone(client_gone(idle)));
             }
@@ -1019,6 +1037,7 @@ async fn relay_whole(
             }
         }
     }
+    upstream.release().await;
     if status == 200
         && let Ok(answer) = serde_json::from_slice::<UsageOnly>(&body)
     {
@@ -1076,8 +1095,7 @@ async fn respond_bad_gateway(
 async fn relay_stream(
     session: &mut Session,
     ctx: &mut RequestContext,
-    pool: &Pool,
-    upstream: &mut HttpSession,
+    mut upstream: Upstream<'_>,
     request: &CloudRequest<'_>,
 ) -> Result<(), Relay> {
     let header = response_header(ctx, 200, "text/event-stream")
@@ -1087,7 +1105,9 @@ async fn relay_stream(
         .write_response_header(Box::new(header), false)
         .await
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
-    upstream.set_read_timeout(Some(pool.config.idle_stream_timeout));
+    upstream
+        .session
+        .set_read_timeout(Some(upstream.pool.config.idle_stream_timeout));
     let mut events = SseSplitter::default();
     let mut restorer = request
         .restore
@@ -1095,7 +1115,7 @@ async fn relay_stream(
     let mut done = false;
     loop {
         let chunk = tokio::select! {
-            chunk = upstream.read_response_body() => chunk,
+            chunk = upstream.session.read_response_body() => chunk,
             idle = session.as_downstream_mut().read_body_or_idle(true) => {
                 return Err(Relay::ClientGone(client_gone(idle)));
             }
@@ -1156,6 +1176,7 @@ async fn relay_stream(
             }
         }
     }
+    upstream.release().await;
     let mut rest = BytesMut::from(&events.finish()[..]);
     if let Some(restorer) = restorer.as_mut() {
         rest.extend_from_slice(&restorer.release());

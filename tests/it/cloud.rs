@@ -451,6 +451,81 @@ fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_clien
     });
 }
 
+#[test]
+fn a_backend_connection_serves_other_requests_while_an_answer_waits_for_its_audit_record() {
+    let _serial = serial();
+    let upstream = start(options());
+    // Debug builds of the gateway hold every audit commit this long: a slow disk on demand.
+    let commit_delay = Duration::from_millis(1000);
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let options = GatewayOptions {
+        extra: format!(
+            "{}{}",
+            pool("aks", r#""gpt-4o" = "m""#, ""),
+            backend("aks", &upstream, 1, "v1")
+        ),
+        ..GatewayOptions::default()
+    };
+    std::fs::write(&config_path, tests::config_text(&options, dir.path())).unwrap();
+    let gateway = Gateway::start_with_command(dir, &config_path, |command| {
+        command.env(
+            "ISTHMUS_AUDIT_TEST_COMMIT_DELAY_MS",
+            commit_delay.as_millis().to_string(),
+        );
+    });
+    block_on(async {
+        let opened_before = upstream.stats().await["connections"].as_u64().unwrap();
+        let completed = |count: u64| {
+            let upstream = &upstream;
+            async move {
+                upstream
+                    .wait_for_stats(DEADLINE, |stats| stats["completed"] == count)
+                    .await
+            }
+        };
+        let started = std::time::Instant::now();
+        // Three requests, each sent once the backend has answered the one before, while
+        // that one's answer still waits for its audit commit: a whole answer, a stream,
+        // and a whole answer again.
+        let (whole, stream, last) = tokio::join!(
+            async {
+                let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+                let elapsed = started.elapsed();
+                (response.status(), elapsed, response.text().await.unwrap())
+            },
+            async {
+                completed(1).await;
+                let response = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;
+                (response.status(), response.text().await.unwrap())
+            },
+            async {
+                completed(2).await;
+                let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+                (response.status(), response.text().await.unwrap())
+            },
+        );
+        assert_eq!(whole.0, 200, "{}", whole.2);
+        assert!(
+            whole.1 >= commit_delay,
+            "the answer did not wait for its audit commit ({:?})",
+            whole.1
+        );
+        assert!(whole.2.contains("chat.completion"), "{}", whole.2);
+        assert_eq!(stream.0, 200, "{}", stream.1);
+        assert!(stream.1.ends_with("data: [DONE]\n\n"), "{}", stream.1);
+        assert_eq!(last.0, 200, "{}", last.1);
+        // Each answer was read to its end before it waited, and its connection went back to
+        // the pool: the next request found it there instead of opening another.
+        let stats = upstream.stats().await;
+        let opened = stats["connections"].as_u64().unwrap() - opened_before;
+        assert!(
+            opened <= 1,
+            "{opened} connections opened for three requests: {stats}"
+        );
+    });
+}
+
 /// An upstream named after its version.
 fn versioned(version: &str) -> Upstream {
     start(UpstreamOptions {

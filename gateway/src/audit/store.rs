@@ -60,6 +60,10 @@ const CATCH_UP_RECORDS_MAX: usize = 1024;
 const RETENTION_DELETIONS_MAX: usize = 2 * BATCH_RECORDS_MAX;
 /// sled's page cache, in bytes.
 const STORE_CACHE_BYTES_MAX: u64 = 8 * 1024 * 1024;
+/// Debug builds only: milliseconds every group commit waits before it stores, so that the
+/// end-to-end tests can hold responses in their audit wait (a slow disk on demand). Release
+/// builds never read it.
+pub const TEST_COMMIT_DELAY_ENV: &str = "ISTHMUS_AUDIT_TEST_COMMIT_DELAY_MS";
 
 const RECORDS_TREE: &str = "records";
 const META_TREE: &str = "meta";
@@ -619,6 +623,8 @@ struct Writer {
     /// Sealed records nobody waits for (intents, outcomes of responses cut short), held for
     /// the next urgent commit or tick instead of a flush of their own.
     deferred: Vec<Entry>,
+    /// [`TEST_COMMIT_DELAY_ENV`]; zero in release builds.
+    commit_delay: Duration,
 }
 
 impl Writer {
@@ -726,6 +732,7 @@ impl Writer {
             checkpoint_head: None,
             files_day: record::format_day(now),
             deferred: Vec::new(),
+            commit_delay: test_commit_delay(),
         };
         writer.catch_up_files();
         let previous = last.map(|last| (last.epoch, last.seq));
@@ -985,6 +992,9 @@ impl Writer {
             .map(|entry| (entry.sealed, entry.reply))
             .unzip();
         let checkpoint = checkpoint_index.and_then(|index| sealed.get(index));
+        if !self.commit_delay.is_zero() {
+            std::thread::sleep(self.commit_delay);
+        }
         match store.commit(&sealed, checkpoint.map(|record| record.line.as_slice())) {
             Ok(()) => {
                 for (record, reply) in sealed.iter().zip(replies) {
@@ -1229,6 +1239,17 @@ impl Writer {
             tracing::warn!(error = %error, "audit file retention");
         }
     }
+}
+
+/// [`TEST_COMMIT_DELAY_ENV`] in a debug build; zero otherwise.
+fn test_commit_delay() -> Duration {
+    if !cfg!(debug_assertions) {
+        return Duration::ZERO;
+    }
+    std::env::var(TEST_COMMIT_DELAY_ENV)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
 }
 
 /// Moves the commands waiting in `receiver` into `commands`, up to a batch.
