@@ -747,6 +747,16 @@ async fn attempt(
     ctx.on_premises = pool.config.on_premises;
     if status == 429 || status >= 500 {
         let body = read_error_body(&mut upstream).await;
+        // An error answer read to its end leaves a sound connection: the retry after a
+        // Retry-After, or the next request, reuses it instead of a new connection (and TLS
+        // handshake) to a backend that is only busy.
+        Upstream {
+            session: upstream,
+            pool,
+            peer: &backend.peer,
+        }
+        .release()
+        .await;
         let detail = String::from_utf8_lossy(&body)
             .chars()
             .take(200)

@@ -526,6 +526,38 @@ fn a_backend_connection_serves_other_requests_while_an_answer_waits_for_its_audi
     });
 }
 
+#[test]
+fn a_throttled_backend_is_asked_again_on_the_same_connection() {
+    let _serial = serial();
+    let upstream = start(options());
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", &upstream, 1, "v1"),
+    ));
+    block_on(async {
+        // One answered request leaves a connection in the pool.
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 200);
+        let opened_before = upstream.stats().await["connections"].as_u64().unwrap();
+        // A 429 with a short Retry-After and no other backend: the gateway waits and asks
+        // the same backend again, over the connection the 429 came on.
+        upstream
+            .set_behaviour(json!({"status": 429, "retry_after_s": 1, "count": 1}))
+            .await;
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 200);
+        let stats = upstream.stats().await;
+        assert_eq!(stats["injected"], 1, "{stats}");
+        assert_eq!(
+            stats["connections"].as_u64().unwrap(),
+            opened_before,
+            "the retry opened a connection: {stats}"
+        );
+        upstream.set_behaviour(json!({"reset": true})).await;
+    });
+}
+
 /// An upstream named after its version.
 fn versioned(version: &str) -> Upstream {
     start(UpstreamOptions {
