@@ -130,6 +130,8 @@ struct Backend {
     health: Arc<Mutex<Health>>,
     in_flight: AtomicU32,
     requests: AtomicU64,
+    /// Connections opened to it (for requests and probes); the rest were reused.
+    connections: AtomicU64,
 }
 
 /// A pool ready to forward to.
@@ -167,6 +169,8 @@ pub struct BackendStatus {
     pub circuit: &'static str,
     pub in_flight: u32,
     pub requests: u64,
+    /// Connections opened to it, for requests and probes, since it was configured.
+    pub connections: u64,
 }
 
 impl BackendStatus {
@@ -250,6 +254,7 @@ impl Pools {
                         },
                         in_flight: backend.in_flight.load(Ordering::Relaxed),
                         requests: backend.requests.load(Ordering::Relaxed),
+                        connections: backend.connections.load(Ordering::Relaxed),
                     }
                 })
             })
@@ -266,6 +271,16 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pool {
+    /// A session to `backend`: a pooled connection when one is idle, else a new one
+    /// (counted). The flag says whether the connection was reused.
+    async fn session(&self, backend: &Backend) -> pingora_error::Result<(HttpSession, bool)> {
+        let (session, reused) = self.connector.get_http_session(&backend.peer).await?;
+        if !reused {
+            backend.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((session, reused))
+    }
+
     fn build(config: &PoolConfig, previous: Option<&Arc<Pool>>) -> Result<Pool, Vec<String>> {
         let key = format!("upstreams.{}", config.name);
         let mut errors = Vec::new();
@@ -326,6 +341,7 @@ impl Pool {
                 health,
                 in_flight: AtomicU32::new(0),
                 requests: AtomicU64::new(0),
+                connections: AtomicU64::new(0),
             });
         }
         if !errors.is_empty() {
@@ -661,7 +677,7 @@ async fn attempt(
         Ok(header) => header,
         Err(message) => return failure(message),
     };
-    let connected = pool.connector.get_http_session(&backend.peer).await;
+    let connected = pool.session(backend).await;
     let (mut upstream, reused) = match connected {
         Ok(connected) => connected,
         Err(error) => {
@@ -1532,7 +1548,7 @@ async fn probe(pool: &Pool, index: usize) {
     let health_config = &pool.config.health;
     let path = format!("{}{}", backend.config.base_path, health_config.path);
     let ok = tokio::time::timeout(health_config.timeout, async {
-        let (mut session, _) = pool.connector.get_http_session(&backend.peer).await.ok()?;
+        let (mut session, _) = pool.session(backend).await.ok()?;
         let mut header = RequestHeader::build("GET", path.as_bytes(), Some(2)).ok()?;
         let default_port = if backend.config.tls { 443 } else { 80 };
         let host = if backend.config.port == default_port {

@@ -679,14 +679,15 @@ fn render_config(out: &mut String, registry: &Registry, restart_required: &[&'st
     }
 }
 
-/// Cloud backends: whether each takes traffic, its circuit, load and request count. Pool
+/// Cloud backends: whether each takes traffic, its circuit, load, request and connection
+/// counts. Pool
 /// and backend names come from the configuration.
 fn render_backends(out: &mut String, backends: &[crate::cloud::BackendStatus]) {
     if backends.is_empty() {
         return;
     }
     type Pick = fn(&crate::cloud::BackendStatus) -> String;
-    let series: [(&str, &str, &str, Pick); 4] = [
+    let series: [(&str, &str, &str, Pick); 5] = [
         (
             "isthmus_upstream_backend_up",
             "gauge",
@@ -710,6 +711,12 @@ fn render_backends(out: &mut String, backends: &[crate::cloud::BackendStatus]) {
             "counter",
             "Requests sent to a backend since it was configured.",
             |backend| backend.requests.to_string(),
+        ),
+        (
+            "isthmus_upstream_backend_connections_total",
+            "counter",
+            "Connections opened to a backend since it was configured, for requests and probes; against requests_total, how often connections were reused.",
+            |backend| backend.connections.to_string(),
         ),
     ];
     for (name, kind, help, value) in series {

@@ -476,6 +476,7 @@ fn a_backend_connection_serves_other_requests_while_an_answer_waits_for_its_audi
     });
     block_on(async {
         let opened_before = upstream.stats().await["connections"].as_u64().unwrap();
+        let counted_before = connections_counted(&gateway);
         let completed = |count: u64| {
             let upstream = &upstream;
             async move {
@@ -487,8 +488,9 @@ fn a_backend_connection_serves_other_requests_while_an_answer_waits_for_its_audi
         let started = std::time::Instant::now();
         // Three requests, each sent once the backend has answered the one before, while
         // that one's answer still waits for its audit commit: a whole answer, a stream,
-        // and a whole answer again.
-        let (whole, stream, last) = tokio::join!(
+        // and a whole answer again. One branch at a time asks the upstream for its counts,
+        // so that those asks share one connection.
+        let (whole, (stream, last)) = tokio::join!(
             async {
                 let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
                 let elapsed = started.elapsed();
@@ -496,13 +498,18 @@ fn a_backend_connection_serves_other_requests_while_an_answer_waits_for_its_audi
             },
             async {
                 completed(1).await;
-                let response = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;
-                (response.status(), response.text().await.unwrap())
-            },
-            async {
-                completed(2).await;
-                let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
-                (response.status(), response.text().await.unwrap())
+                tokio::join!(
+                    async {
+                        let body = chat("gpt-4o", json!({"stream": true}));
+                        let response = post(&gateway, &body).await;
+                        (response.status(), response.text().await.unwrap())
+                    },
+                    async {
+                        completed(2).await;
+                        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+                        (response.status(), response.text().await.unwrap())
+                    },
+                )
             },
         );
         assert_eq!(whole.0, 200, "{}", whole.2);
@@ -516,14 +523,28 @@ fn a_backend_connection_serves_other_requests_while_an_answer_waits_for_its_audi
         assert!(stream.1.ends_with("data: [DONE]\n\n"), "{}", stream.1);
         assert_eq!(last.0, 200, "{}", last.1);
         // Each answer was read to its end before it waited, and its connection went back to
-        // the pool: the next request found it there instead of opening another.
+        // the pool: the next request found it there instead of opening another (at most the
+        // first opened one, where no probe had left a connection behind).
         let stats = upstream.stats().await;
         let opened = stats["connections"].as_u64().unwrap() - opened_before;
         assert!(
             opened <= 1,
             "{opened} connections opened for three requests: {stats}"
         );
+        // The gateway's connection counter saw the same.
+        assert_eq!(
+            connections_counted(&gateway) - counted_before,
+            opened as f64,
+            "{stats}"
+        );
     });
+}
+
+/// The connections the gateway opened to pool `aks`'s backend (`/metrics`).
+fn connections_counted(gateway: &Gateway) -> f64 {
+    gateway
+        .metric("isthmus_upstream_backend_connections_total{pool=\"aks\"")
+        .expect("no connection counter in /metrics")
 }
 
 #[test]
@@ -540,6 +561,8 @@ fn a_throttled_backend_is_asked_again_on_the_same_connection() {
         let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
         assert_eq!(response.status(), 200);
         let opened_before = upstream.stats().await["connections"].as_u64().unwrap();
+        let counted_before = connections_counted(&gateway);
+        assert!(counted_before >= 1.0, "the gateway counted no connection");
         // A 429 with a short Retry-After and no other backend: the gateway waits and asks
         // the same backend again, over the connection the 429 came on.
         upstream
@@ -554,6 +577,8 @@ fn a_throttled_backend_is_asked_again_on_the_same_connection() {
             opened_before,
             "the retry opened a connection: {stats}"
         );
+        // The gateway's own count agrees: it opened none for the throttled request.
+        assert_eq!(connections_counted(&gateway), counted_before, "{stats}");
         upstream.set_behaviour(json!({"reset": true})).await;
     });
 }

@@ -58,6 +58,7 @@ fn requests_tokens_and_latencies_are_counted() {
         circuit: "open",
         in_flight: 1,
         requests: 7,
+        connections: 2,
     }];
     let gpus = [crate::gpu::GpuSample {
         index: 0,
@@ -103,6 +104,7 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_upstream_backend_up{pool=\"aks\",backend=\"v2\"} 0",
         "isthmus_upstream_backend_circuit_open{pool=\"aks\",backend=\"v2\"} 1",
         "isthmus_upstream_backend_requests_total{pool=\"aks\",backend=\"v2\"} 7",
+        "isthmus_upstream_backend_connections_total{pool=\"aks\",backend=\"v2\"} 2",
         "isthmus_gpu_utilization_ratio{gpu=\"0\"} 0.67",
         "isthmus_gpu_memory_total_bytes{gpu=\"0\"} 85899345920",
         "isthmus_sensitive_requests_total{disposition=\"kept_local\"} 2",
