@@ -36,23 +36,8 @@ cargo build --release --locked --workspace --bin isthmus --bin fake-upstream
 bin=$CARGO_TARGET_DIR/release
 out=${ISTHMUS_BENCH_OUT:-$(mktemp -d)}
 mkdir -p "$out"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # port [tries of 50 ms]
-  for _ in $(seq 1 "${2:-200}"); do
-    (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
+# shellcheck source=lib.sh
+. "$root/bench/cloud/lib.sh"
 
 upstream_port=$(free_port)
 taskset -c 1 "$bin/fake-upstream" --listen "127.0.0.1:$upstream_port" --name fast --tokens 8 > "$work/upstream.out" 2>&1 &
@@ -90,25 +75,7 @@ wait_port "$nginx_port"
 
 # Two Isthmus instances: the audit log on (the default) and off, to price the audit.
 start_isthmus() { # name port admin_port audit_enabled
-  cat > "$work/$1.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:$3"
-plain_listen = "127.0.0.1:$2"
-state_dir = "$work/state-$1"
-worker_threads = 1
-[auth]
-allow_anonymous = true
-[upstreams.fast]
-models = { "fast" = "fast" }
-protocol = "http1"
-[[upstreams.fast.backends]]
-url = "http://127.0.0.1:$upstream_port"
-[audit]
-enabled = $4
-[logging]
-level = "warn"
-TOML
+  gateway_config "$work/$1.toml" "$work/state-$1" "$2" "$3" "$upstream_port" "$4"
   taskset -c 1 "$bin/isthmus" serve --config "$work/$1.toml" > "$work/$1.out" 2>&1 &
   pids+=($!)
   wait_port "$2"

@@ -26,23 +26,8 @@ bin=$CARGO_TARGET_DIR/release
 export LD_LIBRARY_PATH=$bin
 binaries=("$@")
 [ ${#binaries[@]} -gt 0 ] || binaries=("$bin/isthmus")
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
+# shellcheck source=lib.sh
+. "$root/bench/cloud/lib.sh"
 
 run_one() { # binary
   local gateway=$1 upstream_port gateway_port admin_port upstream gateway_pid dir
@@ -52,23 +37,8 @@ run_one() { # binary
     --control > "$dir/upstream.out" 2>&1 &
   upstream=$!
   pids+=("$upstream")
-  cat > "$dir/isthmus.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:$admin_port"
-plain_listen = "127.0.0.1:$gateway_port"
-state_dir = "$dir/state"
-worker_threads = 1
-[auth]
-allow_anonymous = true
-[upstreams.fast]
-models = { "fast" = "fast" }
-protocol = "http1"
-[[upstreams.fast.backends]]
-url = "http://127.0.0.1:$upstream_port"
-[logging]
-level = "warn"
-TOML
+  gateway_config "$dir/isthmus.toml" "$dir/state" "$gateway_port" "$admin_port" \
+    "$upstream_port" true
   taskset -c 1 "$gateway" serve --config "$dir/isthmus.toml" > "$dir/gateway.out" 2>&1 &
   gateway_pid=$!
   pids+=("$gateway_pid")
