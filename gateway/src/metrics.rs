@@ -679,9 +679,8 @@ fn render_config(out: &mut String, registry: &Registry, restart_required: &[&'st
     }
 }
 
-/// Cloud backends: whether each takes traffic, its circuit, load, request and connection
-/// counts. Pool
-/// and backend names come from the configuration.
+/// Cloud backends: whether each takes traffic, its circuit, load, and request and connection
+/// counts. Pool and backend names come from the configuration.
 fn render_backends(out: &mut String, backends: &[crate::cloud::BackendStatus]) {
     if backends.is_empty() {
         return;

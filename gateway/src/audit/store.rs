@@ -61,9 +61,10 @@ const RETENTION_DELETIONS_MAX: usize = 2 * BATCH_RECORDS_MAX;
 /// sled's page cache, in bytes.
 const STORE_CACHE_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// Debug builds only: milliseconds every group commit waits before it stores, so that the
-/// end-to-end tests can hold responses in their audit wait (a slow disk on demand). Release
-/// builds never read it.
+/// end-to-end tests can hold responses in their audit wait (a slow disk on demand), at most
+/// [`TEST_COMMIT_DELAY_MS_MAX`]. Release builds never read it.
 pub const TEST_COMMIT_DELAY_ENV: &str = "ISTHMUS_AUDIT_TEST_COMMIT_DELAY_MS";
+const TEST_COMMIT_DELAY_MS_MAX: u64 = 10_000;
 
 const RECORDS_TREE: &str = "records";
 const META_TREE: &str = "meta";
@@ -1248,8 +1249,10 @@ fn test_commit_delay() -> Duration {
     }
     std::env::var(TEST_COMMIT_DELAY_ENV)
         .ok()
-        .and_then(|value| value.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_millis)
+        .and_then(|value| value.parse::<u64>().ok())
+        .map_or(Duration::ZERO, |ms| {
+            Duration::from_millis(ms.min(TEST_COMMIT_DELAY_MS_MAX))
+        })
 }
 
 /// Moves the commands waiting in `receiver` into `commands`, up to a batch.
