@@ -56,35 +56,58 @@ pub fn authenticate(headers: &HeaderMap, auth: &AuthConfig) -> Result<Caller, Ga
 }
 
 /// The key the request presents, if any. A malformed `Authorization` header is refused
-/// rather than read as "no key", so it can never fall through to anonymous access.
+/// rather than read as "no key", so it can never fall through to anonymous access; so are
+/// several keys (two `Authorization` headers, or one with an `api-key` that differs), where
+/// checking only one would let a client or a proxy in between choose which.
 fn presented_key(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
-    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .map_err(|_| GatewayError::InvalidApiKey)?
-            .trim();
-        return match value.split_once(' ') {
-            Some((scheme, token))
-                if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-            {
-                Ok(Some(token.trim()))
+    let bearer = match single(headers, &http::header::AUTHORIZATION)? {
+        None => None,
+        Some(value) => {
+            let value = value
+                .to_str()
+                .map_err(|_| GatewayError::InvalidApiKey)?
+                .trim();
+            match value.split_once(' ') {
+                Some((scheme, token))
+                    if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+                {
+                    Some(token.trim())
+                }
+                _ => return Err(GatewayError::InvalidApiKey),
             }
-            _ => Err(GatewayError::InvalidApiKey),
-        };
-    }
-    match headers.get("api-key") {
-        None => Ok(None),
+        }
+    };
+    let api_key = match single(headers, &http::header::HeaderName::from_static("api-key"))? {
+        None => None,
         Some(value) => match value.to_str().map(str::trim) {
-            Ok(key) if !key.is_empty() => Ok(Some(key)),
-            _ => Err(GatewayError::InvalidApiKey),
+            Ok(key) if !key.is_empty() => Some(key),
+            _ => return Err(GatewayError::InvalidApiKey),
         },
+    };
+    match (bearer, api_key) {
+        (Some(bearer), Some(api_key)) if bearer != api_key => Err(GatewayError::AmbiguousApiKey),
+        (bearer, api_key) => Ok(bearer.or(api_key)),
     }
 }
 
-/// Whether the request's bearer token is one of `tokens` (the admin listener's check).
+/// A header that may appear at most once.
+fn single<'a>(
+    headers: &'a HeaderMap,
+    name: &http::header::HeaderName,
+) -> Result<Option<&'a http::HeaderValue>, GatewayError> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (_, Some(_)) => Err(GatewayError::AmbiguousApiKey),
+        (value, None) => Ok(value),
+    }
+}
+
+/// Whether the request's bearer token is one of `tokens` (the admin listener's check); two
+/// `Authorization` headers never pass.
 pub fn bearer_matches(headers: &HeaderMap, tokens: &[ApiKey]) -> bool {
-    let Some(value) = headers
-        .get(http::header::AUTHORIZATION)
+    let Some(value) = single(headers, &http::header::AUTHORIZATION)
+        .ok()
+        .flatten()
         .and_then(|value| value.to_str().ok())
     else {
         return false;

@@ -288,17 +288,21 @@ fn route_path(
     path: &str,
     query: Option<&str>,
 ) -> Result<Operation, GatewayError> {
-    let not_allowed = || GatewayError::MethodNotAllowed {
+    let not_allowed = |allow: &'static str| GatewayError::MethodNotAllowed {
         method: method.to_string(),
         path: path.to_owned(),
+        allow,
     };
     let post = |operation: Operation| {
         if method == http::Method::POST {
             Ok(operation)
         } else {
-            Err(not_allowed())
+            Err(not_allowed("POST"))
         }
     };
+    // HEAD is GET without the content (RFC 9110): the same route, and `write_whole` sends
+    // the header alone.
+    let get = *method == http::Method::GET || *method == http::Method::HEAD;
     let path = path.trim_end_matches('/');
     // Azure OpenAI's v1 API (`{endpoint}/openai/v1/...`) names the model in the body, as
     // OpenAI's own does: the same operations.
@@ -315,15 +319,11 @@ fn route_path(
         stored if stored.starts_with("/v1/responses/") => {
             let rest = &stored["/v1/responses/".len()..];
             let (id, part) = match rest.split_once('/') {
-                None => match *method {
-                    http::Method::GET => (rest, StoredPart::Get),
-                    http::Method::DELETE => (rest, StoredPart::Delete),
-                    _ => return Err(not_allowed()),
-                },
-                Some((id, "input_items")) if method == http::Method::GET => {
-                    (id, StoredPart::InputItems)
-                }
-                Some((_, "input_items")) => return Err(not_allowed()),
+                None if get => (rest, StoredPart::Get),
+                None if *method == http::Method::DELETE => (rest, StoredPart::Delete),
+                None => return Err(not_allowed("GET, HEAD, DELETE")),
+                Some((id, "input_items")) if get => (id, StoredPart::InputItems),
+                Some((_, "input_items")) => return Err(not_allowed("GET, HEAD")),
                 Some(_) => {
                     return Err(GatewayError::UnknownUrl {
                         method: method.to_string(),
@@ -336,13 +336,8 @@ fn route_path(
                 part,
             })
         }
-        "/v1/models" => {
-            if method == http::Method::GET {
-                Ok(Operation::Models)
-            } else {
-                Err(not_allowed())
-            }
-        }
+        "/v1/models" if get => Ok(Operation::Models),
+        "/v1/models" => Err(not_allowed("GET, HEAD")),
         azure if azure.starts_with("/openai/deployments/") => {
             let rest = &azure["/openai/deployments/".len()..];
             let (deployment, action) = rest.split_once('/').unwrap_or((rest, ""));
@@ -478,32 +473,47 @@ pub async fn respond_json(
     body: Vec<u8>,
     retry_after_s: Option<u64>,
 ) -> pingora_error::Result<()> {
+    let header = json_header(ctx, status, body.len(), retry_after_s)?;
+    write_whole(session, ctx, header, Bytes::from(body)).await
+}
+
+fn json_header(
+    ctx: &mut RequestContext,
+    status: u16,
+    body_bytes: usize,
+    retry_after_s: Option<u64>,
+) -> pingora_error::Result<ResponseHeader> {
     let mut header = response_header(ctx, status, "application/json")?;
-    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("content-length", body_bytes.to_string())?;
     if let Some(seconds) = retry_after_s {
         header.insert_header("retry-after", seconds.to_string())?;
     }
     ctx.status = status;
-    write_whole(session, ctx, header, Bytes::from(body)).await
+    Ok(header)
 }
 
-/// Writes a header and a complete body in one go (one write to the socket on HTTP/1.1).
+/// Writes a header and a complete body in one go (one write to the socket on HTTP/1.1). The
+/// answer to a HEAD request is the header alone, with the length the body would have: HTTP/2
+/// forbids content on it, and HTTP/1.1 would misframe the next response.
 pub async fn write_whole(
     session: &mut Session,
     ctx: &mut RequestContext,
     header: ResponseHeader,
     body: Bytes,
 ) -> pingora_error::Result<()> {
+    use pingora_core::protocols::http::HttpTask;
     crate::audit_trail::seal(session, ctx)
         .await
         .map_err(|failure| Error::explain(ErrorType::WriteError, format!("{failure:?}")))?;
-    session
-        .write_response_tasks(vec![
-            pingora_core::protocols::http::HttpTask::Header(Box::new(header), false),
-            pingora_core::protocols::http::HttpTask::Body(Some(body), true),
-        ])
-        .await
-        .map(|_| ())
+    let tasks = if session.req_header().method == http::Method::HEAD {
+        vec![HttpTask::Header(Box::new(header), true)]
+    } else {
+        vec![
+            HttpTask::Header(Box::new(header), false),
+            HttpTask::Body(Some(body), true),
+        ]
+    };
+    session.write_response_tasks(tasks).await.map(|_| ())
 }
 
 /// Writes an OpenAI error response.
@@ -513,14 +523,17 @@ pub async fn respond_error(
     error: &GatewayError,
 ) -> pingora_error::Result<()> {
     ctx.outcome = Some(error.to_string());
-    respond_json(
-        session,
+    let body = error.body_json();
+    let mut header = json_header(
         ctx,
         error.status().as_u16(),
-        error.body_json(),
+        body.len(),
         error.retry_after_s(),
-    )
-    .await
+    )?;
+    if let Some(allow) = error.allow() {
+        header.insert_header("allow", allow)?;
+    }
+    write_whole(session, ctx, header, Bytes::from(body)).await
 }
 
 impl DataPlane {

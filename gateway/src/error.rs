@@ -42,8 +42,19 @@ pub enum GatewayError {
         "previous response with id `{id}` was not found (unknown, deleted or expired); send the whole conversation in `input`"
     )]
     PreviousResponseNotFound { id: String },
+    /// `allow`: the methods the path takes, for the `Allow` header.
     #[error("method {method} is not allowed for {path}")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allow: &'static str,
+    },
+    /// More than one credential, or an `Authorization` and an `api-key` that disagree: which
+    /// one to check would be a guess, so neither is.
+    #[error(
+        "more than one API key presented: send one `Authorization: Bearer KEY` or one `api-key` header"
+    )]
+    AmbiguousApiKey,
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
     RequestTooLarge { limit_bytes: u64 },
     #[error("the local inference queue is full; retry after {retry_after_s} s")]
@@ -132,7 +143,7 @@ impl GatewayError {
                 Some("context_length_exceeded"),
                 Some(param),
             ),
-            MissingApiKey | InvalidApiKey => (
+            MissingApiKey | InvalidApiKey | AmbiguousApiKey => (
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
                 Some("invalid_api_key"),
@@ -245,6 +256,14 @@ impl GatewayError {
             | GatewayError::RateLimited { retry_after_s, .. }
             | GatewayError::QuotaExceeded { retry_after_s, .. }
             | GatewayError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        }
+    }
+
+    /// The methods a path takes, for the `Allow` header of a 405.
+    pub fn allow(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::MethodNotAllowed { allow, .. } => Some(allow),
             _ => None,
         }
     }

@@ -281,23 +281,87 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
         #[serde(default)]
         include_usage: Option<Value>,
     }
-    #[derive(serde::Deserialize)]
+    #[derive(Default)]
     struct Raw {
-        #[serde(default)]
         model: Option<Value>,
-        #[serde(default)]
         user: Option<Value>,
-        #[serde(default)]
         stream: Option<Value>,
-        #[serde(default)]
         stream_options: Option<Value>,
     }
+    /// A member's name, borrowed from the body unless it has escapes.
+    #[derive(PartialEq)]
+    struct Key<'de>(std::borrow::Cow<'de, str>);
+    struct KeyVisitor;
+    impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+        type Value = Key<'de>;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("a key")
+        }
+        fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+            Ok(Key(std::borrow::Cow::Borrowed(key)))
+        }
+        fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+            Ok(Key(std::borrow::Cow::Owned(key.to_owned())))
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Key<'de>, D::Error> {
+            deserializer.deserialize_str(KeyVisitor)
+        }
+    }
+    /// The object's members, each key once; values of other keys are skipped unbuilt.
+    struct RawVisitor;
+    impl<'de> serde::de::Visitor<'de> for RawVisitor {
+        type Value = Raw;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            formatter.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
+            let mut raw = Raw::default();
+            let mut keys: Vec<Key<'de>> = Vec::new();
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                if keys.contains(&key) {
+                    return Err(serde::de::Error::custom(format!(
+                        "the request body has the key `{}` more than once",
+                        key.0
+                    )));
+                }
+                let slot = match key.0.as_ref() {
+                    "model" => Some(&mut raw.model),
+                    "user" => Some(&mut raw.user),
+                    "stream" => Some(&mut raw.stream),
+                    "stream_options" => Some(&mut raw.stream_options),
+                    _ => None,
+                };
+                match slot {
+                    Some(slot) => *slot = Some(map.next_value()?),
+                    None => {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                keys.push(key);
+            }
+            Ok(raw)
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Raw {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Raw, D::Error> {
+            deserializer.deserialize_map(RawVisitor)
+        }
+    }
+    // Which copy of a repeated key counts would differ between this gateway and a backend
+    // behind it, so none is chosen.
     let raw: Raw = match serde_json::from_slice::<Raw>(body) {
         Ok(raw) => raw,
         Err(error) if error.is_data() => {
-            return Err(GatewayError::InvalidJson {
-                message: "the request body must be a JSON object".to_owned(),
-            });
+            let message = error.to_string();
+            let message = match message.find(" at line ") {
+                Some(end) if message.starts_with("the request body has the key") => {
+                    message[..end].to_owned()
+                }
+                _ => "the request body must be a JSON object".to_owned(),
+            };
+            return Err(GatewayError::InvalidJson { message });
         }
         Err(error) => {
             return Err(GatewayError::InvalidJson {

@@ -125,6 +125,24 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             .await
             .unwrap();
         assert_eq!(error_of(response).await.0, 401);
+        // Two keys: neither is checked, whichever comes first.
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .header("authorization", "Bearer wrong-key")
+            .header("authorization", format!("Bearer {API_KEY}"))
+            .json(&chat_body("hi", json!({})))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = error_of(response).await;
+        assert_eq!(status, 401);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("more than one API key presented"),
+            "{body}"
+        );
 
         // Unknown path and wrong method.
         let response = client()
@@ -140,7 +158,66 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             .send()
             .await
             .unwrap();
+        assert_eq!(response.headers()["allow"], "POST");
         assert_eq!(error_of(response).await.0, 405);
+
+        // HEAD is answered as GET without content, on HTTP/2 (where content on it is a
+        // protocol error) and on one HTTP/1.1 connection (where it would misframe the next
+        // response).
+        let http1 = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(tests::TestPki::shared().ca_pem.as_bytes()).unwrap(),
+            )
+            .http1_only()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap();
+        for (client, version) in [
+            (client(), reqwest::Version::HTTP_2),
+            (http1, reqwest::Version::HTTP_11),
+        ] {
+            let get = client
+                .get(gateway.url("/v1/models"))
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(get.version(), version);
+            let get_length = get.bytes().await.unwrap().len();
+            let head = client
+                .head(gateway.url("/v1/models"))
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(head.status(), 200, "{version:?}");
+            assert_eq!(
+                head.headers()["content-length"],
+                get_length.to_string().as_str()
+            );
+            assert!(head.bytes().await.unwrap().is_empty());
+            let refused = client
+                .head(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(refused.status(), 405, "{version:?}");
+            assert_eq!(refused.headers()["allow"], "POST");
+            assert!(refused.bytes().await.unwrap().is_empty());
+            let after = client
+                .get(gateway.url("/v1/models"))
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                after.bytes().await.unwrap().len(),
+                get_length,
+                "{version:?}"
+            );
+        }
 
         // After all that, a good request is still answered.
         let response =
@@ -152,7 +229,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     let metrics = gateway.metrics();
     for line in [
         "isthmus_requests_total{route=\"rejected\",status=\"400\"}",
-        "isthmus_requests_total{route=\"rejected\",status=\"401\"} 2",
+        "isthmus_requests_total{route=\"rejected\",status=\"401\"} 3",
         "isthmus_requests_total{route=\"rejected\",status=\"404\"} 2",
         "isthmus_requests_total{route=\"rejected\",status=\"413\"} 2",
     ] {

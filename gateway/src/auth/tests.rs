@@ -93,3 +93,45 @@ fn anonymous_callers_pass_only_when_allowed_and_keys_are_still_checked() {
         Err(GatewayError::InvalidApiKey)
     );
 }
+
+#[test]
+fn several_keys_in_one_request_are_refused_whichever_comes_first() {
+    let mut two_bearers = HeaderMap::new();
+    two_bearers.append("authorization", "Bearer key-a".parse().unwrap());
+    two_bearers.append("authorization", "Bearer key-b".parse().unwrap());
+    let mut two_api_keys = HeaderMap::new();
+    two_api_keys.append("api-key", "key-a".parse().unwrap());
+    two_api_keys.append("api-key", "nope".parse().unwrap());
+    for headers in [
+        two_bearers,
+        two_api_keys,
+        headers(&[("authorization", "Bearer key-a"), ("api-key", "key-b")]),
+        headers(&[("authorization", "Bearer nope"), ("api-key", "key-a")]),
+    ] {
+        assert_eq!(
+            authenticate(&headers, &auth(true)),
+            Err(GatewayError::AmbiguousApiKey),
+            "{headers:?}"
+        );
+    }
+    // The same key in both forms is one key.
+    assert_eq!(
+        authenticate(
+            &headers(&[("authorization", "Bearer key-b"), ("api-key", "key-b")]),
+            &auth(false)
+        ),
+        Ok(Caller::ApiKey {
+            id: "app-b".to_owned()
+        })
+    );
+}
+
+#[test]
+fn the_admin_check_refuses_two_bearer_headers() {
+    let tokens = auth(false).api_keys;
+    let mut two = HeaderMap::new();
+    two.append("authorization", "Bearer key-a".parse().unwrap());
+    assert!(super::bearer_matches(&two, &tokens));
+    two.append("authorization", "Bearer nope".parse().unwrap());
+    assert!(!super::bearer_matches(&two, &tokens));
+}

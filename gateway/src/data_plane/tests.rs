@@ -5,7 +5,10 @@ use super::route_path;
 fn check(method: Method, path: &str, query: Option<&str>) -> String {
     match route_path(&method, path, query) {
         Ok(operation) => format!("{operation:?}"),
-        Err(error) => format!("{} {}", error.status().as_u16(), error),
+        Err(error) => match error.allow() {
+            Some(allow) => format!("{} {} (allow: {allow})", error.status().as_u16(), error),
+            None => format!("{} {}", error.status().as_u16(), error),
+        },
     }
 }
 
@@ -31,6 +34,12 @@ fn paths_map_to_operations() {
         "Responses"
     );
     assert_eq!(check(Method::GET, "/openai/v1/models", None), "Models");
+    // HEAD goes where GET goes; only the content is left out.
+    assert_eq!(check(Method::HEAD, "/v1/models", None), "Models");
+    assert_eq!(
+        check(Method::HEAD, "/v1/responses/resp_1/input_items", None),
+        "StoredResponse { id: \"resp_1\", part: InputItems }"
+    );
     assert_eq!(
         check(
             Method::POST,
@@ -65,15 +74,15 @@ fn paths_map_to_operations() {
 fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
     assert_eq!(
         check(Method::GET, "/v1/chat/completions", None),
-        "405 method GET is not allowed for /v1/chat/completions"
+        "405 method GET is not allowed for /v1/chat/completions (allow: POST)"
     );
     assert_eq!(
         check(Method::GET, "/v1/embeddings", None),
-        "405 method GET is not allowed for /v1/embeddings"
+        "405 method GET is not allowed for /v1/embeddings (allow: POST)"
     );
     assert_eq!(
         check(Method::GET, "/v1/responses", None),
-        "405 method GET is not allowed for /v1/responses"
+        "405 method GET is not allowed for /v1/responses (allow: POST)"
     );
     // Stored responses: read, deleted, their input items listed; nothing else.
     assert_eq!(
@@ -90,7 +99,19 @@ fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
     );
     assert_eq!(
         check(Method::POST, "/v1/responses/resp_1", None),
-        "405 method POST is not allowed for /v1/responses/resp_1"
+        "405 method POST is not allowed for /v1/responses/resp_1 (allow: GET, HEAD, DELETE)"
+    );
+    assert_eq!(
+        check(Method::PUT, "/v1/responses/resp_1/input_items", None),
+        "405 method PUT is not allowed for /v1/responses/resp_1/input_items (allow: GET, HEAD)"
+    );
+    assert_eq!(
+        check(Method::POST, "/v1/models", None),
+        "405 method POST is not allowed for /v1/models (allow: GET, HEAD)"
+    );
+    assert_eq!(
+        check(Method::HEAD, "/v1/chat/completions", None),
+        "405 method HEAD is not allowed for /v1/chat/completions (allow: POST)"
     );
     assert_eq!(
         check(Method::POST, "/v1/responses/resp_1/cancel", None),

@@ -644,3 +644,59 @@ fn embeddings_inputs_come_in_four_shapes_and_anything_else_is_named() {
         Err(crate::error::GatewayError::InvalidJson { .. })
     ));
 }
+
+#[test]
+fn the_routing_envelope_takes_only_an_object_with_each_key_once() {
+    let check = |body: &str, expected: Expect| {
+        let text = match super::parse_envelope(body.as_bytes()) {
+            Ok(envelope) => format!("{envelope:?}"),
+            Err(error) => String::from_utf8_lossy(&error.body_json()).into_owned(),
+        };
+        expected.assert_eq(&text);
+    };
+    check(
+        r#" {"model": "m", "stream": true, "user": "u"}"#,
+        expect![[
+            r#"Envelope { model: Some("m"), stream: true, include_usage: false, user: Some("u") }"#
+        ]],
+    );
+    // An array would otherwise be read as the fields in order.
+    check(
+        r#"["m", "u"]"#,
+        expect![[
+            r#"{"error":{"message":"the request body must be a JSON object","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    check(
+        "null",
+        expect![[
+            r#"{"error":{"message":"the request body must be a JSON object","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    check(
+        "[1",
+        expect![[
+            r#"{"error":{"message":"the request body must be a JSON object","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    check(
+        r#"{"model": "m""#,
+        expect![[
+            r#"{"error":{"message":"the request body is not valid JSON: EOF while parsing an object at line 1 column 13","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    // Which copy of a repeated key counts would differ between this gateway and a backend,
+    // whatever the key (escaped names included).
+    check(
+        r#"{"model": "local", "messages": [], "model": "cloud"}"#,
+        expect![[
+            r#"{"error":{"message":"the request body has the key `model` more than once","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    check(
+        r#"{"messages": [], "model": "m", "\u006dessages": [{"role": "user", "content": "x"}]}"#,
+        expect![[
+            r#"{"error":{"message":"the request body has the key `messages` more than once","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+}
