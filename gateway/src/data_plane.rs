@@ -1189,6 +1189,21 @@ impl DataPlane {
         if declared.is_some_and(|length| length > limit_bytes) {
             return Err(too_large(session, ctx));
         }
+        // An HTTP/1.1 client that asked to hear `100 Continue` before sending its body (curl
+        // does above 1 MB) would otherwise wait a second for it. It is sent only here, once
+        // the caller is authenticated and admitted and the declared length is within limits.
+        let header = session.req_header();
+        if header.version == http::Version::HTTP_11
+            && header
+                .headers
+                .get(http::header::EXPECT)
+                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        {
+            session.write_continue_response().await.map_err(|error| {
+                ctx.reject("limits");
+                Failure::ClientGone(format!("writing 100 Continue: {error}"))
+            })?;
+        }
         let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit_bytes) as usize);
         loop {
             match session.read_request_body().await {

@@ -1,8 +1,10 @@
 //! Bad requests get OpenAI error bodies with the right status, and never take the gateway
 //! down or leak into the next request.
 
+use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, client, serial};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{block_on, chat_body};
 
@@ -12,6 +14,41 @@ async fn error_of(response: reqwest::Response) -> (u16, Value) {
     assert!(response.headers().contains_key("x-request-id"));
     assert!(response.headers().contains_key("x-isthmus-rule"));
     (status, response.json().await.unwrap())
+}
+
+/// An HTTP/1.1 connection over TLS to `address`, trusting the test CA.
+async fn tls_http1(
+    address: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = tests::TestPki::shared().ca_pem.as_bytes();
+    roots.add_parsable_certificates(
+        rustls_pki_types::CertificateDer::pem_slice_iter(ca).map(Result::unwrap),
+    );
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads one response head (through its blank line), byte by byte so that nothing after
+/// it is consumed.
+async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = stream.read_u8().await.unwrap();
+        head.push(byte);
+    }
+    String::from_utf8(head).unwrap()
 }
 
 #[test]
@@ -219,6 +256,35 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             );
         }
 
+        // `Expect: 100-continue` on HTTP/1.1: the interim answer comes before the body is
+        // sent (curl waits a second for it above 1 MB), and not to a caller it would refuse.
+        let body = serde_json::to_vec(&chat_body("Say hi", json!({"max_tokens": 2}))).unwrap();
+        let head = |key: &str| {
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n\
+                 authorization: Bearer {key}\r\ncontent-type: application/json\r\n\
+                 expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+        };
+        let mut stream = tls_http1(gateway.data).await;
+        stream.write_all(head(API_KEY).as_bytes()).await.unwrap();
+        let interim = read_head(&mut stream).await;
+        assert!(
+            interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+            "{interim}"
+        );
+        stream.write_all(&body).await.unwrap();
+        let answer = read_head(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        let mut stream = tls_http1(gateway.data).await;
+        stream
+            .write_all(head("wrong-key").as_bytes())
+            .await
+            .unwrap();
+        let refused = read_head(&mut stream).await;
+        assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
+
         // After all that, a good request is still answered.
         let response =
             post(serde_json::to_vec(&chat_body("Say hi", json!({"max_tokens": 3}))).unwrap())
@@ -229,7 +295,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     let metrics = gateway.metrics();
     for line in [
         "isthmus_requests_total{route=\"rejected\",status=\"400\"}",
-        "isthmus_requests_total{route=\"rejected\",status=\"401\"} 3",
+        "isthmus_requests_total{route=\"rejected\",status=\"401\"} 4",
         "isthmus_requests_total{route=\"rejected\",status=\"404\"} 2",
         "isthmus_requests_total{route=\"rejected\",status=\"413\"} 2",
     ] {
