@@ -57,6 +57,9 @@ pub enum GatewayError {
     AmbiguousApiKey,
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
     RequestTooLarge { limit_bytes: u64 },
+    /// Answered by the listener itself, before any request exists.
+    #[error("request header is larger than the limit of {limit_bytes} bytes")]
+    HeaderTooLarge { limit_bytes: u64 },
     #[error("the local inference queue is full; retry after {retry_after_s} s")]
     QueueFull { retry_after_s: u64 },
     /// A caller used its tokens for the day (`crate::daily_usage`).
@@ -183,6 +186,12 @@ impl GatewayError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 INVALID_REQUEST,
                 Some("request_too_large"),
+                None,
+            ),
+            HeaderTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                INVALID_REQUEST,
+                Some("request_header_too_large"),
                 None,
             ),
             QueueFull { .. } => (

@@ -173,6 +173,13 @@ enum Phase {
     Responding,
     /// Not guarded (HTTP/2 has its own framing and limits).
     Off,
+    /// The header outgrew its cap: a 431 answer is being written, after which the
+    /// connection is shut down and Pingora sees `error`.
+    Refusing {
+        answer: Vec<u8>,
+        sent: usize,
+        error: Option<io::Error>,
+    },
 }
 
 /// Bytes an HTTP/1 connection gathers before a write reaches the socket: a response head
@@ -253,6 +260,47 @@ impl GuardedStream {
         }
         Ok(())
     }
+
+    /// Writes the 431 answer of `Phase::Refusing` and shuts the connection down; then
+    /// yields the error that ends Pingora's session. A client that is still sending its
+    /// header may see a reset instead: the rest of its bytes are never read.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Phase::Refusing {
+            answer,
+            sent,
+            error,
+        } = &mut self.phase
+        else {
+            return Poll::Ready(Ok(()));
+        };
+        while *sent < answer.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..])) {
+                Ok(0) | Err(_) => break,
+                Ok(written) => *sent += written,
+            }
+        }
+        if *sent == answer.len() {
+            let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+            let _ = ready!(Pin::new(&mut self.inner).poll_shutdown(cx));
+        }
+        *sent = answer.len();
+        Poll::Ready(Err(error.take().unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "request header refused")
+        })))
+    }
+}
+
+/// The whole HTTP/1.1 answer to a header over `limit_bytes`.
+fn header_too_large_answer(limit_bytes: u64) -> Vec<u8> {
+    let body = crate::error::GatewayError::HeaderTooLarge { limit_bytes }.body_json();
+    let mut answer = format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    answer.extend_from_slice(&body);
+    answer
 }
 
 fn header_phase(timeout: Duration) -> Phase {
@@ -271,6 +319,9 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if matches!(this.phase, Phase::Refusing { .. }) {
+            return this.poll_refuse(cx);
+        }
         if let Phase::Header { deadline, .. } = &mut this.phase
             && deadline.as_mut().poll(cx).is_ready()
         {
@@ -283,7 +334,19 @@ impl AsyncRead for GuardedStream {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let data = &buf.filled()[filled_before..];
-                Poll::Ready(this.observe_read(data))
+                match this.observe_read(data) {
+                    Ok(()) => Poll::Ready(Ok(())),
+                    Err(error) => {
+                        // None of the oversized header reaches Pingora.
+                        buf.set_filled(filled_before);
+                        this.phase = Phase::Refusing {
+                            answer: header_too_large_answer(this.header_bytes_max),
+                            sent: 0,
+                            error: Some(error),
+                        };
+                        this.poll_refuse(cx)
+                    }
+                }
             }
             other => other,
         }

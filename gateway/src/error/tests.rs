@@ -36,6 +36,12 @@ fn errors_map_to_openai_status_and_body() {
         ]],
     );
     check(
+        GatewayError::HeaderTooLarge { limit_bytes: 4096 },
+        expect![[
+            r#"431 {"error":{"message":"request header is larger than the limit of 4096 bytes","type":"invalid_request_error","param":null,"code":"request_header_too_large"}}"#
+        ]],
+    );
+    check(
         GatewayError::InvalidApiKey,
         expect![[
             r#"401 {"error":{"message":"incorrect API key provided","type":"authentication_error","param":null,"code":"invalid_api_key"}}"#
