@@ -261,6 +261,16 @@ impl GuardedStream {
         Ok(())
     }
 
+    /// A write is the answer to the request, so the next byte read starts the next request;
+    /// except `100 Continue` (written before the body is read, which is still to come).
+    fn observe_write(&mut self, data: &[u8]) {
+        match self.phase {
+            Phase::Body if data.starts_with(b"HTTP/1.1 100 ") => {}
+            Phase::Off | Phase::Refusing { .. } => {}
+            _ => self.phase = Phase::Responding,
+        }
+    }
+
     /// Writes the 431 answer of `Phase::Refusing` and shuts the connection down; then
     /// yields the error that ends Pingora's session. A client that is still sending its
     /// header may see a reset instead: the rest of its bytes are never read.
@@ -360,9 +370,7 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if !matches!(this.phase, Phase::Off) {
-            this.phase = Phase::Responding;
-        }
+        this.observe_write(buf);
         this.pending.poll_write(Pin::new(&mut this.inner), cx, buf)
     }
 
@@ -383,8 +391,8 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if !matches!(this.phase, Phase::Off) {
-            this.phase = Phase::Responding;
+        if let Some(first) = bufs.iter().find(|slice| !slice.is_empty()) {
+            this.observe_write(first);
         }
         this.pending
             .poll_write_vectored(Pin::new(&mut this.inner), cx, bufs)

@@ -258,7 +258,14 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
 
         // `Expect: 100-continue` on HTTP/1.1: the interim answer comes before the body is
         // sent (curl waits a second for it above 1 MB), and not to a caller it would refuse.
-        let body = serde_json::to_vec(&chat_body("Say hi", json!({"max_tokens": 2}))).unwrap();
+        // The body is larger than a header may be: its bytes must not be taken for the
+        // next request's header once the interim answer is out.
+        let padding = "x".repeat(40 * 1024);
+        let body = serde_json::to_vec(&chat_body(
+            "Say hi",
+            json!({"max_tokens": 2, "metadata": {"padding": padding}}),
+        ))
+        .unwrap();
         let head = |key: &str| {
             format!(
                 "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n\
