@@ -322,10 +322,16 @@ async fn run(
     };
 
     let admin_app = Arc::new(HttpServer::new_app(Admin::new(Arc::clone(&state))));
-    let data_app = Arc::new(pingora_proxy::http_proxy(
-        &pingora_conf,
-        DataPlane::new(Arc::clone(&state)),
-    ));
+    let mut data_proxy =
+        pingora_proxy::http_proxy(&pingora_conf, DataPlane::new(Arc::clone(&state)));
+    // HTTP/2 requests get the same header cap as HTTP/1 ones (h2 answers 431 above it),
+    // instead of Pingora's fixed 64 KiB.
+    let mut h2_options = pingora_core::protocols::http::v2::server::default_h2_options();
+    h2_options.max_header_list_size(
+        u32::try_from(config.server.limits.header_bytes_max).unwrap_or(u32::MAX),
+    );
+    data_proxy.h2_options = Some(h2_options);
+    let data_app = Arc::new(data_proxy);
     // The data listener is announced last: once it is, every listener is.
     let admin_scheme = if config.server.admin_listen.ip().is_loopback() {
         "http"

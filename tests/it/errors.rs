@@ -292,6 +292,19 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         let refused = read_head(&mut stream).await;
         assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
 
+        // The header cap (16 KiB here) holds on HTTP/2 too, where h2 answers 431 itself.
+        let response = client()
+            .get(gateway.url("/v1/models"))
+            .bearer_auth(API_KEY)
+            .header("x-padding", "a".repeat(20 * 1024))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (response.version(), response.status().as_u16()),
+            (reqwest::Version::HTTP_2, 431)
+        );
+
         // After all that, a good request is still answered.
         let response =
             post(serde_json::to_vec(&chat_body("Say hi", json!({"max_tokens": 3}))).unwrap())
