@@ -16,17 +16,18 @@ use crate::auth::Caller;
 use crate::data_plane::{Failure, RequestContext};
 
 /// The OCSF API Activity ids: 1 create (a completion), 2 read (a listing, a stored
-/// response), 4 delete (a stored response).
+/// response, a browser's CORS preflight), 4 delete (a stored response).
 fn ocsf_activity(method: &str, path: &str) -> u32 {
     match method {
         "DELETE" => 4,
-        "GET" => 2,
+        "GET" | "HEAD" | "OPTIONS" => 2,
         _ if path.ends_with("/models") => 2,
         _ => 1,
     }
 }
 
-/// The Azure-style operation name: `Isthmus/inference/<action>/action` for inference,
+/// The Azure-style operation name: `Isthmus/inference/<action>/action` for inference (and
+/// `.../preflight` for a browser's CORS preflight of it),
 /// `.../responses/read`, `.../responses/inputItems/read` and `.../responses/delete` for
 /// stored responses.
 fn operation(method: &str, path: &str) -> String {
@@ -53,7 +54,12 @@ fn operation(method: &str, path: &str) -> String {
     } else {
         "other"
     };
-    format!("Isthmus/inference/{action}/action")
+    let verb = if method == "OPTIONS" {
+        "preflight"
+    } else {
+        "action"
+    };
+    format!("Isthmus/inference/{action}/{verb}")
 }
 
 /// The record of a request as `ctx` knows it now.

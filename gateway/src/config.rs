@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 mod audit;
+mod cors;
 pub mod edit;
 mod responses;
 mod rules;
@@ -26,6 +27,7 @@ mod telemetry;
 mod upstreams;
 mod waf;
 pub use audit::AuditSettings;
+pub use cors::CorsConfig;
 pub use responses::ResponsesConfig;
 pub use rules::PolicyConfig;
 pub use telemetry::{OtlpSettings, TelemetrySettings};
@@ -78,6 +80,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// Stored responses of the Responses API (`[responses]`).
     pub responses: ResponsesConfig,
+    /// Browser origins allowed to call the data plane (`[cors]`).
+    pub cors: CorsConfig,
     /// The web application firewall (`[waf]`).
     pub waf: std::sync::Arc<router_policies::waf::Waf>,
 }
@@ -608,12 +612,13 @@ pub fn parse(
     let waf: Option<waf::RawWaf> = section(&mut document, "waf", &mut errors);
     let responses: Option<responses::RawResponses> =
         section(&mut document, "responses", &mut errors);
+    let cors: Option<cors::RawCors> = section(&mut document, "cors", &mut errors);
     let models = models_section(&mut document, &mut errors);
     let pools = named_section::<upstreams::RawPool>(&mut document, "upstreams", &mut errors);
     for key in document.keys() {
         errors.push(ConfigError::new(
             key.as_str(),
-            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, responses, waf)",
+            "unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, responses, waf, cors)",
         ));
     }
 
@@ -642,6 +647,7 @@ pub fn parse(
     });
     let logging = logging.map(|raw| validator.logging(raw));
     let responses = responses.map(|raw| validator.responses(raw));
+    let cors = cors.map(|raw| validator.cors(raw));
     let api_key_ids: Option<Vec<&str>> = match &auth {
         Some(Some(auth)) => Some(auth.api_keys.iter().map(|key| key.id.as_str()).collect()),
         _ => None,
@@ -672,19 +678,19 @@ pub fn parse(
     }
 
     match (
-        server, auth, routing, policy, audit, telemetry, engine, logging, responses, waf,
+        (server, auth, routing, policy, audit, telemetry),
+        (engine, logging, responses, waf, cors),
     ) {
         (
-            Some(Some(server)),
-            Some(Some(auth)),
-            Some(routing),
-            Some(policy),
-            Some(Some(audit)),
-            Some(Some(telemetry)),
-            Some(engine),
-            Some(Some(logging)),
-            Some(responses),
-            Some(Some(waf)),
+            (
+                Some(Some(server)),
+                Some(Some(auth)),
+                Some(routing),
+                Some(policy),
+                Some(Some(audit)),
+                Some(Some(telemetry)),
+            ),
+            (Some(engine), Some(Some(logging)), Some(responses), Some(Some(waf)), Some(cors)),
         ) if validator.errors.is_empty() => Ok(Config {
             source: source.to_path_buf(),
             digest: hex::encode(sha256(text)),
@@ -700,6 +706,7 @@ pub fn parse(
             logging,
             responses,
             waf,
+            cors,
         }),
         _ => Err(validator.errors),
     }

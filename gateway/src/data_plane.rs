@@ -110,6 +110,8 @@ pub struct RequestContext {
     pub rate_limit: Option<RateCharge>,
     /// What the `x-ratelimit-*` headers say.
     pub rate_standing: Option<crate::rate_limit::Standing>,
+    /// `Access-Control-Allow-Origin` for a browser origin `[cors]` allows.
+    pub cors_origin: Option<http::HeaderValue>,
     _in_flight: Option<InFlight>,
 }
 
@@ -288,16 +290,20 @@ fn route_path(
     path: &str,
     query: Option<&str>,
 ) -> Result<Operation, GatewayError> {
-    let not_allowed = |allow: &'static str| GatewayError::MethodNotAllowed {
-        method: method.to_string(),
-        path: path.to_owned(),
-        allow,
+    // Another method on a known path is refused naming the methods the path takes (an
+    // `OPTIONS` preflight is answered from that where `[cors]` allows origins).
+    let not_allowed = |allow: &'static str| {
+        Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_owned(),
+            allow,
+        })
     };
     let post = |operation: Operation| {
         if method == http::Method::POST {
             Ok(operation)
         } else {
-            Err(not_allowed("POST"))
+            not_allowed("POST")
         }
     };
     // HEAD is GET without the content (RFC 9110): the same route, and `write_whole` sends
@@ -321,9 +327,9 @@ fn route_path(
             let (id, part) = match rest.split_once('/') {
                 None if get => (rest, StoredPart::Get),
                 None if *method == http::Method::DELETE => (rest, StoredPart::Delete),
-                None => return Err(not_allowed("GET, HEAD, DELETE")),
+                None => return not_allowed("GET, HEAD, DELETE"),
                 Some((id, "input_items")) if get => (id, StoredPart::InputItems),
-                Some((_, "input_items")) => return Err(not_allowed("GET, HEAD")),
+                Some((_, "input_items")) => return not_allowed("GET, HEAD"),
                 Some(_) => {
                     return Err(GatewayError::UnknownUrl {
                         method: method.to_string(),
@@ -337,7 +343,7 @@ fn route_path(
             })
         }
         "/v1/models" if get => Ok(Operation::Models),
-        "/v1/models" => Err(not_allowed("GET, HEAD")),
+        "/v1/models" => not_allowed("GET, HEAD"),
         azure if azure.starts_with("/openai/deployments/") => {
             let rest = &azure["/openai/deployments/".len()..];
             let (deployment, action) = rest.split_once('/').unwrap_or((rest, ""));
@@ -443,6 +449,13 @@ pub fn response_header(
     if let Some(degraded) = ctx.degraded {
         header.insert_header("x-isthmus-degraded", degraded)?;
     }
+    if let Some(origin) = &ctx.cors_origin {
+        if origin != "*" {
+            header.insert_header("vary", "Origin")?;
+        }
+        header.insert_header("access-control-allow-origin", origin.clone())?;
+        header.insert_header("access-control-expose-headers", CORS_EXPOSED_HEADERS)?;
+    }
     if let Some(standing) = &ctx.rate_standing {
         for (kind, bucket) in [("requests", standing.requests), ("tokens", standing.tokens)] {
             let Some(bucket) = bucket else {
@@ -463,6 +476,31 @@ pub fn response_header(
         }
     }
     Ok(header)
+}
+
+/// What a browser page may read of an answer beyond the CORS-safelisted headers.
+const CORS_EXPOSED_HEADERS: &str = "x-request-id, x-isthmus-route, x-isthmus-target, \
+     x-isthmus-rule, x-isthmus-degraded, retry-after, x-ratelimit-limit-requests, \
+     x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, \
+     x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens";
+
+/// Request headers a preflight may ask for: what OpenAI clients send (the SDKs'
+/// `x-stainless-*` and `openai-*` among them), the canary header and trace context.
+fn cors_request_header_allowed(name: &str) -> bool {
+    matches!(
+        name,
+        "authorization"
+            | "api-key"
+            | "content-type"
+            | "x-request-id"
+            | "x-isthmus-canary"
+            | "x-data-classification"
+            | "traceparent"
+            | "tracestate"
+            | "user-agent"
+    ) || name.starts_with("openai-")
+        || name.starts_with("x-stainless-")
+        || name.starts_with("x-ms-")
 }
 
 /// Writes a complete JSON response.
@@ -494,7 +532,8 @@ fn json_header(
 
 /// Writes a header and a complete body in one go (one write to the socket on HTTP/1.1). The
 /// answer to a HEAD request is the header alone, with the length the body would have: HTTP/2
-/// forbids content on it, and HTTP/1.1 would misframe the next response.
+/// forbids content on it, and HTTP/1.1 would misframe the next response. So is an empty body
+/// (a 204).
 pub async fn write_whole(
     session: &mut Session,
     ctx: &mut RequestContext,
@@ -505,7 +544,7 @@ pub async fn write_whole(
     crate::audit_trail::seal(session, ctx)
         .await
         .map_err(|failure| Error::explain(ErrorType::WriteError, format!("{failure:?}")))?;
-    let tasks = if session.req_header().method == http::Method::HEAD {
+    let tasks = if session.req_header().method == http::Method::HEAD || body.is_empty() {
         vec![HttpTask::Header(Box::new(header), true)]
     } else {
         vec![
@@ -538,8 +577,37 @@ pub async fn respond_error(
 
 impl DataPlane {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Failure> {
+        let cors = &self.state.routing().config.cors;
         let header = session.req_header();
-        let operation = route_path(&header.method, header.uri.path(), header.uri.query())?;
+        // A browser page's origin, where `[cors]` allows it: every answer, errors included,
+        // then says so. Another origin is refused before anything runs.
+        let origin = header
+            .headers
+            .get(http::header::ORIGIN)
+            .filter(|_| cors.enabled())
+            .cloned();
+        if let Some(origin) = &origin {
+            if !origin.to_str().is_ok_and(|text| cors.allows(text)) {
+                ctx.reject("cors");
+                return Err(GatewayError::OriginNotAllowed {
+                    origin: String::from_utf8_lossy(origin.as_bytes()).into_owned(),
+                }
+                .into());
+            }
+            ctx.cors_origin = Some(if cors.any_origin {
+                http::HeaderValue::from_static("*")
+            } else {
+                origin.clone()
+            });
+        }
+        let operation = match route_path(&header.method, header.uri.path(), header.uri.query()) {
+            Err(GatewayError::MethodNotAllowed { allow, .. })
+                if header.method == http::Method::OPTIONS =>
+            {
+                return self.preflight(session, ctx, allow, origin.is_some()).await;
+            }
+            routed => routed?,
+        };
         if !self.state.ready() {
             return Err(GatewayError::Unavailable {
                 message: "the gateway is starting: models are still loading".to_owned(),
@@ -828,6 +896,80 @@ impl DataPlane {
         })?;
         let body = looked_up?;
         respond_json(session, ctx, 200, body, None).await?;
+        Ok(())
+    }
+
+    /// A browser's preflight from an allowed origin (`cors_origin` set): the methods and
+    /// request headers the path takes, for `max_age_s`. Without `[cors]` origins, or without
+    /// the preflight's headers, `OPTIONS` is a method the path does not take.
+    async fn preflight(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestContext,
+        allow: &'static str,
+        from_allowed_origin: bool,
+    ) -> Result<(), Failure> {
+        let header = session.req_header();
+        let not_allowed = || {
+            Failure::from(GatewayError::MethodNotAllowed {
+                method: header.method.to_string(),
+                path: header.uri.path().to_owned(),
+                allow,
+            })
+        };
+        let method = header
+            .headers
+            .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|value| value.to_str().ok());
+        let Some(method) = method.filter(|_| from_allowed_origin) else {
+            ctx.reject("request");
+            return Err(not_allowed());
+        };
+        if !allow.split(", ").any(|allowed| allowed == method) {
+            ctx.reject("cors");
+            return Err(not_allowed());
+        }
+        let mut headers = Vec::new();
+        for name in header
+            .headers
+            .get_all(http::header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .iter()
+            .flat_map(|value| value.to_str().unwrap_or("\u{0}").split(','))
+        {
+            let name = name.trim().to_ascii_lowercase();
+            if name.is_empty() {
+                continue;
+            }
+            if !cors_request_header_allowed(&name) {
+                ctx.reject("cors");
+                return Err(GatewayError::invalid_value(
+                    "access-control-request-headers",
+                    format!("a browser may not send the header `{name}` to this gateway"),
+                )
+                .into());
+            }
+            headers.push(name);
+        }
+        let max_age_s = self.state.routing().config.cors.max_age_s;
+        ctx.route = "preflight";
+        ctx.rule = "cors";
+        ctx.status = 204;
+        let mut answer = response_header(ctx, 204, "text/plain")?;
+        answer.remove_header("content-type");
+        answer.remove_header("access-control-expose-headers");
+        answer.insert_header("access-control-allow-methods", allow)?;
+        if !headers.is_empty() {
+            answer.insert_header("access-control-allow-headers", headers.join(", "))?;
+        }
+        answer.insert_header("access-control-max-age", max_age_s.to_string())?;
+        if ctx.cors_origin.as_ref().is_some_and(|origin| origin != "*") {
+            answer.remove_header("vary");
+            answer.insert_header(
+                "vary",
+                "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+            )?;
+        }
+        write_whole(session, ctx, answer, Bytes::new()).await?;
         Ok(())
     }
 
@@ -1328,6 +1470,7 @@ impl ProxyHttp for DataPlane {
             on_premises: false,
             rate_limit: None,
             rate_standing: None,
+            cors_origin: None,
             _in_flight: None,
         }
     }

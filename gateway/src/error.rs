@@ -49,6 +49,9 @@ pub enum GatewayError {
         path: String,
         allow: &'static str,
     },
+    /// A browser page of an origin `[cors]` does not list.
+    #[error("the origin `{origin}` may not call this gateway from a browser")]
+    OriginNotAllowed { origin: String },
     /// More than one credential, or an `Authorization` and an `api-key` that disagree: which
     /// one to check would be a guess, so neither is.
     #[error(
@@ -186,6 +189,12 @@ impl GatewayError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 INVALID_REQUEST,
                 Some("request_too_large"),
+                None,
+            ),
+            OriginNotAllowed { .. } => (
+                StatusCode::FORBIDDEN,
+                INVALID_REQUEST,
+                Some("origin_not_allowed"),
                 None,
             ),
             HeaderTooLarge { .. } => (

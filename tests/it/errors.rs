@@ -322,3 +322,140 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }
 }
+
+#[test]
+fn browser_origins_get_cors_answers_only_where_configured() {
+    let _serial = serial();
+    let options = GatewayOptions {
+        extra: "[cors]\nallow_origins = [\"https://chat.contoso.com\"]\n".to_owned(),
+        ..GatewayOptions::default()
+    };
+    let gateway = Gateway::start(&options);
+    let allowed = "https://chat.contoso.com";
+    let preflight = |origin: &str, method: &str, path: &str, headers: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, gateway.url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", headers)
+            .send()
+    };
+    block_on(async {
+        // A preflight needs no key: browsers send none with it.
+        let answer = preflight(
+            allowed,
+            "POST",
+            "/v1/chat/completions",
+            "authorization,Content-Type,x-stainless-os",
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), 204);
+        let headers = answer.headers();
+        assert_eq!(headers["access-control-allow-origin"], allowed);
+        assert_eq!(headers["access-control-allow-methods"], "POST");
+        assert_eq!(
+            headers["access-control-allow-headers"],
+            "authorization, content-type, x-stainless-os"
+        );
+        assert_eq!(headers["access-control-max-age"], "600");
+        assert!(
+            headers["vary"].to_str().unwrap().contains("Origin"),
+            "{headers:?}"
+        );
+        let answer = preflight(allowed, "GET", "/v1/models", "authorization")
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 204);
+        assert_eq!(
+            answer.headers()["access-control-allow-methods"],
+            "GET, HEAD"
+        );
+        // A method the path does not take, and a header no OpenAI client sends.
+        let answer = preflight(allowed, "DELETE", "/v1/chat/completions", "")
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 405);
+        let (status, body) = error_of(
+            preflight(allowed, "POST", "/v1/chat/completions", "x-forwarded-host")
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"]["param"].as_str()),
+            (400, Some("access-control-request-headers"))
+        );
+
+        // The request itself, and its errors, say the origin may read them.
+        let post = |origin: &str, key: &str| {
+            client()
+                .post(gateway.url("/v1/chat/completions"))
+                .header("origin", origin)
+                .bearer_auth(key)
+                .json(&chat_body("Say hi", json!({"max_tokens": 2})))
+                .send()
+        };
+        let answer = post(allowed, API_KEY).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers()["access-control-allow-origin"], allowed);
+        assert!(
+            answer.headers()["access-control-expose-headers"]
+                .to_str()
+                .unwrap()
+                .contains("x-request-id")
+        );
+        let answer = post(allowed, "wrong-key").await.unwrap();
+        assert_eq!(answer.headers()["access-control-allow-origin"], allowed);
+        assert_eq!(error_of(answer).await.0, 401);
+
+        // Another origin is refused before anything runs, preflight or not.
+        for answer in [
+            preflight("https://evil.example", "POST", "/v1/chat/completions", "")
+                .await
+                .unwrap(),
+            post("https://evil.example", API_KEY).await.unwrap(),
+        ] {
+            assert!(!answer.headers().contains_key("access-control-allow-origin"));
+            let (status, body) = error_of(answer).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (403, Some("origin_not_allowed"))
+            );
+        }
+        // Clients that are not browsers send no Origin and are served as ever.
+        let answer = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(&chat_body("Say hi", json!({"max_tokens": 2})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert!(!answer.headers().contains_key("access-control-allow-origin"));
+    });
+    let metrics = gateway.metrics();
+    assert!(
+        metrics.contains("isthmus_requests_total{route=\"preflight\",status=\"204\"} 2"),
+        "{metrics}"
+    );
+
+    // `[cors]` takes part in the hot reload: without origins, OPTIONS is a method no path
+    // takes.
+    let config_path = gateway.dir.path().join("isthmus.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        text.replace("allow_origins = [\"https://chat.contoso.com\"]", ""),
+    )
+    .unwrap();
+    let reloaded = crate::cloud::admin_post(&gateway, "/admin/api/reload");
+    assert_eq!(reloaded["reloaded"], true, "{reloaded}");
+    block_on(async {
+        let answer = preflight(allowed, "POST", "/v1/chat/completions", "")
+            .await
+            .unwrap();
+        assert!(!answer.headers().contains_key("access-control-allow-origin"));
+        assert_eq!(error_of(answer).await.0, 405);
+    });
+}

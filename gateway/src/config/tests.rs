@@ -238,7 +238,7 @@ x = 1
     let errors = errors_of(text, &source);
     let missing = dir.path().join("missing.gguf");
     let expected = [
-        "telemtry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, responses, waf)"
+        "telemtry: unknown section (expected server, auth, models, upstreams, routing, policy, audit, telemetry, engine, logging, responses, waf, cors)"
             .to_owned(),
         "models.other.context_tokens: invalid type: string \"big\", expected u32".to_owned(),
         "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
@@ -688,6 +688,52 @@ fn audit_content_and_syslog_are_validated_with_every_error_at_once() {
         [
             "audit.content.rules[1]: no policy rule is named `suport-desk` (expected a \
              [[policy.rules]] name or default, fail_closed, spillover)"
+        ]
+    );
+}
+
+#[test]
+fn cors_origins_are_exact_and_validated_with_every_error_at_once() {
+    let (_dir, source) = fixture();
+    let config = match parse(&format!("{VALID}\n[cors]\n"), &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    assert!(!config.cors.enabled(), "no origins, no CORS");
+    let listed = format!(
+        "{VALID}\n[cors]\nallow_origins = [\"HTTPS://Chat.Contoso.com:443\", \"http://localhost:5173\"]\nmax_age_s = 60\n"
+    );
+    let config = match parse(&listed, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    assert_eq!(
+        config.cors.allow_origins,
+        ["https://chat.contoso.com", "http://localhost:5173"]
+    );
+    assert!(config.cors.allows("https://chat.contoso.com"));
+    assert!(config.cors.allows("HTTPS://CHAT.CONTOSO.COM"));
+    assert!(!config.cors.allows("https://chat.contoso.com:8443"));
+    assert!(!config.cors.allows("https://evil.example"));
+    assert!(!config.cors.allows("null"));
+    assert_eq!(config.cors.max_age_s, 60);
+    let any = format!("{VALID}\n[cors]\nallow_origins = [\"*\"]\n");
+    let config = match parse(&any, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    assert!(config.cors.allows("https://anything.example"));
+    let bad = format!(
+        "{VALID}\n[cors]\nallow_origins = [\"*\", \"https://a.example/\", \"https://*.contoso.com\", \"https://b.example\", \"https://B.example:443\"]\nmax_age_s = 100000\n"
+    );
+    assert_eq!(
+        errors_of(&bad, &source),
+        [
+            "cors.max_age_s: must be at most 86400 (24 h), not 100000",
+            "cors.allow_origins[1]: `https://a.example/` ends with `/`; browsers send origins without it",
+            "cors.allow_origins[2]: `https://*.contoso.com` has a wildcard; list each origin, or \"*\" alone",
+            "cors.allow_origins[4]: `https://b.example` is listed twice",
+            "cors.allow_origins: \"*\" allows every origin: list it alone or list origins",
         ]
     );
 }
