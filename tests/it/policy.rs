@@ -145,8 +145,8 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("cloud".to_owned(), "complex-to-cloud".to_owned())
         );
-        // A repeated key cannot hide the IBAN: parsers disagree on which copy wins, so every
-        // copy is scanned.
+        // A repeated key cannot hide the IBAN: parsers disagree on which copy wins, so such a
+        // body is refused outright (and the scan would read every copy).
         let messages = |content: &str| json!([{"role": "user", "content": content}]).to_string();
         let smuggled = format!(
             r#"{{"model": "smollm2", "max_tokens": 200, "messages": {}, "messages": {}}}"#,
@@ -163,7 +163,12 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             .unwrap();
         assert_eq!(
             route(&response),
-            ("local".to_owned(), "sensitive-local".to_owned())
+            ("rejected".to_owned(), "request".to_owned())
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["message"],
+            "the request body has the key `messages` more than once"
         );
         // Nor can a field outside the prompt (the cloud leg forwards the whole body), as a
         // string or as a number.
