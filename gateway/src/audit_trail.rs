@@ -45,7 +45,7 @@ fn operation(method: &str, path: &str) -> String {
         "chat/completions"
     } else if path.ends_with("/completions") {
         "completions"
-    } else if path.ends_with("/models") {
+    } else if path.ends_with("/models") || path.contains("/models/") {
         "models"
     } else if path.ends_with("/responses") {
         "responses"

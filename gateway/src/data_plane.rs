@@ -240,6 +240,10 @@ enum Operation {
         part: StoredPart,
     },
     Models,
+    /// `GET /v1/models/{id}`: one model, by a name clients may ask for.
+    Model {
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,6 +348,18 @@ fn route_path(
         }
         "/v1/models" if get => Ok(Operation::Models),
         "/v1/models" => not_allowed("GET, HEAD"),
+        // Pool models may be named `org/model`, and clients percent-encode the `/` or not.
+        model if model.starts_with("/v1/models/") => {
+            let id = percent_decoded(&model["/v1/models/".len()..]).filter(|id| !id.is_empty());
+            match id {
+                Some(id) if get => Ok(Operation::Model { id }),
+                Some(_) => not_allowed("GET, HEAD"),
+                None => Err(GatewayError::UnknownUrl {
+                    method: method.to_string(),
+                    path: path.to_owned(),
+                }),
+            }
+        }
         azure if azure.starts_with("/openai/deployments/") => {
             let rest = &azure["/openai/deployments/".len()..];
             let (deployment, action) = rest.split_once('/').unwrap_or((rest, ""));
@@ -387,6 +403,25 @@ fn route_path(
             path: path.to_owned(),
         }),
     }
+}
+
+/// A path segment with its `%XX` escapes decoded; `None` when an escape is malformed or the
+/// result is not UTF-8.
+fn percent_decoded(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok()?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            at += 3;
+        } else {
+            decoded.push(bytes[at]);
+            at += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
 }
 
 /// The client's `x-request-id` when it is a sane token, else a new one.
@@ -625,26 +660,25 @@ impl DataPlane {
                 self.check_bodiless(session, ctx, &routing)?;
                 ctx.route = "local";
                 ctx.rule = "default";
-                let mut models: Vec<(String, u64)> = self
-                    .state
-                    .engine
-                    .get()
-                    .map(|engine| {
-                        engine
-                            .models()
-                            .iter()
-                            .map(|model| (model.info().name.clone(), model.info().created_unix_s))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for pool in &routing.config.upstreams {
-                    for name in pool.models.keys() {
-                        if !models.iter().any(|(known, _)| known == name) {
-                            models.push((name.clone(), 0));
-                        }
-                    }
-                }
+                let models = self.served_models(&routing, false);
                 let body = serde_json::to_vec(&openai::models_list(&models)).unwrap_or_default();
+                respond_json(session, ctx, 200, body, None).await?;
+                Ok(())
+            }
+            Operation::Model { id } => {
+                self.check_bodiless(session, ctx, &routing)?;
+                ctx.route = "local";
+                ctx.rule = "default";
+                let Some((id, created)) = self
+                    .served_models(&routing, true)
+                    .into_iter()
+                    .find(|(name, _)| *name == id)
+                else {
+                    ctx.route = "rejected";
+                    return Err(GatewayError::ModelNotFound { model: id }.into());
+                };
+                let body =
+                    serde_json::to_vec(&openai::model_object(&id, created)).unwrap_or_default();
                 respond_json(session, ctx, 200, body, None).await?;
                 Ok(())
             }
@@ -680,6 +714,37 @@ impl DataPlane {
                 self.stored_response(session, ctx, &routing, id, part).await
             }
         }
+    }
+
+    /// The models clients may name, with when each was loaded (0 for pool models): the local
+    /// models (and their aliases, when asked) and the models of the cloud pools.
+    fn served_models(&self, routing: &Routing, with_aliases: bool) -> Vec<(String, u64)> {
+        let mut models: Vec<(String, u64)> = Vec::new();
+        if let Some(engine) = self.state.engine.get() {
+            for model in engine.models() {
+                let info = model.info();
+                models.push((info.name.clone(), info.created_unix_s));
+                if with_aliases
+                    && let Some(config) = routing
+                        .config
+                        .models
+                        .iter()
+                        .find(|config| config.name == info.name)
+                {
+                    for alias in &config.aliases {
+                        models.push((alias.clone(), info.created_unix_s));
+                    }
+                }
+            }
+        }
+        for pool in &routing.config.upstreams {
+            for name in pool.models.keys() {
+                if !models.iter().any(|(known, _)| known == name) {
+                    models.push((name.clone(), 0));
+                }
+            }
+        }
+        models
     }
 
     /// Takes the request from its caller's rate limits, or refuses it with 429.

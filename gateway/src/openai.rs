@@ -1654,11 +1654,14 @@ pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 pub fn models_list(models: &[(String, u64)]) -> Value {
     let data: Vec<Value> = models
         .iter()
-        .map(|(id, created)| {
-            serde_json::json!({"id": id, "object": "model", "created": created, "owned_by": "isthmus"})
-        })
+        .map(|(id, created)| model_object(id, *created))
         .collect();
     serde_json::json!({"object": "list", "data": data})
+}
+
+/// One model as OpenAI describes it (`GET /v1/models/{id}`, and each entry of the list).
+pub fn model_object(id: &str, created: u64) -> Value {
+    serde_json::json!({"id": id, "object": "model", "created": created, "owned_by": "isthmus"})
 }
 
 /// Most inputs one embeddings request may carry (OpenAI's own limit).

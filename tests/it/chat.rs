@@ -295,6 +295,44 @@ fn completions_models_and_the_azure_form_are_served() {
         assert_eq!(models["object"], "list");
         assert_eq!(models["data"][0]["id"], "smollm2");
         assert_eq!(models["data"][0]["object"], "model");
+        // One model, by its name or an alias (escaped or not); an unknown one is a 404.
+        for (path, id) in [
+            ("/v1/models/smollm2", "smollm2"),
+            ("/v1/models/gpt-4o-mini", "gpt-4o-mini"),
+            ("/openai/v1/models/smoll%6D2", "smollm2"),
+        ] {
+            let model: Value = client()
+                .get(gateway.url(path))
+                .bearer_auth(API_KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                (model["id"].as_str(), model["object"].as_str()),
+                (Some(id), Some("model")),
+                "{path}: {model}"
+            );
+            assert_eq!(model["created"], models["data"][0]["created"]);
+        }
+        let missing = client()
+            .get(gateway.url("/v1/models/org%2Fno-such-model"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), 404);
+        let body: Value = missing.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`org/no-such-model`"),
+            "{body}"
+        );
 
         let response = client()
             .post(

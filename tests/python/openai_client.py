@@ -234,6 +234,16 @@ def main() -> None:
     except openai.BadRequestError as error:
         assert error.body["param"] == "previous_response_id", error.body
 
+    # What libraries call to check a model before using it.
+    assert [model.id for model in client.models.list()][:1] == ["smollm2"]
+    retrieved = client.models.retrieve("smollm2")
+    assert (retrieved.id, retrieved.object) == ("smollm2", "model"), retrieved
+    try:
+        client.models.retrieve("no-such-model")
+        raise AssertionError("an unknown model was retrieved")
+    except openai.NotFoundError as error:
+        assert error.body["code"] == "model_not_found", error.body
+
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         raise AssertionError("an unknown model was accepted")

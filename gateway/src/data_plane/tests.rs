@@ -34,6 +34,14 @@ fn paths_map_to_operations() {
         "Responses"
     );
     assert_eq!(check(Method::GET, "/openai/v1/models", None), "Models");
+    assert_eq!(
+        check(Method::GET, "/v1/models/meta-llama%2FLlama-3.1-8B", None),
+        "Model { id: \"meta-llama/Llama-3.1-8B\" }"
+    );
+    assert_eq!(
+        check(Method::GET, "/openai/v1/models/org/name", None),
+        "Model { id: \"org/name\" }"
+    );
     // HEAD goes where GET goes; only the content is left out.
     assert_eq!(check(Method::HEAD, "/v1/models", None), "Models");
     assert_eq!(
@@ -108,6 +116,14 @@ fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
     assert_eq!(
         check(Method::POST, "/v1/models", None),
         "405 method POST is not allowed for /v1/models (allow: GET, HEAD)"
+    );
+    assert_eq!(
+        check(Method::DELETE, "/v1/models/smollm2", None),
+        "405 method DELETE is not allowed for /v1/models/smollm2 (allow: GET, HEAD)"
+    );
+    assert_eq!(
+        check(Method::GET, "/v1/models/bad%zzescape", None),
+        "404 unknown URL: GET /v1/models/bad%zzescape"
     );
     assert_eq!(
         check(Method::HEAD, "/v1/chat/completions", None),
