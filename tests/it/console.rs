@@ -561,6 +561,14 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
     assert!(text("/upstreams/message").contains("applied"), "{report:#}");
     let rows = report["upstreams"]["rows"].to_string();
     assert!(rows.contains("v1") && rows.contains("v2"), "{rows}");
+    // The two cloud answers of `traffic` opened the backends' first connections.
+    let connections: Vec<u64> = report["upstreams"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["connections"].as_u64().unwrap())
+        .collect();
+    assert!(connections.iter().sum::<u64>() >= 1, "{rows}");
     // (The file and the running pool are checked after the configuration page's edit.)
     // A card number in a request for the cloud model: it may not leave, and this gateway
     // has no local model by that name, so it is refused; the console says why.

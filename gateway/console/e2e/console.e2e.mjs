@@ -190,6 +190,7 @@ async function readUpstreamRows(page) {
       pool: row.dataset.pool,
       backend: row.dataset.backend,
       weight: Number(row.querySelector('[data-testid="weight-current"]')?.textContent ?? 'NaN'),
+      connections: Number((row.querySelector('[data-testid="connections"]')?.textContent ?? 'NaN').replaceAll(',', '')),
     })),
   );
 }

@@ -18,6 +18,9 @@ interface Backend {
   readonly circuit: string;
   readonly inFlight: number | undefined;
   readonly requests: number | undefined;
+  /** Connections the gateway opened to the backend (requests and probes): against the
+   *  requests, how well connections are reused. */
+  readonly connections: number | undefined;
 }
 
 /** The largest weight the gateway accepts. */
@@ -46,6 +49,7 @@ function readBackends(body: unknown): Backend[] {
     circuit: text(item['circuit']),
     inFlight: numeric(item['in_flight']),
     requests: numeric(item['requests']),
+    connections: numeric(item['connections']),
   }));
 }
 
@@ -79,6 +83,7 @@ interface Row {
   readonly health: HTMLTableCellElement;
   readonly inFlight: HTMLTableCellElement;
   readonly requests: HTMLTableCellElement;
+  readonly connections: HTMLTableCellElement;
   readonly weight: HTMLTableCellElement;
   readonly share: HTMLTableCellElement;
   readonly input: HTMLInputElement;
@@ -171,7 +176,7 @@ export class Upstreams implements View {
     }
     const sections = [...pools.entries()].map(([pool, members]) => {
       const { table: grid, body } = table(
-        ['Backend', 'URL', 'Variant', 'Health', 'In flight', 'Requests', 'Weight', 'Share', 'New weight'],
+        ['Backend', 'URL', 'Variant', 'Health', 'In flight', 'Requests', 'Connections', 'Weight', 'Share', 'New weight'],
         { 'data-pool': pool },
       );
       for (const backend of members) {
@@ -204,6 +209,7 @@ export class Upstreams implements View {
       health: cell(''),
       inFlight: cell('', { class: 'num' }),
       requests: cell('', { class: 'num' }),
+      connections: cell('', { class: 'num', 'data-testid': 'connections' }),
       weight: cell('', { class: 'num', 'data-testid': 'weight-current' }),
       share: cell('', { class: 'num' }),
       input,
@@ -227,6 +233,7 @@ export class Upstreams implements View {
       row.health,
       row.inFlight,
       row.requests,
+      row.connections,
       row.weight,
       row.share,
       cell(el('div', { class: 'weight-edit' }, [input, apply, preview])),
@@ -257,6 +264,7 @@ export class Upstreams implements View {
       }
       setText(row.inFlight, format.count(backend.inFlight));
       setText(row.requests, format.count(backend.requests));
+      setText(row.connections, format.count(backend.connections));
       setText(row.weight, String(backend.weight));
       setText(row.share, share(backend.weight, totals.get(backend.pool) ?? 0));
       if (!row.dirty && document.activeElement !== row.input) {
