@@ -86,9 +86,9 @@ pub fn record(
     } else {
         ctx.outcome.clone().unwrap_or_else(|| "answered".to_owned())
     };
-    let client = session
-        .client_addr()
-        .and_then(|address| address.as_inet().map(|inet| inet.ip().to_string()))
+    let client = ctx
+        .client_ip
+        .map(|address| address.to_string())
         .unwrap_or_default();
     let method = header.method.as_str();
     let mut builder = Record::builder(Category::Audit, operation(method, path), SystemTime::now())
@@ -192,9 +192,9 @@ pub fn waf_records(
     instance: &str,
 ) -> Vec<Record> {
     let header = session.req_header();
-    let client = session
-        .client_addr()
-        .and_then(|address| address.as_inet().map(|inet| inet.ip().to_string()))
+    let client = ctx
+        .client_ip
+        .map(|address| address.to_string())
         .unwrap_or_default();
     let host = header
         .uri

@@ -107,6 +107,8 @@ pub struct ServerConfig {
     /// Bearer tokens the admin listener requires (always when it is not on loopback, where
     /// it also serves TLS).
     pub admin_tokens: Vec<ApiKey>,
+    /// Proxies whose `X-Forwarded-For` entries are believed (`crate::client_address`).
+    pub trusted_proxies: Vec<crate::client_address::AddressBlock>,
 }
 
 #[derive(Debug, Clone)]
@@ -311,6 +313,8 @@ struct RawServer {
     limits: RawLimits,
     #[serde(default)]
     admin_tokens: Vec<RawApiKey>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -326,6 +330,7 @@ impl Default for RawServer {
             tls: RawTls::default(),
             limits: RawLimits::default(),
             admin_tokens: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -886,6 +891,13 @@ impl Validator<'_> {
                 admin_tokens.push(token);
             }
         }
+        let mut trusted_proxies = Vec::new();
+        for (index, text) in raw.trusted_proxies.iter().enumerate() {
+            match crate::client_address::AddressBlock::parse(text) {
+                Ok(block) => trusted_proxies.push(block),
+                Err(problem) => self.error(format!("server.trusted_proxies[{index}]"), problem),
+            }
+        }
         let listen = self.address("server.listen", &raw.listen);
         let admin_listen = self.address("server.admin_listen", &raw.admin_listen);
         // Parsed without returning early, so the checks below still report their errors.
@@ -962,6 +974,7 @@ impl Validator<'_> {
         }
         Some(ServerConfig {
             admin_tokens,
+            trusted_proxies,
             listen: listen?,
             admin_listen: admin_listen?,
             plain_listen: match plain_listen {

@@ -37,17 +37,35 @@ enum Target {
 }
 
 /// What sticky assignment hashes: the API key's name, else the body's `user`, else the
-/// client's address.
-fn sticky_key(
-    ctx: &RequestContext,
-    user: Option<&str>,
-    client: Option<&pingora_core::protocols::l4::socket::SocketAddr>,
-) -> String {
+/// client's address (behind trusted proxies, the address they forwarded for; never the
+/// port, which changes with each connection).
+fn sticky_key(ctx: &RequestContext, user: Option<&str>) -> String {
     match (&ctx.caller, user) {
         (Some(Caller::ApiKey { id }), _) => format!("key:{id}"),
         (_, Some(user)) => format!("user:{user}"),
-        _ => client.map_or_else(|| "unknown".to_owned(), |client| format!("addr:{client}")),
+        _ => ctx
+            .client_ip
+            .map_or_else(|| "unknown".to_owned(), |client| format!("addr:{client}")),
     }
+}
+
+/// The request's client (`crate::client_address`), from its socket and, where that is a
+/// trusted proxy, `X-Forwarded-For`.
+fn client_ip(
+    session: &Session,
+    trusted: &[crate::client_address::AddressBlock],
+) -> Option<std::net::IpAddr> {
+    let peer = session.client_addr()?.as_inet()?.ip();
+    Some(crate::client_address::client_address(
+        peer,
+        session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(http::HeaderValue::as_bytes),
+        trusted,
+    ))
 }
 
 /// Longest `x-request-id` we adopt from a client.
@@ -112,6 +130,9 @@ pub struct RequestContext {
     pub rate_standing: Option<crate::rate_limit::Standing>,
     /// `Access-Control-Allow-Origin` for a browser origin `[cors]` allows.
     pub cors_origin: Option<http::HeaderValue>,
+    /// The client: the socket's peer, or behind trusted proxies the address they forwarded
+    /// for. Audit records and sticky assignment name it.
+    pub client_ip: Option<std::net::IpAddr>,
     _in_flight: Option<InFlight>,
 }
 
@@ -1094,7 +1115,7 @@ impl DataPlane {
                 let sticky_key = pool
                     .config
                     .sticky
-                    .then(|| sticky_key(ctx, envelope.user.as_deref(), session.client_addr()));
+                    .then(|| sticky_key(ctx, envelope.user.as_deref()));
                 // Redact-then-cloud: the values stay here; placeholders go.
                 let redacted = match redact {
                     Some(Some(redacted)) => Some(*redacted),
@@ -1536,6 +1557,7 @@ impl ProxyHttp for DataPlane {
             rate_limit: None,
             rate_standing: None,
             cors_origin: None,
+            client_ip: None,
             _in_flight: None,
         }
     }
@@ -1557,6 +1579,7 @@ impl ProxyHttp for DataPlane {
         ctx: &mut Self::CTX,
     ) -> pingora_error::Result<bool> {
         ctx.request_id = request_id(session);
+        ctx.client_ip = client_ip(session, &self.state.config.server.trusted_proxies);
         let trace = crate::telemetry::TraceContext::from_header(
             session
                 .req_header()

@@ -11,6 +11,7 @@ pub mod audit_trail;
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod client_address;
 pub mod cloud;
 pub mod config;
 pub mod console;

@@ -858,3 +858,76 @@ fn active_probes_take_a_failing_backend_out_and_bring_it_back_and_credentials_ar
         );
     });
 }
+
+#[test]
+fn behind_a_trusted_proxy_the_forwarded_client_is_audited_and_keeps_its_variant() {
+    let _serial = serial();
+    let (v1, v2) = (versioned("v1"), versioned("v2"));
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let options = GatewayOptions {
+        extra: format!(
+            "{}{}{}",
+            pool("sticky", r#""sticky-model" = "m""#, "sticky = true"),
+            backend("sticky", &v1, 50, "v1"),
+            backend("sticky", &v2, 50, "v2"),
+        ),
+        ..GatewayOptions::default()
+    };
+    // Anonymous callers (no key to stick by), and loopback as the proxy in front.
+    let text = tests::config_text(&options, dir.path())
+        .replacen(
+            "[server]\n",
+            "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+            1,
+        )
+        .replacen("[auth]\n", "[auth]\nallow_anonymous = true\n", 1);
+    std::fs::write(&config_path, text).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    block_on(async {
+        let mut variants = std::collections::BTreeSet::new();
+        for client in 1..=16 {
+            let forwarded = format!("198.51.100.77, 203.0.113.{client}");
+            let mut targets = std::collections::BTreeSet::new();
+            // A new connection (a new source port) each time: the variant follows the
+            // client the proxy forwarded for, not the connection.
+            for _ in 0..2 {
+                let response = tests::client()
+                    .post(gateway.url("/v1/chat/completions"))
+                    .header("x-forwarded-for", &forwarded)
+                    .json(&chat("sticky-model", json!({})))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                targets.insert(header(&response, "x-isthmus-target"));
+            }
+            assert_eq!(targets.len(), 1, "client {client}: {targets:?}");
+            variants.extend(targets);
+        }
+        assert_eq!(variants.len(), 2, "sixteen clients all on {variants:?}");
+    });
+    // The records name the client the proxy saw, not the proxy and not what the client
+    // itself claimed before it.
+    let (status, body) = tests::plain_get(
+        gateway.admin,
+        "/admin/api/audit/records?category=IsthmusAudit&limit=500",
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let addresses: std::collections::BTreeSet<&str> = body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|record| record["OperationName"] == "Isthmus/inference/chat/completions/action")
+        .map(|record| record["CallerIpAddress"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses.len(), 16, "{addresses:?}");
+    assert!(
+        addresses
+            .iter()
+            .all(|address| address.starts_with("203.0.113.")),
+        "{addresses:?}"
+    );
+}
