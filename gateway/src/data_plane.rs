@@ -617,6 +617,12 @@ pub async fn respond_error(
     ctx: &mut RequestContext,
     error: &GatewayError,
 ) -> pingora_error::Result<()> {
+    // A Responses API request is answered in its own names, not its chat translation's.
+    let renamed = ctx
+        .responses
+        .as_ref()
+        .map(|transcoder| transcoder.error_in_request_terms(error));
+    let error = renamed.as_ref().unwrap_or(error);
     ctx.outcome = Some(error.to_string());
     let body = error.body_json();
     let mut header = json_header(

@@ -316,6 +316,43 @@ impl GatewayError {
             message: message.into(),
         }
     }
+
+    /// The same error with its parameter and message in another API's names (a Responses
+    /// API request's, where its chat translation was refused). Errors without a parameter
+    /// are returned as they are.
+    pub fn renamed(
+        &self,
+        param: impl Fn(&str) -> String,
+        message: impl Fn(&str) -> String,
+    ) -> GatewayError {
+        match self {
+            GatewayError::InvalidValue {
+                param: name,
+                message: text,
+            } => GatewayError::InvalidValue {
+                param: param(name),
+                message: message(text),
+            },
+            GatewayError::UnsupportedParameter {
+                param: name,
+                message: text,
+            } => GatewayError::UnsupportedParameter {
+                param: param(name),
+                message: message(text),
+            },
+            GatewayError::ContextLengthExceeded {
+                message: text,
+                param: name,
+            } => {
+                GatewayError::ContextLengthExceeded {
+                    message: message(text),
+                    // Always a whole request part here: `messages` is `input`.
+                    param: if *name == "messages" { "input" } else { name },
+                }
+            }
+            other => other.clone(),
+        }
+    }
 }
 
 fn rule_list(rule_ids: &[u32]) -> String {

@@ -211,6 +211,20 @@ fn the_local_model_answers_a_responses_request_as_it_answers_chat() {
                 "input",
                 "invalid_value",
             ),
+            // What the local model's chat path refuses is named as the request wrote it,
+            // not as its chat translation did (`messages[1]`, `max_tokens`).
+            (
+                json!({"model": "smollm2", "instructions": "Be brief.", "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "https://x/cat.png"}]},
+                ]}),
+                "input[0].content[0].type",
+                "unsupported_parameter",
+            ),
+            (
+                json!({"model": "smollm2", "input": "Hi", "max_output_tokens": 0}),
+                "max_output_tokens",
+                "invalid_value",
+            ),
         ] {
             let response = post(&gateway, "/v1/responses", &body, &[]).await;
             assert_eq!(response.status(), 400, "{body}");

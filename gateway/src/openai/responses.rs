@@ -89,6 +89,26 @@ pub struct Translated {
     pub input_items: Vec<Value>,
 }
 
+/// A chat validation message in the Responses API's names.
+fn responses_text(message: &str) -> String {
+    let mut text = message.to_owned();
+    for (chat, responses) in [
+        ("`max_completion_tokens`", "`max_output_tokens`"),
+        ("`max_tokens`", "`max_output_tokens`"),
+        ("`reasoning_effort`", "`reasoning.effort`"),
+        ("`response_format`", "`text.format`"),
+        ("`image_url` content parts", "`input_image` content parts"),
+        (
+            "messages must contain at least one message",
+            "input must contain at least one item",
+        ),
+        ("drop response_format", "drop text.format"),
+    ] {
+        text = text.replace(chat, responses);
+    }
+    text
+}
+
 /// A stored response that a request continues (`previous_response_id`).
 #[derive(Debug, Clone, Copy)]
 pub struct Previous<'a> {
@@ -212,10 +232,13 @@ pub fn to_chat(
     }
 
     let mut messages = Vec::new();
+    // Which part of the request each chat message came from, for errors about it.
+    let mut origins: Vec<String> = Vec::new();
     match present("instructions") {
         None => {}
         Some(Value::String(instructions)) => {
             messages.push(json!({"role": "system", "content": instructions}));
+            origins.push("instructions".into());
             echo.fields
                 .insert("instructions".into(), Value::String(instructions.clone()));
         }
@@ -233,10 +256,12 @@ pub fn to_chat(
             input_item(item, "previous_response_id", &mut messages)?;
             input_items.push(item.clone());
         }
+        origins.resize(messages.len(), "previous_response_id".into());
     }
     match present("input") {
         Some(Value::String(text)) => {
             messages.push(json!({"role": "user", "content": text}));
+            origins.push("input".into());
             input_items.push(json!({"type": "message", "role": "user",
                                     "content": [{"type": "input_text", "text": text}]}));
         }
@@ -244,6 +269,8 @@ pub fn to_chat(
             for (index, item) in items.iter().enumerate() {
                 input_item(item, &format!("input[{index}]"), &mut messages)?;
                 input_items.push(normalized_item(item));
+                // A call joins the assistant turn before it: that keeps its first origin.
+                origins.resize(messages.len(), format!("input[{index}]"));
             }
         }
         Some(_) => {
@@ -365,6 +392,7 @@ pub fn to_chat(
         .to_owned();
     let mut transcoder = Transcoder::new(request_id, created_at, model, echo);
     transcoder.previous_response_id = previous.map(|previous| previous.id.to_owned());
+    transcoder.message_origins = origins;
     Ok(Translated {
         chat_body,
         transcoder,
@@ -1010,6 +1038,9 @@ struct ErrorEvent<'a> {
 /// Response object, a chat chunk stream into Responses stream events.
 #[derive(Debug)]
 pub struct Transcoder {
+    /// The request part each message of the chat translation came from (`instructions`,
+    /// `input`, `input[i]`, `previous_response_id`).
+    message_origins: Vec<String>,
     id: String,
     created_at: u64,
     model: String,
@@ -1065,7 +1096,58 @@ impl Transcoder {
             store: false,
             keeper: None,
             previous_response_id: None,
+            message_origins: Vec::new(),
         }
+    }
+
+    /// A refusal of the translated chat request, named as the client wrote the request:
+    /// `input[2].content[0].type` for `messages[3].content[0].type` behind instructions,
+    /// `max_output_tokens` for `max_tokens`, `text.format` for `response_format`, a
+    /// function tool's own fields.
+    pub fn error_in_request_terms(&self, error: &GatewayError) -> GatewayError {
+        error.renamed(|param| self.param_name(param), responses_text)
+    }
+
+    fn param_name(&self, param: &str) -> String {
+        if let Some(rest) = param.strip_prefix("messages[")
+            && let Some((index, rest)) = rest.split_once(']')
+            && let Some(origin) = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|index| self.message_origins.get(index))
+        {
+            // The parts of a message are the item's parts; instructions are one string.
+            return if origin.starts_with("input[") {
+                format!("{origin}{rest}")
+            } else {
+                origin.clone()
+            };
+        }
+        for (chat, responses) in [
+            ("messages", "input"),
+            ("max_completion_tokens", "max_output_tokens"),
+            ("max_tokens", "max_output_tokens"),
+            ("reasoning_effort", "reasoning.effort"),
+            // A JSON schema format is flat in `text.format`.
+            ("response_format.json_schema.", "text.format."),
+            ("response_format", "text.format"),
+            ("stream_options", "stream"),
+            ("tool_choice.function.", "tool_choice."),
+        ] {
+            if let Some(rest) = param.strip_prefix(chat)
+                && (rest.is_empty() || chat.ends_with('.') || rest.starts_with(['.', '[']))
+            {
+                return format!("{responses}{rest}");
+            }
+        }
+        // `tools[i].function.parameters` is `tools[i].parameters`: function tools are flat.
+        if let Some(rest) = param.strip_prefix("tools[")
+            && let Some((index, rest)) = rest.split_once(']')
+        {
+            let rest = rest.strip_prefix(".function").unwrap_or(rest);
+            return format!("tools[{index}]{rest}");
+        }
+        param.to_owned()
     }
 
     /// Keeps the response under `id` (which replaces the request-derived one): the answer

@@ -722,3 +722,57 @@ fn input_items_are_listed_in_pages() {
         assert_eq!(param(&error).as_deref(), Some(param_name), "{query}");
     }
 }
+
+#[test]
+fn refusals_of_the_chat_translation_name_the_request_s_own_parts() {
+    // What the local path's chat parser refuses, renamed as the client wrote it.
+    let refusal = |request: Value| {
+        let (chat, transcoder) = translate(&request).unwrap();
+        let refused = crate::openai::parse_chat(&serde_json::to_vec(&chat).unwrap())
+            .expect_err("the chat parser refuses it");
+        let renamed = transcoder.error_in_request_terms(&refused);
+        (param(&renamed).unwrap_or_default(), renamed.to_string())
+    };
+    assert_eq!(
+        refusal(json!({
+            "model": "m",
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "What is this?"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": []},
+                {"role": "user", "content": [{"type": "input_image", "image_url": "https://x/cat.png"}]},
+            ],
+        })),
+        (
+            "input[2].content[0].type".to_owned(),
+            "`input_image` content parts are not supported by local models".to_owned()
+        )
+    );
+    assert_eq!(
+        refusal(json!({"model": "m", "input": "Hi", "max_output_tokens": 0})),
+        (
+            "max_output_tokens".to_owned(),
+            "`max_output_tokens` must be an integer of at least 1".to_owned()
+        )
+    );
+    assert_eq!(
+        refusal(json!({"model": "m", "input": []})),
+        (
+            "input".to_owned(),
+            "input must contain at least one item".to_owned()
+        )
+    );
+    let (_, transcoder) = translate(&json!({"model": "m", "input": "Hi"})).unwrap();
+    for (chat, responses) in [
+        ("reasoning_effort", "reasoning.effort"),
+        ("response_format.json_schema.schema", "text.format.schema"),
+        ("response_format.type", "text.format.type"),
+        ("tools[1].function.parameters", "tools[1].parameters"),
+        ("tool_choice.function.name", "tool_choice.name"),
+        ("messages[0].content", "input"),
+        ("temperature", "temperature"),
+        ("max_tokensx", "max_tokensx"),
+    ] {
+        assert_eq!(transcoder.param_name(chat), responses, "{chat}");
+    }
+}
