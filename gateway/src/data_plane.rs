@@ -133,6 +133,8 @@ pub struct RequestContext {
     /// The client: the socket's peer, or behind trusted proxies the address they forwarded
     /// for. Audit records and sticky assignment name it.
     pub client_ip: Option<std::net::IpAddr>,
+    /// The body was asked for (and `100 Continue` sent where the client waits for it).
+    pub body_requested: bool,
     _in_flight: Option<InFlight>,
 }
 
@@ -426,6 +428,15 @@ fn route_path(
     }
 }
 
+/// Whether an HTTP/1.1 request waits for `100 Continue` before sending its body.
+fn expects_continue(header: &pingora_http::RequestHeader) -> bool {
+    header.version == http::Version::HTTP_11
+        && header
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// A path segment with its `%XX` escapes decoded; `None` when an escape is malformed or the
 /// result is not UTF-8.
 fn percent_decoded(segment: &str) -> Option<String> {
@@ -623,6 +634,12 @@ pub async fn respond_error(
         .as_ref()
         .map(|transcoder| transcoder.error_in_request_terms(error));
     let error = renamed.as_ref().unwrap_or(error);
+    // Refused before it was asked for its body, a client waiting for `100 Continue` sends
+    // none, or sends it late: what it sends next on this connection cannot be told apart
+    // from that body, so the connection ends with this answer.
+    if !ctx.body_requested && expects_continue(session.req_header()) {
+        session.set_keepalive(None);
+    }
     ctx.outcome = Some(error.to_string());
     let body = error.body_json();
     let mut header = json_header(
@@ -1426,13 +1443,8 @@ impl DataPlane {
         // An HTTP/1.1 client that asked to hear `100 Continue` before sending its body (curl
         // does above 1 MB) would otherwise wait a second for it. It is sent only here, once
         // the caller is authenticated and admitted and the declared length is within limits.
-        let header = session.req_header();
-        if header.version == http::Version::HTTP_11
-            && header
-                .headers
-                .get(http::header::EXPECT)
-                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-        {
+        ctx.body_requested = true;
+        if expects_continue(session.req_header()) {
             session.write_continue_response().await.map_err(|error| {
                 ctx.reject("limits");
                 Failure::ClientGone(format!("writing 100 Continue: {error}"))
@@ -1564,6 +1576,7 @@ impl ProxyHttp for DataPlane {
             rate_standing: None,
             cors_origin: None,
             client_ip: None,
+            body_requested: false,
             _in_flight: None,
         }
     }

@@ -291,6 +291,14 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             .unwrap();
         let refused = read_head(&mut stream).await;
         assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
+        // Its body never came (or may come late): the connection ends with the answer, so
+        // that a next request cannot be taken for it.
+        assert!(
+            refused
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{refused}"
+        );
 
         // The header cap (16 KiB here) holds on HTTP/2 too, where h2 answers 431 itself.
         let response = client()
