@@ -467,6 +467,21 @@ fn rendered_pods_agree_with_the_configuration_they_mount() {
                 .find(|port| port["name"] == name)
                 .map(|port| port["containerPort"].as_i64().unwrap())
         };
+        // Trusted proxies reach the [server] table, which the chart alone writes.
+        let trusted = if case == "site-values.yaml" {
+            json!(["10.244.0.0/16", "fd00:10:244::/56"])
+        } else {
+            Value::Null
+        };
+        assert_eq!(
+            server
+                .get("trusted_proxies")
+                .map_or(Value::Null, |proxies| {
+                    serde_json::to_value(proxies).unwrap()
+                }),
+            trusted,
+            "{case}"
+        );
         let listen = server["listen"].as_str().unwrap();
         assert_eq!(container_port("https"), Some(port_of(listen)), "{case}");
         assert_eq!(

@@ -46,7 +46,8 @@ pub const CONTENT_PROPERTIES: [&str; 5] = [
 /// The only route whose records may carry content text off the appliance: the text already
 /// went to the cloud.
 pub const OFF_APPLIANCE_ROUTE: &str = "cloud";
-/// The routes a request can take (`Properties.Route`).
+/// The routes a request with content can take (`Properties.Route`); a browser's CORS
+/// preflight, route `preflight`, carries none.
 pub const ROUTES: [&str; 3] = ["local", "cloud", "rejected"];
 /// `text_bytes_max` when not configured.
 pub const TEXT_BYTES_MAX_DEFAULT: usize = 8 * 1024;

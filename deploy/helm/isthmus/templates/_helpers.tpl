@@ -135,6 +135,9 @@ drain_timeout_ms = {{ mul (int $server.drainTimeoutSeconds) 1000 }}
 {{- if $server.workerThreads }}
 worker_threads = {{ int $server.workerThreads }}
 {{- end }}
+{{- with $server.trustedProxies }}
+trusted_proxies = [{{ range $index, $proxy := . }}{{ if $index }}, {{ end }}{{ $proxy | quote }}{{ end }}]
+{{- end }}
 {{- if eq .Values.configReload.mode "inPlace" }}
 config_watch_interval_ms = {{ mul (int .Values.configReload.watchIntervalSeconds) 1000 }}
 {{- end }}
