@@ -533,7 +533,20 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Vec<u8>> {
 
 #[async_trait]
 impl ServeHttp for Admin {
+    /// The answer to a HEAD request is a GET's header alone, with the length its content
+    /// would have: content on it is a protocol error on HTTP/2.
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let head = session.req_header().method == http::Method::HEAD;
+        let mut response = self.answer(session).await;
+        if head {
+            response.body_mut().clear();
+        }
+        response
+    }
+}
+
+impl Admin {
+    async fn answer(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let header = session.req_header();
         let method = header.method.clone();
         let path = header.uri.path().to_owned();

@@ -104,6 +104,21 @@ fn off_loopback_the_admin_api_needs_tls_and_a_token() {
                 .await
                 .unwrap();
             assert_eq!(good.status(), 200, "{path}");
+            // HEAD is GET without the content, on HTTP/2 too (content there would be a
+            // protocol error).
+            let head = client
+                .head(format!("{admin_url}{path}"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                (head.version(), head.status().as_u16()),
+                (reqwest::Version::HTTP_2, 200),
+                "{path}"
+            );
+            assert!(head.headers().contains_key("content-length"), "{path}");
+            assert!(head.bytes().await.unwrap().is_empty(), "{path}");
         }
     });
 
