@@ -639,6 +639,7 @@ impl Admin {
                     backends: &self.state.routing().pools.status(),
                     gpus: &self.state.gpu_samples(),
                     open_connections: self.state.open_connections.get(),
+                    connection_refusals: self.state.connection_refusals.counts(),
                     ready: self.state.ready(),
                     restart_required: &crate::reload::restart_required(&self.state),
                     stored_responses: self.state.responses.as_ref().map(|store| store.usage()),

@@ -44,6 +44,36 @@ impl ConnectionCount {
     }
 }
 
+/// Connections the data-plane listeners ended before Pingora served a request on them: what
+/// a slow-header (slowloris) or oversized-header flood, or clients that fail TLS, look like.
+#[derive(Debug, Default)]
+pub struct ConnectionRefusals {
+    header_too_large: AtomicU64,
+    header_timeout: AtomicU64,
+    tls_handshake: AtomicU64,
+}
+
+impl ConnectionRefusals {
+    /// `(reason, count)` for `isthmus_connections_refused_total{reason}`.
+    pub fn counts(&self) -> [(&'static str, u64); 3] {
+        [
+            (
+                "header_too_large",
+                self.header_too_large.load(Ordering::Relaxed),
+            ),
+            (
+                "header_timeout",
+                self.header_timeout.load(Ordering::Relaxed),
+            ),
+            ("tls_handshake", self.tls_handshake.load(Ordering::Relaxed)),
+        ]
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 struct ConnectionGuard(Arc<ConnectionCount>);
 
 impl ConnectionGuard {
@@ -68,6 +98,7 @@ pub struct ListenerSettings {
     /// Shared by the data-plane listeners so the bound holds across them.
     pub connections: Arc<Semaphore>,
     pub open: Arc<ConnectionCount>,
+    pub refusals: Arc<ConnectionRefusals>,
 }
 
 impl std::fmt::Debug for ListenerSettings {
@@ -114,6 +145,7 @@ pub async fn accept_loop<A>(
         let tls = settings.tls.clone();
         let limits = settings.limits;
         let guard = ConnectionGuard::new(&settings.open);
+        let refusals = Arc::clone(&settings.refusals);
         let shutdown = shutdown.clone();
         let name = settings.name;
         tokio::spawn(async move {
@@ -133,10 +165,12 @@ pub async fn accept_loop<A>(
                     {
                         Ok(Ok(tls_stream)) => Box::new(tls_stream),
                         Ok(Err(error)) => {
+                            ConnectionRefusals::count(&refusals.tls_handshake);
                             tracing::debug!(listener = name, %peer, %error, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
+                            ConnectionRefusals::count(&refusals.tls_handshake);
                             tracing::debug!(listener = name, %peer, "TLS handshake timed out");
                             return;
                         }
@@ -145,7 +179,7 @@ pub async fn accept_loop<A>(
                 None => Box::new(l4),
             };
             let http2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
-            let stream: Stream = Box::new(GuardedStream::new(stream, &limits, !http2));
+            let stream: Stream = Box::new(GuardedStream::new(stream, &limits, !http2, refusals));
             let mut next = app.process_new(stream, &shutdown).await;
             while let Some(stream) = next {
                 next = app.process_new(stream, &shutdown).await;
@@ -202,10 +236,16 @@ pub struct GuardedStream {
     header_bytes_max: u64,
     header_read_timeout: Duration,
     pending: WriteBuffer,
+    refusals: Arc<ConnectionRefusals>,
 }
 
 impl GuardedStream {
-    pub fn new(inner: Stream, limits: &Limits, enabled: bool) -> Self {
+    pub fn new(
+        inner: Stream,
+        limits: &Limits,
+        enabled: bool,
+        refusals: Arc<ConnectionRefusals>,
+    ) -> Self {
         let phase = if enabled {
             header_phase(limits.header_read_timeout)
         } else {
@@ -217,6 +257,7 @@ impl GuardedStream {
             header_bytes_max: limits.header_bytes_max,
             header_read_timeout: limits.header_read_timeout,
             pending: WriteBuffer::new(if enabled { WRITE_BUFFER_BYTES } else { 0 }),
+            refusals,
         }
     }
 
@@ -335,6 +376,7 @@ impl AsyncRead for GuardedStream {
         if let Phase::Header { deadline, .. } = &mut this.phase
             && deadline.as_mut().poll(cx).is_ready()
         {
+            ConnectionRefusals::count(&this.refusals.header_timeout);
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request header not received in time",
@@ -349,6 +391,7 @@ impl AsyncRead for GuardedStream {
                     Err(error) => {
                         // None of the oversized header reaches Pingora.
                         buf.set_filled(filled_before);
+                        ConnectionRefusals::count(&this.refusals.header_too_large);
                         this.phase = Phase::Refusing {
                             answer: header_too_large_answer(this.header_bytes_max),
                             sent: 0,

@@ -277,6 +277,7 @@ impl Metrics {
             backends,
             gpus,
             open_connections,
+            connection_refusals,
             ready,
             restart_required,
             stored_responses,
@@ -544,6 +545,20 @@ impl Metrics {
         let _ = writeln!(out, "isthmus_open_connections {open_connections}");
         header(
             &mut out,
+            "isthmus_connections_refused_total",
+            "counter",
+            "Data-plane connections ended before a request was served: a request header over \
+             header_bytes_max (answered 431), not complete within header_read_timeout_ms, or \
+             a failed or timed-out TLS handshake.",
+        );
+        for (reason, count) in connection_refusals {
+            let _ = writeln!(
+                out,
+                "isthmus_connections_refused_total{{reason=\"{reason}\"}} {count}"
+            );
+        }
+        header(
+            &mut out,
             "isthmus_ready",
             "gauge",
             "1 when models are loaded and listeners bound.",
@@ -577,6 +592,8 @@ pub struct Live<'a> {
     /// Empty without NVML: the GPU series are then absent, never zero.
     pub gpus: &'a [crate::gpu::GpuSample],
     pub open_connections: u64,
+    /// `(reason, count)` of `isthmus_connections_refused_total`.
+    pub connection_refusals: [(&'static str, u64); 3],
     pub ready: bool,
     /// Sections of the configuration file in force that differ from those the process
     /// started with and wait for a restart (`server`, `models`, ...).

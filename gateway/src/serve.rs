@@ -356,6 +356,7 @@ async fn run(
         limits: config.server.limits,
         connections: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)),
         open: Arc::default(),
+        refusals: Arc::default(),
     };
     tokio::spawn(accept_loop(
         admin_listener,
@@ -372,6 +373,7 @@ async fn run(
             limits: config.server.limits,
             connections: Arc::clone(&connections),
             open: Arc::clone(&state.open_connections),
+            refusals: Arc::clone(&state.connection_refusals),
         },
         shutdown.clone(),
     ));
@@ -385,6 +387,7 @@ async fn run(
                 limits: config.server.limits,
                 connections,
                 open: Arc::clone(&state.open_connections),
+                refusals: Arc::clone(&state.connection_refusals),
             },
             shutdown.clone(),
         ));

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::cloud::Pools;
 use crate::config::Config;
-use crate::listener::ConnectionCount;
+use crate::listener::{ConnectionCount, ConnectionRefusals};
 use crate::metrics::{Metrics, ModelGauges};
 
 /// What a configuration reload replaces at once: requests take a snapshot when they start,
@@ -46,6 +46,8 @@ pub struct AppState {
     pub gpu: Option<crate::gpu::GpuMonitor>,
     pub listeners_bound: AtomicBool,
     pub open_connections: Arc<ConnectionCount>,
+    /// Connections the data-plane listeners ended before a request (`/metrics`).
+    pub connection_refusals: Arc<ConnectionRefusals>,
     in_flight: AtomicU64,
 }
 
@@ -67,6 +69,7 @@ impl AppState {
             gpu: None,
             listeners_bound: AtomicBool::new(false),
             open_connections: Arc::new(ConnectionCount::default()),
+            connection_refusals: Arc::default(),
             in_flight: AtomicU64::new(0),
         }
     }

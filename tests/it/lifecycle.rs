@@ -95,54 +95,76 @@ fn slow_and_oversized_headers_are_cut_off() {
         header_bytes_max: 4096,
         ..GatewayOptions::default()
     };
-    let gateway = Gateway::start(&options);
-    // Plain TCP to the admin listener, which applies the same header limits without TLS.
-    let connect = || {
-        let stream = std::net::TcpStream::connect(gateway.admin).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        stream
-    };
-    // A client that starts a request and never finishes its header is disconnected.
-    let mut slow = connect();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    // Plain TCP to the admin listener and to a plain-HTTP data listener, which apply the
+    // same header limits as the TLS one.
+    let dir = tests::scratch_dir();
+    let config = tests::config_text(&options, dir.path()).replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        "admin_listen = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"",
+    );
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let plain = gateway.plain.expect("plain-http listener announced");
+    for (address, path) in [(gateway.admin, "/healthz"), (plain, "/v1/models")] {
+        let connect = || {
+            let stream = std::net::TcpStream::connect(address).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream
+        };
+        // A client that starts a request and never finishes its header is disconnected.
+        let mut slow = connect();
+        write!(slow, "GET {path} HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let mut buffer = Vec::new();
+        let read = slow.read_to_end(&mut buffer);
+        assert!(
+            read.is_ok() && buffer.is_empty(),
+            "{path}: expected a silent close, got {read:?} {buffer:?}"
+        );
+        // A header larger than the limit is refused with 431 and an error body, before any
+        // of it is parsed. The client may see a reset after the answer (the rest of its
+        // header is never read), so what it read up to then is what counts.
+        let mut large = connect();
+        let padding = "a".repeat(8192);
+        let _ = write!(
+            large,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nX-Padding: {padding}\r\n\r\n"
+        );
+        let mut response = Vec::new();
+        let _ = large.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response);
+        assert!(
+            response.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{path}: {response}"
+        );
+        assert!(
+            response.ends_with(
+                r#"{"error":{"message":"request header is larger than the limit of 4096 bytes","type":"invalid_request_error","param":null,"code":"request_header_too_large"}}"#
+            ),
+            "{path}: {response}"
+        );
+        // A prompt client is still served.
+        let mut good = connect();
+        write!(
+            good,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+        )
         .unwrap();
-    let mut buffer = Vec::new();
-    let read = slow.read_to_end(&mut buffer);
-    assert!(
-        read.is_ok() && buffer.is_empty(),
-        "expected a silent close, got {read:?} {buffer:?}"
-    );
-    // A header larger than the limit is refused with 431 and an error body, before any of
-    // it is parsed. The client may see a reset after the answer (the rest of its header is
-    // never read), so what it read up to then is what counts.
-    let mut large = connect();
-    let padding = "a".repeat(8192);
-    let _ = write!(
-        large,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: {padding}\r\n\r\n"
-    );
-    let mut response = Vec::new();
-    let _ = large.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response);
-    assert!(
-        response.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
-        "{response}"
-    );
-    assert!(
-        response.ends_with(
-            r#"{"error":{"message":"request header is larger than the limit of 4096 bytes","type":"invalid_request_error","param":null,"code":"request_header_too_large"}}"#
-        ),
-        "{response}"
-    );
-    // A prompt client is still served.
-    let mut good = connect();
-    good.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    good.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let mut response = String::new();
+        good.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+    }
+    // The data plane's refusals are counted (the admin listener's are not its traffic).
+    let metrics = gateway.metrics();
+    for line in [
+        "isthmus_connections_refused_total{reason=\"header_too_large\"} 1",
+        "isthmus_connections_refused_total{reason=\"header_timeout\"} 1",
+        "isthmus_connections_refused_total{reason=\"tls_handshake\"} 0",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
 }
 
 #[test]
