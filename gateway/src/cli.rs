@@ -511,7 +511,9 @@ fn plan_summary(config: &Config) -> Vec<String> {
         auth.api_keys.len(),
         if auth.api_keys.len() == 1 { "" } else { "s" },
         if auth.allow_anonymous {
-            if auth.anonymous_limits.is_limited() {
+            if auth.anonymous_limits_per_client {
+                "; anonymous callers allowed, with limits for each client address"
+            } else if auth.anonymous_limits.is_limited() {
                 "; anonymous callers allowed, with limits"
             } else {
                 "; anonymous callers allowed, without limits"

@@ -147,6 +147,9 @@ pub struct AuthConfig {
     pub api_keys: Vec<ApiKey>,
     /// What every caller without a key may use, together (`anonymous_limits`).
     pub anonymous_limits: RateLimits,
+    /// `anonymous_limits.per_client`: each anonymous client (by address) has those limits
+    /// to itself instead of sharing them.
+    pub anonymous_limits_per_client: bool,
 }
 
 impl AuthConfig {
@@ -421,6 +424,9 @@ struct RawRateLimits {
     tokens_per_minute: Option<u64>,
     #[serde(default)]
     tokens_per_day: Option<u64>,
+    /// Anonymous callers only: per client address instead of together.
+    #[serde(default)]
+    per_client: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1081,6 +1087,7 @@ impl Validator<'_> {
                 requests_per_minute: key.requests_per_minute,
                 tokens_per_minute: key.tokens_per_minute,
                 tokens_per_day: key.tokens_per_day,
+                per_client: false,
             },
         );
         let file = key.key_file.as_deref().map(|file| self.resolve(file));
@@ -1144,6 +1151,7 @@ impl Validator<'_> {
             );
             return None;
         }
+        let per_client = raw.anonymous_limits.per_client;
         let anonymous_limits = self.rate_limits("auth.anonymous_limits", raw.anonymous_limits);
         if anonymous_limits.is_limited() && !raw.allow_anonymous {
             self.error(
@@ -1151,10 +1159,17 @@ impl Validator<'_> {
                 "applies only with allow_anonymous = true",
             );
         }
+        if per_client && !anonymous_limits.is_limited() {
+            self.error(
+                "auth.anonymous_limits.per_client",
+                "applies only with a limit or budget beside it",
+            );
+        }
         Some(AuthConfig {
             allow_anonymous: raw.allow_anonymous,
             api_keys,
             anonymous_limits,
+            anonymous_limits_per_client: per_client,
         })
     }
 

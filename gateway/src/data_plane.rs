@@ -797,12 +797,20 @@ impl DataPlane {
         if !limits.is_limited() {
             return Ok(());
         }
-        let bucket = response_owner(ctx);
-        let caller = || {
-            api_key_id(ctx).map_or_else(
-                || "anonymous callers".to_owned(),
-                |id| format!("API key `{id}`"),
-            )
+        // Anonymous clients share one bucket, or with `per_client` have one each by address
+        // (behind trusted proxies, the address they forwarded for).
+        let per_client = (api_key_id(ctx).is_none()
+            && routing.config.auth.anonymous_limits_per_client)
+            .then_some(ctx.client_ip)
+            .flatten();
+        let bucket = match per_client {
+            Some(address) => format!("{}@{address}", response_owner(ctx)),
+            None => response_owner(ctx),
+        };
+        let caller = || match (api_key_id(ctx), per_client) {
+            (Some(id), _) => format!("API key `{id}`"),
+            (None, Some(address)) => format!("anonymous client {address}"),
+            (None, None) => "anonymous callers".to_owned(),
         };
         if let (Some(budget), Some(daily)) = (limits.tokens_per_day, &self.state.daily_usage) {
             let now = SystemTime::now();

@@ -11,7 +11,9 @@
 //! with `Retry-After`, and every answer to a limited caller carries OpenAI's
 //! `x-ratelimit-*` headers. Buckets belong to the process (each gateway of a cluster
 //! enforces its own) and survive configuration reloads; a changed limit applies to the
-//! bucket as it stands.
+//! bucket as it stands. With `anonymous_limits.per_client`, each anonymous client (by
+//! address) has buckets of its own; beyond a few thousand callers, buckets that refilled
+//! while idle are dropped, which changes nothing for their callers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -90,10 +92,26 @@ struct Buckets {
     tokens: Option<Bucket>,
 }
 
+impl Buckets {
+    /// Untouched for a minute and in no debt: full again, the same as a bucket never made.
+    fn refilled_while_idle(&self, now: Instant) -> bool {
+        [self.requests, self.tokens].iter().flatten().all(|bucket| {
+            bucket.level >= 0.0 && now.saturating_duration_since(bucket.updated) >= IDLE_FULL
+        })
+    }
+}
+
+/// A minute's allowance refills in a minute.
+const IDLE_FULL: Duration = Duration::from_secs(60);
+/// Above this many callers (each anonymous client counts where `per_client` is on), the
+/// buckets that refilled while idle are dropped, at most once a second.
+const CALLERS_KEPT_MAX: usize = 4_096;
+
 /// The buckets of every caller that has limits.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
     callers: Mutex<HashMap<String, Buckets>>,
+    pruned: Mutex<Option<Instant>>,
 }
 
 impl RateLimiter {
@@ -106,6 +124,9 @@ impl RateLimiter {
         now: Instant,
     ) -> Result<Standing, Refusal> {
         let mut callers = self.lock();
+        if callers.len() > CALLERS_KEPT_MAX && !callers.contains_key(caller) {
+            self.prune(&mut callers, now);
+        }
         let buckets = callers.entry(caller.to_owned()).or_default();
         let requests = limits.requests_per_minute.map(|limit| {
             let limit = u64::from(limit);
@@ -191,6 +212,25 @@ impl RateLimiter {
             .get_or_insert_with(|| Bucket::full(limit, now));
         bucket.refill(limit, now);
         bucket.level -= tokens as f64;
+    }
+
+    /// Drops the buckets that refilled while idle, at most once a second.
+    fn prune(&self, callers: &mut HashMap<String, Buckets>, now: Instant) {
+        let mut pruned = self
+            .pruned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pruned.is_some_and(|last| now.saturating_duration_since(last) < Duration::from_secs(1)) {
+            return;
+        }
+        *pruned = Some(now);
+        callers.retain(|_, buckets| !buckets.refilled_while_idle(now));
+    }
+
+    /// Callers with buckets, for tests of the bound.
+    #[cfg(test)]
+    fn callers(&self) -> usize {
+        self.lock().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Buckets>> {

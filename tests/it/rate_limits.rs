@@ -252,3 +252,56 @@ fn a_days_token_budget_holds_across_a_restart() {
     let gateway = Gateway::start_with_config(dir, &config_path);
     refused(&gateway);
 }
+
+#[test]
+fn with_per_client_limits_one_anonymous_client_cannot_spend_another_s_allowance() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let text = tests::config_text(&GatewayOptions::default(), dir.path())
+        .replacen("[server]\n", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n", 1)
+        .replacen(
+            "[auth]\n",
+            "[auth]\nallow_anonymous = true\nanonymous_limits = { requests_per_minute = 2, per_client = true }\n",
+            1,
+        );
+    std::fs::write(&config_path, text).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let from = |client: &str| {
+        tests::client()
+            .get(gateway.url("/v1/models"))
+            .header("x-forwarded-for", format!("198.51.100.1, {client}"))
+            .send()
+    };
+    block_on(async {
+        for _ in 0..2 {
+            assert_eq!(from("203.0.113.1").await.unwrap().status(), 200);
+        }
+        let refused = from("203.0.113.1").await.unwrap();
+        assert_eq!(refused.status(), 429);
+        assert!(header(&refused, "retry-after").is_some());
+        let body: Value = refused.json().await.unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("anonymous client 203.0.113.1"),
+            "{body}"
+        );
+        // Another client (another address the proxy forwarded for) has its own minute;
+        // what a client writes before the proxy's entry does not make it someone else.
+        let other = from("203.0.113.2").await.unwrap();
+        assert_eq!(other.status(), 200);
+        assert_eq!(
+            header(&other, "x-ratelimit-remaining-requests").as_deref(),
+            Some("1")
+        );
+        let disguised = tests::client()
+            .get(gateway.url("/v1/models"))
+            .header("x-forwarded-for", "203.0.113.9, 203.0.113.1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(disguised.status(), 429);
+    });
+}

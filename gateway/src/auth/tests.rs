@@ -22,6 +22,7 @@ fn auth(allow_anonymous: bool) -> AuthConfig {
             },
         ],
         anonymous_limits: RateLimits::default(),
+        anonymous_limits_per_client: false,
     }
 }
 

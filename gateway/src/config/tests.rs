@@ -199,6 +199,24 @@ fn rate_limits_belong_to_data_plane_callers_and_are_positive() {
         errors_of(&anonymous, &source),
         ["auth.anonymous_limits: applies only with allow_anonymous = true"]
     );
+    let per_client = VALID.replacen(
+        "[auth]\n",
+        "[auth]\nallow_anonymous = true\nanonymous_limits = { per_client = true }\n",
+        1,
+    );
+    assert_eq!(
+        errors_of(&per_client, &source),
+        ["auth.anonymous_limits.per_client: applies only with a limit or budget beside it"]
+    );
+    let per_client = VALID.replacen(
+        "[auth]\n",
+        "[auth]\nallow_anonymous = true\nanonymous_limits = { requests_per_minute = 30, per_client = true }\n",
+        1,
+    );
+    match parse(&per_client, &source, &FakeEnvironment) {
+        Ok(config) => assert!(config.auth.anonymous_limits_per_client),
+        Err(errors) => panic!("{errors:?}"),
+    }
     let admin = VALID.replacen(
         "[server]\n",
         "[server]\nadmin_tokens = [{ id = \"ops\", key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 5 }]\n",

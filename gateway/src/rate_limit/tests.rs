@@ -128,3 +128,50 @@ fn reset_times_read_like_openais() {
         assert_eq!(reset_text(duration), text, "{duration:?}");
     }
 }
+
+#[test]
+fn many_callers_keep_only_the_buckets_that_still_hold_something() {
+    let limiter = RateLimiter::default();
+    let tokens = RateLimits {
+        requests_per_minute: Some(6),
+        tokens_per_minute: Some(100),
+        tokens_per_day: None,
+    };
+    let start = Instant::now();
+    // A client in debt, and one that used its minute, among thousands.
+    limiter.admit("anonymous@10.0.0.1", tokens, start).unwrap();
+    limiter.charge("anonymous@10.0.0.1", tokens, 500, start);
+    for _ in 0..6 {
+        limiter
+            .admit("anonymous@10.0.0.2", REQUESTS, start)
+            .unwrap();
+    }
+    for client in 0..super::CALLERS_KEPT_MAX {
+        limiter
+            .admit(
+                &format!("anonymous@10.1.{}.{}", client / 256, client % 256),
+                REQUESTS,
+                start,
+            )
+            .unwrap();
+    }
+    assert_eq!(limiter.callers(), super::CALLERS_KEPT_MAX + 2);
+    // Within the minute nothing is dropped: every bucket still differs from a fresh one.
+    let soon = start + Duration::from_secs(30);
+    limiter.admit("anonymous@10.2.0.1", REQUESTS, soon).unwrap();
+    assert_eq!(limiter.callers(), super::CALLERS_KEPT_MAX + 3);
+    // A minute later the idle ones are full again and go; the debt stays, and so does the
+    // caller that spent its requests just now.
+    let later = start + Duration::from_secs(61);
+    limiter
+        .admit("anonymous@10.2.0.2", REQUESTS, later)
+        .unwrap();
+    assert_eq!(limiter.callers(), 3);
+    assert_eq!(
+        limiter
+            .admit("anonymous@10.0.0.1", tokens, later)
+            .unwrap_err()
+            .kind,
+        "tokens"
+    );
+}
