@@ -83,7 +83,11 @@ impl Admin {
         let auth = &routing.config.auth;
         let now = std::time::Instant::now();
         let today = std::time::SystemTime::now();
+        // With per-client anonymous limits each client has its own buckets: the list gives
+        // the limits, and no one "left now" that would describe none of them.
+        let per_client = auth.allow_anonymous && auth.anonymous_limits_per_client;
         let entry = |key: &str, caller: crate::auth::Caller, limits: crate::config::RateLimits| {
+            let shared = !(per_client && caller == crate::auth::Caller::Anonymous);
             let owner = caller.owner();
             let standing = self.state.rate_limiter.standing(&owner, limits, now);
             let used_today = match (limits.tokens_per_day, &self.state.daily_usage) {
@@ -91,7 +95,7 @@ impl Admin {
                 _ => None,
             };
             let remaining = |bucket: Option<crate::rate_limit::BucketStanding>| {
-                bucket.map(|bucket| bucket.remaining)
+                bucket.filter(|_| shared).map(|bucket| bucket.remaining)
             };
             serde_json::json!({
                 "key": key,
@@ -99,6 +103,7 @@ impl Admin {
                     "requests_per_minute": limits.requests_per_minute,
                     "tokens_per_minute": limits.tokens_per_minute,
                     "tokens_per_day": limits.tokens_per_day,
+                    "per_client": !shared,
                 },
                 "remaining": {
                     "requests": remaining(standing.requests),
@@ -106,6 +111,7 @@ impl Admin {
                     "tokens_today": limits
                         .tokens_per_day
                         .zip(used_today)
+                        .filter(|_| shared)
                         .map(|(budget, used)| budget.saturating_sub(used)),
                 },
             })

@@ -304,4 +304,18 @@ fn with_per_client_limits_one_anonymous_client_cannot_spend_another_s_allowance(
             .unwrap();
         assert_eq!(disguised.status(), 429);
     });
+    // The admin API gives the anonymous limits as each client's, with no one "left now".
+    let (status, body) = tests::plain_get(gateway.admin, "/admin/api/callers").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let callers: Value = serde_json::from_str(&body).unwrap();
+    let anonymous = callers["callers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|caller| caller["key"] == "(anonymous)")
+        .cloned()
+        .unwrap_or_else(|| panic!("no anonymous callers in {callers}"));
+    assert_eq!(anonymous["limits"]["requests_per_minute"], 2, "{anonymous}");
+    assert_eq!(anonymous["limits"]["per_client"], true, "{anonymous}");
+    assert!(anonymous["remaining"]["requests"].is_null(), "{anonymous}");
 }

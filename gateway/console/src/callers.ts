@@ -14,6 +14,8 @@ interface Limits {
   readonly requestsPerMinute: number | undefined;
   readonly tokensPerMinute: number | undefined;
   readonly tokensPerDay: number | undefined;
+  /** Anonymous limits that each client address has to itself. */
+  readonly perClient: boolean;
   readonly requestsLeft: number | undefined;
   readonly tokensLeft: number | undefined;
   readonly tokensLeftToday: number | undefined;
@@ -36,6 +38,7 @@ function readLimits(body: unknown): Map<string, Limits> {
       requestsPerMinute: numeric(configured['requests_per_minute']),
       tokensPerMinute: numeric(configured['tokens_per_minute']),
       tokensPerDay: numeric(configured['tokens_per_day']),
+      perClient: configured['per_client'] === true,
       requestsLeft: numeric(remaining['requests']),
       tokensLeft: numeric(remaining['tokens']),
       tokensLeftToday: numeric(remaining['tokens_today']),
@@ -59,8 +62,15 @@ function limitText(requests: number | undefined, tokens: number | undefined, day
 /** The cells after the key, each with the test id the end-to-end walk reads. */
 function cells(use: CallerUse | undefined, limits: Limits | undefined): Array<[string, string]> {
   return [
-    ['limits', limitText(limits?.requestsPerMinute, limits?.tokensPerMinute, limits?.tokensPerDay, 'a day')],
-    ['left', limitText(limits?.requestsLeft, limits?.tokensLeft, limits?.tokensLeftToday, 'today')],
+    [
+      'limits',
+      limitText(limits?.requestsPerMinute, limits?.tokensPerMinute, limits?.tokensPerDay, 'a day') +
+        (limits?.perClient === true ? ', each client address' : ''),
+    ],
+    [
+      'left',
+      limits?.perClient === true ? 'per client' : limitText(limits?.requestsLeft, limits?.tokensLeft, limits?.tokensLeftToday, 'today'),
+    ],
     ['local', format.count(use?.requests.local ?? 0)],
     ['cloud', format.count(use?.requests.cloud ?? 0)],
     ['rejected', format.count(use?.requests.rejected ?? 0)],
