@@ -469,7 +469,9 @@ fn query_pairs(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn percent_decode(text: &str) -> Option<String> {
+/// `text` with its `%XX` escapes decoded; `None` when an escape is malformed or the result
+/// is not UTF-8. (Query values have their `+` turned into spaces first.)
+pub(crate) fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut index = 0;

@@ -373,7 +373,8 @@ fn route_path(
         "/v1/models" => not_allowed("GET, HEAD"),
         // Pool models may be named `org/model`, and clients percent-encode the `/` or not.
         model if model.starts_with("/v1/models/") => {
-            let id = percent_decoded(&model["/v1/models/".len()..]).filter(|id| !id.is_empty());
+            let id = crate::admin::percent_decode(&model["/v1/models/".len()..])
+                .filter(|id| !id.is_empty());
             match id {
                 Some(id) if get => Ok(Operation::Model { id }),
                 Some(_) => not_allowed("GET, HEAD"),
@@ -435,25 +436,6 @@ fn expects_continue(header: &pingora_http::RequestHeader) -> bool {
             .headers
             .get(http::header::EXPECT)
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-}
-
-/// A path segment with its `%XX` escapes decoded; `None` when an escape is malformed or the
-/// result is not UTF-8.
-fn percent_decoded(segment: &str) -> Option<String> {
-    let bytes = segment.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if bytes[at] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(at + 1..at + 3)?).ok()?;
-            decoded.push(u8::from_str_radix(hex, 16).ok()?);
-            at += 3;
-        } else {
-            decoded.push(bytes[at]);
-            at += 1;
-        }
-    }
-    String::from_utf8(decoded).ok()
 }
 
 /// The client's `x-request-id` when it is a sane token, else a new one.

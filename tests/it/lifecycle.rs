@@ -87,6 +87,20 @@ fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
     );
 }
 
+/// A gateway with a plain-HTTP data listener beside the TLS one, and that listener's address.
+fn with_plain_listener(options: &GatewayOptions) -> (Gateway, std::net::SocketAddr) {
+    let dir = tests::scratch_dir();
+    let config = tests::config_text(options, dir.path()).replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        "admin_listen = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"",
+    );
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let plain = gateway.plain.expect("plain-http listener announced");
+    (gateway, plain)
+}
+
 #[test]
 fn slow_and_oversized_headers_are_cut_off() {
     let _serial = serial();
@@ -97,15 +111,7 @@ fn slow_and_oversized_headers_are_cut_off() {
     };
     // Plain TCP to the admin listener and to a plain-HTTP data listener, which apply the
     // same header limits as the TLS one.
-    let dir = tests::scratch_dir();
-    let config = tests::config_text(&options, dir.path()).replace(
-        "admin_listen = \"127.0.0.1:0\"",
-        "admin_listen = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"",
-    );
-    let config_path = dir.path().join("isthmus.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let gateway = Gateway::start_with_config(dir, &config_path);
-    let plain = gateway.plain.expect("plain-http listener announced");
+    let (gateway, plain) = with_plain_listener(&options);
     for (address, path) in [(gateway.admin, "/healthz"), (plain, "/v1/models")] {
         let connect = || {
             let stream = std::net::TcpStream::connect(address).unwrap();
@@ -335,16 +341,7 @@ fn the_plain_http_listener_is_off_unless_configured_and_warns_when_on() {
     let gateway = Gateway::start(&GatewayOptions::default());
     assert!(gateway.plain.is_none());
     drop(gateway);
-    let options = GatewayOptions::default();
-    let dir = tests::scratch_dir();
-    let config = tests::config_text(&options, dir.path()).replace(
-        "admin_listen = \"127.0.0.1:0\"",
-        "admin_listen = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"",
-    );
-    let config_path = dir.path().join("isthmus.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let gateway = Gateway::start_with_config(dir, &config_path);
-    let plain = gateway.plain.expect("plain-http listener announced");
+    let (gateway, plain) = with_plain_listener(&GatewayOptions::default());
     assert!(gateway.log().contains("PLAIN-HTTP DATA LISTENER ENABLED"));
     let status = block_on(async {
         reqwest::Client::new()
