@@ -493,7 +493,7 @@ fn init_logging(logging: &config::LoggingConfig) {
 
 /// `isthmus build-info`: what packaging needs to know about this binary.
 /// What `check-config` says beyond the models: callers and their limits, stored responses,
-/// and how the file reloads.
+/// browser origins, trusted proxies, and how the file reloads.
 fn plan_summary(config: &Config) -> Vec<String> {
     let auth = &config.auth;
     let limited = auth
@@ -538,6 +538,23 @@ fn plan_summary(config: &Config) -> Vec<String> {
                 .state_dir
                 .join(crate::response_store::STORE_DIR)
                 .display()
+        ));
+    }
+    let cors = &config.cors;
+    if cors.any_origin {
+        lines.push("browsers: pages of any origin may call the gateway (cors)".to_owned());
+    } else if !cors.allow_origins.is_empty() {
+        lines.push(format!(
+            "browsers: pages of {} may call the gateway (cors); other origins get 403",
+            cors.allow_origins.join(", ")
+        ));
+    }
+    let proxies = &config.server.trusted_proxies;
+    if !proxies.is_empty() {
+        let blocks: Vec<String> = proxies.iter().map(ToString::to_string).collect();
+        lines.push(format!(
+            "clients: X-Forwarded-For believed from {} (server.trusted_proxies)",
+            blocks.join(", ")
         ));
     }
     lines.push(match config.server.config_watch_interval {

@@ -61,7 +61,7 @@ fn every_example_configuration_validates() {
 }
 
 #[test]
-fn the_plan_names_callers_stored_responses_and_reloads() {
+fn the_plan_names_callers_stored_responses_browsers_proxies_and_reloads() {
     let dir = tests::scratch_dir();
     let config = dir.path().join("isthmus.toml");
     let key_file = dir.path().join("app.key");
@@ -69,7 +69,7 @@ fn the_plan_names_callers_stored_responses_and_reloads() {
     let text = tests::config_text(
         &tests::GatewayOptions {
             config_watch_interval_ms: 5_000,
-            extra: "[responses]\nstore = true\nretention_hours = 24\n".to_owned(),
+            extra: "[responses]\nstore = true\nretention_hours = 24\n[cors]\nallow_origins = [\"https://chat.contoso.com\"]\n".to_owned(),
             ..tests::GatewayOptions::default()
         },
         dir.path(),
@@ -79,6 +79,11 @@ fn the_plan_names_callers_stored_responses_and_reloads() {
         &format!(
             "api_keys = [{{ id = \"app\", key_file = {key_file:?}, tokens_per_day = 1000 }}, "
         ),
+        1,
+    )
+    .replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"10.244.0.0/16\", \"fd00::1\"]\n",
         1,
     );
     std::fs::write(&config, text).unwrap();
@@ -92,6 +97,10 @@ fn the_plan_names_callers_stored_responses_and_reloads() {
             "  stored responses: on, 24 h, up to 256 MiB (sensitive conversations not kept) in {}",
             dir.path().join("state/responses-store").display()
         ),
+        "  browsers: pages of https://chat.contoso.com may call the gateway (cors); other origins get 403"
+            .to_owned(),
+        "  clients: X-Forwarded-For believed from 10.244.0.0/16, fd00::1/128 (server.trusted_proxies)"
+            .to_owned(),
         "  reload: SIGHUP, the admin API, and this file (and key files) read every 5000 ms"
             .to_owned(),
     ] {
