@@ -288,6 +288,8 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
         stream: Option<Value>,
         stream_options: Option<Value>,
     }
+    /// Keys compared in a list before a set takes over.
+    const KEYS_LISTED_MAX: usize = 32;
     /// A member's name, borrowed from the body unless it has escapes.
     #[derive(PartialEq)]
     struct Key<'de>(std::borrow::Cow<'de, str>);
@@ -318,9 +320,22 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
         }
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
             let mut raw = Raw::default();
+            // A chat body has a dozen keys, compared in a list; a body with many more (an
+            // 8 MB body can hold hundreds of thousands) is checked through a set, so the
+            // check stays linear whatever a client sends.
             let mut keys: Vec<Key<'de>> = Vec::new();
+            let mut many: std::collections::HashSet<std::borrow::Cow<'de, str>> =
+                std::collections::HashSet::new();
             while let Some(key) = map.next_key::<Key<'de>>()? {
-                if keys.contains(&key) {
+                let repeated = if keys.len() < KEYS_LISTED_MAX {
+                    keys.contains(&key)
+                } else {
+                    if many.is_empty() {
+                        many.extend(keys.iter().map(|key| key.0.clone()));
+                    }
+                    many.contains(&key.0)
+                };
+                if repeated {
                     return Err(serde::de::Error::custom(format!(
                         "the request body has the key `{}` more than once",
                         key.0
@@ -339,7 +354,11 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }
                 }
-                keys.push(key);
+                if keys.len() < KEYS_LISTED_MAX {
+                    keys.push(key);
+                } else {
+                    many.insert(key.0);
+                }
             }
             Ok(raw)
         }

@@ -693,6 +693,30 @@ fn the_routing_envelope_takes_only_an_object_with_each_key_once() {
             r#"{"error":{"message":"the request body has the key `model` more than once","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
         ]],
     );
+    // Past the keys compared in a list, a set finds the repeat, early or late.
+    let many = |repeat: &str| {
+        let members: Vec<String> = (0..40)
+            .map(|index| format!(r#""k{index}": {index}"#))
+            .chain([format!(r#""{repeat}": 0"#)])
+            .collect();
+        format!("{{{}}}", members.join(", "))
+    };
+    check(
+        &many("k3"),
+        expect![[
+            r#"{"error":{"message":"the request body has the key `k3` more than once","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    check(
+        &many("k39"),
+        expect![[
+            r#"{"error":{"message":"the request body has the key `k39` more than once","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#
+        ]],
+    );
+    check(
+        &many("k40"),
+        expect![[r#"Envelope { model: None, stream: false, include_usage: false, user: None }"#]],
+    );
     check(
         r#"{"messages": [], "model": "m", "\u006dessages": [{"role": "user", "content": "x"}]}"#,
         expect![[
