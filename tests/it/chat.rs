@@ -283,15 +283,8 @@ fn completions_models_and_the_azure_form_are_served() {
             "legacy default max_tokens: {body}"
         );
 
-        let models: Value = client()
-            .get(gateway.url("/v1/models"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let get = |path: &str| client().get(gateway.url(path)).bearer_auth(API_KEY).send();
+        let models: Value = get("/v1/models").await.unwrap().json().await.unwrap();
         assert_eq!(models["object"], "list");
         assert_eq!(models["data"][0]["id"], "smollm2");
         assert_eq!(models["data"][0]["object"], "model");
@@ -301,15 +294,7 @@ fn completions_models_and_the_azure_form_are_served() {
             ("/v1/models/gpt-4o-mini", "gpt-4o-mini"),
             ("/openai/v1/models/smoll%6D2", "smollm2"),
         ] {
-            let model: Value = client()
-                .get(gateway.url(path))
-                .bearer_auth(API_KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let model: Value = get(path).await.unwrap().json().await.unwrap();
             assert_eq!(
                 (model["id"].as_str(), model["object"].as_str()),
                 (Some(id), Some("model")),
@@ -317,12 +302,7 @@ fn completions_models_and_the_azure_form_are_served() {
             );
             assert_eq!(model["created"], models["data"][0]["created"]);
         }
-        let missing = client()
-            .get(gateway.url("/v1/models/org%2Fno-such-model"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap();
+        let missing = get("/v1/models/org%2Fno-such-model").await.unwrap();
         assert_eq!(missing.status(), 404);
         let body: Value = missing.json().await.unwrap();
         assert_eq!(body["error"]["code"], "model_not_found");
