@@ -443,6 +443,39 @@ fn openai_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Re
     )
 }
 
+/// The methods the admin listener answers on `path` (its `Allow`), or `None` for a path it
+/// does not know. The console's files are served before this is asked.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        "/admin/api/reload" | "/admin/api/explain" => Some("POST"),
+        "/admin/api/config" => Some("GET, HEAD, PUT"),
+        "/healthz"
+        | "/readyz"
+        | "/metrics"
+        | "/admin/api/models"
+        | "/admin/api/callers"
+        | "/admin/api/audit"
+        | "/admin/api/audit/records"
+        | "/admin/api/upstreams" => Some("GET, HEAD"),
+        _ if backend_path(path).is_some() => Some("PUT"),
+        _ => None,
+    }
+}
+
+/// 405 with the `Allow` header RFC 9110 asks for.
+fn method_not_allowed(method: &http::Method, path: &str, allow: &'static str) -> Response<Vec<u8>> {
+    let mut response = openai_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("method {method} is not allowed for {path}; use {allow}"),
+        "invalid_request_error",
+        "method_not_allowed",
+    );
+    response
+        .headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    response
+}
+
 /// `pool` and `backend` of `/admin/api/upstreams/{pool}/backends/{backend}`, decoded.
 fn backend_path(path: &str) -> Option<(String, String)> {
     let rest = path.strip_prefix("/admin/api/upstreams/")?;
@@ -601,16 +634,10 @@ impl Admin {
         if path == "/admin/api/explain" && method == http::Method::POST {
             return self.explain(session).await;
         }
-        if let Some((pool, backend)) = backend_path(&path) {
-            if method == http::Method::PUT {
-                return self.set_weight(session, pool, backend).await;
-            }
-            return openai_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!("method {method} is not allowed here (PUT {{\"weight\": N}})"),
-                "invalid_request_error",
-                "method_not_allowed",
-            );
+        if let Some((pool, backend)) = backend_path(&path)
+            && method == http::Method::PUT
+        {
+            return self.set_weight(session, pool, backend).await;
         }
         if path == "/admin/api/config" {
             if method == http::Method::PUT {
@@ -625,11 +652,17 @@ impl Admin {
         {
             return self.audit_records(query.as_deref()).await;
         }
-        if method != http::Method::GET && method != http::Method::HEAD {
-            return json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &serde_json::json!({"error": {"message": format!("method {method} is not allowed"), "type": "invalid_request_error", "param": null, "code": "method_not_allowed"}}),
-            );
+        match allowed_methods(&path) {
+            None => {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": {"message": format!("unknown URL: {method} {path}"), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+                );
+            }
+            Some(allow) if !allow.split(", ").any(|allowed| allowed == method.as_str()) => {
+                return method_not_allowed(&method, &path, allow);
+            }
+            Some(_) => {}
         }
         match path.as_str() {
             "/healthz" => respond(

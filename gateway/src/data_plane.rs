@@ -439,6 +439,33 @@ fn expects_continue(header: &pingora_http::RequestHeader) -> bool {
 }
 
 /// The client's `x-request-id` when it is a sane token, else a new one.
+/// A `Content-Encoding` other than `identity` on a request, as the client named it (cut to
+/// 64 printable characters). Bodies are scanned, filtered and forwarded as sent, so a
+/// compressed one is refused instead of being read as bad JSON.
+fn content_encoding(header: &pingora_http::RequestHeader) -> Option<String> {
+    let mut named = header
+        .headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
+    let coding = named.next()?;
+    Some(
+        coding
+            .iter()
+            .take(64)
+            .map(|&byte| {
+                if byte.is_ascii_graphic() {
+                    char::from(byte)
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+    )
+}
+
 fn request_id(session: &Session) -> String {
     session
         .req_header()
@@ -1421,6 +1448,12 @@ impl DataPlane {
             ctx.reject("limits");
             Failure::from(GatewayError::RequestTooLarge { limit_bytes })
         };
+        if let Some(encoding) = content_encoding(session.req_header()) {
+            // The body is not read, so the connection cannot be reused.
+            session.set_keepalive(None);
+            ctx.reject("request");
+            return Err(GatewayError::UnsupportedContentEncoding { encoding }.into());
+        }
         let declared = session
             .req_header()
             .headers

@@ -63,6 +63,12 @@ pub enum GatewayError {
     /// Answered by the listener itself, before any request exists.
     #[error("request header is larger than the limit of {limit_bytes} bytes")]
     HeaderTooLarge { limit_bytes: u64 },
+    /// A compressed request body: the scanners and the firewall read bodies as sent, so one
+    /// they cannot read is refused rather than forwarded or misreported as bad JSON.
+    #[error(
+        "request bodies with `Content-Encoding: {encoding}` are not accepted; send the body uncompressed"
+    )]
+    UnsupportedContentEncoding { encoding: String },
     #[error("the local inference queue is full; retry after {retry_after_s} s")]
     QueueFull { retry_after_s: u64 },
     /// A caller used its tokens for the day (`crate::daily_usage`).
@@ -201,6 +207,12 @@ impl GatewayError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 INVALID_REQUEST,
                 Some("request_header_too_large"),
+                None,
+            ),
+            UnsupportedContentEncoding { .. } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                INVALID_REQUEST,
+                Some("unsupported_content_encoding"),
                 None,
             ),
             QueueFull { .. } => (

@@ -120,6 +120,45 @@ fn off_loopback_the_admin_api_needs_tls_and_a_token() {
             assert!(head.headers().contains_key("content-length"), "{path}");
             assert!(head.bytes().await.unwrap().is_empty(), "{path}");
         }
+        // A known path with the wrong method gets 405 and `Allow`; an unknown one 404.
+        for (method, path, allow) in [
+            (reqwest::Method::POST, "/metrics", Some("GET, HEAD")),
+            (reqwest::Method::GET, "/admin/api/reload", Some("POST")),
+            (
+                reqwest::Method::DELETE,
+                "/admin/api/config",
+                Some("GET, HEAD, PUT"),
+            ),
+            (
+                reqwest::Method::GET,
+                "/admin/api/upstreams/cloud/backends/a",
+                Some("PUT"),
+            ),
+            (reqwest::Method::POST, "/admin/api/nothing", None),
+        ] {
+            let response = client
+                .request(method.clone(), format!("{admin_url}{path}"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let allowed = response
+                .headers()
+                .get("allow")
+                .map(|value| value.to_str().unwrap().to_owned());
+            let body: serde_json::Value = response.json().await.unwrap();
+            match allow {
+                Some(allow) => {
+                    assert_eq!((status, allowed.as_deref()), (405, Some(allow)), "{path}");
+                    assert_eq!(body["error"]["code"], "method_not_allowed", "{path}");
+                }
+                None => assert_eq!(
+                    (status, body["error"]["code"].as_str()),
+                    (404, Some("unknown_url"))
+                ),
+            }
+        }
     });
 
     // `isthmus probe` over loopback, as a pod's exec probe: the token from the environment,

@@ -142,6 +142,35 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         let (status, _) = error_of(response).await;
         assert_eq!(status, 413);
 
+        // A compressed body is refused by name, not read as bad JSON.
+        let response = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(vec![0x1f, 0x8b, 0x08, 0x00])
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = error_of(response).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (415, Some("unsupported_content_encoding"))
+        );
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("gzip"),
+            "{body}"
+        );
+        let identity = client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("content-encoding", "identity")
+            .json(&chat_body("Say hi", json!({"max_tokens": 1})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(identity.status(), 200);
+
         // Missing and wrong keys.
         let response = client()
             .post(gateway.url("/v1/chat/completions"))
@@ -326,6 +355,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         "isthmus_requests_total{route=\"rejected\",status=\"401\"} 4",
         "isthmus_requests_total{route=\"rejected\",status=\"404\"} 2",
         "isthmus_requests_total{route=\"rejected\",status=\"413\"} 2",
+        "isthmus_requests_total{route=\"rejected\",status=\"415\"} 1",
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }

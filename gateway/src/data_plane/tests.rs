@@ -154,3 +154,23 @@ fn wrong_methods_unknown_paths_and_missing_api_versions_are_refused() {
         "404 unknown URL: POST /openai/deployments//chat/completions"
     );
 }
+
+#[test]
+fn only_identity_content_encoding_is_accepted() {
+    let coding = |values: &[&str]| {
+        let mut header =
+            pingora_http::RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for value in values {
+            header.append_header("content-encoding", *value).unwrap();
+        }
+        super::content_encoding(&header)
+    };
+    assert_eq!(coding(&[]), None);
+    assert_eq!(coding(&["identity"]), None);
+    assert_eq!(coding(&[" Identity , identity"]), None);
+    assert_eq!(coding(&["gzip"]).as_deref(), Some("gzip"));
+    assert_eq!(coding(&["identity, br"]).as_deref(), Some("br"));
+    assert_eq!(coding(&["identity", "zstd"]).as_deref(), Some("zstd"));
+    let long = "x".repeat(100);
+    assert_eq!(coding(&[&long]).map(|named| named.len()), Some(64));
+}

@@ -42,6 +42,14 @@ fn errors_map_to_openai_status_and_body() {
         ]],
     );
     check(
+        GatewayError::UnsupportedContentEncoding {
+            encoding: "gzip".to_owned(),
+        },
+        expect![[
+            r#"415 {"error":{"message":"request bodies with `Content-Encoding: gzip` are not accepted; send the body uncompressed","type":"invalid_request_error","param":null,"code":"unsupported_content_encoding"}}"#
+        ]],
+    );
+    check(
         GatewayError::InvalidApiKey,
         expect![[
             r#"401 {"error":{"message":"incorrect API key provided","type":"authentication_error","param":null,"code":"invalid_api_key"}}"#
