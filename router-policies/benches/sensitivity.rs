@@ -1,6 +1,7 @@
 //! Throughput of the sensitivity scan on 4 KB prompts: prose with a few entities (the common
-//! case), prose and code with none, a dense mix, and the same prose with deployment
-//! dictionaries and a pattern. Target: 200 MB/s or more on a 4 KB prompt.
+//! case), prose and code with none, a dense mix, prose in other languages (non-ASCII) with and
+//! without look-alike characters to fold, and the same prose with deployment dictionaries and
+//! a pattern. Target: 200 MB/s or more on a 4 KB prompt.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use router_policies::redact::{RedactionMap, Restorer, redact};
@@ -27,6 +28,17 @@ const ENTITIES: &str = "Contact Jane at jane.doe@example.com or +44 20 7946 0958
 const SECRETS: &str = "password=hunter22 token eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.\
 eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c AKIAZ3MJQ4R5T6Y7U8I9 \
 host 10.20.30.40 ssn 536-22-1234 ";
+
+/// Prose in other languages: non-ASCII, with nothing to fold.
+const EUROPEAN: &str = "Die Überprüfung der Abrechnung für das dritte Quartal ergab, dass \
+die Migration größtenteils reibungslos verlief. Le délai de réponse a baissé de 840 ms à 310 ms, \
+et le taux d'erreur est resté sous 0,2 % pendant chaque bascule. Résumez ce qui s'est bien passé. ";
+
+/// The same prose as pasted from a word processor: no-break spaces and en dashes, folded.
+const PASTED: &str = "Die Überprüfung der Abrechnung – drittes Quartal – ergab, dass die \
+Migration größtenteils reibungslos verlief. Le délai de réponse a baissé de 840\u{a0}ms à \
+310\u{a0}ms, et le taux d'erreur est resté sous 0,2\u{a0}% pendant chaque bascule\u{a0}: \
+«\u{a0}Résumez ce qui s'est bien passé\u{a0}». ";
 
 /// `parts` repeated in turn up to [`PROMPT_BYTES`], cut on a character boundary.
 fn prompt(parts: &[&str]) -> String {
@@ -85,6 +97,8 @@ fn scan(criterion: &mut Criterion) {
         ),
         ("prose_and_code_4k", prompt(&[PROSE, CODE])),
         ("dense_4k", prompt(&[ENTITIES, SECRETS])),
+        ("european_prose_4k", prompt(&[EUROPEAN, ENTITIES])),
+        ("pasted_prose_4k", prompt(&[PASTED, ENTITIES])),
     ];
     let mut group = criterion.benchmark_group("scan");
     group.throughput(Throughput::Bytes(PROMPT_BYTES as u64));

@@ -15,6 +15,7 @@
 //! come in through [`RecognizerConfig`] and are compiled once with every error reported.
 
 mod custom;
+mod fold;
 mod identifiers;
 mod network;
 mod numbers;
@@ -339,8 +340,34 @@ impl Recognizers {
 
     /// Finds the sensitive values in `text`: sorted by start, without overlaps (where two
     /// findings overlap, the more confident one wins, then the longer, then the earlier).
+    ///
+    /// Look-alike characters (full-width and other scripts' digits, no-break spaces, dashes,
+    /// zero-width characters...) are read as the ASCII they stand for ([`fold`]); spans are
+    /// always the original text's. Dictionaries and patterns also see the text as sent, in
+    /// case a term or an expression names such characters itself.
     pub fn scan(&self, text: &str) -> Vec<Finding> {
-        let mut findings = scan::scan_builtin(text);
+        let Some(folded) = fold::Folded::of(text) else {
+            let mut findings = Vec::new();
+            self.scan_into(text, &mut findings);
+            return resolve_overlaps(findings);
+        };
+        let mut findings = Vec::new();
+        self.scan_into(&folded.text, &mut findings);
+        for finding in &mut findings {
+            finding.span = folded.original(&finding.span);
+        }
+        if let Some(dictionaries) = &self.dictionaries {
+            dictionaries.scan(text, &mut findings);
+        }
+        for pattern in &self.patterns {
+            pattern.scan(text, &mut findings);
+        }
+        resolve_overlaps(findings)
+    }
+
+    /// Every recognizer's findings in `text`, unsorted and possibly overlapping.
+    fn scan_into(&self, text: &str, findings: &mut Vec<Finding>) {
+        findings.extend(scan::scan_builtin(text));
         if self.disabled != 0 {
             findings.retain(|finding| {
                 finding
@@ -350,12 +377,11 @@ impl Recognizers {
             });
         }
         if let Some(dictionaries) = &self.dictionaries {
-            dictionaries.scan(text, &mut findings);
+            dictionaries.scan(text, findings);
         }
         for pattern in &self.patterns {
-            pattern.scan(text, &mut findings);
+            pattern.scan(text, findings);
         }
-        resolve_overlaps(findings)
     }
 }
 

@@ -139,6 +139,20 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "sensitive-local".to_owned())
         );
+        // Nor do no-break spaces or zero-width spaces between its groups (a copy from a web
+        // page, or an attempt to slip it past the scan).
+        for separator in ["\u{a0}", "\u{200b}"] {
+            let disguised = format!(
+                "{HARD} Pay the fare from {}.",
+                VALID_IBAN.replace(' ', separator)
+            );
+            let response = send(&gateway, &chat(&disguised, json!({"max_tokens": 4})), &[]).await;
+            assert_eq!(
+                route(&response),
+                ("local".to_owned(), "sensitive-local".to_owned()),
+                "{separator:?}"
+            );
+        }
         let with_invalid = format!("{HARD} Pay the fare from {INVALID_IBAN}.");
         let response = send(&gateway, &chat(&with_invalid, json!({})), &[]).await;
         assert_eq!(

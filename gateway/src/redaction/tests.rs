@@ -71,3 +71,24 @@ fn a_placeholder_split_across_chunks_is_restored_in_the_stream() {
     assert_eq!(content_of(&out), "Hi jane.doe@contoso.com and <EMAIL_1");
     assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
 }
+
+#[test]
+fn values_written_in_look_alike_characters_are_redacted_whole_and_restored_as_sent() {
+    // JSON escapes for a no-break space, zero-width spaces and an en dash, as a client
+    // that pastes from a web page or a word processor sends them.
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"card 4111\u00a01111\u00a01111\u00a01111, ssn 536\u201322\u20131234, mail jane\u200b.doe@contoso.com"}]}"#;
+    let (redacted, map) = match redact_body(body, &scanner()) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let text = String::from_utf8_lossy(&redacted);
+    for leaked in ["4111", "1111", "536", "1234", "jane", "contoso"] {
+        assert!(!text.contains(leaked), "{leaked} in {text}");
+    }
+    let placeholders = map.placeholders();
+    assert_eq!(placeholders.len(), 3, "{placeholders:?}");
+    assert_eq!(
+        map.restore(&placeholders.join("|")),
+        "4111\u{a0}1111\u{a0}1111\u{a0}1111|jane\u{200b}.doe@contoso.com|536\u{2013}22\u{2013}1234"
+    );
+}

@@ -11,7 +11,7 @@ fn check_with(recognizers: &Recognizers, cases: &str, expect: Expect) {
     let mut actual = String::new();
     for line in cases.lines().map(str::trim).filter(|line| !line.is_empty()) {
         let findings = recognizers.scan(line);
-        actual.push_str(line);
+        actual.push_str(&visible(line));
         actual.push('\n');
         if findings.is_empty() {
             actual.push_str("    -\n");
@@ -20,12 +20,27 @@ fn check_with(recognizers: &Recognizers, cases: &str, expect: Expect) {
             actual.push_str(&format!(
                 "    {} `{}` {}\n",
                 finding.entity,
-                &line[finding.span.clone()],
+                visible(&line[finding.span.clone()]),
                 finding.confidence
             ));
         }
     }
     expect.assert_eq(&actual);
+}
+
+/// `text` with invisible characters and spaces other than ASCII's written as `\u{...}`.
+fn visible(text: &str) -> String {
+    text.chars()
+        .map(|character| {
+            let hidden = !character.is_ascii()
+                && (character.is_whitespace() || character.escape_debug().count() > 1);
+            if hidden {
+                format!("\\u{{{:x}}}", u32::from(character))
+            } else {
+                character.to_string()
+            }
+        })
+        .collect()
 }
 
 fn check(cases: &str, expect: Expect) {
@@ -548,6 +563,58 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
     );
 }
 
+#[test]
+fn look_alike_characters_are_read_as_the_ascii_they_stand_for() {
+    check(
+        "
+        card \u{ff14}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11} \u{ff11}\u{ff11}\u{ff11}\u{ff11} please
+        card 4111\u{a0}1111\u{a0}1111\u{a0}1111 pasted from a web page
+        card 4111\u{200b}1111\u{200b}1111\u{200b}1111 with zero-width spaces
+        card \u{0664}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661}\u{0661} in Arabic-Indic digits
+        SSN 536\u{2013}22\u{2013}1234 after a word processor's autocorrect
+        SSN 536\u{2011}22\u{2011}1234 with no-break hyphens
+        mail john.smith\u{ff20}example.com
+        mail jo\u{200b}hn.smith@exa\u{200d}mple.com
+        hidden \u{e006a}\u{e006f}\u{e0065}\u{e0040}\u{e0065}\u{e0078}\u{e0061}\u{e006d}\u{e0070}\u{e006c}\u{e0065}\u{e002e}\u{e0063}\u{e006f}\u{e006d} in tag characters
+        IBAN \u{ff24}\u{ff25}89 3704 0044 0532 0130 00
+        IBAN DE89\u{202f}3704\u{202f}0044\u{202f}0532\u{202f}0130\u{202f}00
+        id \u{1d400}\u{1d40a}\u{1d408}\u{1d400}2E0A8F3B244C9986
+        luhn-invalid \u{ff14}\u{ff11}\u{ff11}\u{ff11} 1111 1111 1112
+        prices 1\u{a0}234,56\u{a0}€ and 12\u{a0}%
+        ",
+        expect![[r#"
+            card ４１１１ １１１１ １１１１ １１１１ please
+                credit_card `４１１１ １１１１ １１１１ １１１１` 0.95
+            card 4111\u{a0}1111\u{a0}1111\u{a0}1111 pasted from a web page
+                credit_card `4111\u{a0}1111\u{a0}1111\u{a0}1111` 0.95
+            card 4111\u{200b}1111\u{200b}1111\u{200b}1111 with zero-width spaces
+                credit_card `4111\u{200b}1111\u{200b}1111\u{200b}1111` 0.95
+            card ٤١١١١١١١١١١١١١١١ in Arabic-Indic digits
+                credit_card `٤١١١١١١١١١١١١١١١` 0.95
+            SSN 536–22–1234 after a word processor's autocorrect
+                us_ssn `536–22–1234` 0.85
+            SSN 536‑22‑1234 with no-break hyphens
+                us_ssn `536‑22‑1234` 0.85
+            mail john.smith＠example.com
+                email `john.smith＠example.com` 0.9
+            mail jo\u{200b}hn.smith@exa\u{200d}mple.com
+                email `jo\u{200b}hn.smith@exa\u{200d}mple.com` 0.9
+            hidden \u{e006a}\u{e006f}\u{e0065}\u{e0040}\u{e0065}\u{e0078}\u{e0061}\u{e006d}\u{e0070}\u{e006c}\u{e0065}\u{e002e}\u{e0063}\u{e006f}\u{e006d} in tag characters
+                email `\u{e006a}\u{e006f}\u{e0065}\u{e0040}\u{e0065}\u{e0078}\u{e0061}\u{e006d}\u{e0070}\u{e006c}\u{e0065}\u{e002e}\u{e0063}\u{e006f}\u{e006d}` 0.9
+            IBAN ＤＥ89 3704 0044 0532 0130 00
+                iban `ＤＥ89 3704 0044 0532 0130 00` 0.95
+            IBAN DE89\u{202f}3704\u{202f}0044\u{202f}0532\u{202f}0130\u{202f}00
+                iban `DE89\u{202f}3704\u{202f}0044\u{202f}0532\u{202f}0130\u{202f}00` 0.95
+            id 𝐀𝐊𝐈𝐀2E0A8F3B244C9986
+                aws_access_key `𝐀𝐊𝐈𝐀2E0A8F3B244C9986` 0.9
+            luhn-invalid ４１１１ 1111 1111 1112
+                -
+            prices 1\u{a0}234,56\u{a0}€ and 12\u{a0}%
+                -
+        "#]],
+    );
+}
+
 fn custom() -> Recognizers {
     let config = RecognizerConfig {
         dictionaries: vec![
@@ -725,6 +792,7 @@ fn arbitrary_text() -> impl Strategy<Value = String> {
         any::<String>(),
         "[0-9a-fA-FXYZ@.:=+ \\-/;&()'\"_eyJ\n]{0,120}",
         "(4111|DE89|AKIA|eyJ|-----BEGIN |password=|sv=|::|\\+44|[0-9]{1,5}| |-|\\.|@|é|€|:)*",
+        "(4111|DE89|[0-9]{1,5}|\u{a0}|\u{200b}|\u{2013}|\u{ff14}|\u{ff20}|\u{e0041}|\u{1d7ce}|a|@|\\.| )*",
     ]
 }
 
@@ -761,6 +829,34 @@ proptest! {
             digits
         };
         let text = format!("{before} {number} {after}");
+        let findings = Recognizers::default().scan(&text);
+        prop_assert!(
+            findings.iter().any(|finding| finding.entity == EntityType::CreditCard && text[finding.span.clone()] == number),
+            "{text:?}: {findings:?}"
+        );
+    }
+
+    #[test]
+    fn a_luhn_valid_visa_in_look_alike_characters_is_found_as_written(
+        body in proptest::collection::vec(0_u8..10, 14),
+        zero in prop::sample::select(vec!['0', '\u{ff10}', '\u{0660}', '\u{0966}', '\u{1d7ce}', '\u{e0030}']),
+        separator in prop::sample::select(vec!["", " ", "\u{a0}", "\u{202f}", "\u{200b}", "-", "\u{2013}", "\u{2011}"]),
+    ) {
+        let mut prefix = vec![4];
+        prefix.extend(body);
+        let digits = with_luhn_digit(&prefix);
+        prop_assume!(!digits.iter().all(|digit| *digit == digits[0]));
+        let number = digits
+            .chunks(4)
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .filter_map(|digit| char::from_u32(u32::from(zero) + u32::from(*digit)))
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join(separator);
+        let text = format!("pay with {number} today");
         let findings = Recognizers::default().scan(&text);
         prop_assert!(
             findings.iter().any(|finding| finding.entity == EntityType::CreditCard && text[finding.span.clone()] == number),
