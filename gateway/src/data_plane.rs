@@ -1494,6 +1494,15 @@ impl DataPlane {
                             )
                             .into()
                         }
+                        // Pingora's names for a chunked body it cannot frame.
+                        ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd") => {
+                            session.set_keepalive(None);
+                            GatewayError::invalid_value(
+                                "body",
+                                "the request body's chunked transfer coding is malformed",
+                            )
+                            .into()
+                        }
                         _ => Failure::ClientGone(format!("reading the request body: {error}")),
                     });
                 }

@@ -329,6 +329,30 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             "{refused}"
         );
 
+        // A chunked body that cannot be framed gets an answer that says so, not a silent
+        // close.
+        let mut stream = tls_http1(gateway.data).await;
+        stream
+            .write_all(
+                format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n\
+                     authorization: Bearer {API_KEY}\r\ncontent-type: application/json\r\n\
+                     transfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let malformed = read_head(&mut stream).await;
+        assert!(malformed.starts_with("HTTP/1.1 400 "), "{malformed}");
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.ok();
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.contains("chunked transfer coding is malformed"),
+            "{rest}"
+        );
+
         // The header cap (16 KiB here) holds on HTTP/2 too, where h2 answers 431 itself.
         let response = client()
             .get(gateway.url("/v1/models"))
