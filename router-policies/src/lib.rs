@@ -11,6 +11,7 @@
 mod balance;
 pub mod complexity;
 mod decide;
+mod fold;
 mod policy;
 pub mod redact;
 mod rules;

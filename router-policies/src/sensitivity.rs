@@ -15,7 +15,6 @@
 //! come in through [`RecognizerConfig`] and are compiled once with every error reported.
 
 mod custom;
-mod fold;
 mod identifiers;
 mod network;
 mod numbers;
@@ -342,11 +341,11 @@ impl Recognizers {
     /// findings overlap, the more confident one wins, then the longer, then the earlier).
     ///
     /// Look-alike characters (full-width and other scripts' digits, no-break spaces, dashes,
-    /// zero-width characters...) are read as the ASCII they stand for ([`fold`]); spans are
+    /// zero-width characters...) are read as the ASCII they stand for (`crate::fold`); spans are
     /// always the original text's. Dictionaries and patterns also see the text as sent, in
     /// case a term or an expression names such characters itself.
     pub fn scan(&self, text: &str) -> Vec<Finding> {
-        let Some(folded) = fold::Folded::of(text) else {
+        let Some(folded) = crate::fold::Folded::of(text) else {
             let mut findings = Vec::new();
             self.scan_into(text, &mut findings);
             return resolve_overlaps(findings);

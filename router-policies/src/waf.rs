@@ -703,7 +703,13 @@ fn inspect_prompt(waf: &Waf, text: &str, index: usize, findings: &mut Findings<'
 
 fn inspect_phrases(waf: &Waf, text: &str, index: usize, findings: &mut Findings<'_>) {
     if !findings.has(RULE_INSTRUCTION_OVERRIDE) || !findings.has(RULE_PROMPT_EXTRACTION) {
-        let phrases = phrases(&waf.verbs, text);
+        // Read as the sensitivity scan reads it: a zero-width space inside a word or
+        // full-width letters do not hide a phrasing from the model, so not from the rule.
+        let folded = crate::fold::Folded::of(text);
+        let phrases = phrases(
+            &waf.verbs,
+            folded.as_ref().map_or(text, |folded| &folded.text),
+        );
         if phrases.instruction_override {
             findings.add(
                 RULE_INSTRUCTION_OVERRIDE,

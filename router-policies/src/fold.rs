@@ -1,4 +1,5 @@
-//! Look-alike characters folded to ASCII before the scan.
+//! Look-alike characters folded to ASCII before the sensitivity scan and the firewall's
+//! phrase rules read a text.
 //!
 //! The recognizers read ASCII: digits, letters, `@`, `-`, spaces. Text pasted from a word
 //! processor or a web page carries the same values in other characters — a no-break space
@@ -13,8 +14,8 @@
 use std::ops::Range;
 
 /// A text with look-alike characters folded, and the way back to the original's offsets.
-pub(super) struct Folded {
-    pub(super) text: String,
+pub(crate) struct Folded {
+    pub(crate) text: String,
     /// For each byte of `text`: the start and end, in the original, of the character it
     /// was written for.
     origins: Vec<(u32, u32)>,
@@ -85,7 +86,7 @@ fn ascii(point: u32) -> Fold {
 impl Folded {
     /// `text` with look-alike characters folded, or `None` when it has none (every ASCII
     /// text) or is too long for 32-bit offsets.
-    pub(super) fn of(text: &str) -> Option<Folded> {
+    pub(crate) fn of(text: &str) -> Option<Folded> {
         if text.is_ascii() || u32::try_from(text.len()).is_err() {
             return None;
         }
@@ -123,7 +124,7 @@ impl Folded {
     /// The span of the original text that `span` of the folded text was written for: from
     /// the first character's start to the last one's end (characters dropped in between are
     /// inside it).
-    pub(super) fn original(&self, span: &Range<usize>) -> Range<usize> {
+    pub(crate) fn original(&self, span: &Range<usize>) -> Range<usize> {
         let start = self.origins[span.start].0 as usize;
         let end = self.origins[span.end - 1].1 as usize;
         start..end
