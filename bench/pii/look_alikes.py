@@ -6,11 +6,13 @@ caller who wants a value past the scan can write it in full-width digits or spli
 zero-width spaces; a model reads all of these. This generates, with a fixed seed, documents
 that each hold one valid value (payment card, IBAN, US SSN, e-mail) written in one such way,
 and as many documents with the same value made invalid (a wrong check digit) in the same way,
-runs `isthmus explain` over them, and prints, per way of writing, the share of valid
-documents found sensitive (must-stay-local recall) and of invalid ones flagged.
+runs `isthmus explain` over them (and, with `--presidio`, Presidio's pattern recognizers as
+bench/pii/compare.py runs them), and prints, per way of writing, the share of valid documents
+found sensitive (must-stay-local recall) and of invalid ones flagged.
 
     python3 bench/pii/look_alikes.py --isthmus target/release/isthmus \\
         --config deploy/config/demo.toml [--documents 200] [--seed 2026]
+    /var/cache/isthmus/pii-venv/bin/python bench/pii/look_alikes.py --presidio ...
 """
 
 import argparse
@@ -105,12 +107,45 @@ TEMPLATES = [
 ]
 
 
+def presidio_flags(texts: list[str]) -> list[bool]:
+    """Presidio's pattern recognizers with a blank spaCy pipeline, as bench/pii/compare.py runs it."""
+    import pathlib
+    import tempfile
+
+    import spacy
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    blank = pathlib.Path(tempfile.mkdtemp()) / "blank_en"
+    spacy.blank("en").to_disk(blank)
+    provider = NlpEngineProvider(nlp_configuration={
+        "nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": str(blank)}]})
+    analyzer = AnalyzerEngine(nlp_engine=provider.create_engine(), supported_languages=["en"])
+    entities = ["CREDIT_CARD", "IBAN_CODE", "US_SSN", "EMAIL_ADDRESS"]
+    return [bool(analyzer.analyze(text=text, language="en", entities=entities)) for text in texts]
+
+
+def isthmus_flags(args, texts: list[str]) -> list[bool]:
+    lines = "".join(json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": text}]}) + "\n"
+                    for text in texts)
+    result = subprocess.run([args.isthmus, "explain", "--config", args.config],
+                            input=lines, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"isthmus explain failed: {result.stderr}")
+    verdicts = [json.loads(line) for line in result.stdout.splitlines()]
+    if len(verdicts) != len(texts):
+        sys.exit(f"expected {len(texts)} explanations, got {len(verdicts)}")
+    return [bool(verdict.get("sensitive")) for verdict in verdicts]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--isthmus", required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--documents", type=int, default=200, help="valid documents per way of writing")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--presidio", action="store_true",
+                        help="also run Presidio (presidio-analyzer installed in this Python)")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
@@ -123,36 +158,22 @@ def main() -> None:
                 value = write(make(rng, valid), separator, way)
                 text = rng.choice(TEMPLATES).format(value=value)
                 rows.append((way, kind, valid, text))
-    lines = "".join(json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": text}]}) + "\n"
-                    for _, _, _, text in rows)
-    result = subprocess.run([args.isthmus, "explain", "--config", args.config],
-                            input=lines, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"isthmus explain failed: {result.stderr}")
-    verdicts = [json.loads(line) for line in result.stdout.splitlines()]
-    if len(verdicts) != len(rows):
-        sys.exit(f"expected {len(rows)} explanations, got {len(verdicts)}")
+    texts = [text for _, _, _, text in rows]
+    contenders = [("Isthmus", isthmus_flags(args, texts))]
+    if args.presidio:
+        contenders.insert(0, ("Presidio", presidio_flags(texts)))
 
-    print("| written with | valid found (recall) | invalid flagged |")
-    print("|---|---|---|")
-    totals = [0, 0, 0, 0]
-    for way in SEPARATED:
-        found = flagged = valid_count = invalid_count = 0
-        for (row_way, _, valid, _), verdict in zip(rows, verdicts):
-            if row_way != way:
-                continue
-            sensitive = bool(verdict.get("sensitive"))
-            if valid:
-                valid_count += 1
-                found += sensitive
-            else:
-                invalid_count += 1
-                flagged += sensitive
-        totals = [totals[0] + found, totals[1] + valid_count, totals[2] + flagged, totals[3] + invalid_count]
-        print(f"| {way} | {found / valid_count:.3f} ({found}/{valid_count}) "
-              f"| {flagged / invalid_count:.3f} ({flagged}/{invalid_count}) |")
-    print(f"| all | {totals[0] / totals[1]:.3f} ({totals[0]}/{totals[1]}) "
-          f"| {totals[2] / totals[3]:.3f} ({totals[2]}/{totals[3]}) |")
+    def cell(flags, way, valid):
+        chosen = [flag for (row_way, _, row_valid, _), flag in zip(rows, flags)
+                  if row_valid == valid and (way is None or row_way == way)]
+        return f"{sum(chosen) / len(chosen):.3f} ({sum(chosen)}/{len(chosen)})"
+
+    print("| written with | " + " | ".join(f"{name}: valid found (recall) | {name}: invalid flagged"
+                                          for name, _ in contenders) + " |")
+    print("|---|" + "---|---|" * len(contenders))
+    for way in SEPARATED + [None]:
+        cells = " | ".join(f"{cell(flags, way, True)} | {cell(flags, way, False)}" for _, flags in contenders)
+        print(f"| {way or 'all'} | {cells} |")
 
 
 if __name__ == "__main__":
