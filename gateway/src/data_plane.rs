@@ -667,6 +667,17 @@ impl DataPlane {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Failure> {
         let cors = &self.state.routing().config.cors;
         let header = session.req_header();
+        // RFC 9112 3.2: two Host headers are ambiguous (which one did a proxy in front check?)
+        // and an HTTP/1.1 request without one is malformed.
+        let hosts = header.headers.get_all(http::header::HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && header.version == http::Version::HTTP_11) {
+            ctx.reject("request");
+            return Err(GatewayError::invalid_value(
+                "host",
+                "an HTTP/1.1 request needs exactly one Host header",
+            )
+            .into());
+        }
         // A browser page's origin, where `[cors]` allows it: every answer, errors included,
         // then says so. Another origin is refused before anything runs.
         let origin = header

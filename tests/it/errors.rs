@@ -353,6 +353,30 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             "{rest}"
         );
 
+        // An HTTP/1.1 request without a Host header, or with two, is malformed (RFC 9112):
+        // Pingora refuses two itself (with an empty 400), the gateway a missing one.
+        for hosts in ["", "host: localhost\r\nhost: evil.example\r\n"] {
+            let mut stream = tls_http1(gateway.data).await;
+            stream
+                .write_all(
+                    format!(
+                        "GET /v1/models HTTP/1.1\r\n{hosts}authorization: Bearer {API_KEY}\r\n\
+                         connection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            let refused = read_head(&mut stream).await;
+            assert!(refused.starts_with("HTTP/1.1 400 "), "{hosts:?}: {refused}");
+            if hosts.is_empty() {
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).await.ok();
+                let rest = String::from_utf8_lossy(&rest);
+                assert!(rest.contains("exactly one Host header"), "{refused}{rest}");
+            }
+        }
+
         // The header cap (16 KiB here) holds on HTTP/2 too, where h2 answers 431 itself.
         let response = client()
             .get(gateway.url("/v1/models"))
