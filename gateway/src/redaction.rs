@@ -76,26 +76,70 @@ pub fn restore_answer(body: &[u8], map: &RedactionMap) -> Bytes {
                     *content = map.restore(content);
                 }
             }
+            // A call's arguments are JSON in a string: values go back escaped.
+            for arguments in call_arguments(choice.get_mut("message")) {
+                *arguments = map.restore_in_json(arguments);
+            }
         }
     }
     Bytes::from(serde_json::to_vec(&answer).unwrap_or_else(|_| body.to_vec()))
 }
 
-/// Restores a stream's chunks: one restorer per choice index, so text held back because it
-/// might be the start of a placeholder is released in a later chunk of the same choice.
+/// The `function.arguments` strings of a message's or a delta's `tool_calls` and of a
+/// legacy `function_call`.
+fn call_arguments(message: Option<&mut Value>) -> Vec<&mut String> {
+    let Some(Value::Object(message)) = message else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (key, value) in message.iter_mut() {
+        match (key.as_str(), value) {
+            ("tool_calls", Value::Array(calls)) => {
+                found.extend(calls.iter_mut().filter_map(|call| {
+                    match call.pointer_mut("/function/arguments") {
+                        Some(Value::String(arguments)) => Some(arguments),
+                        _ => None,
+                    }
+                }));
+            }
+            ("function_call", call) => {
+                if let Some(Value::String(arguments)) = call.get_mut("arguments") {
+                    found.push(arguments);
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// Restores a stream's chunks: one restorer per choice index and part (its text, each tool
+/// call's arguments), so text held back because it might be the start of a placeholder is
+/// released in a later chunk of the same part.
 #[derive(Debug)]
 pub struct StreamRestorer {
     map: RedactionMap,
-    choices: BTreeMap<u64, Restorer>,
+    parts: BTreeMap<(u64, Part), Restorer>,
     /// The last chunk seen, as the template of the chunk that releases held text.
     template: Option<Value>,
+}
+
+/// What of a choice a restorer restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    /// `delta.content`, or a completion's `text`.
+    Text,
+    /// `delta.tool_calls[].function.arguments` of the call with this `index`.
+    ToolCall(u64),
+    /// A legacy `delta.function_call.arguments`.
+    FunctionCall,
 }
 
 impl StreamRestorer {
     pub fn new(map: RedactionMap) -> Self {
         StreamRestorer {
             map,
-            choices: BTreeMap::new(),
+            parts: BTreeMap::new(),
             template: None,
         }
     }
@@ -119,31 +163,46 @@ impl StreamRestorer {
         if let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) {
             for choice in choices.iter_mut() {
                 let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-                let finished = choice
+                if choice
                     .get("finish_reason")
-                    .is_some_and(|reason| !reason.is_null());
-                let restorer = self
-                    .choices
-                    .entry(index)
-                    .or_insert_with(|| Restorer::new(self.map.clone()));
+                    .is_some_and(|reason| !reason.is_null())
+                {
+                    finishing.push(index);
+                }
                 for pointer in ["/delta/content", "/text"] {
                     if let Some(Value::String(text)) = choice.pointer_mut(pointer) {
-                        *text = restorer.push(text);
+                        *text = self.restorer(index, Part::Text).push(text);
                     }
                 }
-                if finished {
-                    finishing.push(index);
+                let Some(Value::Object(delta)) = choice.get_mut("delta") else {
+                    continue;
+                };
+                if let Some(Value::Array(calls)) = delta.get_mut("tool_calls") {
+                    for (position, call) in calls.iter_mut().enumerate() {
+                        let call_index = call
+                            .get("index")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(position as u64);
+                        if let Some(Value::String(arguments)) =
+                            call.pointer_mut("/function/arguments")
+                        {
+                            *arguments = self
+                                .restorer(index, Part::ToolCall(call_index))
+                                .push(arguments);
+                        }
+                    }
+                }
+                if let Some(Value::String(arguments)) = delta
+                    .get_mut("function_call")
+                    .and_then(|call| call.get_mut("arguments"))
+                {
+                    *arguments = self.restorer(index, Part::FunctionCall).push(arguments);
                 }
             }
         }
         // Held text of a finishing choice goes out before its finish chunk.
         for index in finishing {
-            if let Some(mut restorer) = self.choices.remove(&index) {
-                let rest = restorer.finish();
-                if !rest.is_empty() {
-                    out.extend_from_slice(&text_chunk(&chunk, index, rest));
-                }
-            }
+            out.extend_from_slice(&self.release_where(&chunk, |choice| choice == index));
         }
         self.template = Some(chunk.clone());
         out.extend_from_slice(format!("data: {chunk}\n\n").as_bytes());
@@ -155,25 +214,57 @@ impl StreamRestorer {
         let Some(template) = self.template.clone() else {
             return Bytes::new();
         };
+        Bytes::from(self.release_where(&template, |_| true))
+    }
+
+    fn restorer(&mut self, index: u64, part: Part) -> &mut Restorer {
+        let map = &self.map;
+        self.parts
+            .entry((index, part))
+            .or_insert_with(|| match part {
+                Part::Text => Restorer::new(map.clone()),
+                Part::ToolCall(_) | Part::FunctionCall => Restorer::in_json(map.clone()),
+            })
+    }
+
+    /// Chunks like `template` carrying what the restorers of the chosen choices still hold,
+    /// those restorers done.
+    fn release_where(&mut self, template: &Value, chosen: impl Fn(u64) -> bool) -> Vec<u8> {
+        let keys: Vec<(u64, Part)> = self
+            .parts
+            .keys()
+            .filter(|(index, _)| chosen(*index))
+            .copied()
+            .collect();
         let mut out = Vec::new();
-        for (index, mut restorer) in std::mem::take(&mut self.choices) {
+        for key in keys {
+            let Some(mut restorer) = self.parts.remove(&key) else {
+                continue;
+            };
             let rest = restorer.finish();
             if !rest.is_empty() {
-                out.extend_from_slice(&text_chunk(&template, index, rest));
+                out.extend_from_slice(&release_chunk(template, key, rest));
             }
         }
-        Bytes::from(out)
+        out
     }
 }
 
-/// A chunk like `template` carrying only `text` for choice `index`.
-fn text_chunk(template: &Value, index: u64, text: String) -> Vec<u8> {
+/// A chunk like `template` carrying only `text` for one part of choice `index`.
+fn release_chunk(template: &Value, (index, part): (u64, Part), text: String) -> Vec<u8> {
     let mut chunk = template.clone();
     let text_completion = template.pointer("/choices/0/text").is_some();
-    let choice = if text_completion {
-        serde_json::json!({"index": index, "text": text, "finish_reason": null})
-    } else {
-        serde_json::json!({"index": index, "delta": {"content": text}, "finish_reason": null})
+    let choice = match part {
+        Part::Text if text_completion => {
+            serde_json::json!({"index": index, "text": text, "finish_reason": null})
+        }
+        Part::Text => {
+            serde_json::json!({"index": index, "delta": {"content": text}, "finish_reason": null})
+        }
+        Part::ToolCall(call) => serde_json::json!({"index": index, "delta": {
+            "tool_calls": [{"index": call, "function": {"arguments": text}}]}, "finish_reason": null}),
+        Part::FunctionCall => serde_json::json!({"index": index, "delta": {
+            "function_call": {"arguments": text}}, "finish_reason": null}),
     };
     chunk["choices"] = Value::Array(vec![choice]);
     if chunk.get("usage").is_some() {

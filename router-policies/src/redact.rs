@@ -77,9 +77,48 @@ impl RedactionMap {
     /// unknown placeholders included, is unchanged.
     pub fn restore(&self, text: &str) -> String {
         let mut output = String::with_capacity(text.len());
-        let consumed = restore_into(self, text, false, &mut output);
+        let consumed = restore_into(self, text, false, Destination::Text, &mut output);
         debug_assert_eq!(consumed, text.len());
         output
+    }
+
+    /// Like [`RedactionMap::restore`], for text that is the inside of a JSON string (a tool
+    /// call's `arguments`, which is JSON text in a string): values go back escaped, so a
+    /// value with a quote or a backslash in it leaves the JSON intact.
+    pub fn restore_in_json(&self, text: &str) -> String {
+        let mut output = String::with_capacity(text.len());
+        let consumed = restore_into(self, text, false, Destination::JsonString, &mut output);
+        debug_assert_eq!(consumed, text.len());
+        output
+    }
+}
+
+/// Where restored values go: plain text, or the inside of a JSON string literal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    Text,
+    JsonString,
+}
+
+impl Destination {
+    fn push(self, value: &str, output: &mut String) {
+        if self == Destination::Text {
+            output.push_str(value);
+            return;
+        }
+        for character in value.chars() {
+            match character {
+                '"' => output.push_str("\\\""),
+                '\\' => output.push_str("\\\\"),
+                '\n' => output.push_str("\\n"),
+                '\r' => output.push_str("\\r"),
+                '\t' => output.push_str("\\t"),
+                control if u32::from(control) < 0x20 => {
+                    output.push_str(&format!("\\u{:04x}", u32::from(control)));
+                }
+                other => output.push(other),
+            }
+        }
     }
 }
 
@@ -142,7 +181,13 @@ fn ceil_char_boundary(text: &str, index: usize) -> usize {
 
 /// Restores placeholders in `text` into `output`. With `hold`, stops at a `<` that may
 /// begin a placeholder the text cuts off; returns how many bytes of `text` were consumed.
-fn restore_into(map: &RedactionMap, text: &str, hold: bool, output: &mut String) -> usize {
+fn restore_into(
+    map: &RedactionMap,
+    text: &str,
+    hold: bool,
+    into: Destination,
+    output: &mut String,
+) -> usize {
     let mut copied = 0;
     let mut search = 0;
     while let Some(offset) = text[search..].find('<') {
@@ -152,7 +197,7 @@ fn restore_into(map: &RedactionMap, text: &str, hold: bool, output: &mut String)
         if let Some(close) = window.find('>') {
             if let Some(value) = map.value(&rest[..=close]) {
                 output.push_str(&text[copied..open]);
-                output.push_str(value);
+                into.push(value, output);
                 copied = open + close + 1;
                 search = copied;
                 continue;
@@ -173,6 +218,7 @@ pub struct Restorer {
     map: RedactionMap,
     /// Text held back: a possible placeholder start, at most the longest placeholder.
     held: String,
+    into: Destination,
 }
 
 impl Restorer {
@@ -180,6 +226,16 @@ impl Restorer {
         Restorer {
             map,
             held: String::new(),
+            into: Destination::Text,
+        }
+    }
+
+    /// A restorer for a stream of pieces of one JSON string's inside (a streamed tool call's
+    /// `arguments`): values go back escaped, as [`RedactionMap::restore_in_json`] does.
+    pub fn in_json(map: RedactionMap) -> Restorer {
+        Restorer {
+            into: Destination::JsonString,
+            ..Restorer::new(map)
         }
     }
 
@@ -187,7 +243,7 @@ impl Restorer {
     pub fn push(&mut self, chunk: &str) -> String {
         self.held.push_str(chunk);
         let mut output = String::with_capacity(self.held.len());
-        let consumed = restore_into(&self.map, &self.held, true, &mut output);
+        let consumed = restore_into(&self.map, &self.held, true, self.into, &mut output);
         self.held.drain(..consumed);
         output
     }
@@ -195,7 +251,9 @@ impl Restorer {
     /// Whatever is still held, released as it is (an unfinished placeholder is text).
     pub fn finish(&mut self) -> String {
         let held = std::mem::take(&mut self.held);
-        self.map.restore(&held)
+        let mut output = String::with_capacity(held.len());
+        restore_into(&self.map, &held, false, self.into, &mut output);
+        output
     }
 
     /// The map this restorer uses.

@@ -269,6 +269,46 @@ fn redact_then_cloud_restores_the_values_in_a_streamed_answer() {
         let response = send(&gateway, &body, &[("x-team", "finance")]).await;
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["choices"][0]["message"]["content"], secret);
+
+        // A function call's arguments (JSON in a string) come back restored too, whole and
+        // streamed, and still parse.
+        let echoed = json!({ "text": secret });
+        let body = chat(
+            secret,
+            json!({"fake_echo": true, "fake_echo_tool_call": true}),
+        );
+        let response = send(&gateway, &body, &[("x-team", "finance")]).await;
+        let answer: Value = response.json().await.unwrap();
+        let arguments = answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(
+            serde_json::from_str::<Value>(&arguments).ok(),
+            Some(echoed.clone()),
+            "{answer}"
+        );
+        let body = chat(
+            secret,
+            json!({"stream": true, "fake_echo": true, "fake_echo_tool_call": true}),
+        );
+        let response = send(&gateway, &body, &[("x-team", "finance")]).await;
+        let text = response.text().await.unwrap();
+        let streamed: String = text
+            .split("\n\n")
+            .filter_map(|event| event.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+            .filter_map(|chunk| {
+                chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&streamed).ok(),
+            Some(echoed),
+            "{text}"
+        );
     });
 }
 

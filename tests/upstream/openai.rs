@@ -40,6 +40,10 @@ pub struct RawRequest {
     /// Test extension: answer with the last message's text, in pieces of three characters
     /// (so that a gateway restoring placeholders meets them split across chunks).
     pub fake_echo: Option<bool>,
+    /// Test extension: with `fake_echo`, answer with a call of a function `echo` whose
+    /// arguments are `{"text": ...}` with the last message's text, streamed in pieces of
+    /// three characters of that JSON.
+    pub fake_echo_tool_call: Option<bool>,
     pub messages: Option<Vec<RawMessage>>,
 }
 
@@ -55,12 +59,17 @@ impl RawRequest {
         content.as_str().map(str::to_owned)
     }
 
-    /// The text to echo, when the request asks for it.
+    /// The text to echo, when the request asks for it: as a call's arguments when it asks
+    /// for that.
     fn echo(&self) -> Option<String> {
         if self.fake_echo != Some(true) {
             return None;
         }
-        self.last_message()
+        let text = self.last_message()?;
+        if self.fake_echo_tool_call == Some(true) {
+            return Some(json!({ "text": text }).to_string());
+        }
+        Some(text)
     }
 }
 
@@ -96,6 +105,8 @@ pub struct Completion {
     pub include_usage: bool,
     /// Echo mode: the pieces the answer is made of instead of the cycled words.
     pub pieces: Option<Vec<String>>,
+    /// The pieces are a call's arguments rather than text.
+    pub tool_call: bool,
 }
 
 impl Completion {
@@ -136,10 +147,13 @@ impl Completion {
             completion_tokens,
             finish_reason: if completion_tokens < u64::from(tokens) {
                 "length"
+            } else if request.fake_echo == Some(true) && request.fake_echo_tool_call == Some(true) {
+                "tool_calls"
             } else {
                 "stop"
             },
             include_usage: request.include_usage(),
+            tool_call: pieces.is_some() && request.fake_echo_tool_call == Some(true),
             pieces,
         }
     }
@@ -178,7 +192,13 @@ impl Completion {
                 "system_fingerprint": FINGERPRINT,
                 "choices": [{
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": null},
+                    "message": if self.tool_call {
+                        json!({"role": "assistant", "content": null, "refusal": null,
+                            "tool_calls": [{"id": "call_fake", "type": "function",
+                                "function": {"name": "echo", "arguments": text}}]})
+                    } else {
+                        json!({"role": "assistant", "content": text, "refusal": null})
+                    },
                     "logprobs": null,
                     "finish_reason": self.finish_reason,
                 }],
@@ -208,6 +228,20 @@ impl Completion {
         let mut events = Vec::with_capacity(self.completion_tokens as usize + 3);
         for index in 0..self.completion_tokens {
             let choice = match self.api {
+                Api::Chat if self.tool_call => {
+                    let call = if index == 0 {
+                        json!({"index": 0, "id": "call_fake", "type": "function",
+                            "function": {"name": "echo", "arguments": self.token(index)}})
+                    } else {
+                        json!({"index": 0, "function": {"arguments": self.token(index)}})
+                    };
+                    json!({
+                        "index": 0,
+                        "delta": {"tool_calls": [call]},
+                        "logprobs": null,
+                        "finish_reason": null,
+                    })
+                }
                 Api::Chat if index == 0 => json!({
                     "index": 0,
                     "delta": {"role": "assistant", "content": self.token(index)},

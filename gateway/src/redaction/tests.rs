@@ -92,3 +92,70 @@ fn values_written_in_look_alike_characters_are_redacted_whole_and_restored_as_se
         "4111\u{a0}1111\u{a0}1111\u{a0}1111|jane\u{200b}.doe@contoso.com|536\u{2013}22\u{2013}1234"
     );
 }
+
+#[test]
+fn placeholders_in_tool_call_arguments_are_restored_whole_and_streamed() {
+    let (_, map) = match redact_body(
+        br#"{"messages":[{"role":"user","content":"Mail jane.doe@contoso.com the key -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"}]}"#,
+        &scanner(),
+    ) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let expected = serde_json::json!({
+        "to": "jane.doe@contoso.com",
+        "key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----",
+    });
+    // A whole answer: the arguments are JSON text in a string, and stay valid JSON.
+    let answer = serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant",
+        "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "send", "arguments": r#"{"to": "<EMAIL_1>", "key": "<PRIVATE_KEY_1>"}"#}}]}}]});
+    let restored: Value =
+        serde_json::from_slice(&restore_answer(&serde_json::to_vec(&answer).unwrap(), &map))
+            .unwrap();
+    let arguments = restored["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(arguments).unwrap(),
+        expected,
+        "{arguments}"
+    );
+
+    // Streamed, with the placeholders cut across chunks and the last one held until the
+    // choice finishes.
+    let call = |arguments: &str, finish: Option<&str>| {
+        format!(
+            "data: {}",
+            serde_json::json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": arguments}}]}, "finish_reason": finish}]})
+        )
+        .into_bytes()
+    };
+    let mut restorer = StreamRestorer::new(map);
+    let mut out = Vec::new();
+    for (arguments, finish) in [
+        (r#"{"to": "<EM"#, None),
+        (r#"AIL_1>", "key": "<PRIV"#, None),
+        (r#"ATE_KEY_1>"}"#, None),
+        ("", Some("tool_calls")),
+    ] {
+        out.extend_from_slice(&restorer.event(&call(arguments, finish)));
+    }
+    out.extend_from_slice(&restorer.event(b"data: [DONE]"));
+    let streamed: String = String::from_utf8_lossy(&out)
+        .split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&streamed).unwrap(),
+        expected,
+        "{streamed}"
+    );
+}

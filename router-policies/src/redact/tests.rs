@@ -196,3 +196,26 @@ proptest! {
         prop_assert_eq!(map.restore(&redacted), text);
     }
 }
+
+#[test]
+fn values_restored_inside_json_strings_are_escaped() {
+    // A private key's lines end in newlines, which a JSON string must escape.
+    let key =
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----";
+    let mut map = RedactionMap::new();
+    let redacted = redact(key, &Recognizers::default().scan(key), &mut map);
+    assert!(!redacted.contains("MIIE"), "{redacted}");
+    let placeholder = map.placeholders()[0].to_owned();
+    let arguments = format!(r#"{{"key": "{placeholder}", "note": "<UNKNOWN_1>"}}"#);
+    let restored = map.restore_in_json(&arguments);
+    assert_eq!(
+        restored,
+        r#"{"key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----", "note": "<UNKNOWN_1>"}"#
+    );
+    assert_eq!(map.restore(&placeholder), key);
+    // Streamed in pieces that cut the placeholder, the same.
+    let mut restorer = Restorer::in_json(map);
+    let (head, tail) = arguments.split_at(arguments.find('<').unwrap_or(0) + 3);
+    let streamed = restorer.push(head) + &restorer.push(tail) + &restorer.finish();
+    assert_eq!(streamed, restored);
+}
