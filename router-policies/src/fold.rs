@@ -16,9 +16,22 @@ use std::ops::Range;
 /// A text with look-alike characters folded, and the way back to the original's offsets.
 pub(crate) struct Folded {
     pub(crate) text: String,
-    /// For each byte of `text`: the start and end, in the original, of the character it
-    /// was written for.
-    origins: Vec<(u32, u32)>,
+    /// Every character folded or dropped, in order: between two of them the folded text is
+    /// the original shifted by a constant.
+    edits: Vec<Edit>,
+}
+
+/// One folded or dropped character.
+#[derive(Debug, Clone, Copy)]
+struct Edit {
+    /// Where its ASCII byte is in the folded text (where the next byte is, when dropped).
+    folded_at: u32,
+    /// Its start in the original.
+    original_at: u32,
+    /// Its UTF-8 length in the original.
+    original_bytes: u8,
+    /// Bytes it became: 1 when folded, 0 when dropped.
+    written: u8,
 }
 
 /// What one character becomes.
@@ -95,7 +108,7 @@ impl Folded {
             .0;
         let mut folded = Folded {
             text: String::with_capacity(text.len()),
-            origins: Vec::with_capacity(text.len()),
+            edits: Vec::new(),
         };
         let mut copied = 0;
         for (at, character) in non_ascii(text, first) {
@@ -103,31 +116,53 @@ impl Folded {
             if matches!(kind, Fold::Keep) {
                 continue;
             }
-            folded.copy(text, copied, at);
+            folded.text.push_str(&text[copied..at]);
             copied = at + character.len_utf8();
+            let mut edit = Edit {
+                folded_at: offset(folded.text.len()),
+                original_at: offset(at),
+                original_bytes: u8::try_from(character.len_utf8()).unwrap_or(4),
+                written: 0,
+            };
             if let Fold::Ascii(byte) = kind {
                 folded.text.push(char::from(byte));
-                folded.origins.push(offsets(at, copied));
+                edit.written = 1;
             }
+            folded.edits.push(edit);
         }
-        folded.copy(text, copied, text.len());
+        folded.text.push_str(&text[copied..]);
         Some(folded)
-    }
-
-    /// Copies `text[start..end]` unchanged, byte for byte.
-    fn copy(&mut self, text: &str, start: usize, end: usize) {
-        self.text.push_str(&text[start..end]);
-        self.origins
-            .extend((start..end).map(|byte| offsets(byte, byte + 1)));
     }
 
     /// The span of the original text that `span` of the folded text was written for: from
     /// the first character's start to the last one's end (characters dropped in between are
     /// inside it).
     pub(crate) fn original(&self, span: &Range<usize>) -> Range<usize> {
-        let start = self.origins[span.start].0 as usize;
-        let end = self.origins[span.end - 1].1 as usize;
+        let start = self.original_at(span.start).0;
+        let end = self.original_at(span.end - 1).1;
         start..end
+    }
+
+    /// The start and end in the original of the character that wrote folded byte `at`.
+    fn original_at(&self, at: usize) -> (usize, usize) {
+        let last = self
+            .edits
+            .partition_point(|edit| edit.folded_at as usize <= at)
+            .checked_sub(1)
+            .map(|index| self.edits[index]);
+        match last {
+            None => (at, at + 1),
+            Some(edit) if edit.written == 1 && edit.folded_at as usize == at => {
+                let start = edit.original_at as usize;
+                (start, start + usize::from(edit.original_bytes))
+            }
+            Some(edit) => {
+                // Copied: as far past the edit's end in the original as in the folded text.
+                let past = at - edit.folded_at as usize - usize::from(edit.written);
+                let start = edit.original_at as usize + usize::from(edit.original_bytes) + past;
+                (start, start + 1)
+            }
+        }
     }
 }
 
@@ -145,10 +180,10 @@ fn non_ascii(text: &str, from: usize) -> impl Iterator<Item = (usize, char)> + '
     })
 }
 
-fn offsets(start: usize, end: usize) -> (u32, u32) {
+fn offset(at: usize) -> u32 {
     // `of` refuses texts longer than `u32::MAX` bytes.
-    (
-        u32::try_from(start).unwrap_or(u32::MAX),
-        u32::try_from(end).unwrap_or(u32::MAX),
-    )
+    u32::try_from(at).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests;

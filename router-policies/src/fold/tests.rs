@@ -1,0 +1,46 @@
+use proptest::prelude::*;
+
+use super::Folded;
+
+fn folded_text(text: &str) -> String {
+    Folded::of(text).map_or_else(|| text.to_owned(), |folded| folded.text)
+}
+
+#[test]
+fn look_alikes_become_ascii_and_invisible_characters_go() {
+    let text = "4\u{ff11}1\u{200b}1\u{a0}\u{2013}x\u{e0041}\u{1d400}é\u{ad}!";
+    let Some(folded) = Folded::of(text) else {
+        panic!("nothing folded in {text:?}");
+    };
+    assert_eq!(folded.text, "4111 -xAAé!");
+    // The `1 -` after the zero-width space was written for `1\u{a0}\u{2013}`.
+    let span = folded.original(&(3..6));
+    assert_eq!(&text[span], "1\u{a0}\u{2013}");
+    // `é!`: the soft hyphen between them is inside.
+    let span = folded.original(&(9..12));
+    assert_eq!(&text[span], "é\u{ad}!");
+    assert!(Folded::of("plain ASCII").is_none());
+    assert!(Folded::of("naïve café, nothing to fold").is_none());
+}
+
+proptest! {
+    #[test]
+    fn every_folded_span_maps_to_original_text_that_folds_to_it(
+        text in "(a|4|é|€|\\u{a0}|\\u{200b}|\\u{2013}|\\u{ff14}|\\u{e0041}|\\u{1d7ce}|\\u{ad}| ){0,40}",
+        cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 2),
+    ) {
+        let Some(folded) = Folded::of(&text) else {
+            return Ok(());
+        };
+        let boundaries: Vec<usize> = (0..=folded.text.len())
+            .filter(|&at| folded.text.is_char_boundary(at))
+            .collect();
+        let mut ends = [*cuts[0].get(&boundaries), *cuts[1].get(&boundaries)];
+        ends.sort_unstable();
+        let [start, end] = ends;
+        prop_assume!(start < end);
+        let span = folded.original(&(start..end));
+        prop_assert!(text.is_char_boundary(span.start) && text.is_char_boundary(span.end));
+        prop_assert_eq!(folded_text(&text[span]), &folded.text[start..end]);
+    }
+}
