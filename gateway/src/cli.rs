@@ -552,8 +552,12 @@ fn plan_summary(config: &Config) -> Vec<String> {
     let proxies = &config.server.trusted_proxies;
     if !proxies.is_empty() {
         let blocks: Vec<String> = proxies.iter().map(ToString::to_string).collect();
+        let header = match config.server.forwarded_header {
+            crate::client_address::ForwardedHeader::XForwardedFor => "X-Forwarded-For",
+            crate::client_address::ForwardedHeader::Forwarded => "Forwarded (for=)",
+        };
         lines.push(format!(
-            "clients: X-Forwarded-For believed from {} (server.trusted_proxies)",
+            "clients: {header} believed from {} (server.trusted_proxies)",
             blocks.join(", ")
         ));
     }

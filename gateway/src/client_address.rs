@@ -1,6 +1,7 @@
 //! The address of the client behind trusted proxies: an ingress, Application Gateway for
 //! Containers or APIM in front of the gateway appends the address it received a request
-//! from to `X-Forwarded-For`, and only addresses that such a proxy vouches for are believed.
+//! from to `X-Forwarded-For` (or, configured so, to RFC 7239's `Forwarded` as `for=`), and
+//! only addresses that such a proxy vouches for are believed.
 
 use std::net::IpAddr;
 
@@ -56,6 +57,59 @@ impl std::fmt::Display for AddressBlock {
     }
 }
 
+/// The header trusted proxies append the client's address to. Only one is read: a proxy
+/// that appends to one passes the other on from the client unchecked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: 203.0.113.9, 10.0.0.7`.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239: `Forwarded: for=203.0.113.9;proto=https, for="[2001:db8::7]:4711"`.
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// The configuration's names: `x-forwarded-for` or `forwarded`.
+    pub fn parse(text: &str) -> Result<ForwardedHeader, String> {
+        match text {
+            "x-forwarded-for" => Ok(ForwardedHeader::XForwardedFor),
+            "forwarded" => Ok(ForwardedHeader::Forwarded),
+            other => Err(format!(
+                "`{other}` is not a forwarding header: use \"x-forwarded-for\" or \"forwarded\""
+            )),
+        }
+    }
+
+    /// The header's name, lower case.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
+
+    /// The address one comma-separated entry names: the entry itself, or a `Forwarded`
+    /// element's `for=` (an obfuscated or `unknown` node is none).
+    fn address(self, entry: &[u8]) -> Option<IpAddr> {
+        match self {
+            ForwardedHeader::XForwardedFor => forwarded_address(entry),
+            ForwardedHeader::Forwarded => {
+                let node = entry.split(|byte| *byte == b';').find_map(|pair| {
+                    let pair = pair.trim_ascii();
+                    let (key, value) = pair.split_at(pair.iter().position(|byte| *byte == b'=')?);
+                    key.eq_ignore_ascii_case(b"for").then_some(&value[1..])
+                })?;
+                let node = node.trim_ascii();
+                let node = node
+                    .strip_prefix(b"\"")
+                    .and_then(|quoted| quoted.strip_suffix(b"\""))
+                    .unwrap_or(node);
+                forwarded_address(node)
+            }
+        }
+    }
+}
+
 /// IPv4 addresses that arrive as IPv4-mapped IPv6 (`::ffff:10.0.0.1`, from a dual-stack
 /// socket) are the IPv4 address.
 fn canonical(address: IpAddr) -> IpAddr {
@@ -79,13 +133,15 @@ fn masked(address: IpAddr, prefix: u8) -> IpAddr {
 }
 
 /// The client of a request that reached the gateway from `peer`: `peer` itself unless it is
-/// a trusted proxy; then `X-Forwarded-For` is read from its end (the entry the nearest proxy
-/// appended) towards its start, past every trusted proxy, to the first address no trusted
-/// proxy is. An entry that is not an address stops the walk at the last hop believed, since
-/// what precedes it came from the client unchecked.
+/// a trusted proxy; then the forwarding header's lines (`forwarded`, of kind `header`) are
+/// read from the end (the entry the nearest proxy appended) towards the start, past every
+/// trusted proxy, to the first address no trusted proxy is. An entry that is not an address
+/// stops the walk at the last hop believed, since what precedes it came from the client
+/// unchecked.
 pub fn client_address<'a>(
     peer: IpAddr,
-    forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
+    header: ForwardedHeader,
+    forwarded: impl DoubleEndedIterator<Item = &'a [u8]>,
     trusted: &[AddressBlock],
 ) -> IpAddr {
     let trusted_hop = |address: IpAddr| trusted.iter().any(|block| block.contains(address));
@@ -93,11 +149,11 @@ pub fn client_address<'a>(
     if !trusted_hop(client) {
         return client;
     }
-    let entries = forwarded_for
+    let entries = forwarded
         .rev()
         .flat_map(|value| value.rsplit(|byte| *byte == b','));
     for entry in entries {
-        let Some(address) = forwarded_address(entry) else {
+        let Some(address) = header.address(entry) else {
             break;
         };
         client = address;
@@ -108,11 +164,18 @@ pub fn client_address<'a>(
     client
 }
 
-/// One `X-Forwarded-For` entry: an address, with or without a port (`[v6]:port`).
+/// One `X-Forwarded-For` entry or `Forwarded` node: an address, with or without a port
+/// (`[v6]:port`, `[v6]`).
 fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
     let entry = std::str::from_utf8(entry).ok()?.trim();
     if let Ok(address) = entry.parse::<IpAddr>() {
         return Some(canonical(address));
+    }
+    if let Some(v6) = entry
+        .strip_prefix('[')
+        .and_then(|bracketed| bracketed.strip_suffix(']'))
+    {
+        return v6.parse::<IpAddr>().ok().map(canonical);
     }
     entry
         .parse::<std::net::SocketAddr>()
@@ -124,7 +187,7 @@ fn forwarded_address(entry: &[u8]) -> Option<IpAddr> {
 mod tests {
     use std::net::IpAddr;
 
-    use super::{AddressBlock, client_address};
+    use super::{AddressBlock, ForwardedHeader, client_address};
 
     fn ip(text: &str) -> IpAddr {
         text.parse()
@@ -141,9 +204,68 @@ mod tests {
     fn client(peer: &str, headers: &[&str], trusted: &[&str]) -> IpAddr {
         client_address(
             ip(peer),
+            ForwardedHeader::XForwardedFor,
             headers.iter().map(|header| header.as_bytes()),
             &blocks(trusted),
         )
+    }
+
+    fn forwarded_client(peer: &str, headers: &[&str], trusted: &[&str]) -> IpAddr {
+        client_address(
+            ip(peer),
+            ForwardedHeader::Forwarded,
+            headers.iter().map(|header| header.as_bytes()),
+            &blocks(trusted),
+        )
+    }
+
+    #[test]
+    fn forwarded_elements_name_their_client_in_for() {
+        let trusted = ["10.0.0.0/8"];
+        assert_eq!(
+            forwarded_client("10.0.0.5", &["for=203.0.113.9;proto=https"], &trusted),
+            ip("203.0.113.9")
+        );
+        // Quoted IPv6 with and without a port, keys in any case, spaces around pairs.
+        assert_eq!(
+            forwarded_client(
+                "10.0.0.5",
+                &["For=\"[2001:db8::7]:4711\"; proto=https"],
+                &trusted
+            ),
+            ip("2001:db8::7")
+        );
+        assert_eq!(
+            forwarded_client("10.0.0.5", &["proto=http;for=\"[2001:db8::8]\""], &trusted),
+            ip("2001:db8::8")
+        );
+        // Walked from the nearest hop; the client's own element before it is not believed.
+        assert_eq!(
+            forwarded_client(
+                "10.0.0.5",
+                &["for=1.1.1.1, for=203.0.113.9;by=10.0.0.7", "for=10.0.0.7"],
+                &trusted
+            ),
+            ip("203.0.113.9")
+        );
+        // An obfuscated or unknown node stops the walk at the last hop believed.
+        assert_eq!(
+            forwarded_client("10.0.0.5", &["for=_hidden, for=10.0.0.8"], &trusted),
+            ip("10.0.0.8")
+        );
+        assert_eq!(
+            forwarded_client("10.0.0.5", &["for=unknown"], &trusted),
+            ip("10.0.0.5")
+        );
+        // The other header is not read: a client can write either.
+        assert_eq!(
+            forwarded_client("10.0.0.5", &["203.0.113.9"], &trusted),
+            ip("10.0.0.5")
+        );
+        assert_eq!(
+            ForwardedHeader::parse("forwarded-for"),
+            Err("`forwarded-for` is not a forwarding header: use \"x-forwarded-for\" or \"forwarded\"".to_owned())
+        );
     }
 
     #[test]

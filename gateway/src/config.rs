@@ -107,8 +107,10 @@ pub struct ServerConfig {
     /// Bearer tokens the admin listener requires (always when it is not on loopback, where
     /// it also serves TLS).
     pub admin_tokens: Vec<ApiKey>,
-    /// Proxies whose `X-Forwarded-For` entries are believed (`crate::client_address`).
+    /// Proxies whose forwarding header entries are believed (`crate::client_address`).
     pub trusted_proxies: Vec<crate::client_address::AddressBlock>,
+    /// Which header they append the client to.
+    pub forwarded_header: crate::client_address::ForwardedHeader,
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +320,7 @@ struct RawServer {
     admin_tokens: Vec<RawApiKey>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    forwarded_header: Option<String>,
 }
 
 impl Default for RawServer {
@@ -334,6 +337,7 @@ impl Default for RawServer {
             limits: RawLimits::default(),
             admin_tokens: Vec::new(),
             trusted_proxies: Vec::new(),
+            forwarded_header: None,
         }
     }
 }
@@ -904,6 +908,15 @@ impl Validator<'_> {
                 Err(problem) => self.error(format!("server.trusted_proxies[{index}]"), problem),
             }
         }
+        let forwarded_header = match raw.forwarded_header.as_deref() {
+            None => crate::client_address::ForwardedHeader::default(),
+            Some(text) => {
+                crate::client_address::ForwardedHeader::parse(text).unwrap_or_else(|problem| {
+                    self.error("server.forwarded_header", problem);
+                    crate::client_address::ForwardedHeader::default()
+                })
+            }
+        };
         let listen = self.address("server.listen", &raw.listen);
         let admin_listen = self.address("server.admin_listen", &raw.admin_listen);
         // Parsed without returning early, so the checks below still report their errors.
@@ -981,6 +994,7 @@ impl Validator<'_> {
         Some(ServerConfig {
             admin_tokens,
             trusted_proxies,
+            forwarded_header,
             listen: listen?,
             admin_listen: admin_listen?,
             plain_listen: match plain_listen {

@@ -50,21 +50,19 @@ fn sticky_key(ctx: &RequestContext, user: Option<&str>) -> String {
 }
 
 /// The request's client (`crate::client_address`), from its socket and, where that is a
-/// trusted proxy, `X-Forwarded-For`.
-fn client_ip(
-    session: &Session,
-    trusted: &[crate::client_address::AddressBlock],
-) -> Option<std::net::IpAddr> {
+/// trusted proxy, the forwarding header the configuration names.
+fn client_ip(session: &Session, server: &crate::config::ServerConfig) -> Option<std::net::IpAddr> {
     let peer = session.client_addr()?.as_inet()?.ip();
     Some(crate::client_address::client_address(
         peer,
+        server.forwarded_header,
         session
             .req_header()
             .headers
-            .get_all("x-forwarded-for")
+            .get_all(server.forwarded_header.name())
             .iter()
             .map(http::HeaderValue::as_bytes),
-        trusted,
+        &server.trusted_proxies,
     ))
 }
 
@@ -1641,7 +1639,7 @@ impl ProxyHttp for DataPlane {
         ctx: &mut Self::CTX,
     ) -> pingora_error::Result<bool> {
         ctx.request_id = request_id(session);
-        ctx.client_ip = client_ip(session, &self.state.config.server.trusted_proxies);
+        ctx.client_ip = client_ip(session, &self.state.config.server);
         let trace = crate::telemetry::TraceContext::from_header(
             session
                 .req_header()

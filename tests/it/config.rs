@@ -83,7 +83,7 @@ fn the_plan_names_callers_stored_responses_browsers_proxies_and_reloads() {
     )
     .replacen(
         "[server]\n",
-        "[server]\ntrusted_proxies = [\"10.244.0.0/16\", \"fd00::1\"]\n",
+        "[server]\ntrusted_proxies = [\"10.244.0.0/16\", \"fd00::1\"]\nforwarded_header = \"forwarded\"\n",
         1,
     );
     std::fs::write(&config, text).unwrap();
@@ -99,7 +99,7 @@ fn the_plan_names_callers_stored_responses_browsers_proxies_and_reloads() {
         ),
         "  browsers: pages of https://chat.contoso.com may call the gateway (cors); other origins get 403"
             .to_owned(),
-        "  clients: X-Forwarded-For believed from 10.244.0.0/16, fd00::1/128 (server.trusted_proxies)"
+        "  clients: Forwarded (for=) believed from 10.244.0.0/16, fd00::1/128 (server.trusted_proxies)"
             .to_owned(),
         "  reload: SIGHUP, the admin API, and this file (and key files) read every 5000 ms"
             .to_owned(),
@@ -118,6 +118,7 @@ fn check_config_reports_every_error_with_its_key_path() {
     let text = r#"
 [server]
 admin_listen = "localhost"
+forwarded_header = "x-real-ip"
 
 [auth]
 allow_anonymous = true
@@ -130,7 +131,13 @@ path = "missing-model.gguf"
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let missing = dir.path().join("missing-model.gguf");
-    assert!(stderr.contains("2 errors"), "{stderr}");
+    assert!(stderr.contains("3 errors"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "server.forwarded_header: `x-real-ip` is not a forwarding header: use \"x-forwarded-for\" or \"forwarded\""
+        ),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("server.admin_listen: `localhost` is not an address of the form IP:PORT"),
         "{stderr}"

@@ -482,6 +482,18 @@ fn rendered_pods_agree_with_the_configuration_they_mount() {
             trusted,
             "{case}"
         );
+        let header = if case == "site-values.yaml" {
+            json!("forwarded")
+        } else {
+            Value::Null
+        };
+        assert_eq!(
+            server
+                .get("forwarded_header")
+                .map_or(Value::Null, |header| serde_json::to_value(header).unwrap()),
+            header,
+            "{case}"
+        );
         let listen = server["listen"].as_str().unwrap();
         assert_eq!(container_port("https"), Some(port_of(listen)), "{case}");
         assert_eq!(

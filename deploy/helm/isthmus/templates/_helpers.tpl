@@ -138,6 +138,9 @@ worker_threads = {{ int $server.workerThreads }}
 {{- with $server.trustedProxies }}
 trusted_proxies = [{{ range $index, $proxy := . }}{{ if $index }}, {{ end }}{{ $proxy | quote }}{{ end }}]
 {{- end }}
+{{- with $server.forwardedHeader }}
+forwarded_header = {{ . | quote }}
+{{- end }}
 {{- if eq .Values.configReload.mode "inPlace" }}
 config_watch_interval_ms = {{ mul (int .Values.configReload.watchIntervalSeconds) 1000 }}
 {{- end }}
