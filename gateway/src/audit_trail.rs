@@ -147,6 +147,9 @@ pub fn record(
     if !ctx.sensitive_entities.is_empty() {
         builder = builder.property("SensitiveEntityTypes", ctx.sensitive_entities.clone());
     }
+    if !ctx.attachments.is_empty() {
+        builder = builder.property("Attachments", ctx.attachments.clone());
+    }
     if ctx.redactions > 0 {
         builder = builder.property("Redactions", ctx.redactions);
     }

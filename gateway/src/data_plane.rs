@@ -116,6 +116,8 @@ pub struct RequestContext {
     pub on_premises: bool,
     /// Entity types the sensitivity scan found (never values).
     pub sensitive_entities: Vec<String>,
+    /// Kinds of attached content the scan could not read (`crate::facts::attachments`).
+    pub attachments: Vec<&'static str>,
     pub complexity: Option<f32>,
     /// The firewall's action, score and matched rule ids, when a rule matched.
     pub waf: Option<(&'static str, u32, Vec<u32>)>,
@@ -1354,6 +1356,7 @@ impl DataPlane {
             outcome,
             scan,
             complexity,
+            attachments,
             redacted,
             waf,
         } = crate::facts::evaluate(routing, &request, &loads, |policy, facts, signals| {
@@ -1362,6 +1365,7 @@ impl DataPlane {
         self.apply_waf(session, ctx, &waf)?;
         ctx.rule_name = Some(outcome.decision.rule().to_owned());
         ctx.sensitive_entities = scan.entity_types.clone();
+        ctx.attachments = attachments;
         ctx.complexity = Some(complexity);
         match outcome.decision {
             Decision::Local { model, .. } => {
@@ -1602,6 +1606,7 @@ impl ProxyHttp for DataPlane {
             attempts: 0,
             degraded: None,
             sensitive_entities: Vec::new(),
+            attachments: Vec::new(),
             complexity: None,
             waf: None,
             responses: None,

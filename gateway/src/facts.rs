@@ -46,6 +46,8 @@ pub struct Evaluation {
     pub waf: router_policies::waf::WafVerdict,
     pub scan: Scan,
     pub complexity: f32,
+    /// Kinds of attached content the scan could not read ([`attachments`]).
+    pub attachments: Vec<&'static str>,
     /// The body as redact-then-cloud would send it and the map to restore the answer with,
     /// when the scan found something and the redacted body scans clean (so a redacted
     /// forward does not redact twice).
@@ -89,6 +91,7 @@ pub fn evaluate(
     scan.redactable = redacted.is_some();
     let complexity = routing.complexity.score(&prompt);
     let entity_names: Vec<&str> = scan.entity_types.iter().map(String::as_str).collect();
+    let attachments = attachments(request.body);
     let facts = router_policies::RequestFacts {
         path: request.path,
         method: request.method,
@@ -100,6 +103,7 @@ pub fn evaluate(
             classification: classification.as_deref(),
             redactable: scan.redactable,
         },
+        attachments: &attachments,
         complexity,
     };
     let local: Vec<router_policies::LocalLoad<'_>> = loads
@@ -125,8 +129,42 @@ pub fn evaluate(
         waf,
         scan,
         complexity,
+        attachments,
         redacted,
     }
+}
+
+/// The kinds of content in a chat body's message parts that the scan cannot read, sorted and
+/// without repeats: `image` (`image_url`), `audio` (`input_audio`, `audio_url`), `video`
+/// (`video_url`) and `file` (`file`, and any other part type that is not text). A body in
+/// which no key can be `type` (none written, none escaped) is not parsed again.
+pub fn attachments(body: &[u8]) -> Vec<&'static str> {
+    let has = |marker: &[u8]| body.windows(marker.len()).any(|window| window == marker);
+    if !has(b"\"type\"") && !has(b"\\u") {
+        return Vec::new();
+    }
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let Some(Value::Array(messages)) = fields.get("messages") else {
+        return Vec::new();
+    };
+    let mut kinds: Vec<&'static str> = messages
+        .iter()
+        .filter_map(|message| message.get("content")?.as_array())
+        .flatten()
+        .filter(|part| part.is_object())
+        .filter_map(|part| match part.get("type").and_then(Value::as_str) {
+            Some("text" | "input_text" | "output_text" | "refusal") => None,
+            Some("image_url" | "input_image") => Some("image"),
+            Some("input_audio" | "audio_url") => Some("audio"),
+            Some("video_url") => Some("video"),
+            _ => Some("file"),
+        })
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    kinds
 }
 
 /// The firewall's verdict on `request`, whose body's strings are `prompt`.
@@ -276,6 +314,7 @@ pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) ->
         "complexity": evaluation.complexity,
         "sensitive": outcome.sensitive,
         "entities": evaluation.scan.entity_types,
+        "attachments": evaluation.attachments,
         "spillover": outcome.state.spillover,
         "rules": verdicts,
         "waf": waf_explanation(&evaluation.waf),

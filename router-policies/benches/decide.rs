@@ -167,6 +167,7 @@ fn bench_prompt(criterion: &mut Criterion, name: &str, text: &str) {
                     classification: None,
                     redactable: true,
                 },
+                attachments: &[],
                 complexity: score,
             };
             let signals = Signals {

@@ -24,7 +24,7 @@ pub use balance::{
 };
 pub use decide::{Outcome, decide};
 pub use policy::{CloudPool, LocalModel, Policy, PolicyError, Spillover};
-pub use rules::{Action, Conditions, Rule, Verdict};
+pub use rules::{ATTACHMENT_KINDS, Action, Conditions, Rule, Verdict};
 
 /// The rule name reported when no configured rule matched.
 pub const DEFAULT_RULE: &str = "default";
@@ -58,6 +58,9 @@ pub struct RequestFacts<'a> {
     /// The caller's identity (API key id), if authenticated.
     pub caller: Option<&'a str>,
     pub sensitivity: Sensitivity<'a>,
+    /// Kinds of content the sensitivity scan cannot read (`image`, `audio`, `video`, `file`:
+    /// a picture of a card, a PDF of a contract), sorted, without repeats.
+    pub attachments: &'a [&'a str],
     /// The complexity score in [0, 1].
     pub complexity: f32,
 }

@@ -174,6 +174,13 @@ impl Policy {
                     errors.push(problem(format!("{name} must be between 0 and 1")));
                 }
             }
+            for kind in &conditions.attachments {
+                if kind != "*" && !crate::rules::ATTACHMENT_KINDS.contains(&kind.as_str()) {
+                    errors.push(problem(format!(
+                        "attachments: `{kind}` is not a kind of attachment (image, audio, video, file, or * for any)"
+                    )));
+                }
+            }
             if let Some((pool, _)) = &conditions.pool_available
                 && !self.pools.iter().any(|known| &known.name == pool)
             {

@@ -2,6 +2,9 @@
 //! only the facts, signals and state passed in; each rule's verdict (matched, or the first
 //! condition that failed) is kept for explanations.
 
+/// The kinds of content a scan of text cannot read, as `attachments` names them.
+pub const ATTACHMENT_KINDS: [&str; 4] = ["image", "audio", "video", "file"];
+
 /// A compiled rule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
@@ -30,6 +33,8 @@ pub struct Conditions {
     pub entities: Vec<String>,
     /// The request's classification label is one of these (lower case).
     pub classifications: Vec<String>,
+    /// Content of one of these kinds is attached ([`ATTACHMENT_KINDS`]; `*`: any kind).
+    pub attachments: Vec<String>,
     /// Complexity at least this.
     pub complexity_min: Option<f32>,
     /// Complexity below this.
@@ -164,6 +169,15 @@ impl Conditions {
             })
         {
             return Some("classification");
+        }
+        if !self.attachments.is_empty()
+            && !facts.attachments.iter().any(|kind| {
+                self.attachments
+                    .iter()
+                    .any(|wanted| wanted == "*" || wanted == kind)
+            })
+        {
+            return Some("attachments");
         }
         if self
             .complexity_min

@@ -47,6 +47,14 @@ action = "local"
 target = "smollm2"
 when = {{ sensitive = true }}
 
+# Pictures and files cannot be scanned: they do not leave, and the local model reads text.
+[[policy.rules]]
+name = "attachments-refused"
+action = "reject"
+status = 403
+message = "attachments cannot be checked for sensitive content"
+when = {{ attachments = ["*"] }}
+
 # About 30% of the RouteLLM prompts score 0.574 or more (data/routing/README.md).
 [[policy.rules]]
 name = "complex-to-cloud"
@@ -158,6 +166,17 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
         assert_eq!(
             route(&response),
             ("cloud".to_owned(), "complex-to-cloud".to_owned())
+        );
+        // A picture beside the hard prompt keeps it off the cloud: the scan cannot read it.
+        let with_picture = json!({"model": "smollm2", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": HARD},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        ]}]});
+        let response = send(&gateway, &with_picture, &[]).await;
+        assert_eq!(response.status(), 403);
+        assert_eq!(
+            route(&response),
+            ("rejected".to_owned(), "attachments-refused".to_owned())
         );
         // A repeated key cannot hide the IBAN: parsers disagree on which copy wins, so such a
         // body is refused outright (and the scan would read every copy).
@@ -334,6 +353,12 @@ fn explain_prints_one_line_per_request_with_every_rule_verdict() {
         chat(&format!("Pay from {VALID_IBAN}"), json!({})).to_string(),
         chat(HARD, json!({})).to_string(),
         "not json".to_owned(),
+        json!({"model": "smollm2", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": HARD},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "file", "file": {"filename": "contract.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}},
+        ]}]})
+        .to_string(),
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let output = Command::new(tests::isthmus_binary())
@@ -353,7 +378,7 @@ fn explain_prints_one_line_per_request_with_every_rule_verdict() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(records.len(), 3, "{stdout}");
+    assert_eq!(records.len(), 4, "{stdout}");
     assert_eq!(records[0]["rule"], "sensitive-local");
     assert_eq!(records[0]["entities"], json!(["iban"]));
     assert_eq!(records[0]["decision"]["route"], "local");
@@ -362,13 +387,18 @@ fn explain_prints_one_line_per_request_with_every_rule_verdict() {
         json!([
             {"rule": "finance-redacts", "verdict": "failed: headers"},
             {"rule": "sensitive-local", "verdict": "matched"},
+            {"rule": "attachments-refused", "verdict": "not evaluated"},
             {"rule": "complex-to-cloud", "verdict": "not evaluated"},
         ])
     );
     assert_eq!(records[1]["rule"], "complex-to-cloud");
     assert_eq!(records[1]["decision"]["pool"], "aks");
+    assert_eq!(records[1]["attachments"], json!([]));
     assert!(records[2]["error"].is_string());
     assert_eq!(records[2]["line"], 3);
+    // The same hard prompt with a picture of a document does not go.
+    assert_eq!(records[3]["rule"], "attachments-refused", "{}", records[3]);
+    assert_eq!(records[3]["attachments"], json!(["file", "image"]));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("requests.jsonl:3:"), "{stderr}");
 }

@@ -89,6 +89,8 @@ struct RawWhen {
     #[serde(default)]
     classifications: Vec<String>,
     #[serde(default)]
+    attachments: Vec<String>,
+    #[serde(default)]
     complexity_min: Option<f32>,
     #[serde(default)]
     complexity_max: Option<f32>,
@@ -238,6 +240,7 @@ impl Validator<'_> {
                 .iter()
                 .map(|label| label.to_ascii_lowercase())
                 .collect(),
+            attachments: when.attachments,
             complexity_min: when.complexity_min,
             complexity_max: when.complexity_max,
             local_queue_min: when.local_queue_min,

@@ -433,3 +433,32 @@ fn numbers_are_read_elsewhere_except_sampling_parameters() {
     assert!(!read.elsewhere.contains("1.5") && !read.elsewhere.contains("e300"));
     assert_eq!(read.max_tokens, Some(64));
 }
+
+#[test]
+fn attachments_the_scan_cannot_read_are_named_by_kind() {
+    let kinds = |body: &str| super::attachments(body.as_bytes());
+    assert!(kinds(r#"{"messages": [{"role": "user", "content": "hi"}]}"#).is_empty());
+    assert!(
+        kinds(r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}"#)
+            .is_empty()
+    );
+    assert_eq!(
+        kinds(
+            r#"{"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://x/a.png"}},
+                {"type": "input_audio", "input_audio": {"data": "UklG", "format": "wav"}}]},
+              {"role": "user", "content": [{"type": "file", "file": {"file_data": "JVBE"}},
+                {"type": "image_url", "image_url": {"url": "https://x/b.png"}},
+                {"type": "video_url", "video_url": {"url": "https://x/c.mp4"}},
+                {"type": "something_new"}, {"image_url": {"url": "https://x/untyped.png"}}]}]}"#
+        ),
+        ["audio", "file", "image", "video"]
+    );
+    // An escaped key is the same key.
+    assert_eq!(
+        kinds(
+            r#"{"messages": [{"role": "user", "content": [{"\u0074ype": "image_url", "image_url": {"url": "u"}}]}]}"#
+        ),
+        ["image"]
+    );
+}

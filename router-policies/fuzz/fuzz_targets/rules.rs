@@ -45,6 +45,7 @@ impl Bytes<'_> {
 const MODELS: &[&str] = &["smollm2", "gpt-4o", "nope", ""];
 const POOLS: &[&str] = &["aks", "onprem", "gone"];
 const ENTITIES: &[&str] = &["iban", "email", "credit_card", "jwt"];
+const ATTACHMENTS: &[&str] = &["*", "image", "file", "video"];
 const NAMES: &[&str] = &["a", "b", "default", "fail_closed", "spillover", "a"];
 
 fn rule(bytes: &mut Bytes<'_>) -> Rule {
@@ -75,6 +76,9 @@ fn rule(bytes: &mut Bytes<'_>) -> Rule {
     }
     if bytes.maybe() {
         conditions.paths = vec!["/v1/*".to_owned()];
+    }
+    if bytes.maybe() {
+        conditions.attachments = vec![bytes.pick(ATTACHMENTS).to_owned()];
     }
     let action = match bytes.byte() % 4 {
         0 => Action::Local {
@@ -129,16 +133,22 @@ fuzz_target!(|data: &[u8]| {
         pool: bytes.pick(POOLS).to_owned(),
         model: None,
     });
-    let policy: Policy = match policy.with_rules(rules, vec!["confidential".to_owned()], spillover) {
+    let policy: Policy = match policy.with_rules(rules, vec!["confidential".to_owned()], spillover)
+    {
         Ok(policy) => policy,
         Err(errors) => {
             assert!(!errors.is_empty());
             return;
         }
     };
-    let entities: Vec<&str> = (0..bytes.byte() % 3).map(|_| bytes.pick(ENTITIES)).collect();
+    let entities: Vec<&str> = (0..bytes.byte() % 3)
+        .map(|_| bytes.pick(ENTITIES))
+        .collect();
     let classification = bytes.maybe().then_some("confidential");
     let redactable = bytes.maybe();
+    let attachments: Vec<&str> = (0..bytes.byte() % 2)
+        .map(|_| bytes.pick(&ATTACHMENTS[1..]))
+        .collect();
     let facts = RequestFacts {
         path: "/v1/chat/completions",
         method: "POST",
@@ -150,6 +160,7 @@ fuzz_target!(|data: &[u8]| {
             classification,
             redactable,
         },
+        attachments: &attachments,
         complexity: bytes.fraction().min(1.0),
     };
     let local = [LocalLoad {

@@ -133,6 +133,7 @@ fn run(policy: &Policy, case: Case<'_>) -> crate::Outcome {
             classification: case.classification,
             redactable: true,
         },
+        attachments: &[],
         complexity: case.complexity,
     };
     let local = [LocalLoad {
@@ -163,6 +164,81 @@ fn check(case: Case<'_>, expect: Expect) {
         .map(|verdict| format!("{}: {}", verdict.rule, verdict.failed.unwrap_or("matched")))
         .collect();
     expect.assert_debug_eq(&(outcome.decision, outcome.state.spillover, verdicts));
+}
+
+#[test]
+fn attachments_the_scan_cannot_read_can_be_kept_off_the_cloud() {
+    let rules = vec![
+        rule(
+            "pictures-stay",
+            Conditions {
+                attachments: vec!["image".to_owned(), "file".to_owned()],
+                ..Conditions::default()
+            },
+            Action::Local {
+                model: "smollm2".to_owned(),
+            },
+        ),
+        rule(
+            "other-media-refused",
+            Conditions {
+                attachments: vec!["*".to_owned()],
+                ..Conditions::default()
+            },
+            Action::Reject {
+                status: 403,
+                message: "media cannot be checked".to_owned(),
+            },
+        ),
+        rule(
+            "rest-to-cloud",
+            Conditions::default(),
+            Action::Cloud {
+                pool: "aks".to_owned(),
+                model: None,
+            },
+        ),
+    ];
+    let policy = match base(Some("smollm2")).with_rules(rules, Vec::new(), None) {
+        Ok(policy) => policy,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    let decided = |attachments: &[&str]| {
+        let facts = RequestFacts {
+            path: "/v1/chat/completions",
+            method: "POST",
+            requested_model: Some("gpt-4o"),
+            attachments,
+            ..RequestFacts::default()
+        };
+        let outcome = decide(&policy, &facts, &Signals::default(), RouteState::default());
+        outcome.decision.rule().to_owned()
+    };
+    assert_eq!(decided(&[]), "rest-to-cloud");
+    assert_eq!(decided(&["image"]), "pictures-stay");
+    assert_eq!(decided(&["audio", "file"]), "pictures-stay");
+    assert_eq!(decided(&["audio"]), "other-media-refused");
+    // A kind the policy does not know is refused when it compiles.
+    let unknown = base(Some("smollm2")).with_rules(
+        vec![rule(
+            "typo",
+            Conditions {
+                attachments: vec!["pictures".to_owned()],
+                ..Conditions::default()
+            },
+            Action::Local {
+                model: "smollm2".to_owned(),
+            },
+        )],
+        Vec::new(),
+        None,
+    );
+    assert_eq!(
+        unknown.err().map(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        Some(vec![
+            "rule `typo`: attachments: `pictures` is not a kind of attachment (image, audio, video, file, or * for any)".to_owned()
+        ])
+    );
 }
 
 fn by_name(default_model: Option<&str>, requested_model: Option<&str>, expect: Expect) {
@@ -607,6 +683,7 @@ proptest! {
             requested_model: model,
             caller: None,
             sensitivity: Sensitivity { entities: &entities, classification, redactable },
+            attachments: &[],
             complexity,
         };
         let local = [LocalLoad { model: "smollm2", queue_depth: queue, kv_use: 0.5 }];
