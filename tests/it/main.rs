@@ -85,6 +85,19 @@ pub fn sse_content(text: &str) -> String {
     sse_content_pieces(text).concat()
 }
 
+/// The arguments of a streamed chat answer's first tool call: its chunks'
+/// `delta.tool_calls[0].function.arguments`, joined.
+pub fn sse_tool_arguments(text: &str) -> String {
+    sse_chunks(text)
+        .iter()
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 /// Posts a chat request with the test key and `stream: true`, and returns the SSE text.
 pub async fn chat_stream(gateway: &tests::Gateway, body: &serde_json::Value) -> String {
     let mut body = body.clone();

@@ -313,16 +313,7 @@ fn redact_then_cloud_restores_the_values_in_a_streamed_answer() {
         );
         let response = send(&gateway, &body, &[("x-team", "finance")]).await;
         let text = response.text().await.unwrap();
-        let streamed: String = text
-            .split("\n\n")
-            .filter_map(|event| event.strip_prefix("data: "))
-            .filter_map(|data| serde_json::from_str::<Value>(data).ok())
-            .filter_map(|chunk| {
-                chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect();
+        let streamed = crate::sse_tool_arguments(&text);
         assert_eq!(
             serde_json::from_str::<Value>(&streamed).ok(),
             Some(echoed),

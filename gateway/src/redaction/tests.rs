@@ -16,17 +16,18 @@ fn chunk(index: u64, text: &str, finish: Option<&str>) -> Vec<u8> {
     .into_bytes()
 }
 
-fn content_of(stream: &[u8]) -> String {
+/// The strings at `pointer` of a stream's chunks, joined.
+fn joined_at(stream: &[u8], pointer: &str) -> String {
     String::from_utf8_lossy(stream)
         .split("\n\n")
         .filter_map(|event| event.strip_prefix("data: "))
         .filter_map(|data| serde_json::from_str::<Value>(data).ok())
-        .filter_map(|chunk| {
-            chunk["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
+        .filter_map(|chunk| chunk.pointer(pointer)?.as_str().map(str::to_owned))
         .collect()
+}
+
+fn content_of(stream: &[u8]) -> String {
+    joined_at(stream, "/choices/0/delta/content")
 }
 
 #[test]
@@ -143,16 +144,7 @@ fn placeholders_in_tool_call_arguments_are_restored_whole_and_streamed() {
         out.extend_from_slice(&restorer.event(&call(arguments, finish)));
     }
     out.extend_from_slice(&restorer.event(b"data: [DONE]"));
-    let streamed: String = String::from_utf8_lossy(&out)
-        .split("\n\n")
-        .filter_map(|event| event.strip_prefix("data: "))
-        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
-        .filter_map(|chunk| {
-            chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let streamed = joined_at(&out, "/choices/0/delta/tool_calls/0/function/arguments");
     assert_eq!(
         serde_json::from_str::<Value>(&streamed).unwrap(),
         expected,
