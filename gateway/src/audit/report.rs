@@ -46,6 +46,18 @@ pub struct SensitiveTally {
     pub left_unredacted_records: Vec<String>,
 }
 
+/// Where requests with attachments the scan cannot read (images, audio, video, files) went.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct AttachmentTally {
+    pub requests: u64,
+    pub by_kind: BTreeMap<String, u64>,
+    pub kept_local: u64,
+    /// Forwarded unscanned to a pool not marked `on_premises` (which the policy allowed).
+    pub to_cloud: u64,
+    pub to_on_premises_pool: u64,
+    pub rejected: u64,
+}
+
 /// Firewall events.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct WafTally {
@@ -65,6 +77,7 @@ pub struct Tally {
     pub by_route: BTreeMap<String, RouteTally>,
     pub by_result: BTreeMap<String, u64>,
     pub sensitive: SensitiveTally,
+    pub attachments: AttachmentTally,
     pub waf: WafTally,
     /// Intent records whose outcome record never came.
     pub unfinished_requests: u64,
@@ -136,6 +149,24 @@ impl Tally {
         if property("WafAction").and_then(Value::as_str) == Some("Blocked") {
             self.waf.blocked_requests += 1;
         }
+        let on_premises = property("OnPremises").and_then(Value::as_bool) == Some(true);
+        let kinds: Vec<&str> = property("Attachments")
+            .and_then(Value::as_array)
+            .map(|kinds| kinds.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if !kinds.is_empty() {
+            let attachments = &mut self.attachments;
+            attachments.requests += 1;
+            for kind in kinds {
+                *attachments.by_kind.entry(kind.to_owned()).or_default() += 1;
+            }
+            match route.as_str() {
+                "local" => attachments.kept_local += 1,
+                "cloud" if on_premises => attachments.to_on_premises_pool += 1,
+                "cloud" => attachments.to_cloud += 1,
+                _ => attachments.rejected += 1,
+            }
+        }
         let entities: Vec<&str> = property("SensitiveEntityTypes")
             .and_then(Value::as_array)
             .map(|types| types.iter().filter_map(Value::as_str).collect())
@@ -152,7 +183,6 @@ impl Tally {
                 .or_default() += 1;
         }
         let redacted = number("Redactions") > 0;
-        let on_premises = property("OnPremises").and_then(Value::as_bool) == Some(true);
         match sensitive_disposition(&route, redacted, on_premises) {
             "kept_local" => sensitive.kept_local += 1,
             "redacted_to_cloud" => sensitive.redacted_to_cloud += 1,
@@ -316,6 +346,28 @@ pub fn render(path: &std::path::Path, verified: &str, tally: &Tally) -> String {
         for record in &sensitive.left_unredacted_records {
             let _ = writeln!(text, "    {record}");
         }
+    }
+    let attachments = &tally.attachments;
+    if attachments.requests > 0 {
+        let kinds: Vec<String> = attachments
+            .by_kind
+            .iter()
+            .map(|(kind, count)| format!("{kind} {count}"))
+            .collect();
+        let _ = writeln!(
+            text,
+            "attachments the scan cannot read: {} requests ({})",
+            attachments.requests,
+            kinds.join(", ")
+        );
+        let _ = writeln!(
+            text,
+            "  kept local {}, to on-premises pools {}, refused {}, to the cloud unscanned {}",
+            attachments.kept_local,
+            attachments.to_on_premises_pool,
+            attachments.rejected,
+            attachments.to_cloud
+        );
     }
     let _ = writeln!(
         text,

@@ -111,3 +111,38 @@ fn percentiles_are_nearest_rank() {
     assert_eq!(percentile(&values, 50), Some(10));
     assert_eq!(percentile(&values, 95), Some(19));
 }
+
+#[test]
+fn requests_with_attachments_are_counted_by_kind_and_where_they_went() {
+    let mut tally = Tally::default();
+    let cases = [
+        json!({"Route": "local", "Attachments": ["image"]}),
+        json!({"Route": "rejected", "Attachments": ["file", "image"]}),
+        json!({"Route": "cloud", "Attachments": ["audio"], "OnPremises": true}),
+        json!({"Route": "cloud", "Attachments": ["image"], "Target": "aks/v1"}),
+        json!({"Route": "cloud", "Target": "aks/v1"}),
+    ];
+    for (seq, properties) in (1..).zip(cases) {
+        tally.add(&outcome(seq, &format!("r{seq}"), properties));
+    }
+    let tally = tally.finish();
+    let attachments = &tally.attachments;
+    assert_eq!(
+        (
+            attachments.requests,
+            attachments.kept_local,
+            attachments.to_on_premises_pool,
+            attachments.rejected,
+            attachments.to_cloud
+        ),
+        (4, 1, 1, 1, 1)
+    );
+    assert_eq!(attachments.by_kind["image"], 3);
+    let text = render(std::path::Path::new("audit"), "5 records", &tally);
+    assert!(
+        text.contains(
+            "attachments the scan cannot read: 4 requests (audio 1, file 1, image 3)\n  kept local 1, to on-premises pools 1, refused 1, to the cloud unscanned 1\n"
+        ),
+        "{text}"
+    );
+}
