@@ -1743,6 +1743,10 @@ impl ProxyHttp for DataPlane {
                     ctx.on_premises,
                 )
             }),
+            attachments: (
+                &ctx.attachments,
+                crate::audit::report::attachment_disposition(route, ctx.on_premises),
+            ),
             route,
             rule: ctx.rule(),
             caller: api_key_id(ctx),

@@ -93,6 +93,8 @@ struct Registry {
     waf_matches: BTreeMap<(u32, &'static str), u64>,
     /// Requests with sensitive content, by where they went (a fixed set of five).
     sensitive_requests: BTreeMap<&'static str, u64>,
+    /// Requests with attachments, by kind and where they went (four by four at most).
+    attachment_requests: BTreeMap<(&'static str, &'static str), u64>,
     /// Requests and tokens by API key id and route (ids from the configuration: bounded).
     callers: BTreeMap<String, BTreeMap<&'static str, CallerUse>>,
     /// Requests refused by a caller's rate limit, by the limit (`requests`, `tokens`).
@@ -132,6 +134,9 @@ pub struct RequestRecord<'a> {
     /// Where a request with sensitive content went
     /// ([`crate::audit::report::sensitive_disposition`]); `None` when the scan found nothing.
     pub sensitive: Option<&'static str>,
+    /// The kinds of attachments the scan could not read (`crate::facts::attachments`) and
+    /// where they went ([`crate::audit::report::attachment_disposition`]).
+    pub attachments: (&'a [&'static str], &'static str),
     /// The API key's id (from the configuration), `None` for anonymous callers and requests
     /// refused before authentication.
     pub caller: Option<&'a str>,
@@ -191,6 +196,13 @@ impl Metrics {
             .or_default() += 1;
         if let Some(disposition) = record.sensitive {
             *registry.sensitive_requests.entry(disposition).or_default() += 1;
+        }
+        let (kinds, disposition) = record.attachments;
+        for kind in kinds {
+            *registry
+                .attachment_requests
+                .entry((kind, disposition))
+                .or_default() += 1;
         }
         // Looked up by reference: a key's name is copied once, not per request.
         let key = record.caller.unwrap_or(ANONYMOUS_LABEL);
@@ -334,6 +346,18 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "isthmus_sensitive_requests_total{{disposition=\"{disposition}\"}} {count}"
+            );
+        }
+        header(
+            &mut out,
+            "isthmus_attachment_requests_total",
+            "counter",
+            "Requests with attachments the sensitivity scan cannot read, by kind (image, audio, video, file) and where they went: kept_local, on_premises_pool, rejected, to_cloud (unscanned).",
+        );
+        for ((kind, disposition), count) in &registry.attachment_requests {
+            let _ = writeln!(
+                out,
+                "isthmus_attachment_requests_total{{kind=\"{kind}\",disposition=\"{disposition}\"}} {count}"
             );
         }
         header(

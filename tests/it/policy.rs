@@ -251,6 +251,9 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             ("local".to_owned(), "fail_closed".to_owned())
         );
     });
+    let metrics = gateway.metrics();
+    let refused = "isthmus_attachment_requests_total{kind=\"image\",disposition=\"rejected\"} 1";
+    assert!(metrics.contains(refused), "missing {refused} in\n{metrics}");
 }
 
 #[test]

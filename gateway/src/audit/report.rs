@@ -160,10 +160,10 @@ impl Tally {
             for kind in kinds {
                 *attachments.by_kind.entry(kind.to_owned()).or_default() += 1;
             }
-            match route.as_str() {
-                "local" => attachments.kept_local += 1,
-                "cloud" if on_premises => attachments.to_on_premises_pool += 1,
-                "cloud" => attachments.to_cloud += 1,
+            match attachment_disposition(&route, on_premises) {
+                "kept_local" => attachments.kept_local += 1,
+                "on_premises_pool" => attachments.to_on_premises_pool += 1,
+                "to_cloud" => attachments.to_cloud += 1,
                 _ => attachments.rejected += 1,
             }
         }
@@ -229,6 +229,18 @@ pub fn sensitive_disposition(route: &str, redacted: bool, on_premises: bool) -> 
         "cloud" if redacted => "redacted_to_cloud",
         "cloud" if on_premises => "on_premises_pool",
         "cloud" => "left_unredacted",
+        _ => "rejected",
+    }
+}
+
+/// Where a request with attachments the scan cannot read went: `kept_local`,
+/// `on_premises_pool`, `to_cloud` (unscanned, as the policy allowed) or `rejected`. The
+/// metrics and this report use the same names.
+pub fn attachment_disposition(route: &str, on_premises: bool) -> &'static str {
+    match route {
+        "local" => "kept_local",
+        "cloud" if on_premises => "on_premises_pool",
+        "cloud" => "to_cloud",
         _ => "rejected",
     }
 }

@@ -19,6 +19,7 @@ fn requests_tokens_and_latencies_are_counted() {
             tokens_after_first: 4,
         }),
         sensitive: Some("kept_local"),
+        attachments: (&["image"], "kept_local"),
         caller: Some("app-a"),
     };
     metrics.record(&local);
@@ -32,6 +33,7 @@ fn requests_tokens_and_latencies_are_counted() {
         completion_tokens: 0,
         generation: None,
         sensitive: None,
+        attachments: (&[], "rejected"),
         caller: None,
     });
     metrics.record_rate_limited("tokens");
@@ -113,6 +115,7 @@ fn requests_tokens_and_latencies_are_counted() {
         "isthmus_gpu_utilization_ratio{gpu=\"0\"} 0.67",
         "isthmus_gpu_memory_total_bytes{gpu=\"0\"} 85899345920",
         "isthmus_sensitive_requests_total{disposition=\"kept_local\"} 2",
+        "isthmus_attachment_requests_total{kind=\"image\",disposition=\"kept_local\"} 2",
         "isthmus_open_connections 3",
         "isthmus_connections_refused_total{reason=\"header_too_large\"} 2",
         "isthmus_connections_refused_total{reason=\"header_timeout\"} 5",
