@@ -96,15 +96,77 @@ fn ascii(point: u32) -> Fold {
     u8::try_from(point).map_or(Fold::Keep, Fold::Ascii)
 }
 
+/// The Latin letter a Cyrillic or Greek one is drawn like, if any. Folded only where words
+/// are read ([`Folded::of_words`]): in Russian or Greek prose they are letters of their
+/// own, but inside an English phrase they are a disguise.
+fn confusable(character: char) -> Option<u8> {
+    Some(match character {
+        'А' | 'Α' => b'A',
+        'В' | 'Β' => b'B',
+        'С' => b'C',
+        'Е' | 'Ε' => b'E',
+        'Н' | 'Η' => b'H',
+        'І' | 'Ӏ' | 'Ι' => b'I',
+        'Ј' => b'J',
+        'К' | 'Κ' => b'K',
+        'М' | 'Μ' => b'M',
+        'Ν' => b'N',
+        'О' | 'Ο' => b'O',
+        'Р' | 'Ρ' => b'P',
+        'Ѕ' => b'S',
+        'Т' | 'Τ' => b'T',
+        'Х' | 'Χ' => b'X',
+        'У' | 'Υ' => b'Y',
+        'Ζ' => b'Z',
+        'а' => b'a',
+        'с' => b'c',
+        'ԁ' => b'd',
+        'е' => b'e',
+        'ɡ' => b'g',
+        'һ' => b'h',
+        'і' | 'ι' | 'ı' => b'i',
+        'ј' => b'j',
+        'κ' => b'k',
+        'ǀ' => b'l',
+        'о' | 'ο' => b'o',
+        'р' | 'ρ' => b'p',
+        'ԛ' => b'q',
+        'ѕ' => b's',
+        'ν' => b'v',
+        'ԝ' => b'w',
+        'х' => b'x',
+        'у' => b'y',
+        _ => return None,
+    })
+}
+
+/// [`fold`], and with `letters` the confusable letters too.
+fn fold_with(character: char, letters: bool) -> Fold {
+    if letters && let Some(ascii) = confusable(character) {
+        return Fold::Ascii(ascii);
+    }
+    fold(character)
+}
+
 impl Folded {
     /// `text` with look-alike characters folded, or `None` when it has none (every ASCII
     /// text) or is too long for 32-bit offsets.
     pub(crate) fn of(text: &str) -> Option<Folded> {
+        Folded::build(text, false)
+    }
+
+    /// Like [`Folded::of`], with Cyrillic and Greek letters that pass for Latin ones read as
+    /// those: for rules that look for English words.
+    pub(crate) fn of_words(text: &str) -> Option<Folded> {
+        Folded::build(text, true)
+    }
+
+    fn build(text: &str, letters: bool) -> Option<Folded> {
         if text.is_ascii() || u32::try_from(text.len()).is_err() {
             return None;
         }
         let first = non_ascii(text, 0)
-            .find(|&(_, character)| !matches!(fold(character), Fold::Keep))?
+            .find(|&(_, character)| !matches!(fold_with(character, letters), Fold::Keep))?
             .0;
         let mut folded = Folded {
             text: String::with_capacity(text.len()),
@@ -112,7 +174,7 @@ impl Folded {
         };
         let mut copied = 0;
         for (at, character) in non_ascii(text, first) {
-            let kind = fold(character);
+            let kind = fold_with(character, letters);
             if matches!(kind, Fold::Keep) {
                 continue;
             }

@@ -703,9 +703,11 @@ fn inspect_prompt(waf: &Waf, text: &str, index: usize, findings: &mut Findings<'
 
 fn inspect_phrases(waf: &Waf, text: &str, index: usize, findings: &mut Findings<'_>) {
     if !findings.has(RULE_INSTRUCTION_OVERRIDE) || !findings.has(RULE_PROMPT_EXTRACTION) {
-        // Read as the sensitivity scan reads it: a zero-width space inside a word or
-        // full-width letters do not hide a phrasing from the model, so not from the rule.
-        let folded = crate::fold::Folded::of(text);
+        // Read as the sensitivity scan reads it, and with Cyrillic or Greek letters that
+        // pass for Latin ones read as those: a zero-width space inside a word, full-width
+        // letters or an `і` for an `i` do not hide a phrasing from the model, so not from
+        // the rule.
+        let folded = crate::fold::Folded::of_words(text);
         let phrases = phrases(
             &waf.verbs,
             folded.as_ref().map_or(text, |folded| &folded.text),

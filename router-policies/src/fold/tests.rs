@@ -44,3 +44,11 @@ proptest! {
         prop_assert_eq!(folded_text(&text[span]), &folded.text[start..end]);
     }
 }
+
+#[test]
+fn confusable_letters_are_read_as_latin_only_for_words() {
+    let text = "\u{456}gn\u{43e}re";
+    assert_eq!(folded_text(text), text, "the scan's fold keeps letters");
+    let words = Folded::of_words(text).map(|folded| folded.text);
+    assert_eq!(words.as_deref(), Some("ignore"));
+}
