@@ -528,6 +528,7 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
     assert_eq!(text("/overview/sensitive-redacted"), "0");
     assert_eq!(text("/overview/sensitive-refused"), "1");
     assert_eq!(text("/overview/sensitive-left"), "0");
+    assert_eq!(text("/overview/attachments-cloud"), "0");
     // The callers page: every request above came with the test key.
     let callers = report["callers"]["rows"].as_array().unwrap();
     let test_key = callers
@@ -578,6 +579,7 @@ fn check_report(report: &Value, gateway: &Gateway, config_path: &Path) {
         text("/explain/entities").contains("credit_card"),
         "{report:#}"
     );
+    assert_eq!(text("/explain/attachments"), "none");
     // The audit view lists decisions and firewall events, and filters them.
     let categories = report["audit"]["categories"].to_string();
     assert!(

@@ -45,6 +45,7 @@ const OVERVIEW_CARDS = [
   'sensitive-redacted',
   'sensitive-refused',
   'sensitive-left',
+  'attachments-cloud',
   'local-share',
   'rps',
   'tokens-per-second',
@@ -255,6 +256,7 @@ async function explain(page) {
   report.explain.route = await textOf(page, byTestId('explain-route'));
   report.explain.rule = await textOf(page, byTestId('explain-rule'));
   report.explain.entities = await textOf(page, byTestId('explain-entities'));
+  report.explain.attachments = await textOf(page, byTestId('explain-attachments'));
   report.explain.complexity = await textOf(page, byTestId('explain-complexity'));
   report.explain.waf_action = (await page.$(byTestId('explain-waf-action'))) === null ? null : await textOf(page, byTestId('explain-waf-action'));
 }

@@ -218,6 +218,7 @@ export class Explain implements View {
       .filter(([key]) => key !== 'route')
       .map(([key, value]) => `${key}: ${text(value)}`);
     const entities = Array.isArray(explanation['entities']) ? explanation['entities'].map((item) => text(item)) : [];
+    const attachments = Array.isArray(explanation['attachments']) ? explanation['attachments'].map((item) => text(item)) : [];
     const complexity = explanation['complexity'];
 
     const summary = el('dl', { class: 'facts' }, [
@@ -227,6 +228,7 @@ export class Explain implements View {
       ...field('Complexity', typeof complexity === 'number' ? complexity.toFixed(3) : format.NONE, 'explain-complexity'),
       ...field('Sensitive', format.yesNo(explanation['sensitive']), 'explain-sensitive'),
       ...field('Sensitive entity types', entities.length === 0 ? 'none' : entities.join(', '), 'explain-entities'),
+      ...field('Attachments (not scanned)', attachments.length === 0 ? 'none' : attachments.join(', '), 'explain-attachments'),
       ...field('Spillover', format.yesNo(explanation['spillover']), 'explain-spillover'),
     ]);
 

@@ -47,6 +47,7 @@ const GROUPS: readonly Group[] = [
       { testId: 'sensitive-on-premises', label: 'On-premises pools', hint: 'unredacted, pools marked on_premises', value: (s) => format.count(s.sensitive.on_premises_pool) },
       { testId: 'sensitive-refused', label: 'Refused', hint: 'could not stay local', value: (s) => format.count(s.sensitive.rejected) },
       { testId: 'sensitive-left', label: 'Left unredacted', hint: 'must stay 0', value: (s) => format.count(s.sensitive.left_unredacted) },
+      { testId: 'attachments-cloud', label: 'Attachments to cloud', hint: 'images, audio, files sent unscanned', value: (s) => format.count(s.attachmentsToCloud) },
     ],
   },
   {

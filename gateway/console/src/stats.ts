@@ -60,6 +60,9 @@ export interface Summary {
   readonly wafBlocked: number;
   /** Requests with sensitive content, by where they went (`isthmus_sensitive_requests_total`). */
   readonly sensitive: Readonly<Record<SensitiveDisposition, number>>;
+  /** Requests with images, audio, video or files sent to a cloud pool unscanned
+   * (`isthmus_attachment_requests_total{disposition="to_cloud"}`, counted per kind). */
+  readonly attachmentsToCloud: number;
   readonly openConnections: number | undefined;
   readonly gpus: readonly Gpu[];
 }
@@ -151,6 +154,7 @@ export function summarize(latest: Snapshot, previous: Snapshot | undefined, base
     activeSequences: total(scrape, 'isthmus_local_active_sequences'),
     wafBlocked: total(scrape, 'isthmus_rule_requests_total', { rule: 'waf' }) ?? 0,
     sensitive: sensitiveCounts(scrape),
+    attachmentsToCloud: total(scrape, 'isthmus_attachment_requests_total', { disposition: 'to_cloud' }) ?? 0,
     openConnections: total(scrape, 'isthmus_open_connections'),
     gpus: gpus(scrape),
   };
