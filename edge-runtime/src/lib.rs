@@ -118,6 +118,8 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Used as it is.
     Text(String),
+    /// Token ids of the model's vocabulary, used as they are (no start token is added).
+    Tokens(Vec<u32>),
 }
 
 /// Sampling settings of one request.
@@ -334,6 +336,8 @@ pub enum PromptError {
     Template(String),
     #[error("the prompt is empty")]
     Empty,
+    #[error("token {token} is not in the model's vocabulary of {vocabulary} tokens")]
+    UnknownToken { token: u32, vocabulary: u32 },
 }
 
 /// Why a request was not accepted.

@@ -551,6 +551,7 @@ impl ModelHandle {
     /// Renders `prompt` (chat messages through the model's own template) and tokenizes it.
     pub fn prepare(&self, prompt: &Prompt) -> Result<PreparedPrompt, PromptError> {
         let text = match prompt {
+            Prompt::Tokens(tokens) => return self.prepare_tokens(tokens),
             Prompt::Text(text) => text.clone(),
             Prompt::Chat(messages) => {
                 let template = self.shared.template.as_ref().ok_or_else(|| {
@@ -586,6 +587,24 @@ impl ModelHandle {
         Ok(PreparedPrompt {
             model: self.shared.info.name.clone(),
             tokens,
+        })
+    }
+
+    /// A prompt given as token ids, each checked against the vocabulary.
+    fn prepare_tokens(&self, tokens: &[u32]) -> Result<PreparedPrompt, PromptError> {
+        let vocabulary = u32::try_from(self.shared.model.n_vocab()).unwrap_or(0);
+        if let Some(&token) = tokens.iter().find(|&&token| token >= vocabulary) {
+            return Err(PromptError::UnknownToken { token, vocabulary });
+        }
+        if tokens.is_empty() {
+            return Err(PromptError::Empty);
+        }
+        Ok(PreparedPrompt {
+            model: self.shared.info.name.clone(),
+            tokens: tokens
+                .iter()
+                .map(|&token| i32::try_from(token).unwrap_or(0))
+                .collect(),
         })
     }
 

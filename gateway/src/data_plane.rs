@@ -1268,15 +1268,28 @@ impl DataPlane {
                     }
                 }
                 let prompt = edge_runtime::Prompt::Chat(messages);
-                self.run_local(session, ctx, endpoint, model, prompt, &request.generation)
-                    .await
+                self.run_local(
+                    session,
+                    ctx,
+                    endpoint,
+                    model,
+                    vec![prompt],
+                    &request.generation,
+                )
+                .await
             }
             Endpoint::Completions => {
                 let request =
                     openai::parse_completion(body).inspect_err(|_| ctx.reject("request"))?;
-                let prompt = edge_runtime::Prompt::Text(request.prompt);
-                self.run_local(session, ctx, endpoint, model, prompt, &request.generation)
-                    .await
+                self.run_local(
+                    session,
+                    ctx,
+                    endpoint,
+                    model,
+                    request.prompts,
+                    &request.generation,
+                )
+                .await
             }
         }
     }
@@ -1529,7 +1542,7 @@ impl DataPlane {
         ctx: &mut RequestContext,
         endpoint: Endpoint,
         model: &str,
-        prompt: edge_runtime::Prompt,
+        prompts: Vec<edge_runtime::Prompt>,
         generation: &openai::Generation,
     ) -> Result<(), Failure> {
         let engine = self
@@ -1549,7 +1562,7 @@ impl DataPlane {
             handle,
             local::LocalRequest {
                 endpoint,
-                prompt,
+                prompts,
                 generation,
                 first_token_timeout: self.state.config.server.limits.first_token_timeout,
             },

@@ -134,34 +134,53 @@ pub fn evaluate(
     }
 }
 
-/// The kinds of content in a chat body's message parts that the scan cannot read, sorted and
-/// without repeats: `image` (`image_url`), `audio` (`input_audio`, `audio_url`), `video`
-/// (`video_url`) and `file` (`file`, and any other part type that is not text). A body in
-/// which no key can be `type` (none written, none escaped) is not parsed again.
+/// The kinds of content in a body that the scan cannot read, sorted and without repeats:
+/// in a chat body's message parts `image` (`image_url`), `audio` (`input_audio`,
+/// `audio_url`), `video` (`video_url`) and `file` (`file`, and any other part type that is not
+/// text); and `tokens`, a top-level `prompt` or `input` given as token ids (an array of
+/// integers, or of such arrays: what LangChain's `OpenAIEmbeddings` sends by default). A body
+/// in which no key can be `type`, `prompt` or `input` (none written, none escaped) is not
+/// parsed again.
 pub fn attachments(body: &[u8]) -> Vec<&'static str> {
     let has = |marker: &[u8]| body.windows(marker.len()).any(|window| window == marker);
-    if !has(b"\"type\"") && !has(b"\\u") {
+    if !has(b"\"type\"") && !has(b"\"prompt\"") && !has(b"\"input\"") && !has(b"\\u") {
         return Vec::new();
     }
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
         return Vec::new();
     };
-    let Some(Value::Array(messages)) = fields.get("messages") else {
-        return Vec::new();
+    let mut kinds: Vec<&'static str> = Vec::new();
+    if let Some(Value::Array(messages)) = fields.get("messages") {
+        kinds.extend(
+            messages
+                .iter()
+                .filter_map(|message| message.get("content")?.as_array())
+                .flatten()
+                .filter(|part| part.is_object())
+                .filter_map(|part| match part.get("type").and_then(Value::as_str) {
+                    Some("text" | "input_text" | "output_text" | "refusal") => None,
+                    Some("image_url" | "input_image") => Some("image"),
+                    Some("input_audio" | "audio_url") => Some("audio"),
+                    Some("video_url") => Some("video"),
+                    _ => Some("file"),
+                }),
+        );
+    }
+    let token_ids = |value: &Value| match value {
+        Value::Array(items) => items.iter().any(|item| {
+            item.is_number()
+                || item
+                    .as_array()
+                    .is_some_and(|inner| inner.iter().any(Value::is_number))
+        }),
+        _ => false,
     };
-    let mut kinds: Vec<&'static str> = messages
+    if ["prompt", "input"]
         .iter()
-        .filter_map(|message| message.get("content")?.as_array())
-        .flatten()
-        .filter(|part| part.is_object())
-        .filter_map(|part| match part.get("type").and_then(Value::as_str) {
-            Some("text" | "input_text" | "output_text" | "refusal") => None,
-            Some("image_url" | "input_image") => Some("image"),
-            Some("input_audio" | "audio_url") => Some("audio"),
-            Some("video_url") => Some("video"),
-            _ => Some("file"),
-        })
-        .collect();
+        .any(|key| fields.get(*key).is_some_and(token_ids))
+    {
+        kinds.push("tokens");
+    }
     kinds.sort_unstable();
     kinds.dedup();
     kinds

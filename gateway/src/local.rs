@@ -21,7 +21,8 @@ const QUEUE_FULL_RETRY_AFTER_S: u64 = 1;
 #[derive(Debug)]
 pub struct LocalRequest<'a> {
     pub endpoint: Endpoint,
-    pub prompt: edge_runtime::Prompt,
+    /// One prompt, or several (legacy completions), each answered with `n` choices.
+    pub prompts: Vec<edge_runtime::Prompt>,
     pub generation: &'a openai::Generation,
     pub first_token_timeout: Duration,
 }
@@ -41,26 +42,50 @@ pub async fn run(
     request: LocalRequest<'_>,
 ) -> Result<Answered, Failure> {
     let info = model.info();
-    let prepared = model
-        .prepare(&request.prompt)
-        .map_err(|error| match error {
-            edge_runtime::PromptError::Empty => {
-                GatewayError::invalid_value("messages", "the prompt is empty")
-            }
-            edge_runtime::PromptError::Template(reason) => GatewayError::invalid_value(
-                "messages",
-                format!("the messages cannot be rendered: {reason}"),
-            ),
-            edge_runtime::PromptError::ModelNotLoaded(model) => GatewayError::Internal {
-                message: format!("model `{model}` is not loaded"),
-            },
-        })?;
-    let prompt_tokens = prepared.token_count();
-    let max_tokens = match request.generation.max_tokens {
-        Some(max_tokens) => max_tokens,
-        None => info.context_tokens.saturating_sub(prompt_tokens),
+    // Where a prompt's problem is reported: the chat's `messages`, or the completion's
+    // `prompt` (with its position when there are several).
+    let param = match request.endpoint {
+        Endpoint::Chat => "messages",
+        Endpoint::Completions => "prompt",
     };
-    ctx.usage.prompt_tokens = prompt_tokens;
+    let several = request.prompts.len() > 1;
+    let which = |index: usize| {
+        if several {
+            format!("prompt {index}: ")
+        } else {
+            String::new()
+        }
+    };
+    let prepared = request
+        .prompts
+        .iter()
+        .enumerate()
+        .map(|(index, prompt)| {
+            model.prepare(prompt).map_err(|error| match error {
+                edge_runtime::PromptError::Empty => {
+                    GatewayError::invalid_value(param, format!("{}the prompt is empty", which(index)))
+                }
+                edge_runtime::PromptError::Template(reason) => GatewayError::invalid_value(
+                    param,
+                    format!("the messages cannot be rendered: {reason}"),
+                ),
+                edge_runtime::PromptError::UnknownToken { token, vocabulary } => {
+                    GatewayError::invalid_value(
+                        param,
+                        format!(
+                            "{}token {token} is not in the vocabulary of `{}` ({vocabulary} tokens)",
+                            which(index),
+                            info.name
+                        ),
+                    )
+                }
+                edge_runtime::PromptError::ModelNotLoaded(model) => GatewayError::Internal {
+                    message: format!("model `{model}` is not loaded"),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    ctx.usage.prompt_tokens = prepared.iter().map(|prompt| prompt.token_count()).sum();
     let seed = request
         .generation
         .seed
@@ -73,46 +98,74 @@ pub async fn run(
         (None, Some(call)) => Some(tool_call_grammar(call)?),
         (None, None) => None,
     };
-    let choices = request.generation.n.max(1);
-    if choices > info.parallel_sequences {
-        return Err(GatewayError::invalid_value(
-            "n",
-            format!(
-                "`{}` generates at most {} choices at once ({} parallel sequences)",
-                info.name, info.parallel_sequences, info.parallel_sequences
-            ),
-        )
+    let per_prompt = request.generation.n.max(1);
+    let total = u32::try_from(prepared.len())
+        .unwrap_or(u32::MAX)
+        .saturating_mul(per_prompt);
+    if total > info.parallel_sequences {
+        return Err(if several {
+            GatewayError::invalid_value(
+                "prompt",
+                format!(
+                    "`{}` generates at most {} choices at once ({} parallel sequences); {} \
+                     prompts with n = {per_prompt} ask for {total}",
+                    info.name,
+                    info.parallel_sequences,
+                    info.parallel_sequences,
+                    prepared.len()
+                ),
+            )
+        } else {
+            GatewayError::invalid_value(
+                "n",
+                format!(
+                    "`{}` generates at most {} choices at once ({} parallel sequences)",
+                    info.name, info.parallel_sequences, info.parallel_sequences
+                ),
+            )
+        }
         .into());
     }
-    let generation = edge_runtime::GenerationRequest {
-        prompt: prepared,
-        max_tokens,
-        sampling: edge_runtime::SamplingParams {
-            temperature: request.generation.temperature,
-            top_p: request.generation.top_p,
-            seed,
-            presence_penalty: request.generation.presence_penalty,
-            frequency_penalty: request.generation.frequency_penalty,
-        },
-        stop: request.generation.stop.clone(),
-        ignore_eos: request.generation.ignore_eos,
-        record_margins: false,
-        grammar,
-        logprobs: request.generation.logprobs,
-        logit_bias: request.generation.logit_bias.clone(),
-    };
     // Each choice is a sequence of its own, with its own seed; a refusal of any drops (and so
     // cancels) those already submitted.
-    let mut streams = Vec::with_capacity(choices as usize);
-    for choice in 0..choices {
-        let mut one = generation.clone();
-        one.sampling.seed = seed.wrapping_add(choice);
-        let stream = model
-            .submit(one)
-            .map_err(|error| submit_error(error, &info.name))?;
-        streams.push(Some(stream));
+    let mut streams = Vec::with_capacity(total as usize);
+    for prompt in prepared {
+        let max_tokens = match request.generation.max_tokens {
+            Some(max_tokens) => max_tokens,
+            None => info.context_tokens.saturating_sub(prompt.token_count()),
+        };
+        let generation = edge_runtime::GenerationRequest {
+            prompt,
+            max_tokens,
+            sampling: edge_runtime::SamplingParams {
+                temperature: request.generation.temperature,
+                top_p: request.generation.top_p,
+                seed,
+                presence_penalty: request.generation.presence_penalty,
+                frequency_penalty: request.generation.frequency_penalty,
+            },
+            stop: request.generation.stop.clone(),
+            ignore_eos: request.generation.ignore_eos,
+            record_margins: false,
+            grammar: grammar.clone(),
+            logprobs: request.generation.logprobs,
+            logit_bias: request.generation.logit_bias.clone(),
+        };
+        for _ in 0..per_prompt {
+            let mut one = generation.clone();
+            let choice = u32::try_from(streams.len()).unwrap_or(u32::MAX);
+            one.sampling.seed = seed.wrapping_add(choice);
+            let stream = model
+                .submit(one)
+                .map_err(|error| submit_error(error, &info.name, param))?;
+            streams.push(Some(stream));
+        }
     }
-    let mut choices = Choices { streams, start: 0 };
+    let mut choices = Choices {
+        streams,
+        start: 0,
+        per_prompt: per_prompt as usize,
+    };
 
     let meta = ResponseMeta::new(request.endpoint, &ctx.request_id, unix_now_s(), &info.name);
     let first_token_deadline = tokio::time::Instant::now() + request.first_token_timeout;
@@ -160,7 +213,7 @@ pub(crate) fn embed_submit_error(
 ) -> GatewayError {
     match error {
         edge_runtime::EmbedSubmitError::Input(error) => embedding_error(error),
-        edge_runtime::EmbedSubmitError::Submit(error) => submit_error(error, model),
+        edge_runtime::EmbedSubmitError::Submit(error) => submit_error(error, model, "input"),
     }
 }
 
@@ -183,7 +236,11 @@ pub(crate) fn embedding_error(error: edge_runtime::EmbeddingError) -> GatewayErr
     }
 }
 
-fn submit_error(error: edge_runtime::SubmitError, model: &str) -> GatewayError {
+fn submit_error(
+    error: edge_runtime::SubmitError,
+    model: &str,
+    param: &'static str,
+) -> GatewayError {
     match error {
         edge_runtime::SubmitError::QueueFull { .. } => GatewayError::QueueFull {
             retry_after_s: QUEUE_FULL_RETRY_AFTER_S,
@@ -198,7 +255,7 @@ fn submit_error(error: edge_runtime::SubmitError, model: &str) -> GatewayError {
                  {} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
                 u64::from(prompt_tokens) + u64::from(max_tokens)
             ),
-            param: "messages",
+            param,
         },
         edge_runtime::SubmitError::UnknownToken { token, vocabulary } => {
             GatewayError::invalid_value(
@@ -227,6 +284,8 @@ struct Choices {
     streams: Vec<Option<edge_runtime::GenerationStream>>,
     /// Where the next read starts, so that no choice waits behind another.
     start: usize,
+    /// Choices per prompt (`n`): choice `i` answers prompt `i / per_prompt`.
+    per_prompt: usize,
 }
 
 impl Choices {
@@ -438,10 +497,10 @@ struct ChoiceState {
     usage: edge_runtime::Usage,
 }
 
-/// Records the usage of the request's choices in `ctx`: the prompt once (as OpenAI bills
+/// Records the usage of the request's choices in `ctx`: each prompt once (as OpenAI bills
 /// `n`), the completions summed, and with several choices the longest one's tokens.
-fn record_usage(ctx: &mut RequestContext, states: &[ChoiceState]) {
-    ctx.usage = total_usage(states);
+fn record_usage(ctx: &mut RequestContext, states: &[ChoiceState], per_prompt: usize) {
+    ctx.usage = total_usage(states, per_prompt);
     if states.len() > 1 {
         ctx.longest_choice_tokens = states
             .iter()
@@ -451,12 +510,13 @@ fn record_usage(ctx: &mut RequestContext, states: &[ChoiceState]) {
     ctx.finish_reason = states.first().and_then(|state| state.finish_reason);
 }
 
-/// The request's usage over its choices: the prompt once, the completions summed.
-fn total_usage(states: &[ChoiceState]) -> edge_runtime::Usage {
-    let first = states.first().map(|state| state.usage).unwrap_or_default();
+/// The request's usage over its choices: each prompt once (from its first choice), the
+/// completions summed.
+fn total_usage(states: &[ChoiceState], per_prompt: usize) -> edge_runtime::Usage {
+    let firsts = || states.iter().step_by(per_prompt.max(1));
     edge_runtime::Usage {
-        prompt_tokens: first.prompt_tokens,
-        cached_tokens: first.cached_tokens,
+        prompt_tokens: firsts().map(|state| state.usage.prompt_tokens).sum(),
+        cached_tokens: firsts().map(|state| state.usage.cached_tokens).sum(),
         completion_tokens: states
             .iter()
             .map(|state| state.usage.completion_tokens)
@@ -530,7 +590,7 @@ async fn collect_events(
         .enumerate()
         .map(|(index, state)| made_call(ctx, calls, index, state))
         .collect();
-    record_usage(ctx, &states);
+    record_usage(ctx, &states, choices.per_prompt);
     let bodies: Vec<openai::ChoiceBody<'_>> = states
         .iter()
         .zip(called)
@@ -802,7 +862,7 @@ async fn stream_events(
                     if !capture_as_sent {
                         capture_choices(ctx, &states);
                     }
-                    record_usage(ctx, &states);
+                    record_usage(ctx, &states, choices.per_prompt);
                     if include_usage {
                         end.extend_from_slice(&openai::sse_event(&meta.usage_chunk(ctx.usage)));
                     }

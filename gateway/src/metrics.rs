@@ -352,7 +352,7 @@ impl Metrics {
             &mut out,
             "isthmus_attachment_requests_total",
             "counter",
-            "Requests with attachments the sensitivity scan cannot read, by kind (image, audio, video, file) and where they went: kept_local, on_premises_pool, rejected, to_cloud (unscanned).",
+            "Requests with attachments the sensitivity scan cannot read, by kind (image, audio, video, file, tokens) and where they went: kept_local, on_premises_pool, rejected, to_cloud (unscanned).",
         );
         for ((kind, disposition), count) in &registry.attachment_requests {
             let _ = writeln!(

@@ -203,7 +203,9 @@ pub const PARALLEL_CALLS_MAX: usize = 8;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
-    pub prompt: String,
+    /// One or more prompts, each answered with `n` choices (prompt-major: choice `i * n + j`
+    /// is prompt `i`'s `j`-th).
+    pub prompts: Vec<edge_runtime::Prompt>,
     pub generation: Generation,
 }
 
@@ -424,36 +426,13 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, GatewayError> {
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, GatewayError> {
     let mut fields = Fields::parse(body)?;
     refuse_unsupported(&mut fields, COMPLETIONS_UNSUPPORTED)?;
-    let prompt = match fields.required("prompt")? {
-        Value::String(prompt) => prompt,
-        Value::Array(items) => match items.as_slice() {
-            [Value::String(prompt)] => prompt.clone(),
-            [] => {
-                return Err(GatewayError::invalid_value(
-                    "prompt",
-                    "prompt must not be empty",
-                ));
-            }
-            [Value::String(_), ..] => {
-                return Err(GatewayError::unsupported(
-                    "prompt",
-                    "only one prompt per request is supported",
-                ));
-            }
-            _ => {
-                return Err(GatewayError::unsupported(
-                    "prompt",
-                    "token-array prompts are not supported; send the prompt as a string",
-                ));
-            }
-        },
-        _ => {
-            return Err(GatewayError::invalid_value(
-                "prompt",
-                "prompt must be a string or an array of strings",
-            ));
-        }
-    };
+    let prompts = texts_or_token_ids("prompt", fields.required("prompt")?)?
+        .into_iter()
+        .map(|input| match input {
+            TextOrTokens::Text(text) => edge_runtime::Prompt::Text(text),
+            TextOrTokens::Tokens(tokens) => edge_runtime::Prompt::Tokens(tokens),
+        })
+        .collect();
     let max_tokens = fields
         .optional_u32("max_tokens", 1)?
         .or(Some(COMPLETIONS_MAX_TOKENS_DEFAULT));
@@ -462,7 +441,10 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, GatewayError> 
         .optional_u32("logprobs", 0)?
         .map(|top| logprob_alternatives("logprobs", top))
         .transpose()?;
-    Ok(CompletionRequest { prompt, generation })
+    Ok(CompletionRequest {
+        prompts,
+        generation,
+    })
 }
 
 /// The most alternatives a token's `top_logprobs` may list: OpenAI's limit for chat (its
@@ -1762,13 +1744,25 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, GatewayError> 
     })
 }
 
-fn embedding_inputs(value: Value) -> Result<Vec<edge_runtime::EmbeddingInput>, GatewayError> {
-    use edge_runtime::EmbeddingInput;
+/// One text of a completions `prompt` or an embeddings `input`.
+enum TextOrTokens {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A `prompt` or `input` value: a string, an array of strings, an array of token ids, or an
+/// array of arrays of token ids.
+fn texts_or_token_ids(
+    param: &'static str,
+    value: Value,
+) -> Result<Vec<TextOrTokens>, GatewayError> {
     let invalid = || {
         GatewayError::invalid_value(
-            "input",
-            "`input` must be a string, an array of strings, an array of token ids, or an array \
-             of arrays of token ids",
+            param,
+            format!(
+                "`{param}` must be a string, an array of strings, an array of token ids, or an \
+                 array of arrays of token ids"
+            ),
         )
     };
     let tokens = |items: &[Value]| -> Option<Vec<u32>> {
@@ -1777,35 +1771,46 @@ fn embedding_inputs(value: Value) -> Result<Vec<edge_runtime::EmbeddingInput>, G
             .map(|item| item.as_u64().and_then(|token| u32::try_from(token).ok()))
             .collect()
     };
-    let inputs = match value {
-        Value::String(text) => vec![EmbeddingInput::Text(text)],
+    Ok(match value {
+        Value::String(text) => vec![TextOrTokens::Text(text)],
         Value::Array(items) if items.is_empty() => {
             return Err(GatewayError::invalid_value(
-                "input",
-                "`input` must not be an empty array",
+                param,
+                format!("`{param}` must not be an empty array"),
             ));
         }
         Value::Array(items) if items.iter().all(Value::is_string) => items
             .into_iter()
             .filter_map(|item| match item {
-                Value::String(text) => Some(EmbeddingInput::Text(text)),
+                Value::String(text) => Some(TextOrTokens::Text(text)),
                 _ => None,
             })
             .collect(),
         Value::Array(items) if items.iter().all(Value::is_number) => {
-            vec![EmbeddingInput::Tokens(tokens(&items).ok_or_else(invalid)?)]
+            vec![TextOrTokens::Tokens(tokens(&items).ok_or_else(invalid)?)]
         }
         Value::Array(items) if items.iter().all(Value::is_array) => items
             .iter()
             .map(|item| {
                 item.as_array()
                     .and_then(|inner| tokens(inner))
-                    .map(EmbeddingInput::Tokens)
+                    .map(TextOrTokens::Tokens)
                     .ok_or_else(invalid)
             })
             .collect::<Result<_, _>>()?,
         _ => return Err(invalid()),
-    };
+    })
+}
+
+fn embedding_inputs(value: Value) -> Result<Vec<edge_runtime::EmbeddingInput>, GatewayError> {
+    use edge_runtime::EmbeddingInput;
+    let inputs: Vec<EmbeddingInput> = texts_or_token_ids("input", value)?
+        .into_iter()
+        .map(|input| match input {
+            TextOrTokens::Text(text) => EmbeddingInput::Text(text),
+            TextOrTokens::Tokens(tokens) => EmbeddingInput::Tokens(tokens),
+        })
+        .collect();
     if inputs.len() > EMBEDDING_INPUTS_MAX {
         return Err(GatewayError::invalid_value(
             "input",

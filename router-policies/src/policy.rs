@@ -177,7 +177,8 @@ impl Policy {
             for kind in &conditions.attachments {
                 if kind != "*" && !crate::rules::ATTACHMENT_KINDS.contains(&kind.as_str()) {
                     errors.push(problem(format!(
-                        "attachments: `{kind}` is not a kind of attachment (image, audio, video, file, or * for any)"
+                        "attachments: `{kind}` is not a kind of attachment ({}, or * for any)",
+                        crate::rules::ATTACHMENT_KINDS.join(", ")
                     )));
                 }
             }

@@ -2,8 +2,10 @@
 //! only the facts, signals and state passed in; each rule's verdict (matched, or the first
 //! condition that failed) is kept for explanations.
 
-/// The kinds of content a scan of text cannot read, as `attachments` names them.
-pub const ATTACHMENT_KINDS: [&str; 4] = ["image", "audio", "video", "file"];
+/// The kinds of content a scan of text cannot read, as `attachments` names them. `tokens` is a
+/// prompt or input given as token ids: what text they stand for depends on a vocabulary the
+/// gateway does not know for a cloud model.
+pub const ATTACHMENT_KINDS: [&str; 5] = ["image", "audio", "video", "file", "tokens"];
 
 /// A compiled rule.
 #[derive(Debug, Clone, PartialEq)]

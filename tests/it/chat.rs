@@ -283,6 +283,8 @@ fn completions_models_and_the_azure_form_are_served() {
             "legacy default max_tokens: {body}"
         );
 
+        several_prompts_and_token_ids(&gateway).await;
+
         let get = |path: &str| client().get(gateway.url(path)).bearer_auth(API_KEY).send();
         let models: Value = get("/v1/models").await.unwrap().json().await.unwrap();
         assert_eq!(models["object"], "list");
@@ -333,6 +335,101 @@ fn completions_models_and_the_azure_form_are_served() {
     let (status, body) = tests::plain_get(gateway.admin, "/readyz").unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("\"ready\":true"), "{body}");
+}
+
+/// Legacy completions with several prompts (choices prompt-major, each prompt billed once,
+/// whole or streamed) and with token ids (used as given), on a gateway of two sequences.
+async fn several_prompts_and_token_ids(gateway: &Gateway) {
+    let complete = |body: Value| async move {
+        let response = client()
+            .post(gateway.url("/v1/completions"))
+            .bearer_auth(API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    };
+    // Continuations the model is sure of: greedy, alone or beside another prompt, they agree.
+    let prompts = ["1, 2, 3, 4, 5, 6,", "Monday, Tuesday, Wednesday,"];
+    let body = |prompt: Value| json!({"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0});
+    let mut solo = Vec::new();
+    for prompt in prompts {
+        let (status, text) = complete(body(json!(prompt))).await;
+        assert_eq!(status, 200, "{text}");
+        solo.push(serde_json::from_str::<Value>(&text).unwrap());
+    }
+    let (status, text) = complete(body(json!(prompts))).await;
+    assert_eq!(status, 200, "{text}");
+    let both: Value = serde_json::from_str(&text).unwrap();
+    let choices = both["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{both}");
+    for (index, (choice, alone)) in choices.iter().zip(&solo).enumerate() {
+        assert_eq!(choice["index"], index, "{both}");
+        assert_eq!(choice["text"], alone["choices"][0]["text"], "{both}");
+    }
+    let billed = |answer: &Value, field: &str| answer["usage"][field].as_u64().unwrap();
+    assert_eq!(
+        billed(&both, "prompt_tokens"),
+        billed(&solo[0], "prompt_tokens") + billed(&solo[1], "prompt_tokens"),
+        "{both}"
+    );
+    assert_eq!(billed(&both, "completion_tokens"), 8, "{both}");
+    let mut streamed = body(json!(prompts));
+    streamed["stream"] = json!(true);
+    let (status, text) = complete(streamed).await;
+    assert_eq!(status, 200, "{text}");
+    let chunks = sse_chunks(&text);
+    for (index, alone) in solo.iter().enumerate() {
+        let own: String = chunks
+            .iter()
+            .filter_map(|chunk| chunk["choices"].as_array()?.first())
+            .filter(|choice| choice["index"] == index)
+            .filter_map(|choice| choice["text"].as_str())
+            .collect();
+        assert_eq!(own, alone["choices"][0]["text"].as_str().unwrap(), "{text}");
+    }
+
+    // Token ids go to the model as they are: three ids are three prompt tokens (no start
+    // token added, no digits tokenized), one list or several.
+    let (status, text) = complete(body(json!([504, 2365, 6354]))).await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["usage"]["prompt_tokens"], 3, "{answer}");
+    let (status, text) = complete(body(json!([[504, 2365], [6354]]))).await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["usage"]["prompt_tokens"], 3, "{answer}");
+    assert_eq!(answer["choices"].as_array().unwrap().len(), 2, "{answer}");
+
+    // An id outside the vocabulary, and more choices than sequences, are refused by name.
+    for (prompt, extra, needle) in [
+        (
+            json!([[504], [4_000_000]]),
+            json!({}),
+            "prompt 1: token 4000000 is not in the vocabulary of `smollm2` (49152 tokens)",
+        ),
+        (
+            json!(prompts),
+            json!({"n": 2}),
+            "2 prompts with n = 2 ask for 4",
+        ),
+    ] {
+        let mut request = body(prompt);
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (status, text) = complete(request).await;
+        assert_eq!(status, 400, "{text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["error"]["param"], "prompt", "{error}");
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(needle),
+            "{error}"
+        );
+    }
 }
 
 #[test]

@@ -203,6 +203,23 @@ fn embeddings_follow_the_routing_policy_and_reach_the_cloud_mapped() {
         assert_eq!(last["path"], "/v1/embeddings", "{last}");
         assert_eq!(last["model"], "bge-m3", "the model is mapped");
 
+        // Token ids are content the scan cannot read: with no rule about them they go on, and
+        // the metric says so (a rule `when = { attachments = ["tokens"] }` keeps them back,
+        // tests/it/policy.rs).
+        let (status, answer) = embed(
+            &gateway,
+            json!({"model": "text-embedding-3-small", "input": [[9906, 1917], [1234]]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            gateway.metric(
+                "isthmus_attachment_requests_total{kind=\"tokens\",disposition=\"to_cloud\"}"
+            ),
+            Some(1.0)
+        );
+        let received = upstream.requests().await;
+
         // A card number may not leave: with no local model of that name, it is refused.
         let (status, refused) = embed(
             &gateway,

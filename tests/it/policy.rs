@@ -178,6 +178,22 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("rejected".to_owned(), "attachments-refused".to_owned())
         );
+        // So do token ids: what text they stand for, the scan cannot tell.
+        let embed = |input: Value| {
+            tests::client()
+                .post(gateway.url("/v1/embeddings"))
+                .bearer_auth(API_KEY)
+                .json(&json!({"model": "gpt-4o", "input": input}))
+                .send()
+        };
+        let response = embed(json!("quarterly report")).await.unwrap();
+        assert_eq!(route(&response), ("cloud".to_owned(), "default".to_owned()));
+        let response = embed(json!([[9906, 1917]])).await.unwrap();
+        assert_eq!(response.status(), 403);
+        assert_eq!(
+            route(&response),
+            ("rejected".to_owned(), "attachments-refused".to_owned())
+        );
         // A repeated key cannot hide the IBAN: parsers disagree on which copy wins, so such a
         // body is refused outright (and the scan would read every copy).
         let messages = |content: &str| json!([{"role": "user", "content": content}]).to_string();

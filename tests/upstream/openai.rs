@@ -347,8 +347,9 @@ pub fn models_body() -> Bytes {
 }
 
 /// `POST /v1/embeddings`: one vector of 8 numbers per input, taken from the SHA-256 of the
-/// input's JSON (so equal inputs get equal vectors), and one prompt token per word. Returns
-/// the status, the body and the model asked for.
+/// input's JSON (so equal inputs get equal vectors), and one prompt token per word or token
+/// id (inputs may be strings, a list of token ids, or lists of them). Returns the status, the
+/// body and the model asked for.
 pub fn embeddings_answer(body: &[u8]) -> (u16, Bytes, Option<String>) {
     use sha2::Digest as _;
     let Ok(request) = serde_json::from_slice::<Value>(body) else {
@@ -365,13 +366,21 @@ pub fn embeddings_answer(body: &[u8]) -> (u16, Bytes, Option<String>) {
     };
     let model = request["model"].as_str().map(str::to_owned);
     let inputs: Vec<Value> = match &request["input"] {
-        Value::Array(items) if items.iter().all(Value::is_string) => items.clone(),
+        Value::Array(items)
+            if !items.is_empty()
+                && (items.iter().all(Value::is_string) || items.iter().all(Value::is_array)) =>
+        {
+            items.clone()
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => {
+            vec![request["input"].clone()]
+        }
         Value::String(_) => vec![request["input"].clone()],
         _ => {
             return (
                 400,
                 error_body(
-                    "input must be a string or strings",
+                    "input must be a string, strings, token ids or lists of token ids",
                     "invalid_request_error",
                     Some("input"),
                     "invalid_value",
@@ -385,9 +394,11 @@ pub fn embeddings_answer(body: &[u8]) -> (u16, Bytes, Option<String>) {
         .iter()
         .enumerate()
         .map(|(index, input)| {
-            tokens += input
-                .as_str()
-                .map_or(0, |text| text.split_whitespace().count());
+            tokens += match input {
+                Value::String(text) => text.split_whitespace().count(),
+                Value::Array(ids) => ids.len(),
+                _ => 0,
+            };
             let digest = sha2::Sha256::digest(input.to_string().as_bytes());
             let vector: Vec<f64> = digest[..8]
                 .iter()

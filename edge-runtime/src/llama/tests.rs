@@ -830,6 +830,32 @@ fn a_context_overflow_is_refused_before_queueing() {
     );
 }
 
+#[test]
+fn a_prompt_of_token_ids_is_used_as_given() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("token-ids"));
+    let text = model
+        .prepare(&Prompt::Text("The quick brown fox".to_owned()))
+        .unwrap();
+    let ids: Vec<u32> = text.tokens.iter().map(|&token| token as u32).collect();
+    // The same tokens, whether the model tokenized the text or the client did.
+    let given = model.prepare(&Prompt::Tokens(ids.clone())).unwrap();
+    assert_eq!(given.tokens, text.tokens);
+    // Used as they are: no start token is added in front.
+    let tail = model.prepare(&Prompt::Tokens(ids[1..].to_vec())).unwrap();
+    assert_eq!(tail.tokens, text.tokens[1..]);
+    let vocabulary = model.shared.model.n_vocab() as u32;
+    assert!(matches!(
+        model.prepare(&Prompt::Tokens(vec![ids[0], vocabulary])),
+        Err(crate::PromptError::UnknownToken { token, vocabulary: reported })
+            if token == vocabulary && reported == vocabulary
+    ));
+    assert!(matches!(
+        model.prepare(&Prompt::Tokens(Vec::new())),
+        Err(crate::PromptError::Empty)
+    ));
+}
+
 mod argmax {
     use proptest::prelude::*;
 

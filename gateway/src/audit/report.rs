@@ -46,7 +46,8 @@ pub struct SensitiveTally {
     pub left_unredacted_records: Vec<String>,
 }
 
-/// Where requests with attachments the scan cannot read (images, audio, video, files) went.
+/// Where requests with attachments the scan cannot read (images, audio, video, files, token
+/// ids) went.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct AttachmentTally {
     pub requests: u64,

@@ -462,3 +462,35 @@ fn attachments_the_scan_cannot_read_are_named_by_kind() {
         ["image"]
     );
 }
+
+#[test]
+fn token_id_prompts_and_inputs_are_named_as_tokens() {
+    let kinds = |body: &str| super::attachments(body.as_bytes());
+    for body in [
+        r#"{"model": "m", "input": [[9906, 1917], [1234]]}"#,
+        r#"{"model": "m", "input": [9906, 1917]}"#,
+        r#"{"model": "m", "prompt": [15339, 1917]}"#,
+        r#"{"model": "m", "prompt": [[15339], [1917, 11]]}"#,
+        // Escaped keys are the same keys.
+        r#"{"model": "m", "\u0069nput": [[9906]]}"#,
+    ] {
+        assert_eq!(kinds(body), ["tokens"], "{body}");
+    }
+    for body in [
+        r#"{"model": "m", "input": "text"}"#,
+        r#"{"model": "m", "input": ["text", "more"]}"#,
+        r#"{"model": "m", "prompt": ["text"]}"#,
+        r#"{"model": "m", "input": [{"role": "user", "content": "hi"}]}"#,
+        r#"{"model": "m", "metadata": {"input": [1, 2]}}"#,
+    ] {
+        assert!(kinds(body).is_empty(), "{body}");
+    }
+    // With message parts the scan cannot read either: each kind once, sorted.
+    assert_eq!(
+        kinds(
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}],
+                "prompt": [1, 2]}"#
+        ),
+        ["image", "tokens"]
+    );
+}

@@ -150,13 +150,76 @@ fn what_the_local_engine_cannot_honour_is_refused() {
     );
 }
 
+/// The prompts of a legacy completions body, or its error.
+fn completion_prompts(body: &str) -> String {
+    match parse_completion(body.as_bytes()) {
+        Ok(request) => format!("{:?}", request.prompts),
+        Err(error) => String::from_utf8(error.body_json()).unwrap_or_default(),
+    }
+}
+
+#[test]
+fn legacy_completions_take_several_prompts_and_token_ids() {
+    let cases = [
+        (r#""Once""#, expect![[r#"[Text("Once")]"#]]),
+        (
+            r#"["Once", "Twice"]"#,
+            expect![[r#"[Text("Once"), Text("Twice")]"#]],
+        ),
+        ("[15339, 1917]", expect!["[Tokens([15339, 1917])]"]),
+        (
+            "[[15339], [1917, 11]]",
+            expect!["[Tokens([15339]), Tokens([1917, 11])]"],
+        ),
+        (
+            "[]",
+            expect![[
+                r#"{"error":{"message":"`prompt` must not be an empty array","type":"invalid_request_error","param":"prompt","code":"invalid_value"}}"#
+            ]],
+        ),
+        (
+            r#"["Once", [1]]"#,
+            expect![[
+                r#"{"error":{"message":"`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids","type":"invalid_request_error","param":"prompt","code":"invalid_value"}}"#
+            ]],
+        ),
+        (
+            "[1, -2]",
+            expect![[
+                r#"{"error":{"message":"`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids","type":"invalid_request_error","param":"prompt","code":"invalid_value"}}"#
+            ]],
+        ),
+        (
+            "[1.5]",
+            expect![[
+                r#"{"error":{"message":"`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids","type":"invalid_request_error","param":"prompt","code":"invalid_value"}}"#
+            ]],
+        ),
+        (
+            "7",
+            expect![[
+                r#"{"error":{"message":"`prompt` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids","type":"invalid_request_error","param":"prompt","code":"invalid_value"}}"#
+            ]],
+        ),
+    ];
+    for (prompt, expect) in cases {
+        expect.assert_eq(&completion_prompts(&format!(
+            r#"{{"model":"m","prompt":{prompt}}}"#
+        )));
+    }
+}
+
 #[test]
 fn legacy_completions_default_to_sixteen_tokens() {
     check_completion(
         r#"{"model":"m","prompt":["Once upon"]}"#,
         expect![[r#"
             CompletionRequest {
-                prompt: "Once upon",
+                prompts: [
+                    Text(
+                        "Once upon",
+                    ),
+                ],
                 generation: Generation {
                     model: Some(
                         "m",

@@ -236,7 +236,7 @@ fn attachments_the_scan_cannot_read_can_be_kept_off_the_cloud() {
     assert_eq!(
         unknown.err().map(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>()),
         Some(vec![
-            "rule `typo`: attachments: `pictures` is not a kind of attachment (image, audio, video, file, or * for any)".to_owned()
+            "rule `typo`: attachments: `pictures` is not a kind of attachment (image, audio, video, file, tokens, or * for any)".to_owned()
         ])
     );
 }
