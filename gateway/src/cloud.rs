@@ -1244,9 +1244,7 @@ fn event_usage(event: &[u8]) -> Option<(serde_json::Value, bool)> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 fn record_usage(ctx: &mut RequestContext, usage: Option<&serde_json::Value>) {
@@ -1473,14 +1471,13 @@ fn skip_string(body: &[u8], at: usize) -> Option<usize> {
         return None;
     }
     let mut index = at + 1;
-    while let Some(&byte) = body.get(index) {
-        match byte {
-            b'\\' => index += 2,
-            b'"' => return Some(index + 1),
-            _ => index += 1,
+    loop {
+        let found = index + memchr::memchr2(b'"', b'\\', body.get(index..)?)?;
+        if body[found] == b'"' {
+            return Some(found + 1);
         }
+        index = found + 2;
     }
-    None
 }
 
 /// The end (exclusive) of the value starting at `at`.

@@ -142,7 +142,7 @@ pub fn evaluate(
 /// in which no key can be `type`, `prompt` or `input` (none written, none escaped) is not
 /// parsed again.
 pub fn attachments(body: &[u8]) -> Vec<&'static str> {
-    let has = |marker: &[u8]| body.windows(marker.len()).any(|window| window == marker);
+    let has = |marker: &[u8]| memchr::memmem::find(body, marker).is_some();
     if !has(b"\"type\"") && !has(b"\"prompt\"") && !has(b"\"input\"") && !has(b"\\u") {
         return Vec::new();
     }

@@ -91,3 +91,30 @@ fn an_unfinished_event_is_held_and_counted() {
     assert!(out.is_empty());
     assert_eq!(splitter.pending_bytes(), 11);
 }
+
+proptest::proptest! {
+    /// Whatever the strings around it hold (quotes, backslashes, braces, escapes), the
+    /// rewrite changes the model and nothing else.
+    #[test]
+    fn the_rewrite_changes_only_the_model(
+        texts in proptest::collection::vec("[a-z\"\\\\{}\\[\\]:, \u{e9}\u{1f600}]{0,12}", 1..6),
+        nested in proptest::bool::ANY,
+    ) {
+        let mut body = serde_json::Map::new();
+        for (index, text) in texts.iter().enumerate() {
+            let value = if nested {
+                serde_json::json!([{ "content": text, "k": [text, {"x": text}] }])
+            } else {
+                serde_json::Value::from(text.as_str())
+            };
+            body.insert(format!("{text}{index}"), value);
+        }
+        body.insert("model".to_owned(), "gpt-4o".into());
+        let original = serde_json::Value::Object(body);
+        let rewritten = rewrite_body(original.to_string().as_bytes(), "served-70b", false).unwrap();
+        let mut expected = original.clone();
+        expected["model"] = "served-70b".into();
+        let parsed: serde_json::Value = serde_json::from_slice(&rewritten).unwrap();
+        proptest::prop_assert_eq!(parsed, expected);
+    }
+}
