@@ -134,6 +134,17 @@ def main() -> None:
         assert abs(norm - 1.0) < 1e-4, norm
     assert embedded.usage.prompt_tokens == embedded.usage.total_tokens > 0, embedded.usage
 
+    # Legacy completions with a batch of prompts (as evaluation harnesses send them) and with
+    # token ids: choices prompt-major, each prompt billed once.
+    batch = client.completions.create(
+        model="smollm2", prompt=["1, 2, 3, 4,", "Monday, Tuesday,"], max_tokens=3, temperature=0
+    )
+    assert [choice.index for choice in batch.choices] == [0, 1], batch
+    assert all(choice.text for choice in batch.choices), batch
+    assert 2 <= batch.usage.completion_tokens <= 6, batch.usage
+    from_ids = client.completions.create(model="smollm2", prompt=[504, 2365, 6354], max_tokens=2)
+    assert from_ids.usage.prompt_tokens == 3, from_ids.usage
+
     # The Responses API, as the SDK's own helpers use it: the text, the stream of typed
     # events assembled into the final response, structured output and a forced function call.
     response = client.responses.create(
