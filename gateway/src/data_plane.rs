@@ -1374,7 +1374,8 @@ impl DataPlane {
             waf,
         } = crate::facts::evaluate(routing, &request, &loads, |policy, facts, signals| {
             self.state.decide(policy, facts, signals)
-        });
+        })
+        .inspect_err(|_| ctx.reject("request"))?;
         self.apply_waf(session, ctx, &waf)?;
         ctx.rule_name = Some(outcome.decision.rule().to_owned());
         ctx.sensitive_entities = scan.entity_types.clone();

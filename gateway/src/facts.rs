@@ -65,7 +65,7 @@ pub fn evaluate(
         &router_policies::RequestFacts<'_>,
         &router_policies::Signals<'_>,
     ) -> router_policies::Outcome,
-) -> Evaluation {
+) -> Result<Evaluation, crate::error::GatewayError> {
     let policy_config = &routing.config.policy;
     let classification = request
         .headers
@@ -80,7 +80,13 @@ pub fn evaluate(
                     .map(|label| label.to_ascii_lowercase())
             })
         });
-    let prompt = prompt_texts(request.body);
+    let prompt =
+        prompt_texts(request.body).map_err(|error| crate::error::GatewayError::InvalidJson {
+            message: format!(
+                "the request body cannot be read whole ({error}); the sensitivity scan reads \
+                 every value of a body, and one it cannot read is not served"
+            ),
+        })?;
     let waf = firewall(routing, request, &prompt);
     let mut scan = routing.sensitivity.scan(&prompt);
     let redacted = if scan.entity_types.is_empty() {
@@ -124,14 +130,14 @@ pub fn evaluate(
         pools: &pools,
     };
     let outcome = decide(&routing.policy, &facts, &signals);
-    Evaluation {
+    Ok(Evaluation {
         outcome,
         waf,
         scan,
         complexity,
         attachments,
         redacted,
-    }
+    })
 }
 
 /// The kinds of content in a body that the scan cannot read, sorted and without repeats:
@@ -239,7 +245,7 @@ fn redacted_clean(
     let (redacted, map) = crate::redaction::redact_body(body, &routing.sensitivity).ok()?;
     routing
         .sensitivity
-        .scan(&prompt_texts(&redacted))
+        .scan(&prompt_texts(&redacted).ok()?)
         .entity_types
         .is_empty()
         .then_some((redacted, map))
@@ -286,7 +292,7 @@ pub fn explain(
     };
     let evaluation = evaluate(routing, &request, loads, |policy, facts, signals| {
         router_policies::decide(policy, facts, signals, state)
-    });
+    })?;
     let mut explained = explanation(&evaluation, &routing.policy);
     explained["path"] = Value::String(path.to_owned());
     Ok(explained)

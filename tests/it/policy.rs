@@ -219,6 +219,41 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             body["error"]["message"],
             "the request body has the key `messages` more than once"
         );
+        // Nor can JSON that other parsers read and the scan's reader cannot: nesting deeper
+        // than it goes, a number beyond f64, a lone surrogate escape. Such a body is refused;
+        // none of them reaches the backend (checked below with the rest).
+        let hard = serde_json::to_string(HARD).unwrap();
+        for (what, metadata) in [
+            (
+                "deep",
+                format!("{}\"{VALID_IBAN}\"{}", "[".repeat(200), "]".repeat(200)),
+            ),
+            (
+                "huge number",
+                format!("{{\"x\": 1e400, \"note\": \"{VALID_IBAN}\"}}"),
+            ),
+            ("lone surrogate", format!("[\"\\ud800\", \"{VALID_IBAN}\"]")),
+        ] {
+            let smuggled = format!(
+                r#"{{"model": "gpt-4o", "messages": [{{"role": "user", "content": {hard}}}], "metadata": {metadata}}}"#
+            );
+            let response = tests::client()
+                .post(gateway.url("/v1/chat/completions"))
+                .bearer_auth(API_KEY)
+                .header("content-type", "application/json")
+                .body(smuggled)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{what}");
+            assert_eq!(
+                route(&response),
+                ("rejected".to_owned(), "request".to_owned()),
+                "{what}"
+            );
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "invalid_json", "{what}: {body}");
+        }
         // Nor can a field outside the prompt (the cloud leg forwards the whole body), as a
         // string or as a number.
         for metadata in [json!({"note": VALID_IBAN}), json!({"card": CARD_NUMBER})] {

@@ -22,14 +22,20 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::PromptTexts;
 
-/// Collects the strings of `body`; a body that is not one JSON object gives nothing (the
-/// envelope parse has refused it already).
-pub fn prompt_texts(body: &[u8]) -> PromptTexts {
+/// Collects the strings of `body`. A body this reader cannot read to its end is an error,
+/// never an empty collection: besides what no JSON parser reads (not one object, trailing
+/// bytes), it may be JSON that other parsers take, and would forward, while this one stops
+/// (nesting deeper than 128 levels, a number beyond `f64`, a lone UTF-16 surrogate
+/// escape) — and what the scan cannot read must not leave unread.
+pub fn prompt_texts(body: &[u8]) -> Result<PromptTexts, String> {
     let mut body_facts = BodyFacts::default();
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let read = Shaped(&mut body_facts).deserialize(&mut deserializer);
-    if read.is_err() || deserializer.end().is_err() || !body_facts.object {
-        return PromptTexts::default();
+    Shaped(&mut body_facts)
+        .deserialize(&mut deserializer)
+        .and_then(|()| deserializer.end())
+        .map_err(|error| error.to_string())?;
+    if !body_facts.object {
+        return Err("the body is not a JSON object".to_owned());
     }
     let mut texts = body_facts.messages;
     texts.append(&mut body_facts.prompt);
@@ -42,13 +48,13 @@ pub fn prompt_texts(body: &[u8]) -> PromptTexts {
         Some(value) => value,
         None => body_facts.max_tokens.flatten(),
     };
-    PromptTexts {
+    Ok(PromptTexts {
         texts,
         elsewhere: body_facts.elsewhere,
         turns,
         tools: body_facts.tool_count,
         max_tokens: max_tokens.and_then(|tokens| u32::try_from(tokens).ok()),
-    }
+    })
 }
 
 /// Appends one string to `elsewhere`, a line of its own.

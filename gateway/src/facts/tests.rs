@@ -14,7 +14,7 @@ fn every_place_a_prompt_can_hide_is_collected() {
         ],
         "tools": [{"type": "function", "function": {"name": "f", "description": "looks up accounts"}}]
     }"#;
-    let texts = prompt_texts(body);
+    let texts = prompt_texts(body).unwrap();
     assert_eq!(texts.turns, 5);
     assert_eq!(texts.tools, 1);
     assert_eq!(texts.max_tokens, Some(64));
@@ -33,7 +33,7 @@ fn every_place_a_prompt_can_hide_is_collected() {
             texts.texts
         );
     }
-    let legacy = prompt_texts(br#"{"prompt": ["a", "b"], "max_completion_tokens": 3}"#);
+    let legacy = prompt_texts(br#"{"prompt": ["a", "b"], "max_completion_tokens": 3}"#).unwrap();
     assert_eq!(legacy.texts, ["a", "b"]);
     assert_eq!((legacy.turns, legacy.max_tokens), (1, Some(3)));
 }
@@ -50,7 +50,7 @@ fn every_copy_of_a_repeated_key_is_collected() {
         "prompt": "legacy one",
         "prompt": 7
     }"#;
-    let texts = prompt_texts(body);
+    let texts = prompt_texts(body).unwrap();
     for expected in [
         "my SSN is 078-05-1120",
         "card 4111 1111 1111 1111",
@@ -73,15 +73,40 @@ fn every_copy_of_a_repeated_key_is_collected() {
 fn escaped_keys_and_odd_shapes_are_read_like_a_json_tree() {
     let body = br#"{"mess\u0061ges": [{"content": "escaped key"}, "not a message", [1]],
         "max_completion_tokens": null, "max_tokens": 9, "tools": {"not": "an array"}}"#;
-    let texts = prompt_texts(body);
+    let texts = prompt_texts(body).unwrap();
     assert_eq!(texts.texts, ["escaped key"]);
     assert_eq!((texts.turns, texts.tools, texts.max_tokens), (3, 0, None));
-    assert_eq!(prompt_texts(b"[1, 2]"), PromptTexts::default());
-    assert_eq!(
-        prompt_texts(br#"{"prompt": "a"} trailing"#),
-        PromptTexts::default()
+}
+
+/// A body the reader cannot read to its end is an error, never an empty collection: other
+/// parsers may read (and a backend would be sent) what this one stops at.
+#[test]
+fn a_body_the_reader_cannot_read_whole_is_an_error() {
+    let deep = format!(
+        r#"{{"prompt": "a", "metadata": {}"4111 1111 1111 1111"{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
     );
-    assert_eq!(prompt_texts(br#"{"prompt": "#), PromptTexts::default());
+    for (body, expected) in [
+        (&b"[1, 2]"[..], "the body is not a JSON object"),
+        (br#"{"prompt": "a"} trailing"#, "trailing characters"),
+        (br#"{"prompt": "#, "EOF while parsing"),
+        (deep.as_bytes(), "recursion limit exceeded"),
+        (
+            br#"{"prompt": "a", "metadata": {"x": 1e400}}"#,
+            "number out of range",
+        ),
+        (br#"{"prompt": "a", "user": "\ud800"}"#, "hex escape"),
+        (br#"{"prompt": "a", "user": "\ud800\u0041"}"#, "hex escape"),
+        (br#"{"prompt": "a", "user": "\udc00"}"#, "hex escape"),
+    ] {
+        let error = prompt_texts(body).unwrap_err();
+        assert!(
+            error.contains(expected),
+            "{}: {error}",
+            String::from_utf8_lossy(body)
+        );
+    }
 }
 
 /// The collection as a JSON tree gives it (one value per key, the last): the one-pass reader
@@ -339,7 +364,10 @@ proptest::proptest! {
     #[test]
     fn the_one_pass_reader_agrees_with_a_json_tree(body in request_like()) {
         let bytes = serde_json::to_vec(&body).unwrap();
-        let mut read = prompt_texts(&bytes);
+        let Ok(mut read) = prompt_texts(&bytes) else {
+            proptest::prop_assert!(!body.is_object(), "an object the reader refused: {body}");
+            return Ok(());
+        };
         let mut tree = tree_prompt_texts(&bytes);
         // Every string, unknown key and number of the body is read, as prompt text or
         // elsewhere.
@@ -371,7 +399,7 @@ fn strings_outside_the_prompt_are_read_elsewhere_and_not_scored() {
         "messages": [{"role": "user", "name": "Bob", "content": "hello"}],
         "response_format": {"type": "json_schema", "json_schema": {"description": "secret plan"}}
     }"#;
-    let read = prompt_texts(body);
+    let read = prompt_texts(body).unwrap();
     assert_eq!(read.texts, ["hello"]);
     for expected in [
         "alice@example.com",
@@ -402,7 +430,7 @@ fn numbers_are_read_elsewhere_except_sampling_parameters() {
         "tools": [{"type": "function", "function": {"parameters": {"maxLength": 12}}}],
         "prompt": [[15, 16]]
     }"#;
-    let read = prompt_texts(body);
+    let read = prompt_texts(body).unwrap();
     let lines: Vec<&str> = read.elsewhere.lines().collect();
     for expected in [
         "4111111111111111",
