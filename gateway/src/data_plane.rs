@@ -649,7 +649,7 @@ pub async fn respond_error(
     if !ctx.body_requested && expects_continue(session.req_header()) {
         session.set_keepalive(None);
     }
-    ctx.outcome = Some(error.to_string());
+    ctx.outcome = Some(error.record_description());
     let body = error.body_json();
     let mut header = json_header(
         ctx,

@@ -310,6 +310,34 @@ impl GatewayError {
         }
     }
 
+    /// What the log and the audit record say of the error. The message goes to the client
+    /// only where it may quote the client's body (a role, a part type, a tool or model name,
+    /// a key, a parser's view of a value): the body's strings are the client's content, and
+    /// audit records leave the appliance through the exporters. Those errors are recorded
+    /// by code and parameter path, each name of the path the gateway does not know left
+    /// out; every other error's message is the gateway's own words and configuration.
+    pub fn record_description(&self) -> String {
+        use GatewayError::*;
+        match self {
+            InvalidJson { .. }
+            | InvalidValue { .. }
+            | UnsupportedParameter { .. }
+            | ModelNotFound { .. } => {
+                let (status, _, code, param) = self.classify();
+                let code = code.unwrap_or("invalid_request_error");
+                match param {
+                    Some(param) => format!(
+                        "{} {code}: parameter `{}` (message to the client only)",
+                        status.as_u16(),
+                        recorded_param(param)
+                    ),
+                    None => format!("{} {code} (message to the client only)", status.as_u16()),
+                }
+            }
+            _ => self.to_string(),
+        }
+    }
+
     /// The body serialized as JSON.
     pub fn body_json(&self) -> Vec<u8> {
         serde_json::to_vec(&self.body()).unwrap_or_else(|_| b"{}".to_vec())
@@ -365,6 +393,102 @@ impl GatewayError {
             other => other.clone(),
         }
     }
+}
+
+/// Names a request parameter path may hold (OpenAI's chat, completions, embeddings and
+/// Responses fields): any other name in a path came from the client's body.
+const PARAMETER_NAMES: &[&str] = &[
+    "arguments",
+    "audio",
+    "background",
+    "best_of",
+    "content",
+    "conversation",
+    "description",
+    "dimensions",
+    "echo",
+    "effort",
+    "encoding_format",
+    "file",
+    "format",
+    "frequency_penalty",
+    "function",
+    "function_call",
+    "functions",
+    "ignore_eos",
+    "image_url",
+    "include",
+    "include_usage",
+    "input",
+    "input_audio",
+    "instructions",
+    "json_schema",
+    "logit_bias",
+    "logprobs",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "max_tokens",
+    "messages",
+    "metadata",
+    "modalities",
+    "model",
+    "n",
+    "name",
+    "parallel_tool_calls",
+    "parameters",
+    "prediction",
+    "presence_penalty",
+    "previous_response_id",
+    "prompt",
+    "reasoning",
+    "refusal",
+    "response_format",
+    "role",
+    "schema",
+    "seed",
+    "service_tier",
+    "stop",
+    "store",
+    "stream",
+    "stream_options",
+    "strict",
+    "suffix",
+    "temperature",
+    "text",
+    "tool_call_id",
+    "tool_calls",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "truncation",
+    "type",
+    "user",
+];
+
+/// `param` with every name outside [`PARAMETER_NAMES`] replaced by `…` (array positions
+/// kept): `messages[0].content[1].type` stays, `logit_bias.4111` becomes `logit_bias.…`.
+fn recorded_param(param: &str) -> String {
+    param
+        .split('.')
+        .map(|segment| {
+            let (name, positions) = segment.split_at(segment.find('[').unwrap_or(segment.len()));
+            let positions_ok = positions.split_inclusive(']').all(|position| {
+                position
+                    .strip_prefix('[')
+                    .and_then(|rest| rest.strip_suffix(']'))
+                    .is_some_and(|digits| {
+                        !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit())
+                    })
+            });
+            match (PARAMETER_NAMES.contains(&name), positions_ok) {
+                (true, true) => segment.to_owned(),
+                (true, false) => format!("{name}…"),
+                (false, _) => "…".to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn rule_list(rule_ids: &[u32]) -> String {

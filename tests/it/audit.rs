@@ -419,6 +419,19 @@ token_file = {token_file:?}
     );
     let long = format!("long-marker {}", "x".repeat(5000));
     post_chat(&gateway, "content-long", &cloud(&long, false), &[]);
+    // A refused request's record says where the body was wrong, never what it said (the
+    // client's error message quotes it).
+    let refused = block_on(async {
+        tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("x-request-id", "content-refused")
+            .json(&json!({"model": "smollm2", "messages": [{"role": "refusal-marker-6620", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(refused.status(), 400);
 
     // The files (the appliance's copy) hold what was configured, and nothing else. They
     // follow the store within a tenth of a second.
@@ -461,6 +474,12 @@ token_file = {token_file:?}
     assert_eq!(long_record["CompletionTruncated"], true);
     assert_eq!(long_record["Completion"].as_str().unwrap().len(), 4096);
     assert!(long_record["Prompt"].as_str().unwrap().len() <= 4096);
+    let refused_record = records["content-refused"].to_string();
+    assert!(
+        refused_record.contains("parameter `messages[0].role`")
+            && !refused_record.contains("refusal-marker-6620"),
+        "{refused_record}"
+    );
     let line_bytes = serde_json::to_vec(&records["content-long"]).unwrap().len();
     assert!(line_bytes <= 32 * 1024, "{line_bytes} bytes");
 

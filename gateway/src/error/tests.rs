@@ -65,3 +65,66 @@ fn only_backpressure_errors_carry_retry_after() {
     );
     assert_eq!(GatewayError::InvalidApiKey.retry_after_s(), None);
 }
+
+/// Logs and audit records never carry what the client's body said, only where it was wrong;
+/// errors in the gateway's own words keep their message.
+#[test]
+fn records_name_the_parameter_not_the_clients_text() {
+    let recorded = |error: GatewayError| error.record_description();
+    let cases = [
+        (
+            GatewayError::invalid_value(
+                "messages[0].role",
+                "`SSN 123-45-6789` is not a role (expected system, ...)",
+            ),
+            expect!["400 invalid_value: parameter `messages[0].role` (message to the client only)"],
+        ),
+        (
+            GatewayError::unsupported(
+                "messages[2].content[1].type",
+                "`card 4111 1111 1111 1111` content parts are not supported",
+            ),
+            expect![
+                "400 unsupported_parameter: parameter `messages[2].content[1].type` (message to the client only)"
+            ],
+        ),
+        (
+            GatewayError::invalid_value(
+                "logit_bias.123456789",
+                "`123456789` is not in the vocabulary",
+            ),
+            expect!["400 invalid_value: parameter `logit_bias.…` (message to the client only)"],
+        ),
+        (
+            GatewayError::unsupported(
+                "jane.doe@example.com",
+                "`jane.doe@example.com` is not a parameter",
+            ),
+            expect!["400 unsupported_parameter: parameter `….….…` (message to the client only)"],
+        ),
+        (
+            GatewayError::invalid_value("messages[x]", "odd"),
+            expect!["400 invalid_value: parameter `messages…` (message to the client only)"],
+        ),
+        (
+            GatewayError::InvalidJson {
+                message: "invalid type: string \"4111 1111 1111 1111\", expected a boolean"
+                    .to_owned(),
+            },
+            expect!["400 invalid_json (message to the client only)"],
+        ),
+        (
+            GatewayError::ModelNotFound {
+                model: "acct-4111 1111 1111 1111".to_owned(),
+            },
+            expect!["404 model_not_found: parameter `model` (message to the client only)"],
+        ),
+        (
+            GatewayError::QueueFull { retry_after_s: 2 },
+            expect!["the local inference queue is full; retry after 2 s"],
+        ),
+    ];
+    for (error, expect) in cases {
+        expect.assert_eq(&recorded(error));
+    }
+}
