@@ -1134,7 +1134,9 @@ impl DataPlane {
         let envelope = openai::parse_envelope(&body).inspect_err(|_| ctx.reject("request"))?;
         let model = deployment.or_else(|| envelope.model.clone());
         let target = self.route(session, ctx, routing, model.as_deref(), &body);
-        if !ctx.sensitive_entities.is_empty()
+        // Neither what the scan found nor what it cannot read (an image of a passport) is
+        // kept at rest unless the operator said so.
+        if (!ctx.sensitive_entities.is_empty() || !ctx.attachments.is_empty())
             && !self.state.config.responses.keep_sensitive
             && let Some(responses) = ctx.responses.as_mut()
         {

@@ -379,6 +379,50 @@ async fn stored(method: reqwest::Method, gateway: &Gateway, path: &str, key: &st
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+#[test]
+fn what_the_scan_cannot_read_is_not_kept_at_rest_unless_allowed() {
+    let _serial = serial();
+    let upstream = Upstream::start(options()).unwrap();
+    let gateway = Gateway::start(&GatewayOptions {
+        extra: format!(
+            "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"served-70b\" }}\n[[upstreams.aks.backends]]\nurl = \"{}\"\n[upstreams.aks.health]\nenabled = false\n[responses]\nstore = true\n",
+            upstream.base_url()
+        ),
+        ..GatewayOptions::default()
+    });
+    let gateway = &gateway;
+    block_on(async {
+        let ask = |content: Value| {
+            let body = json!({"model": "gpt-4o", "max_output_tokens": 8,
+                "input": [{"role": "user", "content": content}]});
+            async move {
+                let response = post(gateway, "/v1/responses", &body, &[]).await;
+                assert_eq!(response.status(), 200);
+                assert_eq!(response.headers()["x-isthmus-route"], "cloud");
+                let answer: Value = response.json().await.unwrap();
+                let (status, _) = read(
+                    gateway,
+                    &format!("/v1/responses/{}", answer["id"].as_str().unwrap()),
+                )
+                .await;
+                (answer["store"].clone(), status)
+            }
+        };
+        // Text the scan read and found clean is kept.
+        assert_eq!(
+            ask(json!("Describe the weather.")).await,
+            (json!(true), 200)
+        );
+        // A picture (a scanned passport?) is answered but not kept: with
+        // `keep_sensitive` off, the store holds only what the scan could read.
+        let picture = json!([
+            {"type": "input_text", "text": "Describe this picture."},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+        ]);
+        assert_eq!(ask(picture).await, (json!(false), 404));
+    });
+}
+
 /// GETs a stored-response endpoint as the test key's owner.
 async fn read(gateway: &Gateway, path: &str) -> (u16, Value) {
     stored(reqwest::Method::GET, gateway, path, API_KEY).await

@@ -19,8 +19,9 @@ pub struct ResponsesConfig {
     pub bytes_max: u64,
     /// A response (with the conversation it continued) larger than this is not kept.
     pub record_bytes_max: u64,
-    /// Keep responses whose conversation the sensitivity scan found sensitive content in.
-    /// Off: such answers say `"store": false` and nothing of them is written.
+    /// Keep responses whose conversation the sensitivity scan found sensitive content in,
+    /// or content it cannot read (attachments). Off: such answers say `"store": false` and
+    /// nothing of them is written.
     pub keep_sensitive: bool,
 }
 
