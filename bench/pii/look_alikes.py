@@ -4,7 +4,8 @@
 Text pasted from a word processor or a web page carries no-break spaces and en dashes, and a
 caller who wants a value past the scan can write it in full-width digits or split it with
 zero-width spaces; a model reads all of these. This generates, with a fixed seed, documents
-that each hold one valid value (payment card, IBAN, US SSN, e-mail) written in one such way,
+that each hold one valid value (payment card, IBAN, US SSN, e-mail) written in one such way
+(or percent-escaped in a pasted link's query),
 and as many documents with the same value made invalid (a wrong check digit) in the same way,
 runs `isthmus explain` over them (and, with `--presidio`, Presidio's pattern recognizers as
 bench/pii/compare.py runs them), and prints, per way of writing, the share of valid documents
@@ -20,9 +21,11 @@ import json
 import random
 import subprocess
 import sys
+import urllib.parse
 
 SEPARATED = ["ascii", "no-break space", "narrow no-break space", "en dash", "zero-width space",
-             "soft hyphen", "full-width digits", "arabic-indic digits", "tag characters"]
+             "soft hyphen", "full-width digits", "arabic-indic digits", "tag characters",
+             "url query"]
 
 
 def luhn_digit(digits: str) -> str:
@@ -97,6 +100,9 @@ def write(parts: list[str], separator: str, way: str) -> str:
         return digits_in(separator.join(parts), 0x0660)
     if way == "tag characters":
         return "".join(chr(0xE0000 + ord(c)) for c in separator.join(parts))
+    if way == "url query":
+        # Pasted as part of a link: percent-escaped as a browser writes a query value.
+        return "https://portal.example/find?q=" + urllib.parse.quote(separator.join(parts), safe="")
     raise ValueError(way)
 
 

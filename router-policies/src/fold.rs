@@ -5,7 +5,9 @@
 //! processor or a web page carries the same values in other characters — a no-break space
 //! between the groups of a card number, an en dash in a social security number — and a
 //! caller who wants a value past the scan can write it in full-width digits, split it with
-//! zero-width spaces or hide it in Unicode tag characters, all of which a model still reads.
+//! zero-width spaces or hide it in Unicode tag characters, all of which a model still reads;
+//! a URL pasted into a prompt carries its query's values percent-escaped
+//! (`?email=jane.doe%40contoso.com`).
 //! [`Folded::of`] writes such text with those characters as the ASCII they stand for (or
 //! without them, where they are invisible) and keeps, for every byte it writes, where the
 //! character it came from lies in the original, so that findings are reported, redacted and
@@ -28,7 +30,7 @@ struct Edit {
     folded_at: u32,
     /// Its start in the original.
     original_at: u32,
-    /// Its UTF-8 length in the original.
+    /// Its length in the original: a character's UTF-8 length, or 3 for a `%XX` escape.
     original_bytes: u8,
     /// Bytes it became: 1 when folded, 0 when dropped.
     written: u8,
@@ -162,28 +164,32 @@ impl Folded {
     }
 
     fn build(text: &str, letters: bool) -> Option<Folded> {
-        if text.is_ascii() || u32::try_from(text.len()).is_err() {
+        // In ASCII text only escapes can fold: look at each `%` alone (most texts have none).
+        if u32::try_from(text.len()).is_err()
+            || (text.is_ascii()
+                && !memchr::memchr_iter(b'%', text.as_bytes())
+                    .any(|at| escaped_ascii(text.as_bytes(), at).is_some()))
+        {
             return None;
         }
-        let first = non_ascii(text, 0)
-            .find(|&(_, character)| !matches!(fold_with(character, letters), Fold::Keep))?
+        let first = candidates(text, 0, letters)
+            .find(|(_, _, kind)| !matches!(kind, Fold::Keep))?
             .0;
         let mut folded = Folded {
             text: String::with_capacity(text.len()),
             edits: Vec::new(),
         };
         let mut copied = 0;
-        for (at, character) in non_ascii(text, first) {
-            let kind = fold_with(character, letters);
+        for (at, length, kind) in candidates(text, first, letters) {
             if matches!(kind, Fold::Keep) {
                 continue;
             }
             folded.text.push_str(&text[copied..at]);
-            copied = at + character.len_utf8();
+            copied = at + length;
             let mut edit = Edit {
                 folded_at: offset(folded.text.len()),
                 original_at: offset(at),
-                original_bytes: u8::try_from(character.len_utf8()).unwrap_or(4),
+                original_bytes: u8::try_from(length).unwrap_or(4),
                 written: 0,
             };
             if let Fold::Ascii(byte) = kind {
@@ -228,18 +234,44 @@ impl Folded {
     }
 }
 
-/// The characters of `text` outside ASCII from byte `from` on, with their offsets: ASCII
-/// bytes are skipped without decoding.
-fn non_ascii(text: &str, from: usize) -> impl Iterator<Item = (usize, char)> + '_ {
+/// What may fold in `text` from byte `from` on, with offsets and original lengths: each
+/// character outside ASCII, and each `%` — with the two hex digits after it, a URL's escape
+/// of a printable ASCII character (`jane.doe%40contoso.com`, `4111%201111`), read as that
+/// character. Other ASCII bytes are skipped without decoding.
+fn candidates(
+    text: &str,
+    from: usize,
+    letters: bool,
+) -> impl Iterator<Item = (usize, usize, Fold)> + '_ {
     let bytes = text.as_bytes();
     let mut at = from;
     std::iter::from_fn(move || {
-        at += bytes.get(at..)?.iter().position(|byte| !byte.is_ascii())?;
+        at += bytes
+            .get(at..)?
+            .iter()
+            .position(|&byte| !byte.is_ascii() || byte == b'%')?;
+        if bytes[at] == b'%' {
+            let found = match escaped_ascii(bytes, at) {
+                Some(byte) => (at, 3, Fold::Ascii(byte)),
+                None => (at, 1, Fold::Keep),
+            };
+            at += found.1;
+            return Some(found);
+        }
         let character = text.get(at..)?.chars().next()?;
-        let found = (at, character);
-        at += character.len_utf8();
+        let found = (at, character.len_utf8(), fold_with(character, letters));
+        at += found.1;
         Some(found)
     })
+}
+
+/// The printable ASCII character a `%XX` escape at `at` stands for, if it is one.
+fn escaped_ascii(bytes: &[u8], at: usize) -> Option<u8> {
+    let hex = |index: usize| char::from(*bytes.get(index)?).to_digit(16);
+    let value = hex(at + 1)? * 16 + hex(at + 2)?;
+    u8::try_from(value)
+        .ok()
+        .filter(|byte| (0x20..0x7F).contains(byte))
 }
 
 fn offset(at: usize) -> u32 {

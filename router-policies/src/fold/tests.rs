@@ -26,7 +26,7 @@ fn look_alikes_become_ascii_and_invisible_characters_go() {
 proptest! {
     #[test]
     fn every_folded_span_maps_to_original_text_that_folds_to_it(
-        text in "(a|4|é|€|\\u{a0}|\\u{200b}|\\u{2013}|\\u{ff14}|\\u{e0041}|\\u{1d7ce}|\\u{ad}| ){0,40}",
+        text in "(a|4|é|€|\\u{a0}|\\u{200b}|\\u{2013}|\\u{ff14}|\\u{e0041}|\\u{1d7ce}|\\u{ad}| |%|%4|%40|%2|%20|%0a|%7F|%C3){0,40}",
         cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 2),
     ) {
         let Some(folded) = Folded::of(&text) else {
@@ -43,6 +43,24 @@ proptest! {
         prop_assert!(text.is_char_boundary(span.start) && text.is_char_boundary(span.end));
         prop_assert_eq!(folded_text(&text[span]), &folded.text[start..end]);
     }
+}
+
+#[test]
+fn percent_escapes_of_printable_ascii_are_read_as_their_characters() {
+    let text = "mailto:jane.doe%40contoso.com?x=4111%201111 100% %2 %0A %7f %c3%a9";
+    let Some(folded) = Folded::of(text) else {
+        panic!("nothing folded in {text:?}");
+    };
+    // Control characters, bytes above ASCII and lone `%` stay as they are.
+    assert_eq!(
+        folded.text,
+        "mailto:jane.doe@contoso.com?x=4111 1111 100% %2 %0A %7f %c3%a9"
+    );
+    let at = folded.text.find('@').unwrap();
+    assert_eq!(&text[folded.original(&(at..at + 1))], "%40");
+    let span = folded.original(&(7..27));
+    assert_eq!(&text[span], "jane.doe%40contoso.com");
+    assert!(Folded::of("50% of users, 100%").is_none());
 }
 
 #[test]

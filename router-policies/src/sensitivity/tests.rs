@@ -564,6 +564,28 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
 }
 
 #[test]
+fn values_percent_escaped_in_pasted_urls_are_found_as_written() {
+    check(
+        "
+        open https://crm.contoso.com/find?email=jane.doe%40contoso.com&x=1
+        open https://pay.example/charge?card=4111%201111%201111%201111
+        open https://hr.example/lookup?ssn=536%2D22%2D1234
+        a 50% cut, 100%20 is not an escape of anything sensitive
+        ",
+        expect![[r#"
+            open https://crm.contoso.com/find?email=jane.doe%40contoso.com&x=1
+                email `jane.doe%40contoso.com` 0.9
+            open https://pay.example/charge?card=4111%201111%201111%201111
+                credit_card `4111%201111%201111%201111` 0.95
+            open https://hr.example/lookup?ssn=536%2D22%2D1234
+                us_ssn `536%2D22%2D1234` 0.85
+            a 50% cut, 100%20 is not an escape of anything sensitive
+                -
+        "#]],
+    );
+}
+
+#[test]
 fn look_alike_characters_are_read_as_the_ascii_they_stand_for() {
     check(
         "
