@@ -344,29 +344,68 @@ impl Recognizers {
     /// zero-width characters...) are read as the ASCII they stand for (`crate::fold`); spans are
     /// always the original text's. Dictionaries and patterns also see the text as sent, in
     /// case a term or an expression names such characters itself.
+    ///
+    /// A run of base64 that decodes to text is scanned as that text too (two levels deep:
+    /// base64 of base64), and what is found inside is reported on the whole run as written.
     pub fn scan(&self, text: &str) -> Vec<Finding> {
-        let Some(folded) = crate::fold::Folded::of(text) else {
-            let mut findings = Vec::new();
-            self.scan_into(text, &mut findings);
-            return resolve_overlaps(findings);
-        };
+        self.scan_at_depth(text, 0)
+    }
+
+    fn scan_at_depth(&self, text: &str, depth: u8) -> Vec<Finding> {
         let mut findings = Vec::new();
-        self.scan_into(&folded.text, &mut findings);
-        for finding in &mut findings {
-            finding.span = folded.original(&finding.span);
+        let mut encoded = Vec::new();
+        let folded = crate::fold::Folded::of(text);
+        let scanned = folded.as_ref().map_or(text, |folded| folded.text.as_str());
+        self.scan_into(scanned, &mut findings, &mut encoded);
+        if depth < ENCODED_DEPTH_MAX && !encoded.is_empty() {
+            // A run already inside a finding (a JWT's segments, a storage key) is reported.
+            let found: Vec<std::ops::Range<usize>> = findings
+                .iter()
+                .map(|finding| finding.span.clone())
+                .collect();
+            for run in encoded {
+                if found
+                    .iter()
+                    .any(|span| span.start < run.end && run.start < span.end)
+                {
+                    continue;
+                }
+                let Some(decoded) = scan::decoded_text(&scanned[run.clone()]) else {
+                    continue;
+                };
+                findings.extend(
+                    self.scan_at_depth(&decoded, depth + 1)
+                        .into_iter()
+                        .map(|inner| Finding {
+                            span: run.clone(),
+                            ..inner
+                        }),
+                );
+            }
         }
-        if let Some(dictionaries) = &self.dictionaries {
-            dictionaries.scan(text, &mut findings);
-        }
-        for pattern in &self.patterns {
-            pattern.scan(text, &mut findings);
+        if let Some(folded) = folded {
+            for finding in &mut findings {
+                finding.span = folded.original(&finding.span);
+            }
+            if let Some(dictionaries) = &self.dictionaries {
+                dictionaries.scan(text, &mut findings);
+            }
+            for pattern in &self.patterns {
+                pattern.scan(text, &mut findings);
+            }
         }
         resolve_overlaps(findings)
     }
 
-    /// Every recognizer's findings in `text`, unsorted and possibly overlapping.
-    fn scan_into(&self, text: &str, findings: &mut Vec<Finding>) {
-        findings.extend(scan::scan_builtin(text));
+    /// Every recognizer's findings in `text`, unsorted and possibly overlapping, and the runs
+    /// that may be base64 of a text.
+    fn scan_into(
+        &self,
+        text: &str,
+        findings: &mut Vec<Finding>,
+        encoded: &mut Vec<std::ops::Range<usize>>,
+    ) {
+        findings.extend(scan::scan_builtin(text, encoded));
         if self.disabled != 0 {
             findings.retain(|finding| {
                 finding
@@ -383,6 +422,9 @@ impl Recognizers {
         }
     }
 }
+
+/// How many layers of base64 the scan decodes.
+const ENCODED_DEPTH_MAX: u8 = 2;
 
 /// Keeps the best of overlapping findings and sorts the rest by start.
 fn resolve_overlaps(mut findings: Vec<Finding>) -> Vec<Finding> {

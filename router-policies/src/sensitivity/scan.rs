@@ -221,8 +221,12 @@ impl Scanner<'_> {
     }
 }
 
-/// Runs every built-in recognizer over `text`; findings may overlap and are unsorted.
-pub(super) fn scan_builtin(text: &str) -> Vec<Finding> {
+/// Runs of this many bytes or more may be base64 of a text (18 bytes or more of it).
+const ENCODED_BYTES_MIN: usize = 24;
+
+/// Runs every built-in recognizer over `text`; findings may overlap and are unsorted. Runs
+/// long enough to be base64 of a text are added to `encoded` for the caller to decode.
+pub(super) fn scan_builtin(text: &str, encoded: &mut Vec<Range<usize>>) -> Vec<Finding> {
     let bytes = text.as_bytes();
     let mut scanner = Scanner {
         bytes,
@@ -265,6 +269,9 @@ pub(super) fn scan_builtin(text: &str) -> Vec<Finding> {
         } else {
             word_end
         };
+        if end - start >= ENCODED_BYTES_MIN {
+            encoded.push(start..end);
+        }
         let resume = dispatch(&mut scanner, start, word_end, end);
         index = resume.map_or(end, |resume| resume.max(end));
     }
@@ -311,4 +318,67 @@ fn dispatch(scanner: &mut Scanner<'_>, start: usize, word_end: usize, end: usize
         return secrets::token(scanner, start, end);
     }
     None
+}
+
+/// The text `run` is base64 of (standard or URL-safe alphabet, padding optional), when it
+/// decodes to UTF-8 with no control characters but line breaks and tabs: a document a tool
+/// returned encoded, a value tucked into a data string. Anything else (keys, hashes, long
+/// identifiers) decodes to bytes that are not such text and gives `None`.
+pub(super) fn decoded_text(run: &str) -> Option<String> {
+    let symbols = run.trim_end_matches('=').as_bytes();
+    if symbols.len() % 4 == 1 {
+        return None;
+    }
+    // The first six bytes tell most keys and hashes from text without decoding them all.
+    let mut buffer = [0_u8; 6];
+    let decoded = decode_into(&symbols[..symbols.len().min(8)], &mut buffer)?;
+    let head = &buffer[..decoded];
+    match std::str::from_utf8(head) {
+        Ok(text) if text_like(text) => {}
+        Err(error) if error.error_len().is_none() && text_like(text_prefix(head, &error)) => {}
+        _ => return None,
+    }
+    let mut bytes = vec![0_u8; symbols.len() * 3 / 4];
+    let written = decode_into(symbols, &mut bytes)?;
+    bytes.truncate(written);
+    let text = String::from_utf8(bytes).ok()?;
+    text_like(&text).then_some(text)
+}
+
+/// The valid UTF-8 before a sequence that `head` cuts off.
+fn text_prefix<'b>(head: &'b [u8], error: &std::str::Utf8Error) -> &'b str {
+    std::str::from_utf8(&head[..error.valid_up_to()]).unwrap_or_default()
+}
+
+/// No control characters but line breaks and tabs.
+fn text_like(text: &str) -> bool {
+    text.chars()
+        .all(|character| !character.is_control() || matches!(character, '\n' | '\r' | '\t'))
+}
+
+/// Writes the bytes base64 `symbols` (no padding) stand for into `out` (at least
+/// `symbols.len() * 3 / 4` long) and returns how many; `None` for a symbol outside both
+/// alphabets.
+fn decode_into(symbols: &[u8], out: &mut [u8]) -> Option<usize> {
+    let mut written = 0;
+    let mut buffer = 0_u32;
+    let mut bits = 0;
+    for &symbol in symbols {
+        let value = match symbol {
+            b'A'..=b'Z' => symbol - b'A',
+            b'a'..=b'z' => symbol - b'a' + 26,
+            b'0'..=b'9' => symbol - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        buffer = (buffer << 6) | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            *out.get_mut(written)? = u8::try_from((buffer >> bits) & 0xFF).unwrap_or(0);
+            written += 1;
+        }
+    }
+    Some(written)
 }

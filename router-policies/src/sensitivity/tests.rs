@@ -564,6 +564,37 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
 }
 
 #[test]
+fn values_in_base64_text_are_found_on_the_encoded_run() {
+    check(
+        "
+        tool output eyJjYXJkIjogIjQxMTEgMTExMSAxMTExIDExMTEiLCAiZXhwIjogIjEyLzI5In0= done
+        csv bmFtZSxlbWFpbApKYW5lIERvZSxqYW5lLmRvZUBjb250b3NvLmNvbQo attached
+        twice VTFOT0lEVXpOaTB5TWkweE1qTTBJRzl1SUdacGJHVT0= encoded
+        luhn-invalid eyJjYXJkIjogIjQxMTEgMTExMSAxMTExIDExMTIifQ== inside
+        harmless anVzdCBzb21lIGhhcm1sZXNzIHRleHQgaGVyZSwgbm90aGluZyBlbHNl text
+        identifiers internationalization_and_localization_frameworks in code
+        a digest 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 is not text
+        ",
+        expect![[r#"
+            tool output eyJjYXJkIjogIjQxMTEgMTExMSAxMTExIDExMTEiLCAiZXhwIjogIjEyLzI5In0= done
+                credit_card `eyJjYXJkIjogIjQxMTEgMTExMSAxMTExIDExMTEiLCAiZXhwIjogIjEyLzI5In0=` 0.95
+            csv bmFtZSxlbWFpbApKYW5lIERvZSxqYW5lLmRvZUBjb250b3NvLmNvbQo attached
+                email `bmFtZSxlbWFpbApKYW5lIERvZSxqYW5lLmRvZUBjb250b3NvLmNvbQo` 0.9
+            twice VTFOT0lEVXpOaTB5TWkweE1qTTBJRzl1SUdacGJHVT0= encoded
+                us_ssn `VTFOT0lEVXpOaTB5TWkweE1qTTBJRzl1SUdacGJHVT0=` 0.85
+            luhn-invalid eyJjYXJkIjogIjQxMTEgMTExMSAxMTExIDExMTIifQ== inside
+                -
+            harmless anVzdCBzb21lIGhhcm1sZXNzIHRleHQgaGVyZSwgbm90aGluZyBlbHNl text
+                -
+            identifiers internationalization_and_localization_frameworks in code
+                -
+            a digest 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 is not text
+                -
+        "#]],
+    );
+}
+
+#[test]
 fn values_percent_escaped_in_pasted_urls_are_found_as_written() {
     check(
         "
