@@ -7,7 +7,9 @@
 //! caller who wants a value past the scan can write it in full-width digits, split it with
 //! zero-width spaces or hide it in Unicode tag characters, all of which a model still reads;
 //! a URL pasted into a prompt carries its query's values percent-escaped
-//! (`?email=jane.doe%40contoso.com`).
+//! (`?email=jane.doe%40contoso.com`), text copied from a page's source its HTML character
+//! references (`jane&#64;contoso.com`), and people write addresses as `jane [at] contoso
+//! [dot] com` to keep them from harvesters.
 //! [`Folded::of`] writes such text with those characters as the ASCII they stand for (or
 //! without them, where they are invisible) and keeps, for every byte it writes, where the
 //! character it came from lies in the original, so that findings are reported, redacted and
@@ -30,7 +32,7 @@ struct Edit {
     folded_at: u32,
     /// Its start in the original.
     original_at: u32,
-    /// Its length in the original: a character's UTF-8 length, or 3 for a `%XX` escape.
+    /// Its length in the original: a character's UTF-8 length, or an escape's length.
     original_bytes: u8,
     /// Bytes it became: 1 when folded, 0 when dropped.
     written: u8,
@@ -164,12 +166,9 @@ impl Folded {
     }
 
     fn build(text: &str, letters: bool) -> Option<Folded> {
-        // In ASCII text only escapes can fold: look at each `%` alone (most texts have none).
-        if u32::try_from(text.len()).is_err()
-            || (text.is_ascii()
-                && !memchr::memchr_iter(b'%', text.as_bytes())
-                    .any(|at| escaped_ascii(text.as_bytes(), at).is_some()))
-        {
+        // In ASCII text only escapes can fold: look at each byte that may start one alone
+        // (most texts have none).
+        if u32::try_from(text.len()).is_err() || (text.is_ascii() && !has_escape(text.as_bytes())) {
             return None;
         }
         let first = candidates(text, 0, letters)
@@ -235,9 +234,8 @@ impl Folded {
 }
 
 /// What may fold in `text` from byte `from` on, with offsets and original lengths: each
-/// character outside ASCII, and each `%` — with the two hex digits after it, a URL's escape
-/// of a printable ASCII character (`jane.doe%40contoso.com`, `4111%201111`), read as that
-/// character. Other ASCII bytes are skipped without decoding.
+/// character outside ASCII, and each ASCII escape ([`escape`]) read as the character it
+/// stands for. Other ASCII bytes are skipped without decoding.
 fn candidates(
     text: &str,
     from: usize,
@@ -246,16 +244,26 @@ fn candidates(
     let bytes = text.as_bytes();
     let mut at = from;
     std::iter::from_fn(move || {
+        let searched = at;
         at += bytes
             .get(at..)?
             .iter()
-            .position(|&byte| !byte.is_ascii() || byte == b'%')?;
-        if bytes[at] == b'%' {
-            let found = match escaped_ascii(bytes, at) {
-                Some(byte) => (at, 3, Fold::Ascii(byte)),
+            .position(|&byte| !byte.is_ascii() || ESCAPE_STARTS.contains(&byte))?;
+        if bytes[at].is_ascii() {
+            let found = match escape(bytes, at) {
+                // A bracketed `[at]` takes the space before it along (`jane [at] contoso`).
+                Some((length, byte)) if matches!(bytes[at], b'[' | b'(') => {
+                    let start = if at > searched && bytes[at - 1] == b' ' {
+                        at - 1
+                    } else {
+                        at
+                    };
+                    (start, at + length - start, Fold::Ascii(byte))
+                }
+                Some((length, byte)) => (at, length, Fold::Ascii(byte)),
                 None => (at, 1, Fold::Keep),
             };
-            at += found.1;
+            at = found.0 + found.1;
             return Some(found);
         }
         let character = text.get(at..)?.chars().next()?;
@@ -265,13 +273,85 @@ fn candidates(
     })
 }
 
-/// The printable ASCII character a `%XX` escape at `at` stands for, if it is one.
-fn escaped_ascii(bytes: &[u8], at: usize) -> Option<u8> {
-    let hex = |index: usize| char::from(*bytes.get(index)?).to_digit(16);
-    let value = hex(at + 1)? * 16 + hex(at + 2)?;
-    u8::try_from(value)
-        .ok()
-        .filter(|byte| (0x20..0x7F).contains(byte))
+/// Bytes that may start an ASCII escape.
+const ESCAPE_STARTS: [u8; 4] = [b'%', b'&', b'[', b'('];
+
+/// Whether ASCII `bytes` hold an escape anywhere.
+fn has_escape(bytes: &[u8]) -> bool {
+    memchr::memchr3_iter(b'%', b'&', b'[', bytes)
+        .chain(memchr::memchr_iter(b'(', bytes))
+        .any(|at| escape(bytes, at).is_some())
+}
+
+/// Named character references worth reading: what hides an address or a number.
+const ENTITIES: [(&[u8], u8); 8] = [
+    (b"&commat;", b'@'),
+    (b"&period;", b'.'),
+    (b"&amp;", b'&'),
+    (b"&nbsp;", b' '),
+    (b"&hyphen;", b'-'),
+    (b"&dash;", b'-'),
+    (b"&lowbar;", b'_'),
+    (b"&plus;", b'+'),
+];
+
+/// An ASCII escape of a printable ASCII character at `at`, its length and the character:
+/// a URL's `%40`; an HTML character reference (`&#64;`, `&#x40;`, `&commat;`), as text
+/// copied from a page's source carries it; or the bracketed `[at]`, `(at)`, `[dot]`,
+/// `(dot)` with which people write addresses to keep them from harvesters (with the one
+/// space after it; [`candidates`] takes the one before).
+fn escape(bytes: &[u8], at: usize) -> Option<(usize, u8)> {
+    let printable = |value: u32| {
+        u8::try_from(value)
+            .ok()
+            .filter(|byte| (0x20..0x7F).contains(byte))
+    };
+    match bytes[at] {
+        b'%' => {
+            let hex = |index: usize| char::from(*bytes.get(index)?).to_digit(16);
+            Some((3, printable(hex(at + 1)? * 16 + hex(at + 2)?)?))
+        }
+        b'&' if bytes.get(at + 1) == Some(&b'#') => {
+            let (radix, digits_at) = match bytes.get(at + 2) {
+                Some(b'x' | b'X') => (16, at + 3),
+                _ => (10, at + 2),
+            };
+            let digits = bytes
+                .get(digits_at..)?
+                .iter()
+                .take(5)
+                .take_while(|byte| char::from(**byte).is_digit(radix))
+                .count();
+            if digits == 0 || bytes.get(digits_at + digits) != Some(&b';') {
+                return None;
+            }
+            let text = std::str::from_utf8(&bytes[digits_at..digits_at + digits]).ok()?;
+            let value = u32::from_str_radix(text, radix).ok()?;
+            Some((digits_at + digits + 1 - at, printable(value)?))
+        }
+        b'&' => ENTITIES
+            .iter()
+            .find(|(name, _)| bytes[at..].starts_with(name))
+            .map(|(name, byte)| (name.len(), *byte)),
+        open @ (b'[' | b'(') => {
+            let close = if open == b'[' { b']' } else { b')' };
+            // The bracketed word's length with its brackets, if `word` is there.
+            let word = |word: &[u8]| -> Option<usize> {
+                let inside = bytes.get(at + 1..at + 1 + word.len())?;
+                (inside.eq_ignore_ascii_case(word)
+                    && bytes.get(at + 1 + word.len()) == Some(&close))
+                .then_some(word.len() + 2)
+            };
+            let (length, byte) = if let Some(length) = word(b"at") {
+                (length, b'@')
+            } else {
+                (word(b"dot")?, b'.')
+            };
+            let space = usize::from(bytes.get(at + length) == Some(&b' '));
+            Some((length + space, byte))
+        }
+        _ => None,
+    }
 }
 
 fn offset(at: usize) -> u32 {

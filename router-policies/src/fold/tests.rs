@@ -26,7 +26,7 @@ fn look_alikes_become_ascii_and_invisible_characters_go() {
 proptest! {
     #[test]
     fn every_folded_span_maps_to_original_text_that_folds_to_it(
-        text in "(a|4|é|€|\\u{a0}|\\u{200b}|\\u{2013}|\\u{ff14}|\\u{e0041}|\\u{1d7ce}|\\u{ad}| |%|%4|%40|%2|%20|%0a|%7F|%C3){0,40}",
+        text in "(a|4|é|€|\\u{a0}|\\u{200b}|\\u{2013}|\\u{ff14}|\\u{e0041}|\\u{1d7ce}|\\u{ad}| |%|%4|%40|%2|%20|%0a|%7F|%C3|&|&#64;|&#x2e;|&#9;|&commat;|&amp|\\[at\\]|\\(dot\\)|\\[|\\(|AT\\]){0,40}",
         cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 2),
     ) {
         let Some(folded) = Folded::of(&text) else {
@@ -61,6 +61,25 @@ fn percent_escapes_of_printable_ascii_are_read_as_their_characters() {
     let span = folded.original(&(7..27));
     assert_eq!(&text[span], "jane.doe%40contoso.com");
     assert!(Folded::of("50% of users, 100%").is_none());
+}
+
+#[test]
+fn html_references_and_bracketed_words_are_read_as_their_characters() {
+    let text = "jane&#64;contoso&#x2E;com, j&commat;c&period;io, AT&T &amp; co, &#9; &#1234; \
+                bob [at] example [dot] org, eve(AT)x(dot)com, f(at) [x]";
+    let Some(folded) = Folded::of(text) else {
+        panic!("nothing folded in {text:?}");
+    };
+    assert_eq!(
+        folded.text,
+        "jane@contoso.com, j@c.io, AT&T & co, &#9; &#1234; bob@example.org, eve@x.com, f@[x]"
+    );
+    let at = folded.text.find("bob@").unwrap();
+    assert_eq!(
+        &text[folded.original(&(at..at + "bob@example.org".len()))],
+        "bob [at] example [dot] org"
+    );
+    assert!(Folded::of("f(x) = [a, b] & {c}; 100% (at most)").is_none());
 }
 
 #[test]

@@ -595,13 +595,17 @@ fn values_in_base64_text_are_found_on_the_encoded_run() {
 }
 
 #[test]
-fn values_percent_escaped_in_pasted_urls_are_found_as_written() {
+fn values_escaped_in_links_page_sources_and_brackets_are_found_as_written() {
     check(
         "
         open https://crm.contoso.com/find?email=jane.doe%40contoso.com&x=1
         open https://pay.example/charge?card=4111%201111%201111%201111
         open https://hr.example/lookup?ssn=536%2D22%2D1234
         a 50% cut, 100%20 is not an escape of anything sensitive
+        page source: mail jane.doe&#64;contoso.com or call
+        signature: John Smith, john.smith [at] contoso [dot] com
+        spam-safe: j.smith(at)contoso.co.uk
+        code: if (at) { x[at] = dot(a, b); }
         ",
         expect![[r#"
             open https://crm.contoso.com/find?email=jane.doe%40contoso.com&x=1
@@ -611,6 +615,14 @@ fn values_percent_escaped_in_pasted_urls_are_found_as_written() {
             open https://hr.example/lookup?ssn=536%2D22%2D1234
                 us_ssn `536%2D22%2D1234` 0.85
             a 50% cut, 100%20 is not an escape of anything sensitive
+                -
+            page source: mail jane.doe&#64;contoso.com or call
+                email `jane.doe&#64;contoso.com` 0.9
+            signature: John Smith, john.smith [at] contoso [dot] com
+                email `john.smith [at] contoso [dot] com` 0.9
+            spam-safe: j.smith(at)contoso.co.uk
+                email `j.smith(at)contoso.co.uk` 0.9
+            code: if (at) { x[at] = dot(a, b); }
                 -
         "#]],
     );
