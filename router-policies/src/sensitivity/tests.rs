@@ -858,6 +858,11 @@ fn arbitrary_text() -> impl Strategy<Value = String> {
         "[0-9a-fA-FXYZ@.:=+ \\-/;&()'\"_eyJ\n]{0,120}",
         "(4111|DE89|AKIA|eyJ|-----BEGIN |password=|sv=|::|\\+44|[0-9]{1,5}| |-|\\.|@|é|€|:)*",
         "(4111|DE89|[0-9]{1,5}|\u{a0}|\u{200b}|\u{2013}|\u{ff14}|\u{ff20}|\u{e0041}|\u{1d7ce}|a|@|\\.| )*",
+        // Escapes, and base64 of text with values in it, cut and joined anywhere.
+        "(%40|%20|%4|&#64;|&#x2e;|&commat;|&|\\[at\\]|\\(dot\\)| \\[|jane|\\.com|4111|é|\
+          eyJjYXJkIjogIjQxMTEgMTExMSAxMTExIDExMTEiLCAiZXhwIjogIjEyLzI5In0=|\
+          bmFtZSxlbWFpbApKYW5lIERvZSxqYW5lLmRvZUBjb250b3NvLmNvbQo|\
+          VTFOT0lEVXpOaTB5TWkweE1qTTBJRzl1SUdacGJHVT0=|[A-Za-z0-9+/]{1,30}|=|==)*",
     ]
 }
 
