@@ -525,7 +525,7 @@ fn plan_summary(config: &Config) -> Vec<String> {
     let responses = &config.responses;
     if responses.store {
         lines.push(format!(
-            "stored responses: on, {} h, up to {} MiB ({}) in {}",
+            "stored responses: on, {} h, up to {} MiB ({}; {}) in {}",
             responses.retention.as_secs() / 3_600,
             responses.bytes_max >> 20,
             if responses.keep_sensitive {
@@ -533,6 +533,10 @@ fn plan_summary(config: &Config) -> Vec<String> {
             } else {
                 "sensitive conversations not kept"
             },
+            responses.encryption_key.as_ref().map_or_else(
+                || "kept as JSON, unencrypted".to_owned(),
+                |key| format!("sealed with AES-256-GCM key {}", key.id())
+            ),
             config
                 .server
                 .state_dir

@@ -28,7 +28,7 @@ mod upstreams;
 mod waf;
 pub use audit::AuditSettings;
 pub use cors::CorsConfig;
-pub use responses::ResponsesConfig;
+pub use responses::{ResponsesConfig, StoreKey};
 pub use rules::PolicyConfig;
 pub use telemetry::{OtlpSettings, TelemetrySettings};
 pub use upstreams::{

@@ -13,6 +13,11 @@
 //! Writes reach the disk with the store's periodic flush (`FLUSH_EVERY_MS`), not before the
 //! answer's last bytes: a crash can forget the responses of the last moments, whose clients
 //! then get "not found" when they continue and can send the whole conversation instead.
+//!
+//! With `responses.encryption_key_file` (or `_env`) every record is sealed (AES-256-GCM, a
+//! random nonce, the id as associated data: `0xE1`, the key's id, the nonce, ciphertext and
+//! tag); records an earlier run kept as JSON are sealed when the store opens, and a store
+//! holding records sealed with another key (or none given) refuses to open.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -108,6 +113,99 @@ pub enum StoreError {
     Transaction(String),
     #[error("the response is {bytes} bytes, over responses.record_bytes_max ({limit})")]
     TooLarge { bytes: u64, limit: u64 },
+    /// The store holds responses sealed with a key this configuration does not give.
+    #[error(
+        "the response store holds {count} responses sealed with key {key_id}, and {given}: \
+         set responses.encryption_key_file (or _env) to that key, or remove the store to \
+         start empty"
+    )]
+    KeyMismatch {
+        count: usize,
+        key_id: String,
+        given: String,
+    },
+    #[error("the sealed record of {id} does not open with key {key_id} (altered or corrupt)")]
+    Unsealable { id: String, key_id: String },
+}
+
+/// The first byte of a sealed record; a JSON record starts with `{`.
+const SEALED: u8 = 0xE1;
+/// What a sealed record holds before its ciphertext: the marker, the key id (4 bytes) and
+/// the nonce.
+const SEALED_HEADER_BYTES: usize = 1 + 4 + ring::aead::NONCE_LEN;
+
+/// The key records are sealed with (AES-256-GCM, a random nonce per record, the record's id
+/// as associated data: a sealed record moved under another id does not open).
+struct Sealer {
+    key: ring::aead::LessSafeKey,
+    id: [u8; 4],
+    id_hex: String,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer")
+            .field("key_id", &self.id_hex)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    fn new(key: &crate::config::StoreKey) -> Sealer {
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key.bytes())
+            .unwrap_or_else(|_| unreachable!("AES-256-GCM takes any 32-byte key"));
+        let mut id = [0_u8; 4];
+        hex::decode_to_slice(key.id(), &mut id).unwrap_or_default();
+        Sealer {
+            key: ring::aead::LessSafeKey::new(unbound),
+            id,
+            id_hex: key.id().to_owned(),
+        }
+    }
+
+    fn seal(&self, id: &str, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut nonce = [0_u8; ring::aead::NONCE_LEN];
+        getrandom::fill(&mut nonce).map_err(|error| {
+            StoreError::Transaction(format!("no randomness for a nonce: {error}"))
+        })?;
+        let mut sealed = Vec::with_capacity(SEALED_HEADER_BYTES + plain.len() + 16);
+        sealed.push(SEALED);
+        sealed.extend_from_slice(&self.id);
+        sealed.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(id.as_bytes()),
+                &mut body,
+            )
+            .map_err(|_| StoreError::Transaction("sealing the record failed".to_owned()))?;
+        sealed.extend_from_slice(&body);
+        Ok(sealed)
+    }
+
+    fn open(&self, id: &str, sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let unsealable = || StoreError::Unsealable {
+            id: id.to_owned(),
+            key_id: self.id_hex.clone(),
+        };
+        if sealed.len() < SEALED_HEADER_BYTES || sealed[1..5] != self.id {
+            return Err(unsealable());
+        }
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(&sealed[5..SEALED_HEADER_BYTES])
+            .map_err(|_| unsealable())?;
+        let mut body = sealed[SEALED_HEADER_BYTES..].to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, ring::aead::Aad::from(id.as_bytes()), &mut body)
+            .map_err(|_| unsealable())?;
+        Ok(plain.to_vec())
+    }
+}
+
+/// The key id of a sealed record, in hex.
+fn sealed_key_id(value: &[u8]) -> Option<String> {
+    (value.first() == Some(&SEALED) && value.len() >= 5).then(|| hex::encode(&value[1..5]))
 }
 
 /// The store.
@@ -119,6 +217,8 @@ pub struct ResponseStore {
     retention: Duration,
     bytes_max: u64,
     record_bytes_max: u64,
+    /// Seals records at rest, when a key is configured.
+    sealer: Option<Sealer>,
     /// The records held, counted as they come and go (sled counts a tree by scanning it);
     /// writers take it to insert and evict in turn.
     held: Mutex<Held>,
@@ -147,6 +247,28 @@ impl ResponseStore {
             .open()?;
         let records = db.open_tree(RECORDS_TREE)?;
         let ages = db.open_tree(AGES_TREE)?;
+        let sealer = config.encryption_key.as_ref().map(Sealer::new);
+        // Records sealed with a key not given here cannot be read: say so now, not as a
+        // failure of every later read.
+        let mut foreign: Option<(String, usize)> = None;
+        for entry in records.iter() {
+            let (_, value) = entry?;
+            if let Some(key_id) = sealed_key_id(&value)
+                && sealer.as_ref().is_none_or(|sealer| sealer.id_hex != key_id)
+            {
+                foreign.get_or_insert((key_id, 0)).1 += 1;
+            }
+        }
+        if let Some((key_id, count)) = foreign {
+            return Err(StoreError::KeyMismatch {
+                count,
+                key_id,
+                given: sealer.as_ref().map_or_else(
+                    || "no key is set".to_owned(),
+                    |sealer| format!("the key given is {}", sealer.id_hex),
+                ),
+            });
+        }
         let mut held = Held::default();
         for entry in ages.iter() {
             let (_, size) = entry?;
@@ -160,11 +282,35 @@ impl ResponseStore {
             retention: config.retention,
             bytes_max: config.bytes_max,
             record_bytes_max: config.record_bytes_max,
+            sealer,
             held: Mutex::new(held),
         };
+        store.seal_plain_records()?;
         // A lower bound than the last run's applies at once.
         store.evict_over_bound()?;
         Ok(store)
+    }
+
+    /// With a key, seals the records an earlier run kept as JSON, so that turning the key
+    /// on leaves no response in the clear. Their sizes stay as counted (the seal's few
+    /// bytes are not bounded twice).
+    fn seal_plain_records(&self) -> Result<(), StoreError> {
+        let Some(sealer) = &self.sealer else {
+            return Ok(());
+        };
+        for entry in self.records.iter() {
+            let (id, value) = entry?;
+            if value.first() == Some(&SEALED) {
+                continue;
+            }
+            let id_text = String::from_utf8_lossy(&id).into_owned();
+            let sealed = sealer.seal(&id_text, &value)?;
+            self.records
+                .compare_and_swap(&id, Some(value), Some(sealed))?
+                .ok();
+        }
+        self.db.flush()?;
+        Ok(())
     }
 
     /// How many responses and bytes the store holds.
@@ -195,6 +341,10 @@ impl ResponseStore {
                 "the id {id} is taken by another caller's response"
             )));
         }
+        let value = match &self.sealer {
+            Some(sealer) => sealer.seal(id, &value)?,
+            None => value,
+        };
         let age = age_key(record.created_unix_ms, id);
         let old_age = previous
             .as_ref()
@@ -296,8 +446,22 @@ impl ResponseStore {
         let Some(value) = self.records.get(id.as_bytes())? else {
             return Ok(None);
         };
-        serde_json::from_slice(&value)
-            .map(|record| Some((value.len() as u64, record)))
+        let opened;
+        let plain = match (&self.sealer, value.first()) {
+            (Some(sealer), Some(&SEALED)) => {
+                opened = sealer.open(id, &value)?;
+                opened.as_slice()
+            }
+            (None, Some(&SEALED)) => {
+                return Err(StoreError::Unsealable {
+                    id: id.to_owned(),
+                    key_id: sealed_key_id(&value).unwrap_or_default(),
+                });
+            }
+            _ => &value[..],
+        };
+        serde_json::from_slice(plain)
+            .map(|record| Some((plain.len() as u64, record)))
             .map_err(|error| StoreError::Transaction(format!("the record of {id}: {error}")))
     }
 

@@ -170,6 +170,7 @@ fn open_responses(
         responses = count,
         bytes,
         retention_hours = settings.retention.as_secs() / 3_600,
+        sealed_with_key = settings.encryption_key.as_ref().map_or("none (JSON in the clear)", |key| key.id()),
         "stored responses on: the Responses API keeps prompt and completion text at rest"
     );
     Ok(Some(Arc::new(store)))

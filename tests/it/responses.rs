@@ -5,6 +5,8 @@
 //! in a function's output keeps it local (and `explain` of the same body says so), an e-mail
 //! address is redacted on its way to the cloud and restored in the streamed answer.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use tests::{API_KEY, Gateway, GatewayOptions, Upstream, serial};
 
@@ -383,10 +385,15 @@ async fn stored(method: reqwest::Method, gateway: &Gateway, path: &str, key: &st
 fn what_the_scan_cannot_read_is_not_kept_at_rest_unless_allowed() {
     let _serial = serial();
     let upstream = Upstream::start(options()).unwrap();
+    // The store seals what it keeps: no prompt text in its files.
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("responses.key");
+    std::fs::write(&key_file, "5a".repeat(32)).unwrap();
     let gateway = Gateway::start(&GatewayOptions {
         extra: format!(
-            "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"served-70b\" }}\n[[upstreams.aks.backends]]\nurl = \"{}\"\n[upstreams.aks.health]\nenabled = false\n[responses]\nstore = true\n",
-            upstream.base_url()
+            "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"served-70b\" }}\n[[upstreams.aks.backends]]\nurl = \"{}\"\n[upstreams.aks.health]\nenabled = false\n[responses]\nstore = true\nencryption_key_file = \"{}\"\n",
+            upstream.base_url(),
+            key_file.display()
         ),
         ..GatewayOptions::default()
     });
@@ -408,10 +415,24 @@ fn what_the_scan_cannot_read_is_not_kept_at_rest_unless_allowed() {
                 (answer["store"].clone(), status)
             }
         };
-        // Text the scan read and found clean is kept.
+        // Text the scan read and found clean is kept, and read back; on disk it is sealed.
         assert_eq!(
-            ask(json!("Describe the weather.")).await,
+            ask(json!("Describe the weather, marker-7203.")).await,
             (json!(true), 200)
+        );
+        let store = gateway.dir.path().join("state/responses-store");
+        let in_files = |needle: &[u8]| {
+            walk(&store).iter().any(|file| {
+                std::fs::read(file)
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|window| window == needle))
+            })
+        };
+        assert!(tests::eventually(Duration::from_secs(10), || in_files(
+            b"resp_"
+        )));
+        assert!(
+            !in_files(b"marker-7203"),
+            "the prompt is in the store's files"
         );
         // A picture (a scanned passport?) is answered but not kept: with
         // `keep_sensitive` off, the store holds only what the scan could read.
@@ -421,6 +442,20 @@ fn what_the_scan_cannot_read_is_not_kept_at_rest_unless_allowed() {
         ]);
         assert_eq!(ask(picture).await, (json!(false), 404));
     });
+}
+
+/// The files under `dir`, at any depth.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
 
 /// GETs a stored-response endpoint as the test key's owner.

@@ -23,6 +23,8 @@ pub struct ResponsesConfig {
     /// or content it cannot read (attachments). Off: such answers say `"store": false` and
     /// nothing of them is written.
     pub keep_sensitive: bool,
+    /// Seal every kept response with this key (AES-256-GCM); `None` keeps them as JSON.
+    pub encryption_key: Option<StoreKey>,
 }
 
 impl Default for ResponsesConfig {
@@ -33,7 +35,59 @@ impl Default for ResponsesConfig {
             bytes_max: DEFAULT_BYTES_MAX,
             record_bytes_max: DEFAULT_RECORD_BYTES_MAX,
             keep_sensitive: false,
+            encryption_key: None,
         }
+    }
+}
+
+/// A 256-bit key for the response store, read from a file or the environment. Its `Debug`
+/// shows only its id (the first four bytes of its SHA-256, in hex), never the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreKey {
+    bytes: [u8; 32],
+    id: String,
+}
+
+impl StoreKey {
+    /// A key written as 64 hexadecimal digits or as standard base64 of 32 bytes (line
+    /// breaks and spaces around it ignored).
+    pub fn parse(text: &str) -> Result<StoreKey, String> {
+        use base64::Engine as _;
+        let text = text.trim();
+        let bytes = if text.len() == 64 && text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            hex::decode(text).map_err(|error| error.to_string())?
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|_| {
+                    "must be 32 bytes written as 64 hexadecimal digits or in base64 (e.g. the \
+                     output of `openssl rand -hex 32`)"
+                        .to_owned()
+                })?
+        };
+        let bytes: [u8; 32] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+            format!("must be 32 bytes (256 bits), not {} bytes", bytes.len())
+        })?;
+        use sha2::Digest as _;
+        let id = hex::encode(&sha2::Sha256::digest(bytes)[..4]);
+        Ok(StoreKey { bytes, id })
+    }
+
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+
+    /// Names the key in logs and records without revealing it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,6 +105,8 @@ pub(super) struct RawResponses {
     bytes_max: u64,
     record_bytes_max: u64,
     keep_sensitive: bool,
+    encryption_key_file: Option<std::path::PathBuf>,
+    encryption_key_env: Option<String>,
 }
 
 impl Default for RawResponses {
@@ -61,6 +117,8 @@ impl Default for RawResponses {
             bytes_max: DEFAULT_BYTES_MAX,
             record_bytes_max: DEFAULT_RECORD_BYTES_MAX,
             keep_sensitive: false,
+            encryption_key_file: None,
+            encryption_key_env: None,
         }
     }
 }
@@ -91,12 +149,60 @@ impl Validator<'_> {
                 ),
             );
         }
+        let encryption_key = match (raw.encryption_key_file, raw.encryption_key_env) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    "responses",
+                    "set at most one of encryption_key_file or encryption_key_env",
+                );
+                None
+            }
+            (Some(file), None) => {
+                let file = self.resolve(&file);
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => StoreKey::parse(&text)
+                        .map_err(|problem| {
+                            self.error(
+                                "responses.encryption_key_file",
+                                format!("{}: {problem}", file.display()),
+                            );
+                        })
+                        .ok(),
+                    Err(error) => {
+                        self.error(
+                            "responses.encryption_key_file",
+                            format!("cannot read {}: {error}", file.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, Some(variable)) => match self.environment.var(&variable) {
+                Some(text) => StoreKey::parse(&text)
+                    .map_err(|problem| {
+                        self.error(
+                            "responses.encryption_key_env",
+                            format!("environment variable {variable}: {problem}"),
+                        );
+                    })
+                    .ok(),
+                None => {
+                    self.error(
+                        "responses.encryption_key_env",
+                        format!("environment variable {variable} is not set"),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        };
         ResponsesConfig {
             store: raw.store,
             retention: Duration::from_secs(u64::from(raw.retention_hours) * 3_600),
             bytes_max: raw.bytes_max,
             record_bytes_max: raw.record_bytes_max,
             keep_sensitive: raw.keep_sensitive,
+            encryption_key,
         }
     }
 }

@@ -755,3 +755,59 @@ fn cors_origins_are_exact_and_validated_with_every_error_at_once() {
         ]
     );
 }
+
+#[test]
+fn the_response_store_key_is_read_and_checked_without_being_shown() {
+    let (dir, source) = fixture();
+    let key_file = dir.path().join("responses.key");
+    if let Err(error) = std::fs::write(&key_file, format!("{}\n", "1f".repeat(32))) {
+        panic!("writing the key: {error}");
+    }
+    let with_file =
+        format!("{VALID}\n[responses]\nstore = true\nencryption_key_file = \"responses.key\"\n");
+    let config = match parse(&with_file, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    let key = config
+        .responses
+        .encryption_key
+        .as_ref()
+        .map(|key| format!("{key:?}"));
+    assert!(
+        key.as_ref().is_some_and(|key| !key.contains("1f1f")),
+        "{key:?}"
+    );
+    let short = dir.path().join("short.key");
+    if let Err(error) = std::fs::write(&short, "0123abcd") {
+        panic!("writing the key: {error}");
+    }
+    let text = format!(
+        "{VALID}\n[responses]\nencryption_key_file = \"short.key\"\nencryption_key_env = \"ISTHMUS_TEST_KEY\"\n"
+    );
+    assert_eq!(
+        errors_of(&text, &source),
+        ["responses: set at most one of encryption_key_file or encryption_key_env"]
+    );
+    let text = format!("{VALID}\n[responses]\nencryption_key_file = \"short.key\"\n");
+    let errors = errors_of(&text, &source);
+    assert!(
+        errors.len() == 1
+            && errors[0].starts_with("responses.encryption_key_file: ")
+            && errors[0].ends_with("must be 32 bytes (256 bits), not 6 bytes"),
+        "{errors:?}"
+    );
+    for (setting, expected) in [
+        (
+            "encryption_key_env = \"ISTHMUS_TEST_KEY\"",
+            "responses.encryption_key_env: environment variable ISTHMUS_TEST_KEY: must be 32 bytes written as 64 hexadecimal digits or in base64 (e.g. the output of `openssl rand -hex 32`)",
+        ),
+        (
+            "encryption_key_env = \"NOT_SET\"",
+            "responses.encryption_key_env: environment variable NOT_SET is not set",
+        ),
+    ] {
+        let text = format!("{VALID}\n[responses]\n{setting}\n");
+        assert_eq!(errors_of(&text, &source), [expected]);
+    }
+}

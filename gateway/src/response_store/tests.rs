@@ -12,6 +12,7 @@ fn config(bytes_max: u64) -> ResponsesConfig {
         bytes_max,
         record_bytes_max: bytes_max,
         keep_sensitive: false,
+        encryption_key: None,
     }
 }
 
@@ -161,4 +162,161 @@ fn a_record_over_its_limit_is_refused() -> Result<(), StoreError> {
     )?;
     assert_eq!(store.usage().0, 1);
     Ok(())
+}
+
+fn key(hex_digit: char) -> crate::config::StoreKey {
+    match crate::config::StoreKey::parse(&hex_digit.to_string().repeat(64)) {
+        Ok(key) => key,
+        Err(problem) => panic!("{problem}"),
+    }
+}
+
+fn sealed(
+    dir: &std::path::Path,
+    key: Option<crate::config::StoreKey>,
+) -> Result<ResponseStore, StoreError> {
+    ResponseStore::open(
+        dir,
+        &ResponsesConfig {
+            encryption_key: key,
+            ..config(1 << 20)
+        },
+    )
+}
+
+/// Whether any file under `dir` holds `needle`.
+fn on_disk(dir: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                on_disk(&path, needle)
+            } else {
+                std::fs::read(&path)
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|window| window == needle))
+            }
+        })
+}
+
+#[test]
+fn with_a_key_responses_are_sealed_at_rest_and_read_back() -> Result<(), StoreError> {
+    let dir = tempfile::tempdir().map_err(sled::Error::from)?;
+    let secret = b"prompt-marker-8841";
+    {
+        let store = sealed(dir.path(), Some(key('a')))?;
+        store.put("resp_1", &record("o", "resp_1", "prompt-marker-8841"))?;
+        assert_eq!(
+            store
+                .get("resp_1", "o")?
+                .map(|kept| kept.input_items[0]["content"].clone()),
+            Some(json!("prompt-marker-8841"))
+        );
+        store.flush()?;
+    }
+    assert!(
+        !on_disk(dir.path(), secret),
+        "the prompt is on disk in the clear"
+    );
+    // The same key reads it after a restart; another key, or none, is refused at open,
+    // naming the key the records were sealed with.
+    assert!(
+        sealed(dir.path(), Some(key('a')))?
+            .get("resp_1", "o")?
+            .is_some()
+    );
+    for (other, given) in [
+        (Some(key('b')), "the key given is"),
+        (None, "no key is set"),
+    ] {
+        match sealed(dir.path(), other) {
+            Err(error @ StoreError::KeyMismatch { count: 1, .. }) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains(key('a').id()) && text.contains(given),
+                    "{text}"
+                );
+            }
+            other => panic!("expected KeyMismatch, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn turning_a_key_on_seals_what_was_kept_in_the_clear() -> Result<(), StoreError> {
+    let dir = tempfile::tempdir().map_err(sled::Error::from)?;
+    {
+        let store = sealed(dir.path(), None)?;
+        store.put("resp_1", &record("o", "resp_1", "plain-marker-5512"))?;
+        store.flush()?;
+    }
+    assert!(on_disk(dir.path(), b"plain-marker-5512"));
+    let store = sealed(dir.path(), Some(key('c')))?;
+    assert!(store.get("resp_1", "o")?.is_some());
+    assert_eq!(store.usage().0, 1);
+    drop(store);
+    // sled keeps superseded pages until it compacts its log: the record's live copy is
+    // sealed, which a store opened without the key sees.
+    assert!(matches!(
+        sealed(dir.path(), None),
+        Err(StoreError::KeyMismatch { count: 1, .. })
+    ));
+    Ok(())
+}
+
+#[test]
+fn a_sealed_record_opens_only_under_its_own_id_and_unaltered() {
+    let sealer = super::Sealer::new(&key('d'));
+    let sealed = match sealer.seal("resp_1", b"{\"a\":1}") {
+        Ok(sealed) => sealed,
+        Err(error) => panic!("{error}"),
+    };
+    assert!(
+        sealer
+            .open("resp_1", &sealed)
+            .is_ok_and(|plain| plain == b"{\"a\":1}")
+    );
+    assert!(
+        sealer.open("resp_2", &sealed).is_err(),
+        "moved to another id"
+    );
+    let mut altered = sealed.clone();
+    *altered.last_mut().unwrap_or(&mut 0) ^= 1;
+    assert!(sealer.open("resp_1", &altered).is_err(), "altered");
+    assert!(
+        super::Sealer::new(&key('e'))
+            .open("resp_1", &sealed)
+            .is_err(),
+        "another key"
+    );
+    // Two seals of the same record differ (a fresh nonce each time).
+    assert!(
+        sealer
+            .seal("resp_1", b"{\"a\":1}")
+            .is_ok_and(|again| again != sealed)
+    );
+}
+
+#[test]
+fn keys_are_64_hex_digits_or_base64_of_32_bytes() {
+    use crate::config::StoreKey;
+    assert!(StoreKey::parse(&"0f".repeat(32)).is_ok());
+    assert!(StoreKey::parse("  AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").is_ok());
+    for (text, problem) in [
+        (
+            "0f0f!",
+            "must be 32 bytes written as 64 hexadecimal digits or in base64",
+        ),
+        ("AAAA", "must be 32 bytes (256 bits), not 3 bytes"),
+    ] {
+        assert!(
+            StoreKey::parse(text).is_err_and(|error| error.contains(problem)),
+            "{text}"
+        );
+    }
+    let key = key('a');
+    assert!(!format!("{key:?}").contains("aaaa"), "{key:?}");
 }
