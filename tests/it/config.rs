@@ -94,7 +94,7 @@ fn the_plan_names_callers_stored_responses_browsers_proxies_and_reloads() {
         "  callers: 2 API keys (1 with rate limits or a daily budget, 1 read from files)"
             .to_owned(),
         format!(
-            "  stored responses: on, 24 h, up to 256 MiB (sensitive conversations not kept) in {}",
+            "  stored responses: on, 24 h, up to 256 MiB (sensitive conversations not kept; kept as JSON, unencrypted) in {}",
             dir.path().join("state/responses-store").display()
         ),
         "  browsers: pages of https://chat.contoso.com may call the gateway (cors); other origins get 403"
