@@ -359,7 +359,7 @@ fn text_like(text: &str) -> bool {
 /// Writes the bytes base64 `symbols` (no padding) stand for into `out` (at least
 /// `symbols.len() * 3 / 4` long) and returns how many; `None` for a symbol outside both
 /// alphabets.
-fn decode_into(symbols: &[u8], out: &mut [u8]) -> Option<usize> {
+pub(super) fn decode_into(symbols: &[u8], out: &mut [u8]) -> Option<usize> {
     let mut written = 0;
     let mut buffer = 0_u32;
     let mut bits = 0;

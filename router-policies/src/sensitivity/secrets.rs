@@ -243,39 +243,16 @@ pub(super) fn jwt(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
     if is_alphanumeric(byte_at(bytes, end)) || byte_at(bytes, end) == b'.' {
         return None;
     }
-    let mut header = [0_u8; JWT_HEADER_BYTES_MAX];
-    let header = decode_base64url(&bytes[start..header_end], &mut header)?;
+    // The run holds base64url bytes only, so the decoder's other alphabet never applies.
+    let mut decoded = [0_u8; JWT_HEADER_BYTES_MAX];
+    let length = super::scan::decode_into(&bytes[start..header_end], &mut decoded)?;
+    let header = &decoded[..length];
     let trimmed = header.trim_ascii_start();
     if !trimmed.starts_with(b"{") || !header.windows(5).any(|window| window == b"\"alg\"") {
         return None;
     }
     scanner.push(EntityType::Jwt, start, end, JWT_CONFIDENCE);
     Some(end)
-}
-
-/// Decodes unpadded base64url into `output`, returning the decoded bytes.
-fn decode_base64url<'o>(input: &[u8], output: &'o mut [u8]) -> Option<&'o [u8]> {
-    let mut length = 0;
-    let mut buffer = 0_u32;
-    let mut bits = 0;
-    for &byte in input {
-        let value = match byte {
-            b'A'..=b'Z' => byte - b'A',
-            b'a'..=b'z' => byte - b'a' + 26,
-            b'0'..=b'9' => byte - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        };
-        buffer = (buffer << 6) | u32::from(value);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            *output.get_mut(length)? = (buffer >> bits) as u8;
-            length += 1;
-        }
-    }
-    Some(&output[..length])
 }
 
 /// A key at `start..key_end` followed by `=` or `:` (or `"key":`): a connection string, a
