@@ -340,17 +340,8 @@ fn completions_models_and_the_azure_form_are_served() {
 /// Legacy completions with several prompts (choices prompt-major, each prompt billed once,
 /// whole or streamed) and with token ids (used as given), on a gateway of two sequences.
 async fn several_prompts_and_token_ids(gateway: &Gateway) {
-    let complete = |body: Value| async move {
-        let response = client()
-            .post(gateway.url("/v1/completions"))
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.text().await.unwrap())
-    };
+    let complete =
+        |body: Value| async move { crate::post_text(gateway, "/v1/completions", &body).await };
     // Continuations the model is sure of: greedy, alone or beside another prompt, they agree.
     let prompts = ["1, 2, 3, 4, 5, 6,", "Monday, Tuesday, Wednesday,"];
     let body = |prompt: Value| json!({"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0});

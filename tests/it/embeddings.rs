@@ -41,15 +41,8 @@ fn vectors(answer: &Value) -> Vec<Vec<f64>> {
 }
 
 async fn embed(gateway: &Gateway, body: Value) -> (u16, Value) {
-    let response = tests::client()
-        .post(gateway.url("/v1/embeddings"))
-        .bearer_auth(API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    let (status, text) = crate::post_text(gateway, "/v1/embeddings", &body).await;
+    (status, serde_json::from_str(&text).unwrap())
 }
 
 #[test]

@@ -114,6 +114,23 @@ pub async fn chat_stream(gateway: &tests::Gateway, body: &serde_json::Value) -> 
         .unwrap()
 }
 
+/// Posts `body` to `path` with the test key; returns the status and the response's text.
+pub async fn post_text(
+    gateway: &tests::Gateway,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    let response = tests::client()
+        .post(gateway.url(path))
+        .bearer_auth(tests::API_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
 /// Posts a chat request with the test key and returns the response body.
 pub async fn chat(gateway: &tests::Gateway, body: &serde_json::Value) -> serde_json::Value {
     tests::client()

@@ -85,6 +85,18 @@ async fn send(gateway: &Gateway, body: &Value, headers: &[(&str, &str)]) -> reqw
     request.send().await.unwrap()
 }
 
+/// Posts a chat body written by hand (JSON a serializer would not write).
+async fn send_text(gateway: &Gateway, body: String) -> reqwest::Response {
+    tests::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn chat(content: &str, extra: Value) -> Value {
     crate::chat_body(content, extra)
 }
@@ -202,14 +214,7 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             messages(&with_valid),
             messages(HARD)
         );
-        let response = tests::client()
-            .post(gateway.url("/v1/chat/completions"))
-            .bearer_auth(API_KEY)
-            .header("content-type", "application/json")
-            .body(smuggled)
-            .send()
-            .await
-            .unwrap();
+        let response = send_text(&gateway, smuggled).await;
         assert_eq!(
             route(&response),
             ("rejected".to_owned(), "request".to_owned())
@@ -237,14 +242,7 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             let smuggled = format!(
                 r#"{{"model": "gpt-4o", "messages": [{{"role": "user", "content": {hard}}}], "metadata": {metadata}}}"#
             );
-            let response = tests::client()
-                .post(gateway.url("/v1/chat/completions"))
-                .bearer_auth(API_KEY)
-                .header("content-type", "application/json")
-                .body(smuggled)
-                .send()
-                .await
-                .unwrap();
+            let response = send_text(&gateway, smuggled).await;
             assert_eq!(response.status(), 400, "{what}");
             assert_eq!(
                 route(&response),
