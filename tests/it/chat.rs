@@ -340,8 +340,10 @@ fn completions_models_and_the_azure_form_are_served() {
 /// Legacy completions with several prompts (choices prompt-major, each prompt billed once,
 /// whole or streamed) and with token ids (used as given), on a gateway of two sequences.
 async fn several_prompts_and_token_ids(gateway: &Gateway) {
-    let complete =
-        |body: Value| async move { crate::post_text(gateway, "/v1/completions", &body).await };
+    let complete = |body: Value| async move {
+        let response = crate::post_json(gateway, "/v1/completions", &body).await;
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
     // Continuations the model is sure of: greedy, alone or beside another prompt, they agree.
     let prompts = ["1, 2, 3, 4, 5, 6,", "Monday, Tuesday, Wednesday,"];
     let body = |prompt: Value| json!({"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0});

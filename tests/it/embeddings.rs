@@ -41,8 +41,8 @@ fn vectors(answer: &Value) -> Vec<Vec<f64>> {
 }
 
 async fn embed(gateway: &Gateway, body: Value) -> (u16, Value) {
-    let (status, text) = crate::post_text(gateway, "/v1/embeddings", &body).await;
-    (status, serde_json::from_str(&text).unwrap())
+    let response = crate::post_json(gateway, "/v1/embeddings", &body).await;
+    (response.status().as_u16(), response.json().await.unwrap())
 }
 
 #[test]

@@ -114,21 +114,19 @@ pub async fn chat_stream(gateway: &tests::Gateway, body: &serde_json::Value) -> 
         .unwrap()
 }
 
-/// Posts `body` to `path` with the test key; returns the status and the response's text.
-pub async fn post_text(
+/// Posts `body` to `path` with the test key.
+pub async fn post_json(
     gateway: &tests::Gateway,
     path: &str,
     body: &serde_json::Value,
-) -> (u16, String) {
-    let response = tests::client()
+) -> reqwest::Response {
+    tests::client()
         .post(gateway.url(path))
         .bearer_auth(tests::API_KEY)
         .json(body)
         .send()
         .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap())
+        .unwrap()
 }
 
 /// Posts a chat request with the test key and returns the response body.
