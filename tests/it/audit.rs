@@ -437,7 +437,8 @@ token_file = {token_file:?}
     // follow the store within a tenth of a second.
     let audit_dir = gateway.dir.path().join("state/audit");
     assert!(tests::eventually(Duration::from_secs(10), || {
-        outcomes(&audit_dir).contains_key("content-long")
+        let written = outcomes(&audit_dir);
+        written.contains_key("content-long") && written.contains_key("content-refused")
     }));
     let records = outcomes(&audit_dir);
     let properties = |id: &str| records[id]["Properties"].clone();
