@@ -579,7 +579,7 @@ pub async fn forward(
                     request_id = %ctx.request_id,
                     pool = %pool.config.name,
                     backend = %backend.config.name,
-                    %error,
+                    error = %error.record_description(),
                     "upstream attempt failed"
                 );
                 last_error = Some(error);
@@ -778,7 +778,7 @@ async fn attempt(
             .take(200)
             .collect::<String>();
         let message = format!(
-            "backend `{}` of pool `{}` answered {status}: {detail}",
+            "backend `{}` of pool `{}` answered {status}",
             backend.config.name, pool.config.name
         );
         return Attempt::Retryable {
@@ -789,13 +789,11 @@ async fn attempt(
             } else {
                 Outcome::Failure
             },
-            error: if status == 429 {
-                GatewayError::Unavailable {
-                    message,
-                    retry_after_s: retry_after.map_or(1, |wait| wait.as_secs().max(1)),
-                }
-            } else {
-                GatewayError::BadGateway { message }
+            error: GatewayError::BackendRefused {
+                message,
+                detail,
+                throttled: status == 429,
+                retry_after_s: retry_after.map_or(1, |wait| wait.as_secs().max(1)),
             },
             retry_after,
         };

@@ -1210,7 +1210,7 @@ impl DataPlane {
                                 tracing::warn!(
                                     request_id = %ctx.request_id,
                                     pool = %pool.config.name,
-                                    %error,
+                                    error = %error.record_description(),
                                     "cloud pool unavailable; serving locally"
                                 );
                                 ctx.degraded = Some("cloud-unavailable");

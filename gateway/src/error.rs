@@ -104,6 +104,17 @@ pub enum GatewayError {
     /// A cloud backend failed or answered something unusable.
     #[error("{message}")]
     BadGateway { message: String },
+    /// A cloud backend answered 429 (`throttled`, answered 503 with `Retry-After`) or 5xx
+    /// (answered 502). `detail`, the start of its body, is for the client alone: a backend's
+    /// error text may quote the request (a traceback, a validation echo), so logs and audit
+    /// records carry `message` only.
+    #[error("{message}: {detail}")]
+    BackendRefused {
+        message: String,
+        detail: String,
+        throttled: bool,
+        retry_after_s: u64,
+    },
     #[error("internal error: {message}")]
     Internal { message: String },
 }
@@ -260,7 +271,15 @@ impl GatewayError {
                 Some("waf_blocked"),
                 None,
             ),
-            BadGateway { .. } => (
+            BackendRefused {
+                throttled: true, ..
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                Some("unavailable"),
+                None,
+            ),
+            BadGateway { .. } | BackendRefused { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "api_error",
                 Some("upstream_error"),
@@ -285,7 +304,12 @@ impl GatewayError {
             GatewayError::QueueFull { retry_after_s }
             | GatewayError::RateLimited { retry_after_s, .. }
             | GatewayError::QuotaExceeded { retry_after_s, .. }
-            | GatewayError::Unavailable { retry_after_s, .. } => Some(*retry_after_s),
+            | GatewayError::Unavailable { retry_after_s, .. }
+            | GatewayError::BackendRefused {
+                retry_after_s,
+                throttled: true,
+                ..
+            } => Some(*retry_after_s),
             _ => None,
         }
     }
@@ -333,6 +357,9 @@ impl GatewayError {
                     ),
                     None => format!("{} {code} (message to the client only)", status.as_u16()),
                 }
+            }
+            BackendRefused { message, .. } => {
+                format!("{message} (its body to the client only)")
             }
             _ => self.to_string(),
         }

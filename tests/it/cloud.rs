@@ -579,6 +579,24 @@ fn a_throttled_backend_is_asked_again_on_the_same_connection() {
         );
         // The gateway's own count agrees: it opened none for the throttled request.
         assert_eq!(connections_counted(&gateway), counted_before, "{stats}");
+
+        // A 5xx with no other backend to try: the client reads the backend's words (they
+        // explain the failure); the log says only who answered what, since a backend's error
+        // text may quote the request (a traceback, a validation echo).
+        upstream
+            .set_behaviour(json!({"reset": true, "status": 500, "count": 1}))
+            .await;
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 502);
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("answered 500") && message.contains("injected status 500"),
+            "{body}"
+        );
+        let log = gateway.log();
+        assert!(log.contains("answered 500"), "{log}");
+        assert!(!log.contains("injected status"), "{log}");
         upstream.set_behaviour(json!({"reset": true})).await;
     });
 }

@@ -49,6 +49,21 @@ fn errors_map_to_openai_status_and_body() {
             r#"415 {"error":{"message":"request bodies with `Content-Encoding: gzip` are not accepted; send the body uncompressed","type":"invalid_request_error","param":null,"code":"unsupported_content_encoding"}}"#
         ]],
     );
+    let backend = |throttled| GatewayError::BackendRefused {
+        message: "backend `a` of pool `aks` answered 429".to_owned(),
+        detail: "slow down".to_owned(),
+        throttled,
+        retry_after_s: 4,
+    };
+    check(
+        backend(true),
+        expect![[
+            r#"503 {"error":{"message":"backend `a` of pool `aks` answered 429: slow down","type":"api_error","param":null,"code":"unavailable"}}"#
+        ]],
+    );
+    assert_eq!(backend(true).retry_after_s(), Some(4));
+    assert_eq!(backend(false).status().as_u16(), 502);
+    assert_eq!(backend(false).retry_after_s(), None);
     check(
         GatewayError::InvalidApiKey,
         expect![[
@@ -101,6 +116,15 @@ fn records_name_the_parameter_not_the_clients_text() {
                 "`jane.doe@example.com` is not a parameter",
             ),
             expect!["400 unsupported_parameter: parameter `….….…` (message to the client only)"],
+        ),
+        (
+            GatewayError::BackendRefused {
+                message: "backend `a` of pool `aks` answered 500".to_owned(),
+                detail: "Traceback: ValueError for prompt 'SSN 123-45-6789'".to_owned(),
+                throttled: false,
+                retry_after_s: 1,
+            },
+            expect!["backend `a` of pool `aks` answered 500 (its body to the client only)"],
         ),
         (
             GatewayError::invalid_value("messages[x]", "odd"),
