@@ -152,6 +152,15 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("cloud".to_owned(), "complex-to-cloud".to_owned())
         );
+        // Numbers in long runs of short groups (a count, a list of steps) are read and
+        // routed like any prose.
+        let counted = format!("{HARD} Number the steps 1 2 3 4 5 6 7 8 9 10.");
+        let response = send(&gateway, &chat(&counted, json!({})), &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            route(&response),
+            ("cloud".to_owned(), "complex-to-cloud".to_owned())
+        );
 
         let with_valid = format!("{HARD} Pay the fare from {VALID_IBAN}.");
         let response = send(&gateway, &chat(&with_valid, json!({"max_tokens": 4})), &[]).await;

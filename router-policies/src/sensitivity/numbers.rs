@@ -163,7 +163,8 @@ impl Groups {
             groups.count += 1;
             digits += end - position;
             let separator = byte_at(bytes, end);
-            if digits > DIGITS_MAX
+            if groups.count == GROUPS_MAX
+                || digits > DIGITS_MAX
                 || !separators.contains(&separator)
                 || !is_digit(byte_at(bytes, end + 1))
             {

@@ -857,6 +857,8 @@ fn arbitrary_text() -> impl Strategy<Value = String> {
         any::<String>(),
         "[0-9a-fA-FXYZ@.:=+ \\-/;&()'\"_eyJ\n]{0,120}",
         "(4111|DE89|AKIA|eyJ|-----BEGIN |password=|sv=|::|\\+44|[0-9]{1,5}| |-|\\.|@|é|€|:)*",
+        // Runs of short digit groups: more groups than a number has (`1 2 3 4 5 6 7 8 9 10`).
+        "[a-z ]{0,3}([0-9]{1,3}[ .\\-]){0,14}[0-9]{1,3}[a-z ]{0,3}",
         "(4111|DE89|[0-9]{1,5}|\u{a0}|\u{200b}|\u{2013}|\u{ff14}|\u{ff20}|\u{e0041}|\u{1d7ce}|a|@|\\.| )*",
         // Escapes, and base64 of text with values in it, cut and joined anywhere.
         "(%40|%20|%4|&#64;|&#x2e;|&commat;|&|\\[at\\]|\\(dot\\)| \\[|jane|\\.com|4111|é|\
