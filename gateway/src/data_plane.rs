@@ -7,6 +7,7 @@
 //! contains prompt or completion text.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -214,6 +215,18 @@ impl RequestContext {
             self.rule = check;
         }
     }
+}
+
+/// Runs `future` to its end, or to a panic inside it (`None`); the panic hook has printed
+/// where by then. Pinned by the caller: a request's handling is too large to move.
+pub(crate) async fn unless_it_panics<F: std::future::Future>(
+    mut future: std::pin::Pin<&mut F>,
+) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx)))
+            .map_or(Poll::Ready(None), |poll| poll.map(Some))
+    })
+    .await
 }
 
 /// Whose a stored response is: the API key's id, or every anonymous caller's.
@@ -1707,7 +1720,35 @@ impl ProxyHttp for DataPlane {
             request_id = %ctx.request_id,
             trace_id = %ctx.trace.map(|trace| hex::encode(trace.trace_id)).unwrap_or_default(),
         );
-        match tracing::Instrument::instrument(self.handle(session, ctx), span).await {
+        let handled = {
+            let handling = std::pin::pin!(tracing::Instrument::instrument(
+                self.handle(session, ctx),
+                span
+            ));
+            unless_it_panics(handling).await
+        };
+        let Some(handled) = handled else {
+            // A bug: the panic hook printed where. The request gets a clean refusal and its
+            // records instead of a reset stream with none; its text stays out of the log.
+            tracing::error!(request_id = %ctx.request_id, "handling the request panicked");
+            if ctx.status != 0 {
+                return Error::e_explain(
+                    ErrorType::InternalError,
+                    "handling the request panicked after its response began",
+                );
+            }
+            let error = GatewayError::Internal {
+                message: "the gateway failed while handling this request".to_owned(),
+            };
+            if ctx.route == "none" {
+                ctx.reject("request");
+            }
+            if let Err(write_error) = respond_error(session, ctx, &error).await {
+                ctx.outcome = Some(format!("writing the error response: {write_error}"));
+            }
+            return Ok(true);
+        };
+        match handled {
             Ok(()) => {}
             Err(Failure::Error(error)) => {
                 if ctx.route == "none" {

@@ -174,3 +174,30 @@ fn only_identity_content_encoding_is_accepted() {
     let long = "x".repeat(100);
     assert_eq!(coding(&[&long]).map(|named| named.len()), Some(64));
 }
+
+/// A panic while a request is handled ends that request's future, not the connection's task,
+/// and across an await as well as before one.
+#[test]
+fn a_panic_in_handling_is_caught_and_the_next_request_is_served() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let panics_at_once = std::pin::pin!(async {
+            let groups: Vec<u8> = Vec::new();
+            usize::from(groups[std::hint::black_box(3)])
+        });
+        assert_eq!(super::unless_it_panics(panics_at_once).await, None);
+        let panics_after_waiting = std::pin::pin!(async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            if std::hint::black_box(true) {
+                panic!("a bug");
+            }
+            1
+        });
+        assert_eq!(super::unless_it_panics(panics_after_waiting).await, None);
+        let answers = std::pin::pin!(async { 7 });
+        assert_eq!(super::unless_it_panics(answers).await, Some(7));
+    });
+}
