@@ -5,7 +5,8 @@ Text pasted from a word processor or a web page carries no-break spaces and en d
 caller who wants a value past the scan can write it in full-width digits or split it with
 zero-width spaces; a model reads all of these. This generates, with a fixed seed, documents
 that each hold one valid value (payment card, IBAN, US SSN, e-mail) written in one such way
-(or percent-escaped in a pasted link's query),
+(or percent-escaped in a pasted link's query, typed in lower case, or grouped with hyphens or
+dots),
 and as many documents with the same value made invalid (a wrong check digit) in the same way,
 runs `isthmus explain` over them (and, with `--presidio`, Presidio's pattern recognizers as
 bench/pii/compare.py runs them), and prints, per way of writing, the share of valid documents
@@ -25,7 +26,7 @@ import urllib.parse
 
 SEPARATED = ["ascii", "no-break space", "narrow no-break space", "en dash", "zero-width space",
              "soft hyphen", "full-width digits", "arabic-indic digits", "tag characters",
-             "url query"]
+             "url query", "lower case", "hyphens", "dots"]
 
 
 def luhn_digit(digits: str) -> str:
@@ -100,6 +101,12 @@ def write(parts: list[str], separator: str, way: str) -> str:
         return digits_in(separator.join(parts), 0x0660)
     if way == "tag characters":
         return "".join(chr(0xE0000 + ord(c)) for c in separator.join(parts))
+    if way == "lower case":
+        return separator.join(parts).lower()
+    if way in ("hyphens", "dots"):
+        # Every group joined by the one mark (an e-mail address has no groups to join).
+        mark = "-" if way == "hyphens" else "."
+        return (mark if separator.strip() in ("", "-") and separator else separator).join(parts)
     if way == "url query":
         # Pasted as part of a link: percent-escaped as a browser writes a query value.
         return "https://portal.example/find?q=" + urllib.parse.quote(separator.join(parts), safe="")

@@ -116,13 +116,10 @@ const AWS_KEY_PREFIXES: &[&[u8; 4]] = &[
 pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     let second = byte_at(bytes, start + 1);
+    if let Some(end) = any_case_iban(scanner, start) {
+        return Some(end);
+    }
     if second.is_ascii_uppercase() {
-        if is_digit(byte_at(bytes, start + 2))
-            && let Some(end) = iban(bytes, start)
-        {
-            scanner.push(EntityType::Iban, start, end, IBAN_CONFIDENCE);
-            return Some(end);
-        }
         if let Some(end) = uk_nino(bytes, start) {
             scanner.push(EntityType::UkNino, start, end, NINO_CONFIDENCE);
             return Some(end);
@@ -156,30 +153,50 @@ pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> 
     None
 }
 
-/// An IBAN, compact or in groups of four joined by single spaces: the country's length and
-/// mod-97 of the rearranged number equal to 1. Returns its end.
+/// An IBAN at `start` in any letter case (`de89 3704 …` typed in lower case, `GB82 west …`),
+/// for a run that starts with a letter of either case; pushes it and returns its end.
+pub(super) fn any_case_iban(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    if !byte_at(bytes, start + 1).is_ascii_alphabetic() || !is_digit(byte_at(bytes, start + 2)) {
+        return None;
+    }
+    let end = iban(bytes, start)?;
+    scanner.push(EntityType::Iban, start, end, IBAN_CONFIDENCE);
+    Some(end)
+}
+
+/// An IBAN, compact or in groups of four joined by single spaces, hyphens or dots (the same
+/// throughout), letters of either case: the country's length and mod-97 of the rearranged
+/// number equal to 1. Returns its end.
 fn iban(bytes: &[u8], start: usize) -> Option<usize> {
-    let country = [bytes[start], bytes[start + 1]];
+    let country = [
+        bytes[start].to_ascii_uppercase(),
+        bytes[start + 1].to_ascii_uppercase(),
+    ];
     let &(_, length) = IBAN_LENGTHS.iter().find(|(code, _)| **code == country)?;
     let mut characters = [0_u8; IBAN_LENGTH_MAX];
     let mut collected = 0;
     let mut position = start;
+    let mut separator = None;
     loop {
         let group_end = run_end(bytes, position, length - collected + 1, is_alphanumeric);
         let group = &bytes[position..group_end];
         if collected + group.len() > length {
             return None;
         }
-        characters[collected..collected + group.len()].copy_from_slice(group);
+        for (slot, character) in characters[collected..].iter_mut().zip(group) {
+            *slot = character.to_ascii_uppercase();
+        }
         collected += group.len();
         if collected == length {
             return (ends_cleanly(bytes, group_end) && iban_checksum(&characters[..length]))
                 .then_some(group_end);
         }
         // Every group but the last is four characters.
-        let grouped = group.len() == 4;
-        if !grouped
-            || byte_at(bytes, group_end) != b' '
+        let joint = byte_at(bytes, group_end);
+        if group.len() != 4
+            || !matches!(joint, b' ' | b'-' | b'.')
+            || *separator.get_or_insert(joint) != joint
             || !is_alphanumeric(byte_at(bytes, group_end + 1))
         {
             return None;

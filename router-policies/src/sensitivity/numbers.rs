@@ -275,8 +275,21 @@ pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> 
             continue;
         }
         let found = if separator == b'.' {
-            national_phone(bytes, start, &groups, count, &digits, separator)
-                .map(|confidence| (EntityType::Phone, confidence))
+            // `4111.1111.1111.1111`: a card in groups of four, else perhaps a phone number.
+            (card_grouping(&groups, count, separator)
+                && card(&digits)
+                && !continues_number(bytes, start))
+            .then_some((EntityType::CreditCard, CARD_CONFIDENCE))
+            .or_else(|| {
+                (!continues_number(bytes, start) && !after_version_word(bytes, start))
+                    .then(|| us_ssn(bytes, start, &groups, count, &digits, separator))
+                    .flatten()
+                    .map(|confidence| (EntityType::UsSsn, confidence))
+            })
+            .or_else(|| {
+                national_phone(bytes, start, &groups, count, &digits, separator)
+                    .map(|confidence| (EntityType::Phone, confidence))
+            })
         } else {
             interpret(bytes, start, &groups, count, &digits, separator)
         };
@@ -364,8 +377,13 @@ fn ipv4(bytes: &[u8], start: usize, groups: &Groups, digits: &Digits, end: usize
     {
         return false;
     }
+    !after_version_word(bytes, start)
+}
+
+/// `version 1.2.3.4`, `rev 123.45.6789`: the number is a version.
+fn after_version_word(bytes: &[u8], start: usize) -> bool {
     let word = previous_word(bytes, start);
-    !VERSION_WORDS
+    VERSION_WORDS
         .iter()
         .any(|version| word.eq_ignore_ascii_case(version.as_bytes()))
 }
@@ -375,7 +393,7 @@ fn ipv4(bytes: &[u8], start: usize, groups: &Groups, digits: &Digits, end: usize
 fn card_grouping(groups: &Groups, count: usize, separator: u8) -> bool {
     match separator {
         0 => true,
-        b' ' | b'-' => {
+        b' ' | b'-' | b'.' => {
             let lengths: [usize; GROUPS_MAX] = std::array::from_fn(|group| groups.length(group));
             let lengths = &lengths[..count];
             let fours = lengths[..count - 1].iter().all(|&length| length == 4)
@@ -460,7 +478,7 @@ fn us_ssn(
     separator: u8,
 ) -> Option<f32> {
     let confidence = match (count, separator) {
-        (3, b'-' | b' ')
+        (3, b'-' | b' ' | b'.')
             if groups.length(0) == 3 && groups.length(1) == 2 && groups.length(2) == 4 =>
         {
             if separator == b'-' {

@@ -298,6 +298,12 @@ fn dispatch(scanner: &mut Scanner<'_>, start: usize, word_end: usize, end: usize
         identifiers::scan(scanner, start, word_end)
     } else if first == b'+' {
         numbers::international_phone(scanner, start)
+    } else if class & LOWER != 0
+        // An IBAN typed in lower case: two letters, then its two check digits.
+        && is_digit(byte_at(bytes, start + 2))
+        && is_digit(byte_at(bytes, start + 3))
+    {
+        identifiers::any_case_iban(scanner, start)
     } else {
         None
     };

@@ -65,6 +65,7 @@ fn card_numbers_pass_luhn_issuer_and_length() {
         mixed separators 4111 1111-1111 1111
         order ORD-4111111111111111
         4111 1111 1111 1111 2024 is a card then a year
+        dotted 4111.1111.1111.1111, not 4111.1111.1111.1112 or 1.4111.1111.1111.1111
         "#,
         expect![[r#"
             card 4111 1111 1111 1111 exp 12/27
@@ -97,6 +98,8 @@ fn card_numbers_pass_luhn_issuer_and_length() {
                 -
             4111 1111 1111 1111 2024 is a card then a year
                 credit_card `4111 1111 1111 1111` 0.95
+            dotted 4111.1111.1111.1111, not 4111.1111.1111.1112 or 1.4111.1111.1111.1111
+                credit_card `4111.1111.1111.1111` 0.95
         "#]],
     );
 }
@@ -114,6 +117,10 @@ fn ibans_pass_mod_97_and_country_length() {
         wrong length DE89 3704 0044 0532 0130 0
         unknown country QQ89 3704 0044 0532 0130 00
         DE89 3704 0044 0532 0130 00 99 trailing group
+        typed in lower case de89 3704 0044 0532 0130 00 or gb29nwbk60161331926819
+        with hyphens DE89-3704-0044-0532-0130-00 or dots DE89.3704.0044.0532.0130.00
+        mixed joints DE89-3704 0044 0532 0130 00
+        lower case, wrong check digits de88370400440532013000
         "#,
         expect![[r#"
             pay to DE89 3704 0044 0532 0130 00 today
@@ -134,6 +141,16 @@ fn ibans_pass_mod_97_and_country_length() {
                 -
             DE89 3704 0044 0532 0130 00 99 trailing group
                 iban `DE89 3704 0044 0532 0130 00` 0.95
+            typed in lower case de89 3704 0044 0532 0130 00 or gb29nwbk60161331926819
+                iban `de89 3704 0044 0532 0130 00` 0.95
+                iban `gb29nwbk60161331926819` 0.95
+            with hyphens DE89-3704-0044-0532-0130-00 or dots DE89.3704.0044.0532.0130.00
+                iban `DE89-3704-0044-0532-0130-00` 0.95
+                iban `DE89.3704.0044.0532.0130.00` 0.95
+            mixed joints DE89-3704 0044 0532 0130 00
+                -
+            lower case, wrong check digits de88370400440532013000
+                -
         "#]],
     );
 }
@@ -149,6 +166,7 @@ fn us_ssns_exclude_invalid_ranges_and_samples() {
         area 000-12-3456, 666-12-3456, 912-34-5678
         group 536-00-1234, serial 536-22-0000
         samples 078-05-1120, 219-09-9999, 123-45-6789
+        dotted 536.22.1234, not rev 536.22.1234 or 1.536.22.1234
         "#,
         expect![[r#"
             ssn 536-22-1234
@@ -165,6 +183,8 @@ fn us_ssns_exclude_invalid_ranges_and_samples() {
                 -
             samples 078-05-1120, 219-09-9999, 123-45-6789
                 -
+            dotted 536.22.1234, not rev 536.22.1234 or 1.536.22.1234
+                us_ssn `536.22.1234` 0.65
         "#]],
     );
 }
