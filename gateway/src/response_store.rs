@@ -237,16 +237,98 @@ impl Held {
     }
 }
 
+/// Beside a store: its sealed copy while one is written, and the store it replaces while
+/// they are swapped.
+const SEALING: &str = "sealing";
+const REPLACED: &str = "replaced";
+
+/// `directory` with `.suffix` added to its name, in the same parent.
+fn sibling(directory: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = directory.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    directory.with_file_name(name)
+}
+
+fn open_trees(directory: &Path) -> Result<(sled::Db, sled::Tree, sled::Tree), StoreError> {
+    let db = sled::Config::new()
+        .path(directory)
+        .cache_capacity(CACHE_BYTES)
+        .flush_every_ms(Some(FLUSH_EVERY_MS))
+        .open()?;
+    let records = db.open_tree(RECORDS_TREE)?;
+    let ages = db.open_tree(AGES_TREE)?;
+    Ok((db, records, ages))
+}
+
+/// Writes every record of `records`, sealed, and every entry of `ages` into a new store at
+/// `target`, flushed to disk.
+fn write_sealed_copy(
+    records: &sled::Tree,
+    ages: &sled::Tree,
+    target: &Path,
+    sealer: &Sealer,
+) -> Result<(), StoreError> {
+    if target.exists() {
+        std::fs::remove_dir_all(target).map_err(sled::Error::from)?;
+    }
+    let (copy, copy_records, copy_ages) = open_trees(target)?;
+    for entry in records.iter() {
+        let (id, value) = entry?;
+        if value.first() == Some(&SEALED) {
+            copy_records.insert(id, value)?;
+        } else {
+            let sealed = sealer.seal(&String::from_utf8_lossy(&id), &value)?;
+            copy_records.insert(id, sealed)?;
+        }
+    }
+    for entry in ages.iter() {
+        let (age, size) = entry?;
+        copy_ages.insert(age, size)?;
+    }
+    copy.flush()?;
+    Ok(())
+}
+
+/// Puts the sealed copy in the store's place and deletes the store it replaces. Each step
+/// is a rename or a removal that [`finish_interrupted_sealing`] completes or undoes.
+fn replace_with_sealed_copy(directory: &Path) -> Result<(), StoreError> {
+    let replaced = sibling(directory, REPLACED);
+    std::fs::rename(directory, &replaced).map_err(sled::Error::from)?;
+    std::fs::rename(sibling(directory, SEALING), directory).map_err(sled::Error::from)?;
+    std::fs::remove_dir_all(&replaced).map_err(sled::Error::from)?;
+    if let Some(parent) = directory.parent() {
+        std::fs::File::open(parent)
+            .and_then(|parent| parent.sync_all())
+            .map_err(sled::Error::from)?;
+    }
+    Ok(())
+}
+
+/// After a stop during [`replace_with_sealed_copy`]: a store that was swapped loses the copy
+/// it replaced; one that was not gets its place back and is sealed again; a copy left
+/// half-written is removed.
+fn finish_interrupted_sealing(directory: &Path) -> Result<(), StoreError> {
+    let replaced = sibling(directory, REPLACED);
+    if replaced.exists() {
+        if directory.exists() {
+            std::fs::remove_dir_all(&replaced).map_err(sled::Error::from)?;
+        } else {
+            std::fs::rename(&replaced, directory).map_err(sled::Error::from)?;
+        }
+    }
+    let sealing = sibling(directory, SEALING);
+    if sealing.exists() {
+        std::fs::remove_dir_all(&sealing).map_err(sled::Error::from)?;
+    }
+    Ok(())
+}
+
 impl ResponseStore {
     /// Opens (or creates) the store in `directory`.
     pub fn open(directory: &Path, config: &ResponsesConfig) -> Result<ResponseStore, StoreError> {
-        let db = sled::Config::new()
-            .path(directory)
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(Some(FLUSH_EVERY_MS))
-            .open()?;
-        let records = db.open_tree(RECORDS_TREE)?;
-        let ages = db.open_tree(AGES_TREE)?;
+        finish_interrupted_sealing(directory)?;
+        let (mut db, mut records, mut ages) = open_trees(directory)?;
         let sealer = config.encryption_key.as_ref().map(Sealer::new);
         // Records sealed with a key not given here cannot be read: say so now, not as a
         // failure of every later read.
@@ -269,6 +351,20 @@ impl ResponseStore {
                 ),
             });
         }
+        // Turning a key on: the records an earlier run kept as JSON are sealed into a new
+        // store that replaces this one whole. Sealing them in place would leave their clear
+        // text in the superseded pages of sled's log until it compacts.
+        if let Some(sealer) = &sealer
+            && records
+                .iter()
+                .values()
+                .any(|value| value.is_ok_and(|value| value.first() != Some(&SEALED)))
+        {
+            write_sealed_copy(&records, &ages, &sibling(directory, SEALING), sealer)?;
+            drop((records, ages, db));
+            replace_with_sealed_copy(directory)?;
+            (db, records, ages) = open_trees(directory)?;
+        }
         let mut held = Held::default();
         for entry in ages.iter() {
             let (_, size) = entry?;
@@ -285,32 +381,9 @@ impl ResponseStore {
             sealer,
             held: Mutex::new(held),
         };
-        store.seal_plain_records()?;
         // A lower bound than the last run's applies at once.
         store.evict_over_bound()?;
         Ok(store)
-    }
-
-    /// With a key, seals the records an earlier run kept as JSON, so that turning the key
-    /// on leaves no response in the clear. Their sizes stay as counted (the seal's few
-    /// bytes are not bounded twice).
-    fn seal_plain_records(&self) -> Result<(), StoreError> {
-        let Some(sealer) = &self.sealer else {
-            return Ok(());
-        };
-        for entry in self.records.iter() {
-            let (id, value) = entry?;
-            if value.first() == Some(&SEALED) {
-                continue;
-            }
-            let id_text = String::from_utf8_lossy(&id).into_owned();
-            let sealed = sealer.seal(&id_text, &value)?;
-            self.records
-                .compare_and_swap(&id, Some(value), Some(sealed))?
-                .ok();
-        }
-        self.db.flush()?;
-        Ok(())
     }
 
     /// How many responses and bytes the store holds.

@@ -246,24 +246,60 @@ fn with_a_key_responses_are_sealed_at_rest_and_read_back() -> Result<(), StoreEr
 }
 
 #[test]
-fn turning_a_key_on_seals_what_was_kept_in_the_clear() -> Result<(), StoreError> {
+fn turning_a_key_on_seals_what_was_kept_in_the_clear_and_leaves_none_of_it_on_disk()
+-> Result<(), StoreError> {
     let dir = tempfile::tempdir().map_err(sled::Error::from)?;
+    let store_dir = dir.path().join("responses");
     {
-        let store = sealed(dir.path(), None)?;
+        let store = sealed(&store_dir, None)?;
         store.put("resp_1", &record("o", "resp_1", "plain-marker-5512"))?;
         store.flush()?;
     }
     assert!(on_disk(dir.path(), b"plain-marker-5512"));
-    let store = sealed(dir.path(), Some(key('c')))?;
+    let store = sealed(&store_dir, Some(key('c')))?;
     assert!(store.get("resp_1", "o")?.is_some());
     assert_eq!(store.usage().0, 1);
     drop(store);
-    // sled keeps superseded pages until it compacts its log: the record's live copy is
-    // sealed, which a store opened without the key sees.
+    // The store was rewritten sealed: not even sled's superseded log pages keep the text,
+    // and nothing is left beside it.
+    assert!(
+        !on_disk(dir.path(), b"plain-marker-5512"),
+        "the clear text survived"
+    );
+    let beside: Vec<_> = std::fs::read_dir(dir.path())
+        .map_err(sled::Error::from)?
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert_eq!(beside, ["responses"]);
     assert!(matches!(
-        sealed(dir.path(), None),
+        sealed(&store_dir, None),
         Err(StoreError::KeyMismatch { count: 1, .. })
     ));
+    Ok(())
+}
+
+/// A stop between the two renames of the swap: the old store is found beside its place
+/// and a half-written copy next to it. Opening puts the old store back and seals it again.
+#[test]
+fn a_swap_cut_short_is_undone_and_sealed_again() -> Result<(), StoreError> {
+    let dir = tempfile::tempdir().map_err(sled::Error::from)?;
+    let store_dir = dir.path().join("responses");
+    {
+        let store = sealed(&store_dir, None)?;
+        store.put("resp_1", &record("o", "resp_1", "plain-marker-7720"))?;
+        store.flush()?;
+    }
+    let io = sled::Error::from;
+    std::fs::rename(&store_dir, dir.path().join("responses.replaced")).map_err(io)?;
+    std::fs::create_dir(dir.path().join("responses.sealing")).map_err(io)?;
+    std::fs::write(dir.path().join("responses.sealing/db"), b"half").map_err(io)?;
+    let store = sealed(&store_dir, Some(key('e')))?;
+    assert!(store.get("resp_1", "o")?.is_some());
+    drop(store);
+    assert!(!on_disk(dir.path(), b"plain-marker-7720"));
+    assert!(!dir.path().join("responses.replaced").exists());
+    assert!(!dir.path().join("responses.sealing").exists());
     Ok(())
 }
 
