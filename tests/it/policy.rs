@@ -168,6 +168,23 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "sensitive-local".to_owned())
         );
+        // Nor does splitting a value between two text parts, which the model reads as one
+        // text; with the finance rule's redaction, such a value cannot be replaced in place,
+        // so the request fails closed onto the local model.
+        let split = json!({"model": "smollm2", "max_tokens": 200, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": format!("{HARD} Write to jane.doe@")},
+            {"type": "text", "text": "contoso.com with the answer."},
+        ]}]});
+        let response = send(&gateway, &split, &[]).await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "sensitive-local".to_owned())
+        );
+        let response = send(&gateway, &split, &[("x-team", "finance")]).await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "fail_closed".to_owned())
+        );
         // Nor do no-break spaces or zero-width spaces between its groups (a copy from a web
         // page, or an attempt to slip it past the scan).
         for separator in ["\u{a0}", "\u{200b}"] {
@@ -281,9 +298,11 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "fail_closed".to_owned())
         );
-        // Nothing with the valid IBAN or the card number ever reached the cloud.
+        // Nothing with the valid IBAN, the card number or the split address ever reached
+        // the cloud.
         let digits = VALID_IBAN.replace(' ', "");
         for request in upstream.requests().await {
+            assert!(!request.to_string().contains("contoso.com with"));
             let seen = request.to_string().replace(' ', "");
             assert!(!seen.contains(&digits), "the IBAN left the premises");
             assert!(

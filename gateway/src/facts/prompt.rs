@@ -477,12 +477,34 @@ impl<'de> Shapes<'de> for Content<'_> {
         self.0.push(text.to_owned());
     }
 
+    /// Consecutive text parts reach a model as one text, so a value split between them
+    /// (`"card 4111 1111"`, `" 1111 1111"`) is a value: each run of two or more is also
+    /// scanned joined, from `elsewhere`. A part of another kind (an image) ends a run.
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq
-            .next_element_seed(Shaped(Part(&mut *self.0, &mut *self.1)))?
-            .is_some()
-        {}
-        Ok(())
+        let (texts, elsewhere) = (self.0, self.1);
+        let mut joined = String::new();
+        let mut run = 0u32;
+        loop {
+            let mut is_text = false;
+            let read =
+                seq.next_element_seed(Shaped(Part(&mut *texts, &mut *elsewhere, &mut is_text)))?;
+            match (read.is_some() && is_text, texts.last()) {
+                (true, Some(text)) => {
+                    joined.push_str(text);
+                    run += 1;
+                }
+                _ => {
+                    if run >= 2 {
+                        push_elsewhere(elsewhere, &joined);
+                    }
+                    joined.clear();
+                    run = 0;
+                }
+            }
+            if read.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     fn map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
@@ -490,8 +512,9 @@ impl<'de> Shapes<'de> for Content<'_> {
     }
 }
 
-/// One content part.
-struct Part<'a>(&'a mut Vec<String>, &'a mut String);
+/// One content part; the flag says whether it was a text part (its one `text` a string,
+/// which is then the last of the texts).
+struct Part<'a>(&'a mut Vec<String>, &'a mut String, &'a mut bool);
 
 impl<'de> Shapes<'de> for Part<'_> {
     fn elsewhere(&mut self) -> &mut String {
@@ -499,6 +522,7 @@ impl<'de> Shapes<'de> for Part<'_> {
     }
 
     fn string(self, text: &str) {
+        *self.2 = true;
         self.0.push(text.to_owned());
     }
 
@@ -510,7 +534,7 @@ impl<'de> Shapes<'de> for Part<'_> {
         // A part whose one `text` is a string contributes that string to the texts and its
         // other strings to `elsewhere`; any other part (and one with several `text` keys)
         // every string in it to the texts.
-        let Part(texts, elsewhere) = self;
+        let Part(texts, elsewhere, is_text) = self;
         let mut text_keys = 0u32;
         let mut text = TextValue {
             strings: Vec::new(),
@@ -530,6 +554,7 @@ impl<'de> Shapes<'de> for Part<'_> {
             }
         }
         if text_keys == 1 && text.is_string {
+            *is_text = true;
             texts.append(&mut text.strings);
             for other in &others {
                 push_elsewhere(elsewhere, other);

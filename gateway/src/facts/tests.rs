@@ -69,6 +69,31 @@ fn every_copy_of_a_repeated_key_is_collected() {
     assert_eq!(texts.turns, 2);
 }
 
+/// A model reads consecutive text parts as one text: a value split between them is read
+/// joined too; a part of another kind between them ends the run.
+#[test]
+fn consecutive_text_parts_are_also_read_joined() {
+    let body = br#"{"messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "mail jane.doe@"}, {"type": "text", "text": "contoso.com"},
+            {"type": "image_url", "image_url": {"url": "data:x"}},
+            {"type": "text", "text": "card 4111 1111"}, {"type": "text", "text": " 1111"},
+            {"type": "text", "text": " 1111"}
+        ]},
+        {"role": "user", "content": [{"type": "text", "text": "alone"}]}
+    ]}"#;
+    let texts = prompt_texts(body).unwrap();
+    let lines: Vec<&str> = texts.elsewhere.lines().collect();
+    for joined in ["mail jane.doe@contoso.com", "card 4111 1111 1111 1111"] {
+        assert!(lines.contains(&joined), "{joined:?} not in {lines:?}");
+    }
+    assert!(!texts.elsewhere.contains("contoso.comcard"));
+    assert!(!texts.elsewhere.contains("data:xcard"));
+    assert!(!lines.contains(&"alone"), "{lines:?}");
+    // The texts themselves (the complexity score's input) are the parts as sent.
+    assert!(texts.texts.iter().any(|text| text == "mail jane.doe@"));
+}
+
 #[test]
 fn escaped_keys_and_odd_shapes_are_read_like_a_json_tree() {
     let body = br#"{"mess\u0061ges": [{"content": "escaped key"}, "not a message", [1]],
