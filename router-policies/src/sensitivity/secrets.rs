@@ -269,6 +269,9 @@ pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> 
         if word.eq_ignore_ascii_case(b"data") && bytes[key_end..].starts_with(b" Source=") {
             return connection_string(scanner, start);
         }
+        if let Some(end) = told_password(scanner, word, key_end) {
+            return Some(end);
+        }
         let operator = run_end(bytes, key_end, 2, |byte| byte == b' ');
         if !matches!(byte_at(bytes, operator), b'=' | b':') {
             return None;
@@ -318,11 +321,7 @@ pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> 
     }
     let ends_with = |list: &[&str]| list.iter().any(|known| key.ends_with(known.as_bytes()));
     let secret = if ends_with(PASSWORD_KEYS) {
-        value.len() >= PASSWORD_BYTES_MIN
-            && !placeholder(value)
-            && (quoted
-                || (!code_reference(bytes, value, value_end)
-                    && !value.iter().all(u8::is_ascii_alphabetic)))
+        password_value(bytes, value, value_end, quoted)
     } else if ends_with(SECRET_KEYS) {
         value.len() >= SECRET_VALUE_BYTES_MIN
             && !placeholder(value)
@@ -344,6 +343,43 @@ pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> 
 }
 
 /// The key in lower case without `-`, `_`, `.` and spaces.
+/// A password value: long enough, not a stand-in, and (unless quoted) neither code nor a
+/// plain word (`password: required`).
+fn password_value(bytes: &[u8], value: &[u8], value_end: usize, quoted: bool) -> bool {
+    value.len() >= PASSWORD_BYTES_MIN
+        && !placeholder(value)
+        && (quoted
+            || (!code_reference(bytes, value, value_end)
+                && !value.iter().all(u8::is_ascii_alphabetic)))
+}
+
+/// `my password is Tr0ub4dor&3`: a password told in a sentence, the word `is` between the
+/// key word (`word`, ending at `key_end`) and the value.
+fn told_password(scanner: &mut Scanner<'_>, word: &[u8], key_end: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    if !PASSWORD_KEYS
+        .iter()
+        .any(|key| word.eq_ignore_ascii_case(key.as_bytes()))
+    {
+        return None;
+    }
+    let is = bytes.get(key_end..key_end + 4)?;
+    if !is.eq_ignore_ascii_case(b" is ") {
+        return None;
+    }
+    let (value_start, value_end, quoted) = value_at(bytes, key_end + 4)?;
+    if !password_value(bytes, &bytes[value_start..value_end], value_end, quoted) {
+        return None;
+    }
+    scanner.push(
+        EntityType::Secret,
+        value_start,
+        value_end,
+        ASSIGNED_SECRET_CONFIDENCE,
+    );
+    Some(value_end)
+}
+
 fn normalize_key<'k>(key: &[u8], output: &'k mut [u8; KEY_BYTES_MAX]) -> &'k [u8] {
     let mut length = 0;
     for &byte in key.iter().take(KEY_BYTES_MAX) {
@@ -367,7 +403,13 @@ fn assigned_value(bytes: &[u8], key_end: usize) -> Option<(usize, usize, bool)> 
         return None;
     }
     position += 1;
-    position = run_end(bytes, position, 2, |byte| byte == b' ');
+    value_at(bytes, run_end(bytes, position, 2, |byte| byte == b' '))
+}
+
+/// A value starting at `position`: quoted up to its closing quote on the same line, else up
+/// to a blank or a delimiter, less a sentence's full stop. Returns its span and whether it
+/// was quoted.
+fn value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)> {
     let quote = byte_at(bytes, position);
     if matches!(quote, b'"' | b'\'') {
         let start = position + 1;

@@ -536,6 +536,8 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
         password: please reset it, password = get_password(), password = config.db_password
         password=changeme, password=<your password>, password=${{DB_PASSWORD}}, password=********
         my github token is ghp_16C7e42F292c6912E7710c838347Ae178B4a
+        I cannot log in, my password is Summer2024! and the wifi passphrase is 'open sesame'.
+        the password is required, the password is get_password(), password is ********
         api key: 9f8e7d6c5b4a39281706f5e4d3c2b1a0Qx
         commit 3f786850e387550fdab836ed7e6dc881de23001b and request 550e8400-e29b-41d4-a716-446655440000
         token f47ac10b-58cc-4372-a567-0e02b2c3d479
@@ -569,6 +571,11 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
                 -
             my github token is ghp_16C7e42F292c6912E7710c838347Ae178B4a
                 secret `ghp_16C7e42F292c6912E7710c838347Ae178B4a` 0.9
+            I cannot log in, my password is Summer2024! and the wifi passphrase is 'open sesame'.
+                secret `Summer2024!` 0.8
+                secret `open sesame` 0.8
+            the password is required, the password is get_password(), password is ********
+                -
             api key: 9f8e7d6c5b4a39281706f5e4d3c2b1a0Qx
                 secret `9f8e7d6c5b4a39281706f5e4d3c2b1a0Qx` 0.7
             commit 3f786850e387550fdab836ed7e6dc881de23001b and request 550e8400-e29b-41d4-a716-446655440000
