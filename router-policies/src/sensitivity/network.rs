@@ -63,6 +63,81 @@ pub(super) fn email(scanner: &mut Scanner<'_>, at: usize) -> Option<usize> {
     Some(domain_end)
 }
 
+/// `jane.doe at contoso dot com`: an address spelled with words, ` at ` (its space before
+/// at `space`) and at least one ` dot ` (either case), the labels otherwise as in an address
+/// (`mail.contoso dot co dot uk`). Without a ` dot ` it is prose (`I work at contoso.com`).
+/// Returns the end of the domain.
+#[cold]
+#[inline(never)]
+pub(super) fn spelled_email(scanner: &mut Scanner<'_>, space: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let mut local_start = space;
+    while local_start > 0
+        && space - local_start < LOCAL_PART_BYTES_MAX
+        && is_local_part(bytes[local_start - 1])
+    {
+        local_start -= 1;
+    }
+    let local = &bytes[local_start..space];
+    if local.is_empty() || local.starts_with(b".") || local.ends_with(b".") {
+        return None;
+    }
+    let mut position = space + 4;
+    let mut spelled_dots = 0;
+    loop {
+        let label_end = run_end(bytes, position, LABEL_BYTES_MAX + 1, is_label);
+        let label = &bytes[position..label_end];
+        if label.is_empty()
+            || label.len() > LABEL_BYTES_MAX
+            || label.starts_with(b"-")
+            || label.ends_with(b"-")
+        {
+            return None;
+        }
+        if bytes
+            .get(label_end..label_end + 5)
+            .is_some_and(|joint| joint.eq_ignore_ascii_case(b" dot "))
+            && is_label(byte_at(bytes, label_end + 5))
+        {
+            spelled_dots += 1;
+            position = label_end + 5;
+        } else if byte_at(bytes, label_end) == b'.' && is_label(byte_at(bytes, label_end + 1)) {
+            position = label_end + 1;
+        } else {
+            if spelled_dots == 0 || !spelled_top_level(label) {
+                return None;
+            }
+            scanner.push(EntityType::Email, local_start, label_end, EMAIL_CONFIDENCE);
+            return Some(label_end);
+        }
+        if position - space > DOMAIN_BYTES_MAX {
+            return None;
+        }
+    }
+}
+
+/// Top-level domains of more than two letters taken after a spelled ` dot `.
+const SPELLED_GENERIC_DOMAINS: &[&[u8]] = &[
+    b"com", b"org", b"net", b"edu", b"gov", b"mil", b"int", b"info", b"biz", b"app", b"dev",
+    b"xyz", b"online", b"site", b"tech", b"cloud", b"email",
+];
+/// English words that are also country codes: `we met at the dot in town` is prose.
+const SPELLED_WORDS: &[&[u8]] = &[
+    b"am", b"an", b"as", b"at", b"be", b"by", b"do", b"go", b"he", b"if", b"in", b"is", b"it",
+    b"me", b"my", b"no", b"of", b"on", b"or", b"so", b"to", b"up", b"us", b"we",
+];
+
+/// The last label of a spelled address: a known generic domain, or two letters that are
+/// not an English word.
+fn spelled_top_level(label: &[u8]) -> bool {
+    let known = |list: &[&[u8]]| list.iter().any(|known| label.eq_ignore_ascii_case(known));
+    if label.len() == 2 {
+        label.iter().all(u8::is_ascii_alphabetic) && !known(SPELLED_WORDS)
+    } else {
+        known(SPELLED_GENERIC_DOMAINS)
+    }
+}
+
 /// The end of a domain of two or more labels whose last is alphabetic, starting at `start`.
 fn domain(bytes: &[u8], start: usize) -> Option<usize> {
     let mut position = start;

@@ -311,6 +311,16 @@ fn dispatch(scanner: &mut Scanner<'_>, start: usize, word_end: usize, end: usize
         return matched;
     }
     if class & (UPPER | LOWER) != 0 {
+        // `jane.doe at contoso dot com`.
+        if word_end - start == 2
+            && first | 0x20 == b'a'
+            && bytes[start + 1] | 0x20 == b't'
+            && byte_at(bytes, start.wrapping_sub(1)) == b' '
+            && byte_at(bytes, word_end) == b' '
+            && let Some(resume) = network::spelled_email(scanner, start - 1)
+        {
+            return Some(resume);
+        }
         if let Some(resume) = secrets::keyed(scanner, start, word_end) {
             return Some(resume);
         }

@@ -198,6 +198,8 @@ fn emails_need_a_local_part_and_a_domain_with_a_tld() {
         user@localhost, @mention, a@b.c, x@1.2.3.4
         double..dot@example.com
         mailto:bob@example.com
+        spelled jane.doe at contoso dot com, not I work at contoso.com
+        J.SMITH AT MAIL.CONTOSO DOT CO DOT UK, but not we met at the dot or 5 dot 99 at most or at the dot in town
         "#,
         expect![[r#"
             write to jane.doe+news@mail.example.co.uk.
@@ -210,6 +212,10 @@ fn emails_need_a_local_part_and_a_domain_with_a_tld() {
                 -
             mailto:bob@example.com
                 email `bob@example.com` 0.9
+            spelled jane.doe at contoso dot com, not I work at contoso.com
+                email `jane.doe at contoso dot com` 0.9
+            J.SMITH AT MAIL.CONTOSO DOT CO DOT UK, but not we met at the dot or 5 dot 99 at most or at the dot in town
+                email `J.SMITH AT MAIL.CONTOSO DOT CO DOT UK` 0.9
         "#]],
     );
 }
