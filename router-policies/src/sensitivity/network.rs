@@ -24,17 +24,20 @@ fn is_label(byte: u8) -> bool {
     is_alphanumeric(byte) || byte == b'-'
 }
 
+/// Where the local part of an address that ends at `end` starts (`end` when there is none).
+fn local_part_start(bytes: &[u8], end: usize) -> usize {
+    let mut start = end;
+    while start > 0 && end - start < LOCAL_PART_BYTES_MAX && is_local_part(bytes[start - 1]) {
+        start -= 1;
+    }
+    start
+}
+
 /// An e-mail address around the `@` at `at`, or URL credentials when the part before the
 /// `@` follows `scheme://user:`. Returns the end of the domain.
 pub(super) fn email(scanner: &mut Scanner<'_>, at: usize) -> Option<usize> {
     let bytes = scanner.bytes;
-    let mut local_start = at;
-    while local_start > 0
-        && at - local_start < LOCAL_PART_BYTES_MAX
-        && is_local_part(bytes[local_start - 1])
-    {
-        local_start -= 1;
-    }
+    let mut local_start = local_part_start(bytes, at);
     if local_start < at && escaped(bytes, local_start + 1) {
         local_start += 1;
     }
@@ -71,13 +74,7 @@ pub(super) fn email(scanner: &mut Scanner<'_>, at: usize) -> Option<usize> {
 #[inline(never)]
 pub(super) fn spelled_email(scanner: &mut Scanner<'_>, space: usize) -> Option<usize> {
     let bytes = scanner.bytes;
-    let mut local_start = space;
-    while local_start > 0
-        && space - local_start < LOCAL_PART_BYTES_MAX
-        && is_local_part(bytes[local_start - 1])
-    {
-        local_start -= 1;
-    }
+    let local_start = local_part_start(bytes, space);
     let local = &bytes[local_start..space];
     if local.is_empty() || local.starts_with(b".") || local.ends_with(b".") {
         return None;
@@ -85,15 +82,8 @@ pub(super) fn spelled_email(scanner: &mut Scanner<'_>, space: usize) -> Option<u
     let mut position = space + 4;
     let mut spelled_dots = 0;
     loop {
-        let label_end = run_end(bytes, position, LABEL_BYTES_MAX + 1, is_label);
+        let label_end = label_end(bytes, position)?;
         let label = &bytes[position..label_end];
-        if label.is_empty()
-            || label.len() > LABEL_BYTES_MAX
-            || label.starts_with(b"-")
-            || label.ends_with(b"-")
-        {
-            return None;
-        }
         if bytes
             .get(label_end..label_end + 5)
             .is_some_and(|joint| joint.eq_ignore_ascii_case(b" dot "))
@@ -138,21 +128,27 @@ fn spelled_top_level(label: &[u8]) -> bool {
     }
 }
 
+/// The end of a domain label starting at `start`: 1 to 63 letters, digits and inner hyphens.
+fn label_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let end = run_end(bytes, start, LABEL_BYTES_MAX + 1, is_label);
+    let label = &bytes[start..end];
+    (!label.is_empty()
+        && label.len() <= LABEL_BYTES_MAX
+        && !label.starts_with(b"-")
+        && !label.ends_with(b"-"))
+    .then_some(end)
+}
+
 /// The end of a domain of two or more labels whose last is alphabetic, starting at `start`.
 fn domain(bytes: &[u8], start: usize) -> Option<usize> {
     let mut position = start;
     let mut labels = 0;
     let mut valid_end = None;
     while position - start < DOMAIN_BYTES_MAX {
-        let label_end = run_end(bytes, position, LABEL_BYTES_MAX + 1, is_label);
-        let label = &bytes[position..label_end];
-        if label.is_empty()
-            || label.len() > LABEL_BYTES_MAX
-            || label.starts_with(b"-")
-            || label.ends_with(b"-")
-        {
+        let Some(label_end) = label_end(bytes, position) else {
             break;
-        }
+        };
+        let label = &bytes[position..label_end];
         labels += 1;
         if labels >= 2 && label.len() >= 2 && label.iter().all(u8::is_ascii_alphabetic) {
             valid_end = Some(label_end);

@@ -330,16 +330,13 @@ pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> 
     } else {
         false
     };
-    if !secret {
-        return None;
-    }
-    scanner.push(
-        EntityType::Secret,
-        value_start,
-        value_end,
-        ASSIGNED_SECRET_CONFIDENCE,
-    );
-    Some(value_end)
+    secret.then(|| assigned_secret(scanner, value_start, value_end))
+}
+
+/// Reports an assigned or told secret; returns its end.
+fn assigned_secret(scanner: &mut Scanner<'_>, start: usize, end: usize) -> usize {
+    scanner.push(EntityType::Secret, start, end, ASSIGNED_SECRET_CONFIDENCE);
+    end
 }
 
 /// The key in lower case without `-`, `_`, `.` and spaces.
@@ -368,16 +365,8 @@ fn told_password(scanner: &mut Scanner<'_>, word: &[u8], key_end: usize) -> Opti
         return None;
     }
     let (value_start, value_end, quoted) = value_at(bytes, key_end + 4)?;
-    if !password_value(bytes, &bytes[value_start..value_end], value_end, quoted) {
-        return None;
-    }
-    scanner.push(
-        EntityType::Secret,
-        value_start,
-        value_end,
-        ASSIGNED_SECRET_CONFIDENCE,
-    );
-    Some(value_end)
+    password_value(bytes, &bytes[value_start..value_end], value_end, quoted)
+        .then(|| assigned_secret(scanner, value_start, value_end))
 }
 
 fn normalize_key<'k>(key: &[u8], output: &'k mut [u8; KEY_BYTES_MAX]) -> &'k [u8] {
