@@ -24,11 +24,42 @@ fn is_label(byte: u8) -> bool {
     is_alphanumeric(byte) || byte == b'-'
 }
 
+/// The length of the letter outside ASCII that starts at `at` (`ü`, `и`, `中`), else 0:
+/// addresses may hold them in the local part and the domain (RFC 6531, IDNA).
+fn letter_bytes(bytes: &[u8], at: usize) -> usize {
+    let length = match byte_at(bytes, at) {
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => return 0,
+    };
+    bytes
+        .get(at..at + length)
+        .and_then(|encoded| std::str::from_utf8(encoded).ok())
+        .and_then(|text| text.chars().next())
+        .filter(|character| character.is_alphabetic())
+        .map_or(0, |_| length)
+}
+
+/// Where the letter outside ASCII that ends at `end` starts, if one does.
+fn letter_before(bytes: &[u8], end: usize) -> Option<usize> {
+    let start = (end.saturating_sub(4)..end)
+        .rev()
+        .find(|&at| bytes[at] & 0xC0 != 0x80)?;
+    (letter_bytes(bytes, start) == end - start && end > start).then_some(start)
+}
+
 /// Where the local part of an address that ends at `end` starts (`end` when there is none).
 fn local_part_start(bytes: &[u8], end: usize) -> usize {
     let mut start = end;
-    while start > 0 && end - start < LOCAL_PART_BYTES_MAX && is_local_part(bytes[start - 1]) {
-        start -= 1;
+    while start > 0 && end - start < LOCAL_PART_BYTES_MAX {
+        if is_local_part(bytes[start - 1]) {
+            start -= 1;
+        } else if let Some(letter) = letter_before(bytes, start) {
+            start = letter;
+        } else {
+            break;
+        }
     }
     start
 }
@@ -128,15 +159,37 @@ fn spelled_top_level(label: &[u8]) -> bool {
     }
 }
 
-/// The end of a domain label starting at `start`: 1 to 63 letters, digits and inner hyphens.
+/// Whether a domain label may start at `at`.
+fn starts_label(bytes: &[u8], at: usize) -> bool {
+    is_label(byte_at(bytes, at)) || letter_bytes(bytes, at) > 0
+}
+
+/// The end of a domain label starting at `start`: 1 to 63 bytes of letters (any script),
+/// digits and inner hyphens.
 fn label_end(bytes: &[u8], start: usize) -> Option<usize> {
-    let end = run_end(bytes, start, LABEL_BYTES_MAX + 1, is_label);
+    let mut end = start;
+    while end - start <= LABEL_BYTES_MAX {
+        if is_label(byte_at(bytes, end)) {
+            end += 1;
+        } else {
+            match letter_bytes(bytes, end) {
+                0 => break,
+                length => end += length,
+            }
+        }
+    }
     let label = &bytes[start..end];
     (!label.is_empty()
         && label.len() <= LABEL_BYTES_MAX
         && !label.starts_with(b"-")
         && !label.ends_with(b"-"))
     .then_some(end)
+}
+
+/// Letters only, of any script (a top-level domain: `com`, `рф`).
+fn alphabetic(label: &[u8]) -> bool {
+    label.iter().all(u8::is_ascii_alphabetic)
+        || std::str::from_utf8(label).is_ok_and(|text| text.chars().all(char::is_alphabetic))
 }
 
 /// The end of a domain of two or more labels whose last is alphabetic, starting at `start`.
@@ -150,10 +203,10 @@ fn domain(bytes: &[u8], start: usize) -> Option<usize> {
         };
         let label = &bytes[position..label_end];
         labels += 1;
-        if labels >= 2 && label.len() >= 2 && label.iter().all(u8::is_ascii_alphabetic) {
+        if labels >= 2 && label.len() >= 2 && alphabetic(label) {
             valid_end = Some(label_end);
         }
-        if byte_at(bytes, label_end) != b'.' || !is_label(byte_at(bytes, label_end + 1)) {
+        if byte_at(bytes, label_end) != b'.' || !starts_label(bytes, label_end + 1) {
             break;
         }
         position = label_end + 1;

@@ -198,6 +198,7 @@ fn emails_need_a_local_part_and_a_domain_with_a_tld() {
         user@localhost, @mention, a@b.c, x@1.2.3.4
         double..dot@example.com
         mailto:bob@example.com
+        other scripts jürgen.müller@bücher.de, иван@пример.рф; quoted “jane@contoso.com” café@menu
         spelled jane.doe at contoso dot com, not I work at contoso.com
         J.SMITH AT MAIL.CONTOSO DOT CO DOT UK, but not we met at the dot or 5 dot 99 at most or at the dot in town
         "#,
@@ -212,6 +213,10 @@ fn emails_need_a_local_part_and_a_domain_with_a_tld() {
                 -
             mailto:bob@example.com
                 email `bob@example.com` 0.9
+            other scripts jürgen.müller@bücher.de, иван@пример.рф; quoted “jane@contoso.com” café@menu
+                email `jürgen.müller@bücher.de` 0.9
+                email `иван@пример.рф` 0.9
+                email `jane@contoso.com` 0.9
             spelled jane.doe at contoso dot com, not I work at contoso.com
                 email `jane.doe at contoso dot com` 0.9
             J.SMITH AT MAIL.CONTOSO DOT CO DOT UK, but not we met at the dot or 5 dot 99 at most or at the dot in town
