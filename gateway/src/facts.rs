@@ -198,13 +198,22 @@ pub fn firewall(
     request: &RequestView<'_>,
     prompt: &PromptTexts,
 ) -> router_policies::waf::WafVerdict {
+    // A control token or an override phrase split between two text parts is whole in the
+    // joined run; copying the texts is paid only by requests with such runs.
+    let with_runs: Vec<String>;
+    let prompt_texts = if prompt.joined.is_empty() {
+        &prompt.texts
+    } else {
+        with_runs = prompt.texts.iter().chain(&prompt.joined).cloned().collect();
+        &with_runs
+    };
     router_policies::waf::inspect(
         &routing.config.waf,
         &router_policies::waf::WafRequest {
             method: request.method,
             target: request.target,
             headers: request.headers,
-            prompt_texts: &prompt.texts,
+            prompt_texts,
             other_text: &prompt.elsewhere,
             caller: request.caller,
         },
@@ -356,6 +365,9 @@ pub struct PromptTexts {
     /// numbers outside the sampling parameters, one per line: the scan reads them too (the
     /// cloud leg forwards the whole body), the score does not.
     pub elsewhere: String,
+    /// Each run of two or more consecutive text parts of a message, joined as a model reads
+    /// them (also in `elsewhere`, for the scan): the firewall reads them as prompt text.
+    pub joined: Vec<String>,
     /// Conversation turns (messages), 1 for a legacy prompt.
     pub turns: u32,
     pub tools: u32,

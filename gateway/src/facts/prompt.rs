@@ -51,6 +51,7 @@ pub fn prompt_texts(body: &[u8]) -> Result<PromptTexts, String> {
     Ok(PromptTexts {
         texts,
         elsewhere: body_facts.elsewhere,
+        joined: body_facts.joined,
         turns,
         tools: body_facts.tool_count,
         max_tokens: max_tokens.and_then(|tokens| u32::try_from(tokens).ok()),
@@ -260,6 +261,8 @@ struct BodyFacts {
     max_completion_tokens: Option<Option<u64>>,
     max_tokens: Option<Option<u64>>,
     elsewhere: String,
+    /// Runs of consecutive text parts, joined.
+    joined: Vec<String>,
 }
 
 impl<'de> Shapes<'de> for &mut BodyFacts {
@@ -276,6 +279,7 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                     let mut messages = Counted {
                         texts: &mut self.messages,
                         elsewhere,
+                        joined: &mut self.joined,
                         elements: Elements::Messages,
                         count: None,
                     };
@@ -295,6 +299,7 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                     let mut tools = Counted {
                         texts: &mut self.tools,
                         elsewhere,
+                        joined: &mut self.joined,
                         elements: Elements::ToolDefinitions,
                         count: None,
                     };
@@ -388,6 +393,7 @@ impl<'de> Shapes<'de> for AnyStrings<'_> {
 struct Counted<'a> {
     texts: &'a mut Vec<String>,
     elsewhere: &'a mut String,
+    joined: &'a mut Vec<String>,
     elements: Elements,
     count: Option<u32>,
 }
@@ -410,7 +416,9 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
         loop {
             let (texts, elsewhere) = (&mut *self.texts, &mut *self.elsewhere);
             let element = match self.elements {
-                Elements::Messages => seq.next_element_seed(Shaped(Message(texts, elsewhere)))?,
+                Elements::Messages => {
+                    seq.next_element_seed(Shaped(Message(texts, elsewhere, &mut *self.joined)))?
+                }
                 Elements::ToolDefinitions => {
                     seq.next_element_seed(Shaped(AnyStrings(texts, elsewhere)))?
                 }
@@ -427,7 +435,7 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
 
 /// One message: its content, then its tool-call and function-call arguments; its other
 /// fields (`role`, `name`, ids) to `elsewhere`.
-struct Message<'a>(&'a mut Vec<String>, &'a mut String);
+struct Message<'a>(&'a mut Vec<String>, &'a mut String, &'a mut Vec<String>);
 
 impl<'de> Shapes<'de> for Message<'_> {
     fn elsewhere(&mut self) -> &mut String {
@@ -435,13 +443,15 @@ impl<'de> Shapes<'de> for Message<'_> {
     }
 
     fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Message(texts, elsewhere) = self;
+        let Message(texts, elsewhere, joined) = self;
         let mut content = Vec::new();
         let mut tool_calls = Vec::new();
         let mut function_call = Vec::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match key.as_ref() {
-                "content" => map.next_value_seed(Shaped(Content(&mut content, elsewhere)))?,
+                "content" => {
+                    map.next_value_seed(Shaped(Content(&mut content, elsewhere, joined)))?;
+                }
                 "tool_calls" => {
                     map.next_value_seed(Shaped(ToolCalls(&mut tool_calls, elsewhere)))?;
                 }
@@ -466,7 +476,7 @@ impl<'de> Shapes<'de> for Message<'_> {
 
 /// A message's content: a string, or parts whose `text` is taken (or, for a part without
 /// a text string, every string in it), or any other value's strings.
-struct Content<'a>(&'a mut Vec<String>, &'a mut String);
+struct Content<'a>(&'a mut Vec<String>, &'a mut String, &'a mut Vec<String>);
 
 impl<'de> Shapes<'de> for Content<'_> {
     fn elsewhere(&mut self) -> &mut String {
@@ -478,10 +488,11 @@ impl<'de> Shapes<'de> for Content<'_> {
     }
 
     /// Consecutive text parts reach a model as one text, so a value split between them
-    /// (`"card 4111 1111"`, `" 1111 1111"`) is a value: each run of two or more is also
-    /// scanned joined, from `elsewhere`. A part of another kind (an image) ends a run.
+    /// (`"card 4111 1111"`, `" 1111 1111"`) is a value, and a control token split between
+    /// them a control token: each run of two or more is also kept joined, for the scan (in
+    /// `elsewhere`) and the firewall. A part of another kind (an image) ends a run.
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let (texts, elsewhere) = (self.0, self.1);
+        let Content(texts, elsewhere, runs) = self;
         let mut joined = String::new();
         let mut run = 0u32;
         loop {
@@ -496,6 +507,7 @@ impl<'de> Shapes<'de> for Content<'_> {
                 _ => {
                     if run >= 2 {
                         push_elsewhere(elsewhere, &joined);
+                        runs.push(joined.clone());
                     }
                     joined.clear();
                     run = 0;

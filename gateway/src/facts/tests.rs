@@ -90,6 +90,11 @@ fn consecutive_text_parts_are_also_read_joined() {
     assert!(!texts.elsewhere.contains("contoso.comcard"));
     assert!(!texts.elsewhere.contains("data:xcard"));
     assert!(!lines.contains(&"alone"), "{lines:?}");
+    // The firewall reads the same runs as prompt text.
+    assert_eq!(
+        texts.joined,
+        ["mail jane.doe@contoso.com", "card 4111 1111 1111 1111"]
+    );
     // The texts themselves (the complexity score's input) are the parts as sent.
     assert!(texts.texts.iter().any(|text| text == "mail jane.doe@"));
 }
@@ -137,15 +142,33 @@ fn a_body_the_reader_cannot_read_whole_is_an_error() {
 /// The collection as a JSON tree gives it (one value per key, the last): the one-pass reader
 /// must agree with it on every body without repeated keys.
 fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
-    fn content(value: Option<&Value>, texts: &mut Vec<String>) {
+    fn content(value: Option<&Value>, texts: &mut Vec<String>, joined: &mut Vec<String>) {
         match value {
             Some(Value::String(text)) => texts.push(text.clone()),
             Some(Value::Array(parts)) => {
+                // Consecutive text parts (a string, or an object whose `text` is one) also
+                // make one joined text per run of two or more.
+                let mut run = Vec::new();
                 for part in parts {
                     match part.get("text") {
                         Some(Value::String(text)) => texts.push(text.clone()),
                         _ => any(part, texts),
                     }
+                    match part {
+                        Value::String(text) => run.push(text.as_str()),
+                        _ => match part.get("text") {
+                            Some(Value::String(text)) => run.push(text.as_str()),
+                            _ => {
+                                if run.len() >= 2 {
+                                    joined.push(run.concat());
+                                }
+                                run.clear();
+                            }
+                        },
+                    }
+                }
+                if run.len() >= 2 {
+                    joined.push(run.concat());
                 }
             }
             Some(other) => any(other, texts),
@@ -167,7 +190,7 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
     if let Some(Value::Array(messages)) = fields.get("messages") {
         out.turns = u32::try_from(messages.len()).unwrap();
         for message in messages {
-            content(message.get("content"), &mut out.texts);
+            content(message.get("content"), &mut out.texts, &mut out.joined);
             for call in message
                 .get("tool_calls")
                 .and_then(Value::as_array)
