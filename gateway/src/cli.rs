@@ -489,7 +489,50 @@ fn init_logging(logging: &config::LoggingConfig) {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => builder.init(),
     }
+    report_panics_without_data(std::env::var_os(PANIC_MESSAGES_VARIABLE).is_some_and(|v| v == "1"));
 }
+
+/// Set to `1`, panics are logged with every message, data included.
+const PANIC_MESSAGES_VARIABLE: &str = "ISTHMUS_PANIC_MESSAGES";
+
+/// Reports a panic as an error log line: the thread, where, and the message only when it is
+/// text written into the program (`panic!("...")`, `expect("...")`). A message formatted
+/// while running can quote what the code failed on — a string slice out of bounds quotes the
+/// string, which may be a prompt — so it is withheld unless `show_formatted`.
+fn report_panics_without_data(show_formatted: bool) {
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let location = info.location().map_or_else(String::new, |location| {
+            format!(
+                "{}:{}:{}",
+                location.file(),
+                location.line(),
+                location.column()
+            )
+        });
+        let message = panic_message(info.payload(), show_formatted);
+        tracing::error!(thread, location, message, "a thread panicked");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            eprintln!("{backtrace}");
+        }
+    }));
+}
+
+/// What of a panic's message may be logged (see [`report_panics_without_data`]).
+fn panic_message(payload: &(dyn std::any::Any + Send), show_formatted: bool) -> &str {
+    if let Some(message) = payload.downcast_ref::<&'static str>() {
+        return message;
+    }
+    match payload.downcast_ref::<String>() {
+        Some(message) if show_formatted => message,
+        Some(_) => PANIC_MESSAGE_WITHHELD,
+        None => "(not text)",
+    }
+}
+
+const PANIC_MESSAGE_WITHHELD: &str = "(withheld: formatted at run time, it may quote request data; ISTHMUS_PANIC_MESSAGES=1 shows it)";
 
 /// `isthmus build-info`: what packaging needs to know about this binary.
 /// What `check-config` says beyond the models: callers and their limits, stored responses,
@@ -589,3 +632,6 @@ fn build_info() -> serde_json::Value {
         "build_backends_dir": edge_runtime::backends::build_dir(),
     })
 }
+
+#[cfg(test)]
+mod tests;
