@@ -67,6 +67,9 @@ fn local_part_start(bytes: &[u8], end: usize) -> usize {
 /// An e-mail address around the `@` at `at`, or URL credentials when the part before the
 /// `@` follows `scheme://user:`. Returns the end of the domain.
 pub(super) fn email(scanner: &mut Scanner<'_>, at: usize) -> Option<usize> {
+    if let Some(end) = url_credentials(scanner, at) {
+        return Some(end);
+    }
     let bytes = scanner.bytes;
     let mut local_start = local_part_start(bytes, at);
     if local_start < at && escaped(bytes, local_start + 1) {
@@ -80,19 +83,6 @@ pub(super) fn email(scanner: &mut Scanner<'_>, at: usize) -> Option<usize> {
         return None;
     }
     let domain_end = domain(bytes, at + 1)?;
-    if local_start > 0
-        && bytes[local_start - 1] == b':'
-        && let Some(scheme_start) = url_userinfo_start(bytes, local_start - 1)
-    {
-        let end = port_end(bytes, domain_end);
-        scanner.push(
-            EntityType::ConnectionString,
-            scheme_start,
-            end,
-            URL_CREDENTIALS_CONFIDENCE,
-        );
-        return Some(end);
-    }
     scanner.push(EntityType::Email, local_start, domain_end, EMAIL_CONFIDENCE);
     Some(domain_end)
 }
@@ -214,14 +204,28 @@ fn domain(bytes: &[u8], start: usize) -> Option<usize> {
     valid_end
 }
 
-/// Where `scheme://user` starts, for the `:` at `colon` that ends the user name.
-fn url_userinfo_start(bytes: &[u8], colon: usize) -> Option<usize> {
-    let floor = colon.saturating_sub(USERINFO_BYTES_MAX);
-    let mut user_start = colon;
-    while user_start > floor
-        && (is_alphanumeric(bytes[user_start - 1])
-            || matches!(bytes[user_start - 1], b'.' | b'_' | b'-' | b'%' | b'~'))
-    {
+/// Bytes a URL's user name and password may hold as people write them: anything printable
+/// but `/`, `@`, quotes, angle brackets and `\\` (a password's `!`, `#`, `$`, `&` and `*` are
+/// often left unescaped).
+fn is_userinfo(byte: u8) -> bool {
+    (byte > b' '
+        && !matches!(
+            byte,
+            b'/' | b'@' | b'"' | b'\'' | b'`' | b'<' | b'>' | b'\\'
+        ))
+        && byte != 0x7f
+}
+
+/// A URL with a password, `scheme://user:password@host[:port]`, around the `@` at `at`: the
+/// user may be empty (`redis://:password@cache`), the host any name or address
+/// (`localhost`, `10.0.0.5`, `[::1]`), and a password may hold a raw `@` (the host starts
+/// after the last one). A password that stands for one (`{password}`, `$DB_PASSWORD`,
+/// `***`) is not reported. Returns the end of the host and port.
+fn url_credentials(scanner: &mut Scanner<'_>, at: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let floor = at.saturating_sub(USERINFO_BYTES_MAX);
+    let mut user_start = at;
+    while user_start > floor && is_userinfo(bytes[user_start - 1]) {
         user_start -= 1;
     }
     if user_start < 3 || &bytes[user_start - 3..user_start] != b"://" {
@@ -235,7 +239,53 @@ fn url_userinfo_start(bytes: &[u8], colon: usize) -> Option<usize> {
     {
         scheme_start -= 1;
     }
-    (scheme_start < scheme_end && bytes[scheme_start].is_ascii_alphabetic()).then_some(scheme_start)
+    if scheme_start == scheme_end || !bytes[scheme_start].is_ascii_alphabetic() {
+        return None;
+    }
+    let colon = user_start
+        + bytes[user_start..at]
+            .iter()
+            .position(|&byte| byte == b':')?;
+    let mut host_start = at + 1;
+    let mut host_end = url_host_end(bytes, host_start)?;
+    while byte_at(bytes, host_end) == b'@' {
+        host_start = host_end + 1;
+        host_end = url_host_end(bytes, host_start)?;
+    }
+    let password = &bytes[colon + 1..host_start - 1];
+    let escape = password.first() == Some(&b'%')
+        && password.len() >= 3
+        && is_hex(password[1])
+        && is_hex(password[2]);
+    if password.is_empty() || (!escape && super::secrets::placeholder(password)) {
+        return None;
+    }
+    let end = port_end(bytes, host_end);
+    scanner.push(
+        EntityType::ConnectionString,
+        scheme_start,
+        end,
+        URL_CREDENTIALS_CONFIDENCE,
+    );
+    Some(end)
+}
+
+/// The end of a URL's host from `start`: a name or IPv4 address (labels and dots, not
+/// ending in a dot) or a bracketed IPv6 address; `None` when there is none.
+fn url_host_end(bytes: &[u8], start: usize) -> Option<usize> {
+    if byte_at(bytes, start) == b'[' {
+        let close = run_end(bytes, start + 1, 46, |byte| {
+            is_hex(byte) || matches!(byte, b':' | b'.')
+        });
+        return (byte_at(bytes, close) == b']' && close > start + 1).then_some(close + 1);
+    }
+    let mut end = run_end(bytes, start, DOMAIN_BYTES_MAX, |byte| {
+        is_label(byte) || byte == b'.'
+    });
+    while end > start && bytes[end - 1] == b'.' {
+        end -= 1;
+    }
+    (end > start && is_label(bytes[start])).then_some(end)
 }
 
 /// Past a `:port` after a host, if there is one.

@@ -234,6 +234,62 @@ impl Digits {
     }
 }
 
+/// Card numbers written into a longer token, where the scan of whole numbers does not look:
+/// a path (`/cards/4539148803436467/charge`), a file or key name
+/// (`receipt_4539148803436467.pdf`), or a number with more after it (`4539148803436467/0927`,
+/// `…467-visa`). Each whole run of 12 to 19 digits in `start..end` that no letter touches, no
+/// hyphen joins to what comes before, and that is neither part of a decimal number nor an
+/// address's local part is checked as a card (issuer, length and Luhn, as
+/// everywhere). Returns the end of the last card found.
+#[cold]
+#[inline(never)]
+pub(super) fn joined_cards(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let mut found = None;
+    let mut position = start;
+    while position < end {
+        if !bytes[position].is_ascii_digit() {
+            position += 1;
+            continue;
+        }
+        let digits_end = run_end(bytes, position, end - position, |byte| {
+            byte.is_ascii_digit()
+        });
+        let length = digits_end - position;
+        let before = byte_at(bytes, position.wrapping_sub(1));
+        let after = byte_at(bytes, digits_end);
+        // `ORD-4111111111111111`, `2024-…`: joined by a hyphen, the digits end an identifier.
+        let touches_letter = before.is_ascii_alphabetic()
+            || before == b'-'
+            || after.is_ascii_alphabetic()
+            || after == b'@';
+        // `0.4539148803436467`, `4539148803436467.5`: decimals of a measurement.
+        let decimal = (matches!(before, b'.' | b',')
+            && is_digit(byte_at(bytes, position.wrapping_sub(2))))
+            || (matches!(after, b'.' | b',') && is_digit(byte_at(bytes, digits_end + 1)));
+        if (12..=19).contains(&length) && !touches_letter && !decimal {
+            let mut digits = Digits {
+                values: [0; DIGITS_MAX],
+                length,
+            };
+            for (value, &byte) in digits.values.iter_mut().zip(&bytes[position..digits_end]) {
+                *value = byte - b'0';
+            }
+            if card(&digits) {
+                scanner.push(
+                    EntityType::CreditCard,
+                    position,
+                    digits_end,
+                    CARD_CONFIDENCE,
+                );
+                found = Some(digits_end);
+            }
+        }
+        position = digits_end;
+    }
+    found
+}
+
 /// Recognizers for a run that starts with a digit at `start` (`word_end`: the run's end).
 pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> Option<usize> {
     let bytes = scanner.bytes;

@@ -272,7 +272,11 @@ pub(super) fn scan_builtin(text: &str, encoded: &mut Vec<Range<usize>>) -> Vec<F
         if end - start >= ENCODED_BYTES_MIN {
             encoded.push(start..end);
         }
-        let resume = dispatch(&mut scanner, start, word_end, end);
+        let mut resume = dispatch(&mut scanner, start, word_end, end);
+        // The shortest card number and one byte joining it to more.
+        if resume.is_none() && word_end - start > 12 {
+            resume = numbers::joined_cards(&mut scanner, start, word_end);
+        }
         index = resume.map_or(end, |resume| resume.max(end));
     }
     scanner.found
@@ -294,6 +298,10 @@ fn dispatch(scanner: &mut Scanner<'_>, start: usize, word_end: usize, end: usize
     }
     let matched = if class & DIGIT != 0 {
         numbers::scan(scanner, start, word_end)
+    } else if first == b'P'
+        && let Some(resume) = secrets::putty_key(scanner, start)
+    {
+        Some(resume)
     } else if class & UPPER != 0 {
         identifiers::scan(scanner, start, word_end)
     } else if first == b'+' {

@@ -31,6 +31,8 @@ const CONTEXT_BYTES: usize = 48;
 
 /// Shannon entropy, in bits per byte, above which a token with a context word is a secret.
 const ENTROPY_BITS_MIN: f32 = 3.5;
+/// Letters after `hf_` in a Hugging Face access token.
+const HUGGING_FACE_TOKEN_LETTERS: usize = 34;
 /// Entropy above which the value of a secret-named key is a secret.
 const VALUE_ENTROPY_BITS_MIN: f32 = 3.0;
 /// The shortest password value, in bytes.
@@ -202,21 +204,60 @@ pub(super) fn pem_block(scanner: &mut Scanner<'_>, start: usize) -> Option<usize
                 .filter(|&offset| offset <= 40);
             dashes.map_or(footer, |offset| footer + offset + 5)
         }
-        None => {
-            let paragraph = body
-                .windows(2)
-                .position(|window| window == b"\n\n")
-                .map_or(limit, |offset| body_start + offset);
-            let mut end = paragraph;
-            while end > body_start && bytes[end - 1].is_ascii_whitespace() {
-                end -= 1;
-            }
-            end.max(body_start)
-        }
+        None => paragraph_end(bytes, body_start, limit),
     };
     if private {
         scanner.push(EntityType::PrivateKey, start, end, PRIVATE_KEY_CONFIDENCE);
     }
+    Some(end)
+}
+
+/// The end of the paragraph that `from` is in (a blank line or `limit`), trailing
+/// whitespace left out.
+fn paragraph_end(bytes: &[u8], from: usize, limit: usize) -> usize {
+    let paragraph = bytes[from..limit]
+        .windows(2)
+        .position(|window| window == b"\n\n")
+        .map_or(limit, |offset| from + offset);
+    let mut end = paragraph;
+    while end > from && bytes[end - 1].is_ascii_whitespace() {
+        end -= 1;
+    }
+    end.max(from)
+}
+
+/// A PuTTY private key file from its `PuTTY-User-Key-File-2:` (or `-3:`) line through its
+/// `Private-MAC:` line, or to the end of its paragraph when that is missing.
+pub(super) fn putty_key(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    const HEADER: &[u8] = b"PuTTY-User-Key-File-";
+    const MAC: &[u8] = b"Private-MAC:";
+    let bytes = scanner.bytes;
+    if !bytes[start..].starts_with(HEADER)
+        || !byte_at(bytes, start + HEADER.len()).is_ascii_digit()
+        || byte_at(bytes, start + HEADER.len() + 1) != b':'
+    {
+        return None;
+    }
+    let body_start = start + HEADER.len() + 2;
+    let limit = bytes.len().min(start.saturating_add(PEM_BYTES_MAX));
+    let end = match bytes[body_start..limit]
+        .windows(MAC.len())
+        .position(|window| window == MAC)
+    {
+        Some(offset) => {
+            let mac = body_start + offset + MAC.len();
+            bytes[mac..limit]
+                .iter()
+                .position(|&byte| byte == b'\n')
+                .map_or(limit, |offset| mac + offset)
+        }
+        None => paragraph_end(bytes, body_start, limit),
+    };
+    let mut end = end;
+    while end > body_start && bytes[end - 1].is_ascii_whitespace() {
+        end -= 1;
+    }
+    scanner.push(EntityType::PrivateKey, start, end, PRIVATE_KEY_CONFIDENCE);
     Some(end)
 }
 
@@ -425,7 +466,7 @@ fn value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)> {
 
 /// Values that stand for a secret: templates (`<...>`, `${...}`, `{{...}}`, `%...%`), masks
 /// (`****`, `xxxx`) and common stand-in words.
-fn placeholder(value: &[u8]) -> bool {
+pub(super) fn placeholder(value: &[u8]) -> bool {
     matches!(value[0], b'<' | b'$' | b'{' | b'%' | b'*')
         || value.iter().all(|&byte| byte == value[0])
         || PLACEHOLDERS
@@ -567,9 +608,7 @@ pub(super) fn token(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Opti
     let prefixed = TOKEN_PREFIXES.iter().any(|prefix| {
         token.len() >= prefix.len() + 16
             && token.starts_with(prefix.as_bytes())
-            && token[prefix.len()..]
-                .iter()
-                .any(|byte| byte.is_ascii_digit())
+            && random_tail(prefix, &token[prefix.len()..])
     });
     if prefixed && (start == 0 || !is_alphanumeric(bytes[start - 1])) {
         scanner.push(EntityType::Secret, start, end, PREFIXED_TOKEN_CONFIDENCE);
@@ -598,6 +637,18 @@ pub(super) fn token(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Opti
         return Some(end);
     }
     None
+}
+
+/// Whether what follows an issuer prefix is a token rather than a name (`sk-learn-models`,
+/// `hf_hub_download`): it holds a digit, or it has the shape of a Hugging Face token, 34
+/// letters in both cases and nothing else (its tokens often hold no digit).
+fn random_tail(prefix: &str, tail: &[u8]) -> bool {
+    tail.iter().any(u8::is_ascii_digit)
+        || (prefix == "hf_"
+            && tail.len() == HUGGING_FACE_TOKEN_LETTERS
+            && tail.iter().all(u8::is_ascii_alphabetic)
+            && tail.iter().any(u8::is_ascii_uppercase)
+            && tail.iter().any(u8::is_ascii_lowercase))
 }
 
 /// 40 base64 characters in mixed case, as AWS secret access keys are.

@@ -105,6 +105,40 @@ fn card_numbers_pass_luhn_issuer_and_length() {
 }
 
 #[test]
+fn card_numbers_joined_into_paths_names_and_longer_tokens_are_found() {
+    check(
+        r#"
+        GET https://pay.example/cards/4539148803436467/charge
+        cards/4539148803436467 and receipt_4539148803436467.pdf
+        4539148803436467/0927 and 4539148803436467/12 and 4539148803436467-visa
+        cards/4539148803436468/charge fails Luhn, order-2024-4539148803436467 is an identifier, acct4539148803436467 and 4539148803436467visa touch letters
+        [0.4539148803436467, 0.5555555555554444]
+        4539148803436467.25
+        https://x.example/status/1790123456789012345 and build 20240115123456789
+        "#,
+        expect![[r#"
+            GET https://pay.example/cards/4539148803436467/charge
+                credit_card `4539148803436467` 0.95
+            cards/4539148803436467 and receipt_4539148803436467.pdf
+                credit_card `4539148803436467` 0.95
+                credit_card `4539148803436467` 0.95
+            4539148803436467/0927 and 4539148803436467/12 and 4539148803436467-visa
+                credit_card `4539148803436467` 0.95
+                credit_card `4539148803436467` 0.95
+                credit_card `4539148803436467` 0.95
+            cards/4539148803436468/charge fails Luhn, order-2024-4539148803436467 is an identifier, acct4539148803436467 and 4539148803436467visa touch letters
+                -
+            [0.4539148803436467, 0.5555555555554444]
+                -
+            4539148803436467.25
+                -
+            https://x.example/status/1790123456789012345 and build 20240115123456789
+                -
+        "#]],
+    );
+}
+
+#[test]
 fn ibans_pass_mod_97_and_country_length() {
     check(
         r#"
@@ -532,6 +566,65 @@ fn cloud_credentials_have_their_formats() {
 }
 
 #[test]
+fn urls_with_a_password_are_connection_strings_whatever_the_host() {
+    check(
+        r#"
+        mongodb+srv://admin:S3cretPass!@cluster0.ab1cd.mongodb.net/prod
+        redis://:p4ssw0rdRedis@10.0.0.5:6379/0
+        postgresql://svc:Tr0ub4dor&3@localhost/app
+        amqp://guest:gu3st#1@[fd00::12]:5672
+        ftp://deploy:p@ss-w0rd@files.internal:2121/drop
+        mysql://root:%40dm1n@db
+        "postgres://{user}:{password}@{host}/{db}" and mysql://root:$MYSQL_PWD@db
+        redis://:***@cache and https://user:@example.com and https://jane@example.com/x
+        see https://example.com/find?who=jane@contoso.com
+        "#,
+        expect![[r#"
+            mongodb+srv://admin:S3cretPass!@cluster0.ab1cd.mongodb.net/prod
+                connection_string `mongodb+srv://admin:S3cretPass!@cluster0.ab1cd.mongodb.net` 0.9
+            redis://:p4ssw0rdRedis@10.0.0.5:6379/0
+                connection_string `redis://:p4ssw0rdRedis@10.0.0.5:6379` 0.9
+            postgresql://svc:Tr0ub4dor&3@localhost/app
+                connection_string `postgresql://svc:Tr0ub4dor&3@localhost` 0.9
+            amqp://guest:gu3st#1@[fd00::12]:5672
+                connection_string `amqp://guest:gu3st#1@[fd00::12]:5672` 0.9
+            ftp://deploy:p@ss-w0rd@files.internal:2121/drop
+                connection_string `ftp://deploy:p@ss-w0rd@files.internal:2121` 0.9
+            mysql://root:%40dm1n@db
+                connection_string `mysql://root:%40dm1n@db` 0.9
+            "postgres://{user}:{password}@{host}/{db}" and mysql://root:$MYSQL_PWD@db
+                -
+            redis://:***@cache and https://user:@example.com and https://jane@example.com/x
+                email `jane@example.com` 0.9
+            see https://example.com/find?who=jane@contoso.com
+                email `jane@contoso.com` 0.9
+        "#]],
+    );
+}
+
+#[test]
+fn a_putty_key_file_is_one_private_key_through_its_mac_line() {
+    let text = "Here is the key:\nPuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\n\
+                Comment: ops\nPublic-Lines: 2\nAAAAC3NzaC1lZDI1NTE5AAAAIOdq\nA4Zx1b2c\n\
+                Private-Lines: 1\nAAAAIGx2Yk1tZ3dQY3ZrR0F5bHhwN0R6\n\
+                Private-MAC: 5b1c2d3e4f5a6b7c8d9e\nThanks, jane@contoso.com";
+    let findings = Recognizers::default().scan(text);
+    let found: Vec<(String, &str)> = findings
+        .iter()
+        .map(|finding| (finding.entity.to_string(), &text[finding.span.clone()]))
+        .collect();
+    let key_start = text.find("PuTTY").expect("the key");
+    let key_end = text.find("\nThanks").expect("the line after");
+    assert_eq!(
+        found,
+        [
+            ("private_key".to_owned(), &text[key_start..key_end]),
+            ("email".to_owned(), "jane@contoso.com"),
+        ]
+    );
+}
+
+#[test]
 fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
     let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
     let cases = format!(
@@ -554,6 +647,11 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
         token f47ac10b-58cc-4372-a567-0e02b2c3d479
         token 550e8400-e29b-41d4-a716-446655440000 has too little entropy
         internationalization_and_localization_frameworks
+        huggingface token hf_jBkLnYpQrStUvWxYzAbCdEfGhIjKlMnOpq and hf_hub_download_and_cache_the_files
+        sk-learnModelSelectionStrategies is a name, hf_ThisIsMyTestFunctionNameForModel too
+        PuTTY-User-Key-File-3: ssh-ed25519 Encryption: none Comment: ops Public-Lines: 2 AAAAC3NzaC1lZDI1NTE5 Private-Lines: 1 AAAAIGx2Yk1tZ3dQY3ZrR0F5 Private-MAC: 5b1c2d3e4f
+        PuTTY-User-Key-File-2: ssh-rsa Encryption: none Private-Lines: 1 AAAAIGx2Yk1tZ3dQY3Zr
+        PuTTY-User-Key-File is PuTTY's format
         "#
     );
     check(
@@ -596,6 +694,16 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
             token 550e8400-e29b-41d4-a716-446655440000 has too little entropy
                 -
             internationalization_and_localization_frameworks
+                -
+            huggingface token hf_jBkLnYpQrStUvWxYzAbCdEfGhIjKlMnOpq and hf_hub_download_and_cache_the_files
+                secret `hf_jBkLnYpQrStUvWxYzAbCdEfGhIjKlMnOpq` 0.9
+            sk-learnModelSelectionStrategies is a name, hf_ThisIsMyTestFunctionNameForModel too
+                -
+            PuTTY-User-Key-File-3: ssh-ed25519 Encryption: none Comment: ops Public-Lines: 2 AAAAC3NzaC1lZDI1NTE5 Private-Lines: 1 AAAAIGx2Yk1tZ3dQY3ZrR0F5 Private-MAC: 5b1c2d3e4f
+                private_key `PuTTY-User-Key-File-3: ssh-ed25519 Encryption: none Comment: ops Public-Lines: 2 AAAAC3NzaC1lZDI1NTE5 Private-Lines: 1 AAAAIGx2Yk1tZ3dQY3ZrR0F5 Private-MAC: 5b1c2d3e4f` 0.99
+            PuTTY-User-Key-File-2: ssh-rsa Encryption: none Private-Lines: 1 AAAAIGx2Yk1tZ3dQY3Zr
+                private_key `PuTTY-User-Key-File-2: ssh-rsa Encryption: none Private-Lines: 1 AAAAIGx2Yk1tZ3dQY3Zr` 0.99
+            PuTTY-User-Key-File is PuTTY's format
                 -
         "#]],
     );
