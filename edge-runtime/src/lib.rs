@@ -465,9 +465,15 @@ pub struct ModelStats {
     kv_cells_total: AtomicU64,
     prefix_cache_entries: AtomicU64,
     prefix_cache_host_bytes: AtomicU64,
+    workers_failed: AtomicU64,
 }
 
 impl ModelStats {
+    /// The model's inference threads (lanes and the embeddings worker) that ended by a
+    /// panic: their requests failed, and what they served fails until a restart.
+    pub fn workers_failed(&self) -> u64 {
+        self.workers_failed.load(Ordering::Relaxed)
+    }
     /// Requests waiting for a free sequence.
     pub fn queue_depth(&self) -> u64 {
         self.queue_depth.load(Ordering::Relaxed)

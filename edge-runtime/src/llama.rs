@@ -40,9 +40,9 @@ use crate::stop::{StopMatcher, StopOutcome, TokenValues};
 use crate::utf8::Utf8Assembler;
 use crate::{
     Completion, EmbeddingError, EmbeddingInput, Embeddings, EngineOptions, Event, FinishReason,
-    GenerationError, GenerationRequest, LoadError, ModelInfo, ModelSpec, PreparedPrompt, Prompt,
-    PromptError, SamplingParams, SharedStats, SubmitError, Timings, TokenLogprobs, TopLogprob,
-    Usage,
+    GenerationError, GenerationRequest, LoadError, ModelInfo, ModelSpec, ModelStats,
+    PreparedPrompt, Prompt, PromptError, SamplingParams, SharedStats, SubmitError, Timings,
+    TokenLogprobs, TopLogprob, Usage,
 };
 use scan::{GreedyRow, ScanCrew, greedy_choice};
 
@@ -511,10 +511,13 @@ impl ModelHandle {
             threads: i32::try_from(spec.threads).unwrap_or(i32::MAX),
             name: spec.name.clone(),
         };
+        let embedding_stats = Arc::clone(&stats);
         match std::thread::Builder::new()
             .name(format!("embed-{}", spec.name))
-            .spawn(move || embedding.run(&embed_jobs))
-        {
+            .spawn(move || {
+                let model = embedding.name.clone();
+                counting_panics(&embedding_stats, &model, || embedding.run(&embed_jobs));
+            }) {
             Ok(thread) => threads.push(thread),
             Err(error) => {
                 stop_lanes(&lanes, threads);
@@ -1018,9 +1021,15 @@ fn start_lane(
     } else {
         format!("infer-{}", spec.name)
     };
+    let thread_stats = Arc::clone(stats);
+    let model_name = spec.name.clone();
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || worker.run(receiver, ready_sender))
+        .spawn(move || {
+            counting_panics(&thread_stats, &model_name, || {
+                worker.run(receiver, ready_sender);
+            });
+        })
         .map_err(|error| LoadError::Worker {
             model: spec.name.clone(),
             reason: error.to_string(),
@@ -1041,6 +1050,20 @@ fn start_lane(
                 reason: "worker ended during start-up".to_owned(),
             })
         }
+    }
+}
+
+/// Runs an inference thread's `body`. A panic in it ends the thread as before (its requests
+/// fail as their event channels close), but is counted in the model's `workers_failed`,
+/// which the gateway's health checks read, instead of going unseen.
+fn counting_panics(stats: &ModelStats, model: &str, body: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+        stats.workers_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            model,
+            "an inference thread panicked: its requests failed, and the model's health \
+             checks fail until the gateway restarts"
+        );
     }
 }
 

@@ -29,7 +29,8 @@ impl Admin {
             .state
             .listeners_bound
             .load(std::sync::atomic::Ordering::Acquire);
-        let ready = models_loaded && listeners_bound;
+        let models_failed = self.state.failed_models();
+        let ready = models_loaded && models_failed.is_empty() && listeners_bound;
         let status = if ready {
             StatusCode::OK
         } else {
@@ -40,6 +41,7 @@ impl Admin {
             serde_json::json!({
                 "ready": ready,
                 "models_loaded": models_loaded,
+                "models_failed": models_failed,
                 "listeners_bound": listeners_bound,
             }),
         )
@@ -665,11 +667,26 @@ impl Admin {
             Some(_) => {}
         }
         match path.as_str() {
-            "/healthz" => respond(
-                StatusCode::OK,
-                "text/plain; charset=utf-8",
-                b"ok\n".to_vec(),
-            ),
+            "/healthz" => {
+                let failed = self.state.failed_models();
+                if failed.is_empty() {
+                    respond(
+                        StatusCode::OK,
+                        "text/plain; charset=utf-8",
+                        b"ok\n".to_vec(),
+                    )
+                } else {
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain; charset=utf-8",
+                        format!(
+                            "an inference thread of {} ended by a panic; restart the gateway\n",
+                            failed.join(", ")
+                        )
+                        .into_bytes(),
+                    )
+                }
+            }
             "/readyz" => {
                 let (status, body) = self.readiness();
                 json(status, &body)

@@ -173,6 +173,7 @@ pub struct ModelGauges {
     pub kv_cells_total: u64,
     pub prefix_cache_entries: u64,
     pub prefix_cache_host_bytes: u64,
+    pub workers_failed: u64,
 }
 
 /// The gateway's metrics.
@@ -449,7 +450,7 @@ impl Metrics {
         }
         drop(registry);
 
-        let series: [ModelSeries; 16] = [
+        let series: [ModelSeries; 17] = [
             (
                 "isthmus_local_queue_depth",
                 "gauge",
@@ -545,6 +546,12 @@ impl Metrics {
                 "gauge",
                 "Host memory the prefixes kept for reuse take (one KV cache per sequence).",
                 |g| g.prefix_cache_host_bytes as f64,
+            ),
+            (
+                "isthmus_local_workers_failed",
+                "gauge",
+                "Inference threads of the model that ended by a panic; above 0, its requests fail and /healthz answers 503 until a restart.",
+                |g| g.workers_failed as f64,
             ),
         ];
         for (name, kind, help, value) in series {

@@ -74,9 +74,25 @@ impl AppState {
         }
     }
 
-    /// Models loaded (when there are any) and listeners bound.
+    /// Models loaded (when there are any) with none of their inference threads failed, and
+    /// listeners bound.
     pub fn ready(&self) -> bool {
-        self.models_loaded() && self.listeners_bound.load(Ordering::Acquire)
+        self.models_loaded()
+            && self.failed_models().is_empty()
+            && self.listeners_bound.load(Ordering::Acquire)
+    }
+
+    /// Models one of whose inference threads ended by a panic: what it served fails until
+    /// a restart, so `/healthz` and `/readyz` fail.
+    pub fn failed_models(&self) -> Vec<String> {
+        self.engine.get().map_or_else(Vec::new, |engine| {
+            engine
+                .models()
+                .iter()
+                .filter(|model| model.stats().workers_failed() > 0)
+                .map(|model| model.info().name.clone())
+                .collect()
+        })
     }
 
     pub fn models_loaded(&self) -> bool {
@@ -192,6 +208,7 @@ impl AppState {
                     kv_cells_total: stats.kv_cells_total(),
                     prefix_cache_entries: stats.prefix_cache_entries(),
                     prefix_cache_host_bytes: stats.prefix_cache_host_bytes(),
+                    workers_failed: stats.workers_failed(),
                 }
             })
             .collect()

@@ -1327,3 +1327,23 @@ fn logit_bias_and_penalties_steer_the_choice() {
     cells_settle_at_zero(&model);
     drop(engine);
 }
+
+#[test]
+fn a_panicking_inference_thread_is_counted_as_failed() {
+    let stats = crate::SharedStats::default();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let thread_stats = std::sync::Arc::clone(&stats);
+    let ended = std::thread::spawn(move || {
+        super::counting_panics(&thread_stats, "smollm2", || {
+            panic!("a bug in a decode step")
+        });
+        "the thread ends normally"
+    })
+    .join();
+    std::panic::set_hook(hook);
+    assert_eq!(ended.ok(), Some("the thread ends normally"));
+    assert_eq!(stats.workers_failed(), 1);
+    super::counting_panics(&stats, "smollm2", || {});
+    assert_eq!(stats.workers_failed(), 1);
+}
