@@ -74,26 +74,61 @@ const SECRET_CONTEXT: &[&str] = &[
 /// Words that make a nearby 40-character base64 token an AWS secret access key.
 const AWS_CONTEXT: &[&str] = &["aws", "secret"];
 
-/// Issuer prefixes of tokens: GitHub, GitLab, Slack, OpenAI, Stripe, Hugging Face, Google.
-/// A token needs at least 16 more characters after its prefix.
-const TOKEN_PREFIXES: &[&str] = &[
-    "ghp_",
-    "gho_",
-    "ghu_",
-    "ghs_",
-    "ghr_",
-    "github_pat_",
-    "glpat-",
-    "xoxb-",
-    "xoxp-",
-    "xoxa-",
-    "xoxs-",
-    "sk-",
-    "sk_live_",
-    "rk_live_",
-    "sk_test_",
-    "hf_",
-    "AIza",
+/// Issuer prefixes of tokens, each with the fewest characters its tokens have after it
+/// (fewer than the issuer writes, so that a cut copy still counts, but enough that a name
+/// such as `xai-grok-2-vision-1212` does not).
+const TOKEN_PREFIXES: &[(&str, usize)] = &[
+    // GitHub
+    ("ghp_", 16),
+    ("gho_", 16),
+    ("ghu_", 16),
+    ("ghs_", 16),
+    ("ghr_", 16),
+    ("github_pat_", 16),
+    // GitLab: personal, runner, deploy and trigger tokens
+    ("glpat-", 16),
+    ("glrt-", 16),
+    ("gldt-", 16),
+    ("glptt-", 16),
+    // Slack: bot, user, app, refresh
+    ("xoxb-", 16),
+    ("xoxp-", 16),
+    ("xoxa-", 16),
+    ("xoxs-", 16),
+    ("xoxe-", 16),
+    ("xapp-", 30),
+    // OpenAI, Anthropic (`sk-ant-`), OpenRouter (`sk-or-`), Stripe
+    ("sk-", 16),
+    ("sk_live_", 16),
+    ("rk_live_", 16),
+    ("sk_test_", 16),
+    // Other model providers: Hugging Face, Groq, xAI, Perplexity, NVIDIA, Replicate
+    ("hf_", 16),
+    ("gsk_", 40),
+    ("xai-", 60),
+    ("pplx-", 40),
+    ("nvapi-", 50),
+    ("r8_", 30),
+    // Google API keys and OAuth client secrets
+    ("AIza", 16),
+    ("GOCSPX-", 20),
+    // Package registries and developer services
+    ("npm_", 36),
+    ("pypi-AgEIcHlwaS5vcmc", 16),
+    ("dckr_pat_", 20),
+    ("dop_v1_", 40),
+    ("doo_v1_", 40),
+    ("dor_v1_", 40),
+    ("lin_api_", 30),
+    ("figd_", 30),
+    ("shpat_", 32),
+    ("shpss_", 32),
+    ("shpca_", 32),
+    ("shppa_", 32),
+    ("sq0atp-", 20),
+    ("sq0csp-", 20),
+    // age encryption keys
+    ("AGE-SECRET-KEY-1", 40),
 ];
 
 /// Key suffixes (lower case, without `-`, `_`, `.`) whose value is a password.
@@ -605,8 +640,8 @@ fn sas(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
 pub(super) fn token(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     let token = &bytes[start..end];
-    let prefixed = TOKEN_PREFIXES.iter().any(|prefix| {
-        token.len() >= prefix.len() + 16
+    let prefixed = TOKEN_PREFIXES.iter().any(|&(prefix, rest_min)| {
+        token.len() >= prefix.len() + rest_min
             && token.starts_with(prefix.as_bytes())
             && random_tail(prefix, &token[prefix.len()..])
     });

@@ -625,6 +625,61 @@ fn a_putty_key_file_is_one_private_key_through_its_mac_line() {
 }
 
 #[test]
+fn tokens_of_known_issuers_are_secrets_and_names_after_their_prefixes_are_not() {
+    check(
+        r#"
+        groq 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
+        xai-XDuCL1mHoOsFaQfDPrAJ71fTquWoGsbeKXgzg2sye9b2Rann76dEyTzAeKOmXRrvftva9AW7hipTgadD
+        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
+        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
+        r8_E6wSt9cbMOeEeUtuieeCIxVc57VVTiY96vwfR
+        npm_E5e32A8Yb3FKaNQyyLaMeffOhq4AUvy7VSLD
+        pypi-AgEIcHlwaS5vcmcCD1IfHWGbtMfEbo9ShFXNQ6Fq5axtjRNmHkW5vQ7CF5puzQqmOBZZW6m4nyo
+        dckr_pat_L6uniiFw152cTe8r0khCEr7n1Ay and glrt-uzDBGwBnMxaOSc2mlADx
+        dop_v1_faea21818b904ce6087413e3b266f850f1578b5c72dc4ee60caea63367c29a80
+        lin_api_wGfcCvJAXrF6bnZ3eBZclIvRY6iEjH5UH1RSC84F and 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
+        sq0atp-FivB50756EHugmANb7qiSX and 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
+        AGE-SECRET-KEY-1MPC62DDDGWKT55VDVXG0G9SCXM6GVEPXVKH84VY7XPZ7FVT8DT2JXRGAYX
+        xapp-1-A0Vxz6mMkgGYau5fZ1T436O8zKMmGLvZWqr6hVVXk0
+        model xai-grok-2-vision-1212, npm_package_devDependencies_typescript, gsk_client_v2_config
+        "#,
+        expect![[r#"
+            groq 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
+                secret `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` 0.9
+            xai-XDuCL1mHoOsFaQfDPrAJ71fTquWoGsbeKXgzg2sye9b2Rann76dEyTzAeKOmXRrvftva9AW7hipTgadD
+                secret `xai-XDuCL1mHoOsFaQfDPrAJ71fTquWoGsbeKXgzg2sye9b2Rann76dEyTzAeKOmXRrvftva9AW7hipTgadD` 0.9
+            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
+                secret `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` 0.9
+            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
+                secret `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` 0.9
+            r8_E6wSt9cbMOeEeUtuieeCIxVc57VVTiY96vwfR
+                secret `r8_E6wSt9cbMOeEeUtuieeCIxVc57VVTiY96vwfR` 0.9
+            npm_E5e32A8Yb3FKaNQyyLaMeffOhq4AUvy7VSLD
+                secret `npm_E5e32A8Yb3FKaNQyyLaMeffOhq4AUvy7VSLD` 0.9
+            pypi-AgEIcHlwaS5vcmcCD1IfHWGbtMfEbo9ShFXNQ6Fq5axtjRNmHkW5vQ7CF5puzQqmOBZZW6m4nyo
+                secret `pypi-AgEIcHlwaS5vcmcCD1IfHWGbtMfEbo9ShFXNQ6Fq5axtjRNmHkW5vQ7CF5puzQqmOBZZW6m4nyo` 0.9
+            dckr_pat_L6uniiFw152cTe8r0khCEr7n1Ay and glrt-uzDBGwBnMxaOSc2mlADx
+                secret `dckr_pat_L6uniiFw152cTe8r0khCEr7n1Ay` 0.9
+                secret `glrt-uzDBGwBnMxaOSc2mlADx` 0.9
+            dop_v1_faea21818b904ce6087413e3b266f850f1578b5c72dc4ee60caea63367c29a80
+                secret `dop_v1_faea21818b904ce6087413e3b266f850f1578b5c72dc4ee60caea63367c29a80` 0.9
+            lin_api_wGfcCvJAXrF6bnZ3eBZclIvRY6iEjH5UH1RSC84F and 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
+                secret `lin_api_wGfcCvJAXrF6bnZ3eBZclIvRY6iEjH5UH1RSC84F` 0.9
+                secret `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` 0.9
+            sq0atp-FivB50756EHugmANb7qiSX and 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
+                secret `sq0atp-FivB50756EHugmANb7qiSX` 0.9
+                secret `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` 0.9
+            AGE-SECRET-KEY-1MPC62DDDGWKT55VDVXG0G9SCXM6GVEPXVKH84VY7XPZ7FVT8DT2JXRGAYX
+                secret `AGE-SECRET-KEY-1MPC62DDDGWKT55VDVXG0G9SCXM6GVEPXVKH84VY7XPZ7FVT8DT2JXRGAYX` 0.9
+            xapp-1-A0Vxz6mMkgGYau5fZ1T436O8zKMmGLvZWqr6hVVXk0
+                secret `xapp-1-A0Vxz6mMkgGYau5fZ1T436O8zKMmGLvZWqr6hVVXk0` 0.9
+            model xai-grok-2-vision-1212, npm_package_devDependencies_typescript, gsk_client_v2_config
+                -
+        "#]],
+    );
+}
+
+#[test]
 fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
     let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
     let cases = format!(
