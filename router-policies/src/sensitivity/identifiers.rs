@@ -165,6 +165,37 @@ pub(super) fn any_case_iban(scanner: &mut Scanner<'_>, start: usize) -> Option<u
     Some(end)
 }
 
+/// Compact IBANs written into a longer token (`/accounts/DE89370400440532013000/balance`,
+/// `acct_GB82WEST12345698765432`): each part of `start..end` between `/ _ - +` that starts
+/// with two upper-case letters and two digits, has its country's length and passes mod-97.
+/// Returns the end of the last one found.
+#[cold]
+#[inline(never)]
+pub(super) fn joined_ibans(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let mut found = None;
+    let mut position = start;
+    while position < end {
+        let part_end = run_end(bytes, position, end - position, is_alphanumeric);
+        let part = &bytes[position..part_end];
+        if part.len() >= 4
+            && part[0].is_ascii_uppercase()
+            && part[1].is_ascii_uppercase()
+            && is_digit(part[2])
+            && is_digit(part[3])
+            && IBAN_LENGTHS
+                .iter()
+                .any(|(code, length)| code[..] == part[..2] && *length == part.len())
+            && iban_checksum(part)
+        {
+            scanner.push(EntityType::Iban, position, part_end, IBAN_CONFIDENCE);
+            found = Some(part_end);
+        }
+        position = part_end + 1;
+    }
+    found
+}
+
 /// An IBAN, compact or in groups of four joined by single spaces, hyphens or dots (the same
 /// throughout), letters of either case: the country's length and mod-97 of the rearranged
 /// number equal to 1. Returns its end.

@@ -273,9 +273,11 @@ pub(super) fn scan_builtin(text: &str, encoded: &mut Vec<Range<usize>>) -> Vec<F
             encoded.push(start..end);
         }
         let mut resume = dispatch(&mut scanner, start, word_end, end);
-        // The shortest card number and one byte joining it to more.
+        // The shortest card number or IBAN and one byte joining it to more.
         if resume.is_none() && word_end - start > 12 {
-            resume = numbers::joined_cards(&mut scanner, start, word_end);
+            let cards = numbers::joined_cards(&mut scanner, start, word_end);
+            let ibans = identifiers::joined_ibans(&mut scanner, start, word_end);
+            resume = cards.max(ibans);
         }
         index = resume.map_or(end, |resume| resume.max(end));
     }

@@ -105,9 +105,12 @@ fn card_numbers_pass_luhn_issuer_and_length() {
 }
 
 #[test]
-fn card_numbers_joined_into_paths_names_and_longer_tokens_are_found() {
+fn card_numbers_and_ibans_joined_into_paths_names_and_longer_tokens_are_found() {
     check(
         r#"
+        GET /accounts/DE89370400440532013000/balance and acct_GB82WEST12345698765432
+        statement-FR1420041010050500013M02606.pdf
+        /accounts/DE89370400440532013001/balance fails mod-97, /x/DE8937040044053201300/y is short
         GET https://pay.example/cards/4539148803436467/charge
         cards/4539148803436467 and receipt_4539148803436467.pdf
         4539148803436467/0927 and 4539148803436467/12 and 4539148803436467-visa
@@ -117,6 +120,13 @@ fn card_numbers_joined_into_paths_names_and_longer_tokens_are_found() {
         https://x.example/status/1790123456789012345 and build 20240115123456789
         "#,
         expect![[r#"
+            GET /accounts/DE89370400440532013000/balance and acct_GB82WEST12345698765432
+                iban `DE89370400440532013000` 0.95
+                iban `GB82WEST12345698765432` 0.95
+            statement-FR1420041010050500013M02606.pdf
+                iban `FR1420041010050500013M02606` 0.95
+            /accounts/DE89370400440532013001/balance fails mod-97, /x/DE8937040044053201300/y is short
+                -
             GET https://pay.example/cards/4539148803436467/charge
                 credit_card `4539148803436467` 0.95
             cards/4539148803436467 and receipt_4539148803436467.pdf
