@@ -119,6 +119,11 @@ pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> 
     if let Some(end) = any_case_iban(scanner, start) {
         return Some(end);
     }
+    if bytes[start] == b'P'
+        && let Some(end) = super::secrets::putty_key(scanner, start)
+    {
+        return Some(end);
+    }
     if second.is_ascii_uppercase() {
         if let Some(end) = uk_nino(bytes, start) {
             scanner.push(EntityType::UkNino, start, end, NINO_CONFIDENCE);
@@ -169,8 +174,6 @@ pub(super) fn any_case_iban(scanner: &mut Scanner<'_>, start: usize) -> Option<u
 /// `acct_GB82WEST12345698765432`): each part of `start..end` between `/ _ - +` that starts
 /// with two upper-case letters and two digits, has its country's length and passes mod-97.
 /// Returns the end of the last one found.
-#[cold]
-#[inline(never)]
 pub(super) fn joined_ibans(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     let mut found = None;

@@ -241,8 +241,6 @@ impl Digits {
 /// hyphen joins to what comes before, and that is neither part of a decimal number nor an
 /// address's local part is checked as a card (issuer, length and Luhn, as
 /// everywhere). Returns the end of the last card found.
-#[cold]
-#[inline(never)]
 pub(super) fn joined_cards(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     let mut found = None;

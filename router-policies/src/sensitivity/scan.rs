@@ -275,13 +275,30 @@ pub(super) fn scan_builtin(text: &str, encoded: &mut Vec<Range<usize>>) -> Vec<F
         let mut resume = dispatch(&mut scanner, start, word_end, end);
         // The shortest card number or IBAN and one byte joining it to more.
         if resume.is_none() && word_end - start > 12 {
-            let cards = numbers::joined_cards(&mut scanner, start, word_end);
-            let ibans = identifiers::joined_ibans(&mut scanner, start, word_end);
-            resume = cards.max(ibans);
+            resume = joined_values(&mut scanner, start, word_end);
         }
         index = resume.map_or(end, |resume| resume.max(end));
     }
     scanner.found
+}
+
+/// Card numbers and IBANs written into the longer token `start..end` (a path, a file
+/// name), which the recognizers above read only where a token starts and ends cleanly. Both
+/// hold at least ten digits (a Dutch IBAN twelve, a card twelve or more): a token with
+/// fewer is not looked at further. Returns the end of the last value found.
+#[cold]
+#[inline(never)]
+fn joined_values(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
+    let digits = scanner.bytes[start..end]
+        .iter()
+        .filter(|byte| byte.is_ascii_digit())
+        .count();
+    if digits < 10 {
+        return None;
+    }
+    let cards = numbers::joined_cards(scanner, start, end);
+    let ibans = identifiers::joined_ibans(scanner, start, end);
+    cards.max(ibans)
 }
 
 /// Tries the recognizers that can start at a run `start..end` (`word_end` without padding).
@@ -300,10 +317,6 @@ fn dispatch(scanner: &mut Scanner<'_>, start: usize, word_end: usize, end: usize
     }
     let matched = if class & DIGIT != 0 {
         numbers::scan(scanner, start, word_end)
-    } else if first == b'P'
-        && let Some(resume) = secrets::putty_key(scanner, start)
-    {
-        Some(resume)
     } else if class & UPPER != 0 {
         identifiers::scan(scanner, start, word_end)
     } else if first == b'+' {

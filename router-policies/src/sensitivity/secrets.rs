@@ -131,6 +131,22 @@ const TOKEN_PREFIXES: &[(&str, usize)] = &[
     ("AGE-SECRET-KEY-1", 40),
 ];
 
+/// For each byte, the [`TOKEN_PREFIXES`] that start with it (bit `i` for entry `i`): a long
+/// token (code is full of them) is compared with its few candidates, not the whole list.
+static PREFIXES_BY_FIRST_BYTE: [u64; 256] = prefixes_by_first_byte();
+
+const fn prefixes_by_first_byte() -> [u64; 256] {
+    assert!(TOKEN_PREFIXES.len() <= 64);
+    let mut table = [0_u64; 256];
+    let mut index = 0;
+    while index < TOKEN_PREFIXES.len() {
+        let first = TOKEN_PREFIXES[index].0.as_bytes()[0];
+        table[first as usize] |= 1 << index;
+        index += 1;
+    }
+    table
+}
+
 /// Key suffixes (lower case, without `-`, `_`, `.`) whose value is a password.
 const PASSWORD_KEYS: &[&str] = &["password", "passwd", "pwd", "passphrase"];
 /// Key suffixes whose value is a token when it is long and random enough.
@@ -640,11 +656,15 @@ fn sas(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
 pub(super) fn token(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     let token = &bytes[start..end];
-    let prefixed = TOKEN_PREFIXES.iter().any(|&(prefix, rest_min)| {
-        token.len() >= prefix.len() + rest_min
+    let mut candidates = PREFIXES_BY_FIRST_BYTE[usize::from(token[0])];
+    let mut prefixed = false;
+    while candidates != 0 && !prefixed {
+        let (prefix, rest_min) = TOKEN_PREFIXES[candidates.trailing_zeros() as usize];
+        candidates &= candidates - 1;
+        prefixed = token.len() >= prefix.len() + rest_min
             && token.starts_with(prefix.as_bytes())
-            && random_tail(prefix, &token[prefix.len()..])
-    });
+            && random_tail(prefix, &token[prefix.len()..]);
+    }
     if prefixed && (start == 0 || !is_alphanumeric(bytes[start - 1])) {
         scanner.push(EntityType::Secret, start, end, PREFIXED_TOKEN_CONFIDENCE);
         return Some(end);
