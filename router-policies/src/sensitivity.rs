@@ -67,6 +67,12 @@ pub enum EntityType {
     ItFiscalCode,
     /// A Dutch citizen service number (BSN, 11-test), next to a context word.
     NlBsn,
+    /// A Polish national identification number (PESEL: birth date and check digit), next
+    /// to a context word.
+    PlPesel,
+    /// A Swedish personal or coordination number (birth date and Luhn), next to a context
+    /// word.
+    SePersonalNumber,
     /// An Azure storage account key (88 base64 characters, 64 bytes).
     AzureStorageKey,
     /// A connection string with a secret: Azure storage or Service Bus (`AccountKey=`,
@@ -93,7 +99,7 @@ pub enum EntityType {
 
 impl EntityType {
     /// Every built-in entity type, in a fixed order.
-    pub const BUILTIN: [EntityType; 20] = [
+    pub const BUILTIN: [EntityType; 22] = [
         EntityType::CreditCard,
         EntityType::Iban,
         EntityType::UsSsn,
@@ -106,6 +112,8 @@ impl EntityType {
         EntityType::FrNir,
         EntityType::ItFiscalCode,
         EntityType::NlBsn,
+        EntityType::PlPesel,
+        EntityType::SePersonalNumber,
         EntityType::AzureStorageKey,
         EntityType::ConnectionString,
         EntityType::AzureSasToken,
@@ -131,6 +139,8 @@ impl EntityType {
             EntityType::FrNir => "fr_nir",
             EntityType::ItFiscalCode => "it_fiscal_code",
             EntityType::NlBsn => "nl_bsn",
+            EntityType::PlPesel => "pl_pesel",
+            EntityType::SePersonalNumber => "se_personal_number",
             EntityType::AzureStorageKey => "azure_storage_key",
             EntityType::ConnectionString => "connection_string",
             EntityType::AzureSasToken => "azure_sas_token",
@@ -180,14 +190,16 @@ impl EntityType {
             EntityType::FrNir => 9,
             EntityType::ItFiscalCode => 10,
             EntityType::NlBsn => 11,
-            EntityType::AzureStorageKey => 12,
-            EntityType::ConnectionString => 13,
-            EntityType::AzureSasToken => 14,
-            EntityType::AwsAccessKey => 15,
-            EntityType::AwsSecretKey => 16,
-            EntityType::PrivateKey => 17,
-            EntityType::Jwt => 18,
-            EntityType::Secret => 19,
+            EntityType::PlPesel => 12,
+            EntityType::SePersonalNumber => 13,
+            EntityType::AzureStorageKey => 14,
+            EntityType::ConnectionString => 15,
+            EntityType::AzureSasToken => 16,
+            EntityType::AwsAccessKey => 17,
+            EntityType::AwsSecretKey => 18,
+            EntityType::PrivateKey => 19,
+            EntityType::Jwt => 20,
+            EntityType::Secret => 21,
             EntityType::Dictionary(_) | EntityType::Pattern(_) => return None,
         };
         Some(index)

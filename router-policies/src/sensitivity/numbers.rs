@@ -105,6 +105,15 @@ const PHONE_CONTEXT: &[&str] = &[
 ];
 const DE_TAX_CONTEXT: &[&str] = &["steuer", "idnr", "identifikationsnummer", "tax id", "tin"];
 const NL_BSN_CONTEXT: &[&str] = &["bsn", "burgerservicenummer", "sofinummer", "sofi"];
+const PL_PESEL_CONTEXT: &[&str] = &["pesel"];
+const SE_PERSONAL_NUMBER_CONTEXT: &[&str] = &[
+    "personnummer",
+    "personnr",
+    "pnr",
+    "samordningsnummer",
+    "personal identity number",
+    "personal number",
+];
 const VERSION_WORDS: &[&str] = &["version", "ver", "v", "release", "build", "rev", "revision"];
 /// National formats (group lengths, no trunk `0`) that are phone numbers by their shape alone
 /// when they stand whole: nothing numeric joined before or after, no currency or sign.
@@ -407,6 +416,24 @@ fn interpret(
         && context_before(bytes, start, CONTEXT_BYTES, NL_BSN_CONTEXT)
     {
         return Some((EntityType::NlBsn, NATIONAL_ID_CONTEXT_CONFIDENCE));
+    }
+    if contiguous
+        && polish_pesel(digits)
+        && context_before(bytes, start, CONTEXT_BYTES, PL_PESEL_CONTEXT)
+    {
+        return Some((EntityType::PlPesel, NATIONAL_ID_CONTEXT_CONFIDENCE));
+    }
+    // `811218-9876`, `19811218-9876`, or the digits alone.
+    let se_shape = match (count, separator) {
+        (1, _) => matches!(digits.length, 10 | 12),
+        (2, b'-') => matches!((groups.length(0), groups.length(1)), (6 | 8, 4)),
+        _ => false,
+    };
+    if se_shape
+        && swedish_personal_number(digits)
+        && context_before(bytes, start, CONTEXT_BYTES, SE_PERSONAL_NUMBER_CONTEXT)
+    {
+        return Some((EntityType::SePersonalNumber, NATIONAL_ID_CONTEXT_CONFIDENCE));
     }
     None
 }
@@ -827,6 +854,55 @@ fn dutch_bsn(digits: &Digits) -> bool {
         .sum::<i64>()
         - i64::from(digits.values[8]);
     weighted % 11 == 0
+}
+
+/// A PESEL: eleven digits whose first six are a birth date (the month carries the century:
+/// +80 for the 1800s, +20 for the 2000s, +40, +60) and whose last is the check digit of
+/// weights 1, 3, 7, 9 repeated.
+fn polish_pesel(digits: &Digits) -> bool {
+    if digits.length != 11 || digits.all_same() {
+        return false;
+    }
+    let month = digits.number(2, 4) % 20;
+    let day = digits.number(4, 6);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return false;
+    }
+    let sum: u64 = digits.values[..10]
+        .iter()
+        .zip([1, 3, 7, 9].iter().cycle())
+        .map(|(&digit, &weight)| u64::from(digit) * weight)
+        .sum();
+    (10 - sum % 10) % 10 == u64::from(digits.values[10])
+}
+
+/// A Swedish personal number, `YYMMDD-NNNC` or with the century (`YYYYMMDD…`): a birth
+/// date (a coordination number adds 60 to the day) and the Luhn check over the ten digits
+/// from the two-digit year on.
+fn swedish_personal_number(digits: &Digits) -> bool {
+    let values = match digits.length {
+        10 => &digits.values[..10],
+        12 => &digits.values[2..12],
+        _ => return false,
+    };
+    if values.iter().all(|&digit| digit == values[0]) {
+        return false;
+    }
+    let month = values[2] * 10 + values[3];
+    let day = values[4] * 10 + values[5];
+    let day = if day > 60 { day - 60 } else { day };
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return false;
+    }
+    let sum: u32 = values
+        .iter()
+        .enumerate()
+        .map(|(index, &digit)| {
+            let doubled = if index % 2 == 0 { digit * 2 } else { digit };
+            u32::from(doubled / 10 + doubled % 10)
+        })
+        .sum();
+    sum.is_multiple_of(10)
 }
 
 pub(super) const DNI_LETTERS: &[u8; 23] = b"TRWAGMYFPDXBNJZSQVHLCKE";

@@ -477,6 +477,12 @@ fn national_ids_pass_their_check_digits() {
         65929970489 alone
         BSN 111222333
         123456782 alone
+        PESEL 44051401359 and PESEL: 02270803624
+        PESEL 44051401358 has a wrong check digit
+        44051401359 alone
+        personnummer 811218-9876, Pnr 19811218-9876, samordningsnummer 701063-2391
+        personnummer 811218-9875 fails Luhn
+        811218-9876 alone
         "#,
         expect![[r#"
             NINO AB123456C and CE 12 34 56 A
@@ -507,6 +513,21 @@ fn national_ids_pass_their_check_digits() {
             BSN 111222333
                 nl_bsn `111222333` 0.85
             123456782 alone
+                -
+            PESEL 44051401359 and PESEL: 02270803624
+                pl_pesel `44051401359` 0.85
+                pl_pesel `02270803624` 0.85
+            PESEL 44051401358 has a wrong check digit
+                -
+            44051401359 alone
+                -
+            personnummer 811218-9876, Pnr 19811218-9876, samordningsnummer 701063-2391
+                se_personal_number `811218-9876` 0.85
+                se_personal_number `19811218-9876` 0.85
+                se_personal_number `701063-2391` 0.85
+            personnummer 811218-9875 fails Luhn
+                -
+            811218-9876 alone
                 -
         "#]],
     );
@@ -1001,6 +1022,8 @@ fn entity_names_are_stable_and_round_trip() {
             "fr_nir",
             "it_fiscal_code",
             "nl_bsn",
+            "pl_pesel",
+            "se_personal_number",
             "azure_storage_key",
             "connection_string",
             "azure_sas_token",
