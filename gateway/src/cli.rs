@@ -37,7 +37,19 @@ pub enum Command {
     /// Validate a configuration file; report every error with its key path.
     CheckConfig {
         /// The configuration file (TOML).
-        config: PathBuf,
+        #[arg(
+            required_unless_present = "config_flag",
+            conflicts_with = "config_flag"
+        )]
+        config: Option<PathBuf>,
+        /// The configuration file, named as `serve` and `explain` take it.
+        #[arg(
+            long = "config",
+            short = 'c',
+            id = "config_flag",
+            value_name = "CONFIG"
+        )]
+        config_flag: Option<PathBuf>,
     },
     /// Explain routing: one JSON line per request (an OpenAI chat body per input line) with
     /// the decision, the rule, complexity, sensitive entity types and each rule's verdict.
@@ -418,26 +430,17 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("{:#}", build_info());
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { config } => match load_config(&config) {
-            Ok(loaded) => {
-                println!(
-                    "{}: ok ({} model{}, {} upstream pool{})",
-                    config.display(),
-                    loaded.models.len(),
-                    if loaded.models.len() == 1 { "" } else { "s" },
-                    loaded.upstreams.len(),
-                    if loaded.upstreams.len() == 1 { "" } else { "s" }
-                );
-                for model in &loaded.models {
-                    println!("  {}", model.kv_summary());
-                }
-                for line in plan_summary(&loaded) {
-                    println!("  {line}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+        Command::CheckConfig {
+            config,
+            config_flag,
+        } => {
+            // clap requires one of the two.
+            let Some(config) = config.or(config_flag) else {
+                eprintln!("isthmus check-config: name the configuration file");
+                return ExitCode::from(2);
+            };
+            check_config(&config)
+        }
         Command::Serve {
             config,
             listen,
@@ -463,6 +466,30 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `isthmus check-config`: every error of the file, or what it sets up.
+fn check_config(config: &std::path::Path) -> ExitCode {
+    match load_config(config) {
+        Ok(loaded) => {
+            println!(
+                "{}: ok ({} model{}, {} upstream pool{})",
+                config.display(),
+                loaded.models.len(),
+                if loaded.models.len() == 1 { "" } else { "s" },
+                loaded.upstreams.len(),
+                if loaded.upstreams.len() == 1 { "" } else { "s" }
+            );
+            for model in &loaded.models {
+                println!("  {}", model.kv_summary());
+            }
+            for line in plan_summary(&loaded) {
+                println!("  {line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
     }
 }
 

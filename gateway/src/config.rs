@@ -1405,8 +1405,21 @@ impl Validator<'_> {
     }
 
     fn routing(&mut self, raw: RawRouting, models: &[ModelConfig]) -> RoutingConfig {
+        // A model whose own section has errors is configured, just not valid: its errors
+        // say so already.
+        let section = |default: &str| {
+            let path = format!("models.{default}");
+            self.errors.iter().any(|error| {
+                error.path == path
+                    || error
+                        .path
+                        .strip_prefix(path.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            })
+        };
         if let Some(default) = &raw.default_model
             && !models.iter().any(|model| &model.name == default)
+            && !section(default)
         {
             self.error(
                 "routing.default_model",

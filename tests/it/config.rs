@@ -176,3 +176,36 @@ fn check_config_refuses_a_kv_cache_that_cannot_fit_with_the_numbers() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_config_refuses_rules_that_name_entities_no_recognizer_reports() {
+    let dir = tests::scratch_dir();
+    let config = dir.path().join("rules.toml");
+    let text = format!(
+        "[auth]\nallow_anonymous = true\n[models.smollm2]\npath = {:?}\n\
+         [policy]\ndictionaries = {{ projects = [\"Falcon\"] }}\ndisabled_entities = [\"email\"]\n\
+         [[policy.rules]]\nname = \"cards-stay\"\naction = \"local\"\ntarget = \"smollm2\"\n\
+         when = {{ entities = [\"credit_cardz\", \"iban\", \"dictionary:projects\", \
+         \"dictionary:customers\", \"email\"] }}\n",
+        tests::model_path()
+    );
+    std::fs::write(&config, text).unwrap();
+    // `--config`, as `serve` and `explain` take it.
+    let output = Command::new(isthmus_binary())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("3 errors"), "{stderr}");
+    for wanted in [
+        "routing: rule `cards-stay`: entities: `credit_cardz` is not an entity type (built-in: \
+         credit_card, iban,",
+        "routing: rule `cards-stay`: entities: `dictionary:customers` is not an entity type",
+        "routing: rule `cards-stay`: entities: `email` is in policy.disabled_entities, so the \
+         rule could never match it",
+    ] {
+        assert!(stderr.contains(wanted), "{wanted}\n{stderr}");
+    }
+}

@@ -275,6 +275,21 @@ x = 1
 }
 
 #[test]
+fn a_default_model_with_errors_of_its_own_is_not_reported_missing_too() {
+    let (_dir, source) = fixture();
+    let text = format!(
+        "{}\n[routing]\ndefault_model = \"smollm2\"\n",
+        VALID.replace("threads = 2", "threads = -2")
+    );
+    let errors = errors_of(&text, &source);
+    assert_eq!(
+        errors,
+        ["models.smollm2.threads: invalid value: integer `-2`, expected u32"],
+        "{errors:#?}"
+    );
+}
+
+#[test]
 fn unknown_keys_and_bad_toml_are_errors() {
     let (_dir, source) = fixture();
     let errors = errors_of(&VALID.replace("threads = 2", "thread = 2"), &source);
