@@ -654,7 +654,11 @@ pub fn parse(
         .filter_map(|(name, raw)| validator.pool(name, raw))
         .collect();
     let routing = routing.map(|raw| validator.routing(raw, &models));
-    let policy = policy.map(|raw| validator.policy(raw));
+    let api_key_ids: Option<Vec<&str>> = match &auth {
+        Some(Some(auth)) => Some(auth.api_keys.iter().map(|key| key.id.as_str()).collect()),
+        _ => None,
+    };
+    let policy = policy.map(|raw| validator.policy(raw, api_key_ids.as_deref()));
     let audit = audit.map(|raw| validator.audit(raw));
     let telemetry = telemetry.map(|raw| validator.telemetry(raw));
     let engine = engine.map(|raw| EngineConfig {
@@ -663,10 +667,6 @@ pub fn parse(
     let logging = logging.map(|raw| validator.logging(raw));
     let responses = responses.map(|raw| validator.responses(raw));
     let cors = cors.map(|raw| validator.cors(raw));
-    let api_key_ids: Option<Vec<&str>> = match &auth {
-        Some(Some(auth)) => Some(auth.api_keys.iter().map(|key| key.id.as_str()).collect()),
-        _ => None,
-    };
     let waf = waf.map(|raw| validator.waf(raw, api_key_ids.as_deref()));
     if models.is_empty()
         && upstreams.is_empty()

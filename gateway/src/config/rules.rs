@@ -115,10 +115,30 @@ struct RawSpillover {
 }
 
 impl Validator<'_> {
-    pub(super) fn policy(&mut self, raw: RawPolicy) -> PolicyConfig {
+    /// The policy section. `api_key_ids`: the configured keys, which the callers named by
+    /// rules and by `caller_classifications` must be (`None` when `[auth]` did not validate:
+    /// its own errors say why); a misspelt one would silently never apply.
+    pub(super) fn policy(&mut self, raw: RawPolicy, api_key_ids: Option<&[&str]>) -> PolicyConfig {
+        let unknown_caller = |caller: &str| api_key_ids.is_some_and(|ids| !ids.contains(&caller));
+        for caller in raw.caller_classifications.keys() {
+            if unknown_caller(caller) {
+                self.error(
+                    format!("policy.caller_classifications.{caller}"),
+                    format!("`{caller}` is not the id of an [auth] API key"),
+                );
+            }
+        }
         let mut rules = Vec::new();
         for (index, rule) in raw.rules.into_iter().enumerate() {
             let key = format!("policy.rules[{index}]");
+            for (position, caller) in rule.when.callers.iter().enumerate() {
+                if unknown_caller(caller) {
+                    self.error(
+                        format!("{key}.when.callers[{position}]"),
+                        format!("`{caller}` is not the id of an [auth] API key"),
+                    );
+                }
+            }
             if let Some(rule) = self.rule(&key, rule) {
                 rules.push(rule);
             }

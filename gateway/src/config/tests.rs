@@ -290,6 +290,25 @@ fn a_default_model_with_errors_of_its_own_is_not_reported_missing_too() {
 }
 
 #[test]
+fn callers_named_by_the_policy_must_be_api_keys() {
+    let (_dir, source) = fixture();
+    let text = format!(
+        "{VALID}\n[policy]\ncaller_classifications = {{ hash = \"confidential\", hr-portl = \"confidential\" }}\n\
+         [[policy.rules]]\nname = \"hr-local\"\naction = \"local\"\ntarget = \"smollm2\"\n\
+         when = {{ callers = [\"env\", \"hr-portl\"] }}\n"
+    );
+    let errors = errors_of(&text, &source);
+    assert_eq!(
+        errors,
+        [
+            "policy.caller_classifications.hr-portl: `hr-portl` is not the id of an [auth] API key",
+            "policy.rules[0].when.callers[1]: `hr-portl` is not the id of an [auth] API key",
+        ],
+        "{errors:#?}"
+    );
+}
+
+#[test]
 fn unknown_keys_and_bad_toml_are_errors() {
     let (_dir, source) = fixture();
     let errors = errors_of(&VALID.replace("threads = 2", "thread = 2"), &source);
