@@ -126,7 +126,8 @@ impl Policy {
     }
 
     /// Adds ordered rules, the sensitive classification labels and spillover; reports every
-    /// rule that names an unknown model or pool or has impossible thresholds.
+    /// rule that names an unknown model or pool (as its target or in `when.models`) or has
+    /// impossible thresholds.
     pub fn with_rules(
         mut self,
         rules: Vec<Rule>,
@@ -172,6 +173,16 @@ impl Policy {
             ] {
                 if value.is_some_and(|value| !(0.0..=1.0).contains(&value)) {
                     errors.push(problem(format!("{name} must be between 0 and 1")));
+                }
+            }
+            // A name no model answers to is refused before any rule sees it, so a rule
+            // on it could never match (a misspelt `gpt-4o` rule would let its requests by).
+            for model in &conditions.models {
+                if self.resolve(model).is_none() && self.pool_for(model).is_none() {
+                    errors.push(problem(format!(
+                        "models: `{model}` is neither a local model (or alias) nor a model of \
+                         a pool"
+                    )));
                 }
             }
             for kind in &conditions.attachments {

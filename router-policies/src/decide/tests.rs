@@ -241,6 +241,34 @@ fn attachments_the_scan_cannot_read_can_be_kept_off_the_cloud() {
     );
 }
 
+#[test]
+fn a_rule_on_a_model_name_nothing_serves_is_refused() {
+    let models = |names: &[&str]| Conditions {
+        models: names.iter().map(|name| (*name).to_owned()).collect(),
+        ..Conditions::default()
+    };
+    let local = || Action::Local {
+        model: "smollm2".to_owned(),
+    };
+    let compiled = base(Some("smollm2")).with_rules(
+        vec![
+            rule("served", models(&["smollm2", "gpt-4o"]), local()),
+            rule("typo", models(&["gpt4o"]), local()),
+        ],
+        Vec::new(),
+        None,
+    );
+    assert_eq!(
+        compiled
+            .err()
+            .map(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        Some(vec![
+            "rule `typo`: models: `gpt4o` is neither a local model (or alias) nor a model of a pool"
+                .to_owned()
+        ])
+    );
+}
+
 fn by_name(default_model: Option<&str>, requested_model: Option<&str>, expect: Expect) {
     let facts = RequestFacts {
         path: "/v1/chat/completions",
