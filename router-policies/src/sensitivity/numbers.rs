@@ -102,6 +102,11 @@ const PHONE_CONTEXT: &[&str] = &[
     "ring",
     "answering",
     "message",
+    // Other languages' words (`tel` covers Telefon, teléfono, telefone; `phone` the end of
+    // téléphone, as words here are runs of ASCII letters and digits).
+    "celular",
+    "movil",
+    "handy",
 ];
 const DE_TAX_CONTEXT: &[&str] = &["steuer", "idnr", "identifikationsnummer", "tax id", "tin"];
 const NL_BSN_CONTEXT: &[&str] = &["bsn", "burgerservicenummer", "sofinummer", "sofi"];
@@ -305,6 +310,9 @@ pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> 
         return None;
     }
     if let Some(end) = spanish_dni(scanner, start, word_end) {
+        return Some(end);
+    }
+    if let Some(end) = slashed_phone(scanner, start) {
         return Some(end);
     }
     let groups = Groups::read(bytes, start, b" -.");
@@ -758,6 +766,30 @@ fn subscriber_number(
     let years_or_times = lengths == [4, 4]
         && (year(values[0]) || year(values[1]) || (time(values[0]) && time(values[1])));
     !range && !years_or_times
+}
+
+/// `Tel. 030/901820`, `089/12345678`: the German way of writing an area code (trunk `0`
+/// and one to four digits), a slash, then the subscriber's three to nine digits; a phone
+/// word must be near, since a slash joins other numbers too.
+fn slashed_phone(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    if bytes[start] != b'0' {
+        return None;
+    }
+    let area_end = run_end(bytes, start, 6, is_digit);
+    if !(2..=5).contains(&(area_end - start)) || byte_at(bytes, area_end) != b'/' {
+        return None;
+    }
+    let end = run_end(bytes, area_end + 1, 10, is_digit);
+    if !(3..=9).contains(&(end - area_end - 1))
+        || !ends_cleanly(bytes, end)
+        || continues_number(bytes, start)
+        || !phone_context(bytes, start, end)
+    {
+        return None;
+    }
+    scanner.push(EntityType::Phone, start, end, PHONE_NATIONAL_CONFIDENCE);
+    Some(end)
 }
 
 /// A phone word among the three words before the number, or a phone label right after it.

@@ -371,6 +371,8 @@ fn phone_numbers_in_national_formats_stand_alone() {
         at 05640 1075 Barlow Street, zip 05640-1075, 819 3441 rue Saint-Antoine
         Hanwha Q CELLS Co. Ltd. 40169 14 rue Marie, 958 08 922 main street, 555 1234 via WhatsApp
         data [474 5498], x = 474 5498, {9691 2587}, 12  474 5498, 474 5498  17, 999-1500, 250-1200
+        Tel. 030/901820, Telefon 089/12345678, Handy 0151/23456789, celular 55 1234 5678
+        ratio 030/901820, files 0815/4711 and 12/2024
         "#,
         expect![[r#"
             my registered 9691 2587. my registered 444 7846, or 555-1234
@@ -421,6 +423,13 @@ fn phone_numbers_in_national_formats_stand_alone() {
             Hanwha Q CELLS Co. Ltd. 40169 14 rue Marie, 958 08 922 main street, 555 1234 via WhatsApp
                 phone `555 1234` 0.5
             data [474 5498], x = 474 5498, {9691 2587}, 12  474 5498, 474 5498  17, 999-1500, 250-1200
+                -
+            Tel. 030/901820, Telefon 089/12345678, Handy 0151/23456789, celular 55 1234 5678
+                phone `030/901820` 0.6
+                phone `089/12345678` 0.6
+                phone `0151/23456789` 0.6
+                phone `55 1234 5678` 0.6
+            ratio 030/901820, files 0815/4711 and 12/2024
                 -
         "#]],
     );
