@@ -105,6 +105,14 @@ pub(super) fn spelled_email(scanner: &mut Scanner<'_>, space: usize) -> Option<u
     loop {
         let label_end = label_end(bytes, position)?;
         let label = &bytes[position..label_end];
+        // `look at this dot com`, `aim at the dot org page`: prose about a site.
+        if position == space + 4
+            && SPELLED_DETERMINERS
+                .iter()
+                .any(|word| label.eq_ignore_ascii_case(word))
+        {
+            return None;
+        }
         if bytes
             .get(label_end..label_end + 5)
             .is_some_and(|joint| joint.eq_ignore_ascii_case(b" dot "))
@@ -131,6 +139,11 @@ pub(super) fn spelled_email(scanner: &mut Scanner<'_>, space: usize) -> Option<u
 const SPELLED_GENERIC_DOMAINS: &[&[u8]] = &[
     b"com", b"org", b"net", b"edu", b"gov", b"mil", b"int", b"info", b"biz", b"app", b"dev",
     b"xyz", b"online", b"site", b"tech", b"cloud", b"email",
+];
+/// Words that open a noun phrase, not a domain: `look at this dot com` is prose.
+const SPELLED_DETERMINERS: &[&[u8]] = &[
+    b"a", b"an", b"the", b"this", b"that", b"these", b"those", b"my", b"your", b"our", b"their",
+    b"his", b"her", b"its", b"some", b"any", b"every", b"each",
 ];
 /// English words that are also country codes: `we met at the dot in town` is prose.
 const SPELLED_WORDS: &[&[u8]] = &[

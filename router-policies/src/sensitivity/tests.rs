@@ -245,6 +245,7 @@ fn emails_need_a_local_part_and_a_domain_with_a_tld() {
         other scripts jürgen.müller@bücher.de, иван@пример.рф; quoted “jane@contoso.com” café@menu
         spelled jane.doe at contoso dot com, not I work at contoso.com
         J.SMITH AT MAIL.CONTOSO DOT CO DOT UK, but not we met at the dot or 5 dot 99 at most or at the dot in town
+        look at this dot com, aim at the dot org crowd, laugh at my dot net skills
         "#,
         expect![[r#"
             write to jane.doe+news@mail.example.co.uk.
@@ -265,6 +266,8 @@ fn emails_need_a_local_part_and_a_domain_with_a_tld() {
                 email `jane.doe at contoso dot com` 0.9
             J.SMITH AT MAIL.CONTOSO DOT CO DOT UK, but not we met at the dot or 5 dot 99 at most or at the dot in town
                 email `J.SMITH AT MAIL.CONTOSO DOT CO DOT UK` 0.9
+            look at this dot com, aim at the dot org crowd, laugh at my dot net skills
+                -
         "#]],
     );
 }
