@@ -91,7 +91,27 @@ pub(super) fn context_before(bytes: &[u8], start: usize, window: usize, words: &
     context_in(bytes, line_start, start, words)
 }
 
+/// [`context_before`], each word matched whole: `token` is not found in `tokenizer` or
+/// `tokens`, words an LLM's users write about models all day.
+pub(super) fn whole_word_context_before(
+    bytes: &[u8],
+    start: usize,
+    window: usize,
+    words: &[&str],
+) -> bool {
+    let from = start.saturating_sub(window);
+    let line_start = bytes[from..start]
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(from, |newline| from + newline + 1);
+    context_matches(bytes, line_start, start, words, true)
+}
+
 fn context_in(bytes: &[u8], from: usize, to: usize, words: &[&str]) -> bool {
+    context_matches(bytes, from, to, words, false)
+}
+
+fn context_matches(bytes: &[u8], from: usize, to: usize, words: &[&str], whole: bool) -> bool {
     let haystack = &bytes[from..to];
     words.iter().any(|word| {
         let word = word.as_bytes();
@@ -103,6 +123,7 @@ fn context_in(bytes: &[u8], from: usize, to: usize, words: &[&str]) -> bool {
                     let at = from + offset;
                     candidate.eq_ignore_ascii_case(word)
                         && (at == 0 || !bytes[at - 1].is_ascii_alphabetic() || escaped(bytes, at))
+                        && (!whole || !byte_at(bytes, at + word.len()).is_ascii_alphabetic())
                 })
     })
 }

@@ -7,7 +7,9 @@
 //! same line, a key that names a secret, or a format that only keys have.
 
 use super::EntityType;
-use super::scan::{Scanner, byte_at, context_before, is_alphanumeric, is_token, run_end};
+use super::scan::{
+    Scanner, byte_at, context_before, is_alphanumeric, is_token, run_end, whole_word_context_before,
+};
 
 /// The shortest token looked at as a possible key or secret, in bytes.
 pub(super) const TOKEN_BYTES_MIN: usize = 20;
@@ -37,6 +39,8 @@ const HUGGING_FACE_TOKEN_LETTERS: usize = 34;
 const VALUE_ENTROPY_BITS_MIN: f32 = 3.0;
 /// The shortest password value, in bytes.
 const PASSWORD_BYTES_MIN: usize = 6;
+/// The shortest password told without `is` (`password Summer2024!`).
+const BARE_PASSWORD_BYTES_MIN: usize = 8;
 /// The shortest token value of a secret-named key, in bytes.
 const SECRET_VALUE_BYTES_MIN: usize = 12;
 
@@ -52,12 +56,14 @@ const PREFIXED_TOKEN_CONFIDENCE: f32 = 0.9;
 const ASSIGNED_SECRET_CONFIDENCE: f32 = 0.8;
 const CONTEXT_SECRET_CONFIDENCE: f32 = 0.7;
 
-/// Words that make a nearby high-entropy token a secret.
+/// Words that make a nearby high-entropy token a secret, each matched whole.
 const SECRET_CONTEXT: &[&str] = &[
     "password",
+    "passwords",
     "passwd",
     "pwd",
     "secret",
+    "secrets",
     "token",
     "api_key",
     "apikey",
@@ -67,9 +73,12 @@ const SECRET_CONTEXT: &[&str] = &[
     "access_key",
     "private key",
     "credential",
+    "credentials",
     "bearer",
     "auth",
+    "authorization",
     "key",
+    "keys",
 ];
 /// Words that make a nearby 40-character base64 token an AWS secret access key.
 const AWS_CONTEXT: &[&str] = &["aws", "secret"];
@@ -364,6 +373,11 @@ pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> 
         if let Some(end) = told_password(scanner, word, key_end) {
             return Some(end);
         }
+        if byte_at(bytes, start.wrapping_sub(1)) == b'-'
+            && let Some(end) = option_secret(scanner, start, key_end)
+        {
+            return Some(end);
+        }
         let operator = run_end(bytes, key_end, 2, |byte| byte == b' ');
         if !matches!(byte_at(bytes, operator), b'=' | b':') {
             return None;
@@ -442,8 +456,104 @@ fn password_value(bytes: &[u8], value: &[u8], value_end: usize, quoted: bool) ->
                 && !value.iter().all(u8::is_ascii_alphabetic)))
 }
 
-/// `my password is Tr0ub4dor&3`: a password told in a sentence, the word `is` between the
-/// key word (`word`, ending at `key_end`) and the value.
+/// Long options whose value, after a space, is a secret (`--password S3cret`; with `=` the
+/// key-value reading finds it).
+const SECRET_OPTIONS: &[&str] = &[
+    "password",
+    "passwd",
+    "pass",
+    "pwd",
+    "passphrase",
+    "secret",
+    "client-secret",
+    "token",
+    "api-key",
+    "access-key",
+    "secret-key",
+];
+/// What on a command line's start makes `-p VALUE` a password rather than a port or a
+/// path: a user named by `-u`/`--user`, or a command that logs in.
+const LOGIN_COMMANDS: &[&[u8]] = &[
+    b" -u ",
+    b"--user",
+    b"--username",
+    b" login ",
+    b"sshpass ",
+    b"mysql ",
+    b"mysqldump ",
+    b"mariadb ",
+    b"mongo ",
+    b"mongosh ",
+];
+
+/// A secret given as a command-line option (`--password S3cret`, `-p S3cret` or `-pS3cret`
+/// after a user or a login command, `-u user:S3cret` as curl takes it), for the word at
+/// `start..key_end` that follows a `-`.
+fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let word = &bytes[start..key_end];
+    let long = byte_at(bytes, start.wrapping_sub(2)) == b'-';
+    let dashes = if long { 2 } else { 1 };
+    if !matches!(
+        byte_at(bytes, start.wrapping_sub(dashes + 1)),
+        b' ' | b'\t' | 0
+    ) && start > dashes
+    {
+        return None;
+    }
+    // curl's `-u user:password` and `--user user:password`.
+    let user_password = word == b"u" || (long && word.eq_ignore_ascii_case(b"user"));
+    let (value_start, value_end, quoted) = if user_password {
+        value_at(bytes, key_end + 1)?
+    } else if long {
+        if !SECRET_OPTIONS
+            .iter()
+            .any(|option| word.eq_ignore_ascii_case(option.as_bytes()))
+        {
+            return None;
+        }
+        value_at(bytes, key_end + 1)?
+    } else if word == b"p" {
+        value_at(bytes, key_end + 1)?
+    } else if word.len() > 1 && word[0] == b'p' {
+        // `mysql -u root -pS3cret`: the value joined to its flag.
+        value_at(bytes, start + 1)?
+    } else {
+        return None;
+    };
+    let value = &bytes[value_start..value_end];
+    if value.first() == Some(&b'-') {
+        return None;
+    }
+    let secret = if user_password {
+        let colon = value.iter().position(|&byte| byte == b':')?;
+        let password = &value[colon + 1..];
+        !password.is_empty()
+            && !placeholder(password)
+            && password.iter().any(u8::is_ascii_alphanumeric)
+    } else if long {
+        password_value(bytes, value, value_end, quoted)
+    } else {
+        let line_start = bytes[..start]
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+            .map_or(0, |newline| newline + 1);
+        let line = &bytes[line_start..start];
+        let login = LOGIN_COMMANDS
+            .iter()
+            .any(|marker| line.windows(marker.len()).any(|window| window == *marker));
+        // A port (`-p 8080:80`) or a path is not a password.
+        let port = value
+            .iter()
+            .all(|&byte| byte.is_ascii_digit() || byte == b':');
+        login && !port && password_value(bytes, value, value_end, quoted)
+    };
+    secret.then(|| assigned_secret(scanner, value_start, value_end))
+}
+
+/// `my password is Tr0ub4dor&3`, `password Summer2024!`: a password told in a sentence, the
+/// word `is` (or a blank alone) between the key word (`word`, ending at `key_end`) and the
+/// value.
 fn told_password(scanner: &mut Scanner<'_>, word: &[u8], key_end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     if !PASSWORD_KEYS
@@ -452,14 +562,30 @@ fn told_password(scanner: &mut Scanner<'_>, word: &[u8], key_end: usize) -> Opti
     {
         return None;
     }
-    let is = bytes.get(key_end..key_end + 4)?;
-    if !is.eq_ignore_ascii_case(b" is ") {
-        return None;
-    }
-    let (value_start, value_end, quoted) = value_at(bytes, key_end + 4)?;
-    password_value(bytes, &bytes[value_start..value_end], value_end, quoted)
+    let said = bytes
+        .get(key_end..key_end + 4)
+        .is_some_and(|is| is.eq_ignore_ascii_case(b" is "));
+    let (value_start, value_end, quoted) = value_at(bytes, key_end + if said { 4 } else { 1 })?;
+    let value = &bytes[value_start..value_end];
+    // Without `is` (`password Summer2024!`), only what no word or name looks like: eight
+    // bytes or more (`password field1`), letters and digits both, and not a hashing or
+    // encoding scheme (`password SHA256-hashed`).
+    let told = said
+        || (value.len() >= BARE_PASSWORD_BYTES_MIN
+            && value.iter().any(u8::is_ascii_digit)
+            && value.iter().any(u8::is_ascii_alphabetic)
+            && !SCHEMES.iter().any(|scheme| {
+                value.len() >= scheme.len() && value[..scheme.len()].eq_ignore_ascii_case(scheme)
+            }));
+    (told && password_value(bytes, value, value_end, quoted))
         .then(|| assigned_secret(scanner, value_start, value_end))
 }
+
+/// Hashing, encryption and encoding schemes, whose names mix letters and digits.
+const SCHEMES: &[&[u8]] = &[
+    b"sha", b"md4", b"md5", b"bcrypt", b"scrypt", b"argon2", b"pbkdf2", b"aes", b"rsa", b"des",
+    b"3des", b"utf", b"base64", b"base32", b"hmac", b"crc32", b"ntlm", b"blake2", b"x509",
+];
 
 fn normalize_key<'k>(key: &[u8], output: &'k mut [u8; KEY_BYTES_MAX]) -> &'k [u8] {
     let mut length = 0;
@@ -686,7 +812,7 @@ pub(super) fn token(scanner: &mut Scanner<'_>, start: usize, end: usize) -> Opti
     if mixed
         && token.len() <= TOKEN_BYTES_MAX
         && entropy_bits(token) >= ENTROPY_BITS_MIN
-        && context_before(bytes, start, CONTEXT_BYTES, SECRET_CONTEXT)
+        && whole_word_context_before(bytes, start, CONTEXT_BYTES, SECRET_CONTEXT)
     {
         scanner.push(EntityType::Secret, start, end, CONTEXT_SECRET_CONFIDENCE);
         return Some(end);

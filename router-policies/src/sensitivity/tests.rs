@@ -723,6 +723,51 @@ fn tokens_of_known_issuers_are_secrets_and_names_after_their_prefixes_are_not() 
 }
 
 #[test]
+fn secrets_given_as_command_line_options_are_found() {
+    check(
+        r#"
+        curl -u admin:S3cretPw1 https://api.internal/v1/items
+        curl --user deploy:Tr0ub4dor https://api.internal
+        docker login -u deploy -p S3cretPw1 registry.internal
+        mysql -u root -pS3cretPw1 prod
+        sshpass -p 'S3cret Pw1' ssh root@host
+        az login --service-principal -u app -p Abc8Q~xYzAbCdEfGh123 --tenant t
+        vault login --password S3cretPw1 and tool --token=Zx81kQpL02mNvB7tYr4w
+        docker run -p 8080:80 nginx, ssh -p 2222 host, mkdir -p /var/lib/app, mysql -u root -p
+        curl -u admin https://x and curl -u admin:$PASSWORD https://x, --password <secret>
+        username: admin password S3cretPw1! and the wifi passphrase Tr0ub4dor&3
+        password SHA256-hashed, password reset, password 2FA, password field1 of the form
+        "#,
+        expect![[r#"
+            curl -u admin:S3cretPw1 https://api.internal/v1/items
+                secret `admin:S3cretPw1` 0.8
+            curl --user deploy:Tr0ub4dor https://api.internal
+                secret `deploy:Tr0ub4dor` 0.8
+            docker login -u deploy -p S3cretPw1 registry.internal
+                secret `S3cretPw1` 0.8
+            mysql -u root -pS3cretPw1 prod
+                secret `S3cretPw1` 0.8
+            sshpass -p 'S3cret Pw1' ssh root@host
+                secret `S3cret Pw1` 0.8
+            az login --service-principal -u app -p Abc8Q~xYzAbCdEfGh123 --tenant t
+                secret `Abc8Q~xYzAbCdEfGh123` 0.8
+            vault login --password S3cretPw1 and tool --token=Zx81kQpL02mNvB7tYr4w
+                secret `S3cretPw1` 0.8
+                secret `Zx81kQpL02mNvB7tYr4w` 0.8
+            docker run -p 8080:80 nginx, ssh -p 2222 host, mkdir -p /var/lib/app, mysql -u root -p
+                -
+            curl -u admin https://x and curl -u admin:$PASSWORD https://x, --password <secret>
+                -
+            username: admin password S3cretPw1! and the wifi passphrase Tr0ub4dor&3
+                secret `S3cretPw1!` 0.8
+                secret `Tr0ub4dor` 0.8
+            password SHA256-hashed, password reset, password 2FA, password field1 of the form
+                -
+        "#]],
+    );
+}
+
+#[test]
 fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
     let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
     let cases = format!(
@@ -745,6 +790,7 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
         token f47ac10b-58cc-4372-a567-0e02b2c3d479
         token 550e8400-e29b-41d4-a716-446655440000 has too little entropy
         internationalization_and_localization_frameworks
+        tokenizer models/SmolLM2-135M-Instruct, max tokens 4096 for llama-3-8b-instruct-q4
         huggingface token hf_jBkLnYpQrStUvWxYzAbCdEfGhIjKlMnOpq and hf_hub_download_and_cache_the_files
         sk-learnModelSelectionStrategies is a name, hf_ThisIsMyTestFunctionNameForModel too
         PuTTY-User-Key-File-3: ssh-ed25519 Encryption: none Comment: ops Public-Lines: 2 AAAAC3NzaC1lZDI1NTE5 Private-Lines: 1 AAAAIGx2Yk1tZ3dQY3ZrR0F5 Private-MAC: 5b1c2d3e4f
@@ -792,6 +838,8 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
             token 550e8400-e29b-41d4-a716-446655440000 has too little entropy
                 -
             internationalization_and_localization_frameworks
+                -
+            tokenizer models/SmolLM2-135M-Instruct, max tokens 4096 for llama-3-8b-instruct-q4
                 -
             huggingface token hf_jBkLnYpQrStUvWxYzAbCdEfGhIjKlMnOpq and hf_hub_download_and_cache_the_files
                 secret `hf_jBkLnYpQrStUvWxYzAbCdEfGhIjKlMnOpq` 0.9
