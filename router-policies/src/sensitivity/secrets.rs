@@ -359,7 +359,37 @@ pub(super) fn jwt(scanner: &mut Scanner<'_>, start: usize) -> Option<usize> {
 /// A key at `start..key_end` followed by `=` or `:` (or `"key":`): a connection string, a
 /// SAS query, an Azure account key, or the value of a secret-named key. Also `Bearer TOKEN`
 /// and `Data Source=...`.
+///
+/// Called for nearly every word of a text: this part turns away, inline, the words that can
+/// be none of these (most prose words, followed by a blank and no `=` or `:`).
+#[inline]
 pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Option<usize> {
+    let bytes = scanner.bytes;
+    let next = byte_at(bytes, key_end);
+    if next == b' ' {
+        let operator = run_end(bytes, key_end, 2, |byte| byte == b' ');
+        // `Bearer`, `Data Source`, `password is`, `passwd`, `pwd`, `passphrase`, an option.
+        let word = &bytes[start..key_end];
+        let spoken = match word.len() {
+            3 => word.eq_ignore_ascii_case(b"pwd"),
+            4 => word.eq_ignore_ascii_case(b"data"),
+            6 => word.eq_ignore_ascii_case(b"bearer") || word.eq_ignore_ascii_case(b"passwd"),
+            8 => word.eq_ignore_ascii_case(b"password"),
+            10 => word.eq_ignore_ascii_case(b"passphrase"),
+            _ => false,
+        } || byte_at(bytes, start.wrapping_sub(1)) == b'-';
+        if !spoken && !matches!(byte_at(bytes, operator), b'=' | b':') {
+            return None;
+        }
+    } else if !matches!(next, b'=' | b':' | b'"' | b'\'') {
+        return None;
+    }
+    keyed_value(scanner, start, key_end)
+}
+
+/// The rest of [`keyed`], for the words it did not turn away.
+#[inline(never)]
+fn keyed_value(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     let next = byte_at(bytes, key_end);
     if next == b' ' {
@@ -370,7 +400,11 @@ pub(super) fn keyed(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> 
         if word.eq_ignore_ascii_case(b"data") && bytes[key_end..].starts_with(b" Source=") {
             return connection_string(scanner, start);
         }
-        if let Some(end) = told_password(scanner, word, key_end) {
+        if PASSWORD_KEYS
+            .iter()
+            .any(|key| word.eq_ignore_ascii_case(key.as_bytes()))
+            && let Some(end) = told_password(scanner, key_end)
+        {
             return Some(end);
         }
         if byte_at(bytes, start.wrapping_sub(1)) == b'-'
@@ -489,6 +523,8 @@ const LOGIN_COMMANDS: &[&[u8]] = &[
 /// A secret given as a command-line option (`--password S3cret`, `-p S3cret` or `-pS3cret`
 /// after a user or a login command, `-u user:S3cret` as curl takes it), for the word at
 /// `start..key_end` that follows a `-`.
+#[cold]
+#[inline(never)]
 fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
     let word = &bytes[start..key_end];
@@ -552,16 +588,12 @@ fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Opt
 }
 
 /// `my password is Tr0ub4dor&3`, `password Summer2024!`: a password told in a sentence, the
-/// word `is` (or a blank alone) between the key word (`word`, ending at `key_end`) and the
-/// value.
-fn told_password(scanner: &mut Scanner<'_>, word: &[u8], key_end: usize) -> Option<usize> {
+/// word `is` (or a blank alone) between the key word (a [`PASSWORD_KEYS`] word ending at
+/// `key_end`) and the value.
+#[cold]
+#[inline(never)]
+fn told_password(scanner: &mut Scanner<'_>, key_end: usize) -> Option<usize> {
     let bytes = scanner.bytes;
-    if !PASSWORD_KEYS
-        .iter()
-        .any(|key| word.eq_ignore_ascii_case(key.as_bytes()))
-    {
-        return None;
-    }
     let said = bytes
         .get(key_end..key_end + 4)
         .is_some_and(|is| is.eq_ignore_ascii_case(b" is "));
