@@ -540,7 +540,7 @@ fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Opt
     // curl's `-u user:password` and `--user user:password`.
     let user_password = word == b"u" || (long && word.eq_ignore_ascii_case(b"user"));
     let (value_start, value_end, quoted) = if user_password {
-        value_at(bytes, key_end + 1)?
+        spoken_value_at(bytes, key_end + 1)?
     } else if long {
         if !SECRET_OPTIONS
             .iter()
@@ -548,12 +548,12 @@ fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Opt
         {
             return None;
         }
-        value_at(bytes, key_end + 1)?
+        spoken_value_at(bytes, key_end + 1)?
     } else if word == b"p" {
-        value_at(bytes, key_end + 1)?
+        spoken_value_at(bytes, key_end + 1)?
     } else if word.len() > 1 && word[0] == b'p' {
         // `mysql -u root -pS3cret`: the value joined to its flag.
-        value_at(bytes, start + 1)?
+        spoken_value_at(bytes, start + 1)?
     } else {
         return None;
     };
@@ -597,7 +597,8 @@ fn told_password(scanner: &mut Scanner<'_>, key_end: usize) -> Option<usize> {
     let said = bytes
         .get(key_end..key_end + 4)
         .is_some_and(|is| is.eq_ignore_ascii_case(b" is "));
-    let (value_start, value_end, quoted) = value_at(bytes, key_end + if said { 4 } else { 1 })?;
+    let (value_start, value_end, quoted) =
+        spoken_value_at(bytes, key_end + if said { 4 } else { 1 })?;
     let value = &bytes[value_start..value_end];
     // Without `is` (`password Summer2024!`), only what no word or name looks like: eight
     // bytes or more (`password field1`), letters and digits both, and not a hashing or
@@ -670,6 +671,24 @@ fn value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)> {
     } else {
         end
     };
+    (end > position).then_some((position, end, false))
+}
+
+/// A value written in a sentence or on a command line (`password is Tr0ub4dor&3`,
+/// `-p S3cret;pw`): as [`value_at`], but unquoted it runs to the next blank, since such a
+/// value has no syntax around it that `&` or `;` could belong to; it stops before `(` and
+/// `[` (`get_password()` is code), and a sentence's closing `.`, `,`, `;` or `)` is left
+/// out.
+fn spoken_value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)> {
+    if matches!(byte_at(bytes, position), b'"' | b'\'') {
+        return value_at(bytes, position);
+    }
+    let mut end = run_end(bytes, position, VALUE_BYTES_MAX, |byte| {
+        byte > b' ' && !matches!(byte, b'"' | b'`' | b'(' | b'[')
+    });
+    while end > position + 1 && matches!(bytes[end - 1], b'.' | b',' | b';' | b')') {
+        end -= 1;
+    }
     (end > position).then_some((position, end, false))
 }
 

@@ -736,6 +736,7 @@ fn secrets_given_as_command_line_options_are_found() {
         docker run -p 8080:80 nginx, ssh -p 2222 host, mkdir -p /var/lib/app, mysql -u root -p
         curl -u admin https://x and curl -u admin:$PASSWORD https://x, --password <secret>
         username: admin password S3cretPw1! and the wifi passphrase Tr0ub4dor&3
+        my password is Tr0ub4dor&3; the VPN one is (password is S3cret;Pw1).
         password SHA256-hashed, password reset, password 2FA, password field1 of the form
         "#,
         expect![[r#"
@@ -760,7 +761,10 @@ fn secrets_given_as_command_line_options_are_found() {
                 -
             username: admin password S3cretPw1! and the wifi passphrase Tr0ub4dor&3
                 secret `S3cretPw1!` 0.8
-                secret `Tr0ub4dor` 0.8
+                secret `Tr0ub4dor&3` 0.8
+            my password is Tr0ub4dor&3; the VPN one is (password is S3cret;Pw1).
+                secret `Tr0ub4dor&3` 0.8
+                secret `S3cret;Pw1` 0.8
             password SHA256-hashed, password reset, password 2FA, password field1 of the form
                 -
         "#]],
