@@ -570,11 +570,7 @@ fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Opt
     } else if long {
         password_value(bytes, value, value_end, quoted)
     } else {
-        let line_start = bytes[..start]
-            .iter()
-            .rposition(|&byte| byte == b'\n')
-            .map_or(0, |newline| newline + 1);
-        let line = &bytes[line_start..start];
+        let line = &bytes[command_start(bytes, start)..start];
         let login = LOGIN_COMMANDS
             .iter()
             .any(|marker| line.windows(marker.len()).any(|window| window == *marker));
@@ -585,6 +581,26 @@ fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Opt
         login && !port && password_value(bytes, value, value_end, quoted)
     };
     secret.then(|| assigned_secret(scanner, value_start, value_end))
+}
+
+/// Where the command that `position` is in starts: the start of its line, or of an earlier
+/// one that a trailing `\` continues (`docker login \⏎ -u deploy \⏎ -p …`), up to eight.
+fn command_start(bytes: &[u8], position: usize) -> usize {
+    let mut start = position;
+    for _ in 0..8 {
+        let Some(newline) = bytes[..start].iter().rposition(|&byte| byte == b'\n') else {
+            return 0;
+        };
+        let mut before = newline;
+        while before > 0 && matches!(bytes[before - 1], b' ' | b'\r') {
+            before -= 1;
+        }
+        if before == 0 || bytes[before - 1] != b'\\' {
+            return newline + 1;
+        }
+        start = before - 1;
+    }
+    start
 }
 
 /// `my password is Tr0ub4dor&3`, `password Summer2024!`: a password told in a sentence, the

@@ -772,6 +772,23 @@ fn secrets_given_as_command_line_options_are_found() {
 }
 
 #[test]
+fn a_command_continued_over_lines_is_read_as_one() {
+    let found = |text: &str| -> Vec<String> {
+        Recognizers::default()
+            .scan(text)
+            .iter()
+            .map(|finding| format!("{} `{}`", finding.entity, &text[finding.span.clone()]))
+            .collect()
+    };
+    assert_eq!(
+        found("docker login \\\n  -u deploy \\\r\n  -p S3cretPw1 \\\n  registry.internal"),
+        ["secret `S3cretPw1`"]
+    );
+    // Without the `\`, the line with `-p` names no user and does not log in.
+    assert!(found("docker login\n-u deploy\nrun -p S3cretPw1 app").is_empty());
+}
+
+#[test]
 fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
     let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
     let cases = format!(
