@@ -505,6 +505,8 @@ const SECRET_OPTIONS: &[&str] = &[
     "access-key",
     "secret-key",
 ];
+/// How far back a command's user or login word is looked for, in bytes.
+const COMMAND_BYTES_MAX: usize = 512;
 /// What on a command line's start makes `-p VALUE` a password rather than a port or a
 /// path: a user named by `-u`/`--user`, or a command that logs in.
 const LOGIN_COMMANDS: &[&[u8]] = &[
@@ -586,16 +588,19 @@ fn option_secret(scanner: &mut Scanner<'_>, start: usize, key_end: usize) -> Opt
 /// Where the command that `position` is in starts: the start of its line, or of an earlier
 /// one that a trailing `\` continues (`docker login \⏎ -u deploy \⏎ -p …`), up to eight.
 fn command_start(bytes: &[u8], position: usize) -> usize {
+    // Bounded, so that a long line of many `-p` costs each of them this much at most.
+    let floor = position.saturating_sub(COMMAND_BYTES_MAX);
     let mut start = position;
     for _ in 0..8 {
-        let Some(newline) = bytes[..start].iter().rposition(|&byte| byte == b'\n') else {
-            return 0;
+        let Some(newline) = bytes[floor..start].iter().rposition(|&byte| byte == b'\n') else {
+            return floor;
         };
+        let newline = floor + newline;
         let mut before = newline;
-        while before > 0 && matches!(bytes[before - 1], b' ' | b'\r') {
+        while before > floor && matches!(bytes[before - 1], b' ' | b'\r') {
             before -= 1;
         }
-        if before == 0 || bytes[before - 1] != b'\\' {
+        if before <= floor || bytes[before - 1] != b'\\' {
             return newline + 1;
         }
         start = before - 1;
