@@ -621,11 +621,12 @@ fn told_password(scanner: &mut Scanner<'_>, key_end: usize) -> Option<usize> {
     let (value_start, value_end, quoted) =
         spoken_value_at(bytes, key_end + if said { 4 } else { 1 })?;
     let value = &bytes[value_start..value_end];
-    // Without `is` (`password Summer2024!`), only what no word or name looks like: eight
-    // bytes or more (`password field1`), letters and digits both, and not a hashing or
-    // encoding scheme (`password SHA256-hashed`).
+    // Without `is` (`password Summer2024!`), only what no word, name or path looks like:
+    // eight bytes or more (`password field1`), not a path (`pwd /srv/app2`), letters and
+    // digits both, and not a hashing or encoding scheme (`password SHA256-hashed`).
     let told = said
         || (value.len() >= BARE_PASSWORD_BYTES_MIN
+            && !matches!(value[0], b'/' | b'~' | b'.')
             && value.iter().any(u8::is_ascii_digit)
             && value.iter().any(u8::is_ascii_alphabetic)
             && !SCHEMES.iter().any(|scheme| {

@@ -738,6 +738,7 @@ fn secrets_given_as_command_line_options_are_found() {
         username: admin password S3cretPw1! and the wifi passphrase Tr0ub4dor&3
         my password is Tr0ub4dor&3; the VPN one is (password is S3cret;Pw1).
         password SHA256-hashed, password reset, password 2FA, password field1 of the form
+        then pwd /srv/app2/releases, pwd ~/work2024 and pwd ./build42x
         "#,
         expect![[r#"
             curl -u admin:S3cretPw1 https://api.internal/v1/items
@@ -766,6 +767,8 @@ fn secrets_given_as_command_line_options_are_found() {
                 secret `Tr0ub4dor&3` 0.8
                 secret `S3cret;Pw1` 0.8
             password SHA256-hashed, password reset, password 2FA, password field1 of the form
+                -
+            then pwd /srv/app2/releases, pwd ~/work2024 and pwd ./build42x
                 -
         "#]],
     );
