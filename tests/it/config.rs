@@ -200,11 +200,11 @@ fn check_config_refuses_rules_that_name_entities_no_recognizer_reports() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("3 errors"), "{stderr}");
     for wanted in [
-        "routing: rule `cards-stay`: entities: `credit_cardz` is not an entity type (built-in: \
+        "policy.rules[0].when.entities[0]: `credit_cardz` is not an entity type (built-in: \
          credit_card, iban,",
-        "routing: rule `cards-stay`: entities: `dictionary:customers` is not an entity type",
-        "routing: rule `cards-stay`: entities: `email` is in policy.disabled_entities, so the \
-         rule could never match it",
+        "policy.rules[0].when.entities[3]: `dictionary:customers` is not an entity type",
+        "policy.rules[0].when.entities[4]: `email` is in policy.disabled_entities, so the rule \
+         could never match it",
     ] {
         assert!(stderr.contains(wanted), "{wanted}\n{stderr}");
     }

@@ -114,11 +114,47 @@ struct RawSpillover {
     model: Option<String>,
 }
 
+/// Why a rule's `when.entities` name can never match, if it cannot: no recognizer reports
+/// it (a typo, a dictionary or pattern not configured), or it is disabled. Such a rule would
+/// let by the sensitive requests it was written to stop.
+fn entity_problem(raw: &RawPolicy, entity: &str) -> Option<String> {
+    use router_policies::sensitivity::EntityType;
+    if raw
+        .disabled_entities
+        .iter()
+        .any(|disabled| disabled == entity)
+    {
+        return Some(format!(
+            "`{entity}` is in policy.disabled_entities, so the rule could never match it"
+        ));
+    }
+    let known = EntityType::builtin(entity).is_some()
+        || entity
+            .strip_prefix("dictionary:")
+            .is_some_and(|name| raw.dictionaries.contains_key(name))
+        || entity
+            .strip_prefix("pattern:")
+            .is_some_and(|name| raw.patterns.contains_key(name));
+    (!known).then(|| {
+        let builtin: Vec<&str> = EntityType::BUILTIN.iter().map(EntityType::as_str).collect();
+        format!(
+            "`{entity}` is not an entity type (built-in: {}; or dictionary:NAME, pattern:NAME \
+             of [policy])",
+            builtin.join(", ")
+        )
+    })
+}
+
 impl Validator<'_> {
     /// The policy section. `api_key_ids`: the configured keys, which the callers named by
     /// rules and by `caller_classifications` must be (`None` when `[auth]` did not validate:
-    /// its own errors say why); a misspelt one would silently never apply.
-    pub(super) fn policy(&mut self, raw: RawPolicy, api_key_ids: Option<&[&str]>) -> PolicyConfig {
+    /// its own errors say why); a misspelt one would silently never apply, as would an
+    /// entity no recognizer reports.
+    pub(super) fn policy(
+        &mut self,
+        mut raw: RawPolicy,
+        api_key_ids: Option<&[&str]>,
+    ) -> PolicyConfig {
         let unknown_caller = |caller: &str| api_key_ids.is_some_and(|ids| !ids.contains(&caller));
         for caller in raw.caller_classifications.keys() {
             if unknown_caller(caller) {
@@ -129,7 +165,7 @@ impl Validator<'_> {
             }
         }
         let mut rules = Vec::new();
-        for (index, rule) in raw.rules.into_iter().enumerate() {
+        for (index, rule) in std::mem::take(&mut raw.rules).into_iter().enumerate() {
             let key = format!("policy.rules[{index}]");
             for (position, caller) in rule.when.callers.iter().enumerate() {
                 if unknown_caller(caller) {
@@ -137,6 +173,11 @@ impl Validator<'_> {
                         format!("{key}.when.callers[{position}]"),
                         format!("`{caller}` is not the id of an [auth] API key"),
                     );
+                }
+            }
+            for (position, entity) in rule.when.entities.iter().enumerate() {
+                if let Some(problem) = entity_problem(&raw, entity) {
+                    self.error(format!("{key}.when.entities[{position}]"), problem);
                 }
             }
             if let Some(rule) = self.rule(&key, rule) {
