@@ -218,7 +218,7 @@ fn domain(bytes: &[u8], start: usize) -> Option<usize> {
 }
 
 /// Bytes a URL's user name and password may hold as people write them: anything printable
-/// but `/`, `@`, quotes, angle brackets and `\\` (a password's `!`, `#`, `$`, `&` and `*` are
+/// but `/`, `@`, quotes, angle brackets and `\` (a password's `!`, `#`, `$`, `&` and `*` are
 /// often left unescaped).
 fn is_userinfo(byte: u8) -> bool {
     (byte > b' '
