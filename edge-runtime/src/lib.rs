@@ -325,6 +325,8 @@ pub enum GenerationError {
     Decode(String),
     #[error("inference worker stopped")]
     WorkerStopped,
+    #[error("the inference thread failed while generating this answer; it restarts")]
+    WorkerFailed,
 }
 
 /// Why a prompt could not be prepared.
@@ -466,13 +468,20 @@ pub struct ModelStats {
     prefix_cache_entries: AtomicU64,
     prefix_cache_host_bytes: AtomicU64,
     workers_failed: AtomicU64,
+    worker_panics: AtomicU64,
 }
 
 impl ModelStats {
-    /// The model's inference threads (lanes and the embeddings worker) that ended by a
-    /// panic: their requests failed, and what they served fails until a restart.
+    /// The model's inference threads (lanes and the embeddings worker) down after a panic:
+    /// waiting to restart, or not restarted after repeated panics (what they serve then
+    /// fails until the gateway restarts).
     pub fn workers_failed(&self) -> u64 {
         self.workers_failed.load(Ordering::Relaxed)
+    }
+    /// Panics of the model's inference threads so far; each failed the requests the thread
+    /// was generating.
+    pub fn worker_panics(&self) -> u64 {
+        self.worker_panics.load(Ordering::Relaxed)
     }
     /// Requests waiting for a free sequence.
     pub fn queue_depth(&self) -> u64 {

@@ -127,6 +127,12 @@ impl LanePort {
 }
 
 impl ModelShared {
+    /// Tests only: makes lane `lane`'s thread panic at its next admission.
+    #[cfg(test)]
+    pub(crate) fn panic_lane(&self, lane: usize) {
+        let _ = self.lanes[lane].port.jobs.send(Command::Panic);
+    }
+
     fn stop(&self) {
         let Ok(mut workers) = self.workers.lock() else {
             return;
@@ -225,6 +231,9 @@ enum Command {
     Generate(Job),
     /// Finish: fail what is queued or running, free the context, end the thread.
     Stop,
+    /// Tests only: panic, as a bug in a step would.
+    #[cfg(test)]
+    Panic,
 }
 
 /// A request on its way to, or waiting in, the worker's queue.
@@ -516,7 +525,15 @@ impl ModelHandle {
             .name(format!("embed-{}", spec.name))
             .spawn(move || {
                 let model = embedding.name.clone();
-                counting_panics(&embedding_stats, &model, || embedding.run(&embed_jobs));
+                supervised(&embedding_stats, &model, |restart| {
+                    if restart {
+                        // Its context is made at the next request: serving again at once.
+                        embedding_stats
+                            .workers_failed
+                            .fetch_sub(1, Ordering::Relaxed);
+                    }
+                    embedding.run(&embed_jobs);
+                });
             }) {
             Ok(thread) => threads.push(thread),
             Err(error) => {
@@ -811,7 +828,7 @@ struct Embedder {
 }
 
 impl Embedder {
-    fn run(self, jobs: &Receiver<EmbedCommand>) {
+    fn run(&self, jobs: &Receiver<EmbedCommand>) {
         let mut context: Option<LlamaContext<'_>> = None;
         while let Ok(EmbedCommand::Embed(job)) = jobs.recv() {
             if context.is_none() {
@@ -1026,8 +1043,9 @@ fn start_lane(
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            counting_panics(&thread_stats, &model_name, || {
-                worker.run(receiver, ready_sender);
+            let mut ready = Some(ready_sender);
+            supervised(&thread_stats, &model_name, |_| {
+                worker.run(&receiver, ready.take());
             });
         })
         .map_err(|error| LoadError::Worker {
@@ -1053,17 +1071,60 @@ fn start_lane(
     }
 }
 
-/// Runs an inference thread's `body`. A panic in it ends the thread as before (its requests
-/// fail as their event channels close), but is counted in the model's `workers_failed`,
-/// which the gateway's health checks read, instead of going unseen.
-fn counting_panics(stats: &ModelStats, model: &str, body: impl FnOnce()) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+/// Panics of one inference thread within [`RESTART_WINDOW`] after which it is not restarted
+/// again: a bug that every request hits would otherwise loop, failing each one; down, the
+/// thread fails the model's health checks, so the service manager restarts the gateway.
+const RESTARTS_MAX: usize = 3;
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
+/// The wait before each restart of a thread within the window: a panic caused by a passing
+/// condition (memory pressure, a driver hiccup) gets a moment to clear.
+const RESTART_DELAYS_MS: [u64; RESTARTS_MAX] = if cfg!(test) {
+    [1, 1, 1]
+} else {
+    [100, 1_000, 5_000]
+};
+
+/// Runs an inference thread's `body`, and runs it again after a panic, up to [`RESTARTS_MAX`]
+/// times within [`RESTART_WINDOW`]. `body` is told whether it is a restart. The requests a
+/// panicking body held fail (`GenerationError::WorkerFailed`); what waits in its queue is
+/// served once it runs again. From the panic until the body is serving again (it says so by
+/// taking one off `workers_failed`), the thread counts in the model's `workers_failed`, which
+/// the gateway's health checks read; every panic counts in `worker_panics`.
+fn supervised(stats: &ModelStats, model: &str, mut body: impl FnMut(bool)) {
+    let mut panics: VecDeque<Instant> = VecDeque::with_capacity(RESTARTS_MAX + 1);
+    let mut restart = false;
+    loop {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(restart)));
+        if outcome.is_ok() {
+            return;
+        }
+        stats.worker_panics.fetch_add(1, Ordering::Relaxed);
         stats.workers_failed.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        while panics
+            .front()
+            .is_some_and(|&at| now.duration_since(at) > RESTART_WINDOW)
+        {
+            panics.pop_front();
+        }
+        panics.push_back(now);
+        let Some(&delay_ms) = RESTART_DELAYS_MS.get(panics.len() - 1) else {
+            tracing::error!(
+                model,
+                panics = panics.len(),
+                window_s = RESTART_WINDOW.as_secs(),
+                "an inference thread panicked again: it is not restarted, its requests fail \
+                 and the model's health checks fail until the gateway restarts"
+            );
+            return;
+        };
         tracing::error!(
             model,
-            "an inference thread panicked: its requests failed, and the model's health \
-             checks fail until the gateway restarts"
+            restart_in_ms = delay_ms,
+            "an inference thread panicked: the requests it was generating failed; it restarts"
         );
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        restart = true;
     }
 }
 
@@ -1233,6 +1294,42 @@ struct Published {
     prefix_host_bytes: u64,
 }
 
+/// A lane that panics mid-step unwinds through here: what it held fails and leaves the
+/// model's gauges, so that the restarted lane (and admission, which reads the queue depth
+/// and the lane's load) starts from true counts. The context is freed after this.
+impl Drop for Loop<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let worker = self.worker;
+        let stats = &worker.stats;
+        let load = worker.load();
+        for job in self.queue.drain(..) {
+            stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            load.fetch_sub(1, Ordering::AcqRel);
+            let _ = job
+                .events
+                .try_send(Event::Failed(GenerationError::WorkerFailed));
+        }
+        for sequence in self.slots.iter_mut().filter_map(Option::take) {
+            stats.active_sequences.fetch_sub(1, Ordering::Relaxed);
+            load.fetch_sub(1, Ordering::AcqRel);
+            let _ = sequence
+                .events
+                .try_send(Event::Failed(GenerationError::WorkerFailed));
+        }
+        self.admitted.clear();
+        let last = std::mem::take(&mut self.published);
+        move_gauge(&stats.kv_cells_used, last.cells_used, 0);
+        move_gauge(&stats.prefix_cache_entries, last.prefix_entries, 0);
+        move_gauge(&stats.prefix_cache_host_bytes, last.prefix_host_bytes, 0);
+        stats
+            .kv_cells_total
+            .fetch_sub(u64::from(worker.kv_cells()), Ordering::Relaxed);
+    }
+}
+
 impl Worker {
     /// This lane's requests, queued or running; counted up by `submit`.
     fn load(&self) -> &AtomicU64 {
@@ -1252,7 +1349,10 @@ impl Worker {
             .saturating_add(cache)
     }
 
-    fn run(self, jobs: Receiver<Command>, ready: SyncSender<Result<(), String>>) {
+    /// Makes the lane's context and serves its jobs until told to stop. `ready` hears
+    /// whether the context was made at start-up; it is `None` on a restart after a panic,
+    /// when the lane counts in `workers_failed` until its context is made again.
+    fn run(&self, jobs: &Receiver<Command>, ready: Option<SyncSender<Result<(), String>>>) {
         let spec = &self.spec;
         let threads = i32::try_from(spec.threads).unwrap_or(i32::MAX);
         let cache_entries = if spec.prefix_cache_tokens_max > 0 {
@@ -1278,7 +1378,20 @@ impl Worker {
         let context = match self.model.new_context(&self.backend, params) {
             Ok(context) => context,
             Err(error) => {
-                let _ = ready.send(Err(error.to_string()));
+                match ready {
+                    Some(ready) => {
+                        let _ = ready.send(Err(error.to_string()));
+                    }
+                    // The lane stays counted in `workers_failed`; its queue closes with the
+                    // thread, so what is sent to it fails at once.
+                    None => tracing::error!(
+                        model = %spec.name,
+                        lane = self.lane,
+                        %error,
+                        "the inference context could not be made again after a panic: the \
+                         lane stays down until the gateway restarts"
+                    ),
+                }
                 return;
             }
         };
@@ -1287,11 +1400,18 @@ impl Worker {
         self.stats
             .kv_cells_total
             .fetch_add(u64::from(self.kv_cells()), Ordering::Relaxed);
-        if ready.send(Ok(())).is_err() {
-            self.stats
-                .kv_cells_total
-                .fetch_sub(u64::from(self.kv_cells()), Ordering::Relaxed);
-            return;
+        match ready {
+            Some(ready) => {
+                if ready.send(Ok(())).is_err() {
+                    self.stats
+                        .kv_cells_total
+                        .fetch_sub(u64::from(self.kv_cells()), Ordering::Relaxed);
+                    return;
+                }
+            }
+            None => {
+                self.stats.workers_failed.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         tracing::info!(
             model = %spec.name,
@@ -1315,7 +1435,7 @@ impl Worker {
             HOST_PREFIX_IDS
         };
         let mut state = Loop {
-            worker: &self,
+            worker: self,
             context,
             batch: LlamaBatch::new(batch_capacity, 1),
             batch_capacity,
@@ -1353,7 +1473,7 @@ impl Worker {
                 .flatten(),
             published: Published::default(),
         };
-        while state.admit(&jobs) {
+        while state.admit(jobs) {
             state.step();
             let busy = state.busy_since.elapsed();
             state.busy_since = Instant::now();
@@ -1493,6 +1613,8 @@ impl Loop<'_> {
             match job {
                 Ok(Command::Generate(job)) => self.queue.push_back(job),
                 Ok(Command::Stop) | Err(RecvError) => return self.stop(),
+                #[cfg(test)]
+                Ok(Command::Panic) => panic!("a bug in a decode step"),
             }
         }
         // Take whatever else is waiting without blocking.
@@ -1500,6 +1622,8 @@ impl Loop<'_> {
             match command {
                 Command::Generate(job) => self.queue.push_back(job),
                 Command::Stop => return self.stop(),
+                #[cfg(test)]
+                Command::Panic => panic!("a bug in a decode step"),
             }
         }
         self.expire_queued(timeout);

@@ -680,7 +680,9 @@ impl Admin {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain; charset=utf-8",
                         format!(
-                            "an inference thread of {} ended by a panic; restart the gateway\n",
+                            "an inference thread of {} is down after a panic: it restarts, \
+                             unless it panicked three times in ten minutes (then restart the \
+                             gateway)\n",
                             failed.join(", ")
                         )
                         .into_bytes(),

@@ -476,9 +476,11 @@ fn generation_error(error: &edge_runtime::GenerationError) -> GatewayError {
         edge_runtime::GenerationError::QueueTimeout { .. } => GatewayError::Timeout {
             message: error.to_string(),
         },
-        edge_runtime::GenerationError::Decode(_) => GatewayError::Internal {
-            message: error.to_string(),
-        },
+        edge_runtime::GenerationError::Decode(_) | edge_runtime::GenerationError::WorkerFailed => {
+            GatewayError::Internal {
+                message: error.to_string(),
+            }
+        }
         edge_runtime::GenerationError::WorkerStopped => GatewayError::Unavailable {
             message: error.to_string(),
             retry_after_s: 5,

@@ -174,6 +174,7 @@ pub struct ModelGauges {
     pub prefix_cache_entries: u64,
     pub prefix_cache_host_bytes: u64,
     pub workers_failed: u64,
+    pub worker_panics: u64,
 }
 
 /// The gateway's metrics.
@@ -450,7 +451,7 @@ impl Metrics {
         }
         drop(registry);
 
-        let series: [ModelSeries; 17] = [
+        let series: [ModelSeries; 18] = [
             (
                 "isthmus_local_queue_depth",
                 "gauge",
@@ -550,8 +551,14 @@ impl Metrics {
             (
                 "isthmus_local_workers_failed",
                 "gauge",
-                "Inference threads of the model that ended by a panic; above 0, its requests fail and /healthz answers 503 until a restart.",
+                "Inference threads of the model down after a panic (restarting, or left down after repeated panics); above 0, /healthz and /readyz answer 503.",
                 |g| g.workers_failed as f64,
+            ),
+            (
+                "isthmus_local_worker_panics_total",
+                "counter",
+                "Panics of the model's inference threads; each failed the requests the thread was generating, and the thread restarted unless it had panicked three times in ten minutes.",
+                |g| g.worker_panics as f64,
             ),
         ];
         for (name, kind, help, value) in series {

@@ -82,8 +82,8 @@ impl AppState {
             && self.listeners_bound.load(Ordering::Acquire)
     }
 
-    /// Models one of whose inference threads ended by a panic: what it served fails until
-    /// a restart, so `/healthz` and `/readyz` fail.
+    /// Models one of whose inference threads is down after a panic (restarting, or left
+    /// down after repeated panics): `/healthz` and `/readyz` fail meanwhile.
     pub fn failed_models(&self) -> Vec<String> {
         self.engine.get().map_or_else(Vec::new, |engine| {
             engine
@@ -209,6 +209,7 @@ impl AppState {
                     prefix_cache_entries: stats.prefix_cache_entries(),
                     prefix_cache_host_bytes: stats.prefix_cache_host_bytes(),
                     workers_failed: stats.workers_failed(),
+                    worker_panics: stats.worker_panics(),
                 }
             })
             .collect()

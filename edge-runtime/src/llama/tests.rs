@@ -1329,21 +1329,98 @@ fn logit_bias_and_penalties_steer_the_choice() {
 }
 
 #[test]
-fn a_panicking_inference_thread_is_counted_as_failed() {
+fn a_thread_that_keeps_panicking_is_restarted_three_times_then_left_down() {
     let stats = crate::SharedStats::default();
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let thread_stats = std::sync::Arc::clone(&stats);
-    let ended = std::thread::spawn(move || {
-        super::counting_panics(&thread_stats, "smollm2", || {
-            panic!("a bug in a decode step")
-        });
-        "the thread ends normally"
-    })
-    .join();
-    std::panic::set_hook(hook);
-    assert_eq!(ended.ok(), Some("the thread ends normally"));
-    assert_eq!(stats.workers_failed(), 1);
-    super::counting_panics(&stats, "smollm2", || {});
-    assert_eq!(stats.workers_failed(), 1);
+    let mut runs = Vec::new();
+    super::supervised(&stats, "smollm2", |restart| {
+        if restart {
+            stats
+                .workers_failed
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        runs.push(restart);
+        panic!("a bug in a decode step");
+    });
+    assert_eq!(runs, [false, true, true, true]);
+    assert_eq!(stats.worker_panics(), 4);
+    assert_eq!(stats.workers_failed(), 1, "left down");
+
+    // A body that ends normally after one panic is not run again.
+    let stats = crate::SharedStats::default();
+    let mut runs = 0;
+    super::supervised(&stats, "smollm2", |restart| {
+        runs += 1;
+        if restart {
+            stats
+                .workers_failed
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            panic!("a passing fault");
+        }
+    });
+    assert_eq!(runs, 2);
+    assert_eq!((stats.worker_panics(), stats.workers_failed()), (1, 0));
+}
+
+#[test]
+fn a_lane_that_panics_fails_what_it_held_and_serves_again() {
+    let _serial = serial();
+    let (engine, model) = start(ModelSpec {
+        parallel_sequences: 1,
+        ..spec("restart")
+    });
+    let cells_total = model.stats().kv_cells_total();
+    let runtime = runtime();
+    let mut running = model
+        .submit(exact_request(&model, "", PROMPTS[0], 400))
+        .unwrap();
+    let first = runtime.block_on(running.next());
+    assert!(matches!(first, Some(Event::Token { .. })), "{first:?}");
+    let mut queued = model
+        .submit(exact_request(&model, "", PROMPTS[1], 8))
+        .unwrap();
+    model.shared.panic_lane(0);
+
+    let ended = |stream: &mut crate::GenerationStream| {
+        runtime.block_on(async {
+            while let Some(event) = stream.next().await {
+                match event {
+                    Event::Token { .. } => {}
+                    other => return Some(other),
+                }
+            }
+            None
+        })
+    };
+    let failed = Some(Event::Failed(GenerationError::WorkerFailed));
+    assert_eq!(ended(&mut running), failed, "the running request");
+    assert_eq!(ended(&mut queued), failed, "the queued request");
+
+    // The requests hear of the failure as the loop unwinds; the panic is counted once it
+    // has, and the lane is down until its context is made again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while model.stats().worker_panics() == 0 || model.stats().workers_failed() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lane did not restart"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The dead loop's share of the gauges is gone; the new context's cells are counted once.
+    let stats = model.stats();
+    assert_eq!(stats.worker_panics(), 1);
+    assert_eq!(stats.queue_depth(), 0);
+    assert_eq!(stats.active_sequences(), 0);
+    assert_eq!(stats.kv_cells_total(), cells_total);
+    cells_settle_at_zero(&model);
+
+    let answer = runtime.block_on(collect(
+        model
+            .submit(exact_request(&model, "", PROMPTS[2], 6))
+            .unwrap(),
+    ));
+    assert_eq!(answer.usage.completion_tokens, 6);
+    assert_eq!(answer.finish, Some(FinishReason::Length));
+    assert_eq!(model.stats().active_sequences(), 0);
+    drop(engine);
 }
