@@ -18,6 +18,7 @@ mod custom;
 mod identifiers;
 mod network;
 mod numbers;
+mod personal;
 mod scan;
 mod secrets;
 
@@ -73,6 +74,14 @@ pub enum EntityType {
     /// A Swedish personal or coordination number (birth date and Luhn), next to a context
     /// word.
     SePersonalNumber,
+    /// A date of birth: a date after a label that says so (`DOB`, `born on`, `date of
+    /// birth`, `Geburtsdatum`...).
+    DateOfBirth,
+    /// A passport number after a word that names it (`passport no.`, `Reisepass`...).
+    PassportNumber,
+    /// A medical record number after a label that names it (`MRN`, `medical record
+    /// number`, `patient ID`, `hospital number`...).
+    MedicalRecordNumber,
     /// An Azure storage account key (88 base64 characters, 64 bytes).
     AzureStorageKey,
     /// A connection string with a secret: Azure storage or Service Bus (`AccountKey=`,
@@ -99,7 +108,7 @@ pub enum EntityType {
 
 impl EntityType {
     /// Every built-in entity type, in a fixed order.
-    pub const BUILTIN: [EntityType; 22] = [
+    pub const BUILTIN: [EntityType; 25] = [
         EntityType::CreditCard,
         EntityType::Iban,
         EntityType::UsSsn,
@@ -114,6 +123,9 @@ impl EntityType {
         EntityType::NlBsn,
         EntityType::PlPesel,
         EntityType::SePersonalNumber,
+        EntityType::DateOfBirth,
+        EntityType::PassportNumber,
+        EntityType::MedicalRecordNumber,
         EntityType::AzureStorageKey,
         EntityType::ConnectionString,
         EntityType::AzureSasToken,
@@ -141,6 +153,9 @@ impl EntityType {
             EntityType::NlBsn => "nl_bsn",
             EntityType::PlPesel => "pl_pesel",
             EntityType::SePersonalNumber => "se_personal_number",
+            EntityType::DateOfBirth => "date_of_birth",
+            EntityType::PassportNumber => "passport_number",
+            EntityType::MedicalRecordNumber => "medical_record_number",
             EntityType::AzureStorageKey => "azure_storage_key",
             EntityType::ConnectionString => "connection_string",
             EntityType::AzureSasToken => "azure_sas_token",
@@ -192,14 +207,17 @@ impl EntityType {
             EntityType::NlBsn => 11,
             EntityType::PlPesel => 12,
             EntityType::SePersonalNumber => 13,
-            EntityType::AzureStorageKey => 14,
-            EntityType::ConnectionString => 15,
-            EntityType::AzureSasToken => 16,
-            EntityType::AwsAccessKey => 17,
-            EntityType::AwsSecretKey => 18,
-            EntityType::PrivateKey => 19,
-            EntityType::Jwt => 20,
-            EntityType::Secret => 21,
+            EntityType::DateOfBirth => 14,
+            EntityType::PassportNumber => 15,
+            EntityType::MedicalRecordNumber => 16,
+            EntityType::AzureStorageKey => 17,
+            EntityType::ConnectionString => 18,
+            EntityType::AzureSasToken => 19,
+            EntityType::AwsAccessKey => 20,
+            EntityType::AwsSecretKey => 21,
+            EntityType::PrivateKey => 22,
+            EntityType::Jwt => 23,
+            EntityType::Secret => 24,
             EntityType::Dictionary(_) | EntityType::Pattern(_) => return None,
         };
         Some(index)

@@ -7,11 +7,11 @@
 //! (a bare 9- or 11-digit number), a context word before it. The longest prefix of the groups
 //! that validates wins, so a card number followed by a year is still found.
 
-use super::EntityType;
 use super::scan::{
     Scanner, byte_at, context_before, context_words_before, ends_cleanly, escaped, is_alphanumeric,
     is_digit, next_word, next_word_span, previous_word, run_end, starts_word,
 };
+use super::{EntityType, personal};
 
 const GROUPS_MAX: usize = 8;
 /// The most digits any numeric entity has (a 19-digit card).
@@ -308,6 +308,9 @@ pub(super) fn scan(scanner: &mut Scanner<'_>, start: usize, word_end: usize) -> 
     // `abc.123` continues another token.
     if start >= 2 && bytes[start - 1] == b'.' && is_alphanumeric(bytes[start - 2]) {
         return None;
+    }
+    if let Some(end) = personal::date_of_birth(scanner, start, word_end) {
+        return Some(end);
     }
     if let Some(end) = spanish_dni(scanner, start, word_end) {
         return Some(end);

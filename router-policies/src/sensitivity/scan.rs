@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use super::{EntityType, Finding, identifiers, network, numbers, secrets};
+use super::{EntityType, Finding, identifiers, network, numbers, personal, secrets};
 
 /// Byte class bits.
 const DIGIT: u8 = 1;
@@ -229,6 +229,8 @@ pub(super) fn ends_cleanly(bytes: &[u8], end: usize) -> bool {
 pub(super) struct Scanner<'t> {
     pub(super) bytes: &'t [u8],
     pub(super) found: Vec<Finding>,
+    /// Where the last labels of personal data ended (`DOB`, `passport`, `MRN`).
+    pub(super) labels: personal::Labels,
 }
 
 impl Scanner<'_> {
@@ -252,6 +254,7 @@ pub(super) fn scan_builtin(text: &str, encoded: &mut Vec<Range<usize>>) -> Vec<F
     let mut scanner = Scanner {
         bytes,
         found: Vec::new(),
+        labels: personal::Labels::default(),
     };
     let length = bytes.len();
     let mut index = 0;
@@ -336,6 +339,13 @@ fn dispatch(scanner: &mut Scanner<'_>, start: usize, word_end: usize, end: usize
     {
         return Some(resume);
     }
+    // A passport or medical record number may look like any of the below (a bare number,
+    // a letter and digits): its label decides first.
+    if class & (DIGIT | UPPER) != 0
+        && let Some(resume) = personal::labelled_id(scanner, start, word_end)
+    {
+        return Some(resume);
+    }
     let matched = if class & DIGIT != 0 {
         numbers::scan(scanner, start, word_end)
     } else if class & UPPER != 0 {
@@ -355,6 +365,7 @@ fn dispatch(scanner: &mut Scanner<'_>, start: usize, word_end: usize, end: usize
         return matched;
     }
     if class & (UPPER | LOWER) != 0 {
+        personal::note_label(scanner, start, word_end);
         // `jane.doe at contoso dot com`.
         if word_end - start == 2
             && first | 0x20 == b'a'

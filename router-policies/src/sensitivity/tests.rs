@@ -546,6 +546,81 @@ fn national_ids_pass_their_check_digits() {
 }
 
 #[test]
+fn dates_of_birth_passports_and_record_numbers_need_their_labels() {
+    check(
+        r#"
+        DOB: 1984-03-12, d.o.b. 12.03.1984, date of birth 03/12/84
+        {"name": "Jane Roe", "dob": "1990-07-04", "birthDate": "1990-07-04"}
+        born on 12 March 1984 in Leeds; born March 12, 1984; Born: Mar. 3, 1975
+        birthday 12th of March, 1984 and geboren am 12.03.1984, Geburtsdatum 29.02.1988
+        fecha de nacimiento: 12 de marzo de 1984, né le 12/03/1984, data di nascita 12 marzo 1984
+        the meeting moved from 2024-03-12 to 12/03/2024, deadline 12 March 2024
+        born on 31/02/1984 is no date; born in 1984; DOB 1984-13-01; born 1887-05-02
+        reborn 12.03.1984, the firstborn on 1984-03-12, DOB 2024-03-12T10:00
+        passport number X1234567, Passport No.: 123456789, Reisepass C01X00T47
+        my passport is 533380006, passport ID: GB9876543
+        passport photo 123456, 123456789 passports were issued, passport fees ABC123
+        MRN: 00482913, patient's MRN is 4471-2209, medical record number 77120345
+        patient ID 99812345, Patient No. 4400123, hospital number 7712034, NHS number 9434765919
+        case number 00123456, record 12345678, patient 4400123, chart 12, MRN 1234
+        the DOB field of the form, which the clerk filled in only later: 1984-03-12
+        the passport office opens at nine; quote reference X1234567
+        "#,
+        expect![[r#"
+            DOB: 1984-03-12, d.o.b. 12.03.1984, date of birth 03/12/84
+                date_of_birth `1984-03-12` 0.85
+                date_of_birth `12.03.1984` 0.85
+                date_of_birth `03/12/84` 0.85
+            {"name": "Jane Roe", "dob": "1990-07-04", "birthDate": "1990-07-04"}
+                date_of_birth `1990-07-04` 0.85
+                date_of_birth `1990-07-04` 0.85
+            born on 12 March 1984 in Leeds; born March 12, 1984; Born: Mar. 3, 1975
+                date_of_birth `12 March 1984` 0.85
+                date_of_birth `March 12, 1984` 0.85
+                date_of_birth `Mar. 3, 1975` 0.85
+            birthday 12th of March, 1984 and geboren am 12.03.1984, Geburtsdatum 29.02.1988
+                date_of_birth `12th of March, 1984` 0.85
+                date_of_birth `12.03.1984` 0.85
+                date_of_birth `29.02.1988` 0.85
+            fecha de nacimiento: 12 de marzo de 1984, né le 12/03/1984, data di nascita 12 marzo 1984
+                date_of_birth `12 de marzo de 1984` 0.85
+                date_of_birth `12/03/1984` 0.85
+                date_of_birth `12 marzo 1984` 0.85
+            the meeting moved from 2024-03-12 to 12/03/2024, deadline 12 March 2024
+                -
+            born on 31/02/1984 is no date; born in 1984; DOB 1984-13-01; born 1887-05-02
+                -
+            reborn 12.03.1984, the firstborn on 1984-03-12, DOB 2024-03-12T10:00
+                -
+            passport number X1234567, Passport No.: 123456789, Reisepass C01X00T47
+                passport_number `X1234567` 0.85
+                passport_number `123456789` 0.85
+                passport_number `C01X00T47` 0.85
+            my passport is 533380006, passport ID: GB9876543
+                passport_number `533380006` 0.85
+                passport_number `GB9876543` 0.85
+            passport photo 123456, 123456789 passports were issued, passport fees ABC123
+                -
+            MRN: 00482913, patient's MRN is 4471-2209, medical record number 77120345
+                medical_record_number `00482913` 0.85
+                medical_record_number `4471-2209` 0.85
+                medical_record_number `77120345` 0.85
+            patient ID 99812345, Patient No. 4400123, hospital number 7712034, NHS number 9434765919
+                medical_record_number `99812345` 0.85
+                medical_record_number `4400123` 0.85
+                medical_record_number `7712034` 0.85
+                medical_record_number `9434765919` 0.85
+            case number 00123456, record 12345678, patient 4400123, chart 12, MRN 1234
+                -
+            the DOB field of the form, which the clerk filled in only later: 1984-03-12
+                -
+            the passport office opens at nine; quote reference X1234567
+                -
+        "#]],
+    );
+}
+
+#[test]
 fn cloud_credentials_have_their_formats() {
     let storage_key = format!(
         "{}==",
@@ -1108,6 +1183,9 @@ fn entity_names_are_stable_and_round_trip() {
             "nl_bsn",
             "pl_pesel",
             "se_personal_number",
+            "date_of_birth",
+            "passport_number",
+            "medical_record_number",
             "azure_storage_key",
             "connection_string",
             "azure_sas_token",
