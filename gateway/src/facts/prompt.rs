@@ -411,14 +411,24 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
         self.elsewhere
     }
 
+    /// A model reads a conversation's messages one after another, so a value split across
+    /// two of them (`"my card is 4111 1111"`, `"1111 1111"`) reaches it whole: each seam
+    /// between adjacent messages' texts (the end of one and the start of the next, joined
+    /// directly and with a blank) is also kept joined, like a run of text parts. A message
+    /// with no text ends the chain.
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut count = 0u32;
+        let mut tail: Option<String> = None;
         loop {
             let (texts, elsewhere) = (&mut *self.texts, &mut *self.elsewhere);
+            let mut ends = Ends::default();
             let element = match self.elements {
-                Elements::Messages => {
-                    seq.next_element_seed(Shaped(Message(texts, elsewhere, &mut *self.joined)))?
-                }
+                Elements::Messages => seq.next_element_seed(Shaped(Message(
+                    texts,
+                    elsewhere,
+                    &mut *self.joined,
+                    &mut ends,
+                )))?,
                 Elements::ToolDefinitions => {
                     seq.next_element_seed(Shaped(AnyStrings(texts, elsewhere)))?
                 }
@@ -427,15 +437,80 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
                 break;
             }
             count = count.saturating_add(1);
+            for seam in ends.seams_after(&mut tail) {
+                push_elsewhere(elsewhere, &seam);
+                self.joined.push(seam);
+            }
         }
         self.count = Some(count);
         Ok(())
     }
 }
 
+/// Bytes of each message's end and start read across a seam between messages: enough for
+/// a grouped card number, an IBAN or an e-mail address split there.
+pub(crate) const SEAM_BYTES: usize = 64;
+
+/// The start of a message's first text and the end of its last: its content string, or
+/// its first and last text parts. Both `None` when its content has no text (an image, an
+/// object), which ends a chain of seams.
+#[derive(Debug, Default)]
+pub(crate) struct Ends {
+    pub(crate) head: Option<String>,
+    pub(crate) tail: Option<String>,
+}
+
+impl Ends {
+    /// Notes a text of the content, in order.
+    pub(crate) fn text(&mut self, text: &str) {
+        if self.head.is_none() {
+            self.head = Some(message_head(text).to_owned());
+        }
+        self.tail = Some(message_tail(text).to_owned());
+    }
+
+    /// The seams between the message before (whose tail `tail` holds) and this one, if
+    /// both have text: joined directly (`jane.doe@` and `contoso.com`) and with a blank
+    /// (`4111 1111` and `1111 1111`). Leaves this message's tail in `tail`.
+    pub(crate) fn seams_after(self, tail: &mut Option<String>) -> Vec<String> {
+        let previous = tail.take();
+        let (Some(head), Some(last)) = (self.head, self.tail) else {
+            return Vec::new();
+        };
+        *tail = Some(last);
+        let Some(previous) = previous else {
+            return Vec::new();
+        };
+        vec![format!("{previous}{head}"), format!("{previous} {head}")]
+    }
+}
+
+/// The first [`SEAM_BYTES`] of a message's text, or less, cut at a character boundary.
+pub(crate) fn message_head(text: &str) -> &str {
+    let mut end = text.len().min(SEAM_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The last [`SEAM_BYTES`] of a message's text, or less, cut at a character boundary.
+pub(crate) fn message_tail(text: &str) -> &str {
+    let mut start = text.len().saturating_sub(SEAM_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
 /// One message: its content, then its tool-call and function-call arguments; its other
 /// fields (`role`, `name`, ids) to `elsewhere`.
-struct Message<'a>(&'a mut Vec<String>, &'a mut String, &'a mut Vec<String>);
+struct Message<'a>(
+    &'a mut Vec<String>,
+    &'a mut String,
+    &'a mut Vec<String>,
+    &'a mut Ends,
+);
 
 impl<'de> Shapes<'de> for Message<'_> {
     fn elsewhere(&mut self) -> &mut String {
@@ -443,14 +518,16 @@ impl<'de> Shapes<'de> for Message<'_> {
     }
 
     fn map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Message(texts, elsewhere, joined) = self;
+        let Message(texts, elsewhere, joined, ends) = self;
         let mut content = Vec::new();
         let mut tool_calls = Vec::new();
         let mut function_call = Vec::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match key.as_ref() {
                 "content" => {
-                    map.next_value_seed(Shaped(Content(&mut content, elsewhere, joined)))?;
+                    // The last copy of a repeated key is the content a JSON tree keeps.
+                    *ends = Ends::default();
+                    map.next_value_seed(Shaped(Content(&mut content, elsewhere, joined, ends)))?;
                 }
                 "tool_calls" => {
                     map.next_value_seed(Shaped(ToolCalls(&mut tool_calls, elsewhere)))?;
@@ -476,7 +553,12 @@ impl<'de> Shapes<'de> for Message<'_> {
 
 /// A message's content: a string, or parts whose `text` is taken (or, for a part without
 /// a text string, every string in it), or any other value's strings.
-struct Content<'a>(&'a mut Vec<String>, &'a mut String, &'a mut Vec<String>);
+struct Content<'a>(
+    &'a mut Vec<String>,
+    &'a mut String,
+    &'a mut Vec<String>,
+    &'a mut Ends,
+);
 
 impl<'de> Shapes<'de> for Content<'_> {
     fn elsewhere(&mut self) -> &mut String {
@@ -484,6 +566,7 @@ impl<'de> Shapes<'de> for Content<'_> {
     }
 
     fn string(self, text: &str) {
+        self.3.text(text);
         self.0.push(text.to_owned());
     }
 
@@ -492,7 +575,7 @@ impl<'de> Shapes<'de> for Content<'_> {
     /// them a control token: each run of two or more is also kept joined, for the scan (in
     /// `elsewhere`) and the firewall. A part of another kind (an image) ends a run.
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let Content(texts, elsewhere, runs) = self;
+        let Content(texts, elsewhere, runs, ends) = self;
         let mut joined = String::new();
         let mut run = 0u32;
         loop {
@@ -501,6 +584,7 @@ impl<'de> Shapes<'de> for Content<'_> {
                 seq.next_element_seed(Shaped(Part(&mut *texts, &mut *elsewhere, &mut is_text)))?;
             match (read.is_some() && is_text, texts.last()) {
                 (true, Some(text)) => {
+                    ends.text(text);
                     joined.push_str(text);
                     run += 1;
                 }

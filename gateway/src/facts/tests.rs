@@ -1,3 +1,4 @@
+use super::prompt::Ends;
 use super::*;
 
 #[test]
@@ -93,10 +94,65 @@ fn consecutive_text_parts_are_also_read_joined() {
     // The firewall reads the same runs as prompt text.
     assert_eq!(
         texts.joined,
-        ["mail jane.doe@contoso.com", "card 4111 1111 1111 1111"]
+        [
+            "mail jane.doe@contoso.com",
+            "card 4111 1111 1111 1111",
+            // The seams between the two messages (their last and first text).
+            " 1111alone",
+            " 1111 alone",
+        ]
     );
     // The texts themselves (the complexity score's input) are the parts as sent.
     assert!(texts.texts.iter().any(|text| text == "mail jane.doe@"));
+}
+
+/// A model reads a conversation's messages in a row: a value split across two of them is
+/// read across the seam; a message without text (an image) breaks the chain, and only the
+/// ends of long messages are joined.
+#[test]
+fn a_value_split_across_messages_is_read_across_the_seam() {
+    let long = "x".repeat(200);
+    let body = format!(
+        r#"{{"messages": [
+            {{"role": "user", "content": "{long} my card is 4111 1111"}},
+            {{"role": "user", "content": [{{"type": "text", "text": "1111 1111 thanks"}}]}},
+            {{"role": "user", "content": [{{"type": "image_url", "image_url": {{"url": "data:x"}}}}]}},
+            {{"role": "user", "content": "after the image"}},
+            {{"role": "assistant", "content": "mail me at jane.doe@"}},
+            {{"role": "user", "content": "contoso.com {long}"}}
+        ]}}"#
+    );
+    let texts = prompt_texts(body.as_bytes()).unwrap();
+    assert_eq!(texts.joined.len(), 6, "{:?}", texts.joined);
+    assert!(texts.joined[1].ends_with(" my card is 4111 1111 1111 1111 thanks"));
+    assert_eq!(
+        texts.joined[1].len(),
+        64 + 1 + 16,
+        "the last 64 bytes of a long text"
+    );
+    assert_eq!(texts.joined[3], "after the image mail me at jane.doe@");
+    assert!(texts.joined[4].starts_with("mail me at jane.doe@contoso.com "));
+    assert_eq!(
+        texts.joined[4].len(),
+        20 + 64,
+        "the first 64 bytes of a long text"
+    );
+    // The scan reads the seams with what is elsewhere; the texts stay as sent.
+    assert!(texts.elsewhere.contains("4111 1111 1111 1111"));
+    assert!(
+        !texts
+            .texts
+            .iter()
+            .any(|text| text.contains("1111 1111 1111"))
+    );
+    let recognizers = router_policies::sensitivity::Recognizers::default();
+    let entities: Vec<String> = texts
+        .joined
+        .iter()
+        .flat_map(|seam| recognizers.scan(seam))
+        .map(|finding| finding.entity.to_string())
+        .collect();
+    assert_eq!(entities, ["credit_card", "email"]);
 }
 
 #[test]
@@ -142,9 +198,17 @@ fn a_body_the_reader_cannot_read_whole_is_an_error() {
 /// The collection as a JSON tree gives it (one value per key, the last): the one-pass reader
 /// must agree with it on every body without repeated keys.
 fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
-    fn content(value: Option<&Value>, texts: &mut Vec<String>, joined: &mut Vec<String>) {
+    fn content(
+        value: Option<&Value>,
+        texts: &mut Vec<String>,
+        joined: &mut Vec<String>,
+        ends: &mut Ends,
+    ) {
         match value {
-            Some(Value::String(text)) => texts.push(text.clone()),
+            Some(Value::String(text)) => {
+                ends.text(text);
+                texts.push(text.clone());
+            }
             Some(Value::Array(parts)) => {
                 // Consecutive text parts (a string, or an object whose `text` is one) also
                 // make one joined text per run of two or more.
@@ -155,9 +219,15 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
                         _ => any(part, texts),
                     }
                     match part {
-                        Value::String(text) => run.push(text.as_str()),
+                        Value::String(text) => {
+                            ends.text(text);
+                            run.push(text.as_str());
+                        }
                         _ => match part.get("text") {
-                            Some(Value::String(text)) => run.push(text.as_str()),
+                            Some(Value::String(text)) => {
+                                ends.text(text);
+                                run.push(text.as_str());
+                            }
                             _ => {
                                 if run.len() >= 2 {
                                     joined.push(run.concat());
@@ -189,8 +259,16 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
     let mut out = PromptTexts::default();
     if let Some(Value::Array(messages)) = fields.get("messages") {
         out.turns = u32::try_from(messages.len()).unwrap();
+        // The seams between adjacent messages' texts, as the reader keeps them.
+        let mut tail: Option<String> = None;
         for message in messages {
-            content(message.get("content"), &mut out.texts, &mut out.joined);
+            let mut ends = Ends::default();
+            content(
+                message.get("content"),
+                &mut out.texts,
+                &mut out.joined,
+                &mut ends,
+            );
             for call in message
                 .get("tool_calls")
                 .and_then(Value::as_array)
@@ -207,6 +285,7 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
             {
                 any(arguments, &mut out.texts);
             }
+            out.joined.extend(ends.seams_after(&mut tail));
         }
     }
     match fields.get("prompt") {
