@@ -418,9 +418,11 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
     /// with no text ends the chain.
     fn seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut count = 0u32;
-        let mut tail: Option<String> = None;
+        // The index in `texts` of the last text of the message before, if it had text.
+        let mut previous: Option<usize> = None;
         loop {
             let (texts, elsewhere) = (&mut *self.texts, &mut *self.elsewhere);
+            let before = texts.len();
             let mut ends = Ends::default();
             let element = match self.elements {
                 Elements::Messages => seq.next_element_seed(Shaped(Message(
@@ -437,10 +439,20 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
                 break;
             }
             count = count.saturating_add(1);
-            for seam in ends.seams_after(&mut tail) {
-                push_elsewhere(elsewhere, &seam);
-                self.joined.push(seam);
+            // A message's content comes first among its texts.
+            let (Some(first), Some(last)) = (ends.first, ends.last) else {
+                previous = None;
+                continue;
+            };
+            if let Some(previous) = previous {
+                let tail = message_tail(&texts[previous]);
+                let head = message_head(&texts[before + first]);
+                for seam in [format!("{tail}{head}"), format!("{tail} {head}")] {
+                    push_elsewhere(elsewhere, &seam);
+                    self.joined.push(seam);
+                }
             }
+            previous = Some(before + last);
         }
         self.count = Some(count);
         Ok(())
@@ -451,37 +463,20 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
 /// a grouped card number, an IBAN or an e-mail address split there.
 pub(crate) const SEAM_BYTES: usize = 64;
 
-/// The start of a message's first text and the end of its last: its content string, or
-/// its first and last text parts. Both `None` when its content has no text (an image, an
-/// object), which ends a chain of seams.
+/// Where a message's first and last texts are among the texts its content added: its
+/// content string, or its first and last text parts. Both `None` when its content has no
+/// text (an image, an object), which ends a chain of seams.
 #[derive(Debug, Default)]
-pub(crate) struct Ends {
-    pub(crate) head: Option<String>,
-    pub(crate) tail: Option<String>,
+struct Ends {
+    first: Option<usize>,
+    last: Option<usize>,
 }
 
 impl Ends {
-    /// Notes a text of the content, in order.
-    pub(crate) fn text(&mut self, text: &str) {
-        if self.head.is_none() {
-            self.head = Some(message_head(text).to_owned());
-        }
-        self.tail = Some(message_tail(text).to_owned());
-    }
-
-    /// The seams between the message before (whose tail `tail` holds) and this one, if
-    /// both have text: joined directly (`jane.doe@` and `contoso.com`) and with a blank
-    /// (`4111 1111` and `1111 1111`). Leaves this message's tail in `tail`.
-    pub(crate) fn seams_after(self, tail: &mut Option<String>) -> Vec<String> {
-        let previous = tail.take();
-        let (Some(head), Some(last)) = (self.head, self.tail) else {
-            return Vec::new();
-        };
-        *tail = Some(last);
-        let Some(previous) = previous else {
-            return Vec::new();
-        };
-        vec![format!("{previous}{head}"), format!("{previous} {head}")]
+    /// Notes the content's text at `index`, in order.
+    fn text(&mut self, index: usize) {
+        self.first.get_or_insert(index);
+        self.last = Some(index);
     }
 }
 
@@ -566,7 +561,7 @@ impl<'de> Shapes<'de> for Content<'_> {
     }
 
     fn string(self, text: &str) {
-        self.3.text(text);
+        self.3.text(self.0.len());
         self.0.push(text.to_owned());
     }
 
@@ -584,7 +579,7 @@ impl<'de> Shapes<'de> for Content<'_> {
                 seq.next_element_seed(Shaped(Part(&mut *texts, &mut *elsewhere, &mut is_text)))?;
             match (read.is_some() && is_text, texts.last()) {
                 (true, Some(text)) => {
-                    ends.text(text);
+                    ends.text(texts.len() - 1);
                     joined.push_str(text);
                     run += 1;
                 }

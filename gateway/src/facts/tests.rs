@@ -1,4 +1,3 @@
-use super::prompt::Ends;
 use super::*;
 
 #[test]
@@ -198,6 +197,18 @@ fn a_body_the_reader_cannot_read_whole_is_an_error() {
 /// The collection as a JSON tree gives it (one value per key, the last): the one-pass reader
 /// must agree with it on every body without repeated keys.
 fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
+    /// The content's first and last text (a string, or text parts), for the seams.
+    #[derive(Default)]
+    struct Ends {
+        first: Option<String>,
+        last: Option<String>,
+    }
+    impl Ends {
+        fn text(&mut self, text: &str) {
+            self.first.get_or_insert_with(|| text.to_owned());
+            self.last = Some(text.to_owned());
+        }
+    }
     fn content(
         value: Option<&Value>,
         texts: &mut Vec<String>,
@@ -285,7 +296,16 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
             {
                 any(arguments, &mut out.texts);
             }
-            out.joined.extend(ends.seams_after(&mut tail));
+            let previous = tail.take();
+            if let (Some(first), Some(last)) = (ends.first, ends.last) {
+                if let Some(previous) = previous {
+                    let tail = super::prompt::message_tail(&previous);
+                    let head = super::prompt::message_head(&first);
+                    out.joined.push(format!("{tail}{head}"));
+                    out.joined.push(format!("{tail} {head}"));
+                }
+                tail = Some(last);
+            }
         }
     }
     match fields.get("prompt") {
