@@ -13,7 +13,7 @@ use super::scan::{Scanner, byte_at, ends_cleanly, is_alphanumeric, is_digit, run
 /// How a labelled value's confidence compares: as sure as a checksum-less national id next
 /// to its name.
 const LABELLED_CONFIDENCE: f32 = 0.85;
-/// How far before a date its label may end, in bytes, on the same line.
+/// How far before a date its label may end, in bytes.
 const DATE_CONTEXT_BYTES: usize = 48;
 /// The longest month name with its `. ` (a month-first date starts before its day).
 const MONTH_BYTES_MAX: usize = 12;
@@ -191,7 +191,8 @@ const DATE_FILLERS: &[&str] = &["of", "de", "di"];
 
 /// A date of birth: a date (`1984-03-12`, `12.03.1984`, `03/12/84`, `12 March 1984`,
 /// `March 12, 1984`, `12 de marzo de 1984`) of a valid day and month, with a four-digit year
-/// from 1900 to 2099 or a two-digit one, after a birth label on the same line. `start` is a
+/// from 1900 to 2099 or a two-digit one, after a birth label on its line or ending the line
+/// above. `start` is a
 /// run of digits the scan stopped at (`word_end` its end); returns the end of the date.
 #[inline]
 pub(super) fn date_of_birth(
@@ -298,11 +299,12 @@ fn dated_birth(
         b'/' | b'.' | b'-' => (start, numeric_date(bytes, start)?),
         _ => spelled_date(bytes, start, leading, word_end)?,
     };
-    // On the same line, and (a month-first date starts before `start`) before the date.
+    // Before the date (a month-first one starts before `start`), on the same line or
+    // ending the line above (a form: `Date of birth:` then the date).
     let birth_end = scanner.labels.birth_end;
     if birth_end > date_start
         || date_start - birth_end > DATE_CONTEXT_BYTES
-        || bytes[birth_end..date_start].contains(&b'\n')
+        || !label_reaches(&bytes[birth_end..date_start])
     {
         return None;
     }
@@ -313,6 +315,19 @@ fn dated_birth(
         LABELLED_CONFIDENCE,
     );
     Some(end)
+}
+
+/// Whether a label reaches across `between` (from its end to the date): no line break, or
+/// one that only blanks and `:` `-` `=` `|` precede and blanks follow.
+fn label_reaches(between: &[u8]) -> bool {
+    let Some(newline) = between.iter().position(|&byte| byte == b'\n') else {
+        return true;
+    };
+    let (before, after) = (&between[..newline], &between[newline + 1..]);
+    before
+        .iter()
+        .all(|byte| matches!(byte, b' ' | b'\t' | b'\r' | b':' | b'-' | b'=' | b'|'))
+        && after.iter().all(|byte| matches!(byte, b' ' | b'\t'))
 }
 
 /// `Y-M-D`, `D.M.Y`, `M/D/Y` or `D/M/Y` (one separator throughout) at `start`; its end.

@@ -620,6 +620,26 @@ fn dates_of_birth_passports_and_record_numbers_need_their_labels() {
     );
 }
 
+/// A form puts the label on the line above its date; a label followed by other words on
+/// its line, or a blank line, labels nothing below.
+#[test]
+fn a_birth_label_ending_the_line_above_labels_the_date() {
+    let found = |text: &str| -> Vec<String> {
+        Recognizers::default()
+            .scan(text)
+            .into_iter()
+            .map(|finding| format!("{} {}", finding.entity, &text[finding.span]))
+            .collect()
+    };
+    assert_eq!(
+        found("Date of birth:\r\n  12.03.1984\nName: Jane Roe"),
+        ["date_of_birth 12.03.1984"]
+    );
+    assert_eq!(found("| DOB |\n1984-03-12"), ["date_of_birth 1984-03-12"]);
+    assert!(found("born in Leeds\nthe meeting is on 2024-03-12").is_empty());
+    assert!(found("DOB:\n\n1984-03-12").is_empty());
+}
+
 #[test]
 fn cloud_credentials_have_their_formats() {
     let storage_key = format!(
