@@ -1071,6 +1071,25 @@ fn start_lane(
     }
 }
 
+/// Debug builds only: a prompt that holds the token id this variable names makes the lane
+/// that takes it panic (after queueing it, so it fails as a running request would), so that
+/// the end-to-end tests can watch a panicking lane through the gateway. Release builds never
+/// read it.
+pub const TEST_PANIC_TOKEN_ENV: &str = "ISTHMUS_TEST_PANIC_TOKEN";
+
+fn panics_on_request(job: &Job) -> bool {
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    static TOKEN: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
+    let token = *TOKEN.get_or_init(|| {
+        std::env::var(TEST_PANIC_TOKEN_ENV)
+            .ok()
+            .and_then(|token| token.parse().ok())
+    });
+    token.is_some_and(|token| job.request.prompt.tokens.contains(&token))
+}
+
 /// Panics of one inference thread within [`RESTART_WINDOW`] after which it is not restarted
 /// again: a bug that every request hits would otherwise loop, failing each one; down, the
 /// thread fails the model's health checks, so the service manager restarts the gateway.
@@ -1611,7 +1630,7 @@ impl Loop<'_> {
             let job = arrived.unwrap_or_else(|| jobs.recv());
             self.busy_since = Instant::now();
             match job {
-                Ok(Command::Generate(job)) => self.queue.push_back(job),
+                Ok(Command::Generate(job)) => self.take(job),
                 Ok(Command::Stop) | Err(RecvError) => return self.stop(),
                 #[cfg(test)]
                 Ok(Command::Panic) => panic!("a bug in a decode step"),
@@ -1620,7 +1639,7 @@ impl Loop<'_> {
         // Take whatever else is waiting without blocking.
         while let Ok(command) = jobs.try_recv() {
             match command {
-                Command::Generate(job) => self.queue.push_back(job),
+                Command::Generate(job) => self.take(job),
                 Command::Stop => return self.stop(),
                 #[cfg(test)]
                 Command::Panic => panic!("a bug in a decode step"),
@@ -1788,6 +1807,13 @@ impl Loop<'_> {
                 }
             }
         }
+    }
+
+    /// Queues a job the lane took from its channel.
+    fn take(&mut self, job: Job) {
+        let panics = panics_on_request(&job);
+        self.queue.push_back(job);
+        assert!(!panics, "a bug in a decode step, made on demand");
     }
 
     /// Fails everything queued or running; returns false, which ends the worker.

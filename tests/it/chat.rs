@@ -1068,3 +1068,68 @@ async fn refused(gateway: &Gateway, body: &Value, param: &str) {
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["param"], param, "{error}");
 }
+
+/// An inference thread that panics (a bug; debug builds make one on demand for a prompt
+/// holding the token `ISTHMUS_TEST_PANIC_TOKEN` names) fails the request it held with a
+/// 500 error body, is counted, restarts, and serves the next request; `/healthz` is ok
+/// again once it has.
+#[test]
+fn a_panicking_inference_thread_fails_its_request_then_serves_again() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    std::fs::write(
+        &config_path,
+        tests::config_text(&GatewayOptions::default(), dir.path()),
+    )
+    .unwrap();
+    let gateway = Gateway::start_with_command(dir, &config_path, |command| {
+        command.env("ISTHMUS_TEST_PANIC_TOKEN", "31999");
+    });
+    let complete = |prompt: Value| {
+        let gateway = &gateway;
+        async move {
+            let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 4});
+            let response = crate::post_json(gateway, "/v1/completions", &body).await;
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, body) = block_on(complete(json!([1, 31999, 2])));
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "internal_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("restarts"),
+        "{body}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, _) = tests::plain_get(gateway.admin, "/healthz").unwrap();
+        let (_, metrics) = tests::plain_get(gateway.admin, "/metrics").unwrap();
+        let counted = metrics
+            .lines()
+            .any(|line| line == "isthmus_local_worker_panics_total{model=\"smollm2\"} 1");
+        if status == 200 && counted {
+            assert!(
+                metrics
+                    .lines()
+                    .any(|line| line == "isthmus_local_workers_failed{model=\"smollm2\"} 0"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the thread did not come back: /healthz {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, body) = block_on(complete(json!("Once upon a time")));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+}
