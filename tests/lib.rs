@@ -308,6 +308,15 @@ level = "info,gateway=debug,edge_runtime=debug"
     )
 }
 
+/// A scratch directory holding `isthmus.toml`, the test configuration with `options`, and
+/// the file's path.
+pub fn config_file(options: &GatewayOptions) -> (tempfile::TempDir, PathBuf) {
+    let dir = scratch_dir();
+    let path = dir.path().join("isthmus.toml");
+    std::fs::write(&path, config_text(options, dir.path())).unwrap();
+    (dir, path)
+}
+
 /// A running gateway process.
 #[derive(Debug)]
 pub struct Gateway {
@@ -323,9 +332,7 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway with `options` and waits until `/readyz` says ready.
     pub fn start(options: &GatewayOptions) -> Gateway {
-        let dir = scratch_dir();
-        let config_path = dir.path().join("isthmus.toml");
-        std::fs::write(&config_path, config_text(options, dir.path())).unwrap();
+        let (dir, config_path) = config_file(options);
         Gateway::start_with_config(dir, &config_path)
     }
 

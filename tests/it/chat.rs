@@ -1076,13 +1076,7 @@ async fn refused(gateway: &Gateway, body: &Value, param: &str) {
 #[test]
 fn a_panicking_inference_thread_fails_its_request_then_serves_again() {
     let _serial = serial();
-    let dir = tests::scratch_dir();
-    let config_path = dir.path().join("isthmus.toml");
-    std::fs::write(
-        &config_path,
-        tests::config_text(&GatewayOptions::default(), dir.path()),
-    )
-    .unwrap();
+    let (dir, config_path) = tests::config_file(&GatewayOptions::default());
     let gateway = Gateway::start_with_command(dir, &config_path, |command| {
         command.env("ISTHMUS_TEST_PANIC_TOKEN", "31999");
     });

@@ -533,13 +533,7 @@ fn systemd_hears_ready_after_loading_reloads_the_watchdog_and_stopping() {
 
 #[test]
 fn a_malformed_notify_socket_stops_start_up_with_a_message_naming_it() {
-    let dir = tests::scratch_dir();
-    let config_path = dir.path().join("isthmus.toml");
-    std::fs::write(
-        &config_path,
-        tests::config_text(&GatewayOptions::default(), dir.path()),
-    )
-    .unwrap();
+    let (_dir, config_path) = tests::config_file(&GatewayOptions::default());
     let output = std::process::Command::new(tests::isthmus_binary())
         .args(["serve", "--config"])
         .arg(&config_path)

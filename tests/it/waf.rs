@@ -231,13 +231,7 @@ fn the_firewall_reloads_with_the_configuration() {
 
 #[test]
 fn explain_shows_the_verdict_and_bad_settings_are_refused_with_key_paths() {
-    let dir = tests::scratch_dir();
-    let config = dir.path().join("isthmus.toml");
-    std::fs::write(
-        &config,
-        tests::config_text(&GatewayOptions::default(), dir.path()),
-    )
-    .unwrap();
+    let (dir, config) = tests::config_file(&GatewayOptions::default());
     let mut explain = Command::new(isthmus_binary())
         .args(["explain", "--config"])
         .arg(&config)
