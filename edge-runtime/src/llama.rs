@@ -1047,6 +1047,7 @@ fn start_lane(
             supervised(&thread_stats, &model_name, |_| {
                 worker.run(&receiver, ready.take());
             });
+            worker.fail_waiting(&receiver);
         })
         .map_err(|error| LoadError::Worker {
             model: spec.name.clone(),
@@ -1350,6 +1351,21 @@ impl Drop for Loop<'_> {
 }
 
 impl Worker {
+    /// Fails the jobs still waiting in the lane's channel as its thread ends for good
+    /// (stopped, or left down after repeated panics), and counts them out of the queue
+    /// depth and the lane's load, which `submit` counted them into.
+    fn fail_waiting(&self, jobs: &Receiver<Command>) {
+        for command in jobs.try_iter() {
+            if let Command::Generate(job) = command {
+                self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.load().fetch_sub(1, Ordering::AcqRel);
+                let _ = job
+                    .events
+                    .try_send(Event::Failed(GenerationError::WorkerStopped));
+            }
+        }
+    }
+
     /// This lane's requests, queued or running; counted up by `submit`.
     fn load(&self) -> &AtomicU64 {
         &self.ports[usize::try_from(self.lane).unwrap_or(usize::MAX)].load

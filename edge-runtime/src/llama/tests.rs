@@ -1363,6 +1363,37 @@ fn a_thread_that_keeps_panicking_is_restarted_three_times_then_left_down() {
 }
 
 #[test]
+fn a_lane_left_down_fails_what_waits_for_it_and_counts_it_out() {
+    let _serial = serial();
+    let (engine, model) = start(spec("down"));
+    // Four panics in a row: the fourth leaves the lane down, with a request behind them.
+    for _ in 0..4 {
+        model.shared.panic_lane(0);
+    }
+    let mut waiting = model
+        .submit(exact_request(&model, "", PROMPTS[0], 4))
+        .unwrap();
+    let runtime = runtime();
+    let mut events = Vec::new();
+    runtime.block_on(async {
+        while let Some(event) = waiting.next().await {
+            events.push(event);
+        }
+    });
+    assert_eq!(events, [Event::Failed(GenerationError::WorkerStopped)]);
+    let stats = model.stats();
+    assert_eq!((stats.worker_panics(), stats.workers_failed()), (4, 1));
+    assert_eq!(stats.queue_depth(), 0, "counted out, not left waiting");
+    assert_eq!(stats.active_sequences(), 0);
+    assert!(matches!(
+        model.submit(exact_request(&model, "", PROMPTS[1], 4)),
+        Err(SubmitError::WorkerStopped)
+    ));
+    assert_eq!(model.stats().queue_depth(), 0);
+    drop(engine);
+}
+
+#[test]
 fn a_lane_that_panics_fails_what_it_held_and_serves_again() {
     let _serial = serial();
     let (engine, model) = start(ModelSpec {
