@@ -490,7 +490,7 @@ enum Word {
     Number,
     /// `passport`, `Reisepass`, `passeport`, `pasaporte`...
     Passport,
-    /// `MRN`.
+    /// `MRN`, `patientId`: a record number's whole label.
     Mrn,
     /// `record`, `records` (a label after `medical`).
     Record,
@@ -515,9 +515,10 @@ fn word_kind(word: &[u8]) -> Word {
     match &lower[..word.len()] {
         b"is" | b"was" => Word::Verb,
         b"number" | b"no" | b"nr" | b"num" | b"nummer" | b"num\xc3\xa9ro" => Word::Number,
-        b"passport" | b"reisepass" | b"reisepassnummer" | b"passnummer" | b"passeport"
-        | b"pasaporte" | b"passaporto" | b"paspoort" | b"paszport" => Word::Passport,
-        b"mrn" => Word::Mrn,
+        b"passport" | b"passportnumber" | b"passportno" | b"reisepass" | b"reisepassnummer"
+        | b"passnummer" | b"passeport" | b"pasaporte" | b"passaporto" | b"paspoort"
+        | b"paszport" => Word::Passport,
+        b"mrn" | b"patientid" => Word::Mrn,
         b"record" | b"records" => Word::Record,
         b"medical" => Word::Medical,
         b"id" | b"identifier" => Word::Id,
@@ -527,12 +528,12 @@ fn word_kind(word: &[u8]) -> Word {
     }
 }
 
-/// The word that ends at `end` (after up to three separators such as `: `, `# `, `'s `, on
-/// the same line), and where it starts; `None` when there is none.
+/// The word that ends at `end` (after up to four separators such as `: `, `# `, `'s `,
+/// `": "`, on the same line), and where it starts; `None` when there is none.
 fn word_before(bytes: &[u8], mut end: usize) -> Option<(usize, &[u8])> {
     let mut skipped = 0;
     while end > 0 && !is_word_byte(bytes[end - 1]) {
-        if bytes[end - 1] == b'\n' || skipped == 3 {
+        if bytes[end - 1] == b'\n' || skipped == 4 {
             return None;
         }
         end -= 1;
@@ -690,7 +691,7 @@ fn day_month(day: u32, month: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{BIRTH_LABELS, ID_LABELS, Labels, note_label};
+    use super::{BIRTH_LABELS, ID_LABELS, Labels, Word, note_label, word_kind};
     use crate::sensitivity::scan::Scanner;
 
     /// Where `text`'s last word (at `start`) leaves the labels once noted.
@@ -723,6 +724,10 @@ mod tests {
             assert_eq!(scanner.labels.birth_end, end, "{label}");
         }
         for label in ID_LABELS {
+            // The words a value's label is read from afterwards know every noted one.
+            for word in label.split('_') {
+                assert_ne!(word_kind(word.as_bytes()), Word::Other, "{label}: {word}");
+            }
             let labels = noted(&label.to_uppercase(), 0);
             assert_eq!(labels.id_end, label.len(), "{label}");
             assert_eq!(labels.birth_end, usize::MAX, "{label}");

@@ -558,7 +558,8 @@ fn dates_of_birth_passports_and_record_numbers_need_their_labels() {
         born on 31/02/1984 is no date; born in 1984; DOB 1984-13-01; born 1887-05-02
         reborn 12.03.1984, the firstborn on 1984-03-12, DOB 2024-03-12T10:00
         passport number X1234567, Passport No.: 123456789, Reisepass C01X00T47
-        my passport is 533380006, passport ID: GB9876543
+        my passport is 533380006, passport ID: GB9876543, {"passportNumber": "K12345678"}
+        {"patientId": "00482913", "patient_number": "4400123"}
         passport photo 123456, 123456789 passports were issued, passport fees ABC123
         MRN: 00482913, patient's MRN is 4471-2209, medical record number 77120345
         patient ID 99812345, Patient No. 4400123, hospital number 7712034, NHS number 9434765919
@@ -596,9 +597,13 @@ fn dates_of_birth_passports_and_record_numbers_need_their_labels() {
                 passport_number `X1234567` 0.85
                 passport_number `123456789` 0.85
                 passport_number `C01X00T47` 0.85
-            my passport is 533380006, passport ID: GB9876543
+            my passport is 533380006, passport ID: GB9876543, {"passportNumber": "K12345678"}
                 passport_number `533380006` 0.85
                 passport_number `GB9876543` 0.85
+                passport_number `K12345678` 0.85
+            {"patientId": "00482913", "patient_number": "4400123"}
+                medical_record_number `00482913` 0.85
+                medical_record_number `4400123` 0.85
             passport photo 123456, 123456789 passports were issued, passport fees ABC123
                 -
             MRN: 00482913, patient's MRN is 4471-2209, medical record number 77120345
