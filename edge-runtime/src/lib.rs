@@ -17,6 +17,7 @@ pub mod logprobs;
 pub mod prefix;
 pub mod schedule;
 pub mod stop;
+pub mod template;
 pub mod utf8;
 
 use std::path::PathBuf;
@@ -84,6 +85,9 @@ pub struct ModelSpec {
     /// token choice) runs while the others' steps compute, and the lanes' kernels share the
     /// device. Must divide `parallel_sequences`.
     pub lanes: u32,
+    /// Jinja text that renders chat messages instead of the template in the GGUF (for a
+    /// model file without one, or one to correct). It must compile and render.
+    pub chat_template: Option<String>,
 }
 
 /// Who said a chat message.

@@ -37,10 +37,11 @@ use crate::prefix::{
 };
 use crate::schedule::{PendingPrompt, prefill_plan};
 use crate::stop::{StopMatcher, StopOutcome, TokenValues};
+use crate::template::{ChatTemplate, SpecialTokens};
 use crate::utf8::Utf8Assembler;
 use crate::{
-    Completion, EmbeddingError, EmbeddingInput, Embeddings, EngineOptions, Event, FinishReason,
-    GenerationError, GenerationRequest, LoadError, ModelInfo, ModelSpec, ModelStats,
+    ChatMessage, Completion, EmbeddingError, EmbeddingInput, Embeddings, EngineOptions, Event,
+    FinishReason, GenerationError, GenerationRequest, LoadError, ModelInfo, ModelSpec, ModelStats,
     PreparedPrompt, Prompt, PromptError, SamplingParams, SharedStats, SubmitError, Timings,
     TokenLogprobs, TopLogprob, Usage,
 };
@@ -73,6 +74,103 @@ pub struct Engine {
     devices: Vec<String>,
 }
 
+/// How chat messages become the prompt's text.
+enum PromptTemplate {
+    /// The GGUF's Jinja template, rendered as Hugging Face renders it.
+    Jinja(Box<ChatTemplate>),
+    /// llama.cpp's built-in formats, recognised from the template: for a template the Jinja
+    /// engine cannot use.
+    Builtin(LlamaChatTemplate),
+}
+
+impl PromptTemplate {
+    /// The configured template, else the model's own if its GGUF has one; llama.cpp's
+    /// built-in rendering of the model's own when its Jinja text does not compile or cannot
+    /// render a user message (logged). A configured template must work.
+    fn load(model: &LlamaModel, spec: &ModelSpec) -> Result<Option<Self>, String> {
+        let name = &spec.name;
+        let tokens = Self::special_tokens(model);
+        if let Some(source) = &spec.chat_template {
+            return ChatTemplate::compile(source, tokens)
+                .map(|template| Some(PromptTemplate::Jinja(Box::new(template))))
+                .map_err(|reason| format!("the configured chat template: {reason}"));
+        }
+        let Ok(builtin) = model.chat_template(None) else {
+            return Ok(None);
+        };
+        let Ok(source) = builtin.to_str() else {
+            return Ok(Some(PromptTemplate::Builtin(builtin)));
+        };
+        Ok(Some(match ChatTemplate::compile(source, tokens) {
+            Ok(template) => {
+                if !template.keeps_system() {
+                    tracing::info!(
+                        model = %name,
+                        "the chat template has no system role: system messages join the next \
+                         user message"
+                    );
+                }
+                PromptTemplate::Jinja(Box::new(template))
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    model = %name,
+                    %reason,
+                    "the model's Jinja chat template cannot be used; llama.cpp's built-in \
+                     format for it renders the prompts instead"
+                );
+                PromptTemplate::Builtin(builtin)
+            }
+        }))
+    }
+
+    /// The start and end tokens' text, as templates write them.
+    fn special_tokens(model: &LlamaModel) -> SpecialTokens {
+        let vocab = model.vocab();
+        let text = |token: LlamaToken| {
+            (0..vocab.n_tokens())
+                .contains(&token.0)
+                .then(|| vocab.text(token))
+                .flatten()
+                .map(|text| text.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        SpecialTokens {
+            bos: text(vocab.bos()),
+            eos: text(vocab.eos()),
+            tokenizer_adds_bos: vocab.should_add_bos(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            PromptTemplate::Jinja(_) => "jinja",
+            PromptTemplate::Builtin(_) => "builtin",
+        }
+    }
+
+    fn render(&self, model: &LlamaModel, messages: &[ChatMessage]) -> Result<String, String> {
+        match self {
+            PromptTemplate::Jinja(template) => template.render(messages),
+            PromptTemplate::Builtin(template) => {
+                let messages = messages
+                    .iter()
+                    .map(|message| {
+                        LlamaChatMessage::new(
+                            message.role.as_str().to_owned(),
+                            message.content.clone(),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|error| error.to_string())?;
+                model
+                    .apply_chat_template(template, &messages, true)
+                    .map_err(|error| error.to_string())
+            }
+        }
+    }
+}
+
 /// A cheap, cloneable handle to one loaded model and its workers.
 #[derive(Debug, Clone)]
 pub struct ModelHandle {
@@ -82,7 +180,7 @@ pub struct ModelHandle {
 struct ModelShared {
     info: ModelInfo,
     model: Arc<LlamaModel>,
-    template: Option<LlamaChatTemplate>,
+    template: Option<PromptTemplate>,
     /// One per lane (`ModelSpec::lanes`), in order.
     lanes: Vec<LaneHandle>,
     /// Sequences each lane decodes together.
@@ -435,7 +533,7 @@ impl ModelHandle {
             LlamaModel::load_from_file(backend, &spec.path, &params)
                 .map_err(|error| model_error(error.to_string()))?,
         );
-        let template = model.chat_template(None).ok();
+        let template = PromptTemplate::load(&model, spec).map_err(model_error)?;
         let info = ModelInfo {
             name: spec.name.clone(),
             path: spec.path.clone(),
@@ -458,7 +556,7 @@ impl ModelHandle {
             parameters = info.parameters,
             size_bytes = info.size_bytes,
             trained_context_tokens = info.trained_context_tokens,
-            has_chat_template = template.is_some(),
+            chat_template = template.as_ref().map_or("none", PromptTemplate::kind),
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
@@ -577,20 +675,9 @@ impl ModelHandle {
                 let template = self.shared.template.as_ref().ok_or_else(|| {
                     PromptError::Template("the model's GGUF carries no chat template".to_owned())
                 })?;
-                let messages = messages
-                    .iter()
-                    .map(|message| {
-                        LlamaChatMessage::new(
-                            message.role.as_str().to_owned(),
-                            message.content.clone(),
-                        )
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|error| PromptError::Template(error.to_string()))?;
-                self.shared
-                    .model
-                    .apply_chat_template(template, &messages, true)
-                    .map_err(|error| PromptError::Template(error.to_string()))?
+                template
+                    .render(&self.shared.model, messages)
+                    .map_err(PromptError::Template)?
             }
         };
         let tokens: Vec<i32> = self

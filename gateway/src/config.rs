@@ -238,6 +238,9 @@ pub struct ModelConfig {
     pub kv_memory_bytes_max: Option<u64>,
     /// The KV cache this configuration needs, computed from the GGUF metadata.
     pub kv_plan: KvPlan,
+    /// `chat_template_file`'s Jinja text, which renders chat messages instead of the
+    /// template in the GGUF.
+    pub chat_template: Option<String>,
 }
 
 /// How large a model's KV cache will be.
@@ -489,6 +492,8 @@ struct RawModel {
     lanes: Option<u32>,
     #[serde(default)]
     kv_memory_bytes_max: Option<u64>,
+    #[serde(default)]
+    chat_template_file: Option<PathBuf>,
 }
 
 /// One cache per sequence: measured faster than a unified cache at 4 and 8 concurrent
@@ -510,6 +515,8 @@ fn default_batch_tokens() -> u32 {
 /// costs about as much as decoding 16 prompt tokens, so 16 keeps their token gaps within
 /// about twice the usual; a GPU absorbs far larger chunks in the same time.
 const PREFILL_CHUNK_TOKENS_CPU: u32 = 16;
+/// Hugging Face's largest chat templates are tens of kilobytes.
+const CHAT_TEMPLATE_BYTES_MAX: u64 = 1 << 20;
 const PREFILL_CHUNK_TOKENS_GPU: u32 = 256;
 
 fn default_queue_depth_max() -> u32 {
@@ -1211,6 +1218,10 @@ impl Validator<'_> {
                 format!("not a GGUF model file: {}", path.display()),
             );
         }
+        let chat_template = raw
+            .chat_template_file
+            .as_deref()
+            .and_then(|file| self.chat_template(&format!("{prefix}.chat_template_file"), file));
         if raw.context_tokens < 16 {
             self.error(format!("{prefix}.context_tokens"), "must be at least 16");
         }
@@ -1314,7 +1325,47 @@ impl Validator<'_> {
             lanes,
             kv_memory_bytes_max: raw.kv_memory_bytes_max,
             kv_plan,
+            chat_template,
         })
+    }
+
+    /// A chat template file's text, once it compiles and renders a user message.
+    fn chat_template(&mut self, path: &str, file: &Path) -> Option<String> {
+        let file = self.resolve(file);
+        if !self.readable_file(path, &file) {
+            return None;
+        }
+        let size = std::fs::metadata(&file).map_or(0, |metadata| metadata.len());
+        if size > CHAT_TEMPLATE_BYTES_MAX {
+            self.error(
+                path,
+                format!(
+                    "{} is {size} bytes; a chat template is at most {CHAT_TEMPLATE_BYTES_MAX}",
+                    file.display()
+                ),
+            );
+            return None;
+        }
+        let source = match std::fs::read_to_string(&file) {
+            Ok(source) => source,
+            Err(error) => {
+                self.error(path, format!("cannot read {}: {error}", file.display()));
+                return None;
+            }
+        };
+        // The model's start and end tokens are not known before it loads; the template
+        // must work without them too.
+        let tokens = edge_runtime::template::SpecialTokens::default();
+        match edge_runtime::template::ChatTemplate::compile(&source, tokens) {
+            Ok(_) => Some(source),
+            Err(reason) => {
+                self.error(
+                    path,
+                    format!("{} is not a usable chat template: {reason}", file.display()),
+                );
+                None
+            }
+        }
     }
 
     /// Sizes the KV cache from the model's GGUF metadata and checks it against the model's

@@ -546,6 +546,7 @@ fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow
             park_prefixes_when_idle: model.park_prefixes_when_idle,
             overlap_token_delivery: model.overlap_token_delivery,
             lanes: model.lanes,
+            chat_template: model.chat_template.clone(),
         })
         .collect();
     for model in &config.models {

@@ -51,6 +51,7 @@ fn spec(name: &str) -> ModelSpec {
         park_prefixes_when_idle: false,
         overlap_token_delivery: false,
         lanes: 1,
+        chat_template: None,
     }
 }
 
@@ -781,7 +782,7 @@ fn a_full_queue_refuses_and_a_queued_request_times_out_on_time() {
     let runtime = runtime();
     runtime.block_on(async {
         let mut running = model
-            .submit(exact_request(&model, "", "Tell me a long story.", 1000))
+            .submit(exact_request(&model, "", "Tell me a long story.", 900))
             .unwrap();
         assert!(matches!(running.next().await, Some(Event::Token { .. })));
         let mut queued = model.submit(request(&model, "", "Hi", 4)).unwrap();
@@ -854,6 +855,67 @@ fn a_prompt_of_token_ids_is_used_as_given() {
         model.prepare(&Prompt::Tokens(Vec::new())),
         Err(crate::PromptError::Empty)
     ));
+}
+
+#[test]
+fn chat_messages_are_rendered_by_the_models_jinja_template_or_the_configured_one() {
+    let _serial = serial();
+    let hello = Prompt::Chat(vec![ChatMessage {
+        role: Role::User,
+        content: "hi".to_owned(),
+    }]);
+    let text = |model: &ModelHandle, text: &str| {
+        model
+            .prepare(&Prompt::Text(text.to_owned()))
+            .unwrap()
+            .tokens
+    };
+    {
+        let (_engine, model) = start(spec("gguf-template"));
+        // SmolLM2's template writes its default system message when a request has none,
+        // which llama.cpp's built-in ChatML format leaves out.
+        assert_eq!(
+            model.prepare(&hello).unwrap().tokens,
+            text(
+                &model,
+                "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+                 Hugging Face<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+            )
+        );
+    }
+    {
+        let (_engine, model) = start(ModelSpec {
+            chat_template: Some(
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+                 {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+                    .to_owned(),
+            ),
+            ..spec("configured-template")
+        });
+        assert_eq!(
+            model.prepare(&hello).unwrap().tokens,
+            text(
+                &model,
+                "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+            )
+        );
+    }
+    // A configured template that cannot render stops the load instead of falling back.
+    let refused = match Engine::start(
+        &EngineOptions::default(),
+        &[ModelSpec {
+            chat_template: Some("{{ messages[0].content.shout() }}".to_owned()),
+            ..spec("broken-template")
+        }],
+    ) {
+        Ok(_) => panic!("a broken chat template must stop the load"),
+        Err(error) => error,
+    };
+    let message = refused.to_string();
+    assert!(
+        message.contains("the configured chat template: it cannot render a user message"),
+        "{message}"
+    );
 }
 
 mod argmax {

@@ -845,3 +845,56 @@ fn the_response_store_key_is_read_and_checked_without_being_shown() {
         assert_eq!(errors_of(&text, &source), [expected]);
     }
 }
+
+#[test]
+fn a_chat_template_file_is_read_and_checked_before_the_model_loads() {
+    let (dir, source) = fixture();
+    let with_file = |file: &str| format!("{VALID}chat_template_file = \"{file}\"\n");
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+                    {% endfor %}<|im_start|>assistant\n";
+    std::fs::write(dir.path().join("chatml.jinja"), template).unwrap();
+    let config = match parse(&with_file("chatml.jinja"), &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("unexpected errors: {errors:?}"),
+    };
+    assert_eq!(config.models[0].chat_template.as_deref(), Some(template));
+    assert_eq!(
+        parse(VALID, &source, &FakeEnvironment)
+            .map(|config| config.models[0].chat_template.clone())
+            .ok(),
+        Some(None)
+    );
+
+    std::fs::write(dir.path().join("broken.jinja"), "{% for m in messages %}").unwrap();
+    std::fs::write(dir.path().join("wrong.jinja"), "{{ messages[0].upper() }}").unwrap();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    for (name, expected) in [
+        (
+            "missing.jinja",
+            format!("file not found: {}", file("missing.jinja")),
+        ),
+        (
+            "broken.jinja",
+            format!(
+                "{} is not a usable chat template: syntax error: unexpected end of input, \
+                 expected end of block (in chat_template:1)",
+                file("broken.jinja")
+            ),
+        ),
+        (
+            "wrong.jinja",
+            format!(
+                "{} is not a usable chat template: it cannot render a user message: ",
+                file("wrong.jinja")
+            ),
+        ),
+    ] {
+        let errors = errors_of(&with_file(name), &source);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let prefix = format!("models.smollm2.chat_template_file: {expected}");
+        assert!(
+            errors[0].starts_with(&prefix),
+            "{errors:#?} against {prefix}"
+        );
+    }
+}
