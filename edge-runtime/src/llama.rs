@@ -1191,6 +1191,22 @@ const RESTART_DELAYS_MS: [u64; RESTARTS_MAX] = if cfg!(test) {
     [100, 1_000, 5_000]
 };
 
+thread_local! {
+    /// This thread's panic is already counted (by the loop that unwound, before it failed
+    /// the requests it held).
+    static PANIC_COUNTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts the panic unwinding this thread, once: in `worker_panics`, and in `workers_failed`
+/// until the thread serves again. Done before the requests the thread held are failed, so a
+/// client told of the failure never finds the health checks still passing.
+fn count_panic(stats: &ModelStats) {
+    if !PANIC_COUNTED.replace(true) {
+        stats.worker_panics.fetch_add(1, Ordering::Relaxed);
+        stats.workers_failed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs an inference thread's `body`, and runs it again after a panic, up to [`RESTARTS_MAX`]
 /// times within [`RESTART_WINDOW`]. `body` is told whether it is a restart. The requests a
 /// panicking body held fail (`GenerationError::WorkerFailed`); what waits in its queue is
@@ -1205,8 +1221,8 @@ fn supervised(stats: &ModelStats, model: &str, mut body: impl FnMut(bool)) {
         if outcome.is_ok() {
             return;
         }
-        stats.worker_panics.fetch_add(1, Ordering::Relaxed);
-        stats.workers_failed.fetch_add(1, Ordering::Relaxed);
+        count_panic(stats);
+        PANIC_COUNTED.set(false);
         let now = Instant::now();
         while panics
             .front()
@@ -1411,6 +1427,7 @@ impl Drop for Loop<'_> {
         }
         let worker = self.worker;
         let stats = &worker.stats;
+        count_panic(stats);
         let load = worker.load();
         for job in self.queue.drain(..) {
             stats.queue_depth.fetch_sub(1, Ordering::Relaxed);

@@ -175,3 +175,19 @@ fn dates_in_the_strftime_specifiers_templates_use() {
     );
     assert_eq!(strftime(date, "%a %m/%d %"), "Thu 03/05 %");
 }
+
+#[test]
+fn message_text_that_looks_like_jinja_is_written_as_it_is() {
+    let template = ChatTemplate::compile(SMOLLM2, chatml_tokens()).unwrap();
+    let text = "{{ bos_token }} {% for x in messages %}{{ x }}{% endfor %} {{ 7 * 7 }}";
+    let rendered = template
+        .render(&[message(Role::System, "s"), message(Role::User, text)])
+        .unwrap();
+    assert_eq!(
+        rendered,
+        format!(
+            "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n\
+             <|im_start|>assistant\n"
+        )
+    );
+}
