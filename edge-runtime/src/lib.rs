@@ -344,6 +344,27 @@ pub enum PromptError {
     Empty,
     #[error("token {token} is not in the model's vocabulary of {vocabulary} tokens")]
     UnknownToken { token: u32, vocabulary: u32 },
+    /// Refused before tokenizing: no token of the vocabulary is longer than
+    /// `token_bytes_max`, so the text holds more tokens than the context.
+    #[error(
+        "this model's maximum context length is {context_tokens} tokens; the prompt's \
+         {text_bytes} bytes of text hold more (no token of its vocabulary is longer than \
+         {token_bytes_max} bytes)"
+    )]
+    TooLong {
+        text_bytes: usize,
+        context_tokens: u32,
+        token_bytes_max: usize,
+    },
+    /// Refused before rendering: every message takes at least one token (its role's marker).
+    #[error(
+        "this model's maximum context length is {context_tokens} tokens; {messages} messages \
+         take more (each at least one)"
+    )]
+    TooManyMessages {
+        messages: usize,
+        context_tokens: u32,
+    },
 }
 
 /// Why a request was not accepted.

@@ -181,6 +181,9 @@ struct ModelShared {
     info: ModelInfo,
     model: Arc<LlamaModel>,
     template: Option<PromptTemplate>,
+    /// The longest token's text, in bytes, where the tokenizer keeps every byte of the text
+    /// (byte-level BPE, SentencePiece): a text longer than the context times this cannot fit.
+    token_bytes_max: Option<usize>,
     /// One per lane (`ModelSpec::lanes`), in order.
     lanes: Vec<LaneHandle>,
     /// Sequences each lane decodes together.
@@ -534,6 +537,7 @@ impl ModelHandle {
                 .map_err(|error| model_error(error.to_string()))?,
         );
         let template = PromptTemplate::load(&model, spec).map_err(model_error)?;
+        let token_bytes_max = token_bytes_max(&model);
         let info = ModelInfo {
             name: spec.name.clone(),
             path: spec.path.clone(),
@@ -648,6 +652,7 @@ impl ModelHandle {
                 info,
                 model,
                 template,
+                token_bytes_max,
                 lanes,
                 lane_sequences: u64::from(lane_spec.parallel_sequences),
                 spread: spec.gpu_layers == 0,
@@ -672,6 +677,13 @@ impl ModelHandle {
             Prompt::Tokens(tokens) => return self.prepare_tokens(tokens),
             Prompt::Text(text) => text.clone(),
             Prompt::Chat(messages) => {
+                let context_tokens = self.shared.info.context_tokens;
+                if messages.len() > usize::try_from(context_tokens).unwrap_or(usize::MAX) {
+                    return Err(PromptError::TooManyMessages {
+                        messages: messages.len(),
+                        context_tokens,
+                    });
+                }
                 let template = self.shared.template.as_ref().ok_or_else(|| {
                     PromptError::Template("the model's GGUF carries no chat template".to_owned())
                 })?;
@@ -680,6 +692,21 @@ impl ModelHandle {
                     .map_err(PromptError::Template)?
             }
         };
+        // llama.cpp's split on special tokens takes time quadratic in their number: a body
+        // of many tiny messages would hold a thread for minutes, to be refused anyway.
+        if let Some(token_bytes_max) = self.shared.token_bytes_max {
+            let context_tokens = self.shared.info.context_tokens;
+            let fit = usize::try_from(context_tokens)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(token_bytes_max);
+            if text.len() > fit {
+                return Err(PromptError::TooLong {
+                    text_bytes: text.len(),
+                    context_tokens,
+                    token_bytes_max,
+                });
+            }
+        }
         let tokens: Vec<i32> = self
             .shared
             .model
@@ -1075,6 +1102,31 @@ fn has_penalties(sampling: &SamplingParams) -> bool {
 /// converter; `None` when it refuses the schema.
 pub(crate) fn json_schema_gbnf(schema: &str) -> Option<String> {
     llama_cpp_2::json_schema_to_grammar(schema).ok()
+}
+
+/// The longest token's text in bytes (special tokens as written), for vocabularies whose
+/// tokenizer turns every byte of a text into some token: byte-level BPE and SentencePiece
+/// (spaces become a three-byte `▁`, unknown bytes byte tokens). Others may normalise text
+/// away (WordPiece strips accents, Unigram collapses spaces): `None`.
+fn token_bytes_max(model: &LlamaModel) -> Option<usize> {
+    let vocab = model.vocab();
+    if !matches!(
+        vocab.vocab_type(),
+        llama_cpp_2::vocab::VocabType::BPE | llama_cpp_2::vocab::VocabType::SPM
+    ) {
+        return None;
+    }
+    let mut piece = Vec::new();
+    let longest = (0..vocab.n_tokens())
+        .map(|token| {
+            piece.clear();
+            vocab.token_to_piece_into(LlamaToken(token), &mut piece, true, None);
+            piece.len()
+        })
+        .max()?;
+    // A token written as its text, and one byte more for the space SentencePiece puts in
+    // front of the text.
+    Some(longest.max(1) + 1)
 }
 
 fn eog_mask(model: &LlamaModel) -> Vec<bool> {

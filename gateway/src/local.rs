@@ -79,6 +79,11 @@ pub async fn run(
                         ),
                     )
                 }
+                edge_runtime::PromptError::TooLong { .. }
+                | edge_runtime::PromptError::TooManyMessages { .. } => GatewayError::ContextLengthExceeded {
+                    message: format!("{}{error}", which(index)),
+                    param,
+                },
                 edge_runtime::PromptError::ModelNotLoaded(model) => GatewayError::Internal {
                     message: format!("model `{model}` is not loaded"),
                 },

@@ -918,6 +918,58 @@ fn chat_messages_are_rendered_by_the_models_jinja_template_or_the_configured_one
     );
 }
 
+#[test]
+fn a_text_longer_than_the_context_can_hold_is_refused_before_tokenizing() {
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        context_tokens: 64,
+        ..spec("too-long")
+    });
+    let token_bytes_max = model.shared.token_bytes_max.unwrap();
+    // SmolLM2's vocabulary is byte-level BPE: its longest token is tens of bytes.
+    assert!((2..=256).contains(&token_bytes_max), "{token_bytes_max}");
+    // Twenty thousand tiny messages: tokenizing them would take seconds (llama.cpp's split
+    // on special tokens is quadratic), and they could never fit: each takes a token at least.
+    let messages = (0..20_000)
+        .map(|turn| ChatMessage {
+            role: if turn % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            },
+            content: "a".to_owned(),
+        })
+        .collect();
+    assert!(matches!(
+        model.prepare(&Prompt::Chat(messages)),
+        Err(crate::PromptError::TooManyMessages {
+            messages: 20_000,
+            context_tokens: 64
+        })
+    ));
+    // Fewer messages, whose text still cannot fit.
+    let messages = vec![
+        ChatMessage {
+            role: Role::User,
+            content: "a ".repeat(64 * token_bytes_max),
+        };
+        2
+    ];
+    assert!(matches!(
+        model.prepare(&Prompt::Chat(messages)),
+        Err(crate::PromptError::TooLong { context_tokens: 64, token_bytes_max: max, .. })
+            if max == token_bytes_max
+    ));
+    let fits = 64 * token_bytes_max;
+    assert!(matches!(
+        model.prepare(&Prompt::Text("a".repeat(fits + 1))),
+        Err(crate::PromptError::TooLong { text_bytes, .. }) if text_bytes == fits + 1
+    ));
+    // At the bound the text is tokenized, and the context check counts its tokens.
+    let at_bound = model.prepare(&Prompt::Text("a".repeat(fits))).unwrap();
+    assert!(at_bound.token_count() > 64);
+}
+
 mod argmax {
     use proptest::prelude::*;
 
