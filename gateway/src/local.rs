@@ -39,7 +39,7 @@ pub async fn run(
     session: &mut Session,
     ctx: &mut RequestContext,
     model: &edge_runtime::ModelHandle,
-    request: LocalRequest<'_>,
+    mut request: LocalRequest<'_>,
 ) -> Result<Answered, Failure> {
     let info = model.info();
     // Where a prompt's problem is reported: the chat's `messages`, or the completion's
@@ -56,12 +56,25 @@ pub async fn run(
             String::new()
         }
     };
-    let prepared = request
-        .prompts
-        .iter()
+    // Rendering and tokenizing a large prompt takes milliseconds or more: on a blocking
+    // thread, not the runtime's, so other connections keep being served meanwhile.
+    let prompts = std::mem::take(&mut request.prompts);
+    let preparing = model.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        prompts
+            .iter()
+            .map(|prompt| preparing.prepare(prompt))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|error| GatewayError::Internal {
+        message: format!("preparing the prompt failed: {error}"),
+    })?;
+    let prepared = results
+        .into_iter()
         .enumerate()
-        .map(|(index, prompt)| {
-            model.prepare(prompt).map_err(|error| match error {
+        .map(|(index, result)| {
+            result.map_err(|error| match error {
                 edge_runtime::PromptError::Empty => {
                     GatewayError::invalid_value(param, format!("{}the prompt is empty", which(index)))
                 }
