@@ -122,6 +122,25 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             (400, Some("context_length_exceeded"))
         );
 
+        // Prompts that certainly cannot fit are refused before they are tokenized: more
+        // messages than the context has tokens, more text than its tokens can spell.
+        let mut request = chat_body("hi", json!({}));
+        request["messages"] = json!(
+            (0..300)
+                .map(|turn| json!({"role": if turn % 2 == 0 { "user" } else { "assistant" }, "content": "a"}))
+                .collect::<Vec<_>>()
+        );
+        let too_much = chat_body(&"a ".repeat(12 * 1024), json!({}));
+        for (request, says) in [(request, "300 messages"), (too_much, "bytes of text")] {
+            let (status, body) =
+                error_of(post(serde_json::to_vec(&request).unwrap()).await.unwrap()).await;
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+            assert_eq!(body["error"]["param"], "messages", "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains(says) && message.contains("256"), "{body}");
+        }
+
         // A body over the limit, declared up front and streamed without a length.
         let huge = chat_body(&"x".repeat(100 * 1024), json!({}));
         let (status, body) =
