@@ -20,7 +20,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use pingora_core::connectors::ConnectorOptions;
@@ -44,6 +44,8 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 const H2_STREAMS_MAX: usize = 128;
 /// Attempts per request: the first and one retry on another backend.
 const ATTEMPTS_MAX: usize = 2;
+/// Informational answers (1xx) read before a backend's real answer.
+const INFORMATIONAL_ANSWERS_MAX: u32 = 8;
 /// Bytes of an error answer read to report it.
 const ERROR_BODY_BYTES_MAX: usize = 64 * 1024;
 /// Longest server-sent event accepted from a backend (a stream that never ends an event
@@ -109,6 +111,10 @@ struct Health {
     bad_probes_in_row: u32,
     /// A 429's `Retry-After`: no requests before this time.
     not_before_ms: u64,
+    /// The build of the pool whose probes report here: a reload hands the record to the new
+    /// pool's probes, and the old pool's, still alive while its requests finish, stop
+    /// writing to it.
+    prober: u64,
 }
 
 impl Default for Health {
@@ -119,9 +125,13 @@ impl Default for Health {
             good_probes_in_row: 0,
             bad_probes_in_row: 0,
             not_before_ms: 0,
+            prober: 0,
         }
     }
 }
+
+/// Numbers each pool built, for [`Health::prober`].
+static POOL_BUILDS: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Debug)]
 struct Backend {
@@ -140,6 +150,8 @@ pub struct Pool {
     connector: Connector,
     backends: Vec<Backend>,
     round_robin: Mutex<RoundRobin>,
+    /// This build's number ([`Health::prober`]).
+    build: u64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -171,12 +183,15 @@ pub struct BackendStatus {
     pub requests: u64,
     /// Connections opened to it, for requests and probes, since it was configured.
     pub connections: u64,
+    /// How much longer it gets no requests because it answered 429 with `Retry-After`.
+    pub throttled_ms: u64,
 }
 
 impl BackendStatus {
-    /// Whether the backend gets traffic now: its probes pass and its circuit is not open.
+    /// Whether the backend gets traffic now: its probes pass, its circuit is not open and no
+    /// `Retry-After` holds it back.
     pub fn takes_traffic(&self) -> bool {
-        self.probed_healthy && self.circuit != "open"
+        self.probed_healthy && self.circuit != "open" && self.throttled_ms == 0
     }
 }
 
@@ -205,9 +220,21 @@ impl Pools {
         self.by_name.get(name)
     }
 
-    /// Starts the active health probes; each stops when its pool is dropped.
+    /// Puts these pools in charge of their backends' health records (kept across a reload)
+    /// and starts their active probes; each stops when its pool is dropped. Called when the
+    /// pools come into force, not when they are built (a refused reload changes nothing).
     pub fn start_probes(&self) {
         for pool in self.by_name.values() {
+            for backend in &pool.backends {
+                let mut health = lock(&backend.health);
+                health.prober = pool.build;
+                // Without probes, nothing would bring back a backend they had ejected.
+                if !pool.config.health.enabled {
+                    health.probed_healthy = true;
+                    health.good_probes_in_row = 0;
+                    health.bad_probes_in_row = 0;
+                }
+            }
             if pool.config.health.enabled {
                 tokio::spawn(probe_loop(Arc::downgrade(pool)));
             }
@@ -255,6 +282,7 @@ impl Pools {
                         in_flight: backend.in_flight.load(Ordering::Relaxed),
                         requests: backend.requests.load(Ordering::Relaxed),
                         connections: backend.connections.load(Ordering::Relaxed),
+                        throttled_ms: health.not_before_ms.saturating_sub(now),
                     }
                 })
             })
@@ -282,6 +310,7 @@ impl Pool {
     }
 
     fn build(config: &PoolConfig, previous: Option<&Arc<Pool>>) -> Result<Pool, Vec<String>> {
+        let build = POOL_BUILDS.fetch_add(1, Ordering::Relaxed);
         let key = format!("upstreams.{}", config.name);
         let mut errors = Vec::new();
         let mut options = ConnectorOptions::new(config.idle_connections_max.max(1));
@@ -355,6 +384,7 @@ impl Pool {
             connector,
             backends,
             round_robin: Mutex::new(RoundRobin::default()),
+            build,
         })
     }
 
@@ -369,6 +399,7 @@ impl Pool {
                 .map(|backend| {
                     let health = lock(&backend.health);
                     BackendView {
+                        name: &backend.config.name,
                         weight: backend.config.weight,
                         variant: backend.config.variant(),
                         available: health.probed_healthy
@@ -410,9 +441,13 @@ impl Pool {
                 .record(false, trial, now, &self.config.circuit),
             Outcome::Throttled { retry_after } => {
                 // A busy backend is not a broken one: no circuit failure, but no traffic
-                // until it said to come back.
-                let until =
-                    now.saturating_add(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX));
+                // until it said to come back, or for as long as the circuit's longest
+                // back-off, whichever is shorter (`Retry-After: 86400` from a quota policy
+                // must not take a backend out for a day without anything to bring it back).
+                let wait = u64::try_from(retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .min(self.config.circuit.open_max_ms);
+                let until = now.saturating_add(wait);
                 health.not_before_ms = health.not_before_ms.max(until);
                 if trial {
                     health.circuit.abandon_trial();
@@ -678,7 +713,7 @@ async fn attempt(
         Err(message) => return failure(message),
     };
     let connected = pool.session(backend).await;
-    let (mut upstream, reused) = match connected {
+    let (upstream, reused) = match connected {
         Ok(connected) => connected,
         Err(error) => {
             // Unreachable backends make the pool unavailable (503), not a bad gateway.
@@ -695,9 +730,10 @@ async fn attempt(
             };
         }
     };
-    upstream.set_read_timeout(Some(pool.config.first_byte_timeout));
-    upstream.set_write_timeout(Some(pool.config.first_byte_timeout));
-    let sent = async {
+    // Sends the request and reads the answer's header.
+    let exchange = |mut upstream: HttpSession, header: Box<RequestHeader>| async move {
+        upstream.set_read_timeout(Some(pool.config.first_byte_timeout));
+        upstream.set_write_timeout(Some(pool.config.first_byte_timeout));
         let mut upstream = send_request(
             upstream,
             header,
@@ -706,8 +742,37 @@ async fn attempt(
             pool.config.first_byte_timeout,
         )
         .await?;
-        upstream.read_response_header().await?;
+        // Informational answers (`100 Continue`, `103 Early Hints`) come before the real one.
+        let mut informational = 0;
+        loop {
+            upstream.read_response_header().await?;
+            if !upstream
+                .response_header()
+                .is_some_and(|header| header.status.is_informational())
+            {
+                break;
+            }
+            informational += 1;
+            if informational == INFORMATIONAL_ANSWERS_MAX {
+                return Err(pingora_error::Error::explain(
+                    pingora_error::ErrorType::InvalidHTTPHeader,
+                    "the backend sent informational answers (1xx) without a final one",
+                ));
+            }
+        }
         Ok::<_, Box<pingora_error::Error>>(upstream)
+    };
+    let sent = async {
+        match exchange(upstream, header.clone()).await {
+            // A pooled connection the backend closed as it was taken (its keep-alive ran out
+            // first): the request never reached it, and a new connection is not the backend
+            // failing. Once more, on another connection.
+            Err(error) if reused && closed_under_us(&error) => {
+                let (upstream, _) = pool.session(backend).await?;
+                exchange(upstream, header).await
+            }
+            other => other,
+        }
     };
     let sent = tokio::select! {
         sent = sent => sent,
@@ -757,8 +822,7 @@ async fn attempt(
         .headers
         .get(http::header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(|value| retry_after_wait(value, SystemTime::now()));
     ctx.target = Some(format!("{}/{}", pool.config.name, backend.config.name));
     ctx.on_premises = pool.config.on_premises;
     if status == 429 || status >= 500 {
@@ -921,14 +985,7 @@ fn request_header(
 ) -> Result<Box<RequestHeader>, String> {
     let mut header = RequestHeader::build("POST", path.as_bytes(), Some(8))
         .map_err(|error| format!("building the upstream request: {error}"))?;
-    let default_port = if backend.tls { 443 } else { 80 };
-    let host = if backend.port == default_port {
-        backend.host.clone()
-    } else if backend.host.contains(':') {
-        format!("[{}]:{}", backend.host, backend.port)
-    } else {
-        format!("{}:{}", backend.host, backend.port)
-    };
+    let host = backend.authority();
     let insert = |header: &mut RequestHeader, name: http::HeaderName, value: http::HeaderValue| {
         header
             .insert_header(name, value)
@@ -1218,6 +1275,26 @@ async fn relay_stream(
         .map_err(|error| Relay::ClientGone(error.to_string()))
 }
 
+/// Whether an error on a reused connection is Pingora's "closed before the answer began" (its
+/// retry mark for reused connections), which says nothing about the backend.
+fn closed_under_us(error: &pingora_error::Error) -> bool {
+    matches!(
+        error.retry,
+        pingora_error::RetryType::ReusedOnly | pingora_error::RetryType::Decided(true)
+    )
+}
+
+/// A `Retry-After` value as a wait from `now`: delay-seconds, or an HTTP date (a date already
+/// past is no wait).
+fn retry_after_wait(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 fn is_data_event(event: &[u8]) -> bool {
     event.starts_with(b"data:") && !event.starts_with(b"data: [DONE]")
 }
@@ -1308,8 +1385,9 @@ impl SseSplitter {
     }
 }
 
-/// The end (exclusive) of the first complete event, blank line included.
-fn event_end(buffer: &[u8]) -> Option<usize> {
+/// The end (exclusive) of the first complete server-sent event, blank line included (`\n\n`
+/// or `\r\n\r\n`).
+pub(crate) fn event_end(buffer: &[u8]) -> Option<usize> {
     let mut index = 0;
     while index < buffer.len() {
         if buffer[index] == b'\n' {
@@ -1355,6 +1433,10 @@ pub fn rewrite_body(
                 let mut options: serde_json::Value =
                     serde_json::from_slice(&body[member.value.clone()])
                         .map_err(|error| invalid(&error.to_string()))?;
+                // `null` is absent, as everywhere else in a request.
+                if options.is_null() {
+                    options = serde_json::Value::Object(serde_json::Map::new());
+                }
                 let Some(object) = options.as_object_mut() else {
                     return Err(GatewayError::invalid_value(
                         "stream_options",
@@ -1545,13 +1627,9 @@ async fn probe(pool: &Pool, index: usize) {
     let ok = tokio::time::timeout(health_config.timeout, async {
         let (mut session, _) = pool.session(backend).await.ok()?;
         let mut header = RequestHeader::build("GET", path.as_bytes(), Some(2)).ok()?;
-        let default_port = if backend.config.tls { 443 } else { 80 };
-        let host = if backend.config.port == default_port {
-            backend.config.host.clone()
-        } else {
-            format!("{}:{}", backend.config.host, backend.config.port)
-        };
-        header.insert_header(http::header::HOST, host).ok()?;
+        header
+            .insert_header(http::header::HOST, backend.config.authority())
+            .ok()?;
         if let Ok(Some((name, value))) = pool.config.auth.header().await {
             header.insert_header(name, value).ok()?;
         }
@@ -1572,6 +1650,9 @@ async fn probe(pool: &Pool, index: usize) {
     .flatten()
     .unwrap_or(false);
     let mut health = lock(&backend.health);
+    if health.prober != pool.build {
+        return;
+    }
     if ok {
         health.good_probes_in_row = health.good_probes_in_row.saturating_add(1);
         health.bad_probes_in_row = 0;

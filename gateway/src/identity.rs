@@ -44,6 +44,8 @@ const FEDERATED_TOKEN_BYTES_MAX: u64 = 64 * 1024;
 const STATIC_SECRET_BYTES_MAX: u64 = 64 * 1024;
 /// Largest CA file read.
 const CA_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+/// The longest a token is kept before it is fetched again, whatever its endpoint said.
+const TOKEN_LIFETIME_MAX: Duration = Duration::from_secs(24 * 60 * 60);
 /// A token is refreshed when this much of its life, or half of it if less, remains.
 const REFRESH_MARGIN_MAX: Duration = Duration::from_secs(5 * 60);
 /// After a failed fetch, callers get the cached token or the failure until this has passed.
@@ -1221,6 +1223,9 @@ async fn token_from(
         }
         (None, None) => return Err(invalid("no expires_in or expires_on")),
     };
+    // A lifetime past any real token's (an endpoint's error, `u64::MAX`) is refreshed a day
+    // on, as if it said so, instead of overflowing the clock.
+    let lifetime = lifetime.min(TOKEN_LIFETIME_MAX);
     if lifetime.is_zero() {
         return Err(invalid("the token has already expired"));
     }

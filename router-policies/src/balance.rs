@@ -3,9 +3,11 @@
 //! Weights follow Gateway API HTTPRoute `backendRefs`: a backend gets requests in proportion
 //! to its weight and weight 0 drains it. Unsticky choices use smooth weighted round robin,
 //! which is deterministic and exact: over any run of `sum(weights)` choices among the same
-//! eligible backends, each gets exactly its weight. Sticky choices hash the caller onto the
-//! cumulative weights, so a caller keeps its backend while the set of eligible backends stays
-//! the same, and only callers of a backend that left move when one does.
+//! eligible backends, each gets exactly its weight. Sticky choices use weighted rendezvous
+//! hashing of the caller and each backend's name: a caller keeps its backend while that
+//! backend is eligible, whatever happens to the others; when one leaves (unhealthy, drained,
+//! full), only its callers move, spread over the rest by weight, and they come back when it
+//! returns.
 //!
 //! Health and circuit state come in as data (what the gateway observed); the round-robin
 //! state is passed in and updated, never hidden here.
@@ -13,6 +15,8 @@
 /// What the balancer knows of one backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendView<'a> {
+    /// The backend's name in its pool: what sticky assignment hashes.
+    pub name: &'a str,
     pub weight: u32,
     /// The backend's `version` label, which `x-isthmus-canary` selects.
     pub variant: Option<&'a str>,
@@ -77,18 +81,21 @@ pub fn choose_backend(
         return Err(NoBackend::Unavailable);
     }
     if let Some(key) = facts.sticky_key {
-        let mut point = fnv1a(key.as_bytes()) % total;
-        for (index, backend) in backends.iter().enumerate() {
-            if !eligible(index, backend) {
-                continue;
-            }
-            let weight = u64::from(backend.weight);
-            if point < weight {
-                return Ok(index);
-            }
-            point -= weight;
-        }
-        return Err(NoBackend::Unavailable);
+        // Weighted rendezvous: each backend draws u in (0, 1) from (caller, name); the highest
+        // weight / -ln(u) wins, which picks a backend with probability weight / total.
+        let caller = fnv1a(FNV_OFFSET, key.as_bytes());
+        return backends
+            .iter()
+            .enumerate()
+            .filter(|(index, backend)| eligible(*index, backend))
+            .map(|(index, backend)| {
+                let draw = mix(fnv1a(fnv1a(caller, &[0xff]), backend.name.as_bytes()));
+                let unit = ((draw >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                (index, f64::from(backend.weight) / -unit.ln())
+            })
+            .max_by(|left, right| left.1.total_cmp(&right.1))
+            .map(|(index, _)| index)
+            .ok_or(NoBackend::Unavailable);
     }
     round_robin.current.resize(backends.len(), 0);
     let mut best: Option<usize> = None;
@@ -106,14 +113,26 @@ pub fn choose_backend(
     Ok(best)
 }
 
-/// FNV-1a, 64 bits: stable across builds and platforms, which sticky assignment needs.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, 64 bits, continuing from `hash`: stable across builds and platforms, which sticky
+/// assignment needs.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     for byte in bytes {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     hash
+}
+
+/// A 64-bit finaliser (SplitMix64's): every input bit moves every output bit, so keys that
+/// differ in one character draw unrelated numbers.
+fn mix(mut value: u64) -> u64 {
+    value ^= value >> 30;
+    value = value.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    value ^= value >> 27;
+    value = value.wrapping_mul(0x94d0_49bb_1331_11eb);
+    value ^ (value >> 31)
 }
 
 /// Passive health of one backend: a circuit breaker with exponential back-off.

@@ -40,6 +40,15 @@ fn streams_get_include_usage_added_or_set() {
         ),
         r#"{"model":"b","stream":true,"stream_options":{"include_usage":true}}"#
     );
+    // `null` is absent, as on the local path.
+    assert_eq!(
+        rewritten(
+            r#"{"model":"a","stream":true,"stream_options":null}"#,
+            "b",
+            true
+        ),
+        r#"{"model":"b","stream":true,"stream_options":{"include_usage":true}}"#
+    );
 }
 
 #[test]
@@ -117,4 +126,19 @@ proptest::proptest! {
         let parsed: serde_json::Value = serde_json::from_slice(&rewritten).unwrap();
         proptest::prop_assert_eq!(parsed, expected);
     }
+}
+
+#[test]
+fn retry_after_is_read_as_seconds_or_as_a_date() {
+    let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    assert_eq!(
+        retry_after_wait(" 120 ", now),
+        Some(Duration::from_secs(120))
+    );
+    let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+    assert_eq!(retry_after_wait(&later, now), Some(Duration::from_secs(30)));
+    let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+    assert_eq!(retry_after_wait(&past, now), Some(Duration::ZERO));
+    assert_eq!(retry_after_wait("soon", now), None);
+    assert_eq!(retry_after_wait("-5", now), None);
 }

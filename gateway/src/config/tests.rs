@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use super::{Environment, ModelConfig, parse};
+use super::{BackendConfig, Environment, ModelConfig, parse};
 
 struct FakeEnvironment;
 
@@ -489,6 +489,7 @@ backends = [
   { url = "ftp://x", weight = 1 },
   { url = "https://a.internal:8443/base/", name = "a" },
   { url = "https://b.internal", name = "a", labels = { version = "v2" } },
+  { url = "https://svc:pw@c.internal", name = "c" },
 ]
 [upstreams.aks.tls]
 client_cert = "client.pem"
@@ -507,6 +508,7 @@ backends = [{ url = "http://127.0.0.1:9", wieght = 3 }]
     let expected = [
         "upstreams.aks.backends[0].url: `ftp://x` must start with https:// or http://",
         "upstreams.aks.backends[2].name: `a` names two backends of this pool",
+        "upstreams.aks.backends[3].url: must not carry credentials (`user:password@`): they would not be sent, and the URL is shown in the admin API; give them in the pool's `auth` settings",
         "upstreams.aks.models: map at least one client model to an upstream model (\"gpt-4o\" = \"served-name\")",
         "upstreams.aks.api_version: required for api = \"azure\" (e.g. \"2024-10-21\")",
         "upstreams.aks.protocol: `h3` is not a protocol (expected auto, http1 or http2)",
@@ -573,6 +575,15 @@ labels = { version = "v2" }
         (second.name.as_str(), second.host.as_str(), second.port),
         ("canary", "::1", 8000)
     );
+    // The Host a request carries: an IPv6 address in brackets, the port unless the default.
+    assert_eq!(first.authority(), "10.0.0.5:8443");
+    assert_eq!(second.authority(), "[::1]:8000");
+    let default_port = BackendConfig {
+        port: 443,
+        tls: true,
+        ..second.clone()
+    };
+    assert_eq!(default_port.authority(), "[::1]");
 }
 
 #[test]

@@ -88,6 +88,22 @@ impl BackendConfig {
     pub fn variant(&self) -> Option<&str> {
         self.labels.get("version").map(String::as_str)
     }
+
+    /// The `Host` a request to it carries: the host (an IPv6 address in brackets), and the
+    /// port where it is not the scheme's default.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -494,6 +510,16 @@ impl Validator<'_> {
             self.error(
                 format!("{key}.url"),
                 "must not carry a query (the gateway adds the API's path and query)",
+            );
+        }
+        if uri
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'))
+        {
+            self.error(
+                format!("{key}.url"),
+                "must not carry credentials (`user:password@`): they would not be sent, and \
+                 the URL is shown in the admin API; give them in the pool's `auth` settings",
             );
         }
         let host = host

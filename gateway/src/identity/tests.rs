@@ -622,6 +622,25 @@ async fn token_is_refreshed_before_it_expires() {
 }
 
 #[tokio::test]
+async fn a_lifetime_past_any_clock_is_kept_a_day() {
+    let entra =
+        FakeEndpoint::start(|_, index| Reply::token(&format!("token-{index}"), u64::MAX)).await;
+    let clock = FakeClock::new();
+    let auth = compiled(
+        &client_credentials_table(&entra),
+        &[CLIENT_SECRET_ENV],
+        &clock,
+    );
+    assert_eq!(header_text(&auth).await.unwrap(), "Bearer token-0");
+    clock.advance(Duration::from_secs(23 * 60 * 60));
+    assert_eq!(header_text(&auth).await.unwrap(), "Bearer token-0");
+    // A day less the refresh margin: fetched again.
+    clock.advance(Duration::from_secs(60 * 60));
+    assert_eq!(header_text(&auth).await.unwrap(), "Bearer token-1");
+    assert_eq!(entra.count(), 2);
+}
+
+#[tokio::test]
 async fn failed_refresh_serves_the_cached_token_until_it_expires() {
     let entra = FakeEndpoint::start(|_, index| match index {
         0 => Reply::token("token-0", 2),

@@ -61,6 +61,7 @@ fn requests_tokens_and_latencies_are_counted() {
         in_flight: 1,
         requests: 7,
         connections: 2,
+        throttled_ms: 0,
     }];
     let gpus = [crate::gpu::GpuSample {
         index: 0,

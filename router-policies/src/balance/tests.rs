@@ -2,10 +2,14 @@ use proptest::prelude::*;
 
 use super::*;
 
+const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+
 fn views(weights: &[(u32, Option<&'static str>, bool)]) -> Vec<BackendView<'static>> {
     weights
         .iter()
-        .map(|&(weight, variant, available)| BackendView {
+        .zip(NAMES)
+        .map(|(&(weight, variant, available), name)| BackendView {
+            name,
             weight,
             variant,
             available,
@@ -134,6 +138,52 @@ fn sticky_callers_keep_their_backend_and_spread_by_weight() {
 }
 
 #[test]
+fn only_callers_of_a_backend_that_leaves_move_and_they_come_back() {
+    let mut backends = views(&[(1, None, true), (1, None, true), (2, None, true)]);
+    let mut round_robin = RoundRobin::default();
+    let keys: Vec<String> = (0..10_000).map(|caller| format!("team-{caller}")).collect();
+    let assign = |backends: &[BackendView<'_>], round_robin: &mut RoundRobin| -> Vec<usize> {
+        keys.iter()
+            .map(|key| {
+                let facts = BalanceFacts {
+                    sticky_key: Some(key),
+                    ..BalanceFacts::default()
+                };
+                choose_backend(backends, &facts, round_robin).unwrap_or(usize::MAX)
+            })
+            .collect()
+    };
+    let before = assign(&backends, &mut round_robin);
+    // Shares by weight (1 : 1 : 2), within ±2 points at 10,000 callers.
+    for (index, share) in [(0, 0.25), (1, 0.25), (2, 0.5)] {
+        let count = before.iter().filter(|&&chosen| chosen == index).count();
+        let measured = count as f64 / keys.len() as f64;
+        assert!(
+            (measured - share).abs() < 0.02,
+            "backend {index}: {measured}"
+        );
+    }
+    backends[0].available = false;
+    let during = assign(&backends, &mut round_robin);
+    let mut moved_to = [0usize; 3];
+    for (was, now) in before.iter().zip(&during) {
+        if *was == 0 {
+            moved_to[*now] += 1;
+        } else {
+            assert_eq!(was, now, "a caller of a backend still there moved");
+        }
+    }
+    // The departed backend's callers spread over the others by weight (1 : 2).
+    let moved = (moved_to[1] + moved_to[2]) as f64;
+    assert!(
+        (moved_to[1] as f64 / moved - 1.0 / 3.0).abs() < 0.04,
+        "{moved_to:?}"
+    );
+    backends[0].available = true;
+    assert_eq!(assign(&backends, &mut round_robin), before);
+}
+
+#[test]
 fn circuit_opens_after_failures_backs_off_and_closes_on_a_good_trial() {
     let settings = CircuitSettings {
         failures_to_open: 3,
@@ -199,7 +249,8 @@ proptest! {
     ) {
         let views: Vec<BackendView<'_>> = backends
             .iter()
-            .map(|&(weight, variant, available)| BackendView { weight, variant, available })
+            .zip(NAMES)
+            .map(|(&(weight, variant, available), name)| BackendView { name, weight, variant, available })
             .collect();
         let facts = BalanceFacts { variant, sticky_key: sticky.as_deref(), exclude: &exclude };
         let mut round_robin = RoundRobin::default();
@@ -217,7 +268,8 @@ proptest! {
     fn round_robin_shares_are_exact_over_a_cycle(weights in prop::collection::vec(0u32..20, 1..6)) {
         let views: Vec<BackendView<'_>> = weights
             .iter()
-            .map(|&weight| BackendView { weight, variant: None, available: true })
+            .zip(NAMES)
+            .map(|(&weight, name)| BackendView { name, weight, variant: None, available: true })
             .collect();
         let total: u32 = weights.iter().sum();
         prop_assume!(total > 0);
