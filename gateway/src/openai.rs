@@ -230,7 +230,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
         }
         (true, top) => Some(logprob_alternatives("top_logprobs", top.unwrap_or(0))?),
     };
-    generation.tool_call = parse_any_tools(&mut fields)?;
+    generation.tool_call = parse_any_tools(&mut fields, body)?;
     if let Some(value) = fields.take("parallel_tool_calls") {
         let Some(parallel) = value.as_bool() else {
             return Err(GatewayError::invalid_value(
@@ -819,13 +819,16 @@ const TOOL_NAME_CHARS_MAX: usize = 64;
 fn parse_tools(
     tools: Option<Value>,
     choice: Option<Value>,
+    written: &[Option<String>],
 ) -> Result<Option<ToolCall>, GatewayError> {
     let tools = match tools {
         None => Vec::new(),
         Some(Value::Array(items)) => items
             .iter()
             .enumerate()
-            .map(|(index, item)| parse_tool(index, item))
+            .map(|(index, item)| {
+                parse_tool(index, item, written.get(index).and_then(Option::as_deref))
+            })
             .collect::<Result<Vec<_>, _>>()?,
         Some(_) => {
             return Err(GatewayError::invalid_value(
@@ -908,7 +911,8 @@ fn parse_tools(
 /// `tools` with `tool_choice`, or the older `functions` with `function_call` (OpenAI's
 /// function calling before tools), read as the same offer; an error names the field the
 /// request used.
-fn parse_any_tools(fields: &mut Fields) -> Result<Option<ToolCall>, GatewayError> {
+fn parse_any_tools(fields: &mut Fields, body: &[u8]) -> Result<Option<ToolCall>, GatewayError> {
+    let written = parameters_texts(body);
     let tools = fields.take("tools");
     let choice = fields.take("tool_choice");
     let functions = fields.take("functions");
@@ -920,7 +924,7 @@ fn parse_any_tools(fields: &mut Fields) -> Result<Option<ToolCall>, GatewayError
                 "function_call needs functions",
             ));
         }
-        return parse_tools(tools, choice);
+        return parse_tools(tools, choice, &written);
     };
     if tools.is_some() || choice.is_some() {
         return Err(GatewayError::invalid_value(
@@ -952,7 +956,7 @@ fn parse_any_tools(fields: &mut Fields) -> Result<Option<ToolCall>, GatewayError
         }
         param
     };
-    let call = parse_tools(Some(as_tools), as_choice).map_err(|error| match error {
+    let call = parse_tools(Some(as_tools), as_choice, &written).map_err(|error| match error {
         GatewayError::InvalidValue { param, message } => GatewayError::InvalidValue {
             param: legacy_param(param),
             message,
@@ -971,7 +975,53 @@ fn parse_any_tools(fields: &mut Fields) -> Result<Option<ToolCall>, GatewayError
     }))
 }
 
-fn parse_tool(index: usize, item: &Value) -> Result<Tool, GatewayError> {
+/// Each offered function's `parameters` as the client wrote them (`tools[i].function` or the
+/// older `functions[i]`): a grammar writes the arguments in the schema's key order, which a
+/// parsed value does not keep. Empty where the body cannot be read so (the parsed value's
+/// text is used then).
+fn parameters_texts(body: &[u8]) -> Vec<Option<String>> {
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow, default)]
+        tools: Option<Vec<Offered<'a>>>,
+        #[serde(borrow, default)]
+        functions: Option<Vec<Function<'a>>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Offered<'a> {
+        #[serde(borrow, default)]
+        function: Option<Function<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Function<'a> {
+        #[serde(borrow, default)]
+        parameters: Option<&'a RawValue>,
+    }
+    let text = |function: Option<&Function<'_>>| {
+        function
+            .and_then(|function| function.parameters)
+            .map(|raw| raw.get().to_owned())
+    };
+    match serde_json::from_slice::<Body<'_>>(body) {
+        Ok(Body {
+            tools: Some(tools), ..
+        }) => tools
+            .iter()
+            .map(|tool| text(tool.function.as_ref()))
+            .collect(),
+        Ok(Body {
+            functions: Some(functions),
+            ..
+        }) => functions
+            .iter()
+            .map(|function| text(Some(function)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_tool(index: usize, item: &Value, written: Option<&str>) -> Result<Tool, GatewayError> {
     let param = format!("tools[{index}]");
     if item.get("type").and_then(Value::as_str) != Some("function") {
         return Err(GatewayError::invalid_value(
@@ -1009,7 +1059,9 @@ fn parse_tool(index: usize, item: &Value) -> Result<Tool, GatewayError> {
     };
     let parameters = match function.get("parameters") {
         None | Some(Value::Null) => "{}".to_owned(),
-        Some(parameters @ Value::Object(_)) => parameters.to_string(),
+        Some(parameters @ Value::Object(_)) => {
+            written.map_or_else(|| parameters.to_string(), str::to_owned)
+        }
         Some(_) => {
             return Err(GatewayError::invalid_value(
                 format!("{param}.function.parameters"),

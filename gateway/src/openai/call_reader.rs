@@ -429,7 +429,8 @@ fn decode_escape(text: &str) -> Escape {
             Escape::Invalid
         };
     }
-    if &text[6..8] != "\\u" {
+    // Bytes, not a `str` slice: byte 8 may fall inside a character that follows the escape.
+    if text.as_bytes().get(6..8) != Some(b"\\u".as_slice()) {
         return Escape::Invalid;
     }
     match unit(8) {

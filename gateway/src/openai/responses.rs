@@ -289,7 +289,7 @@ pub fn to_chat(
     chat.insert("messages".into(), Value::Array(messages));
 
     if let Some(max) = present("max_output_tokens") {
-        chat.insert("max_tokens".into(), max.clone());
+        chat.insert("max_completion_tokens".into(), max.clone());
         echo.fields.insert("max_output_tokens".into(), max.clone());
     }
     for key in [
@@ -1102,7 +1102,7 @@ impl Transcoder {
 
     /// A refusal of the translated chat request, named as the client wrote the request:
     /// `input[2].content[0].type` for `messages[3].content[0].type` behind instructions,
-    /// `max_output_tokens` for `max_tokens`, `text.format` for `response_format`, a
+    /// `max_output_tokens` for `max_completion_tokens`, `text.format` for `response_format`, a
     /// function tool's own fields.
     pub fn error_in_request_terms(&self, error: &GatewayError) -> GatewayError {
         error.renamed(|param| self.param_name(param), responses_text)
@@ -1245,9 +1245,10 @@ impl Transcoder {
         self.pending.extend_from_slice(bytes);
         let mut out = Vec::new();
         let mut start = 0;
-        while let Some(end) = find(&self.pending[start..], b"\n\n") {
+        // A cloud backend's events pass through as it wrote them: `\r\n` line ends too.
+        while let Some(end) = crate::cloud::event_end(&self.pending[start..]) {
             let event = self.pending[start..start + end].to_vec();
-            start += end + 2;
+            start += end;
             self.event(&event, &mut out);
         }
         self.pending.drain(..start);
@@ -1255,12 +1256,27 @@ impl Transcoder {
     }
 
     fn event(&mut self, event: &[u8], out: &mut Vec<u8>) {
-        let Some(data) = event
+        // An event's `data:` lines, joined by line feeds.
+        let mut lines = event
             .split(|byte| *byte == b'\n')
-            .find_map(|line| line.strip_prefix(b"data:"))
-            .map(|data| data.strip_prefix(b" ").unwrap_or(data))
-        else {
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+            .filter_map(|line| line.strip_prefix(b"data:"))
+            .map(|data| data.strip_prefix(b" ").unwrap_or(data));
+        let Some(first) = lines.next() else {
             return;
+        };
+        let joined;
+        let data = match lines.next() {
+            None => first,
+            Some(second) => {
+                let mut all = [first, second].join(&b'\n');
+                for line in lines {
+                    all.push(b'\n');
+                    all.extend_from_slice(line);
+                }
+                joined = all;
+                joined.as_slice()
+            }
         };
         if data == b"[DONE]" {
             self.finish(out);
@@ -1655,12 +1671,6 @@ fn emit(out: &mut Vec<u8>, kind: &str, sequence_number: u64, body: impl Serializ
     out.extend_from_slice(b"\ndata: ");
     let _ = serde_json::to_writer(&mut *out, &event);
     out.extend_from_slice(b"\n\n");
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
 }
 
 #[cfg(test)]

@@ -455,6 +455,19 @@ fn tools_are_read_with_what_the_answer_may_be() {
     let required = chat(&format!(r#"{tools},"tool_choice":"required""#)).unwrap();
     let required = required.generation.tool_call.unwrap();
     assert_eq!((required.tools.len(), required.text_allowed), (2, false));
+    // Parameters as written: the grammar writes the arguments in the client's key order.
+    let ordered = r#","tools":[{"type":"function","function":{"name":"f","parameters":{"properties":{"z":{}, "a":{}}}}}]"#;
+    let ordered = chat(ordered).unwrap().generation.tool_call.unwrap();
+    assert_eq!(
+        ordered.tools[0].parameters,
+        r#"{"properties":{"z":{}, "a":{}}}"#
+    );
+    let legacy = r#","functions":[{"name":"f","parameters":{"properties":{"z":{}, "a":{}}}}]"#;
+    let legacy = chat(legacy).unwrap().generation.tool_call.unwrap();
+    assert_eq!(
+        legacy.tools[0].parameters,
+        r#"{"properties":{"z":{}, "a":{}}}"#
+    );
     assert_eq!(
         chat(&format!(r#"{tools},"tool_choice":"none""#))
             .unwrap()

@@ -184,6 +184,10 @@ fn another_shape_stops_the_reader_without_a_piece() {
         r#"{"response": 5}"#,
         "plain text",
         r#"{"response": "a\q"}"#,
+        // A lone high surrogate, then characters of several bytes where its low half
+        // would be: invalid JSON, and no byte offset in them may be sliced.
+        r#"{"response": "a\ud83d中文字"}"#,
+        r#"{"response": "a\ud83daé xyz"}"#,
     ] {
         for parts in splits(answer) {
             let mut reader = CallReader::default();

@@ -71,7 +71,7 @@ fn instructions_and_a_string_input_are_a_system_and_a_user_message() {
             "model": "smollm2", "stream": true, "stream_options": {"include_usage": true},
             "messages": [{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": "Capital of France?"}],
-            "max_tokens": 16, "temperature": 0,
+            "max_completion_tokens": 16, "temperature": 0,
         })
     );
 }
@@ -351,6 +351,51 @@ fn a_chat_stream_becomes_the_responses_events_in_order() {
     assert_eq!(completed["usage"]["output_tokens"], 2);
     assert_eq!(events[0].1["response"]["status"], "in_progress");
     assert!(events[0].1["response"]["usage"].is_null());
+}
+
+#[test]
+fn a_backends_crlf_events_and_multi_line_data_are_read_as_events() {
+    // A cloud backend's bytes reach the transcoder as it wrote them: `\r\n` line ends
+    // (sse-starlette's default) and, as the SSE format allows, one JSON value over several
+    // `data:` lines.
+    let lf = sse(&[
+        chunk(json!({"role": "assistant", "content": ""}), None),
+        chunk(json!({"content": "Par"}), None),
+        chunk(json!({"content": "is."}), None),
+        chunk(json!({}), Some("stop")),
+    ]);
+    let text = String::from_utf8(lf).unwrap();
+    let crlf = text.replace('\n', "\r\n");
+    let multi_line = text.replacen("\"choices\"", "\ndata: \"choices\"", 2);
+    for bytes in [crlf, multi_line] {
+        let (_, mut transcoder) =
+            translate(&json!({"model": "smollm2", "input": "x", "stream": true})).unwrap();
+        let mut out = Vec::new();
+        for piece in bytes.as_bytes().chunks(5) {
+            out.extend(transcoder.stream(piece));
+        }
+        let events = parse_events(&out);
+        assert_eq!(
+            kinds(&events),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ],
+            "{bytes:?}"
+        );
+        assert_eq!(
+            events[9].1["response"]["output"][0]["content"][0]["text"],
+            "Paris."
+        );
+    }
 }
 
 #[test]
