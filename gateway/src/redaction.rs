@@ -24,6 +24,13 @@ pub fn redact_body(
             message: format!("the request body is not valid JSON: {error}"),
         })?;
     let mut map = RedactionMap::new();
+    // A JSON answer gets values back inside its strings, escaped.
+    map.set_text_is_json(matches!(
+        value
+            .pointer("/response_format/type")
+            .and_then(Value::as_str),
+        Some("json_object" | "json_schema")
+    ));
     if let Some(fields) = value.as_object_mut() {
         for key in ["messages", "prompt", "tools"] {
             if let Some(field) = fields.get_mut(key) {
@@ -41,26 +48,84 @@ pub fn redact_body(
 /// except the structural ones a backend needs verbatim (roles, names, ids, types).
 fn redact_strings(value: &mut Value, scanner: &SensitivityScanner, map: &mut RedactionMap) {
     match value {
-        Value::String(text) => {
-            let findings = scanner.findings(text);
-            if !findings.is_empty() {
-                *text = router_policies::redact::redact(text, &findings, map);
-            }
-        }
+        Value::String(text) => redact_strings_in_text(text, scanner, map),
         Value::Array(items) => items
             .iter_mut()
             .for_each(|item| redact_strings(item, scanner, map)),
         Value::Object(fields) => {
             for (key, item) in fields.iter_mut() {
-                if !matches!(
-                    key.as_str(),
-                    "role" | "name" | "type" | "id" | "tool_call_id" | "url"
-                ) {
-                    redact_strings(item, scanner, map);
+                match (key.as_str(), item) {
+                    ("role" | "name" | "type" | "id" | "tool_call_id" | "url", _) => {}
+                    ("arguments", Value::String(arguments)) => {
+                        redact_arguments(arguments, scanner, map);
+                    }
+                    (_, item) => redact_strings(item, scanner, map),
                 }
             }
         }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// A call's arguments, JSON text in a string. Where the text escapes characters
+/// (`\u00a0`), the strings it decodes to are scanned and redacted first, so that a value
+/// written with escapes is found whole; then the text as written, where a key names what its
+/// value is (`"password": "..."`). The map records each value as it decodes (`\"` a quote),
+/// so it is restored escaped once, and the same value in a message gets the same placeholder.
+fn redact_arguments(arguments: &mut String, scanner: &SensitivityScanner, map: &mut RedactionMap) {
+    if arguments.contains('\\')
+        && let Ok(mut decoded) = serde_json::from_str::<Value>(arguments)
+        && redact_every_string(&mut decoded, scanner, map)
+        && let Ok(text) = serde_json::to_string(&decoded)
+    {
+        *arguments = text;
+    }
+    let findings = scanner.findings(arguments);
+    if !findings.is_empty() {
+        *arguments =
+            router_policies::redact::redact_with(arguments, &findings, map, json_string_value);
+    }
+}
+
+/// The value a span of JSON text stands for, where it lies inside one string; else the span.
+fn json_string_value(span: &str) -> std::borrow::Cow<'_, str> {
+    if !span.contains('\\') {
+        return std::borrow::Cow::Borrowed(span);
+    }
+    serde_json::from_str::<String>(&format!("\"{span}\""))
+        .map_or(std::borrow::Cow::Borrowed(span), std::borrow::Cow::Owned)
+}
+
+fn redact_strings_in_text(text: &mut String, scanner: &SensitivityScanner, map: &mut RedactionMap) {
+    let findings = scanner.findings(text);
+    if !findings.is_empty() {
+        *text = router_policies::redact::redact(text, &findings, map);
+    }
+}
+
+/// Every string value inside `value` (keys are the function's parameter names); whether any
+/// changed.
+fn redact_every_string(
+    value: &mut Value,
+    scanner: &SensitivityScanner,
+    map: &mut RedactionMap,
+) -> bool {
+    match value {
+        Value::String(text) => {
+            let findings = scanner.findings(text);
+            if findings.is_empty() {
+                return false;
+            }
+            *text = router_policies::redact::redact(text, &findings, map);
+            true
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |changed, item| {
+            redact_every_string(item, scanner, map) | changed
+        }),
+        Value::Object(fields) => fields.values_mut().fold(false, |changed, item| {
+            redact_every_string(item, scanner, map) | changed
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 
@@ -73,7 +138,13 @@ pub fn restore_answer(body: &[u8], map: &RedactionMap) -> Bytes {
         for choice in choices {
             for pointer in ["/message/content", "/text"] {
                 if let Some(Value::String(content)) = choice.pointer_mut(pointer) {
-                    *content = map.restore(content);
+                    *content = map.restore_text(content);
+                }
+            }
+            // A reasoning model's thoughts and a refusal are prose, whatever the format.
+            for pointer in ["/message/reasoning_content", "/message/refusal"] {
+                if let Some(Value::String(text)) = choice.pointer_mut(pointer) {
+                    *text = map.restore(text);
                 }
             }
             // A call's arguments are JSON in a string: values go back escaped.
@@ -129,6 +200,10 @@ pub struct StreamRestorer {
 enum Part {
     /// `delta.content`, or a completion's `text`.
     Text,
+    /// `delta.reasoning_content` (a reasoning model's thoughts, as vLLM streams them).
+    Reasoning,
+    /// `delta.refusal`.
+    Refusal,
     /// `delta.tool_calls[].function.arguments` of the call with this `index`.
     ToolCall(u64),
     /// A legacy `delta.function_call.arguments`.
@@ -163,15 +238,20 @@ impl StreamRestorer {
         if let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) {
             for choice in choices.iter_mut() {
                 let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
-                if choice
+                let finishes = choice
                     .get("finish_reason")
-                    .is_some_and(|reason| !reason.is_null())
-                {
+                    .is_some_and(|reason| !reason.is_null());
+                if finishes {
                     finishing.push(index);
                 }
-                for pointer in ["/delta/content", "/text"] {
+                for (pointer, part) in [
+                    ("/delta/content", Part::Text),
+                    ("/text", Part::Text),
+                    ("/delta/reasoning_content", Part::Reasoning),
+                    ("/delta/refusal", Part::Refusal),
+                ] {
                     if let Some(Value::String(text)) = choice.pointer_mut(pointer) {
-                        *text = self.restorer(index, Part::Text).push(text);
+                        *text = self.pass(index, part, text, finishes);
                     }
                 }
                 let Some(Value::Object(delta)) = choice.get_mut("delta") else {
@@ -186,9 +266,8 @@ impl StreamRestorer {
                         if let Some(Value::String(arguments)) =
                             call.pointer_mut("/function/arguments")
                         {
-                            *arguments = self
-                                .restorer(index, Part::ToolCall(call_index))
-                                .push(arguments);
+                            *arguments =
+                                self.pass(index, Part::ToolCall(call_index), arguments, finishes);
                         }
                     }
                 }
@@ -196,15 +275,19 @@ impl StreamRestorer {
                     .get_mut("function_call")
                     .and_then(|call| call.get_mut("arguments"))
                 {
-                    *arguments = self.restorer(index, Part::FunctionCall).push(arguments);
+                    *arguments = self.pass(index, Part::FunctionCall, arguments, finishes);
                 }
             }
         }
-        // Held text of a finishing choice goes out before its finish chunk.
+        // What a finishing choice's other parts still hold goes out before its finish chunk
+        // (the parts this chunk carries were released in it, in order).
         for index in finishing {
             out.extend_from_slice(&self.release_where(&chunk, |choice| choice == index));
         }
-        self.template = Some(chunk.clone());
+        // A chunk that is not an object (`data: 1`) passes, but is no template for one.
+        if chunk.is_object() {
+            self.template = Some(chunk.clone());
+        }
         out.extend_from_slice(format!("data: {chunk}\n\n").as_bytes());
         Bytes::from(out)
     }
@@ -217,12 +300,23 @@ impl StreamRestorer {
         Bytes::from(self.release_where(&template, |_| true))
     }
 
+    /// `text` of one part, restored: what can go out now, and with `finishes` (the choice's
+    /// last chunk) whatever that part still holds, after it.
+    fn pass(&mut self, index: u64, part: Part, text: &str, finishes: bool) -> String {
+        let mut out = self.restorer(index, part).push(text);
+        if finishes && let Some(mut restorer) = self.parts.remove(&(index, part)) {
+            out.push_str(&restorer.finish());
+        }
+        out
+    }
+
     fn restorer(&mut self, index: u64, part: Part) -> &mut Restorer {
         let map = &self.map;
         self.parts
             .entry((index, part))
             .or_insert_with(|| match part {
-                Part::Text => Restorer::new(map.clone()),
+                Part::Text => Restorer::for_text(map.clone()),
+                Part::Reasoning | Part::Refusal => Restorer::new(map.clone()),
                 Part::ToolCall(_) | Part::FunctionCall => Restorer::in_json(map.clone()),
             })
     }
@@ -260,6 +354,11 @@ fn release_chunk(template: &Value, (index, part): (u64, Part), text: String) -> 
         }
         Part::Text => {
             serde_json::json!({"index": index, "delta": {"content": text}, "finish_reason": null})
+        }
+        Part::Reasoning => serde_json::json!({"index": index, "delta": {"reasoning_content": text},
+            "finish_reason": null}),
+        Part::Refusal => {
+            serde_json::json!({"index": index, "delta": {"refusal": text}, "finish_reason": null})
         }
         Part::ToolCall(call) => serde_json::json!({"index": index, "delta": {
             "tool_calls": [{"index": call, "function": {"arguments": text}}]}, "finish_reason": null}),

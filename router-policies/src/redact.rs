@@ -24,6 +24,8 @@ pub struct RedactionMap {
     counters: HashMap<String, u32>,
     /// The longest placeholder, in bytes: the most a [`Restorer`] holds back.
     placeholder_bytes_max: usize,
+    /// The answer's text is JSON (the request asked for a JSON `response_format`).
+    text_is_json: bool,
 }
 
 impl RedactionMap {
@@ -38,6 +40,22 @@ impl RedactionMap {
 
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
+    }
+
+    /// Says that the answer's text is JSON, so that [`RedactionMap::restore_text`] and
+    /// [`Restorer::for_text`] put values back escaped, as they go inside its strings.
+    pub fn set_text_is_json(&mut self, json: bool) {
+        self.text_is_json = json;
+    }
+
+    /// Restores the answer's text: as [`RedactionMap::restore_in_json`] where it is JSON,
+    /// else as [`RedactionMap::restore`].
+    pub fn restore_text(&self, text: &str) -> String {
+        if self.text_is_json {
+            self.restore_in_json(text)
+        } else {
+            self.restore(text)
+        }
     }
 
     /// The placeholders handed out, sorted.
@@ -138,6 +156,17 @@ impl std::fmt::Debug for RedactionMap {
 /// already replaced, and a span that is out of range or not on character boundaries is
 /// widened to the nearest ones, so that no more of a value is left in the text than asked.
 pub fn redact(text: &str, findings: &[Finding], map: &mut RedactionMap) -> String {
+    redact_with(text, findings, map, |span| std::borrow::Cow::Borrowed(span))
+}
+
+/// [`redact`] for text that encodes its values (JSON text, where `\"` is a quote): each span
+/// is replaced as written, and `value_of` gives the value the map records and restores.
+pub fn redact_with(
+    text: &str,
+    findings: &[Finding],
+    map: &mut RedactionMap,
+    value_of: impl for<'t> Fn(&'t str) -> std::borrow::Cow<'t, str>,
+) -> String {
     let mut spans: Vec<(usize, usize, &Finding)> = findings
         .iter()
         .map(|finding| {
@@ -156,7 +185,7 @@ pub fn redact(text: &str, findings: &[Finding], map: &mut RedactionMap) -> Strin
         }
         output.push_str(&text[copied..start]);
         let label = finding.entity.placeholder_label();
-        output.push_str(map.placeholder_for(&label, &text[start..end]));
+        output.push_str(map.placeholder_for(&label, &value_of(&text[start..end])));
         copied = end;
     }
     output.push_str(&text[copied..]);
@@ -227,6 +256,16 @@ impl Restorer {
             map,
             held: String::new(),
             into: Destination::Text,
+        }
+    }
+
+    /// A restorer for the answer's streamed text: escaped where the map says the text is
+    /// JSON ([`RedactionMap::set_text_is_json`]).
+    pub fn for_text(map: RedactionMap) -> Restorer {
+        if map.text_is_json {
+            Restorer::in_json(map)
+        } else {
+            Restorer::new(map)
         }
     }
 

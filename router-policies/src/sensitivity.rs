@@ -389,15 +389,9 @@ impl Recognizers {
         self.scan_into(scanned, &mut findings, &mut encoded);
         if depth < ENCODED_DEPTH_MAX && !encoded.is_empty() {
             // A run already inside a finding (a JWT's segments, a storage key) is reported.
-            let found: Vec<std::ops::Range<usize>> = findings
-                .iter()
-                .map(|finding| finding.span.clone())
-                .collect();
+            let found = SpanIndex::new(findings.iter().map(|finding| finding.span.clone()));
             for run in encoded {
-                if found
-                    .iter()
-                    .any(|span| span.start < run.end && run.start < span.end)
-                {
+                if found.overlaps(&run) {
                     continue;
                 }
                 let Some(decoded) = scan::decoded_text(&scanned[run.clone()]) else {
@@ -456,7 +450,42 @@ impl Recognizers {
 /// How many layers of base64 the scan decodes.
 const ENCODED_DEPTH_MAX: u8 = 2;
 
-/// Keeps the best of overlapping findings and sorts the rest by start.
+/// Spans (possibly overlapping) that answer "does any overlap this range" in O(log n).
+struct SpanIndex {
+    /// Sorted by start.
+    starts: Vec<usize>,
+    /// The largest end among the spans up to and including each position.
+    ends_max: Vec<usize>,
+}
+
+impl SpanIndex {
+    fn new(spans: impl Iterator<Item = std::ops::Range<usize>>) -> SpanIndex {
+        let mut spans: Vec<std::ops::Range<usize>> = spans.collect();
+        spans.sort_unstable_by_key(|span| span.start);
+        let mut end_max = 0;
+        let ends_max = spans
+            .iter()
+            .map(|span| {
+                end_max = end_max.max(span.end);
+                end_max
+            })
+            .collect();
+        SpanIndex {
+            starts: spans.iter().map(|span| span.start).collect(),
+            ends_max,
+        }
+    }
+
+    fn overlaps(&self, range: &std::ops::Range<usize>) -> bool {
+        // Spans starting before the range ends; one of them overlaps if it ends after the
+        // range starts.
+        let before_end = self.starts.partition_point(|&start| start < range.end);
+        before_end > 0 && self.ends_max[before_end - 1] > range.start
+    }
+}
+
+/// Keeps the best of overlapping findings and sorts the rest by start. O(n log n): a text of
+/// many findings (a contact list of megabytes) must not cost their square.
 fn resolve_overlaps(mut findings: Vec<Finding>) -> Vec<Finding> {
     if findings.len() < 2 {
         return findings;
@@ -468,17 +497,24 @@ fn resolve_overlaps(mut findings: Vec<Finding>) -> Vec<Finding> {
             .then_with(|| right.span.len().cmp(&left.span.len()))
             .then_with(|| left.span.start.cmp(&right.span.start))
     });
-    // Accepted spans, sorted by start and disjoint.
-    let mut kept: Vec<Finding> = Vec::with_capacity(findings.len());
-    for finding in findings {
-        let at = kept.partition_point(|other| other.span.start < finding.span.start);
-        let clashes_before = at > 0 && kept[at - 1].span.end > finding.span.start;
-        let clashes_after = at < kept.len() && kept[at].span.start < finding.span.end;
+    // Accepted spans, disjoint, by (start, order of acceptance).
+    let mut kept: std::collections::BTreeMap<(usize, usize), Finding> =
+        std::collections::BTreeMap::new();
+    for (order, finding) in findings.into_iter().enumerate() {
+        let (start, end) = (finding.span.start, finding.span.end);
+        let clashes_before = kept
+            .range(..(start, 0))
+            .next_back()
+            .is_some_and(|(_, other)| other.span.end > start);
+        let clashes_after = kept
+            .range((start, 0)..)
+            .next()
+            .is_some_and(|(_, other)| other.span.start < end);
         if !clashes_before && !clashes_after {
-            kept.insert(at, finding);
+            kept.insert((start, order), finding);
         }
     }
-    kept
+    kept.into_values().collect()
 }
 
 #[cfg(test)]

@@ -722,10 +722,56 @@ impl<'de> Shapes<'de> for Field<'_> {
             } else if name == "function" {
                 map.next_value_seed(Shaped(Field("arguments", &mut *texts, &mut *elsewhere)))?;
             } else {
-                map.next_value_seed(Shaped(AnyStrings(&mut *texts, &mut *elsewhere)))?;
+                map.next_value_seed(Shaped(Arguments(&mut *texts, &mut *elsewhere)))?;
             }
         }
         Ok(())
+    }
+}
+
+/// A call's `arguments`: JSON text in a string (or, from some clients, structured). The text
+/// is prompt text as written; where it escapes characters (`\u00a0`, `\"`), the strings it
+/// decodes to go to `elsewhere` as well, so that a value written with escapes is scanned as
+/// the value it is.
+struct Arguments<'a>(&'a mut Vec<String>, &'a mut String);
+
+impl<'de> Shapes<'de> for Arguments<'_> {
+    fn elsewhere(&mut self) -> &mut String {
+        self.1
+    }
+
+    fn string(self, text: &str) {
+        if text.contains('\\')
+            && let Ok(decoded) = serde_json::from_str::<serde_json::Value>(text)
+        {
+            push_decoded_strings(self.1, &decoded);
+        }
+        self.0.push(text.to_owned());
+    }
+
+    fn seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        AnyStrings(self.0, self.1).seq(seq)
+    }
+
+    fn map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        AnyStrings(self.0, self.1).map(map)
+    }
+}
+
+/// Every key and string of `value`, each a line of `elsewhere`.
+fn push_decoded_strings(elsewhere: &mut String, value: &serde_json::Value) {
+    match value {
+        serde_json::Value::String(text) => push_elsewhere(elsewhere, text),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .for_each(|item| push_decoded_strings(elsewhere, item)),
+        serde_json::Value::Object(fields) => {
+            for (key, item) in fields {
+                push_elsewhere(elsewhere, key);
+                push_decoded_strings(elsewhere, item);
+            }
+        }
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => {}
     }
 }
 

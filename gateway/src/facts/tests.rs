@@ -565,6 +565,27 @@ fn strings_outside_the_prompt_are_read_elsewhere_and_not_scored() {
 }
 
 #[test]
+fn a_calls_arguments_are_also_read_as_the_strings_they_decode_to() {
+    // Arguments as Python's `json.dumps` writes them: the card's no-break spaces escaped, so
+    // the text as written reads `4111\u00a01111...`, which no recognizer takes for a card.
+    let body = br#"{"messages": [{"role": "assistant", "content": null, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "charge",
+         "arguments": "{\"card\": \"4111\\u00a01111\\u00a01111\\u00a01111\", \"n\": 1}"}}]}]}"#;
+    let read = prompt_texts(body).unwrap();
+    assert_eq!(
+        read.texts,
+        [r#"{"card": "4111\u00a01111\u00a01111\u00a01111", "n": 1}"#]
+    );
+    for expected in ["card", "4111\u{a0}1111\u{a0}1111\u{a0}1111"] {
+        assert!(
+            read.elsewhere.lines().any(|line| line == expected),
+            "missing {expected:?} in {:?}",
+            read.elsewhere
+        );
+    }
+}
+
+#[test]
 fn numbers_are_read_elsewhere_except_sampling_parameters() {
     // A card number can be a JSON number; a seed is a parameter (a random 16-digit seed
     // passes a card check one time in ten).

@@ -151,3 +151,167 @@ fn placeholders_in_tool_call_arguments_are_restored_whole_and_streamed() {
         "{streamed}"
     );
 }
+
+#[test]
+fn a_calls_arguments_are_redacted_as_the_values_they_decode_to() {
+    // An earlier turn's call, its arguments as a JSON library writes them: a card with its
+    // no-break spaces escaped (as Python's `json.dumps` does), a password with an escaped
+    // quote, a key with escaped line feeds.
+    let arguments = serde_json::json!({
+        "card": "4111\u{a0}1111\u{a0}1111\u{a0}1111",
+        "password": "Tr0ub4dor\"&3xK!pQz",
+        "key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----",
+    });
+    let written = serde_json::to_string(&arguments)
+        .unwrap()
+        .replace('\u{a0}', "\\u00a0");
+    let body = serde_json::json!({"model": "m", "messages": [
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "t", "type": "function",
+            "function": {"name": "charge", "arguments": written}}]},
+        {"role": "user", "content": "Charge 4111\u{a0}1111\u{a0}1111\u{a0}1111 again."},
+    ]});
+    let (redacted, map) = match redact_body(&serde_json::to_vec(&body).unwrap(), &scanner()) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let redacted: Value = serde_json::from_slice(&redacted).unwrap();
+    let sent = redacted["messages"][0]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    for leaked in ["4111", "Tr0ub4dor", "pQz", "MIIE"] {
+        assert!(!sent.contains(leaked), "{leaked} in {sent}");
+    }
+    // Still JSON: placeholders where the values were.
+    let placeholders: Value = serde_json::from_str(sent).unwrap();
+    // The same card in the user's message has the same placeholder.
+    let content = redacted["messages"][1]["content"].as_str().unwrap();
+    assert_eq!(
+        content,
+        format!("Charge {} again.", placeholders["card"].as_str().unwrap())
+    );
+    // An answer's call with those placeholders gets the values back, escaped once.
+    let answer = serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant",
+        "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "charge", "arguments": sent}}]}}]});
+    let restored: Value =
+        serde_json::from_slice(&restore_answer(&serde_json::to_vec(&answer).unwrap(), &map))
+            .unwrap();
+    let back = restored["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(back).unwrap(),
+        arguments,
+        "{back}"
+    );
+}
+
+#[test]
+fn held_text_of_a_finishing_chunk_follows_the_text_before_it() {
+    let (_, map) = match redact_body(
+        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
+        &scanner(),
+    ) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    // Servers that put the last token's text in the finish chunk: a tail that might begin a
+    // placeholder is held, and must still come out after the text before it.
+    let mut restorer = StreamRestorer::new(map);
+    let mut out = Vec::new();
+    out.extend_from_slice(&restorer.event(&chunk(0, "About ", None)));
+    out.extend_from_slice(&restorer.event(&chunk(0, "the invoice. Cc <EMA", Some("length"))));
+    out.extend_from_slice(&restorer.event(b"data: [DONE]"));
+    assert_eq!(content_of(&out), "About the invoice. Cc <EMA");
+}
+
+#[test]
+fn a_chunk_that_is_not_an_object_passes_without_breaking_the_stream() {
+    let (_, map) = match redact_body(
+        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
+        &scanner(),
+    ) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let mut restorer = StreamRestorer::new(map);
+    let mut out = Vec::new();
+    out.extend_from_slice(&restorer.event(&chunk(0, "Mail <EMAIL", None)));
+    out.extend_from_slice(&restorer.event(b"data: 1"));
+    out.extend_from_slice(&restorer.event(b"data: [DONE]"));
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("data: 1\n\n"), "{text}");
+    assert_eq!(content_of(&out), "Mail <EMAIL");
+}
+
+#[test]
+fn values_restored_into_a_json_answer_keep_it_json() {
+    let body = br#"{"model":"m","response_format":{"type":"json_object"},"messages":[{"role":"user","content":"Store the key -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY----- as JSON"}]}"#;
+    let (_, map) = match redact_body(body, &scanner()) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let key =
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----";
+    let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"{\"ssh_key\": \"<PRIVATE_KEY_1>\"}"}}]}"#;
+    let restored: Value = serde_json::from_slice(&restore_answer(answer, &map)).unwrap();
+    let content = restored["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    let parsed: Value = serde_json::from_str(content).unwrap();
+    assert_eq!(parsed["ssh_key"], key, "{content}");
+
+    // Streamed, the placeholder cut across chunks.
+    let mut restorer = StreamRestorer::new(map);
+    let mut out = Vec::new();
+    for (text, finish) in [
+        ("{\"ssh_key\": \"<PRIVATE_", None),
+        ("KEY_1>\"}", Some("stop")),
+    ] {
+        out.extend_from_slice(&restorer.event(&chunk(0, text, finish)));
+    }
+    let streamed = content_of(&out);
+    let parsed: Value = serde_json::from_str(&streamed).unwrap();
+    assert_eq!(parsed["ssh_key"], key, "{streamed}");
+}
+
+#[test]
+fn a_reasoning_models_thoughts_and_refusals_are_restored_too() {
+    let (_, map) = match redact_body(
+        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
+        &scanner(),
+    ) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    };
+    let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Done.","reasoning_content":"Write to <EMAIL_1>.","refusal":"Not <EMAIL_1>."}}]}"#;
+    let restored: Value = serde_json::from_slice(&restore_answer(answer, &map)).unwrap();
+    let message = &restored["choices"][0]["message"];
+    assert_eq!(
+        message["reasoning_content"],
+        "Write to jane.doe@contoso.com."
+    );
+    assert_eq!(message["refusal"], "Not jane.doe@contoso.com.");
+
+    let thought = |text: &str, finish: Option<&str>| {
+        format!(
+            "data: {}",
+            serde_json::json!({"id": "c", "choices": [{"index": 0,
+                "delta": {"reasoning_content": text}, "finish_reason": finish}]})
+        )
+        .into_bytes()
+    };
+    let mut restorer = StreamRestorer::new(map);
+    let mut out = Vec::new();
+    for (text, finish) in [
+        ("Write to <EMA", None),
+        ("IL_1>", None),
+        (" now", Some("stop")),
+    ] {
+        out.extend_from_slice(&restorer.event(&thought(text, finish)));
+    }
+    assert_eq!(
+        joined_at(&out, "/choices/0/delta/reasoning_content"),
+        "Write to jane.doe@contoso.com now"
+    );
+}

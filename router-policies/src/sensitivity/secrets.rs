@@ -668,16 +668,24 @@ fn assigned_value(bytes: &[u8], key_end: usize) -> Option<(usize, usize, bool)> 
     value_at(bytes, run_end(bytes, position, 2, |byte| byte == b' '))
 }
 
-/// A value starting at `position`: quoted up to its closing quote on the same line, else up
-/// to a blank or a delimiter, less a sentence's full stop. Returns its span and whether it
-/// was quoted.
+/// A value starting at `position`: quoted up to its closing quote on the same line (a quote
+/// after a backslash, as JSON and shells escape it, is part of the value), else up to a
+/// blank or a delimiter, less a sentence's full stop. Returns its span and whether it was
+/// quoted.
 fn value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)> {
     let quote = byte_at(bytes, position);
     if matches!(quote, b'"' | b'\'') {
         let start = position + 1;
-        let end = run_end(bytes, start, VALUE_BYTES_MAX, |byte| {
-            byte != quote && byte != b'\n'
-        });
+        let limit = bytes.len().min(start.saturating_add(VALUE_BYTES_MAX));
+        let mut end = start;
+        while end < limit {
+            match bytes[end] {
+                b'\n' => break,
+                b'\\' if end + 1 < limit && bytes[end + 1] != b'\n' => end += 2,
+                byte if byte == quote => break,
+                _ => end += 1,
+            }
+        }
         return (byte_at(bytes, end) == quote && end > start).then_some((start, end, true));
     }
     let end = run_end(bytes, position, VALUE_BYTES_MAX, |byte| {

@@ -875,6 +875,27 @@ fn secrets_given_as_command_line_options_are_found() {
 }
 
 #[test]
+fn a_quoted_secret_runs_past_its_escaped_quotes() {
+    // JSON pasted into a message, or a call's arguments: `\"` is part of the value, and no
+    // tail of the secret may be left after its placeholder.
+    for (text, secret) in [
+        (
+            r#"{"user": "svc", "password": "Tr0ub4dor\"&3xK!pQz"}"#,
+            r#"Tr0ub4dor\"&3xK!pQz"#,
+        ),
+        (r#"password: 'it\'s-S3cret!' and more"#, r#"it\'s-S3cret!"#),
+        (r#""password": "S3cretPw1\\""#, r#"S3cretPw1\\"#),
+    ] {
+        let found: Vec<&str> = Recognizers::default()
+            .scan(text)
+            .iter()
+            .map(|finding| &text[finding.span.clone()])
+            .collect();
+        assert_eq!(found, [secret], "{text}");
+    }
+}
+
+#[test]
 fn a_command_continued_over_lines_is_read_as_one() {
     let found = |text: &str| -> Vec<String> {
         Recognizers::default()
@@ -1372,5 +1393,64 @@ proptest! {
         let changed = String::from_utf8(changed).unwrap_or_default();
         let findings = Recognizers::default().scan(&format!("IBAN {changed}."));
         prop_assert!(findings.iter().all(|finding| finding.entity != EntityType::Iban), "{changed}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn overlaps_resolve_as_the_greedy_rule_says(
+        spans in proptest::collection::vec((0_usize..60, 1_usize..12, 0_u8..3), 0..40)
+    ) {
+        let findings: Vec<super::Finding> = spans
+            .iter()
+            .map(|&(start, length, confidence)| super::Finding {
+                entity: EntityType::Email,
+                span: start..start + length,
+                confidence: 0.5 + f32::from(confidence) / 4.0,
+            })
+            .collect();
+        // The rule, pairwise: in order of preference (more confident, longer, earlier), each
+        // finding is kept unless it overlaps one kept before it.
+        let mut preferred = findings.clone();
+        preferred.sort_by(|left, right| {
+            right
+                .confidence
+                .total_cmp(&left.confidence)
+                .then_with(|| right.span.len().cmp(&left.span.len()))
+                .then_with(|| left.span.start.cmp(&right.span.start))
+        });
+        let mut reference: Vec<super::Finding> = Vec::new();
+        for finding in preferred {
+            if reference.iter().all(|kept| {
+                kept.span.end <= finding.span.start || finding.span.end <= kept.span.start
+            }) {
+                reference.push(finding);
+            }
+        }
+        reference.sort_by_key(|finding| finding.span.start);
+        let spans_of = |findings: &[super::Finding]| -> Vec<(std::ops::Range<usize>, u32)> {
+            findings
+                .iter()
+                .map(|finding| (finding.span.clone(), finding.confidence.to_bits()))
+                .collect()
+        };
+        prop_assert_eq!(
+            spans_of(&super::resolve_overlaps(findings.clone())),
+            spans_of(&reference)
+        );
+
+        let index = super::SpanIndex::new(findings.iter().map(|finding| finding.span.clone()));
+        for start in 0..75 {
+            for length in 1..6 {
+                let range = start..start + length;
+                prop_assert_eq!(
+                    index.overlaps(&range),
+                    findings
+                        .iter()
+                        .any(|finding| finding.span.start < range.end && range.start < finding.span.end),
+                    "{:?}", range
+                );
+            }
+        }
     }
 }
