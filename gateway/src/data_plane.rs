@@ -217,6 +217,60 @@ impl RequestContext {
     }
 }
 
+/// A body up to this size is evaluated (firewall, scan, complexity) on the runtime's thread;
+/// a larger one on a blocking thread (about a millisecond per 256 KiB).
+const SCAN_ON_RUNTIME_BYTES_MAX: usize = 256 * 1024;
+
+/// A request's routing view, owned, to evaluate it on another thread.
+struct OwnedRequest {
+    path: String,
+    target: String,
+    method: String,
+    headers: Vec<(String, String)>,
+    caller: Option<String>,
+    model: Option<String>,
+}
+
+impl OwnedRequest {
+    fn of(request: &crate::facts::RequestView<'_>) -> OwnedRequest {
+        OwnedRequest {
+            path: request.path.to_owned(),
+            target: request.target.to_owned(),
+            method: request.method.to_owned(),
+            headers: request
+                .headers
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+            caller: request.caller.map(str::to_owned),
+            model: request.model.map(str::to_owned),
+        }
+    }
+
+    fn view<'a>(
+        &'a self,
+        headers: &'a [(&'a str, &'a str)],
+        body: &'a [u8],
+    ) -> crate::facts::RequestView<'a> {
+        crate::facts::RequestView {
+            path: &self.path,
+            target: &self.target,
+            method: &self.method,
+            headers,
+            caller: self.caller.as_deref(),
+            model: self.model.as_deref(),
+            body,
+        }
+    }
+
+    fn header_pairs(&self) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect()
+    }
+}
+
 /// Runs `future` to its end, or to a panic inside it (`None`); the panic hook has printed
 /// where by then. Pinned by the caller: a request's handling is too large to move.
 pub(crate) async fn unless_it_panics<F: std::future::Future>(
@@ -1129,7 +1183,7 @@ impl DataPlane {
         &self,
         session: &mut Session,
         ctx: &mut RequestContext,
-        routing: &Routing,
+        routing: &Arc<Routing>,
         api: Api,
         deployment: Option<String>,
     ) -> Result<(), Failure> {
@@ -1146,7 +1200,9 @@ impl DataPlane {
         };
         let envelope = openai::parse_envelope(&body).inspect_err(|_| ctx.reject("request"))?;
         let model = deployment.or_else(|| envelope.model.clone());
-        let target = self.route(session, ctx, routing, model.as_deref(), &body);
+        let target = self
+            .route(session, ctx, routing, model.as_deref(), &body)
+            .await;
         // Neither what the scan found nor what it cannot read (an image of a passport) is
         // kept at rest unless the operator said so.
         if (!ctx.sensitive_entities.is_empty() || !ctx.attachments.is_empty())
@@ -1360,11 +1416,11 @@ impl DataPlane {
     }
 
     /// Asks the policy where the request runs.
-    fn route(
+    async fn route(
         &self,
         session: &Session,
         ctx: &mut RequestContext,
-        routing: &Routing,
+        routing: &Arc<Routing>,
         model: Option<&str>,
         body: &Bytes,
     ) -> Result<Target, GatewayError> {
@@ -1380,6 +1436,33 @@ impl DataPlane {
             body,
         };
         let loads = self.state.local_loads();
+        let evaluation = if body.len() <= SCAN_ON_RUNTIME_BYTES_MAX {
+            crate::facts::evaluate(routing, &request, &loads, |policy, facts, signals| {
+                self.state.decide(policy, facts, signals)
+            })
+        } else {
+            // Scanning a large body (the firewall, the sensitivity scan, the redacted body's
+            // second scan) takes milliseconds per megabyte: on a blocking thread, so that
+            // the runtime's other connections do not wait for it.
+            let request = OwnedRequest::of(&request);
+            let (routing, state, body) =
+                (Arc::clone(routing), Arc::clone(&self.state), body.clone());
+            tokio::task::spawn_blocking(move || {
+                let headers = request.header_pairs();
+                crate::facts::evaluate(
+                    &routing,
+                    &request.view(&headers, &body),
+                    &loads,
+                    |policy, facts, signals| state.decide(policy, facts, signals),
+                )
+            })
+            .await
+            .unwrap_or_else(|error| {
+                Err(GatewayError::Internal {
+                    message: format!("evaluating the request: {error}"),
+                })
+            })
+        };
         let crate::facts::Evaluation {
             outcome,
             scan,
@@ -1387,10 +1470,7 @@ impl DataPlane {
             attachments,
             redacted,
             waf,
-        } = crate::facts::evaluate(routing, &request, &loads, |policy, facts, signals| {
-            self.state.decide(policy, facts, signals)
-        })
-        .inspect_err(|_| ctx.reject("request"))?;
+        } = evaluation.inspect_err(|_| ctx.reject("request"))?;
         self.apply_waf(session, ctx, &waf)?;
         ctx.rule_name = Some(outcome.decision.rule().to_owned());
         ctx.sensitive_entities = scan.entity_types.clone();

@@ -168,6 +168,17 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "sensitive-local".to_owned())
         );
+        // A body large enough to be scanned off the gateway's I/O thread is routed alike
+        // (the local model then finds the prompt too long for its context).
+        let large = format!(
+            "{HARD} {} Pay the fare from {VALID_IBAN}.",
+            "word ".repeat(60_000)
+        );
+        let response = send(&gateway, &chat(&large, json!({"max_tokens": 4})), &[]).await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "sensitive-local".to_owned())
+        );
         // Nor does splitting a value between two text parts, which the model reads as one
         // text; with the finance rule's redaction, such a value cannot be replaced in place,
         // so the request fails closed onto the local model.
