@@ -618,8 +618,10 @@ pub async fn forward(
                     "upstream attempt failed"
                 );
                 last_error = Some(error);
-                // A short Retry-After with nowhere else to go: wait and ask the same backend.
+                // A short Retry-After with nowhere else to go: wait and ask the same backend
+                // (the request's one retry, so only after its first attempt).
                 if let Some(wait) = retry_after
+                    && tried.is_empty()
                     && !waited_for_retry_after
                     && wait <= pool.config.retry_after_max
                     && pool
@@ -636,8 +638,19 @@ pub async fn forward(
                         .is_err()
                 {
                     waited_for_retry_after = true;
-                    tokio::time::sleep(wait).await;
-                    lock(&backend.health).not_before_ms = 0;
+                    let until = now_ms()
+                        .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                            return Ok(Forwarded::ClientGone(client_gone(idle)));
+                        }
+                    }
+                    // Clear this wait, not a longer one another request's 429 set meanwhile.
+                    let mut health = lock(&backend.health);
+                    if health.not_before_ms <= until {
+                        health.not_before_ms = 0;
+                    }
                     continue;
                 }
                 tried.push(index);
@@ -857,7 +870,12 @@ async fn attempt(
                 message,
                 detail,
                 throttled: status == 429,
-                retry_after_s: retry_after.map_or(1, |wait| wait.as_secs().max(1)),
+                // The client hears the wait the gateway keeps, not a longer one.
+                retry_after_s: retry_after.map_or(1, |wait| {
+                    wait.min(Duration::from_millis(pool.config.circuit.open_max_ms))
+                        .as_secs()
+                        .max(1)
+                }),
             },
             retry_after,
         };

@@ -607,7 +607,74 @@ fn a_throttled_backend_is_asked_again_on_the_same_connection() {
         let log = gateway.log();
         assert!(log.contains("answered 500"), "{log}");
         assert!(!log.contains("injected status"), "{log}");
+
+        // A Retry-After of a day (a quota policy's) holds the backend back only as long as
+        // the circuit's longest back-off (open_max_ms = 1000 here), and the status says so.
         upstream.set_behaviour(json!({"reset": true})).await;
+        let answered = || async {
+            let deadline = std::time::Instant::now() + DEADLINE;
+            loop {
+                let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+                if response.status() == 200 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still refused: {}",
+                    response.text().await.unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        // (The 500 above opened the circuit: first it closes again.)
+        answered().await;
+        upstream
+            .set_behaviour(json!({"status": 429, "retry_after_s": 86400, "count": 1}))
+            .await;
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        let refused = response.status();
+        assert_eq!(header(&response, "retry-after"), "1");
+        let text = response.text().await.unwrap();
+        assert_eq!(refused, 503, "{text}");
+        assert!(text.contains("answered 429"), "{text}");
+        let (_, body) = tests::plain_get(gateway.admin, "/admin/api/upstreams").unwrap();
+        let status: Value = serde_json::from_str(&body).unwrap();
+        let throttled = status["backends"][0]["throttled_ms"].as_u64().unwrap();
+        assert!((1..=1000).contains(&throttled), "{status}");
+        answered().await;
+        upstream.set_behaviour(json!({"reset": true})).await;
+    });
+}
+
+#[test]
+fn a_pooled_connection_the_backend_closed_is_retried_on_a_new_one_without_blame() {
+    let _serial = serial();
+    let upstream = start(options());
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", &upstream, 1, "v1"),
+    ));
+    block_on(async {
+        // One answered request leaves a connection in the pool.
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 200);
+        // The backend closes that connection as the next request arrives on it, unanswered
+        // (its keep-alive ran out as the gateway sent): the request is sent again on a new
+        // connection, and the only backend is not blamed for it.
+        upstream.set_behaviour(json!({"drop_reused": 1})).await;
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "{text}");
+        let stats = upstream.stats().await;
+        assert_eq!(stats["dropped"], 1, "{stats}");
+        assert_eq!(stats["completed"], 2, "{stats}");
+        let log = gateway.log();
+        assert!(!log.contains("upstream attempt failed"), "{log}");
+        let (_, body) = tests::plain_get(gateway.admin, "/admin/api/upstreams").unwrap();
+        let backends: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(backends["backends"][0]["circuit"], "closed", "{backends}");
     });
 }
 

@@ -45,6 +45,8 @@ pub struct Stats {
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
     pub injected: AtomicU64,
+    /// Requests dropped by `drop_reused`.
+    pub dropped: AtomicU64,
     pub connections: AtomicU64,
     pub connections_open: AtomicU64,
 }
@@ -65,6 +67,10 @@ pub struct Behaviour {
     pub hold: bool,
     /// Wait before sending a completion answer's headers.
     pub delay_first_byte_ms: u64,
+    /// The next this many completion requests that arrive on a connection that has already
+    /// answered one are dropped: the connection closes without an answer, as when a server's
+    /// keep-alive runs out just as the client sends on it.
+    pub drop_reused: u64,
 }
 
 /// `POST /_control/behaviour`: only the fields given change, after `reset` if it is true.
@@ -79,6 +85,7 @@ pub struct RawBehaviour {
     health_status: Option<u16>,
     hold: Option<bool>,
     delay_first_byte_ms: Option<u64>,
+    drop_reused: Option<u64>,
 }
 
 /// What one completion request meets.
@@ -139,6 +146,9 @@ impl Behaviour {
                 ));
             }
             next.delay_first_byte_ms = delay;
+        }
+        if let Some(drop) = raw.drop_reused {
+            next.drop_reused = drop;
         }
         Ok((next, release))
     }
@@ -238,6 +248,18 @@ impl State {
         let _ = receiver.wait_for(|current| *current > generation).await;
     }
 
+    /// Whether a completion request on a connection that already answered is to be
+    /// dropped (`drop_reused`); counts it.
+    pub fn take_drop(&self) -> bool {
+        let mut behaviour = lock(&self.behaviour);
+        if behaviour.drop_reused == 0 {
+            return false;
+        }
+        behaviour.drop_reused -= 1;
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     pub fn health_status(&self) -> u16 {
         lock(&self.behaviour).health_status.unwrap_or(200)
     }
@@ -287,6 +309,7 @@ impl Stats {
             "completed": read(&self.completed),
             "cancelled": read(&self.cancelled),
             "injected": read(&self.injected),
+            "dropped": read(&self.dropped),
             "connections": read(&self.connections),
             "connections_open": read(&self.connections_open),
         })

@@ -5,7 +5,8 @@
 //! server-sent events), over HTTP/1.1 and HTTP/2, plain or TLS (optionally requiring a client
 //! certificate), answers embeddings with vectors made from its inputs' hashes, and records
 //! what it received. With `--control`, tests read that record and
-//! change its behaviour (injected error statuses, held streams, slow first bytes) through
+//! change its behaviour (injected error statuses, held streams, slow first bytes, requests on
+//! a used connection dropped unanswered) through
 //! `/_control/*`. No model, no inference: every answer is made of constants, so the gateway's
 //! own overhead is what a benchmark against it measures.
 //!
@@ -20,6 +21,7 @@ mod tls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -166,6 +168,7 @@ async fn serve(stream: TcpStream, state: &'static State, transport: Transport) {
                 id,
                 tls: false,
                 client_common_name: None,
+                answered: AtomicU64::new(0),
             });
             let service = service::service(state, connection);
             let _ = builder
@@ -197,6 +200,7 @@ async fn serve(stream: TcpStream, state: &'static State, transport: Transport) {
                     .peer_certificates()
                     .and_then(|certificates| certificates.first())
                     .and_then(tls::common_name),
+                answered: AtomicU64::new(0),
             });
             let builder = if h2 {
                 builder.http2_only()

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -44,7 +44,21 @@ pub struct Connection {
     pub tls: bool,
     /// The subject CN of the client certificate (mTLS only).
     pub client_common_name: Option<String>,
+    /// Requests answered on it so far.
+    pub answered: AtomicU64,
 }
+
+/// A request dropped on purpose (`drop_reused`): hyper closes the connection unanswered.
+#[derive(Debug)]
+pub struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("dropped on purpose (drop_reused)")
+    }
+}
+
+impl std::error::Error for Dropped {}
 
 /// The hyper service for one connection.
 pub fn service(
@@ -53,8 +67,8 @@ pub fn service(
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Answer>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<Answer>, Infallible>> + Send,
+    Error = Dropped,
+    Future = impl Future<Output = Result<Response<Answer>, Dropped>> + Send,
 > {
     hyper::service::service_fn(move |request| {
         let connection = Arc::clone(&connection);
@@ -64,8 +78,17 @@ pub fn service(
                     let endpoint = endpoint.to_owned();
                     control(state, &endpoint, request).await
                 }
-                _ => upstream(state, &connection, request).await,
+                _ => {
+                    if request.method() == Method::POST
+                        && connection.answered.load(Ordering::Relaxed) > 0
+                        && state.take_drop()
+                    {
+                        return Err(Dropped);
+                    }
+                    upstream(state, &connection, request).await
+                }
             };
+            connection.answered.fetch_add(1, Ordering::Relaxed);
             response
                 .headers_mut()
                 .insert(X_UPSTREAM_NAME, state.name_header.clone());
