@@ -13,7 +13,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvError, Sender, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use llama_cpp_2::context::LlamaContext;
@@ -214,9 +214,32 @@ struct LanePort {
     jobs: Sender<Command>,
     /// Requests sent to the lane and not yet finished: queued there or holding a sequence.
     load: Arc<AtomicU64>,
+    /// Whether the lane takes jobs: cleared, under this lock, by its thread as it ends for
+    /// good, before it fails what waits in its channel. A job sent under the lock while it
+    /// was set is in the channel then, and is answered; none is sent after.
+    open: Arc<Mutex<bool>>,
 }
 
 impl LanePort {
+    /// Sends a job if the lane still takes jobs; else gives it back.
+    fn send(&self, job: Job) -> Result<(), Box<Job>> {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*open {
+            return Err(Box::new(job));
+        }
+        match self.jobs.send(Command::Generate(job)) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::SendError(Command::Generate(job))) => Err(Box::new(job)),
+            // Only jobs are sent here.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Takes no more jobs (its thread is ending for good).
+    fn close(&self) {
+        *self.open.lock().unwrap_or_else(PoisonError::into_inner) = false;
+    }
+
     /// Counts one more request in, if the lane has a free sequence.
     fn reserve_free(&self, sequences: u64) -> bool {
         self.load
@@ -587,7 +610,8 @@ impl ModelHandle {
             .map(|_| {
                 let (jobs, receiver) = std::sync::mpsc::channel();
                 let load = Arc::new(AtomicU64::new(0));
-                (LanePort { jobs, load }, receiver)
+                let open = Arc::new(Mutex::new(true));
+                (LanePort { jobs, load, open }, receiver)
             })
             .unzip();
         let ports = Arc::new(ports);
@@ -809,7 +833,7 @@ impl ModelHandle {
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::WorkerStopped);
         };
-        if lane.port.jobs.send(Command::Generate(job)).is_err() {
+        if lane.port.send(job).is_err() {
             lane.port.load.fetch_sub(1, Ordering::AcqRel);
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::WorkerStopped);
@@ -1186,6 +1210,7 @@ fn start_lane(
             supervised(&thread_stats, &model_name, |_| {
                 worker.run(&receiver, ready.take());
             });
+            worker.port().close();
             worker.fail_waiting(&receiver);
         })
         .map_err(|error| LoadError::Worker {
@@ -1524,7 +1549,11 @@ impl Worker {
 
     /// This lane's requests, queued or running; counted up by `submit`.
     fn load(&self) -> &AtomicU64 {
-        &self.ports[usize::try_from(self.lane).unwrap_or(usize::MAX)].load
+        &self.port().load
+    }
+
+    fn port(&self) -> &LanePort {
+        &self.ports[usize::try_from(self.lane).unwrap_or(usize::MAX)]
     }
 
     /// KV cells the context holds: every sequence's full context, plus the prefix cache.
@@ -1965,16 +1994,14 @@ impl Loop<'_> {
                 port.load.fetch_sub(1, Ordering::AcqRel);
                 return;
             };
-            match port.jobs.send(Command::Generate(job)) {
+            match port.send(job) {
                 Ok(()) => {
                     worker.load().fetch_sub(1, Ordering::AcqRel);
                 }
-                Err(std::sync::mpsc::SendError(command)) => {
+                Err(job) => {
                     // That lane has stopped: keep the job here.
                     port.load.fetch_sub(1, Ordering::AcqRel);
-                    if let Command::Generate(job) = command {
-                        self.queue.push_front(job);
-                    }
+                    self.queue.push_front(*job);
                     return;
                 }
             }
