@@ -1276,9 +1276,19 @@ async fn relay_stream(
         }
     }
     upstream.release().await;
-    let mut rest = BytesMut::from(&events.finish()[..]);
-    if let Some(restorer) = restorer.as_mut() {
-        rest.extend_from_slice(&restorer.release());
+    // An event the backend did not end with a blank line goes out too: restored, in order
+    // after what the restorer still holds of the events before it.
+    let leftover = events.finish();
+    let mut rest = BytesMut::new();
+    match restorer.as_mut() {
+        Some(restorer) => {
+            let event = leftover.trim_ascii();
+            if !event.is_empty() {
+                rest.extend_from_slice(&restorer.event(event));
+            }
+            rest.extend_from_slice(&restorer.release());
+        }
+        None => rest.extend_from_slice(&leftover),
     }
     crate::audit_trail::seal(session, ctx)
         .await

@@ -24,6 +24,9 @@ pub fn redact_body(
             message: format!("the request body is not valid JSON: {error}"),
         })?;
     let mut map = RedactionMap::new();
+    // Placeholder-shaped text the client wrote itself (`use tags like <EMAIL_1>`) is not
+    // handed out, so the answer's copy of it stays as written.
+    map.reserve_placeholders_in(&String::from_utf8_lossy(body));
     // A JSON answer gets values back inside its strings, escaped.
     map.set_text_is_json(matches!(
         value
@@ -55,7 +58,12 @@ fn redact_strings(value: &mut Value, scanner: &SensitivityScanner, map: &mut Red
         Value::Object(fields) => {
             for (key, item) in fields.iter_mut() {
                 match (key.as_str(), item) {
-                    ("role" | "name" | "type" | "id" | "tool_call_id" | "url", _) => {}
+                    // Structural strings a backend needs verbatim; under such a key anything
+                    // else (a tool schema's property called `name`) is read like the rest.
+                    (
+                        "role" | "name" | "type" | "id" | "tool_call_id" | "url",
+                        Value::String(_),
+                    ) => {}
                     ("arguments", Value::String(arguments)) => {
                         redact_arguments(arguments, scanner, map);
                     }

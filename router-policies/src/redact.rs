@@ -22,6 +22,8 @@ pub struct RedactionMap {
     placeholders: HashMap<String, String>,
     /// How many placeholders each label has handed out.
     counters: HashMap<String, u32>,
+    /// Placeholder-shaped text already in the request, never handed out.
+    reserved: std::collections::HashSet<String>,
     /// The longest placeholder, in bytes: the most a [`Restorer`] holds back.
     placeholder_bytes_max: usize,
     /// The answer's text is JSON (the request asked for a JSON `response_format`).
@@ -65,12 +67,50 @@ impl RedactionMap {
         placeholders
     }
 
+    /// Keeps every placeholder-shaped run of `text` (`<` upper-case letters and `_`, `_`,
+    /// digits, `>`) from being handed out: a request that already says `<EMAIL_1>` (a prompt
+    /// about anonymisation) gets `<EMAIL_2>` for its first address, and its own `<EMAIL_1>`
+    /// is not turned into that address in the answer.
+    pub fn reserve_placeholders_in(&mut self, text: &str) {
+        let bytes = text.as_bytes();
+        let mut search = 0;
+        while let Some(offset) = memchr::memchr(b'<', &bytes[search..]) {
+            let open = search + offset;
+            search = open + 1;
+            let name_end = open
+                + 1
+                + bytes[open + 1..]
+                    .iter()
+                    .take_while(|byte| byte.is_ascii_uppercase() || **byte == b'_')
+                    .count();
+            let digits_end = name_end
+                + bytes[name_end..]
+                    .iter()
+                    .take_while(|byte| byte.is_ascii_digit())
+                    .count();
+            if digits_end > name_end
+                && name_end > open + 2
+                && bytes[name_end - 1] == b'_'
+                && bytes.get(digits_end) == Some(&b'>')
+            {
+                self.reserved.insert(text[open..=digits_end].to_owned());
+                search = digits_end + 1;
+            }
+        }
+    }
+
     /// The placeholder of `value`, handing out the next one for `label` if it is new.
     fn placeholder_for(&mut self, label: &str, value: &str) -> &str {
         if !self.placeholders.contains_key(value) {
             let counter = self.counters.entry(label.to_owned()).or_insert(0);
-            *counter += 1;
-            let placeholder = format!("<{label}_{counter}>");
+            let mut placeholder;
+            loop {
+                *counter += 1;
+                placeholder = format!("<{label}_{counter}>");
+                if !self.reserved.contains(&placeholder) {
+                    break;
+                }
+            }
             self.placeholder_bytes_max = self.placeholder_bytes_max.max(placeholder.len());
             self.values.insert(placeholder.clone(), value.to_owned());
             self.placeholders.insert(value.to_owned(), placeholder);

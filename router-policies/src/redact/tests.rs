@@ -219,3 +219,20 @@ fn values_restored_inside_json_strings_are_escaped() {
     let streamed = restorer.push(head) + &restorer.push(tail) + &restorer.finish();
     assert_eq!(streamed, restored);
 }
+
+#[test]
+fn placeholders_the_request_already_writes_are_not_handed_out() {
+    let text = "Use tags like <EMAIL_1> or <CREDIT_CARD_2>; mail jane@example.com, card 4111 1111 1111 1111, and <lower_1> or <EMAIL_> stay.";
+    let mut map = RedactionMap::new();
+    map.reserve_placeholders_in(text);
+    let redacted = redact(text, &Recognizers::default().scan(text), &mut map);
+    assert_eq!(
+        redacted,
+        "Use tags like <EMAIL_1> or <CREDIT_CARD_2>; mail <EMAIL_2>, card <CREDIT_CARD_1>, and <lower_1> or <EMAIL_> stay."
+    );
+    // The client's own tag comes back as written; the handed-out one as the value.
+    assert_eq!(
+        map.restore("<EMAIL_1> is not <EMAIL_2>"),
+        "<EMAIL_1> is not jane@example.com"
+    );
+}
