@@ -1750,8 +1750,10 @@ pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, GatewayError> 
             "model" | "user" => {}
             "input" => inputs = Some(embedding_inputs(value)?),
             "encoding_format" => {
+                // `null` is the default, as for every other parameter.
                 base64 = match value.as_str() {
                     Some("float") => false,
+                    None if value.is_null() => false,
                     Some("base64") => true,
                     _ => {
                         return Err(GatewayError::invalid_value(

@@ -128,8 +128,20 @@ pub fn previous_response_id(body: &[u8]) -> Result<Option<String>, GatewayError>
         #[serde(default)]
         previous_response_id: Option<Value>,
     }
-    let Ok(peek) = serde_json::from_slice::<Peek>(body) else {
-        return Ok(None);
+    let peek = match serde_json::from_slice::<Peek>(body) {
+        Ok(peek) => peek,
+        // The key twice: which one a parser keeps is a guess, so neither is.
+        Err(error)
+            if error
+                .to_string()
+                .contains("duplicate field `previous_response_id`") =>
+        {
+            return Err(GatewayError::invalid_value(
+                "previous_response_id",
+                "previous_response_id is given more than once",
+            ));
+        }
+        Err(_) => return Ok(None),
     };
     match peek.previous_response_id {
         None | Some(Value::Null) => Ok(None),
@@ -382,10 +394,7 @@ pub fn to_chat(
         echo.fields.insert("text".into(), text.clone());
     }
 
-    let chat_body =
-        serde_json::to_vec(&Value::Object(chat)).map_err(|error| GatewayError::Internal {
-            message: format!("writing the translated request: {error}"),
-        })?;
+    let chat_body = as_written(chat, body)?;
     let model = present("model")
         .and_then(Value::as_str)
         .unwrap_or_default()
@@ -708,6 +717,115 @@ fn function_tool(tool: &Value, param: &str) -> Result<Value, GatewayError> {
         }
     }
     Ok(json!({"type": "function", "function": function}))
+}
+
+/// Marks a JSON value to be put back as the client wrote it (see [`as_written`]).
+const WRITTEN_MARKER: &str = "\u{0}isthmus-as-written:";
+
+/// The chat translation serialised, with `text.format.schema` and each function tool's
+/// `parameters` in the text the client wrote: a parsed value sorts its keys, and a grammar
+/// writes an answer's keys in its schema's order ("reasoning" before "answer").
+fn as_written(mut chat: Map<String, Value>, body: &[u8]) -> Result<Vec<u8>, GatewayError> {
+    use serde_json::value::RawValue;
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow, default)]
+        text: Option<Text<'a>>,
+        #[serde(borrow, default)]
+        tools: Option<Vec<Tool<'a>>>,
+    }
+    #[derive(Deserialize)]
+    struct Text<'a> {
+        #[serde(borrow, default)]
+        format: Option<Format<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Format<'a> {
+        #[serde(borrow, default)]
+        schema: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Tool<'a> {
+        #[serde(borrow, default)]
+        parameters: Option<&'a RawValue>,
+    }
+    let write = |chat: &Map<String, Value>| {
+        serde_json::to_vec(chat).map_err(|error| GatewayError::Internal {
+            message: format!("writing the translated request: {error}"),
+        })
+    };
+    let Ok(written) = serde_json::from_slice::<Body<'_>>(body) else {
+        return write(&chat);
+    };
+    // The places to keep as written, then each marked: its path, the parsed value it held,
+    // and the text as written.
+    let mut places: Vec<(String, &RawValue)> = Vec::new();
+    if let Some(schema) = written.text.and_then(|text| text.format?.schema) {
+        places.push(("/response_format/json_schema/schema".to_owned(), schema));
+    }
+    let tools_count = chat.get("tools").and_then(Value::as_array).map(Vec::len);
+    if let Some(raws) = written.tools
+        && tools_count == Some(raws.len())
+    {
+        for (index, raw) in raws.iter().enumerate() {
+            if let Some(parameters) = raw.parameters {
+                places.push((format!("/tools/{index}/function/parameters"), parameters));
+            }
+        }
+    }
+    let mut marked: Vec<(String, Value, &str)> = Vec::new();
+    for (path, raw) in places {
+        if let Some(slot @ Value::Object(_)) = root_pointer(&mut chat, &path) {
+            let marker = Value::String(format!("{WRITTEN_MARKER}{}", marked.len()));
+            let parsed = std::mem::replace(slot, marker);
+            marked.push((path, parsed, raw.get()));
+        }
+    }
+    let out = write(&chat)?;
+    // Each marker once, else (a client's own string equal to one) the parsed values.
+    let mut spans = Vec::with_capacity(marked.len());
+    for index in 0..marked.len() {
+        let marker = serde_json::to_vec(&format!("{WRITTEN_MARKER}{index}")).unwrap_or_default();
+        match memchr::memmem::find_iter(&out, &marker)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [at] => spans.push((*at, marker.len())),
+            _ => {
+                for (path, value, _) in marked {
+                    if let Some(slot) = root_pointer(&mut chat, &path) {
+                        *slot = value;
+                    }
+                }
+                return write(&chat);
+            }
+        }
+    }
+    let mut patched = Vec::with_capacity(out.len() + 256);
+    let mut copied = 0;
+    let mut order: Vec<usize> = (0..spans.len()).collect();
+    order.sort_by_key(|&index| spans[index].0);
+    for index in order {
+        let (at, length) = spans[index];
+        patched.extend_from_slice(&out[copied..at]);
+        patched.extend_from_slice(marked[index].2.as_bytes());
+        copied = at + length;
+    }
+    patched.extend_from_slice(&out[copied..]);
+    Ok(patched)
+}
+
+/// The value at a JSON pointer (`/a/b/0`) inside an object.
+fn root_pointer<'a>(root: &'a mut Map<String, Value>, path: &str) -> Option<&'a mut Value> {
+    let path = path.strip_prefix('/')?;
+    let (first, rest) = path
+        .split_once('/')
+        .map_or((path, None), |(first, rest)| (first, Some(rest)));
+    let value = root.get_mut(first)?;
+    match rest {
+        None => Some(value),
+        Some(rest) => value.pointer_mut(&format!("/{rest}")),
+    }
 }
 
 /// `text.format` as a chat `response_format`; `None` for plain text.

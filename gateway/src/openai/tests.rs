@@ -677,6 +677,14 @@ fn embeddings_inputs_come_in_four_shapes_and_anything_else_is_named() {
         }
     );
     assert_eq!(
+        parse(r#"{"input":"hello","encoding_format":null,"dimensions":null}"#).unwrap(),
+        super::EmbeddingsRequest {
+            inputs: vec![EmbeddingInput::Text("hello".to_owned())],
+            base64: false,
+            dimensions: None,
+        }
+    );
+    assert_eq!(
         parse(r#"{"input":["a","b"],"dimensions":576}"#)
             .unwrap()
             .inputs,

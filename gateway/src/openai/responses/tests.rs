@@ -2,6 +2,12 @@ use serde_json::{Value, json};
 
 use super::*;
 
+/// The chat body's bytes of a Responses request's bytes.
+fn translate_bytes(body: &[u8]) -> Result<(Vec<u8>, Transcoder), GatewayError> {
+    let translated = to_chat(body, "r1", 1_700_000_000, None)?;
+    Ok((translated.chat_body, translated.transcoder))
+}
+
 fn translate(request: &Value) -> Result<(Value, Transcoder), GatewayError> {
     let translated = to_chat(
         &serde_json::to_vec(request).unwrap(),
@@ -653,6 +659,11 @@ fn the_request_says_whether_its_response_may_be_kept() {
         Some("resp_1".to_owned())
     );
     assert_eq!(previous_response_id(b"not json").unwrap(), None);
+    let twice = previous_response_id(
+        br#"{"previous_response_id": "resp_1", "previous_response_id": "resp_2"}"#,
+    )
+    .unwrap_err();
+    assert_eq!(param(&twice).as_deref(), Some("previous_response_id"));
 }
 
 #[test]
@@ -820,4 +831,44 @@ fn refusals_of_the_chat_translation_name_the_request_s_own_parts() {
     ] {
         assert_eq!(transcoder.param_name(chat), responses, "{chat}");
     }
+}
+
+#[test]
+fn a_schema_and_function_parameters_keep_the_key_order_the_client_wrote() {
+    let body = br#"{"model": "m", "input": "x",
+        "text": {"format": {"type": "json_schema", "name": "r", "schema": {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}}}}},
+        "tools": [{"type": "function", "name": "f", "parameters": {"properties": {"zone": {}, "area": {}}}}]}"#;
+    let (chat, _) = translate_bytes(body).unwrap();
+    let text = String::from_utf8(chat).unwrap();
+    assert!(
+        text.contains(r#""schema":{"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}}}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#""parameters":{"properties": {"zone": {}, "area": {}}}"#),
+        "{text}"
+    );
+    // Read back as the chat request it is (without the tools, which would force a call
+    // instead of the format): the grammar's input in that order.
+    let body = br#"{"model": "m", "input": "x",
+        "text": {"format": {"type": "json_schema", "name": "r", "schema": {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}}}}}}"#;
+    let (chat, _) = translate_bytes(body).unwrap();
+    let parsed = crate::openai::parse_chat(&chat).unwrap();
+    assert_eq!(
+        parsed.generation.response_format,
+        Some(crate::openai::ResponseFormat::JsonSchema {
+            schema: r#"{"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}}}"#.to_owned()
+        })
+    );
+    // A client string that looks like a marker leaves the parsed (sorted) values in place.
+    let marker = format!("{}0", super::WRITTEN_MARKER);
+    let tricky = serde_json::json!({"model": "m", "input": marker,
+        "text": {"format": {"type": "json_schema", "name": "r", "schema": {"b": 1, "a": 2}}}});
+    let (chat, _) = translate_bytes(&serde_json::to_vec(&tricky).unwrap()).unwrap();
+    let chat: Value = serde_json::from_slice(&chat).unwrap();
+    assert_eq!(
+        chat["response_format"]["json_schema"]["schema"],
+        serde_json::json!({"a": 2, "b": 1})
+    );
+    assert_eq!(chat["messages"][0]["content"], marker);
 }
