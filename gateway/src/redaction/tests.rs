@@ -8,6 +8,19 @@ fn scanner() -> SensitivityScanner {
     }
 }
 
+/// `body` redacted, and its map.
+fn redacted(body: &[u8]) -> (Bytes, RedactionMap) {
+    match redact_body(body, &scanner()) {
+        Ok(result) => result,
+        Err(error) => panic!("{error}"),
+    }
+}
+
+/// The map of a request whose one message is Jane's e-mail address.
+fn janes_map() -> RedactionMap {
+    redacted(br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#).1
+}
+
 fn chunk(index: u64, text: &str, finish: Option<&str>) -> Vec<u8> {
     format!(
         "data: {}",
@@ -33,10 +46,7 @@ fn content_of(stream: &[u8]) -> String {
 #[test]
 fn the_body_is_redacted_in_every_prompt_place_and_answers_are_restored() {
     let body = br#"{"model":"m","messages":[{"role":"user","content":"mail jane.doe@contoso.com"},{"role":"assistant","tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{\"to\":\"jane.doe@contoso.com\"}"}}]}]}"#;
-    let (redacted, map) = match redact_body(body, &scanner()) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let (redacted, map) = redacted(body);
     let text = String::from_utf8_lossy(&redacted);
     assert!(!text.contains("jane.doe"), "{text}");
     assert!(text.contains("<EMAIL_1>"), "{text}");
@@ -50,13 +60,7 @@ fn the_body_is_redacted_in_every_prompt_place_and_answers_are_restored() {
 
 #[test]
 fn a_placeholder_split_across_chunks_is_restored_in_the_stream() {
-    let (_, map) = match redact_body(
-        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
-        &scanner(),
-    ) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let map = janes_map();
     let mut restorer = StreamRestorer::new(map);
     let mut out = Vec::new();
     for (text, finish) in [
@@ -78,10 +82,7 @@ fn values_written_in_look_alike_characters_are_redacted_whole_and_restored_as_se
     // JSON escapes for a no-break space, zero-width spaces and an en dash, as a client
     // that pastes from a web page or a word processor sends them.
     let body = br#"{"model":"m","messages":[{"role":"user","content":"card 4111\u00a01111\u00a01111\u00a01111, ssn 536\u201322\u20131234, mail jane\u200b.doe@contoso.com"}]}"#;
-    let (redacted, map) = match redact_body(body, &scanner()) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let (redacted, map) = redacted(body);
     let text = String::from_utf8_lossy(&redacted);
     for leaked in ["4111", "1111", "536", "1234", "jane", "contoso"] {
         assert!(!text.contains(leaked), "{leaked} in {text}");
@@ -96,13 +97,7 @@ fn values_written_in_look_alike_characters_are_redacted_whole_and_restored_as_se
 
 #[test]
 fn placeholders_in_tool_call_arguments_are_restored_whole_and_streamed() {
-    let (_, map) = match redact_body(
-        br#"{"messages":[{"role":"user","content":"Mail jane.doe@contoso.com the key -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"}]}"#,
-        &scanner(),
-    ) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let (_, map) = redacted(br#"{"messages":[{"role":"user","content":"Mail jane.doe@contoso.com the key -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"}]}"#);
     let expected = serde_json::json!({
         "to": "jane.doe@contoso.com",
         "key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----",
@@ -170,10 +165,7 @@ fn a_calls_arguments_are_redacted_as_the_values_they_decode_to() {
             "function": {"name": "charge", "arguments": written}}]},
         {"role": "user", "content": "Charge 4111\u{a0}1111\u{a0}1111\u{a0}1111 again."},
     ]});
-    let (redacted, map) = match redact_body(&serde_json::to_vec(&body).unwrap(), &scanner()) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let (redacted, map) = redacted(&serde_json::to_vec(&body).unwrap());
     let redacted: Value = serde_json::from_slice(&redacted).unwrap();
     let sent = redacted["messages"][0]["tool_calls"][0]["function"]["arguments"]
         .as_str()
@@ -208,13 +200,7 @@ fn a_calls_arguments_are_redacted_as_the_values_they_decode_to() {
 
 #[test]
 fn held_text_of_a_finishing_chunk_follows_the_text_before_it() {
-    let (_, map) = match redact_body(
-        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
-        &scanner(),
-    ) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let map = janes_map();
     // Servers that put the last token's text in the finish chunk: a tail that might begin a
     // placeholder is held, and must still come out after the text before it.
     let mut restorer = StreamRestorer::new(map);
@@ -227,13 +213,7 @@ fn held_text_of_a_finishing_chunk_follows_the_text_before_it() {
 
 #[test]
 fn a_chunk_that_is_not_an_object_passes_without_breaking_the_stream() {
-    let (_, map) = match redact_body(
-        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
-        &scanner(),
-    ) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let map = janes_map();
     let mut restorer = StreamRestorer::new(map);
     let mut out = Vec::new();
     out.extend_from_slice(&restorer.event(&chunk(0, "Mail <EMAIL", None)));
@@ -247,10 +227,7 @@ fn a_chunk_that_is_not_an_object_passes_without_breaking_the_stream() {
 #[test]
 fn values_restored_into_a_json_answer_keep_it_json() {
     let body = br#"{"model":"m","response_format":{"type":"json_object"},"messages":[{"role":"user","content":"Store the key -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY----- as JSON"}]}"#;
-    let (_, map) = match redact_body(body, &scanner()) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let (_, map) = redacted(body);
     let key =
         "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----";
     let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"{\"ssh_key\": \"<PRIVATE_KEY_1>\"}"}}]}"#;
@@ -277,13 +254,7 @@ fn values_restored_into_a_json_answer_keep_it_json() {
 
 #[test]
 fn a_reasoning_models_thoughts_and_refusals_are_restored_too() {
-    let (_, map) = match redact_body(
-        br#"{"messages":[{"role":"user","content":"jane.doe@contoso.com"}]}"#,
-        &scanner(),
-    ) {
-        Ok(result) => result,
-        Err(error) => panic!("{error}"),
-    };
+    let map = janes_map();
     let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Done.","reasoning_content":"Write to <EMAIL_1>.","refusal":"Not <EMAIL_1>."}}]}"#;
     let restored: Value = serde_json::from_slice(&restore_answer(answer, &map)).unwrap();
     let message = &restored["choices"][0]["message"];

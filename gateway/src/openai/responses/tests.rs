@@ -58,6 +58,20 @@ fn sse(chunks: &[Value]) -> Vec<u8> {
     out
 }
 
+/// The events of a streamed answer of two text deltas.
+const TEXT_STREAM_EVENTS: [&str; 10] = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+];
+
 fn chunk(delta: Value, finish: Option<&str>) -> Value {
     json!({"id": "chatcmpl-r1", "object": "chat.completion.chunk", "model": "smollm2",
            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
@@ -331,21 +345,7 @@ fn a_chat_stream_becomes_the_responses_events_in_order() {
         out.extend(transcoder.stream(piece));
     }
     let events = parse_events(&out);
-    assert_eq!(
-        kinds(&events),
-        [
-            "response.created",
-            "response.in_progress",
-            "response.output_item.added",
-            "response.content_part.added",
-            "response.output_text.delta",
-            "response.output_text.delta",
-            "response.output_text.done",
-            "response.content_part.done",
-            "response.output_item.done",
-            "response.completed",
-        ]
-    );
+    assert_eq!(kinds(&events), TEXT_STREAM_EVENTS);
     for (number, (_, data)) in events.iter().enumerate() {
         assert_eq!(data["sequence_number"], number as u64);
     }
@@ -381,22 +381,7 @@ fn a_backends_crlf_events_and_multi_line_data_are_read_as_events() {
             out.extend(transcoder.stream(piece));
         }
         let events = parse_events(&out);
-        assert_eq!(
-            kinds(&events),
-            [
-                "response.created",
-                "response.in_progress",
-                "response.output_item.added",
-                "response.content_part.added",
-                "response.output_text.delta",
-                "response.output_text.delta",
-                "response.output_text.done",
-                "response.content_part.done",
-                "response.output_item.done",
-                "response.completed",
-            ],
-            "{bytes:?}"
-        );
+        assert_eq!(kinds(&events), TEXT_STREAM_EVENTS, "{bytes:?}");
         assert_eq!(
             events[9].1["response"]["output"][0]["content"][0]["text"],
             "Paris."
