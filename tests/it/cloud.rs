@@ -550,6 +550,21 @@ fn a_backend_connection_serves_other_requests_while_an_answer_waits_for_its_audi
     });
 }
 
+/// A gateway whose pool `aks` serves `gpt-4o` from `upstream` alone.
+fn one_backend(upstream: &Upstream) -> Gateway {
+    gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", upstream, 1, "v1"),
+    ))
+}
+
+/// One answered request, which leaves a connection in the pool.
+async fn pool_a_connection(gateway: &Gateway) {
+    let response = post(gateway, &chat("gpt-4o", json!({}))).await;
+    assert_eq!(response.status(), 200);
+}
+
 /// The connections the gateway opened to pool `aks`'s backend (`/metrics`).
 fn connections_counted(gateway: &Gateway) -> f64 {
     gateway
@@ -561,15 +576,9 @@ fn connections_counted(gateway: &Gateway) -> f64 {
 fn a_throttled_backend_is_asked_again_on_the_same_connection() {
     let _serial = serial();
     let upstream = start(options());
-    let gateway = gateway(&format!(
-        "{}{}",
-        pool("aks", r#""gpt-4o" = "m""#, ""),
-        backend("aks", &upstream, 1, "v1"),
-    ));
+    let gateway = one_backend(&upstream);
     block_on(async {
-        // One answered request leaves a connection in the pool.
-        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
-        assert_eq!(response.status(), 200);
+        pool_a_connection(&gateway).await;
         let opened_before = upstream.stats().await["connections"].as_u64().unwrap();
         let counted_before = connections_counted(&gateway);
         assert!(counted_before >= 1.0, "the gateway counted no connection");
@@ -650,15 +659,9 @@ fn a_throttled_backend_is_asked_again_on_the_same_connection() {
 fn a_pooled_connection_the_backend_closed_is_retried_on_a_new_one_without_blame() {
     let _serial = serial();
     let upstream = start(options());
-    let gateway = gateway(&format!(
-        "{}{}",
-        pool("aks", r#""gpt-4o" = "m""#, ""),
-        backend("aks", &upstream, 1, "v1"),
-    ));
+    let gateway = one_backend(&upstream);
     block_on(async {
-        // One answered request leaves a connection in the pool.
-        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
-        assert_eq!(response.status(), 200);
+        pool_a_connection(&gateway).await;
         // The backend closes that connection as the next request arrives on it, unanswered
         // (its keep-alive ran out as the gateway sent): the request is sent again on a new
         // connection, and the only backend is not blamed for it.
