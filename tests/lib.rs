@@ -869,8 +869,9 @@ impl Upstream {
             .await;
     }
 
-    /// `{"requests", "in_flight", "held", "completed", "cancelled", "injected",
-    /// "connections", "connections_open"}`.
+    /// `{"requests", "in_flight", "held", "completed", "cancelled", "injected", "dropped",
+    /// "connections", "connections_open"}`; "connections" counts those that carried a request
+    /// other than a control call, "connections_open" every open one.
     pub async fn stats(&self) -> serde_json::Value {
         self.control(reqwest::Method::GET, "/_control/stats", None)
             .await

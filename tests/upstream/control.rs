@@ -47,6 +47,10 @@ pub struct Stats {
     pub injected: AtomicU64,
     /// Requests dropped by `drop_reused`.
     pub dropped: AtomicU64,
+    /// Connections accepted; numbers them.
+    pub accepted: AtomicU64,
+    /// Connections that carried a request other than a control call: the test's own
+    /// control connections (its HTTP client may open one more at any time) count nowhere.
     pub connections: AtomicU64,
     pub connections_open: AtomicU64,
 }
@@ -326,7 +330,7 @@ impl Stats {
 
     /// Counts a connection open until the guard drops; the guard carries its number.
     pub fn connection_opened(&'static self) -> OpenConnection {
-        let id = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = self.accepted.fetch_add(1, Ordering::Relaxed) + 1;
         self.connections_open.fetch_add(1, Ordering::Relaxed);
         OpenConnection { stats: self, id }
     }

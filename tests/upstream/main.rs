@@ -21,7 +21,7 @@ mod tls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -169,6 +169,7 @@ async fn serve(stream: TcpStream, state: &'static State, transport: Transport) {
                 tls: false,
                 client_common_name: None,
                 answered: AtomicU64::new(0),
+                served: AtomicBool::new(false),
             });
             let service = service::service(state, connection);
             let _ = builder
@@ -201,6 +202,7 @@ async fn serve(stream: TcpStream, state: &'static State, transport: Transport) {
                     .and_then(|certificates| certificates.first())
                     .and_then(tls::common_name),
                 answered: AtomicU64::new(0),
+                served: AtomicBool::new(false),
             });
             let builder = if h2 {
                 builder.http2_only()

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +46,8 @@ pub struct Connection {
     pub client_common_name: Option<String>,
     /// Requests answered on it so far.
     pub answered: AtomicU64,
+    /// Whether it carried a request other than a control call (counted in `connections`).
+    pub served: AtomicBool,
 }
 
 /// A request dropped on purpose (`drop_reused`): hyper closes the connection unanswered.
@@ -79,6 +81,9 @@ pub fn service(
                     control(state, &endpoint, request).await
                 }
                 _ => {
+                    if !connection.served.swap(true, Ordering::Relaxed) {
+                        state.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    }
                     if request.method() == Method::POST
                         && connection.answered.load(Ordering::Relaxed) > 0
                         && state.take_drop()
