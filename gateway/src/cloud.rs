@@ -388,28 +388,32 @@ impl Pool {
         })
     }
 
+    /// What the balancer sees of each backend now.
+    fn views(&self, now: u64) -> Vec<BackendView<'_>> {
+        self.backends
+            .iter()
+            .map(|backend| {
+                let health = lock(&backend.health);
+                BackendView {
+                    name: &backend.config.name,
+                    weight: backend.config.weight,
+                    variant: backend.config.variant(),
+                    available: health.probed_healthy
+                        && health.circuit.is_available(now)
+                        && health.not_before_ms <= now
+                        && backend.in_flight.load(Ordering::Relaxed)
+                            < self.config.requests_per_backend_max,
+                }
+            })
+            .collect()
+    }
+
     /// Picks a backend for one attempt and admits it through its circuit breaker.
     fn choose(&self, facts: &BalanceFacts<'_>) -> Result<(usize, bool), NoBackend> {
         let now = now_ms();
         let mut exclude: Vec<usize> = facts.exclude.to_vec();
         loop {
-            let views: Vec<BackendView<'_>> = self
-                .backends
-                .iter()
-                .map(|backend| {
-                    let health = lock(&backend.health);
-                    BackendView {
-                        name: &backend.config.name,
-                        weight: backend.config.weight,
-                        variant: backend.config.variant(),
-                        available: health.probed_healthy
-                            && health.circuit.is_available(now)
-                            && health.not_before_ms <= now
-                            && backend.in_flight.load(Ordering::Relaxed)
-                                < self.config.requests_per_backend_max,
-                    }
-                })
-                .collect();
+            let views = self.views(now);
             let attempt_facts = BalanceFacts {
                 exclude: &exclude,
                 ..*facts
@@ -426,6 +430,15 @@ impl Pool {
                 Admission::Refuse => exclude.push(index),
             }
         }
+    }
+
+    /// Whether some backend could take an attempt now: a look-ahead that admits nothing and
+    /// leaves the round robin where it was, so that the request that does choose next gets
+    /// the turn it would have had.
+    fn could_choose(&self, facts: &BalanceFacts<'_>) -> bool {
+        let views = self.views(now_ms());
+        let mut round_robin = lock(&self.round_robin).clone();
+        router_policies::choose_backend(&views, facts, &mut round_robin).is_ok()
     }
 
     fn record(&self, index: usize, outcome: Outcome, trial: bool) {
@@ -624,18 +637,11 @@ pub async fn forward(
                     && tried.is_empty()
                     && !waited_for_retry_after
                     && wait <= pool.config.retry_after_max
-                    && pool
-                        .choose(&BalanceFacts {
-                            variant: request.variant,
-                            sticky_key: request.sticky_key,
-                            exclude: &[index],
-                        })
-                        .map(|(other, other_trial)| {
-                            if other_trial {
-                                lock(&pool.backends[other].health).circuit.abandon_trial();
-                            }
-                        })
-                        .is_err()
+                    && !pool.could_choose(&BalanceFacts {
+                        variant: request.variant,
+                        sticky_key: request.sticky_key,
+                        exclude: &[index],
+                    })
                 {
                     waited_for_retry_after = true;
                     let until = now_ms()

@@ -142,3 +142,77 @@ fn retry_after_is_read_as_seconds_or_as_a_date() {
     assert_eq!(retry_after_wait("soon", now), None);
     assert_eq!(retry_after_wait("-5", now), None);
 }
+
+/// A pool `aks` of three backends of weight 1, built from configuration text.
+fn three_backend_pool() -> Pool {
+    struct NoEnvironment;
+    impl crate::config::Environment for NoEnvironment {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn memory_available_bytes(&self) -> Option<u64> {
+            Some(8 << 30)
+        }
+    }
+    let text = r#"
+[auth]
+allow_anonymous = true
+[upstreams.aks]
+models = { "gpt-4o" = "m" }
+backends = [
+  { url = "http://127.0.0.1:9", name = "a" },
+  { url = "http://127.0.0.1:10", name = "b" },
+  { url = "http://127.0.0.1:11", name = "c" },
+]
+"#;
+    let config = crate::config::parse(text, std::path::Path::new("isthmus.toml"), &NoEnvironment)
+        .unwrap_or_else(|errors| panic!("{errors:?}"));
+    Pool::build(&config.upstreams[0], None).unwrap_or_else(|errors| panic!("{errors:?}"))
+}
+
+#[test]
+fn looking_ahead_for_another_backend_neither_admits_nor_takes_a_turn() {
+    let pool = three_backend_pool();
+    let facts = |exclude| BalanceFacts {
+        variant: None,
+        sticky_key: None,
+        exclude,
+    };
+    let picks = |count: usize| -> Vec<usize> {
+        (0..count)
+            .map(|_| pool.choose(&facts(&[])).map(|(index, _)| index).unwrap())
+            .collect()
+    };
+    let first = picks(3);
+    // Looking ahead between the picks leaves the rotation as it was.
+    let mut with_look_ahead = Vec::new();
+    for _ in 0..3 {
+        assert!(pool.could_choose(&facts(&[0])));
+        with_look_ahead.push(pool.choose(&facts(&[])).map(|(index, _)| index).unwrap());
+    }
+    assert_eq!(with_look_ahead, first);
+    // An open circuit: nothing to look ahead to.
+    let open_for = |back_off_ms: u64| router_policies::CircuitSettings {
+        failures_to_open: 1,
+        open_base_ms: back_off_ms,
+        open_max_ms: back_off_ms,
+    };
+    let only_b = facts(&[0, 2]);
+    lock(&pool.backends[1].health)
+        .circuit
+        .record(false, false, now_ms(), &open_for(60_000));
+    assert!(!pool.could_choose(&only_b), "an open circuit");
+    // Half-open (a back-off that has passed): the look-ahead sees the trial and leaves it to
+    // the request that chooses.
+    let mut circuit = Circuit::default();
+    circuit.record(false, false, now_ms(), &open_for(0));
+    lock(&pool.backends[1].health).circuit = circuit;
+    assert!(pool.could_choose(&only_b));
+    assert!(pool.could_choose(&only_b));
+    assert_eq!(pool.choose(&only_b), Ok((1, true)));
+    assert!(!pool.could_choose(&only_b), "the trial is taken");
+    assert!(
+        !pool.could_choose(&facts(&[0, 1, 2])),
+        "every backend excluded"
+    );
+}
