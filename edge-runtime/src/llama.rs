@@ -2079,16 +2079,8 @@ impl Loop<'_> {
             self.ledger.copy_prefix(reuse.source, target, reuse.length);
             return true;
         }
-        // The target's leftover goes; the state read below replaces it.
-        if let Ok(index) = usize::try_from(target) {
-            self.leftover_overwritten(index, 0);
-            if let Some(leftover) = self.leftovers.get_mut(index) {
-                leftover.clear();
-            }
-        }
-        let _ = self
-            .context
-            .clear_kv_cache_seq(u32::try_from(target).ok(), None, None);
+        // The source's state is taken first: parking the target's leftover below may evict
+        // the source's parked prefix and hand its id to the leftover.
         let state = match self.host_states.get(&reuse.source) {
             Some(state) => state.clone(),
             // An active sequence: take its state now.
@@ -2103,6 +2095,16 @@ impl Loop<'_> {
                 }
             },
         };
+        // The target's leftover goes; the state read above replaces it.
+        if let Ok(index) = usize::try_from(target) {
+            self.leftover_overwritten(index, 0);
+            if let Some(leftover) = self.leftovers.get_mut(index) {
+                leftover.clear();
+            }
+        }
+        let _ = self
+            .context
+            .clear_kv_cache_seq(u32::try_from(target).ok(), None, None);
         let restored = self.context.state_seq_set(&state, target).is_ok()
             && self
                 .context

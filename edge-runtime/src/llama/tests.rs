@@ -677,6 +677,47 @@ fn leftovers_are_parked_when_the_worker_idles_not_between_steps() {
     assert_eq!(again.usage.cached_tokens, short.prompt.token_count() - 1);
 }
 
+/// A parked prefix chosen for reuse can be evicted while its request is admitted: parking
+/// the target slot's leftover first makes room (one entry here) and hands the evicted
+/// prefix's id to the leftover. The request still starts from the chosen prefix's state.
+#[test]
+fn a_reused_prefix_evicted_by_parking_the_slots_leftover_still_gives_the_cold_answer() {
+    let _serial = serial();
+    let (_engine, model) = start(ModelSpec {
+        parallel_sequences: 1,
+        park_prefixes_when_idle: true,
+        prefix_cache_entries: 1,
+        ..spec("evicted-reuse")
+    });
+    let runtime = runtime();
+    let system = "You keep a lighthouse on a rocky island far out at sea. Answer every question \
+                  in one short sentence, plainly and politely, as a keeper would.";
+    let asked = exact_request(&model, system, "When is the lamp lit?", 12);
+    let cold = runtime.block_on(collect(model.submit(asked.clone()).unwrap()));
+    assert_eq!(cold.usage.cached_tokens, 0);
+    // The idle worker parks what the request left: the one entry the cache holds.
+    prefix_entries_reach(&model, 1);
+    let other = exact_request(
+        &model,
+        "You are a ship's cook.",
+        "Name a soup for a stormy night.",
+        12,
+    );
+    let (_, again) = runtime.block_on(async {
+        // The other request takes the slot; the same question waits, then reuses the parked
+        // prefix while the other's leftover is parked in its place.
+        let other = model.submit(other).unwrap();
+        let again = model.submit(asked.clone()).unwrap();
+        tokio::join!(collect(other), collect(again))
+    });
+    assert_eq!(again.usage.cached_tokens, asked.prompt.token_count() - 1);
+    let (agree, parted) = compare_greedy(&cold, &again);
+    assert!(
+        parted || agree == cold.tokens.len(),
+        "{cold:?} vs {again:?}"
+    );
+}
+
 #[test]
 fn a_long_prompt_is_prefilled_in_chunks_between_the_tokens_of_running_streams() {
     let _serial = serial();
