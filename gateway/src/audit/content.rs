@@ -16,8 +16,9 @@
 //!   to keep the record within [`super::record::RECORD_BYTES_MAX`]).
 //!
 //! Copies that leave the appliance — the Logs Ingestion export, the stdout sink (it lands in
-//! ContainerLogV2) and syslog — drop these members unless `Properties.Route` is `cloud`
-//! ([`strip_off_appliance`]). The store and the JSONL files keep them; the hash chain is
+//! ContainerLogV2) and syslog — drop these members unless `Properties.Route` is `cloud` and the
+//! pool was not on the premises (`Properties.OnPremises`: such a pool may be sent sensitive
+//! text unredacted, which must stay on the premises) ([`strip_off_appliance`]). The store and the JSONL files keep them; the hash chain is
 //! verified there, never on the stripped copies.
 
 #[cfg(test)]
@@ -44,7 +45,7 @@ pub const CONTENT_PROPERTIES: [&str; 5] = [
     CONTENT_REDACTED,
 ];
 /// The only route whose records may carry content text off the appliance: the text already
-/// went to the cloud.
+/// went to the cloud (unless to a pool marked `on_premises`).
 pub const OFF_APPLIANCE_ROUTE: &str = "cloud";
 /// The routes a request with content can take (`Properties.Route`); a browser's CORS
 /// preflight, route `preflight`, carries none.
@@ -241,13 +242,14 @@ fn choices_text(answer: &Value, member: &str) -> String {
     text
 }
 
-/// Removes the content members from a record's `Properties` unless its `Route` is `cloud`;
-/// whether anything was removed.
+/// Removes the content members from a record's `Properties` unless its `Route` is `cloud` to
+/// a pool off the premises; whether anything was removed.
 pub fn strip_off_appliance(record: &mut Map<String, Value>) -> bool {
     let Some(Value::Object(properties)) = record.get_mut(PROPERTIES) else {
         return false;
     };
-    let exportable = properties.get("Route").and_then(Value::as_str) == Some(OFF_APPLIANCE_ROUTE);
+    let exportable = properties.get("Route").and_then(Value::as_str) == Some(OFF_APPLIANCE_ROUTE)
+        && properties.get("OnPremises") != Some(&Value::Bool(true));
     if exportable {
         return false;
     }

@@ -117,4 +117,9 @@ fn only_cloud_records_keep_content_off_the_appliance() {
     let rejected = br#"{"Properties":{"Prompt":"p","Route":"rejected"},"Seq":5}"#;
     expect![[r#"{"Properties":{"Route":"rejected"},"Seq":5}"#]]
         .assert_eq(std::str::from_utf8(&line_off_appliance(rejected)).unwrap());
+    // A pool on the premises may be sent sensitive text unredacted: it stays on the premises.
+    let on_premises =
+        br#"{"Properties":{"Completion":"c","OnPremises":true,"Prompt":"p","Route":"cloud"},"Seq":6}"#;
+    expect![[r#"{"Properties":{"OnPremises":true,"Route":"cloud"},"Seq":6}"#]]
+        .assert_eq(std::str::from_utf8(&line_off_appliance(on_premises)).unwrap());
 }
