@@ -450,11 +450,13 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
-            if let Some(listen) = listen {
-                loaded.server.listen = listen;
-            }
-            if let Some(admin_listen) = admin_listen {
-                loaded.server.admin_listen = admin_listen;
+            let overrides = config::ListenOverrides {
+                listen,
+                admin_listen,
+            };
+            if let Err(error) = loaded.override_listen(overrides) {
+                report(&config, &[error]);
+                return ExitCode::from(2);
             }
             init_logging(&loaded.logging);
             match crate::serve::serve(loaded) {

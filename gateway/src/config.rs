@@ -84,6 +84,46 @@ pub struct Config {
     pub cors: CorsConfig,
     /// The web application firewall (`[waf]`).
     pub waf: std::sync::Arc<router_policies::waf::Waf>,
+    /// Listen addresses given on the command line in place of the file's; a reload puts
+    /// them in force again over the file it reads.
+    pub listen_overrides: ListenOverrides,
+}
+
+/// `isthmus serve --listen / --admin-listen`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenOverrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Puts `overrides` in place of the file's addresses and checks them as the file's are
+    /// checked (an admin listener off loopback needs tokens).
+    pub fn override_listen(&mut self, overrides: ListenOverrides) -> Result<(), ConfigError> {
+        if let Some(listen) = overrides.listen {
+            self.server.listen = listen;
+        }
+        if let Some(admin_listen) = overrides.admin_listen {
+            self.server.admin_listen = admin_listen;
+            if let Some(message) = admin_exposure(admin_listen, &self.server.admin_tokens) {
+                return Err(ConfigError::new(
+                    "server.admin_tokens",
+                    format!("{message} (--admin-listen)"),
+                ));
+            }
+        }
+        self.listen_overrides = overrides;
+        Ok(())
+    }
+}
+
+/// Why an admin listener on `address` cannot go without tokens, if it cannot.
+fn admin_exposure(address: SocketAddr, admin_tokens: &[ApiKey]) -> Option<String> {
+    (!address.ip().is_loopback() && admin_tokens.is_empty()).then(|| {
+        format!(
+            "required when server.admin_listen ({address}) is not a loopback address: the admin API and /metrics need a token there (and are served over TLS)"
+        )
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -729,6 +769,7 @@ pub fn parse(
             responses,
             waf,
             cors,
+            listen_overrides: ListenOverrides::default(),
         }),
         _ => Err(validator.errors),
     }
@@ -984,19 +1025,13 @@ impl Validator<'_> {
             limits.first_token_timeout_ms,
         );
         if let Some(address) = admin_listen
-            && !address.ip().is_loopback()
-            && admin_tokens.is_empty()
+            && let Some(message) = admin_exposure(address, &admin_tokens)
             && !self
                 .errors
                 .iter()
                 .any(|error| error.path.starts_with("server.admin_tokens"))
         {
-            self.error(
-                "server.admin_tokens",
-                format!(
-                    "required when server.admin_listen ({address}) is not a loopback address: the admin API and /metrics need a token there (and are served over TLS)"
-                ),
-            );
+            self.error("server.admin_tokens", message);
         }
         Some(ServerConfig {
             admin_tokens,

@@ -30,6 +30,12 @@ pub struct ReloadReport {
 pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<String>> {
     let source = state.config.source.clone();
     let outcome = config::load(&source, &ProcessEnvironment)
+        .and_then(|mut config| {
+            config
+                .override_listen(state.config.listen_overrides)
+                .map_err(|error| vec![error])?;
+            Ok(config)
+        })
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
         .and_then(|config| apply(state, config));
     state.metrics.record_config_load(true, outcome.is_ok());
@@ -332,6 +338,12 @@ pub fn replace_configuration(
         )));
     }
     let config = config::parse(text, &source, &ProcessEnvironment)
+        .and_then(|mut config| {
+            config
+                .override_listen(state.config.listen_overrides)
+                .map_err(|error| vec![error])?;
+            Ok(config)
+        })
         .map_err(|errors| EditError::Invalid(errors.iter().map(ToString::to_string).collect()))?;
     let restart_required = restart_sections(&state.config, &config)
         .into_iter()
