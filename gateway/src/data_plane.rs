@@ -710,11 +710,8 @@ pub async fn respond_error(
         .as_ref()
         .map(|transcoder| transcoder.error_in_request_terms(error));
     let error = renamed.as_ref().unwrap_or(error);
-    // Refused before it was asked for its body, a client waiting for `100 Continue` sends
-    // none, or sends it late: what it sends next on this connection cannot be told apart
-    // from that body, so the connection ends with this answer.
-    if !ctx.body_requested && expects_continue(session.req_header()) {
-        session.set_keepalive(None);
+    if !ctx.body_requested {
+        drain_unread_body(session).await;
     }
     ctx.outcome = Some(error.record_description());
     let body = error.body_json();
@@ -728,6 +725,56 @@ pub async fn respond_error(
         header.insert_header("allow", allow)?;
     }
     write_whole(session, ctx, header, Bytes::from(body)).await
+}
+
+/// The most bytes of a request body refused unread that are read and dropped so that the
+/// connection can serve the next request; a longer body ends the connection.
+const UNREAD_BODY_DRAIN_BYTES_MAX: u64 = 1 << 20;
+
+/// Reads and drops the body of a request answered before its body was asked for (refused by
+/// authentication, admission or routing), so that the body's bytes are not read as the next
+/// request on the connection and the client, still sending, sees the answer instead of a
+/// reset. Where that cannot be done the connection ends with the answer: a client waiting
+/// for `100 Continue` sends its body late or not at all, so what it sends next cannot be told
+/// apart from that body; a body longer than [`UNREAD_BODY_DRAIN_BYTES_MAX`] or one that
+/// cannot be read is not worth waiting for.
+async fn drain_unread_body(session: &mut Session) {
+    let header = session.req_header();
+    if header.version != http::Version::HTTP_11 && header.version != http::Version::HTTP_10 {
+        return;
+    }
+    let declared = header
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    let chunked = header.headers.contains_key(http::header::TRANSFER_ENCODING);
+    if !chunked && declared.unwrap_or(0) == 0 {
+        return;
+    }
+    if expects_continue(header)
+        || declared.is_some_and(|length| length > UNREAD_BODY_DRAIN_BYTES_MAX)
+    {
+        session.set_keepalive(None);
+        return;
+    }
+    let mut drained = 0u64;
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                drained += chunk.len() as u64;
+                if drained > UNREAD_BODY_DRAIN_BYTES_MAX {
+                    session.set_keepalive(None);
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(_) => {
+                session.set_keepalive(None);
+                return;
+            }
+        }
+    }
 }
 
 impl DataPlane {
@@ -1596,8 +1643,18 @@ impl DataPlane {
             })?;
         }
         let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit_bytes) as usize);
+        // Pingora times out each read of an HTTP/1 body (`set_read_timeout`); an HTTP/2
+        // stream's reads get the same limit here.
+        let read_timeout = self.state.config.server.limits.body_read_timeout;
         loop {
-            match session.read_request_body().await {
+            let read = match tokio::time::timeout(read_timeout, session.read_request_body()).await {
+                Ok(read) => read,
+                Err(_) => Err(pingora_error::Error::explain(
+                    ErrorType::ReadTimedout,
+                    "no body bytes within the body read timeout",
+                )),
+            };
+            match read {
                 Ok(Some(chunk)) => {
                     if (body.len() + chunk.len()) as u64 > limit_bytes {
                         return Err(too_large(session, ctx));

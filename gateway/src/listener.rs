@@ -205,7 +205,14 @@ enum Phase {
     Body,
     /// A response is being written; the next byte read starts the next request.
     Responding,
-    /// Not guarded (HTTP/2 has its own framing and limits).
+    /// An HTTP/2 connection until the client's connection preface arrived: under the header
+    /// deadline, since Pingora's HTTP/2 handshake has none of its own.
+    Preface {
+        deadline: Pin<Box<Sleep>>,
+        bytes: usize,
+    },
+    /// Not guarded (HTTP/2 has its own framing and limits; an idle connection is closed by
+    /// the server's `h2_idle_timeout`).
     Off,
     /// The header outgrew its cap: a 431 answer is being written, after which the
     /// connection is shut down and Pingora sees `error`.
@@ -215,6 +222,9 @@ enum Phase {
         error: Option<io::Error>,
     },
 }
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, which an HTTP/2 client sends first (RFC 9113 3.4).
+const HTTP2_PREFACE_BYTES: usize = 24;
 
 /// Bytes an HTTP/1 connection gathers before a write reaches the socket: a response head
 /// and a JSON body, or the largest TLS record's plaintext.
@@ -249,7 +259,12 @@ impl GuardedStream {
         let phase = if enabled {
             header_phase(limits.header_read_timeout)
         } else {
-            Phase::Off
+            Phase::Preface {
+                deadline: Box::pin(tokio::time::sleep_until(
+                    Instant::now() + limits.header_read_timeout,
+                )),
+                bytes: 0,
+            }
         };
         GuardedStream {
             inner,
@@ -268,6 +283,13 @@ impl GuardedStream {
         }
         if matches!(self.phase, Phase::Responding) {
             self.phase = header_phase(self.header_read_timeout);
+        }
+        if let Phase::Preface { bytes, .. } = &mut self.phase {
+            *bytes += data.len();
+            if *bytes >= HTTP2_PREFACE_BYTES {
+                self.phase = Phase::Off;
+            }
+            return Ok(());
         }
         let Phase::Header {
             bytes,
@@ -307,7 +329,7 @@ impl GuardedStream {
     fn observe_write(&mut self, data: &[u8]) {
         match self.phase {
             Phase::Body if data.starts_with(b"HTTP/1.1 100 ") => {}
-            Phase::Off | Phase::Refusing { .. } => {}
+            Phase::Off | Phase::Preface { .. } | Phase::Refusing { .. } => {}
             _ => self.phase = Phase::Responding,
         }
     }
@@ -373,7 +395,7 @@ impl AsyncRead for GuardedStream {
         if matches!(this.phase, Phase::Refusing { .. }) {
             return this.poll_refuse(cx);
         }
-        if let Phase::Header { deadline, .. } = &mut this.phase
+        if let Phase::Header { deadline, .. } | Phase::Preface { deadline, .. } = &mut this.phase
             && deadline.as_mut().poll(cx).is_ready()
         {
             ConnectionRefusals::count(&this.refusals.header_timeout);

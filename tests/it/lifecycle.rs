@@ -162,11 +162,55 @@ fn slow_and_oversized_headers_are_cut_off() {
         good.read_to_string(&mut response).unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
     }
+    // A request refused before its body was read (no credentials here): the body is read and
+    // dropped, not taken for the next request's header, and the connection serves that one.
+    let mut reused = std::net::TcpStream::connect(plain).unwrap();
+    reused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = format!(
+        r#"{{"model": "gpt-4o-mini", "padding": "{}"}}"#,
+        "x".repeat(100_000)
+    );
+    let _ = write!(
+        reused,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}\
+         GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let mut answers = String::new();
+    let _ = reused.read_to_string(&mut answers);
+    let statuses: Vec<&str> = answers
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answers[at..at + 12])
+        .collect();
+    assert_eq!(statuses, ["HTTP/1.1 401", "HTTP/1.1 200"], "{answers}");
+    // An HTTP/2 connection whose client never sends its preface is closed at the header
+    // deadline too (the server does not wait for ever, holding a connection slot).
+    let (mut connection, mut socket) = tls_connection(gateway.data, &[b"h2"]);
+    connection.complete_io(&mut socket).unwrap();
+    assert_eq!(connection.alpn_protocol(), Some(&b"h2"[..]));
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buffer = Vec::new();
+    let read = rustls::Stream::new(&mut connection, &mut socket).read_to_end(&mut buffer);
+    if let Err(error) = &read {
+        assert!(
+            !matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the connection was still open after 10 s: {error}"
+        );
+    }
     // The data plane's refusals are counted (the admin listener's are not its traffic).
     let metrics = gateway.metrics();
     for line in [
         "isthmus_connections_refused_total{reason=\"header_too_large\"} 1",
-        "isthmus_connections_refused_total{reason=\"header_timeout\"} 1",
+        "isthmus_connections_refused_total{reason=\"header_timeout\"} 2",
         "isthmus_connections_refused_total{reason=\"tls_handshake\"} 0",
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
@@ -222,6 +266,7 @@ fn sighup_and_file_changes_reload_the_certificate() {
 /// A TLS client connection to `address`, handshake not yet done.
 fn tls_connection(
     address: std::net::SocketAddr,
+    alpn: &[&[u8]],
 ) -> (rustls::ClientConnection, std::net::TcpStream) {
     use rustls::pki_types::ServerName;
     use rustls_pki_types::pem::PemObject;
@@ -231,13 +276,14 @@ fn tls_connection(
     {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     let connection = rustls::ClientConnection::new(
         std::sync::Arc::new(config),
         ServerName::try_from("localhost").unwrap(),
@@ -249,7 +295,7 @@ fn tls_connection(
 
 /// Connects with TLS and returns the common name of the certificate the server presents.
 fn served_certificate_common_name(address: std::net::SocketAddr) -> String {
-    let (mut connection, mut socket) = tls_connection(address);
+    let (mut connection, mut socket) = tls_connection(address, &[]);
     connection.complete_io(&mut socket).unwrap();
     let certificate = connection.peer_certificates().unwrap()[0].clone();
     let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).unwrap();
@@ -367,7 +413,7 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
     let open = || gateway.metric("isthmus_open_connections");
     let mut held = Vec::new();
     for _ in 0..2 {
-        let (mut connection, mut socket) = tls_connection(gateway.data);
+        let (mut connection, mut socket) = tls_connection(gateway.data, &[]);
         connection.complete_io(&mut socket).unwrap();
         held.push((connection, socket));
     }
@@ -377,7 +423,7 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
     let address = gateway.data;
     let (done_sender, done) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let (mut connection, mut socket) = tls_connection(address);
+        let (mut connection, mut socket) = tls_connection(address, &[]);
         socket
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
@@ -403,7 +449,7 @@ fn a_body_that_stops_arriving_is_refused_after_the_body_read_timeout() {
         ..GatewayOptions::default()
     };
     let gateway = Gateway::start(&options);
-    let (connection, socket) = tls_connection(gateway.data);
+    let (connection, socket) = tls_connection(gateway.data, &[]);
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -548,4 +594,44 @@ fn a_malformed_notify_socket_stops_start_up_with_a_message_naming_it() {
             && stderr.contains("`relative/notify` is neither an absolute path"),
         "{stderr}"
     );
+}
+
+#[test]
+fn listen_addresses_given_on_the_command_line_are_checked_and_stay_through_a_reload() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    // The file's data plane on a port that is never bound: the command line's is used.
+    let text = tests::config_text(&GatewayOptions::default(), dir.path()).replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:1\"",
+        1,
+    );
+    std::fs::write(&config_path, &text).unwrap();
+
+    // An admin listener moved off loopback by the command line needs tokens as in the file.
+    let refused = std::process::Command::new(tests::isthmus_binary())
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .args(["--admin-listen", "192.0.2.1:9090"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(
+            "server.admin_tokens: required when server.admin_listen (192.0.2.1:9090) is not a \
+             loopback address"
+        ) && stderr.contains("(--admin-listen)"),
+        "{stderr}"
+    );
+
+    let gateway = Gateway::start_with_command(dir, &config_path, |command| {
+        command.args(["--listen", "127.0.0.1:0"]);
+    });
+    assert_ne!(gateway.data.port(), 1);
+    // A reload of the unchanged file keeps the command line's address and asks for no restart.
+    let reloaded = crate::cloud::admin_post(&gateway, "/admin/api/reload");
+    assert_eq!(reloaded["reloaded"], true, "{reloaded}");
+    assert_eq!(reloaded["restart_required"], json!([]), "{reloaded}");
 }
