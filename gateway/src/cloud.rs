@@ -1229,6 +1229,12 @@ async fn relay_stream(
             Ok(Some(chunk)) => {
                 let forward = events.push(&chunk, |event, raw| {
                     let usage = event_usage(event);
+                    // Until the backend reports usage, each event with choices counts as one
+                    // completion token: a stream cut short (the client left, or a backend
+                    // that sends no usage) is still charged for what it delivered.
+                    if is_data_event(event) && !matches!(usage, Some((_, true))) {
+                        ctx.usage.completion_tokens = ctx.usage.completion_tokens.saturating_add(1);
+                    }
                     let keep = match &usage {
                         Some((usage, only_usage)) => {
                             record_usage(ctx, Some(usage));

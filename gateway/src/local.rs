@@ -517,6 +517,13 @@ struct ChoiceState {
     usage: edge_runtime::Usage,
 }
 
+/// Counts one more generated token in `ctx`'s usage, so that an answer cut short (the client
+/// left, generation failed) is charged and audited with what was generated; the engine's own
+/// counts replace these once every choice is done.
+fn count_generated_token(ctx: &mut RequestContext) {
+    ctx.usage.completion_tokens = ctx.usage.completion_tokens.saturating_add(1);
+}
+
 /// Records the usage of the request's choices in `ctx`: each prompt once (as OpenAI bills
 /// `n`), the completions summed, and with several choices the longest one's tokens.
 fn record_usage(ctx: &mut RequestContext, states: &[ChoiceState], per_prompt: usize) {
@@ -591,6 +598,7 @@ async fn collect_events(
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
+                count_generated_token(ctx);
                 state.text.push_str(&text);
                 state.logprobs.extend(logprobs);
             }
@@ -775,6 +783,7 @@ async fn stream_events(
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
+                count_generated_token(ctx);
                 if capture_as_sent {
                     crate::audit_trail::capture_completion(ctx, &text);
                 }

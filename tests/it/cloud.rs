@@ -432,6 +432,18 @@ fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_clien
         upstream.release().await;
         let rest = response.text().await.unwrap();
         assert!(rest.ends_with("data: [DONE]\n\n"));
+        let answered = || {
+            gateway
+                .metrics()
+                .contains("isthmus_requests_total{route=\"cloud\",status=\"200\"} 1")
+        };
+        assert!(tests::eventually(DEADLINE, answered));
+        let charged = || {
+            gateway
+                .metric("isthmus_completion_tokens_total{route=\"cloud\"}")
+                .unwrap_or(0.0)
+        };
+        let charged_before = charged();
 
         // A client that leaves mid-stream: the upstream request is cancelled too.
         let cancelled_before = upstream.stats().await["cancelled"].as_u64().unwrap();
@@ -446,6 +458,11 @@ fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_clien
         assert!(
             stats["cancelled"].as_u64().unwrap() > cancelled_before,
             "{stats}"
+        );
+        // It is charged what it was sent (the backend never got to its usage chunk).
+        assert!(
+            tests::eventually(DEADLINE, || charged() > charged_before),
+            "the stream cut short was charged no completion tokens"
         );
         upstream.set_behaviour(json!({"reset": true})).await;
     });

@@ -38,6 +38,7 @@ fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
     };
     let gateway = Gateway::start(&options);
     let active = || gateway.metric("isthmus_local_active_sequences{model=\"smollm2\"}");
+    let mut answered_tokens = 0.0;
     for http1 in [true, false] {
         block_on(async {
             let mut builder = reqwest::Client::builder()
@@ -78,12 +79,23 @@ fn a_client_that_disconnects_mid_stream_frees_its_sequence() {
                 .await
                 .unwrap();
             assert_eq!(response.status(), 200);
+            let answer: Value = response.json().await.unwrap();
+            answered_tokens += answer["usage"]["completion_tokens"].as_f64().unwrap();
         });
     }
     assert!(
         gateway
             .metrics()
             .contains("isthmus_requests_total{route=\"local\",status=\"200\"} 4")
+    );
+    // The streams cut short are charged what they generated: at least the four tokens each
+    // delivered after its role chunk.
+    let charged = gateway
+        .metric("isthmus_completion_tokens_total{route=\"local\"}")
+        .unwrap();
+    assert!(
+        charged >= answered_tokens + 8.0,
+        "{charged} completion tokens counted, {answered_tokens} of them answered whole"
     );
 }
 
