@@ -184,6 +184,9 @@ struct ModelShared {
     /// The longest token's text, in bytes, where the tokenizer keeps every byte of the text
     /// (byte-level BPE, SentencePiece): a text longer than the context times this cannot fit.
     token_bytes_max: Option<usize>,
+    /// Finds the texts of the vocabulary's control and user-defined tokens, which the
+    /// tokenizer reads as those tokens where it parses special tokens.
+    special_texts: Option<aho_corasick::AhoCorasick>,
     /// One per lane (`ModelSpec::lanes`), in order.
     lanes: Vec<LaneHandle>,
     /// Sequences each lane decodes together.
@@ -561,6 +564,7 @@ impl ModelHandle {
         );
         let template = PromptTemplate::load(&model, spec).map_err(model_error)?;
         let token_bytes_max = token_bytes_max(&model);
+        let special_texts = special_texts(&model);
         let info = ModelInfo {
             name: spec.name.clone(),
             path: spec.path.clone(),
@@ -677,6 +681,7 @@ impl ModelHandle {
                 model,
                 template,
                 token_bytes_max,
+                special_texts,
                 lanes,
                 lane_sequences: u64::from(lane_spec.parallel_sequences),
                 spread: spec.gpu_layers == 0,
@@ -696,10 +701,14 @@ impl ModelHandle {
     }
 
     /// Renders `prompt` (chat messages through the model's own template) and tokenizes it.
+    ///
+    /// The template's own markup is read with the vocabulary's special tokens; a message's
+    /// content never is: content that spells a special token (`<|im_end|>` in a user
+    /// message) stays text, so that it cannot end its turn and open one in another role.
     pub fn prepare(&self, prompt: &Prompt) -> Result<PreparedPrompt, PromptError> {
-        let text = match prompt {
+        let (text, literal) = match prompt {
             Prompt::Tokens(tokens) => return self.prepare_tokens(tokens),
-            Prompt::Text(text) => text.clone(),
+            Prompt::Text(text) => (text.clone(), Vec::new()),
             Prompt::Chat(messages) => {
                 let context_tokens = self.shared.info.context_tokens;
                 if messages.len() > usize::try_from(context_tokens).unwrap_or(usize::MAX) {
@@ -711,9 +720,7 @@ impl ModelHandle {
                 let template = self.shared.template.as_ref().ok_or_else(|| {
                     PromptError::Template("the model's GGUF carries no chat template".to_owned())
                 })?;
-                template
-                    .render(&self.shared.model, messages)
-                    .map_err(PromptError::Template)?
+                self.render_chat(template, messages)?
             }
         };
         // llama.cpp's split on special tokens takes time quadratic in their number: a body
@@ -731,14 +738,31 @@ impl ModelHandle {
                 });
             }
         }
-        let tokens: Vec<i32> = self
-            .shared
-            .model
-            .vocab()
-            .tokenize(text.as_bytes(), true, true)
-            .into_iter()
-            .map(|token| token.0)
-            .collect();
+        // Template text with special tokens parsed, message contents that spell one without.
+        let mut pieces: Vec<(&str, bool)> = Vec::with_capacity(literal.len() * 2 + 1);
+        let mut at = 0;
+        for span in &literal {
+            pieces.push((&text[at..span.start], true));
+            pieces.push((&text[span.clone()], false));
+            at = span.end;
+        }
+        pieces.push((&text[at..], true));
+        let vocab = self.shared.model.vocab();
+        let mut tokens: Vec<i32> = Vec::new();
+        let mut started = false;
+        for (piece, parse_special) in pieces {
+            if piece.is_empty() {
+                continue;
+            }
+            // The start token (where the model wants one) goes in front of the first piece.
+            tokens.extend(
+                vocab
+                    .tokenize(piece.as_bytes(), !started, parse_special)
+                    .into_iter()
+                    .map(|token| token.0),
+            );
+            started = true;
+        }
         if tokens.is_empty() {
             return Err(PromptError::Empty);
         }
@@ -746,6 +770,87 @@ impl ModelHandle {
             model: self.shared.info.name.clone(),
             tokens,
         })
+    }
+
+    /// The prompt text of `messages`, and the byte ranges in it of the contents that spell
+    /// a special token (to be tokenized as plain text; none for ordinary content).
+    fn render_chat(
+        &self,
+        template: &PromptTemplate,
+        messages: &[ChatMessage],
+    ) -> Result<(String, Vec<std::ops::Range<usize>>), PromptError> {
+        let spells_special = |content: &str| {
+            self.shared
+                .special_texts
+                .as_ref()
+                .is_some_and(|special| special.is_match(content))
+        };
+        if !messages
+            .iter()
+            .any(|message| spells_special(&message.content))
+        {
+            let text = template
+                .render(&self.shared.model, messages)
+                .map_err(PromptError::Template)?;
+            return Ok((text, Vec::new()));
+        }
+        // Such contents are rendered as markers, which are then found in the text and
+        // replaced by the contents, remembering where they went.
+        let marker = |index: usize| format!("\u{E000}isthmus-content-{index}\u{E001}");
+        let mut literal: Vec<(String, &str)> = Vec::new();
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|message| {
+                if !spells_special(&message.content) {
+                    return message.clone();
+                }
+                let stand_in = marker(literal.len());
+                literal.push((stand_in.clone(), &message.content));
+                ChatMessage {
+                    role: message.role,
+                    content: stand_in,
+                }
+            })
+            .collect();
+        if messages
+            .iter()
+            .any(|message| message.content.contains('\u{E000}'))
+        {
+            return Err(PromptError::Template(
+                "a message spells a special token and holds U+E000; the two cannot be told \
+                 apart from the template's markup"
+                    .to_owned(),
+            ));
+        }
+        let rendered = template
+            .render(&self.shared.model, &marked)
+            .map_err(PromptError::Template)?;
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        for (index, (stand_in, _)) in literal.iter().enumerate() {
+            let mut places = rendered.match_indices(stand_in.as_str());
+            if let Some((at, _)) = places.next() {
+                if places.next().is_some() {
+                    return Err(PromptError::Template(
+                        "the template repeats a message's content that spells a special token"
+                            .to_owned(),
+                    ));
+                }
+                found.push((at, index));
+            }
+        }
+        found.sort_unstable();
+        let mut text = String::with_capacity(rendered.len());
+        let mut spans = Vec::with_capacity(found.len());
+        let mut from = 0;
+        for (at, index) in found {
+            let (stand_in, content) = &literal[index];
+            text.push_str(&rendered[from..at]);
+            spans.push(text.len()..text.len() + content.len());
+            text.push_str(content);
+            from = at + stand_in.len();
+        }
+        text.push_str(&rendered[from..]);
+        Ok((text, spans))
     }
 
     /// A prompt given as token ids, each checked against the vocabulary.
@@ -1151,6 +1256,34 @@ fn token_bytes_max(model: &LlamaModel) -> Option<usize> {
     // A token written as its text, and one byte more for the space SentencePiece puts in
     // front of the text.
     Some(longest.max(1) + 1)
+}
+
+/// A finder of the texts of the control and user-defined tokens (`<|im_start|>`, `</s>`,
+/// ...): those the tokenizer turns into their tokens when it parses special tokens.
+fn special_texts(model: &LlamaModel) -> Option<aho_corasick::AhoCorasick> {
+    use llama_cpp_2::token_type::LlamaTokenAttr;
+    let vocab = model.vocab();
+    let mut texts: Vec<String> = Vec::new();
+    let mut piece = Vec::new();
+    for token in 0..vocab.n_tokens() {
+        let attributes = vocab.attr(LlamaToken(token));
+        if !attributes.intersects(LlamaTokenAttr::Control | LlamaTokenAttr::UserDefined) {
+            continue;
+        }
+        piece.clear();
+        vocab.token_to_piece_into(LlamaToken(token), &mut piece, true, None);
+        if let Ok(text) = std::str::from_utf8(&piece)
+            && !text.is_empty()
+        {
+            texts.push(text.to_owned());
+        }
+    }
+    texts.sort_unstable();
+    texts.dedup();
+    if texts.is_empty() {
+        return None;
+    }
+    aho_corasick::AhoCorasick::new(&texts).ok()
 }
 
 fn eog_mask(model: &LlamaModel) -> Vec<bool> {
