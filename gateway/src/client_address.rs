@@ -32,10 +32,21 @@ impl AddressBlock {
                 .filter(|prefix| *prefix <= bits)
                 .ok_or_else(|| format!("`{text}`: the prefix length must be 0 to {bits}"))?,
         };
-        let block = AddressBlock {
-            network: canonical(network),
-            prefix,
+        // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block it maps, since
+        // addresses are matched as IPv4.
+        let (network, prefix) = match network {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                let Some(prefix) = prefix.checked_sub(96) else {
+                    return Err(format!(
+                        "`{text}`: an IPv4-mapped block needs a prefix length of 96 to 128 \
+                         (or write it as an IPv4 block)"
+                    ));
+                };
+                (canonical(network), prefix)
+            }
+            other => (other, prefix),
         };
+        let block = AddressBlock { network, prefix };
         if masked(block.network, prefix) != block.network {
             return Err(format!(
                 "`{text}` has host bits set; the block is {}/{prefix}",
@@ -279,7 +290,23 @@ mod tests {
         assert!(private[2].contains(ip("192.168.1.7")));
         assert!(!private[2].contains(ip("192.168.1.8")));
         assert!(blocks(&["0.0.0.0/0"])[0].contains(ip("8.8.8.8")));
+        // An IPv4-mapped block is the IPv4 block it maps.
+        let mapped = blocks(&["::ffff:10.0.0.0/104", "::ffff:192.168.1.7"]);
+        assert_eq!(mapped[0].to_string(), "10.0.0.0/8");
+        assert!(mapped[0].contains(ip("10.9.8.7")));
+        assert!(mapped[0].contains(ip("::ffff:10.9.8.7")));
+        assert!(!mapped[0].contains(ip("11.0.0.1")));
+        assert_eq!(mapped[1].to_string(), "192.168.1.7/32");
         for (text, problem) in [
+            (
+                "::ffff:10.0.0.0/64",
+                "`::ffff:10.0.0.0/64`: an IPv4-mapped block needs a prefix length of 96 to 128 \
+                 (or write it as an IPv4 block)",
+            ),
+            (
+                "::ffff:10.0.0.1/104",
+                "`::ffff:10.0.0.1/104` has host bits set; the block is 10.0.0.0/8",
+            ),
             (
                 "10.0.0.1/8",
                 "`10.0.0.1/8` has host bits set; the block is 10.0.0.0/8",

@@ -226,6 +226,8 @@ impl Validator<'_> {
         let before = self.errors.len();
         if raw.name.trim().is_empty() {
             self.error(format!("{key}.name"), "must not be empty");
+        } else if let Some(problem) = rule_name_problem(&raw.name) {
+            self.error(format!("{key}.name"), problem);
         }
         let target = |validator: &mut Self| match &raw.target {
             Some(target) if !target.is_empty() => Some(target.clone()),
@@ -317,4 +319,24 @@ impl Validator<'_> {
             action: action?,
         })
     }
+}
+
+/// Longest rule name: it travels in every answer's `x-isthmus-rule` and in metric labels.
+const RULE_NAME_BYTES_MAX: usize = 64;
+
+/// Why `name` cannot name a rule, if it cannot: it is sent as a header value, written as a
+/// Prometheus label value and read in audit queries, so it is letters, digits and `-_.:`.
+fn rule_name_problem(name: &str) -> Option<String> {
+    if name.len() > RULE_NAME_BYTES_MAX {
+        return Some(format!(
+            "`{name}` is longer than {RULE_NAME_BYTES_MAX} bytes"
+        ));
+    }
+    let allowed = |character: char| character.is_ascii_alphanumeric() || "-_.:".contains(character);
+    (!name.chars().all(allowed)).then(|| {
+        format!(
+            "`{}` may hold only ASCII letters, digits and - _ . :",
+            name.escape_debug()
+        )
+    })
 }

@@ -309,6 +309,33 @@ fn callers_named_by_the_policy_must_be_api_keys() {
 }
 
 #[test]
+fn rule_names_are_plain_tokens_fit_for_headers_and_metric_labels() {
+    let (_dir, source) = fixture();
+    // Each name as a TOML string literal.
+    let rule = |literal: &str| {
+        format!("[[policy.rules]]\nname = {literal}\naction = \"local\"\ntarget = \"smollm2\"\n")
+    };
+    let long = "r".repeat(65);
+    let text = format!(
+        "{VALID}\n{}{}{}{}",
+        rule("\"hr.local:v2_a-b\""),
+        rule(r#""say \"hi\"""#),
+        rule(r#""bell\u0007""#),
+        rule(&format!("\"{long}\"")),
+    );
+    let errors = errors_of(&text, &source);
+    assert_eq!(
+        errors,
+        [
+            r#"policy.rules[1].name: `say \"hi\"` may hold only ASCII letters, digits and - _ . :"#,
+            r"policy.rules[2].name: `bell\u{7}` may hold only ASCII letters, digits and - _ . :",
+            &format!("policy.rules[3].name: `{long}` is longer than 64 bytes"),
+        ],
+        "{errors:#?}"
+    );
+}
+
+#[test]
 fn unknown_keys_and_bad_toml_are_errors() {
     let (_dir, source) = fixture();
     let errors = errors_of(&VALID.replace("threads = 2", "thread = 2"), &source);
