@@ -50,6 +50,8 @@ struct Bucket {
     /// Units available; below zero is debt (tokens only).
     level: f64,
     updated: Instant,
+    /// The limit it last refilled under.
+    limit: u64,
 }
 
 impl Bucket {
@@ -57,6 +59,7 @@ impl Bucket {
         Bucket {
             level: limit as f64,
             updated: now,
+            limit,
         }
     }
 
@@ -65,6 +68,13 @@ impl Bucket {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.level = (self.level + elapsed * per_second(limit)).min(limit as f64);
         self.updated = now;
+        self.limit = limit;
+    }
+
+    /// Whether it would be full by `now` (as a bucket never made), debt repaid.
+    fn full_by(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.level + elapsed * per_second(self.limit) >= self.limit as f64
     }
 
     /// How long until the bucket holds `level` units, to the millisecond.
@@ -93,16 +103,14 @@ struct Buckets {
 }
 
 impl Buckets {
-    /// Untouched for a minute and in no debt: full again, the same as a bucket never made.
+    /// Full again (any debt repaid), the same as buckets never made.
     fn refilled_while_idle(&self, now: Instant) -> bool {
-        [self.requests, self.tokens].iter().flatten().all(|bucket| {
-            bucket.level >= 0.0 && now.saturating_duration_since(bucket.updated) >= IDLE_FULL
-        })
+        [self.requests, self.tokens]
+            .iter()
+            .flatten()
+            .all(|bucket| bucket.full_by(now))
     }
 }
-
-/// A minute's allowance refills in a minute.
-const IDLE_FULL: Duration = Duration::from_secs(60);
 /// Above this many callers (each anonymous client counts where `per_client` is on), the
 /// buckets that refilled while idle are dropped, at most once a second.
 const CALLERS_KEPT_MAX: usize = 4_096;

@@ -137,8 +137,19 @@ fn many_callers_keep_only_the_buckets_that_still_hold_something() {
         tokens_per_minute: Some(100),
         tokens_per_day: None,
     };
+    let fill = |at: Instant, network: u32| {
+        for client in 0..super::CALLERS_KEPT_MAX {
+            limiter
+                .admit(
+                    &format!("anonymous@10.{network}.{}.{}", client / 256, client % 256),
+                    REQUESTS,
+                    at,
+                )
+                .unwrap();
+        }
+    };
     let start = Instant::now();
-    // A client in debt, and one that used its minute, among thousands.
+    // A client in debt, and one that used its minute, among thousands that took one request.
     limiter.admit("anonymous@10.0.0.1", tokens, start).unwrap();
     limiter.charge("anonymous@10.0.0.1", tokens, 500, start);
     for _ in 0..6 {
@@ -146,32 +157,34 @@ fn many_callers_keep_only_the_buckets_that_still_hold_something() {
             .admit("anonymous@10.0.0.2", REQUESTS, start)
             .unwrap();
     }
-    for client in 0..super::CALLERS_KEPT_MAX {
-        limiter
-            .admit(
-                &format!("anonymous@10.1.{}.{}", client / 256, client % 256),
-                REQUESTS,
-                start,
-            )
-            .unwrap();
-    }
+    fill(start, 1);
     assert_eq!(limiter.callers(), super::CALLERS_KEPT_MAX + 2);
-    // Within the minute nothing is dropped: every bucket still differs from a fresh one.
-    let soon = start + Duration::from_secs(30);
-    limiter.admit("anonymous@10.2.0.1", REQUESTS, soon).unwrap();
-    assert_eq!(limiter.callers(), super::CALLERS_KEPT_MAX + 3);
-    // A minute later the idle ones are full again and go; the debt stays, and so does the
-    // caller that spent its requests just now.
-    let later = start + Duration::from_secs(61);
+    // Within a second nothing has refilled: every bucket still differs from a fresh one.
+    let at_once = start + Duration::from_millis(500);
     limiter
-        .admit("anonymous@10.2.0.2", REQUESTS, later)
+        .admit("anonymous@10.2.0.1", REQUESTS, at_once)
         .unwrap();
+    assert_eq!(limiter.callers(), super::CALLERS_KEPT_MAX + 3);
+    // Thirty seconds later (three requests refilled) the ones that took one are full again
+    // and go; the debt stays, and so does the caller that spent all six.
+    let soon = start + Duration::from_secs(30);
+    limiter.admit("anonymous@10.2.0.2", REQUESTS, soon).unwrap();
     assert_eq!(limiter.callers(), 3);
     assert_eq!(
         limiter
-            .admit("anonymous@10.0.0.1", tokens, later)
+            .admit("anonymous@10.0.0.1", tokens, soon)
             .unwrap_err()
             .kind,
         "tokens"
+    );
+    // Once the debt is repaid (400 tokens over at 100 a minute: about five minutes) the
+    // indebted caller's buckets go too, the same as never made.
+    let repaid = start + Duration::from_secs(5 * 60 + 1);
+    fill(repaid, 3);
+    // The fill went past the bound: the three earlier callers are full again and dropped.
+    assert_eq!(
+        limiter.callers(),
+        super::CALLERS_KEPT_MAX,
+        "buckets outlived their repayment"
     );
 }
