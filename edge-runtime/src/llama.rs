@@ -269,6 +269,19 @@ impl ModelShared {
         stop_lanes(&self.lanes, threads);
     }
 
+    /// Requests reserved on the lanes beyond their sequences: those that wait for one.
+    fn waiting_for_a_sequence(&self) -> u64 {
+        self.lanes
+            .iter()
+            .map(|lane| {
+                lane.port
+                    .load
+                    .load(Ordering::Acquire)
+                    .saturating_sub(self.lane_sequences)
+            })
+            .sum()
+    }
+
     /// The lane a new request goes to, its load already counted: among lanes with a free
     /// sequence, the one sent the longest shared start of `prompt` lately (a conversation's
     /// earlier turns, a system prompt), where its prefix is most likely cached; among equals,
@@ -927,17 +940,18 @@ impl ModelHandle {
             submitted_at: Instant::now(),
         };
         let stats = &self.shared.stats;
-        let waiting = stats.queue_depth.fetch_add(1, Ordering::AcqRel);
-        if waiting >= u64::from(self.shared.queue_depth_max) {
-            stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
+        let Some(lane) = self.shared.reserve_lane(&job.request.prompt.tokens) else {
+            return Err(SubmitError::WorkerStopped);
+        };
+        // `queue_depth_max` bounds the requests that wait for a sequence, not those that
+        // find one free (a request of `n` choices on an idle model, a burst of requests).
+        if self.shared.waiting_for_a_sequence() > u64::from(self.shared.queue_depth_max) {
+            lane.port.load.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::QueueFull {
                 capacity: self.shared.queue_depth_max,
             });
         }
-        let Some(lane) = self.shared.reserve_lane(&job.request.prompt.tokens) else {
-            stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
-            return Err(SubmitError::WorkerStopped);
-        };
+        stats.queue_depth.fetch_add(1, Ordering::AcqRel);
         if lane.port.send(job).is_err() {
             lane.port.load.fetch_sub(1, Ordering::AcqRel);
             stats.queue_depth.fetch_sub(1, Ordering::AcqRel);

@@ -851,6 +851,34 @@ fn a_full_queue_refuses_and_a_queued_request_times_out_on_time() {
     });
 }
 
+/// `queue_depth_max` counts the requests that wait for a sequence: a burst on an idle model
+/// first takes every free sequence, however few may queue.
+#[test]
+fn a_burst_on_an_idle_model_takes_every_free_sequence_before_the_queue_bound_applies() {
+    let _serial = serial();
+    let mut spec = spec("burst");
+    spec.parallel_sequences = 4;
+    spec.queue_depth_max = 1;
+    let (_engine, model) = start(spec);
+    let runtime = runtime();
+    runtime.block_on(async {
+        // Submitted back to back, before the worker admits any: four run, one waits.
+        let accepted: Vec<_> = (0..5)
+            .map(|_| {
+                model
+                    .submit(exact_request(&model, "", "Tell me a story.", 8))
+                    .unwrap()
+            })
+            .collect();
+        let refused = model.submit(exact_request(&model, "", "Tell me a story.", 8));
+        assert_eq!(refused.err(), Some(SubmitError::QueueFull { capacity: 1 }));
+        for stream in accepted {
+            assert_eq!(collect(stream).await.tokens.len(), 8);
+        }
+    });
+    assert_eq!(model.stats().queue_depth(), 0);
+}
+
 #[test]
 fn a_context_overflow_is_refused_before_queueing() {
     let _serial = serial();
