@@ -133,7 +133,8 @@ pub struct SamplingParams {
     pub temperature: f32,
     /// Nucleus sampling mass, in (0, 1].
     pub top_p: f32,
-    /// Seed of the request's own random stream.
+    /// Seed of the request's own random stream (`u32::MAX` draws as `u32::MAX - 1`: llama.cpp
+    /// reserves it for a seed from the clock).
     pub seed: u32,
     /// Subtracted from the logit of every token the answer already holds (OpenAI's
     /// `presence_penalty`, -2 to 2; 0 for none).

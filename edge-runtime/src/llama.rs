@@ -1896,7 +1896,14 @@ impl Worker {
             chain.push(LlamaSampler::top_p(sampling.top_p, 1));
             chain.push(LlamaSampler::min_p(MIN_P, 1));
             chain.push(LlamaSampler::temp(sampling.temperature));
-            chain.push(LlamaSampler::dist(sampling.seed));
+            // llama.cpp reads u32::MAX (LLAMA_DEFAULT_SEED) as "seed from the clock": the
+            // request's seed would not repeat its answer. It draws as its neighbour instead.
+            let seed = if sampling.seed == u32::MAX {
+                u32::MAX - 1
+            } else {
+                sampling.seed
+            };
+            chain.push(LlamaSampler::dist(seed));
         }
         LlamaSampler::chain_simple(chain)
     }

@@ -879,6 +879,26 @@ fn a_burst_on_an_idle_model_takes_every_free_sequence_before_the_queue_bound_app
     assert_eq!(model.stats().queue_depth(), 0);
 }
 
+/// A sampled answer repeats with its seed, the largest seed too (llama.cpp would read that
+/// one as "seed from the clock").
+#[test]
+fn every_seed_repeats_its_sampled_answer() {
+    let _serial = serial();
+    let (_engine, model) = start(spec("seeds"));
+    let runtime = runtime();
+    let sampled = |seed: u32| {
+        let mut request = exact_request(&model, "", "Invent a name for a cat.", 24);
+        request.sampling.temperature = 1.5;
+        request.sampling.seed = seed;
+        runtime
+            .block_on(collect(model.submit(request).unwrap()))
+            .tokens
+    };
+    for seed in [7, u32::MAX] {
+        assert_eq!(sampled(seed), sampled(seed), "seed {seed}");
+    }
+}
+
 #[test]
 fn a_context_overflow_is_refused_before_queueing() {
     let _serial = serial();
