@@ -136,9 +136,19 @@ fn execute(command: UpdateCommand) -> Result<(), String> {
                 firmware::update::read_trusted_keys(&keys).map_err(|error| error.to_string())?;
             let verified = firmware::update::open_verified(&bundle, &trusted, &keys)
                 .map_err(|error| error.to_string())?;
-            // Reading every file checks its bytes too: install into a scratch directory.
-            let scratch =
-                std::env::temp_dir().join(format!(".isthmus-update-verify-{}", std::process::id()));
+            // Reading every file checks its bytes too: install into a scratch directory, made
+            // here and private (a name another user prepared, or a link, is refused).
+            let scratch = std::env::temp_dir().join(format!(
+                ".isthmus-update-verify-{:016x}",
+                rand::random::<u64>()
+            ));
+            {
+                use std::os::unix::fs::DirBuilderExt as _;
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&scratch)
+                    .map_err(|error| format!("{}: {error}", scratch.display()))?;
+            }
             let key_id = verified.key_id.clone();
             let outcome = verified.install(&scratch);
             let _ = std::fs::remove_dir_all(&scratch);
