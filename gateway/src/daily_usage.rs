@@ -3,9 +3,9 @@
 //! `<state_dir>/daily-usage.json` so that a restart does not hand out a fresh budget.
 //!
 //! Counts start when a caller has a budget (a budget added by a reload counts from then on)
-//! and start again at 00:00 UTC. The file is rewritten (a sibling renamed over it) every few
-//! seconds while counts change and when the gateway stops: a crash can forget the last
-//! seconds' tokens. A caller is refused once the day's count reaches its budget; the request
+//! and start again at 00:00 UTC. The file is rewritten (a synced sibling renamed over it)
+//! every few seconds while counts change and when the gateway stops: a crash can forget the
+//! last seconds' tokens, never the file. A caller is refused once the day's count reaches its budget; the request
 //! that crosses it is served whole, since its tokens are known only at its end.
 
 use std::collections::BTreeMap;
@@ -39,6 +39,9 @@ struct State {
 pub struct DailyUsage {
     path: PathBuf,
     state: Mutex<State>,
+    /// Held by a save from taking the counts until the file is in place: the periodic save
+    /// and the one at shutdown neither share a temporary file nor put older counts last.
+    saving: Mutex<()>,
 }
 
 impl DailyUsage {
@@ -61,6 +64,7 @@ impl DailyUsage {
                 today,
                 dirty: false,
             }),
+            saving: Mutex::new(()),
         };
         usage.roll(&mut usage.lock(), now);
         Ok(usage)
@@ -89,8 +93,14 @@ impl DailyUsage {
         state.dirty = true;
     }
 
-    /// Writes the counts when they changed: a sibling file, then renamed over the old one.
+    /// Writes the counts when they changed: a synced sibling file renamed over the old one,
+    /// the directory synced, so that a crash or power loss leaves the old counts or the new
+    /// ones, never a torn or empty file.
     pub fn save(&self) -> std::io::Result<()> {
+        let _saving = self
+            .saving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bytes = {
             let mut state = self.lock();
             if !state.dirty {
@@ -99,9 +109,7 @@ impl DailyUsage {
             state.dirty = false;
             serde_json::to_vec(&state.today).map_err(std::io::Error::other)?
         };
-        let sibling = self.path.with_extension("json.new");
-        let written =
-            std::fs::write(&sibling, bytes).and_then(|()| std::fs::rename(&sibling, &self.path));
+        let written = crate::audit::key::write_atomically(&self.path, &bytes, 0o600);
         if written.is_err() {
             self.lock().dirty = true;
         }

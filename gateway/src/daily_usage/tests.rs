@@ -19,7 +19,18 @@ fn counts_survive_a_reopen_the_same_day_and_start_again_the_next() {
     assert_eq!(usage.used("key:a", now), 750);
     assert_eq!(usage.used("key:b", now), 0);
     usage.save().unwrap();
-    assert!(!dir.path().join("daily-usage.json.new").exists());
+    // Only the file itself is left, readable by the gateway's user alone.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [FILE]);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join(FILE))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
 
     let later = now + Duration::from_secs(3_600);
     let reopened = DailyUsage::open(dir.path(), later).unwrap();
@@ -38,6 +49,28 @@ fn counts_survive_a_reopen_the_same_day_and_start_again_the_next() {
         0,
         "yesterday's counts are not today's"
     );
+}
+
+#[test]
+fn saves_at_once_from_several_threads_all_land_and_the_last_counts_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = afternoon();
+    let usage = DailyUsage::open(dir.path(), now).unwrap();
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            let usage = &usage;
+            scope.spawn(move || {
+                for _ in 0..50 {
+                    usage.add(&format!("key:{thread}"), 1, now);
+                    usage.save().unwrap();
+                }
+            });
+        }
+    });
+    let reopened = DailyUsage::open(dir.path(), now).unwrap();
+    for thread in 0..4 {
+        assert_eq!(reopened.used(&format!("key:{thread}"), now), 50);
+    }
 }
 
 #[test]
