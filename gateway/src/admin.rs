@@ -600,6 +600,17 @@ impl Admin {
             return console_file(asset);
         }
         let tokens = &self.state.config.server.admin_tokens;
+        // Without tokens the listener is on loopback, and the browser is the way in: a page
+        // whose name was rebound to 127.0.0.1 (DNS rebinding) or a cross-site form. Such
+        // requests name another host or come from another origin.
+        if tokens.is_empty()
+            && let Err(problem) = addressed_from_this_machine(&header.headers)
+        {
+            return json(
+                StatusCode::FORBIDDEN,
+                &serde_json::json!({"error": {"message": problem, "type": "permission_error", "param": null, "code": "not_loopback"}}),
+            );
+        }
         if !tokens.is_empty() && !crate::auth::bearer_matches(&header.headers, tokens) {
             let mut response = json(
                 StatusCode::UNAUTHORIZED,
@@ -737,3 +748,53 @@ impl Admin {
         }
     }
 }
+
+/// Whether a request to the tokenless (loopback) admin listener names a loopback host
+/// (`localhost`, `127.0.0.1`, `[::1]`, with any port) in `Host`, and, when it carries an
+/// `Origin`, comes from a page of such a host; else why not.
+fn addressed_from_this_machine(headers: &http::HeaderMap) -> Result<(), String> {
+    if let Some(host) = headers.get(http::header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        if !is_loopback_authority(host) {
+            return Err(format!(
+                "the admin API without admin tokens answers requests for a loopback host \
+                 (localhost, 127.0.0.1, [::1]), not `{}`",
+                host.escape_debug()
+            ));
+        }
+    }
+    if let Some(origin) = headers.get(http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        if !authority.is_some_and(is_loopback_authority) {
+            return Err(format!(
+                "the admin API without admin tokens answers pages of a loopback host, not \
+                 origin `{}`",
+                origin.escape_debug()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `HOST[:PORT]` where HOST is `localhost` or a loopback address.
+fn is_loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((host, port)) if port.is_empty() || port.starts_with(':') => host,
+            _ => return false,
+        },
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
+}
+
+#[cfg(test)]
+mod tests;

@@ -904,7 +904,7 @@ pub fn admin_post(gateway: &Gateway, path: &str) -> Value {
     let mut stream = std::net::TcpStream::connect(gateway.admin).unwrap();
     write!(
         stream,
-        "POST {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();

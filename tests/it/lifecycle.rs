@@ -134,7 +134,7 @@ fn slow_and_oversized_headers_are_cut_off() {
         };
         // A client that starts a request and never finishes its header is disconnected.
         let mut slow = connect();
-        write!(slow, "GET {path} HTTP/1.1\r\nHost: x\r\n").unwrap();
+        write!(slow, "GET {path} HTTP/1.1\r\nHost: localhost\r\n").unwrap();
         let mut buffer = Vec::new();
         let read = slow.read_to_end(&mut buffer);
         assert!(
@@ -148,7 +148,7 @@ fn slow_and_oversized_headers_are_cut_off() {
         let padding = "a".repeat(8192);
         let _ = write!(
             large,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nX-Padding: {padding}\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Padding: {padding}\r\n\r\n"
         );
         let mut response = Vec::new();
         let _ = large.read_to_end(&mut response);
@@ -167,12 +167,34 @@ fn slow_and_oversized_headers_are_cut_off() {
         let mut good = connect();
         write!(
             good,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
         let mut response = String::new();
         good.read_to_string(&mut response).unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
+    }
+    // Without admin tokens (on loopback) the admin API answers only requests for a loopback
+    // host from pages of one: not a name rebound to 127.0.0.1, not a cross-site form.
+    for (request, problem) in [
+        (
+            "GET /admin/api/config HTTP/1.1\r\nHost: rebound.example:9090\r\n",
+            "not `rebound.example:9090`",
+        ),
+        (
+            "POST /admin/api/reload HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Origin: https://forms.example\r\nContent-Length: 0\r\n",
+            "not origin `https://forms.example`",
+        ),
+    ] {
+        let mut stream = std::net::TcpStream::connect(gateway.admin).unwrap();
+        write!(stream, "{request}Connection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 403") && response.contains(problem),
+            "{response}"
+        );
     }
     // A request refused before its body was read (no credentials here): the body is read and
     // dropped, not taken for the next request's header, and the connection serves that one.

@@ -118,7 +118,7 @@ fn admin_explain(gateway: &Gateway, body: &Value) -> Value {
     let mut stream = std::net::TcpStream::connect(gateway.admin).unwrap();
     write!(
         stream,
-        "POST /admin/api/explain HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        "POST /admin/api/explain HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     )
     .unwrap();
