@@ -599,7 +599,13 @@ impl Admin {
         {
             return console_file(asset);
         }
-        let tokens = &self.state.config.server.admin_tokens;
+        // The tokens in force, so that a rotated token takes effect with a reload; a reload
+        // cannot take every token away (that needs a restart: the listener may be exposed).
+        let routing = self.state.routing();
+        let tokens = match routing.config.server.admin_tokens.as_slice() {
+            [] => &self.state.config.server.admin_tokens,
+            in_force => in_force,
+        };
         // Without tokens the listener is on loopback, and the browser is the way in: a page
         // whose name was rebound to 127.0.0.1 (DNS rebinding) or a cross-site form. Such
         // requests name another host or come from another origin.

@@ -122,10 +122,18 @@ fn restart_sections(started: &Config, next: &Config) -> Vec<&'static str> {
         .collect()
 }
 
-/// The sections read once at start-up, each as text to compare.
+/// The sections read once at start-up, each as text to compare. Admin tokens take effect
+/// with a reload, unless none are left (then the start-up ones stay until a restart).
 fn start_up_sections(config: &Config) -> [(&'static str, String); 7] {
+    let server = crate::config::ServerConfig {
+        admin_tokens: Vec::new(),
+        ..config.server.clone()
+    };
     [
-        ("server", format!("{:?}", config.server)),
+        (
+            "server",
+            format!("{server:?} {}", config.server.admin_tokens.is_empty()),
+        ),
         ("models", format!("{:?}", config.models)),
         ("engine", format!("{:?}", config.engine)),
         ("audit", format!("{:?}", config.audit)),
@@ -214,12 +222,13 @@ pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
     }
 }
 
-/// The data plane's API keys read from files, with the digest of the key in force.
+/// The API keys and admin tokens read from files, with the digest of the key in force.
 fn key_files(config: &Config) -> impl Iterator<Item = (&std::path::Path, [u8; 32])> {
     config
         .auth
         .api_keys
         .iter()
+        .chain(&config.server.admin_tokens)
         .filter_map(|key| key.file.as_deref().map(|file| (file, key.sha256)))
 }
 

@@ -203,5 +203,41 @@ fn off_loopback_the_admin_api_needs_tls_and_a_token() {
     // Plain HTTP to a TLS listener gets no 200.
     let (code, _) = probe(Some(ADMIN_TOKEN), None);
     assert_eq!(code, Some(1));
+
+    // A rotated token takes effect with a reload, which asks for no restart for it.
+    let digest =
+        |token: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    let rotated = "rotated-admin-token";
+    let text = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace(&digest(ADMIN_TOKEN), &digest(rotated));
+    std::fs::write(&config_path, text).unwrap();
+    block_on(async {
+        let client = tests::client();
+        let report: serde_json::Value = client
+            .post(format!("{admin_url}/admin/api/reload"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(report["reloaded"], true, "{report}");
+        assert_eq!(
+            report["restart_required"],
+            serde_json::json!([]),
+            "{report}"
+        );
+        for (token, status) in [(ADMIN_TOKEN, 401), (rotated, 200)] {
+            let response = client
+                .get(format!("{admin_url}/healthz"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status, "{token}");
+        }
+    });
     drop(child);
 }
