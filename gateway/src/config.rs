@@ -87,6 +87,9 @@ pub struct Config {
     /// Listen addresses given on the command line in place of the file's; a reload puts
     /// them in force again over the file it reads.
     pub listen_overrides: ListenOverrides,
+    /// The file's `[models]` differ from the models loaded at start-up, which `models`
+    /// holds instead (set by a reload: models load only at start-up).
+    pub models_awaiting_restart: bool,
 }
 
 /// `isthmus serve --listen / --admin-listen`.
@@ -770,6 +773,7 @@ pub fn parse(
             waf,
             cors,
             listen_overrides: ListenOverrides::default(),
+            models_awaiting_restart: false,
         }),
         _ => Err(validator.errors),
     }

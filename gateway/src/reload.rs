@@ -86,12 +86,12 @@ pub fn build_routing(config: Config, previous: Option<&Pools>) -> Result<Routing
 
 fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> {
     let current = state.routing();
-    let routing = build_routing(config, Some(&current.pools))?;
-    let config = std::sync::Arc::clone(&routing.config);
     let restart_required = restart_sections(&state.config, &config)
         .into_iter()
         .map(str::to_owned)
         .collect();
+    let routing = build_reloaded(state, config, &current.pools)?;
+    let config = std::sync::Arc::clone(&routing.config);
     let mut names: Vec<String> = config
         .upstreams
         .iter()
@@ -103,6 +103,38 @@ fn apply(state: &AppState, config: Config) -> Result<ReloadReport, Vec<String>> 
         reloaded: true,
         pools: names,
         restart_required,
+    })
+}
+
+/// `config` with the models loaded at start-up in place of the file's: `[models]` take
+/// effect at a restart, and until then the policy routes to the models that are there (a
+/// rule or default naming a model still to load is refused, saying so).
+fn with_loaded_models(state: &AppState, mut config: Config) -> Config {
+    if format!("{:?}", config.models) != format!("{:?}", state.config.models) {
+        config.models = state.config.models.clone();
+        config.models_awaiting_restart = true;
+    }
+    config
+}
+
+/// `build_routing` of a reloaded configuration, its errors saying when `[models]` waits for
+/// a restart.
+fn build_reloaded(
+    state: &AppState,
+    config: Config,
+    previous: &Pools,
+) -> Result<Routing, Vec<String>> {
+    let config = with_loaded_models(state, config);
+    let awaiting = config.models_awaiting_restart;
+    build_routing(config, Some(previous)).map_err(|mut errors| {
+        if awaiting {
+            errors.push(
+                "models: [models] changed; the policy is checked against the models loaded \
+                 at start-up until a restart loads the new ones"
+                    .to_owned(),
+            );
+        }
+        errors
     })
 }
 
@@ -134,7 +166,10 @@ fn start_up_sections(config: &Config) -> [(&'static str, String); 7] {
             "server",
             format!("{server:?} {}", config.server.admin_tokens.is_empty()),
         ),
-        ("models", format!("{:?}", config.models)),
+        (
+            "models",
+            format!("{:?} {}", config.models, config.models_awaiting_restart),
+        ),
         ("engine", format!("{:?}", config.engine)),
         ("audit", format!("{:?}", config.audit)),
         ("responses", format!("{:?}", config.responses)),
@@ -360,7 +395,7 @@ pub fn replace_configuration(
         .collect();
     if dry_run {
         let current = state.routing();
-        let routing = build_routing(config, Some(&current.pools)).map_err(EditError::Invalid)?;
+        let routing = build_reloaded(state, config, &current.pools).map_err(EditError::Invalid)?;
         let mut pools: Vec<String> = routing
             .config
             .upstreams

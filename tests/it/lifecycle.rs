@@ -669,3 +669,54 @@ fn listen_addresses_given_on_the_command_line_are_checked_and_stay_through_a_rel
     assert_eq!(reloaded["reloaded"], true, "{reloaded}");
     assert_eq!(reloaded["restart_required"], json!([]), "{reloaded}");
 }
+
+#[test]
+fn a_reload_routes_to_the_models_loaded_until_a_restart_loads_the_files_models() {
+    let _serial = serial();
+    let gateway = Gateway::start(&GatewayOptions::default());
+    let config_path = gateway.dir.path().join("isthmus.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let other = format!("\n[models.other]\npath = {:?}\n", tests::model_path());
+
+    // A model added in the file and made the default cannot be routed to before a restart
+    // loads it: the reload is refused, saying so.
+    std::fs::write(
+        &config_path,
+        format!("{text}{other}\n[routing]\ndefault_model = \"other\"\n"),
+    )
+    .unwrap();
+    let refused = crate::cloud::admin_post(&gateway, "/admin/api/reload");
+    assert_eq!(refused["reloaded"], false, "{refused}");
+    assert!(
+        refused["errors"].to_string().contains(
+            "models: [models] changed; the policy is checked against the models loaded at start-up"
+        ),
+        "{refused}"
+    );
+
+    // Added alone, it waits for the restart, and routing goes on over the models loaded.
+    std::fs::write(&config_path, format!("{text}{other}")).unwrap();
+    let reloaded = crate::cloud::admin_post(&gateway, "/admin/api/reload");
+    assert_eq!(reloaded["reloaded"], true, "{reloaded}");
+    assert_eq!(
+        reloaded["restart_required"],
+        json!(["models"]),
+        "{reloaded}"
+    );
+    assert!(
+        gateway
+            .metrics()
+            .contains("isthmus_config_restart_required{section=\"models\"} 1")
+    );
+    block_on(async {
+        for (model, status) in [("smollm2", 200), ("other", 404)] {
+            let response = crate::post_json(
+                &gateway,
+                "/v1/chat/completions",
+                &chat_body("Say hi.", json!({"model": model, "max_tokens": 2})),
+            )
+            .await;
+            assert_eq!(response.status(), status, "{model}");
+        }
+    });
+}
