@@ -1302,13 +1302,15 @@ async fn relay_stream(
         }
         None => rest.extend_from_slice(&leftover),
     }
-    crate::audit_trail::seal(session, ctx)
-        .await
-        .map_err(|failure| Relay::ClientGone(format!("{failure:?}")))?;
     if done {
         rest.extend_from_slice(b"data: [DONE]\n\n");
     }
+    // Translated first: a Responses stream keeps its response as it ends, and the outcome
+    // record says whether it was kept. Written once that record is durable.
     let rest = ctx.stream_bytes(rest.freeze());
+    crate::audit_trail::seal(session, ctx)
+        .await
+        .map_err(|failure| Relay::ClientGone(format!("{failure:?}")))?;
     session
         .write_response_body(if rest.is_empty() { None } else { Some(rest) }, true)
         .await

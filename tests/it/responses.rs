@@ -391,7 +391,7 @@ fn what_the_scan_cannot_read_is_not_kept_at_rest_unless_allowed() {
     std::fs::write(&key_file, "5a".repeat(32)).unwrap();
     let gateway = Gateway::start(&GatewayOptions {
         extra: format!(
-            "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"served-70b\" }}\n[[upstreams.aks.backends]]\nurl = \"{}\"\n[upstreams.aks.health]\nenabled = false\n[responses]\nstore = true\nencryption_key_file = \"{}\"\n",
+            "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"served-70b\" }}\n[[upstreams.aks.backends]]\nurl = \"{}\"\n[upstreams.aks.health]\nenabled = false\n[responses]\nstore = true\nencryption_key_file = \"{}\"\nrecord_bytes_max = 8192\n",
             upstream.base_url(),
             key_file.display()
         ),
@@ -441,6 +441,29 @@ fn what_the_scan_cannot_read_is_not_kept_at_rest_unless_allowed() {
             {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="},
         ]);
         assert_eq!(ask(picture).await, (json!(false), 404));
+        // A streamed answer too large to keep says so in its last event, and its audit
+        // record says the same (the record is written once the keeping was tried).
+        let body = json!({"model": "gpt-4o", "max_output_tokens": 8, "stream": true,
+            "input": format!("Summarise: {}", "the tide turns. ".repeat(800))});
+        let response = post(gateway, "/v1/responses", &body, &[]).await;
+        assert_eq!(response.status(), 200);
+        let events = events(&response.text().await.unwrap());
+        let (name, completed) = events.last().unwrap();
+        assert_eq!(name, "response.completed", "{events:?}");
+        assert_eq!(completed["response"]["store"], false, "{completed}");
+        let id = completed["response"]["id"].as_str().unwrap().to_owned();
+        let (_, audit) = crate::console::admin_json(
+            gateway,
+            reqwest::Method::GET,
+            "/admin/api/audit/records?category=IsthmusAudit&limit=50",
+            None,
+        )
+        .await;
+        let made = audit["records"].as_array().unwrap().iter().find(|record| {
+            record["Properties"]["ResponseId"] == id.as_str() && record["ResultType"] == "Succeeded"
+        });
+        let made = made.unwrap_or_else(|| panic!("no record of making {id}: {audit}"));
+        assert_eq!(made["Properties"]["ResponseStored"], false, "{made}");
     });
 }
 
