@@ -96,7 +96,7 @@ pub fn record(
         .duration_ms(u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX))
         .level(level)
         .caller_ip_address(client)
-        .correlation_id(ctx.request_id.clone())
+        .correlation_id(ctx.correlation_id.clone())
         .request_id(ctx.request_id.clone())
         .gateway_instance(instance)
         .ocsf_activity_id(ocsf_activity(method, path));
@@ -232,7 +232,7 @@ pub fn waf_records(
                 )
                 .level(level)
                 .caller_ip_address(client.clone())
-                .correlation_id(ctx.request_id.clone())
+                .correlation_id(ctx.correlation_id.clone())
                 .request_id(ctx.request_id.clone())
                 .gateway_instance(instance)
                 .ocsf_activity_id(99)

@@ -75,6 +75,10 @@ const REQUEST_ID_BYTES_MAX: usize = 128;
 pub struct RequestContext {
     pub started: Instant,
     pub request_id: String,
+    /// The audit records' `CorrelationId`: a GUID the gateway made, which pairs a request's
+    /// intent and outcome records whatever `x-request-id` the client sent (the request id
+    /// itself when the gateway made that).
+    pub correlation_id: String,
     /// `local`, `cloud`, `rejected`; `none` until something decided.
     pub route: &'static str,
     pub target: Option<String>,
@@ -505,7 +509,6 @@ fn expects_continue(header: &pingora_http::RequestHeader) -> bool {
             .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// The client's `x-request-id` when it is a sane token, else a new one.
 /// A `Content-Encoding` other than `identity` on a request, as the client named it (cut to
 /// 64 printable characters). Bodies are scanned, filtered and forwarded as sent, so a
 /// compressed one is refused instead of being read as bad JSON.
@@ -533,7 +536,8 @@ fn content_encoding(header: &pingora_http::RequestHeader) -> Option<String> {
     )
 }
 
-fn request_id(session: &Session) -> String {
+/// The client's `x-request-id` when it is a sane token.
+fn client_request_id(session: &Session) -> Option<String> {
     session
         .req_header()
         .headers
@@ -547,7 +551,6 @@ fn request_id(session: &Session) -> String {
                     .all(|byte| byte.is_ascii_alphanumeric() || b"._:-".contains(&byte))
         })
         .map(str::to_owned)
-        .unwrap_or_else(new_request_id)
 }
 
 /// The id of a response that is kept: random, never derived from the client's request id.
@@ -1757,6 +1760,7 @@ impl ProxyHttp for DataPlane {
         RequestContext {
             started: Instant::now(),
             request_id: String::new(),
+            correlation_id: String::new(),
             route: "none",
             target: None,
             rule: "default",
@@ -1809,7 +1813,13 @@ impl ProxyHttp for DataPlane {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> pingora_error::Result<bool> {
-        ctx.request_id = request_id(session);
+        (ctx.request_id, ctx.correlation_id) = match client_request_id(session) {
+            Some(client) => (client, new_request_id()),
+            None => {
+                let made = new_request_id();
+                (made.clone(), made)
+            }
+        };
         ctx.client_ip = client_ip(session, &self.state.config.server);
         let trace = crate::telemetry::TraceContext::from_header(
             session

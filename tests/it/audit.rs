@@ -507,6 +507,32 @@ token_file = {token_file:?}
         ingestion.received().len()
     );
     let received = ingestion.received();
+    // The client chose the request id; the correlation id that pairs the intent and outcome
+    // records is the gateway's own GUID.
+    let of_request = |id: &str| -> Vec<&Value> {
+        received
+            .iter()
+            .filter(|record| record["RequestId"] == id && record["Category"] == "IsthmusAudit")
+            .collect()
+    };
+    let pair = of_request("content-plain");
+    assert_eq!(pair.len(), 2, "{pair:?}");
+    let correlation = pair[0]["CorrelationId"].as_str().unwrap();
+    let guid = correlation.len() == 36
+        && correlation.char_indices().all(|(at, character)| {
+            if [8, 13, 18, 23].contains(&at) {
+                character == '-'
+            } else {
+                character.is_ascii_hexdigit()
+            }
+        });
+    assert!(guid && pair[1]["CorrelationId"] == correlation, "{pair:?}");
+    assert_ne!(
+        correlation,
+        of_request("content-cloud")[0]["CorrelationId"]
+            .as_str()
+            .unwrap()
+    );
     let everything = serde_json::to_string(&received).unwrap();
     assert!(
         !everything.contains("support-marker-7731"),

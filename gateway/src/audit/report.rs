@@ -93,7 +93,12 @@ impl Tally {
         let properties = record.get("Properties").and_then(Value::as_object);
         let property = |name: &str| properties.and_then(|properties| properties.get(name));
         let property_text = |name: &str| property(name).and_then(Value::as_str).unwrap_or_default();
-        let request_id = text("RequestId").to_owned();
+        // Intent and outcome pair by the gateway's CorrelationId (records written before it
+        // was a GUID of the gateway's own: by RequestId, which the client may have chosen).
+        let request_id = match text("CorrelationId") {
+            "" => text("RequestId").to_owned(),
+            correlation => correlation.to_owned(),
+        };
         match text("Category") {
             "IsthmusWaf" => {
                 *self

@@ -146,3 +146,27 @@ fn requests_with_attachments_are_counted_by_kind_and_where_they_went() {
         "{text}"
     );
 }
+
+#[test]
+fn intents_pair_with_outcomes_by_correlation_id_whatever_request_id_the_client_sent() {
+    let mut tally = Tally::default();
+    let with = |correlation: &str, phase: Option<&str>| {
+        let properties = match phase {
+            Some(phase) => json!({"Phase": phase, "Route": "local"}),
+            None => json!({"Route": "local"}),
+        };
+        record(json!({"Category": "IsthmusAudit", "RequestId": "same-id",
+            "CorrelationId": correlation, "Properties": properties}))
+    };
+    // Two requests under one client-chosen id; only the first finishes.
+    tally.add(&with(
+        "6f1c0b0e-0000-4000-8000-000000000001",
+        Some("intent"),
+    ));
+    tally.add(&with(
+        "6f1c0b0e-0000-4000-8000-000000000002",
+        Some("intent"),
+    ));
+    tally.add(&with("6f1c0b0e-0000-4000-8000-000000000001", None));
+    assert_eq!(tally.finish().unfinished_requests, 1);
+}
