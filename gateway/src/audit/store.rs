@@ -668,6 +668,31 @@ impl Writer {
             .and_then(JsonlFiles::last_line)
             .and_then(parse_last)
             .map(|(last, _)| last);
+        // The files continue the store's stream, or start it: a directory whose newest record
+        // belongs to another stream (another gateway's, or a restored copy) would fork or
+        // interleave both chains.
+        let stored_stream = match &stored {
+            Some((last, _)) => Some(last.stream_id.clone()),
+            None => store
+                .meta
+                .get(META_STREAM_ID)
+                .ok()
+                .flatten()
+                .map(|id| String::from_utf8_lossy(&id).into_owned()),
+        };
+        if let (Some(stored_stream), Some(filed), Some(directory)) =
+            (&stored_stream, &from_files, &config.directory)
+            && filed.stream_id != *stored_stream
+        {
+            return Err(AuditError::Open(format!(
+                "{}: the newest audit record there belongs to stream {}, not to this gateway's \
+                 stream {stored_stream} (its store is in {}): give each gateway an audit \
+                 directory of its own",
+                directory.display(),
+                filed.stream_id,
+                store_directory.display()
+            )));
+        }
         let last = match (stored.map(|(last, _)| last), from_files) {
             (Some(stored), Some(filed)) if filed.seq > stored.seq => {
                 tracing::warn!(

@@ -725,3 +725,29 @@ mod bound {
         }
     }
 }
+
+#[test]
+fn a_files_directory_holding_another_streams_records_is_refused() -> anyhow::Result<()> {
+    let first_state = tempfile::tempdir()?;
+    let first = AuditLog::open(config(first_state.path()))?;
+    first.append_blocking(request(&super::SystemClock, 1))?;
+    let first_stream = first.stream_id().to_owned();
+    first.shutdown_blocking()?;
+    drop(first);
+    let second_state = tempfile::tempdir()?;
+    let second = AuditLog::open(config(second_state.path()))?;
+    second.shutdown_blocking()?;
+    drop(second);
+    // The second gateway pointed at the first's files: its chain would interleave with them.
+    let mut pointed = config(second_state.path());
+    pointed.directory = config(first_state.path()).directory;
+    let Err(AuditError::Open(message)) = AuditLog::open(pointed) else {
+        panic!("the second gateway opened over the first's records");
+    };
+    assert!(
+        message.contains(&format!("belongs to stream {first_stream}"))
+            && message.contains("give each gateway an audit directory of its own"),
+        "{message}"
+    );
+    Ok(())
+}
