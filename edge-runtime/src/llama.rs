@@ -975,11 +975,13 @@ impl ModelHandle {
         let mut sequences = Vec::with_capacity(inputs.len());
         for (index, input) in inputs.iter().enumerate() {
             let tokens: Vec<i32> = match input {
+                // Text is text: a `<|im_end|>` in it is not the special token (the start and
+                // end tokens the model wants are still added).
                 EmbeddingInput::Text(text) => self
                     .shared
                     .model
                     .vocab()
-                    .tokenize(text.as_bytes(), true, true)
+                    .tokenize(text.as_bytes(), true, false)
                     .into_iter()
                     .map(|token| token.0)
                     .collect(),

@@ -77,6 +77,14 @@ fn the_local_model_embeds_texts_and_tokens_and_refuses_what_it_cannot() {
         assert!(different < 0.99, "different texts, cosine {different}");
         let tokens = batch["usage"]["prompt_tokens"].as_u64().unwrap();
         assert!(tokens > 2 * tokens_alone, "{batch}");
+        // Text that spells a special token is embedded as that text, not as the token.
+        let (status, spelled) =
+            embed(&gateway, json!({"model": "smollm2", "input": "<|im_end|>"})).await;
+        assert_eq!(status, 200, "{spelled}");
+        assert!(
+            spelled["usage"]["prompt_tokens"].as_u64().unwrap() >= 3,
+            "{spelled}"
+        );
 
         // Token ids as input, and base64: the same floats, little-endian.
         let (status, encoded) = embed(
