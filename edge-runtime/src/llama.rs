@@ -224,6 +224,11 @@ struct LanePort {
 }
 
 impl LanePort {
+    /// Whether the lane still takes jobs (it has not ended for good).
+    fn takes_jobs(&self) -> bool {
+        *self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Sends a job if the lane still takes jobs; else gives it back.
     fn send(&self, job: Job) -> Result<(), Box<Job>> {
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
@@ -296,9 +301,11 @@ impl ModelShared {
             return Some(lane);
         }
         let digests = block_digests(prompt);
+        // A lane that ended for good has no load left and would look the least loaded.
         let mut lanes: Vec<(std::cmp::Reverse<usize>, u64, &LaneHandle)> = self
             .lanes
             .iter()
+            .filter(|lane| lane.port.takes_jobs())
             .map(|lane| {
                 let shared = if digests.is_empty() {
                     0
@@ -324,9 +331,9 @@ impl ModelShared {
         let lane = match free {
             Some(lane) => lane,
             None => {
-                let lane = self
-                    .lanes
+                let lane = lanes
                     .iter()
+                    .map(|(_, _, lane)| *lane)
                     .min_by_key(|lane| lane.port.load.load(Ordering::Acquire))?;
                 lane.port.load.fetch_add(1, Ordering::AcqRel);
                 lane

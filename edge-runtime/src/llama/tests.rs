@@ -1596,6 +1596,34 @@ fn a_lane_left_down_fails_what_waits_for_it_and_counts_it_out() {
     drop(engine);
 }
 
+/// With several lanes, one that ended for good (no load left, so the least loaded) gets no
+/// more requests: the others serve them.
+#[test]
+fn requests_go_around_a_lane_that_ended_for_good() {
+    let _serial = serial();
+    let (engine, model) = start(ModelSpec {
+        parallel_sequences: 2,
+        lanes: 2,
+        ..spec("lane-down")
+    });
+    for _ in 0..4 {
+        model.shared.panic_lane(0);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while model.shared.lanes[0].port.takes_jobs() {
+        assert!(std::time::Instant::now() < deadline, "lane 0 never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let runtime = runtime();
+    for prompt in PROMPTS {
+        let answer = runtime.block_on(collect(
+            model.submit(exact_request(&model, "", prompt, 4)).unwrap(),
+        ));
+        assert_eq!(answer.tokens.len(), 4, "{prompt}");
+    }
+    drop(engine);
+}
+
 #[test]
 fn a_lane_that_panics_fails_what_it_held_and_serves_again() {
     let _serial = serial();
