@@ -82,9 +82,12 @@ pub fn decide(
         }
     }
     let mut decision = decision.unwrap_or_else(|| by_name(policy, requested));
+    // Spillover moves what the policy read whole and found clean: not content the scan
+    // cannot read (attachments), which a rule may keep local for that very reason.
     if let (Decision::Local { .. }, Some(spillover)) = (&decision, &policy.spillover)
         && state.spillover
         && !sensitive
+        && facts.attachments.is_empty()
         && inputs.pool_available(&spillover.pool)
     {
         decision = Decision::Cloud {

@@ -117,6 +117,7 @@ struct Case<'a> {
     queue: u64,
     aks_available: bool,
     spillover: bool,
+    attachments: &'a [&'a str],
 }
 
 fn run(policy: &Policy, case: Case<'_>) -> crate::Outcome {
@@ -133,7 +134,7 @@ fn run(policy: &Policy, case: Case<'_>) -> crate::Outcome {
             classification: case.classification,
             redactable: true,
         },
-        attachments: &[],
+        attachments: case.attachments,
         complexity: case.complexity,
     };
     let local = [LocalLoad {
@@ -584,6 +585,23 @@ fn spillover_turns_on_above_the_high_mark_and_off_at_the_low_mark() {
         },
     );
     assert_eq!(outcome.decision.rule(), "sensitive-local");
+    // Nor does content the scan cannot read.
+    let outcome = run(
+        &policy,
+        Case {
+            model: Some("smollm2"),
+            attachments: &["image"],
+            queue: 20,
+            aks_available: true,
+            spillover: true,
+            ..Case::default()
+        },
+    );
+    assert!(
+        matches!(outcome.decision, Decision::Local { .. }),
+        "{:?}",
+        outcome.decision
+    );
 }
 
 #[test]
