@@ -23,6 +23,33 @@ pub struct RequestView<'a> {
     pub body: &'a [u8],
 }
 
+/// The OpenAI path of the operation `path` names another way (`/openai/deployments/D/chat/
+/// completions`, `/openai/v1/embeddings`, `/v1/completions/`), so that a rule's `paths`
+/// cannot be sidestepped by a spelling the router takes; `None` for the path itself or
+/// one that names no model operation.
+pub fn operation_path(path: &str) -> Option<&'static str> {
+    let trimmed = path.trim_end_matches('/');
+    let path_v1 = match trimmed.strip_prefix("/openai") {
+        Some(rest) if rest.starts_with("/v1/") => rest,
+        _ => trimmed,
+    };
+    let action = match path_v1.strip_prefix("/openai/deployments/") {
+        Some(rest) => rest.split_once('/').map_or("", |(_, action)| action),
+        None => path_v1.strip_prefix("/v1/").unwrap_or(match path_v1 {
+            "/openai/responses" => "responses",
+            _ => "",
+        }),
+    };
+    let operation = match action {
+        "chat/completions" => "/v1/chat/completions",
+        "completions" => "/v1/completions",
+        "embeddings" => "/v1/embeddings",
+        "responses" => "/v1/responses",
+        _ => return None,
+    };
+    (operation != path).then_some(operation)
+}
+
 /// The request's headers as text pairs, for routing and the firewall (a value that is not
 /// visible ASCII is left out: no rule matches on it).
 pub fn header_pairs(headers: &http::HeaderMap) -> Vec<(&str, &str)> {
@@ -100,6 +127,7 @@ pub fn evaluate(
     let attachments = attachments(request.body);
     let facts = router_policies::RequestFacts {
         path: request.path,
+        operation_path: operation_path(request.path),
         method: request.method,
         headers: request.headers,
         requested_model: request.model,

@@ -158,6 +158,7 @@ fn bench_prompt(criterion: &mut Criterion, name: &str, text: &str) {
             });
             let facts = RequestFacts {
                 path: "/v1/chat/completions",
+                operation_path: None,
                 method: "POST",
                 headers: &headers,
                 requested_model: Some("smollm2"),

@@ -49,6 +49,9 @@ pub struct Sensitivity<'a> {
 pub struct RequestFacts<'a> {
     /// The request path, e.g. `/v1/chat/completions`.
     pub path: &'a str,
+    /// The OpenAI path of the operation when the request named it another way (an Azure
+    /// deployment path, `/openai/v1/...`, a trailing `/`): `paths` conditions match either.
+    pub operation_path: Option<&'a str>,
     /// The method, upper case.
     pub method: &'a str,
     /// Request headers, names lower case.

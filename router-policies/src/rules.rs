@@ -106,13 +106,13 @@ impl Conditions {
     pub(crate) fn first_failure(&self, inputs: &Inputs<'_>) -> Option<&'static str> {
         let facts = inputs.facts;
         if !self.paths.is_empty()
-            && !self
-                .paths
-                .iter()
-                .any(|pattern| match pattern.strip_suffix('*') {
-                    Some(prefix) => facts.path.starts_with(prefix),
-                    None => facts.path == pattern,
-                })
+            && !self.paths.iter().any(|pattern| {
+                let matches = |path: &str| match pattern.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => path == pattern,
+                };
+                matches(facts.path) || facts.operation_path.is_some_and(matches)
+            })
         {
             return Some("path");
         }

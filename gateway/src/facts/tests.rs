@@ -690,3 +690,26 @@ fn token_id_prompts_and_inputs_are_named_as_tokens() {
         ["image", "tokens"]
     );
 }
+
+#[test]
+fn every_spelling_of_an_operation_names_its_openai_path() {
+    for (path, operation) in [
+        ("/v1/chat/completions", None),
+        ("/v1/chat/completions/", Some("/v1/chat/completions")),
+        ("/openai/v1/completions", Some("/v1/completions")),
+        (
+            "/openai/deployments/gpt-4o/chat/completions",
+            Some("/v1/chat/completions"),
+        ),
+        (
+            "/openai/deployments/small/embeddings",
+            Some("/v1/embeddings"),
+        ),
+        ("/openai/responses", Some("/v1/responses")),
+        ("/v1/models", None),
+        ("/openai/deployments/x/images/generations", None),
+        ("/healthz", None),
+    ] {
+        assert_eq!(super::operation_path(path), operation, "{path}");
+    }
+}

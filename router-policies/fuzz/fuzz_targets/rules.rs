@@ -151,6 +151,7 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let facts = RequestFacts {
         path: "/v1/chat/completions",
+        operation_path: None,
         method: "POST",
         headers: &[],
         requested_model: Some(bytes.pick(MODELS)),

@@ -125,6 +125,7 @@ fn run(policy: &Policy, case: Case<'_>) -> crate::Outcome {
     let headers: Vec<(&str, &str)> = team.into_iter().collect();
     let facts = RequestFacts {
         path: "/v1/chat/completions",
+        operation_path: None,
         method: "POST",
         headers: &headers,
         requested_model: case.model,
@@ -207,6 +208,7 @@ fn attachments_the_scan_cannot_read_can_be_kept_off_the_cloud() {
     let decided = |attachments: &[&str]| {
         let facts = RequestFacts {
             path: "/v1/chat/completions",
+            operation_path: None,
             method: "POST",
             requested_model: Some("gpt-4o"),
             attachments,
@@ -273,6 +275,7 @@ fn a_rule_on_a_model_name_nothing_serves_is_refused() {
 fn by_name(default_model: Option<&str>, requested_model: Option<&str>, expect: Expect) {
     let facts = RequestFacts {
         path: "/v1/chat/completions",
+        operation_path: None,
         method: "POST",
         requested_model,
         ..RequestFacts::default()
@@ -510,6 +513,7 @@ fn rules_can_refuse_and_sensitive_cloud_only_requests_are_refused() {
     let policy = base(None);
     let facts = RequestFacts {
         path: "/v1/chat/completions",
+        operation_path: None,
         method: "POST",
         requested_model: Some("gpt-4o"),
         sensitivity: Sensitivity {
@@ -724,6 +728,7 @@ proptest! {
         let headers: Vec<(&str, &str)> = team.map(|team| ("x-team", team)).into_iter().collect();
         let facts = RequestFacts {
             path: "/v1/chat/completions",
+            operation_path: None,
             method: "POST",
             headers: &headers,
             requested_model: model,
@@ -746,4 +751,53 @@ proptest! {
             prop_assert!(on_premises || redacted, "{:?}", outcome);
         }
     }
+}
+
+#[test]
+fn path_conditions_match_the_operation_however_the_path_names_it() {
+    let rules = vec![rule(
+        "no-embeddings",
+        Conditions {
+            paths: vec!["/v1/embeddings".to_owned()],
+            ..Conditions::default()
+        },
+        Action::Reject {
+            status: 403,
+            message: "embeddings are off".to_owned(),
+        },
+    )];
+    let policy = match base(Some("smollm2")).with_rules(rules, Vec::new(), None) {
+        Ok(policy) => policy,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    let rule_for = |path: &str, operation_path: Option<&str>| {
+        let facts = RequestFacts {
+            path,
+            operation_path,
+            method: "POST",
+            requested_model: Some("smollm2"),
+            ..RequestFacts::default()
+        };
+        decide(&policy, &facts, &Signals::default(), RouteState::default())
+            .decision
+            .rule()
+            .to_owned()
+    };
+    assert_eq!(rule_for("/v1/embeddings", None), "no-embeddings");
+    for path in [
+        "/v1/embeddings/",
+        "/openai/v1/embeddings",
+        "/openai/deployments/small/embeddings",
+    ] {
+        assert_eq!(
+            rule_for(path, Some("/v1/embeddings")),
+            "no-embeddings",
+            "{path}"
+        );
+    }
+    assert_eq!(
+        rule_for("/v1/chat/completions", None),
+        "default",
+        "another operation"
+    );
 }
