@@ -222,9 +222,11 @@ pub fn boot_step(state: &SlotState) -> (SlotState, BootOutcome) {
     )
 }
 
-/// Ends a trial: the active slot became ready. `None` when there is no trial.
+/// Ends a trial: the active slot became ready. `None` when there is no trial, or when the
+/// trial has not started yet (applied while this start, of the slot before it, was under
+/// way: that start's readiness says nothing of the slot on trial).
 pub fn commit_step(state: &SlotState) -> Option<SlotState> {
-    let trial = state.trial.as_ref()?;
+    let trial = state.trial.as_ref().filter(|trial| trial.attempts >= 1)?;
     let mut next = state.clone();
     next.trial = None;
     if let Some(version) = state.versions.get(&trial.slot) {
@@ -851,6 +853,17 @@ impl Firmware {
         let _ = fs::remove_dir_all(&staging);
         let key_id = verified.key_id.clone();
         let manifest = verified.install(&staging)?;
+        // The slot is about to go: first the state stops naming it (a rollback to it, its
+        // version), so that a crash or a failed save from here on leaves no state that
+        // points at a missing or half-written slot.
+        if state.previous == Some(slot) || state.versions.contains_key(&slot) {
+            let mut forgotten = state.clone();
+            if forgotten.previous == Some(slot) {
+                forgotten.previous = None;
+            }
+            forgotten.versions.remove(&slot);
+            self.save(&forgotten)?;
+        }
         match fs::remove_dir_all(&root) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}

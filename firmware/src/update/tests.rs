@@ -154,6 +154,7 @@ fn a_bundle_installs_only_when_signed_by_a_trusted_key_and_every_byte_matches() 
     bytes[last] ^= 1;
     let tampered = scratch.path().join("tampered.bin");
     std::fs::write(&tampered, &bytes).unwrap();
+    firmware.boot().unwrap();
     firmware.commit().unwrap();
     let error = firmware
         .apply(&tampered, &keys, false)
@@ -310,4 +311,46 @@ fn a_committed_version_is_the_floor_and_older_bundles_need_to_be_allowed() {
     )
     .unwrap();
     assert_eq!(old.version_floor, None);
+}
+
+#[test]
+fn a_trial_applied_during_a_start_is_not_committed_by_that_starts_readiness() {
+    let (_, applied) = apply_step(&SlotState::default(), "2.0.0", false).unwrap();
+    assert_eq!(commit_step(&applied), None, "no start of the trial yet");
+    let (started, _) = boot_step(&applied);
+    assert!(commit_step(&started).is_some());
+}
+
+#[test]
+fn an_apply_that_cannot_save_its_state_leaves_the_rollback_slot_whole() {
+    let scratch = tempfile::tempdir().unwrap();
+    let factory = scratch.path().join("usr");
+    tree(&factory, b"factory");
+    let signer = key(5);
+    let keys = keys_directory(scratch.path(), &[&signer]);
+    let firmware = Firmware::new(&scratch.path().join("state"), &factory);
+    firmware.boot().unwrap();
+    // Two committed updates: v2 runs in b, v1 in a is where a rollback goes.
+    for (version, content) in [("1.0.0", b"v1"), ("2.0.0", b"v2")] {
+        let root = scratch.path().join(format!("root-{version}"));
+        tree(&root, content);
+        let bundle = scratch.path().join(format!("update-{version}.bin"));
+        pack(&root, version, &signer, &bundle).unwrap();
+        firmware.apply(&bundle, &keys, false).unwrap();
+        firmware.boot().unwrap();
+        firmware.commit().unwrap().unwrap();
+    }
+    let before = firmware.state().unwrap();
+    assert_eq!((before.active, before.previous), (Slot::B, Some(Slot::A)));
+    // The next update goes to a; its state cannot be saved (the temporary file's name is
+    // taken by a directory): nothing of a may go before the state stops naming it.
+    let root = scratch.path().join("root-3");
+    tree(&root, b"v3");
+    let bundle = scratch.path().join("update-3.bin");
+    pack(&root, "3.0.0", &signer, &bundle).unwrap();
+    std::fs::create_dir(scratch.path().join("state/firmware/.state.json.tmp")).unwrap();
+    assert!(firmware.apply(&bundle, &keys, false).is_err());
+    assert_eq!(firmware.state().unwrap(), before);
+    let slot_a = firmware.slot_root(Slot::A).join("bin/isthmus");
+    assert_eq!(std::fs::read(slot_a).unwrap(), b"v1");
 }
