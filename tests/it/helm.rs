@@ -1091,3 +1091,43 @@ fn the_rendered_configurations_run_in_the_gateway() {
         }
     }
 }
+
+#[test]
+fn names_made_from_the_longest_release_name_stay_dns_labels() {
+    // Helm's longest release name, not saying isthmus: the chart adds `-isthmus`, then
+    // suffixes of its own; a StatefulSet's pods carry its name and an 11-byte hash.
+    let release = "r".repeat(53);
+    let output = Command::new(helm())
+        .args(["template", &release])
+        .arg(chart_dir())
+        .args(["--namespace", NAMESPACE])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut kind = "";
+    let mut names = Vec::new();
+    for line in text.lines() {
+        if let Some(value) = line.strip_prefix("kind: ") {
+            kind = value;
+        } else if let Some(name) = line.strip_prefix("  name: ") {
+            names.push((kind, name.trim_matches('"')));
+        }
+    }
+    assert!(
+        names.iter().any(|(kind, _)| *kind == "StatefulSet"),
+        "{names:?}"
+    );
+    for (kind, name) in names {
+        let limit = if kind == "StatefulSet" { 52 } else { 63 };
+        assert!(name.len() <= limit, "{kind} {name}: {} bytes", name.len());
+    }
+    // An override longer than that is refused by the schema, with its key.
+    let refused =
+        template(&["--set", &format!("fullnameOverride={}", "a".repeat(53))]).unwrap_err();
+    assert!(refused.contains("fullnameOverride"), "{refused}");
+}

@@ -1,14 +1,16 @@
 {{/* The release's resource names: the release name, or `RELEASE-isthmus` where the release
-name does not already say isthmus; at most 63 characters (a DNS label). */}}
+name does not already say isthmus; at most 52 characters, so that every name made from it
+stays a DNS label of 63: `-headless` and `-admin` Services, and the StatefulSet's
+`controller-revision-hash` label (the name and an 11-character suffix). */}}
 {{- define "isthmus.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
