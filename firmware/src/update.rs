@@ -99,6 +99,10 @@ pub struct SlotState {
     /// The highest version ever committed: bundles below it are refused unless allowed.
     #[serde(default)]
     pub version_floor: Option<String>,
+    /// The slot the last start ran (set by each start's `boot`): when a rollback by hand
+    /// made another slot active, this one still runs until a restart.
+    #[serde(default)]
+    pub running: Option<Slot>,
 }
 
 impl Default for SlotState {
@@ -110,6 +114,7 @@ impl Default for SlotState {
             versions: BTreeMap::new(),
             last_event: None,
             version_floor: None,
+            running: None,
         }
     }
 }
@@ -185,6 +190,12 @@ pub enum BootOutcome {
 /// Counts a start: a trial slot gets [`ATTEMPTS_MAX`] starts to become ready, then the slot
 /// before it runs again.
 pub fn boot_step(state: &SlotState) -> (SlotState, BootOutcome) {
+    let (mut next, outcome) = count_start(state);
+    next.running = Some(next.active);
+    (next, outcome)
+}
+
+fn count_start(state: &SlotState) -> (SlotState, BootOutcome) {
     let mut next = state.clone();
     let Some(trial) = &state.trial else {
         return (next, BootOutcome::Steady);
@@ -256,6 +267,15 @@ pub fn apply_step(
 ) -> Result<(Slot, SlotState), UpdateError> {
     if let Some(trial) = &state.trial {
         return Err(UpdateError::TrialPending(trial.slot.name()));
+    }
+    // After a rollback by hand the slot not active may be the one still running.
+    if let Some(running) = state.running
+        && running != state.active
+    {
+        return Err(UpdateError::RestartPending {
+            running: running.name(),
+            active: state.active.name(),
+        });
     }
     if let Some(floor) = &state.version_floor
         && !allow_downgrade
@@ -363,6 +383,13 @@ pub enum UpdateError {
     TrialPending(&'static str),
     #[error("there is no previous slot to roll back to")]
     NothingToRollBackTo,
+    #[error(
+        "slot {running} still runs while {active} is active (a rollback waits for a restart): restart the service before applying an update, which would overwrite {running}"
+    )]
+    RestartPending {
+        running: &'static str,
+        active: &'static str,
+    },
     #[error("the bundle has no bin/isthmus")]
     NoBinary,
     #[error(

@@ -354,3 +354,33 @@ fn an_apply_that_cannot_save_its_state_leaves_the_rollback_slot_whole() {
     let slot_a = firmware.slot_root(Slot::A).join("bin/isthmus");
     assert_eq!(std::fs::read(slot_a).unwrap(), b"v1");
 }
+
+#[test]
+fn an_update_after_a_rollback_by_hand_waits_for_the_restart() {
+    // Committed b runs, with a before it; a rollback by hand makes a active, while b still
+    // runs until the service restarts: an update would overwrite b.
+    let (_, state) = apply_step(&SlotState::default(), "1.0.0", false).unwrap();
+    let (state, _) = boot_step(&state);
+    let state = commit_step(&state).unwrap();
+    let (_, state) = apply_step(&state, "2.0.0", false).unwrap();
+    let (state, _) = boot_step(&state);
+    let state = commit_step(&state).unwrap();
+    assert_eq!((state.active, state.running), (Slot::B, Some(Slot::B)));
+    let rolled = rollback_step(&state).unwrap();
+    assert_eq!(rolled.active, Slot::A);
+    let refused = apply_step(&rolled, "3.0.0", false).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            UpdateError::RestartPending {
+                running: "b",
+                active: "a"
+            }
+        ),
+        "{refused}"
+    );
+    // Once restarted on a, the update goes to b.
+    let (restarted, _) = boot_step(&rolled);
+    let (slot, _) = apply_step(&restarted, "3.0.0", false).unwrap();
+    assert_eq!(slot, Slot::B);
+}
