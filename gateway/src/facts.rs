@@ -394,7 +394,9 @@ pub struct PromptTexts {
     /// cloud leg forwards the whole body), the score does not.
     pub elsewhere: String,
     /// Each run of two or more consecutive text parts of a message, joined as a model reads
-    /// them (also in `elsewhere`, for the scan): the firewall reads them as prompt text.
+    /// them, and the seams between adjacent messages: the scan reads them, and the firewall
+    /// reads them as prompt text (not as the other fields, whose query-language and script
+    /// rules a coding question would trip).
     pub joined: Vec<String>,
     /// Conversation turns (messages), 1 for a legacy prompt.
     pub turns: u32,

@@ -58,6 +58,7 @@ impl SensitivityScanner {
         let mut entity_types: Vec<String> = prompt
             .texts
             .iter()
+            .chain(&prompt.joined)
             .map(String::as_str)
             .chain(std::iter::once(prompt.elsewhere.as_str()))
             .flat_map(|text| self.recognizers.scan(text))

@@ -447,10 +447,8 @@ impl<'de> Shapes<'de> for &mut Counted<'_> {
             if let Some(previous) = previous {
                 let tail = message_tail(&texts[previous]);
                 let head = message_head(&texts[before + first]);
-                for seam in [format!("{tail}{head}"), format!("{tail} {head}")] {
-                    push_elsewhere(elsewhere, &seam);
-                    self.joined.push(seam);
-                }
+                self.joined
+                    .extend([format!("{tail}{head}"), format!("{tail} {head}")]);
             }
             previous = Some(before + last);
         }
@@ -585,7 +583,6 @@ impl<'de> Shapes<'de> for Content<'_> {
                 }
                 _ => {
                     if run >= 2 {
-                        push_elsewhere(elsewhere, &joined);
                         runs.push(joined.clone());
                     }
                     joined.clear();

@@ -83,14 +83,9 @@ fn consecutive_text_parts_are_also_read_joined() {
         {"role": "user", "content": [{"type": "text", "text": "alone"}]}
     ]}"#;
     let texts = prompt_texts(body).unwrap();
-    let lines: Vec<&str> = texts.elsewhere.lines().collect();
-    for joined in ["mail jane.doe@contoso.com", "card 4111 1111 1111 1111"] {
-        assert!(lines.contains(&joined), "{joined:?} not in {lines:?}");
-    }
-    assert!(!texts.elsewhere.contains("contoso.comcard"));
-    assert!(!texts.elsewhere.contains("data:xcard"));
-    assert!(!lines.contains(&"alone"), "{lines:?}");
-    // The firewall reads the same runs as prompt text.
+    // The scan and the firewall (as prompt text) read the runs and the seams; they are not
+    // among the body's other fields, which the firewall reads for queries and scripts.
+    assert!(!texts.elsewhere.contains("jane.doe@contoso.com"));
     assert_eq!(
         texts.joined,
         [
@@ -136,8 +131,8 @@ fn a_value_split_across_messages_is_read_across_the_seam() {
         20 + 64,
         "the first 64 bytes of a long text"
     );
-    // The scan reads the seams with what is elsewhere; the texts stay as sent.
-    assert!(texts.elsewhere.contains("4111 1111 1111 1111"));
+    // The scan reads the seams (beside the texts); the texts stay as sent.
+    assert!(!texts.elsewhere.contains("4111 1111 1111 1111"));
     assert!(
         !texts
             .texts
@@ -712,4 +707,37 @@ fn every_spelling_of_an_operation_names_its_openai_path() {
     ] {
         assert_eq!(super::operation_path(path), operation, "{path}");
     }
+}
+
+/// Code in a conversation is prompt text to the firewall, also where it is read joined
+/// across a seam: its query-language and script rules are for the body's other fields.
+#[test]
+fn code_read_across_a_seam_is_not_taken_for_an_attack() {
+    let body = br#"{"model": "m", "messages": [
+        {"role": "system", "content": "You are a coding assistant."},
+        {"role": "user", "content": "Why does time.sleep(5) block asyncio?"}
+    ]}"#;
+    let texts = prompt_texts(body).unwrap();
+    let waf = router_policies::waf::Waf::default();
+    let inspect = |prompt_texts: &[String], other_text: &str| {
+        router_policies::waf::inspect(
+            &waf,
+            &router_policies::waf::WafRequest {
+                method: "POST",
+                target: "/v1/chat/completions",
+                headers: &[],
+                prompt_texts,
+                other_text,
+                caller: None,
+            },
+        )
+        .matches
+    };
+    let seam = texts.joined.first().expect("a seam").clone();
+    assert!(seam.contains("sleep(5)"), "{seam}");
+    // Read as one of the other fields, the seam would trip a query-language rule.
+    assert!(!inspect(&[], &seam).is_empty());
+    let every_text: Vec<String> = texts.texts.iter().chain(&texts.joined).cloned().collect();
+    let matches = inspect(&every_text, &texts.elsewhere);
+    assert!(matches.is_empty(), "{matches:?}");
 }
