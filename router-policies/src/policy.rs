@@ -160,6 +160,18 @@ impl Policy {
                 {
                     errors.push(problem(format!("pool `{pool}` is not configured")));
                 }
+                Action::Cloud {
+                    pool,
+                    model: Some(model),
+                }
+                | Action::RedactThenCloud {
+                    pool,
+                    model: Some(model),
+                } if !self.serves(pool, model) => {
+                    errors.push(problem(format!(
+                        "pool `{pool}` does not serve model `{model}` (its models map names it)"
+                    )));
+                }
                 Action::Reject { status, .. } if !(400..=599).contains(status) => {
                     errors.push(problem(format!("status {status} is not an error status")));
                 }
@@ -212,6 +224,40 @@ impl Policy {
                     "pool `{}` is not configured",
                     spillover.pool
                 )));
+            } else {
+                // What spills goes as `model`, else under the local name it asked for: a
+                // name the pool does not serve would fail every spilled request, just when
+                // the local model is busiest.
+                match &spillover.model {
+                    Some(model) if !self.serves(&spillover.pool, model) => {
+                        errors.push(PolicyError::Spillover(format!(
+                            "pool `{}` does not serve model `{model}`",
+                            spillover.pool
+                        )));
+                    }
+                    None => {
+                        let unserved: Vec<&str> = self
+                            .local_models
+                            .iter()
+                            .flat_map(|local| std::iter::once(&local.name).chain(&local.aliases))
+                            .map(String::as_str)
+                            .filter(|name| !self.serves(&spillover.pool, name))
+                            .collect();
+                        if !unserved.is_empty() {
+                            errors.push(PolicyError::Spillover(format!(
+                                "pool `{}` does not serve {}, which would spill under that \
+                                 name: set spillover's model to one the pool serves",
+                                spillover.pool,
+                                unserved
+                                    .iter()
+                                    .map(|name| format!("`{name}`"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )));
+                        }
+                    }
+                    Some(_) => {}
+                }
             }
         }
         if !errors.is_empty() {
@@ -224,6 +270,13 @@ impl Policy {
             .collect();
         self.spillover = spillover;
         Ok(self)
+    }
+
+    /// Whether pool `pool` serves the client-visible model `model`.
+    fn serves(&self, pool: &str, model: &str) -> bool {
+        self.pools
+            .iter()
+            .any(|known| known.name == pool && known.models.iter().any(|served| served == model))
     }
 
     /// The rules, in order.

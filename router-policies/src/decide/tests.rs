@@ -697,6 +697,7 @@ fn compile_reports_every_problem() {
             "rule `x`: a rule of this name comes earlier",
             "rule `x`: pool `gone` is not configured",
             "spillover: queue_low must be below queue_high",
+            "spillover: pool `aks` does not serve `smollm2`, `gpt-4o-mini`, `gemma3`, which would spill under that name: set spillover's model to one the pool serves",
         ]
     "#]]
     .assert_debug_eq(&errors);
@@ -799,5 +800,37 @@ fn path_conditions_match_the_operation_however_the_path_names_it() {
         rule_for("/v1/chat/completions", None),
         "default",
         "another operation"
+    );
+}
+
+#[test]
+fn a_cloud_rule_or_spillover_names_a_model_its_pool_serves() {
+    let rules = vec![rule(
+        "to-cloud",
+        Conditions::default(),
+        Action::Cloud {
+            pool: "aks".to_owned(),
+            model: Some("gpt-5".to_owned()),
+        },
+    )];
+    let spillover = Some(Spillover {
+        queue_high: 8,
+        queue_low: 2,
+        pool: "aks".to_owned(),
+        model: Some("gpt-5".to_owned()),
+    });
+    let errors: Vec<String> = base(Some("smollm2"))
+        .with_rules(rules, Vec::new(), spillover)
+        .err()
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "rule `to-cloud`: pool `aks` does not serve model `gpt-5` (its models map names it)",
+            "spillover: pool `aks` does not serve model `gpt-5`",
+        ]
     );
 }
