@@ -318,13 +318,19 @@ pub fn explain(
     };
     let envelope = crate::openai::parse_envelope(body)?;
     let path = target.split_once('?').map_or(target, |(path, _)| path);
+    // As serving reads it: an Azure deployment path names the model, whatever the body says.
+    let deployment = path
+        .strip_prefix("/openai/deployments/")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(deployment, _)| deployment)
+        .filter(|deployment| !deployment.is_empty());
     let request = RequestView {
         path,
         target,
         method: "POST",
         headers,
         caller: None,
-        model: envelope.model.as_deref(),
+        model: deployment.or(envelope.model.as_deref()),
         body,
     };
     let evaluation = evaluate(routing, &request, loads, |policy, facts, signals| {

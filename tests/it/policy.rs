@@ -483,6 +483,26 @@ fn explain_prints_one_line_per_request_with_every_rule_verdict() {
     assert_eq!(records[3]["attachments"], json!(["file", "image"]));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("requests.jsonl:3:"), "{stderr}");
+
+    // On an Azure deployment path the deployment names the model, as when serving: a body
+    // that names the local model goes to the pool that serves the deployment.
+    let simple = dir.path().join("simple.jsonl");
+    std::fs::write(&simple, chat("Say hi.", json!({})).to_string()).unwrap();
+    let output = Command::new(tests::isthmus_binary())
+        .args(["explain", "--config"])
+        .arg(&config)
+        .arg("--jsonl")
+        .arg(&simple)
+        .args([
+            "--path",
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let record: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| panic!("{stdout}"));
+    assert_eq!(record["decision"]["route"], "cloud", "{record}");
+    assert_eq!(record["decision"]["pool"], "aks", "{record}");
 }
 
 #[test]
