@@ -94,19 +94,7 @@ pub fn evaluate(
     ) -> router_policies::Outcome,
 ) -> Result<Evaluation, crate::error::GatewayError> {
     let policy_config = &routing.config.policy;
-    let classification = request
-        .headers
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(&policy_config.classification_header))
-        .map(|(_, value)| value.trim().to_ascii_lowercase())
-        .or_else(|| {
-            request.caller.and_then(|caller| {
-                policy_config
-                    .caller_classifications
-                    .get(caller)
-                    .map(|label| label.to_ascii_lowercase())
-            })
-        });
+    let classification = classification_of(request, policy_config);
     let prompt =
         prompt_texts(request.body).map_err(|error| crate::error::GatewayError::InvalidJson {
             message: format!(
@@ -286,6 +274,44 @@ fn redacted_clean(
         .entity_types
         .is_empty()
         .then_some((redacted, map))
+}
+
+/// The request's data classification: a sensitive label wherever one is given (any copy
+/// or comma-separated entry of the classification header, or the caller's default), else
+/// the header's first label, else the caller's default. A client can so raise its
+/// classification but never lower one the operator set for it, nor hide a sensitive label
+/// behind a harmless first copy of the header.
+fn classification_of(
+    request: &RequestView<'_>,
+    policy_config: &crate::config::PolicyConfig,
+) -> Option<String> {
+    let from_header: Vec<String> = request
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(&policy_config.classification_header))
+        .flat_map(|(_, value)| value.split(','))
+        .map(|label| label.trim().to_ascii_lowercase())
+        .filter(|label| !label.is_empty())
+        .collect();
+    let from_caller = request.caller.and_then(|caller| {
+        policy_config
+            .caller_classifications
+            .get(caller)
+            .map(|label| label.to_ascii_lowercase())
+    });
+    let sensitive = |label: &&String| {
+        policy_config
+            .sensitive_classifications
+            .iter()
+            .any(|known| known.eq_ignore_ascii_case(label))
+    };
+    from_header
+        .iter()
+        .chain(&from_caller)
+        .find(sensitive)
+        .or(from_header.first())
+        .or(from_caller.as_ref())
+        .cloned()
 }
 
 /// Where `isthmus explain` and `POST /admin/api/explain` take a request to be sent unless

@@ -741,3 +741,51 @@ fn code_read_across_a_seam_is_not_taken_for_an_attack() {
     let matches = inspect(&every_text, &texts.elsewhere);
     assert!(matches.is_empty(), "{matches:?}");
 }
+
+#[test]
+fn a_sensitive_classification_wins_wherever_it_is_given() {
+    let policy = crate::config::PolicyConfig {
+        sensitive_classifications: vec!["confidential".to_owned()],
+        classification_header: "x-data-classification".to_owned(),
+        caller_classifications: [("hr-portal".to_owned(), "Confidential".to_owned())]
+            .into_iter()
+            .collect(),
+        ..crate::config::PolicyConfig::default()
+    };
+    let label = |headers: &[(&str, &str)], caller: Option<&str>| {
+        let request = RequestView {
+            path: "/v1/chat/completions",
+            target: "/v1/chat/completions",
+            method: "POST",
+            headers,
+            caller,
+            model: None,
+            body: b"{}",
+        };
+        super::classification_of(&request, &policy)
+    };
+    let header = "x-data-classification";
+    assert_eq!(
+        label(&[(header, "Public")], None).as_deref(),
+        Some("public")
+    );
+    // A later copy, or a later entry of one copy, that is sensitive is not hidden.
+    assert_eq!(
+        label(&[(header, "public"), (header, "confidential")], None).as_deref(),
+        Some("confidential")
+    );
+    assert_eq!(
+        label(&[(header, "public, Confidential")], None).as_deref(),
+        Some("confidential")
+    );
+    // The operator's default for a caller is a floor the caller's header cannot lower.
+    assert_eq!(
+        label(&[(header, "public")], Some("hr-portal")).as_deref(),
+        Some("confidential")
+    );
+    assert_eq!(
+        label(&[(header, "")], Some("hr-portal")).as_deref(),
+        Some("confidential")
+    );
+    assert_eq!(label(&[], Some("other")), None);
+}
