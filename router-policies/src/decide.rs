@@ -47,20 +47,22 @@ pub fn decide(
         .and_then(|name| policy.resolve(name))
         .map(|model| model.name.as_str())
         .or(policy.default_model.as_deref());
-    let load = local_model
+    let signal = local_model
         .and_then(|model| signals.local.iter().find(|load| load.model == model))
-        .copied()
-        .unwrap_or_default();
-    let state = match &policy.spillover {
-        Some(spillover) if load.queue_depth >= spillover.queue_high => {
+        .copied();
+    // A request with no local model (a cloud model's name, no default) says nothing of the
+    // local queue: the state stays as it is, not switched off by a load of zero.
+    let state = match (&policy.spillover, signal) {
+        (Some(spillover), Some(load)) if load.queue_depth >= spillover.queue_high => {
             RouteState { spillover: true }
         }
-        Some(spillover) if load.queue_depth <= spillover.queue_low => {
+        (Some(spillover), Some(load)) if load.queue_depth <= spillover.queue_low => {
             RouteState { spillover: false }
         }
-        Some(_) => state,
-        None => RouteState { spillover: false },
+        (Some(_), _) => state,
+        (None, _) => RouteState { spillover: false },
     };
+    let load = signal.unwrap_or_default();
     let inputs = Inputs {
         facts,
         sensitive,

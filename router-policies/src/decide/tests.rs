@@ -577,6 +577,34 @@ fn spillover_turns_on_above_the_high_mark_and_off_at_the_low_mark() {
             "5:default"
         ]
     );
+    // Without a default model, a request for a cloud model's name says nothing of the local
+    // queue: spillover stays as it was.
+    let no_default = base(None)
+        .with_rules(
+            Vec::new(),
+            Vec::new(),
+            Some(Spillover {
+                queue_high: 8,
+                queue_low: 2,
+                pool: "aks".to_owned(),
+                model: Some("gpt-4o".to_owned()),
+            }),
+        )
+        .unwrap_or_else(|errors| panic!("{errors:?}"));
+    let outcome = run(
+        &no_default,
+        Case {
+            model: Some("gpt-4o"),
+            queue: 20,
+            aks_available: true,
+            spillover: true,
+            ..Case::default()
+        },
+    );
+    assert!(
+        outcome.state.spillover,
+        "turned off by a request without a local model"
+    );
     // Sensitive requests never spill.
     let outcome = run(
         &policy,
