@@ -61,6 +61,10 @@ impl ConfigError {
     }
 }
 
+/// The largest `server.limits.header_bytes_max`: 1 MiB less one byte, the HTTP/1 parser's
+/// own cap on a request header.
+const HEADER_BYTES_MAX_LIMIT: u64 = 1_048_575;
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -1009,8 +1013,13 @@ impl Validator<'_> {
         }
         let limits = &raw.limits;
         self.positive("server.limits.body_bytes_max", limits.body_bytes_max);
-        if limits.header_bytes_max < 1_024 {
-            self.error("server.limits.header_bytes_max", "must be at least 1024");
+        // Above 1 MiB the HTTP/1 parser's own cap would refuse a header first, with a bare
+        // 400 instead of the gateway's 431 and its OpenAI error body.
+        if !(1_024..=HEADER_BYTES_MAX_LIMIT).contains(&limits.header_bytes_max) {
+            self.error(
+                "server.limits.header_bytes_max",
+                format!("must be from 1024 to {HEADER_BYTES_MAX_LIMIT}"),
+            );
         }
         self.positive(
             "server.limits.header_read_timeout_ms",

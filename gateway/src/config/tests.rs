@@ -238,6 +238,7 @@ fn every_error_is_reported_with_its_key_path() {
 listen = "nowhere"
 [server.limits]
 body_bytes_max = 0
+header_bytes_max = 2097152
 [auth]
 api_keys = [{ id = "k", key_env = "UNSET_VARIABLE" }]
 [models.smollm2]
@@ -262,6 +263,7 @@ x = 1
         "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
             .to_owned(),
         "server.limits.body_bytes_max: must be greater than 0".to_owned(),
+        "server.limits.header_bytes_max: must be from 1024 to 1048575".to_owned(),
         "auth.api_keys[0].key_env: environment variable UNSET_VARIABLE is not set or empty"
             .to_owned(),
         format!("models.smollm2.path: file not found: {}", missing.display()),
