@@ -168,44 +168,129 @@ pub fn attachments(body: &[u8]) -> Vec<&'static str> {
     if !has(b"\"type\"") && !has(b"\"prompt\"") && !has(b"\"input\"") && !has(b"\\u") {
         return Vec::new();
     }
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+    // Every copy of a repeated key counts: a backend may read another copy than this one.
+    let Ok(Node::Object(fields)) = serde_json::from_slice::<Node>(body) else {
         return Vec::new();
     };
     let mut kinds: Vec<&'static str> = Vec::new();
-    if let Some(Value::Array(messages)) = fields.get("messages") {
-        kinds.extend(
-            messages
-                .iter()
-                .filter_map(|message| message.get("content")?.as_array())
-                .flatten()
-                .filter(|part| part.is_object())
-                .filter_map(|part| match part.get("type").and_then(Value::as_str) {
-                    Some("text" | "input_text" | "output_text" | "refusal") => None,
-                    Some("image_url" | "input_image") => Some("image"),
-                    Some("input_audio" | "audio_url") => Some("audio"),
-                    Some("video_url") => Some("video"),
-                    _ => Some("file"),
-                }),
-        );
+    for messages in Node::all(&fields, "messages") {
+        let Node::Array(messages) = messages else {
+            continue;
+        };
+        for message in messages {
+            let Node::Object(message) = message else {
+                continue;
+            };
+            for content in Node::all(message, "content") {
+                let Node::Array(parts) = content else {
+                    continue;
+                };
+                for part in parts {
+                    let Node::Object(part) = part else {
+                        continue;
+                    };
+                    let types: Vec<&Node> = Node::all(part, "type").collect();
+                    if types.is_empty() {
+                        kinds.push("file");
+                    }
+                    kinds.extend(types.into_iter().filter_map(|kind| match kind {
+                        Node::String(kind) => match kind.as_str() {
+                            "text" | "input_text" | "output_text" | "refusal" => None,
+                            "image_url" | "input_image" => Some("image"),
+                            "input_audio" | "audio_url" => Some("audio"),
+                            "video_url" => Some("video"),
+                            _ => Some("file"),
+                        },
+                        _ => Some("file"),
+                    }));
+                }
+            }
+        }
     }
-    let token_ids = |value: &Value| match value {
-        Value::Array(items) => items.iter().any(|item| {
-            item.is_number()
-                || item
-                    .as_array()
-                    .is_some_and(|inner| inner.iter().any(Value::is_number))
+    let token_ids = |value: &Node| match value {
+        Node::Array(items) => items.iter().any(|item| match item {
+            Node::Number => true,
+            Node::Array(inner) => inner.iter().any(|inner| matches!(inner, Node::Number)),
+            _ => false,
         }),
         _ => false,
     };
     if ["prompt", "input"]
         .iter()
-        .any(|key| fields.get(*key).is_some_and(token_ids))
+        .any(|key| Node::all(&fields, key).any(token_ids))
     {
         kinds.push("tokens");
     }
     kinds.sort_unstable();
     kinds.dedup();
     kinds
+}
+
+/// A JSON value that keeps every copy of a repeated key (what [`attachments`] reads).
+enum Node {
+    Object(Vec<(String, Node)>),
+    Array(Vec<Node>),
+    String(String),
+    Number,
+    Other,
+}
+
+impl Node {
+    /// Every value of `key` in `fields`, in order.
+    fn all<'a>(fields: &'a [(String, Node)], key: &'a str) -> impl Iterator<Item = &'a Node> {
+        fields
+            .iter()
+            .filter(move |(name, _)| name == key)
+            .map(|(_, value)| value)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Node, D::Error> {
+        struct NodeVisitor;
+        impl<'de> serde::de::Visitor<'de> for NodeVisitor {
+            type Value = Node;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Number)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Number)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Number)
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Node, E> {
+                Ok(Node::String(text.to_owned()))
+            }
+            fn visit_string<E>(self, text: String) -> Result<Node, E> {
+                Ok(Node::String(text))
+            }
+            fn visit_unit<E>(self) -> Result<Node, E> {
+                Ok(Node::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Node::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                let mut fields = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, Node>()? {
+                    fields.push((key, value));
+                }
+                Ok(Node::Object(fields))
+            }
+        }
+        deserializer.deserialize_any(NodeVisitor)
+    }
 }
 
 /// The firewall's verdict on `request`, whose body's strings are `prompt`.

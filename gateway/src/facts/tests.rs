@@ -652,6 +652,20 @@ fn attachments_the_scan_cannot_read_are_named_by_kind() {
         ),
         ["image"]
     );
+    // Every copy of a repeated key counts, the first as much as the last: a backend may
+    // read either.
+    assert_eq!(
+        kinds(
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}], "content": "hi"}]}"#
+        ),
+        ["image"]
+    );
+    assert_eq!(
+        kinds(
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}, "type": "text", "text": "hi"}]}]}"#
+        ),
+        ["image"]
+    );
 }
 
 #[test]
