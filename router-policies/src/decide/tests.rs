@@ -43,6 +43,16 @@ fn rule(name: &str, conditions: Conditions, action: Action) -> Rule {
     }
 }
 
+/// Spillover from 8 waiting requests down to 2, to pool `aks` as `model`.
+fn spillover_to(model: &str) -> Spillover {
+    Spillover {
+        queue_high: 8,
+        queue_low: 2,
+        pool: "aks".to_owned(),
+        model: Some(model.to_owned()),
+    }
+}
+
 /// The policy of the rule tests: sensitive stays local, complex goes to the cloud, finance
 /// may redact, a blocked caller is refused, and spillover to the cloud.
 fn ruled() -> Policy {
@@ -93,12 +103,7 @@ fn ruled() -> Policy {
             },
         ),
     ];
-    let spillover = Some(Spillover {
-        queue_high: 8,
-        queue_low: 2,
-        pool: "aks".to_owned(),
-        model: Some("gpt-4o".to_owned()),
-    });
+    let spillover = Some(spillover_to("gpt-4o"));
     match base(Some("smollm2")).with_rules(rules, vec!["confidential".to_owned()], spillover) {
         Ok(policy) => policy,
         Err(errors) => panic!("{errors:?}"),
@@ -580,16 +585,7 @@ fn spillover_turns_on_above_the_high_mark_and_off_at_the_low_mark() {
     // Without a default model, a request for a cloud model's name says nothing of the local
     // queue: spillover stays as it was.
     let no_default = base(None)
-        .with_rules(
-            Vec::new(),
-            Vec::new(),
-            Some(Spillover {
-                queue_high: 8,
-                queue_low: 2,
-                pool: "aks".to_owned(),
-                model: Some("gpt-4o".to_owned()),
-            }),
-        )
+        .with_rules(Vec::new(), Vec::new(), Some(spillover_to("gpt-4o")))
         .unwrap_or_else(|errors| panic!("{errors:?}"));
     let outcome = run(
         &no_default,
@@ -841,12 +837,7 @@ fn a_cloud_rule_or_spillover_names_a_model_its_pool_serves() {
             model: Some("gpt-5".to_owned()),
         },
     )];
-    let spillover = Some(Spillover {
-        queue_high: 8,
-        queue_low: 2,
-        pool: "aks".to_owned(),
-        model: Some("gpt-5".to_owned()),
-    });
+    let spillover = Some(spillover_to("gpt-5"));
     let errors: Vec<String> = base(Some("smollm2"))
         .with_rules(rules, Vec::new(), spillover)
         .err()
