@@ -141,6 +141,24 @@ fn temporary_path_for(final_path: &Path) -> io::Result<PathBuf> {
     Ok(final_path.with_file_name(temporary_name))
 }
 
+/// Creates `path` and missing parents, each new directory with exactly `mode` whatever the
+/// umask (an update slot must stay readable by the service's user when root's umask is 0077).
+/// Existing directories are left as they are.
+pub(crate) fn create_directories_with_mode(path: &Path, mode: u32) -> io::Result<()> {
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|step| !step.as_os_str().is_empty() && fs::symlink_metadata(step).is_err())
+        .collect();
+    for step in missing.into_iter().rev() {
+        match fs::create_dir(step) {
+            Ok(()) => set_mode(step, mode)?,
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
 /// Flushes a directory's entries (the renames into it) to disk.
 pub(crate) fn sync_directory(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
@@ -165,4 +183,76 @@ impl DirectoryLock {
         file.lock()?;
         Ok(DirectoryLock { _file: file })
     }
+}
+
+/// Why a path is not protected from other users, or `None` when it is: what
+/// [`check_protected`] decides for one file or directory on the way to the path.
+///
+/// Trusted owners are root and `user` (the user running the check). Nothing may be writable
+/// by group or others, except a directory above the path that has the sticky bit (`/tmp`):
+/// there others may create names but not rename or remove ours, and the next component's
+/// owner is checked in turn.
+pub(crate) fn protection_problem(
+    owner: u32,
+    mode: u32,
+    user: u32,
+    is_last: bool,
+) -> Option<String> {
+    if owner != 0 && owner != user {
+        return Some(format!(
+            "owned by user {owner}, neither root nor this user ({user})"
+        ));
+    }
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && (is_last || !sticky) {
+        return Some(format!(
+            "writable by group or others (mode {:04o})",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
+/// Checks that no user but root and the one running this can change `path`: it and every
+/// directory above it, both as written and with its symbolic links resolved, are owned by
+/// one of them and not writable by group or others (see [`protection_problem`]). The update
+/// keys and slots are read by root-run commands, so a directory the service's user could
+/// write would let a compromised gateway choose what root installs next.
+pub(crate) fn check_protected(path: &Path) -> Result<(), String> {
+    let user = effective_user()
+        .map_err(|error| format!("reading this process's user: {}", io_reason(&error)))?;
+    let absolute = std::path::absolute(path)
+        .map_err(|error| format!("{}: {}", path.display(), io_reason(&error)))?;
+    let resolved = fs::canonicalize(&absolute)
+        .map_err(|error| format!("{}: {}", path.display(), io_reason(&error)))?;
+    for chain in [&absolute, &resolved] {
+        for (index, step) in chain.ancestors().enumerate() {
+            let metadata = fs::metadata(step)
+                .map_err(|error| format!("{}: {}", step.display(), io_reason(&error)))?;
+            use std::os::unix::fs::MetadataExt as _;
+            if let Some(problem) =
+                protection_problem(metadata.uid(), metadata.mode(), user, index == 0)
+            {
+                return Err(format!("{}: {problem}", step.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// This process's effective user id, from `/proc/self/status` (its `Uid:` line: real,
+/// effective, saved, file system).
+fn effective_user() -> io::Result<u32> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    parse_effective_user(&status).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "/proc/self/status has no Uid: line",
+        )
+    })
+}
+
+pub(crate) fn parse_effective_user(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

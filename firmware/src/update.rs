@@ -6,13 +6,18 @@
 //! against the trusted keys first, then streams each file into the inactive slot while
 //! hashing it; one wrong byte and nothing changes.
 //!
-//! The appliance runs the gateway through `<state>/firmware/current`, a symbolic link to the
+//! The appliance runs the gateway through `<firmware>/current`, a symbolic link to the
 //! active slot: `factory` (what the Debian package installed under `/usr`), `a` or `b`. A
 //! new slot starts on trial: the unit's `ExecStartPre` ([`boot`]) counts each start, the
 //! unit's `ExecStartPost` ([`commit`]) ends the trial once the gateway has said it is ready,
 //! and a slot that has not become ready after [`ATTEMPTS_MAX`] starts is rolled back to the
 //! slot that ran before it. Every transition is a pure function over [`SlotState`]; the
 //! functions here only read and write the state file (atomically) and switch the link.
+//!
+//! Only root (or the user running the command) may be able to change the trusted keys and
+//! the firmware directory: every command that reads or writes them checks their owners and
+//! modes, and those of every directory above them, and refuses to act otherwise. A service
+//! that could write there could choose what root installs and runs next.
 //!
 //! Downgrades are refused: the highest version ever committed is the floor, and a bundle of
 //! a lower version (a validly signed old release with a known flaw, say) is applied only
@@ -48,8 +53,9 @@ const FILE_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 const HEADER_LINE_BYTES_MAX: usize = 256;
 /// Starts a slot on trial gets before it is rolled back.
 pub const ATTEMPTS_MAX: u32 = 3;
-/// Name of the directory, under the state directory, that holds the slots and their state.
-pub const FIRMWARE_DIRECTORY: &str = "firmware";
+/// Mode of the firmware directory and the slots' directories: root writes them, the
+/// service's user runs the gateway from them.
+const SLOT_DIRECTORY_MODE: u32 = 0o755;
 const STATE_FILE: &str = "state.json";
 const CURRENT_LINK: &str = "current";
 const LOCK_FILE: &str = ".lock";
@@ -84,7 +90,7 @@ pub struct Trial {
     pub attempts: u32,
 }
 
-/// The slots' state, kept in `<state>/firmware/state.json`.
+/// The slots' state, kept in `<firmware>/state.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlotState {
@@ -377,6 +383,10 @@ pub enum UpdateError {
         entry: String,
         reason: String,
     },
+    #[error(
+        "{0}: only root (or the user running this command) may be able to change update keys and slots (chown root:root, chmod go-w)"
+    )]
+    Unprotected(String),
     #[error("no trusted update keys in {0} (one PEM Ed25519 public key per *.pub file)")]
     NoKeys(PathBuf),
     #[error("slot {0} is on trial: wait until it is committed or rolled back")]
@@ -407,6 +417,7 @@ fn io_error(path: &Path) -> impl Fn(io::Error) -> UpdateError + '_ {
 
 /// Reads the trusted keys: every `*.pub` file of `directory`.
 pub fn read_trusted_keys(directory: &Path) -> Result<Vec<VerifyingKey>, UpdateError> {
+    files::check_protected(directory).map_err(UpdateError::Unprotected)?;
     let mut keys = Vec::new();
     let entries = fs::read_dir(directory).map_err(io_error(directory))?;
     let mut paths: Vec<PathBuf> = entries
@@ -416,6 +427,7 @@ pub fn read_trusted_keys(directory: &Path) -> Result<Vec<VerifyingKey>, UpdateEr
         .collect();
     paths.sort();
     for path in paths {
+        files::check_protected(&path).map_err(UpdateError::Unprotected)?;
         let contents = fs::read(&path).map_err(io_error(&path))?;
         let key =
             crate::keys::parse_public_key(&contents).map_err(|reason| UpdateError::Format {
@@ -693,7 +705,8 @@ impl Verified {
     /// Writes the files into `directory` (created; must not exist), checking each one's size
     /// and SHA-256 as it streams. On any mismatch the directory is removed again.
     pub fn install(mut self, directory: &Path) -> Result<Manifest, UpdateError> {
-        fs::create_dir_all(directory).map_err(io_error(directory))?;
+        files::create_directories_with_mode(directory, SLOT_DIRECTORY_MODE)
+            .map_err(io_error(directory))?;
         let outcome = self.write_entries(directory);
         if outcome.is_err() {
             let _ = fs::remove_dir_all(directory);
@@ -706,7 +719,8 @@ impl Verified {
         for entry in &self.manifest.entries {
             let target = directory.join(&entry.path);
             if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent).map_err(io_error(parent))?;
+                files::create_directories_with_mode(parent, SLOT_DIRECTORY_MODE)
+                    .map_err(io_error(parent))?;
             }
             if let Some(link) = &entry.link {
                 std::os::unix::fs::symlink(link, &target).map_err(io_error(&target))?;
@@ -775,7 +789,8 @@ impl Write for HashingWriter<'_> {
     }
 }
 
-/// The firmware directory of a state directory, with its slots, state and `current` link.
+/// The firmware directory (`/var/lib/isthmus-firmware` on the appliance), with its slots,
+/// state and `current` link.
 #[derive(Debug, Clone)]
 pub struct Firmware {
     directory: PathBuf,
@@ -793,14 +808,14 @@ pub struct Applied {
 }
 
 impl Firmware {
-    pub fn new(state_directory: &Path, factory_root: &Path) -> Firmware {
+    pub fn new(directory: &Path, factory_root: &Path) -> Firmware {
         Firmware {
-            directory: state_directory.join(FIRMWARE_DIRECTORY),
+            directory: directory.to_owned(),
             factory_root: factory_root.to_owned(),
         }
     }
 
-    /// `<state>/firmware/current`: run `current/bin/isthmus`.
+    /// `<firmware>/current`: run `current/bin/isthmus`.
     pub fn current_link(&self) -> PathBuf {
         self.directory.join(CURRENT_LINK)
     }
@@ -825,8 +840,12 @@ impl Firmware {
         }
     }
 
+    /// Creates the directory if needed, checks that no other user can change it, and takes
+    /// its lock.
     fn lock(&self) -> Result<files::DirectoryLock, UpdateError> {
-        fs::create_dir_all(&self.directory).map_err(io_error(&self.directory))?;
+        files::create_directories_with_mode(&self.directory, SLOT_DIRECTORY_MODE)
+            .map_err(io_error(&self.directory))?;
+        files::check_protected(&self.directory).map_err(UpdateError::Unprotected)?;
         let path = self.directory.join(LOCK_FILE);
         files::DirectoryLock::acquire(&path).map_err(io_error(&path))
     }

@@ -1,6 +1,6 @@
 //! `isthmus update`: signed updates of the appliance (`firmware::update` does the work). An
 //! operator signs a bundle on a build host (`keygen`, `pack`); the appliance verifies it with
-//! the keys in `/etc/isthmus/update-keys/` and installs it into the inactive slot (`apply`);
+//! the keys in `/etc/isthmus-update/keys/` and installs it into the inactive slot (`apply`);
 //! the systemd unit counts starts (`boot`) and ends the trial once the gateway is ready
 //! (`commit`), so a slot that does not come up is rolled back by itself.
 
@@ -9,19 +9,22 @@ use std::process::ExitCode;
 
 use firmware::update::{BootOutcome, Firmware, SlotState};
 
-/// Where the trusted keys are on the appliance.
-pub const KEYS_DIRECTORY_DEFAULT: &str = "/etc/isthmus/update-keys";
-/// The state directory of the appliance.
-pub const STATE_DIRECTORY_DEFAULT: &str = "/var/lib/isthmus";
+/// Where the trusted keys are on the appliance: outside `/etc/isthmus`, which the service may
+/// write (the admin console rewrites its configuration), and owned by root.
+pub const KEYS_DIRECTORY_DEFAULT: &str = "/etc/isthmus-update/keys";
+/// Where the slots and their state are on the appliance: outside the service's state
+/// directory, and owned by root.
+pub const FIRMWARE_DIRECTORY_DEFAULT: &str = "/var/lib/isthmus-firmware";
 /// What the package installed: `bin/isthmus` and `lib/isthmus/` under it.
 pub const FACTORY_ROOT_DEFAULT: &str = "/usr";
 
 /// Where the slots are.
 #[derive(Debug, clap::Args)]
 pub struct Slots {
-    /// The state directory (slots and their state are in its `firmware/`).
-    #[arg(long, default_value = STATE_DIRECTORY_DEFAULT)]
-    pub state_dir: PathBuf,
+    /// The firmware directory: the slots, their state and the `current` link. Only root may
+    /// be able to write it and every directory above it.
+    #[arg(long, default_value = FIRMWARE_DIRECTORY_DEFAULT)]
+    pub firmware_dir: PathBuf,
     /// The factory slot: the package's installation root.
     #[arg(long, default_value = FACTORY_ROOT_DEFAULT)]
     pub factory_root: PathBuf,
@@ -29,7 +32,7 @@ pub struct Slots {
 
 impl Slots {
     fn firmware(&self) -> Firmware {
-        Firmware::new(&self.state_dir, &self.factory_root)
+        Firmware::new(&self.firmware_dir, &self.factory_root)
     }
 }
 

@@ -52,7 +52,7 @@ fn unit_for(binary: &Path, dir: &Path, unit_text: &str) -> PathBuf {
         &path,
         unit_text
             .replace(
-                "/var/lib/isthmus/firmware/current/bin/isthmus",
+                "/var/lib/isthmus-firmware/current/bin/isthmus",
                 binary.to_str().unwrap(),
             )
             .replace("/usr/bin/isthmus", binary.to_str().unwrap()),
@@ -72,8 +72,8 @@ fn the_systemd_unit_verifies_and_is_locked_down() {
         "WatchdogSec=30s",
         // The running slot (see `update.rs`), started and confirmed by the factory binary.
         "ExecStartPre=+/usr/bin/isthmus update boot",
-        "ExecStartPre=/var/lib/isthmus/firmware/current/bin/isthmus check-config /etc/isthmus/isthmus.toml",
-        "ExecStart=/var/lib/isthmus/firmware/current/bin/isthmus serve --config /etc/isthmus/isthmus.toml",
+        "ExecStartPre=/var/lib/isthmus-firmware/current/bin/isthmus check-config /etc/isthmus/isthmus.toml",
+        "ExecStart=/var/lib/isthmus-firmware/current/bin/isthmus serve --config /etc/isthmus/isthmus.toml",
         "ExecStartPost=+/usr/bin/isthmus update commit",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "TimeoutStopSec=90s",

@@ -12,10 +12,10 @@ use tests::{Gateway, scratch_dir, serial, workspace_root};
 
 use crate::package::{package, packaged_config, place_model, run, say_hi};
 
-/// `isthmus update ...` with the factory binary, on the test's state directory and factory.
+/// `isthmus update ...` with the factory binary, on the test's firmware directory and factory.
 struct Appliance {
     factory: PathBuf,
-    state: PathBuf,
+    firmware: PathBuf,
     keys: PathBuf,
 }
 
@@ -32,8 +32,8 @@ impl Appliance {
     fn slots(&self, arguments: &[&str]) -> Output {
         let mut all: Vec<&str> = arguments.to_vec();
         all.extend([
-            "--state-dir",
-            self.state.to_str().unwrap(),
+            "--firmware-dir",
+            self.firmware.to_str().unwrap(),
             "--factory-root",
             self.factory.to_str().unwrap(),
         ]);
@@ -50,7 +50,7 @@ impl Appliance {
     }
 
     fn current(&self) -> PathBuf {
-        self.state.join("firmware/current")
+        self.firmware.join("current")
     }
 
     fn status(&self) -> serde_json::Value {
@@ -87,8 +87,8 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
         .arg(&root));
     let appliance = Appliance {
         factory: root.join("usr"),
-        state: root.join("var/lib/isthmus"),
-        keys: root.join("etc/isthmus/update-keys"),
+        firmware: root.join("var/lib/isthmus-firmware"),
+        keys: root.join("etc/isthmus-update/keys"),
     };
     std::fs::create_dir_all(&appliance.keys).unwrap();
     let signer = work.path().join("release");
@@ -148,15 +148,15 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     let running = std::fs::read_link(format!("/proc/{}/exe", gateway.child.id())).unwrap();
     assert_eq!(
         running,
-        appliance.state.join("firmware/slots/a/bin/isthmus"),
+        appliance.firmware.join("slots/a/bin/isthmus"),
         "the gateway runs from slot a"
     );
     assert!(
         gateway.log().contains(&format!(
             "\"backends_dir\":\"{}\"",
             appliance
-                .state
-                .join("firmware/slots/a/bin/../lib/isthmus/backends")
+                .firmware
+                .join("slots/a/bin/../lib/isthmus/backends")
                 .display()
         )),
         "{}",
@@ -202,6 +202,31 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     std::fs::write(&tampered, bytes).unwrap();
     let refused = failure(&appliance.apply(&tampered));
     assert!(refused.contains("does not match its SHA-256"), "{refused}");
+    // Keys or slots the service's group could change are not trusted with a root step.
+    let set_mode = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    set_mode(&appliance.keys, 0o775);
+    let refused = failure(&appliance.apply(&bundle));
+    assert!(
+        refused.contains(&format!(
+            "{}: writable by group or others (mode 0775): only root",
+            appliance.keys.display()
+        )),
+        "{refused}"
+    );
+    set_mode(&appliance.keys, 0o755);
+    set_mode(&appliance.firmware, 0o775);
+    let refused = failure(&appliance.slots(&["boot"]));
+    assert!(
+        refused.contains(&format!(
+            "{}: writable by group or others",
+            appliance.firmware.display()
+        )),
+        "{refused}"
+    );
+    set_mode(&appliance.firmware, 0o755);
     assert_eq!(appliance.status()["active"], "a");
 
     // A signed release older than the committed one: refused as a downgrade.
@@ -275,11 +300,7 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     assert_eq!(status["trial"], serde_json::Value::Null);
     assert_eq!(
         status["current"],
-        appliance
-            .state
-            .join("firmware/slots/a")
-            .display()
-            .to_string()
+        appliance.firmware.join("slots/a").display().to_string()
     );
     // Slot a still serves.
     run(Command::new(appliance.current().join("bin/isthmus"))

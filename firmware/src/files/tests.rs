@@ -64,3 +64,90 @@ fn staged_file_replaces_a_leftover_temporary_file() -> io::Result<()> {
     assert_eq!(mode_of(&path)?, 0o644);
     Ok(())
 }
+
+#[test]
+fn protection_trusts_root_and_this_user_and_no_one_else_who_can_write() {
+    let user = 1000;
+    // (owner, mode, is the path itself, problem)
+    let cases: [(u32, u32, bool, Option<&str>); 9] = [
+        (0, 0o755, true, None),
+        (user, 0o700, true, None),
+        (user, 0o644, true, None),
+        (
+            1001,
+            0o755,
+            true,
+            Some("owned by user 1001, neither root nor this user (1000)"),
+        ),
+        (
+            0,
+            0o775,
+            true,
+            Some("writable by group or others (mode 0775)"),
+        ),
+        (
+            0,
+            0o757,
+            false,
+            Some("writable by group or others (mode 0757)"),
+        ),
+        // `/tmp`: others may add names but not move ours.
+        (0, 0o1777, false, None),
+        (
+            0,
+            0o1777,
+            true,
+            Some("writable by group or others (mode 1777)"),
+        ),
+        (
+            1001,
+            0o1777,
+            false,
+            Some("owned by user 1001, neither root nor this user (1000)"),
+        ),
+    ];
+    for (owner, mode, is_last, problem) in cases {
+        assert_eq!(
+            protection_problem(owner, mode, user, is_last).as_deref(),
+            problem,
+            "owner {owner}, mode {mode:o}, last {is_last}"
+        );
+    }
+}
+
+#[test]
+fn the_effective_user_is_the_second_uid() {
+    let status = "Name:\tisthmus\nUid:\t1000\t0\t0\t0\nGid:\t1000\t1000\t1000\t1000\n";
+    assert_eq!(parse_effective_user(status), Some(0));
+    assert_eq!(parse_effective_user("Name:\tx\n"), None);
+}
+
+#[test]
+fn a_protected_path_is_checked_through_its_links_and_its_parents() -> io::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let private = scratch.path().join("private");
+    create_directories_with_mode(&private.join("inner"), 0o755)?;
+    assert_eq!(mode_of(&private)?, 0o755);
+    assert_eq!(mode_of(&private.join("inner"))?, 0o755);
+    assert_eq!(check_protected(&private.join("inner")), Ok(()));
+
+    let open = scratch.path().join("open");
+    create_directories_with_mode(&open.join("inner"), 0o755)?;
+    set_mode(&open, 0o777)?;
+    let error = check_protected(&open.join("inner"))
+        .err()
+        .unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("{}: writable by group or others", open.display())),
+        "{error}"
+    );
+    // A link from a protected place into an open one is judged by where it leads.
+    let link = private.join("link");
+    std::os::unix::fs::symlink(open.join("inner"), &link)?;
+    let error = check_protected(&link).err().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("{}: writable by group or others", open.display())),
+        "{error}"
+    );
+    Ok(())
+}

@@ -348,7 +348,7 @@ fn an_apply_that_cannot_save_its_state_leaves_the_rollback_slot_whole() {
     tree(&root, b"v3");
     let bundle = scratch.path().join("update-3.bin");
     pack(&root, "3.0.0", &signer, &bundle).unwrap();
-    std::fs::create_dir(scratch.path().join("state/firmware/.state.json.tmp")).unwrap();
+    std::fs::create_dir(scratch.path().join("state/.state.json.tmp")).unwrap();
     assert!(firmware.apply(&bundle, &keys, false).is_err());
     assert_eq!(firmware.state().unwrap(), before);
     let slot_a = firmware.slot_root(Slot::A).join("bin/isthmus");
@@ -383,4 +383,81 @@ fn an_update_after_a_rollback_by_hand_waits_for_the_restart() {
     let (restarted, _) = boot_step(&rolled);
     let (slot, _) = apply_step(&restarted, "3.0.0", false).unwrap();
     assert_eq!(slot, Slot::B);
+}
+
+#[test]
+fn keys_and_slots_that_another_user_could_change_are_refused() {
+    let scratch = tempfile::tempdir().unwrap();
+    let factory = scratch.path().join("usr");
+    tree(&factory, b"factory");
+    let signer = key(7);
+    let keys = keys_directory(scratch.path(), &[&signer]);
+    let root = scratch.path().join("root");
+    tree(&root, b"new");
+    let bundle = scratch.path().join("update.bin");
+    pack(&root, "1.0.0", &signer, &bundle).unwrap();
+    let firmware = Firmware::new(&scratch.path().join("firmware"), &factory);
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let refused = |error: UpdateError, path: &Path| {
+        let message = error.to_string();
+        assert!(matches!(error, UpdateError::Unprotected(_)), "{message}");
+        assert!(
+            message.starts_with(&format!("{}: writable by group or others", path.display())),
+            "{message}"
+        );
+    };
+
+    // A keys directory the service's group may write: a key could be slipped in.
+    mode(&keys, 0o775);
+    refused(firmware.apply(&bundle, &keys, false).unwrap_err(), &keys);
+    refused(super::read_trusted_keys(&keys).unwrap_err(), &keys);
+    mode(&keys, 0o755);
+    // A key file others may rewrite.
+    let key_file = keys.join("k0.pub");
+    mode(&key_file, 0o666);
+    refused(
+        firmware.apply(&bundle, &keys, false).unwrap_err(),
+        &key_file,
+    );
+    mode(&key_file, 0o644);
+
+    // The firmware directory: created by the first command, readable by all, then refused
+    // once group-writable; nothing is written while it is.
+    firmware.boot().unwrap();
+    let directory = scratch.path().join("firmware");
+    assert_eq!(
+        std::fs::metadata(&directory).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    let before = firmware.state().unwrap();
+    mode(&directory, 0o770);
+    refused(
+        firmware.apply(&bundle, &keys, false).unwrap_err(),
+        &directory,
+    );
+    refused(firmware.boot().unwrap_err(), &directory);
+    refused(firmware.commit().unwrap_err(), &directory);
+    refused(firmware.rollback().unwrap_err(), &directory);
+    assert_eq!(firmware.state().unwrap(), before);
+    assert!(!firmware.slot_root(Slot::A).exists());
+    // A directory above it counts as much as the directory itself.
+    mode(&directory, 0o755);
+    mode(scratch.path(), 0o777);
+    let error = firmware.boot().unwrap_err();
+    mode(scratch.path(), 0o700);
+    refused(error, scratch.path());
+
+    let applied = firmware.apply(&bundle, &keys, false).unwrap();
+    assert_eq!(applied.slot, Slot::A);
+    for step in ["bin", "lib", "lib/isthmus"] {
+        let path = firmware.slot_root(Slot::A).join(step);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+            0o755,
+            "{}",
+            path.display()
+        );
+    }
 }
