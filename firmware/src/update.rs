@@ -937,8 +937,25 @@ impl Firmware {
 
     /// Ends the trial of the active slot (the unit's `ExecStartPost`, after `READY=1`).
     pub fn commit(&self) -> Result<Option<SlotState>, UpdateError> {
+        self.commit_if(|_| true)
+    }
+
+    /// Ends the trial `expected` if it is still the one pending: for a caller that waited
+    /// after reading the state, where a rollback by hand or another start in the meantime
+    /// leaves nothing to commit.
+    pub fn commit_trial(&self, expected: &Trial) -> Result<Option<SlotState>, UpdateError> {
+        self.commit_if(|state| state.trial.as_ref() == Some(expected))
+    }
+
+    fn commit_if(
+        &self,
+        still_meant: impl FnOnce(&SlotState) -> bool,
+    ) -> Result<Option<SlotState>, UpdateError> {
         let _lock = self.lock()?;
         let state = self.state()?;
+        if !still_meant(&state) {
+            return Ok(None);
+        }
         match commit_step(&state) {
             Some(next) => {
                 self.save(&next)?;

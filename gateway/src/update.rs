@@ -83,6 +83,11 @@ pub enum UpdateCommand {
     },
     /// End the trial: the gateway became ready (the unit's ExecStartPost).
     Commit {
+        /// Wait this long first and commit only if this command is still running then: the
+        /// unit stops it when the gateway exits, so a start that fails soon after READY=1
+        /// still counts against the trial. Returns at once when nothing is on trial.
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        after_seconds: u64,
         #[command(flatten)]
         slots: Slots,
     },
@@ -204,12 +209,30 @@ fn execute(command: UpdateCommand) -> Result<(), String> {
             }
             Ok(())
         }
-        UpdateCommand::Commit { slots } => {
-            match slots
-                .firmware()
-                .commit()
-                .map_err(|error| error.to_string())?
-            {
+        UpdateCommand::Commit {
+            after_seconds,
+            slots,
+        } => {
+            let firmware = slots.firmware();
+            let committed = if after_seconds == 0 {
+                firmware.commit()
+            } else {
+                let state = firmware.state().map_err(|error| error.to_string())?;
+                let Some(trial) = state.trial.filter(|trial| trial.attempts >= 1) else {
+                    println!("nothing on trial");
+                    return Ok(());
+                };
+                // Journal lines: the unit stays `activating` while this waits.
+                println!(
+                    "slot {} on trial: committing it if the gateway still runs in {after_seconds} s",
+                    trial.slot.name()
+                );
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                std::thread::sleep(std::time::Duration::from_secs(after_seconds));
+                firmware.commit_trial(&trial)
+            };
+            match committed.map_err(|error| error.to_string())? {
                 Some(state) => println!("{}", state.last_event.unwrap_or_default()),
                 None => println!("nothing on trial"),
             }

@@ -168,7 +168,36 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
         &gateway.url("/v1/chat/completions"),
         Some("package-test-key"),
     );
-    let committed = stdout(&appliance.slots(&["commit"]));
+    // The unit's commit waits; stopped before its time (systemd stops it when the gateway
+    // exits first), it commits nothing.
+    let mut waiting = Command::new(appliance.factory.join("bin/isthmus"))
+        .args([
+            "update",
+            "commit",
+            "--after-seconds",
+            "600",
+            "--firmware-dir",
+        ])
+        .arg(&appliance.firmware)
+        .arg("--factory-root")
+        .arg(&appliance.factory)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut announced = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(waiting.stdout.take().unwrap()),
+        &mut announced,
+    )
+    .unwrap();
+    assert!(
+        announced.contains("slot a on trial: committing it if the gateway still runs in 600 s"),
+        "{announced}"
+    );
+    waiting.kill().unwrap();
+    waiting.wait().unwrap();
+    assert_eq!(appliance.status()["trial"]["slot"], "a");
+    let committed = stdout(&appliance.slots(&["commit", "--after-seconds", "1"]));
     assert!(
         committed.contains("committed a (9.9.9) after 1 start(s)"),
         "{committed}"
@@ -309,7 +338,7 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     // The unit is wired to these steps.
     let unit =
         std::fs::read_to_string(workspace_root().join("deploy/systemd/isthmus.service")).unwrap();
-    assert!(unit.contains("ExecStartPost=+/usr/bin/isthmus update commit"));
+    assert!(unit.contains("ExecStartPost=+/usr/bin/isthmus update commit --after-seconds 60"));
 }
 
 /// The packaged configuration under `root`, with the model in place.

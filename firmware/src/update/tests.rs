@@ -461,3 +461,30 @@ fn keys_and_slots_that_another_user_could_change_are_refused() {
         );
     }
 }
+
+#[test]
+fn a_delayed_commit_ends_only_the_trial_it_waited_for() {
+    let scratch = tempfile::tempdir().unwrap();
+    let factory = scratch.path().join("usr");
+    tree(&factory, b"factory");
+    let signer = key(8);
+    let keys = keys_directory(scratch.path(), &[&signer]);
+    let root = scratch.path().join("root");
+    tree(&root, b"new");
+    let bundle = scratch.path().join("update.bin");
+    pack(&root, "1.0.0", &signer, &bundle).unwrap();
+    let firmware = Firmware::new(&scratch.path().join("firmware"), &factory);
+    firmware.apply(&bundle, &keys, false).unwrap();
+    firmware.boot().unwrap();
+    let seen = firmware.state().unwrap().trial.unwrap();
+    assert_eq!((seen.slot, seen.attempts), (Slot::A, 1));
+    // Another start while the first one's commit waited: that one's wait is void.
+    firmware.boot().unwrap();
+    assert_eq!(firmware.commit_trial(&seen).unwrap(), None);
+    let again = firmware.state().unwrap().trial.unwrap();
+    assert_eq!(again.attempts, 2);
+    // A rollback by hand meanwhile: nothing to commit either.
+    firmware.rollback().unwrap();
+    assert_eq!(firmware.commit_trial(&again).unwrap(), None);
+    assert_eq!(firmware.state().unwrap().active, Slot::Factory);
+}
