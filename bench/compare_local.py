@@ -118,6 +118,10 @@ level = "warn"
             self.process = None
 
 
+# Every run that had failed requests, for the verdict at the end.
+ERRORS: list = []
+
+
 def bench(args, url: str, **options) -> dict:
     command = [args.isthmus, "bench", "--url", url, "--model", "smollm2", "--json"]
     for key, value in options.items():
@@ -127,6 +131,8 @@ def bench(args, url: str, **options) -> dict:
         raise SystemExit(f"bench failed: {result.stderr}{result.stdout}")
     report = json.loads(result.stdout)
     if report["errors"]:
+        # A failed request leaves the medians of the others; the run fails at the end.
+        ERRORS.append(f"{url}: {report['errors']} errors, first: {report['first_error']}")
         print(f"  warning: {report['errors']} errors: {report['first_error']}", file=sys.stderr)
     return report
 
@@ -147,14 +153,26 @@ def run_scenario(args, server: Server, scenario: str) -> dict:
             [args.isthmus, "bench", "--url", server.url, "--model", "smollm2", "--json",
              "--concurrency", "1", "--requests", "1000", "--max-tokens", "1", "--prompt-tokens", "1000",
              "--interval-ms", "2000", "--warmup", "0", "--timeout-s", "600"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
             time.sleep(1.0)
             report = bench(args, server.url, concurrency=3, requests=6, max_tokens=96, prompt_tokens=32, warmup=0)
         finally:
-            prompts.kill()
-            prompts.wait()
+            # SIGINT: the load starts no more prompts, finishes the one in flight and reports.
+            prompts.send_signal(signal.SIGINT)
+            try:
+                stdout, stderr = prompts.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                prompts.kill()
+                stdout, stderr = prompts.communicate()
+        # The gaps mean something only if the long prompts really ran beside the streams.
+        if prompts.returncode != 0:
+            raise SystemExit(f"long-prompts on {server.kind}: the prompt load failed: {stderr}{stdout}")
+        load = json.loads(stdout)
+        if load["errors"] or load["succeeded"] == 0:
+            raise SystemExit(f"long-prompts on {server.kind}: {load['succeeded']} long prompts answered, "
+                             f"{load['errors']} errors, first: {load['first_error']}")
         return {"ITL p50 ms": report["itl_ms"]["p50"], "ITL p99 ms": report["itl_ms"]["p99"],
                 "p99/p50": report["itl_ms"]["p99"] / max(report["itl_ms"]["p50"], 1e-9)}
     raise SystemExit(f"unknown scenario {scenario}")
@@ -180,7 +198,9 @@ def main() -> None:
     for scenario in args.scenarios.split(","):
         parallel = int(scenario.split("-")[1]) if scenario.startswith("decode-") else 4
         for round_index in range(args.rounds):
-            for kind in ("llama-server", "isthmus"):
+            # Alternating order, so that a drift within a round falls on both contenders.
+            kinds = ("llama-server", "isthmus") if round_index % 2 == 0 else ("isthmus", "llama-server")
+            for kind in kinds:
                 server = Server(kind, args, parallel, 18600 + 2 * round_index, workdir)
                 server.start()
                 try:
@@ -208,6 +228,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump({f"{s}|{k}": v for (s, k), v in samples.items()}, out, indent=1)
+    if ERRORS:
+        raise SystemExit("requests failed, so the medians above leave them out:\n" + "\n".join(ERRORS))
 
 
 if __name__ == "__main__":

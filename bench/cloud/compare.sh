@@ -181,20 +181,24 @@ for target in "${targets[@]}"; do
   bench "$target" /dev/null --stream false --concurrency 512 --rate 500 --duration-s 2
 done
 for round in $(seq 1 "$rounds"); do
+  # Each round starts with the next contender, so that a drift within a round (or one
+  # contender's leftover background work) does not always fall on the same one.
+  shift_by=$(( (round - 1) % ${#targets[@]} ))
+  order=("${targets[@]:shift_by}" "${targets[@]:0:shift_by}")
   for rate in 500 1000 2000; do
-    for target in "${targets[@]}"; do
+    for target in "${order[@]}"; do
       bench "$target" "$out/open-$target-$rate-$round.json" --stream false --concurrency 512 \
         --rate "$rate" --duration-s "$seconds"
     done
   done
   # The same answers streamed (SSE, 8 chunks, usage, [DONE]) at 1,000 req/s: time to the
   # first token is what a streaming client feels of the gateway.
-  for target in "${targets[@]}"; do
+  for target in "${order[@]}"; do
     bench "$target" "$out/stream-$target-$round.json" --stream true --concurrency 512 \
       --rate 1000 --duration-s "$seconds"
   done
   # Highest sustained rate: a closed loop of 64 clients for the same time.
-  for target in "${targets[@]}"; do
+  for target in "${order[@]}"; do
     bench "$target" "$out/closed-$target-$round.json" --stream false --concurrency 64 \
       --duration-s "$seconds"
   done
@@ -259,6 +263,13 @@ print("| | " + " | ".join(names[t] for t in targets) + " |")
 print("|---|" + "---|" * len(targets))
 print("| req/s | " + " | ".join(f"{closed[t]:.0f}" for t in targets) + " |")
 print("| × nginx | " + " | ".join(f"{closed[t] / closed['nginx']:.2f}" for t in targets) + " |")
+# Requests per second count answers only, but a contender whose requests failed must not
+# pass for one that kept up: its errors (and resends after closed connections) are shown.
+closed_errors = {t: sum(report["errors"] for report in closed_runs(t)) for t in targets}
+closed_resent = {t: sum(report.get("resent", 0) for report in closed_runs(t)) for t in targets}
+if any(closed_errors.values()) or any(closed_resent.values()):
+    print("| errors | " + " | ".join(str(closed_errors[t]) for t in targets) + " |")
+    print("| resent | " + " | ".join(str(closed_resent[t]) for t in targets) + " |")
 print("\npeak RSS, MiB (no local model): " + ", ".join(f"{names.get(t, t)} {mib:.1f}" for t, mib in sorted(rss.items())))
 PY
 echo "raw results: $out" >&2

@@ -32,6 +32,18 @@ out=${OUT:-$work/out}
 results=$work/results
 mkdir -p "$work" "$out" "$results"
 
+# llama-batched-bench, the anchor: RESULT_FILE then its arguments. A run that fails or prints
+# no table is reported and makes the phase fail once the rest has run.
+anchor_failed=0
+anchor() {
+  local file=$1
+  shift
+  if ! "$work/build/bin/llama-batched-bench" "$@" >"$file" 2>&1 || ! grep -qE "^\|" "$file"; then
+    echo "anchor FAILED: llama-batched-bench $*: see $file" | tee -a "$out/anchor-failures.txt" >&2
+    anchor_failed=1
+  fi
+}
+
 build() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
   nvcc --version | tail -n 2 | tee -a "$out/gpu.txt"
@@ -161,15 +173,14 @@ kv_cache_type = \"q8_0\"" ;; esac
       tail -n 5 "$results/serve-$name.log" >> "$out/serve-tails.txt"
     done
     if [ "${ISTHMUS_GPU_ANCHOR:-1}" = 1 ]; then
-      "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
-        -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$results/batched-bench-$shape.txt" 2>&1 || true
-      { echo "$shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/anchor.txt"
+      anchor "$results/batched-bench-$shape.txt" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
+        -npp 128 -ntg 128 -npl 1,8,32 -ngl 999
+      { echo "$shape"; grep -E "^\|" "$results/batched-bench-$shape.txt" || true; } | tee -a "$out/anchor.txt"
       # The anchor with the same q8_0 cache, for layouts ending in -q8.
       case " $layouts" in *-q8\ *|*-q8) 
-        "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
-          -ctk q8_0 -ctv q8_0 -fa on -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 \
-          > "$results/batched-bench-$shape-q8.txt" 2>&1 || true
-        { echo "$shape q8_0 cache"; grep -E "^\|" "$results/batched-bench-$shape-q8.txt"; } | tee -a "$out/anchor.txt" ;;
+        anchor "$results/batched-bench-$shape-q8.txt" -m "$work/m$shape.gguf" -c 16384 -b 2048 \
+          -ub 512 -ctk q8_0 -ctv q8_0 -fa on -npp 128 -ntg 128 -npl 1,8,32 -ngl 999
+        { echo "$shape q8_0 cache"; grep -E "^\|" "$results/batched-bench-$shape-q8.txt" || true; } | tee -a "$out/anchor.txt" ;;
       esac
     fi
   done
@@ -180,6 +191,7 @@ from counters import counters
 out = pathlib.Path(sys.argv[1])
 split = sys.argv.index("--")
 shapes, layouts = sys.argv[2:split], sys.argv[split + 1:]
+failed = []
 
 def per_step(before, after):
     a, b = counters(before), counters(after)
@@ -208,15 +220,24 @@ for shape in shapes:
               f"over {len(ratios)} busy scrapes, memory used max {max(memory) / 2**20 if memory else 0:.0f} MiB")
         for streams in (1, 8, 32):
             wave = json.loads((out / f"wave-{name}-{streams}.json").read_text())
+            if wave["errors"] or wave["succeeded"] != streams:
+                failed.append(f"{name} streams={streams} wave: {wave['succeeded']} of {streams} answered, "
+                              f"first error: {wave['first_error']}")
             tpot = wave["tpot_ms"]["p50"]
             print(f"{name} streams={streams} wave: TPOT p50 {tpot:.2f} ms -> decode {streams * 1000 / tpot:.0f} tok/s; "
                   + per_step(out / f"m0-{name}-{streams}", out / f"m1-{name}-{streams}"))
             report = json.loads((out / f"bench-{name}-{streams}.json").read_text())
+            if report["errors"]:
+                failed.append(f"{name} streams={streams} loop: {report['errors']} errors, first: {report['first_error']}")
             tpot = report["tpot_ms"]["p50"]
             print(f"{name} streams={streams} loop: output {report['output_tokens_per_s']:.0f} tok/s, "
                   f"TPOT p50 {tpot:.2f} ms, TTFT p50 {report['ttft_ms']['p50']:.1f} ms, errors {report['errors']}; "
                   + per_step(out / f"m1-{name}-{streams}", out / f"m2-{name}-{streams}"))
+for failure in failed:
+    print(f"FAILED: {failure}")
+sys.exit(1 if failed else 0)
 PY
+  [ "$anchor_failed" = 0 ] || { echo "run: the anchor failed (see $out/anchor-failures.txt)" >&2; return 1; }
 }
 
 # Where a pure decode step's time goes, and whether graph reuse and CUDA graphs carry it:
@@ -291,10 +312,15 @@ PY
     local env=()
     [ "$variant" = no-graph-reuse ] && env=(LLAMA_GRAPH_REUSE_DISABLE=1)
     [ "$variant" = no-cuda-graphs ] && env=(GGML_CUDA_DISABLE_GRAPHS=1)
-    env "${env[@]}" "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
-      -npp 128 -ntg 128 -npl 8,32 -ngl 999 > "$results/batched-bench-$shape-$variant.txt" 2>&1 || true
-    { echo "anchor $variant"; grep -E "^main: n_kv_max|^\|" "$results/batched-bench-$shape-$variant.txt"; } | tee -a "$out/steps.txt"
+    (
+      if [ ${#env[@]} -gt 0 ]; then export "${env[@]}"; fi
+      anchor "$results/batched-bench-$shape-$variant.txt" -m "$work/m$shape.gguf" \
+        -c 16384 -b 2048 -ub 512 -npp 128 -ntg 128 -npl 8,32 -ngl 999
+      exit "$anchor_failed"
+    ) || anchor_failed=1
+    { echo "anchor $variant"; grep -E "^main: n_kv_max|^\|" "$results/batched-bench-$shape-$variant.txt" || true; } | tee -a "$out/steps.txt"
   done
+  [ "$anchor_failed" = 0 ] || { echo "steps: the anchor failed (see $out/anchor-failures.txt)" >&2; return 1; }
 }
 
 # N streams over K contexts, each on its own thread (bench/gpu/lanes-bench/lanes-bench.cpp):
@@ -317,11 +343,12 @@ lanes() {
   done
   if [ "${ISTHMUS_GPU_ANCHOR:-1}" = 1 ]; then
     for shape in $shapes; do
-      "$work/build/bin/llama-batched-bench" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
-        -npp 128 -ntg 128 -npl 1,8,32 -ngl 999 > "$results/batched-bench-$shape.txt" 2>&1 || true
-      { echo "anchor $shape"; grep -E "^\|" "$results/batched-bench-$shape.txt"; } | tee -a "$out/lanes.txt"
+      anchor "$results/batched-bench-$shape.txt" -m "$work/m$shape.gguf" -c 16384 -b 2048 -ub 512 \
+        -npp 128 -ntg 128 -npl 1,8,32 -ngl 999
+      { echo "anchor $shape"; grep -E "^\|" "$results/batched-bench-$shape.txt" || true; } | tee -a "$out/lanes.txt"
     done
   fi
+  [ "$anchor_failed" = 0 ] || { echo "lanes: the anchor failed (see $out/anchor-failures.txt)" >&2; return 1; }
 }
 
 # The request features whose tokens are chosen on the host from a logits row (a JSON

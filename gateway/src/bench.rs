@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -171,13 +171,17 @@ pub enum BenchApi {
 /// One finished request.
 #[derive(Debug, Clone)]
 struct Sample {
-    ttft: Duration,
+    /// Time to the first content chunk; `None` for an answer that was not streamed.
+    ttft: Option<Duration>,
     end_to_end: Duration,
     output_tokens: u32,
     prompt_tokens: u32,
     cached_tokens: u32,
     /// Gaps between consecutive content chunks (streaming only).
     gaps: Vec<Duration>,
+    /// Sent a second time after a reused connection closed under the first attempt (the
+    /// latency includes both).
+    resent: bool,
 }
 
 /// Percentiles of one quantity, in milliseconds.
@@ -222,6 +226,10 @@ pub struct BenchReport {
     pub requests: u32,
     pub succeeded: u32,
     pub errors: u32,
+    /// Requests sent a second time because a reused connection closed under the first
+    /// attempt (their latency counts from the first); many point at a server that drops
+    /// connections under load.
+    pub resent: u32,
     pub first_error: Option<String>,
     pub stream: bool,
     pub max_tokens: u32,
@@ -231,8 +239,10 @@ pub struct BenchReport {
     pub requests_per_s: f64,
     pub prompt_tokens_mean: f64,
     pub cached_tokens_mean: f64,
-    pub ttft_ms: Percentiles,
-    pub tpot_ms: Percentiles,
+    /// Time to first token and per output token after it: `None` (JSON `null`) when the
+    /// answers were not streamed, which measures neither.
+    pub ttft_ms: Option<Percentiles>,
+    pub tpot_ms: Option<Percentiles>,
     pub itl_ms: Percentiles,
     pub end_to_end_ms: Percentiles,
 }
@@ -349,13 +359,21 @@ async fn one_request(
         request.send()
     };
     // Open loop: latency counts from when the request was due, not when it could be sent.
-    let mut started = scheduled.unwrap_or_else(Instant::now);
+    let started = scheduled.unwrap_or_else(Instant::now);
+    let mut resent = false;
     let mut response = match send().await {
         Ok(response) => response,
         // A pooled connection the server closed while idle (some servers close after a few
-        // requests): the request never reached it, so send it once more on a new connection.
-        Err(error) if error.is_request() && error.status().is_none() => {
-            started = scheduled.unwrap_or_else(Instant::now);
+        // requests) fails the request before any answer: send it once more on a new
+        // connection, counted as resent and with its latency from the first attempt. A
+        // refused connection or a timeout is the server's failure, not the pool's.
+        Err(error)
+            if error.is_request()
+                && error.status().is_none()
+                && !error.is_connect()
+                && !error.is_timeout() =>
+        {
+            resent = true;
             send().await.map_err(|error| describe(&error))?
         }
         Err(error) => return Err(describe(&error)),
@@ -374,12 +392,13 @@ async fn one_request(
         let end_to_end = started.elapsed();
         let usage = Usage::of(&body["usage"]);
         return Ok(Sample {
-            ttft: end_to_end,
+            ttft: None,
             end_to_end,
             output_tokens: usage.output,
             prompt_tokens: usage.prompt,
             cached_tokens: usage.cached,
             gaps: Vec::new(),
+            resent,
         });
     }
     let mut buffer: Vec<u8> = Vec::new();
@@ -411,11 +430,16 @@ async fn one_request(
                     if !chunk["usage"].is_null() {
                         usage = chunk["usage"].clone();
                     }
-                    let delta = &chunk["choices"][0]["delta"];
-                    delta.get("role").is_none() && !delta["content"].is_null()
+                    // Text, whether or not the chunk also names the role; an empty string
+                    // (a server holding text back, e.g. a possible stop string) is none.
+                    chunk["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .is_some_and(|text| !text.is_empty())
                 }
                 BenchApi::Responses => match chunk["type"].as_str() {
-                    Some("response.output_text.delta") => true,
+                    Some("response.output_text.delta") => {
+                        chunk["delta"].as_str().is_some_and(|text| !text.is_empty())
+                    }
                     Some("response.completed" | "response.incomplete") => {
                         usage = chunk["response"]["usage"].clone();
                         false
@@ -441,7 +465,7 @@ async fn one_request(
     let first = first.ok_or_else(|| "the stream carried no content".to_owned())?;
     let counted = Usage::of(&usage);
     Ok(Sample {
-        ttft: first.duration_since(started),
+        ttft: Some(first.duration_since(started)),
         end_to_end,
         output_tokens: if usage.is_null() {
             chunks
@@ -451,6 +475,7 @@ async fn one_request(
         prompt_tokens: counted.prompt,
         cached_tokens: counted.cached,
         gaps,
+        resent,
     })
 }
 
@@ -493,9 +518,28 @@ fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Set on SIGINT or SIGTERM: no more requests start, those in flight finish, and the report
+/// covers what ran (so a script can stop a background load and still read its errors).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
 /// Whether a request may still start `elapsed` after the run began.
 fn may_start(options: &BenchOptions, elapsed: Duration) -> bool {
-    options.duration.is_none_or(|duration| elapsed < duration)
+    !STOPPING.load(Ordering::Relaxed) && options.duration.is_none_or(|duration| elapsed < duration)
+}
+
+/// Sets [`STOPPING`] on the first SIGINT or SIGTERM.
+fn stop_on_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        STOPPING.store(true, Ordering::Relaxed);
+    });
+    Ok(())
 }
 
 /// `--concurrency` workers, each sending its next request when the last one ended.
@@ -558,7 +602,10 @@ async fn open_loop(
             unsent += 1;
             continue;
         }
-        tokio::time::sleep_until(due.into()).await;
+        wait_until(due).await;
+        if STOPPING.load(Ordering::Relaxed) {
+            break;
+        }
         let acquire = Arc::clone(&slots).acquire_owned();
         let slot = match deadline {
             None => acquire.await?,
@@ -591,13 +638,30 @@ async fn open_loop(
     Ok(results)
 }
 
+/// Sleeps until `instant`, to the microsecond: tokio's timer rounds a deadline up to its next
+/// millisecond, which open-loop latencies (counted from the due time) would otherwise carry
+/// as up to a millisecond of delay that no server caused. The last stretch yields to the
+/// answers' tasks until the time comes.
+async fn wait_until(instant: Instant) {
+    let coarse = instant.checked_sub(TIMER_GRANULARITY).unwrap_or(instant);
+    tokio::time::sleep_until(coarse.into()).await;
+    while Instant::now() < instant {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// How late tokio's timer may fire.
+const TIMER_GRANULARITY: Duration = Duration::from_millis(1);
+
 /// Runs the benchmark.
 pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
     anyhow::ensure!(options.requests >= 1, "--requests must be at least 1");
     let client = client(&options)?;
+    stop_on_signal()?;
     let options = Arc::new(options);
-    // Warm-up: one request per worker, in parallel, not measured.
+    // Warm-up: one request per worker (every worker by default, so that no measured request
+    // pays for a new connection), in parallel, not measured.
     let warmups: Vec<_> = (0..options.warmup_requests.min(options.concurrency))
         .map(|worker| {
             let client = client.clone();
@@ -641,6 +705,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
         requests: started_count,
         succeeded: samples.len() as u32,
         errors: errors.len() as u32,
+        resent: samples.iter().filter(|sample| sample.resent).count() as u32,
         first_error: errors.first().cloned(),
         stream: options.stream,
         max_tokens: options.max_tokens,
@@ -658,22 +723,29 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
             .map(|sample| f64::from(sample.cached_tokens))
             .sum::<f64>()
             / count,
-        ttft_ms: Percentiles::of(
-            samples
-                .iter()
-                .map(|sample| milliseconds(sample.ttft))
-                .collect(),
-        ),
-        tpot_ms: Percentiles::of(
-            samples
-                .iter()
-                .filter(|sample| sample.output_tokens > 1)
-                .map(|sample| {
-                    milliseconds(sample.end_to_end.saturating_sub(sample.ttft))
-                        / f64::from(sample.output_tokens - 1)
-                })
-                .collect(),
-        ),
+        ttft_ms: options.stream.then(|| {
+            Percentiles::of(
+                samples
+                    .iter()
+                    .filter_map(|sample| sample.ttft.map(milliseconds))
+                    .collect(),
+            )
+        }),
+        tpot_ms: options.stream.then(|| {
+            Percentiles::of(
+                samples
+                    .iter()
+                    .filter(|sample| sample.output_tokens > 1)
+                    .filter_map(|sample| {
+                        let ttft = sample.ttft?;
+                        Some(
+                            milliseconds(sample.end_to_end.saturating_sub(ttft))
+                                / f64::from(sample.output_tokens - 1),
+                        )
+                    })
+                    .collect(),
+            )
+        }),
         itl_ms: Percentiles::of(
             samples
                 .iter()
@@ -694,13 +766,14 @@ pub fn render(report: &BenchReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} model={} concurrency={} requests={} ok={} errors={} stream={} max_tokens={}",
+        "{} model={} concurrency={} requests={} ok={} errors={} resent={} stream={} max_tokens={}",
         report.url,
         report.model,
         report.concurrency,
         report.requests,
         report.succeeded,
         report.errors,
+        report.resent,
         report.stream,
         report.max_tokens
     );
@@ -719,16 +792,19 @@ pub fn render(report: &BenchReport) -> String {
         "ms", "mean", "p50", "p95", "p99", "max"
     );
     for (name, value) in [
-        ("TTFT", &report.ttft_ms),
-        ("TPOT", &report.tpot_ms),
-        ("ITL", &report.itl_ms),
-        ("latency", &report.end_to_end_ms),
+        ("TTFT", report.ttft_ms.as_ref()),
+        ("TPOT", report.tpot_ms.as_ref()),
+        ("ITL", report.stream.then_some(&report.itl_ms)),
+        ("latency", Some(&report.end_to_end_ms)),
     ] {
-        let _ = writeln!(
-            out,
-            "{name:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
-            value.mean, value.p50, value.p95, value.p99, value.max
-        );
+        let _ = match value {
+            Some(value) => writeln!(
+                out,
+                "{name:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                value.mean, value.p50, value.p95, value.p99, value.max
+            ),
+            None => writeln!(out, "{name:<10} {:>9}", "n/a (not streamed)"),
+        };
     }
     if let Some(error) = &report.first_error {
         let _ = writeln!(out, "first error: {error}");

@@ -171,9 +171,10 @@ pub struct BenchArgs {
     /// Ask the server to ignore end-of-text so each request yields exactly --max-tokens.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ignore_eos: bool,
-    /// Unmeasured warm-up requests (at most one per unit of concurrency).
-    #[arg(long, default_value_t = 1)]
-    pub warmup: u32,
+    /// Unmeasured warm-up requests, at most one per unit of concurrency (default: one per
+    /// unit, so that no measured request pays for opening a connection).
+    #[arg(long)]
+    pub warmup: Option<u32>,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -357,7 +358,7 @@ fn bench(args: BenchArgs) -> ExitCode {
         shared_prefix_tokens: args.shared_prefix_tokens,
         stream: args.stream,
         ignore_eos: args.ignore_eos,
-        warmup_requests: args.warmup,
+        warmup_requests: args.warmup.unwrap_or(args.concurrency),
         request_timeout: std::time::Duration::from_secs(args.timeout_s),
         salt: args.seed.unwrap_or_else(rand::random),
         interval: std::time::Duration::from_millis(args.interval_ms),

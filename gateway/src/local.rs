@@ -515,13 +515,21 @@ struct ChoiceState {
     logprobs: Vec<edge_runtime::TokenLogprobs>,
     finish_reason: Option<&'static str>,
     usage: edge_runtime::Usage,
+    /// Tokens generated so far, counted as they come.
+    generated: u32,
 }
 
-/// Counts one more generated token in `ctx`'s usage, so that an answer cut short (the client
-/// left, generation failed) is charged and audited with what was generated; the engine's own
-/// counts replace these once every choice is done.
-fn count_generated_token(ctx: &mut RequestContext) {
+/// Counts one more generated token of `state`, one of `choices`, in `ctx`'s usage, so that an
+/// answer cut short (the client left, generation failed) is charged and audited with what was
+/// generated, and its time per output token is taken over the longest choice, not the sum of
+/// all; the engine's own counts replace these once every choice is done.
+fn count_generated_token(ctx: &mut RequestContext, state: &mut ChoiceState, choices: usize) {
     ctx.usage.completion_tokens = ctx.usage.completion_tokens.saturating_add(1);
+    state.generated = state.generated.saturating_add(1);
+    if choices > 1 {
+        ctx.longest_choice_tokens =
+            Some(ctx.longest_choice_tokens.unwrap_or(0).max(state.generated));
+    }
 }
 
 /// Records the usage of the request's choices in `ctx`: each prompt once (as OpenAI bills
@@ -592,13 +600,14 @@ async fn collect_events(
                 .into());
             }
         };
+        let choices = states.len();
         let state = &mut states[index];
         match event {
             edge_runtime::Event::Token { text, logprobs, .. } => {
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
-                count_generated_token(ctx);
+                count_generated_token(ctx, state, choices);
                 state.text.push_str(&text);
                 state.logprobs.extend(logprobs);
             }
@@ -783,7 +792,7 @@ async fn stream_events(
                 let now = ctx.started.elapsed();
                 ctx.first_token.get_or_insert(now);
                 ctx.last_token = Some(now);
-                count_generated_token(ctx);
+                count_generated_token(ctx, &mut states[index], count);
                 if capture_as_sent {
                     crate::audit_trail::capture_completion(ctx, &text);
                 }

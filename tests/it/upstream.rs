@@ -487,7 +487,8 @@ fn sigterm_stops_it_cleanly() {
     assert!(status.success(), "{status:?}");
 }
 
-/// Runs `isthmus bench` against `upstream` with `args` and returns its JSON report.
+/// Runs `isthmus bench` against `upstream` with `args` (not streamed unless they say so) and
+/// returns its JSON report.
 fn bench_report(upstream: &Upstream, args: &[&str]) -> Value {
     let output = std::process::Command::new(tests::isthmus_binary())
         .args([
@@ -497,15 +498,12 @@ fn bench_report(upstream: &Upstream, args: &[&str]) -> Value {
             "--model",
             "gpt-test",
         ])
-        .args([
-            "--stream",
-            "false",
-            "--max-tokens",
-            "4",
-            "--warmup",
-            "0",
-            "--json",
-        ])
+        .args(if args.contains(&"--stream") {
+            &[][..]
+        } else {
+            &["--stream", "false"][..]
+        })
+        .args(["--max-tokens", "4", "--warmup", "0", "--json"])
         .args(args)
         .output()
         .unwrap();
@@ -566,4 +564,85 @@ fn bench_starts_no_request_after_its_duration() {
         String::from_utf8_lossy(&output.stderr).contains("--duration-s"),
         "{output:?}"
     );
+}
+
+#[test]
+fn bench_counts_resent_requests_and_measures_first_tokens_only_when_streamed() {
+    let upstream = start(options());
+    // The first request leaves one kept-alive connection; the next one, sent on it, is
+    // dropped unanswered, as when a server's keep-alive ends just then: it is sent again,
+    // succeeds, and the report says so.
+    block_on(upstream.set_behaviour(json!({"drop_reused": 1})));
+    let report = bench_report(&upstream, &["--requests", "3", "--concurrency", "1"]);
+    assert_eq!(
+        (&report["succeeded"], &report["errors"], &report["resent"]),
+        (&json!(3), &json!(0), &json!(1)),
+        "{report}"
+    );
+    // Not streamed: there is no first token to time.
+    assert!(
+        report["ttft_ms"].is_null() && report["tpot_ms"].is_null(),
+        "{report}"
+    );
+    // Streamed: the first token is timed, and every token counted (the upstream's first
+    // chunk carries the role and the first text together).
+    let report = bench_report(&upstream, &["--requests", "2", "--stream", "true"]);
+    assert_eq!(report["succeeded"], 2, "{report}");
+    assert_eq!(report["output_tokens"], 8, "{report}");
+    let ttft = report["ttft_ms"]["p50"].as_f64().unwrap();
+    assert!(
+        ttft > 0.0 && ttft <= report["end_to_end_ms"]["p50"].as_f64().unwrap(),
+        "{report}"
+    );
+}
+
+#[test]
+fn bench_stopped_by_sigint_finishes_what_it_started_and_reports() {
+    let upstream = start(options());
+    let child = std::process::Command::new(tests::isthmus_binary())
+        .args([
+            "bench",
+            "--url",
+            &upstream.base_url(),
+            "--model",
+            "gpt-test",
+        ])
+        .args([
+            "--stream",
+            "false",
+            "--max-tokens",
+            "4",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .args([
+            "--concurrency",
+            "1",
+            "--requests",
+            "100000",
+            "--interval-ms",
+            "50",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    block_on(async {
+        upstream
+            .wait_for_stats(STATS_DEADLINE, |stats| {
+                stats["completed"].as_u64().is_some_and(|count| count >= 3)
+            })
+            .await;
+    });
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let answered = report["succeeded"].as_u64().unwrap();
+    assert!((3..100_000).contains(&answered), "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
 }
