@@ -877,6 +877,12 @@ impl Upstream {
             .await
     }
 
+    /// Kills the process at once (SIGKILL): its connections break off mid-answer.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status (`None` if it has not exited in time).
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {

@@ -77,6 +77,7 @@ pub fn record(
     let (result, level) = match (intent, route, status) {
         (true, _, _) => (ResultType::Succeeded, Level::Informational),
         (false, "rejected", _) => (ResultType::Rejected, Level::Warning),
+        (false, _, _) if ctx.cut_short => (ResultType::Failed, Level::Error),
         (false, _, 200..=399) => (ResultType::Succeeded, Level::Informational),
         (false, _, 400..=499) => (ResultType::Rejected, Level::Warning),
         (false, _, _) => (ResultType::Failed, Level::Error),

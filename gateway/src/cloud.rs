@@ -1262,13 +1262,6 @@ async fn relay_stream(
                         None => Bytes::copy_from_slice(raw),
                     })
                 });
-                if events.pending_bytes() > SSE_EVENT_BYTES_MAX {
-                    let message = format!(
-                        "the backend sent an event longer than {SSE_EVENT_BYTES_MAX} bytes"
-                    );
-                    let _ = session.write_response_body(None, true).await;
-                    return Err(Relay::Upstream(message));
-                }
                 let forward = ctx.stream_bytes(forward);
                 if !forward.is_empty() {
                     ctx.last_token = Some(ctx.started.elapsed());
@@ -1277,13 +1270,17 @@ async fn relay_stream(
                         .await
                         .map_err(|error| Relay::ClientGone(error.to_string()))?;
                 }
+                if events.pending_bytes() > SSE_EVENT_BYTES_MAX {
+                    let message = format!(
+                        "the backend sent an event longer than {SSE_EVENT_BYTES_MAX} bytes"
+                    );
+                    return Err(end_broken_stream(session, ctx, restorer.as_mut(), message).await);
+                }
             }
             Ok(None) => break,
             Err(error) => {
                 let message = format!("the backend's stream broke off: {error}");
-                // The status is sent; the client sees the stream end without [DONE].
-                let _ = session.write_response_body(None, true).await;
-                return Err(Relay::Upstream(message));
+                return Err(end_broken_stream(session, ctx, restorer.as_mut(), message).await);
             }
         }
     }
@@ -1315,6 +1312,37 @@ async fn relay_stream(
         .write_response_body(if rest.is_empty() { None } else { Some(rest) }, true)
         .await
         .map_err(|error| Relay::ClientGone(error.to_string()))
+}
+
+/// Ends a stream whose backend failed after the status went out, as OpenAI ends a failed
+/// stream: what the restorer still holds, an error event and `[DONE]`, written once the
+/// outcome record (which says the answer was cut short) is durable. A client must not take
+/// a stream that merely stops for a complete answer. The error event names no backend
+/// detail; `message`, for the record and the log, does.
+async fn end_broken_stream(
+    session: &mut Session,
+    ctx: &mut RequestContext,
+    restorer: Option<&mut crate::redaction::StreamRestorer>,
+    message: String,
+) -> Relay {
+    ctx.outcome = Some(message.clone());
+    ctx.cut_short = true;
+    let mut rest = BytesMut::new();
+    if let Some(restorer) = restorer {
+        rest.extend_from_slice(&restorer.release());
+    }
+    let error = GatewayError::BadGateway {
+        message: "the cloud backend's answer broke off before it was complete".to_owned(),
+    };
+    let body = serde_json::to_value(error.body()).unwrap_or_default();
+    rest.extend_from_slice(&crate::openai::sse_event(&body));
+    rest.extend_from_slice(crate::openai::SSE_DONE);
+    let rest = ctx.stream_bytes(rest.freeze());
+    if let Err(failure) = crate::audit_trail::seal(session, ctx).await {
+        return Relay::ClientGone(format!("{failure:?}"));
+    }
+    let _ = session.write_response_body(Some(rest), true).await;
+    Relay::Upstream(message)
 }
 
 /// Whether an error on a reused connection is Pingora's "closed before the answer began" (its

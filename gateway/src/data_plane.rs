@@ -96,6 +96,9 @@ pub struct RequestContext {
     pub finish_reason: Option<&'static str>,
     /// Why the response ended early, for the access log.
     pub outcome: Option<String>,
+    /// The answer failed after its status went out (a stream broken off, generation failed
+    /// mid-stream): its record says `Failed` whatever the status.
+    pub cut_short: bool,
     /// Upstream attempts (cloud route).
     pub attempts: u32,
     /// Set when the answer comes from a fallback (`x-isthmus-degraded`).
@@ -1762,6 +1765,7 @@ impl ProxyHttp for DataPlane {
             request_id: String::new(),
             correlation_id: String::new(),
             route: "none",
+            cut_short: false,
             target: None,
             rule: "default",
             rule_name: None,

@@ -911,6 +911,7 @@ async fn stream_events(
                 // The status line is gone; tell the client in the stream, as OpenAI does.
                 let error = generation_error(&error);
                 ctx.outcome = Some(error.record_description());
+                ctx.cut_short = true;
                 let body = serde_json::to_value(error.body()).unwrap_or_default();
                 return end_stream(session, ctx, openai::sse_event(&body).to_vec()).await;
             }

@@ -406,6 +406,82 @@ fn a_pool_that_is_down_falls_back_to_the_local_model_or_answers_503() {
 }
 
 #[test]
+fn a_stream_the_backend_breaks_off_ends_with_an_error_event_and_a_failed_record() {
+    let _serial = serial();
+    let mut upstream = start(UpstreamOptions {
+        name: "breaks".to_owned(),
+        ..options()
+    });
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", &upstream, 1, "v1"),
+    ));
+    block_on(async {
+        upstream.set_behaviour(json!({"hold": true})).await;
+        let mut response = tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("x-request-id", "broken-1")
+            .json(&chat("gpt-4o", json!({"stream": true})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let first = tokio::time::timeout(DEADLINE, response.chunk())
+            .await
+            .expect("the first chunk did not arrive")
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+        // The backend dies mid-answer: the client is told in the stream, as OpenAI does,
+        // instead of seeing a stream that merely stops.
+        upstream.kill();
+        let rest = tokio::time::timeout(DEADLINE, response.text())
+            .await
+            .expect("the broken stream did not end")
+            .unwrap();
+        let payloads = sse_payloads(&rest);
+        assert_eq!(
+            payloads.last().map(String::as_str),
+            Some("[DONE]"),
+            "{rest}"
+        );
+        let error: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+        assert_eq!(error["error"]["code"], "upstream_error", "{rest}");
+        assert!(
+            !error.to_string().contains("127.0.0.1"),
+            "backend details reached the client: {error}"
+        );
+        // Its record, durable before those last bytes, says the answer failed.
+        let (status, body) = crate::console::admin_json(
+            &gateway,
+            reqwest::Method::GET,
+            "/admin/api/audit/records?category=IsthmusAudit&limit=50",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let outcome = body["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|record| {
+                record["RequestId"] == "broken-1" && record["ResultDescription"] != "responding"
+            })
+            .unwrap_or_else(|| panic!("no outcome record: {body}"));
+        assert_eq!(outcome["ResultType"], "Failed", "{outcome}");
+        assert!(
+            outcome["ResultDescription"]
+                .as_str()
+                .unwrap()
+                .contains("broke off"),
+            "{outcome}"
+        );
+    });
+}
+
+#[test]
 fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_client_cancels() {
     let _serial = serial();
     let upstream = start(UpstreamOptions {
