@@ -108,13 +108,22 @@ pub async fn run(
         .generation
         .seed
         .map_or_else(rand::random::<u32>, |seed| (seed ^ (seed >> 32)) as u32);
+    // Converting a JSON schema into a grammar can take tens of milliseconds (its size is
+    // capped where the request is read): on a blocking thread too.
     let grammar = match (
-        &request.generation.response_format,
-        &request.generation.tool_call,
+        request.generation.response_format.clone(),
+        request.generation.tool_call.clone(),
     ) {
-        (Some(format), _) => Some(json_grammar(format)?),
-        (None, Some(call)) => Some(tool_call_grammar(call)?),
         (None, None) => None,
+        (format, call) => tokio::task::spawn_blocking(move || match (&format, &call) {
+            (Some(format), _) => json_grammar(format).map(Some),
+            (None, Some(call)) => tool_call_grammar(call).map(Some),
+            (None, None) => Ok(None),
+        })
+        .await
+        .map_err(|error| GatewayError::Internal {
+            message: format!("converting the JSON schema failed: {error}"),
+        })??,
     };
     let per_prompt = request.generation.n.max(1);
     let total = u32::try_from(prepared.len())

@@ -808,3 +808,60 @@ fn the_routing_envelope_takes_only_an_object_with_each_key_once() {
         ]],
     );
 }
+
+#[test]
+fn schemas_too_costly_to_turn_into_a_grammar_are_refused_by_name() {
+    let properties = |count: usize, required: usize| {
+        let names: Vec<String> = (0..count).map(|index| format!("\"p{index}\"")).collect();
+        format!(
+            r#"{{"type":"object","properties":{{{}}},"required":[{}]}}"#,
+            names
+                .iter()
+                .map(|name| format!("{name}:{{}}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            names[..required].join(",")
+        )
+    };
+    let with_format = |schema: &str| {
+        format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"response_format":{{"type":"json_schema","json_schema":{{"name":"s","schema":{schema}}}}}}}"#
+        )
+    };
+    let refusal = |body: &str| match parse_chat(body.as_bytes()) {
+        Ok(_) => None,
+        Err(GatewayError::InvalidValue { param, message }) => Some((param, message)),
+        Err(other) => panic!("{other:?}"),
+    };
+    // 256 optional properties in one object are fine, 257 are not; required ones are cheap.
+    assert_eq!(refusal(&with_format(&properties(256, 0))), None);
+    let (param, message) = refusal(&with_format(&properties(257, 0))).unwrap();
+    assert_eq!(param, "response_format.json_schema.schema");
+    assert!(message.contains("257 optional properties"), "{message}");
+    assert_eq!(refusal(&with_format(&properties(2_000, 1_900))), None);
+    // Nested objects count wherever they are.
+    let nested = format!(r#"{{"type":"array","items":{}}}"#, properties(300, 0));
+    assert!(refusal(&with_format(&nested)).is_some());
+    // OpenAI's 5,000 properties in all.
+    let (_, message) = refusal(&with_format(&properties(5_001, 5_001))).unwrap();
+    assert!(message.contains("5001 properties in all"), "{message}");
+    // Tools: every function's parameters together.
+    let tools: Vec<String> = (0..5)
+        .map(|index| {
+            format!(
+                r#"{{"type":"function","function":{{"name":"f{index}","parameters":{}}}}}"#,
+                properties(250, 0)
+            )
+        })
+        .collect();
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{}]}}"#,
+        tools.join(",")
+    );
+    let (param, message) = refusal(&body).unwrap();
+    assert_eq!(param, "tools");
+    assert!(
+        message.contains("1250 optional properties in all"),
+        "{message}"
+    );
+}
