@@ -657,10 +657,12 @@ async fn collect_events(
     Ok(Answered::Complete)
 }
 
-/// The function calls a finished choice made, when the request offered functions and the
-/// answer is complete (a call cut off by `max_tokens` stays text, with `length`); its finish
-/// reason becomes `tool_calls`. An `auto` answer without a call, `{"response": <text>}`,
-/// becomes that text. None for a text answer.
+/// The function calls a finished choice made, when the request offered functions: for a
+/// complete answer, its calls with the finish reason `tool_calls`, or for an `auto` answer
+/// without a call, `{"response": <text>}`, that text. An answer cut short (`length`, or a
+/// stop string met inside its JSON) reads as its stream carried it: the text so far, or
+/// the calls with the arguments written so far, its finish reason kept. None for a text
+/// answer.
 fn made_call(
     ctx: &RequestContext,
     calls: Option<&openai::ToolCall>,
@@ -670,27 +672,46 @@ fn made_call(
     let Some(calls) = calls else {
         return Vec::new();
     };
-    if state.finish_reason != Some("stop") {
-        return Vec::new();
-    }
-    match openai::CalledTool::from_answer(|at| call_id(ctx, index, at), &state.text) {
-        Some(made) => {
+    if state.finish_reason == Some("stop") {
+        if let Some(made) =
+            openai::CalledTool::from_answer(|at| call_id(ctx, index, at), &state.text)
+        {
             state.finish_reason = Some(if calls.legacy {
                 "function_call"
             } else {
                 "tool_calls"
             });
-            made
+            return made;
         }
-        None => {
-            if calls.text_allowed
-                && let Some(text) = openai::CalledTool::text_answer(&state.text)
-            {
-                state.text = text;
-            }
-            Vec::new()
+        if let Some(text) = openai::CalledTool::text_answer(&state.text) {
+            state.text = text;
+            return Vec::new();
         }
     }
+    let mut reader = openai::CallReader::default();
+    let mut text = String::new();
+    let mut made: Vec<openai::CalledTool> = Vec::new();
+    for piece in reader.push(&state.text) {
+        match piece {
+            openai::Piece::Text(more) => text.push_str(&more),
+            openai::Piece::Call { at, name } => made.push(openai::CalledTool {
+                id: call_id(ctx, index, at),
+                name,
+                arguments: String::new(),
+            }),
+            openai::Piece::Arguments { at, text } => {
+                if let Some(call) = made.get_mut(at) {
+                    call.arguments.push_str(&text);
+                }
+            }
+        }
+    }
+    // Of the expected shape, the JSON around the text never shows, even when no text or
+    // call has begun yet; of another shape (a grammar that failed), the text stays as written.
+    if made.is_empty() && !reader.failed() {
+        state.text = text;
+    }
+    made
 }
 
 /// The id of call `at` of choice `index`.

@@ -1544,14 +1544,16 @@ impl ResponseMeta {
                         "message": {"role": "assistant", "content": null, "refusal": null,
                             "function_call": call.body(None)["function"]},
                         "logprobs": logprobs,
-                        "finish_reason": "function_call",
+                        // `function_call`, or `length` for a call cut short.
+                        "finish_reason": choice.finish_reason,
                     }),
                     (Endpoint::Chat, calls @ [_, ..]) => serde_json::json!({
                         "index": index,
                         "message": {"role": "assistant", "content": null, "refusal": null,
                             "tool_calls": calls.iter().map(|call| call.body(None)).collect::<Value>()},
                         "logprobs": logprobs,
-                        "finish_reason": "tool_calls",
+                        // `tool_calls`, or `length` for calls cut short.
+                        "finish_reason": choice.finish_reason,
                     }),
                     (Endpoint::Chat, []) => serde_json::json!({
                         "index": index,

@@ -1012,7 +1012,55 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             }
         }
         assert!(texts >= 1, "no auto answer was text");
+
+        // Cut short by `max_tokens`, whole as streamed: the text so far, or the call begun
+        // with the arguments written so far, never the JSON that holds them.
+        for max_tokens in [3, 6, 12] {
+            for (system, prompt) in [
+                ("You answer briefly.", "What is the weather like in Oslo?"),
+                ("You are a poet.", "Thank you!"),
+            ] {
+                let body = json!({"model": "smollm2", "temperature": 0,
+                    "max_tokens": max_tokens, "tools": tools,
+                    "messages": [{"role": "system", "content": system},
+                        {"role": "user", "content": prompt}]});
+                let answer = chat(&gateway, &body).await;
+                let choice = &answer["choices"][0];
+                assert_eq!(choice["finish_reason"], "length", "{answer}");
+                let message = &choice["message"];
+                let stream = chat_stream(&gateway, &body).await;
+                match message["tool_calls"].as_array() {
+                    Some(calls) => {
+                        let name = calls[0]["function"]["name"].as_str().unwrap();
+                        assert!(["get_weather", "get_time"].contains(&name), "{answer}");
+                        let streamed = streamed_call_pieces(&stream);
+                        assert_eq!(
+                            streamed,
+                            calls[0]["function"]["arguments"].as_str().unwrap(),
+                            "{stream}"
+                        );
+                    }
+                    None => {
+                        let content = message["content"].as_str().unwrap_or_default();
+                        assert!(!content.contains('{'), "{answer}");
+                        assert_eq!(sse_content_pieces(&stream).concat(), content, "{stream}");
+                    }
+                }
+            }
+        }
     });
+}
+
+/// The arguments of a streamed answer's first call, joined.
+fn streamed_call_pieces(text: &str) -> String {
+    sse_chunks(text)
+        .iter()
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// The deltas of a streamed call (`tool_calls` entries, or the older `function_call`

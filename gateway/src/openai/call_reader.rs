@@ -122,6 +122,11 @@ impl CallReader {
         self.texted
     }
 
+    /// Whether the answer so far is not of the expected shape (nothing more is read).
+    pub fn failed(&self) -> bool {
+        self.phase == Phase::Failed
+    }
+
     fn rest(&self) -> &str {
         &self.text[self.at..]
     }
