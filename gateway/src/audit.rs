@@ -44,6 +44,13 @@ pub const STORE_DIRECTORY_NAME: &str = "audit-store";
 pub const FILES_DIRECTORY_NAME: &str = "audit";
 /// Records younger than this many days are never deleted, whatever the byte bound says.
 pub const RETENTION_DAYS_MIN: u32 = 2;
+/// The most records allowed between checkpoints (`audit.checkpoint_every_records`). Each
+/// epoch's start record names its own figure (`CheckpointEveryRecords`), and `audit verify`
+/// refuses a longer run without a checkpoint, never trusting a figure above this one: a
+/// chain rewritten with its checkpoints left out shows once more records follow the change.
+pub const CHECKPOINT_EVERY_RECORDS_MAX: u64 = 100_000;
+/// The start record's property naming the epoch's checkpoint interval in records.
+pub const CHECKPOINT_EVERY_RECORDS_PROPERTY: &str = "CheckpointEveryRecords";
 
 /// The validated `[audit]` section plus where the state lives.
 #[derive(Debug, Clone)]

@@ -114,9 +114,11 @@ pub enum AuditCommand {
     Verify {
         /// A JSONL file, a directory of audit files, or the store directory.
         path: PathBuf,
-        /// The device public key (default: audit-device.pub beside PATH or one level up).
+        /// The device public key, kept apart from the records (default: audit-device.pub
+        /// beside PATH or one level up, which proves only consistency). Give it again for each
+        /// key a chain was signed with (a device key made anew); checkpoints name theirs.
         #[arg(long)]
-        pubkey: Option<PathBuf>,
+        pubkey: Vec<PathBuf>,
     },
     /// Verify like `verify`, then report what the records show: requests by route, where
     /// every request with sensitive content went (exit 1 if any left the premises
@@ -125,7 +127,7 @@ pub enum AuditCommand {
         /// A JSONL file, a directory of audit files, or the store directory.
         path: PathBuf,
         #[arg(long)]
-        pubkey: Option<PathBuf>,
+        pubkey: Vec<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -403,10 +405,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Update { command } => crate::update::run(command),
         Command::Audit {
             command: AuditCommand::Verify { path, pubkey },
-        } => crate::audit::verify::run(&path, pubkey.as_deref()),
+        } => crate::audit::verify::run(&path, &pubkey),
         Command::Audit {
             command: AuditCommand::Report { path, pubkey, json },
-        } => crate::audit::report::run(&path, pubkey.as_deref(), json),
+        } => crate::audit::report::run(&path, &pubkey, json),
         Command::Explain {
             config,
             jsonl,

@@ -38,6 +38,8 @@ pub struct JsonlFiles {
     written_up_to: u64,
     /// The last record found at open.
     last_line: Option<Vec<u8>>,
+    /// `YYYYMMDD` of the newest file found at open.
+    newest_day: Option<String>,
 }
 
 impl JsonlFiles {
@@ -48,7 +50,15 @@ impl JsonlFiles {
             .mode(AUDIT_DIRECTORY_MODE)
             .create(directory)?;
         let mut last = None;
+        let mut newest_day = None;
         if let Some(newest) = list(directory)?.pop() {
+            newest_day = newest
+                .1
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_prefix(FILE_PREFIX))
+                .and_then(|rest| rest.strip_suffix(FILE_SUFFIX))
+                .map(str::to_owned);
             let mut file = OpenOptions::new().read(true).append(true).open(&newest.1)?;
             let tail = read_tail(&mut file)?;
             if !tail.is_empty() && !tail.ends_with(b"\n") {
@@ -73,6 +83,7 @@ impl JsonlFiles {
             open: None,
             written_up_to: last.as_ref().map_or(0, |(seq, _)| *seq),
             last_line: last.map(|(_, line)| line),
+            newest_day,
         })
     }
 
@@ -88,6 +99,12 @@ impl JsonlFiles {
     /// `Seq` of the last record in the files (0: none).
     pub fn written_up_to(&self) -> u64 {
         self.written_up_to
+    }
+
+    /// `YYYYMMDD` of the newest file there was at open: records never go to an older day's
+    /// file, even when the clock was set back, or the files would no longer be in `Seq` order.
+    pub fn newest_day(&self) -> Option<&str> {
+        self.newest_day.as_deref()
     }
 
     /// Appends `lines` (records in `Seq` order, without newlines) to the file of `day` in one

@@ -265,11 +265,11 @@ fn percentile(values: &[u64], percent: usize) -> Option<u64> {
 /// something did (the records are named); 2 when PATH or the key cannot be read.
 pub fn run(
     path: &std::path::Path,
-    public_key: Option<&std::path::Path>,
+    public_keys: &[std::path::PathBuf],
     json: bool,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
-    let (report, tally) = match super::verify::report_path(path, public_key) {
+    let (report, tally) = match super::verify::report_path(path, public_keys) {
         Ok(outcome) => outcome,
         Err(error) => {
             eprintln!("isthmus audit report: {error}");

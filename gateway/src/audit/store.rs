@@ -738,6 +738,16 @@ impl Writer {
             None => None,
         };
         let now = clock.now();
+        // The later of today and the newest file's day (a clock set back keeps writing to
+        // that file, so that files in date order stay in `Seq` order).
+        let files_day = files
+            .as_ref()
+            .and_then(JsonlFiles::newest_day)
+            .map(str::to_owned)
+            .into_iter()
+            .chain([record::format_day(now)])
+            .max()
+            .unwrap_or_default();
         let mut writer = Writer {
             stdout: config.stdout.then_some(StdoutSink),
             syslog,
@@ -756,7 +766,7 @@ impl Writer {
             last_retention_at: None,
             last_files_copy: Instant::now(),
             checkpoint_head: None,
-            files_day: record::format_day(now),
+            files_day,
             deferred: Vec::new(),
             commit_delay: test_commit_delay(),
         };
@@ -800,9 +810,10 @@ impl Writer {
         if self.store.is_none() {
             self.try_recover();
         }
-        // Records committed before midnight go to that day's file.
+        // Records committed before midnight go to that day's file; a clock set back keeps
+        // the later day's file (`YYYYMMDD` orders as the days do).
         let today = record::format_day(self.clock.now());
-        if today != self.files_day {
+        if today > self.files_day {
             self.copy_files(true);
             self.files_day = today;
         }
@@ -997,7 +1008,11 @@ impl Writer {
             .property("SoftwareVersion", env!("CARGO_PKG_VERSION"))
             .property(chain::CHECKPOINT_KEY_ID, self.key.key_id())
             .property("PreviousEpoch", previous_epoch)
-            .property("PreviousSeq", previous_seq);
+            .property("PreviousSeq", previous_seq)
+            .property(
+                super::CHECKPOINT_EVERY_RECORDS_PROPERTY,
+                self.config.checkpoint_every_records.max(1),
+            );
         if let Some(clean) = previous_clean {
             builder = builder.property("PreviousEpochClosed", clean);
         }

@@ -33,6 +33,13 @@ impl ManualClock {
             *now += by;
         }
     }
+
+    /// Sets the clock back, as NTP does to a clock that ran ahead.
+    pub(crate) fn rewind(&self, by: Duration) {
+        if let Ok(mut now) = self.0.lock() {
+            *now -= by;
+        }
+    }
 }
 
 impl Clock for ManualClock {
@@ -90,7 +97,7 @@ fn field_str<'a>(record: &'a Map<String, Value>, name: &str) -> &'a str {
 }
 
 fn assert_verifies(path: &Path) -> Report {
-    let report = verify::verify_path(path, None);
+    let report = verify::verify_path(path, &[]);
     let Ok(report) = report else {
         panic!("{}: {report:?}", path.display());
     };
@@ -346,7 +353,7 @@ fn retention_keeps_unexported_records_and_two_days() -> anyhow::Result<()> {
     log.append_blocking(request(&*clock, 10))?;
     assert_eq!(first_seq(&log)?, 10);
     log.shutdown_blocking()?;
-    let report = verify::verify_path(&state.path().join("audit-store"), None)?;
+    let report = verify::verify_path(&state.path().join("audit-store"), &[])?;
     assert_eq!(report.problem, None);
     assert_eq!(report.summary.first_seq, 10);
     // The files span three days and verify as one chain.
@@ -601,7 +608,7 @@ fn acknowledged_records_survive_sigkill() -> anyhow::Result<()> {
             acknowledged.len()
         );
 
-        let store = verify::verify_path(&state.path().join("audit-store"), None)?;
+        let store = verify::verify_path(&state.path().join("audit-store"), &[])?;
         assert_eq!(store.problem, None, "round {round}");
         let log = AuditLog::open(config(state.path()))?;
         let present: BTreeSet<u64> = read_all(&log)
@@ -639,7 +646,7 @@ fn a_store_that_cannot_write_fails_closed() -> anyhow::Result<()> {
     );
     assert!(stdout.contains("again true"), "child said: {stdout}");
     // What was acknowledged before the failure still verifies.
-    let report = verify::verify_path(&state.path().join("audit-store"), None)?;
+    let report = verify::verify_path(&state.path().join("audit-store"), &[])?;
     assert_eq!(report.problem, None);
     Ok(())
 }
@@ -749,5 +756,33 @@ fn a_files_directory_holding_another_streams_records_is_refused() -> anyhow::Res
             && message.contains("give each gateway an audit directory of its own"),
         "{message}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_clock_set_back_across_midnight_keeps_the_files_in_seq_order() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    // Noon on 1 May: the start record goes to that day's file; one o'clock on 2 May (a clock
+    // running ahead), a request goes to the next day's.
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    clock.advance(Duration::from_secs(13 * 3600));
+    log.append_blocking(request(&*clock, 0))?;
+    log.shutdown_blocking()?;
+    // Set back to 23:00 on 1 May, the gateway starts again: its records still go to the file
+    // of 2 May, or 1 May's file would hold records newer than 2 May's.
+    clock.rewind(Duration::from_secs(2 * 3600));
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    log.append_blocking(request(&*clock, 1))?;
+    log.shutdown_blocking()?;
+    let directory = state.path().join("audit");
+    let days: Vec<String> = super::files::list(&directory)?
+        .into_iter()
+        .filter_map(|(_, path)| Some(path.file_name()?.to_str()?.to_owned()))
+        .collect();
+    assert_eq!(days, ["audit-20260501.jsonl", "audit-20260502.jsonl"]);
+    let report = verify::verify_path(&directory, &[])?;
+    assert_eq!(report.problem, None, "{}", report.summary);
+    assert_eq!(report.summary.epochs, 2);
     Ok(())
 }

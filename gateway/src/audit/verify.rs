@@ -8,6 +8,15 @@
 //! store (or the directory's `audit-checkpoint.json`) remembers. The first problem is reported
 //! with its `Seq` and kind.
 //!
+//! Checkpoints cannot be dropped unseen either: each epoch's start record names how many
+//! records may pass between checkpoints (`CheckpointEveryRecords`, never above
+//! [`super::CHECKPOINT_EVERY_RECORDS_MAX`]), and a longer run without one is a problem. So a
+//! chain rewritten from some record on, its hashes recomputed and its checkpoints left out,
+//! fails unless fewer records follow the change than that. A line that is not a record passes
+//! only as a crash's torn write: the start of the record after it. Duplicate keys in a record
+//! are refused (readers disagree on which copy counts). Checkpoints name their key; several
+//! `--pubkey` files verify a chain whose device key was made again.
+//!
 //! What cannot be detected: records removed from the end after the newest checkpoint anchor
 //! (the tail after the last checkpoint is reported as not covered), and records removed from
 //! the start (retention deletes old records, so a chain may begin after seq 1).
@@ -32,6 +41,60 @@ mod tests;
 
 /// A line longer than this is not a record (records are capped at 32 KiB).
 const LINE_BYTES_MAX: u64 = 1024 * 1024;
+/// Records beyond an epoch's `CheckpointEveryRecords` that may pass before its next
+/// checkpoint: lifecycle records (a stop, a recovery) are written without one.
+const CHECKPOINT_SLACK_RECORDS: u64 = 4;
+
+/// Whether a JSON text repeats a key in any of its objects. Parsers disagree on which copy
+/// counts, so a record whose hash holds for one reading could show another to a reader.
+fn has_duplicate_keys(bytes: &[u8]) -> bool {
+    struct Unique;
+    impl<'de> serde::Deserialize<'de> for Unique {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Unique, D::Error> {
+            deserializer.deserialize_any(UniqueVisitor)
+        }
+    }
+    struct UniqueVisitor;
+    impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+        type Value = Unique;
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("JSON without repeated keys")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if !seen.insert(key.into_owned()) {
+                    return Err(serde::de::Error::custom("repeated key"));
+                }
+                map.next_value::<Unique>()?;
+            }
+            Ok(Unique)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+            while seq.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+    }
+    serde_json::from_slice::<Unique>(bytes).is_err()
+}
 
 /// What is wrong at the first bad record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +121,8 @@ pub enum ProblemKind {
     CheckpointMismatch,
     /// A checkpoint's signature is not valid under the public key.
     BadSignature,
+    /// More records pass without a checkpoint than the epoch allows: checkpoints were left out.
+    MissingCheckpoint,
     /// The chain ends early: mid-line, or before the newest checkpoint the store remembers.
     Truncated,
 }
@@ -76,6 +141,7 @@ impl ProblemKind {
             ProblemKind::StreamChanged => "stream changed",
             ProblemKind::CheckpointMismatch => "checkpoint mismatch",
             ProblemKind::BadSignature => "bad signature",
+            ProblemKind::MissingCheckpoint => "missing checkpoint",
             ProblemKind::Truncated => "truncated",
         }
     }
@@ -115,6 +181,10 @@ pub struct Summary {
     pub checkpoints: u64,
     /// Whether signatures were checked (a public key was found or given).
     pub signatures_checked: bool,
+    /// The keys checkpoints were checked with, by id, and whether they were found beside the
+    /// records (proof only of consistency: whoever can rewrite the records can replace it).
+    pub keys: Vec<String>,
+    pub key_beside_records: bool,
     /// `Seq` covered by the last checkpoint in the chain (0: none).
     pub covered_up_to: u64,
     /// Lines torn by a crash and rewritten after it.
@@ -142,6 +212,15 @@ impl fmt::Display for Summary {
                 "NOT verified (no public key)"
             }
         )?;
+        if !self.keys.is_empty() {
+            write!(formatter, " with key {}", self.keys.join(", "))?;
+            if self.key_beside_records {
+                write!(
+                    formatter,
+                    " (found beside the records: pass --pubkey with a copy kept elsewhere for proof)"
+                )?;
+            }
+        }
         if self.first_seq > 1 {
             write!(
                 formatter,
@@ -202,7 +281,7 @@ pub struct Line {
 /// The chain checker: feed it lines in order, then [`Checker::finish`].
 #[derive(Debug)]
 pub struct Checker {
-    key: Option<VerifyingKey>,
+    keys: Vec<VerifyingKey>,
     anchor: Option<Anchor>,
     summary: Summary,
     problem: Option<Problem>,
@@ -210,8 +289,13 @@ pub struct Checker {
     stream_id: Option<String>,
     /// A seq jump seen at the last record, decided at the next one (deleted or reordered).
     pending_jump: Option<Problem>,
-    /// A line that was not a record, since the last record.
-    torn: Option<String>,
+    /// Lines that were not records, since the last record: each must turn out to be the
+    /// start of the record after it (a torn write the store rewrote after a crash).
+    torn: Vec<(String, Vec<u8>)>,
+    /// Records since the last checkpoint (or since the epoch's start), and how many the
+    /// epoch allows.
+    since_checkpoint: u64,
+    checkpoint_every: u64,
     /// The last line, if it was not a record (a torn end).
     ended_torn: bool,
     /// Figures over the records that pass, for `audit report`.
@@ -234,19 +318,22 @@ pub struct Anchor {
 }
 
 impl Checker {
-    pub fn new(key: Option<VerifyingKey>, anchor: Option<Anchor>) -> Checker {
+    pub fn new(keys: Vec<VerifyingKey>, anchor: Option<Anchor>) -> Checker {
         Checker {
             summary: Summary {
-                signatures_checked: key.is_some(),
+                signatures_checked: !keys.is_empty(),
+                keys: keys.iter().map(key::key_id).collect(),
                 ..Summary::default()
             },
-            key,
+            keys,
             anchor,
             problem: None,
             previous: None,
             stream_id: None,
             pending_jump: None,
-            torn: None,
+            torn: Vec::new(),
+            since_checkpoint: 0,
+            checkpoint_every: super::CHECKPOINT_EVERY_RECORDS_MAX,
             ended_torn: false,
             tally: None,
         }
@@ -289,12 +376,43 @@ impl Checker {
             return;
         }
         let fields: Option<Map<String, Value>> = serde_json::from_slice(&line.bytes).ok();
+        if fields.is_some() && has_duplicate_keys(&line.bytes) {
+            let seq = fields
+                .as_ref()
+                .and_then(|fields| fields.get(record::SEQ))
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| self.expected_seq());
+            return self.fail(
+                seq,
+                ProblemKind::Malformed,
+                "a key appears twice in one object".into(),
+                &line.location,
+            );
+        }
         let Some(fields) = fields else {
-            self.torn = Some(line.location.clone());
+            self.torn.push((line.location.clone(), line.bytes.clone()));
             self.ended_torn = true;
             return;
         };
         self.ended_torn = false;
+        // A torn write is a prefix of the record the store wrote again after the crash;
+        // anything else between records is not a record.
+        if let Some((location, _)) = self
+            .torn
+            .iter()
+            .find(|(_, torn)| torn.is_empty() || !line.bytes.starts_with(torn))
+        {
+            let location = location.clone();
+            let seq = self.expected_seq();
+            return self.fail(
+                seq,
+                ProblemKind::Malformed,
+                format!(
+                    "the line at {location} is neither a record nor the start of the one after it"
+                ),
+                &location,
+            );
+        }
         let seq = fields.get(record::SEQ).and_then(Value::as_u64);
         let epoch = fields.get(record::EPOCH).and_then(Value::as_u64);
         let prev_hash = fields.get(record::PREV_HASH).and_then(Value::as_str);
@@ -393,7 +511,9 @@ impl Checker {
                     );
                 }
                 if seq > expected {
-                    let (kind, detail) = match self.torn.take() {
+                    let torn = self.torn.first().map(|(location, _)| location.clone());
+                    self.torn.clear();
+                    let (kind, detail) = match torn {
                         Some(torn) => (
                             ProblemKind::Malformed,
                             format!("the record at {torn} is not a record"),
@@ -440,13 +560,38 @@ impl Checker {
                 }
             }
         }
-        if self.torn.take().is_some() {
-            self.summary.torn_lines += 1;
-        }
+        self.summary.torn_lines += self.torn.len() as u64;
+        self.torn.clear();
         if category == Some(Category::Checkpoint.as_str()) {
             self.check_checkpoint(seq, &fields, stream_id, location);
             if self.failed() {
                 return;
+            }
+            self.since_checkpoint = 0;
+        } else {
+            if is_start {
+                // A new epoch counts afresh, under the limit its start record names.
+                self.since_checkpoint = 0;
+                self.checkpoint_every = fields
+                    .get(record::PROPERTIES)
+                    .and_then(|properties| properties.get(super::CHECKPOINT_EVERY_RECORDS_PROPERTY))
+                    .and_then(Value::as_u64)
+                    .map_or(super::CHECKPOINT_EVERY_RECORDS_MAX, |every| {
+                        every.clamp(1, super::CHECKPOINT_EVERY_RECORDS_MAX)
+                    });
+            }
+            self.since_checkpoint += 1;
+            if self.since_checkpoint > self.checkpoint_every + CHECKPOINT_SLACK_RECORDS {
+                let every = self.checkpoint_every;
+                return self.fail(
+                    seq,
+                    ProblemKind::MissingCheckpoint,
+                    format!(
+                        "{} records without a checkpoint, where the epoch writes one every {every}",
+                        self.since_checkpoint
+                    ),
+                    location,
+                );
             }
         }
         if let Some(anchor) = &self.anchor
@@ -503,19 +648,32 @@ impl Checker {
                 location,
             );
         }
-        if let Some(key) = &self.key {
+        if !self.keys.is_empty() {
+            // The key the checkpoint names, else (a record from before keys were named) each.
+            let named = get(chain::CHECKPOINT_KEY_ID).and_then(Value::as_str);
+            let candidates: Vec<&VerifyingKey> = self
+                .keys
+                .iter()
+                .filter(|key| named.is_none_or(|named| key::key_id(key) == named))
+                .collect();
             let message =
                 chain::checkpoint_message(stream_id, covered_epoch, covered_seq, covered_hash);
-            if !key::verify_signature(key, message.as_bytes(), signature) {
-                return self.fail(
-                    seq,
-                    ProblemKind::BadSignature,
-                    format!(
-                        "the signature over seq {covered_seq} is not valid under key {}",
-                        key::key_id(key)
+            if !candidates
+                .iter()
+                .any(|key| key::verify_signature(key, message.as_bytes(), signature))
+            {
+                let detail = match (named, candidates.is_empty()) {
+                    (Some(named), true) => format!(
+                        "the checkpoint over seq {covered_seq} is signed by key {named}, not one of \
+                         the keys given ({})",
+                        self.summary.keys.join(", ")
                     ),
-                    location,
-                );
+                    _ => format!(
+                        "the signature over seq {covered_seq} is not valid under key {}",
+                        self.summary.keys.join(", ")
+                    ),
+                };
+                return self.fail(seq, ProblemKind::BadSignature, detail, location);
             }
         }
         self.summary.checkpoints += 1;
@@ -531,7 +689,11 @@ impl Checker {
         }
         let last = self.summary.last_seq;
         if self.ended_torn {
-            let location = self.torn.clone().unwrap_or_default();
+            let location = self
+                .torn
+                .last()
+                .map(|(location, _)| location.clone())
+                .unwrap_or_default();
             self.fail(
                 last + 1,
                 ProblemKind::Truncated,
@@ -666,31 +828,37 @@ fn find_public_key(path: &Path) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Verifies PATH (a JSONL file, a directory of them, or the store).
-pub fn verify_path(path: &Path, public_key: Option<&Path>) -> Result<Report, VerifyError> {
-    inspect(path, public_key, false).map(|(report, _)| report)
+/// Verifies PATH (a JSONL file, a directory of them, or the store) with the public keys
+/// given, or else the one found beside it.
+pub fn verify_path(path: &Path, public_keys: &[PathBuf]) -> Result<Report, VerifyError> {
+    inspect(path, public_keys, false).map(|(report, _)| report)
 }
 
 /// Verifies like [`verify_path`] and counts what the records that pass show.
 pub fn report_path(
     path: &Path,
-    public_key: Option<&Path>,
+    public_keys: &[PathBuf],
 ) -> Result<(Report, super::report::Tally), VerifyError> {
-    inspect(path, public_key, true)
+    inspect(path, public_keys, true)
         .map(|(report, tally)| (report, tally.unwrap_or_default().finish()))
 }
 
 fn inspect(
     path: &Path,
-    public_key: Option<&Path>,
+    public_keys: &[PathBuf],
     tally: bool,
 ) -> Result<(Report, Option<super::report::Tally>), VerifyError> {
-    let key_path = match public_key {
-        Some(given) => Some(given.to_owned()),
-        None => find_public_key(path),
+    let (key_paths, beside) = if public_keys.is_empty() {
+        (find_public_key(path).into_iter().collect::<Vec<_>>(), true)
+    } else {
+        (public_keys.to_vec(), false)
     };
-    let key = key_path.as_deref().map(key::read_public_key).transpose()?;
-    match classify(path)? {
+    let keys = key_paths
+        .iter()
+        .map(|path| key::read_public_key(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let beside = beside && !keys.is_empty();
+    let outcome = match classify(path)? {
         Source::Files { files, anchor } => {
             let anchor = match anchor {
                 Some(anchor_path) => {
@@ -703,15 +871,19 @@ fn inspect(
                 }
                 None => None,
             };
-            verify_files(&files, key, anchor, tally)
+            verify_files(&files, keys, anchor, tally)
         }
-        Source::Store(directory) => verify_store(&directory, key, tally),
-    }
+        Source::Store(directory) => verify_store(&directory, keys, tally),
+    };
+    outcome.map(|(mut report, tally)| {
+        report.summary.key_beside_records = beside;
+        (report, tally)
+    })
 }
 
 fn verify_files(
     files: &[PathBuf],
-    key: Option<VerifyingKey>,
+    keys: Vec<VerifyingKey>,
     anchor: Option<Result<Anchor, Problem>>,
     tally: bool,
 ) -> Result<(Report, Option<super::report::Tally>), VerifyError> {
@@ -720,7 +892,7 @@ fn verify_files(
         Some(Err(problem)) => (None, Some(problem)),
         None => (None, None),
     };
-    let mut checker = Checker::new(key, anchor);
+    let mut checker = Checker::new(keys, anchor);
     if tally {
         checker = checker.with_tally();
     }
@@ -780,7 +952,7 @@ fn verify_files(
 
 fn verify_store(
     directory: &Path,
-    key: Option<VerifyingKey>,
+    keys: Vec<VerifyingKey>,
     tally: bool,
 ) -> Result<(Report, Option<super::report::Tally>), VerifyError> {
     let store_error = |reason: String| VerifyError::Store {
@@ -806,7 +978,7 @@ fn verify_store(
         Some(Err(problem)) => (None, Some(problem)),
         None => (None, None),
     };
-    let mut checker = Checker::new(key, anchor);
+    let mut checker = Checker::new(keys, anchor);
     if tally {
         checker = checker.with_tally();
     }
@@ -831,8 +1003,8 @@ fn verify_store(
 
 /// The CLI: prints the summary (exit 0) or the first problem (exit 1); exit 2 when PATH or the
 /// key cannot be read.
-pub fn run(path: &Path, public_key: Option<&Path>) -> ExitCode {
-    match verify_path(path, public_key) {
+pub fn run(path: &Path, public_keys: &[PathBuf]) -> ExitCode {
+    match verify_path(path, public_keys) {
         Ok(Report {
             summary,
             problem: None,

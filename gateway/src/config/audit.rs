@@ -130,6 +130,15 @@ impl Validator<'_> {
             "audit.checkpoint_every_records",
             raw.checkpoint_every_records,
         );
+        if raw.checkpoint_every_records > crate::audit::CHECKPOINT_EVERY_RECORDS_MAX {
+            self.error(
+                "audit.checkpoint_every_records",
+                format!(
+                    "must be at most {} (`audit verify` refuses longer runs without a checkpoint)",
+                    crate::audit::CHECKPOINT_EVERY_RECORDS_MAX
+                ),
+            );
+        }
         self.positive("audit.checkpoint_every_ms", raw.checkpoint_every_ms);
         self.positive("audit.retention_bytes_max", raw.retention_bytes_max);
         if raw.retention_days < 2 {

@@ -120,6 +120,28 @@ fn bad_signature(lines: &mut Vec<String>) {
 
 fn untouched(_: &mut Vec<String>) {}
 
+fn junk_between_records(lines: &mut Vec<String>) {
+    // Not JSON, so not a record; and not the start of the record after it either.
+    let at = position(lines, 6);
+    lines.insert(
+        at,
+        "{\"Seq\": 6, \"Note\": \"a forged entry other tools may read\"".into(),
+    );
+}
+
+fn torn_write_rewritten(lines: &mut Vec<String>) {
+    // What a crash leaves: the start of a record, then the record written whole again.
+    let at = position(lines, 6);
+    let torn = lines[at][..lines[at].len() / 2].to_owned();
+    lines.insert(at, torn);
+}
+
+fn repeated_key(lines: &mut Vec<String>) {
+    // An earlier copy of a key: the hash holds for the last copy, a reader may take the first.
+    let at = position(lines, 4);
+    lines[at] = lines[at].replacen('{', "{\"ResultType\":\"Failed\",", 1);
+}
+
 #[test]
 fn verify_detects_each_kind_of_tampering() -> anyhow::Result<()> {
     let (_state, clean) = clean_log()?;
@@ -160,6 +182,17 @@ fn verify_detects_each_kind_of_tampering() -> anyhow::Result<()> {
             bad_signature,
             Some((ProblemKind::BadSignature, 7)),
         ),
+        (
+            "junk between records",
+            junk_between_records,
+            Some((ProblemKind::Malformed, 6)),
+        ),
+        ("torn write rewritten", torn_write_rewritten, None),
+        (
+            "repeated key",
+            repeated_key,
+            Some((ProblemKind::Malformed, 4)),
+        ),
     ];
     let mut wrong = Vec::new();
     for (name, tamper, expected) in cases {
@@ -173,7 +206,7 @@ fn verify_detects_each_kind_of_tampering() -> anyhow::Result<()> {
         let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
         tamper(&mut lines);
         std::fs::write(&file, lines.join("\n") + "\n")?;
-        let report = verify_path(copy.path(), None)?;
+        let report = verify_path(copy.path(), &[])?;
         let got = report
             .problem
             .as_ref()
@@ -199,7 +232,7 @@ fn a_line_cut_mid_way_is_truncation() -> anyhow::Result<()> {
     let last_start = bytes.iter().rposition(|&byte| byte == b'\n').unwrap_or(0) + 1;
     bytes.truncate(last_start + (bytes.len() - last_start) / 2);
     std::fs::write(&file, bytes)?;
-    let problem = verify_path(&file, None)?.problem;
+    let problem = verify_path(&file, &[])?.problem;
     assert_eq!(
         problem.map(|problem| (problem.kind, problem.seq)),
         Some((ProblemKind::Truncated, 16))
@@ -213,13 +246,13 @@ fn a_wrong_public_key_fails_every_signature() -> anyhow::Result<()> {
     let other = state.path().join("other");
     std::fs::create_dir_all(&other)?;
     DeviceKey::load_or_create(&other)?;
-    let problem = verify_path(&directory, Some(&other.join(PUBLIC_KEY_FILE)))?.problem;
+    let problem = verify_path(&directory, &[other.join(PUBLIC_KEY_FILE)])?.problem;
     assert_eq!(
         problem.map(|problem| (problem.kind, problem.seq)),
         Some((ProblemKind::BadSignature, 2))
     );
     // The store with the right key beside it verifies.
-    let store = verify_path(&state.path().join("audit-store"), None)?;
+    let store = verify_path(&state.path().join("audit-store"), &[])?;
     assert_eq!(store.problem, None);
     assert_eq!(store.summary.checkpoints, 4);
     Ok(())
@@ -228,7 +261,7 @@ fn a_wrong_public_key_fails_every_signature() -> anyhow::Result<()> {
 #[test]
 fn a_missing_path_is_an_error_naming_it() {
     let missing = Path::new("/nonexistent/audit-20260101.jsonl");
-    let error = verify_path(missing, None)
+    let error = verify_path(missing, &[])
         .map(|_| ())
         .err()
         .map(|error| error.to_string());
@@ -236,4 +269,50 @@ fn a_missing_path_is_an_error_naming_it() {
         error.as_deref(),
         Some("/nonexistent/audit-20260101.jsonl: No such file or directory (os error 2)")
     );
+}
+
+#[test]
+fn a_chain_rewritten_without_its_checkpoints_is_caught_by_their_absence() -> anyhow::Result<()> {
+    let (_state, directory) = clean_log()?;
+    let file = only_file(&directory)?;
+    let text = std::fs::read_to_string(&file)?;
+    // A forger without the device key edits seq 3, drops every checkpoint after it,
+    // renumbers, relinks and rehashes the rest, and removes the anchor: every hash holds.
+    let mut forged: Vec<String> = Vec::new();
+    let mut previous: Option<Map<String, Value>> = None;
+    for line in text.lines() {
+        let mut record = parse(line);
+        let seq = record.get(SEQ).and_then(Value::as_u64).unwrap_or(0);
+        let category = record.get("Category").and_then(Value::as_str).unwrap_or("");
+        if seq > 2 && category == crate::audit::record::Category::Checkpoint.as_str() {
+            continue;
+        }
+        if seq == 3
+            && let Some(Value::Object(properties)) = record.get_mut("Properties")
+        {
+            properties.insert("Route".into(), "local".into());
+        }
+        if let Some(previous) = &previous {
+            let previous_seq = previous.get(SEQ).and_then(Value::as_u64).unwrap_or(0);
+            record.insert(SEQ.into(), (previous_seq + 1).into());
+            record.insert(
+                crate::audit::record::PREV_HASH.into(),
+                previous.get(RECORD_HASH).cloned().unwrap_or_default(),
+            );
+        }
+        let line = rehash(record);
+        previous = Some(parse(&line));
+        forged.push(line);
+    }
+    std::fs::write(&file, forged.join("\n") + "\n")?;
+    std::fs::remove_file(directory.join(files::CHECKPOINT_HEAD_FILE))?;
+    let problem = verify_path(&directory, &[])?.problem;
+    // The epoch writes a checkpoint every 4 records (a few lifecycle records may pass):
+    // the ninth record after the last checkpoint (seq 2) gives the rewrite away.
+    assert_eq!(
+        problem.as_ref().map(|problem| (problem.kind, problem.seq)),
+        Some((ProblemKind::MissingCheckpoint, 11)),
+        "{problem:?}"
+    );
+    Ok(())
 }
