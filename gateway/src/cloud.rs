@@ -707,13 +707,16 @@ async fn attempt(
     let auth = match pool.config.auth.header().await {
         Ok(auth) => auth,
         Err(error) => {
+            // The token endpoint's answer (tenant, client id, file paths) goes to the log
+            // and the record, not to the caller.
             return Attempt::Retryable {
                 outcome: Outcome::Abandoned,
-                error: GatewayError::BadGateway {
+                error: GatewayError::UpstreamCredentials {
                     message: format!(
-                        "authentication to pool `{}` failed: {error}",
+                        "the gateway could not get a credential for pool `{}`",
                         pool.config.name
                     ),
+                    detail: error.to_string(),
                 },
                 retry_after: None,
             };
@@ -844,6 +847,31 @@ async fn attempt(
         .and_then(|value| retry_after_wait(value, SystemTime::now()));
     ctx.target = Some(format!("{}/{}", pool.config.name, backend.config.name));
     ctx.on_premises = pool.config.on_premises;
+    if status == 401 || status == 403 {
+        // The request carries the gateway's credentials, never the caller's: the caller is
+        // not told its own key was refused, the backend counts as failing, another may be
+        // tried, and a cached token is fetched anew.
+        let _ = read_error_body(&mut upstream).await;
+        Upstream {
+            session: upstream,
+            pool,
+            peer: &backend.peer,
+        }
+        .release()
+        .await;
+        pool.config.auth.rejected();
+        return Attempt::Retryable {
+            outcome: Outcome::Failure,
+            error: GatewayError::UpstreamCredentials {
+                message: format!(
+                    "pool `{}` refused the gateway's credentials",
+                    pool.config.name
+                ),
+                detail: format!("backend `{}` answered {status}", backend.config.name),
+            },
+            retry_after: None,
+        };
+    }
     if status == 429 || status >= 500 {
         let body = read_error_body(&mut upstream).await;
         // An error answer read to its end leaves a sound connection: the retry after a

@@ -115,6 +115,12 @@ pub enum GatewayError {
         throttled: bool,
         retry_after_s: u64,
     },
+    /// The gateway could not authenticate to a cloud pool: no token could be had, or a
+    /// backend refused the gateway's credentials (401, 403). `message`, in the gateway's
+    /// words, goes to the client; `detail` (a token endpoint's answer, a tenant, a file)
+    /// only to the log and the audit record.
+    #[error("{message}")]
+    UpstreamCredentials { message: String, detail: String },
     #[error("internal error: {message}")]
     Internal { message: String },
 }
@@ -279,7 +285,7 @@ impl GatewayError {
                 Some("unavailable"),
                 None,
             ),
-            BadGateway { .. } | BackendRefused { .. } => (
+            BadGateway { .. } | BackendRefused { .. } | UpstreamCredentials { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "api_error",
                 Some("upstream_error"),
@@ -361,6 +367,7 @@ impl GatewayError {
             BackendRefused { message, .. } => {
                 format!("{message} (its body to the client only)")
             }
+            UpstreamCredentials { message, detail } => format!("{message}: {detail}"),
             _ => self.to_string(),
         }
     }

@@ -250,6 +250,7 @@ fn compile_with(
         key,
         env: &env,
         problems: Vec::new(),
+        secret_files: Vec::new(),
     };
     let inner = match raw {
         RawUpstreamAuth::None {} => Some(Inner::None),
@@ -272,7 +273,10 @@ fn compile_with(
         }
     };
     match inner {
-        Some(inner) if checker.problems.is_empty() => Ok(UpstreamAuth { inner }),
+        Some(inner) if checker.problems.is_empty() => Ok(UpstreamAuth {
+            inner,
+            secret_files: checker.secret_files.into(),
+        }),
         _ => Err(checker.problems),
     }
 }
@@ -282,6 +286,7 @@ struct Checker<'a> {
     key: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
     problems: Vec<String>,
+    secret_files: Vec<(PathBuf, [u8; 32])>,
 }
 
 impl Checker<'_> {
@@ -464,7 +469,11 @@ impl Checker<'_> {
         match (file, name) {
             (Some(path), None) => match read_capped_sync(path, STATIC_SECRET_BYTES_MAX) {
                 Ok(bytes) => match String::from_utf8(bytes) {
-                    Ok(text) if !text.trim().is_empty() => Some(Secret(text.trim().to_owned())),
+                    Ok(text) if !text.trim().is_empty() => {
+                        self.secret_files
+                            .push((path.to_owned(), crate::config::sha256(text.trim())));
+                        Some(Secret(text.trim().to_owned()))
+                    }
                     Ok(_) => {
                         self.problem(file_field, format!("{} is empty", path.display()));
                         None
@@ -761,6 +770,9 @@ fn read_capped_sync(path: &Path, bytes_max: u64) -> Result<Vec<u8>, String> {
 #[derive(Clone, Default)]
 pub struct UpstreamAuth {
     inner: Inner,
+    /// The secret files read, with the SHA-256 of the secret each held: the configuration
+    /// watcher reloads when one changes (a rotated Kubernetes Secret).
+    secret_files: Arc<[(PathBuf, [u8; 32])]>,
 }
 
 #[derive(Clone, Default)]
@@ -784,6 +796,23 @@ impl UpstreamAuth {
             Inner::Static { name, value, .. } => Ok(Some((name.clone(), value.clone()))),
             Inner::Entra(cache) => Ok(Some((AUTHORIZATION, cache.token().await?))),
         }
+    }
+
+    /// A backend refused the credentials sent (401, 403): a cached Entra token is dropped,
+    /// so that the next request fetches a new one (at most once per [`FETCH_RETRY_DELAY`],
+    /// whatever the rate of refusals). A static secret changes only with its file, which the
+    /// configuration watcher follows.
+    pub fn rejected(&self) {
+        if let Inner::Entra(cache) = &self.inner {
+            cache.forget();
+        }
+    }
+
+    /// The secret files read, each with the SHA-256 of the trimmed secret it held.
+    pub fn secret_files(&self) -> impl Iterator<Item = (&Path, [u8; 32])> {
+        self.secret_files
+            .iter()
+            .map(|(path, sha256)| (path.as_path(), *sha256))
     }
 
     /// The configured kind, as `kind` spells it.
@@ -1260,6 +1289,8 @@ struct TokenCache {
 struct CacheState {
     token: Option<CachedToken>,
     failure: Option<Failure>,
+    /// When a backend's refusal last dropped the token.
+    forgotten_at: Option<Instant>,
     /// Fetches finished, so a caller that waited for the fetch lock knows one happened.
     fetches: u64,
 }
@@ -1332,6 +1363,27 @@ impl TokenCache {
 
     fn now(&self) -> Instant {
         (self.options.clock)()
+    }
+
+    /// Drops the cached token (a backend refused it), at most once per
+    /// [`FETCH_RETRY_DELAY`].
+    fn forget(&self) {
+        let now = self.now();
+        let mut state = self.state();
+        if state
+            .forgotten_at
+            .is_some_and(|at| now < at + FETCH_RETRY_DELAY)
+        {
+            return;
+        }
+        state.forgotten_at = Some(now);
+        if state.token.take().is_some() {
+            tracing::warn!(
+                kind = self.source.kind(),
+                endpoint = self.source.endpoint_label(),
+                "a backend refused the upstream token: fetching a new one"
+            );
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, CacheState> {

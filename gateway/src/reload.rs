@@ -257,7 +257,8 @@ pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
     }
 }
 
-/// The API keys and admin tokens read from files, with the digest of the key in force.
+/// The API keys, admin tokens and cloud pools' secrets read from files, with the digest of
+/// the secret in force.
 fn key_files(config: &Config) -> impl Iterator<Item = (&std::path::Path, [u8; 32])> {
     config
         .auth
@@ -265,6 +266,12 @@ fn key_files(config: &Config) -> impl Iterator<Item = (&std::path::Path, [u8; 32
         .iter()
         .chain(&config.server.admin_tokens)
         .filter_map(|key| key.file.as_deref().map(|file| (file, key.sha256)))
+        .chain(
+            config
+                .upstreams
+                .iter()
+                .flat_map(|pool| pool.auth.secret_files()),
+        )
 }
 
 /// What the watcher compares: the configuration's text and the keys its key files hold.

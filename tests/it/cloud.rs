@@ -1006,11 +1006,17 @@ fn active_probes_take_a_failing_backend_out_and_bring_it_back_and_credentials_ar
     let dir = tests::scratch_dir();
     let token_file = dir.path().join("vllm-key");
     std::fs::write(&token_file, "sk-upstream-secret\n").unwrap();
-    let gateway = gateway(&format!(
-        "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"m\" }}\n[upstreams.aks.health]\ninterval_ms = 50\nhealthy_threshold = 1\nunhealthy_threshold = 1\n[upstreams.aks.auth]\nkind = \"bearer\"\ntoken_file = {token_file:?}\n{}{}",
-        backend("aks", &probed, 1, "v1"),
-        backend("aks", &other, 1, "v1"),
-    ));
+    let gateway = Gateway::start(&GatewayOptions {
+        body_bytes_max: 8 * 1024 * 1024,
+        // The configuration watcher also follows the pools' secret files.
+        config_watch_interval_ms: 100,
+        extra: format!(
+            "[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"m\" }}\n[upstreams.aks.health]\ninterval_ms = 50\nhealthy_threshold = 1\nunhealthy_threshold = 1\n[upstreams.aks.auth]\nkind = \"bearer\"\ntoken_file = {token_file:?}\n{}{}",
+            backend("aks", &probed, 1, "v1"),
+            backend("aks", &other, 1, "v1"),
+        ),
+        ..GatewayOptions::default()
+    });
     block_on(async {
         // Probes carry the pool's credentials too, and so does every forwarded request.
         let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
@@ -1047,6 +1053,47 @@ fn active_probes_take_a_failing_backend_out_and_bring_it_back_and_credentials_ar
             ),
             "good probes did not bring the backend back"
         );
+
+        // A secret file rotated in place (a Kubernetes Secret) is used without a reload by
+        // hand: the configuration watcher follows the pools' secret files too.
+        std::fs::write(&token_file, "sk-rotated-secret\n").unwrap();
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+            assert_eq!(response.status(), 200);
+            let seen = [probed.requests().await, other.requests().await].concat();
+            let sent = seen
+                .iter()
+                .filter(|request| request["path"] == "/v1/chat/completions")
+                .filter_map(|request| request["headers"]["authorization"].as_str())
+                .any(|header| header == "Bearer sk-rotated-secret");
+            if sent {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rotated secret was never sent"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // Backends that refuse the gateway's credentials: the caller hears that the gateway
+        // could not authenticate (502), not a 401 about its own key, and nothing of theirs.
+        for upstream in [&probed, &other] {
+            upstream.set_behaviour(json!({"status": 401})).await;
+        }
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 502);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert_eq!(
+            message, "pool `aks` refused the gateway's credentials",
+            "{body}"
+        );
+        for upstream in [&probed, &other] {
+            upstream.set_behaviour(json!({"reset": true})).await;
+        }
     });
 }
 

@@ -622,6 +622,46 @@ async fn token_is_refreshed_before_it_expires() {
 }
 
 #[tokio::test]
+async fn a_token_a_backend_refused_is_fetched_anew_at_most_once_per_retry_delay() {
+    let entra = FakeEndpoint::start(|_, index| Reply::token(&format!("token-{index}"), 3600)).await;
+    let clock = FakeClock::new();
+    let auth = compiled(
+        &client_credentials_table(&entra),
+        &[CLIENT_SECRET_ENV],
+        &clock,
+    );
+    assert_eq!(header_text(&auth).await.unwrap(), "Bearer token-0");
+    auth.rejected();
+    assert_eq!(header_text(&auth).await.unwrap(), "Bearer token-1");
+    // Refusals in a burst (every request of a busy pool) do not each cost a fetch.
+    auth.rejected();
+    assert_eq!(header_text(&auth).await.unwrap(), "Bearer token-1");
+    assert_eq!(entra.count(), 2);
+    clock.advance(super::FETCH_RETRY_DELAY);
+    auth.rejected();
+    assert_eq!(header_text(&auth).await.unwrap(), "Bearer token-2");
+    assert_eq!(entra.count(), 3);
+}
+
+#[test]
+fn static_secret_files_are_named_with_their_digest_for_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, "sk-secret\n").unwrap();
+    let auth = compile(
+        raw(&format!("kind = \"api_key\"\nkey_file = {file:?}\n")),
+        "upstreams.aks.auth",
+        &|_| None,
+    )
+    .unwrap();
+    let files: Vec<_> = auth.secret_files().collect();
+    assert_eq!(
+        files,
+        [(file.as_path(), crate::config::sha256("sk-secret"))]
+    );
+}
+
+#[tokio::test]
 async fn a_lifetime_past_any_clock_is_kept_a_day() {
     let entra =
         FakeEndpoint::start(|_, index| Reply::token(&format!("token-{index}"), u64::MAX)).await;
