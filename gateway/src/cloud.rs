@@ -509,6 +509,42 @@ enum Outcome {
 /// Counts a request in flight on a backend until dropped.
 struct InFlight<'a>(&'a Backend);
 
+/// The backend an attempt goes to, and its claim on a half-open circuit's one trial, if it
+/// holds it. The trial is settled as soon as the backend's status line shows it works, not when the answer ends, so that a long stream
+/// does not keep every other request off the backend for its whole length; dropped unsettled
+/// (a panic, a cancelled request) it gives the trial back, so the backend is not left out
+/// until a restart.
+struct Chosen<'a> {
+    pool: &'a Pool,
+    index: usize,
+    open: bool,
+}
+
+impl Chosen<'_> {
+    /// Ends the trial with `outcome`, once.
+    fn settle(&mut self, outcome: Outcome) {
+        if std::mem::take(&mut self.open) {
+            self.pool.record(self.index, outcome, true);
+        }
+    }
+
+    /// Whether the trial is still open, ending the claim: the caller records the attempt's
+    /// outcome as the trial's when it is.
+    fn take(&mut self) -> bool {
+        std::mem::take(&mut self.open)
+    }
+}
+
+impl Drop for Chosen<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            lock(&self.pool.backends[self.index].health)
+                .circuit
+                .abandon_trial();
+        }
+    }
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -607,14 +643,19 @@ pub async fn forward(
         let _in_flight = InFlight(backend);
         ctx.attempts += 1;
         let path = pool.path(&backend.config, request.action, upstream_model);
-        let attempt = attempt(session, ctx, pool, backend, &path, &body, request).await;
+        let mut claim = Chosen {
+            pool,
+            index,
+            open: trial,
+        };
+        let attempt = attempt(session, ctx, &mut claim, &path, &body, request).await;
         match attempt {
             Attempt::Answered(outcome) => {
-                pool.record(index, outcome, trial);
+                pool.record(index, outcome, claim.take());
                 return Ok(Forwarded::Answered);
             }
             Attempt::ClientGone(reason) => {
-                pool.record(index, Outcome::Abandoned, trial);
+                pool.record(index, Outcome::Abandoned, claim.take());
                 return Ok(Forwarded::ClientGone(reason));
             }
             Attempt::Retryable {
@@ -622,7 +663,7 @@ pub async fn forward(
                 error,
                 retry_after,
             } => {
-                pool.record(index, outcome, trial);
+                pool.record(index, outcome, claim.take());
                 tracing::warn!(
                     request_id = %ctx.request_id,
                     pool = %pool.config.name,
@@ -693,12 +734,13 @@ enum Attempt {
 async fn attempt(
     session: &mut Session,
     ctx: &mut RequestContext,
-    pool: &Pool,
-    backend: &Backend,
+    trial: &mut Chosen<'_>,
     path: &str,
     body: &Bytes,
     request: &CloudRequest<'_>,
 ) -> Attempt {
+    let pool = trial.pool;
+    let backend = &pool.backends[trial.index];
     let failure = |message: String| Attempt::Retryable {
         outcome: Outcome::Failure,
         error: GatewayError::BadGateway { message },
@@ -914,7 +956,9 @@ async fn attempt(
             retry_after,
         };
     }
-    // From here on the client hears from this backend, whatever happens.
+    // From here on the client hears from this backend, whatever happens: its status says
+    // it works, which is what a half-open trial wanted to know.
+    trial.settle(Outcome::Success);
     let streaming = status == 200 && content_type.starts_with("text/event-stream");
     let upstream = Upstream {
         session: upstream,
@@ -941,6 +985,10 @@ async fn attempt(
         Err(Relay::Upstream(message)) => {
             ctx.outcome = Some(message);
             Attempt::Answered(Outcome::Failure)
+        }
+        Err(Relay::TooLarge(message)) => {
+            ctx.outcome = Some(message);
+            Attempt::Answered(Outcome::Success)
         }
     }
 }
@@ -1123,6 +1171,9 @@ enum Relay {
     ClientGone(String),
     /// The backend failed after the response began: the client's answer is cut short.
     Upstream(String),
+    /// The answer was larger than the pool's `response_bytes_max`: the client got a 502, but
+    /// the backend answered well (its circuit is not charged).
+    TooLarge(String),
 }
 
 /// A non-streamed answer: read whole (it is small), take its usage, pass it on unchanged.
@@ -1146,7 +1197,8 @@ async fn relay_whole(
         match chunk {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > limit {
-                    return Err(Relay::Upstream(
+                    // A limit of this gateway's, not a fault of the backend's.
+                    return Err(Relay::TooLarge(
                         respond_bad_gateway(
                             session,
                             ctx,
@@ -1722,13 +1774,23 @@ async fn probe(pool: &Pool, index: usize) {
     let backend = &pool.backends[index];
     let health_config = &pool.config.health;
     let path = format!("{}{}", backend.config.base_path, health_config.path);
+    // The credential first, under the token cache's own time limit: a slow token endpoint
+    // must not eat the probe's timeout (and a fetch cut off by it would never finish, each
+    // probe then failing). Without a credential the backend's health is unknown: no verdict.
+    let auth = match pool.config.auth.header().await {
+        Ok(auth) => auth,
+        Err(error) => {
+            tracing::debug!(pool = %pool.config.name, backend = %backend.config.name, %error, "health probe skipped: no upstream credential");
+            return;
+        }
+    };
     let ok = tokio::time::timeout(health_config.timeout, async {
         let (mut session, _) = pool.session(backend).await.ok()?;
         let mut header = RequestHeader::build("GET", path.as_bytes(), Some(2)).ok()?;
         header
             .insert_header(http::header::HOST, backend.config.authority())
             .ok()?;
-        if let Ok(Some((name, value))) = pool.config.auth.header().await {
+        if let Some((name, value)) = auth {
             header.insert_header(name, value).ok()?;
         }
         session.write_request_header(Box::new(header)).await.ok()?;

@@ -406,6 +406,80 @@ fn a_pool_that_is_down_falls_back_to_the_local_model_or_answers_503() {
 }
 
 #[test]
+fn a_half_open_trial_frees_the_backend_once_its_answer_begins() {
+    let _serial = serial();
+    let upstream = start(UpstreamOptions {
+        name: "lone".to_owned(),
+        ..options()
+    });
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, ""),
+        backend("aks", &upstream, 1, "v1"),
+    ));
+    block_on(async {
+        // One failure opens the lone backend's circuit (failures_to_open = 1).
+        upstream
+            .set_behaviour(json!({"status": 500, "count": 1}))
+            .await;
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 502);
+        assert_eq!(upstream_status(&gateway, "lone")["circuit"], "open");
+        // Once open_base_ms (300 ms) has passed, the next request is the half-open trial: a
+        // stream the backend holds after its first chunk.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        upstream.set_behaviour(json!({"hold": true})).await;
+        let mut trial = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;
+        assert_eq!(trial.status(), 200);
+        let first = tokio::time::timeout(DEADLINE, trial.chunk())
+            .await
+            .expect("the trial's first chunk did not arrive")
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+        // Its status said the backend works: other requests go there while it streams.
+        upstream.set_behaviour(json!({"hold": false})).await;
+        let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(upstream_status(&gateway, "lone")["circuit"], "closed");
+        upstream.release().await;
+        let rest = trial.text().await.unwrap();
+        assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    });
+}
+
+#[test]
+fn an_answer_over_the_pools_size_limit_is_refused_without_blaming_the_backend() {
+    let _serial = serial();
+    let upstream = start(UpstreamOptions {
+        name: "verbose".to_owned(),
+        ..options()
+    });
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, "response_bytes_max = 64"),
+        backend("aks", &upstream, 1, "v1"),
+    ));
+    block_on(async {
+        // Twice over the limit: each a 502, and the backend stays in (failures_to_open = 1
+        // would have opened its circuit after the first had it counted as the backend's).
+        for _ in 0..2 {
+            let response = post(&gateway, &chat("gpt-4o", json!({}))).await;
+            assert_eq!(response.status(), 502);
+            let body: Value = response.json().await.unwrap();
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("exceeds 64 bytes"),
+                "{body}"
+            );
+        }
+        assert_eq!(upstream_status(&gateway, "verbose")["circuit"], "closed");
+    });
+}
+
+#[test]
 fn a_stream_the_backend_breaks_off_ends_with_an_error_event_and_a_failed_record() {
     let _serial = serial();
     let mut upstream = start(UpstreamOptions {
