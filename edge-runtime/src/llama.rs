@@ -1097,6 +1097,10 @@ impl Embedder {
     fn run(&self, jobs: &Receiver<EmbedCommand>) {
         let mut context: Option<LlamaContext<'_>> = None;
         while let Ok(EmbedCommand::Embed(job)) = jobs.recv() {
+            // The caller left while the job waited its turn: nothing to compute for.
+            if job.reply.is_closed() {
+                continue;
+            }
             if context.is_none() {
                 match self.context() {
                     Ok(made) => context = Some(made),

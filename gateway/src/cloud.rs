@@ -1067,7 +1067,7 @@ async fn send_request(
     }
 }
 
-fn client_gone(idle: pingora_error::Result<Option<Bytes>>) -> String {
+pub(crate) fn client_gone(idle: pingora_error::Result<Option<Bytes>>) -> String {
     match idle {
         Ok(_) => "the client sent data during the response".to_owned(),
         Err(error) => format!("the client closed the connection: {error}"),

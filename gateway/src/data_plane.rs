@@ -1448,11 +1448,27 @@ impl DataPlane {
             )
             .into());
         }
-        let pending = handle.embed(&request.inputs).map_err(|error| {
+        // Tokenizing up to 2,048 inputs takes a while: on a blocking thread, not the
+        // runtime's, as a chat's prompt is.
+        let submitting = handle.clone();
+        let inputs = request.inputs;
+        let submitted = tokio::task::spawn_blocking(move || submitting.embed(&inputs))
+            .await
+            .map_err(|error| GatewayError::Internal {
+                message: format!("tokenizing the inputs failed: {error}"),
+            })?;
+        let pending = submitted.map_err(|error| {
             ctx.reject("request");
             local::embed_submit_error(error, model)
         })?;
-        let embeddings = match pending.await {
+        // A client that leaves stops the wait (and drops the answer it would have had).
+        let finished = tokio::select! {
+            finished = pending => finished,
+            idle = session.as_downstream_mut().read_body_or_idle(true) => {
+                return Err(Failure::ClientGone(crate::cloud::client_gone(idle)));
+            }
+        };
+        let embeddings = match finished {
             Ok(Ok(embeddings)) => embeddings,
             Ok(Err(error)) => return Err(local::embedding_error(error).into()),
             Err(_) => {

@@ -56,6 +56,36 @@ pub async fn run(
             String::new()
         }
     };
+    // How many sequences the request asks for, refused before any prompt is rendered or
+    // tokenized.
+    let per_prompt = request.generation.n.max(1);
+    let total = u32::try_from(request.prompts.len())
+        .unwrap_or(u32::MAX)
+        .saturating_mul(per_prompt);
+    if total > info.parallel_sequences {
+        return Err(if several {
+            GatewayError::invalid_value(
+                "prompt",
+                format!(
+                    "`{}` generates at most {} choices at once ({} parallel sequences); {} \
+                     prompts with n = {per_prompt} ask for {total}",
+                    info.name,
+                    info.parallel_sequences,
+                    info.parallel_sequences,
+                    request.prompts.len()
+                ),
+            )
+        } else {
+            GatewayError::invalid_value(
+                "n",
+                format!(
+                    "`{}` generates at most {} choices at once ({} parallel sequences)",
+                    info.name, info.parallel_sequences, info.parallel_sequences
+                ),
+            )
+        }
+        .into());
+    }
     // Rendering and tokenizing a large prompt takes milliseconds or more: on a blocking
     // thread, not the runtime's, so other connections keep being served meanwhile.
     let prompts = std::mem::take(&mut request.prompts);
@@ -125,34 +155,6 @@ pub async fn run(
             message: format!("converting the JSON schema failed: {error}"),
         })??,
     };
-    let per_prompt = request.generation.n.max(1);
-    let total = u32::try_from(prepared.len())
-        .unwrap_or(u32::MAX)
-        .saturating_mul(per_prompt);
-    if total > info.parallel_sequences {
-        return Err(if several {
-            GatewayError::invalid_value(
-                "prompt",
-                format!(
-                    "`{}` generates at most {} choices at once ({} parallel sequences); {} \
-                     prompts with n = {per_prompt} ask for {total}",
-                    info.name,
-                    info.parallel_sequences,
-                    info.parallel_sequences,
-                    prepared.len()
-                ),
-            )
-        } else {
-            GatewayError::invalid_value(
-                "n",
-                format!(
-                    "`{}` generates at most {} choices at once ({} parallel sequences)",
-                    info.name, info.parallel_sequences, info.parallel_sequences
-                ),
-            )
-        }
-        .into());
-    }
     // Each choice is a sequence of its own, with its own seed; a refusal of any drops (and so
     // cancels) those already submitted.
     let mut streams = Vec::with_capacity(total as usize);

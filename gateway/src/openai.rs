@@ -1358,12 +1358,10 @@ fn with_call(mut text: String, function: &Value, param: &str) -> Result<String, 
             "a call needs `name` and `arguments` (a JSON string)",
         ));
     };
-    let arguments: Value = serde_json::from_str(arguments).map_err(|error| {
-        GatewayError::invalid_value(
-            format!("{param}.arguments"),
-            format!("arguments must be JSON text: {error}"),
-        )
-    })?;
+    // Arguments that are not JSON (a call cut short by `max_tokens`, which clients send back
+    // as it came) stay in the history as the string they are, as OpenAI takes them.
+    let arguments: Value =
+        serde_json::from_str(arguments).unwrap_or_else(|_| Value::String(arguments.to_owned()));
     if !text.is_empty() {
         text.push('\n');
     }

@@ -881,7 +881,8 @@ impl Echoed {
             instructions: take("instructions", Value::Null),
             max_output_tokens: take("max_output_tokens", Value::Null),
             metadata: take("metadata", json!({})),
-            parallel_tool_calls: take("parallel_tool_calls", Value::Bool(true)),
+            // The local engine's default: one call unless asked for several (README).
+            parallel_tool_calls: take("parallel_tool_calls", Value::Bool(false)),
             reasoning: take("reasoning", json!({"effort": null, "summary": null})),
             temperature: take("temperature", json!(1.0)),
             text: take("text", json!({"format": {"type": "text"}})),

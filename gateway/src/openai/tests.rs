@@ -534,6 +534,14 @@ fn tools_are_read_with_what_the_answer_may_be() {
         r#"{"name":"get_weather","arguments":{"city":"Oslo"}}"#,
         "Result of tool call c1: -3 C",
     );
+    // A call cut short comes back with arguments that are not JSON: kept as their text.
+    history_reads_as(
+        br#"{"messages":[{"role":"user","content":"Weather in Oslo?"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"get_weather","arguments":"{\"ci"}}]},
+        {"role":"tool","tool_call_id":"c1","content":"cut off"}]}"#,
+        r#"{"name":"get_weather","arguments":"{\"ci"}"#,
+        "Result of tool call c1: cut off",
+    );
 }
 
 /// A conversation of a question, a call and its result reaches the model as the call's text
