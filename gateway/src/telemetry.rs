@@ -88,13 +88,33 @@ impl TraceContext {
     }
 }
 
-/// Trace id, parent span id and flags of a well-formed version-00 `traceparent` with
-/// non-zero ids.
+/// Trace id, parent span id and flags of a `traceparent` as W3C Trace Context reads one:
+/// lowercase hex only, non-zero ids, version `ff` invalid; version `00` exactly its four
+/// fields, a later version its first four with anything after a further `-` ignored (so a
+/// client on a newer version keeps its trace). Of the flags only `sampled` is kept: the
+/// other bits mean nothing in version `00`, which is what the gateway passes on.
 pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
-    let mut parts = value.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || version != "00" || flags.len() != 2 {
+    let value = value.trim();
+    let lower_hex = |text: &str, length: usize| {
+        text.len() == length
+            && text
+                .bytes()
+                .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let (head, rest) = value.split_at_checked(55)?;
+    let version = head.get(..2)?;
+    if !lower_hex(version, 2) || version == "ff" {
+        return None;
+    }
+    match (version, rest) {
+        (_, "") => {}
+        ("00", _) => return None,
+        (_, rest) if rest.starts_with('-') => {}
+        _ => return None,
+    }
+    let mut parts = head.split('-');
+    let (_, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if !lower_hex(trace, 32) || !lower_hex(span, 16) || !lower_hex(flags, 2) {
         return None;
     }
     let mut trace_id = [0u8; 16];
@@ -106,8 +126,11 @@ pub fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
     if trace_id == [0; 16] || span_id == [0; 8] {
         return None;
     }
-    Some((trace_id, span_id, flag[0]))
+    Some((trace_id, span_id, flag[0] & SAMPLED))
 }
+
+/// The one flag of version `00`.
+const SAMPLED: u8 = 0x01;
 
 /// The GenAI operation name of an API path, for span names (`http` for anything else).
 pub fn operation(path: &str) -> &'static str {

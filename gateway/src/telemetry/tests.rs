@@ -8,8 +8,22 @@ fn only_well_formed_trace_contexts_parse() {
     assert_eq!(hex::encode(trace), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(hex::encode(parent), "00f067aa0ba902b7");
     assert_eq!(flags, 1);
-    for bad in [
+    // A later version keeps the trace (its first four fields; more after a `-` ignored);
+    // flags other than `sampled` are dropped, as version 00 defines none.
+    for later in [
         "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes-next",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff",
+    ] {
+        let (trace, _, flags) = parse_traceparent(later).expect(later);
+        assert_eq!(hex::encode(trace), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(flags, 1, "{later}");
+    }
+    for bad in [
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
         "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
         "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
