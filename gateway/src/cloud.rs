@@ -379,8 +379,12 @@ impl Pool {
         // The connector reads its CA and client certificate files now; `check-config`
         // already proved they load.
         let connector = Connector::new(Some(options));
+        let mut config = config.clone();
+        if let Some(previous) = previous {
+            config.auth = config.auth.carried_over(&previous.config.auth);
+        }
         Ok(Pool {
-            config: config.clone(),
+            config,
             connector,
             backends,
             round_robin: Mutex::new(RoundRobin::default()),

@@ -246,6 +246,7 @@ fn compile_with(
 ) -> Result<UpstreamAuth, Vec<String>> {
     // An empty variable counts as unset, as it does for the Azure SDKs.
     let env = |name: &str| env(name).filter(|value| !value.trim().is_empty());
+    let source = raw.clone();
     let mut checker = Checker {
         key,
         env: &env,
@@ -276,6 +277,7 @@ fn compile_with(
         Some(inner) if checker.problems.is_empty() => Ok(UpstreamAuth {
             inner,
             secret_files: checker.secret_files.into(),
+            source: Some(source),
         }),
         _ => Err(checker.problems),
     }
@@ -773,6 +775,8 @@ pub struct UpstreamAuth {
     /// The secret files read, with the SHA-256 of the secret each held: the configuration
     /// watcher reloads when one changes (a rotated Kubernetes Secret).
     secret_files: Arc<[(PathBuf, [u8; 32])]>,
+    /// The table as written, to tell whether a reload changed it.
+    source: Option<RawUpstreamAuth>,
 }
 
 #[derive(Clone, Default)]
@@ -806,6 +810,17 @@ impl UpstreamAuth {
         if let Inner::Entra(cache) = &self.inner {
             cache.forget();
         }
+    }
+
+    /// These credentials, or `previous` when a reload left the table and its secrets as they
+    /// were: an Entra token cached a moment ago stays in use instead of a fetch for every
+    /// reload (a console's canary change reloads too), which would also fail every request
+    /// while the token endpoint is out of reach.
+    pub fn carried_over(self, previous: &UpstreamAuth) -> UpstreamAuth {
+        let unchanged = self.source.is_some()
+            && self.source == previous.source
+            && self.secret_files == previous.secret_files;
+        if unchanged { previous.clone() } else { self }
     }
 
     /// The secret files read, each with the SHA-256 of the trimmed secret it held.

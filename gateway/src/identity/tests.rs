@@ -643,6 +643,27 @@ async fn a_token_a_backend_refused_is_fetched_anew_at_most_once_per_retry_delay(
     assert_eq!(entra.count(), 3);
 }
 
+#[tokio::test]
+async fn a_reload_that_leaves_the_table_as_it_was_keeps_the_cached_token() {
+    let entra = FakeEndpoint::start(|_, index| Reply::token(&format!("token-{index}"), 3600)).await;
+    let clock = FakeClock::new();
+    let table = client_credentials_table(&entra);
+    let running = compiled(&table, &[CLIENT_SECRET_ENV], &clock);
+    assert_eq!(header_text(&running).await.unwrap(), "Bearer token-0");
+    // The same table compiled again (any reload): the token cached a moment ago serves.
+    let reloaded = compiled(&table, &[CLIENT_SECRET_ENV], &clock).carried_over(&running);
+    assert_eq!(header_text(&reloaded).await.unwrap(), "Bearer token-0");
+    assert_eq!(entra.count(), 1);
+    // A changed table (another scope) gets its own token.
+    let changed = compiled(
+        &table.replace("/.default", "/other/.default"),
+        &[CLIENT_SECRET_ENV],
+        &clock,
+    )
+    .carried_over(&running);
+    assert_eq!(header_text(&changed).await.unwrap(), "Bearer token-1");
+}
+
 #[test]
 fn static_secret_files_are_named_with_their_digest_for_the_watcher() {
     let dir = tempfile::tempdir().unwrap();
