@@ -146,8 +146,8 @@ pub async fn run(
     ) {
         (None, None) => None,
         (format, call) => tokio::task::spawn_blocking(move || match (&format, &call) {
-            (Some(format), _) => json_grammar(format).map(Some),
-            (None, Some(call)) => tool_call_grammar(call).map(Some),
+            (format, Some(call)) => tool_call_grammar(call, format.as_ref()).map(Some),
+            (Some(format), None) => json_grammar(format).map(Some),
             (None, None) => Ok(None),
         })
         .await
@@ -420,8 +420,12 @@ pub fn tool_instructions(call: &openai::ToolCall) -> String {
 /// The grammar of a forced call: `{"name": <one of the functions>, "arguments": <that
 /// function's arguments>}`, name first so the model picks the function before its arguments;
 /// with `parallel_tool_calls`, `{"tool_calls": [<such a call>, ...]}` with 1 to
-/// [`openai::PARALLEL_CALLS_MAX`] calls.
-fn tool_call_grammar(call: &openai::ToolCall) -> Result<edge_runtime::Grammar, GatewayError> {
+/// [`openai::PARALLEL_CALLS_MAX`] calls. Where text may answer instead (`auto`), also
+/// `{"response": <text>}`, or with a `response_format` `{"response": <JSON of that format>}`.
+fn tool_call_grammar(
+    call: &openai::ToolCall,
+    format: Option<&openai::ResponseFormat>,
+) -> Result<edge_runtime::Grammar, GatewayError> {
     let calls: Vec<String> = call
         .tools
         .iter()
@@ -447,10 +451,14 @@ fn tool_call_grammar(call: &openai::ToolCall) -> Result<edge_runtime::Grammar, G
         calls
     };
     if call.text_allowed {
-        alternatives.push(
-            r#"{"type":"object","properties":{"response":{"type":"string"}},"required":["response"],"additionalProperties":false}"#
-                .to_owned(),
-        );
+        let response = match format {
+            None => r#"{"type":"string"}"#,
+            Some(openai::ResponseFormat::JsonObject) => r#"{"type":"object"}"#,
+            Some(openai::ResponseFormat::JsonSchema { schema }) => schema.as_str(),
+        };
+        alternatives.push(format!(
+            r#"{{"type":"object","properties":{{"response":{response}}},"required":["response"],"additionalProperties":false}}"#
+        ));
     }
     let schema = one_of(&alternatives);
     edge_runtime::Grammar::json_schema(&schema).map_err(|error| {
@@ -674,22 +682,19 @@ fn made_call(
     let Some(calls) = calls else {
         return Vec::new();
     };
-    if state.finish_reason == Some("stop") {
-        if let Some(made) =
+    if state.finish_reason == Some("stop")
+        && let Some(made) =
             openai::CalledTool::from_answer(|at| call_id(ctx, index, at), &state.text)
-        {
-            state.finish_reason = Some(if calls.legacy {
-                "function_call"
-            } else {
-                "tool_calls"
-            });
-            return made;
-        }
-        if let Some(text) = openai::CalledTool::text_answer(&state.text) {
-            state.text = text;
-            return Vec::new();
-        }
+    {
+        state.finish_reason = Some(if calls.legacy {
+            "function_call"
+        } else {
+            "tool_calls"
+        });
+        return made;
     }
+    // A text answer (a string, or JSON of the request's format), or an answer cut short:
+    // read as its stream carried it.
     let mut reader = openai::CallReader::default();
     let mut text = String::new();
     let mut made: Vec<openai::CalledTool> = Vec::new();

@@ -252,7 +252,14 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
              tools; drop logprobs or set tool_choice to none",
         ));
     }
-    if generation.tool_call.is_some() && generation.response_format.is_some() {
+    // Beside tools the answer may take (`auto`), a format shapes its text answer; a forced
+    // call leaves no text answer to shape.
+    if generation
+        .tool_call
+        .as_ref()
+        .is_some_and(|call| !call.text_allowed)
+        && generation.response_format.is_some()
+    {
         return Err(GatewayError::invalid_value(
             "response_format",
             "a forced tool call already decides the answer's shape; drop response_format",

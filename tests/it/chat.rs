@@ -1013,6 +1013,37 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
         }
         assert!(texts >= 1, "no auto answer was text");
 
+        // `auto` with a `response_format` (an agent's structured output beside its tools):
+        // a call, or text that is JSON of the format, whole as streamed.
+        let format = json!({"type": "json_schema", "json_schema": {"name": "reply", "schema":
+            {"type": "object", "additionalProperties": false, "required": ["reply"],
+             "properties": {"reply": {"type": "string", "maxLength": 40}}}}});
+        let mut structured = 0;
+        for (system, prompt) in [
+            ("You are a poet.", "Thank you!"),
+            ("You are a poet.", "Write one word: hello."),
+        ] {
+            let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 60,
+                "tools": tools, "response_format": format,
+                "messages": [{"role": "system", "content": system},
+                    {"role": "user", "content": prompt}]});
+            let answer = chat(&gateway, &body).await;
+            let choice = &answer["choices"][0];
+            if choice["finish_reason"] == "tool_calls" {
+                check_call(&choice["message"]["tool_calls"][0]);
+                continue;
+            }
+            assert_eq!(choice["finish_reason"], "stop", "{answer}");
+            let content = choice["message"]["content"].as_str().unwrap();
+            let reply: Value =
+                serde_json::from_str(content).unwrap_or_else(|error| panic!("{error}: {answer}"));
+            assert!(reply["reply"].is_string(), "{answer}");
+            let stream = chat_stream(&gateway, &body).await;
+            assert_eq!(sse_content_pieces(&stream).concat(), content, "{stream}");
+            structured += 1;
+        }
+        assert!(structured >= 1, "no auto answer with a format was text");
+
         // Cut short by `max_tokens`, whole as streamed: the text so far, or the call begun
         // with the arguments written so far, never the JSON that holds them.
         for max_tokens in [3, 6, 12] {

@@ -6,7 +6,9 @@
 //! The grammar the model follows (`{"name": ..., "arguments": ...}`, several calls as
 //! `{"tool_calls": [{"name": ..., "arguments": ...}, ...]}`, or `{"response": ...}`, with the
 //! whitespace JSON allows) guarantees the shape; anything else makes the reader give up, and
-//! the whole answer is then read at its end.
+//! the whole answer is then read at its end. With a `response_format` beside the tools, the
+//! `response` is a JSON value of that format instead of a string: its JSON text is the
+//! answer's text, given out as it is written.
 
 /// What newly arrived answer text contributed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,8 @@ enum Phase {
     Value(Field),
     /// Inside the `response` string.
     Response,
+    /// Inside a `response` that is a JSON value (a `response_format`'s), not a string.
+    StructuredResponse,
     /// Inside the `arguments` value.
     Arguments,
     /// After a value: `,` or `}`.
@@ -228,7 +232,14 @@ impl CallReader {
                         }
                         Some(Err(())) => self.enter(Phase::Failed),
                     },
-                    Field::Response => self.expect(b'"') && self.enter(Phase::Response),
+                    Field::Response => {
+                        if self.rest().starts_with('"') {
+                            self.at += 1;
+                            self.enter(Phase::Response)
+                        } else {
+                            self.enter(Phase::StructuredResponse)
+                        }
+                    }
                     Field::Arguments => self.enter(Phase::Arguments),
                     Field::Calls => {
                         // The list replaces the top object's single call.
@@ -239,7 +250,28 @@ impl CallReader {
                 }
             }
             Phase::Response => self.read_response(pieces),
-            Phase::Arguments => self.read_arguments(pieces),
+            Phase::StructuredResponse => {
+                let (out, ended) = self.copy_value();
+                if !out.is_empty() {
+                    self.texted = true;
+                    pieces.push(Piece::Text(out));
+                }
+                ended
+            }
+            Phase::Arguments => {
+                let (out, ended) = self.copy_value();
+                if !out.is_empty() {
+                    if self.named {
+                        pieces.push(Piece::Arguments {
+                            at: self.call_index(),
+                            text: out,
+                        });
+                    } else {
+                        self.early_arguments.push_str(&out);
+                    }
+                }
+                ended
+            }
             Phase::AfterValue => match self.next_byte() {
                 None => false,
                 Some(b',') => self.enter(Phase::Key),
@@ -326,8 +358,10 @@ impl CallReader {
         ended
     }
 
-    /// Copies the arguments value, compacted, up to its end or the end of the text.
-    fn read_arguments(&mut self, pieces: &mut Vec<Piece>) -> bool {
+    /// Copies the JSON value at the read position (a call's arguments, a structured
+    /// response), compacted, up to its end or the end of the text: what was copied, and
+    /// whether the value ended.
+    fn copy_value(&mut self) -> (String, bool) {
         let mut out = String::new();
         let mut ended = false;
         let mut used = 0;
@@ -362,20 +396,10 @@ impl CallReader {
             }
         }
         self.at += used;
-        if !out.is_empty() {
-            if self.named {
-                pieces.push(Piece::Arguments {
-                    at: self.call_index(),
-                    text: out,
-                });
-            } else {
-                self.early_arguments.push_str(&out);
-            }
-        }
         if ended {
             self.phase = Phase::AfterValue;
         }
-        ended
+        (out, ended)
     }
 }
 

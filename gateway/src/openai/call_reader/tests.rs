@@ -112,6 +112,27 @@ fn an_answer_without_a_call_is_read_as_text_however_it_arrives() {
 }
 
 #[test]
+fn a_structured_response_is_read_as_its_json_text_however_it_arrives() {
+    // The `response` of a request with tools and a response_format: JSON, not a string.
+    for answer in [
+        r#"{"response": {"city": "Oslo", "days": [1, 2], "note": "a \"b\" }"}}"#,
+        "{ \"response\" : [ {\"a\": 1}, \"x, y}\" ] }",
+        r#"{"response":{}}"#,
+        // Whatever JSON the format's schema allows.
+        r#"{"response": 5}"#,
+    ] {
+        let whole: Value = serde_json::from_str(answer).unwrap();
+        for parts in splits(answer) {
+            let (text, name, _) = read(&parts);
+            assert_eq!(name, None, "{answer}");
+            let read: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|error| panic!("{text:?}: {error} ({answer} as {parts:?})"));
+            assert_eq!(read, whole["response"], "{answer} as {parts:?}");
+        }
+    }
+}
+
+#[test]
 fn text_goes_out_as_it_arrives_and_escapes_once_whole() {
     let mut reader = CallReader::default();
     assert_eq!(
@@ -181,7 +202,6 @@ fn another_shape_stops_the_reader_without_a_piece() {
     for answer in [
         "[1, 2]",
         r#"{"other": 1}"#,
-        r#"{"response": 5}"#,
         "plain text",
         r#"{"response": "a\q"}"#,
         // A lone high surrogate, then characters of several bytes where its low half
