@@ -136,6 +136,8 @@ static POOL_BUILDS: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 struct Backend {
     config: BackendConfig,
+    /// The address its host name resolved to, which its connections go to.
+    address: SocketAddr,
     peer: HttpPeer,
     health: Arc<Mutex<Health>>,
     in_flight: AtomicU32,
@@ -218,6 +220,17 @@ impl Pools {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
         self.by_name.get(name)
+    }
+
+    /// Whether some backend's host name no longer resolves to the address its connections
+    /// go to (a name that does not resolve just now keeps its address). Blocks.
+    pub fn moved(&self) -> bool {
+        self.by_name.values().any(|pool| {
+            pool.backends.iter().any(|backend| {
+                resolve_all(&backend.config.host, backend.config.port)
+                    .is_ok_and(|addresses| !addresses.contains(&backend.address))
+            })
+        })
     }
 
     /// Puts these pools in charge of their backends' health records (kept across a reload)
@@ -332,7 +345,17 @@ impl Pool {
         }
         let mut backends = Vec::new();
         for (index, backend) in config.backends.iter().enumerate() {
-            let address = match resolve(&backend.host, backend.port) {
+            // The same backend before this build, if there was one.
+            let old = previous.and_then(|pool| {
+                pool.backends
+                    .iter()
+                    .find(|old| old.config.name == backend.name && old.config.url == backend.url)
+            });
+            let resolved = resolve_all(&backend.host, backend.port);
+            if let (Err(message), Some(old)) = (&resolved, old) {
+                tracing::warn!(pool = %config.name, backend = %backend.name, %message, address = %old.address, "keeping the backend's address");
+            }
+            let address = match backend_address(resolved, old.map(|old| old.address)) {
                 Ok(address) => address,
                 Err(message) => {
                     errors.push(format!("{key}.backends[{index}].url: {message}"));
@@ -356,16 +379,10 @@ impl Pool {
                 (UpstreamProtocol::Http2, _) => ALPN::H2,
                 (UpstreamProtocol::Auto, true) => ALPN::H2H1,
             };
-            let health = previous
-                .and_then(|pool| {
-                    pool.backends.iter().find(|old| {
-                        old.config.name == backend.name && old.config.url == backend.url
-                    })
-                })
-                .map(|old| Arc::clone(&old.health))
-                .unwrap_or_default();
+            let health = old.map(|old| Arc::clone(&old.health)).unwrap_or_default();
             backends.push(Backend {
                 config: backend.clone(),
+                address,
                 peer,
                 health,
                 in_flight: AtomicU32::new(0),
@@ -494,13 +511,42 @@ impl Pool {
 /// The system CA bundle the connector loads when a pool names no CA file.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
-    (host, port)
+/// The address a backend's connections go to, given what its name resolves to now and the
+/// address it had before a rebuild: that one while the name still gives it (a name with
+/// several addresses in rotating order does not move its connections each time), and while
+/// the name does not resolve just now (a DNS blip neither refuses a reload nor takes a
+/// backend out); else the first the name gives.
+fn backend_address(
+    resolved: Result<Vec<SocketAddr>, String>,
+    old: Option<SocketAddr>,
+) -> Result<SocketAddr, String> {
+    match (resolved, old) {
+        (Ok(addresses), Some(old)) if addresses.contains(&old) => Ok(old),
+        (Ok(addresses), _) => addresses
+            .first()
+            .copied()
+            .ok_or_else(|| "the name resolves to no address".to_owned()),
+        (Err(_), Some(old)) => Ok(old),
+        (Err(message), None) => Err(message),
+    }
+}
+
+/// Every address `host` resolves to now (at least one). Blocks.
+fn resolve_all(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let addresses: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
         .map_err(|error| format!("cannot resolve {host}: {error}"))?
-        .next()
-        .ok_or_else(|| format!("{host} resolves to no address"))
+        .collect();
+    if addresses.is_empty() {
+        return Err(format!("{host} resolves to no address"));
+    }
+    Ok(addresses)
 }
+
+/// How often the backends' host names are resolved again: cloud endpoints (Azure OpenAI,
+/// API Management, Front Door) change addresses, and a backend pinned to one it lost would
+/// fail until a reload.
+pub const BACKEND_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
 enum Outcome {

@@ -28,6 +28,10 @@ pub struct ReloadReport {
 /// Reloads the configuration from the file the process started with. Blocks (it resolves
 /// backend host names), so async callers run it on a blocking thread.
 pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<String>> {
+    let _reloading = state
+        .reloading
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let source = state.config.source.clone();
     let outcome = config::load(&source, &ProcessEnvironment)
         .and_then(|mut config| {
@@ -176,6 +180,48 @@ fn start_up_sections(config: &Config) -> [(&'static str, String); 7] {
         ("logging", format!("{:?}", config.logging)),
         ("telemetry", format!("{:?}", config.telemetry)),
     ]
+}
+
+/// Resolves the cloud backends' host names every `interval` and, when one no longer gives
+/// the address its connections go to, rebuilds the pools of the configuration in force
+/// (health, circuits and cached tokens carried over) so that new connections go to where
+/// the name points now.
+pub async fn follow_backend_addresses(state: Arc<AppState>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let checking = Arc::clone(&state);
+        // Resolving blocks.
+        let outcome = tokio::task::spawn_blocking(move || {
+            let seen = checking.routing();
+            if !seen.pools.moved() {
+                return Ok(false);
+            }
+            let _reloading = checking
+                .reloading
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let current = checking.routing();
+            if !Arc::ptr_eq(&seen, &current) {
+                // A reload came first, and resolved every name afresh.
+                return Ok(false);
+            }
+            let routing = build_routing((*current.config).clone(), Some(&current.pools))?;
+            checking.replace_routing(routing);
+            Ok::<_, Vec<String>>(true)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(true)) => tracing::info!("a backend's host name moved: pools rebuilt"),
+            Ok(Ok(false)) => {}
+            Ok(Err(errors)) => {
+                tracing::warn!(errors = ?errors, "rebuilding the pools for moved backends failed; the pools in force stay")
+            }
+            Err(error) => tracing::error!(%error, "checking the backends' addresses panicked"),
+        }
+    }
 }
 
 /// Reads the configuration file every `interval` and reloads it when its text differs from

@@ -430,6 +430,10 @@ async fn run(
     if let Some(interval) = config.server.config_watch_interval {
         tokio::spawn(crate::reload::watch_file(Arc::clone(&state), interval));
     }
+    tokio::spawn(crate::reload::follow_backend_addresses(
+        Arc::clone(&state),
+        crate::cloud::BACKEND_RESOLVE_INTERVAL,
+    ));
     if let Some(interval) = manager.watchdog_interval() {
         tokio::spawn(ping_watchdog(Arc::clone(&manager), interval));
     }

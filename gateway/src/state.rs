@@ -49,6 +49,9 @@ pub struct AppState {
     /// Connections the data-plane listeners ended before a request (`/metrics`).
     pub connection_refusals: Arc<ConnectionRefusals>,
     in_flight: AtomicU64,
+    /// Held while the routing in force is rebuilt (a reload, backends that moved), so that
+    /// one rebuild never puts back what another just replaced.
+    pub reloading: std::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -71,6 +74,7 @@ impl AppState {
             open_connections: Arc::new(ConnectionCount::default()),
             connection_refusals: Arc::default(),
             in_flight: AtomicU64::new(0),
+            reloading: std::sync::Mutex::new(()),
         }
     }
 

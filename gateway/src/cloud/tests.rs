@@ -216,3 +216,21 @@ fn looking_ahead_for_another_backend_neither_admits_nor_takes_a_turn() {
         "every backend excluded"
     );
 }
+
+#[test]
+fn a_backend_keeps_its_address_while_its_name_gives_it_or_does_not_resolve() {
+    let address = |text: &str| text.parse::<SocketAddr>().unwrap();
+    let (a, b) = (address("10.0.0.1:443"), address("10.0.0.2:443"));
+    // New: the first address.
+    assert_eq!(backend_address(Ok(vec![b, a]), None), Ok(b));
+    // Rotating order: the one in use stays.
+    assert_eq!(backend_address(Ok(vec![b, a]), Some(a)), Ok(a));
+    // Moved: the name no longer gives it.
+    assert_eq!(backend_address(Ok(vec![b]), Some(a)), Ok(b));
+    // A DNS blip: kept, or for a backend that never resolved, the error.
+    assert_eq!(backend_address(Err("no".to_owned()), Some(a)), Ok(a));
+    assert_eq!(
+        backend_address(Err("no".to_owned()), None),
+        Err("no".to_owned())
+    );
+}
