@@ -51,7 +51,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A scratch directory under the target directory, removed when dropped.
+/// A scratch directory under [`scratch_base`], removed when dropped.
 pub fn scratch_dir() -> tempfile::TempDir {
     let base = scratch_base();
     std::fs::create_dir_all(&base).unwrap();
@@ -61,9 +61,21 @@ pub fn scratch_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// Where test scratch directories go.
+/// Where test scratch directories go: under the system's temporary directory (Unix socket
+/// paths must stay short), one directory per user, so that a run as root and one as
+/// another user on the same machine do not lock each other out.
 fn scratch_base() -> PathBuf {
-    std::env::temp_dir().join("isthmus-tests")
+    let user = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    std::env::temp_dir().join(format!("isthmus-tests-{user}"))
 }
 
 /// The `isthmus` binary built from the current sources (cargo decides what is stale).
@@ -142,6 +154,16 @@ impl TestPki {
     pub fn shared() -> &'static TestPki {
         static PKI: OnceLock<TestPki> = OnceLock::new();
         PKI.get_or_init(|| {
+            // The PKI directories of test processes that are gone (a killed run leaves its own).
+            if let Ok(entries) = std::fs::read_dir(scratch_base()) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let pid = name.to_str().and_then(|name| name.strip_prefix("pki-"));
+                    if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
             let dir = scratch_base().join(format!("pki-{}", std::process::id()));
             TestPki::create(&dir)
         })

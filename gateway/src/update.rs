@@ -83,11 +83,15 @@ pub enum UpdateCommand {
     },
     /// End the trial: the gateway became ready (the unit's ExecStartPost).
     Commit {
-        /// Wait this long first and commit only if this command is still running then: the
-        /// unit stops it when the gateway exits, so a start that fails soon after READY=1
-        /// still counts against the trial. Returns at once when nothing is on trial.
+        /// Wait this long first and commit only if the gateway (--main-pid) still runs then,
+        /// so a start that fails soon after READY=1 still counts against the trial. Returns
+        /// at once when nothing is on trial, or when the gateway exits meanwhile.
         #[arg(long, default_value_t = 0, value_name = "SECONDS")]
         after_seconds: u64,
+        /// The gateway's process, watched while --after-seconds passes (the unit passes
+        /// $MAINPID: systemd does not stop this step when the gateway exits, it waits for it).
+        #[arg(long, value_name = "PID", requires = "after_seconds")]
+        main_pid: Option<u32>,
         #[command(flatten)]
         slots: Slots,
     },
@@ -211,6 +215,7 @@ fn execute(command: UpdateCommand) -> Result<(), String> {
         }
         UpdateCommand::Commit {
             after_seconds,
+            main_pid,
             slots,
         } => {
             let firmware = slots.firmware();
@@ -229,7 +234,25 @@ fn execute(command: UpdateCommand) -> Result<(), String> {
                 );
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
-                std::thread::sleep(std::time::Duration::from_secs(after_seconds));
+                let watched = main_pid.map(|pid| (pid, process_start(pid)));
+                let deadline =
+                    std::time::Instant::now() + std::time::Duration::from_secs(after_seconds);
+                loop {
+                    if let Some((pid, started)) = watched
+                        && (started.is_none() || process_start(pid) != started)
+                    {
+                        println!(
+                            "the gateway (pid {pid}) exited before its slot was committed: slot {} stays on trial",
+                            trial.slot.name()
+                        );
+                        return Ok(());
+                    }
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(MAIN_PID_POLL));
+                }
                 firmware.commit_trial(&trial)
             };
             match committed.map_err(|error| error.to_string())? {
@@ -261,6 +284,31 @@ fn execute(command: UpdateCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// How often `commit --main-pid` looks at the gateway's process.
+const MAIN_PID_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// When process `pid` started (`/proc/PID/stat`'s field 22, in clock ticks since boot), so
+/// that a reused pid does not pass for the gateway; `None` when no such process runs (or
+/// only its zombie is left).
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_process_start(&stat)
+}
+
+/// The start time of a `/proc/PID/stat` line, `None` for a zombie or a dead process.
+fn parse_process_start(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold spaces and parentheses.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // Field 3, the state, is the first after it; field 22 the 20th.
+    if matches!(fields.first(), Some(&("Z" | "X" | "x"))) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 fn keygen(out: &Path) -> Result<(), String> {
@@ -296,3 +344,6 @@ fn keygen(out: &Path) -> Result<(), String> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

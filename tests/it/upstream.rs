@@ -513,6 +513,8 @@ fn bench_report(upstream: &Upstream, args: &[&str]) -> Value {
 
 #[test]
 fn bench_starts_no_request_after_its_duration() {
+    // Timed against a rate: not beside a gateway test's inference threads.
+    let _serial = tests::serial();
     let upstream = start(options());
     // Open loop: request k is due at k/40 s, so exactly the first 20 are due within 0.5 s.
     let report = bench_report(
@@ -568,6 +570,8 @@ fn bench_starts_no_request_after_its_duration() {
 
 #[test]
 fn bench_counts_resent_requests_and_measures_first_tokens_only_when_streamed() {
+    // Timed against a rate: not beside a gateway test's inference threads.
+    let _serial = tests::serial();
     let upstream = start(options());
     // The first request leaves one kept-alive connection; the next one, sent on it, is
     // dropped unanswered, as when a server's keep-alive ends just then: it is sent again,
@@ -598,6 +602,8 @@ fn bench_counts_resent_requests_and_measures_first_tokens_only_when_streamed() {
 
 #[test]
 fn bench_stopped_by_sigint_finishes_what_it_started_and_reports() {
+    // Timed against a rate: not beside a gateway test's inference threads.
+    let _serial = tests::serial();
     let upstream = start(options());
     let child = std::process::Command::new(tests::isthmus_binary())
         .args([
