@@ -560,10 +560,10 @@ enum Outcome {
 struct InFlight<'a>(&'a Backend);
 
 /// The backend an attempt goes to, and its claim on a half-open circuit's one trial, if it
-/// holds it. The trial is settled as soon as the backend's status line shows it works, not when the answer ends, so that a long stream
-/// does not keep every other request off the backend for its whole length; dropped unsettled
-/// (a panic, a cancelled request) it gives the trial back, so the backend is not left out
-/// until a restart.
+/// holds it. The trial passes as soon as the backend's status line shows it works, not when
+/// the answer ends, so that a long stream does not keep every other request off the backend
+/// for its whole length; dropped unsettled (a panic, a cancelled request) it gives the trial
+/// back, so the backend is not left out until a restart.
 struct Chosen<'a> {
     pool: &'a Pool,
     index: usize,
@@ -571,10 +571,13 @@ struct Chosen<'a> {
 }
 
 impl Chosen<'_> {
-    /// Ends the trial with `outcome`, once.
-    fn settle(&mut self, outcome: Outcome) {
+    /// The backend's answer began well: the trial ends, the circuit closes for the other
+    /// requests (the attempt's own outcome is recorded when it ends).
+    fn pass(&mut self) {
         if std::mem::take(&mut self.open) {
-            self.pool.record(self.index, outcome, true);
+            lock(&self.pool.backends[self.index].health)
+                .circuit
+                .pass_trial();
         }
     }
 
@@ -952,8 +955,10 @@ async fn attempt(
         .release()
         .await;
         pool.config.auth.rejected();
+        // The credential is the pool's, not this backend's fault: no circuit charge (every
+        // backend would be ejected and callers told no backend is available).
         return Attempt::Retryable {
-            outcome: Outcome::Failure,
+            outcome: Outcome::Abandoned,
             error: GatewayError::UpstreamCredentials {
                 message: format!(
                     "pool `{}` refused the gateway's credentials",
@@ -1008,7 +1013,7 @@ async fn attempt(
     }
     // From here on the client hears from this backend, whatever happens: its status says
     // it works, which is what a half-open trial wanted to know.
-    trial.settle(Outcome::Success);
+    trial.pass();
     let streaming = status == 200 && content_type.starts_with("text/event-stream");
     let upstream = Upstream {
         session: upstream,

@@ -237,12 +237,25 @@ impl Circuit {
         }
     }
 
+    /// The trial's answer began well (its status line): the circuit closes so that other
+    /// requests go through while it runs, but keeps its count of openings until a request
+    /// ends well, so that a backend whose answers break after a good start still backs off
+    /// longer each time.
+    pub fn pass_trial(&mut self) {
+        if let CircuitState::HalfOpen { trial: true } = self.state {
+            self.state = CircuitState::Closed;
+            self.failures_in_row = 0;
+        }
+    }
+
     /// Records a request's outcome. `trial` is whether it was admitted as the trial.
     pub fn record(&mut self, success: bool, trial: bool, now_ms: u64, settings: &CircuitSettings) {
         if success {
             self.failures_in_row = 0;
             if trial || matches!(self.state, CircuitState::HalfOpen { .. }) {
                 self.state = CircuitState::Closed;
+            }
+            if self.state == CircuitState::Closed {
                 self.openings = 0;
             }
             return;

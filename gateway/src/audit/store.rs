@@ -739,15 +739,23 @@ impl Writer {
         };
         let now = clock.now();
         // The later of today and the newest file's day (a clock set back keeps writing to
-        // that file, so that files in date order stay in `Seq` order).
-        let files_day = files
-            .as_ref()
-            .and_then(JsonlFiles::newest_day)
-            .map(str::to_owned)
-            .into_iter()
-            .chain([record::format_day(now)])
-            .max()
-            .unwrap_or_default();
+        // that file, so that files in date order stay in `Seq` order) — unless that day is
+        // more than a day ahead: a file dated by a clock that ran far ahead would otherwise
+        // take every record from then on, and retention never deletes a file from the future.
+        let today = record::format_day(now);
+        let tomorrow = record::format_day(now + Duration::from_secs(86_400));
+        let files_day = match files.as_ref().and_then(JsonlFiles::newest_day) {
+            Some(newest) if newest > tomorrow.as_str() => {
+                tracing::warn!(
+                    newest,
+                    today,
+                    "the newest audit file is dated more than a day ahead of the clock; records go to today's file"
+                );
+                today
+            }
+            Some(newest) => newest.max(today.as_str()).to_owned(),
+            None => today,
+        };
         let mut writer = Writer {
             stdout: config.stdout.then_some(StdoutSink),
             syslog,

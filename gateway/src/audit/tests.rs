@@ -786,3 +786,26 @@ fn a_clock_set_back_across_midnight_keeps_the_files_in_seq_order() -> anyhow::Re
     assert_eq!(report.summary.epochs, 2);
     Ok(())
 }
+
+#[test]
+fn a_file_dated_far_ahead_by_a_clock_that_ran_ahead_does_not_take_every_later_record()
+-> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    // A clock a year ahead writes 2027's file; once corrected, records go to today's file,
+    // which retention can delete in its time (a file from the future it never would).
+    clock.advance(Duration::from_secs(365 * 86_400));
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    log.append_blocking(request(&*clock, 0))?;
+    log.shutdown_blocking()?;
+    clock.rewind(Duration::from_secs(365 * 86_400));
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    log.append_blocking(request(&*clock, 1))?;
+    log.shutdown_blocking()?;
+    let days: Vec<String> = super::files::list(&state.path().join("audit"))?
+        .into_iter()
+        .filter_map(|(_, path)| Some(path.file_name()?.to_str()?.to_owned()))
+        .collect();
+    assert_eq!(days, ["audit-20260501.jsonl", "audit-20270501.jsonl"]);
+    Ok(())
+}

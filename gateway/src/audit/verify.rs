@@ -296,6 +296,8 @@ pub struct Checker {
     /// epoch allows.
     since_checkpoint: u64,
     checkpoint_every: u64,
+    /// A start record just passed: the next record must be its checkpoint.
+    start_awaiting_checkpoint: Option<u64>,
     /// The last line, if it was not a record (a torn end).
     ended_torn: bool,
     /// Figures over the records that pass, for `audit report`.
@@ -333,6 +335,7 @@ impl Checker {
             pending_jump: None,
             torn: Vec::new(),
             since_checkpoint: 0,
+            start_awaiting_checkpoint: None,
             checkpoint_every: super::CHECKPOINT_EVERY_RECORDS_MAX,
             ended_torn: false,
             tally: None,
@@ -547,6 +550,16 @@ impl Checker {
                         location,
                     );
                 }
+                if epoch == previous.epoch && is_start {
+                    // Only a new epoch opens with a start record: one inside an epoch would
+                    // restart the count of records between checkpoints.
+                    return self.fail(
+                        seq,
+                        ProblemKind::Inserted,
+                        format!("a second start record in epoch {epoch}"),
+                        location,
+                    );
+                }
                 if epoch > previous.epoch {
                     if !is_start {
                         return self.fail(
@@ -562,6 +575,17 @@ impl Checker {
         }
         self.summary.torn_lines += self.torn.len() as u64;
         self.torn.clear();
+        // The writer seals each start record with its checkpoint in one commit.
+        if let Some(start) = self.start_awaiting_checkpoint.take()
+            && category != Some(Category::Checkpoint.as_str())
+        {
+            return self.fail(
+                seq,
+                ProblemKind::MissingCheckpoint,
+                format!("the start record (seq {start}) is not followed by its checkpoint"),
+                location,
+            );
+        }
         if category == Some(Category::Checkpoint.as_str()) {
             self.check_checkpoint(seq, &fields, stream_id, location);
             if self.failed() {
@@ -572,6 +596,7 @@ impl Checker {
             if is_start {
                 // A new epoch counts afresh, under the limit its start record names.
                 self.since_checkpoint = 0;
+                self.start_awaiting_checkpoint = Some(seq);
                 self.checkpoint_every = fields
                     .get(record::PROPERTIES)
                     .and_then(|properties| properties.get(super::CHECKPOINT_EVERY_RECORDS_PROPERTY))

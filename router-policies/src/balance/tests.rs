@@ -279,3 +279,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_trial_that_starts_well_lets_others_through_but_keeps_the_back_off_until_one_ends_well() {
+    let settings = CircuitSettings {
+        failures_to_open: 1,
+        open_base_ms: 1_000,
+        open_max_ms: 8_000,
+    };
+    let mut circuit = Circuit::default();
+    circuit.record(false, false, 0, &settings);
+    assert_eq!(circuit.admit(1_000), Admission::Trial);
+    // Its status line came: others pass while it runs.
+    circuit.pass_trial();
+    assert_eq!(circuit.admit(1_001), Admission::Pass);
+    // Its answer then broke: opened again for twice as long (the back-off was kept).
+    circuit.record(false, false, 1_100, &settings);
+    assert_eq!(circuit.admit(3_099), Admission::Refuse);
+    assert_eq!(circuit.admit(3_100), Admission::Trial);
+    circuit.pass_trial();
+    // One answer that ends well resets it: the next opening is for the base time.
+    circuit.record(true, false, 3_200, &settings);
+    circuit.record(false, false, 4_000, &settings);
+    assert_eq!(circuit.admit(4_999), Admission::Refuse);
+    assert_eq!(circuit.admit(5_000), Admission::Trial);
+}

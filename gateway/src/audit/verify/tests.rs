@@ -316,3 +316,44 @@ fn a_chain_rewritten_without_its_checkpoints_is_caught_by_their_absence() -> any
     );
     Ok(())
 }
+
+#[test]
+fn start_records_forged_to_restart_the_count_are_caught() -> anyhow::Result<()> {
+    let (_state, directory) = clean_log()?;
+    let file = only_file(&directory)?;
+    let text = std::fs::read_to_string(&file)?;
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let start = parse(&lines[position(&lines, 1)]);
+    // A copy of the start record put into epoch 1 after seq 4, renumbered and relinked,
+    // the rest after it relinked too: the forger's way to restart the count.
+    let mut forged: Vec<String> = Vec::new();
+    let mut previous: Option<Map<String, Value>> = None;
+    for line in &lines {
+        let mut records = vec![parse(line)];
+        if seq_of(line) == 5 {
+            records.insert(0, start.clone());
+        }
+        for mut record in records {
+            if let Some(previous) = &previous {
+                let previous_seq = previous.get(SEQ).and_then(Value::as_u64).unwrap_or(0);
+                record.insert(SEQ.into(), (previous_seq + 1).into());
+                record.insert(
+                    crate::audit::record::PREV_HASH.into(),
+                    previous.get(RECORD_HASH).cloned().unwrap_or_default(),
+                );
+            }
+            let line = rehash(record);
+            previous = Some(parse(&line));
+            forged.push(line);
+        }
+    }
+    std::fs::write(&file, forged.join("\n") + "\n")?;
+    std::fs::remove_file(directory.join(files::CHECKPOINT_HEAD_FILE))?;
+    let problem = verify_path(&directory, &[])?.problem;
+    assert_eq!(
+        problem.as_ref().map(|problem| (problem.kind, problem.seq)),
+        Some((ProblemKind::Inserted, 5)),
+        "{problem:?}"
+    );
+    Ok(())
+}
