@@ -527,17 +527,23 @@ fn may_start(options: &BenchOptions, elapsed: Duration) -> bool {
     !STOPPING.load(Ordering::Relaxed) && options.duration.is_none_or(|duration| elapsed < duration)
 }
 
-/// Sets [`STOPPING`] on the first SIGINT or SIGTERM.
+/// Sets [`STOPPING`] on the first SIGINT or SIGTERM; a second one ends the process at once
+/// (exit status 130), for requests in flight that would take too long.
 fn stop_on_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            if STOPPING.swap(true, Ordering::Relaxed) {
+                eprintln!("isthmus bench: stopped before the requests in flight finished");
+                std::process::exit(130);
+            }
         }
-        STOPPING.store(true, Ordering::Relaxed);
     });
     Ok(())
 }
@@ -593,16 +599,33 @@ async fn open_loop(
     let deadline = options.duration.map(|duration| started + duration);
     let mut tasks = Vec::new();
     let mut unsent = 0_u64;
-    for index in 0..u64::from(options.requests) {
+    // A thread of its own hands out each request when it is due: the system's sleep wakes
+    // within tens of microseconds, where tokio's timer rounds up to its next millisecond
+    // (latency counts from the due time, so that would be charged to the server), and it
+    // spins on no core the server under test may need.
+    let (due_sender, mut due_indices) = tokio::sync::mpsc::channel::<u64>(1024);
+    let pacing = Arc::clone(options);
+    std::thread::Builder::new()
+        .name("bench-pacer".to_owned())
+        .spawn(move || {
+            for index in 0..u64::from(pacing.requests) {
+                let at = started + period.mul_f64(index as f64);
+                if !may_start(&pacing, at.duration_since(started)) {
+                    break;
+                }
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                if due_sender.blocking_send(index).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the pacing thread")?;
+    while let Some(index) = due_indices.recv().await {
         let due = started + period.mul_f64(index as f64);
-        if !may_start(options, due.duration_since(started)) {
-            break;
-        }
         if unsent > 0 {
             unsent += 1;
             continue;
         }
-        wait_until(due).await;
         if STOPPING.load(Ordering::Relaxed) {
             break;
         }
@@ -637,21 +660,6 @@ async fn open_loop(
     }));
     Ok(results)
 }
-
-/// Sleeps until `instant`, to the microsecond: tokio's timer rounds a deadline up to its next
-/// millisecond, which open-loop latencies (counted from the due time) would otherwise carry
-/// as up to a millisecond of delay that no server caused. The last stretch yields to the
-/// answers' tasks until the time comes.
-async fn wait_until(instant: Instant) {
-    let coarse = instant.checked_sub(TIMER_GRANULARITY).unwrap_or(instant);
-    tokio::time::sleep_until(coarse.into()).await;
-    while Instant::now() < instant {
-        tokio::task::yield_now().await;
-    }
-}
-
-/// How late tokio's timer may fire.
-const TIMER_GRANULARITY: Duration = Duration::from_millis(1);
 
 /// Runs the benchmark.
 pub async fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
