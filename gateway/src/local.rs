@@ -426,14 +426,16 @@ fn tool_call_grammar(
     call: &openai::ToolCall,
     format: Option<&openai::ResponseFormat>,
 ) -> Result<edge_runtime::Grammar, GatewayError> {
+    let mut definitions = Vec::new();
     let calls: Vec<String> = call
         .tools
         .iter()
-        .map(|tool| {
+        .enumerate()
+        .map(|(index, tool)| {
             format!(
                 r#"{{"type":"object","properties":{{"name":{{"const":{}}},"arguments":{}}},"required":["name","arguments"],"additionalProperties":false}}"#,
                 serde_json::Value::from(tool.name.as_str()),
-                tool.parameters
+                hoisted(&tool.parameters, &format!("t{index}_"), &mut definitions)
             )
         })
         .collect();
@@ -452,15 +454,31 @@ fn tool_call_grammar(
     };
     if call.text_allowed {
         let response = match format {
-            None => r#"{"type":"string"}"#,
-            Some(openai::ResponseFormat::JsonObject) => r#"{"type":"object"}"#,
-            Some(openai::ResponseFormat::JsonSchema { schema }) => schema.as_str(),
+            None => r#"{"type":"string"}"#.to_owned(),
+            Some(openai::ResponseFormat::JsonObject) => r#"{"type":"object"}"#.to_owned(),
+            Some(openai::ResponseFormat::JsonSchema { schema }) => {
+                hoisted(schema, "r_", &mut definitions)
+            }
         };
         alternatives.push(format!(
             r#"{{"type":"object","properties":{{"response":{response}}},"required":["response"],"additionalProperties":false}}"#
         ));
     }
-    let schema = one_of(&alternatives);
+    let schema = if definitions.is_empty() {
+        one_of(&alternatives)
+    } else {
+        let definitions: Vec<String> = definitions
+            .iter()
+            .map(|(name, definition)| {
+                format!("{}:{definition}", serde_json::Value::from(name.as_str()))
+            })
+            .collect();
+        format!(
+            r#"{{"anyOf":[{}],"$defs":{{{}}}}}"#,
+            alternatives.join(","),
+            definitions.join(",")
+        )
+    };
     edge_runtime::Grammar::json_schema(&schema).map_err(|error| {
         GatewayError::invalid_value(
             "tools",
@@ -470,6 +488,31 @@ fn tool_call_grammar(
             ),
         )
     })
+}
+
+/// `schema`, spliced into the grammar's own schema (a function's parameters, a response
+/// format), with its local definitions (`$defs`, `definitions`) added to `definitions` under
+/// names that start with `prefix` and its references rewritten to them: a `#/$defs/X` left
+/// as it was would resolve against the grammar's root, where there is no `X`. The text
+/// keeps its key order (the order a model writes properties in).
+fn hoisted(schema: &str, prefix: &str, definitions: &mut Vec<(String, String)>) -> String {
+    #[derive(serde::Deserialize)]
+    struct Local<'a> {
+        #[serde(rename = "$defs", default, borrow)]
+        defs: std::collections::BTreeMap<String, &'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        definitions: std::collections::BTreeMap<String, &'a serde_json::value::RawValue>,
+    }
+    let rewrite = |text: &str| {
+        text.replace("\"#/$defs/", &format!("\"#/$defs/{prefix}"))
+            .replace("\"#/definitions/", &format!("\"#/$defs/{prefix}"))
+    };
+    if let Ok(local) = serde_json::from_str::<Local<'_>>(schema) {
+        for (name, definition) in local.defs.iter().chain(&local.definitions) {
+            definitions.push((format!("{prefix}{name}"), rewrite(definition.get())));
+        }
+    }
+    rewrite(schema)
 }
 
 /// The grammar a JSON `response_format` becomes.
@@ -1015,3 +1058,6 @@ async fn write(
     session.write_response_body(Some(data), false).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

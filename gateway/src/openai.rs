@@ -252,8 +252,23 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, GatewayError> {
              tools; drop logprobs or set tool_choice to none",
         ));
     }
-    // Beside tools the answer may take (`auto`), a format shapes its text answer; a forced
-    // call leaves no text answer to shape.
+    // Beside tools the answer may take (`auto`), a format shapes its text answer, and its
+    // schema goes into the same grammar as the tools': the limits hold for all of them.
+    if let (Some(call), Some(ResponseFormat::JsonSchema { schema })) =
+        (&generation.tool_call, &generation.response_format)
+    {
+        let size_of = |text: &str| {
+            serde_json::from_str::<Value>(text)
+                .map(|schema| SchemaSize::of(&schema))
+                .unwrap_or_default()
+        };
+        call.tools
+            .iter()
+            .map(|tool| size_of(&tool.parameters))
+            .fold(size_of(schema), SchemaSize::add)
+            .check("response_format")?;
+    }
+    // A forced call leaves no text answer to shape.
     if generation
         .tool_call
         .as_ref()
@@ -835,6 +850,47 @@ const SCHEMA_OPTIONAL_PROPERTIES_TOTAL_MAX: usize = 1_024;
 /// structured outputs).
 const SCHEMA_PROPERTIES_TOTAL_MAX: usize = 5_000;
 
+/// How deep `$ref`s and nested alternatives are followed when counting what `allOf` merges
+/// (deeper counts as over every limit).
+const SCHEMA_MERGE_DEPTH_MAX: u32 = 16;
+
+/// The properties `part` of an `allOf` brings into the merged object: its own, those of the
+/// local definition it refers to, and those of its `anyOf`, `oneOf` and `allOf` members,
+/// each of which the converter adds. `root` holds the `$defs`.
+fn merged_properties(root: &Value, part: &Value, depth: u32) -> usize {
+    if depth == 0 {
+        return usize::MAX;
+    }
+    let part = match part.get("$ref").and_then(Value::as_str) {
+        Some(reference) => {
+            let target = reference
+                .strip_prefix("#/$defs/")
+                .map(|name| root.get("$defs").and_then(|defs| defs.get(name)))
+                .or_else(|| {
+                    reference
+                        .strip_prefix("#/definitions/")
+                        .map(|name| root.get("definitions").and_then(|defs| defs.get(name)))
+                })
+                .flatten();
+            match target {
+                Some(target) => target,
+                None => return 0,
+            }
+        }
+        None => part,
+    };
+    let own = part
+        .get("properties")
+        .and_then(Value::as_object)
+        .map_or(0, serde_json::Map::len);
+    ["anyOf", "oneOf", "allOf"]
+        .iter()
+        .filter_map(|key| part.get(key).and_then(Value::as_array))
+        .flatten()
+        .map(|member| merged_properties(root, member, depth - 1))
+        .fold(own, usize::saturating_add)
+}
+
 /// How large a JSON schema is, for the limits above.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct SchemaSize {
@@ -845,13 +901,17 @@ struct SchemaSize {
 
 impl SchemaSize {
     /// Counts every `properties` map in `schema`, at any depth (a property that happens to be
-    /// named `properties` counts its schema's keys too: an overcount by a few keywords).
+    /// named `properties` counts its schema's keys too: an overcount by a few keywords). An
+    /// object with `allOf` becomes one object in the converter, the properties of every
+    /// member (through local `$ref`s, and of the `anyOf`/`oneOf`/`allOf` alternatives inside
+    /// them) optional: those count as optional properties of that one object.
     fn of(schema: &Value) -> SchemaSize {
         let mut size = SchemaSize::default();
         let mut pending = vec![schema];
         while let Some(value) = pending.pop() {
             match value {
                 Value::Object(members) => {
+                    let mut optional = 0;
                     if let Some(Value::Object(properties)) = members.get("properties") {
                         let required = match members.get("required") {
                             Some(Value::Array(names)) => properties
@@ -860,11 +920,17 @@ impl SchemaSize {
                                 .count(),
                             _ => 0,
                         };
-                        let optional = properties.len() - required;
+                        optional = properties.len() - required;
                         size.properties += properties.len();
-                        size.optional += optional;
-                        size.optional_in_one_object = size.optional_in_one_object.max(optional);
                     }
+                    if let Some(Value::Array(parts)) = members.get("allOf") {
+                        optional += parts
+                            .iter()
+                            .map(|part| merged_properties(schema, part, SCHEMA_MERGE_DEPTH_MAX))
+                            .fold(0usize, usize::saturating_add);
+                    }
+                    size.optional = size.optional.saturating_add(optional);
+                    size.optional_in_one_object = size.optional_in_one_object.max(optional);
                     pending.extend(members.values());
                 }
                 Value::Array(items) => pending.extend(items),
@@ -886,7 +952,12 @@ impl SchemaSize {
 
     /// The request's schemas, all of them, within the limits; `param` names them.
     fn check(self, param: &str) -> Result<(), GatewayError> {
-        let problem = if self.optional_in_one_object > SCHEMA_OPTIONAL_PROPERTIES_MAX {
+        let problem = if self.optional_in_one_object == usize::MAX {
+            format!(
+                "an allOf merges definitions or alternatives nested more than \
+                 {SCHEMA_MERGE_DEPTH_MAX} deep"
+            )
+        } else if self.optional_in_one_object > SCHEMA_OPTIONAL_PROPERTIES_MAX {
             format!(
                 "an object has {} optional properties (at most {SCHEMA_OPTIONAL_PROPERTIES_MAX}: \
                  list the others in `required`)",

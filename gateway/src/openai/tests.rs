@@ -872,4 +872,28 @@ fn schemas_too_costly_to_turn_into_a_grammar_are_refused_by_name() {
         message.contains("1250 optional properties in all"),
         "{message}"
     );
+    // allOf merges its members into one object, every property of theirs optional, through
+    // `$ref`s and the alternatives inside them: 50 references to 200 properties are 10,000
+    // optional properties of one object, not 200.
+    let definition = properties(200, 200);
+    let merged = format!(
+        r##"{{"allOf":[{{"anyOf":[{}]}}],"$defs":{{"A":{definition}}}}}"##,
+        vec![r##"{"$ref":"#/$defs/A"}"##; 50].join(",")
+    );
+    let (_, message) = refusal(&with_format(&merged)).unwrap();
+    assert!(message.contains("10000 optional properties"), "{message}");
+    let inline = format!(r#"{{"allOf":[{}]}}"#, vec![properties(200, 0); 2].join(","));
+    assert!(refusal(&with_format(&inline)).is_some());
+    // A format beside tools goes into the same grammar: their sizes add up.
+    let body = format!(
+        r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{}],"response_format":{{"type":"json_schema","json_schema":{{"name":"s","schema":{}}}}}}}"#,
+        tools[..4].join(","),
+        properties(250, 0)
+    );
+    let (param, message) = refusal(&body).unwrap();
+    assert_eq!(param, "response_format");
+    assert!(
+        message.contains("1250 optional properties in all"),
+        "{message}"
+    );
 }
