@@ -163,15 +163,26 @@ impl Admin {
             }
         }
         let routing = self.state.routing();
-        let header = session.req_header();
-        let headers = crate::facts::header_pairs(&header.headers);
+        let headers = session.req_header().headers.clone();
         let loads = self.state.local_loads();
         let state = self.state.route_state();
-        match crate::facts::explain(&routing, &target, &headers, &body, &loads, state) {
-            Ok(explanation) => json(StatusCode::OK, &explanation),
-            Err(error) => json(
+        // Scanning a body of megabytes takes milliseconds: off the threads that serve.
+        let explained = tokio::task::spawn_blocking(move || {
+            let headers = crate::facts::header_pairs(&headers);
+            crate::facts::explain(&routing, &target, &headers, &body, &loads, state)
+        })
+        .await;
+        match explained {
+            Ok(Ok(explanation)) => json(StatusCode::OK, &explanation),
+            Ok(Err(error)) => json(
                 error.status(),
                 &serde_json::to_value(error.body()).unwrap_or_default(),
+            ),
+            Err(error) => openai_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("explaining failed: {error}"),
+                "server_error",
+                "internal_error",
             ),
         }
     }
@@ -335,12 +346,16 @@ impl Admin {
 
     /// `GET /admin/api/audit/records?limit=N&category=C`: the latest stored audit records,
     /// newest first (they carry no prompt or completion text unless an operator turned that
-    /// on for a route).
-    async fn audit_records(&self, query: Option<&str>) -> Response<Vec<u8>> {
+    /// on for a route, and to clients off this machine only that of requests that left it).
+    async fn audit_records(&self, query: Option<&str>, on_this_machine: bool) -> Response<Vec<u8>> {
         const LIMIT_DEFAULT: usize = 100;
         const LIMIT_MAX: usize = 500;
         /// How far back a category filter looks.
         const FILTER_SCAN_RECORDS_MAX: usize = 20_000;
+        /// Records read from the store at a time: the store's one writer serves appends
+        /// between pages, so a filtered look back never holds up the answers waiting for
+        /// their records.
+        const PAGE_RECORDS: usize = 200;
         let mut limit = LIMIT_DEFAULT;
         let mut category = None;
         for (key, value) in query_pairs(query.unwrap_or_default()) {
@@ -378,27 +393,61 @@ impl Admin {
         } else {
             limit
         };
-        let stored = match trail.log.read_latest(scan).await {
-            Ok(stored) => stored,
-            Err(error) => {
-                return openai_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("the audit store cannot be read: {error}"),
-                    "server_error",
-                    "audit_unavailable",
-                );
-            }
+        let unavailable = |error: crate::audit::AuditError| {
+            openai_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the audit store cannot be read: {error}"),
+                "server_error",
+                "audit_unavailable",
+            )
         };
-        let records: Vec<serde_json::Value> = stored
-            .iter()
-            .filter_map(|(_, line)| serde_json::from_slice::<serde_json::Value>(line).ok())
-            .filter(|record| {
-                category
+        let mut page = match trail.log.read_latest(scan.min(PAGE_RECORDS)).await {
+            Ok(page) => page,
+            Err(error) => return unavailable(error),
+        };
+        let mut records: Vec<serde_json::Value> = Vec::new();
+        let mut scanned = 0;
+        loop {
+            scanned += page.len();
+            let oldest = page.last().map(|(seq, _)| *seq);
+            for (_, line) in &page {
+                let Ok(serde_json::Value::Object(mut record)) = serde_json::from_slice(line) else {
+                    continue;
+                };
+                if category
                     .as_deref()
-                    .is_none_or(|wanted| record["Category"] == wanted)
-            })
-            .take(limit)
-            .collect();
+                    .is_some_and(|wanted| record.get("Category") != Some(&wanted.into()))
+                {
+                    continue;
+                }
+                if !on_this_machine {
+                    crate::audit::content::strip_off_appliance(&mut record);
+                }
+                records.push(serde_json::Value::Object(record));
+                if records.len() == limit {
+                    break;
+                }
+            }
+            let Some(oldest) = oldest.filter(|oldest| *oldest > 1) else {
+                break;
+            };
+            if records.len() == limit || scanned >= scan || page.len() < PAGE_RECORDS {
+                break;
+            }
+            let from = oldest.saturating_sub(PAGE_RECORDS as u64).max(1);
+            let count = usize::try_from(oldest - from).unwrap_or(PAGE_RECORDS);
+            page = match trail.log.read(from, count).await {
+                Ok(mut older) => {
+                    older.retain(|(seq, _)| *seq < oldest);
+                    older.reverse();
+                    older
+                }
+                Err(error) => return unavailable(error),
+            };
+            if page.is_empty() {
+                break;
+            }
+        }
         json(
             StatusCode::OK,
             &serde_json::json!({"enabled": true, "records": records}),
@@ -669,7 +718,13 @@ impl Admin {
         if path == "/admin/api/audit/records"
             && (method == http::Method::GET || method == http::Method::HEAD)
         {
-            return self.audit_records(query.as_deref()).await;
+            // A client elsewhere than this machine gets records as exports do: without the
+            // text of requests that stayed on the premises.
+            let on_this_machine = session
+                .client_addr()
+                .and_then(|address| address.as_inet())
+                .is_some_and(|address| address.ip().is_loopback());
+            return self.audit_records(query.as_deref(), on_this_machine).await;
         }
         match allowed_methods(&path) {
             None => {
@@ -768,6 +823,17 @@ fn addressed_from_this_machine(headers: &http::HeaderMap) -> Result<(), String> 
                 host.escape_debug()
             ));
         }
+    }
+    // What browsers say of every request they send: one a page of another site made (an
+    // `<img>` or a form needs no `Origin`) is not the operator's.
+    if let Some(site) = headers.get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return Err(format!(
+            "the admin API without admin tokens answers its own pages and clients other than \
+             browsers, not a request another page made (Sec-Fetch-Site: {})",
+            String::from_utf8_lossy(site.as_bytes()).escape_debug()
+        ));
     }
     if let Some(origin) = headers.get(http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");

@@ -97,6 +97,12 @@ pub struct ListenerSettings {
     pub limits: Limits,
     /// Shared by the data-plane listeners so the bound holds across them.
     pub connections: Arc<Semaphore>,
+    /// Slots only connections from this machine may take when `connections` has none left
+    /// (the admin listener: the service manager's and the kubelet's probes run here, and
+    /// clients elsewhere holding every slot must not fail them). With it, a connection is
+    /// accepted first and closed at once when no slot is free for it; without it, accepting
+    /// waits for a slot.
+    pub loopback_reserve: Option<Arc<Semaphore>>,
     pub open: Arc<ConnectionCount>,
     pub refusals: Arc<ConnectionRefusals>,
 }
@@ -121,16 +127,22 @@ pub async fn accept_loop<A>(
     A: ServerApp + Send + Sync + 'static,
 {
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&settings.connections).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = shutdown.changed() => break,
+        // Shutdown first: connections waiting in the backlog must not win over it.
+        let waited = match settings.loopback_reserve {
+            Some(_) => None,
+            None => Some(tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                permit = Arc::clone(&settings.connections).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            }),
         };
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             _ = shutdown.changed() => break,
+            accepted = listener.accept() => accepted,
         };
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -139,6 +151,27 @@ pub async fn accept_loop<A>(
                 // Out of file descriptors and similar: give other tasks a moment to free some.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
+            }
+        };
+        let permit = match (waited, &settings.loopback_reserve) {
+            (Some(permit), _) => permit,
+            (None, reserve) => {
+                let taken = Arc::clone(&settings.connections)
+                    .try_acquire_owned()
+                    .or_else(|full| match reserve {
+                        Some(reserve) if peer.ip().is_loopback() => {
+                            Arc::clone(reserve).try_acquire_owned()
+                        }
+                        _ => Err(full),
+                    });
+                match taken {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        tracing::debug!(listener = settings.name, %peer, "no connection slot free: closed");
+                        drop(tcp);
+                        continue;
+                    }
+                }
             }
         };
         let app = Arc::clone(&app);

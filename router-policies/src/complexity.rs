@@ -78,11 +78,14 @@ pub struct ComplexityFacts<'a> {
     pub tools: u32,
 }
 
-/// A weights file that cannot be used.
+/// A weights file that cannot be used. Until its header shows it is a weights file, nothing
+/// of its text is quoted: the path comes from configuration an admin API caller may send (a
+/// dry run), and any file the service can read (a key, `/proc/self/environ`) must not come
+/// back in an error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ComplexityError {
-    #[error("line 1: expected the header `{WEIGHTS_HEADER}`, found `{found}`")]
-    Header { found: String },
+    #[error("line 1 is not the header `{WEIGHTS_HEADER}`: not a weights file of this version")]
+    Header,
     #[error("line {line}: expected `NAME VALUE`")]
     Malformed { line: usize },
     #[error("line {line}: unknown weight `{name}`")]
@@ -118,9 +121,7 @@ impl ComplexityModel {
             .map(|(index, line)| (index + 1, line));
         let header = lines.next().map_or("", |(_, line)| line.trim());
         if header != WEIGHTS_HEADER {
-            return Err(ComplexityError::Header {
-                found: header.to_owned(),
-            });
+            return Err(ComplexityError::Header);
         }
         let mut bias = None;
         let mut weights: [Option<f32>; FEATURE_COUNT] = [None; FEATURE_COUNT];

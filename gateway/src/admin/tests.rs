@@ -36,6 +36,13 @@ fn requests_name_a_loopback_host_and_come_from_its_pages() {
         map
     };
     assert!(addressed_from_this_machine(&headers(&[])).is_ok());
+    assert!(
+        addressed_from_this_machine(&headers(&[
+            ("host", "127.0.0.1:9090"),
+            ("sec-fetch-site", "same-origin")
+        ]))
+        .is_ok()
+    );
     assert!(addressed_from_this_machine(&headers(&[("host", "127.0.0.1:9090")])).is_ok());
     assert!(
         addressed_from_this_machine(&headers(&[
@@ -49,6 +56,9 @@ fn requests_name_a_loopback_host_and_come_from_its_pages() {
         headers(&[("host", "localhost"), ("origin", "null")]),
         headers(&[("host", "localhost"), ("origin", "http://evil.example")]),
         headers(&[("host", "localhost"), ("origin", "file://")]),
+        // An `<img>` on another site's page sends no Origin, but the browser says who asked.
+        headers(&[("host", "localhost:9090"), ("sec-fetch-site", "cross-site")]),
+        headers(&[("host", "localhost:9090"), ("sec-fetch-site", "same-site")]),
     ] {
         assert!(
             addressed_from_this_machine(&refused).is_err(),

@@ -187,12 +187,14 @@ fn parse_weights() {
     );
     check_parse(
         "",
-        expect!["error: line 1: expected the header `isthmus-complexity-weights 1`, found ``"],
+        expect![
+            "error: line 1 is not the header `isthmus-complexity-weights 1`: not a weights file of this version"
+        ],
     );
     check_parse(
         &weights_text(|lines| lines[0] = "isthmus-complexity-weights 2".to_owned()),
         expect![
-            "error: line 1: expected the header `isthmus-complexity-weights 1`, found `isthmus-complexity-weights 2`"
+            "error: line 1 is not the header `isthmus-complexity-weights 1`: not a weights file of this version"
         ],
     );
     check_parse(
