@@ -184,6 +184,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Longest pause while reading a request body.
     pub body_read_timeout: Duration,
+    /// Longest wait for one write of a response to a client (one that stopped reading
+    /// holds its connection, a stream and a backend's connection no longer than this).
+    pub response_write_timeout: Duration,
     pub connections_max: u32,
     /// Longest wait for the first token of a local generation (queueing included).
     pub first_token_timeout: Duration,
@@ -441,6 +444,7 @@ struct RawLimits {
     header_bytes_max: u64,
     header_read_timeout_ms: u64,
     body_read_timeout_ms: u64,
+    response_write_timeout_ms: u64,
     connections_max: u32,
     first_token_timeout_ms: u64,
 }
@@ -452,6 +456,7 @@ impl Default for RawLimits {
             header_bytes_max: 64 * 1024,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
+            response_write_timeout_ms: 60_000,
             connections_max: 1_024,
             first_token_timeout_ms: 120_000,
         }
@@ -1030,6 +1035,10 @@ impl Validator<'_> {
             limits.body_read_timeout_ms,
         );
         self.positive(
+            "server.limits.response_write_timeout_ms",
+            limits.response_write_timeout_ms,
+        );
+        self.positive(
             "server.limits.connections_max",
             u64::from(limits.connections_max),
         );
@@ -1070,6 +1079,7 @@ impl Validator<'_> {
                 header_bytes_max: limits.header_bytes_max,
                 header_read_timeout: Duration::from_millis(limits.header_read_timeout_ms),
                 body_read_timeout: Duration::from_millis(limits.body_read_timeout_ms),
+                response_write_timeout: Duration::from_millis(limits.response_write_timeout_ms),
                 connections_max: limits.connections_max,
                 first_token_timeout: Duration::from_millis(limits.first_token_timeout_ms),
             },

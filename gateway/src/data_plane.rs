@@ -1825,6 +1825,9 @@ impl ProxyHttp for DataPlane {
         ctx.started = Instant::now();
         ctx._in_flight = Some(self.state.begin_request());
         session.set_read_timeout(Some(self.state.config.server.limits.body_read_timeout));
+        // Pingora waits forever for a client that stopped reading; a stream's slot, its
+        // connection and a backend's connection would go with it.
+        session.set_write_timeout(Some(self.state.config.server.limits.response_write_timeout));
         Ok(())
     }
 

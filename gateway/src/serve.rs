@@ -39,6 +39,9 @@ use firmware::{Notice, ServiceManager};
 
 /// Open connections the admin listener accepts; probes and scrapes need few.
 const ADMIN_CONNECTIONS_MAX: usize = 64;
+/// Admin connections only this machine (health probes, `isthmus probe`) may open beyond
+/// [`ADMIN_CONNECTIONS_MAX`].
+const ADMIN_LOOPBACK_RESERVE: usize = 8;
 
 /// How long an HTTP/2 connection with no open stream stays open.
 const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -367,6 +370,7 @@ async fn run(
         tls: admin_tls,
         limits: config.server.limits,
         connections: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)),
+        loopback_reserve: Some(Arc::new(Semaphore::new(ADMIN_LOOPBACK_RESERVE))),
         open: Arc::default(),
         refusals: Arc::default(),
     };
@@ -384,6 +388,7 @@ async fn run(
             tls: Some(acceptor),
             limits: config.server.limits,
             connections: Arc::clone(&connections),
+            loopback_reserve: None,
             open: Arc::clone(&state.open_connections),
             refusals: Arc::clone(&state.connection_refusals),
         },
@@ -392,12 +397,13 @@ async fn run(
     if let Some(listener) = plain_listener {
         tokio::spawn(accept_loop(
             listener,
-            data_app,
+            Arc::clone(&data_app),
             ListenerSettings {
                 name: "plain-http",
                 tls: None,
                 limits: config.server.limits,
                 connections,
+                loopback_reserve: None,
                 open: Arc::clone(&state.open_connections),
                 refusals: Arc::clone(&state.connection_refusals),
             },
@@ -503,7 +509,7 @@ async fn run(
             Notice::Status("draining in-flight requests".to_owned()),
         ],
     );
-    drain(&state, &shutdown_sender).await;
+    drain(&state, &shutdown_sender, data_app.as_ref()).await;
     if let Some(trail) = &state.audit
         && let Err(error) = trail.log.shutdown().await
     {
@@ -622,9 +628,16 @@ async fn ping_watchdog(manager: Arc<ServiceManager>, interval: Duration) {
     }
 }
 
-/// Stops accepting, then waits for in-flight requests up to the drain timeout.
-async fn drain(state: &AppState, shutdown: &watch::Sender<bool>) {
+/// Stops accepting, closes idle keep-alive connections (each would otherwise take one more
+/// request during the drain, and the last might arrive just as the process exits), then waits
+/// for in-flight requests up to the drain timeout.
+async fn drain(
+    state: &AppState,
+    shutdown: &watch::Sender<bool>,
+    data_app: &(impl pingora_core::apps::ServerApp + Sync),
+) {
     let _ = shutdown.send(true);
+    data_app.cleanup().await;
     let timeout = state.config.server.drain_timeout;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;

@@ -360,6 +360,24 @@ fn sigterm_lets_a_running_stream_finish_and_refuses_new_connections() {
         json!({"stream": true, "ignore_eos": true, "max_tokens": 150}),
     );
     let text = block_on(async {
+        // A client with an idle kept-alive HTTP/1.1 connection, from an earlier request
+        // (HTTP/2 connections are told to go away by Pingora itself).
+        let idle = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(tests::TestPki::shared().ca_pem.as_bytes()).unwrap(),
+            )
+            .http1_only()
+            .build()
+            .unwrap();
+        let models = idle
+            .get(gateway.url("/v1/models"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(models.status(), 200);
+        let _ = models.bytes().await.unwrap();
         let response = client()
             .post(gateway.url("/v1/chat/completions"))
             .bearer_auth(API_KEY)
@@ -384,6 +402,17 @@ fn sigterm_lets_a_running_stream_finish_and_refuses_new_connections() {
             )
             .is_err()),
             "the data listener still accepts after SIGTERM"
+        );
+        // Idle kept-alive connections are closed too: no new request starts during the
+        // drain (nor one just as the process exits).
+        let late = idle
+            .get(gateway.url("/v1/models"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await;
+        assert!(
+            late.is_err(),
+            "a request on a kept-alive connection was served after SIGTERM: {late:?}"
         );
         while let Some(bytes) = stream.next().await {
             text.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
