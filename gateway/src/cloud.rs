@@ -531,6 +531,15 @@ fn backend_address(
     }
 }
 
+/// Tokens a request body of `bytes` is charged until the backend says: about four bytes a
+/// token, as English text and JSON run with common tokenizers.
+fn estimated_prompt_tokens(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(PROMPT_BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
+}
+
+/// Bytes per token of the prompt estimate.
+const PROMPT_BYTES_PER_TOKEN: usize = 4;
+
 /// Every address `host` resolves to now (at least one). Blocks.
 fn resolve_all(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     let addresses: Vec<SocketAddr> = (host, port)
@@ -667,6 +676,12 @@ pub async fn forward(
                 model: request.model.to_owned(),
             })?;
     let body = rewrite_body(request.body, upstream_model, request.stream)?;
+    // Until the backend reports usage, the prompt is charged an estimate: a caller that
+    // leaves before the usage arrives (the backend still processes the prompt) must not go
+    // free of token limits and daily budgets.
+    if ctx.usage.prompt_tokens == 0 {
+        ctx.usage.prompt_tokens = estimated_prompt_tokens(body.len());
+    }
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<GatewayError> = None;
     let mut waited_for_retry_after = false;

@@ -116,10 +116,14 @@ impl DailyUsage {
         written
     }
 
-    /// Starts a new day's counts when the UTC date changed.
+    /// Starts a new day's counts when the UTC date moved on. A clock set back (across
+    /// midnight, or an appliance that starts before its clock is set) keeps the counts,
+    /// which would otherwise hand every caller a fresh budget; counts dated more than a day
+    /// ahead (kept while the clock ran ahead) give way, so budgets do not stay spent until
+    /// the clock catches up.
     fn roll(&self, state: &mut State, now: SystemTime) {
         let day = day_of(now);
-        if state.today.day != day {
+        if day > state.today.day || state.today.day > day.saturating_add(1) {
             state.today = Day {
                 day,
                 used: BTreeMap::new(),

@@ -126,6 +126,10 @@ pub enum StoreError {
     },
     #[error("the sealed record of {id} does not open with key {key_id} (altered or corrupt)")]
     Unsealable { id: String, key_id: String },
+    /// A record in the clear where every record is sealed (the store was converted when it
+    /// opened with a key): planted, not written by the gateway.
+    #[error("the record of {id} is not sealed, though the store's records all are: refused")]
+    NotSealed { id: String },
 }
 
 /// The first byte of a sealed record; a JSON record starts with `{`.
@@ -531,7 +535,10 @@ impl ResponseStore {
                     key_id: sealed_key_id(&value).unwrap_or_default(),
                 });
             }
-            _ => &value[..],
+            // Without the key's authentication, `owner` and the conversation could be
+            // anyone's.
+            (Some(_), _) => return Err(StoreError::NotSealed { id: id.to_owned() }),
+            (None, _) => &value[..],
         };
         serde_json::from_slice(plain)
             .map(|record| Some((plain.len() as u64, record)))

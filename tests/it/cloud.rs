@@ -594,6 +594,12 @@ fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_clien
                 .unwrap_or(0.0)
         };
         let charged_before = charged();
+        let prompt_charged = || {
+            gateway
+                .metric("isthmus_prompt_tokens_total{route=\"cloud\"}")
+                .unwrap_or(0.0)
+        };
+        let prompt_charged_before = prompt_charged();
 
         // A client that leaves mid-stream: the upstream request is cancelled too.
         let cancelled_before = upstream.stats().await["cancelled"].as_u64().unwrap();
@@ -613,6 +619,11 @@ fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_clien
         assert!(
             tests::eventually(DEADLINE, || charged() > charged_before),
             "the stream cut short was charged no completion tokens"
+        );
+        // And its prompt, estimated, since the backend never said.
+        assert!(
+            tests::eventually(DEADLINE, || prompt_charged() > prompt_charged_before),
+            "the stream cut short was charged no prompt tokens"
         );
         upstream.set_behaviour(json!({"reset": true})).await;
     });

@@ -87,3 +87,20 @@ fn the_next_day_starts_at_midnight_utc() {
     let midnight = UNIX_EPOCH + Duration::from_secs(20_781 * 86_400);
     assert_eq!(until_tomorrow(midnight), Duration::from_secs(86_400));
 }
+
+#[test]
+fn a_clock_set_back_keeps_the_counts_and_counts_from_far_ahead_give_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let after_midnight = afternoon() + Duration::from_secs(9 * 3_600 + 30 * 60);
+    let usage = DailyUsage::open(dir.path(), after_midnight).unwrap();
+    usage.add("key:a", 700, after_midnight);
+    // NTP sets the clock back across midnight: no fresh budget.
+    let before_midnight = after_midnight - Duration::from_secs(40 * 60);
+    assert_eq!(usage.used("key:a", before_midnight), 700);
+    usage.add("key:a", 10, before_midnight);
+    assert_eq!(usage.used("key:a", after_midnight), 710);
+    // Counts a clock a month ahead made do not keep budgets spent for a month.
+    let month_ahead = after_midnight + Duration::from_secs(30 * 86_400);
+    usage.add("key:b", 5, month_ahead);
+    assert_eq!(usage.used("key:b", after_midnight), 0);
+}

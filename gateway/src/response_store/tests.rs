@@ -356,3 +356,19 @@ fn keys_are_64_hex_digits_or_base64_of_32_bytes() {
     let key = key('a');
     assert!(!format!("{key:?}").contains("aaaa"), "{key:?}");
 }
+
+#[test]
+fn a_record_in_the_clear_in_a_sealed_store_is_refused() -> Result<(), StoreError> {
+    let dir = tempfile::tempdir().map_err(sled::Error::from)?;
+    let store = sealed(dir.path(), Some(key('a')))?;
+    // Planted by someone who can write the state directory but has no key: it would pass
+    // for anyone's response and continue their conversation.
+    let planted = serde_json::to_vec(&record("victim", "resp_9", "forged history"))
+        .map_err(|error| StoreError::Transaction(error.to_string()))?;
+    store.records.insert("resp_9".as_bytes(), planted)?;
+    match store.get("resp_9", "victim") {
+        Err(StoreError::NotSealed { id }) => assert_eq!(id, "resp_9"),
+        other => panic!("expected NotSealed, got {other:?}"),
+    }
+    Ok(())
+}
