@@ -390,6 +390,10 @@ struct Job {
     grammar: Option<LlamaSampler>,
     events: mpsc::Sender<Event>,
     submitted_at: Instant,
+    /// Where its queue timeout counts from: when it was submitted, or when it was last held
+    /// back while a sequence that shares its prompt prefilled (a wait by choice, to share
+    /// that prefix, not for want of a sequence).
+    expires_from: Instant,
 }
 
 impl Engine {
@@ -940,11 +944,13 @@ impl ModelHandle {
             .unwrap_or(usize::MAX)
             .saturating_add(2);
         let (events, receiver) = mpsc::channel(events_max);
+        let now = Instant::now();
         let job = Job {
             request,
             grammar,
             events,
-            submitted_at: Instant::now(),
+            submitted_at: now,
+            expires_from: now,
         };
         let stats = &self.shared.stats;
         let Some(lane) = self.shared.reserve_lane(&job.request.prompt.tokens) else {
@@ -2034,6 +2040,8 @@ impl Loop<'_> {
             let reuse = self.find_prefix(&job.request.prompt.tokens);
             let available = reuse.map_or(0, |reuse| reuse.length).max(leftover);
             if self.sharer_prefilling(&job.request.prompt.tokens, available) {
+                let mut job = job;
+                job.expires_from = Instant::now();
                 deferred.push(job);
                 continue;
             }
@@ -2050,7 +2058,9 @@ impl Loop<'_> {
                         self.prefixes.touch(reuse.source);
                         reuse.length
                     } else {
-                        0
+                        // Nothing of the slot's leftover may stay in its cache: the prompt
+                        // is decoded from position 0.
+                        self.keep_leftover(id, 0)
                     }
                 }
                 _ => self.keep_leftover(id, leftover),
@@ -2153,6 +2163,8 @@ impl Loop<'_> {
                 .enumerate()
                 .filter(|(index, _)| *index != own)
                 .map(|(_, port)| port)
+                // A lane that ended for good cannot take jobs (its free sequences are none).
+                .filter(|port| port.takes_jobs())
                 .find(|port| port.reserve_free(sequences))
             else {
                 return;
@@ -2215,7 +2227,7 @@ impl Loop<'_> {
                 load.fetch_sub(1, Ordering::AcqRel);
                 return false;
             }
-            if job.submitted_at.elapsed() > timeout {
+            if job.expires_from.elapsed() > timeout {
                 // Counted out before the caller hears of it.
                 stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 load.fetch_sub(1, Ordering::AcqRel);
@@ -2236,6 +2248,13 @@ impl Loop<'_> {
     fn reuse_prefix(&mut self, reuse: PrefixMatch, target: SeqId) -> bool {
         let length = u32::try_from(reuse.length).unwrap_or(u32::MAX);
         if self.worker.spec.kv_unified {
+            // A recurrent layer's state cannot be shared up to a position: llama.cpp links
+            // the source's whole state (its prompt and all it generated) whatever the range,
+            // and the target would continue from the wrong state. Those models decode their
+            // prompts whole.
+            if self.worker.model.is_recurrent() || self.worker.model.is_hybrid() {
+                return false;
+            }
             if self
                 .context
                 .copy_kv_cache_seq(reuse.source, target, Some(0), Some(length))

@@ -183,7 +183,7 @@ pub async fn run(
         for _ in 0..per_prompt {
             let mut one = generation.clone();
             let choice = u32::try_from(streams.len()).unwrap_or(u32::MAX);
-            one.sampling.seed = seed.wrapping_add(choice);
+            one.sampling.seed = choice_seed(seed, choice);
             let stream = model
                 .submit(one)
                 .map_err(|error| submit_error(error, &info.name, param))?;
@@ -415,6 +415,14 @@ pub fn tool_instructions(call: &openai::ToolCall) -> String {
         text.push_str(&tool.parameters);
     }
     text
+}
+
+/// The seed of choice `choice` of a request seeded `seed`: consecutive, skipping `u32::MAX`,
+/// which the engine reads as another seed's (its sampler takes `u32::MAX` for "random"), so
+/// that no two choices of one request share a seed.
+fn choice_seed(seed: u32, choice: u32) -> u32 {
+    let seeds = u64::from(u32::MAX);
+    u32::try_from((u64::from(seed) + u64::from(choice)) % seeds).unwrap_or(0)
 }
 
 /// The grammar of a forced call: `{"name": <one of the functions>, "arguments": <that

@@ -1,6 +1,6 @@
 //! Tests of the grammars requests with tools and formats become.
 
-use super::{hoisted, tool_call_grammar};
+use super::{choice_seed, hoisted, tool_call_grammar};
 use crate::openai::{ResponseFormat, Tool, ToolCall};
 
 /// A function whose parameters refer to a local definition, as pydantic writes nested models.
@@ -45,4 +45,17 @@ fn tools_and_a_format_with_local_definitions_make_one_grammar() {
     let grammar =
         tool_call_grammar(&call, Some(&format)).unwrap_or_else(|error| panic!("{error:?}"));
     assert!(grammar.gbnf().contains("city"), "{}", grammar.gbnf());
+}
+
+#[test]
+fn the_choices_of_one_request_never_share_a_seed() {
+    for seed in [0, 7, u32::MAX - 2, u32::MAX - 1, u32::MAX] {
+        let seeds: Vec<u32> = (0..16).map(|choice| choice_seed(seed, choice)).collect();
+        let mut distinct = seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), seeds.len(), "seed {seed}: {seeds:?}");
+        assert!(!seeds.contains(&u32::MAX), "seed {seed}: {seeds:?}");
+    }
+    assert_eq!(choice_seed(7, 0), 7);
 }
