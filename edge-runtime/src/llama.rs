@@ -1641,6 +1641,8 @@ struct Loop<'m> {
     /// Parked prefixes: in the KV cache (unified) or as host-memory states (one cache per
     /// sequence), the latter under ids from `first_host_prefix` up.
     prefixes: PrefixCache,
+    /// Whether prompts may share cached prefixes (not with recurrent layers).
+    shares_prefixes: bool,
     host_states: HashMap<SeqId, SeqState>,
     first_host_prefix: SeqId,
     ledger: CellLedger,
@@ -1831,6 +1833,11 @@ impl Worker {
             unparked: (0..spec.parallel_sequences).map(|_| false).collect(),
             admitted: Vec::new(),
             queue: VecDeque::new(),
+            // A recurrent layer's state cannot be shared up to a position: llama.cpp links
+            // the source's whole state (its prompt and all it generated) whatever the range,
+            // and a sequence would continue from the wrong state. Those models (hybrid ones
+            // too) decode every prompt whole, and nothing waits to share one.
+            shares_prefixes: !(self.model.is_recurrent() || self.model.is_hybrid()),
             prefixes: PrefixCache::new(
                 first_cache_seq,
                 usize::try_from(cache_entries).unwrap_or(0),
@@ -2126,7 +2133,7 @@ impl Loop<'_> {
     /// beside it (the `n` choices of one request, concurrent requests with one long system
     /// prompt).
     fn sharer_prefilling(&self, prompt: &[i32], available: usize) -> bool {
-        if !self.prefixes.enabled() {
+        if !self.prefixes.enabled() || !self.shares_prefixes {
             return false;
         }
         let minimum = if self.worker.spec.kv_unified {
@@ -2248,11 +2255,7 @@ impl Loop<'_> {
     fn reuse_prefix(&mut self, reuse: PrefixMatch, target: SeqId) -> bool {
         let length = u32::try_from(reuse.length).unwrap_or(u32::MAX);
         if self.worker.spec.kv_unified {
-            // A recurrent layer's state cannot be shared up to a position: llama.cpp links
-            // the source's whole state (its prompt and all it generated) whatever the range,
-            // and the target would continue from the wrong state. Those models decode their
-            // prompts whole.
-            if self.worker.model.is_recurrent() || self.worker.model.is_hybrid() {
+            if !self.shares_prefixes {
                 return false;
             }
             if self
@@ -2356,7 +2359,7 @@ impl Loop<'_> {
     /// The longest prefix of `prompt` already in the cache: in a parked prefix or in the
     /// tokens an active sequence has decoded.
     fn find_prefix(&self, prompt: &[i32]) -> Option<PrefixMatch> {
-        if !self.prefixes.enabled() {
+        if !self.prefixes.enabled() || !self.shares_prefixes {
             return None;
         }
         let active = self

@@ -406,10 +406,10 @@ impl Admin {
             Err(error) => return unavailable(error),
         };
         let mut records: Vec<serde_json::Value> = Vec::new();
-        let mut scanned = 0;
+        let mut scanned = page.len();
+        // Records below this `Seq` are still to look at.
+        let mut below = page.last().map_or(0, |(seq, _)| *seq);
         loop {
-            scanned += page.len();
-            let oldest = page.last().map(|(seq, _)| *seq);
             for (_, line) in &page {
                 let Ok(serde_json::Value::Object(mut record)) = serde_json::from_slice(line) else {
                     continue;
@@ -428,25 +428,22 @@ impl Admin {
                     break;
                 }
             }
-            let Some(oldest) = oldest.filter(|oldest| *oldest > 1) else {
-                break;
-            };
-            if records.len() == limit || scanned >= scan || page.len() < PAGE_RECORDS {
+            if records.len() == limit || scanned >= scan || below <= 1 {
                 break;
             }
-            let from = oldest.saturating_sub(PAGE_RECORDS as u64).max(1);
-            let count = usize::try_from(oldest - from).unwrap_or(PAGE_RECORDS);
+            // The next `Seq`s down, whatever gaps the store has (counted as looked at).
+            let from = below.saturating_sub(PAGE_RECORDS as u64).max(1);
+            let count = usize::try_from(below - from).unwrap_or(PAGE_RECORDS);
             page = match trail.log.read(from, count).await {
                 Ok(mut older) => {
-                    older.retain(|(seq, _)| *seq < oldest);
+                    older.retain(|(seq, _)| *seq < below);
                     older.reverse();
                     older
                 }
                 Err(error) => return unavailable(error),
             };
-            if page.is_empty() {
-                break;
-            }
+            scanned += count;
+            below = from;
         }
         json(
             StatusCode::OK,
@@ -723,7 +720,7 @@ impl Admin {
             let on_this_machine = session
                 .client_addr()
                 .and_then(|address| address.as_inet())
-                .is_some_and(|address| address.ip().is_loopback());
+                .is_some_and(|address| address.ip().to_canonical().is_loopback());
             return self.audit_records(query.as_deref(), on_this_machine).await;
         }
         match allowed_methods(&path) {

@@ -531,11 +531,41 @@ fn backend_address(
     }
 }
 
-/// Tokens a request body of `bytes` is charged until the backend says: about four bytes a
-/// token, as English text and JSON run with common tokenizers.
-fn estimated_prompt_tokens(bytes: usize) -> u32 {
+/// Tokens a request body is charged until the backend says: about four bytes a token, as
+/// English text and JSON run with common tokenizers, over the body's text — not over
+/// attachments (a data URL, a run of base64 such as an image's or audio's bytes), which
+/// backends count in tokens of their own and would inflate a byte count many times.
+fn estimated_prompt_tokens(body: &[u8]) -> u32 {
+    let bytes = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => text_bytes(&value),
+        Err(_) => body.len(),
+    };
     u32::try_from(bytes.div_ceil(PROMPT_BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
 }
+
+/// Bytes of a JSON value's strings and keys, attachments left out.
+fn text_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => {
+            let attachment = text.starts_with("data:")
+                || (text.len() >= ATTACHMENT_BYTES_MIN
+                    && text
+                        .bytes()
+                        .all(|byte| byte.is_ascii_alphanumeric() || b"+/=\n\r".contains(&byte)));
+            if attachment { 0 } else { text.len() }
+        }
+        Value::Array(items) => items.iter().map(text_bytes).sum(),
+        Value::Object(members) => members
+            .iter()
+            .map(|(key, value)| key.len() + text_bytes(value))
+            .sum(),
+        Value::Number(_) | Value::Bool(_) | Value::Null => 4,
+    }
+}
+
+/// A string of base64 this long or longer is taken for an attachment's bytes.
+const ATTACHMENT_BYTES_MIN: usize = 1024;
 
 /// Bytes per token of the prompt estimate.
 const PROMPT_BYTES_PER_TOKEN: usize = 4;
@@ -676,12 +706,6 @@ pub async fn forward(
                 model: request.model.to_owned(),
             })?;
     let body = rewrite_body(request.body, upstream_model, request.stream)?;
-    // Until the backend reports usage, the prompt is charged an estimate: a caller that
-    // leaves before the usage arrives (the backend still processes the prompt) must not go
-    // free of token limits and daily budgets.
-    if ctx.usage.prompt_tokens == 0 {
-        ctx.usage.prompt_tokens = estimated_prompt_tokens(body.len());
-    }
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<GatewayError> = None;
     let mut waited_for_retry_after = false;
@@ -1029,6 +1053,12 @@ async fn attempt(
     // From here on the client hears from this backend, whatever happens: its status says
     // it works, which is what a half-open trial wanted to know.
     trial.pass();
+    // The backend took the prompt: until its usage says otherwise, the prompt is charged an
+    // estimate, so that a caller who leaves before the usage arrives does not go free of
+    // token limits and daily budgets.
+    if status == 200 && ctx.usage.prompt_tokens == 0 {
+        ctx.usage.prompt_tokens = estimated_prompt_tokens(body);
+    }
     let streaming = status == 200 && content_type.starts_with("text/event-stream");
     let upstream = Upstream {
         session: upstream,

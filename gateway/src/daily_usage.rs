@@ -74,7 +74,8 @@ impl DailyUsage {
     pub fn used(&self, caller: &str, now: SystemTime) -> u64 {
         let mut state = self.lock();
         self.roll(&mut state, now);
-        state.today.used.get(caller).copied().unwrap_or(0)
+        let key = counted_as(&state.today.used, caller);
+        state.today.used.get(key).copied().unwrap_or(0)
     }
 
     /// Counts `tokens` for `caller` today.
@@ -84,10 +85,11 @@ impl DailyUsage {
         }
         let mut state = self.lock();
         self.roll(&mut state, now);
-        match state.today.used.get_mut(caller) {
+        let caller = counted_as(&state.today.used, caller).to_owned();
+        match state.today.used.get_mut(&caller) {
             Some(used) => *used = used.saturating_add(tokens),
             None => {
-                state.today.used.insert(caller.to_owned(), tokens);
+                state.today.used.insert(caller, tokens);
             }
         }
         state.dirty = true;
@@ -136,6 +138,22 @@ impl DailyUsage {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The most callers counted apart in a day (anonymous clients counted by address could
+/// otherwise grow the map, and the file rewritten every few seconds, without bound).
+const CALLERS_MAX: usize = 100_000;
+/// Where callers beyond [`CALLERS_MAX`] are counted, together.
+const OVERFLOW_CALLER: &str = "overflow";
+
+/// The key `caller` is counted under: its own, or once the day's map is full and it is not
+/// in it yet, the one shared by all such callers (whose budget they then share).
+fn counted_as<'a>(used: &BTreeMap<String, u64>, caller: &'a str) -> &'a str {
+    if used.len() >= CALLERS_MAX && !used.contains_key(caller) {
+        OVERFLOW_CALLER
+    } else {
+        caller
     }
 }
 

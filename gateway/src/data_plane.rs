@@ -679,6 +679,10 @@ fn json_header(
     Ok(header)
 }
 
+/// The slowest a client may read a whole answer before its write times out (beyond
+/// `server.limits.response_write_timeout_ms`, which any write gets).
+const WRITE_BYTES_PER_SECOND_MIN: u64 = 64 * 1024;
+
 /// Writes a header and a complete body in one go (one write to the socket on HTTP/1.1). The
 /// answer to a HEAD request is the header alone, with the length the body would have: HTTP/2
 /// forbids content on it, and HTTP/1.1 would misframe the next response. So is an empty body
@@ -693,6 +697,14 @@ pub async fn write_whole(
     crate::audit_trail::seal(session, ctx)
         .await
         .map_err(|failure| Error::explain(ErrorType::WriteError, format!("{failure:?}")))?;
+    // On HTTP/1.1 Pingora times the whole body's write as one: a large answer (embeddings,
+    // a long JSON body) to a client that reads slowly but steadily gets time in proportion.
+    if let Some(pause) = session.get_write_timeout() {
+        let bytes = u64::try_from(body.len()).unwrap_or(u64::MAX);
+        session.set_write_timeout(Some(
+            pause + Duration::from_secs(bytes / WRITE_BYTES_PER_SECOND_MIN),
+        ));
+    }
     let tasks = if session.req_header().method == http::Method::HEAD || body.is_empty() {
         vec![HttpTask::Header(Box::new(header), true)]
     } else {

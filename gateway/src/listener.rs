@@ -159,7 +159,7 @@ pub async fn accept_loop<A>(
                 let taken = Arc::clone(&settings.connections)
                     .try_acquire_owned()
                     .or_else(|full| match reserve {
-                        Some(reserve) if peer.ip().is_loopback() => {
+                        Some(reserve) if peer.ip().to_canonical().is_loopback() => {
                             Arc::clone(reserve).try_acquire_owned()
                         }
                         _ => Err(full),

@@ -132,6 +132,9 @@ pub enum StoreError {
     NotSealed { id: String },
 }
 
+/// Responses deleted by an expiry while it holds the store's lock.
+const EXPIRE_BATCH_RECORDS: usize = 64;
+
 /// The first byte of a sealed record; a JSON record starts with `{`.
 const SEALED: u8 = 0xE1;
 /// What a sealed record holds before its ciphertext: the marker, the key id (4 bytes) and
@@ -467,21 +470,27 @@ impl ResponseStore {
         Ok(true)
     }
 
-    /// Deletes the responses older than the retention period; returns how many.
+    /// Deletes the responses older than the retention period; returns how many. The store's
+    /// lock is let go every [`EXPIRE_BATCH_RECORDS`] deletions, so that storing new responses
+    /// (on the serving threads) does not wait for a long expiry (the first after downtime).
     pub fn expire(&self, now: SystemTime) -> Result<usize, StoreError> {
         let cutoff = self.cutoff_ms(now);
-        let mut held = self.lock_held();
         let mut removed = 0;
-        while let Some((key, size)) = self.ages.first()? {
-            let (created, id) = split_age_key(&key);
-            if created >= cutoff {
-                break;
+        loop {
+            let mut held = self.lock_held();
+            for _ in 0..EXPIRE_BATCH_RECORDS {
+                let Some((key, size)) = self.ages.first()? else {
+                    return Ok(removed);
+                };
+                let (created, id) = split_age_key(&key);
+                if created >= cutoff {
+                    return Ok(removed);
+                }
+                self.remove(&id, created)?;
+                held.remove(read_size(&size));
+                removed += 1;
             }
-            self.remove(&id, created)?;
-            held.remove(read_size(&size));
-            removed += 1;
         }
-        Ok(removed)
     }
 
     /// Writes what was accepted to disk now (at shutdown).

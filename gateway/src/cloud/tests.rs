@@ -234,3 +234,22 @@ fn a_backend_keeps_its_address_while_its_name_gives_it_or_does_not_resolve() {
         Err("no".to_owned())
     );
 }
+
+#[test]
+fn the_prompt_estimate_counts_text_not_attachments() {
+    let text =
+        br#"{"model":"m","messages":[{"role":"user","content":"How are you today, friend?"}]}"#;
+    let estimate = estimated_prompt_tokens(text);
+    assert!((10..=40).contains(&estimate), "{estimate}");
+    // The same message with a 1 MB image: the image is the backend's to count.
+    let image = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":"How are you today, friend?"}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{}"}}}}]}}]}}"#,
+        "A".repeat(1 << 20)
+    );
+    assert!(estimated_prompt_tokens(image.as_bytes()) < 100);
+    let raw_audio = format!(
+        r#"{{"input_audio":{{"data":"{}","format":"wav"}}}}"#,
+        "QUJD".repeat(4096)
+    );
+    assert!(estimated_prompt_tokens(raw_audio.as_bytes()) < 20);
+}

@@ -104,3 +104,19 @@ fn a_clock_set_back_keeps_the_counts_and_counts_from_far_ahead_give_way() {
     usage.add("key:b", 5, month_ahead);
     assert_eq!(usage.used("key:b", after_midnight), 0);
 }
+
+#[test]
+fn callers_beyond_the_days_bound_share_one_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = afternoon();
+    let usage = DailyUsage::open(dir.path(), now).unwrap();
+    for index in 0..super::CALLERS_MAX {
+        usage.add(&format!("anonymous@10.0.{index}"), 1, now);
+    }
+    // Known callers keep their own counts; new ones are counted together.
+    usage.add("anonymous@10.0.7", 1, now);
+    assert_eq!(usage.used("anonymous@10.0.7", now), 2);
+    usage.add("anonymous@192.0.2.1", 5, now);
+    usage.add("anonymous@192.0.2.2", 5, now);
+    assert_eq!(usage.used("anonymous@192.0.2.3", now), 10);
+}
