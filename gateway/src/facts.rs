@@ -494,7 +494,7 @@ pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) ->
         "sensitive": outcome.sensitive,
         "entities": evaluation.scan.entity_types,
         "attachments": evaluation.attachments,
-        "spillover": outcome.state.spillover,
+        "spillover": outcome.state.any(),
         "rules": verdicts,
         "waf": waf_explanation(&evaluation.waf),
     })

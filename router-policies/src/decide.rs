@@ -50,17 +50,10 @@ pub fn decide(
     let signal = local_model
         .and_then(|model| signals.local.iter().find(|load| load.model == model))
         .copied();
-    // A request with no local model (a cloud model's name, no default) says nothing of the
-    // local queue: the state stays as it is, not switched off by a load of zero.
-    let state = match (&policy.spillover, signal) {
-        (Some(spillover), Some(load)) if load.queue_depth >= spillover.queue_high => {
-            RouteState { spillover: true }
-        }
-        (Some(spillover), Some(load)) if load.queue_depth <= spillover.queue_low => {
-            RouteState { spillover: false }
-        }
-        (Some(_), _) => state,
-        (None, _) => RouteState { spillover: false },
+    let mut state = if policy.spillover.is_some() {
+        state
+    } else {
+        RouteState::default()
     };
     let load = signal.unwrap_or_default();
     let inputs = Inputs {
@@ -84,10 +77,35 @@ pub fn decide(
         }
     }
     let mut decision = decision.unwrap_or_else(|| by_name(policy, requested));
+    // Spillover is each local model's own: the queue of the model the request would run
+    // on moves that model's state (a request that runs elsewhere says nothing of it, and
+    // leaves it as it is), and moves its requests to the cloud while on.
+    let spilling = match (&decision, &policy.spillover) {
+        (Decision::Local { model, .. }, Some(spillover)) => match policy.local_index(model) {
+            Some(index) => {
+                let load = signals
+                    .local
+                    .iter()
+                    .find(|load| load.model == model.as_str());
+                match load {
+                    Some(load) if load.queue_depth >= spillover.queue_high => {
+                        state.set(index, true);
+                    }
+                    Some(load) if load.queue_depth <= spillover.queue_low => {
+                        state.set(index, false);
+                    }
+                    _ => {}
+                }
+                state.spilling(index)
+            }
+            None => false,
+        },
+        _ => false,
+    };
     // Spillover moves what the policy read whole and found clean: not content the scan
     // cannot read (attachments), which a rule may keep local for that very reason.
     if let (Decision::Local { .. }, Some(spillover)) = (&decision, &policy.spillover)
-        && state.spillover
+        && spilling
         && !sensitive
         && facts.attachments.is_empty()
         && inputs.pool_available(&spillover.pool)

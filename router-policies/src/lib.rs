@@ -88,9 +88,41 @@ pub struct Signals<'a> {
 /// Routing state carried from one decision to the next (passed in, returned updated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RouteState {
-    /// Spillover is on: the local queue went over the high-water mark and has not yet come
-    /// down to the low-water mark.
-    pub spillover: bool,
+    /// The local models whose spillover is on, one bit each in the policy's order (the 64th
+    /// and later share the last bit): the model's queue went over the high-water mark and
+    /// has not yet come down to the low-water mark.
+    spilling: u64,
+}
+
+impl RouteState {
+    /// Spillover on, or off, for every local model.
+    pub fn all(spilling: bool) -> RouteState {
+        RouteState {
+            spilling: if spilling { u64::MAX } else { 0 },
+        }
+    }
+
+    /// Whether spillover is on for some local model.
+    pub fn any(self) -> bool {
+        self.spilling != 0
+    }
+
+    fn bit(index: usize) -> u64 {
+        1 << index.min(63)
+    }
+
+    /// Whether spillover is on for the policy's `index`-th local model.
+    pub(crate) fn spilling(self, index: usize) -> bool {
+        self.spilling & RouteState::bit(index) != 0
+    }
+
+    pub(crate) fn set(&mut self, index: usize, on: bool) {
+        if on {
+            self.spilling |= RouteState::bit(index);
+        } else {
+            self.spilling &= !RouteState::bit(index);
+        }
+    }
 }
 
 /// Where a request runs, or why it does not.

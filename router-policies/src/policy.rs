@@ -119,6 +119,13 @@ impl Policy {
     }
 
     /// The model a client-visible name refers to.
+    /// The position of local model `name` (its canonical name) in the policy.
+    pub(crate) fn local_index(&self, name: &str) -> Option<usize> {
+        self.local_models
+            .iter()
+            .position(|model| model.name == name)
+    }
+
     pub(crate) fn resolve(&self, requested: &str) -> Option<&LocalModel> {
         self.local_models.iter().find(|model| {
             model.name == requested || model.aliases.iter().any(|alias| alias == requested)

@@ -174,9 +174,7 @@ fuzz_target!(|data: &[u8]| {
         local: &local,
         pools: &pool_health,
     };
-    let state = RouteState {
-        spillover: bytes.maybe(),
-    };
+    let state = RouteState::all(bytes.maybe());
     let outcome = decide(&policy, &facts, &signals, state);
     assert_eq!(outcome, decide(&policy, &facts, &signals, state));
     let sensitive = !entities.is_empty() || classification.is_some();

@@ -153,14 +153,7 @@ fn run(policy: &Policy, case: Case<'_>) -> crate::Outcome {
         local: &local,
         pools: &pools,
     };
-    decide(
-        policy,
-        &facts,
-        &signals,
-        RouteState {
-            spillover: case.spillover,
-        },
-    )
+    decide(policy, &facts, &signals, RouteState::all(case.spillover))
 }
 
 fn check(case: Case<'_>, expect: Expect) {
@@ -170,7 +163,7 @@ fn check(case: Case<'_>, expect: Expect) {
         .iter()
         .map(|verdict| format!("{}: {}", verdict.rule, verdict.failed.unwrap_or("matched")))
         .collect();
-    expect.assert_debug_eq(&(outcome.decision, outcome.state.spillover, verdicts));
+    expect.assert_debug_eq(&(outcome.decision, outcome.state.any(), verdicts));
 }
 
 #[test]
@@ -567,7 +560,9 @@ fn spillover_turns_on_above_the_high_mark_and_off_at_the_low_mark() {
                 ..Case::default()
             },
         );
-        state = outcome.state.spillover;
+        state = outcome
+            .state
+            .spilling(policy.local_index("smollm2").unwrap_or(usize::MAX));
         routes.push(format!("{queue}:{}", outcome.decision.rule()));
     }
     assert_eq!(
@@ -598,7 +593,7 @@ fn spillover_turns_on_above_the_high_mark_and_off_at_the_low_mark() {
         },
     );
     assert!(
-        outcome.state.spillover,
+        outcome.state.any(),
         "turned off by a request without a local model"
     );
     // Sensitive requests never spill.
@@ -765,9 +760,9 @@ proptest! {
         let local = [LocalLoad { model: "smollm2", queue_depth: queue, kv_use: 0.5 }];
         let pools = [("aks", aks_available), ("onprem", true)];
         let signals = Signals { local: &local, pools: &pools };
-        let outcome = decide(&policy, &facts, &signals, RouteState { spillover });
+        let outcome = decide(&policy, &facts, &signals, RouteState::all(spillover));
         // Deterministic.
-        prop_assert_eq!(&outcome, &decide(&policy, &facts, &signals, RouteState { spillover }));
+        prop_assert_eq!(&outcome, &decide(&policy, &facts, &signals, RouteState::all(spillover)));
         let sensitive = !entities.is_empty() || classification == Some("confidential");
         prop_assert_eq!(outcome.sensitive, sensitive);
         if let Decision::Cloud { pool, redact, .. } = &outcome.decision && sensitive {
@@ -852,4 +847,46 @@ fn a_cloud_rule_or_spillover_names_a_model_its_pool_serves() {
             "spillover: pool `aks` does not serve model `gpt-5`",
         ]
     );
+}
+
+#[test]
+fn each_local_model_spills_by_its_own_queue() {
+    let policy = ruled();
+    let loads = |smollm2: u64, gemma3: u64| {
+        [
+            LocalLoad {
+                model: "smollm2",
+                queue_depth: smollm2,
+                kv_use: 0.1,
+            },
+            LocalLoad {
+                model: "gemma3",
+                queue_depth: gemma3,
+                kv_use: 0.1,
+            },
+        ]
+    };
+    let pools = [("aks", true), ("onprem", true)];
+    let ask = |model: &str, local: &[LocalLoad<'_>], state: RouteState| {
+        let facts = RequestFacts {
+            requested_model: Some(model),
+            ..RequestFacts::default()
+        };
+        let signals = Signals {
+            local,
+            pools: &pools,
+        };
+        decide(&policy, &facts, &signals, state)
+    };
+    // smollm2's queue is over the mark: its requests spill, gemma3's (short queue) do not.
+    let busy = loads(9, 0);
+    let outcome = ask("smollm2", &busy, RouteState::default());
+    assert_eq!(outcome.decision.rule(), "spillover");
+    let state = outcome.state;
+    let outcome = ask("gemma3", &busy, state);
+    assert_eq!(outcome.decision.rule(), "default");
+    // gemma3's own queue going down does not end smollm2's spillover.
+    let state = outcome.state;
+    let outcome = ask("smollm2", &loads(5, 0), state);
+    assert_eq!(outcome.decision.rule(), "spillover");
 }
