@@ -936,7 +936,7 @@ async fn attempt(
             return Attempt::ClientGone(client_gone(idle));
         }
     };
-    let mut upstream = match sent {
+    let upstream = match sent {
         Ok(upstream) => upstream,
         Err(error) => {
             let timed_out = matches!(
@@ -983,16 +983,9 @@ async fn attempt(
     ctx.on_premises = pool.config.on_premises;
     if status == 401 || status == 403 {
         // The request carries the gateway's credentials, never the caller's: the caller is
-        // not told its own key was refused, the backend counts as failing, another may be
-        // tried, and a cached token is fetched anew.
-        let _ = read_error_body(&mut upstream).await;
-        Upstream {
-            session: upstream,
-            pool,
-            peer: &backend.peer,
-        }
-        .release()
-        .await;
+        // not told its own key was refused, another backend may be tried, and a cached token
+        // is fetched anew.
+        let _ = read_and_release(upstream, pool, backend).await;
         pool.config.auth.rejected();
         // The credential is the pool's, not this backend's fault: no circuit charge (every
         // backend would be ejected and callers told no backend is available).
@@ -1009,17 +1002,7 @@ async fn attempt(
         };
     }
     if status == 429 || status >= 500 {
-        let body = read_error_body(&mut upstream).await;
-        // An error answer read to its end leaves a sound connection: the retry after a
-        // Retry-After, or the next request, reuses it instead of a new connection (and TLS
-        // handshake) to a backend that is only busy.
-        Upstream {
-            session: upstream,
-            pool,
-            peer: &backend.peer,
-        }
-        .release()
-        .await;
+        let body = read_and_release(upstream, pool, backend).await;
         let detail = String::from_utf8_lossy(&body)
             .chars()
             .take(200)
@@ -1091,6 +1074,21 @@ async fn attempt(
             Attempt::Answered(Outcome::Success)
         }
     }
+}
+
+/// Reads an error answer's body and gives the connection back: an answer read to its end
+/// leaves a sound connection, which the retry after a `Retry-After`, or the next request,
+/// reuses instead of a new connection (and TLS handshake) to a backend that is only busy.
+async fn read_and_release(mut upstream: HttpSession, pool: &Pool, backend: &Backend) -> Vec<u8> {
+    let body = read_error_body(&mut upstream).await;
+    Upstream {
+        session: upstream,
+        pool,
+        peer: &backend.peer,
+    }
+    .release()
+    .await;
+    body
 }
 
 /// Request bodies up to this size leave in the same write as their HTTP/1.1 head.

@@ -29,6 +29,21 @@ fn gateway(upstreams: &str) -> Gateway {
     })
 }
 
+/// An upstream named `name`, and a gateway whose pool `aks` (model `gpt-4o`, with `extra`
+/// in its section) has it as its one backend.
+fn lone_backend(name: &str, extra: &str) -> (Upstream, Gateway) {
+    let upstream = start(UpstreamOptions {
+        name: name.to_owned(),
+        ..options()
+    });
+    let gateway = gateway(&format!(
+        "{}{}",
+        pool("aks", r#""gpt-4o" = "m""#, extra),
+        backend("aks", &upstream, 1, "v1"),
+    ));
+    (upstream, gateway)
+}
+
 /// A `[[upstreams.POOL.backends]]` entry for a running upstream.
 fn backend(pool: &str, upstream: &Upstream, weight: u32, version: &str) -> String {
     format!(
@@ -408,15 +423,7 @@ fn a_pool_that_is_down_falls_back_to_the_local_model_or_answers_503() {
 #[test]
 fn a_half_open_trial_frees_the_backend_once_its_answer_begins() {
     let _serial = serial();
-    let upstream = start(UpstreamOptions {
-        name: "lone".to_owned(),
-        ..options()
-    });
-    let gateway = gateway(&format!(
-        "{}{}",
-        pool("aks", r#""gpt-4o" = "m""#, ""),
-        backend("aks", &upstream, 1, "v1"),
-    ));
+    let (upstream, gateway) = lone_backend("lone", "");
     block_on(async {
         // One failure opens the lone backend's circuit (failures_to_open = 1).
         upstream
@@ -451,15 +458,7 @@ fn a_half_open_trial_frees_the_backend_once_its_answer_begins() {
 #[test]
 fn an_answer_over_the_pools_size_limit_is_refused_without_blaming_the_backend() {
     let _serial = serial();
-    let upstream = start(UpstreamOptions {
-        name: "verbose".to_owned(),
-        ..options()
-    });
-    let gateway = gateway(&format!(
-        "{}{}",
-        pool("aks", r#""gpt-4o" = "m""#, "response_bytes_max = 64"),
-        backend("aks", &upstream, 1, "v1"),
-    ));
+    let (_upstream, gateway) = lone_backend("verbose", "response_bytes_max = 64");
     block_on(async {
         // Twice over the limit: each a 502, and the backend stays in (failures_to_open = 1
         // would have opened its circuit after the first had it counted as the backend's).
@@ -482,15 +481,7 @@ fn an_answer_over_the_pools_size_limit_is_refused_without_blaming_the_backend() 
 #[test]
 fn a_stream_the_backend_breaks_off_ends_with_an_error_event_and_a_failed_record() {
     let _serial = serial();
-    let mut upstream = start(UpstreamOptions {
-        name: "breaks".to_owned(),
-        ..options()
-    });
-    let gateway = gateway(&format!(
-        "{}{}",
-        pool("aks", r#""gpt-4o" = "m""#, ""),
-        backend("aks", &upstream, 1, "v1"),
-    ));
+    let (mut upstream, gateway) = lone_backend("breaks", "");
     block_on(async {
         upstream.set_behaviour(json!({"hold": true})).await;
         let mut response = tests::client()
@@ -558,15 +549,7 @@ fn a_stream_the_backend_breaks_off_ends_with_an_error_event_and_a_failed_record(
 #[test]
 fn the_first_chunk_arrives_while_the_upstream_holds_the_rest_and_a_leaving_client_cancels() {
     let _serial = serial();
-    let upstream = start(UpstreamOptions {
-        name: "slow".to_owned(),
-        ..options()
-    });
-    let gateway = gateway(&format!(
-        "{}{}",
-        pool("aks", r#""gpt-4o" = "m""#, ""),
-        backend("aks", &upstream, 1, "v1"),
-    ));
+    let (upstream, gateway) = lone_backend("slow", "");
     block_on(async {
         upstream.set_behaviour(json!({"hold": true})).await;
         let mut response = post(&gateway, &chat("gpt-4o", json!({"stream": true}))).await;

@@ -64,6 +64,27 @@ fn rehash(mut record: Map<String, Value>) -> String {
     Value::Object(record).to_string()
 }
 
+/// `records` as a careful forger writes them: numbered on from the first, each linked to
+/// the one before it and rehashed, so that every hash holds.
+fn relinked(records: impl IntoIterator<Item = Map<String, Value>>) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut previous: Option<Map<String, Value>> = None;
+    for mut record in records {
+        if let Some(previous) = &previous {
+            let previous_seq = previous.get(SEQ).and_then(Value::as_u64).unwrap_or(0);
+            record.insert(SEQ.into(), (previous_seq + 1).into());
+            record.insert(
+                crate::audit::record::PREV_HASH.into(),
+                previous.get(RECORD_HASH).cloned().unwrap_or_default(),
+            );
+        }
+        let line = rehash(record);
+        previous = Some(parse(&line));
+        lines.push(line);
+    }
+    lines
+}
+
 fn set_property(line: &str, name: &str, value: Value) -> Map<String, Value> {
     let mut record = parse(line);
     if let Some(Value::Object(properties)) = record.get_mut("Properties") {
@@ -278,33 +299,20 @@ fn a_chain_rewritten_without_its_checkpoints_is_caught_by_their_absence() -> any
     let text = std::fs::read_to_string(&file)?;
     // A forger without the device key edits seq 3, drops every checkpoint after it,
     // renumbers, relinks and rehashes the rest, and removes the anchor: every hash holds.
-    let mut forged: Vec<String> = Vec::new();
-    let mut previous: Option<Map<String, Value>> = None;
-    for line in text.lines() {
-        let mut record = parse(line);
+    let records = text.lines().map(parse).filter_map(|mut record| {
         let seq = record.get(SEQ).and_then(Value::as_u64).unwrap_or(0);
         let category = record.get("Category").and_then(Value::as_str).unwrap_or("");
         if seq > 2 && category == crate::audit::record::Category::Checkpoint.as_str() {
-            continue;
+            return None;
         }
         if seq == 3
             && let Some(Value::Object(properties)) = record.get_mut("Properties")
         {
             properties.insert("Route".into(), "local".into());
         }
-        if let Some(previous) = &previous {
-            let previous_seq = previous.get(SEQ).and_then(Value::as_u64).unwrap_or(0);
-            record.insert(SEQ.into(), (previous_seq + 1).into());
-            record.insert(
-                crate::audit::record::PREV_HASH.into(),
-                previous.get(RECORD_HASH).cloned().unwrap_or_default(),
-            );
-        }
-        let line = rehash(record);
-        previous = Some(parse(&line));
-        forged.push(line);
-    }
-    std::fs::write(&file, forged.join("\n") + "\n")?;
+        Some(record)
+    });
+    std::fs::write(&file, relinked(records).join("\n") + "\n")?;
     std::fs::remove_file(directory.join(files::CHECKPOINT_HEAD_FILE))?;
     let problem = verify_path(&directory, &[])?.problem;
     // The epoch writes a checkpoint every 4 records (a few lifecycle records may pass):
@@ -326,28 +334,11 @@ fn start_records_forged_to_restart_the_count_are_caught() -> anyhow::Result<()> 
     let start = parse(&lines[position(&lines, 1)]);
     // A copy of the start record put into epoch 1 after seq 4, renumbered and relinked,
     // the rest after it relinked too: the forger's way to restart the count.
-    let mut forged: Vec<String> = Vec::new();
-    let mut previous: Option<Map<String, Value>> = None;
-    for line in &lines {
-        let mut records = vec![parse(line)];
-        if seq_of(line) == 5 {
-            records.insert(0, start.clone());
-        }
-        for mut record in records {
-            if let Some(previous) = &previous {
-                let previous_seq = previous.get(SEQ).and_then(Value::as_u64).unwrap_or(0);
-                record.insert(SEQ.into(), (previous_seq + 1).into());
-                record.insert(
-                    crate::audit::record::PREV_HASH.into(),
-                    previous.get(RECORD_HASH).cloned().unwrap_or_default(),
-                );
-            }
-            let line = rehash(record);
-            previous = Some(parse(&line));
-            forged.push(line);
-        }
-    }
-    std::fs::write(&file, forged.join("\n") + "\n")?;
+    let records = lines.iter().flat_map(|line| {
+        let extra = (seq_of(line) == 5).then(|| start.clone());
+        extra.into_iter().chain([parse(line)])
+    });
+    std::fs::write(&file, relinked(records).join("\n") + "\n")?;
     std::fs::remove_file(directory.join(files::CHECKPOINT_HEAD_FILE))?;
     let problem = verify_path(&directory, &[])?.problem;
     assert_eq!(
