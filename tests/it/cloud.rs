@@ -519,22 +519,7 @@ fn a_stream_the_backend_breaks_off_ends_with_an_error_event_and_a_failed_record(
             "backend details reached the client: {error}"
         );
         // Its record, durable before those last bytes, says the answer failed.
-        let (status, body) = crate::console::admin_json(
-            &gateway,
-            reqwest::Method::GET,
-            "/admin/api/audit/records?category=IsthmusAudit&limit=50",
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        let outcome = body["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|record| {
-                record["RequestId"] == "broken-1" && record["ResultDescription"] != "responding"
-            })
-            .unwrap_or_else(|| panic!("no outcome record: {body}"));
+        let outcome = crate::console::outcome_record(&gateway, "broken-1").await;
         assert_eq!(outcome["ResultType"], "Failed", "{outcome}");
         assert!(
             outcome["ResultDescription"]

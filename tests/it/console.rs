@@ -89,6 +89,28 @@ pub(crate) async fn admin_json(
     )
 }
 
+/// The outcome record (not the intent's `responding` one) of the request `request_id` among
+/// the latest stored audit records, through the admin API.
+pub(crate) async fn outcome_record(gateway: &Gateway, request_id: &str) -> Value {
+    let (status, body) = admin_json(
+        gateway,
+        reqwest::Method::GET,
+        "/admin/api/audit/records?category=IsthmusAudit&limit=50",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|record| {
+            record["RequestId"] == request_id && record["ResultDescription"] != "responding"
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no outcome record for {request_id}: {body}"))
+}
+
 /// Three local answers, two cloud ones and one request the firewall blocks; then a card
 /// number sent to the local model (answered) and to the cloud one (refused: it may not
 /// leave, and no local model has that name).

@@ -236,20 +236,8 @@ fn the_local_model_answers_a_responses_request_as_it_answers_chat() {
         }
 
         // The audit record names the operation.
-        let (status, body) = crate::console::admin_json(
-            &gateway,
-            reqwest::Method::GET,
-            "/admin/api/audit/records?category=IsthmusAudit&limit=50",
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        let answered = body["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|record| record["RequestId"] == "r-1" && record["ResultType"] == "Succeeded")
-            .unwrap_or_else(|| panic!("no outcome record for r-1: {body}"));
+        let answered = crate::console::outcome_record(&gateway, "r-1").await;
+        assert_eq!(answered["ResultType"], "Succeeded", "{answered}");
         assert_eq!(
             answered["OperationName"],
             "Isthmus/inference/responses/action"

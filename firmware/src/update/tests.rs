@@ -1,5 +1,5 @@
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey};
@@ -387,16 +387,7 @@ fn an_update_after_a_rollback_by_hand_waits_for_the_restart() {
 
 #[test]
 fn keys_and_slots_that_another_user_could_change_are_refused() {
-    let scratch = tempfile::tempdir().unwrap();
-    let factory = scratch.path().join("usr");
-    tree(&factory, b"factory");
-    let signer = key(7);
-    let keys = keys_directory(scratch.path(), &[&signer]);
-    let root = scratch.path().join("root");
-    tree(&root, b"new");
-    let bundle = scratch.path().join("update.bin");
-    pack(&root, "1.0.0", &signer, &bundle).unwrap();
-    let firmware = Firmware::new(&scratch.path().join("firmware"), &factory);
+    let (scratch, keys, bundle, firmware) = one_update(7);
     let mode = |path: &Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     };
@@ -464,16 +455,7 @@ fn keys_and_slots_that_another_user_could_change_are_refused() {
 
 #[test]
 fn a_delayed_commit_ends_only_the_trial_it_waited_for() {
-    let scratch = tempfile::tempdir().unwrap();
-    let factory = scratch.path().join("usr");
-    tree(&factory, b"factory");
-    let signer = key(8);
-    let keys = keys_directory(scratch.path(), &[&signer]);
-    let root = scratch.path().join("root");
-    tree(&root, b"new");
-    let bundle = scratch.path().join("update.bin");
-    pack(&root, "1.0.0", &signer, &bundle).unwrap();
-    let firmware = Firmware::new(&scratch.path().join("firmware"), &factory);
+    let (_scratch, keys, bundle, firmware) = one_update(8);
     firmware.apply(&bundle, &keys, false).unwrap();
     firmware.boot().unwrap();
     let seen = firmware.state().unwrap().trial.unwrap();
@@ -487,4 +469,20 @@ fn a_delayed_commit_ends_only_the_trial_it_waited_for() {
     firmware.rollback().unwrap();
     assert_eq!(firmware.commit_trial(&again).unwrap(), None);
     assert_eq!(firmware.state().unwrap().active, Slot::Factory);
+}
+
+/// A scratch directory with a factory tree, trusted keys of one signer (`seed`), a bundle of
+/// version 1.0.0 signed by it, and firmware in `<scratch>/firmware`.
+fn one_update(seed: u8) -> (tempfile::TempDir, PathBuf, PathBuf, Firmware) {
+    let scratch = tempfile::tempdir().unwrap();
+    let factory = scratch.path().join("usr");
+    tree(&factory, b"factory");
+    let signer = key(seed);
+    let keys = keys_directory(scratch.path(), &[&signer]);
+    let root = scratch.path().join("root");
+    tree(&root, b"new");
+    let bundle = scratch.path().join("update.bin");
+    pack(&root, "1.0.0", &signer, &bundle).unwrap();
+    let firmware = Firmware::new(&scratch.path().join("firmware"), &factory);
+    (scratch, keys, bundle, firmware)
 }
