@@ -2739,7 +2739,8 @@ impl Loop<'_> {
     /// evicting what the cache's bounds require; nothing when they are too few or already in.
     fn park(&mut self, id: SeqId, tokens: Vec<i32>) {
         let length = tokens.len();
-        if length < PREFIX_PARK_TOKENS_MIN {
+        // A prefix no prompt can share (recurrent layers) is not worth its memory.
+        if length < PREFIX_PARK_TOKENS_MIN || !self.shares_prefixes {
             return;
         }
         let Some(park) = self.prefixes.park(tokens) else {

@@ -405,6 +405,12 @@ impl Admin {
             Ok(page) => page,
             Err(error) => return unavailable(error),
         };
+        // The oldest record the store still holds (retention deletes from the start): the
+        // look back ends there.
+        let oldest_stored = match trail.log.read(1, 1).await {
+            Ok(first) => first.first().map_or(u64::MAX, |(seq, _)| *seq),
+            Err(error) => return unavailable(error),
+        };
         let mut records: Vec<serde_json::Value> = Vec::new();
         let mut scanned = page.len();
         // Records below this `Seq` are still to look at.
@@ -428,7 +434,7 @@ impl Admin {
                     break;
                 }
             }
-            if records.len() == limit || scanned >= scan || below <= 1 {
+            if records.len() == limit || scanned >= scan || below <= oldest_stored.max(1) {
                 break;
             }
             // The next `Seq`s down, whatever gaps the store has (counted as looked at).

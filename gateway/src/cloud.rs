@@ -537,34 +537,42 @@ fn backend_address(
 /// backends count in tokens of their own and would inflate a byte count many times.
 fn estimated_prompt_tokens(body: &[u8]) -> u32 {
     let bytes = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(value) => text_bytes(&value),
+        Ok(value) => text_bytes(None, &value),
         Err(_) => body.len(),
     };
     u32::try_from(bytes.div_ceil(PROMPT_BYTES_PER_TOKEN)).unwrap_or(u32::MAX)
 }
 
-/// Bytes of a JSON value's strings and keys, attachments left out.
-fn text_bytes(value: &serde_json::Value) -> usize {
+/// Bytes of a JSON value's strings and keys, attachments left out: a `data:…;base64,` URL,
+/// or base64 of at least [`ATTACHMENT_BYTES_MIN`] under a key that holds an attachment's
+/// bytes (`data`, `file_data`). Text elsewhere counts whatever it looks like, so a caller
+/// cannot shrink its estimate by how it writes its prompt.
+fn text_bytes(key: Option<&str>, value: &serde_json::Value) -> usize {
     use serde_json::Value;
     match value {
         Value::String(text) => {
-            let attachment = text.starts_with("data:")
-                || (text.len() >= ATTACHMENT_BYTES_MIN
-                    && text
-                        .bytes()
-                        .all(|byte| byte.is_ascii_alphanumeric() || b"+/=\n\r".contains(&byte)));
-            if attachment { 0 } else { text.len() }
+            let data_url = matches!(key, Some("url" | "image_url" | "file_data"))
+                && text.starts_with("data:")
+                && text
+                    .get(..text.find(',').unwrap_or(0))
+                    .is_some_and(|head| head.ends_with(";base64"));
+            let raw = matches!(key, Some("data" | "file_data"))
+                && text.len() >= ATTACHMENT_BYTES_MIN
+                && text
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"+/=\n\r".contains(&byte));
+            if data_url || raw { 0 } else { text.len() }
         }
-        Value::Array(items) => items.iter().map(text_bytes).sum(),
+        Value::Array(items) => items.iter().map(|item| text_bytes(key, item)).sum(),
         Value::Object(members) => members
             .iter()
-            .map(|(key, value)| key.len() + text_bytes(value))
+            .map(|(name, value)| name.len() + text_bytes(Some(name), value))
             .sum(),
         Value::Number(_) | Value::Bool(_) | Value::Null => 4,
     }
 }
 
-/// A string of base64 this long or longer is taken for an attachment's bytes.
+/// A run of base64 this long or longer under an attachment's key is taken for its bytes.
 const ATTACHMENT_BYTES_MIN: usize = 1024;
 
 /// Bytes per token of the prompt estimate.
@@ -933,6 +941,11 @@ async fn attempt(
     let sent = tokio::select! {
         sent = sent => sent,
         idle = session.as_downstream_mut().read_body_or_idle(true) => {
+            // Gone while the backend works on the prompt (a whole answer's header comes
+            // when it is done): charged its estimate like a caller gone mid-answer.
+            if ctx.usage.prompt_tokens == 0 {
+                ctx.usage.prompt_tokens = estimated_prompt_tokens(body);
+            }
             return Attempt::ClientGone(client_gone(idle));
         }
     };

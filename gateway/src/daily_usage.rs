@@ -147,10 +147,11 @@ const CALLERS_MAX: usize = 100_000;
 /// Where callers beyond [`CALLERS_MAX`] are counted, together.
 const OVERFLOW_CALLER: &str = "overflow";
 
-/// The key `caller` is counted under: its own, or once the day's map is full and it is not
-/// in it yet, the one shared by all such callers (whose budget they then share).
+/// The key `caller` is counted under: its own, or for an anonymous client (keyed by address)
+/// once the day's map is full and it is not in it yet, the one shared by all such clients.
+/// API keys, a bounded set the configuration names, always keep their own.
 fn counted_as<'a>(used: &BTreeMap<String, u64>, caller: &'a str) -> &'a str {
-    if used.len() >= CALLERS_MAX && !used.contains_key(caller) {
+    if caller.starts_with("anonymous") && used.len() >= CALLERS_MAX && !used.contains_key(caller) {
         OVERFLOW_CALLER
     } else {
         caller

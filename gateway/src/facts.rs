@@ -494,7 +494,11 @@ pub fn explanation(evaluation: &Evaluation, policy: &router_policies::Policy) ->
         "sensitive": outcome.sensitive,
         "entities": evaluation.scan.entity_types,
         "attachments": evaluation.attachments,
-        "spillover": outcome.state.any(),
+        // Whether this request's model is spilling (each local model spills by its own queue).
+        "spillover": match &outcome.decision {
+            Decision::Local { model, .. } => policy.spilling_for(outcome.state, model),
+            other => other.rule() == router_policies::SPILLOVER_RULE,
+        },
         "rules": verdicts,
         "waf": waf_explanation(&evaluation.waf),
     })

@@ -72,7 +72,7 @@ pub fn decide(
             failed,
         });
         if failed.is_none() {
-            decision = Some(carry_out(&rule.action, &rule.name, requested));
+            decision = Some(carry_out(policy, &rule.action, &rule.name, requested));
             break;
         }
     }
@@ -157,7 +157,7 @@ pub fn decide(
     }
 }
 
-fn carry_out(action: &Action, rule: &str, requested: Option<&str>) -> Decision {
+fn carry_out(policy: &Policy, action: &Action, rule: &str, requested: Option<&str>) -> Decision {
     let rule = rule.to_owned();
     let cloud = |pool: &str, model: &Option<String>, redact: bool| Decision::Cloud {
         pool: pool.to_owned(),
@@ -169,8 +169,11 @@ fn carry_out(action: &Action, rule: &str, requested: Option<&str>) -> Decision {
         redact,
     };
     match action {
+        // A rule may name a model by an alias: the decision names it as the engine does.
         Action::Local { model } => Decision::Local {
-            model: model.clone(),
+            model: policy
+                .resolve(model)
+                .map_or_else(|| model.clone(), |local| local.name.clone()),
             rule,
         },
         Action::Cloud { pool, model } => cloud(pool, model, false),

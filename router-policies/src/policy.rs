@@ -119,6 +119,13 @@ impl Policy {
     }
 
     /// The model a client-visible name refers to.
+    /// Whether spillover is on in `state` for local model `name` (its name or an alias).
+    pub fn spilling_for(&self, state: crate::RouteState, name: &str) -> bool {
+        self.resolve(name)
+            .and_then(|model| self.local_index(&model.name))
+            .is_some_and(|index| state.spilling(index))
+    }
+
     /// The position of local model `name` (its canonical name) in the policy.
     pub(crate) fn local_index(&self, name: &str) -> Option<usize> {
         self.local_models

@@ -252,4 +252,15 @@ fn the_prompt_estimate_counts_text_not_attachments() {
         "QUJD".repeat(4096)
     );
     assert!(estimated_prompt_tokens(raw_audio.as_bytes()) < 20);
+    // Text that merely looks like an attachment is text.
+    let disguised = format!(
+        r#"{{"messages":[{{"role":"user","content":"data: {}"}}]}}"#,
+        "word ".repeat(2000)
+    );
+    assert!(estimated_prompt_tokens(disguised.as_bytes()) > 2000);
+    let unspaced = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "Q".repeat(8000)
+    );
+    assert!(estimated_prompt_tokens(unspaced.as_bytes()) >= 2000);
 }

@@ -890,3 +890,59 @@ fn each_local_model_spills_by_its_own_queue() {
     let outcome = ask("smollm2", &loads(5, 0), state);
     assert_eq!(outcome.decision.rule(), "spillover");
 }
+
+#[test]
+fn a_rule_naming_a_model_by_its_alias_decides_the_model_and_spills_by_its_queue() {
+    let policy = base(None)
+        .with_rules(
+            vec![rule(
+                "by-alias",
+                Conditions::default(),
+                Action::Local {
+                    model: "gpt-4o-mini".to_owned(),
+                },
+            )],
+            Vec::new(),
+            Some(spillover_to("gpt-4o")),
+        )
+        .unwrap_or_else(|errors| panic!("{errors:?}"));
+    let local = [LocalLoad {
+        model: "smollm2",
+        queue_depth: 0,
+        kv_use: 0.1,
+    }];
+    let busy = [LocalLoad {
+        model: "smollm2",
+        queue_depth: 9,
+        kv_use: 0.1,
+    }];
+    let pools = [("aks", true), ("onprem", true)];
+    let facts = RequestFacts::default();
+    let quiet = decide(
+        &policy,
+        &facts,
+        &Signals {
+            local: &local,
+            pools: &pools,
+        },
+        RouteState::default(),
+    );
+    assert_eq!(
+        quiet.decision,
+        Decision::Local {
+            model: "smollm2".to_owned(),
+            rule: "by-alias".to_owned()
+        }
+    );
+    let spilled = decide(
+        &policy,
+        &facts,
+        &Signals {
+            local: &busy,
+            pools: &pools,
+        },
+        quiet.state,
+    );
+    assert_eq!(spilled.decision.rule(), "spillover");
+    assert!(policy.spilling_for(spilled.state, "gpt-4o-mini"));
+}
