@@ -596,6 +596,18 @@ pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
         .unwrap()
 }
 
+/// An HTTPS client that trusts the test CA and speaks HTTP/1.1 only (kept-alive
+/// connections of its own, where HTTP/2 would multiplex).
+pub fn client_http1() -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(TestPki::shared().ca_pem.as_bytes()).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .http1_only()
+        .build()
+        .unwrap()
+}
+
 /// An HTTPS client that trusts the test CA.
 pub fn client() -> reqwest::Client {
     client_trusting(&TestPki::shared().ca_pem)

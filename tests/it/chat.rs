@@ -1064,7 +1064,7 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
                     Some(calls) => {
                         let name = calls[0]["function"]["name"].as_str().unwrap();
                         assert!(["get_weather", "get_time"].contains(&name), "{answer}");
-                        let streamed = streamed_call_pieces(&stream);
+                        let streamed = crate::sse_tool_arguments(&stream);
                         assert_eq!(
                             streamed,
                             calls[0]["function"]["arguments"].as_str().unwrap(),
@@ -1080,18 +1080,6 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
             }
         }
     });
-}
-
-/// The arguments of a streamed answer's first call, joined.
-fn streamed_call_pieces(text: &str) -> String {
-    sse_chunks(text)
-        .iter()
-        .filter_map(|chunk| {
-            chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 /// The deltas of a streamed call (`tool_calls` entries, or the older `function_call`

@@ -362,14 +362,7 @@ fn sigterm_lets_a_running_stream_finish_and_refuses_new_connections() {
     let text = block_on(async {
         // A client with an idle kept-alive HTTP/1.1 connection, from an earlier request
         // (HTTP/2 connections are told to go away by Pingora itself).
-        let idle = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(tests::TestPki::shared().ca_pem.as_bytes()).unwrap(),
-            )
-            .http1_only()
-            .build()
-            .unwrap();
+        let idle = tests::client_http1();
         let models = idle
             .get(gateway.url("/v1/models"))
             .bearer_auth(API_KEY)

@@ -235,14 +235,7 @@ fn https_negotiates_http2_through_alpn() {
             .unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.version(), reqwest::Version::HTTP_2);
-        let http1 = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(
-                reqwest::Certificate::from_pem(tests::TestPki::shared().ca_pem.as_bytes()).unwrap(),
-            )
-            .http1_only()
-            .build()
-            .unwrap();
+        let http1 = tests::client_http1();
         let response = http1.get(upstream.url("/health")).send().await.unwrap();
         assert_eq!(response.version(), reqwest::Version::HTTP_11);
         let requests = upstream.requests().await;
