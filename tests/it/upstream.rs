@@ -480,10 +480,11 @@ fn sigterm_stops_it_cleanly() {
     assert!(status.success(), "{status:?}");
 }
 
-/// Runs `isthmus bench` against `upstream` with `args` (not streamed unless they say so) and
-/// returns its JSON report.
-fn bench_report(upstream: &Upstream, args: &[&str]) -> Value {
-    let output = std::process::Command::new(tests::isthmus_binary())
+/// `isthmus bench` against `upstream` with `args` (not streamed unless they say so, four
+/// tokens, no warm-up, a JSON report).
+fn bench_command(upstream: &Upstream, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(tests::isthmus_binary());
+    command
         .args([
             "bench",
             "--url",
@@ -497,9 +498,14 @@ fn bench_report(upstream: &Upstream, args: &[&str]) -> Value {
             &["--stream", "false"][..]
         })
         .args(["--max-tokens", "4", "--warmup", "0", "--json"])
-        .args(args)
-        .output()
-        .unwrap();
+        .args(args);
+    command
+}
+
+/// Runs `isthmus bench` against `upstream` with `args` (not streamed unless they say so) and
+/// returns its JSON report.
+fn bench_report(upstream: &Upstream, args: &[&str]) -> Value {
+    let output = bench_command(upstream, args).output().unwrap();
     assert!(output.status.success(), "{output:?}");
     serde_json::from_slice(&output.stdout).unwrap()
 }
@@ -598,34 +604,20 @@ fn bench_stopped_by_sigint_finishes_what_it_started_and_reports() {
     // Timed against a rate: not beside a gateway test's inference threads.
     let _serial = tests::serial();
     let upstream = start(options());
-    let child = std::process::Command::new(tests::isthmus_binary())
-        .args([
-            "bench",
-            "--url",
-            &upstream.base_url(),
-            "--model",
-            "gpt-test",
-        ])
-        .args([
-            "--stream",
-            "false",
-            "--max-tokens",
-            "4",
-            "--warmup",
-            "0",
-            "--json",
-        ])
-        .args([
+    let child = bench_command(
+        &upstream,
+        &[
             "--concurrency",
             "1",
             "--requests",
             "100000",
             "--interval-ms",
             "50",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     block_on(async {
         upstream
             .wait_for_stats(STATS_DEADLINE, |stats| {
