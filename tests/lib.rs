@@ -235,6 +235,7 @@ pub struct GatewayOptions {
     pub header_bytes_max: u64,
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
+    pub keepalive_timeout_ms: u64,
     pub connections_max: u32,
     pub drain_timeout_ms: u64,
     /// `server.config_watch_interval_ms`: 0 reloads only on request.
@@ -254,6 +255,7 @@ impl Default for GatewayOptions {
             header_bytes_max: 16 * 1024,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
+            keepalive_timeout_ms: 60_000,
             connections_max: 64,
             drain_timeout_ms: 30_000,
             config_watch_interval_ms: 0,
@@ -292,6 +294,7 @@ body_bytes_max = {body}
 header_bytes_max = {header}
 header_read_timeout_ms = {header_timeout}
 body_read_timeout_ms = {body_timeout}
+keepalive_timeout_ms = {keepalive_timeout}
 connections_max = {connections}
 first_token_timeout_ms = 60000
 
@@ -320,6 +323,7 @@ level = "info,gateway=debug,edge_runtime=debug"
         header = options.header_bytes_max,
         header_timeout = options.header_read_timeout_ms,
         body_timeout = options.body_read_timeout_ms,
+        keepalive_timeout = options.keepalive_timeout_ms,
         connections = options.connections_max,
         model = model_path(),
         context = options.context_tokens,

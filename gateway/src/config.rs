@@ -65,6 +65,24 @@ impl ConfigError {
 /// own cap on a request header.
 const HEADER_BYTES_MAX_LIMIT: u64 = 1_048_575;
 
+/// The largest `server.limits.body_bytes_max`: a body is held in memory whole (and may be
+/// held twice while it is rewritten), so a larger cap means "unlimited", which this is not.
+const BODY_BYTES_MAX_LIMIT: u64 = 1 << 30;
+
+/// The longest `server.limits.keepalive_timeout_ms`: an idle connection holds one of
+/// `connections_max`.
+const KEEPALIVE_TIMEOUT_MAX_MS: u64 = 3_600_000;
+
+/// Whether two listeners could not both be bound: the same port (not 0, which picks a free
+/// one) on the same address, or on any address where one of them is the wildcard.
+fn overlaps(first: SocketAddr, second: SocketAddr) -> bool {
+    first.port() != 0
+        && first.port() == second.port()
+        && (first.ip() == second.ip()
+            || first.ip().is_unspecified()
+            || second.ip().is_unspecified())
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -184,6 +202,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Longest pause while reading a request body.
     pub body_read_timeout: Duration,
+    /// Longest wait of an idle kept-alive connection for its next request (whole seconds:
+    /// HTTP/1 keep-alive counts in them).
+    pub keepalive_timeout: Duration,
     /// Longest wait for one write of a response to a client (one that stopped reading
     /// holds its connection, a stream and a backend's connection no longer than this).
     pub response_write_timeout: Duration,
@@ -444,6 +465,7 @@ struct RawLimits {
     header_bytes_max: u64,
     header_read_timeout_ms: u64,
     body_read_timeout_ms: u64,
+    keepalive_timeout_ms: u64,
     response_write_timeout_ms: u64,
     connections_max: u32,
     first_token_timeout_ms: u64,
@@ -456,6 +478,7 @@ impl Default for RawLimits {
             header_bytes_max: 64 * 1024,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
+            keepalive_timeout_ms: 60_000,
             response_write_timeout_ms: 60_000,
             connections_max: 1_024,
             first_token_timeout_ms: 120_000,
@@ -985,6 +1008,25 @@ impl Validator<'_> {
             .plain_listen
             .as_ref()
             .map(|value| self.address("server.plain_listen", value));
+        let named = [
+            ("server.listen", listen),
+            ("server.admin_listen", admin_listen),
+            ("server.plain_listen", plain_listen.flatten()),
+        ];
+        for (at, (path, address)) in named.iter().enumerate() {
+            let Some(address) = address else { continue };
+            if let Some((other, _)) = named[..at]
+                .iter()
+                .find(|(_, earlier)| earlier.is_some_and(|earlier| overlaps(earlier, *address)))
+            {
+                self.error(
+                    *path,
+                    format!(
+                        "`{address}` takes the port {other} listens on; give each listener its own"
+                    ),
+                );
+            }
+        }
         if raw.worker_threads == Some(0) {
             self.error("server.worker_threads", "must be greater than 0");
         }
@@ -992,9 +1034,14 @@ impl Validator<'_> {
             (Some(cert), Some(key)) => {
                 let cert = self.resolve(cert);
                 let key = self.resolve(key);
-                self.readable_file("server.tls.cert", &cert);
-                self.readable_file("server.tls.key", &key);
-                Some(TlsFiles { cert, key })
+                let files = TlsFiles { cert, key };
+                if self.readable_file("server.tls.cert", &files.cert)
+                    & self.readable_file("server.tls.key", &files.key)
+                    && let Err(error) = crate::tls::check(&files)
+                {
+                    self.error("server.tls", error.to_string());
+                }
+                Some(files)
             }
             (None, None) => None,
             (Some(_), None) => {
@@ -1017,7 +1064,12 @@ impl Validator<'_> {
             );
         }
         let limits = &raw.limits;
-        self.positive("server.limits.body_bytes_max", limits.body_bytes_max);
+        if !(1..=BODY_BYTES_MAX_LIMIT).contains(&limits.body_bytes_max) {
+            self.error(
+                "server.limits.body_bytes_max",
+                format!("must be from 1 to {BODY_BYTES_MAX_LIMIT} (1 GiB)"),
+            );
+        }
         // Above 1 MiB the HTTP/1 parser's own cap would refuse a header first, with a bare
         // 400 instead of the gateway's 431 and its OpenAI error body.
         if !(1_024..=HEADER_BYTES_MAX_LIMIT).contains(&limits.header_bytes_max) {
@@ -1034,6 +1086,12 @@ impl Validator<'_> {
             "server.limits.body_read_timeout_ms",
             limits.body_read_timeout_ms,
         );
+        if !(1_000..=KEEPALIVE_TIMEOUT_MAX_MS).contains(&limits.keepalive_timeout_ms) {
+            self.error(
+                "server.limits.keepalive_timeout_ms",
+                format!("must be from 1000 to {KEEPALIVE_TIMEOUT_MAX_MS} (an hour)"),
+            );
+        }
         self.positive(
             "server.limits.response_write_timeout_ms",
             limits.response_write_timeout_ms,
@@ -1079,6 +1137,7 @@ impl Validator<'_> {
                 header_bytes_max: limits.header_bytes_max,
                 header_read_timeout: Duration::from_millis(limits.header_read_timeout_ms),
                 body_read_timeout: Duration::from_millis(limits.body_read_timeout_ms),
+                keepalive_timeout: Duration::from_secs(limits.keepalive_timeout_ms.div_ceil(1_000)),
                 response_write_timeout: Duration::from_millis(limits.response_write_timeout_ms),
                 connections_max: limits.connections_max,
                 first_token_timeout: Duration::from_millis(limits.first_token_timeout_ms),

@@ -143,6 +143,9 @@ pub struct RequestContext {
     pub client_ip: Option<std::net::IpAddr>,
     /// The body was asked for (and `100 Continue` sent where the client waits for it).
     pub body_requested: bool,
+    /// The longest a body refused unread is read and dropped for, in all: the time a client
+    /// has for a request header (`header_read_timeout_ms`).
+    pub unread_body_timeout: Duration,
     _in_flight: Option<InFlight>,
 }
 
@@ -729,7 +732,7 @@ pub async fn respond_error(
         .map(|transcoder| transcoder.error_in_request_terms(error));
     let error = renamed.as_ref().unwrap_or(error);
     if !ctx.body_requested {
-        drain_unread_body(session).await;
+        drain_unread_body(session, ctx.unread_body_timeout).await;
     }
     ctx.outcome = Some(error.record_description());
     let body = error.body_json();
@@ -749,14 +752,17 @@ pub async fn respond_error(
 /// connection can serve the next request; a longer body ends the connection.
 const UNREAD_BODY_DRAIN_BYTES_MAX: u64 = 1 << 20;
 
+/// The most memory a request body's declared length reserves before its bytes arrive.
+const BODY_PREALLOCATION_BYTES_MAX: u64 = 1 << 20;
+
 /// Reads and drops the body of a request answered before its body was asked for (refused by
 /// authentication, admission or routing), so that the body's bytes are not read as the next
 /// request on the connection and the client, still sending, sees the answer instead of a
 /// reset. Where that cannot be done the connection ends with the answer: a client waiting
 /// for `100 Continue` sends its body late or not at all, so what it sends next cannot be told
-/// apart from that body; a body longer than [`UNREAD_BODY_DRAIN_BYTES_MAX`] or one that
-/// cannot be read is not worth waiting for.
-async fn drain_unread_body(session: &mut Session) {
+/// apart from that body; a body longer than [`UNREAD_BODY_DRAIN_BYTES_MAX`], one still
+/// arriving after `timeout` or one that cannot be read is not worth waiting for.
+async fn drain_unread_body(session: &mut Session, timeout: Duration) {
     let header = session.req_header();
     if header.version != http::Version::HTTP_11 && header.version != http::Version::HTTP_10 {
         return;
@@ -776,22 +782,26 @@ async fn drain_unread_body(session: &mut Session) {
         session.set_keepalive(None);
         return;
     }
-    let mut drained = 0u64;
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                drained += chunk.len() as u64;
-                if drained > UNREAD_BODY_DRAIN_BYTES_MAX {
-                    session.set_keepalive(None);
-                    return;
+    let drain = async {
+        let mut drained = 0u64;
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    drained += chunk.len() as u64;
+                    if drained > UNREAD_BODY_DRAIN_BYTES_MAX {
+                        return false;
+                    }
                 }
-            }
-            Ok(None) => return,
-            Err(_) => {
-                session.set_keepalive(None);
-                return;
+                Ok(None) => return true,
+                Err(_) => return false,
             }
         }
+    };
+    // Each read has its own timeout, but a body trickled in a byte per read would hold the
+    // connection for as long as the client liked, with no key needed.
+    let drained = tokio::time::timeout(timeout, drain).await;
+    if !matches!(drained, Ok(true)) {
+        session.set_keepalive(None);
     }
 }
 
@@ -1676,7 +1686,14 @@ impl DataPlane {
                 Failure::ClientGone(format!("writing 100 Continue: {error}"))
             })?;
         }
-        let mut body = BytesMut::with_capacity(declared.unwrap_or(0).min(limit_bytes) as usize);
+        // Memory follows the bytes that arrive, not the length a client declares: requests
+        // that each declare the limit and send nothing would otherwise take it each at once.
+        let mut body = BytesMut::with_capacity(
+            declared
+                .unwrap_or(0)
+                .min(limit_bytes)
+                .min(BODY_PREALLOCATION_BYTES_MAX) as usize,
+        );
         // Pingora times out each read of an HTTP/1 body (`set_read_timeout`); an HTTP/2
         // stream's reads get the same limit here.
         let read_timeout = self.state.config.server.limits.body_read_timeout;
@@ -1825,6 +1842,7 @@ impl ProxyHttp for DataPlane {
             cors_origin: None,
             client_ip: None,
             body_requested: false,
+            unread_body_timeout: Duration::ZERO,
             _in_flight: None,
         }
     }
@@ -1836,10 +1854,19 @@ impl ProxyHttp for DataPlane {
     ) -> pingora_error::Result<()> {
         ctx.started = Instant::now();
         ctx._in_flight = Some(self.state.begin_request());
-        session.set_read_timeout(Some(self.state.config.server.limits.body_read_timeout));
+        let limits = &self.state.config.server.limits;
+        session.set_read_timeout(Some(limits.body_read_timeout));
+        ctx.unread_body_timeout = limits.header_read_timeout;
+        // Pingora keeps an HTTP/1.1 connection waiting for its next request for ever: a
+        // client (authenticated or not) could hold every one of `connections_max` with
+        // connections it opened once and left idle. A connection that is not to be kept
+        // (`Connection: close`, HTTP/1.0, a drain) stays so.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(limits.keepalive_timeout.as_secs()));
+        }
         // Pingora waits forever for a client that stopped reading; a stream's slot, its
         // connection and a backend's connection would go with it.
-        session.set_write_timeout(Some(self.state.config.server.limits.response_write_timeout));
+        session.set_write_timeout(Some(limits.response_write_timeout));
         Ok(())
     }
 

@@ -43,8 +43,9 @@ const ADMIN_CONNECTIONS_MAX: usize = 64;
 /// [`ADMIN_CONNECTIONS_MAX`].
 const ADMIN_LOOPBACK_RESERVE: usize = 8;
 
-/// How long an HTTP/2 connection with no open stream stays open.
-const HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an admin HTTP/2 connection with no open stream stays open: the time Pingora
+/// keeps an idle admin HTTP/1 connection.
+const ADMIN_HTTP2_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often draining checks whether requests are still in flight.
 const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -329,15 +330,16 @@ async fn run(
     };
 
     // An HTTP/2 connection with no stream open is closed after the time an idle HTTP/1
-    // connection is kept (Pingora's 60 s): otherwise it would hold one of
-    // `connections_max` for ever.
+    // connection is kept (`keepalive_timeout_ms` on the data plane): otherwise it would hold
+    // one of `connections_max` for ever.
     let mut server_options = pingora_core::apps::HttpServerOptions::default();
-    server_options.h2_idle_timeout = Some(HTTP2_IDLE_TIMEOUT);
+    server_options.h2_idle_timeout = Some(ADMIN_HTTP2_IDLE_TIMEOUT);
     let mut admin_app = HttpServer::new_app(Admin::new(Arc::clone(&state)));
     admin_app.server_options = Some(server_options.clone());
     let admin_app = Arc::new(admin_app);
     let mut data_proxy =
         pingora_proxy::http_proxy(&pingora_conf, DataPlane::new(Arc::clone(&state)));
+    server_options.h2_idle_timeout = Some(config.server.limits.keepalive_timeout);
     data_proxy.server_options = Some(server_options);
     // HTTP/2 requests get the same header cap as HTTP/1 ones (h2 answers 431 above it),
     // instead of Pingora's fixed 64 KiB.

@@ -73,29 +73,40 @@ impl ReloadingCertResolver {
 
     /// Reloads if either file changed since the last load. Returns whether it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let now = (stamp(&self.files.cert), stamp(&self.files.key));
-        let changed = self
+        let mut last = self
             .stamps
             .lock()
-            .map(|stamps| *stamps != now)
-            .unwrap_or(true);
-        if !changed {
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *last == (stamp(&self.files.cert), stamp(&self.files.key)) {
             return Ok(false);
         }
-        self.reload()?;
+        self.reload_holding(&mut last)?;
         Ok(true)
     }
 
     /// Reloads unconditionally (SIGHUP).
     pub fn reload(&self) -> Result<(), TlsError> {
+        let mut last = self
+            .stamps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.reload_holding(&mut last)
+    }
+
+    /// Loads and installs the files' certificate, with `last` (the stamps' lock) held from
+    /// before reading them to after installing it: two reloads at once (SIGHUP and the file
+    /// watch) would otherwise interleave, the older read installed last and its stamps saying
+    /// nothing changed since.
+    fn reload_holding(
+        &self,
+        last: &mut (Option<FileStamp>, Option<FileStamp>),
+    ) -> Result<(), TlsError> {
         let stamps = (stamp(&self.files.cert), stamp(&self.files.key));
         let key = load_certified_key(&self.files, &self.provider)?;
         if let Ok(mut current) = self.current.write() {
             *current = Arc::new(key);
         }
-        if let Ok(mut last) = self.stamps.lock() {
-            *last = stamps;
-        }
+        *last = stamps;
         tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
         Ok(())
     }
@@ -116,6 +127,12 @@ impl ResolvesServerCert for ReloadingCertResolver {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.current.read().ok().map(|current| Arc::clone(&current))
     }
+}
+
+/// Whether the files hold a certificate chain and a private key that matches it, as
+/// [`ReloadingCertResolver::load`] would use them (for `check-config`).
+pub fn check(files: &TlsFiles) -> Result<(), TlsError> {
+    load_certified_key(files, &rustls::crypto::ring::default_provider()).map(drop)
 }
 
 fn load_certified_key(

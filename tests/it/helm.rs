@@ -898,6 +898,10 @@ fn bad_values_are_refused_with_the_key_named() {
             "server.limits: Additional property body_bytes_mx",
         ),
         (
+            set("server.limits.header_bytes_max=512"),
+            "server.limits.header_bytes_max: Must be greater than or equal to 1024",
+        ),
+        (
             set("server.tls.certManager.issuerRef.kind=Vault"),
             "issuerRef.kind must be one of",
         ),

@@ -119,6 +119,7 @@ fn slow_and_oversized_headers_are_cut_off() {
     let options = GatewayOptions {
         header_read_timeout_ms: 300,
         header_bytes_max: 4096,
+        keepalive_timeout_ms: 1_000,
         ..GatewayOptions::default()
     };
     // Plain TCP to the admin listener and to a plain-HTTP data listener, which apply the
@@ -240,6 +241,40 @@ fn slow_and_oversized_headers_are_cut_off() {
             "the connection was still open after 10 s: {error}"
         );
     }
+    // A kept-alive connection left idle after its answer (here a 401: no key needed) is
+    // closed at the keep-alive timeout, not held for ever.
+    let mut idle = std::net::TcpStream::connect(plain).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(idle, "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let read = idle.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok()
+            && answer.starts_with("HTTP/1.1 401")
+            && !answer.to_ascii_lowercase().contains("connection: close"),
+        "expected a kept-alive 401 and then a close, got {read:?} {answer}"
+    );
+    // A refused request whose body trickles in is answered and closed at the header
+    // deadline: the body of a request refused unread is not waited for longer.
+    let mut trickle = std::net::TcpStream::connect(plain).unwrap();
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        trickle,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n{{\"model\""
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = trickle.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok() && answer.starts_with("HTTP/1.1 401"),
+        "expected a 401 and a close, got {read:?} {answer}"
+    );
     // The data plane's refusals are counted (the admin listener's are not its traffic).
     let metrics = gateway.metrics();
     for line in [

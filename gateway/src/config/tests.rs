@@ -262,7 +262,7 @@ x = 1
         "models.other.context_tokens: invalid type: string \"big\", expected u32".to_owned(),
         "server.listen: `nowhere` is not an address of the form IP:PORT (e.g. 127.0.0.1:8443)"
             .to_owned(),
-        "server.limits.body_bytes_max: must be greater than 0".to_owned(),
+        "server.limits.body_bytes_max: must be from 1 to 1073741824 (1 GiB)".to_owned(),
         "server.limits.header_bytes_max: must be from 1024 to 1048575".to_owned(),
         "auth.api_keys[0].key_env: environment variable UNSET_VARIABLE is not set or empty"
             .to_owned(),
@@ -274,6 +274,38 @@ x = 1
         assert!(errors.contains(line), "missing `{line}` in {errors:#?}");
     }
     assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+}
+
+#[test]
+fn listeners_limits_and_tls_files_are_checked_before_they_are_used() {
+    let (dir, source) = fixture();
+    let garbage = dir.path().join("garbage.pem");
+    if let Err(error) = std::fs::write(&garbage, "not a certificate\n") {
+        panic!("writing fixture: {error}");
+    }
+    let text = format!(
+        "{}\n[server.limits]\nbody_bytes_max = 2147483648\nkeepalive_timeout_ms = 500\n\
+         [server.tls]\ncert = \"garbage.pem\"\nkey = \"garbage.pem\"\n",
+        VALID.replace(
+            "listen = \"127.0.0.1:0\"\n",
+            "listen = \"0.0.0.0:8443\"\nadmin_listen = \"127.0.0.1:9090\"\n\
+             plain_listen = \"127.0.0.1:8443\"\n",
+        )
+    );
+    let errors = errors_of(&text, &source);
+    let expected = [
+        "server.plain_listen: `127.0.0.1:8443` takes the port server.listen listens on; give each listener its own".to_owned(),
+        format!("server.tls: {}: no PEM certificate found", garbage.display()),
+        "server.limits.body_bytes_max: must be from 1 to 1073741824 (1 GiB)".to_owned(),
+        "server.limits.keepalive_timeout_ms: must be from 1000 to 3600000 (an hour)".to_owned(),
+    ];
+    assert_eq!(errors, expected, "{errors:#?}");
+    // Port 0 picks a free port for each listener: no clash.
+    let text = VALID.replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",
+    );
+    assert_eq!(errors_of(&text, &source), Vec::<String>::new());
 }
 
 #[test]
