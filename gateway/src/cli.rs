@@ -214,18 +214,26 @@ fn parse_extra_body(text: &str) -> Result<serde_json::Map<String, serde_json::Va
 }
 
 /// Loads the file and checks what the running gateway would also build from it: the routing
-/// policy and the cloud pools (host names resolve, TLS files load).
+/// policy and the cloud pools (TLS files load; a host name that does not resolve is a
+/// warning).
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     let loaded = config::load(path, &ProcessEnvironment).map_err(|errors| {
         report(path, &errors);
         ExitCode::from(2)
     })?;
-    let problems: Vec<String> = crate::reload::build_routing(loaded.clone(), None)
-        .err()
-        .unwrap_or_default();
-    if problems.is_empty() {
-        return Ok(loaded);
-    }
+    let problems = match crate::reload::build_routing(loaded.clone(), None) {
+        Ok(routing) => {
+            // Not errors: the gateway starts without them and takes them in once they resolve.
+            for problem in routing.pools.unresolved() {
+                eprintln!(
+                    "{}: warning: {problem} (the backend takes no traffic until it resolves)",
+                    path.display()
+                );
+            }
+            return Ok(loaded);
+        }
+        Err(problems) => problems,
+    };
     let errors: Vec<ConfigError> = problems
         .into_iter()
         .map(|problem| match problem.split_once(": ") {

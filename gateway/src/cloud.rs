@@ -136,10 +136,22 @@ static POOL_BUILDS: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 struct Backend {
     config: BackendConfig,
-    /// The address its host name resolved to, which its connections go to.
-    address: SocketAddr,
+    /// The address its host name resolved to, which its connections go to; `None` while the
+    /// name has not resolved since the backend was configured (it then takes no requests and
+    /// no probes, and the pools are rebuilt once it resolves).
+    address: Option<SocketAddr>,
+    /// Why the name did not resolve, when it did not.
+    unresolved: Option<String>,
     peer: HttpPeer,
     health: Arc<Mutex<Health>>,
+    /// Counters carried across rebuilds of its pool (reloads, moved addresses) like its
+    /// health: requests still running on the old build end on them, and the limit on
+    /// requests in flight holds across builds.
+    counters: Arc<BackendCounters>,
+}
+
+#[derive(Debug, Default)]
+struct BackendCounters {
     in_flight: AtomicU32,
     requests: AtomicU64,
     /// Connections opened to it (for requests and probes); the rest were reused.
@@ -179,6 +191,8 @@ pub struct BackendStatus {
     pub url: String,
     pub weight: u32,
     pub variant: Option<String>,
+    /// Whether its host name resolved (a backend whose name never did takes no traffic).
+    pub resolved: bool,
     pub probed_healthy: bool,
     pub circuit: &'static str,
     pub in_flight: u32,
@@ -193,7 +207,7 @@ impl BackendStatus {
     /// Whether the backend gets traffic now: its probes pass, its circuit is not open and no
     /// `Retry-After` holds it back.
     pub fn takes_traffic(&self) -> bool {
-        self.probed_healthy && self.circuit != "open" && self.throttled_ms == 0
+        self.resolved && self.probed_healthy && self.circuit != "open" && self.throttled_ms == 0
     }
 }
 
@@ -223,14 +237,42 @@ impl Pools {
     }
 
     /// Whether some backend's host name no longer resolves to the address its connections
-    /// go to (a name that does not resolve just now keeps its address). Blocks.
+    /// go to, or resolves now where it did not (a name that does not resolve just now keeps
+    /// its address). Blocks.
     pub fn moved(&self) -> bool {
         self.by_name.values().any(|pool| {
             pool.backends.iter().any(|backend| {
-                resolve_all(&backend.config.host, backend.config.port)
-                    .is_ok_and(|addresses| !addresses.contains(&backend.address))
+                resolve_all(&backend.config.host, backend.config.port).is_ok_and(|addresses| {
+                    backend
+                        .address
+                        .is_none_or(|address| !addresses.contains(&address))
+                })
             })
         })
+    }
+
+    /// `key: problem` for every backend whose host name did not resolve: it takes no traffic
+    /// until it does (checked every [`BACKEND_RESOLVE_INTERVAL`]).
+    pub fn unresolved(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .by_name
+            .values()
+            .flat_map(|pool| {
+                pool.backends
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(index, backend)| {
+                        backend.unresolved.as_ref().map(|message| {
+                            format!(
+                                "upstreams.{}.backends[{index}].url: {message}",
+                                pool.config.name
+                            )
+                        })
+                    })
+            })
+            .collect();
+        problems.sort();
+        problems
     }
 
     /// Puts these pools in charge of their backends' health records (kept across a reload)
@@ -263,6 +305,7 @@ impl Pools {
                 let available = pool.backends.iter().any(|backend| {
                     let health = lock(&backend.health);
                     backend.config.weight > 0
+                        && backend.address.is_some()
                         && health.probed_healthy
                         && health.circuit.is_available(now)
                         && health.not_before_ms <= now
@@ -286,15 +329,16 @@ impl Pools {
                         url: backend.config.url.clone(),
                         weight: backend.config.weight,
                         variant: backend.config.variant().map(str::to_owned),
+                        resolved: backend.address.is_some(),
                         probed_healthy: health.probed_healthy,
                         circuit: match health.circuit.phase(now) {
                             router_policies::CircuitPhase::Closed => "closed",
                             router_policies::CircuitPhase::Open => "open",
                             router_policies::CircuitPhase::HalfOpen => "half_open",
                         },
-                        in_flight: backend.in_flight.load(Ordering::Relaxed),
-                        requests: backend.requests.load(Ordering::Relaxed),
-                        connections: backend.connections.load(Ordering::Relaxed),
+                        in_flight: backend.counters.in_flight.load(Ordering::Relaxed),
+                        requests: backend.counters.requests.load(Ordering::Relaxed),
+                        connections: backend.counters.connections.load(Ordering::Relaxed),
                         throttled_ms: health.not_before_ms.saturating_sub(now),
                     }
                 })
@@ -317,7 +361,7 @@ impl Pool {
     async fn session(&self, backend: &Backend) -> pingora_error::Result<(HttpSession, bool)> {
         let (session, reused) = self.connector.get_http_session(&backend.peer).await?;
         if !reused {
-            backend.connections.fetch_add(1, Ordering::Relaxed);
+            backend.counters.connections.fetch_add(1, Ordering::Relaxed);
         }
         Ok((session, reused))
     }
@@ -344,7 +388,7 @@ impl Pool {
             ));
         }
         let mut backends = Vec::new();
-        for (index, backend) in config.backends.iter().enumerate() {
+        for backend in &config.backends {
             // The same backend before this build, if there was one.
             let old = previous.and_then(|pool| {
                 pool.backends
@@ -352,14 +396,18 @@ impl Pool {
                     .find(|old| old.config.name == backend.name && old.config.url == backend.url)
             });
             let resolved = resolve_all(&backend.host, backend.port);
-            if let (Err(message), Some(old)) = (&resolved, old) {
-                tracing::warn!(pool = %config.name, backend = %backend.name, %message, address = %old.address, "keeping the backend's address");
+            let old_address = old.and_then(|old| old.address);
+            if let (Err(message), Some(address)) = (&resolved, old_address) {
+                tracing::warn!(pool = %config.name, backend = %backend.name, %message, %address, "keeping the backend's address");
             }
-            let address = match backend_address(resolved, old.map(|old| old.address)) {
-                Ok(address) => address,
+            // A name that does not resolve is not an error: an appliance that starts while its
+            // uplink or DNS is down must still start and serve locally, and take the backend
+            // in once its name resolves.
+            let (address, unresolved) = match backend_address(resolved, old_address) {
+                Ok(address) => (Some(address), None),
                 Err(message) => {
-                    errors.push(format!("{key}.backends[{index}].url: {message}"));
-                    continue;
+                    tracing::warn!(pool = %config.name, backend = %backend.name, %message, "the backend's host name does not resolve: it takes no traffic until it does");
+                    (None, Some(message))
                 }
             };
             let sni = config
@@ -367,7 +415,11 @@ impl Pool {
                 .sni
                 .clone()
                 .unwrap_or_else(|| backend.host.clone());
-            let mut peer = HttpPeer::new(address, backend.tls, sni);
+            // Never connected to while `address` is `None`.
+            let peer_address = address.unwrap_or_else(|| {
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), backend.port)
+            });
+            let mut peer = HttpPeer::new(peer_address, backend.tls, sni);
             peer.options.connection_timeout = Some(config.connect_timeout);
             peer.options.total_connection_timeout = Some(config.connect_timeout);
             peer.options.idle_timeout = Some(IDLE_CONNECTION_TIMEOUT);
@@ -380,14 +432,14 @@ impl Pool {
                 (UpstreamProtocol::Auto, true) => ALPN::H2H1,
             };
             let health = old.map(|old| Arc::clone(&old.health)).unwrap_or_default();
+            let counters = old.map(|old| Arc::clone(&old.counters)).unwrap_or_default();
             backends.push(Backend {
                 config: backend.clone(),
                 address,
+                unresolved,
                 peer,
                 health,
-                in_flight: AtomicU32::new(0),
-                requests: AtomicU64::new(0),
-                connections: AtomicU64::new(0),
+                counters,
             });
         }
         if !errors.is_empty() {
@@ -419,10 +471,11 @@ impl Pool {
                     name: &backend.config.name,
                     weight: backend.config.weight,
                     variant: backend.config.variant(),
-                    available: health.probed_healthy
+                    available: backend.address.is_some()
+                        && health.probed_healthy
                         && health.circuit.is_available(now)
                         && health.not_before_ms <= now
-                        && backend.in_flight.load(Ordering::Relaxed)
+                        && backend.counters.in_flight.load(Ordering::Relaxed)
                             < self.config.requests_per_backend_max,
                 }
             })
@@ -647,7 +700,7 @@ impl Drop for Chosen<'_> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -738,8 +791,8 @@ pub async fn forward(
             Err(NoBackend::Unavailable) => break,
         };
         let backend = &pool.backends[index];
-        backend.in_flight.fetch_add(1, Ordering::Relaxed);
-        backend.requests.fetch_add(1, Ordering::Relaxed);
+        backend.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        backend.counters.requests.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(backend);
         ctx.attempts += 1;
         let path = pool.path(&backend.config, request.action, upstream_model);
@@ -1873,6 +1926,9 @@ async fn probe_loop(pool: Weak<Pool>) {
         };
         let mut probes = tokio::task::JoinSet::new();
         for index in 0..pool.backends.len() {
+            if pool.backends[index].address.is_none() {
+                continue;
+            }
             let pool = Arc::clone(&pool);
             probes.spawn(async move { probe(&pool, index).await });
         }

@@ -143,8 +143,8 @@ fn retry_after_is_read_as_seconds_or_as_a_date() {
     assert_eq!(retry_after_wait("-5", now), None);
 }
 
-/// A pool `aks` of three backends of weight 1, built from configuration text.
-fn three_backend_pool() -> Pool {
+/// The pools of one pool `aks` with `backends` (a TOML array), built from configuration text.
+fn pools_with(backends: &str) -> Pools {
     struct NoEnvironment;
     impl crate::config::Environment for NoEnvironment {
         fn var(&self, _: &str) -> Option<String> {
@@ -154,20 +154,62 @@ fn three_backend_pool() -> Pool {
             Some(8 << 30)
         }
     }
-    let text = r#"
-[auth]
-allow_anonymous = true
-[upstreams.aks]
-models = { "gpt-4o" = "m" }
-backends = [
+    let text = format!(
+        "[auth]\nallow_anonymous = true\n[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"m\" }}\n\
+         backends = {backends}\n"
+    );
+    let config = crate::config::parse(&text, std::path::Path::new("isthmus.toml"), &NoEnvironment)
+        .unwrap_or_else(|errors| panic!("{errors:?}"));
+    Pools::build(&config.upstreams, None).unwrap_or_else(|errors| panic!("{errors:?}"))
+}
+
+/// A pool `aks` of three backends of weight 1.
+fn three_backend_pool() -> Arc<Pool> {
+    let pools = pools_with(
+        r#"[
   { url = "http://127.0.0.1:9", name = "a" },
   { url = "http://127.0.0.1:10", name = "b" },
   { url = "http://127.0.0.1:11", name = "c" },
-]
-"#;
-    let config = crate::config::parse(text, std::path::Path::new("isthmus.toml"), &NoEnvironment)
-        .unwrap_or_else(|errors| panic!("{errors:?}"));
-    Pool::build(&config.upstreams[0], None).unwrap_or_else(|errors| panic!("{errors:?}"))
+]"#,
+    );
+    Arc::clone(pools.get("aks").unwrap())
+}
+
+#[test]
+fn a_backend_whose_name_does_not_resolve_is_kept_out_of_traffic_not_refused() {
+    // `.invalid` never resolves (RFC 6761).
+    let pools = pools_with(
+        r#"[
+  { url = "http://127.0.0.1:9", name = "a" },
+  { url = "http://backend.invalid:8000", name = "gone" },
+]"#,
+    );
+    let unresolved = pools.unresolved();
+    assert_eq!(unresolved.len(), 1, "{unresolved:?}");
+    assert!(
+        unresolved[0].starts_with("upstreams.aks.backends[1].url: cannot resolve backend.invalid"),
+        "{unresolved:?}"
+    );
+    let statuses = pools.status();
+    let gone = statuses
+        .iter()
+        .find(|status| status.backend == "gone")
+        .unwrap();
+    assert!(!gone.resolved && !gone.takes_traffic(), "{gone:?}");
+    assert_eq!(pools.availability(), [("aks".to_owned(), true)]);
+    let pool = pools.get("aks").unwrap();
+    let facts = |exclude| BalanceFacts {
+        variant: None,
+        sticky_key: None,
+        exclude,
+    };
+    assert!(
+        !pool.could_choose(&facts(&[0])),
+        "only the unresolved one is left"
+    );
+    for _ in 0..4 {
+        assert_eq!(pool.choose(&facts(&[])).map(|(index, _)| index), Ok(0));
+    }
 }
 
 #[test]
@@ -227,7 +269,8 @@ fn a_backend_keeps_its_address_while_its_name_gives_it_or_does_not_resolve() {
     assert_eq!(backend_address(Ok(vec![b, a]), Some(a)), Ok(a));
     // Moved: the name no longer gives it.
     assert_eq!(backend_address(Ok(vec![b]), Some(a)), Ok(b));
-    // A DNS blip: kept, or for a backend that never resolved, the error.
+    // A DNS blip: kept, or for a backend that never resolved, the error (the backend is then
+    // built without an address).
     assert_eq!(backend_address(Err("no".to_owned()), Some(a)), Ok(a));
     assert_eq!(
         backend_address(Err("no".to_owned()), None),

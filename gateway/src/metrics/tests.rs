@@ -56,6 +56,7 @@ fn requests_tokens_and_latencies_are_counted() {
         url: "https://v2.example/".to_owned(),
         weight: 10,
         variant: Some("v2".to_owned()),
+        resolved: true,
         probed_healthy: true,
         circuit: "open",
         in_flight: 1,
