@@ -8,8 +8,10 @@
 //! zero-width spaces or hide it in Unicode tag characters, all of which a model still reads;
 //! a URL pasted into a prompt carries its query's values percent-escaped
 //! (`?email=jane.doe%40contoso.com`), text copied from a page's source its HTML character
-//! references (`jane&#64;contoso.com`), and people write addresses as `jane [at] contoso
-//! [dot] com` to keep them from harvesters.
+//! references (`jane&#64;contoso.com`), and a JSON document held in a string (a tool's
+//! result as Python's `json.dumps` writes it) its characters outside ASCII, and what some
+//! encoders escape besides, as `\uXXXX` (`4111\u00a01111`, `jane\u0040contoso.com`); people
+//! write addresses as `jane [at] contoso [dot] com` to keep them from harvesters.
 //! [`Folded::of`] writes such text with those characters as the ASCII they stand for (or
 //! without them, where they are invisible) and keeps, for every byte it writes, where the
 //! character it came from lies in the original, so that findings are reported, redacted and
@@ -168,7 +170,9 @@ impl Folded {
     fn build(text: &str, letters: bool) -> Option<Folded> {
         // In ASCII text only escapes can fold: look at each byte that may start one alone
         // (most texts have none).
-        if u32::try_from(text.len()).is_err() || (text.is_ascii() && !has_escape(text.as_bytes())) {
+        if u32::try_from(text.len()).is_err()
+            || (text.is_ascii() && !has_escape(text.as_bytes(), letters))
+        {
             return None;
         }
         let first = candidates(text, 0, letters)
@@ -250,17 +254,17 @@ fn candidates(
             .iter()
             .position(|&byte| !byte.is_ascii() || ESCAPE_STARTS.contains(&byte))?;
         if bytes[at].is_ascii() {
-            let found = match escape(bytes, at) {
+            let found = match escape(bytes, at, letters) {
                 // A bracketed `[at]` takes the space before it along (`jane [at] contoso`).
-                Some((length, byte)) if matches!(bytes[at], b'[' | b'(') => {
+                Some((length, kind)) if matches!(bytes[at], b'[' | b'(') => {
                     let start = if at > searched && bytes[at - 1] == b' ' {
                         at - 1
                     } else {
                         at
                     };
-                    (start, at + length - start, Fold::Ascii(byte))
+                    (start, at + length - start, kind)
                 }
-                Some((length, byte)) => (at, length, Fold::Ascii(byte)),
+                Some((length, kind)) => (at, length, kind),
                 None => (at, 1, Fold::Keep),
             };
             at = found.0 + found.1;
@@ -274,13 +278,13 @@ fn candidates(
 }
 
 /// Bytes that may start an ASCII escape.
-const ESCAPE_STARTS: [u8; 4] = [b'%', b'&', b'[', b'('];
+const ESCAPE_STARTS: [u8; 5] = [b'%', b'&', b'[', b'(', b'\\'];
 
 /// Whether ASCII `bytes` hold an escape anywhere.
-fn has_escape(bytes: &[u8]) -> bool {
+fn has_escape(bytes: &[u8], letters: bool) -> bool {
     memchr::memchr3_iter(b'%', b'&', b'[', bytes)
-        .chain(memchr::memchr_iter(b'(', bytes))
-        .any(|at| escape(bytes, at).is_some())
+        .chain(memchr::memchr2_iter(b'(', b'\\', bytes))
+        .any(|at| escape(bytes, at, letters).is_some())
 }
 
 /// Named character references worth reading: what hides an address or a number.
@@ -295,21 +299,17 @@ const ENTITIES: [(&[u8], u8); 8] = [
     (b"&plus;", b'+'),
 ];
 
-/// An ASCII escape of a printable ASCII character at `at`, its length and the character:
-/// a URL's `%40`; an HTML character reference (`&#64;`, `&#x40;`, `&commat;`), as text
-/// copied from a page's source carries it; or the bracketed `[at]`, `(at)`, `[dot]`,
+/// An ASCII escape at `at`, its length and what it folds to: a printable ASCII character
+/// for a URL's `%40`, an HTML character reference (`&#64;`, `&#x40;`, `&commat;`) as text
+/// copied from a page's source carries it, or the bracketed `[at]`, `(at)`, `[dot]`,
 /// `(dot)` with which people write addresses to keep them from harvesters (with the one
-/// space after it; [`candidates`] takes the one before).
-fn escape(bytes: &[u8], at: usize) -> Option<(usize, u8)> {
-    let printable = |value: u32| {
-        u8::try_from(value)
-            .ok()
-            .filter(|byte| (0x20..0x7F).contains(byte))
-    };
+/// space after it; [`candidates`] takes the one before); or a JSON `\uXXXX`
+/// ([`unicode_escape`]).
+fn escape(bytes: &[u8], at: usize, letters: bool) -> Option<(usize, Fold)> {
     match bytes[at] {
         b'%' => {
             let hex = |index: usize| char::from(*bytes.get(index)?).to_digit(16);
-            Some((3, printable(hex(at + 1)? * 16 + hex(at + 2)?)?))
+            Some((3, Fold::Ascii(printable(hex(at + 1)? * 16 + hex(at + 2)?)?)))
         }
         b'&' if bytes.get(at + 1) == Some(&b'#') => {
             let (radix, digits_at) = match bytes.get(at + 2) {
@@ -327,12 +327,12 @@ fn escape(bytes: &[u8], at: usize) -> Option<(usize, u8)> {
             }
             let text = std::str::from_utf8(&bytes[digits_at..digits_at + digits]).ok()?;
             let value = u32::from_str_radix(text, radix).ok()?;
-            Some((digits_at + digits + 1 - at, printable(value)?))
+            Some((digits_at + digits + 1 - at, Fold::Ascii(printable(value)?)))
         }
         b'&' => ENTITIES
             .iter()
             .find(|(name, _)| bytes[at..].starts_with(name))
-            .map(|(name, byte)| (name.len(), *byte)),
+            .map(|(name, byte)| (name.len(), Fold::Ascii(*byte))),
         open @ (b'[' | b'(') => {
             let close = if open == b'[' { b']' } else { b')' };
             // The bracketed word's length with its brackets, if `word` is there.
@@ -348,10 +348,44 @@ fn escape(bytes: &[u8], at: usize) -> Option<(usize, u8)> {
                 (word(b"dot")?, b'.')
             };
             let space = usize::from(bytes.get(at + length) == Some(&b' '));
-            Some((length + space, byte))
+            Some((length + space, Fold::Ascii(byte)))
         }
+        b'\\' => unicode_escape(bytes, at, letters),
         _ => None,
     }
+}
+
+/// A JSON `\uXXXX` at `at`, or a surrogate pair of two (`\udb40\udc40`), its length and
+/// what the character it stands for folds to: printable ASCII as itself, any other
+/// character as [`fold_with`] folds it (`\u00a0` a space, `\u200b` nothing). `None` where
+/// that character stays as it is (`\u00e9`, a control character) and for what is not a
+/// character: fewer than four hexadecimal digits, a lone surrogate.
+fn unicode_escape(bytes: &[u8], at: usize, letters: bool) -> Option<(usize, Fold)> {
+    let unit = |from: usize| -> Option<u32> {
+        let digits = bytes.get(from..from + 6)?.strip_prefix(b"\\u")?;
+        digits.iter().try_fold(0, |value, &digit| {
+            Some(value * 16 + char::from(digit).to_digit(16)?)
+        })
+    };
+    let (length, point) = match unit(at)? {
+        high @ 0xD800..=0xDBFF => {
+            let low = unit(at + 6).filter(|low| (0xDC00..=0xDFFF).contains(low))?;
+            (12, 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+        }
+        point => (6, point),
+    };
+    let kind = match printable(point) {
+        Some(byte) => Fold::Ascii(byte),
+        None => fold_with(char::from_u32(point)?, letters),
+    };
+    (!matches!(kind, Fold::Keep)).then_some((length, kind))
+}
+
+/// The printable ASCII character `value` is, if it is one.
+fn printable(value: u32) -> Option<u8> {
+    u8::try_from(value)
+        .ok()
+        .filter(|byte| (0x20..0x7F).contains(byte))
 }
 
 fn offset(at: usize) -> u32 {

@@ -67,34 +67,38 @@ impl RedactionMap {
         placeholders
     }
 
-    /// Keeps every placeholder-shaped run of `text` (`<` upper-case letters and `_`, `_`,
-    /// digits, `>`) from being handed out: a request that already says `<EMAIL_1>` (a prompt
-    /// about anonymisation) gets `<EMAIL_2>` for its first address, and its own `<EMAIL_1>`
-    /// is not turned into that address in the answer.
+    /// Keeps every placeholder-shaped run of `text` from being handed out: `<`, a label as
+    /// [`crate::sensitivity::EntityType::placeholder_label`] writes one (upper-case letters,
+    /// digits and `_`: a custom entity's name may hold digits, `emp2`, `2fa`), `_`, digits,
+    /// `>`. A request that already says `<EMAIL_1>` (a prompt about anonymisation) gets
+    /// `<EMAIL_2>` for its first address, and its own `<EMAIL_1>` is not turned into that
+    /// address in the answer.
     pub fn reserve_placeholders_in(&mut self, text: &str) {
         let bytes = text.as_bytes();
         let mut search = 0;
         while let Some(offset) = memchr::memchr(b'<', &bytes[search..]) {
             let open = search + offset;
             search = open + 1;
-            let name_end = open
-                + 1
-                + bytes[open + 1..]
-                    .iter()
-                    .take_while(|byte| byte.is_ascii_uppercase() || **byte == b'_')
-                    .count();
-            let digits_end = name_end
-                + bytes[name_end..]
-                    .iter()
-                    .take_while(|byte| byte.is_ascii_digit())
-                    .count();
-            if digits_end > name_end
-                && name_end > open + 2
-                && bytes[name_end - 1] == b'_'
-                && bytes.get(digits_end) == Some(&b'>')
+            let inside = &bytes[open + 1..];
+            let length = inside
+                .iter()
+                .take_while(|byte| {
+                    byte.is_ascii_uppercase() || byte.is_ascii_digit() || **byte == b'_'
+                })
+                .count();
+            // The counter is what follows the last `_`; the label before it is not empty.
+            let counter_at = inside[..length]
+                .iter()
+                .rposition(|byte| *byte == b'_')
+                .map_or(0, |underscore| underscore + 1);
+            if counter_at > 1
+                && counter_at < length
+                && inside[counter_at..length].iter().all(u8::is_ascii_digit)
+                && inside.get(length) == Some(&b'>')
             {
-                self.reserved.insert(text[open..=digits_end].to_owned());
-                search = digits_end + 1;
+                let close = open + 1 + length;
+                self.reserved.insert(text[open..=close].to_owned());
+                search = close + 1;
             }
         }
     }

@@ -46,6 +46,9 @@ const FIELD_BYTES_MAX: usize = 16 * 1024;
 const LOOKUP_WINDOW_BYTES: usize = 128;
 /// Words after an override verb in which the rest of the phrase must follow.
 const PHRASE_WINDOW_WORDS: usize = 6;
+/// The most tags of a subdivision flag: a region (two letters or three digits) and up to
+/// four letters or digits, as CLDR's subdivision codes are (`gbeng`, `usca`).
+const FLAG_TAGS_MAX: usize = 7;
 
 /// How much a matched rule adds to the anomaly score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -546,13 +549,14 @@ fn inspect_target(waf: &Waf, target: &str, findings: &mut Findings<'_>) {
             "raw control character",
         );
     }
-    let decoded = match percent_decode(raw) {
-        Ok(decoded) => decoded,
-        Err(detail) => {
-            findings.add(RULE_BAD_ENCODING, Location::Target, detail);
-            raw.to_vec()
-        }
-    };
+    let (decoded, malformed) = percent_decode(raw);
+    if malformed {
+        findings.add(
+            RULE_BAD_ENCODING,
+            Location::Target,
+            "percent sign without two hexadecimal digits",
+        );
+    }
     if decoded.iter().any(|byte| *byte < 0x20 || *byte == 0x7f) {
         findings.add(
             RULE_CONTROL_CHARACTER,
@@ -572,8 +576,9 @@ fn inspect_target(waf: &Waf, target: &str, findings: &mut Findings<'_>) {
             "overlong-encoded dot or slash",
         );
     }
-    // Once decoded, and once more: `%252e%252e` is `..` to a server that decodes twice.
-    let twice = percent_decode(&decoded).unwrap_or_else(|_| decoded.clone());
+    // Once decoded, and once more: `%252e%252e` is `..` to a server that decodes twice. A
+    // stray `%` that the first pass wrote is no encoding error of the request's.
+    let (twice, _) = percent_decode(&decoded);
     let path_end = |bytes: &[u8]| {
         bytes
             .iter()
@@ -729,27 +734,28 @@ fn inspect_phrases(waf: &Waf, text: &str, index: usize, findings: &mut Findings<
     }
 }
 
-/// Decodes `%XX` escapes once. An escape that is not two hexadecimal digits is an error.
-fn percent_decode(bytes: &[u8]) -> Result<Vec<u8>, &'static str> {
+/// Decodes `%XX` escapes once, and says whether a `%` was not followed by two hexadecimal
+/// digits. Such a `%` is kept as it is and the escapes around it are still decoded, as
+/// lenient servers do: one stray `%` must not leave the rest of the target unread.
+fn percent_decode(bytes: &[u8]) -> (Vec<u8>, bool) {
     let mut decoded = Vec::with_capacity(bytes.len());
+    let mut malformed = false;
     let mut index = 0;
     while index < bytes.len() {
         if bytes[index] == b'%' {
             let high = bytes.get(index + 1).and_then(|byte| hex_value(*byte));
             let low = bytes.get(index + 2).and_then(|byte| hex_value(*byte));
-            match (high, low) {
-                (Some(high), Some(low)) => {
-                    decoded.push(high << 4 | low);
-                    index += 3;
-                    continue;
-                }
-                _ => return Err("percent sign without two hexadecimal digits"),
+            if let (Some(high), Some(low)) = (high, low) {
+                decoded.push(high << 4 | low);
+                index += 3;
+                continue;
             }
+            malformed = true;
         }
         decoded.push(bytes[index]);
         index += 1;
     }
-    Ok(decoded)
+    (decoded, malformed)
 }
 
 fn hex_value(byte: u8) -> Option<u8> {
@@ -788,11 +794,14 @@ fn has_dot_segment(path: &[u8]) -> bool {
 
 /// `${` followed, within a short window, by `:`: a lookup (`${jndi:ldap://…}`,
 /// `${${lower:j}ndi:…}`, `${env:…}`). Header values and identifiers of an API never hold one.
+///
+/// Reads all of `bytes`: the callers cap a header value or the target, but the body's other
+/// strings come joined, and a lookup after 16 KiB of padding in one field is still one. Each
+/// `${` costs at most its window, so the cost stays linear in the text.
 fn lookup_expression(bytes: &[u8]) -> Option<&'static str> {
-    let bytes = &bytes[..bytes.len().min(FIELD_BYTES_MAX)];
-    let mut from = 0;
-    while let Some(offset) = bytes[from..].windows(2).position(|pair| pair == b"${") {
-        let start = from + offset + 2;
+    let openings = memchr::memchr_iter(b'$', bytes).filter(|&at| bytes.get(at + 1) == Some(&b'{'));
+    for opening in openings {
+        let start = opening + 2;
         let window = &bytes[start..bytes.len().min(start + LOOKUP_WINDOW_BYTES)];
         let end = window
             .iter()
@@ -806,34 +815,49 @@ fn lookup_expression(bytes: &[u8]) -> Option<&'static str> {
             let jndi = lower.windows(4).any(|part| part == b"jndi");
             return Some(if jndi { "jndi lookup" } else { "lookup" });
         }
-        from = start;
     }
     None
 }
 
 /// Unicode tag characters (U+E0000–U+E007F) other than those of a subdivision flag
-/// (U+1F3F4 followed by tags and U+E007F), which is their one everyday use.
+/// (U+1F3F4, a subdivision's code in tags, U+E007F), which is their one everyday use.
 fn has_hidden_tag_characters(text: &str) -> bool {
     // Every tag character's UTF-8 starts with 0xF3.
     if memchr::memchr(0xF3, text.as_bytes()).is_none() {
         return false;
     }
-    let mut in_flag = false;
-    for character in text.chars() {
+    let mut characters = text.chars();
+    while let Some(character) = characters.next() {
         match character {
-            '\u{1F3F4}' => in_flag = true,
-            '\u{E0000}'..='\u{E007F}' => {
-                if !in_flag {
-                    return true;
-                }
-                if character == '\u{E007F}' {
-                    in_flag = false;
+            '\u{1F3F4}' => {
+                let rest = characters.as_str();
+                if let Some(length) = flag_tags_bytes(rest) {
+                    characters = rest[length..].chars();
                 }
             }
-            _ => in_flag = false,
+            '\u{E0000}'..='\u{E007F}' => return true,
+            _ => {}
         }
     }
     false
+}
+
+/// The length in bytes of the subdivision flag's tags that `text` starts with: lower-case
+/// letters and digits in tags, at most [`FLAG_TAGS_MAX`], closed by U+E007F CANCEL TAG.
+/// `None` for any other run: a flag's base must not excuse the tags of a hidden message
+/// that follow it.
+fn flag_tags_bytes(text: &str) -> Option<usize> {
+    let mut tags = 0;
+    for (at, character) in text.char_indices() {
+        match character {
+            '\u{E007F}' if tags > 0 => return Some(at + character.len_utf8()),
+            '\u{E0030}'..='\u{E0039}' | '\u{E0061}'..='\u{E007A}' if tags < FLAG_TAGS_MAX => {
+                tags += 1;
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// U+202A–U+202E (embeddings and overrides) and U+2066–U+2069 (isolates), whose UTF-8 starts

