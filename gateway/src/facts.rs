@@ -104,7 +104,11 @@ pub fn evaluate(
         })?;
     let waf = firewall(routing, request, &prompt);
     let mut scan = routing.sensitivity.scan(&prompt);
-    let redacted = if scan.entity_types.is_empty() {
+    let keys = scan
+        .entity_types
+        .iter()
+        .any(|entity| entity == "private_key");
+    let redacted = if scan.entity_types.is_empty() || (keys && unterminated_key(&prompt, routing)) {
         None
     } else {
         redacted_clean(request.body, routing)
@@ -341,6 +345,20 @@ pub fn waf_explanation(verdict: &router_policies::waf::WafVerdict) -> Value {
         "action": verdict.action.as_str(),
         "score": verdict.score,
         "rules": rules,
+    })
+}
+
+/// Whether a text holds a private key without its end (see
+/// [`router_policies::sensitivity::Finding::may_continue`]): redaction replaces what was
+/// found, and the rest of the key, in the next text a model reads, would leave with nothing
+/// to show what it is. Such a request cannot be redacted safely.
+fn unterminated_key(prompt: &PromptTexts, routing: &Routing) -> bool {
+    prompt.texts.iter().any(|text| {
+        routing
+            .sensitivity
+            .findings(text)
+            .iter()
+            .any(|finding| finding.may_continue(text))
     })
 }
 

@@ -25,8 +25,9 @@ pub fn redact_body(
         })?;
     let mut map = RedactionMap::new();
     // Placeholder-shaped text the client wrote itself (`use tags like <EMAIL_1>`) is not
-    // handed out, so the answer's copy of it stays as written.
-    map.reserve_placeholders_in(&String::from_utf8_lossy(body));
+    // handed out, so the answer's copy of it stays as written: read in the strings as they
+    // decode, since an encoder may have escaped it (Go writes `\u003cEMAIL_1\u003e`).
+    reserve_placeholders(&value, &mut map);
     // A JSON answer gets values back inside its strings, escaped.
     map.set_text_is_json(matches!(
         value
@@ -45,6 +46,31 @@ pub fn redact_body(
         message: format!("serialising the redacted body: {error}"),
     })?;
     Ok((Bytes::from(body), map))
+}
+
+/// Reserves the placeholder-shaped text of every string and key of `value`, and of the
+/// strings inside a string that is JSON with escapes (a call's `arguments`).
+fn reserve_placeholders(value: &Value, map: &mut RedactionMap) {
+    match value {
+        Value::String(text) => {
+            map.reserve_placeholders_in(text);
+            if text.contains("\\u")
+                && let Ok(inner) = serde_json::from_str::<Value>(text)
+            {
+                reserve_placeholders(&inner, map);
+            }
+        }
+        Value::Array(items) => items
+            .iter()
+            .for_each(|item| reserve_placeholders(item, map)),
+        Value::Object(fields) => {
+            for (key, item) in fields {
+                map.reserve_placeholders_in(key);
+                reserve_placeholders(item, map);
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
 }
 
 /// Every string inside `value` (message content and parts, tool-call arguments, prompts),

@@ -272,6 +272,20 @@ pub struct Finding {
     pub confidence: f32,
 }
 
+impl Finding {
+    /// Whether the value found in `text` may go on beyond what was found: a private key
+    /// without its end line (`-----END …`, PuTTY's `Private-MAC:`), found to the end of its
+    /// paragraph. Where the text is one of several a model reads in a row (message parts, a
+    /// conversation), the rest of the key may lie in the next one, where nothing marks it as
+    /// a key: replacing what was found would send the rest.
+    pub fn may_continue(&self, text: &str) -> bool {
+        let value = text.get(self.span.clone()).unwrap_or_default();
+        self.entity == EntityType::PrivateKey
+            && !value.contains("-----END")
+            && !value.contains("Private-MAC:")
+    }
+}
+
 /// A per-deployment dictionary: whole-word terms, ASCII case-insensitive.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DictionaryConfig {

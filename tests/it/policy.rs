@@ -196,6 +196,17 @@ fn a_valid_iban_stays_local_while_an_invalid_one_is_routed_by_complexity() {
             route(&response),
             ("local".to_owned(), "fail_closed".to_owned())
         );
+        // A private key split between two messages: its first half is a finding alone and
+        // would be replaced, its second half would leave with nothing to show what it is.
+        let key = json!({"model": "smollm2", "max_tokens": 200, "messages": [
+            {"role": "user", "content": format!("{HARD} Check this key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1c7+9z5Pad7OejecsQ0bu\n")},
+            {"role": "user", "content": "Wq3vXr8sT2yZ0bLk7mN4pQ6dF1gH9jKc\n-----END RSA PRIVATE KEY-----"},
+        ]});
+        let response = send(&gateway, &key, &[("x-team", "finance")]).await;
+        assert_eq!(
+            route(&response),
+            ("local".to_owned(), "fail_closed".to_owned())
+        );
         // Nor do no-break spaces or zero-width spaces between its groups (a copy from a web
         // page, or an attempt to slip it past the scan).
         for separator in ["\u{a0}", "\u{200b}"] {

@@ -286,3 +286,20 @@ fn a_reasoning_models_thoughts_and_refusals_are_restored_too() {
         "Write to jane.doe@contoso.com now"
     );
 }
+
+#[test]
+fn placeholders_the_client_wrote_escaped_are_reserved_too() {
+    // Go's encoder writes `<` and `>` as `\u003c` and `\u003e`; a call's arguments may
+    // escape them once more.
+    let body = br#"{"messages":[{"role":"user","content":"Replace addresses with \u003cEMAIL_1\u003e: jane.doe@contoso.com"},{"role":"assistant","tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{\"tag\":\"\\u003cEMAIL_2\\u003e\"}"}}]}]}"#;
+    let (redacted, map) = redacted(body);
+    let text = String::from_utf8_lossy(&redacted);
+    assert!(!text.contains("jane.doe"), "{text}");
+    assert!(text.contains("<EMAIL_1>: <EMAIL_3>"), "{text}");
+    let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"<EMAIL_1> stands for <EMAIL_3>."}}]}"#;
+    let restored: Value = serde_json::from_slice(&restore_answer(answer, &map)).unwrap_or_default();
+    assert_eq!(
+        restored["choices"][0]["message"]["content"],
+        "<EMAIL_1> stands for jane.doe@contoso.com."
+    );
+}

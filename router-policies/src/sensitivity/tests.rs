@@ -1513,3 +1513,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_private_key_without_its_end_may_go_on_in_the_next_text() {
+    let recognizers = Recognizers::default();
+    let may_continue = |text: &str| -> Vec<bool> {
+        recognizers
+            .scan(text)
+            .iter()
+            .map(|finding| finding.may_continue(text))
+            .collect()
+    };
+    let begin = "key:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1c7+9z5Pad7OejecsQ0bu\n";
+    assert_eq!(may_continue(begin), [true]);
+    assert_eq!(
+        may_continue(&format!(
+            "{begin}Wq3vXr8sT2yZ0bLk\n-----END RSA PRIVATE KEY-----\nthanks"
+        )),
+        [false]
+    );
+    assert_eq!(
+        may_continue(
+            "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nPrivate-Lines: 1\nAAAAIGx"
+        ),
+        [true]
+    );
+    // Other values end where they were found.
+    assert_eq!(may_continue("mail jane.doe@contoso.com"), [false]);
+}
