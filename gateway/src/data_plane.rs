@@ -748,6 +748,29 @@ pub async fn respond_error(
     write_whole(session, ctx, header, Bytes::from(body)).await
 }
 
+/// What an anonymous client's own limits are kept by: its IPv4 address, or the /64 network
+/// of its IPv6 address — one host is given a whole /64 and could send each request from
+/// another address of it.
+fn client_network(address: std::net::IpAddr) -> String {
+    match address.to_canonical() {
+        std::net::IpAddr::V4(address) => address.to_string(),
+        std::net::IpAddr::V6(address) => {
+            let segments = address.segments();
+            let network = std::net::Ipv6Addr::new(
+                segments[0],
+                segments[1],
+                segments[2],
+                segments[3],
+                0,
+                0,
+                0,
+                0,
+            );
+            format!("{network}/64")
+        }
+    }
+}
+
 /// The most bytes of a request body refused unread that are read and dropped so that the
 /// connection can serve the next request; a longer body ends the connection.
 const UNREAD_BODY_DRAIN_BYTES_MAX: u64 = 1 << 20;
@@ -960,16 +983,17 @@ impl DataPlane {
             return Ok(());
         }
         // Anonymous clients share one bucket, or with `per_client` have one each by address
-        // (behind trusted proxies, the address they forwarded for).
+        // (behind trusted proxies, the address they forwarded for; IPv6 by /64).
         let per_client = (api_key_id(ctx).is_none()
             && routing.config.auth.anonymous_limits_per_client)
             .then_some(ctx.client_ip)
-            .flatten();
-        let bucket = match per_client {
+            .flatten()
+            .map(client_network);
+        let bucket = match &per_client {
             Some(address) => format!("{}@{address}", response_owner(ctx)),
             None => response_owner(ctx),
         };
-        let caller = || match (api_key_id(ctx), per_client) {
+        let caller = || match (api_key_id(ctx), &per_client) {
             (Some(id), _) => format!("API key `{id}`"),
             (None, Some(address)) => format!("anonymous client {address}"),
             (None, None) => "anonymous callers".to_owned(),

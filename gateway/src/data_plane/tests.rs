@@ -1,6 +1,6 @@
 use http::Method;
 
-use super::route_path;
+use super::{client_network, route_path};
 
 fn check(method: Method, path: &str, query: Option<&str>) -> String {
     match route_path(&method, path, query) {
@@ -200,4 +200,17 @@ fn a_panic_in_handling_is_caught_and_the_next_request_is_served() {
         let answers = std::pin::pin!(async { 7 });
         assert_eq!(super::unless_it_panics(answers).await, Some(7));
     });
+}
+
+#[test]
+fn anonymous_clients_are_told_apart_by_ipv4_address_or_ipv6_network() {
+    let network = |text: &str| client_network(text.parse().unwrap());
+    assert_eq!(network("192.0.2.7"), "192.0.2.7");
+    assert_eq!(network("::ffff:192.0.2.7"), "192.0.2.7");
+    assert_eq!(network("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+    assert_eq!(
+        network("2001:db8:1:2:bbbb::9"),
+        network("2001:db8:1:2:aaaa::1")
+    );
+    assert_ne!(network("2001:db8:1:3::1"), network("2001:db8:1:2::1"));
 }
