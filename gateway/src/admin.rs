@@ -168,7 +168,8 @@ impl Admin {
         let state = self.state.route_state();
         // Scanning a body of megabytes takes milliseconds: off the threads that serve.
         let explained = tokio::task::spawn_blocking(move || {
-            let headers = crate::facts::header_pairs(&headers);
+            let header_texts = crate::facts::header_texts(&headers);
+            let headers = crate::facts::header_pairs(&header_texts);
             crate::facts::explain(&routing, &target, &headers, &body, &loads, state)
         })
         .await;

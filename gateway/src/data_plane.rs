@@ -1055,7 +1055,8 @@ impl DataPlane {
         routing: &Routing,
     ) -> Result<(), GatewayError> {
         let header = session.req_header();
-        let headers = crate::facts::header_pairs(&header.headers);
+        let header_texts = crate::facts::header_texts(&header.headers);
+        let headers = crate::facts::header_pairs(&header_texts);
         let request = crate::facts::RequestView {
             path: header.uri.path(),
             target: crate::facts::request_target(&header.uri),
@@ -1540,7 +1541,8 @@ impl DataPlane {
         body: &Bytes,
     ) -> Result<Target, GatewayError> {
         let header = session.req_header();
-        let headers = crate::facts::header_pairs(&header.headers);
+        let header_texts = crate::facts::header_texts(&header.headers);
+        let headers = crate::facts::header_pairs(&header_texts);
         let request = crate::facts::RequestView {
             path: header.uri.path(),
             target: crate::facts::request_target(&header.uri),

@@ -50,12 +50,23 @@ pub fn operation_path(path: &str) -> Option<&'static str> {
     (operation != path).then_some(operation)
 }
 
-/// The request's headers as text pairs, for routing and the firewall (a value that is not
-/// visible ASCII is left out: no rule matches on it).
-pub fn header_pairs(headers: &http::HeaderMap) -> Vec<(&str, &str)> {
+/// The request's headers as text, for routing and the firewall: each value as UTF-8, bytes
+/// that are not replaced by U+FFFD. None is left out: a byte the firewall cannot read must
+/// not hide the rest of the value from it (`User-Agent: sqlmap\x80`).
+pub fn header_texts(headers: &http::HeaderMap) -> Vec<(&str, std::borrow::Cow<'_, str>)> {
     headers
         .iter()
-        .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+        .map(|(name, value)| (name.as_str(), String::from_utf8_lossy(value.as_bytes())))
+        .collect()
+}
+
+/// [`header_texts`] as the pairs of text that routing and the firewall take.
+pub fn header_pairs<'a>(
+    texts: &'a [(&'a str, std::borrow::Cow<'a, str>)],
+) -> Vec<(&'a str, &'a str)> {
+    texts
+        .iter()
+        .map(|(name, value)| (*name, value.as_ref()))
         .collect()
 }
 

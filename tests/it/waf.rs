@@ -92,6 +92,21 @@ fn blocked_requests_are_refused_counted_and_audited_without_their_text() {
             .status()
     });
     assert_eq!(scanner, 403);
+    // Nor does a byte that is not visible ASCII hide the rest of the value.
+    let disguised = block_on(async {
+        tests::client()
+            .get(gateway.url("/v1/models"))
+            .bearer_auth(API_KEY)
+            .header(
+                "user-agent",
+                reqwest::header::HeaderValue::from_bytes(b"\x80sqlmap/1.7.2").unwrap(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(disguised, 403);
 
     // A warning alone passes, and is counted as matched.
     let (status, body, _) = post(
@@ -108,9 +123,9 @@ fn blocked_requests_are_refused_counted_and_audited_without_their_text() {
     let metrics = gateway.metrics();
     for line in [
         "isthmus_waf_matches_total{rule=\"990100\",action=\"Blocked\"} 1",
-        "isthmus_waf_matches_total{rule=\"913100\",action=\"Blocked\"} 1",
+        "isthmus_waf_matches_total{rule=\"913100\",action=\"Blocked\"} 2",
         "isthmus_waf_matches_total{rule=\"990130\",action=\"Matched\"} 1",
-        "isthmus_rule_requests_total{route=\"rejected\",rule=\"waf\",status=\"403\"} 2",
+        "isthmus_rule_requests_total{route=\"rejected\",rule=\"waf\",status=\"403\"} 3",
     ] {
         assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
     }
