@@ -25,6 +25,24 @@ pub struct ReloadReport {
     pub restart_required: Vec<String>,
 }
 
+/// The process environment as a reload sees it: its variables, but no free-memory figure.
+/// The models (and their KV caches) are start-up sections that a reload keeps as they were
+/// loaded; checking their KV plan against the memory free now would count the memory the
+/// loaded caches already take, and refuse every reload of a gateway whose cache took more
+/// than half of what was free at start. A changed model section is checked at the restart
+/// it needs.
+struct ReloadEnvironment;
+
+impl config::Environment for ReloadEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        ProcessEnvironment.var(name)
+    }
+
+    fn memory_available_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
 /// Reloads the configuration from the file the process started with. Blocks (it resolves
 /// backend host names), so async callers run it on a blocking thread.
 pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<String>> {
@@ -33,7 +51,7 @@ pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<Strin
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let source = state.config.source.clone();
-    let outcome = config::load(&source, &ProcessEnvironment)
+    let outcome = config::load(&source, &ReloadEnvironment)
         .and_then(|mut config| {
             config
                 .override_listen(state.config.listen_overrides)
@@ -356,7 +374,7 @@ pub fn set_backend_weight(
     let (edited, _) = config::edit::set_backend_weight(
         &original,
         &source,
-        &ProcessEnvironment,
+        &ReloadEnvironment,
         pool,
         backend,
         weight,
@@ -434,7 +452,7 @@ pub fn replace_configuration(
             "{file} changed since it was read: load it again and redo the edit"
         )));
     }
-    let config = config::parse(text, &source, &ProcessEnvironment)
+    let config = config::parse(text, &source, &ReloadEnvironment)
         .and_then(|mut config| {
             config
                 .override_listen(state.config.listen_overrides)
