@@ -224,6 +224,22 @@ pub struct ExportConfig {
 }
 
 impl ExportConfig {
+    /// Everything a running exporter was built from, secrets as digests: `Debug` counts the
+    /// CA certificates and redacts the credentials, so a reload could not tell a rotated
+    /// client secret or a replaced CA bundle from no change.
+    pub fn identity(&self) -> String {
+        use sha2::Digest as _;
+        let mut roots = sha2::Sha256::new();
+        for certificate in &self.ca_certificates {
+            roots.update(certificate.as_ref());
+        }
+        format!(
+            "{self:?} roots={} auth={}",
+            hex::encode(roots.finalize()),
+            self.auth.identity()
+        )
+    }
+
     /// The URL batches are POSTed to, `api-version` included.
     pub fn ingestion_url(&self) -> Url {
         let mut url = self.endpoint.clone();

@@ -830,6 +830,17 @@ impl UpstreamAuth {
             .map(|(path, sha256)| (path.as_path(), *sha256))
     }
 
+    /// The table as written and the digests of the secrets its files held: what tells
+    /// whether a reload changed these credentials (`Debug` shows no secret, so it cannot).
+    pub fn identity(&self) -> String {
+        let digests: Vec<String> = self
+            .secret_files
+            .iter()
+            .map(|(path, sha256)| format!("{}={}", path.display(), hex::encode(sha256)))
+            .collect();
+        format!("{:?} {digests:?}", self.source)
+    }
+
     /// The configured kind, as `kind` spells it.
     pub fn kind(&self) -> &'static str {
         match &self.inner {

@@ -193,7 +193,18 @@ fn start_up_sections(config: &Config) -> [(&'static str, String); 7] {
             format!("{:?} {}", config.models, config.models_awaiting_restart),
         ),
         ("engine", format!("{:?}", config.engine)),
-        ("audit", format!("{:?}", config.audit)),
+        (
+            "audit",
+            format!(
+                "{:?} {:?}",
+                config.audit,
+                config
+                    .audit
+                    .azure
+                    .as_ref()
+                    .map(crate::export::ExportConfig::identity)
+            ),
+        ),
         ("responses", format!("{:?}", config.responses)),
         ("logging", format!("{:?}", config.logging)),
         ("telemetry", format!("{:?}", config.telemetry)),
@@ -321,8 +332,8 @@ pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
     }
 }
 
-/// The API keys, admin tokens and cloud pools' secrets read from files, with the digest of
-/// the secret in force.
+/// The API keys, admin tokens, cloud pools' and the audit exporter's secrets read from
+/// files, with the digest of the secret in force.
 fn key_files(config: &Config) -> impl Iterator<Item = (&std::path::Path, [u8; 32])> {
     config
         .auth
@@ -335,6 +346,13 @@ fn key_files(config: &Config) -> impl Iterator<Item = (&std::path::Path, [u8; 32
                 .upstreams
                 .iter()
                 .flat_map(|pool| pool.auth.secret_files()),
+        )
+        .chain(
+            config
+                .audit
+                .azure
+                .iter()
+                .flat_map(|export| export.auth.secret_files()),
         )
 }
 

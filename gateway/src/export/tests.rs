@@ -1297,3 +1297,31 @@ fn the_memory_source_reads_after_a_seq_and_keeps_its_marker() {
     assert_eq!(source.exported_up_to().unwrap(), 3);
     assert_eq!(source.records()[0]["StreamId"], "s");
 }
+
+#[test]
+fn a_rotated_secret_or_another_ca_bundle_changes_the_identity_not_the_debug_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    let compiled = |secret_text: &str| {
+        std::fs::write(&secret, secret_text).unwrap();
+        compile(
+            raw(&format!(
+                "endpoint = \"https://dce.example.com\"\ndcr_immutable_id = \"{DCR}\"\n\
+                 [auth]\nkind = \"client_credentials\"\ntenant_id = \"{TENANT}\"\n\
+                 client_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\n",
+                secret.display()
+            )),
+            "audit.azure",
+            &environment(&[]),
+        )
+        .unwrap()
+    };
+    let (before, after) = (
+        compiled(CLIENT_SECRET),
+        compiled("rotated-secret-9876543210"),
+    );
+    assert_eq!(format!("{before:?}"), format!("{after:?}"));
+    assert_ne!(before.identity(), after.identity());
+    assert_eq!(before.identity(), compiled(CLIENT_SECRET).identity());
+    assert!(!before.identity().contains(CLIENT_SECRET));
+}
