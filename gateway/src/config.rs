@@ -83,6 +83,19 @@ fn overlaps(first: SocketAddr, second: SocketAddr) -> bool {
             || second.ip().is_unspecified())
 }
 
+/// The fewest characters an API key or admin token read from the environment or a file may
+/// have: nothing slows a caller that guesses keys but their length. (A `sha256` entry's key
+/// cannot be checked.)
+const KEY_CHARACTERS_MIN: usize = 16;
+
+/// What is wrong with a key shorter than [`KEY_CHARACTERS_MIN`], without the key.
+fn short_key(secret: &str) -> String {
+    format!(
+        "a key of {} characters; keys need at least {KEY_CHARACTERS_MIN} (e.g. `openssl rand -hex 24`)",
+        secret.trim().chars().count()
+    )
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -1188,6 +1201,16 @@ impl Validator<'_> {
             })
         } else if let Some(name) = &key.key_env {
             match self.environment.var(name) {
+                Some(secret)
+                    if secret.trim().chars().count() < KEY_CHARACTERS_MIN
+                        && !secret.trim().is_empty() =>
+                {
+                    self.error(
+                        format!("{path}.key_env"),
+                        format!("environment variable {name} holds {}", short_key(&secret)),
+                    );
+                    None
+                }
                 Some(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
                 _ => {
                     self.error(
@@ -1200,6 +1223,16 @@ impl Validator<'_> {
         } else if let Some(file) = &key.key_file {
             let file = self.resolve(file);
             match std::fs::read_to_string(&file) {
+                Ok(secret)
+                    if secret.trim().chars().count() < KEY_CHARACTERS_MIN
+                        && !secret.trim().is_empty() =>
+                {
+                    self.error(
+                        format!("{path}.key_file"),
+                        format!("{} holds {}", file.display(), short_key(&secret)),
+                    );
+                    None
+                }
                 Ok(secret) if !secret.trim().is_empty() => Some(sha256(secret.trim())),
                 Ok(_) => {
                     self.error(

@@ -65,7 +65,7 @@ fn the_plan_names_callers_stored_responses_browsers_proxies_and_reloads() {
     let dir = tests::scratch_dir();
     let config = dir.path().join("isthmus.toml");
     let key_file = dir.path().join("app.key");
-    std::fs::write(&key_file, "app-key\n").unwrap();
+    std::fs::write(&key_file, "app-key-0123456789\n").unwrap();
     let text = tests::config_text(
         &tests::GatewayOptions {
             config_watch_interval_ms: 5_000,

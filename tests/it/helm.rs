@@ -965,7 +965,7 @@ fn build_backends_dir() -> PathBuf {
 fn api_key_dir(dir: &Path) -> PathBuf {
     let keys = dir.join("api-key");
     std::fs::create_dir_all(&keys).unwrap();
-    std::fs::write(keys.join("api-key"), "helm-test-key\n").unwrap();
+    std::fs::write(keys.join("api-key"), "helm-test-key-0123\n").unwrap();
     keys
 }
 
@@ -1026,7 +1026,7 @@ fn the_rendered_configurations_run_in_the_gateway() {
         let path = dir.path().join("isthmus.toml");
         std::fs::write(&path, &text).unwrap();
         let environment = [
-            ("ISTHMUS_API_KEY", "helm-test-key"),
+            ("ISTHMUS_API_KEY", "helm-test-key-0123"),
             ("VLLM_API_KEY", "helm-test-pool-key"),
             ("ISTHMUS_ADMIN_TOKEN", "helm-test-admin-token"),
         ];
@@ -1083,7 +1083,7 @@ fn the_rendered_configurations_run_in_the_gateway() {
             let ca = gateway.dir.path().join("state/tls/ca.pem");
             tests::client_trusting(&std::fs::read_to_string(ca).unwrap())
         };
-        let key = text.contains("api_keys").then_some("helm-test-key");
+        let key = text.contains("api_keys").then_some("helm-test-key-0123");
         let body = say_hi(&client, &gateway.url("/v1/chat/completions"), key);
         assert_eq!(body["usage"]["completion_tokens"], 4, "{case}: {body}");
         if let Some(plain) = gateway.plain {

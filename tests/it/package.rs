@@ -458,7 +458,7 @@ fn the_image_runs_the_sidecar_configuration_and_answers_its_probes() {
         |command| {
             command
                 .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-                .env("ISTHMUS_API_KEY", "image-test-key");
+                .env("ISTHMUS_API_KEY", "image-test-key-0123");
         },
     );
     if running_as_root() {
@@ -515,6 +515,6 @@ fn the_image_runs_the_sidecar_configuration_and_answers_its_probes() {
     say_hi(
         &reqwest::Client::new(),
         &format!("http://{plain}/v1/chat/completions"),
-        Some("image-test-key"),
+        Some("image-test-key-0123"),
     );
 }

@@ -6,7 +6,7 @@ struct FakeEnvironment;
 
 impl Environment for FakeEnvironment {
     fn var(&self, name: &str) -> Option<String> {
-        (name == "ISTHMUS_TEST_KEY").then(|| "secret-from-env".to_owned())
+        (name == "ISTHMUS_TEST_KEY").then(|| "secret-from-env-0123".to_owned())
     }
 
     fn memory_available_bytes(&self) -> Option<u64> {
@@ -128,7 +128,7 @@ fn a_valid_file_resolves_paths_relative_to_itself() {
     assert_eq!(config.auth.api_keys.len(), 2);
     assert_eq!(
         config.auth.api_keys[0].sha256,
-        super::sha256("secret-from-env")
+        super::sha256("secret-from-env-0123")
     );
 }
 
@@ -724,7 +724,7 @@ headers_from_env = {{ "x-api-key" = "ISTHMUS_NOT_SET", "bad header" = "ISTHMUS_T
     );
     assert_eq!(
         otlp.headers,
-        vec![("x-api-key".to_owned(), "secret-from-env".to_owned())]
+        vec![("x-api-key".to_owned(), "secret-from-env-0123".to_owned())]
     );
 }
 
@@ -969,4 +969,25 @@ fn a_chat_template_file_is_read_and_checked_before_the_model_loads() {
             "{errors:#?} against {prefix}"
         );
     }
+}
+
+#[test]
+fn keys_shorter_than_sixteen_characters_are_refused_without_being_shown() {
+    let (dir, source) = fixture();
+    let short = dir.path().join("short.key");
+    if let Err(error) = std::fs::write(&short, "hunter2\n") {
+        panic!("writing fixture: {error}");
+    }
+    let text = VALID.replace(
+        "{ id = \"env\", key_env = \"ISTHMUS_TEST_KEY\" },",
+        "{ id = \"env\", key_env = \"ISTHMUS_TEST_KEY\" }, { id = \"short\", key_file = \"short.key\" },",
+    );
+    let errors = errors_of(&text, &source);
+    assert_eq!(
+        errors,
+        [format!(
+            "auth.api_keys[1].key_file: {} holds a key of 7 characters; keys need at least 16 (e.g. `openssl rand -hex 24`)",
+            short.display()
+        )]
+    );
 }
