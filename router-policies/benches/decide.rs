@@ -116,7 +116,7 @@ fn policy() -> Policy {
         queue_high: 16,
         queue_low: 4,
         pool: "aks".to_owned(),
-        model: None,
+        model: Some("gpt-4o".to_owned()),
     });
     Policy::compile(models, pools, Some("smollm2".to_owned()))
         .and_then(|policy| policy.with_rules(rules, vec!["confidential".to_owned()], spillover))
