@@ -19,7 +19,8 @@
 //! modes, and those of every directory above them, and refuses to act otherwise. A service
 //! that could write there could choose what root installs and runs next.
 //!
-//! Downgrades are refused: the highest version ever committed is the floor, and a bundle of
+//! Downgrades are refused: the highest version ever committed (at least the installed
+//! package's) is the floor, and a bundle of
 //! a lower version (a validly signed old release with a known flaw, say) is applied only
 //! when the operator says so (`--allow-downgrade`). Versions are ordered as semantic
 //! versions (dotted numbers, a `-pre-release` before its release, `+build` ignored); two
@@ -124,6 +125,10 @@ impl Default for SlotState {
         }
     }
 }
+
+/// The version of the package this program came from (the factory slot's, for the
+/// `isthmus` on the path that applies updates).
+pub const PACKAGE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Orders two versions as semantic versions; `None` when either is not one.
 pub fn compare_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
@@ -283,13 +288,20 @@ pub fn apply_step(
             active: state.active.name(),
         });
     }
-    if let Some(floor) = &state.version_floor
-        && !allow_downgrade
-        && compare_versions(version, floor).is_none_or(|order| order.is_lt())
-    {
+    // The installed package's own version is a floor too: an appliance that never committed
+    // an update must not take a validly signed older release either.
+    let floor = match &state.version_floor {
+        Some(floor)
+            if compare_versions(floor, PACKAGE_VERSION).is_none_or(|order| order.is_gt()) =>
+        {
+            floor.as_str()
+        }
+        _ => PACKAGE_VERSION,
+    };
+    if !allow_downgrade && compare_versions(version, floor).is_none_or(|order| order.is_lt()) {
         return Err(UpdateError::Downgrade {
             version: version.to_owned(),
-            floor: floor.clone(),
+            floor: floor.to_owned(),
         });
     }
     let target = if state.active == Slot::A {

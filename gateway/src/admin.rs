@@ -619,12 +619,24 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
     response
 }
 
+/// A JSON answer, never stored by a browser or a proxy: the configuration, audit records
+/// with prompt text and caller lists come this way.
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Vec<u8>> {
-    respond(
+    let mut response = respond(
         status,
         "application/json",
         serde_json::to_vec(value).unwrap_or_default(),
-    )
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 #[async_trait]

@@ -778,6 +778,30 @@ pub fn parse(
     if let (Some(policy), Some(Some(audit))) = (&policy, &audit) {
         check_content_rules(policy, audit, &mut validator.errors);
     }
+    if let Some(Some(server)) = &server {
+        let exporter = match &audit {
+            Some(Some(audit)) => audit.azure.as_ref(),
+            _ => None,
+        };
+        let secret_files = upstreams
+            .iter()
+            .map(|pool| (format!("upstreams.{}.auth", pool.name), &pool.auth))
+            .chain(exporter.map(|export| ("audit.azure.auth".to_owned(), &export.auth)));
+        for (path, auth) in secret_files {
+            for (file, _) in auth.secret_files() {
+                if in_directory(file, &server.state_dir) {
+                    validator.errors.push(ConfigError::new(
+                        path.clone(),
+                        format!(
+                            "{} lies in the state directory {}, which holds the gateway's own keys (audit device key, TLS key); secrets sent to a backend must come from elsewhere",
+                            file.display(),
+                            server.state_dir.display()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     for pool in upstreams.iter().filter(|pool| pool.fallback_to_local) {
         if models.is_empty() {
             validator.errors.push(ConfigError::new(
@@ -822,6 +846,13 @@ pub fn parse(
         }),
         _ => Err(validator.errors),
     }
+}
+
+/// Whether `file` (links followed where it exists) lies inside `directory`.
+fn in_directory(file: &Path, directory: &Path) -> bool {
+    let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    let directory = std::fs::canonicalize(directory).unwrap_or_else(|_| directory.to_path_buf());
+    file.starts_with(directory)
 }
 
 /// `[audit.content] rules` must name rules that can decide: a `[[policy.rules]]` name or one

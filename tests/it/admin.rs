@@ -104,6 +104,9 @@ fn off_loopback_the_admin_api_needs_tls_and_a_token() {
                 .await
                 .unwrap();
             assert_eq!(good.status(), 200, "{path}");
+            if path.starts_with("/admin/api/") {
+                assert_eq!(good.headers()["cache-control"], "no-store", "{path}");
+            }
             // HEAD is GET without the content, on HTTP/2 too (content there would be a
             // protocol error).
             let head = client

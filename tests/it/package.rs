@@ -260,10 +260,24 @@ fn the_package_unpacks_into_a_gateway_that_serves_from_its_own_layout() {
         Some("package-test-key"),
     );
     assert_eq!(body["usage"]["completion_tokens"], 4);
+    // The admin API wants the package's admin token, even from this machine.
+    let mut anonymous = std::net::TcpStream::connect(gateway.admin).unwrap();
+    anonymous
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut anonymous,
+        b"GET /admin/api/config HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut anonymous, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 }
 
 /// The shipped configuration of the package unpacked at `root`, its absolute paths moved
-/// under `root`, and its API key (`package-test-key`) written.
+/// under `root`, and its API key (`package-test-key`) and admin token (the harness's
+/// [`tests::ADMIN_TOKEN`]) written.
 pub(crate) fn packaged_config(root: &Path) -> PathBuf {
     let text = std::fs::read_to_string(root.join("etc/isthmus/isthmus.toml"))
         .unwrap()
@@ -275,6 +289,7 @@ pub(crate) fn packaged_config(root: &Path) -> PathBuf {
     let config = root.join("etc/isthmus/isthmus.test.toml");
     std::fs::write(&config, text).unwrap();
     std::fs::write(root.join("etc/isthmus/api-key"), "package-test-key").unwrap();
+    std::fs::write(root.join("etc/isthmus/admin-token"), tests::ADMIN_TOKEN).unwrap();
     config
 }
 

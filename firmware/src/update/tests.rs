@@ -5,8 +5,8 @@ use base64::Engine as _;
 use ed25519_dalek::{Signer as _, SigningKey};
 
 use super::{
-    ATTEMPTS_MAX, BootOutcome, Firmware, Slot, SlotState, Trial, UpdateError, apply_step,
-    boot_step, commit_step, compare_versions, open_verified, pack, rollback_step,
+    ATTEMPTS_MAX, BootOutcome, Firmware, PACKAGE_VERSION, Slot, SlotState, Trial, UpdateError,
+    apply_step, boot_step, commit_step, compare_versions, open_verified, pack, rollback_step,
 };
 
 fn key(seed: u8) -> SigningKey {
@@ -277,6 +277,16 @@ fn versions_order_as_semantic_versions() {
     ] {
         assert_eq!(compare_versions(a, b), order, "{a} against {b}");
     }
+}
+
+#[test]
+fn the_installed_package_is_the_floor_before_any_commit() {
+    match apply_step(&SlotState::default(), "0.0.1", false) {
+        Err(UpdateError::Downgrade { floor, .. }) => assert_eq!(floor, PACKAGE_VERSION),
+        other => panic!("expected a refused downgrade, got {other:?}"),
+    }
+    assert!(apply_step(&SlotState::default(), PACKAGE_VERSION, false).is_ok());
+    assert!(apply_step(&SlotState::default(), "0.0.1", true).is_ok());
 }
 
 #[test]

@@ -991,3 +991,26 @@ fn keys_shorter_than_sixteen_characters_are_refused_without_being_shown() {
         )]
     );
 }
+
+#[test]
+fn secrets_sent_to_a_backend_may_not_come_from_the_state_directory() {
+    let (dir, source) = fixture();
+    let state = dir.path().join("state");
+    if let Err(error) = std::fs::create_dir_all(&state)
+        .and_then(|()| std::fs::write(state.join("audit-device.key"), "device-key-material\n"))
+    {
+        panic!("writing fixture: {error}");
+    }
+    let text = format!(
+        "{VALID}\n[upstreams.aks]\nmodels = {{ \"gpt-4o\" = \"m\" }}\n\
+         backends = [{{ url = \"https://aks.example\" }}]\n\
+         auth = {{ kind = \"api_key\", key_file = \"state/audit-device.key\" }}\n"
+    );
+    let errors = errors_of(&text, &source);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("upstreams.aks.auth: ")
+            && errors[0].contains("lies in the state directory"),
+        "{errors:#?}"
+    );
+}
