@@ -498,45 +498,89 @@ fn cgroup_v2_root() -> PathBuf {
     }
 }
 
+/// A memory limit on this process's cgroup or an ancestor, and that cgroup's working set
+/// (its usage less the page cache it could drop at once), where the kernel says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CgroupMemory {
+    limit: u64,
+    working_set: Option<u64>,
+}
+
 /// Every memory limit on this process's cgroup and its ancestors, v2 and v1. A container
 /// without its own cgroup namespace sees the host's path, which does not exist inside; walking
 /// up to the root still finds the limit at the mount root, which is the container's cgroup.
-fn cgroup_memory_limits(membership: &CgroupMembership) -> Vec<u64> {
+fn cgroup_memory_limits(membership: &CgroupMembership) -> Vec<CgroupMemory> {
     let mut limits = Vec::new();
     let hierarchies = [
         (
             membership.unified.as_deref(),
             cgroup_v2_root(),
-            "memory.max",
+            ("memory.max", "memory.current", "inactive_file"),
         ),
         (
             membership.memory_v1.as_deref(),
             PathBuf::from("/sys/fs/cgroup/memory"),
-            "memory.limit_in_bytes",
+            (
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            ),
         ),
     ];
-    for (path, root, file_name) in hierarchies {
+    for (path, root, (limit_file, usage_file, inactive_key)) in hierarchies {
         let Some(path) = path else { continue };
         for ancestor in cgroup_ancestors(path) {
-            let file = root.join(ancestor.trim_start_matches('/')).join(file_name);
-            if let Some(limit) = read(&file).and_then(|text| parse_cgroup_memory_limit(&text)) {
-                limits.push(limit);
-            }
+            let directory = root.join(ancestor.trim_start_matches('/'));
+            let Some(limit) =
+                read(directory.join(limit_file)).and_then(|text| parse_cgroup_memory_limit(&text))
+            else {
+                continue;
+            };
+            let usage = read(directory.join(usage_file)).and_then(|text| text.trim().parse().ok());
+            let inactive = read(directory.join("memory.stat"))
+                .and_then(|text| memory_stat_value(&text, inactive_key))
+                .unwrap_or(0);
+            limits.push(CgroupMemory {
+                limit,
+                working_set: usage.map(|usage: u64| usage.saturating_sub(inactive)),
+            });
         }
     }
     limits
 }
 
-/// Total memory capped by the lowest cgroup limit, and available memory capped by that total.
-fn effective_memory(meminfo: &MemInfo, cgroup_limits: &[u64]) -> (Option<u64>, Option<u64>) {
-    let limit = cgroup_limits.iter().copied().min();
+/// The value of `key` in a cgroup's `memory.stat` (`key value` lines).
+fn memory_stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(' ')?;
+        (name == key).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// Total memory capped by the lowest cgroup limit; available memory capped by that total and
+/// by what each limited cgroup has left (its limit less its working set: other services in
+/// the same slice use its limit too).
+fn effective_memory(meminfo: &MemInfo, cgroups: &[CgroupMemory]) -> (Option<u64>, Option<u64>) {
+    let limit = cgroups.iter().map(|cgroup| cgroup.limit).min();
     let total = match (meminfo.total_bytes, limit) {
         (Some(total), Some(limit)) => Some(total.min(limit)),
         (total, None) => total,
         (None, limit) => limit,
     };
+    let headroom = cgroups
+        .iter()
+        .filter_map(|cgroup| {
+            cgroup
+                .working_set
+                .map(|used| cgroup.limit.saturating_sub(used))
+        })
+        .min();
     let available = match (meminfo.available_bytes, total) {
         (Some(available), Some(total)) => Some(available.min(total)),
+        (available, _) => available,
+    };
+    let available = match (available, headroom) {
+        (Some(available), Some(headroom)) => Some(available.min(headroom)),
         (available, _) => available,
     };
     (total, available)

@@ -309,22 +309,43 @@ fn cgroup_ancestors_walk_up_to_the_root() {
 fn effective_memory_caps_total_and_available_by_the_lowest_limit() {
     let meminfo = parse_meminfo(MEMINFO);
     let gibibyte = 1 << 30;
+    let limit = |limit: u64| CgroupMemory {
+        limit,
+        working_set: None,
+    };
     assert_eq!(
         effective_memory(&meminfo, &[]),
         (Some(65_536_000 * 1024), Some(32_768_000 * 1024))
     );
     assert_eq!(
-        effective_memory(&meminfo, &[8 * gibibyte, 4 * gibibyte]),
+        effective_memory(&meminfo, &[limit(8 * gibibyte), limit(4 * gibibyte)]),
         (Some(4 * gibibyte), Some(4 * gibibyte))
     );
     assert_eq!(
-        effective_memory(&meminfo, &[u64::MAX]),
+        effective_memory(&meminfo, &[limit(u64::MAX)]),
         (Some(65_536_000 * 1024), Some(32_768_000 * 1024))
     );
     assert_eq!(
-        effective_memory(&MemInfo::default(), &[gibibyte]),
+        effective_memory(&MemInfo::default(), &[limit(gibibyte)]),
         (Some(gibibyte), None)
     );
+    // An 8 GiB slice of which other services use 6 GiB leaves 2 GiB, whatever the host has.
+    let slice = CgroupMemory {
+        limit: 8 * gibibyte,
+        working_set: Some(6 * gibibyte),
+    };
+    assert_eq!(
+        effective_memory(&meminfo, &[slice, limit(u64::MAX)]),
+        (Some(8 * gibibyte), Some(2 * gibibyte))
+    );
+}
+
+#[test]
+fn the_working_set_leaves_out_the_page_cache_the_kernel_can_drop() {
+    let stat = "anon 1000\nfile 5000\ninactive_file 3000\nactive_file 2000\n";
+    assert_eq!(memory_stat_value(stat, "inactive_file"), Some(3000));
+    assert_eq!(memory_stat_value(stat, "file"), Some(5000));
+    assert_eq!(memory_stat_value(stat, "total_inactive_file"), None);
 }
 
 fn profile(logical_cpus: usize, physical_cores: Option<usize>) -> HardwareProfile {
