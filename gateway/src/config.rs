@@ -74,13 +74,15 @@ const BODY_BYTES_MAX_LIMIT: u64 = 1 << 30;
 const KEEPALIVE_TIMEOUT_MAX_MS: u64 = 3_600_000;
 
 /// Whether two listeners could not both be bound: the same port (not 0, which picks a free
-/// one) on the same address, or on any address where one of them is the wildcard.
+/// one) on the same address, or where one of them is a wildcard that covers the other: the
+/// IPv4 wildcard covers every IPv4 address, the IPv6 one every address (dual stack).
 fn overlaps(first: SocketAddr, second: SocketAddr) -> bool {
+    let covers = |wildcard: SocketAddr, other: SocketAddr| {
+        wildcard.ip().is_unspecified() && (wildcard.is_ipv6() || other.is_ipv4())
+    };
     first.port() != 0
         && first.port() == second.port()
-        && (first.ip() == second.ip()
-            || first.ip().is_unspecified()
-            || second.ip().is_unspecified())
+        && (first.ip() == second.ip() || covers(first, second) || covers(second, first))
 }
 
 /// The fewest characters an API key or admin token read from the environment or a file may
@@ -236,6 +238,10 @@ pub struct AuthConfig {
     /// `anonymous_limits.per_client`: each anonymous client (by address) has those limits
     /// to itself instead of sharing them.
     pub anonymous_limits_per_client: bool,
+    /// With `per_client`: how many leading bits of an IPv6 address name one client (64 by
+    /// default: a host is given a whole /64 and could send from any address of it; 128 on a
+    /// network where many hosts share one /64 and do not pick their addresses).
+    pub anonymous_ipv6_prefix_length: u8,
 }
 
 impl AuthConfig {
@@ -522,6 +528,9 @@ struct RawRateLimits {
     /// Anonymous callers only: per client address instead of together.
     #[serde(default)]
     per_client: bool,
+    /// With `per_client`: the leading bits of an IPv6 address that name one client.
+    #[serde(default)]
+    ipv6_prefix_length: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1135,6 +1144,16 @@ impl Validator<'_> {
                 "server.limits.keepalive_timeout_ms",
                 format!("must be from 1000 to {KEEPALIVE_TIMEOUT_MAX_MS} (an hour)"),
             );
+        } else if limits.keepalive_timeout_ms < limits.header_read_timeout_ms {
+            // Pingora applies the keep-alive timeout to each read of a reused connection's
+            // next header too: a shorter one would cut a header that is still within its time.
+            self.error(
+                "server.limits.keepalive_timeout_ms",
+                format!(
+                    "must be at least header_read_timeout_ms ({})",
+                    limits.header_read_timeout_ms
+                ),
+            );
         }
         self.positive(
             "server.limits.response_write_timeout_ms",
@@ -1290,6 +1309,7 @@ impl Validator<'_> {
                 tokens_per_minute: key.tokens_per_minute,
                 tokens_per_day: key.tokens_per_day,
                 per_client: false,
+                ipv6_prefix_length: None,
             },
         );
         let file = key.key_file.as_deref().map(|file| self.resolve(file));
@@ -1354,6 +1374,20 @@ impl Validator<'_> {
             return None;
         }
         let per_client = raw.anonymous_limits.per_client;
+        let ipv6_prefix_length = raw.anonymous_limits.ipv6_prefix_length;
+        if let Some(length) = ipv6_prefix_length {
+            if !(32..=128).contains(&length) {
+                self.error(
+                    "auth.anonymous_limits.ipv6_prefix_length",
+                    format!("must be from 32 to 128, not {length}"),
+                );
+            } else if !per_client {
+                self.error(
+                    "auth.anonymous_limits.ipv6_prefix_length",
+                    "applies only with per_client = true",
+                );
+            }
+        }
         let anonymous_limits = self.rate_limits("auth.anonymous_limits", raw.anonymous_limits);
         if anonymous_limits.is_limited() && !raw.allow_anonymous {
             self.error(
@@ -1372,6 +1406,7 @@ impl Validator<'_> {
             api_keys,
             anonymous_limits,
             anonymous_limits_per_client: per_client,
+            anonymous_ipv6_prefix_length: ipv6_prefix_length.unwrap_or(64),
         })
     }
 

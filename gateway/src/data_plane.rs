@@ -748,25 +748,17 @@ pub async fn respond_error(
     write_whole(session, ctx, header, Bytes::from(body)).await
 }
 
-/// What an anonymous client's own limits are kept by: its IPv4 address, or the /64 network
-/// of its IPv6 address — one host is given a whole /64 and could send each request from
-/// another address of it.
-fn client_network(address: std::net::IpAddr) -> String {
+/// What an anonymous client's own limits are kept by: its IPv4 address, or the leading
+/// `ipv6_prefix_length` bits of its IPv6 address (a /64 by default: one host is given a whole
+/// /64 and could send each request from another address of it).
+fn client_network(address: std::net::IpAddr, ipv6_prefix_length: u8) -> String {
     match address.to_canonical() {
         std::net::IpAddr::V4(address) => address.to_string(),
         std::net::IpAddr::V6(address) => {
-            let segments = address.segments();
-            let network = std::net::Ipv6Addr::new(
-                segments[0],
-                segments[1],
-                segments[2],
-                segments[3],
-                0,
-                0,
-                0,
-                0,
-            );
-            format!("{network}/64")
+            let length = u32::from(ipv6_prefix_length.min(128));
+            let mask = u128::MAX.checked_shl(128 - length).unwrap_or(0);
+            let network = std::net::Ipv6Addr::from(u128::from(address) & mask);
+            format!("{network}/{length}")
         }
     }
 }
@@ -988,7 +980,9 @@ impl DataPlane {
             && routing.config.auth.anonymous_limits_per_client)
             .then_some(ctx.client_ip)
             .flatten()
-            .map(client_network);
+            .map(|address| {
+                client_network(address, routing.config.auth.anonymous_ipv6_prefix_length)
+            });
         let bucket = match &per_client {
             Some(address) => format!("{}@{address}", response_owner(ctx)),
             None => response_owner(ctx),

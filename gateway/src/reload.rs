@@ -25,13 +25,29 @@ pub struct ReloadReport {
     pub restart_required: Vec<String>,
 }
 
-/// The process environment as a reload sees it: its variables, but no free-memory figure.
-/// The models (and their KV caches) are start-up sections that a reload keeps as they were
-/// loaded; checking their KV plan against the memory free now would count the memory the
-/// loaded caches already take, and refuse every reload of a gateway whose cache took more
-/// than half of what was free at start. A changed model section is checked at the restart
-/// it needs.
-struct ReloadEnvironment;
+/// The process environment as a reload sees it: its variables, and as the memory available
+/// what is free now plus what the loaded models' KV caches take — what a restart with the
+/// new file would have for them. The models are start-up sections; checked against the
+/// memory free now, with the loaded caches counted against it, every reload of a gateway
+/// whose caches took more than half of what was free at start would be refused. A model
+/// section changed so that it would not fit is still refused, so that the file written is
+/// one the next start accepts.
+struct ReloadEnvironment {
+    loaded_kv_bytes: u64,
+}
+
+impl ReloadEnvironment {
+    fn of(state: &AppState) -> Self {
+        ReloadEnvironment {
+            loaded_kv_bytes: state
+                .config
+                .models
+                .iter()
+                .map(|model| model.kv_plan.bytes)
+                .sum(),
+        }
+    }
+}
 
 impl config::Environment for ReloadEnvironment {
     fn var(&self, name: &str) -> Option<String> {
@@ -39,7 +55,9 @@ impl config::Environment for ReloadEnvironment {
     }
 
     fn memory_available_bytes(&self) -> Option<u64> {
-        None
+        ProcessEnvironment
+            .memory_available_bytes()
+            .map(|available| available.saturating_add(self.loaded_kv_bytes))
     }
 }
 
@@ -51,7 +69,7 @@ pub fn reload(state: &AppState, trigger: &str) -> Result<ReloadReport, Vec<Strin
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let source = state.config.source.clone();
-    let outcome = config::load(&source, &ReloadEnvironment)
+    let outcome = config::load(&source, &ReloadEnvironment::of(state))
         .and_then(|mut config| {
             config
                 .override_listen(state.config.listen_overrides)
@@ -392,7 +410,7 @@ pub fn set_backend_weight(
     let (edited, _) = config::edit::set_backend_weight(
         &original,
         &source,
-        &ReloadEnvironment,
+        &ReloadEnvironment::of(state),
         pool,
         backend,
         weight,
@@ -470,7 +488,7 @@ pub fn replace_configuration(
             "{file} changed since it was read: load it again and redo the edit"
         )));
     }
-    let config = config::parse(text, &source, &ReloadEnvironment)
+    let config = config::parse(text, &source, &ReloadEnvironment::of(state))
         .and_then(|mut config| {
             config
                 .override_listen(state.config.listen_overrides)

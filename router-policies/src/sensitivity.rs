@@ -279,10 +279,12 @@ impl Finding {
     /// conversation), the rest of the key may lie in the next one, where nothing marks it as
     /// a key: replacing what was found would send the rest.
     pub fn may_continue(&self, text: &str) -> bool {
-        let value = text.get(self.span.clone()).unwrap_or_default();
+        // A key found inside a run of base64 is reported on the whole run, which redaction
+        // replaces whole: only a key found as written can be cut short.
+        let value = text.get(self.span.clone()).unwrap_or_default().trim_start();
         self.entity == EntityType::PrivateKey
-            && !value.contains("-----END")
-            && !value.contains("Private-MAC:")
+            && ((value.starts_with("-----BEGIN") && !value.contains("-----END"))
+                || (value.starts_with("PuTTY-User-Key-File-") && !value.contains("Private-MAC:")))
     }
 }
 

@@ -23,6 +23,7 @@ fn auth(allow_anonymous: bool) -> AuthConfig {
         ],
         anonymous_limits: RateLimits::default(),
         anonymous_limits_per_client: false,
+        anonymous_ipv6_prefix_length: 64,
     }
 }
 

@@ -214,9 +214,20 @@ fn rate_limits_belong_to_data_plane_callers_and_are_positive() {
         1,
     );
     match parse(&per_client, &source, &FakeEnvironment) {
-        Ok(config) => assert!(config.auth.anonymous_limits_per_client),
+        Ok(config) => assert!(
+            config.auth.anonymous_limits_per_client
+                && config.auth.anonymous_ipv6_prefix_length == 64
+        ),
         Err(errors) => panic!("{errors:?}"),
     }
+    let prefix = per_client.replace(
+        "per_client = true }",
+        "per_client = true, ipv6_prefix_length = 16 }",
+    );
+    assert_eq!(
+        errors_of(&prefix, &source),
+        ["auth.anonymous_limits.ipv6_prefix_length: must be from 32 to 128, not 16"]
+    );
     let admin = VALID.replacen(
         "[server]\n",
         "[server]\nadmin_tokens = [{ id = \"ops\", key_env = \"ISTHMUS_TEST_KEY\", requests_per_minute = 5 }]\n",
@@ -300,7 +311,13 @@ fn listeners_limits_and_tls_files_are_checked_before_they_are_used() {
         "server.limits.keepalive_timeout_ms: must be from 1000 to 3600000 (an hour)".to_owned(),
     ];
     assert_eq!(errors, expected, "{errors:#?}");
-    // Port 0 picks a free port for each listener: no clash.
+    // Port 0 picks a free port for each listener, and the IPv4 wildcard leaves IPv6
+    // addresses alone: no clash.
+    let text = VALID.replace(
+        "listen = \"127.0.0.1:0\"\n",
+        "listen = \"0.0.0.0:8443\"\nadmin_listen = \"[::1]:8443\"\n",
+    );
+    assert_eq!(errors_of(&text, &source), Vec::<String>::new());
     let text = VALID.replace(
         "listen = \"127.0.0.1:0\"\n",
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",

@@ -204,13 +204,21 @@ fn a_panic_in_handling_is_caught_and_the_next_request_is_served() {
 
 #[test]
 fn anonymous_clients_are_told_apart_by_ipv4_address_or_ipv6_network() {
-    let network = |text: &str| client_network(text.parse().unwrap());
-    assert_eq!(network("192.0.2.7"), "192.0.2.7");
-    assert_eq!(network("::ffff:192.0.2.7"), "192.0.2.7");
-    assert_eq!(network("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+    let network = |text: &str, length: u8| client_network(text.parse().unwrap(), length);
+    assert_eq!(network("192.0.2.7", 64), "192.0.2.7");
+    assert_eq!(network("::ffff:192.0.2.7", 64), "192.0.2.7");
+    assert_eq!(network("2001:db8:1:2:aaaa::1", 64), "2001:db8:1:2::/64");
     assert_eq!(
-        network("2001:db8:1:2:bbbb::9"),
-        network("2001:db8:1:2:aaaa::1")
+        network("2001:db8:1:2:bbbb::9", 64),
+        network("2001:db8:1:2:aaaa::1", 64)
     );
-    assert_ne!(network("2001:db8:1:3::1"), network("2001:db8:1:2::1"));
+    assert_ne!(
+        network("2001:db8:1:3::1", 64),
+        network("2001:db8:1:2::1", 64)
+    );
+    assert_eq!(
+        network("2001:db8:1:2:aaaa::1", 128),
+        "2001:db8:1:2:aaaa::1/128"
+    );
+    assert_eq!(network("2001:db8:1:2:aaaa::1", 48), "2001:db8:1::/48");
 }

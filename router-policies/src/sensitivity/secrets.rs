@@ -746,7 +746,35 @@ fn template_end(bytes: &[u8], position: usize) -> Option<usize> {
     let inside = &inside[..inside.len().min(TEMPLATE_BYTES_MAX)];
     let line = &inside[..memchr::memchr(b'\n', inside).unwrap_or(inside.len())];
     let close_at = memchr::memmem::find(line, close)?;
-    Some(position + open.len() + close_at + close.len())
+    // One template, not two pieces of text that happen to be bracketed (`<Summer2024! see
+    // <docs>`).
+    if memchr::memmem::find(&line[..close_at], open).is_some() {
+        return None;
+    }
+    let end = position + open.len() + close_at + close.len();
+    // A template is the whole value: what follows its closing bracket ends the value (`${A}`
+    // then a blank, a quote, a separator), else the value goes on (`${Summer}2024!`).
+    matches!(
+        bytes.get(end),
+        None | Some(b' ' | b'\t' | b'\r' | b'\n' | b'"' | b'\'' | b'`' | b';' | b',' | b')')
+    )
+    .then_some(end)
+}
+
+/// A variable of a script rather than a secret: `$` (or `$$`, as docker-compose escapes it),
+/// a name, then what in PHP, PowerShell or Perl goes on from a variable (`$this->`,
+/// `$env:DB_PASSWORD`, `$ENV{DB_PASSWORD}`, `$config['db']`, `$settings.Password`).
+fn variable_in_code(value: &[u8]) -> bool {
+    let rest = value
+        .strip_prefix(b"$$")
+        .or_else(|| value.strip_prefix(b"$"));
+    let Some(rest) = rest else { return false };
+    let name = rest
+        .iter()
+        .take_while(|&&byte| byte.is_ascii_alphanumeric() || byte == b'_')
+        .count();
+    name > 0
+        && (name == rest.len() || matches!(rest[name], b'-' | b':' | b'{' | b'[' | b'(' | b'.'))
 }
 
 /// Values that stand for a secret: a template that is the whole value (`${DB_PASSWORD}`,
@@ -767,6 +795,7 @@ pub(super) fn placeholder(value: &[u8]) -> bool {
         || enclosed(b"{{", b"}}")
         || enclosed(b"<", b">")
         || value.strip_prefix(b"$").is_some_and(identifier)
+        || variable_in_code(value)
         || value
             .strip_prefix(b"%")
             .and_then(|rest| rest.strip_suffix(b"%"))

@@ -1541,3 +1541,29 @@ fn a_private_key_without_its_end_may_go_on_in_the_next_text() {
     // Other values end where they were found.
     assert_eq!(may_continue("mail jane.doe@contoso.com"), [false]);
 }
+
+#[test]
+fn script_variables_are_not_passwords_and_a_template_must_end_its_value() {
+    check(
+        r#"
+        $password = $this->getPassword();
+        $password = $env:DB_PASSWORD
+        my $password = $ENV{DB_PASSWORD};
+        environment: password=$$DB_PASSWORD
+        password=${Summer}2024! and password is <Summer2024! see <docs>
+        "#,
+        expect![[r#"
+            $password = $this->getPassword();
+                -
+            $password = $env:DB_PASSWORD
+                -
+            my $password = $ENV{DB_PASSWORD};
+                -
+            environment: password=$$DB_PASSWORD
+                -
+            password=${Summer}2024! and password is <Summer2024! see <docs>
+                secret `${Summer` 0.8
+                secret `<Summer2024!` 0.8
+        "#]],
+    );
+}
