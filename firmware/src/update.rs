@@ -709,6 +709,19 @@ fn check_manifest(path: &Path, manifest: &Manifest) -> Result<(), UpdateError> {
     Ok(())
 }
 
+/// Makes `directory` and every directory below it durable (their entries: the files'
+/// data is synced as each is written), so that a slot renamed into place after a power loss
+/// is the slot that was written, not one missing files.
+fn sync_directories(directory: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(directory)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_directories(&entry.path())?;
+        }
+    }
+    files::sync_directory(directory)
+}
+
 fn plain_character(character: char) -> bool {
     character.is_ascii_alphanumeric() || matches!(character, '.' | '-' | '_' | '+')
 }
@@ -719,7 +732,9 @@ impl Verified {
     pub fn install(mut self, directory: &Path) -> Result<Manifest, UpdateError> {
         files::create_directories_with_mode(directory, SLOT_DIRECTORY_MODE)
             .map_err(io_error(directory))?;
-        let outcome = self.write_entries(directory);
+        let outcome = self
+            .write_entries(directory)
+            .and_then(|()| sync_directories(directory).map_err(io_error(directory)));
         if outcome.is_err() {
             let _ = fs::remove_dir_all(directory);
         }
@@ -928,6 +943,9 @@ impl Firmware {
             Err(error) => return Err(io_error(&root)(error)),
         }
         fs::rename(&staging, &root).map_err(io_error(&root))?;
+        // The rename itself, before the state names the slot.
+        let slots = self.directory.join(SLOTS_DIRECTORY);
+        files::sync_directory(&slots).map_err(io_error(&slots))?;
         self.save(&next)?;
         Ok(Applied {
             slot,

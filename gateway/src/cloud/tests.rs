@@ -176,6 +176,22 @@ fn three_backend_pool() -> Arc<Pool> {
 }
 
 #[test]
+fn a_rebuild_carries_each_backends_counters_so_its_in_flight_limit_holds() {
+    let backends = r#"[{ url = "http://127.0.0.1:9", name = "a" }]"#;
+    let before = pools_with(backends);
+    let old = &before.get("aks").unwrap().backends[0];
+    old.counters.in_flight.fetch_add(3, Ordering::Relaxed);
+    old.counters.requests.fetch_add(7, Ordering::Relaxed);
+    let config = before.get("aks").unwrap().config.clone();
+    let after = Pools::build(&[config], Some(&before)).unwrap();
+    let status = &after.status()[0];
+    assert_eq!((status.in_flight, status.requests), (3, 7));
+    // A request that began on the old build ends on the counter the new one reads.
+    old.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    assert_eq!(after.status()[0].in_flight, 2);
+}
+
+#[test]
 fn a_backend_whose_name_does_not_resolve_is_kept_out_of_traffic_not_refused() {
     // `.invalid` never resolves (RFC 6761).
     let pools = pools_with(
