@@ -127,8 +127,11 @@ export class Configuration implements View {
       }
       this.show(dryRun ? 'valid' : 'saved', lines);
     } catch (error) {
-      const problem = api.describeFailure(error);
-      this.show('error', [`Not saved: ${problem ?? 'the gateway could not be reached'}`]);
+      const problem =
+        error instanceof api.AuthRequired
+          ? 'the admin token was refused; enter the current one, then save again'
+          : (api.describeFailure(error) ?? 'the gateway could not be reached');
+      this.show('error', [`Not saved: ${problem}`]);
     } finally {
       buttons.forEach((button) => (button.disabled = false));
     }

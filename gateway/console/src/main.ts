@@ -46,6 +46,8 @@ class Shell {
   private readonly history = new History();
   private readiness: Readiness | undefined;
   private view: View | undefined;
+  /** The page `view` shows. */
+  private viewName: ViewName | undefined;
   private locked = false;
   private paused = false;
   private ticking = false;
@@ -119,6 +121,7 @@ class Shell {
     }
     this.view?.destroy();
     this.view = page.create();
+    this.viewName = name;
     this.main.replaceChildren(this.view.element);
     this.view.refresh(this.context()).catch(report);
   }
@@ -201,8 +204,9 @@ class Shell {
       return;
     }
     this.locked = true;
-    this.view?.destroy();
-    this.view = undefined;
+    // The page is kept as it is (an edit of the configuration's text, an explain body) and
+    // comes back once a token is accepted: a token rotated under an open console must not
+    // throw away what the operator was typing.
     const reason = error.refused
       ? 'The gateway refused the kept admin token. Enter the current one.'
       : 'The admin API of this gateway needs a token (Authorization: Bearer).';
@@ -211,7 +215,12 @@ class Shell {
 
   private unlock(): void {
     this.locked = false;
-    this.navigate();
+    if (this.view !== undefined && routeOf(window.location.hash) === this.viewName) {
+      this.main.replaceChildren(this.view.element);
+      this.view.refresh(this.context()).catch(report);
+    } else {
+      this.navigate();
+    }
     if (!this.ticking) {
       void this.tick();
     }
