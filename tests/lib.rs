@@ -535,7 +535,9 @@ impl Drop for Gateway {
 
 /// Asks the kernel to kill the child when the test process dies, so no gateway outlives a
 /// crashed test run.
-fn kill_with_parent(command: &mut Command) {
+/// Has `command`'s process killed when the thread that starts it ends (a test that panics
+/// leaves no process behind).
+pub fn kill_with_parent(command: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
     // async-signal-safe.
@@ -549,6 +551,7 @@ fn kill_with_parent(command: &mut Command) {
             Ok(())
         });
     }
+    command
 }
 
 /// One metric's value from the admin listener at `admin` (the first sample whose name and

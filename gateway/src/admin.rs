@@ -181,7 +181,7 @@ impl Admin {
             ),
             Err(error) => openai_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("explaining failed: {error}"),
+                &format!("explaining failed: {}", crate::error::join_failure(&error)),
                 "server_error",
                 "internal_error",
             ),
@@ -256,7 +256,7 @@ impl Admin {
             ),
             Err(error) => json(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
+                &serde_json::json!({"reloaded": false, "errors": [crate::error::join_failure(&error)]}),
             ),
         }
     }
@@ -340,7 +340,7 @@ impl Admin {
             ),
             Err(error) => json(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
+                &serde_json::json!({"reloaded": false, "errors": [crate::error::join_failure(&error)]}),
             ),
         }
     }
@@ -711,7 +711,7 @@ impl Admin {
                 ),
                 Err(error) => json(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    &serde_json::json!({"reloaded": false, "errors": [error.to_string()]}),
+                    &serde_json::json!({"reloaded": false, "errors": [crate::error::join_failure(&error)]}),
                 ),
             };
         }

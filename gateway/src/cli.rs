@@ -510,12 +510,22 @@ fn check_config(config: &std::path::Path) -> ExitCode {
 /// they ask for more by naming it in the filter.
 const LLAMA_CPP_DEFAULT_FILTER: &str = "llama-cpp-2=warn";
 
+/// Pingora's debug and trace messages print the bytes of requests it could not parse
+/// (headers with `Authorization` and `api-key` among them, a chunked body): left at info
+/// even when the gateway's own level is `debug`, unless the filter names Pingora itself.
+const PINGORA_DEFAULT_FILTER: &str = "pingora_core=info,pingora_proxy=info,pingora_http=info";
+
 fn init_logging(logging: &config::LoggingConfig) {
     let directive = std::env::var("ISTHMUS_LOG").unwrap_or_else(|_| logging.level.clone());
     let directive = if directive.contains("llama") {
         directive
     } else {
         format!("{directive},{LLAMA_CPP_DEFAULT_FILTER}")
+    };
+    let directive = if directive.contains("pingora") {
+        directive
+    } else {
+        format!("{directive},{PINGORA_DEFAULT_FILTER}")
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directive)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -561,6 +561,31 @@ impl Pool {
     }
 }
 
+/// A Pingora error as text for the log, audit records and the client: the types along its
+/// chain and the cause at its end (a socket's or TLS's error), not the contexts, which for a
+/// response Pingora could not parse hold the bytes it read — a backend's headers (cookies)
+/// and the start of its answer.
+fn without_context(error: &pingora_error::Error) -> String {
+    let mut text = error.etype().as_str().to_owned();
+    let mut cause = error.cause.as_deref();
+    while let Some(next) = cause {
+        match next.downcast_ref::<pingora_error::Error>() {
+            Some(inner) => {
+                if inner.etype() != error.etype() {
+                    text.push_str(": ");
+                    text.push_str(inner.etype().as_str());
+                }
+                cause = inner.cause.as_deref();
+            }
+            None => {
+                text.push_str(&format!(": {next}"));
+                break;
+            }
+        }
+    }
+    text
+}
+
 /// The system CA bundle the connector loads when a pool names no CA file.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -767,6 +792,10 @@ pub async fn forward(
                 model: request.model.to_owned(),
             })?;
     let body = rewrite_body(request.body, upstream_model, request.stream)?;
+    // Set before any backend answers: a request bound for an on-premises pool that none of
+    // its backends took never left either, and its record must not read as if it had (the
+    // audit export strips such a record's text by this flag).
+    ctx.on_premises = pool.config.on_premises;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<GatewayError> = None;
     let mut waited_for_retry_after = false;
@@ -1010,14 +1039,15 @@ async fn attempt(
                 pingora_error::ErrorType::ReadTimedout | pingora_error::ErrorType::WriteTimedout
             );
             let message = format!(
-                "backend `{}` of pool `{}` failed{}: {error}",
+                "backend `{}` of pool `{}` failed{}: {}",
                 backend.config.name,
                 pool.config.name,
                 if reused {
                     " on a reused connection"
                 } else {
                     ""
-                }
+                },
+                without_context(&error)
             );
             return Attempt::Retryable {
                 outcome: Outcome::Failure,
@@ -1046,7 +1076,6 @@ async fn attempt(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| retry_after_wait(value, SystemTime::now()));
     ctx.target = Some(format!("{}/{}", pool.config.name, backend.config.name));
-    ctx.on_premises = pool.config.on_premises;
     if status == 401 || status == 403 {
         // The request carries the gateway's credentials, never the caller's: the caller is
         // not told its own key was refused, another backend may be tried, and a cached token

@@ -119,8 +119,8 @@ pub struct RequestContext {
     pub policy_hash: String,
     /// Values replaced by placeholders (redact-then-cloud).
     pub redactions: usize,
-    /// The cloud pool that answered is marked `on_premises` (unredacted sensitive content
-    /// may go there).
+    /// The cloud pool the request was forwarded to is marked `on_premises` (unredacted
+    /// sensitive content may go there), whether or not one of its backends answered.
     pub on_premises: bool,
     /// Entity types the sensitivity scan found (never values).
     pub sensitive_entities: Vec<String>,
@@ -1084,7 +1084,7 @@ impl DataPlane {
                 })
                 .await
                 .map_err(|error| GatewayError::Internal {
-                    message: format!("the response store: {error}"),
+                    message: format!("the response store: {}", crate::error::join_failure(&error)),
                 })?
                 .map_err(|error| GatewayError::Internal {
                     message: error.to_string(),
@@ -1190,7 +1190,7 @@ impl DataPlane {
         })
         .await
         .map_err(|error| GatewayError::Internal {
-            message: format!("the response store: {error}"),
+            message: format!("the response store: {}", crate::error::join_failure(&error)),
         })?;
         let body = looked_up?;
         respond_json(session, ctx, 200, body, None).await?;
@@ -1496,7 +1496,10 @@ impl DataPlane {
         let submitted = tokio::task::spawn_blocking(move || submitting.embed(&inputs))
             .await
             .map_err(|error| GatewayError::Internal {
-                message: format!("tokenizing the inputs failed: {error}"),
+                message: format!(
+                    "tokenizing the inputs failed: {}",
+                    crate::error::join_failure(&error)
+                ),
             })?;
         let pending = submitted.map_err(|error| {
             ctx.reject("request");
@@ -1570,7 +1573,10 @@ impl DataPlane {
             .await
             .unwrap_or_else(|error| {
                 Err(GatewayError::Internal {
-                    message: format!("evaluating the request: {error}"),
+                    message: format!(
+                        "evaluating the request: {}",
+                        crate::error::join_failure(&error)
+                    ),
                 })
             })
         };

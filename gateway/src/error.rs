@@ -535,3 +535,15 @@ fn rule_list(rule_ids: &[u32]) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// Why a task on the blocking pool did not finish, without its panic's message: one
+/// formatted while running can quote the data the task worked on (a prompt, a stored
+/// answer), and this text reaches clients, the log and audit records. The panic hook has
+/// logged where it happened.
+pub fn join_failure(error: &tokio::task::JoinError) -> &'static str {
+    if error.is_panic() {
+        "it panicked (the log says where)"
+    } else {
+        "it was cancelled"
+    }
+}

@@ -910,7 +910,12 @@ impl Exporter {
         let uncompressed_bytes = body.len();
         let compressed = tokio::task::spawn_blocking(move || gzip(&body))
             .await
-            .map_err(|error| ExportError::Client(format!("gzip did not finish: {error}")))?
+            .map_err(|error| {
+                ExportError::Client(format!(
+                    "gzip did not finish: {}",
+                    crate::error::join_failure(&error)
+                ))
+            })?
             .map_err(|error| ExportError::Client(format!("gzip failed: {error}")))?;
         self.send(compressed).await?;
         self.blocking(move |source| source.mark_exported(last_seq))
@@ -1000,7 +1005,12 @@ impl Exporter {
         let source = self.source.clone();
         tokio::task::spawn_blocking(move || call(source.as_ref()))
             .await
-            .map_err(|error| ExportError::Source(format!("source call did not finish: {error}")))?
+            .map_err(|error| {
+                ExportError::Source(format!(
+                    "source call did not finish: {}",
+                    crate::error::join_failure(&error)
+                ))
+            })?
     }
 }
 

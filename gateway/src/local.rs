@@ -98,7 +98,10 @@ pub async fn run(
     })
     .await
     .map_err(|error| GatewayError::Internal {
-        message: format!("preparing the prompt failed: {error}"),
+        message: format!(
+            "preparing the prompt failed: {}",
+            crate::error::join_failure(&error)
+        ),
     })?;
     let prepared = results
         .into_iter()
@@ -152,7 +155,10 @@ pub async fn run(
         })
         .await
         .map_err(|error| GatewayError::Internal {
-            message: format!("converting the JSON schema failed: {error}"),
+            message: format!(
+                "converting the JSON schema failed: {}",
+                crate::error::join_failure(&error)
+            ),
         })??,
     };
     // Each choice is a sequence of its own, with its own seed; a refusal of any drops (and so

@@ -266,7 +266,10 @@ pub async fn follow_backend_addresses(state: Arc<AppState>, interval: Duration) 
             Ok(Err(errors)) => {
                 tracing::warn!(errors = ?errors, "rebuilding the pools for moved backends failed; the pools in force stay")
             }
-            Err(error) => tracing::error!(%error, "checking the backends' addresses panicked"),
+            Err(error) => tracing::error!(
+                error = crate::error::join_failure(&error),
+                "checking the backends' addresses did not finish"
+            ),
         }
     }
 }
@@ -343,7 +346,10 @@ pub async fn watch_file(state: Arc<AppState>, interval: Duration) {
             Ok(Ok(_)) => None,
             Ok(Err(_)) => Some(digest),
             Err(error) => {
-                tracing::error!(%error, "reloading the changed configuration file panicked");
+                tracing::error!(
+                    error = crate::error::join_failure(&error),
+                    "reloading the changed configuration file did not finish"
+                );
                 Some(digest)
             }
         };

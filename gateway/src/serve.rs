@@ -193,7 +193,10 @@ async fn save_daily_usage(usage: Arc<crate::daily_usage::DailyUsage>) {
         match tokio::task::spawn_blocking(move || saving.save()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "writing the day's token counts"),
-            Err(error) => tracing::error!(%error, "writing the day's token counts panicked"),
+            Err(error) => tracing::error!(
+                error = crate::error::join_failure(&error),
+                "writing the day's token counts did not finish"
+            ),
         }
     }
 }
@@ -211,7 +214,10 @@ async fn expire_responses(store: Arc<crate::response_store::ResponseStore>) {
             Ok(Ok(0)) => {}
             Ok(Ok(removed)) => tracing::debug!(removed, "expired stored responses deleted"),
             Ok(Err(error)) => tracing::error!(%error, "deleting expired stored responses"),
-            Err(error) => tracing::error!(%error, "deleting expired stored responses panicked"),
+            Err(error) => tracing::error!(
+                error = crate::error::join_failure(&error),
+                "deleting expired stored responses did not finish"
+            ),
         }
     }
 }
@@ -539,7 +545,10 @@ async fn run(
         })
         .await;
         if let Err(error) = stopped {
-            tracing::error!(%error, "stopping the inference threads panicked");
+            tracing::error!(
+                error = crate::error::join_failure(&error),
+                "stopping the inference threads did not finish"
+            );
         }
     }
     Ok(())

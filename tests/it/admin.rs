@@ -64,8 +64,10 @@ fn off_loopback_the_admin_api_needs_tls_and_a_token() {
         let client = tests::client();
         // Plain HTTP is not served there.
         let plain = admin_url.replace("https://", "http://");
+        // (With the token: a plain answer would be 200, not the 401 a missing token gets.)
         let refused = reqwest::Client::new()
             .get(format!("{plain}/healthz"))
+            .bearer_auth(ADMIN_TOKEN)
             .timeout(Duration::from_secs(5))
             .send()
             .await;

@@ -307,9 +307,11 @@ fn the_canary_split_follows_the_weights_and_variants_can_be_forced_or_sticky() {
         let mut targets = std::collections::BTreeSet::new();
         for _ in 0..20 {
             let response = post(&gateway, &chat("sticky-model", json!({}))).await;
+            assert_eq!(response.status(), 200);
             targets.insert(header(&response, "x-isthmus-target"));
         }
         assert_eq!(targets.len(), 1, "{targets:?}");
+        assert!(!targets.contains(""), "{targets:?}");
     });
 }
 

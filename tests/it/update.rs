@@ -171,17 +171,20 @@ fn a_signed_update_runs_on_trial_and_a_broken_one_rolls_back_by_itself() {
     // The unit's commit waits, watching the gateway's process (systemd passes $MAINPID and
     // waits for the step rather than stopping it): a gateway that exits first leaves the
     // slot on trial, and the step ends at once instead of at the end of its wait.
-    let mut short_lived = Command::new("sleep").arg("600").spawn().unwrap();
-    let mut waiting = Command::new(appliance.factory.join("bin/isthmus"))
-        .args(["update", "commit", "--after-seconds", "600", "--main-pid"])
-        .arg(short_lived.id().to_string())
-        .arg("--firmware-dir")
-        .arg(&appliance.firmware)
-        .arg("--factory-root")
-        .arg(&appliance.factory)
-        .stdout(std::process::Stdio::piped())
+    let mut short_lived = tests::kill_with_parent(Command::new("sleep").arg("600"))
         .spawn()
         .unwrap();
+    let mut waiting =
+        tests::kill_with_parent(&mut Command::new(appliance.factory.join("bin/isthmus")))
+            .args(["update", "commit", "--after-seconds", "600", "--main-pid"])
+            .arg(short_lived.id().to_string())
+            .arg("--firmware-dir")
+            .arg(&appliance.firmware)
+            .arg("--factory-root")
+            .arg(&appliance.factory)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     let mut lines = std::io::BufReader::new(waiting.stdout.take().unwrap());
     let mut announced = String::new();
     std::io::BufRead::read_line(&mut lines, &mut announced).unwrap();

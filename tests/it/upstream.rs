@@ -604,7 +604,7 @@ fn bench_stopped_by_sigint_finishes_what_it_started_and_reports() {
     // Timed against a rate: not beside a gateway test's inference threads.
     let _serial = tests::serial();
     let upstream = start(options());
-    let child = bench_command(
+    let mut command = bench_command(
         &upstream,
         &[
             "--concurrency",
@@ -614,10 +614,11 @@ fn bench_stopped_by_sigint_finishes_what_it_started_and_reports() {
             "--interval-ms",
             "50",
         ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    );
+    let child = tests::kill_with_parent(&mut command)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     block_on(async {
         upstream
             .wait_for_stats(STATS_DEADLINE, |stats| {

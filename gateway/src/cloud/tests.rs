@@ -323,3 +323,16 @@ fn the_prompt_estimate_counts_text_not_attachments() {
     );
     assert!(estimated_prompt_tokens(unspaced.as_bytes()) >= 2000);
 }
+
+#[test]
+fn a_backend_failure_is_described_without_the_bytes_pingora_read() {
+    let io = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad header");
+    let error = pingora_error::Error::because(
+        pingora_error::ErrorType::InvalidHTTPHeader,
+        "buf: HTTP/1.1 200 OK\r\nSet-Cookie: session=secret\r\n\r\nThe answer is 42",
+        io,
+    );
+    let text = without_context(&error);
+    assert_eq!(text, "InvalidHTTPHeader: bad header");
+    assert!(!error.to_string().is_empty() && !text.contains("secret"));
+}

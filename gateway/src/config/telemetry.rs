@@ -103,12 +103,15 @@ impl Validator<'_> {
             {
                 Some(url)
             }
-            Ok(_) => {
+            Ok(url) => {
+                // Named by scheme and host only: what was refused may be credentials or a
+                // query that carries a key, and this message reaches the log.
                 self.error(
                     "telemetry.otlp.endpoint",
                     format!(
-                        "must be an http:// or https:// base URL with a host and no credentials, query or fragment (the collector's OTLP/HTTP port, e.g. http://127.0.0.1:4318): {}",
-                        raw.endpoint
+                        "must be an http:// or https:// base URL with a host and no credentials, query or fragment (the collector's OTLP/HTTP port, e.g. http://127.0.0.1:4318), not the URL given for {}://{}",
+                        url.scheme(),
+                        url.host_str().unwrap_or("no host")
                     ),
                 );
                 None

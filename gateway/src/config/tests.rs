@@ -706,7 +706,7 @@ headers_from_env = {{ "x-api-key" = "ISTHMUS_NOT_SET", "bad header" = "ISTHMUS_T
     );
     let errors = errors_of(&text, &source);
     let expected = [
-        "telemetry.otlp.endpoint: must be an http:// or https:// base URL with a host and no credentials, query or fragment (the collector's OTLP/HTTP port, e.g. http://127.0.0.1:4318): ftp://collector:4318",
+        "telemetry.otlp.endpoint: must be an http:// or https:// base URL with a host and no credentials, query or fragment (the collector's OTLP/HTTP port, e.g. http://127.0.0.1:4318), not the URL given for ftp://collector",
         "telemetry.otlp.metrics_interval_ms: must be greater than 0",
         "telemetry.otlp.service_name: must not be empty",
         "telemetry.otlp: exports neither traces nor metrics: set one of them, or remove the section",
