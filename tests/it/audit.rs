@@ -358,6 +358,15 @@ url = "{upstream}"
 [upstreams.aks.health]
 enabled = false
 
+# On the premises, and down: nothing listens on port 1.
+[upstreams.vault]
+models = {{ "vault-model" = "m" }}
+on_premises = true
+[[upstreams.vault.backends]]
+url = "http://127.0.0.1:1"
+[upstreams.vault.health]
+enabled = false
+
 [[policy.rules]]
 name = "support-desk"
 action = "local"
@@ -419,6 +428,22 @@ token_file = {token_file:?}
     );
     let long = format!("long-marker {}", "x".repeat(5000));
     post_chat(&gateway, "content-long", &cloud(&long, false), &[]);
+    // Bound for the on-premises pool, whose backend does not answer: the prompt never left,
+    // and its record must say so, or the export would carry it off the premises.
+    let mut vault = cloud("vault-marker-8812", false);
+    vault["model"] = json!("vault-model");
+    let unanswered = block_on(async {
+        tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .header("x-request-id", "content-vault")
+            .json(&vault)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert!(unanswered.is_server_error(), "{unanswered}");
     // A refused request's record says where the body was wrong, never what it said (the
     // client's error message quotes it).
     let refused = block_on(async {
@@ -463,6 +488,12 @@ token_file = {token_file:?}
     ] {
         assert!(plain.get(member).is_none(), "{member} in {plain}");
     }
+    let vault_record = properties("content-vault");
+    assert_eq!(
+        (&vault_record["Route"], &vault_record["OnPremises"]),
+        (&json!("cloud"), &json!(true)),
+        "{vault_record}"
+    );
     let cloud_record = properties("content-cloud");
     assert_eq!(cloud_record["Route"], "cloud");
     assert_eq!(cloud_record["Completion"], "cloud-marker-9034");
@@ -491,6 +522,7 @@ token_file = {token_file:?}
         "content-cloud",
         "content-stream",
         "content-long",
+        "content-vault",
     ];
     let exported = |id: &str, received: &[Value]| {
         received
@@ -539,6 +571,10 @@ token_file = {token_file:?}
         "local prompt exported"
     );
     assert!(!everything.contains("plain-marker-5521"));
+    assert!(
+        !everything.contains("vault-marker-8812"),
+        "an on-premises pool's prompt exported"
+    );
     let support_exported = exported("content-support", &received).unwrap();
     assert_eq!(support_exported["Properties"]["Rule"], "support-desk");
     for member in [
