@@ -693,6 +693,14 @@ fn value_at(bytes: &[u8], position: usize) -> Option<(usize, usize, bool)> {
     if let Some(end) = template_end(bytes, position) {
         return Some((position, end, false));
     }
+    // Opened like a template but going on past it (`${Summer}2024!`): a value with braces in
+    // it, read to its next blank, quote or separator rather than cut at its first `}`.
+    if bytes[position..].starts_with(b"${") || bytes[position..].starts_with(b"{{") {
+        let end = run_end(bytes, position, VALUE_BYTES_MAX, |byte| {
+            byte > b' ' && !matches!(byte, b'"' | b'\'' | b';' | b',')
+        });
+        return Some((position, end, false));
+    }
     let end = run_end(bytes, position, VALUE_BYTES_MAX, |byte| {
         byte > b' '
             && !matches!(

@@ -1562,7 +1562,7 @@ fn script_variables_are_not_passwords_and_a_template_must_end_its_value() {
             environment: password=$$DB_PASSWORD
                 -
             password=${Summer}2024! and password is <Summer2024! see <docs>
-                secret `${Summer` 0.8
+                secret `${Summer}2024!` 0.8
                 secret `<Summer2024!` 0.8
         "#]],
     );
