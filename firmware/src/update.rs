@@ -244,6 +244,24 @@ fn count_start(state: &SlotState) -> (SlotState, BootOutcome) {
     )
 }
 
+/// Corrects the state with the slot a started gateway is seen to run (its executable's
+/// slot, read by `commit --main-pid`): `running` names it, and a trial of that slot that
+/// `boot` did not count — applied between that start's `boot` and its `ExecStart`, which
+/// then ran the new slot — counts this start as its first. `None` when nothing changes.
+/// Without this, `running` would name the slot before, and a rollback then an `apply` would
+/// pass the guard against writing the slot that runs.
+pub fn running_step(state: &SlotState, running: Slot) -> Option<SlotState> {
+    let mut next = state.clone();
+    next.running = Some(running);
+    if let Some(trial) = &mut next.trial
+        && trial.slot == running
+        && trial.attempts == 0
+    {
+        trial.attempts = 1;
+    }
+    (next != *state).then_some(next)
+}
+
 /// Ends a trial: the active slot became ready. `None` when there is no trial, or when the
 /// trial has not started yet (applied while this start, of the slot before it, was under
 /// way: that start's readiness says nothing of the slot on trial).
@@ -992,6 +1010,27 @@ impl Firmware {
                 Ok(Some(next))
             }
             None => Ok(None),
+        }
+    }
+
+    /// The slot whose tree holds `executable` (a running gateway's `/proc/PID/exe`), if any.
+    pub fn slot_of(&self, executable: &Path) -> Option<Slot> {
+        let executable = fs::canonicalize(executable).ok()?;
+        [Slot::A, Slot::B, Slot::Factory].into_iter().find(|slot| {
+            fs::canonicalize(self.slot_root(*slot)).is_ok_and(|root| executable.starts_with(root))
+        })
+    }
+
+    /// Records that a started gateway runs `slot` ([`running_step`]); the state after.
+    pub fn note_running(&self, slot: Slot) -> Result<SlotState, UpdateError> {
+        let _lock = self.lock()?;
+        let state = self.state()?;
+        match running_step(&state, slot) {
+            Some(next) => {
+                self.save(&next)?;
+                Ok(next)
+            }
+            None => Ok(state),
         }
     }
 

@@ -222,7 +222,17 @@ fn execute(command: UpdateCommand) -> Result<(), String> {
             let committed = if after_seconds == 0 {
                 firmware.commit()
             } else {
-                let state = firmware.state().map_err(|error| error.to_string())?;
+                let mut state = firmware.state().map_err(|error| error.to_string())?;
+                // What the gateway really runs (an `apply` may have come between this start's
+                // `boot` and its `ExecStart`): the state is corrected before it is trusted.
+                if let Some(slot) = main_pid
+                    .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+                    .and_then(|executable| firmware.slot_of(&executable))
+                {
+                    state = firmware
+                        .note_running(slot)
+                        .map_err(|error| error.to_string())?;
+                }
                 let Some(trial) = state.trial.filter(|trial| trial.attempts >= 1) else {
                     println!("nothing on trial");
                     return Ok(());

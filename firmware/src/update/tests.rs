@@ -7,6 +7,7 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use super::{
     ATTEMPTS_MAX, BootOutcome, Firmware, PACKAGE_VERSION, Slot, SlotState, Trial, UpdateError,
     apply_step, boot_step, commit_step, compare_versions, open_verified, pack, rollback_step,
+    running_step,
 };
 
 fn key(seed: u8) -> SigningKey {
@@ -495,4 +496,26 @@ fn one_update(seed: u8) -> (tempfile::TempDir, PathBuf, PathBuf, Firmware) {
     pack(&root, "1.0.0", &signer, &bundle).unwrap();
     let firmware = Firmware::new(&scratch.path().join("firmware"), &factory);
     (scratch, keys, bundle, firmware)
+}
+
+#[test]
+fn a_start_that_ran_a_slot_applied_after_its_boot_is_counted_as_that_slots() {
+    // This start's boot ran with the factory active; the apply came before its ExecStart,
+    // which ran slot a.
+    let (booted, _) = boot_step(&SlotState::default());
+    let (slot, applied) = apply_step(&booted, "2.0.0", false).unwrap();
+    assert_eq!(applied.running, Some(Slot::Factory));
+    assert_eq!(commit_step(&applied), None, "the trial was never started");
+    let seen = running_step(&applied, slot).unwrap();
+    assert_eq!(seen.running, Some(slot));
+    assert_eq!(seen.trial.as_ref().map(|trial| trial.attempts), Some(1));
+    assert!(commit_step(&seen).is_some());
+    // The guard that keeps an apply off the running slot now sees it.
+    let rolled = rollback_step(&seen).unwrap();
+    assert!(matches!(
+        apply_step(&rolled, "2.0.1", false),
+        Err(UpdateError::RestartPending { .. })
+    ));
+    // What boot counted already is left as it was.
+    assert_eq!(running_step(&seen, slot), None);
 }
