@@ -512,7 +512,8 @@ const LLAMA_CPP_DEFAULT_FILTER: &str = "llama-cpp-2=warn";
 
 /// Pingora's debug and trace messages print the bytes of requests it could not parse
 /// (headers with `Authorization` and `api-key` among them, a chunked body): left at info
-/// even when the gateway's own level is `debug`, unless the filter names Pingora itself.
+/// when the gateway's default level is `debug` or `trace`, unless the filter names Pingora
+/// itself.
 const PINGORA_DEFAULT_FILTER: &str = "pingora_core=info,pingora_proxy=info,pingora_http=info";
 
 fn init_logging(logging: &config::LoggingConfig) {
@@ -522,10 +523,16 @@ fn init_logging(logging: &config::LoggingConfig) {
     } else {
         format!("{directive},{LLAMA_CPP_DEFAULT_FILTER}")
     };
-    let directive = if directive.contains("pingora") {
-        directive
-    } else {
+    // Only where the default level is below info: a target directive sets a level both ways,
+    // and Pingora must not log at info under a default of warn.
+    let verbose = directive
+        .split(',')
+        .filter(|part| !part.contains('='))
+        .any(|level| matches!(level.trim(), "debug" | "trace"));
+    let directive = if verbose && !directive.contains("pingora") {
         format!("{directive},{PINGORA_DEFAULT_FILTER}")
+    } else {
+        directive
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directive)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -561,30 +561,48 @@ impl Pool {
     }
 }
 
-/// A Pingora error as text for the log, audit records and the client: the types along its
-/// chain and the cause at its end (a socket's or TLS's error), not the contexts, which for a
-/// response Pingora could not parse hold the bytes it read — a backend's headers (cookies)
-/// and the start of its answer.
+/// A Pingora error as text for the log, audit records and the client: the types and
+/// contexts along its chain and the cause at its end (a socket's or TLS's error), except a
+/// context that carries bytes read from the peer (`buf: …`, what Pingora quotes of a
+/// response it could not parse: a backend's headers, cookies among them, and the start of
+/// its answer) or is longer than [`CONTEXT_BYTES_MAX`].
 fn without_context(error: &pingora_error::Error) -> String {
-    let mut text = error.etype().as_str().to_owned();
-    let mut cause = error.cause.as_deref();
-    while let Some(next) = cause {
-        match next.downcast_ref::<pingora_error::Error>() {
-            Some(inner) => {
-                if inner.etype() != error.etype() {
-                    text.push_str(": ");
-                    text.push_str(inner.etype().as_str());
-                }
-                cause = inner.cause.as_deref();
+    let mut text = String::new();
+    let mut next: Option<&pingora_error::Error> = Some(error);
+    let mut previous_type: Option<&str> = None;
+    while let Some(current) = next {
+        let kind = current.etype().as_str();
+        if previous_type != Some(kind) {
+            if !text.is_empty() {
+                text.push_str(": ");
             }
-            None => {
-                text.push_str(&format!(": {next}"));
-                break;
+            text.push_str(kind);
+        }
+        previous_type = Some(kind);
+        if let Some(context) = current.context.as_ref().map(|context| context.as_str())
+            && !context.starts_with("buf:")
+            && context.len() <= CONTEXT_BYTES_MAX
+        {
+            text.push_str(&format!(" ({context})"));
+        }
+        next = None;
+        if let Some(cause) = current.cause.as_deref() {
+            // Pingora keeps a wrapped error of its own boxed.
+            match cause
+                .downcast_ref::<Box<pingora_error::Error>>()
+                .map(|boxed| &**boxed)
+                .or_else(|| cause.downcast_ref::<pingora_error::Error>())
+            {
+                Some(inner) => next = Some(inner),
+                None => text.push_str(&format!(": {cause}")),
             }
         }
     }
     text
 }
+
+/// The longest context of a Pingora error put into messages (longer ones quote data).
+const CONTEXT_BYTES_MAX: usize = 200;
 
 /// The system CA bundle the connector loads when a pool names no CA file.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -784,6 +802,10 @@ pub async fn forward(
     pool: &Arc<Pool>,
     request: &CloudRequest<'_>,
 ) -> Result<Forwarded, GatewayError> {
+    // Set before anything can fail: a request bound for an on-premises pool that none of
+    // its backends took (or that was refused here) never left either, and its record must
+    // not read as if it had (the audit export strips such a record's text by this flag).
+    ctx.on_premises = pool.config.on_premises;
     let upstream_model =
         pool.config
             .models
@@ -792,10 +814,6 @@ pub async fn forward(
                 model: request.model.to_owned(),
             })?;
     let body = rewrite_body(request.body, upstream_model, request.stream)?;
-    // Set before any backend answers: a request bound for an on-premises pool that none of
-    // its backends took never left either, and its record must not read as if it had (the
-    // audit export strips such a record's text by this flag).
-    ctx.on_premises = pool.config.on_premises;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<GatewayError> = None;
     let mut waited_for_retry_after = false;

@@ -505,7 +505,7 @@ async fn run(
                         notify(&manager, &[Notice::Ready, Notice::Status(serving_status(&state, "ready"))]);
                     }
                     Ok(Err(error)) => return Err(error),
-                    Err(error) => return Err(anyhow::anyhow!("model loading panicked: {error}")),
+                    Err(error) => return Err(anyhow::anyhow!("model loading did not finish: {}", crate::error::join_failure(&error))),
                 }
             }
         }

@@ -119,7 +119,7 @@ impl Validator<'_> {
             Err(error) => {
                 self.error(
                     "telemetry.otlp.endpoint",
-                    format!("not a URL ({error}): {}", raw.endpoint),
+                    format!("not a URL ({error}); the value is not repeated here, since it may hold credentials"),
                 );
                 None
             }
