@@ -215,7 +215,8 @@ pub(crate) fn protection_problem(
 
 /// Checks that no user but root and the one running this can change `path`: it and every
 /// directory above it, both as written and with its symbolic links resolved, are owned by
-/// one of them and not writable by group or others (see [`protection_problem`]). The update
+/// one of them and not writable by group or others (see [`protection_problem`]); a link on
+/// the way is owned by one of them. The update
 /// keys and slots are read by root-run commands, so a directory the service's user could
 /// write would let a compromised gateway choose what root installs next.
 pub(crate) fn check_protected(path: &Path) -> Result<(), String> {
@@ -227,12 +228,23 @@ pub(crate) fn check_protected(path: &Path) -> Result<(), String> {
         .map_err(|error| format!("{}: {}", path.display(), io_reason(&error)))?;
     for chain in [&absolute, &resolved] {
         for (index, step) in chain.ancestors().enumerate() {
-            let metadata = fs::metadata(step)
+            // Each name as it is: a link is judged by its own owner (who can point it
+            // elsewhere: in a sticky `/tmp`, anyone's link would otherwise pass for the
+            // protected directory it points at now), its target by the resolved chain.
+            let metadata = fs::symlink_metadata(step)
                 .map_err(|error| format!("{}: {}", step.display(), io_reason(&error)))?;
             use std::os::unix::fs::MetadataExt as _;
-            if let Some(problem) =
+            let problem = if metadata.file_type().is_symlink() {
+                (metadata.uid() != 0 && metadata.uid() != user).then(|| {
+                    format!(
+                        "a link owned by user {}, neither root nor this user ({user})",
+                        metadata.uid()
+                    )
+                })
+            } else {
                 protection_problem(metadata.uid(), metadata.mode(), user, index == 0)
-            {
+            };
+            if let Some(problem) = problem {
                 return Err(format!("{}: {problem}", step.display()));
             }
         }

@@ -149,5 +149,22 @@ fn a_protected_path_is_checked_through_its_links_and_its_parents() -> io::Result
         error.starts_with(&format!("{}: writable by group or others", open.display())),
         "{error}"
     );
+    // A link into a protected place is judged by its own owner too: another user's link
+    // (in a sticky directory anyone may add to) can be pointed elsewhere after the check.
+    let theirs = private.join("theirs");
+    std::os::unix::fs::symlink(private.join("inner"), &theirs)?;
+    assert_eq!(check_protected(&theirs), Ok(()), "this user's own link");
+    match std::os::unix::fs::lchown(&theirs, Some(65534), None) {
+        Ok(()) => {
+            let error = check_protected(&theirs).err().unwrap_or_default();
+            assert!(
+                error.starts_with(&format!("{}: a link owned by user 65534", theirs.display())),
+                "{error}"
+            );
+        }
+        // Only root may give a link away; the refusal is checked where tests run as root.
+        Err(error) if error.kind() == io::ErrorKind::PermissionDenied => {}
+        Err(error) => return Err(error),
+    }
     Ok(())
 }
