@@ -215,7 +215,8 @@ pub struct Limits {
     pub header_bytes_max: u64,
     /// From connection (or end of the previous response) to a complete request header.
     pub header_read_timeout: Duration,
-    /// Longest pause while reading a request body.
+    /// Longest pause while reading a request body; with a second per 64 KiB of the body,
+    /// the longest the whole body may take.
     pub body_read_timeout: Duration,
     /// Longest wait of an idle kept-alive connection for its next request (whole seconds:
     /// HTTP/1 keep-alive counts in them).

@@ -683,8 +683,9 @@ fn json_header(
 }
 
 /// The slowest a client may read a whole answer before its write times out (beyond
-/// `server.limits.response_write_timeout_ms`, which any write gets).
-const WRITE_BYTES_PER_SECOND_MIN: u64 = 64 * 1024;
+/// `server.limits.response_write_timeout_ms`, which any write gets), or send a whole body
+/// (beyond `body_read_timeout_ms`).
+const TRANSFER_BYTES_PER_SECOND_MIN: u64 = 64 * 1024;
 
 /// Writes a header and a complete body in one go (one write to the socket on HTTP/1.1). The
 /// answer to a HEAD request is the header alone, with the length the body would have: HTTP/2
@@ -705,7 +706,7 @@ pub async fn write_whole(
     if let Some(pause) = session.get_write_timeout() {
         let bytes = u64::try_from(body.len()).unwrap_or(u64::MAX);
         session.set_write_timeout(Some(
-            pause + Duration::from_secs(bytes / WRITE_BYTES_PER_SECOND_MIN),
+            pause + Duration::from_secs(bytes / TRANSFER_BYTES_PER_SECOND_MIN),
         ));
     }
     let tasks = if session.req_header().method == http::Method::HEAD || body.is_empty() {
@@ -1721,16 +1722,26 @@ impl DataPlane {
                 .min(BODY_PREALLOCATION_BYTES_MAX) as usize,
         );
         // Pingora times out each read of an HTTP/1 body (`set_read_timeout`); an HTTP/2
-        // stream's reads get the same limit here.
+        // stream's reads get the same limit here. The whole body has a deadline too: a
+        // pause per read, plus a second per 64 KiB of what may come (a caller trickling a
+        // byte per read would otherwise hold its connection for as long as it liked).
         let read_timeout = self.state.config.server.limits.body_read_timeout;
+        let expected = declared.unwrap_or(limit_bytes).min(limit_bytes);
+        let deadline = tokio::time::Instant::now()
+            + read_timeout
+            + Duration::from_secs(expected / TRANSFER_BYTES_PER_SECOND_MIN);
         loop {
-            let read = match tokio::time::timeout(read_timeout, session.read_request_body()).await {
-                Ok(read) => read,
-                Err(_) => Err(pingora_error::Error::explain(
-                    ErrorType::ReadTimedout,
-                    "no body bytes within the body read timeout",
-                )),
-            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let read =
+                match tokio::time::timeout(read_timeout.min(left), session.read_request_body())
+                    .await
+                {
+                    Ok(read) => read,
+                    Err(_) => Err(pingora_error::Error::explain(
+                        ErrorType::ReadTimedout,
+                        "the body did not arrive within the body read timeouts",
+                    )),
+                };
             match read {
                 Ok(Some(chunk)) => {
                     if (body.len() + chunk.len()) as u64 > limit_bytes {

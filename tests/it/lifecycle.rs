@@ -120,6 +120,7 @@ fn slow_and_oversized_headers_are_cut_off() {
         header_read_timeout_ms: 300,
         header_bytes_max: 4096,
         keepalive_timeout_ms: 1_000,
+        body_read_timeout_ms: 1_000,
         ..GatewayOptions::default()
     };
     // Plain TCP to the admin listener and to a plain-HTTP data listener, which apply the
@@ -275,6 +276,38 @@ fn slow_and_oversized_headers_are_cut_off() {
         read.is_ok() && answer.starts_with("HTTP/1.1 401"),
         "expected a 401 and a close, got {read:?} {answer}"
     );
+    // A caller with a key that trickles its body a byte at a time, each within the read
+    // timeout, is cut off once the whole body is late (here after about a second).
+    let trickling = std::net::TcpStream::connect(plain).unwrap();
+    trickling
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = trickling.try_clone().unwrap();
+    write!(
+        writer,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    .unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..150 {
+            if writer.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut answer = Vec::new();
+    let read = (&trickling).read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok()
+            && answer.starts_with("HTTP/1.1 400")
+            && answer.contains("not received in time"),
+        "expected a 400 for a late body and a close, got {read:?} {answer}"
+    );
+    let _ = trickling.shutdown(std::net::Shutdown::Both);
+    trickle.join().unwrap();
     // The data plane's refusals are counted (the admin listener's are not its traffic).
     let metrics = gateway.metrics();
     for line in [
