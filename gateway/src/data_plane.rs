@@ -1084,9 +1084,7 @@ impl DataPlane {
                     store.get(&id, &reader).map(|found| (id, found))
                 })
                 .await
-                .map_err(|error| GatewayError::Internal {
-                    message: format!("the response store: {}", crate::error::join_failure(&error)),
-                })?
+                .map_err(|error| GatewayError::unfinished("the response store", &error))?
                 .map_err(|error| GatewayError::Internal {
                     message: error.to_string(),
                 })?;
@@ -1190,9 +1188,7 @@ impl DataPlane {
             }
         })
         .await
-        .map_err(|error| GatewayError::Internal {
-            message: format!("the response store: {}", crate::error::join_failure(&error)),
-        })?;
+        .map_err(|error| GatewayError::unfinished("the response store", &error))?;
         let body = looked_up?;
         respond_json(session, ctx, 200, body, None).await?;
         Ok(())
@@ -1496,12 +1492,7 @@ impl DataPlane {
         let inputs = request.inputs;
         let submitted = tokio::task::spawn_blocking(move || submitting.embed(&inputs))
             .await
-            .map_err(|error| GatewayError::Internal {
-                message: format!(
-                    "tokenizing the inputs failed: {}",
-                    crate::error::join_failure(&error)
-                ),
-            })?;
+            .map_err(|error| GatewayError::unfinished("tokenizing the inputs failed", &error))?;
         let pending = submitted.map_err(|error| {
             ctx.reject("request");
             local::embed_submit_error(error, model)
@@ -1572,14 +1563,7 @@ impl DataPlane {
                 )
             })
             .await
-            .unwrap_or_else(|error| {
-                Err(GatewayError::Internal {
-                    message: format!(
-                        "evaluating the request: {}",
-                        crate::error::join_failure(&error)
-                    ),
-                })
-            })
+            .unwrap_or_else(|error| Err(GatewayError::unfinished("evaluating the request", &error)))
         };
         let crate::facts::Evaluation {
             outcome,

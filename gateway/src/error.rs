@@ -536,6 +536,15 @@ fn rule_list(rule_ids: &[u32]) -> String {
 #[cfg(test)]
 mod tests;
 
+impl GatewayError {
+    /// `what` did not finish on the blocking pool (see [`join_failure`]).
+    pub fn unfinished(what: &str, error: &tokio::task::JoinError) -> GatewayError {
+        GatewayError::Internal {
+            message: format!("{what}: {}", join_failure(error)),
+        }
+    }
+}
+
 /// Why a task on the blocking pool did not finish, without its panic's message: one
 /// formatted while running can quote the data the task worked on (a prompt, a stored
 /// answer), and this text reaches clients, the log and audit records. The panic hook has

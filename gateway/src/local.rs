@@ -97,12 +97,7 @@ pub async fn run(
             .collect::<Vec<_>>()
     })
     .await
-    .map_err(|error| GatewayError::Internal {
-        message: format!(
-            "preparing the prompt failed: {}",
-            crate::error::join_failure(&error)
-        ),
-    })?;
+    .map_err(|error| GatewayError::unfinished("preparing the prompt failed", &error))?;
     let prepared = results
         .into_iter()
         .enumerate()
@@ -154,12 +149,7 @@ pub async fn run(
             (None, None) => Ok(None),
         })
         .await
-        .map_err(|error| GatewayError::Internal {
-            message: format!(
-                "converting the JSON schema failed: {}",
-                crate::error::join_failure(&error)
-            ),
-        })??,
+        .map_err(|error| GatewayError::unfinished("converting the JSON schema failed", &error))??,
     };
     // Each choice is a sequence of its own, with its own seed; a refusal of any drops (and so
     // cancels) those already submitted.
