@@ -390,6 +390,21 @@ async fn one_request(
     if !options.stream {
         let body: Value = response.json().await.map_err(|error| error.to_string())?;
         let end_to_end = started.elapsed();
+        // A 200 that carries an error, or no answer, is a failed request, not a fast one.
+        let answered = match options.api {
+            BenchApi::Chat => body["choices"]
+                .as_array()
+                .is_some_and(|choices| !choices.is_empty()),
+            BenchApi::Responses => {
+                matches!(body["status"].as_str(), Some("completed" | "incomplete"))
+            }
+        };
+        if !body["error"].is_null() || !answered {
+            return Err(format!(
+                "HTTP 200 without an answer: {}",
+                body.to_string().chars().take(300).collect::<String>()
+            ));
+        }
         let usage = Usage::of(&body["usage"]);
         return Ok(Sample {
             ttft: None,
@@ -407,41 +422,49 @@ async fn one_request(
     let mut gaps = Vec::new();
     let mut chunks = 0_u32;
     let mut usage = Value::Null;
+    // Whether the stream said it was complete: `[DONE]` or a finish reason (chat),
+    // `response.completed` or `response.incomplete` (Responses). A stream cut off before
+    // that is a failed request, however many tokens it carried.
+    let mut finished = false;
     while let Some(bytes) = response.chunk().await.map_err(|error| error.to_string())? {
         let now = Instant::now();
-        buffer.extend_from_slice(&bytes);
+        // Lines may end in CRLF (servers built on sse-starlette send them); a raw CR never
+        // occurs inside a JSON event, so dropping every CR leaves LF-terminated lines.
+        buffer.extend(bytes.iter().copied().filter(|byte| *byte != b'\r'));
         while let Some(end) = buffer.windows(2).position(|window| window == b"\n\n") {
             let event: Vec<u8> = buffer.drain(..end + 2).collect();
-            // The `data:` line (a Responses event has an `event:` line before it).
-            let Some(data) = event
-                .split(|byte| *byte == b'\n')
-                .find_map(|line| line.strip_prefix(b"data: "))
-            else {
+            let Some(data) = event_data(&event) else {
                 continue;
             };
             if data == b"[DONE]" {
+                finished = true;
                 continue;
             }
-            let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
-                return Err(format!("not JSON: {}", String::from_utf8_lossy(data)));
+            let Ok(chunk) = serde_json::from_slice::<Value>(&data) else {
+                return Err(format!("not JSON: {}", String::from_utf8_lossy(&data)));
             };
             let content = match options.api {
                 BenchApi::Chat => {
+                    if !chunk["error"].is_null() {
+                        return Err(format!("the stream failed: {chunk}"));
+                    }
                     if !chunk["usage"].is_null() {
                         usage = chunk["usage"].clone();
                     }
-                    // Text, whether or not the chunk also names the role; an empty string
-                    // (a server holding text back, e.g. a possible stop string) is none.
-                    chunk["choices"][0]["delta"]["content"]
-                        .as_str()
-                        .is_some_and(|text| !text.is_empty())
+                    let choice = &chunk["choices"][0];
+                    finished |= choice["finish_reason"].is_string();
+                    chat_delta_has_token(&choice["delta"])
                 }
                 BenchApi::Responses => match chunk["type"].as_str() {
-                    Some("response.output_text.delta") => {
-                        chunk["delta"].as_str().is_some_and(|text| !text.is_empty())
-                    }
+                    Some(
+                        "response.output_text.delta"
+                        | "response.reasoning_text.delta"
+                        | "response.reasoning_summary_text.delta"
+                        | "response.function_call_arguments.delta",
+                    ) => chunk["delta"].as_str().is_some_and(|text| !text.is_empty()),
                     Some("response.completed" | "response.incomplete") => {
                         usage = chunk["response"]["usage"].clone();
+                        finished = true;
                         false
                     }
                     Some("error" | "response.failed") => {
@@ -461,6 +484,11 @@ async fn one_request(
             last = Some(now);
         }
     }
+    if !finished {
+        return Err(format!(
+            "the stream ended before it said it was complete, after {chunks} chunks with tokens"
+        ));
+    }
     let end_to_end = started.elapsed();
     let first = first.ok_or_else(|| "the stream carried no content".to_owned())?;
     let counted = Usage::of(&usage);
@@ -477,6 +505,39 @@ async fn one_request(
         gaps,
         resent,
     })
+}
+
+/// The data of one server-sent event: its `data:` lines (one optional space after the colon)
+/// joined by newlines, or `None` when it has none (a comment, or only an `event:` line).
+fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|byte| *byte == b'\n') {
+        let Some(value) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        match &mut data {
+            None => data = Some(value.to_vec()),
+            Some(data) => {
+                data.push(b'\n');
+                data.extend_from_slice(value);
+            }
+        }
+    }
+    data
+}
+
+/// Whether a chat stream's delta carries a generated token: visible text, reasoning text
+/// (`reasoning_content` or `reasoning`, as vLLM and llama-server send it) or a tool call.
+/// An empty string (a server holding text back, e.g. a possible stop string) is none.
+fn chat_delta_has_token(delta: &Value) -> bool {
+    let text = |key: &str| delta[key].as_str().is_some_and(|text| !text.is_empty());
+    text("content")
+        || text("reasoning_content")
+        || text("reasoning")
+        || delta["tool_calls"]
+            .as_array()
+            .is_some_and(|calls| !calls.is_empty())
 }
 
 /// Token counts of a usage object of either API.
@@ -570,9 +631,17 @@ async fn closed_loop(
                     if index >= u64::from(options.requests) {
                         break;
                     }
-                    let started = tokio::time::Instant::now();
+                    let begun = tokio::time::Instant::now();
                     results.push(one_request(&client, &options, index, None).await);
-                    tokio::time::sleep_until(started + options.interval).await;
+                    // No wait once there is nothing left to start: the run's wall time
+                    // (the tokens/s window) would otherwise end an interval late.
+                    let next_start = begun + options.interval;
+                    if next.load(Ordering::Relaxed) >= u64::from(options.requests)
+                        || !may_start(&options, next_start.into_std().duration_since(started))
+                    {
+                        break;
+                    }
+                    tokio::time::sleep_until(next_start).await;
                 }
                 results
             })

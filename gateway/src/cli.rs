@@ -338,18 +338,29 @@ fn report(path: &std::path::Path, errors: &[ConfigError]) {
 }
 
 fn bench(args: BenchArgs) -> ExitCode {
+    // A year bounds every length of time the bench computes from these (no overflow).
+    const YEAR_S: f64 = 365.0 * 86_400.0;
     let duration = match args.duration_s {
         None => None,
-        Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+        Some(seconds) if seconds > 0.0 && seconds <= YEAR_S => {
             Some(std::time::Duration::from_secs_f64(seconds))
         }
         Some(seconds) => {
             eprintln!(
-                "isthmus bench: --duration-s must be a positive number of seconds, not {seconds}"
+                "isthmus bench: --duration-s must be a number of seconds above 0 and at most \
+                 {YEAR_S}, not {seconds}"
             );
             return ExitCode::from(2);
         }
     };
+    if !(args.rate == 0.0 || (args.rate >= 1.0 / YEAR_S && args.rate <= 1e9)) {
+        eprintln!(
+            "isthmus bench: --rate must be 0 (closed loop) or a rate from one a year to 1e9 \
+             requests per second, not {}",
+            args.rate
+        );
+        return ExitCode::from(2);
+    }
     let requests = match (args.requests, duration) {
         (Some(requests), _) => requests,
         (None, Some(_)) => u32::MAX,

@@ -555,16 +555,25 @@ fn bench_starts_no_request_after_its_duration() {
             .contains("slots were still busy"),
         "{report}"
     );
-    // A duration that is not a positive number is refused by name.
-    let output = std::process::Command::new(tests::isthmus_binary())
-        .args(["bench", "--url", &upstream.base_url(), "--duration-s", "0"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2), "{output:?}");
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("--duration-s"),
-        "{output:?}"
-    );
+    // A duration that is not a positive number, and a rate too small to time (or below 0),
+    // are refused by name.
+    let refused: [(&[&str], &str); 3] = [
+        (&["--duration-s", "0"], "--duration-s"),
+        (&["--rate", "1e-30"], "--rate"),
+        (&["--rate=-5"], "--rate"),
+    ];
+    for (arguments, flag) in refused {
+        let output = std::process::Command::new(tests::isthmus_binary())
+            .args(["bench", "--url", &upstream.base_url()])
+            .args(arguments)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{arguments:?}: {output:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(flag),
+            "{arguments:?}: {output:?}"
+        );
+    }
 }
 
 #[test]

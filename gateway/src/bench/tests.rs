@@ -84,3 +84,108 @@ fn prompts_differ_per_request_but_share_the_prefix() {
     let without_prefix = request_body(&options(0), 0);
     assert_eq!(without_prefix["messages"].as_array().map(Vec::len), Some(1));
 }
+
+/// Answers every connection with `response` (a whole HTTP/1.1 response) and closes it.
+async fn canned_server(response: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(listener) => listener,
+        Err(error) => panic!("binding a loopback port: {error}"),
+    };
+    let address = match listener.local_addr() {
+        Ok(address) => address,
+        Err(error) => panic!("reading the bound address: {error}"),
+    };
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Read the request's head and its body (the bench's bodies are small and
+                // arrive with the head or right after it).
+                let mut request = Vec::new();
+                let mut buffer = [0_u8; 8192];
+                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+async fn sample_from(response: &'static str, api: BenchApi, stream: bool) -> Result<u32, String> {
+    let mut options = options(0);
+    options.url = canned_server(response).await;
+    options.api = api;
+    options.stream = stream;
+    let client = reqwest::Client::new();
+    super::one_request(&client, &options, 0, None)
+        .await
+        .map(|sample| sample.output_tokens)
+}
+
+#[tokio::test]
+async fn a_stream_counts_only_when_it_says_it_is_complete() {
+    // Text, then an error event, then the end: Isthmus's own answer when generation fails
+    // half way, and vLLM's.
+    const FAILED: &str = concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"error\":{\"message\":\"decode failed\",\"type\":\"server_error\"}}\n\n",
+    );
+    let error = sample_from(FAILED, BenchApi::Chat, true).await.unwrap_err();
+    assert!(error.contains("decode failed"), "{error}");
+    // Text and then the connection closes: no finish reason, no `[DONE]`.
+    const CUT: &str = concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+    );
+    let error = sample_from(CUT, BenchApi::Chat, true).await.unwrap_err();
+    assert!(error.contains("before it said it was complete"), "{error}");
+    // CRLF line ends, `data:` with no space, reasoning before text, and the finish reason:
+    // three tokens.
+    const CRLF: &str = concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        "data:{\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"Hm\"}}]}\r\n\r\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\r\n\r\n",
+        ": a comment\r\n\r\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0}]},",
+        "\"finish_reason\":\"tool_calls\"}]}\r\n\r\n",
+        "data: [DONE]\r\n\r\n",
+    );
+    assert_eq!(sample_from(CRLF, BenchApi::Chat, true).await, Ok(3));
+    // A Responses stream that ends without `response.completed`.
+    const RESPONSES_CUT: &str = concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        "event: response.output_text.delta\n",
+        "data: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+    );
+    let error = sample_from(RESPONSES_CUT, BenchApi::Responses, true)
+        .await
+        .unwrap_err();
+    assert!(error.contains("before it said it was complete"), "{error}");
+}
+
+#[tokio::test]
+async fn a_json_answer_without_choices_is_an_error() {
+    const ERROR_200: &str = concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 45\r\n",
+        "connection: close\r\n\r\n",
+        "{\"error\":{\"message\":\"overloaded\",\"type\":\"x\"}}",
+    );
+    let error = sample_from(ERROR_200, BenchApi::Chat, false)
+        .await
+        .unwrap_err();
+    assert!(error.contains("without an answer"), "{error}");
+    const ANSWER: &str = concat!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 102\r\n",
+        "connection: close\r\n\r\n",
+        "{\"choices\":[{\"index\":0,\"message\":{\"content\":\"Hi\"}}],",
+        "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}",
+    );
+    assert_eq!(sample_from(ANSWER, BenchApi::Chat, false).await, Ok(2));
+}

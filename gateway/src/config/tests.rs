@@ -323,6 +323,15 @@ fn listeners_limits_and_tls_files_are_checked_before_they_are_used() {
         "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n",
     );
     assert_eq!(errors_of(&text, &source), Vec::<String>::new());
+    // A keep-alive timeout in range but shorter than the header deadline would cut a reused
+    // connection's next header while it is still within its time.
+    let text = format!(
+        "{VALID}\n[server.limits]\nheader_read_timeout_ms = 20000\nkeepalive_timeout_ms = 5000\n"
+    );
+    assert_eq!(
+        errors_of(&text, &source),
+        ["server.limits.keepalive_timeout_ms: must be at least header_read_timeout_ms (20000)"]
+    );
 }
 
 #[test]
