@@ -30,7 +30,9 @@ use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
-use router_policies::{Admission, BackendView, BalanceFacts, Circuit, NoBackend, RoundRobin};
+use router_policies::{
+    Admission, BackendView, BalanceFacts, Circuit, NoBackend, RoundRobin, Trial,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -483,7 +485,7 @@ impl Pool {
     }
 
     /// Picks a backend for one attempt and admits it through its circuit breaker.
-    fn choose(&self, facts: &BalanceFacts<'_>) -> Result<(usize, bool), NoBackend> {
+    fn choose(&self, facts: &BalanceFacts<'_>) -> Result<(usize, Option<Trial>), NoBackend> {
         let now = now_ms();
         let mut exclude: Vec<usize> = facts.exclude.to_vec();
         loop {
@@ -498,8 +500,8 @@ impl Pool {
             };
             let admission = lock(&self.backends[index].health).circuit.admit(now);
             match admission {
-                Admission::Pass => return Ok((index, false)),
-                Admission::Trial => return Ok((index, true)),
+                Admission::Pass => return Ok((index, None)),
+                Admission::Trial(trial) => return Ok((index, Some(trial))),
                 // Another request took the half-open trial in between: look elsewhere.
                 Admission::Refuse => exclude.push(index),
             }
@@ -515,7 +517,7 @@ impl Pool {
         router_policies::choose_backend(&views, facts, &mut round_robin).is_ok()
     }
 
-    fn record(&self, index: usize, outcome: Outcome, trial: bool) {
+    fn record(&self, index: usize, outcome: Outcome, trial: Option<Trial>) {
         let backend = &self.backends[index];
         let mut health = lock(&backend.health);
         let now = now_ms();
@@ -536,13 +538,13 @@ impl Pool {
                     .min(self.config.circuit.open_max_ms);
                 let until = now.saturating_add(wait);
                 health.not_before_ms = health.not_before_ms.max(until);
-                if trial {
-                    health.circuit.abandon_trial();
+                if let Some(trial) = trial {
+                    health.circuit.abandon_trial(trial);
                 }
             }
             Outcome::Abandoned => {
-                if trial {
-                    health.circuit.abandon_trial();
+                if let Some(trial) = trial {
+                    health.circuit.abandon_trial(trial);
                 }
             }
         }
@@ -710,33 +712,33 @@ struct InFlight<'a>(&'a Backend);
 struct Chosen<'a> {
     pool: &'a Pool,
     index: usize,
-    open: bool,
+    open: Option<Trial>,
 }
 
 impl Chosen<'_> {
     /// The backend's answer began well: the trial ends, the circuit closes for the other
     /// requests (the attempt's own outcome is recorded when it ends).
     fn pass(&mut self) {
-        if std::mem::take(&mut self.open) {
+        if let Some(trial) = self.open.take() {
             lock(&self.pool.backends[self.index].health)
                 .circuit
-                .pass_trial();
+                .pass_trial(trial);
         }
     }
 
-    /// Whether the trial is still open, ending the claim: the caller records the attempt's
-    /// outcome as the trial's when it is.
-    fn take(&mut self) -> bool {
-        std::mem::take(&mut self.open)
+    /// The trial claim if it is still open, ending it: the caller records the attempt's
+    /// outcome as the trial's when there is one.
+    fn take(&mut self) -> Option<Trial> {
+        self.open.take()
     }
 }
 
 impl Drop for Chosen<'_> {
     fn drop(&mut self) {
-        if self.open {
+        if let Some(trial) = self.open.take() {
             lock(&self.pool.backends[self.index].health)
                 .circuit
-                .abandon_trial();
+                .abandon_trial(trial);
         }
     }
 }
@@ -817,7 +819,11 @@ pub async fn forward(
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<GatewayError> = None;
     let mut waited_for_retry_after = false;
-    while tried.len() < ATTEMPTS_MAX {
+    // Attempts counted apart from the backends tried: a wait on the same backend's
+    // Retry-After is the request's retry too, not a free extra attempt.
+    let mut attempts = 0;
+    while attempts < ATTEMPTS_MAX {
+        attempts += 1;
         let facts = BalanceFacts {
             variant: request.variant,
             sticky_key: request.sticky_key,
@@ -974,7 +980,15 @@ async fn attempt(
         auth,
     ) {
         Ok(header) => header,
-        Err(message) => return failure(message),
+        // Built here, before any byte left: the gateway's own failure (a path or a header
+        // value it cannot send), not the backend's, so no circuit is charged.
+        Err(message) => {
+            return Attempt::Retryable {
+                outcome: Outcome::Abandoned,
+                error: GatewayError::BadGateway { message },
+                retry_after: None,
+            };
+        }
     };
     let connected = pool.session(backend).await;
     let (upstream, reused) = match connected {
@@ -1124,8 +1138,10 @@ async fn attempt(
             "backend `{}` of pool `{}` answered {status}",
             backend.config.name, pool.config.name
         );
+        // A 503 that says when to come back is a busy backend, as a 429 is.
+        let throttled = status == 429 || (status == 503 && retry_after.is_some());
         return Attempt::Retryable {
-            outcome: if status == 429 {
+            outcome: if throttled {
                 Outcome::Throttled {
                     retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
                 }
@@ -1135,7 +1151,7 @@ async fn attempt(
             error: GatewayError::BackendRefused {
                 message,
                 detail,
-                throttled: status == 429,
+                throttled,
                 // The client hears the wait the gateway keeps, not a longer one.
                 retry_after_s: retry_after.map_or(1, |wait| {
                     wait.min(Duration::from_millis(pool.config.circuit.open_max_ms))
@@ -1155,7 +1171,7 @@ async fn attempt(
     if status == 200 && ctx.usage.prompt_tokens == 0 {
         ctx.usage.prompt_tokens = estimated_prompt_tokens(body);
     }
-    let streaming = status == 200 && content_type.starts_with("text/event-stream");
+    let streaming = status == 200 && is_event_stream(&content_type);
     let upstream = Upstream {
         session: upstream,
         pool,
@@ -1714,6 +1730,10 @@ fn record_usage(ctx: &mut RequestContext, usage: Option<&serde_json::Value>) {
 #[derive(Debug, Default)]
 pub struct SseSplitter {
     pending: BytesMut,
+    /// Bytes at the start of `pending` already searched for an event's end (less the two a
+    /// blank line could still begin in), so that an event arriving in many small chunks is
+    /// searched once, not again from its start on every chunk.
+    searched: usize,
 }
 
 impl SseSplitter {
@@ -1726,12 +1746,14 @@ impl SseSplitter {
     ) -> Bytes {
         self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.pending) {
-            let event = self.pending.split_to(end);
+        while let Some(end) = event_end(&self.pending[self.searched..]) {
+            let event = self.pending.split_to(self.searched + end);
+            self.searched = 0;
             if let Some(bytes) = each(trim_event(&event), &event) {
                 out.extend_from_slice(&bytes);
             }
         }
+        self.searched = self.pending.len().saturating_sub(2);
         out.freeze()
     }
 
@@ -1742,6 +1764,7 @@ impl SseSplitter {
 
     /// Whatever is left when the stream ends (an event without its blank line).
     pub fn finish(&mut self) -> Bytes {
+        self.searched = 0;
         self.pending.split().freeze()
     }
 }
@@ -1761,6 +1784,15 @@ pub(crate) fn event_end(buffer: &[u8]) -> Option<usize> {
         index += 1;
     }
     None
+}
+
+/// Whether a `Content-Type` value names server-sent events (media types are not case
+/// sensitive; parameters may follow).
+fn is_event_stream(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
 fn trim_event(event: &[u8]) -> &[u8] {

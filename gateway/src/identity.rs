@@ -52,6 +52,25 @@ const REFRESH_MARGIN_MAX: Duration = Duration::from_secs(5 * 60);
 const FETCH_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Longest error description kept from a token endpoint's answer.
 const ERROR_DESCRIPTION_CHARS_MAX: usize = 300;
+/// Headers a static key may not be sent in (lower case, as `HeaderName` spells them): those
+/// the forwarder sets on every request and those that frame or route a connection.
+const RESERVED_HEADERS: [&str; 15] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "accept",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+];
 
 /// The Arc agent's API version.
 const ARC_API_VERSION: &str = "2020-06-01";
@@ -323,10 +342,25 @@ impl Checker<'_> {
     fn api_key(&mut self, raw: RawApiKey) -> Option<Inner> {
         let name = match raw.header.as_deref() {
             None => Some(HeaderName::from_static("api-key")),
-            Some(name) => HeaderName::from_bytes(name.as_bytes()).ok().or_else(|| {
-                self.problem("header", format!("`{name}` is not a valid header name"));
-                None
-            }),
+            Some(name) => match HeaderName::from_bytes(name.as_bytes()) {
+                Err(_) => {
+                    self.problem("header", format!("`{name}` is not a valid header name"));
+                    None
+                }
+                // The gateway writes these itself (framing, routing, tracing): a key in one
+                // of them would replace the value the request needs, or break its framing.
+                Ok(parsed) if RESERVED_HEADERS.contains(&parsed.as_str()) => {
+                    self.problem(
+                        "header",
+                        format!(
+                            "`{name}` is a header the gateway sets itself; name the header \
+                             the backend reads the key from (e.g. api-key, x-api-key)"
+                        ),
+                    );
+                    None
+                }
+                Ok(parsed) => Some(parsed),
+            },
         };
         let key = self.static_secret(
             ("key_file", raw.key_file.as_deref()),

@@ -147,6 +147,8 @@ pub struct Circuit {
     failures_in_row: u32,
     /// Openings since the circuit last closed after a good trial.
     openings: u32,
+    /// Trials admitted so far: the next trial's number.
+    trials: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,11 +157,17 @@ enum CircuitState {
     Open {
         until_ms: u64,
     },
-    /// Half-open; `trial` says whether the one trial request is out.
+    /// Half-open; `trial` is the one trial request out, if one is.
     HalfOpen {
-        trial: bool,
+        trial: Option<Trial>,
     },
 }
+
+/// The claim of one half-open trial request. Only the claim the circuit gave last counts: a
+/// trial from an earlier half-open round that ends late (its caller left, its answer broke)
+/// can neither free nor settle the trial that is out now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trial(u64);
 
 /// Thresholds of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +183,7 @@ pub enum Admission {
     /// Go ahead.
     Pass,
     /// Go ahead as the half-open trial; its outcome decides the circuit.
-    Trial,
+    Trial(Trial),
     /// Not now.
     Refuse,
 }
@@ -194,6 +202,7 @@ impl Default for Circuit {
             state: CircuitState::Closed,
             failures_in_row: 0,
             openings: 0,
+            trials: 0,
         }
     }
 }
@@ -204,7 +213,7 @@ impl Circuit {
         match self.state {
             CircuitState::Closed => true,
             CircuitState::Open { until_ms } => now_ms >= until_ms,
-            CircuitState::HalfOpen { trial } => !trial,
+            CircuitState::HalfOpen { trial } => trial.is_none(),
         }
     }
 
@@ -221,19 +230,26 @@ impl Circuit {
         match self.state {
             CircuitState::Closed => Admission::Pass,
             CircuitState::Open { until_ms } if now_ms < until_ms => Admission::Refuse,
-            CircuitState::Open { .. } | CircuitState::HalfOpen { trial: false } => {
-                self.state = CircuitState::HalfOpen { trial: true };
-                Admission::Trial
+            CircuitState::Open { .. } | CircuitState::HalfOpen { trial: None } => {
+                let trial = Trial(self.trials);
+                self.trials = self.trials.wrapping_add(1);
+                self.state = CircuitState::HalfOpen { trial: Some(trial) };
+                Admission::Trial(trial)
             }
-            CircuitState::HalfOpen { trial: true } => Admission::Refuse,
+            CircuitState::HalfOpen { trial: Some(_) } => Admission::Refuse,
         }
+    }
+
+    /// Whether `trial` is the trial out now.
+    fn is_current(&self, trial: Option<Trial>) -> bool {
+        trial.is_some() && self.state == (CircuitState::HalfOpen { trial })
     }
 
     /// Gives the trial slot back when a trial request ended without an outcome (its caller
     /// left before the backend answered).
-    pub fn abandon_trial(&mut self) {
-        if let CircuitState::HalfOpen { trial: true } = self.state {
-            self.state = CircuitState::HalfOpen { trial: false };
+    pub fn abandon_trial(&mut self, trial: Trial) {
+        if self.is_current(Some(trial)) {
+            self.state = CircuitState::HalfOpen { trial: None };
         }
     }
 
@@ -241,18 +257,26 @@ impl Circuit {
     /// requests go through while it runs, but keeps its count of openings until a request
     /// ends well, so that a backend whose answers break after a good start still backs off
     /// longer each time.
-    pub fn pass_trial(&mut self) {
-        if let CircuitState::HalfOpen { trial: true } = self.state {
+    pub fn pass_trial(&mut self, trial: Trial) {
+        if self.is_current(Some(trial)) {
             self.state = CircuitState::Closed;
             self.failures_in_row = 0;
         }
     }
 
-    /// Records a request's outcome. `trial` is whether it was admitted as the trial.
-    pub fn record(&mut self, success: bool, trial: bool, now_ms: u64, settings: &CircuitSettings) {
+    /// Records a request's outcome. `trial` is its trial claim if it was admitted as one
+    /// and still held it.
+    pub fn record(
+        &mut self,
+        success: bool,
+        trial: Option<Trial>,
+        now_ms: u64,
+        settings: &CircuitSettings,
+    ) {
         if success {
+            // Any answer that ended well shows the backend works now.
             self.failures_in_row = 0;
-            if trial || matches!(self.state, CircuitState::HalfOpen { .. }) {
+            if matches!(self.state, CircuitState::HalfOpen { .. }) {
                 self.state = CircuitState::Closed;
             }
             if self.state == CircuitState::Closed {
@@ -261,11 +285,12 @@ impl Circuit {
             return;
         }
         self.failures_in_row = self.failures_in_row.saturating_add(1);
-        let reopen = trial || matches!(self.state, CircuitState::HalfOpen { trial: true });
         let open_now = match self.state {
             CircuitState::Closed => self.failures_in_row >= settings.failures_to_open.max(1),
-            CircuitState::HalfOpen { .. } => reopen,
-            // Failures of requests admitted before the circuit opened change nothing.
+            // Only the trial out now decides a half-open circuit: failures of requests
+            // admitted before the circuit opened (or of an earlier round's trial) change
+            // nothing, as while it is open.
+            CircuitState::HalfOpen { .. } => self.is_current(trial),
             CircuitState::Open { .. } => false,
         };
         if open_now {

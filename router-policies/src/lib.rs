@@ -20,7 +20,7 @@ pub mod waf;
 
 pub use balance::{
     Admission, BackendView, BalanceFacts, Circuit, CircuitPhase, CircuitSettings, NoBackend,
-    RoundRobin, choose_backend,
+    RoundRobin, Trial, choose_backend,
 };
 pub use decide::{Outcome, decide};
 pub use policy::{CloudPool, LocalModel, Policy, PolicyError, Spillover};

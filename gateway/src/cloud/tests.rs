@@ -94,6 +94,14 @@ fn the_usage_chunk_is_recognised() {
 }
 
 #[test]
+fn event_streams_are_recognised_whatever_the_case() {
+    assert!(super::is_event_stream("text/event-stream"));
+    assert!(super::is_event_stream("Text/Event-Stream; charset=utf-8"));
+    assert!(!super::is_event_stream("application/json"));
+    assert!(!super::is_event_stream("text/event-streams"));
+}
+
+#[test]
 fn an_unfinished_event_is_held_and_counted() {
     let mut splitter = SseSplitter::default();
     let out = splitter.push(b"data: {\"a\":", |_, raw| Some(Bytes::copy_from_slice(raw)));
@@ -102,6 +110,32 @@ fn an_unfinished_event_is_held_and_counted() {
 }
 
 proptest::proptest! {
+    /// However a stream is cut into chunks (a byte at a time, a CRLF blank line split
+    /// across two), the splitter finds the same events as in one piece.
+    #[test]
+    fn events_do_not_depend_on_how_the_stream_is_chunked(
+        cuts in proptest::collection::vec(0usize..64, 0..12),
+    ) {
+        let stream: &[u8] = b"data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\n: note\n\ndata: [DONE]\n\n";
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|cut| cut % stream.len()).collect();
+        cuts.sort_unstable();
+        let mut splitter = SseSplitter::default();
+        let mut events = Vec::new();
+        let mut out = Vec::new();
+        let mut start = 0;
+        for end in cuts.into_iter().chain([stream.len()]) {
+            let sent = splitter.push(&stream[start..end.max(start)], |event, raw| {
+                events.push(event.to_vec());
+                Some(Bytes::copy_from_slice(raw))
+            });
+            out.extend_from_slice(&sent);
+            start = end.max(start);
+        }
+        proptest::prop_assert_eq!(out.as_slice(), stream);
+        proptest::prop_assert_eq!(events.len(), 4);
+        proptest::prop_assert!(splitter.finish().is_empty());
+    }
+
     /// Whatever the strings around it hold (quotes, backslashes, braces, escapes), the
     /// rewrite changes the model and nothing else.
     #[test]
@@ -258,16 +292,16 @@ fn looking_ahead_for_another_backend_neither_admits_nor_takes_a_turn() {
     let only_b = facts(&[0, 2]);
     lock(&pool.backends[1].health)
         .circuit
-        .record(false, false, now_ms(), &open_for(60_000));
+        .record(false, None, now_ms(), &open_for(60_000));
     assert!(!pool.could_choose(&only_b), "an open circuit");
     // Half-open (a back-off that has passed): the look-ahead sees the trial and leaves it to
     // the request that chooses.
     let mut circuit = Circuit::default();
-    circuit.record(false, false, now_ms(), &open_for(0));
+    circuit.record(false, None, now_ms(), &open_for(0));
     lock(&pool.backends[1].health).circuit = circuit;
     assert!(pool.could_choose(&only_b));
     assert!(pool.could_choose(&only_b));
-    assert_eq!(pool.choose(&only_b), Ok((1, true)));
+    assert!(matches!(pool.choose(&only_b), Ok((1, Some(_)))));
     assert!(!pool.could_choose(&only_b), "the trial is taken");
     assert!(
         !pool.could_choose(&facts(&[0, 1, 2])),

@@ -590,6 +590,12 @@ backends = [{ url = "http://127.0.0.1:9" }]
 [upstreams.typo]
 models = { "m" = "n" }
 backends = [{ url = "http://127.0.0.1:9", wieght = 3 }]
+[upstreams.deployments]
+api = "azure"
+api_version = "2024-10-21#x"
+models = { "gpt-4o" = "gpt 4o", "mini" = "../mini", "ok" = "gpt-4o-mini.v2_1" }
+backends = [{ url = "https://aoai.internal" }]
+health = { path = "/health check" }
 "#;
     let errors = errors_of(text, &source);
     let expected = [
@@ -604,6 +610,10 @@ backends = [{ url = "http://127.0.0.1:9", wieght = 3 }]
         "upstreams.aks.auth: set exactly one of token_file or token_env",
         "upstreams.empty.backends: at least one backend is needed ([[upstreams.NAME.backends]] with a url)",
         "upstreams.typo.backends[0].wieght: unknown field `wieght`, expected one of `url`, `name`, `weight`, `labels`",
+        "upstreams.deployments.models.gpt-4o: `gpt 4o` is not an Azure deployment name (letters, digits, `.`, `_` and `-`)",
+        "upstreams.deployments.models.mini: `../mini` is not an Azure deployment name (letters, digits, `.`, `_` and `-`)",
+        "upstreams.deployments.api_version: `2024-10-21#x` is not an API version (e.g. \"2024-10-21\")",
+        "upstreams.deployments.health.path: must be a path and query of visible ASCII characters, without spaces or `#` (percent-encode others)",
     ];
     for line in expected {
         assert!(

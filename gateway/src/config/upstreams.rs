@@ -267,6 +267,16 @@ fn default_weight() -> u32 {
 fn default_true() -> bool {
     true
 }
+/// An Azure deployment name or API version: what may stand in a request path unescaped.
+fn is_azure_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+        && name != "."
+        && name != ".."
+}
+
 fn default_health_path() -> String {
     "/health".to_owned()
 }
@@ -376,6 +386,26 @@ impl Validator<'_> {
                 None
             }
         };
+        if let Some(UpstreamApi::Azure { api_version }) = &api {
+            // Deployment names and the version go into the request path as they are.
+            for (client, upstream) in &raw.models {
+                if !upstream.is_empty() && !is_azure_name(upstream) {
+                    self.error(
+                        format!("{key}.models.{client}"),
+                        format!(
+                            "`{upstream}` is not an Azure deployment name (letters, digits, \
+                             `.`, `_` and `-`)"
+                        ),
+                    );
+                }
+            }
+            if !is_azure_name(api_version) {
+                self.error(
+                    format!("{key}.api_version"),
+                    format!("`{api_version}` is not an API version (e.g. \"2024-10-21\")"),
+                );
+            }
+        }
         let protocol = match raw.protocol.as_str() {
             "auto" => Some(UpstreamProtocol::Auto),
             "http1" => Some(UpstreamProtocol::Http1),
@@ -424,6 +454,17 @@ impl Validator<'_> {
         }
         if !raw.health.path.starts_with('/') {
             self.error(format!("{key}.health.path"), "must start with /");
+        } else if !raw
+            .health
+            .path
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && byte != b'#')
+        {
+            self.error(
+                format!("{key}.health.path"),
+                "must be a path and query of visible ASCII characters, without spaces or `#` \
+                 (percent-encode others)",
+            );
         }
         raw.auth.resolve_paths(self.base_dir);
         let environment = self.environment;

@@ -969,6 +969,17 @@ fn compile_reports_every_problem_with_its_key_path() {
     );
     check_errors(
         r#"
+        kind = "api_key"
+        key_env = "MISSING"
+        header = "Content-Length"
+        "#,
+        &[],
+        expect![[r#"
+            upstreams.aks.auth.header: `Content-Length` is a header the gateway sets itself; name the header the backend reads the key from (e.g. api-key, x-api-key)
+            upstreams.aks.auth.key_env: environment variable MISSING is not set or empty"#]],
+    );
+    check_errors(
+        r#"
         kind = "workload_identity"
         "#,
         &[],

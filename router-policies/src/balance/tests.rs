@@ -193,36 +193,73 @@ fn circuit_opens_after_failures_backs_off_and_closes_on_a_good_trial() {
     let mut circuit = Circuit::default();
     for now in 0..2 {
         assert_eq!(circuit.admit(now), Admission::Pass);
-        circuit.record(false, false, now, &settings);
+        circuit.record(false, None, now, &settings);
     }
     assert_eq!(circuit.phase(2), CircuitPhase::Closed);
-    circuit.record(false, false, 10, &settings);
+    circuit.record(false, None, 10, &settings);
     assert_eq!(circuit.phase(10), CircuitPhase::Open);
     assert_eq!(circuit.admit(1_009), Admission::Refuse);
     assert!(!circuit.is_available(1_009));
     // Half-open: one trial, and nobody else while it is out.
     assert!(circuit.is_available(1_010));
-    assert_eq!(circuit.admit(1_010), Admission::Trial);
+    let first = trial(circuit.admit(1_010));
     assert_eq!(circuit.admit(1_011), Admission::Refuse);
     // A failed trial opens it for twice as long, then up to the maximum.
-    circuit.record(false, true, 1_100, &settings);
+    circuit.record(false, Some(first), 1_100, &settings);
     assert_eq!(circuit.admit(3_099), Admission::Refuse);
-    assert_eq!(circuit.admit(3_100), Admission::Trial);
-    circuit.record(false, true, 3_100, &settings);
+    let second = trial(circuit.admit(3_100));
+    circuit.record(false, Some(second), 3_100, &settings);
     assert_eq!(circuit.admit(6_099), Admission::Refuse);
-    assert_eq!(circuit.admit(6_100), Admission::Trial);
+    let third = trial(circuit.admit(6_100));
     // An abandoned trial frees the slot for another.
-    circuit.abandon_trial();
-    assert_eq!(circuit.admit(6_101), Admission::Trial);
-    circuit.record(true, true, 6_200, &settings);
+    circuit.abandon_trial(third);
+    let fourth = trial(circuit.admit(6_101));
+    circuit.record(true, Some(fourth), 6_200, &settings);
     assert_eq!(circuit.phase(6_200), CircuitPhase::Closed);
     assert_eq!(circuit.admit(6_201), Admission::Pass);
     // Closed again with the back-off reset: three failures open it for the base time.
     for now in 7_000..7_003 {
-        circuit.record(false, false, now, &settings);
+        circuit.record(false, None, now, &settings);
     }
     assert_eq!(circuit.admit(8_001), Admission::Refuse);
-    assert_eq!(circuit.admit(8_002), Admission::Trial);
+    assert!(matches!(circuit.admit(8_002), Admission::Trial(_)));
+}
+
+fn trial(admission: Admission) -> Trial {
+    match admission {
+        Admission::Trial(trial) => trial,
+        other => panic!("expected the half-open trial, got {other:?}"),
+    }
+}
+
+#[test]
+fn only_the_trial_out_now_settles_a_half_open_circuit() {
+    let settings = CircuitSettings {
+        failures_to_open: 1,
+        open_base_ms: 1_000,
+        open_max_ms: 8_000,
+    };
+    let mut circuit = Circuit::default();
+    circuit.record(false, None, 0, &settings);
+    let old = trial(circuit.admit(1_000));
+    // A request admitted before the circuit opened fails now: the trial still decides.
+    circuit.record(false, None, 1_001, &settings);
+    assert_eq!(circuit.phase(1_001), CircuitPhase::HalfOpen);
+    assert_eq!(circuit.admit(1_002), Admission::Refuse);
+    // The trial fails: open again; the next round's trial goes out.
+    circuit.record(false, Some(old), 1_100, &settings);
+    let current = trial(circuit.admit(3_100));
+    // The old trial's late ends (abandoned, passed, failed) touch the current one not.
+    circuit.abandon_trial(old);
+    assert_eq!(circuit.admit(3_101), Admission::Refuse);
+    circuit.pass_trial(old);
+    assert_eq!(circuit.phase(3_102), CircuitPhase::HalfOpen);
+    circuit.record(false, Some(old), 3_103, &settings);
+    assert_eq!(circuit.phase(3_103), CircuitPhase::HalfOpen);
+    assert_eq!(circuit.admit(3_104), Admission::Refuse);
+    // The current trial's good start closes it.
+    circuit.pass_trial(current);
+    assert_eq!(circuit.admit(3_105), Admission::Pass);
 }
 
 #[test]
@@ -233,9 +270,9 @@ fn a_success_resets_the_failure_count() {
         open_max_ms: 10,
     };
     let mut circuit = Circuit::default();
-    circuit.record(false, false, 0, &settings);
-    circuit.record(true, false, 1, &settings);
-    circuit.record(false, false, 2, &settings);
+    circuit.record(false, None, 0, &settings);
+    circuit.record(true, None, 1, &settings);
+    circuit.record(false, None, 2, &settings);
     assert_eq!(circuit.phase(3), CircuitPhase::Closed);
 }
 
@@ -288,19 +325,19 @@ fn a_trial_that_starts_well_lets_others_through_but_keeps_the_back_off_until_one
         open_max_ms: 8_000,
     };
     let mut circuit = Circuit::default();
-    circuit.record(false, false, 0, &settings);
-    assert_eq!(circuit.admit(1_000), Admission::Trial);
+    circuit.record(false, None, 0, &settings);
+    let first = trial(circuit.admit(1_000));
     // Its status line came: others pass while it runs.
-    circuit.pass_trial();
+    circuit.pass_trial(first);
     assert_eq!(circuit.admit(1_001), Admission::Pass);
     // Its answer then broke: opened again for twice as long (the back-off was kept).
-    circuit.record(false, false, 1_100, &settings);
+    circuit.record(false, None, 1_100, &settings);
     assert_eq!(circuit.admit(3_099), Admission::Refuse);
-    assert_eq!(circuit.admit(3_100), Admission::Trial);
-    circuit.pass_trial();
+    let second = trial(circuit.admit(3_100));
+    circuit.pass_trial(second);
     // One answer that ends well resets it: the next opening is for the base time.
-    circuit.record(true, false, 3_200, &settings);
-    circuit.record(false, false, 4_000, &settings);
+    circuit.record(true, None, 3_200, &settings);
+    circuit.record(false, None, 4_000, &settings);
     assert_eq!(circuit.admit(4_999), Admission::Refuse);
-    assert_eq!(circuit.admit(5_000), Admission::Trial);
+    assert!(matches!(circuit.admit(5_000), Admission::Trial(_)));
 }
