@@ -858,27 +858,34 @@ const SCHEMA_MERGE_DEPTH_MAX: u32 = 16;
 /// local definition it refers to, and those of its `anyOf`, `oneOf` and `allOf` members,
 /// each of which the converter adds. `root` holds the `$defs`.
 fn merged_properties(root: &Value, part: &Value, depth: u32) -> usize {
-    if depth == 0 {
-        return usize::MAX;
-    }
-    let part = match part.get("$ref").and_then(Value::as_str) {
-        Some(reference) => {
-            let target = reference
-                .strip_prefix("#/$defs/")
-                .map(|name| root.get("$defs").and_then(|defs| defs.get(name)))
-                .or_else(|| {
-                    reference
-                        .strip_prefix("#/definitions/")
-                        .map(|name| root.get("definitions").and_then(|defs| defs.get(name)))
-                })
-                .flatten();
-            match target {
-                Some(target) => target,
-                None => return 0,
-            }
+    let mut depth = depth;
+    let mut part = part;
+    // A reference to a definition that is itself a reference is followed the same way, each
+    // step spending depth: the converter follows such chains without end, so a cycle
+    // (`A` → `A`, `A` → `B` → `A`) would recurse until its thread's stack overflowed and
+    // took the process down. Here it runs out of depth and is refused.
+    loop {
+        if depth == 0 {
+            return usize::MAX;
         }
-        None => part,
-    };
+        let Some(reference) = part.get("$ref").and_then(Value::as_str) else {
+            break;
+        };
+        let target = reference
+            .strip_prefix("#/$defs/")
+            .map(|name| root.get("$defs").and_then(|defs| defs.get(name)))
+            .or_else(|| {
+                reference
+                    .strip_prefix("#/definitions/")
+                    .map(|name| root.get("definitions").and_then(|defs| defs.get(name)))
+            })
+            .flatten();
+        match target {
+            Some(target) => part = target,
+            None => return 0,
+        }
+        depth -= 1;
+    }
     let own = part
         .get("properties")
         .and_then(Value::as_object)
@@ -921,13 +928,14 @@ impl SchemaSize {
                             _ => 0,
                         };
                         optional = properties.len() - required;
-                        size.properties += properties.len();
+                        size.properties = size.properties.saturating_add(properties.len());
                     }
                     if let Some(Value::Array(parts)) = members.get("allOf") {
-                        optional += parts
+                        // Saturating: `usize::MAX` (too deep) must stay itself.
+                        optional = parts
                             .iter()
                             .map(|part| merged_properties(schema, part, SCHEMA_MERGE_DEPTH_MAX))
-                            .fold(0usize, usize::saturating_add);
+                            .fold(optional, usize::saturating_add);
                     }
                     size.optional = size.optional.saturating_add(optional);
                     size.optional_in_one_object = size.optional_in_one_object.max(optional);
@@ -942,8 +950,8 @@ impl SchemaSize {
 
     fn add(self, other: SchemaSize) -> SchemaSize {
         SchemaSize {
-            properties: self.properties + other.properties,
-            optional: self.optional + other.optional,
+            properties: self.properties.saturating_add(other.properties),
+            optional: self.optional.saturating_add(other.optional),
             optional_in_one_object: self
                 .optional_in_one_object
                 .max(other.optional_in_one_object),

@@ -884,6 +884,33 @@ fn schemas_too_costly_to_turn_into_a_grammar_are_refused_by_name() {
     assert!(message.contains("10000 optional properties"), "{message}");
     let inline = format!(r#"{{"allOf":[{}]}}"#, vec![properties(200, 0); 2].join(","));
     assert!(refusal(&with_format(&inline)).is_some());
+    // A reference that leads to itself through references alone, under an allOf, would
+    // send the converter round for ever (its stack overflowed and the process died): refused
+    // as too deep, however the loop is made.
+    for cycle in [
+        r##"{"type":"object","allOf":[{"$ref":"#/$defs/A"}],"$defs":{"A":{"$ref":"#/$defs/A"}}}"##,
+        r##"{"allOf":[{"$ref":"#/$defs/A"}],"$defs":{"A":{"$ref":"#/$defs/B"},"B":{"$ref":"#/$defs/A"}}}"##,
+        r##"{"allOf":[{"anyOf":[{"$ref":"#/definitions/A"}]}],"definitions":{"A":{"$ref":"#/definitions/A"}}}"##,
+    ] {
+        let (_, message) = refusal(&with_format(cycle)).unwrap_or_else(|| panic!("{cycle}"));
+        assert!(message.contains("nested more than 16 deep"), "{message}");
+    }
+    // A chain of references that ends in a definition is followed to it.
+    let chain = format!(
+        r##"{{"allOf":[{{"$ref":"#/$defs/A"}},{{"$ref":"#/$defs/A"}}],"$defs":{{"A":{{"$ref":"#/$defs/B"}},"B":{}}}}}"##,
+        properties(200, 0)
+    );
+    let (_, message) = refusal(&with_format(&chain)).unwrap();
+    assert!(message.contains("400 optional properties"), "{message}");
+    // Deep alternatives beside an object's own optional properties: refused as too deep,
+    // not counted past the end of the number.
+    let mut deep = String::from(r#"{"type":"string"}"#);
+    for _ in 0..17 {
+        deep = format!(r#"{{"anyOf":[{deep}]}}"#);
+    }
+    let beside = format!(r#"{{"type":"object","properties":{{"a":{{}}}},"allOf":[{deep}]}}"#);
+    let (_, message) = refusal(&with_format(&beside)).unwrap();
+    assert!(message.contains("nested more than 16 deep"), "{message}");
     // A format beside tools goes into the same grammar: their sizes add up.
     let body = format!(
         r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{}],"response_format":{{"type":"json_schema","json_schema":{{"name":"s","schema":{}}}}}}}"#,
