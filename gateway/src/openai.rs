@@ -1341,7 +1341,15 @@ fn parse_message(index: usize, item: &Value) -> Result<Message, GatewayError> {
                 match part {
                     Value::Object(part) => match part.get("type").and_then(Value::as_str) {
                         Some("text") => match part.get("text") {
-                            Some(Value::String(part_text)) => text.push_str(part_text),
+                            // One line feed between parts, as llama.cpp joins them for
+                            // templates that take a message's text whole: "Translate:" and
+                            // "Good morning" must not run together.
+                            Some(Value::String(part_text)) => {
+                                if !text.is_empty() {
+                                    text.push('\n');
+                                }
+                                text.push_str(part_text);
+                            }
                             _ => {
                                 return Err(GatewayError::invalid_value(
                                     format!("{part_param}.text"),

@@ -23,7 +23,7 @@ fn check_completion(body: &str, expect: Expect) {
 fn a_full_chat_request_parses() {
     check_chat(
         r#"{"model":"smollm2","messages":[{"role":"system","content":"Be brief."},
-            {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
+            {"role":"user","content":[{"type":"text","text":"Translate:"},{"type":"text","text":"Good morning"}]}],
             "max_completion_tokens":8,"temperature":0,"top_p":0.9,"seed":-1,"stop":"\n",
             "n":1,"stream":true,"stream_options":{"include_usage":true},"user":"u1",
             "tool_choice":"none","logprobs":false,"unknown_future_field":{"x":1}}"#,
@@ -36,7 +36,7 @@ fn a_full_chat_request_parses() {
                     },
                     Message {
                         role: User,
-                        content: "Hi there",
+                        content: "Translate:\nGood morning",
                     },
                 ],
                 generation: Generation {
