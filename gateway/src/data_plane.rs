@@ -1739,11 +1739,7 @@ impl DataPlane {
                     return Err(match error.etype() {
                         ErrorType::ReadTimedout => {
                             session.set_keepalive(None);
-                            GatewayError::invalid_value(
-                                "body",
-                                "the request body was not received in time",
-                            )
-                            .into()
+                            GatewayError::BodyTimeout.into()
                         }
                         // Pingora's names for a chunked body it cannot frame.
                         ErrorType::Custom("InvalidChunk" | "InvalidTrailerEnd") => {

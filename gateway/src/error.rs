@@ -60,6 +60,9 @@ pub enum GatewayError {
     AmbiguousApiKey,
     #[error("request body is larger than the limit of {limit_bytes} bytes")]
     RequestTooLarge { limit_bytes: u64 },
+    /// The request body did not arrive within the body read timeouts (408).
+    #[error("the request body was not received in time")]
+    BodyTimeout,
     /// Answered by the listener itself, before any request exists.
     #[error("request header is larger than the limit of {limit_bytes} bytes")]
     HeaderTooLarge { limit_bytes: u64 },
@@ -212,6 +215,12 @@ impl GatewayError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 INVALID_REQUEST,
                 Some("request_too_large"),
+                None,
+            ),
+            BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                INVALID_REQUEST,
+                Some("request_timeout"),
                 None,
             ),
             OriginNotAllowed { .. } => (

@@ -302,9 +302,9 @@ fn slow_and_oversized_headers_are_cut_off() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(
         read.is_ok()
-            && answer.starts_with("HTTP/1.1 400")
+            && answer.starts_with("HTTP/1.1 408")
             && answer.contains("not received in time"),
-        "expected a 400 for a late body and a close, got {read:?} {answer}"
+        "expected a 408 for a late body and a close, got {read:?} {answer}"
     );
     let _ = trickling.shutdown(std::net::Shutdown::Both);
     trickle.join().unwrap();
@@ -591,7 +591,11 @@ fn a_body_that_stops_arriving_is_refused_after_the_body_read_timeout() {
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response);
-    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(
+        response.contains("\"code\":\"request_timeout\""),
+        "{response}"
+    );
     assert!(response.contains("not received in time"), "{response}");
 }
 
