@@ -125,7 +125,11 @@ pub enum AuditError {
 
 /// Where time comes from: the system clock, or a test's.
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// The wall clock, which the records carry (it may be set, and jump).
     fn now(&self) -> SystemTime;
+    /// Time since a fixed point on a clock that only runs forward at the pace of real
+    /// time (never set): how long the gateway has run, whatever the wall clock did.
+    fn running(&self) -> std::time::Duration;
 }
 
 /// The system clock.
@@ -135,6 +139,11 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    fn running(&self) -> std::time::Duration {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        ORIGIN.get_or_init(std::time::Instant::now).elapsed()
     }
 }
 

@@ -973,6 +973,11 @@ impl Exporter {
             while response.chunk().await.map_err(request_error)?.is_some() {}
             return Ok(());
         }
+        if matches!(status.as_u16(), 401 | 403) {
+            // A refused token (its identity changed, a role was removed) is fetched anew on
+            // the next try, not sent again until it would have expired.
+            self.config.auth.rejected();
+        }
         let retry_after = retry_after(status, response.headers());
         let header_code = response
             .headers()

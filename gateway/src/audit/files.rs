@@ -27,6 +27,8 @@ const AUDIT_DIRECTORY_MODE: u32 = 0o750;
 /// How much of a file's end is read to find its last complete line (a record is at most
 /// 32 KiB).
 const TAIL_BYTES_MAX: u64 = 64 * 1024;
+/// The newest files whose last records are compared at open.
+const LAST_RECORD_FILES_MAX: usize = 8;
 
 /// The daily files of one audit directory.
 #[derive(Debug)]
@@ -49,33 +51,36 @@ impl JsonlFiles {
             .recursive(true)
             .mode(AUDIT_DIRECTORY_MODE)
             .create(directory)?;
-        let mut last = None;
-        let mut newest_day = None;
-        if let Some(newest) = list(directory)?.pop() {
-            newest_day = newest
-                .1
-                .file_name()
+        let files = list(directory)?;
+        let newest_day = files.last().and_then(|(_, path)| {
+            path.file_name()
                 .and_then(|name| name.to_str())
                 .and_then(|name| name.strip_prefix(FILE_PREFIX))
                 .and_then(|rest| rest.strip_suffix(FILE_SUFFIX))
-                .map(str::to_owned);
-            let mut file = OpenOptions::new().read(true).append(true).open(&newest.1)?;
-            let tail = read_tail(&mut file)?;
+                .map(str::to_owned)
+        });
+        // The record with the highest `Seq` among the newest files, not merely the newest
+        // file's last: after a clock that ran ahead was set right, the file dated ahead is
+        // newest by name while later records went to today's file. Further back only while
+        // nothing is found (files whose every line is torn).
+        let mut last: Option<(u64, Vec<u8>)> = None;
+        for (examined, (_, path)) in files.iter().rev().enumerate() {
+            if examined >= LAST_RECORD_FILES_MAX && last.is_some() {
+                break;
+            }
+            let mut file = OpenOptions::new().read(true).append(true).open(path)?;
+            let mut tail = read_tail(&mut file)?;
             if !tail.is_empty() && !tail.ends_with(b"\n") {
-                // A torn line: end it so the next record starts a line of its own.
+                // A torn line: end it so the next record starts a line of its own. A record
+                // torn just before its line feed is whole, and counts as written.
                 file.write_all(b"\n")?;
                 file.sync_data()?;
+                tail.push(b'\n');
             }
-            last = last_record(&tail);
-            if last.is_none() {
-                // The newest file has no complete record: look at the one before it.
-                for (_, path) in list(directory)?.iter().rev().skip(1) {
-                    let mut older = File::open(path)?;
-                    last = last_record(&read_tail(&mut older)?);
-                    if last.is_some() {
-                        break;
-                    }
-                }
+            if let Some(found) = last_record(&tail)
+                && last.as_ref().is_none_or(|(seq, _)| found.0 > *seq)
+            {
+                last = Some(found);
             }
         }
         Ok(JsonlFiles {
@@ -173,10 +178,12 @@ impl JsonlFiles {
 
     /// Deletes the oldest daily files while they are older than `retention_days` or the files
     /// total more than `bytes_max`, but never today's, never one younger than `days_min` days,
-    /// and never one holding a record after `exported_up_to`. Returns the deleted paths.
+    /// and never one holding a record after `exported_up_to`. `today` is the wall clock's day
+    /// (for today's file and `days_min`) and the day files age by (for `retention_days`).
+    /// Returns the deleted paths.
     pub fn remove_expired(
         &mut self,
-        today: u64,
+        (wall_today, age_today): (u64, u64),
         retention_days: u64,
         days_min: u64,
         bytes_max: u64,
@@ -190,11 +197,10 @@ impl JsonlFiles {
         let mut total: u64 = sizes.iter().sum();
         let mut removed = Vec::new();
         for ((day, path), size) in files.iter().zip(sizes) {
-            let age_days = today.saturating_sub(*day);
-            if *day >= today || age_days < days_min.max(1) {
+            if *day >= wall_today || wall_today.saturating_sub(*day) < days_min.max(1) {
                 break;
             }
-            if age_days <= retention_days && total <= bytes_max {
+            if age_today.saturating_sub(*day) <= retention_days && total <= bytes_max {
                 break;
             }
             let mut file = File::open(path)?;

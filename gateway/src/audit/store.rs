@@ -71,6 +71,8 @@ const META_TREE: &str = "meta";
 const META_STREAM_ID: &str = "stream_id";
 const META_STORED_BYTES: &str = "stored_bytes";
 const META_EXPORTED_UP_TO: &str = "exported_up_to";
+/// The day (since 1970, big-endian `u64`) retention last aged records by.
+const META_RETENTION_DAY: &str = "retention_day";
 /// The newest checkpoint record (its JSON line).
 pub const META_LAST_CHECKPOINT: &str = "last_checkpoint";
 
@@ -495,11 +497,20 @@ impl Store {
         })
     }
 
-    fn last(&self) -> Result<Option<ParsedRecord>, sled::Error> {
-        let Some((_, line)) = self.records.last()? else {
+    /// The newest record; `Err` names a newest line that is not a record (the chain cannot
+    /// continue from it, and starting a new one would overwrite the records there).
+    fn last(&self) -> Result<Option<ParsedRecord>, String> {
+        let Some((key, line)) = self.records.last().map_err(|error| error.to_string())? else {
             return Ok(None);
         };
-        Ok(parse_last(&line))
+        parse_last(&line).map(Some).ok_or_else(|| {
+            format!(
+                "the newest stored record (seq {}) is not an audit record; the store was \
+                 altered or damaged: move the store directory aside (the JSONL files and any \
+                 export hold the records) and verify it with `isthmus audit verify`",
+                seq_of_key(&key)
+            )
+        })
     }
 
     /// Whether the epoch before ended with a stop record and a checkpoint over it.
@@ -615,6 +626,15 @@ struct Writer {
     last_checkpoint_at: SystemTime,
     last_recovery_attempt: Option<Instant>,
     last_retention_at: Option<SystemTime>,
+    /// The day (since 1970) retention last aged records by, as kept in the store (else the
+    /// newest record's day, else the day of the open), and the clock's running time at
+    /// open. Records age by the wall clock, but the day they age by runs at most twice as
+    /// fast as the gateway runs: a clock set far ahead (a bad RTC, an NTP misstep, a forged
+    /// time) cannot expire the log at once, before or after a restart, while an appliance
+    /// that was off for a weekend catches up within a day or so.
+    retention_origin: (u64, Duration),
+    /// The day retention aged records by last (kept in the store when it changes).
+    retention_day: u64,
     /// When the files last caught up with the store.
     last_files_copy: Instant,
     /// The newest checkpoint (its `Seq` and line), for the head file once the files hold it.
@@ -657,6 +677,12 @@ impl Writer {
         let stored = store
             .last()
             .map_err(|error| open_error("reading the store", &store_directory, &error))?;
+        let stored_day = stored.as_ref().and_then(|(_, fields)| {
+            fields
+                .get(record::TIME_GENERATED)
+                .and_then(Value::as_str)
+                .and_then(record::parse_day)
+        });
         let previous_clean = match &stored {
             Some((_, fields)) => store
                 .ended_cleanly(fields)
@@ -738,6 +764,23 @@ impl Writer {
             None => None,
         };
         let now = clock.now();
+        let kept_retention_day = store
+            .meta
+            .get(META_RETENTION_DAY)
+            .ok()
+            .flatten()
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+            .map(u64::from_be_bytes);
+        let retention_day = kept_retention_day
+            .or(stored_day)
+            .unwrap_or_else(|| record::parse_day(&record::format_time(now)).unwrap_or(0));
+        if kept_retention_day != Some(retention_day) {
+            store
+                .meta
+                .insert(META_RETENTION_DAY, &retention_day.to_be_bytes())
+                .map_err(|error| open_error("writing the store", &store_directory, &error))?;
+        }
+        let retention_origin = (retention_day, clock.running());
         // The later of today and the newest file's day (a clock set back keeps writing to
         // that file, so that files in date order stay in `Seq` order) — unless that day is
         // more than a day ahead: a file dated by a clock that ran far ahead would otherwise
@@ -772,6 +815,8 @@ impl Writer {
             last_checkpoint_at: now,
             last_recovery_attempt: None,
             last_retention_at: None,
+            retention_origin,
+            retention_day,
             last_files_copy: Instant::now(),
             checkpoint_head: None,
             files_day,
@@ -1243,7 +1288,22 @@ impl Writer {
                 .as_ref()
                 .map_or(self.head.seq, JsonlFiles::written_up_to)
         };
-        let today = record::parse_day(&record::format_time(now)).unwrap_or(0);
+        let wall_today = record::parse_day(&record::format_time(now)).unwrap_or(0);
+        let (origin_day, origin_running) = self.retention_origin;
+        let running_s = self
+            .clock
+            .running()
+            .saturating_sub(origin_running)
+            .as_secs();
+        // The day records age by: the wall clock's, but never more than twice the running
+        // time past the day kept at open.
+        let today = wall_today.min(origin_day.saturating_add(running_s.saturating_mul(2) / 86_400));
+        if today != self.retention_day {
+            self.retention_day = today;
+            if let Err(error) = store.meta.insert(META_RETENTION_DAY, &today.to_be_bytes()) {
+                tracing::warn!(error = %error, "audit retention day");
+            }
+        }
         let days_max = u64::from(self.config.retention_days.max(RETENTION_DAYS_MIN));
         let days_min = u64::from(RETENTION_DAYS_MIN);
         let mut batch = sled::Batch::default();
@@ -1256,11 +1316,15 @@ impl Writer {
                 break;
             }
             let day = time_generated_day(&line).unwrap_or(today);
-            let age_days = today.saturating_sub(day);
-            if age_days < days_min {
+            // The retention days count by the day records age by; the two days kept even
+            // over the byte bound by the wall clock (a store over its bound is trimmed even
+            // while the day records age by lags far behind, as after a start with the clock
+            // unset).
+            if wall_today.saturating_sub(day) < days_min {
                 break;
             }
-            if age_days <= days_max && store.stored_bytes - freed <= self.config.retention_bytes_max
+            if today.saturating_sub(day) <= days_max
+                && store.stored_bytes - freed <= self.config.retention_bytes_max
             {
                 break;
             }
@@ -1278,7 +1342,7 @@ impl Writer {
         if let Some(files) = &mut self.files
             && age_due
             && let Err(error) = files.remove_expired(
-                today,
+                (wall_today, today),
                 days_max,
                 days_min,
                 self.config.retention_bytes_max,

@@ -18,33 +18,47 @@ use super::{AuditConfig, AuditError, Clock, SharedClock};
 
 /// A clock the test moves by hand.
 #[derive(Debug)]
-pub(crate) struct ManualClock(Mutex<SystemTime>);
+pub(crate) struct ManualClock(Mutex<(SystemTime, Duration)>);
 
 impl ManualClock {
     pub(crate) fn new() -> Arc<ManualClock> {
         // 2026-05-01T12:00:00Z.
-        Arc::new(ManualClock(Mutex::new(
+        Arc::new(ManualClock(Mutex::new((
             UNIX_EPOCH + Duration::from_secs(1_777_636_800),
-        )))
+            Duration::ZERO,
+        ))))
     }
 
+    /// Time passes.
     pub(crate) fn advance(&self, by: Duration) {
         if let Ok(mut now) = self.0.lock() {
-            *now += by;
+            now.0 += by;
+            now.1 += by;
         }
     }
 
     /// Sets the clock back, as NTP does to a clock that ran ahead.
     pub(crate) fn rewind(&self, by: Duration) {
         if let Ok(mut now) = self.0.lock() {
-            *now -= by;
+            now.0 -= by;
+        }
+    }
+
+    /// Sets the clock ahead with no time passing (a bad RTC, a misstep, a forged time).
+    pub(crate) fn jump(&self, by: Duration) {
+        if let Ok(mut now) = self.0.lock() {
+            now.0 += by;
         }
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        self.0.lock().map_or(UNIX_EPOCH, |now| *now)
+        self.0.lock().map_or(UNIX_EPOCH, |now| now.0)
+    }
+
+    fn running(&self) -> Duration {
+        self.0.lock().map_or(Duration::ZERO, |now| now.1)
     }
 }
 
@@ -359,6 +373,80 @@ fn retention_keeps_unexported_records_and_two_days() -> anyhow::Result<()> {
     // The files span three days and verify as one chain.
     assert_eq!(super::files::list(&state.path().join("audit"))?.len(), 3);
     assert_verifies(&state.path().join("audit"));
+    Ok(())
+}
+
+#[test]
+fn a_clock_set_far_ahead_does_not_expire_the_log() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let mut config = config(state.path());
+    config.retention_days = 2;
+    let log = AuditLog::open_with_clock(config.clone(), clock.clone())?;
+    for number in 0..4 {
+        log.append_blocking(request(&*clock, number))?;
+    }
+    let first_seq = |log: &AuditLog| -> anyhow::Result<u64> {
+        let records = block_on(log.read(0, 1))??;
+        Ok(records.first().map_or(0, |(seq, _)| *seq))
+    };
+    // The clock jumps sixty days ahead with no time passing: every record and file looks
+    // sixty days old, yet they have not aged past the days the gateway has run.
+    clock.jump(Duration::from_secs(60 * 86_400));
+    log.append_blocking(request(&*clock, 4))?;
+    assert_eq!(first_seq(&log)?, 1);
+    // The file of the day the records were written (2026-05-01) is kept too.
+    let first_day = 1_777_636_800 / 86_400;
+    let file_kept = |state: &Path| -> anyhow::Result<bool> {
+        Ok(super::files::list(&state.join("audit"))?
+            .iter()
+            .any(|(day, _)| *day == first_day))
+    };
+    assert!(file_kept(state.path())?);
+    // Nor after a restart, though the newest record now carries the jumped day: the day
+    // records age by is kept in the store.
+    log.shutdown_blocking()?;
+    let log = AuditLog::open_with_clock(config, clock.clone())?;
+    log.append_blocking(request(&*clock, 5))?;
+    assert_eq!(first_seq(&log)?, 1);
+    assert!(file_kept(state.path())?);
+    // Time passes for real: the day records age by catches up at twice its pace, so three
+    // days later the records from before the jump are six days old, past the two kept.
+    clock.advance(Duration::from_secs(3 * 86_400));
+    log.append_blocking(request(&*clock, 6))?;
+    let first = first_seq(&log)?;
+    assert!(
+        first > 5,
+        "records from before the jump were kept: first seq {first}"
+    );
+    log.shutdown_blocking()?;
+    assert_verifies(&state.path().join("audit"));
+    Ok(())
+}
+
+#[test]
+fn a_store_whose_newest_line_is_not_a_record_is_refused_not_restarted() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    log.append_blocking(request(&*clock, 0))?;
+    log.shutdown_blocking()?;
+    let store = state.path().join("audit-store");
+    {
+        let db = sled::open(&store)?;
+        let records = db.open_tree("records")?;
+        records.insert(1_000_u64.to_be_bytes(), b"not json".as_slice())?;
+        db.flush()?;
+    }
+    // Starting the chain again at genesis would overwrite seq 1, 2, ... with new records.
+    let error = AuditLog::open_with_clock(config(state.path()), clock.clone())
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a damaged store was opened"))?;
+    let message = error.to_string();
+    assert!(
+        message.contains("seq 1000") && message.contains("not an audit record"),
+        "{message}"
+    );
     Ok(())
 }
 
@@ -807,5 +895,51 @@ fn a_file_dated_far_ahead_by_a_clock_that_ran_ahead_does_not_take_every_later_re
         .filter_map(|(_, path)| Some(path.file_name()?.to_str()?.to_owned()))
         .collect();
     assert_eq!(days, ["audit-20260501.jsonl", "audit-20270501.jsonl"]);
+    // Later starts find the last record written by its `Seq`, not in the file newest by
+    // name: nothing is written twice.
+    for number in 2..4 {
+        let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+        log.append_blocking(request(&*clock, number))?;
+        log.shutdown_blocking()?;
+    }
+    let mut seqs: Vec<u64> = Vec::new();
+    for (_, path) in super::files::list(&state.path().join("audit"))? {
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let record: Value = serde_json::from_str(line)?;
+            seqs.extend(record[record::SEQ].as_u64());
+        }
+    }
+    seqs.sort_unstable();
+    let store = assert_verifies(&state.path().join("audit-store"));
+    let expected: Vec<u64> = (1..=store.summary.last_seq).collect();
+    assert_eq!(seqs, expected, "records missing or written twice");
+    Ok(())
+}
+
+#[test]
+fn a_record_torn_just_before_its_line_feed_is_not_written_twice() -> anyhow::Result<()> {
+    let state = tempfile::tempdir()?;
+    let clock = ManualClock::new();
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    for number in 0..3 {
+        log.append_blocking(request(&*clock, number))?;
+    }
+    log.shutdown_blocking()?;
+    let directory = state.path().join("audit");
+    let (_, newest) = super::files::list(&directory)?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no JSONL file in {}", directory.display()))?;
+    let text = std::fs::read(&newest)?;
+    std::fs::write(&newest, &text[..text.len() - 1])?;
+    let log = AuditLog::open_with_clock(config(state.path()), clock.clone())?;
+    log.append_blocking(request(&*clock, 3))?;
+    log.shutdown_blocking()?;
+    let store = assert_verifies(&state.path().join("audit-store"));
+    let files = assert_verifies(&directory);
+    assert_eq!(files.summary.torn_lines, 0);
+    assert_eq!(
+        (files.summary.records, files.summary.last_seq),
+        (store.summary.records, store.summary.last_seq)
+    );
     Ok(())
 }

@@ -787,6 +787,26 @@ async fn retry_after_of_429_and_503_is_honoured() {
 }
 
 #[tokio::test]
+async fn a_token_the_endpoint_refuses_is_fetched_anew() {
+    let authority = FakeAuthority::start().await;
+    let ingestion = FakeIngestion::start().await;
+    // The endpoint refuses the first batch's token (an identity that lost its role a
+    // moment ago): the next try gets a new token rather than the cached one again.
+    ingestion.set_mode(Mode::RefuseOnce {
+        status: 403,
+        retry_after: "0",
+    });
+    let source = Arc::new(MemorySource::new(STREAM_ID));
+    append(&source, 3, 10);
+    let running = Running::start(config(&ingestion, &authority, 5_000), source.clone());
+    running.waker.wake();
+    wait_for("the records", || source.exported_up_to().unwrap() == 3).await;
+    assert_eq!(authority.requests(), 2, "the refused token was sent again");
+    assert_eq!(ingestion.accepted(), pairs(1..=3));
+    running.shut_down().await;
+}
+
+#[tokio::test]
 async fn a_restart_resumes_from_the_marker_without_resending_acknowledged_records() {
     let authority = FakeAuthority::start().await;
     let mut ingestion = FakeIngestion::start().await;
