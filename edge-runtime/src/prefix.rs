@@ -221,8 +221,10 @@ pub struct CellLedger {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Span {
     run: u64,
-    /// The sequence whose decoding wrote the run.
-    writer: SeqId,
+    /// Whether this sequence's own decoding wrote the span, since its cells were last
+    /// released; a span copied in (from a parked prefix, or another sequence) is not, even
+    /// when the same sequence id wrote the run in an earlier occupancy.
+    own: bool,
     start: usize,
     end: usize,
 }
@@ -235,13 +237,14 @@ impl CellLedger {
         }
         let spans = self.spans.entry(seq).or_default();
         match spans.last_mut() {
-            // Its own run grows; a prefix copied from another sequence stays as it is.
-            Some(last) if last.writer == seq => last.end += count,
+            // Its own run grows; a copied prefix stays as it is (other sequences may hold
+            // the cells after it in the same run).
+            Some(last) if last.own => last.end += count,
             last => {
                 let end = last.map_or(0, |span| span.end);
                 spans.push(Span {
                     run: self.next_run,
-                    writer: seq,
+                    own: true,
                     start: end,
                     end: end + count,
                 });
@@ -261,6 +264,7 @@ impl CellLedger {
                     .filter(|span| span.start < length)
                     .map(|span| Span {
                         end: span.end.min(length),
+                        own: false,
                         ..*span
                     })
                     .collect()

@@ -69,6 +69,10 @@ const HEADER_BYTES_MAX_LIMIT: u64 = 1_048_575;
 /// held twice while it is rewritten), so a larger cap means "unlimited", which this is not.
 const BODY_BYTES_MAX_LIMIT: u64 = 1 << 30;
 
+/// The most sequences one llama.cpp context holds (`LLAMA_MAX_SEQ`): running sequences, and
+/// with a unified KV cache the parked prefixes too.
+const SEQUENCES_MAX: u32 = 256;
+
 /// The longest `server.limits.keepalive_timeout_ms`: an idle connection holds one of
 /// `connections_max`.
 const KEEPALIVE_TIMEOUT_MAX_MS: u64 = 3_600_000;
@@ -1442,7 +1446,7 @@ impl Validator<'_> {
         if raw.context_tokens < 16 {
             self.error(format!("{prefix}.context_tokens"), "must be at least 16");
         }
-        if raw.parallel_sequences == 0 || raw.parallel_sequences > 256 {
+        if raw.parallel_sequences == 0 || raw.parallel_sequences > SEQUENCES_MAX {
             self.error(
                 format!("{prefix}.parallel_sequences"),
                 "must be between 1 and 256",
@@ -1509,6 +1513,29 @@ impl Validator<'_> {
         } else {
             0
         };
+        // llama.cpp takes at most 256 sequences in a context; with a unified cache each
+        // lane's parked prefixes are sequences of its context beside the running ones.
+        let lane_sequences = raw.parallel_sequences / lanes.max(1);
+        if prefix_cache_entries > SEQUENCES_MAX {
+            self.error(
+                format!("{prefix}.prefix_cache_entries"),
+                format!("must be at most {SEQUENCES_MAX}"),
+            );
+        } else if raw.kv_unified
+            && prefix_cache_tokens_max > 0
+            && lane_sequences + prefix_cache_entries > SEQUENCES_MAX
+        {
+            self.error(
+                format!("{prefix}.prefix_cache_entries"),
+                format!(
+                    "{prefix_cache_entries} parked prefixes and {lane_sequences} running \
+                     sequences per lane exceed the {SEQUENCES_MAX} sequences a context holds \
+                     with kv_unified = true (it defaults to parallel_sequences): set it to at \
+                     most {}",
+                    SEQUENCES_MAX - lane_sequences.min(SEQUENCES_MAX)
+                ),
+            );
+        }
         if self.errors.len() > before {
             return None;
         }

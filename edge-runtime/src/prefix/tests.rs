@@ -90,6 +90,23 @@ fn the_ledger_counts_shared_cells_once() {
 }
 
 #[test]
+fn a_slot_that_reuses_a_prefix_its_earlier_occupant_wrote_counts_its_new_cells() {
+    let mut ledger = CellLedger::default();
+    // Slot 0 writes 100 cells; they are parked in cache sequence 9 and the slot released.
+    ledger.extend(0, 100);
+    ledger.copy_prefix(0, 9, 100);
+    ledger.remove(0);
+    assert_eq!(ledger.used_cells(), 100);
+    // The next request in slot 0 shares 40 of them and writes 30 of its own: the 60 parked
+    // cells past its prefix are still held, so 130 in all, not 100.
+    ledger.copy_prefix(9, 0, 40);
+    ledger.extend(0, 30);
+    assert_eq!(ledger.used_cells(), 130);
+    ledger.remove(9);
+    assert_eq!(ledger.used_cells(), 70);
+}
+
+#[test]
 fn a_prompt_goes_to_the_free_slot_whose_leftover_it_shares_most() {
     let prompt = [7, 8, 9, 1, 2];
     let other = [7, 8, 3];

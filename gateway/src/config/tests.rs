@@ -561,6 +561,33 @@ fn lanes_must_divide_the_sequences_and_each_has_its_prefix_cache() {
 }
 
 #[test]
+fn parked_prefixes_and_running_sequences_fit_in_a_context() {
+    let (_dir, source) = fixture();
+    // llama.cpp refuses a context of more than 256 sequences at start: a unified cache's
+    // parked prefixes (as many as the sequences, by default) count among them.
+    let text = format!(
+        "{VALID}parallel_sequences = 200\nkv_unified = true\ncontext_tokens = 64\nbatch_tokens = 256\n"
+    );
+    assert_eq!(
+        errors_of(&text, &source),
+        [
+            "models.smollm2.prefix_cache_entries: 200 parked prefixes and 200 running sequences \
+             per lane exceed the 256 sequences a context holds with kv_unified = true (it \
+             defaults to parallel_sequences): set it to at most 56"
+        ]
+    );
+    let fits = format!("{text}prefix_cache_entries = 56\n");
+    assert_eq!(errors_of(&fits, &source), Vec::<String>::new());
+    let two_lanes = format!("{text}lanes = 2\nprefix_cache_entries = 156\n");
+    assert_eq!(errors_of(&two_lanes, &source), Vec::<String>::new());
+    let too_many = format!("{VALID}prefix_cache_entries = 4000000000\n");
+    assert_eq!(
+        errors_of(&too_many, &source),
+        ["models.smollm2.prefix_cache_entries: must be at most 256"]
+    );
+}
+
+#[test]
 fn upstream_pools_are_validated_with_every_error_at_once() {
     let (_dir, source) = fixture();
     let text = r#"
