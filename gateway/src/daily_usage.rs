@@ -6,11 +6,13 @@
 //! and start again at 00:00 UTC. The file is rewritten (a synced sibling renamed over it)
 //! every few seconds while counts change and when the gateway stops: a crash can forget the
 //! last seconds' tokens, never the file. A caller is refused once the day's count reaches its budget; the request
-//! that crosses it is served whole, since its tokens are known only at its end.
+//! that crosses it is served whole, since its tokens are known only at its end. Requests in
+//! flight hold a reservation of what they may use (see [`DailyUsage::reserve`]), so that many
+//! requests at once cannot each cross the budget.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +34,8 @@ struct State {
     today: Day,
     /// Counts changed since the file was last written.
     dirty: bool,
+    /// Tokens that requests in flight may still use, by caller (not kept in the file).
+    reserved: BTreeMap<String, u64>,
 }
 
 /// The day's counts.
@@ -63,6 +67,7 @@ impl DailyUsage {
             state: Mutex::new(State {
                 today,
                 dirty: false,
+                reserved: BTreeMap::new(),
             }),
             saving: Mutex::new(()),
         };
@@ -76,6 +81,36 @@ impl DailyUsage {
         self.roll(&mut state, now);
         let key = counted_as(&state.today.used, caller);
         state.today.used.get(key).copied().unwrap_or(0)
+    }
+
+    /// Admits a request of `caller` that may use up to `tokens` against `budget`: refused
+    /// (with the tokens used and held) when what the day's count and the other requests in
+    /// flight hold already reaches the budget. The request's own reservation is not weighed
+    /// against it, so a lone request is admitted while anything is left and served whole, as
+    /// before; what it holds is given back when the reservation is dropped, after the
+    /// request's tokens were counted with [`DailyUsage::add`].
+    pub fn reserve(
+        self: &Arc<Self>,
+        caller: &str,
+        tokens: u64,
+        budget: u64,
+        now: SystemTime,
+    ) -> Result<Reservation, u64> {
+        let mut state = self.lock();
+        self.roll(&mut state, now);
+        let key = counted_as(&state.today.used, caller).to_owned();
+        let used = state.today.used.get(&key).copied().unwrap_or(0);
+        let held = state.reserved.get(&key).copied().unwrap_or(0);
+        if used.saturating_add(held) >= budget {
+            return Err(used.saturating_add(held));
+        }
+        let entry = state.reserved.entry(key.clone()).or_insert(0);
+        *entry = entry.saturating_add(tokens);
+        Ok(Reservation {
+            usage: Arc::clone(self),
+            caller: key,
+            tokens,
+        })
     }
 
     /// Counts `tokens` for `caller` today.
@@ -138,6 +173,26 @@ impl DailyUsage {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Tokens a request in flight holds of its caller's daily budget, given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    usage: Arc<DailyUsage>,
+    caller: String,
+    tokens: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut state = self.usage.lock();
+        if let Some(held) = state.reserved.get_mut(&self.caller) {
+            *held = held.saturating_sub(self.tokens);
+            if *held == 0 {
+                state.reserved.remove(&self.caller);
+            }
+        }
     }
 }
 

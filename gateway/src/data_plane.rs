@@ -149,6 +149,45 @@ pub struct RequestContext {
     _in_flight: Option<InFlight>,
 }
 
+/// What a request without a token limit is taken to hold of a daily budget for its answer.
+const RESERVED_ANSWER_TOKENS_DEFAULT: u64 = 4_096;
+
+/// Holds what the request may use of its caller's daily token budget (its body's bytes / 4
+/// for the prompt, a generous estimate, and its answer's limit) while it runs: refused with
+/// `insufficient_quota` when the day's count and the requests already in flight hold the
+/// whole budget, so that many requests at once cannot each cross it.
+fn reserve_daily_budget(
+    ctx: &mut RequestContext,
+    body_bytes: usize,
+    max_tokens: Option<u32>,
+) -> Result<(), GatewayError> {
+    let Some(charge) = ctx.rate_limit.as_mut() else {
+        return Ok(());
+    };
+    let (Some(budget), Some(daily)) = (charge.limits.tokens_per_day, &charge.daily) else {
+        return Ok(());
+    };
+    let tokens = (body_bytes as u64 / 4)
+        .max(1)
+        .saturating_add(max_tokens.map_or(RESERVED_ANSWER_TOKENS_DEFAULT, u64::from));
+    let now = SystemTime::now();
+    match daily.reserve(&charge.bucket, tokens, budget, now) {
+        Ok(reservation) => {
+            charge.reservation = Some(reservation);
+            Ok(())
+        }
+        Err(_) => {
+            let caller = format!("{} (with its requests in flight)", charge.caller);
+            ctx.reject("quota");
+            Err(GatewayError::QuotaExceeded {
+                caller,
+                budget,
+                retry_after_s: crate::daily_usage::until_tomorrow(now).as_secs().max(1),
+            })
+        }
+    }
+}
+
 /// Where a limited caller's tokens are charged.
 #[derive(Debug)]
 pub struct RateCharge {
@@ -156,6 +195,11 @@ pub struct RateCharge {
     daily: Option<Arc<crate::daily_usage::DailyUsage>>,
     bucket: String,
     limits: crate::config::RateLimits,
+    /// What the request holds of a daily budget while it runs; given back after its tokens
+    /// were counted (dropped with the charge).
+    reservation: Option<crate::daily_usage::Reservation>,
+    /// The caller as refusals name it.
+    caller: String,
 }
 
 impl RequestContext {
@@ -1012,12 +1056,15 @@ impl DataPlane {
             .admit(&bucket, limits, std::time::Instant::now())
         {
             Ok(standing) => {
+                let caller = caller();
                 ctx.rate_standing = Some(standing);
                 ctx.rate_limit = Some(RateCharge {
                     limiter: Arc::clone(&self.state.rate_limiter),
                     daily: self.state.daily_usage.clone(),
                     bucket,
                     limits,
+                    reservation: None,
+                    caller,
                 });
                 Ok(())
             }
@@ -1572,8 +1619,11 @@ impl DataPlane {
             attachments,
             redacted,
             waf,
+            max_tokens,
         } = evaluation.inspect_err(|_| ctx.reject("request"))?;
         self.apply_waf(session, ctx, &waf)?;
+        reserve_daily_budget(ctx, body.len(), max_tokens)
+            .inspect_err(|_| self.state.metrics.record_rate_limited("tokens_per_day"))?;
         ctx.rule_name = Some(outcome.decision.rule().to_owned());
         ctx.sensitive_entities = scan.entity_types.clone();
         ctx.attachments = attachments;

@@ -90,6 +90,9 @@ pub struct Evaluation {
     /// when the scan found something and the redacted body scans clean (so a redacted
     /// forward does not redact twice).
     pub redacted: Option<(bytes::Bytes, router_policies::redact::RedactionMap)>,
+    /// The answer's token limit the request asked for (`max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`), if any.
+    pub max_tokens: Option<u32>,
 }
 
 /// Gathers the facts and signals of `request` and lets `decide` decide (the data plane
@@ -168,6 +171,7 @@ pub fn evaluate(
         complexity,
         attachments,
         redacted,
+        max_tokens: prompt.max_tokens,
     })
 }
 

@@ -67,7 +67,9 @@ impl Bucket {
     fn refill(&mut self, limit: u64, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.level = (self.level + elapsed * per_second(limit)).min(limit as f64);
-        self.updated = now;
+        // `now` is read before the lock is taken: a caller that waited for it may bring an
+        // earlier time than the one stored, which must not count the gap twice.
+        self.updated = self.updated.max(now);
         self.limit = limit;
     }
 

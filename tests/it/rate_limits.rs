@@ -254,6 +254,70 @@ fn a_days_token_budget_holds_across_a_restart() {
 }
 
 #[test]
+fn requests_at_once_cannot_each_cross_a_days_budget() {
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let digest = hex::encode(sha2::Sha256::digest(API_KEY.as_bytes()));
+    let test_key = format!("{{ id = \"test\", sha256 = \"{digest}\" }}");
+    let text = tests::config_text(&GatewayOptions::default(), dir.path()).replacen(
+        &test_key,
+        &format!("{{ id = \"test\", sha256 = \"{digest}\", tokens_per_day = 900 }}"),
+        1,
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    block_on(async {
+        // A long answer streams: it holds its 900 tokens and its prompt of the budget of 900
+        // while it runs.
+        let mut long = tests::client()
+            .post(gateway.url("/v1/chat/completions"))
+            .bearer_auth(API_KEY)
+            .json(
+                &json!({"model": "smollm2", "max_tokens": 900, "stream": true,
+                "ignore_eos": true, "messages": [{"role": "user", "content": "Count."}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(long.status(), 200);
+        let first = tokio::time::timeout(Duration::from_secs(60), long.chunk())
+            .await
+            .expect("no first chunk")
+            .unwrap();
+        assert!(first.is_some());
+        // Another request meanwhile would cross the budget with it: refused.
+        let refused = chat(&gateway, API_KEY).await;
+        assert_eq!(refused.status(), 429);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("requests in flight"),
+            "{body}"
+        );
+        // Once the long answer ends (its caller left after a few tokens), what it did not
+        // use is free again.
+        drop(long);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let response = chat(&gateway, API_KEY).await;
+            if response.status() == 200 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still refused: {}",
+                response.text().await.unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[test]
 fn with_per_client_limits_one_anonymous_client_cannot_spend_another_s_allowance() {
     let _serial = serial();
     let dir = tests::scratch_dir();

@@ -120,3 +120,27 @@ fn callers_beyond_the_days_bound_share_one_count() {
     usage.add("anonymous@192.0.2.2", 5, now);
     assert_eq!(usage.used("anonymous@192.0.2.3", now), 10);
 }
+
+#[test]
+fn requests_in_flight_hold_their_share_of_the_budget_until_they_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let usage = std::sync::Arc::new(DailyUsage::open(dir.path(), afternoon()).unwrap());
+    usage.add("key:a", 60, afternoon());
+    // A lone request is admitted while anything is left, whatever it may use.
+    let first = usage.reserve("key:a", 500, 100, afternoon()).unwrap();
+    // While it runs, what it holds counts: a second one at once is refused.
+    assert_eq!(
+        usage.reserve("key:a", 10, 100, afternoon()).err(),
+        Some(560)
+    );
+    // Another caller's budget is its own.
+    assert!(usage.reserve("key:b", 10, 100, afternoon()).is_ok());
+    // It ends having used 20: counted, then its hold given back.
+    usage.add("key:a", 20, afternoon());
+    drop(first);
+    assert_eq!(usage.used("key:a", afternoon()), 80);
+    let second = usage.reserve("key:a", 10, 100, afternoon()).unwrap();
+    drop(second);
+    usage.add("key:a", 20, afternoon());
+    assert_eq!(usage.reserve("key:a", 1, 100, afternoon()).err(), Some(100));
+}
