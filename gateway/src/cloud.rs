@@ -1611,7 +1611,11 @@ async fn relay_stream(
     }
     // Translated first: a Responses stream keeps its response as it ends, and the outcome
     // record says whether it was kept. Written once that record is durable.
-    let rest = ctx.stream_bytes(rest.freeze());
+    let mut rest = BytesMut::from(ctx.stream_bytes(rest.freeze()));
+    if !done {
+        rest.extend_from_slice(&ctx.end_of_unclosed_stream());
+    }
+    let rest = rest.freeze();
     crate::audit_trail::seal(session, ctx)
         .await
         .map_err(|failure| Relay::ClientGone(format!("{failure:?}")))?;

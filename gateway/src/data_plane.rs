@@ -238,6 +238,15 @@ impl RequestContext {
         }
     }
 
+    /// The end of a stream that did not close with `[DONE]`: a Responses stream still gets
+    /// its terminal event; a chat stream is passed on as the backend ended it.
+    pub fn end_of_unclosed_stream(&mut self) -> Bytes {
+        match self.responses.as_mut() {
+            Some(transcoder) => Bytes::from(transcoder.end()),
+            None => Bytes::new(),
+        }
+    }
+
     /// The rule that decided, as `x-isthmus-rule` reports it.
     pub fn rule(&self) -> &str {
         self.rule_name.as_deref().unwrap_or(self.rule)

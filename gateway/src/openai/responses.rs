@@ -897,9 +897,11 @@ impl Echoed {
 /// An output item being written.
 #[derive(Debug)]
 enum Item {
+    /// An assistant message of one content part: its text, or a refusal's.
     Message {
         id: String,
         text: String,
+        refusal: bool,
     },
     Call {
         id: String,
@@ -938,6 +940,9 @@ struct Choice<'a> {
 struct MessagePiece<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
+    /// A model's refusal (structured outputs), in place of content.
+    #[serde(borrow, default)]
+    refusal: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     tool_calls: Option<Vec<CallPiece<'a>>>,
 }
@@ -1020,7 +1025,7 @@ enum OutputItem<'a> {
         id: &'a str,
         status: &'a str,
         role: &'static str,
-        content: Vec<OutputText<'a>>,
+        content: Vec<ContentPart<'a>>,
     },
     FunctionCall {
         id: &'a str,
@@ -1031,22 +1036,30 @@ enum OutputItem<'a> {
     },
 }
 
+/// A message's content part: text, or a refusal.
 #[derive(Serialize)]
-struct OutputText<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    text: &'a str,
-    annotations: [(); 0],
-    logprobs: [(); 0],
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ContentPart<'a> {
+    OutputText {
+        text: &'a str,
+        annotations: [(); 0],
+        logprobs: [(); 0],
+    },
+    Refusal {
+        refusal: &'a str,
+    },
 }
 
-impl<'a> OutputText<'a> {
-    fn new(text: &'a str) -> Self {
-        OutputText {
-            kind: "output_text",
-            text,
-            annotations: [],
-            logprobs: [],
+impl<'a> ContentPart<'a> {
+    fn new(text: &'a str, refusal: bool) -> Self {
+        if refusal {
+            ContentPart::Refusal { refusal: text }
+        } else {
+            ContentPart::OutputText {
+                text,
+                annotations: [],
+                logprobs: [],
+            }
         }
     }
 }
@@ -1111,15 +1124,39 @@ struct PartEvent<'a> {
     item_id: &'a str,
     output_index: usize,
     content_index: u32,
-    part: OutputTextPart<'a>,
+    part: StreamedPart<'a>,
+}
+
+/// A content part as the part events carry it (no log probabilities).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StreamedPart<'a> {
+    OutputText { text: &'a str, annotations: [(); 0] },
+    Refusal { refusal: &'a str },
+}
+
+impl<'a> StreamedPart<'a> {
+    fn new(text: &'a str, refusal: bool) -> Self {
+        if refusal {
+            StreamedPart::Refusal { refusal: text }
+        } else {
+            StreamedPart::OutputText {
+                text,
+                annotations: [],
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]
-struct OutputTextPart<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    text: &'a str,
-    annotations: [(); 0],
+struct RefusalEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusal: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -1173,6 +1210,9 @@ pub struct Transcoder {
     /// The request ID, for item ids.
     request_id: String,
     items: Vec<Item>,
+    /// Items at the start of `items` whose done events went out: an item is done when the
+    /// next one begins, as OpenAI's streams close each before opening the next.
+    closed: usize,
     finish_reason: Option<String>,
     usage: Option<ChatUsage>,
     /// Bytes of an event not yet complete (the chat path writes whole events; kept safe).
@@ -1209,6 +1249,7 @@ impl Transcoder {
             failed: None,
             request_id: request_id.to_owned(),
             items: Vec::new(),
+            closed: 0,
             finish_reason: None,
             usage: None,
             pending: Vec::new(),
@@ -1327,16 +1368,20 @@ impl Transcoder {
         };
         let message = choice.message.unwrap_or(MessagePiece {
             content: None,
+            refusal: None,
             tool_calls: None,
         });
         if let Some(model) = answer.model {
             self.model = model.into_owned();
         }
-        if let Some(text) = message.content.filter(|text| !text.is_empty()) {
-            self.items.push(Item::Message {
-                id: self.message_id(),
-                text: text.into_owned(),
-            });
+        for (text, refusal) in [(message.content, false), (message.refusal, true)] {
+            if let Some(text) = text.filter(|text| !text.is_empty()) {
+                self.items.push(Item::Message {
+                    id: self.message_id(),
+                    text: text.into_owned(),
+                    refusal,
+                });
+            }
         }
         for (index, call) in message.tool_calls.into_iter().flatten().enumerate() {
             let function = call.function.unwrap_or(FunctionPiece {
@@ -1374,6 +1419,35 @@ impl Transcoder {
         out
     }
 
+    /// The end of a chat stream that did not close with `[DONE]` (a backend that just
+    /// stopped): the response ends as `[DONE]` would end it when a finish reason came, else
+    /// with an `error` event and `response.failed`, so that a client never waits for a
+    /// terminal event that cannot come.
+    pub fn end(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        if self.finish_reason.is_none() && self.failed.is_none() {
+            self.start(&mut out);
+            let code = Value::from("upstream_error");
+            let message = Value::from("the answer ended before it was complete");
+            emit(
+                &mut out,
+                "error",
+                self.next_sequence(),
+                ErrorEvent {
+                    code: &code,
+                    message: &message,
+                    param: &Value::Null,
+                },
+            );
+            self.failed = Some(json!({"code": code, "message": message}));
+        }
+        self.finish(&mut out);
+        out
+    }
+
     fn event(&mut self, event: &[u8], out: &mut Vec<u8>) {
         // An event's `data:` lines, joined by line feeds.
         let mut lines = event
@@ -1405,6 +1479,9 @@ impl Transcoder {
             return;
         };
         if let Some(error) = chunk.error {
+            // The response exists before its error: a stream that fails before its first
+            // token still opens with `response.created`.
+            self.start(out);
             let field = |key: &str| error.get(key).cloned().unwrap_or(Value::Null);
             let (code, message, param) = (field("code"), field("message"), field("param"));
             let kind = "error";
@@ -1435,7 +1512,10 @@ impl Transcoder {
         };
         if let Some(delta) = choice.message {
             if let Some(text) = delta.content.filter(|text| !text.is_empty()) {
-                self.text_delta(&text, out);
+                self.text_delta(&text, false, out);
+            }
+            if let Some(text) = delta.refusal.filter(|text| !text.is_empty()) {
+                self.text_delta(&text, true, out);
             }
             for call in delta.tool_calls.into_iter().flatten() {
                 self.call_delta(call, out);
@@ -1463,17 +1543,26 @@ impl Transcoder {
         }
     }
 
-    fn text_delta(&mut self, text: &str, out: &mut Vec<u8>) {
+    /// Text (or a refusal's text) for the message item at the end of the output, opened
+    /// here when the last item is something else.
+    fn text_delta(&mut self, text: &str, refusal: bool, out: &mut Vec<u8>) {
+        let last_open = self.closed < self.items.len();
         let open = match self.items.last_mut() {
-            Some(Item::Message { text: written, .. }) => {
+            Some(Item::Message {
+                text: written,
+                refusal: kind,
+                ..
+            }) if *kind == refusal && last_open => {
                 written.push_str(text);
                 false
             }
             _ => {
+                self.close_items(out);
                 let id = self.message_id();
                 self.items.push(Item::Message {
                     id,
                     text: text.to_owned(),
+                    refusal,
                 });
                 true
             }
@@ -1498,11 +1587,6 @@ impl Transcoder {
             let kind = "response.output_item.added";
             emit(out, kind, next(), ItemEvent { output_index, item });
             let kind = "response.content_part.added";
-            let part = OutputTextPart {
-                kind: "output_text",
-                text: "",
-                annotations: [],
-            };
             emit(
                 out,
                 kind,
@@ -1511,21 +1595,96 @@ impl Transcoder {
                     item_id: id,
                     output_index,
                     content_index: 0,
-                    part,
+                    part: StreamedPart::new("", refusal),
                 },
             );
         }
-        let kind = "response.output_text.delta";
-        let body = TextEvent {
-            item_id: id,
-            output_index,
-            content_index: 0,
-            delta: Some(text),
-            text: None,
-            logprobs: [],
-        };
-        emit(out, kind, next(), body);
+        if refusal {
+            let body = RefusalEvent {
+                item_id: id,
+                output_index,
+                content_index: 0,
+                delta: Some(text),
+                refusal: None,
+            };
+            emit(out, "response.refusal.delta", next(), body);
+        } else {
+            let body = TextEvent {
+                item_id: id,
+                output_index,
+                content_index: 0,
+                delta: Some(text),
+                text: None,
+                logprobs: [],
+            };
+            emit(out, "response.output_text.delta", next(), body);
+        }
         self.sequence = number;
+    }
+
+    /// Sends the done events of every item not yet closed.
+    fn close_items(&mut self, out: &mut Vec<u8>) {
+        let status = self.status();
+        let mut number = self.sequence;
+        let mut next = || {
+            number += 1;
+            number - 1
+        };
+        for (output_index, item) in self.items.iter().enumerate().skip(self.closed) {
+            match item {
+                Item::Message { id, text, refusal } => {
+                    if *refusal {
+                        let body = RefusalEvent {
+                            item_id: id,
+                            output_index,
+                            content_index: 0,
+                            delta: None,
+                            refusal: Some(text),
+                        };
+                        emit(out, "response.refusal.done", next(), body);
+                    } else {
+                        let body = TextEvent {
+                            item_id: id,
+                            output_index,
+                            content_index: 0,
+                            delta: None,
+                            text: Some(text),
+                            logprobs: [],
+                        };
+                        emit(out, "response.output_text.done", next(), body);
+                    }
+                    let body = PartEvent {
+                        item_id: id,
+                        output_index,
+                        content_index: 0,
+                        part: StreamedPart::new(text, *refusal),
+                    };
+                    emit(out, "response.content_part.done", next(), body);
+                }
+                Item::Call {
+                    id,
+                    name,
+                    arguments,
+                    ..
+                } => {
+                    let body = ArgumentsEvent {
+                        item_id: id,
+                        output_index,
+                        delta: None,
+                        name: Some(name),
+                        arguments: Some(arguments),
+                    };
+                    emit(out, "response.function_call_arguments.done", next(), body);
+                }
+            }
+            let body = ItemEvent {
+                output_index,
+                item: output_item(item, status),
+            };
+            emit(out, "response.output_item.done", next(), body);
+        }
+        self.sequence = number;
+        self.closed = self.items.len();
     }
 
     fn call_delta(&mut self, call: CallPiece<'_>, out: &mut Vec<u8>) {
@@ -1540,6 +1699,7 @@ impl Transcoder {
         let output_index = match existing {
             Some(index) => index,
             None => {
+                self.close_items(out);
                 self.items.push(Item::Call {
                     id: format!("fc_{}_{chat_index}", self.request_id),
                     call_id: call.id.unwrap_or_default().into_owned(),
@@ -1570,6 +1730,17 @@ impl Transcoder {
         let Some(arguments) = function.arguments.filter(|arguments| !arguments.is_empty()) else {
             return;
         };
+        if output_index < self.closed {
+            // A call the stream came back to after another item began: its done events
+            // went out already; the finished response carries what it adds.
+            if let Item::Call {
+                arguments: written, ..
+            } = &mut self.items[output_index]
+            {
+                written.push_str(&arguments);
+            }
+            return;
+        }
         let sequence_number = self.next_sequence();
         let Item::Call {
             id,
@@ -1621,70 +1792,14 @@ impl Transcoder {
             );
             return;
         }
+        self.close_items(out);
         let status = self.status();
-        let mut number = self.sequence;
-        let mut next = || {
-            number += 1;
-            number - 1
-        };
-        for (output_index, item) in self.items.iter().enumerate() {
-            match item {
-                Item::Message { id, text } => {
-                    let kind = "response.output_text.done";
-                    let body = TextEvent {
-                        item_id: id,
-                        output_index,
-                        content_index: 0,
-                        delta: None,
-                        text: Some(text),
-                        logprobs: [],
-                    };
-                    emit(out, kind, next(), body);
-                    let kind = "response.content_part.done";
-                    let part = OutputTextPart {
-                        kind: "output_text",
-                        text,
-                        annotations: [],
-                    };
-                    let body = PartEvent {
-                        item_id: id,
-                        output_index,
-                        content_index: 0,
-                        part,
-                    };
-                    emit(out, kind, next(), body);
-                }
-                Item::Call {
-                    id,
-                    name,
-                    arguments,
-                    ..
-                } => {
-                    let kind = "response.function_call_arguments.done";
-                    let body = ArgumentsEvent {
-                        item_id: id,
-                        output_index,
-                        delta: None,
-                        name: Some(name),
-                        arguments: Some(arguments),
-                    };
-                    emit(out, kind, next(), body);
-                }
-            }
-            let kind = "response.output_item.done";
-            let body = ItemEvent {
-                output_index,
-                item: output_item(item, status),
-            };
-            emit(out, kind, next(), body);
-        }
         let kind = if status == "completed" {
             "response.completed"
         } else {
             "response.incomplete"
         };
-        let sequence_number = next();
-        self.sequence = number;
+        let sequence_number = self.next_sequence();
         let response = self.finished(status);
         emit(out, kind, sequence_number, json!({ "response": response }));
     }
@@ -1755,11 +1870,11 @@ impl Transcoder {
 /// A finished item as the wire carries it.
 fn output_item<'a>(item: &'a Item, status: &'a str) -> OutputItem<'a> {
     match item {
-        Item::Message { id, text } => OutputItem::Message {
+        Item::Message { id, text, refusal } => OutputItem::Message {
             id,
             status,
             role: "assistant",
-            content: vec![OutputText::new(text)],
+            content: vec![ContentPart::new(text, *refusal)],
         },
         Item::Call {
             id,

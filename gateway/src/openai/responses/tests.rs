@@ -438,21 +438,149 @@ fn a_streamed_call_and_a_streamed_error_become_their_events() {
     let mut failed = failed.to_vec();
     failed.extend(transcoder.stream(crate::openai::SSE_DONE));
     let events = parse_events(&failed);
-    // The error comes first (the chat path sends it before any token), then the end.
+    // The response opens first, even when the error comes before any token; then the end.
     assert_eq!(
         kinds(&events),
         [
-            "error",
             "response.created",
             "response.in_progress",
+            "error",
             "response.failed"
         ]
     );
-    assert_eq!(events[0].1["code"], "timeout");
-    assert_eq!(events[0].1["message"], "the queue timed out");
+    assert_eq!(events[2].1["code"], "timeout");
+    assert_eq!(events[2].1["message"], "the queue timed out");
     let response = &events[3].1["response"];
     assert_eq!(response["status"], "failed");
     assert_eq!(response["error"]["code"], "timeout");
+}
+
+#[test]
+fn each_item_is_closed_before_the_next_opens() {
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let out = transcoder.stream(&sse(&[
+        chunk(
+            json!({"role": "assistant", "content": "Let me look."}),
+            None,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                      "function": {"name": "f", "arguments": "{}"}}]}),
+            None,
+        ),
+        chunk(json!({}), Some("tool_calls")),
+    ]));
+    let events = parse_events(&out);
+    assert_eq!(
+        kinds(&events),
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|(_, data)| data["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..13).collect::<Vec<u64>>());
+    assert_eq!(events[7].1["item"]["content"][0]["text"], "Let me look.");
+    assert_eq!(events[8].1["output_index"], 1);
+}
+
+#[test]
+fn a_refusal_is_a_refusal_part_whole_and_streamed() {
+    let (_, mut transcoder) = translate(&json!({"model": "m", "input": "x"})).unwrap();
+    let answer = json!({"id": "chatcmpl-r1", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": null,
+                                 "refusal": "I can't help with that."}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}});
+    let response: Value =
+        serde_json::from_slice(&transcoder.json(answer.to_string().as_bytes())).unwrap();
+    assert_eq!(
+        response["output"][0]["content"][0],
+        json!({"type": "refusal", "refusal": "I can't help with that."})
+    );
+    assert_eq!(response["status"], "completed");
+
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let out = transcoder.stream(&sse(&[
+        chunk(json!({"role": "assistant", "refusal": "I can't"}), None),
+        chunk(json!({"refusal": " help."}), None),
+        chunk(json!({}), Some("stop")),
+    ]));
+    let events = parse_events(&out);
+    assert_eq!(
+        kinds(&events),
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.refusal.delta",
+            "response.refusal.delta",
+            "response.refusal.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+    );
+    assert_eq!(
+        events[3].1["part"],
+        json!({"type": "refusal", "refusal": ""})
+    );
+    assert_eq!(events[6].1["refusal"], "I can't help.");
+    assert_eq!(
+        events[9].1["response"]["output"][0]["content"][0]["refusal"],
+        "I can't help."
+    );
+}
+
+#[test]
+fn a_stream_that_stops_without_done_still_ends_the_response() {
+    // Cut off before any finish reason: failed, with an error event.
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let mut out = transcoder.stream(&crate::openai::sse_event(&chunk(
+        json!({"role": "assistant", "content": "Par"}),
+        None,
+    )));
+    out.extend(transcoder.end());
+    let events = parse_events(&out);
+    let ended = kinds(&events);
+    assert_eq!(ended[ended.len() - 2..], ["error", "response.failed"]);
+    // A finish reason came but no `[DONE]`: the response completes as `[DONE]` would end it.
+    let (_, mut transcoder) =
+        translate(&json!({"model": "m", "input": "x", "stream": true})).unwrap();
+    let mut out = transcoder.stream(&crate::openai::sse_event(&chunk(
+        json!({"role": "assistant", "content": "Paris."}),
+        Some("stop"),
+    )));
+    out.extend(transcoder.end());
+    let events = parse_events(&out);
+    assert_eq!(
+        kinds(&events),
+        TEXT_STREAM_EVENTS[..4]
+            .iter()
+            .chain(&TEXT_STREAM_EVENTS[5..])
+            .copied()
+            .collect::<Vec<_>>()
+    );
+    // Once ended, ending again adds nothing.
+    assert!(transcoder.end().is_empty());
 }
 
 /// Every string of the values a chat body is made of.
