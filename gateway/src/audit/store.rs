@@ -56,6 +56,12 @@ const FILES_COPY_INTERVAL_MS: u64 = 100;
 const DEFERRED_RECORDS_MAX: usize = 1024;
 /// Records read from the store per step when the files catch up.
 const CATCH_UP_RECORDS_MAX: usize = 1024;
+/// Batches of [`CATCH_UP_RECORDS_MAX`] copied per pass on the commit path: a backlog the
+/// files built up while they could not be written (hours of records) is copied a few
+/// thousand records per commit, not all before the next commit is acknowledged.
+const CATCH_UP_BATCHES_PER_PASS: usize = 8;
+/// How often files that cannot be written are tried again.
+const FILES_RETRY_INTERVAL_MS: u64 = 1_000;
 /// Records deleted per retention step.
 const RETENTION_DELETIONS_MAX: usize = 2 * BATCH_RECORDS_MAX;
 /// sled's page cache, in bytes.
@@ -823,7 +829,7 @@ impl Writer {
             deferred: Vec::new(),
             commit_delay: test_commit_delay(),
         };
-        writer.catch_up_files();
+        writer.catch_up_files(usize::MAX);
         let previous = last.map(|last| (last.epoch, last.seq));
         let start = writer.lifecycle(
             OPERATION_START,
@@ -1145,9 +1151,14 @@ impl Writer {
     fn copy_files(&mut self, now: bool) {
         let Some(files) = &self.files else { return };
         let behind = self.head.seq.saturating_sub(files.written_up_to());
-        let due = now
-            || self.last_files_copy.elapsed() >= Duration::from_millis(FILES_COPY_INTERVAL_MS)
-            || behind >= CATCH_UP_RECORDS_MAX as u64;
+        let since = self.last_files_copy.elapsed();
+        let due = if self.files_healthy {
+            now || since >= Duration::from_millis(FILES_COPY_INTERVAL_MS)
+                || behind >= CATCH_UP_RECORDS_MAX as u64
+        } else {
+            // Files that failed are tried again now and then, not on every commit.
+            now || since >= Duration::from_millis(FILES_RETRY_INTERVAL_MS)
+        };
         if behind == 0 || !due {
             return;
         }
@@ -1155,7 +1166,12 @@ impl Writer {
         if !self.files_healthy && !self.reopen_files() {
             return;
         }
-        self.catch_up_files();
+        // At shutdown (`now`) everything; otherwise a bounded share per pass.
+        self.catch_up_files(if now {
+            usize::MAX
+        } else {
+            CATCH_UP_BATCHES_PER_PASS
+        });
         let held = matches!(
             (&self.files, &self.checkpoint_head),
             (Some(files), Some((seq, _))) if self.files_healthy && files.written_up_to() >= *seq
@@ -1168,14 +1184,16 @@ impl Writer {
         }
     }
 
-    /// Appends to the files whatever the store holds beyond them.
-    fn catch_up_files(&mut self) {
+    /// Appends to the files what the store holds beyond them, at most `batches_max` batches.
+    fn catch_up_files(&mut self, batches_max: usize) {
         let (Some(files), Some(store)) = (&mut self.files, &self.store) else {
             return;
         };
         let day = &self.files_day;
         let mut result = Ok(());
-        while files.written_up_to() < self.head.seq && result.is_ok() {
+        let mut batches = 0;
+        while files.written_up_to() < self.head.seq && result.is_ok() && batches < batches_max {
+            batches += 1;
             let records = match store.read(files.written_up_to() + 1, CATCH_UP_RECORDS_MAX) {
                 Ok(records) if !records.is_empty() => records,
                 Ok(_) => break,
@@ -1281,12 +1299,16 @@ impl Writer {
             return;
         }
         self.last_retention_at = Some(now);
+        // Nothing goes from the store that the files (when there are any) do not hold yet:
+        // copied later, out of a store that lost them, they would leave a gap in the files.
+        let filed_up_to = self
+            .files
+            .as_ref()
+            .map_or(self.head.seq, JsonlFiles::written_up_to);
         let exported_up_to = if self.config.retention_requires_export {
-            store.exported_up_to
+            store.exported_up_to.min(filed_up_to)
         } else {
-            self.files
-                .as_ref()
-                .map_or(self.head.seq, JsonlFiles::written_up_to)
+            filed_up_to
         };
         let wall_today = record::parse_day(&record::format_time(now)).unwrap_or(0);
         let (origin_day, origin_running) = self.retention_origin;
