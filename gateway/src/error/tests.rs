@@ -152,3 +152,28 @@ fn records_name_the_parameter_not_the_clients_text() {
         expect.assert_eq(&recorded(error));
     }
 }
+
+#[tokio::test]
+async fn a_task_that_panicked_is_reported_without_its_message() {
+    // A panic's message may quote what the task worked on (a prompt, a stored answer).
+    let panicked = tokio::task::spawn_blocking(|| {
+        let secret = "jane.doe@contoso.com";
+        if !secret.is_empty() {
+            std::panic::panic_any(format!("could not parse {secret}"));
+        }
+    })
+    .await
+    .unwrap_err();
+    let error = GatewayError::unfinished("evaluating the request", &panicked);
+    assert_eq!(error.status(), 500);
+    let shown = [
+        error.to_string(),
+        error.record_description(),
+        serde_json::to_string(&error.body()).unwrap(),
+    ];
+    for text in &shown {
+        assert!(!text.contains("jane.doe"), "{text}");
+        assert!(text.contains("evaluating the request"), "{text}");
+        assert!(text.contains("panicked"), "{text}");
+    }
+}
