@@ -798,14 +798,22 @@ fn a_configuration_change_rolls_the_pods_only_where_a_reload_cannot_apply_it() {
         defaults,
         checksum(&["--set", "server.drainTimeoutSeconds=30"])
     );
-    // By default the gateways watch the file they mount; with `rollout` they do not.
+    // The gateways watch the file they mount, and the key files it names, in either mode:
+    // a rotated API key Secret is read only by the watch.
     let config = rendering("defaults").config();
     assert_eq!(
         config["server"]["config_watch_interval_ms"].as_integer(),
         Some(5_000)
     );
     let text = template(&["--set", ROLLOUT]).unwrap();
-    assert!(!text.contains("config_watch_interval_ms"), "{text}");
+    assert!(text.contains("config_watch_interval_ms = 5000"), "{text}");
+    // The key reaches the process as a file only, unless `apiKey.env` asks for a variable.
+    assert!(!template(&[]).unwrap().contains("ISTHMUS_API_KEY"));
+    assert!(
+        template(&["--set", "apiKey.env=true"])
+            .unwrap()
+            .contains("name: ISTHMUS_API_KEY")
+    );
 
     // The defaults' own `config`, edited.
     let text = rendering("defaults").config_text();
@@ -867,6 +875,18 @@ fn bad_values_are_refused_with_the_key_named() {
         "config: |\n  [ server.tls ]\n  cert = \"/x\"\n",
     )
     .unwrap();
+    let config_with_inline_server = dir.path().join("config-with-inline-server.yaml");
+    std::fs::write(
+        &config_with_inline_server,
+        "config: |\n  server = { drain_timeout_ms = 1 }\n  [auth]\n  allow_anonymous = true\n",
+    )
+    .unwrap();
+    let config_with_quoted_server = dir.path().join("config-with-quoted-server.yaml");
+    std::fs::write(
+        &config_with_quoted_server,
+        "config: |\n  ['server']\n  drain_timeout_ms = 1\n",
+    )
+    .unwrap();
     let not_toml = dir.path().join("not-toml.yaml");
     std::fs::write(&not_toml, "config: |\n  [auth]\n  allow_anonymous = \n").unwrap();
     let file = |path: &Path| ["--values".to_owned(), path.display().to_string()];
@@ -896,6 +916,21 @@ fn bad_values_are_refused_with_the_key_named() {
         (
             set("server.limits.body_bytes_mx=1"),
             "server.limits: Additional property body_bytes_mx",
+        ),
+        (
+            set("server.limits.header_read_timeout_ms=120000"),
+            "server.limits.keepalive_timeout_ms: must be at least header_read_timeout_ms (120000)",
+        ),
+        (
+            set("server.adminPort=8443"),
+            "server.adminPort: must differ",
+        ),
+        (
+            [
+                "--set".to_owned(),
+                "server.plainHttp.enabled=true,server.plainHttp.port=8443".to_owned(),
+            ],
+            "server.plainHttp.port: must differ",
         ),
         (
             set("server.limits.header_bytes_max=512"),
@@ -934,10 +969,18 @@ fn bad_values_are_refused_with_the_key_named() {
         (file(&config_with_server), "must not hold a [server] table"),
         (
             file(&config_with_dotted_server),
-            "must not set server.* keys",
+            "must not hold a [server] table or server.* keys",
         ),
         (
             file(&config_with_server_tls),
+            "must not hold a [server] table",
+        ),
+        (
+            file(&config_with_inline_server),
+            "must not hold a [server] table",
+        ),
+        (
+            file(&config_with_quoted_server),
             "must not hold a [server] table",
         ),
     ];

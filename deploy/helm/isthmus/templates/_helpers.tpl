@@ -99,17 +99,13 @@ token and the pinned certificate when the admin listener is exposed. */}}
 chart owns (addresses, state directory, certificate files, drain). Last, so that nothing of
 `config` can land inside them. */}}
 {{- define "isthmus.configuration" -}}
-{{- if regexMatch "(?m)^[ \\t]*\\[+[ \\t]*\"?server\"?[ \\t]*[.\\]]" .Values.config -}}
-{{- fail "config: must not hold a [server] table: the chart writes it from the `server` values (ports, tls, limits, drainTimeoutSeconds, workerThreads)" -}}
-{{- end -}}
-{{- /* Dotted keys are top-level only before the first table header. */ -}}
-{{- $preamble := regexReplaceAll "(?ms)^[ \\t]*\\[.*" .Values.config "" -}}
-{{- if regexMatch "(?m)^[ \\t]*\"?server\"?[ \\t]*\\." $preamble -}}
-{{- fail "config: must not set server.* keys: the chart writes them from the `server` values" -}}
-{{- end -}}
 {{- $parsed := fromToml .Values.config -}}
 {{- if hasKey $parsed "Error" -}}
 {{- fail (printf "config: not valid TOML: %s" (get $parsed "Error")) -}}
+{{- end -}}
+{{- /* However it is spelled (a table header, dotted or quoted keys, an inline table). */ -}}
+{{- if hasKey $parsed "server" -}}
+{{- fail "config: must not hold a [server] table or server.* keys: the chart writes them from the `server` values (ports, tls, limits, drainTimeoutSeconds, workerThreads)" -}}
 {{- end -}}
 {{ trimSuffix "\n" .Values.config }}
 
@@ -120,6 +116,20 @@ chart owns (addresses, state directory, certificate files, drain). Last, so that
 {{/* The [server] table, from the `server` values. */}}
 {{- define "isthmus.serverTable" -}}
 {{- $server := .Values.server -}}
+{{- /* What the gateway checks across keys, checked here so that a release never renders a
+file its pods would refuse. */ -}}
+{{- $limits := $server.limits | default dict -}}
+{{- $headerMs := int64 (get $limits "header_read_timeout_ms" | default 10000) -}}
+{{- $keepaliveMs := int64 (get $limits "keepalive_timeout_ms" | default 60000) -}}
+{{- if lt $keepaliveMs $headerMs -}}
+{{- fail (printf "server.limits.keepalive_timeout_ms: must be at least header_read_timeout_ms (%d); the default is 60000" $headerMs) -}}
+{{- end -}}
+{{- if eq (int $server.httpsPort) (int $server.adminPort) -}}
+{{- fail "server.adminPort: must differ from server.httpsPort" -}}
+{{- end -}}
+{{- if and $server.plainHttp.enabled (has (int $server.plainHttp.port) (list (int $server.httpsPort) (int $server.adminPort))) -}}
+{{- fail "server.plainHttp.port: must differ from server.httpsPort and server.adminPort" -}}
+{{- end -}}
 [server]
 listen = {{ include "isthmus.address" (list $server.bindAddress $server.httpsPort) | quote }}
 {{- if $server.plainHttp.enabled }}
@@ -143,9 +153,9 @@ trusted_proxies = [{{ range $index, $proxy := . }}{{ if $index }}, {{ end }}{{ $
 {{- with $server.forwardedHeader }}
 forwarded_header = {{ . | quote }}
 {{- end }}
-{{- if eq .Values.configReload.mode "inPlace" }}
+{{- /* Watched in either mode: a rotated API key Secret (a `key_file`) is read only by the
+watch; with `rollout` a changed ConfigMap also rolls the gateways. */}}
 config_watch_interval_ms = {{ mul (int .Values.configReload.watchIntervalSeconds) 1000 }}
-{{- end }}
 {{- if include "isthmus.tlsSecretName" . }}
 
 [server.tls]
