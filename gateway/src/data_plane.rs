@@ -149,17 +149,20 @@ pub struct RequestContext {
     _in_flight: Option<InFlight>,
 }
 
-/// What a request without a token limit is taken to hold of a daily budget for its answer.
+/// What a request without a token limit is taken to hold of a daily budget for each answer
+/// a cloud pool writes (a local model's answers are bounded by its context instead).
 const RESERVED_ANSWER_TOKENS_DEFAULT: u64 = 4_096;
 
 /// Holds what the request may use of its caller's daily token budget (its body's bytes / 4
-/// for the prompt, a generous estimate, and its answer's limit) while it runs: refused with
+/// for the prompts, a generous estimate, and each answer's limit times the answers, `n` for
+/// each prompt) while it runs: refused with
 /// `insufficient_quota` when the day's count and the requests already in flight hold the
 /// whole budget, so that many requests at once cannot each cross it.
 fn reserve_daily_budget(
     ctx: &mut RequestContext,
     body_bytes: usize,
-    max_tokens: Option<u32>,
+    answer_tokens: u64,
+    answers: u32,
 ) -> Result<(), GatewayError> {
     let Some(charge) = ctx.rate_limit.as_mut() else {
         return Ok(());
@@ -169,7 +172,7 @@ fn reserve_daily_budget(
     };
     let tokens = (body_bytes as u64 / 4)
         .max(1)
-        .saturating_add(max_tokens.map_or(RESERVED_ANSWER_TOKENS_DEFAULT, u64::from));
+        .saturating_add(answer_tokens.saturating_mul(u64::from(answers.max(1))));
     let now = SystemTime::now();
     match daily.reserve(&charge.bucket, tokens, budget, now) {
         Ok(reservation) => {
@@ -1629,9 +1632,24 @@ impl DataPlane {
             redacted,
             waf,
             max_tokens,
+            answers,
         } = evaluation.inspect_err(|_| ctx.reject("request"))?;
         self.apply_waf(session, ctx, &waf)?;
-        reserve_daily_budget(ctx, body.len(), max_tokens)
+        // Without a limit, a local answer runs at most to its model's context.
+        let answer_tokens = match (max_tokens, &outcome.decision) {
+            (Some(limit), _) => u64::from(limit),
+            (None, Decision::Local { model, .. }) => self
+                .state
+                .config
+                .models
+                .iter()
+                .find(|config| config.name == *model)
+                .map_or(RESERVED_ANSWER_TOKENS_DEFAULT, |config| {
+                    u64::from(config.context_tokens)
+                }),
+            (None, _) => RESERVED_ANSWER_TOKENS_DEFAULT,
+        };
+        reserve_daily_budget(ctx, body.len(), answer_tokens, answers)
             .inspect_err(|_| self.state.metrics.record_rate_limited("tokens_per_day"))?;
         ctx.rule_name = Some(outcome.decision.rule().to_owned());
         ctx.sensitive_entities = scan.entity_types.clone();

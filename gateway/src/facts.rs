@@ -93,6 +93,8 @@ pub struct Evaluation {
     /// The answer's token limit the request asked for (`max_tokens`,
     /// `max_completion_tokens`, `max_output_tokens`), if any.
     pub max_tokens: Option<u32>,
+    /// Answers the request may generate: its choices (`n`) for each of its prompts.
+    pub answers: u32,
 }
 
 /// Gathers the facts and signals of `request` and lets `decide` decide (the data plane
@@ -172,6 +174,7 @@ pub fn evaluate(
         attachments,
         redacted,
         max_tokens: prompt.max_tokens,
+        answers: prompt.choices.max(1).saturating_mul(prompt.prompts.max(1)),
     })
 }
 
@@ -556,6 +559,10 @@ pub struct PromptTexts {
     pub turns: u32,
     pub tools: u32,
     pub max_tokens: Option<u32>,
+    /// `n`, the choices asked for (1 when absent).
+    pub choices: u32,
+    /// Prompts in the body: the strings of a legacy `prompt` array, else 1.
+    pub prompts: u32,
 }
 
 mod prompt;

@@ -131,7 +131,7 @@ pub async fn run(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    ctx.usage.prompt_tokens = prepared.iter().map(|prompt| prompt.token_count()).sum();
+    let prompt_tokens = prepared.iter().map(|prompt| prompt.token_count()).sum();
     let seed = request
         .generation
         .seed
@@ -191,6 +191,10 @@ pub async fn run(
         start: 0,
         per_prompt: per_prompt as usize,
     };
+    // Charged from here on (a caller who leaves now leaves a prompt the model takes up);
+    // a request refused before it was queued, or that fails before its first token, is
+    // not (`refused_before_generation`).
+    ctx.usage.prompt_tokens = prompt_tokens;
 
     let meta = ResponseMeta::new(request.endpoint, &ctx.request_id, unix_now_s(), &info.name);
     let first_token_deadline = tokio::time::Instant::now() + request.first_token_timeout;
@@ -589,6 +593,15 @@ struct ChoiceState {
 /// answer cut short (the client left, generation failed) is charged and audited with what was
 /// generated, and its time per output token is taken over the longest choice, not the sum of
 /// all; the engine's own counts replace these once every choice is done.
+/// A request that ends in an error before any token was generated (its queue wait or its
+/// first token ran out of time, its prefill failed) is not charged its prompt: the caller
+/// got nothing for it, and one that retries a 429 or 504 would otherwise pay each time.
+fn refused_before_generation(ctx: &mut RequestContext) {
+    if ctx.usage.completion_tokens == 0 {
+        ctx.usage.prompt_tokens = 0;
+    }
+}
+
 fn count_generated_token(ctx: &mut RequestContext, state: &mut ChoiceState, choices: usize) {
     ctx.usage.completion_tokens = ctx.usage.completion_tokens.saturating_add(1);
     state.generated = state.generated.saturating_add(1);
@@ -659,6 +672,7 @@ async fn collect_events(
             Ok(event) => event,
             Err(Waited::ClientGone(reason)) => return Ok(Answered::ClientGone(reason)),
             Err(waited) => {
+                refused_before_generation(ctx);
                 return Err(waited_error(
                     &waited,
                     first_token_deadline.saturating_duration_since(started),
@@ -684,7 +698,10 @@ async fn collect_events(
                 state.finish_reason = Some(completion.finish_reason.as_str());
                 running -= 1;
             }
-            edge_runtime::Event::Failed(error) => return Err(generation_error(&error).into()),
+            edge_runtime::Event::Failed(error) => {
+                refused_before_generation(ctx);
+                return Err(generation_error(&error).into());
+            }
         }
     }
     capture_choices(ctx, &states);
@@ -829,11 +846,13 @@ async fn stream_events(
     // failed prefill is still answered with its own status.
     let first = match next_event(session, ctx, choices, first_token_deadline).await {
         Ok((_, edge_runtime::Event::Failed(error))) => {
+            refused_before_generation(ctx);
             return Err(generation_error(&error).into());
         }
         Ok(event) => event,
         Err(Waited::ClientGone(reason)) => return Ok(Answered::ClientGone(reason)),
         Err(waited) => {
+            refused_before_generation(ctx);
             return Err(waited_error(
                 &waited,
                 first_token_deadline.saturating_duration_since(started),

@@ -679,8 +679,24 @@ fn logit_bias_steers_local_answers_and_unknown_tokens_are_refused() {
         let piece = entries[0]["token"].as_str().unwrap();
         assert_eq!(content, piece.repeat(3));
 
+        // A request refused before it was queued costs its caller nothing: no prompt
+        // tokens counted (for limits and budgets, in metrics and the audit record).
+        let counted = || {
+            gateway
+                .metric("isthmus_prompt_tokens_total{route=\"local\"}")
+                .unwrap_or(0.0)
+        };
+        let before = counted();
         let unknown = chat_body("Hi", json!({"logit_bias": {"99999999": -100}}));
         refused(&gateway, &unknown, "logit_bias.99999999").await;
+        // An answered request after it: once its prompt is counted, the count is its alone.
+        let answered = chat(&gateway, &chat_body("Hi", json!({"max_tokens": 1}))).await;
+        let prompt = answered["usage"]["prompt_tokens"].as_f64().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while counted() < before + prompt && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(counted(), before + prompt);
     });
 }
 

@@ -37,6 +37,8 @@ pub fn prompt_texts(body: &[u8]) -> Result<PromptTexts, String> {
     if !body_facts.object {
         return Err("the body is not a JSON object".to_owned());
     }
+    // Legacy completions: each string of a `prompt` array is a prompt of its own.
+    let prompt_strings = body_facts.prompt.len();
     let mut texts = body_facts.messages;
     texts.append(&mut body_facts.prompt);
     texts.append(&mut body_facts.tools);
@@ -55,6 +57,14 @@ pub fn prompt_texts(body: &[u8]) -> Result<PromptTexts, String> {
         turns,
         tools: body_facts.tool_count,
         max_tokens: max_tokens.and_then(|tokens| u32::try_from(tokens).ok()),
+        choices: body_facts
+            .choices
+            .map_or(1, |choices| u32::try_from(choices).unwrap_or(u32::MAX)),
+        prompts: if body_facts.prompt_present {
+            u32::try_from(prompt_strings).unwrap_or(u32::MAX).max(1)
+        } else {
+            1
+        },
     })
 }
 
@@ -260,6 +270,8 @@ struct BodyFacts {
     /// `Some(None)`: present but not a non-negative integer.
     max_completion_tokens: Option<Option<u64>>,
     max_tokens: Option<Option<u64>>,
+    /// `n`: the choices asked for.
+    choices: Option<u64>,
     elsewhere: String,
     /// Runs of consecutive text parts, joined.
     joined: Vec<String>,
@@ -316,7 +328,12 @@ impl<'de> Shapes<'de> for &mut BodyFacts {
                     map.next_value_seed(Shaped(Unsigned(&mut value, elsewhere)))?;
                     self.max_tokens = Some(value);
                 }
-                "model" | "stream" | "temperature" | "top_p" | "seed" | "n" | "logprobs"
+                "n" => {
+                    let mut value = None;
+                    map.next_value_seed(Shaped(Unsigned(&mut value, elsewhere)))?;
+                    self.choices = value;
+                }
+                "model" | "stream" | "temperature" | "top_p" | "seed" | "logprobs"
                 | "top_logprobs" | "presence_penalty" | "frequency_penalty" | "ignore_eos" => {
                     map.next_value_seed(Shaped(Parameter(elsewhere)))?;
                 }

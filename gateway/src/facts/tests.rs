@@ -36,6 +36,13 @@ fn every_place_a_prompt_can_hide_is_collected() {
     let legacy = prompt_texts(br#"{"prompt": ["a", "b"], "max_completion_tokens": 3}"#).unwrap();
     assert_eq!(legacy.texts, ["a", "b"]);
     assert_eq!((legacy.turns, legacy.max_tokens), (1, Some(3)));
+    // Answers a body asks for (what a daily budget reserves): `n` for each prompt.
+    assert_eq!((legacy.choices, legacy.prompts), (1, 2));
+    let many = prompt_texts(br#"{"prompt": ["a", "b"], "n": 3}"#).unwrap();
+    assert_eq!((many.choices, many.prompts), (3, 2));
+    let chat =
+        prompt_texts(br#"{"messages": [{"role": "user", "content": "x"}], "n": 16}"#).unwrap();
+    assert_eq!((chat.choices, chat.prompts), (16, 1));
 }
 
 #[test]
@@ -303,6 +310,7 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
             }
         }
     }
+    out.prompts = 1;
     match fields.get("prompt") {
         Some(Value::String(prompt)) => {
             out.texts.push(prompt.clone());
@@ -310,10 +318,16 @@ fn tree_prompt_texts(body: &[u8]) -> PromptTexts {
         }
         Some(Value::Array(items)) => {
             out.turns = out.turns.max(1);
+            let before = out.texts.len();
             items.iter().for_each(|item| any(item, &mut out.texts));
+            out.prompts = u32::try_from(out.texts.len() - before).unwrap().max(1);
         }
         _ => {}
     }
+    out.choices = fields
+        .get("n")
+        .and_then(Value::as_u64)
+        .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX));
     if let Some(Value::Array(tools)) = fields.get("tools") {
         out.tools = u32::try_from(tools.len()).unwrap();
         tools.iter().for_each(|tool| any(tool, &mut out.texts));
