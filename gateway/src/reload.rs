@@ -431,8 +431,11 @@ pub fn set_backend_weight(
     write_and_reload(state, &source, &original, &edited, "admin API weight edit")
 }
 
-/// Writes `text` over the configuration file and reloads it; if the reload fails, puts
-/// `original` back and returns the reload's errors. The caller holds `EDITS`.
+/// Checks `text` as a reload would take it (parsed whole, policy, scanners and pools built),
+/// then writes it over the configuration file and reloads it; if the reload still fails (the
+/// file's secrets changed in between), puts `original` back. Nothing is written for a text
+/// that could not be served: a crash before the original is back would leave the gateway a
+/// file it refuses at its next start. The caller holds `EDITS`.
 fn write_and_reload(
     state: &AppState,
     source: &std::path::Path,
@@ -441,18 +444,33 @@ fn write_and_reload(
     trigger: &str,
 ) -> Result<ReloadReport, config::edit::EditError> {
     use config::edit::EditError;
+    let config = config::parse(text, source, &ReloadEnvironment::of(state))
+        .and_then(|mut config| {
+            config
+                .override_listen(state.config.listen_overrides)
+                .map_err(|error| vec![error])?;
+            Ok(config)
+        })
+        .map_err(|errors| EditError::Invalid(errors.iter().map(ToString::to_string).collect()))?;
+    build_reloaded(state, config, &state.routing().pools).map_err(EditError::Invalid)?;
     replace_file(source, text).map_err(|error| {
         EditError::Unwritable(format!("cannot write {}: {error}", source.display()))
     })?;
-    reload(state, trigger).map_err(|errors| {
-        if let Err(error) = replace_file(source, original) {
+    reload(state, trigger).map_err(|errors| match replace_file(source, original) {
+        Ok(()) => EditError::Invalid(errors),
+        Err(error) => {
             tracing::error!(
                 file = %source.display(),
                 %error,
                 "the edited configuration did not reload and the original could not be put back"
             );
+            EditError::Unwritable(format!(
+                "the edited configuration did not reload ({}) and the original could not be \
+                 put back: {error}; {} holds the edited text, which the next start refuses",
+                errors.join("; "),
+                source.display()
+            ))
         }
-        EditError::Invalid(errors)
     })
 }
 

@@ -346,6 +346,16 @@ fn the_whole_file_is_edited_only_when_valid_and_unchanged_since_it_was_read() {
         assert!(errors.contains("context_tokens"), "{errors}");
         assert_eq!(std::fs::read_to_string(&config_path).unwrap(), text);
 
+        // A text that parses but could not be served (a weights file that is not one): the
+        // build is tried before the file is written, so the file never holds it.
+        std::fs::write(gateway.dir.path().join("bad-weights.txt"), "not weights\n").unwrap();
+        assert!(!text.contains("[policy]"), "{text}");
+        let unservable = format!("{text}\n[policy]\ncomplexity_weights = \"bad-weights.txt\"\n");
+        let (status, body) = put(json!({"text": unservable, "base_sha256": base})).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["errors"].to_string().contains("weights"), "{body}");
+        assert_eq!(std::fs::read_to_string(&config_path).unwrap(), text);
+
         // A dry run of a valid edit: accepted, not written; a model change needs a restart.
         let edited = text.replace("weight = 90  # share", "weight = 30  # share");
         let (status, body) =
