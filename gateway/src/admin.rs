@@ -30,7 +30,10 @@ impl Admin {
             .listeners_bound
             .load(std::sync::atomic::Ordering::Acquire);
         let models_failed = self.state.failed_models();
-        let ready = models_loaded && models_failed.is_empty() && listeners_bound;
+        // A log that cannot make records durable under `fail_closed` refuses every request:
+        // not ready, so that load balancers send traffic elsewhere meanwhile.
+        let audit_accepting = self.state.audit_accepting();
+        let ready = models_loaded && models_failed.is_empty() && listeners_bound && audit_accepting;
         let status = if ready {
             StatusCode::OK
         } else {
@@ -43,6 +46,7 @@ impl Admin {
                 "models_loaded": models_loaded,
                 "models_failed": models_failed,
                 "listeners_bound": listeners_bound,
+                "audit_accepting": audit_accepting,
             }),
         )
     }
@@ -788,7 +792,7 @@ impl Admin {
                     gpus: &self.state.gpu_samples(),
                     open_connections: self.state.open_connections.get(),
                     connection_refusals: self.state.connection_refusals.counts(),
-                    ready: self.state.ready(),
+                    ready: self.state.ready_to_serve(),
                     restart_required: &crate::reload::restart_required(&self.state),
                     stored_responses: self.state.responses.as_ref().map(|store| store.usage()),
                 });

@@ -54,6 +54,34 @@ const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub fn serve(config: Config) -> anyhow::Result<()> {
     let manager = ServiceManager::from_environment()
         .context("the service manager's environment (NOTIFY_SOCKET, WATCHDOG_USEC)")?;
+    let hardware = firmware::probe();
+    let worker_threads = config
+        .server
+        .worker_threads
+        .unwrap_or(hardware.logical_cpus)
+        .max(1);
+    // With one thread, a current-thread runtime serves connections on the thread that also
+    // polls the sockets, without the work-stealing scheduler's queues and wake-ups: 13% more
+    // forwarded requests/s in `bench/cloud/compare.sh`'s closed loop.
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(worker_threads);
+        builder
+    };
+    let runtime = builder
+        .thread_name("isthmus-io")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // The signals are taken before the slow parts of start-up (TLS provisioning, resolving
+    // backends, opening the audit log): a SIGHUP then would otherwise end the process (its
+    // default action), and a SIGTERM is acted on as soon as serving begins.
+    let signals = {
+        let _entered = runtime.enter();
+        Signals::listen()?
+    };
     let state_dir = firmware::StateDir::open(&config.server.state_dir)
         .with_context(|| format!("server.state_dir: {}", config.server.state_dir.display()))?;
     let tls_files = match &config.server.tls.files {
@@ -75,7 +103,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let resolver = ReloadingCertResolver::load(tls_files).context("loading the TLS certificate")?;
-    let hardware = firmware::probe();
     tracing::info!(
         logical_cpus = hardware.logical_cpus,
         physical_cores = hardware.physical_cores,
@@ -85,27 +112,6 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         features = %hardware.cpu_features.join(" "),
         "hardware probed"
     );
-
-    let worker_threads = config
-        .server
-        .worker_threads
-        .unwrap_or(hardware.logical_cpus)
-        .max(1);
-    // With one thread, a current-thread runtime serves connections on the thread that also
-    // polls the sockets, without the work-stealing scheduler's queues and wake-ups: 13% more
-    // forwarded requests/s in `bench/cloud/compare.sh`'s closed loop.
-    let mut builder = if worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(worker_threads);
-        builder
-    };
-    let runtime = builder
-        .thread_name("isthmus-io")
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let routing = crate::reload::build_routing(config.clone(), None)
         .map_err(|errors| anyhow::anyhow!(errors.join("; ")))?;
     let audit = open_audit(&config)?;
@@ -147,7 +153,12 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
         resolver,
         hardware,
         Arc::clone(&manager),
+        signals,
     ));
+    // A model still loading (a stop during start-up) is not waited for: dropping the
+    // runtime would join its blocking thread, minutes on a large model, past the service
+    // manager's stop timeout.
+    runtime.shutdown_timeout(BLOCKING_TASKS_WAIT);
     if let Err(error) = &result {
         notify(&manager, &[Notice::Status(format!("failed: {error:#}"))]);
     }
@@ -312,11 +323,33 @@ fn announce(name: &str, scheme: &str, listener: &TcpListener) -> anyhow::Result<
     Ok(address)
 }
 
+/// How long the end of `serve` waits for blocking tasks still running (a model load).
+const BLOCKING_TASKS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The signals `serve` acts on, taken at start.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Listens for SIGTERM, SIGINT and SIGHUP; call within the runtime.
+    fn listen() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+            hangup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
+        })
+    }
+}
+
 async fn run(
     state: Arc<AppState>,
     resolver: Arc<ReloadingCertResolver>,
     hardware: firmware::HardwareProfile,
     manager: Arc<ServiceManager>,
+    signals: Signals,
 ) -> anyhow::Result<()> {
     let config = &state.config;
     let (shutdown_sender, shutdown) = watch::channel(false);
@@ -469,10 +502,16 @@ async fn run(
         }
     });
 
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut terminate,
+        mut interrupt,
+        mut hangup,
+    } = signals;
     let mut loading = Some(loading);
+    // Reloads run beside the loop (resolving backend host names blocks, for seconds when DNS
+    // is down), so that a SIGTERM meanwhile still starts the drain at once.
+    let mut reloads: tokio::task::JoinSet<bool> = tokio::task::JoinSet::new();
+    let mut failed_to_load = None;
     loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
@@ -484,10 +523,11 @@ async fn run(
                     Err(error) => tracing::error!(%error, "SIGHUP: TLS certificate not reloaded; the previous one stays in use"),
                 }
                 let reloading_state = Arc::clone(&state);
-                // Resolving backend host names blocks.
-                let reloaded = tokio::task::spawn_blocking(move || crate::reload::reload(&reloading_state, "SIGHUP")).await;
+                reloads.spawn_blocking(move || crate::reload::reload(&reloading_state, "SIGHUP").is_ok());
+            }
+            Some(reloaded) = reloads.join_next(), if !reloads.is_empty() => {
                 let status = match reloaded {
-                    Ok(Ok(_)) => "configuration reloaded",
+                    Ok(true) => "configuration reloaded",
                     _ => "configuration NOT reloaded (see the log); the previous one stays in force",
                 };
                 // Still loading models: READY comes when they are loaded.
@@ -504,8 +544,13 @@ async fn run(
                         tracing::info!("ready");
                         notify(&manager, &[Notice::Ready, Notice::Status(serving_status(&state, "ready"))]);
                     }
-                    Ok(Err(error)) => return Err(error),
-                    Err(error) => return Err(anyhow::anyhow!("model loading did not finish: {}", crate::error::join_failure(&error))),
+                    // Stopped like any other stop (the audit log closed, counts saved),
+                    // then the error is the process's.
+                    Ok(Err(error)) => { failed_to_load = Some(error); break; }
+                    Err(error) => {
+                        failed_to_load = Some(anyhow::anyhow!("model loading did not finish: {}", crate::error::join_failure(&error)));
+                        break;
+                    }
                 }
             }
         }
@@ -551,7 +596,10 @@ async fn run(
             );
         }
     }
-    Ok(())
+    match failed_to_load {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 fn load_models(state: &AppState, hardware: &firmware::HardwareProfile) -> anyhow::Result<()> {

@@ -86,6 +86,19 @@ impl AppState {
             && self.listeners_bound.load(Ordering::Acquire)
     }
 
+    /// Ready, and with an audit log that takes records (what `/readyz` reports).
+    pub fn ready_to_serve(&self) -> bool {
+        self.ready() && self.audit_accepting()
+    }
+
+    /// Whether requests can be answered as far as the audit log goes: it makes records
+    /// durable, or it is not `fail_closed` (then requests are answered without them).
+    pub fn audit_accepting(&self) -> bool {
+        self.audit
+            .as_ref()
+            .is_none_or(|trail| trail.log.is_healthy() || !trail.log.fail_closed())
+    }
+
     /// Models one of whose inference threads is down after a panic (restarting, or left
     /// down after repeated panics): `/healthz` and `/readyz` fail meanwhile.
     pub fn failed_models(&self) -> Vec<String> {

@@ -1016,6 +1016,10 @@ fn a_full_disk_fails_closed_and_the_log_recovers_by_itself() {
         assert!(body["error"]["type"].is_string(), "{body}");
         assert_eq!(refused.retry_after.as_deref(), Some("1"));
         assert_eq!(audit_status(&gateway)["healthy"], false);
+        // Not ready meanwhile: a load balancer sends the traffic elsewhere.
+        let (status, body) = tests::plain_get(gateway.admin, "/readyz").unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("\"audit_accepting\":false"), "{body}");
         // The writer retries once a second; while the disk stays full every retry fails and
         // every request is refused.
         let full_until = Instant::now() + STORE_RETRY_INTERVAL * 3;
@@ -1049,6 +1053,7 @@ fn a_full_disk_fails_closed_and_the_log_recovers_by_itself() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(audit_status(&gateway)["healthy"], true);
+        assert_eq!(tests::plain_get(gateway.admin, "/readyz").unwrap().0, 200);
         for n in 0..20 {
             let id = format!("after-{n}");
             let answer = ask(&http, &url, &id).await.unwrap();
