@@ -117,6 +117,10 @@ pub struct RequestContext {
     pub content: Option<crate::audit::content::Captured>,
     /// Hash of the configuration that routed the request.
     pub policy_hash: String,
+    /// The configuration the request is served with, taken once when it arrives: a reload
+    /// meanwhile does not give it CORS, keys, policy or pools of another (nor an audit
+    /// `PolicyHash` other than the one that routed it).
+    pub routing: Option<Arc<Routing>>,
     /// Values replaced by placeholders (redact-then-cloud).
     pub redactions: usize,
     /// The cloud pool the request was forwarded to is marked `on_premises` (unredacted
@@ -879,7 +883,8 @@ async fn drain_unread_body(session: &mut Session, timeout: Duration) {
 
 impl DataPlane {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestContext) -> Result<(), Failure> {
-        let cors = &self.state.routing().config.cors;
+        let routing = ctx.routing.clone().unwrap_or_else(|| self.state.routing());
+        let cors = &routing.config.cors;
         let header = session.req_header();
         // RFC 9112 3.2: two Host headers are ambiguous (which one did a proxy in front check?)
         // and an HTTP/1.1 request without one is malformed.
@@ -928,7 +933,6 @@ impl DataPlane {
             }
             .into());
         }
-        let routing = self.state.routing();
         let caller = authenticate(&session.req_header().headers, &routing.config.auth)
             .inspect_err(|_| ctx.reject("auth"))?;
         ctx.caller = Some(caller);
@@ -1304,7 +1308,10 @@ impl DataPlane {
             }
             headers.push(name);
         }
-        let max_age_s = self.state.routing().config.cors.max_age_s;
+        let max_age_s = ctx.routing.as_ref().map_or_else(
+            || self.state.routing().config.cors.max_age_s,
+            |routing| routing.config.cors.max_age_s,
+        );
         ctx.route = "preflight";
         ctx.rule = "cors";
         ctx.status = 204;
@@ -1929,6 +1936,7 @@ impl ProxyHttp for DataPlane {
             sealed: false,
             content: None,
             policy_hash: String::new(),
+            routing: None,
             redactions: 0,
             on_premises: false,
             rate_limit: None,
@@ -1986,7 +1994,9 @@ impl ProxyHttp for DataPlane {
         );
         ctx.traceparent = Some(trace.traceparent());
         ctx.trace = Some(trace);
-        ctx.policy_hash = self.state.routing().config.digest.clone();
+        let routing = self.state.routing();
+        ctx.policy_hash = routing.config.digest.clone();
+        ctx.routing = Some(routing);
         if let Some(trail) = &self.state.audit {
             let refused = if !trail.log.is_healthy() && trail.log.fail_closed() {
                 Some("the audit log cannot make records durable".to_owned())
