@@ -81,11 +81,30 @@ pub fn check_dir(dir: &Path) -> Result<CheckedBackends, BackendCheckError> {
         path: dir.to_path_buf(),
         reason: error.to_string(),
     })?;
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().into_string().ok())
-        .filter(|name| name.starts_with("libggml-") && name.ends_with(".so"))
-        .collect();
+    // Names compared as bytes, as llama.cpp's loader compares them: a module whose name is
+    // not UTF-8 is refused, not skipped (the loader would still open it), and so is a
+    // directory that cannot be read whole.
+    let mut names: Vec<String> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|error| BackendCheckError::Io {
+            path: dir.to_path_buf(),
+            reason: error.to_string(),
+        })?;
+        let name = entry.file_name();
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
+        if !(bytes.starts_with(b"libggml-") && bytes.ends_with(b".so")) {
+            continue;
+        }
+        match name.into_string() {
+            Ok(name) => names.push(name),
+            Err(name) => {
+                return Err(BackendCheckError::Io {
+                    path: dir.join(name),
+                    reason: "a backend module's name is not UTF-8; remove it".to_owned(),
+                });
+            }
+        }
+    }
     names.sort();
     let digests = cpu_module_digests();
     let mut checked = CheckedBackends::default();
@@ -110,7 +129,8 @@ pub fn check_dir(dir: &Path) -> Result<CheckedBackends, BackendCheckError> {
                 .ok_or_else(|| BackendCheckError::NotElf { path: path.clone() })?
                 .map(hex::encode)
                 .unwrap_or_else(|| "none".to_owned());
-            if found != source_fingerprint() {
+            // A build without a fingerprint trusts no module but its own CPU ones.
+            if source_fingerprint().is_empty() || found != source_fingerprint() {
                 return Err(BackendCheckError::SourceMismatch {
                     path,
                     found,
@@ -155,17 +175,17 @@ pub fn build_id(bytes: &[u8]) -> Option<Option<&[u8]>> {
     }
     let u16_at = |offset: usize| -> Option<u16> {
         Some(u16::from_le_bytes(
-            bytes.get(offset..offset + 2)?.try_into().ok()?,
+            bytes.get(offset..offset.checked_add(2)?)?.try_into().ok()?,
         ))
     };
     let u32_at = |offset: usize| -> Option<u32> {
         Some(u32::from_le_bytes(
-            bytes.get(offset..offset + 4)?.try_into().ok()?,
+            bytes.get(offset..offset.checked_add(4)?)?.try_into().ok()?,
         ))
     };
     let u64_at = |offset: usize| -> Option<usize> {
         usize::try_from(u64::from_le_bytes(
-            bytes.get(offset..offset + 8)?.try_into().ok()?,
+            bytes.get(offset..offset.checked_add(8)?)?.try_into().ok()?,
         ))
         .ok()
     };
@@ -174,11 +194,11 @@ pub fn build_id(bytes: &[u8]) -> Option<Option<&[u8]>> {
     let count = usize::from(u16_at(0x3C)?);
     for index in 0..count {
         let header = section_table.checked_add(index.checked_mul(entry_size)?)?;
-        if u32_at(header + 4)? != NOTE {
+        if u32_at(header.checked_add(4)?)? != NOTE {
             continue;
         }
-        let start = u64_at(header + 0x18)?;
-        let size = u64_at(header + 0x20)?;
+        let start = u64_at(header.checked_add(0x18)?)?;
+        let size = u64_at(header.checked_add(0x20)?)?;
         let notes = bytes.get(start..start.checked_add(size)?)?;
         let mut offset = 0;
         while offset + 12 <= notes.len() {

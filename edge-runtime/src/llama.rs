@@ -521,6 +521,14 @@ fn backend(options: &EngineOptions) -> Result<(Arc<LlamaBackend>, PathBuf), Load
         return Ok((Arc::clone(backend), dir.clone()));
     }
     llama_cpp_2::send_logs_to_tracing(LogOptions::default());
+    // llama.cpp also loads whatever module this variable names, unchecked.
+    if std::env::var_os("GGML_BACKEND_PATH").is_some_and(|path| !path.is_empty()) {
+        return Err(LoadError::Backend(
+            "GGML_BACKEND_PATH is set: llama.cpp would load the module it names without the \
+             source check; unset it (modules are loaded from backends_dir only)"
+                .to_owned(),
+        ));
+    }
     let dir = find_backends_dir(options)?;
     // Never load a module that was not built from our llama.cpp sources.
     let checked =
@@ -532,7 +540,23 @@ fn backend(options: &EngineOptions) -> Result<(Arc<LlamaBackend>, PathBuf), Load
         source_fingerprint = crate::backends::source_fingerprint(),
         "backend modules verified"
     );
+    if dir.to_str().is_none() {
+        return Err(LoadError::Backend(format!(
+            "{}: the backends directory's path must be UTF-8",
+            dir.display()
+        )));
+    }
     llama_cpp_2::llama_backend::load_backends_from_path(&dir);
+    // With nothing registered, initialising the backend would search llama.cpp's own
+    // places (its build directory, the executable's, the working directory) and load what
+    // it finds there unchecked.
+    if llama_cpp_2::list_llama_ggml_backend_devices().is_empty() {
+        return Err(LoadError::Backend(format!(
+            "no backend module in {} could be loaded (a library they need, such as \
+             libggml-base.so or libgomp, may be missing)",
+            dir.display()
+        )));
+    }
     let backend =
         Arc::new(LlamaBackend::init().map_err(|error| LoadError::Backend(error.to_string()))?);
     *slot = Some((Arc::clone(&backend), dir.clone()));

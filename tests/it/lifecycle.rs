@@ -728,6 +728,30 @@ fn a_malformed_notify_socket_stops_start_up_with_a_message_naming_it() {
 }
 
 #[test]
+fn a_backend_module_llama_cpp_would_load_unchecked_stops_start_up() {
+    // GGML_BACKEND_PATH makes llama.cpp load the module it names, past the source check:
+    // refused, and the gateway stops as after any failed model load (exit status 1), not
+    // hanging and not serving without its model.
+    let _serial = serial();
+    let (dir, config_path) = tests::config_file(&GatewayOptions::default());
+    let output = std::process::Command::new(tests::isthmus_binary())
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("GGML_BACKEND_PATH", dir.path().join("libggml-evil.so"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let log = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(log.contains("GGML_BACKEND_PATH is set"), "{log}");
+    assert!(
+        log.contains("draining in-flight requests") || log.contains("audit"),
+        "{log}"
+    );
+}
+
+#[test]
 fn listen_addresses_given_on_the_command_line_are_checked_and_stay_through_a_reload() {
     let _serial = serial();
     let dir = tests::scratch_dir();

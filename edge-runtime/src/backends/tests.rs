@@ -44,6 +44,30 @@ fn elf_build_ids_are_read_and_other_bytes_are_not_elf() {
 }
 
 #[test]
+fn a_section_table_at_the_end_of_the_address_space_is_not_read() {
+    // An ELF header whose section table offset is near usize::MAX, one section: the offsets
+    // computed from it would overflow.
+    let mut bytes = b"\x7fELF\x02\x01".to_vec();
+    bytes.resize(0x40, 0);
+    bytes[0x28..0x30].copy_from_slice(&(u64::MAX - 2).to_le_bytes());
+    bytes[0x3A..0x3C].copy_from_slice(&64_u16.to_le_bytes());
+    bytes[0x3C..0x3E].copy_from_slice(&1_u16.to_le_bytes());
+    assert_eq!(build_id(&bytes), None);
+}
+
+#[test]
+fn a_module_whose_name_is_not_utf8_is_refused_not_skipped() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    copy_modules(dir.path());
+    // llama.cpp's loader matches names as bytes and would open this one.
+    let name = std::ffi::OsStr::from_bytes(b"libggml-cuda-\xff.so");
+    std::fs::write(dir.path().join(name), b"not checked").unwrap();
+    let error = check_dir(dir.path()).unwrap_err().to_string();
+    assert!(error.contains("not UTF-8"), "{error}");
+}
+
+#[test]
 fn a_changed_cpu_module_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     copy_modules(dir.path());
