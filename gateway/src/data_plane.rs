@@ -2022,6 +2022,9 @@ impl ProxyHttp for DataPlane {
                     retry_after_s: 1,
                 };
                 if let Err(write_error) = respond_error(session, ctx, &error).await {
+                    // Nothing (or not all) was written: the connection must not wait for
+                    // the client's next request with this one unanswered.
+                    session.set_keepalive(None);
                     ctx.outcome = Some(format!("writing the error response: {write_error}"));
                 }
                 return Ok(true);
@@ -2057,6 +2060,7 @@ impl ProxyHttp for DataPlane {
                 ctx.reject("request");
             }
             if let Err(write_error) = respond_error(session, ctx, &error).await {
+                session.set_keepalive(None);
                 ctx.outcome = Some(format!("writing the error response: {write_error}"));
             }
             return Ok(true);
@@ -2071,6 +2075,9 @@ impl ProxyHttp for DataPlane {
                     });
                 }
                 if let Err(write_error) = respond_error(session, ctx, &error).await {
+                    // Nothing (or not all) was written: the connection must not wait for
+                    // the client's next request with this one unanswered.
+                    session.set_keepalive(None);
                     ctx.outcome = Some(format!("writing the error response: {write_error}"));
                 }
             }
