@@ -69,6 +69,26 @@ const HEADER_BYTES_MAX_LIMIT: u64 = 1_048_575;
 /// held twice while it is rewritten), so a larger cap means "unlimited", which this is not.
 const BODY_BYTES_MAX_LIMIT: u64 = 1 << 30;
 
+/// The KV cells (and, with one cache per sequence, the host-memory prefix-cache tokens) a
+/// model's lanes take, as llama.cpp sizes each lane's context: its cells padded to a multiple
+/// of 256, and with one cache per sequence each sequence's share padded again.
+fn kv_cells(raw: &RawModel, prefix_cache_tokens: u64) -> u64 {
+    const PAD: u64 = 256;
+    let pad = |cells: u64| cells.div_ceil(PAD).saturating_mul(PAD);
+    let lanes = u64::from(raw.lanes.unwrap_or(1).max(1));
+    let lane_sequences = (u64::from(raw.parallel_sequences) / lanes).max(1);
+    let lane_cache = prefix_cache_tokens / lanes;
+    let lane_context = u64::from(raw.context_tokens).saturating_mul(lane_sequences);
+    let lane_cells = if raw.kv_unified {
+        pad(lane_context.saturating_add(lane_cache))
+    } else {
+        pad(pad(lane_context) / lane_sequences)
+            .saturating_mul(lane_sequences)
+            .saturating_add(lane_cache)
+    };
+    lane_cells.saturating_mul(lanes)
+}
+
 /// The most sequences one llama.cpp context holds (`LLAMA_MAX_SEQ`): running sequences, and
 /// with a unified KV cache the parked prefixes too.
 const SEQUENCES_MAX: u32 = 256;
@@ -1644,8 +1664,7 @@ impl Validator<'_> {
             );
             return None;
         }
-        let cells =
-            u64::from(raw.context_tokens) * u64::from(raw.parallel_sequences) + prefix_cache_tokens;
+        let cells = kv_cells(raw, prefix_cache_tokens);
         let (Some(bytes_per_token), Some(bytes)) = (
             shape.kv_bytes(1, kv_cache_type),
             shape.kv_bytes(cells, kv_cache_type),
@@ -1684,7 +1703,8 @@ impl Validator<'_> {
                 format!("{prefix}.context_tokens"),
                 format!(
                     "the KV cache for {} sequences x {} tokens (+ {} prefix-cache tokens) = {} cells \
-                     x {} bytes per token needs {} but the budget is {} ({source})",
+                     (as llama.cpp pads them) x {} bytes per token needs {} but the budget is {} \
+                     ({source})",
                     raw.parallel_sequences,
                     raw.context_tokens,
                     prefix_cache_tokens,

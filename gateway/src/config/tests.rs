@@ -461,9 +461,30 @@ fn a_kv_cache_over_the_budget_or_the_trained_context_is_refused_with_the_numbers
         errors_of(&text, &source),
         [
             "models.smollm2.context_tokens: the KV cache for 8 sequences x 4096 tokens (+ 4096 \
-          prefix-cache tokens) = 36864 cells x 23040 bytes per token needs 810.0 MiB but the \
-          budget is 512.0 MiB (models.smollm2.kv_memory_bytes_max)"
+          prefix-cache tokens) = 36864 cells (as llama.cpp pads them) x 23040 bytes per token \
+          needs 810.0 MiB but the budget is 512.0 MiB (models.smollm2.kv_memory_bytes_max)"
         ]
+    );
+    // llama.cpp pads each sequence's cache to 256 cells (one cache per sequence, the
+    // default): 8 x 300 tokens take 8 x 512 cells, plus the prefix cache's 300 tokens.
+    let padded = VALID.replace(
+        "threads = 2",
+        "threads = 2\ncontext_tokens = 300\nparallel_sequences = 8",
+    );
+    let config = match parse(&padded, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    assert_eq!(config.models[0].kv_plan.cells, 8 * 512 + 300);
+    // One cache for all: its cells padded once.
+    let unified = padded.replace("threads = 2", "threads = 2\nkv_unified = true");
+    let config = match parse(&unified, &source, &FakeEnvironment) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors:?}"),
+    };
+    assert_eq!(
+        config.models[0].kv_plan.cells,
+        (8 * 300 + 300_u64).div_ceil(256) * 256
     );
     let text = VALID.replace("threads = 2", "threads = 2\ncontext_tokens = 16384");
     assert_eq!(
