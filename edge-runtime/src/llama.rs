@@ -153,19 +153,21 @@ impl PromptTemplate {
         match self {
             PromptTemplate::Jinja(template) => template.render(messages),
             PromptTemplate::Builtin(template) => {
-                let messages = messages
-                    .iter()
-                    .map(|message| {
-                        LlamaChatMessage::new(
-                            message.role.as_str().to_owned(),
-                            message.content.clone(),
-                        )
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|error| error.to_string())?;
-                model
-                    .apply_chat_template(template, &messages, true)
-                    .map_err(|error| error.to_string())
+                crate::template::render_continuing(messages, |messages, add_assistant| {
+                    let messages = messages
+                        .iter()
+                        .map(|message| {
+                            LlamaChatMessage::new(
+                                message.role.as_str().to_owned(),
+                                message.content.clone(),
+                            )
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|error| error.to_string())?;
+                    model
+                        .apply_chat_template(template, &messages, add_assistant)
+                        .map_err(|error| error.to_string())
+                })
             }
         }
     }

@@ -73,10 +73,13 @@ impl ChatTemplate {
             keeps_system: true,
         };
         template
-            .render_raw(&[ChatMessage {
-                role: Role::User,
-                content: "Hello".to_owned(),
-            }])
+            .render_raw(
+                &[ChatMessage {
+                    role: Role::User,
+                    content: "Hello".to_owned(),
+                }],
+                true,
+            )
             .map_err(|reason| format!("it cannot render a user message: {reason}"))?;
         let probe = [
             ChatMessage {
@@ -89,7 +92,7 @@ impl ChatTemplate {
             },
         ];
         template.keeps_system = template
-            .render_raw(&probe)
+            .render_raw(&probe, true)
             .is_ok_and(|text| text.contains(SYSTEM_PROBE));
         Ok(template)
     }
@@ -99,24 +102,31 @@ impl ChatTemplate {
         self.keeps_system
     }
 
-    /// The prompt text for `messages`, ending where the assistant's answer begins.
+    /// The prompt text for `messages`, ending where the assistant's answer begins: after the
+    /// generation prompt, or, when the messages end with an assistant's text, inside that
+    /// message, which the answer continues (as llama-server prefills it).
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, String> {
-        let text = if self.keeps_system {
-            self.render_raw(messages)?
-        } else {
-            self.render_raw(&join_system(messages))?
-        };
-        // The tokenizer adds the start token itself; the template may have written it too.
-        if self.tokens.tokenizer_adds_bos
-            && !self.tokens.bos.is_empty()
-            && let Some(rest) = text.strip_prefix(self.tokens.bos.as_str())
-        {
-            return Ok(rest.to_owned());
-        }
-        Ok(text)
+        render_continuing(messages, |messages, add_generation_prompt| {
+            let text = if self.keeps_system {
+                self.render_raw(messages, add_generation_prompt)?
+            } else {
+                self.render_raw(&join_system(messages), add_generation_prompt)?
+            };
+            // The tokenizer adds the start token itself; the template may have written it.
+            Ok(match text.strip_prefix(self.tokens.bos.as_str()) {
+                Some(rest) if self.tokens.tokenizer_adds_bos && !self.tokens.bos.is_empty() => {
+                    rest.to_owned()
+                }
+                _ => text,
+            })
+        })
     }
 
-    fn render_raw(&self, messages: &[ChatMessage]) -> Result<String, String> {
+    fn render_raw(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
         let messages: Value = messages
             .iter()
             .map(|message| {
@@ -133,12 +143,49 @@ impl ChatTemplate {
         template
             .render(minijinja::context! {
                 messages => messages,
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
                 bos_token => self.tokens.bos.as_str(),
                 eos_token => self.tokens.eos.as_str(),
             })
             .map_err(|error| describe(&error))
     }
+}
+
+/// Stands in for a final assistant message's text while the template renders, so that
+/// where the text goes is found exactly (the text itself may also occur in what the template
+/// writes around it). Searched from the end: an earlier message that holds the same
+/// characters comes before it.
+const PREFILL_MARK: &str = "\u{F8FF}isthmus-prefill\u{F8FF}";
+
+/// Renders `messages` with `render(messages, add_generation_prompt)`. When they end with an
+/// assistant message that has text (a client prefilling the answer's start, as llama-server
+/// takes it), the prompt ends inside that message, right after its text, without what closes
+/// the turn, so that the answer continues it.
+pub fn render_continuing(
+    messages: &[ChatMessage],
+    render: impl Fn(&[ChatMessage], bool) -> Result<String, String>,
+) -> Result<String, String> {
+    let Some(last) = messages
+        .last()
+        .filter(|message| message.role == Role::Assistant && !message.content.is_empty())
+    else {
+        return render(messages, true);
+    };
+    let mut marked = messages.to_vec();
+    if let Some(final_message) = marked.last_mut() {
+        final_message.content = PREFILL_MARK.to_owned();
+    }
+    let mut text = render(&marked, false)?;
+    let Some(at) = text.rfind(PREFILL_MARK) else {
+        return Err(
+            "the chat template does not write the final assistant message's text, so the \
+             answer cannot continue it; end the messages with a user message"
+                .to_owned(),
+        );
+    };
+    text.truncate(at);
+    text.push_str(&last.content);
+    Ok(text)
 }
 
 /// Each system message's text put in front of the next user message (or made a user message

@@ -44,6 +44,40 @@ fn the_models_default_system_message_is_written_when_the_request_has_none() {
     );
 }
 
+#[test]
+fn a_final_assistant_message_is_continued_not_closed() {
+    let template = ChatTemplate::compile(SMOLLM2, chatml_tokens()).unwrap();
+    // As llama-server prefills it: the prompt ends right after the assistant's text. The text
+    // "e" also occurs in what closes a turn (`<|im_end|>`): it is found where it was written.
+    assert_eq!(
+        template
+            .render(&[
+                message(Role::User, "Spell 'the'."),
+                message(Role::Assistant, "e"),
+            ])
+            .unwrap(),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\nSpell 'the'.<|im_end|>\n<|im_start|>assistant\ne"
+    );
+    // An empty final assistant message is an ordinary generation prompt.
+    assert!(
+        template
+            .render(&[message(Role::User, "hi"), message(Role::Assistant, "")])
+            .unwrap()
+            .ends_with("<|im_start|>assistant\n<|im_end|>\n<|im_start|>assistant\n")
+    );
+    // A template that drops the assistant's text cannot be continued: said so.
+    let dropping = ChatTemplate::compile(
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
+        chatml_tokens(),
+    )
+    .unwrap();
+    let error = dropping
+        .render(&[message(Role::User, "hi"), message(Role::Assistant, "Hel")])
+        .unwrap_err();
+    assert!(error.contains("cannot continue"), "{error}");
+}
+
 /// Block tags on lines of their own, Python string methods, the date and the start token,
 /// as Llama 3's templates have them.
 const DATED: &str = "{{- bos_token }}
