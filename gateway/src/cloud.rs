@@ -1510,7 +1510,7 @@ async fn relay_stream(
     mut upstream: Upstream<'_>,
     request: &CloudRequest<'_>,
 ) -> Result<(), Relay> {
-    let header = response_header(ctx, 200, "text/event-stream")
+    let header = crate::data_plane::stream_header(session, ctx)
         .map_err(|error| Relay::ClientGone(error.to_string()))?;
     ctx.status = 200;
     session

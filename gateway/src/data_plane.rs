@@ -645,6 +645,21 @@ pub fn unix_now_s() -> u64 {
 }
 
 /// A response header carrying the headers every response has.
+/// The head of a streamed answer (server-sent events). On HTTP/1.1 the body is chunked: the
+/// connection can serve the client's next request after it, and a stream cut short (no
+/// final chunk) can be told from a complete one. HTTP/2 frames it itself.
+pub fn stream_header(
+    session: &Session,
+    ctx: &RequestContext,
+) -> pingora_error::Result<ResponseHeader> {
+    let mut header = response_header(ctx, 200, "text/event-stream")?;
+    header.insert_header("cache-control", "no-cache")?;
+    if session.req_header().version == http::Version::HTTP_11 {
+        header.insert_header("transfer-encoding", "chunked")?;
+    }
+    Ok(header)
+}
+
 pub fn response_header(
     ctx: &RequestContext,
     status: u16,
@@ -2086,6 +2101,18 @@ impl ProxyHttp for DataPlane {
                 if ctx.status == 0 {
                     // Nginx's convention for "client closed the request".
                     ctx.status = 499;
+                } else {
+                    // The answer began and did not end (the client left, or its last bytes
+                    // were held back because its record could not be made durable): the
+                    // connection is dropped (HTTP/2: the stream reset), never ended as if
+                    // the answer were whole.
+                    ctx.outcome = Some(reason.clone());
+                    return Err(Error::create(
+                        ErrorType::ConnectionClosed,
+                        pingora_error::ErrorSource::Downstream,
+                        Some(reason.into()),
+                        None,
+                    ));
                 }
                 ctx.outcome = Some(reason);
             }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingora_proxy::Session;
 
-use crate::data_plane::{Failure, RequestContext, respond_json, response_header, unix_now_s};
+use crate::data_plane::{Failure, RequestContext, respond_json, stream_header, unix_now_s};
 use crate::error::GatewayError;
 use crate::openai::{self, Endpoint, ResponseMeta};
 
@@ -860,8 +860,7 @@ async fn stream_events(
             .into());
         }
     };
-    let mut header = response_header(ctx, 200, "text/event-stream")?;
-    header.insert_header("cache-control", "no-cache")?;
+    let header = stream_header(session, ctx)?;
     ctx.status = 200;
     session
         .write_response_header(Box::new(header), false)

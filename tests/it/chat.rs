@@ -1208,3 +1208,70 @@ fn a_panicking_inference_thread_fails_its_request_then_serves_again() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
 }
+
+#[test]
+fn a_streamed_answer_over_http_1_1_is_chunked_and_the_connection_serves_the_next_request() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let text = tests::config_text(&GatewayOptions::default(), dir.path()).replacen(
+        "[server]\n",
+        "[server]\nplain_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let plain = gateway.plain.expect("a plain listener");
+    let stream = std::net::TcpStream::connect(plain).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let request = |body: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \
+             {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let body = json!({"model": "smollm2", "max_tokens": 3, "stream": true,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    .to_string();
+    writer.write_all(request(&body).as_bytes()).unwrap();
+    // The head: chunked, so that the end of the answer is the final chunk, not a close.
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line.to_ascii_lowercase());
+    }
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    // The chunks, to the final one: the events end with [DONE].
+    let mut events = String::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        let mut chunk = vec![0_u8; size + 2];
+        reader.read_exact(&mut chunk).unwrap();
+        if size == 0 {
+            break;
+        }
+        events.push_str(&String::from_utf8_lossy(&chunk[..size]));
+    }
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    // The same connection takes the next request.
+    let body = json!({"model": "smollm2", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    .to_string();
+    writer.write_all(request(&body).as_bytes()).unwrap();
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+}

@@ -170,8 +170,8 @@ fn check_config_refuses_a_kv_cache_that_cannot_fit_with_the_numbers() {
     assert!(
         stderr.contains(
             "models.smollm2.context_tokens: the KV cache for 16 sequences x 8192 tokens (+ 8192 \
-             prefix-cache tokens) = 139264 cells x 23040 bytes per token needs 3060.0 MiB but the \
-             budget is 1024.0 MiB (models.smollm2.kv_memory_bytes_max)"
+             prefix-cache tokens) = 139264 cells (as llama.cpp pads them) x 23040 bytes per token \
+             needs 3060.0 MiB but the budget is 1024.0 MiB (models.smollm2.kv_memory_bytes_max)"
         ),
         "{stderr}"
     );
