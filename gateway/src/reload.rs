@@ -110,8 +110,8 @@ pub fn build_routing(config: Config, previous: Option<&Pools>) -> Result<Routing
             config: std::sync::Arc::new(config),
             policy,
             pools,
-            sensitivity,
-            complexity,
+            sensitivity: std::sync::Arc::new(sensitivity),
+            complexity: std::sync::Arc::new(complexity),
         }),
         (policy, pools, sensitivity, complexity) => Err(policy
             .err()
@@ -255,7 +255,15 @@ pub async fn follow_backend_addresses(state: Arc<AppState>, interval: Duration) 
                 // A reload came first, and resolved every name afresh.
                 return Ok(false);
             }
-            let routing = build_routing((*current.config).clone(), Some(&current.pools))?;
+            // Only the pools: the policy, scanners and weights in force stay as they are (a
+            // weights file edited since takes effect with a reload, under its own digest).
+            let routing = Routing {
+                config: Arc::clone(&current.config),
+                policy: current.policy.clone(),
+                pools: Pools::build(&current.config.upstreams, Some(&current.pools))?,
+                sensitivity: Arc::clone(&current.sensitivity),
+                complexity: Arc::clone(&current.complexity),
+            };
             checking.replace_routing(routing);
             Ok::<_, Vec<String>>(true)
         })

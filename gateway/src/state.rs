@@ -18,8 +18,9 @@ pub struct Routing {
     pub config: Arc<Config>,
     pub policy: router_policies::Policy,
     pub pools: Pools,
-    pub sensitivity: crate::sensitivity::SensitivityScanner,
-    pub complexity: crate::sensitivity::ComplexityScorer,
+    /// Shared with a snapshot that only rebuilt the pools (a backend's address moved).
+    pub sensitivity: Arc<crate::sensitivity::SensitivityScanner>,
+    pub complexity: Arc<crate::sensitivity::ComplexityScorer>,
 }
 
 #[derive(Debug)]
