@@ -56,6 +56,17 @@ pub async fn run(
             String::new()
         }
     };
+    // With tools offered, the model writes its answer as JSON (a call, or the text in a
+    // wrapper): stop strings would be matched against that JSON, not the text the client
+    // gets, ending answers early or not at all. Refused rather than misapplied.
+    if request.generation.tool_call.is_some() && !request.generation.stop.is_empty() {
+        return Err(GatewayError::unsupported(
+            "stop",
+            "`stop` together with `tools` is not supported by local models (their answers are \
+             written as JSON that stop strings would cut); send one or the other",
+        )
+        .into());
+    }
     // How many sequences the request asks for, refused before any prompt is rendered or
     // tokenized.
     let per_prompt = request.generation.n.max(1);

@@ -972,6 +972,12 @@ fn tool_calls_come_back_as_tool_calls_whole_or_streamed() {
         .await;
         let call = &required["choices"][0]["message"]["tool_calls"][0];
         check_call(call);
+        // Stop strings would be matched against the JSON the answer is written in: refused.
+        let with_stop = chat_body(
+            "What time is it in Paris?",
+            json!({"max_tokens": 64, "tools": tools, "stop": ["\n"]}),
+        );
+        refused(&gateway, &with_stop, "stop").await;
         let follow_up = json!({
             "model": "smollm2", "temperature": 0, "max_tokens": 16,
             "messages": [
