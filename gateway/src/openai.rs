@@ -834,6 +834,22 @@ fn is_name(name: &str, chars_max: usize) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// A token as the legacy completions' log probabilities name it: its text, or for bytes that
+/// are not UTF-8 on their own (a piece of a character) `bytes:\xe4\xb8` as OpenAI writes them,
+/// so that two such tokens among the alternatives stay two keys, not one U+FFFD.
+fn token_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => {
+            let mut text = String::from("bytes:");
+            for byte in bytes {
+                text.push_str(&format!("\\x{byte:02x}"));
+            }
+            text
+        }
+    }
+}
+
 /// The longest function name OpenAI accepts.
 const TOOL_NAME_CHARS_MAX: usize = 64;
 
@@ -1837,12 +1853,7 @@ impl ResponseMeta {
                             token
                                 .top
                                 .iter()
-                                .map(|top| {
-                                    (
-                                        String::from_utf8_lossy(&top.token).into_owned(),
-                                        Value::from(top.logprob),
-                                    )
-                                })
+                                .map(|top| (token_text(&top.token), Value::from(top.logprob)))
                                 .collect(),
                         )
                     })
@@ -1850,7 +1861,7 @@ impl ResponseMeta {
                 serde_json::json!({
                     "tokens": tokens
                         .iter()
-                        .map(|token| String::from_utf8_lossy(&token.token))
+                        .map(|token| token_text(&token.token))
                         .collect::<Vec<_>>(),
                     "token_logprobs": tokens.iter().map(|token| token.logprob).collect::<Vec<_>>(),
                     "top_logprobs": top,

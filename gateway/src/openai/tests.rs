@@ -393,7 +393,7 @@ fn logprobs_are_read_per_endpoint_and_shaped_as_openai_does() {
     let chat = ResponseMeta::new(Endpoint::Chat, "r1", 1_700_000_000, "smollm2");
     expect![[r#"{"content":[{"bytes":[32,72,105],"logprob":-0.5,"token":" Hi","top_logprobs":[{"bytes":[32,72,105],"logprob":-0.5,"token":" Hi"},{"bytes":[226,130],"logprob":-1.25,"token":"�"}]}],"refusal":null}"#]].assert_eq(&chat.logprobs(&[&token], 0).to_string());
     let completions = ResponseMeta::new(Endpoint::Completions, "r1", 1_700_000_000, "smollm2");
-    expect![[r#"{"text_offset":[4,7],"token_logprobs":[-0.5,-0.5],"tokens":[" Hi"," Hi"],"top_logprobs":[{" Hi":-0.5,"�":-1.25},{" Hi":-0.5,"�":-1.25}]}"#]].assert_eq(&completions.logprobs(&[&token, &token], 4).to_string());
+    expect![[r#"{"text_offset":[4,7],"token_logprobs":[-0.5,-0.5],"tokens":[" Hi"," Hi"],"top_logprobs":[{" Hi":-0.5,"bytes:\\xe2\\x82":-1.25},{" Hi":-0.5,"bytes:\\xe2\\x82":-1.25}]}"#]].assert_eq(&completions.logprobs(&[&token, &token], 4).to_string());
 }
 
 #[test]
@@ -923,4 +923,12 @@ fn schemas_too_costly_to_turn_into_a_grammar_are_refused_by_name() {
         message.contains("1250 optional properties in all"),
         "{message}"
     );
+}
+
+#[test]
+fn tokens_that_are_not_utf8_are_named_by_their_bytes() {
+    assert_eq!(super::token_text(b" Paris"), " Paris");
+    assert_eq!(super::token_text(b"\xe4"), "bytes:\\xe4");
+    // Two pieces of characters among the alternatives stay two keys.
+    assert_ne!(super::token_text(b"\xe4"), super::token_text(b"\xe5"));
 }
