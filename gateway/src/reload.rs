@@ -439,6 +439,25 @@ pub fn set_backend_weight(
     write_and_reload(state, &source, &original, &edited, "admin API weight edit")
 }
 
+/// An edited configuration text as a reload reads it: parsed whole, with the listen
+/// addresses the command line gave kept.
+fn parse_edited(
+    state: &AppState,
+    text: &str,
+    source: &std::path::Path,
+) -> Result<Config, config::edit::EditError> {
+    config::parse(text, source, &ReloadEnvironment::of(state))
+        .and_then(|mut config| {
+            config
+                .override_listen(state.config.listen_overrides)
+                .map_err(|error| vec![error])?;
+            Ok(config)
+        })
+        .map_err(|errors| {
+            config::edit::EditError::Invalid(errors.iter().map(ToString::to_string).collect())
+        })
+}
+
 /// Checks `text` as a reload would take it (parsed whole, policy, scanners and pools built),
 /// then writes it over the configuration file and reloads it; if the reload still fails (the
 /// file's secrets changed in between), puts `original` back. Nothing is written for a text
@@ -452,14 +471,7 @@ fn write_and_reload(
     trigger: &str,
 ) -> Result<ReloadReport, config::edit::EditError> {
     use config::edit::EditError;
-    let config = config::parse(text, source, &ReloadEnvironment::of(state))
-        .and_then(|mut config| {
-            config
-                .override_listen(state.config.listen_overrides)
-                .map_err(|error| vec![error])?;
-            Ok(config)
-        })
-        .map_err(|errors| EditError::Invalid(errors.iter().map(ToString::to_string).collect()))?;
+    let config = parse_edited(state, text, source)?;
     build_reloaded(state, config, &state.routing().pools).map_err(EditError::Invalid)?;
     replace_file(source, text).map_err(|error| {
         EditError::Unwritable(format!("cannot write {}: {error}", source.display()))
@@ -520,14 +532,7 @@ pub fn replace_configuration(
             "{file} changed since it was read: load it again and redo the edit"
         )));
     }
-    let config = config::parse(text, &source, &ReloadEnvironment::of(state))
-        .and_then(|mut config| {
-            config
-                .override_listen(state.config.listen_overrides)
-                .map_err(|error| vec![error])?;
-            Ok(config)
-        })
-        .map_err(|errors| EditError::Invalid(errors.iter().map(ToString::to_string).collect()))?;
+    let config = parse_edited(state, text, &source)?;
     let restart_required = restart_sections(&state.config, &config)
         .into_iter()
         .map(str::to_owned)

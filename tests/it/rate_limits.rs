@@ -188,19 +188,25 @@ fn callers_are_held_to_their_requests_and_tokens_per_minute() {
     )));
 }
 
-#[test]
-fn a_days_token_budget_holds_across_a_restart() {
-    let _serial = serial();
+/// A gateway's configuration whose test key has a daily budget of `tokens`.
+fn budgeted_config(tokens: u64) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tests::scratch_dir();
     let config_path = dir.path().join("isthmus.toml");
     let digest = hex::encode(sha2::Sha256::digest(API_KEY.as_bytes()));
     let test_key = format!("{{ id = \"test\", sha256 = \"{digest}\" }}");
     let text = tests::config_text(&GatewayOptions::default(), dir.path()).replacen(
         &test_key,
-        &format!("{{ id = \"test\", sha256 = \"{digest}\", tokens_per_day = 20 }}"),
+        &format!("{{ id = \"test\", sha256 = \"{digest}\", tokens_per_day = {tokens} }}"),
         1,
     );
     std::fs::write(&config_path, text).unwrap();
+    (dir, config_path)
+}
+
+#[test]
+fn a_days_token_budget_holds_across_a_restart() {
+    let _serial = serial();
+    let (dir, config_path) = budgeted_config(20);
     let mut gateway = Gateway::start_with_config(dir, &config_path);
     let refused = |gateway: &Gateway| {
         block_on(async {
@@ -256,16 +262,7 @@ fn a_days_token_budget_holds_across_a_restart() {
 #[test]
 fn requests_at_once_cannot_each_cross_a_days_budget() {
     let _serial = serial();
-    let dir = tests::scratch_dir();
-    let config_path = dir.path().join("isthmus.toml");
-    let digest = hex::encode(sha2::Sha256::digest(API_KEY.as_bytes()));
-    let test_key = format!("{{ id = \"test\", sha256 = \"{digest}\" }}");
-    let text = tests::config_text(&GatewayOptions::default(), dir.path()).replacen(
-        &test_key,
-        &format!("{{ id = \"test\", sha256 = \"{digest}\", tokens_per_day = 900 }}"),
-        1,
-    );
-    std::fs::write(&config_path, text).unwrap();
+    let (dir, config_path) = budgeted_config(900);
     let gateway = Gateway::start_with_config(dir, &config_path);
     block_on(async {
         // A long answer streams: it holds its 900 tokens and its prompt of the budget of 900
