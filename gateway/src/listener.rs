@@ -128,17 +128,6 @@ pub async fn accept_loop<A>(
 {
     loop {
         // Shutdown first: connections waiting in the backlog must not win over it.
-        let waited = match settings.loopback_reserve {
-            Some(_) => None,
-            None => Some(tokio::select! {
-                biased;
-                _ = shutdown.changed() => break,
-                permit = Arc::clone(&settings.connections).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            }),
-        };
         let accepted = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -152,6 +141,21 @@ pub async fn accept_loop<A>(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        // The data plane waits for a free slot with the connection accepted (and accepts no
+        // other meanwhile: the rest wait in the backlog), rather than holding a slot while
+        // it waits for a connection: the data and plain-HTTP listeners share the slots, and
+        // an idle listener holding one would strand it.
+        let waited = match settings.loopback_reserve {
+            Some(_) => None,
+            None => Some(tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                permit = Arc::clone(&settings.connections).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            }),
         };
         let permit = match (waited, &settings.loopback_reserve) {
             (Some(permit), _) => permit,

@@ -569,6 +569,32 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
 }
 
 #[test]
+fn an_idle_listener_holds_no_connection_slot_another_listener_needs() {
+    // One slot, shared by the TLS and the plain-HTTP listener: a plain request is served
+    // while no TLS client is connected (a listener that held the slot while it waited for a
+    // connection stranded it).
+    let _serial = serial();
+    let dir = tests::scratch_dir();
+    let config_path = dir.path().join("isthmus.toml");
+    let options = GatewayOptions {
+        connections_max: 1,
+        ..GatewayOptions::default()
+    };
+    let text = tests::config_text(&options, dir.path()).replacen(
+        "[server]\n",
+        "[server]\nplain_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let gateway = Gateway::start_with_config(dir, &config_path);
+    let plain = gateway.plain.expect("a plain listener");
+    for _ in 0..3 {
+        let (status, _) = tests::plain_get(plain, "/v1/models").unwrap();
+        assert_eq!(status, 401);
+    }
+}
+
+#[test]
 fn a_body_that_stops_arriving_is_refused_after_the_body_read_timeout() {
     let _serial = serial();
     let options = GatewayOptions {
