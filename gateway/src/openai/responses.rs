@@ -1036,14 +1036,16 @@ enum OutputItem<'a> {
     },
 }
 
-/// A message's content part: text, or a refusal.
+/// A message's content part: text, or a refusal. In an output item a text part carries its
+/// (empty) log probabilities; the part events carry none.
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ContentPart<'a> {
     OutputText {
         text: &'a str,
         annotations: [(); 0],
-        logprobs: [(); 0],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        logprobs: Option<[(); 0]>,
     },
     Refusal {
         refusal: &'a str,
@@ -1051,14 +1053,24 @@ enum ContentPart<'a> {
 }
 
 impl<'a> ContentPart<'a> {
+    /// A part of an output item.
     fn new(text: &'a str, refusal: bool) -> Self {
+        Self::of(text, refusal, Some([]))
+    }
+
+    /// A part as the part events carry it.
+    fn streamed(text: &'a str, refusal: bool) -> Self {
+        Self::of(text, refusal, None)
+    }
+
+    fn of(text: &'a str, refusal: bool, logprobs: Option<[(); 0]>) -> Self {
         if refusal {
             ContentPart::Refusal { refusal: text }
         } else {
             ContentPart::OutputText {
                 text,
                 annotations: [],
-                logprobs: [],
+                logprobs,
             }
         }
     }
@@ -1124,28 +1136,7 @@ struct PartEvent<'a> {
     item_id: &'a str,
     output_index: usize,
     content_index: u32,
-    part: StreamedPart<'a>,
-}
-
-/// A content part as the part events carry it (no log probabilities).
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum StreamedPart<'a> {
-    OutputText { text: &'a str, annotations: [(); 0] },
-    Refusal { refusal: &'a str },
-}
-
-impl<'a> StreamedPart<'a> {
-    fn new(text: &'a str, refusal: bool) -> Self {
-        if refusal {
-            StreamedPart::Refusal { refusal: text }
-        } else {
-            StreamedPart::OutputText {
-                text,
-                annotations: [],
-            }
-        }
-    }
+    part: ContentPart<'a>,
 }
 
 #[derive(Serialize)]
@@ -1595,7 +1586,7 @@ impl Transcoder {
                     item_id: id,
                     output_index,
                     content_index: 0,
-                    part: StreamedPart::new("", refusal),
+                    part: ContentPart::streamed("", refusal),
                 },
             );
         }
@@ -1657,7 +1648,7 @@ impl Transcoder {
                         item_id: id,
                         output_index,
                         content_index: 0,
-                        part: StreamedPart::new(text, *refusal),
+                        part: ContentPart::streamed(text, *refusal),
                     };
                     emit(out, "response.content_part.done", next(), body);
                 }
